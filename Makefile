@@ -1,0 +1,39 @@
+# The front door. `make` lists the targets.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-slow lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## make .venv and install coordinator (editable) with its test tools
+
+run: $(STAMP) ## run the supervisor on the embedded workspace with the offline demo team
+	$(BIN)/coordinator -w . demo-intro
+	$(BIN)/coordinator -w . supervise
+
+test: $(STAMP) ## run the test suite (slow tests excluded)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP) ## run the whole suite, slow tests included
+	$(BIN)/python -m pytest -q -m ''
+
+lint: $(STAMP) ## ruff and mypy
+	$(BIN)/ruff check coordinator tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP) ## run the benchmarks and print the figures
+	$(BIN)/python -m bench
+
+clean: ## remove the virtualenv and caches
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,302 @@
+"""coordinator.yaml: the team, loaded and validated once into frozen dataclasses.
+
+Example:
+    >>> cfg = load(Path("coordinator.yaml"))
+    >>> cfg.agents["chip"].timeout
+    1200.0
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import paths, schemas
+from .errors import ConfigError
+
+CONFIG_NAME = "coordinator.yaml"
+MAX_CONFIG_BYTES = 1024 * 1024
+
+# Every default is a named constant (rq's habit): one place to read them.
+DEFAULT_TIMEOUT = 30 * 60.0
+DEFAULT_STALE_AFTER = 10 * 60.0
+DEFAULT_MAX_FAILURES = 2
+DEFAULT_AGENT_PARALLEL = 1
+DEFAULT_WORKSPACE_PARALLEL = 4
+DEFAULT_CEILING = 7000
+DEFAULT_BANDS = (2000, 7000, 15000)
+DEFAULT_ON_CEILING = "rotate"
+DEFAULT_LLM_TIMEOUT = 120.0
+DEFAULT_LLM_RETRIES = 2
+
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds in `value`: ``"20m"``, ``"90s"``, ``"1.5h"``, ``"250ms"`` or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number with a unit, like 20m")
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise ValueError("a duration must be positive")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            seconds = float(m.group(1)) * _UNITS[m.group(2)]
+            if seconds > 0:
+                return seconds
+    raise ValueError(f"{value!r} is not a duration; write e.g. 90s, 20m or 1h")
+
+
+@dataclass(frozen=True)
+class Prices:
+    input: float = 0.0  # USD per million tokens
+    output: float = 0.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One model reachable at one OpenAI-compatible base URL."""
+
+    model: str
+    base_url: str
+    api_key_env: str | None = None
+    prices: Prices = Prices()
+
+
+@dataclass(frozen=True)
+class LLMSettings:
+    primary: Endpoint
+    fallback: tuple[Endpoint, ...] = ()
+    timeout: float = DEFAULT_LLM_TIMEOUT
+    max_retries: int = DEFAULT_LLM_RETRIES
+    temperature: float | None = None
+    max_tokens: int | None = None
+    json_mode: bool = True
+
+    @property
+    def chain(self) -> tuple[Endpoint, ...]:
+        return (self.primary, *self.fallback)
+
+
+@dataclass(frozen=True)
+class Agent:
+    name: str
+    role: str  # "orchestrator" | "specialist"
+    command: tuple[str, ...] | None = None
+    llm: LLMSettings | None = None
+    writes: tuple[str, ...] = ()
+    sends_to: tuple[str, ...] = ()
+    timeout: float = DEFAULT_TIMEOUT
+    stale_after: float = DEFAULT_STALE_AFTER
+    max_failures: int = DEFAULT_MAX_FAILURES
+    max_parallel: int = DEFAULT_AGENT_PARALLEL
+    sandbox_writable: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    description: str = ""
+    spend_limit: float | None = None
+
+    @property
+    def is_orchestrator(self) -> bool:
+        return self.role == "orchestrator"
+
+    @property
+    def runnable(self) -> bool:
+        return self.command is not None or self.llm is not None
+
+
+@dataclass(frozen=True)
+class Budget:
+    ceiling: int = DEFAULT_CEILING
+    bands: tuple[int, int, int] = DEFAULT_BANDS
+    on_ceiling: str = DEFAULT_ON_CEILING
+
+
+@dataclass(frozen=True)
+class Config:
+    agents: dict[str, Agent]
+    orchestrator: str | None = None
+    escalate_to: str | None = None
+    max_parallel: int = DEFAULT_WORKSPACE_PARALLEL
+    budget: Budget = field(default_factory=Budget)
+    spend_limit: float | None = None
+    path: Path | None = None
+
+    def agent(self, name: str) -> Agent:
+        return self.agents[name]
+
+    def may_send(self, sender: str, recipient: str) -> bool:
+        """`user` may send to anyone; an agent only to its `sends_to`."""
+        if sender == "user":
+            return True
+        a = self.agents.get(sender)
+        return a is not None and recipient in a.sends_to
+
+
+def load(path: Path) -> Config:
+    """Read, validate and freeze the config at `path`; ConfigError names the key."""
+    shown = path.name
+    try:
+        raw_bytes = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError("not found; run `coordinator init` to make one", path=shown) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", path=shown) from None
+    if len(raw_bytes) > MAX_CONFIG_BYTES:
+        raise ConfigError("larger than 1 MiB; this is not a team config", path=shown)
+    try:
+        data = yaml.safe_load(raw_bytes.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise ConfigError("is not UTF-8 text", path=shown) from None
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"is not valid YAML{where}: {getattr(e, 'problem', e)}", path=shown) from None
+    return from_mapping(data, path=path)
+
+
+def from_mapping(data: Any, *, path: Path | None = None) -> Config:
+    shown = path.name if path else CONFIG_NAME
+    if not isinstance(data, dict):
+        raise ConfigError("must be a mapping with `version: 1` and `agents:`", path=shown)
+    for err in schemas.errors("config", data):
+        raise ConfigError(schemas.describe(err), path=shown, key=schemas.field_of(err))
+
+    def fail(key: str, message: str) -> ConfigError:
+        return ConfigError(message, path=shown, key=key)
+
+    defaults = data.get("defaults", {}) or {}
+    agents: dict[str, Agent] = {}
+    for name, spec in data["agents"].items():
+        agents[name] = _agent(name, spec, defaults, fail)
+
+    for name, a in agents.items():
+        for target in a.sends_to:
+            if target not in agents:
+                raise fail(f"agents.{name}.sends_to", f"unknown agent {target!r}; agents: {', '.join(agents)}")
+            if target == name:
+                raise fail(f"agents.{name}.sends_to", "an agent cannot send to itself")
+    orchestrator = data.get("orchestrator")
+    if orchestrator is not None:
+        if orchestrator not in agents:
+            raise fail("orchestrator", f"unknown agent {orchestrator!r}")
+        if agents[orchestrator].role != "orchestrator":
+            raise fail("orchestrator", f"{orchestrator!r} must have `role: orchestrator`")
+    escalate = data.get("escalate_to")
+    if escalate is not None and escalate not in agents:
+        raise fail("escalate_to", f"unknown agent {escalate!r}")
+    orchestrators = [n for n, a in agents.items() if a.role == "orchestrator"]
+    if len(orchestrators) > 1:
+        raise fail("agents", f"one orchestrator per team; found {', '.join(orchestrators)}")
+    if orchestrators and orchestrator is None:
+        orchestrator = orchestrators[0]
+
+    b = data.get("budget", {}) or {}
+    bands = tuple(b.get("bands", DEFAULT_BANDS))
+    if list(bands) != sorted(bands) or len(set(bands)) != 3:
+        raise fail("budget.bands", "must be three increasing numbers, e.g. [2000, 7000, 15000]")
+    budget = Budget(
+        ceiling=int(b.get("ceiling", DEFAULT_CEILING)),
+        bands=(int(bands[0]), int(bands[1]), int(bands[2])),
+        on_ceiling=str(b.get("on_ceiling", DEFAULT_ON_CEILING)),
+    )
+    return Config(
+        agents=agents,
+        orchestrator=orchestrator,
+        escalate_to=escalate,
+        max_parallel=int(data.get("max_parallel", DEFAULT_WORKSPACE_PARALLEL)),
+        budget=budget,
+        spend_limit=data.get("spend_limit"),
+        path=path,
+    )
+
+
+def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any) -> Agent:
+    def duration(key: str, fallback: float) -> float:
+        value = spec.get(key, defaults.get(key))
+        if value is None:
+            return fallback
+        try:
+            return parse_duration(value)
+        except ValueError as e:
+            where = f"agents.{name}.{key}" if key in spec else f"defaults.{key}"
+            raise fail(where, str(e)) from None
+
+    role = spec["role"]
+    writes = tuple(spec.get("writes", ()))
+    if role == "orchestrator" and writes:
+        raise fail(f"agents.{name}.writes", "an orchestrator never writes; it sends work orders")
+    for i, w in enumerate(writes):
+        problem = paths.path_problem(w)
+        if problem:
+            raise fail(f"agents.{name}.writes.{i}", problem)
+    writable = tuple(os.path.expanduser(p) for p in (spec.get("sandbox", {}) or {}).get("writable", ()))
+    for i, p in enumerate(writable):
+        if not os.path.isabs(p):
+            raise fail(f"agents.{name}.sandbox.writable.{i}", f"{p!r} must be absolute or start with ~")
+    command = spec.get("command")
+    return Agent(
+        name=name,
+        role=role,
+        command=tuple(command) if command is not None else None,
+        llm=_llm(name, spec["llm"], fail) if "llm" in spec else None,
+        writes=writes,
+        sends_to=tuple(spec.get("sends_to", ())),
+        timeout=duration("timeout", DEFAULT_TIMEOUT),
+        stale_after=duration("stale_after", DEFAULT_STALE_AFTER),
+        max_failures=int(spec.get("max_failures", defaults.get("max_failures", DEFAULT_MAX_FAILURES))),
+        max_parallel=int(spec.get("max_parallel", defaults.get("max_parallel", DEFAULT_AGENT_PARALLEL))),
+        sandbox_writable=writable,
+        env=tuple(sorted((spec.get("env") or {}).items())),
+        description=str(spec.get("description", "")),
+        spend_limit=spec.get("spend_limit"),
+    )
+
+
+def _llm(name: str, spec: dict[str, Any], fail: Any) -> LLMSettings:
+    def prices(p: dict[str, Any] | None, inherit: Prices = Prices()) -> Prices:
+        if not p:
+            return inherit
+        return Prices(input=float(p.get("input", 0.0)), output=float(p.get("output", 0.0)))
+
+    primary = Endpoint(
+        model=spec["model"],
+        base_url=spec["base_url"].rstrip("/"),
+        api_key_env=spec.get("api_key_env"),
+        prices=prices(spec.get("prices")),
+    )
+    chain: list[Endpoint] = []
+    for item in spec.get("fallback", ()):
+        if isinstance(item, str):
+            # A bare model name shares the primary's endpoint and key, not its prices.
+            chain.append(Endpoint(model=item, base_url=primary.base_url, api_key_env=primary.api_key_env))
+        else:
+            chain.append(
+                Endpoint(
+                    model=item["model"],
+                    base_url=str(item.get("base_url", primary.base_url)).rstrip("/"),
+                    api_key_env=item.get("api_key_env", primary.api_key_env),
+                    prices=prices(item.get("prices")),
+                )
+            )
+    timeout = spec.get("timeout")
+    try:
+        seconds = parse_duration(timeout) if timeout is not None else DEFAULT_LLM_TIMEOUT
+    except ValueError as e:
+        raise fail(f"agents.{name}.llm.timeout", str(e)) from None
+    return LLMSettings(
+        primary=primary,
+        fallback=tuple(chain),
+        timeout=seconds,
+        max_retries=int(spec.get("max_retries", DEFAULT_LLM_RETRIES)),
+        temperature=spec.get("temperature"),
+        max_tokens=spec.get("max_tokens"),
+        json_mode=bool(spec.get("json_mode", True)),
+    )

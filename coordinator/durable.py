@@ -1,0 +1,89 @@
+"""The one way state that must survive a crash is written.
+
+Write to a temp file in the same folder, fsync it, rename it over the target,
+fsync the folder. A reader sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+TMP_PREFIX = ".tmp-"
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes(target: Path, data: bytes, *, sync: bool = True, mode: int = 0o644) -> None:
+    """Atomically replace `target` with `data` (temp file, fsync, rename, fsync folder)."""
+    folder = target.parent
+    tmp = folder / f"{TMP_PREFIX}{target.name}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        if sync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, target)
+    if sync:
+        fsync_dir(folder)
+
+
+def write_text(target: Path, text: str, *, sync: bool = True) -> None:
+    write_bytes(target, text.encode("utf-8"), sync=sync)
+
+
+def write_json(target: Path, data: Any, *, sync: bool = True) -> None:
+    write_bytes(target, (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode(), sync=sync)
+
+
+def read_json(target: Path) -> Any:
+    return json.loads(target.read_text("utf-8"))
+
+
+def move(src: Path, dst: Path, *, sync: bool = True) -> None:
+    """Rename `src` to `dst` (same file system) and make the rename durable."""
+    os.rename(src, dst)
+    if sync:
+        fsync_dir(dst.parent)
+        if src.parent != dst.parent:
+            fsync_dir(src.parent)
+
+
+def append_line(target: Path, line: str) -> None:
+    """Append one line durably (O_APPEND writes of one line are not interleaved)."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, (line.rstrip("\n") + "\n").encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def clean_temps(folder: Path) -> int:
+    """Remove temp files a crash left behind in `folder`; returns how many."""
+    n = 0
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            if entry.name.startswith(TMP_PREFIX):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    n += 1
+    return n

@@ -1,0 +1,154 @@
+"""Relative POSIX paths and globs of work orders and permissions.
+
+`files` entries of an order and `writes` entries of an agent are globs over the
+workspace's `repos/` folder: the first component is a repository name. The same
+matcher decides intake (is every `files` entry inside `writes`?) and the gate
+(does each changed path match both?), so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+GLOB_CHARS = frozenset("*?[")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def path_problem(entry: str) -> str | None:
+    """Why `entry` is not an acceptable relative path or glob, or None."""
+    if not entry:
+        return "is empty"
+    if _CONTROL.search(entry):
+        return "contains a control character"
+    if "\\" in entry:
+        return "contains a backslash; use forward slashes"
+    if entry.startswith("/"):
+        return f"{entry!r} is absolute; give a path relative to repos/ (e.g. webapp/src/x.py)"
+    if entry.startswith("~"):
+        return f"{entry!r} starts with ~; give a path relative to repos/"
+    parts = entry.split("/")
+    if any(p == "" for p in parts):
+        return f"{entry!r} has an empty component (a double or trailing slash)"
+    if any(p == ".." for p in parts):
+        return f"{entry!r} contains '..'; paths may not leave repos/"
+    if any(p == "." for p in parts):
+        return f"{entry!r} contains a '.' component; write the path plainly"
+    if any(p.lower() == ".git" for p in parts):
+        return f"{entry!r} names a .git component; git internals are never writable"
+    if any(has_glob(p) for p in parts[:1]):
+        return f"{entry!r}: the first component must name a repository, not a glob"
+    for p in parts:
+        if p.count("[") != p.count("]"):
+            return f"{entry!r} has an unbalanced '[' in a glob"
+        if "**" in p and p != "**":
+            return f"{entry!r}: '**' must be a whole path component"
+    return None
+
+
+def has_glob(text: str) -> bool:
+    return any(c in GLOB_CHARS for c in text)
+
+
+def repo_of(entry: str) -> str:
+    return entry.split("/", 1)[0]
+
+
+@lru_cache(maxsize=4096)
+def _compile(pattern: str) -> re.Pattern[str]:
+    out: list[str] = []
+    parts = pattern.split("/")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append(".*" if last else "(?:[^/]+/)*")
+            continue
+        out.append(_segment(part))
+        if not last:
+            out.append("/")
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
+
+
+def _segment(part: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(part):
+        c = part[i]
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            j = part.find("]", i + 1)
+            if j == -1:
+                out.append(re.escape(c))
+            else:
+                body = part[i + 1 : j]
+                neg = body.startswith("!")
+                body = body[1:] if neg else body
+                body = body.replace("\\", "\\\\").replace("^", "\\^")
+                out.append(f"[{'^' if neg else ''}{body}]")
+                i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+def matches(pattern: str, path: str) -> bool:
+    """Does the repos-relative `path` match the glob `pattern`?
+
+    A pattern that names a folder without a glob also covers what lies under it
+    (`webapp/src` covers `webapp/src/a.py`), as users expect of a path list.
+    """
+    if _compile(pattern).match(path):
+        return True
+    if not has_glob(pattern):
+        return path.startswith(pattern.rstrip("/") + "/")
+    return False
+
+
+def matches_any(patterns: tuple[str, ...] | list[str], path: str) -> bool:
+    return any(matches(p, path) for p in patterns)
+
+
+def covered(entry: str, writes: tuple[str, ...] | list[str]) -> bool:
+    """Is every path `entry` can match also matched by some pattern in `writes`?
+
+    Conservative: a glob entry is covered only when a writes pattern covers it
+    segment by segment, so intake never accepts an order the gate would deny.
+    """
+    return any(_covers(w.split("/"), entry.split("/")) for w in writes)
+
+
+def _covers(w: list[str], e: list[str]) -> bool:
+    if not w:
+        return not e
+    head = w[0]
+    if head == "**":
+        return any(_covers(w[1:], e[i:]) for i in range(len(e) + 1))
+    if not e:
+        return False
+    seg = e[0]
+    if seg == "**":
+        return False
+    if has_glob(seg):
+        ok = head == seg or head == "*"
+    else:
+        ok = bool(re.fullmatch(_segment(head), seg))
+    if not ok:
+        return False
+    if len(w) == 1 and not has_glob(head) and len(e) > 1:
+        return True  # a plain folder covers everything under it
+    return _covers(w[1:], e[1:])
+
+
+def literal_prefix(pattern: str) -> str:
+    """The folder part of `pattern` before the first glob component."""
+    parts = pattern.split("/")
+    fixed: list[str] = []
+    for p in parts:
+        if has_glob(p):
+            break
+        fixed.append(p)
+    return "/".join(fixed)
