@@ -14,6 +14,37 @@ from typing import Any
 
 TMP_PREFIX = ".tmp-"
 
+# The supervisor commits exactly the paths it wrote, so that a hand edit in state/
+# is never swept into its commits; every write here is noted while a journal is open.
+_journal: set[str] | None = None
+
+
+def open_journal() -> None:
+    global _journal
+    _journal = set()
+
+
+def take_journal() -> set[str]:
+    """The paths written since the last call (and keep journaling)."""
+    global _journal
+    taken, _journal = (_journal or set()), (set() if _journal is not None else None)
+    return taken
+
+
+def peek_journal() -> set[str]:
+    return set(_journal or ())
+
+
+def close_journal() -> None:
+    global _journal
+    _journal = None
+
+
+def note(path: Path | str) -> None:
+    """Record a path written or removed by other means (rename, rmtree)."""
+    if _journal is not None:
+        _journal.add(os.fspath(path))
+
 
 def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -42,6 +73,7 @@ def write_bytes(target: Path, data: bytes, *, sync: bool = True, mode: int = 0o6
         raise
     os.close(fd)
     os.replace(tmp, target)
+    note(target)
     if sync:
         fsync_dir(folder)
 
@@ -61,6 +93,8 @@ def read_json(target: Path) -> Any:
 def move(src: Path, dst: Path, *, sync: bool = True) -> None:
     """Rename `src` to `dst` (same file system) and make the rename durable."""
     os.rename(src, dst)
+    note(src)
+    note(dst)
     if sync:
         fsync_dir(dst.parent)
         if src.parent != dst.parent:
@@ -75,6 +109,7 @@ def append_line(target: Path, line: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    note(target)
 
 
 def clean_temps(folder: Path) -> int:
@@ -87,3 +122,18 @@ def clean_temps(folder: Path) -> int:
                     os.unlink(entry.path)
                     n += 1
     return n
+
+
+def sync_fs(folder: Path) -> None:
+    """Flush every write on `folder`'s file system at once (group durability for a loop step)."""
+    import ctypes
+
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) != 0:
+            os.sync()
+    except (AttributeError, OSError):
+        os.sync()
+    finally:
+        os.close(fd)

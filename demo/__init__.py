@@ -1,0 +1,1 @@
+"""The offline demo team: small scripts that follow the specialist contract (SPEC §6)."""

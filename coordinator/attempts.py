@@ -1,0 +1,441 @@
+"""Running attempts: spawn, watch, judge, check, commit, merge; or fail and say why.
+
+An attempt goes through phases: `specialist` (the agent's process, or an LLM
+call in a worker thread), then `check` (each acceptance check, one process at a
+time, in the same sandbox), then it lands. Every exit path ends in exactly one
+status change through `Supervisor.move`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import audit, gate, orders, results, runner
+from .config import Agent, parse_duration
+from .errors import CoordinatorError, GitError, OrderError, SandboxError
+from .landlock import Ruleset
+from .orders import Branch, WorkOrder
+from .repos import MergeConflict, Repo
+from .runner import Attempt
+from .spawner import SpawnRequest
+from .store import Record
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+OUTPUT_TAIL = 1500
+
+
+@dataclass
+class Active:
+    rec: Record
+    agent: Agent
+    order: WorkOrder
+    attempt: Attempt
+    rules: Ruleset | None
+    started: float
+    deadline: float
+    repo: Repo | None = None
+    before: dict[str, gate.Entry] | None = None
+    phase: str = "specialist"
+    checks: list[str] = field(default_factory=list)
+    check_index: int = 0
+    check_lines: list[str] = field(default_factory=list)
+    verdict: gate.Verdict | None = None
+    result: results.Result | None = None
+    committed: str | None = None
+    cancelled: bool = False
+    timed_out: bool = False
+    token: str = ""
+    thread: threading.Thread | None = None
+    thread_outcome: Any = None
+
+
+class AttemptRunner:
+    """Owns the running attempts of one supervisor."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+        self.ws = sup.ws
+        self.active: dict[str, Active] = {}  # token -> attempt
+        self._repos: dict[str, Repo] = {}
+
+    # -- starting -----------------------------------------------------------------------------------
+    def repo(self, name: str) -> Repo:
+        if name not in self._repos:
+            self._repos[name] = Repo(self.ws.repos / name)
+        return self._repos[name]
+
+    def start(self, rec: Record) -> bool:
+        sup = self.sup
+        agent = sup.config.agents[rec.to]
+        try:
+            order = sup.store.load_order(rec.id)
+        except CoordinatorError as e:
+            self._fail_hard(rec, f"cannot read the order: {e}")
+            return False
+        number = rec.attempts + 1
+        attempt = runner.prepare(self.ws, order, number, rec.failures)
+        act = Active(rec=rec, agent=agent, order=order, attempt=attempt, rules=None,
+                     started=sup.clock(), deadline=sup.clock() + _timeout(order, agent))
+        act.token = attempt.token
+        try:
+            if attempt.repo is not None:
+                act.repo = self.repo(attempt.repo)
+                act.repo.add_worktree(rec.id, attempt.workdir)
+                act.before = gate.snapshot(attempt.workdir)
+            act.rules = runner.ruleset(agent, order, attempt)
+        except CoordinatorError as e:
+            rec.attempts = number
+            self._cleanup(act)
+            self.fail(act, f"could not prepare the working copy: {e}")
+            return False
+        rec.attempts = number
+        rec.running = {**attempt.as_json(), "started": act.started, "deadline": act.deadline}
+        sup.move(rec, "running", audit.SUPERVISOR, note=f"attempt {number}")
+        self.active[act.token] = act
+        if agent.llm is not None:
+            from .llmrun import start_llm_attempt
+            start_llm_attempt(self, act)
+            return True
+        try:
+            sup.spawner.spawn(SpawnRequest(
+                argv=runner.argv(agent, attempt, self.ws),
+                env=runner.environment(agent, attempt, self.ws),
+                cwd=str(attempt.workdir), log_path=str(attempt.log), token=act.token,
+                sandbox=act.rules))
+        except CoordinatorError as e:
+            del self.active[act.token]
+            self.fail(act, f"could not start {agent.name}: {e}")
+        return True
+
+    # -- watching -------------------------------------------------------------------------------------
+    def reap(self) -> bool:
+        """Handle every process exit and finished LLM call; True when any."""
+        progress = False
+        for ex in self.sup.spawner.poll():
+            act = self.active.get(ex.token) or self.active.get(ex.token.rsplit(".c", 1)[0])
+            if act is None:
+                continue
+            progress = True
+            if act.phase == "specialist":
+                self._after_specialist(act, ex.returncode)
+            elif act.phase == "check":
+                self._after_check(act, ex.returncode)
+        for act in list(self.active.values()):
+            if act.thread is not None and not act.thread.is_alive() and act.phase == "specialist":
+                act.thread = None
+                progress = True
+                from .llmrun import finish_llm_attempt
+                finish_llm_attempt(self, act)
+        return progress
+
+    def watch(self, now: float) -> None:
+        """Kill what overran its timeout; flag what has gone silent."""
+        for act in list(self.active.values()):
+            if now > act.deadline and not act.timed_out:
+                act.timed_out = True
+                self.sup.say(f"{act.rec.id}: timed out after {_fmt(act.deadline - act.started)}; killing it")
+                self.sup.spawner.kill_tree(self._current_token(act), grace=2.0)
+            limit = act.agent.stale_after
+            if not act.rec.stale and now - runner.last_activity(act.attempt, act.started) > limit:
+                act.rec.stale = True
+                self.sup.event(act.rec, f"stale (no output or heartbeat for {_fmt(limit)})")
+
+    def _current_token(self, act: Active) -> str:
+        return f"{act.token}.c{act.check_index}" if act.phase == "check" else act.token
+
+    def kill_all(self) -> None:
+        for act in list(self.active.values()):
+            self.sup.spawner.kill_tree(self._current_token(act), grace=0.5)
+
+    def cancel(self, rec: Record) -> None:
+        for act in self.active.values():
+            if act.rec.id == rec.id:
+                act.cancelled = True
+                self.sup.spawner.kill_tree(self._current_token(act), grace=1.0)
+
+    def on_terminal(self, rec: Record) -> None:
+        pass
+
+    # -- after the specialist ---------------------------------------------------------------------------
+    def _after_specialist(self, act: Active, code: int) -> None:
+        # Nothing is judged while any process of the attempt may still write.
+        self.sup.spawner.kill_tree(act.token, grace=0.5)
+        if act.cancelled:
+            return self._end_cancelled(act)
+        tail = runner.tail(act.attempt.log, OUTPUT_TAIL)
+        if act.timed_out:
+            return self.fail(act, f"timed out after {_fmt(act.deadline - act.started)}; last output: "
+                                  f"{tail[-400:] or '(none)'}")
+        result = None
+        if act.attempt.result.exists():
+            try:
+                result = results.parse_result(act.attempt.result.read_bytes(), path="result.yaml")
+            except CoordinatorError as e:
+                return self.fail(act, f"invalid result file: {e}")
+        if result is None:
+            if code != 0:
+                return self.fail(act, f"exited with code {code} and wrote no result; last output: "
+                                      f"{tail[-600:] or '(none)'}")
+            result = results.Result(outcome="done", summary=tail[-800:] or "done (no output)")
+        self.conclude(act, result)
+
+    def conclude(self, act: Active, result: results.Result) -> None:
+        """Judge the outcome, the change and the checks of a finished specialist."""
+        problem = outcome_problem(act.order, result)
+        if problem:
+            return self.fail(act, problem)
+        act.result = result
+        if act.repo is not None and act.before is not None:
+            changes = gate.diff(act.before, gate.snapshot(act.attempt.workdir))
+            verdict = gate.judge(changes, repo=act.repo.name, files=act.order.files,
+                                 writes=act.agent.writes)
+            act.verdict = verdict
+            if not verdict.allowed:
+                return self._deny(act, verdict)
+        self._deliver_outbox(act)
+        if result.outcome != "done":
+            return self._end_outcome(act, result)
+        if act.repo is not None and act.verdict is not None and act.verdict.commit_paths():
+            try:
+                act.committed = act.repo.commit(
+                    act.attempt.workdir, act.verdict.commit_paths(), agent=act.agent.name,
+                    subject=act.order.objective,
+                    trailers={"Work-Order": act.rec.id, "Agent": act.agent.name,
+                              "Attempt": str(act.attempt.number)})
+            except GitError as e:
+                return self.fail(act, f"could not commit the change: {e}")
+        act.checks = list(act.order.checks)
+        if act.checks:
+            act.phase = "check"
+            act.check_index = 0
+            return self._start_check(act)
+        self._land(act)
+
+    def _start_check(self, act: Active) -> None:
+        command = act.checks[act.check_index]
+        log = act.attempt.folder / f"check-{act.check_index}.log"
+        try:
+            self.sup.spawner.spawn(SpawnRequest(
+                argv=("/bin/sh", "-c", command), env=runner.environment(act.agent, act.attempt, self.ws),
+                cwd=str(act.attempt.workdir), log_path=str(log),
+                token=f"{act.token}.c{act.check_index}", sandbox=act.rules))
+        except (SandboxError, CoordinatorError) as e:
+            self.fail(act, f"could not run check `{command}`: {e}")
+
+    def _after_check(self, act: Active, code: int) -> None:
+        token = f"{act.token}.c{act.check_index}"
+        self.sup.spawner.kill_tree(token, grace=0.5)
+        if act.cancelled:
+            return self._end_cancelled(act)
+        command = act.checks[act.check_index]
+        log = act.attempt.folder / f"check-{act.check_index}.log"
+        if act.timed_out:
+            return self.fail(act, f"check `{command}` timed out; output: {runner.tail(log, 400)}")
+        if code != 0:
+            return self.fail(act, f"check `{command}` failed with exit code {code}; output:\n"
+                                  f"{runner.tail(log, OUTPUT_TAIL)}")
+        act.check_lines.append(f"`{command}` passed")
+        act.check_index += 1
+        if act.check_index < len(act.checks):
+            return self._start_check(act)
+        self._land(act)
+
+    def _land(self, act: Active) -> None:
+        rec = act.rec
+        sha = None
+        if act.repo is not None:
+            with contextlib.suppress(CoordinatorError):
+                act.repo.discard(act.attempt.workdir)  # whatever the checks wrote is thrown away
+            if act.committed:
+                try:
+                    sha = act.repo.merge(rec.id)
+                except MergeConflict as e:
+                    return self.fail(act, "merge conflict with work that landed meanwhile in: "
+                                          + ", ".join(e.paths))
+                except GitError as e:
+                    return self.fail(act, f"could not merge: {e}")
+                rec.commit = act.committed
+                self.sup.note_head(act.repo.name, sha)
+        assert act.result is not None
+        rec.report = {"summary": act.result.summary,
+                      "changed": [f"{act.repo.name}/{p}" for p in act.verdict.commit_paths()]
+                      if act.repo and act.verdict else [],
+                      "checks": act.check_lines, "merge": sha}
+        self._finish(act)
+        self.sup.move(rec, "done", act.agent.name, note=f"commit {act.committed[:10]}" if act.committed else None)
+
+    # -- endings ---------------------------------------------------------------------------------------
+    def _end_outcome(self, act: Active, result: results.Result) -> None:
+        rec, sup = act.rec, self.sup
+        rec.report = {"summary": result.summary, "outcome": result.outcome}
+        self._finish(act)
+        if result.outcome == "halt-with-note":
+            sup.move(rec, "halted", act.agent.name, note=_short(result.summary))
+        elif result.outcome == "route-to":
+            assert result.agent is not None
+            follow = follow_up(act.order, rec.to, result.agent, result.summary)
+            sup.move(rec, "routed", act.agent.name, note=f"to {result.agent}")
+            child = sup.file_order(follow, shown=f"route of {rec.id}")
+            rec.report["routed_to"] = child.id
+            sup.store.save(rec, sync=False)
+        elif result.outcome == "requeue-with-blocker":
+            rec.blocker = result.blocker
+            sup.move(rec, "waiting", act.agent.name, note=f"blocker: {result.blocker}")
+            if rec.blocker in sup.records and sup.ready(rec):
+                sup.move(rec, "queued", audit.SUPERVISOR, note=f"{rec.blocker} is already done")
+        else:
+            self.block(rec, f"{act.agent.name} reported blocked: {result.summary}", actor=act.agent.name)
+
+    def _deny(self, act: Active, verdict: gate.Verdict) -> None:
+        rec = act.rec
+        lines = [f"{act.repo.name if act.repo else ''}/{gate.describe(c)} — {why}" for c, why in verdict.offending]
+        rec.report = {"summary": f"{act.agent.name} wrote outside its permission; every change was discarded",
+                      "offending": lines}
+        self.sup.signal("scope", agent=act.agent.name, order=rec.id, evidence="; ".join(lines)[:300])
+        self._finish(act, keep=True)
+        self.sup.move(rec, "denied", audit.SUPERVISOR, note=lines[0] if lines else None)
+
+    def _end_cancelled(self, act: Active) -> None:
+        self._finish(act)
+
+    def fail(self, act: Active, reason: str) -> None:
+        """A failed attempt: re-queue with the reason for the next brief, or block after max_failures."""
+        self._finish(act)
+        rec = act.rec
+        rec.failures.append(reason)
+        rec.report = {"summary": f"attempt {act.attempt.number} failed: {reason}"}
+        if len(rec.failures) >= act.agent.max_failures:
+            self.block(rec, f"failed {len(rec.failures)} time(s); last: {reason}")
+        else:
+            self.sup.move(rec, "queued", audit.SUPERVISOR, note=f"attempt {act.attempt.number} failed: {reason}")
+
+    def _fail_hard(self, rec: Record, reason: str) -> None:
+        rec.failures.append(reason)
+        self.block(rec, reason)
+
+    def block(self, rec: Record, reason: str, *, actor: str = audit.SUPERVISOR) -> None:
+        rec.report = {**(rec.report or {}), "summary": reason}
+        self.sup.move(rec, "blocked", actor, note=_short(reason))
+        target = self.sup.config.escalate_to
+        if target and target != rec.to and rec.sender != "coordinator":
+            self.sup.file_order(investigation(rec, target, reason), shown=f"escalation of {rec.id}")
+
+    def _finish(self, act: Active, *, keep: bool = False) -> None:
+        self.active.pop(act.token, None)
+        act.rec.running = None
+        self._cleanup(act, keep=keep)
+
+    def _cleanup(self, act: Active, *, keep: bool = False) -> None:
+        if act.repo is not None:
+            with contextlib.suppress(CoordinatorError):
+                act.repo.remove_worktree(act.rec.id, act.attempt.workdir, keep=keep)
+        if not keep:
+            shutil.rmtree(act.attempt.folder / "scratch", ignore_errors=True)
+
+    # -- outbox -------------------------------------------------------------------------------------
+    def _deliver_outbox(self, act: Active) -> None:
+        """Work orders the specialist wrote into $COORD_OUTBOX, stamped with its name."""
+        box = act.attempt.outbox
+        for path in sorted(box.rglob("*")):
+            if not path.is_file() or path.is_symlink() or path.name.startswith("."):
+                continue
+            to = path.parent.name if path.parent != box else _to_of(path)
+            if to not in self.sup.config.agents:
+                self.sup.say(f"{act.rec.id}: outbox file {path.name} names no known recipient; dropped")
+                continue
+            claimed = self.sup.intake.claim(path, to)
+            if claimed:
+                rec = self.sup._file(claimed, to, shown=f"outbox of {act.rec.id}/{path.name}",
+                                     sender=act.agent.name)
+                act.rec.children.append(rec.id)
+
+    # -- crash recovery ------------------------------------------------------------------------------
+    def recover(self, rec: Record) -> None:
+        """`rec` was running when the supervisor died: landed already, or a failed attempt."""
+        info = rec.running or {}
+        number = int(info.get("number", rec.attempts))
+        repo_name = info.get("repo")
+        if repo_name:
+            with contextlib.suppress(CoordinatorError):
+                repo = self.repo(str(repo_name))
+                sha = repo.landed(rec.id, number)
+                if sha:
+                    rec.commit = sha
+                    rec.running = None
+                    rec.report = {"summary": "landed before the supervisor stopped", "merge": sha}
+                    self.sup.move(rec, "done", rec.to, note="recovered after a crash")
+                    return
+                repo.remove_worktree(rec.id, Path(str(info.get("workdir", ""))), keep=False)
+        rec.running = None
+        rec.failures.append(f"interrupted: the supervisor stopped during attempt {number}")
+        agent = self.sup.config.agents.get(rec.to)
+        if agent is not None and len(rec.failures) >= agent.max_failures:
+            self.block(rec, rec.failures[-1])
+        else:
+            self.sup.move(rec, "queued", audit.SUPERVISOR, note=rec.failures[-1])
+
+
+def outcome_problem(order: WorkOrder, result: results.Result) -> str | None:
+    """Why the order's branching does not allow `result`, or None."""
+    if result.outcome in ("done", "blocked"):
+        return None
+    for b in order.branching:
+        if b.action == result.outcome and (b.action != "route-to" or b.agent == result.agent):
+            return None
+    allowed = ", ".join(f"{b.action}{'-' + b.agent if b.agent else ''}" for b in order.branching)
+    return (f"outcome {result.outcome}{' to ' + result.agent if result.agent else ''} is not allowed by the "
+            f"order's branching ({allowed})")
+
+
+def follow_up(order: WorkOrder, sender: str, to: str, summary: str) -> WorkOrder:
+    branching = tuple(b for b in order.branching if b.action != "route-to") or (
+        Branch(action="halt-with-note", when="the work does not apply"),)
+    return WorkOrder(id=None, sender=sender, to=to, objective=order.objective,
+                     acceptance=order.acceptance, files=order.files, branching=branching,
+                     priority=order.priority, references=(*order.references, order.id or ""),
+                     parent=order.parent)
+
+
+def investigation(rec: Record, target: str, reason: str) -> WorkOrder:
+    objective = f"Find out why {rec.id} ({rec.to}) is blocked and say what would unblock it"
+    return WorkOrder(
+        id=None, sender="coordinator", to=target, objective=objective[:280],
+        acceptance=(orders.Acceptance(text=f"The summary names the cause of {rec.id}'s failures"),
+                    orders.Acceptance(text="The summary proposes the next step: a new work order or dropping it"),
+                    orders.Acceptance(text=f"Last failure considered: {_short(reason)}")),
+        files=(), branching=(Branch(action="halt-with-note", when=f"{rec.id} should be dropped"),),
+        priority="high", references=(rec.id,))
+
+
+def _to_of(path: Path) -> str | None:
+    try:
+        return orders.parse(path.read_bytes()[: orders.MAX_ORDER_BYTES + 1], path=path.name).to or None
+    except (OrderError, OSError):
+        return None
+
+
+def _timeout(order: WorkOrder, agent: Agent) -> float:
+    if order.timeout:
+        with contextlib.suppress(ValueError):
+            return parse_duration(order.timeout)
+    return agent.timeout
+
+
+def _fmt(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f}h"
+    if seconds >= 60:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
+
+
+def _short(text: str, n: int = 160) -> str:
+    one = " ".join(text.split())
+    return one if len(one) <= n else one[: n - 1] + "…"

@@ -1,0 +1,261 @@
+"""The audit trail: `state/` is a git repository and every transition is in a commit.
+
+The supervisor is the only writer (one thread owns this object). Transitions are
+staged as lines and committed together at the end of each loop step (group
+commit): consecutive lines of one actor share a commit whose author is that
+actor; the committer is always `coordinator`. The files on disk are the truth
+between commits; `recover()` commits whatever a crash left uncommitted.
+
+Example message:
+    WO-0042 chip: running -> done
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import git
+
+from .errors import GitError
+
+SUPERVISOR = "coordinator"
+DOMAIN = "agents.coordinator"
+TRANSITION = re.compile(r"^(?P<id>\S+) (?P<agent>\S+): (?P<old>[a-z-]+) -> (?P<new>[a-z-]+)(?: \((?P<note>.*)\))?$")
+LOCK_NAMES = ("index.lock", "HEAD.lock", "config.lock")
+STALE_LOCK_SECONDS = 2.0
+
+
+def identity(actor: str) -> str:
+    return f"{actor} <{actor}@{DOMAIN}>"
+
+
+def trusted_env(actor: str = SUPERVISOR, committer: str = SUPERVISOR) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update({
+        "GIT_AUTHOR_NAME": actor, "GIT_AUTHOR_EMAIL": f"{actor}@{DOMAIN}",
+        "GIT_COMMITTER_NAME": committer, "GIT_COMMITTER_EMAIL": f"{committer}@{DOMAIN}",
+        "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0",
+    })
+    return env
+
+
+GIT_OPTS = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "gc.auto=0",
+            "-c", "commit.gpgsign=false", "-c", "core.quotepath=false")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One line of the trail: a transition read back from git."""
+
+    commit: str
+    author: str
+    at: str
+    line: str
+    order: str | None
+    old: str | None
+    new: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"commit": self.commit, "author": self.author, "at": self.at, "line": self.line,
+                "order": self.order, "from": self.old, "to": self.new}
+
+
+class StateRepo:
+    """The git repository under `state/`, written only through this object."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._pending: list[tuple[str, str]] = []  # (actor, line)
+        self._cmd = git.Git(str(path))
+
+    # -- set-up ---------------------------------------------------------------------------------
+    @staticmethod
+    def ensure(path: Path) -> bool:
+        """Make `path` a git repository with a first commit; True when it was created."""
+        path.mkdir(parents=True, exist_ok=True)
+        if (path / ".git").exists():
+            return False
+        run(path, "init", "-q", "-b", "main")
+        (path / "README.md").write_text(
+            "# state/\n\nOwned by the coordinator supervisor: every order transition is a commit here.\n"
+            "Do not edit by hand; `coordinator audit verify` reports changes it did not make.\n",
+            encoding="utf-8")
+        (path / ".gitignore").write_text("*.tmp\n.tmp-*\n", encoding="utf-8")
+        run(path, "add", "-A")
+        run(path, "commit", "-q", "-m", "state: initialise the audit trail")
+        return True
+
+    def clear_stale_lock(self) -> list[str]:
+        """Remove lock files a dead git process left behind; returns their names."""
+        return clear_stale_locks(self.path / ".git")
+
+    # -- writing ----------------------------------------------------------------------------------
+    def stage(self, actor: str, line: str) -> None:
+        self._pending.append((actor, line))
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def flush(self, paths: set[str] | None = None) -> int:
+        """Commit every staged line; consecutive lines of one actor share a commit.
+
+        With `paths`, only those files are staged (the supervisor's own writes), so a
+        hand edit elsewhere in state/ stays visible to the tamper watch.
+        """
+        if not self._pending:
+            return 0
+        groups: list[tuple[str, list[str]]] = []
+        for actor, line in self._pending:
+            if groups and groups[-1][0] == actor:
+                groups[-1][1].append(line)
+            else:
+                groups.append((actor, [line]))
+        self._pending.clear()
+        if paths is None:
+            self.git("add", "-A", ".")
+        else:
+            self.add(paths)
+        for actor, lines in groups:
+            self.git("commit", "-q", "--allow-empty", "--no-verify", "-m", "\n".join(lines), actor=actor)
+        return len(groups)
+
+    def add(self, paths: set[str]) -> None:
+        root = str(self.path.resolve())
+        rel = sorted({os.path.relpath(p, root) for p in (os.path.abspath(x) for x in paths)
+                      if p == root or p.startswith(root + os.sep)})
+        rel = [r for r in rel if not r.startswith(".git")]
+        if not rel:
+            return
+        spec = self.path / ".git" / "coordinator-pathspec"
+        spec.write_bytes("\0".join(rel).encode())
+        self.git("add", "-A", f"--pathspec-from-file={spec}", "--pathspec-file-nul")
+
+    def commit_now(self, actor: str, line: str) -> None:
+        self.stage(actor, line)
+        self.flush()
+
+    def dirty(self) -> list[str]:
+        out = self.git("status", "--porcelain", "--untracked-files=all")
+        return [line[3:] for line in out.splitlines() if line.strip()]
+
+    def recover(self) -> list[str]:
+        """Commit what a crash left uncommitted, with an explicit recovery message."""
+        changed = self.dirty()
+        if changed:
+            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            self.git("add", "-A", ".")
+            self.git("commit", "-q", "--no-verify", "-m",
+                     f"recovery: commit state written before a crash\n\n{shown}")
+        return changed
+
+    def restore(self, paths: list[str]) -> None:
+        """Put hand-made changes back as the last commit has them (tamper watch)."""
+        for p in paths:
+            tracked = self.git("ls-files", "--", p).strip()
+            if tracked:
+                self.git("checkout", "HEAD", "--", p)
+            else:
+                with contextlib.suppress(OSError):
+                    (self.path / p).unlink()
+
+    def git(self, *args: str, actor: str = SUPERVISOR) -> str:
+        try:
+            out: str = self._cmd.execute(["git", *GIT_OPTS, *args], env=trusted_env(actor),
+                                         strip_newline_in_stdout=False)
+            return out
+        except git.GitCommandError as e:
+            raise GitError(f"git {args[0]} failed in state/: {_stderr(e)}") from None
+
+    # -- reading ----------------------------------------------------------------------------------
+    def entries(self, order_id: str | None = None) -> list[Entry]:
+        """The trail, oldest first; only the lines about `order_id` when given."""
+        fmt = "%H%x1f%an%x1f%aI%x1f%cn%x1f%B%x1e"
+        out = self.git("log", "--reverse", f"--format={fmt}")
+        found: list[Entry] = []
+        for chunk in out.split("\x1e"):
+            chunk = chunk.strip("\n")
+            if not chunk:
+                continue
+            sha, author, at, _committer, body = chunk.split("\x1f", 4)
+            for line in body.splitlines():
+                m = TRANSITION.match(line)
+                if m is None and order_id is not None:
+                    continue
+                if order_id is not None and m is not None and m.group("id") != order_id:
+                    continue
+                if not line.strip():
+                    continue
+                found.append(Entry(sha, author, at, line, m.group("id") if m else None,
+                                   m.group("old") if m else None, m.group("new") if m else None))
+        return found
+
+    def foreign_commits(self) -> list[str]:
+        """Commits in state/ whose committer is not the supervisor: hand-made."""
+        out = self.git("log", "--format=%H%x1f%cn%x1f%s")
+        bad = []
+        for line in out.splitlines():
+            sha, committer, subject = line.split("\x1f", 2)
+            if committer != SUPERVISOR:
+                bad.append(f"{sha[:10]} by {committer}: {subject}")
+        return bad
+
+
+def run(path: Path, *args: str, actor: str = SUPERVISOR) -> str:
+    try:
+        out: str = git.Git(str(path)).execute(["git", *GIT_OPTS, *args], env=trusted_env(actor))
+        return out
+    except git.GitCommandError as e:
+        raise GitError(f"git {args[0]} failed in {path.name}/: {_stderr(e)}") from None
+
+
+def _stderr(e: git.GitCommandError) -> str:
+    text = (e.stderr or str(e)).strip().replace("\n", " ")
+    return text.removeprefix("stderr: ").strip("'")[:300]
+
+
+def clear_stale_locks(git_dir: Path, *, now: float | None = None) -> list[str]:
+    """Remove lock files no live git process holds (a git that was killed mid-write)."""
+    import time
+
+    now = time.time() if now is None else now
+    cleared: list[str] = []
+    if not git_dir.is_dir():
+        return cleared
+    busy = _git_processes_using(git_dir)
+    for name in LOCK_NAMES:
+        lock = git_dir / name
+        try:
+            age = now - lock.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if busy or age < STALE_LOCK_SECONDS:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+            cleared.append(name)
+    return cleared
+
+
+def _git_processes_using(git_dir: Path) -> bool:
+    """Is any live git process working in the repository of `git_dir`?"""
+    repo = str(git_dir.parent.resolve())
+    with contextlib.suppress(FileNotFoundError):
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    if not f.read().startswith("git"):
+                        continue
+                cwd = os.readlink(f"/proc/{pid}/cwd")
+            except OSError:
+                continue
+            if cwd == repo or cwd.startswith(repo + "/"):
+                return True
+    return False

@@ -1,0 +1,144 @@
+"""The board: orders by status, as a terminal kanban or JSON.
+
+Example:
+    $ coordinator board
+    QUEUED (1)            RUNNING (1)              DONE (2)
+    WO-0003 chip  Add …   WO-0002 rex  Review … !  WO-0001 chip  …
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from . import budget, signals
+from .store import STATUSES, Record, Store
+from .workspace import Workspace
+
+COLOURS = {"queued": "cyan", "waiting": "yellow", "running": "blue", "done": "green",
+           "halted": "magenta", "routed": "magenta", "blocked": "red", "rejected": "red",
+           "denied": "red", "cancelled": "white"}
+ACTIVE = ("queued", "waiting", "running")
+ENDED_SHOWN = 8  # ended orders shown per column; the count says how many there are
+
+
+def records(ws: Workspace) -> list[Record]:
+    return sorted(Store(ws.state).load_all().values(), key=lambda r: r.seq)
+
+
+def as_json(ws: Workspace) -> dict[str, Any]:
+    return {"orders": [r.board_row() | {"stale": r.stale} for r in records(ws)]}
+
+
+def render(ws: Workspace, *, colour: bool = False, width: int | None = None) -> str:
+    import click
+
+    recs = records(ws)
+    by_status: dict[str, list[Record]] = {s: [] for s in STATUSES}
+    for r in recs:
+        by_status.setdefault(r.status, []).append(r)
+    width = width or shutil.get_terminal_size((120, 40)).columns
+    lines: list[str] = []
+    summary = "  ".join(f"{s} {len(by_status[s])}" for s in STATUSES if by_status[s])
+    lines.append(f"{len(recs)} order(s): {summary or 'none yet — drop a work order into inbox/<agent>/'}")
+    stale = [r for r in by_status["running"] if r.stale]
+    if stale:
+        lines.append(f"stale: {', '.join(r.id for r in stale)} (no output or heartbeat)")
+    lines.append(_budget_line(ws))
+    counts = signals.counts(signals.load(ws.state))
+    if any(counts.values()):
+        lines.append("signals: " + "  ".join(f"{k} {v}" for k, v in counts.items() if v))
+    for status in STATUSES:
+        group = by_status[status]
+        if not group:
+            continue
+        title = f"{status.upper()} ({len(group)})"
+        lines.append("")
+        lines.append(click.style(title, fg=COLOURS[status], bold=True) if colour else title)
+        shown = group if status in ACTIVE else group[-ENDED_SHOWN:]
+        if len(shown) < len(group):
+            lines.append(f"  … {len(group) - len(shown)} older")
+        for r in shown:
+            flag = " [stale]" if r.stale else ""
+            attempts = f" x{r.attempts}" if r.attempts > 1 else ""
+            head = f"  {r.id:<12} {r.to:<10} {r.sender:>8} → "
+            room = max(10, width - len(head) - len(flag) - len(attempts) - 1)
+            obj = r.objective if len(r.objective) <= room else r.objective[: room - 1] + "…"
+            text = f"{head}{obj}{attempts}{flag}"
+            if colour and r.stale:
+                text = click.style(text, fg="yellow")
+            lines.append(text)
+    return "\n".join(lines)
+
+
+def _budget_line(ws: Workspace) -> str:
+    cfg = ws.config
+    if not cfg.orchestrator:
+        return "budget: no orchestrator configured"
+    ledger = budget.Ledger.load(ws.state)
+    b = cfg.budget
+    return (f"budget: {cfg.orchestrator} {ledger.hot_tokens():,}/{b.ceiling:,} hot tokens, "
+            f"{ledger.mode(b.bands)}, generation {ledger.generation}")
+
+
+def show(ws: Workspace, order_id: str) -> dict[str, Any]:
+    """One order: fields, status, attempts, report, history (`show ID --json`)."""
+    from . import audit
+
+    store = Store(ws.state)
+    rec = store.load(order_id)
+    out: dict[str, Any] = rec.board_row()
+    try:
+        out["order"] = store.load_order(order_id).to_dict()
+    except Exception:  # a rejected order has no normalized form
+        out["order"] = None
+    out["report"] = rec.report
+    out["errors"] = rec.errors
+    out["failures"] = rec.failures
+    out["blocked_by"] = rec.blocked_by
+    out["blocker"] = rec.blocker
+    out["parent"] = rec.parent
+    out["children"] = rec.children
+    out["commit"] = rec.commit
+    out["stale"] = rec.stale
+    trail = [e.as_json() for e in audit.StateRepo(ws.state).entries(order_id)]
+    out["history"] = trail or rec.history
+    return out
+
+
+def render_show(data: dict[str, Any]) -> str:
+    lines = [f"{data['id']}  {data['status']}  {data['from']} → {data['to']}  "
+             f"attempts {data['attempts']}  updated {data['updated']}",
+             f"objective: {data['objective']}"]
+    order = data.get("order")
+    if order:
+        lines.append("acceptance:")
+        for a in order["acceptance"]:
+            check = f"  [check: {a['check']}]" if a.get("check") else ""
+            lines.append(f"  - {a['text']}{check}")
+        lines.append("files: " + (", ".join(order["files"]) or "(none: read-only work)"))
+        lines.append("branching: " + "; ".join(
+            f"{b['action']}{'-' + b['agent'] if b.get('agent') else ''} if {b['when']}" for b in order["branching"]))
+    for e in data.get("errors") or []:
+        lines.append(f"error: {e}")
+    if data.get("blocker"):
+        lines.append(f"blocker: {data['blocker']}")
+    for f in data.get("failures") or []:
+        lines.append(f"failure: {f.splitlines()[0] if f else f}")
+    report = data.get("report") or {}
+    if report.get("summary"):
+        lines.append(f"report: {report['summary']}")
+    for key in ("changed", "offending", "checks"):
+        for x in report.get(key) or []:
+            lines.append(f"  {key}: {x}")
+    if data.get("commit"):
+        lines.append(f"commit: {data['commit']}")
+    if data.get("children"):
+        lines.append("children: " + ", ".join(data["children"]))
+    lines.append("history:")
+    for h in data.get("history") or []:
+        if "line" in h:
+            lines.append(f"  {h['at']}  {h['author']:<12} {h['line']}")
+        else:
+            lines.append(f"  {h['at']}  {h['actor']:<12} {h['from']} -> {h['to']}")
+    return "\n".join(lines)

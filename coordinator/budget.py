@@ -1,0 +1,432 @@
+"""The orchestrator's hot-token budget (SPEC §8, seed 001's 7K rule).
+
+Hot tokens are what sits in the orchestrator's working context: its brief, every order it
+sent, every report and rejection delivered to it, and whatever `coordinator budget add`
+reports. Below the first band it routes; past the ceiling it drifts into doing the work
+itself. The supervisor keeps a ledger of those items and, at the ceiling, drops finished
+ones (rotate) or hands over to a fresh instance with a clean brief (fresh).
+
+Files, all under the supervisor's `state/` repository and small enough to diff:
+
+    state/orchestrator/ledger.json          generation, last mode, items (oldest first)
+    state/orchestrator/brief.md             the clean brief of the current generation
+    state/orchestrator/generations/<n>.json the ledger of generation n, archived by `fresh`
+
+Writes go through `durable`; committing them is the caller's job.
+
+Example:
+    >>> ledger = Ledger.load(state_dir)
+    >>> ledger.add("WO-0042", "order", order_text, now=now)
+    >>> change = ledger.update_mode(cfg.budget.bands)
+    >>> ledger.save()
+    >>> lines = on_ceiling(ledger, cfg.budget, brief=make_brief, now=now)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import durable
+from .config import Budget
+from .errors import StateError, UsageError
+
+KINDS = ("brief", "order", "report", "rejection", "manual")
+MODES = ("routing", "mixed", "drift", "executor")
+STATUSES = ("in-flight", "completed")
+SOURCES = ("usage", "estimate")
+
+ORCHESTRATOR_DIR = "orchestrator"
+LEDGER_NAME = "ledger.json"
+BRIEF_NAME = "brief.md"
+GENERATIONS_DIR = "generations"
+BRIEF_REF = "brief"
+# A fresh brief stays compact: older rejections are summarised by a count.
+MAX_BRIEF_REJECTIONS = 10
+MAX_LINE = 200
+
+
+def ledger_path(state_dir: Path) -> Path:
+    return state_dir / ORCHESTRATOR_DIR / LEDGER_NAME
+
+
+def brief_path(state_dir: Path) -> Path:
+    return state_dir / ORCHESTRATOR_DIR / BRIEF_NAME
+
+
+def archive_path(state_dir: Path, generation: int) -> Path:
+    return state_dir / ORCHESTRATOR_DIR / GENERATIONS_DIR / f"{generation}.json"
+
+
+def iso(now: datetime) -> str:
+    """`now` as a UTC ISO-8601 string to the second; a naive time is taken as UTC."""
+    if now.tzinfo is not None:
+        now = now.astimezone(UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def estimate_tokens(text: str) -> int:
+    """Estimated tokens of `text` when no model reported usage: ``max(⌈chars/4⌉, ⌈words·4/3⌉)``.
+
+    Four characters per token is the usual figure for English prose and code; the word rule
+    keeps short-word text (lists of ids, terse bullets) from being undercounted. Both round
+    up, so any non-empty text costs at least one token. No network, no tokenizer.
+
+    Example:
+        >>> estimate_tokens("Route the login bug to chip.")  # 28 chars, 6 words
+        8
+    """
+    if not text:
+        return 0
+    by_chars = math.ceil(len(text) / 4)
+    by_words = math.ceil(len(text.split()) * 4 / 3)
+    return max(by_chars, by_words)
+
+
+def mode_for(tokens: int, bands: tuple[int, int, int]) -> str:
+    """The orchestrator's mode at `tokens`: routing < b0 <= mixed < b1 <= drift < b2 <= executor."""
+    b0, b1, b2 = bands
+    if not b0 < b1 < b2:
+        raise ValueError(f"bands must increase, got {bands}")
+    if tokens < b0:
+        return "routing"
+    if tokens < b1:
+        return "mixed"
+    if tokens < b2:
+        return "drift"
+    return "executor"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One thing in the orchestrator's context."""
+
+    ref: str  # the order id it belongs to, or a name for briefs and manual items
+    kind: str  # one of KINDS
+    tokens: int
+    status: str  # "in-flight" | "completed"
+    note: str
+    source: str  # "usage" (reported by the model) | "estimate"
+    added: str  # ISO time
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Ledger:
+    """The hot-token ledger of one orchestrator generation.
+
+    `add`, `complete`, `rotate` and `update_mode` change memory only; `save` writes.
+    `fresh` writes the archive, the brief and the ledger together, as they belong together.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        generation: int = 1,
+        items: Iterable[Item] = (),
+        last_mode: str = "routing",
+    ) -> None:
+        self.state_dir = state_dir
+        self.generation = generation
+        self.items: list[Item] = list(items)
+        # The mode the caller last saw, persisted so a change survives restarts and is
+        # reported once ("walt: mixed -> drift"), not on every add.
+        self.last_mode = last_mode
+
+    @classmethod
+    def load(cls, state_dir: Path) -> Ledger:
+        """The ledger under `state_dir`; an empty generation 1 when there is none yet."""
+        path = ledger_path(state_dir)
+        try:
+            raw = path.read_text("utf-8")
+        except FileNotFoundError:
+            return cls(state_dir)
+        except OSError as e:
+            raise StateError(f"{_shown(path, state_dir)}: cannot read: {e.strerror}") from None
+        try:
+            return cls._from_dict(state_dir, json.loads(raw))
+        except (ValueError, TypeError, KeyError) as e:
+            why = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+            raise StateError(
+                f"{_shown(path, state_dir)}: not a valid ledger ({why}); restore it with "
+                f"`git -C state checkout {ORCHESTRATOR_DIR}/{LEDGER_NAME}` or delete it to start over"
+            ) from None
+
+    @classmethod
+    def _from_dict(cls, state_dir: Path, data: Any) -> Ledger:
+        if not isinstance(data, dict):
+            raise ValueError("expected a JSON object")
+        generation = data["generation"]
+        if not isinstance(generation, int) or isinstance(generation, bool) or generation < 1:
+            raise ValueError(f"generation {generation!r} is not a positive whole number")
+        last_mode = data.get("last_mode", "routing")
+        if last_mode not in MODES:
+            raise ValueError(f"last_mode {last_mode!r} is not one of {', '.join(MODES)}")
+        items = [_item(raw) for raw in data["items"]]
+        return cls(state_dir, generation=generation, items=items, last_mode=last_mode)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "generation": self.generation,
+            "last_mode": self.last_mode,
+            "items": [i.as_dict() for i in self.items],
+        }
+
+    def hot_tokens(self) -> int:
+        """Everything still in context: completed items count until a rotation drops them."""
+        return sum(i.tokens for i in self.items)
+
+    def mode(self, bands: tuple[int, int, int]) -> str:
+        return mode_for(self.hot_tokens(), bands)
+
+    def add(
+        self,
+        ref: str,
+        kind: str,
+        text: str = "",
+        *,
+        tokens: int | None = None,
+        note: str = "",
+        now: datetime,
+    ) -> Item:
+        """Put one item in context: `tokens` when the model reported usage, else an estimate of `text`."""
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
+        if tokens is not None and (isinstance(tokens, bool) or tokens < 0):
+            raise UsageError(f"{tokens} is not a token count; give a whole number of 0 or more")
+        item = Item(
+            ref=ref,
+            kind=kind,
+            tokens=tokens if tokens is not None else estimate_tokens(text),
+            status="in-flight",
+            note=_one_line(note),
+            source="usage" if tokens is not None else "estimate",
+            added=iso(now),
+        )
+        self.items.append(item)
+        return item
+
+    def complete(self, ref: str) -> int:
+        """Mark every in-flight item of order `ref` completed; returns how many changed."""
+        changed = 0
+        for n, item in enumerate(self.items):
+            if item.ref == ref and item.status != "completed":
+                self.items[n] = replace(item, status="completed")
+                changed += 1
+        return changed
+
+    def rotate(self) -> list[Item]:
+        """Drop completed items from context; returns them."""
+        dropped = [i for i in self.items if i.status == "completed"]
+        self.items = [i for i in self.items if i.status != "completed"]
+        return dropped
+
+    def fresh(self, brief_text: str, *, now: datetime) -> int:
+        """Archive this generation, write `brief_text` as the brief, start the next generation.
+
+        The new generation's only item is its brief. Returns the new generation number.
+        Written in this order so a crash part-way leaves the old ledger in charge, and a
+        second `fresh` simply rewrites the same archive.
+        """
+        archive = archive_path(self.state_dir, self.generation)
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        durable.write_json(archive, {**self.as_dict(), "archived": iso(now)})
+        durable.write_text(brief_path(self.state_dir), brief_text)
+        self.generation += 1
+        self.items = []
+        self.add(
+            BRIEF_REF, "brief", brief_text, note=f"brief of generation {self.generation}", now=now
+        )
+        self.save()
+        return self.generation
+
+    def update_mode(self, bands: tuple[int, int, int]) -> tuple[str, str] | None:
+        """Record the current mode as `last_mode`; returns (before, after) when it changed."""
+        before, after = self.last_mode, self.mode(bands)
+        self.last_mode = after
+        return (before, after) if before != after else None
+
+    def save(self) -> None:
+        path = ledger_path(self.state_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        durable.write_json(path, self.as_dict())
+
+    def as_json(self, *, agent: str, ceiling: int, bands: tuple[int, int, int]) -> dict[str, Any]:
+        """The `coordinator budget --json` document (SPEC §10), items largest first."""
+        return {
+            "agent": agent,
+            "hot_tokens": self.hot_tokens(),
+            "ceiling": ceiling,
+            "mode": self.mode(bands),
+            "generation": self.generation,
+            "items": [i.as_dict() for i in sorted(self.items, key=lambda i: -i.tokens)],
+        }
+
+
+def mode_change_message(agent: str, before: str, after: str, tokens: int) -> str:
+    """The one-line warning for a mode change: ``walt: mixed -> drift (7,120 hot tokens)``."""
+    return f"{agent}: {before} -> {after} ({tokens:,} hot tokens)"
+
+
+def render_brief(
+    in_flight: list[dict[str, Any]],
+    rejections: list[dict[str, Any]],
+    *,
+    generation: int,
+    now: datetime,
+) -> str:
+    """The clean, compact brief a fresh orchestrator starts from.
+
+    `in_flight` dicts have `id`, `to`, `status`, `objective`, `waiting_on` (order ids or
+    blocker lines); `rejections` dicts have `id`, `to`, `objective`, `reason`, oldest first
+    (only the last MAX_BRIEF_REJECTIONS are listed).
+    """
+    out = [
+        f"# Orchestrator brief: generation {generation}",
+        "",
+        f"Written {iso(now)} by the supervisor when the last context was retired. You route: "
+        "send work orders to specialists, review their reports; never do their work.",
+        "",
+        f"## In flight ({len(in_flight)})",
+        "",
+    ]
+    if not in_flight:
+        out.append("Nothing is in flight.")
+    for o in in_flight:
+        line = f"- {o['id']} -> {o['to']} [{o['status']}]: {_one_line(str(o['objective']))}"
+        waiting = [_one_line(str(w)) for w in o.get("waiting_on") or ()]
+        if waiting:
+            line += f" (waits on {', '.join(waiting)})"
+        out.append(line)
+    if rejections:
+        shown = rejections[-MAX_BRIEF_REJECTIONS:]
+        out += ["", f"## Recent rejections ({len(rejections)})", ""]
+        if len(rejections) > len(shown):
+            out.append(f"- ... {len(rejections) - len(shown)} earlier, see `coordinator board`")
+        for r in shown:
+            out.append(
+                f"- {r['id']} -> {r['to']}: {_one_line(str(r['objective']))}; "
+                f"why: {_one_line(str(r['reason']))}"
+            )
+        out += [
+            "",
+            "A new order that repeats a rejected one must list it in `references` "
+            "and say what changed.",
+        ]
+    return "\n".join(out) + "\n"
+
+
+def on_ceiling(
+    ledger: Ledger, budget: Budget, *, brief: Callable[[], str], now: datetime
+) -> list[str]:
+    """Do what `budget.on_ceiling` says once hot tokens reach the ceiling; saves the ledger.
+
+    "rotate" drops completed items, then goes fresh if still at or over the ceiling; "fresh"
+    goes fresh; "warn" changes nothing. A fresh start is skipped when its brief would not be
+    smaller than what is in context now, so an overlong in-flight list cannot churn through
+    generations. Returns human lines of what was done (for the log and the commit message);
+    none when under the ceiling.
+    """
+    start = ledger.hot_tokens()
+    if start < budget.ceiling:
+        return []
+    lines = [f"hot tokens {start:,} reached the ceiling of {budget.ceiling:,}"]
+    action = budget.on_ceiling
+    if action == "warn":
+        lines.append(
+            "on_ceiling is warn: nothing done; run `coordinator rotate` or `coordinator rotate --fresh`"
+        )
+        return lines
+    if action not in ("rotate", "fresh"):
+        raise ValueError(f"on_ceiling {action!r} is not rotate, fresh or warn")
+    if action == "rotate":
+        dropped = ledger.rotate()
+        if dropped:
+            lines.append(
+                f"rotated: dropped {len(dropped)} completed item(s), "
+                f"{sum(i.tokens for i in dropped):,} tokens; {ledger.hot_tokens():,} hot tokens left"
+            )
+        else:
+            lines.append("rotate: no completed items to drop")
+    if ledger.hot_tokens() >= budget.ceiling:
+        text = brief()
+        cost = estimate_tokens(text)
+        if cost < ledger.hot_tokens():
+            old = ledger.generation
+            new = ledger.fresh(text, now=now)
+            lines.append(
+                f"fresh: generation {old} archived; generation {new} starts from a {cost:,}-token brief"
+            )
+        else:
+            lines.append(
+                f"fresh skipped: the brief would be {cost:,} tokens, no smaller than the context; "
+                "too much is in flight for one orchestrator"
+            )
+    change = ledger.update_mode(budget.bands)
+    if change:
+        lines.append(f"mode: {change[0]} -> {change[1]} ({ledger.hot_tokens():,} hot tokens)")
+    if ledger.hot_tokens() >= budget.ceiling:
+        lines.append(f"still {ledger.hot_tokens():,} hot tokens, at or over the ceiling")
+    ledger.save()
+    return lines
+
+
+def gauge(tokens: int, ceiling: int, bands: tuple[int, int, int], width: int = 30) -> str:
+    """A one-line bar for a TTY, scaled to the ceiling, with the band edges below it marked.
+
+    Example:
+        >>> gauge(3500, 7000, (2000, 7000, 15000), width=10)
+        '[█████░░░░░] 3,500 / 7,000 hot tokens, mixed'
+    """
+    if width < 1 or ceiling < 1:
+        raise ValueError("width and ceiling must be positive")
+    filled = min(width, math.floor(tokens * width / ceiling))
+    cells = ["█"] * filled + ["░"] * (width - filled)
+    for edge in bands:
+        at = math.floor(edge * width / ceiling)
+        if 0 < at < width and at >= filled:
+            cells[at] = "│"
+    text = f"[{''.join(cells)}] {tokens:,} / {ceiling:,} hot tokens, {mode_for(tokens, bands)}"
+    if tokens > ceiling:
+        text += f", {tokens - ceiling:,} over the ceiling"
+    return text
+
+
+def _item(raw: Any) -> Item:
+    if not isinstance(raw, dict):
+        raise ValueError("an item is not a JSON object")
+    item = Item(
+        ref=str(raw["ref"]),
+        kind=raw["kind"],
+        tokens=raw["tokens"],
+        status=raw["status"],
+        note=str(raw.get("note", "")),
+        source=raw.get("source", "estimate"),
+        added=str(raw["added"]),
+    )
+    if item.kind not in KINDS:
+        raise ValueError(f"item kind {item.kind!r} is not one of {', '.join(KINDS)}")
+    if item.status not in STATUSES:
+        raise ValueError(f"item status {item.status!r} is not one of {', '.join(STATUSES)}")
+    if item.source not in SOURCES:
+        raise ValueError(f"item source {item.source!r} is not one of {', '.join(SOURCES)}")
+    if not isinstance(item.tokens, int) or isinstance(item.tokens, bool) or item.tokens < 0:
+        raise ValueError(f"item tokens {item.tokens!r} is not a whole number >= 0")
+    return item
+
+
+def _one_line(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= MAX_LINE else flat[: MAX_LINE - 3] + "..."
+
+
+def _shown(path: Path, state_dir: Path) -> str:
+    # Name the file relative to the workspace ("state/orchestrator/ledger.json"), never absolutely.
+    return f"{state_dir.name}/{path.relative_to(state_dir).as_posix()}"

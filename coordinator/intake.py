@@ -1,0 +1,171 @@
+"""Intake: claim each dropped file exactly once and turn it into a record.
+
+A file is claimed by one atomic rename out of `inbox/<agent>/` into
+`state/intake/<agent>/`, then validated, then moved into `state/orders/<id>/`
+with its record written last. `recover()` finishes any of these steps a crash
+interrupted. Durability is grouped: files are written without fsync and the
+caller syncs the file system once per loop step, before the audit commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import durable, orders
+from .config import Config
+from .errors import OrderError, Problem
+from .orders import WorkOrder
+from .store import History, Record, Store, iso
+from .watcher import is_candidate
+
+MAX_READ = orders.MAX_ORDER_BYTES + 1
+SYSTEM_SENDERS = ("user", "coordinator")
+
+
+@dataclass
+class Filed:
+    """What intake made of one file."""
+
+    record: Record
+    order: WorkOrder | None
+    problems: list[Problem]
+
+
+class Intake:
+    def __init__(self, store: Store, config: Config, records: dict[str, Record], history: History,
+                 *, rel: Callable[[Path], str], ids_dir: Path, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.config = config
+        self.records = records
+        self.history = history
+        self.rel = rel
+        self.clock = clock
+        self.ids_dir = ids_dir  # reservations shared with `coordinator send`
+        self.ids_dir.mkdir(parents=True, exist_ok=True)
+        self.next_number = store.max_assigned() + 1
+        self.seq = max((r.seq for r in records.values()), default=0) + 1
+
+    # -- claiming -------------------------------------------------------------------------------
+    def claim(self, path: Path, agent: str) -> Path | None:
+        """Rename `path` out of the inbox; None when it vanished or another claimed it."""
+        folder = self.store.intake_dir / agent
+        folder.mkdir(parents=True, exist_ok=True)
+        dest = folder / f"{time.time_ns():020d}-{path.name}"
+        try:
+            os.rename(path, dest)
+        except FileNotFoundError:
+            return None
+        return dest
+
+    def claimed(self) -> list[tuple[Path, str]]:
+        """Files claimed but not yet filed (after a crash), oldest first."""
+        found: list[tuple[Path, str]] = []
+        with contextlib.suppress(FileNotFoundError):
+            for agent_dir in sorted(os.scandir(self.store.intake_dir), key=lambda e: e.name):
+                if agent_dir.is_dir():
+                    for entry in sorted(os.scandir(agent_dir.path), key=lambda e: e.name):
+                        if is_candidate(entry.name) or entry.name[:1].isdigit():
+                            found.append((Path(entry.path), agent_dir.name))
+        return found
+
+    # -- filing ---------------------------------------------------------------------------------
+    def file(self, claimed: Path, agent: str, *, shown: str, sender: str | None = None,
+             parent: str | None = None) -> Filed:
+        """Validate the claimed file and move it into its order folder with a record."""
+        data = _read_capped(claimed)
+        order: WorkOrder | None = None
+        problems: list[Problem] = []
+        suffix = _suffix(shown)
+        try:
+            order = orders.load(data, path=shown, to=agent, config=self.config,
+                                history=self.history, sender=sender)
+        except OrderError as e:
+            problems = e.problems
+        partial = order or _best_effort(data, shown, agent)
+        order_id = self._choose_id(order or partial)
+        if order is not None:
+            order = dataclasses.replace(order, id=order_id, parent=parent or order.parent)
+        folder = self.store.folder(order_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        durable.move(claimed, folder / f"original{suffix}", sync=False)
+        return Filed(self._record(order_id, agent, order, partial, problems, shown, sender), order, problems)
+
+    def file_order(self, order: WorkOrder, *, shown: str) -> Filed:
+        """File an order the supervisor itself made (follow-ups, escalations, LLM plans)."""
+        folder = self.store.intake_dir / order.to
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"{time.time_ns():020d}-{order.id or 'order'}.md"
+        durable.write_text(tmp, orders.render(order), sync=False)
+        return self.file(tmp, order.to, shown=shown, sender=order.sender, parent=order.parent)
+
+    def _choose_id(self, order: WorkOrder | None) -> str:
+        wanted = order.id if order is not None else None
+        if wanted and orders.ID_PATTERN.match(wanted) and not self.history.exists(wanted):
+            return wanted
+        while True:
+            candidate = f"WO-{self.next_number:04d}"
+            self.next_number += 1
+            if self.history.exists(candidate):
+                continue
+            try:
+                os.close(os.open(self.ids_dir / candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:
+                continue  # reserved by `coordinator send` for an order on its way
+            return candidate
+
+    def _record(self, order_id: str, agent: str, order: WorkOrder | None, partial: WorkOrder | None,
+                problems: list[Problem], shown: str, sender: str | None) -> Record:
+        now = iso(self.clock())
+        source = order or partial
+        if order is not None and order.blocked_by and any(
+                self.records.get(d) is None or self.records[d].status != "done" for d in order.blocked_by):
+            status = "waiting"
+        elif order is not None:
+            status = "queued"
+        else:
+            status = "rejected"
+        record = Record(
+            id=order_id, to=agent,
+            sender=(sender or (source.sender if source else None) or "user"),
+            status=status,
+            objective=(source.objective if source and source.objective else f"(unreadable: {shown})")[:280],
+            created=now, updated=now, seq=self.seq,
+            priority=source.priority if source else "normal",
+            source=shown,
+            errors=[str(p) for p in problems],
+            blocked_by=list(order.blocked_by) if order else [],
+            references=list(order.references) if order else [],
+            parent=order.parent if order else None,
+            history=[{"at": now, "from": "new", "to": status, "actor": sender or (source.sender if source else "user")}],
+        )
+        self.seq += 1
+        if order is not None:
+            durable.write_json(self.store.folder(order_id) / "order.json", order.to_dict(), sync=False)
+        self.store.save(record, sync=False)
+        self.records[order_id] = record
+        self.history.note(record)
+        return record
+
+
+def _read_capped(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(MAX_READ)
+
+
+def _suffix(name: str) -> str:
+    suffix = Path(name).suffix.lower()
+    return suffix if suffix in (".md", ".markdown", ".yaml", ".yml", ".json") else ".txt"
+
+
+def _best_effort(data: bytes, shown: str, agent: str) -> WorkOrder | None:
+    """The order's own fields for a rejected file, when it parses at all (for its id and sender)."""
+    try:
+        return orders.parse(data, path=shown, to=agent)
+    except OrderError:
+        return None

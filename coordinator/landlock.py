@@ -1,0 +1,251 @@
+"""The kernel layer of the sandbox: Landlock rulesets for specialist processes.
+
+A ruleset lets a process read and execute everywhere and write only beneath
+its `writable` entries. Every filesystem right the running kernel knows is
+*handled* (so nothing is silently allowed), and from ABI 6 on signals and
+abstract unix sockets are scoped, so a sandboxed process cannot signal the
+supervisor or connect to its abstract sockets.
+
+Never apply a ruleset to the supervisor itself: the spawner's fork server
+prepares the ruleset (`prepare`) and the forked child enforces it (`enforce`)
+just before exec. Fail closed: any error is a `SandboxError`, and a ruleset is
+applied whole or not at all.
+
+Example:
+    >>> fd = prepare(Ruleset(writable=("/tmp/wo-1",)))   # in the parent
+    >>> enforce(fd)                                       # in the child, then execve
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import os
+import stat
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import SandboxError
+
+# Landlock has the same syscall numbers on every architecture we run on.
+_SYS_CREATE_RULESET = 444
+_SYS_ADD_RULE = 445
+_SYS_RESTRICT_SELF = 446
+_CREATE_RULESET_VERSION = 1 << 0
+_RULE_PATH_BENEATH = 1
+_PR_SET_NO_NEW_PRIVS = 38
+
+# (name, bit, first ABI that has it), from include/uapi/linux/landlock.h.
+FS_RIGHTS: tuple[tuple[str, int, int], ...] = (
+    ("execute", 1 << 0, 1),
+    ("write_file", 1 << 1, 1),
+    ("read_file", 1 << 2, 1),
+    ("read_dir", 1 << 3, 1),
+    ("remove_dir", 1 << 4, 1),
+    ("remove_file", 1 << 5, 1),
+    ("make_char", 1 << 6, 1),
+    ("make_dir", 1 << 7, 1),
+    ("make_reg", 1 << 8, 1),
+    ("make_sock", 1 << 9, 1),
+    ("make_fifo", 1 << 10, 1),
+    ("make_block", 1 << 11, 1),
+    ("make_sym", 1 << 12, 1),
+    ("refer", 1 << 13, 2),
+    ("truncate", 1 << 14, 3),
+    ("ioctl_dev", 1 << 15, 5),
+)
+SCOPES: tuple[tuple[str, int, int], ...] = (
+    ("abstract_unix_socket", 1 << 0, 6),
+    ("signal", 1 << 1, 6),
+)
+_BIT = {name: bit for name, bit, _ in FS_RIGHTS}
+
+READ = _BIT["execute"] | _BIT["read_file"] | _BIT["read_dir"]
+# Rights that make sense on a file (the kernel refuses the others on a non-directory).
+FILE_RIGHTS = _BIT["execute"] | _BIT["write_file"] | _BIT["read_file"] | _BIT["truncate"] | _BIT["ioctl_dev"]
+# Never granted, even under a writable directory: a root process could mknod a
+# block device there and write the raw disk, or ioctl a device it opened.
+NEVER = _BIT["make_char"] | _BIT["make_block"] | _BIT["ioctl_dev"]
+FILE_WRITE = _BIT["write_file"] | _BIT["truncate"]
+
+# Device files every program may write (`cmd >/dev/null` must keep working).
+DEVICE_FILES = ("/dev/null", "/dev/zero", "/dev/full")
+# Granting write on these would undo the sandbox.
+FORBIDDEN_WRITABLE = ("/", "/dev", "/proc", "/sys")
+
+# Size of struct landlock_ruleset_attr as each ABI knows it: fs; + net (v4); + scoped (v6).
+_ATTR_SIZE = {1: 8, 2: 8, 3: 8, 4: 16, 5: 16}
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+@functools.cache
+def _libc() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    libc.prctl.restype = ctypes.c_int
+    return libc
+
+
+def _syscall(number: int, *args: Any) -> int:
+    ctypes.set_errno(0)
+    result: int = _libc().syscall(ctypes.c_long(number), *args)
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return result
+
+
+@functools.cache
+def abi_version() -> int:
+    """The Landlock ABI of the running kernel; 0 when it has none (or it is disabled)."""
+    try:
+        return _syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION))
+    except OSError:
+        return 0
+
+
+def handled_fs_rights(abi: int) -> int:
+    """Every filesystem right ABI `abi` knows, so none is silently allowed."""
+    return _bits(FS_RIGHTS, abi)
+
+
+def handled_scopes(abi: int) -> int:
+    return _bits(SCOPES, abi)
+
+
+def _bits(table: tuple[tuple[str, int, int], ...], abi: int) -> int:
+    bits = 0
+    for _name, bit, since in table:
+        if abi >= since:
+            bits |= bit
+    return bits
+
+
+def _names(table: tuple[tuple[str, int, int], ...], bits: int) -> list[str]:
+    return [name for name, bit, _ in table if bits & bit]
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """Read and execute everywhere; write only beneath `writable` (absolute dirs or files).
+
+    A file entry gets only the rights that apply to files. Each entry must exist
+    when the ruleset is prepared: a rule binds to the inode, not the name.
+    """
+
+    writable: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for entry in self.writable:
+            if not os.path.isabs(entry):
+                raise SandboxError(f"sandbox path {entry!r} is relative; give an absolute path")
+            if os.path.realpath(entry) in FORBIDDEN_WRITABLE:
+                raise SandboxError(f"sandbox path {entry!r} may not be writable: it would undo the sandbox")
+
+
+def prepare(rules: Ruleset, abi: int | None = None) -> int:
+    """Build the kernel ruleset for `rules`; returns its fd (close-on-exec; the caller closes it).
+
+    Does not restrict anyone: the process that calls `enforce(fd)` is restricted.
+    """
+    abi = abi_version() if abi is None else abi
+    if abi < 1:
+        raise SandboxError("this kernel has no Landlock; the kernel sandbox cannot be enforced")
+    handled = handled_fs_rights(abi)
+    attr = _RulesetAttr(handled, 0, handled_scopes(abi))
+    try:
+        ruleset_fd = _syscall(
+            _SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(_ATTR_SIZE.get(abi, 24)), ctypes.c_uint32(0)
+        )
+    except OSError as e:
+        raise SandboxError(f"cannot create a Landlock ruleset: {e.strerror}") from None
+    try:
+        _allow(ruleset_fd, "/", READ & handled, must_exist=True)
+        for device in DEVICE_FILES:
+            _allow(ruleset_fd, device, (FILE_WRITE | _BIT["ioctl_dev"]) & handled, must_exist=False)
+        for entry in rules.writable:
+            _allow(ruleset_fd, entry, handled & ~NEVER, must_exist=True)
+    except BaseException:
+        os.close(ruleset_fd)
+        raise
+    return ruleset_fd
+
+
+def _allow(ruleset_fd: int, path: str, rights: int, *, must_exist: bool) -> None:
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as e:
+        if not must_exist and e.errno == errno.ENOENT:
+            return
+        raise SandboxError(f"sandbox path {path}: {e.strerror}; create it or remove it from sandbox.writable") from None
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            rights &= FILE_RIGHTS
+        rule = _PathBeneathAttr(rights, fd)
+        _syscall(_SYS_ADD_RULE, ctypes.c_int(ruleset_fd), ctypes.c_int(_RULE_PATH_BENEATH), ctypes.byref(rule), ctypes.c_uint32(0))
+    except OSError as e:
+        raise SandboxError(f"cannot add sandbox rule for {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def enforce(ruleset_fd: int) -> None:
+    """Restrict the calling process (and everything it execs or forks) by a prepared ruleset.
+
+    Sets no_new_privs first, as Landlock requires without CAP_SYS_ADMIN and as
+    a setuid binary must not lift the sandbox. The kernel applies the ruleset
+    atomically: on error nothing is applied, and we raise.
+    """
+    libc = _libc()
+    if libc.prctl(ctypes.c_int(_PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+        code = ctypes.get_errno()
+        raise SandboxError(f"cannot set no_new_privs: {os.strerror(code)}")
+    try:
+        _syscall(_SYS_RESTRICT_SELF, ctypes.c_int(ruleset_fd), ctypes.c_uint32(0))
+    except OSError as e:
+        raise SandboxError(f"cannot enforce the Landlock ruleset: {e.strerror}") from None
+
+
+def restrict_self(rules: Ruleset) -> None:
+    """Apply `rules` to the calling process for good; SandboxError if not fully enforced.
+
+    Only for a process about to exec a specialist (never the supervisor).
+    """
+    ruleset_fd = prepare(rules)
+    try:
+        enforce(ruleset_fd)
+    finally:
+        os.close(ruleset_fd)
+
+
+def status(*, gate_only_ok: bool = False) -> dict[str, Any]:
+    """What the kernel layer does on this machine, for `coordinator doctor`."""
+    abi = abi_version()
+    if abi < 1:
+        fallback = (
+            "gate-only: no Landlock, writes outside the working copy are detected after the run, not stopped"
+            if gate_only_ok
+            else "none: sandboxed spawns are refused until gate-only is chosen"
+        )
+        return {"landlock": False, "abi": 0, "enforced": [], "scopes": [], "network": "not restricted", "fallback": fallback}
+    return {
+        "landlock": True,
+        "abi": abi,
+        "enforced": _names(FS_RIGHTS, handled_fs_rights(abi)),
+        "scopes": _names(SCOPES, handled_scopes(abi)),
+        "network": "not restricted",
+        "fallback": None,
+    }

@@ -1,0 +1,387 @@
+"""A client for any OpenAI-compatible chat-completions endpoint (httpx).
+
+One `Client` per agent: it walks the agent's model chain (primary, then each
+fallback), retries what is worth retrying, and records every HTTP attempt as a
+`Call` so `coordinator cost` can count money even for attempts that failed.
+
+    primary --429/5xx/timeout/refused--> retry with backoff (max_retries) --> next model
+            --401/403------------------> LLMAuthError at once (a bad key stays bad)
+            --400 about response_format-> remember, retry once with plain prompting
+
+The API key is read from the environment at call time, sent only as a Bearer
+header, and scrubbed from every message this module produces: it never reaches
+an exception, a `Call`, a repr or a log line.
+
+Example:
+    >>> client = Client(agent.llm, spend_guard=lambda: None)
+    >>> reply = client.chat([{"role": "user", "content": "Reply with {}"}])
+    >>> reply.text, reply.usage.prompt_tokens, reply.cost
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from .config import Endpoint, LLMSettings
+from .errors import LLMAuthError, LLMError
+
+log = logging.getLogger("coordinator.llm")
+
+BACKOFF_BASE = 1.0  # seconds before the first retry; doubles each time
+BACKOFF_CAP = 30.0
+RETRY_AFTER_CAP = 60.0  # a server asking for longer is treated as down: move on sooner
+CHARS_PER_TOKEN = 4  # the usual estimate when an endpoint reports no usage
+ERROR_EXCERPT = 200  # characters of an error body worth showing
+MIN_SECRET = 4  # shorter "keys" are placeholders for local servers; redacting them garbles text
+PLAIN_JSON_HINT = "Reply with one JSON object and nothing else: no prose, no code fences."
+
+
+class SpendLimitReached(LLMError):
+    """The spend guard said stop: no HTTP call was made."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool = False  # True when the endpoint reported none and we counted characters
+
+    @property
+    def total(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "estimated": self.estimated}
+
+
+@dataclass(frozen=True)
+class Call:
+    """One HTTP attempt, successful or not: what `coordinator cost` sums."""
+
+    model: str
+    base_url: str
+    status: int | None  # None: no HTTP answer (timeout, refused connection)
+    error: str | None  # None on success; never contains the key
+    usage: Usage | None
+    latency: float
+    cost: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "base_url": self.base_url, "status": self.status,
+                "error": self.error, "usage": self.usage.as_dict() if self.usage else None,
+                "latency": round(self.latency, 3), "cost": self.cost}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The answer of one `chat`: text of the model that answered, and every attempt it took."""
+
+    text: str
+    model: str
+    usage: Usage  # of the answering call
+    cost: float  # of all calls made for this reply (failed ones included)
+    calls: tuple[Call, ...]
+    endpoint: Endpoint  # the one that answered: pass it as `prefer` to ask it again
+
+
+def cost_of(usage: Usage, endpoint: Endpoint) -> float:
+    """USD for `usage` at the endpoint's prices (USD per million tokens)."""
+    prices = endpoint.prices
+    return usage.prompt_tokens * prices.input / 1e6 + usage.completion_tokens * prices.output / 1e6
+
+
+def estimate_tokens(text: str) -> int:
+    return max(1, math.ceil(len(text) / CHARS_PER_TOKEN)) if text else 0
+
+
+class _Failure(Exception):
+    """One failed attempt, already described and redacted; `retry` says what to do next."""
+
+    def __init__(self, text: str, *, status: int | None, retry: bool,
+                 retry_after: float | None = None, rejects_json_mode: bool = False) -> None:
+        super().__init__(text)
+        self.text = text
+        self.status = status
+        self.retry = retry
+        self.retry_after = retry_after
+        self.rejects_json_mode = rejects_json_mode
+
+
+class Client:
+    """Chat completions over an agent's model chain, with retries, fallback and cost."""
+
+    def __init__(
+        self,
+        settings: LLMSettings,
+        *,
+        env: Mapping[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        spend_guard: Callable[[], str | None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._env = env if env is not None else os.environ
+        self._transport = transport
+        self._sleep = sleep
+        self._clock = clock
+        self._spend_guard = spend_guard
+        # Endpoints that answered 400 to response_format: asked plainly from then on.
+        self._plain: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        self._calls: list[Call] = []
+
+    def __repr__(self) -> str:
+        models = ", ".join(e.model for e in self.settings.chain)
+        return f"<Client {models}>"
+
+    @property
+    def calls(self) -> tuple[Call, ...]:
+        """Every HTTP attempt this client made, in order, including those of failed chats."""
+        with self._lock:
+            return tuple(self._calls)
+
+    @property
+    def spent(self) -> float:
+        return sum(c.cost for c in self.calls)
+
+    def chat(self, messages: list[dict[str, str]], *, json_object: bool = True,
+             prefer: Endpoint | None = None) -> Reply:
+        """Ask the chain; return the first good answer.
+
+        `json_object` asks for `response_format: json_object` where the endpoint
+        supports it. `prefer` starts the chain at that endpoint (to send a reply
+        back to the model that wrote it); the rest follow in their order.
+        Raises SpendLimitReached, LLMAuthError, or LLMError when every model failed.
+        """
+        chain = list(self.settings.chain)
+        if prefer is not None and prefer in chain:
+            chain.remove(prefer)
+            chain.insert(0, prefer)
+        secrets = self._secrets()
+        made: list[Call] = []
+        last_errors: list[str] = []
+        http = httpx.Client(transport=self._transport, timeout=httpx.Timeout(self.settings.timeout))
+        try:
+            for endpoint in chain:
+                reply, error = self._ask_endpoint(http, endpoint, messages, json_object, secrets, made)
+                if reply is not None:
+                    return reply
+                last_errors.append(f"{endpoint.model} at {endpoint.base_url}: {error}")
+        finally:
+            if self._transport is None:  # an injected transport belongs to the caller
+                http.close()
+        summary = "; ".join(last_errors)
+        raise LLMError(f"every model failed: {summary}; check the endpoints or add a fallback model")
+
+    # -- one endpoint -------------------------------------------------------
+
+    def _ask_endpoint(self, http: httpx.Client, endpoint: Endpoint, messages: list[dict[str, str]],
+                      json_object: bool, secrets: list[str],
+                      made: list[Call]) -> tuple[Reply | None, str]:
+        headers = self._headers(endpoint)
+        retries = 0
+        plain_retried = False
+        while True:
+            use_format = (json_object and self.settings.json_mode
+                          and (endpoint.base_url, endpoint.model) not in self._plain)
+            self._check_spend()
+            started = self._clock()
+            try:
+                text, usage = self._post(http, endpoint, headers, messages, use_format, json_object,
+                                         secrets)
+            except _Failure as f:
+                call = Call(endpoint.model, endpoint.base_url, f.status, f.text, None,
+                            self._clock() - started, 0.0)
+                self._record(call, made)
+                if f.status in (401, 403):
+                    raise LLMAuthError(self._auth_message(endpoint, f.status)) from None
+                if f.rejects_json_mode and use_format and not plain_retried:
+                    # Not every server speaks response_format; the prompt still asks for JSON.
+                    self._plain.add((endpoint.base_url, endpoint.model))
+                    plain_retried = True
+                    log.info("%s at %s refused response_format; asking plainly",
+                             endpoint.model, endpoint.base_url)
+                    continue
+                if not f.retry or retries >= self.settings.max_retries:
+                    attempts = retries + 1
+                    suffix = f" (after {attempts} attempts)" if attempts > 1 else ""
+                    return None, f.text + suffix
+                delay = self._delay(retries, f.retry_after)
+                retries += 1
+                log.warning("%s at %s: %s; retry %d of %d in %.1fs", endpoint.model,
+                            endpoint.base_url, f.text, retries, self.settings.max_retries, delay)
+                self._sleep(delay)
+                continue
+            cost = cost_of(usage, endpoint)
+            call = Call(endpoint.model, endpoint.base_url, 200, None, usage,
+                        self._clock() - started, cost)
+            self._record(call, made)
+            return Reply(text=text, model=endpoint.model, usage=usage,
+                         cost=sum(c.cost for c in made), calls=tuple(made), endpoint=endpoint), ""
+
+    def _post(self, http: httpx.Client, endpoint: Endpoint, headers: dict[str, str],
+              messages: list[dict[str, str]], use_format: bool, json_object: bool,
+              secrets: list[str]) -> tuple[str, Usage]:
+        sent = list(messages)
+        if json_object and not use_format:
+            sent = [{"role": "system", "content": PLAIN_JSON_HINT}, *sent]
+        body: dict[str, Any] = {"model": endpoint.model, "messages": sent}
+        if self.settings.temperature is not None:
+            body["temperature"] = self.settings.temperature
+        if self.settings.max_tokens is not None:
+            body["max_tokens"] = self.settings.max_tokens
+        if use_format:
+            body["response_format"] = {"type": "json_object"}
+        url = f"{endpoint.base_url.rstrip('/')}/chat/completions"
+        try:
+            response = http.post(url, json=body, headers=headers)
+        except httpx.TimeoutException:
+            raise _Failure(f"timed out after {self.settings.timeout:g}s", status=None,
+                           retry=True) from None
+        except httpx.ConnectError as e:
+            raise _Failure(_redact(f"cannot connect ({_reason(e)})", secrets), status=None,
+                           retry=True) from None
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as e:
+            raise _Failure(_redact(f"bad base_url ({e})", secrets), status=None, retry=False) from None
+        except httpx.TransportError as e:
+            raise _Failure(_redact(f"connection broke ({_reason(e)})", secrets), status=None,
+                           retry=True) from None
+        status = response.status_code
+        if status != 200:
+            detail = _redact(_error_detail(response), secrets)
+            text = f"HTTP {status}" + (f": {detail}" if detail else "")
+            lowered = detail.lower()
+            raise _Failure(
+                text,
+                status=status,
+                retry=status == 429 or status >= 500 or status == 408,
+                retry_after=_retry_after(response.headers.get("retry-after")),
+                rejects_json_mode=status in (400, 422) and use_format
+                and ("response_format" in lowered or "json_object" in lowered),
+            )
+        return _parse_completion(response, sent, secrets)
+
+    # -- helpers ------------------------------------------------------------
+
+    def _headers(self, endpoint: Endpoint) -> dict[str, str]:
+        if not endpoint.api_key_env:
+            return {}  # local servers (Ollama, llama.cpp) need no key
+        key = self._env.get(endpoint.api_key_env)
+        if not key:
+            raise LLMError(
+                f"model {endpoint.model} at {endpoint.base_url}: the environment variable "
+                f"{endpoint.api_key_env} is not set; export it with the API key, or drop "
+                "api_key_env for a server that needs no key"
+            )
+        return {"Authorization": f"Bearer {key}"}
+
+    def _secrets(self) -> list[str]:
+        found = {self._env.get(e.api_key_env, "") for e in self.settings.chain if e.api_key_env}
+        # Longest first, so a key that contains another is scrubbed whole.
+        return sorted((s for s in found if len(s) >= MIN_SECRET), key=len, reverse=True)
+
+    def _auth_message(self, endpoint: Endpoint, status: int) -> str:
+        where = f"model {endpoint.model} at {endpoint.base_url}"
+        if endpoint.api_key_env:
+            fix = f"check the key in {endpoint.api_key_env} and that it may use this model"
+        else:
+            fix = "this endpoint needs a key: set api_key_env in the agent's llm settings"
+        return f"{where} refused the request (HTTP {status}): {fix}"
+
+    def _check_spend(self) -> None:
+        if self._spend_guard is None:
+            return
+        reason = self._spend_guard()
+        if reason:
+            raise SpendLimitReached(reason)
+
+    def _delay(self, retries: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), RETRY_AFTER_CAP)
+        return float(min(BACKOFF_BASE * 2**retries, BACKOFF_CAP))
+
+    def _record(self, call: Call, made: list[Call]) -> None:
+        made.append(call)
+        with self._lock:
+            self._calls.append(call)
+
+
+def _parse_completion(response: httpx.Response, sent: list[dict[str, str]],
+                      secrets: list[str]) -> tuple[str, Usage]:
+    """Text and usage of a 200 answer; a malformed one is a retryable failure."""
+    try:
+        data = response.json()
+        content = data["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        excerpt = _redact(response.text[:ERROR_EXCERPT], secrets)
+        raise _Failure(f"HTTP 200 but not a chat completion: {excerpt!r}", status=200,
+                       retry=True) from None
+    if not isinstance(content, str) or not content.strip():
+        raise _Failure("HTTP 200 with an empty message", status=200, retry=True)
+    return content, _usage(data.get("usage"), sent, content)
+
+
+def _usage(raw: object, sent: list[dict[str, str]], content: str) -> Usage:
+    if isinstance(raw, dict):
+        prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
+        if isinstance(prompt, int) and isinstance(completion, int) and min(prompt, completion) >= 0:
+            return Usage(prompt, completion)
+    prompt_text = "".join(m.get("content", "") for m in sent)
+    return Usage(estimate_tokens(prompt_text), estimate_tokens(content), estimated=True)
+
+
+def _error_detail(response: httpx.Response) -> str:
+    """The server's own words about an error, short: `error.message` or the body's start."""
+    try:
+        data = response.json()
+    except ValueError:
+        return " ".join(response.text.split())[:ERROR_EXCERPT]
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict):
+            msg = err.get("message") or err.get("detail") or json.dumps(err)
+        else:
+            msg = str(err)
+        return " ".join(str(msg).split())[:ERROR_EXCERPT]
+    return " ".join(json.dumps(data).split())[:ERROR_EXCERPT]
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: a number, or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip()
+    if "refused" in text.lower():
+        return "connection refused"
+    return text or type(e).__name__
+
+
+def _redact(text: str, secrets: list[str]) -> str:
+    for s in secrets:
+        text = text.replace(s, "***")
+    return text

@@ -1,0 +1,401 @@
+"""What the supervisor does with a model: ask, check the reply, ask again, apply.
+
+Pure given a `Client`: no clock, no state. A specialist model answers with the
+edits it wants (whole files); an orchestrator model answers with work orders.
+A reply that breaks the contract goes back to the same model with the exact
+errors, at most `MAX_REASKS` times, then `LLMReplyError` fails the attempt.
+
+    run_specialist(client, brief, files, allowed=..., outcomes_allowed=...)
+        -> SpecialistReply, replies        then apply_edits(worktree, repo, edits)
+    plan(client, context, roster, request, validate=...)      -> Plan, replies
+    synthesize(client, context, roster, request, reports, validate=...) -> Plan, replies
+
+When a call itself fails (LLMError), the replies of earlier rounds are in
+`client.calls` for cost accounting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+from jsonschema import Draft202012Validator
+
+from . import paths, schemas
+from .config import Config
+from .errors import LLMError
+from .llm import Client, Reply
+
+MAX_REASKS = 2
+OUTCOMES = ("done", "halt-with-note", "route-to", "requeue-with-blocker", "blocked")
+
+# The first line of each system prompt names the role; the fake server and logs rely on it.
+SPECIALIST_ROLE = "You are a specialist agent in a coordinator team."
+ORCHESTRATOR_ROLE = "You are the orchestrator of a coordinator team: you plan and route, you never write code."
+SYNTHESIS_ROLE = "You are the orchestrator of a coordinator team, reviewing the reports of the orders you sent."
+
+SPECIALIST_PROMPT = f"""{SPECIALIST_ROLE}
+You receive one work order (objective, acceptance, files, branching) and the current text of its files.
+Do the work by editing files, then reply with exactly one JSON object and nothing else:
+{{"outcome": "done", "summary": "one paragraph of what you did",
+  "edits": [{{"path": "<repo>/<path>", "content": "<the whole new text of the file>"}},
+            {{"path": "<repo>/<path>", "delete": true}}]}}
+Rules:
+- outcome is one of: {", ".join(OUTCOMES)}; use only an outcome the order's branching allows
+  ("done" when the acceptance is met).
+- With "route-to" add "agent": the agent to hand over to. With "requeue-with-blocker" add "blocker":
+  the id of the order that must finish first, or one line saying what is missing.
+- Edit only the files the order lists (paths start with the repository name). "content" is the whole
+  file, not a diff. Files marked missing do not exist yet. Leave files you do not change out of edits.
+- No other keys."""
+
+ORDER_RULES = """Each order is an object:
+{"to": "<agent>", "objective": "<one line, at most 280 characters>",
+ "acceptance": ["<3 to 5 one-line testable items>", "`make test` passes"],
+ "files": ["<repo>/<path or glob>"],
+ "branching": [{"action": "halt-with-note", "when": "<condition>"},
+               {"action": "route-to", "agent": "<agent>", "when": "<condition>"},
+               {"action": "requeue-with-blocker", "when": "<condition>"}],
+ "blocked_by": ["<id of an order that must be done first>"]}
+Rules:
+- Send only to agents of the team below. files: paths or globs inside that agent's writes, all in one
+  repository; [] for read-only work (and for an agent whose writes is none).
+- An acceptance item written as `command` passes is run by the supervisor to verify the work.
+- branching: 1 to 10 rules; route-to only to an agent the recipient routes to. blocked_by is optional.
+- You delegate; you never write files yourself."""
+
+ORCHESTRATOR_PROMPT = f"""{ORCHESTRATOR_ROLE}
+Turn the request into work orders for your team. Reply with exactly one JSON object and nothing else:
+{{"summary": "<one paragraph: your plan>", "orders": [<order>, ...]}}
+{ORDER_RULES}"""
+
+SYNTHESIS_PROMPT = f"""{SYNTHESIS_ROLE}
+The orders you sent for the request have ended; their reports follow. Reply with exactly one JSON
+object and nothing else: {{"summary": "<the answer to the request>", "orders": [<order>, ...]}}
+Send more orders only for work still missing; with "orders": [] the request is done and your summary
+is its report.
+{ORDER_RULES}"""
+
+T = TypeVar("T")
+
+
+class LLMReplyError(LLMError):
+    """The model's reply broke the contract after every re-ask, or asks for an edit we refuse."""
+
+    def __init__(self, message: str, *, errors: Iterable[str] = (),
+                 replies: Iterable[Reply] = ()) -> None:
+        super().__init__(message)
+        self.errors = list(errors)
+        self.replies = list(replies)
+
+
+@dataclass(frozen=True)
+class Edit:
+    path: str  # "<repo>/<path inside it>"
+    content: str | None  # the whole new text; None deletes the file
+
+
+@dataclass(frozen=True)
+class SpecialistReply:
+    outcome: str
+    summary: str
+    agent: str | None  # only with route-to
+    blocker: str | None  # only with requeue-with-blocker
+    edits: tuple[Edit, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    summary: str
+    orders: tuple[dict[str, Any], ...]  # to, objective, acceptance, files, branching, blocked_by?
+
+
+# -- specialist -----------------------------------------------------------
+
+
+def specialist_messages(brief: str, files: Mapping[str, str | None]) -> list[dict[str, str]]:
+    """The brief plus the current text of the order's files (None: not there yet)."""
+    blocks: list[str] = []
+    for path in sorted(files):
+        text = files[path]
+        if text is None:
+            blocks.append(f'<file path="{path}" missing="true"/>')
+        else:
+            blocks.append(f'<file path="{path}">\n{text}\n</file>')
+    shown = "\n".join(blocks) if blocks else "(this order names no files: read-only work, reply with no edits)"
+    user = f"# Work order\n\n{brief.strip()}\n\n# Files\n\n{shown}\n\nReply with the JSON object now."
+    return [{"role": "system", "content": SPECIALIST_PROMPT}, {"role": "user", "content": user}]
+
+
+def run_specialist(client: Client, brief: str, files: Mapping[str, str | None], *,
+                   allowed: Callable[[str], bool],
+                   outcomes_allowed: Collection[str]) -> tuple[SpecialistReply, list[Reply]]:
+    """Ask the model for the order's edits; re-ask on a broken reply; LLMReplyError at last.
+
+    `allowed(path)` says whether the order may write a "<repo>/<path>" (its files and the
+    agent's writes). `outcomes_allowed` names the outcomes its branching allows, e.g.
+    {"done", "blocked", "halt-with-note", "route-to-rex"}; a plain "route-to" allows any agent.
+    """
+
+    def check(data: dict[str, Any]) -> tuple[SpecialistReply | None, list[str]]:
+        errors = _schema_errors("specialist", data)
+        if errors:
+            return None, errors
+        outcome = data["outcome"]
+        if not _outcome_allowed(outcome, data.get("agent"), outcomes_allowed):
+            what = f"{outcome!r} to {data.get('agent')!r}" if outcome == "route-to" else repr(outcome)
+            errors.append(f"outcome: {what} is not allowed by this order's branching; "
+                          f"use one of {', '.join(sorted(outcomes_allowed))}")
+        edits: list[Edit] = []
+        seen: set[str] = set()
+        for i, item in enumerate(data["edits"]):
+            path = item["path"]
+            where = f"edits.{i}.path {path!r}"
+            if ("content" in item) == ("delete" in item):
+                errors.append(f"edits.{i}: give either \"content\" (the whole new text) or "
+                              "\"delete\": true")
+                continue
+            problem = paths.path_problem(path)
+            if problem:
+                errors.append(f"{where}: {problem}")
+            elif "*" in path or "?" in path:
+                errors.append(f"{where}: an edit names one file, not a glob")
+            elif path in seen:
+                errors.append(f"{where}: edited twice; give each file once")
+            elif not allowed(path):
+                errors.append(f"{where}: outside what this order may write; edit only the files "
+                              "the order lists")
+            seen.add(path)
+            edits.append(Edit(path, None if "delete" in item else item["content"]))
+        if errors:
+            return None, errors
+        return SpecialistReply(
+            outcome=outcome,
+            summary=data["summary"].strip(),
+            agent=data.get("agent") if outcome == "route-to" else None,
+            blocker=data.get("blocker") if outcome == "requeue-with-blocker" else None,
+            edits=tuple(edits),
+        ), []
+
+    return _converse(client, specialist_messages(brief, files), check, "specialist reply")
+
+
+def _outcome_allowed(outcome: str, agent: object, allowed: Collection[str]) -> bool:
+    """`allowed` names outcomes; `route-to-<agent>` entries limit route-to to those agents."""
+    if outcome == "route-to" and any(a.startswith("route-to-") for a in allowed):
+        return f"route-to-{agent}" in allowed
+    return outcome in allowed
+
+
+def apply_edits(worktree_root: Path, repo: str, edits: Iterable[Edit]) -> list[str]:
+    """Write whole files into the working copy of `repo`; repo-relative paths touched.
+
+    Every edit is checked before any is applied: paths outside `repo`, with
+    '..', absolute, into `.git`, or through a symbolic link are refused
+    (LLMReplyError), so a refused reply leaves the working copy untouched.
+    """
+    root = Path(os.path.realpath(worktree_root))
+    todo: list[tuple[str, Path, str | None]] = []
+    problems: list[str] = []
+    for edit in edits:
+        rel, problem = _target(root, repo, edit)
+        if problem:
+            problems.append(f"{edit.path}: {problem}")
+        else:
+            todo.append((rel, root / rel, edit.content))
+    if problems:
+        raise LLMReplyError("refused edits: " + "; ".join(problems), errors=problems)
+    touched: list[str] = []
+    for rel, target, content in todo:
+        if content is None:
+            if not os.path.lexists(target):
+                continue  # already gone: nothing changes
+            os.unlink(target)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # O_NOFOLLOW: a link planted after the check is refused, not written through.
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(content.encode("utf-8"))
+        if rel not in touched:
+            touched.append(rel)
+    return touched
+
+
+def _target(root: Path, repo: str, edit: Edit) -> tuple[str, str | None]:
+    problem = paths.path_problem(edit.path)
+    if problem:
+        return "", problem
+    prefix = repo + "/"
+    if not edit.path.startswith(prefix):
+        return "", f"is not in repository {repo!r}"
+    rel = edit.path[len(prefix):]
+    parts = rel.split("/")
+    here = root
+    for part in parts[:-1]:
+        here = here / part
+        try:
+            st = os.lstat(here)
+        except FileNotFoundError:
+            break  # the rest is created fresh as folders
+        if stat.S_ISLNK(st.st_mode):
+            return "", f"passes through the symbolic link {here.relative_to(root)}"
+        if not stat.S_ISDIR(st.st_mode):
+            return "", f"{here.relative_to(root)} is a file, not a folder"
+    try:
+        st = os.lstat(root / rel)
+    except FileNotFoundError:
+        return rel, None
+    if stat.S_ISLNK(st.st_mode) and edit.content is not None:
+        return "", "is a symbolic link; writing through it could leave the working copy"
+    if stat.S_ISDIR(st.st_mode):
+        return "", "is a folder; an edit replaces one file"
+    if not stat.S_ISREG(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+        return "", "is not a regular file"
+    return rel, None
+
+
+# -- orchestrator ---------------------------------------------------------
+
+
+def roster_text(config: Config, orchestrator: str) -> str:
+    """The team as the orchestrator model sees it: one line per agent it may send to.
+
+    Example line: ``- chip | writes: webapp/src/**, webapp/tests/** | routes to: rex | Coder``
+    """
+    lines: list[str] = []
+    for name in config.agents[orchestrator].sends_to:
+        a = config.agents[name]
+        writes = ", ".join(a.writes) if a.writes else "none"
+        routes = ", ".join(a.sends_to) if a.sends_to else "none"
+        line = f"- {name} | writes: {writes} | routes to: {routes}"
+        if a.description:
+            line += f" | {' '.join(a.description.split())}"
+        lines.append(line)
+    return "\n".join(lines) if lines else "(no agents: this orchestrator may send to nobody)"
+
+
+def orchestrator_messages(context: str, roster: str, request: str) -> list[dict[str, str]]:
+    user = (f"# Context\n\n{context.strip() or '(nothing in flight)'}\n\n# Team\n\n{roster.strip()}\n\n"
+            f"# Request\n\n{request.strip()}\n\nReply with the JSON object now.")
+    return [{"role": "system", "content": ORCHESTRATOR_PROMPT}, {"role": "user", "content": user}]
+
+
+def synthesis_messages(context: str, roster: str, request: str, reports: str) -> list[dict[str, str]]:
+    user = (f"# Context\n\n{context.strip() or '(nothing in flight)'}\n\n# Team\n\n{roster.strip()}\n\n"
+            f"# Request\n\n{request.strip()}\n\n# Reports\n\n{reports.strip()}\n\n"
+            "Reply with the JSON object now.")
+    return [{"role": "system", "content": SYNTHESIS_PROMPT}, {"role": "user", "content": user}]
+
+
+def plan(client: Client, context: str, roster: str, request: str, *,
+         validate: Callable[[dict[str, Any]], list[str]]) -> tuple[Plan, list[Reply]]:
+    """Ask the orchestrator model for orders; each is checked by `validate` (the order rules)."""
+    return _converse(client, orchestrator_messages(context, roster, request),
+                     _plan_check(validate), "plan")
+
+
+def synthesize(client: Client, context: str, roster: str, request: str, reports: str, *,
+               validate: Callable[[dict[str, Any]], list[str]]) -> tuple[Plan, list[Reply]]:
+    """Ask again with the children's reports: more orders, or none (the request is done)."""
+    return _converse(client, synthesis_messages(context, roster, request, reports),
+                     _plan_check(validate), "synthesis")
+
+
+def _plan_check(validate: Callable[[dict[str, Any]], list[str]]
+                ) -> Callable[[dict[str, Any]], tuple[Plan | None, list[str]]]:
+    def check(data: dict[str, Any]) -> tuple[Plan | None, list[str]]:
+        errors = _schema_errors("plan", data)
+        if errors:
+            return None, errors
+        for i, order in enumerate(data["orders"]):
+            to = order.get("to")
+            where = f"orders.{i}" + (f" (to {to})" if isinstance(to, str) else "")
+            errors.extend(f"{where}: {e}" for e in validate(order))
+        if errors:
+            return None, errors
+        return Plan(summary=data["summary"].strip(), orders=tuple(data["orders"])), []
+
+    return check
+
+
+# -- the conversation -----------------------------------------------------
+
+
+def _converse(client: Client, messages: list[dict[str, str]],
+              check: Callable[[dict[str, Any]], tuple[T | None, list[str]]],
+              what: str) -> tuple[T, list[Reply]]:
+    replies: list[Reply] = []
+    errors: list[str] = []
+    for _ in range(1 + MAX_REASKS):
+        reply = client.chat(messages, json_object=True, prefer=replies[-1].endpoint if replies else None)
+        replies.append(reply)
+        data, errors = parse_object(reply.text)
+        if data is not None:
+            result, errors = check(data)
+            if result is not None and not errors:
+                return result, replies
+        correction = ("Your reply was not accepted:\n" + "\n".join(f"- {e}" for e in errors)
+                      + "\nReply again with the whole corrected JSON object and nothing else.")
+        messages = [*messages, {"role": "assistant", "content": reply.text},
+                    {"role": "user", "content": correction}]
+    model = replies[-1].model
+    raise LLMReplyError(
+        f"{model}'s {what} broke the contract {len(replies)} times; last errors: " + "; ".join(errors),
+        errors=errors, replies=replies,
+    )
+
+
+def parse_object(text: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """The JSON object in a reply; tolerates code fences and prose around it."""
+    body = text.strip()
+    if body.startswith("```"):
+        body = body.split("\n", 1)[1] if "\n" in body else ""
+        body = body.rsplit("```", 1)[0]
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError as e:
+        data = _first_object(body)
+        if data is None:
+            return None, [f"the reply is not JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                          "reply with one JSON object"]
+    if not isinstance(data, dict):
+        return None, [f"the reply is a JSON {type(data).__name__}, not an object; reply with one "
+                      "JSON object"]
+    return data, []
+
+
+def _first_object(text: str) -> Any:
+    """The first JSON value that starts at a '{', for replies wrapped in prose."""
+    start = text.find("{")
+    if start < 0:
+        return None
+    try:
+        data, _ = json.JSONDecoder().raw_decode(text, start)
+    except json.JSONDecodeError:
+        return None
+    return data
+
+
+@cache
+def _validator(kind: str) -> Draft202012Validator:
+    root = schemas.load("llm-reply")
+    return Draft202012Validator({"$schema": root["$schema"], "$defs": root["$defs"],
+                                 "$ref": f"#/$defs/{kind}"})
+
+
+def _schema_errors(kind: str, data: dict[str, Any]) -> list[str]:
+    found = sorted(_validator(kind).iter_errors(data),
+                   key=lambda e: (len(e.absolute_path), [str(p) for p in e.absolute_path], e.message))
+    out: list[str] = []
+    for err in found:
+        where = ".".join(str(p) for p in err.absolute_path) or "reply"
+        out.append(f"{where}: {schemas.describe(err)}")
+    return out

@@ -1,0 +1,719 @@
+"""The repositories under `repos/`: working copies per order, trusted git, commits and merges.
+
+Every git command the supervisor runs goes through `run_git`: the real git dir is
+named explicitly (never the `.git` pointer file inside a working copy, which the
+agent could have rewritten), hooks and fsmonitor are off, and no `GIT_*`
+variable of the caller leaks in. Each call is one short git process; nothing
+long-lived is left behind.
+
+A working copy is a linked worktree on branch `wo/<order-id>`. Its admin folder
+(`<git dir>/worktrees/<name>`) is found from git's own records, which live in
+the repository and are out of the agent's reach.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from .errors import GitError
+
+GIT_TIMEOUT = 300.0  # seconds; one git call on a small repository takes milliseconds
+COORDINATOR_IDENT = ("coordinator", "coordinator@agents.coordinator")
+AGENT_EMAIL_DOMAIN = "agents.coordinator"
+BRANCH_PREFIX = "wo/"
+KEPT_REASON = "coordinator: kept for inspection"
+MERGE_RETRIES = 3
+STALE_LOCK_AGE = 600.0  # without /proc, a lock this old is taken as abandoned
+
+# Forced on every call, whatever the user's or the repository's config says.
+_TRUSTED_CONFIG = (
+    "core.hooksPath=/dev/null",
+    "core.fsmonitor=false",
+    "gc.auto=0",
+    "commit.gpgSign=false",
+    "color.ui=never",
+    "core.quotePath=false",
+    "rerere.enabled=false",
+    "advice.detachedHead=false",
+)
+_ORDER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?\Z")
+_REPO_LOCKS: dict[str, threading.RLock] = {}
+_REPO_LOCKS_GUARD = threading.Lock()
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The caller's environment without any GIT_* variable, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update({"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"})
+    if extra:
+        env.update(extra)
+    return env
+
+
+def ident_env(name: str, email: str) -> dict[str, str]:
+    return {
+        "GIT_AUTHOR_NAME": name,
+        "GIT_AUTHOR_EMAIL": email,
+        "GIT_COMMITTER_NAME": name,
+        "GIT_COMMITTER_EMAIL": email,
+    }
+
+
+def run_git(
+    args: Iterable[str],
+    *,
+    git_dir: Path | None,
+    work_tree: Path | None = None,
+    cwd: Path,
+    env: Mapping[str, str] | None = None,
+    input: str | None = None,
+    check: bool = True,
+    timeout: float = GIT_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    """Run one trusted git command and wait for it; raise GitError on failure when `check`."""
+    argv = ["git"]
+    if git_dir is not None:
+        argv.append(f"--git-dir={git_dir}")
+    if work_tree is not None:
+        argv.append(f"--work-tree={work_tree}")
+    for item in _TRUSTED_CONFIG:
+        argv += ["-c", item]
+    argv += list(args)
+    try:
+        proc = subprocess.run(
+            argv,
+            cwd=cwd,
+            env=clean_env(env),
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            errors="surrogateescape",
+            timeout=timeout,
+        )
+    except FileNotFoundError as e:
+        raise GitError("git is not installed or not on PATH; install git (2.25 or newer)") from e
+    except subprocess.TimeoutExpired as e:
+        raise GitError(
+            f"git {_verb(argv)} took longer than {timeout:.0f}s in {cwd}; is the disk or a lock stuck?"
+        ) from e
+    if check and proc.returncode != 0:
+        detail = (
+            proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
+        ).splitlines()[-1]
+        raise GitError(f"git {_verb(argv)} failed in {cwd}: {detail}")
+    return proc
+
+
+def _verb(argv: list[str]) -> str:
+    skip = False
+    for a in argv[1:]:
+        if skip:
+            skip = False
+        elif a == "-c":
+            skip = True
+        elif not a.startswith("-"):
+            return a
+    return "?"
+
+
+class MergeConflict(GitError):
+    """wo/<id> and the default branch changed the same lines; nothing was merged."""
+
+    def __init__(self, repo: str, order_id: str, branch: str, paths: Iterable[str]) -> None:
+        self.paths = tuple(dict.fromkeys(paths))
+        self.order_id = order_id
+        super().__init__(
+            f"{repo}: wo/{order_id} conflicts with {branch} in {', '.join(self.paths) or '(unknown paths)'}; "
+            f"the next attempt must start again from the current {branch}"
+        )
+
+
+class Repo:
+    """One repository under `repos/` with a checked-out default branch."""
+
+    def __init__(self, path: Path, *, in_memory_merge: bool | None = None) -> None:
+        self.path = Path(os.path.abspath(path))
+        self.name = self.path.name
+        dot = self.path / ".git"
+        if not self.path.is_dir():
+            raise GitError(
+                f"repos/{self.name}: no such folder; clone or create the repository there"
+            )
+        if not dot.is_dir() or dot.is_symlink():
+            raise GitError(
+                f"repos/{self.name} is not a git repository with its own .git folder; "
+                "put a normal clone there (not a worktree, submodule or bare repository)"
+            )
+        self.git_dir = Path(os.path.realpath(dot))
+        self.git("rev-parse", "--git-dir")  # a broken .git fails here, with git's reason
+        if in_memory_merge is None:
+            # `merge-tree --write-tree` (git 2.38) merges without touching any checkout.
+            in_memory_merge = self.git_version() >= (2, 38)
+        self.in_memory_merge = in_memory_merge
+        with _REPO_LOCKS_GUARD:
+            self._lock = _REPO_LOCKS.setdefault(str(self.git_dir), threading.RLock())
+
+    def __repr__(self) -> str:
+        return f"Repo({str(self.path)!r})"
+
+    # -- trusted git -------------------------------------------------------------------------
+
+    def git(self, *args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> str:
+        """Run git on this repository (in working copy `cwd` if given); its stdout."""
+        return self._run(args, cwd=cwd, env=env).stdout.rstrip("\n")
+
+    def _run(
+        self,
+        args: Iterable[str],
+        *,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        input: str | None = None,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        if cwd is None:
+            return run_git(
+                args, git_dir=self.git_dir, cwd=self.git_dir, env=env, input=input, check=check
+            )
+        work = Path(os.path.abspath(cwd))
+        admin = self._admin_dir(work)
+        return run_git(
+            args, git_dir=admin, work_tree=work, cwd=work, env=env, input=input, check=check
+        )
+
+    def git_version(self) -> tuple[int, int]:
+        out = run_git(["version"], git_dir=None, cwd=self.path).stdout
+        m = re.search(r"(\d+)\.(\d+)", out)
+        return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+    def _admin_dir(self, work: Path) -> Path:
+        """The git dir of working copy `work`, from git's records (never its `.git` file)."""
+        if _same(work, self.path):
+            return self.git_dir
+        for admin, tree, _head, _locked in self._worktrees():
+            if _same(tree, work):
+                return admin
+        raise GitError(f"{work} is not a working copy of repos/{self.name}")
+
+    def _worktrees(self) -> list[tuple[Path, Path, str, bool]]:
+        """(admin dir, working copy, HEAD line, locked) of every linked worktree."""
+        found = []
+        root = self.git_dir / "worktrees"
+        for admin in sorted(root.iterdir()) if root.is_dir() else []:
+            try:
+                tree = Path(_read(admin / "gitdir")).parent
+                head = _read(admin / "HEAD")
+            except OSError:
+                continue
+            found.append((admin, tree, head, (admin / "locked").exists()))
+        return found
+
+    # -- branches ------------------------------------------------------------------------------
+
+    def default_branch(self) -> str:
+        ref = self._run(["symbolic-ref", "-q", "HEAD"], check=False).stdout.strip()
+        if not ref.startswith("refs/heads/"):
+            raise GitError(
+                f"repos/{self.name}: HEAD is detached; check out the default branch there (git switch main)"
+            )
+        return ref[len("refs/heads/") :]
+
+    def head(self) -> str:
+        return self._sha(f"refs/heads/{self.default_branch()}")
+
+    def _sha(self, ref: str) -> str:
+        r = self._run(["rev-parse", "-q", "--verify", f"{ref}^{{commit}}"], check=False)
+        if r.returncode != 0:
+            raise GitError(f"repos/{self.name}: {ref} does not exist")
+        return r.stdout.strip()
+
+    def _has_ref(self, ref: str) -> bool:
+        return self._run(["rev-parse", "-q", "--verify", ref], check=False).returncode == 0
+
+    def _is_ancestor(self, a: str, b: str) -> bool:
+        return self._run(["merge-base", "--is-ancestor", a, b], check=False).returncode == 0
+
+    # -- working copies -----------------------------------------------------------------------
+
+    def add_worktree(self, order_id: str, dest: Path) -> Path:
+        """A fresh working copy at `dest` on wo/<order_id> from the default branch's head."""
+        branch = _branch(order_id)
+        dest = Path(os.path.abspath(dest))
+        for inside in (self.path, self.git_dir):
+            if _under(dest, inside) or _under(inside, dest):
+                raise GitError(f"working copy {dest} must lie outside repos/{self.name}")
+        with self._lock:
+            # An earlier attempt's copy and branch go first: each attempt starts from the current head.
+            for admin, tree, head, _locked in self._worktrees():
+                if _same(tree, dest) or head == f"ref: refs/heads/{branch}":
+                    self._drop(admin, tree)
+            if dest.exists() or dest.is_symlink():
+                _remove_tree(dest)
+            self._run(["worktree", "prune"])
+            if self._has_ref(f"refs/heads/{branch}"):
+                self.git("update-ref", "-d", f"refs/heads/{branch}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self.git("worktree", "add", "-q", "-b", branch, str(dest), self.head())
+        return dest
+
+    def remove_worktree(self, order_id: str, dest: Path, *, keep: bool = False) -> None:
+        """Remove the working copy and its branch; with `keep`, lock it for `gc_worktrees`."""
+        branch = _branch(order_id)
+        dest = Path(os.path.abspath(dest))
+        with self._lock:
+            if keep:
+                if not (self._admin_dir(dest) / "locked").exists():
+                    self.git(
+                        "worktree",
+                        "lock",
+                        "--reason",
+                        f"{KEPT_REASON} (order {order_id})",
+                        str(dest),
+                    )
+                return
+            for admin, tree, _head, _locked in self._worktrees():
+                if _same(tree, dest):
+                    self._drop(admin, tree)
+            if dest.exists() or dest.is_symlink():
+                _remove_tree(dest)
+            if self._has_ref(f"refs/heads/{branch}"):
+                self.git("update-ref", "-d", f"refs/heads/{branch}")
+
+    def _drop(self, admin: Path, tree: Path) -> None:
+        # Deleting both folders ourselves works even when the agent made the copy unreadable
+        # or replaced its .git pointer, where `git worktree remove` would refuse.
+        if tree.exists() or tree.is_symlink():
+            _remove_tree(tree)
+        shutil.rmtree(admin, ignore_errors=True)
+
+    def discard(self, worktree: Path) -> None:
+        """Put the working copy back to its branch head: no change, no untracked or ignored file."""
+        work = Path(os.path.abspath(worktree))
+        admin = self._admin_dir(work)
+        _unlock_tree(work)
+        pointer = work / ".git"
+        if pointer.is_dir() and not pointer.is_symlink():
+            shutil.rmtree(pointer)
+        elif pointer.exists() or pointer.is_symlink():
+            pointer.unlink()
+        pointer.write_text(f"gitdir: {admin}\n", encoding="utf-8")
+        self.git("reset", "-q", "--hard", "HEAD", cwd=work)
+        self.git("clean", "-q", "-ffdx", cwd=work)
+
+    # -- commits -------------------------------------------------------------------------------
+
+    def commit(
+        self,
+        worktree: Path,
+        paths: Iterable[str],
+        *,
+        agent: str,
+        subject: str,
+        trailers: Mapping[str, str],
+    ) -> str | None:
+        """Commit exactly `paths` (repo-relative) of the working copy on its wo/ branch, as `agent`.
+
+        Ignored files that git does not track are left out. None when nothing changed.
+        """
+        work = Path(os.path.abspath(worktree))
+        wanted = list(dict.fromkeys(paths))
+        for p in wanted:
+            _check_rel(p)
+        head_ref = self._run(["symbolic-ref", "-q", "HEAD"], cwd=work, check=False).stdout.strip()
+        if not head_ref.startswith(f"refs/heads/{BRANCH_PREFIX}"):
+            raise GitError(
+                f"{work} is not on a {BRANCH_PREFIX}<order> branch; refusing to commit there"
+            )
+        old = self._sha(head_ref)
+        # Start from the branch head so nothing the agent may have staged itself slips in.
+        self.git("read-tree", old, cwd=work)
+        if not wanted:
+            return None
+        tracked = set(_nul_split(self.git("ls-files", "-z", "--cached", cwd=work)))
+        r = self._run(
+            ["check-ignore", "-z", "--stdin"], cwd=work, input=_nul_join(wanted), check=False
+        )
+        if r.returncode not in (0, 1):
+            raise GitError(f"git check-ignore failed in {work}: {r.stderr.strip()}")
+        ignored = set(_nul_split(r.stdout))
+        add, remove = [], []
+        for p in wanted:
+            full = work / p
+            is_file = full.is_symlink() or (full.exists() and not full.is_dir())
+            if is_file and (p in tracked or p not in ignored):
+                add.append(p)
+            elif p in tracked:
+                remove.append(p)
+        if remove:
+            self._run(
+                ["update-index", "--force-remove", "-z", "--stdin"],
+                cwd=work,
+                input=_nul_join(remove),
+            )
+        if add:
+            self._run(
+                ["update-index", "--add", "--replace", "-z", "--stdin"],
+                cwd=work,
+                input=_nul_join(add),
+            )
+        tree = self.git("write-tree", cwd=work)
+        if tree == self.git("rev-parse", f"{old}^{{tree}}"):
+            return None
+        body = subject.strip().replace("\n", " ") + "\n"
+        if trailers:
+            body += "\n" + "".join(f"{k}: {v}\n" for k, v in trailers.items())
+        new = self._commit_tree(tree, [old], body, (agent, f"{agent}@{AGENT_EMAIL_DOMAIN}"))
+        self.git("update-ref", "-m", f"coordinator: commit by {agent}", head_ref, new, old)
+        return new
+
+    def _commit_tree(
+        self, tree: str, parents: list[str], message: str, who: tuple[str, str]
+    ) -> str:
+        args = ["commit-tree", tree]
+        for p in parents:
+            args += ["-p", p]
+        return self._run(args, env=ident_env(*who), input=message).stdout.strip()
+
+    def landed(self, order_id: str, attempt: int | None = None) -> str | None:
+        """The agent's commit for `order_id` (of `attempt`, if given) on the default branch, or None."""
+        ref = f"refs/heads/{self.default_branch()}"
+        out = self.git(
+            "log", "-F", f"--grep=Work-Order: {order_id}",
+            "--format=%H%x00%(trailers:only,unfold)%x00", ref,
+        )  # fmt: skip
+        fields = out.split("\0")
+        for sha, block in zip(fields[0::2], fields[1::2], strict=False):
+            found = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+            if found.get("Work-Order") != order_id or "Agent" not in found:
+                continue  # a merge commit, or another order whose id starts the same
+            if attempt is None or found.get("Attempt") == str(attempt):
+                return sha.strip()
+        return None
+
+    # -- merges --------------------------------------------------------------------------------
+
+    def merge(self, order_id: str) -> str:
+        """Bring wo/<order_id> into the default branch and its checkout; the new head's sha."""
+        tip = self._sha(f"refs/heads/{_branch(order_id)}")
+        with self._lock:
+            for _ in range(MERGE_RETRIES):
+                branch = self.default_branch()
+                base = self.head()
+                if self._is_ancestor(tip, base):
+                    return base  # already in
+                if self._is_ancestor(base, tip):
+                    new = tip  # fast-forward
+                else:
+                    message = f"Merge wo/{order_id} into {branch}\n\nWork-Order: {order_id}\n"
+                    new = self._merge_commit(order_id, branch, base, tip, message)
+                self._move_checkout(base, new)
+                swapped = self._run(
+                    [
+                        "update-ref",
+                        "-m",
+                        f"coordinator: merge wo/{order_id}",
+                        f"refs/heads/{branch}",
+                        new,
+                        base,
+                    ],
+                    check=False,
+                )
+                if swapped.returncode == 0:
+                    return new
+                # Somebody moved the branch meanwhile: undo the checkout, go again.
+                self._move_checkout(new, base)
+        raise GitError(
+            f"repos/{self.name}: the default branch kept moving while wo/{order_id} was merged; "
+            "stop whatever else commits there and retry"
+        )
+
+    def _merge_commit(self, order_id: str, branch: str, base: str, tip: str, message: str) -> str:
+        if self.in_memory_merge:
+            r = self._run(
+                ["merge-tree", "--write-tree", "--name-only", "--no-messages", "-z", base, tip],
+                check=False,
+            )
+            fields = r.stdout.split("\0")
+            if r.returncode == 1:
+                raise MergeConflict(self.name, order_id, branch, [f for f in fields[1:] if f])
+            if r.returncode != 0 or not _SHA.match(fields[0]):
+                raise GitError(f"git merge-tree failed in repos/{self.name}: {r.stderr.strip()}")
+            return self._commit_tree(fields[0], [base, tip], message, COORDINATOR_IDENT)
+        # Older git: merge in a throw-away detached working copy, never in the user's checkout.
+        scratch = Path(tempfile.mkdtemp(prefix="coordinator-merge-"))
+        work = scratch / self.name
+        try:
+            self.git("worktree", "add", "-q", "--detach", str(work), base)
+            r = self._run(
+                ["merge", "-q", "--no-ff", "--no-edit", "-m", message, tip],
+                cwd=work,
+                env=ident_env(*COORDINATOR_IDENT),
+                check=False,
+            )
+            if r.returncode != 0:
+                conflicted = _nul_split(
+                    self.git("diff", "--name-only", "-z", "--diff-filter=U", cwd=work)
+                )
+                if conflicted:
+                    raise MergeConflict(self.name, order_id, branch, conflicted)
+                raise GitError(f"git merge failed in repos/{self.name}: {r.stderr.strip()}")
+            return self.git("rev-parse", "HEAD", cwd=work)
+        finally:
+            for admin, tree, _head, _locked in self._worktrees():
+                if _same(tree, work):
+                    self._drop(admin, tree)
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _move_checkout(self, old: str, new: str) -> None:
+        """Update the main checkout's index and files from commit `old` to `new`, keeping local edits."""
+        self._run(["update-index", "-q", "--refresh"], cwd=self.path, check=False)
+        r = self._run(["read-tree", "-m", "-u", old, new], cwd=self.path, check=False)
+        if r.returncode != 0:
+            raise GitError(
+                f"repos/{self.name}: the checkout has uncommitted changes to files this merge updates "
+                f"({r.stderr.strip().splitlines()[0] if r.stderr.strip() else 'read-tree failed'}); "
+                "commit or discard them there, then retry"
+            )
+
+    # -- housekeeping --------------------------------------------------------------------------
+
+    def clear_stale_lock(self, *, now: float | None = None) -> bool:
+        """Remove git lock files that no live process holds; True when any was removed."""
+        locks = [
+            p
+            for p in self.git_dir.rglob("*.lock")
+            if "objects" not in p.relative_to(self.git_dir).parts
+        ]
+        locks = [p for p in locks if p.is_file()]
+        if not locks:
+            return False
+        roots = [str(self.path), str(self.git_dir)] + [
+            str(t) for _a, t, _h, _l in self._worktrees()
+        ]
+        held, busy = _live_holders({str(p) for p in locks}, roots)
+        if busy:
+            return False  # a git process works in this repository; its locks are not stale
+        cleared = False
+        for lock in locks:
+            if held is None:
+                try:
+                    age = (now if now is not None else time.time()) - lock.stat().st_mtime
+                except OSError:
+                    continue
+                if age < STALE_LOCK_AGE:
+                    continue
+            elif str(lock) in held:
+                continue
+            try:
+                lock.unlink()
+                cleared = True
+            except FileNotFoundError:
+                pass
+        return cleared
+
+
+def gc_worktrees(
+    work_root: Path, repos: Iterable[Repo], *, keep_days: float, now: float
+) -> list[str]:
+    """Remove kept working copies under `work_root` older than `keep_days`; their paths, relative."""
+    root = Path(os.path.abspath(work_root))
+    removed: list[str] = []
+    for repo in repos:
+        with repo._lock:
+            for admin, tree, head, locked in repo._worktrees():
+                if not locked or not _under(tree, root):
+                    continue
+                try:
+                    reason = _read(admin / "locked")
+                    age = now - (admin / "locked").stat().st_mtime
+                except OSError:
+                    continue
+                if not reason.startswith(KEPT_REASON) or age < keep_days * 86400:
+                    continue
+                repo._drop(admin, tree)
+                ref = head.removeprefix("ref: ")
+                if ref.startswith(f"refs/heads/{BRANCH_PREFIX}") and repo._has_ref(ref):
+                    repo.git("update-ref", "-d", ref)
+                removed.append(tree.relative_to(root).as_posix())
+            repo._run(["worktree", "prune"])
+    # The per-order folders that held them, once empty.
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
+
+
+def init_demo_repo(path: Path) -> Repo:
+    """A tiny Python "webapp" with passing tests and one commit on main, by coordinator."""
+    path = Path(os.path.abspath(path))
+    if (path / ".git").exists():
+        raise GitError(f"{path} is already a git repository; remove it or pick another folder")
+    path.mkdir(parents=True, exist_ok=True)
+    for rel, text in _DEMO_FILES.items():
+        target = path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+    run_git(
+        ["-c", "init.defaultBranch=main", "init", "-q", str(path)], git_dir=None, cwd=path.parent
+    )
+    git_dir = path / ".git"
+    run_git(["symbolic-ref", "HEAD", "refs/heads/main"], git_dir=git_dir, cwd=git_dir)
+    run_git(["add", "-A"], git_dir=git_dir, work_tree=path, cwd=path)
+    tree = run_git(["write-tree"], git_dir=git_dir, work_tree=path, cwd=path).stdout.strip()
+    sha = run_git(
+        ["commit-tree", tree],
+        git_dir=git_dir,
+        cwd=git_dir,
+        env=ident_env(*COORDINATOR_IDENT),
+        input="Demo webapp: login rules and their tests\n",
+    ).stdout.strip()
+    run_git(
+        ["update-ref", "-m", "coordinator: demo repository", "refs/heads/main", sha, ""],
+        git_dir=git_dir,
+        cwd=git_dir,
+    )
+    return Repo(path)
+
+
+_DEMO_FILES = {
+    "README.md": "# webapp\n\nA tiny demo application for coordinator. Run the tests with `make test`.\n",
+    ".gitignore": "__pycache__/\n*.pyc\n",
+    "Makefile": (
+        "PYTHON ?= python3\n"
+        "# No bytecode files: a test run must not write outside the files an order may change.\n"
+        "export PYTHONDONTWRITEBYTECODE = 1\n\n"
+        ".PHONY: test\n"
+        "test:\n"
+        "\t$(PYTHON) -m unittest discover -s tests -t . -v\n"
+    ),
+    "src/login.py": (
+        '"""The webapp\'s login rules."""\n\n'
+        "from typing import Optional\n\n\n"
+        "def password_problem(password: str) -> Optional[str]:\n"
+        '    """Why `password` cannot be used to log in, or None when it can."""\n'
+        "    if not password:\n"
+        '        return "Password required"\n'
+        "    return None\n"
+    ),
+    "tests/__init__.py": "",
+    "tests/test_login.py": (
+        "import sys\n"
+        "import unittest\n"
+        "from pathlib import Path\n\n"
+        'sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))\n\n'
+        "from login import password_problem  # noqa: E402\n\n\n"
+        "class LoginTest(unittest.TestCase):\n"
+        "    def test_empty_password_is_refused(self) -> None:\n"
+        '        self.assertEqual(password_problem(""), "Password required")\n\n'
+        "    def test_ordinary_password_logs_in(self) -> None:\n"
+        '        self.assertIsNone(password_problem("correct horse battery staple"))\n\n\n'
+        'if __name__ == "__main__":\n'
+        "    unittest.main()\n"
+    ),
+}
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _branch(order_id: str) -> str:
+    if not _ORDER_ID.match(order_id) or ".." in order_id or order_id.endswith((".", ".lock")):
+        raise GitError(
+            f"order id {order_id!r} cannot name a git branch; use letters, digits, '-', '_' and single dots"
+        )
+    return BRANCH_PREFIX + order_id
+
+
+def _check_rel(path: str) -> None:
+    parts = path.split("/")
+    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in path:
+        raise GitError(f"{path!r} is not a plain repository-relative path; refusing to commit it")
+    if any(p.lower() == ".git" for p in parts):
+        raise GitError(f"{path!r} names a .git component; git internals are never committed")
+
+
+def _read(path: Path) -> str:
+    return path.read_text("utf-8", errors="surrogateescape").strip()
+
+
+def _nul_split(text: str) -> list[str]:
+    return [p for p in text.split("\0") if p]
+
+
+def _nul_join(items: Iterable[str]) -> str:
+    return "".join(f"{p}\0" for p in items)
+
+
+def _same(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _under(path: Path, folder: Path) -> bool:
+    p, f = os.path.realpath(path), os.path.realpath(folder)
+    return p == f or p.startswith(f.rstrip("/") + "/")
+
+
+def _unlock_tree(root: Path) -> None:
+    """Give the owner rwx on every folder under `root` (an agent may have locked some)."""
+    try:
+        st = os.lstat(root)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    if st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+        os.chmod(root, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
+    with os.scandir(root) as it:
+        subdirs = [Path(e.path) for e in it if e.is_dir(follow_symlinks=False)]
+    for sub in subdirs:
+        _unlock_tree(sub)
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+        return
+    _unlock_tree(path)
+    try:
+        shutil.rmtree(path)
+    except OSError as e:
+        raise GitError(f"cannot remove working copy {path}: {e}; remove it by hand") from e
+
+
+def _live_holders(locks: set[str], roots: list[str]) -> tuple[set[str] | None, bool]:
+    """Which `locks` a live process has open, and whether a git process runs under `roots`.
+
+    (None, False) where /proc is not available: the caller falls back on the lock's age.
+    """
+    proc = Path("/proc")
+    if not (proc / "self" / "fd").is_dir():
+        return None, False
+    held: set[str] = set()
+    me = os.getpid()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            if _read(entry / "comm").startswith("git"):
+                cwd = os.readlink(entry / "cwd")
+                if any(cwd == r or cwd.startswith(r.rstrip("/") + "/") for r in roots):
+                    return held, True
+            for fd in (entry / "fd").iterdir():
+                target = os.readlink(fd)
+                if target in locks:
+                    held.add(target)
+        except OSError:
+            continue  # gone, or not ours to look at
+    return held, False

@@ -1,0 +1,211 @@
+"""One attempt of one order: its folders, brief, command line, environment and sandbox.
+
+    .coordinator/attempts/<id>/<n>/
+        order.json    the normalized order        ({order}, $COORD_ORDER)
+        brief.md      the order for reading, plus why the last attempt failed  ({brief})
+        result.yaml   written by the specialist    ({result}, $COORD_RESULT)
+        outbox/       new work orders from the specialist ($COORD_OUTBOX)
+        scratch/      the current folder of an order with no files
+        output.log    stdout and stderr, capped
+        heartbeat     touch it to say "still working" ($COORD_HEARTBEAT)
+    .coordinator/work/<id>/<repo>/   the working copy (a git worktree on wo/<id>)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import orders, paths
+from .config import Agent
+from .landlock import Ruleset
+from .orders import WorkOrder
+from .workspace import Workspace
+
+PLACEHOLDERS = ("id", "order", "brief", "brief_text", "workdir", "result", "python", "workspace")
+TAIL_BYTES = 4000
+
+
+@dataclass(frozen=True)
+class Attempt:
+    order_id: str
+    number: int
+    folder: Path
+    workdir: Path
+    repo: str | None
+
+    @property
+    def token(self) -> str:
+        return f"{self.order_id}.{self.number}"
+
+    @property
+    def brief(self) -> Path:
+        return self.folder / "brief.md"
+
+    @property
+    def order_file(self) -> Path:
+        return self.folder / "order.json"
+
+    @property
+    def result(self) -> Path:
+        return self.folder / "result.yaml"
+
+    @property
+    def outbox(self) -> Path:
+        return self.folder / "outbox"
+
+    @property
+    def scratch(self) -> Path:
+        return self.folder / "scratch"
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "output.log"
+
+    @property
+    def heartbeat(self) -> Path:
+        return self.folder / "heartbeat"
+
+    def as_json(self) -> dict[str, object]:
+        return {"number": self.number, "folder": str(self.folder), "workdir": str(self.workdir),
+                "repo": self.repo, "token": self.token}
+
+
+def attempt_folder(ws: Workspace, order_id: str, number: int) -> Path:
+    return ws.runtime / "attempts" / order_id / str(number)
+
+
+def work_folder(ws: Workspace, order_id: str) -> Path:
+    return ws.runtime / "work" / order_id
+
+
+def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -> Attempt:
+    """Make the attempt's folders and write its order and brief (not the working copy)."""
+    assert order.id is not None
+    folder = attempt_folder(ws, order.id, number)
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / "outbox").mkdir(parents=True)
+    (folder / "scratch").mkdir()
+    repo = order.repo
+    workdir = work_folder(ws, order.id) / repo if repo else folder / "scratch"
+    attempt = Attempt(order.id, number, folder, workdir, repo)
+    attempt.order_file.write_text(json.dumps(order.to_dict(), indent=2) + "\n", encoding="utf-8")
+    attempt.brief.write_text(brief_text(order, number, failures), encoding="utf-8")
+    return attempt
+
+
+def brief_text(order: WorkOrder, number: int, failures: list[str]) -> str:
+    """The order rendered for reading, plus why earlier attempts failed."""
+    text = orders.render(order)
+    if failures:
+        text += f"\n## Attempt {number}: why the last attempt failed\n\n"
+        text += "\n".join(f"- {line}" for line in failures[-1].splitlines() if line.strip()) + "\n"
+        if len(failures) > 1:
+            text += f"\n(This order has failed {len(failures)} times so far.)\n"
+    text += (
+        "\n## How to answer\n\n"
+        "Write your result to $COORD_RESULT as YAML: `outcome:` done | halt-with-note | route-to |"
+        " requeue-with-blocker | blocked, `summary:` one paragraph, plus `agent:` (route-to) or"
+        " `blocker:` (requeue-with-blocker). Change only the files listed above. To send new work,"
+        " write work-order files into $COORD_OUTBOX.\n"
+    )
+    return text
+
+
+def argv(agent: Agent, attempt: Attempt, ws: Workspace) -> tuple[str, ...]:
+    """The agent's command with every placeholder replaced."""
+    assert agent.command is not None
+    values = {
+        "id": attempt.order_id,
+        "order": str(attempt.order_file),
+        "brief": str(attempt.brief),
+        "brief_text": attempt.brief.read_text("utf-8"),
+        "workdir": str(attempt.workdir),
+        "result": str(attempt.result),
+        "python": sys.executable,
+        "workspace": str(ws.root),
+    }
+    out = []
+    for arg in agent.command:
+        for key in PLACEHOLDERS:
+            arg = arg.replace("{" + key + "}", values[key])
+        out.append(arg)
+    return tuple(out)
+
+
+def environment(agent: Agent, attempt: Attempt, ws: Workspace) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COORD_", "GIT_"))}
+    env.update(dict(agent.env))
+    env.update({
+        "COORD_ORDER_ID": attempt.order_id,
+        "COORD_AGENT": agent.name,
+        "COORD_ORDER": str(attempt.order_file),
+        "COORD_BRIEF": str(attempt.brief),
+        "COORD_WORKDIR": str(attempt.workdir),
+        "COORD_RESULT": str(attempt.result),
+        "COORD_OUTBOX": str(attempt.outbox),
+        "COORD_WORKSPACE": str(ws.root),
+        "COORD_HEARTBEAT": str(attempt.heartbeat),
+        "COORD_ATTEMPT": attempt.token,
+    })
+    return env
+
+
+def ruleset(agent: Agent, order: WorkOrder, attempt: Attempt) -> Ruleset:
+    """Write access only beneath the narrowest folders the order's files ∩ the agent's writes need.
+
+    Landlock grants on existing inodes and cannot carve a read-only hole in a
+    writable tree, so each grant is the deepest existing folder of a `files`
+    entry that the agent's `writes` also cover; the gate then checks every path.
+    """
+    writable: set[str] = {str(attempt.folder)}
+    writable.update(agent.sandbox_writable)
+    if attempt.repo is not None:
+        for entry in order.files:
+            if not paths.covered(entry, agent.writes) and not any(
+                    paths.matches(w, entry) for w in agent.writes):
+                continue
+            rel = entry.split("/", 1)[1] if "/" in entry else ""
+            prefix = paths.literal_prefix(rel) if paths.has_glob(rel) else rel
+            target = attempt.workdir / prefix if prefix else attempt.workdir
+            writable.add(str(_deepest_existing(target, attempt.workdir)))
+    return Ruleset(writable=tuple(sorted(writable)))
+
+
+def _deepest_existing(target: Path, root: Path) -> Path:
+    """The file itself when it exists, else its nearest existing folder inside `root`."""
+    if target.exists() and not target.is_symlink():
+        return target
+    probe = target.parent
+    while probe != root and not probe.is_dir():
+        probe = probe.parent
+    return probe
+
+
+def tail(path: Path, limit: int = TAIL_BYTES) -> str:
+    """The last `limit` bytes of a log, decoded leniently."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            data = f.read()
+    except FileNotFoundError:
+        return ""
+    return data.decode("utf-8", "replace").strip()
+
+
+def last_activity(attempt: Attempt, started: float) -> float:
+    """When the attempt last printed or touched its heartbeat."""
+    latest = started
+    for p in (attempt.log, attempt.heartbeat):
+        try:
+            latest = max(latest, p.stat().st_mtime)
+        except FileNotFoundError:
+            pass
+    return latest

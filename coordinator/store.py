@@ -1,0 +1,198 @@
+"""Order records under `state/`: where every order is, at every moment.
+
+    state/intake/<agent>/<name>     claimed from an inbox, not yet recorded
+    state/orders/<id>/original.<x>  the bytes as dropped
+    state/orders/<id>/order.json    the normalized order (absent when rejected before parsing)
+    state/orders/<id>/record.json   status, attempts, history, report
+
+A file is claimed by one atomic rename out of the inbox into `state/intake/`,
+then moved into its order folder; `record.json` is written last. Recovery at
+start finishes whichever of these steps a crash interrupted, so an order is in
+exactly one place at every moment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import durable
+from .errors import NotFoundError
+from .orders import WorkOrder
+
+STATUSES = ("queued", "waiting", "running", "done", "halted", "routed", "blocked",
+            "rejected", "denied", "cancelled")
+TERMINAL = frozenset({"done", "halted", "routed", "blocked", "rejected", "denied", "cancelled"})
+# Orders that ended this way make a repeat without a reference a feedback-loop signal.
+FAILED_ENDINGS = frozenset({"rejected", "denied", "halted", "blocked"})
+ASSIGNED = re.compile(r"^WO-(\d+)$")
+SUPERVISOR = "coordinator"
+
+
+def iso(now: float) -> str:
+    return datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Record:
+    id: str
+    to: str
+    sender: str
+    status: str
+    objective: str
+    created: str
+    updated: str
+    seq: int
+    priority: str = "normal"
+    source: str = ""
+    attempts: int = 0
+    failures: list[str] = field(default_factory=list)
+    history: list[dict[str, str]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    report: dict[str, Any] | None = None
+    blocker: str | None = None
+    blocked_by: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
+    parent: str | None = None
+    children: list[str] = field(default_factory=list)
+    running: dict[str, Any] | None = None
+    commit: str | None = None
+    stale: bool = False
+    usage: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Record:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def board_row(self) -> dict[str, Any]:
+        """The `board --json` shape of SPEC §10."""
+        return {"id": self.id, "to": self.to, "from": self.sender, "status": self.status,
+                "objective": self.objective, "attempts": self.attempts, "updated": self.updated}
+
+
+class Store:
+    """Reads and writes order records; the supervisor is its only writer."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir
+        self.orders_dir = state_dir / "orders"
+        self.intake_dir = state_dir / "intake"
+
+    def ensure(self) -> None:
+        self.orders_dir.mkdir(parents=True, exist_ok=True)
+        self.intake_dir.mkdir(parents=True, exist_ok=True)
+
+    def folder(self, order_id: str) -> Path:
+        return self.orders_dir / order_id
+
+    def record_path(self, order_id: str) -> Path:
+        return self.folder(order_id) / "record.json"
+
+    def exists(self, order_id: str) -> bool:
+        return self.folder(order_id).exists()
+
+    def load(self, order_id: str) -> Record:
+        try:
+            return Record.from_json(durable.read_json(self.record_path(order_id)))
+        except FileNotFoundError:
+            raise NotFoundError(f"no order {order_id!r}; `coordinator board` lists them") from None
+
+    def load_all(self) -> dict[str, Record]:
+        out: dict[str, Record] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.orders_dir):
+                path = Path(entry.path) / "record.json"
+                with contextlib.suppress(FileNotFoundError, ValueError):
+                    rec = Record.from_json(durable.read_json(path))
+                    out[rec.id] = rec
+        return out
+
+    def unrecorded(self) -> list[Path]:
+        """Order folders a crash left without a record.json (original moved, record not yet written)."""
+        found: list[Path] = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.orders_dir):
+                if entry.is_dir() and not os.path.exists(os.path.join(entry.path, "record.json")):
+                    found.append(Path(entry.path))
+        return found
+
+    def save(self, record: Record, *, sync: bool = True) -> Path:
+        path = self.record_path(record.id)
+        durable.write_json(path, record.as_json(), sync=sync)
+        return path
+
+    def save_order(self, order: WorkOrder) -> Path:
+        assert order.id is not None
+        path = self.folder(order.id) / "order.json"
+        durable.write_json(path, order.to_dict())
+        return path
+
+    def load_order(self, order_id: str) -> WorkOrder:
+        try:
+            return WorkOrder.from_dict(durable.read_json(self.folder(order_id) / "order.json"))
+        except FileNotFoundError:
+            raise NotFoundError(f"order {order_id!r} has no accepted work order (it was rejected)") from None
+
+    def original(self, order_id: str) -> Path | None:
+        for p in self.folder(order_id).glob("original.*"):
+            return p
+        return None
+
+    def max_assigned(self) -> int:
+        """The highest WO-NNNN in use, so assigned ids keep increasing across restarts."""
+        top = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.orders_dir):
+                m = ASSIGNED.match(entry.name)
+                if m:
+                    top = max(top, int(m.group(1)))
+        return top
+
+
+class History:
+    """What order validation needs to know about earlier orders (orders.History).
+
+    Failed endings are indexed by (sender, recipient, objective) so the
+    feedback-loop rule costs one lookup per intake, not a scan.
+    """
+
+    def __init__(self, records: dict[str, Record], store: Store) -> None:
+        self.records = records
+        self.store = store
+        self._ended: dict[tuple[str, str, str], dict[str, Record]] = {}
+        for rec in sorted(records.values(), key=lambda r: r.seq):
+            self.note(rec)
+
+    def note(self, record: Record) -> None:
+        """Call after every status change of `record`."""
+        if record.status in FAILED_ENDINGS:
+            key = (record.sender, record.to, _norm(record.objective))
+            self._ended.setdefault(key, {})[record.id] = record
+
+    def exists(self, order_id: str) -> bool:
+        return order_id in self.records or self.store.exists(order_id)
+
+    def blocked_by_of(self, order_id: str) -> tuple[str, ...]:
+        rec = self.records.get(order_id)
+        return tuple(rec.blocked_by) if rec else ()
+
+    def ended(self, sender: str, to: str, objective: str) -> list[tuple[str, str]]:
+        found = self._ended.get((sender, to, _norm(objective)), {})
+        return [(r.id, r.status) for r in found.values() if r.status in FAILED_ENDINGS]
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())

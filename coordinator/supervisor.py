@@ -1,0 +1,640 @@
+"""The supervisor: every dropped order runs once, ends in a status, and nothing is lost.
+
+The loop is a single thread that owns all state; `step()` does one round
+(intake, reap exits, timeouts, dispatch, budget, group commit) so tests can
+drive it without sleeps. The watcher and the spawner only wake it.
+
+Example:
+    >>> with Supervisor(Workspace.find(None)) as sup:
+    ...     sup.run_once()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import select
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import audit, budget, control, durable, runner, signals, verify
+from .attempts import AttemptRunner
+from .errors import CoordinatorError, NotFoundError, StateError, SupervisorError, UsageError
+from .intake import Intake
+from .orders import PRIORITY_RANK, WorkOrder
+from .spawner import Spawner
+from .store import TERMINAL, History, Record, Store, iso
+from .watcher import InboxWatcher, Watcher, is_candidate, scan, settled
+from .workspace import Workspace
+
+INTAKE_BATCH = 500          # files filed per step before running what is ready
+STOP_GRACE = 30.0           # seconds running attempts get after the first SIGTERM
+KILL_GRACE = 2.0            # SIGTERM -> SIGKILL for a process tree
+UNSETTLED_RETRY = 0.2       # seconds between looks at a file still being written
+TAMPER_EVERY = 5.0          # seconds between looks for changes the supervisor did not make
+
+
+class Supervisor:
+    def __init__(self, ws: Workspace, *, clock: Callable[[], float] = time.time,
+                 spawner: Spawner | None = None, watcher: Watcher | None = None,
+                 poll: bool = False, log: Callable[[str], None] | None = None,
+                 stop_grace: float = STOP_GRACE, http_transport: Any = None,
+                 offline: bool = False) -> None:
+        self.ws = ws
+        self.config = ws.config
+        self.clock = clock
+        self.say = log or (lambda line: None)
+        self.stop_grace = stop_grace
+        self.poll_mode = poll
+        self._spawner = spawner
+        self._watcher = watcher
+        self.http_transport = http_transport
+        self.store = Store(ws.state)
+        self.audit = audit.StateRepo(ws.state)
+        self.records: dict[str, Record] = {}
+        self.stopping = False
+        self.killing = False
+        self._stop_deadline: float | None = None
+        self._unsettled: dict[Path, str] = {}
+        self._lock_fd: int | None = None
+        self._wake = threading.Event()
+        self._polled = threading.Event()
+        self._pumps: list[threading.Thread] = []
+        self._opened = False
+        self._last_watch = time.monotonic()
+        self.offline = offline  # a CLI serving one request while no supervisor runs: never spawns
+
+    # -- life cycle -----------------------------------------------------------------------------
+    def __enter__(self) -> Supervisor:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Lock the workspace, heal the layout, recover from a crash, start watcher and spawner."""
+        ws = self.ws
+        for made in ws.ensure_layout():
+            self.say(f"created {made}/")
+        self._lock()
+        if audit.StateRepo.ensure(ws.state):
+            self.say("initialised state/ (git repository)")
+        for name in self.audit.clear_stale_lock():
+            self.say(f"cleared a stale state/.git/{name} left by a dead git process")
+        self.store.ensure()
+        durable.clean_temps(ws.state)
+        durable.open_journal()
+        marker = ws.runtime / "running"
+        crashed = marker.exists()
+        if not crashed and not self.offline:
+            self._watch_state()
+        self.records = self.store.load_all()
+        self.history = History(self.records, self.store)
+        self.intake = Intake(self.store, self.config, self.records, self.history, rel=ws.rel,
+                             ids_dir=ws.runtime / "ids", clock=self.clock)
+        self.ledger = budget.Ledger.load(ws.state)
+        if self._spawner is None and not self.offline:
+            self._spawner = Spawner(gate_only_ok=not _landlock_available())
+            if not _landlock_available():
+                self.say("WARNING: this kernel has no Landlock: writes outside the working copy are only "
+                         "detected after the run, not refused (`coordinator doctor`)")
+        self.attempts = AttemptRunner(self)
+        self.heads = verify.load_heads(ws)
+        self._recover(crashed)
+        if not self.offline:
+            marker.touch()
+            self._watch_repos()
+            self._flush()
+        if self._watcher is None:
+            folders = [ws.inbox(a) for a in self.config.agents]
+            self._watcher = InboxWatcher(folders, polling=self.poll_mode)
+        self._watcher.start()
+        self._opened = True
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+        self._wake.set()
+        self._polled.set()
+        if self._opened:
+            self._flush()
+            if not self.offline and not self.attempts.active:
+                (self.ws.runtime / "running").unlink(missing_ok=True)
+        durable.close_journal()
+        if self._spawner is not None:
+            self._spawner.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self._opened = False
+
+    @property
+    def spawner(self) -> Spawner:
+        assert self._spawner is not None
+        return self._spawner
+
+    @property
+    def watcher(self) -> Watcher:
+        assert self._watcher is not None
+        return self._watcher
+
+    def _lock(self) -> None:
+        """One supervisor per workspace: an exclusive lock the kernel drops if we die."""
+        path = self.ws.runtime / "supervisor.pid"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SupervisorError(f"another supervisor (pid {other}) is running on {self.ws.root}; "
+                                  "stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _recover(self, crashed: bool) -> None:
+        """Finish what a crash interrupted; every order ends up in exactly one place."""
+        if crashed:
+            for name in self.audit.recover():
+                self.say(f"recovery: committed state/{name}, written before a crash")
+        for folder in self.store.unrecorded():
+            original = next(iter(folder.glob("original.*")), None)
+            if original is None:
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            agent = self._agent_from_original(folder)
+            claimed = self.intake.claim(original, agent)
+            shutil.rmtree(folder, ignore_errors=True)
+            if claimed:
+                self._file(claimed, agent, shown=f"inbox/{agent}/{original.name}")
+        for claimed, agent in self.intake.claimed():
+            self._file(claimed, agent, shown=f"inbox/{agent}/{claimed.name.split('-', 1)[-1]}")
+        running = [r for r in self.records.values() if r.status == "running"]
+        if running:
+            tokens = [str(r.running["token"]) for r in running if r.running]
+            from .spawner import kill_leftovers
+            killed = kill_leftovers(tokens)
+            if killed:
+                self.say(f"recovery: killed {killed} leftover process(es) of a dead supervisor")
+        for rec in running:
+            self.attempts.recover(rec)
+        self._flush()
+
+    def _agent_from_original(self, folder: Path) -> str:
+        try:
+            return str(durable.read_json(folder / "order.json")["to"])
+        except (OSError, ValueError, KeyError):
+            return next(iter(self.config.agents))
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One round; True when anything happened."""
+        progress = self._serve_requests()
+        if not self.stopping:
+            progress |= self._intake_step()
+        progress |= self.attempts.reap()
+        self.attempts.watch(self.clock())
+        if not self.stopping:
+            progress |= self._dispatch()
+        self._budget_check()
+        self._flush()
+        now = time.monotonic()
+        if now - self._last_watch > TAMPER_EVERY and not self.offline:
+            self._last_watch = now
+            self._watch_state()
+            self._watch_repos()
+            self._flush()
+        return progress
+
+    def run_once(self, *, limit: float | None = None) -> None:
+        """Process everything that can be processed now, then return (`supervise --once`)."""
+        deadline = None if limit is None else time.monotonic() + limit
+        while True:
+            progress = self.step()
+            if progress:
+                continue
+            if not self.attempts.active and not self._unsettled and not self._inbox_has_files():
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            self._wait(0.05)
+
+    def run(self, *, should_stop: Callable[[], int]) -> None:
+        """Run until stopped. `should_stop()` returns how many stop signals arrived."""
+        self._start_pumps()
+        while True:
+            signals_seen = should_stop()
+            if signals_seen >= 1 and not self.stopping:
+                self.stopping = True
+                self._stop_deadline = time.monotonic() + self.stop_grace
+                self.say(f"stopping: no new work; {len(self.attempts.active)} running attempt(s) "
+                         f"get {self.stop_grace:.0f}s to finish (signal again to stop now)")
+            if self.stopping and (signals_seen >= 2 or (self._stop_deadline is not None
+                                                         and time.monotonic() > self._stop_deadline)):
+                self.attempts.kill_all()
+                self.say("stopped: running attempts killed; they are re-queued at the next start")
+                return
+            progress = self.step()
+            if self.stopping and not self.attempts.active:
+                self.say("stopped: nothing running")
+                return
+            if not progress:
+                self._wait(self._idle_timeout())
+
+    def _idle_timeout(self) -> float:
+        if self._unsettled:
+            return UNSETTLED_RETRY
+        return 1.0
+
+    def _wait(self, timeout: float) -> None:
+        if self._pumps:
+            self._polled.set()
+            self._wake.wait(timeout)
+            self._wake.clear()
+            return
+        # No pump threads (tests, --once): wait on the spawner's fd and the watcher in turn.
+        with contextlib.suppress(OSError, ValueError):
+            select.select([self.spawner.fileno()], [], [], min(timeout, 0.01))
+        self.watcher.wait(max(0.0, timeout - 0.01))
+
+    def _start_pumps(self) -> None:
+        def watch_pump() -> None:
+            while self._opened:
+                if self.watcher.wait(0.5):
+                    self._wake.set()
+                    self._polled.wait(1.0)
+                    self._polled.clear()
+
+        def spawn_pump() -> None:
+            while self._opened:
+                try:
+                    ready, _, _ = select.select([self.spawner.fileno()], [], [], 0.5)
+                except (OSError, ValueError):
+                    return
+                if ready:
+                    self._wake.set()
+                    self._polled.wait(1.0)
+                    self._polled.clear()
+
+        for target in (watch_pump, spawn_pump):
+            t = threading.Thread(target=target, daemon=True, name=target.__name__)
+            t.start()
+            self._pumps.append(t)
+
+    # -- intake ----------------------------------------------------------------------------------
+    def _inbox_has_files(self) -> bool:
+        return any(scan(self.ws.inbox(a)) for a in self.config.agents)
+
+    def _intake_step(self) -> bool:
+        hints, rescan = self.watcher.drain()
+        candidates: dict[Path, str] = dict(self._unsettled)
+        self._unsettled.clear()
+        if rescan:
+            for agent in self.config.agents:
+                for path in scan(self.ws.inbox(agent)):
+                    candidates[path] = agent
+        for path in hints:
+            agent = self.ws.agent_of_inbox(path)
+            if agent in self.config.agents and is_candidate(path.name):
+                candidates[path] = agent
+        now = self.clock()
+        filed = 0
+        for path, agent in candidates.items():
+            if filed >= INTAKE_BATCH:
+                self._unsettled[path] = agent
+                continue
+            if not path.is_file() or path.is_symlink():
+                if path.is_symlink():
+                    self._refuse_link(path, agent)
+                continue
+            if not settled(path, now=time.time()):
+                self._unsettled[path] = agent
+                continue
+            claimed = self.intake.claim(path, agent)
+            if claimed is None:
+                continue
+            self._file(claimed, agent, shown=self.ws.rel(path))
+            filed += 1
+        del now
+        return filed > 0
+
+    def _refuse_link(self, path: Path, agent: str) -> None:
+        """A symlink in an inbox is never followed: claim the link itself and reject it."""
+        claimed = self.intake.claim(path, agent)
+        if claimed is not None:
+            link = claimed.with_name(claimed.name + ".link")
+            os.rename(claimed, link)
+            link.write_text("")  # replace the link by an empty file; its target is never read
+            self._file(link, agent, shown=self.ws.rel(path))
+
+    def _file(self, claimed: Path, agent: str, *, shown: str, sender: str | None = None) -> Record:
+        filed = self.intake.file(claimed, agent, shown=shown, sender=sender)
+        return self._after_filing(filed.record, filed.order)
+
+    def file_order(self, order: WorkOrder, *, shown: str) -> Record:
+        filed = self.intake.file_order(order, shown=shown)
+        return self._after_filing(filed.record, filed.order)
+
+    def _after_filing(self, rec: Record, order: WorkOrder | None) -> Record:
+        self._stage(rec, "new", rec.status, rec.history[-1]["actor"],
+                    note=rec.errors[0] if rec.errors else None)
+        orchestrator = self.config.orchestrator
+        if orchestrator and rec.sender == orchestrator and order is not None:
+            from .orders import render
+            self._ledger_add(rec.id, "order", render(order))
+        if rec.status == "rejected":
+            if rec.errors and "this repeats" in rec.errors[0]:
+                self.signal("feedback", agent=rec.sender, order=rec.id, evidence=rec.errors[0])
+            if orchestrator and rec.sender == orchestrator:
+                self._ledger_add(rec.id, "rejection", "\n".join(rec.errors))
+            self._deliver_report(rec)
+        return rec
+
+    # -- transitions -------------------------------------------------------------------------------
+    def move(self, rec: Record, new: str, actor: str, *, note: str | None = None) -> None:
+        """Change `rec`'s status: record, history, audit line; the one place statuses change."""
+        old = rec.status
+        now = iso(self.clock())
+        rec.status = new
+        rec.updated = now
+        entry = {"at": now, "from": old, "to": new, "actor": actor}
+        if note:
+            entry["note"] = note
+        rec.history.append(entry)
+        if new != "running":
+            rec.stale = False
+        self.store.save(rec, sync=False)
+        self.history.note(rec)
+        self._stage(rec, old, new, actor, note=note)
+        if new in TERMINAL:
+            self._on_terminal(rec)
+
+    def _stage(self, rec: Record, old: str, new: str, actor: str, *, note: str | None = None) -> None:
+        line = f"{rec.id} {rec.to}: {old} -> {new}"
+        if note:
+            line += f" ({' '.join(note.split())[:160]})"
+        self.audit.stage(actor, line)
+
+    def event(self, rec: Record, text: str) -> None:
+        """An audited line that is not a status change (stale flags, merges)."""
+        self.store.save(rec, sync=False)
+        self.audit.stage(audit.SUPERVISOR, f"{rec.id} {rec.to}: {text}")
+
+    def _on_terminal(self, rec: Record) -> None:
+        if self.config.orchestrator and rec.sender == self.config.orchestrator:
+            self.ledger.complete(rec.id)
+            self.ledger.save()
+        self._deliver_report(rec)
+        self._release_dependents(rec)
+        self.attempts.on_terminal(rec)
+
+    def _deliver_report(self, rec: Record) -> None:
+        """Store the report with the order and deliver a copy to the sender."""
+        report = rec.report or {"status": rec.status, "summary": "; ".join(rec.errors) or rec.status}
+        rec.report = {**report, "status": rec.status}
+        self.store.save(rec, sync=False)
+        text = render_report(rec)
+        durable.write_text(self.store.folder(rec.id) / "report.md", text, sync=False)
+        if rec.sender not in ("user", "coordinator"):
+            box = self.ws.state / "reports" / rec.sender
+            box.mkdir(parents=True, exist_ok=True)
+            durable.write_text(box / f"{rec.id}.md", text, sync=False)
+        if self.config.orchestrator and rec.sender == self.config.orchestrator and rec.status != "rejected":
+            self._ledger_add(rec.id, "report", text, completed=True)
+
+    def _release_dependents(self, done: Record) -> None:
+        for rec in sorted(self.records.values(), key=lambda r: r.seq):
+            if rec.status != "waiting":
+                continue
+            if done.id in rec.blocked_by or rec.blocker == done.id:
+                if done.status != "done":
+                    rec.report = {"summary": f"dependency {done.id} ended {done.status}"}
+                    self.move(rec, "blocked", audit.SUPERVISOR, note=f"{done.id} ended {done.status}")
+                    continue
+                if self.ready(rec):
+                    rec.blocker = None
+                    self.move(rec, "queued", audit.SUPERVISOR, note=f"{done.id} is done")
+
+    def ready(self, rec: Record) -> bool:
+        """Are all of `rec`'s dependencies done and its blocker cleared?"""
+        deps_done = all(self.records.get(d) is not None and self.records[d].status == "done"
+                        for d in rec.blocked_by)
+        blocker = rec.blocker
+        blocker_clear = (blocker is None or (blocker in self.records and self.records[blocker].status == "done"))
+        return deps_done and blocker_clear
+
+    # -- dispatch ----------------------------------------------------------------------------------
+    def _dispatch(self) -> bool:
+        """Start every queued order a slot allows: priority first, then age."""
+        active = self.attempts.active
+        if len(active) >= self.config.max_parallel:
+            return False
+        per_agent: dict[str, int] = {}
+        for a in active.values():
+            per_agent[a.agent.name] = per_agent.get(a.agent.name, 0) + 1
+        queued = [r for r in self.records.values() if r.status == "queued"]
+        if not queued:
+            return False
+        queued.sort(key=lambda r: (-PRIORITY_RANK.get(r.priority, 1), r.seq))
+        started = False
+        for rec in queued:
+            if len(self.attempts.active) >= self.config.max_parallel:
+                break
+            agent = self.config.agents.get(rec.to)
+            if agent is None or not agent.runnable:
+                continue
+            if per_agent.get(agent.name, 0) >= agent.max_parallel:
+                continue
+            if self.attempts.start(rec):
+                per_agent[agent.name] = per_agent.get(agent.name, 0) + 1
+                started = True
+        return started
+
+    # -- budget & signals ------------------------------------------------------------------------------
+    def _ledger_add(self, ref: str, kind: str, text: str, *, tokens: int | None = None,
+                    completed: bool = False) -> None:
+        self.ledger.add(ref, kind, text, tokens=tokens, now=datetime.now(UTC))
+        if completed:
+            self.ledger.complete(ref)
+        self.ledger.save()
+        change = self.ledger.update_mode(self.config.budget.bands)
+        if change and self.config.orchestrator:
+            self.say("budget: " + budget.mode_change_message(self.config.orchestrator, change[0],
+                                                               change[1], self.ledger.hot_tokens()))
+            self.ledger.save()
+
+    def _budget_check(self) -> None:
+        b = self.config.budget
+        if not self.config.orchestrator or self.ledger.hot_tokens() < b.ceiling:
+            return
+        lines = budget.on_ceiling(self.ledger, b, brief=self.fresh_brief, now=datetime.now(UTC))
+        if lines:
+            self.ledger.save()
+            for line in lines:
+                self.say("budget: " + line)
+            self.audit.stage(audit.SUPERVISOR, f"budget {self.config.orchestrator}: " + "; ".join(lines))
+
+    def fresh_brief(self) -> str:
+        return fresh_brief(self.records, self.ledger.generation + 1)
+
+    def signal(self, kind: str, *, agent: str | None, order: str | None, evidence: str) -> None:
+        signals.record(self.ws.state, kind, agent=agent, order=order, evidence=evidence,
+                       now=datetime.now(UTC))
+        self.say(f"signal {kind}: {agent or '-'} {order or ''} {evidence}")
+        self.audit.stage(audit.SUPERVISOR, f"signal {kind}: {order or '-'} {agent or '-'}: {evidence[:160]}")
+
+    # -- requests from the CLI -------------------------------------------------------------------------
+    def _serve_requests(self) -> bool:
+        served = False
+        for path, req in control.pending(self.ws):
+            try:
+                result = self.handle(str(req.get("action")), dict(req.get("args") or {}))
+                control.answer(path, result=result)
+            except CoordinatorError as e:
+                control.answer(path, error=str(e))
+            served = True
+        return served
+
+    def handle(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Do what a CLI command asked: cancel, retry, rotate, budget-add."""
+        if action == "cancel":
+            rec = self._record(str(args["id"]))
+            if rec.status not in ("queued", "waiting", "running"):
+                raise StateError(f"{rec.id} is {rec.status}; only queued, waiting or running orders can be cancelled")
+            if rec.status == "running":
+                self.attempts.cancel(rec)
+            rec.report = {"summary": f"cancelled by {args.get('by', 'user')}"}
+            self.move(rec, "cancelled", str(args.get("by", "user")))
+            return {"id": rec.id, "status": rec.status}
+        if action == "retry":
+            rec = self._record(str(args["id"]))
+            if rec.status not in ("blocked", "halted") and not (rec.status == "waiting" and rec.blocker):
+                raise StateError(f"{rec.id} is {rec.status}; only blocked or halted orders (or one waiting on a "
+                                 "blocker) can be retried")
+            rec.failures = []
+            rec.blocker = None
+            status = "queued" if all(self.records.get(d) is not None and self.records[d].status == "done"
+                                     for d in rec.blocked_by) else "waiting"
+            self.move(rec, status, str(args.get("by", "user")), note="retry")
+            return {"id": rec.id, "status": rec.status}
+        if action == "rotate":
+            return self.rotate(fresh=bool(args.get("fresh")))
+        if action == "budget-add":
+            tokens = int(args["tokens"])
+            if tokens < 0:
+                raise UsageError("budget add takes a positive number of tokens")
+            note = str(args.get("note") or "")
+            ref = f"manual-{time.time_ns()}"
+            self.ledger.add(ref, "manual", note, tokens=tokens, note=note, now=datetime.now(UTC))
+            self.ledger.save()
+            change = self.ledger.update_mode(self.config.budget.bands)
+            self.ledger.save()
+            self.audit.stage(audit.SUPERVISOR, f"budget {self.config.orchestrator or '-'}: +{tokens} manual"
+                             + (f" ({note[:80]})" if note else ""))
+            out: dict[str, Any] = {"hot_tokens": self.ledger.hot_tokens(),
+                                   "mode": self.ledger.mode(self.config.budget.bands)}
+            if change:
+                out["mode_change"] = list(change)
+            return out
+        raise UsageError(f"unknown request {action!r}")
+
+    def rotate(self, *, fresh: bool) -> dict[str, Any]:
+        before = self.ledger.hot_tokens()
+        if fresh:
+            generation = self.ledger.fresh(self.fresh_brief(), now=datetime.now(UTC))
+            line = f"rotate --fresh: generation {generation}, {before} -> {self.ledger.hot_tokens()} hot tokens"
+        else:
+            dropped = self.ledger.rotate()
+            self.ledger.save()
+            line = f"rotate: dropped {len(dropped)} completed item(s), {before} -> {self.ledger.hot_tokens()} hot tokens"
+        self.ledger.update_mode(self.config.budget.bands)
+        self.ledger.save()
+        self.audit.stage(audit.SUPERVISOR, f"budget {self.config.orchestrator or '-'}: {line}")
+        return {"message": line, "hot_tokens": self.ledger.hot_tokens(), "generation": self.ledger.generation}
+
+    def _record(self, order_id: str) -> Record:
+        rec = self.records.get(order_id)
+        if rec is None:
+            raise NotFoundError(f"no order {order_id!r}; `coordinator board` lists them")
+        return rec
+
+    def step_commit(self) -> None:
+        self._flush()
+
+    # -- tamper watch ----------------------------------------------------------------------------------
+    def _watch_state(self) -> None:
+        """Hand-made changes in state/ are put back from git and recorded as `silent`."""
+        mine = {os.path.relpath(p, self.ws.state) for p in durable.peek_journal()}
+        foreign = [p for p in self.audit.dirty() if p not in mine and not p.startswith("intake/")]
+        if not foreign:
+            return
+        self.audit.restore(foreign)
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        self.signal("silent", agent=None, order=None,
+                    evidence=f"state/ changed by hand (restored from git): {shown}")
+
+    def _watch_repos(self) -> None:
+        """A default branch that moved without the supervisor is reported as `silent`."""
+        before = json.dumps(self.heads, sort_keys=True)
+        for name, old, new in verify.moved_heads(self.ws, self.heads):
+            self.signal("silent", agent=None, order=None,
+                        evidence=f"repos/{name} default branch moved {old[:10]}..{new[:10]} with no work order")
+            self.heads[name]["head"] = new
+        if json.dumps(self.heads, sort_keys=True) != before:
+            verify.save_heads(self.ws, self.heads)
+            self.audit.stage(audit.SUPERVISOR, "repos: recorded default-branch heads")
+
+    def note_head(self, repo: str, head: str) -> None:
+        """The supervisor itself moved `repo`'s default branch to `head`."""
+        entry = self.heads.setdefault(repo, {"baseline": head, "head": head})
+        entry["head"] = head
+        verify.save_heads(self.ws, self.heads)
+
+    # -- commits --------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        if self.audit.pending:
+            durable.sync_fs(self.ws.state)
+            self.audit.flush(durable.take_journal())
+
+
+def render_report(rec: Record) -> str:
+    report = rec.report or {}
+    lines = [f"# Report on {rec.id}: {rec.status}", "", f"**Objective:** {rec.objective}", "",
+             f"**Status:** {rec.status} after {rec.attempts} attempt(s)", ""]
+    if report.get("summary"):
+        lines += ["**Summary:**", "", str(report["summary"]), ""]
+    if rec.errors:
+        lines += ["**Errors:**", ""] + [f"- {e}" for e in rec.errors] + [""]
+    for key, title in (("changed", "Changed files"), ("offending", "Denied paths"), ("checks", "Checks")):
+        if report.get(key):
+            lines += [f"**{title}:**", ""] + [f"- {x}" for x in report[key]] + [""]
+    if rec.commit:
+        lines += [f"**Commit:** {rec.commit}", ""]
+    return "\n".join(lines)
+
+
+def fresh_brief(records: dict[str, Record], generation: int) -> str:
+    in_flight = [{"id": r.id, "to": r.to, "status": r.status, "objective": r.objective,
+                  "waiting_on": list(r.blocked_by) + ([r.blocker] if r.blocker else [])}
+                 for r in sorted(records.values(), key=lambda r: r.seq) if not r.terminal]
+    rejections = [{"id": r.id, "to": r.to, "objective": r.objective, "reason": (r.errors or ["?"])[0]}
+                  for r in sorted(records.values(), key=lambda r: r.seq)[-200:]
+                  if r.status in ("rejected", "denied")][-10:]
+    return budget.render_brief(in_flight, rejections, generation=generation, now=datetime.now(UTC))
+
+
+def _landlock_available() -> bool:
+    from .landlock import abi_version
+    return abi_version() > 0
+
+
+__all__ = ["Supervisor", "render_report", "runner"]

@@ -1,0 +1,151 @@
+"""`coordinator audit verify` and the tamper watch: is every change explained?
+
+Explained means: a commit on a repository's default branch carries a
+`Work-Order:` trailer of an order that ended `done` (or is a merge the
+supervisor made for one, or was there before the supervisor first saw the
+repository); every change in `state/` was committed by the supervisor; every
+transition an order record lists is in `state/`'s git history.
+
+    state/repos.json   {"webapp": {"baseline": sha, "head": sha}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import audit, durable
+from .errors import CoordinatorError
+from .store import Store
+from .workspace import Workspace
+
+TRAILER = re.compile(r"^Work-Order:\s*(\S+)\s*$", re.MULTILINE)
+HEADS = "repos.json"
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str  # "repo-commit" | "state-uncommitted" | "state-foreign" | "history-missing"
+    where: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.where}: {self.detail}"
+
+    def as_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "where": self.where, "detail": self.detail}
+
+
+def heads_path(ws: Workspace) -> Path:
+    return ws.state / HEADS
+
+
+def load_heads(ws: Workspace) -> dict[str, dict[str, str]]:
+    try:
+        data: dict[str, dict[str, str]] = json.loads(heads_path(ws).read_text("utf-8"))
+        return data
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def save_heads(ws: Workspace, heads: dict[str, dict[str, str]]) -> None:
+    durable.write_json(heads_path(ws), heads, sync=False)
+
+
+def repo_dirs(ws: Workspace) -> list[Path]:
+    if not ws.repos.is_dir():
+        return []
+    return [p for p in sorted(ws.repos.iterdir()) if (p / ".git").exists()]
+
+
+def verify(ws: Workspace) -> list[Finding]:
+    findings: list[Finding] = []
+    state = audit.StateRepo(ws.state)
+    if not (ws.state / ".git").exists():
+        return [Finding("state-uncommitted", "state/", "not a git repository; run `coordinator supervise` once")]
+    for path in state.dirty():
+        findings.append(Finding("state-uncommitted", f"state/{path}", "changed but not committed by the supervisor"))
+    for line in state.foreign_commits():
+        findings.append(Finding("state-foreign", "state/", f"commit not made by the supervisor: {line}"))
+    findings += _history_gaps(ws, state)
+    findings += _repo_commits(ws)
+    return findings
+
+
+def _history_gaps(ws: Workspace, state: audit.StateRepo) -> list[Finding]:
+    seen: Counter[tuple[str, str, str]] = Counter()
+    for e in state.entries():
+        if e.order and e.old and e.new:
+            seen[(e.order, e.old, e.new)] += 1
+    found: list[Finding] = []
+    for rec in Store(ws.state).load_all().values():
+        wanted: Counter[tuple[str, str, str]] = Counter(
+            (rec.id, h["from"], h["to"]) for h in rec.history)
+        for key, n in wanted.items():
+            if seen[key] < n:
+                found.append(Finding("history-missing", f"state/orders/{rec.id}",
+                                     f"{key[1]} -> {key[2]} is in the record but not in state/'s git history"))
+    return found
+
+
+def _repo_commits(ws: Workspace) -> list[Finding]:
+    from .repos import Repo
+
+    done = {r.id: r for r in Store(ws.state).load_all().values() if r.status == "done"}
+    heads = load_heads(ws)
+    found: list[Finding] = []
+    for path in repo_dirs(ws):
+        try:
+            repo = Repo(path)
+            branch = repo.default_branch()
+        except CoordinatorError as e:
+            found.append(Finding("repo-commit", f"repos/{path.name}", f"unreadable: {e}"))
+            continue
+        baseline = heads.get(path.name, {}).get("baseline")
+        span = f"{baseline}..{branch}" if baseline else branch
+        try:
+            log = repo.git("log", "--format=%H%x1f%an%x1f%cn%x1f%P%x1f%B%x1e", span)
+        except CoordinatorError as e:
+            found.append(Finding("repo-commit", f"repos/{path.name}", f"cannot read history: {e}"))
+            continue
+        for chunk in log.split("\x1e"):
+            chunk = chunk.strip("\n")
+            if not chunk:
+                continue
+            sha, author, committer, parents, body = chunk.split("\x1f", 4)
+            ids = TRAILER.findall(body)
+            if baseline is None and not ids and committer == audit.SUPERVISOR and " " not in parents.strip():
+                continue  # the demo repository's first commit, made by `coordinator init`
+            if any(i in done for i in ids):
+                continue
+            subject = body.strip().splitlines()[0] if body.strip() else ""
+            why = (f"names {', '.join(ids)}, which did not end done" if ids
+                   else "has no Work-Order trailer")
+            found.append(Finding("repo-commit", f"repos/{path.name}@{sha[:10]}",
+                                 f"{author}: {subject!r} {why}"))
+    return found
+
+
+def moved_heads(ws: Workspace, heads: dict[str, dict[str, str]]) -> list[tuple[str, str, str]]:
+    """Repositories whose default branch moved without the supervisor: (name, recorded, now)."""
+    from .repos import Repo
+
+    moved = []
+    for path in repo_dirs(ws):
+        with contextlib.suppress(CoordinatorError):
+            head = Repo(path).head()
+            known = heads.get(path.name)
+            if known is None:
+                heads[path.name] = {"baseline": head, "head": head}
+            elif known.get("head") != head:
+                moved.append((path.name, known.get("head", ""), head))
+    return moved
+
+
+def summary(findings: list[Finding]) -> dict[str, Any]:
+    return {"clean": not findings, "findings": [f.as_json() for f in findings]}

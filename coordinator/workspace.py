@@ -1,0 +1,155 @@
+"""The workspace: where the team's config, inboxes, repositories and state live.
+
+    <workspace>/
+      coordinator.yaml     the team
+      inbox/<agent>/       drop work orders here
+      repos/<repo>/        git repositories the specialists work in
+      state/               the supervisor's git repository: the audit trail
+      .coordinator/        runtime scratch (working copies, attempt folders, pid file); never audited
+
+Example:
+    >>> ws = Workspace.find(None)          # -w, $COORDINATOR_WORKSPACE, or upward search
+    >>> ws.inbox("chip")
+    PosixPath('/home/me/team/inbox/chip')
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+
+from . import config as config_mod
+from .config import CONFIG_NAME, Config
+from .errors import UsageError, WorkspaceError
+
+ENV_VAR = "COORDINATOR_WORKSPACE"
+RUNTIME = ".coordinator"
+NO_WORKSPACE = "no workspace: run `coordinator init` or pass -w"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def find(cls, explicit: str | os.PathLike[str] | None, *, cwd: Path | None = None) -> Workspace:
+        """The workspace from `-w`, else $COORDINATOR_WORKSPACE, else the nearest folder upward."""
+        if explicit:
+            return cls._at(Path(explicit), "-w")
+        env = os.environ.get(ENV_VAR)
+        if env:
+            return cls._at(Path(env), f"${ENV_VAR}")
+        here = (cwd or Path.cwd()).resolve()
+        for folder in (here, *here.parents):
+            if (folder / CONFIG_NAME).is_file():
+                return cls(folder)
+        raise WorkspaceError(NO_WORKSPACE)
+
+    @classmethod
+    def _at(cls, path: Path, source: str) -> Workspace:
+        path = path.expanduser().resolve()
+        if not (path / CONFIG_NAME).is_file():
+            raise WorkspaceError(f"{source}: {path} has no {CONFIG_NAME}; run `coordinator init {path}`")
+        return cls(path)
+
+    @cached_property
+    def config(self) -> Config:
+        return config_mod.load(self.config_path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG_NAME
+
+    @property
+    def inbox_root(self) -> Path:
+        return self.root / "inbox"
+
+    def inbox(self, agent: str) -> Path:
+        return self.inbox_root / agent
+
+    @property
+    def repos(self) -> Path:
+        return self.root / "repos"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def runtime(self) -> Path:
+        return self.root / RUNTIME
+
+    def rel(self, path: Path) -> str:
+        """`path` as shown to users: relative to the workspace when inside it."""
+        try:
+            return str(path.resolve().relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+    def agent_of_inbox(self, file: Path) -> str | None:
+        """The agent whose inbox folder holds `file`, if any."""
+        parent = file.resolve().parent
+        if parent.parent == self.inbox_root.resolve():
+            return parent.name
+        return None
+
+    def ensure_layout(self) -> list[str]:
+        """Create missing inbox folders and runtime folders; returns what was created."""
+        made: list[str] = []
+        for folder in (self.inbox_root, self.repos, self.runtime,
+                       *(self.inbox(a) for a in self.config.agents)):
+            if not folder.is_dir():
+                folder.mkdir(parents=True, exist_ok=True)
+                made.append(self.rel(folder))
+        return made
+
+
+def example_config() -> str:
+    """The example team shipped with the package (the offline demo team)."""
+    return resources.files("coordinator.demo").joinpath("coordinator.yaml").read_text("utf-8")
+
+
+def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
+    """Make a workspace at `target`: config, inboxes, `state/` repository, the demo repository.
+
+    Never overwrites an existing coordinator.yaml unless `force`.
+    Returns the workspace and the lines to tell the user.
+    """
+    from . import audit, repos  # git-backed pieces are only needed here and by the supervisor
+
+    target = target.expanduser().resolve()
+    cfg_path = target / CONFIG_NAME
+    if cfg_path.exists() and not force:
+        raise UsageError(f"{cfg_path} already exists; pass --force to overwrite it")
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"{target} is not a folder")
+    target.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+    cfg_path.write_text(example_config(), encoding="utf-8")
+    lines.append(f"wrote {CONFIG_NAME}")
+    ws = Workspace(target)
+    cfg = ws.config  # validates what we just wrote
+    for made in ws.ensure_layout():
+        lines.append(f"created {made}/")
+    if audit.StateRepo.ensure(ws.state):
+        lines.append("initialised state/ (git repository, first commit)")
+    demo = ws.repos / "webapp"
+    if _uses_repo(cfg, "webapp") and not demo.exists():
+        repos.init_demo_repo(demo)
+        lines.append("created repos/webapp (demo repository)")
+    ignore = target / ".gitignore"
+    if not ignore.exists() and not (target / ".git").exists():
+        ignore.write_text(f"{RUNTIME}/\n", encoding="utf-8")
+    return ws, lines
+
+
+def _uses_repo(cfg: Config, repo: str) -> bool:
+    return any(w.split("/", 1)[0] == repo for a in cfg.agents.values() for w in a.writes)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,416 @@
+"""The orchestrator's hot-token ledger: counting, modes, rotation, fresh generations."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from coordinator import budget
+from coordinator.budget import Ledger, estimate_tokens, mode_for
+from coordinator.config import Budget
+from coordinator.errors import StateError, UsageError
+
+BANDS = (2000, 7000, 15000)
+T0 = datetime(2025, 3, 1, 9, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "state"
+    d.mkdir()
+    return d
+
+
+def order_text(n: int, words: int = 300) -> str:
+    return f"Objective: task {n}\n" + " ".join(f"word{i}" for i in range(words))
+
+
+# --- counting -----------------------------------------------------------------------------
+
+
+def test_estimate_follows_the_documented_rule() -> None:
+    assert estimate_tokens("") == 0
+    assert estimate_tokens("x" * 400) == 100  # one long word: the character rule wins
+    assert estimate_tokens("a b c d e f") == 8  # six short words: the word rule wins (6*4/3)
+    assert estimate_tokens("Route the login bug to chip.") == 8
+    assert estimate_tokens("x") == 2  # one word is 4/3 of a token, rounded up
+
+
+@given(st.text(), st.text())
+def test_more_text_never_costs_fewer_tokens(a: str, b: str) -> None:
+    assert estimate_tokens(a + b) >= estimate_tokens(a)
+
+
+def test_add_counts_the_text_unless_usage_is_reported(state_dir: Path) -> None:
+    ledger = Ledger.load(state_dir)
+    text = order_text(1)
+    estimated = ledger.add("WO-0001", "order", text, now=T0)
+    reported = ledger.add("WO-0001", "report", "ignored", tokens=1234, note="reply", now=T0)
+    assert (estimated.tokens, estimated.source) == (estimate_tokens(text), "estimate")
+    assert (reported.tokens, reported.source) == (1234, "usage")
+    assert ledger.hot_tokens() == estimate_tokens(text) + 1234
+    assert estimated.status == "in-flight"
+    assert estimated.added == "2025-03-01T09:00:00Z"
+
+
+def test_a_negative_manual_count_is_refused_with_advice(state_dir: Path) -> None:
+    with pytest.raises(UsageError, match="whole number"):
+        Ledger.load(state_dir).add("manual-1", "manual", tokens=-5, now=T0)
+
+
+# --- modes --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tokens", "mode"),
+    [
+        (0, "routing"),
+        (1999, "routing"),
+        (2000, "mixed"),
+        (6999, "mixed"),
+        (7000, "drift"),
+        (14999, "drift"),
+        (15000, "executor"),
+        (40000, "executor"),
+    ],
+)
+def test_mode_at_each_band_edge(tokens: int, mode: str, state_dir: Path) -> None:
+    assert mode_for(tokens, BANDS) == mode
+    ledger = Ledger.load(state_dir)
+    ledger.add("manual", "manual", tokens=tokens, now=T0)
+    assert ledger.mode(BANDS) == mode
+
+
+def test_a_mode_change_is_reported_once_and_survives_a_restart(state_dir: Path) -> None:
+    ledger = Ledger.load(state_dir)
+    ledger.add("WO-0001", "order", tokens=6000, now=T0)
+    assert ledger.update_mode(BANDS) == ("routing", "mixed")
+    assert ledger.update_mode(BANDS) is None
+    ledger.save()
+
+    again = Ledger.load(state_dir)
+    assert again.last_mode == "mixed"
+    again.add("WO-0001", "report", tokens=1120, now=T0)
+    change = again.update_mode(BANDS)
+    assert change == ("mixed", "drift")
+    message = budget.mode_change_message("walt", *change, again.hot_tokens())
+    assert message == "walt: mixed -> drift (7,120 hot tokens)"
+
+
+# --- persistence --------------------------------------------------------------------------
+
+
+def test_a_missing_ledger_is_an_empty_first_generation(state_dir: Path) -> None:
+    ledger = Ledger.load(state_dir)
+    assert (ledger.generation, ledger.items, ledger.hot_tokens()) == (1, [], 0)
+
+
+def test_save_and_load_round_trip_as_readable_json(state_dir: Path) -> None:
+    ledger = Ledger.load(state_dir)
+    ledger.add("WO-0001", "order", order_text(1), now=T0)
+    ledger.add("WO-0001", "report", tokens=50, note="done: fixed login", now=T0)
+    ledger.complete("WO-0001")
+    ledger.save()
+
+    path = state_dir / "orchestrator" / "ledger.json"
+    on_disk = json.loads(path.read_text())
+    assert on_disk["generation"] == 1
+    assert [i["status"] for i in on_disk["items"]] == ["completed", "completed"]
+    assert path.read_text().count("\n") > 10  # one field per line: diffs stay small
+    again = Ledger.load(state_dir)
+    assert again.items == ledger.items
+    assert again.generation == 1
+
+
+def test_a_damaged_ledger_says_how_to_recover(state_dir: Path) -> None:
+    path = state_dir / "orchestrator" / "ledger.json"
+    path.parent.mkdir()
+    path.write_text('{"generation": 1, "items": [{"ref": 3')
+    with pytest.raises(
+        StateError, match=r"state/orchestrator/ledger.json: not a valid ledger.*git"
+    ):
+        Ledger.load(state_dir)
+    path.write_text('{"generation": 1, "items": [{"ref": "a", "kind": "gossip"}]}')
+    with pytest.raises(StateError, match="not a valid ledger"):
+        Ledger.load(state_dir)
+
+
+# --- complete and rotate ------------------------------------------------------------------
+
+
+def test_complete_marks_every_item_of_the_order(state_dir: Path) -> None:
+    ledger = Ledger.load(state_dir)
+    ledger.add("WO-0001", "order", "fix the login", now=T0)
+    ledger.add("WO-0002", "order", "review the login", now=T0)
+    ledger.add("WO-0001", "report", "fixed", now=T0)
+    assert ledger.complete("WO-0001") == 2
+    assert ledger.complete("WO-0001") == 0  # nothing left to change
+    assert ledger.complete("WO-9999") == 0
+    assert [(i.ref, i.status) for i in ledger.items] == [
+        ("WO-0001", "completed"),
+        ("WO-0002", "in-flight"),
+        ("WO-0001", "completed"),
+    ]
+
+
+def test_rotate_drops_only_completed_items(state_dir: Path) -> None:
+    ledger = Ledger.load(state_dir)
+    ledger.add("WO-0001", "order", tokens=1000, now=T0)
+    ledger.add("WO-0002", "order", tokens=2000, now=T0)
+    ledger.add("WO-0003", "rejection", tokens=300, now=T0)
+    ledger.add("WO-0001", "report", tokens=400, now=T0)
+    ledger.complete("WO-0001")
+    ledger.complete("WO-0003")
+
+    dropped = ledger.rotate()
+    assert sorted((i.ref, i.kind) for i in dropped) == [
+        ("WO-0001", "order"),
+        ("WO-0001", "report"),
+        ("WO-0003", "rejection"),
+    ]
+    assert [(i.ref, i.status) for i in ledger.items] == [("WO-0002", "in-flight")]
+    assert ledger.hot_tokens() == 2000
+    assert ledger.rotate() == []
+
+
+# --- fresh generations ----------------------------------------------------------------------
+
+
+IN_FLIGHT = [
+    {
+        "id": "WO-0007",
+        "to": "chip",
+        "status": "running",
+        "objective": "Reject passwords over 64 characters",
+        "waiting_on": [],
+    },
+    {
+        "id": "WO-0008",
+        "to": "rex",
+        "status": "waiting",
+        "objective": "Review the login length check",
+        "waiting_on": ["WO-0007"],
+    },
+    {
+        "id": "WO-0009",
+        "to": "chip",
+        "status": "waiting",
+        "objective": "Add a\nmigration",
+        "waiting_on": ["the API decision"],
+    },
+]
+REJECTIONS = [
+    {
+        "id": "WO-0005",
+        "to": "chip",
+        "objective": "Rewrite the hashing",
+        "reason": "files outside chip's writes: db/schema.sql",
+    },
+]
+
+
+def test_fresh_archives_and_starts_the_next_generation_from_the_brief(state_dir: Path) -> None:
+    ledger = Ledger.load(state_dir)
+    for n in range(1, 6):
+        ledger.add(f"WO-000{n}", "order", order_text(n), now=T0)
+    ledger.complete("WO-0001")
+    before = [i.as_dict() for i in ledger.items]
+    brief = budget.render_brief(IN_FLIGHT, REJECTIONS, generation=2, now=T0)
+
+    assert ledger.fresh(brief, now=T0 + timedelta(minutes=5)) == 2
+
+    archive = json.loads((state_dir / "orchestrator" / "generations" / "1.json").read_text())
+    assert archive["generation"] == 1
+    assert archive["items"] == before
+    assert (state_dir / "orchestrator" / "brief.md").read_text() == brief
+    again = Ledger.load(state_dir)  # fresh saved the new generation itself
+    assert again.generation == 2
+    assert [(i.kind, i.status, i.tokens) for i in again.items] == [
+        ("brief", "in-flight", estimate_tokens(brief))
+    ]
+
+    assert ledger.fresh(brief, now=T0) == 3
+    assert (state_dir / "orchestrator" / "generations" / "2.json").exists()
+
+
+def test_the_brief_lists_exactly_the_in_flight_orders_given() -> None:
+    brief = budget.render_brief(IN_FLIGHT, REJECTIONS, generation=4, now=T0)
+    listed = re.findall(r"^- (WO-\d+) -> (\w+) \[(\w+)\]", brief, flags=re.M)
+    assert listed == [
+        ("WO-0007", "chip", "running"),
+        ("WO-0008", "rex", "waiting"),
+        ("WO-0009", "chip", "waiting"),
+    ]
+    assert "generation 4" in brief
+    assert "WO-0008 -> rex [waiting]: Review the login length check (waits on WO-0007)" in brief
+    assert "Add a migration (waits on the API decision)" in brief  # one line per order
+    assert (
+        "WO-0005 -> chip: Rewrite the hashing; why: files outside chip's writes: db/schema.sql"
+        in brief
+    )
+    assert "references" in brief  # tells the new instance how to repeat a rejected order
+
+
+def test_a_brief_with_nothing_in_flight_says_so_and_stays_short() -> None:
+    brief = budget.render_brief([], [], generation=2, now=T0)
+    assert "Nothing is in flight." in brief
+    assert "rejections" not in brief
+    assert estimate_tokens(brief) < 100
+
+
+def test_only_the_recent_rejections_go_into_the_brief() -> None:
+    many = [
+        {"id": f"WO-{n:04d}", "to": "chip", "objective": f"task {n}", "reason": "denied"}
+        for n in range(25)
+    ]
+    brief = budget.render_brief([], many, generation=2, now=T0)
+    assert "WO-0024" in brief and "WO-0015" in brief
+    assert "WO-0014" not in brief
+    assert "15 earlier" in brief
+
+
+# --- at the ceiling -------------------------------------------------------------------------
+
+
+def brief_of(ledger: Ledger) -> str:
+    in_flight = [
+        {
+            "id": i.ref,
+            "to": "chip",
+            "status": "running",
+            "objective": f"task {i.ref}",
+            "waiting_on": [],
+        }
+        for i in ledger.items
+        if i.kind == "order" and i.status == "in-flight"
+    ]
+    return budget.render_brief(in_flight, [], generation=ledger.generation + 1, now=T0)
+
+
+def test_rotate_keeps_the_ledger_under_the_ceiling_once_work_completes(state_dir: Path) -> None:
+    policy = Budget(ceiling=7000, bands=BANDS, on_ceiling="rotate")
+    ledger = Ledger.load(state_dir)
+    rotations = 0
+    for n in range(1, 41):
+        ledger.add(f"WO-{n:04d}", "order", order_text(n), now=T0)
+        if n > 2:  # two orders stay in flight; the one sent before them reports and ends
+            done = f"WO-{n - 2:04d}"
+            ledger.add(done, "report", tokens=600, note="done", now=T0)
+            ledger.complete(done)
+        lines = budget.on_ceiling(ledger, policy, brief=lambda: brief_of(ledger), now=T0)
+        rotations += bool(lines)
+        assert ledger.hot_tokens() < policy.ceiling
+    assert rotations >= 5
+    assert ledger.generation == 1  # completed work was enough to drop; no hand-over needed
+    saved = Ledger.load(state_dir)  # each rotation was saved
+    assert 0 < saved.hot_tokens() < policy.ceiling
+    assert all(i.status == "in-flight" for i in saved.items)
+
+
+def test_rotate_goes_fresh_when_everything_is_in_flight(state_dir: Path) -> None:
+    policy = Budget(ceiling=7000, bands=BANDS, on_ceiling="rotate")
+    ledger = Ledger.load(state_dir)
+    n = 0
+    while ledger.hot_tokens() < policy.ceiling:
+        n += 1
+        ledger.add(f"WO-{n:04d}", "order", order_text(n), now=T0)
+    ledger.update_mode(BANDS)
+
+    lines = budget.on_ceiling(ledger, policy, brief=lambda: brief_of(ledger), now=T0)
+
+    assert ledger.generation == 2
+    assert ledger.hot_tokens() < policy.ceiling
+    assert any("no completed items" in line for line in lines)
+    assert any(line.startswith("fresh: generation 1 archived") for line in lines)
+    assert any(line.startswith("mode: drift -> ") for line in lines)
+    brief = (state_dir / "orchestrator" / "brief.md").read_text()
+    assert re.findall(r"^- (WO-\d+)", brief, flags=re.M) == [f"WO-{k:04d}" for k in range(1, n + 1)]
+    assert (state_dir / "orchestrator" / "generations" / "1.json").exists()
+
+
+def test_fresh_policy_hands_over_even_with_completed_work(state_dir: Path) -> None:
+    policy = Budget(ceiling=3000, bands=BANDS, on_ceiling="fresh")
+    ledger = Ledger.load(state_dir)
+    ledger.add("WO-0001", "order", tokens=2000, now=T0)
+    ledger.add("WO-0002", "order", tokens=1500, now=T0)
+    ledger.complete("WO-0001")
+    budget.on_ceiling(ledger, policy, brief=lambda: brief_of(ledger), now=T0)
+    assert ledger.generation == 2
+    assert [i.kind for i in ledger.items] == ["brief"]
+    assert "WO-0002" in (state_dir / "orchestrator" / "brief.md").read_text()
+
+
+def test_warn_changes_nothing(state_dir: Path) -> None:
+    policy = Budget(ceiling=1000, bands=BANDS, on_ceiling="warn")
+    ledger = Ledger.load(state_dir)
+    ledger.add("WO-0001", "order", tokens=900, now=T0)
+    ledger.add("WO-0001", "report", tokens=300, now=T0)
+    ledger.complete("WO-0001")
+    ledger.save()
+    on_disk = sorted(p.relative_to(state_dir) for p in state_dir.rglob("*"))
+    ledger_bytes = (state_dir / "orchestrator" / "ledger.json").read_bytes()
+    items = list(ledger.items)
+
+    lines = budget.on_ceiling(ledger, policy, brief=lambda: "unused", now=T0)
+
+    assert "coordinator rotate" in lines[-1]
+    assert ledger.items == items and ledger.generation == 1
+    assert sorted(p.relative_to(state_dir) for p in state_dir.rglob("*")) == on_disk
+    assert (state_dir / "orchestrator" / "ledger.json").read_bytes() == ledger_bytes
+
+
+def test_under_the_ceiling_nothing_happens(state_dir: Path) -> None:
+    ledger = Ledger.load(state_dir)
+    ledger.add("WO-0001", "order", tokens=6999, now=T0)
+    ledger.complete("WO-0001")
+    assert budget.on_ceiling(ledger, Budget(), brief=lambda: "unused", now=T0) == []
+    assert len(ledger.items) == 1
+
+
+def test_no_endless_fresh_generations_when_the_brief_itself_is_too_big(state_dir: Path) -> None:
+    policy = Budget(ceiling=100, bands=(50, 100, 200), on_ceiling="fresh")
+    ledger = Ledger.load(state_dir)
+    ledger.add("WO-0001", "order", tokens=150, now=T0)
+    huge = "word " * 400
+    assert budget.on_ceiling(ledger, policy, brief=lambda: huge, now=T0)[1].startswith(
+        "fresh skipped"
+    )
+    assert ledger.generation == 1
+
+
+# --- reporting ------------------------------------------------------------------------------
+
+
+def test_as_json_is_the_spec_shape_with_the_largest_item_first(state_dir: Path) -> None:
+    ledger = Ledger.load(state_dir)
+    ledger.add("WO-0001", "order", tokens=100, now=T0)
+    ledger.add("WO-0002", "order", tokens=3000, now=T0)
+    ledger.add("manual-1", "manual", tokens=500, note="pasted a log", now=T0)
+    doc = ledger.as_json(agent="walt", ceiling=7000, bands=BANDS)
+    assert list(doc) == ["agent", "hot_tokens", "ceiling", "mode", "generation", "items"]
+    assert doc["agent"] == "walt"
+    assert (doc["hot_tokens"], doc["ceiling"], doc["mode"], doc["generation"]) == (
+        3600,
+        7000,
+        "mixed",
+        1,
+    )
+    assert [i["tokens"] for i in doc["items"]] == [3000, 500, 100]
+    assert set(doc["items"][0]) == {"ref", "kind", "tokens", "status", "note", "source", "added"}
+    assert json.loads(json.dumps(doc)) == doc
+
+
+def test_gauge_is_one_line_showing_tokens_ceiling_and_mode() -> None:
+    half = budget.gauge(3500, 7000, BANDS, width=10)
+    assert half == "[█████░░░░░] 3,500 / 7,000 hot tokens, mixed"
+    empty = budget.gauge(0, 7000, BANDS, width=30)
+    assert "\n" not in empty and empty.count("│") == 1  # the routing/mixed edge is marked
+    over = budget.gauge(9000, 7000, BANDS, width=20)
+    assert over.startswith("[" + "█" * 20 + "]")
+    assert over.endswith("drift, 2,000 over the ceiling")

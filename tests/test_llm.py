@@ -1,0 +1,282 @@
+"""The LLM client against a real OpenAI-compatible server on loopback (tests/fakellm.py)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from fakellm import FakeLLM
+
+from coordinator.config import Endpoint, LLMSettings, Prices
+from coordinator.errors import LLMAuthError, LLMError
+from coordinator.llm import PLAIN_JSON_HINT, Client, SpendLimitReached
+
+KEY = "sk-test-9f8e7d6c5b4a-SECRET"
+OK = '{"ok": true}'
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeLLM]:
+    with FakeLLM() as server:
+        yield server
+
+
+@pytest.fixture
+def dead_url() -> str:
+    """A loopback port nothing listens on: connections are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+class Sleeps(list[float]):
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+@pytest.fixture
+def sleeps() -> Sleeps:
+    return Sleeps()
+
+
+def settings(*endpoints: Endpoint, max_retries: int = 2, timeout: float = 10.0,
+             **kw: object) -> LLMSettings:
+    return LLMSettings(primary=endpoints[0], fallback=tuple(endpoints[1:]), timeout=timeout,
+                       max_retries=max_retries, **kw)  # type: ignore[arg-type]
+
+
+def test_reply_carries_text_usage_and_cost(fake: FakeLLM, sleeps: Sleeps) -> None:
+    ep = Endpoint("qwen3-coder", fake.base_url, prices=Prices(input=3.0, output=15.0))
+    fake.script(content=OK, usage={"prompt_tokens": 1000, "completion_tokens": 500})
+    reply = Client(settings(ep, temperature=0.2, max_tokens=900), sleep=sleeps).chat(
+        [{"role": "user", "content": "hello as JSON"}])
+
+    assert reply.text == OK
+    assert reply.model == "qwen3-coder"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (1000, 500)
+    assert not reply.usage.estimated
+    assert reply.cost == pytest.approx(1000 * 3.0 / 1e6 + 500 * 15.0 / 1e6)
+    assert [c.status for c in reply.calls] == [200]
+    assert reply.calls[0].cost == pytest.approx(reply.cost)
+    sent = fake.requests[0]
+    assert sent.path == "/v1/chat/completions"
+    assert sent.body["model"] == "qwen3-coder"
+    assert sent.body["response_format"] == {"type": "json_object"}
+    assert sent.body["temperature"] == 0.2 and sent.body["max_tokens"] == 900
+    assert sent.body["messages"] == [{"role": "user", "content": "hello as JSON"}]
+    assert "authorization" not in sent.headers  # no api_key_env: a local server
+    assert sleeps == []
+
+
+def test_usage_is_estimated_and_marked_when_the_server_reports_none(fake: FakeLLM) -> None:
+    fake.script(content="x" * 400, usage=None)
+    reply = Client(settings(Endpoint("m", fake.base_url, prices=Prices(1.0, 1.0)))).chat(
+        [{"role": "user", "content": "y" * 800}], json_object=False)
+    assert reply.usage.estimated
+    assert reply.usage.completion_tokens == 100
+    assert 200 <= reply.usage.prompt_tokens <= 210
+    assert reply.cost == pytest.approx((reply.usage.prompt_tokens + 100) / 1e6)
+    assert "response_format" not in fake.requests[0].body
+
+
+def test_429_is_retried_with_backoff_then_the_next_model_answers(fake: FakeLLM, sleeps: Sleeps) -> None:
+    for _ in range(3):
+        fake.script(status=429, json={"error": {"message": "rate limited"}})
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("primary", fake.base_url), Endpoint("backup", fake.base_url),
+                             max_retries=2), sleep=sleeps)
+    reply = client.chat([{"role": "user", "content": "hi"}])
+
+    assert reply.model == "backup"
+    assert [b["model"] for b in fake.chat_bodies()] == ["primary"] * 3 + ["backup"]
+    assert sleeps == [1.0, 2.0]  # max_retries=2: two waits, exponential
+    assert [c.status for c in reply.calls] == [429, 429, 429, 200]
+    assert "rate limited" in (reply.calls[0].error or "")
+    assert client.calls == reply.calls
+
+
+def test_retry_after_is_honoured_and_capped(fake: FakeLLM, sleeps: Sleeps) -> None:
+    fake.script(status=429, json={"error": {"message": "wait"}}, headers={"Retry-After": "3"})
+    fake.script(status=503, json={"error": {"message": "down"}}, headers={"Retry-After": "86400"})
+    fake.script(content=OK)
+    reply = Client(settings(Endpoint("m", fake.base_url), max_retries=3), sleep=sleeps).chat(
+        [{"role": "user", "content": "hi"}])
+    assert reply.text == OK
+    assert sleeps == [3.0, 60.0]
+
+
+def test_a_dead_endpoint_is_retried_then_skipped(fake: FakeLLM, dead_url: str, sleeps: Sleeps) -> None:
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("local", dead_url), Endpoint("remote", fake.base_url),
+                             max_retries=1), sleep=sleeps)
+    reply = client.chat([{"role": "user", "content": "hi"}])
+    assert reply.model == "remote"
+    assert sleeps == [1.0]
+    assert [(c.model, c.status) for c in reply.calls] == [("local", None), ("local", None),
+                                                          ("remote", 200)]
+    assert "connection refused" in (reply.calls[0].error or "")
+
+
+def test_a_timeout_falls_back(fake: FakeLLM, sleeps: Sleeps) -> None:
+    fake.script(delay=30, content=OK)  # answered only when the server stops
+    fake.script(content=OK)
+    reply = Client(settings(Endpoint("slow", fake.base_url), Endpoint("fast", fake.base_url),
+                            max_retries=0, timeout=0.3), sleep=sleeps).chat(
+        [{"role": "user", "content": "hi"}])
+    assert reply.model == "fast"
+    assert reply.calls[0].status is None
+    assert "timed out" in (reply.calls[0].error or "")
+
+
+def test_401_fails_at_once_naming_model_and_url(fake: FakeLLM, sleeps: Sleeps) -> None:
+    fake.script(status=401, json={"error": {"message": "bad key"}})
+    fake.script(content=OK)  # the fallback must not be asked
+    client = Client(settings(Endpoint("gpt-x", fake.base_url, api_key_env="FAKE_KEY"),
+                             Endpoint("backup", fake.base_url)),
+                    env={"FAKE_KEY": KEY}, sleep=sleeps)
+    with pytest.raises(LLMAuthError) as info:
+        client.chat([{"role": "user", "content": "hi"}])
+    message = str(info.value)
+    assert "gpt-x" in message and fake.base_url in message and "FAKE_KEY" in message
+    assert len(fake.requests) == 1
+    assert sleeps == []
+    assert [c.status for c in client.calls] == [401]
+
+
+def test_when_every_model_fails_the_error_lists_each(fake: FakeLLM, dead_url: str,
+                                                     sleeps: Sleeps) -> None:
+    fake.script(status=500, json={"error": {"message": "boom"}})
+    fake.script(status=404, json={"error": {"message": "model not found"}})
+    client = Client(settings(Endpoint("one", fake.base_url), Endpoint("two", fake.base_url),
+                             Endpoint("three", dead_url), max_retries=0), sleep=sleeps)
+    with pytest.raises(LLMError) as info:
+        client.chat([{"role": "user", "content": "hi"}])
+    message = str(info.value)
+    assert "\n" not in message
+    assert "one at" in message and "HTTP 500: boom" in message
+    assert "two at" in message and "HTTP 404: model not found" in message
+    assert "three at" in message and "connection refused" in message
+    assert sleeps == []
+
+
+def test_a_200_that_is_not_a_completion_is_retried(fake: FakeLLM, sleeps: Sleeps) -> None:
+    fake.script(json={"unexpected": "proxy page"})
+    fake.script(content=OK)
+    reply = Client(settings(Endpoint("m", fake.base_url)), sleep=sleeps).chat(
+        [{"role": "user", "content": "hi"}])
+    assert reply.text == OK
+    assert "not a chat completion" in (reply.calls[0].error or "")
+    assert sleeps == [1.0]
+
+
+def test_refused_response_format_switches_to_plain_prompting_and_is_remembered(
+        fake: FakeLLM, sleeps: Sleeps) -> None:
+    fake.script(status=400, json={"error": {"message": "response_format is not supported"}})
+    fake.script(content=OK)
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("llama", fake.base_url), max_retries=0), sleep=sleeps)
+    assert client.chat([{"role": "user", "content": "hi"}]).text == OK
+    client.chat([{"role": "user", "content": "again"}])
+
+    first, second, third = fake.chat_bodies()
+    assert first["response_format"] == {"type": "json_object"}
+    assert "response_format" not in second and "response_format" not in third
+    assert second["messages"][0] == {"role": "system", "content": PLAIN_JSON_HINT}
+    assert sleeps == []
+
+
+def test_json_mode_off_never_sends_response_format(fake: FakeLLM) -> None:
+    fake.script(content=OK)
+    Client(settings(Endpoint("m", fake.base_url), json_mode=False)).chat(
+        [{"role": "user", "content": "hi"}])
+    body = fake.chat_bodies()[0]
+    assert "response_format" not in body
+    assert body["messages"][0]["content"] == PLAIN_JSON_HINT
+
+
+def test_the_key_is_sent_as_bearer_and_appears_nowhere_else(
+        fake: FakeLLM, dead_url: str, sleeps: Sleeps, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    # Some servers echo the key in their errors; it must be scrubbed from ours.
+    fake.script(status=500, json={"error": {"message": f"upstream rejected {KEY}"}})
+    fake.script(status=401, json={"error": {"message": f"Incorrect API key provided: {KEY}"}})
+    ep = Endpoint("m", fake.base_url, api_key_env="FAKE_KEY")
+    client = Client(settings(ep, max_retries=1), env={"FAKE_KEY": KEY}, sleep=sleeps)
+    with pytest.raises(LLMAuthError) as auth:
+        client.chat([{"role": "user", "content": "hi"}])
+
+    dead = Client(settings(Endpoint("d", dead_url, api_key_env="FAKE_KEY"), max_retries=1),
+                  env={"FAKE_KEY": KEY}, sleep=sleeps)
+    with pytest.raises(LLMError) as down:
+        dead.chat([{"role": "user", "content": "hi"}])
+
+    assert all(r.headers["authorization"] == f"Bearer {KEY}" for r in fake.requests)
+    texts = [str(auth.value), repr(auth.value), str(down.value), repr(down.value),
+             repr(client), repr(dead), repr(client.calls), repr(dead.calls),
+             str([c.as_dict() for c in client.calls]), caplog.text]
+    for text in texts:
+        assert KEY not in text
+    assert "***" in (client.calls[0].error or "")
+    assert "retry 1 of 1" in caplog.text  # the log was written, scrubbed
+    assert auth.value.__cause__ is None and auth.value.__suppress_context__
+
+
+def test_the_key_comes_from_the_process_environment_by_default(
+        fake: FakeLLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_KEY", KEY)
+    fake.script(content=OK)
+    Client(settings(Endpoint("m", fake.base_url, api_key_env="FAKE_KEY"))).chat(
+        [{"role": "user", "content": "hi"}])
+    assert fake.requests[0].headers["authorization"] == f"Bearer {KEY}"
+
+
+def test_an_unset_key_variable_is_named_and_nothing_is_sent(fake: FakeLLM) -> None:
+    client = Client(settings(Endpoint("m", fake.base_url, api_key_env="MISSING_KEY")), env={})
+    with pytest.raises(LLMError, match="MISSING_KEY is not set"):
+        client.chat([{"role": "user", "content": "hi"}])
+    assert fake.requests == []
+
+
+def test_the_spend_guard_stops_calls_before_they_are_made(fake: FakeLLM, sleeps: Sleeps) -> None:
+    reason = "chip spent $5.00 of its $5.00 spend_limit; raise it or wait"
+    client = Client(settings(Endpoint("m", fake.base_url)), spend_guard=lambda: reason, sleep=sleeps)
+    with pytest.raises(SpendLimitReached) as info:
+        client.chat([{"role": "user", "content": "hi"}])
+    assert str(info.value) == reason
+    assert isinstance(info.value, LLMError)
+    assert fake.requests == []
+
+
+def test_the_spend_guard_is_asked_before_every_retry(fake: FakeLLM, sleeps: Sleeps) -> None:
+    fake.script(status=429, json={"error": {"message": "slow down"}})
+    asked: list[int] = []
+
+    def guard() -> str | None:
+        asked.append(1)
+        return "workspace spend_limit reached" if len(asked) > 1 else None
+
+    client = Client(settings(Endpoint("m", fake.base_url)), spend_guard=guard, sleep=sleeps)
+    with pytest.raises(SpendLimitReached):
+        client.chat([{"role": "user", "content": "hi"}])
+    assert len(fake.requests) == 1
+    assert len(asked) == 2
+
+
+def test_a_transport_can_be_injected() -> None:
+    # MockTransport only for what a real server cannot show: the exact bytes httpx sends.
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"choices": [{"message": {"content": OK}}],
+                                         "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
+
+    client = Client(settings(Endpoint("m", "https://llm.invalid/v1/")),
+                    transport=httpx.MockTransport(handler))
+    assert client.chat([{"role": "user", "content": "hi"}]).usage.completion_tokens == 4
+    assert client.chat([{"role": "user", "content": "hi"}]).text == OK  # transport still open
+    assert str(seen[0].url) == "https://llm.invalid/v1/chat/completions"

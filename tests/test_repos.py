@@ -1,0 +1,398 @@
+"""Working copies, trusted git, commits and merges, on real repositories in tmp_path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from coordinator.errors import GitError
+from coordinator.repos import MergeConflict, Repo, gc_worktrees, init_demo_repo
+
+TRAILERS = {"Work-Order": "WO-0001", "Agent": "chip", "Attempt": "1"}
+
+
+def sh_git(cwd: Path, *args: str, check: bool = True) -> str:
+    """Plain git as a user would run it (the test's own look at the result)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(GIT_AUTHOR_NAME="user", GIT_AUTHOR_EMAIL="user@example.org",
+               GIT_COMMITTER_NAME="user", GIT_COMMITTER_EMAIL="user@example.org")  # fmt: skip
+    proc = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"git {args}: {proc.stderr}")
+    return proc.stdout.strip()
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    return tmp_path / "ws"
+
+
+@pytest.fixture
+def repo(ws: Path) -> Repo:
+    return init_demo_repo(ws / "repos" / "webapp")
+
+
+def work(ws: Path, order_id: str) -> Path:
+    return ws / ".coordinator" / "work" / order_id / "webapp"
+
+
+def edit(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def land(repo: Repo, ws: Path, order_id: str, changes: dict[str, str]) -> Path:
+    """One order's whole life up to its commit on wo/<id>."""
+    wt = repo.add_worktree(order_id, work(ws, order_id))
+    for rel, text in changes.items():
+        edit(wt / rel, text)
+    trailers = {**TRAILERS, "Work-Order": order_id}
+    assert repo.commit(wt, list(changes), agent="chip", subject=f"do {order_id}", trailers=trailers)
+    return wt
+
+
+# -- the demo repository and Repo itself ---------------------------------------------------------
+
+
+def test_demo_repo_has_one_commit_by_coordinator_and_passing_tests(repo: Repo) -> None:
+    log = sh_git(repo.path, "log", "--format=%an <%ae>|%s", "main").splitlines()
+    assert log == ["coordinator <coordinator@agents.coordinator>|Demo webapp: login rules and their tests"]
+    assert repo.default_branch() == "main"
+    assert repo.head() == sh_git(repo.path, "rev-parse", "main")
+    if shutil.which("make"):
+        cmd = ["make", "-s", "test", f"PYTHON={sys.executable}"]
+    else:
+        cmd = [sys.executable, "-m", "unittest", "discover", "-s", "tests", "-t", "."]
+    run = subprocess.run(cmd, cwd=repo.path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "OK" in run.stderr
+    assert sh_git(repo.path, "status", "--porcelain", "--ignored") == ""  # the test run left nothing
+
+
+def test_a_folder_that_is_not_a_repository_is_refused_clearly(tmp_path: Path) -> None:
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(GitError, match="not a git repository"):
+        Repo(tmp_path / "plain")
+    with pytest.raises(GitError, match="no such folder"):
+        Repo(tmp_path / "missing")
+
+
+def test_default_branch_is_found_from_head(tmp_path: Path) -> None:
+    path = tmp_path / "old"
+    path.mkdir()
+    sh_git(path, "init", "-q", "-b", "master")
+    sh_git(path, "commit", "-q", "--allow-empty", "-m", "first")
+    r = Repo(path)
+    assert r.default_branch() == "master"
+    assert r.head() == sh_git(path, "rev-parse", "HEAD")
+
+
+def test_git_variables_of_the_caller_do_not_leak_in(repo: Repo, ws: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    sh_git(decoy, "init", "-q")
+    monkeypatch.setenv("GIT_DIR", str(decoy / ".git"))
+    monkeypatch.setenv("GIT_WORK_TREE", str(decoy))
+    monkeypatch.setenv("GIT_INDEX_FILE", str(decoy / "elsewhere-index"))
+    wt = land(repo, ws, "WO-0001", {"src/new.py": "x = 1\n"})
+    repo.merge("WO-0001")
+    monkeypatch.delenv("GIT_DIR")
+    monkeypatch.delenv("GIT_WORK_TREE")
+    monkeypatch.delenv("GIT_INDEX_FILE")
+    assert (repo.path / "src" / "new.py").read_text() == "x = 1\n"
+    assert sh_git(decoy, "rev-parse", "-q", "--verify", "HEAD", check=False) == ""
+    assert not (decoy / "elsewhere-index").exists()
+    assert sh_git(wt, "status", "--porcelain") == ""
+
+
+# -- working copies --------------------------------------------------------------------------------
+
+
+def test_working_copy_is_on_its_own_branch_from_the_current_head(repo: Repo, ws: Path) -> None:
+    wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+    assert wt == work(ws, "WO-0001")
+    assert sh_git(wt, "rev-parse", "--abbrev-ref", "HEAD") == "wo/WO-0001"
+    assert sh_git(wt, "rev-parse", "HEAD") == repo.head()
+    assert (wt / "src" / "login.py").is_file()
+    assert (wt / ".git").is_file()  # a linked worktree: a pointer, never a second git dir
+
+
+def test_each_attempt_starts_from_scratch(repo: Repo, ws: Path) -> None:
+    wt = land(repo, ws, "WO-0001", {"src/half.py": "half done\n"})
+    edit(wt / "junk.txt", "left over\n")
+    (wt / ".git").unlink()  # even a broken copy is replaced
+    wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+    assert not (wt / "junk.txt").exists() and not (wt / "src" / "half.py").exists()
+    assert sh_git(wt, "rev-parse", "HEAD") == repo.head()
+    assert sh_git(wt, "status", "--porcelain") == ""
+
+
+def test_working_copy_must_lie_outside_the_repository(repo: Repo) -> None:
+    with pytest.raises(GitError, match="outside"):
+        repo.add_worktree("WO-0001", repo.path / "inside")
+
+
+def test_order_id_that_cannot_be_a_branch_is_refused(repo: Repo, ws: Path) -> None:
+    with pytest.raises(GitError, match="cannot name a git branch"):
+        repo.add_worktree("a..b", work(ws, "a..b"))
+
+
+def test_discard_returns_to_the_branch_head(repo: Repo, ws: Path) -> None:
+    wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+    edit(wt / "src" / "login.py", "broken\n")
+    edit(wt / "notes.txt", "untracked\n")
+    edit(wt / "src" / "cache.pyc", "ignored\n")
+    edit(wt / "src" / "nested" / ".git" / "HEAD", "ref: refs/heads/x\n")
+    (wt / ".git").unlink()
+    edit(wt / ".git" / "hooks" / "pre-commit", "#!/bin/sh\n")
+    repo.discard(wt)
+    assert (wt / ".git").is_file()
+    assert sh_git(wt, "status", "--porcelain", "--ignored") == ""
+    assert not (wt / "src" / "nested").exists()
+    assert "Password required" in (wt / "src" / "login.py").read_text()
+
+
+def test_remove_drops_copy_branch_and_record(repo: Repo, ws: Path) -> None:
+    wt = land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    repo.remove_worktree("WO-0001", wt)
+    assert not wt.exists()
+    assert sh_git(repo.path, "branch", "--list", "wo/*") == ""
+    assert sh_git(repo.path, "worktree", "list").count("\n") == 0  # only the main checkout
+
+
+def test_kept_copies_are_collected_after_keep_days(repo: Repo, ws: Path) -> None:
+    denied = land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    running = repo.add_worktree("WO-0002", work(ws, "WO-0002"))
+    repo.remove_worktree("WO-0001", denied, keep=True)
+    assert (denied / "src" / "a.py").read_text() == "a\n"  # kept for inspection
+    root = ws / ".coordinator" / "work"
+    assert gc_worktrees(root, [repo], keep_days=7, now=time.time()) == []
+    assert denied.exists()
+    removed = gc_worktrees(root, [repo], keep_days=7, now=time.time() + 8 * 86400)
+    assert removed == ["WO-0001/webapp"]
+    assert not (root / "WO-0001").exists()
+    assert running.exists()  # a copy in use is never collected
+    assert sh_git(repo.path, "branch", "--format=%(refname:short)", "--list", "wo/*") == "wo/WO-0002"
+
+
+# -- commits ---------------------------------------------------------------------------------------
+
+
+def test_commit_stages_exactly_the_paths_as_the_agent(repo: Repo, ws: Path) -> None:
+    wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+    edit(wt / "src" / "login.py", "changed\n")
+    edit(wt / "src" / "new.py", "new\n")
+    (wt / "README.md").unlink()
+    edit(wt / "tests" / "test_login.py", "not asked for\n")
+    edit(wt / "src" / "x.pyc", "ignored\n")
+    paths = ["src/login.py", "src/new.py", "README.md", "src/x.pyc"]
+    sha = repo.commit(wt, paths, agent="chip", subject="Limit passwords", trailers=TRAILERS)
+    assert sha == sh_git(repo.path, "rev-parse", "wo/WO-0001")
+    shown = sh_git(repo.path, "log", "-1", "--format=%an%n%ae%n%cn%n%B", sha)
+    assert shown.splitlines() == [
+        "chip", "chip@agents.coordinator", "chip", "Limit passwords", "",
+        "Work-Order: WO-0001", "Agent: chip", "Attempt: 1",
+    ]  # fmt: skip
+    names = sh_git(repo.path, "show", "--format=", "--name-status", sha).splitlines()
+    assert set(names) == {"D\tREADME.md", "M\tsrc/login.py", "A\tsrc/new.py"}
+    assert sh_git(wt, "status", "--porcelain") == "M tests/test_login.py"  # left as it was
+
+
+def test_commit_with_nothing_changed_is_none(repo: Repo, ws: Path) -> None:
+    wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+    assert repo.commit(wt, [], agent="chip", subject="s", trailers=TRAILERS) is None
+    assert repo.commit(wt, ["src/login.py"], agent="chip", subject="s", trailers=TRAILERS) is None
+    assert sh_git(wt, "rev-parse", "HEAD") == repo.head()
+
+
+def test_commit_ignores_what_the_agent_staged_itself(repo: Repo, ws: Path) -> None:
+    wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+    edit(wt / "src" / "login.py", "changed\n")
+    edit(wt / "sneaky.txt", "staged by the agent\n")
+    sh_git(wt, "add", "sneaky.txt")
+    sha = repo.commit(wt, ["src/login.py"], agent="chip", subject="s", trailers=TRAILERS)
+    assert sh_git(repo.path, "show", "--format=", "--name-only", str(sha)) == "src/login.py"
+
+
+def test_commit_refuses_git_internals(repo: Repo, ws: Path) -> None:
+    wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+    for bad in (".git/config", "src/.GIT/HEAD", "../outside", "/etc/passwd"):
+        with pytest.raises(GitError):
+            repo.commit(wt, [bad], agent="chip", subject="s", trailers=TRAILERS)
+
+
+def test_commit_keeps_symlinks_and_exec_bits(repo: Repo, ws: Path) -> None:
+    wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+    os.symlink("login.py", wt / "src" / "alias.py")
+    edit(wt / "run.sh", "#!/bin/sh\n")
+    os.chmod(wt / "run.sh", 0o755)
+    sha = repo.commit(wt, ["src/alias.py", "run.sh"], agent="chip", subject="s", trailers=TRAILERS)
+    tree = sh_git(repo.path, "ls-tree", "-r", str(sha))
+    assert "120000 blob" in next(line for line in tree.splitlines() if line.endswith("src/alias.py"))
+    assert "100755 blob" in next(line for line in tree.splitlines() if line.endswith("run.sh"))
+
+
+def test_landed_finds_the_agents_commit_on_the_default_branch(repo: Repo, ws: Path) -> None:
+    land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    assert repo.landed("WO-0001") is None
+    repo.merge("WO-0001")
+    sha = sh_git(repo.path, "rev-parse", "wo/WO-0001")
+    assert repo.landed("WO-0001", 1) == sha
+    assert repo.landed("WO-0001", 2) is None
+    assert repo.landed("WO-000") is None
+
+
+# -- merges ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["merge-tree", "scratch-worktree"])
+def test_two_parallel_orders_both_land(ws: Path, in_memory: bool) -> None:
+    repo = Repo(init_demo_repo(ws / "repos" / "webapp").path, in_memory_merge=in_memory)
+    base = repo.head()
+    land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    land(repo, ws, "WO-0002", {"src/b.py": "b\n"})
+    first = repo.merge("WO-0001")
+    assert first == sh_git(repo.path, "rev-parse", "wo/WO-0001")  # fast-forward
+    second = repo.merge("WO-0002")
+    parents = sh_git(repo.path, "log", "-1", "--format=%P", second).split()
+    assert parents == [first, sh_git(repo.path, "rev-parse", "wo/WO-0002")]
+    assert sh_git(repo.path, "log", "-1", "--format=%an <%ae>", second) == (
+        "coordinator <coordinator@agents.coordinator>"
+    )
+    assert repo.head() == second and base != second
+    # The main checkout shows the new head, clean.
+    assert (repo.path / "src" / "a.py").read_text() == "a\n"
+    assert (repo.path / "src" / "b.py").read_text() == "b\n"
+    assert sh_git(repo.path, "status", "--porcelain") == ""
+    assert repo.merge("WO-0002") == second  # merging again changes nothing
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["merge-tree", "scratch-worktree"])
+def test_conflict_leaves_main_exactly_as_it_was(ws: Path, in_memory: bool) -> None:
+    repo = Repo(init_demo_repo(ws / "repos" / "webapp").path, in_memory_merge=in_memory)
+    land(repo, ws, "WO-0001", {"src/login.py": "one\n", "src/a.py": "a\n"})
+    land(repo, ws, "WO-0002", {"src/login.py": "two\n", "README.md": "two\n"})
+    head = repo.merge("WO-0001")
+    with pytest.raises(MergeConflict) as caught:
+        repo.merge("WO-0002")
+    assert caught.value.paths == ("src/login.py",)
+    assert "src/login.py" in str(caught.value)
+    assert repo.head() == head
+    assert sh_git(repo.path, "rev-parse", "HEAD") == head
+    assert sh_git(repo.path, "status", "--porcelain") == ""
+    assert (repo.path / "src" / "login.py").read_text() == "one\n"
+    assert sh_git(repo.path, "worktree", "list").count("\n") == 2  # no scratch copy left behind
+
+
+def test_merge_keeps_unrelated_local_edits_and_refuses_to_clobber(repo: Repo, ws: Path) -> None:
+    land(repo, ws, "WO-0001", {"src/login.py": "agent\n"})
+    edit(repo.path / "README.md", "user's edit\n")
+    edit(repo.path / "src" / "login.py", "user's edit\n")
+    before = repo.head()
+    with pytest.raises(GitError, match="uncommitted changes"):
+        repo.merge("WO-0001")
+    assert repo.head() == before
+    assert (repo.path / "src" / "login.py").read_text() == "user's edit\n"
+    sh_git(repo.path, "checkout", "--", "src/login.py")
+    repo.merge("WO-0001")
+    assert (repo.path / "src" / "login.py").read_text() == "agent\n"
+    assert (repo.path / "README.md").read_text() == "user's edit\n"
+    assert sh_git(repo.path, "status", "--porcelain") == "M README.md"
+
+
+class RacedRepo(Repo):
+    """A repository where the user commits in the main checkout just as a merge moves it."""
+
+    raced = False
+
+    def _move_checkout(self, old: str, new: str) -> None:
+        if not self.raced:
+            self.raced = True
+            edit(self.path / "USER.txt", "user\n")
+            sh_git(self.path, "add", "USER.txt")
+            sh_git(self.path, "commit", "-q", "-m", "user's own commit")
+        super()._move_checkout(old, new)
+
+
+def test_a_racing_change_to_the_branch_is_detected_and_kept(ws: Path) -> None:
+    repo = RacedRepo(init_demo_repo(ws / "repos" / "webapp").path)
+    land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    new = repo.merge("WO-0001")
+    assert repo.raced
+    assert len(sh_git(repo.path, "log", "-1", "--format=%P", new).split()) == 2
+    assert (repo.path / "USER.txt").is_file() and (repo.path / "src" / "a.py").is_file()
+    assert sh_git(repo.path, "status", "--porcelain") == ""
+
+
+# -- hooks, fsmonitor, locks ---------------------------------------------------------------------
+
+
+def test_hooks_and_fsmonitor_of_the_repository_never_run(ws: Path, tmp_path: Path) -> None:
+    repo = init_demo_repo(ws / "repos" / "webapp")
+    marker = tmp_path / "hook-ran"
+    hooks = repo.git_dir / "hooks"
+    hooks.mkdir(exist_ok=True)
+    names = ["pre-commit", "prepare-commit-msg", "commit-msg", "post-commit", "post-checkout",
+             "post-merge", "pre-merge-commit", "reference-transaction", "post-index-change"]  # fmt: skip
+    for name in names:
+        (hooks / name).write_text(f"#!/bin/sh\necho {name} >> '{marker}'\nexit 0\n")
+        (hooks / name).chmod(0o755)
+    monitor = tmp_path / "fsmonitor.sh"
+    monitor.write_text(f"#!/bin/sh\necho fsmonitor >> '{marker}'\nexit 1\n")
+    monitor.chmod(0o755)
+    sh_git(repo.path, "config", "core.fsmonitor", str(monitor))
+    for strategy in (True, False):
+        repo = Repo(repo.path, in_memory_merge=strategy)
+        a, b = f"WO-A{strategy:d}", f"WO-B{strategy:d}"
+        land(repo, ws, a, {f"src/{a}.py": "a\n"})
+        wt = land(repo, ws, b, {f"src/{b}.py": "b\n"})
+        repo.merge(a)
+        repo.merge(b)  # a merge commit
+        repo.discard(wt)
+        repo.remove_worktree(a, work(ws, a))
+        repo.remove_worktree(b, wt)
+    assert not marker.exists(), marker.read_text()
+    sh_git(repo.path, "commit", "-q", "--allow-empty", "-m", "plain git runs the hook")
+    assert "pre-commit" in marker.read_text()  # the hooks were live all along
+
+
+def test_stale_index_lock_is_cleared(repo: Repo, ws: Path) -> None:
+    (repo.git_dir / "index.lock").write_text("")
+    (repo.git_dir / "refs" / "heads" / "main.lock").write_text("")
+    edit(repo.path / "x.txt", "x\n")
+    assert "index.lock" in subprocess.run(["git", "add", "x.txt"], cwd=repo.path,
+                                          capture_output=True, text=True).stderr  # fmt: skip
+    assert repo.clear_stale_lock() is True
+    assert not (repo.git_dir / "index.lock").exists()
+    assert not (repo.git_dir / "refs" / "heads" / "main.lock").exists()
+    sh_git(repo.path, "add", "x.txt")
+    assert repo.clear_stale_lock() is False
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to see open files")
+def test_a_lock_held_by_a_live_process_stays(repo: Repo) -> None:
+    lock = repo.git_dir / "index.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; f = open(sys.argv[1], 'w'); print('ok', flush=True); sys.stdin.read()",
+         str(lock)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
+        assert repo.clear_stale_lock() is False
+        assert lock.exists()
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=10)
+        assert holder.stdout is not None
+        holder.stdout.close()
+    assert repo.clear_stale_lock() is True

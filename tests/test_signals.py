@@ -1,0 +1,146 @@
+"""Fire-able signals: recorded durably, read back after a crash, listed as a table."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from coordinator import signals
+from coordinator.signals import Signal
+
+T0 = datetime(2025, 3, 1, 9, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "state"
+    d.mkdir()
+    return d
+
+
+def seen(state_dir: Path) -> list[Signal]:
+    return [
+        signals.record(
+            state_dir,
+            "artifact",
+            agent="walt",
+            order=None,
+            evidence="tried to write repos/webapp/src/db.sql",
+            now=T0,
+        ),
+        signals.record(
+            state_dir,
+            "scope",
+            agent="chip",
+            order="WO-0042",
+            evidence="wrote webapp/README.md, outside its files",
+            now=T0 + timedelta(minutes=1),
+        ),
+        signals.record(
+            state_dir,
+            "silent",
+            agent=None,
+            order=None,
+            evidence="commit 3f2a1c on webapp main with no work order",
+            now=T0 + timedelta(minutes=2),
+        ),
+    ]
+
+
+def test_recorded_signals_read_back_in_order(state_dir: Path) -> None:
+    recorded = seen(state_dir)
+    assert signals.load(state_dir) == recorded
+    assert recorded[1] == Signal(
+        kind="scope",
+        agent="chip",
+        order="WO-0042",
+        evidence="wrote webapp/README.md, outside its files",
+        at="2025-03-01T09:01:00Z",
+    )
+    lines = (state_dir / "signals.jsonl").read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in lines] == ["artifact", "scope", "silent"]
+
+
+def test_times_are_stored_in_utc(state_dir: Path) -> None:
+    local = datetime(2025, 3, 1, 11, 30, tzinfo=timezone(timedelta(hours=2)))
+    s = signals.record(
+        state_dir, "feedback", agent="walt", order="WO-0013", evidence="repeats WO-0012", now=local
+    )
+    assert s.at == "2025-03-01T09:30:00Z"
+
+
+def test_no_file_means_no_signals(state_dir: Path) -> None:
+    assert signals.load(state_dir) == []
+    assert signals.render([]) == "no signals recorded\n"
+
+
+def test_a_torn_last_line_is_tolerated_and_the_next_signal_is_kept(state_dir: Path) -> None:
+    recorded = seen(state_dir)
+    path = state_dir / "signals.jsonl"
+    with path.open("ab") as f:  # a crash in the middle of an append
+        f.write(b'{"kind": "scope", "agent": "ch')
+    assert signals.load(state_dir) == recorded
+
+    later = signals.record(
+        state_dir,
+        "feedback",
+        agent="walt",
+        order="WO-0050",
+        evidence="repeats WO-0042 without a reference",
+        now=T0 + timedelta(hours=1),
+    )
+    assert signals.load(state_dir) == [*recorded, later]
+
+
+def test_unknown_kind_is_refused(state_dir: Path) -> None:
+    with pytest.raises(ValueError, match="artifact, feedback, scope, silent"):
+        signals.record(state_dir, "override", agent="walt", order=None, evidence="x", now=T0)
+    assert not (state_dir / "signals.jsonl").exists()
+
+
+def test_counts_name_every_kind(state_dir: Path) -> None:
+    recorded = seen(state_dir)
+    recorded.append(
+        signals.record(state_dir, "scope", agent="chip", order="WO-0043", evidence="x", now=T0)
+    )
+    assert signals.counts(recorded) == {"artifact": 1, "feedback": 0, "scope": 2, "silent": 1}
+    assert signals.counts([]) == {"artifact": 0, "feedback": 0, "scope": 0, "silent": 0}
+
+
+def test_render_is_a_table_one_line_each_newest_last(state_dir: Path) -> None:
+    recorded = seen(state_dir)
+    recorded.append(
+        signals.record(
+            state_dir,
+            "scope",
+            agent="chip",
+            order="WO-0044",
+            evidence="wrote\nthree\nfiles " + "x" * 300,
+            now=T0 - timedelta(days=1),
+        )
+    )
+    table = signals.render(recorded).splitlines()
+    assert table[0].split() == ["TIME", "KIND", "AGENT", "ORDER", "EVIDENCE"]
+    body = table[1:-1]
+    assert len(body) == 4  # multi-line evidence stays on one line
+    assert [row.split()[0] for row in body] == sorted(s.at for s in recorded)
+    assert body[-1].split()[:4] == ["2025-03-01T09:02:00Z", "silent", "-", "-"]
+    assert "wrote three files" in body[0] and len(body[0]) < 200
+    assert table[-1] == "total: artifact 1, feedback 0, scope 2, silent 1"
+
+
+def test_as_json_holds_counts_and_every_signal(state_dir: Path) -> None:
+    recorded = seen(state_dir)
+    doc = signals.as_json(recorded)
+    assert doc["counts"]["scope"] == 1
+    assert doc["signals"][0] == {
+        "kind": "artifact",
+        "agent": "walt",
+        "order": None,
+        "evidence": "tried to write repos/webapp/src/db.sql",
+        "at": "2025-03-01T09:00:00Z",
+    }
+    assert json.loads(json.dumps(doc)) == doc

@@ -1,0 +1,372 @@
+"""Inbox watching: real folders, real watchdog threads, real writer processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from coordinator import watcher as watcher_mod
+from coordinator.watcher import InboxWatcher, is_candidate, scan, settled
+
+DEADLINE = 20.0  # seconds a test waits for something that normally takes a fraction of one
+MANY = 20_000
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> Path:
+    folder = tmp_path / "inbox" / "coder"
+    folder.mkdir(parents=True)
+    return folder
+
+
+@pytest.fixture
+def start_watcher() -> Iterator[Callable[..., InboxWatcher]]:
+    started: list[InboxWatcher] = []
+
+    def start(folders: list[Path], **kwargs: object) -> InboxWatcher:
+        w = InboxWatcher(folders, **kwargs)  # type: ignore[arg-type]
+        w.start()
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop()
+
+
+class Seen:
+    """What a supervisor loop would have found: hinted names, and hints plus rescans."""
+
+    def __init__(self) -> None:
+        self.hinted: set[str] = set()
+        self.found: set[str] = set()
+        self.rescans = 0
+
+
+def collect(
+    w: InboxWatcher,
+    folders: list[Path],
+    done: Callable[[Seen], bool],
+    seen: Seen | None = None,
+) -> Seen:
+    """Run the supervisor's intake loop (wait, drain, rescan when told) until `done`."""
+    seen = seen or Seen()
+    end = time.monotonic() + DEADLINE
+    while time.monotonic() < end:
+        w.wait(0.5)
+        hints, rescan = w.drain()
+        seen.hinted |= {p.name for p in hints}
+        seen.found |= {p.name for p in hints}
+        if rescan:
+            seen.rescans += 1
+            for folder in folders:
+                seen.found |= {p.name for p in scan(folder)}
+        if done(seen):
+            return seen
+    raise AssertionError(f"gave up after {DEADLINE}s: {len(seen.found)} found")
+
+
+def drop(folder: Path, name: str, text: str = "{}\n") -> Path:
+    """The way `coordinator send` writes: a dot-file, then a rename."""
+    tmp = folder / f".{name}.tmp"
+    tmp.write_text(text)
+    target = folder / name
+    os.rename(tmp, target)
+    return target
+
+
+# -- names and folders ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name", [".hidden.json", "order.json~", "order.swp", ".#order.json", "order.tmp", "4913", "#a#"]
+)
+def test_dot_and_editor_temp_files_are_not_candidates(name: str) -> None:
+    assert not is_candidate(name)
+
+
+@pytest.mark.parametrize("name", ["order.json", "WO-0042.yaml", "fix login", "4914"])
+def test_ordinary_names_are_candidates(name: str) -> None:
+    assert is_candidate(name)
+
+
+def test_scan_lists_plain_files_oldest_first_and_skips_the_rest(inbox: Path) -> None:
+    for name, age in [("new.json", 10), ("old.json", 300), ("mid.json", 60)]:
+        (inbox / name).write_text("{}")
+        t = time.time() - age
+        os.utime(inbox / name, (t, t))
+    (inbox / ".hidden.json").write_text("{}")
+    (inbox / "sub").mkdir()
+    (inbox / "link.json").symlink_to(inbox / "old.json")
+    assert [p.name for p in scan(inbox)] == ["old.json", "mid.json", "new.json"]
+    assert scan(inbox / "missing") == []
+
+
+# -- hints ------------------------------------------------------------------------------------------
+def test_file_renamed_in_is_hinted_and_settled_at_once(
+    inbox: Path, tmp_path: Path, start_watcher: Callable[..., InboxWatcher]
+) -> None:
+    w = start_watcher([inbox])
+    assert w.kind == "inotify"
+    assert w.drain()[1], "the first drain asks for a rescan"
+    order = drop(inbox, "order.json")
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text("{}")
+    os.rename(outside, inbox / "moved-in.json")
+
+    seen = collect(w, [inbox], lambda s: {"order.json", "moved-in.json"} <= s.hinted)
+    assert seen.hinted == {"order.json", "moved-in.json"}
+    assert settled(order, now=time.time())
+
+
+def test_dot_files_temp_files_and_subfolders_are_ignored(
+    inbox: Path, start_watcher: Callable[..., InboxWatcher]
+) -> None:
+    w = start_watcher([inbox])
+    w.drain()
+    for name in [".hidden.json", "notes.json~", "a.swp", ".#b.json", "c.tmp", "4913"]:
+        (inbox / name).write_text("{}")
+    (inbox / "sub").mkdir()
+    (inbox / "sub" / "inner.json").write_text("{}")
+    drop(inbox, "real.json")  # last: once it is hinted, the others had their chance
+
+    seen = collect(w, [inbox], lambda s: "real.json" in s.hinted)
+    assert seen.hinted == {"real.json"}
+    assert scan(inbox) == [inbox / "real.json"]
+
+
+WRITER = """
+import sys, time
+with open(sys.argv[1], "w") as f:
+    for i in range(10):
+        f.write(f"line {i}\\n")
+        f.flush()
+        time.sleep(0.1)
+    print("written", flush=True)
+    sys.stdin.readline()
+print("closed", flush=True)
+"""
+
+
+def test_file_written_in_place_is_settled_only_after_its_writer_closes_it(
+    inbox: Path, start_watcher: Callable[..., InboxWatcher]
+) -> None:
+    w = start_watcher([inbox])
+    w.drain()
+    path = inbox / "slow.json"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdin is not None and writer.stdout is not None
+    try:
+        collect(w, [inbox], lambda s: "slow.json" in s.hinted)  # hinted on create
+        looks = 0
+        while not select.select([writer.stdout], [], [], 0.05)[0]:
+            assert not settled(path, now=time.time())
+            looks += 1
+        assert writer.stdout.readline() == "written\n"
+        assert looks > 0
+        # Unchanged for an hour or not: an open writer keeps it unsettled.
+        assert not settled(path, now=time.time() + 3600)
+        w.drain()
+
+        writer.stdin.write("\n")
+        writer.stdin.flush()
+        assert writer.stdout.readline() == "closed\n"
+        assert settled(path, now=time.time())
+        collect(w, [inbox], lambda s: "slow.json" in s.hinted)  # hinted again on close
+        assert path.read_text().count("\n") == 10
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_require_quiet_waits_for_a_quiet_period_but_never_past_a_writer(inbox: Path) -> None:
+    done = inbox / "done.json"
+    done.write_text("{}")
+    assert not settled(done, now=time.time(), require_quiet=True)
+    assert settled(done, now=time.time() + 2, quiet=1.0, require_quiet=True)
+    with (inbox / "open.json").open("w") as f:
+        f.write("{")
+        f.flush()
+        assert not settled(inbox / "open.json", now=time.time() + 3600, require_quiet=True)
+    assert not settled(inbox / "gone.json", now=time.time())
+    (inbox / "link.json").symlink_to(done)
+    assert not settled(inbox / "link.json", now=time.time() + 3600)
+
+
+# -- rescans ----------------------------------------------------------------------------------------
+def test_rescan_is_asked_for_at_start_then_every_interval(
+    inbox: Path, start_watcher: Callable[..., InboxWatcher]
+) -> None:
+    now = [1000.0]
+    w = start_watcher([inbox], rescan_every=5.0, clock=lambda: now[0])
+    assert w.drain() == (set(), True)
+    assert w.drain() == (set(), False)
+    now[0] += 4.9
+    assert w.drain() == (set(), False)
+    now[0] += 0.2
+    assert w.drain() == (set(), True)
+    assert w.wait(0) is False
+
+
+def test_a_burst_of_files_is_followed_by_a_rescan(
+    inbox: Path, start_watcher: Callable[..., InboxWatcher]
+) -> None:
+    w = start_watcher([inbox], rescan_every=3600.0)
+    w.drain()
+    for i in range(watcher_mod.BURST_EVENTS + 10):
+        (inbox / f"b{i:05d}.json").write_text("{}")
+    seen = collect(w, [inbox], lambda s: s.rescans > 0)
+    assert w.overflows == 0, "the rescan came from the burst rule, not an overflow"
+    assert len(seen.found) == watcher_mod.BURST_EVENTS + 10
+
+
+def test_twenty_thousand_files_dropped_at_once_are_all_found_exactly(
+    inbox: Path, start_watcher: Callable[..., InboxWatcher]
+) -> None:
+    w = start_watcher([inbox])
+    w.drain()
+    expected = {f"order-{i:05d}.json" for i in range(MANY)}
+    make = "import os,sys\nfor i in range(int(sys.argv[2])):\n open(f'{sys.argv[1]}/order-{i:05d}.json','w').close()\n"
+    subprocess.run([sys.executable, "-c", make, str(inbox), str(MANY)], check=True)
+
+    seen = collect(w, [inbox], lambda s: s.found >= expected)
+    assert seen.found == expected
+    # Whatever the hints missed, the watcher knew it had missed something.
+    assert seen.hinted == expected or w.overflows > 0
+
+
+OBSERVED = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from coordinator.watcher import InboxWatcher, scan
+inbox, count = Path(sys.argv[1]), int(sys.argv[2])
+w = InboxWatcher([inbox], rescan_every=3600.0)
+w.start()
+w.drain()
+print("ready", flush=True)
+sys.stdin.readline()
+hinted, found, rescans = set(), set(), 0
+while len(found) < count:
+    w.wait(0.5)
+    hints, rescan = w.drain()
+    hinted |= {p.name for p in hints}
+    found |= {p.name for p in hints}
+    if rescan:
+        rescans += 1
+        found |= {p.name for p in scan(inbox)}
+w.stop()
+print(json.dumps({"hinted": len(hinted), "found": sorted(found), "overflows": w.overflows,
+                  "rescans": rescans}), flush=True)
+"""
+
+
+def test_an_inotify_overflow_loses_no_file(inbox: Path) -> None:
+    # A supervisor that is frozen while 20,000 files arrive: the kernel queue (16384 events)
+    # overflows for certain, and watchdog drops what it had pending.
+    child = subprocess.Popen(
+        [sys.executable, "-c", OBSERVED, str(inbox), str(MANY), str(REPO)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline() == "ready\n"
+        os.kill(child.pid, signal.SIGSTOP)
+        try:
+            for i in range(MANY):
+                (inbox / f"order-{i:05d}.json").write_bytes(b"{}")
+        finally:
+            os.kill(child.pid, signal.SIGCONT)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        out, _ = child.communicate(timeout=DEADLINE)
+    finally:
+        child.kill()
+        child.wait()
+    report = json.loads(out)
+    assert report["overflows"] >= 1
+    assert report["hinted"] < MANY, "events were lost: the rescan did the work"
+    assert report["found"] == sorted(f"order-{i:05d}.json" for i in range(MANY))
+
+
+# -- a watcher that dies comes back -------------------------------------------------------------------
+@pytest.mark.parametrize("victim", ["observer", "reader"])
+def test_a_killed_watcher_thread_is_restarted_with_a_rescan(
+    victim: str, inbox: Path, start_watcher: Callable[..., InboxWatcher]
+) -> None:
+    w = start_watcher([inbox], rescan_every=3600.0)
+    w.drain()
+    old = w.observer
+    assert old is not None
+    thread = old if victim == "observer" else old.reader  # type: ignore[attr-defined]
+    thread.stop()  # behind the watcher's back
+    thread.join()
+    drop(inbox, "while-dead.json")  # nobody is listening now
+
+    assert w.wait(DEADLINE)
+    hints, rescan = w.drain()
+    assert rescan and w.restarts == 1
+    assert w.observer is not old and w.observer is not None and w.observer.is_alive()
+    assert scan(inbox) == [inbox / "while-dead.json"]
+    drop(inbox, "after.json")
+    collect(w, [inbox], lambda s: "after.json" in s.hinted)
+
+
+def test_an_inbox_removed_and_recreated_is_watched_again(
+    inbox: Path, start_watcher: Callable[..., InboxWatcher]
+) -> None:
+    w = start_watcher([inbox], rescan_every=3600.0)
+    w.drain()
+    shutil.rmtree(inbox)
+    inbox.mkdir()
+    drop(inbox, "first.json")
+    collect(w, [inbox], lambda s: "first.json" in s.found)
+    drop(inbox, "second.json")
+    collect(w, [inbox], lambda s: "second.json" in s.hinted)
+    assert w.restarts == 0
+
+
+def test_an_added_inbox_is_rescanned_and_watched(
+    tmp_path: Path, inbox: Path, start_watcher: Callable[..., InboxWatcher]
+) -> None:
+    w = start_watcher([inbox], rescan_every=3600.0)
+    w.drain()
+    reviewer = tmp_path / "inbox" / "reviewer"
+    reviewer.mkdir()
+    (reviewer / "waiting.json").write_text("{}")
+    w.add_folder(reviewer)
+    hints, rescan = w.drain()
+    assert rescan and scan(reviewer) == [reviewer / "waiting.json"]
+    drop(reviewer, "new.json")
+    seen = collect(w, [inbox, reviewer], lambda s: "new.json" in s.hinted)
+    assert seen.hinted == {"new.json"}
+
+
+# -- polling (network file systems) -------------------------------------------------------------------
+def test_polling_mode_hints_renamed_and_written_files(
+    inbox: Path, start_watcher: Callable[..., InboxWatcher]
+) -> None:
+    w = start_watcher([inbox], polling=True, poll_every=0.05)
+    assert w.kind == "polling"
+    assert w.drain()[1]
+    drop(inbox, "renamed.json")
+    (inbox / "written.json").write_text("{}")
+    (inbox / ".hidden.json").write_text("{}")
+    seen = collect(w, [inbox], lambda s: {"renamed.json", "written.json"} <= s.hinted)
+    assert seen.hinted == {"renamed.json", "written.json"}
