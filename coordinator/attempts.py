@@ -63,6 +63,7 @@ class AttemptRunner:
         self.sup = sup
         self.ws = sup.ws
         self.active: dict[str, Active] = {}  # token -> attempt
+        self.waiting_requests: dict[str, Active] = {}  # LLM orchestrator requests waiting on children
         self._repos: dict[str, Repo] = {}
 
     # -- starting -----------------------------------------------------------------------------------
@@ -133,6 +134,9 @@ class AttemptRunner:
                 progress = True
                 from .llmrun import finish_llm_attempt
                 finish_llm_attempt(self, act)
+        if self.waiting_requests:
+            from .llmrun import check_requests
+            progress |= check_requests(self)
         return progress
 
     def watch(self, now: float) -> None:

@@ -129,7 +129,10 @@ class StateRepo:
         root = str(self.path.resolve())
         rel = sorted({os.path.relpath(p, root) for p in (os.path.abspath(x) for x in paths)
                       if p == root or p.startswith(root + os.sep)})
-        rel = [r for r in rel if not r.startswith(".git")]
+        # Claimed files pass through intake/ within one step and were never committed:
+        # a pathspec for them would not match.
+        rel = [r for r in rel if not r.startswith(".git")
+               and not (r.startswith("intake/") and not os.path.lexists(os.path.join(root, r)))]
         if not rel:
             return
         spec = self.path / ".git" / "coordinator-pathspec"

@@ -20,6 +20,7 @@ from . import paths, schemas
 from .errors import ConfigError
 
 CONFIG_NAME = "coordinator.yaml"
+SYSTEM_SENDERS = ("user", "coordinator")  # senders that are not agents
 MAX_CONFIG_BYTES = 1024 * 1024
 
 # Every default is a named constant (rq's habit): one place to read them.
@@ -133,8 +134,9 @@ class Config:
         return self.agents[name]
 
     def may_send(self, sender: str, recipient: str) -> bool:
-        """`user` may send to anyone; an agent only to its `sends_to`."""
-        if sender == "user":
+        """`user` (and the supervisor itself, `coordinator`) may send to anyone; an agent only
+        to its `sends_to`."""
+        if sender in SYSTEM_SENDERS:
             return True
         a = self.agents.get(sender)
         return a is not None and recipient in a.sends_to

@@ -156,7 +156,7 @@ def _digest(path: str) -> str:
 
 
 def diff(before: dict[str, Entry], after: dict[str, Entry]) -> list[Change]:
-    """The changes from snapshot `before` to `after`, one per path, the gravest kind first."""
+    """The changes from snapshot `before` to `after`: one per path (its gravest kind), by path."""
     changes = []
     for path in sorted(before.keys() | after.keys()):
         change = _classify(path, before.get(path), after.get(path), after)
@@ -187,9 +187,9 @@ def _classify(path: str, b: Entry | None, a: Entry | None, after: dict[str, Entr
         return Change(path, "setuid", f"{action}, mode {a.mode:04o}", kind)
     if a.kind != "dir" and a.nlink > 1 and (b is None or b.kind != a.kind or a.nlink > b.nlink):
         return Change(path, "hardlink", f"{action}, {a.nlink} links", kind)
-    if a.kind == "symlink" and a.link is not None and (b is None or b.link != a.link):
-        if _escapes(path, a.link, after):
-            return Change(path, "symlink", f"{action}, -> {a.link}", kind)
+    new_link = a.link is not None and (b is None or b.link != a.link)
+    if a.kind == "symlink" and new_link and _escapes(path, a.link or "", after):
+        return Change(path, "symlink", f"{action}, -> {a.link}", kind)
     if b is None:
         return Change(path, "added", f"{kind} -> {a.link}" if a.link is not None else kind, kind)
     if b.kind != a.kind:

@@ -102,7 +102,8 @@ class Intake:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f"{time.time_ns():020d}-{order.id or 'order'}.md"
         durable.write_text(tmp, orders.render(order), sync=False)
-        return self.file(tmp, order.to, shown=shown, sender=order.sender, parent=order.parent)
+        return self.file(tmp, order.to, shown=f"{shown}/{order.id or 'order'}.md", sender=order.sender,
+                         parent=order.parent)
 
     def _choose_id(self, order: WorkOrder | None) -> str:
         wanted = order.id if order is not None else None

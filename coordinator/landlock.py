@@ -74,6 +74,8 @@ DEVICE_FILES = ("/dev/null", "/dev/zero", "/dev/full")
 # Granting write on these would undo the sandbox.
 FORBIDDEN_WRITABLE = ("/", "/dev", "/proc", "/sys")
 
+# The newest ABI this module knows; a newer kernel may have rights we cannot handle yet.
+KNOWN_ABI = 7
 # Size of struct landlock_ruleset_attr as each ABI knows it: fs; + net (v4); + scoped (v6).
 _ATTR_SIZE = {1: 8, 2: 8, 3: 8, 4: 16, 5: 16}
 
@@ -240,10 +242,12 @@ def status(*, gate_only_ok: bool = False) -> dict[str, Any]:
             if gate_only_ok
             else "none: sandboxed spawns are refused until gate-only is chosen"
         )
-        return {"landlock": False, "abi": 0, "enforced": [], "scopes": [], "network": "not restricted", "fallback": fallback}
+        return {"landlock": False, "abi": 0, "known_abi": KNOWN_ABI, "enforced": [], "scopes": [],
+                "network": "not restricted", "fallback": fallback}
     return {
         "landlock": True,
         "abi": abi,
+        "known_abi": KNOWN_ABI,
         "enforced": _names(FS_RIGHTS, handled_fs_rights(abi)),
         "scopes": _names(SCOPES, handled_scopes(abi)),
         "network": "not restricted",

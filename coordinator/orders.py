@@ -14,47 +14,45 @@ Example:
 
 from __future__ import annotations
 
-import difflib
-import json
-import re
 from dataclasses import dataclass
-from typing import Any, NoReturn, Protocol
+from typing import Any, Protocol
 
 import yaml
 
-from . import paths, schemas
-from .config import Config, parse_duration
+from . import paths
+from ._orderfile import (
+    ACCEPTANCE_ITEMS,
+    ACTIONS,
+    BRANCH_RULES,
+    FEEDBACK_STATUSES,
+    ID_PATTERN,
+    KEYS,
+    KINDS,
+    MAX_FILES,
+    MAX_IDS,
+    MAX_OBJECTIVE,
+    MAX_ORDER_BYTES,
+    PRIORITIES,
+    PRIORITY_RANK,
+    SECTIONS,
+    acceptance_text,
+    branch_item,
+    finish,
+    id_help,
+    md_acceptance_text,
+    md_file,
+    read_order,
+    reported,
+)
+from .config import Config
 from .errors import OrderError, Problem, UsageError
 
-PRIORITIES = ("low", "normal", "high", "urgent")
-PRIORITY_RANK = {p: rank for rank, p in enumerate(PRIORITIES)}  # urgent highest
-ACTIONS = ("halt-with-note", "route-to", "requeue-with-blocker")
-MAX_ORDER_BYTES = 256 * 1024
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-AGENT_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-MAX_OBJECTIVE = 280
-ACCEPTANCE_ITEMS = (3, 5)
-MAX_FILES = 200
-BRANCH_RULES = (1, 10)
-MAX_IDS = 100  # blocked_by / references entries; keeps a hostile file from costing seconds
-MAX_YAML_DEPTH = 32  # nesting; libyaml slows quadratically on deep flow nesting
-MAX_PROBLEMS = 50
-KEYS = ("id", "from", "to", "objective", "acceptance", "files", "branching", "priority",
-        "blocked_by", "references", "timeout", "parent")
-SECTIONS = ("objective", "acceptance", "files", "branching")
-KINDS = {".md": "markdown", ".markdown": "markdown", ".yaml": "yaml", ".yml": "yaml", ".json": "json"}
-FEEDBACK_STATUSES = ("rejected", "denied", "halted", "blocked")
-
-_CHECK = re.compile(r"`([^`]+)`(?:\s.*)?\spasses\.?", re.DOTALL | re.IGNORECASE)
-_RULE = re.compile(r"(halt-with-note|requeue-with-blocker|route-to-([A-Za-z0-9_-]{1,64}?)|route-to)"
-                   r"(?:\s+if\s+|\s+when\s+|:\s*)(.*)", re.DOTALL | re.IGNORECASE)
-_PLACEHOLDER = re.compile(r"<(?:describe|replace)\b[^<>\n]{0,200}>")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_HEADING = re.compile(r" {0,3}(#{1,6})(?:[ \t]+(.*))?")
-_BOLD = re.compile(r" {0,3}\*\*([^*\n]{1,60}?)(?::\*\*|\*\*[ \t]*:)(.*)")
-_ITEM = re.compile(r"\s*(?:[-*+]|\d{1,9}[.)])(?:\s+(.*))?")
-_CHECKBOX = re.compile(r"\[[ xX]\]\s+")
-_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+__all__ = [
+    "ACCEPTANCE_ITEMS", "ACTIONS", "BRANCH_RULES", "FEEDBACK_STATUSES", "ID_PATTERN", "KEYS", "KINDS",
+    "MAX_FILES", "MAX_IDS", "MAX_OBJECTIVE", "MAX_ORDER_BYTES", "PRIORITIES", "PRIORITY_RANK",
+    "SECTIONS", "Acceptance", "Branch", "EmptyHistory", "History", "WorkOrder", "check",
+    "is_feedback", "load", "objective_key", "parse", "render", "template",
+]
 
 
 @dataclass(frozen=True)
@@ -165,98 +163,239 @@ def is_feedback(problem: Problem) -> bool:
     return problem.field == "references" and problem.message.startswith("this repeats ")
 
 
-# --- reading untrusted text (shared with results.py) --------------------------------------
+def parse(data: bytes, *, path: str, to: str | None = None, kind: str | None = None) -> WorkOrder:
+    """The order in `data` judged on its own: format and shape (SPEC §2), no team rules.
+
+    `path` names the file in messages and its suffix picks the format, unless `kind`
+    ("markdown", "yaml" or "json") is given (e.g. for stdin); `to` is the inbox's agent.
+    Raises OrderError carrying every problem found.
+    """
+    draft = read_order(data, path=path, to=to, sender=None, kind=kind)
+    if draft.problems:
+        raise OrderError(finish(draft.problems, draft.lines))
+    return WorkOrder.from_dict(draft.fields)
 
 
-def fail(path: str | None, message: str, line: int | None = None) -> NoReturn:
-    """Refuse a whole file: one problem, no field."""
-    raise OrderError([Problem("", message, path, line)])
+# --- check: the team rules -----------------------------------------------------------------
 
 
-def read_text(data: bytes, *, path: str, limit: int, what: str, empty_hint: str) -> str:
-    """`data` as text, or OrderError if it is too big, binary, not UTF-8 or empty."""
-    if len(data) > limit:
-        fail(path, f"is {_size(len(data))}; {what} is at most {_size(limit)}: move the details "
-                   "into files it names")
-    if b"\x00" in data:
-        fail(path, f"is binary (it holds NUL bytes); {what} is UTF-8 text")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        fail(path, f"is not UTF-8 text (byte {e.start}); save it as UTF-8")
-    if not text.strip():
-        fail(path, f"is empty; {empty_hint}")
-    return text.replace("\r\n", "\n")
+def check(order: WorkOrder, config: Config, history: History, *, path: str | None = None) -> list[Problem]:
+    """The team rules of SPEC §2 for a parsed order: who may send what to whom, where its
+    files lie, ids, dependencies, the feedback loop. Problems carry no line (`load` adds them)."""
+    problems: list[Problem] = []
+
+    def bad(field: str, message: str) -> None:
+        problems.append(Problem(field, message, path))
+
+    agents = config.agents
+    names = ", ".join(sorted(agents))
+    recipient = agents.get(order.to)
+    if recipient is None:
+        bad("to", f"unknown agent {order.to!r}; the agents are {names}")
+    elif not (recipient.runnable or recipient.is_orchestrator):
+        bad("to", f"{order.to} has no `command` or `llm` in coordinator.yaml, so nothing can run "
+                  "this order; send it to another agent")
+    if order.sender != "user" and order.sender not in agents:
+        bad("from", f"unknown agent {order.sender!r}; use `user` or one of {names}")
+    elif recipient is not None and not config.may_send(order.sender, order.to):
+        allowed = ", ".join(agents[order.sender].sends_to) or "nobody"
+        bad("from", f"{order.sender} may not send to {order.to} (it sends to: {allowed})")
+    if recipient is not None:
+        if recipient.is_orchestrator:  # it delegates: its orders stay inside its agents' writes
+            writes = tuple(w for a in recipient.sends_to if a in agents for w in agents[a].writes)
+            whose = f"{order.to}'s agents ({', '.join(recipient.sends_to) or 'none'})"
+        else:
+            writes, whose = recipient.writes, order.to
+        for i, entry in enumerate(order.files):
+            if paths.path_problem(entry) is None and not paths.covered(entry, writes):
+                bad(f"files.{i}", f"{entry!r} is outside what {whose} may write "
+                                  f"({', '.join(writes) or 'nothing'}); narrow it, or send the order "
+                                  "to an agent that may write there")
+        for i, rule in enumerate(order.branching):
+            if rule.action == "route-to" and rule.agent and rule.agent not in recipient.sends_to:
+                allowed = ", ".join(recipient.sends_to) or "nobody"
+                bad(f"branching.{i}.agent", f"{order.to} may not route work to {rule.agent} (it "
+                                            f"sends to: {allowed})")
+    repos = sorted({paths.repo_of(f) for f in order.files if paths.path_problem(f) is None})
+    if len(repos) > 1:
+        bad("files", f"names {len(repos)} repositories ({', '.join(repos)}); an order works in one "
+                     "repository: send one order per repository")
+    _check_ids(order, history, bad)
+    for prior, status in history.ended(order.sender, order.to, order.objective):
+        if prior not in order.references and prior != order.id:
+            bad("references", f"this repeats {prior}, which was {status}: reference it and say what "
+                              "changed")
+    return problems
 
 
-def _size(n: int) -> str:
-    return f"{n / 1024 / 1024:.1f} MiB" if n >= 1024 * 1024 else f"{n / 1024:.0f} KiB"
+def _check_ids(order: WorkOrder, history: History, bad: Any) -> None:
+    if order.id is not None:
+        if not ID_PATTERN.fullmatch(order.id):
+            bad("id", id_help(order.id))
+        elif history.exists(order.id):
+            bad("id", f"{order.id!r} is already used in this workspace; pick another id or leave it "
+                      "out to get one assigned")
+    for key, ids in (("blocked_by", order.blocked_by), ("references", order.references)):
+        for i, other in enumerate(ids):
+            if not ID_PATTERN.fullmatch(other):
+                continue  # a shape problem, reported by parse
+            if other == order.id:
+                bad(f"{key}.{i}", "an order cannot " + ("wait on" if key == "blocked_by" else "reference")
+                    + " itself")
+            elif not history.exists(other):
+                bad(f"{key}.{i}", f"no order {other!r} in this workspace; check the id with "
+                                  "`coordinator board`")
+    cycle = _cycle(order, history)
+    if cycle:
+        bad("blocked_by", f"{' -> '.join(cycle)} is a dependency cycle that would never run; drop "
+                          "one of these")
 
 
-def load_yaml(text: str, *, path: str, offset: int = 0) -> tuple[Any, dict[str, int]]:
-    """Safe YAML with no aliases and bounded nesting, plus the line of each top-level key and
-    of each item of a top-level list (`files.2`). `offset`: lines before `text` in the file."""
-    try:
-        depth = 0
-        # A first pass over events refuses aliases (billion laughs) and deep nesting before
-        # anything is built, so a hostile file costs milliseconds and no memory.
-        for event in yaml.parse(text, Loader=_YAML_LOADER):
-            if isinstance(event, yaml.AliasEvent):
-                line = event.start_mark.line + 1 + offset
-                fail(path, "uses a YAML alias (*name); work orders write every value out", line)
-            if isinstance(event, yaml.CollectionStartEvent):
-                depth += 1
-                if depth > MAX_YAML_DEPTH:
-                    fail(path, f"nests deeper than {MAX_YAML_DEPTH} levels; this is not a work order",
-                         event.start_mark.line + 1 + offset)
-            elif isinstance(event, yaml.CollectionEndEvent):
-                depth -= 1
-        loader = _YAML_LOADER(text)
-        try:
-            node = loader.get_single_node()
-            data = loader.construct_document(node) if node is not None else None
-        finally:
-            loader.dispose()
-    except OrderError:
-        raise
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 + offset if mark is not None else None
-        fail(path, f"is not valid YAML: {e.problem or e.context}", line)
-    except Exception as e:  # the YAML library on hostile input: any failure means "not YAML"
-        fail(path, f"is not valid YAML: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    lines: dict[str, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            if not isinstance(key, yaml.ScalarNode):
-                continue
-            line = key.start_mark.line + 1 + offset
-            if key.value in lines:
-                fail(path, f"{key.value!r} is given twice (lines {lines[key.value]} and {line}); "
-                           "keep one", line)
-            lines[key.value] = line
-            if isinstance(value, yaml.SequenceNode):
-                for i, item in enumerate(value.value):
-                    lines[f"{key.value}.{i}"] = item.start_mark.line + 1 + offset
-    return data, lines
-
-
-def unknown_key(key: str, known: tuple[str, ...], *, path: str | None, what: str = "key") -> Problem:
-    """An unknown key, with the closest known one suggested (a typo must not pass silently)."""
-    close = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return Problem(key, f"unknown {what}; {hint}the {what}s are: {', '.join(known)}", path)
-
-
-def text_problem(value: str, *, multiline: bool = False) -> str | None:
-    """Why `value` is not acceptable text for a field, or None."""
-    if not value:
-        return "is empty"
-    if not multiline and len(value.splitlines()) > 1:
-        return "must be one line; join the lines or split it into several items"
-    if _CONTROL.search(value):
-        return "contains a control character; remove it"
-    m = _PLACEHOLDER.search(value)
-    if m:
-        return f"still holds the template placeholder {m.group(0)}; replace it"
+def _cycle(order: WorkOrder, history: History) -> list[str] | None:
+    """The chain of `blocked_by` that leads from the order back to itself, if any."""
+    if order.id is None:
+        return None  # an id not yet assigned cannot be waited on
+    came_from = {x: order.id for x in order.blocked_by if x != order.id}
+    todo = list(came_from)
+    while todo and len(came_from) < 10_000:
+        node = todo.pop()
+        for nxt in history.blocked_by_of(node):
+            if nxt == order.id:
+                chain = [node]
+                while chain[-1] != order.id:
+                    chain.append(came_from[chain[-1]])
+                return [*reversed(chain), order.id]
+            if nxt not in came_from:
+                came_from[nxt] = node
+                todo.append(nxt)
     return None
+
+
+def load(data: bytes, *, path: str, to: str | None, config: Config, history: History,
+         sender: str | None = None, kind: str | None = None) -> WorkOrder:
+    """`parse` and `check` in one: OrderError lists every problem of either, with lines.
+    `sender` overrides the file's `from` (the supervisor stamps outbox files with it)."""
+    draft = read_order(data, path=path, to=to, sender=sender, kind=kind)
+    order = _lenient(draft.fields) if draft.problems else WorkOrder.from_dict(draft.fields)
+    seen = [p.field for p in draft.problems]
+    team = [p for p in check(order, config, history, path=path) if not reported(p.field, seen)]
+    problems = draft.problems + team
+    if problems:
+        raise OrderError(finish(problems, draft.lines))
+    return order
+
+
+def _lenient(d: dict[str, Any]) -> WorkOrder:
+    """The order as far as it is well formed, so the team rules can be checked as well;
+    positions are kept so that `files.3` still names the fourth entry."""
+
+    def text(value: Any, default: str = "") -> str:
+        return value if isinstance(value, str) else default
+
+    def listed(key: str, cap: int) -> list[Any]:
+        value = d.get(key)
+        return value[:cap] if isinstance(value, list) else []
+
+    branching = tuple(
+        Branch(text(b.get("action")), text(b.get("when")), b["agent"] if isinstance(b.get("agent"), str)
+               else None) if isinstance(b, dict) else Branch("", "")
+        for b in listed("branching", BRANCH_RULES[1] + 1))
+    ident = text(d.get("id")) or None
+    return WorkOrder(
+        id=ident if ident and ID_PATTERN.fullmatch(ident) else None,
+        sender=text(d.get("from"), "user"), to=text(d.get("to")), objective=text(d.get("objective")),
+        acceptance=(), files=tuple(text(f) for f in listed("files", MAX_FILES + 1)),
+        branching=branching, blocked_by=tuple(text(x) for x in listed("blocked_by", MAX_IDS + 1)),
+        references=tuple(text(x) for x in listed("references", MAX_IDS + 1)),
+    )
+
+
+# --- render: back to Markdown ---------------------------------------------------------------
+
+
+def render(order: WorkOrder) -> str:
+    """The order as a Markdown brief in the seed's format; `parse(render(o))` gives `o` back.
+
+    A value Markdown cannot carry unchanged (say a check on an item whose text does not
+    read `` `cmd` passes``) goes into the front matter instead.
+    """
+    front: dict[str, Any] = {} if order.id is None else {"id": order.id}
+    front.update({"from": order.sender, "to": order.to})
+    if order.priority != "normal":
+        front["priority"] = order.priority
+    for key, value in (("blocked_by", list(order.blocked_by)), ("references", list(order.references)),
+                       ("timeout", order.timeout), ("parent", order.parent)):
+        if value:
+            front[key] = value
+    body: list[str] = []
+    if _one_line(order.objective):
+        body += [f"**Objective:** {order.objective}", ""]
+    else:
+        front["objective"] = order.objective
+    if all(_one_line(a.text) and acceptance_text(md_acceptance_text(a.text)) == a.to_dict()
+           for a in order.acceptance):
+        body += ["**Acceptance:**", *(f"- {a.text}" for a in order.acceptance), ""]
+    else:
+        front["acceptance"] = [a.to_dict() for a in order.acceptance]
+    if not order.files:
+        body += ["**Files:** none", ""]
+    elif all(_one_line(f) and md_file(f) == f for f in order.files):
+        body += ["**Files:**", *(f"- {f}" for f in order.files), ""]
+    else:
+        front["files"] = list(order.files)
+    rules = [_rule_text(b) for b in order.branching]
+    if all(_one_line(b.when) and branch_item(t) == b.to_dict() for b, t in zip(order.branching, rules,
+                                                                                  strict=True)):
+        body += ["**Branching:**", *(f"- {t}" for t in rules)]
+    else:
+        front["branching"] = [b.to_dict() for b in order.branching]
+    head = yaml.safe_dump(front, sort_keys=False, allow_unicode=True, default_flow_style=None,
+                          width=1 << 20)
+    return "---\n" + head + "---\n" + "\n".join(body).rstrip("\n") + "\n"
+
+
+def _one_line(text: str) -> bool:
+    return bool(text) and text == text.strip() and len(text.splitlines()) == 1
+
+
+def _rule_text(rule: Branch) -> str:
+    action = f"route-to-{rule.agent}" if rule.action == "route-to" and rule.agent else rule.action
+    return f"{action} if {rule.when}"
+
+
+def template(to: str, config: Config) -> str:
+    """A Markdown work order for `to` to fill in (`coordinator new --to X`). It validates once
+    every <describe …> and <replace …> is replaced; its files are what `to` may write."""
+    agent = config.agents.get(to)
+    if agent is None:
+        raise UsageError(f"unknown agent {to!r}; the agents are {', '.join(sorted(config.agents))}")
+    writes = agent.writes
+    if agent.is_orchestrator:
+        writes = tuple(w for a in agent.sends_to if a in config.agents for w in config.agents[a].writes)
+    repo = paths.repo_of(writes[0]) if writes else None
+    files = [f"- {w}" for w in writes if paths.repo_of(w) == repo]
+    route = [f"- route-to-{a} if <describe when the work belongs to {a}>" for a in agent.sends_to[:1]]
+    head = yaml.safe_dump({"to": to, "priority": "normal"}, sort_keys=False)
+    return "\n".join([
+        "---",
+        f"# A work order for {to}: replace every <describe …> and <replace …>, narrow the files",
+        f"# to what the work needs, then: coordinator send FILE --to {to}",
+        head.rstrip("\n"),
+        "---",
+        "**Objective:** <describe the outcome in one present-tense sentence>",
+        "",
+        "**Acceptance:**",
+        "- <describe a result anyone can check without asking you>",
+        "- <describe another checkable result>",
+        "- `<replace with the command that tests it>` passes",
+        "",
+        "**Files:**" if files else "**Files:** none",
+        *files,
+        "",
+        "**Branching:**",
+        "- halt-with-note if the work does not apply",
+        *route,
+        "- requeue-with-blocker if a dependency is missing",
+        "",
+    ])
+

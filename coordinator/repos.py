@@ -13,6 +13,7 @@ the repository and are out of the agent's reach.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import GitError
 
@@ -61,16 +63,12 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def ident_env(name: str, email: str) -> dict[str, str]:
-    return {
-        "GIT_AUTHOR_NAME": name,
-        "GIT_AUTHOR_EMAIL": email,
-        "GIT_COMMITTER_NAME": name,
-        "GIT_COMMITTER_EMAIL": email,
-    }
+    return {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email,
+            "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email}  # fmt: skip
 
 
 def run_git(
-    args: Iterable[str],
+    args: list[str],
     *,
     git_dir: Path | None,
     work_tree: Path | None = None,
@@ -88,44 +86,23 @@ def run_git(
         argv.append(f"--work-tree={work_tree}")
     for item in _TRUSTED_CONFIG:
         argv += ["-c", item]
-    argv += list(args)
+    argv += args
+    verb = next((a for a in argv[len(argv) - len(args) :] if not a.startswith("-")), "?")
     try:
         proc = subprocess.run(
-            argv,
-            cwd=cwd,
-            env=clean_env(env),
-            input=input,
+            argv, cwd=cwd, env=clean_env(env), input=input,
             stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            encoding="utf-8",
-            errors="surrogateescape",
+            capture_output=True, text=True, encoding="utf-8", errors="surrogateescape",
             timeout=timeout,
-        )
+        )  # fmt: skip
     except FileNotFoundError as e:
-        raise GitError("git is not installed or not on PATH; install git (2.25 or newer)") from e
+        raise GitError("git is not installed or not on PATH; install git 2.25 or newer") from e
     except subprocess.TimeoutExpired as e:
-        raise GitError(
-            f"git {_verb(argv)} took longer than {timeout:.0f}s in {cwd}; is the disk or a lock stuck?"
-        ) from e
+        raise GitError(f"git {verb} took over {timeout:.0f}s in {cwd}; is a disk or lock stuck?") from e
     if check and proc.returncode != 0:
-        detail = (
-            proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
-        ).splitlines()[-1]
-        raise GitError(f"git {_verb(argv)} failed in {cwd}: {detail}")
+        said = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
+        raise GitError(f"git {verb} failed in {cwd}: {said.splitlines()[-1]}")
     return proc
-
-
-def _verb(argv: list[str]) -> str:
-    skip = False
-    for a in argv[1:]:
-        if skip:
-            skip = False
-        elif a == "-c":
-            skip = True
-        elif not a.startswith("-"):
-            return a
-    return "?"
 
 
 class MergeConflict(GitError):
@@ -140,6 +117,15 @@ class MergeConflict(GitError):
         )
 
 
+class _Worktree(NamedTuple):
+    """git's record of one linked worktree (in the repository, out of the agent's reach)."""
+
+    admin: Path  # <git dir>/worktrees/<name>: the working copy's own git dir
+    tree: Path
+    head: str  # "refs/heads/wo/<id>", or a sha when detached
+    locked: bool
+
+
 class Repo:
     """One repository under `repos/` with a checked-out default branch."""
 
@@ -148,9 +134,7 @@ class Repo:
         self.name = self.path.name
         dot = self.path / ".git"
         if not self.path.is_dir():
-            raise GitError(
-                f"repos/{self.name}: no such folder; clone or create the repository there"
-            )
+            raise GitError(f"repos/{self.name}: no such folder; clone or create the repository there")
         if not dot.is_dir() or dot.is_symlink():
             raise GitError(
                 f"repos/{self.name} is not a git repository with its own .git folder; "
@@ -172,26 +156,15 @@ class Repo:
 
     def git(self, *args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> str:
         """Run git on this repository (in working copy `cwd` if given); its stdout."""
-        return self._run(args, cwd=cwd, env=env).stdout.rstrip("\n")
+        return self._run(list(args), cwd=cwd, env=env).stdout.rstrip("\n")
 
-    def _run(
-        self,
-        args: Iterable[str],
-        *,
-        cwd: Path | None = None,
-        env: Mapping[str, str] | None = None,
-        input: str | None = None,
-        check: bool = True,
-    ) -> subprocess.CompletedProcess[str]:
+    def _run(self, args: list[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None,
+             input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:  # fmt: skip
         if cwd is None:
-            return run_git(
-                args, git_dir=self.git_dir, cwd=self.git_dir, env=env, input=input, check=check
-            )
+            return run_git(args, git_dir=self.git_dir, cwd=self.git_dir, env=env, input=input, check=check)
         work = Path(os.path.abspath(cwd))
         admin = self._admin_dir(work)
-        return run_git(
-            args, git_dir=admin, work_tree=work, cwd=work, env=env, input=input, check=check
-        )
+        return run_git(args, git_dir=admin, work_tree=work, cwd=work, env=env, input=input, check=check)
 
     def git_version(self) -> tuple[int, int]:
         out = run_git(["version"], git_dir=None, cwd=self.path).stdout
@@ -202,22 +175,21 @@ class Repo:
         """The git dir of working copy `work`, from git's records (never its `.git` file)."""
         if _same(work, self.path):
             return self.git_dir
-        for admin, tree, _head, _locked in self._worktrees():
-            if _same(tree, work):
-                return admin
+        for w in self._worktrees():
+            if _same(w.tree, work):
+                return w.admin
         raise GitError(f"{work} is not a working copy of repos/{self.name}")
 
-    def _worktrees(self) -> list[tuple[Path, Path, str, bool]]:
-        """(admin dir, working copy, HEAD line, locked) of every linked worktree."""
+    def _worktrees(self) -> list[_Worktree]:
         found = []
         root = self.git_dir / "worktrees"
         for admin in sorted(root.iterdir()) if root.is_dir() else []:
             try:
                 tree = Path(_read(admin / "gitdir")).parent
-                head = _read(admin / "HEAD")
+                head = _read(admin / "HEAD").removeprefix("ref: ")
             except OSError:
                 continue
-            found.append((admin, tree, head, (admin / "locked").exists()))
+            found.append(_Worktree(admin, tree, head, (admin / "locked").exists()))
         return found
 
     # -- branches ------------------------------------------------------------------------------
@@ -256,9 +228,9 @@ class Repo:
                 raise GitError(f"working copy {dest} must lie outside repos/{self.name}")
         with self._lock:
             # An earlier attempt's copy and branch go first: each attempt starts from the current head.
-            for admin, tree, head, _locked in self._worktrees():
-                if _same(tree, dest) or head == f"ref: refs/heads/{branch}":
-                    self._drop(admin, tree)
+            for w in self._worktrees():
+                if _same(w.tree, dest) or w.head == f"refs/heads/{branch}":
+                    self._drop(w)
             if dest.exists() or dest.is_symlink():
                 _remove_tree(dest)
             self._run(["worktree", "prune"])
@@ -275,28 +247,23 @@ class Repo:
         with self._lock:
             if keep:
                 if not (self._admin_dir(dest) / "locked").exists():
-                    self.git(
-                        "worktree",
-                        "lock",
-                        "--reason",
-                        f"{KEPT_REASON} (order {order_id})",
-                        str(dest),
-                    )
+                    reason = f"{KEPT_REASON} (order {order_id})"
+                    self.git("worktree", "lock", "--reason", reason, str(dest))
                 return
-            for admin, tree, _head, _locked in self._worktrees():
-                if _same(tree, dest):
-                    self._drop(admin, tree)
+            for w in self._worktrees():
+                if _same(w.tree, dest):
+                    self._drop(w)
             if dest.exists() or dest.is_symlink():
                 _remove_tree(dest)
             if self._has_ref(f"refs/heads/{branch}"):
                 self.git("update-ref", "-d", f"refs/heads/{branch}")
 
-    def _drop(self, admin: Path, tree: Path) -> None:
+    def _drop(self, w: _Worktree) -> None:
         # Deleting both folders ourselves works even when the agent made the copy unreadable
         # or replaced its .git pointer, where `git worktree remove` would refuse.
-        if tree.exists() or tree.is_symlink():
-            _remove_tree(tree)
-        shutil.rmtree(admin, ignore_errors=True)
+        if w.tree.exists() or w.tree.is_symlink():
+            _remove_tree(w.tree)
+        shutil.rmtree(w.admin, ignore_errors=True)
 
     def discard(self, worktree: Path) -> None:
         """Put the working copy back to its branch head: no change, no untracked or ignored file."""
@@ -314,15 +281,8 @@ class Repo:
 
     # -- commits -------------------------------------------------------------------------------
 
-    def commit(
-        self,
-        worktree: Path,
-        paths: Iterable[str],
-        *,
-        agent: str,
-        subject: str,
-        trailers: Mapping[str, str],
-    ) -> str | None:
+    def commit(self, worktree: Path, paths: Iterable[str], *, agent: str, subject: str,
+               trailers: Mapping[str, str]) -> str | None:  # fmt: skip
         """Commit exactly `paths` (repo-relative) of the working copy on its wo/ branch, as `agent`.
 
         Ignored files that git does not track are left out. None when nothing changed.
@@ -333,18 +293,14 @@ class Repo:
             _check_rel(p)
         head_ref = self._run(["symbolic-ref", "-q", "HEAD"], cwd=work, check=False).stdout.strip()
         if not head_ref.startswith(f"refs/heads/{BRANCH_PREFIX}"):
-            raise GitError(
-                f"{work} is not on a {BRANCH_PREFIX}<order> branch; refusing to commit there"
-            )
+            raise GitError(f"{work} is not on a {BRANCH_PREFIX}<order> branch; refusing to commit there")
         old = self._sha(head_ref)
         # Start from the branch head so nothing the agent may have staged itself slips in.
         self.git("read-tree", old, cwd=work)
         if not wanted:
             return None
         tracked = set(_nul_split(self.git("ls-files", "-z", "--cached", cwd=work)))
-        r = self._run(
-            ["check-ignore", "-z", "--stdin"], cwd=work, input=_nul_join(wanted), check=False
-        )
+        r = self._run(["check-ignore", "-z", "--stdin"], cwd=work, input=_nul_join(wanted), check=False)
         if r.returncode not in (0, 1):
             raise GitError(f"git check-ignore failed in {work}: {r.stderr.strip()}")
         ignored = set(_nul_split(r.stdout))
@@ -357,30 +313,20 @@ class Repo:
             elif p in tracked:
                 remove.append(p)
         if remove:
-            self._run(
-                ["update-index", "--force-remove", "-z", "--stdin"],
-                cwd=work,
-                input=_nul_join(remove),
-            )
+            self._run(["update-index", "--force-remove", "-z", "--stdin"], cwd=work, input=_nul_join(remove))
         if add:
-            self._run(
-                ["update-index", "--add", "--replace", "-z", "--stdin"],
-                cwd=work,
-                input=_nul_join(add),
-            )
+            self._run(["update-index", "--add", "--replace", "-z", "--stdin"], cwd=work, input=_nul_join(add))
         tree = self.git("write-tree", cwd=work)
         if tree == self.git("rev-parse", f"{old}^{{tree}}"):
             return None
         body = subject.strip().replace("\n", " ") + "\n"
         if trailers:
-            body += "\n" + "".join(f"{k}: {v}\n" for k, v in trailers.items())
+            body += "\n" + "".join(f"{k}: {' '.join(str(v).split())}\n" for k, v in trailers.items())
         new = self._commit_tree(tree, [old], body, (agent, f"{agent}@{AGENT_EMAIL_DOMAIN}"))
         self.git("update-ref", "-m", f"coordinator: commit by {agent}", head_ref, new, old)
         return new
 
-    def _commit_tree(
-        self, tree: str, parents: list[str], message: str, who: tuple[str, str]
-    ) -> str:
+    def _commit_tree(self, tree: str, parents: list[str], message: str, who: tuple[str, str]) -> str:
         args = ["commit-tree", tree]
         for p in parents:
             args += ["-p", p]
@@ -419,18 +365,10 @@ class Repo:
                     message = f"Merge wo/{order_id} into {branch}\n\nWork-Order: {order_id}\n"
                     new = self._merge_commit(order_id, branch, base, tip, message)
                 self._move_checkout(base, new)
-                swapped = self._run(
-                    [
-                        "update-ref",
-                        "-m",
-                        f"coordinator: merge wo/{order_id}",
-                        f"refs/heads/{branch}",
-                        new,
-                        base,
-                    ],
-                    check=False,
-                )
-                if swapped.returncode == 0:
+                note = f"coordinator: merge wo/{order_id}"
+                # Compare-and-swap: the branch moves only if it still points at `base`.
+                swap = self._run(["update-ref", "-m", note, f"refs/heads/{branch}", new, base], check=False)
+                if swap.returncode == 0:
                     return new
                 # Somebody moved the branch meanwhile: undo the checkout, go again.
                 self._move_checkout(new, base)
@@ -441,10 +379,8 @@ class Repo:
 
     def _merge_commit(self, order_id: str, branch: str, base: str, tip: str, message: str) -> str:
         if self.in_memory_merge:
-            r = self._run(
-                ["merge-tree", "--write-tree", "--name-only", "--no-messages", "-z", base, tip],
-                check=False,
-            )
+            args = ["merge-tree", "--write-tree", "--name-only", "--no-messages", "-z", base, tip]
+            r = self._run(args, check=False)
             fields = r.stdout.split("\0")
             if r.returncode == 1:
                 raise MergeConflict(self.name, order_id, branch, [f for f in fields[1:] if f])
@@ -456,24 +392,18 @@ class Repo:
         work = scratch / self.name
         try:
             self.git("worktree", "add", "-q", "--detach", str(work), base)
-            r = self._run(
-                ["merge", "-q", "--no-ff", "--no-edit", "-m", message, tip],
-                cwd=work,
-                env=ident_env(*COORDINATOR_IDENT),
-                check=False,
-            )
+            args = ["merge", "-q", "--no-ff", "--no-edit", "-m", message, tip]
+            r = self._run(args, cwd=work, env=ident_env(*COORDINATOR_IDENT), check=False)
             if r.returncode != 0:
-                conflicted = _nul_split(
-                    self.git("diff", "--name-only", "-z", "--diff-filter=U", cwd=work)
-                )
+                conflicted = _nul_split(self.git("diff", "--name-only", "-z", "--diff-filter=U", cwd=work))
                 if conflicted:
                     raise MergeConflict(self.name, order_id, branch, conflicted)
                 raise GitError(f"git merge failed in repos/{self.name}: {r.stderr.strip()}")
             return self.git("rev-parse", "HEAD", cwd=work)
         finally:
-            for admin, tree, _head, _locked in self._worktrees():
-                if _same(tree, work):
-                    self._drop(admin, tree)
+            for w in self._worktrees():
+                if _same(w.tree, work):
+                    self._drop(w)
             shutil.rmtree(scratch, ignore_errors=True)
 
     def _move_checkout(self, old: str, new: str) -> None:
@@ -491,17 +421,11 @@ class Repo:
 
     def clear_stale_lock(self, *, now: float | None = None) -> bool:
         """Remove git lock files that no live process holds; True when any was removed."""
-        locks = [
-            p
-            for p in self.git_dir.rglob("*.lock")
-            if "objects" not in p.relative_to(self.git_dir).parts
-        ]
-        locks = [p for p in locks if p.is_file()]
+        locks = [p for p in self.git_dir.rglob("*.lock")
+                 if p.is_file() and "objects" not in p.relative_to(self.git_dir).parts]  # fmt: skip
         if not locks:
             return False
-        roots = [str(self.path), str(self.git_dir)] + [
-            str(t) for _a, t, _h, _l in self._worktrees()
-        ]
+        roots = [str(self.path), str(self.git_dir), *(str(w.tree) for w in self._worktrees())]
         held, busy = _live_holders({str(p) for p in locks}, roots)
         if busy:
             return False  # a git process works in this repository; its locks are not stale
@@ -524,34 +448,30 @@ class Repo:
         return cleared
 
 
-def gc_worktrees(
-    work_root: Path, repos: Iterable[Repo], *, keep_days: float, now: float
-) -> list[str]:
+def gc_worktrees(work_root: Path, repos: Iterable[Repo], *, keep_days: float, now: float) -> list[str]:
     """Remove kept working copies under `work_root` older than `keep_days`; their paths, relative."""
-    root = Path(os.path.abspath(work_root))
+    root = Path(os.path.realpath(work_root))
     removed: list[str] = []
     for repo in repos:
         with repo._lock:
-            for admin, tree, head, locked in repo._worktrees():
-                if not locked or not _under(tree, root):
+            for w in repo._worktrees():
+                if not w.locked or not _under(w.tree, root):
                     continue
                 try:
-                    reason = _read(admin / "locked")
-                    age = now - (admin / "locked").stat().st_mtime
+                    reason = _read(w.admin / "locked")
+                    age = now - (w.admin / "locked").stat().st_mtime
                 except OSError:
                     continue
                 if not reason.startswith(KEPT_REASON) or age < keep_days * 86400:
-                    continue
-                repo._drop(admin, tree)
-                ref = head.removeprefix("ref: ")
-                if ref.startswith(f"refs/heads/{BRANCH_PREFIX}") and repo._has_ref(ref):
-                    repo.git("update-ref", "-d", ref)
-                removed.append(tree.relative_to(root).as_posix())
+                    continue  # locked by someone else, or still young
+                repo._drop(w)
+                if w.head.startswith(f"refs/heads/{BRANCH_PREFIX}") and repo._has_ref(w.head):
+                    repo.git("update-ref", "-d", w.head)
+                removed.append(w.tree.relative_to(root).as_posix())
+                # The per-order folder that held it goes too, once empty.
+                with contextlib.suppress(OSError):
+                    w.tree.parent.rmdir()
             repo._run(["worktree", "prune"])
-    # The per-order folders that held them, once empty.
-    for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
-            folder.rmdir()
     return removed
 
 
@@ -565,25 +485,14 @@ def init_demo_repo(path: Path) -> Repo:
         target = path / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text, encoding="utf-8")
-    run_git(
-        ["-c", "init.defaultBranch=main", "init", "-q", str(path)], git_dir=None, cwd=path.parent
-    )
-    git_dir = path / ".git"
-    run_git(["symbolic-ref", "HEAD", "refs/heads/main"], git_dir=git_dir, cwd=git_dir)
-    run_git(["add", "-A"], git_dir=git_dir, work_tree=path, cwd=path)
-    tree = run_git(["write-tree"], git_dir=git_dir, work_tree=path, cwd=path).stdout.strip()
-    sha = run_git(
-        ["commit-tree", tree],
-        git_dir=git_dir,
-        cwd=git_dir,
-        env=ident_env(*COORDINATOR_IDENT),
-        input="Demo webapp: login rules and their tests\n",
-    ).stdout.strip()
-    run_git(
-        ["update-ref", "-m", "coordinator: demo repository", "refs/heads/main", sha, ""],
-        git_dir=git_dir,
-        cwd=git_dir,
-    )
+    run_git(["init", "-q", str(path)], git_dir=None, cwd=path.parent)
+    gd = path / ".git"
+    run_git(["symbolic-ref", "HEAD", "refs/heads/main"], git_dir=gd, cwd=gd)
+    run_git(["add", "-A"], git_dir=gd, work_tree=path, cwd=path)
+    tree = run_git(["write-tree"], git_dir=gd, work_tree=path, cwd=path).stdout.strip()
+    message = "Demo webapp: login rules and their tests\n"
+    sha = run_git(["commit-tree", tree], git_dir=gd, cwd=gd, env=ident_env(*COORDINATOR_IDENT), input=message)
+    run_git(["update-ref", "refs/heads/main", sha.stdout.strip(), ""], git_dir=gd, cwd=gd)
     return Repo(path)
 
 
@@ -630,9 +539,7 @@ _DEMO_FILES = {
 
 def _branch(order_id: str) -> str:
     if not _ORDER_ID.match(order_id) or ".." in order_id or order_id.endswith((".", ".lock")):
-        raise GitError(
-            f"order id {order_id!r} cannot name a git branch; use letters, digits, '-', '_' and single dots"
-        )
+        raise GitError(f"order id {order_id!r} cannot name a git branch; use letters, digits, '-', '_', single dots")
     return BRANCH_PREFIX + order_id
 
 

@@ -63,7 +63,7 @@ def describe(error: ValidationError) -> str:
         return f"must be one of {', '.join(map(str, error.validator_value))}, not {error.instance!r}"
     if v == "pattern":
         return f"{error.instance!r} does not match the pattern {error.validator_value}"
-    return error.message
+    return str(error.message)
 
 
 def _article(kind: object) -> str:

@@ -168,17 +168,18 @@ def _signal(proc: _Proc, sig: int) -> bool:
 
 
 def _wait_gone(procs: list[_Proc], timeout: float) -> None:
-    """Block until every process in `procs` has exited (pidfds become readable) or timeout."""
-    fds = []
+    """Block until every process in `procs` has exited (its pidfd turns readable) or timeout."""
+    poller, fds = select.poll(), []
     for proc in procs:
         with contextlib.suppress(OSError):
             fds.append(os.pidfd_open(proc.pid))
+            poller.register(fds[-1], select.POLLIN)
     try:
-        deadline = time.monotonic() + timeout
-        waiting = list(fds)
+        deadline, waiting = time.monotonic() + timeout, len(fds)
         while waiting and (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select(waiting, [], [], left)
-            waiting = [fd for fd in waiting if fd not in ready]
+            for fd, _ in poller.poll(left * 1000):
+                poller.unregister(fd)
+                waiting -= 1
     finally:
         for fd in fds:
             os.close(fd)
@@ -250,6 +251,7 @@ class Spawner:
         events, events_peer = socket.socketpair()
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ)
+        env.pop(MARK, None)  # the server is nobody's attempt
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_parent, env.get("PYTHONPATH"))))
         cmd = [sys.executable, "-m", "coordinator.spawner", "--ctl", str(ctl_peer.fileno()),
                "--events", str(events_peer.fileno()), "--log-cap", str(log_cap)]
@@ -268,7 +270,11 @@ class Spawner:
         self._events_eof = False
         self._events_buf = bytearray()
         self._pending: list[Exit] = []
-        self.server_pid = int(self._call("hello")["pid"])
+        try:
+            self.server_pid = int(self._call("hello")["pid"])
+        except BaseException:
+            self.close(grace=0.0)
+            raise
 
     def __enter__(self) -> Spawner:
         return self
@@ -277,6 +283,8 @@ class Spawner:
         self.close()
 
     def _dead(self) -> SupervisorError:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(1.0)
         code = self._proc.poll()
         return SupervisorError(f"the spawn server stopped (exit {code}); restart the supervisor")
 
@@ -390,6 +398,12 @@ class _Log:
         self.flushed_at = 0.0
 
     def feed(self, data: bytes, now: float) -> None:
+        try:
+            self._feed(data, now)
+        except OSError:  # a full disk loses output, never the server
+            self.dropped += len(data)
+
+    def _feed(self, data: bytes, now: float) -> None:
         if self.head < self.head_cap:
             n = min(len(data), self.head_cap - self.head)
             os.write(self.fd, data[:n])  # a regular file takes it whole
@@ -412,8 +426,9 @@ class _Log:
             return
         marker = f"\n[coordinator: {self.dropped} bytes of output dropped here]\n".encode() if self.dropped else b""
         data = marker + bytes(self.tail)
-        os.pwrite(self.fd, data, self.head)
-        os.ftruncate(self.fd, self.head + len(data))
+        with contextlib.suppress(OSError):
+            os.pwrite(self.fd, data, self.head)
+            os.ftruncate(self.fd, self.head + len(data))
         self.dirty, self.flushed_at = False, now
 
 
@@ -434,6 +449,7 @@ class _Kill:
     reply_id: int | None
     give_up_at: float
     termed: set[int] = field(default_factory=set)
+    fresh: bool = True  # not looked at yet: start it without waiting for the next poll
 
 
 class _Server:
@@ -447,7 +463,7 @@ class _Server:
         self.kills: list[_Kill] = []
         self.inbuf, self.outbuf = bytearray(), bytearray()
         self.stopping: _Kill | None = None
-        self.terminated = False
+        self.terminated = self.child_died = False
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         libc = ctypes.CDLL(None, use_errno=True)
         one, zero = ctypes.c_ulong(1), ctypes.c_ulong(0)
@@ -467,13 +483,16 @@ class _Server:
         self.terminated = True
 
     def run(self) -> None:
-        next_scan = time.monotonic() + SCAN_INTERVAL
+        next_scan = next_kill_check = time.monotonic() + SCAN_INTERVAL
         while True:
             self._reap()
             now = time.monotonic()
             if self.terminated and self.stopping is None:
                 self._stop(None, 0.0)
-            if self.kills:
+            # A kill looks for survivors when a child died or every KILL_POLL, not on every read.
+            if self.kills and (self.child_died or now >= next_kill_check or any(k.fresh for k in self.kills)):
+                self.child_died = False
+                next_kill_check = now + KILL_POLL
                 self._progress_kills(now)
             if self.stopping is not None and self.stopping not in self.kills:
                 break
@@ -481,13 +500,14 @@ class _Server:
                 if self.attempts:
                     self._tree()
                 next_scan = now + SCAN_INTERVAL
-            timeout = KILL_POLL if self.kills else max(0.0, next_scan - now)
+            timeout = max(0.0, (next_kill_check if self.kills else next_scan) - now)
             for key, mask in self.sel.select(timeout):
                 key.data(mask)
         self._finish()
 
     # events in
     def _on_wake(self, mask: int) -> None:
+        self.child_died = True  # SIGCHLD is the only signal that needs waking for
         with contextlib.suppress(BlockingIOError):
             while os.read(self.wake_r, 4096):
                 pass
@@ -564,52 +584,66 @@ class _Server:
 
     # spawning
     def _spawn(self, msg: dict[str, Any]) -> int:
-        token, argv, cwd, env = msg["token"], msg["argv"], msg["cwd"], dict(msg["env"])
+        token = msg["token"]
         old = self.attempts.get(token)
         if old is not None:
             if not old.exited or old.out_fd is not None:
                 raise CoordinatorError(f"attempt {token} is still running; kill_tree it first")
-            del self.attempts[token]
-        exe = _resolve(argv[0], env.get("PATH"), cwd)
-        env[MARK] = token
-        ruleset_fd = -1
-        if msg["sandbox"] is not None:
-            if self.abi > 0:
-                ruleset_fd = landlock.prepare(Ruleset(tuple(msg["sandbox"])), self.abi)
-            elif not self.gate_only_ok:
-                raise SandboxError("this kernel has no Landlock: refusing to run without the kernel sandbox")
+            self._forget(old)
         try:
-            try:
-                log_fd = os.open(msg["log_path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            except OSError as e:
-                raise CoordinatorError(f"cannot open log {msg['log_path']}: {e.strerror}") from None
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            status_r, status_w = os.pipe2(os.O_CLOEXEC)
-            pid = os.fork()
-            if pid == 0:
-                _exec_child(exe, argv, env, cwd, out_w, status_w, self.devnull, ruleset_fd)
-            os.close(out_w)
-            os.close(status_w)
-            failure = _read_status(status_r)
-            os.close(status_r)
-        finally:
-            if ruleset_fd >= 0:
-                os.close(ruleset_fd)
-        if failure:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-            os.close(out_r)
-            kind, _, reason = failure.partition("\n")
-            os.write(log_fd, f"coordinator: {reason}\n".encode())
+            log_fd = os.open(msg["log_path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise CoordinatorError(f"cannot open log {msg['log_path']}: {e.strerror}") from None
+        try:
+            pid, out_r = self._fork(msg)
+        except BaseException as e:
+            # The log is where a user looks first: say there why nothing ran.
+            with contextlib.suppress(OSError):
+                os.write(log_fd, f"coordinator: {e}\n".encode())
             os.close(log_fd)
-            raise (SandboxError if kind == "sandbox" else CoordinatorError)(reason)
-        os.set_blocking(out_r, False)
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(out_r, fcntl.F_SETPIPE_SZ, READ_CHUNK)  # fewer wakeups for chatty children
+            raise
         att = _Attempt(token, pid, _Log(log_fd, self.log_cap), out_r)
         self.attempts[token] = self.leaders[pid] = att
         self.sel.register(out_r, selectors.EVENT_READ, lambda mask, att=att: self._on_output(att, mask))
         return pid
+
+    def _fork(self, msg: dict[str, Any]) -> tuple[int, int]:
+        """Fork and exec one child; returns (pid, read end of its output) once exec succeeded."""
+        argv, cwd, env = msg["argv"], msg["cwd"], dict(msg["env"])
+        exe = _resolve(argv[0], env.get("PATH"), cwd)
+        env[MARK] = msg["token"]
+        out_r = out_w = status_r = status_w = ruleset_fd = -1
+        try:
+            if msg["sandbox"] is not None:
+                if self.abi > 0:
+                    ruleset_fd = landlock.prepare(Ruleset(tuple(msg["sandbox"])), self.abi)
+                elif not self.gate_only_ok:
+                    raise SandboxError("this kernel has no Landlock: refusing to run without the kernel sandbox")
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            status_r, status_w = os.pipe2(os.O_CLOEXEC)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(out_r, fcntl.F_SETPIPE_SZ, READ_CHUNK)  # fewer wakeups for chatty children
+            pid = os.fork()
+            if pid == 0:
+                _exec_child(exe, argv, env, cwd, out_w, status_w, self.devnull, ruleset_fd)
+            os.close(status_w)
+            status_w = -1
+            failure = _read_status(status_r)
+            if failure:
+                os.kill(pid, signal.SIGKILL)  # it may be stuck before exec; never let it run later
+                os.waitpid(pid, 0)
+                kind, _, reason = failure.partition("\n")
+                raise (SandboxError if kind == "sandbox" else CoordinatorError)(reason)
+        except BaseException:
+            if out_r >= 0:
+                os.close(out_r)
+            raise
+        finally:
+            for fd in (out_w, status_w, status_r, ruleset_fd):
+                if fd >= 0:
+                    os.close(fd)
+        os.set_blocking(out_r, False)
+        return pid, out_r
 
     # reaping and reporting
     def _reap(self) -> None:
@@ -692,6 +726,7 @@ class _Server:
     def _progress_kills(self, now: float) -> None:
         owners = self._tree()
         for job in list(self.kills):
+            job.fresh = False
             procs = [p for ps in owners.values() for p in ps] if job.token is None else owners.get(job.token, [])
             live = [p for p in procs if not p.zombie]
             if not procs:
@@ -742,11 +777,11 @@ def _resolve(argv0: str, path: str | None, cwd: str) -> str:
 
 def _read_status(fd: int) -> str:
     """What the child reported before exec; empty when exec succeeded (the pipe closed on exec)."""
-    data = b""
+    data, poller = b"", select.poll()
+    poller.register(fd, select.POLLIN)
     deadline = time.monotonic() + EXEC_WAIT
     while (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([fd], [], [], left)
-        chunk = os.read(fd, 4096) if ready else b""
+        chunk = os.read(fd, 4096) if poller.poll(left * 1000) else b""
         if not chunk:
             return data.decode("utf-8", "replace")
         data += chunk

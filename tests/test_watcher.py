@@ -243,10 +243,13 @@ def test_twenty_thousand_files_dropped_at_once_are_all_found_exactly(
     make = "import os,sys\nfor i in range(int(sys.argv[2])):\n open(f'{sys.argv[1]}/order-{i:05d}.json','w').close()\n"
     subprocess.run([sys.executable, "-c", make, str(inbox), str(MANY)], check=True)
 
-    seen = collect(w, [inbox], lambda s: s.found >= expected)
+    # Hints still in flight when a rescan already found everything are waited for: unless the
+    # watcher reported an overflow, every file must also have been hinted.
+    seen = collect(
+        w, [inbox], lambda s: s.found >= expected and (s.hinted >= expected or w.overflows > 0)
+    )
     assert seen.found == expected
-    # Whatever the hints missed, the watcher knew it had missed something.
-    assert seen.hinted == expected or w.overflows > 0
+    assert seen.hinted <= expected
 
 
 OBSERVED = """
@@ -295,7 +298,7 @@ def test_an_inotify_overflow_loses_no_file(inbox: Path) -> None:
             os.kill(child.pid, signal.SIGCONT)
         child.stdin.write("go\n")
         child.stdin.flush()
-        out, _ = child.communicate(timeout=DEADLINE)
+        out, _ = child.communicate(timeout=3 * DEADLINE)
     finally:
         child.kill()
         child.wait()

@@ -1,0 +1,78 @@
+"""Shared fixtures: real workspaces in temporary folders, real git, real processes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests import fakellm and helpers as top-level modules
+
+from coordinator.audit import StateRepo  # noqa: E402
+from coordinator.repos import init_demo_repo  # noqa: E402
+from coordinator.workspace import Workspace  # noqa: E402
+
+
+def sh(script: str) -> list[str]:
+    """An agent command that runs a shell script (with $COORD_* in its environment)."""
+    return ["/bin/sh", "-c", script]
+
+
+def order_md(objective: str, *, files: tuple[str, ...] = (), acceptance: tuple[str, ...] | None = None,
+             branching: tuple[str, ...] = ("halt-with-note if the work does not apply",),
+             **front: Any) -> str:
+    """A Markdown work order in the seed's four-line format."""
+    acc = acceptance or ("The first thing is true", "The second thing is true", "The third thing is true")
+    head = ""
+    if front:
+        head = "---\n" + yaml.safe_dump({k.replace("sender", "from"): v for k, v in front.items()}) + "---\n"
+    body = f"**Objective:** {objective}\n\n**Acceptance:**\n" + "".join(f"- {a}\n" for a in acc)
+    body += "\n**Files:**\n" + "".join(f"- {f}\n" for f in files)
+    body += "\n**Branching:**\n" + "".join(f"- {b}\n" for b in branching)
+    return head + body
+
+
+def drop(ws: Workspace, agent: str, name: str, text: str) -> Path:
+    """Drop a file the way `coordinator send` does: a dot-file renamed into the inbox."""
+    inbox = ws.inbox(agent)
+    inbox.mkdir(parents=True, exist_ok=True)
+    tmp = inbox / f".{name}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.rename(tmp, inbox / name)
+    return inbox / name
+
+
+@pytest.fixture
+def make_ws(tmp_path: Path) -> Callable[..., Workspace]:
+    """make_ws(agents={...}, **top) -> a workspace with state/ and the demo repository webapp."""
+
+    def make(agents: dict[str, Any], **top: Any) -> Workspace:
+        root = tmp_path / "ws"
+        root.mkdir(exist_ok=True)
+        probe = tmp_path / "probe"  # where test agents may leave evidence ($PROBE): sandbox-writable
+        probe.mkdir(exist_ok=True)
+        for spec in agents.values():
+            if spec.get("role") == "specialist" or "command" in spec:
+                spec.setdefault("sandbox", {"writable": [str(probe)]})
+                spec.setdefault("env", {"PROBE": str(probe)})
+        cfg = {"version": 1, "agents": agents, **top}
+        (root / "coordinator.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        ws = Workspace(root)
+        ws.ensure_layout()
+        StateRepo.ensure(ws.state)
+        if not (ws.repos / "webapp").exists():
+            init_demo_repo(ws.repos / "webapp")
+        return ws
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _no_workspace_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv("COORDINATOR_WORKSPACE", raising=False)
+    yield

@@ -1,0 +1,252 @@
+"""The permission gate on a real working copy: every kind of change, and the verdict."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+
+from coordinator import gate
+from coordinator.gate import Change, describe, diff, judge, snapshot
+from coordinator.repos import Repo, init_demo_repo
+
+FILES = ("webapp/src/login.py", "webapp/tests/**")
+WRITES = ("webapp/src/**", "webapp/tests/**")
+
+
+@pytest.fixture
+def wt(tmp_path: Path) -> Path:
+    """A working copy on wo/WO-1 of the demo repository, with its .git pointer file."""
+    repo: Repo = init_demo_repo(tmp_path / "ws" / "repos" / "webapp")
+    return repo.add_worktree("WO-1", tmp_path / "ws" / ".coordinator" / "work" / "WO-1" / "webapp")
+
+
+def changes_after(wt: Path, act: object) -> dict[str, str]:
+    """Run `act` on the working copy; what the gate saw, path -> kind of change."""
+    before = snapshot(wt)
+    act()  # type: ignore[operator]
+    return {c.path: c.what for c in diff(before, snapshot(wt))}
+
+
+def test_snapshot_records_untracked_ignored_and_the_pointer(wt: Path) -> None:
+    (wt / "notes.txt").write_text("untracked\n")
+    (wt / "src" / "cache.pyc").write_bytes(b"\0ignored")
+    snap = snapshot(wt)
+    assert snap[".git"].kind == "file"
+    assert snap["notes.txt"].kind == "file" and snap["src/cache.pyc"].digest
+    assert snap["src"].kind == "dir"
+    assert snap["src/login.py"].nlink == 1
+
+
+def test_nothing_done_means_no_changes(wt: Path) -> None:
+    assert diff(snapshot(wt), snapshot(wt)) == []
+
+
+def test_added_deleted_and_ignored_files_are_seen(wt: Path) -> None:
+    def act() -> None:
+        (wt / "src" / "new.py").write_text("new\n")
+        (wt / "src" / "cache.pyc").write_bytes(b"ignored by git, not by the gate")
+        (wt / "README.md").unlink()
+
+    assert changes_after(wt, act) == {"src/new.py": "added", "src/cache.pyc": "added", "README.md": "deleted"}
+
+
+def test_modified_with_same_size_and_mtime_is_seen(wt: Path) -> None:
+    target = wt / "src" / "login.py"
+    st = target.stat()
+
+    def act() -> None:
+        text = target.read_text()
+        target.write_text(text.replace("required", "REQUIRED"))
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    assert target.stat().st_size == st.st_size
+    assert changes_after(wt, act) == {"src/login.py": "modified"}
+
+
+def test_chmod_is_a_mode_change(wt: Path) -> None:
+    assert changes_after(wt, lambda: os.chmod(wt / "src" / "login.py", 0o755)) == {"src/login.py": "mode"}
+
+
+def test_setuid_and_setgid_bits_are_seen(wt: Path) -> None:
+    def act() -> None:
+        os.chmod(wt / "src" / "login.py", 0o4755)
+        (wt / "tests" / "tool").write_text("x")
+        os.chmod(wt / "tests" / "tool", 0o2755)
+
+    assert changes_after(wt, act) == {"src/login.py": "setuid", "tests/tool": "setuid"}
+
+
+def test_symlinks_out_of_the_copy_are_seen(wt: Path) -> None:
+    def act() -> None:
+        os.symlink("/etc/passwd", wt / "src" / "abs")
+        os.symlink("../../outside", wt / "src" / "up")
+        os.symlink("login.py", wt / "src" / "alias.py")  # harmless: stays inside
+        os.symlink(".", wt / "src" / "here")
+        os.symlink("here/here/../..", wt / "src" / "chain")  # looks inside, leads out through `here`
+        os.symlink("../.git", wt / "src" / "pointer")
+
+    assert changes_after(wt, act) == {
+        "src/abs": "symlink", "src/up": "symlink", "src/alias.py": "added",
+        "src/here": "added", "src/chain": "symlink", "src/pointer": "symlink",
+    }  # fmt: skip
+
+
+def test_hard_link_is_seen_on_both_names(wt: Path) -> None:
+    act = lambda: os.link(wt / "src" / "login.py", wt / "src" / "copy.py")  # noqa: E731
+    assert changes_after(wt, act) == {"src/copy.py": "hardlink", "src/login.py": "hardlink"}
+
+
+def test_fifo_and_socket_are_special(wt: Path) -> None:
+    sock = socket.socket(socket.AF_UNIX)
+
+    def act() -> None:
+        os.mkfifo(wt / "src" / "pipe")
+        sock.bind(str(wt / "src" / "sock"))
+
+    try:
+        assert changes_after(wt, act) == {"src/pipe": "special", "src/sock": "special"}
+    finally:
+        sock.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a device node needs root")
+def test_device_node_is_special(wt: Path) -> None:
+    act = lambda: os.mknod(wt / "src" / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # noqa: E731
+    assert changes_after(wt, act) == {"src/null": "special"}
+
+
+def test_new_git_folder_inside_a_subfolder_is_git_internal(wt: Path) -> None:
+    def act() -> None:
+        (wt / "src" / "sub" / ".git").mkdir(parents=True)
+        (wt / "src" / "sub" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+        (wt / "tests" / ".GiT").mkdir()
+        (wt / ".gitmodules").write_text('[submodule "x"]\n')
+
+    assert changes_after(wt, act) == {
+        "src/sub": "added", "src/sub/.git": "git-internal", "src/sub/.git/HEAD": "git-internal",
+        "tests/.GiT": "git-internal", ".gitmodules": "git-internal",
+    }  # fmt: skip
+
+
+def test_replaced_pointer_is_seen_and_described(wt: Path) -> None:
+    def act() -> None:
+        (wt / ".git").unlink()
+        (wt / ".git" / "hooks").mkdir(parents=True)
+        (wt / ".git" / "hooks" / "pre-commit").write_text("#!/bin/sh\n")
+
+    before = snapshot(wt)
+    act()
+    found = diff(before, snapshot(wt))
+    assert {c.path: c.what for c in found} == {
+        ".git": "pointer", ".git/hooks": "git-internal", ".git/hooks/pre-commit": "git-internal",
+    }  # fmt: skip
+    lines = [describe(c) for c in found]
+    assert ".git: pointer (replaced by a dir)" in lines
+    assert ".git/hooks/pre-commit: git-internal (created)" in lines
+
+
+def test_edited_pointer_is_seen(wt: Path) -> None:
+    act = lambda: (wt / ".git").write_text("gitdir: /elsewhere\n")  # noqa: E731
+    assert changes_after(wt, act) == {".git": "pointer"}
+
+
+def test_a_file_turned_into_a_folder_is_a_type_change(wt: Path) -> None:
+    def act() -> None:
+        (wt / "README.md").unlink()
+        (wt / "README.md").mkdir()
+        (wt / "README.md" / "x").write_text("x")
+
+    assert changes_after(wt, act) == {"README.md": "type", "README.md/x": "added"}
+
+
+def test_whole_copy_gone_reads_as_everything_deleted(wt: Path) -> None:
+    before = snapshot(wt)
+    shutil.rmtree(wt)
+    found = diff(before, snapshot(wt))
+    assert {c.what for c in found} >= {"pointer", "deleted"}
+    assert not judge(found, repo="webapp", files=("webapp/**",), writes=("webapp/**",)).allowed
+
+
+# -- judge -----------------------------------------------------------------------------------------
+
+
+def verdict_of(wt: Path, act: object, files: tuple[str, ...] = FILES,
+               writes: tuple[str, ...] = WRITES) -> gate.Verdict:  # fmt: skip
+    before = snapshot(wt)
+    act()  # type: ignore[operator]
+    return judge(diff(before, snapshot(wt)), repo="webapp", files=files, writes=writes)
+
+
+def test_changes_inside_files_and_writes_are_allowed(wt: Path) -> None:
+    def act() -> None:
+        (wt / "src" / "login.py").write_text("changed\n")
+        (wt / "tests" / "unit").mkdir()
+        (wt / "tests" / "unit" / "test_more.py").write_text("x = 1\n")
+        (wt / "tests" / "__init__.py").unlink()
+
+    v = verdict_of(wt, act)
+    assert v.allowed, v.offending
+    assert v.commit_paths() == ("src/login.py", "tests/__init__.py", "tests/unit/test_more.py")
+
+
+def test_inside_files_but_outside_writes_is_denied(wt: Path) -> None:
+    act = lambda: (wt / "README.md").write_text("changed\n")  # noqa: E731
+    v = verdict_of(wt, act, files=("webapp/README.md",), writes=WRITES)
+    assert not v.allowed and v.commit_paths() == ()
+    assert [(c.path, why) for c, why in v.offending] == [("README.md", "outside the agent's writes")]
+
+
+def test_inside_writes_but_outside_files_is_denied(wt: Path) -> None:
+    def act() -> None:
+        (wt / "src" / "login.py").write_text("allowed\n")
+        (wt / "src" / "other.py").write_text("not in the order\n")
+
+    v = verdict_of(wt, act)
+    assert [(c.path, why) for c, why in v.offending] == [("src/other.py", "outside the order's files")]
+
+
+def test_an_empty_folder_outside_files_is_denied(wt: Path) -> None:
+    v = verdict_of(wt, lambda: (wt / "docs").mkdir())
+    assert [(c.path, c.what) for c, _ in v.offending] == [("docs", "added")]
+
+
+def test_what_no_permission_grants_is_denied_even_under_a_wide_glob(wt: Path) -> None:
+    def act() -> None:
+        os.symlink("/etc", wt / "src" / "etc")
+        os.mkfifo(wt / "src" / "pipe")
+        (wt / "src" / ".git").mkdir()
+        os.link(wt / "src" / "login.py", wt / "src" / "twin.py")
+
+    v = verdict_of(wt, act, files=("webapp/**",), writes=("webapp/**",))
+    got = {c.path: why for c, why in v.offending}
+    assert set(got) == {"src/etc", "src/pipe", "src/.git", "src/twin.py", "src/login.py"}
+    assert got["src/.git"] == gate.ALWAYS_DENIED["git-internal"]
+    assert v.commit_paths() == ()
+
+
+def test_describe_without_detail() -> None:
+    assert describe(Change("a/b", "added")) == "a/b: added"
+    assert describe(Change("x", "deleted", "file")) == "x: deleted (file)"
+
+
+def test_a_new_folder_that_only_holds_allowed_files_is_allowed_and_committed(tmp_path: Path) -> None:
+    repo = init_demo_repo(tmp_path / "ws" / "repos" / "webapp")
+    wt = repo.add_worktree("WO-2", tmp_path / "ws" / ".coordinator" / "work" / "WO-2" / "webapp")
+
+    def act() -> None:
+        (wt / "src" / "pkg").mkdir()
+        (wt / "src" / "pkg" / "rules.py").write_text("LIMIT = 64\n")
+        (wt / "src" / "login.py").unlink()
+
+    v = verdict_of(wt, act, files=("webapp/src/pkg/*.py", "webapp/src/login.py"))
+    assert v.allowed, v.offending
+    assert v.commit_paths() == ("src/login.py", "src/pkg/rules.py")
+    sha = repo.commit(wt, v.commit_paths(), agent="chip", subject="Move rules",
+                      trailers={"Work-Order": "WO-2", "Agent": "chip"})  # fmt: skip
+    assert sha is not None
+    assert snapshot(wt)["src/pkg/rules.py"].kind == "file"

@@ -1,0 +1,670 @@
+"""Work orders: every rule of SPEC §2 as a user meets it (the Problem's field, line, message)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, field, replace
+
+import pytest
+
+from coordinator import config, orders
+from coordinator.errors import OrderError, Problem, UsageError
+from coordinator.orders import Acceptance, Branch, WorkOrder
+
+TEAM = {
+    "version": 1,
+    "orchestrator": "walt",
+    "agents": {
+        "walt": {"role": "orchestrator", "sends_to": ["chip", "rex"]},
+        "chip": {"role": "specialist", "command": ["true"], "sends_to": ["rex"],
+                 "writes": ["webapp/src/**", "webapp/tests/**"]},
+        "rex": {"role": "specialist", "command": ["true"], "writes": ["webapp/**", "api/**"]},
+        "idle": {"role": "specialist", "writes": ["webapp/**"]},
+    },
+}
+
+# SPEC §2's Markdown example, verbatim.
+SPEC_EXAMPLE = """\
+---
+id: login-length          # optional; assigned when absent
+from: walt                # optional; "user" when absent
+priority: high            # low | normal (default) | high | urgent
+blocked_by: [WO-0007]     # optional: orders that must be done first
+references: [WO-0005]     # optional: earlier orders this one follows up
+timeout: 20m              # optional: overrides the agent's timeout
+---
+**Objective:** The login form rejects passwords over 64 characters with a clear message.
+
+**Acceptance:**
+- Submitting a 65-character password shows "Password too long"
+- Passwords of 64 characters or fewer still log in
+- `make test` passes
+
+**Files:**
+- webapp/src/login.ts
+- webapp/tests/test_login.py
+
+**Branching:**
+- halt-with-note if the form already enforces the limit
+- route-to-rex if the change touches password hashing
+- requeue-with-blocker if the API contract for passwords is undecided
+"""
+
+SPEC_NORMALIZED = {
+    "id": "login-length", "from": "walt", "to": "chip",
+    "objective": "The login form rejects passwords over 64 characters with a clear message.",
+    "acceptance": [{"text": 'Submitting a 65-character password shows "Password too long"'},
+                   {"text": "Passwords of 64 characters or fewer still log in"},
+                   {"text": "`make test` passes", "check": "make test"}],
+    "files": ["webapp/src/login.ts", "webapp/tests/test_login.py"],
+    "branching": [{"action": "halt-with-note", "when": "the form already enforces the limit"},
+                  {"action": "route-to", "agent": "rex", "when": "the change touches password hashing"},
+                  {"action": "requeue-with-blocker",
+                   "when": "the API contract for passwords is undecided"}],
+    "priority": "high", "blocked_by": ["WO-0007"], "references": ["WO-0005"], "timeout": "20m",
+    "parent": None,
+}
+
+BODY = """\
+**Objective:** The login form rejects long passwords.
+
+**Acceptance:**
+- A 65-character password shows "Password too long"
+- A 64-character password still logs in
+- `make test` passes
+
+**Files:**
+- webapp/src/login.ts
+
+**Branching:**
+- halt-with-note if the form already enforces the limit
+"""
+
+
+@dataclass
+class History:
+    """A workspace's earlier orders, in memory: id -> (blocked_by, sender, to, objective, status)."""
+
+    orders: dict[str, tuple[tuple[str, ...], str, str, str, str]] = field(default_factory=dict)
+
+    def add(self, oid: str, *, blocked_by: tuple[str, ...] = (), sender: str = "user", to: str = "chip",
+            objective: str = "", status: str = "done") -> History:
+        self.orders[oid] = (blocked_by, sender, to, objective, status)
+        return self
+
+    def exists(self, order_id: str) -> bool:
+        return order_id in self.orders
+
+    def blocked_by_of(self, order_id: str) -> tuple[str, ...]:
+        return self.orders[order_id][0] if order_id in self.orders else ()
+
+    def ended(self, sender: str, to: str, objective: str) -> list[tuple[str, str]]:
+        key = orders.objective_key(objective)
+        return [(oid, o[4]) for oid, o in self.orders.items()
+                if (o[1], o[2]) == (sender, to) and orders.objective_key(o[3]) == key
+                and o[4] in orders.FEEDBACK_STATUSES]
+
+
+@pytest.fixture
+def team() -> config.Config:
+    return config.from_mapping(TEAM)
+
+
+def problems_of(data: str | bytes, path: str = "inbox/chip/fix.md", to: str | None = "chip") -> list[Problem]:
+    raw = data.encode() if isinstance(data, str) else data
+    with pytest.raises(OrderError) as info:
+        orders.parse(raw, path=path, to=to)
+    return info.value.problems
+
+
+def only(problems: list[Problem], field: str) -> Problem:
+    found = [p for p in problems if p.field == field]
+    assert len(found) == 1, problems
+    return found[0]
+
+
+def load_problems(data: str, team: config.Config, history: orders.History | None = None, *,
+                  to: str = "chip", path: str = "inbox/chip/fix.md", sender: str | None = None,
+                  ) -> list[Problem]:
+    with pytest.raises(OrderError) as info:
+        orders.load(data.encode(), path=path, to=to, config=team,
+                    history=history or orders.EmptyHistory(), sender=sender)
+    return info.value.problems
+
+
+def with_front(front: str, body: str = BODY) -> str:
+    return f"---\n{front}\n---\n{body}"
+
+
+# --- the three formats -------------------------------------------------------------------
+
+
+def test_spec_markdown_example_gives_the_spec_normalized_form() -> None:
+    order = orders.parse(SPEC_EXAMPLE.encode(), path="inbox/chip/login.md", to="chip")
+    assert order.to_dict() == SPEC_NORMALIZED
+    assert list(order.to_dict()) == list(SPEC_NORMALIZED)  # stable key order
+    assert order.checks == ("make test",)
+    assert order.repo == "webapp"
+    assert WorkOrder.from_dict(json.loads(json.dumps(order.to_dict()))) == order
+
+
+def test_spec_example_is_accepted_by_the_team_rules(team: config.Config) -> None:
+    history = History().add("WO-0007").add("WO-0005")
+    order = orders.load(SPEC_EXAMPLE.encode(), path="inbox/chip/login.md", to="chip", config=team,
+                        history=history)
+    assert order.sender == "walt" and order.priority == "high"
+
+
+def test_yaml_and_json_forms_give_the_same_order() -> None:
+    md = orders.parse(SPEC_EXAMPLE.encode(), path="a.md", to="chip")
+    as_json = json.dumps(SPEC_NORMALIZED).encode()
+    assert orders.parse(as_json, path="a.json") == md
+    as_yaml = textwrap.dedent("""\
+        id: login-length
+        from: walt
+        priority: high
+        blocked_by: [WO-0007]
+        references: [WO-0005]
+        timeout: 20m
+        objective: The login form rejects passwords over 64 characters with a clear message.
+        acceptance:
+          - Submitting a 65-character password shows "Password too long"
+          - Passwords of 64 characters or fewer still log in
+          - "`make test` passes"
+        files: [webapp/src/login.ts, webapp/tests/test_login.py]
+        branching:
+          - {action: halt-with-note, when: the form already enforces the limit}
+          - route-to-rex if the change touches password hashing
+          - action: requeue-with-blocker
+            when: the API contract for passwords is undecided
+        """)
+    assert orders.parse(as_yaml.encode(), path="inbox/chip/a.yml", to="chip") == md
+    assert orders.parse(as_yaml.encode(), path="A.YAML", to="chip") == md
+
+
+def test_explicit_check_key_in_yaml() -> None:
+    text = textwrap.dedent("""\
+        objective: Speed up the build.
+        acceptance:
+          - {text: The build takes under a minute, check: ./timed-build.sh}
+          - text: Nothing else changes
+          - {text: "`make lint` passes"}
+        files: []
+        branching: [halt-with-note if the build is already fast]
+        """)
+    order = orders.parse(text.encode(), path="o.yaml", to="chip")
+    assert order.acceptance == (Acceptance("The build takes under a minute", "./timed-build.sh"),
+                                Acceptance("Nothing else changes"),
+                                Acceptance("`make lint` passes"))  # a mapping item: explicit only
+    assert order.files == () and order.repo is None
+
+
+def test_markdown_headings_any_case_other_bullets_and_objective_on_next_line() -> None:
+    text = textwrap.dedent("""\
+        # Login limits
+
+        ## OBJECTIVE
+        The login form rejects long passwords.
+
+        ### acceptance
+        * [ ] A 65-character password shows an error
+        1. A 64-character password still logs in
+        2) `npm test -- login` still passes.
+
+        ## Files
+        - `webapp/src/login.ts`
+
+        ## Branching:
+        - halt-with-note when the form already enforces the limit
+        - route-to-rex: the change touches hashing
+        """)
+    order = orders.parse(text.encode(), path="x.markdown", to="chip")
+    assert order.objective == "The login form rejects long passwords."
+    assert [a.text for a in order.acceptance][0] == "A 65-character password shows an error"
+    assert order.acceptance[2].check == "npm test -- login"
+    assert order.files == ("webapp/src/login.ts",)
+    assert order.branching == (Branch("halt-with-note", "the form already enforces the limit"),
+                               Branch("route-to", "the change touches hashing", "rex"))
+    assert "- route-to-rex if the change touches hashing" in orders.render(order)
+
+
+def test_bom_and_crlf_are_tolerated() -> None:
+    data = b"\xef\xbb\xbf" + SPEC_EXAMPLE.replace("\n", "\r\n").encode()
+    assert orders.parse(data, path="a.md", to="chip").to_dict() == SPEC_NORMALIZED
+
+
+def test_defaults_when_front_matter_is_absent() -> None:
+    order = orders.parse(BODY.encode(), path="a.md", to="chip")
+    assert (order.id, order.sender, order.priority, order.timeout, order.parent) == (
+        None, "user", "normal", None, None)
+    assert order.blocked_by == () and order.references == ()
+
+
+def test_unknown_extension_names_the_allowed_kinds() -> None:
+    p = only(problems_of(BODY, path="inbox/chip/fix.txt"), "")
+    assert "is a .txt file; a work order is a .md, .markdown, .yaml, .yml or .json file" in p.message
+    assert orders.parse(BODY.encode(), path="-", to="chip", kind="markdown").objective
+
+
+# --- objective ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("objective", "message"), [
+    ("", "is empty; say in one sentence what will be true when the work is done"),
+    ("x" * 281, "is 281 characters; keep it to one sentence of at most 280"),
+    ("Fix the \x1b[31mlogin\x1b[0m form.", "contains a control character; remove it"),
+])
+def test_objective_rules(objective: str, message: str) -> None:
+    text = json.dumps({**SPEC_NORMALIZED, "objective": objective})
+    p = only(problems_of(text, path="inbox/chip/fix.json"), "objective")
+    assert p.message == message and p.path == "inbox/chip/fix.json"
+
+
+def test_objective_of_280_characters_is_fine() -> None:
+    text = json.dumps({**SPEC_NORMALIZED, "objective": "x" * 280})
+    assert len(orders.parse(text.encode(), path="a.json").objective) == 280
+
+
+def test_objective_on_two_lines_is_refused_at_its_line() -> None:
+    text = "**Objective:** The login form\nrejects long passwords.\n\n" + BODY.split("\n\n", 1)[1]
+    p = only(problems_of(text), "objective")
+    assert str(p) == ("inbox/chip/fix.md:1: objective: must be one line; join the lines or split it "
+                      "into several items")
+
+
+# --- acceptance --------------------------------------------------------------------------
+
+
+def test_two_acceptance_items_gives_the_spec_message() -> None:
+    text = textwrap.dedent("""\
+        # Fix the login form
+
+        **Objective:**
+        The login form rejects long passwords.
+
+
+        **Acceptance:**
+        - A 65-character password shows an error
+        - `make test` passes
+
+        **Files:**
+        - webapp/src/login.ts
+
+        **Branching:**
+        - halt-with-note if the form already enforces the limit
+        """)
+    assert [str(p) for p in problems_of(text)] == [
+        "inbox/chip/fix.md:7: acceptance: has 2 items; a work order needs 3 to 5 testable items"]
+
+
+def test_six_acceptance_items_and_empty_or_wrapped_items() -> None:
+    items = "\n".join(f"- result {i}" for i in range(6))
+    text = BODY.replace('- A 65-character password shows "Password too long"', items)
+    assert only(problems_of(text), "acceptance").message.startswith("has 8 items;")
+    text = BODY.replace("- A 64-character password still logs in", "-\n- wrapped\n  onto a second line")
+    found = problems_of(text)
+    assert (only(found, "acceptance.1").message, only(found, "acceptance.1").line) == (
+        "is empty; write a result anyone can check", 5)
+    assert only(found, "acceptance.2").message.startswith("must be one line")
+    assert not [p for p in found if p.field == "acceptance"]  # 4 items is fine
+
+
+@pytest.mark.parametrize(("item", "check"), [
+    ("`make test` passes", "make test"),
+    ("`pytest -q tests/test_login.py` still passes.", "pytest -q tests/test_login.py"),
+    ("Running `make test` passes", None),  # must begin with the command
+    ("`make test` is green", None),  # must end with `passes`
+])
+def test_check_is_taken_from_backticks_and_passes(item: str, check: str | None) -> None:
+    order = orders.parse(BODY.replace("- `make test` passes", f"- {item}").encode(), path="a.md", to="chip")
+    assert order.acceptance[2] == Acceptance(item.strip(), check)
+
+
+# --- files -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("entry", "words"), [
+    ("webapp/../../etc/passwd", "contains '..'"),
+    ("/etc/passwd", "is absolute"),
+    ("~/notes.md", "starts with ~"),
+    ("webapp\\src\\x.ts", "backslash"),
+    ("webapp/.git/config", ".git component"),
+    ("webapp/.GIT/hooks/pre-commit", ".git component"),
+    ("webapp/src/.Git", ".git component"),
+    ("webapp//src/x.ts", "empty component"),
+    ("webapp/src/x\x07.ts", "control character"),
+    ("*/src/x.ts", "must name a repository"),
+])
+def test_hostile_file_entries_are_refused_with_their_line(entry: str, words: str) -> None:
+    text = BODY.replace("- webapp/src/login.ts", f"- webapp/src/login.ts\n- {entry}")
+    p = only(problems_of(text), "files.1")
+    assert words in p.message and p.line == 10
+
+
+def test_more_than_200_files_and_read_only_orders() -> None:
+    many = "\n".join(f"- webapp/src/f{i}.ts" for i in range(201))
+    p = only(problems_of(BODY.replace("- webapp/src/login.ts", many)), "files")
+    assert p.message.startswith("has 201 entries; at most 200") and p.line == 8
+    order = orders.parse(BODY.replace("**Files:**\n- webapp/src/login.ts", "**Files:** none").encode(),
+                         path="a.md", to="chip")
+    assert order.files == ()
+
+
+def test_missing_sections_say_what_to_add() -> None:
+    found = problems_of("**Objective:** Fix it.\n")
+    assert only(found, "files").message == ("is missing; add the **Files:** section with the files it "
+                                            "may change (none for read-only work)")
+    assert only(found, "acceptance").message.startswith("is missing; add the **Acceptance:** section")
+    p = only(problems_of('{"objective": "Fix it."}', path="a.json"), "branching")
+    assert p.message.startswith("is missing; add the `branching` key with 1 to 10 rules")
+
+
+def test_files_outside_the_recipients_writes(team: config.Config) -> None:
+    text = BODY.replace("- webapp/src/login.ts", "- webapp/src/login.ts\n- webapp/docs/**")
+    p = only(load_problems(text, team), "files.1")
+    assert str(p) == ("inbox/chip/fix.md:10: files.1: 'webapp/docs/**' is outside what chip may write "
+                      "(webapp/src/**, webapp/tests/**); narrow it, or send the order to an agent that "
+                      "may write there")
+
+
+def test_files_in_two_repositories(team: config.Config) -> None:
+    text = BODY.replace("- webapp/src/login.ts", "- webapp/src/login.ts\n- api/auth.py")
+    p = only(load_problems(text, team, to="rex", path="inbox/rex/x.md"), "files")
+    assert p.message.startswith("names 2 repositories (api, webapp); an order works in one repository")
+
+
+def test_an_order_to_the_orchestrator_stays_inside_its_agents_writes(team: config.Config) -> None:
+    order = orders.load(BODY.encode(), path="inbox/walt/a.md", to="walt", config=team,
+                        history=orders.EmptyHistory())
+    assert order.to == "walt"
+    text = BODY.replace("webapp/src/login.ts", "docs/readme.md")
+    p = only(load_problems(text, team, to="walt", path="inbox/walt/a.md"), "files.0")
+    assert "outside what walt's agents (chip, rex) may write" in p.message
+
+
+# --- branching ---------------------------------------------------------------------------
+
+
+def test_branching_counts_and_unknown_rules() -> None:
+    assert only(problems_of(BODY.replace("- halt-with-note if the form already enforces the limit", "")),
+                "branching").message.startswith("has 0 rules; give 1 to 10")
+    eleven = "\n".join(f"- halt-with-note if case {i}" for i in range(11))
+    assert only(problems_of(BODY.replace("- halt-with-note if the form already enforces the limit",
+                                         eleven)), "branching").message.startswith("has 11 rules")
+    p = only(problems_of(BODY + "- escalate if it is hard\n"), "branching.1")
+    assert p.line == 13 and "'escalate if it is hard' is not a rule" in p.message
+    p = only(problems_of(BODY + "- route-to if it is hard\n"), "branching.1.agent")
+    assert p.message == "route-to needs an agent: write route-to-<agent> if …" and p.line == 13
+    p = only(problems_of(BODY + "- halt-with-note if\n"), "branching.1")
+    assert "is not a rule" in p.message
+
+
+def test_yaml_branching_rules() -> None:
+    base = {**SPEC_NORMALIZED}
+    base["branching"] = [{"action": "halt-with-note", "agent": "rex", "when": "done already"},
+                         {"action": "escalate", "when": "hard"}, {"action": "route-to", "when": " "}]
+    found = problems_of(json.dumps(base), path="a.json")
+    assert only(found, "branching.0").message == "only route-to names an agent; remove it from halt-with-note"
+    assert only(found, "branching.1.action").message.startswith("unknown action 'escalate'; use")
+    assert only(found, "branching.2.agent").message.startswith("route-to needs an agent")
+    assert only(found, "branching.2.when").message == "is empty; say when to take this branch"
+
+
+def test_route_to_an_agent_the_recipient_may_not_send_to(team: config.Config) -> None:
+    order = orders.load((BODY + "- route-to-rex if it touches hashing\n").encode(), path="a.md",
+                        to="chip", config=team, history=orders.EmptyHistory())
+    assert order.branching[1] == Branch("route-to", "it touches hashing", "rex")
+    p = only(load_problems(BODY + "- route-to-walt if it is a plan\n", team), "branching.1.agent")
+    assert p.message == "chip may not route work to walt (it sends to: rex)" and p.line == 13
+
+
+# --- keys, ids, senders, recipients --------------------------------------------------------
+
+
+def test_unknown_keys_suggest_the_closest() -> None:
+    p = only(problems_of(with_front("priorty: high")), "priorty")
+    assert p.line == 2 and p.message.startswith("unknown key; did you mean 'priority'? the keys are:")
+    p = only(problems_of(json.dumps({**SPEC_NORMALIZED, "zzz": 1}), path="a.json"), "zzz")
+    assert "did you mean" not in p.message
+    p = only(problems_of(BODY + "\n**Acceptence:**\n- x\n"), "")
+    assert p.message.startswith("unknown section 'Acceptence'; did you mean 'Acceptance'?")
+    p = only(problems_of(BODY + "\n**Priority:** high\n"), "priority")
+    assert p.message.startswith("goes in the front matter")
+
+
+def test_sections_given_twice_and_text_before_the_first() -> None:
+    p = only(problems_of(with_front("objective: Another one."), ), "objective")
+    assert p.message == "is given twice (lines 2 and 4); keep one" and p.line == 4
+    p = only(problems_of("Hello team,\nplease do this.\n\n" + BODY), "")
+    assert p.line == 1 and p.message.startswith("text before the first section")
+
+
+@pytest.mark.parametrize(("front", "field_name", "words"), [
+    ("id: -bad", "id", "is not an order id"),
+    ("id: 42", "id", "must be text, not a number; put the value in quotes"),
+    ("priority: hgih", "priority", "must be one of low, normal, high, urgent"),
+    ("timeout: soon", "timeout", "is not a duration; write e.g. 90s, 20m or 1h"),
+    ("blocked_by: [WO 7]", "blocked_by.0", "is not an order id"),
+    ("from: Walt", "from", "is not an agent name"),
+    ("to: no", "to", "must be text, not true/false"),
+])
+def test_front_matter_values(front: str, field_name: str, words: str) -> None:
+    p = only(problems_of(with_front(front), to=None if field_name == "to" else "chip"), field_name)
+    assert words in p.message and p.line == 2
+
+
+def test_duplicate_id_is_rejected(team: config.Config) -> None:
+    p = only(load_problems(with_front("id: WO-0003"), team, History().add("WO-0003")), "id")
+    assert str(p) == ("inbox/chip/fix.md:2: id: 'WO-0003' is already used in this workspace; pick "
+                      "another id or leave it out to get one assigned")
+
+
+def test_blocked_by_must_exist_and_not_form_a_cycle(team: config.Config) -> None:
+    p = only(load_problems(with_front("blocked_by: [WO-0009]"), team), "blocked_by.0")
+    assert p.message.startswith("no order 'WO-0009' in this workspace") and p.line == 2
+    p = only(load_problems(with_front("id: a\nblocked_by: [a]"), team), "blocked_by.0")
+    assert p.message == "an order cannot wait on itself"
+    history = History().add("b", blocked_by=("c",)).add("c", blocked_by=("a",))
+    p = only(load_problems(with_front("id: a\nblocked_by: [b]"), team, history), "blocked_by")
+    assert p.message.startswith("a -> b -> c -> a is a dependency cycle")
+
+
+def test_feedback_loop_needs_a_reference(team: config.Config) -> None:
+    history = History().add("WO-0012", sender="walt", to="chip", status="denied",
+                            objective="the LOGIN form   rejects long passwords.")
+    found = load_problems(with_front("from: walt"), team, history)
+    p = only(found, "references")
+    assert p.message == "this repeats WO-0012, which was denied: reference it and say what changed"
+    assert orders.is_feedback(p)
+    order = orders.load(with_front("from: walt\nreferences: [WO-0012]").encode(), path="a.md", to="chip",
+                        config=team, history=history)
+    assert order.references == ("WO-0012",)
+    # another sender's repeat is not this sender's loop
+    assert orders.load(BODY.encode(), path="a.md", to="chip", config=team, history=history)
+
+
+def test_who_may_send(team: config.Config) -> None:
+    assert orders.load(with_front("from: walt").encode(), path="a.md", to="chip", config=team,
+                       history=orders.EmptyHistory()).sender == "walt"
+    p = only(load_problems(with_front("from: rex"), team), "from")
+    assert p.message == "rex may not send to chip (it sends to: nobody)" and p.line == 2
+    p = only(load_problems(with_front("from: zed"), team), "from")
+    assert p.message.startswith("unknown agent 'zed'; use `user` or one of")
+    # the supervisor stamps outbox files: the file's own `from` does not count
+    order = orders.load(with_front("from: rex").encode(), path="outbox/x.md", to="chip", config=team,
+                        history=orders.EmptyHistory(), sender="walt")
+    assert order.sender == "walt"
+    assert only(load_problems(BODY, team, sender="rex"), "from").message.startswith("rex may not send")
+
+
+def test_recipients(team: config.Config) -> None:
+    p = only(problems_of(with_front("to: rex")), "to")
+    assert p.message.startswith("says 'rex' but the order is for 'chip' (its inbox)")
+    assert orders.parse(with_front("to: chip").encode(), path="a.md", to="chip").to == "chip"
+    assert orders.parse(with_front("to: rex").encode(), path="a.md").to == "rex"
+    p = only(problems_of(BODY, to=None), "to")
+    assert p.message.startswith("no recipient; drop the file in inbox/<agent>/")
+    p = only(load_problems(BODY, team, to="zed", path="inbox/zed/a.md"), "to")
+    assert p.message == "unknown agent 'zed'; the agents are chip, idle, rex, walt"
+    p = only(load_problems(BODY, team, to="idle", path="inbox/idle/a.md"), "to")
+    assert "has no `command` or `llm`" in p.message
+
+
+def test_load_reports_file_and_team_problems_together(team: config.Config) -> None:
+    body = BODY.replace("- A 64-character password still logs in\n", "").replace(
+        "webapp/src/login.ts", "api/x.py")
+    found = load_problems(with_front("from: rex", body), team)
+    assert [(p.field, p.line) for p in found] == [("from", 2), ("acceptance", 6), ("files.0", 11)]
+
+
+def test_check_alone_judges_a_built_order(team: config.Config) -> None:
+    order = WorkOrder(id=None, sender="walt", to="rex", objective="Review the login change.",
+                      acceptance=(Acceptance("a"), Acceptance("b"), Acceptance("c")),
+                      files=("api/auth.py",), branching=(Branch("halt-with-note", "nothing to review"),))
+    assert orders.check(order, team, orders.EmptyHistory()) == []
+    found = orders.check(replace(order, sender="chip", files=("docs/x.md",)), team,
+                         orders.EmptyHistory(), path="p.md")
+    assert [(p.field, p.path, p.line) for p in found] == [("files.0", "p.md", None)]
+
+
+# --- hostile input -------------------------------------------------------------------------
+
+
+BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+    for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+
+
+@pytest.mark.parametrize(("name", "data", "words"), [
+    ("big.md", b"- x\n" * (512 * 1024), "is 2.0 MiB; a work order is at most 256 KiB"),
+    ("bin.md", b"\x7fELF\x02\x01\x01\x00\x00\x00", "is binary"),
+    ("latin.md", "**Objective:** caf\xe9".encode("latin-1"), "is not UTF-8 text"),
+    ("empty.md", b"", "is empty; write a work order"),
+    ("blank.yaml", b"  \n\n", "is empty"),
+    ("laughs.yaml", BILLION_LAUGHS.encode(), "uses a YAML alias"),
+    ("laughs.md", ("---\n" + BILLION_LAUGHS + "---\n" + BODY).encode(), "uses a YAML alias"),
+    ("deep.yaml", b"[" * 200_000, "nests deeper than 32 levels"),
+    ("deep.json", b"[" * 200_000, "is not valid JSON"),
+    ("list.yaml", b"- objective: x\n", "must be a mapping of keys"),
+    ("list.json", b"[1, 2]", "must be a mapping of keys"),
+    ("text.json", b'"just text"', "must be a mapping of keys"),
+    ("bad.json", b'{"objective": "x",\n "files": [}', "is not valid JSON"),
+    ("dup.json", b'{"objective": "x", "objective": "y"}', "'objective' is given twice"),
+    ("dup.yaml", b"objective: x\nfiles: []\nobjective: y\n", "given twice (lines 1 and 3)"),
+    ("bad.yaml", b"objective: [x\nfiles: y\n", "is not valid YAML"),
+    ("tag.yaml", b"objective: !!python/object:os.system x\n", "is not valid YAML"),
+    ("fm.md", b"---\nid: x\n**Objective:** x\n", "front matter opened by --- on line 1 never ends"),
+    ("big.yaml", b"x: " + b"9" * 10_000 + b"\n", "is not valid YAML: Exceeds the limit"),
+    ("bulk.yaml", b"files:\n" + b"  - webapp/x\n" * 6000, "holds more than 5000 values"),
+])
+def test_hostile_files_are_refused_with_a_clear_reason(name: str, data: bytes, words: str) -> None:
+    found = problems_of(data, path=f"inbox/chip/{name}")
+    assert any(words in str(p) for p in found), found
+
+
+@pytest.mark.parametrize("value", ["!!binary aGVsbG8=", "!!set {a, b}", "2001-12-14", "!!float 1e400",
+                                   "{a: 1}", "[1, [2, [3]]]", "null", "~", ".nan", "!!timestamp 2001-13-40"])
+@pytest.mark.parametrize("key", ["objective", "acceptance", "files", "branching", "id", "priority",
+                                 "blocked_by", "timeout", "to"])
+def test_odd_yaml_values_only_ever_give_order_errors(key: str, value: str) -> None:
+    text = json.dumps({k: v for k, v in SPEC_NORMALIZED.items() if k != key})[:-1] + f', "{key}": 0}}'
+    data = text.replace(f'"{key}": 0', f'"{key}": {value}')
+    try:
+        orders.parse(data.encode(), path="o.yaml")
+    except OrderError as e:  # the only way a bad value may show
+        assert e.problems and all(isinstance(p, Problem) for p in e.problems)
+
+
+def test_billion_laughs_costs_neither_time_nor_memory() -> None:
+    # A child with 256 MiB of address space: building the expansion would die, not refuse.
+    script = textwrap.dedent(f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (256 << 20, 256 << 20))
+        from coordinator import orders
+        from coordinator.errors import OrderError
+        try:
+            orders.parse({BILLION_LAUGHS.encode()!r}, path="x.yaml", to="chip")
+        except OrderError as e:
+            print(e)
+        """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "x.yaml:2: uses a YAML alias (*name); write every value out in full" in out.stdout
+
+
+def test_problems_are_capped_and_in_file_order() -> None:
+    many = "\n".join(f"- /abs/{i}" for i in range(150))
+    found = problems_of(BODY.replace("- webapp/src/login.ts", many))
+    assert len(found) == 51
+    assert found[-1].message.startswith("100 more problems not shown")
+    lines = [p.line for p in found[:-1]]
+    assert lines == sorted(lines)  # type: ignore[type-var]
+
+
+def test_order_error_message_is_one_line_with_a_count() -> None:
+    with pytest.raises(OrderError) as info:
+        orders.parse(b'{"objective": ""}', path="inbox/chip/x.json", to="chip")
+    assert str(info.value).startswith("inbox/chip/x.json: objective: is empty; say in one sentence")
+    assert str(info.value).endswith("(and 3 more)")
+
+
+# --- render and template ---------------------------------------------------------------------
+
+
+def test_render_round_trips_values_markdown_cannot_carry() -> None:
+    order = WorkOrder(
+        id="WO-0042", sender="walt", to="chip", objective="Tidy up.",
+        acceptance=(Acceptance("Lint is clean", "make lint"), Acceptance("`make test` passes"),
+                    Acceptance("[x] boxes stay")),
+        files=("`odd`/x",), branching=(Branch("route-to", "hashing", "rex"),), parent="WO-0041")
+    text = orders.render(order)
+    assert orders.parse(text.encode(), path="x.md") == order
+    assert "acceptance:" in text and "**Acceptance:**" not in text
+
+
+def test_render_is_the_seed_format() -> None:
+    order = orders.parse(SPEC_EXAMPLE.encode(), path="a.md", to="chip")
+    text = orders.render(order)
+    assert text.startswith("---\nid: login-length\nfrom: walt\nto: chip\npriority: high\n")
+    assert SPEC_EXAMPLE.split("---\n", 2)[2] in text
+
+
+def test_template_validates_once_its_placeholders_are_replaced(team: config.Config) -> None:
+    text = orders.template("chip", team)
+    found = problems_of(text, path="inbox/chip/new.md")
+    assert {p.field for p in found} == {"objective", "acceptance.0", "acceptance.1", "acceptance.2",
+                                        "acceptance.2.check", "branching.1.when"}
+    assert all("template placeholder" in p.message for p in found)
+    filled = (text.replace("<describe the outcome in one present-tense sentence>", "Login rejects long passwords.")
+              .replace("<describe a result anyone can check without asking you>", "65 characters fail")
+              .replace("<describe another checkable result>", "64 characters pass")
+              .replace("<replace with the command that tests it>", "make test")
+              .replace("<describe when the work belongs to rex>", "it touches hashing"))
+    order = orders.load(filled.encode(), path="inbox/chip/new.md", to="chip", config=team,
+                        history=orders.EmptyHistory())
+    assert order.files == ("webapp/src/**", "webapp/tests/**") and order.checks == ("make test",)
+
+
+@pytest.mark.parametrize("agent", ["walt", "rex", "idle"])
+def test_templates_for_every_kind_of_agent(agent: str, team: config.Config) -> None:
+    text = orders.template(agent, team)
+    assert f"to: {agent}" in text and ("route-to-" in text) == (agent == "walt")
+    filled = text.replace("<replace with the command that tests it>", "make test")
+    for line in filled.splitlines():
+        if "<describe" in line:
+            filled = filled.replace(line, line.split("<describe")[0] + "something checkable")
+    if agent == "idle":  # the file is fine; idle has no command to run it
+        assert orders.parse(filled.encode(), path="n.md").to == "idle"
+    else:
+        assert orders.load(filled.encode(), path="n.md", to=None, config=team,
+                           history=orders.EmptyHistory()).to == agent
+    with pytest.raises(UsageError, match="unknown agent 'zed'"):
+        orders.template("zed", team)
+
+
+def test_priorities_rank_urgent_highest() -> None:
+    assert sorted(orders.PRIORITIES, key=orders.PRIORITY_RANK.__getitem__, reverse=True)[0] == "urgent"
+    assert orders.PRIORITY_RANK["low"] < orders.PRIORITY_RANK["normal"] < orders.PRIORITY_RANK["high"]

@@ -1,0 +1,360 @@
+"""The fork server on real processes: exits, logs, sandbox, killing trees, crash behaviour."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from coordinator import landlock
+from coordinator.errors import CoordinatorError, SandboxError, SupervisorError
+from coordinator.landlock import Ruleset
+from coordinator.spawner import MARK, Exit, Spawner, SpawnRequest, kill_leftovers
+
+ROOT = Path(__file__).resolve().parents[1]
+ABI = landlock.abi_version()
+needs_landlock = pytest.mark.skipif(ABI < 1, reason="this kernel has no Landlock")
+ENV = {"PATH": os.environ.get("PATH", os.defpath), "PYTHONPATH": str(ROOT)}
+
+
+def wait_until(what: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll a condition a test cannot be told about by an event (a file another process writes)."""
+    deadline = time.monotonic() + timeout
+    while not what():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+_SEEN: dict[tuple[int, str], Exit] = {}
+
+
+def wait_exit(sp: Spawner, token: str, timeout: float = 30.0) -> Exit:
+    """The exit of `token`, keeping exits of other tokens for later calls."""
+    deadline = time.monotonic() + timeout
+    while (id(sp), token) not in _SEEN and (left := deadline - time.monotonic()) > 0:
+        select.select([sp], [], [], left)
+        _SEEN.update({(id(sp), ex.token): ex for ex in sp.poll()})
+    if (id(sp), token) not in _SEEN:
+        raise AssertionError(f"no exit for {token}")
+    return _SEEN.pop((id(sp), token))
+
+
+def gone(pid: int) -> bool:
+    """No process and no zombie with this pid is left."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def marked(token: str) -> list[int]:
+    """Pids whose environment carries the attempt mark of `token`."""
+    pids = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if f"{MARK}={token}".encode() in f.read().split(b"\0"):
+                    pids.append(int(name))
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+@pytest.fixture
+def sp() -> Iterator[Spawner]:
+    spawner = Spawner()
+    yield spawner
+    spawner.close(grace=0.5)
+
+
+def py(tmp_path: Path, code: str) -> tuple[str, ...]:
+    script = tmp_path / f"child-{abs(hash(code))}.py"
+    script.write_text(code)
+    return (sys.executable, str(script))
+
+
+def req(tmp_path: Path, argv: tuple[str, ...], token: str, sandbox: Ruleset | None = None,
+        env: dict[str, str] | None = None) -> SpawnRequest:
+    return SpawnRequest(argv, env or ENV, str(tmp_path), str(tmp_path / f"{token}.log"), token, sandbox)
+
+
+def test_exit_codes_and_output_reach_the_supervisor(sp: Spawner, tmp_path: Path) -> None:
+    cases = {"zero": "echo out; echo err >&2", "three": "exit 3", "killed": "kill -9 $$"}
+    pids = {t: sp.spawn(req(tmp_path, ("sh", "-c", cmd), t)) for t, cmd in cases.items()}
+    codes = {t: wait_exit(sp, t) for t in cases}
+    assert {t: e.returncode for t, e in codes.items()} == {"zero": 0, "three": 3, "killed": -9}
+    assert all(codes[t].pid == pids[t] and gone(pids[t]) for t in cases)  # reaped before reported
+    assert sorted((tmp_path / "zero.log").read_text().split()) == ["err", "out"]
+
+
+def test_a_child_leads_its_own_session_and_is_marked(sp: Spawner, tmp_path: Path) -> None:
+    pid = sp.spawn(req(tmp_path, ("sleep", "60"), "lead"))
+    assert os.getsid(pid) == pid and os.getpgid(pid) == pid
+    assert marked("lead") == [pid]
+    assert sp.alive("lead")
+    sp.kill_tree("lead", grace=1.0)
+    assert not sp.alive("lead") and gone(pid)
+    assert wait_exit(sp, "lead").returncode == -signal.SIGTERM
+
+
+def test_exec_failures_are_raised_with_one_line_and_logged(sp: Spawner, tmp_path: Path) -> None:
+    with pytest.raises(CoordinatorError, match="^command not found: no-such-agent-cli$"):
+        sp.spawn(req(tmp_path, ("no-such-agent-cli", "-p"), "nf"))
+    assert "command not found" in (tmp_path / "nf.log").read_text()
+    bad = SpawnRequest(("true",), ENV, str(tmp_path / "missing"), str(tmp_path / "cwd.log"), "cwd")
+    with pytest.raises(CoordinatorError, match="cannot enter working folder"):
+        sp.spawn(bad)
+    with pytest.raises(SandboxError, match="create it or remove it"):
+        sp.spawn(req(tmp_path, ("true",), "sb", Ruleset((str(tmp_path / "nope"),))))
+    assert sp.poll() == []  # nothing ran
+    sp.spawn(req(tmp_path, ("true",), "after"))  # the server carries on
+    assert wait_exit(sp, "after").returncode == 0
+
+
+def test_the_server_holds_no_fds_for_finished_or_failed_spawns(sp: Spawner, tmp_path: Path) -> None:
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{sp.server_pid}/fd"))
+
+    baseline = fds()
+    for i in range(10):
+        sp.spawn(req(tmp_path, ("sh", "-c", "echo hi"), f"ok{i}", Ruleset((str(tmp_path),))))
+        with pytest.raises(CoordinatorError):
+            sp.spawn(req(tmp_path, ("no-such-agent-cli",), f"nf{i}"))
+        with pytest.raises(CoordinatorError):
+            sp.spawn(SpawnRequest(("true",), ENV, "/nonexistent", str(tmp_path / "x.log"), f"cwd{i}"))
+    for i in range(10):
+        assert wait_exit(sp, f"ok{i}").returncode == 0
+        sp.kill_tree(f"ok{i}")
+    assert fds() == baseline
+
+
+def test_fileno_wakes_select_when_a_child_exits(sp: Spawner, tmp_path: Path) -> None:
+    sp.spawn(req(tmp_path, ("true",), "quick"))
+    ready, _, _ = select.select([sp.fileno()], [], [], 30)
+    assert ready
+    assert [e.token for e in sp.poll()] == ["quick"]
+    assert select.select([sp], [], [], 0)[0] == [] and sp.poll() == []
+
+
+@needs_landlock
+def test_a_sandboxed_child_writes_only_where_allowed(sp: Spawner, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        script = (f"echo ok > {work}/inside; echo bad > {tmp_path}/outside; "
+                  f"kill -TERM {sleeper.pid}; kill -TERM {sp.server_pid}; true")
+        sp.spawn(req(work, ("sh", "-c", script), "sbx", Ruleset((str(work),))))
+        assert wait_exit(sp, "sbx").returncode == 0
+        assert (work / "inside").read_text() == "ok\n"
+        assert not (tmp_path / "outside").exists()
+        log = (work / "sbx.log").read_text()
+        assert "Permission denied" in log
+        if ABI >= 6:
+            assert sleeper.poll() is None  # nobody outside was signalled, nor the server
+            assert log.count("Operation not permitted") == 2
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_the_sandbox_is_never_silently_dropped(tmp_path: Path) -> None:
+    spawner = Spawner()
+    try:
+        spawner.abi = 0  # as on a kernel without Landlock
+        with pytest.raises(SandboxError, match="no Landlock"):
+            spawner.spawn(req(tmp_path, ("true",), "x", Ruleset((str(tmp_path),))))
+    finally:
+        spawner.close()
+
+
+TREE = r"""
+import os, signal, sys, time
+out, mode = sys.argv[1], sys.argv[2]
+signal.signal(signal.SIGTERM, signal.SIG_IGN)      # only SIGKILL ends this one
+if os.fork() == 0:                                  # a plain grandchild
+    with open(out + ".child", "w") as f: f.write(str(os.getpid()))
+    signal.pause()
+if os.fork() == 0:                                  # an escapee: setsid + double fork
+    os.setsid()
+    if os.fork() != 0:
+        os._exit(0)
+    if mode == "anonymous":                         # and it hides the attempt mark too
+        os.execve("/bin/sh", ["sh", "-c", f"echo $$ > {out}.escapee; exec sleep 600"], {})
+    with open(out + ".escapee", "w") as f: f.write(str(os.getpid()))
+    while True: signal.pause()
+with open(out + ".leader", "w") as f: f.write(str(os.getpid()))
+while True: signal.pause()
+"""
+
+
+def _pids(base: Path) -> list[int]:
+    parts = [Path(f"{base}.{k}") for k in ("leader", "child", "escapee")]
+    wait_until(lambda: all(p.exists() and p.read_text().strip() for p in parts))
+    return [int(p.read_text()) for p in parts]
+
+
+def test_kill_tree_kills_grandchildren_and_escapees_and_leaves_no_zombie(
+        sp: Spawner, tmp_path: Path) -> None:
+    sp.spawn(req(tmp_path, py(tmp_path, TREE) + (str(tmp_path / "t"), "marked"), "tree"))
+    pids = _pids(tmp_path / "t")
+    assert all(not gone(p) for p in pids) and sp.alive("tree")
+    started = time.monotonic()
+    sp.kill_tree("tree", grace=0.5)
+    assert time.monotonic() - started < 0.5 + 5.0
+    assert [p for p in pids if not gone(p)] == []  # dead and reaped: no zombie in /proc
+    assert not sp.alive("tree") and marked("tree") == []
+    assert wait_exit(sp, "tree").returncode == -signal.SIGKILL
+
+
+def test_a_detached_grandchild_cannot_write_after_kill_tree(sp: Spawner, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    # The grandchild detaches, outlives the specialist, and writes once it can open the fifo.
+    code = (f"import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+            f"        open({str(fifo)!r}).read()\n        open({str(work / 'late')!r}, 'w').write('x')\n"
+            f"    os._exit(0)\n")
+    sandbox = Ruleset((str(work),)) if ABI >= 1 else None
+    sp.spawn(req(work, py(tmp_path, code), "det", sandbox))
+    assert wait_exit(sp, "det").returncode == 0
+    wait_until(lambda: len(marked("det")) == 1)  # the grandchild lives on
+    assert sp.alive("det")
+    sp.kill_tree("det", grace=0.5)
+    assert not sp.alive("det")
+    with pytest.raises(OSError) as no_reader:  # nobody is left to read the fifo, so nobody writes
+        os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    assert no_reader.value.errno == errno.ENXIO
+    assert not (work / "late").exists()
+
+
+def test_close_kills_even_escapees_that_hid_their_mark(tmp_path: Path) -> None:
+    spawner = Spawner()
+    try:
+        spawner.spawn(req(tmp_path, py(tmp_path, TREE) + (str(tmp_path / "t"), "anonymous"), "anon"))
+        pids = _pids(tmp_path / "t")
+    finally:
+        spawner.close(grace=0.5)
+    assert [p for p in pids if not gone(p)] == []
+    assert [e.returncode for e in spawner.poll()] == [-signal.SIGKILL]
+
+
+OWNER = r"""
+import json, os, sys
+from coordinator.landlock import Ruleset
+from coordinator.spawner import Spawner, SpawnRequest
+sp = Spawner()
+tmp = sys.argv[1]
+env = {"PATH": os.environ["PATH"]}
+a = sp.spawn(SpawnRequest(("sleep", "600"), env, tmp, tmp + "/a.log", "own-a"))
+b = sp.spawn(SpawnRequest(("sh", "-c", "setsid sleep 600 & exec sleep 600"), env, tmp, tmp + "/b.log",
+                          "own-b", Ruleset((tmp,))))
+print(json.dumps({"server": sp.server_pid, "pids": [a, b]}), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_kill_9_of_the_supervisor_kills_its_children(tmp_path: Path) -> None:
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert owner.stdout is not None
+    info = json.loads(owner.stdout.readline())
+    wait_until(lambda: len(marked("own-b")) == 2)  # the setsid'd sleeper has started
+    victims = info["pids"] + marked("own-b")
+    fds = [os.pidfd_open(p) for p in {info["server"], *victims}]
+    owner.kill()
+    owner.wait()
+    try:
+        waiting = list(fds)
+        deadline = time.monotonic() + 30
+        while waiting and time.monotonic() < deadline:
+            ready, _, _ = select.select(waiting, [], [], 1.0)
+            waiting = [fd for fd in waiting if fd not in ready]
+        assert waiting == []
+    finally:
+        for fd in fds:
+            os.close(fd)
+    wait_until(lambda: all(gone(p) for p in victims))  # reaped, not left as zombies
+    assert marked("own-a") == [] and marked("own-b") == []
+
+
+def test_kill_leftovers_finds_marked_trees_without_a_server(tmp_path: Path) -> None:
+    env = {**ENV, MARK: "dead-1"}
+    tree = subprocess.Popen(["sh", "-c", "setsid sleep 600 & sleep 600"], env=env, start_new_session=True)
+    other = subprocess.Popen(["sleep", "600"], env={**ENV, MARK: "alive-1"})
+    try:
+        wait_until(lambda: len(marked("dead-1")) == 3)
+        assert kill_leftovers(["dead-1"]) == 3
+        assert tree.wait(timeout=10) == -signal.SIGKILL
+        wait_until(lambda: marked("dead-1") == [])
+        assert other.poll() is None  # another token is left alone
+        assert kill_leftovers([]) == 0
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_the_log_keeps_head_and_tail_of_50_mib(tmp_path: Path) -> None:
+    spawner = Spawner(log_cap=1 << 20)
+    try:
+        flood = "yes 0123456789abcdef | head -c 52428800; echo THE-END"
+        spawner.spawn(req(tmp_path, ("sh", "-c", flood), "flood"))
+        assert wait_exit(spawner, "flood").returncode == 0
+    finally:
+        spawner.close()
+    data = (tmp_path / "flood.log").read_bytes()
+    assert len(data) <= (1 << 20) + 100
+    head, marker, tail = data.partition(b"\n[coordinator: ")
+    assert head.startswith(b"0123456789abcdef\n0123")
+    dropped = int(tail.split(b" ", 1)[0])
+    kept = len(head) + len(tail.split(b"here]\n", 1)[1])
+    assert dropped + kept == 52428800 + len("THE-END\n")
+    assert data.endswith(b"0123456789abcdef\n" * 3 + b"0THE-END\n")  # 50 MiB = 17 * k + 1
+
+
+def test_log_mtime_moves_whenever_the_child_prints_past_the_cap(tmp_path: Path) -> None:
+    poke = tmp_path / "poke"
+    os.mkfifo(poke)
+    code = (f"import os\nos.write(1, b'a' * 10000)\nfor i in range(2):\n"
+            f"    open({str(poke)!r}).read()\n    os.write(1, b'b' * 100)\n")
+    spawner = Spawner(log_cap=4096)
+    log = tmp_path / "chatty.log"
+    try:
+        spawner.spawn(req(tmp_path, py(tmp_path, code), "chatty"))
+        wait_until(lambda: b"bytes of output dropped" in log.read_bytes())
+        for _ in range(2):
+            os.utime(log, (1, 1))
+            with open(poke, "w") as f:
+                f.write("go")
+            wait_until(lambda: log.stat().st_mtime > 1)
+        assert wait_exit(spawner, "chatty").returncode == 0
+    finally:
+        spawner.close()
+    data = log.read_bytes()
+    assert data.startswith(b"a" * 2048) and data.endswith(b"a" * 1848 + b"b" * 200)
+    assert b"[coordinator: 6104 bytes of output dropped here]" in data
+
+
+def test_a_dead_server_is_reported_and_its_orphans_found_by_kill_leftovers(tmp_path: Path) -> None:
+    spawner = Spawner()
+    try:
+        assert os.getsid(spawner.server_pid) != os.getsid(0)  # a Ctrl-C for us never reaches it
+        pid = spawner.spawn(req(tmp_path, ("sleep", "600"), "orphan"))
+        os.kill(spawner.server_pid, signal.SIGKILL)
+        with pytest.raises(SupervisorError, match="spawn server stopped"):
+            spawner.spawn(req(tmp_path, ("true",), "next"))
+        with pytest.raises(SupervisorError, match="spawn server stopped"):
+            spawner.poll()
+    finally:
+        spawner.close()
+    assert not gone(pid)  # nobody killed it yet: recovery does
+    assert kill_leftovers(["orphan"]) == 1
+    wait_until(lambda: gone(pid))

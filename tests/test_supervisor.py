@@ -1,0 +1,256 @@
+"""End to end: real workspaces, real git, real specialist processes, the real supervisor loop."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from conftest import drop, order_md, sh
+
+from coordinator.audit import StateRepo
+from coordinator.store import Store
+from coordinator.supervisor import Supervisor
+
+WRITE_GREETING = sh('printf "def greet():\\n    return 1\\n" > src/greeting.py && echo wrote it')
+
+
+def run(ws, **kw):
+    with Supervisor(ws, poll=True, **kw) as sup:
+        sup.run_once(limit=60)
+        return sup
+
+
+def status(ws, order_id):
+    return Store(ws.state).load(order_id).status
+
+
+def git(path: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, check=True).stdout
+
+
+def test_done_order_is_committed_by_the_agent_with_trailers_and_audited(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": WRITE_GREETING, "writes": ["webapp/src/**"]}})
+    drop(ws, "chip", "greet.md", order_md("The app greets people", files=("webapp/src/greeting.py",), id="greet"))
+    run(ws)
+    rec = Store(ws.state).load("greet")
+    assert rec.status == "done", rec.report
+    assert (ws.repos / "webapp" / "src" / "greeting.py").read_text().startswith("def greet")
+    log = git(ws.repos / "webapp", "log", "-1", "--format=%an <%ae>%n%s%n%b")
+    assert log.startswith("chip <chip@agents.coordinator>\nThe app greets people")
+    assert "Work-Order: greet" in log and "Agent: chip" in log
+    lines = [e.line for e in StateRepo(ws.state).entries("greet")]
+    assert lines == ["greet chip: new -> queued", "greet chip: queued -> running (attempt 1)",
+                     "greet chip: running -> done (commit " + rec.commit[:10] + ")"]
+    assert not StateRepo(ws.state).dirty()
+
+
+def test_every_outcome_of_the_result_file(make_ws):
+    script = sh('case "$COORD_ORDER_ID" in '
+                'h) printf "outcome: halt-with-note\\nsummary: already there\\n" > "$COORD_RESULT";; '
+                'r) printf "outcome: route-to\\nagent: rex\\nsummary: for rex\\n" > "$COORD_RESULT";; '
+                'b) printf "outcome: blocked\\nsummary: cannot\\n" > "$COORD_RESULT";; '
+                'esac')
+    ws = make_ws({
+        "chip": {"role": "specialist", "command": script, "writes": ["webapp/**"], "sends_to": ["rex"]},
+        "rex": {"role": "specialist", "command": sh("echo reviewed"), "writes": ["webapp/**"]},
+    })
+    branching = ("halt-with-note if it is there", "route-to-rex if it is a review")
+    for oid in ("h", "r", "b"):
+        drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} is handled", branching=branching, id=oid))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    assert recs["h"].status == "halted" and recs["h"].report["summary"] == "already there"
+    assert recs["r"].status == "routed"
+    follow = recs[recs["r"].report["routed_to"]]
+    assert follow.to == "rex" and follow.sender == "chip" and "r" in follow.references
+    assert follow.status == "done"
+    assert recs["b"].status == "blocked"
+
+
+def test_outcome_not_allowed_by_branching_is_a_failed_attempt(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 1,
+                           "command": sh('printf "outcome: requeue-with-blocker\\nblocker: x\\nsummary: s\\n"'
+                                         ' > "$COORD_RESULT"')}})
+    drop(ws, "chip", "o.md", order_md("Something is done", id="o"))
+    run(ws)
+    rec = Store(ws.state).load("o")
+    assert rec.status == "blocked"
+    assert "not allowed by the order's branching" in rec.failures[0]
+
+
+def test_failures_are_retried_with_the_reason_then_blocked_and_escalated(make_ws):
+    ws = make_ws({
+        "chip": {"role": "specialist", "max_failures": 2,
+                 "command": sh('cat "$COORD_BRIEF" >> "$PROBE/briefs.txt"; echo boom >&2; exit 3')},
+        "rex": {"role": "specialist", "command": sh("echo investigated")},
+    }, escalate_to="rex")
+    drop(ws, "chip", "o.md", order_md("It works", id="o"))
+    run(ws)
+    rec = Store(ws.state).load("o")
+    assert rec.status == "blocked" and rec.attempts == 2
+    briefs = (ws.root.parent / "probe" / "briefs.txt").read_text()
+    assert "why the last attempt failed" in briefs and "exited with code 3" in briefs and "boom" in briefs
+    escalations = [r for r in Store(ws.state).load_all().values() if r.to == "rex"]
+    assert len(escalations) == 1 and "o" in escalations[0].references and escalations[0].status == "done"
+    # A blocked order never restarts by itself.
+    run(ws)
+    assert Store(ws.state).load("o").attempts == 2
+
+
+def test_requeue_with_blocker_clears_when_the_named_order_is_done(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh(
+        'if [ "$COORD_ORDER_ID" = first ] && [ ! -e "$PROBE/dep-started" ]; then '
+        'printf "outcome: requeue-with-blocker\\nblocker: dep\\nsummary: needs dep\\n" > "$COORD_RESULT"; fi; '
+        'if [ "$COORD_ORDER_ID" = dep ]; then touch "$PROBE/dep-started"; fi; '
+        'echo "$COORD_ORDER_ID" >> "$PROBE/ran.txt"')}})
+    drop(ws, "chip", "a.md", order_md("First thing is done", id="first", priority="urgent",
+                                       branching=("requeue-with-blocker if a dependency is missing",)))
+    drop(ws, "chip", "b.md", order_md("Dependency is done", id="dep", priority="low"))
+    run(ws)
+    assert (ws.root.parent / "probe" / "ran.txt").read_text().split() == ["first", "dep", "first"]
+    recs = Store(ws.state).load_all()
+    assert recs["first"].status == "done" and recs["dep"].status == "done"
+    assert [h["to"] for h in recs["first"].history] == ["queued", "running", "waiting", "queued", "running", "done"]
+
+
+def test_blocked_by_and_priority_order(make_ws):
+    ws = make_ws({"chip": {"role": "specialist",
+                           "command": sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran.txt"')}})
+    drop(ws, "chip", "1.md", order_md("Low one is done", id="low", priority="low"))
+    drop(ws, "chip", "2.md", order_md("Base is done", id="base"))
+    drop(ws, "chip", "3.md", order_md("Top is done", id="top", priority="urgent", blocked_by=["base"]))
+    drop(ws, "chip", "4.md", order_md("High is done", id="high", priority="high"))
+    run(ws)
+    assert (ws.root.parent / "probe" / "ran.txt").read_text().split() == ["high", "base", "top", "low"]
+
+
+def test_parallel_limits_per_agent_and_overall(make_ws):
+    record = sh('echo "start $(date +%s%N)" >> "$PROBE/$COORD_AGENT.log"; sleep 0.3; '
+                'echo "end $(date +%s%N)" >> "$PROBE/$COORD_AGENT.log"')
+    ws = make_ws({"chip": {"role": "specialist", "command": record, "max_parallel": 2},
+                  "rex": {"role": "specialist", "command": record, "max_parallel": 2}}, max_parallel=3)
+    for i in range(4):
+        drop(ws, "chip", f"c{i}.md", order_md(f"Chip order {i} is done"))
+        drop(ws, "rex", f"r{i}.md", order_md(f"Rex order {i} is done"))
+    run(ws)
+
+    def peak(events: list[tuple[int, int]]) -> int:
+        level = top = 0
+        for _, delta in sorted(events):
+            level += delta
+            top = max(top, level)
+        return top
+
+    per = {}
+    for agent in ("chip", "rex"):
+        per[agent] = [(int(t), 1 if kind == "start" else -1) for kind, t in
+                      (line.split() for line in (ws.root.parent / "probe" / f"{agent}.log").read_text().splitlines())]
+        assert peak(per[agent]) <= 2
+    assert peak(per["chip"] + per["rex"]) <= 3
+    assert peak(per["chip"] + per["rex"]) >= 2  # they did run in parallel
+
+
+def test_acceptance_checks_run_by_the_supervisor_decide(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": WRITE_GREETING, "writes": ["webapp/src/**"],
+                           "max_failures": 1}})
+    good = ("`grep -q greet src/greeting.py` passes", "The file exists", "Nothing else changed")
+    bad = ("`grep -q nonexistent src/greeting.py` passes", "The file exists", "Nothing else changed")
+    drop(ws, "chip", "g.md", order_md("Good check passes", files=("webapp/src/greeting.py",), acceptance=good, id="g"))
+    run(ws)
+    drop(ws, "chip", "b.md", order_md("Bad check fails", files=("webapp/src/greeting.py",), acceptance=bad, id="b"))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    assert recs["g"].status == "done" and recs["g"].report["checks"] == ["`grep -q greet src/greeting.py` passed"]
+    assert recs["b"].status == "blocked" and "check `grep -q nonexistent src/greeting.py` failed" in recs["b"].failures[0]
+
+
+def test_checks_cannot_smuggle_writes_into_the_commit(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": WRITE_GREETING, "writes": ["webapp/src/**"]}})
+    acc = ("`echo sneaky > src/sneaky.py` passes", "The file exists", "Nothing else changed")
+    drop(ws, "chip", "g.md", order_md("Greeting lands", files=("webapp/src/**",), acceptance=acc, id="g"))
+    run(ws)
+    assert status(ws, "g") == "done"
+    assert not (ws.repos / "webapp" / "src" / "sneaky.py").exists()
+    assert "sneaky" not in git(ws.repos / "webapp", "log", "--stat", "-1")
+
+
+def test_outbox_orders_are_stamped_and_checked_against_sends_to(make_ws):
+    outbox = sh('mkdir -p "$COORD_OUTBOX/rex" "$COORD_OUTBOX/walt"; '
+                'printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+                'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/r.yaml"; '
+                'cp "$COORD_OUTBOX/rex/r.yaml" "$COORD_OUTBOX/walt/w.yaml"')
+    ws = make_ws({"chip": {"role": "specialist", "command": outbox, "sends_to": ["rex"]},
+                  "rex": {"role": "specialist", "command": sh("echo ok")},
+                  "walt": {"role": "orchestrator", "sends_to": ["chip", "rex"]}})
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    to_rex = [r for r in recs.values() if r.to == "rex"]
+    to_walt = [r for r in recs.values() if r.to == "walt"]
+    assert len(to_rex) == 1 and to_rex[0].sender == "chip" and to_rex[0].status == "done"
+    assert len(to_walt) == 1 and to_walt[0].status == "rejected"  # chip may not send to walt
+    assert set(recs["o"].children) == {to_rex[0].id, to_walt[0].id}
+
+
+def test_cancel_and_retry_through_the_library(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 1, "command": sh(
+        'test -e "$PROBE/fixed" || exit 1')}})
+    drop(ws, "chip", "a.md", order_md("Fails until fixed", id="a"))
+    run(ws)
+    assert status(ws, "a") == "blocked"
+    (ws.root.parent / "probe" / "fixed").touch()
+    with Supervisor(ws, poll=True) as sup:
+        assert sup.handle("retry", {"id": "a"})["status"] == "queued"
+        sup.run_once(limit=30)
+    assert status(ws, "a") == "done"
+    drop(ws, "chip", "w.md", order_md("Waits forever", id="w", blocked_by=["a", "never"]))
+    with Supervisor(ws, poll=True) as sup:
+        sup.run_once(limit=30)
+        assert status(ws, "w") == "rejected"  # unknown dependency
+    drop(ws, "chip", "q.md", order_md("Queued then cancelled", id="q"))
+    with Supervisor(ws, poll=True) as sup:
+        sup.step_commit()
+        sup._intake_step()
+        sup.handle("cancel", {"id": "q"})
+        sup.run_once(limit=30)
+    rec = Store(ws.state).load("q")
+    assert rec.status == "cancelled" and rec.attempts == 0
+    assert [e.line for e in StateRepo(ws.state).entries("q")][-1] == "q chip: queued -> cancelled"
+
+
+def test_invalid_order_is_rejected_with_the_original_bytes_and_errors_kept(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo never")}})
+    text = order_md("Too few checks", acceptance=("only one",), id="bad")
+    drop(ws, "chip", "bad.md", text)
+    run(ws)
+    recs = Store(ws.state).load_all()
+    (rec,) = recs.values()
+    assert rec.status == "rejected"
+    assert any("acceptance" in e and "3 to 5" in e for e in rec.errors)
+    assert (Store(ws.state).folder(rec.id) / "original.md").read_text() == text
+    assert list(ws.inbox("chip").iterdir()) == []
+
+
+def test_duplicate_id_never_runs_twice(make_ws):
+    ws = make_ws({"chip": {"role": "specialist",
+                           "command": sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran.txt"')}})
+    drop(ws, "chip", "a.md", order_md("First is done", id="same"))
+    run(ws)
+    drop(ws, "chip", "b.md", order_md("Second is done", id="same"))
+    run(ws)
+    assert (ws.root.parent / "probe" / "ran.txt").read_text().split() == ["same"]
+    rejected = [r for r in Store(ws.state).load_all().values() if r.status == "rejected"]
+    assert len(rejected) == 1 and "same" in rejected[0].errors[0]
+
+
+def test_report_is_delivered_to_the_sender(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo all good")},
+                  "walt": {"role": "orchestrator", "sends_to": ["chip"]}}, orchestrator="walt")
+    drop(ws, "chip", "a.md", order_md("Reported back", id="a", sender="walt"))
+    run(ws)
+    report = (ws.state / "reports" / "walt" / "a.md").read_text()
+    assert "done" in report and "all good" in report
+    ledger = json.loads((ws.state / "orchestrator" / "ledger.json").read_text())
+    kinds = {(i["ref"], i["kind"], i["status"]) for i in ledger["items"]}
+    assert ("a", "order", "completed") in kinds and ("a", "report", "completed") in kinds
