@@ -39,13 +39,14 @@ class Filed:
 
 class Intake:
     def __init__(self, store: Store, config: Config, records: dict[str, Record], history: History,
-                 *, rel: Callable[[Path], str], ids_dir: Path, clock: Callable[[], float] = time.time) -> None:
+                 *, rel: Callable[[Path], str], ids_dir: Path, repos_dir: Path, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.config = config
         self.records = records
         self.history = history
         self.rel = rel
         self.clock = clock
+        self.repos_dir = repos_dir
         self.ids_dir = ids_dir  # reservations shared with `coordinator send`
         self.ids_dir.mkdir(parents=True, exist_ok=True)
         self.next_number = store.max_assigned() + 1
@@ -87,6 +88,10 @@ class Intake:
                                 history=self.history, sender=sender)
         except OrderError as e:
             problems = e.problems
+        if order is not None and order.repo and not (self.repos_dir / order.repo / ".git").exists():
+            problems = [Problem("files", f"no repository {order.repo!r} under repos/; the first component of "
+                                "every path names one", path=shown)]
+            order = None
         partial = order or _best_effort(data, shown, agent)
         order_id = self._choose_id(order or partial)
         if order is not None:

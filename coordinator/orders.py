@@ -44,7 +44,7 @@ from ._orderfile import (
     read_order,
     reported,
 )
-from .config import Config
+from .config import SYSTEM_SENDERS, Config
 from .errors import OrderError, Problem, UsageError
 
 __all__ = [
@@ -195,7 +195,7 @@ def check(order: WorkOrder, config: Config, history: History, *, path: str | Non
     elif not (recipient.runnable or recipient.is_orchestrator):
         bad("to", f"{order.to} has no `command` or `llm` in coordinator.yaml, so nothing can run "
                   "this order; send it to another agent")
-    if order.sender != "user" and order.sender not in agents:
+    if order.sender not in SYSTEM_SENDERS and order.sender not in agents:
         bad("from", f"unknown agent {order.sender!r}; use `user` or one of {names}")
     elif recipient is not None and not config.may_send(order.sender, order.to):
         allowed = ", ".join(agents[order.sender].sends_to) or "nobody"

@@ -23,7 +23,7 @@ from typing import Any
 
 from . import durable
 from .errors import NotFoundError
-from .orders import WorkOrder
+from .orders import WorkOrder, objective_key
 
 STATUSES = ("queued", "waiting", "running", "done", "halted", "routed", "blocked",
             "rejected", "denied", "cancelled")
@@ -195,4 +195,4 @@ class History:
 
 
 def _norm(text: str) -> str:
-    return " ".join(text.lower().split())
+    return objective_key(text)

@@ -99,7 +99,7 @@ class Supervisor:
         self.records = self.store.load_all()
         self.history = History(self.records, self.store)
         self.intake = Intake(self.store, self.config, self.records, self.history, rel=ws.rel,
-                             ids_dir=ws.runtime / "ids", clock=self.clock)
+                             ids_dir=ws.runtime / "ids", repos_dir=ws.repos, clock=self.clock)
         self.ledger = budget.Ledger.load(ws.state)
         if self._spawner is None and not self.offline:
             self._spawner = Spawner(gate_only_ok=not _landlock_available())
@@ -316,7 +316,7 @@ class Supervisor:
                 if path.is_symlink():
                     self._refuse_link(path, agent)
                 continue
-            if not settled(path, now=time.time()):
+            if not settled(path, now=time.time(), require_quiet=self.poll_mode):
                 self._unsettled[path] = agent
                 continue
             claimed = self.intake.claim(path, agent)

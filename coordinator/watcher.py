@@ -183,6 +183,31 @@ class Watcher(Protocol):
     def add_folder(self, folder: Path) -> None: ...
 
 
+class NullWatcher:
+    """Sees nothing and never asks for a rescan: for a CLI serving one request offline."""
+
+    kind = "none"
+
+    def __init__(self) -> None:
+        self._never = threading.Event()
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def drain(self) -> tuple[set[Path], bool]:
+        return set(), False
+
+    def wait(self, timeout: float) -> bool:
+        self._never.wait(max(0.0, timeout))
+        return False
+
+    def add_folder(self, folder: Path) -> None:
+        pass
+
+
 if HAS_INOTIFY_READER:
 
     class _OverflowReportingReader(InotifyFD):

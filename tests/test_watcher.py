@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from coordinator import watcher as watcher_mod
-from coordinator.watcher import InboxWatcher, is_candidate, scan, settled
+from coordinator.watcher import InboxWatcher, NullWatcher, Watcher, is_candidate, scan, settled
 
 DEADLINE = 20.0  # seconds a test waits for something that normally takes a fraction of one
 MANY = 20_000
@@ -373,3 +373,13 @@ def test_polling_mode_hints_renamed_and_written_files(
     (inbox / ".hidden.json").write_text("{}")
     seen = collect(w, [inbox], lambda s: {"renamed.json", "written.json"} <= s.hinted)
     assert seen.hinted == {"renamed.json", "written.json"}
+
+
+def test_the_null_watcher_sees_nothing_even_when_files_arrive(inbox: Path) -> None:
+    w: Watcher = NullWatcher()
+    w.start()
+    w.add_folder(inbox)
+    drop(inbox, "order.json")
+    assert w.wait(0) is False
+    assert w.drain() == (set(), False)
+    w.stop()
