@@ -88,7 +88,11 @@ class Intake:
                                 history=self.history, sender=sender)
         except OrderError as e:
             problems = e.problems
-        if order is not None and order.repo and not (self.repos_dir / order.repo / ".git").exists():
+        if order is not None and order.id and (".." in order.id or order.id.endswith((".", ".lock"))):
+            problems = [Problem("id", f"{order.id!r} cannot name a git branch (no '..', no trailing '.' or "
+                                "'.lock'); choose another id", path=shown)]
+            order = None
+        elif order is not None and order.repo and not (self.repos_dir / order.repo / ".git").exists():
             problems = [Problem("files", f"no repository {order.repo!r} under repos/; the first component of "
                                 "every path names one", path=shown)]
             order = None

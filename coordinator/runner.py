@@ -91,6 +91,7 @@ def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -
         shutil.rmtree(folder)
     (folder / "outbox").mkdir(parents=True)
     (folder / "scratch").mkdir()
+    (folder / "tmp").mkdir()
     repo = order.repo
     workdir = work_folder(ws, order.id) / repo if repo else folder / "scratch"
     attempt = Attempt(order.id, number, folder, workdir, repo)
@@ -152,6 +153,9 @@ def environment(agent: Agent, attempt: Attempt, ws: Workspace) -> dict[str, str]
         "COORD_WORKSPACE": str(ws.root),
         "COORD_HEARTBEAT": str(attempt.heartbeat),
         "COORD_ATTEMPT": attempt.token,
+        # Bytecode caches written by a test run would count as changes outside the order's files.
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "TMPDIR": str(attempt.folder / "tmp"),
     })
     return env
 

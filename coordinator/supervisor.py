@@ -91,6 +91,7 @@ class Supervisor:
             self.say(f"cleared a stale state/.git/{name} left by a dead git process")
         self.store.ensure()
         durable.clean_temps(ws.state)
+        self._clear_repo_locks()
         durable.open_journal()
         marker = ws.runtime / "running"
         crashed = marker.exists()
@@ -160,6 +161,14 @@ class Supervisor:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+
+    def _clear_repo_locks(self) -> None:
+        from .repos import Repo
+
+        for path in verify.repo_dirs(self.ws):
+            with contextlib.suppress(CoordinatorError):
+                if Repo(path).clear_stale_lock():
+                    self.say(f"cleared a stale lock in repos/{path.name}/.git left by a dead git process")
 
     def _recover(self, crashed: bool) -> None:
         """Finish what a crash interrupted; every order ends up in exactly one place."""

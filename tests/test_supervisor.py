@@ -16,7 +16,7 @@ WRITE_GREETING = sh('printf "def greet():\\n    return 1\\n" > src/greeting.py &
 
 
 def run(ws, **kw):
-    with Supervisor(ws, poll=True, **kw) as sup:
+    with Supervisor(ws, **kw) as sup:
         sup.run_once(limit=60)
         return sup
 
@@ -200,16 +200,16 @@ def test_cancel_and_retry_through_the_library(make_ws):
     run(ws)
     assert status(ws, "a") == "blocked"
     (ws.root.parent / "probe" / "fixed").touch()
-    with Supervisor(ws, poll=True) as sup:
+    with Supervisor(ws) as sup:
         assert sup.handle("retry", {"id": "a"})["status"] == "queued"
         sup.run_once(limit=30)
     assert status(ws, "a") == "done"
     drop(ws, "chip", "w.md", order_md("Waits forever", id="w", blocked_by=["a", "never"]))
-    with Supervisor(ws, poll=True) as sup:
+    with Supervisor(ws) as sup:
         sup.run_once(limit=30)
         assert status(ws, "w") == "rejected"  # unknown dependency
     drop(ws, "chip", "q.md", order_md("Queued then cancelled", id="q"))
-    with Supervisor(ws, poll=True) as sup:
+    with Supervisor(ws) as sup:
         sup.step_commit()
         sup._intake_step()
         sup.handle("cancel", {"id": "q"})
