@@ -170,7 +170,10 @@ class AttemptRunner:
     # -- after the specialist ---------------------------------------------------------------------------
     def _after_specialist(self, act: Active, code: int) -> None:
         # Nothing is judged while any process of the attempt may still write.
-        self.sup.spawner.kill_tree(act.token, grace=0.5)
+        try:
+            self.sup.spawner.kill_tree(act.token, grace=0.5)
+        except CoordinatorError as e:
+            return self.fail(act, f"processes of the attempt survived SIGKILL; not judged: {e}")
         if act.cancelled:
             return self._end_cancelled(act)
         tail = runner.tail(act.attempt.log, OUTPUT_TAIL)
@@ -206,6 +209,8 @@ class AttemptRunner:
         self._deliver_outbox(act)
         if result.outcome != "done":
             return self._end_outcome(act, result)
+        if act.agent.is_orchestrator and act.rec.children:
+            return self._await_children(act)
         if act.repo is not None and act.verdict is not None and act.verdict.commit_paths():
             try:
                 act.committed = act.repo.commit(
@@ -222,6 +227,39 @@ class AttemptRunner:
             return self._start_check(act)
         self._land(act)
 
+    def _await_children(self, act: Active) -> None:
+        """An orchestrator delegated: its request is done when its children are, and checks pass."""
+        self._cleanup(act)
+        act.phase = "children"
+        self.active.pop(act.token, None)
+        self.waiting_requests[act.rec.id] = act
+        self.sup.event(act.rec, f"waiting for {len(act.rec.children)} order(s): {', '.join(act.rec.children)}")
+
+    def children_ended(self, act: Active) -> None:
+        """All children of a command orchestrator's request ended: verify on the default branch."""
+        recs = self.sup.records
+        failed = [c for c in act.rec.children if c in recs and recs[c].status not in ("done", "routed")]
+        if failed:
+            act.rec.running = None
+            reason = "delegated orders did not finish: " + ", ".join(f"{c} {recs[c].status}" for c in failed)
+            act.rec.failures.append(reason)
+            return self.block(act.rec, reason)
+        act.checks = list(act.order.checks)
+        if not act.checks:
+            return self._land(act)
+        try:
+            if act.repo is not None:
+                act.repo.add_worktree(act.rec.id, act.attempt.workdir)
+        except CoordinatorError as e:
+            return self.fail(act, f"could not prepare a working copy for the checks: {e}")
+        # The checks verify the delegated work on a throw-away copy of the default branch.
+        act.rules = Ruleset(writable=tuple(sorted({str(act.attempt.folder), str(act.attempt.workdir)})))
+        act.phase = "check"
+        act.check_index = 0
+        act.deadline = self.sup.clock() + _timeout(act.order, act.agent)
+        self.active[act.token] = act
+        self._start_check(act)
+
     def _start_check(self, act: Active) -> None:
         command = act.checks[act.check_index]
         log = act.attempt.folder / f"check-{act.check_index}.log"
@@ -235,7 +273,10 @@ class AttemptRunner:
 
     def _after_check(self, act: Active, code: int) -> None:
         token = f"{act.token}.c{act.check_index}"
-        self.sup.spawner.kill_tree(token, grace=0.5)
+        try:
+            self.sup.spawner.kill_tree(token, grace=0.5)
+        except CoordinatorError as e:
+            return self.fail(act, f"processes of a check survived SIGKILL: {e}")
         if act.cancelled:
             return self._end_cancelled(act)
         command = act.checks[act.check_index]
@@ -267,8 +308,8 @@ class AttemptRunner:
                     return self.fail(act, f"could not merge: {e}")
                 rec.commit = act.committed
                 self.sup.note_head(act.repo.name, sha)
-        assert act.result is not None
-        rec.report = {"summary": act.result.summary,
+        summary = act.result.summary if act.result else "done"
+        rec.report = {"summary": summary,
                       "changed": [f"{act.repo.name}/{p}" for p in act.verdict.commit_paths()]
                       if act.repo and act.verdict else [],
                       "checks": act.check_lines, "merge": sha}
@@ -365,6 +406,9 @@ class AttemptRunner:
         """`rec` was running when the supervisor died: landed already, or a failed attempt."""
         info = rec.running or {}
         number = int(info.get("number", rec.attempts))
+        agent = self.sup.config.agents.get(rec.to)
+        if agent is not None and agent.is_orchestrator and rec.children:
+            return self._resume_request(rec, agent, number)
         repo_name = info.get("repo")
         if repo_name:
             with contextlib.suppress(CoordinatorError):
@@ -379,11 +423,22 @@ class AttemptRunner:
                 repo.remove_worktree(rec.id, Path(str(info.get("workdir", ""))), keep=False)
         rec.running = None
         rec.failures.append(f"interrupted: the supervisor stopped during attempt {number}")
-        agent = self.sup.config.agents.get(rec.to)
         if agent is not None and len(rec.failures) >= agent.max_failures:
             self.block(rec, rec.failures[-1])
         else:
             self.sup.move(rec, "queued", audit.SUPERVISOR, note=rec.failures[-1])
+
+
+    def _resume_request(self, rec: Record, agent: Agent, number: int) -> None:
+        """A request that had delegated keeps waiting for its children; it is not run again."""
+        order = self.sup.store.load_order(rec.id)
+        attempt = runner.prepare(self.ws, order, number, rec.failures)
+        act = Active(rec=rec, agent=agent, order=order, attempt=attempt, rules=None,
+                     started=self.sup.clock(), deadline=self.sup.clock() + _timeout(order, agent),
+                     phase="children", token=attempt.token)
+        if attempt.repo is not None:
+            act.repo = self.repo(attempt.repo)
+        self.waiting_requests[rec.id] = act
 
 
 def outcome_problem(order: WorkOrder, result: results.Result) -> str | None:

@@ -175,7 +175,10 @@ def check_requests(runner: AttemptRunner) -> bool:
             continue
         del runner.waiting_requests[rid]
         progress = True
-        start_synthesis(runner, act)
+        if act.agent.llm is None:
+            runner.children_ended(act)
+        else:
+            start_synthesis(runner, act)
     return progress
 
 

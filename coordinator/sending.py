@@ -54,7 +54,7 @@ def send(ws: Workspace, data: bytes, *, name: str, to: str, sender: str | None) 
     cfg = ws.config
     if to not in cfg.agents:
         raise UsageError(f"unknown agent {to!r}; agents: {', '.join(cfg.agents)}")
-    shown = f"{name} (for {to})"
+    shown = name
     order = orders.load(data, path=shown, to=to, config=cfg, history=history(ws), sender=sender)
     inbox = ws.inbox(to)
     inbox.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
 import select
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from coordinator.spawner import MARK, Exit, Spawner, SpawnRequest, kill_leftover
 ROOT = Path(__file__).resolve().parents[1]
 ABI = landlock.abi_version()
 needs_landlock = pytest.mark.skipif(ABI < 1, reason="this kernel has no Landlock")
+RUN = secrets.token_hex(3)  # attempt marks are global in /proc: keep concurrent runs apart
 ENV = {"PATH": os.environ.get("PATH", os.defpath), "PYTHONPATH": str(ROOT)}
 
 
@@ -104,13 +106,13 @@ def test_exit_codes_and_output_reach_the_supervisor(sp: Spawner, tmp_path: Path)
 
 
 def test_a_child_leads_its_own_session_and_is_marked(sp: Spawner, tmp_path: Path) -> None:
-    pid = sp.spawn(req(tmp_path, ("sleep", "60"), "lead"))
+    pid = sp.spawn(req(tmp_path, ("sleep", "60"), f"lead-{RUN}"))
     assert os.getsid(pid) == pid and os.getpgid(pid) == pid
-    assert marked("lead") == [pid]
-    assert sp.alive("lead")
-    sp.kill_tree("lead", grace=1.0)
-    assert not sp.alive("lead") and gone(pid)
-    assert wait_exit(sp, "lead").returncode == -signal.SIGTERM
+    assert marked(f"lead-{RUN}") == [pid]
+    assert sp.alive(f"lead-{RUN}")
+    sp.kill_tree(f"lead-{RUN}", grace=1.0)
+    assert not sp.alive(f"lead-{RUN}") and gone(pid)
+    assert wait_exit(sp, f"lead-{RUN}").returncode == -signal.SIGTERM
 
 
 def test_exec_failures_are_raised_with_one_line_and_logged(sp: Spawner, tmp_path: Path) -> None:
@@ -212,15 +214,15 @@ def _pids(base: Path) -> list[int]:
 
 def test_kill_tree_kills_grandchildren_and_escapees_and_leaves_no_zombie(
         sp: Spawner, tmp_path: Path) -> None:
-    sp.spawn(req(tmp_path, py(tmp_path, TREE) + (str(tmp_path / "t"), "marked"), "tree"))
+    sp.spawn(req(tmp_path, py(tmp_path, TREE) + (str(tmp_path / "t"), "marked"), f"tree-{RUN}"))
     pids = _pids(tmp_path / "t")
-    assert all(not gone(p) for p in pids) and sp.alive("tree")
+    assert all(not gone(p) for p in pids) and sp.alive(f"tree-{RUN}")
     started = time.monotonic()
-    sp.kill_tree("tree", grace=0.5)
+    sp.kill_tree(f"tree-{RUN}", grace=0.5)
     assert time.monotonic() - started < 0.5 + 5.0
     assert [p for p in pids if not gone(p)] == []  # dead and reaped: no zombie in /proc
-    assert not sp.alive("tree") and marked("tree") == []
-    assert wait_exit(sp, "tree").returncode == -signal.SIGKILL
+    assert not sp.alive(f"tree-{RUN}") and marked(f"tree-{RUN}") == []
+    assert wait_exit(sp, f"tree-{RUN}").returncode == -signal.SIGKILL
 
 
 def test_a_detached_grandchild_cannot_write_after_kill_tree(sp: Spawner, tmp_path: Path) -> None:
@@ -233,12 +235,12 @@ def test_a_detached_grandchild_cannot_write_after_kill_tree(sp: Spawner, tmp_pat
             f"        open({str(fifo)!r}).read()\n        open({str(work / 'late')!r}, 'w').write('x')\n"
             f"    os._exit(0)\n")
     sandbox = Ruleset((str(work),)) if ABI >= 1 else None
-    sp.spawn(req(work, py(tmp_path, code), "det", sandbox))
-    assert wait_exit(sp, "det").returncode == 0
-    wait_until(lambda: len(marked("det")) == 1)  # the grandchild lives on
-    assert sp.alive("det")
-    sp.kill_tree("det", grace=0.5)
-    assert not sp.alive("det")
+    sp.spawn(req(work, py(tmp_path, code), f"det-{RUN}", sandbox))
+    assert wait_exit(sp, f"det-{RUN}").returncode == 0
+    wait_until(lambda: len(marked(f"det-{RUN}")) == 1)  # the grandchild lives on
+    assert sp.alive(f"det-{RUN}")
+    sp.kill_tree(f"det-{RUN}", grace=0.5)
+    assert not sp.alive(f"det-{RUN}")
     with pytest.raises(OSError) as no_reader:  # nobody is left to read the fifo, so nobody writes
         os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
     assert no_reader.value.errno == errno.ENXIO
@@ -263,21 +265,21 @@ from coordinator.spawner import Spawner, SpawnRequest
 sp = Spawner()
 tmp = sys.argv[1]
 env = {"PATH": os.environ["PATH"]}
-a = sp.spawn(SpawnRequest(("sleep", "600"), env, tmp, tmp + "/a.log", "own-a"))
+a = sp.spawn(SpawnRequest(("sleep", "600"), env, tmp, tmp + "/a.log", "own-a-" + sys.argv[2]))
 b = sp.spawn(SpawnRequest(("sh", "-c", "setsid sleep 600 & exec sleep 600"), env, tmp, tmp + "/b.log",
-                          "own-b", Ruleset((tmp,))))
+                          "own-b-" + sys.argv[2], Ruleset((tmp,))))
 print(json.dumps({"server": sp.server_pid, "pids": [a, b]}), flush=True)
 sys.stdin.read()
 """
 
 
 def test_kill_9_of_the_supervisor_kills_its_children(tmp_path: Path) -> None:
-    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path)], stdin=subprocess.PIPE,
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path), RUN], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert owner.stdout is not None
     info = json.loads(owner.stdout.readline())
-    wait_until(lambda: len(marked("own-b")) == 2)  # the setsid'd sleeper has started
-    victims = info["pids"] + marked("own-b")
+    wait_until(lambda: len(marked(f"own-b-{RUN}")) == 2)  # the setsid'd sleeper has started
+    victims = info["pids"] + marked(f"own-b-{RUN}")
     fds = [os.pidfd_open(p) for p in {info["server"], *victims}]
     owner.kill()
     owner.wait()
@@ -292,18 +294,18 @@ def test_kill_9_of_the_supervisor_kills_its_children(tmp_path: Path) -> None:
         for fd in fds:
             os.close(fd)
     wait_until(lambda: all(gone(p) for p in victims))  # reaped, not left as zombies
-    assert marked("own-a") == [] and marked("own-b") == []
+    assert marked(f"own-a-{RUN}") == [] and marked(f"own-b-{RUN}") == []
 
 
 def test_kill_leftovers_finds_marked_trees_without_a_server(tmp_path: Path) -> None:
-    env = {**ENV, MARK: "dead-1"}
+    env = {**ENV, MARK: f"dead-1-{RUN}"}
     tree = subprocess.Popen(["sh", "-c", "setsid sleep 600 & sleep 600"], env=env, start_new_session=True)
-    other = subprocess.Popen(["sleep", "600"], env={**ENV, MARK: "alive-1"})
+    other = subprocess.Popen(["sleep", "600"], env={**ENV, MARK: f"alive-1-{RUN}"})
     try:
-        wait_until(lambda: len(marked("dead-1")) == 3)
-        assert kill_leftovers(["dead-1"]) == 3
+        wait_until(lambda: len(marked(f"dead-1-{RUN}")) == 3)
+        assert kill_leftovers([f"dead-1-{RUN}"]) == 3
         assert tree.wait(timeout=10) == -signal.SIGKILL
-        assert marked("dead-1") == []
+        assert marked(f"dead-1-{RUN}") == []
         assert other.poll() is None  # another token is left alone
         assert kill_leftovers([]) == 0
     finally:
@@ -356,7 +358,7 @@ def test_a_dead_server_is_reported_and_its_orphans_found_by_kill_leftovers(tmp_p
     spawner = Spawner()
     try:
         assert os.getsid(spawner.server_pid) != os.getsid(0)  # a Ctrl-C for us never reaches it
-        pid = spawner.spawn(req(tmp_path, ("sleep", "600"), "orphan"))
+        pid = spawner.spawn(req(tmp_path, ("sleep", "600"), f"orphan-{RUN}"))
         os.kill(spawner.server_pid, signal.SIGKILL)
         with pytest.raises(SupervisorError, match="spawn server stopped"):
             spawner.spawn(req(tmp_path, ("true",), "next"))
@@ -365,5 +367,5 @@ def test_a_dead_server_is_reported_and_its_orphans_found_by_kill_leftovers(tmp_p
     finally:
         spawner.close()
     assert not dead(pid)  # nobody killed it yet: recovery does
-    assert kill_leftovers(["orphan"]) == 1
+    assert kill_leftovers([f"orphan-{RUN}"]) == 1
     assert dead(pid)
