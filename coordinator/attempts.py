@@ -9,6 +9,7 @@ status change through `Supervisor.move`.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 OUTPUT_TAIL = 1500
+# What a refused write looks like in a program's output (EACCES/EPERM/EROFS from the kernel).
+REFUSED = re.compile(r"Permission denied|Operation not permitted|Read-only file system|EACCES|EPERM", re.I)
 
 
 @dataclass
@@ -177,6 +180,8 @@ class AttemptRunner:
         if act.cancelled:
             return self._end_cancelled(act)
         tail = runner.tail(act.attempt.log, OUTPUT_TAIL)
+        if act.agent.is_orchestrator:
+            self._artifact_attempts(act, tail)
         if act.timed_out:
             return self.fail(act, f"timed out after {_fmt(act.deadline - act.started)}; last output: "
                                   f"{tail[-400:] or '(none)'}")
@@ -338,12 +343,20 @@ class AttemptRunner:
         else:
             self.block(rec, f"{act.agent.name} reported blocked: {result.summary}", actor=act.agent.name)
 
+    def _artifact_attempts(self, act: Active, tail: str) -> None:
+        """The orchestrator tried to write (the kernel refused): seed 001's first fire-able signal."""
+        refused = [line.strip() for line in tail.splitlines() if REFUSED.search(line)]
+        if refused:
+            self.sup.signal("artifact", agent=act.agent.name, order=act.rec.id,
+                            evidence="orchestrator tried to write; refused: " + " | ".join(refused[:3])[:280])
+
     def _deny(self, act: Active, verdict: gate.Verdict) -> None:
         rec = act.rec
         lines = [f"{act.repo.name if act.repo else ''}/{gate.describe(c)} — {why}" for c, why in verdict.offending]
         rec.report = {"summary": f"{act.agent.name} wrote outside its permission; every change was discarded",
                       "offending": lines}
-        self.sup.signal("scope", agent=act.agent.name, order=rec.id, evidence="; ".join(lines)[:300])
+        kind = "artifact" if act.agent.is_orchestrator else "scope"
+        self.sup.signal(kind, agent=act.agent.name, order=rec.id, evidence="; ".join(lines)[:300])
         self._finish(act, keep=True)
         self.sup.move(rec, "denied", audit.SUPERVISOR, note=lines[0] if lines else None)
 

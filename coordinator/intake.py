@@ -140,9 +140,12 @@ class Intake:
             status = "queued"
         else:
             status = "rejected"
+        claimed_sender = sender or (source.sender if source else None) or "user"
+        if claimed_sender not in self.config.agents and claimed_sender not in SYSTEM_SENDERS:
+            claimed_sender = "user"  # an unknown name never becomes a commit author
         record = Record(
             id=order_id, to=agent,
-            sender=(sender or (source.sender if source else None) or "user"),
+            sender=claimed_sender,
             status=status,
             objective=(source.objective if source and source.objective else f"(unreadable: {shown})")[:280],
             created=now, updated=now, seq=self.seq,
@@ -152,7 +155,7 @@ class Intake:
             blocked_by=list(order.blocked_by) if order else [],
             references=list(order.references) if order else [],
             parent=order.parent if order else None,
-            history=[{"at": now, "from": "new", "to": status, "actor": sender or (source.sender if source else "user")}],
+            history=[{"at": now, "from": "new", "to": status, "actor": claimed_sender}],
         )
         self.seq += 1
         if order is not None:
@@ -174,8 +177,19 @@ def _suffix(name: str) -> str:
 
 
 def _best_effort(data: bytes, shown: str, agent: str) -> WorkOrder | None:
-    """The order's own fields for a rejected file, when it parses at all (for its id and sender)."""
+    """What a rejected file says of itself (its id, sender, objective), read as far as it goes."""
+    from ._orderfile import read_order
+
     try:
-        return orders.parse(data, path=shown, to=agent)
-    except OrderError:
+        fields = read_order(data, path=shown, to=agent, sender=None, kind=None).fields
+    except (OrderError, ValueError, TypeError):
         return None
+
+    def text(key: str, default: str = "") -> str:
+        value = fields.get(key)
+        return value if isinstance(value, str) and value and "\n" not in value else default
+
+    priority = text("priority", "normal")
+    return WorkOrder(id=text("id") or None, sender=text("from", "user"), to=agent, objective=text("objective"),
+                     acceptance=(), files=(), branching=(),
+                     priority=priority if priority in orders.PRIORITIES else "normal")

@@ -1,0 +1,253 @@
+"""Crash recovery: kill -9 of the supervisor at every step of an order's life, then a restart.
+
+After each crash and restart: every order is in exactly one place, none is lost, none is done
+twice, nothing is left `running`, no specialist of the dead supervisor survives, and
+`coordinator audit verify` is clean. Live kills use `coordinator supervise` as a real
+subprocess; windows a live kill cannot hit deterministically (a few instructions wide) are
+built on disk exactly as the crash would leave them, or by abandoning an in-process
+supervisor the way a kill -9 would (no flush, no clean-up, its lock dropped by the kernel).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import drop, order_md, sh
+
+from coordinator import durable
+from coordinator.audit import StateRepo
+from coordinator.repos import Repo
+from coordinator.store import TERMINAL, Store
+from coordinator.supervisor import Supervisor
+from coordinator.verify import verify
+from coordinator.workspace import Workspace
+
+COORDINATOR = Path(sys.executable).with_name("coordinator")
+WAIT = 60.0  # seconds any one awaited condition may take on a loaded 2-core machine
+
+# A specialist that proves each run: it records its pid, waits at a gate the test opens per
+# attempt (so a kill lands mid-run, deterministically), writes its own file in the repository,
+# and appends its order id to $PROBE/completions only as its very last act. The order `sleeper`
+# sleeps 60 s on its first attempt instead (a leftover to be killed), and finishes on the next.
+GATED = sh(
+    'echo $$ >> "$PROBE/pids"; '
+    'if [ "$COORD_ORDER_ID" = sleeper ] && [ ! -e "$PROBE/slept" ]; then '
+    'touch "$PROBE/slept"; exec sleep 60; fi; '
+    'while [ ! -e "$PROBE/go.$COORD_ATTEMPT" ]; do sleep 0.05; done; '
+    'printf "name = \\"%s\\"\\n" "$COORD_ORDER_ID" > "src/$COORD_ORDER_ID.py"; '
+    'echo "$COORD_ORDER_ID" >> "$PROBE/completions"')
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def wait_until(cond: Callable[[], object], what: str, timeout: float = WAIT) -> None:
+    """Poll `cond` (state another process writes) until true; fail saying what never happened."""
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def supervise(ws: Workspace, *args: str) -> subprocess.Popen[bytes]:
+    log = open(ws.root.parent / "supervise.log", "ab")  # noqa: SIM115 - the child owns it
+    try:
+        return subprocess.Popen([str(COORDINATOR), "-w", str(ws.root), "supervise", *args],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    finally:
+        log.close()
+
+
+def supervise_once(ws: Workspace) -> str:
+    """`coordinator supervise --once` to completion; its output."""
+    proc = subprocess.run([str(COORDINATOR), "-w", str(ws.root), "supervise", "--once"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    if int(f.read().rsplit(b")", 1)[1].split()[1]) == pid:
+                        found.append(int(name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def specialists_of(ws: Workspace) -> list[int]:
+    """Live processes started for an attempt in `ws` (their environment names the workspace)."""
+    mark = b"COORD_WORKSPACE=" + os.fsencode(ws.root) + b"\0"
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if mark in f.read() and alive(int(name)):
+                        found.append(int(name))
+            except OSError:
+                continue
+    return found
+
+
+def committed_status(ws: Workspace, order_id: str) -> str | None:
+    """`order_id`'s status as state/'s git history has it (the record on disk may be ahead)."""
+    moves = [e.new for e in StateRepo(ws.state).entries(order_id) if e.new]
+    return moves[-1] if moves else None
+
+
+def status(ws: Workspace, order_id: str) -> str | None:
+    try:
+        return Store(ws.state).load(order_id).status
+    except Exception:
+        return None
+
+
+def probe(ws: Workspace) -> Path:
+    return ws.root.parent / "probe"
+
+
+def completions(ws: Workspace) -> list[str]:
+    path = probe(ws) / "completions"
+    return path.read_text().split() if path.exists() else []
+
+
+def open_gate(ws: Workspace, order_id: str, attempt: int) -> None:
+    (probe(ws) / f"go.{order_id}.{attempt}").touch()
+
+
+def repo_commits(ws: Workspace, order_id: str) -> list[str]:
+    """Non-merge commits on webapp's main that carry `order_id`'s trailer."""
+    out = subprocess.run(["git", "-C", str(ws.repos / "webapp"), "log", "--no-merges", "-F",
+                          f"--grep=Work-Order: {order_id}", "--format=%H", "main"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
+def git(path: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def assert_one_place(ws: Workspace, ids: set[str]) -> None:
+    """Every order has one record and one original; nothing waits in an inbox or in intake."""
+    recs = Store(ws.state).load_all()
+    assert ids <= set(recs)
+    for oid in ids:
+        assert len(list(Store(ws.state).folder(oid).glob("original.*"))) == 1, oid
+    for agent in ws.config.agents:
+        assert list(ws.inbox(agent).iterdir()) == [], agent
+    intake = ws.state / "intake"
+    assert not intake.exists() or not [p for p in intake.rglob("*") if p.is_file()]
+
+
+def assert_clean(ws: Workspace) -> None:
+    findings = verify(ws)
+    assert findings == [], "\n".join(map(str, findings))
+    assert StateRepo(ws.state).dirty() == []
+    assert subprocess.run(["git", "-C", str(ws.state), "fsck", "--no-progress"],
+                          capture_output=True).returncode == 0
+
+
+def abandon(sup: Supervisor) -> None:
+    """Leave `sup` the way kill -9 would: nothing flushed, no clean-up, its lock released.
+
+    Its spawn server is closed, which kills the attempts' process trees: what the server does
+    by itself when the supervisor's end of its control channel closes.
+    """
+    sup.watcher.stop()
+    sup.spawner.close(grace=0.0)
+    if sup._lock_fd is not None:
+        os.close(sup._lock_fd)
+        sup._lock_fd = None
+    durable.close_journal()
+    sup._opened = False
+
+
+# -- 1. kill -9 of a live supervisor while orders run ------------------------------------------
+@pytest.mark.parametrize("victims", ["supervisor", "supervisor-and-spawner"])
+def test_kill9_mid_run_then_restart_finishes_every_order_once(make_ws, victims):
+    """A live `supervise` is killed with -9 while three orders run and one waits; a restart
+    with `--once` ends each order once: one completion, one commit, nothing left running.
+
+    With `supervisor-and-spawner` the spawn server dies too, so the specialists are orphans
+    that only the restart's recovery can find and kill.
+    """
+    ws = make_ws({"chip": {"role": "specialist", "command": GATED, "writes": ["webapp/src/**"],
+                           "max_parallel": 3}}, max_parallel=3)
+    ids = ["sleeper", "o1", "o2", "o3", "o4"]  # dropped in this order: o4 waits for a slot
+    for oid in ids:
+        drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} writes its file", id=oid,
+                                               files=(f"webapp/src/{oid}.py",)))
+    open_gate(ws, "o1", 1)
+    sup = supervise(ws)
+    try:
+        # Killed once every move so far is committed: the window between a state write and its
+        # commit has its own deterministic test below.
+        wait_until(lambda: committed_status(ws, "o1") == "done", "o1 to end done")
+        wait_until(lambda: (probe(ws) / "slept").exists()
+                   and [committed_status(ws, o) for o in ids] == [
+                       "running", "done", "running", "running", "queued"],
+                   "the sleeper, o2 and o3 running, o4 queued")
+        running = ["sleeper", "o2", "o3"]
+        os.kill(sup.pid, signal.SIGSTOP)  # freeze it, so both die in the same state
+        if victims == "supervisor-and-spawner":
+            for pid in children(sup.pid):
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"coordinator.spawner" in f.read():
+                        os.kill(pid, signal.SIGKILL)
+        os.kill(sup.pid, signal.SIGKILL)
+        sup.wait(10)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
+    if victims == "supervisor-and-spawner":
+        leftovers = specialists_of(ws)
+        assert leftovers, "the orphaned specialists should still run before the restart"
+    assert completions(ws) == ["o1"]
+    for oid in ids:  # the restart's attempts may pass; the dead supervisor's never
+        open_gate(ws, oid, 2)
+        if oid not in running:
+            open_gate(ws, oid, 1)
+
+    out = supervise_once(ws)
+
+    assert specialists_of(ws) == []
+    pids = [int(p) for p in (probe(ws) / "pids").read_text().split()]
+    assert not any(alive(p) for p in pids)
+    if victims == "supervisor-and-spawner":
+        assert "killed" in out and "leftover process" in out
+    recs = Store(ws.state).load_all()
+    assert {oid: recs[oid].status for oid in ids} == dict.fromkeys(ids, "done")
+    assert not any(r.status == "running" for r in recs.values())
+    assert sorted(completions(ws)) == sorted(ids)
+    for oid in running:
+        assert recs[oid].attempts == 2, recs[oid].history
+        assert "interrupted" in recs[oid].failures[0]
+    for oid in ids:
+        assert len(repo_commits(ws, oid)) == 1, oid
+        assert (ws.repos / "webapp" / "src" / f"{oid}.py").exists()
+    assert_one_place(ws, set(ids))
+    assert not (ws.runtime / "running").exists()
+    assert_clean(ws)
