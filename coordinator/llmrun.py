@@ -2,27 +2,38 @@
 
 The HTTP conversation runs in a worker thread (the loop never blocks on a
 model); everything after it (edits, gate, checks, commit, filing orders,
-statuses) happens back in the loop thread.
+statuses, usage) happens back in the loop thread. The worker reads only what
+was captured for it at the start, so it never races the loop over records.
 
 A specialist's reply edits the working copy, then the usual gate and checks
 decide. An orchestrator's request is decomposed into child orders (`parent` =
 the request); the request stays `running` until its children end, then the
 model is asked once more with their reports: more orders, or the request is
 `done` with the synthesis as its report.
+
+Money: every attempt gets its own `Client`; a `SpendMeter` per supervisor adds
+what was recorded in `state/` to what calls in flight have spent, and is the
+spend guard each client consults before every HTTP call: once an agent or the
+workspace reaches its `spend_limit`, no call goes out and the order is blocked
+with the limit named (no retry can bypass it: the meter is asked again).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from . import audit, budget, costs, llmagent, orders, paths, results
-from .config import Agent
-from .errors import CoordinatorError, LLMAuthError, LLMError, OrderError
-from .llm import Client, SpendLimitReached
+from . import audit, budget, llmagent, orders, paths, results
+from .config import Agent, Config
+from .errors import CoordinatorError, LLMAuthError, OrderError
+from .llm import Call, Client, SpendLimitReached
+from .store import History, Record
 
 if TYPE_CHECKING:
     from .attempts import Active, AttemptRunner
@@ -30,67 +41,117 @@ if TYPE_CHECKING:
 MAX_FILE_CHARS = 60_000      # per file sent to a specialist model
 MAX_TOTAL_CHARS = 240_000    # all files of one order
 MAX_GLOB_FILES = 40
+MAX_ROUNDS = 4               # plan + reviews that may still file orders; then the request is blocked
+LOG_REPLY_CHARS = 4000       # of each model reply kept in the attempt's output.log
+USAGE_NOTE = "model conversation"  # ledger items of a request's own calls carry this note
+# The brief's last section tells a command how to write $COORD_RESULT; a model answers in JSON.
+HOW_TO_ANSWER = "\n## How to answer"
 
 
 @dataclass
 class Outcome:
+    """What the worker thread hands back to the loop."""
+
     kind: str  # "specialist" | "plan" | "synthesis"
+    client: Client
+    ledger_text: str = ""  # the part of the prompt the budget ledger already counts
     value: Any = None
     error: CoordinatorError | None = None
+    replies: list[str] = field(default_factory=list)
 
 
-_clients: dict[tuple[int, str], Client] = {}
+# -- money ------------------------------------------------------------------------------------------
 
 
-def client_for(runner: AttemptRunner, agent: Agent) -> Client:
-    """One client per agent (it remembers endpoints that refuse response_format)."""
-    key = (id(runner), agent.name)
-    if key not in _clients:
-        assert agent.llm is not None
-        _clients[key] = Client(agent.llm, transport=runner.sup.http_transport,
-                               spend_guard=spend_guard(runner, agent))
-    return _clients[key]
+class SpendMeter:
+    """USD spent by each agent and the workspace: recorded calls plus calls still in flight."""
+
+    def __init__(self, records: Iterable[Record]) -> None:
+        self._lock = threading.Lock()
+        self._by_agent: dict[str, float] = {}
+        self._total = 0.0
+        self._live: dict[int, tuple[str, Client]] = {}
+        for rec in records:
+            for call in rec.usage:
+                self._add(str(call.get("agent") or rec.to), float(call.get("cost", 0.0) or 0.0))
+
+    def _add(self, agent: str, usd: float) -> None:
+        self._by_agent[agent] = self._by_agent.get(agent, 0.0) + usd
+        self._total += usd
+
+    def track(self, agent: str, client: Client) -> None:
+        with self._lock:
+            self._live[id(client)] = (agent, client)
+
+    def settle(self, client: Client) -> None:
+        """The client's calls are now in `state/`: count them as recorded."""
+        with self._lock:
+            entry = self._live.pop(id(client), None)
+            if entry is not None:
+                self._add(entry[0], entry[1].spent)
+
+    def spent(self, agent: str | None = None) -> float:
+        with self._lock:
+            live = sum(c.spent for a, c in self._live.values() if agent is None or a == agent)
+            return live + (self._total if agent is None else self._by_agent.get(agent, 0.0))
+
+    def guard(self, agent: Agent, config: Config) -> Callable[[], str | None]:
+        """The circuit breaker a client asks before every HTTP call."""
+
+        def check() -> str | None:
+            if agent.spend_limit is not None:
+                used = self.spent(agent.name)
+                if used >= agent.spend_limit:
+                    return (f"spend limit reached: {agent.name} has spent ${used:.4f} of its "
+                            f"${agent.spend_limit:.2f} (agents.{agent.name}.spend_limit); no more "
+                            "model calls: raise the limit in coordinator.yaml, then `coordinator retry`")
+            if config.spend_limit is not None:
+                used = self.spent()
+                if used >= config.spend_limit:
+                    return (f"spend limit reached: the workspace has spent ${used:.4f} of its "
+                            f"${config.spend_limit:.2f} (spend_limit); no more model calls: raise the "
+                            "limit in coordinator.yaml, then `coordinator retry`")
+            return None
+
+        return check
 
 
-def spend_guard(runner: AttemptRunner, agent: Agent) -> Any:
-    """The circuit breaker: no call once the agent or the workspace reached its spend limit."""
-    sup = runner.sup
-    base_agent = costs.spent(sup.records.values(), agent.name)
-    base_all = costs.spent(sup.records.values())
-    started_at: list[float] = []
+_meters: weakref.WeakKeyDictionary[AttemptRunner, SpendMeter] = weakref.WeakKeyDictionary()
 
-    def guard() -> str | None:
-        client = _clients.get((id(runner), agent.name))
-        extra = client.spent if client else 0.0
-        if not started_at:
-            started_at.append(extra)
-        new = extra - started_at[0]
-        if agent.spend_limit is not None and base_agent + new >= agent.spend_limit:
-            return f"spend limit reached: {agent.name} spent ${base_agent + new:.4f} of ${agent.spend_limit:.2f}"
-        limit = sup.config.spend_limit
-        if limit is not None and base_all + new >= limit:
-            return f"spend limit reached: the workspace spent ${base_all + new:.4f} of ${limit:.2f}"
-        return None
 
-    return guard
+def meter_for(runner: AttemptRunner) -> SpendMeter:
+    """One meter per supervisor, seeded from what `state/` recorded when it first was needed."""
+    meter = _meters.get(runner)
+    if meter is None:
+        meter = _meters[runner] = SpendMeter(runner.sup.records.values())
+    return meter
+
+
+def new_client(runner: AttemptRunner, agent: Agent) -> Client:
+    """A client for one attempt (or one review): its calls are exactly this attempt's calls."""
+    assert agent.llm is not None
+    meter = meter_for(runner)
+    client = Client(agent.llm, transport=runner.sup.http_transport,
+                    spend_guard=meter.guard(agent, runner.sup.config))
+    meter.track(agent.name, client)
+    return client
+
+
+# -- starting -----------------------------------------------------------------------------------------
 
 
 def start_llm_attempt(runner: AttemptRunner, act: Active) -> None:
     agent = act.agent
-    client = client_for(runner, agent)
-    before = len(client.calls)
-    act.thread_outcome = Outcome("plan" if agent.is_orchestrator else "specialist")
-    brief = act.attempt.brief.read_text("utf-8")
+    client = new_client(runner, agent)
+    brief = model_brief(act.attempt.brief.read_text("utf-8"))
     if agent.is_orchestrator:
-        context = orchestrator_context(runner)
+        context = orchestrator_context(runner, current=act.rec.id)
         roster = llmagent.roster_text(runner.sup.config, agent.name)
         validate = order_validator(runner, agent)
+        out = Outcome("plan", client, ledger_text=context)
 
-        def work() -> None:
-            try:
-                act.thread_outcome.value = llmagent.plan(client, context, roster, brief, validate=validate)
-            except CoordinatorError as e:
-                act.thread_outcome.error = e
+        def ask() -> Any:
+            return llmagent.plan(client, context, roster, brief, validate=validate)
     else:
         files = current_files(act)
         order = act.order
@@ -100,27 +161,58 @@ def start_llm_attempt(runner: AttemptRunner, act: Active) -> None:
 
         outcomes = {"done", "blocked"} | {
             f"{b.action}-{b.agent}" if b.agent else b.action for b in order.branching}
+        out = Outcome("specialist", client)
 
-        def work() -> None:
-            try:
-                act.thread_outcome.value = llmagent.run_specialist(client, brief, files, allowed=allowed,
-                                                                   outcomes_allowed=outcomes)
-            except CoordinatorError as e:
-                act.thread_outcome.error = e
+        def ask() -> Any:
+            return llmagent.run_specialist(client, brief, files, allowed=allowed,
+                                           outcomes_allowed=outcomes)
 
-    act.thread_outcome.calls_before = before  # type: ignore[attr-defined]
-    act.thread = threading.Thread(target=work, daemon=True, name=f"llm-{act.token}")
+    _launch(act, out, ask, f"llm-{act.token}")
+
+
+def _launch(act: Active, out: Outcome, ask: Callable[[], Any], name: str) -> None:
+    def work() -> None:
+        try:
+            out.value = ask()
+            out.replies = [r.text for r in out.value[1]]
+        except llmagent.LLMReplyError as e:
+            out.error = e
+            out.replies = [r.text for r in e.replies]
+        except CoordinatorError as e:
+            out.error = e
+
+    act.thread_outcome = out
+    act.thread = threading.Thread(target=work, daemon=True, name=name)
     act.thread.start()
 
 
+def model_brief(brief: str) -> str:
+    """The brief without the section on $COORD_RESULT: the model answers in JSON instead."""
+    return brief.split(HOW_TO_ANSWER, 1)[0].rstrip() + "\n"
+
+
+# -- finishing --------------------------------------------------------------------------------------
+
+
 def finish_llm_attempt(runner: AttemptRunner, act: Active) -> None:
+    """The worker ended: record usage, then judge like any specialist, or file the plan."""
     out: Outcome = act.thread_outcome
-    client = client_for(runner, act.agent)
-    record_usage(runner, act, client.calls[getattr(out, "calls_before", 0):])
+    record_usage(runner, act, out)
+    try:
+        _judge(runner, act, out)
+    finally:
+        if act.agent.is_orchestrator and act.rec.terminal:
+            _complete_request(runner, act.rec)
+
+
+def _judge(runner: AttemptRunner, act: Active, out: Outcome) -> None:
     if act.cancelled:
         return runner._end_cancelled(act)
+    if act.timed_out:
+        return runner.fail(act, f"{act.agent.name}'s model did not answer within the order's timeout")
     if out.error is not None:
         if isinstance(out.error, SpendLimitReached | LLMAuthError):
+            # Retrying cannot help: the same limit or the same key stops the next attempt too.
             runner._finish(act)
             act.rec.failures.append(str(out.error))
             return runner.block(act.rec, str(out.error))
@@ -130,7 +222,7 @@ def finish_llm_attempt(runner: AttemptRunner, act: Active) -> None:
         if act.repo is not None and reply.edits:
             try:
                 llmagent.apply_edits(act.attempt.workdir, act.repo.name, reply.edits)
-            except LLMError as e:
+            except CoordinatorError as e:
                 return runner.fail(act, f"edits refused: {e}")
         result = results.Result(outcome=reply.outcome, summary=reply.summary, agent=reply.agent,
                                 blocker=reply.blocker)
@@ -142,6 +234,15 @@ def finish_llm_attempt(runner: AttemptRunner, act: Active) -> None:
 def file_plan(runner: AttemptRunner, act: Active, plan: llmagent.Plan) -> None:
     """File the plan's orders as children of the request; done when there are none left."""
     sup, rec = runner.sup, act.rec
+    running = rec.running if rec.running is not None else {}
+    rounds = int(running.get("rounds", 0)) + 1
+    if plan.orders and rounds > MAX_ROUNDS:
+        runner._finish(act)
+        reason = (f"{act.agent.name} still files orders after {MAX_ROUNDS} rounds of planning and review; "
+                  f"stopped here: split the request, or `coordinator retry {rec.id}`")
+        rec.failures.append(reason)
+        return runner.block(rec, reason)
+    filed: list[str] = []
     for raw in plan.orders:
         try:
             order = to_order(raw, act.agent.name, parent=rec.id)
@@ -149,27 +250,32 @@ def file_plan(runner: AttemptRunner, act: Active, plan: llmagent.Plan) -> None:
             sup.say(f"{rec.id}: a planned order failed validation after all: {e}")
             continue
         child = sup.file_order(order, shown=f"plan of {rec.id}")
+        filed.append(child.id)
         rec.children.append(child.id)
     rec.report = {"summary": plan.summary, "children": list(rec.children)}
     if not plan.orders:
         runner._finish(act)
-        sup.ledger.complete(rec.id)
-        sup.ledger.save()
         sup.move(rec, "done", act.agent.name, note="synthesis: no more orders")
         return
-    sup.event(rec, f"planned {len(plan.orders)} order(s): {', '.join(rec.children[-len(plan.orders):])}")
+    running["rounds"] = rounds
+    rec.running = running
+    # The request holds no working copy while its children run: they have their own.
+    runner._cleanup(act)
+    sup.event(rec, f"planned {len(plan.orders)} order(s): {', '.join(filed) or 'none filed'}")
     act.phase = "children"
     runner.active.pop(act.token, None)
     runner.waiting_requests[rec.id] = act
 
 
 def check_requests(runner: AttemptRunner) -> bool:
-    """Start the synthesis of every request whose children have all ended."""
+    """Start the review of every request whose children have all ended."""
     progress = False
     for rid, act in list(runner.waiting_requests.items()):
         recs = runner.sup.records
-        if act.rec.status != "running":
+        if act.rec.status != "running":  # cancelled while its children ran
             del runner.waiting_requests[rid]
+            if act.agent.llm is not None:
+                _complete_request(runner, act.rec)
             continue
         if not all(recs[c].terminal for c in act.rec.children if c in recs):
             continue
@@ -183,60 +289,83 @@ def check_requests(runner: AttemptRunner) -> bool:
 
 
 def start_synthesis(runner: AttemptRunner, act: Active) -> None:
-    agent = act.agent
-    client = client_for(runner, agent)
-    before = len(client.calls)
-    context = orchestrator_context(runner)
-    roster = llmagent.roster_text(runner.sup.config, agent.name)
+    """Ask the orchestrator model again, with the children's reports."""
+    sup, agent = runner.sup, act.agent
+    client = new_client(runner, agent)
+    children = set(act.rec.children)
+    context = orchestrator_context(runner, current=act.rec.id, skip_reports=children)
+    roster = llmagent.roster_text(sup.config, agent.name)
     validate = order_validator(runner, agent)
     reports = "\n\n".join(
-        (runner.sup.store.folder(c) / "report.md").read_text("utf-8")
-        for c in act.rec.children if (runner.sup.store.folder(c) / "report.md").exists())
-    brief = act.attempt.brief.read_text("utf-8")
-    act.thread_outcome = Outcome("synthesis")
-    act.thread_outcome.calls_before = before  # type: ignore[attr-defined]
+        (sup.store.folder(c) / "report.md").read_text("utf-8")
+        for c in act.rec.children if (sup.store.folder(c) / "report.md").exists())
+    brief = model_brief(act.attempt.brief.read_text("utf-8"))
+    out = Outcome("synthesis", client, ledger_text=context + reports)
+    # The review is a new piece of work: the request's timeout counts from now, not from its plan.
     act.phase = "specialist"
+    act.started = sup.clock()
+    act.deadline = act.started + _timeout(act)
+    act.timed_out = False
 
-    def work() -> None:
-        try:
-            act.thread_outcome.value = llmagent.synthesize(client, context, roster, brief, reports,
-                                                           validate=validate)
-        except CoordinatorError as e:
-            act.thread_outcome.error = e
+    def ask() -> Any:
+        return llmagent.synthesize(client, context, roster, brief, reports, validate=validate)
 
     runner.active[act.token] = act
-    act.thread = threading.Thread(target=work, daemon=True, name=f"llm-{act.token}-synthesis")
-    act.thread.start()
+    _launch(act, out, ask, f"llm-{act.token}-review")
+
+
+def _timeout(act: Active) -> float:
+    from .attempts import _timeout as order_timeout
+
+    return order_timeout(act.order, act.agent)
+
+
+def _complete_request(runner: AttemptRunner, rec: Record) -> None:
+    """A request ended: its conversation leaves the in-flight part of the budget."""
+    sup = runner.sup
+    if sup.config.orchestrator == rec.to and sup.ledger.complete(rec.id):
+        sup.ledger.save()
+
+
+# -- orders from a model ------------------------------------------------------------------------------
 
 
 def to_order(raw: dict[str, Any], sender: str, *, parent: str | None) -> orders.WorkOrder:
-    body = {k: v for k, v in raw.items() if k != "to"}
+    """A planned order as if dropped in the recipient's inbox by the orchestrator."""
+    body = {k: v for k, v in raw.items() if k not in ("to", "parent")}
     body["from"] = sender
-    import json
-
-    order = orders.parse(json.dumps(body).encode(), path=f"order for {raw.get('to')}.json", to=str(raw.get("to")))
+    to = str(raw.get("to"))
+    order = orders.parse(json.dumps(body).encode(), path=f"order for {to}.json", to=to)
     return dataclasses.replace(order, sender=sender, parent=parent)
 
 
-def order_validator(runner: AttemptRunner, agent: Agent) -> Any:
+def order_validator(runner: AttemptRunner, agent: Agent) -> Callable[[dict[str, Any]], list[str]]:
+    """The rules of a dropped file, for the worker thread: against a snapshot of the history."""
     sup = runner.sup
+    # The loop keeps changing sup.records; the worker must not iterate them meanwhile.
+    history = History(dict(sup.records), sup.store)
+    config = sup.config
 
     def validate(raw: dict[str, Any]) -> list[str]:
         to = raw.get("to")
-        if not isinstance(to, str) or to not in sup.config.agents:
-            return [f"to: {to!r} is not an agent; agents: {', '.join(agent.sends_to)}"]
+        if not isinstance(to, str) or to not in agent.sends_to:
+            return [f"to: {to!r} is not an agent you may send to; send to one of "
+                    f"{', '.join(agent.sends_to) or 'nobody'}"]
         try:
             order = to_order(raw, agent.name, parent=None)
         except OrderError as e:
             return [f"{p.field}: {p.message}" if p.field else p.message for p in e.problems]
         return [f"{p.field}: {p.message}" if p.field else p.message
-                for p in orders.check(order, sup.config, sup.history)]
+                for p in orders.check(order, config, history)]
 
     return validate
 
 
+# -- what the model is sent ---------------------------------------------------------------------------
+
+
 def current_files(act: Active) -> dict[str, str | None]:
-    """The current text of the order's files, bounded, for the model."""
+    """The current text of the order's files, bounded, for the model (None: not there yet)."""
     out: dict[str, str | None] = {}
     if act.repo is None:
         return out
@@ -244,57 +373,123 @@ def current_files(act: Active) -> dict[str, str | None]:
     total = 0
     for entry in act.order.files:
         rel = entry.split("/", 1)[1] if "/" in entry else ""
-        targets = sorted(root.glob(rel))[:MAX_GLOB_FILES] if paths.has_glob(rel) else [root / rel]
+        if paths.has_glob(rel):
+            found = [p for p in sorted(root.glob(rel)) if p.is_file() and not p.is_symlink()
+                     and ".git" not in p.relative_to(root).parts]
+            targets = found[:MAX_GLOB_FILES]
+        else:
+            targets = [root / rel]
         for path in targets:
             key = f"{act.repo.name}/{path.relative_to(root).as_posix()}"
+            if key in out:
+                continue
             if not path.is_file() or path.is_symlink():
-                out.setdefault(key, None)
+                out[key] = None
                 continue
             text = path.read_text("utf-8", "replace")[:MAX_FILE_CHARS]
             if total + len(text) > MAX_TOTAL_CHARS:
-                break
+                return out
             total += len(text)
             out[key] = text
     return out
 
 
-def orchestrator_context(runner: AttemptRunner) -> str:
-    """What the orchestrator model is sent: exactly its ledger's items, so rotation shrinks it."""
+def orchestrator_context(runner: AttemptRunner, *, current: str | None = None,
+                         skip_reports: Iterable[str] = ()) -> str:
+    """What the orchestrator model is sent as context: exactly its ledger's items, so rotation
+    shrinks it. `current` is the request being worked on (sent separately); `skip_reports`
+    are reports sent separately for review."""
     sup = runner.sup
+    skip = set(skip_reports)
+    reported = {i.ref for i in sup.ledger.items if i.kind == "report"}
     parts: list[str] = []
     for item in sup.ledger.items:
-        if item.kind == "brief":
-            path = sup.ws.state / "orchestrator" / "brief.md"
+        rec = sup.records.get(item.ref)
+        if item.kind == "brief" and item.ref == budget.BRIEF_REF:
+            path = budget.brief_path(sup.ws.state)
             parts.append(path.read_text("utf-8") if path.exists() else item.note)
-        elif item.ref in sup.records:
-            rec = sup.records[item.ref]
+        elif item.kind == "brief":  # the conversation of a request
+            if rec is not None and rec.id != current:
+                summary = (rec.report or {}).get("summary", "")
+                parts.append(f"- request {rec.id} [{rec.status}]: {rec.objective}"
+                             + (f" -> {_one_line(str(summary))}" if summary else ""))
+        elif rec is None:
+            if item.note:
+                parts.append(f"- {item.note}")
+        elif item.kind == "report":
             report = sup.store.folder(rec.id) / "report.md"
-            if item.kind == "report" and report.exists():
+            if rec.id not in skip and report.exists():
                 parts.append(report.read_text("utf-8"))
-            else:
-                parts.append(f"- {rec.id} to {rec.to} [{rec.status}]: {rec.objective}")
-        elif item.note:
-            parts.append(f"- {item.note}")
+        elif item.kind == "rejection":
+            parts.append(f"- {rec.id} to {rec.to} was rejected: {'; '.join(rec.errors)}")
+        elif item.ref not in reported:
+            parts.append(f"- {rec.id} to {rec.to} [{rec.status}]: {rec.objective}")
     return "\n".join(parts)
 
 
-def record_usage(runner: AttemptRunner, act: Active, calls: tuple[Any, ...]) -> None:
+# -- usage ----------------------------------------------------------------------------------------------
+
+
+def record_usage(runner: AttemptRunner, act: Active, out: Outcome) -> None:
+    """Each call with the order (for `coordinator cost`); the orchestrator's in its budget."""
     sup, rec = runner.sup, act.rec
+    calls = out.client.calls
+    runner_meter = meter_for(runner)
     for call in calls:
         rec.usage.append({**call.as_dict(), "agent": act.agent.name, "attempt": act.attempt.number})
-    if not calls:
-        return
-    sup.store.save(rec, sync=False)
+    _log_conversation(act, out, calls)
+    if calls:
+        sup.store.save(rec, sync=False)
+        sup.audit.stage(audit.SUPERVISOR, f"{rec.id} {rec.to}: {len(calls)} model call(s), "
+                        f"${sum(c.cost for c in calls):.4f}")
+    runner_meter.settle(out.client)
     if act.agent.is_orchestrator and act.agent.name == sup.config.orchestrator:
-        tokens = sum(c.usage.total for c in calls if c.usage is not None)
-        if tokens:
-            sup.ledger.add(rec.id, "brief", "", tokens=tokens, note=f"{len(calls)} model call(s) for {rec.id}",
-                           now=datetime.now(UTC))
-            sup.ledger.save()
-            change = sup.ledger.update_mode(sup.config.budget.bands)
-            if change:
-                sup.say("budget: " + budget.mode_change_message(act.agent.name, change[0], change[1],
-                                                                  sup.ledger.hot_tokens()))
-                sup.ledger.save()
-    sup.audit.stage(audit.SUPERVISOR, f"{rec.id} {rec.to}: {len(calls)} model call(s), "
-                    f"${sum(c.cost for c in calls):.4f}")
+        _budget_usage(runner, rec, out, calls)
+
+
+def _budget_usage(runner: AttemptRunner, rec: Record, out: Outcome, calls: tuple[Call, ...]) -> None:
+    """The request's conversation as the model counted it, minus what the ledger already holds.
+
+    The model keeps nothing between calls: what sits in its context is the last prompt (the
+    ledger's items, the team, the request, any re-asks) and its answer. The ledger counts its
+    own items already, so the request's item is the rest, and replaces the one of its last call.
+    """
+    answered = [c for c in calls if c.usage is not None]
+    if not answered:
+        return
+    usage = answered[-1].usage
+    assert usage is not None
+    held = budget.estimate_tokens(out.ledger_text)
+    tokens = max(0, usage.prompt_tokens - held) + usage.completion_tokens
+    sup = runner.sup
+    sup.ledger.items = [i for i in sup.ledger.items
+                        if not (i.ref == rec.id and i.kind == "brief" and i.note.startswith(USAGE_NOTE))]
+    sup.ledger.add(rec.id, "brief", tokens=tokens, now=datetime.now(UTC),
+                   note=f"{USAGE_NOTE} of {rec.id}: {len(calls)} call(s), {usage.prompt_tokens} prompt + "
+                        f"{usage.completion_tokens} completion tokens reported")
+    change = sup.ledger.update_mode(sup.config.budget.bands)
+    sup.ledger.save()
+    if change:
+        sup.say("budget: " + budget.mode_change_message(rec.to, change[0], change[1],
+                                                          sup.ledger.hot_tokens()))
+
+
+def _log_conversation(act: Active, out: Outcome, calls: tuple[Call, ...]) -> None:
+    """Calls and replies into the attempt's output.log, as a command's output would be."""
+    lines = [f"model call {c.model} at {c.base_url}: "
+             + (f"HTTP {c.status}" if c.status else "no answer")
+             + (f", {c.usage.prompt_tokens}+{c.usage.completion_tokens} tokens" if c.usage else "")
+             + f", {c.latency:.2f}s, ${c.cost:.4f}" + (f": {c.error}" if c.error else "")
+             for c in calls]
+    for n, text in enumerate(out.replies, 1):
+        lines.append(f"--- reply {n} ({out.kind})\n{text[:LOG_REPLY_CHARS]}")
+    if out.error is not None:
+        lines.append(f"--- failed: {out.error}")
+    if lines:
+        with open(act.attempt.log, "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def _one_line(text: str, n: int = 200) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= n else flat[: n - 1] + "…"

@@ -221,10 +221,11 @@ def check(order: WorkOrder, config: Config, history: History, *, path: str | Non
         bad("files", f"names {len(repos)} repositories ({', '.join(repos)}); an order works in one "
                      "repository: send one order per repository")
     _check_ids(order, history, bad)
-    for prior, status in history.ended(order.sender, order.to, order.objective):
-        if prior not in order.references and prior != order.id:
-            bad("references", f"this repeats {prior}, which was {status}: reference it and say what "
-                              "changed")
+    # Referencing one earlier failure acknowledges the loop; name the latest when none is.
+    ended = [(p, st) for p, st in history.ended(order.sender, order.to, order.objective) if p != order.id]
+    if ended and not any(p in order.references for p, _ in ended):
+        prior, status = ended[-1]
+        bad("references", f"this repeats {prior}, which was {status}: reference it and say what changed")
     return problems
 
 

@@ -177,3 +177,150 @@ def test_writes_outside_the_working_copy_are_refused_by_the_kernel(make_ws, tmp_
     assert after == before
     assert rec.status == "done" and rec.commit is None  # nothing was written, so nothing was committed
     assert git(ws.repos / "webapp", "rev-parse", "main") == main
+
+
+# -- the gate: what the kernel lets through inside a granted folder is judged after the run -------
+
+
+class Attack:
+    """One attack order run to its end in a fresh workspace, with what it must not have changed."""
+
+    def __init__(self, make_ws: Any, tmp_path: Path, code: str, *, files: tuple[str, ...],
+                 writes: tuple[str, ...] = ("webapp/**",), acceptance: tuple[str, ...] | None = None,
+                 max_failures: int = 1, extra: dict[str, Any] | None = None) -> None:
+        self.probe = tmp_path / "probe"
+        self.outside = tmp_path / "outside"
+        self.outside.mkdir(exist_ok=True)
+        (self.outside / "target.txt").write_text("precious\n")
+        root = tmp_path / "ws"
+        header = f"OUTSIDE = {str(self.outside)!r}\nPROBE = {str(self.probe)!r}\nWS = {str(root)!r}\n"
+        self.ws = make_ws({"chip": {"role": "specialist", "writes": list(writes), "max_failures": max_failures,
+                                    "command": attacker(header + code), **(extra or {})}})
+        self.repo = self.ws.repos / "webapp"
+        self.main = git(self.repo, "rev-parse", "main")
+        self.checkout = self.files_of(self.repo)
+        self.outside_before = fingerprint(self.outside)
+        self.config_before = fingerprint(self.ws.config_path)
+        drop(self.ws, "chip", "atk.md", order_md("Attack", files=files, acceptance=acceptance, id="atk"))
+        run(self.ws)
+        self.rec = record(self.ws, "atk")
+
+    @staticmethod
+    def files_of(repo: Path) -> Any:
+        return {p.name: fingerprint(p) for p in repo.iterdir() if p.name != ".git"}
+
+    @property
+    def offending(self) -> list[str]:
+        return list((self.rec.report or {}).get("offending", []))
+
+    def assert_untouched(self) -> None:
+        """No target changed: the branch, the main checkout, the world outside, the config."""
+        assert git(self.repo, "rev-parse", "main") == self.main
+        assert self.files_of(self.repo) == self.checkout
+        assert fingerprint(self.outside) == self.outside_before
+        assert fingerprint(self.ws.config_path) == self.config_before
+        assert git(self.repo, "status", "--porcelain") == ""
+
+    def assert_denied(self, *paths: str) -> None:
+        """Denied by the gate, each path named in the report, nothing of it committed anywhere."""
+        assert self.rec.status == "denied", self.rec.report
+        for p in paths:
+            assert any(line.startswith(f"webapp/{p}: ") for line in self.offending), (p, self.offending)
+        assert self.rec.commit is None
+        branch = subprocess.run(["git", "-C", str(self.repo), "rev-parse", "-q", "--verify", "wo/atk"],
+                                capture_output=True, text=True).stdout.strip()
+        assert branch in ("", self.main)  # the order's branch never got a commit
+        from coordinator import signals
+        assert any(s.kind == "scope" and s.order == "atk" for s in signals.load(self.ws.state))
+        self.assert_untouched()
+
+
+@needs_landlock
+def test_a_symlink_out_of_the_working_copy_is_denied_and_cannot_be_written_through(make_ws, tmp_path):
+    a = Attack(make_ws, tmp_path, '''
+os.symlink(os.path.join(OUTSIDE, "target.txt"), "src/abs.py")
+os.symlink("../../../../coordinator.yaml", "src/rel.py")
+os.symlink("../.git", "src/gitdir.py")
+attempt("through-abs", lambda: write("src/abs.py"))
+attempt("through-rel", lambda: write("src/rel.py"))
+''', files=("webapp/src/**",))
+    assert refusals(a.rec) == {}  # denied: the summary is the gate's, not the specialist's
+    a.assert_denied("src/abs.py", "src/rel.py", "src/gitdir.py")
+    log = (a.ws.runtime / "attempts" / "atk" / "1" / "output.log").read_text()
+    assert "through-abs: refused EACCES" in log and "through-rel: refused EACCES" in log
+
+
+@needs_landlock
+def test_a_hard_link_out_of_the_working_copy_is_refused_or_denied(make_ws, tmp_path):
+    a = Attack(make_ws, tmp_path, '''
+attempt("link-outside", lambda: os.link(os.path.join(OUTSIDE, "target.txt"), "src/out.py"))
+attempt("link-main", lambda: os.link(os.path.join(WS, "repos/webapp/src/login.py"), "src/main.py"))
+write(os.path.join(PROBE, "mine.txt"), mode="w")
+attempt("link-probe", lambda: os.link(os.path.join(PROBE, "mine.txt"), "src/probe.py"))
+attempt("link-away", lambda: os.link("src/login.py", os.path.join(PROBE, "away.py")))
+''', files=("webapp/src/**",))
+    log = (a.ws.runtime / "attempts" / "atk" / "1" / "output.log").read_text()
+    # Out of the sandbox's write area the kernel refuses the link; between two writable places it
+    # cannot, so the gate sees the extra link count and denies.
+    assert "link-outside: refused EXDEV" in log and "link-main: refused EXDEV" in log
+    assert "link-probe: DONE" in log and "link-away: DONE" in log
+    a.assert_denied("src/probe.py", "src/login.py")
+
+
+@needs_landlock
+def test_a_rename_out_of_the_allowed_folder_is_refused_or_denied(make_ws, tmp_path):
+    a = Attack(make_ws, tmp_path, '''
+attempt("to-root", lambda: os.rename("src/login.py", "login.py"))
+attempt("to-tests", lambda: os.rename("src/login.py", "tests/login.py"))
+attempt("up-and-out", lambda: os.rename("src/login.py", "../../login.py"))
+attempt("folder-out", lambda: os.rename("src", "src2"))
+attempt("same-folder", lambda: os.rename("src/login.py", "src/login.txt"))
+''', files=("webapp/src/*.py",))
+    log = (a.ws.runtime / "attempts" / "atk" / "1" / "output.log").read_text()
+    for label in ("to-root", "to-tests", "up-and-out", "folder-out"):
+        assert any(f"{label}: {d}" in log for d in DENIED), log
+    assert "same-folder: DONE" in log  # inside the granted folder the kernel cannot tell; the gate can
+    a.assert_denied("src/login.txt")
+
+
+@needs_landlock
+def test_replacing_the_git_pointer_is_denied_and_its_config_never_runs(make_ws, tmp_path):
+    # A fake git dir whose config would run a command for any git that trusted the pointer.
+    a = Attack(make_ws, tmp_path, '''
+import shutil
+real = open(".git").read()
+os.unlink(".git")
+os.makedirs(".git/hooks")
+open(".git/HEAD", "w").write("ref: refs/heads/main\\n")
+hook = "#!/bin/sh\\ntouch " + os.path.join(PROBE, "pwned") + "\\n"
+open(".git/config", "w").write("[core]\\n\\tfsmonitor = " + hook.splitlines()[1] + "\\n\\thooksPath = hooks\\n")
+for name in ("pre-commit", "post-commit", "post-checkout", "reference-transaction", "post-index-change"):
+    open(".git/hooks/" + name, "w").write(hook)
+    os.chmod(".git/hooks/" + name, 0o755)
+write("src/login.py")  # an allowed change alongside: it must not land either
+''', files=("webapp/**",))
+    a.assert_denied(".git")
+    assert not (a.probe / "pwned").exists()
+    assert git(a.repo, "branch", "--list", "main", "--format=%(objectname)") == a.main
+
+
+@needs_landlock
+def test_setuid_on_an_allowed_file_is_denied(make_ws, tmp_path):
+    a = Attack(make_ws, tmp_path, '''
+attempt("setuid", lambda: os.chmod("src/login.py", 0o4755))
+attempt("setgid", lambda: os.chmod("src/new.py", 0o2755) if write("src/new.py") is None else None)
+''', files=("webapp/src/**",))
+    assert "setuid: DONE" in (a.ws.runtime / "attempts" / "atk" / "1" / "output.log").read_text()
+    a.assert_denied("src/login.py", "src/new.py")
+    assert all("setuid" in line for line in a.offending)
+    assert stat.S_IMODE(os.lstat(a.repo / "src" / "login.py").st_mode) & stat.S_ISUID == 0
+
+
+@needs_landlock
+def test_a_fifo_in_an_allowed_folder_is_denied_without_hanging_the_supervisor(make_ws, tmp_path):
+    a = Attack(make_ws, tmp_path, '''
+os.mkfifo("src/pipe.py")
+attempt("socket", lambda: __import__("socket").socket(__import__("socket").AF_UNIX).bind("src/sock.py"))
+''', files=("webapp/src/**",))
+    a.assert_denied("src/pipe.py", "src/sock.py")
+    assert any("special" in line and "fifo" in line for line in a.offending)

@@ -10,6 +10,7 @@ supervisor the way a kill -9 would (no flush, no clean-up, its lock dropped by t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import drop, order_md, sh
 
-from coordinator import durable
+from coordinator import durable, orders
 from coordinator.audit import StateRepo
 from coordinator.repos import Repo
 from coordinator.store import TERMINAL, Store
@@ -250,4 +251,87 @@ def test_kill9_mid_run_then_restart_finishes_every_order_once(make_ws, victims):
         assert (ws.repos / "webapp" / "src" / f"{oid}.py").exists()
     assert_one_place(ws, set(ids))
     assert not (ws.runtime / "running").exists()
+    assert_clean(ws)
+
+
+# -- 2. kill -9 at each step of an order's life -------------------------------------------------
+CHIP = {"role": "specialist", "command": GATED, "writes": ["webapp/src/**"]}
+
+
+def team(make_ws):
+    # walt comes first: an order whose recipient is forgotten must not land in its inbox.
+    return make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"]}, "chip": dict(CHIP)},
+                   orchestrator="walt")
+
+
+def crash_marker(ws: Workspace) -> None:
+    """What a running supervisor leaves behind: its `running` marker."""
+    ws.runtime.mkdir(parents=True, exist_ok=True)
+    (ws.runtime / "running").touch()
+
+
+def restart(ws: Workspace) -> list[str]:
+    """Open a supervisor on the crashed workspace, run everything runnable; what it logged."""
+    said: list[str] = []
+    with Supervisor(ws, log=said.append) as sup:
+        sup.run_once(limit=WAIT)
+    return said
+
+
+def step_until(sup: Supervisor, cond: Callable[[], object], what: str) -> None:
+    end = time.monotonic() + WAIT
+    while not cond():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        if not sup.step():
+            sup._wait(0.05)
+
+
+def assert_done_once(ws: Workspace, oid: str, to: str = "chip") -> None:
+    rec = Store(ws.state).load(oid)
+    assert (rec.to, rec.status) == (to, "done"), (rec.to, rec.status, rec.failures)
+    assert [h["to"] for h in rec.history].count("done") == 1
+    dones = [e for e in StateRepo(ws.state).entries(oid) if e.new == "done"]
+    assert len(dones) == 1
+    assert len(repo_commits(ws, oid)) == 1
+
+
+def test_crash_after_claim_files_the_claimed_order(make_ws):
+    ws = team(make_ws)
+    path = drop(ws, "chip", "fix.md", order_md("Claimed then crashed", id="c1",
+                                                files=("webapp/src/c1.py",)))
+    claimed = ws.state / "intake" / "chip" / f"{time.time_ns():020d}-fix.md"
+    claimed.parent.mkdir(parents=True)
+    os.rename(path, claimed)  # the claim is one rename; the crash came right after it
+    crash_marker(ws)
+    open_gate(ws, "c1", 1)
+    restart(ws)
+    assert_done_once(ws, "c1")
+    assert completions(ws) == ["c1"]
+    assert_one_place(ws, {"c1"})
+    assert Store(ws.state).load("c1").source == "inbox/chip/fix.md"
+    assert_clean(ws)
+
+
+@pytest.mark.parametrize("written", ["original", "original+order.json"])
+def test_crash_after_validation_files_the_order_to_its_recipient(make_ws, written):
+    """The original was moved into its order folder; the crash came before record.json."""
+    ws = team(make_ws)
+    text = order_md("Validated then crashed", files=("webapp/src/WO-0001.py",))
+    folder = Store(ws.state).folder("WO-0001")
+    folder.mkdir(parents=True)
+    (folder / "original.md").write_text(text)
+    if written == "original+order.json":
+        order = orders.load(text.encode(), path="inbox/chip/v.md", to="chip", config=ws.config,
+                            history=orders.EmptyHistory())
+        durable.write_json(folder / "order.json", dataclasses.replace(order, id="WO-0001").to_dict())
+    crash_marker(ws)
+    open_gate(ws, "WO-0001", 1)
+    restart(ws)
+    recs = Store(ws.state).load_all()
+    assert len(recs) == 1, [(r.id, r.to, r.status) for r in recs.values()]
+    (rec,) = recs.values()
+    assert_done_once(ws, rec.id)
+    assert completions(ws) == [rec.id]
+    assert_one_place(ws, {rec.id})
     assert_clean(ws)

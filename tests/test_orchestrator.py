@@ -1,0 +1,153 @@
+"""The orchestrator stays a router: its hot-token ledger, rotation, and every fire-able signal in a real scenario."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from conftest import drop, order_md, sh
+
+from coordinator import budget, orders, signals
+from coordinator.store import Store
+from coordinator.supervisor import Supervisor
+
+
+def run(ws):
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+        return sup
+
+
+def ledger(ws):
+    return json.loads((ws.state / "orchestrator" / "ledger.json").read_text())
+
+
+def team(make_ws, *, walt_command=None, ceiling=7000, on_ceiling="rotate", chip=None):
+    walt = {"role": "orchestrator", "sends_to": ["chip"]}
+    if walt_command:
+        walt["command"] = walt_command
+    return make_ws({"walt": walt,
+                    "chip": chip or {"role": "specialist", "command": sh("echo done: $COORD_ORDER_ID"),
+                                     "writes": ["webapp/src/**"], "max_failures": 1}},
+                   orchestrator="walt", budget={"ceiling": ceiling, "on_ceiling": on_ceiling})
+
+
+def test_orders_sent_and_reports_received_are_counted_from_their_text(make_ws):
+    ws = team(make_ws, chip={"role": "specialist", "command": sh('test "$COORD_ORDER_ID" = short || exit 0; '
+                                                                 'echo ok')})
+    long_objective = "The login page explains " + "very " * 40 + "clearly"
+    drop(ws, "chip", "a.md", order_md("Short", id="short", sender="walt"))
+    drop(ws, "chip", "b.md", order_md(long_objective, id="long", sender="walt"))
+    run(ws)
+    items = {(i["ref"], i["kind"]): i for i in ledger(ws)["items"]}
+    short, long_ = items[("short", "order")], items[("long", "order")]
+    assert long_["tokens"] > short["tokens"] + 40  # counts follow the text
+    rendered = orders.render(Store(ws.state).load_order("short"))
+    assert short["source"] == "estimate" and short["tokens"] == budget.estimate_tokens(rendered)
+    assert items[("short", "report")]["status"] == "completed"
+    report = (ws.state / "reports" / "walt" / "short.md").read_text()
+    assert items[("short", "report")]["tokens"] == budget.estimate_tokens(report)
+
+
+def test_rotation_at_the_ceiling_keeps_the_ledger_under_it_once_work_completes(make_ws):
+    ws = team(make_ws, ceiling=900, on_ceiling="rotate")
+    for i in range(12):
+        drop(ws, "chip", f"o{i}.md", order_md(f"Order number {i} is carried out well", id=f"o{i}", sender="walt"))
+    run(ws)
+    data = ledger(ws)
+    hot = sum(i["tokens"] for i in data["items"])
+    assert hot < 900
+    log = subprocess.run(["git", "-C", str(ws.state), "log", "--format=%B"], capture_output=True, text=True).stdout
+    assert "budget walt: " in log and "rotated" in log.lower() or "rotate" in log.lower()
+
+
+def test_rotate_drops_only_completed_items_and_fresh_writes_a_brief_of_what_is_in_flight(make_ws):
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("Finished work", id="fin", sender="walt"))
+    run(ws)
+    # Two orders stay in flight: chip cannot run them (a dependency is not done).
+    drop(ws, "chip", "b.md", order_md("Blocked work", id="later", sender="walt", blocked_by=["fin2"]))
+    drop(ws, "chip", "c.md", order_md("Prerequisite", id="fin2", sender="walt",
+                                      branching=("requeue-with-blocker if the API is undecided",)))
+    with Supervisor(ws) as sup:
+        sup._intake_step()
+        sup.step_commit()
+        before = {i.ref for i in sup.ledger.items}
+        out = sup.handle("rotate", {"fresh": False})
+        sup.step_commit()
+        after = {i.ref for i in sup.ledger.items}
+        assert "fin" in before and "fin" not in after and {"later", "fin2"} <= after
+        assert "dropped" in out["message"]
+        gen = sup.ledger.generation
+        sup.handle("rotate", {"fresh": True})
+        sup.step_commit()
+        assert sup.ledger.generation == gen + 1
+    brief = (ws.state / "orchestrator" / "brief.md").read_text()
+    assert "later" in brief and "fin2" in brief and "fin " not in brief.replace("fin2", "")
+    assert (ws.state / "orchestrator" / "generations" / f"{gen}.json").exists()
+    assert [i["kind"] for i in ledger(ws)["items"]] == ["brief"]
+
+
+def test_feedback_signal_a_repeat_without_reference_is_rejected(make_ws):
+    ws = team(make_ws, chip={"role": "specialist", "command": sh("exit 1"), "max_failures": 1})
+    drop(ws, "chip", "a.md", order_md("The export runs nightly", id="first", sender="walt"))
+    run(ws)
+    assert Store(ws.state).load("first").status == "blocked"
+    drop(ws, "chip", "b.md", order_md("The export runs nightly", id="again", sender="walt"))
+    drop(ws, "chip", "c.md", order_md("The export runs nightly", id="fixed", sender="walt", references=["first"]))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    assert recs["again"].status == "rejected" and "this repeats first" in recs["again"].errors[0]
+    assert recs["fixed"].status != "rejected", recs["fixed"].errors
+    fb = [s for s in signals.load(ws.state) if s.kind == "feedback"]
+    assert len(fb) == 1 and fb[0].agent == "walt" and fb[0].order == "again"
+
+
+def test_scope_signal_a_specialist_writing_outside_its_files_is_denied(make_ws):
+    ws = team(make_ws, chip={"role": "specialist", "writes": ["webapp/src/**"],
+                             "command": sh("echo a > src/mine.py; echo b > src/extra.py")})
+    drop(ws, "chip", "a.md", order_md("Only mine changes", id="a", files=("webapp/src/mine.py",)))
+    run(ws)
+    rec = Store(ws.state).load("a")
+    assert rec.status == "denied"
+    assert any("src/extra.py" in line for line in rec.report["offending"])
+    scope = [s for s in signals.load(ws.state) if s.kind == "scope"]
+    assert len(scope) == 1 and scope[0].agent == "chip" and "extra.py" in scope[0].evidence
+    assert not (ws.repos / "webapp" / "src" / "mine.py").exists()
+
+
+def test_artifact_signal_the_orchestrator_cannot_write_a_specialists_files(make_ws):
+    target = "src/login.py"
+    ws = team(make_ws, walt_command=sh(f"echo 'SELECT 1;' >> {target}; echo routed"))
+    before = (ws.repos / "webapp" / target).read_bytes()
+    drop(ws, "walt", "a.md", order_md("Login limit is enforced", id="req", files=("webapp/src/login.py",)))
+    run(ws)
+    art = [s for s in signals.load(ws.state) if s.kind == "artifact"]
+    assert len(art) == 1 and art[0].agent == "walt" and "Permission denied" in art[0].evidence
+    assert (ws.repos / "webapp" / target).read_bytes() == before
+
+
+def test_silent_signal_a_commit_with_no_order_behind_it(make_ws):
+    ws = team(make_ws)
+    run(ws)
+    repo = ws.repos / "webapp"
+    (repo / "hotfix.txt").write_text("x")
+    subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=walt", "-c", "user.email=w@x", "commit", "-qm",
+                    "quick fix at 2 AM"], check=True)
+    run(ws)
+    silent = [s for s in signals.load(ws.state) if s.kind == "silent"]
+    assert len(silent) == 1 and "repos/webapp" in silent[0].evidence
+
+
+def test_budget_add_and_mode_bands_through_the_supervisor(make_ws):
+    ws = team(make_ws)
+    with Supervisor(ws) as sup:
+        out = sup.handle("budget-add", {"tokens": 1999, "note": "read the spec"})
+        assert out["mode"] == "routing"
+        out = sup.handle("budget-add", {"tokens": 1, "note": ""})
+        assert out["mode"] == "mixed" and out["mode_change"] == ["routing", "mixed"]
+        sup.step_commit()
+    data = ledger(ws)
+    assert sum(i["tokens"] for i in data["items"]) == 2000
+    assert any(i["note"] == "read the spec" and i["kind"] == "manual" for i in data["items"])
