@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from . import audit, budget, llmagent, orders, paths, results
-from .config import Agent, Config
+from .config import Agent, Config, parse_duration
 from .errors import CoordinatorError, LLMAuthError, OrderError
 from .llm import Call, Client, SpendLimitReached
 from .store import History, Record
@@ -208,15 +208,20 @@ def finish_llm_attempt(runner: AttemptRunner, act: Active) -> None:
 def _judge(runner: AttemptRunner, act: Active, out: Outcome) -> None:
     if act.cancelled:
         return runner._end_cancelled(act)
+    reason = None
     if act.timed_out:
-        return runner.fail(act, f"{act.agent.name}'s model did not answer within the order's timeout")
-    if out.error is not None:
+        reason = f"{act.agent.name}'s model did not answer within the order's timeout"
+    elif out.error is not None:
         if isinstance(out.error, SpendLimitReached | LLMAuthError):
             # Retrying cannot help: the same limit or the same key stops the next attempt too.
             runner._finish(act)
             act.rec.failures.append(str(out.error))
             return runner.block(act.rec, str(out.error))
-        return runner.fail(act, f"{act.agent.name}'s model failed: {out.error}")
+        reason = f"{act.agent.name}'s model failed: {out.error}"
+    if reason is not None:
+        if out.kind == "synthesis":
+            return _review_failed(runner, act, reason)
+        return runner.fail(act, reason)
     if out.kind == "specialist":
         reply, _ = out.value
         if act.repo is not None and reply.edits:
@@ -255,13 +260,26 @@ def file_plan(runner: AttemptRunner, act: Active, plan: llmagent.Plan) -> None:
     rec.report = {"summary": plan.summary, "children": list(rec.children)}
     if not plan.orders:
         runner._finish(act)
-        sup.move(rec, "done", act.agent.name, note="synthesis: no more orders")
+        sup.move(rec, "done", act.agent.name, note="no more orders to send")
         return
     running["rounds"] = rounds
     rec.running = running
     # The request holds no working copy while its children run: they have their own.
     runner._cleanup(act)
     sup.event(rec, f"planned {len(plan.orders)} order(s): {', '.join(filed) or 'none filed'}")
+    act.phase = "children"
+    runner.active.pop(act.token, None)
+    runner.waiting_requests[rec.id] = act
+
+
+def _review_failed(runner: AttemptRunner, act: Active, reason: str) -> None:
+    """A failed review is asked again, never re-planned: the children's work is already done."""
+    rec = act.rec
+    rec.failures.append(reason)
+    if len(rec.failures) >= act.agent.max_failures:
+        runner._finish(act)
+        return runner.block(rec, f"failed {len(rec.failures)} time(s); last: {reason}")
+    runner.sup.event(rec, f"review failed, asking again: {_one_line(reason, 160)}")
     act.phase = "children"
     runner.active.pop(act.token, None)
     runner.waiting_requests[rec.id] = act
@@ -315,9 +333,12 @@ def start_synthesis(runner: AttemptRunner, act: Active) -> None:
 
 
 def _timeout(act: Active) -> float:
-    from .attempts import _timeout as order_timeout
-
-    return order_timeout(act.order, act.agent)
+    if act.order.timeout:
+        try:
+            return parse_duration(act.order.timeout)
+        except ValueError:
+            pass  # intake refuses a bad timeout; the agent's applies to anything that slipped by
+    return act.agent.timeout
 
 
 def _complete_request(runner: AttemptRunner, rec: Record) -> None:

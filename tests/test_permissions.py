@@ -324,3 +324,166 @@ attempt("socket", lambda: __import__("socket").socket(__import__("socket").AF_UN
 ''', files=("webapp/src/**",))
     a.assert_denied("src/pipe.py", "src/sock.py")
     assert any("special" in line and "fifo" in line for line in a.offending)
+
+
+@needs_landlock
+def test_a_change_inside_writes_but_outside_files_is_denied(make_ws, tmp_path):
+    # src/new/ does not exist yet, so the kernel grants src/; the gate holds the line at `files`.
+    a = Attack(make_ws, tmp_path, '''
+os.makedirs("src/new")
+write("src/new/feature.py", mode="w")
+write("src/login.py")
+''', files=("webapp/src/new/feature.py",), writes=("webapp/src/**",))
+    a.assert_denied("src/login.py")
+    assert [line for line in a.offending if "src/login.py" in line][0].endswith("outside the order's files")
+    assert not any("feature.py" in line for line in a.offending)  # the allowed part is not blamed
+
+
+@needs_landlock
+def test_a_change_inside_files_but_outside_writes_is_denied(make_ws, tmp_path):
+    # Intake checks files against writes, so this arises when the team's config narrows `writes`
+    # while the order waits in the queue: the order still names src/b.py, the agent may no longer write it.
+    files = ("webapp/src/new/x.py", "webapp/src/b.py")
+    wide = {"role": "specialist", "writes": ["webapp/src/**"]}
+    ws = make_ws({"chip": dict(wide)})  # no command: the order is accepted and waits
+    drop(ws, "chip", "atk.md", order_md("Attack", files=files, id="atk"))
+    run(ws)
+    assert record(ws, "atk").status == "queued"
+    main = git(ws.repos / "webapp", "rev-parse", "main")
+    code = 'os.makedirs("src/new")\nwrite("src/new/x.py", mode="w")\nwrite("src/b.py", mode="w")\n'
+    ws = make_ws({"chip": {**wide, "writes": ["webapp/src/new/**"], "command": attacker(code)}})
+    run(ws)
+    rec = record(ws, "atk")
+    assert rec.status == "denied", rec.report
+    assert rec.report["offending"] == ["webapp/src/b.py: added (file) — outside the agent's writes"]
+    assert git(ws.repos / "webapp", "rev-parse", "main") == main
+    assert not (ws.repos / "webapp" / "src" / "b.py").exists() and rec.commit is None
+
+
+# -- acceptance checks: run in the same sandbox, and nothing they write is kept -------------------
+
+
+@needs_landlock
+def test_a_check_cannot_write_outside_and_its_writes_inside_are_discarded(make_ws, tmp_path):
+    # The check overwrites the specialist's file, adds one, and plants a fake git dir whose
+    # config would run a command if the supervisor's git ever read it.
+    evil = tmp_path / "evil-check.sh"
+    evil.write_text(f'''set -e
+echo "from the check" > src/greeting.py
+echo sneaky > src/sneaky.py
+echo sneaky > top-level.txt
+rm .git && mkdir .git && printf 'ref: refs/heads/main\\n' > .git/HEAD
+printf '[core]\\n\\tfsmonitor = touch {tmp_path}/probe/pwned\\n' > .git/config
+''')
+    acc = (f"`sh {evil}` passes", "The greeting exists", "Nothing else changed")
+    a = Attack(make_ws, tmp_path, 'write("src/greeting.py", "def greet():\\n    return 1\\n", mode="w")\n',
+               files=("webapp/**",), acceptance=acc)
+    assert a.rec.status == "done", a.rec.report
+    assert git(a.repo, "show", "main:src/greeting.py") == "def greet():\n    return 1"
+    assert (a.repo / "src" / "greeting.py").read_text() == "def greet():\n    return 1\n"
+    assert git(a.repo, "show", "--stat", "--format=", "main").split("|")[0].strip() == "src/greeting.py"
+    assert not (a.repo / "src" / "sneaky.py").exists() and not (a.repo / "top-level.txt").exists()
+    assert not (a.probe / "pwned").exists()
+
+    # A check that writes above the working copy is refused by the kernel: the check fails.
+    b_path = tmp_path / "b"
+    b_path.mkdir()
+    acc = ("`echo x > ../../something` passes", "The greeting exists", "Nothing else changed")
+    b = Attack(make_ws, b_path, 'write("src/greeting.py", "x = 1\\n", mode="w")\n',
+               files=("webapp/**",), acceptance=acc)
+    assert b.rec.status == "blocked"
+    assert "check `echo x > ../../something` failed" in b.rec.failures[0]
+    assert "Permission denied" in b.rec.failures[0]
+    assert not (b.ws.runtime / "work" / "something").exists()
+    b.assert_untouched()
+
+
+# -- process trees: nothing of an attempt outlives it ---------------------------------------------
+
+GRANDCHILD = '''
+import subprocess
+write("src/greeting.py", "v1\\n", mode="w")
+os.mkfifo(os.path.join(PROBE, "go"))
+# Detached (new session), outliving the specialist, it writes once the test lets it.
+script = ('echo $$ > "$PROBE/gc.pid"; read x < "$PROBE/go"; '
+          'echo late >> src/greeting.py; echo late >> "$PROBE/allowed.txt"')
+subprocess.Popen(PREFIX + ["setsid", "sh", "-c", script], env={**os.environ, "PROBE": PROBE})
+while not os.path.exists(os.path.join(PROBE, "gc.pid")) or not open(os.path.join(PROBE, "gc.pid")).read():
+    pass
+print("specialist exits")
+'''
+
+
+def _release_grandchild(probe: Path) -> bool:
+    """If the grandchild still lives, let it write and wait for it to end; True when it was alive."""
+    pid = int((probe / "gc.pid").read_text())
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        try:
+            fd = os.open(probe / "go", os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:  # ENXIO: nobody reads the fifo any more
+            assert e.errno == errno.ENXIO
+            return False
+        os.write(fd, b"go\n")
+        os.close(fd)
+        import select
+        select.select([pidfd], [], [], 10.0)  # its exit, or give up: the assertions say what happened
+        return True
+    finally:
+        os.close(pidfd)
+
+
+def _assert_grandchild_wrote_nothing(a: Attack) -> None:
+    assert a.rec.status == "done", a.rec.report
+    alive = _release_grandchild(a.probe)
+    assert not (a.probe / "allowed.txt").exists()
+    assert git(a.repo, "show", "main:src/greeting.py") == "v1"
+    assert (a.repo / "src" / "greeting.py").read_text() == "v1\n"
+    assert not alive, "a process of the attempt outlived the order"
+
+
+@needs_landlock
+def test_a_detached_grandchild_cannot_write_after_the_specialist_exits(make_ws, tmp_path):
+    a = Attack(make_ws, tmp_path, "PREFIX = []\n" + GRANDCHILD, files=("webapp/src/**",))
+    _assert_grandchild_wrote_nothing(a)
+
+
+@needs_landlock
+@pytest.mark.xfail(strict=True, reason="HOLE: a grandchild that drops COORD_ATTEMPT and calls setsid is not "
+                   "attributed to its attempt by the spawn server, so kill_tree misses it and it writes later")
+def test_a_detached_grandchild_that_hides_its_mark_cannot_write_after_the_order(make_ws, tmp_path):
+    a = Attack(make_ws, tmp_path, 'PREFIX = ["env", "-u", "COORD_ATTEMPT"]\n' + GRANDCHILD,
+               files=("webapp/src/**",))
+    _assert_grandchild_wrote_nothing(a)
+
+
+# -- several orders in one repository ---------------------------------------------------------------
+
+
+@needs_landlock
+def test_two_orders_on_different_files_run_at_once_and_both_land(make_ws, tmp_path):
+    work = ('import time\nstamp = lambda what: write(os.path.join(PROBE, "times"), '
+            'os.environ["COORD_ORDER_ID"] + " " + what + " " + str(time.monotonic_ns()) + "\\n")\n'
+            'stamp("start")\ntime.sleep(0.5)\n'
+            'write("src/" + os.environ["COORD_ORDER_ID"] + ".py", "done = True\\n", mode="w")\nstamp("end")\n')
+    probe = tmp_path / "probe"
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"], "max_parallel": 2,
+                           "command": attacker(f"PROBE = {str(probe)!r}\n" + work)}}, max_parallel=2)
+    main = git(ws.repos / "webapp", "rev-parse", "main")
+    for oid in ("one", "two"):
+        drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} lands", files=(f"webapp/src/{oid}.py",), id=oid))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    assert recs["one"].status == "done" and recs["two"].status == "done", (recs["one"].report, recs["two"].report)
+    times = {(o, what): int(t) for o, what, t in (line.split() for line in (probe / "times").read_text().splitlines())}
+    assert times[("one", "start")] < times[("two", "end")] and times[("two", "start")] < times[("one", "end")]
+    repo = ws.repos / "webapp"
+    for oid in ("one", "two"):
+        assert git(repo, "show", f"main:src/{oid}.py") == "done = True"
+        assert (repo / "src" / f"{oid}.py").read_text() == "done = True\n"
+        assert git(repo, "merge-base", "--is-ancestor", recs[oid].commit, "main") == ""
+    assert git(repo, "merge-base", "--is-ancestor", main, "main") == ""
+    assert git(repo, "status", "--porcelain") == ""

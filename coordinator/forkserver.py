@@ -1,0 +1,504 @@
+"""The fork server behind `coordinator.spawner.Spawner` (run as `python -m coordinator.forkserver`).
+
+A single-threaded process: per request it forks a child that calls setsid(),
+wires its output to a pipe, enters its folder, applies the prepared Landlock
+ruleset and execs. It is a child subreaper, reaps everything, drains output
+into capped logs, and kills every tree it started when its control channel
+closes. See `coordinator.spawner` for the client side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import fcntl
+import json
+import os
+import select
+import selectors
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from . import landlock
+from .errors import CoordinatorError, SandboxError, SupervisorError
+from .landlock import Ruleset
+from .spawner import (
+    _HEADER,
+    _PR_SET_CHILD_SUBREAPER,
+    DEFAULT_LOG_CAP,
+    EXEC_WAIT,
+    FLUSH_INTERVAL,
+    KILL_POLL,
+    MARK,
+    READ_CHUNK,
+    SCAN_INTERVAL,
+    SIGKILL_WAIT,
+    TAIL_BYTES,
+    _children,
+    _mark_of,
+    _Proc,
+    _processes,
+    _send_frame,
+    _signal,
+    _subtree,
+)
+
+
+class _Log:
+    """A capped log: the head goes straight to disk, the last bytes wait in a ring."""
+
+    def __init__(self, fd: int, cap: int) -> None:
+        self.fd = fd
+        self.tail_cap = min(TAIL_BYTES, cap // 2)
+        self.head_cap = cap - self.tail_cap
+        self.head = 0
+        self.tail = bytearray()
+        self.dropped = 0
+        self.dirty = False
+        self.flushed_at = 0.0
+
+    def feed(self, data: bytes, now: float) -> None:
+        try:
+            self._feed(data, now)
+        except OSError:  # a full disk loses output, never the server
+            self.dropped += len(data)
+
+    def _feed(self, data: bytes, now: float) -> None:
+        if self.head < self.head_cap:
+            n = min(len(data), self.head_cap - self.head)
+            os.write(self.fd, data[:n])  # a regular file takes it whole
+            self.head += n
+            data = data[n:]
+            if not data:
+                return
+        self.tail += data
+        if (excess := len(self.tail) - self.tail_cap) > 0:
+            del self.tail[:excess]
+            self.dropped += excess
+        self.dirty = True
+        if now - self.flushed_at >= FLUSH_INTERVAL:
+            self.flush(now)
+        else:
+            os.utime(self.fd)  # stale detection reads the mtime: it must move with every print
+
+    def flush(self, now: float) -> None:
+        if not self.dirty:
+            return
+        marker = f"\n[coordinator: {self.dropped} bytes of output dropped here]\n".encode() if self.dropped else b""
+        data = marker + bytes(self.tail)
+        with contextlib.suppress(OSError):
+            os.pwrite(self.fd, data, self.head)
+            os.ftruncate(self.fd, self.head + len(data))
+        self.dirty, self.flushed_at = False, now
+
+
+@dataclass
+class _Attempt:
+    token: str
+    pid: int
+    log: _Log
+    out_fd: int | None
+    exited: bool = False
+    known: set[tuple[int, int]] = field(default_factory=set)  # (pid, start) seen in its tree
+
+
+@dataclass
+class _Kill:
+    token: str | None  # None: every process the server started
+    term_until: float
+    reply_id: int | None
+    give_up_at: float
+    termed: set[int] = field(default_factory=set)
+    fresh: bool = True  # not looked at yet: start it without waiting for the next poll
+
+
+class _Server:
+    def __init__(self, ctl: socket.socket, events: socket.socket, log_cap: int, gate_only_ok: bool) -> None:
+        self.ctl, self.events = ctl, events
+        self.log_cap, self.gate_only_ok = log_cap, gate_only_ok
+        self.abi = landlock.abi_version()
+        self.pid = os.getpid()
+        self.attempts: dict[str, _Attempt] = {}
+        self.leaders: dict[int, _Attempt] = {}
+        self.kills: list[_Kill] = []
+        self.inbuf, self.outbuf = bytearray(), bytearray()
+        self.stopping: _Kill | None = None
+        self.terminated = self.child_died = False
+        self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        libc = ctypes.CDLL(None, use_errno=True)
+        one, zero = ctypes.c_ulong(1), ctypes.c_ulong(0)
+        if libc.prctl(ctypes.c_int(_PR_SET_CHILD_SUBREAPER), one, zero, zero, zero) != 0:
+            raise SupervisorError("cannot become a child subreaper; escaped processes could not be reaped")
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.ctl, selectors.EVENT_READ, self._on_control)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, self._on_wake)
+        events.setblocking(False)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        self.terminated = True
+
+    def run(self) -> None:
+        next_scan = next_kill_check = time.monotonic() + SCAN_INTERVAL
+        while True:
+            self._reap()
+            now = time.monotonic()
+            if self.terminated and self.stopping is None:
+                self._stop(None, 0.0)
+            # A kill looks for survivors when a child died or every KILL_POLL, not on every read.
+            if self.kills and (self.child_died or now >= next_kill_check or any(k.fresh for k in self.kills)):
+                self.child_died = False
+                next_kill_check = now + KILL_POLL
+                self._progress_kills(now)
+            if self.stopping is not None and self.stopping not in self.kills:
+                break
+            if now >= next_scan:
+                if self.attempts:
+                    self._tree()
+                next_scan = now + SCAN_INTERVAL
+            timeout = max(0.0, (next_kill_check if self.kills else next_scan) - now)
+            for key, mask in self.sel.select(timeout):
+                key.data(mask)
+        self._finish()
+
+    # events in
+    def _on_wake(self, mask: int) -> None:
+        self.child_died = True  # SIGCHLD is the only signal that needs waking for
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.wake_r, 4096):
+                pass
+
+    def _on_control(self, mask: int) -> None:
+        try:
+            data = self.ctl.recv(1 << 16)
+        except OSError:
+            data = b""
+        if not data:  # the supervisor is gone: nobody may keep running on its behalf
+            self.sel.unregister(self.ctl)
+            if self.stopping is None:
+                self._stop(None, 0.0)
+            return
+        self.inbuf += data
+        while len(self.inbuf) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(self.inbuf)
+            if len(self.inbuf) < _HEADER.size + size:
+                break
+            msg = json.loads(self.inbuf[_HEADER.size : _HEADER.size + size])
+            del self.inbuf[: _HEADER.size + size]
+            self._handle(msg)
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        rid, op = msg["id"], msg["op"]
+        try:
+            if self.stopping is not None:
+                raise SupervisorError("the spawn server is stopping")
+            if op == "hello":
+                self._reply(rid, pid=self.pid)
+            elif op == "spawn":
+                self._reply(rid, pid=self._spawn(msg))
+            elif op == "alive":
+                self._reply(rid, alive=any(not p.zombie for p in self._tree().get(msg["token"], ())))
+            elif op == "kill":
+                now, grace = time.monotonic(), float(msg["grace"])
+                self.kills.append(_Kill(msg["token"], now + grace, rid, now + grace + SIGKILL_WAIT))
+            elif op == "close":
+                self._stop(rid, float(msg["grace"]))
+            else:
+                raise SupervisorError(f"unknown spawn server request {op!r}")
+        except CoordinatorError as e:
+            self._reply_error(rid, e)
+        except OSError as e:  # out of processes or fds: this request fails, the server goes on
+            self._reply_error(rid, CoordinatorError(f"cannot start the command: {e.strerror}"))
+
+    def _reply(self, rid: int | None, **fields: Any) -> None:
+        if rid is not None:
+            with contextlib.suppress(OSError):
+                _send_frame(self.ctl, {"id": rid, "ok": True, **fields})
+
+    def _reply_error(self, rid: int | None, e: CoordinatorError) -> None:
+        kind = "sandbox" if isinstance(e, SandboxError) else "error"
+        if rid is not None:
+            with contextlib.suppress(OSError):
+                _send_frame(self.ctl, {"id": rid, "ok": False, "error": kind, "message": e.message})
+
+    def _on_output(self, att: _Attempt, mask: int) -> None:
+        assert att.out_fd is not None
+        try:
+            data = os.read(att.out_fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        if data:
+            att.log.feed(data, time.monotonic())
+            return
+        self.sel.unregister(att.out_fd)
+        os.close(att.out_fd)
+        att.out_fd = None
+        att.log.flush(time.monotonic())
+
+    def _on_events_writable(self, mask: int) -> None:
+        self._send_events()
+
+    # spawning
+    def _spawn(self, msg: dict[str, Any]) -> int:
+        token = msg["token"]
+        old = self.attempts.get(token)
+        if old is not None:
+            if not old.exited or old.out_fd is not None:
+                raise CoordinatorError(f"attempt {token} is still running; kill_tree it first")
+            self._forget(old)
+        try:
+            log_fd = os.open(msg["log_path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise CoordinatorError(f"cannot open log {msg['log_path']}: {e.strerror}") from None
+        try:
+            pid, out_r = self._fork(msg)
+        except BaseException as e:
+            # The log is where a user looks first: say there why nothing ran.
+            with contextlib.suppress(OSError):
+                os.write(log_fd, f"coordinator: {e}\n".encode())
+            os.close(log_fd)
+            raise
+        att = _Attempt(token, pid, _Log(log_fd, self.log_cap), out_r)
+        self.attempts[token] = self.leaders[pid] = att
+        self.sel.register(out_r, selectors.EVENT_READ, lambda mask, att=att: self._on_output(att, mask))
+        return pid
+
+    def _fork(self, msg: dict[str, Any]) -> tuple[int, int]:
+        """Fork and exec one child; returns (pid, read end of its output) once exec succeeded."""
+        argv, cwd, env = msg["argv"], msg["cwd"], dict(msg["env"])
+        exe = _resolve(argv[0], env.get("PATH"), cwd)
+        env[MARK] = msg["token"]
+        out_r = out_w = status_r = status_w = ruleset_fd = -1
+        try:
+            if msg["sandbox"] is not None:
+                if self.abi > 0:
+                    ruleset_fd = landlock.prepare(Ruleset(tuple(msg["sandbox"])), self.abi)
+                elif not self.gate_only_ok:
+                    raise SandboxError("this kernel has no Landlock: refusing to run without the kernel sandbox")
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            status_r, status_w = os.pipe2(os.O_CLOEXEC)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(out_r, fcntl.F_SETPIPE_SZ, READ_CHUNK)  # fewer wakeups for chatty children
+            pid = os.fork()
+            if pid == 0:
+                _exec_child(exe, argv, env, cwd, out_w, status_w, self.devnull, ruleset_fd)
+            os.close(status_w)
+            status_w = -1
+            failure = _read_status(status_r)
+            if failure:
+                os.kill(pid, signal.SIGKILL)  # it may be stuck before exec; never let it run later
+                os.waitpid(pid, 0)
+                kind, _, reason = failure.partition("\n")
+                raise (SandboxError if kind == "sandbox" else CoordinatorError)(reason)
+        except BaseException:
+            if out_r >= 0:
+                os.close(out_r)
+            raise
+        finally:
+            for fd in (out_w, status_w, status_r, ruleset_fd):
+                if fd >= 0:
+                    os.close(fd)
+        os.set_blocking(out_r, False)
+        return pid, out_r
+
+    # reaping and reporting
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            att = self.leaders.pop(pid, None)
+            if att is not None:
+                self._leader_exited(att, os.waitstatus_to_exitcode(status))
+
+    def _leader_exited(self, att: _Attempt, code: int) -> None:
+        att.exited = True
+        # What the leader printed is all in the pipe now; a straggler may keep
+        # printing, so drain a bounded amount.
+        for _ in range(8):
+            if att.out_fd is None:
+                break
+            before = att.log.head + att.log.dropped + len(att.log.tail)
+            self._on_output(att, selectors.EVENT_READ)
+            if att.log.head + att.log.dropped + len(att.log.tail) == before:
+                break
+        att.log.flush(time.monotonic())
+        exit_ = {"token": att.token, "pid": att.pid, "returncode": code, "ended_at": time.time()}
+        self.outbuf += json.dumps(exit_).encode() + b"\n"
+        self._send_events()
+
+    def _send_events(self) -> None:
+        try:
+            while self.outbuf:
+                del self.outbuf[: self.events.send(self.outbuf)]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.outbuf.clear()  # nobody listens any more
+        registered = self.events in self.sel.get_map()
+        if self.outbuf and not registered:
+            self.sel.register(self.events, selectors.EVENT_WRITE, self._on_events_writable)
+        elif not self.outbuf and registered:
+            self.sel.unregister(self.events)
+
+    # finding and killing trees
+    def _tree(self) -> dict[str | None, list[_Proc]]:
+        """Every process below the server, grouped by attempt token (None: unknown)."""
+        table = _processes()
+        kids = _children(table)
+        owners: dict[str | None, list[_Proc]] = {}
+        for top in kids.get(self.pid, ()):
+            owners.setdefault(self._owner(top), []).extend(_subtree(top, kids))
+        for att in list(self.attempts.values()):
+            mine = owners.get(att.token, [])
+            att.known = {(p.pid, p.start) for p in mine}
+            if att.exited and att.out_fd is None and not mine:
+                self._forget(att)
+        return owners
+
+    def _owner(self, top: _Proc) -> str | None:
+        leader = self.leaders.get(top.pid)
+        if leader is not None:
+            return leader.token
+        for att in self.attempts.values():
+            # A session or group id stays taken while any member lives, so it still names the attempt.
+            if att.pid in (top.sid, top.pgid) or (top.pid, top.start) in att.known:
+                return att.token
+        return _mark_of(top.pid)
+
+    def _forget(self, att: _Attempt) -> None:
+        if self.attempts.get(att.token) is att:
+            del self.attempts[att.token]
+        if att.out_fd is not None:
+            self.sel.unregister(att.out_fd)
+            os.close(att.out_fd)
+            att.out_fd = None
+        att.log.flush(time.monotonic())
+        os.close(att.log.fd)
+
+    def _progress_kills(self, now: float) -> None:
+        owners = self._tree()
+        for job in list(self.kills):
+            job.fresh = False
+            procs = [p for ps in owners.values() for p in ps] if job.token is None else owners.get(job.token, [])
+            live = [p for p in procs if not p.zombie]
+            if not procs:
+                self.kills.remove(job)
+                self._reply(job.reply_id)
+                continue
+            if now >= job.give_up_at:
+                self.kills.remove(job)
+                msg = f"{len(live)} processes of attempt {job.token} survived SIGKILL"
+                self._reply_error(job.reply_id, CoordinatorError(msg))
+                continue
+            for proc in live:
+                if now >= job.term_until:
+                    _signal(proc, signal.SIGKILL)
+                elif proc.pid not in job.termed and _signal(proc, signal.SIGTERM):
+                    _signal(proc, signal.SIGCONT)  # a stopped process must wake to see SIGTERM
+                    job.termed.add(proc.pid)
+
+    def _stop(self, rid: int | None, grace: float) -> None:
+        now = time.monotonic()
+        self.stopping = _Kill(None, now + grace, rid, now + grace + SIGKILL_WAIT)
+        self.kills.append(self.stopping)
+
+    def _finish(self) -> None:
+        for att in list(self.attempts.values()):
+            self._forget(att)
+        self.events.setblocking(True)
+        self.events.settimeout(1.0)
+        with contextlib.suppress(OSError):
+            self.events.sendall(self.outbuf)
+        self.events.close()
+        self.ctl.close()
+
+
+def _resolve(argv0: str, path: str | None, cwd: str) -> str:
+    """The file to exec, found the way a shell would, relative to the child's folder."""
+    if "/" in argv0:
+        exe = os.path.join(cwd, argv0)
+        if os.path.exists(exe):
+            return exe
+    else:
+        for folder in (path if path is not None else os.defpath).split(os.pathsep):
+            exe = os.path.join(cwd, folder, argv0)
+            if os.path.isfile(exe) and os.access(exe, os.X_OK):
+                return exe
+    raise CoordinatorError(f"command not found: {argv0}")
+
+
+def _read_status(fd: int) -> str:
+    """What the child reported before exec; empty when exec succeeded (the pipe closed on exec)."""
+    data, poller = b"", select.poll()
+    poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + EXEC_WAIT
+    while (left := deadline - time.monotonic()) > 0:
+        chunk = os.read(fd, 4096) if poller.poll(left * 1000) else b""
+        if not chunk:
+            return data.decode("utf-8", "replace")
+        data += chunk
+    return "exec\nthe command did not start within 10 seconds"
+
+
+def _exec_child(exe: str, argv: list[str], env: dict[str, str], cwd: str,
+                out_w: int, status_w: int, devnull: int, ruleset_fd: int) -> NoReturn:
+    """In the forked child: become a session leader, wire fds, sandbox, exec. Never returns."""
+    stage = "exec"
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)  # Python ignores SIGPIPE; exec would keep that
+        os.setsid()
+        os.dup2(devnull, 0)
+        os.dup2(out_w, 1)
+        os.dup2(out_w, 2)
+        stage = "cwd"
+        os.chdir(cwd)
+        if ruleset_fd >= 0:
+            stage = "sandbox"
+            landlock.enforce(ruleset_fd)
+        stage = "exec"
+        os.execve(exe, argv, env)
+    except BaseException as e:
+        if isinstance(e, CoordinatorError):
+            reason = e.message
+        elif stage == "cwd":
+            reason = f"cannot enter working folder {cwd}: {getattr(e, 'strerror', e)}"
+        else:
+            reason = f"cannot run {argv[0]}: {getattr(e, 'strerror', e)}"
+        with contextlib.suppress(BaseException):
+            os.write(status_w, f"{stage}\n{reason}".encode("utf-8", "replace"))
+    finally:
+        os._exit(127)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the fork server (started by `Spawner`, not by users)."""
+    parser = argparse.ArgumentParser(prog="python -m coordinator.forkserver")
+    parser.add_argument("--ctl", type=int, required=True)
+    parser.add_argument("--events", type=int, required=True)
+    parser.add_argument("--log-cap", type=int, default=DEFAULT_LOG_CAP)
+    parser.add_argument("--gate-only-ok", action="store_true")
+    args = parser.parse_args(argv)
+    ctl, events = socket.socket(fileno=args.ctl), socket.socket(fileno=args.events)
+    for sock in (ctl, events):
+        sock.set_inheritable(False)
+    _Server(ctl, events, args.log_cap, args.gate_only_ok).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
