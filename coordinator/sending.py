@@ -139,8 +139,8 @@ def demo_intro(ws: Workspace) -> list[str]:
     lines += [
         f"demo team: {agents}",
         "In another terminal, drop a demo order and watch it run:",
-        "  .venv/bin/coordinator send demo/orders/greeting.md --to chip",
-        "  .venv/bin/coordinator send demo/orders/request.md --to walt",
+        "  .venv/bin/coordinator send demo/example-orders/greeting.md --to chip",
+        "  .venv/bin/coordinator send demo/example-orders/request.md --to walt",
         "  .venv/bin/coordinator board",
         "  git -C repos/webapp log --format='%h %an: %s%n%b' -3",
         "Stop with Ctrl-C (once: drain; twice: stop now).",

@@ -392,6 +392,7 @@ class Supervisor:
         if note:
             line += f" ({' '.join(note.split())[:160]})"
         self.audit.stage(actor, line)
+        self.say(line if actor == audit.SUPERVISOR else f"{line} [{actor}]")
 
     def event(self, rec: Record, text: str) -> None:
         """An audited line that is not a status change (stale flags, merges)."""

@@ -1,24 +1,336 @@
-import json, subprocess
-from fakellm import FakeLLM
+"""LLM agents end to end: the real supervisor talking to a real OpenAI-compatible server on loopback.
+
+Issue 7's acceptance: a specialist model's edits land as its commit; fallback past a 429 and a
+dead endpoint; broken replies re-asked; an orchestrator model decomposes a request, its children
+run, its review becomes the report; usage in the budget and in `coordinator cost`; the key
+nowhere; the spend limit stops calls; rotation shrinks what the orchestrator model is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
 from conftest import drop, order_md, sh
-from coordinator.store import Store
+from fakellm import FakeLLM, Response
+
+from coordinator.cli import cli
+from coordinator.llmagent import ORCHESTRATOR_ROLE, SYNTHESIS_ROLE
+from coordinator.store import Record, Store
 from coordinator.supervisor import Supervisor
 
-KEY = "sk-probe-SECRET-123456"
+KEY = "sk-live-4f3e2d1c0b9a-DO-NOT-LEAK"
+GREETING = "def greet(name: str) -> str:\n    return f\"Hello, {name}\"\n"
+CHECKED = ("`grep -q Hello src/greeting.py` passes", "greet returns a greeting", "Nothing else changes")
 
-def test_probe(make_ws, monkeypatch):
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeLLM]:
     monkeypatch.setenv("FAKE_KEY", KEY)
-    with FakeLLM() as fake:
-        ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"],
-                               "llm": {"base_url": fake.base_url, "model": "m", "api_key_env": "FAKE_KEY",
-                                       "max_retries": 0, "prices": {"input": 3, "output": 15}}}})
-        fake.script(content=json.dumps({"outcome": "done", "summary": "wrote it",
-            "edits": [{"path": "webapp/src/greeting.py", "content": "def greet():\n    return 1\n"}]}))
-        acc = ("`grep -q greet src/greeting.py` passes", "b is true", "c is true")
-        drop(ws, "chip", "g.md", order_md("The app greets", files=("webapp/src/greeting.py",), acceptance=acc, id="g"))
-        lines = []
-        with Supervisor(ws, log=lines.append) as sup:
-            sup.run_once(limit=20)
-        rec = Store(ws.state).load("g")
-        print(rec.status, rec.report, rec.usage, lines)
-        assert rec.status == "done"
+    with FakeLLM() as server:
+        yield server
+
+
+@pytest.fixture
+def dead_url() -> str:
+    """A loopback port nothing listens on: connections are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def llm(fake: FakeLLM, **extra: Any) -> dict[str, Any]:
+    return {"base_url": fake.base_url, "model": "m", "api_key_env": "FAKE_KEY", "max_retries": 0,
+            "timeout": "10s", **extra}
+
+
+def coder(fake: FakeLLM, **extra: Any) -> dict[str, Any]:
+    return {"role": "specialist", "writes": ["webapp/src/**"], "llm": llm(fake), **extra}
+
+
+def reply(*edits: dict[str, Any], outcome: str = "done", summary: str = "Wrote the greeting.") -> str:
+    return json.dumps({"outcome": outcome, "summary": summary, "edits": list(edits)})
+
+
+def write(path: str, content: str = GREETING) -> dict[str, str]:
+    return {"path": path, "content": content}
+
+
+def run(ws: Any, lines: list[str] | None = None) -> None:
+    with Supervisor(ws, log=(lines.append if lines is not None else None)) as sup:
+        sup.run_once(limit=30)
+
+
+def load(ws: Any, order_id: str) -> Record:
+    return Store(ws.state).load(order_id)
+
+
+def git(path: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def user_message(body: dict[str, Any], index: int = 0) -> str:
+    return [m["content"] for m in body["messages"] if m["role"] == "user"][index]
+
+
+def last_user_message(body: dict[str, Any]) -> str:
+    return [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+
+
+def cost_json(ws: Any) -> dict[str, Any]:
+    result = CliRunner().invoke(cli, ["-w", str(ws.root), "cost", "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+# -- specialists --------------------------------------------------------------------------------------
+
+
+def test_a_specialist_models_edits_land_as_its_commit_with_trailers_and_checks_run(make_ws, fake):
+    ws = make_ws({"chip": coder(fake)})
+    fake.script(content=reply(write("webapp/src/greeting.py"),
+                              write("webapp/src/login.py", "# rewritten\n")),
+                usage={"prompt_tokens": 900, "completion_tokens": 60})
+    drop(ws, "chip", "g.md", order_md("The app greets people by name", id="g", acceptance=CHECKED,
+                                       files=("webapp/src/greeting.py", "webapp/src/login.py")))
+    run(ws)
+
+    rec = load(ws, "g")
+    assert rec.status == "done", rec.report
+    repo = ws.repos / "webapp"
+    assert (repo / "src" / "greeting.py").read_text() == GREETING
+    assert (repo / "src" / "login.py").read_text() == "# rewritten\n"
+    log = git(repo, "log", "-1", "--format=%an <%ae>%n%s%n%b")
+    assert log.startswith("chip <chip@agents.coordinator>\nThe app greets people by name")
+    assert "Work-Order: g" in log and "Agent: chip" in log
+    assert rec.report["checks"] == ["`grep -q Hello src/greeting.py` passed"]
+    assert rec.report["summary"] == "Wrote the greeting."
+    # The model saw the brief and the current text of the order's files, not the $COORD_RESULT how-to.
+    (body,) = fake.chat_bodies()
+    sent = user_message(body)
+    assert "The app greets people by name" in sent
+    assert "def password_problem" in sent and '<file path="webapp/src/greeting.py" missing="true"/>' in sent
+    assert "COORD_RESULT" not in sent
+    assert body["model"] == "m" and body["response_format"] == {"type": "json_object"}
+    assert [(u["model"], u["usage"]["prompt_tokens"], u["agent"]) for u in rec.usage] == [("m", 900, "chip")]
+
+
+def test_fallback_past_a_dead_endpoint_and_a_429_inside_a_supervised_order(make_ws, fake, dead_url):
+    settings = llm(fake, base_url=dead_url, model="local", max_retries=1,
+                   fallback=[{"model": "busy", "base_url": fake.base_url},
+                             {"model": "backup", "base_url": fake.base_url,
+                              "prices": {"input": 2.0, "output": 10.0}}])
+    ws = make_ws({"chip": coder(fake, llm=settings)})
+    for _ in range(2):  # "busy" answers 429 to the request and to its one retry
+        fake.script(status=429, json={"error": {"message": "rate limited"}}, headers={"Retry-After": "0"})
+    fake.script(content=reply(write("webapp/src/greeting.py")),
+                usage={"prompt_tokens": 1000, "completion_tokens": 100})
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",)))
+    run(ws)
+
+    rec = load(ws, "g")
+    assert rec.status == "done", rec.report
+    assert (ws.repos / "webapp" / "src" / "greeting.py").read_text() == GREETING
+    assert [b["model"] for b in fake.chat_bodies()] == ["busy", "busy", "backup"]
+    calls = [(u["model"], u["status"]) for u in rec.usage]
+    assert calls == [("local", None), ("local", None), ("busy", 429), ("busy", 429), ("backup", 200)]
+    assert "cannot connect" in rec.usage[0]["error"] and "rate limited" in rec.usage[2]["error"]
+    money = cost_json(ws)
+    assert money["by_model"]["backup"] == {"calls": 1, "prompt_tokens": 1000, "completion_tokens": 100,
+                                           "cost": pytest.approx(0.003)}
+    assert money["by_model"]["local"]["calls"] == 2 and money["by_model"]["local"]["cost"] == 0
+    assert money["by_agent"]["chip"]["calls"] == 5
+
+
+def test_a_reply_that_is_not_json_is_sent_back_then_accepted(make_ws, fake):
+    ws = make_ws({"chip": coder(fake)})
+    fake.script(content="Sure! I changed the greeting for you.")
+    fake.script(content=reply(write("webapp/src/greeting.py")))
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",)))
+    run(ws)
+
+    assert load(ws, "g").status == "done"
+    first, second = fake.chat_bodies()
+    assert second["messages"][: len(first["messages"])] == first["messages"]
+    assert "Sure! I changed" in second["messages"][-2]["content"]
+    assert "the reply is not JSON" in last_user_message(second)
+    assert load(ws, "g").attempts == 1
+
+
+def test_an_edit_outside_the_files_is_sent_back_and_a_model_that_insists_ends_blocked(make_ws, fake):
+    fake.responder = lambda body: Response(content=reply(write("webapp/tests/test_login.py", "hacked\n")))
+    ws = make_ws({"chip": coder(fake, writes=["webapp/**"], max_failures=2)})
+    head = git(ws.repos / "webapp", "rev-parse", "main")
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",)))
+    run(ws)
+
+    rec = load(ws, "g")
+    assert rec.status == "blocked" and rec.attempts == 2
+    bodies = fake.chat_bodies()
+    assert len(bodies) == 6  # per attempt: the reply and two re-asks
+    assert "outside what this order may write" in last_user_message(bodies[1])
+    assert "outside what this order may write" in rec.failures[-1]
+    assert "failed 2 time(s)" in rec.report["summary"]
+    # The second attempt's brief says why the first failed.
+    assert "why the last attempt failed" in user_message(bodies[3])
+    assert git(ws.repos / "webapp", "rev-parse", "main") == head
+    assert "hacked" not in (ws.repos / "webapp" / "tests" / "test_login.py").read_text()
+    assert git(ws.repos / "webapp", "branch", "--list", "wo/*") == ""
+
+
+# -- the orchestrator ---------------------------------------------------------------------------------
+
+
+def child(to: str, objective: str, *, files: list[str], acceptance: list[str] | None = None) -> dict[str, Any]:
+    return {"to": to, "objective": objective, "files": files,
+            "acceptance": acceptance or ["The work is done", "Nothing else changes", "The report says so"],
+            "branching": [{"action": "halt-with-note", "when": "the work is already done"}]}
+
+
+def team(fake: FakeLLM, **walt: Any) -> dict[str, Any]:
+    return {
+        "walt": {"role": "orchestrator", "sends_to": ["chip", "rex"], "llm": llm(fake), **walt},
+        "chip": {"role": "specialist", "writes": ["webapp/src/**"], "description": "Writes Python code",
+                 "command": sh(f"printf '{GREETING}' > src/greeting.py && echo greeting written")},
+        "rex": {"role": "specialist", "description": "Reviews changes; writes nothing",
+                "command": sh("echo looks good to rex")},
+    }
+
+
+def test_an_orchestrator_model_decomposes_a_request_its_children_run_and_its_review_is_the_report(
+        make_ws, fake):
+    ws = make_ws(team(fake), orchestrator="walt",
+                 budget={"ceiling": 100000, "bands": [50000, 100000, 150000]})
+    invalid = child("chip", "Write the greeting", files=["webapp/src/greeting.py"], acceptance=["only one"])
+    code = child("chip", "Write the greeting", files=["webapp/src/greeting.py"],
+                 acceptance=list(CHECKED))
+    review = child("rex", "Review the greeting", files=[])
+    fake.script(content=json.dumps({"summary": "chip writes, rex reviews", "orders": [invalid, review]}))
+    fake.script(content=json.dumps({"summary": "chip writes, rex reviews", "orders": [code, review]}),
+                usage={"prompt_tokens": 1500, "completion_tokens": 200})
+    fake.script(content=json.dumps({"summary": "The greeting shipped and rex approved it.", "orders": []}),
+                usage={"prompt_tokens": 2500, "completion_tokens": 40})
+    drop(ws, "walt", "req.md", order_md("The app greets people by name", id="req",
+                                         files=("webapp/src/**",)))
+    run(ws)
+
+    rec = load(ws, "req")
+    assert rec.status == "done", rec.report
+    assert rec.report["summary"] == "The greeting shipped and rex approved it."
+    assert "The greeting shipped" in (ws.state / "orders" / "req" / "report.md").read_text()
+    kids = [load(ws, c) for c in rec.children]
+    assert [(k.to, k.sender, k.parent, k.status) for k in kids] == [
+        ("chip", "walt", "req", "done"), ("rex", "walt", "req", "done")]
+    assert (ws.repos / "webapp" / "src" / "greeting.py").read_text() == GREETING
+    assert kids[0].report["checks"] == ["`grep -q Hello src/greeting.py` passed"]
+
+    plan, again, synthesis = fake.chat_bodies()
+    assert ORCHESTRATOR_ROLE in plan["messages"][0]["content"]
+    assert "- chip | writes: webapp/src/** | routes to: none | Writes Python code" in user_message(plan)
+    assert "orders.0 (to chip): acceptance" in last_user_message(again)
+    assert SYNTHESIS_ROLE in synthesis["messages"][0]["content"]
+    assert "greeting written" in user_message(synthesis) and "looks good to rex" in user_message(synthesis)
+
+    # Usage lands with the request (for `cost`) and in the orchestrator's budget.
+    assert [u["usage"]["prompt_tokens"] for u in rec.usage][-1] == 2500
+    assert cost_json(ws)["by_agent"]["walt"]["calls"] == 3
+    ledger = json.loads((ws.state / "orchestrator" / "ledger.json").read_text())
+    used = [i for i in ledger["items"] if i["ref"] == "req" and i["source"] == "usage"]
+    assert len(used) == 1 and used[0]["status"] == "completed"
+    assert 40 <= used[0]["tokens"] <= 2540  # the reported conversation, less what the ledger holds
+    assert {(i["ref"], i["kind"]) for i in ledger["items"]} >= {(kids[0].id, "order"), (kids[0].id, "report")}
+
+
+def test_rotation_shrinks_what_the_orchestrator_model_is_sent(make_ws, fake):
+    ws = make_ws(team(fake), orchestrator="walt",
+                 budget={"ceiling": 100000, "bands": [50000, 100000, 150000]})
+    for rid in ("ra", "rb"):
+        drop(ws, "walt", f"{rid}.md", order_md(f"Request {rid} is handled", id=rid,
+                                                files=("webapp/src/**",)))
+        run(ws)
+    with Supervisor(ws) as sup:
+        before = sup.ledger.hot_tokens()
+        sup.handle("rotate", {})
+        after = sup.ledger.hot_tokens()
+    drop(ws, "walt", "rc.md", order_md("Request rc is handled", id="rc", files=("webapp/src/**",)))
+    run(ws)
+
+    assert [load(ws, r).status for r in ("ra", "rb", "rc")] == ["done"] * 3
+    plans = [b for b in fake.chat_bodies() if ORCHESTRATOR_ROLE in b["messages"][0]["content"]]
+    assert len(plans) == 3
+    _, b_plan, c_plan = (user_message(p) for p in plans)
+    first_child = load(ws, "ra").children[0]
+    assert f"Report on {first_child}" in b_plan  # ra's work sat in the context of rb
+    assert "Report on" not in c_plan
+    assert len(c_plan) < len(b_plan)
+    assert after < before
+
+
+# -- money and secrets ----------------------------------------------------------------------------------
+
+
+def test_the_api_key_is_sent_but_appears_nowhere_in_state_runtime_or_logs(make_ws, fake, caplog):
+    caplog.set_level(logging.DEBUG)
+    ws = make_ws({"chip": coder(fake, llm=llm(fake, fallback=["second"])),
+                  "rex": coder(fake, llm=llm(fake, model="locked"))})
+
+    def respond(body: dict[str, Any]) -> Response:
+        # A hostile or careless server echoes the key in its errors; none of it may be kept.
+        if body["model"] == "m":
+            return Response(status=429, json={"error": {"message": f"slow down, {KEY}"}})
+        if body["model"] == "locked":
+            return Response(status=401, json={"error": {"message": f"invalid key {KEY}"}})
+        return Response(content=reply(write("webapp/src/greeting.py")))
+
+    fake.responder = respond
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",)))
+    drop(ws, "rex", "r.md", order_md("The app greets loudly", id="r", files=("webapp/src/**",)))
+    lines: list[str] = []
+    run(ws, lines)
+
+    assert load(ws, "g").status == "done"
+    locked = load(ws, "r")
+    assert locked.status == "blocked" and locked.attempts == 1  # a bad key is not retried
+    assert "HTTP 401" in locked.report["summary"] and "FAKE_KEY" in locked.report["summary"]
+    assert all(r.headers["authorization"] == f"Bearer {KEY}" for r in fake.requests)
+    for root in (ws.state, ws.runtime):
+        leaked = subprocess.run(["grep", "-rlaF", KEY, str(root)], capture_output=True, text=True).stdout
+        assert leaked == ""
+    assert KEY not in git(ws.state, "log", "-p", "--all")
+    assert lines and not any(KEY in line for line in lines)
+    assert not any(KEY in m for m in caplog.messages)
+
+
+def test_the_spend_limits_stop_further_calls_with_a_status_naming_the_limit(make_ws, fake):
+    priced = {"prices": {"input": 1000.0, "output": 0.0}}  # 100 prompt tokens cost $0.10
+    ws = make_ws({"chip": coder(fake, llm=llm(fake, **priced), spend_limit=0.05),
+                  "rex": coder(fake, llm=llm(fake, **priced))},
+                 spend_limit=0.15, max_parallel=1)
+    fake.responder = lambda body: Response(content=reply(), usage={"prompt_tokens": 100, "completion_tokens": 5})
+    for n, (agent, oid) in enumerate((("chip", "c1"), ("chip", "c2"), ("rex", "r1"), ("rex", "r2"))):
+        drop(ws, agent, f"{n}-{oid}.md", order_md(f"Order {oid} is handled", id=oid))
+        run(ws)
+
+    statuses = {o: load(ws, o).status for o in ("c1", "c2", "r1", "r2")}
+    assert statuses == {"c1": "done", "c2": "blocked", "r1": "done", "r2": "blocked"}
+    assert len(fake.chat_bodies()) == 2  # c1 and r1: nothing was sent once a limit was reached
+    assert "spend limit reached" in load(ws, "c2").report["summary"]
+    assert "agents.chip.spend_limit" in load(ws, "c2").report["summary"]
+    assert "the workspace has spent $0.2000 of its $0.15" in load(ws, "r2").report["summary"]
+    assert load(ws, "c2").usage == [] and load(ws, "c2").attempts == 1
+
+    # No retry gets past the breaker.
+    with Supervisor(ws) as sup:
+        sup.handle("retry", {"id": "c2"})
+        sup.run_once(limit=30)
+    assert load(ws, "c2").status == "blocked" and len(fake.chat_bodies()) == 2
+    assert cost_json(ws)["total"]["cost"] == pytest.approx(0.2)

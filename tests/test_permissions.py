@@ -15,6 +15,7 @@ import hashlib
 import os
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,8 @@ class Attack:
 
     def __init__(self, make_ws: Any, tmp_path: Path, code: str, *, files: tuple[str, ...],
                  writes: tuple[str, ...] = ("webapp/**",), acceptance: tuple[str, ...] | None = None,
-                 max_failures: int = 1, extra: dict[str, Any] | None = None) -> None:
+                 max_failures: int = 1, extra: dict[str, Any] | None = None,
+                 while_open: Callable[[Attack], None] | None = None) -> None:
         self.probe = tmp_path / "probe"
         self.outside = tmp_path / "outside"
         self.outside.mkdir(exist_ok=True)
@@ -202,8 +204,11 @@ class Attack:
         self.outside_before = fingerprint(self.outside)
         self.config_before = fingerprint(self.ws.config_path)
         drop(self.ws, "chip", "atk.md", order_md("Attack", files=files, acceptance=acceptance, id="atk"))
-        run(self.ws)
-        self.rec = record(self.ws, "atk")
+        with Supervisor(self.ws) as sup:
+            sup.run_once(limit=60)
+            self.rec = record(self.ws, "atk")
+            if while_open is not None:  # a long-running supervisor: nothing is killed at its exit yet
+                while_open(self)
 
     @staticmethod
     def files_of(repo: Path) -> Any:
@@ -344,14 +349,17 @@ def test_a_change_inside_files_but_outside_writes_is_denied(make_ws, tmp_path):
     # Intake checks files against writes, so this arises when the team's config narrows `writes`
     # while the order waits in the queue: the order still names src/b.py, the agent may no longer write it.
     files = ("webapp/src/new/x.py", "webapp/src/b.py")
-    wide = {"role": "specialist", "writes": ["webapp/src/**"]}
-    ws = make_ws({"chip": dict(wide)})  # no command: the order is accepted and waits
+    code = 'os.makedirs("src/new")\nwrite("src/new/x.py", mode="w")\nwrite("src/b.py", mode="w")\n'
+    wide = {"role": "specialist", "writes": ["webapp/src/**"], "command": attacker(code)}
+    ws = make_ws({"chip": dict(wide)})
     drop(ws, "chip", "atk.md", order_md("Attack", files=files, id="atk"))
-    run(ws)
+    with Supervisor(ws) as sup:  # intake only: the order is accepted and waits in the queue
+        sup.step_commit()
+        sup._intake_step()
+        sup.step_commit()
     assert record(ws, "atk").status == "queued"
     main = git(ws.repos / "webapp", "rev-parse", "main")
-    code = 'os.makedirs("src/new")\nwrite("src/new/x.py", mode="w")\nwrite("src/b.py", mode="w")\n'
-    ws = make_ws({"chip": {**wide, "writes": ["webapp/src/new/**"], "command": attacker(code)}})
+    ws = make_ws({"chip": {**wide, "writes": ["webapp/src/new/**"]}})
     run(ws)
     rec = record(ws, "atk")
     assert rec.status == "denied", rec.report
@@ -364,7 +372,7 @@ def test_a_change_inside_files_but_outside_writes_is_denied(make_ws, tmp_path):
 
 
 @needs_landlock
-def test_a_check_cannot_write_outside_and_its_writes_inside_are_discarded(make_ws, tmp_path):
+def test_what_a_check_writes_in_the_working_copy_is_discarded_never_committed(make_ws, tmp_path):
     # The check overwrites the specialist's file, adds one, and plants a fake git dir whose
     # config would run a command if the supervisor's git ever read it.
     evil = tmp_path / "evil-check.sh"
@@ -385,11 +393,11 @@ printf '[core]\\n\\tfsmonitor = touch {tmp_path}/probe/pwned\\n' > .git/config
     assert not (a.repo / "src" / "sneaky.py").exists() and not (a.repo / "top-level.txt").exists()
     assert not (a.probe / "pwned").exists()
 
-    # A check that writes above the working copy is refused by the kernel: the check fails.
-    b_path = tmp_path / "b"
-    b_path.mkdir()
+
+@needs_landlock
+def test_a_check_writing_above_the_working_copy_is_refused_and_fails(make_ws, tmp_path):
     acc = ("`echo x > ../../something` passes", "The greeting exists", "Nothing else changed")
-    b = Attack(make_ws, b_path, 'write("src/greeting.py", "x = 1\\n", mode="w")\n',
+    b = Attack(make_ws, tmp_path, 'write("src/greeting.py", "x = 1\\n", mode="w")\n',
                files=("webapp/**",), acceptance=acc)
     assert b.rec.status == "blocked"
     assert "check `echo x > ../../something` failed" in b.rec.failures[0]
@@ -436,28 +444,27 @@ def _release_grandchild(probe: Path) -> bool:
         os.close(pidfd)
 
 
-def _assert_grandchild_wrote_nothing(a: Attack) -> None:
+def _grandchild_attack(make_ws: Any, tmp_path: Path, prefix: str) -> None:
+    alive: list[bool] = []
+    a = Attack(make_ws, tmp_path, f"PREFIX = {prefix}\n" + GRANDCHILD, files=("webapp/src/**",),
+               while_open=lambda a: alive.append(_release_grandchild(a.probe)))
     assert a.rec.status == "done", a.rec.report
-    alive = _release_grandchild(a.probe)
     assert not (a.probe / "allowed.txt").exists()
     assert git(a.repo, "show", "main:src/greeting.py") == "v1"
     assert (a.repo / "src" / "greeting.py").read_text() == "v1\n"
-    assert not alive, "a process of the attempt outlived the order"
+    assert alive == [False], "a process of the attempt outlived the order"
 
 
 @needs_landlock
 def test_a_detached_grandchild_cannot_write_after_the_specialist_exits(make_ws, tmp_path):
-    a = Attack(make_ws, tmp_path, "PREFIX = []\n" + GRANDCHILD, files=("webapp/src/**",))
-    _assert_grandchild_wrote_nothing(a)
+    _grandchild_attack(make_ws, tmp_path, "[]")
 
 
 @needs_landlock
 @pytest.mark.xfail(strict=True, reason="HOLE: a grandchild that drops COORD_ATTEMPT and calls setsid is not "
                    "attributed to its attempt by the spawn server, so kill_tree misses it and it writes later")
 def test_a_detached_grandchild_that_hides_its_mark_cannot_write_after_the_order(make_ws, tmp_path):
-    a = Attack(make_ws, tmp_path, 'PREFIX = ["env", "-u", "COORD_ATTEMPT"]\n' + GRANDCHILD,
-               files=("webapp/src/**",))
-    _assert_grandchild_wrote_nothing(a)
+    _grandchild_attack(make_ws, tmp_path, '["env", "-u", "COORD_ATTEMPT"]')
 
 
 # -- several orders in one repository ---------------------------------------------------------------

