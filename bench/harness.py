@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +127,7 @@ class LiveSupervisor:
 
     def __init__(self, ws: Workspace) -> None:
         self.ws = ws
-        self.lines: list[str] = []
+        self.lines: deque[str] = deque(maxlen=200)
         self._up = threading.Event()
         self.proc: subprocess.Popen[str] | None = None
 
@@ -137,7 +138,7 @@ class LiveSupervisor:
         threading.Thread(target=self._read, daemon=True, name="supervisor-log").start()
         if not self._up.wait(START_WAIT) or self.proc.poll() is not None:
             self.stop()
-            raise BenchError("the supervisor did not start:\n" + "\n".join(self.lines[-20:]))
+            raise BenchError("the supervisor did not start:\n" + "\n".join(list(self.lines)[-20:]))
         return self
 
     def _read(self) -> None:
@@ -192,7 +193,7 @@ def wait_status(ws: Workspace, ids: Sequence[str], statuses: frozenset[str], *, 
             raise BenchError(f"{len(pending)} of {len(ids)} orders not {'/'.join(sorted(statuses))} "
                              f"after {timeout:.0f}s (first: {pending[0]})")
         if sup is not None and not sup.alive():
-            raise BenchError("the supervisor died:\n" + "\n".join(sup.lines[-20:]))
+            raise BenchError("the supervisor died:\n" + "\n".join(list(sup.lines)[-20:]))
         time.sleep(POLL)
     return done
 
@@ -233,7 +234,7 @@ def timed(fn: Any, *args: Any, **kw: Any) -> tuple[float, Any]:
 
 @dataclass
 class Figure:
-    """One row of the table: a headline text, whether it met its target, and the numbers."""
+    """One row of the table: the headline median, how it was measured, its target, the numbers."""
 
     key: str
     title: str
@@ -242,24 +243,24 @@ class Figure:
     target: str = ""
     met: bool | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    note: str = ""  # a breakdown, printed under the table
 
     def as_json(self) -> dict[str, Any]:
         return {"key": self.key, "title": self.title, "value": self.value, "runs": self.runs,
-                "target": self.target, "met": self.met, **self.data}
+                "target": self.target, "met": self.met, "note": self.note, **self.data}
 
 
 def table(figures: Sequence[Figure]) -> str:
-    """The figures as one plain-text table."""
-    head = ("figure", "median (runs)", "target")
-    rows = [(f.title, f"{f.value}  [{f.runs}]",
-             "" if not f.target else f"{f.target} {'ok' if f.met else 'MISSED' if f.met is not None else ''}".strip())
+    """The figures as one plain-text table, then the notes."""
+    head = ("figure", "median", "measured", "target")
+    rows = [(f.title, f.value, f.runs,
+             f"{f.target} {'' if f.met is None else 'ok' if f.met else 'MISSED'}".strip())
             for f in figures]
-    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(3)]
-    line = "  ".join("-" * w for w in widths)
-    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)), line]
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip(),
+           "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    notes = [f"  {f.title.split(' ', 1)[0]} {f.note}" for f in figures if f.note]
+    if notes:
+        out += ["", "notes:", *notes]
     return "\n".join(out)
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"

@@ -20,6 +20,7 @@ with the limit named (no retry can bypass it: the meter is asked again).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import threading
@@ -127,12 +128,21 @@ def meter_for(runner: AttemptRunner) -> SpendMeter:
     return meter
 
 
-def new_client(runner: AttemptRunner, agent: Agent) -> Client:
+def new_client(runner: AttemptRunner, act: Active) -> Client:
     """A client for one attempt (or one review): its calls are exactly this attempt's calls."""
+    agent = act.agent
     assert agent.llm is not None
     meter = meter_for(runner)
-    client = Client(agent.llm, transport=runner.sup.http_transport,
-                    spend_guard=meter.guard(agent, runner.sup.config))
+    limit = meter.guard(agent, runner.sup.config)
+    heartbeat = act.attempt.heartbeat
+
+    def guard() -> str | None:
+        # Asked before every HTTP call: a sign of life for the stale check, as a command's output is.
+        with contextlib.suppress(OSError):
+            heartbeat.touch()
+        return limit()
+
+    client = Client(agent.llm, transport=runner.sup.http_transport, spend_guard=guard)
     meter.track(agent.name, client)
     return client
 
@@ -142,7 +152,7 @@ def new_client(runner: AttemptRunner, agent: Agent) -> Client:
 
 def start_llm_attempt(runner: AttemptRunner, act: Active) -> None:
     agent = act.agent
-    client = new_client(runner, agent)
+    client = new_client(runner, act)
     brief = model_brief(act.attempt.brief.read_text("utf-8"))
     if agent.is_orchestrator:
         context = orchestrator_context(runner, current=act.rec.id)
@@ -167,10 +177,11 @@ def start_llm_attempt(runner: AttemptRunner, act: Active) -> None:
             return llmagent.run_specialist(client, brief, files, allowed=allowed,
                                            outcomes_allowed=outcomes)
 
-    _launch(act, out, ask, f"llm-{act.token}")
+    _launch(act, out, ask, f"llm-{act.token}", runner.sup.wake)
 
 
-def _launch(act: Active, out: Outcome, ask: Callable[[], Any], name: str) -> None:
+def _launch(act: Active, out: Outcome, ask: Callable[[], Any], name: str,
+            wake: Callable[[], None] | None = None) -> None:
     def work() -> None:
         try:
             out.value = ask()
@@ -180,6 +191,9 @@ def _launch(act: Active, out: Outcome, ask: Callable[[], Any], name: str) -> Non
             out.replies = [r.text for r in e.replies]
         except CoordinatorError as e:
             out.error = e
+        finally:
+            if wake is not None:
+                wake()  # the loop picks the reply up now, not at its next idle timeout
 
     act.thread_outcome = out
     act.thread = threading.Thread(target=work, daemon=True, name=name)
@@ -309,7 +323,7 @@ def check_requests(runner: AttemptRunner) -> bool:
 def start_synthesis(runner: AttemptRunner, act: Active) -> None:
     """Ask the orchestrator model again, with the children's reports."""
     sup, agent = runner.sup, act.agent
-    client = new_client(runner, agent)
+    client = new_client(runner, act)
     children = set(act.rec.children)
     context = orchestrator_context(runner, current=act.rec.id, skip_reports=children)
     roster = llmagent.roster_text(sup.config, agent.name)
@@ -329,7 +343,7 @@ def start_synthesis(runner: AttemptRunner, act: Active) -> None:
         return llmagent.synthesize(client, context, roster, brief, reports, validate=validate)
 
     runner.active[act.token] = act
-    _launch(act, out, ask, f"llm-{act.token}-review")
+    _launch(act, out, ask, f"llm-{act.token}-review", runner.sup.wake)
 
 
 def _timeout(act: Active) -> float:
@@ -422,7 +436,8 @@ def orchestrator_context(runner: AttemptRunner, *, current: str | None = None,
     are reports sent separately for review."""
     sup = runner.sup
     skip = set(skip_reports)
-    reported = {i.ref for i in sup.ledger.items if i.kind == "report"}
+    # An order whose report or rejection is in context needs no line of its own.
+    reported = {i.ref for i in sup.ledger.items if i.kind in ("report", "rejection")}
     parts: list[str] = []
     for item in sup.ledger.items:
         rec = sup.records.get(item.ref)
@@ -497,10 +512,9 @@ def _budget_usage(runner: AttemptRunner, rec: Record, out: Outcome, calls: tuple
 
 def _log_conversation(act: Active, out: Outcome, calls: tuple[Call, ...]) -> None:
     """Calls and replies into the attempt's output.log, as a command's output would be."""
-    lines = [f"model call {c.model} at {c.base_url}: "
-             + (f"HTTP {c.status}" if c.status else "no answer")
+    lines = [f"model call {c.model} at {c.base_url}: {c.error or f'HTTP {c.status}'}"
              + (f", {c.usage.prompt_tokens}+{c.usage.completion_tokens} tokens" if c.usage else "")
-             + f", {c.latency:.2f}s, ${c.cost:.4f}" + (f": {c.error}" if c.error else "")
+             + f", {c.latency:.2f}s, ${c.cost:.4f}"
              for c in calls]
     for n, text in enumerate(out.replies, 1):
         lines.append(f"--- reply {n} ({out.kind})\n{text[:LOG_REPLY_CHARS]}")

@@ -259,6 +259,10 @@ class Supervisor:
             if not progress:
                 self._wait(self._idle_timeout())
 
+    def wake(self) -> None:
+        """Wake the loop from another thread (an LLM call ended) instead of waiting out the idle timeout."""
+        self._wake.set()
+
     def _idle_timeout(self) -> float:
         if self._unsettled:
             return UNSETTLED_RETRY
@@ -312,10 +316,10 @@ class Supervisor:
                 for path in scan(self.ws.inbox(agent)):
                     candidates[path] = agent
         for path in hints:
-            agent = self.ws.agent_of_inbox(path)
-            if agent in self.config.agents and is_candidate(path.name):
+            # Hints are paths inside the inbox folders the watcher was given: no resolving needed.
+            agent = path.parent.name
+            if agent in self.config.agents and path.parent == self.ws.inbox(agent) and is_candidate(path.name):
                 candidates[path] = agent
-        now = self.clock()
         filed = 0
         for path, agent in candidates.items():
             if filed >= INTAKE_BATCH:
@@ -333,7 +337,6 @@ class Supervisor:
                 continue
             self._file(claimed, agent, shown=self.ws.rel(path))
             filed += 1
-        del now
         return filed > 0
 
     def _refuse_link(self, path: Path, agent: str) -> None:

@@ -218,8 +218,11 @@ def demo_responder(body: Any) -> Response:
 
 
 def _demo_plan(user: str) -> dict[str, Any]:
-    request = _section(user, "Request").strip().splitlines()
-    first_line = request[0].strip() if request else "the request"
+    request = _section(user, "Request")
+    # The brief opens with YAML front matter; the objective line says what the request is.
+    objective = re.search(r"^\*\*Objective:\*\*\s*(.+)$", request, re.M)
+    lines = request.strip().splitlines()
+    first_line = objective.group(1).strip() if objective else (lines[0].strip() if lines else "the request")
     agents = [(m["name"], m["writes"].strip()) for m in _ROSTER_LINE.finditer(_section(user, "Team"))]
     if not agents:
         return {"summary": "Nobody on the team can take this request.", "orders": []}

@@ -187,6 +187,40 @@ def test_an_edit_outside_the_files_is_sent_back_and_a_model_that_insists_ends_bl
     assert git(ws.repos / "webapp", "branch", "--list", "wo/*") == ""
 
 
+def test_parallel_attempts_of_one_agent_each_count_only_their_own_calls(make_ws, fake):
+    ws = make_ws({"chip": coder(fake, max_parallel=2, llm=llm(fake, prices={"input": 10.0, "output": 0.0}))})
+    # Both calls are in flight at once: neither attempt may count the other's.
+    fake.responder = lambda body: Response(content=reply(), delay=0.3,
+                                           usage={"prompt_tokens": 1000, "completion_tokens": 1})
+    drop(ws, "chip", "a.md", order_md("Order a is handled", id="a"))
+    drop(ws, "chip", "b.md", order_md("Order b is handled", id="b"))
+    run(ws)
+
+    assert [len(load(ws, o).usage) for o in ("a", "b")] == [1, 1]
+    assert cost_json(ws)["total"] == {"calls": 2, "prompt_tokens": 2000, "completion_tokens": 2,
+                                      "cost": pytest.approx(0.02)}
+
+
+def test_an_order_cancelled_while_its_model_thinks_lands_nothing_but_its_call_is_counted(make_ws, fake):
+    ws = make_ws({"chip": coder(fake)})
+    fake.script(content=reply(write("webapp/src/greeting.py")), delay=0.5)
+    head = git(ws.repos / "webapp", "rev-parse", "main")
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",)))
+    with Supervisor(ws) as sup:
+        for _ in range(10_000):
+            if "g" in sup.records and sup.records["g"].status == "running":
+                break
+            sup.step()
+        sup.handle("cancel", {"id": "g"})
+        sup.run_once(limit=30)
+
+    rec = load(ws, "g")
+    assert rec.status == "cancelled"
+    assert git(ws.repos / "webapp", "rev-parse", "main") == head
+    assert not (ws.repos / "webapp" / "src" / "greeting.py").exists()
+    assert [u["status"] for u in rec.usage] == [200]  # the answer came too late, but it was paid for
+
+
 # -- the orchestrator ---------------------------------------------------------------------------------
 
 
@@ -248,6 +282,37 @@ def test_an_orchestrator_model_decomposes_a_request_its_children_run_and_its_rev
     assert len(used) == 1 and used[0]["status"] == "completed"
     assert 40 <= used[0]["tokens"] <= 2540  # the reported conversation, less what the ledger holds
     assert {(i["ref"], i["kind"]) for i in ledger["items"]} >= {(kids[0].id, "order"), (kids[0].id, "report")}
+
+
+def test_a_failed_review_is_asked_again_without_redoing_the_work(make_ws, fake):
+    ws = make_ws(team(fake), orchestrator="walt")
+    fake.script(content=json.dumps({"summary": "rex reviews", "orders": [child("rex", "Review it", files=[])]}))
+    for _ in range(3):  # the review and both re-asks are not JSON: that review fails
+        fake.script(content="All good, nothing more to do.")
+    fake.script(content=json.dumps({"summary": "Reviewed: all good.", "orders": []}))
+    drop(ws, "walt", "req.md", order_md("The code is reviewed", id="req"))
+    run(ws)
+
+    rec = load(ws, "req")
+    assert rec.status == "done" and rec.report["summary"] == "Reviewed: all good."
+    assert len(rec.children) == 1 and rec.attempts == 1
+    assert "broke the contract 3 times" in rec.failures[0]
+    roles = [SYNTHESIS_ROLE in b["messages"][0]["content"] for b in fake.chat_bodies()]
+    assert roles == [False, True, True, True, True]  # one plan, two reviews: the work was not redone
+
+
+def test_a_model_that_keeps_sending_orders_is_stopped_after_a_few_rounds(make_ws, fake):
+    rounds = iter(range(100))
+    fake.responder = lambda body: Response(content=json.dumps(
+        {"summary": "one more pass", "orders": [child("rex", f"Review pass {next(rounds)}", files=[])]}))
+    ws = make_ws(team(fake), orchestrator="walt")
+    drop(ws, "walt", "req.md", order_md("The code is reviewed", id="req"))
+    run(ws)
+
+    rec = load(ws, "req")
+    assert rec.status == "blocked" and "after 4 rounds" in rec.report["summary"]
+    assert [load(ws, c).status for c in rec.children] == ["done"] * 4
+    assert len(fake.chat_bodies()) == 5
 
 
 def test_rotation_shrinks_what_the_orchestrator_model_is_sent(make_ws, fake):

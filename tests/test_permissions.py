@@ -13,8 +13,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import select
 import stat
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,10 +85,10 @@ def fingerprint(path: Path) -> Any:
     return own
 
 
-def refusals(rec: Record) -> dict[str, str]:
+def refusals(rec: Record, text: str | None = None) -> dict[str, str]:
     """label -> 'refused EACCES' | 'DONE', from what the specialist printed (the report's summary)."""
     out = {}
-    for line in str((rec.report or {}).get("summary", "")).splitlines():
+    for line in (text if text is not None else str((rec.report or {}).get("summary", ""))).splitlines():
         label, sep, what = line.partition(": ")
         if sep and (what.startswith("refused ") or what == "DONE"):
             out[label] = what
@@ -110,6 +112,7 @@ def targets(ws: Workspace, home: Path, outside: Path) -> dict[str, Path]:
         "hooks": ws.repos / "webapp" / ".git" / "hooks" / "pre-commit",
         "git-config": ws.repos / "webapp" / ".git" / "config",
         "config": ws.config_path,
+        "runtime-pid": ws.runtime / "supervisor.pid",
         "fake-home": home / ".bashrc",
         "absolute": outside / "target.txt",
     }
@@ -135,7 +138,8 @@ if exists:
 
 @needs_landlock
 @pytest.mark.parametrize("name", ["state-record", "state-git", "inbox", "other-repo", "main-checkout", "hooks",
-                                  "git-config", "config", "fake-home", "absolute", "via-dotdot"])
+                                  "git-config", "config", "runtime-pid", "fake-home", "absolute",
+                                  "via-dotdot"])
 def test_writes_outside_the_working_copy_are_refused_by_the_kernel(make_ws, tmp_path: Path, name: str) -> None:
     from coordinator.repos import init_demo_repo
 
@@ -170,9 +174,12 @@ def test_writes_outside_the_working_copy_are_refused_by_the_kernel(make_ws, tmp_
         sup.run_once(limit=60)
     rec = record(ws, "atk")
     seen = refusals(rec)
-    assert len(seen) >= 4 and {k: v for k, v in seen.items() if v not in DENIED} == {}, rec.report
+    assert len(seen) == (8 if before.get(name, before["config"]) else 4), rec.report  # every way was tried
+    assert {k: v for k, v in seen.items() if v not in DENIED} == {}, rec.report
     after = {k: fingerprint(p) for k, p in where.items()}
-    # state/ records legitimately change as the order moves; its record's *content* is the supervisor's.
+    # The order's record legitimately changes as the order moves on; what the attack appends would
+    # make it unreadable, and record() above read it.
+    assert "pwned" not in where["state-record"].read_text()
     before.pop("state-record")
     after.pop("state-record")
     assert after == before
@@ -189,6 +196,7 @@ class Attack:
     def __init__(self, make_ws: Any, tmp_path: Path, code: str, *, files: tuple[str, ...],
                  writes: tuple[str, ...] = ("webapp/**",), acceptance: tuple[str, ...] | None = None,
                  max_failures: int = 1, extra: dict[str, Any] | None = None,
+                 before: Callable[[Attack], None] | None = None,
                  while_open: Callable[[Attack], None] | None = None) -> None:
         self.probe = tmp_path / "probe"
         self.outside = tmp_path / "outside"
@@ -203,6 +211,8 @@ class Attack:
         self.checkout = self.files_of(self.repo)
         self.outside_before = fingerprint(self.outside)
         self.config_before = fingerprint(self.ws.config_path)
+        if before is not None:
+            before(self)
         drop(self.ws, "chip", "atk.md", order_md("Attack", files=files, acceptance=acceptance, id="atk"))
         with Supervisor(self.ws) as sup:
             sup.run_once(limit=60)
@@ -213,6 +223,11 @@ class Attack:
     @staticmethod
     def files_of(repo: Path) -> Any:
         return {p.name: fingerprint(p) for p in repo.iterdir() if p.name != ".git"}
+
+    @property
+    def log(self) -> str:
+        """Everything the specialist printed in its (first) attempt."""
+        return (self.ws.runtime / "attempts" / "atk" / "1" / "output.log").read_text()
 
     @property
     def offending(self) -> list[str]:
@@ -244,14 +259,14 @@ class Attack:
 def test_a_symlink_out_of_the_working_copy_is_denied_and_cannot_be_written_through(make_ws, tmp_path):
     a = Attack(make_ws, tmp_path, '''
 os.symlink(os.path.join(OUTSIDE, "target.txt"), "src/abs.py")
-os.symlink("../../../../coordinator.yaml", "src/rel.py")
+os.symlink("../../../../../coordinator.yaml", "src/rel.py")  # up from src/ to the workspace
 os.symlink("../.git", "src/gitdir.py")
 attempt("through-abs", lambda: write("src/abs.py"))
 attempt("through-rel", lambda: write("src/rel.py"))
 ''', files=("webapp/src/**",))
     assert refusals(a.rec) == {}  # denied: the summary is the gate's, not the specialist's
     a.assert_denied("src/abs.py", "src/rel.py", "src/gitdir.py")
-    log = (a.ws.runtime / "attempts" / "atk" / "1" / "output.log").read_text()
+    log = a.log
     assert "through-abs: refused EACCES" in log and "through-rel: refused EACCES" in log
 
 
@@ -264,7 +279,7 @@ write(os.path.join(PROBE, "mine.txt"), mode="w")
 attempt("link-probe", lambda: os.link(os.path.join(PROBE, "mine.txt"), "src/probe.py"))
 attempt("link-away", lambda: os.link("src/login.py", os.path.join(PROBE, "away.py")))
 ''', files=("webapp/src/**",))
-    log = (a.ws.runtime / "attempts" / "atk" / "1" / "output.log").read_text()
+    log = a.log
     # Out of the sandbox's write area the kernel refuses the link; between two writable places it
     # cannot, so the gate sees the extra link count and denies.
     assert "link-outside: refused EXDEV" in log and "link-main: refused EXDEV" in log
@@ -281,7 +296,7 @@ attempt("up-and-out", lambda: os.rename("src/login.py", "../../login.py"))
 attempt("folder-out", lambda: os.rename("src", "src2"))
 attempt("same-folder", lambda: os.rename("src/login.py", "src/login.txt"))
 ''', files=("webapp/src/*.py",))
-    log = (a.ws.runtime / "attempts" / "atk" / "1" / "output.log").read_text()
+    log = a.log
     for label in ("to-root", "to-tests", "up-and-out", "folder-out"):
         assert any(f"{label}: {d}" in log for d in DENIED), log
     assert "same-folder: DONE" in log  # inside the granted folder the kernel cannot tell; the gate can
@@ -292,8 +307,6 @@ attempt("same-folder", lambda: os.rename("src/login.py", "src/login.txt"))
 def test_replacing_the_git_pointer_is_denied_and_its_config_never_runs(make_ws, tmp_path):
     # A fake git dir whose config would run a command for any git that trusted the pointer.
     a = Attack(make_ws, tmp_path, '''
-import shutil
-real = open(".git").read()
 os.unlink(".git")
 os.makedirs(".git/hooks")
 open(".git/HEAD", "w").write("ref: refs/heads/main\\n")
@@ -313,9 +326,10 @@ write("src/login.py")  # an allowed change alongside: it must not land either
 def test_setuid_on_an_allowed_file_is_denied(make_ws, tmp_path):
     a = Attack(make_ws, tmp_path, '''
 attempt("setuid", lambda: os.chmod("src/login.py", 0o4755))
-attempt("setgid", lambda: os.chmod("src/new.py", 0o2755) if write("src/new.py") is None else None)
+write("src/new.py", mode="w")
+attempt("setgid", lambda: os.chmod("src/new.py", 0o2755))
 ''', files=("webapp/src/**",))
-    assert "setuid: DONE" in (a.ws.runtime / "attempts" / "atk" / "1" / "output.log").read_text()
+    assert "setuid: DONE" in a.log and "setgid: DONE" in a.log  # Landlock has no right for chmod
     a.assert_denied("src/login.py", "src/new.py")
     assert all("setuid" in line for line in a.offending)
     assert stat.S_IMODE(os.lstat(a.repo / "src" / "login.py").st_mode) & stat.S_ISUID == 0
@@ -409,21 +423,28 @@ def test_a_check_writing_above_the_working_copy_is_refused_and_fails(make_ws, tm
 # -- process trees: nothing of an attempt outlives it ---------------------------------------------
 
 GRANDCHILD = '''
-import subprocess
 write("src/greeting.py", "v1\\n", mode="w")
 os.mkfifo(os.path.join(PROBE, "go"))
 # Detached (new session), outliving the specialist, it writes once the test lets it.
 script = ('echo $$ > "$PROBE/gc.pid"; read x < "$PROBE/go"; '
           'echo late >> src/greeting.py; echo late >> "$PROBE/allowed.txt"')
-subprocess.Popen(PREFIX + ["setsid", "sh", "-c", script], env={**os.environ, "PROBE": PROBE})
-while not os.path.exists(os.path.join(PROBE, "gc.pid")) or not open(os.path.join(PROBE, "gc.pid")).read():
-    pass
-print("specialist exits")
+env = {**os.environ, "PROBE": PROBE}
+if HIDE:  # also drop the attempt's mark from its environment
+    del env["COORD_ATTEMPT"]
+if os.fork() == 0:
+    os.setsid()
+    os.execvpe("sh", ["sh", "-c", script], env)
+print("specialist exits", flush=True)
+os._exit(0)  # at once: the grandchild is never seen inside the specialist's tree
 '''
 
 
 def _release_grandchild(probe: Path) -> bool:
     """If the grandchild still lives, let it write and wait for it to end; True when it was alive."""
+    deadline = time.monotonic() + 10.0
+    while not (probe / "gc.pid").exists() or not (probe / "gc.pid").read_text().endswith("\n"):
+        assert time.monotonic() < deadline, "the grandchild never started"
+        time.sleep(0.01)  # another process writes it; there is no event to wait on
     pid = int((probe / "gc.pid").read_text())
     try:
         pidfd = os.pidfd_open(pid)
@@ -437,16 +458,15 @@ def _release_grandchild(probe: Path) -> bool:
             return False
         os.write(fd, b"go\n")
         os.close(fd)
-        import select
         select.select([pidfd], [], [], 10.0)  # its exit, or give up: the assertions say what happened
         return True
     finally:
         os.close(pidfd)
 
 
-def _grandchild_attack(make_ws: Any, tmp_path: Path, prefix: str) -> None:
+def _grandchild_attack(make_ws: Any, tmp_path: Path, *, hide: bool) -> None:
     alive: list[bool] = []
-    a = Attack(make_ws, tmp_path, f"PREFIX = {prefix}\n" + GRANDCHILD, files=("webapp/src/**",),
+    a = Attack(make_ws, tmp_path, f"HIDE = {hide}\n" + GRANDCHILD, files=("webapp/src/**",),
                while_open=lambda a: alive.append(_release_grandchild(a.probe)))
     assert a.rec.status == "done", a.rec.report
     assert not (a.probe / "allowed.txt").exists()
@@ -457,34 +477,53 @@ def _grandchild_attack(make_ws: Any, tmp_path: Path, prefix: str) -> None:
 
 @needs_landlock
 def test_a_detached_grandchild_cannot_write_after_the_specialist_exits(make_ws, tmp_path):
-    _grandchild_attack(make_ws, tmp_path, "[]")
+    _grandchild_attack(make_ws, tmp_path, hide=False)
 
 
 @needs_landlock
 @pytest.mark.xfail(strict=True, reason="HOLE: a grandchild that drops COORD_ATTEMPT and calls setsid is not "
                    "attributed to its attempt by the spawn server, so kill_tree misses it and it writes later")
 def test_a_detached_grandchild_that_hides_its_mark_cannot_write_after_the_order(make_ws, tmp_path):
-    _grandchild_attack(make_ws, tmp_path, '["env", "-u", "COORD_ATTEMPT"]')
+    _grandchild_attack(make_ws, tmp_path, hide=True)
 
 
 # -- several orders in one repository ---------------------------------------------------------------
 
 
+PARALLEL = '''
+import time
+me = os.environ["COORD_ORDER_ID"]
+other = "two" if me == "one" else "one"
+attempts = os.path.dirname(os.path.dirname(os.path.dirname(os.environ["COORD_RESULT"])))
+stamp = lambda what: write(os.path.join(PROBE, "times"), me + " " + what + " " + str(time.monotonic_ns()) + "\\n")
+stamp("start")
+while not os.path.isdir(os.path.join("..", "..", other, "webapp", "src")):
+    time.sleep(0.01)  # the other order is running too: try to reach into its attempt
+attempt("other-result", lambda: write(os.path.join(attempts, other, "1", "result.yaml"), "outcome: blocked\\n"))
+attempt("other-outbox", lambda: write(os.path.join(attempts, other, "1", "outbox", "forged.md")))
+attempt("other-copy", lambda: write(os.path.join("..", "..", other, "webapp", "src", me + ".py")))
+time.sleep(0.5)
+write("src/" + me + ".py", "done = True\\n", mode="w")
+stamp("end")
+'''
+
+
 @needs_landlock
 def test_two_orders_on_different_files_run_at_once_and_both_land(make_ws, tmp_path):
-    work = ('import time\nstamp = lambda what: write(os.path.join(PROBE, "times"), '
-            'os.environ["COORD_ORDER_ID"] + " " + what + " " + str(time.monotonic_ns()) + "\\n")\n'
-            'stamp("start")\ntime.sleep(0.5)\n'
-            'write("src/" + os.environ["COORD_ORDER_ID"] + ".py", "done = True\\n", mode="w")\nstamp("end")\n')
     probe = tmp_path / "probe"
     ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"], "max_parallel": 2,
-                           "command": attacker(f"PROBE = {str(probe)!r}\n" + work)}}, max_parallel=2)
+                           "command": attacker(f"PROBE = {str(probe)!r}\n" + PARALLEL)}}, max_parallel=2)
     main = git(ws.repos / "webapp", "rev-parse", "main")
     for oid in ("one", "two"):
         drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} lands", files=(f"webapp/src/{oid}.py",), id=oid))
     run(ws)
     recs = Store(ws.state).load_all()
-    assert recs["one"].status == "done" and recs["two"].status == "done", (recs["one"].report, recs["two"].report)
+    for oid in ("one", "two"):
+        assert recs[oid].status == "done", recs[oid].report
+        # Neither could reach into the other's result, outbox or working copy.
+        assert refusals(recs[oid]) == dict.fromkeys(("other-result", "other-outbox", "other-copy"),
+                                                    "refused EACCES"), recs[oid].report
+        assert recs[oid].report["changed"] == [f"webapp/src/{oid}.py"] and not recs[oid].children
     times = {(o, what): int(t) for o, what, t in (line.split() for line in (probe / "times").read_text().splitlines())}
     assert times[("one", "start")] < times[("two", "end")] and times[("two", "start")] < times[("one", "end")]
     repo = ws.repos / "webapp"
@@ -494,3 +533,198 @@ def test_two_orders_on_different_files_run_at_once_and_both_land(make_ws, tmp_pa
         assert git(repo, "merge-base", "--is-ancestor", recs[oid].commit, "main") == ""
     assert git(repo, "merge-base", "--is-ancestor", main, "main") == ""
     assert git(repo, "status", "--porcelain") == ""
+
+
+# -- the orchestrator: it routes, it never writes ---------------------------------------------------
+
+
+ORCHESTRATOR_WRITES = '''
+attempt("copy", lambda: write("src/login.py"))
+attempt("new", lambda: write("src/new.py", mode="x"))
+attempt("main", lambda: write(os.path.join(WS, "repos/webapp/src/login.py")))
+attempt("state", lambda: write(os.path.join(WS, "state/orders/plan/record.json")))
+'''
+
+
+def _orchestrator_ws(make_ws: Any, tmp_path: Path, *, quiet: bool = False) -> Workspace:
+    code = f"WS = {str(tmp_path / 'ws')!r}\n" + ORCHESTRATOR_WRITES
+    if quiet:  # tries every write, says nothing about it
+        code = code.replace("attempt(", "quietly(")
+        code = "def quietly(label, fn):\n    try:\n        fn()\n    except OSError:\n        pass\n" + code
+    return make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], "command": attacker(code)},
+                    "chip": {"role": "specialist", "writes": ["webapp/**"], "command": ["true"]}},
+                   orchestrator="walt")
+
+
+@needs_landlock
+def test_the_orchestrator_cannot_write_the_files_it_routes(make_ws, tmp_path):
+    ws = _orchestrator_ws(make_ws, tmp_path)
+    repo = ws.repos / "webapp"
+    main, checkout = git(repo, "rev-parse", "main"), Attack.files_of(repo)
+    drop(ws, "walt", "plan.md", order_md("Plan the login work", files=("webapp/src/login.py",), id="plan"))
+    run(ws)
+    rec = record(ws, "plan")
+    assert refusals(rec) == {"copy": "refused EACCES", "new": "refused EACCES", "main": "refused EACCES",
+                             "state": "refused EACCES"}, rec.report
+    assert rec.commit is None and git(repo, "rev-parse", "main") == main
+    assert Attack.files_of(repo) == checkout
+    assert "pwned" not in (ws.state / "orders" / "plan" / "record.json").read_text()
+
+
+@needs_landlock
+@pytest.mark.parametrize("quiet", [False, pytest.param(True, marks=pytest.mark.xfail(
+    strict=True, reason="GAP: `artifact` is inferred from refusal messages in the orchestrator's output, so "
+    "an orchestrator that swallows its errors tries to write unseen"))])
+def test_an_orchestrator_trying_to_write_is_recorded_as_artifact(make_ws, tmp_path, quiet):
+    from coordinator import signals
+
+    ws = _orchestrator_ws(make_ws, tmp_path, quiet=quiet)
+    drop(ws, "walt", "plan.md", order_md("Plan the login work", files=("webapp/src/login.py",), id="plan"))
+    run(ws)
+    assert [s.kind for s in signals.load(ws.state) if s.agent == "walt"] == ["artifact"]
+    assert record(ws, "plan").commit is None
+
+
+# -- holes found while writing this battery: each test states the promise it checks ----------------
+
+
+@needs_landlock
+@pytest.mark.parametrize("where", ["workspace-parent", "state", "repo-checkout"])
+@pytest.mark.xfail(strict=True, reason="HOLE: sandbox.writable is granted as given, so a folder that holds the "
+                   "workspace, state/ or a repository makes protected paths writable (SPEC §4's own example "
+                   "`/tmp` does, for a workspace under /tmp)")
+def test_sandbox_writable_never_exposes_protected_paths(make_ws, tmp_path, where):
+    from coordinator.errors import ConfigError
+
+    root = tmp_path / "ws"
+    exposed = {"workspace-parent": tmp_path, "state": root / "state", "repo-checkout": root / "repos" / "webapp"}
+    target = {"workspace-parent": root / "coordinator.yaml", "state": root / "state" / ".git" / "HEAD",
+              "repo-checkout": root / "repos" / "webapp" / "src" / "login.py"}[where]
+    code = f"attempt('write', lambda: write({str(target)!r}))\n"
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"], "command": attacker(code),
+                           "sandbox": {"writable": [str(exposed[where]), str(tmp_path / "probe")]}}})
+    try:
+        assert ws.config is not None  # loading it is the check
+    except ConfigError as e:  # refusing such a config (with the key and why) keeps the promise too
+        assert "sandbox.writable" in str(e)
+        return
+    before = fingerprint(target)
+    drop(ws, "chip", "atk.md", order_md("Attack", files=("webapp/src/**",), id="atk"))
+    run(ws)  # or the attempt fails: a sandbox refused at spawn never runs the attack
+    rec = record(ws, "atk")
+    assert refusals(rec).get("write", "refused EACCES") in DENIED, rec.report
+    assert fingerprint(target) == before
+
+
+@needs_landlock
+@pytest.mark.xfail(strict=True, reason="HOLE: the spawn server opens a check's log (check-N.log in the attempt "
+                   "folder, which the specialist may write) with O_CREAT|O_TRUNC and follows a symlink planted "
+                   "there: it truncates and writes any file the supervisor's user can write")
+def test_a_symlink_planted_where_a_check_log_goes_is_not_followed(make_ws, tmp_path):
+    root = tmp_path / "ws"
+    code = f'''
+folder = os.path.dirname(os.environ["COORD_RESULT"])
+os.symlink({str(root / "coordinator.yaml")!r}, os.path.join(folder, "check-0.log"))
+os.symlink(os.path.join(OUTSIDE, "target.txt"), os.path.join(folder, "check-1.log"))
+'''
+    acc = ("`echo overwritten` passes", "`echo overwritten` passes", "Nothing else changed")
+    a = Attack(make_ws, tmp_path, code, files=("webapp/src/**",), acceptance=acc)
+    a.assert_untouched()
+
+
+@needs_landlock
+@pytest.mark.xfail(strict=True, reason="HOLE: the supervisor walks $COORD_OUTBOX even when the specialist "
+                   "replaced it by a symlink, and renames what it finds there (files it may only read) into state/")
+def test_an_outbox_replaced_by_a_symlink_moves_nothing_from_elsewhere(make_ws, tmp_path):
+    (tmp_path / "outside" / "chip").mkdir(parents=True)
+    (tmp_path / "outside" / "chip" / "notes.md").write_text("someone else's notes\n")
+    a = Attack(make_ws, tmp_path, '''
+box = os.environ["COORD_OUTBOX"]
+os.rmdir(box)
+os.symlink(OUTSIDE, box)
+''', files=("webapp/src/**",))
+    assert (tmp_path / "outside" / "chip" / "notes.md").exists()
+    a.assert_untouched()
+
+
+@needs_landlock
+@pytest.mark.parametrize("name", ["result.yaml", "output.log"])
+@pytest.mark.xfail(strict=True, reason="HOLE: the supervisor opens the attempt's result file and output log "
+                   "without O_NONBLOCK/O_NOFOLLOW: a fifo there blocks it for good (and a symlink to /dev/zero "
+                   "would exhaust its memory, as both are read to the end)")
+def test_a_fifo_in_the_attempt_folder_does_not_hang_the_supervisor(make_ws, tmp_path, name):
+    import threading
+
+    code = f'''
+path = os.path.join(os.path.dirname(os.environ["COORD_RESULT"]), {name!r})
+if os.path.exists(path):
+    os.unlink(path)  # the log: the spawn server keeps writing to the old file
+os.mkfifo(path)
+'''
+    result: list[Attack] = []
+    thread = threading.Thread(target=lambda: result.append(Attack(make_ws, tmp_path, code, files=("webapp/src/**",))),
+                              daemon=True)
+    thread.start()
+    fifo = tmp_path / "ws" / ".coordinator" / "attempts" / "atk" / "1" / name
+    hung = False
+    # Either the run ends, or somebody (only the supervisor can) sits blocked opening the fifo.
+    while thread.is_alive() and not hung:
+        thread.join(0.05)
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # not there yet, not a fifo, or nobody reading it
+            continue
+        hung = True
+        os.write(fd, b"outcome: done\nsummary: unblocked by the test\n")  # let it go, so the test ends
+        os.close(fd)
+        thread.join(30.0)
+    assert not hung, f"the supervisor blocked opening a fifo the specialist left as {name}"
+    assert result and result[0].rec.status in ("done", "blocked")
+
+
+@needs_landlock
+@pytest.mark.xfail(strict=True, reason="HOLE (Landlock limit): chmod, chown and utime are not filesystem rights "
+                   "Landlock can refuse, and the gate only looks inside the working copy")
+def test_metadata_of_protected_paths_cannot_be_changed(make_ws, tmp_path):
+    root = tmp_path / "ws"
+    targets = [root / "coordinator.yaml", root / "state" / ".git" / "HEAD", root / "repos" / "webapp" / "Makefile",
+               tmp_path / "outside" / "target.txt"]
+    code = f"for t in {[str(t) for t in targets]!r}:\n" + '''
+    attempt("chmod " + t, lambda: os.chmod(t, 0o4777))
+    attempt("utime " + t, lambda: os.utime(t, (0, 0)))
+'''
+    seen: dict[Path, Any] = {}
+    a = Attack(make_ws, tmp_path, code, files=("webapp/src/**",),
+               before=lambda a: seen.update({t: fingerprint(t) for t in targets}))
+    assert all(seen.values())
+    assert {t: fingerprint(t) for t in targets} == seen, a.log
+
+
+@needs_landlock
+@pytest.mark.xfail(strict=True, reason="GAP: an attempt that wrote outside its permission and then failed "
+                   "(non-zero exit, timeout, bad result) is discarded unjudged: not `denied`, no `scope` signal")
+def test_writing_outside_then_failing_is_still_denied(make_ws, tmp_path):
+    a = Attack(make_ws, tmp_path, 'os.chmod("src/login.py", 0o4755)\nsys.exit(3)\n',
+               files=("webapp/src/login.py",), writes=("webapp/src/**",))
+    a.assert_denied("src/login.py")
+
+
+@needs_landlock
+def test_a_specialist_cannot_signal_or_reach_into_the_supervisor(make_ws, tmp_path):
+    a = Attack(make_ws, tmp_path, '''
+import signal
+who = {"server": os.getppid(), "supervisor": int(open(os.path.join(WS, ".coordinator", "supervisor.pid")).read())}
+attempt("kill-server", lambda: os.kill(who["server"], signal.SIGKILL))
+attempt("kill-supervisor", lambda: os.kill(who["supervisor"], signal.SIGTERM))
+for name, pid in who.items():
+    # Their open files (logs of other attempts, state/ files, sockets), and their memory.
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        attempt("fd-%s-%s" % (name, fd), lambda: os.open("/proc/%d/fd/%s" % (pid, fd), os.O_WRONLY | os.O_APPEND))
+    attempt("mem-" + name, lambda: os.open("/proc/%d/mem" % pid, os.O_RDWR))
+''', files=("webapp/src/**",))
+    seen = refusals(a.rec, a.log)
+    assert seen["kill-server"] == "refused EPERM" and seen["kill-supervisor"] == "refused EPERM", a.log
+    assert len([k for k in seen if k.startswith("fd-supervisor-")]) > 3 and "mem-server" in seen, a.log
+    assert {k: v for k, v in seen.items() if v not in DENIED} == {}, a.log
+    assert a.rec.status == "done"
+    a.assert_untouched()

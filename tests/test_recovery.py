@@ -213,10 +213,10 @@ def test_kill9_mid_run_then_restart_finishes_every_order_once(make_ws, victims):
         running = ["sleeper", "o2", "o3"]
         os.kill(sup.pid, signal.SIGSTOP)  # freeze it, so both die in the same state
         if victims == "supervisor-and-spawner":
-            for pid in children(sup.pid):
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"coordinator.spawner" in f.read():
-                        os.kill(pid, signal.SIGKILL)
+            servers = children(sup.pid)  # its fork server (and any git it is waiting for)
+            assert servers
+            for pid in servers:
+                os.kill(pid, signal.SIGKILL)
         os.kill(sup.pid, signal.SIGKILL)
         sup.wait(10)
     finally:
@@ -352,12 +352,11 @@ def test_crash_after_spawn_requeues_the_interrupted_attempt(make_ws):
     sup = start_one(ws, "s1")
     abandon(sup)
     open_gate(ws, "s1", 2)
-    said = restart(ws)
+    restart(ws)
     assert_done_once(ws, "s1")
     rec = Store(ws.state).load("s1")
     assert rec.attempts == 2 and "interrupted" in rec.failures[0]
     assert completions(ws) == ["s1"]
-    assert any("recovery" in line for line in said) or True
     assert_one_place(ws, {"s1"})
     assert_clean(ws)
 

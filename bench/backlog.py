@@ -1,0 +1,185 @@
+"""A 10,000-order backlog: start-up recovery time, `coordinator board` time, peak memory.
+
+The backlog is built once, through intake: a live supervisor files BACKLOG orders dropped
+into the inbox of an orchestrator with no command, so every one stays `queued`. Then:
+- open: a fresh process constructs a `Supervisor` and calls `open()` (lock, heal, load every
+  record, recovery, watcher, spawner), then runs one loop step; it reports both times and
+  its own peak RSS (`ru_maxrss`). Measured after a clean stop, and after a `kill -9` of a
+  live supervisor (the crash path: recovery commits and leftover checks run).
+- board: `coordinator board` as a user runs it, wall time of the whole command.
+
+Run as `python -m bench.backlog open WORKSPACE` for the probe (used by the benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .harness import (
+    BenchError,
+    Figure,
+    LiveSupervisor,
+    child_env,
+    coordinator_argv,
+    drop,
+    epoch,
+    make_workspace,
+    median,
+    order_md,
+    temp_folder,
+    wait_status,
+)
+
+RECOVERY_TARGET_S = 5.0
+RSS_TARGET_MB = 300.0
+PROBE_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    orders: int = 10_000
+    open_runs: int = 3
+    crash_runs: int = 3
+    board_runs: int = 3
+
+
+QUICK = Sizes(orders=500, open_runs=2, crash_runs=1, board_runs=2)
+
+
+def probe_open(root: Path) -> dict[str, float]:
+    """In this process: construct and open a Supervisor on `root`, run one step, close."""
+    t_import = time.perf_counter()
+    from coordinator.supervisor import Supervisor
+    from coordinator.workspace import Workspace
+
+    imported = time.perf_counter() - t_import
+    t0 = time.perf_counter()
+    sup = Supervisor(Workspace(root))
+    sup.open()
+    opened = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    sup.step()
+    stepped = time.perf_counter() - t1
+    queued = sum(1 for r in sup.records.values() if r.status == "queued")
+    sup.close()
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"import_s": imported, "open_s": opened, "first_step_s": stepped,
+            "peak_rss_mb": rss_kb / 1024, "queued": queued}
+
+
+def _run_probe(root: Path) -> dict[str, float]:
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_parent, env.get("PYTHONPATH"))))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "bench.backlog", "open", str(root)], env=env,
+                          capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise BenchError(f"the open probe failed:\n{proc.stderr[-2000:]}")
+    out: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out | {"process_wall_s": wall}
+
+
+def _build(base: Path, n: int) -> tuple[Path, float]:
+    """A workspace with `n` queued orders, filed by a live supervisor; (root, orders/s)."""
+    ws = make_workspace(base, {"walt": {"role": "orchestrator"}})
+    ids = [f"bl-{i:05d}" for i in range(n)]
+    with LiveSupervisor(ws) as sup:
+        t0 = time.time()
+        for i, oid in enumerate(ids):
+            drop(ws, "walt", f"{oid}.md", order_md(f"Backlog order {i} waits its turn", id=oid))
+        recs = wait_status(ws, ids, frozenset({"queued", "rejected"}), timeout=PROBE_TIMEOUT * 3, sup=sup)
+        rejected = [r.id for r in recs.values() if r.status != "queued"]
+        if rejected:
+            raise BenchError(f"{len(rejected)} backlog orders were rejected (first {rejected[0]})")
+        rate = n / (max(epoch(r.created) for r in recs.values()) - t0)
+    return ws.root, rate
+
+
+def _crash(root: Path) -> None:
+    """Start a live supervisor on the backlog and kill -9 it once it is up."""
+    from coordinator.workspace import Workspace
+
+    sup = LiveSupervisor(Workspace(root))
+    with sup:
+        assert sup.proc is not None
+        sup.proc.send_signal(signal.SIGKILL)
+        sup.proc.wait()
+    if not (root / ".coordinator" / "running").exists():
+        raise BenchError("kill -9 left no crash marker; the crash path would not be measured")
+
+
+def _board(root: Path) -> float:
+    from coordinator.workspace import Workspace
+
+    t0 = time.perf_counter()
+    proc = subprocess.run(coordinator_argv(Workspace(root), "board"), env=child_env(),
+                          capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise BenchError(f"coordinator board failed: {proc.stderr[-500:]}")
+    return wall
+
+
+def backlog(sizes: Sizes) -> list[Figure]:
+    n = sizes.orders
+    with temp_folder() as base:
+        root, build_rate = _build(base, n)
+        clean = [_run_probe(root) for _ in range(sizes.open_runs)]
+        crashed = []
+        for _ in range(sizes.crash_runs):
+            _crash(root)
+            crashed.append(_run_probe(root))
+        boards = [_board(root) for _ in range(sizes.board_runs)]
+    for probe in clean + crashed:
+        if probe["queued"] != n:
+            raise BenchError(f"a restarted supervisor found {probe['queued']:.0f} queued orders, not {n}")
+
+    def med(runs: list[dict[str, float]], key: str) -> float:
+        return median([r[key] for r in runs])
+
+    open_s, crash_s = med(clean, "open_s"), med(crashed, "open_s")
+    rss = max(r["peak_rss_mb"] for r in clean + crashed)
+    board_s = median(boards)
+    detail = {"orders": n, "build_intake_per_s": round(build_rate, 1),
+              "clean": [{k: round(v, 3) for k, v in r.items()} for r in clean],
+              "after_kill_9": [{k: round(v, 3) for k, v in r.items()} for r in crashed],
+              "board_s": [round(b, 3) for b in boards]}
+    worst_open = max(open_s, crash_s)
+    step = med(clean, "first_step_s")
+    return [
+        Figure("backlog_recovery", f"4. {n:,} queued: start-up, open()",
+               f"{open_s:.2f} s after stop, {crash_s:.2f} s after kill -9",
+               f"{len(clean)}+{len(crashed)} restarts", f"< {RECOVERY_TARGET_S:.0f} s",
+               worst_open < RECOVERY_TARGET_S,
+               detail | {"open_s": round(open_s, 3), "open_after_kill_9_s": round(crash_s, 3),
+                         "first_step_s": round(step, 3)},
+               note=f"then the first loop step {step:.2f} s; the whole process (imports, open, step, close) "
+                    f"{med(clean, 'process_wall_s'):.2f} s; backlog filed at {build_rate:.0f} orders/s"),
+        Figure("backlog_board", f"4. {n:,} queued: `coordinator board`",
+               f"{board_s:.2f} s", f"{len(boards)} runs", data={"board_s": round(board_s, 3)}),
+        Figure("backlog_rss", f"4. {n:,} queued: supervisor peak RSS",
+               f"{rss:.0f} MB", f"max of {len(clean) + len(crashed)}", f"< {RSS_TARGET_MB:.0f} MB",
+               rss < RSS_TARGET_MB, {"peak_rss_mb": round(rss, 1)}),
+    ]
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "open":
+        print(json.dumps(probe_open(Path(argv[1]))))
+        return 0
+    print("usage: python -m bench.backlog open WORKSPACE", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

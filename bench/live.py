@@ -1,0 +1,241 @@
+"""Benchmarks against a live supervisor (`coordinator supervise` as a child process).
+
+- drop-to-spawn latency: an order is dropped (dot-file + rename, as `coordinator send`
+  does) to an agent whose command is `bash -c 'printf ... "$EPOCHREALTIME" > $PROBE/stamps'`.
+  Reading the clock is the first thing the process does (a shell builtin: no fork, no
+  further exec), and it writes the stamp into a FIFO the benchmark holds open, so the
+  benchmark waits on the FIFO, not on a timer. latency = stamp - time just before the
+  rename. The agent runs under the default Landlock sandbox.
+  Measured in two rhythms: "idle" (each drop at least IDLE_GAP after the last, so the
+  supervisor is waiting) and "back-to-back" (the next drop as soon as the last order is
+  `done`, as under steady load).
+- bare fork+exec: the same command started with subprocess.Popen from Python.
+- end-to-end throughput: N read-only orders to `/bin/true`, dropped at once; time from
+  the first drop to the last `done` (the record's own timestamp), against running
+  `/bin/true` N times with subprocess.run in the same run.
+- intake-only throughput: N orders to an orchestrator with no command (they stay queued);
+  time from the first drop to the last record filed.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .harness import (
+    BenchError,
+    Figure,
+    LiveSupervisor,
+    drop,
+    epoch,
+    median,
+    order_md,
+    percentile,
+    probe_of,
+    temp_workspace,
+    wait_status,
+)
+
+STAMP_SCRIPT = 'printf "%s %s\\n" "$COORD_ORDER_ID" "$EPOCHREALTIME" > "$PROBE/stamps"'
+STAMP_COMMAND = ["/bin/bash", "-c", STAMP_SCRIPT]
+IDLE_GAP = 0.55  # s between idle drops: longer than watchdog's 0.5 s hold of a claim's rename
+LATENCY_TARGET_MS = 10.0
+THROUGHPUT_TARGET = 3.0  # supervisor time / bare spawn time
+ORDER_TIMEOUT = 60.0
+ENDED = frozenset({"done", "halted", "routed", "blocked", "rejected", "denied", "cancelled"})
+
+
+@dataclass(frozen=True)
+class Sizes:
+    latency_runs: int = 4
+    latency_per_run: int = 50
+    busy_runs: int = 2
+    busy_per_run: int = 40
+    bare_samples: int = 200
+    throughput_runs: int = 3
+    throughput_orders: int = 300
+    intake_runs: int = 3
+    intake_orders: int = 300
+
+
+QUICK = Sizes(latency_runs=2, latency_per_run=10, busy_runs=1, busy_per_run=10, bare_samples=30,
+              throughput_runs=2, throughput_orders=40, intake_runs=2, intake_orders=60)
+
+
+class _Stamps:
+    """The FIFO the stamp command writes into; held open read-write so it never reads EOF."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "stamps"
+        if not self.path.exists():
+            os.mkfifo(self.path)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.buf = b""
+
+    def read(self, timeout: float) -> tuple[str, int]:
+        """The next (order id, stamp in ns)."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise BenchError(f"no process started within {timeout:.0f}s")
+            self.buf += os.read(self.fd, 4096)
+        line, self.buf = self.buf.split(b"\n", 1)
+        oid, stamp = line.decode().split()
+        whole, _, frac = stamp.partition(".")  # EPOCHREALTIME: seconds.microseconds
+        return oid, int(whole) * 1_000_000_000 + int(frac.ljust(6, "0")[:6]) * 1000
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _latency_run(samples: int, *, busy: bool, first: int) -> list[float]:
+    """One live supervisor; `samples` drops; latencies in ms."""
+    agents = {"chip": {"role": "specialist", "command": list(STAMP_COMMAND)}}
+    out: list[float] = []
+    with temp_workspace(agents) as ws:
+        stamps = _Stamps(probe_of(ws))
+        try:
+            with LiveSupervisor(ws) as sup:
+                last_drop = 0.0
+                for i in range(first, first + samples):
+                    oid = f"lat-{i:04d}"
+                    text = order_md(f"Latency sample {i} is taken", id=oid)
+                    if not busy:
+                        time.sleep(max(0.0, last_drop + IDLE_GAP - time.monotonic()))
+                    last_drop = time.monotonic()
+                    dropped = drop(ws, "chip", f"{oid}.md", text)
+                    got, started = stamps.read(ORDER_TIMEOUT)
+                    if got != oid:
+                        raise BenchError(f"expected a stamp from {oid}, got one from {got}")
+                    out.append((started - dropped) / 1e6)
+                    wait_status(ws, [oid], ENDED, timeout=ORDER_TIMEOUT, sup=sup)
+        finally:
+            stamps.close()
+    return out
+
+
+def _bare_stamps(samples: int) -> list[float]:
+    """The stamp command started by subprocess.Popen: fork+exec+shell start, in ms."""
+    out: list[float] = []
+    with temp_workspace({"chip": {"role": "specialist", "command": ["/bin/true"]}}) as ws:
+        probe = probe_of(ws)
+        stamps = _Stamps(probe)
+        env = dict(os.environ, PROBE=str(probe))
+        try:
+            for i in range(samples):
+                env["COORD_ORDER_ID"] = f"bare-{i}"
+                t0 = time.time_ns()
+                proc = subprocess.Popen(STAMP_COMMAND, env=env, stdin=subprocess.DEVNULL)
+                _, started = stamps.read(ORDER_TIMEOUT)
+                out.append((started - t0) / 1e6)
+                proc.wait()
+        finally:
+            stamps.close()
+    return out
+
+
+def latency(sizes: Sizes) -> list[Figure]:
+    idle: list[float] = []
+    per_run: list[float] = []
+    for r in range(sizes.latency_runs):
+        run = _latency_run(sizes.latency_per_run, busy=False, first=r * 1000)
+        per_run.append(percentile(run, 50))
+        idle += run
+    busy: list[float] = []
+    busy_runs: list[float] = []
+    for r in range(sizes.busy_runs):
+        run = _latency_run(sizes.busy_per_run, busy=True, first=r * 1000)
+        busy_runs.append(percentile(run, 50))
+        busy += run
+    bare = _bare_stamps(sizes.bare_samples)
+
+    def pcts(values: list[float]) -> dict[str, float]:
+        return {f"p{q}_ms": round(percentile(values, q), 2) for q in (50, 90, 99)} | {
+            "max_ms": round(max(values), 2), "samples": len(values)}
+
+    def text(values: list[float]) -> str:
+        return "p50 {:.1f}, p90 {:.1f}, p99 {:.1f} ms".format(*(percentile(values, q) for q in (50, 90, 99)))
+
+    target = f"p50 < {LATENCY_TARGET_MS:.0f} ms"
+    return [
+        Figure("drop_to_spawn_idle", "1. drop-to-spawn, live supervisor, Landlock, idle",
+               text(idle), f"{len(idle)} drops, {sizes.latency_runs} supervisors", target,
+               percentile(idle, 50) < LATENCY_TARGET_MS,
+               pcts(idle) | {"p50_per_run_ms": [round(x, 2) for x in per_run], "gap_s": IDLE_GAP,
+                             "all_ms": [round(x, 3) for x in idle]},
+               note=f"idle: each drop >= {IDLE_GAP} s after the last; p50 per supervisor "
+                    + ", ".join(f"{x:.1f}" for x in per_run) + " ms"),
+        Figure("drop_to_spawn_back_to_back", "1. drop-to-spawn, live supervisor, back-to-back",
+               text(busy), f"{len(busy)} drops, {sizes.busy_runs} supervisors", target,
+               percentile(busy, 50) < LATENCY_TARGET_MS,
+               pcts(busy) | {"p50_per_run_ms": [round(x, 2) for x in busy_runs],
+                             "all_ms": [round(x, 3) for x in busy]},
+               note="back-to-back: each drop as soon as the last order is done (within 0.5 s of its claim)"),
+        Figure("bare_fork_exec", "1. bare fork+exec, same command, from Python",
+               text(bare), f"{len(bare)} starts", data=pcts(bare)),
+    ]
+
+
+def _throughput_run(n: int, first: int) -> tuple[float, float]:
+    """(seconds from first drop to last done, seconds to run /bin/true n times bare)."""
+    agents = {"chip": {"role": "specialist", "command": ["/bin/true"]}}
+    with temp_workspace(agents) as ws, LiveSupervisor(ws) as sup:
+        ids = [f"tp-{first + i:05d}" for i in range(n)]
+        texts = [order_md(f"Throughput order {first + i} is done", id=oid) for i, oid in enumerate(ids)]
+        t0 = time.time()
+        for oid, text in zip(ids, texts, strict=True):
+            drop(ws, "chip", f"{oid}.md", text)
+        recs = wait_status(ws, ids, ENDED, timeout=ORDER_TIMEOUT * 10, sup=sup)
+        failed = [r.id for r in recs.values() if r.status != "done"]
+        if failed:
+            raise BenchError(f"{len(failed)} throughput orders did not end done (first {failed[0]})")
+        elapsed = max(epoch(r.updated) for r in recs.values()) - t0
+    b0 = time.perf_counter()
+    for _ in range(n):
+        subprocess.run(["/bin/true"], check=True)
+    return elapsed, time.perf_counter() - b0
+
+
+def throughput(sizes: Sizes) -> list[Figure]:
+    n = sizes.throughput_orders
+    runs = [_throughput_run(n, r * 100_000) for r in range(sizes.throughput_runs)]
+    ratios = [sup / bare for sup, bare in runs]
+    rate = median([n / sup for sup, _ in runs])
+    bare_rate = median([n / bare for _, bare in runs])
+    ratio = median(ratios)
+    return [Figure(
+        "throughput_end_to_end", "2. end-to-end throughput, /bin/true",
+        f"{rate:.1f} orders/s = {ratio:.0f}x bare spawn ({bare_rate:.0f}/s)",
+        f"{len(runs)} x {n} orders", f"<= {THROUGHPUT_TARGET:.0f}x bare", ratio <= THROUGHPUT_TARGET,
+        {"orders": n, "orders_per_s": round(rate, 2), "bare_per_s": round(bare_rate, 1),
+         "ratio": round(ratio, 2), "runs_s": [[round(s, 3), round(b, 3)] for s, b in runs],
+         "agent_max_parallel": 1, "workspace_max_parallel": 4})]
+
+
+def _intake_run(n: int, first: int) -> float:
+    """Seconds from the first drop to the last order filed (queued)."""
+    with temp_workspace({"walt": {"role": "orchestrator"}}) as ws, LiveSupervisor(ws) as sup:
+        ids = [f"in-{first + i:05d}" for i in range(n)]
+        texts = [order_md(f"Queued order {first + i} waits", id=oid) for i, oid in enumerate(ids)]
+        t0 = time.time()
+        for oid, text in zip(ids, texts, strict=True):
+            drop(ws, "walt", f"{oid}.md", text)
+        recs = wait_status(ws, ids, frozenset({"queued", "rejected"}), timeout=ORDER_TIMEOUT * 10, sup=sup)
+        rejected = [r.id for r in recs.values() if r.status != "queued"]
+        if rejected:
+            raise BenchError(f"{len(rejected)} intake orders were rejected (first {rejected[0]})")
+        return max(epoch(r.created) for r in recs.values()) - t0
+
+
+def intake(sizes: Sizes) -> list[Figure]:
+    n = sizes.intake_orders
+    runs = [_intake_run(n, r * 100_000) for r in range(sizes.intake_runs)]
+    rate = median([n / s for s in runs])
+    return [Figure("intake_only", "3. intake-only throughput (agent cannot run)",
+                   f"{rate:.0f} orders/s", f"{len(runs)} x {n} orders",
+                   data={"orders": n, "orders_per_s": round(rate, 1), "runs_s": [round(s, 3) for s in runs]})]

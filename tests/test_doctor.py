@@ -1,0 +1,83 @@
+"""`coordinator doctor`: says truthfully which protection layers this machine has (SPEC §7, issue 4)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import sh
+
+from coordinator import landlock
+from coordinator.cli import cli
+from coordinator.supervisor import Supervisor
+from coordinator.workspace import Workspace
+
+
+def doctor(ws: Workspace) -> list[str]:
+    result = CliRunner().invoke(cli, ["-w", str(ws.root), "doctor"])
+    assert result.exit_code == 0, result.output
+    return result.output.splitlines()
+
+
+def line(lines: list[str], prefix: str) -> str:
+    found = [x for x in lines if x.strip().startswith(prefix)]
+    assert len(found) == 1, (prefix, lines)
+    return found[0]
+
+
+@pytest.fixture
+def ws(make_ws) -> Workspace:
+    return make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"]},
+                    "chip": {"role": "specialist", "writes": ["webapp/**"], "command": sh("true")},
+                    "ghost": {"role": "specialist", "command": ["no-such-agent-program", "-p"]}},
+                   orchestrator="walt")
+
+
+@pytest.mark.skipif(landlock.abi_version() < 1, reason="this kernel has no Landlock")
+def test_doctor_reports_the_kernel_layer_this_machine_really_has(ws: Workspace) -> None:
+    lines = doctor(ws)
+    status = landlock.status()
+    assert line(lines, "landlock:").startswith(f"landlock: ABI {status['abi']}, enforced")
+    handled = line(lines, "filesystem rights handled:").split(":", 1)[1].split(", ")
+    assert [h.strip() for h in handled] == status["enforced"]
+    scopes = line(lines, "scopes:")
+    if status["abi"] >= 6:
+        assert "signal" in scopes and "abstract_unix_socket" in scopes
+    assert not any("gate-only" in x for x in lines)
+    assert line(lines, "gate:").startswith("gate: after every run")
+
+
+def test_doctor_reports_watcher_limits_git_and_the_team(ws: Workspace) -> None:
+    lines = doctor(ws)
+    assert line(lines, "watcher:")
+    for name in ("max_user_watches", "max_queued_events", "max_user_instances"):
+        proc = Path("/proc/sys/fs/inotify") / name
+        if proc.exists():
+            assert line(lines, f"inotify {name}:").split(":")[1].strip() == proc.read_text().strip()
+    version = subprocess.run(["git", "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    assert line(lines, "git:") == f"git: {version}"
+    assert line(lines, "team:").startswith("team: 3 agent(s)") and "orchestrator walt" in line(lines, "team:")
+    assert "WARNING: no-such-agent-program not found on PATH" in line(lines, "ghost:")
+    assert "WARNING" not in line(lines, "chip:")
+
+
+def test_without_landlock_the_gate_only_fallback_is_said_loudly(ws: Workspace, monkeypatch) -> None:
+    # A kernel without Landlock cannot be booted here; pretend the syscall reports none.
+    monkeypatch.setattr(landlock, "abi_version", lambda: 0)
+    lines = doctor(ws)
+    assert line(lines, "landlock:").startswith("landlock: NOT AVAILABLE — gate-only mode")
+    assert not any(x.strip().startswith("filesystem rights handled") for x in lines)
+    said: list[str] = []
+    with Supervisor(ws, log=said.append):
+        pass
+    assert any(x.startswith("WARNING: this kernel has no Landlock") and "doctor" in x for x in said), said
+
+
+def test_before_abi_6_doctor_says_signals_are_not_scoped(ws: Workspace, monkeypatch) -> None:
+    monkeypatch.setattr(landlock, "abi_version", lambda: 5)
+    lines = doctor(ws)
+    assert line(lines, "landlock:").startswith("landlock: ABI 5")
+    assert "signals are not scoped" in line(lines, "scopes:")
+    assert "ioctl_dev" in line(lines, "filesystem rights handled:")

@@ -1,0 +1,328 @@
+"""Fault injection: a full disk, hands in repos/ and state/, a dying watcher thread.
+
+Each fault is real: a size-limited tmpfs filled to the brim, `git commit` run by hand in a
+repository while the supervisor works in it, a state file edited with no supervisor running,
+watchdog's observer thread stopped behind the supervisor's back. After each: no order lost or
+done twice, the fault recorded where the user will look (`signals`, `audit verify`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import drop, order_md, sh
+
+from coordinator import signals
+from coordinator.audit import StateRepo
+from coordinator.repos import init_demo_repo
+from coordinator.store import Store
+from coordinator.supervisor import Supervisor
+from coordinator.verify import verify
+from coordinator.workspace import Workspace
+
+COORDINATOR = Path(sys.executable).with_name("coordinator")
+WAIT = 60.0
+
+
+def wait_until(cond: Callable[[], object], what: str, timeout: float = WAIT) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def git(path: Path, *args: str, **env: str) -> str:
+    return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, check=True,
+                          env={**os.environ, **env}).stdout
+
+
+def hand_commit(repo: Path, name: str) -> str:
+    """A commit made by a person (no work order) on the checked-out default branch."""
+    (repo / name).write_text(f"edited by hand: {name}\n")
+    git(repo, "add", name)
+    who = {"GIT_AUTHOR_NAME": "mallory", "GIT_AUTHOR_EMAIL": "m@example.invalid",
+           "GIT_COMMITTER_NAME": "mallory", "GIT_COMMITTER_EMAIL": "m@example.invalid"}
+    git(repo, "-c", "core.hooksPath=/dev/null", "commit", "-q", "-m", f"hand edit {name}", **who)
+    return git(repo, "rev-parse", "HEAD").strip()
+
+
+def silent_signals(ws: Workspace) -> list[signals.Signal]:
+    return [s for s in signals.load(ws.state) if s.kind == "silent"]
+
+
+def supervise_once(ws: Workspace) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(COORDINATOR), "-w", str(ws.root), "supervise", "--once"],
+                          capture_output=True, text=True, timeout=180)
+
+
+# -- 4. disk full while writing state ---------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs, unmounted afterwards; skipped only where mounting is impossible."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(mnt: Path, *, leave: int) -> Path:
+    """Fill the file system until `leave` bytes are free; the filler file."""
+    filler = mnt / "filler"
+    st = os.statvfs(mnt)
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+    return filler
+
+
+@pytest.mark.parametrize("leave_kib", [0, 8, 200])
+def test_disk_full_while_writing_state_loses_no_order(small_disk, leave_kib):
+    """30 orders, then the disk fills. The supervisor stops with one clear line; once space is
+    freed, a restart files every order exactly once and `audit verify` is clean."""
+    root = small_disk / "ws"
+    root.mkdir()
+    # chip comes first: an order whose recipient is forgotten must not end up with chip.
+    cfg = {"version": 1, "orchestrator": "walt",
+           "agents": {"chip": {"role": "specialist", "command": ["true"], "writes": ["webapp/src/**"]},
+                      "walt": {"role": "orchestrator", "sends_to": ["chip"]}}}
+    (root / "coordinator.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    ws = Workspace(root)
+    ws.ensure_layout()
+    StateRepo.ensure(ws.state)
+    init_demo_repo(ws.repos / "webapp")
+    assert supervise_once(ws).returncode == 0  # the workspace as a supervisor leaves it
+    names = [f"o{i}" for i in range(30)]
+    for oid in names:  # walt has no command: its orders stay queued
+        drop(ws, "walt", f"{oid}.md", order_md(f"Order {oid} is kept", id=oid))
+    filler = fill(small_disk, leave=leave_kib * 1024)
+
+    full = supervise_once(ws)
+
+    lines = [line for line in full.stderr.splitlines() if line.strip()]
+    if full.returncode != 0:
+        errors = [line for line in lines if line.startswith("coordinator:")]
+        assert len(errors) == 1 and "space" in errors[0].lower(), full.stderr
+        assert "Traceback" not in full.stderr
+    # Nothing is lost while the disk is full: each order is in the inbox, in intake or filed.
+    seen = [p.name for p in ws.inbox("walt").iterdir()]
+    seen += [p.name.split("-", 1)[1] for p in (ws.state / "intake").rglob("*") if p.is_file()]
+    seen += [f"{p.name}.md" for p in (ws.state / "orders").iterdir()] if (ws.state / "orders").is_dir() else []
+    assert sorted(seen) == sorted(f"{oid}.md" for oid in names)
+
+    filler.unlink()
+    again = supervise_once(ws)
+    assert again.returncode == 0, again.stderr
+
+    recs = Store(ws.state).load_all()
+    assert sorted(recs) == sorted(names)
+    assert {(r.to, r.status) for r in recs.values()} == {("walt", "queued")}
+    for oid in names:
+        assert len(list(Store(ws.state).folder(oid).glob("original.*"))) == 1
+    assert list(ws.inbox("walt").iterdir()) == []
+    findings = verify(ws)
+    assert findings == [], "\n".join(map(str, findings))
+
+
+# -- 5. hands in repos/ and state/ -------------------------------------------------------------
+GATED = sh('while [ ! -e "$PROBE/go.$COORD_ORDER_ID" ]; do sleep 0.05; done; '
+           'printf "x = 1\\n" > "src/$COORD_ORDER_ID.py"')
+
+
+def chip_team(make_ws: Callable[..., Workspace]) -> Workspace:
+    return make_ws({"chip": {"role": "specialist", "command": GATED, "writes": ["webapp/src/**"],
+                             "max_parallel": 2}})
+
+
+def step_until(sup: Supervisor, cond: Callable[[], object], what: str) -> None:
+    end = time.monotonic() + WAIT
+    while not cond():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        if not sup.step():
+            sup._wait(0.05)
+
+
+def test_a_commit_made_by_hand_while_an_order_runs_is_a_silent_signal(make_ws):
+    """Someone commits on webapp's main while g1 runs; g1 then merges on top of it. The hand
+    commit must not be absorbed into the supervisor's own history: it is signalled `silent`
+    and `audit verify` lists it; g1 still lands exactly once."""
+    ws = chip_team(make_ws)
+    webapp = ws.repos / "webapp"
+    drop(ws, "chip", "g1.md", order_md("Order g1 lands", id="g1", files=("webapp/src/g1.py",)))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: sup.records.get("g1") is not None and sup.records["g1"].status == "running",
+                   "g1 to run")
+        sha = hand_commit(webapp, "NOTES.md")
+        (ws.root.parent / "probe" / "go.g1").touch()
+        sup.run_once(limit=WAIT)
+        assert sup.records["g1"].status == "done"
+    with Supervisor(ws) as sup:  # a restart looks again
+        sup.run_once(limit=WAIT)
+    assert [s for s in silent_signals(ws) if "repos/webapp" in s.evidence], signals.load(ws.state)
+    findings = verify(ws)
+    assert [f.kind for f in findings] == ["repo-commit"], findings
+    assert sha[:10] in findings[0].where and "mallory" in findings[0].detail
+    trailers = git(webapp, "log", "--no-merges", "-F", "--grep=Work-Order: g1", "--format=%H", "main").split()
+    assert len(trailers) == 1
+
+
+def test_a_commit_made_by_hand_while_no_supervisor_runs_is_signalled_at_start(make_ws):
+    ws = chip_team(make_ws)
+    (ws.root.parent / "probe" / "go.a1").touch()
+    drop(ws, "chip", "a1.md", order_md("Order a1 lands", id="a1", files=("webapp/src/a1.py",)))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=WAIT)
+    assert verify(ws) == [] and silent_signals(ws) == []
+    sha = hand_commit(ws.repos / "webapp", "NOTES.md")
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=WAIT)
+    (sig,) = silent_signals(ws)
+    assert "repos/webapp" in sig.evidence and sha[:10] in sig.evidence
+    findings = verify(ws)
+    assert len(findings) == 1 and sha[:10] in findings[0].where
+    assert StateRepo(ws.state).dirty() == []  # the signal itself is committed
+
+
+def test_commits_racing_a_live_supervisor_lose_nothing(make_ws, tmp_path):
+    """A live `coordinator supervise` merges six orders while a person commits on main in a
+    tight loop in the same checkout. An order may fail its merge (and be blocked after
+    retries), but nothing is lost or misattributed: every kept change stays on main under
+    its agent's name, every hand commit stays on main holding only what the person wrote,
+    and `audit verify` lists exactly the hand commits."""
+    ws = chip_team(make_ws)
+    webapp = ws.repos / "webapp"
+    with Supervisor(ws):
+        pass  # the supervisor has seen webapp's main: from here on every hand commit counts
+    ids = [f"r{i}" for i in range(12)]
+    for oid in ids:
+        (ws.root.parent / "probe" / f"go.{oid}").touch()
+        drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} lands", id=oid, files=(f"webapp/src/{oid}.py",)))
+    log = open(tmp_path / "supervise.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([str(COORDINATOR), "-w", str(ws.root), "supervise"], stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    hand: dict[str, str] = {}  # sha -> the file its author added
+    try:
+        n = 0
+        while not all(_status(ws, oid) in ("done", "blocked") for oid in ids):
+            name = f"hand-{n}.txt"
+            with contextlib.suppress(subprocess.CalledProcessError):  # index.lock: the supervisor is in
+                hand[hand_commit(webapp, name)] = name
+            n += 1
+            assert n < 5000, "the orders never ended"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+    assert hand
+    recs = Store(ws.state).load_all()
+    for oid in ids:
+        rec = recs[oid]
+        if rec.status == "blocked":  # gave up merging against a moving branch: allowed
+            assert "merge" in rec.failures[-1], rec.failures
+            continue
+        mine = git(webapp, "log", "--no-merges", "-F", f"--grep=Work-Order: {oid}", "--format=%H %an", "main").split("\n")
+        assert [line.split()[1] for line in mine if line] == ["chip"], (oid, mine)
+        assert git(webapp, "show", f"main:src/{oid}.py") == "x = 1\n", f"{oid}'s kept change is gone from main"
+    for sha, name in hand.items():
+        assert subprocess.run(["git", "-C", str(webapp), "merge-base", "--is-ancestor", sha, "main"]).returncode == 0, \
+            f"hand commit {name} was dropped from main"
+        # Only hand files (an earlier failed commit may have left one staged), no agent's.
+        touched = git(webapp, "diff-tree", "--no-commit-id", "--name-only", "-r", sha).split()
+        assert name in touched and all(t.startswith("hand-") for t in touched), \
+            f"the hand commit {name} holds {touched}"
+    findings = verify(ws)
+    assert {f.where.split("@", 1)[1] for f in findings if f.kind == "repo-commit"} == {s[:10] for s in hand}
+    assert not [f for f in findings if f.kind != "repo-commit"], findings
+    assert [line for line in git(webapp, "status", "--porcelain").splitlines() if "hand-" not in line] == []
+
+
+def _status(ws: Workspace, oid: str) -> str | None:
+    with contextlib.suppress(Exception):
+        return Store(ws.state).load(oid).status
+    return None
+
+
+def test_a_hand_edit_of_state_is_restored_at_start_and_signalled(make_ws):
+    ws = make_ws({"walt": {"role": "orchestrator"}})
+    drop(ws, "walt", "h.md", order_md("Order h is queued", id="h"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=WAIT)
+    record = Store(ws.state).record_path("h")
+    honest = record.read_text()
+    forged = json.loads(honest)
+    forged["status"] = "done"
+    record.write_text(json.dumps(forged))
+    (ws.state / "orders" / "forged").mkdir()
+    (ws.state / "orders" / "forged" / "record.json").write_text(json.dumps({**forged, "id": "forged"}))
+    said: list[str] = []
+    with Supervisor(ws, log=said.append) as sup:
+        assert sup.records["h"].status == "queued"
+        assert "forged" not in sup.records
+        sup.run_once(limit=WAIT)
+    assert record.read_text() == honest
+    assert not (ws.state / "orders" / "forged").exists()
+    (sig,) = silent_signals(ws)
+    assert "orders/h/record.json" in sig.evidence and "orders/forged/record.json" in sig.evidence
+    assert any("signal silent" in line for line in said)
+    assert verify(ws) == []
+
+
+# -- 6. the watcher thread dies ---------------------------------------------------------------
+def test_files_are_still_processed_after_the_watcher_thread_dies(make_ws):
+    """watchdog's observer is stopped behind the supervisor's back while `run()` is live; the
+    supervisor restarts it and files dropped meanwhile are filed all the same."""
+    ws = make_ws({"walt": {"role": "orchestrator"}})
+    sup = Supervisor(ws)
+    sup.open()
+    stops = [0]
+    crashed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            sup.run(should_stop=lambda: stops[0])
+        except BaseException as e:
+            crashed.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        drop(ws, "walt", "before.md", order_md("Filed before the watcher died", id="before"))
+        wait_until(lambda: Store(ws.state).exists("before"), "the first file to be filed")
+        observer = sup.watcher.observer
+        assert observer is not None
+        observer.stop()
+        observer.join(10)
+        assert not observer.is_alive()
+        names = [f"after{i}" for i in range(5)]
+        for oid in names:
+            drop(ws, "walt", f"{oid}.md", order_md(f"Filed after the watcher died {oid}", id=oid))
+        wait_until(lambda: all((Store(ws.state).folder(o) / "record.json").exists() for o in names),
+                   "files dropped after the watcher died to be filed", timeout=30)
+        assert sup.watcher.restarts >= 1
+        assert sup.watcher.observer is not None and sup.watcher.observer.is_alive()
+    finally:
+        stops[0] = 1
+        thread.join(WAIT)
+        sup.close()
+    assert not crashed, crashed
+    recs = Store(ws.state).load_all()
+    assert sorted(recs) == sorted(["before", *names])
+    assert {r.status for r in recs.values()} == {"queued"}
+    assert os.listdir(ws.inbox("walt")) == []
+    assert verify(ws) == []
