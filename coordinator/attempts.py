@@ -9,6 +9,7 @@ status change through `Supervisor.move`.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import threading
@@ -93,7 +94,7 @@ class AttemptRunner:
                 act.repo = self.repo(attempt.repo)
                 act.repo.add_worktree(rec.id, attempt.workdir)
                 act.before = gate.snapshot(attempt.workdir)
-            act.rules = runner.ruleset(agent, order, attempt)
+            act.rules = runner.ruleset(agent, order, attempt, self.ws)
         except CoordinatorError as e:
             rec.attempts = number
             self._cleanup(act)
@@ -180,15 +181,20 @@ class AttemptRunner:
         if act.cancelled:
             return self._end_cancelled(act)
         tail = runner.tail(act.attempt.log, OUTPUT_TAIL)
+        if self._judge(act) is False:
+            return None  # denied, whatever else went wrong: a probe of the boundary is never just a failure
         if act.agent.is_orchestrator:
-            self._artifact_attempts(act, tail)
+            self._artifact_attempts(act, tail)  # writes the kernel refused outside its copy
         if act.timed_out:
             return self.fail(act, f"timed out after {_fmt(act.deadline - act.started)}; last output: "
                                   f"{tail[-400:] or '(none)'}")
         result = None
-        if act.attempt.result.exists():
+        raw = runner.read_untrusted(act.attempt.result, results.MAX_RESULT_BYTES)
+        if raw is None and os.path.lexists(act.attempt.result):
+            return self.fail(act, "invalid result file: result.yaml is not a regular file")
+        if raw is not None:
             try:
-                result = results.parse_result(act.attempt.result.read_bytes(), path="result.yaml")
+                result = results.parse_result(raw, path="result.yaml")
             except CoordinatorError as e:
                 return self.fail(act, f"invalid result file: {e}")
         if result is None:
@@ -204,13 +210,8 @@ class AttemptRunner:
         if problem:
             return self.fail(act, problem)
         act.result = result
-        if act.repo is not None and act.before is not None:
-            changes = gate.diff(act.before, gate.snapshot(act.attempt.workdir))
-            verdict = gate.judge(changes, repo=act.repo.name, files=act.order.files,
-                                 writes=act.agent.writes)
-            act.verdict = verdict
-            if not verdict.allowed:
-                return self._deny(act, verdict)
+        if self._judge(act) is False:
+            return None
         self._deliver_outbox(act)
         if result.outcome != "done":
             return self._end_outcome(act, result)
@@ -267,7 +268,7 @@ class AttemptRunner:
 
     def _start_check(self, act: Active) -> None:
         command = act.checks[act.check_index]
-        log = act.attempt.folder / f"check-{act.check_index}.log"
+        log = act.attempt.check_log(act.check_index)
         try:
             self.sup.spawner.spawn(SpawnRequest(
                 argv=("/bin/sh", "-c", command), env=runner.environment(act.agent, act.attempt, self.ws),
@@ -285,7 +286,7 @@ class AttemptRunner:
         if act.cancelled:
             return self._end_cancelled(act)
         command = act.checks[act.check_index]
-        log = act.attempt.folder / f"check-{act.check_index}.log"
+        log = act.attempt.check_log(act.check_index)
         if act.timed_out:
             return self.fail(act, f"check `{command}` timed out; output: {runner.tail(log, 400)}")
         if code != 0:
@@ -342,6 +343,21 @@ class AttemptRunner:
                 sup.move(rec, "queued", audit.SUPERVISOR, note=f"{rec.blocker} is already done")
         else:
             self.block(rec, f"{act.agent.name} reported blocked: {result.summary}", actor=act.agent.name)
+
+    def _judge(self, act: Active) -> bool | None:
+        """Run the gate once per attempt; False when the change was denied (and the order ended)."""
+        if act.verdict is not None:
+            return act.verdict.allowed
+        if act.repo is None or act.before is None:
+            return None
+        changes = gate.diff(act.before, gate.snapshot(act.attempt.workdir))
+        # The orchestrator never changes files: everything it did in its copy is denied.
+        writes = () if act.agent.is_orchestrator else act.agent.writes
+        act.verdict = gate.judge(changes, repo=act.repo.name, files=act.order.files, writes=writes)
+        if not act.verdict.allowed:
+            self._deny(act, act.verdict)
+            return False
+        return True
 
     def _artifact_attempts(self, act: Active, tail: str) -> None:
         """The orchestrator tried to write (the kernel refused): seed 001's first fire-able signal."""
@@ -401,8 +417,14 @@ class AttemptRunner:
     def _deliver_outbox(self, act: Active) -> None:
         """Work orders the specialist wrote into $COORD_OUTBOX, stamped with its name."""
         box = act.attempt.outbox
-        for path in sorted(box.rglob("*")):
-            if not path.is_file() or path.is_symlink() or path.name.startswith("."):
+        if box.is_symlink() or not box.is_dir():
+            return  # replaced by a link: nothing is taken from wherever it points
+        found: list[Path] = []
+        for folder, dirs, names in os.walk(box, followlinks=False):
+            dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
+            found += [Path(folder) / n for n in names]
+        for path in sorted(found):
+            if path.is_symlink() or not path.is_file() or path.name.startswith("."):
                 continue
             to = path.parent.name if path.parent != box else _to_of(path)
             if to not in self.sup.config.agents:
@@ -487,9 +509,12 @@ def investigation(rec: Record, target: str, reason: str) -> WorkOrder:
 
 
 def _to_of(path: Path) -> str | None:
+    data = runner.read_untrusted(path, orders.MAX_ORDER_BYTES)
+    if data is None:
+        return None
     try:
-        return orders.parse(path.read_bytes()[: orders.MAX_ORDER_BYTES + 1], path=path.name).to or None
-    except (OrderError, OSError):
+        return orders.parse(data, path=path.name).to or None
+    except OrderError:
         return None
 
 

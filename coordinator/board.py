@@ -12,6 +12,7 @@ import shutil
 from typing import Any
 
 from . import budget, signals
+from .errors import NotFoundError, UsageError
 from .store import STATUSES, Record, Store
 from .workspace import Workspace
 
@@ -38,6 +39,10 @@ def render(ws: Workspace, *, colour: bool = False, width: int | None = None) -> 
     for r in recs:
         by_status.setdefault(r.status, []).append(r)
     width = width or shutil.get_terminal_size((120, 40)).columns
+    # Columns as wide as the longest id and agent name (within reason), so rows line up.
+    id_w = min(max((len(r.id) for r in recs), default=7), 24)
+    to_w = min(max((len(r.to) for r in recs), default=4), 16)
+    from_w = min(max((len(r.sender) for r in recs), default=4), 16)
     lines: list[str] = []
     summary = "  ".join(f"{s} {len(by_status[s])}" for s in STATUSES if by_status[s])
     lines.append(f"{len(recs)} order(s): {summary or 'none yet — drop a work order into inbox/<agent>/'}")
@@ -61,7 +66,7 @@ def render(ws: Workspace, *, colour: bool = False, width: int | None = None) -> 
         for r in shown:
             flag = " [stale]" if r.stale else ""
             attempts = f" x{r.attempts}" if r.attempts > 1 else ""
-            head = f"  {r.id:<12} {r.to:<10} {r.sender:>8} → "
+            head = f"  {r.id:<{id_w}}  {r.to:<{to_w}}  {r.sender:>{from_w}} → "
             room = max(10, width - len(head) - len(flag) - len(attempts) - 1)
             obj = r.objective if len(r.objective) <= room else r.objective[: room - 1] + "…"
             text = f"{head}{obj}{attempts}{flag}"
@@ -81,6 +86,27 @@ def _budget_line(ws: Workspace) -> str:
             f"{ledger.mode(b.bands)}, generation {ledger.generation}")
 
 
+def budget_data(ws: Workspace) -> dict[str, Any]:
+    """The `budget --json` document of SPEC §10: agent, hot_tokens, ceiling, mode, generation, items."""
+    cfg = ws.config
+    if not cfg.orchestrator:
+        raise UsageError("this team has no orchestrator; set `orchestrator:` in coordinator.yaml")
+    ledger = budget.Ledger.load(ws.state)
+    return ledger.as_json(agent=cfg.orchestrator, ceiling=cfg.budget.ceiling, bands=cfg.budget.bands)
+
+
+def render_budget(data: dict[str, Any], *, bands: tuple[int, int, int], gauge: bool = False) -> str:
+    """`coordinator budget`: the totals, a gauge on a terminal, then the items, largest first."""
+    lines = [f"{data['agent']}: {data['hot_tokens']:,} / {data['ceiling']:,} hot tokens, mode {data['mode']}, "
+             f"generation {data['generation']}"]
+    if gauge:
+        lines.append(budget.gauge(data["hot_tokens"], data["ceiling"], bands))
+    for item in data["items"]:
+        note = f"  {item['note']}" if item.get("note") else ""
+        lines.append(f"  {item['tokens']:>7,}  {item['kind']:<9} {item['status']:<10} {item['ref']}{note}")
+    return "\n".join(lines)
+
+
 def show(ws: Workspace, order_id: str) -> dict[str, Any]:
     """One order: fields, status, attempts, report, history (`show ID --json`)."""
     from . import audit
@@ -90,7 +116,7 @@ def show(ws: Workspace, order_id: str) -> dict[str, Any]:
     out: dict[str, Any] = rec.board_row()
     try:
         out["order"] = store.load_order(order_id).to_dict()
-    except Exception:  # a rejected order has no normalized form
+    except (NotFoundError, OSError, ValueError, KeyError):  # a rejected order has no normalized form
         out["order"] = None
     out["report"] = rec.report
     out["errors"] = rec.errors

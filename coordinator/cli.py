@@ -1,23 +1,89 @@
 """The command line: parse, open the workspace, call one library function, print.
 
 Exit codes: 0 success, 1 the thing asked about is wrong, 2 usage or environment.
-Errors are one line on stderr, never a traceback.
+Errors are one line on stderr, never a traceback (`COORDINATOR_DEBUG=1` shows one).
+The handling lives in `CoordinatorGroup.main`, so `CliRunner` tests see exactly
+what a user sees.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
 from . import __version__
-from .errors import CoordinatorError, OrderError, UsageError
+from .config import CONFIG_NAME
+from .errors import CoordinatorError, OrderError
 from .workspace import Workspace
+
+DEBUG_VAR = "COORDINATOR_DEBUG"  # set it to see the traceback of an internal error
+EXIT_INTERNAL = 70               # EX_SOFTWARE: a bug, not something the user did
+EXIT_INTERRUPTED = 130
+
+
+class CoordinatorGroup(click.Group):
+    """The top-level group: every error becomes one line on stderr and an exit code."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> NoReturn:
+        def invoke() -> Any:
+            return super(CoordinatorGroup, self).main(args, prog_name or "coordinator", complete_var,
+                                                      standalone_mode=False, **extra)
+
+        sys.exit(_guarded(invoke))
+
+
+def _guarded(invoke: Callable[[], Any]) -> int:
+    """Run the command; turn whatever it raises into (one line on stderr, exit code)."""
+    try:
+        rv = invoke()
+        return rv if isinstance(rv, int) else 0  # an int only from click's own Exit (help, version)
+    except click.exceptions.NoArgsIsHelpError as e:
+        click.echo(e.format_message(), err=True)  # a group with no command: its help
+        return 2
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        return EXIT_INTERRUPTED
+    except click.UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else "coordinator"
+        text = e.format_message()
+        text = text if text.endswith((".", "?")) else text + "."
+        click.echo(f"{where}: {text} See `{where} -h`.", err=True)
+        return 2
+    except click.ClickException as e:
+        click.echo(f"coordinator: {e.format_message()}", err=True)
+        return 2
+    except OrderError as e:  # every broken rule, one line each: file:line: field: what to do
+        for p in e.problems:
+            click.echo(str(p), err=True)
+        return e.exit_code
+    except CoordinatorError as e:
+        click.echo(f"coordinator: {e}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`coordinator log | head`): stop quietly, and keep the
+        # interpreter from complaining when it flushes stdout on the way out.
+        with contextlib.suppress(OSError, ValueError):  # no real stdout (an embedding caller)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:  # last resort: still one line, never a traceback
+        if os.environ.get(DEBUG_VAR):
+            raise
+        click.echo(f"coordinator: internal error: {type(e).__name__}: {e} (please report this; "
+                   f"{DEBUG_VAR}=1 shows where)", err=True)
+        return EXIT_INTERNAL
 
 
 class Context:
@@ -40,7 +106,8 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group("coordinator", cls=CoordinatorGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-w", "--workspace", metavar="DIR", help="Workspace folder (default: $COORDINATOR_WORKSPACE, "
               "else the nearest folder upward with coordinator.yaml).")
 @click.version_option(__version__, "--version", prog_name="coordinator")
@@ -68,9 +135,13 @@ def init(directory: str, force: bool) -> None:
     \b
     Example:
         coordinator init myteam
+        coordinator init myteam --force     # start over with the example config
     """
     from .workspace import init as do_init
 
+    existing = Path(directory).expanduser() / CONFIG_NAME
+    if existing.exists() and not force:  # the thing asked about is wrong (SPEC §1): exit 1
+        raise CoordinatorError(f"{existing} already exists; pass --force to overwrite it")
     ws, lines = do_init(Path(directory), force=force)
     for line in lines:
         click.echo(line)
@@ -79,7 +150,8 @@ def init(directory: str, force: bool) -> None:
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--to", "to", metavar="AGENT", help="Recipient (default: the inbox folder the file is in).")
+@click.option("--to", "to", metavar="AGENT", help="Recipient (default: the inbox folder the file is in, "
+              "else the file's `to:`).")
 @click.option("--from", "sender", metavar="AGENT", help="Sender (default: the file's `from`, else user).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document with every file's result.")
 @pass_ctx
@@ -89,13 +161,14 @@ def validate(c: Context, files: tuple[str, ...], to: str | None, sender: str | N
     \b
     Example:
         coordinator validate inbox/chip/fix.md
-        coordinator validate draft.yaml --to chip --json
+        coordinator validate draft.yaml other.md --to chip --json
     """
     from . import sending
 
     report = sending.validate_files(c.ws, [Path(f) for f in files], to=to, sender=sender)
+    valid = all(r["valid"] for r in report)
     if as_json:
-        emit_json({"valid": all(r["valid"] for r in report), "files": report})
+        emit_json({"valid": valid, "files": report})
     else:
         for r in report:
             if r["valid"]:
@@ -103,17 +176,20 @@ def validate(c: Context, files: tuple[str, ...], to: str | None, sender: str | N
             else:
                 for p in r["problems"]:
                     click.echo(p["text"], err=True)
-    if not all(r["valid"] for r in report):
-        sys.exit(1)
+    if not valid:
+        raise click.exceptions.Exit(1)
 
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
-@click.option("--to", "to", required=True, metavar="AGENT", help="Recipient agent.")
+@click.option("--to", "to", metavar="AGENT", help="Recipient agent (default: the inbox folder the file "
+              "is in, else the file's `to:`).")
 @click.option("--from", "sender", metavar="AGENT", help="Sender (default: the file's `from`, else user).")
 @pass_ctx
-def send(c: Context, file: str, to: str, sender: str | None) -> None:
+def send(c: Context, file: str, to: str | None, sender: str | None) -> None:
     """Validate a work order, then drop it atomically into the agent's inbox; prints its id.
+
+    `-` reads the order from stdin (Markdown, YAML or JSON; the format is recognized).
 
     \b
     Example:
@@ -122,29 +198,30 @@ def send(c: Context, file: str, to: str, sender: str | None) -> None:
     """
     from . import sending
 
-    data = sys.stdin.buffer.read() if file == "-" else _read(Path(file))
-    name = "stdin.md" if file == "-" else Path(file).name
-    if file == "-" and data.lstrip()[:1] in (b"{",):
-        name = "stdin.json"
-    elif file == "-" and not data.lstrip().startswith((b"---", b"**", b"#")):
-        name = "stdin.yaml"
-    click.echo(sending.send(c.ws, data, name=name, to=to, sender=sender))
+    if file == "-":
+        data = sending.read_stream(sys.stdin.buffer)
+        order_id = sending.send(c.ws, data, name=sending.STDIN, to=to, sender=sender, kind=sending.sniff(data))
+    else:
+        path = Path(file)
+        shown = c.ws.rel(path)
+        data = sending.read_file(path, shown=shown)
+        order_id = sending.send(c.ws, data, name=shown, to=to or c.ws.agent_of_inbox(path), sender=sender)
+    click.echo(order_id)
 
 
 @cli.command()
 @click.option("--to", "to", required=True, metavar="AGENT", help="Recipient agent.")
 @pass_ctx
 def new(c: Context, to: str) -> None:
-    """Print a work-order template to fill in.
+    """Print a work-order template to fill in; it validates once every <…> is replaced.
 
     \b
     Example:
         coordinator new --to chip > fix.md
+        $EDITOR fix.md && coordinator send fix.md
     """
     from . import orders
 
-    if to not in c.ws.config.agents:
-        raise UsageError(f"unknown agent {to!r}; agents: {', '.join(c.ws.config.agents)}")
     click.echo(orders.template(to, c.ws.config), nl=False)
 
 
@@ -173,15 +250,38 @@ def supervise(c: Context, once: bool, poll: bool, grace: float) -> None:
     def on_signal(signum: int, frame: object) -> None:
         received[0] += 1  # handlers only set a flag; the loop acts on it
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    with Supervisor(c.ws, poll=poll, log=log, stop_grace=grace) as sup:
-        if once:
-            sup.run_once()
-            log("done: nothing runnable left")
-        else:
-            log(f"supervising {c.ws.root} ({len(c.ws.config.agents)} agents); Ctrl-C to stop")
-            sup.run(should_stop=lambda: received[0])
+    before = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    lines = _LogLines(log)
+    logging.getLogger().addHandler(lines)
+    try:
+        with Supervisor(c.ws, poll=poll, log=log, stop_grace=grace) as sup:
+            if once:
+                sup.run_once()
+                log("done: nothing runnable left")
+            else:
+                log(f"supervising {c.ws.root} ({len(c.ws.config.agents)} agents); Ctrl-C to stop")
+                sup.run(should_stop=lambda: received[0])
+    finally:  # an in-process caller (a test, an embedding program) gets its handlers back
+        logging.getLogger().removeHandler(lines)
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+class _LogLines(logging.Handler):
+    """Library warnings (LLM retries, inotify overflow) as supervisor log lines, not bare text."""
+
+    # watchdog logs this when its reader thread sees the inotify fd closed at shutdown: harmless.
+    NOISE = ("called when the thread is inactive",)
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.say = say
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.name.startswith("watchdog") and any(n in text for n in self.NOISE):
+            return
+        self.say(f"{record.levelname.lower()}: {text}")
 
 
 @cli.command()
@@ -226,8 +326,10 @@ def show(c: Context, order_id: str, as_json: bool) -> None:
         coordinator show WO-0001
     """
     from . import board as b
+    from .sending import explain_missing
 
-    data = b.show(c.ws, order_id)
+    with explain_missing(c.ws, order_id):
+        data = b.show(c.ws, order_id)
     if as_json:
         emit_json(data)
     else:
@@ -246,10 +348,16 @@ def log(c: Context, order_id: str | None, as_json: bool) -> None:
         coordinator log WO-0001
     """
     from .audit import StateRepo
+    from .sending import explain_missing
     from .store import Store
 
     if order_id:
-        Store(c.ws.state).load(order_id)  # unknown id: exit 1
+        with explain_missing(c.ws, order_id):
+            Store(c.ws.state).load(order_id)  # unknown id: exit 1
+    if not (c.ws.state / ".git").exists():
+        click.echo("no history yet: state/ is made by `coordinator init` or the first `coordinator supervise`",
+                   err=True)
+        return
     entries = StateRepo(c.ws.state).entries(order_id)
     if as_json:
         emit_json([e.as_json() for e in entries])
@@ -269,8 +377,10 @@ def cancel(c: Context, order_id: str) -> None:
         coordinator cancel WO-0007
     """
     from . import control
+    from .sending import explain_missing
 
-    r = control.submit(c.ws, "cancel", {"id": order_id})
+    with explain_missing(c.ws, order_id):
+        r = control.submit(c.ws, "cancel", {"id": order_id})
     click.echo(f"{r['id']}: {r['status']}")
 
 
@@ -285,8 +395,10 @@ def retry(c: Context, order_id: str) -> None:
         coordinator retry WO-0007
     """
     from . import control
+    from .sending import explain_missing
 
-    r = control.submit(c.ws, "retry", {"id": order_id})
+    with explain_missing(c.ws, order_id):
+        r = control.submit(c.ws, "retry", {"id": order_id})
     click.echo(f"{r['id']}: {r['status']}")
 
 
@@ -304,28 +416,18 @@ def budget(ctx: click.Context, as_json: bool) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    from . import budget as b
+    from . import board as b
 
-    ws = ctx.find_object(Context).ws
-    cfg = ws.config
-    if not cfg.orchestrator:
-        raise UsageError("this team has no orchestrator; set `orchestrator:` in coordinator.yaml")
-    ledger = b.Ledger.load(ws.state)
-    data = ledger.as_json(agent=cfg.orchestrator, ceiling=cfg.budget.ceiling, bands=cfg.budget.bands)
+    ws = ctx.ensure_object(Context).ws
+    data = b.budget_data(ws)
     if as_json:
         emit_json(data)
-        return
-    click.echo(f"{data['agent']}: {data['hot_tokens']:,} / {data['ceiling']:,} hot tokens, mode {data['mode']}, "
-               f"generation {data['generation']}")
-    if sys.stdout.isatty():
-        click.echo(b.gauge(data["hot_tokens"], data["ceiling"], cfg.budget.bands))
-    for item in data["items"]:
-        note = f"  {item['note']}" if item.get("note") else ""
-        click.echo(f"  {item['tokens']:>7,}  {item['kind']:<9} {item['status']:<10} {item['ref']}{note}")
+    else:
+        click.echo(b.render_budget(data, bands=ws.config.budget.bands, gauge=sys.stdout.isatty()))
 
 
 @budget.command("add")
-@click.argument("tokens", type=int)
+@click.argument("tokens", type=click.IntRange(min=1))
 @click.option("--note", default="", help="What the tokens were (a file read, a chat).")
 @pass_ctx
 def budget_add(c: Context, tokens: int, note: str) -> None:
@@ -376,12 +478,17 @@ def signals_cmd(c: Context, as_json: bool) -> None:
     if as_json:
         emit_json(s.as_json(found))
     else:
-        click.echo(s.render(found))
+        click.echo(s.render(found), nl=False)
 
 
 @cli.group()
 def audit() -> None:
-    """The audit trail (see `audit verify`)."""
+    """The audit trail: `git log` in state/ and repos/, checked by `audit verify`.
+
+    \b
+    Example:
+        coordinator audit verify || echo "something changed without a work order"
+    """
 
 
 @audit.command("verify")
@@ -461,49 +568,18 @@ def gc(c: Context, days: float) -> None:
 @cli.command("demo-intro", hidden=True)
 @pass_ctx
 def demo_intro(c: Context) -> None:
-    """Printed by `make run` before the supervisor starts."""
+    """Set up the embedded demo and say how to drive it (`make run` prints this first).
+
+    \b
+    Example:
+        coordinator -w . demo-intro && coordinator -w . supervise
+    """
     from . import sending
 
     for line in sending.demo_intro(c.ws):
         click.echo(line)
 
 
-def _read(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(2 * 1024 * 1024)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a folder, not a work order") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read: {e.strerror}") from None
-
-
 def main(argv: list[str] | None = None) -> NoReturn:
-    """Entry point: one clean line and an exit code for every error."""
-    try:
-        cli.main(args=argv, prog_name="coordinator", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        click.echo(f"coordinator: {e.format_message()}", err=True)
-        sys.exit(2 if e.exit_code != 1 else 2)
-    except OrderError as e:
-        for p in e.problems:
-            click.echo(str(p), err=True)
-        sys.exit(e.exit_code)
-    except CoordinatorError as e:
-        click.echo(f"coordinator: {e}", err=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except BrokenPipeError:
-        sys.exit(0)
-    except Exception as e:  # last resort: still one line, never a traceback
-        click.echo(f"coordinator: internal error: {type(e).__name__}: {e} (please report this)", err=True)
-        sys.exit(70)
-    sys.exit(0)
+    """Entry point of the `coordinator` script: one clean line and an exit code for every error."""
+    cli.main(args=argv, prog_name="coordinator")

@@ -256,7 +256,10 @@ class _Server:
                 raise CoordinatorError(f"attempt {token} is still running; kill_tree it first")
             self._forget(old)
         try:
-            log_fd = os.open(msg["log_path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            # Never through a link: a log path is not to be aimed at another file.
+            log_fd = os.open(msg["log_path"],
+                             os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                             0o644)
         except OSError as e:
             raise CoordinatorError(f"cannot open log {msg['log_path']}: {e.strerror}") from None
         try:
@@ -392,7 +395,12 @@ class _Server:
         owners = self._tree()
         for job in list(self.kills):
             job.fresh = False
-            procs = [p for ps in owners.values() for p in ps] if job.token is None else owners.get(job.token, [])
+            if job.token is None:
+                procs = [p for ps in owners.values() for p in ps]
+            else:
+                # A process nothing can attribute (it escaped and hid its mark) is killed with
+                # every attempt that is killed: no attempt is judged while it may still write.
+                procs = owners.get(job.token, []) + owners.get(None, [])
             live = [p for p in procs if not p.zombie]
             if not procs:
                 self.kills.remove(job)

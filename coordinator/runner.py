@@ -6,9 +6,13 @@
         result.yaml   written by the specialist    ({result}, $COORD_RESULT)
         outbox/       new work orders from the specialist ($COORD_OUTBOX)
         scratch/      the current folder of an order with no files
-        output.log    stdout and stderr, capped
         heartbeat     touch it to say "still working" ($COORD_HEARTBEAT)
+    .coordinator/logs/<id>/<n>/      output.log and check-<i>.log: stdout and stderr, capped
     .coordinator/work/<id>/<repo>/   the working copy (a git worktree on wo/<id>)
+
+The attempt folder is writable by the specialist; everything the supervisor or the
+fork server writes or reads with trust (logs) lives outside it, and what it must read
+from it (result, outbox) is read without following links and with a size cap.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from . import orders, paths
 from .config import Agent
+from .errors import SandboxError
 from .landlock import Ruleset
 from .orders import WorkOrder
 from .workspace import Workspace
@@ -63,8 +68,15 @@ class Attempt:
         return self.folder / "scratch"
 
     @property
+    def logs(self) -> Path:
+        return self.folder.parent.parent.parent / "logs" / self.order_id / str(self.number)
+
+    @property
     def log(self) -> Path:
-        return self.folder / "output.log"
+        return self.logs / "output.log"
+
+    def check_log(self, index: int) -> Path:
+        return self.logs / f"check-{index}.log"
 
     @property
     def heartbeat(self) -> Path:
@@ -89,6 +101,10 @@ def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -
     folder = attempt_folder(ws, order.id, number)
     if folder.exists():
         shutil.rmtree(folder)
+    logs = ws.runtime / "logs" / order.id / str(number)
+    if logs.exists():
+        shutil.rmtree(logs)
+    logs.mkdir(parents=True)
     (folder / "outbox").mkdir(parents=True)
     (folder / "scratch").mkdir()
     (folder / "tmp").mkdir()
@@ -160,16 +176,39 @@ def environment(agent: Agent, attempt: Attempt, ws: Workspace) -> dict[str, str]
     return env
 
 
-def ruleset(agent: Agent, order: WorkOrder, attempt: Attempt) -> Ruleset:
+def protected(ws: Workspace) -> list[Path]:
+    """What no sandbox grant may cover: the team's config, state, inboxes, repositories, runtime, home."""
+    found = [ws.config_path, ws.state, ws.inbox_root, ws.repos, ws.runtime, Path.home()]
+    return [p.resolve() for p in found]
+
+
+def check_writable(agent: Agent, ws: Workspace) -> None:
+    """Refuse a `sandbox.writable` entry that would expose a protected path (fail closed)."""
+    guarded = protected(ws)
+    for i, entry in enumerate(agent.sandbox_writable):
+        w = Path(entry).resolve()
+        for p in guarded:
+            if w == p or p.is_relative_to(w) or (w.is_relative_to(p) and p != Path.home().resolve()):
+                raise SandboxError(
+                    f"agents.{agent.name}.sandbox.writable.{i}: {entry} would make {p} writable; "
+                    "grant a narrower folder outside the workspace and not your whole home")
+
+
+def ruleset(agent: Agent, order: WorkOrder, attempt: Attempt, ws: Workspace | None = None) -> Ruleset:
     """Write access only beneath the narrowest folders the order's files ∩ the agent's writes need.
 
     Landlock grants on existing inodes and cannot carve a read-only hole in a
     writable tree, so each grant is the deepest existing folder of a `files`
     entry that the agent's `writes` also cover; the gate then checks every path.
     """
+    if ws is not None:
+        check_writable(agent, ws)
     writable: set[str] = {str(attempt.folder)}
     writable.update(agent.sandbox_writable)
-    if attempt.repo is not None:
+    if attempt.repo is not None and agent.is_orchestrator:
+        # Its copy is a throw-away: let it write there so the gate sees (and denies) every try.
+        writable.add(str(attempt.workdir))
+    elif attempt.repo is not None:
         for entry in order.files:
             if not paths.covered(entry, agent.writes) and not any(
                     paths.matches(w, entry) for w in agent.writes):
@@ -189,6 +228,31 @@ def _deepest_existing(target: Path, root: Path) -> Path:
     while probe != root and not probe.is_dir():
         probe = probe.parent
     return probe
+
+
+def read_untrusted(path: Path, limit: int) -> bytes | None:
+    """A regular file the specialist could have tampered with: never through a link, never a fifo,
+    at most `limit` + 1 bytes. None when it is absent or not a regular file."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks: list[bytes] = []
+        left = limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def tail(path: Path, limit: int = TAIL_BYTES) -> str:

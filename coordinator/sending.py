@@ -3,6 +3,15 @@
 `send` validates against the team and the workspace's history, reserves an id
 when the order has none, and drops the file atomically: a dot-file in the inbox,
 fsync, rename, fsync the folder. An invalid order writes nothing.
+
+Who an order is for: `--to`, else the inbox folder the file sits in, else the
+file's own `to:` (so `coordinator new --to chip > fix.md` then
+`coordinator send fix.md` works).
+
+Example:
+    >>> order_id = send(ws, Path("fix.md").read_bytes(), name="fix.md", to="chip", sender=None)
+    >>> order_id
+    'WO-0007'
 """
 
 from __future__ import annotations
@@ -10,16 +19,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from . import durable, orders
-from .errors import OrderError, UsageError
+from .errors import NotFoundError, OrderError, Problem, UsageError
 from .store import History, Store
+from .watcher import is_candidate
 from .workspace import Workspace
 
-RESERVED = "ids"
+RESERVED = "ids"  # .coordinator/ids/: id reservations shared with the supervisor's intake
+STDIN = "<stdin>"
+SUFFIXES = {"markdown": ".md", "yaml": ".yaml", "json": ".json"}
+# A Markdown order shows itself by a bold label (`**Objective:**`) or a section heading;
+# YAML and JSON never have either, so this tells the three apart on stdin.
+_MD_LABEL = re.compile(r"^ {0,3}(?:\*\*[^*\n]{1,60}?(?::\*\*|\*\*[ \t]*:)|#{1,6}[ \t]+"
+                       r"(?:objective|acceptance|files|branching)\b)", re.IGNORECASE | re.MULTILINE)
 
 
 def history(ws: Workspace) -> History:
@@ -28,7 +46,7 @@ def history(ws: Workspace) -> History:
 
 
 def validate_files(ws: Workspace, files: list[Path], *, to: str | None, sender: str | None) -> list[dict[str, Any]]:
-    """Each file's verdict: valid, recipient, number of checks, problems."""
+    """Each file's verdict: {file, to, valid, checks, problems[, id]}; never raises for a bad file."""
     hist = history(ws)
     report: list[dict[str, Any]] = []
     for path in files:
@@ -36,11 +54,9 @@ def validate_files(ws: Workspace, files: list[Path], *, to: str | None, sender: 
         recipient = to or ws.agent_of_inbox(path)
         entry: dict[str, Any] = {"file": shown, "to": recipient, "valid": False, "checks": 0, "problems": []}
         try:
-            if recipient is None:
-                raise UsageError(f"{shown}: not in an inbox folder; say who it is for with --to AGENT")
-            data = _read(path)
+            data = read_file(path, shown=shown)
             order = orders.load(data, path=shown, to=recipient, config=ws.config, history=hist, sender=sender)
-            entry.update(valid=True, checks=len(order.checks), id=order.id)
+            entry.update(to=order.to, valid=True, checks=len(order.checks), id=order.id)
         except OrderError as e:
             entry["problems"] = [p.as_dict() | {"text": str(p)} for p in e.problems]
         except UsageError as e:
@@ -49,26 +65,73 @@ def validate_files(ws: Workspace, files: list[Path], *, to: str | None, sender: 
     return report
 
 
-def send(ws: Workspace, data: bytes, *, name: str, to: str, sender: str | None) -> str:
-    """Validate, then drop atomically into `inbox/<to>/`; returns the order's id."""
+def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str | None,
+         kind: str | None = None) -> str:
+    """Validate, then drop atomically into `inbox/<to>/` as `<id><suffix>`; returns the order's id.
+
+    `name` is what messages call the file (its suffix picks the format unless `kind` is given);
+    `to` None means the file's own `to:`. Raises OrderError (nothing written) when invalid.
+    """
     cfg = ws.config
-    if to not in cfg.agents:
+    if to is not None and to not in cfg.agents:
         raise UsageError(f"unknown agent {to!r}; agents: {', '.join(cfg.agents)}")
-    shown = name
-    order = orders.load(data, path=shown, to=to, config=cfg, history=history(ws), sender=sender)
-    inbox = ws.inbox(to)
-    inbox.mkdir(parents=True, exist_ok=True)
+    order = orders.load(data, path=name, to=to, config=cfg, history=history(ws), sender=sender, kind=kind)
+    if order.id is not None:
+        waiting = pending_file(ws, order.id)
+        if waiting is not None:
+            raise OrderError([Problem("id", f"{order.id!r} is already waiting in {ws.rel(waiting)}; pick "
+                                            "another id or leave it out to get one assigned", name)])
+    suffix = SUFFIXES[kind] if kind else (Path(name).suffix.lower() or ".md")
     if order.id is None or sender is not None:
+        # The file as dropped must say what was validated: the assigned id, the stamped sender.
         order = dataclasses.replace(order, id=order.id or reserve_id(ws))
-        data = orders.render(order).encode("utf-8")
-        name = f"{order.id}.md"
+        data, suffix = orders.render(order).encode("utf-8"), ".md"
     assert order.id is not None
-    target = _free_name(inbox, name)
-    tmp = inbox / f".{target.name}.tmp"
-    durable.write_bytes(tmp, data)
-    os.rename(tmp, target)
+    inbox = ws.inbox(order.to)
+    inbox.mkdir(parents=True, exist_ok=True)
+    target = _free_name(inbox, f"{order.id}{suffix}")
+    # A dot-file is invisible to the supervisor until the rename makes it whole at once.
+    tmp = inbox / f".{target.name}.{os.getpid()}.tmp"
+    try:
+        durable.write_bytes(tmp, data)
+        os.rename(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     durable.fsync_dir(inbox)
     return order.id
+
+
+def sniff(data: bytes) -> str:
+    """The format of an order that has no file name (stdin): markdown, yaml or json."""
+    text = data[:64 * 1024].decode("utf-8-sig", errors="replace").lstrip()
+    if text.startswith(("{", "[")):
+        return "json"
+    return "markdown" if _MD_LABEL.search(text) else "yaml"
+
+
+def pending_file(ws: Workspace, order_id: str) -> Path | None:
+    """A file named after `order_id` still waiting in some inbox (not yet taken in)."""
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for agent_dir in os.scandir(ws.inbox_root):
+            if not agent_dir.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(agent_dir.path):
+                if is_candidate(entry.name) and os.path.splitext(entry.name)[0] == order_id:
+                    return Path(entry.path)
+    return None
+
+
+@contextlib.contextmanager
+def explain_missing(ws: Workspace, order_id: str) -> Iterator[None]:
+    """An unknown id that still sits in an inbox gets a better message than "no order"."""
+    try:
+        yield
+    except NotFoundError:
+        waiting = pending_file(ws, order_id)
+        if waiting is None:
+            raise
+        raise NotFoundError(f"{order_id} is still in {ws.rel(waiting)}, not yet taken in; start "
+                            "`coordinator supervise` (or delete the file to withdraw it)") from None
 
 
 def reserve_id(ws: Workspace) -> str:
@@ -78,8 +141,7 @@ def reserve_id(ws: Workspace) -> str:
     top = Store(ws.state).max_assigned()
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(folder):
-            m = orders_id_number(entry.name)
-            top = max(top, m)
+            top = max(top, orders_id_number(entry.name))
     n = top + 1
     while True:
         candidate = f"WO-{n:04d}"
@@ -107,19 +169,41 @@ def _free_name(folder: Path, name: str) -> Path:
     return target
 
 
-def _read(path: Path) -> bytes:
+def read_file(path: Path, *, shown: str | None = None) -> bytes:
+    """A work order's bytes, read no further than the size limit says matters."""
     try:
         with open(path, "rb") as f:
-            return f.read(orders.MAX_ORDER_BYTES + 1)
+            return read_stream(f, shown=shown or str(path))
     except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
+        raise UsageError(f"{shown or path}: no such file") from None
     except IsADirectoryError:
-        raise UsageError(f"{path}: is a folder, not a work order") from None
+        raise UsageError(f"{shown or path}: is a folder, not a work order") from None
     except OSError as e:
-        raise UsageError(f"{path}: cannot read: {e.strerror}") from None
+        raise UsageError(f"{shown or path}: cannot read: {e.strerror}") from None
+
+
+def read_stream(stream: BinaryIO, *, shown: str = STDIN) -> bytes:
+    """Up to the size limit from `stream`; an OrderError naming the real size beyond it."""
+    limit = orders.MAX_ORDER_BYTES
+    data = stream.read(limit + 1)
+    if len(data) <= limit:
+        return data
+    try:
+        total = os.fstat(stream.fileno()).st_size
+    except (OSError, ValueError, AttributeError):
+        total = 0
+    # A pipe has no size, and 256 KiB and a byte rounds to 256 KiB: then say "over".
+    size = _size(total) if total > limit and _size(total) != _size(limit) else f"over {_size(limit)}"
+    raise OrderError([Problem("", f"is {size}; a work order is at most {_size(limit)}: move the "
+                                  "details into files it names", shown)])
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024 / 1024:.1f} MiB" if n >= 1024 * 1024 else f"{n // 1024} KiB"
 
 
 def gc(ws: Workspace, days: float) -> list[str]:
+    """Remove working copies kept for inspection that are older than `days`; returns them."""
     from .repos import Repo, gc_worktrees
 
     repos = [Repo(p) for p in sorted(ws.repos.iterdir()) if (p / ".git").exists()] if ws.repos.is_dir() else []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -325,4 +326,34 @@ def test_files_are_still_processed_after_the_watcher_thread_dies(make_ws):
     assert sorted(recs) == sorted(["before", *names])
     assert {r.status for r in recs.values()} == {"queued"}
     assert os.listdir(ws.inbox("walt")) == []
+    assert verify(ws) == []
+
+
+# -- stopping `supervise --once` ------------------------------------------------------------
+def test_supervise_once_stops_on_a_second_sigterm_and_loses_nothing(make_ws):
+    """Ctrl-C twice (or SIGTERM twice) stops `supervise --once` too, as it stops `supervise`:
+    its running attempt is killed and re-queued at the next start, not lost and not left
+    running for ever."""
+    ws = chip_team(make_ws)
+    drop(ws, "chip", "z1.md", order_md("Order z1 waits for ever", id="z1", files=("webapp/src/z1.py",)))
+    proc = subprocess.Popen([str(COORDINATOR), "-w", str(ws.root), "supervise", "--once"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_until(lambda: _status(ws, "z1") == "running", "z1 to run")
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)  # not a sync: two signals sent back to back may merge into one
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("`supervise --once` ignored two SIGTERMs")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (ws.root.parent / "probe" / "go.z1").touch()
+    again = supervise_once(ws)
+    assert again.returncode == 0, again.stderr
+    assert _status(ws, "z1") == "done"
     assert verify(ws) == []

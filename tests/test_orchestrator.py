@@ -123,8 +123,9 @@ def test_artifact_signal_the_orchestrator_cannot_write_a_specialists_files(make_
     drop(ws, "walt", "a.md", order_md("Login limit is enforced", id="req", files=("webapp/src/login.py",)))
     run(ws)
     art = [s for s in signals.load(ws.state) if s.kind == "artifact"]
-    assert len(art) == 1 and art[0].agent == "walt" and "Permission denied" in art[0].evidence
+    assert len(art) == 1 and art[0].agent == "walt" and "src/login.py" in art[0].evidence
     assert (ws.repos / "webapp" / target).read_bytes() == before
+    assert Store(ws.state).load("req").status == "denied"
 
 
 def test_silent_signal_a_commit_with_no_order_behind_it(make_ws):

@@ -10,6 +10,7 @@ repository's default branch where it was.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -227,7 +228,7 @@ class Attack:
     @property
     def log(self) -> str:
         """Everything the specialist printed in its (first) attempt."""
-        return (self.ws.runtime / "attempts" / "atk" / "1" / "output.log").read_text()
+        return (self.ws.runtime / "logs" / "atk" / "1" / "output.log").read_text()
 
     @property
     def offending(self) -> list[str]:
@@ -481,8 +482,6 @@ def test_a_detached_grandchild_cannot_write_after_the_specialist_exits(make_ws, 
 
 
 @needs_landlock
-@pytest.mark.xfail(strict=True, reason="HOLE: a grandchild that drops COORD_ATTEMPT and calls setsid is not "
-                   "attributed to its attempt by the spawn server, so kill_tree misses it and it writes later")
 def test_a_detached_grandchild_that_hides_its_mark_cannot_write_after_the_order(make_ws, tmp_path):
     _grandchild_attack(make_ws, tmp_path, hide=True)
 
@@ -564,17 +563,19 @@ def test_the_orchestrator_cannot_write_the_files_it_routes(make_ws, tmp_path):
     drop(ws, "walt", "plan.md", order_md("Plan the login work", files=("webapp/src/login.py",), id="plan"))
     run(ws)
     rec = record(ws, "plan")
-    assert refusals(rec) == {"copy": "refused EACCES", "new": "refused EACCES", "main": "refused EACCES",
-                             "state": "refused EACCES"}, rec.report
+    # Outside its throw-away copy the kernel refuses; inside it, the gate denies every change.
+    refused = refusals(rec, (ws.runtime / "logs" / "plan" / "1" / "output.log").read_text())
+    assert refused == {"copy": "DONE", "new": "DONE", "main": "refused EACCES", "state": "refused EACCES"}
+    assert refused["main"] == "refused EACCES" and refused["state"] == "refused EACCES", rec.report
+    assert rec.status == "denied"
+    assert {line.split(":")[0] for line in rec.report["offending"]} == {"webapp/src/login.py", "webapp/src/new.py"}
     assert rec.commit is None and git(repo, "rev-parse", "main") == main
     assert Attack.files_of(repo) == checkout
     assert "pwned" not in (ws.state / "orders" / "plan" / "record.json").read_text()
 
 
 @needs_landlock
-@pytest.mark.parametrize("quiet", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=True, reason="GAP: `artifact` is inferred from refusal messages in the orchestrator's output, so "
-    "an orchestrator that swallows its errors tries to write unseen"))])
+@pytest.mark.parametrize("quiet", [False, True])
 def test_an_orchestrator_trying_to_write_is_recorded_as_artifact(make_ws, tmp_path, quiet):
     from coordinator import signals
 
@@ -589,27 +590,30 @@ def test_an_orchestrator_trying_to_write_is_recorded_as_artifact(make_ws, tmp_pa
 
 
 @needs_landlock
-@pytest.mark.parametrize("where", ["workspace-parent", "state", "repo-checkout"])
-@pytest.mark.xfail(strict=True, reason="HOLE: sandbox.writable is granted as given, so a folder that holds the "
-                   "workspace, state/ or a repository makes protected paths writable (SPEC §4's own example "
-                   "`/tmp` does, for a workspace under /tmp)")
+@pytest.mark.parametrize("where", ["workspace-parent", "state", "repo-checkout", "orchestrator-repo"])
 def test_sandbox_writable_never_exposes_protected_paths(make_ws, tmp_path, where):
     from coordinator.errors import ConfigError
 
     root = tmp_path / "ws"
-    exposed = {"workspace-parent": tmp_path, "state": root / "state", "repo-checkout": root / "repos" / "webapp"}
-    target = {"workspace-parent": root / "coordinator.yaml", "state": root / "state" / ".git" / "HEAD",
-              "repo-checkout": root / "repos" / "webapp" / "src" / "login.py"}[where]
+    exposed = {"workspace-parent": tmp_path, "state": root / "state", "repo-checkout": root / "repos" / "webapp",
+               "orchestrator-repo": root / "repos"}[where]
+    target = {"workspace-parent": root / "coordinator.yaml", "state": root / "state" / ".git" / "HEAD"}.get(
+        where, root / "repos" / "webapp" / "src" / "login.py")
     code = f"attempt('write', lambda: write({str(target)!r}))\n"
-    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"], "command": attacker(code),
-                           "sandbox": {"writable": [str(exposed[where]), str(tmp_path / "probe")]}}})
+    agent = {"command": attacker(code), "sandbox": {"writable": [str(exposed), str(tmp_path / "probe")]}}
+    chip = {"role": "specialist", "writes": ["webapp/**"], "command": ["true"]}
+    if where == "orchestrator-repo":
+        who, agents = "walt", {"walt": {"role": "orchestrator", "sends_to": ["chip"], **agent}, "chip": chip}
+    else:
+        who, agents = "chip", {"chip": {**chip, **agent}}
+    ws = make_ws(agents)
     try:
         assert ws.config is not None  # loading it is the check
     except ConfigError as e:  # refusing such a config (with the key and why) keeps the promise too
         assert "sandbox.writable" in str(e)
         return
     before = fingerprint(target)
-    drop(ws, "chip", "atk.md", order_md("Attack", files=("webapp/src/**",), id="atk"))
+    drop(ws, who, "atk.md", order_md("Attack", files=("webapp/src/**",), id="atk"))
     run(ws)  # or the attempt fails: a sandbox refused at spawn never runs the attack
     rec = record(ws, "atk")
     assert refusals(rec).get("write", "refused EACCES") in DENIED, rec.report
@@ -617,9 +621,6 @@ def test_sandbox_writable_never_exposes_protected_paths(make_ws, tmp_path, where
 
 
 @needs_landlock
-@pytest.mark.xfail(strict=True, reason="HOLE: the spawn server opens a check's log (check-N.log in the attempt "
-                   "folder, which the specialist may write) with O_CREAT|O_TRUNC and follows a symlink planted "
-                   "there: it truncates and writes any file the supervisor's user can write")
 def test_a_symlink_planted_where_a_check_log_goes_is_not_followed(make_ws, tmp_path):
     root = tmp_path / "ws"
     code = f'''
@@ -633,8 +634,6 @@ os.symlink(os.path.join(OUTSIDE, "target.txt"), os.path.join(folder, "check-1.lo
 
 
 @needs_landlock
-@pytest.mark.xfail(strict=True, reason="HOLE: the supervisor walks $COORD_OUTBOX even when the specialist "
-                   "replaced it by a symlink, and renames what it finds there (files it may only read) into state/")
 def test_an_outbox_replaced_by_a_symlink_moves_nothing_from_elsewhere(make_ws, tmp_path):
     (tmp_path / "outside" / "chip").mkdir(parents=True)
     (tmp_path / "outside" / "chip" / "notes.md").write_text("someone else's notes\n")
@@ -649,9 +648,6 @@ os.symlink(OUTSIDE, box)
 
 @needs_landlock
 @pytest.mark.parametrize("name", ["result.yaml", "output.log"])
-@pytest.mark.xfail(strict=True, reason="HOLE: the supervisor opens the attempt's result file and output log "
-                   "without O_NONBLOCK/O_NOFOLLOW: a fifo there blocks it for good (and a symlink to /dev/zero "
-                   "would exhaust its memory, as both are read to the end)")
 def test_a_fifo_in_the_attempt_folder_does_not_hang_the_supervisor(make_ws, tmp_path, name):
     import threading
 
@@ -662,23 +658,33 @@ if os.path.exists(path):
 os.mkfifo(path)
 '''
     result: list[Attack] = []
-    thread = threading.Thread(target=lambda: result.append(Attack(make_ws, tmp_path, code, files=("webapp/src/**",))),
-                              daemon=True)
+    crashed: list[BaseException] = []
+
+    def supervise() -> None:
+        try:
+            result.append(Attack(make_ws, tmp_path, code, files=("webapp/src/**",)))
+        except BaseException as e:  # the supervisor crashing is as bad as hanging: say which
+            crashed.append(e)
+
+    thread = threading.Thread(target=supervise, daemon=True)
     thread.start()
     fifo = tmp_path / "ws" / ".coordinator" / "attempts" / "atk" / "1" / name
     hung = False
-    # Either the run ends, or somebody (only the supervisor can) sits blocked opening the fifo.
-    while thread.is_alive() and not hung:
+    deadline = time.monotonic() + 60.0
+    # Either the run ends, or somebody (only the supervisor can) sits blocked opening the fifo:
+    # then feed it, as often as it asks, so the test can end.
+    while thread.is_alive() and time.monotonic() < deadline:
         thread.join(0.05)
         try:
             fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
         except OSError:  # not there yet, not a fifo, or nobody reading it
             continue
         hung = True
-        os.write(fd, b"outcome: done\nsummary: unblocked by the test\n")  # let it go, so the test ends
+        with contextlib.suppress(OSError):
+            os.write(fd, b"outcome: done\nsummary: unblocked by the test\n")
         os.close(fd)
-        thread.join(30.0)
     assert not hung, f"the supervisor blocked opening a fifo the specialist left as {name}"
+    assert not crashed, f"the supervisor crashed on a fifo the specialist left as {name}: {crashed[0]!r}"
     assert result and result[0].rec.status in ("done", "blocked")
 
 
@@ -701,8 +707,6 @@ def test_metadata_of_protected_paths_cannot_be_changed(make_ws, tmp_path):
 
 
 @needs_landlock
-@pytest.mark.xfail(strict=True, reason="GAP: an attempt that wrote outside its permission and then failed "
-                   "(non-zero exit, timeout, bad result) is discarded unjudged: not `denied`, no `scope` signal")
 def test_writing_outside_then_failing_is_still_denied(make_ws, tmp_path):
     a = Attack(make_ws, tmp_path, 'os.chmod("src/login.py", 0o4755)\nsys.exit(3)\n',
                files=("webapp/src/login.py",), writes=("webapp/src/**",))

@@ -10,7 +10,6 @@ supervisor the way a kill -9 would (no flush, no clean-up, its lock dropped by t
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -25,7 +24,7 @@ from conftest import drop, order_md, sh
 from coordinator import durable, orders
 from coordinator.audit import StateRepo
 from coordinator.repos import Repo
-from coordinator.store import TERMINAL, Store
+from coordinator.store import Store
 from coordinator.supervisor import Supervisor
 from coordinator.verify import verify
 from coordinator.workspace import Workspace
@@ -477,3 +476,81 @@ def test_a_live_git_processs_lock_is_left_alone(make_ws):
         holder.kill()
         holder.wait()
         lock.unlink()
+
+
+# -- an error inside a step, then a restart ---------------------------------------------------
+class FailingClock:
+    """The clock, injected: armed, its next reading fails. Intake reads it after moving the
+    original into the order folder and before writing record.json, so an unexpected error
+    strikes there, as any bug in a step might."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def __call__(self) -> float:
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("the clock failed")
+        return time.time()
+
+
+def test_an_error_inside_a_step_then_a_restart_loses_no_order(make_ws):
+    """The supervisor stops on an unexpected error (leaving through `close()`, as the CLI's
+    `with` block does). The restart must finish filing the order in flight: not delete it as
+    a hand edit of state/ and blame a person for it."""
+    ws = team(make_ws)
+    clock = FailingClock()
+    drop(ws, "chip", "x1.md", order_md("Order x1 survives an error", id="x1",
+                                       files=("webapp/src/x1.py",)))
+    with pytest.raises(RuntimeError, match="the clock failed"), Supervisor(ws, clock=clock) as sup:
+        clock.armed = True
+        sup.run_once(limit=WAIT)
+    open_gate(ws, "x1", 1)
+    said = restart(ws)
+    assert not any("signal silent" in line for line in said), said
+    assert_done_once(ws, "x1")
+    assert completions(ws) == ["x1"]
+    assert_one_place(ws, {"x1"})
+    assert_clean(ws)
+
+
+# -- leftovers of *this* workspace only ---------------------------------------------------------
+def second_workspace(root: Path, agents: dict[str, object]) -> Workspace:
+    """Another workspace next to make_ws's, with its own $PROBE (same layout as conftest's)."""
+    import yaml
+
+    from coordinator.repos import init_demo_repo
+
+    (root / "ws").mkdir(parents=True)
+    (root / "probe").mkdir()
+    for spec in agents.values():
+        assert isinstance(spec, dict)
+        spec.setdefault("sandbox", {"writable": [str(root / "probe")]})
+        spec.setdefault("env", {"PROBE": str(root / "probe")})
+    (root / "ws" / "coordinator.yaml").write_text(yaml.safe_dump({"version": 1, "agents": agents}))
+    ws = Workspace(root / "ws")
+    ws.ensure_layout()
+    StateRepo.ensure(ws.state)
+    init_demo_repo(ws.repos / "webapp")
+    return ws
+
+
+def test_recovery_kills_the_dead_supervisors_leftovers_not_another_workspaces(make_ws, tmp_path):
+    """Order ids repeat across workspaces (every team has a WO-0001). Recovering workspace A
+    must not kill the specialist workspace B is running right now for its own `t1`."""
+    b = make_ws({"chip": dict(CHIP)})
+    a = second_workspace(tmp_path / "a", {"chip": dict(CHIP)})
+    sup_b = start_one(b, "t1")
+    try:
+        pid_b = int((probe(b) / "pids").read_text().split()[0])
+        sup_a = start_one(a, "t1")
+        abandon(sup_a)
+        open_gate(a, "t1", 2)
+        restart(a)
+        assert_done_once(a, "t1")
+        assert alive(pid_b), "recovering workspace A killed workspace B's running specialist"
+        open_gate(b, "t1", 1)
+        sup_b.run_once(limit=WAIT)
+        assert sup_b.records["t1"].status == "done"
+    finally:
+        sup_b.close()

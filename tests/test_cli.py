@@ -1,0 +1,588 @@
+"""The command line as a user runs it: exit codes, exact messages, files on disk.
+
+Most cases go through click's CliRunner against `coordinator.cli.cli`, whose group does
+the same error handling as the installed script; the cases that prove no traceback ever
+reaches stderr, and the ones that need a supervisor, run the real `coordinator` program.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from importlib import resources
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+import coordinator
+from coordinator.cli import cli
+from coordinator.store import Store
+
+COORDINATOR = str(Path(sys.executable).with_name("coordinator"))
+DEMO_ORDERS = resources.files("coordinator.demo").joinpath("example-orders")
+NO_WORKSPACE = "coordinator: no workspace: run `coordinator init` or pass -w\n"
+BOARD_KEYS = {"id", "to", "from", "status", "objective", "attempts", "updated"}
+BUDGET_KEYS = {"agent", "hot_tokens", "ceiling", "mode", "generation", "items"}
+
+
+def run(*args: str | Path, input: str | bytes | None = None, env: dict[str, str] | None = None) -> Result:
+    result = CliRunner().invoke(cli, [str(a) for a in args], input=input, env=env)
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def program(*args: str | Path, cwd: Path | None = None, input: bytes | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The installed `coordinator` script as a real process."""
+    done = subprocess.run([COORDINATOR, *map(str, args)], cwd=cwd, input=input.decode() if input else None,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={k: v for k, v in os.environ.items() if k != "COORDINATOR_WORKSPACE"})
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def git(path: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, check=True).stdout
+
+
+def inbox_entries(ws: Path, agent: str) -> list[str]:
+    return sorted(os.listdir(ws / "inbox" / agent))  # dot-files included: none may be left
+
+
+def order(objective: str, *, files: tuple[str, ...] = ("webapp/src/greeting.py",),
+          branching: tuple[str, ...] = ("halt-with-note if the greeting already exists",),
+          **front: object) -> str:
+    head = "---\n" + yaml.safe_dump(front) + "---\n" if front else ""
+    return (head + f"**Objective:** {objective}\n\n**Acceptance:**\n- The first thing holds\n"
+            "- The second thing holds\n- `make test` passes\n\n**Files:**\n"
+            + "".join(f"- {f}\n" for f in files) + "\n**Branching:**\n"
+            + "".join(f"- {b}\n" for b in branching))
+
+
+def statuses(ws: Path) -> dict[str, str]:
+    data = json.loads(run("-w", ws, "board", "--json").stdout)
+    return {o["id"]: o["status"] for o in data["orders"]}
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    """A fresh workspace made by `coordinator init`, with the demo team."""
+    root = tmp_path / "team"
+    assert run("init", root).exit_code == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def worked(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workspace where the supervisor has run two orders: WO-0001 done, WO-0002 halted."""
+    root = tmp_path_factory.mktemp("worked") / "team"
+    assert run("init", root).exit_code == 0
+    assert run("-w", root, "send", "-", "--to", "chip",
+               input=DEMO_ORDERS.joinpath("greeting.md").read_bytes()).stdout == "WO-0001\n"
+    assert run("-w", root, "send", "-", "--to", "chip",
+               input=order("The greeting already exists in the webapp")).stdout == "WO-0002\n"
+    done = program("-w", root, "supervise", "--once")
+    assert done.returncode == 0, done.stderr
+    return root
+
+
+# -- init and the workspace -------------------------------------------------------------------------
+def test_init_makes_the_workspace_layout(tmp_path: Path) -> None:
+    root = tmp_path / "team"
+    result = run("init", root)
+    assert result.exit_code == 0
+    assert "workspace ready at" in result.stdout
+    assert (root / "coordinator.yaml").read_text().startswith("# coordinator.yaml")
+    assert sorted(p.name for p in (root / "inbox").iterdir()) == ["chip", "rex", "walt"]
+    assert git(root / "state", "rev-list", "--count", "HEAD").strip() == "1"
+    assert git(root / "state", "status", "--porcelain") == ""
+    assert git(root / "repos" / "webapp", "log", "--format=%s").strip()
+
+
+def test_init_refuses_an_existing_workspace_unless_forced(ws: Path) -> None:
+    (ws / "coordinator.yaml").write_text("version: 1\nagents: {}\n")
+    again = run("init", ws)
+    assert again.exit_code == 1
+    assert again.stderr == f"coordinator: {ws / 'coordinator.yaml'} already exists; pass --force to overwrite it\n"
+    assert (ws / "coordinator.yaml").read_text() == "version: 1\nagents: {}\n"
+    forced = run("init", ws, "--force")
+    assert forced.exit_code == 0
+    assert "walt" in (ws / "coordinator.yaml").read_text()
+
+
+def test_init_without_a_folder_uses_the_current_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run("init").exit_code == 0
+    assert (tmp_path / "coordinator.yaml").is_file() and (tmp_path / "inbox" / "chip").is_dir()
+
+
+def test_workspace_from_w_then_environment_then_upward_search(ws: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert run("board").stdout == ""
+    assert run("board").stderr == NO_WORKSPACE
+    assert run("board").exit_code == 2
+    assert run("-w", ws, "board").exit_code == 0
+    assert run("board", env={"COORDINATOR_WORKSPACE": str(ws)}).exit_code == 0
+    monkeypatch.chdir(ws / "repos" / "webapp" / "src")
+    found = run("board", "--json")
+    assert found.exit_code == 0 and json.loads(found.stdout) == {"orders": []}
+    missing = run("-w", elsewhere, "board")
+    assert missing.exit_code == 2
+    assert missing.stderr == (f"coordinator: -w: {elsewhere} has no coordinator.yaml; "
+                              f"run `coordinator init {elsewhere}`\n")
+
+
+def test_a_bad_config_stops_every_command_with_one_line_naming_the_key(ws: Path) -> None:
+    text = (ws / "coordinator.yaml").read_text()
+    (ws / "coordinator.yaml").write_text(text.replace('writes: ["webapp/docs/reviews/**"]', "writes: 5"))
+    for args in (["board"], ["send", "x.md", "--to", "chip"], ["budget"], ["new", "--to", "chip"]):
+        result = run("-w", ws, *args)
+        assert result.exit_code == 2
+        assert result.stderr == "coordinator: coordinator.yaml: agents.rex.writes: must be a list, not int\n"
+
+
+# -- validate -----------------------------------------------------------------------------------------
+def test_validate_several_files_reports_each_problem_with_file_line_and_field(ws: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ws)
+    good = ws / "good.md"
+    good.write_text(order("The webapp greets a user by name"))
+    bad = ws / "inbox" / "chip" / "bad.md"
+    bad.write_text(order("The webapp greets", files=("/etc/passwd",)).replace("- The second thing holds\n", ""))
+    result = run("validate", "good.md", bad, "--to", "chip")
+    assert result.exit_code == 1
+    assert result.stdout == "good.md: ok (to chip, 1 check(s))\n"
+    assert result.stderr.splitlines() == [
+        "inbox/chip/bad.md:3: acceptance: has 2 items; a work order needs 3 to 5 testable items",
+        "inbox/chip/bad.md:8: files.0: '/etc/passwd' is absolute; give a path relative to repos/ "
+        "(e.g. webapp/src/x.py)",
+    ]
+    assert run("validate", "good.md", "--to", "chip").exit_code == 0
+
+
+def test_validate_defaults_the_recipient_to_the_inbox_folder_the_file_is_in(ws: Path) -> None:
+    for agent in ("chip", "rex"):
+        (ws / "inbox" / agent / "o.md").write_text(order("The webapp greets a user by name"))
+    assert run("-w", ws, "validate", ws / "inbox" / "chip" / "o.md").exit_code == 0
+    as_rex = run("-w", ws, "validate", ws / "inbox" / "rex" / "o.md")
+    assert as_rex.exit_code == 1
+    assert as_rex.stderr.startswith("inbox/rex/o.md:9: files.0: 'webapp/src/greeting.py' is outside what "
+                                    "rex may write (webapp/docs/reviews/**)")
+    loose = ws / "loose.md"
+    loose.write_text(order("The webapp greets a user by name"))
+    nobody = run("-w", ws, "validate", loose)
+    assert nobody.exit_code == 1
+    assert "loose.md: to: no recipient; drop the file in inbox/<agent>/, pass --to AGENT" in nobody.stderr
+
+
+def test_validate_json_is_one_document(ws: Path) -> None:
+    (ws / "a.md").write_text(order("The webapp greets a user by name"))
+    (ws / "b.yaml").write_text("objective: x\n")
+    result = run("-w", ws, "validate", ws / "a.md", ws / "b.yaml", "--to", "chip", "--json")
+    assert result.exit_code == 1 and result.stderr == ""
+    doc = json.loads(result.stdout)
+    assert doc["valid"] is False
+    assert [(f["file"], f["valid"]) for f in doc["files"]] == [("a.md", True), ("b.yaml", False)]
+    assert {"acceptance", "files", "branching"} <= {p["field"] for p in doc["files"][1]["problems"]}
+    assert all(p["line"] is None or isinstance(p["line"], int) for p in doc["files"][1]["problems"])
+
+
+BILLION_LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True))
+HOSTILE = {
+    "big.md": (b"a" * (2 * 1024 * 1024), "big.md: is 2.0 MiB; a work order is at most 256 KiB"),
+    "binary.md": (bytes(range(256)) * 16, "binary.md: is binary (it holds NUL bytes)"),
+    "empty.md": (b"", "empty.md: is empty; write a work order (`coordinator new --to AGENT`"),
+    "laughs.yaml": (BILLION_LAUGHS.encode(), "laughs.yaml:2: uses a YAML alias (*name)"),
+    "latin1.md": ("**Objective:** caf\xe9".encode("latin-1"), "latin1.md: is not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_input_is_one_line_and_exit_1(ws: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, message = HOSTILE[name]
+    (ws / name).write_bytes(data)
+    monkeypatch.chdir(ws)
+    result = run("validate", name, "--to", "chip")
+    assert result.exit_code == 1
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(message), result.stderr
+    sent = run("send", name, "--to", "chip")
+    assert sent.exit_code == 1 and sent.stderr == result.stderr
+    assert inbox_entries(ws, "chip") == []
+
+
+# -- send and new ---------------------------------------------------------------------------------------
+def test_send_prints_the_id_and_leaves_exactly_one_visible_file(ws: Path) -> None:
+    (ws / "fix.md").write_text(order("The webapp greets a user by name"))
+    result = run("-w", ws, "send", ws / "fix.md", "--to", "chip")
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "WO-0001\n", "")
+    assert inbox_entries(ws, "chip") == ["WO-0001.md"]
+    dropped = (ws / "inbox" / "chip" / "WO-0001.md").read_text()
+    assert dropped.startswith("---\n") and "id: WO-0001" in dropped and "from: user" in dropped
+    assert run("-w", ws, "validate", ws / "inbox" / "chip" / "WO-0001.md").exit_code == 0
+    assert run("-w", ws, "send", ws / "fix.md", "--to", "chip").stdout == "WO-0002\n"
+    assert inbox_entries(ws, "chip") == ["WO-0001.md", "WO-0002.md"]
+
+
+def test_an_invalid_order_is_refused_and_nothing_is_written(ws: Path) -> None:
+    (ws / "fix.md").write_text(order("The webapp greets", files=("webapp/../etc/passwd",)))
+    result = run("-w", ws, "send", ws / "fix.md", "--to", "chip")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "fix.md:9: files.0: 'webapp/../etc/passwd' contains '..'" in result.stderr
+    assert inbox_entries(ws, "chip") == []
+    unknown = run("-w", ws, "send", ws / "fix.md", "--to", "zed")
+    assert unknown.exit_code == 2
+    assert unknown.stderr == "coordinator: unknown agent 'zed'; agents: walt, chip, rex\n"
+
+
+@pytest.mark.parametrize("form", ["markdown", "yaml", "json"])
+def test_send_dash_reads_the_order_from_stdin_in_any_form(ws: Path, form: str) -> None:
+    fields = {"objective": "The webapp greets a user by name",
+              "acceptance": ["It greets", "It uses the name", "`make test` passes"],
+              "files": ["webapp/src/greeting.py"],
+              "branching": [{"action": "halt-with-note", "when": "it already greets"}]}
+    text = {"markdown": order(fields["objective"]), "yaml": yaml.safe_dump(fields),  # type: ignore[arg-type]
+            "json": json.dumps(fields)}[form]
+    result = run("-w", ws, "send", "-", "--to", "chip", input=text)
+    assert (result.exit_code, result.stdout) == (0, "WO-0001\n"), result.stderr
+    assert inbox_entries(ws, "chip") == ["WO-0001.md"]
+    stdin_error = run("-w", ws, "send", "-", "--to", "chip", input="objective: only this\n")
+    assert stdin_error.exit_code == 1
+    assert stdin_error.stderr.startswith("<stdin>:")
+
+
+def test_send_from_stamps_the_sender_and_refuses_one_that_may_not_send(ws: Path) -> None:
+    (ws / "fix.md").write_text(order("The webapp greets a user by name"))
+    stamped = run("-w", ws, "send", ws / "fix.md", "--to", "chip", "--from", "walt")
+    assert stamped.stdout == "WO-0001\n"
+    assert "from: walt" in (ws / "inbox" / "chip" / "WO-0001.md").read_text()
+    refused = run("-w", ws, "send", ws / "fix.md", "--to", "chip", "--from", "chip")
+    assert refused.exit_code == 1
+    assert refused.stderr == "fix.md: from: chip may not send to chip (it sends to: rex)\n"
+    assert inbox_entries(ws, "chip") == ["WO-0001.md"]
+
+
+def test_send_takes_the_recipient_from_the_file_when_not_given(ws: Path) -> None:
+    (ws / "fix.md").write_text(order("The webapp greets a user by name", to="chip", id="greet"))
+    assert run("-w", ws, "send", ws / "fix.md").stdout == "greet\n"
+    assert inbox_entries(ws, "chip") == ["greet.md"]
+    again = run("-w", ws, "send", ws / "fix.md")
+    assert again.exit_code == 1
+    assert again.stderr == ("fix.md: id: 'greet' is already waiting in inbox/chip/greet.md; pick another id "
+                            "or leave it out to get one assigned\n")
+
+
+def test_new_prints_a_template_that_validates_once_filled_in(ws: Path) -> None:
+    result = run("-w", ws, "new", "--to", "chip")
+    assert result.exit_code == 0
+    assert result.stdout.endswith("\n") and not result.stdout.endswith("\n\n")
+    draft = ws / "fix.md"
+    draft.write_text(result.stdout)
+    before = run("-w", ws, "validate", draft)  # the recipient comes from the template's `to:`
+    assert before.exit_code == 1
+    assert "objective: still holds the template placeholder" in before.stderr
+    filled = re.sub(r"<replace with the command that tests it>", "make test", result.stdout)
+    filled = re.sub(r"<describe [^>]*>", "the greeting shows the name", filled)
+    draft.write_text(filled)
+    after = run("-w", ws, "validate", draft)
+    assert (after.exit_code, after.stdout) == (0, "fix.md: ok (to chip, 1 check(s))\n"), after.stderr
+    assert run("-w", ws, "send", draft).stdout == "WO-0001\n"
+    unknown = run("-w", ws, "new", "--to", "zed")
+    assert unknown.exit_code == 2 and "unknown agent 'zed'" in unknown.stderr
+
+
+# -- the board and one order -----------------------------------------------------------------------------
+def test_board_shows_orders_by_status(worked: Path) -> None:
+    result = run("-w", worked, "board")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0] == "2 order(s): done 1  halted 1"
+    assert "DONE (1)" in lines and "HALTED (1)" in lines
+    done_row = lines[lines.index("DONE (1)") + 1]
+    assert re.fullmatch(r"  WO-0001  chip  user → The webapp greets a user by name\.", done_row)
+
+
+def test_board_json_has_the_contract_keys(worked: Path) -> None:
+    doc = json.loads(run("-w", worked, "board", "--json").stdout)
+    assert list(doc) == ["orders"]
+    for row in doc["orders"]:
+        assert set(row) == BOARD_KEYS | {"stale"}  # SPEC §10 keys, plus the stale flag (added)
+    assert [(o["id"], o["status"], o["from"], o["to"], o["attempts"]) for o in doc["orders"]] == [
+        ("WO-0001", "done", "user", "chip", 1), ("WO-0002", "halted", "user", "chip", 1)]
+
+
+def test_show_prints_one_order_with_report_and_history(worked: Path) -> None:
+    text = run("-w", worked, "show", "WO-0001")
+    assert text.exit_code == 0
+    assert text.stdout.startswith("WO-0001  done  user → chip  attempts 1")
+    assert "  checks: `make test` passed" in text.stdout
+    assert text.stdout.rstrip().endswith("WO-0001 chip: running -> done (commit "
+                                         + Store(worked / "state").load("WO-0001").commit[:10] + ")")
+    doc = json.loads(run("-w", worked, "show", "WO-0001", "--json").stdout)
+    assert BOARD_KEYS | {"report", "history"} <= set(doc)
+    assert doc["report"]["changed"] == ["webapp/src/greeting.py"]
+    assert [h["line"] for h in doc["history"]][0] == "WO-0001 chip: new -> queued"
+    missing = run("-w", worked, "show", "WO-9999")
+    assert (missing.exit_code, missing.stderr) == (1, "coordinator: no order 'WO-9999'; `coordinator board` "
+                                                      "lists them\n")
+
+
+def test_log_prints_the_audit_history(worked: Path) -> None:
+    everything = run("-w", worked, "log").stdout.splitlines()
+    assert "state: initialise the audit trail" in everything[0]
+    one = run("-w", worked, "log", "WO-0002").stdout.splitlines()
+    assert [line.split(None, 3)[3] for line in one] == [  # time, commit, author, line
+        "WO-0002 chip: new -> queued", "WO-0002 chip: queued -> running (attempt 1)",
+        "WO-0002 chip: running -> halted (Nothing to do: the greeting already exists.)"]
+    assert set(one) <= set(everything)
+    assert run("-w", worked, "log", "nope").exit_code == 1
+
+
+def test_a_sent_order_not_yet_taken_in_is_explained(ws: Path) -> None:
+    run("-w", ws, "send", "-", "--to", "chip", input=order("The webapp greets a user by name"))
+    for command in ("show", "cancel", "retry", "log"):
+        result = run("-w", ws, command, "WO-0001")
+        assert result.exit_code == 1
+        assert result.stderr == ("coordinator: WO-0001 is still in inbox/chip/WO-0001.md, not yet taken in; "
+                                 "start `coordinator supervise` (or delete the file to withdraw it)\n")
+
+
+# -- cancel and retry ------------------------------------------------------------------------------------
+def test_cancel_and_retry_with_no_supervisor_running(ws: Path) -> None:
+    run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting already exists in the webapp"))
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting says hello", blocked_by=["WO-0001"]))
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    assert statuses(ws) == {"WO-0001": "halted", "WO-0002": "waiting"}
+
+    assert run("-w", ws, "cancel", "WO-0002").stdout == "WO-0002: cancelled\n"
+    assert run("-w", ws, "retry", "WO-0001").stdout == "WO-0001: queued\n"
+    assert statuses(ws) == {"WO-0001": "queued", "WO-0002": "cancelled"}
+    assert git(ws / "state", "log", "-2", "--format=%s").splitlines() == [
+        "WO-0001 chip: halted -> queued (retry)", "WO-0002 chip: waiting -> cancelled"]
+    again = run("-w", ws, "cancel", "WO-0002")
+    assert (again.exit_code, again.stderr) == (1, "coordinator: WO-0002 is cancelled; only queued, waiting or "
+                                                  "running orders can be cancelled\n")
+    assert run("-w", ws, "retry", "WO-9999").exit_code == 1
+
+
+@pytest.fixture
+def supervisor(ws: Path) -> Iterator[subprocess.Popen[str]]:
+    """`coordinator supervise` running on `ws`, with an extra agent `slow` that sleeps."""
+    config = yaml.safe_load((ws / "coordinator.yaml").read_text())
+    config["agents"]["slow"] = {"role": "specialist", "command": ["sleep", "120"]}
+    (ws / "coordinator.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([COORDINATOR, "-w", str(ws), "supervise"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "COORDINATOR_WORKSPACE"})
+    try:
+        wait_for(lambda: (ws / ".coordinator" / "running").exists(), "the supervisor to start")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
+def test_cancel_and_retry_through_a_running_supervisor(ws: Path, supervisor: subprocess.Popen[str]) -> None:
+    run("-w", ws, "send", "-", "--to", "slow", input=order("The slow agent thinks it over", files=()))
+    run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting already exists in the webapp"))
+    wait_for(lambda: statuses(ws) == {"WO-0001": "running", "WO-0002": "halted"}, "one running, one halted")
+
+    assert run("-w", ws, "cancel", "WO-0001").stdout == "WO-0001: cancelled\n"
+    assert statuses(ws)["WO-0001"] == "cancelled"
+    assert run("-w", ws, "retry", "WO-0002").stdout == "WO-0002: queued\n"
+    wait_for(lambda: Store(ws / "state").load("WO-0002").attempts == 2, "the retried order to run again")
+    refused = run("-w", ws, "cancel", "WO-0001")
+    assert refused.exit_code == 1 and "WO-0001 is cancelled" in refused.stderr
+
+    supervisor.send_signal(signal.SIGTERM)
+    _, err = supervisor.communicate(timeout=30)
+    assert supervisor.returncode == 0
+    assert "Traceback" not in err and "stopped: nothing running" in err
+    assert "WO-0001 slow: running -> cancelled" in git(ws / "state", "log", "--format=%B")
+
+
+# -- budget, rotation, signals, audit ------------------------------------------------------------------
+def test_budget_add_and_rotate(ws: Path) -> None:
+    doc = json.loads(run("-w", ws, "budget", "--json").stdout)
+    assert set(doc) == BUDGET_KEYS
+    assert (doc["agent"], doc["hot_tokens"], doc["ceiling"], doc["mode"], doc["generation"], doc["items"]) == (
+        "walt", 0, 7000, "routing", 1, [])
+    added = run("-w", ws, "budget", "add", "2500", "--note", "read the API spec")
+    assert added.stdout == "2,500 hot tokens, mode mixed\n"
+    assert added.stderr == "warning: mode changed routing -> mixed\n"
+    text = run("-w", ws, "budget").stdout.splitlines()
+    assert text[0] == "walt: 2,500 / 7,000 hot tokens, mode mixed, generation 1"
+    assert text[1].split() == ["2,500", "manual", "in-flight", text[1].split()[3], "read", "the", "API", "spec"]
+    assert run("-w", ws, "budget", "add", "0").exit_code == 2
+
+    assert run("-w", ws, "rotate").stdout == "rotate: dropped 0 completed item(s), 2500 -> 2500 hot tokens\n"
+    fresh = run("-w", ws, "rotate", "--fresh")
+    assert fresh.exit_code == 0 and fresh.stdout.startswith("rotate --fresh: generation 2, 2500 -> ")
+    brief = (ws / "state" / "orchestrator" / "brief.md").read_text()
+    assert brief.startswith("# Orchestrator brief: generation 2")
+    assert json.loads(run("-w", ws, "budget", "--json").stdout)["generation"] == 2
+    assert git(ws / "state", "log", "-1", "--format=%s").startswith("budget walt: rotate --fresh: generation 2")
+    assert git(ws / "state", "status", "--porcelain") == ""
+
+
+def test_signals_and_audit_verify_notice_a_hand_commit(ws: Path) -> None:
+    assert run("-w", ws, "signals").stdout == "no signals recorded\n"
+    assert json.loads(run("-w", ws, "signals", "--json").stdout) == {
+        "counts": {"artifact": 0, "feedback": 0, "scope": 0, "silent": 0}, "signals": []}
+    assert program("-w", ws, "supervise", "--once").returncode == 0  # it notes the default branches
+    clean = run("-w", ws, "audit", "verify")
+    assert (clean.exit_code, clean.stdout) == (0, "audit clean: every commit and state change is explained\n")
+
+    webapp = ws / "repos" / "webapp"
+    (webapp / "hand.txt").write_text("made by hand\n")
+    git(webapp, "add", "hand.txt")
+    git(webapp, "-c", "user.name=me", "-c", "user.email=me@example.org", "commit", "-qm", "by hand")
+    dirty = run("-w", ws, "audit", "verify")
+    assert dirty.exit_code == 1
+    assert re.fullmatch(r"repo-commit: repos/webapp@[0-9a-f]{10}: me: 'by hand' has no Work-Order trailer\n",
+                        dirty.stdout)
+    assert json.loads(run("-w", ws, "audit", "verify", "--json").stdout)["clean"] is False
+
+    assert program("-w", ws, "supervise", "--once").returncode == 0  # its tamper watch sees the move
+    doc = json.loads(run("-w", ws, "signals", "--json").stdout)
+    assert doc["counts"]["silent"] == 1
+    assert "repos/webapp default branch moved" in doc["signals"][0]["evidence"]
+    listed = run("-w", ws, "signals").stdout
+    assert "silent" in listed and listed.endswith("total: artifact 0, feedback 0, scope 0, silent 1\n")
+
+
+def test_doctor_cost_gc_and_version(ws: Path) -> None:
+    doctor = run("-w", ws, "doctor")
+    assert doctor.exit_code == 0
+    assert {line.split(":")[0] for line in doctor.stdout.splitlines() if not line.startswith(" ")} >= {
+        "workspace", "landlock", "gate", "watcher", "git", "team"}
+    assert run("-w", ws, "cost").stdout == "no LLM calls recorded\n"
+    assert json.loads(run("-w", ws, "cost", "--json").stdout)["total"]["calls"] == 0
+    assert run("-w", ws, "gc").stdout == "removed 0 working copies\n"
+    assert run("--version").stdout == f"coordinator, version {coordinator.__version__}\n"
+
+
+def test_demo_intro_sets_up_the_demo_repository_and_says_what_to_do(ws: Path) -> None:
+    import shutil
+
+    shutil.rmtree(ws / "repos" / "webapp")
+    intro = run("-w", ws, "demo-intro")
+    assert intro.exit_code == 0
+    assert intro.stdout.splitlines()[0] == "created repos/webapp (the demo repository)"
+    assert "coordinator send demo/example-orders/greeting.md --to chip" in intro.stdout
+    assert git(ws / "repos" / "webapp", "log", "--format=%s").strip()
+
+
+# -- usage errors, help, docs ----------------------------------------------------------------------------
+def _commands(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    for name, command in sorted(group.commands.items()):
+        yield (*path, name), command
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+
+
+ALL_COMMANDS = [path for path, _ in _commands(cli)]
+
+
+@pytest.mark.parametrize("path", [(), *ALL_COMMANDS], ids=lambda p: " ".join(p) or "coordinator")
+def test_every_command_has_help(path: tuple[str, ...]) -> None:
+    result = run(*path, "-h")
+    assert result.exit_code == 0
+    assert result.stdout.startswith(f"Usage: {' '.join(('coordinator', *path))} ")
+    assert "Example:" in result.stdout
+
+
+def test_every_command_is_documented_with_an_example() -> None:
+    undocumented = [" ".join(path) for path, command in [((), cli), *_commands(cli)]
+                    if "Example:" not in (command.help or "")
+                    or "coordinator " not in (command.help or "").split("Example:")[1]]
+    assert undocumented == []
+    assert {"init", "validate", "send", "new", "supervise", "board", "show", "log", "cancel", "retry", "budget",
+            "budget add", "rotate", "signals", "audit verify", "doctor", "cost"} <= {" ".join(p) for p in ALL_COMMANDS}
+
+
+def test_usage_errors_name_the_command_and_exit_2(ws: Path) -> None:
+    missing = run("-w", ws, "new")
+    assert (missing.exit_code, missing.stderr) == (2, "coordinator new: Missing option '--to'. See "
+                                                      "`coordinator new -h`.\n")
+    unknown = run("xyzzy")
+    assert (unknown.exit_code, unknown.stderr) == (2, "coordinator: No such command 'xyzzy'. See "
+                                                      "`coordinator -h`.\n")
+    typo = run("boad")
+    assert typo.stderr == "coordinator: No such command 'boad'. Did you mean 'board'? See `coordinator -h`.\n"
+    bare = run()
+    assert bare.exit_code == 2 and bare.stderr.startswith("Usage: coordinator [OPTIONS] COMMAND")
+
+
+# -- as real processes: never a traceback -----------------------------------------------------------------
+def test_errors_from_the_real_program_are_one_line_with_the_right_exit_code(ws: Path, tmp_path: Path) -> None:
+    bad_config = tmp_path / "bad"
+    bad_config.mkdir()
+    (bad_config / "coordinator.yaml").write_text("version: [1\n")
+    (ws / "big.md").write_bytes(b"x" * (2 * 1024 * 1024))
+    (ws / "bin.md").write_bytes(os.urandom(4096) + b"\0")
+    (ws / "laughs.yaml").write_text(BILLION_LAUGHS)
+    cases = [
+        ((["board"], tmp_path), 2, NO_WORKSPACE),
+        ((["-w", bad_config, "board"], None), 2, "coordinator: coordinator.yaml: is not valid YAML at line 2"),
+        ((["-w", ws, "validate", ws / "big.md", "--to", "chip"], None), 1, "big.md: is 2.0 MiB"),
+        ((["-w", ws, "validate", ws / "bin.md", "--to", "chip"], None), 1, "bin.md: is binary"),
+        ((["-w", ws, "send", ws / "laughs.yaml", "--to", "chip"], None), 1, "laughs.yaml:2: uses a YAML alias"),
+        ((["-w", ws, "send", ws / "nothing.md", "--to", "chip"], None), 2, "coordinator: nothing.md: no such file"),
+        ((["-w", ws, "show", "WO-4242"], None), 1, "coordinator: no order 'WO-4242'"),
+        ((["-w", ws, "init", ws], None), 1, "coordinator: "),
+        ((['-w', ws, 'budget', 'add', 'many'], None), 2, "coordinator budget add: Invalid value for 'TOKENS'"),
+    ]
+    for (args, cwd), code, start in cases:
+        done = program(*args, cwd=cwd)
+        assert (done.returncode, done.stdout) == (code, ""), (args, done.stderr)
+        assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(start), (args, done.stderr)
+    assert inbox_entries(ws, "chip") == []
+
+
+def test_a_reader_that_goes_away_is_not_an_error(worked: Path) -> None:
+    done = subprocess.run(f"'{COORDINATOR}' -w '{worked}' log | head -c 10", shell=True, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0 and len(done.stdout) == 10
+    assert done.stderr == ""
+
+
+def test_end_to_end_as_a_new_user(tmp_path: Path) -> None:
+    assert program("init", "team", cwd=tmp_path).returncode == 0
+    team = tmp_path / "team"
+    greeting = tmp_path / "greeting.md"
+    greeting.write_bytes(DEMO_ORDERS.joinpath("greeting.md").read_bytes())
+    sent = program("send", greeting, "--to", "chip", cwd=team)
+    assert (sent.returncode, sent.stdout) == (0, "WO-0001\n"), sent.stderr
+    supervised = program("supervise", "--once", cwd=team)
+    assert supervised.returncode == 0, supervised.stderr
+    assert "WO-0001 chip: running -> done" in supervised.stderr
+    board = program("board", cwd=team / "inbox")
+    assert "DONE (1)" in board.stdout and "WO-0001" in board.stdout
+    head = git(team / "repos" / "webapp", "log", "-1", "--format=%an <%ae>%n%s%n%b")
+    assert head.startswith("chip <chip@agents.coordinator>\nThe webapp greets a user by name.\n")
+    assert "Work-Order: WO-0001" in head and "Agent: chip" in head
+    assert program("audit", "verify", cwd=team).returncode == 0

@@ -1,0 +1,119 @@
+"""The workspace library: finding one (-w, $COORDINATOR_WORKSPACE, upward), making one, its paths."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from coordinator import config
+from coordinator.errors import UsageError, WorkspaceError
+from coordinator.workspace import ENV_VAR, NO_WORKSPACE, RUNTIME, Workspace, example_config, init
+
+
+@pytest.fixture
+def made(tmp_path: Path) -> Workspace:
+    ws, _ = init(tmp_path / "team")
+    return ws
+
+
+def test_init_makes_config_inboxes_state_repository_and_demo_repository(tmp_path: Path) -> None:
+    ws, lines = init(tmp_path / "new" / "team")  # missing parents are made too
+    assert ws.root == (tmp_path / "new" / "team").resolve()
+    assert ws.config_path.read_text() == example_config()
+    assert sorted(p.name for p in ws.inbox_root.iterdir()) == sorted(ws.config.agents)
+    assert (ws.state / ".git").is_dir() and (ws.repos / "webapp" / ".git").exists()
+    assert (ws.root / ".gitignore").read_text() == f"{RUNTIME}/\n"
+    assert lines[0] == "wrote coordinator.yaml"
+    assert "initialised state/ (git repository, first commit)" in lines
+    assert "created repos/webapp (demo repository)" in lines
+
+
+def test_init_never_overwrites_a_config_without_force(made: Workspace) -> None:
+    made.config_path.write_text("version: 1\nagents: {}\n")
+    with pytest.raises(UsageError, match="already exists; pass --force to overwrite it"):
+        init(made.root)
+    assert made.config_path.read_text() == "version: 1\nagents: {}\n"
+    ws, lines = init(made.root, force=True)
+    assert ws.config_path.read_text() == example_config()
+    assert lines == ["wrote coordinator.yaml"]  # everything else was already there: nothing redone
+
+
+def test_init_refuses_a_file_where_the_folder_should_be(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(UsageError, match="is not a folder"):
+        init(tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
+def test_init_inside_a_git_repository_leaves_its_ignore_file_alone(tmp_path: Path) -> None:
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    init(tmp_path)
+    assert not (tmp_path / ".gitignore").exists()
+
+
+def test_the_example_config_is_the_offline_demo_team(tmp_path: Path) -> None:
+    path = tmp_path / "coordinator.yaml"
+    path.write_text(example_config())
+    team = config.load(path)
+    assert team.orchestrator == "walt"
+    assert {n: a.role for n, a in team.agents.items()} == {"walt": "orchestrator", "chip": "specialist",
+                                                           "rex": "specialist"}
+    assert all(a.runnable or a.is_orchestrator for a in team.agents.values())
+
+
+def test_find_prefers_w_then_the_environment_then_the_nearest_folder_upward(
+        made: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    other, _ = init(tmp_path / "other")
+    monkeypatch.setenv(ENV_VAR, str(other.root))
+    assert Workspace.find(str(made.root)).root == made.root
+    assert Workspace.find(None, cwd=made.repos).root == other.root
+    monkeypatch.delenv(ENV_VAR)
+    deep = made.repos / "webapp" / "src"
+    assert Workspace.find(None, cwd=deep).root == made.root
+    assert Workspace.find(None, cwd=made.root).root == made.root
+
+
+def test_find_relative_w_and_tilde(made: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(made.root.parent)
+    assert Workspace.find(made.root.name).root == made.root
+    monkeypatch.setenv("HOME", str(made.root.parent))
+    assert Workspace.find(f"~/{made.root.name}").root == made.root
+
+
+def test_find_says_what_to_do_when_there_is_no_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(WorkspaceError) as e:
+        Workspace.find(None, cwd=tmp_path)
+    assert str(e.value) == NO_WORKSPACE and e.value.exit_code == 2
+    with pytest.raises(WorkspaceError, match=rf"^-w: {tmp_path} has no coordinator.yaml; run `coordinator init"):
+        Workspace.find(str(tmp_path))
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "gone"))
+    with pytest.raises(WorkspaceError, match=rf"^\${ENV_VAR}: {tmp_path / 'gone'} has no coordinator.yaml"):
+        Workspace.find(None, cwd=tmp_path)
+
+
+def test_a_config_folder_named_like_the_file_is_not_a_workspace(tmp_path: Path) -> None:
+    (tmp_path / "coordinator.yaml").mkdir()
+    with pytest.raises(WorkspaceError, match="^no workspace"):
+        Workspace.find(None, cwd=tmp_path)
+
+
+def test_paths_are_shown_relative_to_the_workspace(made: Workspace, tmp_path: Path) -> None:
+    assert made.rel(made.inbox("chip") / "fix.md") == "inbox/chip/fix.md"
+    outside = tmp_path / "elsewhere.md"
+    assert made.rel(outside) == str(outside)
+
+
+def test_the_agent_of_an_inbox_file(made: Workspace, tmp_path: Path) -> None:
+    assert made.agent_of_inbox(made.inbox("chip") / "fix.md") == "chip"
+    assert made.agent_of_inbox(made.inbox("chip") / "sub" / "fix.md") is None
+    assert made.agent_of_inbox(made.root / "fix.md") is None
+    assert made.agent_of_inbox(tmp_path / "inbox" / "chip" / "fix.md") is None  # another folder's inbox
+
+
+def test_ensure_layout_makes_only_what_is_missing(made: Workspace) -> None:
+    assert made.ensure_layout() == []
+    (made.inbox("rex")).rmdir()
+    assert made.ensure_layout() == ["inbox/rex"]
+    assert made.inbox("rex").is_dir()
