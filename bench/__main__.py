@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from coordinator.errors import CoordinatorError
+
 from . import backlog, budgetsim, live, parts
 from .harness import BenchError, Figure, table
 
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         try:
             figures += run(args.quick)
-        except (BenchError, OSError, subprocess.SubprocessError) as e:
+        except (BenchError, CoordinatorError, OSError, subprocess.SubprocessError) as e:
             failures[name] = str(e)
             print(f" FAILED: {str(e).splitlines()[0] if str(e) else type(e).__name__}", flush=True)
             continue

@@ -140,7 +140,10 @@ def budget_sim(sizes: Sizes) -> list[Figure]:
         f"{len(runs)} seeds",
         note=f"context per routing decision: median {rot['median']:,.0f} tokens (max {rot['max']:,}) with "
              f"rotation vs {none['median']:,.0f} (max {none['max']:,}) without; {rot['rotations']} rotations, "
-             f"{rot['fresh']} fresh; ratio per seed " + ", ".join(f"{r['ratio']:.1f}" for r in runs),
+             f"{rot['fresh']} fresh; ratio per seed " + ", ".join(f"{r['ratio']:.1f}" for r in runs)
+             + f"\n     context (K tokens) at decisions {', '.join(map(str, series['decision']))}:"
+             + "\n     rotate " + " ".join(f"{c / 1000:5.1f}" for c in series["rotate"])
+             + "\n     none   " + " ".join(f"{c / 1000:5.1f}" for c in series["none"]),
         data={"ratio": round(mid["ratio"], 2), "ratios": [round(r["ratio"], 2) for r in runs],
               "cumulative_rotate": rot["cumulative"], "cumulative_none": none["cumulative"],
               "max_rotate": rot["max"], "max_none": none["max"], "rotations": rot["rotations"],

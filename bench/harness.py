@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from coordinator.audit import StateRepo
+from coordinator.errors import CoordinatorError
 from coordinator.repos import init_demo_repo
 from coordinator.store import Store
 from coordinator.workspace import Workspace
@@ -182,7 +183,7 @@ def wait_status(ws: Workspace, ids: Sequence[str], statuses: frozenset[str], *, 
         while pending:
             try:
                 rec = store.load(pending[0])
-            except Exception:  # not written yet, or caught mid-replace
+            except (CoordinatorError, OSError, ValueError):  # not filed yet
                 break
             if rec.status not in statuses:
                 break
@@ -223,13 +224,6 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
-
-
-def timed(fn: Any, *args: Any, **kw: Any) -> tuple[float, Any]:
-    """(seconds, result) of one call."""
-    t0 = time.perf_counter()
-    out = fn(*args, **kw)
-    return time.perf_counter() - t0, out
 
 
 @dataclass

@@ -36,6 +36,7 @@ from .harness import (
     order_md,
     percentile,
     probe_of,
+    temp_folder,
     temp_workspace,
     wait_status,
 )
@@ -122,8 +123,7 @@ def _latency_run(samples: int, *, busy: bool, first: int) -> list[float]:
 def _bare_stamps(samples: int) -> list[float]:
     """The stamp command started by subprocess.Popen: fork+exec+shell start, in ms."""
     out: list[float] = []
-    with temp_workspace({"chip": {"role": "specialist", "command": ["/bin/true"]}}) as ws:
-        probe = probe_of(ws)
+    with temp_folder() as probe:
         stamps = _Stamps(probe)
         env = dict(os.environ, PROBE=str(probe))
         try:

@@ -152,8 +152,8 @@ def render_show(data: dict[str, Any]) -> str:
     for f in data.get("failures") or []:
         lines.append(f"failure: {f.splitlines()[0] if f else f}")
     report = data.get("report") or {}
-    if report.get("summary"):
-        lines.append(f"report: {report['summary']}")
+    if report.get("summary") and report["summary"] != "; ".join(data.get("errors") or []):
+        lines.append(f"report: {report['summary']}")  # a rejection's summary only repeats its errors
     for key in ("changed", "offending", "checks"):
         for x in report.get(key) or []:
             lines.append(f"  {key}: {x}")

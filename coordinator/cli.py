@@ -256,8 +256,10 @@ def supervise(c: Context, once: bool, poll: bool, grace: float) -> None:
     try:
         with Supervisor(c.ws, poll=poll, log=log, stop_grace=grace) as sup:
             if once:
-                sup.run_once()
-                log("done: nothing runnable left")
+                # Ctrl-C once drains, twice stops, as for `supervise`.
+                sup.run_once(should_stop=lambda: received[0])
+                if not received[0]:
+                    log("done: nothing runnable left")
             else:
                 log(f"supervising {c.ws.root} ({len(c.ws.config.agents)} agents); Ctrl-C to stop")
                 sup.run(should_stop=lambda: received[0])

@@ -224,13 +224,22 @@ class Supervisor:
             self._flush()
         return progress
 
-    def run_once(self, *, limit: float | None = None) -> None:
-        """Process everything that can be processed now, then return (`supervise --once`)."""
+    def run_once(self, *, limit: float | None = None, should_stop: Callable[[], int] | None = None) -> None:
+        """Process everything that can be processed now, then return (`supervise --once`).
+
+        `should_stop()` counts stop signals, as for `run`: the first stops new work and lets
+        running attempts finish within the grace; the second kills them (re-queued at next start).
+        """
         deadline = None if limit is None else time.monotonic() + limit
         while True:
+            if should_stop is not None and self._stop_requested(should_stop()):
+                return
             progress = self.step()
             if progress:
                 continue
+            if self.stopping and not self.attempts.active:
+                self.say("stopped: nothing running")
+                return
             if not self.attempts.active and not self._unsettled and not self._inbox_has_files():
                 return
             if deadline is not None and time.monotonic() > deadline:
@@ -241,16 +250,7 @@ class Supervisor:
         """Run until stopped. `should_stop()` returns how many stop signals arrived."""
         self._start_pumps()
         while True:
-            signals_seen = should_stop()
-            if signals_seen >= 1 and not self.stopping:
-                self.stopping = True
-                self._stop_deadline = time.monotonic() + self.stop_grace
-                self.say(f"stopping: no new work; {len(self.attempts.active)} running attempt(s) "
-                         f"get {self.stop_grace:.0f}s to finish (signal again to stop now)")
-            if self.stopping and (signals_seen >= 2 or (self._stop_deadline is not None
-                                                         and time.monotonic() > self._stop_deadline)):
-                self.attempts.kill_all()
-                self.say("stopped: running attempts killed; they are re-queued at the next start")
+            if self._stop_requested(should_stop()):
                 return
             progress = self.step()
             if self.stopping and not self.attempts.active:
@@ -262,6 +262,20 @@ class Supervisor:
     def wake(self) -> None:
         """Wake the loop from another thread (an LLM call ended) instead of waiting out the idle timeout."""
         self._wake.set()
+
+    def _stop_requested(self, signals_seen: int) -> bool:
+        """Act on the stop signals seen so far; True when the loop must return now."""
+        if signals_seen >= 1 and not self.stopping:
+            self.stopping = True
+            self._stop_deadline = time.monotonic() + self.stop_grace
+            self.say(f"stopping: no new work; {len(self.attempts.active)} running attempt(s) "
+                     f"get {self.stop_grace:.0f}s to finish (signal again to stop now)")
+        if self.stopping and (signals_seen >= 2 or (self._stop_deadline is not None
+                                                     and time.monotonic() > self._stop_deadline)):
+            self.attempts.kill_all()
+            self.say("stopped: running attempts killed; they are re-queued at the next start")
+            return True
+        return False
 
     def _idle_timeout(self) -> float:
         if self._unsettled:

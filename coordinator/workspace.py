@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import config as config_mod
 from .config import CONFIG_NAME, Config
-from .errors import UsageError, WorkspaceError
+from .errors import CoordinatorError, UsageError, WorkspaceError
 
 ENV_VAR = "COORDINATOR_WORKSPACE"
 RUNTIME = ".coordinator"
@@ -124,7 +124,7 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
     target = target.expanduser().resolve()
     cfg_path = target / CONFIG_NAME
     if cfg_path.exists() and not force:
-        raise UsageError(f"{cfg_path} already exists; pass --force to overwrite it")
+        raise CoordinatorError(f"{cfg_path} already exists; pass --force to overwrite it")  # SPEC §1: exit 1
     if target.exists() and not target.is_dir():
         raise UsageError(f"{target} is not a folder")
     target.mkdir(parents=True, exist_ok=True)

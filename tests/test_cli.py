@@ -262,7 +262,7 @@ def test_send_dash_reads_the_order_from_stdin_in_any_form(ws: Path, form: str) -
               "acceptance": ["It greets", "It uses the name", "`make test` passes"],
               "files": ["webapp/src/greeting.py"],
               "branching": [{"action": "halt-with-note", "when": "it already greets"}]}
-    text = {"markdown": order(fields["objective"]), "yaml": yaml.safe_dump(fields),  # type: ignore[arg-type]
+    text = {"markdown": order(str(fields["objective"])), "yaml": yaml.safe_dump(fields),
             "json": json.dumps(fields)}[form]
     result = run("-w", ws, "send", "-", "--to", "chip", input=text)
     assert (result.exit_code, result.stdout) == (0, "WO-0001\n"), result.stderr
@@ -346,6 +346,18 @@ def test_show_prints_one_order_with_report_and_history(worked: Path) -> None:
     missing = run("-w", worked, "show", "WO-9999")
     assert (missing.exit_code, missing.stderr) == (1, "coordinator: no order 'WO-9999'; `coordinator board` "
                                                       "lists them\n")
+
+
+def test_show_a_rejected_order_lists_each_error_once(ws: Path) -> None:
+    (ws / "inbox" / "chip" / "bad.md").write_text("**Objective:** Something vague\n")  # not via `send`
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    assert statuses(ws) == {"WO-0001": "rejected"}
+    shown = run("-w", ws, "show", "WO-0001").stdout.splitlines()
+    assert shown[0].startswith("WO-0001  rejected  user → chip  attempts 0")
+    errors = [line for line in shown if line.startswith("error: ")]
+    assert [e.split(": ")[2] for e in errors] == ["acceptance", "files", "branching"]
+    assert not any(line.startswith("report: ") for line in shown)
+    assert json.loads(run("-w", ws, "show", "WO-0001", "--json").stdout)["order"] is None
 
 
 def test_log_prints_the_audit_history(worked: Path) -> None:

@@ -263,6 +263,21 @@ def team(make_ws):
                    orchestrator="walt")
 
 
+class FailingClock:
+    """The clock, injected: armed, its next reading fails. Intake reads it after moving the
+    original into the order folder and before writing record.json, so an unexpected error
+    strikes there, as any bug in a step might."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def __call__(self) -> float:
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("the clock failed")
+        return time.time()
+
+
 def crash_marker(ws: Workspace) -> None:
     """What a running supervisor leaves behind: its `running` marker."""
     ws.runtime.mkdir(parents=True, exist_ok=True)
@@ -314,17 +329,33 @@ def test_crash_after_claim_files_the_claimed_order(make_ws):
 
 @pytest.mark.parametrize("written", ["original", "original+order.json"])
 def test_crash_after_validation_files_the_order_to_its_recipient(make_ws, written):
-    """The original was moved into its order folder; the crash came before record.json."""
+    """The original was moved into its order folder; the crash came before record.json.
+
+    `original`: killed right after the move (the injected clock fails where intake reads it,
+    between moving the original and writing the order and its record; then the supervisor
+    is abandoned as kill -9 leaves it). `original+order.json`: built on disk, the crash came
+    between order.json and record.json.
+    """
     ws = team(make_ws)
     text = order_md("Validated then crashed", files=("webapp/src/v1.py",), id="v1")
     folder = Store(ws.state).folder("v1")
-    folder.mkdir(parents=True)
-    (folder / "original.md").write_text(text)
-    if written == "original+order.json":
+    if written == "original":
+        drop(ws, "chip", "v.md", text)
+        clock = FailingClock()
+        sup = Supervisor(ws, clock=clock)
+        sup.open()
+        clock.armed = True
+        with pytest.raises(RuntimeError, match="the clock failed"):
+            step_until(sup, lambda: False, "the clock to fail")
+        abandon(sup)
+        assert (folder / "original.md").exists() and not (folder / "record.json").exists()
+    else:
+        folder.mkdir(parents=True)
+        (folder / "original.md").write_text(text)
         order = orders.load(text.encode(), path="inbox/chip/v.md", to="chip", config=ws.config,
                             history=orders.EmptyHistory())
         durable.write_json(folder / "order.json", order.to_dict())
-    crash_marker(ws)
+        crash_marker(ws)
     open_gate(ws, "v1", 1)
     restart(ws)
     assert list(Store(ws.state).load_all()) == ["v1"]
@@ -432,8 +463,7 @@ def test_crash_between_a_state_write_and_its_commit_repairs_the_history(make_ws,
     open_gate(ws, "w1", 2)
     restart(ws)
     assert_done_once(ws, "w1")
-    log = git(ws.state, "log", "--format=%s")
-    assert "recovery" in log
+    assert "recover" in git(ws.state, "log", "--format=%B")  # an explicit recovery commit
     lines = [e.line for e in StateRepo(ws.state).entries("w1")]
     assert lines[0] .startswith("w1 chip: new -> queued"), lines
     if committed == "the first of two commits":
@@ -479,21 +509,6 @@ def test_a_live_git_processs_lock_is_left_alone(make_ws):
 
 
 # -- an error inside a step, then a restart ---------------------------------------------------
-class FailingClock:
-    """The clock, injected: armed, its next reading fails. Intake reads it after moving the
-    original into the order folder and before writing record.json, so an unexpected error
-    strikes there, as any bug in a step might."""
-
-    def __init__(self) -> None:
-        self.armed = False
-
-    def __call__(self) -> float:
-        if self.armed:
-            self.armed = False
-            raise RuntimeError("the clock failed")
-        return time.time()
-
-
 def test_an_error_inside_a_step_then_a_restart_loses_no_order(make_ws):
     """The supervisor stops on an unexpected error (leaving through `close()`, as the CLI's
     `with` block does). The restart must finish filing the order in flight: not delete it as

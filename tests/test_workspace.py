@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from coordinator import config
-from coordinator.errors import UsageError, WorkspaceError
+from coordinator.errors import CoordinatorError, UsageError, WorkspaceError
 from coordinator.workspace import ENV_VAR, NO_WORKSPACE, RUNTIME, Workspace, example_config, init
 
 
@@ -32,7 +32,7 @@ def test_init_makes_config_inboxes_state_repository_and_demo_repository(tmp_path
 
 def test_init_never_overwrites_a_config_without_force(made: Workspace) -> None:
     made.config_path.write_text("version: 1\nagents: {}\n")
-    with pytest.raises(UsageError, match="already exists; pass --force to overwrite it"):
+    with pytest.raises(CoordinatorError, match="already exists; pass --force to overwrite it"):
         init(made.root)
     assert made.config_path.read_text() == "version: 1\nagents: {}\n"
     ws, lines = init(made.root, force=True)
