@@ -23,6 +23,8 @@ def report(ws: Workspace) -> list[str]:
             lines.append(f"  filesystem rights handled: {', '.join(map(str, rights))}")
         scopes = st.get("scopes") or []
         lines.append(f"  scopes: {', '.join(map(str, scopes)) or 'none (ABI < 6: signals are not scoped)'}")
+        lines.append("  not covered by Landlock: network, named unix sockets, chmod/chown/utime of existing "
+                     "files (the gate checks modes inside the working copy only)")
     else:
         lines.append("landlock: NOT AVAILABLE — gate-only mode: writes outside the working copy are detected "
                      "after the run, not refused")
@@ -50,7 +52,8 @@ def report(ws: Workspace) -> list[str]:
     lines.append(f"team: {len(cfg.agents)} agent(s), max_parallel {cfg.max_parallel}, "
                  f"orchestrator {cfg.orchestrator or '-'}")
     for name, a in cfg.agents.items():
-        how = "llm " + a.llm.primary.model if a.llm else ("command " + a.command[0] if a.command else "external")
+        shown = " ".join(a.command[:3]).replace("{python}", "python") if a.command else ""
+        how = "llm " + a.llm.primary.model if a.llm else (f"command: {shown}" if a.command else "external (no command)")
         missing = ""
         if a.command and not a.command[0].startswith("{") and shutil.which(a.command[0]) is None:
             missing = f"  (WARNING: {a.command[0]} not found on PATH)"
