@@ -23,6 +23,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator import audit, durable
+from coordinator.store import Store, iso
+
 from .harness import (
     BenchError,
     Figure,
@@ -41,6 +44,8 @@ from .harness import (
 RECOVERY_TARGET_S = 5.0
 RSS_TARGET_MB = 300.0
 PROBE_TIMEOUT = 300.0
+SMALL = 50  # orders in the workspace whose state commits are the baseline
+COMMITS = 20  # state commits timed in each workspace
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,29 @@ def _crash(root: Path) -> None:
         raise BenchError("kill -9 left no crash marker; the crash path would not be measured")
 
 
+def _commit_cost(root: Path, count: int) -> float:
+    """Median seconds to record and commit one change of an existing order's record, the
+    supervisor's way (unsynced save, staged line, syncfs, `StateRepo.flush` of its journal)."""
+    state = root / "state"
+    store, repo = Store(state), audit.StateRepo(state)
+    ids = sorted(store.load_all())[:count]
+    spans = []
+    durable.open_journal()
+    try:
+        for oid in ids:
+            rec = store.load(oid)
+            rec.updated = iso(time.time())
+            t0 = time.perf_counter()
+            store.save(rec, sync=False)
+            repo.stage(audit.SUPERVISOR, f"{oid} {rec.to}: touched by the benchmark")
+            durable.sync_fs(state)
+            repo.flush(durable.take_journal())
+            spans.append(time.perf_counter() - t0)
+    finally:
+        durable.close_journal()
+    return median(spans)
+
+
 def _board(root: Path) -> float:
     from coordinator.workspace import Workspace
 
@@ -134,6 +162,9 @@ def _board(root: Path) -> float:
 def backlog(sizes: Sizes) -> list[Figure]:
     n = sizes.orders
     with temp_folder() as base:
+        small_root, _ = _build(base / "small", SMALL)
+        small_commit = _commit_cost(small_root, COMMITS)
+    with temp_folder() as base:
         root, build_rate = _build(base, n)
         clean = [_run_probe(root) for _ in range(sizes.open_runs)]
         crashed = []
@@ -141,6 +172,7 @@ def backlog(sizes: Sizes) -> list[Figure]:
             _crash(root)
             crashed.append(_run_probe(root))
         boards = [_board(root) for _ in range(sizes.board_runs)]
+        big_commit = _commit_cost(root, COMMITS)  # last: it changes the backlog's records
     for probe in clean + crashed:
         if probe["queued"] != n:
             raise BenchError(f"a restarted supervisor found {probe['queued']:.0f} queued orders, not {n}")
@@ -168,6 +200,13 @@ def backlog(sizes: Sizes) -> list[Figure]:
                     f"{med(clean, 'process_wall_s'):.2f} s; backlog filed at {build_rate:.0f} orders/s"),
         Figure("backlog_board", f"4. {n:,} queued: `coordinator board`",
                f"{board_s:.2f} s", f"{len(boards)} runs", data={"board_s": round(board_s, 3)}),
+        Figure("backlog_state_commit", f"4. {n:,} queued: one state commit",
+               f"{big_commit * 1000:.0f} ms ({small_commit * 1000:.0f} ms with {SMALL} orders)",
+               f"{COMMITS}+{COMMITS} commits",
+               data={"commit_ms": round(big_commit * 1000, 2), "baseline_commit_ms": round(small_commit * 1000, 2),
+                     "baseline_orders": SMALL},
+               note="one record rewritten and committed as the supervisor does (syncfs, git add, git commit): "
+                    "the cost grows with the orders state/ holds"),
         Figure("backlog_rss", f"4. {n:,} queued: supervisor peak RSS",
                f"{rss:.0f} MB", f"max of {len(clean) + len(crashed)}", f"< {RSS_TARGET_MB:.0f} MB",
                rss < RSS_TARGET_MB, {"peak_rss_mb": round(rss, 1),

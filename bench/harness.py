@@ -61,7 +61,7 @@ def temp_folder(prefix: str = "coord-bench-") -> Iterator[Path]:
 def make_workspace(base: Path, agents: dict[str, Any], **top: Any) -> Workspace:
     """A workspace under `base/ws`, with `base/probe` as the agents' sandbox-writable $PROBE."""
     root = base / "ws"
-    root.mkdir(exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     probe = base / "probe"
     probe.mkdir(exist_ok=True)
     for spec in agents.values():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from .harness import (
 )
 
 STAMP_SCRIPT = 'printf "%s %s\\n" "$COORD_ORDER_ID" "$EPOCHREALTIME" > "$PROBE/stamps"'
-STAMP_COMMAND = ["/bin/bash", "-c", STAMP_SCRIPT]
+STAMP_COMMAND = [shutil.which("bash") or "/bin/bash", "-c", STAMP_SCRIPT]
 IDLE_GAP = 0.55  # s between idle drops: longer than watchdog's 0.5 s hold of a claim's rename
 LATENCY_TARGET_MS = 10.0
 THROUGHPUT_TARGET = 3.0  # supervisor time / bare spawn time

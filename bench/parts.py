@@ -3,8 +3,7 @@
 - sandbox: `coordinator.spawner.Spawner` starts `/bin/true` with no ruleset and with a
   Landlock ruleset of the shape an attempt gets (attempt folder, a working-copy folder,
   an extra writable path); per spawn: the `spawn()` round trip (returns once exec
-  succeeded) and the whole cycle until the exit is reported. The two modes alternate in
-  blocks so drift in the machine's load hits both alike.
+  succeeded) and the whole cycle until the exit is reported. The two modes alternate.
 - gate: a git repository of GATE_FILES files and a worktree of it, as an attempt gets;
   per attempt `gate.snapshot` before, one file changed, `snapshot` after, `diff`, `judge`.
 - state commits: `audit.StateRepo` on a fresh state repository; per transition a record
@@ -37,8 +36,7 @@ SPAWN_WAIT = 10.0
 
 @dataclass(frozen=True)
 class Sizes:
-    spawn_blocks: int = 4
-    spawns_per_block: int = 50
+    spawns: int = 200  # per mode
     gate_runs: int = 15
     worktree_runs: int = 3
     commit_runs: int = 3
@@ -46,7 +44,7 @@ class Sizes:
     group_commits: int = 1000
 
 
-QUICK = Sizes(spawn_blocks=2, spawns_per_block=20, gate_runs=5, worktree_runs=2, commit_runs=2,
+QUICK = Sizes(spawns=40, gate_runs=5, worktree_runs=2, commit_runs=2,
               single_commits=20, group_commits=200)
 
 
@@ -81,13 +79,13 @@ def sandbox(sizes: Sizes) -> list[Figure]:
         n = 0
         with Spawner() as sp:
             _spawn_once(sp, base, "warm-up", rules)
-            for _ in range(sizes.spawn_blocks):
+            # Alternate spawn by spawn, so a change in the machine's load hits both modes alike.
+            for _ in range(sizes.spawns):
                 for mode in ("bare", "landlock"):
-                    for _ in range(sizes.spawns_per_block):
-                        n += 1
-                        results[mode].append(_spawn_once(sp, base, f"s{n}", rules if mode == "landlock" else None))
+                    n += 1
+                    results[mode].append(_spawn_once(sp, base, f"s{n}", rules if mode == "landlock" else None))
         py = []
-        for _ in range(sizes.spawn_blocks * sizes.spawns_per_block):
+        for _ in range(sizes.spawns):
             t0 = time.perf_counter()
             subprocess.run(["/bin/true"], check=True)
             py.append(time.perf_counter() - t0)

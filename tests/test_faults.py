@@ -92,7 +92,7 @@ def fill(mnt: Path, *, leave: int) -> Path:
     return filler
 
 
-@pytest.mark.parametrize("leave_kib", [0, 8, 200])
+@pytest.mark.parametrize("leave_kib", [0, 200])
 def test_disk_full_while_writing_state_loses_no_order(small_disk, leave_kib):
     """30 orders, then the disk fills. The supervisor stops with one clear line; once space is
     freed, a restart files every order exactly once and `audit verify` is clean."""
@@ -200,7 +200,7 @@ def test_a_commit_made_by_hand_while_no_supervisor_runs_is_signalled_at_start(ma
     assert StateRepo(ws.state).dirty() == []  # the signal itself is committed
 
 
-RACE = 4.0  # seconds of committing by hand while orders merge
+RACE = 3.0  # seconds of committing by hand while orders merge
 
 
 def test_commits_racing_a_live_supervisor_lose_nothing(make_ws, tmp_path):

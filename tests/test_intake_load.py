@@ -143,6 +143,9 @@ def run_burst(ws: Workspace, live: Callable[[Workspace], Live], n: int) -> float
                and not os.listdir(ws.inbox("walt")) and not intake_files(ws),
                f"{n} files to be filed")
     took = time.monotonic() - started
+    watcher = lv.sup.watcher
+    print(f"inotify overflows seen: {getattr(watcher, 'overflows', '?')}, "
+          f"watcher restarts: {getattr(watcher, 'restarts', '?')}")
     lv.stop()
     assert len(os.listdir(orders_dir)) == n
     assert_each_exactly_once(ws, texts)

@@ -116,13 +116,6 @@ def committed_status(ws: Workspace, order_id: str) -> str | None:
     return moves[-1] if moves else None
 
 
-def status(ws: Workspace, order_id: str) -> str | None:
-    try:
-        return Store(ws.state).load(order_id).status
-    except Exception:
-        return None
-
-
 def probe(ws: Workspace) -> Path:
     return ws.root.parent / "probe"
 
@@ -497,7 +490,8 @@ def test_a_live_git_processs_lock_is_left_alone(make_ws):
     ws = team(make_ws)
     lock = ws.repos / "webapp" / ".git" / "index.lock"
     lock.write_text("")
-    holder = subprocess.Popen(["sleep", "30"], stdin=open(lock))  # noqa: SIM115
+    with open(lock) as held:
+        holder = subprocess.Popen(["sleep", "30"], stdin=held)
     try:
         with Supervisor(ws) as sup:
             del sup
