@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from coordinator.demo.repo import init_demo_repo
 
 from coordinator.audit import StateRepo
 from coordinator.errors import CoordinatorError
-from coordinator.repos import init_demo_repo
 from coordinator.store import Store
 from coordinator.workspace import Workspace
 

@@ -313,7 +313,7 @@ class AttemptRunner:
                 except GitError as e:
                     return self.fail(act, f"could not merge: {e}")
                 rec.commit = act.committed
-                self.sup.note_head(act.repo.name, sha)
+                self.sup.note_head(act.repo.name, sha, base=getattr(act.repo, "last_base", None))
         summary = act.result.summary if act.result else "done"
         rec.report = {"summary": summary,
                       "changed": [f"{act.repo.name}/{p}" for p in act.verdict.commit_paths()]

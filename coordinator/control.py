@@ -9,7 +9,6 @@ requests at every loop step. When none runs, the CLI opens the workspace itself
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from pathlib import Path

@@ -57,7 +57,10 @@ class Intake:
         """Rename `path` out of the inbox; None when it vanished or another claimed it."""
         folder = self.store.intake_dir / agent
         folder.mkdir(parents=True, exist_ok=True)
-        dest = folder / f"{time.time_ns():020d}-{path.name}"
+        raw = os.fsencode(path.name)
+        if len(raw) > 200:  # the 21-byte prefix must fit in NAME_MAX (255); keep the suffix
+            raw = raw[:100] + b"~" + raw[-99:]
+        dest = folder / os.fsdecode(f"{time.time_ns():020d}-".encode() + raw)
         try:
             os.rename(path, dest)
         except FileNotFoundError:
@@ -79,6 +82,8 @@ class Intake:
     def file(self, claimed: Path, agent: str, *, shown: str, sender: str | None = None,
              parent: str | None = None) -> Filed:
         """Validate the claimed file and move it into its order folder with a record."""
+        # A file name need not be UTF-8; records and messages must be.
+        shown = shown.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         data = _read_capped(claimed)
         order: WorkOrder | None = None
         problems: list[Problem] = []
@@ -102,6 +107,9 @@ class Intake:
             order = dataclasses.replace(order, id=order_id, parent=parent or order.parent)
         folder = self.store.folder(order_id)
         folder.mkdir(parents=True, exist_ok=True)
+        # Written before the original moves in: a crash before record.json must not forget
+        # whom the order is for, or who stamped it.
+        durable.write_json(folder / "intake.json", {"to": agent, "sender": sender, "source": shown}, sync=False)
         durable.move(claimed, folder / f"original{suffix}", sync=False)
         return Filed(self._record(order_id, agent, order, partial, problems, shown, sender), order, problems)
 

@@ -132,10 +132,8 @@ def _covers(w: list[str], e: list[str]) -> bool:
     seg = e[0]
     if seg == "**":
         return False
-    if has_glob(seg):
-        ok = head == seg or head == "*"
-    else:
-        ok = bool(re.fullmatch(_segment(head), seg))
+    # A glob segment is covered only by itself or by `*`; a literal one by matching.
+    ok = head in (seg, "*") if has_glob(seg) else bool(re.fullmatch(_segment(head), seg))
     if not ok:
         return False
     if len(w) == 1 and not has_glob(head) and len(e) > 1:

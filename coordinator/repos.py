@@ -358,20 +358,17 @@ class Repo:
                 branch = self.default_branch()
                 base = self.head()
                 if self._is_ancestor(tip, base):
+                    self.last_base = base
                     return base  # already in
                 if self._is_ancestor(base, tip):
                     new = tip  # fast-forward
                 else:
                     message = f"Merge wo/{order_id} into {branch}\n\nWork-Order: {order_id}\n"
                     new = self._merge_commit(order_id, branch, base, tip, message)
-                self._move_checkout(base, new)
-                note = f"coordinator: merge wo/{order_id}"
-                # Compare-and-swap: the branch moves only if it still points at `base`.
-                swap = self._run(["update-ref", "-m", note, f"refs/heads/{branch}", new, base], check=False)
-                if swap.returncode == 0:
+                if self._locked_move(branch, base, new, f"coordinator: merge wo/{order_id}"):
+                    self.last_base = base
                     return new
-                # Somebody moved the branch meanwhile: undo the checkout, go again.
-                self._move_checkout(new, base)
+                time.sleep(0.05)  # the branch moved, or a person's git holds the index: go again
         raise GitError(
             f"repos/{self.name}: the default branch kept moving while wo/{order_id} was merged; "
             "stop whatever else commits there and retry"
@@ -406,18 +403,57 @@ class Repo:
                     self._drop(w)
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def _move_checkout(self, old: str, new: str) -> None:
-        """Update the main checkout's index and files from commit `old` to `new`, keeping local edits."""
-        self._run(["update-index", "-q", "--refresh"], cwd=self.path, check=False)
-        r = self._run(["read-tree", "-m", "-u", old, new], cwd=self.path, check=False)
-        if r.returncode != 0:
-            raise GitError(
-                f"repos/{self.name}: the checkout has uncommitted changes to files this merge updates "
-                f"({r.stderr.strip().splitlines()[0] if r.stderr.strip() else 'read-tree failed'}); "
-                "commit or discard them there, then retry"
-            )
-
     # -- housekeeping --------------------------------------------------------------------------
+
+    def _locked_move(self, branch: str, base: str, new: str, note: str) -> bool:
+        """Move the checkout and the branch from `base` to `new` holding git's own index.lock
+        throughout, as `git commit` holds it across its ref update: a person's git in the same
+        checkout fails fast instead of interleaving. False when busy or the branch moved."""
+        index, lock = self.git_dir / "index", self.git_dir / "index.lock"
+        try:
+            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            return False
+        try:
+            if index.exists():
+                shutil.copyfile(index, lock)
+            env = {"GIT_INDEX_FILE": str(lock)}
+            if self.head() != base:
+                return False
+            self._run(["update-index", "-q", "--refresh"], cwd=self.path, env=env, check=False)
+            r = self._run(["read-tree", "-m", "-u", base, new], cwd=self.path, env=env, check=False)
+            if r.returncode != 0:
+                raise GitError(
+                    f"repos/{self.name}: the checkout has uncommitted changes to files this merge "
+                    f"updates ({r.stderr.strip().splitlines()[0] if r.stderr.strip() else 'read-tree failed'}); "
+                    "commit or discard them there, then retry")
+            swap = self._run(["update-ref", "-m", note, f"refs/heads/{branch}", new, base], check=False)
+            if swap.returncode != 0:
+                self._run(["read-tree", "-m", "-u", new, base], cwd=self.path, env=env, check=False)
+                return False
+            os.replace(lock, index)
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+
+    def heal_checkout(self) -> list[str]:
+        """Undo a merge a crash left half done in the checkout: paths staged against HEAD that
+        only wo/ branches changed, with the files as staged, go back to HEAD. A person's own
+        edits elsewhere are kept. Returns the paths put back."""
+        staged = _nul_split(self.git("diff-index", "--cached", "--name-only", "-z", "HEAD", cwd=self.path))
+        if not staged:
+            return []
+        unstaged = set(_nul_split(self.git("diff", "--name-only", "-z", cwd=self.path)))
+        ours: set[str] = set()
+        refs = self.git("for-each-ref", "--format=%(refname)", f"refs/heads/{BRANCH_PREFIX}").split()
+        for ref in refs:
+            ours.update(_nul_split(self.git("diff", "--name-only", "-z", f"HEAD...{ref}")))
+        if not set(staged) <= ours or unstaged & set(staged):
+            return []
+        index_tree = self.git("write-tree", cwd=self.path)
+        self._run(["read-tree", "-m", "-u", index_tree, "HEAD"], cwd=self.path)
+        return staged
 
     def clear_stale_lock(self, *, now: float | None = None) -> bool:
         """Remove git lock files that no live process holds; True when any was removed."""
@@ -473,68 +509,6 @@ def gc_worktrees(work_root: Path, repos: Iterable[Repo], *, keep_days: float, no
                     w.tree.parent.rmdir()
             repo._run(["worktree", "prune"])
     return removed
-
-
-def init_demo_repo(path: Path) -> Repo:
-    """A tiny Python "webapp" with passing tests and one commit on main, by coordinator."""
-    path = Path(os.path.abspath(path))
-    if (path / ".git").exists():
-        raise GitError(f"{path} is already a git repository; remove it or pick another folder")
-    path.mkdir(parents=True, exist_ok=True)
-    for rel, text in _DEMO_FILES.items():
-        target = path / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text, encoding="utf-8")
-    run_git(["init", "-q", str(path)], git_dir=None, cwd=path.parent)
-    gd = path / ".git"
-    run_git(["symbolic-ref", "HEAD", "refs/heads/main"], git_dir=gd, cwd=gd)
-    run_git(["add", "-A"], git_dir=gd, work_tree=path, cwd=path)
-    tree = run_git(["write-tree"], git_dir=gd, work_tree=path, cwd=path).stdout.strip()
-    message = "Demo webapp: login rules and their tests\n"
-    sha = run_git(["commit-tree", tree], git_dir=gd, cwd=gd, env=ident_env(*COORDINATOR_IDENT), input=message)
-    run_git(["update-ref", "refs/heads/main", sha.stdout.strip(), ""], git_dir=gd, cwd=gd)
-    return Repo(path)
-
-
-_DEMO_FILES = {
-    "README.md": "# webapp\n\nA tiny demo application for coordinator. Run the tests with `make test`.\n",
-    ".gitignore": "__pycache__/\n*.pyc\n",
-    "Makefile": (
-        "PYTHON ?= python3\n"
-        "# No bytecode files: a test run must not write outside the files an order may change.\n"
-        "export PYTHONDONTWRITEBYTECODE = 1\n\n"
-        ".PHONY: test\n"
-        "test:\n"
-        "\t$(PYTHON) -m unittest discover -s tests -t . -v\n"
-    ),
-    "src/login.py": (
-        '"""The webapp\'s login rules."""\n\n'
-        "from typing import Optional\n\n\n"
-        "def password_problem(password: str) -> Optional[str]:\n"
-        '    """Why `password` cannot be used to log in, or None when it can."""\n'
-        "    if not password:\n"
-        '        return "Password required"\n'
-        "    return None\n"
-    ),
-    "tests/__init__.py": "",
-    "tests/test_login.py": (
-        "import sys\n"
-        "import unittest\n"
-        "from pathlib import Path\n\n"
-        'sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))\n\n'
-        "from login import password_problem  # noqa: E402\n\n\n"
-        "class LoginTest(unittest.TestCase):\n"
-        "    def test_empty_password_is_refused(self) -> None:\n"
-        '        self.assertEqual(password_problem(""), "Password required")\n\n'
-        "    def test_ordinary_password_logs_in(self) -> None:\n"
-        '        self.assertIsNone(password_problem("correct horse battery staple"))\n\n\n'
-        'if __name__ == "__main__":\n'
-        "    unittest.main()\n"
-    ),
-}
-
-
-# -- helpers ------------------------------------------------------------------------------------
 
 
 def _branch(order_id: str) -> str:

@@ -17,6 +17,7 @@ from it (result, outbox) is read without following links and with a size cap.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -272,8 +273,6 @@ def last_activity(attempt: Attempt, started: float) -> float:
     """When the attempt last printed or touched its heartbeat."""
     latest = started
     for p in (attempt.log, attempt.heartbeat):
-        try:
+        with contextlib.suppress(OSError):
             latest = max(latest, p.stat().st_mtime)
-        except FileNotFoundError:
-            pass
     return latest

@@ -212,7 +212,7 @@ def gc(ws: Workspace, days: float) -> list[str]:
 
 def demo_intro(ws: Workspace) -> list[str]:
     """Set up the embedded demo (its repository) and say how to drive it."""
-    from .repos import init_demo_repo
+    from .demo.repo import init_demo_repo
 
     lines = []
     demo = ws.repos / "webapp"

@@ -129,6 +129,19 @@ def _mark_of(pid: int) -> str | None:
     return None
 
 
+def _env_of(pid: int, name: str) -> str | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read()
+    except OSError:
+        return None
+    prefix = name.encode() + b"="
+    for entry in environ.split(b"\0"):
+        if entry.startswith(prefix):
+            return entry[len(prefix):].decode("utf-8", "replace")
+    return None
+
+
 def _children(table: dict[int, _Proc]) -> dict[int, list[_Proc]]:
     kids: dict[int, list[_Proc]] = {}
     for proc in table.values():
@@ -181,7 +194,7 @@ def _wait_gone(procs: list[_Proc], timeout: float) -> None:
             os.close(fd)
 
 
-def kill_leftovers(tokens: Iterable[str], timeout: float = SIGKILL_WAIT) -> int:
+def kill_leftovers(tokens: Iterable[str], timeout: float = SIGKILL_WAIT, *, workspace: str | None = None) -> int:
     """Crash recovery without a server: SIGKILL every process marked with one of `tokens`,
     its descendants and its session; returns how many processes were killed."""
     wanted = set(tokens)
@@ -196,7 +209,8 @@ def kill_leftovers(tokens: Iterable[str], timeout: float = SIGKILL_WAIT) -> int:
         while pid in table and pid not in protected:  # never ourselves or an ancestor
             protected.add(pid)
             pid = table[pid].ppid
-        seeds = [p for p in table.values() if p.pid not in protected and not p.zombie and _mark_of(p.pid) in wanted]
+        seeds = [p for p in table.values() if p.pid not in protected and not p.zombie and _mark_of(p.pid) in wanted
+                 and (workspace is None or _env_of(p.pid, "COORD_WORKSPACE") == workspace)]
         sids = {p.sid for p in seeds} - {my_sid}
         kids = _children(table)
         targets = {q.pid: q for p in seeds for q in _subtree(p, kids)}

@@ -76,8 +76,8 @@ class Supervisor:
         self.open()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(clean=exc_type is None)
 
     def open(self) -> None:
         """Lock the workspace, heal the layout, recover from a crash, start watcher and spawner."""
@@ -120,12 +120,12 @@ class Supervisor:
         self._watcher.start()
         self._opened = True
 
-    def close(self) -> None:
+    def close(self, *, clean: bool = True) -> None:
         if self._watcher is not None:
             self._watcher.stop()
         self._wake.set()
         self._polled.set()
-        if self._opened:
+        if self._opened and clean:
             self._flush()
             if not self.offline and not self.attempts.active:
                 (self.ws.runtime / "running").unlink(missing_ok=True)
@@ -167,31 +167,43 @@ class Supervisor:
 
         for path in verify.repo_dirs(self.ws):
             with contextlib.suppress(CoordinatorError):
-                if Repo(path).clear_stale_lock():
+                repo = Repo(path)
+                if repo.clear_stale_lock():
                     self.say(f"cleared a stale lock in repos/{path.name}/.git left by a dead git process")
+                healed = repo.heal_checkout()
+                if healed:
+                    self.say(f"recovery: put back {len(healed)} path(s) of a merge interrupted in repos/{path.name}")
 
     def _recover(self, crashed: bool) -> None:
         """Finish what a crash interrupted; every order ends up in exactly one place."""
         if crashed:
             for name in self.audit.recover():
                 self.say(f"recovery: committed state/{name}, written before a crash")
+            for line in self.audit.repair_history(self.records.values()):
+                self.say(f"recovery: history repaired: {line}")
         for folder in self.store.unrecorded():
             original = next(iter(folder.glob("original.*")), None)
             if original is None:
                 shutil.rmtree(folder, ignore_errors=True)
                 continue
             agent = self._agent_from_original(folder)
+            try:
+                meta = durable.read_json(folder / "intake.json")
+            except (OSError, ValueError):
+                meta = {}
             claimed = self.intake.claim(original, agent)
             shutil.rmtree(folder, ignore_errors=True)
+            durable.note(folder)
             if claimed:
-                self._file(claimed, agent, shown=f"inbox/{agent}/{original.name}")
+                self._file(claimed, agent, shown=str(meta.get("source") or f"inbox/{agent}/{original.name}"),
+                           sender=meta.get("sender"))
         for claimed, agent in self.intake.claimed():
             self._file(claimed, agent, shown=f"inbox/{agent}/{claimed.name.split('-', 1)[-1]}")
         running = [r for r in self.records.values() if r.status == "running"]
         if running:
             tokens = [str(r.running["token"]) for r in running if r.running]
             from .spawner import kill_leftovers
-            killed = kill_leftovers(tokens)
+            killed = kill_leftovers(tokens, workspace=str(self.ws.root))
             if killed:
                 self.say(f"recovery: killed {killed} leftover process(es) of a dead supervisor")
         for rec in running:
@@ -199,10 +211,12 @@ class Supervisor:
         self._flush()
 
     def _agent_from_original(self, folder: Path) -> str:
-        try:
-            return str(durable.read_json(folder / "order.json")["to"])
-        except (OSError, ValueError, KeyError):
-            return next(iter(self.config.agents))
+        for name in ("intake.json", "order.json"):
+            try:
+                return str(durable.read_json(folder / name)["to"])
+            except (OSError, ValueError, KeyError):
+                continue
+        return next(iter(self.config.agents))
 
     # -- the loop -----------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -620,8 +634,12 @@ class Supervisor:
             verify.save_heads(self.ws, self.heads)
             self.audit.stage(audit.SUPERVISOR, "repos: recorded default-branch heads")
 
-    def note_head(self, repo: str, head: str) -> None:
-        """The supervisor itself moved `repo`'s default branch to `head`."""
+    def note_head(self, repo: str, head: str, *, base: str | None = None) -> None:
+        """The supervisor itself moved `repo`'s default branch from `base` to `head`."""
+        known = self.heads.get(repo, {}).get("head")
+        if base and known and base != known:  # somebody else moved it first
+            self.signal("silent", agent=None, order=None,
+                        evidence=f"repos/{repo} default branch moved {known[:10]}..{base[:10]} with no work order")
         entry = self.heads.setdefault(repo, {"baseline": head, "head": head})
         entry["head"] = head
         verify.save_heads(self.ws, self.heads)

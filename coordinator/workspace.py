@@ -119,7 +119,8 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
     Never overwrites an existing coordinator.yaml unless `force`.
     Returns the workspace and the lines to tell the user.
     """
-    from . import audit, repos  # git-backed pieces are only needed here and by the supervisor
+    from . import audit  # git-backed pieces are only needed here and by the supervisor
+    from .demo.repo import init_demo_repo
 
     target = target.expanduser().resolve()
     cfg_path = target / CONFIG_NAME
@@ -139,7 +140,7 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
         lines.append("initialised state/ (git repository, first commit)")
     demo = ws.repos / "webapp"
     if _uses_repo(cfg, "webapp") and not demo.exists():
-        repos.init_demo_repo(demo)
+        init_demo_repo(demo)
         lines.append("created repos/webapp (demo repository)")
     ignore = target / ".gitignore"
     if not ignore.exists() and not (target / ".git").exists():

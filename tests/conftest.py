@@ -13,8 +13,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests import fakellm and helpers as top-level modules
 
+from coordinator.demo.repo import init_demo_repo  # noqa: E402
+
 from coordinator.audit import StateRepo  # noqa: E402
-from coordinator.repos import init_demo_repo  # noqa: E402
 from coordinator.workspace import Workspace  # noqa: E402
 
 

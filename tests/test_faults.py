@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import drop, order_md, sh
+from coordinator.demo.repo import init_demo_repo
 
 from coordinator import signals
 from coordinator.audit import StateRepo
-from coordinator.repos import init_demo_repo
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
 from coordinator.verify import verify

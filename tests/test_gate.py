@@ -9,10 +9,11 @@ import stat
 from pathlib import Path
 
 import pytest
+from coordinator.demo.repo import init_demo_repo
 
 from coordinator import gate
 from coordinator.gate import Change, describe, diff, judge, snapshot
-from coordinator.repos import Repo, init_demo_repo
+from coordinator.repos import Repo
 
 FILES = ("webapp/src/login.py", "webapp/tests/**")
 WRITES = ("webapp/src/**", "webapp/tests/**")

@@ -142,7 +142,7 @@ if exists:
                                   "git-config", "config", "runtime-pid", "fake-home", "absolute",
                                   "via-dotdot"])
 def test_writes_outside_the_working_copy_are_refused_by_the_kernel(make_ws, tmp_path: Path, name: str) -> None:
-    from coordinator.repos import init_demo_repo
+    from coordinator.demo.repo import init_demo_repo
 
     home, outside = tmp_path / "home", tmp_path / "outside"
     home.mkdir()

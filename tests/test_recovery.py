@@ -527,8 +527,7 @@ def test_an_error_inside_a_step_then_a_restart_loses_no_order(make_ws):
 def second_workspace(root: Path, agents: dict[str, object]) -> Workspace:
     """Another workspace next to make_ws's, with its own $PROBE (same layout as conftest's)."""
     import yaml
-
-    from coordinator.repos import init_demo_repo
+    from coordinator.demo.repo import init_demo_repo
 
     (root / "ws").mkdir(parents=True)
     (root / "probe").mkdir()

@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from coordinator.demo.repo import init_demo_repo
 
 from coordinator.errors import GitError
-from coordinator.repos import MergeConflict, Repo, gc_worktrees, init_demo_repo
+from coordinator.repos import MergeConflict, Repo, gc_worktrees
 
 TRAILERS = {"Work-Order": "WO-0001", "Agent": "chip", "Attempt": "1"}
 
@@ -313,13 +314,13 @@ class RacedRepo(Repo):
 
     raced = False
 
-    def _move_checkout(self, old: str, new: str) -> None:
+    def _locked_move(self, branch: str, base: str, new: str, note: str) -> bool:
         if not self.raced:
             self.raced = True
             edit(self.path / "USER.txt", "user\n")
             sh_git(self.path, "add", "USER.txt")
             sh_git(self.path, "commit", "-q", "-m", "user's own commit")
-        super()._move_checkout(old, new)
+        return super()._locked_move(branch, base, new, note)
 
 
 def test_a_racing_change_to_the_branch_is_detected_and_kept(ws: Path) -> None:
