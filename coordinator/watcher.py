@@ -222,13 +222,23 @@ if HAS_INOTIFY_READER:
                 self._on_overflow()
             super().handle_event(event)
 
+    class _InboxEmitter(InotifyEmitter):
+        """Never asks for IN_MOVED_FROM: watchdog holds every event for 0.5 s behind an
+        unpaired one, to pair it with a move in, and each claim is a move out of the inbox.
+        A move in still arrives (IN_MOVED_TO) and is hinted; drop-to-claim stays immediate."""
+
+        def get_event_mask_from_filter(self) -> Any:
+            from watchdog.observers.inotify_c import InotifyConstants
+
+            return super().get_event_mask_from_filter() & ~InotifyConstants.IN_MOVED_FROM
+
     class _InotifyObserver(BaseObserver):
         """watchdog's InotifyObserver, built around the reader above (same lifecycle)."""
 
         def __init__(self, on_overflow: Callable[[], None]) -> None:
             self.reader = _OverflowReportingReader(on_overflow)
             self.reader.start()
-            super().__init__(InotifyEmitter, inotify_fd=self.reader)
+            super().__init__(_InboxEmitter, inotify_fd=self.reader)
 
         def on_thread_stop(self) -> None:
             super().on_thread_stop()
