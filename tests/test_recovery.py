@@ -422,7 +422,7 @@ def test_crash_during_the_merge(make_ws, reached):
     if reached == "branch-moved":
         assert repo.merge("m1") == tip
     else:
-        repo._move_checkout(base, tip)
+        repo._run(["read-tree", "-m", "-u", base, tip], cwd=repo.path)  # the checkout moved, the branch not
     open_gate(ws, "m1", 2)
     restart(ws)
     assert_done_once(ws, "m1")
