@@ -211,10 +211,12 @@ class StateRepo:
             sha, author, at, _committer, body = chunk.split("\x1f", 4)
             for line in body.splitlines():
                 m = TRANSITION.match(line)
-                if m is None and order_id is not None:
-                    continue
-                if order_id is not None and m is not None and m.group("id") != order_id:
-                    continue
+                if order_id is not None:
+                    # An order's own lines: its transitions and its events ("WO-1 chip: stale …").
+                    if m is not None and m.group("id") != order_id:
+                        continue
+                    if m is None and not line.startswith(f"{order_id} "):
+                        continue
                 if not line.strip():
                     continue
                 found.append(Entry(sha, author, at, line, m.group("id") if m else None,

@@ -254,3 +254,47 @@ def test_report_is_delivered_to_the_sender(make_ws):
     ledger = json.loads((ws.state / "orchestrator" / "ledger.json").read_text())
     kinds = {(i["ref"], i["kind"], i["status"]) for i in ledger["items"]}
     assert ("a", "order", "completed") in kinds and ("a", "report", "completed") in kinds
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_hanging_specialist_and_its_escaped_descendants_are_killed_at_the_timeout(make_ws):
+    import time
+
+    hang = sh('sleep 60 & echo $! >> "$PROBE/pids"; '
+              'setsid sh -c \'echo $$ >> "$PROBE/pids"; sleep 60\' & '
+              'echo $$ >> "$PROBE/pids"; sleep 60')
+    ws = make_ws({"chip": {"role": "specialist", "command": hang, "timeout": "1s", "max_failures": 1}})
+    drop(ws, "chip", "h.md", order_md("Hangs forever", id="h"))
+    started = time.monotonic()
+    run(ws)
+    elapsed = time.monotonic() - started
+    rec = Store(ws.state).load("h")
+    assert rec.status == "blocked" and "timed out after 1.0s" in rec.failures[0]
+    pids = [int(p) for p in (ws.root.parent / "probe" / "pids").read_text().split()]
+    assert len(pids) == 3 and not any(_alive(p) for p in pids)  # none left, not even as a zombie
+    assert elapsed < 1 + 2 + 8  # timeout + grace + the supervisor's own start and stop
+
+
+def test_a_silent_attempt_is_flagged_stale_and_the_flag_is_audited(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("sleep 1.5"), "stale_after": "0.3s"}})
+    drop(ws, "chip", "s.md", order_md("Works quietly", id="s"))
+    seen = []
+    with Supervisor(ws) as sup:
+        sup._intake_step()
+        while True:
+            sup.step()
+            rec = sup.records["s"]
+            seen.append(rec.stale)
+            if rec.terminal:
+                break
+            sup._wait(0.05)
+    assert True in seen and rec.status == "done" and not rec.stale
+    lines = [e.line for e in StateRepo(ws.state).entries("s")]
+    assert any("stale (no output or heartbeat for 0.3s)" in line for line in lines)
