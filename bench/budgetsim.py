@@ -5,7 +5,7 @@ Each routing decision, in the supervisor's order of events:
    exactly as `Supervisor._on_terminal` / `_deliver_report` do (`Ledger.complete`, `add`);
 2. the orchestrator reads its whole context: the decision costs `hot_tokens()` tokens read;
 3. it sends one order: `orders.render` of a work order of ~150-400 tokens goes in-flight;
-   its report (`supervisor.render_report`, ~200-600 tokens) arrives 2-5 decisions later;
+   its report (`reports.render`, ~200-600 tokens) arrives 2-5 decisions later;
 4. the supervisor's budget check runs: `budget.on_ceiling` with the policy under test.
 With rotation the policy is `rotate` at a 7,000-token ceiling (fresh brief from the real
 `budget.render_brief` when dropping completed items is not enough); without it, `warn`,
@@ -25,7 +25,7 @@ from coordinator import budget, orders
 from coordinator.config import Budget
 from coordinator.orders import Acceptance, Branch, WorkOrder
 from coordinator.store import Record, iso
-from coordinator.supervisor import render_report
+from coordinator.reports import render as render_report
 
 from .harness import Figure, median, temp_folder
 

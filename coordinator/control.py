@@ -11,12 +11,17 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import durable
-from .errors import CoordinatorError, SupervisorError
+from . import audit, durable
+from .errors import CoordinatorError, NotFoundError, StateError, SupervisorError, UsageError
+from .store import Record
 from .workspace import Workspace
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
 
 ANSWER_TIMEOUT = 15.0
 
@@ -91,3 +96,70 @@ def answer(request: Path, *, result: dict[str, Any] | None = None, error: str | 
     target = request.with_name(request.name.replace(".request.json", ".answer.json"))
     durable.write_json(target, {"result": result, "error": error}, sync=False)
     request.unlink(missing_ok=True)
+
+
+# -- what the supervisor does for each request --------------------------------------------------
+def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Do what a CLI command asked: cancel, retry, rotate, budget-add."""
+    if action == "cancel":
+        rec = _record(sup, str(args["id"]))
+        if rec.status not in ("queued", "waiting", "running"):
+            raise StateError(f"{rec.id} is {rec.status}; only queued, waiting or running orders can be cancelled")
+        if rec.status == "running":
+            sup.attempts.cancel(rec)
+        rec.report = {"summary": f"cancelled by {args.get('by', 'user')}"}
+        sup.move(rec, "cancelled", str(args.get("by", "user")))
+        return {"id": rec.id, "status": rec.status}
+    if action == "retry":
+        rec = _record(sup, str(args["id"]))
+        if rec.status not in ("blocked", "halted") and not (rec.status == "waiting" and rec.blocker):
+            raise StateError(f"{rec.id} is {rec.status}; only blocked or halted orders (or one waiting on a "
+                             "blocker) can be retried")
+        rec.failures = []
+        rec.blocker = None
+        status = "queued" if all(sup.records.get(d) is not None and sup.records[d].status == "done"
+                                 for d in rec.blocked_by) else "waiting"
+        sup.move(rec, status, str(args.get("by", "user")), note="retry")
+        return {"id": rec.id, "status": rec.status}
+    if action == "rotate":
+        return rotate(sup, fresh=bool(args.get("fresh")))
+    if action == "budget-add":
+        tokens = int(args["tokens"])
+        if tokens < 0:
+            raise UsageError("budget add takes a positive number of tokens")
+        note = str(args.get("note") or "")
+        ref = f"manual-{time.time_ns()}"
+        sup.ledger.add(ref, "manual", note, tokens=tokens, note=note, now=datetime.now(UTC))
+        sup.ledger.save()
+        change = sup.ledger.update_mode(sup.config.budget.bands)
+        sup.ledger.save()
+        sup.audit.stage(audit.SUPERVISOR, f"budget {sup.config.orchestrator or '-'}: +{tokens} manual"
+                         + (f" ({note[:80]})" if note else ""))
+        out: dict[str, Any] = {"hot_tokens": sup.ledger.hot_tokens(),
+                               "mode": sup.ledger.mode(sup.config.budget.bands)}
+        if change:
+            out["mode_change"] = list(change)
+        return out
+    raise UsageError(f"unknown request {action!r}")
+
+
+def rotate(sup: Supervisor, *, fresh: bool) -> dict[str, Any]:
+    before = sup.ledger.hot_tokens()
+    if fresh:
+        generation = sup.ledger.fresh(sup.fresh_brief(), now=datetime.now(UTC))
+        line = f"rotate --fresh: generation {generation}, {before} -> {sup.ledger.hot_tokens()} hot tokens"
+    else:
+        dropped = sup.ledger.rotate()
+        sup.ledger.save()
+        line = f"rotate: dropped {len(dropped)} completed item(s), {before} -> {sup.ledger.hot_tokens()} hot tokens"
+    sup.ledger.update_mode(sup.config.budget.bands)
+    sup.ledger.save()
+    sup.audit.stage(audit.SUPERVISOR, f"budget {sup.config.orchestrator or '-'}: {line}")
+    return {"message": line, "hot_tokens": sup.ledger.hot_tokens(), "generation": sup.ledger.generation}
+
+
+def _record(sup: Supervisor, order_id: str) -> Record:
+    rec = sup.records.get(order_id)
+    if rec is None:
+        raise NotFoundError(f"no order {order_id!r}; `coordinator board` lists them")
+    return rec

@@ -24,9 +24,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import audit, budget, control, durable, runner, signals, verify
+from . import audit, budget, control, durable, reports, signals, verify
 from .attempts import AttemptRunner
-from .errors import CoordinatorError, NotFoundError, StateError, SupervisorError, UsageError
+from .errors import CoordinatorError, NotFoundError, SupervisorError
 from .intake import Intake
 from .orders import PRIORITY_RANK, WorkOrder
 from .spawner import Spawner
@@ -443,7 +443,7 @@ class Supervisor:
         report = rec.report or {"status": rec.status, "summary": "; ".join(rec.errors) or rec.status}
         rec.report = {**report, "status": rec.status}
         self.store.save(rec, sync=False)
-        text = render_report(rec)
+        text = reports.render(rec)
         durable.write_text(self.store.folder(rec.id) / "report.md", text, sync=False)
         if rec.sender not in ("user", "coordinator"):
             box = self.ws.state / "reports" / rec.sender
@@ -525,7 +525,7 @@ class Supervisor:
             self.audit.stage(audit.SUPERVISOR, f"budget {self.config.orchestrator}: " + "; ".join(lines))
 
     def fresh_brief(self) -> str:
-        return fresh_brief(self.records, self.ledger.generation + 1)
+        return reports.fresh_brief(self.records, self.ledger.generation + 1)
 
     def signal(self, kind: str, *, agent: str | None, order: str | None, evidence: str) -> None:
         signals.record(self.ws.state, kind, agent=agent, order=order, evidence=evidence,
@@ -546,61 +546,8 @@ class Supervisor:
         return served
 
     def handle(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
-        """Do what a CLI command asked: cancel, retry, rotate, budget-add."""
-        if action == "cancel":
-            rec = self._record(str(args["id"]))
-            if rec.status not in ("queued", "waiting", "running"):
-                raise StateError(f"{rec.id} is {rec.status}; only queued, waiting or running orders can be cancelled")
-            if rec.status == "running":
-                self.attempts.cancel(rec)
-            rec.report = {"summary": f"cancelled by {args.get('by', 'user')}"}
-            self.move(rec, "cancelled", str(args.get("by", "user")))
-            return {"id": rec.id, "status": rec.status}
-        if action == "retry":
-            rec = self._record(str(args["id"]))
-            if rec.status not in ("blocked", "halted") and not (rec.status == "waiting" and rec.blocker):
-                raise StateError(f"{rec.id} is {rec.status}; only blocked or halted orders (or one waiting on a "
-                                 "blocker) can be retried")
-            rec.failures = []
-            rec.blocker = None
-            status = "queued" if all(self.records.get(d) is not None and self.records[d].status == "done"
-                                     for d in rec.blocked_by) else "waiting"
-            self.move(rec, status, str(args.get("by", "user")), note="retry")
-            return {"id": rec.id, "status": rec.status}
-        if action == "rotate":
-            return self.rotate(fresh=bool(args.get("fresh")))
-        if action == "budget-add":
-            tokens = int(args["tokens"])
-            if tokens < 0:
-                raise UsageError("budget add takes a positive number of tokens")
-            note = str(args.get("note") or "")
-            ref = f"manual-{time.time_ns()}"
-            self.ledger.add(ref, "manual", note, tokens=tokens, note=note, now=datetime.now(UTC))
-            self.ledger.save()
-            change = self.ledger.update_mode(self.config.budget.bands)
-            self.ledger.save()
-            self.audit.stage(audit.SUPERVISOR, f"budget {self.config.orchestrator or '-'}: +{tokens} manual"
-                             + (f" ({note[:80]})" if note else ""))
-            out: dict[str, Any] = {"hot_tokens": self.ledger.hot_tokens(),
-                                   "mode": self.ledger.mode(self.config.budget.bands)}
-            if change:
-                out["mode_change"] = list(change)
-            return out
-        raise UsageError(f"unknown request {action!r}")
-
-    def rotate(self, *, fresh: bool) -> dict[str, Any]:
-        before = self.ledger.hot_tokens()
-        if fresh:
-            generation = self.ledger.fresh(self.fresh_brief(), now=datetime.now(UTC))
-            line = f"rotate --fresh: generation {generation}, {before} -> {self.ledger.hot_tokens()} hot tokens"
-        else:
-            dropped = self.ledger.rotate()
-            self.ledger.save()
-            line = f"rotate: dropped {len(dropped)} completed item(s), {before} -> {self.ledger.hot_tokens()} hot tokens"
-        self.ledger.update_mode(self.config.budget.bands)
-        self.ledger.save()
-        self.audit.stage(audit.SUPERVISOR, f"budget {self.config.orchestrator or '-'}: {line}")
-        return {"message": line, "hot_tokens": self.ledger.hot_tokens(), "generation": self.ledger.generation}
+        """Do what a CLI command asked (cancel, retry, rotate, budget-add): see `control.handle`."""
+        return control.handle(self, action, args)
 
     def _record(self, order_id: str) -> Record:
         rec = self.records.get(order_id)
@@ -651,35 +598,8 @@ class Supervisor:
             self.audit.flush(durable.take_journal())
 
 
-def render_report(rec: Record) -> str:
-    report = rec.report or {}
-    lines = [f"# Report on {rec.id}: {rec.status}", "", f"**Objective:** {rec.objective}", "",
-             f"**Status:** {rec.status} after {rec.attempts} attempt(s)", ""]
-    if report.get("summary"):
-        lines += ["**Summary:**", "", str(report["summary"]), ""]
-    if rec.errors:
-        lines += ["**Errors:**", ""] + [f"- {e}" for e in rec.errors] + [""]
-    for key, title in (("changed", "Changed files"), ("offending", "Denied paths"), ("checks", "Checks")):
-        if report.get(key):
-            lines += [f"**{title}:**", ""] + [f"- {x}" for x in report[key]] + [""]
-    if rec.commit:
-        lines += [f"**Commit:** {rec.commit}", ""]
-    return "\n".join(lines)
-
-
-def fresh_brief(records: dict[str, Record], generation: int) -> str:
-    in_flight = [{"id": r.id, "to": r.to, "status": r.status, "objective": r.objective,
-                  "waiting_on": list(r.blocked_by) + ([r.blocker] if r.blocker else [])}
-                 for r in sorted(records.values(), key=lambda r: r.seq) if not r.terminal]
-    rejections = [{"id": r.id, "to": r.to, "objective": r.objective, "reason": (r.errors or ["?"])[0]}
-                  for r in sorted(records.values(), key=lambda r: r.seq)[-200:]
-                  if r.status in ("rejected", "denied")][-10:]
-    return budget.render_brief(in_flight, rejections, generation=generation, now=datetime.now(UTC))
-
-
 def _landlock_available() -> bool:
     from .landlock import abi_version
     return abi_version() > 0
 
 
-__all__ = ["Supervisor", "render_report", "runner"]
