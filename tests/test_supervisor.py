@@ -298,3 +298,32 @@ def test_a_silent_attempt_is_flagged_stale_and_the_flag_is_audited(make_ws):
     assert True in seen and rec.status == "done" and not rec.stale
     lines = [e.line for e in StateRepo(ws.state).entries("s")]
     assert any("stale (no output or heartbeat for 0.3s)" in line for line in lines)
+
+
+def test_a_second_supervisor_refuses_and_a_first_sigterm_lets_running_work_finish(make_ws):
+    import signal
+    import sys
+    import time
+
+    exe = str(Path(sys.executable).with_name("coordinator"))
+    ws = make_ws({"chip": {"role": "specialist", "command": sh('touch "$PROBE/started"; sleep 1.5; echo finished')}})
+    first = subprocess.Popen([exe, "-w", str(ws.root), "supervise"], stderr=subprocess.PIPE, text=True)
+    try:
+        drop(ws, "chip", "a.md", order_md("Finishes after a while", id="a"))
+        started = ws.root.parent / "probe" / "started"
+        deadline = time.monotonic() + 20
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists()
+        second = subprocess.run([exe, "-w", str(ws.root), "supervise", "--once"], capture_output=True, text=True)
+        assert second.returncode == 2
+        assert second.stderr.strip() == (f"coordinator: another supervisor (pid {first.pid}) is running on "
+                                         f"{ws.root}; stop it first")
+        first.send_signal(signal.SIGTERM)  # once: no new work, the running attempt may finish
+        _, err = first.communicate(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err
+    assert "stopping: no new work" in err and "Traceback" not in err
+    assert status(ws, "a") == "done"
