@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
              "quick": args.quick}
     print()
     print(table(figures))
-    print(f"\nmedians over the runs shown in brackets; {total:.0f} s in all"
+    print(f"\neach figure is the median over what the measured column says; {total:.0f} s in all"
           f"{'' if total < BUDGET_S else f' (over the {BUDGET_S:.0f} s budget)'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"machine": info, "figures": [f.as_json() for f in figures], "failures": failures}

@@ -24,8 +24,8 @@ from typing import Any
 from coordinator import budget, orders
 from coordinator.config import Budget
 from coordinator.orders import Acceptance, Branch, WorkOrder
-from coordinator.store import Record, iso
 from coordinator.reports import render as render_report
+from coordinator.store import Record, iso
 
 from .harness import Figure, median, temp_folder
 

@@ -110,18 +110,13 @@ class StateRepo:
         """
         if not self._pending:
             return 0
-        groups: list[tuple[str, list[str]]] = []
-        for actor, line in self._pending:
-            if groups and groups[-1][0] == actor:
-                groups[-1][1].append(line)
-            else:
-                groups.append((actor, [line]))
+        groups = _group(self._pending)
         self._pending.clear()
         if paths is None:
             self.git("add", "-A", ".")
         else:
             self.add(paths)
-        for actor, lines in groups:
+        for actor, lines, _ in groups:
             self.git("commit", "-q", "--allow-empty", "--no-verify", "-m", "\n".join(lines), actor=actor)
         return len(groups)
 
@@ -232,6 +227,32 @@ class StateRepo:
             if committer != SUPERVISOR:
                 bad.append(f"{sha[:10]} by {committer}: {subject}")
         return bad
+
+
+def _group(pending: list[tuple[str, str]]) -> list[tuple[str, list[str], list[str]]]:
+    """(actor, lines, order ids) per commit: one commit per actor where the history allows.
+
+    A line joins the latest earlier group of its actor unless that would move it before a line
+    about the same order, or one that names its order or that it names (a dependency released,
+    a follow-up filed). Grouping only consecutive lines made a busy supervisor, alternating
+    `queued -> running` (coordinator) and `running -> done` (the agent), commit every line alone.
+    """
+    groups: list[tuple[str, list[str], list[str]]] = []
+    for actor, line in pending:
+        order = line.split(" ", 1)[0]
+        target = None
+        for group in reversed(groups):
+            if group[0] == actor:
+                target = group
+                break
+            if any(o == order or o in line or order in text for o, text in zip(group[2], group[1], strict=True)):
+                break
+        if target is None:
+            target = (actor, [], [])
+            groups.append(target)
+        target[1].append(line)
+        target[2].append(order)
+    return groups
 
 
 def run(path: Path, *args: str, actor: str = SUPERVISOR) -> str:

@@ -38,6 +38,7 @@ INTAKE_BATCH = 500          # files filed per step before running what is ready
 STOP_GRACE = 30.0           # seconds running attempts get after the first SIGTERM
 KILL_GRACE = 2.0            # SIGTERM -> SIGKILL for a process tree
 UNSETTLED_RETRY = 0.2       # seconds between looks at a file still being written
+FLUSH_EVERY = 0.25          # seconds: in the loops, the transitions of several steps share commits
 TAMPER_EVERY = 5.0          # seconds between looks for changes the supervisor did not make
 
 
@@ -69,6 +70,7 @@ class Supervisor:
         self._pumps: list[threading.Thread] = []
         self._opened = False
         self._last_watch = time.monotonic()
+        self._last_flush = 0.0
         self.offline = offline  # a CLI serving one request while no supervisor runs: never spawns
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -219,8 +221,9 @@ class Supervisor:
         return next(iter(self.config.agents))
 
     # -- the loop -----------------------------------------------------------------------------------
-    def step(self) -> bool:
-        """One round; True when anything happened."""
+    def step(self, *, paced: bool = False) -> bool:
+        """One round; True when anything happened. Commits at its end, unless `paced` (the
+        loops): then only once FLUSH_EVERY has passed or nothing is moving any more."""
         progress = self._serve_requests()
         if not self.stopping:
             progress |= self._intake_step()
@@ -229,8 +232,12 @@ class Supervisor:
         if not self.stopping:
             progress |= self._dispatch()
         self._budget_check()
-        self._flush()
         now = time.monotonic()
+        # A commit costs 15-25 ms, more as state/ grows: while orders keep moving, several
+        # steps share one; the files are the truth in between and recovery commits leftovers.
+        if (not paced or self.stopping or now - self._last_flush >= FLUSH_EVERY
+                or not (progress or self.attempts.active)):
+            self._flush()
         if now - self._last_watch > TAMPER_EVERY and not self.offline:
             self._last_watch = now
             self._watch_state()
@@ -248,7 +255,7 @@ class Supervisor:
         while True:
             if should_stop is not None and self._stop_requested(should_stop()):
                 return
-            progress = self.step()
+            progress = self.step(paced=True)
             if progress:
                 continue
             if self.stopping and not self.attempts.active:
@@ -266,7 +273,7 @@ class Supervisor:
         while True:
             if self._stop_requested(should_stop()):
                 return
-            progress = self.step()
+            progress = self.step(paced=True)
             if self.stopping and not self.attempts.active:
                 self.say("stopped: nothing running")
                 return
@@ -294,6 +301,8 @@ class Supervisor:
     def _idle_timeout(self) -> float:
         if self._unsettled:
             return UNSETTLED_RETRY
+        if self.audit.pending:
+            return FLUSH_EVERY
         return 1.0
 
     def _wait(self, timeout: float) -> None:
@@ -593,6 +602,7 @@ class Supervisor:
 
     # -- commits --------------------------------------------------------------------------------
     def _flush(self) -> None:
+        self._last_flush = time.monotonic()
         if self.audit.pending:
             durable.sync_fs(self.ws.state)
             self.audit.flush(durable.take_journal())
