@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import durable, orders
-from .config import Config
+from .config import SYSTEM_SENDERS, Config
 from .errors import OrderError, Problem
 from .orders import WorkOrder
 from .store import History, Record, Store, iso
 from .watcher import is_candidate
 
 MAX_READ = orders.MAX_ORDER_BYTES + 1
-SYSTEM_SENDERS = ("user", "coordinator")
+
+ACCEPTED_CACHE = 1000
 
 
 @dataclass
@@ -51,6 +52,9 @@ class Intake:
         self.ids_dir.mkdir(parents=True, exist_ok=True)
         self.next_number = store.max_assigned() + 1
         self.seq = max((r.seq for r in records.values()), default=0) + 1
+        # Orders filed in this run, by id, until their first attempt takes them: saves reading
+        # order.json back on the drop-to-spawn path. Bounded by how many orders wait.
+        self.accepted: dict[str, WorkOrder] = {}
 
     # -- claiming -------------------------------------------------------------------------------
     def claim(self, path: Path, agent: str) -> Path | None:
@@ -168,6 +172,8 @@ class Intake:
         self.seq += 1
         if order is not None:
             durable.write_json(self.store.folder(order_id) / "order.json", order.to_dict(), sync=False)
+            if status == "queued" and len(self.accepted) < ACCEPTED_CACHE:
+                self.accepted[order_id] = order
         self.store.save(record, sync=False)
         self.records[order_id] = record
         self.history.note(record)

@@ -18,6 +18,7 @@ from it (result, outbox) is read without following links and with a size cap.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -100,21 +101,27 @@ def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -
     """Make the attempt's folders and write its order and brief (not the working copy)."""
     assert order.id is not None
     folder = attempt_folder(ws, order.id, number)
-    if folder.exists():
-        shutil.rmtree(folder)
     logs = ws.runtime / "logs" / order.id / str(number)
-    if logs.exists():
-        shutil.rmtree(logs)
-    logs.mkdir(parents=True)
-    (folder / "outbox").mkdir(parents=True)
-    (folder / "scratch").mkdir()
-    (folder / "tmp").mkdir()
+    for old in (folder, logs):
+        if old.exists():  # an earlier run of this attempt number (a crash): start clean
+            shutil.rmtree(old)
+    # One mkdir per folder, parents first: this is on the drop-to-spawn path.
+    _mkdirs(folder.parent.parent, folder.parent, folder, folder / "outbox", folder / "tmp",
+            logs.parent.parent, logs.parent, logs)
+    if not order.files:
+        _mkdirs(folder / "scratch")
     repo = order.repo
     workdir = work_folder(ws, order.id) / repo if repo else folder / "scratch"
     attempt = Attempt(order.id, number, folder, workdir, repo)
     attempt.order_file.write_text(json.dumps(order.to_dict(), indent=2) + "\n", encoding="utf-8")
     attempt.brief.write_text(brief_text(order, number, failures), encoding="utf-8")
     return attempt
+
+
+def _mkdirs(*folders: Path) -> None:
+    for folder in folders:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder)
 
 
 def brief_text(order: WorkOrder, number: int, failures: list[str]) -> str:
@@ -142,7 +149,7 @@ def argv(agent: Agent, attempt: Attempt, ws: Workspace) -> tuple[str, ...]:
         "id": attempt.order_id,
         "order": str(attempt.order_file),
         "brief": str(attempt.brief),
-        "brief_text": attempt.brief.read_text("utf-8"),
+        "brief_text": attempt.brief.read_text("utf-8") if any("{brief_text}" in a for a in agent.command) else "",
         "workdir": str(attempt.workdir),
         "result": str(attempt.result),
         "python": sys.executable,
@@ -179,8 +186,14 @@ def environment(agent: Agent, attempt: Attempt, ws: Workspace) -> dict[str, str]
 
 def protected(ws: Workspace) -> list[Path]:
     """What no sandbox grant may cover: the team's config, state, inboxes, repositories, runtime, home."""
+    return list(_protected(ws.root))
+
+
+@functools.lru_cache(maxsize=32)
+def _protected(root: Path) -> tuple[Path, ...]:
+    ws = Workspace(root)
     found = [ws.config_path, ws.state, ws.inbox_root, ws.repos, ws.runtime, Path.home()]
-    return [p.resolve() for p in found]
+    return tuple(p.resolve() for p in found)
 
 
 def check_writable(agent: Agent, ws: Workspace) -> None:

@@ -71,6 +71,7 @@ class Supervisor:
         self._opened = False
         self._last_watch = time.monotonic()
         self._last_flush = 0.0
+        self._committer: audit.Committer | None = None
         self.offline = offline  # a CLI serving one request while no supervisor runs: never spawns
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -127,6 +128,10 @@ class Supervisor:
             self._watcher.stop()
         self._wake.set()
         self._polled.set()
+        if self._committer is not None:
+            with contextlib.suppress(CoordinatorError):
+                self._committer.stop()
+            self._committer = None
         if self._opened and clean:
             self._flush()
             if not self.offline and not self.attempts.active:
@@ -237,7 +242,7 @@ class Supervisor:
         # steps share one; the files are the truth in between and recovery commits leftovers.
         if (not paced or self.stopping or now - self._last_flush >= FLUSH_EVERY
                 or not (progress or self.attempts.active)):
-            self._flush()
+            self._flush(background=paced)
         if now - self._last_watch > TAMPER_EVERY and not self.offline:
             self._last_watch = now
             self._watch_state()
@@ -251,6 +256,12 @@ class Supervisor:
         `should_stop()` counts stop signals, as for `run`: the first stops new work and lets
         running attempts finish within the grace; the second kills them (re-queued at next start).
         """
+        try:
+            self._run_once(limit, should_stop)
+        finally:
+            self._flush()  # whatever the loop staged is committed when this returns
+
+    def _run_once(self, limit: float | None, should_stop: Callable[[], int] | None) -> None:
         deadline = None if limit is None else time.monotonic() + limit
         while True:
             if should_stop is not None and self._stop_requested(should_stop()):
@@ -269,6 +280,12 @@ class Supervisor:
 
     def run(self, *, should_stop: Callable[[], int]) -> None:
         """Run until stopped. `should_stop()` returns how many stop signals arrived."""
+        try:
+            self._run(should_stop)
+        finally:
+            self._flush()
+
+    def _run(self, should_stop: Callable[[], int]) -> None:
         self._start_pumps()
         while True:
             if self._stop_requested(should_stop()):
@@ -569,6 +586,7 @@ class Supervisor:
 
     # -- tamper watch ----------------------------------------------------------------------------------
     def _watch_state(self) -> None:
+        self._drain()  # only what the supervisor has committed is compared
         """Hand-made changes in state/ are put back from git and recorded as `silent`."""
         mine = {os.path.relpath(p, self.ws.state) for p in durable.peek_journal()}
         foreign = [p for p in self.audit.dirty() if p not in mine and not p.startswith("intake/")]
@@ -601,11 +619,24 @@ class Supervisor:
         verify.save_heads(self.ws, self.heads)
 
     # -- commits --------------------------------------------------------------------------------
-    def _flush(self) -> None:
+    def _flush(self, *, background: bool = False) -> None:
+        """Commit what is staged: now, or (in the loops) handed to the committer thread."""
         self._last_flush = time.monotonic()
-        if self.audit.pending:
+        batch = self.audit.take(durable.take_journal()) if self.audit.pending else None
+        if background and batch is not None:
+            if self._committer is None:
+                self._committer = audit.Committer(self.audit, before=lambda: durable.sync_fs(self.ws.state))
+            self._committer.submit(batch)
+            return
+        self._drain()
+        if batch is not None:
             durable.sync_fs(self.ws.state)
-            self.audit.flush(durable.take_journal())
+            self.audit.write(batch)
+
+    def _drain(self) -> None:
+        """Wait for the committer thread: state/ is committed when this returns."""
+        if self._committer is not None:
+            self._committer.drain()
 
 
 def _landlock_available() -> bool:
