@@ -102,12 +102,15 @@ class AttemptRunner:
             return False
         rec.attempts = number
         rec.running = {**attempt.as_json(), "started": act.started, "deadline": act.deadline}
-        sup.move(rec, "running", audit.SUPERVISOR, note=f"attempt {number}")
         self.active[act.token] = act
         if agent.llm is not None:
+            sup.move(rec, "running", audit.SUPERVISOR, note=f"attempt {number}")
             from .llmrun import start_llm_attempt
             start_llm_attempt(self, act)
             return True
+        # Spawn first, record after: the record write is off the drop-to-spawn path. A crash
+        # in between is safe: the fork server kills its children when the supervisor dies,
+        # and the order, still `queued` on disk, simply runs again.
         try:
             sup.spawner.spawn(SpawnRequest(
                 argv=runner.argv(agent, attempt, self.ws),
@@ -116,7 +119,10 @@ class AttemptRunner:
                 sandbox=act.rules))
         except CoordinatorError as e:
             del self.active[act.token]
+            sup.move(rec, "running", audit.SUPERVISOR, note=f"attempt {number}")
             self.fail(act, f"could not start {agent.name}: {e}")
+            return True
+        sup.move(rec, "running", audit.SUPERVISOR, note=f"attempt {number}")
         return True
 
     # -- watching -------------------------------------------------------------------------------------
