@@ -117,19 +117,11 @@ def _processes() -> dict[int, _Proc]:
 
 def _mark_of(pid: int) -> str | None:
     """The attempt token in a process's environment (as it was at exec), if any."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            environ = f.read()
-    except OSError:
-        return None
-    prefix = MARK.encode() + b"="
-    for entry in environ.split(b"\0"):
-        if entry.startswith(prefix):
-            return entry[len(prefix) :].decode("utf-8", "replace")
-    return None
+    return _env_of(pid, MARK)
 
 
 def _env_of(pid: int, name: str) -> str | None:
+    """One variable of a process's environment as it was at exec, if set."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
             environ = f.read()

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -150,7 +149,3 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
 
 def _uses_repo(cfg: Config, repo: str) -> bool:
     return any(w.split("/", 1)[0] == repo for a in cfg.agents.values() for w in a.writes)
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
