@@ -111,7 +111,12 @@ def _latency_run(samples: int, *, busy: bool, first: int) -> list[float]:
                         time.sleep(max(0.0, last_drop + IDLE_GAP - time.monotonic()))
                     last_drop = time.monotonic()
                     dropped = drop(ws, "chip", f"{oid}.md", text)
-                    got, started = stamps.read(ORDER_TIMEOUT)
+                    try:
+                        got, started = stamps.read(ORDER_TIMEOUT)
+                    except BenchError as e:  # say what the supervisor said, not only that it stalled
+                        alive = "running" if sup.alive() else "exited"
+                        raise BenchError(f"{e} (supervisor {alive}; its last lines:\n"
+                                         + "\n".join(list(sup.lines)[-15:]) + ")") from None
                     if got != oid:
                         raise BenchError(f"expected a stamp from {oid}, got one from {got}")
                     out.append((started - dropped) / 1e6)
