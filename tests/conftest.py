@@ -12,10 +12,9 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests import fakellm and helpers as top-level modules
+sys.path.insert(0, str(Path(__file__).parent.parent))  # and the benchmarks' workspace builder
 
-from coordinator.demo.repo import init_demo_repo  # noqa: E402
-
-from coordinator.audit import StateRepo  # noqa: E402
+from bench.harness import make_workspace  # noqa: E402
 from coordinator.workspace import Workspace  # noqa: E402
 
 
@@ -50,25 +49,14 @@ def drop(ws: Workspace, agent: str, name: str, text: str) -> Path:
 
 @pytest.fixture
 def make_ws(tmp_path: Path) -> Callable[..., Workspace]:
-    """make_ws(agents={...}, **top) -> a workspace with state/ and the demo repository webapp."""
+    """make_ws(agents={...}, **top) -> a workspace with state/ and the demo repository webapp.
+
+    Specialists get $PROBE, a folder outside the workspace their sandbox may write, for evidence.
+    The benchmarks build their workspaces the same way (one builder for both).
+    """
 
     def make(agents: dict[str, Any], **top: Any) -> Workspace:
-        root = tmp_path / "ws"
-        root.mkdir(exist_ok=True)
-        probe = tmp_path / "probe"  # where test agents may leave evidence ($PROBE): sandbox-writable
-        probe.mkdir(exist_ok=True)
-        for spec in agents.values():
-            if spec.get("role") == "specialist" or "command" in spec:
-                spec.setdefault("sandbox", {"writable": [str(probe)]})
-                spec.setdefault("env", {"PROBE": str(probe)})
-        cfg = {"version": 1, "agents": agents, **top}
-        (root / "coordinator.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-        ws = Workspace(root)
-        ws.ensure_layout()
-        StateRepo.ensure(ws.state)
-        if not (ws.repos / "webapp").exists():
-            init_demo_repo(ws.repos / "webapp")
-        return ws
+        return make_workspace(tmp_path, agents, **top)
 
     return make
 
