@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests import fakellm and helpe
 sys.path.insert(0, str(Path(__file__).parent.parent))  # and the benchmarks' workspace builder
 
 from bench.harness import make_workspace  # noqa: E402
+from coordinator.supervisor import Supervisor  # noqa: E402
 from coordinator.workspace import Workspace  # noqa: E402
 
 
@@ -59,6 +62,25 @@ def make_ws(tmp_path: Path) -> Callable[..., Workspace]:
         return make_workspace(tmp_path, agents, **top)
 
     return make
+
+
+def step_until(sup: Supervisor, cond: Callable[[], object], what: str, *, wait: float = 60.0) -> None:
+    """Drive the supervisor one step at a time until `cond()` holds (no threads, no sleeps as sync)."""
+    end = time.monotonic() + wait
+    while not cond():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        if not sup.step():
+            sup._wait(0.05)
+
+
+@pytest.fixture
+def dead_url() -> str:
+    """A loopback port nothing listens on: connections are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
 
 
 @pytest.fixture(autouse=True)

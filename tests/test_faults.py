@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import drop, order_md, sh
+from conftest import drop, order_md, sh, step_until
 from coordinator.demo.repo import init_demo_repo
 
 from coordinator import signals
@@ -148,15 +148,6 @@ GATED = sh('while [ ! -e "$PROBE/go.$COORD_ORDER_ID" ]; do sleep 0.05; done; '
 def chip_team(make_ws: Callable[..., Workspace]) -> Workspace:
     return make_ws({"chip": {"role": "specialist", "command": GATED, "writes": ["webapp/src/**"],
                              "max_parallel": 2}})
-
-
-def step_until(sup: Supervisor, cond: Callable[[], object], what: str) -> None:
-    end = time.monotonic() + WAIT
-    while not cond():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out waiting for {what}")
-        if not sup.step():
-            sup._wait(0.05)
 
 
 def test_a_commit_made_by_hand_while_an_order_runs_is_a_silent_signal(make_ws):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Iterator
 
 import httpx
@@ -22,15 +21,6 @@ OK = '{"ok": true}'
 def fake() -> Iterator[FakeLLM]:
     with FakeLLM() as server:
         yield server
-
-
-@pytest.fixture
-def dead_url() -> str:
-    """A loopback port nothing listens on: connections are refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
 
 
 class Sleeps(list[float]):

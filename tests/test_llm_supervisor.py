@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,15 +35,6 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeLLM]:
     monkeypatch.setenv("FAKE_KEY", KEY)
     with FakeLLM() as server:
         yield server
-
-
-@pytest.fixture
-def dead_url() -> str:
-    """A loopback port nothing listens on: connections are refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
 
 
 def llm(fake: FakeLLM, **extra: Any) -> dict[str, Any]:

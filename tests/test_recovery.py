@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import drop, order_md, sh
+from conftest import drop, order_md, sh, step_until
 
 from coordinator import durable, orders
 from coordinator.audit import StateRepo
@@ -283,15 +283,6 @@ def restart(ws: Workspace) -> list[str]:
     with Supervisor(ws, log=said.append) as sup:
         sup.run_once(limit=WAIT)
     return said
-
-
-def step_until(sup: Supervisor, cond: Callable[[], object], what: str) -> None:
-    end = time.monotonic() + WAIT
-    while not cond():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out waiting for {what}")
-        if not sup.step():
-            sup._wait(0.05)
 
 
 def assert_done_once(ws: Workspace, oid: str, to: str = "chip") -> None:
