@@ -72,6 +72,10 @@ class Supervisor:
         self._last_watch = time.monotonic()
         self._last_flush = 0.0
         self._committer: audit.Committer | None = None
+        # Kept current by `_index` wherever a status is set, so dispatch and the release of
+        # dependents never scan every record the workspace ever had.
+        self._queued: set[str] = set()
+        self._waiting_on: dict[str, set[str]] = {}
         self.offline = offline  # a CLI serving one request while no supervisor runs: never spawns
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -102,6 +106,8 @@ class Supervisor:
             self._watch_state()
         self.records = self.store.load_all()
         self.history = History(self.records, self.store)
+        for rec in self.records.values():
+            self._index(rec)
         self.intake = Intake(self.store, self.config, self.records, self.history, rel=ws.rel,
                              ids_dir=ws.runtime / "ids", repos_dir=ws.repos, clock=self.clock)
         self.ledger = budget.Ledger.load(ws.state)
@@ -411,8 +417,17 @@ class Supervisor:
         return self._after_filing(filed.record, filed.order)
 
     def _after_filing(self, rec: Record, order: WorkOrder | None) -> Record:
+        self._index(rec)
+        # Halted and blocked orders can come back with `retry`; these never can.
+        failed = [d for d in rec.blocked_by if d in self.records
+                  and self.records[d].status in ("rejected", "denied", "cancelled")]
         self._stage(rec, "new", rec.status, rec.history[-1]["actor"],
                     note=rec.errors[0] if rec.errors else None)
+        if rec.status == "waiting" and failed:
+            # No later event would release it: the dependency ended for good without doing the work.
+            dep = self.records[failed[0]]
+            rec.report = {"summary": f"dependency {dep.id} ended {dep.status}"}
+            self.move(rec, "blocked", audit.SUPERVISOR, note=f"{dep.id} ended {dep.status}")
         orchestrator = self.config.orchestrator
         if orchestrator and rec.sender == orchestrator and order is not None:
             from .orders import render
@@ -431,6 +446,7 @@ class Supervisor:
         old = rec.status
         now = iso(self.clock())
         rec.status = new
+        self._index(rec)
         rec.updated = now
         entry = {"at": now, "from": old, "to": new, "actor": actor}
         if note:
@@ -478,8 +494,18 @@ class Supervisor:
         if self.config.orchestrator and rec.sender == self.config.orchestrator and rec.status != "rejected":
             self._ledger_add(rec.id, "report", text, completed=True)
 
+    def _index(self, rec: Record) -> None:
+        if rec.status == "queued":
+            self._queued.add(rec.id)
+        else:
+            self._queued.discard(rec.id)
+        if rec.status == "waiting":
+            for dep in (*rec.blocked_by, *((rec.blocker,) if rec.blocker else ())):
+                self._waiting_on.setdefault(dep, set()).add(rec.id)
+
     def _release_dependents(self, done: Record) -> None:
-        for rec in sorted(self.records.values(), key=lambda r: r.seq):
+        waiters = (self.records[i] for i in self._waiting_on.pop(done.id, ()) if i in self.records)
+        for rec in sorted(waiters, key=lambda r: r.seq):
             if rec.status != "waiting":
                 continue
             if done.id in rec.blocked_by or rec.blocker == done.id:
@@ -508,7 +534,7 @@ class Supervisor:
         per_agent: dict[str, int] = {}
         for a in active.values():
             per_agent[a.agent.name] = per_agent.get(a.agent.name, 0) + 1
-        queued = [r for r in self.records.values() if r.status == "queued"]
+        queued = [self.records[i] for i in self._queued]
         if not queued:
             return False
         queued.sort(key=lambda r: (-PRIORITY_RANK.get(r.priority, 1), r.seq))

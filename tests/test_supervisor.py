@@ -327,3 +327,16 @@ def test_a_second_supervisor_refuses_and_a_first_sigterm_lets_running_work_finis
     assert first.returncode == 0, err
     assert "stopping: no new work" in err and "Traceback" not in err
     assert status(ws, "a") == "done"
+
+
+def test_an_order_that_depends_on_a_cancelled_one_is_blocked_not_left_waiting(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
+    drop(ws, "chip", "a.md", order_md("Never wanted after all", id="first"))
+    with Supervisor(ws) as sup:
+        sup._intake_step()
+        sup.handle("cancel", {"id": "first"})
+        sup.step_commit()
+    drop(ws, "chip", "b.md", order_md("Needs the first", id="second", blocked_by=["first"]))
+    run(ws)
+    rec = Store(ws.state).load("second")
+    assert rec.status == "blocked" and rec.report["summary"] == "dependency first ended cancelled"
