@@ -135,9 +135,9 @@ class AttemptRunner:
                 continue
             progress = True
             if act.phase == "specialist":
-                self._after_specialist(act, ex.returncode)
+                self._after_specialist(act, ex.returncode, alone=ex.alone)
             elif act.phase == "check":
-                self._after_check(act, ex.returncode)
+                self._after_check(act, ex.returncode, alone=ex.alone)
         for act in list(self.active.values()):
             if act.thread is not None and not act.thread.is_alive() and act.phase == "specialist":
                 act.thread = None
@@ -178,10 +178,12 @@ class AttemptRunner:
         pass
 
     # -- after the specialist ---------------------------------------------------------------------------
-    def _after_specialist(self, act: Active, code: int) -> None:
-        # Nothing is judged while any process of the attempt may still write.
+    def _after_specialist(self, act: Active, code: int, *, alone: bool = False) -> None:
+        # Nothing is judged while any process of the attempt may still write
+        # (`alone`: the fork server saw that none is left).
         try:
-            self.sup.spawner.kill_tree(act.token, grace=0.5)
+            if not alone:
+                self.sup.spawner.kill_tree(act.token, grace=0.5)
         except CoordinatorError as e:
             return self.fail(act, f"processes of the attempt survived SIGKILL; not judged: {e}")
         if act.cancelled:
@@ -283,10 +285,11 @@ class AttemptRunner:
         except (SandboxError, CoordinatorError) as e:
             self.fail(act, f"could not run check `{command}`: {e}")
 
-    def _after_check(self, act: Active, code: int) -> None:
+    def _after_check(self, act: Active, code: int, *, alone: bool = False) -> None:
         token = f"{act.token}.c{act.check_index}"
         try:
-            self.sup.spawner.kill_tree(token, grace=0.5)
+            if not alone:
+                self.sup.spawner.kill_tree(token, grace=0.5)
         except CoordinatorError as e:
             return self.fail(act, f"processes of a check survived SIGKILL: {e}")
         if act.cancelled:

@@ -1,8 +1,8 @@
 """The fork server behind `coordinator.spawner.Spawner` (run as `python -m coordinator.forkserver`).
 
-A single-threaded process: per request it forks a child that calls setsid(),
-wires its output to a pipe, enters its folder, applies the prepared Landlock
-ruleset and execs. It is a child subreaper, reaps everything, drains output
+A single-threaded process (but for a throwaway thread per start, see `_launch`):
+per request it starts a child in a new session, output on a pipe, in its folder
+and under the prepared Landlock ruleset. It is a child subreaper, reaps everything, drains output
 into capped logs, and kills every tree it started when its control channel
 closes. See `coordinator.spawner` for the client side.
 """
@@ -15,14 +15,14 @@ import ctypes
 import fcntl
 import json
 import os
-import select
 import selectors
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 from . import landlock
 from .errors import CoordinatorError, SandboxError, SupervisorError
@@ -31,7 +31,6 @@ from .spawner import (
     _HEADER,
     _PR_SET_CHILD_SUBREAPER,
     DEFAULT_LOG_CAP,
-    EXEC_WAIT,
     FLUSH_INTERVAL,
     KILL_POLL,
     MARK,
@@ -276,60 +275,66 @@ class _Server:
         return pid
 
     def _fork(self, msg: dict[str, Any]) -> tuple[int, int]:
-        """Fork and exec one child; returns (pid, read end of its output) once exec succeeded."""
+        """Start one child; returns (pid, read end of its output) once exec succeeded."""
         argv, cwd, env = msg["argv"], msg["cwd"], dict(msg["env"])
         exe = _resolve(argv[0], env.get("PATH"), cwd)
         env[MARK] = msg["token"]
-        out_r = out_w = status_r = status_w = ruleset_fd = -1
+        ruleset_fd = -1
+        if msg["sandbox"] is not None:
+            if self.abi > 0:
+                ruleset_fd = landlock.prepare(Ruleset(tuple(msg["sandbox"])), self.abi)
+            elif not self.gate_only_ok:
+                raise SandboxError("this kernel has no Landlock: refusing to run without the kernel sandbox")
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
         try:
-            if msg["sandbox"] is not None:
-                if self.abi > 0:
-                    ruleset_fd = landlock.prepare(Ruleset(tuple(msg["sandbox"])), self.abi)
-                elif not self.gate_only_ok:
-                    raise SandboxError("this kernel has no Landlock: refusing to run without the kernel sandbox")
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            status_r, status_w = os.pipe2(os.O_CLOEXEC)
             with contextlib.suppress(OSError):
                 fcntl.fcntl(out_r, fcntl.F_SETPIPE_SZ, READ_CHUNK)  # fewer wakeups for chatty children
-            pid = os.fork()
-            if pid == 0:
-                _exec_child(exe, argv, env, cwd, out_w, status_w, self.devnull, ruleset_fd)
-            os.close(status_w)
-            status_w = -1
-            failure = _read_status(status_r)
-            if failure:
-                os.kill(pid, signal.SIGKILL)  # it may be stuck before exec; never let it run later
-                os.waitpid(pid, 0)
-                kind, _, reason = failure.partition("\n")
-                raise (SandboxError if kind == "sandbox" else CoordinatorError)(reason)
+            pid = _launch(exe, argv, env, cwd, out_w, self.devnull, ruleset_fd)
         except BaseException:
-            if out_r >= 0:
-                os.close(out_r)
+            os.close(out_r)
             raise
         finally:
-            for fd in (out_w, status_w, status_r, ruleset_fd):
-                if fd >= 0:
-                    os.close(fd)
+            os.close(out_w)
+            if ruleset_fd >= 0:
+                os.close(ruleset_fd)
         os.set_blocking(out_r, False)
         return pid, out_r
 
     # reaping and reporting
     def _reap(self) -> None:
+        ended: list[tuple[_Attempt, int]] = []
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
             att = self.leaders.pop(pid, None)
             if att is not None:
-                self._leader_exited(att, os.waitstatus_to_exitcode(status))
+                ended.append((att, os.waitstatus_to_exitcode(status)))
+        if ended:
+            # Every orphan is reparented to this subreaper: when no child is left but live
+            # leaders, no process of an ended attempt survives and it needs no kill.
+            alone = self._only_leaders()
+            for att, code in ended:
+                self._leader_exited(att, code, alone)
 
-    def _leader_exited(self, att: _Attempt, code: int) -> None:
+    def _only_leaders(self) -> bool:
+        """Whether every child of this server is the leader of a running attempt."""
+        try:
+            for tid in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                    if any(int(pid) not in self.leaders for pid in f.read().split()):
+                        return False
+        except (OSError, ValueError):
+            return False  # cannot tell: the supervisor falls back to a full kill
+        return True
+
+    def _leader_exited(self, att: _Attempt, code: int, alone: bool) -> None:
         att.exited = True
         # What the leader printed is all in the pipe now; a straggler may keep
-        # printing, so drain a bounded amount.
+        # printing, so drain a bounded amount (everything, when nothing of it is left).
         for _ in range(8):
             if att.out_fd is None:
                 break
@@ -338,7 +343,9 @@ class _Server:
             if att.log.head + att.log.dropped + len(att.log.tail) == before:
                 break
         att.log.flush(time.monotonic())
-        exit_ = {"token": att.token, "pid": att.pid, "returncode": code, "ended_at": time.time()}
+        if alone and att.out_fd is None:
+            self._forget(att)
+        exit_ = {"token": att.token, "pid": att.pid, "returncode": code, "ended_at": time.time(), "alone": alone}
         self.outbuf += json.dumps(exit_).encode() + b"\n"
         self._send_events()
 
@@ -448,49 +455,60 @@ def _resolve(argv0: str, path: str | None, cwd: str) -> str:
     raise CoordinatorError(f"command not found: {argv0}")
 
 
-def _read_status(fd: int) -> str:
-    """What the child reported before exec; empty when exec succeeded (the pipe closed on exec)."""
-    data, poller = b"", select.poll()
-    poller.register(fd, select.POLLIN)
-    deadline = time.monotonic() + EXEC_WAIT
-    while (left := deadline - time.monotonic()) > 0:
-        chunk = os.read(fd, 4096) if poller.poll(left * 1000) else b""
-        if not chunk:
-            return data.decode("utf-8", "replace")
-        data += chunk
-    return "exec\nthe command did not start within 10 seconds"
+# Signals the server catches or ignores; the child starts with all of them at their defaults.
+_DEFAULT_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ)
+_CLONE_FS = 0x200
 
 
-def _exec_child(exe: str, argv: list[str], env: dict[str, str], cwd: str,
-                out_w: int, status_w: int, devnull: int, ruleset_fd: int) -> NoReturn:
-    """In the forked child: become a session leader, wire fds, sandbox, exec. Never returns."""
-    stage = "exec"
-    try:
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(sig, signal.SIG_DFL)  # Python ignores SIGPIPE; exec would keep that
-        os.setsid()
-        os.dup2(devnull, 0)
-        os.dup2(out_w, 1)
-        os.dup2(out_w, 2)
-        stage = "cwd"
-        os.chdir(cwd)
-        if ruleset_fd >= 0:
-            stage = "sandbox"
-            landlock.enforce(ruleset_fd)
-        stage = "exec"
-        os.execve(exe, argv, env)
-    except BaseException as e:
-        if isinstance(e, CoordinatorError):
-            reason = e.message
-        elif stage == "cwd":
-            reason = f"cannot enter working folder {cwd}: {getattr(e, 'strerror', e)}"
-        else:
-            reason = f"cannot run {argv[0]}: {getattr(e, 'strerror', e)}"
-        with contextlib.suppress(BaseException):
-            os.write(status_w, f"{stage}\n{reason}".encode("utf-8", "replace"))
-    finally:
-        os._exit(127)
+def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int, devnull: int,
+            ruleset_fd: int) -> int:
+    """posix_spawn the child from a throwaway thread that first enters `cwd` and the sandbox.
+
+    Landlock restricts only the calling thread, and a thread that unshared its
+    file-system context has its own current folder; the child inherits both. So
+    no Python runs in the child (vfork + exec in the C library) and the server
+    itself stays unrestricted in its own folder. Returns once exec succeeded.
+    """
+    outcome: list[int | BaseException] = []
+
+    def work() -> None:
+        try:
+            if _libc().unshare(_CLONE_FS) != 0:
+                raise CoordinatorError(f"cannot start the command: unshare: {os.strerror(ctypes.get_errno())}")
+            try:
+                os.chdir(cwd)
+            except OSError as e:
+                raise CoordinatorError(f"cannot enter working folder {cwd}: {e.strerror}") from None
+            if ruleset_fd >= 0:
+                landlock.enforce(ruleset_fd)
+            try:
+                outcome.append(os.posix_spawn(
+                    exe, argv, env, setsid=True, setsigmask=(), setsigdef=_DEFAULT_SIGNALS,
+                    file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
+                                  (os.POSIX_SPAWN_DUP2, out_w, 2)]))
+            except OSError as e:
+                raise CoordinatorError(f"cannot run {argv[0]}: {e.strerror}") from None
+        except BaseException as e:
+            outcome.append(e)
+
+    worker = threading.Thread(target=work, name="launch")
+    worker.start()
+    worker.join()
+    if not outcome:
+        raise CoordinatorError(f"cannot run {argv[0]}: the launcher thread ended without a result")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+_LIBC: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
 
 
 def main(argv: list[str] | None = None) -> int:

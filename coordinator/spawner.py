@@ -1,10 +1,11 @@
 """Spawning specialists: a fork server that sandboxes, logs, reaps and kills process trees.
 
 The supervisor has threads, so it never forks a child itself (no `preexec_fn`)
-and never restricts itself. `Spawner` starts a small single-threaded server
-(`python -m coordinator.forkserver`) once; per request the server forks a child
-that calls setsid(), wires stdout and stderr to a pipe, enters its folder,
-applies the Landlock ruleset the server prepared and execs. The server:
+and never restricts itself. `Spawner` starts a small server
+(`python -m coordinator.forkserver`) once; per request a throwaway thread of the
+server enters the child's folder and the Landlock ruleset (both apply to that
+thread only) and posix_spawns the child in a new session, stdout and stderr on
+a pipe: no Python runs between fork and exec. The server:
 
 - is a child subreaper, so descendants that escape by setsid or double fork
   are reparented to it; it reaps every process and reports each leader's exit;
@@ -13,7 +14,9 @@ applies the Landlock ruleset the server prepared and execs. The server:
 - drains output into the log, keeping the head up to the cap and the last
   64 KiB, and touches the log's mtime whenever the child prints;
 - kills every tree it started when its control channel closes (the
-  supervisor exited or was killed with -9), then exits.
+  supervisor exited or was killed with -9), then exits;
+- says with each exit whether the tree is gone (`Exit.alone`), so the
+  common case needs no `kill_tree` round trip.
 
 Exec failures (command not found, missing folder, sandbox refused) are raised
 by `spawn` with a one-line reason and also written to the log; nothing runs.
@@ -76,12 +79,14 @@ class SpawnRequest:
 
 @dataclass(frozen=True)
 class Exit:
-    """A leader process ended. `returncode` is -N when signal N killed it."""
+    """A leader process ended. `returncode` is -N when signal N killed it. `alone`: no
+    process of its tree (nor any other orphan) was left, so there is nothing to kill."""
 
     token: str
     pid: int
     returncode: int
     ended_at: float
+    alone: bool = False
 
 
 # --- the process table --------------------------------------------------------
