@@ -83,7 +83,30 @@ def write_text(target: Path, text: str, *, sync: bool = True) -> None:
 
 
 def write_json(target: Path, data: Any, *, sync: bool = True) -> None:
-    write_bytes(target, (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode(), sync=sync)
+    write_bytes(target, dumps(data).encode(), sync=sync)
+
+
+def dumps(data: Any) -> str:
+    """JSON for state files: one top-level key per line (sorted) and one line per entry of
+    a list of objects (a record's history), so a change is a readable one-line diff.
+
+    Each line is encoded by the C encoder; `indent=` would use the slow pure-Python one.
+    """
+    if not isinstance(data, dict) or not data:
+        return json.dumps(data, sort_keys=True, ensure_ascii=False) + "\n"
+    lines = []
+    for key in sorted(data):
+        value = data[key]
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            text = "[\n" + ",\n".join("    " + _compact(v) for v in value) + "\n  ]"
+        else:
+            text = _compact(value)
+        lines.append(f"  {_compact(key)}: {text}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
 def read_json(target: Path) -> Any:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,9 @@ class Record:
         return self.status in TERMINAL
 
     def as_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The record as JSON data. Shares its lists and dicts with the record (no deep copy:
+        this is on every status change); copy before changing what it returns."""
+        return {name: getattr(self, name) for name in _RECORD_FIELDS}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Record:
@@ -83,6 +85,9 @@ class Record:
                 "objective": self.objective, "attempts": self.attempts, "updated": self.updated}
 
 
+_RECORD_FIELDS = tuple(f.name for f in fields(Record))
+
+
 class Store:
     """Reads and writes order records; the supervisor is its only writer."""
 
@@ -90,6 +95,10 @@ class Store:
         self.root = state_dir
         self.orders_dir = state_dir / "orders"
         self.intake_dir = state_dir / "intake"
+        # With `defer()` on (the supervisor), unsynced saves wait here until `write_dirty()`:
+        # an order that changes status several times in one loop step is written once.
+        self._deferring = False
+        self._dirty: dict[str, Record] = {}
 
     def ensure(self) -> None:
         self.orders_dir.mkdir(parents=True, exist_ok=True)
@@ -130,9 +139,25 @@ class Store:
         return found
 
     def save(self, record: Record, *, sync: bool = True) -> Path:
+        """Write `record`; with `sync=False` while deferring, at the next `write_dirty()`."""
         path = self.record_path(record.id)
+        if self._deferring and not sync:
+            self._dirty[record.id] = record
+            return path
+        self._dirty.pop(record.id, None)
         durable.write_json(path, record.as_json(), sync=sync)
         return path
+
+    def defer(self) -> None:
+        """From now on, unsynced saves are collected and written by `write_dirty()`."""
+        self._deferring = True
+
+    def write_dirty(self) -> int:
+        """Write every record saved since the last call; returns how many."""
+        dirty, self._dirty = self._dirty, {}
+        for record in dirty.values():
+            durable.write_json(self.record_path(record.id), record.as_json(), sync=False)
+        return len(dirty)
 
     def save_order(self, order: WorkOrder) -> Path:
         assert order.id is not None

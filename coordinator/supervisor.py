@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import audit, budget, control, durable, reports, signals, verify
+from . import audit, budget, control, durable, reports, runner, signals, verify
 from .attempts import AttemptRunner
 from .errors import CoordinatorError, NotFoundError, SupervisorError
 from .intake import Intake
@@ -97,6 +97,7 @@ class Supervisor:
         for name in self.audit.clear_stale_lock():
             self.say(f"cleared a stale state/.git/{name} left by a dead git process")
         self.store.ensure()
+        self.store.defer()
         durable.clean_temps(ws.state)
         self._clear_repo_locks()
         durable.open_journal()
@@ -120,6 +121,7 @@ class Supervisor:
         self.heads = verify.load_heads(ws)
         self._recover(crashed)
         if not self.offline:
+            runner.clear_spares(ws)
             marker.touch()
             self._watch_repos()
             self._flush()
@@ -243,6 +245,7 @@ class Supervisor:
         if not self.stopping:
             progress |= self._dispatch()
         self._budget_check()
+        self.store.write_dirty()  # on disk within the step that changed them
         now = time.monotonic()
         # A commit costs 15-25 ms, more as state/ grows: while orders keep moving, several
         # steps share one; the files are the truth in between and recovery commits leftovers.
@@ -301,6 +304,8 @@ class Supervisor:
                 self.say("stopped: nothing running")
                 return
             if not progress:
+                with contextlib.suppress(OSError):  # a full disk shows up where it matters
+                    runner.make_spares(self.ws)
                 self._wait(self._idle_timeout())
 
     def wake(self) -> None:
@@ -358,6 +363,8 @@ class Supervisor:
                     self._polled.wait(1.0)
                     self._polled.clear()
 
+        if isinstance(self._watcher, InboxWatcher):
+            self._watcher.on_hint = self._wake.set  # a drop wakes the loop directly
         for target in (watch_pump, spawn_pump):
             t = threading.Thread(target=target, daemon=True, name=target.__name__)
             t.start()
@@ -413,6 +420,9 @@ class Supervisor:
         return self._after_filing(filed.record, filed.order)
 
     def file_order(self, order: WorkOrder, *, shown: str) -> Record:
+        # What made this order (a route, a block, a plan) is on disk before the order is:
+        # a crash in between must not file it a second time after recovery.
+        self.store.write_dirty()
         filed = self.intake.file_order(order, shown=shown)
         return self._after_filing(filed.record, filed.order)
 
@@ -591,8 +601,10 @@ class Supervisor:
         for path, req in control.pending(self.ws):
             try:
                 result = self.handle(str(req.get("action")), dict(req.get("args") or {}))
+                self.store.write_dirty()  # the asking command may read the records next
                 control.answer(path, result=result)
             except CoordinatorError as e:
+                self.store.write_dirty()
                 control.answer(path, error=str(e))
             served = True
         return served
@@ -648,6 +660,7 @@ class Supervisor:
     def _flush(self, *, background: bool = False) -> None:
         """Commit what is staged: now, or (in the loops) handed to the committer thread."""
         self._last_flush = time.monotonic()
+        self.store.write_dirty()
         batch = self.audit.take(durable.take_journal()) if self.audit.pending else None
         if background and batch is not None:
             if self._committer is None:

@@ -434,8 +434,10 @@ def test_crash_between_a_state_write_and_its_commit_repairs_the_history(make_ws,
     sup = Supervisor(ws)
     sup.open()
     sup._intake_step()  # w1: new -> queued, by walt; written, staged, not committed
+    sup.store.write_dirty()  # as at the end of a step
     if committed == "the first of two commits":
         sup._dispatch()  # w1: queued -> running, by coordinator; a second group
+        sup.store.write_dirty()
         assert Store(ws.state).load("w1").status == "running"
         # The group commit made walt's commit (sweeping every written file into it) and was
         # killed before the supervisor's own.
