@@ -9,6 +9,7 @@ what a user sees.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from .workspace import Workspace
 
 DEBUG_VAR = "COORDINATOR_DEBUG"  # set it to see the traceback of an internal error
 EXIT_INTERNAL = 70               # EX_SOFTWARE: a bug, not something the user did
+EXIT_ENVIRONMENT = 2             # SPEC: usage or environment error (e.g. the disk is full)
 EXIT_INTERRUPTED = 130
 
 
@@ -78,12 +80,23 @@ def _guarded(invoke: Callable[[], Any]) -> int:
         with contextlib.suppress(OSError, ValueError):  # no real stdout (an embedding caller)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or os.environ.get(DEBUG_VAR):
+            return _internal(e)
+        where = f" writing {e.filename}" if e.filename else ""
+        click.echo(f"coordinator: {e.strerror}{where}: make room and run it again "
+                   "(what was claimed stays in state/ and is picked up at the next start)", err=True)
+        return EXIT_ENVIRONMENT
     except Exception as e:  # last resort: still one line, never a traceback
-        if os.environ.get(DEBUG_VAR):
-            raise
-        click.echo(f"coordinator: internal error: {type(e).__name__}: {e} (please report this; "
-                   f"{DEBUG_VAR}=1 shows where)", err=True)
-        return EXIT_INTERNAL
+        return _internal(e)
+
+
+def _internal(e: Exception) -> int:
+    if os.environ.get(DEBUG_VAR):
+        raise e
+    click.echo(f"coordinator: internal error: {type(e).__name__}: {e} (please report this; "
+               f"{DEBUG_VAR}=1 shows where)", err=True)
+    return EXIT_INTERNAL
 
 
 class Context:

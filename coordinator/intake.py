@@ -111,10 +111,18 @@ class Intake:
             order = dataclasses.replace(order, id=order_id, parent=parent or order.parent)
         folder = self.store.folder(order_id)
         folder.mkdir(parents=True, exist_ok=True)
-        # Written before the original moves in: a crash before record.json must not forget
-        # whom the order is for, or who stamped it.
-        durable.write_json(folder / "intake.json", {"to": agent, "sender": sender, "source": shown}, sync=False)
-        durable.move(claimed, folder / f"original{suffix}", sync=False)
+        try:
+            # Written before the original moves in: a crash before record.json must not forget
+            # whom the order is for, or who stamped it.
+            durable.write_json(folder / "intake.json", {"to": agent, "sender": sender, "source": shown}, sync=False)
+            durable.move(claimed, folder / f"original{suffix}", sync=False)
+        except OSError:
+            # The disk is full: the order stays claimed in state/intake/ (its one place) and
+            # no empty order folder is left to look like a second copy.
+            with contextlib.suppress(OSError):
+                (folder / "intake.json").unlink(missing_ok=True)
+                folder.rmdir()
+            raise
         return Filed(self._record(order_id, agent, order, partial, problems, shown, sender), order, problems)
 
     def file_order(self, order: WorkOrder, *, shown: str) -> Filed:

@@ -9,6 +9,8 @@
         heartbeat     touch it to say "still working" ($COORD_HEARTBEAT)
     .coordinator/logs/<id>/<n>/      output.log and check-<i>.log: stdout and stderr, capped
     .coordinator/work/<id>/<repo>/   the working copy (a git worktree on wo/<id>)
+    .coordinator/spare/              empty attempt and log folders made while idle, renamed
+                                     into place on the drop-to-spawn path (`make_spares`)
 
 The attempt folder is writable by the specialist; everything the supervisor or the
 fork server writes or reads with trust (logs) lives outside it, and what it must read
@@ -19,14 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import orders, paths
+from . import durable, orders, paths
 from .config import Agent
 from .errors import SandboxError
 from .landlock import Ruleset
@@ -97,6 +99,9 @@ def work_folder(ws: Workspace, order_id: str) -> Path:
     return ws.runtime / "work" / order_id
 
 
+SPARES = 2  # empty attempt folders kept ready
+
+
 def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -> Attempt:
     """Make the attempt's folders and write its order and brief (not the working copy)."""
     assert order.id is not None
@@ -105,17 +110,72 @@ def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -
     for old in (folder, logs):
         if old.exists():  # an earlier run of this attempt number (a crash): start clean
             shutil.rmtree(old)
-    # One mkdir per folder, parents first: this is on the drop-to-spawn path.
-    _mkdirs(folder.parent.parent, folder.parent, folder, folder / "outbox", folder / "tmp",
-            logs.parent.parent, logs.parent, logs)
-    if not order.files:
-        _mkdirs(folder / "scratch")
+    # Parents first, one mkdir each: this is on the drop-to-spawn path.
+    _mkdirs(folder.parent.parent, folder.parent, logs.parent.parent, logs.parent)
+    if not _take_spare(ws, folder, logs):
+        _mkdirs(folder, folder / "outbox", folder / "tmp", folder / "scratch", logs)
     repo = order.repo
     workdir = work_folder(ws, order.id) / repo if repo else folder / "scratch"
     attempt = Attempt(order.id, number, folder, workdir, repo)
-    attempt.order_file.write_text(json.dumps(order.to_dict(), indent=2) + "\n", encoding="utf-8")
+    attempt.order_file.write_text(durable.dumps(order.to_dict()), encoding="utf-8")
     attempt.brief.write_text(brief_text(order, number, failures), encoding="utf-8")
     return attempt
+
+
+def make_spares(ws: Workspace, count: int = SPARES) -> int:
+    """Make empty attempt folders (outbox/, tmp/, scratch/) and log folders ahead of time,
+    each complete before it is renamed into the pool; returns how many were made."""
+    spare = ws.runtime / "spare"
+    made = 0
+    have = len(_spares(spare))
+    if have >= count:
+        return 0
+    _mkdirs(spare)
+    for _ in range(count - have):
+        key = f"{os.getpid()}-{time.monotonic_ns()}"
+        new = spare / f".new-{key}"
+        _mkdirs(new, new / "attempt", new / "attempt" / "outbox", new / "attempt" / "tmp",
+                new / "attempt" / "scratch", new / "log")
+        os.rename(new / "log", spare / f"log-{key}")
+        os.rename(new / "attempt", spare / f"attempt-{key}")
+        os.rmdir(new)
+        made += 1
+    return made
+
+
+def clear_spares(ws: Workspace) -> None:
+    """Drop what a crash left half made or half taken (complete pairs are kept for use)."""
+    spare = ws.runtime / "spare"
+    keep = set(_spares(spare))
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(spare):
+            if entry.name.partition("-")[2] not in keep:
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _spares(spare: Path) -> list[str]:
+    """Keys of complete spares: an attempt folder and a log folder."""
+    try:
+        names = {e.name for e in os.scandir(spare)}
+    except FileNotFoundError:
+        return []
+    return [n[len("attempt-"):] for n in names if n.startswith("attempt-") and f"log-{n[len('attempt-'):]}" in names]
+
+
+def _take_spare(ws: Workspace, folder: Path, logs: Path) -> bool:
+    spare = ws.runtime / "spare"
+    for key in _spares(spare):
+        try:
+            os.rename(spare / f"log-{key}", logs)
+        except OSError:
+            continue
+        try:
+            os.rename(spare / f"attempt-{key}", folder)
+        except OSError:
+            os.rmdir(logs)
+            continue
+        return True
+    return False
 
 
 def _mkdirs(*folders: Path) -> None:

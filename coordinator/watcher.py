@@ -298,6 +298,8 @@ class InboxWatcher:
         self._activity = 0
         self._last_activity = self._last_rescan
         self._burst = False
+        # Called (in watchdog's thread) with each hint: lets a loop wake without a thread of its own.
+        self.on_hint: Callable[[], None] | None = None
         self.overflows = 0  # kernel queue overflows seen (for `doctor` and the board)
         self.restarts = 0  # observers restarted after a thread died
 
@@ -406,6 +408,8 @@ class InboxWatcher:
         if hinted:
             self._hints.append(Path(path))
             self._ready.set()
+            if self.on_hint is not None:
+                self.on_hint()
 
     @property
     def _hint_events(self) -> tuple[type[FileSystemEvent], ...]:
