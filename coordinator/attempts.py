@@ -80,7 +80,7 @@ class AttemptRunner:
         sup = self.sup
         agent = sup.config.agents[rec.to]
         try:
-            order = sup.intake.accepted.pop(rec.id, None) or sup.store.load_order(rec.id)
+            order = sup.intake.order_of(rec.id)
         except CoordinatorError as e:
             self._fail_hard(rec, f"cannot read the order: {e}")
             return False

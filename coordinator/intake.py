@@ -5,6 +5,11 @@ A file is claimed by one atomic rename out of `inbox/<agent>/` into
 with its record written last. `recover()` finishes any of these steps a crash
 interrupted. Durability is grouped: files are written without fsync and the
 caller syncs the file system once per loop step, before the audit commit.
+
+A valid order dropped into an inbox is filed in memory first and placed
+(`place_pending`) at the end of the loop step, after its first attempt may have
+started: until then the claimed file in `state/intake/` is its one place, and a
+crash simply files it again at the next start.
 """
 
 from __future__ import annotations
@@ -27,6 +32,18 @@ from .watcher import is_candidate
 MAX_READ = orders.MAX_ORDER_BYTES + 1
 
 ACCEPTED_CACHE = 1000
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where a filed order's files go: the claimed file, moved into its order folder."""
+
+    claimed: Path
+    suffix: str
+    agent: str
+    sender: str | None
+    shown: str
+    order: WorkOrder | None
 
 
 @dataclass
@@ -55,6 +72,7 @@ class Intake:
         # Orders filed in this run, by id, until their first attempt takes them: saves reading
         # order.json back on the drop-to-spawn path. Bounded by how many orders wait.
         self.accepted: dict[str, WorkOrder] = {}
+        self.pending: dict[str, _Placement] = {}  # filed, not yet placed: see the module doc
 
     # -- claiming -------------------------------------------------------------------------------
     def claim(self, path: Path, agent: str) -> Path | None:
@@ -74,11 +92,12 @@ class Intake:
     def claimed(self) -> list[tuple[Path, str]]:
         """Files claimed but not yet filed (after a crash), oldest first."""
         found: list[tuple[Path, str]] = []
+        filed = {p.claimed for p in self.pending.values()}  # in memory already: not a leftover
         with contextlib.suppress(FileNotFoundError):
             for agent_dir in sorted(os.scandir(self.store.intake_dir), key=lambda e: e.name):
                 if agent_dir.is_dir():
                     for entry in sorted(os.scandir(agent_dir.path), key=lambda e: e.name):
-                        if is_candidate(entry.name) or entry.name[:1].isdigit():
+                        if (is_candidate(entry.name) or entry.name[:1].isdigit()) and Path(entry.path) not in filed:
                             found.append((Path(entry.path), agent_dir.name))
         return found
 
@@ -109,13 +128,50 @@ class Intake:
         order_id = self._choose_id(order or partial)
         if order is not None:
             order = dataclasses.replace(order, id=order_id, parent=parent or order.parent)
+        placement = _Placement(claimed, suffix, agent, sender, shown, order)
+        if order is not None and sender is None and parent is None:
+            self.pending[order_id] = placement  # a plain drop: placed after it may have started
+        else:
+            self._place(order_id, placement)
+        return Filed(self._record(order_id, agent, order, partial, problems, shown, sender), order, problems)
+
+    def place_pending(self) -> int:
+        """Move every order filed in memory into its folder; returns how many."""
+        placed = 0
+        while self.pending:
+            order_id, placement = next(iter(self.pending.items()))
+            self._place(order_id, placement)
+            del self.pending[order_id]
+            placed += 1
+        return placed
+
+    def ensure_placed(self, order_id: str) -> None:
+        """Place one order now (its folder is about to be written)."""
+        placement = self.pending.pop(order_id, None)
+        if placement is not None:
+            try:
+                self._place(order_id, placement)
+            except BaseException:
+                self.pending[order_id] = placement
+                raise
+
+    def order_of(self, order_id: str) -> WorkOrder:
+        """The accepted order of `order_id`, from memory when it is there."""
+        cached = self.accepted.pop(order_id, None)
+        if cached is not None:
+            return cached
+        self.ensure_placed(order_id)
+        return self.store.load_order(order_id)
+
+    def _place(self, order_id: str, p: _Placement) -> None:
         folder = self.store.folder(order_id)
         folder.mkdir(parents=True, exist_ok=True)
         try:
             # Written before the original moves in: a crash before record.json must not forget
             # whom the order is for, or who stamped it.
-            durable.write_json(folder / "intake.json", {"to": agent, "sender": sender, "source": shown}, sync=False)
-            durable.move(claimed, folder / f"original{suffix}", sync=False)
+            durable.write_json(folder / "intake.json", {"to": p.agent, "sender": p.sender, "source": p.shown},
+                               sync=False)
+            durable.move(p.claimed, folder / f"original{p.suffix}", sync=False)
         except OSError:
             # The disk is full: the order stays claimed in state/intake/ (its one place) and
             # no empty order folder is left to look like a second copy.
@@ -123,7 +179,8 @@ class Intake:
                 (folder / "intake.json").unlink(missing_ok=True)
                 folder.rmdir()
             raise
-        return Filed(self._record(order_id, agent, order, partial, problems, shown, sender), order, problems)
+        if p.order is not None:
+            durable.write_json(folder / "order.json", p.order.to_dict(), sync=False)
 
     def file_order(self, order: WorkOrder, *, shown: str) -> Filed:
         """File an order the supervisor itself made (follow-ups, escalations, LLM plans)."""
@@ -178,10 +235,9 @@ class Intake:
             history=[{"at": now, "from": "new", "to": status, "actor": claimed_sender}],
         )
         self.seq += 1
-        if order is not None:
-            durable.write_json(self.store.folder(order_id) / "order.json", order.to_dict(), sync=False)
-            if status == "queued" and len(self.accepted) < ACCEPTED_CACHE:
-                self.accepted[order_id] = order
+        if order is not None and status == "queued" and (
+                len(self.accepted) < ACCEPTED_CACHE or order_id in self.pending):
+            self.accepted[order_id] = order
         self.store.save(record, sync=False)
         self.records[order_id] = record
         self.history.note(record)

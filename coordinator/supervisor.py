@@ -245,7 +245,7 @@ class Supervisor:
         if not self.stopping:
             progress |= self._dispatch()
         self._budget_check()
-        self.store.write_dirty()  # on disk within the step that changed them
+        self._write_state()  # on disk within the step that changed them
         now = time.monotonic()
         # A commit costs 15-25 ms, more as state/ grows: while orders keep moving, several
         # steps share one; the files are the truth in between and recovery commits leftovers.
@@ -422,7 +422,7 @@ class Supervisor:
     def file_order(self, order: WorkOrder, *, shown: str) -> Record:
         # What made this order (a route, a block, a plan) is on disk before the order is:
         # a crash in between must not file it a second time after recovery.
-        self.store.write_dirty()
+        self._write_state()
         filed = self.intake.file_order(order, shown=shown)
         return self._after_filing(filed.record, filed.order)
 
@@ -496,6 +496,7 @@ class Supervisor:
         rec.report = {**report, "status": rec.status}
         self.store.save(rec, sync=False)
         text = reports.render(rec)
+        self.intake.ensure_placed(rec.id)
         durable.write_text(self.store.folder(rec.id) / "report.md", text, sync=False)
         if rec.sender not in ("user", "coordinator"):
             box = self.ws.state / "reports" / rec.sender
@@ -503,6 +504,11 @@ class Supervisor:
             durable.write_text(box / f"{rec.id}.md", text, sync=False)
         if self.config.orchestrator and rec.sender == self.config.orchestrator and rec.status != "rejected":
             self._ledger_add(rec.id, "report", text, completed=True)
+
+    def _write_state(self) -> None:
+        """Put what this step filed and changed on disk: order folders first, records last."""
+        self.intake.place_pending()
+        self.store.write_dirty()
 
     def _index(self, rec: Record) -> None:
         if rec.status == "queued":
@@ -601,10 +607,10 @@ class Supervisor:
         for path, req in control.pending(self.ws):
             try:
                 result = self.handle(str(req.get("action")), dict(req.get("args") or {}))
-                self.store.write_dirty()  # the asking command may read the records next
+                self._write_state()  # the asking command may read the records next
                 control.answer(path, result=result)
             except CoordinatorError as e:
-                self.store.write_dirty()
+                self._write_state()
                 control.answer(path, error=str(e))
             served = True
         return served
@@ -660,7 +666,7 @@ class Supervisor:
     def _flush(self, *, background: bool = False) -> None:
         """Commit what is staged: now, or (in the loops) handed to the committer thread."""
         self._last_flush = time.monotonic()
-        self.store.write_dirty()
+        self._write_state()
         batch = self.audit.take(durable.take_journal()) if self.audit.pending else None
         if background and batch is not None:
             if self._committer is None:

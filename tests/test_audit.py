@@ -134,8 +134,8 @@ def test_a_crash_between_a_state_write_and_its_commit_is_repaired_at_start(make_
                                          branching=("halt-with-note if done already",)))
     with Supervisor(ws) as sup:
         sup._intake_step()
-        # Written to disk, not yet committed: the moment a kill -9 would hit.
-        sup.store.save(sup.records["halt"], sync=True)
+        # Written to disk (as at the end of a step), not yet committed: where a kill -9 would hit.
+        sup._write_state()
         sup.audit._pending.clear()
         (ws.runtime / "running").touch()
         sup._opened = False  # simulate death: no final flush, marker left behind

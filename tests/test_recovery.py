@@ -257,9 +257,9 @@ def team(make_ws):
 
 
 class FailingClock:
-    """The clock, injected: armed, its next reading fails. Intake reads it after moving the
-    original into the order folder and before writing record.json, so an unexpected error
-    strikes there, as any bug in a step might."""
+    """The clock, injected: armed, its next reading fails. Intake reads it when it makes the
+    record of a claimed file, so an unexpected error strikes in the middle of a step, as any
+    bug in a step might."""
 
     def __init__(self) -> None:
         self.armed = False
@@ -315,22 +315,25 @@ def test_crash_after_claim_files_the_claimed_order(make_ws):
 def test_crash_after_validation_files_the_order_to_its_recipient(make_ws, written):
     """The original was moved into its order folder; the crash came before record.json.
 
-    `original`: killed right after the move (the injected clock fails where intake reads it,
-    between moving the original and writing the order and its record; then the supervisor
-    is abandoned as kill -9 leaves it). `original+order.json`: built on disk, the crash came
-    between order.json and record.json.
+    `original`: killed at the end of the step that filed (and started) it, after its folder
+    was placed and before the records were written (an error injected there; then the
+    supervisor is abandoned as kill -9 leaves it). `original+order.json`: built on disk, the
+    crash came between order.json and record.json.
     """
     ws = team(make_ws)
     text = order_md("Validated then crashed", files=("webapp/src/v1.py",), id="v1")
     folder = Store(ws.state).folder("v1")
     if written == "original":
         drop(ws, "chip", "v.md", text)
-        clock = FailingClock()
-        sup = Supervisor(ws, clock=clock)
+        sup = Supervisor(ws)
         sup.open()
-        clock.armed = True
-        with pytest.raises(RuntimeError, match="the clock failed"):
-            step_until(sup, lambda: False, "the clock to fail")
+
+        def killed() -> int:
+            raise RuntimeError("killed before the records were written")
+
+        sup.store.write_dirty = killed  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="killed before"):
+            step_until(sup, lambda: False, "the injected crash")
         abandon(sup)
         assert (folder / "original.md").exists() and not (folder / "record.json").exists()
     else:
@@ -434,10 +437,10 @@ def test_crash_between_a_state_write_and_its_commit_repairs_the_history(make_ws,
     sup = Supervisor(ws)
     sup.open()
     sup._intake_step()  # w1: new -> queued, by walt; written, staged, not committed
-    sup.store.write_dirty()  # as at the end of a step
+    sup._write_state()  # as at the end of a step
     if committed == "the first of two commits":
         sup._dispatch()  # w1: queued -> running, by coordinator; a second group
-        sup.store.write_dirty()
+        sup._write_state()
         assert Store(ws.state).load("w1").status == "running"
         # The group commit made walt's commit (sweeping every written file into it) and was
         # killed before the supervisor's own.
