@@ -39,6 +39,7 @@ STOP_GRACE = 30.0           # seconds running attempts get after the first SIGTE
 KILL_GRACE = 2.0            # SIGTERM -> SIGKILL for a process tree
 UNSETTLED_RETRY = 0.2       # seconds between looks at a file still being written
 FLUSH_EVERY = 0.25          # seconds: in the loops, the transitions of several steps share commits
+COMMIT_QUIET = 0.05         # seconds without progress before the loops commit what is staged
 TAMPER_EVERY = 5.0          # seconds between looks for changes the supervisor did not make
 
 
@@ -71,6 +72,7 @@ class Supervisor:
         self._opened = False
         self._last_watch = time.monotonic()
         self._last_flush = 0.0
+        self._last_progress = 0.0
         self._committer: audit.Committer | None = None
         # Kept current by `_index` wherever a status is set, so dispatch and the release of
         # dependents never scan every record the workspace ever had.
@@ -247,10 +249,14 @@ class Supervisor:
         self._budget_check()
         self._write_state()  # on disk within the step that changed them
         now = time.monotonic()
+        if progress:
+            self._last_progress = now
         # A commit costs 15-25 ms, more as state/ grows: while orders keep moving, several
         # steps share one; the files are the truth in between and recovery commits leftovers.
-        if (not paced or self.stopping or now - self._last_flush >= FLUSH_EVERY
-                or not (progress or self.attempts.active)):
+        # When the work stops, the commit waits for a short quiet spell, so that its git
+        # processes do not compete with an order dropped right after the last one ended.
+        quiet = not self.attempts.active and now - self._last_progress >= COMMIT_QUIET
+        if not paced or self.stopping or now - self._last_flush >= FLUSH_EVERY or quiet:
             self._flush(background=paced)
         if now - self._last_watch > TAMPER_EVERY and not self.offline:
             self._last_watch = now
@@ -330,7 +336,7 @@ class Supervisor:
         if self._unsettled:
             return UNSETTLED_RETRY
         if self.audit.pending:
-            return FLUSH_EVERY
+            return COMMIT_QUIET
         return 1.0
 
     def _wait(self, timeout: float) -> None:
