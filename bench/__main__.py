@@ -8,7 +8,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -17,7 +16,7 @@ from typing import Any
 
 from coordinator.errors import CoordinatorError
 
-from . import backlog, budgetsim, live, parts
+from . import backlog, budgetsim, harness, live, parts
 from .harness import BenchError, Figure, table
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -42,11 +41,12 @@ def machine() -> dict[str, Any]:
     from coordinator.landlock import abi_version
 
     git = subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.strip()
-    fs = subprocess.run(["df", "--output=fstype", tempfile.gettempdir()], capture_output=True,
+    harness.WORK_DIR.mkdir(parents=True, exist_ok=True)
+    fs = subprocess.run(["df", "--output=fstype", str(harness.WORK_DIR)], capture_output=True,
                         text=True).stdout.split()[-1:]
     return {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "git": git, "landlock_abi": abi_version(), "temp_fs": fs[0] if fs else "?",
-            "loadavg_start": list(os.getloadavg())}
+            "git": git, "landlock_abi": abi_version(), "work_fs": fs[0] if fs else "?",
+            "work_dir": os.path.relpath(harness.WORK_DIR), "loadavg_start": list(os.getloadavg())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,12 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=sorted(SUITES), metavar="SUITE",
                         help=f"run only these suites: {', '.join(SUITES)}")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
+    parser.add_argument("--dir", type=Path, default=None, metavar="DIR",
+                        help="make the workspaces under DIR (default: bench/.work, the project's file system)")
     args = parser.parse_args(argv)
+    if args.dir is not None:
+        harness.set_work_dir(args.dir)
     started = time.monotonic()
     info = machine()
     info["started"] = datetime.now(UTC).isoformat(timespec="seconds")
     print(f"coordinator benchmarks: {info['cpus']} CPUs, Linux {info['kernel']}, Python {info['python']}, "
-          f"{info['git']}, Landlock ABI {info['landlock_abi']}, temp on {info['temp_fs']}, "
+          f"{info['git']}, Landlock ABI {info['landlock_abi']}, workspaces on {info['work_fs']} "
+          f"({info['work_dir']}), "
           f"load {info['loadavg_start'][0]:.2f}{' (quick sizes)' if args.quick else ''}", flush=True)
     figures: list[Figure] = []
     timings: dict[str, float] = {}

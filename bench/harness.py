@@ -2,7 +2,9 @@
 
 Workspaces are built the way the tests build them (tests/conftest.py `make_ws`): a
 coordinator.yaml, the layout, a `state/` repository and the demo repository, in a fresh
-temp folder that is removed afterwards. Orders are dropped the way `coordinator send`
+folder that is removed afterwards. The folders are made under `bench/.work/` by default:
+a real workspace lives in a project checkout, so that is the file system to measure
+(`python -m bench --dir` picks another, e.g. the system's temp folder). Orders are dropped the way `coordinator send`
 drops them: a dot-file in the inbox, renamed into place.
 
 Example:
@@ -49,9 +51,31 @@ class BenchError(RuntimeError):
 # -- workspaces -----------------------------------------------------------------------------------
 
 
+WORK_DIR = Path(__file__).resolve().parent / ".work"
+
+
+def set_work_dir(folder: Path) -> None:
+    """Where the benchmarks' workspaces are made (created if missing)."""
+    global WORK_DIR
+    WORK_DIR = folder.resolve()
+
+
+@contextlib.contextmanager
+def work_dir(folder: Path) -> Iterator[Path]:
+    """Make the workspaces under `folder` for a while; `folder` is removed afterwards."""
+    before = WORK_DIR
+    set_work_dir(folder)
+    try:
+        yield folder
+    finally:
+        set_work_dir(before)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def temp_folder(prefix: str = "coord-bench-") -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix=prefix))
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=WORK_DIR))
     try:
         yield path
     finally:
