@@ -244,8 +244,11 @@ class Supervisor:
             progress |= self._intake_step()
         progress |= self.attempts.reap()
         self.attempts.watch(self.clock())
-        if not self.stopping:
-            progress |= self._dispatch()
+        if not self.stopping and self._dispatch():
+            progress = True
+            if self._pumps:  # the loop: refill the spare attempt folders while the new ones run
+                with contextlib.suppress(OSError):  # a full disk shows up where it matters
+                    runner.make_spares(self.ws)
         self._budget_check()
         self._write_state()  # on disk within the step that changed them
         now = time.monotonic()
