@@ -129,9 +129,8 @@ class _Server:
         self.stopping: _Kill | None = None
         self.terminated = self.child_died = False
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        libc = ctypes.CDLL(None, use_errno=True)
         one, zero = ctypes.c_ulong(1), ctypes.c_ulong(0)
-        if libc.prctl(ctypes.c_int(_PR_SET_CHILD_SUBREAPER), one, zero, zero, zero) != 0:
+        if landlock.libc().prctl(ctypes.c_int(_PR_SET_CHILD_SUBREAPER), one, zero, zero, zero) != 0:
             raise SupervisorError("cannot become a child subreaper; escaped processes could not be reaped")
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
@@ -473,7 +472,7 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
 
     def work() -> None:
         try:
-            if _libc().unshare(_CLONE_FS) != 0:
+            if landlock.libc().unshare(_CLONE_FS) != 0:
                 raise CoordinatorError(f"cannot start the command: unshare: {os.strerror(ctypes.get_errno())}")
             try:
                 os.chdir(cwd)
@@ -499,16 +498,6 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     return outcome[0]
-
-
-_LIBC: ctypes.CDLL | None = None
-
-
-def _libc() -> ctypes.CDLL:
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-    return _LIBC
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,16 +94,17 @@ class _PathBeneathAttr(ctypes.Structure):
 
 
 @functools.cache
-def _libc() -> Any:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    libc.prctl.restype = ctypes.c_int
-    return libc
+def libc() -> Any:
+    """The C library (errno kept), loaded once: the sandbox and the fork server call into it."""
+    lib = ctypes.CDLL(None, use_errno=True)
+    lib.syscall.restype = ctypes.c_long
+    lib.prctl.restype = ctypes.c_int
+    return lib
 
 
 def _syscall(number: int, *args: Any) -> int:
     ctypes.set_errno(0)
-    result: int = _libc().syscall(ctypes.c_long(number), *args)
+    result: int = libc().syscall(ctypes.c_long(number), *args)
     if result < 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
@@ -211,8 +212,7 @@ def enforce(ruleset_fd: int) -> None:
     a setuid binary must not lift the sandbox. The kernel applies the ruleset
     atomically: on error nothing is applied, and we raise.
     """
-    libc = _libc()
-    if libc.prctl(ctypes.c_int(_PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+    if libc().prctl(ctypes.c_int(_PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
         code = ctypes.get_errno()
         raise SandboxError(f"cannot set no_new_privs: {os.strerror(code)}")
     try:

@@ -247,8 +247,7 @@ class Supervisor:
         if not self.stopping and self._dispatch():
             progress = True
             if self._pumps:  # the loop: refill the spare attempt folders while the new ones run
-                with contextlib.suppress(OSError):  # a full disk shows up where it matters
-                    runner.make_spares(self.ws)
+                self._refill_spares()
         self._budget_check()
         self._write_state()  # on disk within the step that changed them
         now = time.monotonic()
@@ -313,9 +312,12 @@ class Supervisor:
                 self.say("stopped: nothing running")
                 return
             if not progress:
-                with contextlib.suppress(OSError):  # a full disk shows up where it matters
-                    runner.make_spares(self.ws)
+                self._refill_spares()
                 self._wait(self._idle_timeout())
+
+    def _refill_spares(self) -> None:
+        with contextlib.suppress(OSError):  # a full disk shows up where it matters: in the state writes
+            runner.make_spares(self.ws)
 
     def wake(self) -> None:
         """Wake the loop from another thread (an LLM call ended) instead of waiting out the idle timeout."""

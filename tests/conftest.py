@@ -74,6 +74,23 @@ def step_until(sup: Supervisor, cond: Callable[[], object], what: str, *, wait: 
             sup._wait(0.05)
 
 
+def wait_until(cond: Callable[[], object], what: str, timeout: float = 60.0) -> None:
+    """Poll `cond` (state another process or thread writes) until true; fail saying what never happened."""
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    """An empty `state/` folder (no git): for modules that only read and write files in it."""
+    d = tmp_path / "state"
+    d.mkdir()
+    return d
+
+
 @pytest.fixture
 def dead_url() -> str:
     """A loopback port nothing listens on: connections are refused."""

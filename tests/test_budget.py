@@ -20,11 +20,6 @@ BANDS = (2000, 7000, 15000)
 T0 = datetime(2025, 3, 1, 9, 0, 0, tzinfo=UTC)
 
 
-@pytest.fixture
-def state_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "state"
-    d.mkdir()
-    return d
 
 
 def order_text(n: int, words: int = 300) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import drop, order_md, sh, step_until
+from conftest import drop, order_md, sh, step_until, wait_until
 from coordinator.demo.repo import init_demo_repo
 
 from coordinator import signals
@@ -35,12 +35,6 @@ COORDINATOR = Path(sys.executable).with_name("coordinator")
 WAIT = 60.0
 
 
-def wait_until(cond: Callable[[], object], what: str, timeout: float = WAIT) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def git(path: Path, *args: str, **env: str) -> str:

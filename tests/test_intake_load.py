@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import order_md
+from conftest import order_md, wait_until
 
 from coordinator.audit import StateRepo
 from coordinator.store import Store
@@ -28,12 +28,6 @@ from coordinator.workspace import Workspace
 WAIT = 120.0  # seconds; 3,000 files take a few on this machine
 
 
-def wait_until(cond: Callable[[], object], what: str, timeout: float = WAIT) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 class Live:
@@ -141,7 +135,7 @@ def run_burst(ws: Workspace, live: Callable[[Workspace], Live], n: int) -> float
     orders_dir = ws.state / "orders"
     wait_until(lambda: orders_dir.is_dir() and len(os.listdir(orders_dir)) >= n
                and not os.listdir(ws.inbox("walt")) and not intake_files(ws),
-               f"{n} files to be filed")
+               f"{n} files to be filed", timeout=WAIT)
     took = time.monotonic() - started
     watcher = lv.sup.watcher
     print(f"inotify overflows seen: {getattr(watcher, 'overflows', '?')}, "
@@ -193,7 +187,7 @@ def test_a_file_written_slowly_in_place_is_read_only_when_complete(make_ws, live
             writer.kill()
     wait_until(lambda: Store(ws.state).exists("slow") and (Store(ws.state).folder("slow")
                                                           / "record.json").exists(),
-               "slow.md to be filed")
+               "slow.md to be filed", timeout=WAIT)
     lv.stop()
     recs = Store(ws.state).load_all()
     assert list(recs) == ["slow"], [(r.id, r.status, r.errors) for r in recs.values()]

@@ -15,11 +15,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import drop, order_md, sh, step_until
+from conftest import drop, order_md, sh, step_until, wait_until
 
 from coordinator import durable, orders
 from coordinator.audit import StateRepo
@@ -46,13 +45,6 @@ GATED = sh(
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def wait_until(cond: Callable[[], object], what: str, timeout: float = WAIT) -> None:
-    """Poll `cond` (state another process writes) until true; fail saying what never happened."""
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def supervise(ws: Workspace, *args: str) -> subprocess.Popen[bytes]:

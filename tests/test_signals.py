@@ -14,11 +14,6 @@ from coordinator.signals import Signal
 T0 = datetime(2025, 3, 1, 9, 0, 0, tzinfo=UTC)
 
 
-@pytest.fixture
-def state_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "state"
-    d.mkdir()
-    return d
 
 
 def seen(state_dir: Path) -> list[Signal]:

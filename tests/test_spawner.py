@@ -105,6 +105,21 @@ def test_exit_codes_and_output_reach_the_supervisor(sp: Spawner, tmp_path: Path)
     assert sorted((tmp_path / "zero.log").read_text().split()) == ["err", "out"]
 
 
+def test_an_exit_says_whether_anything_of_the_tree_is_left(sp: Spawner, tmp_path: Path) -> None:
+    """`alone` lets the supervisor skip the kill: true only when no process of the tree survives."""
+    assert wait_exit(sp, _spawned(sp, tmp_path, "true", f"lone-{RUN}")).alone
+    token = _spawned(sp, tmp_path, "setsid sleep 60 & exit 0", f"left-{RUN}")
+    ended = wait_exit(sp, token)
+    assert not ended.alone and len(marked(token)) == 1  # the escapee lives on, so a kill is needed
+    sp.kill_tree(token, grace=0.5)
+    assert marked(token) == []
+
+
+def _spawned(sp: Spawner, tmp_path: Path, script: str, token: str) -> str:
+    sp.spawn(req(tmp_path, ("sh", "-c", script), token))
+    return token
+
+
 def test_a_child_leads_its_own_session_and_is_marked(sp: Spawner, tmp_path: Path) -> None:
     pid = sp.spawn(req(tmp_path, ("sleep", "60"), f"lead-{RUN}"))
     assert os.getsid(pid) == pid and os.getpgid(pid) == pid
