@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import audit, gate, orders, results, runner
 from .config import Agent, parse_duration
-from .errors import CoordinatorError, GitError, OrderError, SandboxError
+from .errors import CoordinatorError, GitError, SandboxError
 from .landlock import Ruleset
 from .orders import Branch, WorkOrder
 from .repos import MergeConflict, Repo
@@ -58,6 +58,7 @@ class Active:
     token: str = ""
     thread: threading.Thread | None = None
     thread_outcome: Any = None
+    undelivered: list[str] = field(default_factory=list)  # outbox files that named no known agent
 
 
 class AttemptRunner:
@@ -413,6 +414,8 @@ class AttemptRunner:
     def _finish(self, act: Active, *, keep: bool = False) -> None:
         self.active.pop(act.token, None)
         act.rec.running = None
+        if act.undelivered:  # the sender learns from its report, not only from the supervisor's log
+            act.rec.report = {**(act.rec.report or {}), "undelivered": act.undelivered}
         self._cleanup(act, keep=keep)
 
     def _cleanup(self, act: Active, *, keep: bool = False) -> None:
@@ -437,7 +440,9 @@ class AttemptRunner:
                 continue
             to = path.parent.name if path.parent != box else _to_of(path)
             if to not in self.sup.config.agents:
-                self.sup.say(f"{act.rec.id}: outbox file {path.name} names no known recipient; dropped")
+                self.sup.say(f"{act.rec.id}: outbox file {path.name} names no known recipient; not delivered")
+                act.undelivered.append(f"{path.name}: names no known recipient (give it `to: <agent>` or "
+                                       f"write it into $COORD_OUTBOX/<agent>/); kept in {path.parent}")
                 continue
             claimed = self.sup.intake.claim(path, to)
             if claimed:
@@ -518,13 +523,10 @@ def investigation(rec: Record, target: str, reason: str) -> WorkOrder:
 
 
 def _to_of(path: Path) -> str | None:
+    """The recipient an outbox file names, even when the rest of it is invalid: then it is
+    delivered all the same and rejected there, with its errors on the board."""
     data = runner.read_untrusted(path, orders.MAX_ORDER_BYTES)
-    if data is None:
-        return None
-    try:
-        return orders.parse(data, path=path.name).to or None
-    except OrderError:
-        return None
+    return None if data is None else orders.recipient(data, path=path.name)
 
 
 def _timeout(order: WorkOrder, agent: Agent) -> float:

@@ -51,7 +51,7 @@ __all__ = [
     "ACCEPTANCE_ITEMS", "ACTIONS", "BRANCH_RULES", "FEEDBACK_STATUSES", "ID_PATTERN", "KEYS", "KINDS",
     "MAX_FILES", "MAX_IDS", "MAX_OBJECTIVE", "MAX_ORDER_BYTES", "PRIORITIES", "PRIORITY_RANK",
     "SECTIONS", "Acceptance", "Branch", "EmptyHistory", "History", "WorkOrder", "check",
-    "is_feedback", "load", "objective_key", "parse", "render", "template",
+    "is_feedback", "load", "objective_key", "parse", "recipient", "render", "template",
 ]
 
 
@@ -174,6 +174,16 @@ def parse(data: bytes, *, path: str, to: str | None = None, kind: str | None = N
     if draft.problems:
         raise OrderError(finish(draft.problems, draft.lines))
     return WorkOrder.from_dict(draft.fields)
+
+
+def recipient(data: bytes, *, path: str) -> str | None:
+    """The `to` an order file names, read as far as it goes (the rest may be invalid);
+    None when it names none or is not a work order file at all."""
+    try:
+        to = read_order(data, path=path, to=None, sender=None, kind=None).fields.get("to")
+    except OrderError:
+        return None
+    return to if isinstance(to, str) and to else None
 
 
 # --- check: the team rules -----------------------------------------------------------------

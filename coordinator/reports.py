@@ -16,7 +16,8 @@ def render(rec: Record) -> str:
         lines += ["**Summary:**", "", str(report["summary"]), ""]
     if rec.errors:
         lines += ["**Errors:**", ""] + [f"- {e}" for e in rec.errors] + [""]
-    for key, title in (("changed", "Changed files"), ("offending", "Denied paths"), ("checks", "Checks")):
+    for key, title in (("changed", "Changed files"), ("offending", "Denied paths"), ("checks", "Checks"),
+                       ("undelivered", "Not delivered from the outbox")):
         if report.get(key):
             lines += [f"**{title}:**", ""] + [f"- {x}" for x in report[key]] + [""]
     if rec.commit:

@@ -193,6 +193,36 @@ def test_outbox_orders_are_stamped_and_checked_against_sends_to(make_ws):
     assert set(recs["o"].children) == {to_rex[0].id, to_walt[0].id}
 
 
+def test_an_outbox_order_with_no_recipient_is_named_in_the_report_and_kept(make_ws):
+    outbox = sh('printf "objective: Review it\\nacceptance: [a is true]\\nfiles: []\\n'
+                'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/lost.yaml"; '
+                'echo sent')
+    ws = make_ws({"chip": {"role": "specialist", "command": outbox, "sends_to": ["rex"]},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    run(ws)
+    rec = Store(ws.state).load("o")
+    assert rec.status == "done" and rec.children == []
+    (line,) = rec.report["undelivered"]
+    assert line.startswith("lost.yaml: names no known recipient")
+    assert "Not delivered from the outbox" in (ws.state / "orders" / "o" / "report.md").read_text()
+    kept = list((ws.root / ".coordinator" / "attempts" / "o").rglob("lost.yaml"))
+    assert len(kept) == 1  # still where the specialist wrote it
+
+
+def test_an_invalid_outbox_order_that_names_its_recipient_is_delivered_and_rejected_there(make_ws):
+    outbox = sh('printf -- "---\\nto: rex\\n---\\n**Objective:** Review it\\n" > "$COORD_OUTBOX/bad.md"; echo sent')
+    ws = make_ws({"chip": {"role": "specialist", "command": outbox, "sends_to": ["rex"]},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    (child,) = [recs[c] for c in recs["o"].children]
+    assert (child.to, child.sender, child.status) == ("rex", "chip", "rejected")
+    assert any("acceptance" in e for e in child.errors), child.errors
+    assert "undelivered" not in recs["o"].report
+
+
 def test_cancel_and_retry_through_the_library(make_ws):
     ws = make_ws({"chip": {"role": "specialist", "max_failures": 1, "command": sh(
         'test -e "$PROBE/fixed" || exit 1')}})
