@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow lint bench clean
+.PHONY: help install run test test-slow lint bench soak clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ lint: $(STAMP) ## ruff and mypy
 
 bench: $(STAMP) ## run the benchmarks and print the figures
 	$(BIN)/python -m bench
+
+soak: $(STAMP) ## an hour of steady drops into a live supervisor: memory, fds and children must stay flat
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

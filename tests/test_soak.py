@@ -77,3 +77,19 @@ def test_two_thousand_orders_through_a_live_supervisor_leave_no_growth(make_ws):
     assert last[1] <= first[1] + 5, samples      # file descriptors flat
     assert max(s[2] for s in samples) <= 1, samples  # no git process outlives its command
     assert last[3] <= first[3] + 60, samples     # memory flat (records of 2,000 orders are small)
+
+
+@pytest.mark.slow
+def test_the_soak_bench_ends_every_order_of_its_mix_and_judges_the_trends(tmp_path):
+    """`make soak` in small: every kind of order in its mix ends as it should."""
+    import json
+
+    from bench import soak
+
+    out = tmp_path / "soak.json"
+    assert soak.soak(0.25, 5.0, 3.0, out) == 0
+    doc = json.loads(out.read_text())
+    assert doc["orders_dropped"] >= 60 and doc["orders_ended"] == doc["orders_dropped"]
+    assert doc["records"] == doc["records_expected"] > doc["orders_dropped"]  # follow-ups filed too
+    assert doc["wrong_status"] == [] and doc["not_ended"] == []
+    assert set(doc["trend"]) == {"rss_mb", "fds", "threads", "children", "zombies", "in_flight"}
