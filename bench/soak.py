@@ -58,7 +58,9 @@ TEAM: dict[str, Any] = {
 # Allowed growth between the first and the last quarter of the samples (after warm-up).
 FD_SLACK = 8
 THREAD_SLACK = 2
-RSS_SLACK_MB = 15.0
+RSS_SLACK_MB = 5.0  # MB of growth that is always fine (allocator noise, caches warming up)
+RSS_SLACK_PER_1000 = 2.0  # MB per 1,000 ended orders: the index of every order seen, and no more
+CHILD_SLACK = 6  # live descendants: the fork server and the attempts running at a sampling moment
 IN_FLIGHT_SLACK = 50
 DRAIN_S = 120.0  # seconds the last orders may take after the drops stop
 
@@ -171,7 +173,11 @@ class Ended:
 
 
 def trend(samples: list[Sample]) -> dict[str, Any]:
-    """First quarter against last quarter of the samples after the first fifth (warm-up)."""
+    """First quarter against last quarter of the samples after the first fifth (warm-up).
+
+    Memory is judged per order: the supervisor keeps a small index entry for every order it
+    has seen (about 1.3 KB once the order has ended), so its memory may grow by that much and
+    no more; everything else must not grow at all."""
     body = samples[len(samples) // 5:]
     q = max(1, len(body) // 4)
     first, last = body[:q], body[-q:]
@@ -180,8 +186,14 @@ def trend(samples: list[Sample]) -> dict[str, Any]:
         return sum(getattr(s, key) for s in part) / len(part)
 
     out: dict[str, Any] = {}
-    for key, slack in (("rss_mb", RSS_SLACK_MB), ("fds", FD_SLACK), ("threads", THREAD_SLACK),
-                       ("children", 6), ("zombies", 0)):
+    orders = avg(last, "ended") - avg(first, "ended")
+    grew = avg(last, "rss_mb") - avg(first, "rss_mb")
+    per_1000 = grew / orders * 1000 if orders > 0 else 0.0
+    out["rss_mb"] = {"first": round(avg(first, "rss_mb"), 1), "last": round(avg(last, "rss_mb"), 1),
+                     "growth": round(grew, 1), "orders_between": round(orders),
+                     "mb_per_1000_orders": round(per_1000, 2), "slack_mb_per_1000": RSS_SLACK_PER_1000,
+                     "flat": grew <= RSS_SLACK_MB or per_1000 <= RSS_SLACK_PER_1000}
+    for key, slack in (("fds", FD_SLACK), ("threads", THREAD_SLACK), ("children", CHILD_SLACK), ("zombies", 0)):
         a, b = avg(first, key), avg(last, key)
         out[key] = {"first": round(a, 1), "last": round(b, 1), "growth": round(b - a, 1), "slack": slack,
                     "flat": b - a <= slack}

@@ -344,6 +344,8 @@ class AttemptRunner:
             follow = follow_up(act.order, rec.to, result.agent, result.summary)
             sup.move(rec, "routed", act.agent.name, note=f"to {result.agent}")
             child = sup.file_order(follow, shown=f"route of {rec.id}")
+            sup.store.restore(rec)  # filing the child wrote this ended record (and shed its detail)
+            assert rec.report is not None
             rec.report["routed_to"] = child.id
             sup.store.save(rec, sync=False)
         elif result.outcome == "requeue-with-blocker":

@@ -162,4 +162,4 @@ def _record(sup: Supervisor, order_id: str) -> Record:
     rec = sup.records.get(order_id)
     if rec is None:
         raise NotFoundError(f"no order {order_id!r}; `coordinator board` lists them")
-    return rec
+    return sup.store.restore(rec)  # whole again before a command changes it

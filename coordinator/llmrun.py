@@ -469,6 +469,7 @@ def orchestrator_context(runner: AttemptRunner, *, current: str | None = None,
 def record_usage(runner: AttemptRunner, act: Active, out: Outcome) -> None:
     """Each call with the order (for `coordinator cost`); the orchestrator's in its budget."""
     sup, rec = runner.sup, act.rec
+    sup.store.restore(rec)  # it may have been cancelled (ended, written) while the model thought
     calls = out.client.calls
     runner_meter = meter_for(runner)
     for call in calls:

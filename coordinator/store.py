@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import durable
-from .errors import NotFoundError
+from .errors import NotFoundError, StateError
 from .orders import WorkOrder, objective_key
 
 STATUSES = ("queued", "waiting", "running", "done", "halted", "routed", "blocked",
@@ -38,7 +38,7 @@ def iso(now: float) -> str:
     return datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     id: str
     to: str
@@ -64,6 +64,8 @@ class Record:
     commit: str | None = None
     stale: bool = False
     usage: list[dict[str, Any]] = field(default_factory=list)
+    # Not in the file: true while `shed_detail` has dropped history, report and failures.
+    shed: bool = field(default=False, compare=False, repr=False)
 
     @property
     def terminal(self) -> bool:
@@ -76,8 +78,16 @@ class Record:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Record:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known = {k: v for k, v in data.items() if k in _LOADABLE}
         return cls(**known)
+
+    def shed_detail(self) -> None:
+        """Drop from memory what only the file needs once an ended order is written: its
+        history, report and failure reasons (the first error stays for briefs). A supervisor
+        that runs for weeks keeps every order it has seen; this keeps each ended one small.
+        `Store.restore` brings the detail back before the record changes again."""
+        self.history, self.report, self.failures, self.errors = [], None, [], self.errors[:1]
+        self.shed = True
 
     def board_row(self) -> dict[str, Any]:
         """The `board --json` shape of SPEC §10."""
@@ -85,7 +95,8 @@ class Record:
                 "objective": self.objective, "attempts": self.attempts, "updated": self.updated}
 
 
-_RECORD_FIELDS = tuple(f.name for f in fields(Record))
+_RECORD_FIELDS = tuple(f.name for f in fields(Record) if f.name != "shed")
+_LOADABLE = frozenset(_RECORD_FIELDS)
 
 
 class Store:
@@ -141,6 +152,8 @@ class Store:
     def save(self, record: Record, *, sync: bool = True) -> Path:
         """Write `record`; with `sync=False` while deferring, at the next `write_dirty()`."""
         path = self.record_path(record.id)
+        if record.shed:  # writing it now would lose its history: a change skipped `restore`
+            raise StateError(f"{record.id} was changed while its history was not loaded (a bug): not written")
         if self._deferring and not sync:
             self._dirty[record.id] = record
             return path
@@ -157,7 +170,24 @@ class Store:
         dirty, self._dirty = self._dirty, {}
         for record in dirty.values():
             durable.write_json(self.record_path(record.id), record.as_json(), sync=False)
+            if record.terminal:
+                record.shed_detail()
         return len(dirty)
+
+    def shed_ended(self, records: dict[str, Record]) -> None:
+        """`shed_detail` every ended record already on disk (at start, after recovery)."""
+        for record in records.values():
+            if record.terminal and record.id not in self._dirty:
+                record.shed_detail()
+
+    def restore(self, record: Record) -> Record:
+        """Bring back from its file what `Record.shed_detail` dropped; call before changing it."""
+        if record.shed:
+            full = self.load(record.id)
+            record.history, record.report, record.failures, record.errors = (
+                full.history, full.report, full.failures, full.errors)
+            record.shed = False
+        return record
 
     def save_order(self, order: WorkOrder) -> Path:
         assert order.id is not None

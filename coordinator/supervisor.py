@@ -26,7 +26,7 @@ from typing import Any
 
 from . import audit, budget, control, durable, reports, runner, signals, verify
 from .attempts import AttemptRunner
-from .errors import CoordinatorError, NotFoundError, SupervisorError
+from .errors import CoordinatorError, SupervisorError
 from .intake import Intake
 from .orders import PRIORITY_RANK, WorkOrder
 from .spawner import Spawner
@@ -122,6 +122,7 @@ class Supervisor:
         self.attempts = AttemptRunner(self)
         self.heads = verify.load_heads(ws)
         self._recover(crashed)
+        self.store.shed_ended(self.records)
         if not self.offline:
             runner.clear_spares(ws)
             marker.touch()
@@ -464,6 +465,7 @@ class Supervisor:
     # -- transitions -------------------------------------------------------------------------------
     def move(self, rec: Record, new: str, actor: str, *, note: str | None = None) -> None:
         """Change `rec`'s status: record, history, audit line; the one place statuses change."""
+        self.store.restore(rec)
         old = rec.status
         now = iso(self.clock())
         rec.status = new
@@ -490,6 +492,7 @@ class Supervisor:
 
     def event(self, rec: Record, text: str) -> None:
         """An audited line that is not a status change (stale flags, merges)."""
+        self.store.restore(rec)
         self.store.save(rec, sync=False)
         self.audit.stage(audit.SUPERVISOR, f"{rec.id} {rec.to}: {text}")
 
@@ -629,12 +632,6 @@ class Supervisor:
     def handle(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
         """Do what a CLI command asked (cancel, retry, rotate, budget-add): see `control.handle`."""
         return control.handle(self, action, args)
-
-    def _record(self, order_id: str) -> Record:
-        rec = self.records.get(order_id)
-        if rec is None:
-            raise NotFoundError(f"no order {order_id!r}; `coordinator board` lists them")
-        return rec
 
     def step_commit(self) -> None:
         self._flush()

@@ -223,6 +223,24 @@ def test_an_invalid_outbox_order_that_names_its_recipient_is_delivered_and_rejec
     assert "undelivered" not in recs["o"].report
 
 
+def test_ended_orders_are_kept_small_in_memory_and_whole_on_disk_through_a_retry(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 1, "command": sh(
+        'test -e "$PROBE/fixed" || exit 1')}})
+    drop(ws, "chip", "a.md", order_md("Fails until fixed", id="a"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        held = sup.records["a"]
+        assert held.status == "blocked" and held.shed  # a long-running supervisor sheds ended detail
+        assert held.history == [] and held.report is None and held.failures == []
+        (ws.root.parent / "probe" / "fixed").touch()
+        assert sup.handle("retry", {"id": "a"})["status"] == "queued"
+        sup.run_once(limit=30)
+    rec = Store(ws.state).load("a")
+    assert rec.status == "done"
+    assert [h["to"] for h in rec.history] == ["queued", "running", "blocked", "queued", "running", "done"]
+    assert "shed" not in (ws.state / "orders" / "a" / "record.json").read_text()
+
+
 def test_cancel_and_retry_through_the_library(make_ws):
     ws = make_ws({"chip": {"role": "specialist", "max_failures": 1, "command": sh(
         'test -e "$PROBE/fixed" || exit 1')}})
