@@ -61,7 +61,9 @@ def submit(ws: Workspace, action: str, args: dict[str, Any], *, timeout: float =
             data: dict[str, Any] = durable.read_json(answer)
             answer.unlink()
             if data.get("error"):
-                raise CoordinatorError(str(data["error"]))
+                error = CoordinatorError(str(data["error"]))
+                error.exit_code = int(data.get("exit_code") or 1)  # as if it were served here
+                raise error
             return dict(data.get("result") or {})
         time.sleep(0.02)
     raise SupervisorError(f"the supervisor did not answer within {timeout:.0f}s; is it stuck? "
@@ -92,9 +94,10 @@ def pending(ws: Workspace) -> list[tuple[Path, dict[str, Any]]]:
     return found
 
 
-def answer(request: Path, *, result: dict[str, Any] | None = None, error: str | None = None) -> None:
+def answer(request: Path, *, result: dict[str, Any] | None = None, error: CoordinatorError | None = None) -> None:
     target = request.with_name(request.name.replace(".request.json", ".answer.json"))
-    durable.write_json(target, {"result": result, "error": error}, sync=False)
+    durable.write_json(target, {"result": result, "error": str(error) if error else None,
+                                "exit_code": error.exit_code if error else 0}, sync=False)
     request.unlink(missing_ok=True)
 
 

@@ -625,7 +625,7 @@ class Supervisor:
                 control.answer(path, result=result)
             except CoordinatorError as e:
                 self._write_state()
-                control.answer(path, error=str(e))
+                control.answer(path, error=e)
             served = True
         return served
 

@@ -436,6 +436,21 @@ def test_cancel_and_retry_through_a_running_supervisor(ws: Path, supervisor: sub
     assert "WO-0001 slow: running -> cancelled" in git(ws / "state", "log", "--format=%B")
 
 
+def test_a_running_supervisor_answers_errors_with_the_exit_code_they_would_have_here(
+        ws: Path, supervisor: subprocess.Popen[str]) -> None:
+    from coordinator import control
+    from coordinator.errors import CoordinatorError
+    from coordinator.workspace import Workspace
+
+    assert control.supervisor_running(Workspace(ws))
+    with pytest.raises(CoordinatorError) as usage:
+        control.submit(Workspace(ws), "budget-add", {"tokens": -5})
+    assert usage.value.exit_code == 2 and "positive number of tokens" in str(usage.value)  # a usage error
+    with pytest.raises(CoordinatorError) as missing:
+        control.submit(Workspace(ws), "retry", {"id": "WO-9999"})
+    assert missing.value.exit_code == 1 and "no order 'WO-9999'" in str(missing.value)  # the thing asked about
+
+
 # -- budget, rotation, signals, audit ------------------------------------------------------------------
 def test_budget_add_and_rotate(ws: Path) -> None:
     doc = json.loads(run("-w", ws, "budget", "--json").stdout)
