@@ -62,12 +62,14 @@ ORDER_RULES = """Each order is an object:
  "branching": [{"action": "halt-with-note", "when": "<condition>"},
                {"action": "route-to", "agent": "<agent>", "when": "<condition>"},
                {"action": "requeue-with-blocker", "when": "<condition>"}],
- "blocked_by": ["<id of an order that must be done first>"]}
+ "id": "<optional: a short name, so another order of this plan can wait on it>",
+ "blocked_by": ["<id of an order that must be done first: one of this plan or an earlier one>"]}
 Rules:
 - Send only to agents of the team below. files: paths or globs inside that agent's writes, all in one
   repository; [] for read-only work (and for an agent whose writes is none).
 - An acceptance item written as `command` passes is run by the supervisor to verify the work.
-- branching: 1 to 10 rules; route-to only to an agent the recipient routes to. blocked_by is optional.
+- branching: 1 to 10 rules; route-to only to an agent the recipient routes to. id and blocked_by are
+  optional: an order whose blocked_by names another order of this plan by its id runs after it is done.
 - You delegate; you never write files yourself."""
 
 ORCHESTRATOR_PROMPT = f"""{ORCHESTRATOR_ROLE}
@@ -83,6 +85,10 @@ is its report.
 {ORDER_RULES}"""
 
 T = TypeVar("T")
+
+# Checks one order of a plan: (the order, {id: blocked_by} of the plan's other orders with an id)
+# -> problems, each one line.
+PlanValidator = Callable[[dict[str, Any], dict[str, tuple[str, ...]]], list[str]]
 
 
 class LLMReplyError(LLMError):
@@ -296,34 +302,46 @@ def synthesis_messages(context: str, roster: str, request: str, reports: str) ->
 
 
 def plan(client: Client, context: str, roster: str, request: str, *,
-         validate: Callable[[dict[str, Any]], list[str]]) -> tuple[Plan, list[Reply]]:
+         validate: PlanValidator) -> tuple[Plan, list[Reply]]:
     """Ask the orchestrator model for orders; each is checked by `validate` (the order rules)."""
     return _converse(client, orchestrator_messages(context, roster, request),
                      _plan_check(validate), "plan")
 
 
 def synthesize(client: Client, context: str, roster: str, request: str, reports: str, *,
-               validate: Callable[[dict[str, Any]], list[str]]) -> tuple[Plan, list[Reply]]:
+               validate: PlanValidator) -> tuple[Plan, list[Reply]]:
     """Ask again with the children's reports: more orders, or none (the request is done)."""
     return _converse(client, synthesis_messages(context, roster, request, reports),
                      _plan_check(validate), "synthesis")
 
 
-def _plan_check(validate: Callable[[dict[str, Any]], list[str]]
-                ) -> Callable[[dict[str, Any]], tuple[Plan | None, list[str]]]:
+def _plan_check(validate: PlanValidator) -> Callable[[dict[str, Any]], tuple[Plan | None, list[str]]]:
     def check(data: dict[str, Any]) -> tuple[Plan | None, list[str]]:
         errors = _schema_errors("plan", data)
         if errors:
             return None, errors
+        named: dict[str, int] = {}
+        for i, order in enumerate(data["orders"]):
+            oid = order.get("id")
+            if isinstance(oid, str) and oid in named:
+                errors.append(f"orders.{i}: id {oid!r} is also the id of orders.{named[oid]}; give each its own")
+            elif isinstance(oid, str):
+                named[oid] = i
         for i, order in enumerate(data["orders"]):
             to = order.get("to")
             where = f"orders.{i}" + (f" (to {to})" if isinstance(to, str) else "")
-            errors.extend(f"{where}: {e}" for e in validate(order))
+            siblings = {str(o["id"]): _ids(o.get("blocked_by")) for j, o in enumerate(data["orders"])
+                        if j != i and isinstance(o.get("id"), str)}
+            errors.extend(f"{where}: {e}" for e in validate(order, siblings))
         if errors:
             return None, errors
         return Plan(summary=data["summary"].strip(), orders=tuple(data["orders"])), []
 
     return check
+
+
+def _ids(value: Any) -> tuple[str, ...]:
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
 
 
 # -- the conversation -----------------------------------------------------

@@ -262,13 +262,17 @@ def file_plan(runner: AttemptRunner, act: Active, plan: llmagent.Plan) -> None:
         rec.failures.append(reason)
         return runner.block(rec, reason)
     filed: list[str] = []
-    for raw in plan.orders:
+    named: dict[str, str] = {}  # id the model gave -> id the order was filed under
+    for raw in _dependency_order(plan.orders):
+        waits = [named.get(d, d) for d in raw.get("blocked_by") or ()]
         try:
-            order = to_order(raw, act.agent.name, parent=rec.id)
+            order = to_order({**raw, "blocked_by": waits} if waits else raw, act.agent.name, parent=rec.id)
         except OrderError as e:
             sup.say(f"{rec.id}: a planned order failed validation after all: {e}")
             continue
         child = sup.file_order(order, shown=f"plan of {rec.id}")
+        if isinstance(raw.get("id"), str):
+            named[raw["id"]] = child.id
         filed.append(child.id)
         rec.children.append(child.id)
     rec.report = {"summary": plan.summary, "children": list(rec.children)}
@@ -374,14 +378,15 @@ def to_order(raw: dict[str, Any], sender: str, *, parent: str | None) -> orders.
     return dataclasses.replace(order, sender=sender, parent=parent)
 
 
-def order_validator(runner: AttemptRunner, agent: Agent) -> Callable[[dict[str, Any]], list[str]]:
-    """The rules of a dropped file, for the worker thread: against a snapshot of the history."""
+def order_validator(runner: AttemptRunner, agent: Agent) -> llmagent.PlanValidator:
+    """The rules of a dropped file, for the worker thread: against a snapshot of the history,
+    where the plan's other orders count as filed (so one may wait on another)."""
     sup = runner.sup
     # The loop keeps changing sup.records; the worker must not iterate them meanwhile.
     history = History(dict(sup.records), sup.store)
     config = sup.config
 
-    def validate(raw: dict[str, Any]) -> list[str]:
+    def validate(raw: dict[str, Any], siblings: dict[str, tuple[str, ...]]) -> list[str]:
         to = raw.get("to")
         if not isinstance(to, str) or to not in agent.sends_to:
             return [f"to: {to!r} is not an agent you may send to; send to one of "
@@ -391,9 +396,47 @@ def order_validator(runner: AttemptRunner, agent: Agent) -> Callable[[dict[str, 
         except OrderError as e:
             return [f"{p.field}: {p.message}" if p.field else p.message for p in e.problems]
         return [f"{p.field}: {p.message}" if p.field else p.message
-                for p in orders.check(order, config, history)]
+                for p in orders.check(order, config, _WithPlan(history, siblings))]
 
     return validate
+
+
+class _WithPlan:
+    """The workspace's orders plus the other orders of the plan being checked (orders.History)."""
+
+    def __init__(self, history: orders.History, siblings: dict[str, tuple[str, ...]]) -> None:
+        self.history, self.siblings = history, siblings
+
+    def exists(self, order_id: str) -> bool:
+        return order_id in self.siblings or self.history.exists(order_id)
+
+    def blocked_by_of(self, order_id: str) -> tuple[str, ...]:
+        return self.siblings[order_id] if order_id in self.siblings else self.history.blocked_by_of(order_id)
+
+    def ended(self, sender: str, to: str, objective: str) -> list[tuple[str, str]]:
+        return self.history.ended(sender, to, objective)
+
+
+def _dependency_order(planned: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
+    """The plan's orders with each one after the orders of the plan it waits on (the plan was
+    checked: no cycles), otherwise in the order the model gave."""
+    by_id = {o["id"]: o for o in planned if isinstance(o.get("id"), str)}
+    out: list[dict[str, Any]] = []
+    placed: set[int] = set()
+
+    def place(order: dict[str, Any], depth: int = 0) -> None:
+        if id(order) in placed or depth > len(planned):
+            return
+        for dep in order.get("blocked_by") or ():
+            if dep in by_id and by_id[dep] is not order:
+                place(by_id[dep], depth + 1)
+        if id(order) not in placed:
+            placed.add(id(order))
+            out.append(order)
+
+    for order in planned:
+        place(order)
+    return out
 
 
 # -- what the model is sent ---------------------------------------------------------------------------

@@ -274,6 +274,28 @@ def test_an_orchestrator_model_decomposes_a_request_its_children_run_and_its_rev
     assert {(i["ref"], i["kind"]) for i in ledger["items"]} >= {(kids[0].id, "order"), (kids[0].id, "report")}
 
 
+def test_a_planned_order_may_wait_on_another_of_its_plan_and_runs_after_it(make_ws, fake):
+    ws = make_ws(team(fake), orchestrator="walt")
+    review = dict(child("rex", "Review the greeting", files=[]), blocked_by=["greet"])
+    code = dict(child("chip", "Write the greeting", files=["webapp/src/greeting.py"]), id="greet")
+    unknown = dict(child("rex", "Review the rest", files=[]), blocked_by=["nowhere"])
+    fake.script(content=json.dumps({"summary": "review first?", "orders": [review, code, unknown]}))
+    fake.script(content=json.dumps({"summary": "rex reviews after chip", "orders": [review, code]}))
+    fake.script(content=json.dumps({"summary": "Written, then reviewed.", "orders": []}))
+    drop(ws, "walt", "req.md", order_md("The app greets people", id="req", files=("webapp/src/**",)))
+    run(ws)
+
+    rec = load(ws, "req")
+    assert rec.status == "done", rec.report
+    assert "orders.2 (to rex): blocked_by.0: no order 'nowhere'" in last_user_message(fake.chat_bodies()[1])
+    kids = {load(ws, c).to: load(ws, c) for c in rec.children}
+    assert kids["chip"].id == "greet" and kids["rex"].blocked_by == ["greet"]
+    assert kids["chip"].status == kids["rex"].status == "done"
+    done_at = next(h["at"] for h in kids["chip"].history if h["to"] == "done")
+    started_at = next(h["at"] for h in kids["rex"].history if h["to"] == "running")
+    assert [h["to"] for h in kids["rex"].history][0] == "waiting" and started_at >= done_at
+
+
 def test_a_failed_review_is_asked_again_without_redoing_the_work(make_ws, fake):
     ws = make_ws(team(fake), orchestrator="walt")
     fake.script(content=json.dumps({"summary": "rex reviews", "orders": [child("rex", "Review it", files=[])]}))

@@ -238,7 +238,7 @@ def test_a_plan_is_validated_order_by_order_and_sent_back_with_the_errors(fake: 
     fake.script(content=json.dumps({"summary": "chip fixes login", "orders": [ORDER, bad]}))
     fake.script(content=json.dumps({"summary": "chip fixes login", "orders": [ORDER]}))
 
-    def validate(order: dict[str, Any]) -> list[str]:
+    def validate(order: dict[str, Any], siblings: dict[str, tuple[str, ...]]) -> list[str]:
         return [f"files: {f!r} is outside chip's writes" for f in order["files"]
                 if not paths.matches("webapp/src/**", f)]
 
@@ -251,11 +251,27 @@ def test_a_plan_is_validated_order_by_order_and_sent_back_with_the_errors(fake: 
     assert "orders.1 (to chip): files: 'webapp/db/schema.sql' is outside chip's writes" in correction
 
 
+def test_a_plans_orders_see_each_other_and_may_not_share_an_id(fake: FakeLLM) -> None:
+    first, second = dict(ORDER, id="limit"), dict(ORDER, id="limit", blocked_by=["limit"])
+    fake.script(content=json.dumps({"summary": "twice", "orders": [first, second]}))
+    fake.script(content=json.dumps({"summary": "in turn", "orders": [first, dict(second, id="docs")]}))
+    seen: list[dict[str, tuple[str, ...]]] = []
+
+    def validate(order: dict[str, Any], siblings: dict[str, tuple[str, ...]]) -> list[str]:
+        seen.append(siblings)
+        return []
+
+    result, _ = plan(client_for(fake), "", "", "Limit password length", validate=validate)
+    assert [o["id"] for o in result.orders] == ["limit", "docs"]
+    assert "orders.1: id 'limit' is also the id of orders.0" in last_user_message(fake.chat_bodies()[1])
+    assert seen[-2:] == [{"docs": ("limit",)}, {"limit": ()}]  # each sees the others, not itself
+
+
 def test_a_plan_with_the_wrong_shape_fails_after_two_re_asks(fake: FakeLLM) -> None:
     for _ in range(3):
         fake.script(content=json.dumps({"orders": "chip should do it"}))
     with pytest.raises(LLMReplyError) as info:
-        plan(client_for(fake), "", "", "Limit password length", validate=lambda o: [])
+        plan(client_for(fake), "", "", "Limit password length", validate=lambda o, s: [])
     assert "orders: must be a list" in str(info.value)
     assert len(fake.chat_bodies()) == 3
 
@@ -264,7 +280,7 @@ def test_synthesis_with_no_orders_means_done(fake: FakeLLM) -> None:
     fake.script(content=json.dumps({"summary": "Passwords are limited to 64.", "orders": []}))
     result, _ = synthesize(client_for(fake), "", "- chip | writes: webapp/src/**",
                            "Limit password length", "WO-0002 done: added the check",
-                           validate=lambda o: ["never called"])
+                           validate=lambda o, s: ["never called"])
     assert result.orders == ()
     assert result.summary == "Passwords are limited to 64."
     assert "WO-0002 done: added the check" in fake.chat_bodies()[0]["messages"][1]["content"]
@@ -292,7 +308,7 @@ def test_the_demo_server_plans_from_the_roster_and_finishes(fake: FakeLLM) -> No
     ]
     chip = config.agents["chip"]
 
-    def validate(order: dict[str, Any]) -> list[str]:
+    def validate(order: dict[str, Any], siblings: dict[str, tuple[str, ...]]) -> list[str]:
         agent = config.agents.get(order["to"])
         if agent is None or order["to"] not in config.agents["walt"].sends_to:
             return [f"to: walt may not send to {order['to']!r}"]
