@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import select
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import audit, budget, control, durable, reports, runner, signals, verify
+from . import audit, budget, control, durable, recovery, reports, runner, signals, verify
 from .attempts import AttemptRunner
 from .errors import CoordinatorError, SupervisorError
 from .intake import Intake
@@ -101,12 +99,12 @@ class Supervisor:
         self.store.ensure()
         self.store.defer()
         durable.clean_temps(ws.state)
-        self._clear_repo_locks()
+        recovery.clear_repo_locks(self)
         durable.open_journal()
         marker = ws.runtime / "running"
         crashed = marker.exists()
         if not crashed and not self.offline:
-            self._watch_state()
+            verify.watch_state(self)
         self.records = self.store.load_all()
         self.history = History(self.records, self.store)
         for rec in self.records.values():
@@ -121,12 +119,12 @@ class Supervisor:
                          "detected after the run, not refused (`coordinator doctor`)")
         self.attempts = AttemptRunner(self)
         self.heads = verify.load_heads(ws)
-        self._recover(crashed)
+        recovery.recover(self, crashed)
         self.store.shed_ended(self.records)
         if not self.offline:
             runner.clear_spares(ws)
             marker.touch()
-            self._watch_repos()
+            verify.watch_repos(self)
             self._flush()
         if self._watcher is None:
             folders = [ws.inbox(a) for a in self.config.agents]
@@ -180,62 +178,6 @@ class Supervisor:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
-    def _clear_repo_locks(self) -> None:
-        from .repos import Repo
-
-        for path in verify.repo_dirs(self.ws):
-            with contextlib.suppress(CoordinatorError):
-                repo = Repo(path)
-                if repo.clear_stale_lock():
-                    self.say(f"cleared a stale lock in repos/{path.name}/.git left by a dead git process")
-                healed = repo.heal_checkout()
-                if healed:
-                    self.say(f"recovery: put back {len(healed)} path(s) of a merge interrupted in repos/{path.name}")
-
-    def _recover(self, crashed: bool) -> None:
-        """Finish what a crash interrupted; every order ends up in exactly one place."""
-        if crashed:
-            for name in self.audit.recover():
-                self.say(f"recovery: committed state/{name}, written before a crash")
-            for line in self.audit.repair_history(self.records.values()):
-                self.say(f"recovery: history repaired: {line}")
-        for folder in self.store.unrecorded():
-            original = next(iter(folder.glob("original.*")), None)
-            if original is None:
-                shutil.rmtree(folder, ignore_errors=True)
-                continue
-            agent = self._agent_from_original(folder)
-            try:
-                meta = durable.read_json(folder / "intake.json")
-            except (OSError, ValueError):
-                meta = {}
-            claimed = self.intake.claim(original, agent)
-            shutil.rmtree(folder, ignore_errors=True)
-            durable.note(folder)
-            if claimed:
-                self._file(claimed, agent, shown=str(meta.get("source") or f"inbox/{agent}/{original.name}"),
-                           sender=meta.get("sender"))
-        for claimed, agent in self.intake.claimed():
-            self._file(claimed, agent, shown=f"inbox/{agent}/{claimed.name.split('-', 1)[-1]}")
-        running = [r for r in self.records.values() if r.status == "running"]
-        if running:
-            tokens = [str(r.running["token"]) for r in running if r.running]
-            from .spawner import kill_leftovers
-            killed = kill_leftovers(tokens, workspace=str(self.ws.root))
-            if killed:
-                self.say(f"recovery: killed {killed} leftover process(es) of a dead supervisor")
-        for rec in running:
-            self.attempts.recover(rec)
-        self._flush()
-
-    def _agent_from_original(self, folder: Path) -> str:
-        for name in ("intake.json", "order.json"):
-            try:
-                return str(durable.read_json(folder / name)["to"])
-            except (OSError, ValueError, KeyError):
-                continue
-        return next(iter(self.config.agents))
-
     # -- the loop -----------------------------------------------------------------------------------
     def step(self, *, paced: bool = False) -> bool:
         """One round; True when anything happened. Commits at its end, unless `paced` (the
@@ -263,8 +205,8 @@ class Supervisor:
             self._flush(background=paced)
         if now - self._last_watch > TAMPER_EVERY and not self.offline:
             self._last_watch = now
-            self._watch_state()
-            self._watch_repos()
+            verify.watch_state(self)
+            verify.watch_repos(self)
             self._flush()
         return progress
 
@@ -637,29 +579,6 @@ class Supervisor:
         self._flush()
 
     # -- tamper watch ----------------------------------------------------------------------------------
-    def _watch_state(self) -> None:
-        self._drain()  # only what the supervisor has committed is compared
-        """Hand-made changes in state/ are put back from git and recorded as `silent`."""
-        mine = {os.path.relpath(p, self.ws.state) for p in durable.peek_journal()}
-        foreign = [p for p in self.audit.dirty() if p not in mine and not p.startswith("intake/")]
-        if not foreign:
-            return
-        self.audit.restore(foreign)
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        self.signal("silent", agent=None, order=None,
-                    evidence=f"state/ changed by hand (restored from git): {shown}")
-
-    def _watch_repos(self) -> None:
-        """A default branch that moved without the supervisor is reported as `silent`."""
-        before = json.dumps(self.heads, sort_keys=True)
-        for name, old, new in verify.moved_heads(self.ws, self.heads):
-            self.signal("silent", agent=None, order=None,
-                        evidence=f"repos/{name} default branch moved {old[:10]}..{new[:10]} with no work order")
-            self.heads[name]["head"] = new
-        if json.dumps(self.heads, sort_keys=True) != before:
-            verify.save_heads(self.ws, self.heads)
-            self.audit.stage(audit.SUPERVISOR, "repos: recorded default-branch heads")
-
     def note_head(self, repo: str, head: str, *, base: str | None = None) -> None:
         """The supervisor itself moved `repo`'s default branch from `base` to `head`."""
         known = self.heads.get(repo, {}).get("head")

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import audit, durable
 from .errors import CoordinatorError
 from .store import Store
 from .workspace import Workspace
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
 
 TRAILER = re.compile(r"^Work-Order:\s*(\S+)\s*$", re.MULTILINE)
 HEADS = "repos.json"
@@ -149,3 +153,28 @@ def moved_heads(ws: Workspace, heads: dict[str, dict[str, str]]) -> list[tuple[s
 
 def summary(findings: list[Finding]) -> dict[str, Any]:
     return {"clean": not findings, "findings": [f.as_json() for f in findings]}
+
+
+# -- the tamper watch (run by the supervisor at start and every few seconds) --------------------------
+def watch_state(sup: Supervisor) -> None:
+    """Hand-made changes in state/ are put back from git and recorded as `silent`."""
+    sup._drain()  # only what the supervisor has committed is compared
+    mine = {os.path.relpath(p, sup.ws.state) for p in durable.peek_journal()}
+    foreign = [p for p in sup.audit.dirty() if p not in mine and not p.startswith("intake/")]
+    if not foreign:
+        return
+    sup.audit.restore(foreign)
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    sup.signal("silent", agent=None, order=None, evidence=f"state/ changed by hand (restored from git): {shown}")
+
+
+def watch_repos(sup: Supervisor) -> None:
+    """A default branch that moved without the supervisor is reported as `silent`."""
+    before = json.dumps(sup.heads, sort_keys=True)
+    for name, old, new in moved_heads(sup.ws, sup.heads):
+        sup.signal("silent", agent=None, order=None,
+                   evidence=f"repos/{name} default branch moved {old[:10]}..{new[:10]} with no work order")
+        sup.heads[name]["head"] = new
+    if json.dumps(sup.heads, sort_keys=True) != before:
+        save_heads(sup.ws, sup.heads)
+        sup.audit.stage(audit.SUPERVISOR, "repos: recorded default-branch heads")

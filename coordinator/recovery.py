@@ -1,0 +1,86 @@
+"""What a crash or a kill -9 left behind, put right when the supervisor starts.
+
+After `recover()` every order is in exactly one place again: transitions written
+but not committed are committed (and missing history lines repaired), order
+folders a crash left without a record are filed again from their original,
+claimed files are filed, leftover specialist process trees of the dead
+supervisor are killed, and interrupted attempts count as failed and are
+re-queued (or landed, when their merge had already happened).
+
+Example:
+    >>> recovery.clear_repo_locks(sup)
+    >>> recovery.recover(sup, crashed=True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import durable, verify
+from .errors import CoordinatorError
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+
+def clear_repo_locks(sup: Supervisor) -> None:
+    """Stale git locks of dead processes in repos/, and a merge interrupted half way."""
+    from .repos import Repo
+
+    for path in verify.repo_dirs(sup.ws):
+        with contextlib.suppress(CoordinatorError):
+            repo = Repo(path)
+            if repo.clear_stale_lock():
+                sup.say(f"cleared a stale lock in repos/{path.name}/.git left by a dead git process")
+            healed = repo.heal_checkout()
+            if healed:
+                sup.say(f"recovery: put back {len(healed)} path(s) of a merge interrupted in repos/{path.name}")
+
+
+def recover(sup: Supervisor, crashed: bool) -> None:
+    """Finish what a crash interrupted; every order ends up in exactly one place."""
+    if crashed:
+        for name in sup.audit.recover():
+            sup.say(f"recovery: committed state/{name}, written before a crash")
+        for line in sup.audit.repair_history(sup.records.values()):
+            sup.say(f"recovery: history repaired: {line}")
+    for folder in sup.store.unrecorded():
+        original = next(iter(folder.glob("original.*")), None)
+        if original is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        agent = _agent_from_original(sup, folder)
+        try:
+            meta = durable.read_json(folder / "intake.json")
+        except (OSError, ValueError):
+            meta = {}
+        claimed = sup.intake.claim(original, agent)
+        shutil.rmtree(folder, ignore_errors=True)
+        durable.note(folder)
+        if claimed:
+            sup._file(claimed, agent, shown=str(meta.get("source") or f"inbox/{agent}/{original.name}"),
+                      sender=meta.get("sender"))
+    for claimed, agent in sup.intake.claimed():
+        sup._file(claimed, agent, shown=f"inbox/{agent}/{claimed.name.split('-', 1)[-1]}")
+    running = [r for r in sup.records.values() if r.status == "running"]
+    if running:
+        tokens = [str(r.running["token"]) for r in running if r.running]
+        from .spawner import kill_leftovers
+        killed = kill_leftovers(tokens, workspace=str(sup.ws.root))
+        if killed:
+            sup.say(f"recovery: killed {killed} leftover process(es) of a dead supervisor")
+    for rec in running:
+        sup.attempts.recover(rec)
+    sup.step_commit()
+
+
+def _agent_from_original(sup: Supervisor, folder: Path) -> str:
+    for name in ("intake.json", "order.json"):
+        try:
+            return str(durable.read_json(folder / name)["to"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return next(iter(sup.config.agents))
