@@ -211,7 +211,8 @@ def _throughput_run(n: int, first: int) -> tuple[float, float]:
 def throughput(sizes: Sizes) -> list[Figure]:
     n = sizes.throughput_orders
     figures = [_throughput_figure("throughput_end_to_end", "2. end-to-end throughput, /bin/true", n,
-                                  [_throughput_run(n, r * 100_000) for r in range(sizes.throughput_runs)])]
+                                  [_throughput_run(n, r * 100_000) for r in range(sizes.throughput_runs)]),
+               file_system()]
     # The same on a RAM file system: how much of the cost per order is the disk's (every
     # order creates some 20 files and folders in state/, .coordinator/ and git's objects).
     shm = Path("/dev/shm")
@@ -222,6 +223,33 @@ def throughput(sizes: Sizes) -> list[Figure]:
                                           "2. end-to-end throughput, workspace on tmpfs", n, runs,
                                           target=False))
     return figures
+
+
+def file_system(samples: int = 300) -> Figure:
+    """What one new folder and one new file cost where the workspaces live: the floor under
+    the throughput above (an order makes some 20 of them in state/, .coordinator/ and git)."""
+    mkdir_us: list[float] = []
+    create_us: list[float] = []
+    with temp_folder("coord-fs-") as base:
+        for i in range(samples):
+            t0 = time.perf_counter()
+            os.mkdir(base / f"d{i}")
+            t1 = time.perf_counter()
+            fd = os.open(base / f".f{i}.tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.write(fd, b"x" * 400)
+            os.close(fd)
+            os.rename(base / f".f{i}.tmp", base / f"f{i}")
+            t2 = time.perf_counter()
+            mkdir_us.append((t1 - t0) * 1e6)
+            create_us.append((t2 - t1) * 1e6)
+    return Figure("file_system", "2. the workspaces' file system, per new inode",
+                  f"mkdir {median(mkdir_us):.0f} us, file create+rename {median(create_us):.0f} us",
+                  f"{samples}+{samples} ops",
+                  note="an order makes ~20 folders and files (state/, .coordinator/, git objects): "
+                       "on a tmpfs each is ~5-20 us",
+                  data={"mkdir_us": round(median(mkdir_us), 1), "create_rename_us": round(median(create_us), 1),
+                        "mkdir_p90_us": round(percentile(mkdir_us, 90), 1),
+                        "create_rename_p90_us": round(percentile(create_us, 90), 1)})
 
 
 def _throughput_figure(key: str, title: str, n: int, runs: list[tuple[float, float]], *,
