@@ -258,6 +258,7 @@ class AttemptRunner:
             act.rec.running = None
             reason = "delegated orders did not finish: " + ", ".join(f"{c} {recs[c].status}" for c in failed)
             act.rec.failures.append(reason)
+            _note_undelivered(act)
             return self.block(act.rec, reason)
         act.checks = list(act.order.checks)
         if not act.checks:
@@ -344,7 +345,7 @@ class AttemptRunner:
             follow = follow_up(act.order, rec.to, result.agent, result.summary)
             sup.move(rec, "routed", act.agent.name, note=f"to {result.agent}")
             child = sup.file_order(follow, shown=f"route of {rec.id}")
-            sup.store.restore(rec)  # filing the child wrote this ended record (and shed its detail)
+            sup.whole(rec)  # filing the child wrote this ended record (and shed its detail)
             assert rec.report is not None
             rec.report["routed_to"] = child.id
             sup.store.save(rec, sync=False)
@@ -397,6 +398,7 @@ class AttemptRunner:
         rec = act.rec
         rec.failures.append(reason)
         rec.report = {"summary": f"attempt {act.attempt.number} failed: {reason}"}
+        _note_undelivered(act)
         if len(rec.failures) >= act.agent.max_failures:
             self.block(rec, f"failed {len(rec.failures)} time(s); last: {reason}")
         else:
@@ -416,8 +418,7 @@ class AttemptRunner:
     def _finish(self, act: Active, *, keep: bool = False) -> None:
         self.active.pop(act.token, None)
         act.rec.running = None
-        if act.undelivered:  # the sender learns from its report, not only from the supervisor's log
-            act.rec.report = {**(act.rec.report or {}), "undelivered": act.undelivered}
+        _note_undelivered(act)
         self._cleanup(act, keep=keep)
 
     def _cleanup(self, act: Active, *, keep: bool = False) -> None:
@@ -522,6 +523,13 @@ def investigation(rec: Record, target: str, reason: str) -> WorkOrder:
                     orders.Acceptance(text=f"Last failure considered: {_short(reason)}")),
         files=(), branching=(Branch(action="halt-with-note", when=f"{rec.id} should be dropped"),),
         priority="high", references=(rec.id,))
+
+
+def _note_undelivered(act: Active) -> None:
+    """The sender learns from the report which outbox files were not delivered, not only
+    from the supervisor's log."""
+    if act.undelivered:
+        act.rec.report = {**(act.rec.report or {}), "undelivered": act.undelivered}
 
 
 def _to_of(path: Path) -> str | None:

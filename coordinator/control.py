@@ -165,4 +165,4 @@ def _record(sup: Supervisor, order_id: str) -> Record:
     rec = sup.records.get(order_id)
     if rec is None:
         raise NotFoundError(f"no order {order_id!r}; `coordinator board` lists them")
-    return sup.store.restore(rec)  # whole again before a command changes it
+    return sup.whole(rec)  # whole again before a command changes it

@@ -62,14 +62,15 @@ ORDER_RULES = """Each order is an object:
  "branching": [{"action": "halt-with-note", "when": "<condition>"},
                {"action": "route-to", "agent": "<agent>", "when": "<condition>"},
                {"action": "requeue-with-blocker", "when": "<condition>"}],
- "id": "<optional: a short name, so another order of this plan can wait on it>",
+ "id": "<optional: a short name in this plan, so another order of the plan can wait on it>",
  "blocked_by": ["<id of an order that must be done first: one of this plan or an earlier one>"]}
 Rules:
 - Send only to agents of the team below. files: paths or globs inside that agent's writes, all in one
   repository; [] for read-only work (and for an agent whose writes is none).
 - An acceptance item written as `command` passes is run by the supervisor to verify the work.
 - branching: 1 to 10 rules; route-to only to an agent the recipient routes to. id and blocked_by are
-  optional: an order whose blocked_by names another order of this plan by its id runs after it is done.
+  optional: an order whose blocked_by names another order of this plan by its id runs after it is done
+  (each order gets its own workspace id when filed).
 - You delegate; you never write files yourself."""
 
 ORCHESTRATOR_PROMPT = f"""{ORCHESTRATOR_ROLE}

@@ -38,6 +38,7 @@ from .store import History, Record
 
 if TYPE_CHECKING:
     from .attempts import Active, AttemptRunner
+    from .supervisor import Supervisor
 
 MAX_FILE_CHARS = 60_000      # per file sent to a specialist model
 MAX_TOTAL_CHARS = 240_000    # all files of one order
@@ -265,8 +266,9 @@ def file_plan(runner: AttemptRunner, act: Active, plan: llmagent.Plan) -> None:
     named: dict[str, str] = {}  # id the model gave -> id the order was filed under
     for raw in _dependency_order(plan.orders):
         waits = [named.get(d, d) for d in raw.get("blocked_by") or ()]
+        body = {k: v for k, v in raw.items() if k != "id"}  # a name in the plan; filed under its own id
         try:
-            order = to_order({**raw, "blocked_by": waits} if waits else raw, act.agent.name, parent=rec.id)
+            order = to_order({**body, "blocked_by": waits} if waits else body, act.agent.name, parent=rec.id)
         except OrderError as e:
             sup.say(f"{rec.id}: a planned order failed validation after all: {e}")
             continue
@@ -396,19 +398,25 @@ def order_validator(runner: AttemptRunner, agent: Agent) -> llmagent.PlanValidat
         except OrderError as e:
             return [f"{p.field}: {p.message}" if p.field else p.message for p in e.problems]
         return [f"{p.field}: {p.message}" if p.field else p.message
-                for p in orders.check(order, config, _WithPlan(history, siblings))]
+                for p in orders.check(order, config, _WithPlan(history, siblings, own=order.id))]
 
     return validate
 
 
 class _WithPlan:
-    """The workspace's orders plus the other orders of the plan being checked (orders.History)."""
+    """The workspace's orders plus the other orders of the plan being checked (orders.History).
 
-    def __init__(self, history: orders.History, siblings: dict[str, tuple[str, ...]]) -> None:
-        self.history, self.siblings = history, siblings
+    An id in a plan is a name within the plan: the order is filed under an id of its own,
+    so the name may repeat one used in the workspace, and names the sibling when waited on."""
+
+    def __init__(self, history: orders.History, siblings: dict[str, tuple[str, ...]], *,
+                 own: str | None) -> None:
+        self.history, self.siblings, self.own = history, siblings, own
 
     def exists(self, order_id: str) -> bool:
-        return order_id in self.siblings or self.history.exists(order_id)
+        if order_id in self.siblings:
+            return True
+        return order_id != self.own and self.history.exists(order_id)
 
     def blocked_by_of(self, order_id: str) -> tuple[str, ...]:
         return self.siblings[order_id] if order_id in self.siblings else self.history.blocked_by_of(order_id)
@@ -489,7 +497,7 @@ def orchestrator_context(runner: AttemptRunner, *, current: str | None = None,
             parts.append(path.read_text("utf-8") if path.exists() else item.note)
         elif item.kind == "brief":  # the conversation of a request
             if rec is not None and rec.id != current:
-                summary = (rec.report or {}).get("summary", "")
+                summary = (_whole(sup, rec).report or {}).get("summary", "")
                 parts.append(f"- request {rec.id} [{rec.status}]: {rec.objective}"
                              + (f" -> {_one_line(str(summary))}" if summary else ""))
         elif rec is None:
@@ -500,10 +508,20 @@ def orchestrator_context(runner: AttemptRunner, *, current: str | None = None,
             if rec.id not in skip and report.exists():
                 parts.append(report.read_text("utf-8"))
         elif item.kind == "rejection":
-            parts.append(f"- {rec.id} to {rec.to} was rejected: {'; '.join(rec.errors)}")
+            parts.append(f"- {rec.id} to {rec.to} was rejected: {'; '.join(_whole(sup, rec).errors)}")
         elif item.ref not in reported:
             parts.append(f"- {rec.id} to {rec.to} [{rec.status}]: {rec.objective}")
     return "\n".join(parts)
+
+
+def _whole(sup: Supervisor, rec: Record) -> Record:
+    """`rec` with its report and errors: read from its file when memory shed them (it ended)."""
+    if not rec.shed:
+        return rec
+    try:
+        return sup.store.load(rec.id)
+    except (CoordinatorError, OSError, ValueError):
+        return rec
 
 
 # -- usage ----------------------------------------------------------------------------------------------
@@ -512,7 +530,7 @@ def orchestrator_context(runner: AttemptRunner, *, current: str | None = None,
 def record_usage(runner: AttemptRunner, act: Active, out: Outcome) -> None:
     """Each call with the order (for `coordinator cost`); the orchestrator's in its budget."""
     sup, rec = runner.sup, act.rec
-    sup.store.restore(rec)  # it may have been cancelled (ended, written) while the model thought
+    sup.whole(rec)  # it may have been cancelled (ended, written) while the model thought
     calls = out.client.calls
     runner_meter = meter_for(runner)
     for call in calls:

@@ -14,6 +14,7 @@ exactly one place at every moment.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -64,8 +65,10 @@ class Record:
     commit: str | None = None
     stale: bool = False
     usage: list[dict[str, Any]] = field(default_factory=list)
-    # Not in the file: true while `shed_detail` has dropped history, report and failures.
+    # Not in the file: true while `shed_detail` has dropped history, report and failures, and
+    # the hash of the text last written (None: not known, e.g. loaded at start).
     shed: bool = field(default=False, compare=False, repr=False)
+    written: int | None = field(default=None, compare=False, repr=False)
 
     @property
     def terminal(self) -> bool:
@@ -95,7 +98,7 @@ class Record:
                 "objective": self.objective, "attempts": self.attempts, "updated": self.updated}
 
 
-_RECORD_FIELDS = tuple(f.name for f in fields(Record) if f.name != "shed")
+_RECORD_FIELDS = tuple(f.name for f in fields(Record) if f.name not in ("shed", "written"))
 _LOADABLE = frozenset(_RECORD_FIELDS)
 
 
@@ -169,9 +172,11 @@ class Store:
         """Write every record saved since the last call; returns how many."""
         dirty, self._dirty = self._dirty, {}
         for record in dirty.values():
-            durable.write_json(self.record_path(record.id), record.as_json(), sync=False)
+            text = durable.dumps(record.as_json())
+            durable.write_text(self.record_path(record.id), text, sync=False)
             if record.terminal:
                 record.shed_detail()
+                record.written = hash(text)
         return len(dirty)
 
     def shed_ended(self, records: dict[str, Record]) -> None:
@@ -180,10 +185,19 @@ class Store:
             if record.terminal and record.id not in self._dirty:
                 record.shed_detail()
 
-    def restore(self, record: Record) -> Record:
-        """Bring back from its file what `Record.shed_detail` dropped; call before changing it."""
+    def restore(self, record: Record, *, trust_file: bool = False) -> Record:
+        """Bring back from its file what `Record.shed_detail` dropped; call before changing it.
+        Raises StateError when the file is gone, unreadable or not what was written (a hand
+        edit), unless `trust_file`."""
         if record.shed:
-            full = self.load(record.id)
+            path = self.record_path(record.id)
+            try:
+                text = path.read_text("utf-8")
+                if not trust_file and record.written is not None and hash(text) != record.written:
+                    raise ValueError("changed since it was written")
+                full = Record.from_json(json.loads(text))
+            except (OSError, ValueError, TypeError) as e:
+                raise StateError(f"state/orders/{record.id}/record.json: {e}") from None
             record.history, record.report, record.failures, record.errors = (
                 full.history, full.report, full.failures, full.errors)
             record.shed = False

@@ -24,7 +24,7 @@ from typing import Any
 
 from . import audit, budget, control, durable, recovery, reports, runner, signals, verify
 from .attempts import AttemptRunner
-from .errors import CoordinatorError, SupervisorError
+from .errors import CoordinatorError, StateError, SupervisorError
 from .intake import Intake
 from .orders import PRIORITY_RANK, WorkOrder
 from .spawner import Spawner
@@ -407,7 +407,7 @@ class Supervisor:
     # -- transitions -------------------------------------------------------------------------------
     def move(self, rec: Record, new: str, actor: str, *, note: str | None = None) -> None:
         """Change `rec`'s status: record, history, audit line; the one place statuses change."""
-        self.store.restore(rec)
+        self.whole(rec)
         old = rec.status
         now = iso(self.clock())
         rec.status = new
@@ -425,6 +425,19 @@ class Supervisor:
         if new in TERMINAL:
             self._on_terminal(rec)
 
+    def whole(self, rec: Record) -> Record:
+        """`rec` with the detail memory shed when it ended, read back before it changes. A
+        record file changed by hand since it was written is put back from git first and
+        recorded as a `silent` signal (the tamper watch would have, a few seconds later)."""
+        try:
+            return self.store.restore(rec)
+        except StateError as e:
+            self._drain()
+            rel = f"orders/{rec.id}/record.json"
+            self.audit.restore([rel])
+            self.signal("silent", agent=None, order=rec.id, evidence=f"{e}; put back from git")
+            return self.store.restore(rec, trust_file=True)
+
     def _stage(self, rec: Record, old: str, new: str, actor: str, *, note: str | None = None) -> None:
         line = f"{rec.id} {rec.to}: {old} -> {new}"
         if note:
@@ -434,7 +447,7 @@ class Supervisor:
 
     def event(self, rec: Record, text: str) -> None:
         """An audited line that is not a status change (stale flags, merges)."""
-        self.store.restore(rec)
+        self.whole(rec)
         self.store.save(rec, sync=False)
         self.audit.stage(audit.SUPERVISOR, f"{rec.id} {rec.to}: {text}")
 

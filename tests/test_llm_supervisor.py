@@ -289,11 +289,34 @@ def test_a_planned_order_may_wait_on_another_of_its_plan_and_runs_after_it(make_
     assert rec.status == "done", rec.report
     assert "orders.2 (to rex): blocked_by.0: no order 'nowhere'" in last_user_message(fake.chat_bodies()[1])
     kids = {load(ws, c).to: load(ws, c) for c in rec.children}
-    assert kids["chip"].id == "greet" and kids["rex"].blocked_by == ["greet"]
+    assert kids["rex"].blocked_by == [kids["chip"].id] != ["greet"]  # the name was the plan's own
     assert kids["chip"].status == kids["rex"].status == "done"
     done_at = next(h["at"] for h in kids["chip"].history if h["to"] == "done")
     started_at = next(h["at"] for h in kids["rex"].history if h["to"] == "running")
     assert [h["to"] for h in kids["rex"].history][0] == "waiting" and started_at >= done_at
+
+    # The next plan may use the same name: it names an order of that plan, not the old one.
+    fake.script(content=json.dumps({"summary": "again", "orders": [review, code]}))
+    fake.script(content=json.dumps({"summary": "Again written, then reviewed.", "orders": []}))
+    drop(ws, "walt", "req2.md", order_md("The app greets people again", id="req2", files=("webapp/src/**",)))
+    run(ws)
+    again = load(ws, "req2")
+    assert again.status == "done" and len(fake.chat_bodies()) == 5  # no re-ask for the reused name
+    kids2 = {load(ws, c).to: load(ws, c) for c in again.children}
+    assert kids2["rex"].blocked_by == [kids2["chip"].id] and kids2["chip"].id != kids["chip"].id
+
+
+def test_a_finished_requests_summary_stays_in_the_orchestrators_context(make_ws, fake):
+    ws = make_ws(team(fake), orchestrator="walt")
+    fake.script(content=json.dumps({"summary": "Nothing to send: the greeting exists.", "orders": []}))
+    drop(ws, "walt", "r1.md", order_md("The app greets people", id="r1"))
+    run(ws)
+    fake.script(content=json.dumps({"summary": "Nothing here either.", "orders": []}))
+    drop(ws, "walt", "r2.md", order_md("The app says goodbye", id="r2"))
+    run(ws)  # a new supervisor: r1 ended before it started, so only its file holds the report
+    assert load(ws, "r2").status == "done"
+    context = user_message(fake.chat_bodies()[-1])
+    assert "request r1 [done]: The app greets people -> Nothing to send: the greeting exists." in context
 
 
 def test_a_failed_review_is_asked_again_without_redoing_the_work(make_ws, fake):

@@ -6,6 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import drop, order_md, sh
 
 from coordinator.audit import StateRepo
@@ -193,16 +194,18 @@ def test_outbox_orders_are_stamped_and_checked_against_sends_to(make_ws):
     assert set(recs["o"].children) == {to_rex[0].id, to_walt[0].id}
 
 
-def test_an_outbox_order_with_no_recipient_is_named_in_the_report_and_kept(make_ws):
+@pytest.mark.parametrize("check, ending", [("true", "done"), ("false", "blocked")])
+def test_an_outbox_order_with_no_recipient_is_named_in_the_report_and_kept(make_ws, check, ending):
     outbox = sh('printf "objective: Review it\\nacceptance: [a is true]\\nfiles: []\\n'
                 'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/lost.yaml"; '
                 'echo sent')
-    ws = make_ws({"chip": {"role": "specialist", "command": outbox, "sends_to": ["rex"]},
+    ws = make_ws({"chip": {"role": "specialist", "command": outbox, "sends_to": ["rex"], "max_failures": 1},
                   "rex": {"role": "specialist", "command": sh("echo ok")}})
-    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    acceptance = (f"`{check}` passes", "The second thing is true", "The third thing is true")
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o", acceptance=acceptance))
     run(ws)
     rec = Store(ws.state).load("o")
-    assert rec.status == "done" and rec.children == []
+    assert rec.status == ending and rec.children == []  # a failing check does not hide it either
     (line,) = rec.report["undelivered"]
     assert line.startswith("lost.yaml: names no known recipient")
     assert "Not delivered from the outbox" in (ws.state / "orders" / "o" / "report.md").read_text()
@@ -239,6 +242,27 @@ def test_ended_orders_are_kept_small_in_memory_and_whole_on_disk_through_a_retry
     assert rec.status == "done"
     assert [h["to"] for h in rec.history] == ["queued", "running", "blocked", "queued", "running", "done"]
     assert "shed" not in (ws.state / "orders" / "a" / "record.json").read_text()
+
+
+def test_a_hand_edit_of_an_ended_record_is_not_taken_in_when_it_changes_again(make_ws):
+    from coordinator import signals
+
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 1, "command": sh("exit 1")}})
+    drop(ws, "chip", "a.md", order_md("Fails", id="a"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        assert sup.records["a"].shed
+        path = ws.state / "orders" / "a" / "record.json"
+        forged = json.loads(path.read_text())
+        forged["history"].insert(0, {"at": "2020-01-01T00:00:00.000Z", "from": "new", "to": "done",
+                                     "actor": "mallory"})
+        path.write_text(json.dumps(forged))
+        assert sup.handle("retry", {"id": "a"})["status"] == "queued"
+        sup.run_once(limit=30)
+    rec = Store(ws.state).load("a")
+    assert all(h["actor"] != "mallory" for h in rec.history)
+    assert [h["to"] for h in rec.history] == ["queued", "running", "blocked", "queued", "running", "blocked"]
+    assert any(s.kind == "silent" and s.order == "a" for s in signals.load(ws.state))
 
 
 def test_cancel_and_retry_through_the_library(make_ws):
