@@ -186,6 +186,9 @@ class AttemptRunner:
             if not alone:
                 self.sup.spawner.kill_tree(act.token, grace=0.5)
         except CoordinatorError as e:
+            if act.cancelled:  # cancelled stays cancelled: a failure would queue it again
+                self.sup.say(f"{act.rec.id}: cancelled, but processes of the attempt survived SIGKILL: {e}")
+                return self._end_cancelled(act)
             return self.fail(act, f"processes of the attempt survived SIGKILL; not judged: {e}")
         if act.cancelled:
             return self._end_cancelled(act)
@@ -293,6 +296,9 @@ class AttemptRunner:
             if not alone:
                 self.sup.spawner.kill_tree(token, grace=0.5)
         except CoordinatorError as e:
+            if act.cancelled:
+                self.sup.say(f"{act.rec.id}: cancelled, but processes of a check survived SIGKILL: {e}")
+                return self._end_cancelled(act)
             return self.fail(act, f"processes of a check survived SIGKILL: {e}")
         if act.cancelled:
             return self._end_cancelled(act)

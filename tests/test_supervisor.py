@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import drop, order_md, sh
+from conftest import drop, order_md, sh, step_until
 
 from coordinator.audit import StateRepo
 from coordinator.store import Store
@@ -263,6 +263,37 @@ def test_a_hand_edit_of_an_ended_record_is_not_taken_in_when_it_changes_again(ma
     assert all(h["actor"] != "mallory" for h in rec.history)
     assert [h["to"] for h in rec.history] == ["queued", "running", "blocked", "queued", "running", "blocked"]
     assert any(s.kind == "silent" and s.order == "a" for s in signals.load(ws.state))
+
+
+def test_a_cancelled_order_stays_cancelled_when_its_processes_cannot_be_killed(make_ws):
+    """Fault injection: a process that survives SIGKILL (stuck in the kernel) cannot be made on
+    demand, so the spawner reports one after the cancel; the order must not be queued again."""
+    import dataclasses
+
+    from coordinator.errors import CoordinatorError
+    from coordinator.spawner import Spawner
+
+    class Unkillable(Spawner):
+        def poll(self):  # type: ignore[no-untyped-def]
+            return [dataclasses.replace(ex, alone=False) for ex in super().poll()]
+
+        def kill_tree(self, token: str, grace: float = 2.0) -> None:
+            super().kill_tree(token, grace)
+            if grace == 0.5:  # the look after the exit, before judging
+                raise CoordinatorError(f"pid 4242 of {token} is still alive after SIGKILL")
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("sleep 30")}})
+    drop(ws, "chip", "a.md", order_md("Runs until cancelled", id="a"))
+    lines: list[str] = []
+    with Supervisor(ws, spawner=Unkillable(), log=lines.append) as sup:
+        step_until(sup, lambda: sup.records["a"].status == "running" if "a" in sup.records else False,
+                   "the order to run")
+        sup.handle("cancel", {"id": "a"})
+        step_until(sup, lambda: not sup.attempts.active, "the attempt to end")
+        sup.run_once(limit=5)
+    rec = Store(ws.state).load("a")
+    assert (rec.status, rec.failures) == ("cancelled", [])
+    assert any("cancelled, but processes of the attempt survived SIGKILL" in line for line in lines)
 
 
 def test_cancel_and_retry_through_the_library(make_ws):
