@@ -427,14 +427,17 @@ GRANDCHILD = '''
 write("src/greeting.py", "v1\\n", mode="w")
 os.mkfifo(os.path.join(PROBE, "go"))
 # Detached (new session), outliving the specialist, it writes once the test lets it.
-script = ('echo $$ > "$PROBE/gc.pid"; read x < "$PROBE/go"; '
+script = ('read x < "$PROBE/go"; '
           'echo late >> src/greeting.py; echo late >> "$PROBE/allowed.txt"')
 env = {**os.environ, "PROBE": PROBE}
 if HIDE:  # also drop the attempt's mark from its environment
     del env["COORD_ATTEMPT"]
-if os.fork() == 0:
+pid = os.fork()
+if pid == 0:
     os.setsid()
     os.execvpe("sh", ["sh", "-c", script], env)
+# The specialist names it (the grandchild may be killed before it could say anything itself).
+write(os.path.join(PROBE, "gc.pid"), f"{pid}\\n", mode="w")
 print("specialist exits", flush=True)
 os._exit(0)  # at once: the grandchild is never seen inside the specialist's tree
 '''
@@ -444,7 +447,7 @@ def _release_grandchild(probe: Path) -> bool:
     """If the grandchild still lives, let it write and wait for it to end; True when it was alive."""
     deadline = time.monotonic() + 10.0
     while not (probe / "gc.pid").exists() or not (probe / "gc.pid").read_text().endswith("\n"):
-        assert time.monotonic() < deadline, "the grandchild never started"
+        assert time.monotonic() < deadline, "the specialist never named its grandchild"
         time.sleep(0.01)  # another process writes it; there is no event to wait on
     pid = int((probe / "gc.pid").read_text())
     try:
