@@ -8,6 +8,7 @@
         scratch/      the current folder of an order with no files
         heartbeat     touch it to say "still working" ($COORD_HEARTBEAT)
     .coordinator/logs/<id>/<n>/      output.log and check-<i>.log: stdout and stderr, capped
+    <n>.before-restart-<k>/          (beside both) a run of attempt <n> cut short by a crash
     .coordinator/work/<id>/<repo>/   the working copy (a git worktree on wo/<id>)
     .coordinator/spare/              empty attempt and log folders made while idle, renamed
                                      into place on the drop-to-spawn path (`make_spares`)
@@ -108,8 +109,8 @@ def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -
     folder = attempt_folder(ws, order.id, number)
     logs = ws.runtime / "logs" / order.id / str(number)
     for old in (folder, logs):
-        if old.exists():  # an earlier run of this attempt number (a crash): start clean
-            shutil.rmtree(old)
+        if old.exists():  # an earlier run of this attempt number (a crash): kept aside, start clean
+            _set_aside(old)
     # Parents first, one mkdir each: this is on the drop-to-spawn path.
     _mkdirs(folder.parent.parent, folder.parent, logs.parent.parent, logs.parent)
     if not _take_spare(ws, folder, logs):
@@ -120,6 +121,21 @@ def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -
     attempt.order_file.write_text(durable.dumps(order.to_dict()), encoding="utf-8")
     attempt.brief.write_text(brief_text(order, number, failures), encoding="utf-8")
     return attempt
+
+
+def _set_aside(folder: Path) -> Path:
+    """Rename `folder` to `<name>.before-restart-<k>` (the first free k): what a run cut short
+    by a crash wrote (its log, result, outbox leftovers) stays there to be read."""
+    k = 1
+    while True:
+        target = folder.with_name(f"{folder.name}.before-restart-{k}")
+        try:
+            os.rename(folder, target)  # fails on a non-empty target: never merged into another
+            return target
+        except OSError:
+            if not target.exists():
+                raise
+            k += 1
 
 
 def make_spares(ws: Workspace, count: int = SPARES) -> int:

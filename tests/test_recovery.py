@@ -550,3 +550,25 @@ def test_recovery_kills_the_dead_supervisors_leftovers_not_another_workspaces(ma
         assert sup_b.records["t1"].status == "done"
     finally:
         sup_b.close()
+
+
+def test_an_attempt_run_again_after_a_crash_keeps_what_the_cut_short_run_left(make_ws):
+    """A request resumed after a crash starts its attempt number again: what the first run wrote
+    (its log, leftovers in its outbox) is set aside for reading, not deleted."""
+    from coordinator import runner
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("true")}})
+    order = orders.parse(order_md("Runs twice", id="twice").encode(), path="o.md", to="chip")
+    first = runner.prepare(ws, order, 1, [])
+    (first.outbox / "unsent.md").write_text("an order that named nobody\n")
+    first.logs.mkdir(parents=True, exist_ok=True)
+    first.log.write_text("first run, cut short\n")
+    second = runner.prepare(ws, order, 1, [])
+    assert second.folder == first.folder and not (second.outbox / "unsent.md").exists()
+    assert not second.log.exists()
+    kept = first.folder.with_name("1.before-restart-1")
+    assert (kept / "outbox" / "unsent.md").read_text() == "an order that named nobody\n"
+    assert (first.logs.with_name("1.before-restart-1") / "output.log").read_text() == "first run, cut short\n"
+    runner.prepare(ws, order, 1, [])  # a second crash: kept beside the first, never merged into it
+    assert (first.folder.with_name("1.before-restart-2") / "brief.md").exists()
+    assert (kept / "outbox" / "unsent.md").exists()
