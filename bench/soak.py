@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.errors import CoordinatorError
+from coordinator.spawner import _processes as processes
 from coordinator.store import TERMINAL, Store
 
 from .harness import BenchError, LiveSupervisor, drop, order_md, temp_workspace
@@ -112,27 +114,15 @@ def proc_status(pid: int) -> dict[str, str]:
 
 def descendants(root: int) -> tuple[int, int]:
     """(live descendants, zombies among them) of process `root`."""
-    parent: dict[int, int] = {}
-    state: dict[int, str] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(name)], state[int(name)] = int(fields[1]), fields[0]
+    table = processes()
     live = zombies = 0
-    for pid in parent:
-        p = parent[pid]
+    for proc in table.values():
+        p = proc.ppid
         while p and p != root:
-            p = parent.get(p, 0)
+            p = table[p].ppid if p in table else 0
         if p == root:
-            if state[pid] == "Z":
-                zombies += 1
-            else:
-                live += 1
+            zombies += proc.zombie
+            live += not proc.zombie
     return live, zombies
 
 
@@ -159,7 +149,7 @@ class Ended:
         for i, oid in enumerate(self.pending):
             try:
                 status = self.store.load(oid).status
-            except Exception:  # not filed yet (or being replaced): look again next time
+            except (CoordinatorError, OSError, ValueError):  # not filed yet: look again next time
                 status = ""
             if status in TERMINAL:
                 self.count += 1

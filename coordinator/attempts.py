@@ -400,11 +400,10 @@ class AttemptRunner:
 
     def fail(self, act: Active, reason: str) -> None:
         """A failed attempt: re-queue with the reason for the next brief, or block after max_failures."""
-        self._finish(act)
         rec = act.rec
-        rec.failures.append(reason)
         rec.report = {"summary": f"attempt {act.attempt.number} failed: {reason}"}
-        _note_undelivered(act)
+        self._finish(act)  # after the report: it adds what the outbox could not deliver
+        rec.failures.append(reason)
         if len(rec.failures) >= act.agent.max_failures:
             self.block(rec, f"failed {len(rec.failures)} time(s); last: {reason}")
         else:

@@ -38,7 +38,6 @@ from .store import History, Record
 
 if TYPE_CHECKING:
     from .attempts import Active, AttemptRunner
-    from .supervisor import Supervisor
 
 MAX_FILE_CHARS = 60_000      # per file sent to a specialist model
 MAX_TOTAL_CHARS = 240_000    # all files of one order
@@ -497,7 +496,7 @@ def orchestrator_context(runner: AttemptRunner, *, current: str | None = None,
             parts.append(path.read_text("utf-8") if path.exists() else item.note)
         elif item.kind == "brief":  # the conversation of a request
             if rec is not None and rec.id != current:
-                summary = (_whole(sup, rec).report or {}).get("summary", "")
+                summary = (sup.store.with_detail(rec).report or {}).get("summary", "")
                 parts.append(f"- request {rec.id} [{rec.status}]: {rec.objective}"
                              + (f" -> {_one_line(str(summary))}" if summary else ""))
         elif rec is None:
@@ -508,20 +507,10 @@ def orchestrator_context(runner: AttemptRunner, *, current: str | None = None,
             if rec.id not in skip and report.exists():
                 parts.append(report.read_text("utf-8"))
         elif item.kind == "rejection":
-            parts.append(f"- {rec.id} to {rec.to} was rejected: {'; '.join(_whole(sup, rec).errors)}")
+            parts.append(f"- {rec.id} to {rec.to} was rejected: {'; '.join(sup.store.with_detail(rec).errors)}")
         elif item.ref not in reported:
             parts.append(f"- {rec.id} to {rec.to} [{rec.status}]: {rec.objective}")
     return "\n".join(parts)
-
-
-def _whole(sup: Supervisor, rec: Record) -> Record:
-    """`rec` with its report and errors: read from its file when memory shed them (it ended)."""
-    if not rec.shed:
-        return rec
-    try:
-        return sup.store.load(rec.id)
-    except (CoordinatorError, OSError, ValueError):
-        return rec
 
 
 # -- usage ----------------------------------------------------------------------------------------------

@@ -185,6 +185,16 @@ class Store:
             if record.terminal and record.id not in self._dirty:
                 record.shed_detail()
 
+    def with_detail(self, record: Record) -> Record:
+        """`record` itself, or, when its detail was shed, a copy read from its file (for reading
+        only; `record` stays as it is). Falls back on `record` when the file cannot be read."""
+        if not record.shed:
+            return record
+        try:
+            return self.load(record.id)
+        except (NotFoundError, OSError, ValueError, TypeError):
+            return record
+
     def restore(self, record: Record, *, trust_file: bool = False) -> Record:
         """Bring back from its file what `Record.shed_detail` dropped; call before changing it.
         Raises StateError when the file is gone, unreadable or not what was written (a hand

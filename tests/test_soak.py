@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import threading
@@ -10,6 +11,7 @@ import time
 import pytest
 from conftest import drop, order_md
 
+from coordinator.spawner import _processes as processes
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
 
@@ -23,19 +25,11 @@ def fds() -> int:
 
 def git_children() -> int:
     """Live git processes whose parent is this process (GitPython leaks `git cat-file` ones)."""
-    me, count = os.getpid(), 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/comm") as f:
-                comm = f.read().strip()
-        except OSError:
-            continue
-        if int(fields[1]) == me and comm.startswith("git"):
-            count += 1
+    count = 0
+    for proc in processes().values():
+        if proc.ppid == os.getpid() and not proc.zombie:
+            with contextlib.suppress(OSError), open(f"/proc/{proc.pid}/comm") as f:
+                count += f.read().startswith("git")
     return count
 
 
