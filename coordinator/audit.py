@@ -123,14 +123,38 @@ class StateRepo:
         return batch
 
     def write(self, batch: Batch) -> int:
-        """Commit one batch: stage its files, then one commit per group, authored by its actor."""
+        """Commit one batch: stage its files, then one commit per group, authored by its actor.
+
+        Plumbing, not `git commit`: a commit refreshes the whole index (an lstat of every file
+        of every order state/ ever held) and `write-tree` needs only the staged paths, so a
+        batch costs the same with 50 orders in state/ as with 50,000. The branch moves once,
+        checked against the head the commits were made on.
+        """
         if batch.paths is None:
             self.git("add", "-A", ".")
         else:
             self.add(batch.paths)
-        for actor, lines, _ in batch.groups:
-            self.git("commit", "-q", "--allow-empty", "--no-verify", "-m", "\n".join(lines), actor=actor)
-        return len(batch.groups)
+        tree = self.git("write-tree").strip()
+        for _ in range(3):
+            base = self._head()
+            head = base
+            for actor, lines, _ in batch.groups:
+                parent = ("-p", head) if head else ()
+                head = self.git("commit-tree", tree, *parent, "-m", "\n".join(lines), actor=actor).strip()
+            try:
+                self.git("update-ref", "-m", f"coordinator: {len(batch.groups)} commit(s)", "HEAD", head,
+                         base or "")
+                return len(batch.groups)
+            except GitError:
+                if self._head() == base:  # not a race with another writer: a real failure
+                    raise
+        raise GitError("state/'s branch keeps moving under the supervisor: something else commits there")
+
+    def _head(self) -> str:
+        try:
+            return self.git("rev-parse", "--verify", "-q", "HEAD").strip()
+        except GitError:
+            return ""  # no commit yet
 
     def add(self, paths: set[str]) -> None:
         root = str(self.path.resolve())

@@ -86,6 +86,11 @@ def write_json(target: Path, data: Any, *, sync: bool = True) -> None:
     write_bytes(target, dumps(data).encode(), sync=sync)
 
 
+# Built once: json.dumps with options makes a new encoder per call, and a record's file is
+# some 30 calls.
+_compact = json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode
+
+
 def dumps(data: Any) -> str:
     """JSON for state files: one top-level key per line (sorted) and one line per entry of
     a list of objects (a record's history), so a change is a readable one-line diff.
@@ -93,7 +98,7 @@ def dumps(data: Any) -> str:
     Each line is encoded by the C encoder; `indent=` would use the slow pure-Python one.
     """
     if not isinstance(data, dict) or not data:
-        return json.dumps(data, sort_keys=True, ensure_ascii=False) + "\n"
+        return _compact(data) + "\n"
     lines = []
     for key in sorted(data):
         value = data[key]
@@ -104,9 +109,6 @@ def dumps(data: Any) -> str:
         lines.append(f"  {_compact(key)}: {text}")
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
-
-def _compact(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
 def read_json(target: Path) -> Any:

@@ -54,6 +54,8 @@ __all__ = [
     "is_feedback", "load", "objective_key", "parse", "recipient", "render", "template",
 ]
 
+_YAML_DUMPER: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # the C emitter where libyaml is built in
+
 
 @dataclass(frozen=True)
 class Acceptance:
@@ -360,8 +362,8 @@ def render(order: WorkOrder) -> str:
         body += ["**Branching:**", *(f"- {t}" for t in rules)]
     else:
         front["branching"] = [b.to_dict() for b in order.branching]
-    head = yaml.safe_dump(front, sort_keys=False, allow_unicode=True, default_flow_style=None,
-                          width=1 << 20)
+    head = yaml.dump(front, Dumper=_YAML_DUMPER, sort_keys=False, allow_unicode=True, default_flow_style=None,
+                     width=1 << 20)
     return "---\n" + head + "---\n" + "\n".join(body).rstrip("\n") + "\n"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import heapq
 import os
 import select
 import threading
@@ -74,7 +75,9 @@ class Supervisor:
         self._committer: audit.Committer | None = None
         # Kept current by `_index` wherever a status is set, so dispatch and the release of
         # dependents never scan every record the workspace ever had.
-        self._queued: set[str] = set()
+        # Per agent, a heap of (priority rank, age, id) of its queued orders; an entry whose
+        # order is no longer queued is dropped when it reaches the top.
+        self._ready: dict[str, list[tuple[int, int, str]]] = {}
         self._waiting_on: dict[str, set[str]] = {}
         self.offline = offline  # a CLI serving one request while no supervisor runs: never spawns
 
@@ -481,10 +484,8 @@ class Supervisor:
 
     def _index(self, rec: Record) -> None:
         if rec.status == "queued":
-            self._queued.add(rec.id)
-        else:
-            self._queued.discard(rec.id)
-        if rec.status == "waiting":
+            heapq.heappush(self._ready.setdefault(rec.to, []), _rank(rec))
+        elif rec.status == "waiting":
             for dep in (*rec.blocked_by, *((rec.blocker,) if rec.blocker else ())):
                 self._waiting_on.setdefault(dep, set()).add(rec.id)
 
@@ -512,30 +513,46 @@ class Supervisor:
 
     # -- dispatch ----------------------------------------------------------------------------------
     def _dispatch(self) -> bool:
-        """Start every queued order a slot allows: priority first, then age."""
+        """Start every queued order a slot allows: priority first, then age, across agents.
+
+        Each round takes the best head among the agents with a free slot: a step costs
+        O(agents + started x log queued), not a sort of the whole backlog.
+        """
         active = self.attempts.active
         if len(active) >= self.config.max_parallel:
             return False
         per_agent: dict[str, int] = {}
         for a in active.values():
             per_agent[a.agent.name] = per_agent.get(a.agent.name, 0) + 1
-        queued = [self.records[i] for i in self._queued]
-        if not queued:
-            return False
-        queued.sort(key=lambda r: (-PRIORITY_RANK.get(r.priority, 1), r.seq))
         started = False
-        for rec in queued:
-            if len(self.attempts.active) >= self.config.max_parallel:
+        tried: set[str] = set()  # a start that failed and queued the order again waits for the next step
+        held: list[tuple[str, tuple[int, int, str]]] = []
+        while len(self.attempts.active) < self.config.max_parallel:
+            best: str | None = None
+            for name, heap in self._ready.items():
+                agent = self.config.agents.get(name)
+                if agent is None or not agent.runnable or per_agent.get(name, 0) >= agent.max_parallel:
+                    continue
+                while heap and (not self._is_queued(heap[0][2], name) or heap[0][2] in tried):
+                    entry = heapq.heappop(heap)
+                    if entry[2] in tried:
+                        held.append((name, entry))
+                if heap and (best is None or heap[0] < self._ready[best][0]):
+                    best = name
+            if best is None:
                 break
-            agent = self.config.agents.get(rec.to)
-            if agent is None or not agent.runnable:
-                continue
-            if per_agent.get(agent.name, 0) >= agent.max_parallel:
-                continue
-            if self.attempts.start(rec):
-                per_agent[agent.name] = per_agent.get(agent.name, 0) + 1
+            entry = heapq.heappop(self._ready[best])
+            tried.add(entry[2])
+            if self.attempts.start(self.records[entry[2]]):
+                per_agent[best] = per_agent.get(best, 0) + 1
                 started = True
+        for name, entry in held:
+            heapq.heappush(self._ready[name], entry)
         return started
+
+    def _is_queued(self, order_id: str, agent: str) -> bool:
+        rec = self.records.get(order_id)
+        return rec is not None and rec.status == "queued" and rec.to == agent
 
     # -- budget & signals ------------------------------------------------------------------------------
     def _ledger_add(self, ref: str, kind: str, text: str, *, tokens: int | None = None,
@@ -622,6 +639,10 @@ class Supervisor:
         """Wait for the committer thread: state/ is committed when this returns."""
         if self._committer is not None:
             self._committer.drain()
+
+
+def _rank(rec: Record) -> tuple[int, int, str]:
+    return (-PRIORITY_RANK.get(rec.priority, 1), rec.seq, rec.id)
 
 
 def _landlock_available() -> bool:
