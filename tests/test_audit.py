@@ -116,6 +116,28 @@ def test_a_commit_made_by_hand_in_state_is_foreign(make_ws):
     assert any(f.kind == "state-foreign" and "eve" in f.detail for f in verify.verify(ws))
 
 
+def test_a_batch_lands_on_top_of_a_commit_made_meanwhile_and_keeps_its_authors(tmp_path):
+    """The supervisor's commits go on whatever the branch holds when they are written: a hand
+    commit made since the last batch stays in the history (to be flagged), it is not dropped."""
+    repo = StateRepo(tmp_path / "state")
+    StateRepo.ensure(repo.path)
+    (repo.path / "note.txt").write_text("hand")
+    git(repo.path, "add", "note.txt")
+    subprocess.run(["git", "-C", str(repo.path), "-c", "user.name=eve", "-c", "user.email=e@x", "commit", "-qm",
+                    "by hand"], check=True)
+    hand = git(repo.path, "rev-parse", "HEAD").strip()
+    (repo.path / "a.json").write_text("{}\n")
+    repo.stage("walt", "a walt: new -> queued")
+    repo.stage("coordinator", "a walt: queued -> running")
+    assert repo.flush({str(repo.path / "a.json")}) == 2
+    log = git(repo.path, "log", "--format=%an|%cn|%s", "-3").splitlines()
+    assert log == ["coordinator|coordinator|a walt: queued -> running", "walt|coordinator|a walt: new -> queued",
+                   "eve|eve|by hand"]
+    assert git(repo.path, "merge-base", "--is-ancestor", hand, "HEAD") == ""
+    assert git(repo.path, "show", "HEAD~1:a.json") == "{}\n"  # the files are in the first commit of the batch
+    assert git(repo.path, "status", "--porcelain") == ""
+
+
 def test_group_commit_shares_commits_under_load_and_loses_no_line(make_ws):
     ws = make_ws({"walt": {"role": "orchestrator", "sends_to": []}})
     for i in range(60):

@@ -126,6 +126,19 @@ def test_blocked_by_and_priority_order(make_ws):
     assert (ws.root.parent / "probe" / "ran.txt").read_text().split() == ["high", "base", "top", "low"]
 
 
+def test_priority_decides_across_agents_when_one_slot_is_free(make_ws):
+    """One slot for the whole team: the next order is the best of every agent's queue."""
+    record = sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran.txt"')
+    ws = make_ws({"chip": {"role": "specialist", "command": record},
+                  "rex": {"role": "specialist", "command": record}}, max_parallel=1)
+    drop(ws, "chip", "1.md", order_md("Chip low is done", id="c-low", priority="low"))
+    drop(ws, "chip", "2.md", order_md("Chip urgent is done", id="c-urgent", priority="urgent"))
+    drop(ws, "chip", "3.md", order_md("Chip normal is done", id="c-normal"))
+    drop(ws, "rex", "4.md", order_md("Rex high is done", id="r-high", priority="high"))
+    run(ws)
+    assert (ws.root.parent / "probe" / "ran.txt").read_text().split() == ["c-urgent", "r-high", "c-normal", "c-low"]
+
+
 def test_parallel_limits_per_agent_and_overall(make_ws):
     record = sh('echo "start $(date +%s%N)" >> "$PROBE/$COORD_AGENT.log"; sleep 0.3; '
                 'echo "end $(date +%s%N)" >> "$PROBE/$COORD_AGENT.log"')
