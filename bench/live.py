@@ -13,6 +13,8 @@
 - end-to-end throughput: N read-only orders to `/bin/true`, dropped at once; time from
   the first drop to the last `done` (the record's own timestamp), against running
   `/bin/true` N times with subprocess.run in the same run.
+- `supervise --once` throughput: the same N orders dropped first, then one `--once` run;
+  time from its start (start-up included) to the last `done`.
 - intake-only throughput: N orders to an orchestrator with no command (they stay queued);
   time from the first drop to the last record filed.
 """
@@ -27,10 +29,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.store import Store
+
 from .harness import (
     BenchError,
     Figure,
     LiveSupervisor,
+    child_env,
+    coordinator_argv,
     drop,
     epoch,
     median,
@@ -208,10 +214,39 @@ def _throughput_run(n: int, first: int) -> tuple[float, float]:
     return elapsed, time.perf_counter() - b0
 
 
+def _once_run(n: int, first: int) -> tuple[float, float]:
+    """`coordinator supervise --once` on n orders dropped before it starts: (seconds from its
+    start to the last done, seconds to run /bin/true n times bare). Start-up is included."""
+    agents = {"chip": {"role": "specialist", "command": ["/bin/true"]}}
+    with temp_workspace(agents) as ws:
+        subprocess.run(coordinator_argv(ws, "supervise", "--once"), env=child_env(), check=True,
+                       capture_output=True, timeout=ORDER_TIMEOUT)  # state/ made, spawner warm on disk
+        ids = [f"once-{first + i:05d}" for i in range(n)]
+        for i, oid in enumerate(ids):
+            drop(ws, "chip", f"{oid}.md", order_md(f"Once order {first + i} is done", id=oid))
+        t0 = time.time()
+        proc = subprocess.run(coordinator_argv(ws, "supervise", "--once"), env=child_env(),
+                              capture_output=True, text=True, timeout=ORDER_TIMEOUT * 10)
+        if proc.returncode != 0:
+            raise BenchError(f"supervise --once failed: {proc.stderr[-300:]}")
+        recs = Store(ws.state).load_all()
+        failed = [oid for oid in ids if oid not in recs or recs[oid].status != "done"]
+        if failed:
+            raise BenchError(f"{len(failed)} --once orders did not end done (first {failed[0]})")
+        elapsed = max(epoch(recs[oid].updated) for oid in ids) - t0
+    b0 = time.perf_counter()
+    for _ in range(n):
+        subprocess.run(["/bin/true"], check=True)
+    return elapsed, time.perf_counter() - b0
+
+
 def throughput(sizes: Sizes) -> list[Figure]:
     n = sizes.throughput_orders
     figures = [_throughput_figure("throughput_end_to_end", "2. end-to-end throughput, /bin/true", n,
                                   [_throughput_run(n, r * 100_000) for r in range(sizes.throughput_runs)]),
+               _throughput_figure("throughput_once", "2. `supervise --once` on a queue, /bin/true", n,
+                                  [_once_run(n, 500_000 + r * 10_000) for r in range(sizes.throughput_runs)],
+                                  target=False),
                file_system()]
     # The same on a RAM file system: how much of the cost per order is the disk's (every
     # order creates some 20 files and folders in state/, .coordinator/ and git's objects).
