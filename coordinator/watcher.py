@@ -439,7 +439,11 @@ class InboxWatcher:
                     self._rescan_requested = True
                 self._ready.set()
                 return
-            live = {emitter.watch for emitter in list(observer.emitters) if emitter.is_alive()}
+            try:
+                emitters = list(observer.emitters)
+            except RuntimeError:  # watchdog's set changed while read (the observer is stopping): look again next time
+                return
+            live = {emitter.watch for emitter in emitters if emitter.is_alive()}
             for folder in self._folders:
                 watch = self._watches.get(folder)
                 if watch is not None and watch in live:

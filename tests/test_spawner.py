@@ -110,7 +110,10 @@ def test_an_exit_says_whether_anything_of_the_tree_is_left(sp: Spawner, tmp_path
     assert wait_exit(sp, _spawned(sp, tmp_path, "true", f"lone-{RUN}")).alone
     token = _spawned(sp, tmp_path, "setsid sleep 60 & exit 0", f"left-{RUN}")
     ended = wait_exit(sp, token)
-    assert not ended.alone and len(marked(token)) == 1  # the escapee lives on, so a kill is needed
+    left = marked(token)
+    # the escapee lives on, so a kill is needed (split, with what was seen: this failed once in a loaded run)
+    assert not ended.alone, f"reported alone while these processes carried the mark: {left}"
+    assert len(left) == 1, [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in left if Path(f"/proc/{pid}").exists()]
     sp.kill_tree(token, grace=0.5)
     assert marked(token) == []
 

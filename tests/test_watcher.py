@@ -331,6 +331,31 @@ def test_a_killed_watcher_thread_is_restarted_with_a_rescan(
     collect(w, [inbox], lambda s: "after.json" in s.hinted)
 
 
+class _ChangingSet(set):  # type: ignore[type-arg]
+    """watchdog's set of emitters as another thread stops the observer while it is read."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise RuntimeError("Set changed size during iteration")
+
+
+def test_a_health_check_racing_an_observer_that_is_being_stopped_does_not_raise(
+    inbox: Path, start_watcher: Callable[..., InboxWatcher]
+) -> None:
+    """The loop's drain and the wake thread's wait both check the observer's health; one of
+    them reading its emitters while it stops must not take the supervisor loop down."""
+    w = start_watcher([inbox], rescan_every=3600.0)
+    w.drain()
+    observer = w.observer
+    assert observer is not None
+    real = observer._emitters  # type: ignore[attr-defined]
+    observer._emitters = _ChangingSet(real)  # type: ignore[attr-defined]
+    w.drain()
+    w.wait(0.0)
+    observer._emitters = real  # type: ignore[attr-defined]
+    drop(inbox, "after.json")
+    collect(w, [inbox], lambda s: "after.json" in s.hinted)
+
+
 def test_an_inbox_removed_and_recreated_is_watched_again(
     inbox: Path, start_watcher: Callable[..., InboxWatcher]
 ) -> None:
