@@ -203,8 +203,8 @@ def backlog(sizes: Sizes) -> list[Figure]:
                f"{COMMITS}+{COMMITS} commits",
                data={"commit_ms": round(big_commit * 1000, 2), "baseline_commit_ms": round(small_commit * 1000, 2),
                      "baseline_orders": SMALL},
-               note="one record rewritten and committed as the supervisor does (syncfs, git add, git commit): "
-                    "the cost grows with the orders state/ holds"),
+               note="one record rewritten and committed as the supervisor does (syncfs, git add, write-tree, "
+                    "commit-tree, update-ref); what still grows is the index and the orders/ tree git rewrites"),
         Figure("backlog_rss", f"4. {n:,} queued: supervisor peak RSS",
                f"{rss:.0f} MB", f"max of {len(clean) + len(crashed)}", f"< {RSS_TARGET_MB:.0f} MB",
                rss < RSS_TARGET_MB, {"peak_rss_mb": round(rss, 1),

@@ -151,6 +151,15 @@ class StateRepo:
         raise GitError("state/'s branch keeps moving under the supervisor: something else commits there")
 
     def _head(self) -> str:
+        """The commit HEAD names ("" before the first), read from the ref files when they are
+        plain (a git process per batch saved), else asked of git."""
+        git_dir = self.path / ".git"
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            head = (git_dir / "HEAD").read_text("ascii").strip()
+            if head.startswith("ref: refs/heads/"):
+                sha = (git_dir / head[len("ref: "):]).read_text("ascii").strip()
+                if re.fullmatch(r"[0-9a-f]{40}", sha):
+                    return sha
         try:
             return self.git("rev-parse", "--verify", "-q", "HEAD").strip()
         except GitError:

@@ -110,7 +110,6 @@ def dumps(data: Any) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-
 def read_json(target: Path) -> Any:
     return json.loads(target.read_text("utf-8"))
 

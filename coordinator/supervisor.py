@@ -75,9 +75,9 @@ class Supervisor:
         self._last_progress = 0.0
         self._committer: audit.Committer | None = None
         # Kept current by `_index` wherever a status is set, so dispatch and the release of
-        # dependents never scan every record the workspace ever had.
-        # Per agent, a heap of (priority rank, age, id) of its queued orders; an entry whose
-        # order is no longer queued is dropped when it reaches the top.
+        # dependents never scan every record the workspace ever had. `_ready`: per agent, a
+        # heap of (priority rank, age, id) of its queued orders; an entry whose order is no
+        # longer queued is dropped when it reaches the top.
         self._ready: dict[str, list[tuple[int, int, str]]] = {}
         self._waiting_on: dict[str, set[str]] = {}
         self.offline = offline  # a CLI serving one request while no supervisor runs: never spawns
