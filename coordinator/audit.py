@@ -134,13 +134,15 @@ class StateRepo:
             self.git("add", "-A", ".")
         else:
             self.add(batch.paths)
-        tree = self.git("write-tree").strip()
         for _ in range(3):
             base = self._head()
+            # Inside the loop: a commit that moved the branch meanwhile staged its files in the
+            # same index, and a tree written before it would take them out again.
+            tree = self.git("write-tree").strip()
             head = base
             for actor, lines, _ in batch.groups:
                 parent = ("-p", head) if head else ()
-                head = self.git("commit-tree", tree, *parent, "-m", "\n".join(lines), actor=actor).strip()
+                head = self.git("commit-tree", tree, *parent, "-m", _message(lines), actor=actor).strip()
             try:
                 self.git("update-ref", "-m", f"coordinator: {len(batch.groups)} commit(s)", "HEAD", head,
                          base or "")
@@ -332,6 +334,17 @@ class Committer:
                 self._error = e
             finally:
                 self._queue.task_done()
+
+
+def _message(lines: list[str]) -> str:
+    """The lines as `git commit -m` would store them: trailing spaces cut, runs of blank lines
+    made one (commit-tree stores a message exactly as given)."""
+    out: list[str] = []
+    for line in "\n".join(lines).splitlines():
+        line = line.rstrip()
+        if line or (out and out[-1]):
+            out.append(line)
+    return "\n".join(out).strip("\n")
 
 
 def _group(pending: list[tuple[str, str]]) -> list[tuple[str, list[str], list[str]]]:

@@ -54,8 +54,6 @@ __all__ = [
     "is_feedback", "load", "objective_key", "parse", "recipient", "render", "template",
 ]
 
-_YAML_DUMPER: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # the C emitter where libyaml is built in
-
 
 @dataclass(frozen=True)
 class Acceptance:
@@ -362,8 +360,10 @@ def render(order: WorkOrder) -> str:
         body += ["**Branching:**", *(f"- {t}" for t in rules)]
     else:
         front["branching"] = [b.to_dict() for b in order.branching]
-    head = yaml.dump(front, Dumper=_YAML_DUMPER, sort_keys=False, allow_unicode=True, default_flow_style=None,
-                     width=1 << 20)
+    # The pure-Python emitter on purpose: libyaml's escapes characters beyond U+FFFF (an emoji
+    # in a value would reach the agent as \U0001F680).
+    head = yaml.safe_dump(front, sort_keys=False, allow_unicode=True, default_flow_style=None,
+                          width=1 << 20)
     return "---\n" + head + "---\n" + "\n".join(body).rstrip("\n") + "\n"
 
 

@@ -306,8 +306,9 @@ class Supervisor:
             try:
                 ready, _, _ = select.select([self.spawner.fileno()], [], [],
                                             max(0.0, min(WAIT_SLICE, end - time.monotonic())))
-            except (OSError, ValueError):
-                ready = []
+            except (OSError, ValueError):  # no spawner to wait on: the watcher alone, without spinning
+                self.watcher.wait(max(0.0, end - time.monotonic()))
+                return
             if ready or self.watcher.wait(0.0) or time.monotonic() >= end:
                 return
 

@@ -128,7 +128,7 @@ def test_a_batch_lands_on_top_of_a_commit_made_meanwhile_and_keeps_its_authors(t
     hand = git(repo.path, "rev-parse", "HEAD").strip()
     (repo.path / "a.json").write_text("{}\n")
     repo.stage("walt", "a walt: new -> queued")
-    repo.stage("coordinator", "a walt: queued -> running")
+    repo.stage("coordinator", "a walt: queued -> running   ")  # kept as `git commit -m` keeps it: trimmed
     assert repo.flush({str(repo.path / "a.json")}) == 2
     log = git(repo.path, "log", "--format=%an|%cn|%s", "-3").splitlines()
     assert log == ["coordinator|coordinator|a walt: queued -> running", "walt|coordinator|a walt: new -> queued",

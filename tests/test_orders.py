@@ -625,6 +625,19 @@ def test_render_round_trips_values_markdown_cannot_carry() -> None:
     assert "acceptance:" in text and "**Acceptance:**" not in text
 
 
+def test_render_keeps_characters_beyond_the_basic_plane_readable() -> None:
+    """A brief is read by an agent: an emoji in a value that goes to the YAML head stays an
+    emoji, not a \\U0001F680 escape."""
+    order = WorkOrder(id="WO-7", sender="walt", to="chip", objective="Ship it \U0001F680",
+                      acceptance=(Acceptance("[x] boxes stay \U0001F680"), Acceptance("Lint is clean", "make lint"),
+                                  Acceptance("Tests pass")),
+                      files=("`odd`/x",), branching=(Branch("route-to", "hashing", "rex"),))
+    text = orders.render(order)
+    assert "acceptance:" in text  # the item went to the YAML head, where the emitter matters
+    assert text.count("\U0001F680") == 2 and "\\U0001F680" not in text
+    assert orders.parse(text.encode(), path="x.md") == order
+
+
 def test_render_is_the_seed_format() -> None:
     order = orders.parse(SPEC_EXAMPLE.encode(), path="a.md", to="chip")
     text = orders.render(order)
