@@ -138,6 +138,32 @@ def test_a_batch_lands_on_top_of_a_commit_made_meanwhile_and_keeps_its_authors(t
     assert git(repo.path, "status", "--porcelain") == ""
 
 
+def test_a_commit_racing_a_batch_keeps_its_files_and_the_batch_lands_on_it(tmp_path):
+    """Someone commits in state/ after the supervisor wrote its tree and before it moved the
+    branch: the batch is made again on the new head, with a tree that still holds their file."""
+    class Racing(StateRepo):
+        raced = False
+
+        def git(self, *args: str, actor: str = "coordinator") -> str:
+            if args[0] == "update-ref" and not self.raced:
+                self.raced = True
+                (self.path / "hand.txt").write_text("hand")
+                git(self.path, "add", "hand.txt")
+                subprocess.run(["git", "-C", str(self.path), "-c", "user.name=eve", "-c", "user.email=e@x",
+                                "commit", "-qm", "by hand"], check=True)
+            return super().git(*args, actor=actor)
+
+    repo = Racing(tmp_path / "state")
+    StateRepo.ensure(repo.path)
+    (repo.path / "a.json").write_text("{}\n")
+    repo.stage("walt", "a walt: new -> queued")
+    assert repo.flush({str(repo.path / "a.json")}) == 1 and repo.raced
+    assert git(repo.path, "log", "--format=%an|%s", "-2").splitlines() == ["walt|a walt: new -> queued",
+                                                                          "eve|by hand"]
+    assert git(repo.path, "show", "HEAD:hand.txt") == "hand" and git(repo.path, "show", "HEAD:a.json") == "{}\n"
+    assert git(repo.path, "status", "--porcelain") == ""
+
+
 def test_group_commit_shares_commits_under_load_and_loses_no_line(make_ws):
     ws = make_ws({"walt": {"role": "orchestrator", "sends_to": []}})
     for i in range(60):
