@@ -385,7 +385,7 @@ class _Server:
             # A session or group id stays taken while any member lives, so it still names the attempt.
             if att.pid in (top.sid, top.pgid) or (top.pid, top.start) in att.known:
                 return att.token
-        return _mark_of(top.pid)
+        return None if top.zombie else _mark_of(top.pid)  # a zombie has no environment left
 
     def _forget(self, att: _Attempt) -> None:
         if self.attempts.get(att.token) is att:

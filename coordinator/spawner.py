@@ -125,18 +125,34 @@ def _mark_of(pid: int) -> str | None:
     return _env_of(pid, MARK)
 
 
+# A process in the middle of an exec shows an empty environment for a moment (its new
+# memory is in place before the environment is copied into it): an empty read is retried.
+_EXEC_SETTLE = (0.0, 0.0005, 0.001, 0.002, 0.004)
+
+
 def _env_of(pid: int, name: str) -> str | None:
     """One variable of a process's environment as it was at exec, if set."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            environ = f.read()
-    except OSError:
-        return None
+    environ = b""
+    for pause in _EXEC_SETTLE:
+        if pause:
+            time.sleep(pause)
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            return None
+        if environ:
+            break
     prefix = name.encode() + b"="
     for entry in environ.split(b"\0"):
         if entry.startswith(prefix):
             return entry[len(prefix):].decode("utf-8", "replace")
     return None
+
+
+def _kernel_thread(proc: _Proc) -> bool:
+    """kthreadd and its children: no environment to read (and no wait for one)."""
+    return proc.pid == 2 or proc.ppid == 2
 
 
 def _children(table: dict[int, _Proc]) -> dict[int, list[_Proc]]:
@@ -206,7 +222,8 @@ def kill_leftovers(tokens: Iterable[str], timeout: float = SIGKILL_WAIT, *, work
         while pid in table and pid not in protected:  # never ourselves or an ancestor
             protected.add(pid)
             pid = table[pid].ppid
-        seeds = [p for p in table.values() if p.pid not in protected and not p.zombie and _mark_of(p.pid) in wanted
+        seeds = [p for p in table.values() if p.pid not in protected and not p.zombie and not _kernel_thread(p)
+                 and _mark_of(p.pid) in wanted
                  and (workspace is None or _env_of(p.pid, "COORD_WORKSPACE") == workspace)]
         sids = {p.sid for p in seeds} - {my_sid}
         kids = _children(table)
