@@ -2,8 +2,9 @@
 
 - sandbox: `coordinator.spawner.Spawner` starts `/bin/true` with no ruleset and with a
   Landlock ruleset of the shape an attempt gets (attempt folder, a working-copy folder,
-  an extra writable path); per spawn: the `spawn()` round trip (returns once exec
-  succeeded) and the whole cycle until the exit is reported. The two modes alternate.
+  an extra writable path), plus the read-only mount namespace where the machine has it;
+  per spawn: the `spawn()` round trip (returns once exec succeeded) and the whole cycle
+  until the exit is reported. The two modes alternate.
 - gate: a git repository of GATE_FILES files and a worktree of it, as an attempt gets;
   per attempt `gate.snapshot` before, one file changed, `snapshot` after, `diff`, `judge`.
 - state commits: `audit.StateRepo` on a fresh state repository; per transition a record
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator import audit, durable, gate
+from coordinator import audit, durable, gate, mounts
 from coordinator.errors import CoordinatorError
 from coordinator.landlock import Ruleset, abi_version
 from coordinator.repos import Repo, ident_env, run_git
@@ -94,8 +95,9 @@ def sandbox(sizes: Sizes) -> list[Figure]:
         return median([r[i] for r in results[mode]]) * 1000
 
     cost = med("landlock", 1) - med("bare", 1)
+    layers = "Landlock" if mounts.status() else "Landlock + read-only mounts"
     return [Figure(
-        "sandbox_per_spawn", "5. sandbox (Landlock) cost per spawn",
+        "sandbox_per_spawn", f"5. sandbox ({layers}) cost per spawn",
         f"+{cost:.2f} ms ({med('landlock', 1):.2f} vs {med('bare', 1):.2f} ms)",
         f"{len(results['bare'])}+{len(results['landlock'])} spawns",
         note=f"Spawner, /bin/true from spawn() to its exit reported, {len(writable)} writable rules; "
@@ -106,7 +108,7 @@ def sandbox(sizes: Sizes) -> list[Figure]:
               "bare_spawn_call_ms": round(med("bare", 0), 3),
               "landlock_cycle_p90_ms": round(percentile([r[1] for r in results["landlock"]], 90) * 1000, 3),
               "subprocess_run_ms": round(median(py) * 1000, 3), "landlock_abi": abi_version(),
-              "writable_rules": len(writable)})]
+              "writable_rules": len(writable), "readonly_mounts": mounts.status() is None})]
 
 
 # -- gate ------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from . import landlock
+from . import landlock, mounts
 from .workspace import Workspace
 
 
@@ -23,11 +23,17 @@ def report(ws: Workspace) -> list[str]:
             lines.append(f"  filesystem rights handled: {', '.join(map(str, rights))}")
         scopes = st.get("scopes") or []
         lines.append(f"  scopes: {', '.join(map(str, scopes)) or 'none (ABI < 6: signals are not scoped)'}")
-        lines.append("  not covered by Landlock: network, named unix sockets, chmod/chown/utime of existing "
-                     "files (the gate checks modes inside the working copy only)")
+        lines.append("  not covered by Landlock: network, named unix sockets; chmod/chown/utime/xattrs: see below")
     else:
         lines.append("landlock: NOT AVAILABLE — gate-only mode: writes outside the working copy are detected "
                      "after the run, not refused")
+    why_not = mounts.status()
+    if why_not is None:
+        lines.append("read-only mounts: active: chmod, chown, utime and xattrs fail outside an order's "
+                     "writable folders (a mount namespace per specialist)")
+    else:
+        lines.append(f"read-only mounts: NOT AVAILABLE ({why_not}; needs root) — chmod/chown/utime of files "
+                     "outside the working copy are not refused (the gate checks modes inside it)")
     lines.append("gate: after every run (manifest of the working copy: type, mode, hash, links, .git entries)")
     lines.append(f"watcher: {'inotify (watchdog)' if platform.system() == 'Linux' else 'platform observer'}; "
                  "`supervise --poll` for network file systems")

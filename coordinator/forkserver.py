@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import landlock
+from . import landlock, mounts
 from .errors import CoordinatorError, SandboxError, SupervisorError
 from .landlock import Ruleset
 from .spawner import (
@@ -121,6 +121,7 @@ class _Server:
         self.ctl, self.events = ctl, events
         self.log_cap, self.gate_only_ok = log_cap, gate_only_ok
         self.abi = landlock.abi_version()
+        self.readonly = mounts.status() is None  # also chmod/chown/utime refused outside writable paths
         self.pid = os.getpid()
         self.attempts: dict[str, _Attempt] = {}
         self.leaders: dict[int, _Attempt] = {}
@@ -278,17 +279,19 @@ class _Server:
         argv, cwd, env = msg["argv"], msg["cwd"], dict(msg["env"])
         exe = _resolve(argv[0], env.get("PATH"), cwd)
         env[MARK] = msg["token"]
-        ruleset_fd = -1
+        ruleset_fd, readonly = -1, None
         if msg["sandbox"] is not None:
             if self.abi > 0:
                 ruleset_fd = landlock.prepare(Ruleset(tuple(msg["sandbox"])), self.abi)
+            if self.readonly:
+                readonly = tuple(msg.get("mounts") or msg["sandbox"])
             elif not self.gate_only_ok:
                 raise SandboxError("this kernel has no Landlock: refusing to run without the kernel sandbox")
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         try:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(out_r, fcntl.F_SETPIPE_SZ, READ_CHUNK)  # fewer wakeups for chatty children
-            pid = _launch(exe, argv, env, cwd, out_w, self.devnull, ruleset_fd)
+            pid = _launch(exe, argv, env, cwd, out_w, self.devnull, ruleset_fd, readonly)
         except BaseException:
             os.close(out_r)
             raise
@@ -460,12 +463,13 @@ _CLONE_FS = 0x200
 
 
 def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int, devnull: int,
-            ruleset_fd: int) -> int:
+            ruleset_fd: int, readonly: tuple[str, ...] | None = None) -> int:
     """posix_spawn the child from a throwaway thread that first enters `cwd` and the sandbox.
 
     Landlock restricts only the calling thread, and a thread that unshared its
-    file-system context has its own current folder; the child inherits both. So
-    no Python runs in the child (vfork + exec in the C library) and the server
+    file-system context has its own current folder (and, with `readonly`, its own
+    mounts, all read-only but those paths); the child inherits all three. So no
+    Python runs in the child (vfork + exec in the C library) and the server
     itself stays unrestricted in its own folder. Returns once exec succeeded.
     """
     outcome: list[int | BaseException] = []
@@ -474,6 +478,8 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
         try:
             if landlock.libc().unshare(_CLONE_FS) != 0:
                 raise CoordinatorError(f"cannot start the command: unshare: {os.strerror(ctypes.get_errno())}")
+            if readonly is not None:
+                mounts.enter_readonly(readonly)  # before entering cwd: it may be one of the copies
             try:
                 os.chdir(cwd)
             except OSError as e:

@@ -150,9 +150,13 @@ class Ruleset:
     """
 
     writable: tuple[str, ...] = ()
+    # Left writable by the read-only mount layer (`coordinator.mounts`); empty: `writable`.
+    # Coarser than `writable` on purpose: a whole working copy is one mount, so a rename
+    # between two of its writable folders is not a move across devices (the gate judges it).
+    mounts_writable: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for entry in self.writable:
+        for entry in (*self.writable, *self.mounts_writable):
             if not os.path.isabs(entry):
                 raise SandboxError(f"sandbox path {entry!r} is relative; give an absolute path")
             if os.path.realpath(entry) in FORBIDDEN_WRITABLE:

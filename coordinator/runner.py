@@ -295,6 +295,7 @@ def ruleset(agent: Agent, order: WorkOrder, attempt: Attempt, ws: Workspace | No
         check_writable(agent, ws)
     writable: set[str] = {str(attempt.folder)}
     writable.update(agent.sandbox_writable)
+    unsealed = set(writable) | ({str(attempt.workdir)} if attempt.repo is not None else set())
     if attempt.repo is not None and agent.is_orchestrator:
         # Its copy is a throw-away: let it write there so the gate sees (and denies) every try.
         writable.add(str(attempt.workdir))
@@ -307,7 +308,7 @@ def ruleset(agent: Agent, order: WorkOrder, attempt: Attempt, ws: Workspace | No
             prefix = paths.literal_prefix(rel) if paths.has_glob(rel) else rel
             target = attempt.workdir / prefix if prefix else attempt.workdir
             writable.add(str(_deepest_existing(target, attempt.workdir)))
-    return Ruleset(writable=tuple(sorted(writable)))
+    return Ruleset(writable=tuple(sorted(writable)), mounts_writable=tuple(sorted(unsealed)))
 
 
 def _deepest_existing(target: Path, root: Path) -> Path:

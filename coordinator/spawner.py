@@ -341,8 +341,9 @@ class Spawner:
         if req.sandbox is not None and self.abi < 1 and not self.gate_only_ok:
             raise SandboxError("this kernel has no Landlock: refusing to run without the kernel sandbox")
         sandbox = None if req.sandbox is None else list(req.sandbox.writable)
+        unsealed = None if req.sandbox is None else list(req.sandbox.mounts_writable or req.sandbox.writable)
         reply = self._call("spawn", argv=list(req.argv), env=dict(req.env), cwd=req.cwd,
-                           log_path=req.log_path, token=req.token, sandbox=sandbox)
+                           log_path=req.log_path, token=req.token, sandbox=sandbox, mounts=unsealed)
         return int(reply["pid"])
 
     def fileno(self) -> int:

@@ -505,7 +505,7 @@ def test_doctor_cost_gc_and_version(ws: Path) -> None:
     doctor = run("-w", ws, "doctor")
     assert doctor.exit_code == 0
     assert {line.split(":")[0] for line in doctor.stdout.splitlines() if not line.startswith(" ")} >= {
-        "workspace", "landlock", "gate", "watcher", "git", "team"}
+        "workspace", "landlock", "read-only mounts", "gate", "watcher", "git", "team"}
     assert run("-w", ws, "cost").stdout == "no LLM calls recorded\n"
     assert json.loads(run("-w", ws, "cost", "--json").stdout)["total"]["calls"] == 0
     assert run("-w", ws, "gc").stdout == "removed 0 working copies\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import landlock
+from coordinator import landlock, mounts
 from coordinator.errors import CoordinatorError, SandboxError, SupervisorError
 from coordinator.landlock import Ruleset
 from coordinator.spawner import MARK, Exit, Spawner, SpawnRequest, kill_leftovers
@@ -183,7 +183,8 @@ def test_a_sandboxed_child_writes_only_where_allowed(sp: Spawner, tmp_path: Path
         assert (work / "inside").read_text() == "ok\n"
         assert not (tmp_path / "outside").exists()
         log = (work / "sbx.log").read_text()
-        assert "Permission denied" in log
+        # the read-only mounts (where they are on) refuse before Landlock is asked
+        assert ("Read-only file system" if mounts.status() is None else "Permission denied") in log
         if ABI >= 6:
             assert sleeper.poll() is None  # nobody outside was signalled, nor the server
             assert log.count("Operation not permitted") == 2
@@ -327,6 +328,29 @@ def test_kill_leftovers_finds_marked_trees_without_a_server(tmp_path: Path) -> N
     finally:
         other.kill()
         other.wait()
+
+
+@needs_landlock
+@pytest.mark.skipif(mounts.status() is not None, reason=f"no read-only mount layer here: {mounts.status()}")
+def test_a_sandboxed_child_sees_every_mount_read_only_but_its_folders(sp: Spawner, tmp_path: Path) -> None:
+    """Its own mount namespace: read-only mounts everywhere, writable copies of its folders, and
+    nothing of it reaches the machine's mount table."""
+    work, extra = tmp_path / "work", tmp_path / "extra"
+    for folder in (work, extra, work / "inner"):
+        folder.mkdir()
+    before = Path("/proc/self/mountinfo").read_text()
+    code = ("import os\n"
+            "for line in open('/proc/self/mountinfo'):\n"
+            "    f = line.split()\n"
+            "    print(f[4], 'rw' if 'rw' in f[5].split(',') else 'ro')\n")
+    rules = Ruleset((str(work / "inner"), str(extra)), mounts_writable=(str(work), str(extra), str(work / "inner")))
+    sp.spawn(req(work, py(tmp_path, code), "mnt", rules))
+    assert wait_exit(sp, "mnt").returncode == 0
+    seen = dict(line.split() for line in (work / "mnt.log").read_text().splitlines())
+    assert seen.pop(str(work)) == "rw" and seen.pop(str(extra)) == "rw"  # one copy each, inner inside work
+    assert seen and set(seen.values()) == {"ro"}, seen  # "/" included
+    assert "/" in seen
+    assert Path("/proc/self/mountinfo").read_text() == before
 
 
 def test_kill_leftovers_finds_a_process_caught_in_the_middle_of_an_exec(tmp_path: Path) -> None:
