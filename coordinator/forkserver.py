@@ -283,10 +283,10 @@ class _Server:
         if msg["sandbox"] is not None:
             if self.abi > 0:
                 ruleset_fd = landlock.prepare(Ruleset(tuple(msg["sandbox"])), self.abi)
-            if self.readonly:
-                readonly = tuple(msg.get("mounts") or msg["sandbox"])
             elif not self.gate_only_ok:
                 raise SandboxError("this kernel has no Landlock: refusing to run without the kernel sandbox")
+            if self.readonly:
+                readonly = tuple(msg.get("mounts") or msg["sandbox"])
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         try:
             with contextlib.suppress(OSError):
@@ -478,8 +478,11 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
         try:
             if landlock.libc().unshare(_CLONE_FS) != 0:
                 raise CoordinatorError(f"cannot start the command: unshare: {os.strerror(ctypes.get_errno())}")
+            null = devnull
             if readonly is not None:
                 mounts.enter_readonly(readonly)  # before entering cwd: it may be one of the copies
+                # The server's /dev/null sits on the machine's mount: fchmod(0) would change it.
+                null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             try:
                 os.chdir(cwd)
             except OSError as e:
@@ -489,10 +492,13 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
             try:
                 outcome.append(os.posix_spawn(
                     exe, argv, env, setsid=True, setsigmask=(), setsigdef=_DEFAULT_SIGNALS,
-                    file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
+                    file_actions=[(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
                                   (os.POSIX_SPAWN_DUP2, out_w, 2)]))
             except OSError as e:
                 raise CoordinatorError(f"cannot run {argv[0]}: {e.strerror}") from None
+            finally:
+                if null != devnull:
+                    os.close(null)
         except BaseException as e:
             outcome.append(e)
 

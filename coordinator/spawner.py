@@ -125,29 +125,52 @@ def _mark_of(pid: int) -> str | None:
     return _env_of(pid, MARK)
 
 
-# A process in the middle of an exec shows an empty environment for a moment (its new
-# memory is in place before the environment is copied into it): an empty read is retried.
-_EXEC_SETTLE = (0.0, 0.0005, 0.001, 0.002, 0.004)
-
-
 def _env_of(pid: int, name: str) -> str | None:
     """One variable of a process's environment as it was at exec, if set."""
-    environ = b""
-    for pause in _EXEC_SETTLE:
-        if pause:
-            time.sleep(pause)
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                environ = f.read()
-        except OSError:
-            return None
-        if environ:
-            break
+    return _variable(_environ(pid) or b"", name)
+
+
+def _variable(environ: bytes, name: str) -> str | None:
     prefix = name.encode() + b"="
     for entry in environ.split(b"\0"):
         if entry.startswith(prefix):
             return entry[len(prefix):].decode("utf-8", "replace")
     return None
+
+
+def _environ(pid: int) -> bytes | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+# A process in the middle of an exec shows an empty environment for a moment (its new
+# memory is in place before the environment is copied into it): empty reads are retried,
+# all of a scan's together, so processes that really have none cost one short wait.
+_EXEC_SETTLE = (0.0005, 0.001, 0.002, 0.004)
+
+
+def _marks(procs: Iterable[_Proc]) -> dict[int, str | None]:
+    """The attempt mark of each process; an empty environment is read again after a pause."""
+    marks: dict[int, str | None] = {}
+    empty = [proc.pid for proc in procs]
+    for pause in (0.0, *_EXEC_SETTLE):
+        if not empty:
+            break
+        if pause:
+            time.sleep(pause)
+        still = []
+        for pid in empty:
+            environ = _environ(pid)
+            if environ == b"":
+                still.append(pid)
+            else:
+                marks[pid] = None if environ is None else _variable(environ, MARK)
+        empty = still
+    marks.update(dict.fromkeys(empty))
+    return marks
 
 
 def _kernel_thread(proc: _Proc) -> bool:
@@ -222,9 +245,9 @@ def kill_leftovers(tokens: Iterable[str], timeout: float = SIGKILL_WAIT, *, work
         while pid in table and pid not in protected:  # never ourselves or an ancestor
             protected.add(pid)
             pid = table[pid].ppid
-        seeds = [p for p in table.values() if p.pid not in protected and not p.zombie and not _kernel_thread(p)
-                 and _mark_of(p.pid) in wanted
-                 and (workspace is None or _env_of(p.pid, "COORD_WORKSPACE") == workspace)]
+        marks = _marks(p for p in table.values() if p.pid not in protected and not p.zombie and not _kernel_thread(p))
+        seeds = [table[pid] for pid, mark in marks.items() if mark in wanted
+                 and (workspace is None or _env_of(pid, "COORD_WORKSPACE") == workspace)]
         sids = {p.sid for p in seeds} - {my_sid}
         kids = _children(table)
         targets = {q.pid: q for p in seeds for q in _subtree(p, kids)}

@@ -713,6 +713,23 @@ os.mkfifo(path)
     assert result and result[0].rec.status in ("done", "blocked")
 
 
+# A root specialist trying to take the read-only layer off: clear the flag on every mount, make a
+# writable copy of one (both need CAP_SYS_ADMIN, which it must not have), or fchmod the /dev/null
+# it was given as stdin (which must be on its read-only mounts, not the machine's).
+UNDO_READONLY = '''
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+class MountAttr(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in ("set", "clr", "propagation", "userns")]
+def sys(*args):
+    if libc.syscall(*args) < 0:
+        raise OSError(ctypes.get_errno(), "syscall")
+attempt("undo-remount-rw", lambda: sys(442, -100, b"/", 0x8000, ctypes.byref(MountAttr(0, 1, 0, 0)), 32))
+attempt("undo-clone", lambda: sys(428, -100, WS.encode(), 1 | 0x8000))
+attempt("undo-stdin", lambda: os.fchmod(0, 0o600))
+'''
+
+
 def metadata(path: Path) -> tuple[int, int, int, int, list[str]]:
     """What chmod, chown, utime and setxattr change: mode, owner, group, mtime, attribute names."""
     st = os.lstat(path)
@@ -726,7 +743,7 @@ def test_metadata_of_protected_paths_cannot_be_changed(make_ws, tmp_path):
     root = tmp_path / "ws"
     targets = [root / "coordinator.yaml", root / "state" / ".git" / "HEAD", root / "repos" / "webapp" / "Makefile",
                tmp_path / "outside" / "target.txt"]
-    code = f"for t in {[str(t) for t in targets]!r}:\n" + '''
+    code = UNDO_READONLY + f"for t in {[str(t) for t in targets]!r}:\n" + '''
     attempt("chmod " + t, lambda: os.chmod(t, 0o4777))
     attempt("chown " + t, lambda: os.chown(t, 4321, 4321))
     attempt("utime " + t, lambda: os.utime(t, (0, 0)))
@@ -740,6 +757,8 @@ print("CHMOD-INSIDE-OK")
                before=lambda a: seen.update({t: metadata(t) for t in targets}))
     assert {t: metadata(t) for t in targets} == seen, a.log
     assert "CHMOD-INSIDE-OK" in a.log
+    assert {k: v for k, v in refusals(a.rec, a.log).items() if k.startswith("undo")} == {
+        "undo-remount-rw": "refused EPERM", "undo-clone": "refused EPERM", "undo-stdin": "refused EROFS"}, a.log
 
 
 @needs_landlock

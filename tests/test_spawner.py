@@ -353,6 +353,40 @@ def test_a_sandboxed_child_sees_every_mount_read_only_but_its_folders(sp: Spawne
     assert Path("/proc/self/mountinfo").read_text() == before
 
 
+NO_MOUNT_ADMIN = """
+import ctypes, json, select, sys
+from pathlib import Path
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(24, 21, 0, 0, 0) != 0:  # CAP_SYS_ADMIN out of the bounding set, as for a non-root user
+    sys.exit("cannot drop CAP_SYS_ADMIN")
+from coordinator.landlock import Ruleset
+from coordinator.spawner import Spawner, SpawnRequest
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+with Spawner() as sp:
+    script = f"echo ok > {work}/inside; echo bad > {out}; awk '$5 == \\"/\\" {{print \\"root:\\", $6}}' /proc/self/mountinfo"
+    sp.spawn(SpawnRequest(("sh", "-c", script), {"PATH": "/usr/bin:/bin"},
+                          str(work), str(work / "log"), "nocap", Ruleset((str(work),))))
+    while not (ends := sp.poll()):
+        select.select([sp], [], [], 10)
+print(json.dumps({"code": ends[0].returncode, "log": (work / "log").read_text()}))
+"""
+
+
+@needs_landlock
+def test_without_the_read_only_layer_landlock_alone_still_runs_the_sandbox(tmp_path: Path) -> None:
+    """A supervisor that may not make mount namespaces (not root) runs sandboxed children under
+    Landlock alone: writes outside are refused with EACCES, nothing is refused for want of the layer."""
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run([sys.executable, "-c", NO_MOUNT_ADMIN, str(work), str(tmp_path / "outside")],
+                          capture_output=True, text=True, timeout=60, env={**ENV, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout)
+    assert "root: rw," in seen["log"], seen["log"]  # no read-only mounts here ...
+    assert seen["code"] == 0 and (work / "inside").read_text() == "ok\n"  # ... and the child ran
+    assert not (tmp_path / "outside").exists() and "Permission denied" in seen["log"]
+
+
 def test_kill_leftovers_finds_a_process_caught_in_the_middle_of_an_exec(tmp_path: Path) -> None:
     """For a moment during exec a process's environment reads empty; recovery must not miss
     it then. This one does nothing but exec itself (one read in nine fell in that moment)."""
