@@ -478,17 +478,16 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
         try:
             if landlock.libc().unshare(_CLONE_FS) != 0:
                 raise CoordinatorError(f"cannot start the command: unshare: {os.strerror(ctypes.get_errno())}")
-            null = devnull
             if readonly is not None:
                 mounts.enter_readonly(readonly)  # before entering cwd: it may be one of the copies
-                # The server's /dev/null sits on the machine's mount: fchmod(0) would change it.
-                null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             try:
                 os.chdir(cwd)
             except OSError as e:
                 raise CoordinatorError(f"cannot enter working folder {cwd}: {e.strerror}") from None
             if ruleset_fd >= 0:
                 landlock.enforce(ruleset_fd)
+            # The server's /dev/null sits on the machine's mount: fchmod(0) would change it.
+            null = devnull if readonly is None else os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             try:
                 outcome.append(os.posix_spawn(
                     exe, argv, env, setsid=True, setsigmask=(), setsigdef=_DEFAULT_SIGNALS,
