@@ -286,7 +286,7 @@ class _Server:
             elif not self.gate_only_ok:
                 raise SandboxError("this kernel has no Landlock: refusing to run without the kernel sandbox")
             if self.readonly:
-                readonly = tuple(msg.get("mounts") or msg["sandbox"])
+                readonly = tuple(msg["mounts"])
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         try:
             with contextlib.suppress(OSError):
@@ -459,7 +459,6 @@ def _resolve(argv0: str, path: str | None, cwd: str) -> str:
 
 # Signals the server catches or ignores; the child starts with all of them at their defaults.
 _DEFAULT_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ)
-_CLONE_FS = 0x200
 
 
 def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int, devnull: int,
@@ -476,7 +475,7 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
 
     def work() -> None:
         try:
-            if landlock.libc().unshare(_CLONE_FS) != 0:
+            if landlock.libc().unshare(mounts.CLONE_FS) != 0:
                 raise CoordinatorError(f"cannot start the command: unshare: {os.strerror(ctypes.get_errno())}")
             if readonly is not None:
                 mounts.enter_readonly(readonly)  # before entering cwd: it may be one of the copies

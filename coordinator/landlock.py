@@ -102,7 +102,8 @@ def libc() -> Any:
     return lib
 
 
-def _syscall(number: int, *args: Any) -> int:
+def syscall(number: int, *args: Any) -> int:
+    """A raw system call; OSError with the errno on failure (the sandbox layers share it)."""
     ctypes.set_errno(0)
     result: int = libc().syscall(ctypes.c_long(number), *args)
     if result < 0:
@@ -115,7 +116,7 @@ def _syscall(number: int, *args: Any) -> int:
 def abi_version() -> int:
     """The Landlock ABI of the running kernel; 0 when it has none (or it is disabled)."""
     try:
-        return _syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION))
+        return syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION))
     except OSError:
         return 0
 
@@ -174,7 +175,7 @@ def prepare(rules: Ruleset, abi: int | None = None) -> int:
     handled = handled_fs_rights(abi)
     attr = _RulesetAttr(handled, 0, handled_scopes(abi))
     try:
-        ruleset_fd = _syscall(
+        ruleset_fd = syscall(
             _SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(_ATTR_SIZE.get(abi, 24)), ctypes.c_uint32(0)
         )
     except OSError as e:
@@ -202,7 +203,7 @@ def _allow(ruleset_fd: int, path: str, rights: int, *, must_exist: bool) -> None
         if not stat.S_ISDIR(os.fstat(fd).st_mode):
             rights &= FILE_RIGHTS
         rule = _PathBeneathAttr(rights, fd)
-        _syscall(_SYS_ADD_RULE, ctypes.c_int(ruleset_fd), ctypes.c_int(_RULE_PATH_BENEATH), ctypes.byref(rule), ctypes.c_uint32(0))
+        syscall(_SYS_ADD_RULE, ctypes.c_int(ruleset_fd), ctypes.c_int(_RULE_PATH_BENEATH), ctypes.byref(rule), ctypes.c_uint32(0))
     except OSError as e:
         raise SandboxError(f"cannot add sandbox rule for {path}: {e.strerror}") from None
     finally:
@@ -220,7 +221,7 @@ def enforce(ruleset_fd: int) -> None:
         code = ctypes.get_errno()
         raise SandboxError(f"cannot set no_new_privs: {os.strerror(code)}")
     try:
-        _syscall(_SYS_RESTRICT_SELF, ctypes.c_int(ruleset_fd), ctypes.c_uint32(0))
+        syscall(_SYS_RESTRICT_SELF, ctypes.c_int(ruleset_fd), ctypes.c_uint32(0))
     except OSError as e:
         raise SandboxError(f"cannot enforce the Landlock ruleset: {e.strerror}") from None
 

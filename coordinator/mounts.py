@@ -29,12 +29,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import SandboxError
-from .landlock import libc
+from .landlock import libc, syscall
 
 # The same numbers on every architecture (syscalls added after 5.0 share one table).
 _SYS_OPEN_TREE = 428
 _SYS_MOVE_MOUNT = 429
 _SYS_MOUNT_SETATTR = 442
+CLONE_FS = 0x00000200  # a thread's own current folder (and root): a mount namespace needs it
 _CLONE_NEWNS = 0x00020000
 _AT_FDCWD = -100
 _AT_RECURSIVE = 0x8000
@@ -63,11 +64,10 @@ class _MountAttr(ctypes.Structure):
 
 
 def _call(what: str, number: int, *args: Any) -> int:
-    ctypes.set_errno(0)
-    result: int = libc().syscall(ctypes.c_long(number), *args)
-    if result < 0:
-        raise SandboxError(f"read-only sandbox: {what}: {os.strerror(ctypes.get_errno())}")
-    return result
+    try:
+        return syscall(number, *args)
+    except OSError as e:
+        raise SandboxError(f"read-only sandbox: {what}: {e.strerror}") from None
 
 
 def _setattr_all(attr: _MountAttr) -> None:
@@ -135,7 +135,7 @@ def status() -> str | None:
 
     def probe() -> None:
         try:
-            if libc().unshare(0x00000200) != 0:  # CLONE_FS: a mount namespace needs its own
+            if libc().unshare(CLONE_FS) != 0:
                 raise SandboxError(f"unshare: {os.strerror(ctypes.get_errno())}")
             enter_readonly(())
             outcome.append(None)

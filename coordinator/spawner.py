@@ -122,15 +122,11 @@ def _processes() -> dict[int, _Proc]:
 
 def _mark_of(pid: int) -> str | None:
     """The attempt token in a process's environment (as it was at exec), if any."""
-    return _env_of(pid, MARK)
-
-
-def _env_of(pid: int, name: str) -> str | None:
-    """One variable of a process's environment as it was at exec, if set."""
-    return _variable(_environ(pid) or b"", name)
+    return _variable(_environ(pid) or b"", MARK)
 
 
 def _variable(environ: bytes, name: str) -> str | None:
+    """One variable of an environment as /proc shows it (as it was at exec), if set."""
     prefix = name.encode() + b"="
     for entry in environ.split(b"\0"):
         if entry.startswith(prefix):
@@ -152,9 +148,10 @@ def _environ(pid: int) -> bytes | None:
 _EXEC_SETTLE = (0.0005, 0.001, 0.002, 0.004)
 
 
-def _marks(procs: Iterable[_Proc]) -> dict[int, str | None]:
-    """The attempt mark of each process; an empty environment is read again after a pause."""
-    marks: dict[int, str | None] = {}
+def _environs(procs: Iterable[_Proc]) -> dict[int, bytes]:
+    """The environment of each process (empty when unreadable); an empty one is read again
+    after a pause."""
+    found: dict[int, bytes] = {}
     empty = [proc.pid for proc in procs]
     for pause in (0.0, *_EXEC_SETTLE):
         if not empty:
@@ -167,10 +164,10 @@ def _marks(procs: Iterable[_Proc]) -> dict[int, str | None]:
             if environ == b"":
                 still.append(pid)
             else:
-                marks[pid] = None if environ is None else _variable(environ, MARK)
+                found[pid] = environ or b""
         empty = still
-    marks.update(dict.fromkeys(empty))
-    return marks
+    found.update(dict.fromkeys(empty, b""))
+    return found
 
 
 def _kernel_thread(proc: _Proc) -> bool:
@@ -245,9 +242,10 @@ def kill_leftovers(tokens: Iterable[str], timeout: float = SIGKILL_WAIT, *, work
         while pid in table and pid not in protected:  # never ourselves or an ancestor
             protected.add(pid)
             pid = table[pid].ppid
-        marks = _marks(p for p in table.values() if p.pid not in protected and not p.zombie and not _kernel_thread(p))
-        seeds = [table[pid] for pid, mark in marks.items() if mark in wanted
-                 and (workspace is None or _env_of(pid, "COORD_WORKSPACE") == workspace)]
+        environs = _environs(p for p in table.values()
+                             if p.pid not in protected and not p.zombie and not _kernel_thread(p))
+        seeds = [table[pid] for pid, env in environs.items() if _variable(env, MARK) in wanted
+                 and (workspace is None or _variable(env, "COORD_WORKSPACE") == workspace)]
         sids = {p.sid for p in seeds} - {my_sid}
         kids = _children(table)
         targets = {q.pid: q for p in seeds for q in _subtree(p, kids)}
