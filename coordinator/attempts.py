@@ -24,7 +24,7 @@ from .landlock import Ruleset
 from .orders import Branch, WorkOrder
 from .repos import MergeConflict, Repo
 from .runner import Attempt
-from .spawner import SpawnRequest
+from .spawner import Refused, SpawnRequest
 from .store import Record
 
 if TYPE_CHECKING:
@@ -109,11 +109,13 @@ class AttemptRunner:
             from .llmrun import start_llm_attempt
             start_llm_attempt(self, act)
             return True
-        # Spawn first, record after: the record write is off the drop-to-spawn path. A crash
-        # in between is safe: the fork server kills its children when the supervisor dies,
-        # and the order, still `queued` on disk, simply runs again.
+        # Start first, record after: the record write is off the drop-to-spawn path, and the
+        # loop goes on while the fork server sandboxes and starts the child (a refusal comes
+        # back with the exits, see `reap`). A crash in between is safe: the fork server kills
+        # its children when the supervisor dies, and the order, still `queued` on disk,
+        # simply runs again.
         try:
-            sup.spawner.spawn(SpawnRequest(
+            sup.spawner.start(SpawnRequest(
                 argv=runner.argv(agent, attempt, self.ws),
                 env=runner.environment(agent, attempt, self.ws),
                 cwd=str(attempt.workdir), log_path=str(attempt.log), token=act.token,
@@ -135,7 +137,9 @@ class AttemptRunner:
             if act is None:
                 continue
             progress = True
-            if act.phase == "specialist":
+            if isinstance(ex, Refused):
+                self._refused(act, ex.message)
+            elif act.phase == "specialist":
                 self._after_specialist(act, ex.returncode, alone=ex.alone)
             elif act.phase == "check":
                 self._after_check(act, ex.returncode, alone=ex.alone)
@@ -279,11 +283,17 @@ class AttemptRunner:
         self.active[act.token] = act
         self._start_check(act)
 
+    def _refused(self, act: Active, message: str) -> None:
+        """The fork server ran nothing for this attempt's specialist or check."""
+        if act.phase == "check":
+            return self.fail(act, f"could not run check `{act.checks[act.check_index]}`: {message}")
+        return self.fail(act, f"could not start {act.agent.name}: {message}")
+
     def _start_check(self, act: Active) -> None:
         command = act.checks[act.check_index]
         log = act.attempt.check_log(act.check_index)
         try:
-            self.sup.spawner.spawn(SpawnRequest(
+            self.sup.spawner.start(SpawnRequest(
                 argv=("/bin/sh", "-c", command), env=runner.environment(act.agent, act.attempt, self.ws),
                 cwd=str(act.attempt.workdir), log_path=str(log),
                 token=f"{act.token}.c{act.check_index}", sandbox=act.rules))

@@ -197,6 +197,9 @@ class _Server:
 
     def _handle(self, msg: dict[str, Any]) -> None:
         rid, op = msg["id"], msg["op"]
+        detached = bool(msg.get("detached"))  # a `start`: nobody waits for the reply
+        if detached:
+            rid = None
         try:
             if self.stopping is not None:
                 raise SupervisorError("the spawn server is stopping")
@@ -213,10 +216,14 @@ class _Server:
                 self._stop(rid, float(msg["grace"]))
             else:
                 raise SupervisorError(f"unknown spawn server request {op!r}")
-        except CoordinatorError as e:
-            self._reply_error(rid, e)
-        except OSError as e:  # out of processes or fds: this request fails, the server goes on
-            self._reply_error(rid, CoordinatorError(f"cannot start the command: {e.strerror}"))
+        except (CoordinatorError, OSError) as e:
+            # OSError: out of processes or fds; this request fails, the server goes on.
+            error = e if isinstance(e, CoordinatorError) else CoordinatorError(
+                f"cannot start the command: {e.strerror}")
+            if detached:
+                self._refuse(msg["token"], error)
+            else:
+                self._reply_error(rid, error)
 
     def _reply(self, rid: int | None, **fields: Any) -> None:
         if rid is not None:
@@ -228,6 +235,12 @@ class _Server:
         if rid is not None:
             with contextlib.suppress(OSError):
                 _send_frame(self.ctl, {"id": rid, "ok": False, "error": kind, "message": e.message})
+
+    def _refuse(self, token: str, e: CoordinatorError) -> None:
+        """A detached start ran nothing: say so on the events channel, in order with the exits."""
+        self.outbuf += json.dumps({"token": token, "message": e.message,
+                                   "sandbox": isinstance(e, SandboxError)}).encode() + b"\n"
+        self._send_events()
 
     def _on_output(self, att: _Attempt, mask: int) -> None:
         assert att.out_fd is not None

@@ -20,6 +20,9 @@ a pipe: no Python runs between fork and exec. The server:
 
 Exec failures (command not found, missing folder, sandbox refused) are raised
 by `spawn` with a one-line reason and also written to the log; nothing runs.
+`start` is the same request without the wait: the supervisor's loop goes on while
+the server sandboxes and starts the child, and a refusal comes back from `poll`
+as `Refused`, in order with the exits.
 
 Example:
     >>> with Spawner() as sp:
@@ -87,6 +90,19 @@ class Exit:
     returncode: int
     ended_at: float
     alone: bool = False
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A `start` that ran nothing; `message` says why in one line (as `spawn` would raise it).
+    `sandbox`: the kernel sandbox could not be enforced."""
+
+    token: str
+    message: str
+    sandbox: bool = False
+
+
+Event = Exit | Refused
 
 
 # --- the process table --------------------------------------------------------
@@ -314,7 +330,7 @@ class Spawner:
         self._closed = False
         self._events_eof = False
         self._events_buf = bytearray()
-        self._pending: list[Exit] = []
+        self._pending: list[Event] = []
         try:
             self.server_pid = int(self._call("hello")["pid"])
         except BaseException:
@@ -355,6 +371,26 @@ class Spawner:
         Raises SandboxError when the sandbox cannot be enforced, CoordinatorError
         when the command cannot be started ("command not found: claude").
         """
+        reply = self._call("spawn", **self._fields(req))
+        return int(reply["pid"])
+
+    def start(self, req: SpawnRequest) -> None:
+        """Send `req` and return at once; a refusal arrives from `poll` as `Refused`.
+
+        Raises only what is known without the server (a bad token, an empty command,
+        no Landlock) and SupervisorError when the server is gone.
+        """
+        fields = self._fields(req)
+        with self._lock:
+            if self._closed:
+                raise SupervisorError("the spawner is closed")
+            self._next_id += 1
+            try:
+                _send_frame(self._ctl, {"id": self._next_id, "op": "spawn", "detached": True, **fields})
+            except OSError:
+                raise self._dead() from None
+
+    def _fields(self, req: SpawnRequest) -> dict[str, Any]:
         if not _TOKEN.match(req.token):
             raise ValueError(f"bad attempt token {req.token!r}")
         if not req.argv:
@@ -363,16 +399,15 @@ class Spawner:
             raise SandboxError("this kernel has no Landlock: refusing to run without the kernel sandbox")
         sandbox = None if req.sandbox is None else list(req.sandbox.writable)
         unsealed = None if req.sandbox is None else list(req.sandbox.mounts_writable or req.sandbox.writable)
-        reply = self._call("spawn", argv=list(req.argv), env=dict(req.env), cwd=req.cwd,
-                           log_path=req.log_path, token=req.token, sandbox=sandbox, mounts=unsealed)
-        return int(reply["pid"])
+        return {"argv": list(req.argv), "env": dict(req.env), "cwd": req.cwd, "log_path": req.log_path,
+                "token": req.token, "sandbox": sandbox, "mounts": unsealed}
 
     def fileno(self) -> int:
         """Readable when an exit is pending (for select())."""
         return self._events.fileno()
 
-    def poll(self) -> list[Exit]:
-        """Exits reported since the last poll; never blocks."""
+    def poll(self) -> list[Event]:
+        """Exits (and refused `start`s) reported since the last poll; never blocks."""
         with self._events_lock:
             if not self._closed:
                 self._read_events()
@@ -394,7 +429,10 @@ class Spawner:
             self._events_buf += data
         *lines, rest = self._events_buf.split(b"\n")
         self._events_buf = bytearray(rest)
-        self._pending.extend(Exit(**json.loads(line)) for line in lines if line)
+        for line in lines:
+            if line:
+                event = json.loads(line)
+                self._pending.append(Refused(**event) if "message" in event else Exit(**event))
 
     def kill_tree(self, token: str, grace: float = DEFAULT_GRACE) -> None:
         """SIGTERM every process of attempt `token` (its group and every escapee), SIGKILL

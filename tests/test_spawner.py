@@ -19,7 +19,7 @@ import pytest
 from coordinator import landlock, mounts
 from coordinator.errors import CoordinatorError, SandboxError, SupervisorError
 from coordinator.landlock import Ruleset
-from coordinator.spawner import MARK, Exit, Spawner, SpawnRequest, kill_leftovers
+from coordinator.spawner import MARK, Exit, Refused, Spawner, SpawnRequest, kill_leftovers
 
 ROOT = Path(__file__).resolve().parents[1]
 ABI = landlock.abi_version()
@@ -143,6 +143,36 @@ def test_exec_failures_are_raised_with_one_line_and_logged(sp: Spawner, tmp_path
     assert sp.poll() == []  # nothing ran
     sp.spawn(req(tmp_path, ("true",), "after"))  # the server carries on
     assert wait_exit(sp, "after").returncode == 0
+
+
+def events_until(sp: Spawner, count: int, timeout: float = 30.0) -> list[Exit | Refused]:
+    """The next `count` events of `sp`, in the order the server sent them."""
+    deadline = time.monotonic() + timeout
+    seen: list[Exit | Refused] = []
+    while len(seen) < count and (left := deadline - time.monotonic()) > 0:
+        select.select([sp], [], [], left)
+        seen.extend(sp.poll())
+    assert len(seen) == count, seen
+    return seen
+
+
+def test_start_returns_at_once_and_refusals_come_back_in_order_with_the_exits(sp: Spawner, tmp_path: Path) -> None:
+    sp.start(req(tmp_path, ("sh", "-c", "echo first"), "s-ok"))
+    sp.start(req(tmp_path, ("no-such-agent-cli", "-p"), "s-nf"))
+    sp.start(req(tmp_path, ("true",), "s-sb", Ruleset((str(tmp_path / "nope"),))))
+    sp.start(req(tmp_path, ("true",), "s-after"))
+    events = events_until(sp, 4)
+    refused = [e for e in events if isinstance(e, Refused)]
+    assert [(e.token, e.message, e.sandbox) for e in refused][0] == ("s-nf", "command not found: no-such-agent-cli", False)
+    assert refused[1].token == "s-sb" and refused[1].sandbox and "create it or remove it" in refused[1].message
+    # A refusal goes out while the request is handled: before the exit of anything started later.
+    order = [e.token for e in events]
+    assert order.index("s-nf") < order.index("s-after") and order.index("s-sb") < order.index("s-after")
+    assert {e.token: e.returncode for e in events if isinstance(e, Exit)} == {"s-ok": 0, "s-after": 0}
+    assert (tmp_path / "s-ok.log").read_text() == "first\n"
+    assert "command not found" in (tmp_path / "s-nf.log").read_text()  # the log says why nothing ran
+    with pytest.raises(CoordinatorError, match="empty command"):  # what is known without the server
+        sp.start(req(tmp_path, (), "s-empty"))
 
 
 def test_the_server_holds_no_fds_for_finished_or_failed_spawns(sp: Spawner, tmp_path: Path) -> None:

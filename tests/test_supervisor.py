@@ -99,6 +99,19 @@ def test_failures_are_retried_with_the_reason_then_blocked_and_escalated(make_ws
     assert Store(ws.state).load("o").attempts == 2
 
 
+def test_a_command_that_cannot_start_fails_the_attempt_with_the_reason_then_blocks(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 2, "command": ["no-such-agent-cli", "-p"]},
+                  "rex": {"role": "specialist", "command": sh("echo fine")}})
+    drop(ws, "chip", "o.md", order_md("It works", id="o"))
+    drop(ws, "rex", "r.md", order_md("It works too", id="r"))
+    run(ws)
+    rec = Store(ws.state).load("o")
+    assert rec.status == "blocked" and rec.attempts == 2
+    assert rec.failures == ["could not start chip: command not found: no-such-agent-cli"] * 2
+    assert "command not found" in (ws.runtime / "logs" / "o" / "1" / "output.log").read_text()
+    assert status(ws, "r") == "done"  # the loop went on past the refusals
+
+
 def test_requeue_with_blocker_clears_when_the_named_order_is_done(make_ws):
     ws = make_ws({"chip": {"role": "specialist", "command": sh(
         'if [ "$COORD_ORDER_ID" = first ] && [ ! -e "$PROBE/dep-started" ]; then '
