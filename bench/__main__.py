@@ -41,7 +41,6 @@ def machine() -> dict[str, Any]:
     from coordinator.landlock import abi_version
 
     git = subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.strip()
-    harness.WORK_DIR.mkdir(parents=True, exist_ok=True)
     fs = subprocess.run(["df", "--output=fstype", str(harness.WORK_DIR)], capture_output=True,
                         text=True).stdout.split()[-1:]
     return {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -56,10 +55,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"run only these suites: {', '.join(SUITES)}")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
     parser.add_argument("--dir", type=Path, default=None, metavar="DIR",
-                        help="make the workspaces under DIR (default: bench/.work, the project's file system)")
+                        help="make the workspaces in a new folder inside DIR (default: bench/.work, "
+                             "the project's file system; made afresh for each run)")
     args = parser.parse_args(argv)
-    if args.dir is not None:
-        harness.set_work_dir(args.dir)
+    with harness.run_dir(args.dir):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     info = machine()
     info["started"] = datetime.now(UTC).isoformat(timespec="seconds")
