@@ -157,7 +157,7 @@ class Ruleset:
     mounts_writable: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for entry in (*self.writable, *self.mounts_writable):
+        for entry in dict.fromkeys((*self.writable, *self.mounts_writable)):  # each path once
             if not os.path.isabs(entry):
                 raise SandboxError(f"sandbox path {entry!r} is relative; give an absolute path")
             if os.path.realpath(entry) in FORBIDDEN_WRITABLE:

@@ -360,11 +360,17 @@ def render(order: WorkOrder) -> str:
         body += ["**Branching:**", *(f"- {t}" for t in rules)]
     else:
         front["branching"] = [b.to_dict() for b in order.branching]
-    # The pure-Python emitter on purpose: libyaml's escapes characters beyond U+FFFF (an emoji
-    # in a value would reach the agent as \U0001F680).
-    head = yaml.safe_dump(front, sort_keys=False, allow_unicode=True, default_flow_style=None,
-                          width=1 << 20)
+    # libyaml's emitter is 4x faster (a brief is written for every attempt), but it escapes
+    # characters beyond U+FFFF (an emoji would reach the agent as \U0001F680): then the Python one.
+    options: dict[str, Any] = {"sort_keys": False, "allow_unicode": True, "default_flow_style": None,
+                               "width": 1 << 20}
+    head: str = yaml.dump(front, Dumper=_FAST_DUMPER, **options)
+    if "\\U" in head:
+        head = yaml.dump(front, Dumper=yaml.SafeDumper, **options)
     return "---\n" + head + "---\n" + "\n".join(body).rstrip("\n") + "\n"
+
+
+_FAST_DUMPER: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def _one_line(text: str) -> bool:

@@ -260,28 +260,33 @@ def environment(agent: Agent, attempt: Attempt, ws: Workspace) -> dict[str, str]
     return env
 
 
-def protected(ws: Workspace) -> list[Path]:
-    """What no sandbox grant may cover: the team's config, state, inboxes, repositories, runtime, home."""
-    return list(_protected(ws.root))
-
-
 @functools.lru_cache(maxsize=32)
-def _protected(root: Path) -> tuple[Path, ...]:
+def _protected(root: Path) -> tuple[str, ...]:
+    """What no sandbox grant may cover: the team's config, state, inboxes, repositories, runtime, home (last)."""
     ws = Workspace(root)
     found = [ws.config_path, ws.state, ws.inbox_root, ws.repos, ws.runtime, Path.home()]
-    return tuple(p.resolve() for p in found)
+    return tuple(os.path.realpath(p) for p in found)
 
 
 def check_writable(agent: Agent, ws: Workspace) -> None:
-    """Refuse a `sandbox.writable` entry that would expose a protected path (fail closed)."""
-    guarded = protected(ws)
+    """Refuse a `sandbox.writable` entry that would expose a protected path (fail closed).
+    Resolved again for every attempt: a link swapped in since the last must not slip through."""
+    if not agent.sandbox_writable:
+        return
+    guarded = _protected(ws.root)
+    home = guarded[-1]
     for i, entry in enumerate(agent.sandbox_writable):
-        w = Path(entry).resolve()
+        w = os.path.realpath(entry)
         for p in guarded:
-            if w == p or p.is_relative_to(w) or (w.is_relative_to(p) and p != Path.home().resolve()):
+            if _within(p, w) or (_within(w, p) and p != home):
                 raise SandboxError(
                     f"agents.{agent.name}.sandbox.writable.{i}: {entry} would make {p} writable; "
                     "grant a narrower folder outside the workspace and not your whole home")
+
+
+def _within(path: str, folder: str) -> bool:
+    """`path` is `folder` or inside it (both absolute and resolved)."""
+    return path == folder or path.startswith(folder if folder.endswith("/") else folder + "/")
 
 
 def ruleset(agent: Agent, order: WorkOrder, attempt: Attempt, ws: Workspace | None = None) -> Ruleset:
