@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import BinaryIO
 
 from conftest import drop, order_md, sh
 
@@ -144,14 +145,14 @@ def test_a_commit_racing_a_batch_keeps_its_files_and_the_batch_lands_on_it(tmp_p
     class Racing(StateRepo):
         raced = False
 
-        def git(self, *args: str, actor: str = "coordinator") -> str:
+        def git(self, *args: str, actor: str = "coordinator", stdin: BinaryIO | None = None) -> str:
             if args[0] == "update-ref" and not self.raced:
                 self.raced = True
                 (self.path / "hand.txt").write_text("hand")
                 git(self.path, "add", "hand.txt")
                 subprocess.run(["git", "-C", str(self.path), "-c", "user.name=eve", "-c", "user.email=e@x",
                                 "commit", "-qm", "by hand"], check=True)
-            return super().git(*args, actor=actor)
+            return super().git(*args, actor=actor, stdin=stdin)
 
     repo = Racing(tmp_path / "state")
     StateRepo.ensure(repo.path)
