@@ -193,7 +193,7 @@ class StateRepo:
         if files:
             spec.write_bytes("\0".join(files).encode())
             with spec.open("rb") as stdin:
-                self.git("update-index", "--add", "--remove", "-z", "--stdin", stdin=stdin)
+                self.git("update-index", "--add", "--remove", "--replace", "-z", "--stdin", stdin=stdin)
         if folders:
             spec.write_bytes("\0".join(folders).encode())
             self.git("add", "-A", f"--pathspec-from-file={spec}", "--pathspec-file-nul")
