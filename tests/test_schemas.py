@@ -1,0 +1,91 @@
+"""The quick validity predicates agree with jsonschema on every instance, valid or broken."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from coordinator import schemas
+
+SETTINGS = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# Strings near the schemas' edges: enum members, patterns' edge cases, empty, multi-line.
+STRINGS = st.sampled_from(
+    ["", "x", "done", "route-to", "halt-with-note", "requeue-with-blocker", "blocked", "chip", "WO-1",
+     "a\nb", "Bad Name", "normal", "urgent", "1.5s", "../x", "src/**", "/abs", "x" * 281, "-x", "WO..1"])
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(-2, 2) | STRINGS,
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(
+        st.sampled_from(["text", "check", "action", "when", "agent", "x"]), inner, max_size=3),
+    max_leaves=8)
+
+ORDER: dict[str, Any] = {
+    "id": "WO-1", "from": "user", "to": "chip", "objective": "The greeting is shown",
+    "acceptance": [{"text": "it shows"}, {"text": "it is short"}, {"text": "tests pass", "check": "make test"}],
+    "files": ["webapp/src/**"], "branching": [{"action": "route-to", "agent": "rex", "when": "it needs review"}],
+    "priority": "normal", "blocked_by": [], "references": ["WO-0"], "timeout": "30m", "parent": None,
+}
+RESULT: dict[str, Any] = {"outcome": "requeue-with-blocker", "summary": "waits", "blocker": "WO-2"}
+
+
+@st.composite
+def mutated(draw: st.DrawFn, base: dict[str, Any]) -> Any:
+    """`base` with a few changes deep inside: a value replaced, a key dropped or added."""
+    doc = copy.deepcopy(base)
+    for _ in range(draw(st.integers(0, 3))):
+        node: Any = doc
+        while isinstance(node, (dict, list)) and node and draw(st.booleans()):
+            key = draw(st.sampled_from(sorted(node) if isinstance(node, dict) else range(len(node))))
+            if not isinstance(node[key], (dict, list)) or not node[key]:
+                break
+            node = node[key]
+        if isinstance(node, dict):
+            action = draw(st.sampled_from(["replace", "drop", "add"]))
+            if action == "add" or not node:
+                node[draw(st.sampled_from(["extra", "agent", "check", "blocker", "text"]))] = draw(JSON)
+            elif action == "drop":
+                del node[draw(st.sampled_from(sorted(node)))]
+            else:
+                node[draw(st.sampled_from(sorted(node)))] = draw(STRINGS | JSON)
+        elif isinstance(node, list):
+            if node and draw(st.booleans()):
+                node[draw(st.integers(0, len(node) - 1))] = draw(STRINGS | JSON)
+            else:
+                node.append(draw(JSON))
+    return doc
+
+
+def agree(name: str, instance: Any) -> None:
+    quick = schemas._predicate(name)
+    assert quick is not None
+    assert quick(instance) == schemas.validator(name).is_valid(instance), instance
+
+
+@SETTINGS
+@given(mutated(ORDER))
+def test_the_work_order_predicate_says_valid_exactly_when_jsonschema_does(doc: Any) -> None:
+    agree("work-order", doc)
+
+
+@SETTINGS
+@given(mutated(RESULT) | JSON)
+def test_the_result_predicate_says_valid_exactly_when_jsonschema_does(doc: Any) -> None:
+    agree("result", doc)
+
+
+def test_the_shipped_examples_take_the_quick_path_and_broken_ones_still_get_every_error() -> None:
+    assert schemas.errors("work-order", ORDER) == []
+    broken = {**ORDER, "to": "Bad Name", "acceptance": [{"text": ""}], "extra": 1}
+    fields = sorted(schemas.field_of(e) for e in schemas.errors("work-order", broken))
+    assert fields == ["acceptance", "acceptance.0.text", "extra", "to"]
+
+
+def test_a_keyword_it_does_not_know_leaves_the_decision_to_jsonschema() -> None:
+    assert schemas.compile_predicate({"type": "object", "minProperties": 1}) is None
+    assert schemas.compile_predicate({"type": "integer"}) is None  # 1.0 is an integer to JSON Schema
+    assert schemas.compile_predicate({"properties": {"a": {"uniqueItems": True}}}) is None
+    check = schemas.compile_predicate({"enum": [True, 1, [1]]})
+    assert check is not None and check(True) and check(1) and check([1]) and not check([True])
