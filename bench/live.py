@@ -12,7 +12,8 @@
 - bare fork+exec: the same command started with subprocess.Popen from Python.
 - end-to-end throughput: N read-only orders to `/bin/true`, dropped at once; time from
   the first drop to the last `done` (the record's own timestamp), against running
-  `/bin/true` N times with subprocess.run in the same run.
+  `/bin/true` N times with subprocess.run in the same run. Measured with the agent's
+  default `max_parallel: 1` (each order waits for the last to end) and with 4 at once.
 - `supervise --once` throughput: the same N orders dropped first, then one `--once` run;
   time from its start (start-up included) to the last `done`.
 - intake-only throughput: N orders to an orchestrator with no command (they stay queued);
@@ -54,6 +55,7 @@ STAMP_COMMAND = [shutil.which("bash") or "/bin/bash", "-c", STAMP_SCRIPT]
 IDLE_GAP = 0.55  # s between idle drops: longer than watchdog's 0.5 s hold of a claim's rename
 LATENCY_TARGET_MS = 10.0
 THROUGHPUT_TARGET = 3.0  # supervisor time / bare spawn time
+PARALLEL = 4  # the agent's max_parallel in the parallel throughput runs (the workspace's default limit)
 ORDER_TIMEOUT = 60.0
 ENDED = frozenset({"done", "halted", "routed", "blocked", "rejected", "denied", "cancelled"})
 
@@ -194,9 +196,10 @@ def latency(sizes: Sizes) -> list[Figure]:
     ]
 
 
-def _throughput_run(n: int, first: int) -> tuple[float, float]:
-    """(seconds from first drop to last done, seconds to run /bin/true n times bare)."""
-    agents = {"chip": {"role": "specialist", "command": ["/bin/true"]}}
+def _throughput_run(n: int, first: int, parallel: int = 1) -> tuple[float, float]:
+    """(seconds from first drop to last done, seconds to run /bin/true n times bare), with
+    the agent running up to `parallel` orders at once."""
+    agents = {"chip": {"role": "specialist", "command": ["/bin/true"], "max_parallel": parallel}}
     with temp_workspace(agents) as ws, LiveSupervisor(ws) as sup:
         ids = [f"tp-{first + i:05d}" for i in range(n)]
         texts = [order_md(f"Throughput order {first + i} is done", id=oid) for i, oid in enumerate(ids)]
@@ -243,22 +246,24 @@ def _once_run(n: int, first: int) -> tuple[float, float]:
 
 
 def throughput(sizes: Sizes) -> list[Figure]:
-    n = sizes.throughput_orders
-    figures = [_throughput_figure("throughput_end_to_end", "2. end-to-end throughput, /bin/true", n,
-                                  [_throughput_run(n, r * 100_000) for r in range(sizes.throughput_runs)]),
+    n, runs = sizes.throughput_orders, range(sizes.throughput_runs)
+    figures = [_throughput_figure("throughput_end_to_end", "2. end-to-end throughput, /bin/true, one at a time",
+                                  n, [_throughput_run(n, r * 100_000) for r in runs]),
+               _throughput_figure("throughput_parallel", f"2. the same, {PARALLEL} at once (max_parallel)",
+                                  n, [_throughput_run(n, 200_000 + r * 10_000, PARALLEL) for r in runs],
+                                  parallel=PARALLEL),
                _throughput_figure("throughput_once", "2. `supervise --once` on a queue, /bin/true", n,
-                                  [_once_run(n, 500_000 + r * 10_000) for r in range(sizes.throughput_runs)],
-                                  target=False),
+                                  [_once_run(n, 500_000 + r * 10_000) for r in runs], target=False),
                file_system()]
     # The same on a RAM file system: how much of the cost per order is the disk's (every
     # order creates some 20 files and folders in state/, .coordinator/ and git's objects).
     shm = Path("/dev/shm")
     if shm.is_dir() and os.access(shm, os.W_OK):
         with work_dir(shm / f"coord-bench-{os.getpid()}"):
-            runs = [_throughput_run(n, 900_000 + r * 10_000) for r in range(sizes.throughput_runs)]
-        figures.append(_throughput_figure("throughput_end_to_end_tmpfs",
-                                          "2. end-to-end throughput, workspace on tmpfs", n, runs,
-                                          target=False))
+            tmpfs = [_throughput_run(n, 900_000 + r * 10_000, PARALLEL) for r in runs]
+        figures.append(_throughput_figure("throughput_parallel_tmpfs",
+                                          f"2. {PARALLEL} at once, workspace on tmpfs", n, tmpfs,
+                                          target=False, parallel=PARALLEL))
     return figures
 
 
@@ -290,7 +295,7 @@ def file_system(samples: int = 300) -> Figure:
 
 
 def _throughput_figure(key: str, title: str, n: int, runs: list[tuple[float, float]], *,
-                       target: bool = True) -> Figure:
+                       target: bool = True, parallel: int = 1) -> Figure:
     ratios = [sup / bare for sup, bare in runs]
     rate = median([n / sup for sup, _ in runs])
     bare_rate = median([n / bare for _, bare in runs])
@@ -301,7 +306,7 @@ def _throughput_figure(key: str, title: str, n: int, runs: list[tuple[float, flo
         ratio <= THROUGHPUT_TARGET if target else None,
         {"orders": n, "orders_per_s": round(rate, 2), "bare_per_s": round(bare_rate, 1),
          "ratio": round(ratio, 2), "runs_s": [[round(s, 3), round(b, 3)] for s, b in runs],
-         "agent_max_parallel": 1, "workspace_max_parallel": 4})
+         "agent_max_parallel": parallel, "workspace_max_parallel": 4})
 
 
 def _intake_run(n: int, first: int) -> float:
