@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"run only these suites: {', '.join(SUITES)}")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
     parser.add_argument("--dir", type=Path, default=None, metavar="DIR",
-                        help="make the workspaces in a new folder inside DIR (default: bench/.work, "
+                        help="make the workspaces in a new folder inside DIR (default: bench/.work-PID, "
                              "the project's file system; made afresh for each run)")
     args = parser.parse_args(argv)
     with harness.run_dir(args.dir):

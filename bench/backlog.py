@@ -203,7 +203,7 @@ def backlog(sizes: Sizes) -> list[Figure]:
                f"{COMMITS}+{COMMITS} commits",
                data={"commit_ms": round(big_commit * 1000, 2), "baseline_commit_ms": round(small_commit * 1000, 2),
                      "baseline_orders": SMALL},
-               note="one record rewritten and committed as the supervisor does (syncfs, git add, write-tree, "
+               note="one record rewritten and committed as the supervisor does (syncfs, update-index, write-tree, "
                     "commit-tree, update-ref); what still grows is the index and the orders/ tree git rewrites"),
         Figure("backlog_rss", f"4. {n:,} queued: supervisor peak RSS",
                f"{rss:.0f} MB", f"max of {len(clean) + len(crashed)}", f"< {RSS_TARGET_MB:.0f} MB",

@@ -2,7 +2,7 @@
 
 Workspaces are built the way the tests build them (tests/conftest.py `make_ws`): a
 coordinator.yaml, the layout, a `state/` repository and the demo repository, in a fresh
-folder that is removed afterwards. The folders are made under `bench/.work/` by default:
+folder that is removed afterwards. The folders are made under `bench/.work-<pid>/` by default:
 a real workspace lives in a project checkout, so that is the file system to measure
 (`python -m bench --dir` picks another, e.g. the system's temp folder). Orders are dropped the way `coordinator send`
 drops them: a dot-file in the inbox, renamed into place.
@@ -75,15 +75,16 @@ def work_dir(folder: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def run_dir(parent: Path | None = None) -> Iterator[Path]:
-    """The work folder of one `python -m bench` run: made afresh, removed afterwards
-    (bench/.work, or a new folder inside `parent`).
+    """The work folder of one `python -m bench` run: a new folder, removed afterwards
+    (bench/.work-<pid>, or coord-bench-run-<pid> inside `parent`); runs at once keep apart.
 
     Never reused from run to run: on ext4 a folder through which many runs have passed can
     place its new files in a crowded block group. Measured on one disk: 1,700 us per mkdir
     inside an old bench/.work, 56 us inside a new one made next to it.
     """
-    folder = DEFAULT_WORK_DIR if parent is None else parent.resolve() / f"coord-bench-{os.getpid()}"
-    shutil.rmtree(folder, ignore_errors=True)  # what a killed run left behind
+    folder = (DEFAULT_WORK_DIR.with_name(f".work-{os.getpid()}") if parent is None
+              else parent.resolve() / f"coord-bench-run-{os.getpid()}")
+    shutil.rmtree(folder, ignore_errors=True)  # what a killed run with the same pid left behind
     folder.mkdir(parents=True)
     with work_dir(folder):
         yield folder

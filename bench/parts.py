@@ -226,7 +226,7 @@ def state_commits(sizes: Sizes) -> list[Figure]:
         f"{many:,.0f}/s grouped vs {one:.0f}/s one by one ({many / one:.0f}x)",
         f"{len(single)} x ({sizes.group_commits}+{sizes.single_commits})",
         note=f"grouped: {GROUP} transitions per commit; each transition writes its record file, each commit "
-             f"is one syncfs + `git add` + write-tree, commit-tree, update-ref as in the supervisor: {median(commit_ms['group']):.0f} ms "
+             f"is one syncfs + update-index + write-tree, commit-tree, update-ref as in the supervisor: {median(commit_ms['group']):.0f} ms "
              f"per grouped commit, {median(commit_ms['single']):.0f} ms per single one",
         data={"group_per_s": round(many, 1), "single_per_s": round(one, 1), "group_size": GROUP,
               "group_commit_ms": round(median(commit_ms["group"]), 2),

@@ -285,6 +285,8 @@ class AttemptRunner:
 
     def _refused(self, act: Active, message: str) -> None:
         """The fork server ran nothing for this attempt's specialist or check."""
+        if act.cancelled:  # cancelled while the start was on its way: it stays cancelled
+            return self._end_cancelled(act)
         if act.phase == "check":
             return self.fail(act, f"could not run check `{act.checks[act.check_index]}`: {message}")
         return self.fail(act, f"could not start {act.agent.name}: {message}")

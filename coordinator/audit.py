@@ -184,16 +184,24 @@ class StateRepo:
                and not (r.startswith("intake/") and not os.path.lexists(os.path.join(root, r)))]
         if not rel:
             return
-        # Files (written, or gone) go by exact path to update-index: `git add` matched every
-        # index entry against every pathspec, 8x slower with a few thousand orders in state/.
-        # A folder (or what may have been one) keeps `add -A`, which takes what is under it.
-        files = [r for r in rel if _regular_file(os.path.join(root, r))]
-        folders = sorted(set(rel) - set(files))
+        # Files and links go by exact path to update-index: `git add` matched every index entry
+        # against every pathspec, 8x slower with a few thousand orders in state/. What is gone
+        # leaves the index with `rm --cached` (a folder too); a folder that is there is added
+        # whole; a temp name goes to `git add`, which refuses it loudly.
+        kinds: dict[str, list[str]] = {"file": [], "gone": [], "folder": []}
+        for r in rel:
+            kinds[_kind(os.path.join(root, r))].append(r)
         spec = self.path / ".git" / "coordinator-pathspec"
+        files = [r for r in kinds["file"] if not _ignored(r)]
         if files:
             spec.write_bytes("\0".join(files).encode())
             with spec.open("rb") as stdin:
                 self.git("update-index", "--add", "--remove", "--replace", "-z", "--stdin", stdin=stdin)
+        if kinds["gone"]:
+            spec.write_bytes("\0".join(kinds["gone"]).encode())
+            self.git("rm", "-r", "-q", "--cached", "--ignore-unmatch", f"--pathspec-from-file={spec}",
+                     "--pathspec-file-nul")
+        folders = kinds["folder"] + [r for r in kinds["file"] if _ignored(r)]
         if folders:
             spec.write_bytes("\0".join(folders).encode())
             self.git("add", "-A", f"--pathspec-from-file={spec}", "--pathspec-file-nul")
@@ -398,11 +406,21 @@ def run(path: Path, *args: str, actor: str = SUPERVISOR) -> str:
         raise GitError(f"git {args[0]} failed in {path.name}/: {_stderr(e)}") from None
 
 
-def _regular_file(path: str) -> bool:
+def _ignored(rel: str) -> bool:
+    """Names state/.gitignore keeps out (temp files): `git add` refuses them loudly, update-index would not."""
+    name = os.path.basename(rel)
+    return name.endswith(".tmp") or name.startswith(".tmp-")
+
+
+def _kind(path: str) -> str:
+    """"file" (a regular file or a link), "folder", or "gone"."""
     try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "gone"
     except OSError:
-        return False
+        return "folder"  # cannot look: `git add` says why
+    return "folder" if stat.S_ISDIR(mode) else "file"
 
 
 def _stderr(e: git.GitCommandError) -> str:

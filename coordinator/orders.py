@@ -364,8 +364,11 @@ def render(order: WorkOrder) -> str:
     # characters beyond U+FFFF (an emoji would reach the agent as \U0001F680): then the Python one.
     options: dict[str, Any] = {"sort_keys": False, "allow_unicode": True, "default_flow_style": None,
                                "width": 1 << 20}
-    head: str = yaml.dump(front, Dumper=_FAST_DUMPER, **options)
-    if "\\U" in head:
+    try:
+        head: str = yaml.dump(front, Dumper=_FAST_DUMPER, **options)
+    except UnicodeEncodeError:  # a lone surrogate: the Python emitter writes it as \uD800
+        head = ""
+    if not head or "\\U" in head:
         head = yaml.dump(front, Dumper=yaml.SafeDumper, **options)
     return "---\n" + head + "---\n" + "\n".join(body).rstrip("\n") + "\n"
 

@@ -44,13 +44,27 @@ def _inline(node: Any, defs: dict[str, Any], seen: tuple[str, ...] = ()) -> Any:
         return node
     ref = node.get("$ref")
     name = ref[len("#/$defs/"):] if isinstance(ref, str) and ref.startswith("#/$defs/") else None
+    rest: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DATA or (key == "$ref" and name is not None):
+            rest[key] = value
+        elif key in _NAMED and isinstance(value, dict):
+            rest[key] = {k: _inline(v, defs, seen) for k, v in value.items()}
+        else:
+            rest[key] = _inline(value, defs, seen)
     if name is None or name not in defs or name in seen:
-        return {k: v if k == "$defs" else _inline(v, defs, seen) for k, v in node.items()}
+        return rest
+    del rest["$ref"]
     target = _inline(defs[name], defs, (*seen, name))
-    rest = {k: _inline(v, defs, seen) for k, v in node.items() if k != "$ref"}
     if isinstance(target, dict) and not set(target) & set(rest):
         return {**target, **rest}
-    return {"allOf": [target], **rest}
+    return {**rest, "allOf": [target, *rest.get("allOf", [])]}
+
+
+# Keywords whose values are data, not schemas (a {"$ref": ...} in one is a literal), and
+# keywords whose values map names to schemas (a property may be called "enum").
+_DATA = frozenset({"$defs", "const", "enum", "default", "examples"})
+_NAMED = frozenset({"properties", "patternProperties", "dependentSchemas"})
 
 
 def field_of(error: ValidationError) -> str:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 from typing import BinaryIO
 
+import pytest
 from conftest import drop, order_md, sh
 
 from coordinator import signals, verify
 from coordinator.audit import StateRepo
+from coordinator.errors import GitError
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
 
@@ -115,6 +118,41 @@ def test_a_commit_made_by_hand_in_state_is_foreign(make_ws):
     subprocess.run(["git", "-C", str(ws.state), "-c", "user.name=eve", "-c", "user.email=e@x", "commit", "-qm", "x"],
                    check=True)
     assert any(f.kind == "state-foreign" and "eve" in f.detail for f in verify.verify(ws))
+
+
+def test_a_batch_stages_exactly_what_was_written_gone_swapped_or_linked(tmp_path):
+    """Files go to git by exact path; deletions, a file where a folder was (and back), links
+    and folders end in the commit as `git add -A` would put them there; temp names never."""
+    repo = StateRepo(tmp_path / "state")
+    StateRepo.ensure(repo.path)
+    root = repo.path
+    (root / "a.json").write_text("a\n")
+    (root / "d").mkdir()
+    (root / "d" / "x.json").write_text("x\n")
+    (root / "f").write_text("file\n")
+    repo.stage("coordinator", "first")
+    assert repo.flush({str(root / "a.json"), str(root / "d" / "x.json"), str(root / "f")}) == 1
+    (root / "a.json").unlink()
+    shutil.rmtree(root / "d")
+    (root / "d").write_text("now a file\n")
+    (root / "f").unlink()
+    (root / "f").mkdir()
+    (root / "f" / "y.json").write_text("y\n")
+    (root / "link").symlink_to("d")
+    (root / "new").mkdir()
+    (root / "new" / "z.json").write_text("z\n")
+    (root / "w.tmp").write_text("half written\n")
+    repo.stage("coordinator", "second")
+    written = {"a.json", "d", "f", "link", "new", "w.tmp"}
+    with pytest.raises(GitError):  # a temp name is refused loudly, as `git add` refuses it
+        repo.flush({str(root / p) for p in written})
+    (root / "w.tmp").unlink()
+    repo.stage("coordinator", "second")
+    assert repo.flush({str(root / p) for p in written - {"w.tmp"}}) == 1
+    files = sorted(git(root, "ls-tree", "-r", "--name-only", "HEAD").split())
+    assert files == [".gitignore", "README.md", "d", "f/y.json", "link", "new/z.json"]
+    assert git(root, "show", "HEAD:d") == "now a file\n" and git(root, "cat-file", "-p", "HEAD:link") == "d"
+    assert git(root, "status", "--porcelain") == ""
 
 
 def test_a_batch_lands_on_top_of_a_commit_made_meanwhile_and_keeps_its_authors(tmp_path):

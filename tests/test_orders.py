@@ -681,3 +681,13 @@ def test_templates_for_every_kind_of_agent(agent: str, team: config.Config) -> N
 def test_priorities_rank_urgent_highest() -> None:
     assert sorted(orders.PRIORITIES, key=orders.PRIORITY_RANK.__getitem__, reverse=True)[0] == "urgent"
     assert orders.PRIORITY_RANK["low"] < orders.PRIORITY_RANK["normal"] < orders.PRIORITY_RANK["high"]
+
+
+def test_render_writes_a_lone_surrogate_as_an_escape_instead_of_failing() -> None:
+    """A JSON order may carry "\\ud800"; its brief is still written (libyaml's emitter refuses it)."""
+    order = WorkOrder(id="WO-8", sender="walt", to="chip", objective="It works \ud800",
+                      acceptance=(Acceptance("[x] boxes \ud800"), Acceptance("Lint is clean", "make lint"),
+                                  Acceptance("Tests pass")),
+                      files=(), branching=(Branch("halt-with-note", "it is unclear"),))
+    text = orders.render(order)
+    assert "acceptance:" in text and "\\uD800" in text

@@ -15,7 +15,8 @@ SETTINGS = settings(max_examples=600, deadline=None, suppress_health_check=[Heal
 # Strings near the schemas' edges: enum members, patterns' edge cases, empty, multi-line.
 STRINGS = st.sampled_from(
     ["", "x", "done", "route-to", "halt-with-note", "requeue-with-blocker", "blocked", "chip", "WO-1",
-     "a\nb", "Bad Name", "normal", "urgent", "1.5s", "../x", "src/**", "/abs", "x" * 281, "-x", "WO..1"])
+     "a\nb", "Bad Name", "normal", "urgent", "1.5s", "../x", "src/**", "/abs", "x" * 281, "-x", "WO..1",
+     "chip\n", "WO-1\n", "done\n"])  # `$` matches before a final newline: search, not fullmatch
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-3, 3) | st.floats(-2, 2) | STRINGS,
     lambda inner: st.lists(inner, max_size=6) | st.dictionaries(
@@ -76,8 +77,14 @@ def test_the_result_predicate_says_valid_exactly_when_jsonschema_does(doc: Any) 
     agree("result", doc)
 
 
-def test_the_shipped_examples_take_the_quick_path_and_broken_ones_still_get_every_error() -> None:
-    assert schemas.errors("work-order", ORDER) == []
+def test_the_shipped_examples_take_the_quick_path_and_broken_ones_still_get_every_error(monkeypatch) -> None:
+    class Refuses:
+        def iter_errors(self, instance: Any) -> Any:
+            raise AssertionError("jsonschema was asked about a valid order")
+
+    with monkeypatch.context() as m:
+        m.setattr(schemas, "validator", lambda name: Refuses())
+        assert schemas.errors("work-order", ORDER) == []
     broken = {**ORDER, "to": "Bad Name", "acceptance": [{"text": ""}], "extra": 1}
     fields = sorted(schemas.field_of(e) for e in schemas.errors("work-order", broken))
     assert fields == ["acceptance", "acceptance.0.text", "extra", "to"]
@@ -89,3 +96,14 @@ def test_a_keyword_it_does_not_know_leaves_the_decision_to_jsonschema() -> None:
     assert schemas.compile_predicate({"properties": {"a": {"uniqueItems": True}}}) is None
     check = schemas.compile_predicate({"enum": [True, 1, [1]]})
     assert check is not None and check(True) and check(1) and check([1]) and not check([True])
+
+
+def test_references_are_written_out_without_losing_or_inventing_a_rule() -> None:
+    defs = {"line": {"type": "string", "minLength": 1}, "list": {"items": {"$ref": "#/$defs/list"}}}
+    assert schemas._inline({"$ref": "#/$defs/line", "maxLength": 3}, defs) == {
+        "type": "string", "minLength": 1, "maxLength": 3}
+    both = schemas._inline({"$ref": "#/$defs/line", "type": "string", "allOf": [{"maxLength": 3}]}, defs)
+    assert both == {"type": "string", "allOf": [{"type": "string", "minLength": 1}, {"maxLength": 3}]}
+    data = schemas._inline({"properties": {"enum": {"$ref": "#/$defs/line"}}, "const": {"$ref": "#/$defs/line"}}, defs)
+    assert data == {"properties": {"enum": {"type": "string", "minLength": 1}}, "const": {"$ref": "#/$defs/line"}}
+    assert schemas._inline({"$ref": "#/$defs/list"}, defs) == {"items": {"$ref": "#/$defs/list"}}  # a cycle stays

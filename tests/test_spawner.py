@@ -162,6 +162,7 @@ def test_start_returns_at_once_and_refusals_come_back_in_order_with_the_exits(sp
     sp.start(req(tmp_path, ("true",), "s-sb", Ruleset((str(tmp_path / "nope"),))))
     sp.start(req(tmp_path, ("true",), "s-after"))
     events = events_until(sp, 4)
+    assert not sp.alive("s-ok")  # a reply to a start on the control channel would be read here instead
     refused = [e for e in events if isinstance(e, Refused)]
     assert [(e.token, e.message, e.sandbox) for e in refused][0] == ("s-nf", "command not found: no-such-agent-cli", False)
     assert refused[1].token == "s-sb" and refused[1].sandbox and "create it or remove it" in refused[1].message

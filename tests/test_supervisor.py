@@ -112,6 +112,20 @@ def test_a_command_that_cannot_start_fails_the_attempt_with_the_reason_then_bloc
     assert status(ws, "r") == "done"  # the loop went on past the refusals
 
 
+def test_an_order_cancelled_while_its_start_is_on_the_way_stays_cancelled(make_ws):
+    """The start goes to the fork server without a wait; its refusal comes back after the cancel."""
+    ws = make_ws({"chip": {"role": "specialist", "command": ["no-such-agent-cli"]}})
+    drop(ws, "chip", "c.md", order_md("Cancelled before it could start", id="c"))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: sup.records.get("c") is not None and sup.records["c"].status == "running",
+                   "the start sent")
+        sup.handle("cancel", {"id": "c"})
+        sup.run_once(limit=30)  # the refusal is read here
+    rec = Store(ws.state).load("c")
+    assert rec.status == "cancelled" and rec.failures == []
+    assert [e.line for e in StateRepo(ws.state).entries("c")][-1] == "c chip: running -> cancelled"
+
+
 def test_requeue_with_blocker_clears_when_the_named_order_is_done(make_ws):
     ws = make_ws({"chip": {"role": "specialist", "command": sh(
         'if [ "$COORD_ORDER_ID" = first ] && [ ! -e "$PROBE/dep-started" ]; then '
