@@ -466,7 +466,7 @@ class AttemptRunner:
                 continue
             claimed = self.sup.intake.claim(path, to)
             if claimed:
-                rec = self.sup._file(claimed, to, shown=f"outbox of {act.rec.id}/{path.name}",
+                rec = self.sup.file_claimed(claimed, to, shown=f"outbox of {act.rec.id}/{path.name}",
                                      sender=act.agent.name)
                 act.rec.children.append(rec.id)
 

@@ -13,6 +13,7 @@ Example message:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import queue
 import re
@@ -25,6 +26,7 @@ from typing import Any, BinaryIO
 
 import git
 
+from . import durable
 from .errors import GitError
 
 SUPERVISOR = "coordinator"
@@ -53,6 +55,8 @@ def trusted_env(actor: str = SUPERVISOR, committer: str = SUPERVISOR) -> dict[st
 
 _KEEP_HEAP = "glibc.malloc.trim_threshold=268435456:glibc.malloc.top_pad=16777216"
 
+
+IGNORED = ("*.tmp", f"{durable.TMP_PREFIX}*")  # state/.gitignore: temp files are never committed
 
 GIT_OPTS = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "gc.auto=0",
             "-c", "commit.gpgsign=false", "-c", "core.quotepath=false")
@@ -95,7 +99,7 @@ class StateRepo:
             "# state/\n\nOwned by the coordinator supervisor: every order transition is a commit here.\n"
             "Do not edit by hand; `coordinator audit verify` reports changes it did not make.\n",
             encoding="utf-8")
-        (path / ".gitignore").write_text("*.tmp\n.tmp-*\n", encoding="utf-8")
+        (path / ".gitignore").write_text("".join(f"{p}\n" for p in IGNORED), encoding="utf-8")
         run(path, "add", "-A")
         run(path, "commit", "-q", "-m", "state: initialise the audit trail")
         return True
@@ -407,9 +411,8 @@ def run(path: Path, *args: str, actor: str = SUPERVISOR) -> str:
 
 
 def _ignored(rel: str) -> bool:
-    """Names state/.gitignore keeps out (temp files): `git add` refuses them loudly, update-index would not."""
-    name = os.path.basename(rel)
-    return name.endswith(".tmp") or name.startswith(".tmp-")
+    """A name state/.gitignore keeps out (temp files): `git add` refuses it loudly, update-index would not."""
+    return any(fnmatch.fnmatchcase(os.path.basename(rel), pattern) for pattern in IGNORED)
 
 
 def _kind(path: str) -> str:

@@ -364,11 +364,12 @@ def render(order: WorkOrder) -> str:
     # characters beyond U+FFFF (an emoji would reach the agent as \U0001F680): then the Python one.
     options: dict[str, Any] = {"sort_keys": False, "allow_unicode": True, "default_flow_style": None,
                                "width": 1 << 20}
+    head: str | None
     try:
-        head: str = yaml.dump(front, Dumper=_FAST_DUMPER, **options)
+        head = yaml.dump(front, Dumper=_FAST_DUMPER, **options)
     except UnicodeEncodeError:  # a lone surrogate: the Python emitter writes it as \uD800
-        head = ""
-    if not head or "\\U" in head:
+        head = None
+    if head is None or "\\U" in head:
         head = yaml.dump(front, Dumper=yaml.SafeDumper, **options)
     return "---\n" + head + "---\n" + "\n".join(body).rstrip("\n") + "\n"
 

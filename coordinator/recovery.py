@@ -61,10 +61,10 @@ def recover(sup: Supervisor, crashed: bool) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         durable.note(folder)
         if claimed:
-            sup._file(claimed, agent, shown=str(meta.get("source") or f"inbox/{agent}/{original.name}"),
+            sup.file_claimed(claimed, agent, shown=str(meta.get("source") or f"inbox/{agent}/{original.name}"),
                       sender=meta.get("sender"))
     for claimed, agent in sup.intake.claimed():
-        sup._file(claimed, agent, shown=f"inbox/{agent}/{claimed.name.split('-', 1)[-1]}")
+        sup.file_claimed(claimed, agent, shown=f"inbox/{agent}/{claimed.name.split('-', 1)[-1]}")
     running = [r for r in sup.records.values() if r.status == "running"]
     if running:
         tokens = [str(r.running["token"]) for r in running if r.running]

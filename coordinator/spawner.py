@@ -349,13 +349,20 @@ class Spawner:
         code = self._proc.poll()
         return SupervisorError(f"the spawn server stopped (exit {code}); restart the supervisor")
 
+    def _send(self, op: str, fields: dict[str, Any]) -> None:
+        """One request to the server; the caller holds `_lock`."""
+        if self._closed:
+            raise SupervisorError("the spawner is closed")
+        self._next_id += 1
+        try:
+            _send_frame(self._ctl, {"id": self._next_id, "op": op, **fields})
+        except OSError:
+            raise self._dead() from None
+
     def _call(self, op: str, **fields: Any) -> dict[str, Any]:
         with self._lock:
-            if self._closed:
-                raise SupervisorError("the spawner is closed")
-            self._next_id += 1
+            self._send(op, fields)
             try:
-                _send_frame(self._ctl, {"id": self._next_id, "op": op, **fields})
                 reply = _recv_frame(self._ctl)
             except OSError:
                 reply = None
@@ -382,13 +389,7 @@ class Spawner:
         """
         fields = self._fields(req)
         with self._lock:
-            if self._closed:
-                raise SupervisorError("the spawner is closed")
-            self._next_id += 1
-            try:
-                _send_frame(self._ctl, {"id": self._next_id, "op": "spawn", "detached": True, **fields})
-            except OSError:
-                raise self._dead() from None
+            self._send("spawn", {"detached": True, **fields})
 
     def _fields(self, req: SpawnRequest) -> dict[str, Any]:
         if not _TOKEN.match(req.token):

@@ -370,7 +370,7 @@ class Supervisor:
             claimed = self.intake.claim(path, agent)
             if claimed is None:
                 continue
-            self._file(claimed, agent, shown=self.ws.rel(path))
+            self.file_claimed(claimed, agent, shown=self.ws.rel(path))
             filed += 1
         return filed > 0
 
@@ -381,9 +381,10 @@ class Supervisor:
             link = claimed.with_name(claimed.name + ".link")
             os.rename(claimed, link)
             link.write_text("")  # replace the link by an empty file; its target is never read
-            self._file(link, agent, shown=self.ws.rel(path))
+            self.file_claimed(link, agent, shown=self.ws.rel(path))
 
-    def _file(self, claimed: Path, agent: str, *, shown: str, sender: str | None = None) -> Record:
+    def file_claimed(self, claimed: Path, agent: str, *, shown: str, sender: str | None = None) -> Record:
+        """File a file `Intake.claim` took (from an inbox, an outbox, or a crash's leftovers)."""
         filed = self.intake.file(claimed, agent, shown=shown, sender=sender)
         return self._after_filing(filed.record, filed.order)
 
@@ -446,7 +447,7 @@ class Supervisor:
         try:
             return self.store.restore(rec)
         except StateError as e:
-            self._drain()
+            self.drain_commits()
             rel = f"orders/{rec.id}/record.json"
             self.audit.restore([rel])
             self.signal("silent", agent=None, order=rec.id, evidence=f"{e}; put back from git")
@@ -641,12 +642,12 @@ class Supervisor:
                 self._committer = audit.Committer(self.audit, before=lambda: durable.sync_fs(self.ws.state))
             self._committer.submit(batch)
             return
-        self._drain()
+        self.drain_commits()
         if batch is not None:
             durable.sync_fs(self.ws.state)
             self.audit.write(batch)
 
-    def _drain(self) -> None:
+    def drain_commits(self) -> None:
         """Wait for the committer thread: state/ is committed when this returns."""
         if self._committer is not None:
             self._committer.drain()

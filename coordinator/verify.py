@@ -158,7 +158,7 @@ def summary(findings: list[Finding]) -> dict[str, Any]:
 # -- the tamper watch (run by the supervisor at start and every few seconds) --------------------------
 def watch_state(sup: Supervisor) -> None:
     """Hand-made changes in state/ are put back from git and recorded as `silent`."""
-    sup._drain()  # only what the supervisor has committed is compared
+    sup.drain_commits()  # only what the supervisor has committed is compared
     mine = {os.path.relpath(p, sup.ws.state) for p in durable.peek_journal()}
     foreign = [p for p in sup.audit.dirty() if p not in mine and not p.startswith("intake/")]
     if not foreign:
