@@ -41,11 +41,21 @@ def machine() -> dict[str, Any]:
     from coordinator.landlock import abi_version
 
     git = subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.strip()
-    fs = subprocess.run(["df", "--output=fstype", str(harness.WORK_DIR)], capture_output=True,
-                        text=True).stdout.split()[-1:]
+    fs = subprocess.run(["df", "--output=fstype,source", str(harness.WORK_DIR)], capture_output=True,
+                        text=True).stdout.split()[-2:]
+    work_fs = fs[0] if fs else "?"
+    if work_fs == "ext4" and _no_journal(fs[1]):
+        work_fs = "ext4 without a journal"  # new inodes slow after removals: see harness.run_dir
     return {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "git": git, "landlock_abi": abi_version(), "work_fs": fs[0] if fs else "?",
+            "git": git, "landlock_abi": abi_version(), "work_fs": work_fs,
             "work_dir": os.path.relpath(harness.WORK_DIR), "loadavg_start": list(os.getloadavg())}
+
+
+def _no_journal(device: str) -> bool:
+    try:
+        return Path(f"/sys/fs/ext4/{os.path.basename(device)}/journal_task").read_text().strip() == "<none>"
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

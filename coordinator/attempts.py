@@ -442,8 +442,8 @@ class AttemptRunner:
         if act.repo is not None:
             with contextlib.suppress(CoordinatorError):
                 act.repo.remove_worktree(act.rec.id, act.attempt.workdir, keep=keep)
-        if not keep:
-            shutil.rmtree(act.attempt.folder / "scratch", ignore_errors=True)
+        if not keep and _has_entries(act.attempt.scratch):  # an empty one stays: nothing to free
+            shutil.rmtree(act.attempt.scratch, ignore_errors=True)
 
     # -- outbox -------------------------------------------------------------------------------------
     def _deliver_outbox(self, act: Active) -> None:
@@ -574,3 +574,11 @@ def _fmt(seconds: float) -> str:
 def _short(text: str, n: int = 160) -> str:
     one = " ".join(text.split())
     return one if len(one) <= n else one[: n - 1] + "…"
+
+
+def _has_entries(folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is not None
+    except OSError:
+        return False

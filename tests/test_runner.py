@@ -1,0 +1,58 @@
+"""Attempt folders: spares made ahead of time, taken whole, cleared after a crash; scratch cleanup."""
+
+from __future__ import annotations
+
+import os
+
+from conftest import drop, order_md, sh
+
+from coordinator import runner
+from coordinator.store import Store
+from coordinator.supervisor import Supervisor
+
+
+def test_spares_are_complete_pairs_and_prepare_takes_one_whole(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/true"]}})
+    assert runner.make_spares(ws, 2) == 2
+    assert runner.make_spares(ws, 2) == 0  # the pool is full
+    spare = ws.runtime / "spare"
+    names = sorted(os.listdir(spare))
+    assert [n.split("-")[0] for n in names] == ["attempt", "attempt", "log", "log"]
+    for n in names:
+        if n.startswith("attempt-"):
+            assert sorted(os.listdir(spare / n)) == ["outbox", "scratch", "tmp"]
+    folder, logs = runner.attempt_folder(ws, "sp-1", 1), ws.runtime / "logs" / "sp-1" / "1"
+    folder.parent.mkdir(parents=True)
+    logs.parent.mkdir(parents=True)
+    assert runner._take_spare(ws, folder, logs)
+    assert sorted(os.listdir(folder)) == ["outbox", "scratch", "tmp"] and logs.is_dir()
+    assert len(os.listdir(spare)) == 2  # one pair taken
+
+
+def test_clear_spares_drops_what_a_crash_left_half_made_and_keeps_whole_pairs(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/true"]}})
+    runner.make_spares(ws, 1)
+    spare = ws.runtime / "spare"
+    (whole,) = [n for n in os.listdir(spare) if n.startswith("attempt-")]
+    # A crash while making a spare: the log folder made, the attempt folder still under its temp name.
+    (spare / "log-9-1").mkdir()
+    (spare / ".new-attempt-9-1").mkdir()
+    (spare / ".new-attempt-9-1" / "outbox").mkdir()
+    # A crash while taking one: its log folder already gone.
+    (spare / "attempt-9-2").mkdir()
+    runner.clear_spares(ws)
+    assert sorted(os.listdir(spare)) == sorted([whole, "log-" + whole.removeprefix("attempt-")])
+
+
+def test_scratch_is_removed_after_the_attempt_when_the_specialist_left_files_in_it(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh(
+        'if [ "$COORD_ORDER_ID" = messy ]; then mkdir -p junk && echo x > junk/file; fi')}})
+    drop(ws, "chip", "messy.md", order_md("Leaves files behind", id="messy"))
+    drop(ws, "chip", "tidy.md", order_md("Leaves nothing", id="tidy"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    store = Store(ws.state)
+    assert store.load("messy").status == "done" and store.load("tidy").status == "done"
+    assert not (runner.attempt_folder(ws, "messy", 1) / "scratch").exists()
+    tidy = runner.attempt_folder(ws, "tidy", 1) / "scratch"
+    assert tidy.is_dir() and not os.listdir(tidy)
