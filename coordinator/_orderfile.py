@@ -63,8 +63,7 @@ def fail(path: str | None, message: str, line: int | None = None) -> NoReturn:
 def read_text(data: bytes, *, path: str, limit: int, what: str, empty_hint: str) -> str:
     """`data` as text, or OrderError if it is too big, binary, not UTF-8 or empty."""
     if len(data) > limit:
-        fail(path, f"is {_size(len(data))}; {what} is at most {_size(limit)}: move the details "
-                   "into files it names")
+        fail(path, too_big(len(data), limit, what))
     if b"\x00" in data:
         fail(path, f"is binary (it holds NUL bytes); {what} is UTF-8 text")
     try:
@@ -74,6 +73,10 @@ def read_text(data: bytes, *, path: str, limit: int, what: str, empty_hint: str)
     if not text.strip():
         fail(path, f"is empty; {empty_hint}")
     return text.replace("\r\n", "\n")
+
+
+def too_big(size: int, limit: int, what: str) -> str:
+    return f"is {_size(size)}; {what} is at most {_size(limit)}: move the details into files it names"
 
 
 def _size(n: int) -> str:

@@ -81,6 +81,11 @@ def _guarded(invoke: Callable[[], Any]) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM) and not os.environ.get(DEBUG_VAR):
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"coordinator: permission denied{where}: run it as the user who owns the workspace "
+                       "(or give this user access to it)", err=True)
+            return EXIT_ENVIRONMENT
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or os.environ.get(DEBUG_VAR):
             return _internal(e)
         where = f" writing {e.filename}" if e.filename else ""
@@ -195,8 +200,7 @@ def validate(c: Context, files: tuple[str, ...], to: str | None, sender: str | N
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
-@click.option("--to", "to", metavar="AGENT", help="Recipient agent (default: the inbox folder the file "
-              "is in, else the file's `to:`).")
+@click.option("--to", "to", metavar="AGENT", help="Recipient agent (default: the file's `to:`).")
 @click.option("--from", "sender", metavar="AGENT", help="Sender (default: the file's `from`, else user).")
 @pass_ctx
 def send(c: Context, file: str, to: str | None, sender: str | None) -> None:
@@ -217,8 +221,9 @@ def send(c: Context, file: str, to: str | None, sender: str | None) -> None:
     else:
         path = Path(file)
         shown = c.ws.rel(path)
+        sending.refuse_inbox_file(c.ws, path, shown=shown)
         data = sending.read_file(path, shown=shown)
-        order_id = sending.send(c.ws, data, name=shown, to=to or c.ws.agent_of_inbox(path), sender=sender)
+        order_id = sending.send(c.ws, data, name=shown, to=to, sender=sender)
     click.echo(order_id)
 
 

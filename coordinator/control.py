@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import audit, durable
 from .errors import CoordinatorError, NotFoundError, StateError, SupervisorError, UsageError
-from .store import Record
+from .store import ENDED_UNDONE, Record
 from .workspace import Workspace
 
 if TYPE_CHECKING:
@@ -115,9 +115,17 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
         return {"id": rec.id, "status": rec.status}
     if action == "retry":
         rec = _record(sup, str(args["id"]))
+        if rec.status == "waiting" and not rec.blocker:
+            waits = [d for d in rec.blocked_by if d not in sup.records or sup.records[d].status != "done"]
+            raise StateError(f"{rec.id} is waiting for {', '.join(waits) or 'its dependencies'}; it runs once "
+                             "they are done")
         if rec.status not in ("blocked", "halted") and not (rec.status == "waiting" and rec.blocker):
             raise StateError(f"{rec.id} is {rec.status}; only blocked or halted orders (or one waiting on a "
                              "blocker) can be retried")
+        dead = [sup.records[d] for d in rec.blocked_by if d in sup.records and sup.records[d].status in ENDED_UNDONE]
+        if dead:
+            raise StateError(f"{rec.id} depends on {dead[0].id}, which ended {dead[0].status}: retried, it would "
+                             "wait forever; send it again without that dependency in blocked_by")
         rec.failures = []
         rec.blocker = None
         status = "queued" if all(sup.records.get(d) is not None and sup.records[d].status == "done"

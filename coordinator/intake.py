@@ -17,12 +17,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import durable, orders
+from ._orderfile import too_big
 from .config import SYSTEM_SENDERS, Config
 from .errors import OrderError, Problem
 from .orders import WorkOrder
@@ -107,20 +109,25 @@ class Intake:
         """Validate the claimed file and move it into its order folder with a record."""
         # A file name need not be UTF-8; records and messages must be.
         shown = shown.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        data = _read_capped(claimed)
         order: WorkOrder | None = None
         problems: list[Problem] = []
         suffix = _suffix(shown)
-        try:
-            order = orders.load(data, path=shown, to=agent, config=self.config,
-                                history=self.history, sender=sender)
-        except OrderError as e:
-            problems = e.problems
-        if order is not None and order.id and (".." in order.id or order.id.endswith((".", ".lock"))):
-            problems = [Problem("id", f"{order.id!r} cannot name a git branch (no '..', no trailing '.' or "
-                                "'.lock'); choose another id", path=shown)]
-            order = None
-        elif order is not None and order.repo and not (self.repos_dir / order.repo / ".git").exists():
+        target = _unlink_link(claimed)
+        if target is not None:
+            data = b""
+            problems = [Problem("", f"is a symbolic link (to {target}); a link in an inbox is never followed: "
+                                    "drop the file itself", shown)]
+        else:
+            data = _read_capped(claimed)
+            try:
+                order = orders.load(data, path=shown, to=agent, config=self.config,
+                                    history=self.history, sender=sender)
+            except OrderError as e:
+                problems = e.problems
+                if len(data) >= MAX_READ:  # read only this far: say the file's real size
+                    problems = [Problem("", too_big(os.stat(claimed).st_size, orders.MAX_ORDER_BYTES,
+                                                    "a work order"), shown)]
+        if order is not None and order.repo and not (self.repos_dir / order.repo / ".git").exists():
             problems = [Problem("files", f"no repository {order.repo!r} under repos/; the first component of "
                                 "every path names one", path=shown)]
             order = None
@@ -244,9 +251,26 @@ class Intake:
         return record
 
 
+def _unlink_link(claimed: Path) -> str | None:
+    """If `claimed` is a symbolic link: put an empty file in its place (one rename, so the claimed
+    name always holds one or the other) and return what it pointed to; its target is never opened."""
+    try:
+        target = os.readlink(claimed)
+    except OSError:  # not a link (EINVAL)
+        return None
+    tmp = claimed.with_name(f"{durable.TMP_PREFIX}{claimed.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    os.close(fd)
+    os.replace(tmp, claimed)  # replaces the link itself, never what it points to
+    return os.fsdecode(target).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _read_capped(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(MAX_READ)
+    """The file's first MAX_READ bytes; b"" for anything but a regular file (a FIFO put in
+    its place would block the loop), without following a link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        return f.read(MAX_READ) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
 
 
 def _suffix(name: str) -> str:

@@ -199,6 +199,8 @@ def check(order: WorkOrder, config: Config, history: History, *, path: str | Non
 
     agents = config.agents
     names = ", ".join(sorted(agents))
+    if order.id and (".." in order.id or order.id.endswith((".", ".lock"))):
+        bad("id", f"{order.id!r} cannot name a git branch (no '..', no trailing '.' or '.lock'); choose another id")
     recipient = agents.get(order.to)
     if recipient is None:
         bad("to", f"unknown agent {order.to!r}; the agents are {names}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
 import sys
 import time
@@ -37,6 +38,9 @@ from .orders import WorkOrder
 from .workspace import Workspace
 
 PLACEHOLDERS = ("id", "order", "brief", "brief_text", "workdir", "result", "python", "workspace")
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+# What looks like a placeholder but is none (a typo such as {breif}); `${VAR}` is the shell's.
+LOOKS_LIKE_PLACEHOLDER = re.compile(r"(?<![$\w{])\{([a-z_]+)\}(?!\})")
 TAIL_BYTES = 4000
 
 
@@ -233,9 +237,8 @@ def argv(agent: Agent, attempt: Attempt, ws: Workspace) -> tuple[str, ...]:
     }
     out = []
     for arg in agent.command:
-        for key in PLACEHOLDERS:
-            arg = arg.replace("{" + key + "}", values[key])
-        out.append(arg)
+        # One pass: a value put in (the brief's text) is never searched for placeholders again.
+        out.append(_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg))
     return tuple(out)
 
 

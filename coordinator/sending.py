@@ -4,9 +4,10 @@
 when the order has none, and drops the file atomically: a dot-file in the inbox,
 fsync, rename, fsync the folder. An invalid order writes nothing.
 
-Who an order is for: `--to`, else the inbox folder the file sits in, else the
-file's own `to:` (so `coordinator new --to chip > fix.md` then
-`coordinator send fix.md` works).
+Who an order is for: `--to`, else the file's own `to:` (so `coordinator new --to
+chip > fix.md` then `coordinator send fix.md` works); `validate` also takes the
+inbox folder a file sits in. A file in an inbox is not sent again (it would be
+filed twice).
 
 Example:
     >>> order_id = send(ws, Path("fix.md").read_bytes(), name="fix.md", to="chip", sender=None)
@@ -63,6 +64,14 @@ def validate_files(ws: Workspace, files: list[Path], *, to: str | None, sender: 
             entry["problems"] = [{"path": shown, "line": None, "field": "", "message": str(e), "text": str(e)}]
         report.append(entry)
     return report
+
+
+def refuse_inbox_file(ws: Workspace, path: Path, *, shown: str) -> None:
+    """A file in an inbox is sent already: sending it again would file it twice."""
+    agent = ws.agent_of_inbox(path)
+    if agent is not None and is_candidate(path.name):
+        raise UsageError(f"{shown} is in {agent}'s inbox already: the supervisor takes it in from there "
+                         "(`coordinator validate` checks it; move it out of the inbox to send it elsewhere)")
 
 
 def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str | None,

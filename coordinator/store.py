@@ -29,6 +29,7 @@ from .orders import WorkOrder, objective_key
 STATUSES = ("queued", "waiting", "running", "done", "halted", "routed", "blocked",
             "rejected", "denied", "cancelled")
 TERMINAL = frozenset({"done", "halted", "routed", "blocked", "rejected", "denied", "cancelled"})
+ENDED_UNDONE = frozenset({"rejected", "denied", "cancelled"})  # ended for good, the work not done: no retry
 # Orders that ended this way make a repeat without a reference a feedback-loop signal.
 FAILED_ENDINGS = frozenset({"rejected", "denied", "halted", "blocked"})
 ASSIGNED = re.compile(r"^WO-(\d+)$")

@@ -29,7 +29,7 @@ from .errors import CoordinatorError, StateError, SupervisorError
 from .intake import Intake
 from .orders import PRIORITY_RANK, WorkOrder
 from .spawner import Spawner
-from .store import TERMINAL, History, Record, Store, iso
+from .store import ENDED_UNDONE, TERMINAL, History, Record, Store, iso
 from .watcher import InboxWatcher, Watcher, is_candidate, scan, settled
 from .workspace import Workspace
 
@@ -121,6 +121,12 @@ class Supervisor:
             if not _landlock_available():
                 self.say("WARNING: this kernel has no Landlock: writes outside the working copy are only "
                          "detected after the run, not refused (`coordinator doctor`)")
+        if not self.offline:
+            from .doctor import agent_warnings
+
+            for name, agent in self.config.agents.items():
+                for warning in agent_warnings(agent):
+                    self.say(f"WARNING: agents.{name}.{warning}")
         self.attempts = AttemptRunner(self)
         self.heads = verify.load_heads(ws)
         recovery.recover(self, crashed)
@@ -375,13 +381,10 @@ class Supervisor:
         return filed > 0
 
     def _refuse_link(self, path: Path, agent: str) -> None:
-        """A symlink in an inbox is never followed: claim the link itself and reject it."""
+        """A symlink in an inbox is never followed: claim the link itself; filing rejects it."""
         claimed = self.intake.claim(path, agent)
         if claimed is not None:
-            link = claimed.with_name(claimed.name + ".link")
-            os.rename(claimed, link)
-            link.write_text("")  # replace the link by an empty file; its target is never read
-            self.file_claimed(link, agent, shown=self.ws.rel(path))
+            self.file_claimed(claimed, agent, shown=self.ws.rel(path))
 
     def file_claimed(self, claimed: Path, agent: str, *, shown: str, sender: str | None = None) -> Record:
         """File a file `Intake.claim` took (from an inbox, an outbox, or a crash's leftovers)."""
@@ -399,7 +402,7 @@ class Supervisor:
         self._index(rec)
         # Halted and blocked orders can come back with `retry`; these never can.
         failed = [d for d in rec.blocked_by if d in self.records
-                  and self.records[d].status in ("rejected", "denied", "cancelled")]
+                  and self.records[d].status in ENDED_UNDONE]
         self._stage(rec, "new", rec.status, rec.history[-1]["actor"],
                     note=rec.errors[0] if rec.errors else None)
         if rec.status == "waiting" and failed:

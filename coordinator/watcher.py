@@ -95,9 +95,10 @@ def is_candidate(name: str) -> bool:
 
 
 def scan(folder: Path) -> list[Path]:
-    """Candidate regular files now in `folder`, oldest (mtime) first; [] if it is missing.
+    """Candidate files now in `folder`, oldest (mtime) first; [] if it is missing.
 
-    Symlinks and subfolders are left out: an inbox only takes plain files.
+    Plain files, and symbolic links (the supervisor rejects them, never following one);
+    subfolders and other kinds are left out.
     """
     found: list[tuple[int, str, Path]] = []
     try:
@@ -108,7 +109,7 @@ def scan(folder: Path) -> list[Path]:
         if not is_candidate(entry.name):
             continue
         try:
-            if not entry.is_file(follow_symlinks=False):
+            if not (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
                 continue
             mtime = entry.stat(follow_symlinks=False).st_mtime_ns
         except FileNotFoundError:  # claimed or removed since the listing

@@ -83,9 +83,11 @@ class Workspace:
         return self.root / RUNTIME
 
     def rel(self, path: Path) -> str:
-        """`path` as shown to users: relative to the workspace when inside it."""
+        """`path` as shown to users: relative to the workspace when inside it. A link is shown
+        where it is, not where it points."""
+        path = Path(os.path.abspath(path))
         try:
-            return str(path.resolve().relative_to(self.root))
+            return str((path.parent.resolve() / path.name).relative_to(self.root))
         except ValueError:
             return str(path)
 

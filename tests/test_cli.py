@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from importlib import resources
@@ -196,6 +197,17 @@ def test_validate_defaults_the_recipient_to_the_inbox_folder_the_file_is_in(ws: 
     assert "loose.md: to: no recipient; drop the file in inbox/<agent>/, pass --to AGENT" in nobody.stderr
 
 
+@pytest.mark.parametrize("bad_id", ["ab..cd", "x.lock", "trailing."])
+def test_validate_and_send_refuse_an_id_that_cannot_name_a_branch(ws: Path, bad_id: str) -> None:
+    (ws / "o.md").write_text(order("The webapp greets a user by name", id=bad_id))
+    expected = (f"o.md:2: id: {bad_id!r} cannot name a git branch (no '..', no trailing '.' or '.lock'); "
+                "choose another id\n")
+    for command in ("validate", "send"):
+        result = run("-w", ws, command, ws / "o.md", "--to", "chip")
+        assert (result.exit_code, result.stdout, result.stderr) == (1, "", expected)
+    assert inbox_entries(ws, "chip") == []
+
+
 def test_validate_json_is_one_document(ws: Path) -> None:
     (ws / "a.md").write_text(order("The webapp greets a user by name"))
     (ws / "b.yaml").write_text("objective: x\n")
@@ -291,6 +303,19 @@ def test_send_takes_the_recipient_from_the_file_when_not_given(ws: Path) -> None
     assert again.exit_code == 1
     assert again.stderr == ("fix.md: id: 'greet' is already waiting in inbox/chip/greet.md; pick another id "
                             "or leave it out to get one assigned\n")
+
+
+def test_send_refuses_a_file_that_sits_in_an_inbox_already(ws: Path) -> None:
+    dropped = ws / "inbox" / "chip" / "twice.md"
+    dropped.write_text(order("The webapp greets a user by name"))
+    for extra in ((), ("--to", "rex")):
+        result = run("-w", ws, "send", dropped, *extra)
+        assert result.exit_code == 2 and result.stdout == ""
+        assert result.stderr == ("coordinator: inbox/chip/twice.md is in chip's inbox already: the supervisor "
+                                 "takes it in from there (`coordinator validate` checks it; move it out of the "
+                                 "inbox to send it elsewhere)\n")
+    assert inbox_entries(ws, "chip") == ["twice.md"] and inbox_entries(ws, "rex") == []
+    assert run("-w", ws, "validate", dropped).exit_code == 0
 
 
 def test_new_prints_a_template_that_validates_once_filled_in(ws: Path) -> None:
@@ -613,3 +638,25 @@ def test_end_to_end_as_a_new_user(tmp_path: Path) -> None:
     assert head.startswith("chip <chip@agents.coordinator>\nThe webapp greets a user by name.\n")
     assert "Work-Order: WO-0001" in head and "Agent: chip" in head
     assert program("audit", "verify", cwd=team).returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the command as another user: needs root")
+def test_a_workspace_this_user_may_not_write_gives_one_line_not_an_internal_error() -> None:
+    with tempfile.TemporaryDirectory() as top:  # pytest's own folders are closed to other users
+        Path(top).chmod(0o755)
+        _another_user_sends_into(Path(top) / "team")
+
+
+def _another_user_sends_into(root: Path) -> None:
+    assert program("init", root).returncode == 0
+    (root / "fix.md").write_text(order("The webapp greets a user by name"))
+    for p in (root, *root.rglob("*")):
+        p.chmod(p.stat().st_mode | 0o055)  # readable by everyone, writable only by its owner
+    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", COORDINATOR, "-w",
+                           str(root), "send", str(root / "fix.md"), "--to", "chip"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"coordinator: permission denied: {root / '.coordinator' / 'ids'}")
+    assert done.stderr.endswith(": run it as the user who owns the workspace (or give this user access to it)\n")
+    assert "internal error" not in done.stderr and len(done.stderr.splitlines()) == 1
+    assert os.listdir(root / "inbox" / "chip") == []

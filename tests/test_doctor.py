@@ -81,3 +81,22 @@ def test_before_abi_6_doctor_says_signals_are_not_scoped(ws: Workspace, monkeypa
     assert line(lines, "landlock:").startswith("landlock: ABI 5")
     assert "signals are not scoped" in line(lines, "scopes:")
     assert "ioctl_dev" in line(lines, "filesystem rights handled:")
+
+
+def test_a_misspelt_placeholder_and_a_missing_sandbox_folder_are_warned_of(make_ws, tmp_path) -> None:
+    gone = tmp_path / "not-made-yet"
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"],
+                           "command": ["/bin/sh", "-c", 'echo "${HOME}" {id}', "{breif}", "{brief}"],
+                           "sandbox": {"writable": [str(gone)]}}})
+    lines = doctor(ws)
+    warnings = [x.strip() for x in lines if x.strip().startswith("WARNING: ")]
+    assert warnings == [
+        "WARNING: command.3: {breif} is not a placeholder and is passed as is (the placeholders: {id}, "
+        "{order}, {brief}, {brief_text}, {workdir}, {result}, {python}, {workspace})",
+        f"WARNING: sandbox.writable: {gone} does not exist; its orders cannot start until it does",
+    ]
+    said: list[str] = []
+    with Supervisor(ws, log=said.append):
+        pass
+    assert [s for s in said if s.startswith("WARNING: agents.chip.")] == [
+        "WARNING: agents.chip." + w.removeprefix("WARNING: ") for w in warnings]

@@ -6,6 +6,7 @@ import os
 
 from conftest import drop, order_md, sh
 
+from bench.harness import probe_of
 from coordinator import runner
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
@@ -56,3 +57,16 @@ def test_scratch_is_removed_after_the_attempt_when_the_specialist_left_files_in_
     assert not (runner.attempt_folder(ws, "messy", 1) / "scratch").exists()
     tidy = runner.attempt_folder(ws, "tidy", 1) / "scratch"
     assert tidy.is_dir() and not os.listdir(tidy)
+
+
+def test_placeholders_are_put_in_once_and_the_brief_text_is_not_searched_again(make_ws):
+    ws = make_ws({"chip": {"role": "specialist",
+                           "command": ["/bin/sh", "-c", 'printf "%s|%s" "$1" "$2" > "$PROBE/args"', "sh",
+                                       "{id}", "{brief_text}"]}})
+    drop(ws, "chip", "a.md", order_md("Mention {workspace} and {python} literally", id="lit"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    assert Store(ws.state).load("lit").status == "done"
+    first, brief = (probe_of(ws) / "args").read_text().split("|", 1)
+    assert first == "lit"
+    assert "Mention {workspace} and {python} literally" in brief

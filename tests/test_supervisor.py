@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from conftest import drop, order_md, sh, step_until
 
 from coordinator.audit import StateRepo
+from coordinator.errors import StateError
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
 
@@ -483,3 +486,21 @@ def test_an_order_that_depends_on_a_cancelled_one_is_blocked_not_left_waiting(ma
     run(ws)
     rec = Store(ws.state).load("second")
     assert rec.status == "blocked" and rec.report["summary"] == "dependency first ended cancelled"
+    with Supervisor(ws) as sup, pytest.raises(StateError) as refused:
+        sup.handle("retry", {"id": "second"})
+    assert str(refused.value) == ("second depends on first, which ended cancelled: retried, it would wait "
+                                  "forever; send it again without that dependency in blocked_by")
+    assert Store(ws.state).load("second").status == "blocked"
+
+
+def test_retry_of_an_order_waiting_for_its_dependencies_says_what_it_waits_for(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
+    first = drop(ws, "chip", "a.md", order_md("Comes first", id="sooner"))
+    os.utime(first, (time.time() - 60, time.time() - 60))  # taken in first: the start-up scan goes by age
+    drop(ws, "chip", "b.md", order_md("Needs another", id="later", blocked_by=["sooner"]))
+    with Supervisor(ws) as sup:
+        sup._intake_step()
+        assert sup.records["later"].status == "waiting"
+        with pytest.raises(StateError) as refused:
+            sup.handle("retry", {"id": "later"})
+    assert str(refused.value) == "later is waiting for sooner; it runs once they are done"

@@ -1,0 +1,92 @@
+"""A symbolic link in an inbox is rejected without its target ever being opened or written."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from conftest import drop, order_md, sh, wait_until
+
+from coordinator.store import Store
+from coordinator.supervisor import Supervisor
+
+
+def _victims(tmp_path):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("my precious notes\n")
+    victim.chmod(0o644)
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    return victim, folder
+
+
+def _rejected_links(ws):
+    store = Store(ws.state)
+    found = {}
+    for rec in (store.load(p.name) for p in (ws.state / "orders").iterdir()):
+        if rec.status == "rejected" and any("symbolic link" in e for e in rec.errors):
+            found[rec.source] = rec
+    return found
+
+
+def test_links_already_in_the_inbox_at_start_are_rejected_and_their_targets_untouched(make_ws, tmp_path):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ran")}})
+    victim, folder = _victims(tmp_path)
+    inbox = ws.inbox("chip")
+    os.symlink(victim, inbox / "notes.md")
+    os.symlink(folder, inbox / "folder.md")
+    os.symlink(tmp_path / "missing", inbox / "dangling.md")
+    drop(ws, "chip", "real.md", order_md("A real order runs", id="real"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    assert victim.read_text() == "my precious notes\n"
+    assert os.listdir(inbox) == []
+    found = _rejected_links(ws)
+    assert sorted(found) == ["inbox/chip/dangling.md", "inbox/chip/folder.md", "inbox/chip/notes.md"]
+    assert str(victim) in found["inbox/chip/notes.md"].errors[0]
+    assert Store(ws.state).load("real").status == "done"
+    for rec in found.values():  # an empty file stands for the link in the order's folder
+        originals = [p for p in Store(ws.state).folder(rec.id).iterdir() if p.name.startswith("original")]
+        assert len(originals) == 1 and not originals[0].is_symlink() and originals[0].read_bytes() == b""
+
+
+def test_a_link_dropped_into_a_live_supervisors_inbox_is_rejected_and_its_target_untouched(make_ws, tmp_path):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ran")}})
+    victim, _ = _victims(tmp_path)
+    stops = [0]
+    with Supervisor(ws) as sup:
+        loop = threading.Thread(target=sup.run, kwargs={"should_stop": lambda: stops[0]}, daemon=True)
+        loop.start()
+        try:
+            time.sleep(0.3)  # the watcher is on: the link arrives as a hint, not in a rescan
+            os.symlink(victim, ws.inbox("chip") / "notes.md")
+            wait_until(lambda: _rejected_links(ws), "the link rejected", timeout=30)
+        finally:
+            stops[0] = 2
+            loop.join(30)
+    assert victim.read_text() == "my precious notes\n"
+    assert list(_rejected_links(ws)) == ["inbox/chip/notes.md"]
+
+
+def test_a_link_claimed_before_a_crash_is_rejected_at_the_next_start_without_following_it(make_ws, tmp_path):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ran")}})
+    victim, _ = _victims(tmp_path)
+    claimed = ws.state / "intake" / "chip" / f"{time.time_ns():020d}-notes.md"
+    claimed.parent.mkdir(parents=True)
+    os.symlink(victim, claimed)  # the claim is one rename; the crash came right after it
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    assert victim.read_text() == "my precious notes\n"
+    assert len(_rejected_links(ws)) == 1
+    assert not claimed.exists() and not claimed.is_symlink()
+
+
+def test_an_oversized_drop_is_rejected_with_its_real_size(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ran")}})
+    drop(ws, "chip", "huge.md", order_md("Too big", id="huge") + "x" * (5 * 1024 * 1024))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    (rec,) = [Store(ws.state).load(p.name) for p in (ws.state / "orders").iterdir()]
+    assert rec.status == "rejected"
+    assert "is 5.0 MiB; a work order is at most 256 KiB" in rec.errors[0], rec.errors
