@@ -71,6 +71,9 @@ class Supervisor:
         self._pumps: list[threading.Thread] = []
         self._opened = False
         self._last_watch = time.monotonic()
+        self._config_stamp = _stamp(ws.config_path)
+        self._config_changed_said = False
+        self._strays_said: set[str] = set()
         self._last_flush = 0.0
         self._last_progress = 0.0
         self._committer: audit.Committer | None = None
@@ -215,6 +218,7 @@ class Supervisor:
             self._flush(background=paced)
         if now - self._last_watch > TAMPER_EVERY and not self.offline:
             self._last_watch = now
+            self._watch_config()
             verify.watch_state(self)
             verify.watch_repos(self)
             self._flush()
@@ -267,6 +271,15 @@ class Supervisor:
             if not progress:
                 self._refill_spares()
                 self._wait(self._idle_timeout())
+
+    def _watch_config(self) -> None:
+        """Say once that coordinator.yaml changed: the team is read at start (a new agent's inbox
+        would not be taken in, a mistake would go unnoticed until then)."""
+        seen = _stamp(self.ws.config_path)
+        if seen != self._config_stamp and not self._config_changed_said:
+            self._config_changed_said = True
+            self.say(f"WARNING: {self.ws.rel(self.ws.config_path)} changed since the supervisor started; it "
+                     "keeps the team it started with: restart it to use the new one")
 
     def _refill_spares(self) -> None:
         with contextlib.suppress(OSError):  # a full disk shows up where it matters: in the state writes
@@ -356,6 +369,7 @@ class Supervisor:
             for agent in self.config.agents:
                 for path in scan(self.ws.inbox(agent)):
                     candidates[path] = agent
+            self._say_strays()
         for path in hints:
             # Hints are paths inside the inbox folders the watcher was given: no resolving needed.
             agent = path.parent.name
@@ -379,6 +393,30 @@ class Supervisor:
             self.file_claimed(claimed, agent, shown=self.ws.rel(path))
             filed += 1
         return filed > 0
+
+    def _say_strays(self) -> None:
+        """Say once of each thing in inbox/ that is never taken in: a folder no agent owns, a
+        subfolder or a special file in an inbox (dot-files are files being written: not said)."""
+        found: list[str] = []
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.ws.inbox_root):
+                if entry.name.startswith("."):
+                    continue
+                if entry.name not in self.config.agents:
+                    if entry.is_dir(follow_symlinks=False):
+                        found.append(f"inbox/{_shown(entry.name)}/ is the inbox of no agent in coordinator.yaml: "
+                                     "nothing in it is taken in")
+                    continue
+                with contextlib.suppress(OSError):
+                    for item in os.scandir(entry.path):
+                        if is_candidate(item.name) and not (item.is_file(follow_symlinks=False)
+                                                            or item.is_symlink()):
+                            kind = "a folder" if item.is_dir(follow_symlinks=False) else "not a regular file"
+                            found.append(f"inbox/{entry.name}/{_shown(item.name)} is {kind}: only files are taken in")
+        for line in found:
+            if line not in self._strays_said:
+                self._strays_said.add(line)
+                self.say(f"WARNING: {line}")
 
     def _refuse_link(self, path: Path, agent: str) -> None:
         """A symlink in an inbox is never followed: claim the link itself; filing rejects it."""
@@ -665,3 +703,15 @@ def _landlock_available() -> bool:
     return abi_version() > 0
 
 
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells a changed file apart: inode, size, modification time (None when it is gone)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _shown(name: str) -> str:
+    """A file name as text that can be printed (a name need not be UTF-8)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -90,3 +90,23 @@ def test_an_oversized_drop_is_rejected_with_its_real_size(make_ws):
     (rec,) = [Store(ws.state).load(p.name) for p in (ws.state / "orders").iterdir()]
     assert rec.status == "rejected"
     assert "is 5.0 MiB; a work order is at most 256 KiB" in rec.errors[0], rec.errors
+
+
+def test_what_an_inbox_never_takes_in_is_said_once(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ran")}})
+    (ws.inbox_root / "nobody").mkdir()
+    (ws.inbox("chip") / "sub.md").mkdir()
+    os.mkfifo(ws.inbox("chip") / "pipe.md")
+    (ws.inbox("chip") / ".being-written.md").write_text("half")
+    (ws.inbox("chip") / b"caf\xe9.d".decode("utf-8", "surrogateescape")).mkdir()
+    said: list[str] = []
+    with Supervisor(ws, log=said.append) as sup:
+        sup.run_once(limit=30)
+        sup.run_once(limit=30)  # a second rescan says nothing new
+    assert sorted(s for s in said if s.startswith("WARNING: inbox/")) == [
+        "WARNING: inbox/chip/caf\\xe9.d is a folder: only files are taken in",
+        "WARNING: inbox/chip/pipe.md is not a regular file: only files are taken in",
+        "WARNING: inbox/chip/sub.md is a folder: only files are taken in",
+        "WARNING: inbox/nobody/ is the inbox of no agent in coordinator.yaml: nothing in it is taken in",
+    ]
+    assert (ws.inbox("chip") / ".being-written.md").read_text() == "half"

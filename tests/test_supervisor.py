@@ -504,3 +504,20 @@ def test_retry_of_an_order_waiting_for_its_dependencies_says_what_it_waits_for(m
         with pytest.raises(StateError) as refused:
             sup.handle("retry", {"id": "later"})
     assert str(refused.value) == "later is waiting for sooner; it runs once they are done"
+
+
+def test_a_changed_config_is_said_once_and_the_running_team_is_kept(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
+    said: list[str] = []
+    with Supervisor(ws, log=said.append) as sup:
+        sup._last_watch = float("-inf")  # the next step looks at once
+        sup.step()
+        config = ws.root / "coordinator.yaml"
+        config.write_text(config.read_text() + "\n# a new agent would go here\n")
+        for _ in range(2):
+            sup._last_watch = float("-inf")
+            sup.step()
+        assert list(sup.config.agents) == ["chip"]
+    assert [s for s in said if "changed" in s] == [
+        "WARNING: coordinator.yaml changed since the supervisor started; it keeps the team it started with: "
+        "restart it to use the new one"]
