@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import stat
 import time
 from collections.abc import Callable
@@ -85,6 +86,8 @@ class Intake:
         if len(raw) > 200:  # the 21-byte prefix must fit in NAME_MAX (255); keep the suffix
             raw = raw[:100] + b"~" + raw[-99:]
         dest = folder / os.fsdecode(f"{time.time_ns():020d}-".encode() + raw)
+        if os.path.islink(path.parent):  # never through a linked inbox folder
+            return None
         try:
             os.rename(path, dest)
         except FileNotFoundError:
@@ -112,11 +115,10 @@ class Intake:
         order: WorkOrder | None = None
         problems: list[Problem] = []
         suffix = _suffix(shown)
-        target = _unlink_link(claimed)
-        if target is not None:
+        special = _replace_special(claimed)
+        if special is not None:
             data = b""
-            problems = [Problem("", f"is a symbolic link (to {target}); a link in an inbox is never followed: "
-                                    "drop the file itself", shown)]
+            problems = [Problem("", special, shown)]
         else:
             data = _read_capped(claimed)
             try:
@@ -251,18 +253,38 @@ class Intake:
         return record
 
 
-def _unlink_link(claimed: Path) -> str | None:
-    """If `claimed` is a symbolic link: put an empty file in its place (one rename, so the claimed
-    name always holds one or the other) and return what it pointed to; its target is never opened."""
+def _replace_special(claimed: Path) -> str | None:
+    """If `claimed` is not a regular file (a link, a FIFO, a socket, a folder swapped in before the
+    claim): put an empty file in its place and say what it was; None for a regular file.
+
+    A link is replaced by one rename (the claimed name always holds one or the other) and its
+    target is never opened; a folder is first moved aside under a temp name and removed."""
     try:
-        target = os.readlink(claimed)
-    except OSError:  # not a link (EINVAL)
+        st = os.lstat(claimed)
+    except FileNotFoundError:
         return None
+    if stat.S_ISREG(st.st_mode):
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        target = _printable(os.fsdecode(os.readlink(claimed)))
+        why = f"is a symbolic link (to {target}); a link in an inbox is never followed: drop the file itself"
+    elif stat.S_ISDIR(st.st_mode):
+        aside = claimed.with_name(f"{durable.TMP_PREFIX}{claimed.name}.{os.getpid()}.folder")
+        os.rename(claimed, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        why = "is a folder; only files are work orders"
+    else:
+        why = "is not a regular file (a FIFO, socket or device); only files are work orders"
     tmp = claimed.with_name(f"{durable.TMP_PREFIX}{claimed.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    os.close(fd)
-    os.replace(tmp, claimed)  # replaces the link itself, never what it points to
-    return os.fsdecode(target).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # what a crash at this very step left
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+    os.replace(tmp, claimed)  # replaces the entry itself, never what a link points to
+    return why
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _read_capped(path: Path) -> bytes:

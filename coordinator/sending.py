@@ -69,7 +69,7 @@ def validate_files(ws: Workspace, files: list[Path], *, to: str | None, sender: 
 def refuse_inbox_file(ws: Workspace, path: Path, *, shown: str) -> None:
     """A file in an inbox is sent already: sending it again would file it twice."""
     agent = ws.agent_of_inbox(path)
-    if agent is not None and is_candidate(path.name):
+    if agent is not None and agent in ws.config.agents and is_candidate(path.name) and os.path.lexists(path):
         raise UsageError(f"{shown} is in {agent}'s inbox already: the supervisor takes it in from there "
                          "(`coordinator validate` checks it; move it out of the inbox to send it elsewhere)")
 

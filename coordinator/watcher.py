@@ -101,6 +101,8 @@ def scan(folder: Path) -> list[Path]:
     subfolders and other kinds are left out.
     """
     found: list[tuple[int, str, Path]] = []
+    if os.path.islink(folder):  # an inbox replaced by a link: whatever it points to is not ours to take
+        return []
     try:
         entries = list(os.scandir(folder))
     except (FileNotFoundError, NotADirectoryError):
