@@ -82,9 +82,8 @@ def _guarded(invoke: Callable[[], Any]) -> int:
         return 0
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EPERM) and e.filename and not os.environ.get(DEBUG_VAR):
-            click.echo(f"coordinator: {(e.strerror or 'permission denied').lower()}: {e.filename}: run it as the user "
-                       "who owns the workspace "
-                       "(or give this user access to it)", err=True)
+            click.echo(f"coordinator: {(e.strerror or 'permission denied').lower()}: {e.filename}: run it as "
+                       "the user who owns the workspace (or give this user access to it)", err=True)
             return EXIT_ENVIRONMENT
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or os.environ.get(DEBUG_VAR):
             return _internal(e)

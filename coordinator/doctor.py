@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from . import landlock, mounts
-from .config import Agent
+from .runner import agent_warnings
 from .workspace import Workspace
 
 
@@ -68,18 +68,3 @@ def report(ws: Workspace) -> list[str]:
         lines += [f"    WARNING: {w}" for w in agent_warnings(a)]
     return lines
 
-
-def agent_warnings(agent: Agent) -> list[str]:
-    """Mistakes in an agent's entry that only show when an order runs."""
-    from .runner import LOOKS_LIKE_PLACEHOLDER, PLACEHOLDERS
-
-    found: list[str] = []
-    for i, arg in enumerate(agent.command or ()):
-        for m in LOOKS_LIKE_PLACEHOLDER.finditer(arg):
-            if m.group(1) not in PLACEHOLDERS:
-                found.append(f"command.{i}: {m.group(0)} is not a placeholder and is passed as is "
-                             f"(the placeholders: {', '.join('{' + p + '}' for p in PLACEHOLDERS)})")
-    for folder in agent.sandbox_writable:
-        if not Path(folder).exists():
-            found.append(f"sandbox.writable: {folder} does not exist; its orders cannot start until it does")
-    return found

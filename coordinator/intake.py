@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import shutil
 import stat
@@ -30,7 +31,7 @@ from .config import SYSTEM_SENDERS, Config
 from .errors import OrderError, Problem
 from .orders import WorkOrder
 from .store import History, Record, Store, iso
-from .watcher import is_candidate
+from .watcher import is_candidate, printable
 
 MAX_READ = orders.MAX_ORDER_BYTES + 1
 
@@ -111,24 +112,21 @@ class Intake:
              parent: str | None = None) -> Filed:
         """Validate the claimed file and move it into its order folder with a record."""
         # A file name need not be UTF-8; records and messages must be.
-        shown = shown.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        shown = printable(shown)
         order: WorkOrder | None = None
         problems: list[Problem] = []
         suffix = _suffix(shown)
-        special = _replace_special(claimed)
-        if special is not None:
-            data = b""
-            problems = [Problem("", special, shown)]
+        data, size = _read_capped(claimed)
+        if size is None:  # no regular file: replaced by an empty one, rejected for what it was
+            problems = [Problem("", _replace_special(claimed), shown)]
         else:
-            data = _read_capped(claimed)
             try:
                 order = orders.load(data, path=shown, to=agent, config=self.config,
                                     history=self.history, sender=sender)
             except OrderError as e:
                 problems = e.problems
-                if len(data) >= MAX_READ:  # read only this far: say the file's real size
-                    problems = [Problem("", too_big(os.stat(claimed).st_size, orders.MAX_ORDER_BYTES,
-                                                    "a work order"), shown)]
+                if size > orders.MAX_ORDER_BYTES:  # read only this far: say the file's real size
+                    problems = [Problem("", too_big(size, orders.MAX_ORDER_BYTES, "a work order"), shown)]
         if order is not None and order.repo and not (self.repos_dir / order.repo / ".git").exists():
             problems = [Problem("files", f"no repository {order.repo!r} under repos/; the first component of "
                                 "every path names one", path=shown)]
@@ -253,22 +251,36 @@ class Intake:
         return record
 
 
-def _replace_special(claimed: Path) -> str | None:
-    """If `claimed` is not a regular file (a link, a FIFO, a socket, a folder swapped in before the
-    claim): put an empty file in its place and say what it was; None for a regular file.
+def _read_capped(claimed: Path) -> tuple[bytes, int | None]:
+    """The claimed file's first MAX_READ bytes and its size; (b"", None) when it is no regular
+    file. Opened without following a link, and without blocking on a FIFO."""
+    try:
+        fd = os.open(claimed, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO):  # a link; a socket
+            return b"", None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO, a folder
+            return b"", None
+        with open(fd, "rb", closefd=False) as f:
+            return f.read(MAX_READ), st.st_size
+    finally:
+        os.close(fd)
+
+
+def _replace_special(claimed: Path) -> str:
+    """Put an empty file in the place of `claimed`, no regular file (a link, a FIFO, a socket, a
+    folder swapped in before the claim or left by a crash), and say what it was.
 
     A link is replaced by one rename (the claimed name always holds one or the other) and its
     target is never opened; a folder is first moved aside under a temp name and removed."""
-    try:
-        st = os.lstat(claimed)
-    except FileNotFoundError:
-        return None
-    if stat.S_ISREG(st.st_mode):
-        return None
-    if stat.S_ISLNK(st.st_mode):
-        target = _printable(os.fsdecode(os.readlink(claimed)))
+    mode = os.lstat(claimed).st_mode
+    if stat.S_ISLNK(mode):
+        target = printable(os.fsdecode(os.readlink(claimed)))
         why = f"is a symbolic link (to {target}); a link in an inbox is never followed: drop the file itself"
-    elif stat.S_ISDIR(st.st_mode):
+    elif stat.S_ISDIR(mode):
         aside = claimed.with_name(f"{durable.TMP_PREFIX}{claimed.name}.{os.getpid()}.folder")
         os.rename(claimed, aside)
         shutil.rmtree(aside, ignore_errors=True)
@@ -281,18 +293,6 @@ def _replace_special(claimed: Path) -> str | None:
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
     os.replace(tmp, claimed)  # replaces the entry itself, never what a link points to
     return why
-
-
-def _printable(text: str) -> str:
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def _read_capped(path: Path) -> bytes:
-    """The file's first MAX_READ bytes; b"" for anything but a regular file (a FIFO put in
-    its place would block the loop), without following a link."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with open(fd, "rb") as f:
-        return f.read(MAX_READ) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
 
 
 def _suffix(name: str) -> str:

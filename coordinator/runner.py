@@ -40,7 +40,7 @@ from .workspace import Workspace
 PLACEHOLDERS = ("id", "order", "brief", "brief_text", "workdir", "result", "python", "workspace")
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
 # What looks like a placeholder but is none (a typo such as {breif}); `${VAR}` is the shell's.
-LOOKS_LIKE_PLACEHOLDER = re.compile(r"(?<![$\w{])\{([a-z_]+)\}(?!\})")
+_LOOKS_LIKE_PLACEHOLDER = re.compile(r"(?<![$\w{])\{([a-z_]+)\}(?!\})")
 TAIL_BYTES = 4000
 
 
@@ -240,6 +240,21 @@ def argv(agent: Agent, attempt: Attempt, ws: Workspace) -> tuple[str, ...]:
         # One pass: a value put in (the brief's text) is never searched for placeholders again.
         out.append(_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg))
     return tuple(out)
+
+
+def agent_warnings(agent: Agent) -> list[str]:
+    """Mistakes in an agent's entry that only show when an order runs (doctor and the
+    supervisor's start say them)."""
+    found: list[str] = []
+    for i, arg in enumerate(agent.command or ()):
+        for m in _LOOKS_LIKE_PLACEHOLDER.finditer(arg):
+            if m.group(1) not in PLACEHOLDERS:
+                found.append(f"command.{i}: {m.group(0)} is not a placeholder and is passed as is "
+                             f"(the placeholders: {', '.join('{' + p + '}' for p in PLACEHOLDERS)})")
+    for folder in agent.sandbox_writable:
+        if not Path(folder).exists():
+            found.append(f"sandbox.writable: {folder} does not exist; its orders cannot start until it does")
+    return found
 
 
 def environment(agent: Agent, attempt: Attempt, ws: Workspace) -> dict[str, str]:

@@ -30,7 +30,7 @@ from .intake import Intake
 from .orders import PRIORITY_RANK, WorkOrder
 from .spawner import Spawner
 from .store import ENDED_UNDONE, TERMINAL, History, Record, Store, iso
-from .watcher import InboxWatcher, Watcher, is_candidate, scan, settled
+from .watcher import InboxWatcher, Watcher, is_candidate, printable, scan, settled
 from .workspace import Workspace
 
 INTAKE_BATCH = 500          # files filed per step before running what is ready
@@ -125,10 +125,8 @@ class Supervisor:
                 self.say("WARNING: this kernel has no Landlock: writes outside the working copy are only "
                          "detected after the run, not refused (`coordinator doctor`)")
         if not self.offline:
-            from .doctor import agent_warnings
-
             for name, agent in self.config.agents.items():
-                for warning in agent_warnings(agent):
+                for warning in runner.agent_warnings(agent):
                     self.say(f"WARNING: agents.{name}.{warning}")
         self.attempts = AttemptRunner(self)
         self.heads = verify.load_heads(ws)
@@ -366,10 +364,11 @@ class Supervisor:
         candidates: dict[Path, str] = dict(self._unsettled)
         self._unsettled.clear()
         if rescan:
+            others: list[Path] = []
             for agent in self.config.agents:
-                for path in scan(self.ws.inbox(agent)):
+                for path in scan(self.ws.inbox(agent), others=others):
                     candidates[path] = agent
-            self._say_strays()
+            self._say_strays(others)
         for path in hints:
             # Hints are paths inside the inbox folders the watcher was given: no resolving needed.
             agent = path.parent.name
@@ -394,25 +393,19 @@ class Supervisor:
             filed += 1
         return filed > 0
 
-    def _say_strays(self) -> None:
-        """Say once of each thing in inbox/ that is never taken in: a folder no agent owns, a
-        subfolder or a special file in an inbox (dot-files are files being written: not said)."""
-        found: list[str] = []
+    def _say_strays(self, others: list[Path]) -> None:
+        """Say once of each thing in inbox/ that is never taken in: a folder no agent owns, and
+        `others`, what the rescan found in the inboxes that is no file (dot-files are files being
+        written: never said)."""
+        found = [f"inbox/{p.parent.name}/{printable(p.name)} is "
+                 f"{'a folder' if p.is_dir() else 'not a regular file'}: "
+                 "only files are taken in" for p in others]
         with contextlib.suppress(OSError):
             for entry in os.scandir(self.ws.inbox_root):
-                if entry.name.startswith("."):
-                    continue
-                if entry.name not in self.config.agents:
-                    if entry.is_dir(follow_symlinks=False):
-                        found.append(f"inbox/{_shown(entry.name)}/ is the inbox of no agent in coordinator.yaml: "
-                                     "nothing in it is taken in")
-                    continue
-                with contextlib.suppress(OSError):
-                    for item in os.scandir(entry.path):
-                        if is_candidate(item.name) and not (item.is_file(follow_symlinks=False)
-                                                            or item.is_symlink()):
-                            kind = "a folder" if item.is_dir(follow_symlinks=False) else "not a regular file"
-                            found.append(f"inbox/{entry.name}/{_shown(item.name)} is {kind}: only files are taken in")
+                if (not entry.name.startswith(".") and entry.name not in self.config.agents
+                        and entry.is_dir(follow_symlinks=False)):
+                    found.append(f"inbox/{printable(entry.name)}/ is the inbox of no agent in coordinator.yaml: "
+                                 "nothing in it is taken in")
         for line in found:
             if line not in self._strays_said:
                 self._strays_said.add(line)
@@ -710,8 +703,3 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _shown(name: str) -> str:
-    """A file name as text that can be printed (a name need not be UTF-8)."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -94,11 +94,16 @@ def is_candidate(name: str) -> bool:
     return not name.endswith(TEMP_SUFFIXES)
 
 
-def scan(folder: Path) -> list[Path]:
+def printable(name: str) -> str:
+    """A file name as text that can be printed and stored (a name need not be UTF-8)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def scan(folder: Path, *, others: list[Path] | None = None) -> list[Path]:
     """Candidate files now in `folder`, oldest (mtime) first; [] if it is missing.
 
     Plain files, and symbolic links (the supervisor rejects them, never following one);
-    subfolders and other kinds are left out.
+    subfolders and other kinds with a candidate's name are left out, or put in `others`.
     """
     found: list[tuple[int, str, Path]] = []
     if os.path.islink(folder):  # an inbox replaced by a link: whatever it points to is not ours to take
@@ -112,6 +117,8 @@ def scan(folder: Path) -> list[Path]:
             continue
         try:
             if not (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
+                if others is not None:
+                    others.append(folder / entry.name)
                 continue
             mtime = entry.stat(follow_symlinks=False).st_mtime_ns
         except FileNotFoundError:  # claimed or removed since the listing

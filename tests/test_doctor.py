@@ -86,7 +86,7 @@ def test_before_abi_6_doctor_says_signals_are_not_scoped(ws: Workspace, monkeypa
 def test_a_misspelt_placeholder_and_a_missing_sandbox_folder_are_warned_of(make_ws, tmp_path) -> None:
     gone = tmp_path / "not-made-yet"
     ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"],
-                           "command": ["/bin/sh", "-c", 'echo "${HOME}" {id}', "{breif}", "{brief}"],
+                           "command": ["/bin/sh", "-c", 'home=1; echo "${home}" {id}', "{breif}", "{brief}"],
                            "sandbox": {"writable": [str(gone)]}}})
     lines = doctor(ws)
     warnings = [x.strip() for x in lines if x.strip().startswith("WARNING: ")]
