@@ -365,8 +365,9 @@ class AttemptRunner:
             child = sup.file_order(follow, shown=f"route of {rec.id}")
             sup.whole(rec)  # filing the child wrote this ended record (and shed its detail)
             assert rec.report is not None
-            rec.report["routed_to"] = child.id
+            rec.report["routed_to"] = rec.routed_to = child.id
             sup.store.save(rec, sync=False)
+            sup.rerouted(rec)
         elif result.outcome == "requeue-with-blocker":
             rec.blocker = result.blocker
             sup.move(rec, "waiting", act.agent.name, note=f"blocker: {result.blocker}")

@@ -391,6 +391,9 @@ def log(c: Context, order_id: str | None, as_json: bool) -> None:
 def cancel(c: Context, order_id: str) -> None:
     """Cancel a queued, waiting or running order (its processes are killed).
 
+    A blocked or halted order can be cancelled too: it ends for good and
+    `retry` no longer brings it back.
+
     \b
     Example:
         coordinator cancel WO-0007

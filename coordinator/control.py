@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 from . import audit, durable
 from .errors import CoordinatorError, NotFoundError, StateError, SupervisorError, UsageError
-from .store import ENDED_UNDONE, Record
+from .store import ENDED_UNDONE, Record, dependency_done, route_end
 from .workspace import Workspace
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 ANSWER_TIMEOUT = 15.0
+# Blocked and halted orders have ended but `retry` could bring them back: cancelling ends them for good.
+CANCELLABLE = ("queued", "waiting", "running", "blocked", "halted")
 
 
 def requests_dir(ws: Workspace) -> Path:
@@ -106,8 +108,9 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
     """Do what a CLI command asked: cancel, retry, rotate, budget-add."""
     if action == "cancel":
         rec = _record(sup, str(args["id"]))
-        if rec.status not in ("queued", "waiting", "running"):
-            raise StateError(f"{rec.id} is {rec.status}; only queued, waiting or running orders can be cancelled")
+        if rec.status not in CANCELLABLE:
+            raise StateError(f"{rec.id} is {rec.status}; only queued, waiting, running, blocked or halted orders "
+                             "can be cancelled")
         if rec.status == "running":
             sup.attempts.cancel(rec)
         rec.report = {"summary": f"cancelled by {args.get('by', 'user')}"}
@@ -116,20 +119,20 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
     if action == "retry":
         rec = _record(sup, str(args["id"]))
         if rec.status == "waiting" and not rec.blocker:
-            waits = [d for d in rec.blocked_by if d not in sup.records or sup.records[d].status != "done"]
+            waits = [_at_end(sup, d) for d in rec.blocked_by if not dependency_done(sup.records, d)]
             raise StateError(f"{rec.id} is waiting for {', '.join(waits) or 'its dependencies'}; it runs once "
                              "they are done")
         if rec.status not in ("blocked", "halted") and not (rec.status == "waiting" and rec.blocker):
             raise StateError(f"{rec.id} is {rec.status}; only blocked or halted orders (or one waiting on a "
                              "blocker) can be retried")
-        dead = [sup.records[d] for d in rec.blocked_by if d in sup.records and sup.records[d].status in ENDED_UNDONE]
+        dead = [last for d in rec.blocked_by
+                if (last := route_end(sup.records, d)) is not None and last.status in ENDED_UNDONE]
         if dead:
             raise StateError(f"{rec.id} depends on {dead[0].id}, which ended {dead[0].status}: retried, it would "
                              "wait forever; send it again without that dependency in blocked_by")
         rec.failures = []
         rec.blocker = None
-        status = "queued" if all(sup.records.get(d) is not None and sup.records[d].status == "done"
-                                 for d in rec.blocked_by) else "waiting"
+        status = "queued" if all(dependency_done(sup.records, d) for d in rec.blocked_by) else "waiting"
         sup.move(rec, status, str(args.get("by", "user")), note="retry")
         return {"id": rec.id, "status": rec.status}
     if action == "rotate":
@@ -167,6 +170,12 @@ def rotate(sup: Supervisor, *, fresh: bool) -> dict[str, Any]:
     sup.ledger.save()
     sup.audit.stage(audit.SUPERVISOR, f"budget {sup.config.orchestrator or '-'}: {line}")
     return {"message": line, "hot_tokens": sup.ledger.hot_tokens(), "generation": sup.ledger.generation}
+
+
+def _at_end(sup: Supervisor, order_id: str) -> str:
+    """`order_id`, and where its route led when it was routed."""
+    last = route_end(sup.records, order_id)
+    return order_id if last is None or last.id == order_id else f"{order_id} (routed to {last.id})"
 
 
 def _record(sup: Supervisor, order_id: str) -> Record:

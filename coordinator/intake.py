@@ -30,7 +30,7 @@ from ._orderfile import too_big
 from .config import SYSTEM_SENDERS, Config
 from .errors import OrderError, Problem
 from .orders import WorkOrder
-from .store import History, Record, Store, iso
+from .store import History, Record, Store, dependency_done, iso
 from .watcher import is_candidate, printable
 
 MAX_READ = orders.MAX_ORDER_BYTES + 1
@@ -217,8 +217,7 @@ class Intake:
                 problems: list[Problem], shown: str, sender: str | None) -> Record:
         now = iso(self.clock())
         source = order or partial
-        if order is not None and order.blocked_by and any(
-                self.records.get(d) is None or self.records[d].status != "done" for d in order.blocked_by):
+        if order is not None and not all(dependency_done(self.records, d) for d in order.blocked_by):
             status = "waiting"
         elif order is not None:
             status = "queued"

@@ -36,6 +36,21 @@ ASSIGNED = re.compile(r"^WO-(\d+)$")
 SUPERVISOR = "coordinator"
 
 
+def route_end(records: dict[str, Record], order_id: str) -> Record | None:
+    """The order that decides a dependency on `order_id`: that order or, when it was
+    routed, the last order of its route (a route hands the same work on). None: unknown."""
+    rec, seen = records.get(order_id), set()
+    while rec is not None and rec.status == "routed" and rec.routed_to and rec.id not in seen:
+        seen.add(rec.id)
+        rec = records.get(rec.routed_to)
+    return rec
+
+
+def dependency_done(records: dict[str, Record], order_id: str) -> bool:
+    rec = route_end(records, order_id)
+    return rec is not None and rec.status == "done"
+
+
 def iso(now: float) -> str:
     return datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -62,6 +77,7 @@ class Record:
     references: list[str] = field(default_factory=list)
     parent: str | None = None
     children: list[str] = field(default_factory=list)
+    routed_to: str | None = None  # the follow-up order a route-to filed: the work goes on there
     running: dict[str, Any] | None = None
     commit: str | None = None
     stale: bool = False
@@ -83,6 +99,8 @@ class Record:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Record:
         known = {k: v for k, v in data.items() if k in _LOADABLE}
+        if known.get("status") == "routed" and not known.get("routed_to") and isinstance(known.get("report"), dict):
+            known["routed_to"] = known["report"].get("routed_to")  # written before the field existed
         return cls(**known)
 
     def shed_detail(self) -> None:

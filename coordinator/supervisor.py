@@ -29,7 +29,7 @@ from .errors import CoordinatorError, StateError, SupervisorError
 from .intake import Intake
 from .orders import PRIORITY_RANK, WorkOrder
 from .spawner import Spawner
-from .store import ENDED_UNDONE, TERMINAL, History, Record, Store, iso
+from .store import ENDED_UNDONE, TERMINAL, History, Record, Store, dependency_done, iso, route_end
 from .watcher import InboxWatcher, Watcher, is_candidate, printable, scan, settled
 from .workspace import Workspace
 
@@ -131,6 +131,7 @@ class Supervisor:
         self.attempts = AttemptRunner(self)
         self.heads = verify.load_heads(ws)
         recovery.recover(self, crashed)
+        self._release_ended_dependencies()
         self.store.shed_ended(self.records)
         if not self.offline:
             runner.clear_spares(ws)
@@ -431,16 +432,10 @@ class Supervisor:
 
     def _after_filing(self, rec: Record, order: WorkOrder | None) -> Record:
         self._index(rec)
-        # Halted and blocked orders can come back with `retry`; these never can.
-        failed = [d for d in rec.blocked_by if d in self.records
-                  and self.records[d].status in ENDED_UNDONE]
         self._stage(rec, "new", rec.status, rec.history[-1]["actor"],
                     note=rec.errors[0] if rec.errors else None)
-        if rec.status == "waiting" and failed:
-            # No later event would release it: the dependency ended for good without doing the work.
-            dep = self.records[failed[0]]
-            rec.report = {"summary": f"dependency {dep.id} ended {dep.status}"}
-            self.move(rec, "blocked", audit.SUPERVISOR, note=f"{dep.id} ended {dep.status}")
+        if rec.status == "waiting":
+            self._unless_dead(rec)
         orchestrator = self.config.orchestrator
         if orchestrator and rec.sender == orchestrator and order is not None:
             from .orders import render
@@ -532,30 +527,61 @@ class Supervisor:
         if rec.status == "queued":
             heapq.heappush(self._ready.setdefault(rec.to, []), _rank(rec))
         elif rec.status == "waiting":
-            for dep in (*rec.blocked_by, *((rec.blocker,) if rec.blocker else ())):
-                self._waiting_on.setdefault(dep, set()).add(rec.id)
+            for dep in _dependencies(rec):
+                # A routed dependency is waited for at the end of its route.
+                last = route_end(self.records, dep)
+                self._waiting_on.setdefault(last.id if last is not None else dep, set()).add(rec.id)
 
     def _release_dependents(self, done: Record) -> None:
+        if done.status == "routed":
+            return  # its waiters wait for the follow-up (`rerouted`), which is filed right after
         waiters = (self.records[i] for i in self._waiting_on.pop(done.id, ()) if i in self.records)
         for rec in sorted(waiters, key=lambda r: r.seq):
-            if rec.status != "waiting":
+            if rec.status != "waiting" or not any(route_end(self.records, d) is done for d in _dependencies(rec)):
                 continue
-            if done.id in rec.blocked_by or rec.blocker == done.id:
-                if done.status != "done":
-                    rec.report = {"summary": f"dependency {done.id} ended {done.status}"}
-                    self.move(rec, "blocked", audit.SUPERVISOR, note=f"{done.id} ended {done.status}")
-                    continue
-                if self.ready(rec):
-                    rec.blocker = None
-                    self.move(rec, "queued", audit.SUPERVISOR, note=f"{done.id} is done")
+            if done.status != "done":
+                self._block_on(rec, done)
+            elif self.ready(rec):
+                rec.blocker = None
+                self.move(rec, "queued", audit.SUPERVISOR, note=f"{done.id} is done")
+
+    def _release_ended_dependencies(self) -> None:
+        """At start: a waiting order whose dependencies ended while no supervisor saw it (a
+        record put back by hand, one written by an older version) runs or is blocked now."""
+        for rec in sorted((r for r in self.records.values() if r.status == "waiting"), key=lambda r: r.seq):
+            if self.ready(rec):
+                rec.blocker = None
+                self.move(rec, "queued", audit.SUPERVISOR, note="its dependencies are done")
+            else:
+                self._unless_dead(rec)
+
+    def rerouted(self, routed: Record) -> None:
+        """`routed` handed its work on to `routed.routed_to`: what waited for it waits for that."""
+        waiters = [self.records[i] for i in self._waiting_on.pop(routed.id, ()) if i in self.records]
+        for rec in waiters:
+            if rec.status == "waiting":
+                self._index(rec)
+        follow = route_end(self.records, routed.id)
+        if follow is not None and follow.terminal and follow is not routed:
+            self._release_dependents(follow)  # the follow-up ended at once (rejected at intake)
+
+    def _unless_dead(self, rec: Record) -> None:
+        """Block a waiting order whose dependency ended for good without doing the work: no
+        later event would release it (halted and blocked ones can come back with `retry`)."""
+        for dep in rec.blocked_by:
+            last = route_end(self.records, dep)
+            if last is not None and last.status in ENDED_UNDONE:
+                self._block_on(rec, last)
+                return
+
+    def _block_on(self, rec: Record, dep: Record) -> None:
+        rec.report = {"summary": f"dependency {dep.id} ended {dep.status}"}
+        self.move(rec, "blocked", audit.SUPERVISOR, note=f"{dep.id} ended {dep.status}")
 
     def ready(self, rec: Record) -> bool:
-        """Are all of `rec`'s dependencies done and its blocker cleared?"""
-        deps_done = all(self.records.get(d) is not None and self.records[d].status == "done"
-                        for d in rec.blocked_by)
-        blocker = rec.blocker
-        blocker_clear = (blocker is None or (blocker in self.records and self.records[blocker].status == "done"))
-        return deps_done and blocker_clear
+        """Are all of `rec`'s dependencies done (at the end of their routes) and its blocker cleared?"""
+        return (all(dependency_done(self.records, d) for d in rec.blocked_by)
+                and (rec.blocker is None or dependency_done(self.records, rec.blocker)))
 
     # -- dispatch ----------------------------------------------------------------------------------
     def _dispatch(self) -> bool:
@@ -685,6 +711,10 @@ class Supervisor:
         """Wait for the committer thread: state/ is committed when this returns."""
         if self._committer is not None:
             self._committer.drain()
+
+
+def _dependencies(rec: Record) -> tuple[str, ...]:
+    return (*rec.blocked_by, *((rec.blocker,) if rec.blocker else ()))
 
 
 def _rank(rec: Record) -> tuple[int, int, str]:

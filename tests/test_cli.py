@@ -419,8 +419,8 @@ def test_cancel_and_retry_with_no_supervisor_running(ws: Path) -> None:
     assert git(ws / "state", "log", "-2", "--format=%s").splitlines() == [
         "WO-0001 chip: halted -> queued (retry)", "WO-0002 chip: waiting -> cancelled"]
     again = run("-w", ws, "cancel", "WO-0002")
-    assert (again.exit_code, again.stderr) == (1, "coordinator: WO-0002 is cancelled; only queued, waiting or "
-                                                  "running orders can be cancelled\n")
+    assert (again.exit_code, again.stderr) == (1, "coordinator: WO-0002 is cancelled; only queued, waiting, "
+                                                  "running, blocked or halted orders can be cancelled\n")
     assert run("-w", ws, "retry", "WO-9999").exit_code == 1
 
 

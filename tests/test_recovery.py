@@ -572,3 +572,44 @@ def test_an_attempt_run_again_after_a_crash_keeps_what_the_cut_short_run_left(ma
     runner.prepare(ws, order, 1, [])  # a second crash: kept beside the first, never merged into it
     assert (first.folder.with_name("1.before-restart-2") / "brief.md").exists()
     assert (kept / "outbox" / "unsent.md").exists()
+
+
+def test_a_crash_between_a_dependencys_record_and_its_waiters_releases_the_waiter_at_restart(make_ws):
+    """The step that ended `base` done released `later`; kill -9 landed after base's record was
+    written and before later's. The restart sees later waiting on a done order and runs it (no
+    event would ever release it again)."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran"')}})
+    drop(ws, "chip", "a.md", order_md("Base is done", id="base"))
+    drop(ws, "chip", "b.md", order_md("Later needs the base", id="later", blocked_by=["base"]))
+    sup = Supervisor(ws)
+    sup.open()
+    step_until(sup, lambda: "later" in sup.records, "the intake")
+    assert sup.records["later"].status == "waiting"
+    store = sup.store
+    written = store.write_dirty
+
+    class Killed(BaseException):
+        pass
+
+    def base_then_killed() -> int:  # the kill lands between the two record writes
+        if "base" in store._dirty and store._dirty["base"].status == "done":
+            assert "later" in store._dirty
+            store._dirty = {"base": store._dirty["base"]}
+            written()
+            raise Killed
+        return written()
+
+    store.write_dirty = base_then_killed  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        step_until(sup, lambda: False, "the kill")
+    assert Store(ws.state).load("base").status == "done"
+    assert Store(ws.state).load("later").status == "waiting"
+    abandon(sup)
+    said = restart(ws)
+    assert Store(ws.state).load("later").status == "done", said
+    # later's first run (spawned before its record was written) died with the supervisor's server
+    assert (ws.root.parent / "probe" / "ran").read_text().split().count("base") == 1
+    assert [h["to"] for h in Store(ws.state).load("later").history].count("done") == 1
+    assert any("later chip: waiting -> queued (its dependencies are done)" in line for line in said), said
+    assert_one_place(ws, {"base", "later"})
+    assert_clean(ws)

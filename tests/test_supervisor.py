@@ -521,3 +521,88 @@ def test_a_changed_config_is_said_once_and_the_running_team_is_kept(make_ws):
     assert [s for s in said if "changed" in s] == [
         "WARNING: coordinator.yaml changed since the supervisor started; it keeps the team it started with: "
         "restart it to use the new one"]
+
+
+ROUTE_TO_REX = sh('if [ "$COORD_AGENT" = chip ]; then '
+                  'printf "outcome: route-to\\nagent: rex\\nsummary: for rex\\n" > "$COORD_RESULT"; fi; '
+                  'echo "$COORD_AGENT $COORD_ORDER_ID" >> "$PROBE/ran.txt"')
+
+
+def test_an_order_that_depends_on_a_routed_one_runs_when_the_follow_up_is_done(make_ws):
+    """A route hands the same work on: what waited for the routed order waits for its follow-up."""
+    ws = make_ws({"chip": {"role": "specialist", "command": ROUTE_TO_REX, "sends_to": ["rex"]},
+                  "rex": {"role": "specialist", "command": ROUTE_TO_REX}})
+    drop(ws, "chip", "a.md", order_md("Review happens", id="review", branching=("route-to-rex if it is a review",)))
+    drop(ws, "rex", "b.md", order_md("Ship after the review", id="ship", blocked_by=["review"]))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    follow = recs["review"].routed_to
+    assert recs["review"].status == "routed" and recs[follow].status == "done"
+    assert recs["ship"].status == "done", recs["ship"].history
+    ran = (ws.root.parent / "probe" / "ran.txt").read_text().splitlines()
+    assert ran == ["chip review", f"rex {follow}", "rex ship"]
+    released = [h for h in recs["ship"].history if h["to"] == "queued"][-1]
+    assert released["note"] == f"{follow} is done"
+
+
+def test_an_order_sent_after_its_dependency_was_routed_waits_for_the_follow_up(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": ROUTE_TO_REX, "sends_to": ["rex"]},
+                  "rex": {"role": "specialist", "command": sh('[ "$COORD_ORDER_ID" = ship ] || sleep 1')}})
+    drop(ws, "chip", "a.md", order_md("Review happens", id="review", branching=("route-to-rex if it is a review",)))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: "review" in sup.records and sup.records["review"].status == "routed", "the route")
+        follow = sup.records["review"].routed_to
+        assert sup.records[follow].status in ("queued", "running")
+        drop(ws, "rex", "b.md", order_md("Ship after the review", id="ship", blocked_by=["review"]))
+        step_until(sup, lambda: "ship" in sup.records, "the intake of ship")
+        assert sup.records["ship"].status == "waiting"
+        with pytest.raises(StateError) as refused:
+            sup.handle("retry", {"id": "ship"})
+        assert str(refused.value) == f"ship is waiting for review (routed to {follow}); it runs once they are done"
+        step_until(sup, lambda: sup.records["ship"].status == "done", "ship to run after the follow-up")
+
+
+def test_a_route_that_ends_rejected_blocks_what_waited_for_it(make_ws):
+    # chip may route to rex, but rex may not write the order's files: the follow-up is rejected.
+    ws = make_ws({"chip": {"role": "specialist", "command": ROUTE_TO_REX, "sends_to": ["rex"],
+                           "writes": ["webapp/src/**"]},
+                  "rex": {"role": "specialist", "command": ROUTE_TO_REX, "writes": ["webapp/docs/**"]}})
+    drop(ws, "chip", "a.md", order_md("Review happens", id="review", files=("webapp/src/greeting.py",),
+                                      branching=("route-to-rex if it is a review",)))
+    drop(ws, "chip", "b.md", order_md("Ship after the review", id="ship", blocked_by=["review"]))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    follow = recs["review"].routed_to
+    assert recs[follow].status == "rejected"
+    assert recs["ship"].status == "blocked"
+    assert recs["ship"].report["summary"] == f"dependency {follow} ended rejected"
+
+
+def test_a_blocked_order_can_be_cancelled_and_then_no_longer_retried(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh('printf "outcome: blocked\\nsummary: no\\n" > "$COORD_RESULT"')}})
+    drop(ws, "chip", "a.md", order_md("Cannot be done", id="stuck"))
+    run(ws)
+    assert status(ws, "stuck") == "blocked"
+    with Supervisor(ws) as sup:
+        assert sup.handle("cancel", {"id": "stuck"}) == {"id": "stuck", "status": "cancelled"}
+        with pytest.raises(StateError) as refused:
+            sup.handle("retry", {"id": "stuck"})
+        assert "stuck is cancelled" in str(refused.value)
+        with pytest.raises(StateError) as again:
+            sup.handle("cancel", {"id": "stuck"})
+        assert str(again.value) == ("stuck is cancelled; only queued, waiting, running, blocked or halted orders "
+                                    "can be cancelled")
+    lines = [e.line for e in StateRepo(ws.state).entries("stuck")]
+    assert lines[-1] == "stuck chip: blocked -> cancelled"
+
+
+def test_a_routed_record_written_before_routed_to_existed_still_leads_to_its_follow_up():
+    from coordinator.store import Record, route_end
+
+    old = {"id": "review", "to": "chip", "sender": "user", "status": "routed", "objective": "Review",
+           "created": "2026-01-01T00:00:00.000Z", "updated": "2026-01-01T00:00:00.000Z", "seq": 1,
+           "report": {"summary": "for rex", "routed_to": "WO-0002", "status": "routed"}}
+    follow = Record.from_json({**old, "id": "WO-0002", "to": "rex", "status": "done", "seq": 2, "report": None})
+    records = {"review": Record.from_json(old), "WO-0002": follow}
+    assert records["review"].routed_to == "WO-0002"
+    assert route_end(records, "review") is follow
