@@ -24,8 +24,11 @@ import click
 
 from . import __version__
 from .config import CONFIG_NAME
-from .errors import CoordinatorError, OrderError
-from .workspace import Workspace
+from .errors import CoordinatorError, OrderError, WorkspaceError
+from .workspace import ENV_VAR, Workspace
+
+# More hot tokens than any one reading can be (the largest contexts hold a few million): a typo.
+MAX_TOKENS_ADDED = 10_000_000
 
 DEBUG_VAR = "COORDINATOR_DEBUG"  # set it to see the traceback of an internal error
 EXIT_INTERNAL = 70               # EX_SOFTWARE: a bug, not something the user did
@@ -246,7 +249,7 @@ def new(c: Context, to: str) -> None:
 @cli.command()
 @click.option("--once", is_flag=True, help="Process everything runnable now, then exit.")
 @click.option("--poll", is_flag=True, help="Use a polling watcher (network file systems).")
-@click.option("--grace", default=30.0, show_default=True, metavar="SECONDS",
+@click.option("--grace", default=30.0, show_default=True, metavar="SECONDS", type=click.FloatRange(min=0),
               help="How long running attempts may finish after the first SIGTERM/SIGINT.")
 @pass_ctx
 def supervise(c: Context, once: bool, poll: bool, grace: float) -> None:
@@ -449,7 +452,7 @@ def budget(ctx: click.Context, as_json: bool) -> None:
 
 
 @budget.command("add")
-@click.argument("tokens", type=click.IntRange(min=1))
+@click.argument("tokens", type=click.IntRange(min=1, max=MAX_TOKENS_ADDED))
 @click.option("--note", default="", help="What the tokens were (a file read, a chat).")
 @pass_ctx
 def budget_add(c: Context, tokens: int, note: str) -> None:
@@ -542,13 +545,21 @@ def audit_verify(c: Context, as_json: bool) -> None:
 def doctor(c: Context) -> None:
     """What this machine supports: Landlock ABI, watcher, git, limits.
 
+    Outside a workspace it checks the machine only; in one, also the team.
+
     \b
     Example:
         coordinator doctor
     """
     from . import doctor as d
 
-    for line in d.report(c.ws):
+    try:
+        ws: Workspace | None = c.ws
+    except WorkspaceError:
+        if c.explicit or os.environ.get(ENV_VAR):
+            raise  # a workspace named on purpose that is not one
+        ws = None
+    for line in d.report(ws):
         click.echo(line)
 
 
@@ -572,7 +583,7 @@ def cost(c: Context, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--days", default=7.0, show_default=True, help="Remove kept working copies older than this.")
+@click.option("--days", default=7.0, show_default=True, type=click.FloatRange(min=0), help="Remove kept working copies older than this.")
 @pass_ctx
 def gc(c: Context, days: float) -> None:
     """Remove working copies kept for inspection (denied orders) older than --days.

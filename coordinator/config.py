@@ -142,6 +142,27 @@ class Config:
         return a is not None and recipient in a.sends_to
 
 
+class _Repeated(yaml.YAMLError):
+    def __init__(self, key: str, first: int, again: int) -> None:
+        super().__init__(f"given twice (lines {first} and {again}); keep one")
+        self.key = key
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping: YAML keeps the last one
+    silently, so a second `chip:` under `agents:` would replace the first agent unseen."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[str, int] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                line = key.start_mark.line + 1
+                if key.value in lines:
+                    raise _Repeated(key.value, lines[key.value], line)
+                lines[key.value] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: Path) -> Config:
     """Read, validate and freeze the config at `path`; ConfigError names the key."""
     shown = path.name
@@ -154,9 +175,11 @@ def load(path: Path) -> Config:
     if len(raw_bytes) > MAX_CONFIG_BYTES:
         raise ConfigError("larger than 1 MiB; this is not a team config", path=shown)
     try:
-        data = yaml.safe_load(raw_bytes.decode("utf-8-sig"))
+        data = yaml.load(raw_bytes.decode("utf-8-sig"), Loader=_Loader)  # noqa: S506 - a safe loader
     except UnicodeDecodeError:
         raise ConfigError("is not UTF-8 text", path=shown) from None
+    except _Repeated as e:
+        raise ConfigError(str(e), path=shown, key=e.key) from None
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""

@@ -12,8 +12,10 @@ from .runner import agent_warnings
 from .workspace import Workspace
 
 
-def report(ws: Workspace) -> list[str]:
-    lines = [f"workspace: {ws.root}", f"system: {platform.system()} {platform.release()}, "
+def report(ws: Workspace | None) -> list[str]:
+    """What this machine supports, then the team of `ws` (None: no workspace here, the machine only)."""
+    where = str(ws.root) if ws is not None else "none here (the machine only; `coordinator init` makes one)"
+    lines = [f"workspace: {where}", f"system: {platform.system()} {platform.release()}, "
              f"Python {platform.python_version()}"]
     st = landlock.status()
     abi = int(st.get("abi", 0) or 0)
@@ -55,6 +57,8 @@ def report(ws: Workspace) -> list[str]:
         lines.append(f"limits: open files {soft}/{hard}")
     except (ImportError, ValueError):
         pass
+    if ws is None:
+        return lines
     cfg = ws.config
     lines.append(f"team: {len(cfg.agents)} agent(s), max_parallel {cfg.max_parallel}, "
                  f"orchestrator {cfg.orchestrator or '-'}")

@@ -99,12 +99,23 @@ def describe(error: ValidationError) -> str:
         missing = [k for k in error.validator_value if k not in (error.instance or {})]
         return f"missing required key {missing[0]!r}" if missing else error.message
     if v == "type":
-        return f"must be {_article(error.validator_value)}, not {type(error.instance).__name__}"
+        return f"must be {_article(error.validator_value)}, not {_what(error.instance)}"
     if v == "enum":
         return f"must be one of {', '.join(map(str, error.validator_value))}, not {error.instance!r}"
     if v == "pattern":
         return f"{error.instance!r} does not match the pattern {error.validator_value}"
     return str(error.message)
+
+
+def _what(value: object) -> str:
+    """What a value given in YAML or JSON is, in the words of `_article` (not Python's type names)."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, str):
+        return f"the text {value[:40]!r}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    return _article("object" if isinstance(value, dict) else "array" if isinstance(value, list) else "a value")
 
 
 def _article(kind: object) -> str:

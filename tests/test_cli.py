@@ -154,13 +154,46 @@ def test_workspace_from_w_then_environment_then_upward_search(ws: Path, tmp_path
                               f"run `coordinator init {elsewhere}`\n")
 
 
+def test_an_agent_given_twice_in_the_config_is_refused_not_silently_replaced(ws: Path) -> None:
+    config = ws / "coordinator.yaml"
+    text = config.read_text()
+    first = text.splitlines().index("  chip:") + 1
+    config.write_text(text + "  chip:\n    role: specialist\n    command: [\"true\"]\n")
+    result = run("-w", ws, "board")
+    assert (result.exit_code, result.stderr) == (
+        2, f"coordinator: coordinator.yaml: chip: given twice (lines {first} and {len(text.splitlines()) + 1}); "
+           "keep one\n")
+
+
+@pytest.mark.parametrize("args, refused", [
+    (("budget", "add", "99999999999"), "Invalid value for 'TOKENS': 99999999999 is not in the range 1<=x<=10000000"),
+    (("gc", "--days", "-1"), "Invalid value for '--days': -1.0 is not in the range x>=0"),
+    (("supervise", "--grace", "-5"), "Invalid value for '--grace': -5.0 is not in the range x>=0"),
+])
+def test_numbers_out_of_range_are_refused_with_the_range(ws: Path, args: tuple[str, ...], refused: str) -> None:
+    done = program("-w", ws, *args, timeout=20)  # a supervise that took -5 would run: the timeout fails it
+    assert done.returncode == 2 and refused in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_doctor_outside_a_workspace_checks_the_machine(tmp_path: Path) -> None:
+    done = program("doctor", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "workspace: none here (the machine only; `coordinator init` makes one)"
+    assert any(line.startswith("landlock: ") for line in lines) and any(line.startswith("git: ") for line in lines)
+    assert not any(line.startswith("team: ") for line in lines)
+    named = program("-w", tmp_path / "nowhere", "doctor", cwd=tmp_path)  # named on purpose: still an error
+    assert named.returncode == 2 and "has no coordinator.yaml" in named.stderr
+
+
 def test_a_bad_config_stops_every_command_with_one_line_naming_the_key(ws: Path) -> None:
     text = (ws / "coordinator.yaml").read_text()
     (ws / "coordinator.yaml").write_text(text.replace('writes: ["webapp/docs/reviews/**"]', "writes: 5"))
     for args in (["board"], ["send", "x.md", "--to", "chip"], ["budget"], ["new", "--to", "chip"]):
         result = run("-w", ws, *args)
         assert result.exit_code == 2
-        assert result.stderr == "coordinator: coordinator.yaml: agents.rex.writes: must be a list, not int\n"
+        assert result.stderr == "coordinator: coordinator.yaml: agents.rex.writes: must be a list, not the number 5\n"
 
 
 # -- validate -----------------------------------------------------------------------------------------
