@@ -9,6 +9,7 @@ status change through `Supervisor.move`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ from .orders import Branch, WorkOrder
 from .repos import MergeConflict, Repo
 from .runner import Attempt
 from .spawner import Refused, SpawnRequest
-from .store import Record
+from .store import Record, route_end
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -260,10 +261,14 @@ class AttemptRunner:
     def children_ended(self, act: Active) -> None:
         """All children of a command orchestrator's request ended: verify on the default branch."""
         recs = self.sup.records
-        failed = [c for c in act.rec.children if c in recs and recs[c].status not in ("done", "routed")]
+        # A routed child's work is its follow-up's: judged at the end of its route.
+        ends = {c: last for c in act.rec.children if (last := route_end(recs, c)) is not None}
+        failed = [c for c, last in ends.items() if last.status != "done"]
         if failed:
             act.rec.running = None
-            reason = "delegated orders did not finish: " + ", ".join(f"{c} {recs[c].status}" for c in failed)
+            reason = "delegated orders did not finish: " + ", ".join(
+                f"{c} {ends[c].status}" if ends[c].id == c else f"{c} (routed to {ends[c].id}) {ends[c].status}"
+                for c in failed)
             act.rec.failures.append(reason)
             _note_undelivered(act)
             return self.block(act.rec, reason)
@@ -360,19 +365,18 @@ class AttemptRunner:
             sup.move(rec, "halted", act.agent.name, note=_short(result.summary))
         elif result.outcome == "route-to":
             assert result.agent is not None
-            follow = follow_up(act.order, rec.to, result.agent, result.summary)
+            # Named before the routed record is written: a crash before the follow-up is
+            # filed leaves the record pointing at the id recovery files it under.
+            follow = dataclasses.replace(follow_up(act.order, rec.to, result.agent, result.summary),
+                                         id=sup.intake.new_id())
+            rec.report["routed_to"] = rec.routed_to = follow.id
             sup.move(rec, "routed", act.agent.name, note=f"to {result.agent}")
-            child = sup.file_order(follow, shown=f"route of {rec.id}")
-            sup.whole(rec)  # filing the child wrote this ended record (and shed its detail)
-            assert rec.report is not None
-            rec.report["routed_to"] = rec.routed_to = child.id
-            sup.store.save(rec, sync=False)
+            sup.file_order(follow, shown=f"route of {rec.id}")
             sup.rerouted(rec)
         elif result.outcome == "requeue-with-blocker":
             rec.blocker = result.blocker
             sup.move(rec, "waiting", act.agent.name, note=f"blocker: {result.blocker}")
-            if rec.blocker in sup.records and sup.ready(rec):
-                sup.move(rec, "queued", audit.SUPERVISOR, note=f"{rec.blocker} is already done")
+            sup.settle_waiting(rec, f"{rec.blocker} is already done")
         else:
             self.block(rec, f"{act.agent.name} reported blocked: {result.summary}", actor=act.agent.name)
 

@@ -36,6 +36,9 @@ from . import durable
 from .config import Budget
 from .errors import StateError, UsageError
 
+# More hot tokens than any one reading can be (the largest contexts hold a few million): a typo.
+MAX_TOKENS_ADDED = 10_000_000
+
 KINDS = ("brief", "order", "report", "rejection", "manual")
 MODES = ("routing", "mixed", "drift", "executor")
 STATUSES = ("in-flight", "completed")

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -23,12 +24,10 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__
+from .budget import MAX_TOKENS_ADDED
 from .config import CONFIG_NAME
 from .errors import CoordinatorError, OrderError, WorkspaceError
 from .workspace import ENV_VAR, Workspace
-
-# More hot tokens than any one reading can be (the largest contexts hold a few million): a typo.
-MAX_TOKENS_ADDED = 10_000_000
 
 DEBUG_VAR = "COORDINATOR_DEBUG"  # set it to see the traceback of an internal error
 EXIT_INTERNAL = 70               # EX_SOFTWARE: a bug, not something the user did
@@ -120,6 +119,22 @@ class Context:
 
 
 pass_ctx = click.make_pass_decorator(Context)
+
+
+class _Amount(click.FloatRange):
+    """Seconds or days: a finite number >= 0 (FloatRange lets nan and inf through)."""
+
+    def __init__(self) -> None:
+        super().__init__(min=0)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+AMOUNT = _Amount()
 
 
 def emit_json(data: Any) -> None:
@@ -249,7 +264,7 @@ def new(c: Context, to: str) -> None:
 @cli.command()
 @click.option("--once", is_flag=True, help="Process everything runnable now, then exit.")
 @click.option("--poll", is_flag=True, help="Use a polling watcher (network file systems).")
-@click.option("--grace", default=30.0, show_default=True, metavar="SECONDS", type=click.FloatRange(min=0),
+@click.option("--grace", default=30.0, show_default=True, metavar="SECONDS", type=AMOUNT,
               help="How long running attempts may finish after the first SIGTERM/SIGINT.")
 @pass_ctx
 def supervise(c: Context, once: bool, poll: bool, grace: float) -> None:
@@ -583,7 +598,7 @@ def cost(c: Context, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--days", default=7.0, show_default=True, type=click.FloatRange(min=0), help="Remove kept working copies older than this.")
+@click.option("--days", default=7.0, show_default=True, type=AMOUNT, help="Remove kept working copies older than this.")
 @pass_ctx
 def gc(c: Context, days: float) -> None:
     """Remove working copies kept for inspection (denied orders) older than --days.

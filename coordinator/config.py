@@ -148,19 +148,37 @@ class _Repeated(yaml.YAMLError):
         self.key = key
 
 
-class _Loader(yaml.SafeLoader):
+def _safe_load(text: str) -> Any:
     """Safe YAML that refuses a key given twice in one mapping: YAML keeps the last one
     silently, so a second `chip:` under `agents:` would replace the first agent unseen."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_repeats(node, "", set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+
+def _refuse_repeats(node: yaml.Node, path: str, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias: already walked (and a recursive one would never end)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
         lines: dict[str, int] = {}
-        for key, _ in node.value:
+        for key, value in node.value:
+            where = path
             if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                line = key.start_mark.line + 1
+                where = f"{path}.{key.value}" if path else key.value
                 if key.value in lines:
-                    raise _Repeated(key.value, lines[key.value], line)
-                lines[key.value] = line
-        return super().construct_mapping(node, deep=deep)
+                    raise _Repeated(where, lines[key.value], key.start_mark.line + 1)
+                lines[key.value] = key.start_mark.line + 1
+            _refuse_repeats(value, where, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_repeats(item, f"{path}.{i}", seen)
 
 
 def load(path: Path) -> Config:
@@ -175,7 +193,7 @@ def load(path: Path) -> Config:
     if len(raw_bytes) > MAX_CONFIG_BYTES:
         raise ConfigError("larger than 1 MiB; this is not a team config", path=shown)
     try:
-        data = yaml.load(raw_bytes.decode("utf-8-sig"), Loader=_Loader)  # noqa: S506 - a safe loader
+        data = _safe_load(raw_bytes.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise ConfigError("is not UTF-8 text", path=shown) from None
     except _Repeated as e:

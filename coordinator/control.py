@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import audit, durable
 from .errors import CoordinatorError, NotFoundError, StateError, SupervisorError, UsageError
-from .store import ENDED_UNDONE, Record, dependency_done, route_end
+from .store import Record, dependency_done, ended_undone, route_end
 from .workspace import Workspace
 
 if TYPE_CHECKING:
@@ -125,10 +125,9 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
         if rec.status not in ("blocked", "halted") and not (rec.status == "waiting" and rec.blocker):
             raise StateError(f"{rec.id} is {rec.status}; only blocked or halted orders (or one waiting on a "
                              "blocker) can be retried")
-        dead = [last for d in rec.blocked_by
-                if (last := route_end(sup.records, d)) is not None and last.status in ENDED_UNDONE]
-        if dead:
-            raise StateError(f"{rec.id} depends on {dead[0].id}, which ended {dead[0].status}: retried, it would "
+        dead = ended_undone(sup.records, rec.blocked_by)
+        if dead is not None:
+            raise StateError(f"{rec.id} depends on {dead.id}, which ended {dead.status}: retried, it would "
                              "wait forever; send it again without that dependency in blocked_by")
         rec.failures = []
         rec.blocker = None
@@ -138,9 +137,11 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
     if action == "rotate":
         return rotate(sup, fresh=bool(args.get("fresh")))
     if action == "budget-add":
+        from .budget import MAX_TOKENS_ADDED
+
         tokens = int(args["tokens"])
-        if tokens < 0:
-            raise UsageError("budget add takes a positive number of tokens")
+        if not 1 <= tokens <= MAX_TOKENS_ADDED:
+            raise UsageError(f"budget add takes 1 to {MAX_TOKENS_ADDED:,} tokens, not {tokens:,}")
         note = str(args.get("note") or "")
         ref = f"manual-{time.time_ns()}"
         sup.ledger.add(ref, "manual", note, tokens=tokens, note=note, now=datetime.now(UTC))

@@ -9,10 +9,33 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 TMP_PREFIX = ".tmp-"
+
+# git update-index lstats a path, then opens it and reads as many bytes as the lstat said:
+# a longer version renamed over the file in between would be committed cut short, a
+# shorter one would fail the batch. The state committer holds STAGING while git reads a
+# batch's files; renames under the guarded folder (state/) wait for it, others never do.
+STAGING = threading.Lock()
+_guarded: str | None = None
+
+
+def guard(folder: Path | None) -> None:
+    """Make renames under `folder` wait for STAGING (None: none do)."""
+    global _guarded
+    _guarded = None if folder is None else os.path.join(os.fspath(folder), "")
+
+
+def _rename(src: Path | str, dst: Path | str, *, replace: bool) -> None:
+    rename = os.replace if replace else os.rename
+    if _guarded is not None and os.fspath(dst).startswith(_guarded):
+        with STAGING:
+            rename(src, dst)
+    else:
+        rename(src, dst)
 
 # The supervisor commits exactly the paths it wrote, so that a hand edit in state/
 # is never swept into its commits; every write here is noted while a journal is open.
@@ -72,7 +95,7 @@ def write_bytes(target: Path, data: bytes, *, sync: bool = True, mode: int = 0o6
             os.unlink(tmp)
         raise
     os.close(fd)
-    os.replace(tmp, target)
+    _rename(tmp, target, replace=True)
     note(target)
     if sync:
         fsync_dir(folder)
@@ -116,7 +139,7 @@ def read_json(target: Path) -> Any:
 
 def move(src: Path, dst: Path, *, sync: bool = True) -> None:
     """Rename `src` to `dst` (same file system) and make the rename durable."""
-    os.rename(src, dst)
+    _rename(src, dst, replace=False)
     note(src)
     note(dst)
     if sync:

@@ -198,6 +198,10 @@ class Intake:
         return self.file(tmp, order.to, shown=f"{shown}/{order.id or 'order'}.md", sender=order.sender,
                          parent=order.parent)
 
+    def new_id(self) -> str:
+        """A fresh WO-NNNN, reserved: for an order the supervisor names before filing it."""
+        return self._choose_id(None)
+
     def _choose_id(self, order: WorkOrder | None) -> str:
         wanted = order.id if order is not None else None
         if wanted and orders.ID_PATTERN.match(wanted) and not self.history.exists(wanted):

@@ -34,7 +34,7 @@ from . import audit, budget, llmagent, orders, paths, results
 from .config import Agent, Config, parse_duration
 from .errors import CoordinatorError, LLMAuthError, OrderError
 from .llm import Call, Client, SpendLimitReached
-from .store import History, Record
+from .store import History, Record, route_end
 
 if TYPE_CHECKING:
     from .attempts import Active, AttemptRunner
@@ -314,7 +314,7 @@ def check_requests(runner: AttemptRunner) -> bool:
             if act.agent.llm is not None:
                 _complete_request(runner, act.rec)
             continue
-        if not all(recs[c].terminal for c in act.rec.children if c in recs):
+        if not all(last.terminal for c in act.rec.children if (last := route_end(recs, c)) is not None):
             continue
         del runner.waiting_requests[rid]
         progress = True

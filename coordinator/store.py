@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +45,16 @@ def route_end(records: dict[str, Record], order_id: str) -> Record | None:
         seen.add(rec.id)
         rec = records.get(rec.routed_to)
     return rec
+
+
+def ended_undone(records: dict[str, Record], order_ids: Iterable[str]) -> Record | None:
+    """The first route end of `order_ids` that ended for good without the work being done
+    (rejected, denied, cancelled): what waits for it would wait forever."""
+    for order_id in order_ids:
+        last = route_end(records, order_id)
+        if last is not None and last.status in ENDED_UNDONE:
+            return last
+    return None
 
 
 def dependency_done(records: dict[str, Record], order_id: str) -> bool:

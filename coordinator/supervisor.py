@@ -29,7 +29,7 @@ from .errors import CoordinatorError, StateError, SupervisorError
 from .intake import Intake
 from .orders import PRIORITY_RANK, WorkOrder
 from .spawner import Spawner
-from .store import ENDED_UNDONE, TERMINAL, History, Record, Store, dependency_done, iso, route_end
+from .store import TERMINAL, History, Record, Store, dependency_done, ended_undone, iso, route_end
 from .watcher import InboxWatcher, Watcher, is_candidate, printable, scan, settled
 from .workspace import Workspace
 
@@ -108,6 +108,7 @@ class Supervisor:
         durable.clean_temps(ws.state)
         recovery.clear_repo_locks(self)
         durable.open_journal()
+        durable.guard(ws.state)
         marker = ws.runtime / "running"
         crashed = marker.exists()
         if not crashed and not self.offline:
@@ -158,6 +159,7 @@ class Supervisor:
             if not self.offline and not self.attempts.active:
                 (self.ws.runtime / "running").unlink(missing_ok=True)
         durable.close_journal()
+        durable.guard(None)
         if self._spawner is not None:
             self._spawner.close()
         if self._lock_fd is not None:
@@ -434,12 +436,11 @@ class Supervisor:
         self._index(rec)
         self._stage(rec, "new", rec.status, rec.history[-1]["actor"],
                     note=rec.errors[0] if rec.errors else None)
-        if rec.status == "waiting":
-            self._unless_dead(rec)
         orchestrator = self.config.orchestrator
         if orchestrator and rec.sender == orchestrator and order is not None:
             from .orders import render
             self._ledger_add(rec.id, "order", render(order))
+        self.settle_waiting(rec, "its dependencies are done")
         if rec.status == "rejected":
             if rec.errors and "this repeats" in rec.errors[0]:
                 self.signal("feedback", agent=rec.sender, order=rec.id, evidence=rec.errors[0])
@@ -539,21 +540,30 @@ class Supervisor:
         for rec in sorted(waiters, key=lambda r: r.seq):
             if rec.status != "waiting" or not any(route_end(self.records, d) is done for d in _dependencies(rec)):
                 continue
-            if done.status != "done":
+            if done.status != "done":  # halted and blocked too: they come back only with `retry`
                 self._block_on(rec, done)
-            elif self.ready(rec):
-                rec.blocker = None
-                self.move(rec, "queued", audit.SUPERVISOR, note=f"{done.id} is done")
+            else:
+                self.settle_waiting(rec, f"{done.id} is done")
 
     def _release_ended_dependencies(self) -> None:
-        """At start: a waiting order whose dependencies ended while no supervisor saw it (a
-        record put back by hand, one written by an older version) runs or is blocked now."""
+        """At start: a waiting order whose dependencies ended while no supervisor saw it (kill -9
+        between two record writes) runs or is blocked now; one still waiting is indexed again,
+        under the follow-ups recovery has just filed."""
         for rec in sorted((r for r in self.records.values() if r.status == "waiting"), key=lambda r: r.seq):
-            if self.ready(rec):
-                rec.blocker = None
-                self.move(rec, "queued", audit.SUPERVISOR, note="its dependencies are done")
-            else:
-                self._unless_dead(rec)
+            self.settle_waiting(rec, "its dependencies are done")  # an earlier one may have blocked it
+            if rec.status == "waiting":
+                self._index(rec)
+
+    def settle_waiting(self, rec: Record, note: str) -> None:
+        """A waiting order is queued when its dependencies are done and blocked when one
+        ended for good without the work (no later event would release it); else it waits."""
+        if rec.status != "waiting":
+            return
+        if self.ready(rec):
+            rec.blocker = None
+            self.move(rec, "queued", audit.SUPERVISOR, note=note)
+        elif (dead := ended_undone(self.records, _dependencies(rec))) is not None:
+            self._block_on(rec, dead)
 
     def rerouted(self, routed: Record) -> None:
         """`routed` handed its work on to `routed.routed_to`: what waited for it waits for that."""
@@ -564,15 +574,6 @@ class Supervisor:
         follow = route_end(self.records, routed.id)
         if follow is not None and follow.terminal and follow is not routed:
             self._release_dependents(follow)  # the follow-up ended at once (rejected at intake)
-
-    def _unless_dead(self, rec: Record) -> None:
-        """Block a waiting order whose dependency ended for good without doing the work: no
-        later event would release it (halted and blocked ones can come back with `retry`)."""
-        for dep in rec.blocked_by:
-            last = route_end(self.records, dep)
-            if last is not None and last.status in ENDED_UNDONE:
-                self._block_on(rec, last)
-                return
 
     def _block_on(self, rec: Record, dep: Record) -> None:
         rec.report = {"summary": f"dependency {dep.id} ended {dep.status}"}

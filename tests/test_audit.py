@@ -155,6 +155,51 @@ def test_a_batch_stages_exactly_what_was_written_gone_swapped_or_linked(tmp_path
     assert git(root, "status", "--porcelain") == ""
 
 
+def test_a_record_rewritten_while_the_committer_reads_it_is_never_committed_cut_short(tmp_path):
+    """The loop rewrites a record (each version longer: its history grows) while the committer
+    thread's git reads the last one. Every version git committed is a whole JSON document, no
+    batch fails, and the index ends in step with the file."""
+    import json
+    import threading
+
+    from coordinator import durable
+    from coordinator.audit import Batch, Committer
+
+    repo = StateRepo(tmp_path / "state")
+    StateRepo.ensure(repo.path)
+    record = repo.path / "record.json"
+    durable.guard(repo.path)
+    committer = Committer(repo)
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            durable.write_json(record, {"history": list(range(n))}, sync=False)
+
+    try:
+        durable.write_json(record, {"history": []}, sync=False)
+        writer = threading.Thread(target=rewrite)
+        writer.start()
+        try:
+            for i in range(100):
+                committer.submit(Batch([("coordinator", [f"batch {i}"], [])], {str(record)}))
+            committer.drain()
+        finally:
+            stop.set()
+            writer.join()
+        committer.submit(Batch([("coordinator", ["last"], [])], {str(record)}))
+        committer.stop()
+    finally:
+        durable.guard(None)
+    versions = git(repo.path, "log", "--format=%H", "--", "record.json").split()
+    assert len(versions) > 10
+    for sha in versions:
+        json.loads(git(repo.path, "show", f"{sha}:record.json"))  # whole, not cut short
+    assert git(repo.path, "status", "--porcelain") == ""
+
+
 def test_a_batch_lands_on_top_of_a_commit_made_meanwhile_and_keeps_its_authors(tmp_path):
     """The supervisor's commits go on whatever the branch holds when they are written: a hand
     commit made since the last batch stays in the history (to be flagged), it is not dropped."""

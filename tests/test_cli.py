@@ -161,7 +161,7 @@ def test_an_agent_given_twice_in_the_config_is_refused_not_silently_replaced(ws:
     config.write_text(text + "  chip:\n    role: specialist\n    command: [\"true\"]\n")
     result = run("-w", ws, "board")
     assert (result.exit_code, result.stderr) == (
-        2, f"coordinator: coordinator.yaml: chip: given twice (lines {first} and {len(text.splitlines()) + 1}); "
+        2, f"coordinator: coordinator.yaml: agents.chip: given twice (lines {first} and {len(text.splitlines()) + 1}); "
            "keep one\n")
 
 
@@ -503,7 +503,7 @@ def test_a_running_supervisor_answers_errors_with_the_exit_code_they_would_have_
     assert control.supervisor_running(Workspace(ws))
     with pytest.raises(CoordinatorError) as usage:
         control.submit(Workspace(ws), "budget-add", {"tokens": -5})
-    assert usage.value.exit_code == 2 and "positive number of tokens" in str(usage.value)  # a usage error
+    assert usage.value.exit_code == 2 and str(usage.value) == "budget add takes 1 to 10,000,000 tokens, not -5"  # a usage error
     with pytest.raises(CoordinatorError) as missing:
         control.submit(Workspace(ws), "retry", {"id": "WO-9999"})
     assert missing.value.exit_code == 1 and "no order 'WO-9999'" in str(missing.value)  # the thing asked about

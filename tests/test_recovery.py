@@ -613,3 +613,73 @@ def test_a_crash_between_a_dependencys_record_and_its_waiters_releases_the_waite
     assert any("later chip: waiting -> queued (its dependencies are done)" in line for line in said), said
     assert_one_place(ws, {"base", "later"})
     assert_clean(ws)
+
+
+def test_a_crash_while_a_route_is_filed_keeps_what_waited_for_it_on_the_follow_up(make_ws):
+    """kill -9 after the routed record and the follow-up's file were written, before the
+    follow-up's record: the restart files the follow-up under the id the routed record names,
+    and the order that waited for the routed one runs after it."""
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
+                      'printf "outcome: route-to\\nagent: rex\\nsummary: for rex\\n" > "$COORD_RESULT"')},
+                  "rex": {"role": "specialist", "command": sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran"')}})
+    drop(ws, "chip", "a.md", order_md("Review happens", id="review", branching=("route-to-rex if it is a review",)))
+    drop(ws, "rex", "b.md", order_md("Ship after the review", id="ship", blocked_by=["review"]))
+    sup = Supervisor(ws)
+    sup.open()
+
+    class Killed(BaseException):
+        pass
+
+    def killed(routed: object) -> None:  # the follow-up's original is in state/intake/; no record
+        raise Killed
+
+    sup.rerouted = killed  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        step_until(sup, lambda: False, "the kill")
+    follow = Store(ws.state).load("review").routed_to
+    assert follow and not Store(ws.state).record_path(follow).exists()  # placed, with no record
+    abandon(sup)
+    said = restart(ws)
+    recs = Store(ws.state).load_all()
+    assert recs[follow].status == "done" and recs["ship"].status == "done", said
+    assert (ws.root.parent / "probe" / "ran").read_text().split() == [follow, "ship"]
+    assert_one_place(ws, {"review", "ship", follow})
+    assert_clean(ws)
+
+
+def test_at_start_a_waiting_order_whose_dependency_was_cancelled_is_blocked_once(make_ws):
+    """kill -9 after `root`'s cancel was written and before the records of what waited for it:
+    the restart blocks `one` (waiting on root) and `two` (waiting on one and root), each once."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
+    drop(ws, "chip", "a.md", order_md("Root thing", id="root", priority="low"))
+    drop(ws, "chip", "b.md", order_md("Needs root", id="one", blocked_by=["root"]))
+    drop(ws, "chip", "c.md", order_md("Needs both", id="two", blocked_by=["one", "root"]))
+    sup = Supervisor(ws)
+    sup.open()
+    sup._intake_step()
+    assert {i: sup.records[i].status for i in ("one", "two")} == {"one": "waiting", "two": "waiting"}
+    sup._write_state()
+    store = sup.store
+    written = store.write_dirty
+
+    class Killed(BaseException):
+        pass
+
+    def root_then_killed() -> int:
+        store._dirty = {"root": store._dirty["root"]}
+        written()
+        raise Killed
+
+    store.write_dirty = root_then_killed  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        sup.handle("cancel", {"id": "root"})
+        sup._write_state()
+    assert Store(ws.state).load("root").status == "cancelled"
+    assert Store(ws.state).load("two").status == "waiting"
+    abandon(sup)
+    said = restart(ws)
+    recs = Store(ws.state).load_all()
+    assert recs["one"].status == "blocked" and recs["two"].status == "blocked", said
+    assert [h["to"] for h in recs["two"].history].count("blocked") == 1
+    assert_one_place(ws, {"root", "one", "two"})
+    assert_clean(ws)

@@ -606,3 +606,19 @@ def test_a_routed_record_written_before_routed_to_existed_still_leads_to_its_fol
     records = {"review": Record.from_json(old), "WO-0002": follow}
     assert records["review"].routed_to == "WO-0002"
     assert route_end(records, "review") is follow
+
+
+def test_a_blocker_that_already_ended_cancelled_blocks_at_once(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh(
+        'printf "outcome: requeue-with-blocker\\nblocker: gone\\nsummary: needs gone\\n" > "$COORD_RESULT"')}})
+    drop(ws, "chip", "a.md", order_md("Never wanted", id="gone"))
+    with Supervisor(ws) as sup:
+        sup._intake_step()
+        sup.handle("cancel", {"id": "gone"})
+        drop(ws, "chip", "b.md", order_md("Needs gone", id="needs",
+                                          branching=("requeue-with-blocker if a dependency is missing",)))
+        step_until(sup, lambda: "needs" in sup.records and sup.records["needs"].status not in ("queued", "running"),
+                   "the requeue")
+        rec = sup.store.with_detail(sup.records["needs"])
+        assert rec.status == "blocked" and [h["to"] for h in rec.history][-2:] == ["waiting", "blocked"]
+        assert rec.report["summary"] == "dependency gone ended cancelled"
