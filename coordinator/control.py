@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import audit, durable
 from .errors import CoordinatorError, NotFoundError, StateError, SupervisorError, UsageError
-from .store import Record, dependency_done, ended_undone, route_end
+from .store import Record, dependency_done, ended_undone, route_end, via_route
 from .workspace import Workspace
 
 if TYPE_CHECKING:
@@ -119,7 +119,8 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
     if action == "retry":
         rec = _record(sup, str(args["id"]))
         if rec.status == "waiting" and not rec.blocker:
-            waits = [_at_end(sup, d) for d in rec.blocked_by if not dependency_done(sup.records, d)]
+            waits = [via_route(d, route_end(sup.records, d)) for d in rec.blocked_by
+                     if not dependency_done(sup.records, d)]
             raise StateError(f"{rec.id} is waiting for {', '.join(waits) or 'its dependencies'}; it runs once "
                              "they are done")
         if rec.status not in ("blocked", "halted") and not (rec.status == "waiting" and rec.blocker):
@@ -127,8 +128,9 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
                              "blocker) can be retried")
         dead = ended_undone(sup.records, rec.blocked_by)
         if dead is not None:
-            raise StateError(f"{rec.id} depends on {dead.id}, which ended {dead.status}: retried, it would "
-                             "wait forever; send it again without that dependency in blocked_by")
+            named, last = dead
+            raise StateError(f"{rec.id} depends on {via_route(named, last)}, which ended {last.status}: retried, it "
+                             f"would wait forever; send it again without {named} in blocked_by")
         rec.failures = []
         rec.blocker = None
         status = "queued" if all(dependency_done(sup.records, d) for d in rec.blocked_by) else "waiting"
@@ -171,12 +173,6 @@ def rotate(sup: Supervisor, *, fresh: bool) -> dict[str, Any]:
     sup.ledger.save()
     sup.audit.stage(audit.SUPERVISOR, f"budget {sup.config.orchestrator or '-'}: {line}")
     return {"message": line, "hot_tokens": sup.ledger.hot_tokens(), "generation": sup.ledger.generation}
-
-
-def _at_end(sup: Supervisor, order_id: str) -> str:
-    """`order_id`, and where its route led when it was routed."""
-    last = route_end(sup.records, order_id)
-    return order_id if last is None or last.id == order_id else f"{order_id} (routed to {last.id})"
 
 
 def _record(sup: Supervisor, order_id: str) -> Record:

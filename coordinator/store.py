@@ -47,14 +47,19 @@ def route_end(records: dict[str, Record], order_id: str) -> Record | None:
     return rec
 
 
-def ended_undone(records: dict[str, Record], order_ids: Iterable[str]) -> Record | None:
-    """The first route end of `order_ids` that ended for good without the work being done
-    (rejected, denied, cancelled): what waits for it would wait forever."""
+def ended_undone(records: dict[str, Record], order_ids: Iterable[str]) -> tuple[str, Record] | None:
+    """The first of `order_ids` whose route ended for good without the work being done
+    (rejected, denied, cancelled), with that end: what waits for it would wait forever."""
     for order_id in order_ids:
         last = route_end(records, order_id)
         if last is not None and last.status in ENDED_UNDONE:
-            return last
+            return order_id, last
     return None
+
+
+def via_route(order_id: str, last: Record | None) -> str:
+    """`order_id`, and where its route led when it was routed: the id the user wrote comes first."""
+    return order_id if last is None or last.id == order_id else f"{order_id} (routed to {last.id})"
 
 
 def dependency_done(records: dict[str, Record], order_id: str) -> bool:
@@ -158,9 +163,12 @@ class Store:
         return self.folder(order_id).exists()
 
     def load(self, order_id: str) -> Record:
+        # An id names a folder of orders/: never a path that leads out of it (`show ../x`).
+        if not order_id or "/" in order_id or "\0" in order_id or order_id.startswith("."):
+            raise NotFoundError(f"no order {order_id!r}; `coordinator board` lists them")
         try:
             return Record.from_json(durable.read_json(self.record_path(order_id)))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise NotFoundError(f"no order {order_id!r}; `coordinator board` lists them") from None
 
     def load_all(self) -> dict[str, Record]:

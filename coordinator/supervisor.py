@@ -29,7 +29,17 @@ from .errors import CoordinatorError, StateError, SupervisorError
 from .intake import Intake
 from .orders import PRIORITY_RANK, WorkOrder
 from .spawner import Spawner
-from .store import TERMINAL, History, Record, Store, dependency_done, ended_undone, iso, route_end
+from .store import (
+    TERMINAL,
+    History,
+    Record,
+    Store,
+    dependency_done,
+    ended_undone,
+    iso,
+    route_end,
+    via_route,
+)
 from .watcher import InboxWatcher, Watcher, is_candidate, printable, scan, settled
 from .workspace import Workspace
 
@@ -538,10 +548,11 @@ class Supervisor:
             return  # its waiters wait for the follow-up (`rerouted`), which is filed right after
         waiters = (self.records[i] for i in self._waiting_on.pop(done.id, ()) if i in self.records)
         for rec in sorted(waiters, key=lambda r: r.seq):
-            if rec.status != "waiting" or not any(route_end(self.records, d) is done for d in _dependencies(rec)):
+            named = next((d for d in _dependencies(rec) if route_end(self.records, d) is done), None)
+            if rec.status != "waiting" or named is None:
                 continue
             if done.status != "done":  # halted and blocked too: they come back only with `retry`
-                self._block_on(rec, done)
+                self._block_on(rec, named, done)
             else:
                 self.settle_waiting(rec, f"{done.id} is done")
 
@@ -563,7 +574,7 @@ class Supervisor:
             rec.blocker = None
             self.move(rec, "queued", audit.SUPERVISOR, note=note)
         elif (dead := ended_undone(self.records, _dependencies(rec))) is not None:
-            self._block_on(rec, dead)
+            self._block_on(rec, *dead)
 
     def rerouted(self, routed: Record) -> None:
         """`routed` handed its work on to `routed.routed_to`: what waited for it waits for that."""
@@ -575,9 +586,11 @@ class Supervisor:
         if follow is not None and follow.terminal and follow is not routed:
             self._release_dependents(follow)  # the follow-up ended at once (rejected at intake)
 
-    def _block_on(self, rec: Record, dep: Record) -> None:
-        rec.report = {"summary": f"dependency {dep.id} ended {dep.status}"}
-        self.move(rec, "blocked", audit.SUPERVISOR, note=f"{dep.id} ended {dep.status}")
+    def _block_on(self, rec: Record, named: str, last: Record) -> None:
+        """Block `rec`: its dependency `named` ended (at the end of its route, `last`) undone."""
+        why = f"{via_route(named, last)} ended {last.status}"
+        rec.report = {"summary": f"dependency {why}"}
+        self.move(rec, "blocked", audit.SUPERVISOR, note=why)
 
     def ready(self, rec: Record) -> bool:
         """Are all of `rec`'s dependencies done (at the end of their routes) and its blocker cleared?"""

@@ -129,7 +129,10 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
         raise CoordinatorError(f"{cfg_path} already exists; pass --force to overwrite it")  # SPEC §1: exit 1
     if target.exists() and not target.is_dir():
         raise UsageError(f"{target} is not a folder")
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a parent folder should be, a read-only disk
+        raise UsageError(f"cannot make {target}: {e.strerror}") from None
     lines: list[str] = []
     cfg_path.write_text(example_config(), encoding="utf-8")
     lines.append(f"wrote {CONFIG_NAME}")

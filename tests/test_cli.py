@@ -176,6 +176,19 @@ def test_numbers_out_of_range_are_refused_with_the_range(ws: Path, args: tuple[s
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+def test_show_and_log_take_ids_not_paths_out_of_state(ws: Path) -> None:
+    (ws / "state" / "orders").mkdir(exist_ok=True)  # as in any workspace that has run orders
+    outside = ws / "elsewhere"  # state/orders/../../elsewhere
+    outside.mkdir()
+    (outside / "record.json").write_text(json.dumps({
+        "id": "planted", "to": "chip", "sender": "user", "status": "done", "objective": "Planted",
+        "created": "2026-01-01T00:00:00.000Z", "updated": "2026-01-01T00:00:00.000Z", "seq": 1}))
+    for args in (("show", "../../elsewhere"), ("show", "../orders/x"), ("log", "../../elsewhere")):
+        result = run("-w", ws, *args)
+        assert (result.exit_code, result.stderr) == (1, f"coordinator: no order {args[1]!r}; `coordinator board` "
+                                                        "lists them\n")
+
+
 def test_doctor_outside_a_workspace_checks_the_machine(tmp_path: Path) -> None:
     done = program("doctor", cwd=tmp_path)
     assert done.returncode == 0, done.stderr

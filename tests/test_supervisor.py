@@ -489,7 +489,7 @@ def test_an_order_that_depends_on_a_cancelled_one_is_blocked_not_left_waiting(ma
     with Supervisor(ws) as sup, pytest.raises(StateError) as refused:
         sup.handle("retry", {"id": "second"})
     assert str(refused.value) == ("second depends on first, which ended cancelled: retried, it would wait "
-                                  "forever; send it again without that dependency in blocked_by")
+                                  "forever; send it again without first in blocked_by")
     assert Store(ws.state).load("second").status == "blocked"
 
 
@@ -575,7 +575,11 @@ def test_a_route_that_ends_rejected_blocks_what_waited_for_it(make_ws):
     follow = recs["review"].routed_to
     assert recs[follow].status == "rejected"
     assert recs["ship"].status == "blocked"
-    assert recs["ship"].report["summary"] == f"dependency {follow} ended rejected"
+    assert recs["ship"].report["summary"] == f"dependency review (routed to {follow}) ended rejected"
+    with Supervisor(ws) as sup, pytest.raises(StateError) as refused:
+        sup.handle("retry", {"id": "ship"})
+    assert str(refused.value) == (f"ship depends on review (routed to {follow}), which ended rejected: retried, "
+                                  "it would wait forever; send it again without review in blocked_by")
 
 
 def test_a_blocked_order_can_be_cancelled_and_then_no_longer_retried(make_ws):

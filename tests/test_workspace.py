@@ -45,6 +45,8 @@ def test_init_refuses_a_file_where_the_folder_should_be(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="is not a folder"):
         init(tmp_path / "taken")
     assert (tmp_path / "taken").read_text() == "a file"
+    with pytest.raises(UsageError, match="cannot make .*/taken/sub: Not a directory"):
+        init(tmp_path / "taken" / "sub")  # a file where a parent folder should be
 
 
 def test_init_inside_a_git_repository_leaves_its_ignore_file_alone(tmp_path: Path) -> None:
