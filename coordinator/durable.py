@@ -20,18 +20,19 @@ TMP_PREFIX = ".tmp-"
 # shorter one would fail the batch. The state committer holds STAGING while git reads a
 # batch's files; renames under the guarded folder (state/) wait for it, others never do.
 STAGING = threading.Lock()
-_guarded: str | None = None
+_guarded: tuple[str, ...] = ()  # one per open supervisor (tests open several in one process)
 
 
-def guard(folder: Path | None) -> None:
-    """Make renames under `folder` wait for STAGING (None: none do)."""
+def guard(folder: Path, *, on: bool = True) -> None:
+    """Make renames under `folder` wait for STAGING (`on=False`: no longer)."""
     global _guarded
-    _guarded = None if folder is None else os.path.join(os.fspath(folder), "")
+    prefix = os.path.join(os.fspath(folder), "")
+    _guarded = (*_guarded, prefix) if on else tuple(p for p in _guarded if p != prefix)
 
 
 def _rename(src: Path | str, dst: Path | str, *, replace: bool) -> None:
     rename = os.replace if replace else os.rename
-    if _guarded is not None and os.fspath(dst).startswith(_guarded):
+    if _guarded and os.fspath(dst).startswith(_guarded):
         with STAGING:
             rename(src, dst)
     else:

@@ -169,7 +169,7 @@ class Supervisor:
             if not self.offline and not self.attempts.active:
                 (self.ws.runtime / "running").unlink(missing_ok=True)
         durable.close_journal()
-        durable.guard(None)
+        durable.guard(self.ws.state, on=False)
         if self._spawner is not None:
             self._spawner.close()
         if self._lock_fd is not None:

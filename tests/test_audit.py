@@ -192,7 +192,7 @@ def test_a_record_rewritten_while_the_committer_reads_it_is_never_committed_cut_
         committer.submit(Batch([("coordinator", ["last"], [])], {str(record)}))
         committer.stop()
     finally:
-        durable.guard(None)
+        durable.guard(repo.path, on=False)
     versions = git(repo.path, "log", "--format=%H", "--", "record.json").split()
     assert len(versions) > 10
     for sha in versions:
