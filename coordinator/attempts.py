@@ -26,7 +26,7 @@ from .orders import Branch, WorkOrder
 from .repos import MergeConflict, Repo
 from .runner import Attempt
 from .spawner import Refused, SpawnRequest
-from .store import Record, route_end
+from .store import Record, route_end, via_route
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -267,8 +267,7 @@ class AttemptRunner:
         if failed:
             act.rec.running = None
             reason = "delegated orders did not finish: " + ", ".join(
-                f"{c} {ends[c].status}" if ends[c].id == c else f"{c} (routed to {ends[c].id}) {ends[c].status}"
-                for c in failed)
+                f"{via_route(c, ends[c])} {ends[c].status}" for c in failed)
             act.rec.failures.append(reason)
             _note_undelivered(act)
             return self.block(act.rec, reason)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import audit, durable
+from .budget import MAX_TOKENS_ADDED
 from .errors import CoordinatorError, NotFoundError, StateError, SupervisorError, UsageError
 from .store import Record, dependency_done, ended_undone, route_end, via_route
 from .workspace import Workspace
@@ -139,8 +140,6 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
     if action == "rotate":
         return rotate(sup, fresh=bool(args.get("fresh")))
     if action == "budget-add":
-        from .budget import MAX_TOKENS_ADDED
-
         tokens = int(args["tokens"])
         if not 1 <= tokens <= MAX_TOKENS_ADDED:
             raise UsageError(f"budget add takes 1 to {MAX_TOKENS_ADDED:,} tokens, not {tokens:,}")

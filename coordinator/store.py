@@ -25,7 +25,7 @@ from typing import Any
 
 from . import durable
 from .errors import NotFoundError, StateError
-from .orders import WorkOrder, objective_key
+from .orders import ID_PATTERN, WorkOrder, objective_key
 
 STATUSES = ("queued", "waiting", "running", "done", "halted", "routed", "blocked",
             "rejected", "denied", "cancelled")
@@ -163,8 +163,8 @@ class Store:
         return self.folder(order_id).exists()
 
     def load(self, order_id: str) -> Record:
-        # An id names a folder of orders/: never a path that leads out of it (`show ../x`).
-        if not order_id or "/" in order_id or "\0" in order_id or order_id.startswith("."):
+        # Only what an order id can be: never a path that leads out of orders/ (`show ../x`).
+        if not ID_PATTERN.fullmatch(order_id):
             raise NotFoundError(f"no order {order_id!r}; `coordinator board` lists them")
         try:
             return Record.from_json(durable.read_json(self.record_path(order_id)))

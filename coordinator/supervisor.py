@@ -548,8 +548,10 @@ class Supervisor:
             return  # its waiters wait for the follow-up (`rerouted`), which is filed right after
         waiters = (self.records[i] for i in self._waiting_on.pop(done.id, ()) if i in self.records)
         for rec in sorted(waiters, key=lambda r: r.seq):
+            if rec.status != "waiting":
+                continue
             named = next((d for d in _dependencies(rec) if route_end(self.records, d) is done), None)
-            if rec.status != "waiting" or named is None:
+            if named is None:
                 continue
             if done.status != "done":  # halted and blocked too: they come back only with `retry`
                 self._block_on(rec, named, done)
