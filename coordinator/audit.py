@@ -61,6 +61,13 @@ IGNORED = ("*.tmp", f"{durable.TMP_PREFIX}*")  # state/.gitignore: temp files ar
 GIT_OPTS = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "gc.auto=0",
             "-c", "commit.gpgsign=false", "-c", "core.quotepath=false")
 
+# Staging writes every blob of a batch into one new pack instead of a loose file each (git's
+# bulk check-in takes every blob over this size): an order's five files were five new inodes
+# in .git/objects, and on a disk where a new inode costs 0.1-1 ms that was most of a batch.
+# Only for staging: in the repository's config it would also make `git diff` call them binary.
+PACKED = ("-c", "core.bigFileThreshold=1")
+PACK_LIMIT = 32  # packs in state/.git before they are rolled up (one is made per batch)
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -143,7 +150,7 @@ class StateRepo:
         """
         with durable.STAGING:  # nothing is renamed over a file while git reads it
             if batch.paths is None:
-                self.git("add", "-A", ".")
+                self.git(*PACKED, "add", "-A", ".")
             else:
                 self.add(batch.paths)
         for _ in range(3):
@@ -158,11 +165,29 @@ class StateRepo:
             try:
                 self.git("update-ref", "-m", f"coordinator: {len(batch.groups)} commit(s)", "HEAD", head,
                          base or "")
+                self.tidy()
                 return len(batch.groups)
             except GitError:
                 if self._head() == base:  # not a race with another writer: a real failure
                     raise
         raise GitError("state/'s branch keeps moving under the supervisor: something else commits there")
+
+    def tidy(self, limit: int = PACK_LIMIT) -> bool:
+        """Roll the batches' packs and the loose trees and commits up into fewer packs once
+        `limit` packs have piled up; True when it did. Geometric: each pack is at least twice the
+        size of the next smaller one, so a roll-up reads mostly the newest objects, and state/
+        keeps a handful of packs however long the supervisor runs (gc.auto is off for it)."""
+        try:
+            packs = sum(1 for n in os.listdir(self.path / ".git" / "objects" / "pack") if n.endswith(".pack"))
+        except OSError:
+            return False
+        if packs < limit:
+            return False
+        try:
+            self.git("repack", "--geometric=2", "-d", "-q")
+        except GitError:  # a git older than 2.33: one pack of everything
+            self.git("repack", "-a", "-d", "-q")
+        return True
 
     def _head(self) -> str:
         """The commit HEAD names ("" before the first), read from the ref files when they are
@@ -201,7 +226,7 @@ class StateRepo:
         if files:
             spec.write_bytes("\0".join(files).encode())
             with spec.open("rb") as stdin:
-                self.git("update-index", "--add", "--remove", "--replace", "-z", "--stdin", stdin=stdin)
+                self.git(*PACKED, "update-index", "--add", "--remove", "--replace", "-z", "--stdin", stdin=stdin)
         if kinds["gone"]:
             spec.write_bytes("\0".join(kinds["gone"]).encode())
             self.git("rm", "-r", "-q", "--cached", "--ignore-unmatch", f"--pathspec-from-file={spec}",
@@ -209,7 +234,7 @@ class StateRepo:
         folders = kinds["folder"] + [r for r in kinds["file"] if _ignored(r)]
         if folders:
             spec.write_bytes("\0".join(folders).encode())
-            self.git("add", "-A", f"--pathspec-from-file={spec}", "--pathspec-file-nul")
+            self.git(*PACKED, "add", "-A", f"--pathspec-from-file={spec}", "--pathspec-file-nul")
 
     def commit_now(self, actor: str, line: str) -> None:
         self.stage(actor, line)

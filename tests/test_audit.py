@@ -155,6 +155,42 @@ def test_a_batch_stages_exactly_what_was_written_gone_swapped_or_linked(tmp_path
     assert git(root, "status", "--porcelain") == ""
 
 
+def test_batches_write_packs_that_are_rolled_up_and_records_still_diff_as_text(tmp_path):
+    """A batch's files go into one pack, not a loose object each; the packs of many batches
+    are rolled up so state/ keeps a few; `git log -p` still shows records as text."""
+    repo = StateRepo(tmp_path / "state")
+    StateRepo.ensure(repo.path)
+    root, limit = repo.path, 4
+    packs = root / ".git" / "objects" / "pack"
+    first_blobs = _loose(root, "blob")
+    assert len(first_blobs) == 2
+    for batch in range(9):
+        written = set()
+        for i in range(5):
+            (root / f"o{i}").mkdir(exist_ok=True)
+            (root / f"o{i}" / "record.json").write_text(f'{{"order": {i}, "batch": {batch}}}\n')
+            written.add(str(root / f"o{i}" / "record.json"))
+        repo.stage("coordinator", f"batch {batch}")
+        assert repo.flush(written) == 1
+        assert _loose(root, "blob") <= first_blobs  # README.md and .gitignore, from `init`
+        before = len(list(packs.glob("*.pack")))
+        assert repo.tidy(limit) == (before >= limit)
+        assert len(list(packs.glob("*.pack"))) < limit
+    assert git(root, "fsck", "--strict", "--no-dangling") == ""
+    assert git(root, "status", "--porcelain") == ""
+    assert git(root, "show", "HEAD:o3/record.json") == '{"order": 3, "batch": 8}\n'
+    assert '+{"order": 3, "batch": 8}' in git(root, "log", "-p", "-1", "--", "o3/record.json")
+    assert _loose(root, "tree") == _loose(root, "commit") == set()  # rolled up into the packs too
+
+
+def _loose(root: Path, kind: str) -> set[str]:
+    objects = root / ".git" / "objects"
+    found = "".join(d.name + f.name + "\n" for d in objects.iterdir() if len(d.name) == 2 for f in d.iterdir())
+    out = subprocess.run(["git", "cat-file", "--batch-check"], cwd=root, input=found, capture_output=True,
+                         text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.split()[1] == kind}
+
+
 def test_a_record_rewritten_while_the_committer_reads_it_is_never_committed_cut_short(tmp_path):
     """The loop rewrites a record (each version longer: its history grows) while the committer
     thread's git reads the last one. Every version git committed is a whole JSON document, no
