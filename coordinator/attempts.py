@@ -364,14 +364,9 @@ class AttemptRunner:
             sup.move(rec, "halted", act.agent.name, note=_short(result.summary))
         elif result.outcome == "route-to":
             assert result.agent is not None
-            # Named before the routed record is written: a crash before the follow-up is
-            # filed leaves the record pointing at the id recovery files it under.
-            follow = dataclasses.replace(follow_up(act.order, rec.to, result.agent, result.summary),
-                                         id=sup.intake.new_id())
-            rec.report["routed_to"] = rec.routed_to = follow.id
+            rec.report["routed_to"] = rec.routed_to = self._plan_follow_up(rec, result.agent)
             sup.move(rec, "routed", act.agent.name, note=f"to {result.agent}")
-            sup.file_order(follow, shown=f"route of {rec.id}")
-            sup.rerouted(rec)
+            self.file_follow_up(rec)
         elif result.outcome == "requeue-with-blocker":
             rec.blocker = result.blocker
             sup.move(rec, "waiting", act.agent.name, note=f"blocker: {result.blocker}")
@@ -430,11 +425,59 @@ class AttemptRunner:
         self.block(rec, reason)
 
     def block(self, rec: Record, reason: str, *, actor: str = audit.SUPERVISOR) -> None:
-        rec.report = {**(rec.report or {}), "summary": reason}
-        self.sup.move(rec, "blocked", actor, note=_short(reason))
+        rec.report = {k: v for k, v in (rec.report or {}).items() if k != "follow_up"} | {"summary": reason}
         target = self.sup.config.escalate_to
-        if target and target != rec.to and rec.sender != "coordinator":
-            self.sup.file_order(investigation(rec, target, reason), shown=f"escalation of {rec.id}")
+        escalate = target if target and target != rec.to and rec.sender != "coordinator" else None
+        if escalate:
+            self._plan_follow_up(rec, escalate)
+        self.sup.move(rec, "blocked", actor, note=_short(reason))
+        if escalate:
+            self.file_follow_up(rec)
+
+    # -- follow-ups: a route's next order, a block's investigation ------------------------------------
+    def _plan_follow_up(self, rec: Record, to: str) -> str:
+        """Name the follow-up in `rec`'s report before the record that ends it is written: if a
+        crash comes before the follow-up is filed, `refile_follow_ups` files it under that id."""
+        follow_id = self.sup.intake.new_id()
+        rec.report = {**(rec.report or {}), "follow_up": {"id": follow_id, "to": to}}
+        return follow_id
+
+    def follow_up_of(self, rec: Record) -> WorkOrder | None:
+        """The order `rec`'s route or escalation files; the same every time it is asked."""
+        report = rec.report or {}
+        planned = report.get("follow_up")
+        if not isinstance(planned, dict) or not planned.get("id") or not planned.get("to"):
+            return None
+        if rec.status == "routed":
+            made = follow_up(self.sup.store.load_order(rec.id), rec.to, planned["to"])
+        elif rec.status == "blocked":
+            made = investigation(rec, planned["to"], str(report.get("summary") or "blocked"))
+        else:
+            return None
+        return dataclasses.replace(made, id=planned["id"])
+
+    def file_follow_up(self, rec: Record) -> None:
+        order = self.follow_up_of(rec)
+        assert order is not None
+        what = "route" if rec.status == "routed" else "escalation"
+        self.sup.file_order(order, shown=f"{what} of {rec.id}")
+        if rec.status == "routed":
+            self.sup.rerouted(rec)
+
+    def refile_follow_ups(self) -> list[str]:
+        """File each follow-up a crash cut off between its order's record and its own (recovery)."""
+        filed: list[str] = []
+        for rec in sorted(self.sup.records.values(), key=lambda r: r.seq):
+            planned = (rec.report or {}).get("follow_up")
+            if rec.status in ("routed", "blocked") and isinstance(planned, dict) \
+                    and planned.get("id") not in self.sup.records:
+                try:
+                    self.file_follow_up(rec)
+                except CoordinatorError as e:  # e.g. its order.json is gone: say so, go on
+                    self.sup.say(f"recovery: could not file {rec.id}'s follow-up {planned.get('id')}: {e}")
+                    continue
+                filed.append(f"{rec.id} -> {planned.get('id')} ({planned.get('to')})")
+        return filed
 
     def _finish(self, act: Active, *, keep: bool = False) -> None:
         self.active.pop(act.token, None)
@@ -526,7 +569,7 @@ def outcome_problem(order: WorkOrder, result: results.Result) -> str | None:
             f"order's branching ({allowed})")
 
 
-def follow_up(order: WorkOrder, sender: str, to: str, summary: str) -> WorkOrder:
+def follow_up(order: WorkOrder, sender: str, to: str) -> WorkOrder:
     branching = tuple(b for b in order.branching if b.action != "route-to") or (
         Branch(action="halt-with-note", when="the work does not apply"),)
     return WorkOrder(id=None, sender=sender, to=to, objective=order.objective,

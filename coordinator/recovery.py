@@ -3,7 +3,8 @@
 After `recover()` every order is in exactly one place again: transitions written
 but not committed are committed (and missing history lines repaired), order
 folders a crash left without a record are filed again from their original,
-claimed files are filed, leftover specialist process trees of the dead
+claimed files are filed, so are the follow-ups a route or an escalation named
+but a crash kept from being filed, leftover specialist process trees of the dead
 supervisor are killed, and interrupted attempts count as failed and are
 re-queued (or landed, when their merge had already happened).
 
@@ -65,6 +66,9 @@ def recover(sup: Supervisor, crashed: bool) -> None:
                       sender=meta.get("sender"))
     for claimed, agent in sup.intake.claimed():
         sup.file_claimed(claimed, agent, shown=f"inbox/{agent}/{claimed.name.split('-', 1)[-1]}")
+    # After the claimed files: a follow-up that made it that far has a record by now.
+    for line in sup.attempts.refile_follow_ups():
+        sup.say(f"recovery: filed a follow-up a crash cut off: {line}")
     running = [r for r in sup.records.values() if r.status == "running"]
     if running:
         tokens = [str(r.running["token"]) for r in running if r.running]

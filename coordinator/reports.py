@@ -14,6 +14,10 @@ def render(rec: Record) -> str:
              f"**Status:** {rec.status} after {rec.attempts} attempt(s)", ""]
     if report.get("summary"):
         lines += ["**Summary:**", "", str(report["summary"]), ""]
+    planned = report.get("follow_up")
+    if isinstance(planned, dict) and planned.get("id") and rec.status in ("routed", "blocked"):
+        label = "Routed to" if rec.status == "routed" else "Escalated to"
+        lines += [f"**{label}:** {planned.get('to')}, as order {planned['id']}", ""]
     if rec.errors:
         lines += ["**Errors:**", ""] + [f"- {e}" for e in rec.errors] + [""]
     for key, title in (("changed", "Changed files"), ("offending", "Denied paths"), ("checks", "Checks"),

@@ -647,6 +647,53 @@ def test_a_crash_while_a_route_is_filed_keeps_what_waited_for_it_on_the_follow_u
     assert_clean(ws)
 
 
+@pytest.mark.parametrize("ending", ["routed", "blocked"])
+def test_a_crash_before_a_follow_up_is_filed_files_it_at_restart_once(make_ws, ending):
+    """kill -9 after the record of a routed (or blocked, escalated) order was written, before
+    its follow-up's file existed: the restart files the follow-up under the id the record
+    names, it runs once, what waited for the routed order runs after it, and the sender's
+    report says where the work went."""
+    outcome = ("route-to\\nagent: rex" if ending == "routed" else "blocked")
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
+                      f'printf "outcome: {outcome}\\nsummary: over to rex\\n" > "$COORD_RESULT"')},
+                  "rex": {"role": "specialist", "command": sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran"')}},
+                 escalate_to="rex")
+    drop(ws, "chip", "a.md", order_md("Review happens", id="review", branching=("route-to-rex if it is a review",)))
+    drop(ws, "rex", "b.md", order_md("Ship after the review", id="ship", blocked_by=["review"]))
+    sup = Supervisor(ws)
+    sup.open()
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args: object, **kwargs: object) -> None:  # the record is on disk; the follow-up not yet
+        raise Killed
+
+    sup.intake.file_order = killed  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        step_until(sup, lambda: False, "the kill")
+    rec = Store(ws.state).load("review")
+    follow = rec.report["follow_up"]["id"]
+    assert rec.status == ending and not Store(ws.state).exists(follow)
+    assert not list((ws.state / "intake").rglob("*.md"))  # nothing of it anywhere
+    abandon(sup)
+    said = restart(ws)
+    assert f"recovery: filed a follow-up a crash cut off: review -> {follow} (rex)" in said, said
+    recs = Store(ws.state).load_all()
+    assert recs[follow].status == "done" and recs[follow].to == "rex" and "review" in recs[follow].references
+    ran = (ws.root.parent / "probe" / "ran").read_text().split()
+    if ending == "routed":
+        assert ran == [follow, "ship"] and recs["ship"].status == "done"
+        assert (ws.state / "orders" / "review" / "report.md").read_text().count(f"**Routed to:** rex, as order {follow}") == 1
+    else:  # the investigation; `ship` waits on a blocked order, which is not done
+        assert ran == [follow] and recs["ship"].status != "done"
+        assert f"**Escalated to:** rex, as order {follow}" in (ws.state / "orders" / "review" / "report.md").read_text()
+    assert not any("follow-up" in line for line in restart(ws))  # filed once
+    assert len([r for r in Store(ws.state).load_all().values() if "review" in r.references]) == 1
+    assert_one_place(ws, {"review", "ship", follow})
+    assert_clean(ws)
+
+
 def test_at_start_a_waiting_order_whose_dependency_was_cancelled_is_blocked_once(make_ws):
     """kill -9 after `root`'s cancel was written and before the records of what waited for it:
     the restart blocks `one` (waiting on root) and `two` (waiting on one and root), each once."""
