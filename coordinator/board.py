@@ -2,8 +2,12 @@
 
 Example:
     $ coordinator board
-    QUEUED (1)            RUNNING (1)              DONE (2)
-    WO-0003 chip  Add …   WO-0002 rex  Review … !  WO-0001 chip  …
+    3 order(s): queued 1  done 1  blocked 1
+    supervisor: running (pid 4242)
+    ...
+    BLOCKED (1)
+      WO-0003  chip  user → Add a footer
+               ↳ failed 3 time(s); last: exit 1 (escalated to rex as WO-0004)
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 
 from . import budget, signals
 from .errors import NotFoundError, UsageError
-from .store import STATUSES, Record, Store
+from .store import STATUSES, Record, Store, dependency_done
 from .workspace import Workspace
 
 COLOURS = {"queued": "cyan", "waiting": "yellow", "running": "blue", "done": "green",
@@ -28,13 +32,54 @@ def records(ws: Workspace) -> list[Record]:
 
 
 def as_json(ws: Workspace) -> dict[str, Any]:
-    return {"orders": [r.board_row() | {"stale": r.stale} for r in records(ws)]}
+    recs = records(ws)
+    index = {r.id: r for r in recs}
+    return {"orders": [r.board_row() | {"stale": r.stale, "reason": reason(r, index)} for r in recs],
+            "supervisor": supervisor(ws)}
+
+
+def supervisor(ws: Workspace) -> dict[str, Any]:
+    """Whether a supervisor runs on `ws` now, and its pid."""
+    from .control import supervisor_running
+
+    if not supervisor_running(ws):
+        return {"running": False, "pid": None}
+    try:
+        pid: int | None = int((ws.runtime / "supervisor.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pid = None
+    return {"running": True, "pid": pid}
+
+
+def reason(rec: Record, records: dict[str, Record]) -> str | None:
+    """Why `rec` is where it is, in a line (None when its status says it all)."""
+    report = rec.report or {}
+    planned = report.get("follow_up") if isinstance(report.get("follow_up"), dict) else None
+    if rec.status == "waiting":
+        waits = [d for d in (*rec.blocked_by, *([rec.blocker] if rec.blocker else []))
+                 if not dependency_done(records, d)]
+        return f"waits for {', '.join(waits)}" if waits else None
+    if rec.status == "routed":
+        where = planned or {"id": rec.routed_to, "to": None}
+        return f"to {where['to']} as {where['id']}" if where.get("to") else (
+            f"as {where['id']}" if where.get("id") else None)
+    if rec.status == "rejected":
+        return rec.errors[0] if rec.errors else None
+    if rec.status == "denied" and report.get("offending"):
+        return str(report["offending"][0])
+    if rec.status in ("blocked", "halted", "denied") and report.get("summary"):
+        escalated = f" (escalated to {planned['to']} as {planned['id']})" if planned and rec.status == "blocked" else ""
+        return str(report["summary"]).splitlines()[0] + escalated
+    if rec.status in ("queued", "running") and rec.failures:
+        return f"failed {len(rec.failures)} time(s); last: {rec.failures[-1].splitlines()[0]}"
+    return None
 
 
 def render(ws: Workspace, *, colour: bool = False, width: int | None = None) -> str:
     import click
 
     recs = records(ws)
+    index = {r.id: r for r in recs}
     by_status: dict[str, list[Record]] = {s: [] for s in STATUSES}
     for r in recs:
         by_status.setdefault(r.status, []).append(r)
@@ -46,6 +91,14 @@ def render(ws: Workspace, *, colour: bool = False, width: int | None = None) -> 
     lines: list[str] = []
     summary = "  ".join(f"{s} {len(by_status[s])}" for s in STATUSES if by_status[s])
     lines.append(f"{len(recs)} order(s): {summary or 'none yet — drop a work order into inbox/<agent>/'}")
+    sup = supervisor(ws)
+    if sup["running"]:
+        lines.append(f"supervisor: running (pid {sup['pid'] or '?'})")
+    elif by_status["running"]:
+        lines.append("supervisor: NOT RUNNING — the RUNNING orders below were cut off; "
+                     "`coordinator supervise` re-queues them")
+    else:
+        lines.append("supervisor: not running — `coordinator supervise` starts it")
     stale = [r for r in by_status["running"] if r.stale]
     if stale:
         lines.append(f"stale: {', '.join(r.id for r in stale)} (no output or heartbeat)")
@@ -73,6 +126,12 @@ def render(ws: Workspace, *, colour: bool = False, width: int | None = None) -> 
             if colour and r.stale:
                 text = click.style(text, fg="yellow")
             lines.append(text)
+            why = reason(r, index)
+            if why:
+                indent = " " * (4 + id_w)
+                room = max(10, width - len(indent) - 2)
+                why = " ".join(why.split())
+                lines.append(f"{indent}↳ {why if len(why) <= room else why[: room - 1] + '…'}")
     return "\n".join(lines)
 
 

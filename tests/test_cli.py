@@ -389,16 +389,23 @@ def test_board_shows_orders_by_status(worked: Path) -> None:
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
     assert lines[0] == "2 order(s): done 1  halted 1"
+    assert lines[1] == "supervisor: not running — `coordinator supervise` starts it"
     assert "DONE (1)" in lines and "HALTED (1)" in lines
     done_row = lines[lines.index("DONE (1)") + 1]
     assert re.fullmatch(r"  WO-0001  chip  user → The webapp greets a user by name\.", done_row)
+    assert lines[lines.index("DONE (1)") + 2] == ""  # a done order needs no reason
+    halted = lines[lines.index("HALTED (1)") + 1:]
+    summary = Store(worked / "state").load("WO-0002").report["summary"]
+    assert halted[1] == f"           ↳ {summary}"  # under the objective: why it halted
 
 
 def test_board_json_has_the_contract_keys(worked: Path) -> None:
     doc = json.loads(run("-w", worked, "board", "--json").stdout)
-    assert list(doc) == ["orders"]
+    assert list(doc) == ["orders", "supervisor"]
+    assert doc["supervisor"] == {"running": False, "pid": None}
     for row in doc["orders"]:
-        assert set(row) == BOARD_KEYS | {"stale"}  # SPEC §10 keys, plus the stale flag (added)
+        assert set(row) == BOARD_KEYS | {"stale", "reason"}  # SPEC §10 keys, plus two (added)
+    assert [o["reason"] for o in doc["orders"]] == [None, Store(worked / "state").load("WO-0002").report["summary"]]
     assert [(o["id"], o["status"], o["from"], o["to"], o["attempts"]) for o in doc["orders"]] == [
         ("WO-0001", "done", "user", "chip", 1), ("WO-0002", "halted", "user", "chip", 1)]
 

@@ -57,6 +57,13 @@ def supervise(ws: Workspace, *args: str) -> subprocess.Popen[bytes]:
         log.close()
 
 
+def board(ws: Workspace) -> str:
+    proc = subprocess.run([str(COORDINATOR), "-w", str(ws.root), "board"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def supervise_once(ws: Workspace) -> str:
     """`coordinator supervise --once` to completion; its output."""
     proc = subprocess.run([str(COORDINATOR), "-w", str(ws.root), "supervise", "--once"],
@@ -195,6 +202,7 @@ def test_kill9_mid_run_then_restart_finishes_every_order_once(make_ws, victims):
                        "running", "done", "running", "running", "queued"],
                    "the sleeper, o2 and o3 running, o4 queued")
         running = ["sleeper", "o2", "o3"]
+        assert f"supervisor: running (pid {sup.pid})" in board(ws).splitlines()
         os.kill(sup.pid, signal.SIGSTOP)  # freeze it, so both die in the same state
         if victims == "supervisor-and-spawner":
             servers = children(sup.pid)  # its fork server (and any git it is waiting for)
@@ -207,6 +215,9 @@ def test_kill9_mid_run_then_restart_finishes_every_order_once(make_ws, victims):
         if sup.poll() is None:
             sup.kill()
             sup.wait()
+    shown = board(ws).splitlines()  # the board says the RUNNING column is not true any more
+    assert shown[1] == ("supervisor: NOT RUNNING — the RUNNING orders below were cut off; "
+                        "`coordinator supervise` re-queues them"), shown
     if victims == "supervisor-and-spawner":
         leftovers = specialists_of(ws)
         assert leftovers, "the orphaned specialists should still run before the restart"

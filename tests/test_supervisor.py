@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import drop, order_md, sh, step_until
 
+from coordinator import board
 from coordinator.audit import StateRepo
 from coordinator.errors import StateError
 from coordinator.store import Store
@@ -100,6 +101,33 @@ def test_failures_are_retried_with_the_reason_then_blocked_and_escalated(make_ws
     # A blocked order never restarts by itself.
     run(ws)
     assert Store(ws.state).load("o").attempts == 2
+
+
+def test_the_board_says_why_an_order_waits_failed_was_blocked_and_where_it_was_escalated(make_ws):
+    ws = make_ws({
+        "chip": {"role": "specialist", "max_failures": 2, "command": sh("echo boom >&2; exit 3")},
+        "rex": {"role": "specialist", "command": sh('printf "outcome: halt-with-note\\nsummary: ask walt\\n"'
+                                                    ' > "$COORD_RESULT"')},
+    }, escalate_to="rex")
+    drop(ws, "chip", "o.md", order_md("It works", id="o"))
+    drop(ws, "rex", "n.md", order_md("Next thing happens", id="next", blocked_by=["o"]))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: "o" in sup.records and sup.records["o"].failures, "the first failure")
+        text = board.render(ws, width=200)
+        assert f"supervisor: running (pid {os.getpid()})" in text.splitlines()
+        lines = text.splitlines()
+        row = next(i for i, line in enumerate(lines) if line.startswith("  o     chip"))
+        assert lines[row + 1].startswith("        ↳ failed 1 time(s); last: exited with code 3")  # on again, and why
+        assert lines[lines.index("WAITING (1)") + 2] == "        ↳ waits for o"  # under the ids' column
+        step_until(sup, lambda: sup.records["o"].status == "blocked" and len(sup.records) == 3
+                   and all(r.terminal for r in sup.records.values() if r.id not in ("o", "next")), "the escalation")
+    doc = board.as_json(ws)
+    reasons = {o["id"]: o["reason"] for o in doc["orders"]}
+    investigation = next(i for i in reasons if i not in ("o", "next"))
+    assert reasons["o"].startswith("failed 2 time(s); last: exited with code 3")
+    assert reasons["o"].endswith(f" (escalated to rex as {investigation})")
+    assert reasons["next"] == "dependency o ended blocked" and reasons[investigation] == "ask walt"
+    assert doc["supervisor"] == {"running": False, "pid": None}
 
 
 def test_a_command_that_cannot_start_fails_the_attempt_with_the_reason_then_blocks(make_ws):
