@@ -148,7 +148,7 @@ class StateRepo:
         batch costs the same with 50 orders in state/ as with 50,000. The branch moves once,
         checked against the head the commits were made on.
         """
-        with durable.STAGING:  # nothing is renamed over a file while git reads it
+        with durable.staging(batch.paths if batch.paths is not None else (self.path,)):
             if batch.paths is None:
                 self.git(*PACKED, "add", "-A", ".")
             else:

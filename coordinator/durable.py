@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +18,50 @@ TMP_PREFIX = ".tmp-"
 
 # git update-index lstats a path, then opens it and reads as many bytes as the lstat said:
 # a longer version renamed over the file in between would be committed cut short, a
-# shorter one would fail the batch. The state committer holds STAGING while git reads a
-# batch's files; renames under the guarded folder (state/) wait for it, others never do.
-STAGING = threading.Lock()
+# shorter one would fail the batch. While the state committer's git reads a batch's paths
+# (`staging`), a rename onto one of them (or into a folder among them) waits; renames
+# elsewhere under the guarded folder (state/) go on, and outside it nothing ever waits.
+_BUSY = threading.Condition()
+_busy_files: frozenset[str] = frozenset()
+_busy_dirs: tuple[str, ...] = ()
 _guarded: tuple[str, ...] = ()  # one per open supervisor (tests open several in one process)
 
 
 def guard(folder: Path, *, on: bool = True) -> None:
-    """Make renames under `folder` wait for STAGING (`on=False`: no longer)."""
+    """Make renames under `folder` wait for `staging` (`on=False`: no longer)."""
     global _guarded
-    prefix = os.path.join(os.fspath(folder), "")
+    prefix = os.path.join(os.path.abspath(folder), "")
     _guarded = (*_guarded, prefix) if on else tuple(p for p in _guarded if p != prefix)
+
+
+@contextlib.contextmanager
+def staging(paths: Iterable[Path | str]) -> Iterator[None]:
+    """While git reads `paths` (a folder: all below it), nothing is renamed onto them."""
+    global _busy_files, _busy_dirs
+    files = frozenset(os.path.abspath(p) for p in paths)
+    dirs = tuple(os.path.join(p, "") for p in files if os.path.isdir(p))
+    with _BUSY:  # taken by every guarded rename too: none is half done when git starts
+        _busy_files, _busy_dirs = files, dirs
+    try:
+        yield
+    finally:
+        with _BUSY:
+            _busy_files, _busy_dirs = frozenset(), ()
+            _BUSY.notify_all()
 
 
 def _rename(src: Path | str, dst: Path | str, *, replace: bool) -> None:
     rename = os.replace if replace else os.rename
-    if _guarded and os.fspath(dst).startswith(_guarded):
-        with STAGING:
-            rename(src, dst)
-    else:
+    if not _guarded:
+        rename(src, dst)
+        return
+    target = os.path.abspath(dst)
+    if not target.startswith(_guarded):
+        rename(src, dst)
+        return
+    with _BUSY:
+        while target in _busy_files or (_busy_dirs and target.startswith(_busy_dirs)):
+            _BUSY.wait()
         rename(src, dst)
 
 # The supervisor commits exactly the paths it wrote, so that a hand edit in state/

@@ -236,6 +236,42 @@ def test_a_record_rewritten_while_the_committer_reads_it_is_never_committed_cut_
     assert git(repo.path, "status", "--porcelain") == ""
 
 
+def test_while_git_reads_a_batch_only_renames_onto_its_paths_wait(tmp_path):
+    """The loop is not held up by the committer for records git is not reading: a rename onto
+    a path of the batch (or into one of its folders) waits until git is done, others go on."""
+    import threading
+
+    from coordinator import durable
+
+    state = tmp_path / "state"
+    (state / "orders" / "a").mkdir(parents=True)
+    (state / "orders" / "b").mkdir(parents=True)
+    (state / "new").mkdir()
+    outside = tmp_path / "elsewhere.json"
+    durable.guard(state)
+    try:
+        with durable.staging([state / "orders" / "a" / "record.json", state / "new"]):
+            writes = {name: threading.Thread(target=durable.write_json, args=(path, {"v": 2}), kwargs={"sync": False})
+                      for name, path in {"a": state / "orders" / "a" / "record.json",
+                                         "in-new": state / "new" / "x.json",
+                                         "b": state / "orders" / "b" / "record.json", "outside": outside}.items()}
+            for t in writes.values():
+                t.start()
+            for name in ("b", "outside"):
+                writes[name].join(30)
+                assert not writes[name].is_alive(), f"{name} waited for git"
+            writes["a"].join(0.3)
+            writes["in-new"].join(0.3)
+            assert writes["a"].is_alive() and writes["in-new"].is_alive()  # held while git reads
+            assert not (state / "orders" / "a" / "record.json").exists() and not (state / "new" / "x.json").exists()
+        for name in ("a", "in-new"):
+            writes[name].join(30)
+            assert not writes[name].is_alive()
+        assert durable.read_json(state / "orders" / "a" / "record.json") == {"v": 2}
+    finally:
+        durable.guard(state, on=False)
+
+
 def test_a_batch_lands_on_top_of_a_commit_made_meanwhile_and_keeps_its_authors(tmp_path):
     """The supervisor's commits go on whatever the branch holds when they are written: a hand
     commit made since the last batch stays in the history (to be flagged), it is not dropped."""
