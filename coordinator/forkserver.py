@@ -9,6 +9,7 @@ closes. See `coordinator.spawner` for the client side.
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import ctypes
@@ -19,7 +20,6 @@ import selectors
 import signal
 import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -513,9 +513,19 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
         except BaseException as e:
             outcome.append(e)
 
-    worker = threading.Thread(target=work, name="launch")
-    worker.start()
-    worker.join()
+    # A bare thread and one lock: threading.Thread's start and join each wait for the other
+    # thread once more, two scheduler round trips per spawn on a busy machine.
+    ended = _thread.allocate_lock()
+    ended.acquire()
+
+    def launcher() -> None:
+        try:
+            work()
+        finally:
+            ended.release()
+
+    _thread.start_new_thread(launcher, ())
+    ended.acquire()
     if not outcome:
         raise CoordinatorError(f"cannot run {argv[0]}: the launcher thread ended without a result")
     if isinstance(outcome[0], BaseException):
