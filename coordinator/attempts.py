@@ -454,6 +454,12 @@ class AttemptRunner:
             made = investigation(rec, planned["to"], str(report.get("summary") or "blocked"))
         else:
             return None
+        # The same follow-up again (a retried order blocked again, a second route of the same
+        # work) names the last one that failed: the repeat rule is for agents, and the next
+        # agent sees what came before.
+        ended = self.sup.intake.history.ended(made.sender, made.to, made.objective)
+        if ended and not any(p in made.references for p, _ in ended) and len(made.references) < 100:
+            made = dataclasses.replace(made, references=(*made.references, ended[-1][0]))
         return dataclasses.replace(made, id=planned["id"])
 
     def file_follow_up(self, rec: Record) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import drop, order_md, sh, step_until
 
-from coordinator import board
+from coordinator import board, signals
 from coordinator.audit import StateRepo
 from coordinator.errors import StateError
 from coordinator.store import Store
@@ -128,6 +128,29 @@ def test_the_board_says_why_an_order_waits_failed_was_blocked_and_where_it_was_e
     assert reasons["o"].endswith(f" (escalated to rex as {investigation})")
     assert reasons["next"] == "dependency o ended blocked" and reasons[investigation] == "ask walt"
     assert doc["supervisor"] == {"running": False, "pid": None}
+
+
+def test_an_order_blocked_again_after_a_retry_is_escalated_again_not_rejected_as_a_repeat(make_ws):
+    """The second investigation has the same sender, recipient and objective as the first,
+    which halted: it names that one in its references instead of being rejected (with a
+    feedback signal against the supervisor) as a repeat."""
+    ws = make_ws({
+        "chip": {"role": "specialist", "max_failures": 1, "command": sh("exit 3")},
+        "rex": {"role": "specialist", "command": sh('printf "outcome: halt-with-note\\nsummary: drop it\\n"'
+                                                    ' > "$COORD_RESULT"')},
+    }, escalate_to="rex")
+    drop(ws, "chip", "o.md", order_md("It works", id="o"))
+    with Supervisor(ws) as sup:
+        def investigations():
+            return sorted((r for r in sup.records.values() if r.to == "rex"), key=lambda r: r.seq)
+
+        step_until(sup, lambda: len(investigations()) == 1 and investigations()[0].terminal, "the first investigation")
+        assert sup.handle("retry", {"id": "o"})["status"] == "queued"
+        step_until(sup, lambda: len(investigations()) == 2 and investigations()[1].terminal, "the second")
+        first, second = investigations()
+    assert (first.status, second.status) == ("halted", "halted"), second.errors
+    assert second.references == ["o", first.id]
+    assert signals.load(ws.state) == []  # no feedback-loop signal
 
 
 def test_a_command_that_cannot_start_fails_the_attempt_with_the_reason_then_blocks(make_ws):
