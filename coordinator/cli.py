@@ -191,7 +191,8 @@ def init(directory: str, force: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON document with every file's result.")
 @pass_ctx
 def validate(c: Context, files: tuple[str, ...], to: str | None, sender: str | None, as_json: bool) -> None:
-    """Check work orders without sending them; exit 1 if any is invalid.
+    """Check work orders without sending them; exit 1 if any is invalid, 2 if a file cannot be
+    read (every file is still checked and reported).
 
     \b
     Example:
@@ -201,18 +202,19 @@ def validate(c: Context, files: tuple[str, ...], to: str | None, sender: str | N
     from . import sending
 
     report = sending.validate_files(c.ws, [Path(f) for f in files], to=to, sender=sender)
-    valid = all(r["valid"] for r in report)
     if as_json:
-        emit_json({"valid": valid, "files": report})
+        emit_json({"valid": all(r["valid"] for r in report), "files": report})
     else:
         for r in report:
             if r["valid"]:
                 click.echo(f"{r['file']}: ok (to {r['to']}, {r['checks']} check(s))")
             else:
+                prefix = "" if r["readable"] else "coordinator: "  # said as `send` says it
                 for p in r["problems"]:
-                    click.echo(p["text"], err=True)
-    if not valid:
-        raise click.exceptions.Exit(1)
+                    click.echo(prefix + p["text"], err=True)
+    code = sending.verdict(report)
+    if code:
+        raise click.exceptions.Exit(code)
 
 
 @cli.command()

@@ -20,7 +20,13 @@ from . import paths, schemas
 from .errors import ConfigError
 
 CONFIG_NAME = "coordinator.yaml"
-SYSTEM_SENDERS = ("user", "coordinator")  # senders that are not agents
+# Senders that are not agents, and why an agent may not take their name: an order from an
+# agent so named would pass for the user's, and its commits for the supervisor's own.
+RESERVED_NAMES = {
+    "user": "the sender of orders dropped by hand",
+    "coordinator": "the supervisor's own name in the audit trail",
+}
+SYSTEM_SENDERS = tuple(RESERVED_NAMES)
 MAX_CONFIG_BYTES = 1024 * 1024
 
 # Every default is a named constant (rq's habit): one place to read them.
@@ -218,6 +224,8 @@ def from_mapping(data: Any, *, path: Path | None = None) -> Config:
     defaults = data.get("defaults", {}) or {}
     agents: dict[str, Agent] = {}
     for name, spec in data["agents"].items():
+        if name in RESERVED_NAMES:
+            raise fail(f"agents.{name}", f"{name!r} is reserved ({RESERVED_NAMES[name]}); pick another name")
         agents[name] = _agent(name, spec, defaults, fail)
 
     for name, a in agents.items():

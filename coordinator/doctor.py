@@ -11,6 +11,10 @@ from . import landlock, mounts
 from .runner import agent_warnings
 from .workspace import Workspace
 
+MAX_SHOWN_COMMAND = 120  # characters of an agent's command shown: enough to recognize it
+# Control characters shown as escapes, so a multi-line `sh -c` script keeps to its line.
+_ESCAPES = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F)} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+
 
 def report(ws: Workspace | None) -> list[str]:
     """What this machine supports, then the team of `ws` (None: no workspace here, the machine only)."""
@@ -63,12 +67,22 @@ def report(ws: Workspace | None) -> list[str]:
     lines.append(f"team: {len(cfg.agents)} agent(s), max_parallel {cfg.max_parallel}, "
                  f"orchestrator {cfg.orchestrator or '-'}")
     for name, a in cfg.agents.items():
-        shown = " ".join(a.command[:3]).replace("{python}", "python") if a.command else ""
+        shown = command_line(a.command) if a.command else ""
         how = "llm " + a.llm.primary.model if a.llm else (f"command: {shown}" if a.command else "external (no command)")
         missing = ""
         if a.command and not a.command[0].startswith("{") and shutil.which(a.command[0]) is None:
-            missing = f"  (WARNING: {a.command[0]} not found on PATH)"
+            missing = f"  (WARNING: {_one_line(a.command[0])} not found on PATH)"
         lines.append(f"  {name}: {a.role}, {how}{missing}")
         lines += [f"    WARNING: {w}" for w in agent_warnings(a)]
     return lines
 
+
+def command_line(command: tuple[str, ...]) -> str:
+    """The first words of an agent's command on one line (newlines shown as \\n), shortened to
+    MAX_SHOWN_COMMAND characters."""
+    text = _one_line(" ".join(command[:3]).replace("{python}", "python"))
+    return text if len(text) <= MAX_SHOWN_COMMAND else text[:MAX_SHOWN_COMMAND - 1] + "…"
+
+
+def _one_line(text: str) -> str:
+    return text.translate(_ESCAPES)

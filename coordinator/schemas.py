@@ -14,7 +14,7 @@ from importlib import resources
 from typing import Any
 
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError
+from jsonschema.exceptions import ValidationError, best_match
 
 NAMES = ("work-order", "config", "result", "llm-reply")
 
@@ -75,6 +75,7 @@ _NAMED = frozenset({"properties", "patternProperties", "dependentSchemas"})
 
 def field_of(error: ValidationError) -> str:
     """A dotted field name for an error: ``acceptance.2.check``."""
+    error = _telling(error)
     parts = [str(p) for p in error.absolute_path]
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         allowed = set(error.schema.get("properties", {}))
@@ -90,7 +91,10 @@ def field_of(error: ValidationError) -> str:
 
 def describe(error: ValidationError) -> str:
     """A short message saying what is wrong, in words a user can act on."""
+    error = _telling(error)
     v = error.validator
+    if v in _ALTERNATIVES:
+        return _alternatives(error)
     if v == "additionalProperties" and isinstance(error.instance, dict):
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted(k for k in error.instance if k not in allowed)
@@ -105,6 +109,67 @@ def describe(error: ValidationError) -> str:
     if v == "pattern":
         return f"{error.instance!r} does not match the pattern {error.validator_value}"
     return str(error.message)
+
+
+# A value that fits none of several schemas (`oneOf`, `anyOf`). An alternative may carry a
+# `title` naming what it expects in words ("a duration like 90s, 20m, 1.5h"); one without
+# a title is explained by its own errors.
+_ALTERNATIVES = ("oneOf", "anyOf")
+
+
+def _telling(error: ValidationError) -> ValidationError:
+    """The error to show for `error`: for a value that fits none of several alternatives, the
+    error inside the one alternative of the value's type (an unknown key of a mapping, say),
+    unless that alternative has a title to say what it expects."""
+    while error.validator in _ALTERNATIVES and error.context:
+        fitting = _fitting(error)
+        untitled = [i for i in fitting if not _title(error.validator_value[i])]
+        if not untitled:
+            return error
+        if len(fitting) == 1:
+            inside = [e for e in error.context if e.relative_schema_path[0] == fitting[0]]
+        else:  # several alternatives of its type: the likeliest one
+            likeliest = best_match(e for e in error.context if e.relative_schema_path[0] in fitting)
+            inside = [likeliest] if likeliest is not None else []
+        if not inside:
+            return error
+        error = min(inside, key=lambda e: (len(e.path), [str(p) for p in e.path], e.message))
+    return error
+
+
+def _fitting(error: ValidationError) -> list[int]:
+    """The alternatives whose type the value has (those with no type error about the value itself)."""
+    wrong_type = {e.relative_schema_path[0] for e in error.context if e.validator == "type" and not e.path}
+    return [i for i in range(len(error.validator_value)) if i not in wrong_type]
+
+
+def _alternatives(error: ValidationError) -> str:
+    """What a value that fits none of the alternatives should be: their titles, else their types."""
+    if not error.context:  # a `oneOf` the value fits more than one alternative of
+        return str(error.message)
+    fitting = _fitting(error)
+    if len(fitting) == 1 and _title(error.validator_value[fitting[0]]):
+        return f"{_shown(error.instance)} is not {_title(error.validator_value[fitting[0]])}"
+    kinds: dict[str, None] = {}  # in order, once each
+    for i in fitting or range(len(error.validator_value)):
+        types = [e.validator_value for e in error.context if e.relative_schema_path[0] == i
+                 and e.validator == "type" and not e.path]
+        kinds[_title(error.validator_value[i]) or _article(types[0] if types else "a value")] = None
+    expected = " or ".join(kinds)
+    return f"must be {expected}" if fitting else f"must be {expected}, not {_what(error.instance)}"
+
+
+def _title(schema: object) -> str:
+    return str(schema.get("title", "")) if isinstance(schema, dict) else ""
+
+
+def _shown(value: object) -> str:
+    """A value as a user wrote it: text quoted, numbers as they are."""
+    if isinstance(value, str):
+        return repr(value[:40])
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return _what(value)
 
 
 def _what(value: object) -> str:

@@ -47,13 +47,16 @@ def history(ws: Workspace) -> History:
 
 
 def validate_files(ws: Workspace, files: list[Path], *, to: str | None, sender: str | None) -> list[dict[str, Any]]:
-    """Each file's verdict: {file, to, valid, checks, problems[, id]}; never raises for a bad file."""
+    """Each file's verdict: {file, to, valid, readable, checks, problems[, id]}; never raises for
+    a bad file. `readable` is false for a file that could not be read (missing, a folder): a
+    usage error, not an invalid order."""
     hist = history(ws)
     report: list[dict[str, Any]] = []
     for path in files:
         shown = ws.rel(path)
         recipient = to or ws.agent_of_inbox(path)
-        entry: dict[str, Any] = {"file": shown, "to": recipient, "valid": False, "checks": 0, "problems": []}
+        entry: dict[str, Any] = {"file": shown, "to": recipient, "valid": False, "readable": True, "checks": 0,
+                                 "problems": []}
         try:
             data = read_file(path, shown=shown)
             order = orders.load(data, path=shown, to=recipient, config=ws.config, history=hist, sender=sender)
@@ -61,9 +64,18 @@ def validate_files(ws: Workspace, files: list[Path], *, to: str | None, sender: 
         except OrderError as e:
             entry["problems"] = [p.as_dict() | {"text": str(p)} for p in e.problems]
         except UsageError as e:
+            entry["readable"] = False
             entry["problems"] = [{"path": shown, "line": None, "field": "", "message": str(e), "text": str(e)}]
         report.append(entry)
     return report
+
+
+def verdict(report: list[dict[str, Any]]) -> int:
+    """The exit code of `validate`: 2 when a file could not be read (as `send` says), else 1 when
+    an order is invalid, else 0."""
+    if not all(r["readable"] for r in report):
+        return 2
+    return 0 if all(r["valid"] for r in report) else 1
 
 
 def refuse_inbox_file(ws: Workspace, path: Path, *, shown: str) -> None:

@@ -147,7 +147,7 @@ def test_workspace_from_w_then_environment_then_upward_search(ws: Path, tmp_path
     assert run("board", env={"COORDINATOR_WORKSPACE": str(ws)}).exit_code == 0
     monkeypatch.chdir(ws / "repos" / "webapp" / "src")
     found = run("board", "--json")
-    assert found.exit_code == 0 and json.loads(found.stdout) == {"orders": []}
+    assert found.exit_code == 0 and json.loads(found.stdout) == {"orders": [], "supervisor": {"running": False, "pid": None}}
     missing = run("-w", elsewhere, "board")
     assert missing.exit_code == 2
     assert missing.stderr == (f"coordinator: -w: {elsewhere} has no coordinator.yaml; "
@@ -163,6 +163,19 @@ def test_an_agent_given_twice_in_the_config_is_refused_not_silently_replaced(ws:
     assert (result.exit_code, result.stderr) == (
         2, f"coordinator: coordinator.yaml: agents.chip: given twice (lines {first} and {len(text.splitlines()) + 1}); "
            "keep one\n")
+
+
+@pytest.mark.parametrize("name, why", [
+    ("user", "the sender of orders dropped by hand"),
+    ("coordinator", "the supervisor's own name in the audit trail"),
+])
+def test_an_agent_may_not_take_a_name_the_coordinator_uses_itself(ws: Path, name: str, why: str) -> None:
+    config = ws / "coordinator.yaml"
+    config.write_text(config.read_text() + f"  {name}:\n    role: specialist\n    command: [\"true\"]\n")
+    for args in (["board"], ["doctor"]):
+        result = run("-w", ws, *args)
+        assert (result.exit_code, result.stdout, result.stderr) == (
+            2, "", f"coordinator: coordinator.yaml: agents.{name}: {name!r} is reserved ({why}); pick another name\n")
 
 
 @pytest.mark.parametrize("args, refused", [
@@ -207,6 +220,18 @@ def test_a_bad_config_stops_every_command_with_one_line_naming_the_key(ws: Path)
         result = run("-w", ws, *args)
         assert result.exit_code == 2
         assert result.stderr == "coordinator: coordinator.yaml: agents.rex.writes: must be a list, not the number 5\n"
+
+
+@pytest.mark.parametrize("value, said", [
+    ("banana", "defaults.timeout: 'banana' is not a duration like 90s, 20m, 1.5h"),
+    ("0", "defaults.timeout: 0 is not a number of seconds above 0"),
+    ("[5m]", "defaults.timeout: must be a duration like 90s, 20m, 1.5h or a number of seconds above 0, not a list"),
+])
+def test_a_value_that_fits_none_of_its_forms_says_what_is_expected(ws: Path, value: str, said: str) -> None:
+    config = ws / "coordinator.yaml"
+    config.write_text(config.read_text().replace("  timeout: 5m ", f"  timeout: {value} ", 1))
+    result = run("-w", ws, "board")
+    assert (result.exit_code, result.stdout, result.stderr) == (2, "", f"coordinator: coordinator.yaml: {said}\n")
 
 
 # -- validate -----------------------------------------------------------------------------------------
@@ -264,6 +289,33 @@ def test_validate_json_is_one_document(ws: Path) -> None:
     assert [(f["file"], f["valid"]) for f in doc["files"]] == [("a.md", True), ("b.yaml", False)]
     assert {"acceptance", "files", "branching"} <= {p["field"] for p in doc["files"][1]["problems"]}
     assert all(p["line"] is None or isinstance(p["line"], int) for p in doc["files"][1]["problems"])
+
+
+def test_validate_says_a_missing_file_as_send_does_and_exits_2(ws: Path) -> None:
+    missing = run("-w", ws, "validate", ws / "nothing.md", "--to", "chip")
+    sent = run("-w", ws, "send", ws / "nothing.md", "--to", "chip")
+    assert (missing.exit_code, missing.stdout, missing.stderr) == (2, "", "coordinator: nothing.md: no such file\n")
+    assert (sent.exit_code, sent.stderr) == (missing.exit_code, missing.stderr)
+
+
+def test_validate_reports_every_file_and_a_missing_one_outranks_an_invalid_one(ws: Path) -> None:
+    (ws / "good.md").write_text(order("The webapp greets a user by name"))
+    (ws / "bad.md").write_text(order("The webapp greets a user by name", files=("/etc/passwd",)))
+    files = [ws / "good.md", ws / "nothing.md", ws / "bad.md"]
+    result = run("-w", ws, "validate", *files, "--to", "chip")
+    assert result.exit_code == 2
+    assert result.stdout == "good.md: ok (to chip, 1 check(s))\n"
+    assert result.stderr.splitlines() == [
+        "coordinator: nothing.md: no such file",
+        "bad.md:9: files.0: '/etc/passwd' is absolute; give a path relative to repos/ (e.g. webapp/src/x.py)",
+    ]
+    as_json = run("-w", ws, "validate", *files, "--to", "chip", "--json")
+    assert (as_json.exit_code, as_json.stderr) == (2, "")
+    doc = json.loads(as_json.stdout)
+    assert doc["valid"] is False
+    assert [(f["file"], f["valid"], f["readable"]) for f in doc["files"]] == [
+        ("good.md", True, True), ("nothing.md", False, False), ("bad.md", False, True)]
+    assert doc["files"][1]["problems"][0]["message"] == "nothing.md: no such file"
 
 
 BILLION_LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(

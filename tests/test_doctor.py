@@ -100,3 +100,15 @@ def test_a_misspelt_placeholder_and_a_missing_sandbox_folder_are_warned_of(make_
         pass
     assert [s for s in said if s.startswith("WARNING: agents.chip.")] == [
         "WARNING: agents.chip." + w.removeprefix("WARNING: ") for w in warnings]
+
+
+def test_a_multi_line_command_is_shown_on_one_line(make_ws) -> None:
+    script = 'set -e\necho "working on $COORD_ORDER_ID"\n\tprintf done > "$COORD_RESULT"\n'
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"], "command": sh(script)}})
+    lines = doctor(ws)
+    assert not any(x.startswith(("echo", "\tprintf", "printf")) for x in lines), lines
+    assert line(lines, "chip:") == ('  chip: specialist, command: /bin/sh -c set -e\\necho "working on '
+                                    '$COORD_ORDER_ID"\\n\\tprintf done > "$COORD_RESULT"\\n')
+    long = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"], "command": sh("true\n" * 100)}})
+    shown = line(doctor(long), "chip:").removeprefix("  chip: specialist, command: ")
+    assert shown == ("/bin/sh -c " + "true\\n" * 100)[:119] + "…"

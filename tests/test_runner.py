@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 from conftest import drop, order_md, sh
 
@@ -70,3 +72,10 @@ def test_placeholders_are_put_in_once_and_the_brief_text_is_not_searched_again(m
     first, brief = (probe_of(ws) / "args").read_text().split("|", 1)
     assert first == "lit"
     assert "Mention {workspace} and {python} literally" in brief
+
+
+def test_the_readme_names_every_placeholder_a_command_may_use():
+    readme = (Path(__file__).parent.parent / "README.md").read_text("utf-8")
+    contract = readme.split("## The specialist contract", 1)[1].split("Its environment has", 1)[0]
+    named = re.findall(r"`\{([a-z_]+)\}`", contract)
+    assert named == list(runner.PLACEHOLDERS)

@@ -107,3 +107,32 @@ def test_references_are_written_out_without_losing_or_inventing_a_rule() -> None
     data = schemas._inline({"properties": {"enum": {"$ref": "#/$defs/line"}}, "const": {"$ref": "#/$defs/line"}}, defs)
     assert data == {"properties": {"enum": {"type": "string", "minLength": 1}}, "const": {"$ref": "#/$defs/line"}}
     assert schemas._inline({"$ref": "#/$defs/list"}, defs) == {"items": {"$ref": "#/$defs/list"}}  # a cycle stays
+
+
+def said(name: str, instance: Any) -> list[str]:
+    return [f"{schemas.field_of(e)}: {schemas.describe(e)}" for e in schemas.errors(name, instance)]
+
+
+def test_a_value_that_fits_none_of_several_schemas_is_told_what_is_expected() -> None:
+    def team(**agent: Any) -> dict[str, Any]:
+        return {"version": 1, "agents": {"chip": {"role": "specialist", **agent}}}
+
+    def fallback(item: Any) -> dict[str, Any]:
+        return team(llm={"base_url": "http://x", "model": "m", "fallback": [item]})
+
+    # An alternative with a title says it; with none, the value's own mistake inside it is said.
+    assert said("config", team(timeout="banana")) == ["agents.chip.timeout: 'banana' is not a duration like "
+                                                      "90s, 20m, 1.5h"]
+    assert said("config", team(timeout=-5)) == ["agents.chip.timeout: -5 is not a number of seconds above 0"]
+    assert said("config", team(timeout=True)) == ["agents.chip.timeout: must be a duration like 90s, 20m, 1.5h "
+                                                  "or a number of seconds above 0, not true"]
+    assert said("config", fallback(5)) == ["agents.chip.llm.fallback.0: must be a string or a mapping, "
+                                           "not the number 5"]
+    assert said("config", fallback({"model": "a", "extra": 1})) == [
+        "agents.chip.llm.fallback.0.extra: unknown key 'extra'; allowed keys: api_key_env, base_url, model, prices"]
+    assert said("config", fallback({"base_url": "http://y"})) == [
+        "agents.chip.llm.fallback.0.model: missing required key 'model'"]
+    either = "a specialist's reply (outcome, summary, edits) or an orchestrator's plan (summary, orders)"
+    assert said("llm-reply", {"outcome": "done"}) == [f"(top level): must be {either}"]
+    assert said("llm-reply", ["done"]) == [f"(top level): must be {either}, not a list"]
+    assert not any("valid under" in line for line in said("config", team(timeout="1d", stale_after=[])))
