@@ -21,6 +21,7 @@ from it (result, outbox) is read without following links and with a size cap.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import os
 import re
@@ -39,8 +40,9 @@ from .workspace import Workspace
 
 PLACEHOLDERS = ("id", "order", "brief", "brief_text", "workdir", "result", "python", "workspace")
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
-# What looks like a placeholder but is none (a typo such as {breif}); `${VAR}` is the shell's.
-_LOOKS_LIKE_PLACEHOLDER = re.compile(r"(?<![$\w{])\{([a-z_]+)\}(?!\})")
+# A word in braces (`${VAR}` is the shell's): warned of when it is close to a placeholder
+# ({breif}, {Brief}, {work-dir}); {print} in awk, {name} in jq or {x} in an f-string are not.
+_BRACED_WORD = re.compile(r"(?<![$\w{])\{([A-Za-z_-]+)\}(?!\})")
 TAIL_BYTES = 4000
 
 
@@ -247,14 +249,27 @@ def agent_warnings(agent: Agent) -> list[str]:
     supervisor's start say them)."""
     found: list[str] = []
     for i, arg in enumerate(agent.command or ()):
-        for m in _LOOKS_LIKE_PLACEHOLDER.finditer(arg):
-            if m.group(1) not in PLACEHOLDERS:
-                found.append(f"command.{i}: {m.group(0)} is not a placeholder and is passed as is "
-                             f"(the placeholders: {', '.join('{' + p + '}' for p in PLACEHOLDERS)})")
+        for m in _BRACED_WORD.finditer(arg):
+            meant = _placeholder_meant(m.group(1))
+            if meant is not None:
+                found.append(f"command.{i}: {m.group(0)} is not a placeholder and is passed as is; "
+                             f"did you mean {{{meant}}}? (the placeholders: "
+                             f"{', '.join('{' + p + '}' for p in PLACEHOLDERS)})")
     for folder in agent.sandbox_writable:
         if not Path(folder).exists():
             found.append(f"sandbox.writable: {folder} does not exist; its orders cannot start until it does")
     return found
+
+
+def _placeholder_meant(word: str) -> str | None:
+    """The placeholder a braced word not among them was likely meant to be, or None."""
+    if word in PLACEHOLDERS:
+        return None
+    plain = word.lower().replace("-", "_")
+    if plain in PLACEHOLDERS:
+        return plain
+    close = difflib.get_close_matches(plain, PLACEHOLDERS, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def environment(agent: Agent, attempt: Attempt, ws: Workspace) -> dict[str, str]:

@@ -86,13 +86,16 @@ def test_before_abi_6_doctor_says_signals_are_not_scoped(ws: Workspace, monkeypa
 def test_a_misspelt_placeholder_and_a_missing_sandbox_folder_are_warned_of(make_ws, tmp_path) -> None:
     gone = tmp_path / "not-made-yet"
     ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"],
-                           "command": ["/bin/sh", "-c", 'home=1; echo "${home}" {id}', "{breif}", "{brief}"],
+                           "command": ["/bin/sh", "-c", 'home=1; echo "${home}" {id} | awk "{print}"', "{breif}",
+                                       "{brief}", "{Work-Dir}", "{name}", 'python -c \'print(f"{x}")\''],
                            "sandbox": {"writable": [str(gone)]}}})
     lines = doctor(ws)
     warnings = [x.strip() for x in lines if x.strip().startswith("WARNING: ")]
     assert warnings == [
-        "WARNING: command.3: {breif} is not a placeholder and is passed as is (the placeholders: {id}, "
-        "{order}, {brief}, {brief_text}, {workdir}, {result}, {python}, {workspace})",
+        "WARNING: command.3: {breif} is not a placeholder and is passed as is; did you mean {brief}? "
+        "(the placeholders: {id}, {order}, {brief}, {brief_text}, {workdir}, {result}, {python}, {workspace})",
+        "WARNING: command.5: {Work-Dir} is not a placeholder and is passed as is; did you mean {workdir}? "
+        "(the placeholders: {id}, {order}, {brief}, {brief_text}, {workdir}, {result}, {python}, {workspace})",
         f"WARNING: sandbox.writable: {gone} does not exist; its orders cannot start until it does",
     ]
     said: list[str] = []
