@@ -114,7 +114,10 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
                              "can be cancelled")
         if rec.status == "running":
             sup.attempts.cancel(rec)
-        rec.report = {"summary": f"cancelled by {args.get('by', 'user')}"}
+        summary = f"cancelled by {args.get('by', 'user')}"
+        before = (rec.report or {}).get("summary") if rec.status in ("blocked", "halted") else None
+        # An ended order keeps why it ended: the sender reads both in the report.
+        rec.report = {"summary": f"{summary}; it was {rec.status}: {before}" if before else summary}
         sup.move(rec, "cancelled", str(args.get("by", "user")))
         return {"id": rec.id, "status": rec.status}
     if action == "retry":

@@ -638,6 +638,7 @@ def test_a_blocked_order_can_be_cancelled_and_then_no_longer_retried(make_ws):
     drop(ws, "chip", "a.md", order_md("Cannot be done", id="stuck"))
     run(ws)
     assert status(ws, "stuck") == "blocked"
+    before = Store(ws.state).load("stuck").report["summary"]
     with Supervisor(ws) as sup:
         assert sup.handle("cancel", {"id": "stuck"}) == {"id": "stuck", "status": "cancelled"}
         with pytest.raises(StateError) as refused:
@@ -649,6 +650,10 @@ def test_a_blocked_order_can_be_cancelled_and_then_no_longer_retried(make_ws):
                                     "can be cancelled")
     lines = [e.line for e in StateRepo(ws.state).entries("stuck")]
     assert lines[-1] == "stuck chip: blocked -> cancelled"
+    # The report keeps why it had ended before it was cancelled.
+    said = f"cancelled by user; it was blocked: {before}"
+    assert Store(ws.state).load("stuck").report["summary"] == said
+    assert said in (ws.state / "orders" / "stuck" / "report.md").read_text()
 
 
 def test_a_routed_record_written_before_routed_to_existed_still_leads_to_its_follow_up():
