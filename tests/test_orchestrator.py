@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
 from conftest import drop, order_md, sh
 
 from coordinator import budget, orders, signals
@@ -154,3 +155,33 @@ def test_budget_add_and_mode_bands_through_the_supervisor(make_ws):
     data = ledger(ws)
     assert sum(i["tokens"] for i in data["items"]) == 2000
     assert any(i["note"] == "read the spec" and i["kind"] == "manual" for i in data["items"])
+
+
+@pytest.mark.parametrize("ending", ["done", "halted"])
+def test_a_command_orchestrators_request_is_judged_at_the_end_of_its_childs_route(make_ws, tmp_path, ending):
+    """walt delegates one order to chip, which routes it to rex: walt's request waits for rex's
+    follow-up, not for chip's routed order, and ends as the follow-up ends."""
+    rex = sh('printf "outcome: halt-with-note\\nsummary: not for me\\n" > "$COORD_RESULT"') if ending == "halted" \
+        else sh("echo reviewed")
+    ws = make_ws({
+        "walt": {"role": "orchestrator", "sends_to": ["chip"], "command": sh(
+            'mkdir -p "$COORD_OUTBOX/chip" && cp "$PROBE/kid.md" "$COORD_OUTBOX/chip/kid.md" && '
+            'printf "outcome: done\\nsummary: delegated\\n" > "$COORD_RESULT"')},
+        "chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
+            'printf "outcome: route-to\\nagent: rex\\nsummary: a review\\n" > "$COORD_RESULT"')},
+        "rex": {"role": "specialist", "command": rex},
+    }, orchestrator="walt")
+    (tmp_path / "probe" / "kid.md").write_text(order_md(
+        "The greeting is reviewed", id="kid", branching=("route-to-rex if it needs a review",)))
+    drop(ws, "walt", "req.md", order_md("The team reviews the greeting", id="req"))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    assert recs["req"].children == ["kid"] and recs["kid"].status == "routed"
+    follow = recs[recs["kid"].routed_to]
+    assert (follow.to, follow.status) == ("rex", ending)
+    if ending == "done":
+        assert recs["req"].status == "done"
+    else:
+        assert recs["req"].status == "blocked"
+        assert recs["req"].report["summary"].startswith(
+            f"delegated orders did not finish: kid (routed to {follow.id}) halted")
