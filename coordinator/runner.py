@@ -48,6 +48,9 @@ TAIL_BYTES = 4000
 
 @dataclass(frozen=True)
 class Attempt:
+    """One run of an order. Its paths are worked out once each (they are asked for some 25
+    times an attempt, on the path from drop to spawn)."""
+
     order_id: str
     number: int
     folder: Path
@@ -58,38 +61,38 @@ class Attempt:
     def token(self) -> str:
         return f"{self.order_id}.{self.number}"
 
-    @property
+    @functools.cached_property
     def brief(self) -> Path:
         return self.folder / "brief.md"
 
-    @property
+    @functools.cached_property
     def order_file(self) -> Path:
         return self.folder / "order.json"
 
-    @property
+    @functools.cached_property
     def result(self) -> Path:
         return self.folder / "result.yaml"
 
-    @property
+    @functools.cached_property
     def outbox(self) -> Path:
         return self.folder / "outbox"
 
-    @property
+    @functools.cached_property
     def scratch(self) -> Path:
         return self.folder / "scratch"
 
-    @property
+    @functools.cached_property
     def logs(self) -> Path:
         return self.folder.parent.parent.parent / "logs" / self.order_id / str(self.number)
 
-    @property
+    @functools.cached_property
     def log(self) -> Path:
         return self.logs / "output.log"
 
     def check_log(self, index: int) -> Path:
         return self.logs / f"check-{index}.log"
 
-    @property
+    @functools.cached_property
     def heartbeat(self) -> Path:
         return self.folder / "heartbeat"
 
