@@ -321,10 +321,11 @@ class AttemptRunner:
         command = act.checks[act.check_index]
         log = act.attempt.check_log(act.check_index)
         if act.timed_out:
-            return self.fail(act, f"check `{command}` timed out; output: {runner.tail(log, 400)}")
+            return self.fail(act, f"check `{command}` timed out; output: {runner.tail(log, 400) or '(none)'}")
         if code != 0:
-            return self.fail(act, f"check `{command}` failed with exit code {code}; output:\n"
-                                  f"{runner.tail(log, OUTPUT_TAIL)}")
+            out = runner.tail(log, OUTPUT_TAIL)
+            return self.fail(act, f"check `{command}` failed with exit code {code}; "
+                                  + (f"output:\n{out}" if out else "no output"))
         act.check_lines.append(f"`{command}` passed")
         act.check_index += 1
         if act.check_index < len(act.checks):

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import budget, signals
 from .errors import NotFoundError, UsageError
-from .store import STATUSES, Record, Store, dependency_done
+from .store import STATUSES, Record, Store, dependency_done, route_end, via_route
 from .workspace import Workspace
 
 COLOURS = {"queued": "cyan", "waiting": "yellow", "running": "blue", "done": "green",
@@ -56,7 +56,7 @@ def reason(rec: Record, records: dict[str, Record]) -> str | None:
     report = rec.report or {}
     planned = report.get("follow_up") if isinstance(report.get("follow_up"), dict) else None
     if rec.status == "waiting":
-        waits = [d for d in (*rec.blocked_by, *([rec.blocker] if rec.blocker else []))
+        waits = [_awaited(d, records) for d in (*rec.blocked_by, *([rec.blocker] if rec.blocker else []))
                  if not dependency_done(records, d)]
         return f"waits for {', '.join(waits)}" if waits else None
     if rec.status == "routed":
@@ -73,6 +73,15 @@ def reason(rec: Record, records: dict[str, Record]) -> str | None:
     if rec.status in ("queued", "running") and rec.failures:
         return f"failed {len(rec.failures)} time(s); last: {rec.failures[-1].splitlines()[0]}"
     return None
+
+
+def _awaited(order_id: str, records: dict[str, Record]) -> str:
+    """A dependency as a waiting order's reason names it: one that halted or was blocked will not
+    end done by itself, and the user is told what would move it."""
+    last = route_end(records, order_id)
+    if last is None or not last.terminal:
+        return order_id
+    return f"{via_route(order_id, last)} ({last.status}: `coordinator retry {last.id}`, or cancel it)"
 
 
 def render(ws: Workspace, *, colour: bool = False, width: int | None = None) -> str:

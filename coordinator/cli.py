@@ -137,6 +137,23 @@ class _Amount(click.FloatRange):
 AMOUNT = _Amount()
 
 
+class _Tokens(click.IntRange):
+    """A whole number of tokens, 1 to MAX_TOKENS_ADDED; 1,800 and 1_800 are read as 1800."""
+
+    name = "tokens"
+
+    def __init__(self) -> None:
+        super().__init__(min=1, max=MAX_TOKENS_ADDED)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str):
+            try:
+                value = int(value.strip().replace(",", "").replace("_", ""))
+            except ValueError:
+                self.fail(f"{value!r} is not a whole number of tokens (like 1800)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
@@ -184,7 +201,7 @@ def init(directory: str, force: bool) -> None:
 
 
 @cli.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--to", "to", metavar="AGENT", help="Recipient (default: the inbox folder the file is in, "
               "else the file's `to:`).")
 @click.option("--from", "sender", metavar="AGENT", help="Sender (default: the file's `from`, else user).")
@@ -194,10 +211,13 @@ def validate(c: Context, files: tuple[str, ...], to: str | None, sender: str | N
     """Check work orders without sending them; exit 1 if any is invalid, 2 if a file cannot be
     read (every file is still checked and reported).
 
+    `-` reads an order from stdin (Markdown, YAML or JSON; the format is recognized).
+
     \b
     Example:
         coordinator validate inbox/chip/fix.md
         coordinator validate draft.yaml other.md --to chip --json
+        coordinator new --to chip | coordinator validate -
     """
     from . import sending
 
@@ -469,7 +489,7 @@ def budget(ctx: click.Context, as_json: bool) -> None:
 
 
 @budget.command("add")
-@click.argument("tokens", type=click.IntRange(min=1, max=MAX_TOKENS_ADDED))
+@click.argument("tokens", type=_Tokens())
 @click.option("--note", default="", help="What the tokens were (a file read, a chat).")
 @pass_ctx
 def budget_add(c: Context, tokens: int, note: str) -> None:
@@ -571,13 +591,15 @@ def doctor(c: Context) -> None:
     from . import doctor as d
 
     try:
-        ws: Workspace | None = c.ws
+        ws: Workspace | None = Workspace.find(c.explicit)  # a broken config is reported, not refused
     except WorkspaceError:
         if c.explicit or os.environ.get(ENV_VAR):
             raise  # a workspace named on purpose that is not one
         ws = None
     for line in d.report(ws):
         click.echo(line)
+    if ws is not None:
+        _ = ws.config  # a config it could not read: its error, once more, as the exit
 
 
 @cli.command()

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 from . import landlock, mounts
+from .errors import ConfigError
 from .runner import agent_warnings
 from .workspace import Workspace
 
@@ -63,7 +64,11 @@ def report(ws: Workspace | None) -> list[str]:
         pass
     if ws is None:
         return lines
-    cfg = ws.config
+    try:
+        cfg = ws.config
+    except ConfigError as e:
+        lines.append(f"team: CANNOT BE READ — {e}")
+        return lines
     lines.append(f"team: {len(cfg.agents)} agent(s), max_parallel {cfg.max_parallel}, "
                  f"orchestrator {cfg.orchestrator or '-'}")
     for name, a in cfg.agents.items():

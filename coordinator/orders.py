@@ -44,7 +44,7 @@ from ._orderfile import (
     read_order,
     reported,
 )
-from .config import SYSTEM_SENDERS, Config
+from .config import SYSTEM_SENDERS, Agent, Config
 from .errors import OrderError, Problem, UsageError
 
 __all__ = [
@@ -388,12 +388,18 @@ def _rule_text(rule: Branch) -> str:
     return f"{action} if {rule.when}"
 
 
+def known_agent(name: str, config: Config) -> Agent:
+    """The agent `name` given on the command line (`--to`); a usage error when there is none."""
+    agent = config.agents.get(name)
+    if agent is None:
+        raise UsageError(f"unknown agent {name!r}; the agents are {', '.join(sorted(config.agents))}")
+    return agent
+
+
 def template(to: str, config: Config) -> str:
     """A Markdown work order for `to` to fill in (`coordinator new --to X`). It validates once
     every <describe …> and <replace …> is replaced; its files are what `to` may write."""
-    agent = config.agents.get(to)
-    if agent is None:
-        raise UsageError(f"unknown agent {to!r}; the agents are {', '.join(sorted(config.agents))}")
+    agent = known_agent(to, config)
     writes = agent.writes
     if agent.is_orchestrator:
         writes = tuple(w for a in agent.sends_to if a in config.agents for w in config.agents[a].writes)

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,17 +50,22 @@ def history(ws: Workspace) -> History:
 def validate_files(ws: Workspace, files: list[Path], *, to: str | None, sender: str | None) -> list[dict[str, Any]]:
     """Each file's verdict: {file, to, valid, readable, checks, problems[, id]}; never raises for
     a bad file. `readable` is false for a file that could not be read (missing, a folder): a
-    usage error, not an invalid order."""
+    usage error, not an invalid order. `-` is read from stdin (any format, recognized).
+    An unknown `to` is a usage error, raised before any file is read."""
+    if to is not None:
+        orders.known_agent(to, ws.config)
     hist = history(ws)
     report: list[dict[str, Any]] = []
     for path in files:
-        shown = ws.rel(path)
-        recipient = to or ws.agent_of_inbox(path)
+        stdin = str(path) == "-"
+        shown = STDIN if stdin else ws.rel(path)
+        recipient = to or (None if stdin else ws.agent_of_inbox(path))
         entry: dict[str, Any] = {"file": shown, "to": recipient, "valid": False, "readable": True, "checks": 0,
                                  "problems": []}
         try:
-            data = read_file(path, shown=shown)
-            order = orders.load(data, path=shown, to=recipient, config=ws.config, history=hist, sender=sender)
+            data = read_stream(sys.stdin.buffer) if stdin else read_file(path, shown=shown)
+            order = orders.load(data, path=shown, to=recipient, config=ws.config, history=hist, sender=sender,
+                                kind=sniff(data) if stdin else None)
             entry.update(to=order.to, valid=True, checks=len(order.checks), id=order.id)
         except OrderError as e:
             entry["problems"] = [p.as_dict() | {"text": str(p)} for p in e.problems]
@@ -94,8 +100,8 @@ def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str |
     `to` None means the file's own `to:`. Raises OrderError (nothing written) when invalid.
     """
     cfg = ws.config
-    if to is not None and to not in cfg.agents:
-        raise UsageError(f"unknown agent {to!r}; agents: {', '.join(cfg.agents)}")
+    if to is not None:
+        orders.known_agent(to, cfg)
     order = orders.load(data, path=name, to=to, config=cfg, history=history(ws), sender=sender, kind=kind)
     if order.id is not None:
         waiting = pending_file(ws, order.id)

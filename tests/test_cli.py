@@ -172,14 +172,19 @@ def test_an_agent_given_twice_in_the_config_is_refused_not_silently_replaced(ws:
 def test_an_agent_may_not_take_a_name_the_coordinator_uses_itself(ws: Path, name: str, why: str) -> None:
     config = ws / "coordinator.yaml"
     config.write_text(config.read_text() + f"  {name}:\n    role: specialist\n    command: [\"true\"]\n")
-    for args in (["board"], ["doctor"]):
-        result = run("-w", ws, *args)
-        assert (result.exit_code, result.stdout, result.stderr) == (
-            2, "", f"coordinator: coordinator.yaml: agents.{name}: {name!r} is reserved ({why}); pick another name\n")
+    said = f"coordinator.yaml: agents.{name}: {name!r} is reserved ({why}); pick another name"
+    refused = run("-w", ws, "board")
+    assert (refused.exit_code, refused.stdout, refused.stderr) == (2, "", f"coordinator: {said}\n")
+    # doctor still reports the machine, says what is wrong with the team, and fails the same way
+    diagnosed = run("-w", ws, "doctor")
+    assert (diagnosed.exit_code, diagnosed.stderr) == (2, f"coordinator: {said}\n")
+    assert diagnosed.stdout.splitlines()[0] == f"workspace: {ws}" and "git: git version" in diagnosed.stdout
+    assert diagnosed.stdout.splitlines()[-1] == f"team: CANNOT BE READ — {said}"
 
 
 @pytest.mark.parametrize("args, refused", [
     (("budget", "add", "99999999999"), "Invalid value for 'TOKENS': 99999999999 is not in the range 1<=x<=10000000"),
+    (("budget", "add", "banana"), "Invalid value for 'TOKENS': 'banana' is not a whole number of tokens (like 1800)"),
     (("gc", "--days", "-1"), "Invalid value for '--days': -1.0 is not in the range x>=0"),
     (("supervise", "--grace", "-5"), "Invalid value for '--grace': -5.0 is not in the range x>=0"),
 ])
@@ -363,7 +368,19 @@ def test_an_invalid_order_is_refused_and_nothing_is_written(ws: Path) -> None:
     assert inbox_entries(ws, "chip") == []
     unknown = run("-w", ws, "send", ws / "fix.md", "--to", "zed")
     assert unknown.exit_code == 2
-    assert unknown.stderr == "coordinator: unknown agent 'zed'; agents: walt, chip, rex\n"
+    assert unknown.stderr == "coordinator: unknown agent 'zed'; the agents are chip, rex, walt\n"
+    # validate says the same, as a usage error too, before reading any file
+    checked = run("-w", ws, "validate", ws / "fix.md", ws / "missing.md", "--to", "zed")
+    assert (checked.exit_code, checked.stdout, checked.stderr) == (2, "", unknown.stderr)
+
+
+def test_validate_dash_reads_the_order_from_stdin(ws: Path) -> None:
+    draft = run("-w", ws, "new", "--to", "chip").stdout
+    unfilled = run("-w", ws, "validate", "-", input=draft)
+    assert unfilled.exit_code == 1 and "<stdin>:" in unfilled.stderr
+    assert "objective: still holds the template placeholder" in unfilled.stderr
+    good = run("-w", ws, "validate", "-", "--to", "chip", input=order("The webapp greets a user by name"))
+    assert (good.exit_code, good.stdout) == (0, "<stdin>: ok (to chip, 1 check(s))\n"), good.stderr
 
 
 @pytest.mark.parametrize("form", ["markdown", "yaml", "json"])

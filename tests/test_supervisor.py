@@ -130,6 +130,17 @@ def test_the_board_says_why_an_order_waits_failed_was_blocked_and_where_it_was_e
     assert doc["supervisor"] == {"running": False, "pid": None}
 
 
+def test_the_board_says_what_would_move_an_order_waiting_on_one_that_halted(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh(
+        'printf "outcome: halt-with-note\\nsummary: not now\\n" > "$COORD_RESULT"')}})
+    drop(ws, "chip", "h.md", order_md("Something first", id="h"))
+    run(ws)
+    drop(ws, "chip", "w.md", order_md("Something after", id="w", blocked_by=["h"]))
+    run(ws)
+    reasons = {o["id"]: o["reason"] for o in board.as_json(ws)["orders"]}
+    assert reasons == {"h": "not now", "w": "waits for h (halted: `coordinator retry h`, or cancel it)"}
+
+
 def test_an_order_blocked_again_after_a_retry_is_escalated_again_not_rejected_as_a_repeat(make_ws):
     """The second investigation has the same sender, recipient and objective as the first,
     which halted: it names that one in its references instead of being rejected (with a
@@ -257,7 +268,9 @@ def test_acceptance_checks_run_by_the_supervisor_decide(make_ws):
     run(ws)
     recs = Store(ws.state).load_all()
     assert recs["g"].status == "done" and recs["g"].report["checks"] == ["`grep -q greet src/greeting.py` passed"]
-    assert recs["b"].status == "blocked" and "check `grep -q nonexistent src/greeting.py` failed" in recs["b"].failures[0]
+    assert recs["b"].status == "blocked"
+    # grep -q prints nothing: the reason says so instead of ending in a bare "output:"
+    assert recs["b"].failures[0] == "check `grep -q nonexistent src/greeting.py` failed with exit code 1; no output"
 
 
 def test_checks_cannot_smuggle_writes_into_the_commit(make_ws):
