@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import os
 import queue
 import re
 import stat
+import subprocess
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +68,26 @@ GIT_OPTS = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c"
 # bulk check-in takes every blob over this size): an order's five files were five new inodes
 # in .git/objects, and on a disk where a new inode costs 0.1-1 ms that was most of a batch.
 # Only for staging: in the repository's config it would also make `git diff` call them binary.
-PACKED = ("-c", "core.bigFileThreshold=1")
+# A git before 2.37 makes one pack per blob that way: it stages loose objects as before.
+_PACKED = ("-c", "core.bigFileThreshold=1")
 PACK_LIMIT = 32  # packs in state/.git before they are rolled up (one is made per batch)
+STALE_PACK_AGE = 600.0  # seconds: a temp pack this old at start is a killed git's, not a live one's
+
+
+@functools.lru_cache(maxsize=1)
+def git_version() -> tuple[int, int]:
+    """(major, minor) of the git on PATH; (0, 0) when it cannot be told."""
+    try:
+        out = subprocess.run(["git", "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return (0, 0)
+    m = re.search(r"(\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def packed() -> tuple[str, ...]:
+    """The options that make staging write one pack per batch, where this git does that."""
+    return _PACKED if git_version() >= (2, 37) else ()
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,7 @@ class StateRepo:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._pending: list[tuple[str, str]] = []  # (actor, line)
+        self.notes: list[str] = []  # what went wrong but lost nothing (a failed roll-up), to be said
         self._cmd = git.Git(str(path))
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -112,7 +134,15 @@ class StateRepo:
         return True
 
     def clear_stale_lock(self) -> list[str]:
-        """Remove lock files a dead git process left behind; returns their names."""
+        """Remove lock files a dead git process left behind, and the half-written packs of a
+        killed staging or roll-up (never counted, never read); returns the locks' names."""
+        packs = self.path / ".git" / "objects" / "pack"
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(packs):
+                if entry.name.startswith(("tmp_pack_", ".tmp-")) and \
+                        time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_PACK_AGE:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
         return clear_stale_locks(self.path / ".git")
 
     # -- writing ----------------------------------------------------------------------------------
@@ -150,7 +180,7 @@ class StateRepo:
         """
         with durable.staging(batch.paths if batch.paths is not None else (self.path,)):
             if batch.paths is None:
-                self.git(*PACKED, "add", "-A", ".")
+                self.git(*packed(), "add", "-A", ".")
             else:
                 self.add(batch.paths)
         for _ in range(3):
@@ -165,29 +195,37 @@ class StateRepo:
             try:
                 self.git("update-ref", "-m", f"coordinator: {len(batch.groups)} commit(s)", "HEAD", head,
                          base or "")
-                self.tidy()
-                return len(batch.groups)
+                break
             except GitError:
                 if self._head() == base:  # not a race with another writer: a real failure
                     raise
-        raise GitError("state/'s branch keeps moving under the supervisor: something else commits there")
+        else:
+            raise GitError("state/'s branch keeps moving under the supervisor: something else commits there")
+        # After the loop: the batch is committed whatever a roll-up does (a failed one is said, not
+        # raised, and never taken for a writer that moved the branch).
+        problem = self.tidy(PACK_LIMIT)
+        if problem:
+            self.notes.append(problem)
+        return len(batch.groups)
 
-    def tidy(self, limit: int = PACK_LIMIT) -> bool:
+    def tidy(self, limit: int) -> str | None:
         """Roll the batches' packs and the loose trees and commits up into fewer packs once
-        `limit` packs have piled up; True when it did. Geometric: each pack is at least twice the
-        size of the next smaller one, so a roll-up reads mostly the newest objects, and state/
-        keeps a handful of packs however long the supervisor runs (gc.auto is off for it)."""
+        `limit` packs have piled up; what went wrong, or None. Geometric: each pack is at least
+        twice the size of the next smaller one, so a roll-up reads mostly the newest objects,
+        and state/ keeps a handful of packs however long the supervisor runs (gc.auto is off)."""
         try:
-            packs = sum(1 for n in os.listdir(self.path / ".git" / "objects" / "pack") if n.endswith(".pack"))
+            packs = sum(1 for n in os.listdir(self.path / ".git" / "objects" / "pack")
+                        if n.startswith("pack-") and n.endswith(".pack"))  # not a killed repack's temp
         except OSError:
-            return False
+            return None
         if packs < limit:
-            return False
+            return None
+        geometric = git_version() >= (2, 33)
         try:
-            self.git("repack", "--geometric=2", "-d", "-q")
-        except GitError:  # a git older than 2.33: one pack of everything
-            self.git("repack", "-a", "-d", "-q")
-        return True
+            self.git("repack", *(("--geometric=2", "-d") if geometric else ("-a", "-d")), "-q")
+        except GitError as e:  # a full disk, say: the packs wait for the next batch's try
+            return f"could not roll up state/'s {packs} packs (they are kept): {e}"
+        return None
 
     def _head(self) -> str:
         """The commit HEAD names ("" before the first), read from the ref files when they are
@@ -226,7 +264,7 @@ class StateRepo:
         if files:
             spec.write_bytes("\0".join(files).encode())
             with spec.open("rb") as stdin:
-                self.git(*PACKED, "update-index", "--add", "--remove", "--replace", "-z", "--stdin", stdin=stdin)
+                self.git(*packed(), "update-index", "--add", "--remove", "--replace", "-z", "--stdin", stdin=stdin)
         if kinds["gone"]:
             spec.write_bytes("\0".join(kinds["gone"]).encode())
             self.git("rm", "-r", "-q", "--cached", "--ignore-unmatch", f"--pathspec-from-file={spec}",
@@ -234,7 +272,7 @@ class StateRepo:
         folders = kinds["folder"] + [r for r in kinds["file"] if _ignored(r)]
         if folders:
             spec.write_bytes("\0".join(folders).encode())
-            self.git(*PACKED, "add", "-A", f"--pathspec-from-file={spec}", "--pathspec-file-nul")
+            self.git(*packed(), "add", "-A", f"--pathspec-from-file={spec}", "--pathspec-file-nul")
 
     def commit_now(self, actor: str, line: str) -> None:
         self.stage(actor, line)

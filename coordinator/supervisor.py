@@ -51,6 +51,7 @@ FLUSH_EVERY = 0.25          # seconds: in the loops, the transitions of several 
 COMMIT_QUIET = 0.05         # seconds without progress before the loops commit what is staged
 WAIT_SLICE = 0.005          # seconds: without pump threads, how often a wait looks at the watcher
 TAMPER_EVERY = 5.0          # seconds between looks for changes the supervisor did not make
+LOCK_PATIENCE = 0.5         # seconds a start waits for someone who only looks whether a supervisor runs
 
 
 class Supervisor:
@@ -191,13 +192,21 @@ class Supervisor:
         """One supervisor per workspace: an exclusive lock the kernel drops if we die."""
         path = self.ws.runtime / "supervisor.pid"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise SupervisorError(f"another supervisor (pid {other}) is running on {self.ws.root}; "
-                                  "stop it first") from None
+        # `board` and `cancel` take a shared lock for an instant to see whether one runs: a
+        # start that meets one of those waits it out instead of taking it for a supervisor.
+        give_up = time.monotonic() + LOCK_PATIENCE
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < give_up:
+                    time.sleep(0.02)
+                    continue
+                other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise SupervisorError(f"another supervisor (pid {other}) is running on {self.ws.root}; "
+                                      "stop it first") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
@@ -711,6 +720,8 @@ class Supervisor:
     def _flush(self, *, background: bool = False) -> None:
         """Commit what is staged: now, or (in the loops) handed to the committer thread."""
         self._last_flush = time.monotonic()
+        while self.audit.notes:  # the committer thread's, e.g. a roll-up of packs that failed
+            self.say(self.audit.notes.pop(0))
         self._write_state()
         batch = self.audit.take(durable.take_journal()) if self.audit.pending else None
         if background and batch is not None:
