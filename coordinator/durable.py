@@ -19,11 +19,11 @@ TMP_PREFIX = ".tmp-"
 # git update-index lstats a path, then opens it and reads as many bytes as the lstat said:
 # a longer version renamed over the file in between would be committed cut short, a
 # shorter one would fail the batch. While the state committer's git reads a batch's paths
-# (`staging`), a rename onto one of them (or into a folder among them) waits; renames
-# elsewhere under the guarded folder (state/) go on, and outside it nothing ever waits.
+# (`staging`), a rename onto or off one of them (or within a folder among them) waits;
+# renames elsewhere under the guarded folder (state/) go on, and outside it nothing waits.
+# Each staging holds its own paths: two supervisors in one process never free each other's.
 _BUSY = threading.Condition()
-_busy_files: frozenset[str] = frozenset()
-_busy_dirs: tuple[str, ...] = ()
+_busy: list[tuple[frozenset[str], tuple[str, ...]]] = []  # (files, folders) per git reading now
 _guarded: tuple[str, ...] = ()  # one per open supervisor (tests open several in one process)
 
 
@@ -36,18 +36,21 @@ def guard(folder: Path, *, on: bool = True) -> None:
 
 @contextlib.contextmanager
 def staging(paths: Iterable[Path | str]) -> Iterator[None]:
-    """While git reads `paths` (a folder: all below it), nothing is renamed onto them."""
-    global _busy_files, _busy_dirs
+    """While git reads `paths` (a folder: all below it), nothing is renamed onto or off them."""
     files = frozenset(os.path.abspath(p) for p in paths)
-    dirs = tuple(os.path.join(p, "") for p in files if os.path.isdir(p))
+    entry = (files, tuple(os.path.join(p, "") for p in files if os.path.isdir(p)))
     with _BUSY:  # taken by every guarded rename too: none is half done when git starts
-        _busy_files, _busy_dirs = files, dirs
+        _busy.append(entry)
     try:
         yield
     finally:
         with _BUSY:
-            _busy_files, _busy_dirs = frozenset(), ()
+            _busy.remove(entry)
             _BUSY.notify_all()
+
+
+def _is_busy(path: str) -> bool:
+    return any(path in files or (folders and path.startswith(folders)) for files, folders in _busy)
 
 
 def _rename(src: Path | str, dst: Path | str, *, replace: bool) -> None:
@@ -55,12 +58,12 @@ def _rename(src: Path | str, dst: Path | str, *, replace: bool) -> None:
     if not _guarded:
         rename(src, dst)
         return
-    target = os.path.abspath(dst)
-    if not target.startswith(_guarded):
+    ends = [p for p in (os.path.abspath(src), os.path.abspath(dst)) if p.startswith(_guarded)]
+    if not ends:
         rename(src, dst)
         return
     with _BUSY:
-        while target in _busy_files or (_busy_dirs and target.startswith(_busy_dirs)):
+        while _busy and any(_is_busy(p) for p in ends):
             _BUSY.wait()
         rename(src, dst)
 
