@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import audit, gate, orders, results, runner
 from .config import Agent, parse_duration
-from .errors import CoordinatorError, GitError, SandboxError
+from .errors import CoordinatorError, GitError, SandboxError, StateError
 from .landlock import Ruleset
 from .orders import Branch, WorkOrder
 from .repos import MergeConflict, Repo
@@ -367,7 +367,7 @@ class AttemptRunner:
             assert result.agent is not None
             rec.report["routed_to"] = rec.routed_to = self._plan_follow_up(rec, result.agent)
             sup.move(rec, "routed", act.agent.name, note=f"to {result.agent}")
-            self.file_follow_up(rec)
+            self.file_follow_up(rec, act.order)
         elif result.outcome == "requeue-with-blocker":
             rec.blocker = result.blocker
             sup.move(rec, "waiting", act.agent.name, note=f"blocker: {result.blocker}")
@@ -443,14 +443,15 @@ class AttemptRunner:
         rec.report = {**(rec.report or {}), "follow_up": {"id": follow_id, "to": to}}
         return follow_id
 
-    def follow_up_of(self, rec: Record) -> WorkOrder | None:
-        """The order `rec`'s route or escalation files; the same every time it is asked."""
-        report = rec.report or {}
-        planned = report.get("follow_up")
-        if not isinstance(planned, dict) or not planned.get("id") or not planned.get("to"):
+    def follow_up_of(self, rec: Record, order: WorkOrder | None = None) -> WorkOrder | None:
+        """The order `rec`'s route or escalation files (None: none is planned, or the plan in its
+        record is not one); the same every time it is asked. `order`: `rec`'s, when at hand."""
+        report = rec.report if isinstance(rec.report, dict) else {}
+        planned = _planned(report)
+        if planned is None:
             return None
         if rec.status == "routed":
-            made = follow_up(self.sup.store.load_order(rec.id), rec.to, planned["to"])
+            made = follow_up(order or self.sup.store.load_order(rec.id), rec.to, planned["to"])
         elif rec.status == "blocked":
             made = investigation(rec, planned["to"], str(report.get("summary") or "blocked"))
         else:
@@ -463,9 +464,11 @@ class AttemptRunner:
             made = dataclasses.replace(made, references=(*made.references, ended[-1][0]))
         return dataclasses.replace(made, id=planned["id"])
 
-    def file_follow_up(self, rec: Record) -> None:
-        order = self.follow_up_of(rec)
-        assert order is not None
+    def file_follow_up(self, rec: Record, order: WorkOrder | None = None) -> None:
+        made = self.follow_up_of(rec, order)
+        if made is None:
+            raise StateError(f"{rec.id}'s record names no follow-up it could file")
+        order = made
         what = "route" if rec.status == "routed" else "escalation"
         self.sup.file_order(order, shown=f"{what} of {rec.id}")
         if rec.status == "routed":
@@ -475,15 +478,22 @@ class AttemptRunner:
         """File each follow-up a crash cut off between its order's record and its own (recovery)."""
         filed: list[str] = []
         for rec in sorted(self.sup.records.values(), key=lambda r: r.seq):
-            planned = (rec.report or {}).get("follow_up")
-            if rec.status in ("routed", "blocked") and isinstance(planned, dict) \
-                    and planned.get("id") not in self.sup.records:
-                try:
-                    self.file_follow_up(rec)
-                except CoordinatorError as e:  # e.g. its order.json is gone: say so, go on
-                    self.sup.say(f"recovery: could not file {rec.id}'s follow-up {planned.get('id')}: {e}")
-                    continue
-                filed.append(f"{rec.id} -> {planned.get('id')} ({planned.get('to')})")
+            if rec.status not in ("routed", "blocked") or not isinstance(rec.report, dict) \
+                    or "follow_up" not in rec.report:
+                continue
+            planned = _planned(rec.report)
+            if planned is None:
+                self.sup.say(f"recovery: {rec.id}'s record names a follow-up that is not one "
+                             f"({str(rec.report['follow_up'])[:80]}); nothing filed for it")
+                continue
+            if planned["id"] in self.sup.records:
+                continue
+            try:
+                self.file_follow_up(rec)
+            except (CoordinatorError, OSError, ValueError, KeyError, TypeError) as e:  # its order.json gone or
+                self.sup.say(f"recovery: could not file {rec.id}'s follow-up {planned['id']}: {e}")  # garbled
+                continue
+            filed.append(f"{rec.id} -> {planned['id']} ({planned['to']})")
         return filed
 
     def _finish(self, act: Active, *, keep: bool = False) -> None:
@@ -574,6 +584,17 @@ def outcome_problem(order: WorkOrder, result: results.Result) -> str | None:
     allowed = ", ".join(f"{b.action}{'-' + b.agent if b.agent else ''}" for b in order.branching)
     return (f"outcome {result.outcome}{' to ' + result.agent if result.agent else ''} is not allowed by the "
             f"order's branching ({allowed})")
+
+
+def _planned(report: dict[str, Any]) -> dict[str, str] | None:
+    """The follow-up a report names ({id, to}), when it is one: an id and an agent name."""
+    planned = report.get("follow_up")
+    if not isinstance(planned, dict):
+        return None
+    follow_id, to = planned.get("id"), planned.get("to")
+    if not isinstance(follow_id, str) or not orders.ID_PATTERN.fullmatch(follow_id) or not isinstance(to, str):
+        return None
+    return {"id": follow_id, "to": to}
 
 
 def follow_up(order: WorkOrder, sender: str, to: str) -> WorkOrder:

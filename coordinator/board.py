@@ -53,26 +53,34 @@ def supervisor(ws: Workspace) -> dict[str, Any]:
 
 def reason(rec: Record, records: dict[str, Record]) -> str | None:
     """Why `rec` is where it is, in a line (None when its status says it all)."""
-    report = rec.report or {}
-    planned = report.get("follow_up") if isinstance(report.get("follow_up"), dict) else None
+    # Records are read back from disk, where a hand edit may have left any shape: never fail on one.
+    report = rec.report if isinstance(rec.report, dict) else {}
+    follow = report.get("follow_up")
+    planned = ({"id": str(follow.get("id") or "?"), "to": str(follow.get("to") or "?")}
+               if isinstance(follow, dict) else None)
     if rec.status == "waiting":
         waits = [_awaited(d, records) for d in (*rec.blocked_by, *([rec.blocker] if rec.blocker else []))
                  if not dependency_done(records, d)]
         return f"waits for {', '.join(waits)}" if waits else None
     if rec.status == "routed":
-        where = planned or {"id": rec.routed_to, "to": None}
-        return f"to {where['to']} as {where['id']}" if where.get("to") else (
-            f"as {where['id']}" if where.get("id") else None)
+        if planned:
+            return f"to {planned['to']} as {planned['id']}"
+        return f"as {rec.routed_to}" if rec.routed_to else None
     if rec.status == "rejected":
-        return rec.errors[0] if rec.errors else None
-    if rec.status == "denied" and report.get("offending"):
-        return str(report["offending"][0])
+        return _first_line(rec.errors[0]) if rec.errors else None
+    offending = report.get("offending")
+    if rec.status == "denied" and isinstance(offending, list) and offending:
+        return _first_line(offending[0])
     if rec.status in ("blocked", "halted", "denied") and report.get("summary"):
         escalated = f" (escalated to {planned['to']} as {planned['id']})" if planned and rec.status == "blocked" else ""
-        return str(report["summary"]).splitlines()[0] + escalated
+        return _first_line(report["summary"]) + escalated
     if rec.status in ("queued", "running") and rec.failures:
-        return f"failed {len(rec.failures)} time(s); last: {rec.failures[-1].splitlines()[0]}"
+        return f"failed {len(rec.failures)} time(s); last: {_first_line(rec.failures[-1])}"
     return None
+
+
+def _first_line(text: object) -> str:
+    return next(iter(str(text).splitlines()), "")
 
 
 def _awaited(order_id: str, records: dict[str, Record]) -> str:

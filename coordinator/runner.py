@@ -271,7 +271,9 @@ def _placeholder_meant(word: str) -> str | None:
     plain = word.lower().replace("-", "_")
     if plain in PLACEHOLDERS:
         return plain
-    close = difflib.get_close_matches(plain, PLACEHOLDERS, n=1, cutoff=0.75)
+    if len(plain) < 5:  # {idx}, {pid}, {kid}: words of their own, not a slip on {id}
+        return None
+    close = difflib.get_close_matches(plain, PLACEHOLDERS, n=1, cutoff=0.8)
     return close[0] if close else None
 
 

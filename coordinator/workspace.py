@@ -87,14 +87,14 @@ class Workspace:
         where it is, not where it points."""
         path = Path(os.path.abspath(path))
         try:
-            return str((path.parent.resolve() / path.name).relative_to(self.root))
+            return str((Path(os.path.realpath(path.parent)) / path.name).relative_to(self.root))
         except ValueError:
             return str(path)
 
     def agent_of_inbox(self, file: Path) -> str | None:
         """The agent whose inbox folder holds `file`, if any."""
-        parent = file.resolve().parent
-        if parent.parent == self.inbox_root.resolve():
+        parent = Path(os.path.realpath(file)).parent  # a link loop is no error here: reading it says so
+        if parent.parent == Path(os.path.realpath(self.inbox_root)):
             return parent.name
         return None
 

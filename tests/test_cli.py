@@ -374,6 +374,14 @@ def test_an_invalid_order_is_refused_and_nothing_is_written(ws: Path) -> None:
     assert (checked.exit_code, checked.stdout, checked.stderr) == (2, "", unknown.stderr)
 
 
+def test_a_link_to_itself_is_a_file_that_cannot_be_read_not_an_internal_error(ws: Path) -> None:
+    (ws / "loop.md").symlink_to("loop.md")
+    for args in (("validate", ws / "loop.md"), ("send", ws / "loop.md", "--to", "chip")):
+        result = run("-w", ws, *args)
+        assert (result.exit_code, result.stderr) == (
+            2, "coordinator: loop.md: cannot read: Too many levels of symbolic links\n"), result.stderr
+
+
 def test_validate_dash_reads_the_order_from_stdin(ws: Path) -> None:
     draft = run("-w", ws, "new", "--to", "chip").stdout
     unfilled = run("-w", ws, "validate", "-", input=draft)
@@ -466,6 +474,27 @@ def test_board_shows_orders_by_status(worked: Path) -> None:
     halted = lines[lines.index("HALTED (1)") + 1:]
     summary = Store(worked / "state").load("WO-0002").report["summary"]
     assert halted[1] == f"           ↳ {summary}"  # under the objective: why it halted
+
+
+def test_board_shows_records_a_hand_edit_left_odd_without_failing(ws: Path) -> None:
+    """`board` is where a user looks when something is wrong: a record whose report has an odd
+    shape (edited by hand, from an older version) is shown, never a traceback."""
+    odd = {"a": ("routed", {"follow_up": {"to": "rex"}}, []), "b": ("blocked", {"summary": "x", "follow_up": {"id": 5}}, []),
+           "c": ("denied", {"offending": {"not": "a list"}, "summary": "no"}, []), "d": ("queued", None, [""]),
+           "e": ("halted", ["not", "a", "dict"], []), "f": ("halted", "text", [])}
+    for i, (oid, (status, report, failures)) in enumerate(odd.items()):
+        folder = ws / "state" / "orders" / oid
+        folder.mkdir(parents=True)
+        (folder / "record.json").write_text(json.dumps({
+            "id": oid, "to": "chip", "sender": "user", "status": status, "objective": f"Odd {oid}",
+            "created": "2026-01-01T00:00:00.000Z", "updated": "2026-01-01T00:00:00.000Z", "seq": i + 1,
+            "report": report, "failures": failures}))
+    shown = run("-w", ws, "board")
+    assert shown.exit_code == 0, shown.stderr
+    doc = json.loads(run("-w", ws, "board", "--json").stdout)
+    assert {o["id"]: o["reason"] for o in doc["orders"]} == {
+        "a": "to rex as ?", "b": "x (escalated to ? as 5)", "c": "no", "d": "failed 1 time(s); last: ",
+        "e": None, "f": None}
 
 
 def test_board_json_has_the_contract_keys(worked: Path) -> None:

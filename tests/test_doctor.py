@@ -87,7 +87,7 @@ def test_a_misspelt_placeholder_and_a_missing_sandbox_folder_are_warned_of(make_
     gone = tmp_path / "not-made-yet"
     ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"],
                            "command": ["/bin/sh", "-c", 'home=1; echo "${home}" {id} | awk "{print}"', "{breif}",
-                                       "{brief}", "{Work-Dir}", "{name}", 'python -c \'print(f"{x}")\''],
+                                       "{brief}", "{Work-Dir}", "{name}", 'python -c \'print(f"{x}")\'', "{idx}{pid}{ID}"],
                            "sandbox": {"writable": [str(gone)]}}})
     lines = doctor(ws)
     warnings = [x.strip() for x in lines if x.strip().startswith("WARNING: ")]
@@ -95,6 +95,8 @@ def test_a_misspelt_placeholder_and_a_missing_sandbox_folder_are_warned_of(make_
         "WARNING: command.3: {breif} is not a placeholder and is passed as is; did you mean {brief}? "
         "(the placeholders: {id}, {order}, {brief}, {brief_text}, {workdir}, {result}, {python}, {workspace})",
         "WARNING: command.5: {Work-Dir} is not a placeholder and is passed as is; did you mean {workdir}? "
+        "(the placeholders: {id}, {order}, {brief}, {brief_text}, {workdir}, {result}, {python}, {workspace})",
+        "WARNING: command.8: {ID} is not a placeholder and is passed as is; did you mean {id}? "
         "(the placeholders: {id}, {order}, {brief}, {brief_text}, {workdir}, {result}, {python}, {workspace})",
         f"WARNING: sandbox.writable: {gone} does not exist; its orders cannot start until it does",
     ]

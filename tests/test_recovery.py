@@ -705,6 +705,24 @@ def test_a_crash_before_a_follow_up_is_filed_files_it_at_restart_once(make_ws, e
     assert_clean(ws)
 
 
+def test_a_record_naming_a_follow_up_that_is_not_one_is_said_at_start_not_a_crash(make_ws):
+    """A routed or blocked record whose follow-up entry a hand edit garbled: the start says so
+    for each and goes on (the others still run)."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
+    for i, planned in enumerate(({}, {"id": ["x"], "to": "chip"}, {"id": "WO-0099"}, {"id": "../x", "to": "chip"})):
+        folder = ws.state / "orders" / f"odd{i}"
+        folder.mkdir(parents=True)
+        durable.write_json(folder / "record.json", {
+            "id": f"odd{i}", "to": "chip", "sender": "user", "status": "blocked" if i % 2 else "routed",
+            "objective": "Odd", "created": "2026-01-01T00:00:00.000Z", "updated": "2026-01-01T00:00:00.000Z",
+            "seq": i + 1, "report": {"summary": "s", "follow_up": planned}})
+    StateRepo(ws.state).commit_now("coordinator", "records as an older or garbled version left them")
+    drop(ws, "chip", "a.md", order_md("Still runs", id="fine"))
+    said = restart(ws)
+    assert sum("names a follow-up that is not one" in line for line in said) == 4, said
+    assert Store(ws.state).load("fine").status == "done"
+
+
 def test_at_start_a_waiting_order_whose_dependency_was_cancelled_is_blocked_once(make_ws):
     """kill -9 after `root`'s cancel was written and before the records of what waited for it:
     the restart blocks `one` (waiting on root) and `two` (waiting on one and root), each once."""

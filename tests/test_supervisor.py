@@ -557,6 +557,26 @@ def test_an_order_that_depends_on_a_cancelled_one_is_blocked_not_left_waiting(ma
     assert Store(ws.state).load("second").status == "blocked"
 
 
+def test_a_start_waits_out_a_board_that_is_only_looking_whether_a_supervisor_runs(make_ws):
+    """`board` takes the pid file's lock shared for an instant; a supervisor starting just then
+    is not told that another supervisor runs."""
+    import fcntl
+    import threading
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
+    with Supervisor(ws):  # the runtime folder and the pid file exist
+        pass
+    fd = os.open(ws.runtime / "supervisor.pid", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    looked = threading.Timer(0.15, lambda: os.close(fd))  # the board is done looking
+    looked.start()
+    try:
+        with Supervisor(ws) as sup:
+            assert sup.records == {}
+    finally:
+        looked.join()
+
+
 def test_retry_of_an_order_waiting_for_its_dependencies_says_what_it_waits_for(make_ws):
     ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
     first = drop(ws, "chip", "a.md", order_md("Comes first", id="sooner"))
