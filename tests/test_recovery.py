@@ -15,7 +15,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import drop, order_md, sh, step_until, wait_until
@@ -55,6 +57,25 @@ def supervise(ws: Workspace, *args: str) -> subprocess.Popen[bytes]:
                                 start_new_session=True)
     finally:
         log.close()
+
+
+class Killed(BaseException):
+    """What a test raises where a kill -9 would hit the supervisor."""
+
+
+def killed(*args: object, **kwargs: object) -> None:
+    raise Killed
+
+
+def review_then_ship(make_ws: Callable[..., Workspace], outcome: str, **top: Any) -> Workspace:
+    """chip ends `review` with `outcome` (a route to rex, say); `ship`, for rex, waits for it;
+    rex notes each order it runs in $PROBE/ran."""
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
+                      f'printf "outcome: {outcome}\\nsummary: over to rex\\n" > "$COORD_RESULT"')},
+                  "rex": {"role": "specialist", "command": sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran"')}}, **top)
+    drop(ws, "chip", "a.md", order_md("Review happens", id="review", branching=("route-to-rex if it is a review",)))
+    drop(ws, "rex", "b.md", order_md("Ship after the review", id="ship", blocked_by=["review"]))
+    return ws
 
 
 def board(ws: Workspace) -> str:
@@ -630,21 +651,10 @@ def test_a_crash_while_a_route_is_filed_keeps_what_waited_for_it_on_the_follow_u
     """kill -9 after the routed record and the follow-up's file were written, before the
     follow-up's record: the restart files the follow-up under the id the routed record names,
     and the order that waited for the routed one runs after it."""
-    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
-                      'printf "outcome: route-to\\nagent: rex\\nsummary: for rex\\n" > "$COORD_RESULT"')},
-                  "rex": {"role": "specialist", "command": sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran"')}})
-    drop(ws, "chip", "a.md", order_md("Review happens", id="review", branching=("route-to-rex if it is a review",)))
-    drop(ws, "rex", "b.md", order_md("Ship after the review", id="ship", blocked_by=["review"]))
+    ws = review_then_ship(make_ws, "route-to\\nagent: rex")
     sup = Supervisor(ws)
     sup.open()
-
-    class Killed(BaseException):
-        pass
-
-    def killed(routed: object) -> None:  # the follow-up's original is in state/intake/; no record
-        raise Killed
-
-    sup.rerouted = killed  # type: ignore[method-assign]
+    sup.rerouted = killed  # type: ignore[method-assign]  # the follow-up's original is in state/intake/
     with pytest.raises(Killed):
         step_until(sup, lambda: False, "the kill")
     follow = Store(ws.state).load("review").routed_to
@@ -664,23 +674,10 @@ def test_a_crash_before_a_follow_up_is_filed_files_it_at_restart_once(make_ws, e
     its follow-up's file existed: the restart files the follow-up under the id the record
     names, it runs once, what waited for the routed order runs after it, and the sender's
     report says where the work went."""
-    outcome = ("route-to\\nagent: rex" if ending == "routed" else "blocked")
-    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
-                      f'printf "outcome: {outcome}\\nsummary: over to rex\\n" > "$COORD_RESULT"')},
-                  "rex": {"role": "specialist", "command": sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran"')}},
-                 escalate_to="rex")
-    drop(ws, "chip", "a.md", order_md("Review happens", id="review", branching=("route-to-rex if it is a review",)))
-    drop(ws, "rex", "b.md", order_md("Ship after the review", id="ship", blocked_by=["review"]))
+    ws = review_then_ship(make_ws, "route-to\\nagent: rex" if ending == "routed" else "blocked", escalate_to="rex")
     sup = Supervisor(ws)
     sup.open()
-
-    class Killed(BaseException):
-        pass
-
-    def killed(*args: object, **kwargs: object) -> None:  # the record is on disk; the follow-up not yet
-        raise Killed
-
-    sup.intake.file_order = killed  # type: ignore[method-assign]
+    sup.intake.file_order = killed  # type: ignore[method-assign]  # the record is on disk; the follow-up not yet
     with pytest.raises(Killed):
         step_until(sup, lambda: False, "the kill")
     rec = Store(ws.state).load("review")

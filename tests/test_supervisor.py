@@ -103,13 +103,20 @@ def test_failures_are_retried_with_the_reason_then_blocked_and_escalated(make_ws
     assert Store(ws.state).load("o").attempts == 2
 
 
-def test_the_board_says_why_an_order_waits_failed_was_blocked_and_where_it_was_escalated(make_ws):
+def failing_chip_halting_rex(make_ws, *, max_failures: int, halt: str):
+    """chip fails `o` (exit 3, "boom" on stderr) until it is blocked and escalated to rex, who
+    halts every investigation with `halt`."""
     ws = make_ws({
-        "chip": {"role": "specialist", "max_failures": 2, "command": sh("echo boom >&2; exit 3")},
-        "rex": {"role": "specialist", "command": sh('printf "outcome: halt-with-note\\nsummary: ask walt\\n"'
+        "chip": {"role": "specialist", "max_failures": max_failures, "command": sh("echo boom >&2; exit 3")},
+        "rex": {"role": "specialist", "command": sh(f'printf "outcome: halt-with-note\\nsummary: {halt}\\n"'
                                                     ' > "$COORD_RESULT"')},
     }, escalate_to="rex")
     drop(ws, "chip", "o.md", order_md("It works", id="o"))
+    return ws
+
+
+def test_the_board_says_why_an_order_waits_failed_was_blocked_and_where_it_was_escalated(make_ws):
+    ws = failing_chip_halting_rex(make_ws, max_failures=2, halt="ask walt")
     drop(ws, "rex", "n.md", order_md("Next thing happens", id="next", blocked_by=["o"]))
     with Supervisor(ws) as sup:
         step_until(sup, lambda: "o" in sup.records and sup.records["o"].failures, "the first failure")
@@ -145,12 +152,7 @@ def test_an_order_blocked_again_after_a_retry_is_escalated_again_not_rejected_as
     """The second investigation has the same sender, recipient and objective as the first,
     which halted: it names that one in its references instead of being rejected (with a
     feedback signal against the supervisor) as a repeat."""
-    ws = make_ws({
-        "chip": {"role": "specialist", "max_failures": 1, "command": sh("exit 3")},
-        "rex": {"role": "specialist", "command": sh('printf "outcome: halt-with-note\\nsummary: drop it\\n"'
-                                                    ' > "$COORD_RESULT"')},
-    }, escalate_to="rex")
-    drop(ws, "chip", "o.md", order_md("It works", id="o"))
+    ws = failing_chip_halting_rex(make_ws, max_failures=1, halt="drop it")
     with Supervisor(ws) as sup:
         def investigations():
             return sorted((r for r in sup.records.values() if r.to == "rex"), key=lambda r: r.seq)
