@@ -213,11 +213,19 @@ def load_json(text: str, path: str) -> Any:
         return out
 
     try:
-        return json.loads(text, object_pairs_hook=pairs)
+        data = json.loads(text, object_pairs_hook=pairs)
     except json.JSONDecodeError as e:
         fail(path, f"is not valid JSON: {e.msg}", e.lineno)
     except (ValueError, RecursionError) as e:  # digits past int's limit, absurd nesting
         fail(path, f"is not valid JSON: {str(e)[:100] or type(e).__name__}")
+    # "\ud800" alone is half of a character: no file or message could hold it (YAML refuses it too).
+    if "\\ud" in text.lower():
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            fail(path, f"is not valid JSON text: {e.object[e.start:e.end].encode('unicode_escape').decode()} "
+                       "is half of a character (a lone surrogate); write the character itself")
+    return data
 
 
 def _markdown(text: str, path: str, problems: list[Problem]) -> tuple[dict[Any, Any], dict[str, int]]:

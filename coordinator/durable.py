@@ -131,12 +131,15 @@ def write_bytes(target: Path, data: bytes, *, sync: bool = True, mode: int = 0o6
         fsync_dir(folder)
 
 
+# Text that is not all Unicode (a lone surrogate an agent's or a model's JSON carried) is
+# written as its escape, never refused: a state write must not fail on what was said. In
+# JSON the escape is the same text again ("\ud800" reads back as it was).
 def write_text(target: Path, text: str, *, sync: bool = True) -> None:
-    write_bytes(target, text.encode("utf-8"), sync=sync)
+    write_bytes(target, text.encode("utf-8", "backslashreplace"), sync=sync)
 
 
 def write_json(target: Path, data: Any, *, sync: bool = True) -> None:
-    write_bytes(target, dumps(data).encode(), sync=sync)
+    write_bytes(target, dumps(data).encode("utf-8", "backslashreplace"), sync=sync)
 
 
 # Built once: json.dumps with options makes a new encoder per call, and a record's file is

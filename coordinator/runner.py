@@ -127,8 +127,8 @@ def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -
     repo = order.repo
     workdir = work_folder(ws, order.id) / repo if repo else folder / "scratch"
     attempt = Attempt(order.id, number, folder, workdir, repo)
-    attempt.order_file.write_text(durable.dumps(order.to_dict()), encoding="utf-8")
-    attempt.brief.write_text(brief_text(order, number, failures), encoding="utf-8")
+    attempt.order_file.write_text(durable.dumps(order.to_dict()), encoding="utf-8", errors="backslashreplace")
+    attempt.brief.write_text(brief_text(order, number, failures), encoding="utf-8", errors="backslashreplace")
     return attempt
 
 

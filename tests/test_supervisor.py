@@ -717,3 +717,33 @@ def test_a_blocker_that_already_ended_cancelled_blocks_at_once(make_ws):
         rec = sup.store.with_detail(sup.records["needs"])
         assert rec.status == "blocked" and [h["to"] for h in rec.history][-2:] == ["waiting", "blocked"]
         assert rec.report["summary"] == "dependency gone ended cancelled"
+
+
+def test_half_a_character_in_json_is_refused_where_it_comes_in_and_never_stops_the_supervisor(make_ws):
+    """JSON can carry "\\ud800", half of a character no file can hold (YAML refuses it). In an
+    order it is a rejection, in a result file a failed attempt, each with one clear line; the
+    supervisor goes on and its state files stay readable."""
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 1, "command": sh(
+        'printf \'{"outcome": "done", "summary": "ok \\\\ud800"}\' > "$COORD_RESULT"')}})
+    drop(ws, "chip", "half.json", '{"objective": "It works \\ud800", "acceptance": ["a", "b", "c"], '
+                                  '"files": [], "branching": ["halt-with-note if it is unclear"], "id": "half"}')
+    drop(ws, "chip", "r.md", order_md("The result is read", id="r"))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    (half,) = [rec for rec in recs.values() if rec.source == "inbox/chip/half.json"]
+    assert half.status == "rejected"
+    assert half.errors == ["inbox/chip/half.json: is not valid JSON text: \\ud800 is half of a character "
+                                   "(a lone surrogate); write the character itself"]
+    assert recs["r"].status == "blocked"
+    assert recs["r"].failures[0] == ("invalid result file: result.yaml: is not valid JSON text: \\ud800 is half of "
+                                     "a character (a lone surrogate); write the character itself")
+
+
+def test_a_state_write_holds_half_a_character_as_its_escape(tmp_path):
+    """What no check caught (a model's reply, say) is written, never a failed write."""
+    from coordinator import durable
+
+    durable.write_json(tmp_path / "r.json", {"summary": "ok \ud800"})
+    assert durable.read_json(tmp_path / "r.json") == {"summary": "ok \ud800"}
+    durable.write_text(tmp_path / "r.md", "ok \ud800\n")
+    assert (tmp_path / "r.md").read_text("utf-8") == "ok \\ud800\n"
