@@ -59,8 +59,7 @@ def reason(rec: Record, records: dict[str, Record]) -> str | None:
     planned = ({"id": str(follow.get("id") or "?"), "to": str(follow.get("to") or "?")}
                if isinstance(follow, dict) else None)
     if rec.status == "waiting":
-        waits = [_awaited(d, records) for d in (*rec.blocked_by, *([rec.blocker] if rec.blocker else []))
-                 if not dependency_done(records, d)]
+        waits = [_awaited(d, records) for d in rec.dependencies if not dependency_done(records, d)]
         return f"waits for {', '.join(waits)}" if waits else None
     if rec.status == "routed":
         if planned:

@@ -30,6 +30,7 @@ from typing import Any
 
 from .errors import SandboxError
 from .landlock import libc, syscall
+from .paths import within
 
 # The same numbers on every architecture (syscalls added after 5.0 share one table).
 _SYS_OPEN_TREE = 428
@@ -81,7 +82,7 @@ def outermost(paths: Sequence[str]) -> list[str]:
     real = sorted({os.path.realpath(p) for p in paths})
     kept: list[str] = []
     for path in real:
-        if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
+        if not any(within(path, k) for k in kept):
             kept.append(path)
     return kept
 

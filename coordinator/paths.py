@@ -150,3 +150,9 @@ def literal_prefix(pattern: str) -> str:
             break
         fixed.append(p)
     return "/".join(fixed)
+
+
+def within(path: str, folder: str) -> bool:
+    """`path` is `folder` or beneath it; both absolute and resolved (no component match: /a/bc
+    is not within /a/b)."""
+    return path == folder or path.startswith(folder if folder.endswith("/") else folder + "/")

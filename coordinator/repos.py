@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import GitError
+from .paths import within
 
 GIT_TIMEOUT = 300.0  # seconds; one git call on a small repository takes milliseconds
 COORDINATOR_IDENT = ("coordinator", "coordinator@agents.coordinator")
@@ -542,8 +543,7 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def _under(path: Path, folder: Path) -> bool:
-    p, f = os.path.realpath(path), os.path.realpath(folder)
-    return p == f or p.startswith(f.rstrip("/") + "/")
+    return within(os.path.realpath(path), os.path.realpath(folder))
 
 
 def _unlock_tree(root: Path) -> None:

@@ -316,15 +316,10 @@ def check_writable(agent: Agent, ws: Workspace) -> None:
     for i, entry in enumerate(agent.sandbox_writable):
         w = os.path.realpath(entry)
         for p in guarded:
-            if _within(p, w) or (_within(w, p) and p != home):
+            if paths.within(p, w) or (paths.within(w, p) and p != home):
                 raise SandboxError(
                     f"agents.{agent.name}.sandbox.writable.{i}: {entry} would make {p} writable; "
                     "grant a narrower folder outside the workspace and not your whole home")
-
-
-def _within(path: str, folder: str) -> bool:
-    """`path` is `folder` or inside it (both absolute and resolved)."""
-    return path == folder or path.startswith(folder if folder.endswith("/") else folder + "/")
 
 
 def ruleset(agent: Agent, order: WorkOrder, attempt: Attempt, ws: Workspace | None = None) -> Ruleset:

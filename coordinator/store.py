@@ -107,6 +107,11 @@ class Record:
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
+    @property
+    def dependencies(self) -> tuple[str, ...]:
+        """What it waits for: its `blocked_by`, then the blocker a requeue named."""
+        return (*self.blocked_by, *((self.blocker,) if self.blocker else ()))
+
     def as_json(self) -> dict[str, Any]:
         """The record as JSON data. Shares its lists and dicts with the record (no deep copy:
         this is on every status change); copy before changing what it returns."""

@@ -547,7 +547,7 @@ class Supervisor:
         if rec.status == "queued":
             heapq.heappush(self._ready.setdefault(rec.to, []), _rank(rec))
         elif rec.status == "waiting":
-            for dep in _dependencies(rec):
+            for dep in rec.dependencies:
                 # A routed dependency is waited for at the end of its route.
                 last = route_end(self.records, dep)
                 self._waiting_on.setdefault(last.id if last is not None else dep, set()).add(rec.id)
@@ -559,7 +559,7 @@ class Supervisor:
         for rec in sorted(waiters, key=lambda r: r.seq):
             if rec.status != "waiting":
                 continue
-            named = next((d for d in _dependencies(rec) if route_end(self.records, d) is done), None)
+            named = next((d for d in rec.dependencies if route_end(self.records, d) is done), None)
             if named is None:
                 continue
             if done.status != "done":  # halted and blocked too: they come back only with `retry`
@@ -584,7 +584,7 @@ class Supervisor:
         if self.ready(rec):
             rec.blocker = None
             self.move(rec, "queued", audit.SUPERVISOR, note=note)
-        elif (dead := ended_undone(self.records, _dependencies(rec))) is not None:
+        elif (dead := ended_undone(self.records, rec.dependencies)) is not None:
             self._block_on(rec, *dead)
 
     def rerouted(self, routed: Record) -> None:
@@ -605,8 +605,7 @@ class Supervisor:
 
     def ready(self, rec: Record) -> bool:
         """Are all of `rec`'s dependencies done (at the end of their routes) and its blocker cleared?"""
-        return (all(dependency_done(self.records, d) for d in rec.blocked_by)
-                and (rec.blocker is None or dependency_done(self.records, rec.blocker)))
+        return all(dependency_done(self.records, d) for d in rec.dependencies)
 
     # -- dispatch ----------------------------------------------------------------------------------
     def _dispatch(self) -> bool:
@@ -738,10 +737,6 @@ class Supervisor:
         """Wait for the committer thread: state/ is committed when this returns."""
         if self._committer is not None:
             self._committer.drain()
-
-
-def _dependencies(rec: Record) -> tuple[str, ...]:
-    return (*rec.blocked_by, *((rec.blocker,) if rec.blocker else ()))
 
 
 def _rank(rec: Record) -> tuple[int, int, str]:
