@@ -212,6 +212,29 @@ def test_a_roll_up_that_fails_is_said_and_the_batch_is_committed_once(tmp_path, 
                           "git repack failed in state/: No space left on device"]
 
 
+def test_the_supervisor_says_a_failed_roll_up_and_goes_on(make_ws, monkeypatch):
+    from coordinator import audit
+
+    monkeypatch.setattr(audit, "PACK_LIMIT", 1)
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
+    said: list[str] = []
+    with Supervisor(ws, log=said.append) as sup:
+        real = sup.audit.git
+
+        def git_without_room(*args: str, **kwargs: object) -> str:
+            if args and args[0] == "repack":
+                raise GitError("git repack failed in state/: No space left on device")
+            return real(*args, **kwargs)
+
+        sup.audit.git = git_without_room  # type: ignore[method-assign]
+        for i in range(2):
+            drop(ws, "chip", f"o{i}.md", order_md(f"Order {i} is done", id=f"o{i}"))
+            sup.run_once(limit=30)
+    assert [Store(ws.state).load(f"o{i}").status for i in range(2)] == ["done", "done"]
+    assert any(line.startswith("could not roll up state/'s") and "No space left on device" in line
+               for line in said), said
+
+
 def _loose(root: Path, kind: str) -> set[str]:
     objects = root / ".git" / "objects"
     found = "".join(d.name + f.name + "\n" for d in objects.iterdir() if len(d.name) == 2 for f in d.iterdir())

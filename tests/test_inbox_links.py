@@ -10,6 +10,7 @@ from conftest import drop, order_md, sh, wait_until
 
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
+from coordinator.watcher import InboxWatcher
 
 
 def _victims(tmp_path):
@@ -54,11 +55,11 @@ def test_a_link_dropped_into_a_live_supervisors_inbox_is_rejected_and_its_target
     ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ran")}})
     victim, _ = _victims(tmp_path)
     stops = [0]
-    with Supervisor(ws) as sup:
+    with Supervisor(ws, watcher=InboxWatcher([ws.inbox("chip")], rescan_every=3600)) as sup:
         loop = threading.Thread(target=sup.run, kwargs={"should_stop": lambda: stops[0]}, daemon=True)
         loop.start()
         try:
-            time.sleep(0.3)  # the watcher is on: the link arrives as a hint, not in a rescan
+            time.sleep(0.3)  # the watcher is on (and rescans only hourly): the link arrives as a hint
             os.symlink(victim, ws.inbox("chip") / "notes.md")
             wait_until(lambda: _rejected_links(ws), "the link rejected", timeout=30)
         finally:
@@ -99,9 +100,10 @@ def test_what_an_inbox_never_takes_in_is_said_once(make_ws):
     (ws.inbox("chip") / ".being-written.md").write_text("half")
     (ws.inbox("chip") / b"caf\xe9.d".decode("utf-8", "surrogateescape")).mkdir()
     said: list[str] = []
-    with Supervisor(ws, log=said.append) as sup:
-        sup.run_once(limit=30)
-        sup.run_once(limit=30)  # a second rescan says nothing new
+    every_look = InboxWatcher([ws.inbox("chip")], rescan_every=0)  # each step rescans all inboxes
+    with Supervisor(ws, log=said.append, watcher=every_look) as sup:
+        for _ in range(3):
+            sup.step()  # each rescans: what one finds again is not said again
     assert sorted(s for s in said if s.startswith("WARNING: inbox/")) == [
         "WARNING: inbox/chip/caf\\xe9.d is a folder: only files are taken in",
         "WARNING: inbox/chip/pipe.md is not a regular file: only files are taken in",

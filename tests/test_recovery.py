@@ -620,9 +620,6 @@ def test_a_crash_between_a_dependencys_record_and_its_waiters_releases_the_waite
     store = sup.store
     written = store.write_dirty
 
-    class Killed(BaseException):
-        pass
-
     def base_then_killed() -> int:  # the kill lands between the two record writes
         if "base" in store._dirty and store._dirty["base"].status == "done":
             assert "later" in store._dirty
@@ -734,9 +731,6 @@ def test_at_start_a_waiting_order_whose_dependency_was_cancelled_is_blocked_once
     sup._write_state()
     store = sup.store
     written = store.write_dirty
-
-    class Killed(BaseException):
-        pass
 
     def root_then_killed() -> int:
         store._dirty = {"root": store._dirty["root"]}

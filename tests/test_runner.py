@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 from conftest import drop, order_md, sh
 
 from bench.harness import probe_of
-from coordinator import runner
+from coordinator import orders, runner
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
 
@@ -24,12 +25,23 @@ def test_spares_are_complete_pairs_and_prepare_takes_one_whole(make_ws):
     for n in names:
         if n.startswith("attempt-"):
             assert sorted(os.listdir(spare / n)) == ["outbox", "scratch", "tmp"]
-    folder, logs = runner.attempt_folder(ws, "sp-1", 1), ws.runtime / "logs" / "sp-1" / "1"
-    folder.parent.mkdir(parents=True)
-    logs.parent.mkdir(parents=True)
-    assert runner._take_spare(ws, folder, logs)
-    assert sorted(os.listdir(folder)) == ["outbox", "scratch", "tmp"] and logs.is_dir()
-    assert len(os.listdir(spare)) == 2  # one pair taken
+    order = orders.load(order_md("Spares are used", id="sp-1").encode(), path="o.md", to="chip",
+                        config=ws.config, history=orders.EmptyHistory())
+    attempt = runner.prepare(ws, order, 1, [])
+    assert sorted(os.listdir(attempt.folder)) == ["brief.md", "order.json", "outbox", "scratch", "tmp"]
+    assert attempt.logs.is_dir() and "Spares are used" in attempt.brief.read_text()
+    assert len(os.listdir(spare)) == 2  # one pair taken, whole
+    drop(ws, "chip", "a.md", order_md("Another runs", id="sp-2"))
+    give_up = time.monotonic() + 30
+
+    def refilled() -> int:  # the loop took the last pair for sp-2 and makes two more when idle
+        done = "sp-2" in sup.records and sup.records["sp-2"].status == "done"
+        return 2 if (done and len(os.listdir(spare)) == 4) or time.monotonic() > give_up else 0
+
+    with Supervisor(ws) as sup:
+        sup.run(should_stop=refilled)
+    assert sup.records["sp-2"].status == "done"
+    assert sorted(n.split("-")[0] for n in os.listdir(spare)) == ["attempt", "attempt", "log", "log"]
 
 
 def test_clear_spares_drops_what_a_crash_left_half_made_and_keeps_whole_pairs(make_ws):
