@@ -440,6 +440,15 @@ def _message(lines: list[str]) -> str:
     return "\n".join(out).strip("\n")
 
 
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _words(line: str) -> set[str]:
+    """The words of a line that could name an order (`WO-0007` of `(WO-0007.)` too)."""
+    found = set(_WORD.findall(line))
+    return found | {w.rstrip("._-") for w in found}
+
+
 def _group(pending: list[tuple[str, str]]) -> list[tuple[str, list[str], list[str]]]:
     """(actor, lines, order ids) per commit: one commit per actor where the history allows.
 
@@ -447,22 +456,30 @@ def _group(pending: list[tuple[str, str]]) -> list[tuple[str, list[str], list[st
     about the same order, or one that names its order or that it names (a dependency released,
     a follow-up filed). Grouping only consecutive lines made a busy supervisor, alternating
     `queued -> running` (coordinator) and `running -> done` (the agent), commit every line alone.
+    Each group keeps its orders and the words of its lines as sets: comparing every line with
+    every line of the groups it passes made a batch of a few thousand lines take seconds.
     """
     groups: list[tuple[str, list[str], list[str]]] = []
+    seen: list[tuple[set[str], set[str]]] = []  # per group: its orders, the words of its lines
     for actor, line in pending:
         order = line.split(" ", 1)[0]
+        words = _words(line)
         target = None
-        for group in reversed(groups):
-            if group[0] == actor:
-                target = group
+        for i in range(len(groups) - 1, -1, -1):
+            if groups[i][0] == actor:
+                target = i
                 break
-            if any(o == order or o in line or order in text for o, text in zip(group[2], group[1], strict=True)):
+            orders, named = seen[i]
+            if order in orders or order in named or not orders.isdisjoint(words):
                 break
         if target is None:
-            target = (actor, [], [])
-            groups.append(target)
-        target[1].append(line)
-        target[2].append(order)
+            groups.append((actor, [], []))
+            seen.append((set(), set()))
+            target = len(groups) - 1
+        groups[target][1].append(line)
+        groups[target][2].append(order)
+        seen[target][0].add(order)
+        seen[target][1].update(words)
     return groups
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import SandboxError
+from .paths import real
 
 # Landlock has the same syscall numbers on every architecture we run on.
 _SYS_CREATE_RULESET = 444
@@ -160,7 +161,7 @@ class Ruleset:
         for entry in dict.fromkeys((*self.writable, *self.mounts_writable)):  # each path once
             if not os.path.isabs(entry):
                 raise SandboxError(f"sandbox path {entry!r} is relative; give an absolute path")
-            if os.path.realpath(entry) in FORBIDDEN_WRITABLE:
+            if real(entry) in FORBIDDEN_WRITABLE:
                 raise SandboxError(f"sandbox path {entry!r} may not be writable: it would undo the sandbox")
 
 

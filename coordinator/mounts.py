@@ -30,7 +30,7 @@ from typing import Any
 
 from .errors import SandboxError
 from .landlock import libc, syscall
-from .paths import within
+from .paths import real, within
 
 # The same numbers on every architecture (syscalls added after 5.0 share one table).
 _SYS_OPEN_TREE = 428
@@ -79,9 +79,8 @@ def _setattr_all(attr: _MountAttr) -> None:
 
 def outermost(paths: Sequence[str]) -> list[str]:
     """The entries of `paths` not beneath another entry (a copy of one carries what is below)."""
-    real = sorted({os.path.realpath(p) for p in paths})
     kept: list[str] = []
-    for path in real:
+    for path in sorted({real(p) for p in paths}):
         if not any(within(path, k) for k in kept):
             kept.append(path)
     return kept

@@ -8,6 +8,7 @@ matcher decides intake (is every `files` entry inside `writes`?) and the gate
 
 from __future__ import annotations
 
+import os
 import re
 from functools import lru_cache
 
@@ -156,3 +157,24 @@ def within(path: str, folder: str) -> bool:
     """`path` is `folder` or beneath it; both absolute and resolved (no component match: /a/bc
     is not within /a/b)."""
     return path == folder or path.startswith(folder if folder.endswith("/") else folder + "/")
+
+
+def real(path: str | os.PathLike[str]) -> str:
+    """`os.path.realpath(path)`, resolved by the kernel when the path exists: one open and one
+    readlink instead of an lstat per component (four times per order, 40 system calls, on
+    the drop-to-spawn path). A path that does not exist, or a system without /proc, falls
+    back to `os.path.realpath`."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return os.path.realpath(path)
+    try:
+        found = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
+    finally:
+        os.close(fd)
+    # Removed meanwhile, or not a path at all (an anonymous inode): the slow way tells.
+    if not found.startswith("/") or found.endswith(" (deleted)"):
+        return os.path.realpath(path)
+    return found

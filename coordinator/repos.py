@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import GitError
-from .paths import within
+from .paths import real, within
 
 GIT_TIMEOUT = 300.0  # seconds; one git call on a small repository takes milliseconds
 COORDINATOR_IDENT = ("coordinator", "coordinator@agents.coordinator")
@@ -539,11 +539,11 @@ def _nul_join(items: Iterable[str]) -> str:
 
 
 def _same(a: Path, b: Path) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
+    return real(a) == real(b)
 
 
 def _under(path: Path, folder: Path) -> bool:
-    return within(os.path.realpath(path), os.path.realpath(folder))
+    return within(real(path), real(folder))
 
 
 def _unlock_tree(root: Path) -> None:

@@ -303,7 +303,7 @@ def _protected(root: Path) -> tuple[str, ...]:
     """What no sandbox grant may cover: the team's config, state, inboxes, repositories, runtime, home (last)."""
     ws = Workspace(root)
     found = [ws.config_path, ws.state, ws.inbox_root, ws.repos, ws.runtime, Path.home()]
-    return tuple(os.path.realpath(p) for p in found)
+    return tuple(paths.real(p) for p in found)
 
 
 def check_writable(agent: Agent, ws: Workspace) -> None:
@@ -314,7 +314,7 @@ def check_writable(agent: Agent, ws: Workspace) -> None:
     guarded = _protected(ws.root)
     home = guarded[-1]
     for i, entry in enumerate(agent.sandbox_writable):
-        w = os.path.realpath(entry)
+        w = paths.real(entry)
         for p in guarded:
             if paths.within(p, w) or (paths.within(w, p) and p != home):
                 raise SandboxError(

@@ -44,10 +44,12 @@ from .watcher import InboxWatcher, Watcher, is_candidate, printable, scan, settl
 from .workspace import Workspace
 
 INTAKE_BATCH = 500          # files filed per step before running what is ready
+INTAKE_SLICE = 0.002        # seconds of filing per step while attempts run: their exits want reaping
+INTAKE_SLICE_IDLE = 0.05    # ... and while none runs: what is filed first starts soon
 STOP_GRACE = 30.0           # seconds running attempts get after the first SIGTERM
 KILL_GRACE = 2.0            # SIGTERM -> SIGKILL for a process tree
 UNSETTLED_RETRY = 0.2       # seconds between looks at a file still being written
-FLUSH_EVERY = 0.25          # seconds: in the loops, the transitions of several steps share commits
+FLUSH_EVERY = 1.0           # seconds: in the loops, the transitions of several steps share commits
 COMMIT_QUIET = 0.05         # seconds without progress before the loops commit what is staged
 WAIT_SLICE = 0.005          # seconds: without pump threads, how often a wait looks at the watcher
 TAMPER_EVERY = 5.0          # seconds between looks for changes the supervisor did not make
@@ -229,8 +231,9 @@ class Supervisor:
         now = time.monotonic()
         if progress:
             self._last_progress = now
-        # A commit costs 15-25 ms, more as state/ grows: while orders keep moving, several
-        # steps share one; the files are the truth in between and recovery commits leftovers.
+        # A commit costs 15-25 ms, more as state/ grows: while orders keep moving, the steps
+        # of a second share one (a batch every 0.25 s was half of the git time per order at
+        # 400 orders/s); the files are the truth in between and recovery commits leftovers.
         # When the work stops, the commit waits for a short quiet spell, so that its git
         # processes do not compete with an order dropped right after the last one ended.
         quiet = not self.attempts.active and now - self._last_progress >= COMMIT_QUIET
@@ -383,8 +386,7 @@ class Supervisor:
 
     def _intake_step(self) -> bool:
         hints, rescan = self.watcher.drain()
-        candidates: dict[Path, str] = dict(self._unsettled)
-        self._unsettled.clear()
+        candidates, self._unsettled = self._unsettled, {}
         if rescan:
             others: list[Path] = []
             for agent in self.config.agents:
@@ -396,11 +398,15 @@ class Supervisor:
             agent = path.parent.name
             if agent in self.config.agents and path.parent == self.ws.inbox(agent) and is_candidate(path.name):
                 candidates[path] = agent
+        # Filing yields to reaping and starting every few milliseconds while attempts run: a
+        # burst filed 500 at a time left the spawn pipeline empty for 200 ms at a time.
         filed = 0
-        for path, agent in candidates.items():
-            if filed >= INTAKE_BATCH:
+        until = time.monotonic() + (INTAKE_SLICE if self.attempts.active else INTAKE_SLICE_IDLE)
+        pending = iter(candidates.items())
+        for path, agent in pending:
+            if filed >= INTAKE_BATCH or (filed and time.monotonic() > until):
                 self._unsettled[path] = agent
-                continue
+                break
             if not path.is_file() or path.is_symlink():
                 if path.is_symlink():
                     self._refuse_link(path, agent)
@@ -413,6 +419,7 @@ class Supervisor:
                 continue
             self.file_claimed(claimed, agent, shown=self.ws.rel(path))
             filed += 1
+        self._unsettled.update(pending)  # the rest, untouched, for the next steps
         return filed > 0
 
     def _say_strays(self, others: list[Path]) -> None:

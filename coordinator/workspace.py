@@ -24,6 +24,7 @@ from pathlib import Path
 from . import config as config_mod
 from .config import CONFIG_NAME, Config
 from .errors import CoordinatorError, UsageError, WorkspaceError
+from .paths import real
 
 ENV_VAR = "COORDINATOR_WORKSPACE"
 RUNTIME = ".coordinator"
@@ -87,14 +88,14 @@ class Workspace:
         where it is, not where it points."""
         path = Path(os.path.abspath(path))
         try:
-            return str((Path(os.path.realpath(path.parent)) / path.name).relative_to(self.root))
+            return str((Path(real(path.parent)) / path.name).relative_to(self.root))
         except ValueError:
             return str(path)
 
     def agent_of_inbox(self, file: Path) -> str | None:
         """The agent whose inbox folder holds `file`, if any."""
-        parent = Path(os.path.realpath(file)).parent  # a link loop is no error here: reading it says so
-        if parent.parent == Path(os.path.realpath(self.inbox_root)):
+        parent = Path(real(file)).parent  # a link loop is no error here: reading it says so
+        if parent.parent == Path(real(self.inbox_root)):
             return parent.name
         return None
 

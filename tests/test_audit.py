@@ -396,6 +396,24 @@ def test_group_commit_shares_commits_under_load_and_loses_no_line(make_ws):
     assert commits < 30  # 60 transitions, far fewer commits
 
 
+def test_a_line_never_moves_before_a_line_that_names_its_order_or_that_it_names():
+    from coordinator.audit import _group
+
+    pending = [("chip", "WO-1 chip: running -> done"),
+               ("coordinator", "WO-2 rex: waiting -> queued (WO-1 done)"),
+               ("chip", "WO-3 chip: running -> done"),      # about neither: joins chip's first commit
+               ("chip", "WO-2 rex: queued -> running"),     # about WO-2: after the line that freed it
+               ("coordinator", "WO-12 chip: queued -> running"),
+               ("chip", "WO-4 chip: running -> done (follow-up WO-5.)"),
+               ("coordinator", "WO-5 rex: new -> queued")]
+    assert [(actor, lines) for actor, lines, _ in _group(pending)] == [
+        ("chip", ["WO-1 chip: running -> done", "WO-3 chip: running -> done"]),
+        ("coordinator", ["WO-2 rex: waiting -> queued (WO-1 done)", "WO-12 chip: queued -> running"]),
+        ("chip", ["WO-2 rex: queued -> running", "WO-4 chip: running -> done (follow-up WO-5.)"]),
+        ("coordinator", ["WO-5 rex: new -> queued"]),
+    ]
+
+
 def test_a_crash_between_a_state_write_and_its_commit_is_repaired_at_start(make_ws):
     ws = team(make_ws)
     drop(ws, "chip", "halt.md", order_md("Order halt ends", id="halt",

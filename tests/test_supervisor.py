@@ -16,6 +16,7 @@ from coordinator.audit import StateRepo
 from coordinator.errors import StateError
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
+from coordinator.watcher import NullWatcher
 
 WRITE_GREETING = sh('printf "def greet():\\n    return 1\\n" > src/greeting.py && echo wrote it')
 
@@ -442,6 +443,30 @@ def test_invalid_order_is_rejected_with_the_original_bytes_and_errors_kept(make_
     assert any("acceptance" in e and "3 to 5" in e for e in rec.errors)
     assert (Store(ws.state).folder(rec.id) / "original.md").read_text() == text
     assert list(ws.inbox("chip").iterdir()) == []
+
+
+def test_a_burst_dropped_while_an_attempt_runs_is_filed_a_slice_per_step_and_all_of_it(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("sleep 30")},
+                  "walt": {"role": "orchestrator", "sends_to": []}})
+    drop(ws, "chip", "slow.md", order_md("The slow order is done", id="slow"))
+
+    class Rescanning(NullWatcher):  # every step sees every file in the inboxes, as a rescan does
+        def drain(self) -> tuple[set[Path], bool]:
+            return set(), True
+
+    with Supervisor(ws, watcher=Rescanning()) as sup:
+        step_until(sup, lambda: sup.records.get("slow") and sup.records["slow"].status == "running",
+                   "the slow order to start")
+        for i in range(300):
+            drop(ws, "walt", f"b{i:03d}.md", order_md(f"Burst order {i} waits", id=f"b{i:03d}"))
+        sup.step()
+        burst = lambda: [oid for oid in sup.records if oid.startswith("b")]  # noqa: E731
+        # Filing yields to the running attempt (its exit wants reaping) after a few milliseconds.
+        assert 0 < len(burst()) < 300
+        step_until(sup, lambda: len(burst()) == 300, "the whole burst to be filed")
+        assert all(sup.records[oid].status == "queued" for oid in burst())
+        assert not any(ws.inbox("walt").iterdir())
+        sup.attempts.kill_all()
 
 
 def test_duplicate_id_never_runs_twice(make_ws):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -105,6 +106,18 @@ def test_paths_are_shown_relative_to_the_workspace(made: Workspace, tmp_path: Pa
     assert made.rel(made.inbox("chip") / "fix.md") == "inbox/chip/fix.md"
     outside = tmp_path / "elsewhere.md"
     assert made.rel(outside) == str(outside)
+
+
+def test_paths_resolve_through_links_as_realpath_does(tmp_path: Path) -> None:
+    from coordinator.paths import real
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for p in ("link/b", "link/b/../b", "link/missing/x", "dangling", "loop", "a", "."):
+        assert real(tmp_path / p) == os.path.realpath(tmp_path / p), p
+    assert real(tmp_path / "link" / "b") == str(tmp_path.resolve() / "a" / "b")
 
 
 def test_the_agent_of_an_inbox_file(made: Workspace, tmp_path: Path) -> None:
