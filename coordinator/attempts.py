@@ -163,7 +163,9 @@ class AttemptRunner:
                 self.sup.say(f"{act.rec.id}: timed out after {_fmt(act.deadline - act.started)}; killing it")
                 self.sup.spawner.kill_tree(self._current_token(act), grace=2.0)
             limit = act.agent.stale_after
-            if not act.rec.stale and now - runner.last_activity(act.attempt, act.started) > limit:
+            # Younger than the limit, it cannot be silent that long: no look at its files.
+            if (not act.rec.stale and now - act.started > limit
+                    and now - runner.last_activity(act.attempt, act.started) > limit):
                 act.rec.stale = True
                 self.sup.event(act.rec, f"stale (no output or heartbeat for {_fmt(limit)})")
 

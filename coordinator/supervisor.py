@@ -16,6 +16,7 @@ import fcntl
 import heapq
 import os
 import select
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -407,9 +408,14 @@ class Supervisor:
             if filed >= INTAKE_BATCH or (filed and time.monotonic() > until):
                 self._unsettled[path] = agent
                 break
-            if not path.is_file() or path.is_symlink():
-                if path.is_symlink():
-                    self._refuse_link(path, agent)
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:  # gone, or not ours to see
+                continue
+            if stat.S_ISLNK(mode):
+                self._refuse_link(path, agent)
+                continue
+            if not stat.S_ISREG(mode):
                 continue
             if not settled(path, now=time.time(), require_quiet=self.poll_mode):
                 self._unsettled[path] = agent
