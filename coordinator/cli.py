@@ -559,19 +559,13 @@ def audit() -> None:
 def audit_verify(c: Context, as_json: bool) -> None:
     """Exit 1 listing every change no order explains; 0 when the trail is complete.
 
-    Beside a running supervisor, the supervisor checks, with all it wrote committed.
-
     \b
     Example:
         coordinator audit verify
     """
-    from . import control, verify
+    from . import verify
 
-    if control.supervisor_running(c.ws):  # it checks between two steps, with all it wrote committed
-        answer = control.submit(c.ws, "verify", {}, timeout=control.VERIFY_TIMEOUT)
-        findings = [verify.Finding(**f) for f in answer.get("findings", [])]
-    else:
-        findings = verify.verify(c.ws)
+    findings = verify.verify(c.ws)
     if as_json:
         emit_json({"clean": not findings, "findings": [f.as_json() for f in findings]})
     else:

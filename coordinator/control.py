@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 ANSWER_TIMEOUT = 15.0
-VERIFY_TIMEOUT = 600.0  # seconds: `audit verify` reads all of state/'s history
 # Blocked and halted orders have ended but `retry` could bring them back: cancelling ends them for good.
 CANCELLABLE = ("queued", "waiting", "running", "blocked", "halted")
 
@@ -107,7 +106,7 @@ def answer(request: Path, *, result: dict[str, Any] | None = None, error: Coordi
 
 # -- what the supervisor does for each request --------------------------------------------------
 def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Do what a CLI command asked: cancel, retry, rotate, budget-add, verify."""
+    """Do what a CLI command asked: cancel, retry, rotate, budget-add."""
     if action == "cancel":
         rec = _record(sup, str(args["id"]))
         if rec.status not in CANCELLABLE:
@@ -160,13 +159,6 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
         if change:
             out["mode_change"] = list(change)
         return out
-    if action == "verify":
-        # Checked between two steps with everything committed: read from outside, a busy
-        # supervisor's last second of writes would be reported as changes nobody made.
-        from . import verify
-
-        sup.step_commit()
-        return {"findings": [f.as_json() for f in verify.verify(sup.ws)]}
     raise UsageError(f"unknown request {action!r}")
 
 

@@ -627,16 +627,6 @@ def test_a_running_supervisor_answers_errors_with_the_exit_code_they_would_have_
     assert missing.value.exit_code == 1 and "no order 'WO-9999'" in str(missing.value)  # the thing asked about
 
 
-def test_audit_verify_beside_a_running_supervisor_is_answered_by_it(
-        ws: Path, supervisor: subprocess.Popen[str]) -> None:
-    run("-w", ws, "send", "-", "--to", "slow", input=order("The slow agent thinks it over", files=()))
-    wait_for(lambda: statuses(ws) == {"WO-0001": "running"}, "the slow order to run")
-    clean = run("-w", ws, "audit", "verify")
-    assert (clean.exit_code, clean.stdout) == (0, "audit clean: every commit and state change is explained\n")
-    assert not list((ws / ".coordinator" / "requests").iterdir())  # asked of the supervisor, and answered
-    assert run("-w", ws, "cancel", "WO-0001").exit_code == 0
-
-
 # -- budget, rotation, signals, audit ------------------------------------------------------------------
 def test_budget_add_and_rotate(ws: Path) -> None:
     doc = json.loads(run("-w", ws, "budget", "--json").stdout)
