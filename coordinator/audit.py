@@ -444,9 +444,12 @@ _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def _words(line: str) -> set[str]:
-    """The words of a line that could name an order (`WO-0007` of `(WO-0007.)` too)."""
+    """The words of a line that could name an order, and each word cut at every `.`, `_` or
+    `-` in it: `WO-0007.md` and `WO-0007-fix` in a failure reason name WO-0007 too."""
     found = set(_WORD.findall(line))
-    return found | {w.rstrip("._-") for w in found}
+    for word in list(found):
+        found.update(word[:i] for i, c in enumerate(word) if c in "._-")
+    return found
 
 
 def _group(pending: list[tuple[str, str]]) -> list[tuple[str, list[str], list[str]]]:

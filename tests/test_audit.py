@@ -405,12 +405,16 @@ def test_a_line_never_moves_before_a_line_that_names_its_order_or_that_it_names(
                ("chip", "WO-2 rex: queued -> running"),     # about WO-2: after the line that freed it
                ("coordinator", "WO-12 chip: queued -> running"),
                ("chip", "WO-4 chip: running -> done (follow-up WO-5.)"),
-               ("coordinator", "WO-5 rex: new -> queued")]
+               ("coordinator", "WO-5 rex: new -> queued"),
+               ("rex", "WO-6 rex: running -> failed (no src/WO-7-notes.md)"),
+               ("coordinator", "WO-7 rex: queued -> running")]
     assert [(actor, lines) for actor, lines, _ in _group(pending)] == [
         ("chip", ["WO-1 chip: running -> done", "WO-3 chip: running -> done"]),
         ("coordinator", ["WO-2 rex: waiting -> queued (WO-1 done)", "WO-12 chip: queued -> running"]),
         ("chip", ["WO-2 rex: queued -> running", "WO-4 chip: running -> done (follow-up WO-5.)"]),
         ("coordinator", ["WO-5 rex: new -> queued"]),
+        ("rex", ["WO-6 rex: running -> failed (no src/WO-7-notes.md)"]),
+        ("coordinator", ["WO-7 rex: queued -> running"]),
     ]
 
 
