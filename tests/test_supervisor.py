@@ -460,7 +460,10 @@ def test_a_burst_dropped_while_an_attempt_runs_is_filed_a_slice_per_step_and_all
         for i in range(300):
             drop(ws, "walt", f"b{i:03d}.md", order_md(f"Burst order {i} waits", id=f"b{i:03d}"))
         sup.step()
-        burst = lambda: [oid for oid in sup.records if oid.startswith("b")]  # noqa: E731
+
+        def burst() -> list[str]:
+            return [oid for oid in sup.records if oid.startswith("b")]
+
         # Filing yields to the running attempt (its exit wants reaping) after a few milliseconds.
         assert 0 < len(burst()) < 300
         step_until(sup, lambda: len(burst()) == 300, "the whole burst to be filed")
