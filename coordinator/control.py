@@ -4,6 +4,11 @@ When a supervisor runs, the CLI drops a request file into
 `.coordinator/requests/` and waits for the answer file; the supervisor serves
 requests at every loop step. When none runs, the CLI opens the workspace itself
 (taking the same lock) and serves the request directly.
+
+A request is done at most once and the command says which: the supervisor takes a
+request by renaming it (`X.request.json` -> `X.taken.json`) before it acts, and a
+command that gives up withdraws its request by removing it. Whichever comes first
+wins: a withdrawn request is never done, a taken one is answered.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 ANSWER_TIMEOUT = 15.0
+TAKEN_GRACE = 15.0  # a request taken just before the command gave up: this much longer for its answer
+LIVENESS_EVERY = 0.5  # how often a waiting command checks that the supervisor still runs
+UNREAD_ANSWER_KEPT = 3600.0
+REQUEST, TAKEN, ANSWER = ".request.json", ".taken.json", ".answer.json"
 # Blocked and halted orders have ended but `retry` could bring them back: cancelling ends them for good.
 CANCELLABLE = ("queued", "waiting", "running", "blocked", "halted")
 
@@ -56,21 +65,60 @@ def submit(ws: Workspace, action: str, args: dict[str, Any], *, timeout: float =
     folder = requests_dir(ws)
     folder.mkdir(parents=True, exist_ok=True)
     name = f"{time.time_ns():020d}-{os.getpid()}"
-    durable.write_json(folder / f"{name}.request.json", {"action": action, "args": args})
-    answer = folder / f"{name}.answer.json"
+    request, answer = folder / f"{name}{REQUEST}", folder / f"{name}{ANSWER}"
+    durable.write_json(request, {"action": action, "args": args})
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if answer.exists():
+    while True:
+        data = _read_answer(answer, until=min(deadline, time.monotonic() + LIVENESS_EVERY))
+        if data is not None:
+            return _answered(data)
+        stopped = not supervisor_running(ws)
+        if not stopped and time.monotonic() < deadline:
+            continue
+        if _withdraw(request):  # not taken: it will never be done unless done here
+            if stopped:
+                return _serve_offline(ws, action, args)
+            raise SupervisorError(f"the supervisor did not answer within {timeout:.0f}s, so nothing was done; "
+                                  "is it stuck? (`coordinator doctor`)")
+        break
+    # Taken: being done now, or done by a supervisor that died before it answered.
+    data = _read_answer(answer, until=time.monotonic() + (0 if stopped else TAKEN_GRACE))
+    if data is not None:
+        return _answered(data)
+    waited = "" if stopped else f" within {timeout + TAKEN_GRACE:.0f}s"
+    raise SupervisorError(f"the supervisor took the request but {'stopped before it answered' if stopped else 'did not answer'}"
+                          f"{waited}; it may have been done: check with `coordinator board` before asking again")
+
+
+def _read_answer(answer: Path, *, until: float) -> dict[str, Any] | None:
+    """The answer, once it is there (removed when read); None if it is not there by `until`."""
+    while True:
+        try:
             data: dict[str, Any] = durable.read_json(answer)
-            answer.unlink()
-            if data.get("error"):
-                error = CoordinatorError(str(data["error"]))
-                error.exit_code = int(data.get("exit_code") or 1)  # as if it were served here
-                raise error
-            return dict(data.get("result") or {})
-        time.sleep(0.02)
-    raise SupervisorError(f"the supervisor did not answer within {timeout:.0f}s; is it stuck? "
-                          "(`coordinator doctor`)")
+        except FileNotFoundError:
+            if time.monotonic() >= until:
+                return None
+            time.sleep(0.02)
+            continue
+        answer.unlink(missing_ok=True)
+        return data
+
+
+def _answered(data: dict[str, Any]) -> dict[str, Any]:
+    if data.get("error"):
+        error = CoordinatorError(str(data["error"]))
+        error.exit_code = int(data.get("exit_code") or 1)  # as if it were served here
+        raise error
+    return dict(data.get("result") or {})
+
+
+def _withdraw(request: Path) -> bool:
+    """Take back a request the supervisor has not taken; False if it has."""
+    try:
+        request.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _serve_offline(ws: Workspace, action: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -84,24 +132,44 @@ def _serve_offline(ws: Workspace, action: str, args: dict[str, Any]) -> dict[str
 
 
 def pending(ws: Workspace) -> list[tuple[Path, dict[str, Any]]]:
-    """Requests waiting for the supervisor, oldest first."""
+    """Requests waiting for the supervisor, oldest first, each taken (renamed to `.taken.json`)
+    so that its command can no longer withdraw it; answer each with `answer`.
+
+    A taken request found here was taken by a supervisor that died before it answered: it
+    may or may not have been done, so it is not done again (its command has said so). An
+    answer nobody read for an hour is removed.
+    """
     found: list[tuple[Path, dict[str, Any]]] = []
-    with contextlib.suppress(FileNotFoundError):
-        for entry in sorted(os.scandir(requests_dir(ws)), key=lambda e: e.name):
-            if entry.name.endswith(".request.json"):
-                path = Path(entry.path)
-                try:
-                    found.append((path, durable.read_json(path)))
-                except (OSError, ValueError):
-                    path.unlink(missing_ok=True)
+    try:
+        entries = sorted(os.scandir(requests_dir(ws)), key=lambda e: e.name)
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.name.endswith(TAKEN):
+            path.unlink(missing_ok=True)
+        elif entry.name.endswith(ANSWER):
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - entry.stat().st_mtime > UNREAD_ANSWER_KEPT:
+                    path.unlink()
+        elif entry.name.endswith(REQUEST):
+            taken = path.with_name(entry.name[: -len(REQUEST)] + TAKEN)
+            try:
+                os.rename(path, taken)
+            except FileNotFoundError:
+                continue  # withdrawn by its command a moment ago
+            try:
+                found.append((taken, durable.read_json(taken)))
+            except (OSError, ValueError):
+                taken.unlink(missing_ok=True)
     return found
 
 
-def answer(request: Path, *, result: dict[str, Any] | None = None, error: CoordinatorError | None = None) -> None:
-    target = request.with_name(request.name.replace(".request.json", ".answer.json"))
+def answer(taken: Path, *, result: dict[str, Any] | None = None, error: CoordinatorError | None = None) -> None:
+    target = taken.with_name(taken.name.replace(TAKEN, ANSWER))
     durable.write_json(target, {"result": result, "error": str(error) if error else None,
                                 "exit_code": error.exit_code if error else 0}, sync=False)
-    request.unlink(missing_ok=True)
+    taken.unlink(missing_ok=True)
 
 
 # -- what the supervisor does for each request --------------------------------------------------
