@@ -464,10 +464,13 @@ def _rules(d: dict[str, Any], path: str, problems: list[Problem]) -> None:
                               "testable items")
         for i, item in enumerate(items[: hi + 1]):
             if isinstance(item, dict):
-                for sub, field in (("text", f"acceptance.{i}"), ("check", f"acceptance.{i}.check")):
-                    why = text_problem(item[sub]) if isinstance(item.get(sub), str) else None
-                    if why:
-                        bad(field, why + ("; write a result anyone can check" if why == "is empty" else ""))
+                text, check = (text_problem(item[k]) if isinstance(item.get(k), str) else None
+                               for k in ("text", "check"))
+                if text and text != check:  # a check's placeholder is in its item's text too: said once
+                    bad(f"acceptance.{i}", text + ("; write a result anyone can check" if text == "is empty" else ""))
+                if check:
+                    bad(f"acceptance.{i}.check", check + ("; give the command that checks it, or leave out check"
+                                                          if check == "is empty" else ""))
     files = d.get("files")
     if isinstance(files, list):
         if len(files) > MAX_FILES:

@@ -202,6 +202,22 @@ def test_explicit_check_key_in_yaml() -> None:
     assert order.files == () and order.repo is None
 
 
+def test_a_check_and_its_text_with_different_problems_are_both_reported() -> None:
+    text = textwrap.dedent("""\
+        objective: Speed up the build.
+        acceptance:
+          - {text: "The build takes <describe how long>", check: "./timed-build.sh <replace with a limit>"}
+          - Nothing else changes
+          - The logs stay quiet
+        files: []
+        branching: [halt-with-note if the build is already fast]
+        """)
+    found = problems_of(text, path="o.yaml")
+    assert [(p.field, p.message) for p in found] == [
+        ("acceptance.0", "still holds the template placeholder <describe how long>; replace it"),
+        ("acceptance.0.check", "still holds the template placeholder <replace with a limit>; replace it")]
+
+
 def test_markdown_headings_any_case_other_bullets_and_objective_on_next_line() -> None:
     text = textwrap.dedent("""\
         # Login limits
@@ -648,8 +664,9 @@ def test_render_is_the_seed_format() -> None:
 def test_template_validates_once_its_placeholders_are_replaced(team: config.Config) -> None:
     text = orders.template("chip", team)
     found = problems_of(text, path="inbox/chip/new.md")
-    assert {p.field for p in found} == {"objective", "acceptance.0", "acceptance.1", "acceptance.2",
-                                        "acceptance.2.check", "branching.1.when"}
+    # the check's placeholder is also in its item's text: said once, at the check
+    assert [p.field for p in found] == ["objective", "acceptance.0", "acceptance.1", "acceptance.2.check",
+                                        "branching.1.when"]
     assert all("template placeholder" in p.message for p in found)
     filled = (text.replace("<describe the outcome in one present-tense sentence>", "Login rejects long passwords.")
               .replace("<describe a result anyone can check without asking you>", "65 characters fail")
