@@ -108,7 +108,20 @@ def describe(error: ValidationError) -> str:
         return f"must be one of {', '.join(map(str, error.validator_value))}, not {error.instance!r}"
     if v == "pattern":
         return f"{error.instance!r} does not match the pattern {error.validator_value}"
+    if v == "not" and isinstance(error.validator_value, dict):
+        return _forbidden(error.validator_value)
     return str(error.message)
+
+
+def _forbidden(schema: dict[str, Any]) -> str:
+    """A value that matched a `not`: keys that must not be given together, and why (its description)."""
+    keys = schema.get("required")
+    why = str(schema.get("description") or "")
+    if isinstance(keys, list) and keys:
+        if len(keys) == 1:
+            return f"has {keys[0]!r}; {why or 'remove it'}"
+        return f"has both {' and '.join(repr(k) for k in keys)}; {why or 'remove one'}"
+    return why or "is a combination that is not allowed here"
 
 
 # A value that fits none of several schemas (`oneOf`, `anyOf`). An alternative may carry a

@@ -227,6 +227,17 @@ def test_a_bad_config_stops_every_command_with_one_line_naming_the_key(ws: Path)
         assert result.stderr == "coordinator: coordinator.yaml: agents.rex.writes: must be a list, not the number 5\n"
 
 
+def test_an_agent_with_both_a_command_and_a_model_is_told_to_keep_one(ws: Path) -> None:
+    config = ws / "coordinator.yaml"
+    text = config.read_text()
+    assert "  rex:\n" in text
+    config.write_text(text.replace("  rex:\n", "  rex:\n    llm: {model: some-model}\n", 1))
+    result = run("-w", ws, "board")
+    assert (result.exit_code, result.stderr) == (2, "coordinator: coordinator.yaml: agents.rex: has both 'command' "
+                                                    "and 'llm'; an agent runs its command or calls its model (llm), "
+                                                    "not both: remove one\n")
+
+
 @pytest.mark.parametrize("value, said", [
     ("banana", "defaults.timeout: 'banana' is not a duration like 90s, 20m, 1.5h"),
     ("0", "defaults.timeout: 0 is not a number of seconds above 0"),
