@@ -443,6 +443,7 @@ class AttemptRunner:
         crash comes before the follow-up is filed, `refile_follow_ups` files it under that id."""
         follow_id = self.sup.intake.new_id()
         rec.report = {**(rec.report or {}), "follow_up": {"id": follow_id, "to": to}}
+        self.sup.history.planned[follow_id] = rec.id
         return follow_id
 
     def follow_up_of(self, rec: Record, order: WorkOrder | None = None) -> WorkOrder | None:
@@ -475,6 +476,15 @@ class AttemptRunner:
         self.sup.file_order(order, shown=f"{what} of {rec.id}")
         if rec.status == "routed":
             self.sup.rerouted(rec)
+
+    def keep_planned_ids(self) -> None:
+        """Reserve the id of each follow-up a record names but no record has yet (recovery,
+        before any claimed file is filed: none of them may take such an id first)."""
+        for rec in self.sup.records.values():
+            planned = _planned(rec.report) if rec.status in ("routed", "blocked") and \
+                isinstance(rec.report, dict) else None
+            if planned is not None and planned["id"] not in self.sup.records:
+                self.sup.history.planned[planned["id"]] = rec.id
 
     def refile_follow_ups(self) -> list[str]:
         """File each follow-up a crash cut off between its order's record and its own (recovery)."""

@@ -117,6 +117,8 @@ class Intake:
         problems: list[Problem] = []
         suffix = _suffix(shown)
         data, size = _read_capped(claimed)
+        if self.history.planned and size is not None:
+            self._take_planned(data, shown, agent)
         if size is None:  # no regular file: replaced by an empty one, rejected for what it was
             problems = [Problem("", _replace_special(claimed), shown)]
         else:
@@ -141,6 +143,17 @@ class Intake:
         else:
             self._place(order_id, placement)
         return Filed(self._record(order_id, agent, order, partial, problems, shown, sender), order, problems)
+
+    def _take_planned(self, data: bytes, shown: str, agent: str) -> None:
+        """A planned follow-up being filed (also its copy a crash left claimed) takes its id
+        back from the plan; any other order naming that id is refused as a duplicate."""
+        try:
+            draft = orders.parse(data, path=shown, to=agent)
+        except OrderError:
+            return
+        of = self.history.planned.get(draft.id or "")
+        if of is not None and of in draft.references:
+            del self.history.planned[draft.id or ""]
 
     def place_pending(self) -> int:
         """Move every order filed in memory into its folder; returns how many."""

@@ -48,6 +48,7 @@ def recover(sup: Supervisor, crashed: bool) -> None:
             sup.say(f"recovery: committed state/{name}, written before a crash")
         for line in sup.audit.repair_history(sup.records.values()):
             sup.say(f"recovery: history repaired: {line}")
+    sup.attempts.keep_planned_ids()
     for folder in sup.store.unrecorded():
         original = next(iter(folder.glob("original.*")), None)
         if original is None:

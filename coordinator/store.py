@@ -295,6 +295,9 @@ class History:
         self.records = records
         self.store = store
         self._ended: dict[tuple[str, str, str], dict[str, Record]] = {}
+        # Ids named in a record's report for a follow-up not filed yet: follow-up id -> the
+        # order whose route or escalation it is. Taken: only that follow-up may file under it.
+        self.planned: dict[str, str] = {}
         for rec in sorted(records.values(), key=lambda r: r.seq):
             self.note(rec)
 
@@ -305,7 +308,7 @@ class History:
             self._ended.setdefault(key, {})[record.id] = record
 
     def exists(self, order_id: str) -> bool:
-        return order_id in self.records or self.store.exists(order_id)
+        return order_id in self.records or order_id in self.planned or self.store.exists(order_id)
 
     def blocked_by_of(self, order_id: str) -> tuple[str, ...]:
         rec = self.records.get(order_id)

@@ -665,6 +665,34 @@ def test_a_crash_while_a_route_is_filed_keeps_what_waited_for_it_on_the_follow_u
     assert_clean(ws)
 
 
+def test_a_claimed_order_naming_a_planned_follow_ups_id_does_not_take_it(make_ws):
+    """kill -9 after `review` was routed (its record names the follow-up's id), before the
+    follow-up was filed; a file claimed before the crash asks for that very id. The restart
+    files the follow-up under it and refuses the other file as a duplicate: the routed work
+    is not lost behind an order that only borrowed its id."""
+    ws = review_then_ship(make_ws, "route-to\\nagent: rex")
+    sup = Supervisor(ws)
+    sup.open()
+    sup.intake.file_order = killed  # type: ignore[method-assign]  # the record is on disk; the follow-up not yet
+    with pytest.raises(Killed):
+        step_until(sup, lambda: False, "the kill")
+    follow = Store(ws.state).load("review").report["follow_up"]["id"]
+    abandon(sup)
+    claimed = ws.state / "intake" / "rex"
+    claimed.mkdir(parents=True, exist_ok=True)
+    (claimed / f"{time.time_ns():020d}-mine.md").write_text(order_md("Mine, under that id", id=follow))
+    said = restart(ws)
+    recs = Store(ws.state).load_all()
+    assert recs[follow].objective == "Review happens" and "review" in recs[follow].references, said
+    assert recs[follow].status == "done" and recs["ship"].status == "done"
+    mine = [r for r in recs.values() if r.objective == "Mine, under that id"]
+    assert len(mine) == 1 and mine[0].status == "rejected" and mine[0].id != follow
+    assert any(f"'{follow}' is already used in this workspace" in e for e in mine[0].errors), mine[0].errors
+    assert (ws.root.parent / "probe" / "ran").read_text().split() == [follow, "ship"]
+    assert_one_place(ws, {"review", "ship", follow, mine[0].id})
+    assert_clean(ws)
+
+
 @pytest.mark.parametrize("ending", ["routed", "blocked"])
 def test_a_crash_before_a_follow_up_is_filed_files_it_at_restart_once(make_ws, ending):
     """kill -9 after the record of a routed (or blocked, escalated) order was written, before
