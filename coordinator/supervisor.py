@@ -568,6 +568,10 @@ class Supervisor:
     def _release_dependents(self, done: Record) -> None:
         if done.status == "routed":
             return  # its waiters wait for the follow-up (`rerouted`), which is filed right after
+        if done.status in ("halted", "blocked"):
+            # `retry` may still bring it to done: what waits for it waits on (indexed under it),
+            # as an order sent after it ended does; the board says what would move them.
+            return
         waiters = (self.records[i] for i in self._waiting_on.pop(done.id, ()) if i in self.records)
         for rec in sorted(waiters, key=lambda r: r.seq):
             if rec.status != "waiting":
@@ -575,7 +579,7 @@ class Supervisor:
             named = next((d for d in rec.dependencies if route_end(self.records, d) is done), None)
             if named is None:
                 continue
-            if done.status != "done":  # halted and blocked too: they come back only with `retry`
+            if done.status != "done":  # rejected, denied, cancelled: it will never be done
                 self._block_on(rec, named, done)
             else:
                 self.settle_waiting(rec, f"{done.id} is done")

@@ -134,7 +134,8 @@ def test_the_board_says_why_an_order_waits_failed_was_blocked_and_where_it_was_e
     investigation = next(i for i in reasons if i not in ("o", "next"))
     assert reasons["o"].startswith("failed 2 time(s); last: exited with code 3")
     assert reasons["o"].endswith(f" (escalated to rex as {investigation})")
-    assert reasons["next"] == "dependency o ended blocked" and reasons[investigation] == "ask walt"
+    assert reasons["next"] == "waits for o (blocked: `coordinator retry o`, or cancel it)"
+    assert reasons[investigation] == "ask walt"
     assert doc["supervisor"] == {"running": False, "pid": None}
 
 
@@ -147,6 +148,46 @@ def test_the_board_says_what_would_move_an_order_waiting_on_one_that_halted(make
     run(ws)
     reasons = {o["id"]: o["reason"] for o in board.as_json(ws)["orders"]}
     assert reasons == {"h": "not now", "w": "waits for h (halted: `coordinator retry h`, or cancel it)"}
+
+
+@pytest.mark.parametrize("sent", ["before it halted", "after it halted"])
+def test_what_waits_for_a_halted_order_waits_on_and_runs_once_a_retry_gets_it_done(make_ws, sent):
+    """Whether the waiting order came before or after its dependency halted, it waits (a retry
+    can still bring the dependency to done) and runs once the retried dependency is done."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh(
+        'echo "$COORD_ORDER_ID" >> "$PROBE/ran"; '
+        'if [ "$COORD_ORDER_ID" = h ] && [ ! -e "$PROBE/go" ]; then '
+        'printf "outcome: halt-with-note\\nsummary: not now\\n" > "$COORD_RESULT"; fi')}})
+    drop(ws, "chip", "h.md", order_md("Something first", id="h"))
+    if sent == "before it halted":
+        drop(ws, "chip", "w.md", order_md("Something after", id="w", blocked_by=["h"]))
+    run(ws)
+    if sent == "after it halted":
+        drop(ws, "chip", "w.md", order_md("Something after", id="w", blocked_by=["h"]))
+        run(ws)
+    assert (status(ws, "h"), status(ws, "w")) == ("halted", "waiting")
+    reasons = {o["id"]: o["reason"] for o in board.as_json(ws)["orders"]}
+    assert reasons["w"] == "waits for h (halted: `coordinator retry h`, or cancel it)"
+    (ws.root.parent / "probe" / "go").touch()
+    with Supervisor(ws) as sup:  # a new start too leaves it waiting, and the retry moves both
+        assert sup.records["w"].status == "waiting"
+        assert sup.handle("retry", {"id": "h"})["status"] == "queued"
+        sup.run_once(limit=60)
+    assert (status(ws, "h"), status(ws, "w")) == ("done", "done")
+    assert (ws.root.parent / "probe" / "ran").read_text().split() == ["h", "h", "w"]
+
+
+def test_what_waits_for_a_halted_order_is_blocked_when_that_order_is_cancelled(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh(
+        'printf "outcome: halt-with-note\\nsummary: not now\\n" > "$COORD_RESULT"')}})
+    drop(ws, "chip", "h.md", order_md("Something first", id="h"))
+    drop(ws, "chip", "w.md", order_md("Something after", id="w", blocked_by=["h"]))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+        assert sup.records["w"].status == "waiting"
+        sup.handle("cancel", {"id": "h"})
+    rec = Store(ws.state).load("w")
+    assert rec.status == "blocked" and rec.report["summary"] == "dependency h ended cancelled"
 
 
 def test_an_order_blocked_again_after_a_retry_is_escalated_again_not_rejected_as_a_repeat(make_ws):
