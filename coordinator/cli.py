@@ -559,13 +559,16 @@ def audit() -> None:
 def audit_verify(c: Context, as_json: bool) -> None:
     """Exit 1 listing every change no order explains; 0 when the trail is complete.
 
+    Beside a running supervisor, what it has not committed yet is looked at again after its
+    next commits (a few seconds): only what stays uncommitted is listed.
+
     \b
     Example:
         coordinator audit verify
     """
     from . import verify
 
-    findings = verify.verify(c.ws)
+    findings = verify.verify(c.ws, say=lambda line: click.echo(f"audit verify: {line}", err=True))
     if as_json:
         emit_json({"clean": not findings, "findings": [f.as_json() for f in findings]})
     else:

@@ -15,7 +15,9 @@ import contextlib
 import json
 import os
 import re
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,7 +69,67 @@ def repo_dirs(ws: Workspace) -> list[Path]:
     return [p for p in sorted(ws.repos.iterdir()) if (p / ".git").exists()]
 
 
-def verify(ws: Workspace) -> list[Finding]:
+# A running supervisor commits what it wrote about once a second (FLUSH_EVERY in the
+# supervisor), so a check beside it sees its last second of writes not yet committed. Such
+# a finding counts only if it is still there, unchanged, after two more of its commits (or
+# after a quiet spell with none: an idle supervisor has committed everything).
+IN_FLIGHT = frozenset({"state-uncommitted", "history-missing"})
+SETTLE_COMMITS = 2
+SETTLE_QUIET = 2.5  # seconds without a commit: nothing more is on its way
+SETTLE_MAX = 15.0
+CLAIMED = "state/intake/"
+
+
+def verify(ws: Workspace, *, say: Callable[[str], None] | None = None) -> list[Finding]:
+    """Every change no order explains; beside a running supervisor, only what stays so."""
+    from .control import supervisor_running
+
+    found = _verify_once(ws)
+    if not any(f.kind in IN_FLIGHT for f in found) or not supervisor_running(ws):
+        return found
+    # Claimed files (state/intake/) are its queue, never committed: filed in their turn.
+    found = [f for f in found if not f.where.startswith(CLAIMED)]
+    seen = {f: _content(ws, f) for f in found if f.kind in IN_FLIGHT}
+    if not seen:
+        return found
+    if say is not None:
+        say(f"a supervisor is running: checking {len(seen)} finding(s) again after its next commits")
+    _settle(audit.StateRepo(ws.state))
+    return [f for f in _verify_once(ws) if not f.where.startswith(CLAIMED) and (
+        f.kind not in IN_FLIGHT or (f in seen and _content(ws, f) == seen[f]))]
+
+
+def _settle(state: audit.StateRepo) -> None:
+    """Wait for SETTLE_COMMITS commits in state/, or SETTLE_QUIET seconds without one."""
+    head, commits = _head(state), 0
+    now = time.monotonic()
+    last, end = now, now + SETTLE_MAX
+    while commits < SETTLE_COMMITS and now - last < SETTLE_QUIET and now < end:
+        time.sleep(0.1)
+        now = time.monotonic()
+        current = _head(state)
+        if current != head:
+            head, commits, last = current, commits + 1, now
+
+
+def _head(state: audit.StateRepo) -> str:
+    try:
+        return state.git("rev-parse", "-q", "--verify", "HEAD").strip()
+    except CoordinatorError:
+        return ""
+
+
+def _content(ws: Workspace, finding: Finding) -> bytes | None:
+    """What an uncommitted file holds now (None: gone, or not a file finding)."""
+    if finding.kind != "state-uncommitted":
+        return None
+    try:
+        return (ws.root / finding.where).read_bytes()
+    except OSError:
+        return None
+
+
+def _verify_once(ws: Workspace) -> list[Finding]:
     findings: list[Finding] = []
     state = audit.StateRepo(ws.state)
     if not (ws.state / ".git").exists():

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
-from conftest import drop, order_md, sh
+from conftest import drop, order_md, sh, wait_until
 
-from coordinator import signals, verify
+from coordinator import control, signals, verify
 from coordinator.audit import StateRepo
 from coordinator.errors import GitError
 from coordinator.store import Store
@@ -437,3 +441,53 @@ def test_a_crash_between_a_state_write_and_its_commit_is_repaired_at_start(make_
     assert "recovery: commit state written before a crash" in msgs
     assert Store(ws.state).load("halt").status == "halted"
     assert not StateRepo(ws.state).dirty()
+
+
+# -- audit verify beside a running supervisor -----------------------------------------------------------
+def test_verify_beside_a_busy_supervisor_lists_nothing_it_is_about_to_commit(make_ws):
+    """A busy supervisor commits its writes about once a second: a check in between sees them
+    uncommitted, and the records' newest transitions not yet in the history. Those are checked
+    again after its next commits, so a check while orders flow is clean."""
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/true"], "max_parallel": 4}})
+    log = ws.root.parent / "supervise.log"  # a file: its lines would fill a pipe nobody reads yet
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("coordinator")), "-w", str(ws.root),
+                                 "supervise"], stdout=subprocess.DEVNULL, stderr=out)
+    stop = threading.Event()
+    dropped = [0]
+
+    def keep_dropping() -> None:
+        while not stop.is_set():
+            drop(ws, "chip", f"o{dropped[0]}.md", order_md(f"Order {dropped[0]} is done"))
+            dropped[0] += 1
+            time.sleep(0.005)
+
+    dropping = threading.Thread(target=keep_dropping)
+    try:
+        wait_until(lambda: control.supervisor_running(ws), "the supervisor to start")
+        dropping.start()
+        said: list[str] = []
+        for _ in range(3):
+            time.sleep(0.3)
+            assert verify.verify(ws, say=said.append) == []
+        assert said  # there was something in flight to look at again
+    finally:
+        stop.set()
+        if dropping.is_alive():
+            dropping.join(timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    err = log.read_text()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert dropped[0] > 100
+    assert verify.verify(ws) == []
+
+
+def test_verify_beside_a_running_supervisor_still_reports_what_stays_uncommitted(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/true"]}})
+    with Supervisor(ws):  # running (it holds the workspace), committing nothing more
+        (ws.state / "notes.txt").write_text("written by hand\n")
+        said: list[str] = []
+        found = verify.verify(ws, say=said.append)
+    assert [str(f) for f in found] == ["state-uncommitted: state/notes.txt: changed but not committed by the supervisor"]
+    assert said == ["a supervisor is running: checking 1 finding(s) again after its next commits"]
