@@ -19,6 +19,7 @@ import select
 import stat
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,7 +79,8 @@ class Supervisor:
         self.stopping = False
         self.killing = False
         self._stop_deadline: float | None = None
-        self._unsettled: dict[Path, str] = {}
+        # Inbox files seen and not yet taken in, oldest first (a burst waits here in slices).
+        self._unsettled: OrderedDict[Path, str] = OrderedDict()
         self._lock_fd: int | None = None
         self._wake = threading.Event()
         self._polled = threading.Event()
@@ -387,27 +389,25 @@ class Supervisor:
 
     def _intake_step(self) -> bool:
         hints, rescan = self.watcher.drain()
-        candidates, self._unsettled = self._unsettled, {}
+        waiting = self._unsettled  # consumed from the front: the rest of a burst is never copied
         if rescan:
             others: list[Path] = []
             for agent in self.config.agents:
                 for path in scan(self.ws.inbox(agent), others=others):
-                    candidates[path] = agent
+                    waiting[path] = agent
             self._say_strays(others)
         for path in hints:
             # Hints are paths inside the inbox folders the watcher was given: no resolving needed.
             agent = path.parent.name
             if agent in self.config.agents and path.parent == self.ws.inbox(agent) and is_candidate(path.name):
-                candidates[path] = agent
+                waiting[path] = agent
         # Filing yields to reaping and starting every few milliseconds while attempts run: a
         # burst filed 500 at a time left the spawn pipeline empty for 200 ms at a time.
         filed = 0
         until = time.monotonic() + (INTAKE_SLICE if self.attempts.active else INTAKE_SLICE_IDLE)
-        pending = iter(candidates.items())
-        for path, agent in pending:
-            if filed >= INTAKE_BATCH or (filed and time.monotonic() > until):
-                self._unsettled[path] = agent
-                break
+        unsettled: list[tuple[Path, str]] = []  # still being written: looked at again next step
+        while waiting and not (filed >= INTAKE_BATCH or (filed and time.monotonic() > until)):
+            path, agent = waiting.popitem(last=False)
             try:
                 mode = os.lstat(path).st_mode
             except OSError:  # gone, or not ours to see
@@ -418,14 +418,14 @@ class Supervisor:
             if not stat.S_ISREG(mode):
                 continue
             if not settled(path, now=time.time(), require_quiet=self.poll_mode):
-                self._unsettled[path] = agent
+                unsettled.append((path, agent))
                 continue
             claimed = self.intake.claim(path, agent)
             if claimed is None:
                 continue
             self.file_claimed(claimed, agent, shown=self.ws.rel(path))
             filed += 1
-        self._unsettled.update(pending)  # the rest, untouched, for the next steps
+        waiting.update(unsettled)
         return filed > 0
 
     def _say_strays(self, others: list[Path]) -> None:
