@@ -24,6 +24,7 @@ import yaml
 from conftest import drop, order_md, sh, step_until, wait_until
 from coordinator.demo.repo import init_demo_repo
 
+from bench.harness import probe_of
 from coordinator import signals
 from coordinator.audit import StateRepo
 from coordinator.store import Store
@@ -156,7 +157,7 @@ def test_a_commit_made_by_hand_while_an_order_runs_is_a_silent_signal(make_ws):
         step_until(sup, lambda: sup.records.get("g1") is not None and sup.records["g1"].status == "running",
                    "g1 to run")
         sha = hand_commit(webapp, "NOTES.md")
-        (ws.root.parent / "probe" / "go.g1").touch()
+        (probe_of(ws) / "go.g1").touch()
         sup.run_once(limit=WAIT)
         assert sup.records["g1"].status == "done"
     with Supervisor(ws) as sup:  # a restart looks again
@@ -171,7 +172,7 @@ def test_a_commit_made_by_hand_while_an_order_runs_is_a_silent_signal(make_ws):
 
 def test_a_commit_made_by_hand_while_no_supervisor_runs_is_signalled_at_start(make_ws):
     ws = chip_team(make_ws)
-    (ws.root.parent / "probe" / "go.a1").touch()
+    (probe_of(ws) / "go.a1").touch()
     drop(ws, "chip", "a1.md", order_md("Order a1 lands", id="a1", files=("webapp/src/a1.py",)))
     with Supervisor(ws) as sup:
         sup.run_once(limit=WAIT)
@@ -201,7 +202,7 @@ def test_commits_racing_a_live_supervisor_lose_nothing(make_ws, tmp_path):
         pass  # the supervisor has seen webapp's main: from here on every hand commit counts
     ids = [f"r{i}" for i in range(8)]
     for oid in ids:
-        (ws.root.parent / "probe" / f"go.{oid}").touch()
+        (probe_of(ws) / f"go.{oid}").touch()
         drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} lands", id=oid, files=(f"webapp/src/{oid}.py",)))
     log = open(tmp_path / "supervise.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([str(COORDINATOR), "-w", str(ws.root), "supervise"], stdout=log,
@@ -342,7 +343,7 @@ def test_supervise_once_stops_on_a_second_sigterm_and_loses_nothing(make_ws):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    (ws.root.parent / "probe" / "go.z1").touch()
+    (probe_of(ws) / "go.z1").touch()
     again = supervise_once(ws)
     assert again.returncode == 0, again.stderr
     assert _status(ws, "z1") == "done"

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from conftest import drop, order_md, sh, step_until, wait_until
 
+from bench.harness import probe_of
 from coordinator import durable, orders
 from coordinator.audit import StateRepo
 from coordinator.repos import Repo
@@ -136,17 +137,13 @@ def committed_status(ws: Workspace, order_id: str) -> str | None:
     return moves[-1] if moves else None
 
 
-def probe(ws: Workspace) -> Path:
-    return ws.root.parent / "probe"
-
-
 def completions(ws: Workspace) -> list[str]:
-    path = probe(ws) / "completions"
+    path = probe_of(ws) / "completions"
     return path.read_text().split() if path.exists() else []
 
 
 def open_gate(ws: Workspace, order_id: str, attempt: int) -> None:
-    (probe(ws) / f"go.{order_id}.{attempt}").touch()
+    (probe_of(ws) / f"go.{order_id}.{attempt}").touch()
 
 
 def repo_commits(ws: Workspace, order_id: str) -> list[str]:
@@ -180,6 +177,23 @@ def assert_clean(ws: Workspace) -> None:
     assert StateRepo(ws.state).dirty() == []
     assert subprocess.run(["git", "-C", str(ws.state), "fsck", "--no-progress"],
                           capture_output=True).returncode == 0
+
+
+def die_between_record_writes(store: Store, first: str, status: str, *, before: str) -> None:
+    """kill -9 between two record writes of one step: the state write that holds `first`'s
+    record with `status` and `before`'s record writes only the first, then dies."""
+    written = store.write_dirty
+
+    def first_then_killed() -> int:
+        rec = store._dirty.get(first)
+        if rec is None or rec.status != status:
+            return written()
+        assert before in store._dirty, f"{before}'s record was to be written in the same step"
+        store._dirty = {first: rec}
+        written()
+        raise Killed
+
+    store.write_dirty = first_then_killed  # type: ignore[method-assign]
 
 
 def abandon(sup: Supervisor) -> None:
@@ -218,7 +232,7 @@ def test_kill9_mid_run_then_restart_finishes_every_order_once(make_ws, victims):
         # Killed once every move so far is committed: the window between a state write and its
         # commit has its own deterministic test below.
         wait_until(lambda: committed_status(ws, "o1") == "done", "o1 to end done")
-        wait_until(lambda: (probe(ws) / "slept").exists()
+        wait_until(lambda: (probe_of(ws) / "slept").exists()
                    and [committed_status(ws, o) for o in ids] == [
                        "running", "done", "running", "running", "queued"],
                    "the sleeper, o2 and o3 running, o4 queued")
@@ -251,7 +265,7 @@ def test_kill9_mid_run_then_restart_finishes_every_order_once(make_ws, victims):
     out = supervise_once(ws)
 
     assert specialists_of(ws) == []
-    pids = [int(p) for p in (probe(ws) / "pids").read_text().split()]
+    pids = [int(p) for p in (probe_of(ws) / "pids").read_text().split()]
     assert not any(alive(p) for p in pids)
     if victims == "supervisor-and-spawner":
         assert "killed" in out and "leftover process" in out
@@ -384,7 +398,7 @@ def start_one(ws: Workspace, oid: str, *, sender: str | None = None) -> Supervis
     sup = Supervisor(ws)
     sup.open()
     step_until(sup, lambda: committed_status(ws, oid) == "running"
-               and (probe(ws) / "pids").exists(), f"{oid} to run")
+               and (probe_of(ws) / "pids").exists(), f"{oid} to run")
     return sup
 
 
@@ -408,7 +422,7 @@ def test_crash_after_the_specialist_exited_runs_it_again_and_lands_once(make_ws)
     ws = team(make_ws)
     open_gate(ws, "e1", 1)
     sup = start_one(ws, "e1")
-    pid = int((probe(ws) / "pids").read_text().split()[0])
+    pid = int((probe_of(ws) / "pids").read_text().split()[0])
     wait_until(lambda: completions(ws) == ["e1"] and not alive(pid), "the specialist to exit")
     abandon(sup)
     open_gate(ws, "e1", 2)
@@ -428,7 +442,7 @@ def test_crash_during_the_merge(make_ws, reached):
     ws = team(make_ws)
     open_gate(ws, "m1", 1)
     sup = start_one(ws, "m1")
-    pid = int((probe(ws) / "pids").read_text().split()[0])
+    pid = int((probe_of(ws) / "pids").read_text().split()[0])
     wait_until(lambda: completions(ws) == ["m1"] and not alive(pid), "the specialist to exit")
     workdir = Path(Store(ws.state).load("m1").running["workdir"])
     abandon(sup)
@@ -570,7 +584,7 @@ def test_recovery_kills_the_dead_supervisors_leftovers_not_another_workspaces(ma
     a = second_workspace(tmp_path / "a", {"chip": dict(CHIP)})
     sup_b = start_one(b, "t1")
     try:
-        pid_b = int((probe(b) / "pids").read_text().split()[0])
+        pid_b = int((probe_of(b) / "pids").read_text().split()[0])
         sup_a = start_one(a, "t1")
         abandon(sup_a)
         open_gate(a, "t1", 2)
@@ -617,18 +631,7 @@ def test_a_crash_between_a_dependencys_record_and_its_waiters_releases_the_waite
     sup.open()
     step_until(sup, lambda: "later" in sup.records, "the intake")
     assert sup.records["later"].status == "waiting"
-    store = sup.store
-    written = store.write_dirty
-
-    def base_then_killed() -> int:  # the kill lands between the two record writes
-        if "base" in store._dirty and store._dirty["base"].status == "done":
-            assert "later" in store._dirty
-            store._dirty = {"base": store._dirty["base"]}
-            written()
-            raise Killed
-        return written()
-
-    store.write_dirty = base_then_killed  # type: ignore[method-assign]
+    die_between_record_writes(sup.store, "base", "done", before="later")
     with pytest.raises(Killed):
         step_until(sup, lambda: False, "the kill")
     assert Store(ws.state).load("base").status == "done"
@@ -637,7 +640,7 @@ def test_a_crash_between_a_dependencys_record_and_its_waiters_releases_the_waite
     said = restart(ws)
     assert Store(ws.state).load("later").status == "done", said
     # later's first run (spawned before its record was written) died with the supervisor's server
-    assert (ws.root.parent / "probe" / "ran").read_text().split().count("base") == 1
+    assert (probe_of(ws) / "ran").read_text().split().count("base") == 1
     assert [h["to"] for h in Store(ws.state).load("later").history].count("done") == 1
     assert any("later chip: waiting -> queued (its dependencies are done)" in line for line in said), said
     assert_one_place(ws, {"base", "later"})
@@ -660,7 +663,7 @@ def test_a_crash_while_a_route_is_filed_keeps_what_waited_for_it_on_the_follow_u
     said = restart(ws)
     recs = Store(ws.state).load_all()
     assert recs[follow].status == "done" and recs["ship"].status == "done", said
-    assert (ws.root.parent / "probe" / "ran").read_text().split() == [follow, "ship"]
+    assert (probe_of(ws) / "ran").read_text().split() == [follow, "ship"]
     assert_one_place(ws, {"review", "ship", follow})
     assert_clean(ws)
 
@@ -688,7 +691,7 @@ def test_a_claimed_order_naming_a_planned_follow_ups_id_does_not_take_it(make_ws
     mine = [r for r in recs.values() if r.objective == "Mine, under that id"]
     assert len(mine) == 1 and mine[0].status == "rejected" and mine[0].id != follow
     assert any(f"'{follow}' is already used in this workspace" in e for e in mine[0].errors), mine[0].errors
-    assert (ws.root.parent / "probe" / "ran").read_text().split() == [follow, "ship"]
+    assert (probe_of(ws) / "ran").read_text().split() == [follow, "ship"]
     assert_one_place(ws, {"review", "ship", follow, mine[0].id})
     assert_clean(ws)
 
@@ -714,7 +717,7 @@ def test_a_crash_before_a_follow_up_is_filed_files_it_at_restart_once(make_ws, e
     assert f"recovery: filed a follow-up a crash cut off: review -> {follow} (rex)" in said, said
     recs = Store(ws.state).load_all()
     assert recs[follow].status == "done" and recs[follow].to == "rex" and "review" in recs[follow].references
-    ran = (ws.root.parent / "probe" / "ran").read_text().split()
+    ran = (probe_of(ws) / "ran").read_text().split()
     if ending == "routed":
         assert ran == [follow, "ship"] and recs["ship"].status == "done"
         assert (ws.state / "orders" / "review" / "report.md").read_text().count(f"**Routed to:** rex, as order {follow}") == 1
@@ -757,15 +760,7 @@ def test_at_start_a_waiting_order_whose_dependency_was_cancelled_is_blocked_once
     sup._intake_step()
     assert {i: sup.records[i].status for i in ("one", "two")} == {"one": "waiting", "two": "waiting"}
     sup._write_state()
-    store = sup.store
-    written = store.write_dirty
-
-    def root_then_killed() -> int:
-        store._dirty = {"root": store._dirty["root"]}
-        written()
-        raise Killed
-
-    store.write_dirty = root_then_killed  # type: ignore[method-assign]
+    die_between_record_writes(sup.store, "root", "cancelled", before="one")
     with pytest.raises(Killed):
         sup.handle("cancel", {"id": "root"})
         sup._write_state()

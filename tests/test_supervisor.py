@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import drop, order_md, sh, step_until
 
+from bench.harness import probe_of
 from coordinator import board, signals
 from coordinator.audit import StateRepo
 from coordinator.errors import StateError
@@ -95,7 +96,7 @@ def test_failures_are_retried_with_the_reason_then_blocked_and_escalated(make_ws
     run(ws)
     rec = Store(ws.state).load("o")
     assert rec.status == "blocked" and rec.attempts == 2
-    briefs = (ws.root.parent / "probe" / "briefs.txt").read_text()
+    briefs = (probe_of(ws) / "briefs.txt").read_text()
     assert "why the last attempt failed" in briefs and "exited with code 3" in briefs and "boom" in briefs
     escalations = [r for r in Store(ws.state).load_all().values() if r.to == "rex"]
     assert len(escalations) == 1 and "o" in escalations[0].references and escalations[0].status == "done"
@@ -168,13 +169,13 @@ def test_what_waits_for_a_halted_order_waits_on_and_runs_once_a_retry_gets_it_do
     assert (status(ws, "h"), status(ws, "w")) == ("halted", "waiting")
     reasons = {o["id"]: o["reason"] for o in board.as_json(ws)["orders"]}
     assert reasons["w"] == "waits for h (halted: `coordinator retry h`, or cancel it)"
-    (ws.root.parent / "probe" / "go").touch()
+    (probe_of(ws) / "go").touch()
     with Supervisor(ws) as sup:  # a new start too leaves it waiting, and the retry moves both
         assert sup.records["w"].status == "waiting"
         assert sup.handle("retry", {"id": "h"})["status"] == "queued"
         sup.run_once(limit=60)
     assert (status(ws, "h"), status(ws, "w")) == ("done", "done")
-    assert (ws.root.parent / "probe" / "ran").read_text().split() == ["h", "h", "w"]
+    assert (probe_of(ws) / "ran").read_text().split() == ["h", "h", "w"]
 
 
 def test_what_waits_for_a_halted_order_is_blocked_when_that_order_is_cancelled(make_ws):
@@ -245,7 +246,7 @@ def test_requeue_with_blocker_clears_when_the_named_order_is_done(make_ws):
                                        branching=("requeue-with-blocker if a dependency is missing",)))
     drop(ws, "chip", "b.md", order_md("Dependency is done", id="dep", priority="low"))
     run(ws)
-    assert (ws.root.parent / "probe" / "ran.txt").read_text().split() == ["first", "dep", "first"]
+    assert (probe_of(ws) / "ran.txt").read_text().split() == ["first", "dep", "first"]
     recs = Store(ws.state).load_all()
     assert recs["first"].status == "done" and recs["dep"].status == "done"
     assert [h["to"] for h in recs["first"].history] == ["queued", "running", "waiting", "queued", "running", "done"]
@@ -259,7 +260,7 @@ def test_blocked_by_and_priority_order(make_ws):
     drop(ws, "chip", "3.md", order_md("Top is done", id="top", priority="urgent", blocked_by=["base"]))
     drop(ws, "chip", "4.md", order_md("High is done", id="high", priority="high"))
     run(ws)
-    assert (ws.root.parent / "probe" / "ran.txt").read_text().split() == ["high", "base", "top", "low"]
+    assert (probe_of(ws) / "ran.txt").read_text().split() == ["high", "base", "top", "low"]
 
 
 def test_priority_decides_across_agents_when_one_slot_is_free(make_ws):
@@ -272,7 +273,7 @@ def test_priority_decides_across_agents_when_one_slot_is_free(make_ws):
     drop(ws, "chip", "3.md", order_md("Chip normal is done", id="c-normal"))
     drop(ws, "rex", "4.md", order_md("Rex high is done", id="r-high", priority="high"))
     run(ws)
-    assert (ws.root.parent / "probe" / "ran.txt").read_text().split() == ["c-urgent", "r-high", "c-normal", "c-low"]
+    assert (probe_of(ws) / "ran.txt").read_text().split() == ["c-urgent", "r-high", "c-normal", "c-low"]
 
 
 def test_parallel_limits_per_agent_and_overall(make_ws):
@@ -295,7 +296,7 @@ def test_parallel_limits_per_agent_and_overall(make_ws):
     per = {}
     for agent in ("chip", "rex"):
         per[agent] = [(int(t), 1 if kind == "start" else -1) for kind, t in
-                      (line.split() for line in (ws.root.parent / "probe" / f"{agent}.log").read_text().splitlines())]
+                      (line.split() for line in (probe_of(ws) / f"{agent}.log").read_text().splitlines())]
         assert peak(per[agent]) <= 2
     assert peak(per["chip"] + per["rex"]) <= 3
     assert peak(per["chip"] + per["rex"]) >= 2  # they did run in parallel
@@ -386,7 +387,7 @@ def test_ended_orders_are_kept_small_in_memory_and_whole_on_disk_through_a_retry
         held = sup.records["a"]
         assert held.status == "blocked" and held.shed  # a long-running supervisor sheds ended detail
         assert held.history == [] and held.report is None and held.failures == []
-        (ws.root.parent / "probe" / "fixed").touch()
+        (probe_of(ws) / "fixed").touch()
         assert sup.handle("retry", {"id": "a"})["status"] == "queued"
         sup.run_once(limit=30)
     rec = Store(ws.state).load("a")
@@ -453,7 +454,7 @@ def test_cancel_and_retry_through_the_library(make_ws):
     drop(ws, "chip", "a.md", order_md("Fails until fixed", id="a"))
     run(ws)
     assert status(ws, "a") == "blocked"
-    (ws.root.parent / "probe" / "fixed").touch()
+    (probe_of(ws) / "fixed").touch()
     with Supervisor(ws) as sup:
         assert sup.handle("retry", {"id": "a"})["status"] == "queued"
         sup.run_once(limit=30)
@@ -520,7 +521,7 @@ def test_duplicate_id_never_runs_twice(make_ws):
     run(ws)
     drop(ws, "chip", "b.md", order_md("Second is done", id="same"))
     run(ws)
-    assert (ws.root.parent / "probe" / "ran.txt").read_text().split() == ["same"]
+    assert (probe_of(ws) / "ran.txt").read_text().split() == ["same"]
     rejected = [r for r in Store(ws.state).load_all().values() if r.status == "rejected"]
     assert len(rejected) == 1 and "same" in rejected[0].errors[0]
 
@@ -558,7 +559,7 @@ def test_a_hanging_specialist_and_its_escaped_descendants_are_killed_at_the_time
     elapsed = time.monotonic() - started
     rec = Store(ws.state).load("h")
     assert rec.status == "blocked" and "timed out after 1.0s" in rec.failures[0]
-    pids = [int(p) for p in (ws.root.parent / "probe" / "pids").read_text().split()]
+    pids = [int(p) for p in (probe_of(ws) / "pids").read_text().split()]
     assert len(pids) == 3 and not any(_alive(p) for p in pids)  # none left, not even as a zombie
     assert elapsed < 1 + 2 + 8  # timeout + grace + the supervisor's own start and stop
 
@@ -591,7 +592,7 @@ def test_a_second_supervisor_refuses_and_a_first_sigterm_lets_running_work_finis
     first = subprocess.Popen([exe, "-w", str(ws.root), "supervise"], stderr=subprocess.PIPE, text=True)
     try:
         drop(ws, "chip", "a.md", order_md("Finishes after a while", id="a"))
-        started = ws.root.parent / "probe" / "started"
+        started = probe_of(ws) / "started"
         deadline = time.monotonic() + 20
         while not started.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -694,7 +695,7 @@ def test_an_order_that_depends_on_a_routed_one_runs_when_the_follow_up_is_done(m
     follow = recs["review"].routed_to
     assert recs["review"].status == "routed" and recs[follow].status == "done"
     assert recs["ship"].status == "done", recs["ship"].history
-    ran = (ws.root.parent / "probe" / "ran.txt").read_text().splitlines()
+    ran = (probe_of(ws) / "ran.txt").read_text().splitlines()
     assert ran == ["chip review", f"rex {follow}", "rex ship"]
     released = [h for h in recs["ship"].history if h["to"] == "queued"][-1]
     assert released["note"] == f"{follow} is done"
