@@ -278,8 +278,10 @@ class StateRepo:
         self.stage(actor, line)
         self.flush()
 
-    def dirty(self) -> list[str]:
-        out = self.git("status", "--porcelain", "--untracked-files=all")
+    def dirty(self, *, optional_locks: bool = True) -> list[str]:
+        """Paths changed, added or removed since the last commit. `optional_locks=False` from
+        another process than the supervisor: git then leaves the index as it is."""
+        out = self.git("status", "--porcelain", "--untracked-files=all", optional_locks=optional_locks)
         return [line[3:] for line in out.splitlines() if line.strip()]
 
     def recover(self) -> list[str]:
@@ -325,13 +327,32 @@ class StateRepo:
                 with contextlib.suppress(OSError):
                     (self.path / p).unlink()
 
-    def git(self, *args: str, actor: str = SUPERVISOR, stdin: BinaryIO | None = None) -> str:
-        try:
-            out: str = self._cmd.execute(["git", *GIT_OPTS, *args], env=trusted_env(actor), istream=stdin,
-                                         strip_newline_in_stdout=False)
-            return out
-        except git.GitCommandError as e:
-            raise GitError(f"git {args[0]} failed in state/: {_stderr(e)}") from None
+    def git(self, *args: str, actor: str = SUPERVISOR, stdin: BinaryIO | None = None,
+            optional_locks: bool = True) -> str:
+        """Run git in state/. A lock another git holds (a `git status` refreshing the index,
+        `audit verify` beside the supervisor) is waited for, up to LOCK_WAIT seconds; then a
+        lock no live git holds is cleared, once."""
+        env = trusted_env(actor)
+        if not optional_locks:
+            env["GIT_OPTIONAL_LOCKS"] = "0"  # a read that must not take the index lock from a writer
+        end = time.monotonic() + LOCK_WAIT
+        delay, cleared = 0.005, False
+        while True:
+            try:
+                out: str = self._cmd.execute(["git", *GIT_OPTS, *args], env=env, istream=stdin,
+                                             strip_newline_in_stdout=False)
+                return out
+            except git.GitCommandError as e:
+                why = _stderr(e)
+                if not _LOCKED.search(why) or (time.monotonic() >= end and cleared):
+                    raise GitError(f"git {_command(args)} failed in state/: {why}") from None
+                if time.monotonic() >= end:
+                    cleared = True
+                    clear_stale_locks(self.path / ".git")
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+                if stdin is not None:
+                    stdin.seek(0)
 
     # -- reading ----------------------------------------------------------------------------------
     def entries(self, order_id: str | None = None) -> list[Entry]:
@@ -508,6 +529,19 @@ def _kind(path: str) -> str:
     except OSError:
         return "folder"  # cannot look: `git add` says why
     return "folder" if stat.S_ISDIR(mode) else "file"
+
+
+# "fatal: Unable to create '.../index.lock': File exists." - another git holds that lock.
+_LOCKED = re.compile(r"\.lock'?: File exists")
+LOCK_WAIT = 5.0
+
+
+def _command(args: tuple[str, ...]) -> str:
+    """The git command of `args`, past the `-c name=value` options in front."""
+    rest = list(args)
+    while rest and rest[0] == "-c":
+        rest = rest[2:]
+    return rest[0] if rest else "?"
 
 
 def _stderr(e: git.GitCommandError) -> str:

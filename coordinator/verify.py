@@ -134,7 +134,7 @@ def _verify_once(ws: Workspace) -> list[Finding]:
     state = audit.StateRepo(ws.state)
     if not (ws.state / ".git").exists():
         return [Finding("state-uncommitted", "state/", "not a git repository; run `coordinator supervise` once")]
-    for path in state.dirty():
+    for path in state.dirty(optional_locks=False):  # beside a running supervisor: never in its way
         findings.append(Finding("state-uncommitted", f"state/{path}", "changed but not committed by the supervisor"))
     for line in state.foreign_commits():
         findings.append(Finding("state-foreign", "state/", f"commit not made by the supervisor: {line}"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -491,3 +492,64 @@ def test_verify_beside_a_running_supervisor_still_reports_what_stays_uncommitted
         found = verify.verify(ws, say=said.append)
     assert [str(f) for f in found] == ["state-uncommitted: state/notes.txt: changed but not committed by the supervisor"]
     assert said == ["a supervisor is running: checking 1 finding(s) again after its next commits"]
+
+
+# -- another git in state/ ---------------------------------------------------------------------------------
+def test_a_commit_waits_for_another_gits_index_lock_instead_of_failing(tmp_path):
+    """`git status` in state/ (a person's, or `audit verify` beside the supervisor) takes
+    index.lock to refresh the index; staging then found the lock taken and the supervisor
+    stopped. It now waits for the lock to go."""
+    repo = StateRepo(tmp_path / "state")
+    StateRepo.ensure(repo.path)
+    lock = repo.path / ".git" / "index.lock"
+    lock.write_bytes(b"")
+    threading.Timer(0.5, lock.unlink).start()  # the other git is done half a second later
+    (repo.path / "notes.json").write_text("{}\n")
+    repo.stage("coordinator", "notes: written")
+    repo.flush()
+    assert git(repo.path, "log", "-1", "--format=%s").strip() == "notes: written"
+    assert git(repo.path, "status", "--porcelain") == ""
+
+
+def test_a_lock_left_by_a_dead_git_is_cleared_after_the_wait_and_the_commit_made(tmp_path, monkeypatch):
+    from coordinator import audit
+
+    monkeypatch.setattr(audit, "LOCK_WAIT", 0.3)
+    repo = StateRepo(tmp_path / "state")
+    StateRepo.ensure(repo.path)
+    lock = repo.path / ".git" / "index.lock"
+    lock.write_bytes(b"")
+    long_ago = time.time() - 60
+    os.utime(lock, (long_ago, long_ago))  # no git process holds it: a killed one left it
+    (repo.path / "notes.json").write_text("{}\n")
+    repo.stage("coordinator", "notes: written")
+    repo.flush()
+    assert not lock.exists()
+    assert git(repo.path, "log", "-1", "--format=%s").strip() == "notes: written"
+
+
+def test_a_lock_held_all_along_is_an_error_naming_the_git_command(tmp_path, monkeypatch):
+    from coordinator import audit
+
+    monkeypatch.setattr(audit, "LOCK_WAIT", 0.3)
+    repo = StateRepo(tmp_path / "state")
+    StateRepo.ensure(repo.path)
+    (repo.path / ".git" / "index.lock").write_bytes(b"")  # fresh: taken for a live git's
+    (repo.path / "notes.json").write_text("{}\n")
+    repo.stage("coordinator", "notes: written")
+    with pytest.raises(GitError, match=r"^git add failed in state/: .*index\.lock'?: File exists"):
+        repo.flush()
+
+
+def test_verify_leaves_the_index_to_the_supervisor(make_ws):
+    """verify's `git status` writes no index (it would hold index.lock while it does, in the
+    way of a running supervisor's commit), even when the index is out of date."""
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/true"]}})
+    run(ws)
+    record = next((ws.state / "orders").glob("*/record.json"), None) or ws.state / ".gitignore"
+    later = time.time() + 5
+    os.utime(record, (later, later))  # same content, new time: a status would refresh the index
+    index = ws.state / ".git" / "index"
+    before = index.stat().st_mtime_ns
+    assert verify.verify(ws) == []
+    assert index.stat().st_mtime_ns == before
