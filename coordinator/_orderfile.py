@@ -148,6 +148,14 @@ def unknown_key(key: str, known: tuple[str, ...], *, path: str | None, suggest: 
     return Problem(key, f"unknown key; {hint}the keys are: {', '.join(known)}", path)
 
 
+def quoted(text: str) -> str:
+    """`text` (a failure's output, say) made fit to quote in an order the supervisor writes:
+    control characters dropped (an ANSI colour code loses its ESC), and a template
+    placeholder's brackets turned into quotes, so that it is not taken for one."""
+    text = _CONTROL.sub("", text)
+    return _PLACEHOLDER.sub(lambda m: "«" + m.group(0)[1:-1] + "»", text)
+
+
 def text_problem(value: str, *, multiline: bool = False) -> str | None:
     """Why `value` is not acceptable text for a field, or None."""
     if not value:

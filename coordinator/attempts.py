@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import audit, gate, orders, results, runner
+from ._orderfile import quoted
 from .config import Agent, parse_duration
 from .errors import CoordinatorError, GitError, SandboxError, StateError
 from .landlock import Ruleset
@@ -624,7 +625,7 @@ def investigation(rec: Record, target: str, reason: str) -> WorkOrder:
         id=None, sender="coordinator", to=target, objective=objective[:280],
         acceptance=(orders.Acceptance(text=f"The summary names the cause of {rec.id}'s failures"),
                     orders.Acceptance(text="The summary proposes the next step: a new work order or dropping it"),
-                    orders.Acceptance(text=f"Last failure considered: {_short(reason)}")),
+                    orders.Acceptance(text=f"Last failure considered: {_short(quoted(reason))}")),
         files=(), branching=(Branch(action="halt-with-note", when=f"{rec.id} should be dropped"),),
         priority="high", references=(rec.id,))
 

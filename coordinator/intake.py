@@ -145,15 +145,15 @@ class Intake:
         return Filed(self._record(order_id, agent, order, partial, problems, shown, sender), order, problems)
 
     def _take_planned(self, data: bytes, shown: str, agent: str) -> None:
-        """A planned follow-up being filed (also its copy a crash left claimed) takes its id
-        back from the plan; any other order naming that id is refused as a duplicate."""
-        try:
-            draft = orders.parse(data, path=shown, to=agent)
-        except OrderError:
+        """The copy of a planned follow-up a crash left claimed takes its id back from the plan,
+        valid or not (it names the order it continues); any other order naming that id is
+        refused as a duplicate."""
+        draft = _best_effort(data, shown, agent)
+        if draft is None or draft.id is None:
             return
-        of = self.history.planned.get(draft.id or "")
+        of = self.history.planned.get(draft.id)
         if of is not None and of in draft.references:
-            del self.history.planned[draft.id or ""]
+            del self.history.planned[draft.id]
 
     def place_pending(self) -> int:
         """Move every order filed in memory into its folder; returns how many."""
@@ -203,7 +203,11 @@ class Intake:
             durable.write_json(folder / "order.json", p.order.to_dict(), sync=False)
 
     def file_order(self, order: WorkOrder, *, shown: str) -> Filed:
-        """File an order the supervisor itself made (follow-ups, escalations, LLM plans)."""
+        """File an order the supervisor itself made (follow-ups, escalations, LLM plans).
+
+        A follow-up's planned id is its own: filed under it whether it passes or is rejected."""
+        if order.id is not None:
+            self.history.planned.pop(order.id, None)
         folder = self.store.intake_dir / order.to
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f"{time.time_ns():020d}-{order.id or 'order'}.md"
@@ -330,6 +334,8 @@ def _best_effort(data: bytes, shown: str, agent: str) -> WorkOrder | None:
         return value if isinstance(value, str) and value and "\n" not in value else default
 
     priority = text("priority", "normal")
+    refs = fields.get("references")
     return WorkOrder(id=text("id") or None, sender=text("from", "user"), to=agent, objective=text("objective"),
                      acceptance=(), files=(), branching=(),
-                     priority=priority if priority in orders.PRIORITIES else "normal")
+                     priority=priority if priority in orders.PRIORITIES else "normal",
+                     references=tuple(r for r in refs if isinstance(r, str)) if isinstance(refs, list) else ())

@@ -191,6 +191,31 @@ def test_what_waits_for_a_halted_order_is_blocked_when_that_order_is_cancelled(m
     assert rec.status == "blocked" and rec.report["summary"] == "dependency h ended cancelled"
 
 
+def test_an_escalation_quoting_colour_codes_and_a_placeholder_is_filed_once_and_runs(make_ws):
+    """The failure an investigation quotes is an agent's output: an ANSI colour code (a control
+    character) or text like a template placeholder made the investigation invalid. It was
+    refused under a new id while its planned id stayed reserved, and every later start filed
+    yet another copy. It is now quoted safely, filed under its planned id, and only once."""
+    ws = make_ws({
+        "chip": {"role": "specialist", "max_failures": 1,
+                 "command": sh("printf '\\033[31mFAILED\\033[0m <describe the fix>\\n' >&2; exit 3")},
+        "rex": {"role": "specialist", "command": sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran"')},
+    }, escalate_to="rex")
+    drop(ws, "chip", "o.md", order_md("It works", id="o"))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    follow = recs["o"].report["follow_up"]["id"]
+    assert recs["o"].status == "blocked" and recs[follow].status == "done", recs[follow].errors
+    assert set(recs) == {"o", follow}
+    brief = (ws.state / "orders" / follow / "original.md").read_text()
+    assert "\x1b" not in brief and "[31mFAILED" in brief and "«describe the fix»" in brief
+    for _ in range(2):  # later starts find nothing left to file
+        with Supervisor(ws) as sup:
+            sup.run_once(limit=30)
+        assert set(Store(ws.state).load_all()) == {"o", follow}
+    assert (probe_of(ws) / "ran").read_text().split() == [follow]
+
+
 def test_an_order_blocked_again_after_a_retry_is_escalated_again_not_rejected_as_a_repeat(make_ws):
     """The second investigation has the same sender, recipient and objective as the first,
     which halted: it names that one in its references instead of being rejected (with a
