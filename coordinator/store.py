@@ -47,14 +47,23 @@ def route_end(records: dict[str, Record], order_id: str) -> Record | None:
     return rec
 
 
-def ended_undone(records: dict[str, Record], order_ids: Iterable[str]) -> tuple[str, Record] | None:
+def ended_undone(records: dict[str, Record], order_ids: Iterable[str],
+                 _seen: frozenset[str] = frozenset()) -> tuple[str, Record] | None:
     """The first of `order_ids` whose route ended for good without the work being done
-    (rejected, denied, cancelled), with that end: what waits for it would wait forever."""
+    (rejected, denied, cancelled, or blocked on a dependency that did), with that end:
+    what waits for it would wait forever."""
     for order_id in order_ids:
         last = route_end(records, order_id)
-        if last is not None and last.status in ENDED_UNDONE:
+        if last is not None and (last.status in ENDED_UNDONE or dead_blocked(records, last, _seen)):
             return order_id, last
     return None
+
+
+def dead_blocked(records: dict[str, Record], rec: Record, _seen: frozenset[str] = frozenset()) -> bool:
+    """Is `rec` blocked because a dependency of it ended undone? A retry cannot bring it back."""
+    if rec.status != "blocked" or rec.id in _seen:
+        return False
+    return ended_undone(records, rec.blocked_by, _seen | {rec.id}) is not None
 
 
 def via_route(order_id: str, last: Record | None) -> str:

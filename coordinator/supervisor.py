@@ -36,6 +36,7 @@ from .store import (
     History,
     Record,
     Store,
+    dead_blocked,
     dependency_done,
     ended_undone,
     iso,
@@ -568,7 +569,7 @@ class Supervisor:
     def _release_dependents(self, done: Record) -> None:
         if done.status == "routed":
             return  # its waiters wait for the follow-up (`rerouted`), which is filed right after
-        if done.status in ("halted", "blocked"):
+        if done.status in ("halted", "blocked") and not dead_blocked(self.records, done):
             # `retry` may still bring it to done: what waits for it waits on (indexed under it),
             # as an order sent after it ended does; the board says what would move them.
             return
@@ -579,7 +580,7 @@ class Supervisor:
             named = next((d for d in rec.dependencies if route_end(self.records, d) is done), None)
             if named is None:
                 continue
-            if done.status != "done":  # rejected, denied, cancelled: it will never be done
+            if done.status != "done":  # rejected, denied, cancelled (or blocked by one): never done
                 self._block_on(rec, named, done)
             else:
                 self.settle_waiting(rec, f"{done.id} is done")

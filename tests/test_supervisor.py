@@ -216,6 +216,26 @@ def test_an_escalation_quoting_colour_codes_and_a_placeholder_is_filed_once_and_
     assert (probe_of(ws) / "ran").read_text().split() == [follow]
 
 
+def test_a_chain_behind_a_cancelled_order_is_blocked_all_the_way_down(make_ws):
+    """a is cancelled; b waits on a, c on b. b is blocked for good (no retry can bring it
+    back), so c is blocked too, not left waiting on an order that can never be done; an
+    order sent later that depends on b is blocked at once."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("true")}})
+    drop(ws, "chip", "a.md", order_md("A happens", id="a"))
+    drop(ws, "chip", "b.md", order_md("B happens", id="b", blocked_by=["a"]))
+    drop(ws, "chip", "c.md", order_md("C happens", id="c", blocked_by=["b"]))
+    with Supervisor(ws) as sup:
+        sup._intake_step()
+        sup.handle("cancel", {"id": "a"})
+        sup._write_state()
+    recs = Store(ws.state).load_all()
+    assert (recs["a"].status, recs["b"].status, recs["c"].status) == ("cancelled", "blocked", "blocked")
+    assert recs["c"].report["summary"] == "dependency b ended blocked"
+    drop(ws, "chip", "d.md", order_md("D happens", id="d", blocked_by=["c"]))
+    run(ws)
+    assert Store(ws.state).load("d").status == "blocked"
+
+
 def test_an_order_blocked_again_after_a_retry_is_escalated_again_not_rejected_as_a_repeat(make_ws):
     """The second investigation has the same sender, recipient and objective as the first,
     which halted: it names that one in its references instead of being rejected (with a
