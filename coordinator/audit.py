@@ -454,7 +454,7 @@ def _message(lines: list[str]) -> str:
     """The lines as `git commit -m` would store them: trailing spaces cut, runs of blank lines
     made one (commit-tree stores a message exactly as given)."""
     out: list[str] = []
-    for line in "\n".join(lines).splitlines():
+    for line in "\n".join(lines).replace("\0", "").splitlines():  # git takes no NUL in an argument
         line = line.rstrip()
         if line or (out and out[-1]):
             out.append(line)

@@ -277,8 +277,13 @@ def _placeholder_meant(word: str) -> str | None:
     return close[0] if close else None
 
 
+# Handles on the user's credential agents: a specialist has no business signing or logging in
+# elsewhere as the user (its own `env:` can give one back on purpose).
+WITHHELD = frozenset({"SSH_AUTH_SOCK", "SSH_AGENT_PID", "GPG_AGENT_INFO"})
+
+
 def environment(agent: Agent, attempt: Attempt, ws: Workspace) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("COORD_", "GIT_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COORD_", "GIT_")) and k not in WITHHELD}
     env.update(dict(agent.env))
     env.update({
         "COORD_ORDER_ID": attempt.order_id,
@@ -345,7 +350,11 @@ def ruleset(agent: Agent, order: WorkOrder, attempt: Attempt, ws: Workspace | No
             rel = entry.split("/", 1)[1] if "/" in entry else ""
             prefix = paths.literal_prefix(rel) if paths.has_glob(rel) else rel
             target = attempt.workdir / prefix if prefix else attempt.workdir
-            writable.add(str(_deepest_existing(target, attempt.workdir)))
+            grant = _deepest_existing(target, attempt.workdir)
+            # A folder of the copy may be a link (a file the repository tracks, or one an
+            # earlier attempt left): the kernel grants where it leads, so it must lead inside.
+            if paths.within(paths.real(grant), paths.real(attempt.workdir)):
+                writable.add(str(grant))
     return Ruleset(writable=tuple(sorted(writable)), mounts_writable=tuple(sorted(unsealed)))
 
 
@@ -394,7 +403,12 @@ def tail(path: Path, limit: int = TAIL_BYTES) -> str:
             data = f.read()
     except FileNotFoundError:
         return ""
-    return data.decode("utf-8", "replace").strip()
+    # Control characters (a NUL, a colour code's ESC) go: the tail is quoted in briefs, notes
+    # and commit messages, and a NUL in a command's argument cannot be passed at all.
+    return _CONTROL.sub("", data.decode("utf-8", "replace")).strip()
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def last_activity(attempt: Attempt, started: float) -> float:

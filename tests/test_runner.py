@@ -91,3 +91,36 @@ def test_the_readme_names_every_placeholder_a_command_may_use():
     contract = readme.split("## The specialist contract", 1)[1].split("Its environment has", 1)[0]
     named = re.findall(r"`\{([a-z_]+)\}`", contract)
     assert named == list(runner.PLACEHOLDERS)
+
+
+def test_a_folder_of_the_copy_that_is_a_link_out_of_it_is_never_granted(make_ws, tmp_path):
+    """`files: webapp/src/lib/new.py` when src/lib is a link to a folder outside the copy: the
+    kernel would grant where the link leads. No grant may resolve outside the working copy."""
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/true"], "writes": ["webapp/src/**"]}})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    order = orders.load(order_md("Lib grows", id="lk-1", files=("webapp/src/lib/new.py",)).encode(), path="o.md",
+                        to="chip", config=ws.config, history=orders.EmptyHistory())
+    attempt = runner.prepare(ws, order, 1, [])
+    attempt.workdir.mkdir(parents=True)
+    (attempt.workdir / "src").mkdir()
+    (attempt.workdir / "src" / "lib").symlink_to(outside)
+    rules = runner.ruleset(ws.config.agents["chip"], order, attempt, ws)
+    assert not [w for w in rules.writable if os.path.realpath(w).startswith(str(outside))], rules.writable
+
+
+def test_the_tail_of_a_log_quoted_elsewhere_holds_no_control_characters(tmp_path):
+    log = tmp_path / "output.log"
+    log.write_bytes(b"ok\n\x1b[31mFAILED\x1b[0m a\x00b\tc\r\n")
+    assert runner.tail(log) == "ok\n[31mFAILED[0m ab\tc"
+
+
+def test_the_users_credential_agents_are_not_handed_to_a_specialist(make_ws, monkeypatch):
+    monkeypatch.setenv("SSH_AUTH_SOCK", "/tmp/ssh-agent.sock")
+    monkeypatch.setenv("SOME_TOOL_HOME", "/opt/tool")
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/true"], "env": {"EXTRA": "1"}}})
+    order = orders.load(order_md("Env is clean", id="env-1").encode(), path="o.md", to="chip",
+                        config=ws.config, history=orders.EmptyHistory())
+    env = runner.environment(ws.config.agents["chip"], runner.prepare(ws, order, 1, []), ws)
+    assert "SSH_AUTH_SOCK" not in env
+    assert env["SOME_TOOL_HOME"] == "/opt/tool" and env["EXTRA"] == "1"

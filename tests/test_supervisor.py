@@ -236,6 +236,18 @@ def test_a_chain_behind_a_cancelled_order_is_blocked_all_the_way_down(make_ws):
     assert Store(ws.state).load("d").status == "blocked"
 
 
+def test_a_nul_byte_in_a_specialists_output_fails_the_attempt_not_the_supervisor(make_ws):
+    """The output's tail is quoted in the failure note (a git commit message) and in the next
+    brief, which `{brief_text}` passes as an argument: a NUL in either stopped the supervisor."""
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 2,
+                           "command": ["/bin/sh", "-c", "printf 'bad\\000byte\\n'; exit 1", "sh", "{brief_text}"]}})
+    drop(ws, "chip", "o.md", order_md("It works", id="o"))
+    run(ws)
+    rec = Store(ws.state).load("o")
+    assert rec.status == "blocked" and len(rec.failures) == 2, rec.failures
+    assert all("badbyte" in f and "\0" not in f for f in rec.failures), rec.failures
+
+
 def test_an_order_blocked_again_after_a_retry_is_escalated_again_not_rejected_as_a_repeat(make_ws):
     """The second investigation has the same sender, recipient and objective as the first,
     which halted: it names that one in its references instead of being rejected (with a
