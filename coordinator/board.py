@@ -28,7 +28,14 @@ ENDED_SHOWN = 8  # ended orders shown per column; the count says how many there 
 
 
 def records(ws: Workspace) -> list[Record]:
-    return sorted(Store(ws.state).load_all().values(), key=lambda r: r.seq)
+    """Every order, oldest first; a record file that is not one is said on stderr, not shown."""
+    import click
+
+    unreadable: list[str] = []
+    found = Store(ws.state).load_all(unreadable=unreadable)
+    for line in unreadable:
+        click.echo(f"warning: {line}", err=True)
+    return sorted(found.values(), key=lambda r: r.seq)
 
 
 def as_json(ws: Workspace) -> dict[str, Any]:

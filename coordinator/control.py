@@ -248,5 +248,6 @@ def rotate(sup: Supervisor, *, fresh: bool) -> dict[str, Any]:
 def _record(sup: Supervisor, order_id: str) -> Record:
     rec = sup.records.get(order_id)
     if rec is None:
+        sup.store.load(order_id)  # a record file that is there but is no record says so
         raise NotFoundError(f"no order {order_id!r}; `coordinator board` lists them")
     return sup.whole(rec)  # whole again before a command changes it

@@ -127,11 +127,25 @@ class Record:
         return {name: getattr(self, name) for name in _RECORD_FIELDS}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Record:
+    def from_json(cls, data: Any) -> Record:
+        """A record read back; ValueError when `data` is not one (a file changed by hand)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a record is a JSON object, not {type(data).__name__}")
         known = {k: v for k, v in data.items() if k in _LOADABLE}
+        wrong = [k for k in _REQUIRED_TEXT if not isinstance(known.get(k), str)]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} missing or not text")
+        wrong = [k for k, kinds in _SHAPES.items() if k in known and not isinstance(known[k], kinds)]
+        wrong += [k for k in _LISTS if k in known and not (
+            isinstance(known[k], list) and all(isinstance(v, dict if k in _OBJECT_LISTS else str) for v in known[k]))]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} of the wrong kind")
         if known.get("status") == "routed" and not known.get("routed_to") and isinstance(known.get("report"), dict):
             known["routed_to"] = known["report"].get("routed_to")  # written before the field existed
-        return cls(**known)
+        try:
+            return cls(**known)
+        except TypeError as e:
+            raise ValueError(str(e)) from None
 
     def shed_detail(self) -> None:
         """Drop from memory what only the file needs once an ended order is written: its
@@ -149,6 +163,19 @@ class Record:
 
 _RECORD_FIELDS = tuple(f.name for f in fields(Record) if f.name not in ("shed", "written"))
 _LOADABLE = frozenset(_RECORD_FIELDS)
+_REQUIRED_TEXT = ("id", "to", "sender", "status", "objective", "created", "updated")
+# What the rest of a record must be, when given (bool is an int in Python: excluded by hand).
+_SHAPES: dict[str, type | tuple[type, ...]] = {
+    "seq": int, "attempts": int, "priority": str, "source": str, "stale": bool,
+    "report": (dict, type(None)), "running": (dict, type(None)), "blocker": (str, type(None)),
+    "parent": (str, type(None)), "routed_to": (str, type(None)), "commit": (str, type(None))}
+_LISTS = ("failures", "history", "errors", "blocked_by", "references", "children", "usage")
+_OBJECT_LISTS = ("history", "usage")
+
+
+def not_a_record(path: str, why: object) -> StateError:
+    return StateError(f"{path} is not an order record ({why}); changed by hand? `coordinator supervise` "
+                      "puts it back from git")
 
 
 class Store:
@@ -184,15 +211,25 @@ class Store:
             return Record.from_json(durable.read_json(self.record_path(order_id)))
         except (FileNotFoundError, NotADirectoryError):
             raise NotFoundError(f"no order {order_id!r}; `coordinator board` lists them") from None
+        except ValueError as e:
+            raise not_a_record(f"state/orders/{order_id}/record.json", e) from None
 
-    def load_all(self) -> dict[str, Record]:
+    def load_all(self, *, unreadable: list[str] | None = None) -> dict[str, Record]:
+        """Every record; one that is not (changed by hand) is left out and, with `unreadable`,
+        said there."""
         out: dict[str, Record] = {}
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.orders_dir):
                 path = Path(entry.path) / "record.json"
-                with contextlib.suppress(FileNotFoundError, ValueError):
+                try:
                     rec = Record.from_json(durable.read_json(path))
-                    out[rec.id] = rec
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                except (ValueError, OSError) as e:
+                    if unreadable is not None:
+                        unreadable.append(str(not_a_record(f"state/orders/{entry.name}/record.json", e)))
+                    continue
+                out[rec.id] = rec
         return out
 
     def unrecorded(self) -> list[Path]:

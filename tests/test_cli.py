@@ -604,6 +604,40 @@ def supervisor(ws: Path) -> Iterator[subprocess.Popen[str]]:
             proc.wait(timeout=30)
 
 
+@pytest.mark.parametrize("text", ["{}", "[]", "null", "not json", '{"id": "X"}'])
+def test_a_record_file_changed_by_hand_is_said_in_one_line_and_put_back(ws: Path, text: str) -> None:
+    run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting already exists in the webapp"))
+    run("-w", ws, "send", "-", "--to", "chip", input=order("The footer already exists in the webapp"))
+    assert run("-w", ws, "supervise", "--once").exit_code == 0
+    record = ws / "state" / "orders" / "WO-0001" / "record.json"
+    kept = record.read_bytes()
+    record.write_text(text)
+    said = "state/orders/WO-0001/record.json is not an order record ("
+    board = run("-w", ws, "board", "--json")
+    assert board.exit_code == 0 and said in board.stderr
+    assert [o["id"] for o in json.loads(board.stdout)["orders"]] == ["WO-0002"]  # the others still shown
+    for args in (("show", "WO-0001"), ("log", "WO-0001"), ("cancel", "WO-0001"), ("retry", "WO-0001")):
+        refused = run("-w", ws, *args)
+        assert refused.exit_code == 1 and refused.stderr.startswith(f"coordinator: {said}"), (args, refused.stderr)
+        assert refused.stderr.count("\n") == 1 and "puts it back from git" in refused.stderr
+    assert run("-w", ws, "supervise", "--once").exit_code == 0  # the tamper watch puts it back
+    assert record.read_bytes() == kept and statuses(ws) == {"WO-0001": "halted", "WO-0002": "halted"}
+
+
+def test_a_record_field_of_the_wrong_kind_is_no_record(ws: Path) -> None:
+    run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting already exists in the webapp"))
+    assert run("-w", ws, "supervise", "--once").exit_code == 0
+    record = ws / "state" / "orders" / "WO-0001" / "record.json"
+    data = json.loads(record.read_text())
+    for field, value in (("attempts", "x"), ("report", [1]), ("history", 5), ("children", [3])):
+        record.write_text(json.dumps({**data, field: value}))
+        shown = run("-w", ws, "show", "WO-0001")
+        assert (shown.exit_code, shown.stderr) == (1, "coordinator: state/orders/WO-0001/record.json is not an "
+                                                      f"order record ({field} of the wrong kind); changed by hand? "
+                                                      "`coordinator supervise` puts it back from git\n")
+        assert run("-w", ws, "board").exit_code == 0
+
+
 def test_cancel_and_retry_through_a_running_supervisor(ws: Path, supervisor: subprocess.Popen[str]) -> None:
     run("-w", ws, "send", "-", "--to", "slow", input=order("The slow agent thinks it over", files=()))
     run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting already exists in the webapp"))
