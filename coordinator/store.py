@@ -140,6 +140,8 @@ class Record:
             isinstance(known[k], list) and all(isinstance(v, dict if k in _OBJECT_LISTS else str) for v in known[k]))]
         if wrong:
             raise ValueError(f"{', '.join(wrong)} of the wrong kind")
+        if not isinstance(known.get("report"), (dict, type(None))):
+            known["report"] = None  # an odd report (a hand edit, an old version) is no report: shown without it
         if known.get("status") == "routed" and not known.get("routed_to") and isinstance(known.get("report"), dict):
             known["routed_to"] = known["report"].get("routed_to")  # written before the field existed
         try:
@@ -167,7 +169,7 @@ _REQUIRED_TEXT = ("id", "to", "sender", "status", "objective", "created", "updat
 # What the rest of a record must be, when given (bool is an int in Python: excluded by hand).
 _SHAPES: dict[str, type | tuple[type, ...]] = {
     "seq": int, "attempts": int, "priority": str, "source": str, "stale": bool,
-    "report": (dict, type(None)), "running": (dict, type(None)), "blocker": (str, type(None)),
+    "running": (dict, type(None)), "blocker": (str, type(None)),
     "parent": (str, type(None)), "routed_to": (str, type(None)), "commit": (str, type(None))}
 _LISTS = ("failures", "history", "errors", "blocked_by", "references", "children", "usage")
 _OBJECT_LISTS = ("history", "usage")

@@ -629,13 +629,15 @@ def test_a_record_field_of_the_wrong_kind_is_no_record(ws: Path) -> None:
     assert run("-w", ws, "supervise", "--once").exit_code == 0
     record = ws / "state" / "orders" / "WO-0001" / "record.json"
     data = json.loads(record.read_text())
-    for field, value in (("attempts", "x"), ("report", [1]), ("history", 5), ("children", [3])):
+    for field, value in (("attempts", "x"), ("running", [1]), ("history", 5), ("children", [3])):
         record.write_text(json.dumps({**data, field: value}))
         shown = run("-w", ws, "show", "WO-0001")
         assert (shown.exit_code, shown.stderr) == (1, "coordinator: state/orders/WO-0001/record.json is not an "
                                                       f"order record ({field} of the wrong kind); changed by hand? "
                                                       "`coordinator supervise` puts it back from git\n")
         assert run("-w", ws, "board").exit_code == 0
+    record.write_text(json.dumps({**data, "report": [1]}))  # an odd report is shown as none, never refused
+    assert run("-w", ws, "show", "WO-0001").exit_code == 0
 
 
 def test_cancel_and_retry_through_a_running_supervisor(ws: Path, supervisor: subprocess.Popen[str]) -> None:
