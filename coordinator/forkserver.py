@@ -42,6 +42,7 @@ from .spawner import (
     _mark_of,
     _Proc,
     _processes,
+    _read_proc,
     _send_frame,
     _signal,
     _subtree,
@@ -100,6 +101,7 @@ class _Log:
 class _Attempt:
     token: str
     pid: int
+    start: int  # the leader's start time (clock ticks since boot): its tree is no older
     log: _Log
     out_fd: int | None
     exited: bool = False
@@ -216,10 +218,11 @@ class _Server:
                 self._stop(rid, float(msg["grace"]))
             else:
                 raise SupervisorError(f"unknown spawn server request {op!r}")
-        except (CoordinatorError, OSError) as e:
-            # OSError: out of processes or fds; this request fails, the server goes on.
-            error = e if isinstance(e, CoordinatorError) else CoordinatorError(
-                f"cannot start the command: {e.strerror}")
+        except Exception as e:
+            # Out of processes, fds or threads, or a request nobody foresaw: this request fails
+            # and the server goes on, for the trees it started must not lose their reaper.
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+            error = e if isinstance(e, CoordinatorError) else CoordinatorError(f"cannot start the command: {reason}")
             if detached:
                 self._refuse(msg["token"], error)
             else:
@@ -282,7 +285,9 @@ class _Server:
                 os.write(log_fd, f"coordinator: {e}\n".encode())
             os.close(log_fd)
             raise
-        att = _Attempt(token, pid, _Log(log_fd, self.log_cap), out_r)
+        leader = _read_proc(pid)  # not reaped yet: readable even if it already exited
+        # Unreadable: no mark can be proven younger than it, so none is believed.
+        att = _Attempt(token, pid, leader.start if leader else sys.maxsize, _Log(log_fd, self.log_cap), out_r)
         self.attempts[token] = self.leaders[pid] = att
         self.sel.register(out_r, selectors.EVENT_READ, lambda mask, att=att: self._on_output(att, mask))
         return pid
@@ -290,6 +295,12 @@ class _Server:
     def _fork(self, msg: dict[str, Any]) -> tuple[int, int]:
         """Start one child; returns (pid, read end of its output) once exec succeeded."""
         argv, cwd, env = msg["argv"], msg["cwd"], dict(msg["env"])
+        # A specialist's output can reach the next attempt's arguments; exec cannot carry a NUL.
+        name = argv[0].replace("\0", "")
+        if any("\0" in arg for arg in argv):
+            raise CoordinatorError(f"cannot run {name}: an argument holds a NUL byte")
+        if any("\0" in key + value for key, value in env.items()):
+            raise CoordinatorError(f"cannot run {name}: an environment variable holds a NUL byte")
         exe = _resolve(argv[0], env.get("PATH"), cwd)
         env[MARK] = msg["token"]
         ruleset_fd, readonly = -1, None
@@ -401,7 +412,14 @@ class _Server:
             # A session or group id stays taken while any member lives, so it still names the attempt.
             if att.pid in (top.sid, top.pgid) or (top.pid, top.start) in att.known:
                 return att.token
-        return None if top.zombie else _mark_of(top.pid)  # a zombie has no environment left
+        if top.zombie:
+            return None  # no environment left
+        # Anyone can exec with any mark: believe it only when it names an attempt the server
+        # still knows and whose leader is no younger than the process (a descendant never is).
+        # Else it is nobody's, and killed with every kill, so no mark hides it from its own.
+        mark = _mark_of(top.pid)
+        named = self.attempts.get(mark) if mark is not None else None
+        return mark if named is not None and named.start <= top.start else None
 
     def _forget(self, att: _Attempt) -> None:
         if self.attempts.get(att.token) is att:
@@ -478,11 +496,11 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
             ruleset_fd: int, readonly: tuple[str, ...] | None = None) -> int:
     """posix_spawn the child from a throwaway thread that first enters `cwd` and the sandbox.
 
-    Landlock restricts only the calling thread, and a thread that unshared its
-    file-system context has its own current folder (and, with `readonly`, its own
-    mounts, all read-only but those paths); the child inherits all three. So no
-    Python runs in the child (vfork + exec in the C library) and the server
-    itself stays unrestricted in its own folder. Returns once exec succeeded.
+    Landlock and the capability sets restrict only the calling thread, and a thread
+    that unshared its file-system context has its own current folder (and, with
+    `readonly`, its own mounts, all read-only but those paths); the child inherits
+    them all. So no Python runs in the child (vfork + exec in the C library) and the
+    server itself stays unrestricted in its own folder. Returns once exec succeeded.
     """
     outcome: list[int | BaseException] = []
 
@@ -498,6 +516,9 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
                 raise CoordinatorError(f"cannot enter working folder {cwd}: {e.strerror}") from None
             if ruleset_fd >= 0:
                 landlock.enforce(ruleset_fd)
+            # Last, once nothing here needs them: everything runs as root, and root's exec would
+            # give the child every capability of this thread's bounding set.
+            landlock.drop_capabilities()
             # The server's /dev/null sits on the machine's mount: fchmod(0) would change it.
             null = devnull if readonly is None else os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             try:

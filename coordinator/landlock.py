@@ -4,7 +4,10 @@ A ruleset lets a process read and execute everywhere and write only beneath
 its `writable` entries. Every filesystem right the running kernel knows is
 *handled* (so nothing is silently allowed), and from ABI 6 on signals and
 abstract unix sockets are scoped, so a sandboxed process cannot signal the
-supervisor or connect to its abstract sockets.
+supervisor or connect to its abstract sockets. Everything runs as root here, so
+the thread that spawns a specialist also gives up every capability
+(`drop_capabilities`): uid 0 without them is no more than any other user to the
+kernel (no module loading, raw disk, network admin or mounts).
 
 Never apply a ruleset to the supervisor itself: the spawner's fork server
 prepares the ruleset (`prepare`) and the forked child enforces it (`enforce`)
@@ -36,6 +39,11 @@ _SYS_RESTRICT_SELF = 446
 _CREATE_RULESET_VERSION = 1 << 0
 _RULE_PATH_BENEATH = 1
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_CAPBSET_DROP = 24
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+_CAP_SETPCAP = 8
+_CAPABILITY_VERSION_3 = 0x20080522
 
 # (name, bit, first ABI that has it), from include/uapi/linux/landlock.h.
 FS_RIGHTS: tuple[tuple[str, int, int], ...] = (
@@ -92,6 +100,14 @@ class _RulesetAttr(ctypes.Structure):
 class _PathBeneathAttr(ctypes.Structure):
     _pack_ = 1
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 @functools.cache
@@ -225,6 +241,45 @@ def enforce(ruleset_fd: int) -> None:
         syscall(_SYS_RESTRICT_SELF, ctypes.c_int(ruleset_fd), ctypes.c_uint32(0))
     except OSError as e:
         raise SandboxError(f"cannot enforce the Landlock ruleset: {e.strerror}") from None
+
+
+def drop_capabilities() -> None:
+    """Leave the calling thread no capability to pass on through exec: its bounding set, from
+    which root's exec takes its permitted and effective sets, emptied; no inheritable and no
+    ambient ones. The sets are per thread: call it in a thread that is about to spawn, never
+    in the supervisor's or the fork server's own.
+
+    Emptying the bounding set needs CAP_SETPCAP. A process that is not root and lacks it is
+    left its bounding set (its child gets capabilities only from a setuid or capable file,
+    which the no_new_privs of `enforce` ignores); root without it is refused, never let
+    through with its capabilities.
+    """
+    zero = ctypes.c_ulong(0)
+    # Fails only on kernels before 4.3, which have no ambient set to clear.
+    libc().prctl(ctypes.c_int(_PR_CAP_AMBIENT), ctypes.c_ulong(_PR_CAP_AMBIENT_CLEAR_ALL), zero, zero, zero)
+    header, data = _CapHeader(_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
+    if libc().capget(ctypes.byref(header), data) != 0:
+        raise SandboxError(f"cannot read the capabilities to drop: {os.strerror(ctypes.get_errno())}")
+    if data[0].inheritable or data[1].inheritable:
+        data[0].inheritable = data[1].inheritable = 0
+        if libc().capset(ctypes.byref(header), data) != 0:
+            raise SandboxError(f"cannot clear the inheritable capabilities: {os.strerror(ctypes.get_errno())}")
+    if not data[0].effective & (1 << _CAP_SETPCAP) and os.getuid() != 0 and os.geteuid() != 0:
+        return
+    for cap in range(_last_cap() + 1):
+        if libc().prctl(ctypes.c_int(_PR_CAPBSET_DROP), ctypes.c_ulong(cap), zero, zero, zero) != 0:
+            raise SandboxError(f"cannot drop capability {cap} from the bounding set: "
+                               f"{os.strerror(ctypes.get_errno())}; a root specialist would keep it")
+
+
+@functools.cache
+def _last_cap() -> int:
+    """The highest capability number the running kernel knows (newer kernels add some)."""
+    try:
+        with open("/proc/sys/kernel/cap_last_cap", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError) as e:
+        raise SandboxError(f"cannot tell which capabilities this kernel has: {e}") from None
 
 
 def restrict_self(rules: Ruleset) -> None:

@@ -8,8 +8,8 @@ inherits it) in which every mount is read-only, and puts writable copies of the
 ruleset's writable paths back where they were. Outside them such a change then fails
 with EROFS, for root too; inside them the gate judges it after the run. A sandboxed
 specialist cannot undo it: Landlock refuses it mount(2), and CAP_SYS_ADMIN, which
-mount_setattr and open_tree need, is out of its capability sets (bounding, inheritable,
-ambient) before the exec.
+mount_setattr and open_tree need, is gone with every other capability before the exec
+(`landlock.drop_capabilities`, which the fork server calls for every child).
 
 Needs CAP_SYS_ADMIN (the supervisor running as root) and mount_setattr (Linux 5.12).
 `status()` says whether this machine has it; without it the Landlock layer still holds
@@ -44,19 +44,6 @@ _OPEN_TREE_CLONE = 1
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _MOUNT_ATTR_RDONLY = 0x1
 _MS_PRIVATE = 1 << 18
-_PR_CAPBSET_DROP = 24
-_PR_CAP_AMBIENT = 47
-_PR_CAP_AMBIENT_CLEAR_ALL = 4
-_CAP_SYS_ADMIN = 21
-_CAPABILITY_VERSION_3 = 0x20080522
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 class _MountAttr(ctypes.Structure):
@@ -108,24 +95,6 @@ def enter_readonly(writable: Sequence[str]) -> None:
     finally:
         for _, fd in copies:
             os.close(fd)
-    _drop_mount_admin()
-
-
-def _drop_mount_admin() -> None:
-    """Take CAP_SYS_ADMIN out of what the child can have: a root child would otherwise clear the
-    read-only flag with mount_setattr (Landlock refuses mount(2), not mount_setattr or open_tree).
-    Out of the bounding set (root's exec gets no more), the inheritable set and the ambient set."""
-    if libc().prctl(_PR_CAPBSET_DROP, _CAP_SYS_ADMIN, 0, 0, 0) != 0:
-        raise SandboxError(f"read-only sandbox: drop CAP_SYS_ADMIN: {os.strerror(ctypes.get_errno())}")
-    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    if libc().capget(ctypes.byref(header), data) != 0:
-        raise SandboxError(f"read-only sandbox: capget: {os.strerror(ctypes.get_errno())}")
-    if data[0].inheritable & (1 << _CAP_SYS_ADMIN):
-        data[0].inheritable &= ~(1 << _CAP_SYS_ADMIN)
-        if libc().capset(ctypes.byref(header), data) != 0:
-            raise SandboxError(f"read-only sandbox: capset: {os.strerror(ctypes.get_errno())}")
-    libc().prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -10,6 +11,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -145,6 +147,21 @@ def test_exec_failures_are_raised_with_one_line_and_logged(sp: Spawner, tmp_path
     assert wait_exit(sp, "after").returncode == 0
 
 
+def test_a_nul_byte_refuses_that_request_and_the_server_goes_on(sp: Spawner, tmp_path: Path) -> None:
+    """exec cannot carry a NUL (a specialist's output may put one in the next brief): the request
+    is refused in one line; nothing a request holds may stop the server and orphan its trees."""
+    with pytest.raises(CoordinatorError, match="^cannot run sh: an argument holds a NUL byte$"):
+        sp.spawn(req(tmp_path, ("sh", "-c", "echo a\0b"), "nul-arg"))
+    with pytest.raises(CoordinatorError, match="^cannot run true: an environment variable holds a NUL byte$"):
+        sp.spawn(req(tmp_path, ("true",), "nul-env", env={**ENV, "BRIEF": "a\0b"}))
+    with pytest.raises(CoordinatorError, match="^cannot start the command: .*null byte"):  # what no check foresaw
+        sp.spawn(SpawnRequest(("/bin/true",), ENV, f"{tmp_path}\0x", str(tmp_path / "nul-cwd.log"), "nul-cwd"))
+    sp.start(req(tmp_path, ("sh", "-c", "echo a\0b"), "nul-start"))
+    assert events_until(sp, 1) == [Refused("nul-start", "cannot run sh: an argument holds a NUL byte")]
+    sp.spawn(req(tmp_path, ("true",), "nul-after"))
+    assert wait_exit(sp, "nul-after").returncode == 0
+
+
 def events_until(sp: Spawner, count: int, timeout: float = 30.0) -> list[Exit | Refused]:
     """The next `count` events of `sp`, in the order the server sent them."""
     deadline = time.monotonic() + timeout
@@ -224,6 +241,83 @@ def test_a_sandboxed_child_writes_only_where_allowed(sp: Spawner, tmp_path: Path
         sleeper.wait()
 
 
+CAPS = ("sh", "-c", "grep ^Cap /proc/self/status")
+
+
+def capabilities(status: str) -> dict[str, int]:
+    """The Cap* lines of a /proc/<pid>/status, as numbers."""
+    return {name: int(value, 16) for name, value in
+            (line.split(":") for line in status.splitlines() if line.startswith("Cap"))}
+
+
+def test_a_child_gets_no_capability_and_the_server_keeps_its_own(sp: Spawner, tmp_path: Path) -> None:
+    """Everything runs as root: its exec would give a child every capability (load a module,
+    write the raw disk) but those the launching thread gave up."""
+    sandbox = Ruleset((str(tmp_path),)) if ABI >= 1 else None
+    for token, rules in (("caps-sandboxed", sandbox), ("caps-plain", None)):
+        sp.spawn(req(tmp_path, CAPS, token, rules))
+        assert wait_exit(sp, token).returncode == 0
+        caps = capabilities((tmp_path / f"{token}.log").read_text())
+        assert sorted(caps) == ["CapAmb", "CapBnd", "CapEff", "CapInh", "CapPrm"], caps
+        assert set(caps.values()) == {0}, (token, caps)
+    server = capabilities(Path(f"/proc/{sp.server_pid}/status").read_text())
+    assert server == capabilities(Path("/proc/self/status").read_text())  # only the launcher gave them up
+
+
+NOT_ROOT = """
+import select, sys
+from coordinator.errors import SandboxError
+from coordinator.spawner import Spawner, SpawnRequest
+work = sys.argv[1]
+with Spawner() as sp:
+    try:
+        sp.spawn(SpawnRequest(("sh", "-c", "grep ^Cap /proc/self/status"), {"PATH": "/usr/bin:/bin"},
+                              work, work + "/log", "caps"))
+    except SandboxError as e:
+        sys.exit(str(e))
+    while not (ends := sp.poll()):
+        select.select([sp], [], [], 10)
+sys.exit(ends[0].returncode)
+"""
+NOBODY = 65534
+
+
+def _python_for(uid: int) -> str | None:
+    """An interpreter user `uid` may run (ours may sit where only root can reach)."""
+    for python in dict.fromkeys((sys.executable, "/usr/bin/python3")):
+        with contextlib.suppress(OSError):
+            if subprocess.run([python, "-c", "import select"], user=uid, group=uid, extra_groups=[],
+                              capture_output=True, timeout=60).returncode == 0:
+                return python
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="not root: every other test here is such a run")
+def test_a_server_that_is_not_root_starts_children_with_the_capabilities_it_cannot_drop() -> None:
+    """Without CAP_SETPCAP the bounding set stays; a child that is not root has nothing to lose."""
+    python = _python_for(NOBODY)
+    if python is None:
+        pytest.skip("no Python here that user nobody may run")
+    with tempfile.TemporaryDirectory() as work:
+        os.chmod(work, 0o777)
+        proc = subprocess.run([python, "-c", NOT_ROOT, work], capture_output=True, text=True, timeout=60,
+                              env={**ENV, "PYTHONPATH": str(ROOT)}, user=NOBODY, group=NOBODY, extra_groups=[])
+        assert proc.returncode == 0, proc.stderr
+        caps = capabilities(Path(work, "log").read_text())
+    assert caps["CapEff"] == caps["CapPrm"] == caps["CapInh"] == caps["CapAmb"] == 0, caps
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root has capabilities to keep")
+def test_a_root_server_that_cannot_drop_capabilities_starts_nothing(tmp_path: Path) -> None:
+    # CAP_SETPCAP out of the bounding set: the server, root, is started without it.
+    drop_setpcap = "import ctypes; assert ctypes.CDLL(None).prctl(24, 8, 0, 0, 0) == 0\n"
+    proc = subprocess.run([sys.executable, "-c", drop_setpcap + NOT_ROOT, str(tmp_path)], capture_output=True,
+                          text=True, timeout=60, env={**ENV, "PYTHONPATH": str(ROOT)})
+    assert proc.stderr.strip().endswith("cannot drop capability 0 from the bounding set: "
+                                        "Operation not permitted; a root specialist would keep it"), proc.stderr
+    assert not (tmp_path / "log").read_text().startswith("Cap")  # nothing ran
+
+
 def test_the_sandbox_is_never_silently_dropped(tmp_path: Path) -> None:
     spawner = Spawner()
     try:
@@ -280,12 +374,14 @@ def test_a_detached_grandchild_cannot_write_after_kill_tree(sp: Spawner, tmp_pat
     os.mkfifo(fifo)
     # The grandchild detaches, outlives the specialist, and writes once it can open the fifo.
     code = (f"import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+            f"        open({str(work / 'ready')!r}, 'w').close()\n"
             f"        open({str(fifo)!r}).read()\n        open({str(work / 'late')!r}, 'w').write('x')\n"
             f"    os._exit(0)\n")
     sandbox = Ruleset((str(work),)) if ABI >= 1 else None
     sp.spawn(req(work, py(tmp_path, code), f"det-{RUN}", sandbox))
     assert wait_exit(sp, f"det-{RUN}").returncode == 0
-    wait_until(lambda: len(marked(f"det-{RUN}")) == 1)  # the grandchild lives on
+    # the grandchild lives on, and alone (its parent, marked as well, may outlive the leader a moment)
+    wait_until(lambda: (work / "ready").exists() and len(marked(f"det-{RUN}")) == 1)
     assert sp.alive(f"det-{RUN}")
     sp.kill_tree(f"det-{RUN}", grace=0.5)
     assert not sp.alive(f"det-{RUN}")
@@ -304,6 +400,56 @@ def test_close_kills_even_escapees_that_hid_their_mark(tmp_path: Path) -> None:
         spawner.close(grace=0.5)
     assert [p for p in pids if not gone(p)] == []
     assert [e.returncode for e in spawner.poll()] == [-signal.SIGKILL]
+
+
+# The leader leaves a daemon (setsid, double fork) per (pid file, mark) pair; "-" keeps the
+# mark the server gave, anything else forges it. Then the leader exits, or stays with "stays".
+DAEMONS = r"""
+import os, signal, sys
+from coordinator.spawner import MARK
+*pairs, leader = sys.argv[1:]
+for out, mark in zip(pairs[::2], pairs[1::2]):
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            env = dict(os.environ, **({} if mark == "-" else {MARK: mark}))
+            os.execve("/bin/sh", ["sh", "-c", f"echo $$ > {out}; exec sleep 600"], env)
+        os._exit(0)
+    os.wait()
+if leader == "stays":
+    signal.pause()
+"""
+
+
+def _daemons(*outs: Path) -> list[int]:
+    wait_until(lambda: all(p.exists() and p.read_text().strip() for p in outs))
+    return [int(p.read_text()) for p in outs]
+
+
+def test_a_forged_mark_hides_no_process_from_its_attempts_kill(sp: Spawner, tmp_path: Path) -> None:
+    """A mark naming no attempt, or one started after the process, is not believed."""
+    token, later = f"forge-{RUN}", f"forge-later-{RUN}"
+    made_up, named_later = tmp_path / "made-up", tmp_path / "later"
+    sp.spawn(req(tmp_path, py(tmp_path, DAEMONS) + (str(made_up), f"made-up-{RUN}", str(named_later), later,
+                                                    "exits"), token))
+    wait_exit(sp, token)
+    pids = _daemons(made_up, named_later)
+    time.sleep(2 / os.sysconf("SC_CLK_TCK"))  # start times count clock ticks: start `later` on a later one
+    sp.spawn(req(tmp_path, ("sleep", "600"), later))
+    sp.kill_tree(token, grace=0.5)
+    assert [p for p in pids if not gone(p)] == []
+    assert sp.alive(later)  # the attempt the mark named is not the one that was killed
+
+
+def test_a_running_attempts_daemon_survives_another_attempts_kill(sp: Spawner, tmp_path: Path) -> None:
+    sp.spawn(req(tmp_path, py(tmp_path, DAEMONS) + (str(tmp_path / "daemon"), "-", "stays"), f"keep-{RUN}"))
+    sp.spawn(req(tmp_path, ("sleep", "600"), f"other-{RUN}"))
+    [daemon] = _daemons(tmp_path / "daemon")
+    wait_until(lambda: daemon in marked(f"keep-{RUN}"))
+    sp.kill_tree(f"other-{RUN}", grace=0.5)
+    assert not dead(daemon) and sp.alive(f"keep-{RUN}")
+    sp.kill_tree(f"keep-{RUN}", grace=0.5)
+    assert gone(daemon)
 
 
 OWNER = r"""
@@ -394,7 +540,8 @@ from coordinator.landlock import Ruleset
 from coordinator.spawner import Spawner, SpawnRequest
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
 with Spawner() as sp:
-    script = f"echo ok > {work}/inside; echo bad > {out}; awk '$5 == \\"/\\" {{print \\"root:\\", $6}}' /proc/self/mountinfo"
+    script = (f"echo ok > {work}/inside; echo bad > {out}; grep ^Cap /proc/self/status; "
+              f"awk '$5 == \\"/\\" {{print \\"root:\\", $6}}' /proc/self/mountinfo")
     sp.spawn(SpawnRequest(("sh", "-c", script), {"PATH": "/usr/bin:/bin"},
                           str(work), str(work / "log"), "nocap", Ruleset((str(work),))))
     while not (ends := sp.poll()):
@@ -416,6 +563,7 @@ def test_without_the_read_only_layer_landlock_alone_still_runs_the_sandbox(tmp_p
     assert "root: rw," in seen["log"], seen["log"]  # no read-only mounts here ...
     assert seen["code"] == 0 and (work / "inside").read_text() == "ok\n"  # ... and the child ran
     assert not (tmp_path / "outside").exists() and "Permission denied" in seen["log"]
+    assert set(capabilities(seen["log"]).values()) == {0}  # dropped without the read-only layer too
 
 
 def test_kill_leftovers_finds_a_process_caught_in_the_middle_of_an_exec(tmp_path: Path) -> None:
