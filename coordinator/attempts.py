@@ -12,13 +12,12 @@ import contextlib
 import dataclasses
 import os
 import re
-import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import audit, gate, orders, results, runner
+from . import audit, durable, gate, orders, results, runner
 from ._orderfile import quoted
 from .config import Agent, parse_duration
 from .errors import CoordinatorError, GitError, SandboxError, StateError
@@ -516,11 +515,18 @@ class AttemptRunner:
         self._cleanup(act, keep=keep)
 
     def _cleanup(self, act: Active, *, keep: bool = False) -> None:
+        # What cannot be removed is said, not hidden: it is left for a person (or the next
+        # attempt, which removes the copy first), never half gone without a word.
         if act.repo is not None:
-            with contextlib.suppress(CoordinatorError):
+            try:
                 act.repo.remove_worktree(act.rec.id, act.attempt.workdir, keep=keep)
+            except CoordinatorError as e:
+                self.sup.say(f"{act.rec.id}: {e}")
         if not keep and _has_entries(act.attempt.scratch):  # an empty one stays: nothing to free
-            shutil.rmtree(act.attempt.scratch, ignore_errors=True)
+            try:
+                durable.remove_tree(act.attempt.scratch)  # no recursion: the specialist chose its depth
+            except OSError as e:
+                self.sup.say(f"{act.rec.id}: could not remove the scratch folder: {e}; remove it by hand")
 
     # -- outbox -------------------------------------------------------------------------------------
     def _deliver_outbox(self, act: Active) -> None:
@@ -529,9 +535,29 @@ class AttemptRunner:
         if box.is_symlink() or not box.is_dir():
             return  # replaced by a link: nothing is taken from wherever it points
         found: list[Path] = []
-        for folder, dirs, names in os.walk(box, followlinks=False):
-            dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
-            found += [Path(folder) / n for n in names]
+        # An explicit stack and a depth limit, not os.walk: that recurses, and the specialist
+        # chose how deep its outbox goes. Links are listed (and skipped below), never entered.
+        def shown(folder: str) -> str:
+            rel = os.path.relpath(folder, box)
+            return f"{rel[:60]}...{rel[-60:]}" if len(rel) > 130 else rel
+
+        todo = [(str(box), 0)]
+        while todo:
+            folder, depth = todo.pop()
+            try:
+                with os.scandir(folder) as it:
+                    items = list(it)
+            except OSError as e:
+                act.undelivered.append(f"{shown(folder)}: not read ({e.strerror}); nothing in it was delivered")
+                continue
+            for item in items:
+                if not item.is_dir(follow_symlinks=False):
+                    found.append(Path(item.path))
+                elif depth + 1 < gate.MAX_DEPTH:
+                    todo.append((item.path, depth + 1))
+                else:
+                    act.undelivered.append(f"{shown(item.path)}: over {gate.MAX_DEPTH} folders deep in the "
+                                           "outbox; not read, nothing in it was delivered")
         for path in sorted(found):
             if path.is_symlink() or not path.is_file() or path.name.startswith("."):
                 continue
@@ -541,10 +567,12 @@ class AttemptRunner:
                 act.undelivered.append(f"{path.name}: names no known recipient (give it `to: <agent>` or "
                                        f"write it into $COORD_OUTBOX/<agent>/); kept in {path.parent}")
                 continue
-            claimed = self.sup.intake.claim(path, to)
-            if claimed:
+            # A copy, not the file: a process of the attempt may still hold it open for writing.
+            taken = self.sup.intake.claim_copy(path, to)
+            if taken:
+                claimed, size = taken
                 rec = self.sup.file_claimed(claimed, to, shown=f"outbox of {act.rec.id}/{path.name}",
-                                     sender=act.agent.name)
+                                            sender=act.agent.name, size=size)
                 act.rec.children.append(rec.id)
 
     # -- crash recovery ------------------------------------------------------------------------------

@@ -1,14 +1,20 @@
-"""The one way state that must survive a crash is written.
+"""The one way state that must survive a crash is written, and the one way a tree is removed.
 
 Write to a temp file in the same folder, fsync it, rename it over the target,
 fsync the folder. A reader sees the old file or the new one, never half of one.
+
+A tree a specialist wrote (a working copy, a scratch folder) is removed with
+`remove_tree`: however deep, however long its paths, whatever modes it was left
+with, and it says what stayed when anything did.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import stat
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -217,3 +223,111 @@ def sync_fs(folder: Path) -> None:
         os.sync()
     finally:
         os.close(fd)
+
+
+# -- trees a specialist wrote ---------------------------------------------------------------------
+# A specialist controls the shape of what it leaves: folders nested thousands deep (Python 3.11's
+# shutil.rmtree and os.walk recurse, and die with RecursionError), paths over PATH_MAX, folders it
+# locked. These go through such a tree with an explicit stack, each folder opened relative to its
+# parent's descriptor, so neither depth nor path length matters, and only one folder is open at a
+# time: `..` leads back up, checked against the folder that was left.
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def remove_tree(path: Path) -> None:
+    """Remove `path` and everything below it; a link is removed, never followed.
+
+    Folders the agent locked get owner rwx back first. Another file system mounted inside
+    is never entered (as `rm -rf --one-file-system`). Raises OSError naming where it stopped
+    when anything could not be removed: nothing is half removed silently.
+    """
+    _through(path, remove=True)
+
+
+def unlock_tree(path: Path) -> None:
+    """Give the owner rwx on every folder under `path` (an agent may have locked some)."""
+    _through(path, remove=False)
+
+
+def _through(path: Path, *, remove: bool) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        if remove:
+            os.unlink(path)
+        return
+    if st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+        os.chmod(path, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
+    fd = os.open(path, _DIR_FLAGS)
+    # One frame per folder on the way down: its name in its parent, its identity, and its
+    # subfolders still to go through.
+    stack: list[tuple[str, tuple[int, int], list[str]]] = []
+    try:
+        _push(stack, "", fd, remove=remove)
+        while True:
+            name, _, todo = stack[-1]
+            if todo:
+                sub = todo.pop()
+                child = _enter(fd, sub, st.st_dev)
+                os.close(fd)
+                fd = child
+                _push(stack, sub, fd, remove=remove)
+                continue
+            stack.pop()
+            if not stack:
+                break
+            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            if _identity(fd) != stack[-1][1]:
+                raise OSError(errno.ESTALE, "a folder moved while the tree was gone through")
+            if remove:
+                os.rmdir(name, dir_fd=fd)
+    except OSError as e:
+        names = [frame[0] for frame in stack[1:]] + ([e.filename] if isinstance(e.filename, str) else [])
+        where = "/".join(names)
+        if len(where) > 160:  # thousands of levels: the ends say enough
+            where = f"{where[:60]}/.../{where[-60:]} ({len(stack) - 1} levels down)"
+        what = "remove" if remove else "unlock"
+        raise OSError(e.errno, f"cannot {what} {os.path.join(path, where)}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+    if remove:
+        os.rmdir(path)
+
+
+def _push(stack: list[tuple[str, tuple[int, int], list[str]]], name: str, fd: int, *, remove: bool) -> None:
+    todo: list[str] = []
+    stack.append((name, _identity(fd), todo))  # first: an error in what follows names this folder
+    todo += _entries(fd, remove=remove)
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _entries(fd: int, *, remove: bool) -> list[str]:
+    """The subfolders of the open folder `fd`; with `remove`, all else in it is unlinked."""
+    with os.scandir(fd) as it:
+        items = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+    if remove:
+        for name, is_dir in items:
+            if not is_dir:
+                os.unlink(name, dir_fd=fd)
+    return [name for name, is_dir in items if is_dir]
+
+
+def _enter(fd: int, name: str, device: int) -> int:
+    """Open subfolder `name` of `fd`, owner rwx given back first; never onto another file system."""
+    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    if st.st_dev != device:
+        raise OSError(errno.EXDEV, f"{name} is another file system mounted there; not entered")
+    if st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+        # Linux's fchmodat cannot refuse to follow a link, but the lstat above saw a folder and
+        # nothing runs in the tree any more; O_NOFOLLOW below fails if that changed meanwhile.
+        os.chmod(name, stat.S_IMODE(st.st_mode) | stat.S_IRWXU, dir_fd=fd)
+    return os.open(name, _DIR_FLAGS, dir_fd=fd)

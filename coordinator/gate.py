@@ -6,7 +6,9 @@ never following a link: untracked and ignored files too, and the working copy's
 own `.git` pointer file. `diff` turns two snapshots into changes; `judge` keeps
 a change only when its path matches both the order's `files` and the agent's
 `writes`, and refuses outright what no permission can grant: git internals,
-special files, setuid bits, hard links and links that lead out of the copy.
+special files, setuid bits, hard links, links that lead out of the copy, and
+what would stall the supervisor: a file over MAX_FILE_BYTES (never read, judged
+by its size) or folders nested over MAX_DEPTH levels (never walked further).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,15 @@ from .paths import matches_any
 
 POINTER = ".git"
 UNREADABLE = "!unreadable"
+TOO_DEEP = "!too-deep"  # a folder holding what lies more than MAX_DEPTH levels down
+# Over this a changed file is refused unread: 100 MB is about GitHub's own limit per file, and
+# hashing plus committing one that size takes about a second. A sparse file costs its writer no
+# disk at all, and ext4 allows 16 TiB: a 16 GiB one stalled the loop 154 s before this limit.
+MAX_FILE_BYTES = 100_000_000
+# Deeper than any real source tree; the walk stops there, so a tree thousands of levels deep
+# costs no more than this. (Python 3.11's own walks recurse and die at about 1,000 levels.)
+MAX_DEPTH = 256
+_PATH_MAX = 4096  # Linux: a path this long, NUL included, cannot be opened by name
 SPECIAL = frozenset({"fifo", "socket", "device"})
 CONTENT = frozenset({"added", "modified", "deleted", "mode", "type"})
 # What no `files` or `writes` entry can allow, and why.
@@ -31,6 +43,8 @@ ALWAYS_DENIED = {
     "setuid": "setuid and setgid bits are never allowed",
     "hardlink": "a hard link can reach a file outside the working copy",
     "symlink": "a symbolic link may not point outside the working copy or into .git",
+    "too-large": f"a file over {MAX_FILE_BYTES // 1_000_000} MB is never committed; keep it out of the repository",
+    "too-deep": f"folders nested over {MAX_DEPTH} levels deep (or paths over {_PATH_MAX} bytes) are never allowed",
 }
 _CHUNK = 1 << 20
 _MAX_HOPS = 40  # symbolic links followed while resolving one target, as the kernel does
@@ -54,6 +68,7 @@ class Change:
 
     path: str
     what: str  # added modified deleted mode type symlink hardlink special setuid git-internal pointer
+    #            too-large too-deep
     detail: str = ""  # for the report: created/changed/deleted and what exactly
     kind: str = "file"  # the path's kind after the change (before it, when deleted)
 
@@ -89,32 +104,50 @@ def snapshot(root: Path) -> dict[str, Entry]:
     if not stat.S_ISDIR(st.st_mode):
         return {}  # the copy itself was replaced: every path in it reads as deleted
     out: dict[str, Entry] = {}
-    _walk(str(root), "", out)
+    # An explicit stack, not recursion: the specialist chose how deep the tree goes.
+    todo = [(str(root), "", 0)]
+    while todo:
+        folder, prefix, depth = todo.pop()
+        try:
+            with os.scandir(folder) as it:
+                items = list(it)
+        except OSError:
+            if prefix:  # a folder the agent made unreadable: what is inside cannot be vouched for
+                _mark(out, prefix[:-1], UNREADABLE)
+            continue
+        if prefix and items and (depth >= MAX_DEPTH or _too_long(folder, items)):
+            _mark(out, prefix[:-1], TOO_DEEP)  # judged as a whole, never walked further
+            continue
+        for item in items:
+            rel = prefix + item.name
+            st = item.stat(follow_symlinks=False)
+            kind = _kind(st.st_mode)
+            digest = link = None
+            if kind == "file":
+                # Judged by lstat's size, never read: `diff` refuses it as too large anyway. Its
+                # inode change time stands in for the content (no write leaves it as it was).
+                big = st.st_size > MAX_FILE_BYTES
+                digest = f"!large:{st.st_ino}:{st.st_ctime_ns}" if big else _digest(item.path)
+            elif kind == "symlink":
+                link = os.readlink(item.path)
+            size = 0 if kind == "dir" else st.st_size
+            out[rel] = Entry(kind, stat.S_IMODE(st.st_mode), size, digest, link, st.st_nlink)
+            if kind == "dir":
+                todo.append((item.path, rel + "/", depth + 1))
     return out
 
 
-def _walk(folder: str, prefix: str, out: dict[str, Entry]) -> None:
-    try:
-        with os.scandir(folder) as it:
-            items = list(it)
-    except OSError:
-        if prefix:  # a folder the agent made unreadable: what is inside cannot be vouched for
-            e = out[prefix[:-1]]
-            out[prefix[:-1]] = Entry(e.kind, e.mode, e.size, UNREADABLE, None, e.nlink)
-        return
-    for item in items:
-        rel = prefix + item.name
-        st = item.stat(follow_symlinks=False)
-        kind = _kind(st.st_mode)
-        digest = link = None
-        if kind == "file":
-            digest = _digest(item.path)
-        elif kind == "symlink":
-            link = os.readlink(item.path)
-        size = 0 if kind == "dir" else st.st_size
-        out[rel] = Entry(kind, stat.S_IMODE(st.st_mode), size, digest, link, st.st_nlink)
-        if kind == "dir":
-            _walk(item.path, rel + "/", out)
+def _too_long(folder: str, items: list[os.DirEntry[str]]) -> bool:
+    """Is any path in `folder` too long to open by name? (Only asked near the limit: a name
+    takes at most 255 bytes.)"""
+    if len(os.fsencode(folder)) + 256 < _PATH_MAX:
+        return False
+    return any(len(os.fsencode(i.path)) >= _PATH_MAX for i in items)
+
+
+def _mark(out: dict[str, Entry], rel: str, digest: str) -> None:
+    e = out[rel]
+    out[rel] = Entry(e.kind, e.mode, e.size, digest, None, e.nlink)
 
 
 def _kind(mode: int) -> str:
@@ -190,6 +223,10 @@ def _classify(path: str, b: Entry | None, a: Entry | None, after: dict[str, Entr
     new_link = a.link is not None and (b is None or b.link != a.link)
     if a.kind == "symlink" and new_link and _escapes(path, a.link or "", after):
         return Change(path, "symlink", f"{action}, -> {a.link}", kind)
+    if a.kind == "file" and a.size > MAX_FILE_BYTES:
+        return Change(path, "too-large", f"{action}, {_size(a.size)}", kind)
+    if a.digest == TOO_DEEP:
+        return Change(path, "too-deep", f"{action}, holds more than {MAX_DEPTH} levels down", kind)
     if b is None:
         return Change(path, "added", f"{kind} -> {a.link}" if a.link is not None else kind, kind)
     if b.kind != a.kind:
@@ -208,6 +245,16 @@ def _differs(b: Entry, a: Entry) -> bool:
     if a.nlink < b.nlink:
         return (b.kind, b.mode, b.size, b.digest, b.link) != (a.kind, a.mode, a.size, a.digest, a.link)
     return b != a
+
+
+def _size(n: int) -> str:
+    """`2147483648 bytes = 2.0 GiB`: exact, and readable."""
+    shown, unit = float(n), "bytes"
+    for name in ("KiB", "MiB", "GiB", "TiB"):
+        if shown < 1024:
+            break
+        shown, unit = shown / 1024, name
+    return f"{n} bytes" if unit == "bytes" else f"{n} bytes = {shown:.1f} {unit}"
 
 
 def is_git_path(path: str) -> bool:
@@ -272,11 +319,25 @@ def judge(changes: list[Change], *, repo: str, files: tuple[str, ...], writes: t
             folders.append(c)  # fine if it only holds (or held) files that are allowed
         else:
             offending.append((c, reason))
+    # The folders that hold a kept path, and those that hold a refused one: a new folder of
+    # 256 levels around one refused deep tree is that one refusal, not 256 lines before it.
+    holds_kept, holds_refused = _folders_of(kept), _folders_of(c.path for c, _ in offending)
     for c in folders:
-        if not any(k.startswith(c.path + "/") for k in kept):
+        if c.path not in holds_kept and c.path not in holds_refused:
             offending.append((c, _outside(f"{repo}/{c.path}", files, writes) or ""))
     offending.sort(key=lambda item: item[0].path)
     return Verdict(changes=tuple(changes), offending=tuple(offending))
+
+
+def _folders_of(paths: Iterable[str]) -> set[str]:
+    """Every folder above each of `paths`: `a/b/c` gives `a` and `a/b`."""
+    found: set[str] = set()
+    for p in paths:
+        cut = p.rfind("/")
+        while cut > 0 and p[:cut] not in found:
+            found.add(p[:cut])
+            cut = p.rfind("/", 0, cut)
+    return found
 
 
 def _outside(full: str, files: tuple[str, ...], writes: tuple[str, ...]) -> str | None:

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import errno
 import os
-import shutil
 import stat
 import time
 from collections.abc import Callable
@@ -83,10 +82,7 @@ class Intake:
         """Rename `path` out of the inbox; None when it vanished or another claimed it."""
         folder = self.store.intake_dir / agent
         folder.mkdir(parents=True, exist_ok=True)
-        raw = os.fsencode(path.name)
-        if len(raw) > 200:  # the 21-byte prefix must fit in NAME_MAX (255); keep the suffix
-            raw = raw[:100] + b"~" + raw[-99:]
-        dest = folder / os.fsdecode(f"{time.time_ns():020d}-".encode() + raw)
+        dest = folder / f"{time.time_ns():020d}-{_short_name(path.name)}"
         if os.path.islink(path.parent):  # never through a linked inbox folder
             return None
         try:
@@ -107,18 +103,46 @@ class Intake:
                             found.append((Path(entry.path), agent_dir.name))
         return found
 
+    def claim_copy(self, path: Path, agent: str) -> tuple[Path, int] | None:
+        """Take a file a specialist wrote (its outbox) as a copy, never the file itself: a
+        process of the attempt that kept it open could otherwise write on into state/.
+        Returns the copy (at most MAX_READ bytes: all intake reads) and the file's size;
+        None when it vanished or is no regular file (never through a link, never a FIFO)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            with open(fd, "rb", closefd=False) as f:
+                data = f.read(MAX_READ)
+        finally:
+            os.close(fd)
+        folder = self.store.intake_dir / agent
+        folder.mkdir(parents=True, exist_ok=True)
+        dest = folder / f"{time.time_ns():020d}-{_short_name(path.name)}"
+        durable.write_bytes(dest, data, sync=False)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return dest, st.st_size
+
     # -- filing ---------------------------------------------------------------------------------
     def file(self, claimed: Path, agent: str, *, shown: str, sender: str | None = None,
-             parent: str | None = None) -> Filed:
-        """Validate the claimed file and move it into its order folder with a record."""
+             parent: str | None = None, size: int | None = None) -> Filed:
+        """Validate the claimed file and move it into its order folder with a record.
+        `size`: the size of the file it is a copy of (`claim_copy`), when larger."""
         # A file name need not be UTF-8; records and messages must be.
         shown = printable(shown)
         order: WorkOrder | None = None
         problems: list[Problem] = []
         suffix = _suffix(shown)
-        data, size = _read_capped(claimed)
+        data, read_size = _read_capped(claimed)
+        size = read_size if read_size is None or size is None else max(read_size, size)
         if self.history.planned and size is not None:
-            self._take_planned(data, shown, agent)
+            own = self._take_planned(data, shown, agent)
+            sender = sender or own  # the supervisor wrote it: its sender is as stamped
         if size is None:  # no regular file: replaced by an empty one, rejected for what it was
             problems = [Problem("", _replace_special(claimed), shown)]
         else:
@@ -144,16 +168,18 @@ class Intake:
             self._place(order_id, placement)
         return Filed(self._record(order_id, agent, order, partial, problems, shown, sender), order, problems)
 
-    def _take_planned(self, data: bytes, shown: str, agent: str) -> None:
+    def _take_planned(self, data: bytes, shown: str, agent: str) -> str | None:
         """The copy of a planned follow-up a crash left claimed takes its id back from the plan,
-        valid or not (it names the order it continues); any other order naming that id is
-        refused as a duplicate."""
+        valid or not (it names the order it continues), and is the supervisor's: returns its
+        sender. Any other order naming that id is refused as a duplicate."""
         draft = _best_effort(data, shown, agent)
         if draft is None or draft.id is None:
-            return
+            return None
         of = self.history.planned.get(draft.id)
-        if of is not None and of in draft.references:
-            del self.history.planned[draft.id]
+        if of is None or of not in draft.references:
+            return None
+        del self.history.planned[draft.id]
+        return draft.sender
 
     def place_pending(self) -> int:
         """Move every order filed in memory into its folder; returns how many."""
@@ -271,6 +297,14 @@ class Intake:
         return record
 
 
+def _short_name(name: str) -> str:
+    """`name` cut to fit behind the 21-byte claim prefix in NAME_MAX (255), its suffix kept."""
+    raw = os.fsencode(name)
+    if len(raw) > 200:
+        raw = raw[:100] + b"~" + raw[-99:]
+    return os.fsdecode(raw)
+
+
 def _read_capped(claimed: Path) -> tuple[bytes, int | None]:
     """The claimed file's first MAX_READ bytes and its size; (b"", None) when it is no regular
     file. Opened without following a link, and without blocking on a FIFO."""
@@ -303,7 +337,8 @@ def _replace_special(claimed: Path) -> str:
     elif stat.S_ISDIR(mode):
         aside = claimed.with_name(f"{durable.TMP_PREFIX}{claimed.name}.{os.getpid()}.folder")
         os.rename(claimed, aside)
-        shutil.rmtree(aside, ignore_errors=True)
+        with contextlib.suppress(OSError):  # however deep whoever made it made it
+            durable.remove_tree(aside)
         why = "is a folder; only files are work orders"
     else:
         why = "is not a regular file (a FIFO, socket or device); only files are work orders"

@@ -453,9 +453,10 @@ class Supervisor:
         if claimed is not None:
             self.file_claimed(claimed, agent, shown=self.ws.rel(path))
 
-    def file_claimed(self, claimed: Path, agent: str, *, shown: str, sender: str | None = None) -> Record:
+    def file_claimed(self, claimed: Path, agent: str, *, shown: str, sender: str | None = None,
+                     size: int | None = None) -> Record:
         """File a file `Intake.claim` took (from an inbox, an outbox, or a crash's leftovers)."""
-        filed = self.intake.file(claimed, agent, shown=shown, sender=sender)
+        filed = self.intake.file(claimed, agent, shown=shown, sender=sender, size=size)
         return self._after_filing(filed.record, filed.order)
 
     def file_order(self, order: WorkOrder, *, shown: str) -> Record:

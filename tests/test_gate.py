@@ -6,12 +6,14 @@ import os
 import shutil
 import socket
 import stat
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from coordinator.demo.repo import init_demo_repo
 
-from coordinator import gate
+from coordinator import durable, gate
 from coordinator.gate import Change, describe, diff, judge, snapshot
 from coordinator.repos import Repo
 
@@ -251,3 +253,81 @@ def test_a_new_folder_that_only_holds_allowed_files_is_allowed_and_committed(tmp
                       trailers={"Work-Order": "WO-2", "Agent": "chip"})  # fmt: skip
     assert sha is not None
     assert snapshot(wt)["src/pkg/rules.py"].kind == "file"
+
+
+# -- what would stall the supervisor: deep trees, huge files ---------------------------------------
+
+
+def nest(folder: Path, depth: int, name: str = "a") -> None:
+    """`depth` folders one inside the next under `folder`, made relative to each other's
+    descriptor as a specialist's `mkdir a; cd a` loop makes them (so past PATH_MAX too)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def deep_ok(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path, removed at the end without recursion: pytest clears old temp folders with
+    shutil.rmtree, which a tree thousands of levels deep left there would crash."""
+    yield tmp_path
+    durable.remove_tree(tmp_path)
+
+
+def test_folders_nested_thousands_deep_are_one_denied_change(wt: Path, deep_ok: Path) -> None:
+    before = snapshot(wt)
+    nest(wt / "src", 1500)
+    found = diff(before, snapshot(wt))  # no RecursionError: the walk keeps its own stack
+    # src/ plus 255 levels is as deep as the walk goes; what that folder holds is judged whole.
+    deep = "/".join(["src"] + ["a"] * (gate.MAX_DEPTH - 1))
+    assert [(c.path, c.what) for c in found if c.what != "added"] == [(deep, "too-deep")]
+    assert max(c.path.count("/") + 1 for c in found) == gate.MAX_DEPTH
+    v = judge(found, repo="webapp", files=("webapp/**",), writes=("webapp/**",))
+    # One line that says why, not 255 new folders before it.
+    assert [(c.path, why) for c, why in v.offending] == [(deep, gate.ALWAYS_DENIED["too-deep"])]
+    assert describe(v.offending[0][0]).endswith(f"(created, holds more than {gate.MAX_DEPTH} levels down)")
+    assert v.commit_paths() == ()
+
+
+def test_a_path_too_long_to_open_is_denied_as_too_deep(wt: Path, deep_ok: Path) -> None:
+    before = snapshot(wt)
+    nest(wt / "src", 20, name="n" * 250)  # 20 levels, 5,000 bytes: past PATH_MAX
+    v = judge(diff(before, snapshot(wt)), repo="webapp", files=("webapp/**",), writes=("webapp/**",))
+    assert [(c.what, why) for c, why in v.offending] == [("too-deep", gate.ALWAYS_DENIED["too-deep"])]
+
+
+def test_a_huge_sparse_file_is_denied_by_its_size_without_reading_it(wt: Path) -> None:
+    before = snapshot(wt)
+    with open(wt / "src" / "big.bin", "wb") as f:
+        f.truncate(16 << 30)  # 16 GiB of nothing: no disk used, ten seconds and more to hash
+    start = time.monotonic()
+    after = snapshot(wt)
+    assert time.monotonic() - start < 5.0
+    v = judge(diff(before, after), repo="webapp", files=("webapp/src/**",), writes=("webapp/src/**",))
+    assert [(c.path, why) for c, why in v.offending] == [("src/big.bin", gate.ALWAYS_DENIED["too-large"])]
+    assert describe(v.offending[0][0]) == "src/big.bin: too-large (created, 17179869184 bytes = 16.0 GiB)"
+
+
+def test_a_huge_file_left_alone_is_no_change_and_any_write_to_it_is_seen(wt: Path) -> None:
+    big = wt / "src" / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(gate.MAX_FILE_BYTES + 1)
+    before = snapshot(wt)
+    assert diff(before, snapshot(wt)) == []
+    st = big.stat()
+
+    def act() -> None:  # same size, same mtime: only the inode change time tells
+        with open(big, "r+b") as f:
+            f.write(b"x")
+        os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    before = snapshot(wt)
+    time.sleep(0.01)  # a change time one tick later, on coarse clocks too
+    act()
+    assert {c.path: c.what for c in diff(before, snapshot(wt))} == {"src/big.bin": "too-large"}

@@ -18,14 +18,14 @@ import select
 import stat
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import drop, order_md
+from conftest import drop, order_md, step_until
 
-from coordinator import landlock, mounts
+from coordinator import durable, gate, landlock, mounts
 from coordinator.store import Record, Store
 from coordinator.supervisor import Supervisor
 from coordinator.workspace import Workspace
@@ -631,11 +631,10 @@ def test_sandbox_writable_never_exposes_protected_paths(make_ws, tmp_path, where
         who, agents = "walt", {"walt": {"role": "orchestrator", "sends_to": ["chip"], **agent}, "chip": chip}
     else:
         who, agents = "chip", {"chip": {**chip, **agent}}
-    ws = make_ws(agents)
     try:
-        assert ws.config is not None  # loading it is the check
-    except ConfigError as e:  # refusing such a config (with the key and why) keeps the promise too
-        assert "sandbox.writable" in str(e)
+        ws = make_ws(agents)  # loading its config is the check: such a grant stops every command
+    except ConfigError as e:
+        assert "sandbox.writable" in str(e) and "would make" in str(e)
         return
     before = fingerprint(target)
     drop(ws, who, "atk.md", order_md("Attack", files=("webapp/src/**",), id="atk"))
@@ -711,6 +710,114 @@ os.mkfifo(path)
     assert not hung, f"the supervisor blocked opening a fifo the specialist left as {name}"
     assert not crashed, f"the supervisor crashed on a fifo the specialist left as {name}: {crashed[0]!r}"
     assert result and result[0].rec.status in ("done", "blocked")
+
+
+# -- what would stop or stall the supervisor: trees thousands deep, a huge sparse file -----------
+
+# `mkdir a; cd a` 1,500 times (Python 3.11's os.walk and shutil.rmtree die of RecursionError at
+# about 1,000), a file at the bottom.
+NEST = """
+def nest(folder, depth=1500):
+    here = os.getcwd()
+    os.chdir(folder)
+    for _ in range(depth):
+        os.mkdir("a")
+        os.chdir("a")
+    write("bottom.md", "to: chip\\n", mode="w")
+    os.chdir(here)
+"""
+DEEP = "/".join(["src"] + ["a"] * (gate.MAX_DEPTH - 1))  # as deep as the gate walks in src/
+
+
+@pytest.fixture
+def deep_ok(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path, removed at the end without recursion: pytest clears old temp folders with
+    shutil.rmtree, which the trees these tests leave (a denied copy is kept) would crash."""
+    yield tmp_path
+    durable.remove_tree(tmp_path)
+
+
+def status(sup: Supervisor, order_id: str) -> str | None:
+    rec = sup.records.get(order_id)
+    return rec.status if rec is not None else None
+
+
+@needs_landlock
+def test_folders_nested_thousands_deep_are_denied_and_the_supervisor_goes_on(make_ws, deep_ok):
+    code = NEST + 'if os.environ["COORD_ORDER_ID"] == "deep":\n    nest("src")\n' \
+                  'else:\n    write("src/" + os.environ["COORD_ORDER_ID"] + ".py", mode="w")\n'
+    ws = make_ws({"chip": {**WIDE, "command": attacker(code)}})
+    drop(ws, "chip", "deep.md", order_md("Deep", files=("webapp/src/**",), id="deep"))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: status(sup, "deep") == "denied", "the deep tree to be denied")
+        drop(ws, "chip", "next.md", order_md("Next", files=("webapp/src/**",), id="next"))
+        step_until(sup, lambda: status(sup, "next") == "done", "the next order to land")
+    rec = record(ws, "deep")
+    assert rec.report["offending"] == [
+        f"webapp/{DEEP}: too-deep (created, holds more than {gate.MAX_DEPTH} levels down) — "
+        + gate.ALWAYS_DENIED["too-deep"]]
+    assert rec.commit is None
+    with Supervisor(ws) as sup:  # a restart beside the kept deep copy
+        drop(ws, "chip", "after.md", order_md("After", files=("webapp/src/**",), id="after"))
+        step_until(sup, lambda: status(sup, "after") == "done", "an order after the restart to land")
+    assert git(ws.repos / "webapp", "show", "--name-only", "--format=", "main~1") == "src/next.py"
+
+
+@needs_landlock
+def test_a_restart_after_a_crash_beside_a_deep_tree_removes_it_and_starts(make_ws, deep_ok):
+    """The supervisor dies while the specialist sits beside its tree: recovery removes the
+    working copy (with the tree in it) and the order runs again."""
+    code = NEST + """
+nest("src")
+probe = os.environ["PROBE"]
+if not os.path.exists(os.path.join(probe, "restarted")):
+    write(os.path.join(probe, "made"), mode="w")
+    __import__("time").sleep(60)
+"""
+    ws = make_ws({"chip": {**WIDE, "command": attacker(code), "max_failures": 2}})
+    probe = deep_ok / "probe"
+    drop(ws, "chip", "deep.md", order_md("Deep", files=("webapp/src/**",), id="deep"))
+
+    class Crash(Exception):
+        pass
+
+    with pytest.raises(Crash), Supervisor(ws) as sup:  # left as a crash leaves it: not clean
+        step_until(sup, lambda: (probe / "made").exists(), "the tree to be made")
+        raise Crash
+    assert record(ws, "deep").status == "running"
+    (probe / "restarted").touch()
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: status(sup, "deep") == "denied", "the second attempt to be denied")
+    rec = record(ws, "deep")
+    assert rec.attempts == 2 and "interrupted" in rec.failures[0], rec.failures
+
+
+@needs_landlock
+@pytest.mark.parametrize("where", ["outbox", "scratch"])
+def test_folders_nested_thousands_deep_in_the_outbox_or_scratch_end_the_order(make_ws, deep_ok, where):
+    folder = 'os.environ["COORD_OUTBOX"]' if where == "outbox" else '"."'
+    a = Attack(make_ws, deep_ok, NEST + f"nest({folder})\n", files=())  # no files: it runs in scratch/
+    assert a.rec.status == "done", a.rec.report
+    attempt = a.ws.runtime / "attempts" / "atk" / "1"
+    if where == "outbox":  # the sender learns what was not read
+        assert [line for line in a.rec.report["undelivered"] if f"over {gate.MAX_DEPTH} folders deep" in line]
+        assert (attempt / "outbox" / "a").is_dir()  # left for the sender to look at
+    else:
+        assert not (attempt / "scratch").exists()
+    a.assert_untouched()
+
+
+@needs_landlock
+def test_a_huge_sparse_file_is_denied_quickly_with_its_size(make_ws, tmp_path):
+    start = time.monotonic()
+    # 2 GiB of nothing, no disk used: 2 s to hash, and git would then read and compress it all.
+    a = Attack(make_ws, tmp_path, 'with open("src/big.bin", "wb") as f:\n    f.truncate(2 << 30)\n',
+               files=("webapp/src/**",))
+    elapsed = time.monotonic() - start
+    a.assert_denied("src/big.bin")
+    assert a.offending == ["webapp/src/big.bin: too-large (created, 2147483648 bytes = 2.0 GiB) — "
+                           + gate.ALWAYS_DENIED["too-large"]]
+    assert elapsed < 15.0
 
 
 # A root specialist trying to take the read-only layer off: clear the flag on every mount, make a

@@ -7,11 +7,13 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from coordinator.demo.repo import init_demo_repo
 
+from coordinator import durable
 from coordinator.errors import GitError
 from coordinator.repos import MergeConflict, Repo, gc_worktrees
 
@@ -167,6 +169,71 @@ def test_remove_drops_copy_branch_and_record(repo: Repo, ws: Path) -> None:
     assert not wt.exists()
     assert sh_git(repo.path, "branch", "--list", "wo/*") == ""
     assert sh_git(repo.path, "worktree", "list").count("\n") == 0  # only the main checkout
+
+
+def nest(folder: Path, depth: int, name: str = "a") -> Path:
+    """`depth` folders one inside the next, each made relative to the last as an agent's
+    `mkdir a; cd a` loop makes them (past PATH_MAX too); the first of them."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
+                f.write("x")
+            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+    return folder / name
+
+
+@pytest.fixture
+def deep_ok(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path, removed at the end without recursion: pytest clears old temp folders with
+    shutil.rmtree, which a tree thousands of levels deep left there would crash."""
+    yield tmp_path
+    durable.remove_tree(tmp_path)
+
+
+def test_a_copy_nested_thousands_deep_and_past_path_max_is_removed_whole(repo: Repo, ws: Path,
+                                                                           deep_ok: Path) -> None:
+    outside = deep_ok / "outside"
+    edit(outside / "keep.txt", "not the agent's\n")
+    wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+    deep = nest(wt / "src", 1500)  # Python 3.11's shutil.rmtree dies of RecursionError here
+    nest(wt / "tests", 20, name="n" * 250)  # 5,000 bytes of path: no call can take it whole
+    os.symlink(outside, wt / "src" / "out")  # removed, never followed
+    (wt / "src" / "a" / "a" / "a" / "in-a-locked-folder").write_text("x")
+    os.chmod(deep / "a" / "a", 0)
+    os.chmod(deep / "a", 0o500)
+    repo.remove_worktree("WO-0001", wt)
+    assert not wt.exists()
+    assert (outside / "keep.txt").read_text() == "not the agent's\n"
+    assert sh_git(repo.path, "branch", "--list", "wo/*") == ""
+
+
+def test_discard_resets_a_copy_nested_thousands_deep_with_a_deep_fake_git_folder(repo: Repo, ws: Path,
+                                                                                deep_ok: Path) -> None:
+    """What a check leaves is thrown away: trees too deep for Python's recursion, or too slow
+    for `git clean` (46 s on these), in place of a tracked file and of the .git pointer too."""
+    wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+    edit(wt / "src" / "login.py", "broken\n")
+    nest(wt / "src", 1500)
+    (wt / "README.md").unlink()
+    (wt / "README.md").mkdir()
+    nest(wt / "README.md", 1500)
+    (wt / ".git").unlink()
+    (wt / ".git").mkdir()
+    nest(wt / ".git", 1500)
+    os.chmod(wt / "src" / "a", 0o500)
+    start = time.monotonic()
+    repo.discard(wt)
+    assert time.monotonic() - start < 10.0
+    assert (wt / ".git").is_file() and (wt / "README.md").is_file()
+    assert sh_git(wt, "status", "--porcelain", "--ignored") == ""
+    assert not (wt / "src" / "a").exists()
+    assert "Password required" in (wt / "src" / "login.py").read_text()
 
 
 def test_kept_copies_are_collected_after_keep_days(repo: Repo, ws: Path) -> None:

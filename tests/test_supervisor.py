@@ -403,6 +403,48 @@ def test_outbox_orders_are_stamped_and_checked_against_sends_to(make_ws):
     assert set(recs["o"].children) == {to_rex[0].id, to_walt[0].id}
 
 
+def test_an_outbox_file_is_taken_as_a_copy_that_a_handle_kept_open_cannot_write(make_ws):
+    """A process of the attempt that kept its outbox file open (one that escaped the kill, say)
+    must not write on into state/: the order is filed from a copy, and the file is removed."""
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
+                     'mkdir -p "$COORD_OUTBOX/rex"; '
+                     'printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+                     'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/r.yaml"; '
+                     'stat -c %i "$COORD_OUTBOX/rex/r.yaml" > "$PROBE/inode"')},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: "o" in sup.records and sup.records["o"].terminal and len(sup.records) == 2,
+                   "the delivery")
+    (child,) = Store(ws.state).load("o").children
+    original = ws.state / "orders" / child / "original.yaml"
+    assert os.stat(original).st_ino != int((probe_of(ws) / "inode").read_text())  # a new file, not the outbox's
+    assert original.read_text().startswith("objective: Review it")
+    assert Store(ws.state).load(child).sender == "chip"
+
+
+def test_a_copied_outbox_file_is_cut_off_from_its_writer_and_keeps_its_size_for_the_reason(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/true"]}})
+    with Supervisor(ws) as sup:
+        box = ws.root.parent / "box"
+        box.mkdir()
+        kept_open = box / "r.md"
+        kept_open.write_text(order_md("Small enough"))
+        with open(kept_open, "r+b") as writer:
+            claimed, size = sup.intake.claim_copy(kept_open, "chip")
+            writer.seek(0)
+            writer.write(b"TAMPERED")
+            writer.flush()
+        assert not kept_open.exists() and claimed.read_text().startswith(order_md("Small enough")[:20])
+        assert b"TAMPERED" not in claimed.read_bytes() and size == len(order_md("Small enough").encode())
+        big = box / "big.md"
+        big.write_bytes(b"x" * (3 * 1024 * 1024))
+        claimed, size = sup.intake.claim_copy(big, "chip")
+        assert size == 3 * 1024 * 1024 and claimed.stat().st_size < size  # only what intake reads is copied
+        rec = sup.file_claimed(claimed, "chip", shown="outbox of o/big.md", sender="chip", size=size)
+    assert rec.status == "rejected" and "is 3.0 MiB; a work order is at most 256 KiB" in rec.errors[0]
+
+
 @pytest.mark.parametrize("check, ending", [("true", "done"), ("false", "blocked")])
 def test_an_outbox_order_with_no_recipient_is_named_in_the_report_and_kept(make_ws, check, ending):
     outbox = sh('printf "objective: Review it\\nacceptance: [a is true]\\nfiles: []\\n'
