@@ -289,6 +289,11 @@ def load(data: bytes, *, path: str, to: str | None, config: Config, history: His
     """`parse` and `check` in one: OrderError lists every problem of either, with lines.
     `sender` overrides the file's `from` (the supervisor stamps outbox files with it)."""
     draft = read_order(data, path=path, to=to, sender=sender, kind=kind)
+    if sender is None and draft.fields.get("from") == SUPERVISOR_NAME:
+        # Only the supervisor stamps it (on the orders it files itself): from a file it would
+        # make an order pass for the supervisor's own in the audit trail.
+        draft.problems.append(Problem("from", f"{SUPERVISOR_NAME!r} is the supervisor's own name; an order "
+                                              "is from `user` or an agent of the team", path))
     order = _lenient(draft.fields) if draft.problems else WorkOrder.from_dict(draft.fields)
     seen = [p.field for p in draft.problems]
     team = [p for p in check(order, config, history, path=path) if not reported(p.field, seen)]
@@ -394,6 +399,17 @@ def known_agent(name: str, config: Config) -> Agent:
     if agent is None:
         raise UsageError(f"unknown agent {name!r}; the agents are {', '.join(sorted(config.agents))}")
     return agent
+
+
+SUPERVISOR_NAME = "coordinator"
+
+
+def known_sender(name: str, config: Config) -> None:
+    """A sender given on the command line (`--from`): `user` or an agent; a usage error else."""
+    if name == SUPERVISOR_NAME:
+        raise UsageError(f"--from {name}: that is the supervisor's own name; send as `user` or as an agent")
+    if name != "user" and name not in config.agents:
+        raise UsageError(f"--from {name}: unknown agent; use `user` or one of {', '.join(sorted(config.agents))}")
 
 
 def template(to: str, config: Config) -> str:

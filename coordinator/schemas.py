@@ -79,9 +79,9 @@ def field_of(error: ValidationError) -> str:
     parts = [str(p) for p in error.absolute_path]
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         allowed = set(error.schema.get("properties", {}))
-        extra = sorted(k for k in error.instance if k not in allowed)
+        extra = sorted(_key(k) for k in error.instance if k not in allowed)
         if extra:
-            parts.append(str(extra[0]))
+            parts.append(extra[0])
     if error.validator == "required" and isinstance(error.validator_value, list):
         missing = [k for k in error.validator_value if k not in (error.instance or {})]
         if missing:
@@ -93,11 +93,13 @@ def describe(error: ValidationError) -> str:
     """A short message saying what is wrong, in words a user can act on."""
     error = _telling(error)
     v = error.validator
+    if "propertyNames" in error.absolute_schema_path:  # a key of a mapping, not a value
+        return f"{_key(error.instance)!r} is not {_title(error.schema) or 'a name this mapping takes'}"
     if v in _ALTERNATIVES:
         return _alternatives(error)
     if v == "additionalProperties" and isinstance(error.instance, dict):
         allowed = sorted(error.schema.get("properties", {}))
-        extra = sorted(k for k in error.instance if k not in allowed)
+        extra = sorted((_key(k) for k in error.instance if k not in allowed), key=str)
         return f"unknown key {extra[0]!r}; allowed keys: {', '.join(allowed)}"
     if v == "required":
         missing = [k for k in error.validator_value if k not in (error.instance or {})]
@@ -107,10 +109,55 @@ def describe(error: ValidationError) -> str:
     if v == "enum":
         return f"must be one of {', '.join(map(str, error.validator_value))}, not {error.instance!r}"
     if v == "pattern":
-        return f"{error.instance!r} does not match the pattern {error.validator_value}"
+        title = _title(error.schema)
+        if title:
+            return f"{_shown(error.instance)} is not {title}"
+        return f"{_shown(error.instance)} is not in the form this key takes ({error.validator_value})"
     if v == "not" and isinstance(error.validator_value, dict):
         return _forbidden(error.validator_value)
-    return str(error.message)
+    return _bounds(error) or str(error.message)
+
+
+def _bounds(error: ValidationError) -> str | None:
+    """Sizes, limits and fixed values in words (jsonschema says `[] should be non-empty`)."""
+    v, n, value = error.validator, error.validator_value, error.instance
+    if v in ("minItems", "minProperties", "minLength") and n == 1:
+        return "must not be empty"
+    if v == "minItems":
+        return f"has {len(value)} entries; it needs at least {n}"
+    if v == "maxItems":
+        return f"has {len(value)} entries; it takes at most {n}"
+    if v == "minLength":
+        return f"is {len(value)} characters; it needs at least {n}"
+    if v == "maxLength":
+        return f"is {len(value)} characters; it takes at most {n}"
+    if v == "minimum":
+        return f"must be at least {n}, not {_shown(value)}"
+    if v == "maximum":
+        return f"must be at most {n}, not {_shown(value)}"
+    if v == "exclusiveMinimum":
+        return f"must be above {n}, not {_shown(value)}"
+    if v == "exclusiveMaximum":
+        return f"must be below {n}, not {_shown(value)}"
+    if v == "const":
+        return f"must be {_shown(n)}, not {_shown(value)}"
+    if v == "uniqueItems" and isinstance(value, list):
+        seen: list[object] = []
+        for item in value:
+            if item in seen:
+                return f"lists {_shown(item)} twice; give each once"
+            seen.append(item)
+    return None
+
+
+def _key(key: object) -> str:
+    """A mapping key as it was written in YAML (a date key loads as a date, `null:` as None)."""
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, bool):
+        return {None: "null", True: "true", False: "false"}[key]
+    iso = getattr(key, "isoformat", None)
+    return str(iso() if callable(iso) else key)
 
 
 def _forbidden(schema: dict[str, Any]) -> str:
@@ -193,6 +240,10 @@ def _what(value: object) -> str:
         return f"the text {value[:40]!r}"
     if isinstance(value, int | float):
         return f"the number {value}"
+    if hasattr(value, "isoformat"):  # YAML reads 2026-01-01 as a date
+        return f"the date {_key(value)} (put it in quotes to mean text)"
+    if isinstance(value, bytes):
+        return "binary data"
     return _article("object" if isinstance(value, dict) else "array" if isinstance(value, list) else "a value")
 
 

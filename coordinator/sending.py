@@ -54,6 +54,8 @@ def validate_files(ws: Workspace, files: list[Path], *, to: str | None, sender: 
     An unknown `to` is a usage error, raised before any file is read."""
     if to is not None:
         orders.known_agent(to, ws.config)
+    if sender is not None:
+        orders.known_sender(sender, ws.config)
     hist = history(ws)
     report: list[dict[str, Any]] = []
     for path in files:
@@ -102,6 +104,8 @@ def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str |
     cfg = ws.config
     if to is not None:
         orders.known_agent(to, cfg)
+    if sender is not None:
+        orders.known_sender(sender, cfg)
     order = orders.load(data, path=name, to=to, config=cfg, history=history(ws), sender=sender, kind=kind)
     if order.id is not None:
         waiting = pending_file(ws, order.id)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import config as config_mod
 from .config import CONFIG_NAME, Config
-from .errors import CoordinatorError, UsageError, WorkspaceError
+from .errors import ConfigError, CoordinatorError, UsageError, WorkspaceError
 from .paths import real
 
 ENV_VAR = "COORDINATOR_WORKSPACE"
@@ -58,7 +58,15 @@ class Workspace:
 
     @cached_property
     def config(self) -> Config:
-        return config_mod.load(self.config_path)
+        from .runner import check_writable
+
+        cfg = config_mod.load(self.config_path)
+        for agent in cfg.agents.values():  # a grant over the workspace stops every command, not each order
+            try:
+                check_writable(agent, self)
+            except CoordinatorError as e:
+                raise ConfigError(str(e)) from None
+        return cfg
 
     @property
     def config_path(self) -> Path:

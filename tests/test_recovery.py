@@ -696,6 +696,34 @@ def test_a_claimed_order_naming_a_planned_follow_ups_id_does_not_take_it(make_ws
     assert_clean(ws)
 
 
+def test_an_escalation_a_crash_left_claimed_is_filed_as_the_supervisors_at_restart(make_ws):
+    """kill -9 after the investigation's file was written into state/intake/, before it was
+    filed. It says `from: coordinator`, which no dropped order may: the restart knows it for
+    the supervisor's own (it continues the blocked order under the planned id) and runs it."""
+    ws = review_then_ship(make_ws, "blocked", escalate_to="rex")
+    sup = Supervisor(ws)
+    sup.open()
+    filing = sup.intake.file
+
+    def killed_filing_an_escalation(claimed, agent, *, shown, **kw):  # type: ignore[no-untyped-def]
+        if shown.startswith("escalation of"):
+            raise Killed
+        return filing(claimed, agent, shown=shown, **kw)
+
+    sup.intake.file = killed_filing_an_escalation  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        step_until(sup, lambda: False, "the kill")
+    follow = Store(ws.state).load("review").report["follow_up"]["id"]
+    assert [p.name.endswith(f"-{follow}.md") for p in (ws.state / "intake" / "rex").iterdir()] == [True]
+    abandon(sup)
+    said = restart(ws)
+    recs = Store(ws.state).load_all()
+    assert recs[follow].status == "done" and recs[follow].sender == "coordinator", (recs[follow].errors, said)
+    assert (probe_of(ws) / "ran").read_text().split() == [follow]
+    assert_one_place(ws, {"review", "ship", follow})
+    assert_clean(ws)
+
+
 @pytest.mark.parametrize("ending", ["routed", "blocked"])
 def test_a_crash_before_a_follow_up_is_filed_files_it_at_restart_once(make_ws, ending):
     """kill -9 after the record of a routed (or blocked, escalated) order was written, before
