@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import audit, durable, gate, orders, results, runner
-from ._orderfile import quoted
+from ._orderfile import AGENT_PATTERN, quoted
 from .config import Agent, parse_duration
 from .errors import CoordinatorError, GitError, SandboxError, StateError
 from .landlock import Ruleset
@@ -633,7 +633,8 @@ def _planned(report: dict[str, Any]) -> dict[str, str] | None:
     if not isinstance(planned, dict):
         return None
     follow_id, to = planned.get("id"), planned.get("to")
-    if not isinstance(follow_id, str) or not orders.ID_PATTERN.fullmatch(follow_id) or not isinstance(to, str):
+    if not isinstance(follow_id, str) or not orders.ID_PATTERN.fullmatch(follow_id) or not isinstance(to, str) \
+            or not AGENT_PATTERN.fullmatch(to):  # a name, never a path: it names a folder in state/intake/
         return None
     return {"id": follow_id, "to": to}
 

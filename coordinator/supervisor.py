@@ -468,8 +468,11 @@ class Supervisor:
 
     def _after_filing(self, rec: Record, order: WorkOrder | None) -> Record:
         self._index(rec)
+        # An order the work of another made ("route of WO-7/...", "outbox of WO-7/...") names it
+        # in its line: that keeps the line in a commit after WO-7's own (see audit._group).
+        made_by = rec.source.split("/", 1)[0] if " of " in rec.source.split("/", 1)[0] else None
         self._stage(rec, "new", rec.status, rec.history[-1]["actor"],
-                    note=rec.errors[0] if rec.errors else None)
+                    note=rec.errors[0] if rec.errors else made_by)
         orchestrator = self.config.orchestrator
         if orchestrator and rec.sender == orchestrator and order is not None:
             from .orders import render

@@ -553,3 +553,20 @@ def test_verify_leaves_the_index_to_the_supervisor(make_ws):
     before = index.stat().st_mtime_ns
     assert verify.verify(ws) == []
     assert index.stat().st_mtime_ns == before
+
+
+def test_a_follow_up_is_committed_after_the_ending_that_made_it(make_ws):
+    """The block is the agent's line and the escalation's filing the supervisor's: grouped by
+    author into one batch, the filing could land in an earlier commit than its cause. It names
+    its cause now, and comes after it in the history."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh(
+                     'printf "outcome: blocked\\nsummary: stuck\\n" > "$COORD_RESULT"')},
+                  "rex": {"role": "specialist", "command": sh("true")}}, escalate_to="rex")
+    drop(ws, "chip", "o.md", order_md("It works", id="o"))
+    run(ws)
+    follow = Store(ws.state).load("o").report["follow_up"]["id"]
+    lines = git(ws.state, "log", "--reverse", "--format=%B").splitlines()
+    blocked = next(i for i, line in enumerate(lines) if line.startswith("o chip: running -> blocked"))
+    filed = next(i for i, line in enumerate(lines) if line.startswith(f"{follow} rex: new -> queued"))
+    assert blocked < filed, lines
+    assert lines[filed] == f"{follow} rex: new -> queued (escalation of o)"

@@ -762,7 +762,9 @@ def test_a_record_naming_a_follow_up_that_is_not_one_is_said_at_start_not_a_cras
     """A routed or blocked record whose follow-up entry a hand edit garbled: the start says so
     for each and goes on (the others still run)."""
     ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
-    for i, planned in enumerate(({}, {"id": ["x"], "to": "chip"}, {"id": "WO-0099"}, {"id": "../x", "to": "chip"})):
+    garbled = ({}, {"id": ["x"], "to": "chip"}, {"id": "WO-0099"}, {"id": "../x", "to": "chip"},
+               {"id": "WO-0098", "to": "../../../escaped"})  # a `to` that is a path, not a name
+    for i, planned in enumerate(garbled):
         folder = ws.state / "orders" / f"odd{i}"
         folder.mkdir(parents=True)
         durable.write_json(folder / "record.json", {
@@ -772,8 +774,9 @@ def test_a_record_naming_a_follow_up_that_is_not_one_is_said_at_start_not_a_cras
     StateRepo(ws.state).commit_now("coordinator", "records as an older or garbled version left them")
     drop(ws, "chip", "a.md", order_md("Still runs", id="fine"))
     said = restart(ws)
-    assert sum("names a follow-up that is not one" in line for line in said) == 4, said
+    assert sum("names a follow-up that is not one" in line for line in said) == 5, said
     assert Store(ws.state).load("fine").status == "done"
+    assert not (ws.state.parent / "escaped").exists() and not (ws.root.parent / "escaped").exists()
 
 
 def test_at_start_a_waiting_order_whose_dependency_was_cancelled_is_blocked_once(make_ws):
