@@ -115,6 +115,7 @@ class Context:
         if self._ws is None:
             self._ws = Workspace.find(self.explicit)
             _ = self._ws.config  # a bad config stops every command with the key and reason
+            self._ws.check_layout()  # so does a file where a folder of the workspace belongs
         return self._ws
 
 

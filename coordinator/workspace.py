@@ -107,6 +107,18 @@ class Workspace:
             return parent.name
         return None
 
+    def check_layout(self) -> None:
+        """WorkspaceError when something stands where the layout needs a folder (or a file):
+        said once, before any command trips over it."""
+        folders = (self.state, self.inbox_root, self.repos, self.runtime, *(self.inbox(a) for a in self.config.agents))
+        for folder in folders:
+            if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+                raise WorkspaceError(f"{self.rel(folder)} is not a folder; the workspace needs a folder there: "
+                                     "move it away (`coordinator supervise` makes what is missing)")
+        pid = self.runtime / "supervisor.pid"
+        if pid.is_dir():
+            raise WorkspaceError(f"{self.rel(pid)} is a folder; remove it (the supervisor writes a file there)")
+
     def ensure_layout(self) -> list[str]:
         """Create missing inbox folders and runtime folders; returns what was created."""
         made: list[str] = []

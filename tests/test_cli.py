@@ -260,6 +260,27 @@ def test_config_errors_are_said_in_words_not_jsonschemas(ws: Path, change: str, 
     assert (result.exit_code, result.stderr) == (2, f"coordinator: coordinator.yaml: {said}\n")
 
 
+@pytest.mark.parametrize("where", ["state", ".coordinator", "inbox/chip", ".coordinator/supervisor.pid"])
+def test_a_file_where_the_workspace_needs_a_folder_stops_every_command_in_one_line(ws: Path, where: str) -> None:
+    import shutil
+
+    path = ws / where
+    if where.endswith(".pid"):
+        path.parent.mkdir(exist_ok=True)
+        path.unlink(missing_ok=True)
+        path.mkdir()
+        said = f"coordinator: {where} is a folder; remove it (the supervisor writes a file there)\n"
+    else:
+        if path.is_dir():
+            shutil.rmtree(path)
+        path.write_text("in the way\n")
+        said = (f"coordinator: {where} is not a folder; the workspace needs a folder there: move it away "
+                "(`coordinator supervise` makes what is missing)\n")
+    for args in (["board"], ["send", "-", "--to", "chip"], ["supervise", "--once"], ["log"], ["budget", "add", "5"]):
+        result = run("-w", ws, *args, input=order("The greeting already exists in the webapp"))
+        assert (result.exit_code, result.stderr) == (2, said), (args, result.stderr)
+
+
 def test_a_sandbox_grant_over_the_workspace_stops_every_command_not_each_order(ws: Path) -> None:
     config = ws / "coordinator.yaml"
     text = config.read_text()
