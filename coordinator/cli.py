@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -146,12 +147,16 @@ class _Tokens(click.IntRange):
     def __init__(self) -> None:
         super().__init__(min=1, max=MAX_TOKENS_ADDED)
 
+    # Digits 0-9 only (int() would take other scripts' digits too), grouped by threes if at all:
+    # "1,5" is not read as 15, nor "1,,8" as 18.
+    _NUMBER = re.compile(r"[0-9]+|[0-9]{1,3}(?:,[0-9]{3})+|[0-9]{1,3}(?:_[0-9]{3})+")
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str):
-            try:
-                value = int(value.strip().replace(",", "").replace("_", ""))
-            except ValueError:
-                self.fail(f"{value!r} is not a whole number of tokens (like 1800)", param, ctx)
+            text = value.strip()
+            if not self._NUMBER.fullmatch(text):
+                self.fail(f"{value!r} is not a whole number of tokens (like 1800 or 1,800)", param, ctx)
+            value = int(text.replace(",", "").replace("_", ""))
         return super().convert(value, param, ctx)
 
 
@@ -411,7 +416,7 @@ def log(c: Context, order_id: str | None, as_json: bool) -> None:
     from .sending import explain_missing
     from .store import Store
 
-    if order_id:
+    if order_id is not None:  # "" too: an empty id is no order, not "all of them"
         with explain_missing(c.ws, order_id):
             Store(c.ws.state).load(order_id)  # unknown id: exit 1
     if not (c.ws.state / ".git").exists():

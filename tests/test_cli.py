@@ -184,7 +184,11 @@ def test_an_agent_may_not_take_a_name_the_coordinator_uses_itself(ws: Path, name
 
 @pytest.mark.parametrize("args, refused", [
     (("budget", "add", "99999999999"), "Invalid value for 'TOKENS': 99999999999 is not in the range 1<=x<=10000000"),
-    (("budget", "add", "banana"), "Invalid value for 'TOKENS': 'banana' is not a whole number of tokens (like 1800)"),
+    (("budget", "add", "banana"), "Invalid value for 'TOKENS': 'banana' is not a whole number of tokens (like 1800 "
+                                  "or 1,800)"),
+    (("budget", "add", "1,5"), "'1,5' is not a whole number of tokens"),  # not 15
+    (("budget", "add", "1,,8,,00"), "'1,,8,,00' is not a whole number of tokens"),
+    (("budget", "add", "\u0661\u0662\u0663"), "is not a whole number of tokens"),  # Arabic-Indic digits
     (("gc", "--days", "-1"), "Invalid value for '--days': -1.0 is not in the range x>=0"),
     (("supervise", "--grace", "-5"), "Invalid value for '--grace': -5.0 is not in the range x>=0"),
 ])
@@ -192,6 +196,17 @@ def test_numbers_out_of_range_are_refused_with_the_range(ws: Path, args: tuple[s
     done = program("-w", ws, *args, timeout=20)  # a supervise that took -5 would run: the timeout fails it
     assert done.returncode == 2 and refused in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_an_empty_id_is_no_order_not_all_of_them(ws: Path) -> None:
+    for args in (("log", ""), ("show", "")):
+        refused = run("-w", ws, *args)
+        assert (refused.exit_code, refused.stderr) == (1, "coordinator: no order ''; `coordinator board` lists them\n")
+
+
+def test_budget_add_reads_thousands_grouped_by_commas_or_underscores(ws: Path) -> None:
+    assert run("-w", ws, "budget", "add", "1,800").stdout.startswith("1,800 hot tokens")
+    assert run("-w", ws, "budget", "add", "1_200").stdout.startswith("3,000 hot tokens")
 
 
 def test_show_and_log_take_ids_not_paths_out_of_state(ws: Path) -> None:
