@@ -105,7 +105,7 @@ def describe(error: ValidationError) -> str:
         missing = [k for k in error.validator_value if k not in (error.instance or {})]
         return f"missing required key {missing[0]!r}" if missing else error.message
     if v == "type":
-        return f"must be {_article(error.validator_value)}, not {_what(error.instance)}"
+        return f"must be {_title(error.schema) or _article(error.validator_value)}, not {_what(error.instance)}"
     if v == "enum":
         return f"must be one of {', '.join(map(str, error.validator_value))}, not {error.instance!r}"
     if v == "pattern":

@@ -218,6 +218,19 @@ def test_a_check_and_its_text_with_different_problems_are_both_reported() -> Non
         ("acceptance.0.check", "still holds the template placeholder <replace with a limit>; replace it")]
 
 
+def test_an_item_of_the_wrong_kind_says_both_forms_it_can_take() -> None:
+    text = textwrap.dedent("""\
+        objective: Speed up the build.
+        acceptance: [a is true, b is true, 5]
+        files: []
+        branching: [7]
+        """)
+    assert [(p.field, p.message) for p in problems_of(text, path="o.yaml")] == [
+        ("acceptance.2", "must be a line of text, or a mapping with `text` (and `check`), not the number 5"),
+        ("branching.0", "must be a line like `halt-with-note if ...`, or a mapping with `action`, `when` "
+                        "(and `agent`), not the number 7")]
+
+
 def test_markdown_headings_any_case_other_bullets_and_objective_on_next_line() -> None:
     text = textwrap.dedent("""\
         # Login limits
