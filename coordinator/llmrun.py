@@ -417,6 +417,9 @@ class _WithPlan:
             return True
         return order_id != self.own and self.history.exists(order_id)
 
+    def waiting(self, order_id: str) -> str | None:
+        return None if order_id in self.siblings else self.history.waiting(order_id)
+
     def blocked_by_of(self, order_id: str) -> tuple[str, ...]:
         return self.siblings[order_id] if order_id in self.siblings else self.history.blocked_by_of(order_id)
 

@@ -132,6 +132,10 @@ class History(Protocol):
 
     def exists(self, order_id: str) -> bool: ...
 
+    def waiting(self, order_id: str) -> str | None:
+        """Where an order with that id waits to be taken in (an inbox file), if it does."""
+        ...
+
     def blocked_by_of(self, order_id: str) -> tuple[str, ...]: ...
 
     def ended(self, sender: str, to: str, objective: str) -> list[tuple[str, str]]:
@@ -145,6 +149,9 @@ class EmptyHistory:
 
     def exists(self, order_id: str) -> bool:
         return False
+
+    def waiting(self, order_id: str) -> str | None:
+        return None
 
     def blocked_by_of(self, order_id: str) -> tuple[str, ...]:
         return ()
@@ -246,8 +253,9 @@ def _check_ids(order: WorkOrder, history: History, bad: Any) -> None:
         if not ID_PATTERN.fullmatch(order.id):
             bad("id", id_help(order.id))
         elif history.exists(order.id):
-            bad("id", f"{order.id!r} is already used in this workspace; pick another id or leave it "
-                      "out to get one assigned")
+            waiting = history.waiting(order.id)
+            bad("id", f"{order.id!r} is already {f'waiting in {waiting}' if waiting else 'used in this workspace'}; "
+                      "pick another id or leave it out to get one assigned")
     for key, ids in (("blocked_by", order.blocked_by), ("references", order.references)):
         for i, other in enumerate(ids):
             if not ID_PATTERN.fullmatch(other):

@@ -42,9 +42,43 @@ _MD_LABEL = re.compile(r"^ {0,3}(?:\*\*[^*\n]{1,60}?(?::\*\*|\*\*[ \t]*:)|#{1,6}
                        r"(?:objective|acceptance|files|branching)\b)", re.IGNORECASE | re.MULTILINE)
 
 
-def history(ws: Workspace) -> History:
-    store = Store(ws.state)
-    return History(store.load_all(), store)
+class _Sent(History):
+    """The workspace's orders, and those sent but not yet taken in: an order sent right after
+    another may name it in `blocked_by` before a supervisor has run."""
+
+    def __init__(self, ws: Workspace) -> None:
+        store = Store(ws.state)
+        super().__init__(store.load_all(), store)
+        self.ws = ws
+        self.itself: Path | None = None  # the file being validated, when it waits in an inbox
+
+    def exists(self, order_id: str) -> bool:
+        return super().exists(order_id) or self.waiting(order_id) is not None
+
+    def waiting(self, order_id: str) -> str | None:
+        found = pending_file(self.ws, order_id)
+        if found is None or (self.itself is not None and _same(found, self.itself)):
+            return None
+        return self.ws.rel(found)
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them gone meanwhile
+        return False
+
+
+def _repository_there(ws: Workspace, order: orders.WorkOrder, shown: str) -> None:
+    """OrderError when the order's files name a repository repos/ does not have (intake would
+    reject it; better said now than after it was sent)."""
+    if order.repo and not (ws.repos / order.repo / ".git").exists():
+        raise OrderError([Problem("files", f"no repository {order.repo!r} under repos/; the first component "
+                                           "of every path names one", shown)])
+
+
+def history(ws: Workspace) -> _Sent:
+    return _Sent(ws)
 
 
 def validate_files(ws: Workspace, files: list[Path], *, to: str | None, sender: str | None) -> list[dict[str, Any]]:
@@ -64,10 +98,12 @@ def validate_files(ws: Workspace, files: list[Path], *, to: str | None, sender: 
         recipient = to or (None if stdin else ws.agent_of_inbox(path))
         entry: dict[str, Any] = {"file": shown, "to": recipient, "valid": False, "readable": True, "checks": 0,
                                  "problems": []}
+        hist.itself = None if stdin else path
         try:
             data = read_stream(sys.stdin.buffer) if stdin else read_file(path, shown=shown)
             order = orders.load(data, path=shown, to=recipient, config=ws.config, history=hist, sender=sender,
                                 kind=sniff(data) if stdin else None)
+            _repository_there(ws, order, shown)
             entry.update(to=order.to, valid=True, checks=len(order.checks), id=order.id)
         except OrderError as e:
             entry["problems"] = [p.as_dict() | {"text": str(p)} for p in e.problems]
@@ -107,11 +143,7 @@ def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str |
     if sender is not None:
         orders.known_sender(sender, cfg)
     order = orders.load(data, path=name, to=to, config=cfg, history=history(ws), sender=sender, kind=kind)
-    if order.id is not None:
-        waiting = pending_file(ws, order.id)
-        if waiting is not None:
-            raise OrderError([Problem("id", f"{order.id!r} is already waiting in {ws.rel(waiting)}; pick "
-                                            "another id or leave it out to get one assigned", name)])
+    _repository_there(ws, order, name)
     suffix = SUFFIXES[kind] if kind else (Path(name).suffix.lower() or ".md")
     if order.id is None or sender is not None:
         # The file as dropped must say what was validated: the assigned id, the stamped sender.

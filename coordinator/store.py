@@ -358,6 +358,9 @@ class History:
     def exists(self, order_id: str) -> bool:
         return order_id in self.records or order_id in self.planned or self.store.exists(order_id)
 
+    def waiting(self, order_id: str) -> str | None:
+        return None  # the supervisor takes in what waits in the inboxes in the order it came
+
     def blocked_by_of(self, order_id: str) -> tuple[str, ...]:
         rec = self.records.get(order_id)
         return tuple(rec.blocked_by) if rec else ()

@@ -531,8 +531,29 @@ def test_send_takes_the_recipient_from_the_file_when_not_given(ws: Path) -> None
     assert inbox_entries(ws, "chip") == ["greet.md"]
     again = run("-w", ws, "send", ws / "fix.md")
     assert again.exit_code == 1
-    assert again.stderr == ("fix.md: id: 'greet' is already waiting in inbox/chip/greet.md; pick another id "
+    assert again.stderr == ("fix.md:2: id: 'greet' is already waiting in inbox/chip/greet.md; pick another id "
                             "or leave it out to get one assigned\n")
+
+
+def test_an_order_sent_right_after_another_may_wait_for_it_before_any_supervisor_ran(ws: Path) -> None:
+    assert run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting exists", id="aaa")).stdout == "aaa\n"
+    second = run("-w", ws, "send", "-", "--to", "chip", input=order("The footer exists", blocked_by=["aaa"]))
+    assert second.exit_code == 0, second.stderr
+    assert run("-w", ws, "validate", "-", "--to", "chip",
+               input=order("The header exists", blocked_by=["aaa"])).exit_code == 0
+    missing = run("-w", ws, "validate", "-", "--to", "chip", input=order("The menu exists", blocked_by=["zzz"]))
+    assert missing.exit_code == 1 and "no order 'zzz' in this workspace" in missing.stderr
+
+
+def test_an_order_for_a_repository_that_is_not_there_is_refused_when_sent(ws: Path) -> None:
+    import shutil
+
+    shutil.rmtree(ws / "repos" / "webapp")
+    said = "files: no repository 'webapp' under repos/; the first component of every path names one"
+    for args in (("validate", "-", "--to", "chip"), ("send", "-", "--to", "chip")):
+        refused = run("-w", ws, *args, input=order("The greeting exists"))
+        assert refused.exit_code == 1 and said in refused.stderr, refused.stderr
+    assert inbox_entries(ws, "chip") == []
 
 
 def test_send_refuses_a_file_that_sits_in_an_inbox_already(ws: Path) -> None:

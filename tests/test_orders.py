@@ -98,6 +98,9 @@ class History:
     def exists(self, order_id: str) -> bool:
         return order_id in self.orders
 
+    def waiting(self, order_id: str) -> str | None:
+        return None
+
     def blocked_by_of(self, order_id: str) -> tuple[str, ...]:
         return self.orders[order_id][0] if order_id in self.orders else ()
 
