@@ -59,6 +59,7 @@ def parse_duration(value: object) -> float:
             seconds = float(m.group(1)) * _UNITS[m.group(2)]
             if seconds > 0:
                 return seconds
+            raise ValueError(f"{value!r} is no time at all; give a duration above 0, e.g. 90s, 20m or 1h")
     raise ValueError(f"{value!r} is not a duration; write e.g. 90s, 20m or 1h")
 
 

@@ -479,6 +479,7 @@ def test_sections_given_twice_and_text_before_the_first() -> None:
     ("id: 42", "id", "must be text, not a number; put the value in quotes"),
     ("priority: hgih", "priority", "must be one of low, normal, high, urgent"),
     ("timeout: soon", "timeout", "is not a duration; write e.g. 90s, 20m or 1h"),
+    ("timeout: 0s", "timeout", "'0s' is no time at all; give a duration above 0, e.g. 90s, 20m or 1h"),
     ("blocked_by: [WO 7]", "blocked_by.0", "is not an order id"),
     ("from: Walt", "from", "is not an agent name"),
     ("to: no", "to", "must be text, not true/false"),
