@@ -109,24 +109,18 @@ class Intake:
         Returns the copy (at most MAX_READ bytes: all intake reads) and the file's size;
         None when it vanished or is no regular file (never through a link, never a FIFO)."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
+            data, size = _read_capped(path)
+        except OSError:  # gone, or not ours to read
             return None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return None
-            with open(fd, "rb", closefd=False) as f:
-                data = f.read(MAX_READ)
-        finally:
-            os.close(fd)
+        if size is None:
+            return None
         folder = self.store.intake_dir / agent
         folder.mkdir(parents=True, exist_ok=True)
         dest = folder / f"{time.time_ns():020d}-{_short_name(path.name)}"
         durable.write_bytes(dest, data, sync=False)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        return dest, st.st_size
+        return dest, size
 
     # -- filing ---------------------------------------------------------------------------------
     def file(self, claimed: Path, agent: str, *, shown: str, sender: str | None = None,
