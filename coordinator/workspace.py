@@ -52,9 +52,20 @@ class Workspace:
     @classmethod
     def _at(cls, path: Path, source: str) -> Workspace:
         path = path.expanduser().resolve()
-        if not (path / CONFIG_NAME).is_file():
-            raise WorkspaceError(f"{source}: {path} has no {CONFIG_NAME}; run `coordinator init {path}`")
-        return cls(path)
+        config = path / CONFIG_NAME
+        if config.is_file():
+            return cls(path)
+        # Say what the path is, so that the advice given works.
+        if path.is_file() or (not path.exists() and path.parent.is_dir() and path.name == CONFIG_NAME):
+            if path.name == CONFIG_NAME:
+                raise WorkspaceError(f"{source}: {path} is the config file; pass its folder: -w {path.parent}")
+            raise WorkspaceError(f"{source}: {path} is a file, not a workspace folder")
+        if config.exists():
+            raise WorkspaceError(f"{source}: {config} is not a regular file; the workspace's config must be one")
+        outer = next((f for f in path.parents if (f / CONFIG_NAME).is_file()), None)
+        if outer is not None:
+            raise WorkspaceError(f"{source}: {path} is inside the workspace {outer}; pass -w {outer}")
+        raise WorkspaceError(f"{source}: {path} has no {CONFIG_NAME}; run `coordinator init {path}`")
 
     @cached_property
     def config(self) -> Config:

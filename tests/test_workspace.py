@@ -102,6 +102,21 @@ def test_a_config_folder_named_like_the_file_is_not_a_workspace(tmp_path: Path) 
         Workspace.find(None, cwd=tmp_path)
 
 
+def test_a_w_that_is_no_workspace_is_told_what_it_is_so_the_advice_works(made: Workspace, tmp_path: Path) -> None:
+    root = made.root
+    cases = {
+        root / "coordinator.yaml": f"-w: {root / 'coordinator.yaml'} is the config file; pass its folder: -w {root}",
+        root / "inbox" / "chip": f"-w: {root / 'inbox' / 'chip'} is inside the workspace {root}; pass -w {root}",
+    }
+    (tmp_path / "odd" / "coordinator.yaml").mkdir(parents=True)
+    cases[tmp_path / "odd"] = (f"-w: {tmp_path / 'odd' / 'coordinator.yaml'} is not a regular file; the "
+                               "workspace's config must be one")
+    for given, said in cases.items():
+        with pytest.raises(WorkspaceError) as e:
+            Workspace.find(str(given))
+        assert str(e.value) == said and e.value.exit_code == 2
+
+
 def test_paths_are_shown_relative_to_the_workspace(made: Workspace, tmp_path: Path) -> None:
     assert made.rel(made.inbox("chip") / "fix.md") == "inbox/chip/fix.md"
     outside = tmp_path / "elsewhere.md"
