@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from . import audit, durable, gate, orders, results, runner
 from ._orderfile import AGENT_PATTERN, quoted
 from .config import Agent, parse_duration
-from .errors import CoordinatorError, GitError, SandboxError, StateError
+from .errors import CoordinatorError, GateError, GitError, SandboxError, StateError
 from .landlock import Ruleset
 from .orders import Branch, WorkOrder
 from .repos import MergeConflict, Repo
@@ -47,6 +47,7 @@ class Active:
     deadline: float
     repo: Repo | None = None
     before: dict[str, gate.Entry] | None = None
+    after: dict[str, gate.Entry] | None = None  # what the gate judged
     phase: str = "specialist"
     checks: list[str] = field(default_factory=list)
     check_index: int = 0
@@ -242,7 +243,10 @@ class AttemptRunner:
                     act.attempt.workdir, act.verdict.commit_paths(), agent=act.agent.name,
                     subject=act.order.objective,
                     trailers={"Work-Order": act.rec.id, "Agent": act.agent.name,
-                              "Attempt": str(act.attempt.number)})
+                              "Attempt": str(act.attempt.number)},
+                    verify=lambda staged: _as_judged(staged, act.after or {}))
+            except GateError as e:
+                return self.fail(act, str(e))
             except GitError as e:
                 return self.fail(act, f"could not commit the change: {e}")
         act.checks = list(act.order.checks)
@@ -383,7 +387,8 @@ class AttemptRunner:
             return act.verdict.allowed
         if act.repo is None or act.before is None:
             return None
-        changes = gate.diff(act.before, gate.snapshot(act.attempt.workdir))
+        act.after = gate.snapshot(act.attempt.workdir)
+        changes = gate.diff(act.before, act.after)
         # The orchestrator never changes files: everything it did in its copy is denied.
         writes = () if act.agent.is_orchestrator else act.agent.writes
         act.verdict = gate.judge(changes, repo=act.repo.name, files=act.order.files, writes=writes)
@@ -625,6 +630,15 @@ def outcome_problem(order: WorkOrder, result: results.Result) -> str | None:
     allowed = ", ".join(f"{b.action}{'-' + b.agent if b.agent else ''}" for b in order.branching)
     return (f"outcome {result.outcome}{' to ' + result.agent if result.agent else ''} is not allowed by the "
             f"order's branching ({allowed})")
+
+
+def _as_judged(staged: dict[str, tuple[str, bytes]], judged: dict[str, gate.Entry]) -> None:
+    """GateError unless git staged of each path what the gate judged: nothing may change
+    between the two (a process that outlived its attempt, say)."""
+    changed = sorted(p for p, (mode, data) in staged.items() if not gate.staged_as_judged(p, mode, data, judged.get(p)))
+    if changed:
+        raise GateError(f"{', '.join(changed[:5])} changed after the permission gate judged it; nothing was "
+                        "committed")
 
 
 def _planned(report: dict[str, Any]) -> dict[str, str] | None:

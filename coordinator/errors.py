@@ -97,6 +97,10 @@ class SandboxError(CoordinatorError):
     exit_code = 2
 
 
+class GateError(CoordinatorError):
+    """What was to be committed is not what the permission gate judged."""
+
+
 class GitError(CoordinatorError):
     exit_code = 2
 

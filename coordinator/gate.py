@@ -164,6 +164,23 @@ def _kind(mode: int) -> str:
     return "device"
 
 
+def content_digest(data: bytes) -> str:
+    """The digest `snapshot` gives a file with these bytes."""
+    return hashlib.blake2b(data, digest_size=20).hexdigest()
+
+
+def staged_as_judged(path: str, mode: str, content: bytes, judged: Entry | None) -> bool:
+    """Does a tree entry (git mode, blob bytes) hold what the gate judged at `path`? A link's
+    blob is its target; a file's executable bit is its owner's."""
+    if judged is None:
+        return False
+    if mode == "120000":
+        return judged.kind == "symlink" and judged.link is not None and content == os.fsencode(judged.link)
+    if mode not in ("100644", "100755") or judged.kind != "file":
+        return False
+    return content_digest(content) == judged.digest and (mode == "100755") == bool(judged.mode & stat.S_IXUSR)
+
+
 def _digest(path: str) -> str:
     # O_NOFOLLOW and O_NONBLOCK: a path swapped for a link or a fifo after lstat is not followed
     # and cannot hang the walk.

@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -80,14 +80,7 @@ def run_git(
     timeout: float = GIT_TIMEOUT,
 ) -> subprocess.CompletedProcess[str]:
     """Run one trusted git command and wait for it; raise GitError on failure when `check`."""
-    argv = ["git"]
-    if git_dir is not None:
-        argv.append(f"--git-dir={git_dir}")
-    if work_tree is not None:
-        argv.append(f"--work-tree={work_tree}")
-    for item in _TRUSTED_CONFIG:
-        argv += ["-c", item]
-    argv += args
+    argv = _argv(args, git_dir=git_dir, work_tree=work_tree)
     verb = next((a for a in argv[len(argv) - len(args) :] if not a.startswith("-")), "?")
     try:
         proc = subprocess.run(
@@ -104,6 +97,17 @@ def run_git(
         said = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
         raise GitError(f"git {verb} failed in {cwd}: {said.splitlines()[-1]}")
     return proc
+
+
+def _argv(args: list[str], *, git_dir: Path | None, work_tree: Path | None = None) -> list[str]:
+    argv = ["git"]
+    if git_dir is not None:
+        argv.append(f"--git-dir={git_dir}")
+    if work_tree is not None:
+        argv.append(f"--work-tree={work_tree}")
+    for item in _TRUSTED_CONFIG:
+        argv += ["-c", item]
+    return argv + args
 
 
 class MergeConflict(GitError):
@@ -287,10 +291,13 @@ class Repo:
     # -- commits -------------------------------------------------------------------------------
 
     def commit(self, worktree: Path, paths: Iterable[str], *, agent: str, subject: str,
-               trailers: Mapping[str, str]) -> str | None:  # fmt: skip
+               trailers: Mapping[str, str],
+               verify: Callable[[dict[str, tuple[str, bytes]]], None] | None = None) -> str | None:  # fmt: skip
         """Commit exactly `paths` (repo-relative) of the working copy on its wo/ branch, as `agent`.
 
         Ignored files that git does not track are left out. None when nothing changed.
+        `verify` is shown what was staged of `paths` ({path: (git mode, blob bytes)}) before
+        the commit is made; what it raises leaves the branch where it was.
         """
         work = Path(os.path.abspath(worktree))
         wanted = list(dict.fromkeys(paths))
@@ -324,12 +331,43 @@ class Repo:
         tree = self.git("write-tree", cwd=work)
         if tree == self.git("rev-parse", f"{old}^{{tree}}"):
             return None
+        if verify is not None:
+            verify(self.tree_files(tree, add))
         body = subject.strip().replace("\n", " ") + "\n"
         if trailers:
             body += "\n" + "".join(f"{k}: {' '.join(str(v).split())}\n" for k, v in trailers.items())
         new = self._commit_tree(tree, [old], body, (agent, f"{agent}@{AGENT_EMAIL_DOMAIN}"))
         self.git("update-ref", "-m", f"coordinator: commit by {agent}", head_ref, new, old)
         return new
+
+    def tree_files(self, tree: str, paths: Iterable[str]) -> dict[str, tuple[str, bytes]]:
+        """{path: (git mode, blob bytes)} of those of `paths` that `tree` holds as blobs."""
+        wanted = set(paths)
+        if not wanted:
+            return {}
+        found: dict[str, tuple[str, str]] = {}
+        for item in _nul_split(self.git("ls-tree", "-r", "-z", "--full-tree", tree)):
+            meta, _, path = item.partition("\t")
+            mode, kind, sha = meta.split()
+            if kind == "blob" and path in wanted:
+                found[path] = (mode, sha)
+        if not found:
+            return {}
+        # One cat-file for all, read as bytes: text mode would turn a blob's \r\n into \n.
+        proc = subprocess.run(_argv(["cat-file", "--batch"], git_dir=self.git_dir), cwd=self.git_dir,
+                              env=clean_env(None), input="".join(f"{sha}\n" for _, sha in found.values()).encode(),
+                              capture_output=True, timeout=GIT_TIMEOUT)
+        if proc.returncode != 0:
+            raise GitError(f"git cat-file failed in {self.git_dir}: {proc.stderr.decode(errors='replace').strip()}")
+        data = proc.stdout
+        blobs: dict[str, tuple[str, bytes]] = {}
+        pos = 0
+        for path, (mode, _) in found.items():
+            end = data.index(b"\n", pos)
+            size = int(data[pos:end].split()[2])
+            blobs[path] = (mode, data[end + 1 : end + 1 + size])
+            pos = end + 1 + size + 1
+        return blobs
 
     def _commit_tree(self, tree: str, parents: list[str], message: str, who: tuple[str, str]) -> str:
         args = ["commit-tree", tree]

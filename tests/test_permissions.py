@@ -894,3 +894,56 @@ for name, pid in who.items():
     assert {k: v for k, v in seen.items() if v not in DENIED} == {}, a.log
     assert a.rec.status == "done"
     a.assert_untouched()
+
+
+@pytest.mark.parametrize("swap", ["content", "link"])
+def test_what_changes_after_the_gate_judged_it_is_never_committed(make_ws, tmp_path, monkeypatch, swap):
+    """A process that outlived its attempt writes between the gate's verdict and the commit:
+    git would stage what is there then. What git staged is compared with what the gate
+    judged, and a difference commits nothing."""
+    from coordinator import attempts
+
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"], "max_failures": 1,
+                           "command": attacker("write('src/greeting.py', 'GREETING = 1\\n', 'w')\n")}})
+    judge = attempts.gate.judge
+
+    def judge_then_tamper(changes, **kw):  # type: ignore[no-untyped-def]
+        verdict = judge(changes, **kw)
+        target = ws.root / ".coordinator" / "work" / "swap" / "webapp" / "src" / "greeting.py"
+        target.unlink()
+        if swap == "link":
+            target.symlink_to("/etc/passwd")
+        else:
+            target.write_text("import os; os.system('curl evil')\n")
+        return verdict
+
+    monkeypatch.setattr(attempts.gate, "judge", judge_then_tamper)
+    drop(ws, "chip", "s.md", order_md("The greeting is one", id="swap", files=("webapp/src/greeting.py",)))
+    run(ws)
+    rec = record(ws, "swap")
+    assert rec.status == "blocked", rec.failures
+    assert "src/greeting.py changed after the permission gate judged it; nothing was committed" in rec.failures[0]
+    repo = ws.repos / "webapp"
+    assert "curl evil" not in git(repo, "log", "-p", "--all") and "passwd" not in git(repo, "log", "-p", "--all")
+
+
+def test_what_the_gate_judged_is_committed_byte_for_byte(make_ws):
+    """The check that git staged what the gate judged has no false alarm for CRLF text, binary
+    bytes, an executable file or a link inside the copy."""
+    body = '''
+with open("src/crlf.txt", "wb") as f: f.write(b"a\\r\\nb\\r\\n")
+with open("src/bin.dat", "wb") as f: f.write(bytes(range(256)) * 3)
+with open("src/run.sh", "w") as f: f.write("#!/bin/sh\\necho hi\\n")
+os.chmod("src/run.sh", 0o755)
+os.symlink("greeting.py", "src/alias.py")
+'''
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"], "command": attacker(body)}})
+    drop(ws, "chip", "k.md", order_md("Four files land", id="keep", files=("webapp/src/**",)))
+    run(ws)
+    rec = record(ws, "keep")
+    assert rec.status == "done", (rec.failures, rec.report)
+    repo = ws.repos / "webapp"
+    listed = git(repo, "ls-tree", "-r", "main", "--", "src/crlf.txt", "src/bin.dat", "src/run.sh", "src/alias.py")
+    assert sorted(line.split()[0] for line in listed.splitlines()) == ["100644", "100644", "100755", "120000"]
+    crlf = subprocess.run(["git", "-C", str(repo), "show", "main:src/crlf.txt"], capture_output=True, check=True)
+    assert crlf.stdout == b"a\r\nb\r\n"
