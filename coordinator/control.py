@@ -67,6 +67,17 @@ def submit(ws: Workspace, action: str, args: dict[str, Any], *, timeout: float =
     name = f"{time.time_ns():020d}-{os.getpid()}"
     request, answer = folder / f"{name}{REQUEST}", folder / f"{name}{ANSWER}"
     durable.write_json(request, {"action": action, "args": args})
+    try:
+        return _await(ws, request, answer, action, args, timeout)
+    except KeyboardInterrupt:  # Ctrl-C: take the request back if it was not taken yet
+        if _withdraw(request):
+            raise
+        raise SupervisorError("interrupted after the supervisor took the request; it may have been done: check "
+                              "with `coordinator board` before asking again") from None
+
+
+def _await(ws: Workspace, request: Path, answer: Path, action: str, args: dict[str, Any],
+           timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         data = _read_answer(answer, until=min(deadline, time.monotonic() + LIVENESS_EVERY))

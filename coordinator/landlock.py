@@ -39,6 +39,7 @@ _SYS_RESTRICT_SELF = 446
 _CREATE_RULESET_VERSION = 1 << 0
 _RULE_PATH_BENEATH = 1
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_CAPBSET_READ = 23
 _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
@@ -267,6 +268,10 @@ def drop_capabilities() -> None:
     if not data[0].effective & (1 << _CAP_SETPCAP) and os.getuid() != 0 and os.geteuid() != 0:
         return
     for cap in range(_last_cap() + 1):
+        # Only what is there: a root started without capabilities (a container with all of them
+        # dropped) has nothing to give away, and no CAP_SETPCAP to give it away with.
+        if libc().prctl(ctypes.c_int(_PR_CAPBSET_READ), ctypes.c_ulong(cap), zero, zero, zero) != 1:
+            continue
         if libc().prctl(ctypes.c_int(_PR_CAPBSET_DROP), ctypes.c_ulong(cap), zero, zero, zero) != 0:
             raise SandboxError(f"cannot drop capability {cap} from the bounding set: "
                                f"{os.strerror(ctypes.get_errno())}; a root specialist would keep it")

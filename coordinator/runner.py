@@ -25,10 +25,11 @@ import difflib
 import functools
 import os
 import re
+import secrets
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import durable, orders, paths
@@ -56,10 +57,13 @@ class Attempt:
     folder: Path
     workdir: Path
     repo: str | None
+    nonce: str = field(default_factory=lambda: secrets.token_hex(8), compare=False)
 
     @property
     def token(self) -> str:
-        return f"{self.order_id}.{self.number}"
+        # The secret part: a process of another attempt cannot name this one to hide in it
+        # (Landlock keeps each attempt from reading another's environment in /proc).
+        return f"{self.order_id}.{self.number}.n{self.nonce}"
 
     @functools.cached_property
     def brief(self) -> Path:
@@ -304,11 +308,16 @@ def environment(agent: Agent, attempt: Attempt, ws: Workspace) -> dict[str, str]
 
 
 @functools.lru_cache(maxsize=32)
-def _protected(root: Path) -> tuple[str, ...]:
-    """What no sandbox grant may cover: the team's config, state, inboxes, repositories, runtime, home (last)."""
+def _protected(root: Path) -> tuple[tuple[str, ...], str | None]:
+    """What no sandbox grant may cover: the team's config, state, inboxes, repositories and
+    runtime; and the home folder (None when there is none to find: no $HOME, no passwd entry)."""
     ws = Workspace(root)
-    found = [ws.config_path, ws.state, ws.inbox_root, ws.repos, ws.runtime, Path.home()]
-    return tuple(paths.real(p) for p in found)
+    found = [ws.config_path, ws.state, ws.inbox_root, ws.repos, ws.runtime]
+    try:
+        home: str | None = paths.real(Path.home())
+    except RuntimeError:
+        home = None
+    return tuple(paths.real(p) for p in found) + ((home,) if home else ()), home
 
 
 def check_writable(agent: Agent, ws: Workspace) -> None:
@@ -316,8 +325,7 @@ def check_writable(agent: Agent, ws: Workspace) -> None:
     Resolved again for every attempt: a link swapped in since the last must not slip through."""
     if not agent.sandbox_writable:
         return
-    guarded = _protected(ws.root)
-    home = guarded[-1]
+    guarded, home = _protected(ws.root)
     for i, entry in enumerate(agent.sandbox_writable):
         w = paths.real(entry)
         for p in guarded:

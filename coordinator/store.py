@@ -47,23 +47,35 @@ def route_end(records: dict[str, Record], order_id: str) -> Record | None:
     return rec
 
 
-def ended_undone(records: dict[str, Record], order_ids: Iterable[str],
-                 _seen: frozenset[str] = frozenset()) -> tuple[str, Record] | None:
+def ended_undone(records: dict[str, Record], order_ids: Iterable[str]) -> tuple[str, Record] | None:
     """The first of `order_ids` whose route ended for good without the work being done
     (rejected, denied, cancelled, or blocked on a dependency that did), with that end:
     what waits for it would wait forever."""
     for order_id in order_ids:
         last = route_end(records, order_id)
-        if last is not None and (last.status in ENDED_UNDONE or dead_blocked(records, last, _seen)):
+        if last is not None and (last.status in ENDED_UNDONE or dead_blocked(records, last)):
             return order_id, last
     return None
 
 
-def dead_blocked(records: dict[str, Record], rec: Record, _seen: frozenset[str] = frozenset()) -> bool:
-    """Is `rec` blocked because a dependency of it ended undone? A retry cannot bring it back."""
-    if rec.status != "blocked" or rec.id in _seen:
+def dead_blocked(records: dict[str, Record], rec: Record) -> bool:
+    """Is `rec` blocked because a dependency of it (or of a blocked one it waits on, however
+    far down) ended undone? A retry cannot bring it back. An explicit stack: a chain of
+    blocked orders can be thousands long."""
+    if rec.status != "blocked":
         return False
-    return ended_undone(records, rec.blocked_by, _seen | {rec.id}) is not None
+    todo, seen = [rec], {rec.id}
+    while todo:
+        for dep in todo.pop().blocked_by:
+            last = route_end(records, dep)
+            if last is None:
+                continue
+            if last.status in ENDED_UNDONE:
+                return True
+            if last.status == "blocked" and last.id not in seen:
+                seen.add(last.id)
+                todo.append(last)
+    return False
 
 
 def via_route(order_id: str, last: Record | None) -> str:
@@ -138,6 +150,9 @@ class Record:
         wrong = [k for k, kinds in _SHAPES.items() if k in known and not isinstance(known[k], kinds)]
         wrong += [k for k in _LISTS if k in known and not (
             isinstance(known[k], list) and all(isinstance(v, dict if k in _OBJECT_LISTS else str) for v in known[k]))]
+        if "history" in known and "history" not in wrong and not all(
+                isinstance(h.get(f), str) for h in known["history"] for f in ("at", "from", "to")):
+            wrong.append("history")
         if wrong:
             raise ValueError(f"{', '.join(wrong)} of the wrong kind")
         if not isinstance(known.get("report"), (dict, type(None))):

@@ -746,13 +746,15 @@ def test_a_record_field_of_the_wrong_kind_is_no_record(ws: Path) -> None:
     assert run("-w", ws, "supervise", "--once").exit_code == 0
     record = ws / "state" / "orders" / "WO-0001" / "record.json"
     data = json.loads(record.read_text())
-    for field, value in (("attempts", "x"), ("running", [1]), ("history", 5), ("children", [3])):
+    for field, value in (("attempts", "x"), ("running", [1]), ("history", 5), ("children", [3]),
+                         ("history", [{"at": "x"}])):
         record.write_text(json.dumps({**data, field: value}))
         shown = run("-w", ws, "show", "WO-0001")
         assert (shown.exit_code, shown.stderr) == (1, "coordinator: state/orders/WO-0001/record.json is not an "
                                                       f"order record ({field} of the wrong kind); changed by hand? "
                                                       "`coordinator supervise` puts it back from git\n")
         assert run("-w", ws, "board").exit_code == 0
+        assert run("-w", ws, "audit", "verify").exit_code == 1  # uncommitted, said in a line
     record.write_text(json.dumps({**data, "report": [1]}))  # an odd report is shown as none, never refused
     assert run("-w", ws, "show", "WO-0001").exit_code == 0
 

@@ -148,3 +148,20 @@ def test_a_request_is_served_by_a_stepping_supervisor(ws: Workspace, tmp_path: P
         serving.join(timeout=30)
         sup.close()
     assert hot_tokens(ws) == 300 and requests(ws) == []
+
+
+def test_ctrl_c_while_waiting_takes_the_request_back(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    sup = Supervisor(ws)
+    sup.open()
+    try:
+        def interrupted(answer: Path, *, until: float) -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(control, "_read_answer", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            control.submit(ws, "budget-add", {"tokens": 55})
+        assert requests(ws) == []
+        sup.step()
+        assert hot_tokens(ws) == 0  # never done
+    finally:
+        sup.close()

@@ -42,8 +42,9 @@ GATED = sh(
     'echo $$ >> "$PROBE/pids"; '
     'if [ "$COORD_ORDER_ID" = sleeper ] && [ ! -e "$PROBE/slept" ]; then '
     'touch "$PROBE/slept"; exec sleep 60; fi; '
-    'while [ ! -e "$PROBE/go.$COORD_ATTEMPT" ]; do sleep 0.05; done; '
-    'printf "name = \\"%s\\"  # attempt %s\\n" "$COORD_ORDER_ID" "$COORD_ATTEMPT" > "src/$COORD_ORDER_ID.py"; '
+    'attempt="${COORD_ATTEMPT%.n*}"; '  # <order>.<number>, without the token's secret part
+    'while [ ! -e "$PROBE/go.$attempt" ]; do sleep 0.05; done; '
+    'printf "name = \\"%s\\"  # attempt %s\\n" "$COORD_ORDER_ID" "$attempt" > "src/$COORD_ORDER_ID.py"; '
     'echo "$COORD_ORDER_ID" >> "$PROBE/completions"')
 
 

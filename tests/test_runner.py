@@ -124,3 +124,31 @@ def test_the_users_credential_agents_are_not_handed_to_a_specialist(make_ws, mon
     env = runner.environment(ws.config.agents["chip"], runner.prepare(ws, order, 1, []), ws)
     assert "SSH_AUTH_SOCK" not in env
     assert env["SOME_TOOL_HOME"] == "/opt/tool" and env["EXTRA"] == "1"
+
+
+def test_an_attempts_token_has_a_part_no_other_attempt_can_guess(make_ws):
+    """The token marks every process of the attempt; one that could name another running
+    attempt's token could hide among its processes when its own attempt is killed."""
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/true"]}})
+    order = orders.load(order_md("Tokens differ", id="tk-1").encode(), path="o.md", to="chip",
+                        config=ws.config, history=orders.EmptyHistory())
+    first, again = runner.prepare(ws, order, 1, []), runner.prepare(ws, order, 1, [])
+    assert first.token.startswith("tk-1.1.n") and len(first.token) >= len("tk-1.1.n") + 16
+    assert first.token != again.token
+
+
+def test_a_machine_where_no_home_folder_can_be_found_still_loads_the_team(make_ws, monkeypatch, tmp_path):
+    """No $HOME and no passwd entry (an arbitrary uid in a container): Path.home() raises, and
+    every command failed once an agent had a sandbox.writable entry."""
+    def no_home(cls: type) -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    writable = tmp_path / "cache"
+    writable.mkdir()
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/true"], "sandbox": {"writable": [str(writable)]}}})
+    runner._protected.cache_clear()
+    monkeypatch.setattr(Path, "home", classmethod(no_home))
+    try:
+        assert runner.check_writable(ws.config.agents["chip"], ws) is None
+    finally:
+        runner._protected.cache_clear()

@@ -318,6 +318,20 @@ def test_a_root_server_that_cannot_drop_capabilities_starts_nothing(tmp_path: Pa
     assert not (tmp_path / "log").read_text().startswith("Cap")  # nothing ran
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can start without its capabilities")
+def test_a_root_server_started_without_capabilities_still_starts_children(tmp_path: Path) -> None:
+    """A container that dropped every capability: nothing is left to drop, and no CAP_SETPCAP
+    to drop it with; the children start, with nothing."""
+    drop_all = ("import ctypes\nlibc = ctypes.CDLL(None)\n"
+                "for cap in range(int(open('/proc/sys/kernel/cap_last_cap').read()) + 1):\n"
+                "    assert libc.prctl(24, cap, 0, 0, 0) == 0\n")
+    proc = subprocess.run([sys.executable, "-c", drop_all + NOT_ROOT, str(tmp_path)], capture_output=True,
+                          text=True, timeout=60, env={**ENV, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    caps = capabilities((tmp_path / "log").read_text())
+    assert caps["CapBnd"] == caps["CapEff"] == caps["CapPrm"] == 0, caps
+
+
 def test_the_sandbox_is_never_silently_dropped(tmp_path: Path) -> None:
     spawner = Spawner()
     try:

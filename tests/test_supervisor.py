@@ -248,6 +248,22 @@ def test_a_nul_byte_in_a_specialists_output_fails_the_attempt_not_the_supervisor
     assert all("badbyte" in f and "\0" not in f for f in rec.failures), rec.failures
 
 
+def test_a_chain_of_thousands_of_blocked_orders_is_followed_without_recursion():
+    from coordinator.store import Record, dead_blocked, ended_undone
+
+    def rec(i: int, status: str, after: list[str]) -> Record:
+        return Record(id=f"c{i}", to="chip", sender="user", status=status, objective="x", created="t",
+                      updated="t", seq=i, blocked_by=after)
+
+    records = {"c0": rec(0, "rejected", [])}
+    for i in range(1, 5000):
+        records[f"c{i}"] = rec(i, "blocked", [f"c{i - 1}"])
+    assert dead_blocked(records, records["c4999"])
+    assert ended_undone(records, ["c4999"]) == ("c4999", records["c4999"])
+    records["c0"].status = "done"  # retried and done: nothing down the chain is dead any more
+    assert not dead_blocked(records, records["c4999"]) and ended_undone(records, ["c4999"]) is None
+
+
 def test_an_order_blocked_again_after_a_retry_is_escalated_again_not_rejected_as_a_repeat(make_ws):
     """The second investigation has the same sender, recipient and objective as the first,
     which halted: it names that one in its references instead of being rejected (with a
