@@ -267,14 +267,29 @@ def drop_capabilities() -> None:
             raise SandboxError(f"cannot clear the inheritable capabilities: {os.strerror(ctypes.get_errno())}")
     if not data[0].effective & (1 << _CAP_SETPCAP) and os.getuid() != 0 and os.geteuid() != 0:
         return
-    for cap in range(_last_cap() + 1):
-        # Only what is there: a root started without capabilities (a container with all of them
-        # dropped) has nothing to give away, and no CAP_SETPCAP to give it away with.
-        if libc().prctl(ctypes.c_int(_PR_CAPBSET_READ), ctypes.c_ulong(cap), zero, zero, zero) != 1:
-            continue
-        if libc().prctl(ctypes.c_int(_PR_CAPBSET_DROP), ctypes.c_ulong(cap), zero, zero, zero) != 0:
+    prctl = _prctl()
+    for cap in _bounding():
+        if prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             raise SandboxError(f"cannot drop capability {cap} from the bounding set: "
                                f"{os.strerror(ctypes.get_errno())}; a root specialist would keep it")
+
+
+@functools.cache
+def _prctl() -> Any:
+    """prctl(2) with its argument types declared once: this is on every spawn's path."""
+    fn = ctypes.CDLL(None, use_errno=True)["prctl"]  # a function object of its own
+    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+@functools.cache
+def _bounding() -> tuple[int, ...]:
+    """The capabilities in the bounding set the spawning threads start with (the fork server's,
+    which never changes): only those are dropped. A root started without capabilities (a
+    container with all of them dropped) has nothing to give away, nor CAP_SETPCAP to do it."""
+    prctl = _prctl()
+    return tuple(cap for cap in range(_last_cap() + 1) if prctl(_PR_CAPBSET_READ, cap, 0, 0, 0) == 1)
 
 
 @functools.cache
