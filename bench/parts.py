@@ -150,7 +150,7 @@ def gate_cost(sizes: Sizes) -> list[Figure]:
             t1 = time.perf_counter()
             target.write_text(f"# attempt {i}\n" + target.read_text("utf-8"), encoding="utf-8")
             t2 = time.perf_counter()
-            after = gate.snapshot(wt)
+            after = gate.snapshot(wt, since=before)  # as the supervisor takes it: only what was written is read
             t3 = time.perf_counter()
             changes = gate.diff(before, after)
             t4 = time.perf_counter()

@@ -387,7 +387,7 @@ class AttemptRunner:
             return act.verdict.allowed
         if act.repo is None or act.before is None:
             return None
-        act.after = gate.snapshot(act.attempt.workdir)
+        act.after = gate.snapshot(act.attempt.workdir, since=act.before)
         changes = gate.diff(act.before, act.after)
         # The orchestrator never changes files: everything it did in its copy is denied.
         writes = () if act.agent.is_orchestrator else act.agent.writes

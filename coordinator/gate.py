@@ -17,7 +17,7 @@ import hashlib
 import os
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .paths import matches_any
@@ -29,6 +29,9 @@ TOO_DEEP = "!too-deep"  # a folder holding what lies more than MAX_DEPTH levels 
 # hashing plus committing one that size takes about a second. A sparse file costs its writer no
 # disk at all, and ext4 allows 16 TiB: a 16 GiB one stalled the loop 154 s before this limit.
 MAX_FILE_BYTES = 100_000_000
+# And over this of files written in all (each under MAX_FILE_BYTES), the rest is refused unread.
+MAX_CHANGED_BYTES = 1_000_000_000
+OVER_BUDGET = "!over-budget"
 # Deeper than any real source tree; the walk stops there, so a tree thousands of levels deep
 # costs no more than this. (Python 3.11's own walks recurse and die at about 1,000 levels.)
 MAX_DEPTH = 256
@@ -43,7 +46,8 @@ ALWAYS_DENIED = {
     "setuid": "setuid and setgid bits are never allowed",
     "hardlink": "a hard link can reach a file outside the working copy",
     "symlink": "a symbolic link may not point outside the working copy or into .git",
-    "too-large": f"a file over {MAX_FILE_BYTES // 1_000_000} MB is never committed; keep it out of the repository",
+    "too-large": f"a file over {MAX_FILE_BYTES // 1_000_000} MB (or over {MAX_CHANGED_BYTES // 1_000_000_000} GB of "
+                 "files in all) is never committed; keep it out of the repository",
     "too-deep": f"folders nested over {MAX_DEPTH} levels deep (or paths over {_PATH_MAX} bytes) are never allowed",
 }
 _CHUNK = 1 << 20
@@ -60,6 +64,10 @@ class Entry:
     digest: str | None
     link: str | None
     nlink: int
+    # (inode, size, mtime, ctime): the same in a later snapshot, the file was not written, and
+    # its digest is taken over (no write, truncate or chmod leaves ctime as it was, and no
+    # specialist may set the clock). Not compared: it is how, not what.
+    key: tuple[int, int, int, int] = field(default=(0, 0, 0, 0), compare=False)
 
 
 @dataclass(frozen=True)
@@ -95,8 +103,13 @@ class Verdict:
 # -- snapshot -------------------------------------------------------------------------------------
 
 
-def snapshot(root: Path) -> dict[str, Entry]:
-    """Every path under `root` (relative, '/'-separated) and what it is; {} when root is gone."""
+def snapshot(root: Path, *, since: dict[str, Entry] | None = None) -> dict[str, Entry]:
+    """Every path under `root` (relative, '/'-separated) and what it is; {} when root is gone.
+
+    With `since` (the snapshot before the run), a file not written since keeps its digest
+    unread, and the files that were are read up to MAX_CHANGED_BYTES in all: past that, each
+    is judged too large unread, so many files each under MAX_FILE_BYTES cannot stall it either.
+    """
     try:
         st = os.lstat(root)
     except FileNotFoundError:
@@ -104,6 +117,7 @@ def snapshot(root: Path) -> dict[str, Entry]:
     if not stat.S_ISDIR(st.st_mode):
         return {}  # the copy itself was replaced: every path in it reads as deleted
     out: dict[str, Entry] = {}
+    read = 0  # bytes of written files read, with `since`
     # An explicit stack, not recursion: the specialist chose how deep the tree goes.
     todo = [(str(root), "", 0)]
     while todo:
@@ -123,15 +137,25 @@ def snapshot(root: Path) -> dict[str, Entry]:
             st = item.stat(follow_symlinks=False)
             kind = _kind(st.st_mode)
             digest = link = None
+            key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             if kind == "file":
-                # Judged by lstat's size, never read: `diff` refuses it as too large anyway. Its
-                # inode change time stands in for the content (no write leaves it as it was).
-                big = st.st_size > MAX_FILE_BYTES
-                digest = f"!large:{st.st_ino}:{st.st_ctime_ns}" if big else _digest(item.path)
+                prev = since.get(rel) if since is not None else None
+                if prev is not None and prev.kind == "file" and prev.key == key and prev.digest \
+                        and not prev.digest.startswith("!"):
+                    digest = prev.digest
+                elif st.st_size > MAX_FILE_BYTES:
+                    # Judged by lstat's size, never read: `diff` refuses it as too large anyway. Its
+                    # inode change time stands in for the content (no write leaves it as it was).
+                    digest = f"!large:{st.st_ino}:{st.st_ctime_ns}"
+                elif since is not None and read + st.st_size > MAX_CHANGED_BYTES:
+                    digest = f"{OVER_BUDGET}:{st.st_ino}:{st.st_ctime_ns}"
+                else:
+                    read += st.st_size if since is not None else 0
+                    digest = _digest(item.path)
             elif kind == "symlink":
                 link = os.readlink(item.path)
             size = 0 if kind == "dir" else st.st_size
-            out[rel] = Entry(kind, stat.S_IMODE(st.st_mode), size, digest, link, st.st_nlink)
+            out[rel] = Entry(kind, stat.S_IMODE(st.st_mode), size, digest, link, st.st_nlink, key)
             if kind == "dir":
                 todo.append((item.path, rel + "/", depth + 1))
     return out
@@ -242,6 +266,8 @@ def _classify(path: str, b: Entry | None, a: Entry | None, after: dict[str, Entr
         return Change(path, "symlink", f"{action}, -> {a.link}", kind)
     if a.kind == "file" and a.size > MAX_FILE_BYTES:
         return Change(path, "too-large", f"{action}, {_size(a.size)}", kind)
+    if a.digest and a.digest.startswith(OVER_BUDGET):
+        return Change(path, "too-large", f"{action}, past {_size(MAX_CHANGED_BYTES)} of written files in all", kind)
     if a.digest == TOO_DEEP:
         return Change(path, "too-deep", f"{action}, holds more than {MAX_DEPTH} levels down", kind)
     if b is None:

@@ -32,7 +32,7 @@ def changes_after(wt: Path, act: object) -> dict[str, str]:
     """Run `act` on the working copy; what the gate saw, path -> kind of change."""
     before = snapshot(wt)
     act()  # type: ignore[operator]
-    return {c.path: c.what for c in diff(before, snapshot(wt))}
+    return {c.path: c.what for c in diff(before, snapshot(wt, since=before))}
 
 
 def test_snapshot_records_untracked_ignored_and_the_pointer(wt: Path) -> None:
@@ -144,7 +144,7 @@ def test_replaced_pointer_is_seen_and_described(wt: Path) -> None:
 
     before = snapshot(wt)
     act()
-    found = diff(before, snapshot(wt))
+    found = diff(before, snapshot(wt, since=before))
     assert {c.path: c.what for c in found} == {
         ".git": "pointer", ".git/hooks": "git-internal", ".git/hooks/pre-commit": "git-internal",
     }  # fmt: skip
@@ -170,7 +170,7 @@ def test_a_file_turned_into_a_folder_is_a_type_change(wt: Path) -> None:
 def test_whole_copy_gone_reads_as_everything_deleted(wt: Path) -> None:
     before = snapshot(wt)
     shutil.rmtree(wt)
-    found = diff(before, snapshot(wt))
+    found = diff(before, snapshot(wt, since=before))
     assert {c.what for c in found} >= {"pointer", "deleted"}
     assert not judge(found, repo="webapp", files=("webapp/**",), writes=("webapp/**",)).allowed
 
@@ -182,7 +182,7 @@ def verdict_of(wt: Path, act: object, files: tuple[str, ...] = FILES,
                writes: tuple[str, ...] = WRITES) -> gate.Verdict:  # fmt: skip
     before = snapshot(wt)
     act()  # type: ignore[operator]
-    return judge(diff(before, snapshot(wt)), repo="webapp", files=files, writes=writes)
+    return judge(diff(before, snapshot(wt, since=before)), repo="webapp", files=files, writes=writes)
 
 
 def test_changes_inside_files_and_writes_are_allowed(wt: Path) -> None:
@@ -283,7 +283,7 @@ def deep_ok(tmp_path: Path) -> Iterator[Path]:
 def test_folders_nested_thousands_deep_are_one_denied_change(wt: Path, deep_ok: Path) -> None:
     before = snapshot(wt)
     nest(wt / "src", 1500)
-    found = diff(before, snapshot(wt))  # no RecursionError: the walk keeps its own stack
+    found = diff(before, snapshot(wt, since=before))  # no RecursionError: the walk keeps its own stack
     # src/ plus 255 levels is as deep as the walk goes; what that folder holds is judged whole.
     deep = "/".join(["src"] + ["a"] * (gate.MAX_DEPTH - 1))
     assert [(c.path, c.what) for c in found if c.what != "added"] == [(deep, "too-deep")]
@@ -298,7 +298,7 @@ def test_folders_nested_thousands_deep_are_one_denied_change(wt: Path, deep_ok: 
 def test_a_path_too_long_to_open_is_denied_as_too_deep(wt: Path, deep_ok: Path) -> None:
     before = snapshot(wt)
     nest(wt / "src", 20, name="n" * 250)  # 20 levels, 5,000 bytes: past PATH_MAX
-    v = judge(diff(before, snapshot(wt)), repo="webapp", files=("webapp/**",), writes=("webapp/**",))
+    v = judge(diff(before, snapshot(wt, since=before)), repo="webapp", files=("webapp/**",), writes=("webapp/**",))
     assert [(c.what, why) for c, why in v.offending] == [("too-deep", gate.ALWAYS_DENIED["too-deep"])]
 
 
@@ -319,7 +319,7 @@ def test_a_huge_file_left_alone_is_no_change_and_any_write_to_it_is_seen(wt: Pat
     with open(big, "wb") as f:
         f.truncate(gate.MAX_FILE_BYTES + 1)
     before = snapshot(wt)
-    assert diff(before, snapshot(wt)) == []
+    assert diff(before, snapshot(wt, since=before)) == []
     st = big.stat()
 
     def act() -> None:  # same size, same mtime: only the inode change time tells
@@ -330,4 +330,47 @@ def test_a_huge_file_left_alone_is_no_change_and_any_write_to_it_is_seen(wt: Pat
     before = snapshot(wt)
     time.sleep(0.01)  # a change time one tick later, on coarse clocks too
     act()
-    assert {c.path: c.what for c in diff(before, snapshot(wt))} == {"src/big.bin": "too-large"}
+    assert {c.path: c.what for c in diff(before, snapshot(wt, since=before))} == {"src/big.bin": "too-large"}
+
+
+def test_a_file_not_written_since_the_first_snapshot_is_not_read_again(wt: Path, monkeypatch) -> None:
+    """The second snapshot takes over the digest of a file whose inode, size, mtime and change
+    time are all as they were: only what the run wrote is read."""
+    read: list[str] = []
+    real_digest = gate._digest
+
+    def counted(path: str) -> str:
+        read.append(os.path.relpath(path, wt))
+        return real_digest(path)
+
+    monkeypatch.setattr(gate, "_digest", counted)
+    before = snapshot(wt)
+    assert "src/login.py" in read
+    read.clear()
+    (wt / "src" / "new.py").write_text("x = 1\n")
+    after = snapshot(wt, since=before)
+    assert read == ["src/new.py"]
+    assert after["src/login.py"] == before["src/login.py"]
+
+
+def test_a_rewrite_that_puts_size_and_mtime_back_is_still_read(wt: Path) -> None:
+    login = wt / "src" / "login.py"
+    st = login.stat()
+    before = snapshot(wt)
+    time.sleep(0.01)  # a change time one tick later, on coarse clocks too
+    text = login.read_bytes()
+    login.write_bytes(text[:-1] + (b"#" if text[-1:] != b"#" else b"!"))  # same size
+    os.utime(login, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert {c.path: c.what for c in diff(before, snapshot(wt, since=before))} == {"src/login.py": "modified"}
+
+
+def test_many_files_each_under_the_limit_are_refused_unread_past_the_total(wt: Path, monkeypatch) -> None:
+    monkeypatch.setattr(gate, "MAX_CHANGED_BYTES", 1000)
+    before = snapshot(wt)
+    for i in range(5):
+        (wt / "src" / f"part{i}.bin").write_bytes(b"x" * 400)
+    found = {c.path: c for c in diff(before, snapshot(wt, since=before))}
+    refused = sorted(p for p, c in found.items() if c.what == "too-large")
+    assert len(refused) == 3 and all(found[p].detail.startswith("created, past 1000 bytes") for p in refused)
+    v = judge(list(found.values()), repo="webapp", files=("webapp/**",), writes=("webapp/**",))
+    assert not v.allowed
