@@ -46,8 +46,8 @@ class Active:
     started: float
     deadline: float
     repo: Repo | None = None
-    before: dict[str, gate.Entry] | None = None
-    after: dict[str, gate.Entry] | None = None  # what the gate judged
+    before: gate.Snapshot | None = None
+    after: gate.Snapshot | None = None  # what the gate judged
     phase: str = "specialist"
     checks: list[str] = field(default_factory=list)
     check_index: int = 0

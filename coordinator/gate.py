@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,20 +104,34 @@ class Verdict:
 # -- snapshot -------------------------------------------------------------------------------------
 
 
-def snapshot(root: Path, *, since: dict[str, Entry] | None = None) -> dict[str, Entry]:
-    """Every path under `root` (relative, '/'-separated) and what it is; {} when root is gone.
+class Snapshot(dict[str, Entry]):
+    """path -> Entry, and when the snapshot began (the wall clock, in ns)."""
+
+    started: int = 0
+
+
+# A change time this close to a snapshot's start may share the file system's clock tick with
+# a write that came after it (timestamps come from a coarse clock, a few ms a tick): such a
+# file is read again, as git does with "racily clean" index entries.
+RACY_NS = 50_000_000
+
+
+def snapshot(root: Path, *, since: Snapshot | None = None) -> Snapshot:
+    """Every path under `root` (relative, '/'-separated) and what it is; empty when root is gone.
 
     With `since` (the snapshot before the run), a file not written since keeps its digest
     unread, and the files that were are read up to MAX_CHANGED_BYTES in all: past that, each
     is judged too large unread, so many files each under MAX_FILE_BYTES cannot stall it either.
     """
+    out = Snapshot()
+    out.started = time.time_ns()
     try:
         st = os.lstat(root)
     except FileNotFoundError:
-        return {}
+        return out
     if not stat.S_ISDIR(st.st_mode):
-        return {}  # the copy itself was replaced: every path in it reads as deleted
-    out: dict[str, Entry] = {}
+        return out  # the copy itself was replaced: every path in it reads as deleted
+    settled = since.started - RACY_NS if since is not None else 0  # changed before this: told by its key
     read = 0  # bytes of written files read, with `since`
     # An explicit stack, not recursion: the specialist chose how deep the tree goes.
     todo = [(str(root), "", 0)]
@@ -139,18 +154,18 @@ def snapshot(root: Path, *, since: dict[str, Entry] | None = None) -> dict[str, 
             digest = link = None
             key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             if kind == "file":
-                prev = since.get(rel) if since is not None else None
-                if prev is not None and prev.kind == "file" and prev.key == key and prev.digest \
-                        and not prev.digest.startswith("!"):
-                    digest = prev.digest
+                kept = _kept(since.get(rel), key) if since is not None else None
+                written = since is not None and kept is None
+                if kept is not None and st.st_ctime_ns < settled:
+                    digest = kept
                 elif st.st_size > MAX_FILE_BYTES:
                     # Judged by lstat's size, never read: `diff` refuses it as too large anyway. Its
                     # inode change time stands in for the content (no write leaves it as it was).
                     digest = f"!large:{st.st_ino}:{st.st_ctime_ns}"
-                elif since is not None and read + st.st_size > MAX_CHANGED_BYTES:
+                elif written and read + st.st_size > MAX_CHANGED_BYTES:
                     digest = f"{OVER_BUDGET}:{st.st_ino}:{st.st_ctime_ns}"
                 else:
-                    read += st.st_size if since is not None else 0
+                    read += st.st_size if written else 0  # a racy re-read of an unwritten file is free
                     digest = _digest(item.path)
             elif kind == "symlink":
                 link = os.readlink(item.path)
@@ -161,6 +176,13 @@ def snapshot(root: Path, *, since: dict[str, Entry] | None = None) -> dict[str, 
     return out
 
 
+def _kept(prev: Entry | None, key: tuple[int, int, int, int]) -> str | None:
+    """The digest of a file that, by its key, was not written since `prev` was taken."""
+    if prev is None or prev.kind != "file" or prev.key != key or not prev.digest or prev.digest.startswith("!"):
+        return None
+    return prev.digest
+
+
 def _too_long(folder: str, items: list[os.DirEntry[str]]) -> bool:
     """Is any path in `folder` too long to open by name? (Only asked near the limit: a name
     takes at most 255 bytes.)"""
@@ -169,7 +191,7 @@ def _too_long(folder: str, items: list[os.DirEntry[str]]) -> bool:
     return any(len(os.fsencode(i.path)) >= _PATH_MAX for i in items)
 
 
-def _mark(out: dict[str, Entry], rel: str, digest: str) -> None:
+def _mark(out: Snapshot, rel: str, digest: str) -> None:
     e = out[rel]
     out[rel] = Entry(e.kind, e.mode, e.size, digest, None, e.nlink)
 
