@@ -259,13 +259,14 @@ def send(c: Context, file: str, to: str | None, sender: str | None) -> None:
         cat order.yaml | coordinator send - --to chip --from walt
     """
     from . import sending
+    from .watcher import printable
 
     if file == "-":
         data = sending.read_stream(sys.stdin.buffer)
         order_id = sending.send(c.ws, data, name=sending.STDIN, to=to, sender=sender, kind=sending.sniff(data))
     else:
         path = Path(file)
-        shown = c.ws.rel(path)
+        shown = printable(c.ws.rel(path))
         sending.refuse_inbox_file(c.ws, path, shown=shown)
         data = sending.read_file(path, shown=shown)
         order_id = sending.send(c.ws, data, name=shown, to=to, sender=sender)

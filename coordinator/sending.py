@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 from . import durable, orders
 from .errors import NotFoundError, OrderError, Problem, UsageError
 from .store import History, Store
-from .watcher import is_candidate
+from .watcher import is_candidate, printable
 from .workspace import Workspace
 
 RESERVED = "ids"  # .coordinator/ids/: id reservations shared with the supervisor's intake
@@ -94,7 +94,7 @@ def validate_files(ws: Workspace, files: list[Path], *, to: str | None, sender: 
     report: list[dict[str, Any]] = []
     for path in files:
         stdin = str(path) == "-"
-        shown = STDIN if stdin else ws.rel(path)
+        shown = STDIN if stdin else printable(ws.rel(path))
         recipient = to or (None if stdin else ws.agent_of_inbox(path))
         entry: dict[str, Any] = {"file": shown, "to": recipient, "valid": False, "readable": True, "checks": 0,
                                  "problems": []}

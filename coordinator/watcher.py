@@ -29,6 +29,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import signal
 import stat
 import threading
@@ -94,9 +95,14 @@ def is_candidate(name: str) -> bool:
     return not name.endswith(TEMP_SUFFIXES)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def printable(name: str) -> str:
-    """A file name as text that can be printed and stored (a name need not be UTF-8)."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A file name as text that can be printed and stored on one line (a name need not be
+    UTF-8, and may hold a newline): other bytes and control characters as escapes."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def scan(folder: Path, *, others: list[Path] | None = None) -> list[Path]:

@@ -198,6 +198,20 @@ def test_numbers_out_of_range_are_refused_with_the_range(ws: Path, args: tuple[s
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+def test_a_file_name_with_a_newline_is_said_on_one_line(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ws)
+    (ws / "bad\nname.md").write_text("not an order\n")
+    result = run("validate", "bad\nname.md", "--to", "chip")
+    assert result.exit_code == 1
+    assert all(line.startswith("bad\\x0aname.md") for line in result.stderr.splitlines()), result.stderr
+    missing = run("send", "gone\nfile.md", "--to", "chip")
+    assert (missing.exit_code, missing.stderr) == (2, "coordinator: gone\\x0afile.md: no such file\n")
+    (ws / "inbox" / "chip" / "two\nlines.md").write_text(order("The greeting already exists in the webapp"))
+    assert run("supervise", "--once").exit_code == 0
+    (rec,) = Store(ws / "state").load_all().values()
+    assert rec.source == "inbox/chip/two\\x0alines.md"
+
+
 def test_an_empty_id_is_no_order_not_all_of_them(ws: Path) -> None:
     for args in (("log", ""), ("show", "")):
         refused = run("-w", ws, *args)
