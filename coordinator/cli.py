@@ -124,10 +124,10 @@ pass_ctx = click.make_pass_decorator(Context)
 
 
 class _Amount(click.FloatRange):
-    """Seconds or days: a finite number >= 0 (FloatRange lets nan and inf through)."""
+    """Seconds or days: a finite number from 0 to `most` (FloatRange lets nan and inf through)."""
 
-    def __init__(self) -> None:
-        super().__init__(min=0)
+    def __init__(self, most: float) -> None:
+        super().__init__(min=0, max=most)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         number = super().convert(value, param, ctx)
@@ -136,7 +136,8 @@ class _Amount(click.FloatRange):
         return number
 
 
-AMOUNT = _Amount()
+SECONDS = _Amount(most=7 * 24 * 3600)  # a grace of a week is already no limit
+DAYS = _Amount(most=100 * 365)
 
 
 class _Tokens(click.IntRange):
@@ -293,7 +294,7 @@ def new(c: Context, to: str) -> None:
 @cli.command()
 @click.option("--once", is_flag=True, help="Process everything runnable now, then exit.")
 @click.option("--poll", is_flag=True, help="Use a polling watcher (network file systems).")
-@click.option("--grace", default=30.0, show_default=True, metavar="SECONDS", type=AMOUNT,
+@click.option("--grace", default=30.0, show_default=True, metavar="SECONDS", type=SECONDS,
               help="How long running attempts may finish after the first SIGTERM/SIGINT.")
 @pass_ctx
 def supervise(c: Context, once: bool, poll: bool, grace: float) -> None:
@@ -632,7 +633,7 @@ def cost(c: Context, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--days", default=7.0, show_default=True, type=AMOUNT, help="Remove kept working copies older than this.")
+@click.option("--days", default=7.0, show_default=True, type=DAYS, help="Remove kept working copies older than this.")
 @pass_ctx
 def gc(c: Context, days: float) -> None:
     """Remove working copies kept for inspection (denied orders) older than --days.

@@ -189,8 +189,9 @@ def test_an_agent_may_not_take_a_name_the_coordinator_uses_itself(ws: Path, name
     (("budget", "add", "1,5"), "'1,5' is not a whole number of tokens"),  # not 15
     (("budget", "add", "1,,8,,00"), "'1,,8,,00' is not a whole number of tokens"),
     (("budget", "add", "\u0661\u0662\u0663"), "is not a whole number of tokens"),  # Arabic-Indic digits
-    (("gc", "--days", "-1"), "Invalid value for '--days': -1.0 is not in the range x>=0"),
-    (("supervise", "--grace", "-5"), "Invalid value for '--grace': -5.0 is not in the range x>=0"),
+    (("gc", "--days", "-1"), "Invalid value for '--days': -1.0 is not in the range 0<=x<=36500"),
+    (("supervise", "--grace", "-5"), "Invalid value for '--grace': -5.0 is not in the range 0<=x<=604800"),
+    (("supervise", "--grace", "1e308"), "Invalid value for '--grace': 1e+308 is not in the range 0<=x<=604800"),
 ])
 def test_numbers_out_of_range_are_refused_with_the_range(ws: Path, args: tuple[str, ...], refused: str) -> None:
     done = program("-w", ws, *args, timeout=20)  # a supervise that took -5 would run: the timeout fails it
