@@ -244,7 +244,7 @@ class AttemptRunner:
                     subject=act.order.objective,
                     trailers={"Work-Order": act.rec.id, "Agent": act.agent.name,
                               "Attempt": str(act.attempt.number)},
-                    verify=lambda staged: _as_judged(staged, act.after or {}))
+                    verify=lambda paths: _as_judged(act.attempt.workdir, paths, act.after or gate.Snapshot()))
             except GateError as e:
                 return self.fail(act, str(e))
             except GitError as e:
@@ -632,10 +632,12 @@ def outcome_problem(order: WorkOrder, result: results.Result) -> str | None:
             f"order's branching ({allowed})")
 
 
-def _as_judged(staged: dict[str, tuple[str, bytes]], judged: dict[str, gate.Entry]) -> None:
-    """GateError unless git staged of each path what the gate judged: nothing may change
-    between the two (a process that outlived its attempt, say)."""
-    changed = sorted(p for p, (mode, data) in staged.items() if not gate.staged_as_judged(p, mode, data, judged.get(p)))
+def _as_judged(workdir: Path, paths: list[str], judged: gate.Snapshot) -> None:
+    """GateError unless every path of the change is, now that git has read it, what the gate
+    judged: nothing may change between the two (a process that outlived its attempt, say).
+    Compared on the file, not the blob, so git's own conversions (line endings, filters) are
+    no difference."""
+    changed = sorted(p for p in paths if not gate.unchanged_since(workdir, p, judged.get(p)))
     if changed:
         raise GateError(f"{', '.join(changed[:5])} changed after the permission gate judged it; nothing was "
                         "committed")

@@ -166,7 +166,7 @@ def snapshot(root: Path, *, since: Snapshot | None = None) -> Snapshot:
                     digest = f"{OVER_BUDGET}:{st.st_ino}:{st.st_ctime_ns}"
                 else:
                     read += st.st_size if written else 0  # a racy re-read of an unwritten file is free
-                    digest = _digest(item.path)
+                    digest = _digest(item.path, st.st_size)
             elif kind == "symlink":
                 link = os.readlink(item.path)
             size = 0 if kind == "dir" else st.st_size
@@ -210,24 +210,22 @@ def _kind(mode: int) -> str:
     return "device"
 
 
-def content_digest(data: bytes) -> str:
-    """The digest `snapshot` gives a file with these bytes."""
-    return hashlib.blake2b(data, digest_size=20).hexdigest()
-
-
-def staged_as_judged(path: str, mode: str, content: bytes, judged: Entry | None) -> bool:
-    """Does a tree entry (git mode, blob bytes) hold what the gate judged at `path`? A link's
-    blob is its target; a file's executable bit is its owner's."""
-    if judged is None:
+def unchanged_since(root: Path, path: str, judged: Entry | None) -> bool:
+    """Is `path` in the copy still what the gate judged? Any write, truncate, chmod, rename
+    or link since moves its inode, size, mtime or change time (`Entry.key`); a path judged
+    gone must still be gone. Asked after git read it to stage it: what git read was judged."""
+    try:
+        st = os.lstat(os.path.join(root, path))
+    except FileNotFoundError:
+        return judged is None
+    if judged is None or judged.kind != _kind(st.st_mode):
         return False
-    if mode == "120000":
-        return judged.kind == "symlink" and judged.link is not None and content == os.fsencode(judged.link)
-    if mode not in ("100644", "100755") or judged.kind != "file":
+    if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != judged.key:
         return False
-    return content_digest(content) == judged.digest and (mode == "100755") == bool(judged.mode & stat.S_IXUSR)
+    return judged.kind != "symlink" or os.readlink(os.path.join(root, path)) == judged.link
 
 
-def _digest(path: str) -> str:
+def _digest(path: str, size: int) -> str:
     # O_NOFOLLOW and O_NONBLOCK: a path swapped for a link or a fifo after lstat is not followed
     # and cannot hang the walk.
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
@@ -239,9 +237,11 @@ def _digest(path: str) -> str:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return UNREADABLE
         h = hashlib.blake2b(digest_size=20)
-        while chunk := os.read(fd, _CHUNK):
+        left = size + 1  # no further than lstat said: a file grown meanwhile is not read to its end
+        while left > 0 and (chunk := os.read(fd, min(_CHUNK, left))):
             h.update(chunk)
-        return h.hexdigest()
+            left -= len(chunk)
+        return UNREADABLE if left <= 0 else h.hexdigest()
     except OSError:
         return UNREADABLE
     finally:

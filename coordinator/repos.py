@@ -292,12 +292,12 @@ class Repo:
 
     def commit(self, worktree: Path, paths: Iterable[str], *, agent: str, subject: str,
                trailers: Mapping[str, str],
-               verify: Callable[[dict[str, tuple[str, bytes]]], None] | None = None) -> str | None:  # fmt: skip
+               verify: Callable[[list[str]], None] | None = None) -> str | None:  # fmt: skip
         """Commit exactly `paths` (repo-relative) of the working copy on its wo/ branch, as `agent`.
 
         Ignored files that git does not track are left out. None when nothing changed.
-        `verify` is shown what was staged of `paths` ({path: (git mode, blob bytes)}) before
-        the commit is made; what it raises leaves the branch where it was.
+        `verify(paths)` is called once git has read what it stages, before the commit is made;
+        what it raises leaves the branch where it was.
         """
         work = Path(os.path.abspath(worktree))
         wanted = list(dict.fromkeys(paths))
@@ -328,46 +328,17 @@ class Repo:
             self._run(["update-index", "--force-remove", "-z", "--stdin"], cwd=work, input=_nul_join(remove))
         if add:
             self._run(["update-index", "--add", "--replace", "-z", "--stdin"], cwd=work, input=_nul_join(add))
+        if verify is not None:  # before "nothing changed": a judged change gone missing is a change too
+            verify(wanted)
         tree = self.git("write-tree", cwd=work)
         if tree == self.git("rev-parse", f"{old}^{{tree}}"):
             return None
-        if verify is not None:
-            verify(self.tree_files(tree, add))
         body = subject.strip().replace("\n", " ") + "\n"
         if trailers:
             body += "\n" + "".join(f"{k}: {' '.join(str(v).split())}\n" for k, v in trailers.items())
         new = self._commit_tree(tree, [old], body, (agent, f"{agent}@{AGENT_EMAIL_DOMAIN}"))
         self.git("update-ref", "-m", f"coordinator: commit by {agent}", head_ref, new, old)
         return new
-
-    def tree_files(self, tree: str, paths: Iterable[str]) -> dict[str, tuple[str, bytes]]:
-        """{path: (git mode, blob bytes)} of those of `paths` that `tree` holds as blobs."""
-        wanted = set(paths)
-        if not wanted:
-            return {}
-        found: dict[str, tuple[str, str]] = {}
-        for item in _nul_split(self.git("ls-tree", "-r", "-z", "--full-tree", tree)):
-            meta, _, path = item.partition("\t")
-            mode, kind, sha = meta.split()
-            if kind == "blob" and path in wanted:
-                found[path] = (mode, sha)
-        if not found:
-            return {}
-        # One cat-file for all, read as bytes: text mode would turn a blob's \r\n into \n.
-        proc = subprocess.run(_argv(["cat-file", "--batch"], git_dir=self.git_dir), cwd=self.git_dir,
-                              env=clean_env(None), input="".join(f"{sha}\n" for _, sha in found.values()).encode(),
-                              capture_output=True, timeout=GIT_TIMEOUT)
-        if proc.returncode != 0:
-            raise GitError(f"git cat-file failed in {self.git_dir}: {proc.stderr.decode(errors='replace').strip()}")
-        data = proc.stdout
-        blobs: dict[str, tuple[str, bytes]] = {}
-        pos = 0
-        for path, (mode, _) in found.items():
-            end = data.index(b"\n", pos)
-            size = int(data[pos:end].split()[2])
-            blobs[path] = (mode, data[end + 1 : end + 1 + size])
-            pos = end + 1 + size + 1
-        return blobs
 
     def _commit_tree(self, tree: str, parents: list[str], message: str, who: tuple[str, str]) -> str:
         args = ["commit-tree", tree]

@@ -339,9 +339,9 @@ def test_a_file_not_written_since_the_first_snapshot_is_not_read_again(wt: Path,
     read: list[str] = []
     real_digest = gate._digest
 
-    def counted(path: str) -> str:
+    def counted(path: str, size: int) -> str:
         read.append(os.path.relpath(path, wt))
-        return real_digest(path)
+        return real_digest(path, size)
 
     monkeypatch.setattr(gate, "_digest", counted)
     time.sleep(gate.RACY_NS / 1e9 + 0.01)  # the checkout's files settle (see the next test)
@@ -361,9 +361,9 @@ def test_a_file_changed_in_the_clock_tick_of_the_first_snapshot_is_read_again(wt
     read: list[str] = []
     real_digest = gate._digest
 
-    def counted(path: str) -> str:
+    def counted(path: str, size: int) -> str:
         read.append(os.path.relpath(path, wt))
-        return real_digest(path)
+        return real_digest(path, size)
 
     time.sleep(gate.RACY_NS / 1e9 + 0.01)
     (wt / "src" / "fresh.py").write_text("y = 2\n")  # changed just now
@@ -394,3 +394,15 @@ def test_many_files_each_under_the_limit_are_refused_unread_past_the_total(wt: P
     assert len(refused) == 3 and all(found[p].detail.startswith("created, past 1000 bytes") for p in refused)
     v = judge(list(found.values()), repo="webapp", files=("webapp/**",), writes=("webapp/**",))
     assert not v.allowed
+
+
+def test_a_file_that_grows_after_its_size_was_taken_is_not_read_to_its_end(tmp_path: Path) -> None:
+    """The size limits judge by lstat's size; a file grown (a sparse 16 GiB, say) between the
+    lstat and the read is read no further than that size, and reads as unknown content."""
+    path = tmp_path / "grows.bin"
+    path.write_bytes(b"x" * 10)
+    with open(path, "r+b") as f:
+        f.truncate(16 * 1024**3)
+    started = time.perf_counter()
+    assert gate._digest(str(path), 10) == gate.UNREADABLE
+    assert time.perf_counter() - started < 1.0

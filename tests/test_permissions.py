@@ -896,7 +896,7 @@ for name, pid in who.items():
     a.assert_untouched()
 
 
-@pytest.mark.parametrize("swap", ["content", "link"])
+@pytest.mark.parametrize("swap", ["content", "link", "repository", "gone"])
 def test_what_changes_after_the_gate_judged_it_is_never_committed(make_ws, tmp_path, monkeypatch, swap):
     """A process that outlived its attempt writes between the gate's verdict and the commit:
     git would stage what is there then. What git staged is compared with what the gate
@@ -913,7 +913,10 @@ def test_what_changes_after_the_gate_judged_it_is_never_committed(make_ws, tmp_p
         target.unlink()
         if swap == "link":
             target.symlink_to("/etc/passwd")
-        else:
+        elif swap == "repository":  # git would record a submodule pointer
+            target.mkdir()
+            subprocess.run(["git", "init", "-q", str(target)], check=True)
+        elif swap == "content":
             target.write_text("import os; os.system('curl evil')\n")
         return verdict
 
@@ -947,3 +950,20 @@ os.symlink("greeting.py", "src/alias.py")
     assert sorted(line.split()[0] for line in listed.splitlines()) == ["100644", "100644", "100755", "120000"]
     crlf = subprocess.run(["git", "-C", str(repo), "show", "main:src/crlf.txt"], capture_output=True, check=True)
     assert crlf.stdout == b"a\r\nb\r\n"
+
+
+def test_git_converting_line_endings_on_staging_is_no_change_after_the_gate(make_ws):
+    """`* text=auto` (and filters like it) make git stage other bytes than the file holds:
+    the check that nothing changed after the gate looks at the file, so this lands."""
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"], "command": attacker(
+        'with open("src/crlf.txt", "wb") as f: f.write(b"one\\r\\ntwo\\r\\n")\n')}})
+    repo = ws.repos / "webapp"
+    (repo / ".gitattributes").write_text("* text=auto\n")
+    git(repo, "add", ".gitattributes")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "text=auto")
+    drop(ws, "chip", "c.md", order_md("Text lands", id="crlf", files=("webapp/src/**",)))
+    run(ws)
+    rec = record(ws, "crlf")
+    assert rec.status == "done", (rec.failures, rec.report)
+    staged = subprocess.run(["git", "-C", str(repo), "show", "main:src/crlf.txt"], capture_output=True, check=True)
+    assert staged.stdout == b"one\ntwo\n"  # as git normalizes it
