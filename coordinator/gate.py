@@ -214,15 +214,23 @@ def unchanged_since(root: Path, path: str, judged: Entry | None) -> bool:
     """Is `path` in the copy still what the gate judged? Any write, truncate, chmod, rename
     or link since moves its inode, size, mtime or change time (`Entry.key`); a path judged
     gone must still be gone. Asked after git read it to stage it: what git read was judged."""
+    full = os.path.join(root, path)
     try:
-        st = os.lstat(os.path.join(root, path))
-    except FileNotFoundError:
+        st = os.lstat(full)
+    except (FileNotFoundError, NotADirectoryError):
         return judged is None
+    except OSError:
+        return False
     if judged is None or judged.kind != _kind(st.st_mode):
         return False
     if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != judged.key:
         return False
-    return judged.kind != "symlink" or os.readlink(os.path.join(root, path)) == judged.link
+    if judged.kind != "symlink":
+        return True
+    try:
+        return os.readlink(full) == judged.link
+    except OSError:  # swapped for something else since the lstat
+        return False
 
 
 def _digest(path: str, size: int) -> str:
