@@ -476,9 +476,8 @@ class AttemptRunner:
         made = self.follow_up_of(rec, order)
         if made is None:
             raise StateError(f"{rec.id}'s record names no follow-up it could file")
-        order = made
         what = "route" if rec.status == "routed" else "escalation"
-        self.sup.file_order(order, shown=f"{what} of {rec.id}")
+        self.sup.file_order(made, shown=f"{what} of {rec.id}")
         if rec.status == "routed":
             self.sup.rerouted(rec)
 

@@ -184,7 +184,7 @@ class StateRepo:
             else:
                 self.add(batch.paths)
         for _ in range(3):
-            base = self._head()
+            base = self.head()
             # Inside the loop: a commit that moved the branch meanwhile staged its files in the
             # same index, and a tree written before it would take them out again.
             tree = self.git("write-tree").strip()
@@ -197,7 +197,7 @@ class StateRepo:
                          base or "")
                 break
             except GitError:
-                if self._head() == base:  # not a race with another writer: a real failure
+                if self.head() == base:  # not a race with another writer: a real failure
                     raise
         else:
             raise GitError("state/'s branch keeps moving under the supervisor: something else commits there")
@@ -227,7 +227,7 @@ class StateRepo:
             return f"could not roll up state/'s {packs} packs (they are kept): {e}"
         return None
 
-    def _head(self) -> str:
+    def head(self) -> str:
         """The commit HEAD names ("" before the first), read from the ref files when they are
         plain (a git process per batch saved), else asked of git."""
         git_dir = self.path / ".git"

@@ -80,7 +80,14 @@ def run_git(
     timeout: float = GIT_TIMEOUT,
 ) -> subprocess.CompletedProcess[str]:
     """Run one trusted git command and wait for it; raise GitError on failure when `check`."""
-    argv = _argv(args, git_dir=git_dir, work_tree=work_tree)
+    argv = ["git"]
+    if git_dir is not None:
+        argv.append(f"--git-dir={git_dir}")
+    if work_tree is not None:
+        argv.append(f"--work-tree={work_tree}")
+    for item in _TRUSTED_CONFIG:
+        argv += ["-c", item]
+    argv += args
     verb = next((a for a in argv[len(argv) - len(args) :] if not a.startswith("-")), "?")
     try:
         proc = subprocess.run(
@@ -97,17 +104,6 @@ def run_git(
         said = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
         raise GitError(f"git {verb} failed in {cwd}: {said.splitlines()[-1]}")
     return proc
-
-
-def _argv(args: list[str], *, git_dir: Path | None, work_tree: Path | None = None) -> list[str]:
-    argv = ["git"]
-    if git_dir is not None:
-        argv.append(f"--git-dir={git_dir}")
-    if work_tree is not None:
-        argv.append(f"--work-tree={work_tree}")
-    for item in _TRUSTED_CONFIG:
-        argv += ["-c", item]
-    return argv + args
 
 
 class MergeConflict(GitError):

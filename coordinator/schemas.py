@@ -118,27 +118,22 @@ def describe(error: ValidationError) -> str:
     return _bounds(error) or str(error.message)
 
 
+# Sizes and limits in words (jsonschema says `[] should be non-empty`): (what is counted, rule).
+_SIZES = {"minItems": ("has {} entries", "it needs at least"), "maxItems": ("has {} entries", "it takes at most"),
+          "minLength": ("is {} characters", "it needs at least"), "maxLength": ("is {} characters", "it takes at most")}
+_LIMITS = {"minimum": "at least", "maximum": "at most", "exclusiveMinimum": "above", "exclusiveMaximum": "below"}
+
+
 def _bounds(error: ValidationError) -> str | None:
-    """Sizes, limits and fixed values in words (jsonschema says `[] should be non-empty`)."""
+    """Sizes, limits, fixed values and repeats in words, or None for another keyword."""
     v, n, value = error.validator, error.validator_value, error.instance
     if v in ("minItems", "minProperties", "minLength") and n == 1:
         return "must not be empty"
-    if v == "minItems":
-        return f"has {len(value)} entries; it needs at least {n}"
-    if v == "maxItems":
-        return f"has {len(value)} entries; it takes at most {n}"
-    if v == "minLength":
-        return f"is {len(value)} characters; it needs at least {n}"
-    if v == "maxLength":
-        return f"is {len(value)} characters; it takes at most {n}"
-    if v == "minimum":
-        return f"must be at least {n}, not {_shown(value)}"
-    if v == "maximum":
-        return f"must be at most {n}, not {_shown(value)}"
-    if v == "exclusiveMinimum":
-        return f"must be above {n}, not {_shown(value)}"
-    if v == "exclusiveMaximum":
-        return f"must be below {n}, not {_shown(value)}"
+    if v in _SIZES:
+        size, rule = _SIZES[v]
+        return f"{size.format(len(value))}; {rule} {n}"
+    if v in _LIMITS:
+        return f"must be {_LIMITS[v]} {n}, not {_shown(value)}"
     if v == "const":
         return f"must be {_shown(n)}, not {_shown(value)}"
     if v == "uniqueItems" and isinstance(value, list):

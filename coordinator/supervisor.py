@@ -470,7 +470,8 @@ class Supervisor:
         self._index(rec)
         # An order the work of another made ("route of WO-7/...", "outbox of WO-7/...") names it
         # in its line: that keeps the line in a commit after WO-7's own (see audit._group).
-        made_by = rec.source.split("/", 1)[0] if " of " in rec.source.split("/", 1)[0] else None
+        origin = rec.source.split("/", 1)[0]
+        made_by = origin if " of " in origin else None
         self._stage(rec, "new", rec.status, rec.history[-1]["actor"],
                     note=rec.errors[0] if rec.errors else made_by)
         orchestrator = self.config.orchestrator

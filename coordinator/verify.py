@@ -101,22 +101,15 @@ def verify(ws: Workspace, *, say: Callable[[str], None] | None = None) -> list[F
 
 def _settle(state: audit.StateRepo) -> None:
     """Wait for SETTLE_COMMITS commits in state/, or SETTLE_QUIET seconds without one."""
-    head, commits = _head(state), 0
+    head, commits = state.head(), 0
     now = time.monotonic()
     last, end = now, now + SETTLE_MAX
     while commits < SETTLE_COMMITS and now - last < SETTLE_QUIET and now < end:
         time.sleep(0.1)
         now = time.monotonic()
-        current = _head(state)
+        current = state.head()
         if current != head:
             head, commits, last = current, commits + 1, now
-
-
-def _head(state: audit.StateRepo) -> str:
-    try:
-        return state.git("rev-parse", "-q", "--verify", "HEAD").strip()
-    except CoordinatorError:
-        return ""
 
 
 def _content(ws: Workspace, finding: Finding) -> bytes | None:

@@ -56,9 +56,9 @@ class Workspace:
         if config.is_file():
             return cls(path)
         # Say what the path is, so that the advice given works.
-        if path.is_file() or (not path.exists() and path.parent.is_dir() and path.name == CONFIG_NAME):
-            if path.name == CONFIG_NAME:
-                raise WorkspaceError(f"{source}: {path} is the config file; pass its folder: -w {path.parent}")
+        if path.name == CONFIG_NAME and not path.is_dir():
+            raise WorkspaceError(f"{source}: {path} is the config file; pass its folder: -w {path.parent}")
+        if path.is_file():
             raise WorkspaceError(f"{source}: {path} is a file, not a workspace folder")
         if config.exists():
             raise WorkspaceError(f"{source}: {config} is not a regular file; the workspace's config must be one")

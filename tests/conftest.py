@@ -84,6 +84,17 @@ def wait_until(cond: Callable[[], object], what: str, timeout: float = 60.0) -> 
 
 
 @pytest.fixture
+def deep_ok(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path, removed at the end without recursion: pytest clears old temp folders with
+    shutil.rmtree, which a tree thousands of levels deep left there (a denied copy is kept)
+    would crash."""
+    from coordinator import durable
+
+    yield tmp_path
+    durable.remove_tree(tmp_path)
+
+
+@pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     """An empty `state/` folder (no git): for modules that only read and write files in it."""
     d = tmp_path / "state"

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
-from conftest import drop, order_md, sh, wait_until
+from conftest import drop, order_md, sh
 
-from coordinator import control, signals, verify
+from bench.harness import LiveSupervisor
+from coordinator import signals, verify
 from coordinator.audit import StateRepo
 from coordinator.errors import GitError
 from coordinator.store import Store
@@ -192,14 +191,8 @@ def test_batches_write_packs_that_are_rolled_up_and_records_still_diff_as_text(t
     assert len(git(root, "log", "--format=%s").splitlines()) == 10  # each batch once, and init
 
 
-def test_a_roll_up_that_fails_is_said_and_the_batch_is_committed_once(tmp_path, monkeypatch):
-    """A repack that fails (a full disk, say) after the batch's commits landed: the batch is in
-    the history once, the failure is a note for the supervisor to say, nothing is raised."""
-    from coordinator import audit
-
-    monkeypatch.setattr(audit, "PACK_LIMIT", 1)
-    repo = StateRepo(tmp_path / "state")
-    StateRepo.ensure(repo.path)
+def without_room_to_repack(repo: StateRepo) -> None:
+    """`repo`'s roll-ups fail as on a full disk; everything else git does in it works."""
     real = repo.git
 
     def git_without_room(*args: str, **kwargs: object) -> str:
@@ -208,6 +201,17 @@ def test_a_roll_up_that_fails_is_said_and_the_batch_is_committed_once(tmp_path, 
         return real(*args, **kwargs)
 
     repo.git = git_without_room  # type: ignore[method-assign]
+
+
+def test_a_roll_up_that_fails_is_said_and_the_batch_is_committed_once(tmp_path, monkeypatch):
+    """A repack that fails (a full disk, say) after the batch's commits landed: the batch is in
+    the history once, the failure is a note for the supervisor to say, nothing is raised."""
+    from coordinator import audit
+
+    monkeypatch.setattr(audit, "PACK_LIMIT", 1)
+    repo = StateRepo(tmp_path / "state")
+    StateRepo.ensure(repo.path)
+    without_room_to_repack(repo)
     (repo.path / "r.json").write_text("{}\n")
     repo.stage("coordinator", "WO-0001 chip: running -> done")
     assert repo.flush({str(repo.path / "r.json")}) == 1
@@ -224,14 +228,7 @@ def test_the_supervisor_says_a_failed_roll_up_and_goes_on(make_ws, monkeypatch):
     ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
     said: list[str] = []
     with Supervisor(ws, log=said.append) as sup:
-        real = sup.audit.git
-
-        def git_without_room(*args: str, **kwargs: object) -> str:
-            if args and args[0] == "repack":
-                raise GitError("git repack failed in state/: No space left on device")
-            return real(*args, **kwargs)
-
-        sup.audit.git = git_without_room  # type: ignore[method-assign]
+        without_room_to_repack(sup.audit)
         for i in range(2):
             drop(ws, "chip", f"o{i}.md", order_md(f"Order {i} is done", id=f"o{i}"))
             sup.run_once(limit=30)
@@ -450,10 +447,6 @@ def test_verify_beside_a_busy_supervisor_lists_nothing_it_is_about_to_commit(mak
     uncommitted, and the records' newest transitions not yet in the history. Those are checked
     again after its next commits, so a check while orders flow is clean."""
     ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/true"], "max_parallel": 4}})
-    log = ws.root.parent / "supervise.log"  # a file: its lines would fill a pipe nobody reads yet
-    with log.open("w") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("coordinator")), "-w", str(ws.root),
-                                 "supervise"], stdout=subprocess.DEVNULL, stderr=out)
     stop = threading.Event()
     dropped = [0]
 
@@ -464,22 +457,20 @@ def test_verify_beside_a_busy_supervisor_lists_nothing_it_is_about_to_commit(mak
             time.sleep(0.005)
 
     dropping = threading.Thread(target=keep_dropping)
-    try:
-        wait_until(lambda: control.supervisor_running(ws), "the supervisor to start")
-        dropping.start()
-        said: list[str] = []
-        for _ in range(3):
-            time.sleep(0.3)
-            assert verify.verify(ws, say=said.append) == []
-        assert said  # there was something in flight to look at again
-    finally:
-        stop.set()
-        if dropping.is_alive():
-            dropping.join(timeout=30)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    err = log.read_text()
-    assert proc.returncode == 0 and "Traceback" not in err, err
+    with LiveSupervisor(ws) as sup:
+        try:
+            dropping.start()
+            said: list[str] = []
+            for _ in range(3):
+                time.sleep(0.3)
+                assert verify.verify(ws, say=said.append) == []
+            assert said  # there was something in flight to look at again
+        finally:
+            stop.set()
+            if dropping.is_alive():
+                dropping.join(timeout=30)
+    assert sup.proc is not None and sup.proc.returncode == 0, list(sup.lines)
+    assert not any("Traceback" in line for line in sup.lines)
     assert dropped[0] > 100
     assert verify.verify(ws) == []
 

@@ -7,13 +7,12 @@ import shutil
 import socket
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from coordinator.demo.repo import init_demo_repo
 
-from coordinator import durable, gate
+from coordinator import gate
 from coordinator.gate import Change, describe, diff, judge, snapshot
 from coordinator.repos import Repo
 
@@ -272,14 +271,6 @@ def nest(folder: Path, depth: int, name: str = "a") -> None:
         os.close(fd)
 
 
-@pytest.fixture
-def deep_ok(tmp_path: Path) -> Iterator[Path]:
-    """tmp_path, removed at the end without recursion: pytest clears old temp folders with
-    shutil.rmtree, which a tree thousands of levels deep left there would crash."""
-    yield tmp_path
-    durable.remove_tree(tmp_path)
-
-
 def test_folders_nested_thousands_deep_are_one_denied_change(wt: Path, deep_ok: Path) -> None:
     before = snapshot(wt)
     nest(wt / "src", 1500)
@@ -333,9 +324,8 @@ def test_a_huge_file_left_alone_is_no_change_and_any_write_to_it_is_seen(wt: Pat
     assert {c.path: c.what for c in diff(before, snapshot(wt, since=before))} == {"src/big.bin": "too-large"}
 
 
-def test_a_file_not_written_since_the_first_snapshot_is_not_read_again(wt: Path, monkeypatch) -> None:
-    """The second snapshot takes over the digest of a file whose inode, size, mtime and change
-    time are all as they were: only what the run wrote is read."""
+def reads_of(wt: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the paths (relative to `wt`) whose content the gate reads, in order."""
     read: list[str] = []
     real_digest = gate._digest
 
@@ -344,6 +334,13 @@ def test_a_file_not_written_since_the_first_snapshot_is_not_read_again(wt: Path,
         return real_digest(path, size)
 
     monkeypatch.setattr(gate, "_digest", counted)
+    return read
+
+
+def test_a_file_not_written_since_the_first_snapshot_is_not_read_again(wt: Path, monkeypatch) -> None:
+    """The second snapshot takes over the digest of a file whose inode, size, mtime and change
+    time are all as they were: only what the run wrote is read."""
+    read = reads_of(wt, monkeypatch)
     time.sleep(gate.RACY_NS / 1e9 + 0.01)  # the checkout's files settle (see the next test)
     before = snapshot(wt)
     assert "src/login.py" in read
@@ -358,17 +355,10 @@ def test_a_file_changed_in_the_clock_tick_of_the_first_snapshot_is_read_again(wt
     """File times come from a coarse clock: a write right after the first snapshot can leave
     a file's change time as it was. A file changed that close to it is read again, whatever
     its key says (git's "racily clean")."""
-    read: list[str] = []
-    real_digest = gate._digest
-
-    def counted(path: str, size: int) -> str:
-        read.append(os.path.relpath(path, wt))
-        return real_digest(path, size)
-
     time.sleep(gate.RACY_NS / 1e9 + 0.01)
     (wt / "src" / "fresh.py").write_text("y = 2\n")  # changed just now
     before = snapshot(wt)
-    monkeypatch.setattr(gate, "_digest", counted)
+    read = reads_of(wt, monkeypatch)
     snapshot(wt, since=before)
     assert read == ["src/fresh.py"]
 
@@ -386,12 +376,15 @@ def test_a_rewrite_that_puts_size_and_mtime_back_is_still_read(wt: Path) -> None
 
 def test_many_files_each_under_the_limit_are_refused_unread_past_the_total(wt: Path, monkeypatch) -> None:
     monkeypatch.setattr(gate, "MAX_CHANGED_BYTES", 1000)
+    time.sleep(gate.RACY_NS / 1e9 + 0.01)  # the checkout's files settle: only the parts are read
     before = snapshot(wt)
     for i in range(5):
         (wt / "src" / f"part{i}.bin").write_bytes(b"x" * 400)
+    read = reads_of(wt, monkeypatch)
     found = {c.path: c for c in diff(before, snapshot(wt, since=before))}
     refused = sorted(p for p, c in found.items() if c.what == "too-large")
     assert len(refused) == 3 and all(found[p].detail.startswith("created, past 1000 bytes") for p in refused)
+    assert sorted(read) == sorted(set(found) - set(refused))  # the refused ones were never read
     v = judge(list(found.values()), repo="webapp", files=("webapp/**",), writes=("webapp/**",))
     assert not v.allowed
 

@@ -14,18 +14,19 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import select
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import drop, order_md, step_until
 
-from coordinator import durable, gate, landlock, mounts
+from coordinator import gate, landlock, mounts
 from coordinator.store import Record, Store
 from coordinator.supervisor import Supervisor
 from coordinator.workspace import Workspace
@@ -614,34 +615,24 @@ def test_an_orchestrator_trying_to_write_is_recorded_as_artifact(make_ws, tmp_pa
 # -- holes found while writing this battery: each test states the promise it checks ----------------
 
 
-@needs_landlock
 @pytest.mark.parametrize("where", ["workspace-parent", "state", "repo-checkout", "orchestrator-repo"])
 def test_sandbox_writable_never_exposes_protected_paths(make_ws, tmp_path, where):
+    """A grant over the workspace's config, state or repositories stops the team from loading,
+    with the key, the grant and what it would expose: no order runs under it."""
     from coordinator.errors import ConfigError
 
     root = tmp_path / "ws"
     exposed = {"workspace-parent": tmp_path, "state": root / "state", "repo-checkout": root / "repos" / "webapp",
                "orchestrator-repo": root / "repos"}[where]
-    target = {"workspace-parent": root / "coordinator.yaml", "state": root / "state" / ".git" / "HEAD"}.get(
-        where, root / "repos" / "webapp" / "src" / "login.py")
-    code = f"attempt('write', lambda: write({str(target)!r}))\n"
-    agent = {"command": attacker(code), "sandbox": {"writable": [str(exposed), str(tmp_path / "probe")]}}
+    agent = {"command": ["true"], "sandbox": {"writable": [str(exposed), str(tmp_path / "probe")]}}
     chip = {"role": "specialist", "writes": ["webapp/**"], "command": ["true"]}
     if where == "orchestrator-repo":
         who, agents = "walt", {"walt": {"role": "orchestrator", "sends_to": ["chip"], **agent}, "chip": chip}
     else:
         who, agents = "chip", {"chip": {**chip, **agent}}
-    try:
-        ws = make_ws(agents)  # loading its config is the check: such a grant stops every command
-    except ConfigError as e:
-        assert "sandbox.writable" in str(e) and "would make" in str(e)
-        return
-    before = fingerprint(target)
-    drop(ws, who, "atk.md", order_md("Attack", files=("webapp/src/**",), id="atk"))
-    run(ws)  # or the attempt fails: a sandbox refused at spawn never runs the attack
-    rec = record(ws, "atk")
-    assert refusals(rec).get("write", "refused EACCES") in DENIED, rec.report
-    assert fingerprint(target) == before
+    with pytest.raises(ConfigError, match=rf"agents\.{who}\.sandbox\.writable\.0: {re.escape(str(exposed))} "
+                                          r"would make /\S+ writable; grant a narrower folder"):
+        make_ws(agents)
 
 
 @needs_landlock
@@ -727,14 +718,6 @@ def nest(folder, depth=1500):
     os.chdir(here)
 """
 DEEP = "/".join(["src"] + ["a"] * (gate.MAX_DEPTH - 1))  # as deep as the gate walks in src/
-
-
-@pytest.fixture
-def deep_ok(tmp_path: Path) -> Iterator[Path]:
-    """tmp_path, removed at the end without recursion: pytest clears old temp folders with
-    shutil.rmtree, which the trees these tests leave (a denied copy is kept) would crash."""
-    yield tmp_path
-    durable.remove_tree(tmp_path)
 
 
 def status(sup: Supervisor, order_id: str) -> str | None:
@@ -921,12 +904,14 @@ def test_what_changes_after_the_gate_judged_it_is_never_committed(make_ws, tmp_p
         return verdict
 
     monkeypatch.setattr(attempts.gate, "judge", judge_then_tamper)
+    repo = ws.repos / "webapp"
+    main_before = git(repo, "rev-parse", "main")
     drop(ws, "chip", "s.md", order_md("The greeting is one", id="swap", files=("webapp/src/greeting.py",)))
     run(ws)
     rec = record(ws, "swap")
     assert rec.status == "blocked", rec.failures
     assert "src/greeting.py changed after the permission gate judged it; nothing was committed" in rec.failures[0]
-    repo = ws.repos / "webapp"
+    assert rec.commit is None and git(repo, "rev-parse", "main") == main_before
     assert "curl evil" not in git(repo, "log", "-p", "--all") and "passwd" not in git(repo, "log", "-p", "--all")
 
 

@@ -751,8 +751,8 @@ def test_a_crash_before_a_follow_up_is_filed_files_it_at_restart_once(make_ws, e
         assert ran == [follow, "ship"] and recs["ship"].status == "done"
         assert (ws.state / "orders" / "review" / "report.md").read_text().count(f"**Routed to:** rex, as order {follow}") == 1
     else:  # the investigation; `ship` waits on a blocked order, which is not done
-        assert ran == [follow] and recs["ship"].status != "done"
-        assert f"**Escalated to:** rex, as order {follow}" in (ws.state / "orders" / "review" / "report.md").read_text()
+        assert ran == [follow] and recs["ship"].status == "waiting"  # on a blocked order, which a retry may bring back
+        assert (ws.state / "orders" / "review" / "report.md").read_text().count(f"**Escalated to:** rex, as order {follow}") == 1
     assert not any("follow-up" in line for line in restart(ws))  # filed once
     assert len([r for r in Store(ws.state).load_all().values() if "review" in r.references]) == 1
     assert_one_place(ws, {"review", "ship", follow})

@@ -7,13 +7,11 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from coordinator.demo.repo import init_demo_repo
 
-from coordinator import durable
 from coordinator.errors import GitError
 from coordinator.repos import MergeConflict, Repo, gc_worktrees
 
@@ -186,14 +184,6 @@ def nest(folder: Path, depth: int, name: str = "a") -> Path:
     finally:
         os.close(fd)
     return folder / name
-
-
-@pytest.fixture
-def deep_ok(tmp_path: Path) -> Iterator[Path]:
-    """tmp_path, removed at the end without recursion: pytest clears old temp folders with
-    shutil.rmtree, which a tree thousands of levels deep left there would crash."""
-    yield tmp_path
-    durable.remove_tree(tmp_path)
 
 
 def test_a_copy_nested_thousands_deep_and_past_path_max_is_removed_whole(repo: Repo, ws: Path,

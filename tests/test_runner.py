@@ -107,6 +107,7 @@ def test_a_folder_of_the_copy_that_is_a_link_out_of_it_is_never_granted(make_ws,
     (attempt.workdir / "src" / "lib").symlink_to(outside)
     rules = runner.ruleset(ws.config.agents["chip"], order, attempt, ws)
     assert not [w for w in rules.writable if os.path.realpath(w).startswith(str(outside))], rules.writable
+    assert set(rules.writable) == {str(attempt.folder), *ws.config.agents["chip"].sandbox_writable}  # no other grant
 
 
 def test_the_tail_of_a_log_quoted_elsewhere_holds_no_control_characters(tmp_path):
@@ -116,13 +117,14 @@ def test_the_tail_of_a_log_quoted_elsewhere_holds_no_control_characters(tmp_path
 
 
 def test_the_users_credential_agents_are_not_handed_to_a_specialist(make_ws, monkeypatch):
-    monkeypatch.setenv("SSH_AUTH_SOCK", "/tmp/ssh-agent.sock")
+    for name in runner.WITHHELD:
+        monkeypatch.setenv(name, "/tmp/agent.sock")
     monkeypatch.setenv("SOME_TOOL_HOME", "/opt/tool")
     ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/true"], "env": {"EXTRA": "1"}}})
     order = orders.load(order_md("Env is clean", id="env-1").encode(), path="o.md", to="chip",
                         config=ws.config, history=orders.EmptyHistory())
     env = runner.environment(ws.config.agents["chip"], runner.prepare(ws, order, 1, []), ws)
-    assert "SSH_AUTH_SOCK" not in env
+    assert {"SSH_AUTH_SOCK", "SSH_AGENT_PID", "GPG_AGENT_INFO"} == runner.WITHHELD and not runner.WITHHELD & set(env)
     assert env["SOME_TOOL_HOME"] == "/opt/tool" and env["EXTRA"] == "1"
 
 

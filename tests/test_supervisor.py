@@ -140,17 +140,6 @@ def test_the_board_says_why_an_order_waits_failed_was_blocked_and_where_it_was_e
     assert doc["supervisor"] == {"running": False, "pid": None}
 
 
-def test_the_board_says_what_would_move_an_order_waiting_on_one_that_halted(make_ws):
-    ws = make_ws({"chip": {"role": "specialist", "command": sh(
-        'printf "outcome: halt-with-note\\nsummary: not now\\n" > "$COORD_RESULT"')}})
-    drop(ws, "chip", "h.md", order_md("Something first", id="h"))
-    run(ws)
-    drop(ws, "chip", "w.md", order_md("Something after", id="w", blocked_by=["h"]))
-    run(ws)
-    reasons = {o["id"]: o["reason"] for o in board.as_json(ws)["orders"]}
-    assert reasons == {"h": "not now", "w": "waits for h (halted: `coordinator retry h`, or cancel it)"}
-
-
 @pytest.mark.parametrize("sent", ["before it halted", "after it halted"])
 def test_what_waits_for_a_halted_order_waits_on_and_runs_once_a_retry_gets_it_done(make_ws, sent):
     """Whether the waiting order came before or after its dependency halted, it waits (a retry
@@ -168,7 +157,7 @@ def test_what_waits_for_a_halted_order_waits_on_and_runs_once_a_retry_gets_it_do
         run(ws)
     assert (status(ws, "h"), status(ws, "w")) == ("halted", "waiting")
     reasons = {o["id"]: o["reason"] for o in board.as_json(ws)["orders"]}
-    assert reasons["w"] == "waits for h (halted: `coordinator retry h`, or cancel it)"
+    assert reasons == {"h": "not now", "w": "waits for h (halted: `coordinator retry h`, or cancel it)"}
     (probe_of(ws) / "go").touch()
     with Supervisor(ws) as sup:  # a new start too leaves it waiting, and the retry moves both
         assert sup.records["w"].status == "waiting"
