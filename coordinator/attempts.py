@@ -34,6 +34,11 @@ if TYPE_CHECKING:
 OUTPUT_TAIL = 1500
 # What a refused write looks like in a program's output (EACCES/EPERM/EROFS from the kernel).
 REFUSED = re.compile(r"Permission denied|Operation not permitted|Read-only file system|EACCES|EPERM", re.I)
+# What makes a refusal line one about a write that was tried, not words that merely mention
+# a refusal ("the report says Permission denied was fixed"): an errno, a verb of failing,
+# or the path itself, quoted or absolute.
+TRIED = re.compile(r"\[Errno \d+\]|\b(?:cannot|can't|could not|couldn't|unable to|failed to)\b"
+                   r"|'[^'\s]+'|\"[^\"\s]+\"|(?:^|[\s:=(])/[^\s:]+", re.I)
 
 
 @dataclass
@@ -128,7 +133,20 @@ class AttemptRunner:
             self.fail(act, f"could not start {agent.name}: {e}")
             return True
         sup.move(rec, "running", audit.SUPERVISOR, note=f"attempt {number}")
+        if agent.name == sup.config.orchestrator:
+            self._count_brief(act)
         return True
+
+    def _count_brief(self, act: Active) -> None:
+        """The orchestrator's command reads its brief: that is in its context (SPEC §8), as its
+        current brief, replacing the brief of an earlier attempt of the same order."""
+        ledger = self.sup.ledger
+        ledger.items = [i for i in ledger.items if not (i.ref == act.rec.id and i.kind == "brief")]
+        try:
+            text = act.attempt.brief.read_text("utf-8", errors="replace")
+        except OSError:
+            return
+        self.sup.ledger_add(act.rec.id, "brief", text, note=f"brief of {act.rec.id}, attempt {act.attempt.number}")
 
     # -- watching -------------------------------------------------------------------------------------
     def reap(self) -> bool:
@@ -203,8 +221,7 @@ class AttemptRunner:
         tail = runner.tail(act.attempt.log, OUTPUT_TAIL)
         if self._judge(act) is False:
             return None  # denied, whatever else went wrong: a probe of the boundary is never just a failure
-        if act.agent.is_orchestrator:
-            self._artifact_attempts(act, tail)  # writes the kernel refused outside its copy
+        self._refused_writes(act, tail)  # writes the kernel refused outside what it may write
         if act.timed_out:
             return self.fail(act, f"timed out after {_fmt(act.deadline - act.started)}; last output: "
                                   f"{tail[-400:] or '(none)'}")
@@ -397,12 +414,20 @@ class AttemptRunner:
             return False
         return True
 
-    def _artifact_attempts(self, act: Active, tail: str) -> None:
-        """The orchestrator tried to write (the kernel refused): seed 001's first fire-able signal."""
-        refused = [line.strip() for line in tail.splitlines() if REFUSED.search(line)]
-        if refused:
-            self.sup.signal("artifact", agent=act.agent.name, order=act.rec.id,
-                            evidence="orchestrator tried to write; refused: " + " | ".join(refused[:3])[:280])
+    def _refused_writes(self, act: Active, tail: str) -> None:
+        """Writes the kernel refused, as the output tail tells of them: the orchestrator's are
+        seed 001's first fire-able signal (`artifact`: it may write nothing), a specialist's
+        are `scope` when they name a path in the workspace (a specialist's own tests may well
+        print refusals of paths elsewhere). A refusal the program kept to itself is not seen."""
+        refused = [line.strip() for line in tail.splitlines() if REFUSED.search(line) and TRIED.search(line)]
+        if not act.agent.is_orchestrator:
+            root = str(self.ws.root) + os.sep
+            refused = [line for line in refused if root in line]
+        if not refused:
+            return
+        kind, who = ("artifact", "orchestrator") if act.agent.is_orchestrator else ("scope", "specialist")
+        self.sup.signal(kind, agent=act.agent.name, order=act.rec.id,
+                        evidence=f"{who} tried to write; refused: " + " | ".join(refused[:3])[:280])
 
     def _deny(self, act: Active, verdict: gate.Verdict) -> None:
         rec = act.rec

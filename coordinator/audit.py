@@ -114,6 +114,10 @@ class StateRepo:
         self.path = path
         self._pending: list[tuple[str, str]] = []  # (actor, line)
         self.notes: list[str] = []  # what went wrong but lost nothing (a failed roll-up), to be said
+        # The branch as the supervisor's own last commit left it (None: not known yet), and the
+        # moves of others a batch found on the way: `moved_by_others` says them.
+        self.mine: str | None = None
+        self._others: list[tuple[str, str]] = []
         self._cmd = git.Git(str(path))
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -147,7 +151,9 @@ class StateRepo:
 
     # -- writing ----------------------------------------------------------------------------------
     def stage(self, actor: str, line: str) -> None:
-        self._pending.append((actor, line))
+        """One line of the next commit. It is made one line here whatever it quotes (a note, a
+        reason, an agent's summary): a newline in it could forge a transition in the trail."""
+        self._pending.append((actor, one_line(line)))
 
     @property
     def pending(self) -> int:
@@ -185,6 +191,9 @@ class StateRepo:
                 self.add(batch.paths)
         for _ in range(3):
             base = self.head()
+            if self.mine is not None and base != self.mine:
+                self._others.append((self.mine, base))  # committed on it by someone else
+                self.mine = base
             # Inside the loop: a commit that moved the branch meanwhile staged its files in the
             # same index, and a tree written before it would take them out again.
             tree = self.git("write-tree").strip()
@@ -195,6 +204,7 @@ class StateRepo:
             try:
                 self.git("update-ref", "-m", f"coordinator: {len(batch.groups)} commit(s)", "HEAD", head,
                          base or "")
+                self.mine = head
                 break
             except GitError:
                 if self.head() == base:  # not a race with another writer: a real failure
@@ -226,6 +236,27 @@ class StateRepo:
         except GitError as e:  # a full disk, say: the packs wait for the next batch's try
             return f"could not roll up state/'s {packs} packs (they are kept): {e}"
         return None
+
+    def moved_by_others(self) -> list[str]:
+        """Commits on state/'s branch that the supervisor did not make (a `git commit` by hand
+        beside it), since it last looked: one line each, each said once."""
+        moves, self._others = self._others, []
+        head = self.head()
+        if self.mine is not None and head != self.mine:
+            moves.append((self.mine, head))
+        if self.mine is not None:
+            self.mine = head
+        found: list[str] = []
+        for old, new in moves:
+            try:
+                self.git("merge-base", "--is-ancestor", old, new)
+                log = self.git("log", "--format=%h by %an: %s", f"{old}..{new}")
+            except GitError:  # not an ancestor: the history was rewritten (or the commit is gone)
+                found.append(f"state/'s branch was moved from {old[:10]} to {new[:10]}, which does not "
+                             "contain the supervisor's last commit")
+                continue
+            found += [one_line(line) for line in log.splitlines() if line.strip()]
+        return found
 
     def head(self) -> str:
         """The commit HEAD names ("" before the first), read from the ref files when they are
@@ -281,18 +312,39 @@ class StateRepo:
     def dirty(self, *, optional_locks: bool = True) -> list[str]:
         """Paths changed, added or removed since the last commit. `optional_locks=False` from
         another process than the supervisor: git then leaves the index as it is."""
-        out = self.git("status", "--porcelain", "--untracked-files=all", optional_locks=optional_locks)
-        return [line[3:] for line in out.splitlines() if line.strip()]
+        out = self.git("status", "--porcelain", "-z", "--untracked-files=all", optional_locks=optional_locks)
+        paths: list[str] = []
+        fields = iter(out.split("\0"))
+        for entry in fields:
+            if len(entry) < 4:
+                continue
+            paths.append(entry[3:])
+            if entry[0] in "RC":  # a rename or copy staged: its old path comes next
+                old = next(fields, "")
+                if old:
+                    paths.append(old)
+        return paths
 
-    def recover(self) -> list[str]:
-        """Commit what a crash left uncommitted, with an explicit recovery message."""
-        changed = self.dirty()
-        if changed:
-            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-            self.git("add", "-A", "--", ".", ":(exclude)intake")
+    def recover(self, written: dict[str, int] | None = None) -> tuple[list[str], list[str]]:
+        """Commit what a crash left uncommitted, with an explicit recovery message: (committed,
+        put back). With `written`, the supervisor's journal of what it wrote (see
+        `durable.read_journal`), a change it does not account for is a hand edit made while no
+        supervisor ran: put back from git, never committed as the supervisor's."""
+        changed = [p for p in self.dirty() if not p.startswith("intake/")]
+        foreign = [] if written is None else \
+            [p for p in changed if not durable.written_by_journal(p, self.path, written)]
+        if foreign:
+            self.restore(foreign)
+        mine = [p for p in changed if p not in foreign]
+        if mine:
+            shown = ", ".join(mine[:5]) + (f" and {len(mine) - 5} more" if len(mine) > 5 else "")
+            spec = self.path / ".git" / "coordinator-pathspec"
+            spec.write_bytes("\0".join(mine).encode("utf-8", "surrogateescape"))
+            self.git("add", "-A", f"--pathspec-from-file={spec}", "--pathspec-file-nul")
             self.git("commit", "-q", "--no-verify", "--allow-empty", "-m",
                      f"recovery: commit state written before a crash\n\n{shown}")
-        return changed
+        self.mine = self.head()
+        return mine, foreign
 
     def repair_history(self, records: Any) -> list[str]:
         """Commit each transition the records list but the history lacks (a crash before or
@@ -315,6 +367,8 @@ class StateRepo:
         for actor, line in missing:
             self.git("commit", "-q", "--allow-empty", "--no-verify", "-m",
                      f"{line}\n\nrecovery: a crash came before this transition was committed", actor=actor)
+        if missing:
+            self.mine = self.head()
         return [line for _, line in missing]
 
     def restore(self, paths: list[str]) -> None:
@@ -448,6 +502,14 @@ class Committer:
                 self._error = e
             finally:
                 self._queue.task_done()
+
+
+def one_line(text: str) -> str:
+    """`text` as one line of a commit message: line breaks, tabs and every other character
+    that is not printable (escape sequences, NUL) become spaces, runs of spaces one."""
+    if text.isprintable():
+        return text
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
 def _message(lines: list[str]) -> str:

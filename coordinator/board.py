@@ -16,7 +16,7 @@ import shutil
 from typing import Any
 
 from . import budget, signals
-from .errors import NotFoundError, UsageError
+from .errors import NotFoundError
 from .store import STATUSES, Record, Store, dependency_done, route_end, via_route
 from .workspace import Workspace
 
@@ -171,10 +171,9 @@ def _budget_line(ws: Workspace) -> str:
 def budget_data(ws: Workspace) -> dict[str, Any]:
     """The `budget --json` document of SPEC §10: agent, hot_tokens, ceiling, mode, generation, items."""
     cfg = ws.config
-    if not cfg.orchestrator:
-        raise UsageError("this team has no orchestrator; set `orchestrator:` in coordinator.yaml")
+    agent = budget.orchestrator_of(cfg)
     ledger = budget.Ledger.load(ws.state)
-    return ledger.as_json(agent=cfg.orchestrator, ceiling=cfg.budget.ceiling, bands=cfg.budget.bands)
+    return ledger.as_json(agent=agent, ceiling=cfg.budget.ceiling, bands=cfg.budget.bands)
 
 
 def render_budget(data: dict[str, Any], *, bands: tuple[int, int, int], gauge: bool = False) -> str:

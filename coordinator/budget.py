@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from . import durable
-from .config import Budget
+from .config import Budget, Config
 from .errors import StateError, UsageError
 
 # More hot tokens than any one reading can be (the largest contexts hold a few million): a typo.
@@ -225,6 +225,16 @@ class Ledger:
                 changed += 1
         return changed
 
+    def reopen(self, ref: str) -> int:
+        """Mark the completed items of order `ref` in flight again (it was retried); returns
+        how many changed. Its report stays completed: that attempt is over."""
+        changed = 0
+        for n, item in enumerate(self.items):
+            if item.ref == ref and item.status == "completed" and item.kind != "report":
+                self.items[n] = replace(item, status="in-flight")
+                changed += 1
+        return changed
+
     def rotate(self) -> list[Item]:
         """Drop completed items from context; returns them."""
         dropped = [i for i in self.items if i.status == "completed"]
@@ -271,6 +281,13 @@ class Ledger:
             "generation": self.generation,
             "items": [i.as_dict() for i in sorted(self.items, key=lambda i: -i.tokens)],
         }
+
+
+def orchestrator_of(config: Config) -> str:
+    """The team's orchestrator, whose budget the budget commands are about."""
+    if not config.orchestrator:
+        raise UsageError("this team has no orchestrator; set `orchestrator:` in coordinator.yaml")
+    return config.orchestrator
 
 
 def mode_change_message(agent: str, before: str, after: str, tokens: int) -> str:
@@ -327,7 +344,7 @@ def render_brief(
 
 
 def on_ceiling(
-    ledger: Ledger, budget: Budget, *, brief: Callable[[], str], now: datetime
+    ledger: Ledger, budget: Budget, *, brief: Callable[[], str], now: datetime, again: bool = False
 ) -> list[str]:
     """Do what `budget.on_ceiling` says once hot tokens reach the ceiling; saves the ledger.
 
@@ -335,7 +352,8 @@ def on_ceiling(
     goes fresh; "warn" changes nothing. A fresh start is skipped when its brief would not be
     smaller than what is in context now, so an overlong in-flight list cannot churn through
     generations. Returns human lines of what was done (for the log and the commit message);
-    none when under the ceiling.
+    none when under the ceiling. `again`: this crossing was already answered, so only a new
+    action is said (a warning, or a skipped fresh start, is said once per crossing).
     """
     start = ledger.hot_tokens()
     if start < budget.ceiling:
@@ -343,15 +361,19 @@ def on_ceiling(
     lines = [f"hot tokens {start:,} reached the ceiling of {budget.ceiling:,}"]
     action = budget.on_ceiling
     if action == "warn":
+        if again:
+            return []
         lines.append(
             "on_ceiling is warn: nothing done; run `coordinator rotate` or `coordinator rotate --fresh`"
         )
         return lines
     if action not in ("rotate", "fresh"):
         raise ValueError(f"on_ceiling {action!r} is not rotate, fresh or warn")
+    acted = False
     if action == "rotate":
         dropped = ledger.rotate()
         if dropped:
+            acted = True
             lines.append(
                 f"rotated: dropped {len(dropped)} completed item(s), "
                 f"{sum(i.tokens for i in dropped):,} tokens; {ledger.hot_tokens():,} hot tokens left"
@@ -364,6 +386,7 @@ def on_ceiling(
         if cost < ledger.hot_tokens():
             old = ledger.generation
             new = ledger.fresh(text, now=now)
+            acted = True
             lines.append(
                 f"fresh: generation {old} archived; generation {new} starts from a {cost:,}-token brief"
             )
@@ -372,6 +395,8 @@ def on_ceiling(
                 f"fresh skipped: the brief would be {cost:,} tokens, no smaller than the context; "
                 "too much is in flight for one orchestrator"
             )
+    if again and not acted:
+        return []
     change = ledger.update_mode(budget.bands)
     if change:
         lines.append(f"mode: {change[0]} -> {change[1]} ({ledger.hot_tokens():,} hot tokens)")

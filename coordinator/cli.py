@@ -274,6 +274,17 @@ def send(c: Context, file: str, to: str | None, sender: str | None) -> None:
     click.echo(order_id)
 
 
+def _submit(c: Context, action: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A request to the supervisor (or served here when none runs); what it found on the way
+    (a hand edit it put back) is said on stderr."""
+    from . import control
+
+    result = control.submit(c.ws, action, args)
+    for note in result.get("notes", ()):
+        click.echo(f"coordinator: signal {note}", err=True)
+    return result
+
+
 @cli.command()
 @click.option("--to", "to", required=True, metavar="AGENT", help="Recipient agent.")
 @pass_ctx
@@ -305,10 +316,13 @@ def supervise(c: Context, once: bool, poll: bool, grace: float) -> None:
         coordinator supervise            # foreground, until Ctrl-C
         coordinator supervise --once     # process what is there, then exit
     """
+    from .audit import one_line
     from .supervisor import Supervisor
 
     def log(line: str) -> None:
-        click.echo(f"{time.strftime('%H:%M:%S')} {line}", err=True)
+        # One line per event, whatever it quotes: an agent's summary or a file name could
+        # otherwise start lines of its own or send escape sequences to the terminal.
+        click.echo(f"{time.strftime('%H:%M:%S')} {one_line(line)}", err=True)
 
     received = [0]
 
@@ -446,11 +460,10 @@ def cancel(c: Context, order_id: str) -> None:
     Example:
         coordinator cancel WO-0007
     """
-    from . import control
     from .sending import explain_missing
 
     with explain_missing(c.ws, order_id):
-        r = control.submit(c.ws, "cancel", {"id": order_id})
+        r = _submit(c, "cancel", {"id": order_id})
     click.echo(f"{r['id']}: {r['status']}")
 
 
@@ -464,11 +477,10 @@ def retry(c: Context, order_id: str) -> None:
     Example:
         coordinator retry WO-0007
     """
-    from . import control
     from .sending import explain_missing
 
     with explain_missing(c.ws, order_id):
-        r = control.submit(c.ws, "retry", {"id": order_id})
+        r = _submit(c, "retry", {"id": order_id})
     click.echo(f"{r['id']}: {r['status']}")
 
 
@@ -507,9 +519,10 @@ def budget_add(c: Context, tokens: int, note: str) -> None:
     Example:
         coordinator budget add 1800 --note "read docs/api.md"
     """
-    from . import control
+    from .budget import orchestrator_of
 
-    r = control.submit(c.ws, "budget-add", {"tokens": tokens, "note": note})
+    orchestrator_of(c.ws.config)  # no orchestrator, no budget: said before anything is opened
+    r = _submit(c, "budget-add", {"tokens": tokens, "note": note})
     click.echo(f"{r['hot_tokens']:,} hot tokens, mode {r['mode']}")
     if r.get("mode_change"):
         click.echo(f"warning: mode changed {r['mode_change'][0]} -> {r['mode_change'][1]}", err=True)
@@ -526,9 +539,10 @@ def rotate(c: Context, fresh: bool) -> None:
         coordinator rotate
         coordinator rotate --fresh && cat state/orchestrator/brief.md
     """
-    from . import control
+    from .budget import orchestrator_of
 
-    r = control.submit(c.ws, "rotate", {"fresh": fresh})
+    orchestrator_of(c.ws.config)
+    r = _submit(c, "rotate", {"fresh": fresh})
     click.echo(r["message"])
 
 

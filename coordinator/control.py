@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import audit, durable
-from .budget import MAX_TOKENS_ADDED
+from .budget import MAX_TOKENS_ADDED, orchestrator_of
 from .errors import CoordinatorError, NotFoundError, StateError, SupervisorError, UsageError
 from .store import Record, dependency_done, ended_undone, route_end, via_route
 from .workspace import Workspace
@@ -136,10 +136,13 @@ def _serve_offline(ws: Workspace, action: str, args: dict[str, Any]) -> dict[str
     from .supervisor import Supervisor
     from .watcher import NullWatcher
 
-    with Supervisor(ws, watcher=NullWatcher(), offline=True) as sup:
+    said: list[str] = []
+    # Opening the workspace puts back what was changed by hand (a signal, said to the user too).
+    with Supervisor(ws, watcher=NullWatcher(), offline=True, log=said.append) as sup:
         result = sup.handle(action, args)
         sup.step_commit()
-        return result
+    notes = [line[len("signal "):] for line in said if line.startswith("signal ")]
+    return {**result, "notes": notes} if notes else result
 
 
 def pending(ws: Workspace) -> list[tuple[Path, dict[str, Any]]]:
@@ -218,10 +221,14 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
         rec.blocker = None
         status = "queued" if all(dependency_done(sup.records, d) for d in rec.blocked_by) else "waiting"
         sup.move(rec, status, str(args.get("by", "user")), note="retry")
+        if rec.sender == sup.config.orchestrator and sup.ledger.reopen(rec.id):
+            sup.ledger.save()  # in flight again: a rotation must not drop it
         return {"id": rec.id, "status": rec.status}
     if action == "rotate":
+        orchestrator_of(sup.config)
         return rotate(sup, fresh=bool(args.get("fresh")))
     if action == "budget-add":
+        orchestrator = orchestrator_of(sup.config)
         tokens = int(args["tokens"])
         if not 1 <= tokens <= MAX_TOKENS_ADDED:
             raise UsageError(f"budget add takes 1 to {MAX_TOKENS_ADDED:,} tokens, not {tokens:,}")
@@ -231,7 +238,7 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
         sup.ledger.save()
         change = sup.ledger.update_mode(sup.config.budget.bands)
         sup.ledger.save()
-        sup.audit.stage(audit.SUPERVISOR, f"budget {sup.config.orchestrator or '-'}: +{tokens} manual"
+        sup.audit.stage(audit.SUPERVISOR, f"budget {orchestrator}: +{tokens} manual"
                          + (f" ({note[:80]})" if note else ""))
         out: dict[str, Any] = {"hot_tokens": sup.ledger.hot_tokens(),
                                "mode": sup.ledger.mode(sup.config.budget.bands)}

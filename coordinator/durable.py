@@ -16,6 +16,7 @@ import json
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -75,12 +76,23 @@ def _rename(src: Path | str, dst: Path | str, *, replace: bool) -> None:
 
 # The supervisor commits exactly the paths it wrote, so that a hand edit in state/
 # is never swept into its commits; every write here is noted while a journal is open.
+# With a journal file, each path under its root is also appended there, with the time,
+# before it is written: after a crash, what is changed in state/ and not in the file (or
+# changed after the time the file gives) was not the supervisor's doing.
 _journal: set[str] | None = None
+_journal_files: dict[str, tuple[int, str]] = {}  # root with a trailing / -> (fd, file); one per supervisor
+JOURNAL_SLACK_NS = 2_000_000_000  # a file changed this long after its noted write is another's change
 
 
-def open_journal() -> None:
+def open_journal(file: Path | None = None, *, root: Path | None = None) -> None:
+    """Journal the paths written from now on; with `file`, those under `root` go there too
+    (appended: what a crash left in it stays until `compact_journal`)."""
     global _journal
-    _journal = set()
+    if _journal is None:
+        _journal = set()
+    if file is not None and root is not None:
+        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        _journal_files[os.path.join(os.path.abspath(root), "")] = (fd, os.fspath(file))
 
 
 def take_journal() -> set[str]:
@@ -94,15 +106,81 @@ def peek_journal() -> set[str]:
     return set(_journal or ())
 
 
-def close_journal() -> None:
+def compact_journal(root: Path) -> None:
+    """Everything taken from the journal is committed: `root`'s file keeps only what is not
+    yet (replaced whole, so a crash part-way leaves the old, longer file)."""
+    prefix = os.path.join(os.path.abspath(root), "")
+    if prefix not in _journal_files:
+        return
+    fd, file = _journal_files[prefix]
+    now = time.time_ns()
+    lines = "".join(f"{now} {p[len(prefix):]}\n" for p in sorted(_journal or ()) if p.startswith(prefix))
+    tmp = f"{file}.new"
+    with open(tmp, "wb") as f:
+        f.write(lines.encode("utf-8", "surrogateescape"))
+    os.replace(tmp, file)
+    os.close(fd)
+    _journal_files[prefix] = (os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC), file)
+
+
+def close_journal(root: Path | None = None, *, committed: bool = False) -> None:
+    """Stop journaling (for `root`'s supervisor: the others in this process go on);
+    `committed`: everything it noted is committed, so its file goes too."""
     global _journal
-    _journal = None
+    if root is not None:
+        entry = _journal_files.pop(os.path.join(os.path.abspath(root), ""), None)
+        if entry is not None:
+            os.close(entry[0])
+            if committed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry[1])
+    if root is None or not _journal_files:
+        _journal = None
+
+
+def read_journal(file: Path) -> dict[str, int] | None:
+    """What a journal file says was written: path (relative to its root) -> latest time in ns;
+    None when there is no file (nothing was journaled there)."""
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        return None
+    found: dict[str, int] = {}
+    for line in raw.decode("utf-8", "surrogateescape").splitlines():
+        when, _, path = line.partition(" ")
+        if when.isdigit() and path:  # a line a crash cut short has no path, or no newline
+            found[path] = max(found.get(path, 0), int(when))
+    return found
+
+
+def written_by_journal(rel: str, root: Path, written: dict[str, int]) -> bool:
+    """Whether the change at `rel` (under `root`) is one the journal accounts for: the path,
+    or a folder above it, was noted, and the path has not changed since (a removal it noted
+    is gone, so it counts)."""
+    path, when = rel, None
+    while path:
+        if path in written:
+            when = written[path]
+            break
+        path = os.path.dirname(path)
+    if when is None:
+        return False
+    try:
+        changed = os.lstat(os.path.join(root, rel)).st_ctime_ns
+    except FileNotFoundError:
+        return True
+    return changed <= when + JOURNAL_SLACK_NS
 
 
 def note(path: Path | str) -> None:
-    """Record a path written or removed by other means (rename, rmtree)."""
+    """Record a path about to be written or removed (call it before, so that the journal
+    file never misses a write a crash cut off)."""
     if _journal is not None:
-        _journal.add(os.fspath(path))
+        p = os.fspath(path)
+        _journal.add(p)
+        for prefix, (fd, _) in _journal_files.items():
+            if p.startswith(prefix):
+                os.write(fd, f"{time.time_ns()} {p[len(prefix):]}\n".encode("utf-8", "surrogateescape"))
 
 
 def fsync_dir(folder: Path) -> None:
@@ -131,8 +209,8 @@ def write_bytes(target: Path, data: bytes, *, sync: bool = True, mode: int = 0o6
             os.unlink(tmp)
         raise
     os.close(fd)
-    _rename(tmp, target, replace=True)
     note(target)
+    _rename(tmp, target, replace=True)
     if sync:
         fsync_dir(folder)
 
@@ -178,9 +256,9 @@ def read_json(target: Path) -> Any:
 
 def move(src: Path, dst: Path, *, sync: bool = True) -> None:
     """Rename `src` to `dst` (same file system) and make the rename durable."""
-    _rename(src, dst, replace=False)
     note(src)
     note(dst)
+    _rename(src, dst, replace=False)
     if sync:
         fsync_dir(dst.parent)
         if src.parent != dst.parent:
@@ -189,13 +267,13 @@ def move(src: Path, dst: Path, *, sync: bool = True) -> None:
 
 def append_line(target: Path, line: str) -> None:
     """Append one line durably (O_APPEND writes of one line are not interleaved)."""
+    note(target)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, (line.rstrip("\n") + "\n").encode("utf-8"))
         os.fsync(fd)
     finally:
         os.close(fd)
-    note(target)
 
 
 def clean_temps(folder: Path) -> int:

@@ -212,11 +212,7 @@ def finish_llm_attempt(runner: AttemptRunner, act: Active) -> None:
     """The worker ended: record usage, then judge like any specialist, or file the plan."""
     out: Outcome = act.thread_outcome
     record_usage(runner, act, out)
-    try:
-        _judge(runner, act, out)
-    finally:
-        if act.agent.is_orchestrator and act.rec.terminal:
-            _complete_request(runner, act.rec)
+    _judge(runner, act, out)  # an end completes the request's ledger items (Supervisor._on_terminal)
 
 
 def _judge(runner: AttemptRunner, act: Active, out: Outcome) -> None:
@@ -311,8 +307,6 @@ def check_requests(runner: AttemptRunner) -> bool:
         recs = runner.sup.records
         if act.rec.status != "running":  # cancelled while its children ran
             del runner.waiting_requests[rid]
-            if act.agent.llm is not None:
-                _complete_request(runner, act.rec)
             continue
         if not all(last.terminal for c in act.rec.children if (last := route_end(recs, c)) is not None):
             continue
@@ -358,13 +352,6 @@ def _timeout(act: Active) -> float:
         except ValueError:
             pass  # intake refuses a bad timeout; the agent's applies to anything that slipped by
     return act.agent.timeout
-
-
-def _complete_request(runner: AttemptRunner, rec: Record) -> None:
-    """A request ended: its conversation leaves the in-flight part of the budget."""
-    sup = runner.sup
-    if sup.config.orchestrator == rec.to and sup.ledger.complete(rec.id):
-        sup.ledger.save()
 
 
 # -- orders from a model ------------------------------------------------------------------------------

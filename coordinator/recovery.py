@@ -41,11 +41,17 @@ def clear_repo_locks(sup: Supervisor) -> None:
                 sup.say(f"recovery: put back {len(healed)} path(s) of a merge interrupted in repos/{path.name}")
 
 
-def recover(sup: Supervisor, crashed: bool) -> None:
-    """Finish what a crash interrupted; every order ends up in exactly one place."""
+def recover(sup: Supervisor, crashed: bool, written: dict[str, int] | None = None) -> None:
+    """Finish what a crash interrupted; every order ends up in exactly one place. `written`:
+    the crashed supervisor's journal of its writes (None: it kept none)."""
     if crashed:
-        for name in sup.audit.recover():
+        mine, foreign = sup.audit.recover(written)
+        for name in mine:
             sup.say(f"recovery: committed state/{name}, written before a crash")
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            sup.signal("silent", agent=None, order=None,
+                       evidence=f"state/ changed by hand while no supervisor ran (restored from git): {shown}")
         for line in sup.audit.repair_history(sup.records.values()):
             sup.say(f"recovery: history repaired: {line}")
     sup.attempts.keep_planned_ids()
@@ -60,8 +66,8 @@ def recover(sup: Supervisor, crashed: bool) -> None:
         except (OSError, ValueError):
             meta = {}
         claimed = sup.intake.claim(original, agent)
-        shutil.rmtree(folder, ignore_errors=True)
         durable.note(folder)
+        shutil.rmtree(folder, ignore_errors=True)
         if claimed:
             sup.file_claimed(claimed, agent, shown=str(meta.get("source") or f"inbox/{agent}/{original.name}"),
                       sender=meta.get("sender"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from . import budget
@@ -29,11 +30,28 @@ def render(rec: Record) -> str:
     return "\n".join(lines)
 
 
-def fresh_brief(records: dict[str, Record], generation: int) -> str:
+def fresh_brief(records: dict[str, Record], generation: int, *, orchestrator: str | None,
+                detail: Callable[[Record], Record] = lambda r: r) -> str:
+    """The brief a fresh orchestrator starts from: what it sent that is still in flight, and
+    its recent orders that were rejected or denied (nobody else's: that is not its context).
+    `detail` gives an ended record back whole (a denial's paths are not kept in memory)."""
+    own = [r for r in sorted(records.values(), key=lambda r: r.seq) if r.sender == orchestrator]
     in_flight = [{"id": r.id, "to": r.to, "status": r.status, "objective": r.objective,
                   "waiting_on": list(r.blocked_by) + ([r.blocker] if r.blocker else [])}
-                 for r in sorted(records.values(), key=lambda r: r.seq) if not r.terminal]
-    rejections = [{"id": r.id, "to": r.to, "objective": r.objective, "reason": (r.errors or ["?"])[0]}
-                  for r in sorted(records.values(), key=lambda r: r.seq)[-200:]
-                  if r.status in ("rejected", "denied")][-10:]
+                 for r in own if not r.terminal]
+    rejections = [{"id": r.id, "to": r.to, "objective": r.objective, "reason": _why(detail(r))}
+                  for r in own[-200:] if r.status in ("rejected", "denied")][-10:]
     return budget.render_brief(in_flight, rejections, generation=generation, now=datetime.now(UTC))
+
+
+def _why(rec: Record) -> str:
+    """Why an order was rejected or denied, in its first line: the first error, or the first
+    path it was denied for."""
+    if rec.errors:
+        return rec.errors[0]
+    report = rec.report or {}
+    offending = report.get("offending") or []
+    if offending:
+        more = f" (and {len(offending) - 1} more)" if len(offending) > 1 else ""
+        return f"wrote outside its permission: {offending[0]}{more}"
+    return str(report.get("summary") or rec.status)

@@ -101,6 +101,7 @@ class Supervisor:
         self._ready: dict[str, list[tuple[int, int, str]]] = {}
         self._waiting_on: dict[str, set[str]] = {}
         self.offline = offline  # a CLI serving one request while no supervisor runs: never spawns
+        self._at_ceiling: tuple[int, int, int, int] | None = None  # the ledger when the ceiling was last answered
 
     # -- life cycle -----------------------------------------------------------------------------
     def __enter__(self) -> Supervisor:
@@ -124,11 +125,13 @@ class Supervisor:
         self.store.defer()
         durable.clean_temps(ws.state)
         recovery.clear_repo_locks(self)
-        durable.open_journal()
-        durable.guard(ws.state)
         marker = ws.runtime / "running"
         crashed = marker.exists()
-        if not crashed and not self.offline:
+        # What the crashed supervisor wrote and did not commit, as it noted before each write.
+        written = durable.read_journal(self._journal_file) if crashed else None
+        durable.open_journal(self._journal_file, root=ws.state)
+        durable.guard(ws.state)
+        if not crashed:  # a command served with no supervisor running too: never commits a hand edit
             verify.watch_state(self)
         self.records = self.store.load_all()
         self.history = History(self.records, self.store)
@@ -148,7 +151,8 @@ class Supervisor:
                     self.say(f"WARNING: agents.{name}.{warning}")
         self.attempts = AttemptRunner(self)
         self.heads = verify.load_heads(ws)
-        recovery.recover(self, crashed)
+        recovery.recover(self, crashed, written)
+        self.audit.mine = self.audit.head()  # from here, a commit not made here is someone else's
         self._release_ended_dependencies()
         self.store.shed_ended(self.records)
         if not self.offline:
@@ -175,7 +179,8 @@ class Supervisor:
             self._flush()
             if not self.offline and not self.attempts.active:
                 (self.ws.runtime / "running").unlink(missing_ok=True)
-        durable.close_journal()
+        # A clean close committed everything noted; else the file stays for the next start.
+        durable.close_journal(self.ws.state, committed=self._opened and clean)
         durable.guard(self.ws.state, on=False)
         if self._spawner is not None:
             self._spawner.close()
@@ -183,6 +188,10 @@ class Supervisor:
             os.close(self._lock_fd)
             self._lock_fd = None
         self._opened = False
+
+    @property
+    def _journal_file(self) -> Path:
+        return self.ws.runtime / "state-journal"
 
     @property
     def spawner(self) -> Spawner:
@@ -477,13 +486,14 @@ class Supervisor:
         orchestrator = self.config.orchestrator
         if orchestrator and rec.sender == orchestrator and order is not None:
             from .orders import render
-            self._ledger_add(rec.id, "order", render(order))
+            self.ledger_add(rec.id, "order", render(order))
         self.settle_waiting(rec, "its dependencies are done")
         if rec.status == "rejected":
             if rec.errors and "this repeats" in rec.errors[0]:
                 self.signal("feedback", agent=rec.sender, order=rec.id, evidence=rec.errors[0])
             if orchestrator and rec.sender == orchestrator:
-                self._ledger_add(rec.id, "rejection", "\n".join(rec.errors))
+                # Rejected is an end: the order and its rejection are completed, for rotation to drop.
+                self.ledger_add(rec.id, "rejection", "\n".join(rec.errors), completed=True)
             self._deliver_report(rec)
         return rec
 
@@ -535,8 +545,8 @@ class Supervisor:
         self.audit.stage(audit.SUPERVISOR, f"{rec.id} {rec.to}: {text}")
 
     def _on_terminal(self, rec: Record) -> None:
-        if self.config.orchestrator and rec.sender == self.config.orchestrator:
-            self.ledger.complete(rec.id)
+        # Its own orders, and the requests it ran (their briefs): completed, for rotation to drop.
+        if self.config.orchestrator in (rec.sender, rec.to) and self.ledger.complete(rec.id):
             self.ledger.save()
         self._deliver_report(rec)
         self._release_dependents(rec)
@@ -555,7 +565,7 @@ class Supervisor:
             box.mkdir(parents=True, exist_ok=True)
             durable.write_text(box / f"{rec.id}.md", text, sync=False)
         if self.config.orchestrator and rec.sender == self.config.orchestrator and rec.status != "rejected":
-            self._ledger_add(rec.id, "report", text, completed=True)
+            self.ledger_add(rec.id, "report", text, completed=True)
 
     def _write_state(self) -> None:
         """Put what this step filed and changed on disk: order folders first, records last."""
@@ -674,9 +684,10 @@ class Supervisor:
         return rec is not None and rec.status == "queued" and rec.to == agent
 
     # -- budget & signals ------------------------------------------------------------------------------
-    def _ledger_add(self, ref: str, kind: str, text: str, *, tokens: int | None = None,
-                    completed: bool = False) -> None:
-        self.ledger.add(ref, kind, text, tokens=tokens, now=datetime.now(UTC))
+    def ledger_add(self, ref: str, kind: str, text: str, *, tokens: int | None = None,
+                   completed: bool = False, note: str = "") -> None:
+        """Put an item in the orchestrator's ledger and save it; a change of mode is said."""
+        self.ledger.add(ref, kind, text, tokens=tokens, note=note, now=datetime.now(UTC))
         if completed:
             self.ledger.complete(ref)
         self.ledger.save()
@@ -688,22 +699,35 @@ class Supervisor:
 
     def _budget_check(self) -> None:
         b = self.config.budget
-        if not self.config.orchestrator or self.ledger.hot_tokens() < b.ceiling:
+        if not self.config.orchestrator:
             return
-        lines = budget.on_ceiling(self.ledger, b, brief=self.fresh_brief, now=datetime.now(UTC))
+        if self.ledger.hot_tokens() < b.ceiling:
+            self._at_ceiling = None  # under it again: the next crossing is answered afresh
+            return
+        if self._ceiling_mark() == self._at_ceiling:
+            return  # the ledger has not changed since the ceiling was last answered
+        lines = budget.on_ceiling(self.ledger, b, brief=self.fresh_brief, now=datetime.now(UTC),
+                                  again=self._at_ceiling is not None)
+        self._at_ceiling = self._ceiling_mark()
         if lines:
             self.ledger.save()
             for line in lines:
                 self.say("budget: " + line)
             self.audit.stage(audit.SUPERVISOR, f"budget {self.config.orchestrator}: " + "; ".join(lines))
 
+    def _ceiling_mark(self) -> tuple[int, int, int, int]:
+        items = self.ledger.items
+        return (self.ledger.generation, len(items), self.ledger.hot_tokens(),
+                sum(1 for i in items if i.status == "completed"))
+
     def fresh_brief(self) -> str:
-        return reports.fresh_brief(self.records, self.ledger.generation + 1)
+        return reports.fresh_brief(self.records, self.ledger.generation + 1, orchestrator=self.config.orchestrator,
+                                   detail=self.store.with_detail)
 
     def signal(self, kind: str, *, agent: str | None, order: str | None, evidence: str) -> None:
         signals.record(self.ws.state, kind, agent=agent, order=order, evidence=evidence,
                        now=datetime.now(UTC))
-        self.say(f"signal {kind}: {agent or '-'} {order or ''} {evidence}")
+        self.say(f"signal {kind}: {' '.join(x for x in (agent or '-', order) if x)} {evidence}")
         self.audit.stage(audit.SUPERVISOR, f"signal {kind}: {order or '-'} {agent or '-'}: {evidence[:160]}")
 
     # -- requests from the CLI -------------------------------------------------------------------------
@@ -755,6 +779,7 @@ class Supervisor:
         if batch is not None:
             durable.sync_fs(self.ws.state)
             self.audit.write(batch)
+        durable.compact_journal(self.ws.state)  # all that was taken is committed
 
     def drain_commits(self) -> None:
         """Wait for the committer thread: state/ is committed when this returns."""

@@ -214,6 +214,8 @@ def summary(findings: list[Finding]) -> dict[str, Any]:
 def watch_state(sup: Supervisor) -> None:
     """Hand-made changes in state/ are put back from git and recorded as `silent`."""
     sup.drain_commits()  # only what the supervisor has committed is compared
+    for line in sup.audit.moved_by_others():
+        sup.signal("silent", agent=None, order=None, evidence=f"a commit in state/ the supervisor did not make: {line}")
     mine = {os.path.relpath(p, sup.ws.state) for p in durable.peek_journal()}
     foreign = [p for p in sup.audit.dirty() if p not in mine and not p.startswith("intake/")]
     if not foreign:

@@ -561,3 +561,80 @@ def test_a_follow_up_is_committed_after_the_ending_that_made_it(make_ws):
     filed = next(i for i, line in enumerate(lines) if line.startswith(f"{follow} rex: new -> queued"))
     assert blocked < filed, lines
     assert lines[filed] == f"{follow} rex: new -> queued (escalation of o)"
+
+
+# -- hand edits are never committed as the supervisor's (SPEC §7.5) ---------------------------------
+def test_a_command_served_with_no_supervisor_running_puts_a_hand_edit_back(make_ws):
+    """`budget add`, `rotate`, `cancel` and `retry` with no supervisor running open the
+    workspace themselves: a hand edit found then is put back and recorded, not committed
+    with the command's own change."""
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"]},
+                  "chip": {"role": "specialist", "command": sh("true"), "writes": ["webapp/src/**"]}},
+                 orchestrator="walt")
+    drop(ws, "chip", "a.md", order_md("Counted work", id="a", sender="walt"))
+    run(ws)
+    ledger = ws.state / "orchestrator" / "ledger.json"
+    kept = ledger.read_text()
+    ledger.write_text('{"generation": 1, "items": []}\n')
+    from coordinator import control
+    control.submit(ws, "budget-add", {"tokens": 5, "note": "after the edit"})
+    assert git(ws.state, "status", "--porcelain") == ""
+    items = {(i["ref"], i["kind"]) for i in __import__("json").loads(ledger.read_text())["items"]}
+    assert ("a", "order") in items and len(items) == len(__import__("json").loads(kept)["items"]) + 1
+    last = git(ws.state, "log", "-1", "-p", "--format=%s", "--", "orchestrator/ledger.json")
+    assert "+5 manual" in last and '-  "items": [\n' not in last  # the command's change, not the edit's
+    silent = [s for s in signals.load(ws.state) if s.kind == "silent"]
+    assert len(silent) == 1 and "orchestrator/ledger.json" in silent[0].evidence
+
+
+def test_after_a_crash_the_supervisors_own_writes_are_committed_and_a_later_hand_edit_is_put_back(make_ws):
+    from test_recovery import abandon
+
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    run(ws)
+    sup = Supervisor(ws)
+    sup.open()
+    drop(ws, "chip", "b.md", order_md("Second order", id="b"))
+    sup._intake_step()
+    sup._write_state()  # on disk, not committed: then the supervisor dies
+    abandon(sup)
+    assert "record.json" in git(ws.state, "status", "--porcelain", "--untracked-files=all")
+    record_a = Store(ws.state).record_path("a")
+    record_a.write_text(record_a.read_text().replace('"done"', '"queued"'))  # by hand, after the crash
+    (ws.state / "planted.txt").write_text("by hand")
+    run(ws)
+    assert Store(ws.state).load("a").status == "done"  # put back, never run again
+    assert not (ws.state / "planted.txt").exists()
+    assert Store(ws.state).load("b").status == "done"
+    recovery = git(ws.state, "log", "--format=%B", "--grep=recovery: commit state")
+    assert "orders/b/" in recovery and "orders/a/" not in recovery and "planted" not in recovery
+    silent = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert len(silent) == 1 and "orders/a/record.json" in silent[0] and "planted.txt" in silent[0]
+
+
+def test_a_hand_commit_in_state_beside_a_running_supervisor_is_signalled_once(make_ws):
+    ws = team(make_ws)
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=10)
+        (ws.state / "README.md").write_text("changed\n")
+        git(ws.state, "add", "README.md")
+        subprocess.run(["git", "-C", str(ws.state), "-c", "user.name=eve", "-c", "user.email=e@x", "commit",
+                        "-qm", "tidy the readme"], check=True)
+        verify.watch_state(sup)
+        verify.watch_state(sup)  # said once
+        drop(ws, "chip", "a.md", order_md("After the hand commit", id="a"))
+        sup.run_once(limit=30)
+    silent = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert len(silent) == 1 and "by eve: tidy the readme" in silent[0]
+    assert Store(ws.state).load("a").status == "done"
+
+
+def test_a_note_with_a_newline_cannot_forge_a_transition_in_the_trail(make_ws):
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"]},
+                  "chip": {"role": "specialist", "command": sh("true")}}, orchestrator="walt")
+    from coordinator import control
+    control.submit(ws, "budget-add", {"tokens": 1, "note": "read\nvictim chip: blocked -> done\n\x1b[31mred"})
+    subject = git(ws.state, "log", "-1", "--format=%B").strip()
+    assert subject == "budget walt: +1 manual (read victim chip: blocked -> done [31mred)"
+    assert StateRepo(ws.state).entries("victim") == []

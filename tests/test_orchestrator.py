@@ -68,13 +68,14 @@ def test_rotate_drops_only_completed_items_and_fresh_writes_a_brief_of_what_is_i
     ws = team(make_ws)
     drop(ws, "chip", "a.md", order_md("Finished work", id="fin", sender="walt"))
     run(ws)
-    # Two orders stay in flight: chip cannot run them (a dependency is not done).
-    drop(ws, "chip", "b.md", order_md("Blocked work", id="later", sender="walt", blocked_by=["fin2"]))
+    # Two orders stay in flight: taken in, not run (the second waits for the first).
     drop(ws, "chip", "c.md", order_md("Prerequisite", id="fin2", sender="walt",
                                       branching=("requeue-with-blocker if the API is undecided",)))
+    drop(ws, "chip", "b.md", order_md("Blocked work", id="later", sender="walt", blocked_by=["fin2"]))
     with Supervisor(ws) as sup:
         sup._intake_step()
         sup.step_commit()
+        assert (sup.records["fin2"].status, sup.records["later"].status) == ("queued", "waiting")
         before = {i.ref for i in sup.ledger.items}
         out = sup.handle("rotate", {"fresh": False})
         sup.step_commit()
@@ -185,3 +186,87 @@ def test_a_command_orchestrators_request_is_judged_at_the_end_of_its_childs_rout
         assert recs["req"].status == "blocked"
         assert recs["req"].report["summary"].startswith(
             f"delegated orders did not finish: kid (routed to {follow.id}) halted")
+
+
+# -- the ledger follows every end and every return ---------------------------------------------------
+def test_a_rejected_order_is_completed_and_a_retried_one_is_in_flight_again(make_ws):
+    ws = team(make_ws, chip={"role": "specialist", "command": sh("exit 1"), "max_failures": 1})
+    drop(ws, "chip", "bad.md", order_md("Too few items", id="bad", sender="walt", acceptance=("one item",)))
+    drop(ws, "chip", "fails.md", order_md("This fails once", id="fails", sender="walt"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        assert sup.records["bad"].status == "rejected" and sup.records["fails"].status == "blocked"
+        status = {(i.ref, i.kind): i.status for i in sup.ledger.items}
+        assert status[("bad", "rejection")] == "completed"
+        assert status[("fails", "order")] == "completed"
+        sup.handle("retry", {"id": "fails"})
+        status = {(i.ref, i.kind): i.status for i in sup.ledger.items}
+        assert status[("fails", "order")] == "in-flight" and status[("fails", "report")] == "completed"
+        sup.handle("rotate", {"fresh": False})
+        assert {(i.ref, i.kind) for i in sup.ledger.items} == {("fails", "order")}
+
+
+def test_the_fresh_brief_holds_only_the_orchestrators_own_work_and_why_a_denial_happened(make_ws):
+    ws = team(make_ws, chip={"role": "specialist", "writes": ["webapp/src/**"], "command": sh(
+        'case "$COORD_ORDER_ID" in deny) echo x > src/other.py;; *) sleep 30;; esac')})
+    drop(ws, "chip", "d.md", order_md("Only mine changes", id="deny", sender="walt", files=("webapp/src/mine.py",)))
+    drop(ws, "chip", "u.md", order_md("The user's own order", id="users"))
+    drop(ws, "chip", "w.md", order_md("Walt's order in flight", id="walts", sender="walt"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=1)
+        sup._intake_step()
+        for _ in range(3):
+            sup.step()
+        brief = sup.fresh_brief()
+    assert "walts" in brief and "users" not in brief
+    assert "- deny -> chip: Only mine changes; why: wrote outside its permission: webapp/src/other.py" in brief
+
+
+def test_at_the_ceiling_a_warning_is_said_once_per_crossing_not_at_every_step(make_ws):
+    ws = team(make_ws, ceiling=100, on_ceiling="warn")
+    with Supervisor(ws) as sup:
+        sup.handle("budget-add", {"tokens": 150})
+        for _ in range(20):
+            sup.step()
+        sup.step_commit()
+        sup.handle("budget-add", {"tokens": 10})
+        for _ in range(5):
+            sup.step()
+        sup.step_commit()
+        assert sup.ledger.hot_tokens() == 160
+    log = subprocess.run(["git", "-C", str(ws.state), "log", "--format=%B"], capture_output=True, text=True).stdout
+    assert log.count("reached the ceiling of 100") == 1
+
+
+def test_a_command_orchestrators_brief_is_in_its_context_until_the_request_ends(make_ws):
+    ws = team(make_ws, walt_command=sh("test -s \"$COORD_BRIEF\" && sleep 0.5"))
+    drop(ws, "walt", "r.md", order_md("Plan the login work", id="req"))
+    with Supervisor(ws) as sup:
+        sup._intake_step()
+        sup.step()
+        items = [(i.ref, i.kind, i.status) for i in sup.ledger.items]
+        assert items == [("req", "brief", "in-flight")]
+        brief = (sup.attempts.active[next(iter(sup.attempts.active))].attempt.brief).read_text()
+        assert sup.ledger.items[0].tokens == budget.estimate_tokens(brief)
+        sup.run_once(limit=30)
+        assert sup.records["req"].status == "done"
+        assert [(i.ref, i.kind, i.status) for i in sup.ledger.items] == [("req", "brief", "completed")]
+
+
+def test_an_orchestrators_output_that_only_mentions_a_refusal_is_no_artifact(make_ws):
+    ws = team(make_ws, walt_command=sh("echo \"chip's report says: Permission denied was fixed in login\""))
+    drop(ws, "walt", "r.md", order_md("Read the report", id="req"))
+    run(ws)
+    assert Store(ws.state).load("req").status == "done"
+    assert [s for s in signals.load(ws.state) if s.kind == "artifact"] == []
+
+
+def test_budget_commands_need_an_orchestrator(make_ws):
+    from coordinator import control
+    from coordinator.errors import UsageError
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("true")}})
+    for action, args in (("budget-add", {"tokens": 10}), ("rotate", {"fresh": True})):
+        with pytest.raises(UsageError, match="this team has no orchestrator"):
+            control.submit(ws, action, args)
+    assert not (ws.state / "orchestrator").exists()

@@ -208,7 +208,7 @@ def abandon(sup: Supervisor) -> None:
     if sup._lock_fd is not None:
         os.close(sup._lock_fd)
         sup._lock_fd = None
-    durable.close_journal()
+    durable.close_journal(sup.ws.state)
     sup._opened = False
 
 
