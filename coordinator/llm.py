@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -44,7 +45,10 @@ RETRY_AFTER_CAP = 60.0  # a server asking for longer is treated as down: move on
 CHARS_PER_TOKEN = 4  # the usual estimate when an endpoint reports no usage
 ERROR_EXCERPT = 200  # characters of an error body worth showing
 MIN_SECRET = 4  # shorter "keys" are placeholders for local servers; redacting them garbles text
+MIN_SECRET_PREFIX = 8  # a cut excerpt ending in this much of a key is scrubbed as the key
 PLAIN_JSON_HINT = "Reply with one JSON object and nothing else: no prose, no code fences."
+# Half of a character: httpx cannot encode it, so it is never sent (U+FFFD goes instead).
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class SpendLimitReached(LLMError):
@@ -153,6 +157,10 @@ class Client:
         with self._lock:
             return tuple(self._calls)
 
+    def redact(self, text: str) -> str:
+        """`text` with every key of this client's chain scrubbed (for logs of model replies)."""
+        return _redact(text, self._secrets())
+
     @property
     def spent(self) -> float:
         return sum(c.cost for c in self.calls)
@@ -235,7 +243,7 @@ class Client:
     def _post(self, http: httpx.Client, endpoint: Endpoint, headers: dict[str, str],
               messages: list[dict[str, str]], use_format: bool, json_object: bool,
               secrets: list[str]) -> tuple[str, Usage]:
-        sent = list(messages)
+        sent = [{k: whole_text(v) for k, v in m.items()} for m in messages]
         if json_object and not use_format:
             sent = [{"role": "system", "content": PLAIN_JSON_HINT}, *sent]
         body: dict[str, Any] = {"model": endpoint.model, "messages": sent}
@@ -259,9 +267,17 @@ class Client:
         except httpx.TransportError as e:
             raise _Failure(_redact(f"connection broke ({_reason(e)})", secrets), status=None,
                            retry=True) from None
+        except httpx.DecodingError as e:
+            # A body that does not decode as its Content-Encoding says is a bad answer, like a
+            # 200 that is not JSON: worth another try, never a crash.
+            raise _Failure(excerpt(f"the answer could not be decoded ({_reason(e)})", secrets),
+                           status=None, retry=True) from None
+        except httpx.HTTPError as e:
+            raise _Failure(excerpt(f"the request failed ({type(e).__name__}: {_reason(e)})", secrets),
+                           status=None, retry=True) from None
         status = response.status_code
         if status != 200:
-            detail = _redact(_error_detail(response), secrets)
+            detail = _error_detail(response, secrets)
             text = f"HTTP {status}" + (f": {detail}" if detail else "")
             lowered = detail.lower()
             raise _Failure(
@@ -325,9 +341,9 @@ def _parse_completion(response: httpx.Response, sent: list[dict[str, str]],
     try:
         data = response.json()
         content = data["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        excerpt = _redact(response.text[:ERROR_EXCERPT], secrets)
-        raise _Failure(f"HTTP 200 but not a chat completion: {excerpt!r}", status=200,
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
+        shown = excerpt(response.text, secrets)
+        raise _Failure(f"HTTP 200 but not a chat completion: {shown!r}", status=200,
                        retry=True) from None
     if not isinstance(content, str) or not content.strip():
         raise _Failure("HTTP 200 with an empty message", status=200, retry=True)
@@ -343,20 +359,20 @@ def _usage(raw: object, sent: list[dict[str, str]], content: str) -> Usage:
     return Usage(estimate_tokens(prompt_text), estimate_tokens(content), estimated=True)
 
 
-def _error_detail(response: httpx.Response) -> str:
-    """The server's own words about an error, short: `error.message` or the body's start."""
+def _error_detail(response: httpx.Response, secrets: list[str]) -> str:
+    """The server's own words about an error, short and scrubbed: `error.message` or the body's start."""
     try:
         data = response.json()
-    except ValueError:
-        return " ".join(response.text.split())[:ERROR_EXCERPT]
+    except (ValueError, RecursionError):
+        return excerpt(" ".join(response.text.split()), secrets)
     if isinstance(data, dict):
         err = data.get("error", data)
         if isinstance(err, dict):
             msg = err.get("message") or err.get("detail") or json.dumps(err)
         else:
             msg = str(err)
-        return " ".join(str(msg).split())[:ERROR_EXCERPT]
-    return " ".join(json.dumps(data).split())[:ERROR_EXCERPT]
+        return excerpt(" ".join(str(msg).split()), secrets)
+    return excerpt(" ".join(json.dumps(data).split()), secrets)
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -385,3 +401,21 @@ def _redact(text: str, secrets: list[str]) -> str:
     for s in secrets:
         text = text.replace(s, "***")
     return text
+
+
+def excerpt(text: str, secrets: list[str], limit: int = ERROR_EXCERPT) -> str:
+    """`text` scrubbed of every key, then cut to `limit` characters: scrubbed first, so a key the
+    cut would split is still found whole; and a cut end that is the start of a key (its first
+    MIN_SECRET_PREFIX characters or more) is scrubbed too."""
+    text = whole_text(_redact(text, secrets))[:limit]
+    for s in secrets:
+        for n in range(len(s) - 1, MIN_SECRET_PREFIX - 1, -1):
+            if text.endswith(s[:n]):
+                return text[:-n] + "***"
+    return text
+
+
+def whole_text(text: str) -> str:
+    """`text` with each lone surrogate (half a character, unencodable) as U+FFFD."""
+    return LONE_SURROGATE.sub("\ufffd", text)
+

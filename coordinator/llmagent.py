@@ -30,7 +30,7 @@ from jsonschema import Draft202012Validator
 from . import paths, schemas
 from .config import Config
 from .errors import LLMError
-from .llm import Client, Reply
+from .llm import LONE_SURROGATE, Client, Reply
 
 MAX_REASKS = 2
 OUTCOMES = ("done", "halt-with-note", "route-to", "requeue-with-blocker", "blocked")
@@ -212,6 +212,8 @@ def apply_edits(worktree_root: Path, repo: str, edits: Iterable[Edit]) -> list[s
     problems: list[str] = []
     for edit in edits:
         rel, problem = _target(root, repo, edit)
+        if not problem and edit.content is not None and LONE_SURROGATE.search(edit.content):
+            problem = "its content holds half of a character (a lone surrogate); nothing was written"
         if problem:
             problems.append(f"{edit.path}: {problem}")
         else:
@@ -385,10 +387,50 @@ def parse_object(text: str) -> tuple[dict[str, Any] | None, list[str]]:
         if data is None:
             return None, [f"the reply is not JSON ({e.msg} at line {e.lineno} column {e.colno}); "
                           "reply with one JSON object"]
+    except RecursionError:
+        return None, ["the reply is not JSON we accept: it is nested too deeply; reply with one "
+                      "plain JSON object"]
+    except ValueError as e:  # a number past int's digit limit
+        return None, [f"the reply is not JSON we accept ({str(e)[:100]}); reply with one JSON object"]
     if not isinstance(data, dict):
         return None, [f"the reply is a JSON {type(data).__name__}, not an object; reply with one "
                       "JSON object"]
+    halves = _lone_surrogates(data)
+    if halves:
+        return None, halves
     return data, []
+
+
+def _lone_surrogates(data: Any) -> list[str]:
+    """Where a string of the reply holds half of a character (a lone surrogate such as \\ud800):
+    such text cannot be written to a file or stored, so the reply is refused, never kept."""
+    found: list[str] = []
+    todo: list[tuple[str, Any]] = [("reply", data)]
+    while todo and len(found) < 5:
+        where, value = todo.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                here = f"{where}.{k}" if where != "reply" else str(k)
+                if LONE_SURROGATE.search(k):
+                    found.append(f"{_shown(here)}: the key {_escaped(k)} holds half of a character "
+                                 "(a lone surrogate); write whole characters only")
+                todo.append((here, v))
+        elif isinstance(value, list):
+            todo.extend((f"{where}.{i}", v) for i, v in enumerate(value))
+        elif isinstance(value, str):
+            m = LONE_SURROGATE.search(value)
+            if m:
+                found.append(f"{_shown(where)}: holds {_escaped(m.group())}, half of a character "
+                             "(a lone surrogate); write whole characters only")
+    return sorted(found)
+
+
+def _escaped(text: str) -> str:
+    return text.encode("unicode_escape").decode("ascii")[:60]
+
+
+def _shown(where: str) -> str:
+    return _escaped(where) if LONE_SURROGATE.search(where) else where
 
 
 def _first_object(text: str) -> Any:
@@ -398,7 +440,7 @@ def _first_object(text: str) -> Any:
         return None
     try:
         data, _ = json.JSONDecoder().raw_decode(text, start)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return None
     return data
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import audit, budget, llmagent, orders, paths, results
 from .config import Agent, Config, parse_duration
-from .errors import CoordinatorError, LLMAuthError, OrderError
+from .errors import CoordinatorError, LLMAuthError, LLMError, OrderError
 from .llm import Call, Client, SpendLimitReached
 from .store import History, Record, route_end
 
@@ -191,6 +191,12 @@ def _launch(act: Active, out: Outcome, ask: Callable[[], Any], name: str,
             out.replies = [r.text for r in e.replies]
         except CoordinatorError as e:
             out.error = e
+        except Exception as e:  # noqa: BLE001 - whatever a reply does, the supervisor goes on
+            # A bug or a reply nobody foresaw fails this attempt with one line; it never
+            # kills the loop (a thread's exception would be lost, and its value is None).
+            out.value = None
+            out.error = LLMError(out.client.redact(
+                f"the model call ended unexpectedly ({type(e).__name__}: {_one_line(str(e), 160)})"))
         finally:
             if wake is not None:
                 wake()  # the loop picks the reply up now, not at its next idle timeout
@@ -228,6 +234,8 @@ def _judge(runner: AttemptRunner, act: Active, out: Outcome) -> None:
             act.rec.failures.append(str(out.error))
             return runner.block(act.rec, str(out.error))
         reason = f"{act.agent.name}'s model failed: {out.error}"
+    elif out.value is None:
+        reason = f"{act.agent.name}'s model call ended without an answer"
     if reason is not None:
         if out.kind == "synthesis":
             return _review_failed(runner, act, reason)
@@ -239,6 +247,8 @@ def _judge(runner: AttemptRunner, act: Active, out: Outcome) -> None:
                 llmagent.apply_edits(act.attempt.workdir, act.repo.name, reply.edits)
             except CoordinatorError as e:
                 return runner.fail(act, f"edits refused: {e}")
+            except (OSError, ValueError) as e:  # a name too long, a full disk: the copy is dropped
+                return runner.fail(act, f"edits could not be written: {_one_line(str(e), 200)}")
         result = results.Result(outcome=reply.outcome, summary=reply.summary, agent=reply.agent,
                                 blocker=reply.blocker)
         return runner.conclude(act, result)
@@ -558,11 +568,12 @@ def _log_conversation(act: Active, out: Outcome, calls: tuple[Call, ...]) -> Non
              + f", {c.latency:.2f}s, ${c.cost:.4f}"
              for c in calls]
     for n, text in enumerate(out.replies, 1):
-        lines.append(f"--- reply {n} ({out.kind})\n{text[:LOG_REPLY_CHARS]}")
+        lines.append(f"--- reply {n} ({out.kind})\n{out.client.redact(text)[:LOG_REPLY_CHARS]}")
     if out.error is not None:
         lines.append(f"--- failed: {out.error}")
     if lines:
-        with open(act.attempt.log, "a", encoding="utf-8") as f:
+        # backslashreplace: a lone surrogate a model sent is logged as its escape, not a crash.
+        with open(act.attempt.log, "a", encoding="utf-8", errors="backslashreplace") as f:
             f.write("\n".join(lines) + "\n")
 
 

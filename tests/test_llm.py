@@ -270,3 +270,36 @@ def test_a_transport_can_be_injected() -> None:
     assert client.chat([{"role": "user", "content": "hi"}]).usage.completion_tokens == 4
     assert client.chat([{"role": "user", "content": "hi"}]).text == OK  # transport still open
     assert str(seen[0].url) == "https://llm.invalid/v1/chat/completions"
+
+
+# -- replies that once crashed the supervisor ---------------------------------------------------------
+
+
+def test_a_body_that_does_not_decode_as_its_encoding_says_is_retried_like_a_bad_answer(
+        fake: FakeLLM, sleeps: Sleeps) -> None:
+    fake.script(json=b"this is not gzip at all", headers={"Content-Encoding": "gzip"})
+    fake.script(content=OK)
+    reply = Client(settings(Endpoint("m", fake.base_url)), sleep=sleeps).chat(
+        [{"role": "user", "content": "hi"}])
+    assert reply.text == OK
+    assert "could not be decoded" in (reply.calls[0].error or "")
+    assert sleeps == [1.0]
+
+
+def test_a_body_that_never_decodes_ends_in_one_clear_error(fake: FakeLLM, sleeps: Sleeps) -> None:
+    fake.script(json=b"\x00\x01garbage", headers={"Content-Encoding": "gzip"})
+    client = Client(settings(Endpoint("m", fake.base_url), max_retries=0), sleep=sleeps)
+    with pytest.raises(LLMError) as info:
+        client.chat([{"role": "user", "content": "hi"}])
+    assert "could not be decoded" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_lone_surrogate_is_never_sent_half_a_character_goes_as_a_replacement(fake: FakeLLM) -> None:
+    fake.script(content=OK)
+    reply = Client(settings(Endpoint("m", fake.base_url))).chat(
+        [{"role": "assistant", "content": '{"blocker": "API \ud800 undecided"}'},
+         {"role": "user", "content": "fix \udfff this"}])
+    assert reply.text == OK
+    sent = fake.chat_bodies()[0]["messages"]
+    assert sent[0]["content"] == '{"blocker": "API \ufffd undecided"}'
+    assert sent[1]["content"] == "fix \ufffd this"

@@ -434,3 +434,53 @@ def test_the_spend_limits_stop_further_calls_with_a_status_naming_the_limit(make
         sup.run_once(limit=30)
     assert load(ws, "c2").status == "blocked" and len(fake.chat_bodies()) == 2
     assert cost_json(ws)["total"]["cost"] == pytest.approx(0.2)
+
+
+# -- replies that once crashed the supervisor ---------------------------------------------------------
+
+
+def test_replies_that_once_crashed_the_supervisor_fail_or_re_ask_and_the_board_still_shows(make_ws, fake):
+    ws = make_ws({"chip": coder(fake, max_failures=3)})
+    surrogate_edit = json.dumps({"outcome": "done", "summary": "s",
+                                 "edits": [write("webapp/src/greeting.py", "x = '\ud800'\n")]},
+                                ensure_ascii=False)
+    # Attempt 1: a 200 whose body is not the gzip it claims to be (max_retries 0: the attempt fails).
+    fake.script(json=b"not gzip", headers={"Content-Encoding": "gzip"})
+    # Attempt 2: absurd nesting, then a raw lone surrogate in an edit (re-asked, the echo is sent),
+    # then a lone surrogate in the blocker: three broken replies, the attempt fails.
+    fake.script(content="[" * 100_000 + "]" * 100_000)
+    fake.script(content=surrogate_edit)
+    fake.script(content=reply(outcome="requeue-with-blocker", summary="API \ud800 undecided"))
+    # Attempt 3: a good reply.
+    fake.script(content=reply(write("webapp/src/greeting.py")))
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",),
+                                       branching=("requeue-with-blocker if the API is undecided",)))
+    run(ws)
+
+    rec = load(ws, "g")
+    assert rec.status == "done", rec.report
+    assert rec.attempts == 3
+    assert "could not be decoded" in rec.failures[0] and "\n" not in rec.failures[0]
+    assert "broke the contract 3 times" in rec.failures[1] and "lone surrogate" in rec.failures[1]
+    assert (ws.repos / "webapp" / "src" / "greeting.py").read_text() == GREETING
+    for command in (["board"], ["show", "g"]):
+        result = CliRunner().invoke(cli, ["-w", str(ws.root), *command])
+        assert result.exit_code == 0, result.output
+
+
+def test_an_unforeseen_error_in_the_model_thread_fails_the_attempt_with_one_line(make_ws, fake, monkeypatch):
+    from coordinator import llmagent
+
+    def broken(text: str) -> Any:
+        raise RuntimeError("a bug nobody foresaw\nwith a second line")
+
+    monkeypatch.setattr(llmagent, "parse_object", broken)
+    ws = make_ws({"chip": coder(fake, max_failures=1)})
+    fake.script(content=reply())
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g"))
+    run(ws)  # the supervisor goes on
+
+    rec = load(ws, "g")
+    assert rec.status == "blocked"
+    assert "ended unexpectedly (RuntimeError: a bug nobody foresaw with a second line)" in rec.failures[0]
+    assert [u["status"] for u in rec.usage] == [200]  # the call was made and is counted

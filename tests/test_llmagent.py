@@ -348,3 +348,60 @@ def test_the_fake_server_runs_as_a_program_with_a_script(tmp_path: Path) -> None
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
+
+
+# -- replies that once crashed the supervisor ---------------------------------------------------------
+
+
+def test_a_reply_nested_too_deeply_is_not_json_and_is_sent_back(fake: FakeLLM) -> None:
+    fake.script(content="[" * 100_000 + "]" * 100_000)
+    fake.script(content=done())
+    reply, replies = run_specialist(client_for(fake), BRIEF, {}, allowed=in_src,
+                                    outcomes_allowed=OUTCOMES)
+    assert reply.outcome == "done" and len(replies) == 2
+    assert "nested too deeply" in last_user_message(fake.chat_bodies()[1])
+
+
+@pytest.mark.parametrize("escaped", [True, False])
+@pytest.mark.parametrize("extra", [
+    {"outcome": "requeue-with-blocker", "blocker": "API \ud800 undecided"},
+    {"summary": "done \udc00"},
+])
+def test_a_lone_surrogate_anywhere_in_a_reply_is_sent_back_with_where_it_is(
+        fake: FakeLLM, extra: dict[str, Any], escaped: bool) -> None:
+    # Escaped, the JSON text carries "\ud800"; raw, the reply's text holds the half character
+    # itself. Either way it decodes to half a character no file or record can hold.
+    text = done(**extra) if escaped else json.dumps(
+        {"outcome": "done", "summary": "s", "edits": [], **extra}, ensure_ascii=False)
+    fake.script(content=text)
+    fake.script(content=done())
+    reply, _ = run_specialist(client_for(fake), BRIEF, {}, allowed=in_src,
+                              outcomes_allowed=OUTCOMES | {"requeue-with-blocker"})
+    assert reply.summary == "Added the length check."
+    correction = last_user_message(fake.chat_bodies()[1])
+    field = "blocker" if "blocker" in extra else "summary"
+    assert f"{field}: holds \\u" in correction and "lone surrogate" in correction
+    # The re-ask itself was sent (the half character of the echoed reply as U+FFFD), not a crash.
+    echoed = fake.chat_bodies()[1]["messages"][-2]["content"]
+    assert ("\\u" in echoed) if escaped else ("\ufffd" in echoed)
+
+
+def test_an_edit_holding_a_lone_surrogate_is_sent_back_and_never_written(fake: FakeLLM,
+                                                                         worktree: Path) -> None:
+    fake.script(content=done({"path": "webapp/src/login.ts", "content": "x = '\ud800'\n"}))
+    fake.script(content=done({"path": "webapp/src/login.ts", "content": "x = 1\n"}))
+    reply, _ = run_specialist(client_for(fake), BRIEF, {}, allowed=in_src, outcomes_allowed=OUTCOMES)
+    assert "edits.0.content: holds \\ud800" in last_user_message(fake.chat_bodies()[1])
+    with pytest.raises(LLMReplyError, match="lone surrogate"):
+        apply_edits(worktree, "webapp", [Edit("webapp/src/login.ts", "x = '\ud800'\n")])
+    assert (worktree / "src" / "login.ts").read_text() == "old\n"
+    apply_edits(worktree, "webapp", reply.edits)
+    assert (worktree / "src" / "login.ts").read_text() == "x = 1\n"
+
+
+def test_a_plan_whose_summary_holds_a_lone_surrogate_is_sent_back(fake: FakeLLM) -> None:
+    fake.script(content=json.dumps({"summary": "plan \ud83d", "orders": []}))
+    fake.script(content=json.dumps({"summary": "plan", "orders": []}))
+    result, _ = plan(client_for(fake), "", "", "Limit password length", validate=lambda o, s: [])
+    assert result.summary == "plan"
+    assert "summary: holds \\ud83d" in last_user_message(fake.chat_bodies()[1])
