@@ -45,6 +45,7 @@ RETRY_AFTER_CAP = 60.0  # a server asking for longer is treated as down: move on
 CHARS_PER_TOKEN = 4  # the usual estimate when an endpoint reports no usage
 ERROR_EXCERPT = 200  # characters of an error body worth showing
 MIN_SECRET = 4  # shorter "keys" are placeholders for local servers; redacting them garbles text
+REDACTED = "***"  # what stands where a key was
 MIN_SECRET_PREFIX = 8  # a cut excerpt ending in this much of a key is scrubbed as the key
 PLAIN_JSON_HINT = "Reply with one JSON object and nothing else: no prose, no code fences."
 # Half of a character: httpx cannot encode it, so it is never sent (U+FFFD goes instead).
@@ -157,9 +158,12 @@ class Client:
         with self._lock:
             return tuple(self._calls)
 
-    def redact(self, text: str) -> str:
-        """`text` with every key of this client's chain scrubbed (for logs of model replies)."""
-        return _redact(text, self._secrets())
+    def redact(self, text: str, limit: int | None = None) -> str:
+        """`text` with every key of this client's chain scrubbed (for logs of model replies),
+        cut to `limit` characters after scrubbing (and a key's start at the cut scrubbed too)."""
+        if limit is None:
+            return _redact(text, self._secrets())
+        return excerpt(text, self._secrets(), limit)
 
     @property
     def spent(self) -> float:
@@ -399,7 +403,7 @@ def _reason(e: Exception) -> str:
 
 def _redact(text: str, secrets: list[str]) -> str:
     for s in secrets:
-        text = text.replace(s, "***")
+        text = text.replace(s, REDACTED)
     return text
 
 
@@ -407,11 +411,15 @@ def excerpt(text: str, secrets: list[str], limit: int = ERROR_EXCERPT) -> str:
     """`text` scrubbed of every key, then cut to `limit` characters: scrubbed first, so a key the
     cut would split is still found whole; and a cut end that is the start of a key (its first
     MIN_SECRET_PREFIX characters or more) is scrubbed too."""
-    text = whole_text(_redact(text, secrets))[:limit]
+    whole = whole_text(_redact(text, secrets))
+    text = whole[:limit]
+    marker = whole.find(REDACTED, max(0, limit - len(REDACTED) + 1))
+    if 0 <= marker < limit:  # never half a marker: a reader must see that a key was there
+        text = whole[:marker + len(REDACTED)]
     for s in secrets:
         for n in range(len(s) - 1, MIN_SECRET_PREFIX - 1, -1):
             if text.endswith(s[:n]):
-                return text[:-n] + "***"
+                return text[:-n] + REDACTED
     return text
 
 

@@ -568,7 +568,7 @@ def _log_conversation(act: Active, out: Outcome, calls: tuple[Call, ...]) -> Non
              + f", {c.latency:.2f}s, ${c.cost:.4f}"
              for c in calls]
     for n, text in enumerate(out.replies, 1):
-        lines.append(f"--- reply {n} ({out.kind})\n{out.client.redact(text)[:LOG_REPLY_CHARS]}")
+        lines.append(f"--- reply {n} ({out.kind})\n{out.client.redact(text, LOG_REPLY_CHARS)}")
     if out.error is not None:
         lines.append(f"--- failed: {out.error}")
     if lines:

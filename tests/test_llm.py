@@ -303,3 +303,20 @@ def test_a_lone_surrogate_is_never_sent_half_a_character_goes_as_a_replacement(f
     sent = fake.chat_bodies()[0]["messages"]
     assert sent[0]["content"] == '{"blocker": "API \ufffd undecided"}'
     assert sent[1]["content"] == "fix \ufffd this"
+
+
+@pytest.mark.parametrize("where", [190, 195, 199])
+def test_a_key_the_excerpt_cut_would_split_is_scrubbed_whole(fake: FakeLLM, sleeps: Sleeps,
+                                                             where: int) -> None:
+    # Cut first and scrubbed after, the key's first characters used to survive at the cut.
+    fake.script(status=500, json={"error": {"message": "x" * where + KEY + " was refused"}})
+    fake.script(json={"not": "a completion", "echo": "y" * where + KEY})
+    fake.script(status=502, json={"error": {"message": "z" * where + KEY[:12]}})  # a key cut by the server
+    ep = Endpoint("m", fake.base_url, api_key_env="FAKE_KEY")
+    client = Client(settings(ep, max_retries=2), env={"FAKE_KEY": KEY}, sleep=sleeps)
+    with pytest.raises(LLMError) as info:
+        client.chat([{"role": "user", "content": "hi"}])
+    texts = [str(info.value), *(c.error or "" for c in client.calls)]
+    for text in texts:
+        assert KEY[:8] not in text, text
+    assert len(client.calls) == 3 and "***" in (client.calls[0].error or "")

@@ -484,3 +484,17 @@ def test_an_unforeseen_error_in_the_model_thread_fails_the_attempt_with_one_line
     assert rec.status == "blocked"
     assert "ended unexpectedly (RuntimeError: a bug nobody foresaw with a second line)" in rec.failures[0]
     assert [u["status"] for u in rec.usage] == [200]  # the call was made and is counted
+
+
+def test_not_even_the_start_of_the_key_reaches_state_when_an_error_is_cut(make_ws, fake):
+    ws = make_ws({"chip": coder(fake, max_failures=1)})
+    fake.script(status=500, json={"error": {"message": "x" * 190 + KEY}})  # cut at 200: the key's start
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g"))
+    run(ws)
+
+    assert load(ws, "g").status == "blocked"
+    assert "***" in load(ws, "g").failures[0]
+    for root in (ws.state, ws.runtime):
+        leaked = subprocess.run(["grep", "-rlaF", KEY[:8], str(root)], capture_output=True, text=True).stdout
+        assert leaked == ""
+    assert KEY[:8] not in git(ws.state, "log", "-p", "--all")
