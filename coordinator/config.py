@@ -330,14 +330,15 @@ def _llm(name: str, spec: dict[str, Any], fail: Any) -> LLMSettings:
             # A bare model name shares the primary's endpoint and key, not its prices.
             chain.append(Endpoint(model=item, base_url=primary.base_url, api_key_env=primary.api_key_env))
         else:
-            chain.append(
-                Endpoint(
-                    model=item["model"],
-                    base_url=str(item.get("base_url", primary.base_url)).rstrip("/"),
-                    api_key_env=item.get("api_key_env", primary.api_key_env),
-                    prices=prices(item.get("prices")),
-                )
-            )
+            base_url = str(item.get("base_url", primary.base_url)).rstrip("/")
+            # A key goes only where it was meant to: another host gets none unless the entry
+            # names its own variable; `api_key_env: null` means no key at all.
+            if "api_key_env" in item:
+                key_env = item["api_key_env"]
+            else:
+                key_env = primary.api_key_env if base_url == primary.base_url else None
+            chain.append(Endpoint(model=item["model"], base_url=base_url, api_key_env=key_env,
+                                  prices=prices(item.get("prices"))))
     timeout = spec.get("timeout")
     try:
         seconds = parse_duration(timeout) if timeout is not None else DEFAULT_LLM_TIMEOUT

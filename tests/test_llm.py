@@ -320,3 +320,45 @@ def test_a_key_the_excerpt_cut_would_split_is_scrubbed_whole(fake: FakeLLM, slee
     for text in texts:
         assert KEY[:8] not in text, text
     assert len(client.calls) == 3 and "***" in (client.calls[0].error or "")
+
+
+# -- whose key goes where -----------------------------------------------------------------------------
+
+
+def agent_llm(llm: dict[str, object]) -> LLMSettings:
+    from coordinator.config import from_mapping
+    config = from_mapping({"version": 1, "agents": {"chip": {"role": "specialist", "llm": llm}}})
+    settings = config.agents["chip"].llm
+    assert settings is not None
+    return settings
+
+
+def test_a_fallback_on_another_host_never_gets_the_primarys_key(fake: FakeLLM, sleeps: Sleeps) -> None:
+    with FakeLLM() as other:
+        for _ in range(3):
+            fake.script(status=503, json={"error": {"message": "down"}})
+        other.script(status=503, json={"error": {"message": "down"}})
+        other.script(status=503, json={"error": {"message": "down"}})
+        other.script(content=OK)
+        chain = agent_llm({"base_url": fake.base_url, "model": "main", "api_key_env": "FAKE_KEY",
+                           "max_retries": 0,
+                           "fallback": ["same-host",                                       # the key
+                                        {"model": "same-host-keyless", "api_key_env": None},  # none
+                                        {"model": "elsewhere", "base_url": other.base_url},   # none
+                                        {"model": "elsewhere-own", "base_url": other.base_url,
+                                         "api_key_env": "OTHER_KEY"},
+                                        {"model": "elsewhere-keyless", "base_url": other.base_url,
+                                         "api_key_env": None}]})
+        reply = Client(chain, env={"FAKE_KEY": KEY, "OTHER_KEY": "sk-other-0123456789"},
+                       sleep=sleeps).chat([{"role": "user", "content": "hi"}])
+        assert reply.model == "elsewhere-keyless"
+        seen = {r.body["model"]: r.headers.get("authorization") for r in fake.requests + other.requests}
+        assert seen == {"main": f"Bearer {KEY}", "same-host": f"Bearer {KEY}", "same-host-keyless": None,
+                        "elsewhere": None, "elsewhere-own": "Bearer sk-other-0123456789",
+                        "elsewhere-keyless": None}
+        assert all(KEY not in str(r.headers) for r in other.requests)
+
+
+def test_api_key_env_null_means_no_key() -> None:
+    settings = agent_llm({"base_url": "http://127.0.0.1:1/v1", "model": "m", "api_key_env": None})
+    assert settings.primary.api_key_env is None
