@@ -53,6 +53,7 @@ Rules:
   the id of the order that must finish first, or one line saying what is missing.
 - Edit only the files the order lists (paths start with the repository name). "content" is the whole
   file, not a diff. Files marked missing do not exist yet. Leave files you do not change out of edits.
+- Files marked truncated or omitted were not sent whole: never edit or delete them.
 - No other keys."""
 
 ORDER_RULES = """Each order is an object:
@@ -109,6 +110,14 @@ class Edit:
 
 
 @dataclass(frozen=True)
+class Unseen:
+    """A file of the order the model was not sent whole: why, and the start shown (if any)."""
+
+    reason: str  # e.g. "too large: only the first 60000 of its 93890 characters are shown"
+    start: str = ""
+
+
+@dataclass(frozen=True)
 class SpecialistReply:
     outcome: str
     summary: str
@@ -126,12 +135,23 @@ class Plan:
 # -- specialist -----------------------------------------------------------
 
 
-def specialist_messages(brief: str, files: Mapping[str, str | None]) -> list[dict[str, str]]:
-    """The brief plus the current text of the order's files (None: not there yet)."""
+def specialist_messages(brief: str, files: Mapping[str, str | None],
+                        unseen: Mapping[str, Unseen] | None = None) -> list[dict[str, str]]:
+    """The brief plus the current text of the order's files (None: not there yet); each file
+    in `unseen` was not sent whole, and says so (with the start of it, when it was cut)."""
+    unseen = unseen or {}
     blocks: list[str] = []
-    for path in sorted(files):
-        text = files[path]
-        if text is None:
+    for path in sorted(set(files) | set(unseen)):
+        text = files.get(path)
+        if path in unseen:
+            why = unseen[path]
+            note = f"{why.reason}; you have not seen this file whole, so you may not edit or delete it"
+            if why.start:
+                blocks.append(f'<file path="{path}" truncated="true" note="{note}">\n{why.start}\n'
+                              "</file>")
+            else:
+                blocks.append(f'<file path="{path}" omitted="true" note="{note}"/>')
+        elif text is None:
             blocks.append(f'<file path="{path}" missing="true"/>')
         else:
             blocks.append(f'<file path="{path}">\n{text}\n</file>')
@@ -142,13 +162,17 @@ def specialist_messages(brief: str, files: Mapping[str, str | None]) -> list[dic
 
 def run_specialist(client: Client, brief: str, files: Mapping[str, str | None], *,
                    allowed: Callable[[str], bool],
-                   outcomes_allowed: Collection[str]) -> tuple[SpecialistReply, list[Reply]]:
+                   outcomes_allowed: Collection[str],
+                   unseen: Mapping[str, Unseen] | None = None) -> tuple[SpecialistReply, list[Reply]]:
     """Ask the model for the order's edits; re-ask on a broken reply; LLMReplyError at last.
 
     `allowed(path)` says whether the order may write a "<repo>/<path>" (its files and the
     agent's writes). `outcomes_allowed` names the outcomes its branching allows, e.g.
     {"done", "blocked", "halt-with-note", "route-to-rex"}; a plain "route-to" allows any agent.
+    `unseen` names the files the model was not sent whole: an edit of one is refused, since
+    "the whole new text" of a file it saw only part of would cut the rest off.
     """
+    unseen = unseen or {}
 
     def check(data: dict[str, Any]) -> tuple[SpecialistReply | None, list[str]]:
         errors = _schema_errors("specialist", data)
@@ -175,6 +199,9 @@ def run_specialist(client: Client, brief: str, files: Mapping[str, str | None], 
                 errors.append(f"{where}: an edit names one file, not a glob")
             elif path in seen:
                 errors.append(f"{where}: edited twice; give each file once")
+            elif path in unseen:
+                errors.append(f"{where}: was not sent to you whole ({unseen[path].reason}); you cannot "
+                              "have seen all of it, so it may not be edited or deleted: leave it out of edits")
             elif not allowed(path):
                 errors.append(f"{where}: outside what this order may write; edit only the files "
                               "the order lists")
@@ -190,7 +217,7 @@ def run_specialist(client: Client, brief: str, files: Mapping[str, str | None], 
             edits=tuple(edits),
         ), []
 
-    return _converse(client, specialist_messages(brief, files), check, "specialist reply")
+    return _converse(client, specialist_messages(brief, files, unseen), check, "specialist reply")
 
 
 def _outcome_allowed(outcome: str, agent: object, allowed: Collection[str]) -> bool:

@@ -28,6 +28,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import audit, budget, llmagent, orders, paths, results
@@ -163,7 +164,7 @@ def start_llm_attempt(runner: AttemptRunner, act: Active) -> None:
         def ask() -> Any:
             return llmagent.plan(client, context, roster, brief, validate=validate)
     else:
-        files = current_files(act)
+        files, unseen = current_files(act)
         order = act.order
 
         def allowed(path: str) -> bool:
@@ -175,7 +176,7 @@ def start_llm_attempt(runner: AttemptRunner, act: Active) -> None:
 
         def ask() -> Any:
             return llmagent.run_specialist(client, brief, files, allowed=allowed,
-                                           outcomes_allowed=outcomes)
+                                           outcomes_allowed=outcomes, unseen=unseen)
 
     _launch(act, out, ask, f"llm-{act.token}", runner.sup.wake)
 
@@ -449,11 +450,14 @@ def _dependency_order(planned: tuple[dict[str, Any], ...]) -> list[dict[str, Any
 # -- what the model is sent ---------------------------------------------------------------------------
 
 
-def current_files(act: Active) -> dict[str, str | None]:
-    """The current text of the order's files, bounded, for the model (None: not there yet)."""
+def current_files(act: Active) -> tuple[dict[str, str | None], dict[str, llmagent.Unseen]]:
+    """The current text of the order's files for the model (None: not there yet), bounded; and
+    each file not sent whole (too large, over the total, past the glob's count, not UTF-8
+    text) with why: the model is told, and an edit of one is refused."""
     out: dict[str, str | None] = {}
+    unseen: dict[str, llmagent.Unseen] = {}
     if act.repo is None:
-        return out
+        return out, unseen
     root = act.attempt.workdir
     total = 0
     for entry in act.order.files:
@@ -462,21 +466,49 @@ def current_files(act: Active) -> dict[str, str | None]:
             found = [p for p in sorted(root.glob(rel)) if p.is_file() and not p.is_symlink()
                      and ".git" not in p.relative_to(root).parts]
             targets = found[:MAX_GLOB_FILES]
+            for path in found[MAX_GLOB_FILES:]:
+                unseen.setdefault(f"{act.repo.name}/{path.relative_to(root).as_posix()}", llmagent.Unseen(
+                    f"not sent: {entry} matches more than {MAX_GLOB_FILES} files"))
         else:
             targets = [root / rel]
         for path in targets:
             key = f"{act.repo.name}/{path.relative_to(root).as_posix()}"
-            if key in out:
+            if key in out or key in unseen:
                 continue
             if not path.is_file() or path.is_symlink():
                 out[key] = None
                 continue
-            text = path.read_text("utf-8", "replace")[:MAX_FILE_CHARS]
-            if total + len(text) > MAX_TOTAL_CHARS:
-                return out
-            total += len(text)
-            out[key] = text
-    return out
+            text, why = _file_text(path)
+            if why is not None:
+                unseen[key] = why
+            elif total + len(text) > MAX_TOTAL_CHARS:
+                unseen[key] = llmagent.Unseen(f"not sent: the order's files pass {MAX_TOTAL_CHARS} "
+                                              "characters in all")
+            else:
+                total += len(text)
+                out[key] = text
+    return out, unseen
+
+
+def _file_text(path: Path) -> tuple[str, llmagent.Unseen | None]:
+    """A file's whole text, or why it cannot be sent whole (with its start, when that helps)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            # A character is at most 4 bytes: more than this many bytes is too many characters.
+            data = f.read(MAX_FILE_CHARS * 4 + 1)
+    except OSError as e:
+        return "", llmagent.Unseen(f"not sent: it cannot be read ({e.strerror})")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        if size <= MAX_FILE_CHARS * 4:
+            return "", llmagent.Unseen("not sent: it is not UTF-8 text")
+        text = data.decode("utf-8", "ignore")  # a character cut at the end of what was read
+    if size > MAX_FILE_CHARS * 4 or len(text) > MAX_FILE_CHARS:
+        return "", llmagent.Unseen(f"too large: only its first {MAX_FILE_CHARS} characters (of "
+                                   f"{size} bytes) are shown", start=text[:MAX_FILE_CHARS])
+    return text, None
 
 
 def orchestrator_context(runner: AttemptRunner, *, current: str | None = None,

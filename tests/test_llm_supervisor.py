@@ -498,3 +498,57 @@ def test_not_even_the_start_of_the_key_reaches_state_when_an_error_is_cut(make_w
         leaked = subprocess.run(["grep", "-rlaF", KEY[:8], str(root)], capture_output=True, text=True).stdout
         assert leaked == ""
     assert KEY[:8] not in git(ws.state, "log", "-p", "--all")
+
+
+def commit_all(repo: Path) -> None:
+    subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True, capture_output=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm",
+                    "files for the test"], check=True)
+
+
+def test_a_file_too_large_to_send_whole_is_never_cut_off_by_the_models_whole_text(make_ws, fake):
+    ws = make_ws({"chip": coder(fake, max_failures=1)})
+    repo = ws.repos / "webapp"
+    big = "".join(f"line {n:05d} " + "x" * 40 + "\n" for n in range(1800))  # ~93,600 characters
+    small = "# small\n" * 10
+    (repo / "src" / "big.py").write_text(big)
+    (repo / "src" / "small.py").write_text(small)
+    commit_all(repo)
+    head = git(repo, "rev-parse", "main")
+
+    def respond(body: dict[str, Any]) -> Response:
+        # The model rewrites "the whole file" from what it was shown: the first part of it.
+        shown = user_message(body).split('<file path="webapp/src/big.py"', 1)[1].split("\n", 1)[1]
+        return Response(content=reply(write("webapp/src/big.py", shown.split("\n</file>", 1)[0] + "\n# more\n")))
+
+    fake.responder = respond
+    drop(ws, "chip", "g.md", order_md("The big module gets a line", id="g",
+                                       files=("webapp/src/big.py", "webapp/src/small.py")))
+    run(ws)
+
+    rec = load(ws, "g")
+    assert rec.status == "blocked"
+    assert "webapp/src/big.py': was not sent to you whole (too large" in rec.failures[0]
+    sent = user_message(fake.chat_bodies()[0])
+    assert '<file path="webapp/src/big.py" truncated="true"' in sent
+    assert '<file path="webapp/src/small.py">\n' + small in sent
+    assert git(repo, "rev-parse", "main") == head
+    assert (repo / "src" / "big.py").read_text() == big
+
+
+def test_files_past_the_total_are_marked_omitted_and_may_not_be_edited(make_ws, fake):
+    ws = make_ws({"chip": coder(fake, max_failures=1)})
+    repo = ws.repos / "webapp"
+    for n in range(5):  # 5 x 55,000 characters: the last passes the 240,000 of an order
+        (repo / "src" / f"part{n}.py").write_text(f"# part {n}\n" + "y" * 55_000)
+    commit_all(repo)
+    fake.responder = lambda body: Response(content=reply(write("webapp/src/part4.py", "# part 4\n")))
+    drop(ws, "chip", "g.md", order_md("The parts get a line", id="g", files=("webapp/src/part*.py",)))
+    run(ws)
+
+    rec = load(ws, "g")
+    assert rec.status == "blocked"
+    assert "webapp/src/part4.py': was not sent to you whole (not sent: the order's files pass" in rec.failures[0]
+    sent = user_message(fake.chat_bodies()[0])
+    assert '<file path="webapp/src/part4.py" omitted="true"' in sent
+    assert '<file path="webapp/src/part3.py">' in sent

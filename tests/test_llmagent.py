@@ -20,6 +20,7 @@ from coordinator.llm import Client
 from coordinator.llmagent import (
     Edit,
     LLMReplyError,
+    Unseen,
     apply_edits,
     plan,
     roster_text,
@@ -405,3 +406,25 @@ def test_a_plan_whose_summary_holds_a_lone_surrogate_is_sent_back(fake: FakeLLM)
     result, _ = plan(client_for(fake), "", "", "Limit password length", validate=lambda o, s: [])
     assert result.summary == "plan"
     assert "summary: holds \\ud83d" in last_user_message(fake.chat_bodies()[1])
+
+
+def test_a_file_not_sent_whole_is_marked_and_an_edit_of_it_is_sent_back(fake: FakeLLM) -> None:
+    unseen = {"webapp/src/big.ts": Unseen("too large: only its first 10 characters are shown",
+                                          start="// big fil"),
+              "webapp/src/late.ts": Unseen("not sent: the order's files pass 240000 characters in all")}
+    fake.script(content=done({"path": "webapp/src/big.ts", "content": "// big fil\n"},
+                             {"path": "webapp/src/late.ts", "delete": True}))
+    fake.script(content=done({"path": "webapp/src/login.ts", "content": "ok\n"}))
+    reply, _ = run_specialist(client_for(fake), BRIEF, {"webapp/src/login.ts": "x\n"}, allowed=in_src,
+                              outcomes_allowed=OUTCOMES, unseen=unseen)
+    assert [e.path for e in reply.edits] == ["webapp/src/login.ts"]
+    first, second = fake.chat_bodies()
+    shown = first["messages"][1]["content"]
+    assert '<file path="webapp/src/big.ts" truncated="true" note="too large: only its first 10' in shown
+    assert "// big fil\n</file>" in shown
+    assert '<file path="webapp/src/late.ts" omitted="true" note="not sent: the order' in shown
+    assert "you may not edit or delete it" in shown
+    correction = last_user_message(second)
+    assert ("edits.0.path 'webapp/src/big.ts': was not sent to you whole (too large: only its first 10 "
+            "characters are shown)") in correction
+    assert "edits.1.path 'webapp/src/late.ts': was not sent to you whole" in correction
