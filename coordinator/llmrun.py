@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from . import audit, budget, llmagent, orders, paths, results
 from .config import Agent, Config, parse_duration
 from .errors import CoordinatorError, LLMAuthError, LLMError, OrderError
+from .landlock import Ruleset
 from .llm import Call, Client, SpendLimitReached
 from .store import History, Record, route_end
 
@@ -285,9 +286,7 @@ def file_plan(runner: AttemptRunner, act: Active, plan: llmagent.Plan) -> None:
         rec.children.append(child.id)
     rec.report = {"summary": plan.summary, "children": list(rec.children)}
     if not plan.orders:
-        runner._finish(act)
-        sup.move(rec, "done", act.agent.name, note="no more orders to send")
-        return
+        return _verify(runner, act, plan.summary)
     running["rounds"] = rounds
     rec.running = running
     # The request holds no working copy while its children run: they have their own.
@@ -296,6 +295,37 @@ def file_plan(runner: AttemptRunner, act: Active, plan: llmagent.Plan) -> None:
     act.phase = "children"
     runner.active.pop(act.token, None)
     runner.waiting_requests[rec.id] = act
+
+
+def _verify(runner: AttemptRunner, act: Active, summary: str) -> None:
+    """No more orders: the request's own acceptance checks decide, run as for a command
+    orchestrator's request (on a throw-away copy of the default branch, children's work merged);
+    a failing check fails the attempt. With no checks the request is done at once."""
+    sup, rec = runner.sup, act.rec
+    act.result = results.Result(outcome="done", summary=summary)
+    act.checks = list(act.order.checks)
+    if not act.checks:
+        runner._finish(act)
+        sup.move(rec, "done", act.agent.name, note="no more orders to send")
+        return None
+    try:
+        if act.repo is not None:
+            # After a round of planning the copy was dropped; the first plan may still hold one.
+            act.repo.remove_worktree(rec.id, act.attempt.workdir, keep=False)
+            act.repo.add_worktree(rec.id, act.attempt.workdir)
+        else:
+            act.attempt.workdir.mkdir(parents=True, exist_ok=True)
+    except (CoordinatorError, OSError) as e:
+        return runner.fail(act, f"could not prepare a working copy for the checks: {e}")
+    act.rules = Ruleset(writable=tuple(sorted({str(act.attempt.folder), str(act.attempt.workdir)})))
+    act.phase = "check"
+    act.check_index = 0
+    act.deadline = sup.clock() + _timeout(act)
+    act.timed_out = False
+    runner.active[act.token] = act
+    sup.event(rec, f"no more orders to send; running its {len(act.checks)} check(s)")
+    runner._start_check(act)
+    return None
 
 
 def _review_failed(runner: AttemptRunner, act: Active, reason: str) -> None:

@@ -552,3 +552,27 @@ def test_files_past_the_total_are_marked_omitted_and_may_not_be_edited(make_ws, 
     sent = user_message(fake.chat_bodies()[0])
     assert '<file path="webapp/src/part4.py" omitted="true"' in sent
     assert '<file path="webapp/src/part3.py">' in sent
+
+
+def test_an_orchestrator_models_request_runs_its_own_checks_before_it_is_done(make_ws, fake):
+    ws = make_ws(team(fake, max_failures=1), orchestrator="walt")
+    # Nothing sent and nothing written: its check `grep -q Hello src/greeting.py` fails.
+    fake.script(content=json.dumps({"summary": "Nothing to do: the greeting exists.", "orders": []}))
+    drop(ws, "walt", "lazy.md", order_md("The app greets people", id="lazy", acceptance=CHECKED,
+                                          files=("webapp/src/**",)))
+    run(ws)
+    rec = load(ws, "lazy")
+    assert rec.status == "blocked", rec.report
+    assert "check `grep -q Hello src/greeting.py` failed" in rec.failures[0]
+
+    # Its children wrote the greeting, the review sends nothing more: the check passes.
+    fake.script(content=json.dumps({"summary": "chip writes it", "orders": [
+        child("chip", "Write the greeting", files=["webapp/src/greeting.py"])]}))
+    fake.script(content=json.dumps({"summary": "The greeting shipped.", "orders": []}))
+    drop(ws, "walt", "req.md", order_md("The app greets people by name", id="req", acceptance=CHECKED,
+                                         files=("webapp/src/**",)))
+    run(ws)
+    rec = load(ws, "req")
+    assert rec.status == "done", rec.report
+    assert rec.report["summary"] == "The greeting shipped."
+    assert rec.report["checks"] == ["`grep -q Hello src/greeting.py` passed"]
