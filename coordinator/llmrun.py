@@ -159,7 +159,7 @@ def start_llm_attempt(runner: AttemptRunner, act: Active) -> None:
     if agent.is_orchestrator:
         context = orchestrator_context(runner, current=act.rec.id)
         roster = llmagent.roster_text(runner.sup.config, agent.name)
-        validate = order_validator(runner, agent)
+        validate = order_validator(runner, agent, request=act.rec.id)
         out = Outcome("plan", client, ledger_text=context)
 
         def ask() -> Any:
@@ -367,7 +367,7 @@ def start_synthesis(runner: AttemptRunner, act: Active) -> None:
     children = set(act.rec.children)
     context = orchestrator_context(runner, current=act.rec.id, skip_reports=children)
     roster = llmagent.roster_text(sup.config, agent.name)
-    validate = order_validator(runner, agent)
+    validate = order_validator(runner, agent, request=act.rec.id)
     reports = "\n\n".join(
         (sup.store.folder(c) / "report.md").read_text("utf-8")
         for c in act.rec.children if (sup.store.folder(c) / "report.md").exists())
@@ -407,13 +407,24 @@ def to_order(raw: dict[str, Any], sender: str, *, parent: str | None) -> orders.
     return dataclasses.replace(order, sender=sender, parent=parent)
 
 
-def order_validator(runner: AttemptRunner, agent: Agent) -> llmagent.PlanValidator:
+def order_validator(runner: AttemptRunner, agent: Agent, *,
+                    request: str | None = None) -> llmagent.PlanValidator:
     """The rules of a dropped file, for the worker thread: against a snapshot of the history,
-    where the plan's other orders count as filed (so one may wait on another)."""
+    where the plan's other orders count as filed (so one may wait on another). An order of the
+    plan for `request` may not wait on that request or on any request above it still running:
+    each of them ends only after its children, so both would wait forever."""
     sup = runner.sup
     # The loop keeps changing sup.records; the worker must not iterate them meanwhile.
     history = History(dict(sup.records), sup.store)
     config = sup.config
+    above: dict[str, str] = {}  # id -> how it stands to the request
+    here, depth = request, 0
+    while here is not None and here not in above and depth < 1000:
+        ancestor = history.records.get(here)
+        if ancestor is None or ancestor.terminal:
+            break
+        above[here] = "the request this plan is for" if here == request else "a request above this one"
+        here, depth = ancestor.parent, depth + 1
 
     def validate(raw: dict[str, Any], siblings: dict[str, tuple[str, ...]]) -> list[str]:
         to = raw.get("to")
@@ -424,8 +435,11 @@ def order_validator(runner: AttemptRunner, agent: Agent) -> llmagent.PlanValidat
             order = to_order(raw, agent.name, parent=None)
         except OrderError as e:
             return [f"{p.field}: {p.message}" if p.field else p.message for p in e.problems]
-        return [f"{p.field}: {p.message}" if p.field else p.message
-                for p in orders.check(order, config, _WithPlan(history, siblings, own=order.id))]
+        waits = [f"blocked_by.{i}: {dep!r} is {above[dep]}, which ends only after this order; "
+                 "it would wait forever: leave it out of blocked_by"
+                 for i, dep in enumerate(order.blocked_by) if dep in above and dep not in siblings]
+        return waits + [f"{p.field}: {p.message}" if p.field else p.message
+                        for p in orders.check(order, config, _WithPlan(history, siblings, own=order.id))]
 
     return validate
 

@@ -576,3 +576,20 @@ def test_an_orchestrator_models_request_runs_its_own_checks_before_it_is_done(ma
     assert rec.status == "done", rec.report
     assert rec.report["summary"] == "The greeting shipped."
     assert rec.report["checks"] == ["`grep -q Hello src/greeting.py` passed"]
+
+
+def test_a_planned_order_may_not_wait_on_its_own_request(make_ws, fake):
+    ws = make_ws(team(fake), orchestrator="walt")
+    deadlock = dict(child("rex", "Review the greeting", files=[]), blocked_by=["req"])
+    fake.script(content=json.dumps({"summary": "rex reviews after the request", "orders": [deadlock]}))
+    fake.script(content=json.dumps({"summary": "rex reviews", "orders": [child("rex", "Review the greeting",
+                                                                                 files=[])]}))
+    fake.script(content=json.dumps({"summary": "Reviewed.", "orders": []}))
+    drop(ws, "walt", "req.md", order_md("The greeting is reviewed", id="req"))
+    run(ws)
+
+    rec = load(ws, "req")
+    assert rec.status == "done", rec.report
+    assert ("orders.0 (to rex): blocked_by.0: 'req' is the request this plan is for, which ends only after "
+            "this order; it would wait forever") in last_user_message(fake.chat_bodies()[1])
+    assert [load(ws, c).blocked_by for c in rec.children] == [[]]
