@@ -5,6 +5,7 @@ fallback), retries what is worth retrying, and records every HTTP attempt as a
 `Call` so `coordinator cost` can count money even for attempts that failed.
 
     primary --429/5xx/timeout/refused--> retry with backoff (max_retries) --> next model
+            --key variable not set-----> not asked: next model (LLMAuthError if none can be)
             --401/403------------------> LLMAuthError at once (a bad key stays bad)
             --400 about response_format-> remember, retry once with plain prompting
 
@@ -185,25 +186,36 @@ class Client:
         secrets = self._secrets()
         made: list[Call] = []
         last_errors: list[str] = []
+        unset: list[str] = []  # endpoints whose key variable is not set: never asked
         http = httpx.Client(transport=self._transport, timeout=httpx.Timeout(self.settings.timeout))
         try:
             for endpoint in chain:
-                reply, error = self._ask_endpoint(http, endpoint, messages, json_object, secrets, made)
+                headers = self._headers(endpoint)
+                if headers is None:
+                    unset.append(self._unset_message(endpoint))
+                    log.warning("%s; skipping to the next model of the fallback chain", unset[-1])
+                    last_errors.append(f"{endpoint.model} at {endpoint.base_url}: not asked, "
+                                       f"{endpoint.api_key_env} is not set")
+                    continue
+                reply, error = self._ask_endpoint(http, endpoint, headers, messages, json_object,
+                                                  secrets, made)
                 if reply is not None:
                     return reply
                 last_errors.append(f"{endpoint.model} at {endpoint.base_url}: {error}")
         finally:
             if self._transport is None:  # an injected transport belongs to the caller
                 http.close()
+        if len(unset) == len(chain):
+            # No model could be asked: retrying cannot help until someone sets the variable.
+            raise LLMAuthError("; ".join(unset))
         summary = "; ".join(last_errors)
         raise LLMError(f"every model failed: {summary}; check the endpoints or add a fallback model")
 
     # -- one endpoint -------------------------------------------------------
 
-    def _ask_endpoint(self, http: httpx.Client, endpoint: Endpoint, messages: list[dict[str, str]],
-                      json_object: bool, secrets: list[str],
+    def _ask_endpoint(self, http: httpx.Client, endpoint: Endpoint, headers: dict[str, str],
+                      messages: list[dict[str, str]], json_object: bool, secrets: list[str],
                       made: list[Call]) -> tuple[Reply | None, str]:
-        headers = self._headers(endpoint)
         retries = 0
         plain_retried = False
         while True:
@@ -296,17 +308,19 @@ class Client:
 
     # -- helpers ------------------------------------------------------------
 
-    def _headers(self, endpoint: Endpoint) -> dict[str, str]:
+    def _headers(self, endpoint: Endpoint) -> dict[str, str] | None:
+        """The request's headers; None when the endpoint's key variable is not set."""
         if not endpoint.api_key_env:
             return {}  # local servers (Ollama, llama.cpp) need no key
         key = self._env.get(endpoint.api_key_env)
         if not key:
-            raise LLMError(
-                f"model {endpoint.model} at {endpoint.base_url}: the environment variable "
-                f"{endpoint.api_key_env} is not set; export it with the API key, or drop "
-                "api_key_env for a server that needs no key"
-            )
+            return None
         return {"Authorization": f"Bearer {key}"}
+
+    def _unset_message(self, endpoint: Endpoint) -> str:
+        return (f"model {endpoint.model} at {endpoint.base_url}: the environment variable "
+                f"{endpoint.api_key_env} is not set; export it with the API key (in the supervisor's "
+                "environment), or set api_key_env: null for a server that needs no key")
 
     def _secrets(self) -> list[str]:
         found = {self._env.get(e.api_key_env, "") for e in self.settings.chain if e.api_key_env}

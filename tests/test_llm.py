@@ -226,9 +226,32 @@ def test_the_key_comes_from_the_process_environment_by_default(
 
 def test_an_unset_key_variable_is_named_and_nothing_is_sent(fake: FakeLLM) -> None:
     client = Client(settings(Endpoint("m", fake.base_url, api_key_env="MISSING_KEY")), env={})
-    with pytest.raises(LLMError, match="MISSING_KEY is not set"):
+    # Like a 401: retrying cannot help until someone sets the variable.
+    with pytest.raises(LLMAuthError, match="MISSING_KEY is not set"):
         client.chat([{"role": "user", "content": "hi"}])
     assert fake.requests == []
+
+
+def test_an_unset_key_variable_skips_to_the_next_model_and_says_so(
+        fake: FakeLLM, sleeps: Sleeps, caplog: pytest.LogCaptureFixture) -> None:
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("paid", fake.base_url, api_key_env="MISSING_KEY"),
+                             Endpoint("local", fake.base_url)), env={}, sleep=sleeps)
+    reply = client.chat([{"role": "user", "content": "hi"}])
+    assert reply.model == "local"
+    assert [b["model"] for b in fake.chat_bodies()] == ["local"]
+    assert "MISSING_KEY is not set" in caplog.text and "skipping to the next model" in caplog.text
+    assert sleeps == []
+
+
+def test_when_no_model_can_be_asked_every_unset_variable_is_named(fake: FakeLLM) -> None:
+    client = Client(settings(Endpoint("a", fake.base_url, api_key_env="KEY_A"),
+                             Endpoint("b", "http://127.0.0.1:1/v1", api_key_env="KEY_B")), env={})
+    with pytest.raises(LLMAuthError) as info:
+        client.chat([{"role": "user", "content": "hi"}])
+    assert "KEY_A is not set" in str(info.value) and "KEY_B is not set" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert fake.requests == [] and client.calls == ()
 
 
 def test_the_spend_guard_stops_calls_before_they_are_made(fake: FakeLLM, sleeps: Sleeps) -> None:

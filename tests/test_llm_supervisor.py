@@ -593,3 +593,15 @@ def test_a_planned_order_may_not_wait_on_its_own_request(make_ws, fake):
     assert ("orders.0 (to rex): blocked_by.0: 'req' is the request this plan is for, which ends only after "
             "this order; it would wait forever") in last_user_message(fake.chat_bodies()[1])
     assert [load(ws, c).blocked_by for c in rec.children] == [[]]
+
+
+def test_an_unset_key_variable_blocks_the_order_at_once_naming_it(make_ws, fake, monkeypatch):
+    monkeypatch.delenv("FAKE_KEY")
+    ws = make_ws({"chip": coder(fake, max_failures=3)})
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g"))
+    run(ws)
+
+    rec = load(ws, "g")
+    assert rec.status == "blocked" and rec.attempts == 1  # no retries burnt
+    assert "the environment variable FAKE_KEY is not set" in rec.report["summary"]
+    assert fake.requests == []
