@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ from .errors import LLMError
 from .llm import LONE_SURROGATE, Client, Reply
 
 MAX_REASKS = 2
+MAX_CANDIDATES = 20  # places a JSON object might start in a reply wrapped in prose
+# What reasoning models think aloud before they answer: never the answer.
+THINKING = re.compile(r"<(think|thinking|reasoning)>.*?</\1>", re.S | re.I)
 OUTCOMES = ("done", "halt-with-note", "route-to", "requeue-with-blocker", "blocked")
 
 # The first line of each system prompt names the role; the fake server and logs rely on it.
@@ -402,8 +406,9 @@ def _converse(client: Client, messages: list[dict[str, str]],
 
 
 def parse_object(text: str) -> tuple[dict[str, Any] | None, list[str]]:
-    """The JSON object in a reply; tolerates code fences and prose around it."""
-    body = text.strip()
+    """The JSON object in a reply; tolerates code fences, prose around it and the <think>
+    blocks of reasoning models (which may hold braces of their own)."""
+    body = THINKING.sub("", text).strip()
     if body.startswith("```"):
         body = body.split("\n", 1)[1] if "\n" in body else ""
         body = body.rsplit("```", 1)[0]
@@ -461,15 +466,21 @@ def _shown(where: str) -> str:
 
 
 def _first_object(text: str) -> Any:
-    """The first JSON value that starts at a '{', for replies wrapped in prose."""
+    """The first JSON object that starts at a '{', for replies wrapped in prose: prose may hold
+    braces that start no JSON ("{outcome, summary}"), so later ones are tried, a bounded few."""
+    decoder = json.JSONDecoder()
     start = text.find("{")
-    if start < 0:
-        return None
-    try:
-        data, _ = json.JSONDecoder().raw_decode(text, start)
-    except (ValueError, RecursionError):
-        return None
-    return data
+    for _ in range(MAX_CANDIDATES):
+        if start < 0:
+            return None
+        try:
+            data, _ = decoder.raw_decode(text, start)
+        except (ValueError, RecursionError):
+            data = None
+        if isinstance(data, dict):
+            return data
+        start = text.find("{", start + 1)
+    return None
 
 
 @cache

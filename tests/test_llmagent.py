@@ -428,3 +428,14 @@ def test_a_file_not_sent_whole_is_marked_and_an_edit_of_it_is_sent_back(fake: Fa
     assert ("edits.0.path 'webapp/src/big.ts': was not sent to you whole (too large: only its first 10 "
             "characters are shown)") in correction
     assert "edits.1.path 'webapp/src/late.ts': was not sent to you whole" in correction
+
+
+@pytest.mark.parametrize("wrapped", [
+    "<think>I must answer with {outcome, summary} and {edits}.</think>\n\nREPLY",
+    "I will reply with {outcome, summary} as asked:\nREPLY\nThat is all.",
+    '<THINKING>{"outcome": "blocked"} no, better:</THINKING>\n```json\nREPLY\n```',
+])
+def test_a_valid_reply_after_thinking_or_prose_with_braces_is_accepted(fake: FakeLLM, wrapped: str) -> None:
+    fake.script(content=wrapped.replace("REPLY", done()))
+    reply, replies = run_specialist(client_for(fake), BRIEF, {}, allowed=in_src, outcomes_allowed=OUTCOMES)
+    assert reply.summary == "Added the length check." and len(replies) == 1
