@@ -364,13 +364,10 @@ def start_synthesis(runner: AttemptRunner, act: Active) -> None:
     """Ask the orchestrator model again, with the children's reports."""
     sup, agent = runner.sup, act.agent
     client = new_client(runner, act)
-    children = set(act.rec.children)
-    context = orchestrator_context(runner, current=act.rec.id, skip_reports=children)
+    reports, shown = children_reports(runner, act.rec.children)
+    context = orchestrator_context(runner, current=act.rec.id, skip_reports=shown)
     roster = llmagent.roster_text(sup.config, agent.name)
     validate = order_validator(runner, agent, request=act.rec.id)
-    reports = "\n\n".join(
-        (sup.store.folder(c) / "report.md").read_text("utf-8")
-        for c in act.rec.children if (sup.store.folder(c) / "report.md").exists())
     brief = model_brief(act.attempt.brief.read_text("utf-8"))
     out = Outcome("synthesis", client, ledger_text=context + reports)
     # The review is a new piece of work: the request's timeout counts from now, not from its plan.
@@ -384,6 +381,36 @@ def start_synthesis(runner: AttemptRunner, act: Active) -> None:
 
     runner.active[act.token] = act
     _launch(act, out, ask, f"llm-{act.token}-review", runner.sup.wake)
+
+
+def children_reports(runner: AttemptRunner, children: Iterable[str]) -> tuple[str, set[str]]:
+    """The reports the review is given: each child's and, when it was routed, the report of the
+    order its route ended in (the work was done there, and the request waited for it); and the
+    ids whose reports these are."""
+    sup = runner.sup
+    parts: list[str] = []
+    shown: set[str] = set()
+
+    def report(order_id: str) -> str | None:
+        path = sup.store.folder(order_id) / "report.md"
+        try:
+            return path.read_text("utf-8", errors="replace") if path.exists() else None
+        except OSError:
+            return None
+
+    for c in children:
+        end = route_end(sup.records, c)
+        own = report(c)
+        if own is not None:
+            parts.append(own)
+            shown.add(c)
+        if end is not None and end.id != c:
+            last = report(end.id)
+            head = f"{c} was routed; its route ended in {end.id} ({end.to}, {end.status})"
+            parts.append(f"{head}. Report of {end.id}:\n\n{last}" if last is not None
+                         else f"{head}; it has no report.")
+            shown.add(end.id)
+    return "\n\n".join(parts), shown
 
 
 def _timeout(act: Active) -> float:

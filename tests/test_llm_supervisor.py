@@ -605,3 +605,28 @@ def test_an_unset_key_variable_blocks_the_order_at_once_naming_it(make_ws, fake,
     assert rec.status == "blocked" and rec.attempts == 1  # no retries burnt
     assert "the environment variable FAKE_KEY is not set" in rec.report["summary"]
     assert fake.requests == []
+
+
+def test_the_review_sees_the_report_of_a_routed_childs_follow_up(make_ws, fake):
+    agents = team(fake)
+    agents["chip"] = {"role": "specialist", "writes": ["webapp/src/**"], "sends_to": ["rex"],
+                      "command": sh("printf 'outcome: route-to\\nagent: rex\\nsummary: rex should look\\n' "
+                                    "> \"$COORD_RESULT\"")}
+    agents["rex"]["command"] = sh("echo rex found the greeting fine")
+    ws = make_ws(agents, orchestrator="walt")
+    routed = dict(child("chip", "Look at the greeting", files=[]),
+                  branching=[{"action": "route-to", "agent": "rex", "when": "a review is needed"}])
+    fake.script(content=json.dumps({"summary": "chip looks", "orders": [routed]}))
+    fake.script(content=json.dumps({"summary": "Reviewed by rex.", "orders": []}))
+    drop(ws, "walt", "req.md", order_md("The greeting is looked at", id="req"))
+    run(ws)
+
+    rec = load(ws, "req")
+    assert rec.status == "done", rec.report
+    (kid,) = rec.children
+    follow = load(ws, kid).routed_to
+    assert load(ws, kid).status == "routed" and load(ws, follow).status == "done"
+    review = user_message(fake.chat_bodies()[-1])
+    assert SYNTHESIS_ROLE in fake.chat_bodies()[-1]["messages"][0]["content"]
+    assert f"{kid} was routed; its route ended in {follow} (rex, done)" in review
+    assert "rex found the greeting fine" in review
