@@ -128,6 +128,9 @@ class SpecialistReply:
     agent: str | None  # only with route-to
     blocker: str | None  # only with requeue-with-blocker
     edits: tuple[Edit, ...]
+    # Well-formed edits in the order's repository but outside what it may write: never
+    # applied; the order is denied for them (SPEC §7), as a command's gate would deny them.
+    outside: tuple[Edit, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -167,14 +170,17 @@ def specialist_messages(brief: str, files: Mapping[str, str | None],
 def run_specialist(client: Client, brief: str, files: Mapping[str, str | None], *,
                    allowed: Callable[[str], bool],
                    outcomes_allowed: Collection[str],
-                   unseen: Mapping[str, Unseen] | None = None) -> tuple[SpecialistReply, list[Reply]]:
+                   unseen: Mapping[str, Unseen] | None = None,
+                   repo: str | None = None) -> tuple[SpecialistReply, list[Reply]]:
     """Ask the model for the order's edits; re-ask on a broken reply; LLMReplyError at last.
 
     `allowed(path)` says whether the order may write a "<repo>/<path>" (its files and the
     agent's writes). `outcomes_allowed` names the outcomes its branching allows, e.g.
     {"done", "blocked", "halt-with-note", "route-to-rex"}; a plain "route-to" allows any agent.
     `unseen` names the files the model was not sent whole: an edit of one is refused, since
-    "the whole new text" of a file it saw only part of would cut the rest off.
+    "the whole new text" of a file it saw only part of would cut the rest off. With `repo`
+    (the order's repository), a well-formed edit in it that `allowed` refuses is not sent
+    back but returned in `outside`: the caller denies the order for it.
     """
     unseen = unseen or {}
 
@@ -188,6 +194,7 @@ def run_specialist(client: Client, brief: str, files: Mapping[str, str | None], 
             errors.append(f"outcome: {what} is not allowed by this order's branching; "
                           f"use one of {', '.join(sorted(outcomes_allowed))}")
         edits: list[Edit] = []
+        outside: list[Edit] = []
         seen: set[str] = set()
         for i, item in enumerate(data["edits"]):
             path = item["path"]
@@ -206,6 +213,10 @@ def run_specialist(client: Client, brief: str, files: Mapping[str, str | None], 
             elif path in unseen:
                 errors.append(f"{where}: was not sent to you whole ({unseen[path].reason}); you cannot "
                               "have seen all of it, so it may not be edited or deleted: leave it out of edits")
+            elif not allowed(path) and repo is not None and path.startswith(repo + "/"):
+                seen.add(path)
+                outside.append(Edit(path, None if "delete" in item else item["content"]))
+                continue
             elif not allowed(path):
                 errors.append(f"{where}: outside what this order may write; edit only the files "
                               "the order lists")
@@ -219,6 +230,7 @@ def run_specialist(client: Client, brief: str, files: Mapping[str, str | None], 
             agent=data.get("agent") if outcome == "route-to" else None,
             blocker=data.get("blocker") if outcome == "requeue-with-blocker" else None,
             edits=tuple(edits),
+            outside=tuple(outside),
         ), []
 
     return _converse(client, specialist_messages(brief, files, unseen), check, "specialist reply")

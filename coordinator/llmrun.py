@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable
@@ -31,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import audit, budget, llmagent, orders, paths, results
+from . import audit, budget, gate, llmagent, orders, paths, results
 from .config import Agent, Config, parse_duration
 from .errors import CoordinatorError, LLMAuthError, LLMError, OrderError
 from .landlock import Ruleset
@@ -177,7 +178,8 @@ def start_llm_attempt(runner: AttemptRunner, act: Active) -> None:
 
         def ask() -> Any:
             return llmagent.run_specialist(client, brief, files, allowed=allowed,
-                                           outcomes_allowed=outcomes, unseen=unseen)
+                                           outcomes_allowed=outcomes, unseen=unseen,
+                                           repo=act.repo.name if act.repo is not None else None)
 
     _launch(act, out, ask, f"llm-{act.token}", runner.sup.wake)
 
@@ -244,6 +246,8 @@ def _judge(runner: AttemptRunner, act: Active, out: Outcome) -> None:
         return runner.fail(act, reason)
     if out.kind == "specialist":
         reply, _ = out.value
+        if act.repo is not None and reply.outside:
+            return _deny_outside(runner, act, reply.outside)
         if act.repo is not None and reply.edits:
             try:
                 llmagent.apply_edits(act.attempt.workdir, act.repo.name, reply.edits)
@@ -256,6 +260,24 @@ def _judge(runner: AttemptRunner, act: Active, out: Outcome) -> None:
         return runner.conclude(act, result)
     plan, _ = out.value
     file_plan(runner, act, plan)
+
+
+def _deny_outside(runner: AttemptRunner, act: Active, outside: Iterable[llmagent.Edit]) -> None:
+    """Edits outside the order's files or the agent's writes: nothing is applied and the order
+    is denied with each path and a `scope` signal, as the gate denies a command's change."""
+    assert act.repo is not None
+    prefix = act.repo.name + "/"
+    offending: list[tuple[gate.Change, str]] = []
+    for edit in outside:
+        rel = edit.path[len(prefix):]
+        exists = os.path.lexists(act.attempt.workdir / rel)
+        what = "deleted" if edit.content is None else "modified" if exists else "added"
+        change = gate.Change(rel, what, detail="asked for by the model; not applied")
+        # The gate's own words, so a model's denial reads like a command's.
+        why = gate._outside(edit.path, act.order.files, act.agent.writes) or "outside its permission"
+        offending.append((change, why))
+    act.verdict = gate.Verdict(changes=tuple(c for c, _ in offending), offending=tuple(offending))
+    runner._deny(act, act.verdict)
 
 
 def file_plan(runner: AttemptRunner, act: Active, plan: llmagent.Plan) -> None:

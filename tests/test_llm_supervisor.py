@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from conftest import drop, order_md, sh
 from fakellm import FakeLLM, Response
 
+from coordinator import signals
 from coordinator.cli import cli
 from coordinator.llmagent import ORCHESTRATOR_ROLE, SYNTHESIS_ROLE
 from coordinator.store import Record, Store
@@ -156,25 +157,37 @@ def test_a_reply_that_is_not_json_is_sent_back_then_accepted(make_ws, fake):
     assert load(ws, "g").attempts == 1
 
 
-def test_an_edit_outside_the_files_is_sent_back_and_a_model_that_insists_ends_blocked(make_ws, fake):
-    fake.responder = lambda body: Response(content=reply(write("webapp/tests/test_login.py", "hacked\n")))
+def test_an_edit_outside_the_files_ends_denied_with_each_path_and_a_scope_signal(make_ws, fake):
+    # SPEC §7: a change outside the permission is denied, as the gate denies a command's.
+    fake.script(content=reply(write("webapp/src/greeting.py"), write("webapp/tests/test_login.py", "hacked\n"),
+                              {"path": "webapp/README.md", "delete": True}))
     ws = make_ws({"chip": coder(fake, writes=["webapp/**"], max_failures=2)})
     head = git(ws.repos / "webapp", "rev-parse", "main")
     drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",)))
     run(ws)
 
     rec = load(ws, "g")
-    assert rec.status == "blocked" and rec.attempts == 2
-    bodies = fake.chat_bodies()
-    assert len(bodies) == 6  # per attempt: the reply and two re-asks
-    assert "outside what this order may write" in last_user_message(bodies[1])
-    assert "outside what this order may write" in rec.failures[-1]
-    assert "failed 2 time(s)" in rec.report["summary"]
-    # The second attempt's brief says why the first failed.
-    assert "why the last attempt failed" in user_message(bodies[3])
+    assert rec.status == "denied" and rec.attempts == 1
+    assert len(fake.chat_bodies()) == 1  # a well-formed path is not argued about: it is denied
+    assert rec.report["offending"] == [
+        "webapp/tests/test_login.py: modified (asked for by the model; not applied) — outside the order's files",
+        "webapp/README.md: deleted (asked for by the model; not applied) — outside the order's files"]
+    scope = [s for s in signals.load(ws.state) if s.kind == "scope"]
+    assert len(scope) == 1 and scope[0].agent == "chip" and scope[0].order == "g"
+    assert "tests/test_login.py" in scope[0].evidence
     assert git(ws.repos / "webapp", "rev-parse", "main") == head
     assert "hacked" not in (ws.repos / "webapp" / "tests" / "test_login.py").read_text()
-    assert git(ws.repos / "webapp", "branch", "--list", "wo/*") == ""
+    assert not (ws.repos / "webapp" / "src" / "greeting.py").exists()  # nothing of it applied
+
+
+def test_an_edit_of_another_repository_is_still_sent_back(make_ws, fake):
+    fake.script(content=reply(write("other/src/x.py")))
+    fake.script(content=reply(write("webapp/src/greeting.py")))
+    ws = make_ws({"chip": coder(fake)})
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",)))
+    run(ws)
+    assert load(ws, "g").status == "done"
+    assert "outside what this order may write" in last_user_message(fake.chat_bodies()[1])
 
 
 def test_parallel_attempts_of_one_agent_each_count_only_their_own_calls(make_ws, fake):
