@@ -180,6 +180,7 @@ class AttemptRunner:
             if now > act.deadline and not act.timed_out:
                 act.timed_out = True
                 self.sup.say(f"{act.rec.id}: timed out after {_fmt(act.deadline - act.started)}; killing it")
+                self._stop_model(act, "the order's timeout ran out while the model was answering")
                 self.sup.spawner.kill_tree(self._current_token(act), grace=2.0)
             limit = act.agent.stale_after
             # Younger than the limit, it cannot be silent that long: no look at its files.
@@ -193,13 +194,21 @@ class AttemptRunner:
 
     def kill_all(self) -> None:
         for act in list(self.active.values()):
+            self._stop_model(act, "the supervisor is stopping now")
             self.sup.spawner.kill_tree(self._current_token(act), grace=0.5)
 
     def cancel(self, rec: Record) -> None:
         for act in self.active.values():
             if act.rec.id == rec.id:
                 act.cancelled = True
+                self._stop_model(act, "cancelled")
                 self.sup.spawner.kill_tree(self._current_token(act), grace=1.0)
+
+    @staticmethod
+    def _stop_model(act: Active, why: str) -> None:
+        """An LLM attempt's call under way ends at its next chunk, and no retry follows."""
+        if act.thread is not None and act.thread_outcome is not None:
+            act.thread_outcome.client.stop(why)
 
     def on_terminal(self, rec: Record) -> None:
         pass

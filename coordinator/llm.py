@@ -148,6 +148,16 @@ class Client:
         self._plain: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._calls: list[Call] = []
+        # The attempt's end: `stop()` (a cancel, the order's timeout) and `deadline` (monotonic,
+        # the order's timeout) end a call under way at its next chunk, and every retry after it.
+        self._stopped = threading.Event()
+        self._why_stopped = ""
+        self.deadline: float | None = None
+
+    def stop(self, why: str) -> None:
+        """End this client's calls: the one under way at its next chunk, and no more after it."""
+        self._why_stopped = why
+        self._stopped.set()
 
     def __repr__(self) -> str:
         models = ", ".join(e.model for e in self.settings.chain)
@@ -221,11 +231,16 @@ class Client:
         while True:
             use_format = (json_object and self.settings.json_mode
                           and (endpoint.base_url, endpoint.model) not in self._plain)
+            self._check_stop()
             self._check_spend()
             started = self._clock()
             try:
                 text, usage = self._post(http, endpoint, headers, messages, use_format, json_object,
                                          secrets)
+            except LLMError as e:  # stopped (a cancel, the order's timeout) part-way: said, not retried
+                self._record(Call(endpoint.model, endpoint.base_url, None, str(e), None,
+                                  self._clock() - started, 0.0), made)
+                raise
             except _Failure as f:
                 call = Call(endpoint.model, endpoint.base_url, f.status, f.text, None,
                             self._clock() - started, 0.0)
@@ -247,7 +262,7 @@ class Client:
                 retries += 1
                 log.warning("%s at %s: %s; retry %d of %d in %.1fs", endpoint.model,
                             endpoint.base_url, f.text, retries, self.settings.max_retries, delay)
-                self._sleep(delay)
+                self._pause(delay)
                 continue
             cost = cost_of(usage, endpoint)
             call = Call(endpoint.model, endpoint.base_url, 200, None, usage,
@@ -271,7 +286,7 @@ class Client:
             body["response_format"] = {"type": "json_object"}
         url = f"{endpoint.base_url.rstrip('/')}/chat/completions"
         try:
-            response = http.post(url, json=body, headers=headers)
+            response = self._fetch(http, url, body, headers)
         except httpx.TimeoutException:
             raise _Failure(f"timed out after {self.settings.timeout:g}s", status=None,
                            retry=True) from None
@@ -306,7 +321,44 @@ class Client:
             )
         return _parse_completion(response, sent, secrets)
 
+    def _fetch(self, http: httpx.Client, url: str, body: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
+        """POST and read the answer chunk by chunk: a stop or the deadline ends it between two
+        chunks (a server that trickles its answer cannot hold the attempt past its time). No
+        read waits longer than the time left."""
+        timeout = self.settings.timeout
+        if self.deadline is not None:
+            left = self.deadline - self._clock()
+            if left <= 0:
+                raise LLMError("the order's timeout ran out before the model was asked")
+            timeout = min(timeout, left)
+        chunks: list[bytes] = []
+        with http.stream("POST", url, json=body, headers=headers, timeout=httpx.Timeout(timeout)) as response:
+            for chunk in response.iter_bytes():
+                chunks.append(chunk)
+                ended = self._stopped.is_set() or (self.deadline is not None and self._clock() > self.deadline)
+                if ended and not _whole_json(chunks):  # an answer that is all there is is kept: it was paid for
+                    self._check_stop()
+        # Decoded already (gzip and the like): the whole answer, as a plain response.
+        kept = [(k, v) for k, v in response.headers.multi_items()
+                if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+        return httpx.Response(response.status_code, headers=kept, content=b"".join(chunks),
+                              request=response.request)
+
     # -- helpers ------------------------------------------------------------
+
+    def _check_stop(self) -> None:
+        if self._stopped.is_set():
+            raise LLMError(self._why_stopped or "stopped")
+        if self.deadline is not None and self._clock() > self.deadline:
+            raise LLMError("the order's timeout ran out while the model was answering")
+
+    def _pause(self, seconds: float) -> None:
+        """Wait before a retry; a stop ends the wait (with the injected sleep of tests, after it)."""
+        if self._sleep is time.sleep:
+            self._stopped.wait(seconds)
+        else:
+            self._sleep(seconds)
+        self._check_stop()
 
     def _headers(self, endpoint: Endpoint) -> dict[str, str] | None:
         """The request's headers; None when the endpoint's key variable is not set."""
@@ -391,6 +443,15 @@ def _error_detail(response: httpx.Response, secrets: list[str]) -> str:
             msg = str(err)
         return excerpt(" ".join(str(msg).split()), secrets)
     return excerpt(" ".join(json.dumps(data).split()), secrets)
+
+
+def _whole_json(chunks: list[bytes]) -> bool:
+    """Whether the chunks so far are a whole JSON document (a complete answer)."""
+    try:
+        json.loads(b"".join(chunks))
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _retry_after(value: str | None) -> float | None:

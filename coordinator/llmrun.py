@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -181,12 +182,30 @@ def start_llm_attempt(runner: AttemptRunner, act: Active) -> None:
                                            outcomes_allowed=outcomes, unseen=unseen,
                                            repo=act.repo.name if act.repo is not None else None)
 
-    _launch(act, out, ask, f"llm-{act.token}", runner.sup.wake)
+    _launch(act, out, ask, f"llm-{act.token}", runner.sup.wake, left=act.deadline - runner.sup.clock())
+
+
+HEARTBEAT_EVERY = 5.0  # seconds between signs of life while a model call is under way
 
 
 def _launch(act: Active, out: Outcome, ask: Callable[[], Any], name: str,
-            wake: Callable[[], None] | None = None) -> None:
+            wake: Callable[[], None] | None = None, *, left: float | None = None) -> None:
+    """Run `ask` in a thread of its own; `left`: seconds until the order's timeout, after which
+    the call under way ends (see `Client.stop`, used by a cancel too)."""
+    if left is not None:
+        out.client.deadline = time.monotonic() + max(0.0, left)
+    heartbeat = act.attempt.heartbeat
+    alive = threading.Event()
+
+    def beat() -> None:
+        # A healthy model can think for minutes before its first byte: not silent, not stale.
+        while not alive.wait(HEARTBEAT_EVERY):
+            with contextlib.suppress(OSError):
+                heartbeat.touch()
+
     def work() -> None:
+        beating = threading.Thread(target=beat, daemon=True, name=f"{name}-heartbeat")
+        beating.start()
         try:
             out.value = ask()
             out.replies = [r.text for r in out.value[1]]
@@ -202,6 +221,7 @@ def _launch(act: Active, out: Outcome, ask: Callable[[], Any], name: str,
             out.error = LLMError(out.client.redact(
                 f"the model call ended unexpectedly ({type(e).__name__}: {_one_line(str(e), 160)})"))
         finally:
+            alive.set()
             if wake is not None:
                 wake()  # the loop picks the reply up now, not at its next idle timeout
 
@@ -402,7 +422,7 @@ def start_synthesis(runner: AttemptRunner, act: Active) -> None:
         return llmagent.synthesize(client, context, roster, brief, reports, validate=validate)
 
     runner.active[act.token] = act
-    _launch(act, out, ask, f"llm-{act.token}-review", runner.sup.wake)
+    _launch(act, out, ask, f"llm-{act.token}-review", runner.sup.wake, left=act.deadline - sup.clock())
 
 
 def children_reports(runner: AttemptRunner, children: Iterable[str]) -> tuple[str, set[str]]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import drop, order_md, sh
+from conftest import drop, order_md, sh, wait_until
 from fakellm import FakeLLM, Response
 
 from coordinator import signals
@@ -214,6 +214,7 @@ def test_an_order_cancelled_while_its_model_thinks_lands_nothing_but_its_call_is
             if "g" in sup.records and sup.records["g"].status == "running":
                 break
             sup.step()
+        wait_until(lambda: len(fake.requests) == 1, "the model to be asked")
         sup.handle("cancel", {"id": "g"})
         sup.run_once(limit=30)
 
@@ -643,3 +644,79 @@ def test_the_review_sees_the_report_of_a_routed_childs_follow_up(make_ws, fake):
     assert SYNTHESIS_ROLE in fake.chat_bodies()[-1]["messages"][0]["content"]
     assert f"{kid} was routed; its route ended in {follow} (rex, done)" in review
     assert "rex found the greeting fine" in review
+
+
+# -- a call under way ends with its attempt ---------------------------------------------------------
+class Trickle:
+    """A model server that answers one byte every 0.2 s for a minute: each read comes in time,
+    so only an end of the whole call can stop it."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.stopping = threading.Event()
+        stopping = self.stopping
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                for _ in range(300):
+                    if stopping.wait(0.2):
+                        return
+                    try:
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                    except OSError:
+                        return
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("end", ["timeout", "cancel"])
+def test_a_model_that_trickles_its_answer_is_stopped_by_the_orders_timeout_or_a_cancel(make_ws, end):
+    import time
+
+    trickle = Trickle()
+    try:
+        chip = {"role": "specialist", "writes": ["webapp/src/**"], "max_failures": 1,
+                "llm": {"base_url": trickle.base_url, "model": "m", "max_retries": 2, "timeout": "10s"}}
+        ws = make_ws({"chip": chip})
+        drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",),
+                                          timeout="2s" if end == "timeout" else None))
+        with Supervisor(ws) as sup:
+            started = time.monotonic()
+            for _ in range(10_000):
+                if "g" in sup.records and sup.records["g"].status == "running":
+                    break
+                sup.step()
+            if end == "cancel":
+                time.sleep(0.5)
+                sup.handle("cancel", {"id": "g"})
+            sup.run_once(limit=60)
+            took = time.monotonic() - started
+    finally:
+        trickle.close()
+    rec = load(ws, "g")
+    assert took < 8, took  # not the minute the server would trickle on, nor its retries
+    if end == "cancel":
+        assert rec.status == "cancelled"
+        assert [(u["status"], u["error"]) for u in rec.usage] == [(None, "cancelled")]  # one call, cut
+    else:
+        assert rec.status == "blocked"
+        assert "did not answer within the order's timeout" in rec.report["summary"], rec.report
+        assert [u["status"] for u in rec.usage] == [None]  # cut at the deadline, never retried
