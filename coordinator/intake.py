@@ -18,9 +18,10 @@ import contextlib
 import dataclasses
 import errno
 import os
+import re
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,12 @@ from .watcher import is_candidate, printable
 MAX_READ = orders.MAX_ORDER_BYTES + 1
 
 ACCEPTED_CACHE = 1000
+
+# An id a waiting order gives itself, as the text says it: `id: WO-0001` (Markdown front matter,
+# YAML) or `"id": "WO-0001"` (JSON). Read loosely, with no parsing: a false find only makes an
+# assigned id skip a number, a miss would hand out an id that order names.
+_NAMED_ID = re.compile(rb"""(?:^|[\s{,])["']?id["']?[ \t]*:[ \t]*["']?WO-0*(\d{1,9})(?![\w.-])""",
+                       re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,9 @@ class Intake:
         self.ids_dir = ids_dir  # reservations shared with `coordinator send`
         self.ids_dir.mkdir(parents=True, exist_ok=True)
         self.next_number = store.max_assigned() + 1
+        # WO-NNNN numbers that orders waiting in an inbox or claimed and not yet filed name for
+        # themselves: never assigned to another order (it would make that one a duplicate).
+        self.named: set[int] = named_in(_subfolders(store.intake_dir))
         self.seq = max((r.seq for r in records.values()), default=0) + 1
         # Orders filed in this run, by id, until their first attempt takes them: saves reading
         # order.json back on the drop-to-spawn path. Bounded by how many orders wait.
@@ -235,6 +245,10 @@ class Intake:
         return self.file(tmp, order.to, shown=f"{shown}/{order.id or 'order'}.md", sender=order.sender,
                          parent=order.parent)
 
+    def note_waiting(self, path: Path) -> None:
+        """Remember the id a file now waiting in an inbox names, before any id is assigned."""
+        self.named |= named_by_file(path)
+
     def new_id(self) -> str:
         """A fresh WO-NNNN, reserved: for an order the supervisor names before filing it."""
         return self._choose_id(None)
@@ -246,7 +260,7 @@ class Intake:
         while True:
             candidate = f"WO-{self.next_number:04d}"
             self.next_number += 1
-            if self.history.exists(candidate):
+            if self.next_number - 1 in self.named or self.history.exists(candidate):
                 continue
             try:
                 os.close(os.open(self.ids_dir / candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
@@ -289,6 +303,43 @@ class Intake:
         self.records[order_id] = record
         self.history.note(record)
         return record
+
+
+def named_by_text(data: bytes) -> set[int]:
+    """The WO-NNNN numbers an order's text names as its own id (loosely: see _NAMED_ID)."""
+    return {int(m.group(1)) for m in _NAMED_ID.finditer(data)}
+
+
+def named_by_file(path: Path) -> set[int]:
+    """What `named_by_text` finds in the file at `path`, and its name (`WO-0003.md`, as `send`
+    names what it drops). Nothing for a link, FIFO or folder, or a file gone meanwhile."""
+    stem = path.name.split(".", 1)[0]
+    found = {int(stem[3:])} if stem[:3].upper() == "WO-" and stem[3:].isdigit() else set()
+    with contextlib.suppress(OSError):
+        found |= named_by_text(_read_capped(path)[0])
+    return found
+
+
+def named_in(folders: Iterable[Path]) -> set[int]:
+    """The numbers every order file waiting in `folders` names for itself."""
+    found: set[int] = set()
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(folder):
+                if (is_candidate(entry.name) or entry.name[:1].isdigit()) and entry.is_file(follow_symlinks=False):
+                    found |= named_by_file(Path(entry.path))
+    return found
+
+
+def _subfolders(root: Path) -> list[Path]:
+    with contextlib.suppress(OSError):
+        return [Path(e.path) for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
+    return []
+
+
+def waiting_named(inbox_root: Path, intake_dir: Path) -> set[int]:
+    """The numbers named by every order waiting in an inbox or claimed and not yet filed."""
+    return named_in(_subfolders(inbox_root) + _subfolders(intake_dir))
 
 
 def _short_name(name: str) -> str:

@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 
 from . import durable, orders
 from .errors import NotFoundError, OrderError, Problem, UsageError
+from .intake import waiting_named
 from .store import History, Store
 from .watcher import is_candidate, printable
 from .workspace import Workspace
@@ -201,13 +202,19 @@ def reserve_id(ws: Workspace) -> str:
     """The next WO-NNNN, reserved so that neither `send` nor intake hands it out twice."""
     folder = ws.runtime / RESERVED
     folder.mkdir(parents=True, exist_ok=True)
-    top = Store(ws.state).max_assigned()
+    store = Store(ws.state)
+    top = store.max_assigned()
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(folder):
             top = max(top, orders_id_number(entry.name))
+    # An id an order waiting in an inbox names for itself is its, though not yet taken in.
+    named = waiting_named(ws.inbox_root, store.intake_dir)
     n = top + 1
     while True:
         candidate = f"WO-{n:04d}"
+        if n in named:
+            n += 1
+            continue
         try:
             os.close(os.open(folder / candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
             return candidate

@@ -404,12 +404,16 @@ class Supervisor:
             others: list[Path] = []
             for agent in self.config.agents:
                 for path in scan(self.ws.inbox(agent), others=others):
+                    if path not in waiting:
+                        self.intake.note_waiting(path)  # its id is never assigned to another
                     waiting[path] = agent
             self._say_strays(others)
         for path in hints:
             # Hints are paths inside the inbox folders the watcher was given: no resolving needed.
             agent = path.parent.name
             if agent in self.config.agents and path.parent == self.ws.inbox(agent) and is_candidate(path.name):
+                if path not in waiting:
+                    self.intake.note_waiting(path)
                 waiting[path] = agent
         # Filing yields to reaping and starting every few milliseconds while attempts run: a
         # burst filed 500 at a time left the spawn pipeline empty for 200 ms at a time.

@@ -561,6 +561,17 @@ def test_an_order_sent_right_after_another_may_wait_for_it_before_any_supervisor
     assert missing.exit_code == 1 and "no order 'zzz' in this workspace" in missing.stderr
 
 
+def test_send_never_assigns_an_id_an_order_waiting_in_an_inbox_names_for_itself(ws: Path) -> None:
+    (ws / "inbox" / "chip" / "x.md").write_text(order("The greeting exists", id="WO-0001"))
+    (ws / "inbox" / "rex" / "j.json").write_text(json.dumps({"id": "WO-0002", "objective": "x"}))
+    sent = run("-w", ws, "send", "-", "--to", "chip", input=order("The footer exists"))
+    assert sent.exit_code == 0, sent.stderr
+    assert sent.stdout == "WO-0003\n"
+    done = program("-w", ws, "supervise", "--once")
+    assert done.returncode == 0, done.stderr
+    assert statuses(ws)["WO-0001"] != "rejected" and statuses(ws)["WO-0003"] != "rejected"
+
+
 def test_an_order_for_a_repository_that_is_not_there_is_refused_when_sent(ws: Path) -> None:
     import shutil
 

@@ -921,3 +921,15 @@ def test_a_state_write_holds_half_a_character_as_its_escape(tmp_path):
     assert durable.read_json(tmp_path / "r.json") == {"summary": "ok \ud800"}
     durable.write_text(tmp_path / "r.md", "ok \ud800\n")
     assert (tmp_path / "r.md").read_text("utf-8") == "ok \\ud800\n"
+
+
+def test_an_id_assigned_to_a_dropped_file_is_never_one_another_waiting_file_names(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("true"), "writes": ["webapp/src/**"]}})
+    past = time.time() - 60
+    plain = drop(ws, "chip", "plain.md", order_md("The footer exists"))
+    os.utime(plain, (past, past))  # the older one: taken in first
+    drop(ws, "chip", "named.md", order_md("The header exists", id="WO-0001"))
+    run(ws)
+    records = Store(ws.state).load_all()
+    assert {r.objective: (r.id, r.status) for r in records.values()} == {
+        "The footer exists": ("WO-0002", "done"), "The header exists": ("WO-0001", "done")}
