@@ -47,11 +47,25 @@ class CoordinatorGroup(click.Group):
 
         sys.exit(_guarded(invoke))
 
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as e:
+            # Past click's main, which turns EPIPE into a silent exit 1: a closed stdout
+            # (`coordinator log | head -1`) is the reader having seen enough, not a failure.
+            raise _StdoutClosed from e
+
+
+class _StdoutClosed(Exception):
+    """The reader of stdout went away."""
+
 
 def _guarded(invoke: Callable[[], Any]) -> int:
     """Run the command; turn whatever it raises into (one line on stderr, exit code)."""
     try:
         rv = invoke()
+        with contextlib.suppress(AttributeError, ValueError):  # no stdout, or closed by the caller
+            sys.stdout.flush()  # here, not at exit: a reader gone by now is no error either
         return rv if isinstance(rv, int) else 0  # an int only from click's own Exit (help, version)
     except click.exceptions.NoArgsIsHelpError as e:
         click.echo(e.format_message(), err=True)  # a group with no command: its help
@@ -77,9 +91,9 @@ def _guarded(invoke: Callable[[], Any]) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # The reader went away (`coordinator log | head`): stop quietly, and keep the
-        # interpreter from complaining when it flushes stdout on the way out.
+    except (BrokenPipeError, _StdoutClosed):
+        # The reader went away (`coordinator log | head`): stop quietly with 0, as git does, and
+        # keep the interpreter from complaining when it flushes stdout on the way out.
         with contextlib.suppress(OSError, ValueError):  # no real stdout (an embedding caller)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

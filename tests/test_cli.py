@@ -691,6 +691,19 @@ def test_show_a_rejected_order_lists_each_error_once(ws: Path) -> None:
     assert json.loads(run("-w", ws, "show", "WO-0001", "--json").stdout)["order"] is None
 
 
+@pytest.mark.parametrize("args", [("log",), ("doctor",), ("board",)])
+def test_a_reader_that_stops_reading_is_no_error(worked: Path, args: tuple[str, ...]) -> None:
+    """`coordinator log | head -1`: the reader has seen enough; exit 0, nothing said."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # gone before the first write: every write meets a closed pipe
+    try:
+        done = subprocess.run([COORDINATOR, "-w", str(worked), *args], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (0, "")
+
+
 def test_log_prints_the_audit_history(worked: Path) -> None:
     everything = run("-w", worked, "log").stdout.splitlines()
     assert "state: initialise the audit trail" in everything[0]
