@@ -105,6 +105,10 @@ def _guarded(invoke: Callable[[], Any]) -> int:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or os.environ.get(DEBUG_VAR):
             return _internal(e)
         where = f" writing {e.filename}" if e.filename else ""
+        if e.errno == errno.EROFS:  # no room to make: the mount itself refuses writes
+            click.echo(f"coordinator: read-only file system{where}: the workspace must be writable; remount "
+                       "it read-write or use a workspace on a writable disk", err=True)
+            return EXIT_ENVIRONMENT
         click.echo(f"coordinator: {e.strerror}{where}: make room and run it again "
                    "(what was claimed stays in state/ and is picked up at the next start)", err=True)
         return EXIT_ENVIRONMENT

@@ -146,21 +146,30 @@ def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str |
     order = orders.load(data, path=name, to=to, config=cfg, history=history(ws), sender=sender, kind=kind)
     _repository_there(ws, order, name)
     suffix = SUFFIXES[kind] if kind else (Path(name).suffix.lower() or ".md")
+    reserved = None
     if order.id is None or sender is not None:
         # The file as dropped must say what was validated: the assigned id, the stamped sender.
-        order = dataclasses.replace(order, id=order.id or reserve_id(ws))
+        reserved = None if order.id else reserve_id(ws)
+        order = dataclasses.replace(order, id=order.id or reserved)
         data, suffix = orders.render(order).encode("utf-8"), ".md"
     assert order.id is not None
     inbox = ws.inbox(order.to)
-    inbox.mkdir(parents=True, exist_ok=True)
-    target = _free_name(inbox, f"{order.id}{suffix}")
-    # A dot-file is invisible to the supervisor until the rename makes it whole at once.
-    tmp = inbox / f".{target.name}.{os.getpid()}.tmp"
     try:
-        durable.write_bytes(tmp, data)
-        os.rename(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+        inbox.mkdir(parents=True, exist_ok=True)
+        target = _free_name(inbox, f"{order.id}{suffix}")
+        # A dot-file is invisible to the supervisor until the rename makes it whole at once.
+        tmp = inbox / f".{target.name}.{os.getpid()}.tmp"
+        try:
+            durable.write_bytes(tmp, data)
+            os.rename(tmp, target)
+        finally:
+            with contextlib.suppress(OSError):  # a read-only inbox: nothing there to remove
+                tmp.unlink(missing_ok=True)
+    except OSError:
+        if reserved is not None:  # never sent: its id is free for the next order again
+            with contextlib.suppress(OSError):
+                (ws.runtime / RESERVED / reserved).unlink()
+        raise
     durable.fsync_dir(inbox)
     return order.id
 

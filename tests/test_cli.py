@@ -471,6 +471,19 @@ def test_hostile_input_is_one_line_and_exit_1(ws: Path, name: str, monkeypatch: 
 
 
 # -- send and new ---------------------------------------------------------------------------------------
+def test_a_read_only_inbox_is_said_to_be_read_only_and_uses_up_no_id(ws: Path) -> None:
+    """A real read-only mount (a bind mount in a user namespace of its own), not a full disk."""
+    (ws / "fix.md").write_text(order("The footer exists"))
+    inbox = ws / "inbox" / "chip"
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && exec "$2" -w "$3" send "$4" --to chip'
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(inbox), COORDINATOR, str(ws),
+                           str(ws / "fix.md")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert re.fullmatch(r"coordinator: read-only file system writing \S+/inbox/chip/\S+: the workspace must be "
+                        r"writable; remount it read-write or use a workspace on a writable disk\n", done.stderr)
+    assert run("-w", ws, "send", ws / "fix.md", "--to", "chip").stdout == "WO-0001\n"
+
+
 def test_send_prints_the_id_and_leaves_exactly_one_visible_file(ws: Path) -> None:
     (ws / "fix.md").write_text(order("The webapp greets a user by name"))
     result = run("-w", ws, "send", ws / "fix.md", "--to", "chip")
