@@ -226,7 +226,8 @@ def init(directory: str, force: bool) -> None:
 
 
 @cli.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, allow_dash=True))
+# Any path: a folder, a FIFO, a missing file is said for that file, and the others still checked.
+@click.argument("files", nargs=-1, required=True, type=click.Path(allow_dash=True))
 @click.option("--to", "to", metavar="AGENT", help="Recipient (default: the inbox folder the file is in, "
               "else the file's `to:`).")
 @click.option("--from", "sender", metavar="AGENT", help="Sender (default: the file's `from`, else user).")
@@ -246,7 +247,7 @@ def validate(c: Context, files: tuple[str, ...], to: str | None, sender: str | N
     """
     from . import sending
 
-    report = sending.validate_files(c.ws, [Path(f) for f in files], to=to, sender=sender)
+    report = sending.validate_files(c.ws, list(files), to=to, sender=sender)
     if as_json:
         emit_json({"valid": all(r["valid"] for r in report), "files": report})
     else:
@@ -263,7 +264,7 @@ def validate(c: Context, files: tuple[str, ...], to: str | None, sender: str | N
 
 
 @cli.command()
-@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument("file", type=click.Path(allow_dash=True))
 @click.option("--to", "to", metavar="AGENT", help="Recipient agent (default: the file's `to:`).")
 @click.option("--from", "sender", metavar="AGENT", help="Sender (default: the file's `from`, else user).")
 @pass_ctx

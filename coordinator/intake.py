@@ -36,6 +36,7 @@ from .watcher import is_candidate, printable
 MAX_READ = orders.MAX_ORDER_BYTES + 1
 
 ACCEPTED_CACHE = 1000
+NOT_REGULAR = "is not a regular file (a FIFO, socket or device); only files are work orders"
 
 # An id a waiting order gives itself, as the text says it: `id: WO-0001` (Markdown front matter,
 # YAML) or `"id": "WO-0001"` (JSON). Read loosely, with no parsing: a false find only makes an
@@ -386,7 +387,7 @@ def _replace_special(claimed: Path) -> str:
             durable.remove_tree(aside)
         why = "is a folder; only files are work orders"
     else:
-        why = "is not a regular file (a FIFO, socket or device); only files are work orders"
+        why = NOT_REGULAR
     tmp = claimed.with_name(f"{durable.TMP_PREFIX}{claimed.name}.{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)  # what a crash at this very step left

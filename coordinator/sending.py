@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import re
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -29,7 +31,7 @@ from typing import Any, BinaryIO
 
 from . import durable, orders
 from .errors import NotFoundError, OrderError, Problem, UsageError
-from .intake import waiting_named
+from .intake import NOT_REGULAR, waiting_named
 from .store import History, Store
 from .watcher import is_candidate, printable
 from .workspace import Workspace
@@ -82,10 +84,10 @@ def history(ws: Workspace) -> _Sent:
     return _Sent(ws)
 
 
-def validate_files(ws: Workspace, files: list[Path], *, to: str | None, sender: str | None) -> list[dict[str, Any]]:
+def validate_files(ws: Workspace, files: list[str], *, to: str | None, sender: str | None) -> list[dict[str, Any]]:
     """Each file's verdict: {file, to, valid, readable, checks, problems[, id]}; never raises for
-    a bad file. `readable` is false for a file that could not be read (missing, a folder): a
-    usage error, not an invalid order. `-` is read from stdin (any format, recognized).
+    a bad file. `readable` is false for a file that could not be read (missing, a folder, a
+    FIFO): a usage error, not an invalid order. `-` is read from stdin (any format, recognized).
     An unknown `to` is a usage error, raised before any file is read."""
     if to is not None:
         orders.known_agent(to, ws.config)
@@ -93,8 +95,9 @@ def validate_files(ws: Workspace, files: list[Path], *, to: str | None, sender: 
         orders.known_sender(sender, ws.config)
     hist = history(ws)
     report: list[dict[str, Any]] = []
-    for path in files:
-        stdin = str(path) == "-"
+    for name in files:
+        stdin = name == "-"  # only `-` itself: `./-` is the file of that name
+        path = Path(name)
         shown = STDIN if stdin else printable(ws.rel(path))
         recipient = to or (None if stdin else ws.agent_of_inbox(path))
         entry: dict[str, Any] = {"file": shown, "to": recipient, "valid": False, "readable": True, "checks": 0,
@@ -249,16 +252,30 @@ def _free_name(folder: Path, name: str) -> Path:
 
 
 def read_file(path: Path, *, shown: str | None = None) -> bytes:
-    """A work order's bytes, read no further than the size limit says matters."""
+    """A work order's bytes, read no further than the size limit says matters. Only a regular
+    file (a link to one is fine): a FIFO is refused, never waited on, as intake refuses it."""
+    said = shown or str(path)
     try:
-        with open(path, "rb") as f:
-            return read_stream(f, shown=shown or str(path))
+        # Non-blocking: opening a FIFO with no writer must not hang; a regular file ignores it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise UsageError(f"{shown or path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{shown or path}: is a folder, not a work order") from None
+        raise UsageError(f"{said}: no such file") from None
     except OSError as e:
-        raise UsageError(f"{shown or path}: cannot read: {e.strerror}") from None
+        if e.errno == errno.ENXIO:  # a socket
+            raise UsageError(f"{said}: {NOT_REGULAR}") from None
+        raise UsageError(f"{said}: cannot read: {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise UsageError(f"{said}: is a folder, not a work order")
+        raise UsageError(f"{said}: {NOT_REGULAR}; to send what a program writes, pipe it to `-`")
+    os.set_blocking(fd, True)
+    with open(fd, "rb") as f:
+        try:
+            return read_stream(f, shown=said)
+        except OSError as e:
+            raise UsageError(f"{said}: cannot read: {e.strerror}") from None
 
 
 def read_stream(stream: BinaryIO, *, shown: str = STDIN) -> bytes:

@@ -446,6 +446,45 @@ def test_validate_reports_every_file_and_a_missing_one_outranks_an_invalid_one(w
     assert doc["files"][1]["problems"][0]["message"] == "nothing.md: no such file"
 
 
+NOT_REGULAR = "is not a regular file (a FIFO, socket or device); only files are work orders"
+
+
+def test_validate_checks_every_file_and_says_a_folder_or_fifo_for_that_file(ws: Path) -> None:
+    (ws / "good.md").write_text(order("The webapp greets a user by name"))
+    (ws / "adir").mkdir()
+    os.mkfifo(ws / "pipe.md")
+    files = [ws / "good.md", ws / "adir", ws / "pipe.md"]
+    # A real process: on a FIFO with no writer, reading would wait forever (the timeout says so).
+    result = program("-w", ws, "validate", *files, "--to", "chip", timeout=20)
+    assert result.returncode == 2
+    assert result.stdout == "good.md: ok (to chip, 1 check(s))\n"
+    assert result.stderr.splitlines() == [
+        "coordinator: adir: is a folder, not a work order",
+        f"coordinator: pipe.md: {NOT_REGULAR}; to send what a program writes, pipe it to `-`"]
+    as_json = program("-w", ws, "validate", *files, "--to", "chip", "--json", timeout=20)
+    assert (as_json.returncode, as_json.stderr) == (2, "")
+    assert [(f["file"], f["valid"], f["readable"]) for f in json.loads(as_json.stdout)["files"]] == [
+        ("good.md", True, True), ("adir", False, False), ("pipe.md", False, False)]
+
+
+def test_send_refuses_a_fifo_or_folder_up_front_and_writes_nothing(ws: Path) -> None:
+    (ws / "adir").mkdir()
+    os.mkfifo(ws / "pipe.md")
+    fifo = program("-w", ws, "send", ws / "pipe.md", "--to", "chip", timeout=20)
+    folder = program("-w", ws, "send", ws / "adir", "--to", "chip", timeout=20)
+    assert (fifo.returncode, fifo.stderr) == (
+        2, f"coordinator: pipe.md: {NOT_REGULAR}; to send what a program writes, pipe it to `-`\n")
+    assert (folder.returncode, folder.stderr) == (2, "coordinator: adir: is a folder, not a work order\n")
+    assert inbox_entries(ws, "chip") == []
+
+
+def test_validate_dot_slash_dash_is_the_file_named_dash_not_stdin(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (ws / "-").write_text(order("The webapp greets a user by name"))
+    monkeypatch.chdir(ws)
+    named = run("-w", ws, "validate", "./-", "--to", "chip", input="")
+    assert named.stderr == "-: is a file without a suffix; a work order is a .md, .markdown, .yaml, .yml or .json file\n"
+
+
 BILLION_LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
     f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True))
 HOSTILE = {
