@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import yaml
@@ -235,6 +235,8 @@ def check(order: WorkOrder, config: Config, history: History, *, path: str | Non
                 allowed = ", ".join(recipient.sends_to) or "nobody"
                 bad(f"branching.{i}.agent", f"{order.to} may not route work to {rule.agent} (it "
                                             f"sends to: {allowed})")
+        if recipient.command:
+            _brief_fits_one_argument(order, recipient, bad)
     repos = sorted({paths.repo_of(f) for f in order.files if paths.path_problem(f) is None})
     if len(repos) > 1:
         bad("files", f"names {len(repos)} repositories ({', '.join(repos)}); an order works in one "
@@ -246,6 +248,36 @@ def check(order: WorkOrder, config: Config, history: History, *, path: str | Non
         prior, status = ended[-1]
         bad("references", f"this repeats {prior}, which was {status}: reference it and say what changed")
     return problems
+
+
+# Linux passes at most MAX_ARG_STRLEN (32 pages, 128 KiB, its NUL included) in one argument:
+# a longer one fails every attempt with "Argument list too long".
+MAX_ARGUMENT_BYTES = 128 * 1024 - 1
+# Kept free for what a later attempt's brief adds (why the last attempt failed).
+RETRY_ROOM_BYTES = 16 * 1024
+_BRIEF_TEXT = "{brief_text}"
+
+
+def _brief_fits_one_argument(order: WorkOrder, recipient: Agent, bad: Any) -> None:
+    """An order whose brief, passed whole in one argument ({brief_text}), would be too long
+    for the kernel can never start: refused before it is sent, not after both attempts."""
+    args = [a for a in recipient.command or () if _BRIEF_TEXT in a]
+    if not args:
+        return
+    rough = (len(order.objective) + sum(len(a.text) + len(a.check or "") for a in order.acceptance)
+             + sum(map(len, order.files)) + sum(len(b.when) for b in order.branching))
+    if rough * 4 + 32 * 1024 < MAX_ARGUMENT_BYTES - RETRY_ROOM_BYTES:  # far from it (UTF-8: 4 bytes a char)
+        return
+    from .runner import brief_text  # the runner renders the brief; it imports this module
+
+    text = brief_text(replace(order, id=order.id or "WO-0000"), 1, []).encode("utf-8", "surrogateescape")
+    size = max(len(a.encode("utf-8", "surrogateescape")) + (len(text) - len(_BRIEF_TEXT)) * a.count(_BRIEF_TEXT)
+               for a in args)
+    if size + RETRY_ROOM_BYTES > MAX_ARGUMENT_BYTES:
+        bad("", f"its brief is {size // 1024} KiB, passed whole in one argument of {order.to}'s command "
+                f"({_BRIEF_TEXT}); Linux takes at most 128 KiB in one argument, less {RETRY_ROOM_BYTES // 1024} "
+                "KiB kept for a retry's notes: shorten the order, or have the command read the brief from "
+                "its file ({brief} or $COORD_BRIEF)")
 
 
 def _check_ids(order: WorkOrder, history: History, bad: Any) -> None:

@@ -523,6 +523,34 @@ def test_a_read_only_inbox_is_said_to_be_read_only_and_uses_up_no_id(ws: Path) -
     assert run("-w", ws, "send", ws / "fix.md", "--to", "chip").stdout == "WO-0001\n"
 
 
+def test_an_order_too_long_to_pass_in_one_argument_is_refused_before_it_runs(ws: Path) -> None:
+    """Linux takes at most 128 KiB in one argument: a brief passed as {brief_text} over that
+    could never start (every attempt failed "Argument list too long", then it was escalated)."""
+    config = yaml.safe_load((ws / "coordinator.yaml").read_text())
+    config["agents"]["chip"]["command"] = ["/bin/sh", "-c", 'test -n "$1"', "sh", "{brief_text}"]
+    (ws / "coordinator.yaml").write_text(yaml.safe_dump(config))
+    long_item = "The page says " + "very " * 24_000 + "clearly"  # 120 KiB on one line
+    (ws / "big.md").write_text(order("The webapp greets a user by name").replace("The first thing holds", long_item))
+    (ws / "fits.md").write_text(order("The webapp greets a user by name").replace("The first thing holds",
+                                                                                     long_item[:90_000]))
+    said = ("big.md: its brief is 117 KiB, passed whole in one argument of chip's command ({brief_text}); "
+            "Linux takes at most 128 KiB in one argument, less 16 KiB kept for a retry's notes: shorten the "
+            "order, or have the command read the brief from its file ({brief} or $COORD_BRIEF)\n")
+    refused = run("-w", ws, "validate", ws / "big.md", ws / "fits.md", "--to", "chip")
+    assert (refused.exit_code, refused.stderr) == (1, said)
+    assert refused.stdout == "fits.md: ok (to chip, 1 check(s))\n"
+    assert run("-w", ws, "send", ws / "big.md", "--to", "chip").stderr == said
+    (ws / "inbox" / "chip" / "big.md").write_bytes((ws / "big.md").read_bytes())  # by hand: intake says it
+    done = program("-w", ws, "supervise", "--once")
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(run("-w", ws, "show", "WO-0001", "--json").stdout)
+    assert shown["status"] == "rejected" and shown["attempts"] == 0
+    config["agents"]["chip"]["command"] = ["/bin/sh", "-c", 'test -s "$1"', "sh", "{brief}"]
+    (ws / "coordinator.yaml").write_text(yaml.safe_dump(config))
+    again = (ws / "big.md").read_text().replace("a user by name", "a user by nickname")  # no repeat of WO-0001
+    assert run("-w", ws, "validate", "-", "--to", "chip", input=again).exit_code == 0
+
+
 def test_send_prints_the_id_and_leaves_exactly_one_visible_file(ws: Path) -> None:
     (ws / "fix.md").write_text(order("The webapp greets a user by name"))
     result = run("-w", ws, "send", ws / "fix.md", "--to", "chip")
