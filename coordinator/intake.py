@@ -43,6 +43,11 @@ NOT_REGULAR = "is not a regular file (a FIFO, socket or device); only files are 
 # assigned id skip a number, a miss would hand out an id that order names.
 _NAMED_ID = re.compile(rb"""(?:^|[\s{,])["']?id["']?[ \t]*:[ \t]*["']?WO-0*(\d{1,9})(?![\w.-])""",
                        re.IGNORECASE | re.MULTILINE)
+# An id an order declares, read strictly (a false find would let another wait on nothing):
+# `id: zz` at the start of a line (front matter, YAML), or `"id": "zz"` (JSON).
+_ID = rb"([A-Za-z0-9][A-Za-z0-9._-]{0,63})"
+_DECLARED_ID = re.compile(rb"^id[ \t]*:[ \t]*[\"']?" + _ID + rb"[\"']?[ \t]*(?:#[^\n]*)?\r?$|\"id\"\s*:\s*\"" + _ID
+                          + rb"\"", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ class Intake:
         self.next_number = store.max_assigned() + 1
         # WO-NNNN numbers that orders waiting in an inbox or claimed and not yet filed name for
         # themselves: never assigned to another order (it would make that one a duplicate).
-        self.named: set[int] = named_in(_subfolders(store.intake_dir))
+        self.waiting = Waiting().note_all(_subfolders(store.intake_dir))
         self.seq = max((r.seq for r in records.values()), default=0) + 1
         # Orders filed in this run, by id, until their first attempt takes them: saves reading
         # order.json back on the drop-to-spawn path. Bounded by how many orders wait.
@@ -151,9 +156,12 @@ class Intake:
         if size is None:  # no regular file: replaced by an empty one, rejected for what it was
             problems = [Problem("", _replace_special(claimed), shown)]
         else:
+            declares = {(m.group(1) or m.group(2)).decode() for m in _DECLARED_ID.finditer(data)}
+            history = (_AwaitedHistory(self.history, self.waiting.declared, declares) if self.waiting.declared
+                       else self.history)
             try:
                 order = orders.load(data, path=shown, to=agent, config=self.config,
-                                    history=self.history, sender=sender)
+                                    history=history, sender=sender)
             except OrderError as e:
                 problems = e.problems
                 if size > orders.MAX_ORDER_BYTES:  # read only this far: say the file's real size
@@ -248,7 +256,7 @@ class Intake:
 
     def note_waiting(self, path: Path) -> None:
         """Remember the id a file now waiting in an inbox names, before any id is assigned."""
-        self.named |= named_by_file(path)
+        self.waiting.note(path)
 
     def new_id(self) -> str:
         """A fresh WO-NNNN, reserved: for an order the supervisor names before filing it."""
@@ -261,7 +269,7 @@ class Intake:
         while True:
             candidate = f"WO-{self.next_number:04d}"
             self.next_number += 1
-            if self.next_number - 1 in self.named or self.history.exists(candidate):
+            if self.next_number - 1 in self.waiting.numbers or self.history.exists(candidate):
                 continue
             try:
                 os.close(os.open(self.ids_dir / candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
@@ -306,30 +314,37 @@ class Intake:
         return record
 
 
-def named_by_text(data: bytes) -> set[int]:
-    """The WO-NNNN numbers an order's text names as its own id (loosely: see _NAMED_ID)."""
-    return {int(m.group(1)) for m in _NAMED_ID.finditer(data)}
+@dataclass
+class Waiting:
+    """What the orders waiting to be taken in say of their own ids, read without parsing them.
 
+    `numbers`: every WO-NNNN they may name for themselves (loosely: never assigned to another
+    order). `declared`: the ids they declare (`id:` at the start of a line, or `"id": "…"`), with
+    the file: an order naming one in `blocked_by` waits for it instead of being rejected."""
 
-def named_by_file(path: Path) -> set[int]:
-    """What `named_by_text` finds in the file at `path`, and its name (`WO-0003.md`, as `send`
-    names what it drops). Nothing for a link, FIFO or folder, or a file gone meanwhile."""
-    stem = path.name.split(".", 1)[0]
-    found = {int(stem[3:])} if stem[:3].upper() == "WO-" and stem[3:].isdigit() else set()
-    with contextlib.suppress(OSError):
-        found |= named_by_text(_read_capped(path)[0])
-    return found
+    numbers: set[int] = dataclasses.field(default_factory=set)
+    declared: dict[str, Path] = dataclasses.field(default_factory=dict)
 
+    def note(self, path: Path) -> None:
+        """Add what the file at `path` says (nothing for a link, FIFO, folder, or one gone)."""
+        stem = path.name.split(".", 1)[0]
+        if stem[:3].upper() == "WO-" and stem[3:].isdigit():  # as `send` names what it drops
+            self.numbers.add(int(stem[3:]))
+        try:
+            data = _read_capped(path)[0]
+        except OSError:
+            return
+        self.numbers |= {int(m.group(1)) for m in _NAMED_ID.finditer(data)}
+        for m in _DECLARED_ID.finditer(data):
+            self.declared.setdefault((m.group(1) or m.group(2)).decode(), path)
 
-def named_in(folders: Iterable[Path]) -> set[int]:
-    """The numbers every order file waiting in `folders` names for itself."""
-    found: set[int] = set()
-    for folder in folders:
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(folder):
-                if (is_candidate(entry.name) or entry.name[:1].isdigit()) and entry.is_file(follow_symlinks=False):
-                    found |= named_by_file(Path(entry.path))
-    return found
+    def note_all(self, folders: Iterable[Path]) -> Waiting:
+        for folder in folders:
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(folder):
+                    if (is_candidate(entry.name) or entry.name[:1].isdigit()) and entry.is_file(follow_symlinks=False):
+                        self.note(Path(entry.path))
+        return self
 
 
 def _subfolders(root: Path) -> list[Path]:
@@ -338,9 +353,32 @@ def _subfolders(root: Path) -> list[Path]:
     return []
 
 
-def waiting_named(inbox_root: Path, intake_dir: Path) -> set[int]:
-    """The numbers named by every order waiting in an inbox or claimed and not yet filed."""
-    return named_in(_subfolders(inbox_root) + _subfolders(intake_dir))
+def waiting_orders(inbox_root: Path, intake_dir: Path) -> Waiting:
+    """What every order waiting in an inbox, or claimed and not yet filed, says of its id."""
+    return Waiting().note_all(_subfolders(inbox_root) + _subfolders(intake_dir))
+
+
+class _AwaitedHistory:
+    """The history, plus the ids orders still waiting to be taken in declare: an order that
+    waits on one of them is filed `waiting`, as `validate` said it may, not rejected because
+    it happened to arrive first. Its own declarations are no one else's."""
+
+    def __init__(self, history: History, declared: dict[str, Path], own: set[str]) -> None:
+        self.history = history
+        self.declared = declared
+        self.own = own
+
+    def exists(self, order_id: str) -> bool:
+        return self.history.exists(order_id) or (order_id in self.declared and order_id not in self.own)
+
+    def waiting(self, order_id: str) -> str | None:
+        return self.history.waiting(order_id)
+
+    def blocked_by_of(self, order_id: str) -> tuple[str, ...]:
+        return self.history.blocked_by_of(order_id)
+
+    def ended(self, sender: str, to: str, objective: str) -> list[tuple[str, str]]:
+        return self.history.ended(sender, to, objective)
 
 
 def _short_name(name: str) -> str:

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 
 from . import durable, orders
 from .errors import NotFoundError, OrderError, Problem, UsageError
-from .intake import NOT_REGULAR, waiting_named
+from .intake import NOT_REGULAR, waiting_orders
 from .store import History, Store
 from .watcher import is_candidate, printable
 from .workspace import Workspace
@@ -54,12 +54,18 @@ class _Sent(History):
         super().__init__(store.load_all(), store)
         self.ws = ws
         self.itself: Path | None = None  # the file being validated, when it waits in an inbox
+        self._declared: dict[str, Path] | None = None  # read once, when first needed
 
     def exists(self, order_id: str) -> bool:
         return super().exists(order_id) or self.waiting(order_id) is not None
 
     def waiting(self, order_id: str) -> str | None:
         found = pending_file(self.ws, order_id)
+        if found is None:
+            # Not named after it, but declaring it (`id: zz` in a file copied in by hand).
+            if self._declared is None:
+                self._declared = waiting_orders(self.ws.inbox_root, Store(self.ws.state).intake_dir).declared
+            found = self._declared.get(order_id)
         if found is None or (self.itself is not None and _same(found, self.itself)):
             return None
         return self.ws.rel(found)
@@ -220,7 +226,7 @@ def reserve_id(ws: Workspace) -> str:
         for entry in os.scandir(folder):
             top = max(top, orders_id_number(entry.name))
     # An id an order waiting in an inbox names for itself is its, though not yet taken in.
-    named = waiting_named(ws.inbox_root, store.intake_dir)
+    named = waiting_orders(ws.inbox_root, store.intake_dir).numbers
     n = top + 1
     while True:
         candidate = f"WO-{n:04d}"

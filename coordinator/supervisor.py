@@ -492,6 +492,8 @@ class Supervisor:
             from .orders import render
             self.ledger_add(rec.id, "order", render(order))
         self.settle_waiting(rec, "its dependencies are done")
+        if rec.status == "rejected" and rec.id in self._waiting_on:
+            self._release_dependents(rec)  # filed after an order that waited on it from an inbox
         if rec.status == "rejected":
             if rec.errors and "this repeats" in rec.errors[0]:
                 self.signal("feedback", agent=rec.sender, order=rec.id, evidence=rec.errors[0])

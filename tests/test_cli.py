@@ -652,6 +652,18 @@ def test_send_never_assigns_an_id_an_order_waiting_in_an_inbox_names_for_itself(
     assert statuses(ws)["WO-0001"] != "rejected" and statuses(ws)["WO-0003"] != "rejected"
 
 
+def test_orders_copied_into_an_inbox_together_may_wait_on_each_other_as_validate_says(ws: Path) -> None:
+    inbox = ws / "inbox" / "chip"
+    (inbox / "a.md").write_text(order("The footer exists", blocked_by=["zz"]))
+    (inbox / "b.md").write_text(order("The header exists", id="zz"))
+    os.utime(inbox / "a.md", (time.time() - 60, time.time() - 60))  # taken in first
+    checked = run("-w", ws, "validate", inbox / "a.md", inbox / "b.md")
+    assert (checked.exit_code, checked.stderr) == (0, "")
+    done = program("-w", ws, "supervise", "--once")
+    assert done.returncode == 0, done.stderr
+    assert statuses(ws) == {"WO-0001": "done", "zz": "done"}
+
+
 def test_an_order_for_a_repository_that_is_not_there_is_refused_when_sent(ws: Path) -> None:
     import shutil
 

@@ -933,3 +933,33 @@ def test_an_id_assigned_to_a_dropped_file_is_never_one_another_waiting_file_name
     records = Store(ws.state).load_all()
     assert {r.objective: (r.id, r.status) for r in records.values()} == {
         "The footer exists": ("WO-0002", "done"), "The header exists": ("WO-0001", "done")}
+
+
+def _dropped_in_this_order(ws, *files):
+    """Drop (name, text) files so that intake takes them in the order given (oldest first)."""
+    past = time.time() - 60
+    for i, (name, text) in enumerate(files):
+        path = drop(ws, "chip", name, text)
+        os.utime(path, (past + i, past + i))
+
+
+def test_an_order_waiting_on_one_still_in_the_inbox_waits_for_it_instead_of_being_rejected(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("true"), "writes": ["webapp/src/**"]}})
+    _dropped_in_this_order(ws, ("first.md", order_md("The footer exists", blocked_by=["zz"])),
+                           ("second.json", json.dumps({"id": "zz", "objective": "The header exists",
+                                                       "acceptance": ["a holds", "b holds", "c holds"],
+                                                       "files": [], "branching": ["halt-with-note if done"]})))
+    run(ws)
+    records = Store(ws.state).load_all()
+    assert {r.objective: r.status for r in records.values()} == {"The footer exists": "done",
+                                                                 "The header exists": "done"}
+
+
+def test_an_order_waiting_on_one_that_is_then_rejected_is_blocked_not_left_waiting(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("true"), "writes": ["webapp/src/**"]}})
+    _dropped_in_this_order(ws, ("first.md", order_md("The footer exists", blocked_by=["zz"])),
+                           ("second.md", order_md("The header exists", acceptance=("only one",), id="zz")))
+    run(ws)
+    records = Store(ws.state).load_all()
+    assert {r.objective: r.status for r in records.values()} == {"The footer exists": "blocked",
+                                                                 "The header exists": "rejected"}
