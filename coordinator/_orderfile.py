@@ -253,10 +253,17 @@ def _markdown(text: str, path: str, problems: list[Problem]) -> tuple[dict[Any, 
         start = end + 1
     section: str | None = None  # "" while skipping a section already reported
     stray = False
+    blank = False  # the row before was blank: a paragraph that is no item ends a list
+    comment = False  # inside an HTML comment: read as nothing, as Markdown renders it
     for i in range(start, len(rows)):
         row, n = rows[i], i + 1
-        if not row.strip():
+        if comment or row.lstrip().startswith("<!--"):
+            comment = "-->" not in row[row.find("<!--") + 4 if not comment else 0:]
             continue
+        if not row.strip():
+            blank = True
+            continue
+        after_blank, blank = blank, False
         label = _label(row)
         if label is not None:
             name, rest, level = label
@@ -281,9 +288,21 @@ def _markdown(text: str, path: str, problems: list[Problem]) -> tuple[dict[Any, 
             stray = True
         elif section == "objective":
             data[section] = f"{data[section]}\n{row.strip()}" if data[section] else row.strip()
+        elif section and after_blank and data[section] and not _ITEM.fullmatch(row) and not row.startswith(
+                ("  ", "\t")):
+            # Markdown: a blank line, then a paragraph, ends the list. Glued to the last item it
+            # made a one-line item look like two; dropped, the agent would never read it.
+            problems.append(Problem(section, f"{_short(row.strip())!r} follows the list after a blank line, so it "
+                                             "belongs to no item; make it an item (`- …`), move it into the "
+                                             "objective, or make it a comment (<!-- … -->)", path, n))
+            section = ""
         elif section:
             _list_row(section, row, n, data, lines, path, problems)
     return data, lines
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 def _label(row: str) -> tuple[str, str, int] | None:

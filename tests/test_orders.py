@@ -344,6 +344,22 @@ def test_six_acceptance_items_and_empty_or_wrapped_items() -> None:
     assert not [p for p in found if p.field == "acceptance"]  # 4 items is fine
 
 
+def test_a_paragraph_after_a_blank_line_ends_the_list_and_is_said_at_its_own_line() -> None:
+    """Glued onto the last item, a note made a one-line item read as two lines."""
+    found = problems_of(BODY + "\nNote: ask chip first.\n")
+    assert [(p.field, p.line, p.message) for p in found] == [
+        ("branching", BODY.count("\n") + 2, "'Note: ask chip first.' follows the list after a blank line, so "
+         "it belongs to no item; make it an item (`- …`), move it into the objective, or make it a comment "
+         "(<!-- … -->)")]
+
+
+@pytest.mark.parametrize("comment", ["\n<!-- ask chip first -->\n", "<!--\nask chip\nfirst\n-->\n",
+                                     "\n<!-- one --> \n"])
+def test_an_html_comment_after_the_list_is_read_as_nothing(comment: str) -> None:
+    assert orders.parse((BODY + comment).encode(), path="fix.md", to="chip").branching == \
+        orders.parse(BODY.encode(), path="fix.md", to="chip").branching
+
+
 @pytest.mark.parametrize(("item", "check"), [
     ("`make test` passes", "make test"),
     ("`pytest -q tests/test_login.py` still passes.", "pytest -q tests/test_login.py"),
