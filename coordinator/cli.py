@@ -386,7 +386,8 @@ class _LogLines(logging.Handler):
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help='{"orders": [...]} on stdout.')
-@click.option("--watch", is_flag=True, help="Redraw every second until Ctrl-C.")
+@click.option("--watch", is_flag=True, help="Redraw every second until Ctrl-C (not on a terminal: print the "
+              "board again each time it changes).")
 @pass_ctx
 def board(c: Context, as_json: bool, watch: bool) -> None:
     """The kanban: orders by status, stale flags, budget and signals.
@@ -398,17 +399,30 @@ def board(c: Context, as_json: bool, watch: bool) -> None:
     """
     from . import board as b
 
+    if as_json and watch:
+        raise click.UsageError("--json prints one document and --watch redraws forever; use one of them")
     if as_json:
         emit_json(b.as_json(c.ws))
         return
-    colour = sys.stdout.isatty()
+    terminal = sys.stdout.isatty()
     if not watch:
-        click.echo(b.render(c.ws, colour=colour))
+        click.echo(b.render(c.ws, colour=terminal))
         return
+    shown = None
     try:
         while True:
-            click.clear()
-            click.echo(b.render(c.ws, colour=colour))
+            text = b.render(c.ws, colour=terminal)
+            if terminal:
+                click.clear()
+                click.echo(text)
+            elif text != shown:
+                # Not a terminal (a file, a pipe): nothing to redraw, so a board is added only
+                # when it changed, after the time it was seen.
+                if shown is not None:
+                    click.echo(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} ---")
+                click.echo(text)
+                sys.stdout.flush()
+                shown = text
             time.sleep(1.0)
     except KeyboardInterrupt:
         pass

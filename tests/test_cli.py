@@ -744,6 +744,34 @@ def test_board_shows_records_a_hand_edit_left_odd_without_failing(ws: Path) -> N
         "e": None, "f": None}
 
 
+def test_board_watch_into_a_file_adds_a_board_only_when_it_changed(ws: Path, tmp_path: Path) -> None:
+    out = tmp_path / "board.log"
+    with open(out, "w") as f:
+        watching = subprocess.Popen([COORDINATOR, "-w", str(ws), "board", "--watch"], stdout=f,
+                                    stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "budget:" in out.read_text(), "the first board")
+        time.sleep(2.5)  # two more rounds, nothing changed: nothing added
+        assert out.read_text().count("budget:") == 1
+        assert run("-w", ws, "budget", "add", "500").exit_code == 0
+        wait_for(lambda: out.read_text().count("budget:") == 2, "the changed board")
+        time.sleep(1.5)
+    finally:
+        watching.send_signal(signal.SIGINT)
+        _, err = watching.communicate(timeout=30)
+    text = out.read_text()
+    assert (watching.returncode, err) == (0, "")
+    assert text.count("budget:") == 2 and "walt 500/7,000" in text.split("\n---")[1]
+    assert len(re.findall(r"^--- \d{4}-\d\d-\d\d \d\d:\d\d:\d\d ---$", text, re.MULTILINE)) == 1
+
+
+def test_board_watch_with_json_is_a_usage_error(ws: Path) -> None:
+    both = run("-w", ws, "board", "--watch", "--json")
+    assert (both.exit_code, both.stdout) == (2, "")
+    assert both.stderr == ("coordinator board: --json prints one document and --watch redraws forever; use one of "
+                           "them. See `coordinator board -h`.\n")
+
+
 def test_board_json_has_the_contract_keys(worked: Path) -> None:
     doc = json.loads(run("-w", worked, "board", "--json").stdout)
     assert list(doc) == ["orders", "supervisor"]
