@@ -1,7 +1,7 @@
 """Reading work-order and result files: untrusted bytes to a normalized dict.
 
 Private to `orders` and `results`. Everything here assumes hostile input: size,
-encoding, YAML aliases and nesting are refused before anything is built, and
+encoding, YAML alias bombs and nesting are refused before anything is built, and
 every broken rule becomes a `Problem` with the field (and, where the file has
 one, the line) it is about.
 """
@@ -33,6 +33,7 @@ BRANCH_RULES = (1, 10)
 MAX_IDS = 100  # blocked_by / references entries; keeps a hostile file from costing seconds
 MAX_YAML_DEPTH = 32  # nesting; libyaml slows quadratically on deep flow nesting
 MAX_YAML_NODES = 5000  # values; a full order has a few hundred, building 100,000 takes a second
+MAX_YAML_CHARS = 256 * 1024  # characters once aliases are expanded: no more than a whole order
 MAX_PROBLEMS = 50
 KEYS = ("id", "from", "to", "objective", "acceptance", "files", "branching", "priority",
         "blocked_by", "references", "timeout", "parent")
@@ -83,29 +84,14 @@ def _size(n: int) -> str:
     return f"{n / 1024 / 1024:.1f} MiB" if n >= 1024 * 1024 else f"{n / 1024:.0f} KiB"
 
 
-def load_yaml(text: str, *, path: str, offset: int = 0) -> tuple[Any, dict[str, int]]:
-    """Safe YAML with no aliases and bounded nesting, plus the line of each top-level key and
-    of each item of a top-level list (`files.2`). `offset`: lines before `text` in the file."""
+def load_yaml(text: str, *, path: str, offset: int = 0, aliases: bool = False) -> tuple[Any, dict[str, int]]:
+    """Safe YAML with bounded nesting, plus the line of each top-level key and of each item of
+    a top-level list (`files.2`). `offset`: lines before `text` in the file. `aliases`: allow
+    `*name` as long as what they expand to stays small (else any alias is refused)."""
     try:
-        depth = nodes = 0
-        # A first pass over events refuses aliases (billion laughs), deep nesting and sheer
+        # A first pass over events refuses alias bombs (billion laughs), deep nesting and sheer
         # bulk before anything is built, so a hostile file costs milliseconds and no memory.
-        for event in yaml.parse(text, Loader=_YAML_LOADER):
-            if isinstance(event, yaml.NodeEvent):
-                nodes += 1
-                if nodes > MAX_YAML_NODES:
-                    fail(path, f"holds more than {MAX_YAML_NODES} values; far more than a work order needs",
-                         _line(event.start_mark, offset))
-            if isinstance(event, yaml.AliasEvent):
-                fail(path, "uses a YAML alias (*name); write every value out in full",
-                     _line(event.start_mark, offset))
-            if isinstance(event, yaml.CollectionStartEvent):
-                depth += 1
-                if depth > MAX_YAML_DEPTH:
-                    fail(path, f"nests deeper than {MAX_YAML_DEPTH} levels; flatten it",
-                         _line(event.start_mark, offset))
-            elif isinstance(event, yaml.CollectionEndEvent):
-                depth -= 1
+        _bounded(text, path=path, offset=offset, aliases=aliases)
         loader = _YAML_LOADER(text)
         try:
             node = loader.get_single_node()
@@ -134,6 +120,52 @@ def load_yaml(text: str, *, path: str, offset: int = 0) -> tuple[Any, dict[str, 
                 for i, item in enumerate(value.value):
                     lines[f"{key.value}.{i}"] = item.start_mark.line + 1 + offset
     return data, lines
+
+
+def _bounded(text: str, *, path: str, offset: int, aliases: bool) -> None:
+    """Count every value as it will be once aliases are expanded (each `*name` counts all it
+    names), and refuse the text when that passes MAX_YAML_NODES values or MAX_YAML_CHARS
+    characters, or when it nests deeper than MAX_YAML_DEPTH."""
+    nodes = chars = 0
+    open_: list[list[Any]] = []  # collections being read: [anchor, nodes, chars]
+    sizes: dict[str, tuple[int, int]] = {}  # anchor -> what its value expands to
+    for event in yaml.parse(text, Loader=_YAML_LOADER):
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, n, c = open_.pop()
+            if anchor is not None:
+                sizes[anchor] = (n, c)
+            continue
+        if isinstance(event, yaml.AliasEvent):
+            line = _line(event.start_mark, offset)
+            if not aliases:
+                fail(path, "uses a YAML alias (*name); write every value out in full", line)
+            if any(frame[0] == event.anchor for frame in open_):
+                fail(path, f"uses the YAML alias *{event.anchor} inside the value it names (a loop); write the "
+                           "values out in full", line)
+            n, c = sizes.get(event.anchor or "", (1, 0))
+        elif isinstance(event, yaml.ScalarEvent):
+            n, c = 1, len(event.value)
+        elif isinstance(event, yaml.CollectionStartEvent):
+            n, c = 1, 0
+        else:
+            continue
+        nodes, chars = nodes + n, chars + c
+        for frame in open_:
+            frame[1] += n
+            frame[2] += c
+        if nodes > MAX_YAML_NODES or chars > MAX_YAML_CHARS:
+            line = _line(event.start_mark, offset)
+            if isinstance(event, yaml.AliasEvent):
+                fail(path, f"uses a YAML alias (*{event.anchor}) that makes it expand past {MAX_YAML_NODES} "
+                           f"values or {MAX_YAML_CHARS // 1024} KiB; write the values out in full", line)
+            if nodes > MAX_YAML_NODES:
+                fail(path, f"holds more than {MAX_YAML_NODES} values; far more than a work order needs", line)
+        if isinstance(event, yaml.ScalarEvent) and event.anchor is not None:
+            sizes[event.anchor] = (n, c)
+        elif isinstance(event, yaml.CollectionStartEvent):
+            if len(open_) >= MAX_YAML_DEPTH:
+                fail(path, f"nests deeper than {MAX_YAML_DEPTH} levels; flatten it", _line(event.start_mark, offset))
+            open_.append([event.anchor, 1, 0])
 
 
 def _line(mark: Any, offset: int) -> int | None:
@@ -197,7 +229,7 @@ def read_order(data: bytes, *, path: str, to: str | None, sender: str | None, ki
     if kind == "markdown":
         raw, lines = _markdown(text, path, problems)
     elif kind == "yaml":
-        raw, lines = load_yaml(text, path=path)
+        raw, lines = load_yaml(text, path=path, aliases=True)
     else:
         raw, lines = load_json(text, path), {}
     if not isinstance(raw, dict):
@@ -246,7 +278,7 @@ def _markdown(text: str, path: str, problems: list[Problem]) -> tuple[dict[Any, 
         end = next((i for i in range(1, len(rows)) if rows[i].rstrip() in ("---", "...")), None)
         if end is None:
             fail(path, "the front matter opened by --- on line 1 never ends; close it with a --- line", 1)
-        front, lines = load_yaml("\n".join(rows[1:end]), path=path, offset=1)
+        front, lines = load_yaml("\n".join(rows[1:end]), path=path, offset=1, aliases=True)
         if front is not None and not isinstance(front, dict):
             fail(path, "the front matter must be `key: value` lines", 2)
         data.update(front or {})

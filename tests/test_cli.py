@@ -491,7 +491,8 @@ HOSTILE = {
     "big.md": (b"a" * (2 * 1024 * 1024), "big.md: is 2.0 MiB; a work order is at most 256 KiB"),
     "binary.md": (bytes(range(256)) * 16, "binary.md: is binary (it holds NUL bytes)"),
     "empty.md": (b"", "empty.md: is empty; write a work order (`coordinator new --to AGENT`"),
-    "laughs.yaml": (BILLION_LAUGHS.encode(), "laughs.yaml:2: uses a YAML alias (*name)"),
+    "laughs.yaml": (BILLION_LAUGHS.encode(), "laughs.yaml:4: uses a YAML alias (*c) that makes it expand past 5000 "
+                    "values or 256 KiB"),
     "latin1.md": ("**Objective:** caf\xe9".encode("latin-1"), "latin1.md: is not UTF-8 text"),
 }
 
@@ -1086,7 +1087,7 @@ def test_errors_from_the_real_program_are_one_line_with_the_right_exit_code(ws: 
         ((["-w", bad_config, "board"], None), 2, "coordinator: coordinator.yaml: is not valid YAML at line 2"),
         ((["-w", ws, "validate", ws / "big.md", "--to", "chip"], None), 1, "big.md: is 2.0 MiB"),
         ((["-w", ws, "validate", ws / "bin.md", "--to", "chip"], None), 1, "bin.md: is binary"),
-        ((["-w", ws, "send", ws / "laughs.yaml", "--to", "chip"], None), 1, "laughs.yaml:2: uses a YAML alias"),
+        ((["-w", ws, "send", ws / "laughs.yaml", "--to", "chip"], None), 1, "laughs.yaml:4: uses a YAML alias (*c)"),
         ((["-w", ws, "send", ws / "nothing.md", "--to", "chip"], None), 2, "coordinator: nothing.md: no such file"),
         ((["-w", ws, "show", "WO-4242"], None), 1, "coordinator: no order 'WO-4242'"),
         ((["-w", ws, "init", ws], None), 1, "coordinator: "),

@@ -641,7 +641,28 @@ def test_billion_laughs_costs_neither_time_nor_memory() -> None:
         """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "x.yaml:2: uses a YAML alias (*name); write every value out in full" in out.stdout
+    assert ("x.yaml:4: uses a YAML alias (*c) that makes it expand past 5000 values or 256 KiB; write the values "
+            "out in full") in out.stdout
+
+
+def test_a_yaml_alias_that_stays_small_is_read_as_the_value_it_names() -> None:
+    """SPEC §2 refuses only aliases that expand past a small bound."""
+    text = ("objective: &o The login form rejects long passwords\n"
+            "acceptance:\n  - &same A 64-character password still logs in\n  - *same\n  - The form says why\n"
+            "files: &f [webapp/src/login.ts]\nbranching: [halt-with-note if the form already enforces it]\n")
+    order = orders.parse(text.encode(), path="o.yaml", to="chip")
+    assert [a.text for a in order.acceptance] == ["A 64-character password still logs in"] * 2 + ["The form says why"]
+    front = "---\nblocked_by: &b [WO-0007]\nreferences: *b\n---\n"  # in Markdown's front matter too
+    assert orders.parse((front + BODY).encode(), path="o.md", to="chip").references == ("WO-0007",)
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    ("a: &a [1, *a]\n", "o.yaml:1: uses the YAML alias *a inside the value it names (a loop)"),
+    ("x: &x " + "y" * 60_000 + "\nz: [*x, *x, *x, *x, *x]\n", "o.yaml:2: uses a YAML alias (*x) that makes it "
+                                                                "expand past 5000 values or 256 KiB"),
+])
+def test_a_yaml_alias_that_loops_or_expands_past_the_bound_is_refused(text: str, said: str) -> None:
+    assert any(said in str(p) for p in problems_of(text.encode(), path="o.yaml"))
 
 
 def test_problems_are_capped_and_in_file_order() -> None:
