@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -54,6 +55,22 @@ class CoordinatorGroup(click.Group):
             # Past click's main, which turns EPIPE into a silent exit 1: a closed stdout
             # (`coordinator log | head -1`) is the reader having seen enough, not a failure.
             raise _StdoutClosed from e
+
+
+class _Command(click.Command):
+    """A subcommand whose usage errors name it (`See coordinator new -h`): click's parser
+    raises some (an option with no value) with no context, which named only the group."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            if e.ctx is None:
+                e.ctx = ctx
+            raise
+
+
+CoordinatorGroup.command_class = _Command
 
 
 class _StdoutClosed(Exception):
@@ -144,6 +161,8 @@ pass_ctx = click.make_pass_decorator(Context)
 class _Amount(click.FloatRange):
     """Seconds or days: a finite number from 0 to `most` (FloatRange lets nan and inf through)."""
 
+    name = "number"  # said as "'abc' is not a valid number", not "… float range"
+
     def __init__(self, most: float) -> None:
         super().__init__(min=0, max=most)
 
@@ -222,7 +241,7 @@ def init(directory: str, force: bool) -> None:
     ws, lines = do_init(Path(directory), force=force)
     for line in lines:
         click.echo(line)
-    click.echo(f"workspace ready at {ws.root}; next: `coordinator -w {directory} supervise`")
+    click.echo(f"workspace ready at {ws.root}; next: `coordinator -w {shlex.quote(directory)} supervise`")
 
 
 @cli.command()

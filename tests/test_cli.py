@@ -118,6 +118,21 @@ def test_init_makes_the_workspace_layout(tmp_path: Path) -> None:
     assert git(root / "repos" / "webapp", "log", "--format=%s").strip()
 
 
+def test_init_suggests_a_command_that_works_for_a_folder_with_a_space(tmp_path: Path) -> None:
+    made = run("init", tmp_path / "my team")
+    assert made.stdout.splitlines()[-1].endswith(f"next: `coordinator -w '{tmp_path / 'my team'}' supervise`")
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (("new", "--to"), "coordinator new: Option '--to' requires an argument. See `coordinator new -h`.\n"),
+    (("gc", "--days", "abc"), "coordinator gc: Invalid value for '--days': 'abc' is not a valid number. See "
+                              "`coordinator gc -h`.\n"),
+])
+def test_a_usage_error_names_the_command_and_what_was_expected(ws: Path, args: tuple[str, ...], said: str) -> None:
+    refused = run("-w", ws, *args)
+    assert (refused.exit_code, refused.stderr) == (2, said)
+
+
 def test_init_refuses_an_existing_workspace_unless_forced(ws: Path) -> None:
     (ws / "coordinator.yaml").write_text("version: 1\nagents: {}\n")
     again = run("init", ws)
