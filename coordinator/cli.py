@@ -578,6 +578,14 @@ def budget_add(c: Context, tokens: int, note: str) -> None:
     click.echo(f"{r['hot_tokens']:,} hot tokens, mode {r['mode']}")
     if r.get("mode_change"):
         click.echo(f"warning: mode changed {r['mode_change'][0]} -> {r['mode_change'][1]}", err=True)
+    ceiling = r.get("at_ceiling")
+    if ceiling:
+        when = "now" if ceiling["supervisor_running"] else "when it next runs"
+        act = {"rotate": f"the supervisor rotates the context {when}",
+               "fresh": f"the supervisor starts a fresh generation {when}",
+               }.get(ceiling["on_ceiling"], "run `coordinator rotate` or `coordinator rotate --fresh`")
+        click.echo(f"warning: at the ceiling of {ceiling['ceiling']:,} hot tokens; on_ceiling is "
+                   f"{ceiling['on_ceiling']}: {act}", err=True)
 
 
 @cli.command()

@@ -244,6 +244,9 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
                                "mode": sup.ledger.mode(sup.config.budget.bands)}
         if change:
             out["mode_change"] = list(change)
+        if out["hot_tokens"] >= sup.config.budget.ceiling:
+            out["at_ceiling"] = {"ceiling": sup.config.budget.ceiling, "on_ceiling": sup.config.budget.on_ceiling,
+                                 "supervisor_running": not sup.offline}
         return out
     raise UsageError(f"unknown request {action!r}")
 

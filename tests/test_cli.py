@@ -1160,3 +1160,10 @@ def _another_user_sends_into(root: Path) -> None:
     assert done.stderr.endswith(": run it as the user who owns the workspace (or give this user access to it)\n")
     assert "internal error" not in done.stderr and len(done.stderr.splitlines()) == 1
     assert os.listdir(root / "inbox" / "chip") == []
+
+
+def test_budget_add_that_reaches_the_ceiling_says_what_happens_next(ws: Path) -> None:
+    added = run("-w", ws, "budget", "add", "7500")
+    assert added.exit_code == 0 and added.stdout == "7,500 hot tokens, mode drift\n"
+    assert added.stderr.splitlines()[-1] == ("warning: at the ceiling of 7,000 hot tokens; on_ceiling is rotate: "
+                                             "the supervisor rotates the context when it next runs")
