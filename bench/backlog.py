@@ -129,7 +129,7 @@ def _commit_cost(root: Path, count: int) -> float:
     store, repo = Store(state), audit.StateRepo(state)
     ids = sorted(store.load_all())[:count]
     spans = []
-    durable.open_journal()
+    durable.open_journal(state)
     try:
         for oid in ids:
             rec = store.load(oid)
@@ -138,10 +138,10 @@ def _commit_cost(root: Path, count: int) -> float:
             store.save(rec, sync=False)
             repo.stage(audit.SUPERVISOR, f"{oid} {rec.to}: touched by the benchmark")
             durable.sync_fs(state)
-            repo.flush(durable.take_journal())
+            repo.flush(durable.take_journal(state))
             spans.append(time.perf_counter() - t0)
     finally:
-        durable.close_journal()
+        durable.close_journal(state)
     return median(spans)
 
 

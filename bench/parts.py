@@ -186,7 +186,7 @@ def _transitions(state: Path, repo: audit.StateRepo, n: int, per_commit: int, fi
     for oid in oids:
         (state / "orders" / oid).mkdir(parents=True, exist_ok=True)
     committing = 0.0
-    durable.open_journal()
+    durable.open_journal(state)
     try:
         t0 = time.perf_counter()
         for k, oid in enumerate(oids, 1):
@@ -195,11 +195,11 @@ def _transitions(state: Path, repo: audit.StateRepo, n: int, per_commit: int, fi
             if k % per_commit == 0 or k == n:
                 c0 = time.perf_counter()
                 durable.sync_fs(state)  # the supervisor's _flush: one sync, then the commit
-                repo.flush(durable.take_journal())
+                repo.flush(durable.take_journal(state))
                 committing += time.perf_counter() - c0
         return time.perf_counter() - t0, committing
     finally:
-        durable.close_journal()
+        durable.close_journal(state)
 
 
 def state_commits(sizes: Sizes) -> list[Figure]:

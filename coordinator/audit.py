@@ -299,11 +299,11 @@ class StateRepo:
         if kinds["gone"]:
             spec.write_bytes("\0".join(kinds["gone"]).encode())
             self.git("rm", "-r", "-q", "--cached", "--ignore-unmatch", f"--pathspec-from-file={spec}",
-                     "--pathspec-file-nul")
+                     "--pathspec-file-nul", literal=True)
         folders = kinds["folder"] + [r for r in kinds["file"] if _ignored(r)]
         if folders:
             spec.write_bytes("\0".join(folders).encode())
-            self.git(*packed(), "add", "-A", f"--pathspec-from-file={spec}", "--pathspec-file-nul")
+            self.git(*packed(), "add", "-A", f"--pathspec-from-file={spec}", "--pathspec-file-nul", literal=True)
 
     def commit_now(self, actor: str, line: str) -> None:
         self.stage(actor, line)
@@ -340,7 +340,7 @@ class StateRepo:
             shown = ", ".join(mine[:5]) + (f" and {len(mine) - 5} more" if len(mine) > 5 else "")
             spec = self.path / ".git" / "coordinator-pathspec"
             spec.write_bytes("\0".join(mine).encode("utf-8", "surrogateescape"))
-            self.git("add", "-A", f"--pathspec-from-file={spec}", "--pathspec-file-nul")
+            self.git("add", "-A", f"--pathspec-from-file={spec}", "--pathspec-file-nul", literal=True)
             self.git("commit", "-q", "--no-verify", "--allow-empty", "-m",
                      f"recovery: commit state written before a crash\n\n{shown}")
         self.mine = self.head()
@@ -372,23 +372,26 @@ class StateRepo:
         return [line for _, line in missing]
 
     def restore(self, paths: list[str]) -> None:
-        """Put hand-made changes back as the last commit has them (tamper watch)."""
+        """Put hand-made changes back as the last commit has them (tamper watch). Each path is
+        itself, never a pattern: a file named `orders/*` by hand must not put back every order."""
         for p in paths:
-            tracked = self.git("ls-files", "--", p).strip()
+            tracked = self.git("ls-files", "--", p, literal=True).strip()
             if tracked:
-                self.git("checkout", "HEAD", "--", p)
+                self.git("checkout", "HEAD", "--", p, literal=True)
             else:
                 with contextlib.suppress(OSError):
                     (self.path / p).unlink()
 
     def git(self, *args: str, actor: str = SUPERVISOR, stdin: BinaryIO | None = None,
-            optional_locks: bool = True) -> str:
+            optional_locks: bool = True, literal: bool = False) -> str:
         """Run git in state/. A lock another git holds (a `git status` refreshing the index,
         `audit verify` beside the supervisor) is waited for, up to LOCK_WAIT seconds; then a
         lock no live git holds is cleared, once."""
         env = trusted_env(actor)
         if not optional_locks:
             env["GIT_OPTIONAL_LOCKS"] = "0"  # a read that must not take the index lock from a writer
+        if literal:
+            env["GIT_LITERAL_PATHSPECS"] = "1"  # paths as they are: `*`, `?` and `[` are no patterns
         end = time.monotonic() + LOCK_WAIT
         delay, cleared = 0.005, False
         while True:

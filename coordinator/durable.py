@@ -69,88 +69,104 @@ def _rename(src: Path | str, dst: Path | str, *, replace: bool) -> None:
     if not ends:
         rename(src, dst)
         return
+    waited = False
     with _BUSY:
         while _busy and any(_is_busy(p) for p in ends):
             _BUSY.wait()
+            waited = True
         rename(src, dst)
+    if waited:  # the rename (and the file's change time) came later than its note said
+        note(dst)
 
 # The supervisor commits exactly the paths it wrote, so that a hand edit in state/
-# is never swept into its commits; every write here is noted while a journal is open.
-# With a journal file, each path under its root is also appended there, with the time,
-# before it is written: after a crash, what is changed in state/ and not in the file (or
-# changed after the time the file gives) was not the supervisor's doing.
-_journal: set[str] | None = None
-_journal_files: dict[str, tuple[int, str]] = {}  # root with a trailing / -> (fd, file); one per supervisor
+# is never swept into its commits; every write under a journaled root (state/) is noted.
+# With a journal file, each path is also appended there, with the time, before it is
+# written: after a crash, what is changed in state/ and not in the file (or changed after
+# the time the file gives) was not the supervisor's doing. One journal per root: two
+# supervisors in one process (tests) never take each other's paths.
 JOURNAL_SLACK_NS = 2_000_000_000  # a file changed this long after its noted write is another's change
 
 
-def open_journal(file: Path | None = None, *, root: Path | None = None) -> None:
-    """Journal the paths written from now on; with `file`, those under `root` go there too
-    (appended: what a crash left in it stays until `compact_journal`)."""
-    global _journal
-    if _journal is None:
-        _journal = set()
-    if file is not None and root is not None:
-        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        _journal_files[os.path.join(os.path.abspath(root), "")] = (fd, os.fspath(file))
+class _Journal:
+    def __init__(self, file: Path | None) -> None:
+        self.paths: set[str] = set()
+        self.file = os.fspath(file) if file is not None else None
+        self.fd = (os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+                   if file is not None else None)
 
 
-def take_journal() -> set[str]:
-    """The paths written since the last call (and keep journaling)."""
-    global _journal
-    taken, _journal = (_journal or set()), (set() if _journal is not None else None)
+_journals: dict[str, _Journal] = {}  # root with a trailing / -> its journal
+
+
+def _prefix(root: Path) -> str:
+    return os.path.join(os.path.abspath(root), "")
+
+
+def open_journal(root: Path, file: Path | None = None) -> None:
+    """Journal the paths written under `root` from now on; with `file`, there too (appended:
+    what a crash left in it stays until `compact_journal`)."""
+    _journals[_prefix(root)] = _Journal(file)
+
+
+def take_journal(root: Path) -> set[str]:
+    """The paths written under `root` since the last call (and keep journaling)."""
+    journal = _journals.get(_prefix(root))
+    if journal is None:
+        return set()
+    taken, journal.paths = journal.paths, set()
     return taken
 
 
-def peek_journal() -> set[str]:
-    return set(_journal or ())
+def peek_journal(root: Path) -> set[str]:
+    journal = _journals.get(_prefix(root))
+    return set(journal.paths) if journal is not None else set()
 
 
 def compact_journal(root: Path) -> None:
-    """Everything taken from the journal is committed: `root`'s file keeps only what is not
+    """Everything taken from `root`'s journal is committed: its file keeps only what is not
     yet (replaced whole, so a crash part-way leaves the old, longer file)."""
-    prefix = os.path.join(os.path.abspath(root), "")
-    if prefix not in _journal_files:
+    prefix = _prefix(root)
+    journal = _journals.get(prefix)
+    if journal is None or journal.file is None or journal.fd is None:
         return
-    fd, file = _journal_files[prefix]
     now = time.time_ns()
-    lines = "".join(f"{now} {p[len(prefix):]}\n" for p in sorted(_journal or ()) if p.startswith(prefix))
-    tmp = f"{file}.new"
+    lines = "".join(f"{now} {p[len(prefix):]}\n" for p in sorted(journal.paths))
+    tmp = f"{journal.file}.new"
     with open(tmp, "wb") as f:
         f.write(lines.encode("utf-8", "surrogateescape"))
-    os.replace(tmp, file)
-    os.close(fd)
-    _journal_files[prefix] = (os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC), file)
+    os.replace(tmp, journal.file)
+    os.close(journal.fd)
+    journal.fd = os.open(journal.file, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
 
-def close_journal(root: Path | None = None, *, committed: bool = False) -> None:
-    """Stop journaling (for `root`'s supervisor: the others in this process go on);
-    `committed`: everything it noted is committed, so its file goes too."""
-    global _journal
-    if root is not None:
-        entry = _journal_files.pop(os.path.join(os.path.abspath(root), ""), None)
-        if entry is not None:
-            os.close(entry[0])
-            if committed:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry[1])
-    if root is None or not _journal_files:
-        _journal = None
+def close_journal(root: Path, *, committed: bool = False) -> None:
+    """Stop journaling under `root`; `committed`: everything noted is committed, so its file
+    goes too."""
+    journal = _journals.pop(_prefix(root), None)
+    if journal is None or journal.fd is None:
+        return
+    os.close(journal.fd)
+    if committed and journal.file is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(journal.file)
 
 
 def read_journal(file: Path) -> dict[str, int] | None:
     """What a journal file says was written: path (relative to its root) -> latest time in ns;
-    None when there is no file (nothing was journaled there)."""
+    None when there is no file, or none that can be read (nothing is known of the writes)."""
     try:
         raw = file.read_bytes()
-    except FileNotFoundError:
+    except OSError:
         return None
     found: dict[str, int] = {}
-    for line in raw.decode("utf-8", "surrogateescape").splitlines():
+    lines = raw.decode("utf-8", "surrogateescape").split("\n")
+    for n, line in enumerate(lines):
         when, _, path = line.partition(" ")
-        if when.isdigit() and path:  # a line a crash cut short has no path, or no newline
+        if path and when.isascii() and when.isdigit():
             found[path] = max(found.get(path, 0), int(when))
-    return found
+        elif line and n < len(lines) - 1:
+            return None  # not a journal this code wrote: nothing is known from it
+    return found  # (a last line a crash cut short is skipped)
 
 
 def written_by_journal(rel: str, root: Path, written: dict[str, int]) -> bool:
@@ -175,12 +191,14 @@ def written_by_journal(rel: str, root: Path, written: dict[str, int]) -> bool:
 def note(path: Path | str) -> None:
     """Record a path about to be written or removed (call it before, so that the journal
     file never misses a write a crash cut off)."""
-    if _journal is not None:
-        p = os.fspath(path)
-        _journal.add(p)
-        for prefix, (fd, _) in _journal_files.items():
-            if p.startswith(prefix):
-                os.write(fd, f"{time.time_ns()} {p[len(prefix):]}\n".encode("utf-8", "surrogateescape"))
+    if not _journals:
+        return
+    p = os.fspath(path)
+    for prefix, journal in _journals.items():
+        if p.startswith(prefix):
+            journal.paths.add(p)
+            if journal.fd is not None:
+                os.write(journal.fd, f"{time.time_ns()} {p[len(prefix):]}\n".encode("utf-8", "surrogateescape"))
 
 
 def fsync_dir(folder: Path) -> None:

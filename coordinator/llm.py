@@ -21,12 +21,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import logging
 import math
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -153,11 +155,18 @@ class Client:
         self._stopped = threading.Event()
         self._why_stopped = ""
         self.deadline: float | None = None
+        self._stream: Any = None  # the connection of the call under way (for `stop` to shut)
 
     def stop(self, why: str) -> None:
-        """End this client's calls: the one under way at its next chunk, and no more after it."""
+        """End this client's calls: the one under way now (its connection is shut, so even a
+        model still thinking, with nothing sent yet, lets go at once), and no more after it."""
         self._why_stopped = why
         self._stopped.set()
+        stream = self._stream
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def __repr__(self) -> str:
         models = ", ".join(e.model for e in self.settings.chain)
@@ -242,6 +251,10 @@ class Client:
                                   self._clock() - started, 0.0), made)
                 raise
             except _Failure as f:
+                if self._stopped.is_set():  # the connection broke because `stop` shut it
+                    self._record(Call(endpoint.model, endpoint.base_url, None, self._why_stopped, None,
+                                      self._clock() - started, 0.0), made)
+                    raise LLMError(self._why_stopped) from None
                 call = Call(endpoint.model, endpoint.base_url, f.status, f.text, None,
                             self._clock() - started, 0.0)
                 self._record(call, made)
@@ -332,12 +345,19 @@ class Client:
                 raise LLMError("the order's timeout ran out before the model was asked")
             timeout = min(timeout, left)
         chunks: list[bytes] = []
-        with http.stream("POST", url, json=body, headers=headers, timeout=httpx.Timeout(timeout)) as response:
+
+        def trace(event: str, info: dict[str, Any]) -> None:
+            if event == "connection.connect_tcp.complete":
+                self._stream = info.get("return_value")
+                if self._stopped.is_set():  # stopped while it connected
+                    self.stop(self._why_stopped)
+
+        with http.stream("POST", url, json=body, headers=headers, timeout=httpx.Timeout(timeout),
+                         extensions={"trace": trace}) as response:
             for chunk in response.iter_bytes():
                 chunks.append(chunk)
-                ended = self._stopped.is_set() or (self.deadline is not None and self._clock() > self.deadline)
-                if ended and not _whole_json(chunks):  # an answer that is all there is is kept: it was paid for
-                    self._check_stop()
+                self._check_cut(chunks)
+        self._check_cut(chunks)  # a stop that shut the connection ends the answer early, not whole
         # Decoded already (gzip and the like): the whole answer, as a plain response.
         kept = [(k, v) for k, v in response.headers.multi_items()
                 if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
@@ -345,6 +365,13 @@ class Client:
                               request=response.request)
 
     # -- helpers ------------------------------------------------------------
+
+    def _check_cut(self, chunks: list[bytes]) -> None:
+        """Raise the stop's reason once the attempt has ended, unless the answer is all there
+        (a whole answer is kept: it was paid for)."""
+        ended = self._stopped.is_set() or (self.deadline is not None and self._clock() > self.deadline)
+        if ended and not _whole_json(chunks):
+            self._check_stop()
 
     def _check_stop(self) -> None:
         if self._stopped.is_set():

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import durable, verify
+from . import audit, durable, verify
 from .errors import CoordinatorError
 
 if TYPE_CHECKING:
@@ -58,7 +58,10 @@ def recover(sup: Supervisor, crashed: bool, written: dict[str, int] | None = Non
     for folder in sup.store.unrecorded():
         original = next(iter(folder.glob("original.*")), None)
         if original is None:
+            durable.note(folder)
             shutil.rmtree(folder, ignore_errors=True)
+            sup.audit.stage(audit.SUPERVISOR, f"recovery: removed orders/{folder.name}/, which a crash left "
+                                              "before its order moved in")
             continue
         agent = _agent_from_original(sup, folder)
         try:

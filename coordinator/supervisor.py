@@ -129,7 +129,7 @@ class Supervisor:
         crashed = marker.exists()
         # What the crashed supervisor wrote and did not commit, as it noted before each write.
         written = durable.read_journal(self._journal_file) if crashed else None
-        durable.open_journal(self._journal_file, root=ws.state)
+        durable.open_journal(ws.state, self._journal_file)
         durable.guard(ws.state)
         if not crashed:  # a command served with no supervisor running too: never commits a hand edit
             verify.watch_state(self)
@@ -775,7 +775,7 @@ class Supervisor:
         while self.audit.notes:  # the committer thread's, e.g. a roll-up of packs that failed
             self.say(self.audit.notes.pop(0))
         self._write_state()
-        batch = self.audit.take(durable.take_journal()) if self.audit.pending else None
+        batch = self.audit.take(durable.take_journal(self.ws.state)) if self.audit.pending else None
         if background and batch is not None:
             if self._committer is None:
                 self._committer = audit.Committer(self.audit, before=lambda: durable.sync_fs(self.ws.state))

@@ -638,3 +638,61 @@ def test_a_note_with_a_newline_cannot_forge_a_transition_in_the_trail(make_ws):
     subject = git(ws.state, "log", "-1", "--format=%B").strip()
     assert subject == "budget walt: +1 manual (read victim chip: blocked -> done [31mred)"
     assert StateRepo(ws.state).entries("victim") == []
+
+
+def test_a_hand_made_file_named_like_a_pattern_puts_back_only_itself(make_ws):
+    """`orders/*` made by hand after a crash is removed; the supervisor's own uncommitted write
+    of a record beside it is committed, not put back with it."""
+    from test_recovery import abandon
+
+    from coordinator import durable
+
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    run(ws)
+    sup = Supervisor(ws)
+    sup.open()
+    record = Store(ws.state).record_path("a")
+    durable.write_text(record, record.read_text().replace('"done"', '"halted"'))  # its own, not committed
+    abandon(sup)
+    (ws.state / "orders" / "*").write_text("by hand")
+    run(ws)
+    assert '"halted"' in record.read_text() and not (ws.state / "orders" / "*").exists()
+    silent = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert len(silent) == 1 and silent[0].endswith("(restored from git): orders/*")
+    assert git(ws.state, "status", "--porcelain") == ""
+
+
+def test_an_order_folder_a_crash_left_half_made_is_removed_without_a_false_signal(make_ws):
+    from test_recovery import abandon
+
+    from coordinator import durable
+
+    ws = team(make_ws)
+    run(ws)
+    sup = Supervisor(ws)
+    sup.open()
+    (ws.state / "orders" / "zz").mkdir()
+    durable.write_json(ws.state / "orders" / "zz" / "intake.json", {"to": "chip"}, sync=False)
+    abandon(sup)  # killed before the original moved in
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=10)
+        verify.watch_state(sup)
+    assert not (ws.state / "orders" / "zz").exists()
+    assert [s for s in signals.load(ws.state) if s.kind == "silent"] == []
+    assert git(ws.state, "status", "--porcelain") == ""
+
+
+@pytest.mark.parametrize("journal", ["\u00b2 orders/x\n", "garbage\nmore garbage\n"])
+def test_a_journal_that_cannot_be_read_is_no_journal(make_ws, journal):
+    """A start after a crash with a journal this code did not write commits what it finds, as
+    before there was a journal: nothing is put back on no evidence."""
+    ws = team(make_ws)
+    run(ws)
+    (ws.runtime / "running").touch()
+    (ws.runtime / "state-journal").write_text(journal)
+    record = ws.state / "orders" / "extra.json"
+    record.write_text("{}\n")
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=10)
+    assert record.exists() and git(ws.state, "status", "--porcelain") == ""

@@ -222,7 +222,7 @@ def test_an_order_cancelled_while_its_model_thinks_lands_nothing_but_its_call_is
     assert rec.status == "cancelled"
     assert git(ws.repos / "webapp", "rev-parse", "main") == head
     assert not (ws.repos / "webapp" / "src" / "greeting.py").exists()
-    assert [u["status"] for u in rec.usage] == [200]  # the answer came too late, but it was paid for
+    assert [(u["status"], u["error"]) for u in rec.usage] == [(None, "cancelled")]  # asked, then let go
 
 
 # -- the orchestrator ---------------------------------------------------------------------------------
@@ -720,3 +720,28 @@ def test_a_model_that_trickles_its_answer_is_stopped_by_the_orders_timeout_or_a_
         assert rec.status == "blocked"
         assert "did not answer within the order's timeout" in rec.report["summary"], rec.report
         assert [u["status"] for u in rec.usage] == [None]  # cut at the deadline, never retried
+
+
+def test_a_cancel_lets_go_of_a_model_still_thinking_and_frees_the_agents_slot(make_ws, fake):
+    """A server that sends nothing for 30 s (a model thinking, no streaming): a cancel ends
+    the call at once, and the next order of the agent starts."""
+    import time
+
+    ws = make_ws({"chip": coder(fake, max_parallel=1)})
+    fake.script(content=reply(write("webapp/src/greeting.py")), delay=30)
+    fake.script(content=reply(write("webapp/src/greeting.py")))
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",)))
+    with Supervisor(ws) as sup:
+        for _ in range(10_000):
+            if "g" in sup.records and sup.records["g"].status == "running":
+                break
+            sup.step()
+        wait_until(lambda: len(fake.requests) == 1, "the model to be asked")
+        drop(ws, "chip", "h.md", order_md("The app says hello", id="h", files=("webapp/src/**",)))
+        started = time.monotonic()
+        sup.handle("cancel", {"id": "g"})
+        sup.run_once(limit=25)
+        took = time.monotonic() - started
+    assert took < 10, took  # not the 30 s the model would think
+    assert load(ws, "g").status == "cancelled" and load(ws, "h").status == "done"
+    assert [(u["status"], u["error"]) for u in load(ws, "g").usage] == [(None, "cancelled")]
