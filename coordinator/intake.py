@@ -353,9 +353,11 @@ def _subfolders(root: Path) -> list[Path]:
     return []
 
 
-def waiting_orders(inbox_root: Path, intake_dir: Path) -> Waiting:
-    """What every order waiting in an inbox, or claimed and not yet filed, says of its id."""
-    return Waiting().note_all(_subfolders(inbox_root) + _subfolders(intake_dir))
+def waiting_orders(inbox_root: Path, intake_dir: Path, agents: Iterable[str]) -> Waiting:
+    """What every order waiting in an agent's inbox, or claimed and not yet filed, says of its
+    id (an inbox folder of no agent is never taken in: what waits there counts for nothing)."""
+    names = list(agents)
+    return Waiting().note_all([inbox_root / a for a in names] + [intake_dir / a for a in names])
 
 
 class _AwaitedHistory:

@@ -64,7 +64,7 @@ class _Sent(History):
         if found is None:
             # Not named after it, but declaring it (`id: zz` in a file copied in by hand).
             if self._declared is None:
-                self._declared = waiting_orders(self.ws.inbox_root, Store(self.ws.state).intake_dir).declared
+                self._declared = waiting_orders(self.ws.inbox_root, Store(self.ws.state).intake_dir, self.ws.config.agents).declared
             found = self._declared.get(order_id)
         if found is None or (self.itself is not None and _same(found, self.itself)):
             return None
@@ -226,7 +226,7 @@ def reserve_id(ws: Workspace) -> str:
         for entry in os.scandir(folder):
             top = max(top, orders_id_number(entry.name))
     # An id an order waiting in an inbox names for itself is its, though not yet taken in.
-    named = waiting_orders(ws.inbox_root, store.intake_dir).numbers
+    named = waiting_orders(ws.inbox_root, store.intake_dir, ws.config.agents).numbers
     n = top + 1
     while True:
         candidate = f"WO-{n:04d}"

@@ -28,7 +28,7 @@ from typing import Any
 from . import audit, budget, control, durable, recovery, reports, runner, signals, verify
 from .attempts import AttemptRunner
 from .errors import CoordinatorError, StateError, SupervisorError
-from .intake import Intake
+from .intake import Intake, waiting_orders
 from .orders import PRIORITY_RANK, WorkOrder
 from .spawner import Spawner
 from .store import (
@@ -139,6 +139,8 @@ class Supervisor:
             self._index(rec)
         self.intake = Intake(self.store, self.config, self.records, self.history, rel=ws.rel,
                              ids_dir=ws.runtime / "ids", repos_dir=ws.repos, clock=self.clock)
+        # Before recovery files what a crash left claimed: no id goes to one an inbox file names.
+        self.intake.waiting = waiting_orders(ws.inbox_root, self.store.intake_dir, self.config.agents)
         self.ledger = budget.Ledger.load(ws.state)
         if self._spawner is None and not self.offline:
             self._spawner = Spawner(gate_only_ok=not _landlock_available())
@@ -257,6 +259,7 @@ class Supervisor:
             self._watch_config()
             verify.watch_state(self)
             verify.watch_repos(self)
+            self._block_orphaned_waits()
             self._flush()
         return progress
 
@@ -283,6 +286,8 @@ class Supervisor:
                 self.say("stopped: nothing running")
                 return
             if not self.attempts.active and not self._unsettled and not self._inbox_has_files():
+                if self._block_orphaned_waits():
+                    continue
                 return
             if deadline is not None and time.monotonic() > deadline:
                 return
@@ -635,6 +640,28 @@ class Supervisor:
         follow = route_end(self.records, routed.id)
         if follow is not None and follow.terminal and follow is not routed:
             self._release_dependents(follow)  # the follow-up ended at once (rejected at intake)
+
+    def _block_orphaned_waits(self) -> bool:
+        """Block each waiting order whose dependency is an id no order has and no file waiting
+        to be taken in declares any more (that file was filed under another id, or removed):
+        nothing would ever release it. The files are read again only when such an order
+        exists, and what was remembered of files gone is dropped with it. True if any."""
+        orphans = [r for r in self.records.values() if r.status == "waiting"
+                   and any(not self.history.exists(d) for d in r.blocked_by)]  # a blocker may be text
+        if not orphans:
+            return False
+        self.intake.waiting = waiting_orders(self.ws.inbox_root, self.store.intake_dir, self.config.agents)
+        blocked = False
+        for rec in sorted(orphans, key=lambda r: r.seq):
+            gone = [d for d in rec.blocked_by
+                    if not self.history.exists(d) and d not in self.intake.waiting.declared]
+            if gone and rec.status == "waiting":
+                why = (f"{gone[0]} is no order: the file that named it was taken in under another id, "
+                       "or is gone; send this again with blocked_by fixed")
+                rec.report = {"summary": f"dependency {why}"}
+                self.move(rec, "blocked", audit.SUPERVISOR, note=f"{gone[0]} is no order")
+                blocked = True
+        return blocked
 
     def _block_on(self, rec: Record, named: str, last: Record) -> None:
         """Block `rec`: its dependency `named` ended (at the end of its route, `last`) undone."""

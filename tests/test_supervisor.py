@@ -963,3 +963,40 @@ def test_an_order_waiting_on_one_that_is_then_rejected_is_blocked_not_left_waiti
     records = Store(ws.state).load_all()
     assert {r.objective: r.status for r in records.values()} == {"The footer exists": "blocked",
                                                                  "The header exists": "rejected"}
+
+
+@pytest.mark.parametrize("declarer", ["broken", "in a comment", "taken back"])
+def test_an_order_waiting_on_an_id_no_order_ends_up_having_is_blocked_not_left_waiting(make_ws, declarer):
+    """An order may wait on an id a file still in an inbox declares; when that file turns out
+    not to be that order (unreadable, the id only in a comment, taken back before intake),
+    the waiting order is blocked with the reason, never left waiting forever."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("true"), "writes": ["webapp/src/**"]}})
+    a = drop(ws, "chip", "a.md", order_md("The footer exists", id="a", blocked_by=["zz"]))
+    past = time.time() - 60
+    os.utime(a, (past, past))  # taken in first
+    with Supervisor(ws) as sup:
+        if declarer == "broken":
+            drop(ws, "chip", "b.md", "---\nid: zz\nobjective: [unclosed\n---\n**Objective:** x\n")
+        elif declarer == "in a comment":
+            drop(ws, "chip", "b.md", "<!-- kept for later:\nid: zz\n-->\n" + order_md("The header exists"))
+        else:
+            b = drop(ws, "chip", "b.md", order_md("The header exists", id="zz"))
+            sup.intake.note_waiting(b)  # seen in the inbox, then taken back before it was claimed
+            b.unlink()
+        sup.run_once(limit=20)
+    rec = Store(ws.state).load("a")
+    assert rec.status == "blocked", rec.status
+    assert rec.report["summary"].startswith("dependency zz is no order: the file that named it")
+
+
+def test_an_order_a_crash_left_claimed_never_takes_an_id_an_inbox_file_names(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("true"), "writes": ["webapp/src/**"]}})
+    claimed = ws.state / "intake" / "chip"
+    claimed.mkdir(parents=True, exist_ok=True)
+    (claimed / f"{time.time_ns():020d}-a.md").write_text(order_md("The footer exists"))  # no id of its own
+    drop(ws, "chip", "b.md", order_md("The header exists", id="WO-0001"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=20)
+    by_objective = {r.objective: (r.id, r.status) for r in Store(ws.state).load_all().values()}
+    assert by_objective["The header exists"] == ("WO-0001", "done")
+    assert by_objective["The footer exists"][1] == "done" and by_objective["The footer exists"][0] != "WO-0001"
