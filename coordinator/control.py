@@ -136,12 +136,11 @@ def _serve_offline(ws: Workspace, action: str, args: dict[str, Any]) -> dict[str
     from .supervisor import Supervisor
     from .watcher import NullWatcher
 
-    said: list[str] = []
     # Opening the workspace puts back what was changed by hand (a signal, said to the user too).
-    with Supervisor(ws, watcher=NullWatcher(), offline=True, log=said.append) as sup:
+    with Supervisor(ws, watcher=NullWatcher(), offline=True) as sup:
         result = sup.handle(action, args)
         sup.step_commit()
-    notes = [line[len("signal "):] for line in said if line.startswith("signal ")]
+    notes = sup.signals_told
     return {**result, "notes": notes} if notes else result
 
 

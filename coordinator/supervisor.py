@@ -102,6 +102,7 @@ class Supervisor:
         self._waiting_on: dict[str, set[str]] = {}
         self.offline = offline  # a CLI serving one request while no supervisor runs: never spawns
         self._at_ceiling: tuple[int, int, int, int] | None = None  # the ledger when the ceiling was last answered
+        self.signals_told: list[str] = []  # the signals recorded since it opened, as said
 
     # -- life cycle -----------------------------------------------------------------------------
     def __enter__(self) -> Supervisor:
@@ -760,7 +761,9 @@ class Supervisor:
     def signal(self, kind: str, *, agent: str | None, order: str | None, evidence: str) -> None:
         signals.record(self.ws.state, kind, agent=agent, order=order, evidence=evidence,
                        now=datetime.now(UTC))
-        self.say(f"signal {kind}: {' '.join(x for x in (agent or '-', order) if x)} {evidence}")
+        told = f"{kind}: {' '.join(x for x in (agent or '-', order) if x)} {evidence}"
+        self.signals_told.append(told)
+        self.say(f"signal {told}")
         self.audit.stage(audit.SUPERVISOR, f"signal {kind}: {order or '-'} {agent or '-'}: {evidence[:160]}")
 
     # -- requests from the CLI -------------------------------------------------------------------------
