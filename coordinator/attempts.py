@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -570,8 +571,11 @@ class AttemptRunner:
     def _deliver_outbox(self, act: Active) -> None:
         """Work orders the specialist wrote into $COORD_OUTBOX, stamped with its name."""
         box = act.attempt.outbox
-        if box.is_symlink() or not box.is_dir():
-            return  # replaced by a link: nothing is taken from wherever it points
+        try:
+            if not stat.S_ISDIR(os.lstat(box).st_mode):
+                return  # replaced by a link: nothing is taken from wherever it points
+        except OSError:
+            return
         found: list[Path] = []
         # An explicit stack and a depth limit, not os.walk: that recurses, and the specialist
         # chose how deep its outbox goes. Links are listed (and skipped below), never entered.

@@ -268,6 +268,35 @@ def dumps(data: Any) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
+def create(target: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `target` in place, created or truncated (not atomic, not synced: for
+    files nobody reads before the writer is done, like an attempt's brief)."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def read_fd(fd: int, limit: int, offset: int | None = None) -> bytes:
+    """Up to `limit` bytes of the open file `fd` (from `offset`; else from where it stands),
+    in as few reads as the file allows: no buffered file object around it (its fstat, isatty
+    probe and seek are three more system calls per small file read on the hot path)."""
+    chunks: list[bytes] = []
+    left = limit
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 16)) if offset is None else os.pread(fd, min(left, 1 << 16), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+        if offset is not None:
+            offset += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def read_json(target: Path) -> Any:
     return json.loads(target.read_text("utf-8"))
 

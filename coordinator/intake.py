@@ -97,14 +97,19 @@ class Intake:
     def claim(self, path: Path, agent: str) -> Path | None:
         """Rename `path` out of the inbox; None when it vanished or another claimed it."""
         folder = self.store.intake_dir / agent
-        folder.mkdir(parents=True, exist_ok=True)
         dest = folder / f"{time.time_ns():020d}-{_short_name(path.name)}"
         if os.path.islink(path.parent):  # never through a linked inbox folder
             return None
         try:
             os.rename(path, dest)
         except FileNotFoundError:
-            return None
+            if not os.path.lexists(path):
+                return None
+            folder.mkdir(parents=True, exist_ok=True)  # the first claim for this agent
+            try:
+                os.rename(path, dest)
+            except FileNotFoundError:
+                return None
         return dest
 
     def claimed(self) -> list[tuple[Path, str]]:
@@ -404,8 +409,7 @@ def _read_capped(claimed: Path) -> tuple[bytes, int | None]:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):  # a FIFO, a folder
             return b"", None
-        with open(fd, "rb", closefd=False) as f:
-            return f.read(MAX_READ), st.st_size
+        return durable.read_fd(fd, MAX_READ), st.st_size
     finally:
         os.close(fd)
 

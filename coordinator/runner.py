@@ -124,15 +124,17 @@ def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -
     for old in (folder, logs):
         if old.exists():  # an earlier run of this attempt number (a crash): kept aside, start clean
             _set_aside(old)
-    # Parents first, one mkdir each: this is on the drop-to-spawn path.
-    _mkdirs(folder.parent.parent, folder.parent, logs.parent.parent, logs.parent)
+    # One mkdir each (attempts/ and logs/ are there but after a hand clean-up): this is on the
+    # drop-to-spawn path.
+    _mkdir_under(folder.parent)
+    _mkdir_under(logs.parent)
     if not _take_spare(ws, folder, logs):
         _mkdirs(folder, folder / "outbox", folder / "tmp", folder / "scratch", logs)
     repo = order.repo
     workdir = work_folder(ws, order.id) / repo if repo else folder / "scratch"
     attempt = Attempt(order.id, number, folder, workdir, repo)
-    attempt.order_file.write_text(durable.dumps(order.to_dict()), encoding="utf-8", errors="backslashreplace")
-    attempt.brief.write_text(brief_text(order, number, failures), encoding="utf-8", errors="backslashreplace")
+    durable.create(attempt.order_file, durable.dumps(order.to_dict()).encode("utf-8", "backslashreplace"))
+    durable.create(attempt.brief, brief_text(order, number, failures).encode("utf-8", "backslashreplace"))
     return attempt
 
 
@@ -151,23 +153,39 @@ def _set_aside(folder: Path) -> Path:
             k += 1
 
 
+# The keys of the complete spares, per spare folder, as this process made and took them: the
+# folder is listed once, not twice per attempt. Only the supervisor (one per workspace) makes
+# and takes spares; a key whose folders went meanwhile is skipped when taken.
+_pool: dict[Path, list[str]] = {}
+
+
+def _known(spare: Path) -> list[str]:
+    if spare not in _pool:
+        _pool[spare] = sorted(_spares(spare))
+    return _pool[spare]
+
+
 def make_spares(ws: Workspace, count: int = SPARES) -> int:
     """Make empty attempt folders (outbox/, tmp/, scratch/) and log folders ahead of time,
     each complete before it is renamed into the pool; returns how many were made."""
     spare = ws.runtime / "spare"
+    pool = _known(spare)
     made = 0
-    have = len(_spares(spare))
-    if have >= count:
-        return 0
-    _mkdirs(spare)
-    for _ in range(count - have):
+    while len(pool) < count:
         # The attempt folder is built under a temp name; the log folder is empty, its mkdir is
         # whole. No staging folder around both: every folder made and removed for nothing
         # slows each later mkdir on an ext4 without a journal (see bench/harness.py run_dir).
         key = f"{os.getpid()}-{time.monotonic_ns()}"
         new = spare / f".new-attempt-{key}"
-        _mkdirs(spare / f"log-{key}", new, new / "outbox", new / "tmp", new / "scratch")
+        try:
+            os.mkdir(spare / f"log-{key}")
+        except FileNotFoundError:  # the first spare, or the folder was cleaned away by hand
+            os.makedirs(spare, exist_ok=True)
+            pool[:] = sorted(_spares(spare))
+            continue
+        _mkdirs(new, new / "outbox", new / "tmp", new / "scratch")
         os.rename(new, spare / f"attempt-{key}")
+        pool.append(key)
         made += 1
     return made
 
@@ -180,6 +198,7 @@ def clear_spares(ws: Workspace) -> None:
         for entry in os.scandir(spare):
             if entry.name.partition("-")[2] not in keep:
                 shutil.rmtree(entry.path, ignore_errors=True)
+    _pool[spare] = sorted(keep)
 
 
 def _spares(spare: Path) -> list[str]:
@@ -193,7 +212,9 @@ def _spares(spare: Path) -> list[str]:
 
 def _take_spare(ws: Workspace, folder: Path, logs: Path) -> bool:
     spare = ws.runtime / "spare"
-    for key in _spares(spare):
+    pool = _known(spare)
+    while pool:
+        key = pool.pop(0)
         try:
             os.rename(spare / f"log-{key}", logs)
         except OSError:
@@ -211,6 +232,16 @@ def _mkdirs(*folders: Path) -> None:
     for folder in folders:
         with contextlib.suppress(FileExistsError):
             os.mkdir(folder)
+
+
+def _mkdir_under(folder: Path) -> None:
+    """`folder`, made in one system call when its parent is there (it nearly always is)."""
+    try:
+        os.mkdir(folder)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(folder, exist_ok=True)
 
 
 def brief_text(order: WorkOrder, number: int, failures: list[str]) -> str:
@@ -388,15 +419,7 @@ def read_untrusted(path: Path, limit: int) -> bytes | None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        chunks: list[bytes] = []
-        left = limit + 1
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 16))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
+        return durable.read_fd(fd, limit + 1)
     finally:
         os.close(fd)
 
@@ -404,13 +427,13 @@ def read_untrusted(path: Path, limit: int) -> bytes | None:
 def tail(path: Path, limit: int = TAIL_BYTES) -> str:
     """The last `limit` bytes of a log, decoded leniently."""
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - limit))
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return ""
+    try:  # four system calls: this is read after every attempt
+        data = durable.read_fd(fd, limit, max(0, os.fstat(fd).st_size - limit))
+    finally:
+        os.close(fd)
     # Control characters (a NUL, a colour code's ESC) go: the tail is quoted in briefs, notes
     # and commit messages, and a NUL in a command's argument cannot be passed at all.
     return _CONTROL.sub("", data.decode("utf-8", "replace")).strip()

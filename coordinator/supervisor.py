@@ -443,7 +443,8 @@ class Supervisor:
             claimed = self.intake.claim(path, agent)
             if claimed is None:
                 continue
-            self.file_claimed(claimed, agent, shown=self.ws.rel(path))
+            # It was in the agent's inbox folder, which is no link (or the claim refuses it).
+            self.file_claimed(claimed, agent, shown=f"inbox/{agent}/{path.name}")
             filed += 1
         waiting.update(unsettled)
         return filed > 0

@@ -58,6 +58,26 @@ def test_clear_spares_drops_what_a_crash_left_half_made_and_keeps_whole_pairs(ma
     runner.clear_spares(ws)
     assert sorted(os.listdir(spare)) == sorted([whole, "log-" + whole.removeprefix("attempt-")])
 
+def test_spares_and_runtime_folders_removed_by_hand_are_made_again(make_ws):
+    """The pool of spares is remembered, not listed per attempt: a hand clean-up of
+    .coordinator/ while the supervisor runs must neither break the next attempt nor stop
+    spares being made."""
+    import shutil
+
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/true"]}})
+    assert runner.make_spares(ws, 2) == 2
+    shutil.rmtree(ws.runtime)
+    order = orders.load(order_md("Runs after a clean-up", id="cl-1").encode(), path="o.md", to="chip",
+                        config=ws.config, history=orders.EmptyHistory())
+    attempt = runner.prepare(ws, order, 1, [])
+    assert sorted(os.listdir(attempt.folder)) == ["brief.md", "order.json", "outbox", "scratch", "tmp"]
+    assert attempt.logs.is_dir()
+    assert runner.make_spares(ws, 2) == 2
+    assert sorted(n.split("-")[0] for n in os.listdir(ws.runtime / "spare")) == ["attempt", "attempt", "log", "log"]
+    taken = runner.prepare(ws, order, 2, ["the first failed"])
+    assert "the first failed" in taken.brief.read_text() and len(os.listdir(ws.runtime / "spare")) == 2
+
+
 
 def test_scratch_is_removed_after_the_attempt_when_the_specialist_left_files_in_it(make_ws):
     ws = make_ws({"chip": {"role": "specialist", "command": sh(
