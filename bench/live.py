@@ -301,7 +301,7 @@ def _throughput_figure(key: str, title: str, n: int, runs: list[tuple[float, flo
     bare_rate = median([n / bare for _, bare in runs])
     ratio = median(ratios)
     return Figure(
-        key, title, f"{rate:.1f} orders/s = {ratio:.0f}x bare spawn ({bare_rate:.0f}/s)",
+        key, title, f"{rate:.1f} orders/s = {ratio:.1f}x bare spawn ({bare_rate:.0f}/s)",
         f"{len(runs)} x {n} orders", f"<= {THROUGHPUT_TARGET:.0f}x bare" if target else "",
         ratio <= THROUGHPUT_TARGET if target else None,
         {"orders": n, "orders_per_s": round(rate, 2), "bare_per_s": round(bare_rate, 1),
