@@ -309,11 +309,11 @@ class Supervisor:
                 self.say("stopped: nothing running")
                 return
             if not progress:
-                if not self.attempts.active:
-                    # Only with nothing running: a spare saves the next lone drop four mkdirs on
-                    # its way to a spawn, but under load it costs three renames more per order
-                    # than making the folders in place (and a rename is the dearest call on ext4).
-                    self._refill_spares()
+                # Only when the loop would wait anyway: a spare saves the next drop four mkdirs
+                # on its way to a spawn, but made after every start it cost three renames more
+                # per order than making the folders in place while there was other work (and a
+                # rename is the dearest call on ext4).
+                self._refill_spares()
                 self._wait(self._idle_timeout())
 
     def _watch_config(self) -> None:
