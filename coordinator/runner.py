@@ -171,6 +171,7 @@ def make_spares(ws: Workspace, count: int = SPARES) -> int:
     spare = ws.runtime / "spare"
     pool = _known(spare)
     made = 0
+    remade = False
     while len(pool) < count:
         # The attempt folder is built under a temp name; the log folder is empty, its mkdir is
         # whole. No staging folder around both: every folder made and removed for nothing
@@ -180,6 +181,9 @@ def make_spares(ws: Workspace, count: int = SPARES) -> int:
         try:
             os.mkdir(spare / f"log-{key}")
         except FileNotFoundError:  # the first spare, or the folder was cleaned away by hand
+            if remade:
+                raise
+            remade = True
             os.makedirs(spare, exist_ok=True)
             pool[:] = sorted(_spares(spare))
             continue
