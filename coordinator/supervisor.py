@@ -102,7 +102,7 @@ class Supervisor:
         self._waiting_on: dict[str, set[str]] = {}
         self.offline = offline  # a CLI serving one request while no supervisor runs: never spawns
         self._at_ceiling: tuple[int, int, int, int] | None = None  # the ledger when the ceiling was last answered
-        self.signals_told: list[str] = []  # the signals recorded since it opened, as said
+        self.signals_told: list[str] = []  # offline: the signals recorded since it opened, as said
 
     # -- life cycle -----------------------------------------------------------------------------
     def __enter__(self) -> Supervisor:
@@ -765,7 +765,8 @@ class Supervisor:
         signals.record(self.ws.state, kind, agent=agent, order=order, evidence=evidence,
                        now=datetime.now(UTC))
         told = f"{kind}: {' '.join(x for x in (agent or '-', order) if x)} {evidence}"
-        self.signals_told.append(told)
+        if self.offline:  # for the command it serves; a running supervisor only logs them
+            self.signals_told.append(told)
         self.say(f"signal {told}")
         self.audit.stage(audit.SUPERVISOR, f"signal {kind}: {order or '-'} {agent or '-'}: {evidence[:160]}")
 
