@@ -59,6 +59,11 @@ class SpendLimitReached(LLMError):
     """The spend guard said stop: no HTTP call was made."""
 
 
+class LLMTimeout(LLMError):
+    """The attempt's deadline passed during the call: the attempt timed out, whichever of the
+    call and the supervisor's watch noticed first."""
+
+
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
@@ -342,7 +347,7 @@ class Client:
         if self.deadline is not None:
             left = self.deadline - self._clock()
             if left <= 0:
-                raise LLMError("the order's timeout ran out before the model was asked")
+                raise LLMTimeout("the order's timeout ran out before the model was asked")
             timeout = min(timeout, left)
         chunks: list[bytes] = []
 
@@ -377,7 +382,7 @@ class Client:
         if self._stopped.is_set():
             raise LLMError(self._why_stopped or "stopped")
         if self.deadline is not None and self._clock() > self.deadline:
-            raise LLMError("the order's timeout ran out while the model was answering")
+            raise LLMTimeout("the order's timeout ran out while the model was answering")
 
     def _pause(self, seconds: float) -> None:
         """Wait before a retry; a stop ends the wait (with the injected sleep of tests, after it)."""

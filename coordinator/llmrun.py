@@ -37,7 +37,7 @@ from . import audit, budget, gate, llmagent, orders, paths, results
 from .config import Agent, Config, parse_duration
 from .errors import CoordinatorError, LLMAuthError, LLMError, OrderError
 from .landlock import Ruleset
-from .llm import Call, Client, SpendLimitReached
+from .llm import Call, Client, LLMTimeout, SpendLimitReached
 from .store import History, Record, route_end
 
 if TYPE_CHECKING:
@@ -249,7 +249,7 @@ def _judge(runner: AttemptRunner, act: Active, out: Outcome) -> None:
     if act.cancelled:
         return runner._end_cancelled(act)
     reason = None
-    if act.timed_out:
+    if act.timed_out or isinstance(out.error, LLMTimeout):
         reason = f"{act.agent.name}'s model did not answer within the order's timeout"
     elif out.error is not None:
         if isinstance(out.error, SpendLimitReached | LLMAuthError):
