@@ -6,10 +6,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from . import budget
-from .store import Record
+from .store import Record, route_end
 
 
-def render(rec: Record) -> str:
+def render(rec: Record, records: dict[str, Record] | None = None) -> str:
+    """The report's Markdown. With `records`, the orders it sent say how each ended."""
     report = rec.report or {}
     lines = [f"# Report on {rec.id}: {rec.status}", "", f"**Objective:** {rec.objective}", "",
              f"**Status:** {rec.status} after {rec.attempts} attempt(s)", ""]
@@ -19,6 +20,8 @@ def render(rec: Record) -> str:
     if isinstance(planned, dict) and planned.get("id") and rec.status in ("routed", "blocked"):
         label = "Routed to" if rec.status == "routed" else "Escalated to"
         lines += [f"**{label}:** {planned.get('to')}, as order {planned['id']}", ""]
+    if rec.children:
+        lines += ["**Orders it sent:**", ""] + [_sent(c, records or {}) for c in rec.children] + [""]
     if rec.errors:
         lines += ["**Errors:**", ""] + [f"- {e}" for e in rec.errors] + [""]
     for key, title in (("changed", "Changed files"), ("offending", "Denied paths"), ("checks", "Checks"),
@@ -28,6 +31,21 @@ def render(rec: Record) -> str:
     if rec.commit:
         lines += [f"**Commit:** {rec.commit}", ""]
     return "\n".join(lines)
+
+
+def _sent(order_id: str, records: dict[str, Record]) -> str:
+    """One order a request (or a specialist's outbox) sent: to whom, and how it ended, at the
+    end of its route when it was routed on."""
+    child = records.get(order_id)
+    if child is None:
+        return f"- {order_id}"
+    line = f"- {order_id} to {child.to}: {child.status}"
+    end = route_end(records, order_id) or child
+    if end is not child:
+        line += f", routed on to {end.id} ({end.to}): {end.status}"
+    if end.commit:
+        line += f", commit {end.commit[:10]}"
+    return line
 
 
 def fresh_brief(records: dict[str, Record], generation: int, *, orchestrator: str | None,

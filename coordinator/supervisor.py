@@ -572,7 +572,7 @@ class Supervisor:
         report = rec.report or {"status": rec.status, "summary": "; ".join(rec.errors) or rec.status}
         rec.report = {**report, "status": rec.status}
         self.store.save(rec, sync=False)
-        text = reports.render(rec)
+        text = reports.render(rec, self.records)
         self.intake.ensure_placed(rec.id)
         durable.write_text(self.store.folder(rec.id) / "report.md", text, sync=False)
         if rec.sender not in ("user", "coordinator"):

@@ -180,6 +180,9 @@ def test_a_command_orchestrators_request_is_judged_at_the_end_of_its_childs_rout
     assert recs["req"].children == ["kid"] and recs["kid"].status == "routed"
     follow = recs[recs["kid"].routed_to]
     assert (follow.to, follow.status) == ("rex", ending)
+    # The request's report says what it sent and how that ended, at the end of its route.
+    report = (ws.state / "orders" / "req" / "report.md").read_text()
+    assert f"**Orders it sent:**\n\n- kid to chip: routed, routed on to {follow.id} (rex): {ending}\n" in report
     if ending == "done":
         assert recs["req"].status == "done"
     else:
