@@ -70,6 +70,8 @@ GIT_OPTS = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c"
 # Only for staging: in the repository's config it would also make `git diff` call them binary.
 # A git before 2.37 makes one pack per blob that way: it stages loose objects as before.
 _PACKED = ("-c", "core.bigFileThreshold=1")
+# For `status`: the index keeps the folders' times, and an unchanged folder is not read again.
+_UNTRACKED_CACHE = ("-c", "core.untrackedCache=true")
 PACK_LIMIT = 32  # packs in state/.git before they are rolled up (one is made per batch)
 STALE_PACK_AGE = 600.0  # seconds: a temp pack this old at start is a killed git's, not a live one's
 
@@ -311,19 +313,25 @@ class StateRepo:
 
     def dirty(self, *, optional_locks: bool = True) -> list[str]:
         """Paths changed, added or removed since the last commit. `optional_locks=False` from
-        another process than the supervisor: git then leaves the index as it is."""
-        out = self.git("status", "--porcelain", "-z", "--untracked-files=all", optional_locks=optional_locks)
-        paths: list[str] = []
-        fields = iter(out.split("\0"))
-        for entry in fields:
-            if len(entry) < 4:
-                continue
-            paths.append(entry[3:])
-            if entry[0] in "RC":  # a rename or copy staged: its old path comes next
-                old = next(fields, "")
-                if old:
-                    paths.append(old)
-        return paths
+        another process than the supervisor: git then leaves the index as it is.
+
+        The tamper watch asks every few seconds. Listing every folder of state/ file by file
+        was 70 of the 120 ms with 10,000 orders in it; git's untracked cache names new folders
+        with one look at each folder whose time did not change, and only those new folders are
+        then listed file by file."""
+        out = self.git(*_UNTRACKED_CACHE, "status", "--porcelain", "-z", "--untracked-files=normal",
+                       optional_locks=optional_locks)
+        paths = _status_paths(out)
+        folders = [p for p in paths if p.endswith("/")]
+        if not folders:
+            return paths
+        files = [p for p in paths if not p.endswith("/")]
+        for start in range(0, len(folders), 500):  # the command line stays short
+            # Only untracked files are in them: listed without refreshing the whole index again.
+            out = self.git("ls-files", "--others", "--exclude-standard", "-z", "--",
+                           *folders[start:start + 500], optional_locks=optional_locks, literal=True)
+            files += [p for p in out.split("\0") if p]
+        return list(dict.fromkeys(files))
 
     def recover(self, written: dict[str, int] | None = None) -> tuple[list[str], list[str]]:
         """Commit what a crash left uncommitted, with an explicit recovery message: (committed,
@@ -583,6 +591,21 @@ def run(path: Path, *args: str, actor: str = SUPERVISOR) -> str:
 def _ignored(rel: str) -> bool:
     """A name state/.gitignore keeps out (temp files): `git add` refuses it loudly, update-index would not."""
     return any(fnmatch.fnmatchcase(os.path.basename(rel), pattern) for pattern in IGNORED)
+
+
+def _status_paths(out: str) -> list[str]:
+    """The paths of `git status --porcelain -z` (a folder nothing of is tracked ends in /)."""
+    paths: list[str] = []
+    fields = iter(out.split("\0"))
+    for entry in fields:
+        if len(entry) < 4:
+            continue
+        paths.append(entry[3:])
+        if entry[0] in "RC":  # a rename or copy staged: its old path comes next
+            old = next(fields, "")
+            if old:
+                paths.append(old)
+    return paths
 
 
 def _kind(path: str) -> str:

@@ -441,6 +441,27 @@ def test_a_crash_between_a_state_write_and_its_commit_is_repaired_at_start(make_
     assert not StateRepo(ws.state).dirty()
 
 
+def test_dirty_lists_every_file_changed_or_added_by_hand_however_deep_and_no_temp_file(make_ws):
+    """New folders are found through git's untracked cache and then listed file by file: the
+    tamper watch restores exactly these paths."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    run(ws)
+    state = StateRepo(ws.state)
+    assert state.dirty() == [] and state.dirty() == []  # the second look reads the cache
+    nested = ws.state / "orders" / "zz" / "deep" / "deeper"
+    nested.mkdir(parents=True)
+    (nested / "x.json").write_text("{}")
+    (ws.state / "orders" / "zz" / "y.md").write_text("y")
+    (ws.state / "orders" / "zz" / ".tmp-record.json.1").write_text("a crash's temp file")
+    (ws.state / "orders" / "a" / "planted.txt").write_text("beside the supervisor's files")
+    record = Store(ws.state).record_path("a")
+    record.write_text(record.read_text().replace('"done"', '"queued"'))
+    assert sorted(state.dirty()) == ["orders/a/planted.txt", "orders/a/record.json",
+                                     "orders/zz/deep/deeper/x.json", "orders/zz/y.md"]
+    assert sorted(state.dirty(optional_locks=False)) == sorted(state.dirty())
+
+
 # -- audit verify beside a running supervisor -----------------------------------------------------------
 def test_verify_beside_a_busy_supervisor_lists_nothing_it_is_about_to_commit(make_ws):
     """A busy supervisor commits its writes about once a second: a check in between sees them
