@@ -17,7 +17,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,18 +169,25 @@ def read_journal(file: Path) -> dict[str, int] | None:
     return found  # (a last line a crash cut short is skipped)
 
 
+def noted_at(rel: str, noted: Container[str]) -> str | None:
+    """`rel` itself or the nearest folder above it that is in `noted` (a tree removed or
+    written whole is noted as its folder); None when neither is."""
+    path = rel
+    while path:
+        if path in noted:
+            return path
+        path = os.path.dirname(path)
+    return None
+
+
 def written_by_journal(rel: str, root: Path, written: dict[str, int]) -> bool:
     """Whether the change at `rel` (under `root`) is one the journal accounts for: the path,
     or a folder above it, was noted, and the path has not changed since (a removal it noted
     is gone, so it counts)."""
-    path, when = rel, None
-    while path:
-        if path in written:
-            when = written[path]
-            break
-        path = os.path.dirname(path)
-    if when is None:
+    noted = noted_at(rel, written)
+    if noted is None:
         return False
+    when = written[noted]
     try:
         changed = os.lstat(os.path.join(root, rel)).st_ctime_ns
     except FileNotFoundError:

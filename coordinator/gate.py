@@ -384,7 +384,7 @@ def judge(changes: list[Change], *, repo: str, files: tuple[str, ...], writes: t
         if c.what in ALWAYS_DENIED:
             offending.append((c, ALWAYS_DENIED[c.what]))
             continue
-        reason = _outside(f"{repo}/{c.path}", files, writes)
+        reason = outside(f"{repo}/{c.path}", files, writes)
         if reason is None:
             if c.kind != "dir":
                 kept.append(c.path)
@@ -397,7 +397,7 @@ def judge(changes: list[Change], *, repo: str, files: tuple[str, ...], writes: t
     holds_kept, holds_refused = _folders_of(kept), _folders_of(c.path for c, _ in offending)
     for c in folders:
         if c.path not in holds_kept and c.path not in holds_refused:
-            offending.append((c, _outside(f"{repo}/{c.path}", files, writes) or ""))
+            offending.append((c, outside(f"{repo}/{c.path}", files, writes) or ""))
     offending.sort(key=lambda item: item[0].path)
     return Verdict(changes=tuple(changes), offending=tuple(offending))
 
@@ -413,7 +413,8 @@ def _folders_of(paths: Iterable[str]) -> set[str]:
     return found
 
 
-def _outside(full: str, files: tuple[str, ...], writes: tuple[str, ...]) -> str | None:
+def outside(full: str, files: tuple[str, ...], writes: tuple[str, ...]) -> str | None:
+    """Why a change at `full` (repo/path) is not the order's to make, or None when it is."""
     in_files, in_writes = matches_any(files, full), matches_any(writes, full)
     if in_files and in_writes:
         return None

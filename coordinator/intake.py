@@ -161,9 +161,10 @@ class Intake:
         if size is None:  # no regular file: replaced by an empty one, rejected for what it was
             problems = [Problem("", _replace_special(claimed), shown)]
         else:
-            declares = {(m.group(1) or m.group(2)).decode() for m in _DECLARED_ID.finditer(data)}
-            history = (_AwaitedHistory(self.history, self.waiting.declared, declares) if self.waiting.declared
-                       else self.history)
+            history: History | _AwaitedHistory = self.history
+            if self.waiting.declared:  # (nearly never: only then is the file searched for them)
+                declares = {(m.group(1) or m.group(2)).decode() for m in _DECLARED_ID.finditer(data)}
+                history = _AwaitedHistory(self.history, self.waiting.declared, declares)
             try:
                 order = orders.load(data, path=shown, to=agent, config=self.config,
                                     history=history, sender=sender)

@@ -294,7 +294,7 @@ def _deny_outside(runner: AttemptRunner, act: Active, outside: Iterable[llmagent
         what = "deleted" if edit.content is None else "modified" if exists else "added"
         change = gate.Change(rel, what, detail="asked for by the model; not applied")
         # The gate's own words, so a model's denial reads like a command's.
-        why = gate._outside(edit.path, act.order.files, act.agent.writes) or "outside its permission"
+        why = gate.outside(edit.path, act.order.files, act.agent.writes) or "outside its permission"
         offending.append((change, why))
     act.verdict = gate.Verdict(changes=tuple(c for c, _ in offending), offending=tuple(offending))
     runner._deny(act, act.verdict)

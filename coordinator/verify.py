@@ -217,21 +217,12 @@ def watch_state(sup: Supervisor) -> None:
     for line in sup.audit.moved_by_others():
         sup.signal("silent", agent=None, order=None, evidence=f"a commit in state/ the supervisor did not make: {line}")
     mine = {os.path.relpath(p, sup.ws.state) for p in durable.peek_journal(sup.ws.state)}
-    foreign = [p for p in sup.audit.dirty() if not _noted(p, mine) and not p.startswith("intake/")]
+    foreign = [p for p in sup.audit.dirty() if durable.noted_at(p, mine) is None and not p.startswith("intake/")]
     if not foreign:
         return
     sup.audit.restore(foreign)
     shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
     sup.signal("silent", agent=None, order=None, evidence=f"state/ changed by hand (restored from git): {shown}")
-
-
-def _noted(path: str, mine: set[str]) -> bool:
-    """Whether the supervisor noted `path`, or a folder above it (a tree it removed)."""
-    while path:
-        if path in mine:
-            return True
-        path = os.path.dirname(path)
-    return False
 
 
 def watch_repos(sup: Supervisor) -> None:
