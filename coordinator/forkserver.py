@@ -124,6 +124,15 @@ class _Server:
         self.log_cap, self.gate_only_ok = log_cap, gate_only_ok
         self.abi = landlock.abi_version()
         self.readonly = mounts.status() is None  # also chmod/chown/utime refused outside writable paths
+        # Given up once, here: every launcher thread is made by this one and inherits its sets,
+        # so no child can get a capability through exec. This thread keeps its effective and
+        # permitted sets (it needs them to kill, reap and build the read-only mounts) and never
+        # execs. Refused (root without CAP_SETPCAP): every start is refused with the reason.
+        self.caps_refused: SandboxError | None = None
+        try:
+            landlock.drop_capabilities()
+        except SandboxError as e:
+            self.caps_refused = e
         self.pid = os.getpid()
         self.attempts: dict[str, _Attempt] = {}
         self.leaders: dict[int, _Attempt] = {}
@@ -301,6 +310,8 @@ class _Server:
             raise CoordinatorError(f"cannot run {name}: an argument holds a NUL byte")
         if any("\0" in key + value for key, value in env.items()):
             raise CoordinatorError(f"cannot run {name}: an environment variable holds a NUL byte")
+        if self.caps_refused is not None:
+            raise self.caps_refused
         exe = _resolve(argv[0], env.get("PATH"), cwd)
         env[MARK] = msg["token"]
         ruleset_fd, readonly = -1, None
@@ -496,10 +507,10 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
             ruleset_fd: int, readonly: tuple[str, ...] | None = None) -> int:
     """posix_spawn the child from a throwaway thread that first enters `cwd` and the sandbox.
 
-    Landlock and the capability sets restrict only the calling thread, and a thread
-    that unshared its file-system context has its own current folder (and, with
-    `readonly`, its own mounts, all read-only but those paths); the child inherits
-    them all. So no Python runs in the child (vfork + exec in the C library) and the
+    Landlock restricts only the calling thread, and a thread that unshared its
+    file-system context has its own current folder (and, with `readonly`, its own
+    mounts, all read-only but those paths); the child inherits them all, and the
+    capability sets the server's thread emptied. So no Python runs in the child (vfork + exec in the C library) and the
     server itself stays unrestricted in its own folder. Returns once exec succeeded.
     """
     outcome: list[int | BaseException] = []
@@ -516,9 +527,8 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
                 raise CoordinatorError(f"cannot enter working folder {cwd}: {e.strerror}") from None
             if ruleset_fd >= 0:
                 landlock.enforce(ruleset_fd)
-            # Last, once nothing here needs them: everything runs as root, and root's exec would
-            # give the child every capability of this thread's bounding set.
-            landlock.drop_capabilities()
+            # No capability to give up here: the server's thread emptied the bounding,
+            # inheritable and ambient sets this thread inherited (see `_Server`).
             # The server's /dev/null sits on the machine's mount: fchmod(0) would change it.
             null = devnull if readonly is None else os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             try:

@@ -247,8 +247,10 @@ def enforce(ruleset_fd: int) -> None:
 def drop_capabilities() -> None:
     """Leave the calling thread no capability to pass on through exec: its bounding set, from
     which root's exec takes its permitted and effective sets, emptied; no inheritable and no
-    ambient ones. The sets are per thread: call it in a thread that is about to spawn, never
-    in the supervisor's or the fork server's own.
+    ambient ones. The sets are per thread, and a new thread starts with those of the thread
+    that made it: the fork server calls it once in its own thread, which never execs and keeps
+    its effective set, so every launcher thread it makes has nothing to pass on. Never call it
+    in the supervisor's thread (git and the checks run from there).
 
     Emptying the bounding set needs CAP_SETPCAP. A process that is not root and lacks it is
     left its bounding set (its child gets capabilities only from a setuid or capable file,

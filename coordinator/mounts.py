@@ -9,7 +9,8 @@ ruleset's writable paths back where they were. Outside them such a change then f
 with EROFS, for root too; inside them the gate judges it after the run. A sandboxed
 specialist cannot undo it: Landlock refuses it mount(2), and CAP_SYS_ADMIN, which
 mount_setattr and open_tree need, is gone with every other capability before the exec
-(`landlock.drop_capabilities`, which the fork server calls for every child).
+(`landlock.drop_capabilities`: the fork server's thread gave them up, and every launcher
+thread it makes starts without them).
 
 Needs CAP_SYS_ADMIN (the supervisor running as root) and mount_setattr (Linux 5.12).
 `status()` says whether this machine has it; without it the Landlock layer still holds

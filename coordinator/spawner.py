@@ -120,11 +120,19 @@ class _Proc:
 
 def _read_proc(pid: int) -> _Proc | None:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
-    fields = data[data.rindex(b")") + 2 :].split()
+    try:
+        data = os.read(fd, 4096)  # one line, well under a page (the name is at most 64 bytes)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    end = data.rfind(b")")  # the name, in parentheses, may hold any byte
+    if end < 0:
+        return None  # gone between the open and the read
+    fields = data[end + 2 :].split()
     return _Proc(pid, int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]), fields[0] in (b"Z", b"X"))
 
 
