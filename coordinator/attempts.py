@@ -78,6 +78,7 @@ class AttemptRunner:
         self.active: dict[str, Active] = {}  # token -> attempt
         self.waiting_requests: dict[str, Active] = {}  # LLM orchestrator requests waiting on children
         self._repos: dict[str, Repo] = {}
+        self.inherited = runner.inherited_environment()  # the supervisor's, as it started
 
     # -- starting -----------------------------------------------------------------------------------
     def repo(self, name: str) -> Repo:
@@ -125,7 +126,7 @@ class AttemptRunner:
         try:
             sup.spawner.start(SpawnRequest(
                 argv=runner.argv(agent, attempt, self.ws),
-                env=runner.environment(agent, attempt, self.ws),
+                env=runner.environment(agent, attempt, self.ws, self.inherited),
                 cwd=str(attempt.workdir), log_path=str(attempt.log), token=act.token,
                 sandbox=act.rules))
         except CoordinatorError as e:
@@ -333,7 +334,7 @@ class AttemptRunner:
         log = act.attempt.check_log(act.check_index)
         try:
             self.sup.spawner.start(SpawnRequest(
-                argv=("/bin/sh", "-c", command), env=runner.environment(act.agent, act.attempt, self.ws),
+                argv=("/bin/sh", "-c", command), env=runner.environment(act.agent, act.attempt, self.ws, self.inherited),
                 cwd=str(act.attempt.workdir), log_path=str(log),
                 token=f"{act.token}.c{act.check_index}", sandbox=act.rules))
         except (SandboxError, CoordinatorError) as e:

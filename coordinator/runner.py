@@ -29,6 +29,7 @@ import secrets
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -321,8 +322,17 @@ def _placeholder_meant(word: str) -> str | None:
 WITHHELD = frozenset({"SSH_AUTH_SOCK", "SSH_AGENT_PID", "GPG_AGENT_INFO"})
 
 
-def environment(agent: Agent, attempt: Attempt, ws: Workspace) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("COORD_", "GIT_")) and k not in WITHHELD}
+def inherited_environment() -> dict[str, str]:
+    """What a specialist inherits of this process's environment: all but the variables of
+    another coordinator or git and the user's credential agents."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("COORD_", "GIT_")) and k not in WITHHELD}
+
+
+def environment(agent: Agent, attempt: Attempt, ws: Workspace,
+                inherited: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of an attempt's commands. `inherited`: `inherited_environment()` as
+    the supervisor took it at start (decoding every variable again cost some 50 us a start)."""
+    env = dict(inherited_environment() if inherited is None else inherited)
     env.update(dict(agent.env))
     env.update({
         "COORD_ORDER_ID": attempt.order_id,

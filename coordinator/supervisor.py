@@ -83,7 +83,10 @@ class Supervisor:
         # Inbox files seen and not yet taken in, oldest first (a burst waits here in slices).
         self._unsettled: OrderedDict[Path, str] = OrderedDict()
         self._lock_fd: int | None = None
-        self._wake = threading.Event()
+        # Written to wake the loop from another thread (a hint, an LLM call that ended); the
+        # loop waits on it and on the spawner's exits in one select (see `_wait`).
+        self._wake_fds: tuple[int, int] | None = None
+        self._wake_lock = threading.Lock()  # no write to a closed pipe's fd, now another file's
         self._polled = threading.Event()
         self._pumps: list[threading.Thread] = []
         self._opened = False
@@ -172,7 +175,6 @@ class Supervisor:
     def close(self, *, clean: bool = True) -> None:
         if self._watcher is not None:
             self._watcher.stop()
-        self._wake.set()
         self._polled.set()
         if self._committer is not None:
             with contextlib.suppress(CoordinatorError):
@@ -187,6 +189,11 @@ class Supervisor:
         durable.guard(self.ws.state, on=False)
         if self._spawner is not None:
             self._spawner.close()
+        with self._wake_lock:
+            for fd in self._wake_fds or ():
+                os.close(fd)
+            self._wake_fds = None
+        self._pumps = []  # they see the loop closed and end within a second
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -331,7 +338,10 @@ class Supervisor:
 
     def wake(self) -> None:
         """Wake the loop from another thread (an LLM call ended) instead of waiting out the idle timeout."""
-        self._wake.set()
+        with self._wake_lock:
+            if self._wake_fds is not None:
+                with contextlib.suppress(BlockingIOError):  # full: a wake is pending anyway
+                    os.write(self._wake_fds[1], b"\0")
 
     def _stop_requested(self, signals_seen: int) -> bool:
         """Act on the stop signals seen so far; True when the loop must return now."""
@@ -356,9 +366,18 @@ class Supervisor:
 
     def _wait(self, timeout: float) -> None:
         if self._pumps:
+            assert self._wake_fds is not None
+            # An exit, a hint or a wake: one select, no thread in between (a pump thread that
+            # woke the loop for each exit cost three thread switches per order).
             self._polled.set()
-            self._wake.wait(timeout)
-            self._wake.clear()
+            wake_r = self._wake_fds[0]
+            try:
+                select.select([self.spawner.fileno(), wake_r], [], [], timeout)
+            except (OSError, ValueError):  # no spawner to wait on: the wakes alone
+                select.select([wake_r], [], [], timeout)
+            with contextlib.suppress(OSError):
+                while os.read(wake_r, 4096):
+                    pass
             return
         # No pump threads (tests, --once): wait on the spawner's fd in short slices and look
         # at the watcher between them, so an exit is seen at once and a drop within a slice.
@@ -376,30 +395,19 @@ class Supervisor:
                 return
 
     def _start_pumps(self) -> None:
-        def watch_pump() -> None:
+        def watch_pump() -> None:  # rescans falling due, overflows, a dead watcher thread
             while self._opened:
                 if self.watcher.wait(0.5):
-                    self._wake.set()
+                    self.wake()
                     self._polled.wait(1.0)
                     self._polled.clear()
 
-        def spawn_pump() -> None:
-            while self._opened:
-                try:
-                    ready, _, _ = select.select([self.spawner.fileno()], [], [], 0.5)
-                except (OSError, ValueError):
-                    return
-                if ready:
-                    self._wake.set()
-                    self._polled.wait(1.0)
-                    self._polled.clear()
-
+        self._wake_fds = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         if isinstance(self._watcher, InboxWatcher):
-            self._watcher.on_hint = self._wake.set  # a drop wakes the loop directly
-        for target in (watch_pump, spawn_pump):
-            t = threading.Thread(target=target, daemon=True, name=target.__name__)
-            t.start()
-            self._pumps.append(t)
+            self._watcher.on_hint = self.wake  # a drop wakes the loop directly
+        t = threading.Thread(target=watch_pump, daemon=True, name="watch_pump")
+        t.start()
+        self._pumps.append(t)
 
     # -- intake ----------------------------------------------------------------------------------
     def _inbox_has_files(self) -> bool:
