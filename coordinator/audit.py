@@ -23,7 +23,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -463,19 +463,37 @@ class Batch:
     paths: set[str] | None
 
 
+@dataclass
+class Look:
+    """The tamper watch's look at state/, taken by the committer thread in its turn: after
+    every batch handed over before it, so that all the supervisor wrote until then is
+    committed and what git still finds changed is someone else's, or written since.
+
+    `taken`: the paths of the batches handed over after it (the loop adds them), which
+    may have been written, but not yet committed, when git looked.
+    """
+
+    taken: set[str] = field(default_factory=set)
+    moved: list[str] = field(default_factory=list)  # commits the supervisor did not make
+    dirty: list[str] = field(default_factory=list)  # paths changed since the last commit
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
 class Committer:
     """The one writer of state/'s git repository while the supervisor loop runs.
 
     Commits cost 15-25 ms and more as state/ grows; the loop hands finished batches to
     this thread and goes on taking and starting orders. Batches are written in order.
-    Whoever needs state/ committed (the tamper watch, a stop, a test) calls `drain()`;
-    an error in the thread is raised there, in the loop's thread.
+    Whoever needs state/ committed (a restore, a stop, a test) calls `drain()`; an error
+    in the thread is raised there, in the loop's thread. The tamper watch's look at
+    state/ (`look`) runs here too, in turn with the batches, so the loop never waits on it.
     """
 
     def __init__(self, repo: StateRepo, *, before: Callable[[], None] | None = None) -> None:
         self.repo = repo
         self._before = before
-        self._queue: queue.Queue[Batch | None] = queue.Queue()
+        self._queue: queue.Queue[Batch | Look | None] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name="state-committer")
         self._thread.start()
@@ -483,6 +501,14 @@ class Committer:
     def submit(self, batch: Batch) -> None:
         self._raise()
         self._queue.put(batch)
+
+    def look(self) -> Look:
+        """Ask for a look at state/ once the batches submitted so far are committed; it is
+        done (`Look.done`) when the thread got there."""
+        self._raise()
+        look = Look()
+        self._queue.put(look)
+        return look
 
     def drain(self) -> None:
         """Wait until every submitted batch is committed."""
@@ -505,7 +531,9 @@ class Committer:
             try:
                 if batch is None:
                     return
-                if self._error is None:
+                if isinstance(batch, Look):
+                    self._look(batch)
+                elif self._error is None:
                     if self._before is not None:
                         self._before()
                     self.repo.write(batch)
@@ -513,6 +541,17 @@ class Committer:
                 self._error = e
             finally:
                 self._queue.task_done()
+
+    def _look(self, look: Look) -> None:
+        try:
+            if self._error is not None:
+                return  # a batch before it failed: its files would look changed by someone else
+            look.moved = self.repo.moved_by_others()
+            look.dirty = self.repo.dirty()
+        except BaseException as e:  # raised in the loop's thread when it takes the look
+            look.error = e
+        finally:
+            look.done.set()
 
 
 def one_line(text: str) -> str:

@@ -206,6 +206,18 @@ class Repo:
     def head(self) -> str:
         return self._sha(f"refs/heads/{self.default_branch()}")
 
+    def tip(self) -> str:
+        """`head()` read from the ref files when they are plain (HEAD naming a branch whose
+        ref is a loose file): the tamper watch asks every few seconds, and `head()` is two
+        git processes per repository. Anything else is asked of git."""
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            ref = (self.git_dir / "HEAD").read_text("ascii").strip().removeprefix("ref: ")
+            if ref.startswith("refs/heads/") and ".." not in ref.split("/"):
+                sha = (self.git_dir / ref).read_text("ascii").strip()
+                if re.fullmatch(r"[0-9a-f]{40}", sha):
+                    return sha
+        return self.head()
+
     def _sha(self, ref: str) -> str:
         r = self._run(["rev-parse", "-q", "--verify", f"{ref}^{{commit}}"], check=False)
         if r.returncode != 0:

@@ -28,6 +28,7 @@ from .store import Store
 from .workspace import Workspace
 
 if TYPE_CHECKING:
+    from .repos import Repo
     from .supervisor import Supervisor
 
 TRAILER = re.compile(r"^Work-Order:\s*(\S+)\s*$", re.MULTILINE)
@@ -190,14 +191,16 @@ def _repo_commits(ws: Workspace) -> list[Finding]:
     return found
 
 
-def moved_heads(ws: Workspace, heads: dict[str, dict[str, str]]) -> list[tuple[str, str, str]]:
-    """Repositories whose default branch moved without the supervisor: (name, recorded, now)."""
+def moved_heads(ws: Workspace, heads: dict[str, dict[str, str]],
+                repo: Callable[[Path], Repo] | None = None) -> list[tuple[str, str, str]]:
+    """Repositories whose default branch moved without the supervisor: (name, recorded, now).
+    `repo`: the supervisor's own Repo of a folder (opening one is two git processes)."""
     from .repos import Repo
 
     moved = []
     for path in repo_dirs(ws):
         with contextlib.suppress(CoordinatorError):
-            head = Repo(path).head()
+            head = (repo or Repo)(path).tip()
             known = heads.get(path.name)
             if known is None:
                 heads[path.name] = {"baseline": head, "head": head}
@@ -212,14 +215,25 @@ def summary(findings: list[Finding]) -> dict[str, Any]:
 
 # -- the tamper watch (run by the supervisor at start and every few seconds) --------------------------
 def watch_state(sup: Supervisor) -> None:
-    """Hand-made changes in state/ are put back from git and recorded as `silent`."""
+    """Hand-made changes in state/ are put back from git and recorded as `silent`; now, in
+    the loop's thread (the running loop has the committer look, see `act_on_look`)."""
     sup.drain_commits()  # only what the supervisor has committed is compared
-    for line in sup.audit.moved_by_others():
+    act_on_look(sup, audit.Look(moved=sup.audit.moved_by_others(), dirty=sup.audit.dirty()))
+
+
+def act_on_look(sup: Supervisor, look: audit.Look) -> None:
+    """Record what `look` found: commits nobody explains, and every changed path that the
+    supervisor has not written since its last commit, put back from git first."""
+    if look.error is not None:
+        raise look.error
+    for line in look.moved:
         sup.signal("silent", agent=None, order=None, evidence=f"a commit in state/ the supervisor did not make: {line}")
-    mine = {os.path.relpath(p, sup.ws.state) for p in durable.peek_journal(sup.ws.state)}
-    foreign = [p for p in sup.audit.dirty() if durable.noted_at(p, mine) is None and not p.startswith("intake/")]
+    written = durable.peek_journal(sup.ws.state) | look.taken
+    mine = {os.path.relpath(p, sup.ws.state) for p in written}
+    foreign = [p for p in look.dirty if durable.noted_at(p, mine) is None and not p.startswith("intake/")]
     if not foreign:
         return
+    sup.drain_commits()  # git is the committer's meanwhile
     sup.audit.restore(foreign)
     shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
     sup.signal("silent", agent=None, order=None, evidence=f"state/ changed by hand (restored from git): {shown}")
@@ -228,7 +242,7 @@ def watch_state(sup: Supervisor) -> None:
 def watch_repos(sup: Supervisor) -> None:
     """A default branch that moved without the supervisor is reported as `silent`."""
     before = json.dumps(sup.heads, sort_keys=True)
-    for name, old, new in moved_heads(sup.ws, sup.heads):
+    for name, old, new in moved_heads(sup.ws, sup.heads, lambda path: sup.attempts.repo(path.name)):
         sup.signal("silent", agent=None, order=None,
                    evidence=f"repos/{name} default branch moved {old[:10]}..{new[:10]} with no work order")
         sup.heads[name]["head"] = new

@@ -717,3 +717,36 @@ def test_a_journal_that_cannot_be_read_is_no_journal(make_ws, journal):
     with Supervisor(ws) as sup:
         sup.run_once(limit=10)
     assert record.exists() and git(ws.state, "status", "--porcelain") == ""
+
+
+def test_the_running_loops_look_at_state_finds_a_hand_edit_and_none_of_its_own_writes(make_ws):
+    """In the running loop the committer thread looks at state/ while orders keep moving: the
+    records written meanwhile are the supervisor's own, never reported; a hand edit is put
+    back and reported once."""
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/true"], "max_parallel": 4}}, max_parallel=4)
+    ids = [f"o{i:03d}" for i in range(120)]
+    for oid in ids[:60]:
+        drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} is done", id=oid))
+    with Supervisor(ws) as sup:
+        steps = 0
+        while not all(oid in sup.records and sup.records[oid].status == "done" for oid in ids):
+            steps += 1
+            if steps % 5 == 0:
+                sup._last_watch = float("-inf")  # look again: many looks, each racing the writes
+            if steps == 40:
+                (ws.state / "planted.txt").write_text("by hand")
+                for oid in ids[60:]:  # more orders to move while the look that finds it runs
+                    drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} is done", id=oid))
+            if not sup.step(paced=True):
+                sup._wait(0.02)
+            assert steps < 20_000, "the orders did not end"
+        while (ws.state / "planted.txt").exists():
+            sup._last_watch = float("-inf")
+            sup.step(paced=True)
+            sup._wait(0.02)
+    silent = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert silent == ["state/ changed by hand (restored from git): planted.txt"]
+    # As the tamper watch sees it (a plain `git status` may name a folder emptied within the
+    # same clock tick as git's untracked cache looked at it: nothing is in it).
+    assert StateRepo(ws.state).dirty() == []
+    assert {r.status for r in Store(ws.state).load_all().values()} == {"done"}
