@@ -6,6 +6,8 @@ into the inbox of an orchestrator with no command, so every one stays `queued`. 
   record, recovery, watcher, spawner), then runs one loop step; it reports both times and
   its own peak RSS (`ru_maxrss`). Measured after a clean stop, and after a `kill -9` of a
   live supervisor (the crash path: recovery commits and leftover checks run).
+  The same probe then has the loop run its tamper watch a few times and reports the longest
+  step while each look was under way (git looks in the committer thread, not the loop).
 - board: `coordinator board` as a user runs it, wall time of the whole command.
 
 Run as `python -m bench.backlog open WORKSPACE` for the probe (used by the benchmark).
@@ -22,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from coordinator import audit, durable
 from coordinator.store import Store, iso
@@ -41,11 +44,15 @@ from .harness import (
     wait_status,
 )
 
+if TYPE_CHECKING:
+    from coordinator.supervisor import Supervisor
+
 RECOVERY_TARGET_S = 5.0
 RSS_TARGET_MB = 300.0
 PROBE_TIMEOUT = 300.0
 SMALL = 50  # orders in the workspace whose state commits are the baseline
 COMMITS = 20  # state commits timed in each workspace
+TAMPER_TICKS = 5  # tamper watches timed in each probe
 
 
 @dataclass(frozen=True)
@@ -72,11 +79,34 @@ def probe_open(root: Path) -> dict[str, float]:
     sup.step()
     stepped = time.perf_counter() - t1
     queued = sum(1 for r in sup.records.values() if r.status == "queued")
+    pauses, looks = _tamper_ticks(sup)
     sup.close()
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # largest reaped child
-    return {"open_s": opened, "first_step_s": stepped,
+    return {"open_s": opened, "first_step_s": stepped, "tamper_pause_ms": median(pauses) * 1000,
+            "tamper_look_ms": median(looks) * 1000,
             "peak_rss_mb": rss_kb / 1024, "child_max_rss_mb": children_kb / 1024, "queued": queued}
+
+
+def _tamper_ticks(sup: Supervisor) -> tuple[list[float], list[float]]:
+    """The running loop's tamper watch, TAMPER_TICKS times: (the longest step while each
+    look was under way, seconds from asking to acting on what git found)."""
+    pauses: list[float] = []
+    looks: list[float] = []
+    for _ in range(TAMPER_TICKS):
+        sup.watch_soon()
+        asked = time.perf_counter()
+        longest = 0.0
+        while True:
+            t0 = time.perf_counter()
+            sup.step(paced=True)
+            longest = max(longest, time.perf_counter() - t0)
+            if not sup.looking:
+                break
+            time.sleep(0.001)  # a loop step would wait for an event here
+        looks.append(time.perf_counter() - asked)
+        pauses.append(longest)
+    return pauses, looks
 
 
 def _run_probe(root: Path) -> dict[str, float]:
@@ -186,6 +216,7 @@ def backlog(sizes: Sizes) -> list[Figure]:
               "after_kill_9": [{k: round(v, 3) for k, v in r.items()} for r in crashed],
               "board_s": [round(b, 3) for b in boards]}
     worst_open = max(open_s, crash_s)
+    pause, look = med(clean, "tamper_pause_ms"), med(clean, "tamper_look_ms")
     step = med(clean, "first_step_s")
     return [
         Figure("backlog_recovery", f"4. {n:,} queued: start-up, open()",
@@ -196,6 +227,11 @@ def backlog(sizes: Sizes) -> list[Figure]:
                          "first_step_s": round(step, 3)},
                note=f"then the first loop step {step:.2f} s; the whole process (imports, open, step, close) "
                     f"{med(clean, 'process_wall_s'):.2f} s; backlog filed at {build_rate:.0f} orders/s"),
+        Figure("backlog_tamper_watch", f"4. {n:,} queued: loop pause for the tamper watch",
+               f"{pause:.1f} ms longest step (look {look:.0f} ms, in the committer)",
+               f"{TAMPER_TICKS} x {len(clean)} looks", data={"pause_ms": round(pause, 2), "look_ms": round(look, 1)},
+               note="every 5 s git looks at state/ for changes the supervisor did not make; the loop "
+                    "only hands the look over and acts on what it found"),
         Figure("backlog_board", f"4. {n:,} queued: `coordinator board`",
                f"{board_s:.2f} s", f"{len(boards)} runs", data={"board_s": round(board_s, 3)}),
         Figure("backlog_state_commit", f"4. {n:,} queued: one state commit",

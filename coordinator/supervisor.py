@@ -271,6 +271,15 @@ class Supervisor:
         self._take_look()
         return progress
 
+    def watch_soon(self) -> None:
+        """Have the next step run the tamper watch (every TAMPER_EVERY seconds otherwise)."""
+        self._last_watch = float("-inf")
+
+    @property
+    def looking(self) -> bool:
+        """Whether the committer has a look at state/ under way that the loop has not acted on."""
+        return self._look is not None
+
     def _watch_state(self, paced: bool) -> None:
         """The tamper watch over state/: in the loops, the committer thread looks in its turn
         (git status was 60 ms and more with 10,000 orders, and the loop first waited for every
