@@ -215,8 +215,9 @@ def summary(findings: list[Finding]) -> dict[str, Any]:
 
 # -- the tamper watch (run by the supervisor at start and every few seconds) --------------------------
 def watch_state(sup: Supervisor) -> None:
-    """Hand-made changes in state/ are put back from git and recorded as `silent`; now, in
-    the loop's thread (the running loop has the committer look, see `act_on_look`)."""
+    """Hand-made changes in state/ are put back from git and recorded as `silent`, looked for
+    in the calling thread (the running loop has its committer thread look instead and acts on
+    what it found later, see `act_on_look`)."""
     sup.drain_commits()  # only what the supervisor has committed is compared
     act_on_look(sup, audit.Look(moved=sup.audit.moved_by_others(), dirty=sup.audit.dirty()))
 
