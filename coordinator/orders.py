@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -411,17 +412,35 @@ def render(order: WorkOrder) -> str:
     # characters beyond U+FFFF (an emoji would reach the agent as \U0001F680): then the Python one.
     options: dict[str, Any] = {"sort_keys": False, "allow_unicode": True, "default_flow_style": None,
                                "width": 1 << 20}
-    head: str | None
-    try:
-        head = yaml.dump(front, Dumper=_FAST_DUMPER, **options)
-    except UnicodeEncodeError:  # a lone surrogate: the Python emitter writes it as \uD800
-        head = None
+    head: str | None = _plain_front(front)
+    if head is None:
+        try:
+            head = yaml.dump(front, Dumper=_FAST_DUMPER, **options)
+        except UnicodeEncodeError:  # a lone surrogate: the Python emitter writes it as \uD800
+            head = None
     if head is None or "\\U" in head:
         head = yaml.dump(front, Dumper=yaml.SafeDumper, **options)
     return "---\n" + head + "---\n" + "\n".join(body).rstrip("\n") + "\n"
 
 
 _FAST_DUMPER: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+# A word YAML writes as it is and reads back as the same string: no quoting, no other type.
+_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
+_NOT_STRINGS = frozenset({"y", "Y", "n", "N", "yes", "Yes", "YES", "no", "No", "NO", "true", "True", "TRUE",
+                          "false", "False", "FALSE", "on", "On", "ON", "off", "Off", "OFF", "null", "Null",
+                          "NULL"})
+
+
+def _plain_front(front: dict[str, Any]) -> str | None:
+    """The front matter as `render`'s yaml.dump writes it, when every value is such a word
+    (the usual id, from and to; the keys are render's own): the dumper's representer is
+    Python even with libyaml, some 40 us a brief."""
+    items = []
+    for key, value in front.items():
+        if not (type(value) is str and _PLAIN.match(value) and value not in _NOT_STRINGS):
+            return None
+        items.append(f"{key}: {value}")
+    return "{" + ", ".join(items) + "}\n"  # default_flow_style=None: a mapping of scalars on one line
 
 
 def _one_line(text: str) -> bool:
