@@ -138,6 +138,7 @@ class _Server:
         self.leaders: dict[int, _Attempt] = {}
         self.kills: list[_Kill] = []
         self.inbuf, self.outbuf = bytearray(), bytearray()
+        self.events_waiting = False  # registered for writing: the supervisor reads slower than exits come
         self.stopping: _Kill | None = None
         self.terminated = self.child_died = False
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -394,11 +395,14 @@ class _Server:
             pass
         except OSError:
             self.outbuf.clear()  # nobody listens any more
-        registered = self.events in self.sel.get_map()
-        if self.outbuf and not registered:
+        # A flag, not `self.events in self.sel.get_map()`: a miss there formats a KeyError
+        # message with the socket's repr, on every exit.
+        if self.outbuf and not self.events_waiting:
             self.sel.register(self.events, selectors.EVENT_WRITE, self._on_events_writable)
-        elif not self.outbuf and registered:
+            self.events_waiting = True
+        elif not self.outbuf and self.events_waiting:
             self.sel.unregister(self.events)
+            self.events_waiting = False
 
     # finding and killing trees
     def _tree(self) -> dict[str | None, list[_Proc]]:
