@@ -35,6 +35,7 @@ ENDED_UNDONE = frozenset({"rejected", "denied", "cancelled"})  # ended for good,
 FAILED_ENDINGS = frozenset({"rejected", "denied", "halted", "blocked"})
 ASSIGNED = re.compile(r"^WO-(\d+)$")
 SUPERVISOR = "coordinator"
+RECENT_PATHS = 4096  # order paths kept by a Store (see Store._paths)
 
 
 def route_end(records: dict[str, Record], order_id: str) -> Record | None:
@@ -206,16 +207,28 @@ class Store:
         # an order that changes status several times in one loop step is written once.
         self._deferring = False
         self._dirty: dict[str, Record] = {}
+        self._recent: dict[str, tuple[Path, Path]] = {}
 
     def ensure(self) -> None:
         self.orders_dir.mkdir(parents=True, exist_ok=True)
         self.intake_dir.mkdir(parents=True, exist_ok=True)
 
     def folder(self, order_id: str) -> Path:
-        return self.orders_dir / order_id
+        return self._paths(order_id)[0]
 
     def record_path(self, order_id: str) -> Path:
-        return self.folder(order_id) / "record.json"
+        return self._paths(order_id)[1]
+
+    def _paths(self, order_id: str) -> tuple[Path, Path]:
+        """(folder, record file) of an order, kept for the orders moving now: an order's
+        way through the loop asks some 15 times, and each Path join is some 2 us."""
+        paths = self._recent.get(order_id)
+        if paths is None:
+            if len(self._recent) >= RECENT_PATHS:
+                self._recent.clear()
+            folder = self.orders_dir / order_id
+            paths = self._recent[order_id] = (folder, folder / "record.json")
+        return paths
 
     def exists(self, order_id: str) -> bool:
         return self.folder(order_id).exists()

@@ -79,26 +79,28 @@ class Workspace:
                 raise ConfigError(str(e)) from None
         return cfg
 
-    @property
+    # The folders are made once per workspace: a Path join is some 2 us, and an order asks
+    # for them a few dozen times on its way through the loop.
+    @cached_property
     def config_path(self) -> Path:
         return self.root / CONFIG_NAME
 
-    @property
+    @cached_property
     def inbox_root(self) -> Path:
         return self.root / "inbox"
 
     def inbox(self, agent: str) -> Path:
         return self.inbox_root / agent
 
-    @property
+    @cached_property
     def repos(self) -> Path:
         return self.root / "repos"
 
-    @property
+    @cached_property
     def state(self) -> Path:
         return self.root / "state"
 
-    @property
+    @cached_property
     def runtime(self) -> Path:
         return self.root / RUNTIME
 
