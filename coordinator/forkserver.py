@@ -514,8 +514,9 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
     Landlock restricts only the calling thread, and a thread that unshared its
     file-system context has its own current folder (and, with `readonly`, its own
     mounts, all read-only but those paths); the child inherits them all, and the
-    capability sets the server's thread emptied. So no Python runs in the child (vfork + exec in the C library) and the
-    server itself stays unrestricted in its own folder. Returns once exec succeeded.
+    capability sets the server's thread emptied. So no Python runs in the child
+    (vfork + exec in the C library) and the server itself stays unrestricted in its
+    own folder. Returns once exec succeeded.
     """
     outcome: list[int | BaseException] = []
 
