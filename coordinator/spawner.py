@@ -124,7 +124,7 @@ def _read_proc(pid: int) -> _Proc | None:
     except OSError:
         return None
     try:
-        data = os.read(fd, 4096)  # one line, well under a page (the name is at most 64 bytes)
+        data = os.read(fd, 4096)  # one line, well under a page (the name is at most 16 bytes)
     except OSError:
         return None
     finally:

@@ -288,9 +288,7 @@ class Supervisor:
             verify.watch_state(self)
         elif self._look is None:
             self._flush(background=True)  # what is written until now comes before the look
-            if self._committer is None:
-                self._committer = audit.Committer(self.audit, before=lambda: durable.sync_fs(self.ws.state))
-            self._look = self._committer.look()
+            self._look = self._committer_thread().look()
 
     def _take_look(self) -> None:
         look = self._look
@@ -853,14 +851,18 @@ class Supervisor:
         if batch is not None and batch.paths and self._look is not None:
             self._look.taken |= batch.paths  # perhaps written, not yet committed, when git looked
         if background and batch is not None:
-            if self._committer is None:
-                self._committer = audit.Committer(self.audit, before=lambda: durable.sync_fs(self.ws.state))
-            self._committer.submit(batch)
+            self._committer_thread().submit(batch)
             return
         if batch is not None:
             durable.sync_fs(self.ws.state)
             self.audit.write(batch)
         durable.compact_journal(self.ws.state)  # all that was taken is committed
+
+    def _committer_thread(self) -> audit.Committer:
+        """The thread that commits state/ for the running loop, started when first needed."""
+        if self._committer is None:
+            self._committer = audit.Committer(self.audit, before=lambda: durable.sync_fs(self.ws.state))
+        return self._committer
 
     def drain_commits(self) -> None:
         """Wait for the committer thread: state/ is committed when this returns."""
