@@ -314,8 +314,14 @@ def read_fd(fd: int, limit: int, offset: int | None = None) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def read_json(target: Path) -> Any:
-    return json.loads(target.read_text("utf-8"))
+def read_json(target: Path | str) -> Any:
+    """A JSON file's data, read with plain system calls (a backlog's start reads 10,000 records)."""
+    fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = read_fd(fd, 1 << 40)
+    finally:
+        os.close(fd)
+    return json.loads(data)
 
 
 def move(src: Path, dst: Path, *, sync: bool = True) -> None:
