@@ -17,7 +17,7 @@ from typing import Any
 
 from . import budget, signals
 from .errors import NotFoundError
-from .store import STATUSES, Record, Store, dependency_done, route_end, via_route
+from .store import STATUSES, Record, RecordCache, Store, dependency_done, route_end, via_route
 from .workspace import Workspace
 
 COLOURS = {"queued": "cyan", "waiting": "yellow", "running": "blue", "done": "green",
@@ -27,12 +27,12 @@ ACTIVE = ("queued", "waiting", "running")
 ENDED_SHOWN = 8  # ended orders shown per column; the count says how many there are
 
 
-def records(ws: Workspace) -> list[Record]:
+def records(ws: Workspace, cache: RecordCache | None = None) -> list[Record]:
     """Every order, oldest first; a record file that is not one is said on stderr, not shown."""
     import click
 
     unreadable: list[str] = []
-    found = Store(ws.state).load_all(unreadable=unreadable)
+    found = Store(ws.state).load_all(unreadable=unreadable, cache=cache)
     for line in unreadable:
         click.echo(f"warning: {line}", err=True)
     return sorted(found.values(), key=lambda r: r.seq)
@@ -98,10 +98,11 @@ def _awaited(order_id: str, records: dict[str, Record]) -> str:
     return f"{via_route(order_id, last)} ({last.status}: `coordinator retry {last.id}`, or cancel it)"
 
 
-def render(ws: Workspace, *, colour: bool = False, width: int | None = None) -> str:
+def render(ws: Workspace, *, colour: bool = False, width: int | None = None,
+           cache: RecordCache | None = None) -> str:
     import click
 
-    recs = records(ws)
+    recs = records(ws, cache)
     index = {r.id: r for r in recs}
     by_status: dict[str, list[Record]] = {s: [] for s in STATUSES}
     for r in recs:

@@ -427,10 +427,16 @@ def board(c: Context, as_json: bool, watch: bool) -> None:
     if not watch:
         click.echo(b.render(c.ws, colour=terminal))
         return
+    from .store import RecordCache
+
     shown = None
+    drawn = 0
     try:
         while True:
-            text = b.render(c.ws, colour=terminal)
+            if drawn % 60 == 0:
+                cache = RecordCache()  # a full read each minute, whatever a file's times say
+            drawn += 1
+            text = b.render(c.ws, colour=terminal, cache=cache)
             if terminal:
                 click.clear()
                 click.echo(text)

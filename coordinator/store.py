@@ -210,6 +210,15 @@ def not_a_record(path: str, why: object) -> StateError:
                       "puts it back from git")
 
 
+class RecordCache:
+    """Records one `Store.load_all` read, each with what tells its file apart from a rewrite
+    (inode, size, modification and change times: every write renames a new file into place).
+    For readers that load again and again and change nothing, like `board --watch`."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, tuple[tuple[int, int, int, int], Record]] = {}
+
+
 class Store:
     """Reads and writes order records; the supervisor is its only writer."""
 
@@ -258,14 +267,25 @@ class Store:
         except ValueError as e:
             raise not_a_record(f"state/orders/{order_id}/record.json", e) from None
 
-    def load_all(self, *, unreadable: list[str] | None = None) -> dict[str, Record]:
+    def load_all(self, *, unreadable: list[str] | None = None, cache: RecordCache | None = None) -> dict[str, Record]:
         """Every record; one that is not (changed by hand) is left out and, with `unreadable`,
-        said there."""
+        said there. With `cache`, a record file unchanged since the cache last read it is not
+        read again (`board --watch`: one stat per order each second, not a read and a parse)."""
         out: dict[str, Record] = {}
+        seen: dict[str, tuple[tuple[int, int, int, int], Record]] = {}
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.orders_dir):
+                path = os.path.join(entry.path, "record.json")
                 try:
-                    rec = Record.from_json(durable.read_json(os.path.join(entry.path, "record.json")))
+                    if cache is None:
+                        rec = Record.from_json(durable.read_json(path))
+                    else:
+                        st = os.stat(path)
+                        stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                        kept = cache.records.get(entry.name)
+                        rec = kept[1] if kept is not None and kept[0] == stamp else Record.from_json(
+                            durable.read_json(path))
+                        seen[entry.name] = (stamp, rec)
                 except (FileNotFoundError, NotADirectoryError):
                     continue
                 except (ValueError, OSError) as e:
@@ -273,6 +293,8 @@ class Store:
                         unreadable.append(str(not_a_record(f"state/orders/{entry.name}/record.json", e)))
                     continue
                 out[rec.id] = rec
+        if cache is not None:
+            cache.records = seen  # an order whose folder went is forgotten
         return out
 
     def unrecorded(self) -> list[Path]:

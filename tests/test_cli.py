@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from click.testing import CliRunner, Result
 
 import coordinator
 from coordinator.cli import cli
-from coordinator.store import Store
+from coordinator.store import RecordCache, Store
 
 COORDINATOR = str(Path(sys.executable).with_name("coordinator"))
 DEMO_ORDERS = resources.files("coordinator.demo").joinpath("example-orders")
@@ -779,6 +780,46 @@ def test_board_watch_into_a_file_adds_a_board_only_when_it_changed(ws: Path, tmp
     assert (watching.returncode, err) == (0, "")
     assert text.count("budget:") == 2 and "walt 500/7,000" in text.split("\n---")[1]
     assert len(re.findall(r"^--- \d{4}-\d\d-\d\d \d\d:\d\d:\d\d ---$", text, re.MULTILINE)) == 1
+
+
+def test_board_watch_redraws_when_an_order_changes_status_or_goes(ws: Path, tmp_path: Path) -> None:
+    for objective in ("The greeting already exists in the webapp", "The footer already exists in the webapp"):
+        assert run("-w", ws, "send", "-", "--to", "chip", input=order(objective)).exit_code == 0
+    assert run("-w", ws, "supervise", "--once").exit_code == 0
+    assert statuses(ws) == {"WO-0001": "halted", "WO-0002": "halted"}
+    out = tmp_path / "board.log"
+    with open(out, "w") as f:
+        watching = subprocess.Popen([COORDINATOR, "-w", str(ws), "board", "--watch"], stdout=f,
+                                    stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "HALTED (2)" in out.read_text(), "the first board")
+        assert run("-w", ws, "retry", "WO-0001").exit_code == 0  # its record is rewritten
+        wait_for(lambda: "QUEUED (1)" in out.read_text(), "the retried order on the board")
+        shutil.rmtree(ws / "state" / "orders" / "WO-0002")  # an order's folder gone by hand
+        wait_for(lambda: out.read_text().rsplit(" ---\n", 1)[-1].startswith("1 order(s): queued 1\n"),
+                 "the board without the removed order")
+    finally:
+        watching.send_signal(signal.SIGINT)
+        _, err = watching.communicate(timeout=30)
+    assert (watching.returncode, err) == (0, "")
+
+
+def test_a_record_cache_reads_again_only_the_record_files_that_changed(ws: Path) -> None:
+    for objective in ("The greeting already exists in the webapp", "The footer already exists in the webapp"):
+        assert run("-w", ws, "send", "-", "--to", "chip", input=order(objective)).exit_code == 0
+    assert run("-w", ws, "supervise", "--once").exit_code == 0
+    store, cache = Store(ws / "state"), RecordCache()
+    first = store.load_all(cache=cache)
+    again = store.load_all(cache=cache)
+    assert again == first and all(again[i] is first[i] for i in first)  # nothing read twice
+    record = ws / "state" / "orders" / "WO-0002" / "record.json"
+    data = json.loads(record.read_text())
+    with open(record, "r+") as f:  # rewritten in place, as an editor may: same inode
+        f.write(json.dumps({**data, "objective": "Changed by hand"}))
+        f.truncate()
+    changed = store.load_all(cache=cache)
+    assert changed["WO-0002"].objective == "Changed by hand" and changed["WO-0001"] is first["WO-0001"]
+    assert store.load_all() == changed  # what a read without the cache finds
 
 
 def test_board_watch_with_json_is_a_usage_error(ws: Path) -> None:
