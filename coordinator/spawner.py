@@ -182,11 +182,25 @@ def _variable(environ: bytes, name: str) -> str | None:
 
 
 def _environ(pid: int) -> bytes | None:
+    environ: bytes | None = None
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
-            return f.read()
+            environ = f.read()
+    except ProcessLookupError:
+        pass
     except OSError:
         return None
+    if environ:
+        return environ
+    # A leader that exited alone has no memory of its own left (the read fails, or is empty
+    # on older kernels), but the threads that run on share theirs.
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            if tid != str(pid):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/environ", "rb") as f:
+                    if other := f.read():
+                        return other
+    return environ
 
 
 # A process in the middle of an exec shows an empty environment for a moment (its new

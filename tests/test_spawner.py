@@ -529,6 +529,28 @@ def test_a_leader_whose_main_thread_exited_alone_is_alive_and_killed(sp: Spawner
         assert wait_exit(sp, token).returncode == -signal.SIGKILL
 
 
+@needs_sys_exit
+def test_an_escapee_whose_main_thread_exited_alone_is_its_attempts_and_killed_with_it(
+        sp: Spawner, tmp_path: Path) -> None:
+    token, other = f"lone-esc-{RUN}", f"lone-other-{RUN}"
+    sp.spawn(req(tmp_path, lone_exit(tmp_path, "detached"), token))
+    assert wait_exit(sp, token).returncode == 0
+    wait_until(lambda: (tmp_path / "lone").exists() and (tmp_path / "lone").read_text() != "")
+    pid = int((tmp_path / "lone").read_text())
+    with killed_at_end(pid):
+        wait_until(lambda: main_thread_exited(pid))
+        assert sp.alive(token)
+        # Its mark is read through the thread that runs on: it is not taken for nobody's,
+        # which every other attempt's kill would have to wait for.
+        sp.spawn(req(tmp_path, ("sleep", "600"), other))
+        sp.kill_tree(other, grace=0.5)
+        assert main_thread_exited(pid)
+        started = time.monotonic()
+        sp.kill_tree(token, grace=0.5)
+        assert time.monotonic() - started < 0.5 + 5.0
+        assert gone(pid) and not sp.alive(token)
+
+
 OWNER = r"""
 import json, os, sys
 from coordinator.landlock import Ruleset
@@ -659,6 +681,19 @@ def test_kill_leftovers_finds_a_process_caught_in_the_middle_of_an_exec(tmp_path
         finally:
             proc.kill()
             proc.wait()
+
+
+@needs_sys_exit
+def test_kill_leftovers_kills_a_process_whose_main_thread_exited_alone(tmp_path: Path) -> None:
+    token = f"lone-left-{RUN}"
+    proc = subprocess.Popen(lone_exit(tmp_path, "leader"), env={**ENV, MARK: token}, start_new_session=True)
+    try:
+        wait_until(lambda: main_thread_exited(proc.pid))
+        assert kill_leftovers([token]) == 1
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_the_log_keeps_head_and_tail_of_50_mib(tmp_path: Path) -> None:
