@@ -115,12 +115,13 @@ class _Proc:
     pgid: int
     sid: int
     start: int  # clock ticks since boot: tells a reused pid from the original
-    zombie: bool
+    zombie: bool  # no thread of it runs: there is nothing left to signal, only to reap
 
 
-def _read_proc(pid: int) -> _Proc | None:
+def _stat(path: str) -> list[bytes] | None:
+    """The fields of a /proc stat line after the name: state first, as field 3 of proc(5)."""
     try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
@@ -132,8 +133,30 @@ def _read_proc(pid: int) -> _Proc | None:
     end = data.rfind(b")")  # the name, in parentheses, may hold any byte
     if end < 0:
         return None  # gone between the open and the read
-    fields = data[end + 2 :].split()
-    return _Proc(pid, int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]), fields[0] in (b"Z", b"X"))
+    return data[end + 2 :].split()
+
+
+def _read_proc(pid: int) -> _Proc | None:
+    fields = _stat(f"/proc/{pid}/stat")
+    if fields is None:
+        return None
+    # A leader whose main thread exited alone (SYS_exit, not exit_group) shows Z while its
+    # other threads run on: the process is alive, and a signal to its pid reaches them all.
+    zombie = fields[0] in (b"Z", b"X") and (int(fields[17]) <= 1 or not _live_thread(pid))
+    return _Proc(pid, int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]), zombie)
+
+
+def _live_thread(pid: int) -> bool:
+    """Whether a thread of `pid` other than its leader has not exited (for a Z leader only)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tids:
+        fields = None if tid == str(pid) else _stat(f"/proc/{pid}/task/{tid}/stat")
+        if fields is not None and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 def _processes() -> dict[int, _Proc]:
@@ -159,11 +182,25 @@ def _variable(environ: bytes, name: str) -> str | None:
 
 
 def _environ(pid: int) -> bytes | None:
+    environ: bytes | None = None
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
-            return f.read()
+            environ = f.read()
+    except ProcessLookupError:
+        pass
     except OSError:
         return None
+    if environ:
+        return environ
+    # A leader that exited alone has no memory of its own left (the read fails, or is empty
+    # on older kernels), but the threads that run on share theirs.
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            if tid != str(pid):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/environ", "rb") as f:
+                    if other := f.read():
+                        return other
+    return environ
 
 
 # A process in the middle of an exec shows an empty environment for a moment (its new

@@ -471,6 +471,86 @@ def test_a_running_attempts_daemon_survives_another_attempts_kill(sp: Spawner, t
     assert gone(daemon)
 
 
+# The main thread ends alone (the raw exit system call, not exit_group as os._exit) while
+# another thread sleeps on: /proc then shows the process as a zombie, though it still runs.
+SYS_EXIT = {"x86_64": 60, "aarch64": 93}.get(os.uname().machine)
+needs_sys_exit = pytest.mark.skipif(SYS_EXIT is None, reason=f"no exit system call number for {os.uname().machine}")
+LONE_EXIT = r"""
+import ctypes, os, signal, sys, threading, time
+out, mode, sys_exit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+signal.signal(signal.SIGTERM, signal.SIG_IGN)      # only SIGKILL ends this one
+if mode == "detached":                              # it escapes: setsid, and its parent exits
+    if os.fork() != 0:
+        os._exit(0)
+    os.setsid()
+threading.Thread(target=time.sleep, args=(600,)).start()
+with open(out, "w") as f: f.write(str(os.getpid()))
+ctypes.CDLL(None).syscall(ctypes.c_long(sys_exit), ctypes.c_long(0))
+"""
+
+
+def lone_exit(tmp_path: Path, mode: str) -> tuple[str, ...]:
+    return py(tmp_path, LONE_EXIT) + (str(tmp_path / "lone"), mode, str(SYS_EXIT))
+
+
+def main_thread_exited(pid: int) -> bool:
+    """`pid` shows as a zombie while another of its threads runs."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state == b"Z" and len(os.listdir(f"/proc/{pid}/task")) == 2
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@contextlib.contextmanager
+def killed_at_end(pid: int) -> Iterator[None]:
+    """SIGKILL `pid` when the test ends, however it ends (through a pidfd: no reused pid is hit)."""
+    fd = os.pidfd_open(pid)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        os.close(fd)
+
+
+@needs_sys_exit
+def test_a_leader_whose_main_thread_exited_alone_is_alive_and_killed(sp: Spawner, tmp_path: Path) -> None:
+    token = f"lone-{RUN}"
+    pid = sp.spawn(req(tmp_path, lone_exit(tmp_path, "leader"), token))
+    with killed_at_end(pid):
+        wait_until(lambda: main_thread_exited(pid))
+        assert sp.alive(token)
+        started = time.monotonic()
+        sp.kill_tree(token, grace=0.5)
+        assert time.monotonic() - started < 0.5 + 5.0
+        assert gone(pid) and not sp.alive(token)
+        assert wait_exit(sp, token).returncode == -signal.SIGKILL
+
+
+@needs_sys_exit
+def test_an_escapee_whose_main_thread_exited_alone_is_its_attempts_and_killed_with_it(
+        sp: Spawner, tmp_path: Path) -> None:
+    token, other = f"lone-esc-{RUN}", f"lone-other-{RUN}"
+    sp.spawn(req(tmp_path, lone_exit(tmp_path, "detached"), token))
+    assert wait_exit(sp, token).returncode == 0
+    wait_until(lambda: (tmp_path / "lone").exists() and (tmp_path / "lone").read_text() != "")
+    pid = int((tmp_path / "lone").read_text())
+    with killed_at_end(pid):
+        wait_until(lambda: main_thread_exited(pid))
+        assert sp.alive(token)
+        # Its mark is read through the thread that runs on: it is not taken for nobody's,
+        # which every other attempt's kill would have to wait for.
+        sp.spawn(req(tmp_path, ("sleep", "600"), other))
+        sp.kill_tree(other, grace=0.5)
+        assert main_thread_exited(pid)
+        started = time.monotonic()
+        sp.kill_tree(token, grace=0.5)
+        assert time.monotonic() - started < 0.5 + 5.0
+        assert gone(pid) and not sp.alive(token)
+
+
 OWNER = r"""
 import json, os, sys
 from coordinator.landlock import Ruleset
@@ -601,6 +681,19 @@ def test_kill_leftovers_finds_a_process_caught_in_the_middle_of_an_exec(tmp_path
         finally:
             proc.kill()
             proc.wait()
+
+
+@needs_sys_exit
+def test_kill_leftovers_kills_a_process_whose_main_thread_exited_alone(tmp_path: Path) -> None:
+    token = f"lone-left-{RUN}"
+    proc = subprocess.Popen(lone_exit(tmp_path, "leader"), env={**ENV, MARK: token}, start_new_session=True)
+    try:
+        wait_until(lambda: main_thread_exited(proc.pid))
+        assert kill_leftovers([token]) == 1
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_the_log_keeps_head_and_tail_of_50_mib(tmp_path: Path) -> None:
