@@ -106,6 +106,9 @@ class _Attempt:
     out_fd: int | None
     exited: bool = False
     known: set[tuple[int, int]] = field(default_factory=set)  # (pid, start) seen in its tree
+    # The mount namespace it was started in (the read-only layer makes one per start): what a
+    # process naming it by its mark must be in. None: the server's own, which proves nothing.
+    ns: int | None = None
 
 
 @dataclass
@@ -298,6 +301,9 @@ class _Server:
         leader = _read_proc(pid)  # not reaped yet: readable even if it already exited
         # Unreadable: no mark can be proven younger than it, so none is believed.
         att = _Attempt(token, pid, leader.start if leader else sys.maxsize, _Log(log_fd, self.log_cap), out_r)
+        if msg["sandbox"] is not None and self.readonly:
+            # Gone already (it exits with its namespace): no mark naming it is believed either.
+            att.ns = _mount_ns(pid) or _NO_NS
         self.attempts[token] = self.leaders[pid] = att
         self.sel.register(out_r, selectors.EVENT_READ, lambda mask, att=att: self._on_output(att, mask))
         return pid
@@ -432,9 +438,13 @@ class _Server:
         # Anyone can exec with any mark: believe it only when it names an attempt the server
         # still knows and whose leader is no younger than the process (a descendant never is).
         # Else it is nobody's, and killed with every kill, so no mark hides it from its own.
+        # The mark is no secret (a record in state/ names it): a process of another attempt
+        # that took it on lives in that attempt's own mount namespace, not in the named one's.
         mark = _mark_of(top.pid)
         named = self.attempts.get(mark) if mark is not None else None
-        return mark if named is not None and named.start <= top.start else None
+        if named is None or named.start > top.start:
+            return None
+        return mark if named.ns is None or _mount_ns(top.pid) == named.ns else None
 
     def _forget(self, att: _Attempt) -> None:
         if self.attempts.get(att.token) is att:
@@ -487,6 +497,17 @@ class _Server:
             self.events.sendall(self.outbuf)
         self.events.close()
         self.ctl.close()
+
+
+_NO_NS = -1  # an attempt whose namespace could not be read: no process is proven to share it
+
+
+def _mount_ns(pid: int) -> int | None:
+    """The identity (inode) of the mount namespace `pid` lives in; None when it cannot be read."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/mnt").st_ino
+    except OSError:
+        return None
 
 
 def _resolve(argv0: str, path: str | None, cwd: str) -> str:

@@ -460,6 +460,23 @@ def test_a_forged_mark_hides_no_process_from_its_attempts_kill(sp: Spawner, tmp_
     assert sp.alive(later)  # the attempt the mark named is not the one that was killed
 
 
+@pytest.mark.skipif(mounts.status() is not None, reason="no read-only mount layer here: starts share one namespace")
+def test_a_mark_taken_from_another_running_attempt_hides_no_process(sp: Spawner, tmp_path: Path) -> None:
+    """A token is no secret (state/ records it): an escapee that names an attempt started
+    before it still lives in its own attempt's namespace, and dies with that attempt's kill."""
+    rules = Ruleset(writable=(str(tmp_path),))
+    victim, token = f"named-{RUN}", f"forger-{RUN}"
+    sp.spawn(req(tmp_path, ("sleep", "600"), victim, rules))
+    time.sleep(2 / os.sysconf("SC_CLK_TCK"))  # the forger's daemon starts on a later clock tick
+    sp.spawn(req(tmp_path, py(tmp_path, DAEMONS) + (str(tmp_path / "daemon"), victim, "exits"), token, rules))
+    assert not wait_exit(sp, token).alone
+    [daemon] = _daemons(tmp_path / "daemon")
+    assert daemon in marked(victim)
+    sp.kill_tree(token, grace=0.5)
+    assert gone(daemon)
+    assert sp.alive(victim)  # the attempt it named is untouched
+
+
 def test_a_running_attempts_daemon_survives_another_attempts_kill(sp: Spawner, tmp_path: Path) -> None:
     sp.spawn(req(tmp_path, py(tmp_path, DAEMONS) + (str(tmp_path / "daemon"), "-", "stays"), f"keep-{RUN}"))
     sp.spawn(req(tmp_path, ("sleep", "600"), f"other-{RUN}"))
