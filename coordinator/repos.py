@@ -484,9 +484,10 @@ class Repo:
         """Put right what a kill -9 inside `_locked_move` left in the checkout, path by path.
 
         Before the branch moved, the files are at the merge and the index at HEAD: they go
-        back to HEAD, and the order's retry merges again. A path is only put back where its
-        content is what the move itself wrote; a person's own uncommitted change is kept, and
-        named in `blocking` when a wo/ branch changes it too.
+        back to HEAD, and the order's retry merges again. After it moved, the index is still
+        at the commit before: it is set to HEAD. A path is only put back where its content is
+        what the move itself wrote (or what was committed before it); a person's own
+        uncommitted change is kept, and named in `blocking` when a wo/ branch changes it too.
         """
         with self._lock:
             head = self.head()
@@ -497,8 +498,16 @@ class Repo:
             disk = self._disk_entries(sorted(set(staged) | set(moves)))
             stage: dict[str, _Entry | None] = {}  # path -> HEAD's entry, into the index
             write: dict[str, _Entry | None] = {}  # path -> HEAD's entry, onto the disk
+            for before in self._before_merge(head) if staged else []:
+                # The branch moved, the index not: it holds what was committed before.
+                unchanged = set(staged) - set(self._raw_diff("diff-index", "--cached", before))
+                for p in unchanged:
+                    if _key(disk[p]) == _key(staged[p][0]):
+                        stage[p] = staged[p][0]
             blocking = []
             for p, (ours, merged) in moves.items():
+                if p in stage:
+                    continue
                 index = staged[p][1] if p in staged else ours
                 if _key(disk[p]) in {_key(m) for m in merged} and (index == ours or index in merged):
                     write[p] = ours  # the files moved, the branch not
@@ -537,6 +546,18 @@ class Repo:
                 if only is None or p in only:
                     moves.setdefault(p, (ours, []))[1].append(theirs)
         return moves
+
+    def _before_merge(self, head: str) -> list[str]:
+        """The commits the branch stood at before the merge that made `head`, when the supervisor
+        made it (an order's commit or its merge commit, both with a Work-Order trailer)."""
+        if not self.git("log", "-1", "--format=%(trailers:key=Work-Order,valueonly)", head).strip():
+            return []
+        found = []
+        for rev in (f"{head}^1", f"refs/heads/{self.default_branch()}@{{1}}"):
+            r = self._run(["rev-parse", "-q", "--verify", f"{rev}^{{commit}}"], check=False)
+            if r.returncode == 0:
+                found.append(r.stdout.strip())
+        return list(dict.fromkeys(found))
 
     def _raw_diff(self, *args: str) -> dict[str, tuple[_Entry | None, _Entry | None]]:
         """`git <args> -r -z` in raw format: each path's (mode, sha) on either side, None where

@@ -435,11 +435,12 @@ def test_crash_after_the_specialist_exited_runs_it_again_and_lands_once(make_ws)
     assert_clean(ws)
 
 
-@pytest.mark.parametrize("reached", ["merged", "checkout-moved"])
+@pytest.mark.parametrize("reached", ["merged", "checkout-moved", "branch-moved"])
 def test_crash_during_the_merge(make_ws, reached):
     """The agent's commit exists on wo/m1; the supervisor dies after the merge (`merged`: it is
     recovered as done), or is killed -9 inside the move between updating the checkout and
-    moving the branch (`checkout-moved`: it runs again). The checkout is never left
+    moving the branch (`checkout-moved`: it runs again) or between moving the branch and
+    installing the new index (`branch-moved`: recovered as done). The checkout is never left
     half-merged."""
     ws = team(make_ws)
     open_gate(ws, "m1", 1)
@@ -455,7 +456,7 @@ def test_crash_during_the_merge(make_ws, reached):
     if reached == "merged":
         assert repo.merge("m1") == tip
     else:
-        merge_killed_after(repo.path, "m1", "read-tree")
+        merge_killed_after(repo.path, "m1", "read-tree" if reached == "checkout-moved" else "update-ref")
     open_gate(ws, "m1", 2)
     said = restart(ws)
     assert_done_once(ws, "m1")

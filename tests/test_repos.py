@@ -414,11 +414,12 @@ def persons_edits(repo: Repo) -> None:
 
 
 @pytest.mark.parametrize("kind", ["fast-forward", "merge-commit", "merge-commit-old-git"])
-@pytest.mark.parametrize("step", ["read-tree"], ids=["checkout-moved"])
+@pytest.mark.parametrize("step", ["read-tree", "update-ref"], ids=["checkout-moved", "branch-moved"])
 def test_a_merge_killed_inside_the_move_leaves_the_checkout_clean_at_the_next_start(
         repo: Repo, ws: Path, kind: str, step: str) -> None:
-    """kill -9 after the checkout moved (the branch not): the next start leaves the checkout at
-    HEAD, the person's own edits as they were, and the order's merge goes through."""
+    """kill -9 after the checkout moved (the branch not), or after the branch moved (the index
+    not): the next start leaves the checkout at HEAD, the person's own edits as they were, and
+    the order's merge goes through."""
     if kind != "fast-forward":
         land(repo, ws, "WO-0000", {"src/other.py": "other\n"})
     wt = land(repo, ws, "WO-0001", {"src/login.py": "agent\n", "src/new.py": "new\n"})
