@@ -36,9 +36,8 @@ def clear_repo_locks(sup: Supervisor) -> None:
             repo = Repo(path)
             if repo.clear_stale_lock():
                 sup.say(f"cleared a stale lock in repos/{path.name}/.git left by a dead git process")
-            healed = repo.heal_checkout()
-            if healed:
-                sup.say(f"recovery: put back {len(healed)} path(s) of a merge interrupted in repos/{path.name}")
+            for line in repo.heal_checkout().lines(path.name):
+                sup.say(f"recovery: {line}")
 
 
 def recover(sup: Supervisor, crashed: bool, written: dict[str, int] | None = None) -> None:

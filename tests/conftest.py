@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -115,3 +117,32 @@ def dead_url() -> str:
 def _no_workspace_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("COORDINATOR_WORKSPACE", raising=False)
     yield
+
+
+# Repo.merge in a child that kills itself with SIGKILL right after the git command `step` of
+# the checkout's move: exactly what a kill -9 of the supervisor there leaves on disk, its
+# index.lock (the move's new index, written through GIT_INDEX_FILE) included.
+_MERGE_THEN_DIE = """
+import os, signal, sys
+from coordinator.repos import Repo
+
+class Dying(Repo):
+    def _run(self, args, **kw):
+        done = super()._run(args, **kw)
+        if args[0] == sys.argv[3]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return done
+
+Dying(sys.argv[1]).merge(sys.argv[2])
+"""
+
+
+def merge_killed_after(repo: Path, order_id: str, step: str) -> None:
+    """Merge wo/<order_id> into `repo` in a process killed -9 just after git `step` ran in it:
+    `read-tree` (the checkout moved, the branch not) or `update-ref` (the branch moved too, the
+    index not yet)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    proc = subprocess.run([sys.executable, "-c", _MERGE_THEN_DIE, str(repo), order_id, step],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (repo / ".git" / "index.lock").exists()  # what the kill left: the move's new index

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import drop, order_md, sh, step_until, wait_until
+from conftest import drop, merge_killed_after, order_md, sh, step_until, wait_until
 
 from bench.harness import probe_of
 from coordinator import durable, orders
@@ -435,11 +435,13 @@ def test_crash_after_the_specialist_exited_runs_it_again_and_lands_once(make_ws)
     assert_clean(ws)
 
 
-@pytest.mark.parametrize("reached", ["branch-moved", "checkout-moved"])
+@pytest.mark.parametrize("reached", ["merged", "checkout-moved", "branch-moved"])
 def test_crash_during_the_merge(make_ws, reached):
-    """The agent's commit exists on wo/m1; the crash came after the default branch moved
-    (`branch-moved`: it is recovered as done) or between updating the checkout and moving
-    the branch (`checkout-moved`: it runs again, and the checkout is not left half-merged)."""
+    """The agent's commit exists on wo/m1; the supervisor dies after the merge (`merged`: it is
+    recovered as done), or is killed -9 inside the move between updating the checkout and
+    moving the branch (`checkout-moved`: it runs again) or between moving the branch and
+    installing the new index (`branch-moved`: recovered as done). The checkout is never left
+    half-merged."""
     ws = team(make_ws)
     open_gate(ws, "m1", 1)
     sup = start_one(ws, "m1")
@@ -448,19 +450,20 @@ def test_crash_during_the_merge(make_ws, reached):
     workdir = Path(Store(ws.state).load("m1").running["workdir"])
     abandon(sup)
     repo = Repo(ws.repos / "webapp")
-    base = repo.head()
     tip = repo.commit(workdir, ["src/m1.py"], agent="chip", subject="Order m1 writes its file",
                       trailers={"Work-Order": "m1", "Agent": "chip", "Attempt": "1"})
     assert tip is not None
-    if reached == "branch-moved":
+    if reached == "merged":
         assert repo.merge("m1") == tip
     else:
-        repo._run(["read-tree", "-m", "-u", base, tip], cwd=repo.path)  # the checkout moved, the branch not
+        merge_killed_after(repo.path, "m1", "read-tree" if reached == "checkout-moved" else "update-ref")
     open_gate(ws, "m1", 2)
-    restart(ws)
+    said = restart(ws)
     assert_done_once(ws, "m1")
     assert git(ws.repos / "webapp", "status", "--porcelain") == ""
-    assert completions(ws) == (["m1"] if reached == "branch-moved" else ["m1", "m1"])
+    assert completions(ws) == (["m1", "m1"] if reached == "checkout-moved" else ["m1"])
+    if reached != "merged":
+        assert any("put back 1 path(s) of a merge interrupted in repos/webapp" in line for line in said), said
     assert_one_place(ws, {"m1"})
     assert_clean(ws)
 

@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import merge_killed_after
 from coordinator.demo.repo import init_demo_repo
 
+from coordinator import repos
 from coordinator.errors import GitError
 from coordinator.repos import MergeConflict, Repo, gc_worktrees
 
@@ -388,6 +390,99 @@ def test_a_racing_change_to_the_branch_is_detected_and_kept(ws: Path) -> None:
     assert len(sh_git(repo.path, "log", "-1", "--format=%P", new).split()) == 2
     assert (repo.path / "USER.txt").is_file() and (repo.path / "src" / "a.py").is_file()
     assert sh_git(repo.path, "status", "--porcelain") == ""
+
+
+# -- a crash inside a merge, and what the next start puts right -----------------------------------
+
+
+def start_again(repo: Repo, *, in_memory: bool | None = None) -> repos.Healed:
+    """What a supervisor's start does in repos/<name>: stale locks go, then the checkout heals."""
+    again = Repo(repo.path, in_memory_merge=in_memory)
+    again.clear_stale_lock()
+    return again.heal_checkout()
+
+
+PERSON = "M  Makefile\n M README.md\n?? notes.txt"  # `git status` of a person's own edits
+
+
+def persons_edits(repo: Repo) -> None:
+    """A person's work in the checkout, none of it on a path an order changes."""
+    edit(repo.path / "Makefile", "staged by the person\n")
+    sh_git(repo.path, "add", "Makefile")
+    edit(repo.path / "README.md", "edited by the person\n")
+    edit(repo.path / "notes.txt", "the person's notes\n")
+
+
+@pytest.mark.parametrize("kind", ["fast-forward", "merge-commit", "merge-commit-old-git"])
+@pytest.mark.parametrize("step", ["read-tree", "update-ref"], ids=["checkout-moved", "branch-moved"])
+def test_a_merge_killed_inside_the_move_leaves_the_checkout_clean_at_the_next_start(
+        repo: Repo, ws: Path, kind: str, step: str) -> None:
+    """kill -9 after the checkout moved (the branch not), or after the branch moved (the index
+    not): the next start leaves the checkout at HEAD, the person's own edits as they were, and
+    the order's merge goes through."""
+    if kind != "fast-forward":
+        land(repo, ws, "WO-0000", {"src/other.py": "other\n"})
+    wt = land(repo, ws, "WO-0001", {"src/login.py": "agent\n", "src/new.py": "new\n"})
+    (wt / "tests" / "__init__.py").unlink()
+    assert repo.commit(wt, ["tests/__init__.py"], agent="chip", subject="and drops a file",
+                       trailers={**TRAILERS, "Work-Order": "WO-0001"})
+    if kind != "fast-forward":
+        repo.merge("WO-0000")  # WO-0001 now needs a merge commit
+    persons_edits(repo)
+    merge_killed_after(repo.path, "WO-0001", step)
+
+    healed = start_again(repo, in_memory=False if kind.endswith("old-git") else None)
+    assert sh_git(repo.path, "status", "--porcelain") == PERSON
+    assert healed.put_back == ["src/login.py", "src/new.py", "tests/__init__.py"]
+    new = repo.merge("WO-0001")  # the retry lands
+    assert repo.landed("WO-0001") and sh_git(repo.path, "rev-parse", "HEAD") == new
+    assert (repo.path / "src" / "login.py").read_text() == "agent\n"
+    assert (repo.path / "src" / "new.py").read_text() == "new\n"
+    assert not (repo.path / "tests" / "__init__.py").exists()
+    assert sh_git(repo.path, "status", "--porcelain") == PERSON
+    assert (repo.path / "Makefile").read_text() == "staged by the person\n"
+    assert (repo.path / "README.md").read_text() == "edited by the person\n"
+
+
+def test_a_file_changed_by_a_person_after_the_crash_is_kept_and_named(repo: Repo, ws: Path) -> None:
+    """The checkout moved, the branch not, and then a person wrote their own version of the
+    order's new file: it is theirs, so it stays, and the start names it."""
+    land(repo, ws, "WO-0001", {"src/login.py": "agent\n", "src/new.py": "new\n"})
+    merge_killed_after(repo.path, "WO-0001", "read-tree")
+    edit(repo.path / "src" / "new.py", "the person's own\n")
+    healed = start_again(repo)
+    assert healed.put_back == ["src/login.py"]
+    assert healed.blocking == ["src/new.py"]
+    assert (repo.path / "src" / "new.py").read_text() == "the person's own\n"
+    assert sh_git(repo.path, "status", "--porcelain") == "?? src/new.py"
+
+
+def test_a_persons_staged_edit_survives_a_start_while_an_order_changed_the_same_path(
+        repo: Repo, ws: Path) -> None:
+    """wo/WO-0001 holds a commit that never merged (its checks were cut short); a person has
+    `git add`ed their own change to the same file in the checkout. A start keeps it."""
+    land(repo, ws, "WO-0001", {"src/login.py": "agent\n"})
+    edit(repo.path / "src" / "login.py", "the person's change\n")
+    sh_git(repo.path, "add", "src/login.py")
+    healed = start_again(repo)
+    assert sh_git(repo.path, "status", "--porcelain") == "M  src/login.py"
+    assert sh_git(repo.path, "show", ":src/login.py") == "the person's change"
+    assert (repo.path / "src" / "login.py").read_text() == "the person's change\n"
+    assert healed.put_back == [] and healed.blocking == ["src/login.py"]
+    [said] = healed.lines("webapp")  # one line at the start says why a merge there would stop
+    assert "src/login.py" in said and "committed or discarded" in said
+
+
+def test_a_checkout_staged_at_an_orders_commit_goes_back_to_head(repo: Repo, ws: Path) -> None:
+    """Index and files at exactly what wo/WO-0001 holds while the branch stayed behind (an
+    older move staged into the index itself): put back, other paths left alone."""
+    land(repo, ws, "WO-0001", {"src/login.py": "agent\n", "src/new.py": "new\n"})
+    base = repo.head()
+    persons_edits(repo)
+    sh_git(repo.path, "read-tree", "-m", "-u", base, "wo/WO-0001")
+    healed = start_again(repo)
+    assert healed.put_back == ["src/login.py", "src/new.py"]
+    assert sh_git(repo.path, "status", "--porcelain") == PERSON
 
 
 # -- hooks, fsmonitor, locks ---------------------------------------------------------------------
