@@ -16,7 +16,8 @@ with EPERM: chmod, fchmod, fchmodat and fchmodat2 with S_ISUID or S_ISGID in the
 open, creat and openat that create a file (O_CREAT or O_TMPFILE) with those bits; mknod and
 mknodat with them; fcntl setting a lease or a delegation. openat2 (its mode sits behind a
 pointer a filter cannot read) and io_uring_setup (io_uring's operations pass no filter) fail
-with ENOSYS; the C library falls back to openat without openat2. Everything else is allowed.
+with ENOSYS, as on a kernel without them: programs that try openat2 fall back to openat.
+Everything else is allowed.
 
 The numbers are known for x86_64 (with the i386 calls a 64-bit process can make too; x32
 calls are refused) and aarch64 (with its 32-bit ARM calls). On another machine nothing is
@@ -69,7 +70,7 @@ _X32_SYSCALL_BIT = 0x40000000
 
 _SETID = stat.S_ISUID | stat.S_ISGID
 _CREATES = 0o100 | 0o20000000  # O_CREAT | __O_TMPFILE, the same on all four ABIs
-_LEASES = (1024, 1040)  # F_SETLEASE, F_SETDELEG (Linux 6.19): both take a lease
+_LEASES = (1024, 1040)  # F_SETLEASE, and F_SETDELEG of newer kernels: both take a lease
 
 # What a call is checked for: ("mode", i) the mode in argument i; ("create", f, m) the mode in
 # argument m when the flags in argument f create a file; ("lease", i) the fcntl command in
