@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from . import landlock, mounts
+from . import landlock, mounts, seccomp
 from .errors import ConfigError
 from .runner import agent_warnings
 from .workspace import Workspace
@@ -42,6 +42,15 @@ def report(ws: Workspace | None) -> list[str]:
     else:
         lines.append(f"read-only mounts: NOT AVAILABLE ({why_not}; needs root) — chmod/chown/utime of files "
                      "outside the working copy are not refused (the gate checks modes inside it)")
+    # The filter is installed with the Landlock ruleset, in the thread that set no_new_privs for it.
+    why_not = seccomp.status() if abi > 0 else "it comes with the Landlock ruleset, which this kernel lacks"
+    if why_not is None:
+        lines.append("setuid/lease guard: active (seccomp): a specialist can neither make a setuid or "
+                     "setgid file nor take a file lease")
+    else:
+        lines.append(f"setuid/lease guard: NOT ACTIVE on this machine ({why_not}) — a root specialist can "
+                     "leave a setuid file in a folder it may write outside the working copy, and a file "
+                     "lease can make the supervisor's writes wait")
     lines.append("gate: after every run (manifest of the working copy: type, mode, hash, links, .git entries)")
     lines.append(f"watcher: {'inotify (watchdog)' if platform.system() == 'Linux' else 'platform observer'}; "
                  "`supervise --poll` for network file systems")

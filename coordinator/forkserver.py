@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import landlock, mounts
+from . import landlock, mounts, seccomp
 from .errors import CoordinatorError, SandboxError, SupervisorError
 from .landlock import Ruleset
 from .spawner import (
@@ -534,10 +534,10 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
 
     Landlock restricts only the calling thread, and a thread that unshared its
     file-system context has its own current folder (and, with `readonly`, its own
-    mounts, all read-only but those paths); the child inherits them all, and the
-    capability sets the server's thread emptied. So no Python runs in the child
-    (vfork + exec in the C library) and the server itself stays unrestricted in its
-    own folder. Returns once exec succeeded.
+    mounts, all read-only but those paths); the child inherits them all, the seccomp
+    filter installed after the ruleset, and the capability sets the server's thread
+    emptied. So no Python runs in the child (vfork + exec in the C library) and the
+    server itself stays unrestricted in its own folder. Returns once exec succeeded.
     """
     outcome: list[int | BaseException] = []
 
@@ -552,7 +552,8 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
             except OSError as e:
                 raise CoordinatorError(f"cannot enter working folder {cwd}: {e.strerror}") from None
             if ruleset_fd >= 0:
-                landlock.enforce(ruleset_fd)
+                landlock.enforce(ruleset_fd)  # sets no_new_privs, which the filter needs
+                seccomp.install()  # no setuid file, no lease: what Landlock has no right for
             # No capability to give up here: the server's thread emptied the bounding,
             # inheritable and ambient sets this thread inherited (see `_Server`).
             # The server's /dev/null sits on the machine's mount: fchmod(0) would change it.

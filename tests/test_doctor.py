@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import sh
 
-from coordinator import landlock
+from coordinator import landlock, seccomp
 from coordinator.cli import cli
 from coordinator.supervisor import Supervisor
 from coordinator.workspace import Workspace
@@ -73,6 +73,22 @@ def test_without_landlock_the_gate_only_fallback_is_said_loudly(ws: Workspace, m
     with Supervisor(ws, log=said.append):
         pass
     assert any(x.startswith("WARNING: this kernel has no Landlock") and "doctor" in x for x in said), said
+
+
+@pytest.mark.skipif(landlock.abi_version() < 1 or not seccomp.supported(),
+                    reason="the setuid/lease guard needs Landlock and a machine the filter knows")
+def test_doctor_says_the_setuid_and_lease_guard_is_active(ws: Workspace) -> None:
+    assert line(doctor(ws), "setuid/lease guard:").startswith("setuid/lease guard: active (seccomp)")
+
+
+def test_on_a_machine_the_filter_does_not_know_doctor_says_the_guard_is_not_active(ws: Workspace,
+                                                                                    monkeypatch) -> None:
+    monkeypatch.setattr(seccomp, "MACHINES", ())
+    guard = line(doctor(ws), "setuid/lease guard:")
+    assert guard.startswith("setuid/lease guard: NOT ACTIVE on this machine (the filter does not know "
+                            "this machine's system calls"), guard
+    monkeypatch.setattr(landlock, "abi_version", lambda: 0)
+    assert "which this kernel lacks" in line(doctor(ws), "setuid/lease guard:")
 
 
 def test_before_abi_6_doctor_says_signals_are_not_scoped(ws: Workspace, monkeypatch) -> None:

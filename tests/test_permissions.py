@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from conftest import drop, order_md, step_until
 
-from coordinator import gate, landlock, mounts
+from coordinator import gate, landlock, mounts, seccomp
 from coordinator.store import Record, Store
 from coordinator.supervisor import Supervisor
 from coordinator.workspace import Workspace
@@ -34,6 +34,8 @@ from coordinator.workspace import Workspace
 needs_landlock = pytest.mark.skipif(landlock.abi_version() < 1, reason="this kernel has no Landlock")
 needs_readonly = pytest.mark.skipif(mounts.status() is not None,
                                     reason=f"no read-only mount layer here: {mounts.status()}")
+GUARD = landlock.abi_version() >= 1 and seccomp.status() is None  # setuid modes and leases refused
+needs_guard = pytest.mark.skipif(not GUARD, reason=f"no setuid/lease guard here: {seccomp.status()}")
 
 # Prepended to every attack: each operation prints one line, `<label>: refused <ERRNO>` or `<label>: DONE`.
 PRELUDE = '''
@@ -347,17 +349,62 @@ write("src/login.py")  # an allowed change alongside: it must not land either
     assert git(a.repo, "branch", "--list", "main", "--format=%(objectname)") == a.main
 
 
+def setid_files(top: Path) -> list[str]:
+    """Every setuid or setgid file beneath `top` (a setgid folder is no privilege)."""
+    found = []
+    for folder, _dirs, files in os.walk(top):
+        for name in files:
+            st = os.lstat(os.path.join(folder, name))
+            if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                found.append(os.path.join(folder, name))
+    return found
+
+
 @needs_landlock
-def test_setuid_on_an_allowed_file_is_denied(make_ws, tmp_path):
+def test_setuid_and_setgid_modes_are_refused_by_the_kernel_or_denied_by_the_gate(make_ws, tmp_path):
+    """Landlock has no right for chmod, and a specialist of a root supervisor is root: its own copy
+    of a program, chmod 4755, is one any user runs as root. The seccomp filter refuses the mode
+    everywhere, in folders the gate never reads too (the attempt folder is kept after the run);
+    without it the gate denies such a mode in the working copy."""
     a = Attack(make_ws, tmp_path, '''
+import shutil
 attempt("setuid", lambda: os.chmod("src/login.py", 0o4755))
 write("src/new.py", mode="w")
 attempt("setgid", lambda: os.chmod("src/new.py", 0o2755))
+kept = shutil.copy(sys.executable, os.path.join(os.environ["TMPDIR"], "python"))
+attempt("setuid-attempt-folder", lambda: os.chmod(kept, 0o4755))
+attempt("setuid-sandbox-writable", lambda: os.open(os.path.join(PROBE, "sh"), os.O_CREAT | os.O_WRONLY, 0o4755))
 ''', files=("webapp/src/**",))
-    assert "setuid: DONE" in a.log and "setgid: DONE" in a.log  # Landlock has no right for chmod
-    a.assert_denied("src/login.py", "src/new.py")
-    assert all("setuid" in line for line in a.offending)
+    if GUARD:
+        assert refusals(a.rec, a.log) == dict.fromkeys(
+            ("setuid", "setgid", "setuid-attempt-folder", "setuid-sandbox-writable"), "refused EPERM"), a.log
+        assert a.rec.status == "done", a.rec.report  # the new file, without the mode, lands
+        assert setid_files(tmp_path) == []
+    else:
+        assert "setuid: DONE" in a.log and "setgid: DONE" in a.log
+        a.assert_denied("src/login.py", "src/new.py")
+        assert all("setuid" in line for line in a.offending)
     assert stat.S_IMODE(os.lstat(a.repo / "src" / "login.py").st_mode) & stat.S_ISUID == 0
+
+
+@needs_guard
+def test_a_specialist_cannot_lease_the_supervisors_files_and_still_runs_git(make_ws, tmp_path):
+    """A read lease on a file of state/ made every write of the supervisor to it wait 45 s."""
+    a = Attack(make_ws, tmp_path, '''
+import fcntl, signal, subprocess
+signal.signal(signal.SIGIO, signal.SIG_IGN)
+for label, path in (("lease-reflog", "state/.git/logs/HEAD"), ("lease-record", "state/orders/atk/record.json"),
+                    ("lease-config", "coordinator.yaml")):
+    attempt(label, lambda: fcntl.fcntl(os.open(os.path.join(WS, path), os.O_RDONLY), fcntl.F_SETLEASE,
+                                       fcntl.F_RDLCK))
+status = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
+print("git-status: exit", status.returncode, status.stderr)
+write("src/login.py")
+''', files=("webapp/src/**",))
+    assert refusals(a.rec, a.log) == dict.fromkeys(("lease-reflog", "lease-record", "lease-config"),
+                                                   "refused EPERM"), a.log
+    assert "git-status: exit 0" in a.log, a.log
+    assert a.rec.status == "done", a.rec.report
 
 
 @needs_landlock
@@ -853,9 +900,8 @@ print("CHMOD-INSIDE-OK")
 
 @needs_landlock
 def test_writing_outside_then_failing_is_still_denied(make_ws, tmp_path):
-    a = Attack(make_ws, tmp_path, 'os.chmod("src/login.py", 0o4755)\nsys.exit(3)\n',
-               files=("webapp/src/login.py",), writes=("webapp/src/**",))
-    a.assert_denied("src/login.py")
+    a = Attack(make_ws, tmp_path, 'os.mkfifo("src/pipe.py")\nsys.exit(3)\n', files=("webapp/src/**",))
+    a.assert_denied("src/pipe.py")
 
 
 @needs_landlock
