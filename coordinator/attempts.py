@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 OUTPUT_TAIL = 1500
+KILL_RETRY = 5.0  # seconds before the watch tries again to kill processes that survived a kill
 # What a refused write looks like in a program's output (EACCES/EPERM/EROFS from the kernel).
 REFUSED = re.compile(r"Permission denied|Operation not permitted|Read-only file system|EACCES|EPERM", re.I)
 # What makes a refusal line one about a write that was tried, not words that merely mention
@@ -63,6 +64,7 @@ class Active:
     committed: str | None = None
     cancelled: bool = False
     timed_out: bool = False
+    kill_due: float | None = None  # when `watch` tries again to kill processes a kill left alive
     token: str = ""
     thread: threading.Thread | None = None
     thread_outcome: Any = None
@@ -183,7 +185,9 @@ class AttemptRunner:
                 act.timed_out = True
                 self.sup.say(f"{act.rec.id}: timed out after {_fmt(act.deadline - act.started)}; killing it")
                 self._stop_model(act, "the order's timeout ran out while the model was answering")
-                self.sup.spawner.kill_tree(self._current_token(act), grace=2.0)
+                self._kill(act, now, grace=2.0)
+            elif act.kill_due is not None and now >= act.kill_due:
+                self._kill(act, now, grace=2.0)
             limit = act.agent.stale_after
             # Younger than the limit, it cannot be silent that long: no look at its files.
             if (not act.rec.stale and now - act.started > limit
@@ -194,10 +198,25 @@ class AttemptRunner:
     def _current_token(self, act: Active) -> str:
         return f"{act.token}.c{act.check_index}" if act.phase == "check" else act.token
 
+    def _kill(self, act: Active, now: float, *, grace: float, then: str = "") -> str | None:
+        """Kill the attempt's processes; None, or the line said when some survived (a process
+        stuck in the kernel): the watch tries again later, and the attempt is decided when its
+        exit comes, as after any kill. A failed kill never stops the supervisor."""
+        try:
+            self.sup.spawner.kill_tree(self._current_token(act), grace=grace)
+        except CoordinatorError as e:
+            act.kill_due = now + KILL_RETRY
+            line = (f"{act.rec.id}: could not kill the attempt: {e}; "
+                    + (then or f"trying again in {_fmt(KILL_RETRY)}"))
+            self.sup.say(line)
+            return line
+        act.kill_due = None
+        return None
+
     def kill_all(self) -> None:
         for act in list(self.active.values()):
             self._stop_model(act, "the supervisor is stopping now")
-            self.sup.spawner.kill_tree(self._current_token(act), grace=0.5)
+            self._kill(act, self.sup.clock(), grace=0.5, then="the next start kills what is left")
 
     def cancel(self, rec: Record) -> None:
         for act in self.active.values():

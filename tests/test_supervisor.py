@@ -12,9 +12,10 @@ import pytest
 from conftest import drop, order_md, sh, step_until
 
 from bench.harness import probe_of
-from coordinator import board, signals
+from coordinator import attempts, board, signals
 from coordinator.audit import StateRepo
-from coordinator.errors import StateError
+from coordinator.errors import CoordinatorError, StateError
+from coordinator.spawner import Spawner
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
 from coordinator.watcher import NullWatcher
@@ -550,6 +551,35 @@ def test_a_cancelled_order_stays_cancelled_when_its_processes_cannot_be_killed(m
     rec = Store(ws.state).load("a")
     assert (rec.status, rec.failures) == ("cancelled", [])
     assert any("cancelled, but processes of the attempt survived SIGKILL" in line for line in lines)
+
+
+class KillFailsOnce(Spawner):
+    """Fault injection: the first kill of a tree reports a survivor and leaves the tree alive (a
+    process stuck in the kernel cannot be made on demand); later kills work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = 0
+
+    def kill_tree(self, token: str, grace: float = 2.0) -> None:
+        if not self.failed:
+            self.failed += 1
+            raise CoordinatorError(f"1 processes of attempt {token} survived SIGKILL")
+        super().kill_tree(token, grace)
+
+
+def test_a_timeout_whose_kill_fails_is_said_and_tried_again_and_the_supervisor_runs_on(make_ws, monkeypatch):
+    monkeypatch.setattr(attempts, "KILL_RETRY", 0.5)
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("sleep 30"), "timeout": "1s", "max_failures": 1}})
+    drop(ws, "chip", "a.md", order_md("Hangs past its timeout", id="a"))
+    lines: list[str] = []
+    with Supervisor(ws, spawner=KillFailsOnce(), log=lines.append) as sup:
+        sup.run_once(limit=30)
+    rec = Store(ws.state).load("a")
+    assert rec.status == "blocked" and rec.failures[0].startswith("timed out after 1.0s"), rec.failures
+    (said,) = [line for line in lines if "could not kill" in line]
+    assert said.startswith("a: could not kill the attempt: 1 processes of attempt a.1.") and said.endswith(
+        "survived SIGKILL; trying again in 0.5s")
 
 
 def test_cancel_and_retry_through_the_library(make_ws):
