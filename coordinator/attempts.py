@@ -218,12 +218,17 @@ class AttemptRunner:
             self._stop_model(act, "the supervisor is stopping now")
             self._kill(act, self.sup.clock(), grace=0.5, then="the next start kills what is left")
 
-    def cancel(self, rec: Record) -> None:
-        for act in self.active.values():
+    def cancel(self, rec: Record) -> str | None:
+        """Kill `rec`'s attempt (its caller moves it to cancelled); the line said when processes
+        of it survived the kill, for the user who cancelled: it is cancelled all the same."""
+        for act in list(self.active.values()):
             if act.rec.id == rec.id:
                 act.cancelled = True
                 self._stop_model(act, "cancelled")
-                self.sup.spawner.kill_tree(self._current_token(act), grace=1.0)
+                failed = self._kill(act, self.sup.clock(), grace=1.0)
+                if failed:
+                    return failed
+        return None
 
     @staticmethod
     def _stop_model(act: Active, why: str) -> None:
@@ -471,6 +476,9 @@ class AttemptRunner:
 
     def _end_cancelled(self, act: Active) -> None:
         self._finish(act)
+        if act.rec.status == "running":  # the cancel never got to its move: it ends cancelled all the same
+            act.rec.report = {"summary": "cancelled"}
+            self.sup.move(act.rec, "cancelled", audit.SUPERVISOR)
 
     def fail(self, act: Active, reason: str) -> None:
         """A failed attempt: re-queue with the reason for the next brief, or block after max_failures."""

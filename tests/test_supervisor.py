@@ -582,6 +582,26 @@ def test_a_timeout_whose_kill_fails_is_said_and_tried_again_and_the_supervisor_r
         "survived SIGKILL; trying again in 0.5s")
 
 
+def test_a_cancel_whose_kill_fails_says_so_and_the_order_stays_cancelled_after_a_restart(make_ws, monkeypatch):
+    monkeypatch.setattr(attempts, "KILL_RETRY", 0.5)
+    ws = make_ws({"chip": {"role": "specialist", "command": sh('echo run >> "$PROBE/runs"; sleep 30')}})
+    drop(ws, "chip", "a.md", order_md("Runs until cancelled", id="a"))
+    lines: list[str] = []
+    with Supervisor(ws, spawner=KillFailsOnce(), log=lines.append) as sup:
+        step_until(sup, lambda: "a" in sup.records and sup.records["a"].status == "running", "the order to run")
+        answer = sup.handle("cancel", {"id": "a"})
+        assert answer["status"] == "cancelled"
+        assert answer["warning"].startswith("a: could not kill the attempt: 1 processes of attempt a.1.")
+        assert "\n" not in answer["warning"]
+        step_until(sup, lambda: not sup.attempts.active, "the kill tried again to end the attempt")
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=10)
+    rec = Store(ws.state).load("a")
+    assert (rec.status, rec.failures) == ("cancelled", [])
+    assert [h["to"] for h in rec.history] == ["queued", "running", "cancelled"]
+    assert (probe_of(ws) / "runs").read_text() == "run\n"  # never run again
+
+
 def test_cancel_and_retry_through_the_library(make_ws):
     ws = make_ws({"chip": {"role": "specialist", "max_failures": 1, "command": sh(
         'test -e "$PROBE/fixed" || exit 1')}})
