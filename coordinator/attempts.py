@@ -663,6 +663,7 @@ class AttemptRunner:
                     rec.running = None
                     rec.report = {"summary": "landed before the supervisor stopped", "merge": sha}
                     self.sup.move(rec, "done", rec.to, note="recovered after a crash")
+                    self._note_landed(repo, sha)
                     return
                 repo.remove_worktree(rec.id, Path(str(info.get("workdir", ""))), keep=False)
         rec.running = None
@@ -672,6 +673,16 @@ class AttemptRunner:
         else:
             self.sup.move(rec, "queued", audit.SUPERVISOR, note=rec.failures[-1])
 
+
+    def _note_landed(self, repo: Repo, sha: str) -> None:
+        """Note the head the merge of `sha` made, when the supervisor stopped before it could:
+        else the tamper watch takes the supervisor's own merge for a `silent` change. Only a
+        head that merge made from the head last noted; any other move is still reported."""
+        known = self.sup.heads.get(repo.name, {}).get("head")
+        with contextlib.suppress(CoordinatorError):
+            head = repo.head()
+            if known and head != known and repo.made_by_merge(head, base=known, tip=sha):
+                self.sup.note_head(repo.name, head, base=known)
 
     def _resume_request(self, rec: Record, agent: Agent, number: int) -> None:
         """A request that had delegated keeps waiting for its children; it is not run again."""

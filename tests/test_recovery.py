@@ -23,7 +23,7 @@ import pytest
 from conftest import drop, order_md, sh, step_until, wait_until
 
 from bench.harness import probe_of
-from coordinator import durable, orders
+from coordinator import durable, orders, signals
 from coordinator.audit import StateRepo
 from coordinator.repos import Repo
 from coordinator.store import Store
@@ -462,6 +462,39 @@ def test_crash_during_the_merge(make_ws, reached):
     assert git(ws.repos / "webapp", "status", "--porcelain") == ""
     assert completions(ws) == (["m1"] if reached == "branch-moved" else ["m1", "m1"])
     assert_one_place(ws, {"m1"})
+    assert_clean(ws)
+
+
+@pytest.mark.parametrize("merge", ["fast-forward", "merge-commit"])
+def test_a_merge_that_landed_before_a_crash_is_no_silent_change_at_restart(make_ws, merge):
+    """The crash came right after the supervisor's merge, before it noted the new head: at
+    restart the order is done, and the move of the default branch is its own, not `silent`.
+    `merge-commit`: m0 landed while m1 ran, so m1's merge is a merge commit."""
+    ws = make_ws({"chip": {**CHIP, "max_parallel": 2}})
+    ids = ["m0", "m1"] if merge == "merge-commit" else ["m1"]
+    for oid in ids:
+        drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} writes its file", id=oid, files=(f"webapp/src/{oid}.py",)))
+    sup = Supervisor(ws)
+    sup.open()
+    step_until(sup, lambda: all(committed_status(ws, oid) == "running" for oid in ids), "the orders to run")
+    if merge == "merge-commit":
+        open_gate(ws, "m0", 1)
+        step_until(sup, lambda: committed_status(ws, "m0") == "done", "m0 to land")
+    open_gate(ws, "m1", 1)
+    wait_until(lambda: "m1" in completions(ws) and not specialists_of(ws), "m1's specialist to exit")
+    workdir = Path(Store(ws.state).load("m1").running["workdir"])
+    abandon(sup)
+    repo = Repo(ws.repos / "webapp")
+    base = repo.head()
+    tip = repo.commit(workdir, ["src/m1.py"], agent="chip", subject="Order m1 writes its file",
+                      trailers={"Work-Order": "m1", "Agent": "chip", "Attempt": "1"})
+    assert tip is not None
+    merged = repo.merge("m1")  # as the supervisor merges; killed right after
+    assert (merged == tip) == (merge == "fast-forward") and merged != base
+    said = restart(ws)
+    assert_done_once(ws, "m1")
+    assert signals.load(ws.state) == [], said
+    assert not [line for line in said if "silent" in line]
     assert_clean(ws)
 
 
