@@ -498,6 +498,71 @@ def test_a_merge_that_landed_before_a_crash_is_no_silent_change_at_restart(make_
     assert_clean(ws)
 
 
+def outbox_team(make_ws: Callable[..., Workspace], *names: str) -> Workspace:
+    """chip notes each run in $PROBE/runs, writes an order to rex into its outbox under each of
+    `names`, then exits 0."""
+    writes = "".join(
+        f'printf "objective: Review {n}\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+        f'branching: [{{action: halt-with-note, when: nothing to do}}]\\n" > "$COORD_OUTBOX/rex/{n}.yaml"; '
+        for n in names)
+    return make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "max_failures": 3,
+                             "command": sh(f'echo run >> "$PROBE/runs"; mkdir -p "$COORD_OUTBOX/rex"; {writes}echo sent')},
+                    "rex": {"role": "specialist", "command": sh("echo ok")}})
+
+
+def test_a_crash_while_a_check_runs_sends_the_outbox_once_after_the_restart(make_ws):
+    """Killed while the check of attempt 1 ran: that attempt sent nothing; attempt 2 sends its order once."""
+    ws = outbox_team(make_ws, "r")
+    probe = probe_of(ws)
+    acc = (f"`test -e {probe}/go || (touch {probe}/checking; sleep 60)` passes", "The second thing is true",
+           "The third thing is true")
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o", acceptance=acc))
+    sup = Supervisor(ws)
+    sup.open()
+    step_until(sup, lambda: (probe / "checking").exists(), "the check to run")
+    assert [r.id for r in Store(ws.state).load_all().values() if r.to == "rex"] == []
+    abandon(sup)
+    (probe / "go").touch()
+    restart(ws)
+    recs = Store(ws.state).load_all()
+    assert (recs["o"].status, recs["o"].attempts) == ("done", 2)
+    (to_rex,) = [r for r in recs.values() if r.to == "rex"]
+    assert (to_rex.sender, to_rex.status) == ("chip", "done")
+    assert recs["o"].children == [to_rex.id]
+    assert (probe / "runs").read_text() == "run\nrun\n"
+    assert_clean(ws)
+
+
+def test_a_crash_while_the_outbox_is_delivered_delivers_the_rest_once_at_restart(make_ws):
+    """Killed after the first of two outbox orders was filed: the attempt was decided, so it
+    is not run again; the restart files the second, and each reaches rex once."""
+    ws = outbox_team(make_ws, "a", "b")
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    sup = Supervisor(ws)
+    sup.open()
+    file_claimed = sup.file_claimed
+
+    def killed_after_the_first(claimed: Path, agent: str, **kw: Any) -> Any:
+        rec = file_claimed(claimed, agent, **kw)
+        if kw["shown"].startswith("outbox of"):
+            raise Killed
+        return rec
+
+    sup.file_claimed = killed_after_the_first  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        step_until(sup, lambda: False, "the crash")
+    abandon(sup)
+    restart(ws)
+    recs = Store(ws.state).load_all()
+    assert (recs["o"].status, recs["o"].attempts) == ("done", 1)
+    to_rex = sorted((r for r in recs.values() if r.to == "rex"), key=lambda r: r.seq)
+    assert [(r.objective, r.sender, r.status) for r in to_rex] == [("Review a", "chip", "done"),
+                                                                    ("Review b", "chip", "done")]
+    assert recs["o"].children == [r.id for r in to_rex]
+    assert (probe_of(ws) / "runs").read_text() == "run\n"  # decided: never run again
+    assert_clean(ws)
+
+
 @pytest.mark.parametrize("committed", ["nothing", "the first of two commits"])
 def test_crash_between_a_state_write_and_its_commit_repairs_the_history(make_ws, committed):
     """Records were written, their transitions staged, and the group commit never (fully)

@@ -409,6 +409,25 @@ def test_outbox_orders_are_stamped_and_checked_against_sends_to(make_ws):
     assert set(recs["o"].children) == {to_rex[0].id, to_walt[0].id}
 
 
+def test_the_outbox_of_an_attempt_that_fails_its_check_is_not_sent_and_its_retry_sends_it_once(make_ws):
+    chip = sh('mkdir -p "$COORD_OUTBOX/rex"; '
+              'printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+              'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/r.yaml"; '
+              'echo x >> "$PROBE/attempts"')
+    ws = make_ws({"chip": {"role": "specialist", "command": chip, "sends_to": ["rex"], "max_failures": 3},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    probe = probe_of(ws)
+    acc = (f"`test $(wc -l < {probe}/attempts) -ge 2` passes", "The second thing is true", "The third thing is true")
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o", acceptance=acc))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    assert (recs["o"].status, recs["o"].attempts) == ("done", 2)
+    (to_rex,) = [r for r in recs.values() if r.to == "rex"]
+    assert (to_rex.sender, to_rex.status, to_rex.source) == ("chip", "done", "outbox of o/r.yaml")
+    assert recs["o"].children == [to_rex.id]
+    assert f"- {to_rex.id} to rex: queued" in (ws.state / "orders" / "o" / "report.md").read_text()
+
+
 def test_an_outbox_file_is_taken_as_a_copy_that_a_handle_kept_open_cannot_write(make_ws):
     """A process of the attempt that kept its outbox file open (one that escaped the kill, say)
     must not write on into state/: the order is filed from a copy, and the file is removed."""
@@ -451,8 +470,9 @@ def test_a_copied_outbox_file_is_cut_off_from_its_writer_and_keeps_its_size_for_
     assert rec.status == "rejected" and "is 3.0 MiB; a work order is at most 256 KiB" in rec.errors[0]
 
 
-@pytest.mark.parametrize("check, ending", [("true", "done"), ("false", "blocked")])
-def test_an_outbox_order_with_no_recipient_is_named_in_the_report_and_kept(make_ws, check, ending):
+@pytest.mark.parametrize("check, ending, why", [("true", "done", "names no known recipient"),
+                                               ("false", "blocked", "not delivered: attempt 1 failed")])
+def test_an_outbox_order_with_no_recipient_is_named_in_the_report_and_kept(make_ws, check, ending, why):
     outbox = sh('printf "objective: Review it\\nacceptance: [a is true]\\nfiles: []\\n'
                 'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/lost.yaml"; '
                 'echo sent')
@@ -464,7 +484,7 @@ def test_an_outbox_order_with_no_recipient_is_named_in_the_report_and_kept(make_
     rec = Store(ws.state).load("o")
     assert rec.status == ending and rec.children == []  # a failing check does not hide it either
     (line,) = rec.report["undelivered"]
-    assert line.startswith("lost.yaml: names no known recipient")
+    assert line.startswith(f"lost.yaml: {why}")
     assert "Not delivered from the outbox" in (ws.state / "orders" / "o" / "report.md").read_text()
     kept = list((ws.root / ".coordinator" / "attempts" / "o").rglob("lost.yaml"))
     assert len(kept) == 1  # still where the specialist wrote it
