@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 OUTPUT_TAIL = 1500
+KILL_RETRY = 5.0  # seconds before the watch tries again to kill processes that survived a kill
 # What a refused write looks like in a program's output (EACCES/EPERM/EROFS from the kernel).
 REFUSED = re.compile(r"Permission denied|Operation not permitted|Read-only file system|EACCES|EPERM", re.I)
 # What makes a refusal line one about a write that was tried, not words that merely mention
@@ -63,9 +64,11 @@ class Active:
     committed: str | None = None
     cancelled: bool = False
     timed_out: bool = False
+    kill_due: float | None = None  # when `watch` tries again to kill processes a kill left alive
     token: str = ""
     thread: threading.Thread | None = None
     thread_outcome: Any = None
+    delivered: bool = False  # its outbox was taken (once the attempt was decided)
     undelivered: list[str] = field(default_factory=list)  # outbox files that named no known agent
 
 
@@ -183,7 +186,9 @@ class AttemptRunner:
                 act.timed_out = True
                 self.sup.say(f"{act.rec.id}: timed out after {_fmt(act.deadline - act.started)}; killing it")
                 self._stop_model(act, "the order's timeout ran out while the model was answering")
-                self.sup.spawner.kill_tree(self._current_token(act), grace=2.0)
+                self._kill(act, now, grace=2.0)
+            elif act.kill_due is not None and now >= act.kill_due:
+                self._kill(act, now, grace=2.0)
             limit = act.agent.stale_after
             # Younger than the limit, it cannot be silent that long: no look at its files.
             if (not act.rec.stale and now - act.started > limit
@@ -194,17 +199,37 @@ class AttemptRunner:
     def _current_token(self, act: Active) -> str:
         return f"{act.token}.c{act.check_index}" if act.phase == "check" else act.token
 
+    def _kill(self, act: Active, now: float, *, grace: float, then: str = "") -> str | None:
+        """Kill the attempt's processes; None, or the line said when some survived (a process
+        stuck in the kernel): the watch tries again later, and the attempt is decided when its
+        exit comes, as after any kill. A failed kill never stops the supervisor."""
+        try:
+            self.sup.spawner.kill_tree(self._current_token(act), grace=grace)
+        except CoordinatorError as e:
+            act.kill_due = now + KILL_RETRY
+            line = (f"{act.rec.id}: could not kill the attempt: {e}; "
+                    + (then or f"trying again in {_fmt(KILL_RETRY)}"))
+            self.sup.say(line)
+            return line
+        act.kill_due = None
+        return None
+
     def kill_all(self) -> None:
         for act in list(self.active.values()):
             self._stop_model(act, "the supervisor is stopping now")
-            self.sup.spawner.kill_tree(self._current_token(act), grace=0.5)
+            self._kill(act, self.sup.clock(), grace=0.5, then="the next start kills what is left")
 
-    def cancel(self, rec: Record) -> None:
-        for act in self.active.values():
+    def cancel(self, rec: Record) -> str | None:
+        """Kill `rec`'s attempt (its caller moves it to cancelled); the line said when processes
+        of it survived the kill, for the user who cancelled: it is cancelled all the same."""
+        for act in list(self.active.values()):
             if act.rec.id == rec.id:
                 act.cancelled = True
                 self._stop_model(act, "cancelled")
-                self.sup.spawner.kill_tree(self._current_token(act), grace=1.0)
+                failed = self._kill(act, self.sup.clock(), grace=1.0)
+                if failed:
+                    return failed
+        return None
 
     @staticmethod
     def _stop_model(act: Active, why: str) -> None:
@@ -260,11 +285,16 @@ class AttemptRunner:
         act.result = result
         if self._judge(act) is False:
             return None
-        self._deliver_outbox(act)
+        # The outbox is delivered only once nothing can fail the attempt any more (`_end`): an
+        # attempt whose check or merge fails sends nothing, and its retry sends its orders once.
         if result.outcome != "done":
             return self._end_outcome(act, result)
-        if act.agent.is_orchestrator and act.rec.children:
-            return self._await_children(act)
+        if act.agent.is_orchestrator:
+            # An orchestrator delegates through its outbox: with orders sent, its request is
+            # decided to wait for them (its checks run when they have ended).
+            self._deliver(act, "running", act.agent.name)
+            if act.rec.children:
+                return self._await_children(act)
         if act.repo is not None and act.verdict is not None and act.verdict.commit_paths():
             try:
                 act.committed = act.repo.commit(
@@ -387,27 +417,57 @@ class AttemptRunner:
                       "changed": [f"{act.repo.name}/{p}" for p in act.verdict.commit_paths()]
                       if act.repo and act.verdict else [],
                       "checks": act.check_lines, "merge": sha}
-        self._finish(act)
-        self.sup.move(rec, "done", act.agent.name, note=f"commit {act.committed[:10]}" if act.committed else None)
+        self._end(act, "done", act.agent.name, note=f"commit {act.committed[:10]}" if act.committed else None)
 
     # -- endings ---------------------------------------------------------------------------------------
     def _end_outcome(self, act: Active, result: results.Result) -> None:
-        rec, sup = act.rec, self.sup
+        rec, who = act.rec, act.agent.name
         rec.report = {"summary": result.summary, "outcome": result.outcome}
-        self._finish(act)
         if result.outcome == "halt-with-note":
-            sup.move(rec, "halted", act.agent.name, note=_short(result.summary))
+            self._end(act, "halted", who, note=_short(result.summary))
         elif result.outcome == "route-to":
             assert result.agent is not None
             rec.report["routed_to"] = rec.routed_to = self._plan_follow_up(rec, result.agent)
-            sup.move(rec, "routed", act.agent.name, note=f"to {result.agent}")
-            self.file_follow_up(rec, act.order)
+            self._end(act, "routed", who, note=f"to {result.agent}")
         elif result.outcome == "requeue-with-blocker":
             rec.blocker = result.blocker
-            sup.move(rec, "waiting", act.agent.name, note=f"blocker: {result.blocker}")
-            sup.settle_waiting(rec, f"{rec.blocker} is already done")
+            self._end(act, "waiting", who, note=f"blocker: {result.blocker}")
         else:
-            self.block(rec, f"{act.agent.name} reported blocked: {result.summary}", actor=act.agent.name)
+            reason = f"{who} reported blocked: {result.summary}"
+            self._plan_block(rec, reason)
+            self._end(act, "blocked", who, note=_short(reason))
+
+    def _end(self, act: Active, status: str, actor: str, *, note: str | None = None) -> None:
+        """The attempt is decided (its record says how: report, blocker, follow-up): deliver
+        its outbox, then change the status. Never earlier: see `conclude`."""
+        self._deliver(act, status, actor, note=note)
+        self._finish(act)
+        self._close(act.rec, status, actor, note=note, order=act.order)
+
+    def _close(self, rec: Record, status: str, actor: str, *, note: str | None = None,
+               order: WorkOrder | None = None) -> None:
+        """Move an order whose attempt ended to `status`; then file what that ending sends on."""
+        self.sup.move(rec, status, actor, note=note)
+        if status in ("routed", "blocked") and _planned(rec.report or {}) is not None:
+            self.file_follow_up(rec, order)
+        elif status == "waiting":
+            self.sup.settle_waiting(rec, f"{rec.blocker} is already done")
+
+    def _deliver(self, act: Active, status: str, actor: str, *, note: str | None = None) -> None:
+        """Deliver the outbox of a decided attempt, once."""
+        if act.delivered:
+            return
+        act.delivered = True
+        files = _outbox_files(act.attempt.outbox, act.undelivered)
+        if not files:
+            return
+        # On disk first, with how the attempt ends: a crash while its orders are taken ends it
+        # so at the next start, which delivers the rest (`recover`); run again, the attempt
+        # would send every one of them a second time.
+        rec = act.rec
+        rec.running = {**(rec.running or {}), "ending": {"status": status, "actor": actor, "note": note}}
+        self.sup.store.save(rec)
+        self._deliver_outbox(rec, act.agent.name, act.attempt.outbox, files, act.undelivered)
 
     def _judge(self, act: Active) -> bool | None:
         """Run the gate once per attempt; False when the change was denied (and the order ended)."""
@@ -452,11 +512,18 @@ class AttemptRunner:
 
     def _end_cancelled(self, act: Active) -> None:
         self._finish(act)
+        if act.rec.status == "running":  # the cancel never got to its move: it ends cancelled all the same
+            act.rec.report = {"summary": "cancelled"}
+            self.sup.move(act.rec, "cancelled", audit.SUPERVISOR)
 
     def fail(self, act: Active, reason: str) -> None:
         """A failed attempt: re-queue with the reason for the next brief, or block after max_failures."""
         rec = act.rec
         rec.report = {"summary": f"attempt {act.attempt.number} failed: {reason}"}
+        if not act.delivered:  # the sender learns that the orders it wrote were not sent
+            for path in _outbox_files(act.attempt.outbox, act.undelivered):
+                act.undelivered.append(f"{path.name}: not delivered: attempt {act.attempt.number} failed; "
+                                       f"kept in {path.parent}")
         self._finish(act)  # after the report: it adds what the outbox could not deliver
         rec.failures.append(reason)
         if len(rec.failures) >= act.agent.max_failures:
@@ -469,14 +536,15 @@ class AttemptRunner:
         self.block(rec, reason)
 
     def block(self, rec: Record, reason: str, *, actor: str = audit.SUPERVISOR) -> None:
+        self._plan_block(rec, reason)
+        self._close(rec, "blocked", actor, note=_short(reason))
+
+    def _plan_block(self, rec: Record, reason: str) -> None:
+        """The report of a block, with the escalation it files when `escalate_to` is set."""
         rec.report = {k: v for k, v in (rec.report or {}).items() if k != "follow_up"} | {"summary": reason}
         target = self.sup.config.escalate_to
-        escalate = target if target and target != rec.to and rec.sender != "coordinator" else None
-        if escalate:
-            self._plan_follow_up(rec, escalate)
-        self.sup.move(rec, "blocked", actor, note=_short(reason))
-        if escalate:
-            self.file_follow_up(rec)
+        if target and target != rec.to and rec.sender != "coordinator":
+            self._plan_follow_up(rec, target)
 
     # -- follow-ups: a route's next order, a block's investigation ------------------------------------
     def _plan_follow_up(self, rec: Record, to: str) -> str:
@@ -569,54 +637,25 @@ class AttemptRunner:
                 self.sup.say(f"{act.rec.id}: could not remove the scratch folder: {e}; remove it by hand")
 
     # -- outbox -------------------------------------------------------------------------------------
-    def _deliver_outbox(self, act: Active) -> None:
-        """Work orders the specialist wrote into $COORD_OUTBOX, stamped with its name."""
-        box = act.attempt.outbox
-        try:
-            if not stat.S_ISDIR(os.lstat(box).st_mode):
-                return  # replaced by a link: nothing is taken from wherever it points
-        except OSError:
-            return
-        found: list[Path] = []
-        # An explicit stack and a depth limit, not os.walk: that recurses, and the specialist
-        # chose how deep its outbox goes. Links are listed (and skipped below), never entered.
-        def shown(folder: str) -> str:
-            rel = os.path.relpath(folder, box)
-            return f"{rel[:60]}...{rel[-60:]}" if len(rel) > 130 else rel
-
-        todo = [(str(box), 0)]
-        while todo:
-            folder, depth = todo.pop()
-            try:
-                with os.scandir(folder) as it:
-                    items = list(it)
-            except OSError as e:
-                act.undelivered.append(f"{shown(folder)}: not read ({e.strerror}); nothing in it was delivered")
-                continue
-            for item in items:
-                if not item.is_dir(follow_symlinks=False):
-                    found.append(Path(item.path))
-                elif depth + 1 < gate.MAX_DEPTH:
-                    todo.append((item.path, depth + 1))
-                else:
-                    act.undelivered.append(f"{shown(item.path)}: over {gate.MAX_DEPTH} folders deep in the "
-                                           "outbox; not read, nothing in it was delivered")
-        for path in sorted(found):
-            if path.is_symlink() or not path.is_file() or path.name.startswith("."):
-                continue
+    def _deliver_outbox(self, rec: Record, sender: str, box: Path, files: list[Path],
+                        undelivered: list[str]) -> None:
+        """Work orders the specialist wrote into $COORD_OUTBOX (`files`, see `_outbox_files`),
+        stamped with its name; each leaves the outbox as it is taken, so what is left there
+        was not delivered."""
+        for path in files:
             to = path.parent.name if path.parent != box else _to_of(path)
             if to not in self.sup.config.agents:
-                self.sup.say(f"{act.rec.id}: outbox file {path.name} names no known recipient; not delivered")
-                act.undelivered.append(f"{path.name}: names no known recipient (give it `to: <agent>` or "
-                                       f"write it into $COORD_OUTBOX/<agent>/); kept in {path.parent}")
+                self.sup.say(f"{rec.id}: outbox file {path.name} names no known recipient; not delivered")
+                undelivered.append(f"{path.name}: names no known recipient (give it `to: <agent>` or "
+                                   f"write it into $COORD_OUTBOX/<agent>/); kept in {path.parent}")
                 continue
             # A copy, not the file: a process of the attempt may still hold it open for writing.
             taken = self.sup.intake.claim_copy(path, to)
             if taken:
                 claimed, size = taken
-                rec = self.sup.file_claimed(claimed, to, shown=f"outbox of {act.rec.id}/{path.name}",
-                                            sender=act.agent.name, size=size)
-                act.rec.children.append(rec.id)
+                child = self.sup.file_claimed(claimed, to, shown=f"outbox of {rec.id}/{path.name}",
+                                              sender=sender, size=size)
+                rec.children.append(child.id)
 
     # -- crash recovery ------------------------------------------------------------------------------
     def recover(self, rec: Record) -> None:
@@ -624,9 +663,20 @@ class AttemptRunner:
         info = rec.running or {}
         number = int(info.get("number", rec.attempts))
         agent = self.sup.config.agents.get(rec.to)
+        ending = _ending(info)
+        if ending is not None and agent is not None:  # it was decided, and its outbox being delivered
+            self._deliver_rest(rec, agent, number)
         if agent is not None and agent.is_orchestrator and rec.children:
             return self._resume_request(rec, agent, number)
         repo_name = info.get("repo")
+        if ending is not None and agent is not None and ending["status"] != "running":
+            if repo_name:
+                with contextlib.suppress(CoordinatorError):
+                    self.repo(str(repo_name)).remove_worktree(rec.id, Path(str(info.get("workdir", ""))), keep=False)
+            rec.running = None
+            self.sup.say(f"recovery: {rec.id}'s attempt {number} had ended {ending['status']} and was "
+                         "delivering its outbox: the rest is delivered, and it is not run again")
+            return self._close(rec, ending["status"], ending["actor"], note=ending["note"])
         if repo_name:
             with contextlib.suppress(CoordinatorError):
                 repo = self.repo(str(repo_name))
@@ -636,6 +686,7 @@ class AttemptRunner:
                     rec.running = None
                     rec.report = {"summary": "landed before the supervisor stopped", "merge": sha}
                     self.sup.move(rec, "done", rec.to, note="recovered after a crash")
+                    self._note_landed(repo, sha)
                     return
                 repo.remove_worktree(rec.id, Path(str(info.get("workdir", ""))), keep=False)
         rec.running = None
@@ -645,6 +696,28 @@ class AttemptRunner:
         else:
             self.sup.move(rec, "queued", audit.SUPERVISOR, note=rec.failures[-1])
 
+    def _deliver_rest(self, rec: Record, agent: Agent, number: int) -> None:
+        """A crash cut short the delivery of a decided attempt's outbox: the orders it had
+        delivered (filed again by recovery, if need be, from where the crash left them) are its
+        children, and what is still in its outbox is delivered now, once."""
+        made_here = f"outbox of {rec.id}/"
+        rec.children += [r.id for r in sorted(self.sup.records.values(), key=lambda r: r.seq)
+                         if r.source.startswith(made_here) and r.id not in rec.children]
+        undelivered: list[str] = []
+        box = runner.attempt_folder(self.ws, rec.id, number) / "outbox"
+        self._deliver_outbox(rec, agent.name, box, _outbox_files(box, undelivered), undelivered)
+        if undelivered:
+            rec.report = {**(rec.report or {}), "undelivered": undelivered}
+
+    def _note_landed(self, repo: Repo, sha: str) -> None:
+        """Note the head the merge of `sha` made, when the supervisor stopped before it could:
+        else the tamper watch takes the supervisor's own merge for a `silent` change. Only a
+        head that merge made from the head last noted; any other move is still reported."""
+        known = self.sup.heads.get(repo.name, {}).get("head")
+        with contextlib.suppress(CoordinatorError):
+            head = repo.head()
+            if known and head != known and repo.made_by_merge(head, base=known, tip=sha):
+                self.sup.note_head(repo.name, head, base=known)
 
     def _resume_request(self, rec: Record, agent: Agent, number: int) -> None:
         """A request that had delegated keeps waiting for its children; it is not run again."""
@@ -718,6 +791,55 @@ def _note_undelivered(act: Active) -> None:
     from the supervisor's log."""
     if act.undelivered:
         act.rec.report = {**(act.rec.report or {}), "undelivered": act.undelivered}
+
+
+ENDINGS = ("done", "halted", "routed", "waiting", "blocked", "running")
+
+
+def _ending(running: dict[str, Any]) -> dict[str, Any] | None:
+    """How a decided attempt ends, as `_deliver` wrote it before taking its outbox (None: it
+    was not decided, or what the record says is not one)."""
+    ending = running.get("ending")
+    if not isinstance(ending, dict) or ending.get("status") not in ENDINGS \
+            or not isinstance(ending.get("actor"), str) or not isinstance(ending.get("note"), str | None):
+        return None
+    return ending
+
+
+def _outbox_files(box: Path, undelivered: list[str]) -> list[Path]:
+    """The files in an outbox (sorted; no links, no dot-files); what cannot be read is said in
+    `undelivered`. Nothing is taken from where an outbox replaced by a link points."""
+    try:
+        if not stat.S_ISDIR(os.lstat(box).st_mode):
+            return []
+    except OSError:
+        return []
+    found: list[Path] = []
+
+    def shown(folder: str) -> str:
+        rel = os.path.relpath(folder, box)
+        return f"{rel[:60]}...{rel[-60:]}" if len(rel) > 130 else rel
+
+    # An explicit stack and a depth limit, not os.walk: that recurses, and the specialist
+    # chose how deep its outbox goes. Links are listed (and skipped below), never entered.
+    todo = [(str(box), 0)]
+    while todo:
+        folder, depth = todo.pop()
+        try:
+            with os.scandir(folder) as it:
+                items = list(it)
+        except OSError as e:
+            undelivered.append(f"{shown(folder)}: not read ({e.strerror}); nothing in it was delivered")
+            continue
+        for item in items:
+            if not item.is_dir(follow_symlinks=False):
+                found.append(Path(item.path))
+            elif depth + 1 < gate.MAX_DEPTH:
+                todo.append((item.path, depth + 1))
+            else:
+                undelivered.append(f"{shown(item.path)}: over {gate.MAX_DEPTH} folders deep in the "
+                                   "outbox; not read, nothing in it was delivered")
+    return [p for p in sorted(found) if not p.is_symlink() and p.is_file() and not p.name.startswith(".")]
 
 
 def _to_of(path: Path) -> str | None:

@@ -522,6 +522,8 @@ def cancel(c: Context, order_id: str) -> None:
 
     with explain_missing(c.ws, order_id):
         r = _submit(c, "cancel", {"id": order_id})
+    if r.get("warning"):
+        click.echo(f"coordinator: {r['warning']}", err=True)
     click.echo(f"{r['id']}: {r['status']}")
 
 

@@ -193,14 +193,15 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
         if rec.status not in CANCELLABLE:
             raise StateError(f"{rec.id} is {rec.status}; only queued, waiting, running, blocked or halted orders "
                              "can be cancelled")
-        if rec.status == "running":
-            sup.attempts.cancel(rec)
+        # A kill that failed is said, and the order is cancelled all the same: left running, it
+        # would run again after the next start.
+        warning = sup.attempts.cancel(rec) if rec.status == "running" else None
         summary = f"cancelled by {args.get('by', 'user')}"
         before = (rec.report or {}).get("summary") if rec.status in ("blocked", "halted") else None
         # An ended order keeps why it ended: the sender reads both in the report.
         rec.report = {"summary": f"{summary}; it was {rec.status}: {before}" if before else summary}
         sup.move(rec, "cancelled", str(args.get("by", "user")))
-        return {"id": rec.id, "status": rec.status}
+        return {"id": rec.id, "status": rec.status, **({"warning": warning} if warning else {})}
     if action == "retry":
         rec = _record(sup, str(args["id"]))
         if rec.status == "waiting" and not rec.blocker:

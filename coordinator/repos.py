@@ -247,6 +247,13 @@ class Repo:
     def _has_ref(self, ref: str) -> bool:
         return self._run(["rev-parse", "-q", "--verify", ref], check=False).returncode == 0
 
+    def made_by_merge(self, head: str, *, base: str, tip: str) -> bool:
+        """Whether `head` is what `merge` makes of `tip` on a default branch at `base`: `tip`
+        itself (a fast-forward), or a merge commit of the two."""
+        if head == tip:
+            return self._is_ancestor(base, tip)
+        return self.git("rev-list", "--parents", "-n", "1", head).split()[1:] == [base, tip]
+
     def _is_ancestor(self, a: str, b: str) -> bool:
         return self._run(["merge-base", "--is-ancestor", a, b], check=False).returncode == 0
 

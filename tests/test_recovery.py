@@ -23,7 +23,7 @@ import pytest
 from conftest import drop, merge_killed_after, order_md, sh, step_until, wait_until
 
 from bench.harness import probe_of
-from coordinator import durable, orders
+from coordinator import durable, orders, signals
 from coordinator.audit import StateRepo
 from coordinator.repos import Repo
 from coordinator.store import Store
@@ -465,6 +465,104 @@ def test_crash_during_the_merge(make_ws, reached):
     if reached != "merged":
         assert any("put back 1 path(s) of a merge interrupted in repos/webapp" in line for line in said), said
     assert_one_place(ws, {"m1"})
+    assert_clean(ws)
+
+
+@pytest.mark.parametrize("merge", ["fast-forward", "merge-commit"])
+def test_a_merge_that_landed_before_a_crash_is_no_silent_change_at_restart(make_ws, merge):
+    """The crash came right after the supervisor's merge, before it noted the new head: at
+    restart the order is done, and the move of the default branch is its own, not `silent`.
+    `merge-commit`: m0 landed while m1 ran, so m1's merge is a merge commit."""
+    ws = make_ws({"chip": {**CHIP, "max_parallel": 2}})
+    ids = ["m0", "m1"] if merge == "merge-commit" else ["m1"]
+    for oid in ids:
+        drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} writes its file", id=oid, files=(f"webapp/src/{oid}.py",)))
+    sup = Supervisor(ws)
+    sup.open()
+    step_until(sup, lambda: all(committed_status(ws, oid) == "running" for oid in ids), "the orders to run")
+    if merge == "merge-commit":
+        open_gate(ws, "m0", 1)
+        step_until(sup, lambda: committed_status(ws, "m0") == "done", "m0 to land")
+    open_gate(ws, "m1", 1)
+    wait_until(lambda: "m1" in completions(ws) and not specialists_of(ws), "m1's specialist to exit")
+    workdir = Path(Store(ws.state).load("m1").running["workdir"])
+    abandon(sup)
+    repo = Repo(ws.repos / "webapp")
+    base = repo.head()
+    tip = repo.commit(workdir, ["src/m1.py"], agent="chip", subject="Order m1 writes its file",
+                      trailers={"Work-Order": "m1", "Agent": "chip", "Attempt": "1"})
+    assert tip is not None
+    merged = repo.merge("m1")  # as the supervisor merges; killed right after
+    assert (merged == tip) == (merge == "fast-forward") and merged != base
+    said = restart(ws)
+    assert_done_once(ws, "m1")
+    assert signals.load(ws.state) == [], said
+    assert not [line for line in said if "silent" in line]
+    assert_clean(ws)
+
+
+def outbox_team(make_ws: Callable[..., Workspace], *names: str) -> Workspace:
+    """chip notes each run in $PROBE/runs, writes an order to rex into its outbox under each of
+    `names`, then exits 0."""
+    writes = "".join(
+        f'printf "objective: Review {n}\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+        f'branching: [{{action: halt-with-note, when: nothing to do}}]\\n" > "$COORD_OUTBOX/rex/{n}.yaml"; '
+        for n in names)
+    return make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "max_failures": 3,
+                             "command": sh(f'echo run >> "$PROBE/runs"; mkdir -p "$COORD_OUTBOX/rex"; {writes}echo sent')},
+                    "rex": {"role": "specialist", "command": sh("echo ok")}})
+
+
+def test_a_crash_while_a_check_runs_sends_the_outbox_once_after_the_restart(make_ws):
+    """Killed while the check of attempt 1 ran: that attempt sent nothing; attempt 2 sends its order once."""
+    ws = outbox_team(make_ws, "r")
+    probe = probe_of(ws)
+    acc = (f"`test -e {probe}/go || (touch {probe}/checking; sleep 60)` passes", "The second thing is true",
+           "The third thing is true")
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o", acceptance=acc))
+    sup = Supervisor(ws)
+    sup.open()
+    step_until(sup, lambda: (probe / "checking").exists(), "the check to run")
+    assert [r.id for r in Store(ws.state).load_all().values() if r.to == "rex"] == []
+    abandon(sup)
+    (probe / "go").touch()
+    restart(ws)
+    recs = Store(ws.state).load_all()
+    assert (recs["o"].status, recs["o"].attempts) == ("done", 2)
+    (to_rex,) = [r for r in recs.values() if r.to == "rex"]
+    assert (to_rex.sender, to_rex.status) == ("chip", "done")
+    assert recs["o"].children == [to_rex.id]
+    assert (probe / "runs").read_text() == "run\nrun\n"
+    assert_clean(ws)
+
+
+def test_a_crash_while_the_outbox_is_delivered_delivers_the_rest_once_at_restart(make_ws):
+    """Killed after the first of two outbox orders was filed: the attempt was decided, so it
+    is not run again; the restart files the second, and each reaches rex once."""
+    ws = outbox_team(make_ws, "a", "b")
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    sup = Supervisor(ws)
+    sup.open()
+    file_claimed = sup.file_claimed
+
+    def killed_after_the_first(claimed: Path, agent: str, **kw: Any) -> Any:
+        rec = file_claimed(claimed, agent, **kw)
+        if kw["shown"].startswith("outbox of"):
+            raise Killed
+        return rec
+
+    sup.file_claimed = killed_after_the_first  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        step_until(sup, lambda: False, "the crash")
+    abandon(sup)
+    restart(ws)
+    recs = Store(ws.state).load_all()
+    assert (recs["o"].status, recs["o"].attempts) == ("done", 1)
+    to_rex = sorted((r for r in recs.values() if r.to == "rex"), key=lambda r: r.seq)
+    assert [(r.objective, r.sender, r.status) for r in to_rex] == [("Review a", "chip", "done"),
+                                                                    ("Review b", "chip", "done")]
+    assert recs["o"].children == [r.id for r in to_rex]
+    assert (probe_of(ws) / "runs").read_text() == "run\n"  # decided: never run again
     assert_clean(ws)
 
 

@@ -12,9 +12,10 @@ import pytest
 from conftest import drop, order_md, sh, step_until
 
 from bench.harness import probe_of
-from coordinator import board, signals
+from coordinator import attempts, board, signals
 from coordinator.audit import StateRepo
-from coordinator.errors import StateError
+from coordinator.errors import CoordinatorError, StateError
+from coordinator.spawner import Spawner
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
 from coordinator.watcher import NullWatcher
@@ -408,6 +409,25 @@ def test_outbox_orders_are_stamped_and_checked_against_sends_to(make_ws):
     assert set(recs["o"].children) == {to_rex[0].id, to_walt[0].id}
 
 
+def test_the_outbox_of_an_attempt_that_fails_its_check_is_not_sent_and_its_retry_sends_it_once(make_ws):
+    chip = sh('mkdir -p "$COORD_OUTBOX/rex"; '
+              'printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+              'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/r.yaml"; '
+              'echo x >> "$PROBE/attempts"')
+    ws = make_ws({"chip": {"role": "specialist", "command": chip, "sends_to": ["rex"], "max_failures": 3},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    probe = probe_of(ws)
+    acc = (f"`test $(wc -l < {probe}/attempts) -ge 2` passes", "The second thing is true", "The third thing is true")
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o", acceptance=acc))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    assert (recs["o"].status, recs["o"].attempts) == ("done", 2)
+    (to_rex,) = [r for r in recs.values() if r.to == "rex"]
+    assert (to_rex.sender, to_rex.status, to_rex.source) == ("chip", "done", "outbox of o/r.yaml")
+    assert recs["o"].children == [to_rex.id]
+    assert f"- {to_rex.id} to rex: queued" in (ws.state / "orders" / "o" / "report.md").read_text()
+
+
 def test_an_outbox_file_is_taken_as_a_copy_that_a_handle_kept_open_cannot_write(make_ws):
     """A process of the attempt that kept its outbox file open (one that escaped the kill, say)
     must not write on into state/: the order is filed from a copy, and the file is removed."""
@@ -450,8 +470,9 @@ def test_a_copied_outbox_file_is_cut_off_from_its_writer_and_keeps_its_size_for_
     assert rec.status == "rejected" and "is 3.0 MiB; a work order is at most 256 KiB" in rec.errors[0]
 
 
-@pytest.mark.parametrize("check, ending", [("true", "done"), ("false", "blocked")])
-def test_an_outbox_order_with_no_recipient_is_named_in_the_report_and_kept(make_ws, check, ending):
+@pytest.mark.parametrize("check, ending, why", [("true", "done", "names no known recipient"),
+                                               ("false", "blocked", "not delivered: attempt 1 failed")])
+def test_an_outbox_order_with_no_recipient_is_named_in_the_report_and_kept(make_ws, check, ending, why):
     outbox = sh('printf "objective: Review it\\nacceptance: [a is true]\\nfiles: []\\n'
                 'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/lost.yaml"; '
                 'echo sent')
@@ -463,7 +484,7 @@ def test_an_outbox_order_with_no_recipient_is_named_in_the_report_and_kept(make_
     rec = Store(ws.state).load("o")
     assert rec.status == ending and rec.children == []  # a failing check does not hide it either
     (line,) = rec.report["undelivered"]
-    assert line.startswith("lost.yaml: names no known recipient")
+    assert line.startswith(f"lost.yaml: {why}")
     assert "Not delivered from the outbox" in (ws.state / "orders" / "o" / "report.md").read_text()
     kept = list((ws.root / ".coordinator" / "attempts" / "o").rglob("lost.yaml"))
     assert len(kept) == 1  # still where the specialist wrote it
@@ -550,6 +571,55 @@ def test_a_cancelled_order_stays_cancelled_when_its_processes_cannot_be_killed(m
     rec = Store(ws.state).load("a")
     assert (rec.status, rec.failures) == ("cancelled", [])
     assert any("cancelled, but processes of the attempt survived SIGKILL" in line for line in lines)
+
+
+class KillFailsOnce(Spawner):
+    """Fault injection: the first kill of a tree reports a survivor and leaves the tree alive (a
+    process stuck in the kernel cannot be made on demand); later kills work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = 0
+
+    def kill_tree(self, token: str, grace: float = 2.0) -> None:
+        if not self.failed:
+            self.failed += 1
+            raise CoordinatorError(f"1 processes of attempt {token} survived SIGKILL")
+        super().kill_tree(token, grace)
+
+
+def test_a_timeout_whose_kill_fails_is_said_and_tried_again_and_the_supervisor_runs_on(make_ws, monkeypatch):
+    monkeypatch.setattr(attempts, "KILL_RETRY", 0.5)
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("sleep 30"), "timeout": "1s", "max_failures": 1}})
+    drop(ws, "chip", "a.md", order_md("Hangs past its timeout", id="a"))
+    lines: list[str] = []
+    with Supervisor(ws, spawner=KillFailsOnce(), log=lines.append) as sup:
+        sup.run_once(limit=30)
+    rec = Store(ws.state).load("a")
+    assert rec.status == "blocked" and rec.failures[0].startswith("timed out after 1.0s"), rec.failures
+    (said,) = [line for line in lines if "could not kill" in line]
+    assert said.startswith("a: could not kill the attempt: 1 processes of attempt a.1.") and said.endswith(
+        "survived SIGKILL; trying again in 0.5s")
+
+
+def test_a_cancel_whose_kill_fails_says_so_and_the_order_stays_cancelled_after_a_restart(make_ws, monkeypatch):
+    monkeypatch.setattr(attempts, "KILL_RETRY", 0.5)
+    ws = make_ws({"chip": {"role": "specialist", "command": sh('echo run >> "$PROBE/runs"; sleep 30')}})
+    drop(ws, "chip", "a.md", order_md("Runs until cancelled", id="a"))
+    lines: list[str] = []
+    with Supervisor(ws, spawner=KillFailsOnce(), log=lines.append) as sup:
+        step_until(sup, lambda: "a" in sup.records and sup.records["a"].status == "running", "the order to run")
+        answer = sup.handle("cancel", {"id": "a"})
+        assert answer["status"] == "cancelled"
+        assert answer["warning"].startswith("a: could not kill the attempt: 1 processes of attempt a.1.")
+        assert "\n" not in answer["warning"]
+        step_until(sup, lambda: not sup.attempts.active, "the kill tried again to end the attempt")
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=10)
+    rec = Store(ws.state).load("a")
+    assert (rec.status, rec.failures) == ("cancelled", [])
+    assert [h["to"] for h in rec.history] == ["queued", "running", "cancelled"]
+    assert (probe_of(ws) / "runs").read_text() == "run\n"  # never run again
 
 
 def test_cancel_and_retry_through_the_library(make_ws):
