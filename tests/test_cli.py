@@ -274,6 +274,23 @@ def test_a_bad_config_stops_every_command_with_one_line_naming_the_key(ws: Path)
         assert result.stderr == "coordinator: coordinator.yaml: agents.rex.writes: must be a list, not the number 5\n"
 
 
+@pytest.mark.parametrize("glob, said", [
+    ("[z-a]", "has a bad set '[z-a]' (bad character range z-a)"),
+    ("[]", "has an empty set '[]'"),
+    ("[!]", "has an empty set '[!]'"),
+])
+def test_a_malformed_glob_set_in_writes_stops_every_command_with_one_line(ws: Path, glob: str, said: str) -> None:
+    text = (ws / "coordinator.yaml").read_text()
+    (ws / "coordinator.yaml").write_text(text.replace('writes: ["webapp/docs/reviews/**"]',
+                                                      f'writes: ["webapp/docs/{glob}"]'))
+    for args in (["board"], ["send", "-", "--to", "chip"], ["validate", "-", "--to", "chip"], ["budget"],
+                 ["supervise", "--once"]):
+        result = run("-w", ws, *args, input=order("The greeting already exists in the webapp"))
+        assert (result.exit_code, result.stderr) == (
+            2, f"coordinator: coordinator.yaml: agents.rex.writes.0: 'webapp/docs/{glob}' {said} in a glob; "
+               "write a set such as [a-z] or [!0-9]\n"), args
+
+
 @pytest.mark.parametrize("change, said", [
     ("agents.chip.command = []", "agents.chip.command: must not be empty"),
     ("version = 2", "version: must be 1, not 2"),
@@ -410,6 +427,27 @@ def test_validate_defaults_the_recipient_to_the_inbox_folder_the_file_is_in(ws: 
     nobody = run("-w", ws, "validate", loose)
     assert nobody.exit_code == 1
     assert "loose.md: to: no recipient; drop the file in inbox/<agent>/, pass --to AGENT" in nobody.stderr
+
+
+@pytest.mark.parametrize("glob, said", [
+    ("[z-a]", "has a bad set '[z-a]' (bad character range z-a)"),
+    ("[]", "has an empty set '[]'"),
+    ("x[!]", "has an empty set '[!]'"),
+])
+def test_validate_and_send_refuse_a_malformed_glob_set_and_a_supervisor_never_sees_it(
+        ws: Path, glob: str, said: str) -> None:
+    (ws / "o.md").write_text(order("The webapp greets a user by name", files=(f"webapp/src/{glob}",)))
+    expected = (f"o.md:9: files.0: 'webapp/src/{glob}' {said} in a glob; write a set such as [a-z] or "
+                "[!0-9]\n")
+    for command in ("validate", "send"):
+        result = run("-w", ws, command, ws / "o.md", "--to", "chip")
+        assert (result.exit_code, result.stdout, result.stderr) == (1, "", expected)
+    assert inbox_entries(ws, "chip") == []
+    # Dropped by hand, it is rejected at intake and the supervisor goes on.
+    (ws / "inbox" / "chip" / "o.md").write_text((ws / "o.md").read_text())
+    done = program("-w", ws, "supervise", "--once")
+    assert done.returncode == 0, done.stderr
+    assert statuses(ws) == {"WO-0001": "rejected"}
 
 
 @pytest.mark.parametrize("bad_id", ["ab..cd", "x.lock", "trailing."])
