@@ -1,7 +1,8 @@
 """Intake: claim each dropped file exactly once and turn it into a record.
 
 A file is claimed by one atomic rename out of `inbox/<agent>/` into
-`state/intake/<agent>/`, then validated, then moved into `state/orders/<id>/`
+`state/intake/<agent>/` (a durable copy when the inbox folder is another file
+system), then validated, then moved into `state/orders/<id>/`
 with its record written last. `recover()` finishes any of these steps a crash
 interrupted. Durability is grouped: files are written without fsync and the
 caller syncs the file system once per loop step, before the audit commit.
@@ -101,15 +102,19 @@ class Intake:
         if os.path.islink(path.parent):  # never through a linked inbox folder
             return None
         try:
-            os.rename(path, dest)
-        except FileNotFoundError:
-            if not os.path.lexists(path):
-                return None
-            folder.mkdir(parents=True, exist_ok=True)  # the first claim for this agent
             try:
                 os.rename(path, dest)
             except FileNotFoundError:
-                return None
+                if not os.path.lexists(path):
+                    return None
+                folder.mkdir(parents=True, exist_ok=True)  # the first claim for this agent
+                os.rename(path, dest)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            return _claim_across(path, dest)
         return dest
 
     def claimed(self) -> list[tuple[Path, str]]:
@@ -395,6 +400,52 @@ def _short_name(name: str) -> str:
     if len(raw) > 200:
         raw = raw[:100] + b"~" + raw[-99:]
     return os.fsdecode(raw)
+
+
+def _claim_across(path: Path, dest: Path) -> Path | None:
+    """Claim `path` from an inbox folder on another file system (a mount), where no rename
+    reaches state/: a durable copy first, then the original goes, and only if it is still the
+    file that was copied (a sender may have dropped a new file under the same name meanwhile).
+    None when it vanished, or is no file nor link. A crash between the two leaves both: the
+    copy is filed at the next start and the original is taken in again (at worst a duplicate,
+    never a lost order)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        fd = -1  # a link: the link itself is claimed, and filing refuses it
+    try:
+        st = os.lstat(path) if fd < 0 else os.fstat(fd)
+        if fd < 0:
+            if not stat.S_ISLNK(st.st_mode):
+                return None  # swapped meanwhile: looked at again at the next scan
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.readlink(path), dest)
+            durable.fsync_dir(dest.parent)
+        elif stat.S_ISREG(st.st_mode):
+            data = durable.read_fd(fd, MAX_READ)  # all intake reads: a bigger one is refused by size
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            durable.write_bytes(dest, data)  # synced: the original is gone next, on another disk
+        else:
+            return None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    try:
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        # The original stays (a read-only mount): so must no copy, or each scan would add one.
+        with contextlib.suppress(OSError):
+            os.unlink(dest)
+        raise
+    return dest
 
 
 def _read_capped(claimed: Path) -> tuple[bytes, int | None]:
