@@ -611,11 +611,11 @@ class AttemptRunner:
                                        f"write it into $COORD_OUTBOX/<agent>/); kept in {path.parent}")
                 continue
             # A copy, not the file: a process of the attempt may still hold it open for writing.
-            taken = self.sup.intake.claim_copy(path, to)
+            shown_as = f"outbox of {act.rec.id}/{path.name}"
+            taken = self.sup.intake.claim_copy(path, to, sender=act.agent.name, shown=shown_as)
             if taken:
                 claimed, size = taken
-                rec = self.sup.file_claimed(claimed, to, shown=f"outbox of {act.rec.id}/{path.name}",
-                                            sender=act.agent.name, size=size)
+                rec = self.sup.file_claimed(claimed, to, shown=shown_as, sender=act.agent.name, size=size)
                 act.rec.children.append(rec.id)
 
     # -- crash recovery ------------------------------------------------------------------------------

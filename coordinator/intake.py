@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import durable, orders
 from ._orderfile import too_big
@@ -118,22 +119,40 @@ class Intake:
         return dest
 
     def claimed(self) -> list[tuple[Path, str]]:
-        """Files claimed but not yet filed (after a crash), oldest first."""
+        """Files claimed but not yet filed (after a crash), oldest first. A note (`claim_copy`)
+        whose copy is gone, filed or never written, is removed."""
         found: list[tuple[Path, str]] = []
         filed = {p.claimed for p in self.pending.values()}  # in memory already: not a leftover
         with contextlib.suppress(FileNotFoundError):
             for agent_dir in sorted(os.scandir(self.store.intake_dir), key=lambda e: e.name):
                 if agent_dir.is_dir():
                     for entry in sorted(os.scandir(agent_dir.path), key=lambda e: e.name):
-                        if (is_candidate(entry.name) or entry.name[:1].isdigit()) and Path(entry.path) not in filed:
+                        note = _NOTE.fullmatch(entry.name)
+                        if note:
+                            if not os.path.lexists(os.path.join(agent_dir.path, note.group(1))):
+                                with contextlib.suppress(OSError):
+                                    os.unlink(entry.path)
+                        elif (is_candidate(entry.name) or entry.name[:1].isdigit()) and Path(entry.path) not in filed:
                             found.append((Path(entry.path), agent_dir.name))
         return found
 
-    def claim_copy(self, path: Path, agent: str) -> tuple[Path, int] | None:
+    def claim_note(self, claimed: Path) -> dict[str, Any]:
+        """What `claim_copy` noted of a claimed copy (sender, source, size); {} for none."""
+        try:
+            note = durable.read_json(_note_of(claimed))
+        except (OSError, ValueError):
+            return {}
+        return note if isinstance(note, dict) else {}
+
+    def claim_copy(self, path: Path, agent: str, *, sender: str, shown: str) -> tuple[Path, int] | None:
         """Take a file a specialist wrote (its outbox) as a copy, never the file itself: a
         process of the attempt that kept it open could otherwise write on into state/.
         Returns the copy (at most MAX_READ bytes: all intake reads) and the file's size;
-        None when it vanished or is no regular file (never through a link, never a FIFO)."""
+        None when it vanished or is no regular file (never through a link, never a FIFO).
+
+        Who sent it (`sender`, `shown` as its source) is noted next to the copy before the
+        copy is written: a crash before filing must not file it as the user's, unchecked
+        against the sender's `sends_to` (recovery reads the note, `claim_note`)."""
         try:
             data, size = _read_capped(path)
         except OSError:  # gone, or not ours to read
@@ -143,6 +162,7 @@ class Intake:
         folder = self.store.intake_dir / agent
         folder.mkdir(parents=True, exist_ok=True)
         dest = folder / f"{time.time_ns():020d}-{_short_name(path.name)}"
+        durable.write_json(_note_of(dest), {"sender": sender, "source": shown, "size": size}, sync=False)
         durable.write_bytes(dest, data, sync=False)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -242,6 +262,9 @@ class Intake:
             durable.write_json(folder / "intake.json", {"to": p.agent, "sender": p.sender, "source": p.shown},
                                sync=False)
             durable.move(p.claimed, folder / f"original{p.suffix}", sync=False)
+            if p.sender is not None:  # the note of an outbox copy has served (else: none there)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(_note_of(p.claimed))
         except OSError:
             # The disk is full: the order stays claimed in state/intake/ (its one place) and
             # no empty order folder is left to look like a second copy.
@@ -392,6 +415,14 @@ class _AwaitedHistory:
 
     def ended(self, sender: str, to: str, objective: str) -> list[tuple[str, str]]:
         return self.history.ended(sender, to, objective)
+
+
+# The note `claim_copy` writes next to a copy: a dot-file, never taken for a claimed file.
+_NOTE = re.compile(r"\.(\d{20}-.*)\.from", re.DOTALL)
+
+
+def _note_of(claimed: Path) -> Path:
+    return claimed.with_name(f".{claimed.name}.from")
 
 
 def _short_name(name: str) -> str:
