@@ -243,6 +243,18 @@ def _kind_of(value: object) -> str:
     return "nothing" if value is None else names.get(type(value), type(value).__name__)
 
 
+# How every JSON document opens: `{` then a quoted key or `}`, or `[`.
+_LOOKS_JSON = re.compile(r"\s*(?:\{\s*[\"}]|\[)")
+
+
+def flow_kind(text: str) -> str:
+    """"json" or "yaml" for text no file name tells (stdin, a result file): YAML in flow
+    style (`{outcome: done, summary: all good}`) is YAML, which SPEC §2 and §6 allow as
+    well. Text that opens as JSON does is read as JSON, so a broken one gets JSON's message
+    (a missing comma would pass as YAML, read as one odd value)."""
+    return "json" if _LOOKS_JSON.match(text) else "yaml"
+
+
 def load_json(text: str, path: str) -> Any:
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import durable, orders
+from ._orderfile import flow_kind
 from .errors import NotFoundError, OrderError, Problem, UsageError
 from .intake import NOT_REGULAR, waiting_orders
 from .store import History, Store
@@ -186,8 +187,8 @@ def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str |
 def sniff(data: bytes) -> str:
     """The format of an order that has no file name (stdin): markdown, yaml or json."""
     text = data[:64 * 1024].decode("utf-8-sig", errors="replace").lstrip()
-    if text.startswith(("{", "[")):
-        return "json"
+    if text.startswith(("{", "[")):  # JSON, or YAML in flow style
+        return flow_kind(text)
     return "markdown" if _MD_LABEL.search(text) else "yaml"
 
 

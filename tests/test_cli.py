@@ -649,16 +649,17 @@ def test_validate_dash_reads_the_order_from_stdin(ws: Path) -> None:
     assert (good.exit_code, good.stdout) == (0, "<stdin>: ok (to chip, 1 check(s))\n"), good.stderr
 
 
-@pytest.mark.parametrize("form", ["markdown", "yaml", "json"])
+@pytest.mark.parametrize("form", ["markdown", "yaml", "yaml-flow", "json"])
 def test_send_dash_reads_the_order_from_stdin_in_any_form(ws: Path, form: str) -> None:
     fields = {"objective": "The webapp greets a user by name",
               "acceptance": ["It greets", "It uses the name", "`make test` passes"],
               "files": ["webapp/src/greeting.py"],
               "branching": [{"action": "halt-with-note", "when": "it already greets"}]}
     text = {"markdown": order(str(fields["objective"])), "yaml": yaml.safe_dump(fields),
-            "json": json.dumps(fields)}[form]
+            "yaml-flow": yaml.safe_dump(fields, default_flow_style=True), "json": json.dumps(fields)}[form]
+    assert form != "yaml-flow" or text.startswith("{acceptance: [")
     result = run("-w", ws, "send", "-", "--to", "chip", input=text)
-    assert (result.exit_code, result.stdout) == (0, "WO-0001\n"), result.stderr
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "WO-0001\n", "")
     assert inbox_entries(ws, "chip") == ["WO-0001.md"]
     stdin_error = run("-w", ws, "send", "-", "--to", "chip", input="objective: only this\n")
     assert stdin_error.exit_code == 1

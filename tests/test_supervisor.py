@@ -75,6 +75,15 @@ def test_every_outcome_of_the_result_file(make_ws):
     assert recs["b"].status == "blocked"
 
 
+def test_a_result_file_in_yaml_flow_style_is_read_as_yaml(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 1,
+                           "command": sh('echo "{outcome: done, summary: all good}" > "$COORD_RESULT"')}})
+    drop(ws, "chip", "o.md", order_md("Something is done", id="o"))
+    run(ws)
+    rec = Store(ws.state).load("o")
+    assert (rec.status, rec.failures, rec.report["summary"]) == ("done", [], "all good")
+
+
 def test_outcome_not_allowed_by_branching_is_a_failed_attempt(make_ws):
     ws = make_ws({"chip": {"role": "specialist", "max_failures": 1,
                            "command": sh('printf "outcome: requeue-with-blocker\\nblocker: x\\nsummary: s\\n"'
