@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 
 from . import durable, orders
 from ._orderfile import flow_kind
-from .errors import NotFoundError, OrderError, Problem, UsageError
+from .errors import NotFoundError, OrderError, Problem, UsageError, WorkspaceError
 from .intake import NOT_REGULAR, waiting_orders
 from .store import History, Store
 from .watcher import is_candidate, printable
@@ -87,6 +87,13 @@ def _repository_there(ws: Workspace, order: orders.WorkOrder, shown: str) -> Non
                                            "of every path names one", shown)])
 
 
+def _inbox_takes_in(ws: Workspace, agent: str) -> None:
+    """WorkspaceError when an order sent to `agent` would wait in its inbox forever."""
+    if ws.inbox_is_link(agent):
+        raise WorkspaceError(f"inbox/{agent} is a symbolic link; the supervisor never takes orders in "
+                             "through one, so an order sent there would never run: replace it with a folder")
+
+
 def history(ws: Workspace) -> _Sent:
     return _Sent(ws)
 
@@ -115,6 +122,7 @@ def validate_files(ws: Workspace, files: list[str], *, to: str | None, sender: s
             order = orders.load(data, path=shown, to=recipient, config=ws.config, history=hist, sender=sender,
                                 kind=sniff(data) if stdin else None)
             _repository_there(ws, order, shown)
+            _inbox_takes_in(ws, order.to)
             entry.update(to=order.to, valid=True, checks=len(order.checks), id=order.id)
         except OrderError as e:
             entry["problems"] = [p.as_dict() | {"text": str(p)} for p in e.problems]
@@ -155,6 +163,7 @@ def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str |
         orders.known_sender(sender, cfg)
     order = orders.load(data, path=name, to=to, config=cfg, history=history(ws), sender=sender, kind=kind)
     _repository_there(ws, order, name)
+    _inbox_takes_in(ws, order.to)
     suffix = SUFFIXES[kind] if kind else (Path(name).suffix.lower() or ".md")
     reserved = None
     if order.id is None or sender is not None:

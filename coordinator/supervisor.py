@@ -499,12 +499,14 @@ class Supervisor:
         return filed > 0
 
     def _say_strays(self, others: list[Path]) -> None:
-        """Say once of each thing in inbox/ that is never taken in: a folder no agent owns, and
-        `others`, what the rescan found in the inboxes that is no file (dot-files are files being
-        written: never said)."""
+        """Say once of each thing in inbox/ that is never taken in: a folder no agent owns, an
+        agent's inbox folder that is a link, and `others`, what the rescan found in the inboxes
+        that is no file (dot-files are files being written: never said)."""
         found = [f"inbox/{p.parent.name}/{printable(p.name)} is "
                  f"{'a folder' if p.is_dir() else 'not a regular file'}: "
                  "only files are taken in" for p in others]
+        found += [f"inbox/{a} is a symbolic link: nothing in it is taken in (never through a link); replace it "
+                  "with a folder" for a in self.config.agents if self.ws.inbox_is_link(a)]
         with contextlib.suppress(OSError):
             for entry in os.scandir(self.ws.inbox_root):
                 if (not entry.name.startswith(".") and entry.name not in self.config.agents

@@ -731,6 +731,29 @@ def test_an_order_for_a_repository_that_is_not_there_is_refused_when_sent(ws: Pa
     assert inbox_entries(ws, "chip") == []
 
 
+def test_an_inbox_folder_that_is_a_link_is_refused_by_send_and_validate_and_said_by_the_supervisor(
+        ws: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (ws / "inbox" / "chip").rmdir()
+    (ws / "inbox" / "chip").symlink_to(elsewhere)
+    said = ("coordinator: inbox/chip is a symbolic link; the supervisor never takes orders in through one, so an "
+            "order sent there would never run: replace it with a folder\n")
+    for command in ("validate", "send"):
+        refused = run("-w", ws, command, "-", "--to", "chip", input=order("The webapp greets a user by name"))
+        assert (refused.exit_code, refused.stdout, refused.stderr) == (2, "", said), command
+    assert os.listdir(elsewhere) == []
+    assert run("-w", ws, "send", "-", "--to", "rex", input=order(
+        "The review is written", files=("webapp/docs/reviews/r.md",))).exit_code == 0  # other inboxes are fine
+    (elsewhere / "dropped.md").write_text(order("The webapp greets a user by name"))
+    done = program("-w", ws, "supervise", "--once")
+    assert done.returncode == 0, done.stderr
+    warned = [line.split(" ", 1)[1] for line in done.stderr.splitlines() if "inbox/chip" in line]
+    assert warned == ["WARNING: inbox/chip is a symbolic link: nothing in it is taken in (never through a link); "
+                      "replace it with a folder"], done.stderr
+    assert os.listdir(elsewhere) == ["dropped.md"] and set(statuses(ws).values()) == {"done"}
+
+
 def test_send_refuses_a_file_that_sits_in_an_inbox_already(ws: Path) -> None:
     dropped = ws / "inbox" / "chip" / "twice.md"
     dropped.write_text(order("The webapp greets a user by name"))
