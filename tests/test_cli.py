@@ -1080,6 +1080,17 @@ def test_a_running_supervisor_answers_errors_with_the_exit_code_they_would_have_
 
 
 # -- budget, rotation, signals, audit ------------------------------------------------------------------
+def test_a_ledger_that_is_not_utf8_is_said_as_a_damaged_ledger_not_an_internal_error(ws: Path) -> None:
+    ledger = ws / "state" / "orchestrator" / "ledger.json"
+    ledger.parent.mkdir(exist_ok=True)
+    ledger.write_bytes(b'{"generation": 1, "items": [], "note": "caf\xe9"}\n')
+    for args in (["board"], ["budget"], ["budget", "--json"]):
+        result = program("-w", ws, *args)
+        assert (result.returncode, result.stdout, result.stderr) == (
+            1, "", "coordinator: state/orchestrator/ledger.json: not a valid ledger (not UTF-8 text at byte 43); "
+                   "restore it with `git -C state checkout orchestrator/ledger.json` or delete it to start over\n")
+
+
 def test_budget_add_and_rotate(ws: Path) -> None:
     doc = json.loads(run("-w", ws, "budget", "--json").stdout)
     assert set(doc) == BUDGET_KEYS
