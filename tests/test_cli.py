@@ -954,6 +954,15 @@ def test_log_prints_the_audit_history(worked: Path) -> None:
     assert run("-w", worked, "log", "nope").exit_code == 1
 
 
+def test_log_json_before_state_is_a_repository_is_an_empty_list(ws: Path) -> None:
+    shutil.rmtree(ws / "state")
+    ws.joinpath("state").mkdir()
+    result = run("-w", ws, "log", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout) == []
+    assert result.stderr.startswith("no history yet")
+    assert run("-w", ws, "log").stdout == ""
+
+
 def test_a_sent_order_not_yet_taken_in_is_explained(ws: Path) -> None:
     run("-w", ws, "send", "-", "--to", "chip", input=order("The webapp greets a user by name"))
     for command in ("show", "cancel", "retry", "log"):
