@@ -13,7 +13,7 @@ import re
 from functools import lru_cache
 
 GLOB_CHARS = frozenset("*?[")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (U+0085, U+009B: a terminal's CSI)
 
 
 def path_problem(entry: str) -> str | None:

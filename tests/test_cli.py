@@ -450,6 +450,20 @@ def test_validate_and_send_refuse_a_malformed_glob_set_and_a_supervisor_never_se
     assert statuses(ws) == {"WO-0001": "rejected"}
 
 
+@pytest.mark.parametrize("char", ["\x85", "\x9b", "\x07"])
+def test_validate_and_send_refuse_a_control_character_in_files_c1_too(ws: Path, char: str) -> None:
+    fields = {"objective": "The webapp greets a user by name",
+              "acceptance": ["It greets", "It uses the name", "`make test` passes"],
+              "files": [f"webapp/src/a{char}b.py"],
+              "branching": [{"action": "halt-with-note", "when": "it already greets"}]}
+    (ws / "o.json").write_text(json.dumps(fields))
+    for command in ("validate", "send"):
+        result = run("-w", ws, command, ws / "o.json", "--to", "chip")
+        assert (result.exit_code, result.stdout, result.stderr) == (
+            1, "", "o.json: files.0: contains a control character\n"), command
+    assert inbox_entries(ws, "chip") == []
+
+
 @pytest.mark.parametrize("bad_id", ["ab..cd", "x.lock", "trailing."])
 def test_validate_and_send_refuse_an_id_that_cannot_name_a_branch(ws: Path, bad_id: str) -> None:
     (ws / "o.md").write_text(order("The webapp greets a user by name", id=bad_id))
