@@ -77,7 +77,9 @@ def read_text(data: bytes, *, path: str, limit: int, what: str, empty_hint: str)
 
 
 def too_big(size: int, limit: int, what: str) -> str:
-    return f"is {_size(size)}; {what} is at most {_size(limit)}: move the details into files it names"
+    # A size just past the limit rounds to the limit ("is 256 KiB; … at most 256 KiB"): "over" it.
+    shown = _size(size) if _size(size) != _size(limit) else f"over {_size(limit)}"
+    return f"is {shown}; {what} is at most {_size(limit)}: move the details into files it names"
 
 
 def _size(n: int) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import durable, orders
-from ._orderfile import flow_kind
+from ._orderfile import flow_kind, too_big
 from .errors import NotFoundError, OrderError, Problem, UsageError, WorkspaceError
 from .intake import NOT_REGULAR, waiting_orders
 from .store import History, Store
@@ -304,14 +304,8 @@ def read_stream(stream: BinaryIO, *, shown: str = STDIN) -> bytes:
         total = os.fstat(stream.fileno()).st_size
     except (OSError, ValueError, AttributeError):
         total = 0
-    # A pipe has no size, and 256 KiB and a byte rounds to 256 KiB: then say "over".
-    size = _size(total) if total > limit and _size(total) != _size(limit) else f"over {_size(limit)}"
-    raise OrderError([Problem("", f"is {size}; a work order is at most {_size(limit)}: move the "
-                                  "details into files it names", shown)])
-
-
-def _size(n: int) -> str:
-    return f"{n / 1024 / 1024:.1f} MiB" if n >= 1024 * 1024 else f"{n // 1024} KiB"
+    # A pipe has no size: then the limit and a byte, said as "over" the limit.
+    raise OrderError([Problem("", too_big(max(total, limit + 1), limit, "a work order"), shown)])
 
 
 def gc(ws: Workspace, days: float) -> list[str]:

@@ -565,6 +565,22 @@ HOSTILE = {
 }
 
 
+def test_an_order_a_byte_over_the_limit_is_said_to_be_over_it_everywhere(ws: Path) -> None:
+    text = order("The webapp greets a user by name")
+    data = (text + "\n<!--" + "x" * (256 * 1024 - len(text) - 8) + "-->\n").encode()
+    assert len(data) == 256 * 1024 + 1
+    said = "is over 256 KiB; a work order is at most 256 KiB: move the details into files it names"
+    (ws / "big.md").write_bytes(data)
+    checked = run("-w", ws, "validate", ws / "big.md", "--to", "chip")
+    assert (checked.exit_code, checked.stderr) == (1, f"big.md: {said}\n")
+    piped = run("-w", ws, "send", "-", "--to", "chip", input=data)
+    assert (piped.exit_code, piped.stderr) == (1, f"<stdin>: {said}\n")
+    (ws / "inbox" / "chip" / "big.md").write_bytes(data)  # dropped by hand: intake says the same
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    errors = [line for line in run("-w", ws, "show", "WO-0001").stdout.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: inbox/chip/big.md: {said}"]
+
+
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_input_is_one_line_and_exit_1(ws: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     data, message = HOSTILE[name]
