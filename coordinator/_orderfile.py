@@ -77,7 +77,9 @@ def read_text(data: bytes, *, path: str, limit: int, what: str, empty_hint: str)
 
 
 def too_big(size: int, limit: int, what: str) -> str:
-    return f"is {_size(size)}; {what} is at most {_size(limit)}: move the details into files it names"
+    # A size just past the limit rounds to the limit ("is 256 KiB; … at most 256 KiB"): "over" it.
+    shown = _size(size) if _size(size) != _size(limit) else f"over {_size(limit)}"
+    return f"is {shown}; {what} is at most {_size(limit)}: move the details into files it names"
 
 
 def _size(n: int) -> str:
@@ -241,6 +243,18 @@ def read_order(data: bytes, *, path: str, to: str | None, sender: str | None, ki
 def _kind_of(value: object) -> str:
     names = {list: "a list", str: "text", int: "a number", float: "a number", bool: "true/false"}
     return "nothing" if value is None else names.get(type(value), type(value).__name__)
+
+
+# How every JSON document opens: `{` then a quoted key or `}`, or `[`.
+_LOOKS_JSON = re.compile(r"\s*(?:\{\s*[\"}]|\[)")
+
+
+def flow_kind(text: str) -> str:
+    """"json" or "yaml" for text no file name tells (stdin, a result file): YAML in flow
+    style (`{outcome: done, summary: all good}`) is YAML, which SPEC §2 and §6 allow as
+    well. Text that opens as JSON does is read as JSON, so a broken one gets JSON's message
+    (a missing comma would pass as YAML, read as one odd value)."""
+    return "json" if _LOOKS_JSON.match(text) else "yaml"
 
 
 def load_json(text: str, path: str) -> Any:

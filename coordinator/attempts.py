@@ -650,11 +650,11 @@ class AttemptRunner:
                                    f"write it into $COORD_OUTBOX/<agent>/); kept in {path.parent}")
                 continue
             # A copy, not the file: a process of the attempt may still hold it open for writing.
-            taken = self.sup.intake.claim_copy(path, to)
+            shown_as = f"outbox of {rec.id}/{path.name}"
+            taken = self.sup.intake.claim_copy(path, to, sender=sender, shown=shown_as)
             if taken:
                 claimed, size = taken
-                child = self.sup.file_claimed(claimed, to, shown=f"outbox of {rec.id}/{path.name}",
-                                              sender=sender, size=size)
+                child = self.sup.file_claimed(claimed, to, shown=shown_as, sender=sender, size=size)
                 rec.children.append(child.id)
 
     # -- crash recovery ------------------------------------------------------------------------------

@@ -148,15 +148,16 @@ class Ledger:
         """The ledger under `state_dir`; an empty generation 1 when there is none yet."""
         path = ledger_path(state_dir)
         try:
-            raw = path.read_text("utf-8")
+            raw = path.read_bytes()
         except FileNotFoundError:
             return cls(state_dir)
         except OSError as e:
             raise StateError(f"{_shown(path, state_dir)}: cannot read: {e.strerror}") from None
         try:
-            return cls._from_dict(state_dir, json.loads(raw))
-        except (ValueError, TypeError, KeyError) as e:
-            why = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+            return cls._from_dict(state_dir, json.loads(raw.decode("utf-8")))
+        except (ValueError, TypeError, KeyError) as e:  # UnicodeDecodeError is a ValueError
+            why = (f"missing key {e}" if isinstance(e, KeyError)
+                   else f"not UTF-8 text at byte {e.start}" if isinstance(e, UnicodeDecodeError) else str(e))
             raise StateError(
                 f"{_shown(path, state_dir)}: not a valid ledger ({why}); restore it with "
                 f"`git -C state checkout {ORCHESTRATOR_DIR}/{LEDGER_NAME}` or delete it to start over"

@@ -496,6 +496,8 @@ def log(c: Context, order_id: str | None, as_json: bool) -> None:
     if not (c.ws.state / ".git").exists():
         click.echo("no history yet: state/ is made by `coordinator init` or the first `coordinator supervise`",
                    err=True)
+        if as_json:  # still one JSON document: an empty history
+            emit_json([])
         return
     entries = StateRepo(c.ws.state).entries(order_id)
     if as_json:

@@ -1,7 +1,8 @@
 """Intake: claim each dropped file exactly once and turn it into a record.
 
 A file is claimed by one atomic rename out of `inbox/<agent>/` into
-`state/intake/<agent>/`, then validated, then moved into `state/orders/<id>/`
+`state/intake/<agent>/` (a durable copy when the inbox folder is another file
+system), then validated, then moved into `state/orders/<id>/`
 with its record written last. `recover()` finishes any of these steps a crash
 interrupted. Durability is grouped: files are written without fsync and the
 caller syncs the file system once per loop step, before the audit commit.
@@ -24,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import durable, orders
 from ._orderfile import too_big
@@ -101,34 +103,56 @@ class Intake:
         if os.path.islink(path.parent):  # never through a linked inbox folder
             return None
         try:
-            os.rename(path, dest)
-        except FileNotFoundError:
-            if not os.path.lexists(path):
-                return None
-            folder.mkdir(parents=True, exist_ok=True)  # the first claim for this agent
             try:
                 os.rename(path, dest)
             except FileNotFoundError:
-                return None
+                if not os.path.lexists(path):
+                    return None
+                folder.mkdir(parents=True, exist_ok=True)  # the first claim for this agent
+                os.rename(path, dest)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            return _claim_across(path, dest)
         return dest
 
     def claimed(self) -> list[tuple[Path, str]]:
-        """Files claimed but not yet filed (after a crash), oldest first."""
+        """Files claimed but not yet filed (after a crash), oldest first. A note (`claim_copy`)
+        whose copy is gone, filed or never written, is removed."""
         found: list[tuple[Path, str]] = []
         filed = {p.claimed for p in self.pending.values()}  # in memory already: not a leftover
         with contextlib.suppress(FileNotFoundError):
             for agent_dir in sorted(os.scandir(self.store.intake_dir), key=lambda e: e.name):
                 if agent_dir.is_dir():
                     for entry in sorted(os.scandir(agent_dir.path), key=lambda e: e.name):
-                        if (is_candidate(entry.name) or entry.name[:1].isdigit()) and Path(entry.path) not in filed:
+                        note = _NOTE.fullmatch(entry.name)
+                        if note:
+                            if not os.path.lexists(os.path.join(agent_dir.path, note.group(1))):
+                                with contextlib.suppress(OSError):
+                                    os.unlink(entry.path)
+                        elif (is_candidate(entry.name) or entry.name[:1].isdigit()) and Path(entry.path) not in filed:
                             found.append((Path(entry.path), agent_dir.name))
         return found
 
-    def claim_copy(self, path: Path, agent: str) -> tuple[Path, int] | None:
+    def claim_note(self, claimed: Path) -> dict[str, Any]:
+        """What `claim_copy` noted of a claimed copy (sender, source, size); {} for none."""
+        try:
+            note = durable.read_json(_note_of(claimed))
+        except (OSError, ValueError):
+            return {}
+        return note if isinstance(note, dict) else {}
+
+    def claim_copy(self, path: Path, agent: str, *, sender: str, shown: str) -> tuple[Path, int] | None:
         """Take a file a specialist wrote (its outbox) as a copy, never the file itself: a
         process of the attempt that kept it open could otherwise write on into state/.
         Returns the copy (at most MAX_READ bytes: all intake reads) and the file's size;
-        None when it vanished or is no regular file (never through a link, never a FIFO)."""
+        None when it vanished or is no regular file (never through a link, never a FIFO).
+
+        Who sent it (`sender`, `shown` as its source) is noted next to the copy before the
+        copy is written: a crash before filing must not file it as the user's, unchecked
+        against the sender's `sends_to` (recovery reads the note, `claim_note`)."""
         try:
             data, size = _read_capped(path)
         except OSError:  # gone, or not ours to read
@@ -138,6 +162,7 @@ class Intake:
         folder = self.store.intake_dir / agent
         folder.mkdir(parents=True, exist_ok=True)
         dest = folder / f"{time.time_ns():020d}-{_short_name(path.name)}"
+        durable.write_json(_note_of(dest), {"sender": sender, "source": shown, "size": size}, sync=False)
         durable.write_bytes(dest, data, sync=False)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -237,6 +262,9 @@ class Intake:
             durable.write_json(folder / "intake.json", {"to": p.agent, "sender": p.sender, "source": p.shown},
                                sync=False)
             durable.move(p.claimed, folder / f"original{p.suffix}", sync=False)
+            if p.sender is not None:  # the note of an outbox copy has served (else: none there)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(_note_of(p.claimed))
         except OSError:
             # The disk is full: the order stays claimed in state/intake/ (its one place) and
             # no empty order folder is left to look like a second copy.
@@ -389,12 +417,66 @@ class _AwaitedHistory:
         return self.history.ended(sender, to, objective)
 
 
+# The note `claim_copy` writes next to a copy: a dot-file, never taken for a claimed file.
+_NOTE = re.compile(r"\.(\d{20}-.*)\.from", re.DOTALL)
+
+
+def _note_of(claimed: Path) -> Path:
+    return claimed.with_name(f".{claimed.name}.from")
+
+
 def _short_name(name: str) -> str:
     """`name` cut to fit behind the 21-byte claim prefix in NAME_MAX (255), its suffix kept."""
     raw = os.fsencode(name)
     if len(raw) > 200:
         raw = raw[:100] + b"~" + raw[-99:]
     return os.fsdecode(raw)
+
+
+def _claim_across(path: Path, dest: Path) -> Path | None:
+    """Claim `path` from an inbox folder on another file system (a mount), where no rename
+    reaches state/: a durable copy first, then the original goes, and only if it is still the
+    file that was copied (a sender may have dropped a new file under the same name meanwhile).
+    None when it vanished, or is no file nor link. A crash between the two leaves both: the
+    copy is filed at the next start and the original is taken in again (at worst a duplicate,
+    never a lost order)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        fd = -1  # a link: the link itself is claimed, and filing refuses it
+    try:
+        st = os.lstat(path) if fd < 0 else os.fstat(fd)
+        if fd < 0:
+            if not stat.S_ISLNK(st.st_mode):
+                return None  # swapped meanwhile: looked at again at the next scan
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.readlink(path), dest)
+            durable.fsync_dir(dest.parent)
+        elif stat.S_ISREG(st.st_mode):
+            data = durable.read_fd(fd, MAX_READ)  # all intake reads: a bigger one is refused by size
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            durable.write_bytes(dest, data)  # synced: the original is gone next, on another disk
+        else:
+            return None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    try:
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        # The original stays (a read-only mount): so must no copy, or each scan would add one.
+        with contextlib.suppress(OSError):
+            os.unlink(dest)
+        raise
+    return dest
 
 
 def _read_capped(claimed: Path) -> tuple[bytes, int | None]:

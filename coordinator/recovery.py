@@ -74,7 +74,14 @@ def recover(sup: Supervisor, crashed: bool, written: dict[str, int] | None = Non
             sup.file_claimed(claimed, agent, shown=str(meta.get("source") or f"inbox/{agent}/{original.name}"),
                       sender=meta.get("sender"))
     for claimed, agent in sup.intake.claimed():
-        sup.file_claimed(claimed, agent, shown=f"inbox/{agent}/{claimed.name.split('-', 1)[-1]}")
+        # An outbox copy names its sender and source in a note (intake.claim_copy): filed as
+        # that agent's, so its `sends_to` is checked as for any order it sends.
+        note = sup.intake.claim_note(claimed)
+        sender, source, size = note.get("sender"), note.get("source"), note.get("size")
+        if not isinstance(source, str):
+            source = f"inbox/{agent}/{claimed.name.split('-', 1)[-1]}"
+        sup.file_claimed(claimed, agent, shown=source, sender=sender if isinstance(sender, str) else None,
+                         size=size if isinstance(size, int) else None)
     # After the claimed files: a follow-up that made it that far has a record by now.
     for line in sup.attempts.refile_follow_ups():
         sup.say(f"recovery: filed a follow-up a crash cut off: {line}")

@@ -1,8 +1,8 @@
 """The result file a specialist leaves at `$COORD_RESULT` (SPEC §6): how its attempt ended.
 
-YAML or JSON, told apart by content. A result that breaks the contract is an
-`OrderError` listing every problem; the supervisor counts the attempt as failed
-and puts the problems in the next brief.
+YAML or JSON, told apart by content (YAML in flow style, `{outcome: done, …}`, is
+YAML). A result that breaks the contract is an `OrderError` listing every problem;
+the supervisor counts the attempt as failed and puts the problems in the next brief.
 
 Example:
     >>> parse_result(b"outcome: route-to\\nsummary: It touches hashing.\\nagent: rex\\n", path="result.yaml")
@@ -20,6 +20,7 @@ from ._orderfile import (
     AGENT_PATTERN,
     fail,
     finish,
+    flow_kind,
     load_json,
     load_yaml,
     read_text,
@@ -57,7 +58,7 @@ def parse_result(data: bytes, *, path: str) -> Result:
     text = read_text(data, path=path, limit=MAX_RESULT_BYTES, what="a result file",
                      empty_hint="write `outcome:` and `summary:` (YAML or JSON)")
     lines: dict[str, int] = {}
-    if text.lstrip().startswith(("{", "[")):
+    if flow_kind(text) == "json":
         raw = load_json(text, path)
     else:
         raw, lines = load_yaml(text, path=path)

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import durable, orders
-from .errors import NotFoundError, OrderError, Problem, UsageError
+from ._orderfile import flow_kind, too_big
+from .errors import NotFoundError, OrderError, Problem, UsageError, WorkspaceError
 from .intake import NOT_REGULAR, waiting_orders
 from .store import History, Store
 from .watcher import is_candidate, printable
@@ -86,6 +87,13 @@ def _repository_there(ws: Workspace, order: orders.WorkOrder, shown: str) -> Non
                                            "of every path names one", shown)])
 
 
+def _inbox_takes_in(ws: Workspace, agent: str) -> None:
+    """WorkspaceError when an order sent to `agent` would wait in its inbox forever."""
+    if ws.inbox_is_link(agent):
+        raise WorkspaceError(f"inbox/{agent} is a symbolic link; the supervisor never takes orders in "
+                             "through one, so an order sent there would never run: replace it with a folder")
+
+
 def history(ws: Workspace) -> _Sent:
     return _Sent(ws)
 
@@ -114,6 +122,7 @@ def validate_files(ws: Workspace, files: list[str], *, to: str | None, sender: s
             order = orders.load(data, path=shown, to=recipient, config=ws.config, history=hist, sender=sender,
                                 kind=sniff(data) if stdin else None)
             _repository_there(ws, order, shown)
+            _inbox_takes_in(ws, order.to)
             entry.update(to=order.to, valid=True, checks=len(order.checks), id=order.id)
         except OrderError as e:
             entry["problems"] = [p.as_dict() | {"text": str(p)} for p in e.problems]
@@ -154,6 +163,7 @@ def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str |
         orders.known_sender(sender, cfg)
     order = orders.load(data, path=name, to=to, config=cfg, history=history(ws), sender=sender, kind=kind)
     _repository_there(ws, order, name)
+    _inbox_takes_in(ws, order.to)
     suffix = SUFFIXES[kind] if kind else (Path(name).suffix.lower() or ".md")
     reserved = None
     if order.id is None or sender is not None:
@@ -186,8 +196,8 @@ def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str |
 def sniff(data: bytes) -> str:
     """The format of an order that has no file name (stdin): markdown, yaml or json."""
     text = data[:64 * 1024].decode("utf-8-sig", errors="replace").lstrip()
-    if text.startswith(("{", "[")):
-        return "json"
+    if text.startswith(("{", "[")):  # JSON, or YAML in flow style
+        return flow_kind(text)
     return "markdown" if _MD_LABEL.search(text) else "yaml"
 
 
@@ -294,14 +304,8 @@ def read_stream(stream: BinaryIO, *, shown: str = STDIN) -> bytes:
         total = os.fstat(stream.fileno()).st_size
     except (OSError, ValueError, AttributeError):
         total = 0
-    # A pipe has no size, and 256 KiB and a byte rounds to 256 KiB: then say "over".
-    size = _size(total) if total > limit and _size(total) != _size(limit) else f"over {_size(limit)}"
-    raise OrderError([Problem("", f"is {size}; a work order is at most {_size(limit)}: move the "
-                                  "details into files it names", shown)])
-
-
-def _size(n: int) -> str:
-    return f"{n / 1024 / 1024:.1f} MiB" if n >= 1024 * 1024 else f"{n // 1024} KiB"
+    # A pipe has no size: then the limit and a byte, said as "over" the limit.
+    raise OrderError([Problem("", too_big(max(total, limit + 1), limit, "a work order"), shown)])
 
 
 def gc(ws: Workspace, days: float) -> list[str]:

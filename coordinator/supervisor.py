@@ -95,6 +95,7 @@ class Supervisor:
         self._config_stamp = _stamp(ws.config_path)
         self._config_changed_said = False
         self._strays_said: set[str] = set()
+        self._stuck: set[Path] = set()  # inbox files a claim failed on: tried again at each rescan
         self._last_flush = 0.0
         self._last_progress = 0.0
         self._committer: audit.Committer | None = None
@@ -442,7 +443,7 @@ class Supervisor:
 
     # -- intake ----------------------------------------------------------------------------------
     def _inbox_has_files(self) -> bool:
-        return any(scan(self.ws.inbox(a)) for a in self.config.agents)
+        return any(p not in self._stuck for a in self.config.agents for p in scan(self.ws.inbox(a)))
 
     def _intake_step(self) -> bool:
         hints, rescan = self.watcher.drain()
@@ -488,7 +489,7 @@ class Supervisor:
             if not settled(path, now=time.time(), require_quiet=self.poll_mode):
                 unsettled.append((path, agent))
                 continue
-            claimed = self.intake.claim(path, agent)
+            claimed = self._claim(path, agent)
             if claimed is None:
                 continue
             # It was in the agent's inbox folder, which is no link (or the claim refuses it).
@@ -498,12 +499,14 @@ class Supervisor:
         return filed > 0
 
     def _say_strays(self, others: list[Path]) -> None:
-        """Say once of each thing in inbox/ that is never taken in: a folder no agent owns, and
-        `others`, what the rescan found in the inboxes that is no file (dot-files are files being
-        written: never said)."""
+        """Say once of each thing in inbox/ that is never taken in: a folder no agent owns, an
+        agent's inbox folder that is a link, and `others`, what the rescan found in the inboxes
+        that is no file (dot-files are files being written: never said)."""
         found = [f"inbox/{p.parent.name}/{printable(p.name)} is "
                  f"{'a folder' if p.is_dir() else 'not a regular file'}: "
                  "only files are taken in" for p in others]
+        found += [f"inbox/{a} is a symbolic link: nothing in it is taken in (never through a link); replace it "
+                  "with a folder" for a in self.config.agents if self.ws.inbox_is_link(a)]
         with contextlib.suppress(OSError):
             for entry in os.scandir(self.ws.inbox_root):
                 if (not entry.name.startswith(".") and entry.name not in self.config.agents
@@ -517,9 +520,25 @@ class Supervisor:
 
     def _refuse_link(self, path: Path, agent: str) -> None:
         """A symlink in an inbox is never followed: claim the link itself; filing rejects it."""
-        claimed = self.intake.claim(path, agent)
+        claimed = self._claim(path, agent)
         if claimed is not None:
             self.file_claimed(claimed, agent, shown=self.ws.rel(path))
+
+    def _claim(self, path: Path, agent: str) -> Path | None:
+        """`Intake.claim`, or None when the file cannot be taken (not ours to move, a disk
+        error): said once, and the file stays where it is for the next rescan to try again."""
+        try:
+            claimed = self.intake.claim(path, agent)
+        except OSError as e:
+            self._stuck.add(path)  # `--once` must not wait for it
+            line = (f"WARNING: inbox/{agent}/{printable(path.name)} cannot be taken in "
+                    f"({e.strerror or e}); it stays in the inbox and is tried again at the next rescan")
+            if line not in self._strays_said:
+                self._strays_said.add(line)
+                self.say(line)
+            return None
+        self._stuck.discard(path)
+        return claimed
 
     def file_claimed(self, claimed: Path, agent: str, *, shown: str, sender: str | None = None,
                      size: int | None = None) -> Record:

@@ -120,6 +120,11 @@ class Workspace:
             return parent.name
         return None
 
+    def inbox_is_link(self, agent: str) -> bool:
+        """Is `agent`'s inbox folder a symbolic link? Nothing in it is ever taken in: the
+        supervisor never follows one (it would take files from wherever the link points)."""
+        return os.path.islink(self.inbox(agent))
+
     def check_layout(self) -> None:
         """WorkspaceError when something stands where the layout needs a folder (or a file):
         said once, before any command trips over it."""

@@ -274,6 +274,23 @@ def test_a_bad_config_stops_every_command_with_one_line_naming_the_key(ws: Path)
         assert result.stderr == "coordinator: coordinator.yaml: agents.rex.writes: must be a list, not the number 5\n"
 
 
+@pytest.mark.parametrize("glob, said", [
+    ("[z-a]", "has a bad set '[z-a]' (bad character range z-a)"),
+    ("[]", "has an empty set '[]'"),
+    ("[!]", "has an empty set '[!]'"),
+])
+def test_a_malformed_glob_set_in_writes_stops_every_command_with_one_line(ws: Path, glob: str, said: str) -> None:
+    text = (ws / "coordinator.yaml").read_text()
+    (ws / "coordinator.yaml").write_text(text.replace('writes: ["webapp/docs/reviews/**"]',
+                                                      f'writes: ["webapp/docs/{glob}"]'))
+    for args in (["board"], ["send", "-", "--to", "chip"], ["validate", "-", "--to", "chip"], ["budget"],
+                 ["supervise", "--once"]):
+        result = run("-w", ws, *args, input=order("The greeting already exists in the webapp"))
+        assert (result.exit_code, result.stderr) == (
+            2, f"coordinator: coordinator.yaml: agents.rex.writes.0: 'webapp/docs/{glob}' {said} in a glob; "
+               "write a set such as [a-z] or [!0-9]\n"), args
+
+
 @pytest.mark.parametrize("change, said", [
     ("agents.chip.command = []", "agents.chip.command: must not be empty"),
     ("version = 2", "version: must be 1, not 2"),
@@ -412,6 +429,41 @@ def test_validate_defaults_the_recipient_to_the_inbox_folder_the_file_is_in(ws: 
     assert "loose.md: to: no recipient; drop the file in inbox/<agent>/, pass --to AGENT" in nobody.stderr
 
 
+@pytest.mark.parametrize("glob, said", [
+    ("[z-a]", "has a bad set '[z-a]' (bad character range z-a)"),
+    ("[]", "has an empty set '[]'"),
+    ("x[!]", "has an empty set '[!]'"),
+])
+def test_validate_and_send_refuse_a_malformed_glob_set_and_a_supervisor_never_sees_it(
+        ws: Path, glob: str, said: str) -> None:
+    (ws / "o.md").write_text(order("The webapp greets a user by name", files=(f"webapp/src/{glob}",)))
+    expected = (f"o.md:9: files.0: 'webapp/src/{glob}' {said} in a glob; write a set such as [a-z] or "
+                "[!0-9]\n")
+    for command in ("validate", "send"):
+        result = run("-w", ws, command, ws / "o.md", "--to", "chip")
+        assert (result.exit_code, result.stdout, result.stderr) == (1, "", expected)
+    assert inbox_entries(ws, "chip") == []
+    # Dropped by hand, it is rejected at intake and the supervisor goes on.
+    (ws / "inbox" / "chip" / "o.md").write_text((ws / "o.md").read_text())
+    done = program("-w", ws, "supervise", "--once")
+    assert done.returncode == 0, done.stderr
+    assert statuses(ws) == {"WO-0001": "rejected"}
+
+
+@pytest.mark.parametrize("char", ["\x85", "\x9b", "\x07"])
+def test_validate_and_send_refuse_a_control_character_in_files_c1_too(ws: Path, char: str) -> None:
+    fields = {"objective": "The webapp greets a user by name",
+              "acceptance": ["It greets", "It uses the name", "`make test` passes"],
+              "files": [f"webapp/src/a{char}b.py"],
+              "branching": [{"action": "halt-with-note", "when": "it already greets"}]}
+    (ws / "o.json").write_text(json.dumps(fields))
+    for command in ("validate", "send"):
+        result = run("-w", ws, command, ws / "o.json", "--to", "chip")
+        assert (result.exit_code, result.stdout, result.stderr) == (
+            1, "", "o.json: files.0: contains a control character\n"), command
+    assert inbox_entries(ws, "chip") == []
+
+
 @pytest.mark.parametrize("bad_id", ["ab..cd", "x.lock", "trailing."])
 def test_validate_and_send_refuse_an_id_that_cannot_name_a_branch(ws: Path, bad_id: str) -> None:
     (ws / "o.md").write_text(order("The webapp greets a user by name", id=bad_id))
@@ -513,6 +565,22 @@ HOSTILE = {
 }
 
 
+def test_an_order_a_byte_over_the_limit_is_said_to_be_over_it_everywhere(ws: Path) -> None:
+    text = order("The webapp greets a user by name")
+    data = (text + "\n<!--" + "x" * (256 * 1024 - len(text) - 8) + "-->\n").encode()
+    assert len(data) == 256 * 1024 + 1
+    said = "is over 256 KiB; a work order is at most 256 KiB: move the details into files it names"
+    (ws / "big.md").write_bytes(data)
+    checked = run("-w", ws, "validate", ws / "big.md", "--to", "chip")
+    assert (checked.exit_code, checked.stderr) == (1, f"big.md: {said}\n")
+    piped = run("-w", ws, "send", "-", "--to", "chip", input=data)
+    assert (piped.exit_code, piped.stderr) == (1, f"<stdin>: {said}\n")
+    (ws / "inbox" / "chip" / "big.md").write_bytes(data)  # dropped by hand: intake says the same
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    errors = [line for line in run("-w", ws, "show", "WO-0001").stdout.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: inbox/chip/big.md: {said}"]
+
+
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_input_is_one_line_and_exit_1(ws: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     data, message = HOSTILE[name]
@@ -611,16 +679,17 @@ def test_validate_dash_reads_the_order_from_stdin(ws: Path) -> None:
     assert (good.exit_code, good.stdout) == (0, "<stdin>: ok (to chip, 1 check(s))\n"), good.stderr
 
 
-@pytest.mark.parametrize("form", ["markdown", "yaml", "json"])
+@pytest.mark.parametrize("form", ["markdown", "yaml", "yaml-flow", "json"])
 def test_send_dash_reads_the_order_from_stdin_in_any_form(ws: Path, form: str) -> None:
     fields = {"objective": "The webapp greets a user by name",
               "acceptance": ["It greets", "It uses the name", "`make test` passes"],
               "files": ["webapp/src/greeting.py"],
               "branching": [{"action": "halt-with-note", "when": "it already greets"}]}
     text = {"markdown": order(str(fields["objective"])), "yaml": yaml.safe_dump(fields),
-            "json": json.dumps(fields)}[form]
+            "yaml-flow": yaml.safe_dump(fields, default_flow_style=True), "json": json.dumps(fields)}[form]
+    assert form != "yaml-flow" or text.startswith("{acceptance: [")
     result = run("-w", ws, "send", "-", "--to", "chip", input=text)
-    assert (result.exit_code, result.stdout) == (0, "WO-0001\n"), result.stderr
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "WO-0001\n", "")
     assert inbox_entries(ws, "chip") == ["WO-0001.md"]
     stdin_error = run("-w", ws, "send", "-", "--to", "chip", input="objective: only this\n")
     assert stdin_error.exit_code == 1
@@ -690,6 +759,29 @@ def test_an_order_for_a_repository_that_is_not_there_is_refused_when_sent(ws: Pa
         refused = run("-w", ws, *args, input=order("The greeting exists"))
         assert refused.exit_code == 1 and said in refused.stderr, refused.stderr
     assert inbox_entries(ws, "chip") == []
+
+
+def test_an_inbox_folder_that_is_a_link_is_refused_by_send_and_validate_and_said_by_the_supervisor(
+        ws: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (ws / "inbox" / "chip").rmdir()
+    (ws / "inbox" / "chip").symlink_to(elsewhere)
+    said = ("coordinator: inbox/chip is a symbolic link; the supervisor never takes orders in through one, so an "
+            "order sent there would never run: replace it with a folder\n")
+    for command in ("validate", "send"):
+        refused = run("-w", ws, command, "-", "--to", "chip", input=order("The webapp greets a user by name"))
+        assert (refused.exit_code, refused.stdout, refused.stderr) == (2, "", said), command
+    assert os.listdir(elsewhere) == []
+    assert run("-w", ws, "send", "-", "--to", "rex", input=order(
+        "The review is written", files=("webapp/docs/reviews/r.md",))).exit_code == 0  # other inboxes are fine
+    (elsewhere / "dropped.md").write_text(order("The webapp greets a user by name"))
+    done = program("-w", ws, "supervise", "--once")
+    assert done.returncode == 0, done.stderr
+    warned = [line.split(" ", 1)[1] for line in done.stderr.splitlines() if "inbox/chip" in line]
+    assert warned == ["WARNING: inbox/chip is a symbolic link: nothing in it is taken in (never through a link); "
+                      "replace it with a folder"], done.stderr
+    assert os.listdir(elsewhere) == ["dropped.md"] and set(statuses(ws).values()) == {"done"}
 
 
 def test_send_refuses_a_file_that_sits_in_an_inbox_already(ws: Path) -> None:
@@ -892,6 +984,15 @@ def test_log_prints_the_audit_history(worked: Path) -> None:
     assert run("-w", worked, "log", "nope").exit_code == 1
 
 
+def test_log_json_before_state_is_a_repository_is_an_empty_list(ws: Path) -> None:
+    shutil.rmtree(ws / "state")
+    ws.joinpath("state").mkdir()
+    result = run("-w", ws, "log", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout) == []
+    assert result.stderr.startswith("no history yet")
+    assert run("-w", ws, "log").stdout == ""
+
+
 def test_a_sent_order_not_yet_taken_in_is_explained(ws: Path) -> None:
     run("-w", ws, "send", "-", "--to", "chip", input=order("The webapp greets a user by name"))
     for command in ("show", "cancel", "retry", "log"):
@@ -1018,6 +1119,17 @@ def test_a_running_supervisor_answers_errors_with_the_exit_code_they_would_have_
 
 
 # -- budget, rotation, signals, audit ------------------------------------------------------------------
+def test_a_ledger_that_is_not_utf8_is_said_as_a_damaged_ledger_not_an_internal_error(ws: Path) -> None:
+    ledger = ws / "state" / "orchestrator" / "ledger.json"
+    ledger.parent.mkdir(exist_ok=True)
+    ledger.write_bytes(b'{"generation": 1, "items": [], "note": "caf\xe9"}\n')
+    for args in (["board"], ["budget"], ["budget", "--json"]):
+        result = program("-w", ws, *args)
+        assert (result.returncode, result.stdout, result.stderr) == (
+            1, "", "coordinator: state/orchestrator/ledger.json: not a valid ledger (not UTF-8 text at byte 43); "
+                   "restore it with `git -C state checkout orchestrator/ledger.json` or delete it to start over\n")
+
+
 def test_budget_add_and_rotate(ws: Path) -> None:
     doc = json.loads(run("-w", ws, "budget", "--json").stdout)
     assert set(doc) == BUDGET_KEYS

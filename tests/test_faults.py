@@ -136,6 +136,55 @@ def test_disk_full_while_writing_state_loses_no_order(small_disk, leave_kib):
     assert findings == [], "\n".join(map(str, findings))
 
 
+# -- an inbox folder on another file system -----------------------------------------------------
+@pytest.fixture
+def inbox_mount(make_ws) -> Iterator[tuple[Workspace, Path]]:
+    """A workspace whose inbox/chip is a tmpfs of its own: no rename reaches state/ from it."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
+    mnt = ws.inbox("chip")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs on an inbox folder here (needs root): {proc.stderr.strip()}")
+    try:
+        yield ws, mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_an_inbox_on_another_file_system_is_taken_in_by_copy(inbox_mount):
+    ws, mnt = inbox_mount
+    drop(ws, "chip", "a.md", order_md("Something is done", id="a"))
+    os.symlink("/etc/hostname", mnt / "b.md")  # the link is taken, never what it points to
+    for _ in range(2):  # and a restart finds nothing left to trip on
+        done = supervise_once(ws)
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr
+    recs = Store(ws.state).load_all()
+    assert {r.status for r in recs.values()} == {"done", "rejected"} and recs["a"].status == "done"
+    link = next(r for r in recs.values() if r.status == "rejected")
+    assert link.errors == ["inbox/chip/b.md: is a symbolic link (to /etc/hostname); a link in an inbox is "
+                           "never followed: drop the file itself"]
+    assert os.listdir(mnt) == [] and list((ws.state / "intake").rglob("*.md")) == []
+    assert len(list(Store(ws.state).folder("a").glob("original.*"))) == 1
+
+
+def test_an_inbox_file_that_cannot_be_taken_is_said_once_and_stays(inbox_mount):
+    ws, mnt = inbox_mount
+    drop(ws, "chip", "a.md", order_md("Something is done", id="a"))
+    subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    kept = supervise_once(ws)
+    assert kept.returncode == 0, kept.stderr
+    said = [line.split(" ", 1)[1] for line in kept.stderr.splitlines() if "inbox/chip/a.md" in line]
+    assert said == ["WARNING: inbox/chip/a.md cannot be taken in (Read-only file system); it stays in the "
+                    "inbox and is tried again at the next rescan"], kept.stderr
+    assert os.listdir(mnt) == ["a.md"] and list((ws.state / "intake").rglob("*.md")) == []
+    assert _status(ws, "a") is None
+    subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
+    assert supervise_once(ws).returncode == 0
+    assert _status(ws, "a") == "done" and os.listdir(mnt) == []
+
+
 # -- 5. hands in repos/ and state/ -------------------------------------------------------------
 GATED = sh('while [ ! -e "$PROBE/go.$COORD_ORDER_ID" ]; do sleep 0.05; done; '
            'printf "x = 1\\n" > "src/$COORD_ORDER_ID.py"')

@@ -212,6 +212,13 @@ def test_inside_writes_but_outside_files_is_denied(wt: Path) -> None:
     assert [(c.path, why) for c, why in v.offending] == [("src/other.py", "outside the order's files")]
 
 
+def test_an_order_stored_with_a_malformed_glob_set_is_denied_not_a_crash(wt: Path) -> None:
+    # Validation refuses `[z-a]` now; an order taken in before it did still reaches the gate.
+    act = lambda: (wt / "src" / "login.py").write_text("changed\n")  # noqa: E731
+    v = verdict_of(wt, act, files=("webapp/src/[z-a]", "webapp/src/[]"), writes=WRITES)
+    assert [(c.path, why) for c, why in v.offending] == [("src/login.py", "outside the order's files")]
+
+
 def test_an_empty_folder_outside_files_is_denied(wt: Path) -> None:
     v = verdict_of(wt, lambda: (wt / "docs").mkdir())
     assert [(c.path, c.what) for c, _ in v.offending] == [("docs", "added")]

@@ -826,6 +826,46 @@ def test_an_escalation_a_crash_left_claimed_is_filed_as_the_supervisors_at_resta
     assert_clean(ws)
 
 
+@pytest.mark.parametrize("sends_to", [[], ["rex"]])
+def test_an_outbox_order_a_crash_left_claimed_is_filed_as_its_senders_at_restart(make_ws, sends_to):
+    """kill -9 after chip's outbox file was copied into state/intake/ (the outbox file gone),
+    before it was filed. The restart files it as chip's, from chip's outbox, and checks chip's
+    `sends_to` as ever: never as an order of the user, which anyone may send."""
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": sends_to, "command": sh(
+                     '[ -e "$PROBE/sent" ] && exit 0; touch "$PROBE/sent"; mkdir -p "$COORD_OUTBOX/rex"; '
+                     'printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+                     'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/r.yaml"')},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    sup = Supervisor(ws)
+    sup.open()
+    filing = sup.intake.file
+
+    def killed_filing_an_outbox_order(claimed, agent, *, shown, **kw):  # type: ignore[no-untyped-def]
+        if shown.startswith("outbox of"):
+            raise Killed
+        return filing(claimed, agent, shown=shown, **kw)
+
+    sup.intake.file = killed_filing_an_outbox_order  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        step_until(sup, lambda: False, "the kill")
+    assert len(list((ws.state / "intake" / "rex").glob("*-r.yaml"))) == 1
+    abandon(sup)
+    restart(ws)
+    recs = Store(ws.state).load_all()
+    (child,) = (r for r in recs.values() if r.to == "rex")
+    assert (child.sender, child.source) == ("chip", "outbox of o/r.yaml")
+    if sends_to:
+        assert child.status == "done"
+    else:
+        assert child.status == "rejected"
+        assert child.errors == ["outbox of o/r.yaml: from: chip may not send to rex (it sends to: nobody)"]
+    assert [e.author for e in StateRepo(ws.state).entries(child.id)][:1] == ["chip"]
+    assert_one_place(ws, {"o", child.id})
+    assert not [p for p in (ws.state / "intake").rglob("*") if p.is_file()]  # the note went too
+    assert_clean(ws)
+
+
 @pytest.mark.parametrize("ending", ["routed", "blocked"])
 def test_a_crash_before_a_follow_up_is_filed_files_it_at_restart_once(make_ws, ending):
     """kill -9 after the record of a routed (or blocked, escalated) order was written, before

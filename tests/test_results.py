@@ -34,6 +34,12 @@ def test_json_is_told_apart_by_content() -> None:
     assert result.to_dict() == {"outcome": "route-to", "summary": "It touches hashing.", "agent": "rex"}
 
 
+def test_yaml_in_flow_style_is_yaml_and_broken_json_keeps_jsons_message() -> None:
+    assert parse_result(b"{outcome: done, summary: all good}\n", path="result") == Result("done", "all good")
+    [p] = problems_of(b'{"outcome": "done" "summary": "x"}')
+    assert p.message == "is not valid JSON: Expecting ',' delimiter" and p.line == 1
+
+
 def test_every_outcome_is_accepted() -> None:
     extra = {"route-to": "agent: rex\n", "requeue-with-blocker": "blocker: WO-0040\n"}
     for outcome in OUTCOMES:

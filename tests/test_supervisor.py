@@ -76,6 +76,15 @@ def test_every_outcome_of_the_result_file(make_ws):
     assert recs["b"].status == "blocked"
 
 
+def test_a_result_file_in_yaml_flow_style_is_read_as_yaml(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 1,
+                           "command": sh('echo "{outcome: done, summary: all good}" > "$COORD_RESULT"')}})
+    drop(ws, "chip", "o.md", order_md("Something is done", id="o"))
+    run(ws)
+    rec = Store(ws.state).load("o")
+    assert (rec.status, rec.failures, rec.report["summary"]) == ("done", [], "all good")
+
+
 def test_outcome_not_allowed_by_branching_is_a_failed_attempt(make_ws):
     ws = make_ws({"chip": {"role": "specialist", "max_failures": 1,
                            "command": sh('printf "outcome: requeue-with-blocker\\nblocker: x\\nsummary: s\\n"'
@@ -456,7 +465,7 @@ def test_a_copied_outbox_file_is_cut_off_from_its_writer_and_keeps_its_size_for_
         kept_open = box / "r.md"
         kept_open.write_text(order_md("Small enough"))
         with open(kept_open, "r+b") as writer:
-            claimed, size = sup.intake.claim_copy(kept_open, "chip")
+            claimed, size = sup.intake.claim_copy(kept_open, "chip", sender="chip", shown="outbox of o/r.md")
             writer.seek(0)
             writer.write(b"TAMPERED")
             writer.flush()
@@ -464,7 +473,7 @@ def test_a_copied_outbox_file_is_cut_off_from_its_writer_and_keeps_its_size_for_
         assert b"TAMPERED" not in claimed.read_bytes() and size == len(order_md("Small enough").encode())
         big = box / "big.md"
         big.write_bytes(b"x" * (3 * 1024 * 1024))
-        claimed, size = sup.intake.claim_copy(big, "chip")
+        claimed, size = sup.intake.claim_copy(big, "chip", sender="chip", shown="outbox of o/big.md")
         assert size == 3 * 1024 * 1024 and claimed.stat().st_size < size  # only what intake reads is copied
         rec = sup.file_claimed(claimed, "chip", shown="outbox of o/big.md", sender="chip", size=size)
     assert rec.status == "rejected" and "is 3.0 MiB; a work order is at most 256 KiB" in rec.errors[0]
