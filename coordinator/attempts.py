@@ -22,6 +22,7 @@ from . import audit, durable, gate, orders, results, runner
 from ._orderfile import AGENT_PATTERN, quoted
 from .config import Agent, parse_duration
 from .errors import CoordinatorError, GateError, GitError, SandboxError, StateError
+from .intake import open_beneath
 from .landlock import Ruleset
 from .orders import Branch, WorkOrder
 from .repos import MergeConflict, Repo
@@ -643,7 +644,7 @@ class AttemptRunner:
         stamped with its name; each leaves the outbox as it is taken, so what is left there
         was not delivered."""
         for path in files:
-            to = path.parent.name if path.parent != box else _to_of(path)
+            to = path.parent.name if path.parent != box else _to_of(box, path)
             if to not in self.sup.config.agents:
                 self.sup.say(f"{rec.id}: outbox file {path.name} names no known recipient; not delivered")
                 undelivered.append(f"{path.name}: names no known recipient (give it `to: <agent>` or "
@@ -651,7 +652,7 @@ class AttemptRunner:
                 continue
             # A copy, not the file: a process of the attempt may still hold it open for writing.
             shown_as = f"outbox of {rec.id}/{path.name}"
-            taken = self.sup.intake.claim_copy(path, to, sender=sender, shown=shown_as)
+            taken = self.sup.intake.claim_copy(path, to, sender=sender, shown=shown_as, within=box)
             if taken:
                 claimed, size = taken
                 child = self.sup.file_claimed(claimed, to, shown=shown_as, sender=sender, size=size)
@@ -842,11 +843,21 @@ def _outbox_files(box: Path, undelivered: list[str]) -> list[Path]:
     return [p for p in sorted(found) if not p.is_symlink() and p.is_file() and not p.name.startswith(".")]
 
 
-def _to_of(path: Path) -> str | None:
+def _to_of(box: Path, path: Path) -> str | None:
     """The recipient an outbox file names, even when the rest of it is invalid: then it is
     delivered all the same and rejected there, with its errors on the board."""
-    data = runner.read_untrusted(path, orders.MAX_ORDER_BYTES)
-    return None if data is None else orders.recipient(data, path=path.name)
+    try:
+        folder, fd = open_beneath(box, path)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = durable.read_fd(fd, orders.MAX_ORDER_BYTES + 1)
+    finally:
+        os.close(fd)
+        os.close(folder)
+    return orders.recipient(data, path=path.name)
 
 
 def _timeout(order: WorkOrder, agent: Agent) -> float:

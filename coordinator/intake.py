@@ -144,7 +144,8 @@ class Intake:
             return {}
         return note if isinstance(note, dict) else {}
 
-    def claim_copy(self, path: Path, agent: str, *, sender: str, shown: str) -> tuple[Path, int] | None:
+    def claim_copy(self, path: Path, agent: str, *, sender: str, shown: str,
+                   within: Path | None = None) -> tuple[Path, int] | None:
         """Take a file a specialist wrote (its outbox) as a copy, never the file itself: a
         process of the attempt that kept it open could otherwise write on into state/.
         Returns the copy (at most MAX_READ bytes: all intake reads) and the file's size;
@@ -152,21 +153,40 @@ class Intake:
 
         Who sent it (`sender`, `shown` as its source) is noted next to the copy before the
         copy is written: a crash before filing must not file it as the user's, unchecked
-        against the sender's `sends_to` (recovery reads the note, `claim_note`)."""
+        against the sender's `sends_to` (recovery reads the note, `claim_note`).
+
+        With `within` (the outbox), `path` is reached from there one folder at a time, never
+        through a link, and removed through the folder it was read in: a process of the
+        attempt that outlived it cannot swap a folder for a link to make the supervisor read
+        and remove a file elsewhere."""
+        folder_fd = None
         try:
-            data, size = _read_capped(path)
-        except OSError:  # gone, or not ours to read
+            if within is None:
+                data, size = _read_capped(path)
+            else:
+                folder_fd, fd = open_beneath(within, path)
+                try:
+                    data, size = _read_fd_capped(fd)
+                finally:
+                    os.close(fd)
+        except OSError:  # gone, not ours to read, or reached through a link
+            if folder_fd is not None:
+                os.close(folder_fd)
             return None
-        if size is None:
-            return None
-        folder = self.store.intake_dir / agent
-        folder.mkdir(parents=True, exist_ok=True)
-        dest = folder / f"{time.time_ns():020d}-{_short_name(path.name)}"
-        durable.write_json(_note_of(dest), {"sender": sender, "source": shown, "size": size}, sync=False)
-        durable.write_bytes(dest, data, sync=False)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        return dest, size
+        try:
+            if size is None:
+                return None
+            folder = self.store.intake_dir / agent
+            folder.mkdir(parents=True, exist_ok=True)
+            dest = folder / f"{time.time_ns():020d}-{_short_name(path.name)}"
+            durable.write_json(_note_of(dest), {"sender": sender, "source": shown, "size": size}, sync=False)
+            durable.write_bytes(dest, data, sync=False)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path.name if folder_fd is not None else path, dir_fd=folder_fd)
+            return dest, size
+        finally:
+            if folder_fd is not None:
+                os.close(folder_fd)
 
     # -- filing ---------------------------------------------------------------------------------
     def file(self, claimed: Path, agent: str, *, shown: str, sender: str | None = None,
@@ -489,12 +509,36 @@ def _read_capped(claimed: Path) -> tuple[bytes, int | None]:
             return b"", None
         raise
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):  # a FIFO, a folder
-            return b"", None
-        return durable.read_fd(fd, MAX_READ), st.st_size
+        return _read_fd_capped(fd)
     finally:
         os.close(fd)
+
+
+def _read_fd_capped(fd: int) -> tuple[bytes, int | None]:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # a FIFO, a folder
+        return b"", None
+    return durable.read_fd(fd, MAX_READ), st.st_size
+
+
+def open_beneath(root: Path, path: Path) -> tuple[int, int]:
+    """(fd of `path`'s folder, fd of `path` opened for reading), reached from `root` one name
+    at a time and never through a link; OSError when any step is a link, no folder or gone.
+    The folder's fd stays valid for removing the file, whatever is renamed meanwhile."""
+    rel = path.relative_to(root).parts
+    if not rel:
+        raise IsADirectoryError(errno.EISDIR, "no file", str(path))
+    folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for part in rel[:-1]:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+            os.close(folder)
+            folder = inner
+        fd = os.open(rel[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+    except BaseException:
+        os.close(folder)
+        raise
+    return folder, fd
 
 
 def _replace_special(claimed: Path) -> str:

@@ -437,6 +437,39 @@ def test_the_outbox_of_an_attempt_that_fails_its_check_is_not_sent_and_its_retry
     assert f"- {to_rex.id} to rex: queued" in (ws.state / "orders" / "o" / "report.md").read_text()
 
 
+def test_an_outbox_folder_swapped_for_a_link_during_delivery_takes_nothing_from_its_target(
+        make_ws, tmp_path, monkeypatch):
+    """A process of the attempt that outlived it swaps `outbox/rex/` for a link to another
+    folder between the listing and the taking: the supervisor (root, here) must neither read
+    nor remove the file of the same name there."""
+    from coordinator import attempts
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "r.yaml").write_text("precious\n")
+    chip = sh('mkdir -p "$COORD_OUTBOX/rex"; '
+              'printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+              'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/r.yaml"')
+    ws = make_ws({"chip": {"role": "specialist", "command": chip, "sends_to": ["rex"]},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    listed = attempts._outbox_files
+
+    def listed_then_swapped(box, undelivered):
+        found = listed(box, undelivered)
+        if (box / "rex").is_dir():  # what the outliving process does at that moment
+            os.rename(box / "rex", box / "rex.old")
+            os.symlink(victim, box / "rex")
+        return found
+
+    monkeypatch.setattr(attempts, "_outbox_files", listed_then_swapped)
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    run(ws)
+    assert (victim / "r.yaml").read_text() == "precious\n"
+    recs = Store(ws.state).load_all()
+    assert recs["o"].status == "done" and recs["o"].children == []
+    assert [r for r in recs.values() if r.to == "rex"] == []
+
+
 def test_an_outbox_file_is_taken_as_a_copy_that_a_handle_kept_open_cannot_write(make_ws):
     """A process of the attempt that kept its outbox file open (one that escaped the kill, say)
     must not write on into state/: the order is filed from a copy, and the file is removed."""
