@@ -252,12 +252,12 @@ class StateRepo:
         for old, new in moves:
             try:
                 self.git("merge-base", "--is-ancestor", old, new)
-                log = self.git("log", "--format=%h by %an: %s", f"{old}..{new}")
+                log = self.git("log", "-z", "--format=%H%x00%an%x00%s", f"{old}..{new}")
             except GitError:  # not an ancestor: the history was rewritten (or the commit is gone)
                 found.append(f"state/'s branch was moved from {old[:10]} to {new[:10]}, which does not "
                              "contain the supervisor's last commit")
                 continue
-            found += [one_line(line) for line in log.splitlines() if line.strip()]
+            found += [one_line(f"{sha[:10]} by {author}: {subject}") for sha, author, subject in log_records(log, 3)]
         return found
 
     def head(self) -> str:
@@ -422,15 +422,10 @@ class StateRepo:
     # -- reading ----------------------------------------------------------------------------------
     def entries(self, order_id: str | None = None) -> list[Entry]:
         """The trail, oldest first; only the lines about `order_id` when given."""
-        fmt = "%H%x1f%an%x1f%aI%x1f%cn%x1f%B%x1e"
-        out = self.git("log", "--reverse", f"--format={fmt}")
         found: list[Entry] = []
-        for chunk in out.split("\x1e"):
-            chunk = chunk.strip("\n")
-            if not chunk:
-                continue
-            sha, author, at, _committer, body = chunk.split("\x1f", 4)
-            for line in body.splitlines():
+        out = self.git("log", "-z", "--reverse", "--format=%H%x00%an%x00%aI%x00%B")
+        for sha, author, at, body in log_records(out, 4):
+            for line in body.split("\n"):  # not splitlines(): a \x1e in a message breaks no line
                 m = TRANSITION.match(line)
                 if order_id is not None:
                     # An order's own lines: its transitions and its events ("WO-1 chip: stale …").
@@ -446,12 +441,11 @@ class StateRepo:
 
     def foreign_commits(self) -> list[str]:
         """Commits in state/ whose committer is not the supervisor: hand-made."""
-        out = self.git("log", "--format=%H%x1f%cn%x1f%s")
         bad = []
-        for line in out.splitlines():
-            sha, committer, subject = line.split("\x1f", 2)
+        out = self.git("log", "-z", "--format=%H%x00%cn%x00%s")
+        for sha, committer, subject in log_records(out, 3):
             if committer != SUPERVISOR:
-                bad.append(f"{sha[:10]} by {committer}: {subject}")
+                bad.append(one_line(f"{sha[:10]} by {committer}: {subject}"))
         return bad
 
 
@@ -617,6 +611,23 @@ def _group(pending: list[tuple[str, str]]) -> list[tuple[str, list[str], list[st
         seen[target][0].add(order)
         seen[target][1].update(words)
     return groups
+
+
+def log_records(out: str, fields: int, where: str = "state/") -> list[list[str]]:
+    """The commits of `git log -z` whose format is `fields` fields joined by %x00, each as
+    the list of its fields. NUL is the one byte git takes in no commit message: the \\x1e
+    and \\x1f this was split on once came in a message and broke `audit verify`."""
+    parts = out.split("\0")
+    if parts[-1] == "":
+        parts.pop()  # after the last commit's terminator
+    records = [parts[i:i + fields] for i in range(0, len(parts), fields)]
+    if any(len(r) != fields or not _SHA.fullmatch(r[0]) for r in records):
+        raise GitError(f"{where}'s history cannot be read: a commit in it is not one git makes "
+                       "(`git log` there shows it)")
+    return records
+
+
+_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
 def run(path: Path, *args: str, actor: str = SUPERVISOR) -> str:
