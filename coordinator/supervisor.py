@@ -136,7 +136,11 @@ class Supervisor:
         written = durable.read_journal(self._journal_file) if crashed else None
         durable.open_journal(ws.state, self._journal_file)
         durable.guard(ws.state)
-        if not crashed:  # a command served with no supervisor running too: never commits a hand edit
+        # Before the records are read: a record put back from git must be what the loop holds
+        # (read first, a hand edit after a crash stayed in memory while the file was restored).
+        if crashed:
+            recovery.commit_leftovers(self, written)
+        else:  # a command served with no supervisor running too: never commits a hand edit
             verify.watch_state(self)
         self.records = self.store.load_all()
         self.history = History(self.records, self.store)
@@ -158,7 +162,7 @@ class Supervisor:
                     self.say(f"WARNING: agents.{name}.{warning}")
         self.attempts = AttemptRunner(self)
         self.heads = verify.load_heads(ws)
-        recovery.recover(self, crashed, written)
+        recovery.recover(self, crashed)
         self.audit.mine = self.audit.head()  # from here, a commit not made here is someone else's
         self._release_ended_dependencies()
         self.store.shed_ended(self.records)

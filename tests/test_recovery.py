@@ -500,6 +500,32 @@ def test_crash_between_a_state_write_and_its_commit_repairs_the_history(make_ws,
     assert_clean(ws)
 
 
+
+def test_a_record_edited_by_hand_after_a_crash_is_put_back_in_memory_too(make_ws, monkeypatch):
+    """kill -9 while h1 runs; then a person marks h1 `done` in its record file. The restart puts
+    the file back from git, and the loop must hold what it put back: h1 was left `running`
+    for good and h2, waiting for it, ran on the strength of the edit."""
+    monkeypatch.setattr(durable, "JOURNAL_SLACK_NS", 0)  # the edit is not as late as a person's would be
+    ws = team(make_ws)
+    sup = start_one(ws, "h1")
+    drop(ws, "chip", "h2.md", order_md("Order h2 waits for h1", id="h2", files=("webapp/src/h2.py",),
+                                       blocked_by=["h1"]))
+    abandon(sup)
+    record = Store(ws.state).record_path("h1")
+    record.write_text(record.read_text().replace('"status": "running"', '"status": "done"'))
+    assert Store(ws.state).load("h1").status == "done"
+    open_gate(ws, "h1", 2)
+    open_gate(ws, "h2", 1)
+    said = restart(ws)
+    assert_done_once(ws, "h1")
+    assert_done_once(ws, "h2")
+    rec = Store(ws.state).load("h1")
+    assert rec.attempts == 2 and "interrupted" in rec.failures[0], rec.failures
+    assert completions(ws) == ["h1", "h2"]  # h2 only once h1 was really done
+    assert any("signal silent" in line and "orders/h1/record.json" in line for line in said), said
+    assert_one_place(ws, {"h1", "h2"})
+    assert_clean(ws)
+
 # -- 3. stale locks ------------------------------------------------------------------------------
 def test_stale_index_locks_are_cleared_and_logged_at_start(make_ws):
     ws = team(make_ws)
