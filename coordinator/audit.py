@@ -161,6 +161,10 @@ class StateRepo:
     def pending(self) -> int:
         return len(self._pending)
 
+    def restage(self, batches: list[Batch]) -> None:
+        """Stage again, before what was staged since, the lines of batches whose commit failed."""
+        self._pending[:0] = [(actor, line) for b in batches for actor, lines, _ in b.groups for line in lines]
+
     def flush(self, paths: set[str] | None = None) -> int:
         """Commit every staged line now; see `take` and `write`."""
         batch = self.take(paths)
@@ -479,9 +483,11 @@ class Committer:
 
     Commits cost 15-25 ms and more as state/ grows; the loop hands finished batches to
     this thread and goes on taking and starting orders. Batches are written in order.
-    Whoever needs state/ committed (a restore, a stop, a test) calls `drain()`; an error
-    in the thread is raised there, in the loop's thread. The tamper watch's look at
-    state/ (`look`) runs here too, in turn with the batches, so the loop never waits on it.
+    Whoever needs state/ committed (a restore, a stop, a test) calls `drain()`. A batch
+    that fails is kept, and so is every batch after it, unwritten (a later one must not
+    land before it): `failed()` hands them back to the loop's thread with the error, to
+    be staged again, never lost. The tamper watch's look at state/ (`look`) runs here
+    too, in turn with the batches, so the loop never waits on it.
     """
 
     def __init__(self, repo: StateRepo, *, before: Callable[[], None] | None = None) -> None:
@@ -489,35 +495,43 @@ class Committer:
         self._before = before
         self._queue: queue.Queue[Batch | Look | None] = queue.Queue()
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._unsettled: list[Batch] = []  # handed over and not committed, oldest first
+        self.committed = 0  # batches committed so far
         self._thread = threading.Thread(target=self._run, daemon=True, name="state-committer")
         self._thread.start()
 
     def submit(self, batch: Batch) -> None:
-        self._raise()
+        with self._lock:
+            self._unsettled.append(batch)
         self._queue.put(batch)
 
     def look(self) -> Look:
         """Ask for a look at state/ once the batches submitted so far are committed; it is
         done (`Look.done`) when the thread got there."""
-        self._raise()
         look = Look()
         self._queue.put(look)
         return look
 
     def drain(self) -> None:
-        """Wait until every submitted batch is committed."""
+        """Wait until every submitted batch is committed, or kept by a failure (`failed`)."""
         self._queue.join()
-        self._raise()
 
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join()
-        self._raise()
 
-    def _raise(self) -> None:
-        if self._error is not None:
+    def failed(self) -> tuple[BaseException, list[Batch]] | None:
+        """After a batch failed: the error and every batch not committed (that one and those
+        handed over after it), oldest first, taken back; None when none failed. Then the
+        thread commits what it is handed again."""
+        if self._error is None:
+            return None
+        self._queue.join()  # the batches after it are passed over: none is left to write later
+        with self._lock:
             error, self._error = self._error, None
-            raise error
+            batches, self._unsettled = self._unsettled, []
+        return error, batches
 
     def _run(self) -> None:
         while True:
@@ -531,7 +545,10 @@ class Committer:
                     if self._before is not None:
                         self._before()
                     self.repo.write(batch)
-            except BaseException as e:  # handed to the loop's thread at its next submit/drain
+                    with self._lock:
+                        del self._unsettled[0]  # this one: batches are written in order
+                        self.committed += 1
+            except BaseException as e:  # the batches go back to the loop's thread: see `failed`
                 self._error = e
             finally:
                 self._queue.task_done()

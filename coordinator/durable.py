@@ -117,6 +117,14 @@ def take_journal(root: Path) -> set[str]:
     return taken
 
 
+def give_back(root: Path, paths: Iterable[str]) -> None:
+    """Paths taken from `root`'s journal whose commit failed: noted as not yet taken again,
+    so that they go with the next commit and no compaction drops them meanwhile."""
+    journal = _journals.get(_prefix(root))
+    if journal is not None:
+        journal.paths.update(paths)
+
+
 def peek_journal(root: Path) -> set[str]:
     journal = _journals.get(_prefix(root))
     return set(journal.paths) if journal is not None else set()
