@@ -521,6 +521,11 @@ class Committer:
         self._queue.put(None)
         self._thread.join()
 
+    def uncommitted(self) -> set[str]:
+        """The paths of the batches handed over and not committed yet."""
+        with self._lock:
+            return {p for b in self._unsettled for p in b.paths or ()}
+
     def failed(self) -> tuple[BaseException, list[Batch]] | None:
         """After a batch failed: the error and every batch not committed (that one and those
         handed over after it), oldest first, taken back; None when none failed. Then the

@@ -101,6 +101,7 @@ class Supervisor:
         self._committer: audit.Committer | None = None
         self._commit_failures = 0  # state/ commits that failed in a row (their batches staged again)
         self._failed_at: int | None = None  # the committer's count of batches committed at the last failure
+        self._compacted_at = 0  # the committer's count of batches committed when the journal was compacted
         # Kept current by `_index` wherever a status is set, so dispatch and the release of
         # dependents never scan every record the workspace ever had. `_ready`: per agent, a
         # heap of (priority rank, age, id) of its queued orders; an entry whose order is no
@@ -889,7 +890,7 @@ class Supervisor:
         batch = self.audit.take(durable.take_journal(self.ws.state)) if self.audit.pending else None
         if batch is not None and batch.paths and self._look is not None:
             self._look.taken |= batch.paths  # perhaps written, not yet committed, when git looked
-        if background:  # not compacted here: what the thread has yet to commit must stay in the journal
+        if background:  # the journal is compacted once the thread has committed it (`_settle_commits`)
             if batch is not None:
                 self._committer_thread().submit(batch)
             return
@@ -906,9 +907,18 @@ class Supervisor:
         durable.compact_journal(self.ws.state)  # all that was taken is committed
 
     def _settle_commits(self) -> None:
-        """Take back what the committer thread could not commit (see `_take_back_failed`)."""
-        if self._committer is not None:
-            self._take_back_failed(self._committer)
+        """Take back what the committer thread could not commit (see `_take_back_failed`);
+        else, once it committed more, drop what it committed from the journal file (kept
+        only for a start after a crash: it grew by some eight lines an order for good)."""
+        committer = self._committer
+        if committer is None:
+            return
+        if self._take_back_failed(committer):
+            return
+        committed = committer.committed  # before `uncommitted`: a batch committed in between stays a turn
+        if committed != self._compacted_at:
+            durable.compact_journal(self.ws.state, committer.uncommitted())
+            self._compacted_at = committed
 
     def _take_back_failed(self, committer: audit.Committer, *, stop: bool = True) -> bool:
         """Stage again what a failed commit of the thread held (a lock a person's `git commit`
@@ -938,6 +948,7 @@ class Supervisor:
         """The thread that commits state/ for the running loop, started when first needed."""
         if self._committer is None:
             self._committer = audit.Committer(self.audit, before=lambda: durable.sync_fs(self.ws.state))
+            self._compacted_at = 0
         return self._committer
 
     def drain_commits(self, *, stop: bool = True) -> None:

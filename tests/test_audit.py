@@ -791,3 +791,32 @@ def test_a_hand_commit_whose_message_holds_a_record_separator_is_listed_never_a_
     assert started.returncode == 0, started.stderr
     assert Store(ws.state).load("a").status == "done"
     assert [e.new for e in StateRepo(ws.state).entries("a")] == ["queued", "running", "done"]
+
+
+
+def test_a_busy_supervisors_journal_keeps_only_what_is_not_committed_yet(make_ws, monkeypatch):
+    """The crash journal (a line for each state write, read at the start after a crash) was
+    compacted only when a commit found nothing new staged: while orders kept coming, never,
+    some eight lines per order run. It now drops what the state committer has committed, as
+    it goes."""
+    from coordinator import supervisor
+
+    monkeypatch.setattr(supervisor, "FLUSH_EVERY", 0.2)  # more commits in the few seconds this runs
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("sleep 0.05"), "max_parallel": 2}}, max_parallel=2)
+    journal = ws.runtime / "state-journal"
+    ids = [f"o{i:03d}" for i in range(120)]
+    for oid in ids:
+        drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} is done", id=oid))
+    lines: list[int] = []
+    with Supervisor(ws) as sup:
+
+        def should_stop() -> int:
+            if all(oid in sup.records and sup.records[oid].status == "done" for oid in ids):
+                lines.append(journal.read_text().count("\n"))  # as the last order ended, still busy
+                return 1
+            return 0
+
+        sup.run(should_stop=should_stop)
+    assert lines and lines[0] < len(ids), lines  # fewer than a line per order run: it was some 8
+    assert not journal.exists()  # a clean stop: everything is committed
+    assert StateRepo(ws.state).dirty() == []
