@@ -135,9 +135,11 @@ class Supervisor:
         durable.clean_temps(ws.state)
         recovery.clear_repo_locks(self)
         marker = ws.runtime / "running"
-        crashed = marker.exists()
         # What the crashed supervisor wrote and did not commit, as it noted before each write.
-        written = durable.read_journal(self._journal_file) if crashed else None
+        # Lines in it say a crash too: a command served with no supervisor running (no marker)
+        # that could not commit leaves them, and its writes are no hand edits.
+        written = durable.read_journal(self._journal_file)
+        crashed = marker.exists() or bool(written)
         durable.open_journal(ws.state, self._journal_file)
         durable.guard(ws.state)
         # Before the records are read: a record put back from git must be what the loop holds

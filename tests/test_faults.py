@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -404,6 +405,33 @@ def test_state_commits_failing_in_a_row_stop_the_supervisor_and_a_restart_loses_
                                   "commits what was written")
     assert len([line for line in said if line.startswith("WARNING: could not commit state/")]) == 2
 
+
+def test_a_command_that_cannot_commit_while_no_supervisor_runs_keeps_its_change(make_ws, monkeypatch):
+    """`coordinator cancel` with no supervisor running, while a git in state/ holds index.lock:
+    the command says it could not commit. The next start took its change for a hand edit (the
+    order came back queued, and a person was blamed); it commits it now, as the command's."""
+    from coordinator import audit, control
+    from coordinator.errors import CoordinatorError, SupervisorError
+
+    monkeypatch.setattr(audit, "LOCK_WAIT", 0.3)
+    ws = make_ws({"walt": {"role": "orchestrator"}})  # walt has no command: its orders stay queued
+    drop(ws, "walt", "c.md", order_md("Order c is cancelled", id="c"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=WAIT)
+    with state_index_held(ws), pytest.raises(CoordinatorError) as failed:
+        control.submit(ws, "cancel", {"id": "c"})
+    assert Store(ws.state).load("c").status == "cancelled"
+
+    again = supervise_once(ws)
+
+    assert again.returncode == 0, again.stderr
+    assert Store(ws.state).load("c").status == "cancelled"
+    assert [e.new for e in StateRepo(ws.state).entries("c")] == ["queued", "cancelled"]
+    assert silent_signals(ws) == [], again.stderr
+    assert verify(ws) == []
+    assert isinstance(failed.value, SupervisorError)  # one line: why, and that nothing is lost
+    assert re.fullmatch(r"state/ takes no commits \(git .*index\.lock.*\): nothing is lost, the next start "
+                        r"commits what was written", str(failed.value)), failed.value
 
 # -- 6. the watcher thread dies ---------------------------------------------------------------
 def test_files_are_still_processed_after_the_watcher_thread_dies(make_ws):
