@@ -342,7 +342,9 @@ class StateRepo:
         put back). With `written`, the supervisor's journal of what it wrote (see
         `durable.read_journal`), a change it does not account for is a hand edit made while no
         supervisor ran: put back from git, never committed as the supervisor's."""
-        changed = [p for p in self.dirty() if not p.startswith("intake/")]
+        # Temp names (a state/.gitignore without them lists them) are nobody's change: a write
+        # the crash cut off, never to be committed or put back.
+        changed = [p for p in self.dirty() if not p.startswith("intake/") and not _ignored(p)]
         foreign = [] if written is None else \
             [p for p in changed if not durable.written_by_journal(p, self.path, written)]
         if foreign:

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,6 +47,9 @@ def commit_leftovers(sup: Supervisor, written: dict[str, int] | None) -> None:
     """After a crash, before the records are read: commit what the crashed supervisor wrote
     and put back from git what someone else changed meanwhile. `written`: its journal of its
     writes (None: it kept none)."""
+    for folder in {os.path.dirname(p) for p in written or ()}:
+        # A write the crash cut off left its temp file beside its target: nobody's change.
+        durable.clean_temps(sup.ws.state / folder)
     mine, foreign = sup.audit.recover(written)
     for name in mine:
         sup.say(f"recovery: committed state/{name}, written before a crash")

@@ -526,6 +526,36 @@ def test_a_record_edited_by_hand_after_a_crash_is_put_back_in_memory_too(make_ws
     assert_one_place(ws, {"h1", "h2"})
     assert_clean(ws)
 
+
+def test_a_record_write_cut_off_by_a_crash_leaves_no_temp_file_and_no_blame(make_ws, monkeypatch):
+    """kill -9 between writing a record's temp file and renaming it over the record. The
+    restart takes the order up where the record says, removes the temp file, and blames
+    nobody for it."""
+    ws = team(make_ws)
+    sup = start_one(ws, "k1")
+    open_gate(ws, "k1", 1)
+    rename = durable._rename
+
+    def killed_at_the_rename(src: Path | str, dst: Path | str, *, replace: bool) -> None:
+        if str(dst).endswith("k1/record.json"):
+            raise Killed
+        rename(src, dst, replace=replace)
+
+    monkeypatch.setattr(durable, "_rename", killed_at_the_rename)
+    with pytest.raises(Killed):
+        step_until(sup, lambda: False, "the kill")
+    abandon(sup)
+    monkeypatch.setattr(durable, "_rename", rename)
+    folder = Store(ws.state).folder("k1")
+    assert [p.name for p in folder.glob(".tmp-*")], "the cut-off write's temp file"
+    open_gate(ws, "k1", 2)
+    said = supervise_once(ws)  # another process: its temp files have other names
+    assert_done_once(ws, "k1")
+    assert list(folder.glob(".tmp-*")) == []
+    assert "signal silent" not in said, said
+    assert_one_place(ws, {"k1"})
+    assert_clean(ws)
+
 # -- 3. stale locks ------------------------------------------------------------------------------
 def test_stale_index_locks_are_cleared_and_logged_at_start(make_ws):
     ws = team(make_ws)
