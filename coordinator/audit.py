@@ -161,6 +161,10 @@ class StateRepo:
     def pending(self) -> int:
         return len(self._pending)
 
+    def restage(self, batches: list[Batch]) -> None:
+        """Stage again, before what was staged since, the lines of batches whose commit failed."""
+        self._pending[:0] = [(actor, line) for b in batches for actor, lines, _ in b.groups for line in lines]
+
     def flush(self, paths: set[str] | None = None) -> int:
         """Commit every staged line now; see `take` and `write`."""
         batch = self.take(paths)
@@ -252,12 +256,12 @@ class StateRepo:
         for old, new in moves:
             try:
                 self.git("merge-base", "--is-ancestor", old, new)
-                log = self.git("log", "--format=%h by %an: %s", f"{old}..{new}")
+                log = self.git("log", "-z", "--format=%H%x00%an%x00%s", f"{old}..{new}")
             except GitError:  # not an ancestor: the history was rewritten (or the commit is gone)
                 found.append(f"state/'s branch was moved from {old[:10]} to {new[:10]}, which does not "
                              "contain the supervisor's last commit")
                 continue
-            found += [one_line(line) for line in log.splitlines() if line.strip()]
+            found += [one_line(f"{sha[:10]} by {author}: {subject}") for sha, author, subject in log_records(log, 3)]
         return found
 
     def head(self) -> str:
@@ -338,7 +342,9 @@ class StateRepo:
         put back). With `written`, the supervisor's journal of what it wrote (see
         `durable.read_journal`), a change it does not account for is a hand edit made while no
         supervisor ran: put back from git, never committed as the supervisor's."""
-        changed = [p for p in self.dirty() if not p.startswith("intake/")]
+        # Temp names (a state/.gitignore without them lists them) are nobody's change: a write
+        # the crash cut off, never to be committed or put back.
+        changed = [p for p in self.dirty() if not p.startswith("intake/") and not _ignored(p)]
         foreign = [] if written is None else \
             [p for p in changed if not durable.written_by_journal(p, self.path, written)]
         if foreign:
@@ -422,15 +428,10 @@ class StateRepo:
     # -- reading ----------------------------------------------------------------------------------
     def entries(self, order_id: str | None = None) -> list[Entry]:
         """The trail, oldest first; only the lines about `order_id` when given."""
-        fmt = "%H%x1f%an%x1f%aI%x1f%cn%x1f%B%x1e"
-        out = self.git("log", "--reverse", f"--format={fmt}")
         found: list[Entry] = []
-        for chunk in out.split("\x1e"):
-            chunk = chunk.strip("\n")
-            if not chunk:
-                continue
-            sha, author, at, _committer, body = chunk.split("\x1f", 4)
-            for line in body.splitlines():
+        out = self.git("log", "-z", "--reverse", "--format=%H%x00%an%x00%aI%x00%B")
+        for sha, author, at, body in log_records(out, 4):
+            for line in body.split("\n"):  # not splitlines(): a \x1e in a message breaks no line
                 m = TRANSITION.match(line)
                 if order_id is not None:
                     # An order's own lines: its transitions and its events ("WO-1 chip: stale …").
@@ -446,12 +447,11 @@ class StateRepo:
 
     def foreign_commits(self) -> list[str]:
         """Commits in state/ whose committer is not the supervisor: hand-made."""
-        out = self.git("log", "--format=%H%x1f%cn%x1f%s")
         bad = []
-        for line in out.splitlines():
-            sha, committer, subject = line.split("\x1f", 2)
+        out = self.git("log", "-z", "--format=%H%x00%cn%x00%s")
+        for sha, committer, subject in log_records(out, 3):
             if committer != SUPERVISOR:
-                bad.append(f"{sha[:10]} by {committer}: {subject}")
+                bad.append(one_line(f"{sha[:10]} by {committer}: {subject}"))
         return bad
 
 
@@ -485,9 +485,11 @@ class Committer:
 
     Commits cost 15-25 ms and more as state/ grows; the loop hands finished batches to
     this thread and goes on taking and starting orders. Batches are written in order.
-    Whoever needs state/ committed (a restore, a stop, a test) calls `drain()`; an error
-    in the thread is raised there, in the loop's thread. The tamper watch's look at
-    state/ (`look`) runs here too, in turn with the batches, so the loop never waits on it.
+    Whoever needs state/ committed (a restore, a stop, a test) calls `drain()`. A batch
+    that fails is kept, and so is every batch after it, unwritten (a later one must not
+    land before it): `failed()` hands them back to the loop's thread with the error, to
+    be staged again, never lost. The tamper watch's look at state/ (`look`) runs here
+    too, in turn with the batches, so the loop never waits on it.
     """
 
     def __init__(self, repo: StateRepo, *, before: Callable[[], None] | None = None) -> None:
@@ -495,35 +497,48 @@ class Committer:
         self._before = before
         self._queue: queue.Queue[Batch | Look | None] = queue.Queue()
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._unsettled: list[Batch] = []  # handed over and not committed, oldest first
+        self.committed = 0  # batches committed so far
         self._thread = threading.Thread(target=self._run, daemon=True, name="state-committer")
         self._thread.start()
 
     def submit(self, batch: Batch) -> None:
-        self._raise()
+        with self._lock:
+            self._unsettled.append(batch)
         self._queue.put(batch)
 
     def look(self) -> Look:
         """Ask for a look at state/ once the batches submitted so far are committed; it is
         done (`Look.done`) when the thread got there."""
-        self._raise()
         look = Look()
         self._queue.put(look)
         return look
 
     def drain(self) -> None:
-        """Wait until every submitted batch is committed."""
+        """Wait until every submitted batch is committed, or kept by a failure (`failed`)."""
         self._queue.join()
-        self._raise()
 
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join()
-        self._raise()
 
-    def _raise(self) -> None:
-        if self._error is not None:
+    def uncommitted(self) -> set[str]:
+        """The paths of the batches handed over and not committed yet."""
+        with self._lock:
+            return {p for b in self._unsettled for p in b.paths or ()}
+
+    def failed(self) -> tuple[BaseException, list[Batch]] | None:
+        """After a batch failed: the error and every batch not committed (that one and those
+        handed over after it), oldest first, taken back; None when none failed. Then the
+        thread commits what it is handed again."""
+        if self._error is None:
+            return None
+        self._queue.join()  # the batches after it are passed over: none is left to write later
+        with self._lock:
             error, self._error = self._error, None
-            raise error
+            batches, self._unsettled = self._unsettled, []
+        return error, batches
 
     def _run(self) -> None:
         while True:
@@ -537,7 +552,10 @@ class Committer:
                     if self._before is not None:
                         self._before()
                     self.repo.write(batch)
-            except BaseException as e:  # handed to the loop's thread at its next submit/drain
+                    with self._lock:
+                        del self._unsettled[0]  # this one: batches are written in order
+                        self.committed += 1
+            except BaseException as e:  # the batches go back to the loop's thread: see `failed`
                 self._error = e
             finally:
                 self._queue.task_done()
@@ -617,6 +635,23 @@ def _group(pending: list[tuple[str, str]]) -> list[tuple[str, list[str], list[st
         seen[target][0].add(order)
         seen[target][1].update(words)
     return groups
+
+
+def log_records(out: str, fields: int, where: str = "state/") -> list[list[str]]:
+    """The commits of `git log -z` whose format is `fields` fields joined by %x00, each as
+    the list of its fields. NUL is the one byte git takes in no commit message: the \\x1e
+    and \\x1f this was split on once came in a message and broke `audit verify`."""
+    parts = out.split("\0")
+    if parts[-1] == "":
+        parts.pop()  # after the last commit's terminator
+    records = [parts[i:i + fields] for i in range(0, len(parts), fields)]
+    if any(len(r) != fields or not _SHA.fullmatch(r[0]) for r in records):
+        raise GitError(f"{where}'s history cannot be read: a commit in it is not one git makes "
+                       "(`git log` there shows it)")
+    return records
+
+
+_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
 def run(path: Path, *args: str, actor: str = SUPERVISOR) -> str:

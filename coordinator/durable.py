@@ -89,7 +89,10 @@ JOURNAL_SLACK_NS = 2_000_000_000  # a file changed this long after its noted wri
 
 class _Journal:
     def __init__(self, file: Path | None) -> None:
-        self.paths: set[str] = set()
+        self.paths: set[str] = set()  # noted since the last `take_journal`
+        # With a file: each path in it and the time its latest write was noted, kept there
+        # until a compaction finds it committed (a time moved later would cover a hand edit).
+        self.times: dict[str, int] = {}
         self.file = os.fspath(file) if file is not None else None
         self.fd = (os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
                    if file is not None else None)
@@ -117,20 +120,31 @@ def take_journal(root: Path) -> set[str]:
     return taken
 
 
+def give_back(root: Path, paths: Iterable[str]) -> None:
+    """Paths taken from `root`'s journal whose commit failed: noted as not yet taken again,
+    so that they go with the next commit and no compaction drops them meanwhile."""
+    journal = _journals.get(_prefix(root))
+    if journal is not None:
+        journal.paths.update(paths)
+
+
 def peek_journal(root: Path) -> set[str]:
     journal = _journals.get(_prefix(root))
     return set(journal.paths) if journal is not None else set()
 
 
-def compact_journal(root: Path) -> None:
-    """Everything taken from `root`'s journal is committed: its file keeps only what is not
-    yet (replaced whole, so a crash part-way leaves the old, longer file)."""
+def compact_journal(root: Path, uncommitted: Iterable[str] = ()) -> None:
+    """Everything taken from `root`'s journal is committed but `uncommitted` (taken, its
+    commit still on its way): its file keeps only what is not committed yet (replaced whole,
+    so a crash part-way leaves the old, longer file)."""
     prefix = _prefix(root)
     journal = _journals.get(prefix)
     if journal is None or journal.file is None or journal.fd is None:
         return
     now = time.time_ns()
-    lines = "".join(f"{now} {p[len(prefix):]}\n" for p in sorted(journal.paths))
+    times = journal.times
+    journal.times = {p: times.get(p, now) for p in journal.paths.union(uncommitted)}
+    lines = "".join(f"{when} {p[len(prefix):]}\n" for p, when in sorted(journal.times.items()))
     tmp = f"{journal.file}.new"
     with open(tmp, "wb") as f:
         f.write(lines.encode("utf-8", "surrogateescape"))
@@ -205,7 +219,8 @@ def note(path: Path | str) -> None:
         if p.startswith(prefix):
             journal.paths.add(p)
             if journal.fd is not None:
-                os.write(journal.fd, f"{time.time_ns()} {p[len(prefix):]}\n".encode("utf-8", "surrogateescape"))
+                now = journal.times[p] = time.time_ns()
+                os.write(journal.fd, f"{now} {p[len(prefix):]}\n".encode("utf-8", "surrogateescape"))
 
 
 def fsync_dir(folder: Path) -> None:

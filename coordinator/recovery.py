@@ -10,12 +10,14 @@ re-queued (or landed, when their merge had already happened).
 
 Example:
     >>> recovery.clear_repo_locks(sup)
+    >>> recovery.commit_leftovers(sup, written)  # before the records are read
     >>> recovery.recover(sup, crashed=True)
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,17 +42,26 @@ def clear_repo_locks(sup: Supervisor) -> None:
                 sup.say(f"recovery: {line}")
 
 
-def recover(sup: Supervisor, crashed: bool, written: dict[str, int] | None = None) -> None:
-    """Finish what a crash interrupted; every order ends up in exactly one place. `written`:
-    the crashed supervisor's journal of its writes (None: it kept none)."""
+def commit_leftovers(sup: Supervisor, written: dict[str, int] | None) -> None:
+    """After a crash, before the records are read: commit what the crashed supervisor wrote
+    and put back from git what someone else changed meanwhile. `written`: its journal of its
+    writes (None: it kept none)."""
+    for folder in {os.path.dirname(p) for p in written or ()}:
+        # A write the crash cut off left its temp file beside its target: nobody's change.
+        durable.clean_temps(sup.ws.state / folder)
+    mine, foreign = sup.audit.recover(written)
+    for name in mine:
+        sup.say(f"recovery: committed state/{name}, written before a crash")
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        sup.signal("silent", agent=None, order=None,
+                   evidence=f"state/ changed by hand while no supervisor ran (restored from git): {shown}")
+
+
+def recover(sup: Supervisor, crashed: bool) -> None:
+    """Finish what a crash interrupted (`commit_leftovers` came first); every order ends up
+    in exactly one place."""
     if crashed:
-        mine, foreign = sup.audit.recover(written)
-        for name in mine:
-            sup.say(f"recovery: committed state/{name}, written before a crash")
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            sup.signal("silent", agent=None, order=None,
-                       evidence=f"state/ changed by hand while no supervisor ran (restored from git): {shown}")
         for line in sup.audit.repair_history(sup.records.values()):
             sup.say(f"recovery: history repaired: {line}")
     sup.attempts.keep_planned_ids()

@@ -20,7 +20,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ COMMIT_QUIET = 0.05         # seconds without progress before the loops commit w
 WAIT_SLICE = 0.005          # seconds: without pump threads, how often a wait looks at the watcher
 TAMPER_EVERY = 5.0          # seconds between looks for changes the supervisor did not make
 LOCK_PATIENCE = 0.5         # seconds a start waits for someone who only looks whether a supervisor runs
+COMMIT_TRIES = 3            # failed state/ commits in a row before the loop stops (each waits out a lock)
 
 
 class Supervisor:
@@ -99,6 +100,9 @@ class Supervisor:
         self._last_flush = 0.0
         self._last_progress = 0.0
         self._committer: audit.Committer | None = None
+        self._commit_failures = 0  # state/ commits that failed in a row (their batches staged again)
+        self._failed_at: int | None = None  # the committer's count of batches committed at the last failure
+        self._compacted_at = 0  # the committer's count of batches committed when the journal was compacted
         # Kept current by `_index` wherever a status is set, so dispatch and the release of
         # dependents never scan every record the workspace ever had. `_ready`: per agent, a
         # heap of (priority rank, age, id) of its queued orders; an entry whose order is no
@@ -132,12 +136,18 @@ class Supervisor:
         durable.clean_temps(ws.state)
         recovery.clear_repo_locks(self)
         marker = ws.runtime / "running"
-        crashed = marker.exists()
         # What the crashed supervisor wrote and did not commit, as it noted before each write.
-        written = durable.read_journal(self._journal_file) if crashed else None
+        # Lines in it say a crash too: a command served with no supervisor running (no marker)
+        # that could not commit leaves them, and its writes are no hand edits.
+        written = durable.read_journal(self._journal_file)
+        crashed = marker.exists() or bool(written)
         durable.open_journal(ws.state, self._journal_file)
         durable.guard(ws.state)
-        if not crashed:  # a command served with no supervisor running too: never commits a hand edit
+        # Before the records are read: a record put back from git must be what the loop holds
+        # (read first, a hand edit after a crash stayed in memory while the file was restored).
+        if crashed:
+            recovery.commit_leftovers(self, written)
+        else:  # a command served with no supervisor running too: never commits a hand edit
             verify.watch_state(self)
         self.records = self.store.load_all()
         self.history = History(self.records, self.store)
@@ -159,7 +169,7 @@ class Supervisor:
                     self.say(f"WARNING: agents.{name}.{warning}")
         self.attempts = AttemptRunner(self)
         self.heads = verify.load_heads(ws)
-        recovery.recover(self, crashed, written)
+        recovery.recover(self, crashed)
         self.audit.mine = self.audit.head()  # from here, a commit not made here is someone else's
         self._release_ended_dependencies()
         self.store.shed_ended(self.records)
@@ -179,27 +189,33 @@ class Supervisor:
             self._watcher.stop()
         self._polled.set()
         if self._committer is not None:
-            with contextlib.suppress(CoordinatorError):
-                self._committer.stop()
+            self._committer.stop()
+            failed = self._committer.failed()
+            if failed is not None:  # committed just below, or (closed on an error) by the next start
+                self._give_back(failed[1])
             self._committer = None
-        if self._opened and clean:
-            self._flush()
-            if not self.offline and not self.attempts.active:
-                (self.ws.runtime / "running").unlink(missing_ok=True)
-        # A clean close committed everything noted; else the file stays for the next start.
-        durable.close_journal(self.ws.state, committed=self._opened and clean)
-        durable.guard(self.ws.state, on=False)
-        if self._spawner is not None:
-            self._spawner.close()
-        with self._wake_lock:
-            for fd in self._wake_fds or ():
-                os.close(fd)
-            self._wake_fds = None
-        self._pumps = []  # they see the loop closed and end within a second
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-        self._opened = False
+        committed = False
+        try:
+            if self._opened and clean:
+                self._flush()
+                committed = True
+                if not self.offline and not self.attempts.active:
+                    (self.ws.runtime / "running").unlink(missing_ok=True)
+        finally:
+            # Everything noted is committed after a clean close; else the file stays for the next start.
+            durable.close_journal(self.ws.state, committed=committed)
+            durable.guard(self.ws.state, on=False)
+            if self._spawner is not None:
+                self._spawner.close()
+            with self._wake_lock:
+                for fd in self._wake_fds or ():
+                    os.close(fd)
+                self._wake_fds = None
+            self._pumps = []  # they see the loop closed and end within a second
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            self._opened = False
 
     @property
     def _journal_file(self) -> Path:
@@ -307,10 +323,8 @@ class Supervisor:
         `should_stop()` counts stop signals, as for `run`: the first stops new work and lets
         running attempts finish within the grace; the second kills them (re-queued at next start).
         """
-        try:
+        with self._flushed():
             self._run_once(limit, should_stop)
-        finally:
-            self._flush()  # whatever the loop staged is committed when this returns
 
     def _run_once(self, limit: float | None, should_stop: Callable[[], int] | None) -> None:
         deadline = None if limit is None else time.monotonic() + limit
@@ -333,10 +347,21 @@ class Supervisor:
 
     def run(self, *, should_stop: Callable[[], int]) -> None:
         """Run until stopped. `should_stop()` returns how many stop signals arrived."""
-        try:
+        with self._flushed():
             self._run(should_stop)
-        finally:
-            self._flush()
+
+    @contextlib.contextmanager
+    def _flushed(self) -> Iterator[None]:
+        """Whatever the loop staged is committed when the block is left. Left on an error, that
+        error is the one said: a commit failing after it is not (what it would have committed
+        stays staged and journaled, and the next start commits it)."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(CoordinatorError):
+                self._flush()
+            raise
+        self._flush()
 
     def _run(self, should_stop: Callable[[], int]) -> None:
         self._start_pumps()
@@ -869,35 +894,97 @@ class Supervisor:
 
     # -- commits --------------------------------------------------------------------------------
     def _flush(self, *, background: bool = False) -> None:
-        """Commit what is staged: now, or (in the loops) handed to the committer thread."""
+        """Commit what is staged: now, or (in the loops) handed to the committer thread.
+
+        What a failed commit held is staged and journaled again, to be committed with the
+        next batch: the journal never loses a path that is not committed, so a start after a
+        crash never takes the supervisor's own writes for a hand edit."""
         self._last_flush = time.monotonic()
         while self.audit.notes:  # the committer thread's, e.g. a roll-up of packs that failed
             self.say(self.audit.notes.pop(0))
-        if not background:
-            self.drain_commits()
+        if background:
+            self._settle_commits()
+        else:
+            self.drain_commits(stop=False)  # what failed in the thread is tried again just below
             self._take_look()  # done by now: what it finds is committed with the rest
         self._write_state()
         batch = self.audit.take(durable.take_journal(self.ws.state)) if self.audit.pending else None
         if batch is not None and batch.paths and self._look is not None:
             self._look.taken |= batch.paths  # perhaps written, not yet committed, when git looked
-        if background and batch is not None:
-            self._committer_thread().submit(batch)
+        if background:  # the journal is compacted once the thread has committed it (`_settle_commits`)
+            if batch is not None:
+                self._committer_thread().submit(batch)
             return
         if batch is not None:
             durable.sync_fs(self.ws.state)
-            self.audit.write(batch)
+            try:
+                self.audit.write(batch)
+            except BaseException as e:
+                self._give_back([batch])
+                if isinstance(e, CoordinatorError):
+                    raise _no_commits(e) from e
+                raise
+            self._commit_failures, self._failed_at = 0, None
         durable.compact_journal(self.ws.state)  # all that was taken is committed
+
+    def _settle_commits(self) -> None:
+        """Take back what the committer thread could not commit (see `_take_back_failed`);
+        else, once it committed more, drop what it committed from the journal file (kept
+        only for a start after a crash: it grew by some eight lines an order for good)."""
+        committer = self._committer
+        if committer is None:
+            return
+        if self._take_back_failed(committer):
+            return
+        committed = committer.committed  # before `uncommitted`: a batch committed in between stays a turn
+        if committed != self._compacted_at:
+            durable.compact_journal(self.ws.state, committer.uncommitted())
+            self._compacted_at = committed
+
+    def _take_back_failed(self, committer: audit.Committer, *, stop: bool = True) -> bool:
+        """Stage again what a failed commit of the thread held (a lock a person's `git commit`
+        holds longer than git waits, a full disk): it goes with the next batch. After
+        COMMIT_TRIES failures in a row (`stop`) the loop stops with the reason; nothing is
+        lost, the next start commits it. True when a commit had failed."""
+        failed = committer.failed()
+        if failed is None:
+            return False
+        error, batches = failed
+        self._give_back(batches)
+        if not isinstance(error, CoordinatorError):
+            raise error
+        # In a row: the thread committed nothing since the last failure.
+        self._commit_failures = self._commit_failures + 1 if committer.committed == self._failed_at else 1
+        self._failed_at = committer.committed
+        if stop and self._commit_failures >= COMMIT_TRIES:
+            raise _no_commits(error, f"; stopped after {self._commit_failures} tries") from error
+        self.say(f"WARNING: could not commit state/ ({error}); kept, to be committed with the next batch")
+        return True
+
+    def _give_back(self, batches: list[audit.Batch]) -> None:
+        self.audit.restage(batches)
+        durable.give_back(self.ws.state, (p for b in batches for p in b.paths or ()))
 
     def _committer_thread(self) -> audit.Committer:
         """The thread that commits state/ for the running loop, started when first needed."""
         if self._committer is None:
             self._committer = audit.Committer(self.audit, before=lambda: durable.sync_fs(self.ws.state))
+            self._compacted_at = 0
         return self._committer
 
-    def drain_commits(self) -> None:
-        """Wait for the committer thread: state/ is committed when this returns."""
+    def drain_commits(self, *, stop: bool = True) -> None:
+        """Wait for the committer thread: when this returns, state/ is committed but for what
+        a failed commit held, staged again (see `_take_back_failed`)."""
         if self._committer is not None:
             self._committer.drain()
+            self._take_back_failed(self._committer, stop=stop)
+
+
+def _no_commits(error: BaseException, how: str = "") -> SupervisorError:
+    """The one line for a supervisor that cannot commit state/: why, and that nothing is lost
+    (its writes are on disk and in its journal, and a start commits them)."""
+    return SupervisorError(f"state/ takes no commits ({error}){how}: nothing is lost, the next start "
+                           "commits what was written")
 
 
 def _rank(rec: Record) -> tuple[int, int, str]:

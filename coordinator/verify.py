@@ -169,21 +169,18 @@ def _repo_commits(ws: Workspace) -> list[Finding]:
         baseline = heads.get(path.name, {}).get("baseline")
         span = f"{baseline}..{branch}" if baseline else branch
         try:
-            log = repo.git("log", "--format=%H%x1f%an%x1f%cn%x1f%P%x1f%B%x1e", span)
+            commits = audit.log_records(repo.git("log", "-z", "--format=%H%x00%an%x00%cn%x00%P%x00%B", span),
+                                        5, f"repos/{path.name}")
         except CoordinatorError as e:
             found.append(Finding("repo-commit", f"repos/{path.name}", f"cannot read history: {e}"))
             continue
-        for chunk in log.split("\x1e"):
-            chunk = chunk.strip("\n")
-            if not chunk:
-                continue
-            sha, author, committer, parents, body = chunk.split("\x1f", 4)
+        for sha, author, committer, parents, body in commits:
             ids = TRAILER.findall(body)
             if baseline is None and not ids and committer == audit.SUPERVISOR and " " not in parents.strip():
                 continue  # the demo repository's first commit, made by `coordinator init`
             if any(i in done for i in ids):
                 continue
-            subject = body.strip().splitlines()[0] if body.strip() else ""
+            subject = audit.one_line(body.strip().split("\n")[0])
             why = (f"names {', '.join(ids)}, which did not end done" if ids
                    else "has no Work-Order trailer")
             found.append(Finding("repo-commit", f"repos/{path.name}@{sha[:10]}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -756,3 +757,72 @@ def test_the_running_loops_look_at_state_finds_a_hand_edit_and_none_of_its_own_w
     # same clock tick as git's untracked cache looked at it: nothing is in it).
     assert StateRepo(ws.state).dirty() == []
     assert {r.status for r in Store(ws.state).load_all().values()} == {"done"}
+
+
+def test_a_hand_commit_whose_message_holds_a_record_separator_is_listed_never_a_crash(make_ws):
+    """A message with \\x1e in it (in state/ and in a repository) once split the log where it
+    stood: `audit verify` and `log` died with an internal error, and so did every start after
+    a crash. Now verify lists both commits, `log` prints the trail, a start goes on, and the
+    text after the \\x1e is no transition."""
+    import sys
+
+    coordinator = str(Path(sys.executable).with_name("coordinator"))
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    run(ws)
+    for repo, message in ((ws.state, "innocent\x1ea chip: done -> queued"),
+                          (ws.repos / "webapp", "tidy\x1eup\x1fthe\x1crepo")):
+        subprocess.run(["git", "-C", str(repo), "-c", "user.name=eve", "-c", "user.email=e@x", "commit", "-q",
+                        "--allow-empty", "-m", message], check=True)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([coordinator, "-w", str(ws.root), *args], capture_output=True, text=True,
+                              timeout=120)
+        assert "internal error" not in done.stderr, done.stderr
+        return done
+
+    found = cli("audit", "verify")
+    assert found.returncode == 1, found.stderr
+    listed = found.stdout.splitlines()
+    assert len(listed) == 2, listed
+    assert re.fullmatch(r"state-foreign: state/: commit not made by the supervisor: [0-9a-f]{10} by eve: "
+                        r"innocent a chip: done -> queued", listed[0]), listed
+    assert re.fullmatch(r"repo-commit: repos/webapp@[0-9a-f]{10}: eve: 'tidy up the repo' has no Work-Order "
+                        r"trailer", listed[1]), listed
+    trail = cli("log", "a")
+    assert trail.returncode == 0, trail.stderr
+    assert trail.stdout.splitlines()[-1].endswith("a chip: running -> done"), trail.stdout
+    (ws.runtime / "running").touch()  # as a crash leaves it: the start repairs the history
+    started = cli("supervise", "--once")
+    assert started.returncode == 0, started.stderr
+    assert Store(ws.state).load("a").status == "done"
+    assert [e.new for e in StateRepo(ws.state).entries("a")] == ["queued", "running", "done"]
+
+
+
+def test_a_busy_supervisors_journal_keeps_only_what_is_not_committed_yet(make_ws, monkeypatch):
+    """The crash journal (a line for each state write, read at the start after a crash) was
+    compacted only when a commit found nothing new staged: while orders kept coming, never,
+    some eight lines per order run. It now drops what the state committer has committed, as
+    it goes."""
+    from coordinator import supervisor
+
+    monkeypatch.setattr(supervisor, "FLUSH_EVERY", 0.2)  # more commits in the few seconds this runs
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("sleep 0.05"), "max_parallel": 2}}, max_parallel=2)
+    journal = ws.runtime / "state-journal"
+    ids = [f"o{i:03d}" for i in range(120)]
+    for oid in ids:
+        drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} is done", id=oid))
+    lines: list[int] = []
+    with Supervisor(ws) as sup:
+
+        def should_stop() -> int:
+            if all(oid in sup.records and sup.records[oid].status == "done" for oid in ids):
+                lines.append(journal.read_text().count("\n"))  # as the last order ended, still busy
+                return 1
+            return 0
+
+        sup.run(should_stop=should_stop)
+    assert lines and lines[0] < len(ids), lines  # fewer than a line per order run: it was some 8
+    assert not journal.exists()  # a clean stop: everything is committed
+    assert StateRepo(ws.state).dirty() == []

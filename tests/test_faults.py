@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -323,6 +324,163 @@ def test_a_hand_edit_of_state_is_restored_at_start_and_signalled(make_ws):
     assert any("signal silent" in line for line in said)
     assert verify(ws) == []
 
+
+
+@contextlib.contextmanager
+def state_index_held(ws: Workspace) -> Iterator[Callable[[], None]]:
+    """state/'s index.lock held by a live git process, as a person's `git commit -a` holds it
+    while its editor is open: the supervisor's git waits for it, then gives up (a live git's
+    lock is never cleared). Yields `release`."""
+    lock = ws.state / ".git" / "index.lock"
+    holder = subprocess.Popen(["git", "cat-file", "--batch"], cwd=ws.state, stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL)
+    end = time.monotonic() + WAIT
+    while True:  # taken between two of the supervisor's gits, as git takes it
+        try:
+            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            break
+        except FileExistsError:
+            assert time.monotonic() < end, "state/'s index.lock never came free"
+            time.sleep(0.005)
+
+    def release() -> None:
+        lock.unlink(missing_ok=True)
+        if holder.poll() is None:
+            holder.communicate(b"")
+
+    try:
+        yield release
+    finally:
+        release()
+
+
+def test_a_person_holding_states_index_lock_past_the_wait_costs_no_order(make_ws, monkeypatch):
+    """While orders run, a git in state/ holds index.lock longer than a commit waits for it.
+    The batch that met it was lost, the batches after it too, and the journal forgot their
+    files: the next start took the supervisor's own uncommitted writes for hand edits and
+    deleted every order. Now the failure is said, what it held is committed with a later
+    batch, the run goes on, and a restart finds every order done, nothing blamed on anyone."""
+    from coordinator import audit
+    from coordinator.errors import CoordinatorError
+
+    monkeypatch.setattr(audit, "LOCK_WAIT", 0.3)  # what a commit waits for a lock (5 s otherwise)
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("sleep 0.4"), "writes": ["webapp/src/**"]}})
+    ids = [f"o{i}" for i in range(6)]
+    for oid in ids:
+        drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} runs", id=oid))
+    said: list[str] = []
+    failed = "WARNING: could not commit state/"
+    over = threading.Event()
+
+    def person() -> None:
+        wait_until(lambda: "o0 chip: queued -> running" in git(ws.state, "log", "--format=%B"), "o0 to start")
+        with state_index_held(ws) as release:
+            wait_until(lambda: over.is_set() or any(line.startswith(failed) for line in said), "a commit to fail")
+            release()
+
+    hand = threading.Thread(target=person)
+    hand.start()
+    stopped: CoordinatorError | None = None
+    try:
+        with Supervisor(ws, log=said.append) as sup:
+            sup.run_once(limit=WAIT)
+    except CoordinatorError as e:
+        stopped = e
+    finally:
+        over.set()
+        hand.join()
+
+    again = supervise_once(ws)
+
+    assert again.returncode == 0, again.stderr
+    recs = Store(ws.state).load_all()
+    assert {oid: recs[oid].status for oid in ids} == dict.fromkeys(ids, "done"), again.stderr
+    for oid in ids:
+        assert [e.new for e in StateRepo(ws.state).entries(oid)] == ["queued", "running", "done"], oid
+    assert silent_signals(ws) == [], again.stderr
+    assert verify(ws) == []
+    assert stopped is None  # the run went on past the failure
+    (warning,) = [line for line in said if line.startswith(failed)]
+    assert "index.lock" in warning and warning.endswith("kept, to be committed with the next batch")
+    assert "recovery:" not in again.stderr  # it had stopped cleanly: nothing left to commit
+
+
+def test_state_commits_failing_in_a_row_stop_the_supervisor_and_a_restart_loses_nothing(make_ws, monkeypatch):
+    """Every state/ commit fails once the loop runs. After a few tries the supervisor stops
+    with one line saying why and that nothing is lost; what it wrote is on disk and in its
+    journal, and a restart commits it and finds every order where it was, nothing blamed on
+    a person."""
+    from coordinator import audit
+    from coordinator.errors import CoordinatorError, GitError, SupervisorError
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("sleep 0.8"), "writes": ["webapp/src/**"]},
+                  "walt": {"role": "orchestrator"}})
+    written = audit.StateRepo.write
+    failing = threading.Event()
+
+    def write(self: StateRepo, batch: audit.Batch) -> int:
+        if failing.is_set():
+            raise GitError("git update-index failed in state/: error: unable to write the object")
+        return written(self, batch)
+
+    monkeypatch.setattr(audit.StateRepo, "write", write)
+    ids = [f"o{i}" for i in range(6)]  # running for longer than the loop's tries take
+    for oid in ids:
+        drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} runs", id=oid))
+    drop(ws, "walt", "w.md", order_md("Order w waits in walt's queue", id="w"))
+    said: list[str] = []
+    with pytest.raises(CoordinatorError) as stopped, Supervisor(ws, log=said.append) as sup:
+        failing.set()
+        sup.run_once(limit=WAIT)
+    assert set(Store(ws.state).load_all()) == {*ids, "w"}
+    assert StateRepo(ws.state).dirty()  # nothing the loop wrote is committed
+    monkeypatch.setattr(audit.StateRepo, "write", written)
+
+    again = supervise_once(ws)
+
+    assert again.returncode == 0, again.stderr
+    assert "recovery: committed state/orders/o0/record.json" in again.stderr
+    recs = Store(ws.state).load_all()
+    assert {oid: recs[oid].status for oid in ids} == dict.fromkeys(ids, "done"), again.stderr
+    assert recs["w"].status == "queued"
+    for oid in ids:
+        assert len(list(Store(ws.state).folder(oid).glob("original.*"))) == 1
+        assert [e.new for e in StateRepo(ws.state).entries(oid)][-1] == "done"
+    assert silent_signals(ws) == [], again.stderr
+    assert verify(ws) == []
+    assert isinstance(stopped.value, SupervisorError), stopped.value
+    assert str(stopped.value) == ("state/ takes no commits (git update-index failed in state/: error: unable to "
+                                  "write the object); stopped after 3 tries: nothing is lost, the next start "
+                                  "commits what was written")
+    assert len([line for line in said if line.startswith("WARNING: could not commit state/")]) == 2
+
+
+def test_a_command_that_cannot_commit_while_no_supervisor_runs_keeps_its_change(make_ws, monkeypatch):
+    """`coordinator cancel` with no supervisor running, while a git in state/ holds index.lock:
+    the command says it could not commit. The next start took its change for a hand edit (the
+    order came back queued, and a person was blamed); it commits it now, as the command's."""
+    from coordinator import audit, control
+    from coordinator.errors import CoordinatorError, SupervisorError
+
+    monkeypatch.setattr(audit, "LOCK_WAIT", 0.3)
+    ws = make_ws({"walt": {"role": "orchestrator"}})  # walt has no command: its orders stay queued
+    drop(ws, "walt", "c.md", order_md("Order c is cancelled", id="c"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=WAIT)
+    with state_index_held(ws), pytest.raises(CoordinatorError) as failed:
+        control.submit(ws, "cancel", {"id": "c"})
+    assert Store(ws.state).load("c").status == "cancelled"
+
+    again = supervise_once(ws)
+
+    assert again.returncode == 0, again.stderr
+    assert Store(ws.state).load("c").status == "cancelled"
+    assert [e.new for e in StateRepo(ws.state).entries("c")] == ["queued", "cancelled"]
+    assert silent_signals(ws) == [], again.stderr
+    assert verify(ws) == []
+    assert isinstance(failed.value, SupervisorError)  # one line: why, and that nothing is lost
+    assert re.fullmatch(r"state/ takes no commits \(git .*index\.lock.*\): nothing is lost, the next start "
+                        r"commits what was written", str(failed.value)), failed.value
 
 # -- 6. the watcher thread dies ---------------------------------------------------------------
 def test_files_are_still_processed_after_the_watcher_thread_dies(make_ws):

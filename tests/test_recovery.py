@@ -601,6 +601,62 @@ def test_crash_between_a_state_write_and_its_commit_repairs_the_history(make_ws,
     assert_clean(ws)
 
 
+
+def test_a_record_edited_by_hand_after_a_crash_is_put_back_in_memory_too(make_ws, monkeypatch):
+    """kill -9 while h1 runs; then a person marks h1 `done` in its record file. The restart puts
+    the file back from git, and the loop must hold what it put back: h1 was left `running`
+    for good and h2, waiting for it, ran on the strength of the edit."""
+    monkeypatch.setattr(durable, "JOURNAL_SLACK_NS", 0)  # the edit is not as late as a person's would be
+    ws = team(make_ws)
+    sup = start_one(ws, "h1")
+    drop(ws, "chip", "h2.md", order_md("Order h2 waits for h1", id="h2", files=("webapp/src/h2.py",),
+                                       blocked_by=["h1"]))
+    abandon(sup)
+    record = Store(ws.state).record_path("h1")
+    record.write_text(record.read_text().replace('"status": "running"', '"status": "done"'))
+    assert Store(ws.state).load("h1").status == "done"
+    open_gate(ws, "h1", 2)
+    open_gate(ws, "h2", 1)
+    said = restart(ws)
+    assert_done_once(ws, "h1")
+    assert_done_once(ws, "h2")
+    rec = Store(ws.state).load("h1")
+    assert rec.attempts == 2 and "interrupted" in rec.failures[0], rec.failures
+    assert completions(ws) == ["h1", "h2"]  # h2 only once h1 was really done
+    assert any("signal silent" in line and "orders/h1/record.json" in line for line in said), said
+    assert_one_place(ws, {"h1", "h2"})
+    assert_clean(ws)
+
+
+def test_a_record_write_cut_off_by_a_crash_leaves_no_temp_file_and_no_blame(make_ws, monkeypatch):
+    """kill -9 between writing a record's temp file and renaming it over the record. The
+    restart takes the order up where the record says, removes the temp file, and blames
+    nobody for it."""
+    ws = team(make_ws)
+    sup = start_one(ws, "k1")
+    open_gate(ws, "k1", 1)
+    rename = durable._rename
+
+    def killed_at_the_rename(src: Path | str, dst: Path | str, *, replace: bool) -> None:
+        if str(dst).endswith("k1/record.json"):
+            raise Killed
+        rename(src, dst, replace=replace)
+
+    monkeypatch.setattr(durable, "_rename", killed_at_the_rename)
+    with pytest.raises(Killed):
+        step_until(sup, lambda: False, "the kill")
+    abandon(sup)
+    monkeypatch.setattr(durable, "_rename", rename)
+    folder = Store(ws.state).folder("k1")
+    assert [p.name for p in folder.glob(".tmp-*")], "the cut-off write's temp file"
+    open_gate(ws, "k1", 2)
+    said = supervise_once(ws)  # another process: its temp files have other names
+    assert_done_once(ws, "k1")
+    assert list(folder.glob(".tmp-*")) == []
+    assert "signal silent" not in said, said
+    assert_one_place(ws, {"k1"})
+    assert_clean(ws)
+
 # -- 3. stale locks ------------------------------------------------------------------------------
 def test_stale_index_locks_are_cleared_and_logged_at_start(make_ws):
     ws = team(make_ws)
