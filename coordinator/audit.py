@@ -112,8 +112,11 @@ class Entry:
 class StateRepo:
     """The git repository under `state/`, written only through this object."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, record: Path | None = None) -> None:
         self.path = path
+        # Where the supervisor keeps the head of its own last commit, outside state/ (a reset
+        # of state/ cannot take it along): what a start checks state/'s branch against.
+        self.record = record
         self._pending: list[tuple[str, str]] = []  # (actor, line)
         self.notes: list[str] = []  # what went wrong but lost nothing (a failed roll-up), to be said
         # The branch as the supervisor's own last commit left it (None: not known yet), and the
@@ -210,7 +213,7 @@ class StateRepo:
             try:
                 self.git("update-ref", "-m", f"coordinator: {len(batch.groups)} commit(s)", "HEAD", head,
                          base or "")
-                self.mine = head
+                self.own(head)
                 break
             except GitError:
                 if self.head() == base:  # not a race with another writer: a real failure
@@ -251,7 +254,7 @@ class StateRepo:
         if self.mine is not None and head != self.mine:
             moves.append((self.mine, head))
         if self.mine is not None:
-            self.mine = head
+            self.own(head)  # said once: from here it is the branch the supervisor goes on from
         found: list[str] = []
         for old, new in moves:
             try:
@@ -263,6 +266,45 @@ class StateRepo:
                 continue
             found += [one_line(f"{sha[:10]} by {author}: {subject}") for sha, author, subject in log_records(log, 3)]
         return found
+
+    def own(self, head: str) -> None:
+        """Take `head` as the branch the supervisor's own commits left, and keep it in `record`."""
+        self.mine = head
+        if self.record is not None and head:
+            with contextlib.suppress(OSError):  # a full disk: the next batch keeps it
+                durable.write_bytes(self.record, f"{head}\n".encode(), sync=False)
+
+    def _kept(self) -> str:
+        try:
+            return self.record.read_text("ascii").strip() if self.record is not None else ""
+        except (OSError, UnicodeDecodeError):
+            return ""
+
+    def rewound(self) -> str | None:
+        """Why state/'s branch no longer holds the supervisor's last commit as kept in `record`
+        (a reset, a rewritten history, a new repository); None when it does."""
+        kept, head = self._kept(), self.head()
+        if not kept or kept == head:
+            return None
+        try:
+            self.git("merge-base", "--is-ancestor", kept, head)
+            return None
+        except GitError:
+            return (f"state/'s branch was moved from {kept[:10]} to {head[:10] or 'no commit'}, which does not "
+                    "contain the supervisor's last commit")
+
+    def moved_while_away(self) -> list[str]:
+        """How state/'s branch moved since the supervisor last kept its head: `rewound`, else
+        each commit in between that another committer made; one line each."""
+        why = self.rewound()
+        if why is not None:
+            return [why]
+        kept, head = self._kept(), self.head()
+        if not kept or kept == head:
+            return []
+        out = self.git("log", "-z", "--format=%H%x00%cn%x00%s", f"{kept}..{head}")
+        return [one_line(f"{sha[:10]} by {committer}: {subject}")
+                for sha, committer, subject in log_records(out, 3) if committer != SUPERVISOR]
 
     def head(self) -> str:
         """The commit HEAD names ("" before the first), read from the ref files when they are

@@ -56,6 +56,7 @@ FLUSH_EVERY = 1.0           # seconds: in the loops, the transitions of several 
 COMMIT_QUIET = 0.05         # seconds without progress before the loops commit what is staged
 WAIT_SLICE = 0.005          # seconds: without pump threads, how often a wait looks at the watcher
 TAMPER_EVERY = 5.0          # seconds between looks for changes the supervisor did not make
+STATE_HEAD = "state-head"  # in .coordinator/: the head of the supervisor's last commit in state/
 LOCK_PATIENCE = 0.5         # seconds a start waits for someone who only looks whether a supervisor runs
 COMMIT_TRIES = 3            # failed state/ commits in a row before the loop stops (each waits out a lock)
 
@@ -76,7 +77,7 @@ class Supervisor:
         self._watcher = watcher
         self.http_transport = http_transport
         self.store = Store(ws.state)
-        self.audit = audit.StateRepo(ws.state)
+        self.audit = audit.StateRepo(ws.state, record=ws.runtime / STATE_HEAD)
         self.records: dict[str, Record] = {}
         self.stopping = False
         self.killing = False
@@ -143,6 +144,9 @@ class Supervisor:
         crashed = marker.exists() or bool(written)
         durable.open_journal(ws.state, self._journal_file)
         durable.guard(ws.state)
+        for line in self.audit.moved_while_away():  # a reset or a commit while none ran
+            self.signal("silent", agent=None, order=None,
+                        evidence=f"a commit in state/ the supervisor did not make, while none ran: {line}")
         # Before the records are read: a record put back from git must be what the loop holds
         # (read first, a hand edit after a crash stayed in memory while the file was restored).
         if crashed:
@@ -170,7 +174,7 @@ class Supervisor:
         self.attempts = AttemptRunner(self)
         self.heads = verify.load_heads(ws)
         recovery.recover(self, crashed)
-        self.audit.mine = self.audit.head()  # from here, a commit not made here is someone else's
+        self.audit.own(self.audit.head())  # from here, a commit not made here is someone else's
         self._release_ended_dependencies()
         self.store.shed_ended(self.records)
         if not self.offline:

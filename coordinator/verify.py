@@ -125,13 +125,18 @@ def _content(ws: Workspace, finding: Finding) -> bytes | None:
 
 def _verify_once(ws: Workspace) -> list[Finding]:
     findings: list[Finding] = []
-    state = audit.StateRepo(ws.state)
+    from .supervisor import STATE_HEAD
+
+    state = audit.StateRepo(ws.state, record=ws.runtime / STATE_HEAD)
     if not (ws.state / ".git").exists():
         return [Finding("state-uncommitted", "state/", "not a git repository; run `coordinator supervise` once")]
     for path in state.dirty(optional_locks=False):  # beside a running supervisor: never in its way
         findings.append(Finding("state-uncommitted", f"state/{path}", "changed but not committed by the supervisor"))
     for line in state.foreign_commits():
         findings.append(Finding("state-foreign", "state/", f"commit not made by the supervisor: {line}"))
+    rewound = state.rewound()
+    if rewound is not None:
+        findings.append(Finding("state-foreign", "state/", rewound))
     findings += _history_gaps(ws, state)
     findings += _repo_commits(ws)
     return findings

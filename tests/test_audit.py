@@ -125,6 +125,26 @@ def test_a_commit_made_by_hand_in_state_is_foreign(make_ws):
     assert any(f.kind == "state-foreign" and "eve" in f.detail for f in verify.verify(ws))
 
 
+def test_a_reset_of_state_while_no_supervisor_runs_is_reported_and_signalled(make_ws):
+    """`git reset --hard` in state/ takes orders and their history along; nothing in state/
+    can show it, so the supervisor keeps its last head outside (in .coordinator/)."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    run(ws)
+    assert verify.verify(ws) == []
+    before_a = git(ws.state, "log", "--format=%H", "--grep", "a chip: new -> queued").split()[0]
+    git(ws.state, "reset", "-q", "--hard", f"{before_a}^")
+    assert "a" not in Store(ws.state).load_all()  # the order is gone, history and all
+    [rewound] = [f for f in verify.verify(ws) if f.kind == "state-foreign"]
+    assert "does not contain the supervisor's last commit" in rewound.detail
+    run(ws)  # the next start says it once, as a signal
+    said = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert len(said) == 1 and "while none ran" in said[0] and "does not contain" in said[0]
+    assert verify.verify(ws) == []  # said, and the supervisor goes on from there
+    run(ws)
+    assert len([s for s in signals.load(ws.state) if s.kind == "silent"]) == 1  # not said again
+
+
 def test_a_batch_stages_exactly_what_was_written_gone_swapped_or_linked(tmp_path):
     """Files go to git by exact path; deletions, a file where a folder was (and back), links
     and folders end in the commit as `git add -A` would put them there; temp names never."""
