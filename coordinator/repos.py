@@ -54,6 +54,7 @@ _SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?\Z")
 _REPO_LOCKS: dict[str, threading.RLock] = {}
 _REPO_LOCKS_GUARD = threading.Lock()
 _Entry = tuple[str, str]  # (mode, blob sha) of a path in a tree, the index or the checkout
+MOVE_MARK = "coordinator-moving"  # in the git dir while a merge moves the checkout and the branch
 
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -464,12 +465,15 @@ class Repo:
             os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         except FileExistsError:
             return False
+        moving = self.git_dir / MOVE_MARK
         try:
             if index.exists():
                 shutil.copyfile(index, lock)
             env = {"GIT_INDEX_FILE": str(lock)}
             if self.head() != base:
                 return False
+            # Left by a kill -9 from here on: the one sign `heal_checkout` acts on.
+            durable.write_bytes(moving, f"{base} {new}\n".encode(), sync=False)
             self._run(["update-index", "-q", "--refresh"], cwd=self.path, env=env, check=False)
             r = self._run(["read-tree", "-m", "-u", base, new], cwd=self.path, env=env, check=False)
             if r.returncode != 0:
@@ -486,9 +490,12 @@ class Repo:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                moving.unlink()
 
     def heal_checkout(self) -> Healed:
-        """Put right what a kill -9 inside `_locked_move` left in the checkout, path by path.
+        """Put right what a kill -9 inside `_locked_move` left in the checkout, path by path;
+        only when it left its mark (a person's own changes outside such a move are never touched).
 
         Before the branch moved, the files are at the merge and the index at HEAD: they go
         back to HEAD, and the order's retry merges again. After it moved, the index is still
@@ -496,35 +503,44 @@ class Repo:
         what the move itself wrote (or what was committed before it); a person's own
         uncommitted change is kept, and named in `blocking` when a wo/ branch changes it too.
         """
+        moving = self.git_dir / MOVE_MARK
+        if not moving.exists():  # no move was cut off: whatever differs from HEAD is a person's
+            return Healed([], [])
         with self._lock:
-            head = self.head()
-            staged = self._raw_diff("diff-index", "--cached", head)  # path -> (HEAD's, the index's)
-            moves = self._pending_moves(head)  # path -> (HEAD's, what a merge of a wo/ branch writes)
-            if not staged and not moves:
-                return Healed([], [])
-            disk = self._disk_entries(sorted(set(staged) | set(moves)))
-            stage: dict[str, _Entry | None] = {}  # path -> HEAD's entry, into the index
-            write: dict[str, _Entry | None] = {}  # path -> HEAD's entry, onto the disk
-            for before in self._before_merge(head) if staged else []:
-                # The branch moved, the index not: it holds what was committed before.
-                unchanged = set(staged) - set(self._raw_diff("diff-index", "--cached", before))
-                for p in unchanged:
-                    if _key(disk[p]) == _key(staged[p][0]):
-                        stage[p] = staged[p][0]
-            blocking = []
-            for p, (ours, merged) in moves.items():
-                if p in stage:
-                    continue
-                index = staged[p][1] if p in staged else ours
-                if _key(disk[p]) in {_key(m) for m in merged} and (index == ours or index in merged):
-                    write[p] = ours  # the files moved, the branch not
-                    if index != ours:
-                        stage[p] = ours
-                elif p in staged or _key(disk[p]) != _key(ours):
-                    blocking.append(p)
-            if stage or write:
-                self._put_back(stage, write)
-            return Healed(sorted(set(stage) | set(write)), sorted(blocking))
+            healed = self._heal()
+            with contextlib.suppress(FileNotFoundError):
+                moving.unlink()
+            return healed
+
+    def _heal(self) -> Healed:
+        head = self.head()
+        staged = self._raw_diff("diff-index", "--cached", head)  # path -> (HEAD's, the index's)
+        moves = self._pending_moves(head)  # path -> (HEAD's, what a merge of a wo/ branch writes)
+        if not staged and not moves:
+            return Healed([], [])
+        disk = self._disk_entries(sorted(set(staged) | set(moves)))
+        stage: dict[str, _Entry | None] = {}  # path -> HEAD's entry, into the index
+        write: dict[str, _Entry | None] = {}  # path -> HEAD's entry, onto the disk
+        for before in self._before_merge(head) if staged else []:
+            # The branch moved, the index not: it holds what was committed before.
+            unchanged = set(staged) - set(self._raw_diff("diff-index", "--cached", before))
+            for p in unchanged:
+                if _key(disk[p]) == _key(staged[p][0]):
+                    stage[p] = staged[p][0]
+        blocking = []
+        for p, (ours, merged) in moves.items():
+            if p in stage:
+                continue
+            index = staged[p][1] if p in staged else ours
+            if _key(disk[p]) in {_key(m) for m in merged} and (index == ours or index in merged):
+                write[p] = ours  # the files moved, the branch not
+                if index != ours:
+                    stage[p] = ours
+            elif p in staged or _key(disk[p]) != _key(ours):
+                blocking.append(p)
+        if stage or write:
+            self._put_back(stage, write)
+        return Healed(sorted(set(stage) | set(write)), sorted(blocking))
 
     def _pending_moves(self, head: str) -> dict[str, tuple[_Entry | None, list[_Entry | None]]]:
         """Each path a merge of a wo/ branch not yet in `head` would change: HEAD's entry and

@@ -457,29 +457,30 @@ def test_a_file_changed_by_a_person_after_the_crash_is_kept_and_named(repo: Repo
     assert sh_git(repo.path, "status", "--porcelain") == "?? src/new.py"
 
 
-def test_a_persons_staged_edit_survives_a_start_while_an_order_changed_the_same_path(
+def test_a_persons_changes_survive_a_start_while_an_order_changed_the_same_paths(
         repo: Repo, ws: Path) -> None:
     """wo/WO-0001 holds a commit that never merged (its checks were cut short); a person has
-    `git add`ed their own change to the same file in the checkout. A start keeps it."""
-    land(repo, ws, "WO-0001", {"src/login.py": "agent\n"})
+    `git add`ed their own change to one of its files and taken the order's version of another
+    (`git restore --source`). No merge was cut off, so a start touches neither."""
+    land(repo, ws, "WO-0001", {"src/login.py": "agent\n", "src/new.py": "new\n"})
     edit(repo.path / "src" / "login.py", "the person's change\n")
     sh_git(repo.path, "add", "src/login.py")
-    healed = start_again(repo)
-    assert sh_git(repo.path, "status", "--porcelain") == "M  src/login.py"
+    sh_git(repo.path, "restore", "--source=wo/WO-0001", "--worktree", "src/new.py")
+    assert start_again(repo) == repos.Healed([], [])
+    assert sh_git(repo.path, "status", "--porcelain") == "M  src/login.py\n?? src/new.py"
     assert sh_git(repo.path, "show", ":src/login.py") == "the person's change"
     assert (repo.path / "src" / "login.py").read_text() == "the person's change\n"
-    assert healed.put_back == [] and healed.blocking == ["src/login.py"]
-    [said] = healed.lines("webapp")  # one line at the start says why a merge there would stop
-    assert "src/login.py" in said and "committed or discarded" in said
+    assert (repo.path / "src" / "new.py").read_text() == "new\n"
 
 
 def test_a_checkout_staged_at_an_orders_commit_goes_back_to_head(repo: Repo, ws: Path) -> None:
-    """Index and files at exactly what wo/WO-0001 holds while the branch stayed behind (an
-    older move staged into the index itself): put back, other paths left alone."""
+    """Index and files at exactly what wo/WO-0001 holds while the branch stayed behind, and
+    the mark a move cut off leaves: put back, other paths left alone."""
     land(repo, ws, "WO-0001", {"src/login.py": "agent\n", "src/new.py": "new\n"})
     base = repo.head()
     persons_edits(repo)
     sh_git(repo.path, "read-tree", "-m", "-u", base, "wo/WO-0001")
+    (repo.git_dir / repos.MOVE_MARK).write_text(f"{base} {sh_git(repo.path, 'rev-parse', 'wo/WO-0001')}\n")
     healed = start_again(repo)
     assert healed.put_back == ["src/login.py", "src/new.py"]
     assert sh_git(repo.path, "status", "--porcelain") == PERSON
