@@ -667,9 +667,9 @@ class AttemptRunner:
         ending = _ending(info)
         if ending is not None and agent is not None:  # it was decided, and its outbox being delivered
             self._deliver_rest(rec, agent, number)
-        if agent is not None and agent.is_orchestrator and rec.children:
-            return self._resume_request(rec, agent, number)
         repo_name = info.get("repo")
+        # Ended (halted, routed, ...) before its request's children: it ends as it was decided,
+        # never resumed as a request that waits for them (that would end it done).
         if ending is not None and agent is not None and ending["status"] != "running":
             if repo_name:
                 with contextlib.suppress(CoordinatorError):
@@ -678,11 +678,15 @@ class AttemptRunner:
             self.sup.say(f"recovery: {rec.id}'s attempt {number} had ended {ending['status']} and was "
                          "delivering its outbox: the rest is delivered, and it is not run again")
             return self._close(rec, ending["status"], ending["actor"], note=ending["note"])
+        if agent is not None and agent.is_orchestrator and rec.children:
+            return self._resume_request(rec, agent, number)
         if repo_name:
             with contextlib.suppress(CoordinatorError):
                 repo = self.repo(str(repo_name))
                 sha = repo.landed(rec.id, number)
                 if sha:
+                    if ending is None and agent is not None:  # merged, then stopped before its outbox
+                        self._deliver_rest(rec, agent, number)
                     rec.commit = sha
                     rec.running = None
                     rec.report = {"summary": "landed before the supervisor stopped", "merge": sha}

@@ -1002,3 +1002,67 @@ def test_at_start_a_waiting_order_whose_dependency_was_cancelled_is_blocked_once
     assert [h["to"] for h in recs["two"].history].count("blocked") == 1
     assert_one_place(ws, {"root", "one", "two"})
     assert_clean(ws)
+
+
+HAND_OFF = ('mkdir -p "$COORD_OUTBOX/chip"; for n in a b; do printf "objective: Review $n\\nacceptance: '
+            '[a is true, b is true, c is true]\\nfiles: []\\nbranching: [{action: halt-with-note, when: nothing '
+            'to do}]\\n" > "$COORD_OUTBOX/chip/$n.yaml"; done; ')
+
+
+@pytest.mark.parametrize("outcome", ["halt-with-note", "route-to\\nagent: rex"], ids=["halted", "routed"])
+def test_a_request_that_ended_short_while_its_outbox_was_delivered_ends_so_after_a_crash(make_ws, outcome):
+    """walt hands two orders to chip and ends halted (or routes on to rex); kill -9 after the
+    first is filed. The restart delivers the second and ends walt's request as it ended:
+    never done as a request that waited for its orders, and a route is still filed."""
+    result = f'printf "outcome: {outcome}\\nsummary: handed off\\n" > "$COORD_RESULT"'
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip", "rex"], "command": sh(HAND_OFF + result)},
+                  "chip": {"role": "specialist", "command": sh("echo ok")},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}}, orchestrator="walt")
+    drop(ws, "walt", "r.md", order_md("Plan the work", id="req",
+                                      branching=("halt-with-note if nothing else to do", "route-to-rex if it is for rex")))
+    sup = Supervisor(ws)
+    sup.open()
+    file_claimed = sup.file_claimed
+
+    def killed_after_the_first(claimed: Path, agent: str, **kw: Any) -> Any:
+        rec = file_claimed(claimed, agent, **kw)
+        if kw["shown"].startswith("outbox of"):
+            raise Killed
+        return rec
+
+    sup.file_claimed = killed_after_the_first  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        step_until(sup, lambda: False, "the crash")
+    abandon(sup)
+    restart(ws)
+    recs = Store(ws.state).load_all()
+    ended = "halted" if outcome.startswith("halt") else "routed"
+    assert recs["req"].status == ended
+    assert sorted(r.objective for r in recs.values() if r.to == "chip") == ["Review a", "Review b"]
+    assert [r.status for r in recs.values() if r.to == "rex"] == ([] if ended == "halted" else ["done"])
+
+
+def test_a_crash_between_the_merge_and_the_outbox_delivers_the_outbox_once_at_restart(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "writes": ["webapp/src/**"], "command": sh(
+                     'echo run >> "$PROBE/runs"; echo "x = 1" > src/o.py; mkdir -p "$COORD_OUTBOX/rex"; '
+                     'printf "objective: Review r\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+                     'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/r.yaml"')},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    drop(ws, "chip", "o.md", order_md("Order o writes its file", id="o", files=("webapp/src/o.py",)))
+    sup = Supervisor(ws)
+    sup.open()
+    note_head = sup.note_head
+
+    def killed_after_the_merge(*args: Any, **kwargs: Any) -> Any:
+        note_head(*args, **kwargs)
+        raise Killed  # the merge landed; the outbox was not taken yet
+
+    sup.note_head = killed_after_the_merge  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        step_until(sup, lambda: False, "the crash")
+    abandon(sup)
+    restart(ws)
+    recs = Store(ws.state).load_all()
+    (to_rex,) = [r for r in recs.values() if r.to == "rex"]
+    assert (recs["o"].status, recs["o"].children, to_rex.sender) == ("done", [to_rex.id], "chip")
+    assert (probe_of(ws) / "runs").read_text() == "run\n"  # it was not run again
