@@ -291,7 +291,7 @@ class _Server:
         except OSError as e:
             raise CoordinatorError(f"cannot open log {msg['log_path']}: {e.strerror}") from None
         try:
-            pid, out_r = self._fork(msg)
+            pid, out_r, ns = self._fork(msg)
         except BaseException as e:
             # The log is where a user looks first: say there why nothing ran.
             with contextlib.suppress(OSError):
@@ -301,15 +301,15 @@ class _Server:
         leader = _read_proc(pid)  # not reaped yet: readable even if it already exited
         # Unreadable: no mark can be proven younger than it, so none is believed.
         att = _Attempt(token, pid, leader.start if leader else sys.maxsize, _Log(log_fd, self.log_cap), out_r)
-        if msg["sandbox"] is not None and self.readonly:
-            # Gone already (it exits with its namespace): no mark naming it is believed either.
-            att.ns = _mount_ns(pid) or _NO_NS
+        if ns is not None:
+            att.ns = ns
         self.attempts[token] = self.leaders[pid] = att
         self.sel.register(out_r, selectors.EVENT_READ, lambda mask, att=att: self._on_output(att, mask))
         return pid
 
-    def _fork(self, msg: dict[str, Any]) -> tuple[int, int]:
-        """Start one child; returns (pid, read end of its output) once exec succeeded."""
+    def _fork(self, msg: dict[str, Any]) -> tuple[int, int, int | None]:
+        """Start one child; returns (pid, read end of its output, the mount namespace it got
+        from the read-only layer, or None) once exec succeeded."""
         argv, cwd, env = msg["argv"], msg["cwd"], dict(msg["env"])
         # A specialist's output can reach the next attempt's arguments; exec cannot carry a NUL.
         name = argv[0].replace("\0", "")
@@ -333,7 +333,8 @@ class _Server:
         try:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(out_r, fcntl.F_SETPIPE_SZ, READ_CHUNK)  # fewer wakeups for chatty children
-            pid = _launch(exe, argv, env, cwd, out_w, self.devnull, ruleset_fd, readonly)
+            spaces: list[int] = []
+            pid = _launch(exe, argv, env, cwd, out_w, self.devnull, ruleset_fd, readonly, spaces)
         except BaseException:
             os.close(out_r)
             raise
@@ -342,7 +343,7 @@ class _Server:
             if ruleset_fd >= 0:
                 os.close(ruleset_fd)
         os.set_blocking(out_r, False)
-        return pid, out_r
+        return pid, out_r, (spaces[0] if spaces else None)
 
     # reaping and reporting
     def _reap(self) -> None:
@@ -499,15 +500,18 @@ class _Server:
         self.ctl.close()
 
 
-_NO_NS = -1  # an attempt whose namespace could not be read: no process is proven to share it
-
-
 def _mount_ns(pid: int) -> int | None:
-    """The identity (inode) of the mount namespace `pid` lives in; None when it cannot be read."""
+    """The identity (inode) of the mount namespace `pid` lives in; None when it cannot be read.
+    A leader whose main thread exited alone has none of its own left: one of its threads has."""
     try:
         return os.stat(f"/proc/{pid}/ns/mnt").st_ino
     except OSError:
-        return None
+        pass
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                return os.stat(f"/proc/{pid}/task/{tid}/ns/mnt").st_ino
+    return None
 
 
 def _resolve(argv0: str, path: str | None, cwd: str) -> str:
@@ -529,7 +533,7 @@ _DEFAULT_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIP
 
 
 def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int, devnull: int,
-            ruleset_fd: int, readonly: tuple[str, ...] | None = None) -> int:
+            ruleset_fd: int, readonly: tuple[str, ...] | None = None, spaces: list[int] | None = None) -> int:
     """posix_spawn the child from a throwaway thread that first enters `cwd` and the sandbox.
 
     Landlock restricts only the calling thread, and a thread that unshared its
@@ -537,7 +541,8 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
     mounts, all read-only but those paths); the child inherits them all, the seccomp
     filter installed after the ruleset, and the capability sets the server's thread
     emptied. So no Python runs in the child (vfork + exec in the C library) and the
-    server itself stays unrestricted in its own folder. Returns once exec succeeded.
+    server itself stays unrestricted in its own folder. Returns once exec succeeded;
+    `spaces` gets the identity of the child's mount namespace, when it has one of its own.
     """
     outcome: list[int | BaseException] = []
 
@@ -547,6 +552,9 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
                 raise CoordinatorError(f"cannot start the command: unshare: {os.strerror(ctypes.get_errno())}")
             if readonly is not None:
                 mounts.enter_readonly(readonly)  # before entering cwd: it may be one of the copies
+                if spaces is not None:  # read here: a child that exits at once takes it along
+                    with contextlib.suppress(OSError):
+                        spaces.append(os.stat("/proc/thread-self/ns/mnt").st_ino)
             try:
                 os.chdir(cwd)
             except OSError as e:

@@ -477,6 +477,22 @@ def test_a_mark_taken_from_another_running_attempt_hides_no_process(sp: Spawner,
     assert sp.alive(victim)  # the attempt it named is untouched
 
 
+@pytest.mark.skipif(mounts.status() is not None, reason="no read-only mount layer here: starts share one namespace")
+def test_the_daemon_of_a_leader_that_exits_at_once_stays_its_attempts(sp: Spawner, tmp_path: Path) -> None:
+    """The leader is gone before the server could look at it: its daemon still counts as its
+    attempt's (its namespace was read in the launching thread), not as nobody's."""
+    rules = Ruleset(writable=(str(tmp_path),))
+    quick, other = f"quick-{RUN}", f"other-{RUN}"
+    sp.spawn(req(tmp_path, ("sh", "-c", f"setsid sleep 600 & echo $! > {tmp_path}/daemon"), quick, rules))
+    wait_exit(sp, quick)
+    [daemon] = _daemons(tmp_path / "daemon")
+    sp.spawn(req(tmp_path, ("sleep", "600"), other, rules))
+    sp.kill_tree(other, grace=0.5)
+    assert not dead(daemon) and sp.alive(quick)
+    sp.kill_tree(quick, grace=0.5)
+    assert gone(daemon)
+
+
 def test_a_running_attempts_daemon_survives_another_attempts_kill(sp: Spawner, tmp_path: Path) -> None:
     sp.spawn(req(tmp_path, py(tmp_path, DAEMONS) + (str(tmp_path / "daemon"), "-", "stays"), f"keep-{RUN}"))
     sp.spawn(req(tmp_path, ("sleep", "600"), f"other-{RUN}"))
