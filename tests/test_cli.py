@@ -429,6 +429,14 @@ def test_validate_defaults_the_recipient_to_the_inbox_folder_the_file_is_in(ws: 
     assert "loose.md: to: no recipient; drop the file in inbox/<agent>/, pass --to AGENT" in nobody.stderr
 
 
+def refused_by_validate_and_send(ws: Path, expected: str) -> None:
+    """Both commands refuse ws/o.md for chip with `expected` on stderr, and nothing is sent."""
+    for command in ("validate", "send"):
+        result = run("-w", ws, command, ws / "o.md", "--to", "chip")
+        assert (result.exit_code, result.stdout, result.stderr) == (1, "", expected)
+    assert inbox_entries(ws, "chip") == []
+
+
 @pytest.mark.parametrize("glob, said", [
     ("[z-a]", "has a bad set '[z-a]' (bad character range z-a)"),
     ("[]", "has an empty set '[]'"),
@@ -439,10 +447,7 @@ def test_validate_and_send_refuse_a_malformed_glob_set_and_a_supervisor_never_se
     (ws / "o.md").write_text(order("The webapp greets a user by name", files=(f"webapp/src/{glob}",)))
     expected = (f"o.md:9: files.0: 'webapp/src/{glob}' {said} in a glob; write a set such as [a-z] or "
                 "[!0-9]\n")
-    for command in ("validate", "send"):
-        result = run("-w", ws, command, ws / "o.md", "--to", "chip")
-        assert (result.exit_code, result.stdout, result.stderr) == (1, "", expected)
-    assert inbox_entries(ws, "chip") == []
+    refused_by_validate_and_send(ws, expected)
     # Dropped by hand, it is rejected at intake and the supervisor goes on.
     (ws / "inbox" / "chip" / "o.md").write_text((ws / "o.md").read_text())
     done = program("-w", ws, "supervise", "--once")
@@ -469,10 +474,7 @@ def test_validate_and_send_refuse_an_id_that_cannot_name_a_branch(ws: Path, bad_
     (ws / "o.md").write_text(order("The webapp greets a user by name", id=bad_id))
     expected = (f"o.md:2: id: {bad_id!r} cannot name a git branch (no '..', no trailing '.' or '.lock'); "
                 "choose another id\n")
-    for command in ("validate", "send"):
-        result = run("-w", ws, command, ws / "o.md", "--to", "chip")
-        assert (result.exit_code, result.stdout, result.stderr) == (1, "", expected)
-    assert inbox_entries(ws, "chip") == []
+    refused_by_validate_and_send(ws, expected)
 
 
 def test_validate_json_is_one_document(ws: Path) -> None:

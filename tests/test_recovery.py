@@ -536,11 +536,8 @@ def test_a_crash_while_a_check_runs_sends_the_outbox_once_after_the_restart(make
     assert_clean(ws)
 
 
-def test_a_crash_while_the_outbox_is_delivered_delivers_the_rest_once_at_restart(make_ws):
-    """Killed after the first of two outbox orders was filed: the attempt was decided, so it
-    is not run again; the restart files the second, and each reaches rex once."""
-    ws = outbox_team(make_ws, "a", "b")
-    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+def killed_after_the_first_outbox_order(ws: Workspace) -> None:
+    """Run a supervisor on `ws` until it has filed one outbox order, then end it as kill -9 would."""
     sup = Supervisor(ws)
     sup.open()
     file_claimed = sup.file_claimed
@@ -555,6 +552,14 @@ def test_a_crash_while_the_outbox_is_delivered_delivers_the_rest_once_at_restart
     with pytest.raises(Killed):
         step_until(sup, lambda: False, "the crash")
     abandon(sup)
+
+
+def test_a_crash_while_the_outbox_is_delivered_delivers_the_rest_once_at_restart(make_ws):
+    """Killed after the first of two outbox orders was filed: the attempt was decided, so it
+    is not run again; the restart files the second, and each reaches rex once."""
+    ws = outbox_team(make_ws, "a", "b")
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    killed_after_the_first_outbox_order(ws)
     restart(ws)
     recs = Store(ws.state).load_all()
     assert (recs["o"].status, recs["o"].attempts) == ("done", 1)
@@ -1020,20 +1025,7 @@ def test_a_request_that_ended_short_while_its_outbox_was_delivered_ends_so_after
                   "rex": {"role": "specialist", "command": sh("echo ok")}}, orchestrator="walt")
     drop(ws, "walt", "r.md", order_md("Plan the work", id="req",
                                       branching=("halt-with-note if nothing else to do", "route-to-rex if it is for rex")))
-    sup = Supervisor(ws)
-    sup.open()
-    file_claimed = sup.file_claimed
-
-    def killed_after_the_first(claimed: Path, agent: str, **kw: Any) -> Any:
-        rec = file_claimed(claimed, agent, **kw)
-        if kw["shown"].startswith("outbox of"):
-            raise Killed
-        return rec
-
-    sup.file_claimed = killed_after_the_first  # type: ignore[method-assign]
-    with pytest.raises(Killed):
-        step_until(sup, lambda: False, "the crash")
-    abandon(sup)
+    killed_after_the_first_outbox_order(ws)
     restart(ws)
     recs = Store(ws.state).load_all()
     ended = "halted" if outcome.startswith("halt") else "routed"
