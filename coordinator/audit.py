@@ -61,8 +61,10 @@ _KEEP_HEAP = "glibc.malloc.trim_threshold=268435456:glibc.malloc.top_pad=1677721
 
 IGNORED = ("*.tmp", f"{durable.TMP_PREFIX}*")  # state/.gitignore: temp files are never committed
 
+# log.showSignature: a person's config that shows signatures puts their text in front of the
+# fields `git log -z` is read by, for a signed commit made by hand in state/.
 GIT_OPTS = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "gc.auto=0",
-            "-c", "commit.gpgsign=false", "-c", "core.quotepath=false")
+            "-c", "commit.gpgsign=false", "-c", "core.quotepath=false", "-c", "log.showSignature=false")
 
 # Staging writes every blob of a batch into one new pack instead of a loose file each (git's
 # bulk check-in takes every blob over this size): an order's five files were five new inodes

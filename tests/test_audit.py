@@ -145,6 +145,26 @@ def test_a_reset_of_state_while_no_supervisor_runs_is_reported_and_signalled(mak
     assert len([s for s in signals.load(ws.state) if s.kind == "silent"]) == 1  # not said again
 
 
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="no ssh-keygen to sign a commit with")
+def test_a_signed_hand_commit_is_foreign_when_the_persons_git_shows_signatures(make_ws, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(home / "k")], check=True)
+    (home / "allowed").write_text(f"e@x {(home / 'k.pub').read_text()}")
+    (home / ".gitconfig").write_text(
+        f"[gpg]\n\tformat = ssh\n[gpg \"ssh\"]\n\tallowedSignersFile = {home / 'allowed'}\n"
+        f"[user]\n\tsigningkey = {home / 'k.pub'}\n\tname = eve\n\temail = e@x\n[log]\n\tshowSignature = true\n")
+    monkeypatch.setenv("HOME", str(home))
+    ws = team(make_ws)
+    subprocess.run(["git", "-C", str(ws.state), "commit", "-q", "-S", "--allow-empty", "-m", "signed by hand"],
+                   check=True)
+    assert "Good" in git(ws.state, "log", "-1")  # the person's git shows the signature
+    foreign = [f.detail for f in verify.verify(ws) if f.kind == "state-foreign"]
+    assert len(foreign) == 1 and foreign[0].endswith("by eve: signed by hand")
+    run(ws)  # a start reads state/'s history as before
+    assert [f.detail for f in verify.verify(ws) if f.kind == "state-foreign"] == foreign
+
+
 def test_a_batch_stages_exactly_what_was_written_gone_swapped_or_linked(tmp_path):
     """Files go to git by exact path; deletions, a file where a folder was (and back), links
     and folders end in the commit as `git add -A` would put them there; temp names never."""
