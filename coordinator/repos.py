@@ -391,7 +391,8 @@ class Repo:
         )  # fmt: skip
         fields = out.split("\0")
         for sha, block in zip(fields[0::2], fields[1::2], strict=False):
-            found = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+            # Lines end at a newline only: splitlines also splits at \x1c-\x1e, \x85 and \u2028.
+            found = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
             if found.get("Work-Order") != order_id or "Agent" not in found:
                 continue  # a merge commit, or another order whose id starts the same
             if attempt is None or found.get("Attempt") == str(attempt):
