@@ -22,7 +22,6 @@ from . import audit, durable, gate, orders, results, runner
 from ._orderfile import AGENT_PATTERN, quoted
 from .config import Agent, parse_duration
 from .errors import CoordinatorError, GateError, GitError, SandboxError, StateError
-from .intake import open_beneath
 from .landlock import Ruleset
 from .orders import Branch, WorkOrder
 from .repos import MergeConflict, Repo
@@ -850,18 +849,8 @@ def _outbox_files(box: Path, undelivered: list[str]) -> list[Path]:
 def _to_of(box: Path, path: Path) -> str | None:
     """The recipient an outbox file names, even when the rest of it is invalid: then it is
     delivered all the same and rejected there, with its errors on the board."""
-    try:
-        folder, fd = open_beneath(box, path)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = durable.read_fd(fd, orders.MAX_ORDER_BYTES + 1)
-    finally:
-        os.close(fd)
-        os.close(folder)
-    return orders.recipient(data, path=path.name)
+    data = runner.read_untrusted(path, orders.MAX_ORDER_BYTES, within=box)
+    return None if data is None else orders.recipient(data, path=path.name)
 
 
 def _timeout(order: WorkOrder, agent: Agent) -> float:

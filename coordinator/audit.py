@@ -276,37 +276,35 @@ class StateRepo:
             with contextlib.suppress(OSError):  # a full disk: the next batch keeps it
                 durable.write_bytes(self.record, f"{head}\n".encode(), sync=False)
 
-    def _kept(self) -> str:
-        try:
-            return self.record.read_text("ascii").strip() if self.record is not None else ""
-        except (OSError, UnicodeDecodeError):
-            return ""
-
     def rewound(self) -> str | None:
         """Why state/'s branch no longer holds the supervisor's last commit as kept in `record`
         (a reset, a rewritten history, a new repository); None when it does."""
-        kept, head = self._kept(), self.head()
-        if not kept or kept == head:
-            return None
-        try:
-            self.git("merge-base", "--is-ancestor", kept, head)
-            return None
-        except GitError:
-            return (f"state/'s branch was moved from {kept[:10]} to {head[:10] or 'no commit'}, which does not "
-                    "contain the supervisor's last commit")
+        return self._moved(commits=False)[0]
 
     def moved_while_away(self) -> list[str]:
         """How state/'s branch moved since the supervisor last kept its head: `rewound`, else
         each commit in between that another committer made; one line each."""
-        why = self.rewound()
-        if why is not None:
-            return [why]
-        kept, head = self._kept(), self.head()
+        why, commits = self._moved(commits=True)
+        return [why] if why is not None else commits
+
+    def _moved(self, *, commits: bool) -> tuple[str | None, list[str]]:
+        try:
+            kept = self.record.read_text("ascii").strip() if self.record is not None else ""
+        except (OSError, UnicodeDecodeError):
+            kept = ""
+        head = self.head()
         if not kept or kept == head:
-            return []
+            return None, []
+        try:
+            self.git("merge-base", "--is-ancestor", kept, head)
+        except GitError:
+            return (f"state/'s branch was moved from {kept[:10]} to {head[:10] or 'no commit'}, which does not "
+                    "contain the supervisor's last commit"), []
+        if not commits:
+            return None, []
         out = self.git("log", "-z", "--format=%H%x00%cn%x00%s", f"{kept}..{head}")
-        return [one_line(f"{sha[:10]} by {committer}: {subject}")
-                for sha, committer, subject in log_records(out, 3) if committer != SUPERVISOR]
+        return None, [one_line(f"{sha[:10]} by {committer}: {subject}")
+                      for sha, committer, subject in log_records(out, 3) if committer != SUPERVISOR]
 
     def head(self) -> str:
         """The commit HEAD names ("" before the first), read from the ref files when they are

@@ -329,6 +329,26 @@ def read_fd(fd: int, limit: int, offset: int | None = None) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def open_beneath(root: Path, path: Path) -> tuple[int, int]:
+    """(fd of `path`'s folder, fd of `path` opened for reading), reached from `root` one name
+    at a time and never through a link; OSError when any step is a link, no folder or gone.
+    The folder's fd stays valid for removing the file, whatever is renamed meanwhile."""
+    rel = path.relative_to(root).parts
+    if not rel:
+        raise IsADirectoryError(errno.EISDIR, "no file", str(path))
+    folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for part in rel[:-1]:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+            os.close(folder)
+            folder = inner
+        fd = os.open(rel[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+    except BaseException:
+        os.close(folder)
+        raise
+    return folder, fd
+
+
 def read_json(target: Path | str) -> Any:
     """A JSON file's data, read with plain system calls (a backlog's start reads 10,000 records)."""
     fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)

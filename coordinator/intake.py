@@ -164,7 +164,7 @@ class Intake:
             if within is None:
                 data, size = _read_capped(path)
             else:
-                folder_fd, fd = open_beneath(within, path)
+                folder_fd, fd = durable.open_beneath(within, path)
                 try:
                     data, size = _read_fd_capped(fd)
                 finally:
@@ -519,26 +519,6 @@ def _read_fd_capped(fd: int) -> tuple[bytes, int | None]:
     if not stat.S_ISREG(st.st_mode):  # a FIFO, a folder
         return b"", None
     return durable.read_fd(fd, MAX_READ), st.st_size
-
-
-def open_beneath(root: Path, path: Path) -> tuple[int, int]:
-    """(fd of `path`'s folder, fd of `path` opened for reading), reached from `root` one name
-    at a time and never through a link; OSError when any step is a link, no folder or gone.
-    The folder's fd stays valid for removing the file, whatever is renamed meanwhile."""
-    rel = path.relative_to(root).parts
-    if not rel:
-        raise IsADirectoryError(errno.EISDIR, "no file", str(path))
-    folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        for part in rel[:-1]:
-            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
-            os.close(folder)
-            folder = inner
-        fd = os.open(rel[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
-    except BaseException:
-        os.close(folder)
-        raise
-    return folder, fd
 
 
 def _replace_special(claimed: Path) -> str:

@@ -421,13 +421,18 @@ def _deepest_existing(target: Path, root: Path) -> Path:
     return probe
 
 
-def read_untrusted(path: Path, limit: int) -> bytes | None:
+def read_untrusted(path: Path, limit: int, *, within: Path | None = None) -> bytes | None:
     """A regular file the specialist could have tampered with: never through a link, never a fifo,
-    at most `limit` + 1 bytes. None when it is absent or not a regular file."""
+    at most `limit` + 1 bytes. None when it is absent or not a regular file. With `within`, no
+    folder on the way from there is followed through a link either (`durable.open_beneath`)."""
     import stat
 
+    folder = None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        if within is None:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        else:
+            folder, fd = durable.open_beneath(within, path)
     except OSError:
         return None
     try:
@@ -436,6 +441,8 @@ def read_untrusted(path: Path, limit: int) -> bytes | None:
         return durable.read_fd(fd, limit + 1)
     finally:
         os.close(fd)
+        if folder is not None:
+            os.close(folder)
 
 
 def tail(path: Path, limit: int = TAIL_BYTES) -> str:

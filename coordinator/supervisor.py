@@ -56,7 +56,6 @@ FLUSH_EVERY = 1.0           # seconds: in the loops, the transitions of several 
 COMMIT_QUIET = 0.05         # seconds without progress before the loops commit what is staged
 WAIT_SLICE = 0.005          # seconds: without pump threads, how often a wait looks at the watcher
 TAMPER_EVERY = 5.0          # seconds between looks for changes the supervisor did not make
-STATE_HEAD = "state-head"  # in .coordinator/: the head of the supervisor's last commit in state/
 LOCK_PATIENCE = 0.5         # seconds a start waits for someone who only looks whether a supervisor runs
 COMMIT_TRIES = 3            # failed state/ commits in a row before the loop stops (each waits out a lock)
 
@@ -77,7 +76,7 @@ class Supervisor:
         self._watcher = watcher
         self.http_transport = http_transport
         self.store = Store(ws.state)
-        self.audit = audit.StateRepo(ws.state, record=ws.runtime / STATE_HEAD)
+        self.audit = audit.StateRepo(ws.state, record=ws.state_head)
         self.records: dict[str, Record] = {}
         self.stopping = False
         self.killing = False

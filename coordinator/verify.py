@@ -125,9 +125,7 @@ def _content(ws: Workspace, finding: Finding) -> bytes | None:
 
 def _verify_once(ws: Workspace) -> list[Finding]:
     findings: list[Finding] = []
-    from .supervisor import STATE_HEAD
-
-    state = audit.StateRepo(ws.state, record=ws.runtime / STATE_HEAD)
+    state = audit.StateRepo(ws.state, record=ws.state_head)
     if not (ws.state / ".git").exists():
         return [Finding("state-uncommitted", "state/", "not a git repository; run `coordinator supervise` once")]
     for path in state.dirty(optional_locks=False):  # beside a running supervisor: never in its way

@@ -104,6 +104,12 @@ class Workspace:
     def runtime(self) -> Path:
         return self.root / RUNTIME
 
+    @cached_property
+    def state_head(self) -> Path:
+        """The head of the supervisor's last commit in state/, kept where a reset of state/
+        cannot take it along."""
+        return self.runtime / "state-head"
+
     def rel(self, path: Path) -> str:
         """`path` as shown to users: relative to the workspace when inside it. A link is shown
         where it is, not where it points."""

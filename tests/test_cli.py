@@ -7,6 +7,7 @@ reaches stderr, and the ones that need a supervisor, run the real `coordinator` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -855,23 +856,31 @@ def test_board_shows_records_a_hand_edit_left_odd_without_failing(ws: Path) -> N
         "e": None, "f": None}
 
 
-def test_board_watch_into_a_file_adds_a_board_only_when_it_changed(ws: Path, tmp_path: Path) -> None:
-    out = tmp_path / "board.log"
+@contextlib.contextmanager
+def board_watched_into(ws: Path, out: Path) -> Iterator[None]:
+    """`coordinator board --watch` writing into `out` while the block runs; then Ctrl-C, which
+    ends it with exit 0 and nothing on stderr."""
     with open(out, "w") as f:
         watching = subprocess.Popen([COORDINATOR, "-w", str(ws), "board", "--watch"], stdout=f,
                                     stderr=subprocess.PIPE, text=True)
     try:
+        yield
+    finally:
+        watching.send_signal(signal.SIGINT)
+        _, err = watching.communicate(timeout=30)
+    assert (watching.returncode, err) == (0, "")
+
+
+def test_board_watch_into_a_file_adds_a_board_only_when_it_changed(ws: Path, tmp_path: Path) -> None:
+    out = tmp_path / "board.log"
+    with board_watched_into(ws, out):
         wait_for(lambda: "budget:" in out.read_text(), "the first board")
         time.sleep(2.5)  # two more rounds, nothing changed: nothing added
         assert out.read_text().count("budget:") == 1
         assert run("-w", ws, "budget", "add", "500").exit_code == 0
         wait_for(lambda: out.read_text().count("budget:") == 2, "the changed board")
         time.sleep(1.5)
-    finally:
-        watching.send_signal(signal.SIGINT)
-        _, err = watching.communicate(timeout=30)
     text = out.read_text()
-    assert (watching.returncode, err) == (0, "")
     assert text.count("budget:") == 2 and "walt 500/7,000" in text.split("\n---")[1]
     assert len(re.findall(r"^--- \d{4}-\d\d-\d\d \d\d:\d\d:\d\d ---$", text, re.MULTILINE)) == 1
 
@@ -882,20 +891,13 @@ def test_board_watch_redraws_when_an_order_changes_status_or_goes(ws: Path, tmp_
     assert run("-w", ws, "supervise", "--once").exit_code == 0
     assert statuses(ws) == {"WO-0001": "halted", "WO-0002": "halted"}
     out = tmp_path / "board.log"
-    with open(out, "w") as f:
-        watching = subprocess.Popen([COORDINATOR, "-w", str(ws), "board", "--watch"], stdout=f,
-                                    stderr=subprocess.PIPE, text=True)
-    try:
+    with board_watched_into(ws, out):
         wait_for(lambda: "HALTED (2)" in out.read_text(), "the first board")
         assert run("-w", ws, "retry", "WO-0001").exit_code == 0  # its record is rewritten
         wait_for(lambda: "QUEUED (1)" in out.read_text(), "the retried order on the board")
         shutil.rmtree(ws / "state" / "orders" / "WO-0002")  # an order's folder gone by hand
         wait_for(lambda: out.read_text().rsplit(" ---\n", 1)[-1].startswith("1 order(s): queued 1\n"),
                  "the board without the removed order")
-    finally:
-        watching.send_signal(signal.SIGINT)
-        _, err = watching.communicate(timeout=30)
-    assert (watching.returncode, err) == (0, "")
 
 
 def test_a_record_cache_reads_again_only_the_record_files_that_changed(ws: Path) -> None:

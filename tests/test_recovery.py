@@ -859,6 +859,21 @@ def test_a_claimed_order_naming_a_planned_follow_ups_id_does_not_take_it(make_ws
     assert_clean(ws)
 
 
+def killed_while_filing(sup: Supervisor, prefix: str) -> None:
+    """Step `sup` until it files a claimed file whose source starts with `prefix`, and kill -9
+    it there: the file is in state/intake/, not filed. The caller abandons `sup`."""
+    filing = sup.intake.file
+
+    def killed(claimed: Path, agent: str, *, shown: str, **kw: Any) -> Any:
+        if shown.startswith(prefix):
+            raise Killed
+        return filing(claimed, agent, shown=shown, **kw)
+
+    sup.intake.file = killed  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        step_until(sup, lambda: False, "the kill")
+
+
 def test_an_escalation_a_crash_left_claimed_is_filed_as_the_supervisors_at_restart(make_ws):
     """kill -9 after the investigation's file was written into state/intake/, before it was
     filed. It says `from: coordinator`, which no dropped order may: the restart knows it for
@@ -866,16 +881,7 @@ def test_an_escalation_a_crash_left_claimed_is_filed_as_the_supervisors_at_resta
     ws = review_then_ship(make_ws, "blocked", escalate_to="rex")
     sup = Supervisor(ws)
     sup.open()
-    filing = sup.intake.file
-
-    def killed_filing_an_escalation(claimed, agent, *, shown, **kw):  # type: ignore[no-untyped-def]
-        if shown.startswith("escalation of"):
-            raise Killed
-        return filing(claimed, agent, shown=shown, **kw)
-
-    sup.intake.file = killed_filing_an_escalation  # type: ignore[method-assign]
-    with pytest.raises(Killed):
-        step_until(sup, lambda: False, "the kill")
+    killed_while_filing(sup, "escalation of")
     follow = Store(ws.state).load("review").report["follow_up"]["id"]
     assert [p.name.endswith(f"-{follow}.md") for p in (ws.state / "intake" / "rex").iterdir()] == [True]
     abandon(sup)
@@ -900,16 +906,7 @@ def test_an_outbox_order_a_crash_left_claimed_is_filed_as_its_senders_at_restart
     drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
     sup = Supervisor(ws)
     sup.open()
-    filing = sup.intake.file
-
-    def killed_filing_an_outbox_order(claimed, agent, *, shown, **kw):  # type: ignore[no-untyped-def]
-        if shown.startswith("outbox of"):
-            raise Killed
-        return filing(claimed, agent, shown=shown, **kw)
-
-    sup.intake.file = killed_filing_an_outbox_order  # type: ignore[method-assign]
-    with pytest.raises(Killed):
-        step_until(sup, lambda: False, "the kill")
+    killed_while_filing(sup, "outbox of")
     assert len(list((ws.state / "intake" / "rex").glob("*-r.yaml"))) == 1
     abandon(sup)
     restart(ws)
