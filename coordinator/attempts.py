@@ -175,7 +175,7 @@ class AttemptRunner:
                 from .llmrun import finish_llm_attempt
                 finish_llm_attempt(self, act)
         if self.waiting_requests:
-            from .llmrun import check_requests
+            from .orchestration import check_requests
             progress |= check_requests(self)
         return progress
 
