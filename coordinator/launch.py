@@ -1,0 +1,170 @@
+"""The launch of one sandboxed child by the fork server (see `coordinator.forkserver`).
+
+A `Launcher` checks a spawn request (no NUL byte, the command found the way a
+shell would), prepares the child's Landlock ruleset and read-only mounts, and
+posix_spawns it from a throwaway thread that first enters the child's folder,
+its mounts, the ruleset and the seccomp filter: all of these apply to that
+thread only, so the server itself stays unrestricted. The child is marked with
+its attempt's token (``COORD_ATTEMPT``), starts in a new session with its
+output on a pipe, and gets no capability through exec: the server's own thread
+gave up the sets every launcher thread inherits, once, when the `Launcher` was
+made.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import ctypes
+import fcntl
+import os
+import signal
+from typing import Any
+
+from . import landlock, mounts, seccomp
+from .errors import CoordinatorError, SandboxError
+from .landlock import Ruleset
+from .spawner import MARK, READ_CHUNK
+
+
+class Launcher:
+    """Starts the fork server's children; made once, in the server's own thread."""
+
+    def __init__(self, gate_only_ok: bool) -> None:
+        self.gate_only_ok = gate_only_ok
+        self.abi = landlock.abi_version()
+        self.readonly = mounts.status() is None  # also chmod/chown/utime refused outside writable paths
+        # Given up once, here: every launcher thread is made by this one and inherits its sets,
+        # so no child can get a capability through exec. This thread keeps its effective and
+        # permitted sets (it needs them to kill, reap and build the read-only mounts) and never
+        # execs. Refused (root without CAP_SETPCAP): every start is refused with the reason.
+        self.caps_refused: SandboxError | None = None
+        try:
+            landlock.drop_capabilities()
+        except SandboxError as e:
+            self.caps_refused = e
+        self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+
+    def start(self, msg: dict[str, Any]) -> tuple[int, int, int | None]:
+        """Start one child; returns (pid, read end of its output, the mount namespace it got
+        from the read-only layer, or None) once exec succeeded."""
+        argv, cwd, env = msg["argv"], msg["cwd"], dict(msg["env"])
+        # A specialist's output can reach the next attempt's arguments; exec cannot carry a NUL.
+        name = argv[0].replace("\0", "")
+        if any("\0" in arg for arg in argv):
+            raise CoordinatorError(f"cannot run {name}: an argument holds a NUL byte")
+        if any("\0" in key + value for key, value in env.items()):
+            raise CoordinatorError(f"cannot run {name}: an environment variable holds a NUL byte")
+        if self.caps_refused is not None:
+            raise self.caps_refused
+        exe = _resolve(argv[0], env.get("PATH"), cwd)
+        env[MARK] = msg["token"]
+        ruleset_fd, readonly = -1, None
+        if msg["sandbox"] is not None:
+            if self.abi > 0:
+                ruleset_fd = landlock.prepare(Ruleset(tuple(msg["sandbox"])), self.abi)
+            elif not self.gate_only_ok:
+                raise SandboxError("this kernel has no Landlock: refusing to run without the kernel sandbox")
+            if self.readonly:
+                readonly = tuple(msg["mounts"])
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(out_r, fcntl.F_SETPIPE_SZ, READ_CHUNK)  # fewer wakeups for chatty children
+            spaces: list[int] = []
+            pid = _launch(exe, argv, env, cwd, out_w, self.devnull, ruleset_fd, readonly, spaces)
+        except BaseException:
+            os.close(out_r)
+            raise
+        finally:
+            os.close(out_w)
+            if ruleset_fd >= 0:
+                os.close(ruleset_fd)
+        os.set_blocking(out_r, False)
+        return pid, out_r, (spaces[0] if spaces else None)
+
+
+def _resolve(argv0: str, path: str | None, cwd: str) -> str:
+    """The file to exec, found the way a shell would, relative to the child's folder."""
+    if "/" in argv0:
+        exe = os.path.join(cwd, argv0)
+        if os.path.exists(exe):
+            return exe
+    else:
+        for folder in (path if path is not None else os.defpath).split(os.pathsep):
+            exe = os.path.join(cwd, folder, argv0)
+            if os.path.isfile(exe) and os.access(exe, os.X_OK):
+                return exe
+    raise CoordinatorError(f"command not found: {argv0}")
+
+
+# Signals the server catches or ignores; the child starts with all of them at their defaults.
+_DEFAULT_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ)
+
+
+def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int, devnull: int,
+            ruleset_fd: int, readonly: tuple[str, ...] | None = None, spaces: list[int] | None = None) -> int:
+    """posix_spawn the child from a throwaway thread that first enters `cwd` and the sandbox.
+
+    Landlock restricts only the calling thread, and a thread that unshared its
+    file-system context has its own current folder (and, with `readonly`, its own
+    mounts, all read-only but those paths); the child inherits them all, the seccomp
+    filter installed after the ruleset, and the capability sets the server's thread
+    emptied. So no Python runs in the child (vfork + exec in the C library) and the
+    server itself stays unrestricted in its own folder. Returns once exec succeeded;
+    `spaces` gets the identity of the child's mount namespace, when it has one of its own.
+    """
+    outcome: list[int | BaseException] = []
+
+    def work() -> None:
+        try:
+            if landlock.libc().unshare(mounts.CLONE_FS) != 0:
+                raise CoordinatorError(f"cannot start the command: unshare: {os.strerror(ctypes.get_errno())}")
+            if readonly is not None:
+                mounts.enter_readonly(readonly)  # before entering cwd: it may be one of the copies
+                if spaces is not None:  # read here: a child that exits at once takes it along
+                    with contextlib.suppress(OSError):
+                        spaces.append(os.stat("/proc/thread-self/ns/mnt").st_ino)
+            try:
+                os.chdir(cwd)
+            except OSError as e:
+                raise CoordinatorError(f"cannot enter working folder {cwd}: {e.strerror}") from None
+            if ruleset_fd >= 0:
+                landlock.enforce(ruleset_fd)  # sets no_new_privs, which the filter needs
+                seccomp.install()  # no setuid file, no lease: what Landlock has no right for
+            # No capability to give up here: the server's thread emptied the bounding,
+            # inheritable and ambient sets this thread inherited (see `Launcher`).
+            # The server's /dev/null sits on the machine's mount: fchmod(0) would change it.
+            null = devnull if readonly is None else os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                outcome.append(os.posix_spawn(
+                    exe, argv, env, setsid=True, setsigmask=(), setsigdef=_DEFAULT_SIGNALS,
+                    file_actions=[(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
+                                  (os.POSIX_SPAWN_DUP2, out_w, 2)]))
+            except OSError as e:
+                raise CoordinatorError(f"cannot run {argv[0]}: {e.strerror}") from None
+            finally:
+                if null != devnull:
+                    os.close(null)
+        except BaseException as e:
+            outcome.append(e)
+
+    # A bare thread and one lock: threading.Thread's start and join each wait for the other
+    # thread once more, two scheduler round trips per spawn on a busy machine.
+    ended = _thread.allocate_lock()
+    ended.acquire()
+
+    def launcher() -> None:
+        try:
+            work()
+        finally:
+            ended.release()
+
+    _thread.start_new_thread(launcher, ())
+    ended.acquire()
+    if not outcome:
+        raise CoordinatorError(f"cannot run {argv[0]}: the launcher thread ended without a result")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
