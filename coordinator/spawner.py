@@ -509,6 +509,3 @@ class Spawner:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
-
-
-# --- the server -----------------------------------------------------------------
