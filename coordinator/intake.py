@@ -212,15 +212,11 @@ class Intake:
                 history = _AwaitedHistory(self.history, self.waiting.declared, declares)
             try:
                 order = orders.load(data, path=shown, to=agent, config=self.config,
-                                    history=history, sender=sender)
+                                    history=history, sender=sender, repos=self.repos_dir)
             except OrderError as e:
                 problems = e.problems
                 if size > orders.MAX_ORDER_BYTES:  # read only this far: say the file's real size
                     problems = [Problem("", too_big(size, orders.MAX_ORDER_BYTES, "a work order"), shown)]
-        if order is not None and order.repo and not (self.repos_dir / order.repo / ".git").exists():
-            problems = [Problem("files", f"no repository {order.repo!r} under repos/; the first component of "
-                                "every path names one", path=shown)]
-            order = None
         partial = order or _best_effort(data, shown, agent)
         order_id = self._choose_id(order or partial)
         if order is not None:

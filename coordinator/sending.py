@@ -79,14 +79,6 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def _repository_there(ws: Workspace, order: orders.WorkOrder, shown: str) -> None:
-    """OrderError when the order's files name a repository repos/ does not have (intake would
-    reject it; better said now than after it was sent)."""
-    if order.repo and not (ws.repos / order.repo / ".git").exists():
-        raise OrderError([Problem("files", f"no repository {order.repo!r} under repos/; the first component "
-                                           "of every path names one", shown)])
-
-
 def _inbox_takes_in(ws: Workspace, agent: str) -> None:
     """WorkspaceError when an order sent to `agent` would wait in its inbox forever."""
     if ws.inbox_is_link(agent):
@@ -120,8 +112,7 @@ def validate_files(ws: Workspace, files: list[str], *, to: str | None, sender: s
         try:
             data = read_stream(sys.stdin.buffer) if stdin else read_file(path, shown=shown)
             order = orders.load(data, path=shown, to=recipient, config=ws.config, history=hist, sender=sender,
-                                kind=sniff(data) if stdin else None)
-            _repository_there(ws, order, shown)
+                                kind=sniff(data) if stdin else None, repos=ws.repos)
             _inbox_takes_in(ws, order.to)
             entry.update(to=order.to, valid=True, checks=len(order.checks), id=order.id)
         except OrderError as e:
@@ -161,8 +152,9 @@ def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str |
         orders.known_agent(to, cfg)
     if sender is not None:
         orders.known_sender(sender, cfg)
-    order = orders.load(data, path=name, to=to, config=cfg, history=history(ws), sender=sender, kind=kind)
-    _repository_there(ws, order, name)
+    # A repository repos/ does not have is said now, not by intake after the order was sent.
+    order = orders.load(data, path=name, to=to, config=cfg, history=history(ws), sender=sender, kind=kind,
+                        repos=ws.repos)
     _inbox_takes_in(ws, order.to)
     suffix = SUFFIXES[kind] if kind else (Path(name).suffix.lower() or ".md")
     reserved = None

@@ -753,15 +753,19 @@ def test_orders_copied_into_an_inbox_together_may_wait_on_each_other_as_validate
     assert statuses(ws) == {"WO-0001": "done", "zz": "done"}
 
 
-def test_an_order_for_a_repository_that_is_not_there_is_refused_when_sent(ws: Path) -> None:
-    import shutil
-
+def test_an_order_for_a_repository_that_is_not_there_is_refused_at_the_line_of_its_entry(ws: Path) -> None:
     shutil.rmtree(ws / "repos" / "webapp")
-    said = "files: no repository 'webapp' under repos/; the first component of every path names one"
+    said = "files.0: no repository 'webapp' under repos/; the first component of every path names one"
+    (ws / "o.md").write_text(order("The greeting exists"))
     for args in (("validate", "-", "--to", "chip"), ("send", "-", "--to", "chip")):
         refused = run("-w", ws, *args, input=order("The greeting exists"))
-        assert refused.exit_code == 1 and said in refused.stderr, refused.stderr
-    assert inbox_entries(ws, "chip") == []
+        assert (refused.exit_code, refused.stderr) == (1, f"<stdin>:9: {said}\n"), refused.stderr
+    refused_by_validate_and_send(ws, f"o.md:9: {said}\n")
+    (ws / "inbox" / "chip" / "o.md").write_text(order("The greeting exists"))  # as intake says it
+    done = program("-w", ws, "supervise", "--once")
+    assert done.returncode == 0, done.stderr
+    (rec,) = Store(ws / "state").load_all().values()
+    assert (rec.status, rec.errors) == ("rejected", [f"inbox/chip/o.md:9: {said}"])
 
 
 def test_an_inbox_folder_that_is_a_link_is_refused_by_send_and_validate_and_said_by_the_supervisor(
