@@ -410,6 +410,17 @@ def waiting_orders(inbox_root: Path, intake_dir: Path, agents: Iterable[str]) ->
     return Waiting().note_all([inbox_root / a for a in names] + [intake_dir / a for a in names])
 
 
+def waits_on(path: Path, agent: str) -> tuple[str, ...]:
+    """The `blocked_by` of the order waiting at `path` in `agent`'s inbox, read as intake reads
+    it (never through a link); () when it is no regular file or no well-formed order (intake
+    would reject it: it waits on nothing)."""
+    try:
+        data, size = _read_capped(path)
+        return () if size is None else orders.parse(data, path=path.name, to=agent).blocked_by
+    except (OSError, OrderError):
+        return ()
+
+
 class _AwaitedHistory:
     """The history, plus the ids orders still waiting to be taken in declare: an order that
     waits on one of them is filed `waiting`, as `validate` said it may, not rejected because

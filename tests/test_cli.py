@@ -753,6 +753,35 @@ def test_orders_copied_into_an_inbox_together_may_wait_on_each_other_as_validate
     assert statuses(ws) == {"WO-0001": "done", "zz": "done"}
 
 
+CYCLE = "blocked_by: {} is a dependency cycle that would never run; drop one of these"
+
+
+def test_validate_says_a_blocked_by_cycle_among_orders_waiting_in_inboxes_as_intake_says_it(ws: Path) -> None:
+    inbox = ws / "inbox" / "chip"
+    (inbox / "a.md").write_text(order("The footer exists", id="a", blocked_by=["b"]))
+    (inbox / "b.md").write_text(order("The header exists", id="b", blocked_by=["a"]))
+    os.utime(inbox / "a.md", (time.time() - 60, time.time() - 60))  # taken in first
+    checked = run("-w", ws, "validate", inbox / "a.md", inbox / "b.md")
+    assert (checked.exit_code, checked.stderr) == (1, f"inbox/chip/a.md:2: {CYCLE.format('a -> b -> a')}\n"
+                                                      f"inbox/chip/b.md:2: {CYCLE.format('b -> a -> b')}\n")
+    assert run("-w", ws, "validate", inbox / "b.md").stderr == f"inbox/chip/b.md:2: {CYCLE.format('b -> a -> b')}\n"
+    done = program("-w", ws, "supervise", "--once")
+    assert done.returncode == 0, done.stderr
+    assert Store(ws / "state").load("b").errors == [f"inbox/chip/b.md:2: {CYCLE.format('b -> a -> b')}"]
+
+
+def test_send_refuses_an_order_that_closes_a_blocked_by_cycle_with_one_waiting_in_an_inbox(ws: Path) -> None:
+    inbox = ws / "inbox" / "chip"
+    (inbox / "a.md").write_text(order("The footer exists", id="a", blocked_by=["b"]))  # copied in by hand
+    refused = run("-w", ws, "send", "-", "--to", "chip", input=order("The header exists", id="b", blocked_by=["a"]))
+    assert (refused.exit_code, refused.stdout, refused.stderr) == (
+        1, "", f"<stdin>:2: {CYCLE.format('b -> a -> b')}\n")
+    assert inbox_entries(ws, "chip") == ["a.md"]
+    # Waiting on it without closing a cycle is fine, as before.
+    assert run("-w", ws, "send", "-", "--to", "chip", input=order("The menu exists", id="c",
+                                                                   blocked_by=["a"])).exit_code == 0
+
+
 def test_an_order_for_a_repository_that_is_not_there_is_refused_at_the_line_of_its_entry(ws: Path) -> None:
     shutil.rmtree(ws / "repos" / "webapp")
     said = "files.0: no repository 'webapp' under repos/; the first component of every path names one"
