@@ -211,7 +211,9 @@ def check(order: WorkOrder, config: Config, history: History, *, path: str | Non
     agents = config.agents
     names = ", ".join(sorted(agents))
     if order.id and (".." in order.id or order.id.endswith((".", ".lock"))):
-        bad("id", f"{order.id!r} cannot name a git branch (no '..', no trailing '.' or '.lock'); choose another id")
+        # The id names the order's branch (repos.BRANCH_PREFIX): what git refuses there is refused here.
+        bad("id", f"{order.id!r} would name the order's git branch wo/{order.id}, which git refuses (no '..', "
+                  "no trailing '.' or '.lock'); choose another id")
     recipient = agents.get(order.to)
     if recipient is None:
         bad("to", f"unknown agent {order.to!r}; the agents are {names}")

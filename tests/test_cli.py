@@ -473,8 +473,8 @@ def test_validate_and_send_refuse_a_control_character_in_files_c1_too(ws: Path, 
 @pytest.mark.parametrize("bad_id", ["ab..cd", "x.lock", "trailing."])
 def test_validate_and_send_refuse_an_id_that_cannot_name_a_branch(ws: Path, bad_id: str) -> None:
     (ws / "o.md").write_text(order("The webapp greets a user by name", id=bad_id))
-    expected = (f"o.md:2: id: {bad_id!r} cannot name a git branch (no '..', no trailing '.' or '.lock'); "
-                "choose another id\n")
+    expected = (f"o.md:2: id: {bad_id!r} would name the order's git branch wo/{bad_id}, which git refuses "
+                "(no '..', no trailing '.' or '.lock'); choose another id\n")
     refused_by_validate_and_send(ws, expected)
 
 
