@@ -212,15 +212,11 @@ class Intake:
                 history = _AwaitedHistory(self.history, self.waiting.declared, declares)
             try:
                 order = orders.load(data, path=shown, to=agent, config=self.config,
-                                    history=history, sender=sender)
+                                    history=history, sender=sender, repos=self.repos_dir)
             except OrderError as e:
                 problems = e.problems
                 if size > orders.MAX_ORDER_BYTES:  # read only this far: say the file's real size
                     problems = [Problem("", too_big(size, orders.MAX_ORDER_BYTES, "a work order"), shown)]
-        if order is not None and order.repo and not (self.repos_dir / order.repo / ".git").exists():
-            problems = [Problem("files", f"no repository {order.repo!r} under repos/; the first component of "
-                                "every path names one", path=shown)]
-            order = None
         partial = order or _best_effort(data, shown, agent)
         order_id = self._choose_id(order or partial)
         if order is not None:
@@ -412,6 +408,17 @@ def waiting_orders(inbox_root: Path, intake_dir: Path, agents: Iterable[str]) ->
     id (an inbox folder of no agent is never taken in: what waits there counts for nothing)."""
     names = list(agents)
     return Waiting().note_all([inbox_root / a for a in names] + [intake_dir / a for a in names])
+
+
+def waits_on(path: Path, agent: str) -> tuple[str, ...]:
+    """The `blocked_by` of the order waiting at `path` in `agent`'s inbox, read as intake reads
+    it (never through a link); () when it is no regular file or no well-formed order (intake
+    would reject it: it waits on nothing)."""
+    try:
+        data, size = _read_capped(path)
+        return () if size is None else orders.parse(data, path=path.name, to=agent).blocked_by
+    except (OSError, OrderError):
+        return ()
 
 
 class _AwaitedHistory:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
@@ -197,9 +198,11 @@ def recipient(data: bytes, *, path: str) -> str | None:
 # --- check: the team rules -----------------------------------------------------------------
 
 
-def check(order: WorkOrder, config: Config, history: History, *, path: str | None = None) -> list[Problem]:
+def check(order: WorkOrder, config: Config, history: History, *, path: str | None = None,
+          repos: Path | None = None) -> list[Problem]:
     """The team rules of SPEC §2 for a parsed order: who may send what to whom, where its
-    files lie, ids, dependencies, the feedback loop. Problems carry no line (`load` adds them)."""
+    files lie, ids, dependencies, the feedback loop. Problems carry no line (`load` adds them).
+    With `repos` (the workspace's repos/), a `files` entry must name a repository there."""
     problems: list[Problem] = []
 
     def bad(field: str, message: str) -> None:
@@ -208,7 +211,9 @@ def check(order: WorkOrder, config: Config, history: History, *, path: str | Non
     agents = config.agents
     names = ", ".join(sorted(agents))
     if order.id and (".." in order.id or order.id.endswith((".", ".lock"))):
-        bad("id", f"{order.id!r} cannot name a git branch (no '..', no trailing '.' or '.lock'); choose another id")
+        # The id names the order's branch (repos.BRANCH_PREFIX): what git refuses there is refused here.
+        bad("id", f"{order.id!r} would name the order's git branch wo/{order.id}, which git refuses (no '..', "
+                  "no trailing '.' or '.lock'); choose another id")
     recipient = agents.get(order.to)
     if recipient is None:
         bad("to", f"unknown agent {order.to!r}; the agents are {names}")
@@ -238,10 +243,18 @@ def check(order: WorkOrder, config: Config, history: History, *, path: str | Non
                                             f"sends to: {allowed})")
         if recipient.command:
             _brief_fits_one_argument(order, recipient, bad)
-    repos = sorted({paths.repo_of(f) for f in order.files if paths.path_problem(f) is None})
-    if len(repos) > 1:
-        bad("files", f"names {len(repos)} repositories ({', '.join(repos)}); an order works in one "
+    named: dict[str, int] = {}  # repository -> its first entry (a missing one is said at that line)
+    for i, entry in enumerate(order.files):
+        if paths.path_problem(entry) is None:
+            named.setdefault(paths.repo_of(entry), i)
+    if len(named) > 1:
+        bad("files", f"names {len(named)} repositories ({', '.join(sorted(named))}); an order works in one "
                      "repository: send one order per repository")
+    if repos is not None:
+        for repo, i in named.items():
+            if not (repos / repo / ".git").exists():
+                bad(f"files.{i}", f"no repository {repo!r} under repos/; the first component of every path "
+                                  "names one")
     _check_ids(order, history, bad)
     # Referencing one earlier failure acknowledges the loop; name the latest when none is.
     ended = [(p, st) for p, st in history.ended(order.sender, order.to, order.objective) if p != order.id]
@@ -326,9 +339,10 @@ def _cycle(order: WorkOrder, history: History) -> list[str] | None:
 
 
 def load(data: bytes, *, path: str, to: str | None, config: Config, history: History,
-         sender: str | None = None, kind: str | None = None) -> WorkOrder:
+         sender: str | None = None, kind: str | None = None, repos: Path | None = None) -> WorkOrder:
     """`parse` and `check` in one: OrderError lists every problem of either, with lines.
-    `sender` overrides the file's `from` (the supervisor stamps outbox files with it)."""
+    `sender` overrides the file's `from` (the supervisor stamps outbox files with it);
+    `repos` as for `check`."""
     draft = read_order(data, path=path, to=to, sender=sender, kind=kind)
     if sender is None and draft.fields.get("from") == SUPERVISOR_NAME:
         # Only the supervisor stamps it (on the orders it files itself): from a file it would
@@ -337,7 +351,7 @@ def load(data: bytes, *, path: str, to: str | None, config: Config, history: His
                                               "is from `user` or an agent of the team", path))
     order = _lenient(draft.fields) if draft.problems else WorkOrder.from_dict(draft.fields)
     seen = [p.field for p in draft.problems]
-    team = [p for p in check(order, config, history, path=path) if not reported(p.field, seen)]
+    team = [p for p in check(order, config, history, path=path, repos=repos) if not reported(p.field, seen)]
     problems = draft.problems + team
     if problems:
         raise OrderError(finish(problems, draft.lines))

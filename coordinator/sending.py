@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 from . import durable, orders
 from ._orderfile import flow_kind, too_big
 from .errors import NotFoundError, OrderError, Problem, UsageError, WorkspaceError
-from .intake import NOT_REGULAR, waiting_orders
+from .intake import NOT_REGULAR, waiting_orders, waits_on
 from .store import History, Store
 from .watcher import is_candidate, printable
 from .workspace import Workspace
@@ -48,7 +48,8 @@ _MD_LABEL = re.compile(r"^ {0,3}(?:\*\*[^*\n]{1,60}?(?::\*\*|\*\*[ \t]*:)|#{1,6}
 
 class _Sent(History):
     """The workspace's orders, and those sent but not yet taken in: an order sent right after
-    another may name it in `blocked_by` before a supervisor has run."""
+    another may name it in `blocked_by` before a supervisor has run, and one that would close a
+    `blocked_by` cycle with orders still waiting is refused as intake would refuse it."""
 
     def __init__(self, ws: Workspace) -> None:
         store = Store(ws.state)
@@ -56,20 +57,33 @@ class _Sent(History):
         self.ws = ws
         self.itself: Path | None = None  # the file being validated, when it waits in an inbox
         self._declared: dict[str, Path] | None = None  # read once, when first needed
+        self._waits: dict[str, tuple[str, ...]] = {}  # blocked_by of waiting orders, as read
 
     def exists(self, order_id: str) -> bool:
         return super().exists(order_id) or self.waiting(order_id) is not None
 
     def waiting(self, order_id: str) -> str | None:
+        found = self._waiting_file(order_id)
+        if found is None or (self.itself is not None and _same(found, self.itself)):
+            return None
+        return self.ws.rel(found)
+
+    def blocked_by_of(self, order_id: str) -> tuple[str, ...]:
+        if order_id in self.records:
+            return super().blocked_by_of(order_id)
+        if order_id not in self._waits:
+            found = self._waiting_file(order_id)
+            self._waits[order_id] = () if found is None else waits_on(found, found.parent.name)
+        return self._waits[order_id]
+
+    def _waiting_file(self, order_id: str) -> Path | None:
         found = pending_file(self.ws, order_id)
         if found is None:
             # Not named after it, but declaring it (`id: zz` in a file copied in by hand).
             if self._declared is None:
                 self._declared = waiting_orders(self.ws.inbox_root, Store(self.ws.state).intake_dir, self.ws.config.agents).declared
             found = self._declared.get(order_id)
-        if found is None or (self.itself is not None and _same(found, self.itself)):
-            return None
-        return self.ws.rel(found)
+        return found
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -77,14 +91,6 @@ def _same(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # one of them gone meanwhile
         return False
-
-
-def _repository_there(ws: Workspace, order: orders.WorkOrder, shown: str) -> None:
-    """OrderError when the order's files name a repository repos/ does not have (intake would
-    reject it; better said now than after it was sent)."""
-    if order.repo and not (ws.repos / order.repo / ".git").exists():
-        raise OrderError([Problem("files", f"no repository {order.repo!r} under repos/; the first component "
-                                           "of every path names one", shown)])
 
 
 def _inbox_takes_in(ws: Workspace, agent: str) -> None:
@@ -120,8 +126,7 @@ def validate_files(ws: Workspace, files: list[str], *, to: str | None, sender: s
         try:
             data = read_stream(sys.stdin.buffer) if stdin else read_file(path, shown=shown)
             order = orders.load(data, path=shown, to=recipient, config=ws.config, history=hist, sender=sender,
-                                kind=sniff(data) if stdin else None)
-            _repository_there(ws, order, shown)
+                                kind=sniff(data) if stdin else None, repos=ws.repos)
             _inbox_takes_in(ws, order.to)
             entry.update(to=order.to, valid=True, checks=len(order.checks), id=order.id)
         except OrderError as e:
@@ -161,8 +166,9 @@ def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str |
         orders.known_agent(to, cfg)
     if sender is not None:
         orders.known_sender(sender, cfg)
-    order = orders.load(data, path=name, to=to, config=cfg, history=history(ws), sender=sender, kind=kind)
-    _repository_there(ws, order, name)
+    # A repository repos/ does not have is said now, not by intake after the order was sent.
+    order = orders.load(data, path=name, to=to, config=cfg, history=history(ws), sender=sender, kind=kind,
+                        repos=ws.repos)
     _inbox_takes_in(ws, order.to)
     suffix = SUFFIXES[kind] if kind else (Path(name).suffix.lower() or ".md")
     reserved = None

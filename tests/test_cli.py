@@ -473,8 +473,8 @@ def test_validate_and_send_refuse_a_control_character_in_files_c1_too(ws: Path, 
 @pytest.mark.parametrize("bad_id", ["ab..cd", "x.lock", "trailing."])
 def test_validate_and_send_refuse_an_id_that_cannot_name_a_branch(ws: Path, bad_id: str) -> None:
     (ws / "o.md").write_text(order("The webapp greets a user by name", id=bad_id))
-    expected = (f"o.md:2: id: {bad_id!r} cannot name a git branch (no '..', no trailing '.' or '.lock'); "
-                "choose another id\n")
+    expected = (f"o.md:2: id: {bad_id!r} would name the order's git branch wo/{bad_id}, which git refuses "
+                "(no '..', no trailing '.' or '.lock'); choose another id\n")
     refused_by_validate_and_send(ws, expected)
 
 
@@ -753,15 +753,48 @@ def test_orders_copied_into_an_inbox_together_may_wait_on_each_other_as_validate
     assert statuses(ws) == {"WO-0001": "done", "zz": "done"}
 
 
-def test_an_order_for_a_repository_that_is_not_there_is_refused_when_sent(ws: Path) -> None:
-    import shutil
+CYCLE = "blocked_by: {} is a dependency cycle that would never run; drop one of these"
 
+
+def test_validate_says_a_blocked_by_cycle_among_orders_waiting_in_inboxes_as_intake_says_it(ws: Path) -> None:
+    inbox = ws / "inbox" / "chip"
+    (inbox / "a.md").write_text(order("The footer exists", id="a", blocked_by=["b"]))
+    (inbox / "b.md").write_text(order("The header exists", id="b", blocked_by=["a"]))
+    os.utime(inbox / "a.md", (time.time() - 60, time.time() - 60))  # taken in first
+    checked = run("-w", ws, "validate", inbox / "a.md", inbox / "b.md")
+    assert (checked.exit_code, checked.stderr) == (1, f"inbox/chip/a.md:2: {CYCLE.format('a -> b -> a')}\n"
+                                                      f"inbox/chip/b.md:2: {CYCLE.format('b -> a -> b')}\n")
+    assert run("-w", ws, "validate", inbox / "b.md").stderr == f"inbox/chip/b.md:2: {CYCLE.format('b -> a -> b')}\n"
+    done = program("-w", ws, "supervise", "--once")
+    assert done.returncode == 0, done.stderr
+    assert Store(ws / "state").load("b").errors == [f"inbox/chip/b.md:2: {CYCLE.format('b -> a -> b')}"]
+
+
+def test_send_refuses_an_order_that_closes_a_blocked_by_cycle_with_one_waiting_in_an_inbox(ws: Path) -> None:
+    inbox = ws / "inbox" / "chip"
+    (inbox / "a.md").write_text(order("The footer exists", id="a", blocked_by=["b"]))  # copied in by hand
+    refused = run("-w", ws, "send", "-", "--to", "chip", input=order("The header exists", id="b", blocked_by=["a"]))
+    assert (refused.exit_code, refused.stdout, refused.stderr) == (
+        1, "", f"<stdin>:2: {CYCLE.format('b -> a -> b')}\n")
+    assert inbox_entries(ws, "chip") == ["a.md"]
+    # Waiting on it without closing a cycle is fine, as before.
+    assert run("-w", ws, "send", "-", "--to", "chip", input=order("The menu exists", id="c",
+                                                                   blocked_by=["a"])).exit_code == 0
+
+
+def test_an_order_for_a_repository_that_is_not_there_is_refused_at_the_line_of_its_entry(ws: Path) -> None:
     shutil.rmtree(ws / "repos" / "webapp")
-    said = "files: no repository 'webapp' under repos/; the first component of every path names one"
+    said = "files.0: no repository 'webapp' under repos/; the first component of every path names one"
+    (ws / "o.md").write_text(order("The greeting exists"))
     for args in (("validate", "-", "--to", "chip"), ("send", "-", "--to", "chip")):
         refused = run("-w", ws, *args, input=order("The greeting exists"))
-        assert refused.exit_code == 1 and said in refused.stderr, refused.stderr
-    assert inbox_entries(ws, "chip") == []
+        assert (refused.exit_code, refused.stderr) == (1, f"<stdin>:9: {said}\n"), refused.stderr
+    refused_by_validate_and_send(ws, f"o.md:9: {said}\n")
+    (ws / "inbox" / "chip" / "o.md").write_text(order("The greeting exists"))  # as intake says it
+    done = program("-w", ws, "supervise", "--once")
+    assert done.returncode == 0, done.stderr
+    (rec,) = Store(ws / "state").load_all().values()
+    assert (rec.status, rec.errors) == ("rejected", [f"inbox/chip/o.md:9: {said}"])
 
 
 def test_an_inbox_folder_that_is_a_link_is_refused_by_send_and_validate_and_said_by_the_supervisor(

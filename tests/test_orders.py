@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import pytest
 
@@ -520,6 +521,34 @@ def test_blocked_by_must_exist_and_not_form_a_cycle(team: config.Config) -> None
     history = History().add("b", blocked_by=("c",)).add("c", blocked_by=("a",))
     p = only(load_problems(with_front("id: a\nblocked_by: [b]"), team, history), "blocked_by")
     assert p.message.startswith("a -> b -> c -> a is a dependency cycle")
+
+
+def test_a_repository_not_under_repos_is_said_at_the_line_of_the_entry_that_names_it(
+        team: config.Config, tmp_path: Path) -> None:
+    (tmp_path / "webapp" / ".git").mkdir(parents=True)
+    yaml_order = textwrap.dedent("""\
+        objective: The API and the webapp agree on the password limit.
+        acceptance: [A 65-character password is refused, A 64-character one is not, "`make test` passes"]
+        files:
+          - webapp/src/login.ts
+          - api/limits.py
+        branching: ["halt-with-note if they agree already"]
+        """)
+    with pytest.raises(OrderError) as info:
+        orders.load(yaml_order.encode(), path="o.yaml", to="rex", config=team, history=orders.EmptyHistory(),
+                    repos=tmp_path)
+    assert [str(p) for p in info.value.problems] == [
+        "o.yaml:3: files: names 2 repositories (api, webapp); an order works in one repository: send one "
+        "order per repository",
+        "o.yaml:5: files.1: no repository 'api' under repos/; the first component of every path names one"]
+    markdown = BODY.replace("webapp/", "api/")
+    with pytest.raises(OrderError) as info:
+        orders.load(markdown.encode(), path="o.md", to="rex", config=team, history=orders.EmptyHistory(),
+                    repos=tmp_path)
+    assert [str(p) for p in info.value.problems] == [
+        "o.md:9: files.0: no repository 'api' under repos/; the first component of every path names one"]
+    # Without a repos/ to look in (pure validation), where the repositories are is not judged.
+    assert orders.load(markdown.encode(), path="o.md", to="rex", config=team, history=orders.EmptyHistory())
 
 
 def test_feedback_loop_needs_a_reference(team: config.Config) -> None:
