@@ -606,7 +606,8 @@ def _count(n: int, noun: str) -> str:
 
 def id_help(value: str) -> str:
     return (f"{value[:70]!r} is not an order id; use 1 to 64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit")
+            "starting with a letter or digit (it names the git branch wo/<id>: no '..', no trailing "
+            "'.' or '.lock')")
 
 
 def _schema(d: dict[str, Any], path: str, problems: list[Problem]) -> None:

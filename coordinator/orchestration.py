@@ -239,7 +239,8 @@ def order_validator(runner: AttemptRunner, agent: Agent, *,
                  "it would wait forever: leave it out of blocked_by"
                  for i, dep in enumerate(order.blocked_by) if dep in above and dep not in siblings]
         return waits + [f"{p.field}: {p.message}" if p.field else p.message
-                        for p in orders.check(order, config, _WithPlan(history, siblings, own=order.id))]
+                        for p in orders.check(order, config, _WithPlan(history, siblings, own=order.id),
+                                               repos=sup.ws.repos)]
 
     return validate
 

@@ -609,6 +609,22 @@ def test_a_planned_order_may_not_wait_on_its_own_request(make_ws, fake):
     assert [load(ws, c).blocked_by for c in rec.children] == [[]]
 
 
+def test_a_planned_order_for_a_repository_not_under_repos_goes_back_to_the_model(make_ws, fake):
+    ws = make_ws(team(fake), orchestrator="walt")
+    fake.script(content=json.dumps({"summary": "chip writes", "orders": [child("chip", "Write the greeting",
+                                                                                files=["shop/src/greeting.py"])]}))
+    fake.script(content=json.dumps({"summary": "chip writes", "orders": [child("chip", "Write the greeting",
+                                                                                files=["webapp/src/greeting.py"])]}))
+    fake.script(content=json.dumps({"summary": "Written.", "orders": []}))
+    drop(ws, "walt", "req.md", order_md("The app greets people", id="req"))
+    run(ws)
+
+    rec = load(ws, "req")
+    assert rec.status == "done", rec.report
+    assert "files.0: no repository 'shop' under repos/" in last_user_message(fake.chat_bodies()[1])
+    assert [load(ws, c).status for c in rec.children] == ["done"]  # never filed to be rejected
+
+
 def test_an_unset_key_variable_blocks_the_order_at_once_naming_it(make_ws, fake, monkeypatch):
     monkeypatch.delenv("FAKE_KEY")
     ws = make_ws({"chip": coder(fake, max_failures=3)})
