@@ -7,15 +7,21 @@ writing behind it.
 In a repository under `repos/` (`clear_unheld`): any lock file outside the object store that
 no live process has open, while no git process works in the repository or one of its working
 copies; where /proc cannot tell, a lock older than STALE_LOCK_AGE.
+
+In `state/` (`clear_stale_locks`): the index, HEAD and config locks, once older than
+STALE_LOCK_SECONDS, while no git process works in the repository.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
 
 STALE_LOCK_AGE = 600.0  # without /proc, a lock this old is taken as abandoned
+LOCK_NAMES = ("index.lock", "HEAD.lock", "config.lock")
+STALE_LOCK_SECONDS = 2.0
 
 
 def lock_files(git_dir: Path) -> list[Path]:
@@ -74,3 +80,43 @@ def _live_holders(locks: set[str], roots: list[str]) -> tuple[set[str] | None, b
         except OSError:
             continue  # gone, or not ours to look at
     return held, False
+
+
+def clear_stale_locks(git_dir: Path, *, now: float | None = None) -> list[str]:
+    """Remove lock files no live git process holds (a git that was killed mid-write)."""
+    now = time.time() if now is None else now
+    cleared: list[str] = []
+    if not git_dir.is_dir():
+        return cleared
+    busy = _git_processes_using(git_dir)
+    for name in LOCK_NAMES:
+        lock = git_dir / name
+        try:
+            age = now - lock.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if busy or age < STALE_LOCK_SECONDS:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+            cleared.append(name)
+    return cleared
+
+
+def _git_processes_using(git_dir: Path) -> bool:
+    """Is any live git process working in the repository of `git_dir`?"""
+    repo = str(git_dir.parent.resolve())
+    with contextlib.suppress(FileNotFoundError):
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    if not f.read().startswith("git"):
+                        continue
+                cwd = os.readlink(f"/proc/{pid}/cwd")
+            except OSError:
+                continue
+            if cwd == repo or cwd.startswith(repo + "/"):
+                return True
+    return False
