@@ -24,8 +24,9 @@ from pathlib import Path
 
 from coordinator import audit, durable, gate, mounts
 from coordinator.errors import CoordinatorError
+from coordinator.gitrepo import ident_env, run_git
 from coordinator.landlock import Ruleset, abi_version
-from coordinator.repos import Repo, ident_env, run_git
+from coordinator.repos import Repo
 from coordinator.spawner import Spawner, SpawnRequest
 
 from .harness import BenchError, Figure, median, percentile, temp_folder

@@ -354,8 +354,8 @@ def supervise(c: Context, once: bool, poll: bool, grace: float) -> None:
         coordinator supervise            # foreground, until Ctrl-C
         coordinator supervise --once     # process what is there, then exit
     """
-    from .audit import one_line
     from .supervisor import Supervisor
+    from .trail import one_line
 
     def log(line: str) -> None:
         # One line per event, whatever it quotes: an agent's summary or a file name could

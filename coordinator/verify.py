@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import audit, durable
+from . import audit, durable, trail
 from .errors import CoordinatorError
 from .store import Store
 from .workspace import Workspace
@@ -172,7 +172,7 @@ def _repo_commits(ws: Workspace) -> list[Finding]:
         baseline = heads.get(path.name, {}).get("baseline")
         span = f"{baseline}..{branch}" if baseline else branch
         try:
-            commits = audit.log_records(repo.git("log", "-z", "--format=%H%x00%an%x00%cn%x00%P%x00%B", span),
+            commits = trail.log_records(repo.git("log", "-z", "--format=%H%x00%an%x00%cn%x00%P%x00%B", span),
                                         5, f"repos/{path.name}")
         except CoordinatorError as e:
             found.append(Finding("repo-commit", f"repos/{path.name}", f"cannot read history: {e}"))
@@ -183,7 +183,7 @@ def _repo_commits(ws: Workspace) -> list[Finding]:
                 continue  # the demo repository's first commit, made by `coordinator init`
             if any(i in done for i in ids):
                 continue
-            subject = audit.one_line(body.strip().split("\n")[0])
+            subject = trail.one_line(body.strip().split("\n")[0])
             why = (f"names {', '.join(ids)}, which did not end done" if ids
                    else "has no Work-Order trailer")
             found.append(Finding("repo-commit", f"repos/{path.name}@{sha[:10]}",

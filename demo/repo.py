@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from coordinator.errors import GitError
-from coordinator.repos import COORDINATOR_IDENT, Repo, ident_env, run_git
+from coordinator.gitrepo import ident_env, run_git
+from coordinator.repos import COORDINATOR_IDENT, Repo
 
 
 def init_demo_repo(path: Path) -> Repo:

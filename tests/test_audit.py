@@ -565,9 +565,9 @@ def test_a_commit_waits_for_another_gits_index_lock_instead_of_failing(tmp_path)
 
 
 def test_a_lock_left_by_a_dead_git_is_cleared_after_the_wait_and_the_commit_made(tmp_path, monkeypatch):
-    from coordinator import audit
+    from coordinator import trail
 
-    monkeypatch.setattr(audit, "LOCK_WAIT", 0.3)
+    monkeypatch.setattr(trail, "LOCK_WAIT", 0.3)
     repo = StateRepo(tmp_path / "state")
     StateRepo.ensure(repo.path)
     lock = repo.path / ".git" / "index.lock"
@@ -582,9 +582,9 @@ def test_a_lock_left_by_a_dead_git_is_cleared_after_the_wait_and_the_commit_made
 
 
 def test_a_lock_held_all_along_is_an_error_naming_the_git_command(tmp_path, monkeypatch):
-    from coordinator import audit
+    from coordinator import trail
 
-    monkeypatch.setattr(audit, "LOCK_WAIT", 0.3)
+    monkeypatch.setattr(trail, "LOCK_WAIT", 0.3)
     repo = StateRepo(tmp_path / "state")
     StateRepo.ensure(repo.path)
     (repo.path / ".git" / "index.lock").write_bytes(b"")  # fresh: taken for a live git's

@@ -360,10 +360,10 @@ def test_a_person_holding_states_index_lock_past_the_wait_costs_no_order(make_ws
     files: the next start took the supervisor's own uncommitted writes for hand edits and
     deleted every order. Now the failure is said, what it held is committed with a later
     batch, the run goes on, and a restart finds every order done, nothing blamed on anyone."""
-    from coordinator import audit
+    from coordinator import trail
     from coordinator.errors import CoordinatorError
 
-    monkeypatch.setattr(audit, "LOCK_WAIT", 0.3)  # what a commit waits for a lock (5 s otherwise)
+    monkeypatch.setattr(trail, "LOCK_WAIT", 0.3)  # what a commit waits for a lock (5 s otherwise)
     ws = make_ws({"chip": {"role": "specialist", "command": sh("sleep 0.4"), "writes": ["webapp/src/**"]}})
     ids = [f"o{i}" for i in range(6)]
     for oid in ids:
@@ -459,10 +459,10 @@ def test_a_command_that_cannot_commit_while_no_supervisor_runs_keeps_its_change(
     """`coordinator cancel` with no supervisor running, while a git in state/ holds index.lock:
     the command says it could not commit. The next start took its change for a hand edit (the
     order came back queued, and a person was blamed); it commits it now, as the command's."""
-    from coordinator import audit, control
+    from coordinator import control, trail
     from coordinator.errors import CoordinatorError, SupervisorError
 
-    monkeypatch.setattr(audit, "LOCK_WAIT", 0.3)
+    monkeypatch.setattr(trail, "LOCK_WAIT", 0.3)
     ws = make_ws({"walt": {"role": "orchestrator"}})  # walt has no command: its orders stay queued
     drop(ws, "walt", "c.md", order_md("Order c is cancelled", id="c"))
     with Supervisor(ws) as sup:

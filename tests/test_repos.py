@@ -13,7 +13,7 @@ import pytest
 from conftest import merge_killed_after
 from coordinator.demo.repo import init_demo_repo
 
-from coordinator import repos
+from coordinator import checkout
 from coordinator.errors import GitError
 from coordinator.repos import MergeConflict, Repo, gc_worktrees
 
@@ -395,7 +395,7 @@ def test_a_racing_change_to_the_branch_is_detected_and_kept(ws: Path) -> None:
 # -- a crash inside a merge, and what the next start puts right -----------------------------------
 
 
-def start_again(repo: Repo, *, in_memory: bool | None = None) -> repos.Healed:
+def start_again(repo: Repo, *, in_memory: bool | None = None) -> checkout.Healed:
     """What a supervisor's start does in repos/<name>: stale locks go, then the checkout heals."""
     again = Repo(repo.path, in_memory_merge=in_memory)
     again.clear_stale_lock()
@@ -466,7 +466,7 @@ def test_a_persons_changes_survive_a_start_while_an_order_changed_the_same_paths
     edit(repo.path / "src" / "login.py", "the person's change\n")
     sh_git(repo.path, "add", "src/login.py")
     sh_git(repo.path, "restore", "--source=wo/WO-0001", "--worktree", "src/new.py")
-    assert start_again(repo) == repos.Healed([], [])
+    assert start_again(repo) == checkout.Healed([], [])
     assert sh_git(repo.path, "status", "--porcelain") == "M  src/login.py\n?? src/new.py"
     assert sh_git(repo.path, "show", ":src/login.py") == "the person's change"
     assert (repo.path / "src" / "login.py").read_text() == "the person's change\n"
@@ -480,7 +480,7 @@ def test_a_checkout_staged_at_an_orders_commit_goes_back_to_head(repo: Repo, ws:
     base = repo.head()
     persons_edits(repo)
     sh_git(repo.path, "read-tree", "-m", "-u", base, "wo/WO-0001")
-    (repo.git_dir / repos.MOVE_MARK).write_text(f"{base} {sh_git(repo.path, 'rev-parse', 'wo/WO-0001')}\n")
+    (repo.git_dir / checkout.MOVE_MARK).write_text(f"{base} {sh_git(repo.path, 'rev-parse', 'wo/WO-0001')}\n")
     healed = start_again(repo)
     assert healed.put_back == ["src/login.py", "src/new.py"]
     assert sh_git(repo.path, "status", "--porcelain") == PERSON

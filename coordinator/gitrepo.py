@@ -1,0 +1,240 @@
+"""One repository under `repos/` as the supervisor's trusted git reaches it.
+
+Every git command the supervisor runs goes through `run_git`: the real git dir is
+named explicitly (never the `.git` pointer file inside a working copy, which the
+agent could have rewritten), hooks and fsmonitor are off, and no `GIT_*`
+variable of the caller leaks in. Each call is one short git process; nothing
+long-lived is left behind.
+
+A working copy is a linked worktree on branch `wo/<order-id>`. Its admin folder
+(`<git dir>/worktrees/<name>`) is found from git's own records, which live in
+the repository and are out of the agent's reach.
+
+`GitRepo` owns the repository's git dir, the one way git runs there, git's records of
+its working copies and the heads of its branches. `checkout.Checkout` builds the
+checkout's guarded move on it, and `repos.Repo` the working copies, commits and merges.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+from .errors import GitError
+from .paths import real, within
+
+GIT_TIMEOUT = 300.0  # seconds; one git call on a small repository takes milliseconds
+BRANCH_PREFIX = "wo/"
+
+# Forced on every call, whatever the user's or the repository's config says.
+_TRUSTED_CONFIG = (
+    "core.hooksPath=/dev/null",
+    "core.fsmonitor=false",
+    "gc.auto=0",
+    "commit.gpgSign=false",
+    "color.ui=never",
+    "core.quotePath=false",
+    "rerere.enabled=false",
+    "advice.detachedHead=false",
+)
+_SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?\Z")
+_REPO_LOCKS: dict[str, threading.RLock] = {}
+_REPO_LOCKS_GUARD = threading.Lock()
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The caller's environment without any GIT_* variable, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update({"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"})
+    if extra:
+        env.update(extra)
+    return env
+
+
+def ident_env(name: str, email: str) -> dict[str, str]:
+    return {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email,
+            "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email}  # fmt: skip
+
+
+def run_git(
+    args: list[str],
+    *,
+    git_dir: Path | None,
+    work_tree: Path | None = None,
+    cwd: Path,
+    env: Mapping[str, str] | None = None,
+    input: str | None = None,
+    check: bool = True,
+    timeout: float = GIT_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    """Run one trusted git command and wait for it; raise GitError on failure when `check`."""
+    argv = ["git"]
+    if git_dir is not None:
+        argv.append(f"--git-dir={git_dir}")
+    if work_tree is not None:
+        argv.append(f"--work-tree={work_tree}")
+    for item in _TRUSTED_CONFIG:
+        argv += ["-c", item]
+    argv += args
+    verb = next((a for a in argv[len(argv) - len(args) :] if not a.startswith("-")), "?")
+    try:
+        proc = subprocess.run(
+            argv, cwd=cwd, env=clean_env(env), input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True, text=True, encoding="utf-8", errors="surrogateescape",
+            timeout=timeout,
+        )  # fmt: skip
+    except FileNotFoundError as e:
+        raise GitError("git is not installed or not on PATH; install git 2.25 or newer") from e
+    except subprocess.TimeoutExpired as e:
+        raise GitError(f"git {verb} took over {timeout:.0f}s in {cwd}; is a disk or lock stuck?") from e
+    if check and proc.returncode != 0:
+        said = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
+        raise GitError(f"git {verb} failed in {cwd}: {said.splitlines()[-1]}")
+    return proc
+
+
+class _Worktree(NamedTuple):
+    """git's record of one linked worktree (in the repository, out of the agent's reach)."""
+
+    admin: Path  # <git dir>/worktrees/<name>: the working copy's own git dir
+    tree: Path
+    head: str  # "refs/heads/wo/<id>", or a sha when detached
+    locked: bool
+
+
+class GitRepo:
+    """One repository under `repos/`: its git dir, trusted git on it, its working copies' records
+    and its branches."""
+
+    def __init__(self, path: Path, *, in_memory_merge: bool | None = None) -> None:
+        self.path = Path(os.path.abspath(path))
+        self.name = self.path.name
+        dot = self.path / ".git"
+        if not self.path.is_dir():
+            raise GitError(f"repos/{self.name}: no such folder; clone or create the repository there")
+        if not dot.is_dir() or dot.is_symlink():
+            raise GitError(
+                f"repos/{self.name} is not a git repository with its own .git folder; "
+                "put a normal clone there (not a worktree, submodule or bare repository)"
+            )
+        self.git_dir = Path(os.path.realpath(dot))
+        self.git("rev-parse", "--git-dir")  # a broken .git fails here, with git's reason
+        if in_memory_merge is None:
+            # `merge-tree --write-tree` (git 2.38) merges without touching any checkout.
+            in_memory_merge = self.git_version() >= (2, 38)
+        self.in_memory_merge = in_memory_merge
+        with _REPO_LOCKS_GUARD:
+            self._lock = _REPO_LOCKS.setdefault(str(self.git_dir), threading.RLock())
+
+
+    # -- trusted git -------------------------------------------------------------------------
+
+    def git(self, *args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> str:
+        """Run git on this repository (in working copy `cwd` if given); its stdout."""
+        return self._run(list(args), cwd=cwd, env=env).stdout.rstrip("\n")
+
+    def _run(self, args: list[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None,
+             input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        if cwd is None:
+            return run_git(args, git_dir=self.git_dir, cwd=self.git_dir, env=env, input=input, check=check)
+        work = Path(os.path.abspath(cwd))
+        admin = self._admin_dir(work)
+        return run_git(args, git_dir=admin, work_tree=work, cwd=work, env=env, input=input, check=check)
+
+    def git_version(self) -> tuple[int, int]:
+        out = run_git(["version"], git_dir=None, cwd=self.path).stdout
+        m = re.search(r"(\d+)\.(\d+)", out)
+        return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+    def _admin_dir(self, work: Path) -> Path:
+        """The git dir of working copy `work`, from git's records (never its `.git` file)."""
+        if _same(work, self.path):
+            return self.git_dir
+        for w in self._worktrees():
+            if _same(w.tree, work):
+                return w.admin
+        raise GitError(f"{work} is not a working copy of repos/{self.name}")
+
+    def _worktrees(self) -> list[_Worktree]:
+        found = []
+        root = self.git_dir / "worktrees"
+        for admin in sorted(root.iterdir()) if root.is_dir() else []:
+            try:
+                tree = Path(_read(admin / "gitdir")).parent
+                head = _read(admin / "HEAD").removeprefix("ref: ")
+            except OSError:
+                continue
+            found.append(_Worktree(admin, tree, head, (admin / "locked").exists()))
+        return found
+
+    # -- branches ------------------------------------------------------------------------------
+
+    def default_branch(self) -> str:
+        ref = self._run(["symbolic-ref", "-q", "HEAD"], check=False).stdout.strip()
+        if not ref.startswith("refs/heads/"):
+            raise GitError(
+                f"repos/{self.name}: HEAD is detached; check out the default branch there (git switch main)"
+            )
+        return ref[len("refs/heads/") :]
+
+    def head(self) -> str:
+        return self._sha(f"refs/heads/{self.default_branch()}")
+
+    def tip(self) -> str:
+        """`head()` read from the ref files when they are plain (HEAD naming a branch whose
+        ref is a loose file): the tamper watch asks every few seconds, and `head()` is two
+        git processes per repository. Anything else is asked of git."""
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            ref = (self.git_dir / "HEAD").read_text("ascii").strip().removeprefix("ref: ")
+            if ref.startswith("refs/heads/") and ".." not in ref.split("/"):
+                sha = (self.git_dir / ref).read_text("ascii").strip()
+                if re.fullmatch(r"[0-9a-f]{40}", sha):
+                    return sha
+        return self.head()
+
+    def _sha(self, ref: str) -> str:
+        r = self._run(["rev-parse", "-q", "--verify", f"{ref}^{{commit}}"], check=False)
+        if r.returncode != 0:
+            raise GitError(f"repos/{self.name}: {ref} does not exist")
+        return r.stdout.strip()
+
+    def _has_ref(self, ref: str) -> bool:
+        return self._run(["rev-parse", "-q", "--verify", ref], check=False).returncode == 0
+
+    def made_by_merge(self, head: str, *, base: str, tip: str) -> bool:
+        """Whether `head` is what `merge` makes of `tip` on a default branch at `base`: `tip`
+        itself (a fast-forward), or a merge commit of the two."""
+        if head == tip:
+            return self._is_ancestor(base, tip)
+        return self.git("rev-list", "--parents", "-n", "1", head).split()[1:] == [base, tip]
+
+    def _is_ancestor(self, a: str, b: str) -> bool:
+        return self._run(["merge-base", "--is-ancestor", a, b], check=False).returncode == 0
+
+
+def _read(path: Path) -> str:
+    return path.read_text("utf-8", errors="surrogateescape").strip()
+
+
+def _nul_split(text: str) -> list[str]:
+    return [p for p in text.split("\0") if p]
+
+
+def _nul_join(items: Iterable[str]) -> str:
+    return "".join(f"{p}\0" for p in items)
+
+
+def _same(a: Path, b: Path) -> bool:
+    return real(a) == real(b)
+
+
+def _under(path: Path, folder: Path) -> bool:
+    return within(real(path), real(folder))
+

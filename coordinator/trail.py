@@ -1,0 +1,311 @@
+"""The audit trail read back: state/'s git repository, the one way git runs there, its history.
+
+`Trail` runs git in `state/` with a trusted environment (hooks and signatures off, the
+actor as author, `coordinator` as committer) and waits out a lock another git holds. It
+reads the trail back as `Entry`s, tells the supervisor's own commits from anyone else's,
+and lists what changed in `state/` since the last commit. `audit.StateRepo` writes the
+trail on top of it.
+
+Example line:
+    WO-0042 chip: running -> done
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import git
+
+from . import durable, gitlocks
+from .errors import GitError
+
+SUPERVISOR = "coordinator"
+DOMAIN = "agents.coordinator"
+TRANSITION = re.compile(r"^(?P<id>\S+) (?P<agent>\S+): (?P<old>[a-z-]+) -> (?P<new>[a-z-]+)(?: \((?P<note>.*)\))?$")
+
+
+def identity(actor: str) -> str:
+    return f"{actor} <{actor}@{DOMAIN}>"
+
+
+def trusted_env(actor: str = SUPERVISOR, committer: str = SUPERVISOR) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update({
+        "GIT_AUTHOR_NAME": actor, "GIT_AUTHOR_EMAIL": f"{actor}@{DOMAIN}",
+        "GIT_COMMITTER_NAME": committer, "GIT_COMMITTER_EMAIL": f"{committer}@{DOMAIN}",
+        "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0",
+        # glibc gave the heap back after every object git zipped (brk down, brk up, 4 calls
+        # an object): half of a batch's `update-index` time with a few hundred files.
+        "GLIBC_TUNABLES": ":".join(filter(None, (os.environ.get("GLIBC_TUNABLES"), _KEEP_HEAP))),
+    })
+    return env
+
+
+_KEEP_HEAP = "glibc.malloc.trim_threshold=268435456:glibc.malloc.top_pad=16777216"
+
+# log.showSignature: a person's config that shows signatures puts their text in front of the
+# fields `git log -z` is read by, for a signed commit made by hand in state/.
+GIT_OPTS = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "gc.auto=0",
+            "-c", "commit.gpgsign=false", "-c", "core.quotepath=false", "-c", "log.showSignature=false")
+
+# For `status`: the index keeps the folders' times, and an unchanged folder is not read again.
+_UNTRACKED_CACHE = ("-c", "core.untrackedCache=true")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One line of the trail: a transition read back from git."""
+
+    commit: str
+    author: str
+    at: str
+    line: str
+    order: str | None
+    old: str | None
+    new: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"commit": self.commit, "author": self.author, "at": self.at, "line": self.line,
+                "order": self.order, "from": self.old, "to": self.new}
+
+
+class Trail:
+    """The git repository under `state/`, read: its history, its head, its changes since."""
+
+    def __init__(self, path: Path, *, record: Path | None = None) -> None:
+        self.path = path
+        # Where the supervisor keeps the head of its own last commit, outside state/ (a reset
+        # of state/ cannot take it along): what a start checks state/'s branch against.
+        self.record = record
+        # The branch as the supervisor's own last commit left it (None: not known yet), and the
+        # moves of others a batch found on the way: `moved_by_others` says them.
+        self.mine: str | None = None
+        self._others: list[tuple[str, str]] = []
+        self._cmd = git.Git(str(path))
+
+    def git(self, *args: str, actor: str = SUPERVISOR, stdin: BinaryIO | None = None,
+            optional_locks: bool = True, literal: bool = False) -> str:
+        """Run git in state/. A lock another git holds (a `git status` refreshing the index,
+        `audit verify` beside the supervisor) is waited for, up to LOCK_WAIT seconds; then a
+        lock no live git holds is cleared, once."""
+        env = trusted_env(actor)
+        if not optional_locks:
+            env["GIT_OPTIONAL_LOCKS"] = "0"  # a read that must not take the index lock from a writer
+        if literal:
+            env["GIT_LITERAL_PATHSPECS"] = "1"  # paths as they are: `*`, `?` and `[` are no patterns
+        end = time.monotonic() + LOCK_WAIT
+        delay, cleared = 0.005, False
+        while True:
+            try:
+                out: str = self._cmd.execute(["git", *GIT_OPTS, *args], env=env, istream=stdin,
+                                             strip_newline_in_stdout=False)
+                return out
+            except git.GitCommandError as e:
+                why = _stderr(e)
+                if not _LOCKED.search(why) or (time.monotonic() >= end and cleared):
+                    raise GitError(f"git {_command(args)} failed in state/: {why}") from None
+                if time.monotonic() >= end:
+                    cleared = True
+                    gitlocks.clear_stale_locks(self.path / ".git")
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+                if stdin is not None:
+                    stdin.seek(0)
+
+    def head(self) -> str:
+        """The commit HEAD names ("" before the first), read from the ref files when they are
+        plain (a git process per batch saved), else asked of git."""
+        git_dir = self.path / ".git"
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            head = (git_dir / "HEAD").read_text("ascii").strip()
+            if head.startswith("ref: refs/heads/"):
+                sha = (git_dir / head[len("ref: "):]).read_text("ascii").strip()
+                if re.fullmatch(r"[0-9a-f]{40}", sha):
+                    return sha
+        try:
+            return self.git("rev-parse", "--verify", "-q", "HEAD").strip()
+        except GitError:
+            return ""  # no commit yet
+
+    # -- the supervisor's commits and others' ----------------------------------------------------
+    def moved_by_others(self) -> list[str]:
+        """Commits on state/'s branch that the supervisor did not make (a `git commit` by hand
+        beside it), since it last looked: one line each, each said once."""
+        moves, self._others = self._others, []
+        head = self.head()
+        if self.mine is not None and head != self.mine:
+            moves.append((self.mine, head))
+        if self.mine is not None:
+            self.own(head)  # said once: from here it is the branch the supervisor goes on from
+        found: list[str] = []
+        for old, new in moves:
+            try:
+                self.git("merge-base", "--is-ancestor", old, new)
+                log = self.git("log", "-z", "--format=%H%x00%an%x00%s", f"{old}..{new}")
+            except GitError:  # not an ancestor: the history was rewritten (or the commit is gone)
+                found.append(f"state/'s branch was moved from {old[:10]} to {new[:10]}, which does not "
+                             "contain the supervisor's last commit")
+                continue
+            found += [one_line(f"{sha[:10]} by {author}: {subject}") for sha, author, subject in log_records(log, 3)]
+        return found
+
+    def own(self, head: str) -> None:
+        """Take `head` as the branch the supervisor's own commits left, and keep it in `record`."""
+        self.mine = head
+        if self.record is not None and head:
+            with contextlib.suppress(OSError):  # a full disk: the next batch keeps it
+                durable.write_bytes(self.record, f"{head}\n".encode(), sync=False)
+
+    def rewound(self) -> str | None:
+        """Why state/'s branch no longer holds the supervisor's last commit as kept in `record`
+        (a reset, a rewritten history, a new repository); None when it does."""
+        return self._moved(commits=False)[0]
+
+    def moved_while_away(self) -> list[str]:
+        """How state/'s branch moved since the supervisor last kept its head: `rewound`, else
+        each commit in between that another committer made; one line each."""
+        why, commits = self._moved(commits=True)
+        return [why] if why is not None else commits
+
+    def _moved(self, *, commits: bool) -> tuple[str | None, list[str]]:
+        try:
+            kept = self.record.read_text("ascii").strip() if self.record is not None else ""
+        except (OSError, UnicodeDecodeError):
+            kept = ""
+        head = self.head()
+        if not kept or kept == head:
+            return None, []
+        try:
+            self.git("merge-base", "--is-ancestor", kept, head)
+        except GitError:
+            return (f"state/'s branch was moved from {kept[:10]} to {head[:10] or 'no commit'}, which does not "
+                    "contain the supervisor's last commit"), []
+        if not commits:
+            return None, []
+        out = self.git("log", "-z", "--format=%H%x00%cn%x00%s", f"{kept}..{head}")
+        return None, [one_line(f"{sha[:10]} by {committer}: {subject}")
+                      for sha, committer, subject in log_records(out, 3) if committer != SUPERVISOR]
+
+    # -- reading ----------------------------------------------------------------------------------
+    def dirty(self, *, optional_locks: bool = True) -> list[str]:
+        """Paths changed, added or removed since the last commit. `optional_locks=False` from
+        another process than the supervisor: git then leaves the index as it is.
+
+        The tamper watch asks every few seconds. Listing every folder of state/ file by file
+        was 70 of the 120 ms with 10,000 orders in it; git's untracked cache names new folders
+        with one look at each folder whose time did not change, and only those new folders are
+        then listed file by file."""
+        out = self.git(*_UNTRACKED_CACHE, "status", "--porcelain", "-z", "--untracked-files=normal",
+                       optional_locks=optional_locks)
+        paths = _status_paths(out)
+        folders = [p for p in paths if p.endswith("/")]
+        if not folders:
+            return paths
+        files = [p for p in paths if not p.endswith("/")]
+        for start in range(0, len(folders), 500):  # the command line stays short
+            # Only untracked files are in them: listed without refreshing the whole index again.
+            out = self.git("ls-files", "--others", "--exclude-standard", "-z", "--",
+                           *folders[start:start + 500], optional_locks=optional_locks, literal=True)
+            files += [p for p in out.split("\0") if p]
+        return list(dict.fromkeys(files))
+
+    def entries(self, order_id: str | None = None) -> list[Entry]:
+        """The trail, oldest first; only the lines about `order_id` when given."""
+        found: list[Entry] = []
+        out = self.git("log", "-z", "--reverse", "--format=%H%x00%an%x00%aI%x00%B")
+        for sha, author, at, body in log_records(out, 4):
+            for line in body.split("\n"):  # not splitlines(): a \x1e in a message breaks no line
+                m = TRANSITION.match(line)
+                if order_id is not None:
+                    # An order's own lines: its transitions and its events ("WO-1 chip: stale …").
+                    if m is not None and m.group("id") != order_id:
+                        continue
+                    if m is None and not line.startswith(f"{order_id} "):
+                        continue
+                if not line.strip():
+                    continue
+                found.append(Entry(sha, author, at, line, m.group("id") if m else None,
+                                   m.group("old") if m else None, m.group("new") if m else None))
+        return found
+
+    def foreign_commits(self) -> list[str]:
+        """Commits in state/ whose committer is not the supervisor: hand-made."""
+        bad = []
+        out = self.git("log", "-z", "--format=%H%x00%cn%x00%s")
+        for sha, committer, subject in log_records(out, 3):
+            if committer != SUPERVISOR:
+                bad.append(one_line(f"{sha[:10]} by {committer}: {subject}"))
+        return bad
+
+
+def one_line(text: str) -> str:
+    """`text` as one line of a commit message: line breaks, tabs and every other character
+    that is not printable (escape sequences, NUL) become spaces, runs of spaces one."""
+    if text.isprintable():
+        return text
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+
+
+def log_records(out: str, fields: int, where: str = "state/") -> list[list[str]]:
+    """The commits of `git log -z` whose format is `fields` fields joined by %x00, each as
+    the list of its fields. NUL is the one byte git takes in no commit message: the \\x1e
+    and \\x1f this was split on once came in a message and broke `audit verify`."""
+    parts = out.split("\0")
+    if parts[-1] == "":
+        parts.pop()  # after the last commit's terminator
+    records = [parts[i:i + fields] for i in range(0, len(parts), fields)]
+    if any(len(r) != fields or not _SHA.fullmatch(r[0]) for r in records):
+        raise GitError(f"{where}'s history cannot be read: a commit in it is not one git makes "
+                       "(`git log` there shows it)")
+    return records
+
+
+_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
+def run(path: Path, *args: str, actor: str = SUPERVISOR) -> str:
+    try:
+        out: str = git.Git(str(path)).execute(["git", *GIT_OPTS, *args], env=trusted_env(actor))
+        return out
+    except git.GitCommandError as e:
+        raise GitError(f"git {args[0]} failed in {path.name}/: {_stderr(e)}") from None
+
+
+def _status_paths(out: str) -> list[str]:
+    """The paths of `git status --porcelain -z` (a folder nothing of is tracked ends in /)."""
+    paths: list[str] = []
+    fields = iter(out.split("\0"))
+    for entry in fields:
+        if len(entry) < 4:
+            continue
+        paths.append(entry[3:])
+        if entry[0] in "RC":  # a rename or copy staged: its old path comes next
+            old = next(fields, "")
+            if old:
+                paths.append(old)
+    return paths
+
+
+# "fatal: Unable to create '.../index.lock': File exists." - another git holds that lock.
+_LOCKED = re.compile(r"\.lock'?: File exists")
+LOCK_WAIT = 5.0
+
+
+def _command(args: tuple[str, ...]) -> str:
+    """The git command of `args`, past the `-c name=value` options in front."""
+    rest = list(args)
+    while rest and rest[0] == "-c":
+        rest = rest[2:]
+    return rest[0] if rest else "?"
+
+
+def _stderr(e: git.GitCommandError) -> str:
+    text = (e.stderr or str(e)).strip().replace("\n", " ")
+    return text.removeprefix("stderr: ").strip("'")[:300]
+
