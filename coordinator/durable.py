@@ -76,7 +76,9 @@ def _rename(src: Path | str, dst: Path | str, *, replace: bool) -> None:
             waited = True
         rename(src, dst)
     if waited:  # the rename (and the file's change time) came later than its note said
-        note(dst)
+        # The rename is done: a failure to say so (a full disk) must not tell the caller it was not.
+        with contextlib.suppress(OSError):
+            note(dst)
 
 # The supervisor commits exactly the paths it wrote, so that a hand edit in state/
 # is never swept into its commits; every write under a journaled root (state/) is noted.
@@ -220,7 +222,22 @@ def note(path: Path | str) -> None:
             journal.paths.add(p)
             if journal.fd is not None:
                 now = journal.times[p] = time.time_ns()
-                os.write(journal.fd, f"{now} {p[len(prefix):]}\n".encode("utf-8", "surrogateescape"))
+                _append_whole(journal.fd, f"{now} {p[len(prefix):]}\n".encode("utf-8", "surrogateescape"))
+
+
+_APPENDING = threading.Lock()
+
+
+def _append_whole(fd: int, line: bytes) -> None:
+    """Append `line` to the O_APPEND file `fd` whole, or not at all: a full disk can take part
+    of it, and a cut line followed by others would garble the lines around it (a journal line
+    cut to `orders/x/original.m` left the real file to be taken for a hand edit)."""
+    with _APPENDING:
+        n = os.write(fd, line)
+        if n != len(line):
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, os.fstat(fd).st_size - n)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def fsync_dir(folder: Path) -> None:
@@ -249,8 +266,13 @@ def write_bytes(target: Path, data: bytes, *, sync: bool = True, mode: int = 0o6
             os.unlink(tmp)
         raise
     os.close(fd)
-    note(target)
-    _rename(tmp, target, replace=True)
+    try:
+        note(target)  # fails on a full disk (the journal): the write is then not made
+        _rename(tmp, target, replace=True)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     if sync:
         fsync_dir(folder)
 
@@ -375,7 +397,7 @@ def append_line(target: Path, line: str) -> None:
     note(target)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
     try:
-        os.write(fd, (line.rstrip("\n") + "\n").encode("utf-8"))
+        _append_whole(fd, (line.rstrip("\n") + "\n").encode("utf-8"))
         os.fsync(fd)
     finally:
         os.close(fd)

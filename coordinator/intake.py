@@ -272,21 +272,25 @@ class Intake:
     def _place(self, order_id: str, p: _Placement) -> None:
         folder = self.store.folder(order_id)
         folder.mkdir(parents=True, exist_ok=True)
+        original = folder / f"original{p.suffix}"
         try:
             # Written before the original moves in: a crash before record.json must not forget
             # whom the order is for, or who stamped it.
             durable.write_json(folder / "intake.json", {"to": p.agent, "sender": p.sender, "source": p.shown},
                                sync=False)
-            durable.move(p.claimed, folder / f"original{p.suffix}", sync=False)
+            if os.path.lexists(p.claimed) or not os.path.lexists(original):  # else moved by a try that failed after
+                durable.move(p.claimed, original, sync=False)
             if p.sender is not None:  # the note of an outbox copy has served (else: none there)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(_note_of(p.claimed))
         except OSError:
-            # The disk is full: the order stays claimed in state/intake/ (its one place) and
-            # no empty order folder is left to look like a second copy.
-            with contextlib.suppress(OSError):
-                (folder / "intake.json").unlink(missing_ok=True)
-                folder.rmdir()
+            # The disk is full. Before the move, the order stays claimed in state/intake/ (its
+            # one place) and no empty order folder is left to look like a second copy. After it,
+            # this folder is its place, and intake.json must stay to say whom it is for.
+            if not os.path.lexists(original):
+                with contextlib.suppress(OSError):
+                    (folder / "intake.json").unlink(missing_ok=True)
+                    folder.rmdir()
             raise
         if p.order is not None:
             durable.write_json(folder / "order.json", p.order.to_dict(), sync=False)

@@ -26,7 +26,7 @@ from conftest import drop, order_md, sh, step_until, wait_until
 from coordinator.demo.repo import init_demo_repo
 
 from bench.harness import probe_of
-from coordinator import signals
+from coordinator import durable, signals
 from coordinator.audit import StateRepo
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
@@ -135,6 +135,38 @@ def test_disk_full_while_writing_state_loses_no_order(small_disk, leave_kib):
     assert list(ws.inbox("walt").iterdir()) == []
     findings = verify(ws)
     assert findings == [], "\n".join(map(str, findings))
+
+
+def test_a_full_disk_never_leaves_a_cut_line_in_the_journal(small_disk, tmp_path):
+    """The journal's disk fills while a path is noted: the journal keeps whole lines only, and
+    the note fails, so the write it announced is never made, and leaves no temp file (a cut
+    line once made recovery take an order's original for a hand edit and remove it)."""
+    root = tmp_path / "state"
+    root.mkdir()
+    journal = small_disk / "journal"
+    durable.open_journal(root, journal)
+    try:
+        durable.note(root / "first")
+        filler = fill(small_disk, leave=0)
+        failed = None
+        for i in range(10_000):  # ~40 lines fill the journal's last page
+            try:
+                durable.note(root / "orders" / f"o{i}" / "original.md")
+            except OSError as e:
+                failed = e
+                break
+        assert failed is not None and failed.errno == 28, "the disk never filled"
+        lines = journal.read_bytes().split(b"\n")
+        assert lines[-1] == b"" and all(re.fullmatch(rb"\d+ (first|orders/o\d+/original\.md)", x) for x in lines[:-1])
+        assert lines[-2].endswith(f"o{i - 1}/original.md".encode())
+        with pytest.raises(OSError):
+            durable.write_json(root / ("record-" * 12 + ".json"), {"status": "done"})  # a line longer than any before
+        assert list(root.iterdir()) == []
+        filler.unlink()
+        durable.note(root / "after")
+        assert durable.read_journal(journal) is not None and "after" in durable.read_journal(journal)
+    finally:
+        durable.close_journal(root)
 
 
 # -- an inbox folder on another file system -----------------------------------------------------

@@ -874,6 +874,37 @@ def killed_while_filing(sup: Supervisor, prefix: str) -> None:
         step_until(sup, lambda: False, "the kill")
 
 
+def test_a_disk_full_error_after_the_original_moved_in_keeps_whom_the_order_is_for(make_ws, monkeypatch):
+    """The original moved into its order folder, then the disk was full (say, saying so in the
+    journal). The folder is now the order's one place: intake.json stays with it, and the next
+    start files it for walt, never for the first agent of the team."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ran")},
+                  "walt": {"role": "orchestrator", "sends_to": ["chip"]}}, orchestrator="walt")
+    moved = durable.move
+
+    def full_after(src: Path, dst: Path, *, sync: bool = True) -> None:
+        moved(src, dst, sync=sync)
+        if dst.name.startswith("original"):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(durable, "move", full_after)
+    drop(ws, "walt", "plan.md", order_md("The plan is kept", id="plan"))
+    sup = Supervisor(ws)
+    sup.open()
+    with pytest.raises(OSError, match="No space"):
+        step_until(sup, lambda: False, "the full disk")
+    folder = Store(ws.state).folder("plan")
+    assert sorted(p.name for p in folder.iterdir()) == ["intake.json", "original.md"]
+    abandon(sup)
+    monkeypatch.setattr(durable, "move", moved)
+
+    restart(ws)
+    rec = Store(ws.state).load("plan")
+    assert (rec.to, rec.status) == ("walt", "queued"), (rec.to, rec.status, rec.errors)
+    assert_one_place(ws, {"plan"})
+    assert_clean(ws)
+
+
 def test_an_escalation_a_crash_left_claimed_is_filed_as_the_supervisors_at_restart(make_ws):
     """kill -9 after the investigation's file was written into state/intake/, before it was
     filed. It says `from: coordinator`, which no dropped order may: the restart knows it for
