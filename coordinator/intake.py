@@ -6,12 +6,12 @@ system), then validated, then moved into `state/orders/<id>/`
 with its record written last. `recover()` finishes any of these steps a crash
 interrupted.
 
-A claim by copy (an outbox file) cannot be one step: the copy is written, then
-the original removed. Which file the copy is of (where, and its device, inode,
-size and mtime) is noted next to the copy before the copy is written, so a crash
-between the two leaves nothing ambiguous: the next start removes the original if
-it is still that very file, and only then files the copy (`release_origin`).
-Either way the order is filed once.
+A claim by copy (an outbox file, an inbox on another file system) cannot be one
+step: the copy is written, then the original removed. Which file the copy is of
+(where, and its device, inode, size and mtime) is noted next to the copy before
+the copy is written, so a crash between the two leaves nothing ambiguous: the
+next start removes the original if it is still that very file, and only then
+files the copy (`release_origin`). Either way the order is filed once.
 
 Durability is grouped: files are written without fsync and the caller syncs the
 file system once per loop step, before the audit commit.
@@ -126,12 +126,12 @@ class Intake:
         except OSError as e:
             if e.errno != errno.EXDEV:
                 raise
-            return _claim_across(path, dest)
+            return _claim_across(path, dest, self.root)
         return dest
 
     def claimed(self) -> list[tuple[Path, str]]:
-        """Files claimed but not yet filed (after a crash), oldest first. A note (`claim_copy`)
-        whose copy is gone, filed or never written, is removed."""
+        """Files claimed but not yet filed (after a crash), oldest first. A note (of a claim by
+        copy) whose copy is gone, filed or never written, is removed."""
         found: list[tuple[Path, str]] = []
         filed = {p.claimed for p in self.pending.values()}  # in memory already: not a leftover
         with contextlib.suppress(FileNotFoundError):
@@ -148,7 +148,8 @@ class Intake:
         return found
 
     def claim_note(self, claimed: Path) -> dict[str, Any]:
-        """What `claim_copy` noted of a claimed copy (sender, source, size, origin); {} for none."""
+        """What was noted of a claimed copy: by `claim_copy` its sender, source, size and
+        origin, by a claim across file systems its origin only; {} for none."""
         try:
             note = durable.read_json(_note_of(claimed))
         except (OSError, ValueError):
@@ -215,7 +216,7 @@ class Intake:
 
         False when it is there and cannot be removed: then the copy goes (and its note), and
         the file stays the order's one place, taken in again as any file there. A note that
-        says nothing but the origin has served, and goes."""
+        says nothing but the origin (a claim across file systems) has served, and goes."""
         origin = note.get("origin")
         if not isinstance(origin, dict):
             return True
@@ -494,13 +495,16 @@ def _short_name(name: str) -> str:
     return os.fsdecode(raw)
 
 
-def _claim_across(path: Path, dest: Path) -> Path | None:
+def _claim_across(path: Path, dest: Path, root: Path) -> Path | None:
     """Claim `path` from an inbox folder on another file system (a mount), where no rename
     reaches state/: a durable copy first, then the original goes, and only if it is still the
     file that was copied (a sender may have dropped a new file under the same name meanwhile).
-    None when it vanished, or is no file nor link. A crash between the two leaves both: the
-    copy is filed at the next start and the original is taken in again (at worst a duplicate,
-    never a lost order)."""
+    None when it vanished, or is no file nor link.
+
+    Which file is copied is noted next to the copy before the copy is written: a crash
+    between the copy and the removal leaves both, and the next start removes the original
+    (if it is still that file) before it files the copy (`release_origin`). Once the
+    original is gone the note has served."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -509,20 +513,29 @@ def _claim_across(path: Path, dest: Path) -> Path | None:
         if e.errno != errno.ELOOP:
             raise
         fd = -1  # a link: the link itself is claimed, and filing refuses it
+    note = _note_of(dest)
     try:
         st = os.lstat(path) if fd < 0 else os.fstat(fd)
         if fd < 0:
             if not stat.S_ISLNK(st.st_mode):
                 return None  # swapped meanwhile: looked at again at the next scan
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(os.readlink(path), dest)
-            durable.fsync_dir(dest.parent)
+            target = os.readlink(path)
         elif stat.S_ISREG(st.st_mode):
             data = durable.read_fd(fd, MAX_READ)  # all intake reads: a bigger one is refused by size
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            durable.write_bytes(dest, data)  # synced: the original is gone next, on another disk
         else:
             return None
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # Synced, as the copy: the original is gone next, on another disk.
+        durable.write_json(note, {"origin": _origin(root, path.parent, path, st)})
+        try:
+            if fd < 0:
+                os.symlink(target, dest)
+                durable.fsync_dir(dest.parent)
+            else:
+                durable.write_bytes(dest, data)
+        except OSError:
+            _unlink_quietly(note)
+            raise
     finally:
         if fd >= 0:
             os.close(fd)
@@ -534,9 +547,10 @@ def _claim_across(path: Path, dest: Path) -> Path | None:
         pass
     except OSError:
         # The original stays (a read-only mount): so must no copy, or each scan would add one.
-        with contextlib.suppress(OSError):
-            os.unlink(dest)
+        _unlink_quietly(dest)
+        _unlink_quietly(note)
         raise
+    _unlink_quietly(note)
     return dest
 
 

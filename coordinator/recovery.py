@@ -93,8 +93,8 @@ def recover(sup: Supervisor, crashed: bool) -> None:
         sender, source, size = note.get("sender"), note.get("source"), note.get("size")
         if not isinstance(source, str):
             source = f"inbox/{agent}/{claimed.name.split('-', 1)[-1]}"
-        # A copy whose original a crash left in place (an outbox file): the original goes
-        # first, or the copy does.
+        # A copy whose original a crash left in place (an outbox file, an inbox file on
+        # another file system): the original goes first, or the copy does.
         if not sup.intake.release_origin(claimed, note):
             sup.say(f"recovery: {printable(source)} was copied but could not be removed; it stays "
                     "and is taken in from there, its copy is dropped")

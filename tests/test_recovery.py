@@ -945,8 +945,8 @@ def killed_at_write(folder: Path, suffix: str, *, after: bool) -> Iterator[None]
         durable.write_bytes = write
 
 
-# Where a kill -9 may hit a claim by copy (an outbox file): the note of what the copy is of,
-# the copy, the removal of the original, the filing.
+# Where a kill -9 may hit a claim by copy (an outbox file, an inbox file on another file
+# system): the note of what the copy is of, the copy, the removal of the original, the filing.
 CRASH_POINTS = ["before the note", "before the copy", "after the copy", "after the original went", "after filing"]
 
 
@@ -1055,6 +1055,46 @@ def test_a_copied_outbox_file_is_never_removed_through_a_link_at_restart(make_ws
     assert (away / "r.yaml").is_file()
     assert (probe_of(ws) / "ran").read_text().split() == [sent.id]
     assert_one_place(ws, {"o", sent.id})
+    assert_clean(ws)
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_an_inbox_file_on_another_file_system_a_crash_cut_off_while_it_was_claimed_is_filed_once(
+        inbox_mount, point):
+    """inbox/chip is a mount: its file is claimed by copy, then removed. kill -9 at each step;
+    after the copy and before the removal both are there, and the restart removes the inbox
+    file (the copy's note says it is that file) before it files the copy: one order, run once."""
+    ws, mnt = inbox_mount
+    drop(ws, "chip", "a.md", order_md("Something is done", id="a"))
+    sup = Supervisor(ws)
+    sup.open()
+    killed_taking(sup, ws.state / "intake" / "chip", "a.md", "inbox/chip/", point)
+    abandon(sup)
+    said = restart(ws)
+    recs = Store(ws.state).load_all()
+    assert [(r.id, r.source, r.status) for r in recs.values()] == [("a", "inbox/chip/a.md", "done")], said
+    assert os.listdir(mnt) == []
+    assert_one_place(ws, {"a"})  # and nothing left in state/intake/, no note either
+    assert_clean(ws)
+
+
+def test_another_file_dropped_where_a_crash_left_a_copied_inbox_file_is_filed_as_well(inbox_mount):
+    """kill -9 after inbox/chip/a.md (on another file system) was copied, before it was
+    removed; then another order is dropped under its name. The restart files the copy, and
+    takes the other file in as the order it is."""
+    ws, mnt = inbox_mount
+    drop(ws, "chip", "a.md", order_md("Something is done", id="a"))
+    sup = Supervisor(ws)
+    sup.open()
+    killed_taking(sup, ws.state / "intake" / "chip", "a.md", "inbox/chip/", "after the copy")
+    abandon(sup)
+    drop(ws, "chip", "a.md", order_md("Something else is done", id="b"))
+    restart(ws)
+    recs = Store(ws.state).load_all()
+    assert {(r.id, r.source, r.status) for r in recs.values()} == {("a", "inbox/chip/a.md", "done"),
+                                                                   ("b", "inbox/chip/a.md", "done")}
+    assert os.listdir(mnt) == []
+    assert_one_place(ws, {"a", "b"})
     assert_clean(ws)
 
 
