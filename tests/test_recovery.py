@@ -1014,6 +1014,25 @@ def test_an_outbox_file_a_crash_cut_off_while_it_was_taken_is_delivered_once(mak
     assert_clean(ws)
 
 
+def test_a_copy_noted_as_an_older_version_did_is_filed_as_before(make_ws):
+    """A note with no origin (written before it was noted) next to a copy a crash left
+    claimed: the restart files the copy as its note says, as chip's, once."""
+    ws = chip_hands_one_to_rex(make_ws)
+    sup = Supervisor(ws)
+    sup.open()
+    killed_taking(sup, ws.state / "intake" / "rex", "r.yaml", "outbox of o/", "after the original went")
+    abandon(sup)
+    (note,) = (ws.state / "intake" / "rex").glob(".*.from")
+    older = durable.read_json(note)
+    del older["origin"]
+    durable.write_json(note, older)
+    restart(ws)
+    sent = outbox_orders(ws)
+    assert len(sent) == 1
+    assert_one_place(ws, {"o", sent[0].id})
+    assert_clean(ws)
+
+
 def test_another_file_put_where_a_crash_left_a_copied_outbox_file_is_delivered_as_well(make_ws):
     """kill -9 after chip's outbox file was copied, before it was removed; then another file
     takes its name, with the same bytes and mtime (only not the same file). The restart files
