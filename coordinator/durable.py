@@ -355,6 +355,18 @@ def open_beneath(root: Path, path: Path) -> tuple[int, int]:
     """(fd of `path`'s folder, fd of `path` opened for reading), reached from `root` one name
     at a time and never through a link; OSError when any step is a link, no folder or gone.
     The folder's fd stays valid for removing the file, whatever is renamed meanwhile."""
+    folder = folder_beneath(root, path)
+    try:
+        fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+    except BaseException:
+        os.close(folder)
+        raise
+    return folder, fd
+
+
+def folder_beneath(root: Path, path: Path) -> int:
+    """The fd of `path`'s folder, reached from `root` as `open_beneath` does; `path` itself
+    is not opened (it may be a link, to be looked at or removed, never followed)."""
     rel = path.relative_to(root).parts
     if not rel:
         raise IsADirectoryError(errno.EISDIR, "no file", str(path))
@@ -364,11 +376,10 @@ def open_beneath(root: Path, path: Path) -> tuple[int, int]:
             inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
             os.close(folder)
             folder = inner
-        fd = os.open(rel[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
     except BaseException:
         os.close(folder)
         raise
-    return folder, fd
+    return folder
 
 
 def read_json(target: Path | str) -> Any:

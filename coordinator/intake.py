@@ -4,8 +4,17 @@ A file is claimed by one atomic rename out of `inbox/<agent>/` into
 `state/intake/<agent>/` (a durable copy when the inbox folder is another file
 system), then validated, then moved into `state/orders/<id>/`
 with its record written last. `recover()` finishes any of these steps a crash
-interrupted. Durability is grouped: files are written without fsync and the
-caller syncs the file system once per loop step, before the audit commit.
+interrupted.
+
+A claim by copy (an outbox file, an inbox on another file system) cannot be one
+step: the copy is written, then the original removed. Which file the copy is of
+(where, and its device, inode, size and mtime) is noted next to the copy before
+the copy is written, so a crash between the two leaves nothing ambiguous: the
+next start removes the original if it is still that very file, and only then
+files the copy (`release_origin`). Either way the order is filed once.
+
+Durability is grouped: files are written without fsync and the caller syncs the
+file system once per loop step, before the audit commit.
 
 A valid order dropped into an inbox is filed in memory first and placed
 (`place_pending`) at the end of the loop step, after its first attempt may have
@@ -75,8 +84,10 @@ class Filed:
 
 class Intake:
     def __init__(self, store: Store, config: Config, records: dict[str, Record], history: History,
-                 *, rel: Callable[[Path], str], ids_dir: Path, repos_dir: Path, clock: Callable[[], float] = time.time) -> None:
+                 *, rel: Callable[[Path], str], root: Path, ids_dir: Path, repos_dir: Path,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        self.root = root  # the workspace: where a copied file was is noted relative to it
         self.config = config
         self.records = records
         self.history = history
@@ -115,12 +126,12 @@ class Intake:
         except OSError as e:
             if e.errno != errno.EXDEV:
                 raise
-            return _claim_across(path, dest)
+            return _claim_across(path, dest, self.root)
         return dest
 
     def claimed(self) -> list[tuple[Path, str]]:
-        """Files claimed but not yet filed (after a crash), oldest first. A note (`claim_copy`)
-        whose copy is gone, filed or never written, is removed."""
+        """Files claimed but not yet filed (after a crash), oldest first. A note (of a claim by
+        copy) whose copy is gone, filed or never written, is removed."""
         found: list[tuple[Path, str]] = []
         filed = {p.claimed for p in self.pending.values()}  # in memory already: not a leftover
         with contextlib.suppress(FileNotFoundError):
@@ -137,7 +148,8 @@ class Intake:
         return found
 
     def claim_note(self, claimed: Path) -> dict[str, Any]:
-        """What `claim_copy` noted of a claimed copy (sender, source, size); {} for none."""
+        """What was noted of a claimed copy: by `claim_copy` its sender, source, size and
+        origin, by a claim across file systems its origin only; {} for none."""
         try:
             note = durable.read_json(_note_of(claimed))
         except (OSError, ValueError):
@@ -158,17 +170,19 @@ class Intake:
         With `within` (the outbox), `path` is reached from there one folder at a time, never
         through a link, and removed through the folder it was read in: a process of the
         attempt that outlived it cannot swap a folder for a link to make the supervisor read
-        and remove a file elsewhere."""
+        and remove a file elsewhere. Without it, `path` is reached so from its own folder.
+
+        The note also says which file the copy is of (`origin`): a crash after the copy and
+        before the file is removed must not deliver it a second time (`release_origin`)."""
+        box = within if within is not None else path.parent
         folder_fd = None
         try:
-            if within is None:
-                data, size = _read_capped(path)
-            else:
-                folder_fd, fd = durable.open_beneath(within, path)
-                try:
-                    data, size = _read_fd_capped(fd)
-                finally:
-                    os.close(fd)
+            folder_fd, fd = durable.open_beneath(box, path)
+            try:
+                st = os.fstat(fd)
+                data, size = _read_fd_capped(fd)
+            finally:
+                os.close(fd)
         except OSError:  # gone, not ours to read, or reached through a link
             if folder_fd is not None:
                 os.close(folder_fd)
@@ -179,14 +193,42 @@ class Intake:
             folder = self.store.intake_dir / agent
             folder.mkdir(parents=True, exist_ok=True)
             dest = folder / f"{time.time_ns():020d}-{_short_name(path.name)}"
-            durable.write_json(_note_of(dest), {"sender": sender, "source": shown, "size": size}, sync=False)
-            durable.write_bytes(dest, data, sync=False)
+            note = {"sender": sender, "source": shown, "size": size, "origin": _origin(self.root, box, path, st)}
+            durable.write_json(_note_of(dest), note, sync=False)
+            try:
+                durable.write_bytes(dest, data, sync=False)
+            except OSError:  # the disk is full: the file stays in the outbox, and no note of it
+                _unlink_quietly(_note_of(dest))
+                raise
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path.name if folder_fd is not None else path, dir_fd=folder_fd)
+                os.unlink(path.name, dir_fd=folder_fd)
             return dest, size
         finally:
-            if folder_fd is not None:
-                os.close(folder_fd)
+            os.close(folder_fd)
+
+    def release_origin(self, claimed: Path, note: dict[str, Any]) -> bool:
+        """Before a copy a crash left claimed is filed: the file it was copied from (its note's
+        `origin`) is removed if it is still there, the very file that was copied. A crash
+        between the copy and that file's removal left both; filed as they are, the order
+        would be filed twice. It is reached from its folder one name at a time and never
+        through a link (an outbox is the specialist's to write), and another file put under
+        its name since is an order of its own: it stays.
+
+        False when it is there and cannot be removed: then the copy goes (and its note), and
+        the file stays the order's one place, taken in again as any file there. A note that
+        says nothing but the origin (a claim across file systems) has served, and goes."""
+        origin = note.get("origin")
+        if not isinstance(origin, dict):
+            return True
+        try:
+            _remove_if_same(self.root, origin)
+        except OSError:
+            _unlink_quietly(claimed)
+            _unlink_quietly(_note_of(claimed))
+            return False
+        if "sender" not in note:
+            _unlink_quietly(_note_of(claimed))
+        return True
 
     # -- filing ---------------------------------------------------------------------------------
     def file(self, claimed: Path, agent: str, *, shown: str, sender: str | None = None,
@@ -464,13 +506,16 @@ def _short_name(name: str) -> str:
     return os.fsdecode(raw)
 
 
-def _claim_across(path: Path, dest: Path) -> Path | None:
+def _claim_across(path: Path, dest: Path, root: Path) -> Path | None:
     """Claim `path` from an inbox folder on another file system (a mount), where no rename
     reaches state/: a durable copy first, then the original goes, and only if it is still the
     file that was copied (a sender may have dropped a new file under the same name meanwhile).
-    None when it vanished, or is no file nor link. A crash between the two leaves both: the
-    copy is filed at the next start and the original is taken in again (at worst a duplicate,
-    never a lost order)."""
+    None when it vanished, or is no file nor link.
+
+    Which file is copied is noted next to the copy before the copy is written: a crash
+    between the copy and the removal leaves both, and the next start removes the original
+    (if it is still that file) before it files the copy (`release_origin`). Once the
+    original is gone the note has served."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -479,20 +524,29 @@ def _claim_across(path: Path, dest: Path) -> Path | None:
         if e.errno != errno.ELOOP:
             raise
         fd = -1  # a link: the link itself is claimed, and filing refuses it
+    note = _note_of(dest)
     try:
         st = os.lstat(path) if fd < 0 else os.fstat(fd)
         if fd < 0:
             if not stat.S_ISLNK(st.st_mode):
                 return None  # swapped meanwhile: looked at again at the next scan
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(os.readlink(path), dest)
-            durable.fsync_dir(dest.parent)
+            target = os.readlink(path)
         elif stat.S_ISREG(st.st_mode):
             data = durable.read_fd(fd, MAX_READ)  # all intake reads: a bigger one is refused by size
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            durable.write_bytes(dest, data)  # synced: the original is gone next, on another disk
         else:
             return None
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # Synced, as the copy: the original is gone next, on another disk.
+        durable.write_json(note, {"origin": _origin(root, path.parent, path, st)})
+        try:
+            if fd < 0:
+                os.symlink(target, dest)
+                durable.fsync_dir(dest.parent)
+            else:
+                durable.write_bytes(dest, data)
+        except OSError:
+            _unlink_quietly(note)
+            raise
     finally:
         if fd >= 0:
             os.close(fd)
@@ -504,10 +558,56 @@ def _claim_across(path: Path, dest: Path) -> Path | None:
         pass
     except OSError:
         # The original stays (a read-only mount): so must no copy, or each scan would add one.
-        with contextlib.suppress(OSError):
-            os.unlink(dest)
+        _unlink_quietly(dest)
+        _unlink_quietly(note)
         raise
+    _unlink_quietly(note)
     return dest
+
+
+def _origin(root: Path, folder: Path, path: Path, st: os.stat_result) -> dict[str, Any]:
+    """Which file a copy is of, for `release_origin`: `path` below `folder` (noted relative to
+    `root`, the workspace), and what tells it from another file put under its name later (an
+    inode number is reused once its file is gone; its mtime and size would have to be the
+    same too)."""
+    return {"folder": os.path.relpath(folder, root), "path": str(path.relative_to(folder)),
+            **_identity(st)}
+
+
+def _identity(st: os.stat_result) -> dict[str, int]:
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _remove_if_same(root: Path, origin: dict[str, Any]) -> None:
+    """Remove the file `origin` (`_origin`) names if it is still that file: reached
+    from its folder one name at a time, looked at and removed through that folder, never
+    followed if it is a link. Nothing when it is gone, or cannot be reached, or is another
+    file; OSError when it is there, the same, and cannot be removed."""
+    folder, rel = origin.get("folder"), origin.get("path")
+    if not isinstance(folder, str) or not isinstance(rel, str) or ".." in Path(rel).parts:
+        return
+    try:
+        within = root / folder
+        path = within / rel
+        folder_fd = durable.folder_beneath(within, path)
+    except (OSError, ValueError):  # gone, or behind a link: not there to be taken in again
+        return
+    try:
+        try:
+            st = os.stat(path.name, dir_fd=folder_fd, follow_symlinks=False)
+        except OSError:  # gone, or not to be looked at: never removed unseen
+            return
+        if _identity(st) != {key: origin.get(key) for key in ("dev", "ino", "size", "mtime_ns")}:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path.name, dir_fd=folder_fd)
+    finally:
+        os.close(folder_fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _read_capped(claimed: Path) -> tuple[bytes, int | None]:

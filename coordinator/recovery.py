@@ -3,8 +3,9 @@
 After `recover()` every order is in exactly one place again: transitions written
 but not committed are committed (and missing history lines repaired), order
 folders a crash left without a record are filed again from their original,
-claimed files are filed, so are the follow-ups a route or an escalation named
-but a crash kept from being filed, leftover specialist process trees of the dead
+claimed files are filed (a claimed copy's original, which a crash left in place,
+is removed first), so are the follow-ups a route or an escalation named but a
+crash kept from being filed, leftover specialist process trees of the dead
 supervisor are killed, and interrupted attempts count as failed and are
 re-queued (or landed, when their merge had already happened).
 
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from . import audit, durable, verify
 from .errors import CoordinatorError
+from .watcher import printable
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -91,6 +93,12 @@ def recover(sup: Supervisor, crashed: bool) -> None:
         sender, source, size = note.get("sender"), note.get("source"), note.get("size")
         if not isinstance(source, str):
             source = f"inbox/{agent}/{claimed.name.split('-', 1)[-1]}"
+        # A copy whose original a crash left in place (an outbox file, an inbox file on
+        # another file system): the original goes first, or the copy does.
+        if not sup.intake.release_origin(claimed, note):
+            sup.say(f"recovery: {printable(source)} was copied but could not be removed; it stays "
+                    "and is taken in from there, its copy is dropped")
+            continue
         sup.file_claimed(claimed, agent, shown=source, sender=sender if isinstance(sender, str) else None,
                          size=size if isinstance(size, int) else None)
     # After the claimed files: a follow-up that made it that far has a record by now.

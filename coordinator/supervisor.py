@@ -156,7 +156,7 @@ class Supervisor:
         self.history = History(self.records, self.store)
         for rec in self.records.values():
             self._index(rec)
-        self.intake = Intake(self.store, self.config, self.records, self.history, rel=ws.rel,
+        self.intake = Intake(self.store, self.config, self.records, self.history, rel=ws.rel, root=ws.root,
                              ids_dir=ws.runtime / "ids", repos_dir=ws.repos, clock=self.clock)
         # Before recovery files what a crash left claimed: no id goes to one an inbox file names.
         self.intake.waiting = waiting_orders(ws.inbox_root, self.store.intake_dir, self.config.agents)

@@ -66,6 +66,21 @@ def make_ws(tmp_path: Path) -> Callable[..., Workspace]:
     return make
 
 
+@pytest.fixture
+def inbox_mount(make_ws) -> Iterator[tuple[Workspace, Path]]:
+    """A workspace whose inbox/chip is a tmpfs of its own: no rename reaches state/ from it."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
+    mnt = ws.inbox("chip")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs on an inbox folder here (needs root): {proc.stderr.strip()}")
+    try:
+        yield ws, mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 def step_until(sup: Supervisor, cond: Callable[[], object], what: str, *, wait: float = 60.0) -> None:
     """Drive the supervisor one step at a time until `cond()` holds (no threads, no sleeps as sync)."""
     end = time.monotonic() + wait

@@ -170,21 +170,6 @@ def test_a_full_disk_never_leaves_a_cut_line_in_the_journal(small_disk, tmp_path
 
 
 # -- an inbox folder on another file system -----------------------------------------------------
-@pytest.fixture
-def inbox_mount(make_ws) -> Iterator[tuple[Workspace, Path]]:
-    """A workspace whose inbox/chip is a tmpfs of its own: no rename reaches state/ from it."""
-    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
-    mnt = ws.inbox("chip")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs on an inbox folder here (needs root): {proc.stderr.strip()}")
-    try:
-        yield ws, mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_an_inbox_on_another_file_system_is_taken_in_by_copy(inbox_mount):
     ws, mnt = inbox_mount
     drop(ws, "chip", "a.md", order_md("Something is done", id="a"))

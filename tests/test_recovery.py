@@ -10,12 +10,13 @@ supervisor the way a kill -9 would (no flush, no clean-up, its lock dropped by t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -952,6 +953,198 @@ def test_an_outbox_order_a_crash_left_claimed_is_filed_as_its_senders_at_restart
     assert [e.author for e in StateRepo(ws.state).entries(child.id)][:1] == ["chip"]
     assert_one_place(ws, {"o", child.id})
     assert not [p for p in (ws.state / "intake").rglob("*") if p.is_file()]  # the note went too
+    assert_clean(ws)
+
+
+@contextlib.contextmanager
+def killed_at_write(folder: Path, suffix: str, *, after: bool) -> Iterator[None]:
+    """kill -9 at the write of a file into `folder` whose name ends with `suffix`: before any
+    of it is written, or right after it is in place."""
+    write = durable.write_bytes
+
+    def dying(target: Path, data: bytes, **kw: Any) -> None:
+        if target.parent == folder and target.name.endswith(suffix):
+            if after:
+                write(target, data, **kw)
+            raise Killed
+        write(target, data, **kw)
+
+    durable.write_bytes = dying  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        durable.write_bytes = write
+
+
+# Where a kill -9 may hit a claim by copy (an outbox file, an inbox file on another file
+# system): the note of what the copy is of, the copy, the removal of the original, the filing.
+CRASH_POINTS = ["before the note", "before the copy", "after the copy", "after the original went", "after filing"]
+
+
+def killed_taking(sup: Supervisor, folder: Path, name: str, prefix: str, point: str) -> None:
+    """Step `sup` until it takes the file `name` by copy into `folder` (state/intake/<agent>/)
+    and files it with a source starting with `prefix`, and kill -9 it at `point`."""
+    if point == "after the original went":
+        return killed_while_filing(sup, prefix)
+    if point == "after filing":
+        file_claimed = sup.file_claimed
+
+        def filed_then_killed(claimed: Path, agent: str, *, shown: str, **kw: Any) -> Any:
+            rec = file_claimed(claimed, agent, shown=shown, **kw)
+            if shown.startswith(prefix):
+                raise Killed
+            return rec
+
+        sup.file_claimed = filed_then_killed  # type: ignore[method-assign]
+        with pytest.raises(Killed):
+            step_until(sup, lambda: False, "the kill")
+        return None
+    suffix = f"-{name}.from" if point == "before the note" else f"-{name}"
+    with killed_at_write(folder, suffix, after=point == "after the copy"), pytest.raises(Killed):
+        step_until(sup, lambda: False, "the kill")
+    return None
+
+
+def chip_hands_one_to_rex(make_ws: Callable[..., Workspace]) -> Workspace:
+    """chip's order `o` writes one order for rex into its outbox (on its first run only);
+    rex notes each order it runs in $PROBE/ran."""
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
+                     '[ -e "$PROBE/sent" ] && exit 0; touch "$PROBE/sent"; mkdir -p "$COORD_OUTBOX/rex"; '
+                     'printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+                     'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/r.yaml"')},
+                  "rex": {"role": "specialist", "command": sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran"')}})
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    return ws
+
+
+def outbox_orders(ws: Workspace) -> list[Any]:
+    """The orders chip's outbox sent to rex, each checked to be chip's, from its outbox, done."""
+    recs = Store(ws.state).load_all()
+    sent = [r for r in recs.values() if r.to == "rex"]
+    assert {(r.sender, r.source, r.status) for r in sent} <= {("chip", "outbox of o/r.yaml", "done")}
+    assert sorted(recs["o"].children) == sorted(r.id for r in sent)
+    return sent
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_an_outbox_file_a_crash_cut_off_while_it_was_taken_is_delivered_once(make_ws, point):
+    """kill -9 at each step of taking chip's outbox file. After the copy and before the outbox
+    file is removed both are there: the copy's note says which file it is a copy of, and the
+    restart removes that file before it files the copy. At every point: one order, run once."""
+    ws = chip_hands_one_to_rex(make_ws)
+    sup = Supervisor(ws)
+    sup.open()
+    killed_taking(sup, ws.state / "intake" / "rex", "r.yaml", "outbox of o/", point)
+    abandon(sup)
+    said = restart(ws)
+    sent = outbox_orders(ws)
+    assert len(sent) == 1, said
+    assert (probe_of(ws) / "ran").read_text().split() == [sent[0].id]
+    assert list(ws.runtime.rglob("r.yaml")) == []
+    assert_one_place(ws, {"o", sent[0].id})  # and nothing left in state/intake/, no note either
+    assert_clean(ws)
+
+
+def test_a_copy_noted_as_an_older_version_did_is_filed_as_before(make_ws):
+    """A note with no origin (written before it was noted) next to a copy a crash left
+    claimed: the restart files the copy as its note says, as chip's, once."""
+    ws = chip_hands_one_to_rex(make_ws)
+    sup = Supervisor(ws)
+    sup.open()
+    killed_taking(sup, ws.state / "intake" / "rex", "r.yaml", "outbox of o/", "after the original went")
+    abandon(sup)
+    (note,) = (ws.state / "intake" / "rex").glob(".*.from")
+    older = durable.read_json(note)
+    del older["origin"]
+    durable.write_json(note, older)
+    restart(ws)
+    sent = outbox_orders(ws)
+    assert len(sent) == 1
+    assert_one_place(ws, {"o", sent[0].id})
+    assert_clean(ws)
+
+
+def test_another_file_put_where_a_crash_left_a_copied_outbox_file_is_delivered_as_well(make_ws):
+    """kill -9 after chip's outbox file was copied, before it was removed; then another file
+    takes its name, with the same bytes and mtime (only not the same file). The restart files
+    the copy and leaves the other file alone, to be delivered as the order of its own it is."""
+    ws = chip_hands_one_to_rex(make_ws)
+    sup = Supervisor(ws)
+    sup.open()
+    killed_taking(sup, ws.state / "intake" / "rex", "r.yaml", "outbox of o/", "after the copy")
+    abandon(sup)
+    (left,) = ws.runtime.rglob("outbox/rex/r.yaml")
+    other = left.with_name(".other")
+    other.write_bytes(left.read_bytes())
+    os.utime(other, ns=(left.stat().st_atime_ns, left.stat().st_mtime_ns))
+    os.rename(other, left)
+    restart(ws)
+    sent = outbox_orders(ws)
+    assert len(sent) == 2
+    assert sorted((probe_of(ws) / "ran").read_text().split()) == sorted(r.id for r in sent)
+    assert list(ws.runtime.rglob("r.yaml")) == []
+    assert_one_place(ws, {"o", *(r.id for r in sent)})
+    assert_clean(ws)
+
+
+def test_a_copied_outbox_file_is_never_removed_through_a_link_at_restart(make_ws):
+    """kill -9 after chip's outbox file was copied, before it was removed; then what is left of
+    the attempt swaps the outbox's rex/ for a link to a folder elsewhere, which holds that very
+    file. The restart files the copy once and removes nothing through the link."""
+    ws = chip_hands_one_to_rex(make_ws)
+    sup = Supervisor(ws)
+    sup.open()
+    killed_taking(sup, ws.state / "intake" / "rex", "r.yaml", "outbox of o/", "after the copy")
+    abandon(sup)
+    (left,) = ws.runtime.rglob("outbox/rex/r.yaml")
+    away = ws.root.parent / "away"
+    os.rename(left.parent, away)
+    os.symlink(away, left.parent)
+    restart(ws)
+    (sent,) = outbox_orders(ws)
+    assert (away / "r.yaml").is_file()
+    assert (probe_of(ws) / "ran").read_text().split() == [sent.id]
+    assert_one_place(ws, {"o", sent.id})
+    assert_clean(ws)
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_an_inbox_file_on_another_file_system_a_crash_cut_off_while_it_was_claimed_is_filed_once(
+        inbox_mount, point):
+    """inbox/chip is a mount: its file is claimed by copy, then removed. kill -9 at each step;
+    after the copy and before the removal both are there, and the restart removes the inbox
+    file (the copy's note says it is that file) before it files the copy: one order, run once."""
+    ws, mnt = inbox_mount
+    drop(ws, "chip", "a.md", order_md("Something is done", id="a"))
+    sup = Supervisor(ws)
+    sup.open()
+    killed_taking(sup, ws.state / "intake" / "chip", "a.md", "inbox/chip/", point)
+    abandon(sup)
+    said = restart(ws)
+    recs = Store(ws.state).load_all()
+    assert [(r.id, r.source, r.status) for r in recs.values()] == [("a", "inbox/chip/a.md", "done")], said
+    assert os.listdir(mnt) == []
+    assert_one_place(ws, {"a"})  # and nothing left in state/intake/, no note either
+    assert_clean(ws)
+
+
+def test_another_file_dropped_where_a_crash_left_a_copied_inbox_file_is_filed_as_well(inbox_mount):
+    """kill -9 after inbox/chip/a.md (on another file system) was copied, before it was
+    removed; then another order is dropped under its name. The restart files the copy, and
+    takes the other file in as the order it is."""
+    ws, mnt = inbox_mount
+    drop(ws, "chip", "a.md", order_md("Something is done", id="a"))
+    sup = Supervisor(ws)
+    sup.open()
+    killed_taking(sup, ws.state / "intake" / "chip", "a.md", "inbox/chip/", "after the copy")
+    abandon(sup)
+    drop(ws, "chip", "a.md", order_md("Something else is done", id="b"))
+    restart(ws)
+    recs = Store(ws.state).load_all()
+    assert {(r.id, r.source, r.status) for r in recs.values()} == {("a", "inbox/chip/a.md", "done"),
+                                                                   ("b", "inbox/chip/a.md", "done")}
+    assert os.listdir(mnt) == []
+    assert_one_place(ws, {"a", "b"})
     assert_clean(ws)
 
 
