@@ -442,7 +442,7 @@ def test_an_outbox_folder_swapped_for_a_link_during_delivery_takes_nothing_from_
     """A process of the attempt that outlived it swaps `outbox/rex/` for a link to another
     folder between the listing and the taking: the supervisor (root, here) must neither read
     nor remove the file of the same name there."""
-    from coordinator import attempts
+    from coordinator import outbox
 
     victim = tmp_path / "victim"
     victim.mkdir()
@@ -452,7 +452,7 @@ def test_an_outbox_folder_swapped_for_a_link_during_delivery_takes_nothing_from_
               'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/r.yaml"')
     ws = make_ws({"chip": {"role": "specialist", "command": chip, "sends_to": ["rex"]},
                   "rex": {"role": "specialist", "command": sh("echo ok")}})
-    listed = attempts._outbox_files
+    listed = outbox._outbox_files
 
     def listed_then_swapped(box, undelivered):
         found = listed(box, undelivered)
@@ -461,7 +461,7 @@ def test_an_outbox_folder_swapped_for_a_link_during_delivery_takes_nothing_from_
             os.symlink(victim, box / "rex")
         return found
 
-    monkeypatch.setattr(attempts, "_outbox_files", listed_then_swapped)
+    monkeypatch.setattr(outbox, "_outbox_files", listed_then_swapped)
     drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
     run(ws)
     assert (victim / "r.yaml").read_text() == "precious\n"

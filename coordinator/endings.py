@@ -1,0 +1,159 @@
+"""How an attempt ends: done, halted, routed, waiting, blocked, denied, cancelled or failed.
+
+Every ending is exactly one status change through `Supervisor.move`. A decided
+attempt (`_end`) delivers its outbox first, then leaves the running attempts
+(`_finish`: its working copy and scratch folder go), then its order moves and what
+that ending sends on is filed (a route's or an escalation's follow-up); a waiting
+order is settled at once, should what it waits for have ended already. A change the
+permission gate denies ends the order `denied`; a failed attempt is queued again
+with its reason, or blocked after the agent's `max_failures`. A layer of
+`AttemptRunner`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from . import audit, durable, gate, results
+from .errors import CoordinatorError
+from .followups import FollowUps, _planned, _short
+from .orders import WorkOrder
+from .outbox import Outbox, _note_undelivered, _outbox_files
+from .store import Record
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .attempts import Active
+    from .supervisor import Supervisor
+
+
+class Endings(FollowUps, Outbox):
+    """Ends attempts and the orders they ran (a layer of `AttemptRunner`)."""
+
+    sup: Supervisor
+    active: dict[str, Active]
+
+    def _end_outcome(self, act: Active, result: results.Result) -> None:
+        rec, who = act.rec, act.agent.name
+        rec.report = {"summary": result.summary, "outcome": result.outcome}
+        if result.outcome == "halt-with-note":
+            self._end(act, "halted", who, note=_short(result.summary))
+        elif result.outcome == "route-to":
+            assert result.agent is not None
+            rec.report["routed_to"] = rec.routed_to = self._plan_follow_up(rec, result.agent)
+            self._end(act, "routed", who, note=f"to {result.agent}")
+        elif result.outcome == "requeue-with-blocker":
+            rec.blocker = result.blocker
+            self._end(act, "waiting", who, note=f"blocker: {result.blocker}")
+        else:
+            reason = f"{who} reported blocked: {result.summary}"
+            self._plan_block(rec, reason)
+            self._end(act, "blocked", who, note=_short(reason))
+
+    def _end(self, act: Active, status: str, actor: str, *, note: str | None = None) -> None:
+        """The attempt is decided (its record says how: report, blocker, follow-up): deliver
+        its outbox, then change the status. Never earlier: see `conclude`."""
+        self._deliver(act, status, actor, note=note)
+        self._finish(act)
+        self._close(act.rec, status, actor, note=note, order=act.order)
+
+    def _close(self, rec: Record, status: str, actor: str, *, note: str | None = None,
+               order: WorkOrder | None = None) -> None:
+        """Move an order whose attempt ended to `status`; then file what that ending sends on."""
+        self.sup.move(rec, status, actor, note=note)
+        if status in ("routed", "blocked") and _planned(rec.report or {}) is not None:
+            self.file_follow_up(rec, order)
+        elif status == "waiting":
+            self.sup.settle_waiting(rec, f"{rec.blocker} is already done")
+
+    def _judge(self, act: Active) -> bool | None:
+        """Run the gate once per attempt; False when the change was denied (and the order ended)."""
+        if act.verdict is not None:
+            return act.verdict.allowed
+        if act.repo is None or act.before is None:
+            return None
+        act.after = gate.snapshot(act.attempt.workdir, since=act.before)
+        changes = gate.diff(act.before, act.after)
+        # The orchestrator never changes files: everything it did in its copy is denied.
+        writes = () if act.agent.is_orchestrator else act.agent.writes
+        act.verdict = gate.judge(changes, repo=act.repo.name, files=act.order.files, writes=writes)
+        if not act.verdict.allowed:
+            self._deny(act, act.verdict)
+            return False
+        return True
+
+    def _deny(self, act: Active, verdict: gate.Verdict) -> None:
+        rec = act.rec
+        lines = [f"{act.repo.name if act.repo else ''}/{gate.describe(c)} — {why}" for c, why in verdict.offending]
+        rec.report = {"summary": f"{act.agent.name} wrote outside its permission; every change was discarded",
+                      "offending": lines}
+        kind = "artifact" if act.agent.is_orchestrator else "scope"
+        self.sup.signal(kind, agent=act.agent.name, order=rec.id, evidence="; ".join(lines)[:300])
+        self._finish(act, keep=True)
+        self.sup.move(rec, "denied", audit.SUPERVISOR, note=lines[0] if lines else None)
+
+    def _end_cancelled(self, act: Active) -> None:
+        self._finish(act)
+        if act.rec.status == "running":  # the cancel never got to its move: it ends cancelled all the same
+            act.rec.report = {"summary": "cancelled"}
+            self.sup.move(act.rec, "cancelled", audit.SUPERVISOR)
+
+    def fail(self, act: Active, reason: str) -> None:
+        """A failed attempt: re-queue with the reason for the next brief, or block after max_failures."""
+        rec = act.rec
+        rec.report = {"summary": f"attempt {act.attempt.number} failed: {reason}"}
+        if not act.delivered:  # the sender learns that the orders it wrote were not sent
+            for path in _outbox_files(act.attempt.outbox, act.undelivered):
+                act.undelivered.append(f"{path.name}: not delivered: attempt {act.attempt.number} failed; "
+                                       f"kept in {path.parent}")
+        self._finish(act)  # after the report: it adds what the outbox could not deliver
+        rec.failures.append(reason)
+        if len(rec.failures) >= act.agent.max_failures:
+            self.block(rec, f"failed {len(rec.failures)} time(s); last: {reason}")
+        else:
+            self.sup.move(rec, "queued", audit.SUPERVISOR, note=f"attempt {act.attempt.number} failed: {reason}")
+
+    def _fail_hard(self, rec: Record, reason: str) -> None:
+        rec.failures.append(reason)
+        self.block(rec, reason)
+
+    def block(self, rec: Record, reason: str, *, actor: str = audit.SUPERVISOR) -> None:
+        self._plan_block(rec, reason)
+        self._close(rec, "blocked", actor, note=_short(reason))
+
+    def _plan_block(self, rec: Record, reason: str) -> None:
+        """The report of a block, with the escalation it files when `escalate_to` is set."""
+        rec.report = {k: v for k, v in (rec.report or {}).items() if k != "follow_up"} | {"summary": reason}
+        target = self.sup.config.escalate_to
+        if target and target != rec.to and rec.sender != "coordinator":
+            self._plan_follow_up(rec, target)
+
+    def _finish(self, act: Active, *, keep: bool = False) -> None:
+        self.active.pop(act.token, None)
+        act.rec.running = None
+        _note_undelivered(act)
+        self._cleanup(act, keep=keep)
+
+    def _cleanup(self, act: Active, *, keep: bool = False) -> None:
+        # What cannot be removed is said, not hidden: it is left for a person (or the next
+        # attempt, which removes the copy first), never half gone without a word.
+        if act.repo is not None:
+            try:
+                act.repo.remove_worktree(act.rec.id, act.attempt.workdir, keep=keep)
+            except CoordinatorError as e:
+                self.sup.say(f"{act.rec.id}: {e}")
+        if not keep and _has_entries(act.attempt.scratch):  # an empty one stays: nothing to free
+            try:
+                durable.remove_tree(act.attempt.scratch)  # no recursion: the specialist chose its depth
+            except OSError as e:
+                self.sup.say(f"{act.rec.id}: could not remove the scratch folder: {e}; remove it by hand")
+
+
+def _has_entries(folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is not None
+    except OSError:
+        return False

@@ -1,0 +1,112 @@
+"""Attempts a crash interrupted: at the next start each ends as far as it had got.
+
+An order still `running` on disk when the supervisor died is, by what its record
+and its repository say: decided and delivering its outbox (the rest is delivered,
+and it ends as it was decided), a request waiting for the orders it delegated (it
+waits on), landed (its merge had happened: it is done), or a failed attempt
+(queued again, or blocked after `max_failures`). A layer of `AttemptRunner`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import audit, runner
+from .config import Agent
+from .endings import Endings
+from .errors import CoordinatorError
+from .repos import Repo
+from .store import Record
+
+if TYPE_CHECKING:
+    from .attempts import Active
+    from .workspace import Workspace
+
+
+class Interruptions(Endings):
+    """Takes up the attempts a crash cut short (a layer of `AttemptRunner`)."""
+
+    ws: Workspace
+    waiting_requests: dict[str, Active]
+    repo: Callable[[str], Repo]  # `AttemptRunner.repo`
+
+    def recover(self, rec: Record) -> None:
+        """`rec` was running when the supervisor died: landed already, or a failed attempt."""
+        info = rec.running or {}
+        number = int(info.get("number", rec.attempts))
+        agent = self.sup.config.agents.get(rec.to)
+        ending = _ending(info)
+        if ending is not None and agent is not None:  # it was decided, and its outbox being delivered
+            self._deliver_rest(rec, agent, number)
+        repo_name = info.get("repo")
+        # Ended (halted, routed, ...) before its request's children: it ends as it was decided,
+        # never resumed as a request that waits for them (that would end it done).
+        if ending is not None and agent is not None and ending["status"] != "running":
+            if repo_name:
+                with contextlib.suppress(CoordinatorError):
+                    self.repo(str(repo_name)).remove_worktree(rec.id, Path(str(info.get("workdir", ""))), keep=False)
+            rec.running = None
+            self.sup.say(f"recovery: {rec.id}'s attempt {number} had ended {ending['status']} and was "
+                         "delivering its outbox: the rest is delivered, and it is not run again")
+            return self._close(rec, ending["status"], ending["actor"], note=ending["note"])
+        if agent is not None and agent.is_orchestrator and rec.children:
+            return self._resume_request(rec, agent, number)
+        if repo_name:
+            with contextlib.suppress(CoordinatorError):
+                repo = self.repo(str(repo_name))
+                sha = repo.landed(rec.id, number)
+                if sha:
+                    if ending is None and agent is not None:  # merged, then stopped before its outbox
+                        self._deliver_rest(rec, agent, number)
+                    rec.commit = sha
+                    rec.running = None
+                    rec.report = {"summary": "landed before the supervisor stopped", "merge": sha}
+                    self.sup.move(rec, "done", rec.to, note="recovered after a crash")
+                    self._note_landed(repo, sha)
+                    return
+                repo.remove_worktree(rec.id, Path(str(info.get("workdir", ""))), keep=False)
+        rec.running = None
+        rec.failures.append(f"interrupted: the supervisor stopped during attempt {number}")
+        if agent is not None and len(rec.failures) >= agent.max_failures:
+            self.block(rec, rec.failures[-1])
+        else:
+            self.sup.move(rec, "queued", audit.SUPERVISOR, note=rec.failures[-1])
+
+    def _note_landed(self, repo: Repo, sha: str) -> None:
+        """Note the head the merge of `sha` made, when the supervisor stopped before it could:
+        else the tamper watch takes the supervisor's own merge for a `silent` change. Only a
+        head that merge made from the head last noted; any other move is still reported."""
+        known = self.sup.heads.get(repo.name, {}).get("head")
+        with contextlib.suppress(CoordinatorError):
+            head = repo.head()
+            if known and head != known and repo.made_by_merge(head, base=known, tip=sha):
+                self.sup.note_head(repo.name, head, base=known)
+
+    def _resume_request(self, rec: Record, agent: Agent, number: int) -> None:
+        """A request that had delegated keeps waiting for its children; it is not run again."""
+        from .attempts import Active, _timeout  # here, not above: attempts.py builds on this module
+
+        order = self.sup.store.load_order(rec.id)
+        attempt = runner.prepare(self.ws, order, number, rec.failures)
+        act = Active(rec=rec, agent=agent, order=order, attempt=attempt, rules=None,
+                     started=self.sup.clock(), deadline=self.sup.clock() + _timeout(order, agent),
+                     phase="children", token=attempt.token)
+        if attempt.repo is not None:
+            act.repo = self.repo(attempt.repo)
+        self.waiting_requests[rec.id] = act
+
+
+ENDINGS = ("done", "halted", "routed", "waiting", "blocked", "running")
+
+
+def _ending(running: dict[str, Any]) -> dict[str, Any] | None:
+    """How a decided attempt ends, as `_deliver` wrote it before taking its outbox (None: it
+    was not decided, or what the record says is not one)."""
+    ending = running.get("ending")
+    if not isinstance(ending, dict) or ending.get("status") not in ENDINGS \
+            or not isinstance(ending.get("actor"), str) or not isinstance(ending.get("note"), str | None):
+        return None
+    return ending

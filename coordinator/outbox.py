@@ -1,0 +1,132 @@
+"""The outbox: the work orders an attempt wrote into $COORD_OUTBOX, delivered once it is decided.
+
+Nothing is taken while a check or the merge can still fail the attempt (an
+orchestrator's is taken when it reports done: its request then waits for the orders
+it sent): a failed attempt sends nothing, and its retry sends its orders once. How a
+decided attempt ends is written to its record before its outbox is taken, so a crash
+part way ends it so at the next start, which delivers the rest (`_deliver_rest`).
+What an outbox holds that is not delivered is said in the sender's report. A layer
+of `AttemptRunner`.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import gate, orders, runner
+from .config import Agent
+from .store import Record
+
+if TYPE_CHECKING:
+    from .attempts import Active
+    from .supervisor import Supervisor
+    from .workspace import Workspace
+
+
+class Outbox:
+    """Delivers the outboxes of decided attempts (a layer of `AttemptRunner`)."""
+
+    sup: Supervisor
+    ws: Workspace
+
+    def _deliver(self, act: Active, status: str, actor: str, *, note: str | None = None) -> None:
+        """Deliver the outbox of a decided attempt, once."""
+        if act.delivered:
+            return
+        act.delivered = True
+        files = _outbox_files(act.attempt.outbox, act.undelivered)
+        if not files:
+            return
+        # On disk first, with how the attempt ends: a crash while its orders are taken ends it
+        # so at the next start, which delivers the rest (`recover`); run again, the attempt
+        # would send every one of them a second time.
+        rec = act.rec
+        rec.running = {**(rec.running or {}), "ending": {"status": status, "actor": actor, "note": note}}
+        self.sup.store.save(rec)
+        self._deliver_outbox(rec, act.agent.name, act.attempt.outbox, files, act.undelivered)
+
+    def _deliver_outbox(self, rec: Record, sender: str, box: Path, files: list[Path],
+                        undelivered: list[str]) -> None:
+        """Work orders the specialist wrote into $COORD_OUTBOX (`files`, see `_outbox_files`),
+        stamped with its name; each leaves the outbox as it is taken, so what is left there
+        was not delivered."""
+        for path in files:
+            to = path.parent.name if path.parent != box else _to_of(box, path)
+            if to not in self.sup.config.agents:
+                self.sup.say(f"{rec.id}: outbox file {path.name} names no known recipient; not delivered")
+                undelivered.append(f"{path.name}: names no known recipient (give it `to: <agent>` or "
+                                   f"write it into $COORD_OUTBOX/<agent>/); kept in {path.parent}")
+                continue
+            # A copy, not the file: a process of the attempt may still hold it open for writing.
+            shown_as = f"outbox of {rec.id}/{path.name}"
+            taken = self.sup.intake.claim_copy(path, to, sender=sender, shown=shown_as, within=box)
+            if taken:
+                claimed, size = taken
+                child = self.sup.file_claimed(claimed, to, shown=shown_as, sender=sender, size=size)
+                rec.children.append(child.id)
+
+    def _deliver_rest(self, rec: Record, agent: Agent, number: int) -> None:
+        """A crash cut short the delivery of a decided attempt's outbox: the orders it had
+        delivered (filed again by recovery, if need be, from where the crash left them) are its
+        children, and what is still in its outbox is delivered now, once."""
+        made_here = f"outbox of {rec.id}/"
+        rec.children += [r.id for r in sorted(self.sup.records.values(), key=lambda r: r.seq)
+                         if r.source.startswith(made_here) and r.id not in rec.children]
+        undelivered: list[str] = []
+        box = runner.attempt_folder(self.ws, rec.id, number) / "outbox"
+        self._deliver_outbox(rec, agent.name, box, _outbox_files(box, undelivered), undelivered)
+        if undelivered:
+            rec.report = {**(rec.report or {}), "undelivered": undelivered}
+
+
+def _note_undelivered(act: Active) -> None:
+    """The sender learns from the report which outbox files were not delivered, not only
+    from the supervisor's log."""
+    if act.undelivered:
+        act.rec.report = {**(act.rec.report or {}), "undelivered": act.undelivered}
+
+
+def _outbox_files(box: Path, undelivered: list[str]) -> list[Path]:
+    """The files in an outbox (sorted; no links, no dot-files); what cannot be read is said in
+    `undelivered`. Nothing is taken from where an outbox replaced by a link points."""
+    try:
+        if not stat.S_ISDIR(os.lstat(box).st_mode):
+            return []
+    except OSError:
+        return []
+    found: list[Path] = []
+
+    def shown(folder: str) -> str:
+        rel = os.path.relpath(folder, box)
+        return f"{rel[:60]}...{rel[-60:]}" if len(rel) > 130 else rel
+
+    # An explicit stack and a depth limit, not os.walk: that recurses, and the specialist
+    # chose how deep its outbox goes. Links are listed (and skipped below), never entered.
+    todo = [(str(box), 0)]
+    while todo:
+        folder, depth = todo.pop()
+        try:
+            with os.scandir(folder) as it:
+                items = list(it)
+        except OSError as e:
+            undelivered.append(f"{shown(folder)}: not read ({e.strerror}); nothing in it was delivered")
+            continue
+        for item in items:
+            if not item.is_dir(follow_symlinks=False):
+                found.append(Path(item.path))
+            elif depth + 1 < gate.MAX_DEPTH:
+                todo.append((item.path, depth + 1))
+            else:
+                undelivered.append(f"{shown(item.path)}: over {gate.MAX_DEPTH} folders deep in the "
+                                   "outbox; not read, nothing in it was delivered")
+    return [p for p in sorted(found) if not p.is_symlink() and p.is_file() and not p.name.startswith(".")]
+
+
+def _to_of(box: Path, path: Path) -> str | None:
+    """The recipient an outbox file names, even when the rest of it is invalid: then it is
+    delivered all the same and rejected there, with its errors on the board."""
+    data = runner.read_untrusted(path, orders.MAX_ORDER_BYTES, within=box)
+    return None if data is None else orders.recipient(data, path=path.name)
