@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import audit, durable, gate, orders, results, runner
-from ._orderfile import AGENT_PATTERN, quoted
+from ._orderfields import AGENT_PATTERN, quoted
 from .config import Agent, parse_duration
 from .errors import CoordinatorError, GateError, GitError, SandboxError, StateError
 from .landlock import Ruleset
