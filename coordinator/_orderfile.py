@@ -3,7 +3,8 @@
 Private to `orders` and `results`. Everything here assumes hostile input: size,
 encoding, YAML alias bombs and nesting are refused before anything is built, and
 every broken rule becomes a `Problem` with the field (and, where the file has
-one, the line) it is about.
+one, the line) it is about. Here the text (Markdown, YAML or JSON) is read into a
+mapping, with the line of each key and item; `_orderfields` shapes and checks it.
 """
 
 from __future__ import annotations
@@ -11,41 +12,20 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import yaml
 
-from . import paths, schemas
-from .config import parse_duration
+from ._orderfields import KEYS, MAX_PROBLEMS, SECTIONS, kind_of, shape
 from .errors import OrderError, Problem
 
-PRIORITIES = ("low", "normal", "high", "urgent")
-PRIORITY_RANK = {p: rank for rank, p in enumerate(PRIORITIES)}  # urgent highest
-ACTIONS = ("halt-with-note", "route-to", "requeue-with-blocker")
 MAX_ORDER_BYTES = 256 * 1024
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-AGENT_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-MAX_OBJECTIVE = 280
-ACCEPTANCE_ITEMS = (3, 5)
-MAX_FILES = 200
-BRANCH_RULES = (1, 10)
-MAX_IDS = 100  # blocked_by / references entries; keeps a hostile file from costing seconds
 MAX_YAML_DEPTH = 32  # nesting; libyaml slows quadratically on deep flow nesting
 MAX_YAML_NODES = 5000  # values; a full order has a few hundred, building 100,000 takes a second
 MAX_YAML_CHARS = 256 * 1024  # characters once aliases are expanded: no more than a whole order
-MAX_PROBLEMS = 50
-KEYS = ("id", "from", "to", "objective", "acceptance", "files", "branching", "priority",
-        "blocked_by", "references", "timeout", "parent")
-SECTIONS = ("objective", "acceptance", "files", "branching")
 KINDS = {".md": "markdown", ".markdown": "markdown", ".yaml": "yaml", ".yml": "yaml", ".json": "json"}
-FEEDBACK_STATUSES = ("rejected", "denied", "halted", "blocked")
 
-_CHECK = re.compile(r"`([^`]+)`(?:\s.*)?\spasses\.?", re.DOTALL | re.IGNORECASE)
-_RULE = re.compile(r"(halt-with-note|requeue-with-blocker|route-to-([A-Za-z0-9_-]{1,64}?)|route-to)"
-                   r"(?:\s+if\s+|\s+when\s+|:\s*)(.*)", re.DOTALL | re.IGNORECASE)
-_PLACEHOLDER = re.compile(r"<(?:describe|replace)\b[^<>\n]{0,200}>")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _HEADING = re.compile(r" {0,3}(#{1,6})(?:[ \t]+(.*))?")
 _BOLD = re.compile(r" {0,3}\*\*([^*\n]{1,60}?)(?::\*\*|\*\*[ \t]*:)(.*)")
 _ITEM = re.compile(r"\s*(?:[-*+]|\d{1,9}[.)])(?:\s+(.*))?")
@@ -174,36 +154,6 @@ def _line(mark: Any, offset: int) -> int | None:
     return mark.line + 1 + offset if mark is not None else None
 
 
-def unknown_key(key: str, known: tuple[str, ...], *, path: str | None, suggest: bool = True) -> Problem:
-    """An unknown key, with the closest known one suggested (a typo must not pass silently).
-    `suggest=False` skips the search, for the thousandth key of a hostile file."""
-    close = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.6) if suggest else []
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return Problem(key, f"unknown key; {hint}the keys are: {', '.join(known)}", path)
-
-
-def quoted(text: str) -> str:
-    """`text` (a failure's output, say) made fit to quote in an order the supervisor writes:
-    control characters dropped (an ANSI colour code loses its ESC), and a template
-    placeholder's brackets turned into quotes, so that it is not taken for one."""
-    text = _CONTROL.sub("", text)
-    return _PLACEHOLDER.sub(lambda m: "«" + m.group(0)[1:-1] + "»", text)
-
-
-def text_problem(value: str, *, multiline: bool = False) -> str | None:
-    """Why `value` is not acceptable text for a field, or None."""
-    if not value:
-        return "is empty"
-    if not multiline and len(value.splitlines()) > 1:
-        return "must be one line; join the lines or split it into several items"
-    if _CONTROL.search(value):
-        return "contains a control character; remove it"
-    m = _PLACEHOLDER.search(value)
-    if m:
-        return f"still holds the template placeholder {m.group(0)}; replace it"
-    return None
-
-
 # --- parse: the file alone ---------------------------------------------------------------
 
 
@@ -235,14 +185,9 @@ def read_order(data: bytes, *, path: str, to: str | None, sender: str | None, ki
     else:
         raw, lines = load_json(text, path), {}
     if not isinstance(raw, dict):
-        fail(path, f"must be a mapping of keys ({', '.join(SECTIONS)}, …), not {_kind_of(raw)}")
-    fields = _shape(raw, path=path, to=to, sender=sender, kind=kind, problems=problems)
+        fail(path, f"must be a mapping of keys ({', '.join(SECTIONS)}, …), not {kind_of(raw)}")
+    fields = shape(raw, path=path, to=to, sender=sender, kind=kind, problems=problems)
     return Draft(fields, lines, problems)
-
-
-def _kind_of(value: object) -> str:
-    names = {list: "a list", str: "text", int: "a number", float: "a number", bool: "true/false"}
-    return "nothing" if value is None else names.get(type(value), type(value).__name__)
 
 
 # How every JSON document opens: `{` then a quoted key or `}`, or `[`.
@@ -410,243 +355,3 @@ def md_acceptance_text(text: str) -> str:
 
 def md_file(text: str) -> str:
     return text[1:-1].strip() if len(text) >= 2 and text[0] == text[-1] == "`" else text
-
-
-def _missing(key: str, kind: str) -> str:
-    how = f"the **{key.title()}:** section" if kind == "markdown" else f"the `{key}` key"
-    what = {
-        "objective": "one sentence saying what will be true when the work is done",
-        "acceptance": "3 to 5 testable items",
-        "files": "the files it may change (none for read-only work)",
-        "branching": "1 to 10 rules such as `halt-with-note if the work does not apply`",
-    }[key]
-    return f"is missing; add {how} with {what}"
-
-
-def _shape(raw: dict[Any, Any], *, path: str, to: str | None, sender: str | None, kind: str,
-           problems: list[Problem]) -> dict[str, Any]:
-    """The normalized form of SPEC §2, as far as `raw` allows; problems appended."""
-    d: dict[str, Any] = {}
-    for key, value in raw.items():
-        if not isinstance(key, str):
-            problems.append(Problem("", f"the key {key!r} is not text; the keys are: {', '.join(KEYS)}",
-                                    path))
-        elif key not in KEYS:
-            problems.append(unknown_key(key, KEYS, path=path, suggest=len(problems) < MAX_PROBLEMS))
-        else:
-            d[key] = value
-    for key in SECTIONS:
-        if key not in d:
-            problems.append(Problem(key, _missing(key, kind), path))
-    if to is not None:
-        given = d.get("to")
-        if isinstance(given, str) and given.strip() != to:
-            problems.append(Problem("to", f"says {given.strip()!r} but the order is for {to!r} (its "
-                                          f"inbox); remove `to:` or send it to {given.strip()}", path))
-        d["to"] = to
-    elif "to" not in d:
-        problems.append(Problem("to", "no recipient; drop the file in inbox/<agent>/, pass --to "
-                                      "AGENT or add `to:`", path))
-    if sender is not None:
-        d["from"] = sender
-    defaults: dict[str, Any] = {"id": None, "from": "user", "priority": "normal", "blocked_by": [],
-                                "references": [], "timeout": None, "parent": None}
-    d = {key: _clean(key, d[key] if key in d else defaults[key]) for key in KEYS
-         if key in d or key in defaults}
-    _rules(d, path, problems)
-    _schema(d, path, problems)
-    return d
-
-
-def _clean(key: str, value: Any) -> Any:
-    if isinstance(value, str):
-        value = value.strip()
-        if key in ("blocked_by", "references"):
-            return [value]  # one id without brackets
-    if not isinstance(value, list):
-        return value
-    if key == "acceptance":
-        return [_acceptance_item(v) for v in value]
-    if key == "branching":
-        return [branch_item(v) for v in value]
-    return [v.strip() if isinstance(v, str) else v for v in value]
-
-
-def _acceptance_item(value: Any) -> Any:
-    if isinstance(value, str):
-        return acceptance_text(value.strip())
-    if isinstance(value, dict):
-        out = {str(k): v.strip() if isinstance(v, str) else v for k, v in value.items()}
-        if "check" in out and out["check"] is None:
-            del out["check"]  # an explicit `check: null` means no check
-        return out
-    return value
-
-
-def acceptance_text(text: str) -> dict[str, str]:
-    """`` `make test` passes `` carries the check `make test`."""
-    m = _CHECK.fullmatch(text)
-    command = m.group(1).strip() if m else ""
-    return {"text": text, "check": command} if command else {"text": text}
-
-
-def branch_item(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): v.strip() if isinstance(v, str) else v for k, v in value.items()}
-    if not isinstance(value, str):
-        return value
-    m = _RULE.fullmatch(value.strip())
-    if m is None:
-        return value.strip()
-    action, agent = m.group(1).lower(), m.group(2)
-    out = {"action": "route-to" if action.startswith("route-to") else action}
-    if agent:
-        out["agent"] = agent.lower()
-    out["when"] = m.group(3).strip()
-    return out
-
-
-def _rules(d: dict[str, Any], path: str, problems: list[Problem]) -> None:
-    """SPEC §2's rules on the well-typed fields, in words a user can act on; the schema
-    (run after) catches whatever is left, such as a wrong type."""
-
-    def bad(field: str, message: str) -> None:
-        problems.append(Problem(field, message, path))
-
-    for key in ("id", "from", "to", "objective", "priority", "timeout", "parent"):
-        value = d.get(key)
-        if value is not None and not isinstance(value, str):
-            bad(key, f"must be text, not {_kind_of(value)}; put the value in quotes")
-    for key in ("from", "to"):
-        if isinstance(d.get(key), str) and not AGENT_PATTERN.fullmatch(d[key]):
-            bad(key, f"{d[key][:40]!r} is not an agent name (lowercase letters, digits, '-', '_')")
-    objective = d.get("objective")
-    if isinstance(objective, str):
-        why = text_problem(objective)
-        if why == "is empty":
-            why = "is empty; say in one sentence what will be true when the work is done"
-        elif why is None and len(objective) > MAX_OBJECTIVE:
-            why = f"is {len(objective)} characters; keep it to one sentence of at most {MAX_OBJECTIVE}"
-        if why:
-            bad("objective", why)
-    items = d.get("acceptance")
-    if isinstance(items, list):
-        lo, hi = ACCEPTANCE_ITEMS
-        if not lo <= len(items) <= hi:
-            bad("acceptance", f"has {_count(len(items), 'item')}; a work order needs {lo} to {hi} "
-                              "testable items")
-        for i, item in enumerate(items[: hi + 1]):
-            if isinstance(item, dict):
-                text, check = (text_problem(item[k]) if isinstance(item.get(k), str) else None
-                               for k in ("text", "check"))
-                if text and text != check:  # a check's placeholder is in its item's text too: said once
-                    bad(f"acceptance.{i}", text + ("; write a result anyone can check" if text == "is empty" else ""))
-                if check:
-                    bad(f"acceptance.{i}.check", check + ("; give the command that checks it, or leave out check"
-                                                          if check == "is empty" else ""))
-    files = d.get("files")
-    if isinstance(files, list):
-        if len(files) > MAX_FILES:
-            bad("files", f"has {len(files)} entries; at most {MAX_FILES}: use globs such as webapp/src/**")
-        for i, entry in enumerate(files[: MAX_FILES + 1]):
-            why = paths.path_problem(entry) if isinstance(entry, str) else None
-            if why:
-                bad(f"files.{i}", why)
-    _branching_rules(d.get("branching"), bad)
-    for key in ("id", "parent"):
-        if isinstance(d.get(key), str) and not ID_PATTERN.fullmatch(d[key]):
-            bad(key, id_help(d[key]))
-    for key in ("blocked_by", "references"):
-        ids = d.get(key)
-        if isinstance(ids, list):
-            if len(ids) > MAX_IDS:
-                bad(key, f"has {len(ids)} entries; at most {MAX_IDS}")
-            for i, x in enumerate(ids[: MAX_IDS + 1]):
-                if not isinstance(x, str) or not ID_PATTERN.fullmatch(x):
-                    bad(f"{key}.{i}", id_help(x) if isinstance(x, str) else "must be an order id "
-                                                                           "such as WO-0007, in quotes")
-    timeout = d.get("timeout")
-    if isinstance(timeout, str):
-        try:
-            parse_duration(timeout)
-        except ValueError as e:
-            bad("timeout", str(e))
-
-
-def _branching_rules(rules: Any, bad: Any) -> None:
-    if not isinstance(rules, list):
-        return
-    lo, hi = BRANCH_RULES
-    if not lo <= len(rules) <= hi:
-        bad("branching", f"has {_count(len(rules), 'rule')}; give {lo} to {hi}, such as "
-                         "`halt-with-note if the work does not apply`")
-    for i, rule in enumerate(rules[: hi + 1]):
-        field = f"branching.{i}"
-        if isinstance(rule, str):
-            bad(field, f"{rule[:60]!r} is not a rule; write `halt-with-note if …`, "
-                       "`route-to-<agent> if …` or `requeue-with-blocker if …`")
-        if not isinstance(rule, dict):
-            continue
-        action = rule.get("action")
-        if isinstance(action, str) and action not in ACTIONS:
-            bad(f"{field}.action", f"unknown action {action[:40]!r}; use {', '.join(ACTIONS)}")
-        elif action == "route-to" and "agent" not in rule:
-            bad(f"{field}.agent", "route-to needs an agent: write route-to-<agent> if …")
-        elif action in ACTIONS and action != "route-to" and "agent" in rule:
-            bad(field, f"only route-to names an agent; remove it from {action}")
-        when = rule.get("when")
-        why = text_problem(when) if isinstance(when, str) else None
-        if why:
-            bad(f"{field}.when", why + ("; say when to take this branch" if why == "is empty" else ""))
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def id_help(value: str) -> str:
-    return (f"{value[:70]!r} is not an order id; use 1 to 64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit (it names the git branch wo/<id>: no '..', no trailing "
-            "'.' or '.lock')")
-
-
-def _schema(d: dict[str, Any], path: str, problems: list[Problem]) -> None:
-    # Lists are cut just past their limit: the count is already reported, and validating
-    # thousands of items of a hostile file would cost seconds.
-    limits = {"acceptance": ACCEPTANCE_ITEMS[1], "files": MAX_FILES, "branching": BRANCH_RULES[1],
-              "blocked_by": MAX_IDS, "references": MAX_IDS}
-    cut = {k: v[: limits[k] + 1] if k in limits and isinstance(v, list) else v for k, v in d.items()}
-    seen = [p.field for p in problems]
-    for err in schemas.errors("work-order", cut):
-        field = schemas.field_of(err)
-        if not reported(field, seen):
-            problems.append(Problem(field, schemas.describe(err), path))
-            seen.append(field)
-
-
-def reported(field: str, seen: list[str]) -> bool:
-    """Is `field` already covered by a problem: the same field, or inside a reported item?"""
-    return any(s == field or ("." in s and field.startswith(s + ".")) for s in seen)
-
-
-def finish(problems: list[Problem], lines: dict[str, int]) -> list[Problem]:
-    """Problems with their lines filled in, in file order, capped."""
-
-    def line_of(field: str) -> int | None:
-        parts = field.split(".")
-        while parts:
-            if ".".join(parts) in lines:
-                return lines[".".join(parts)]
-            parts.pop()
-        return None
-
-    located = [p if p.line is not None else replace(p, line=line_of(p.field)) for p in problems]
-    rank = {key: i for i, key in enumerate(KEYS)}
-    located.sort(key=lambda p: (p.line or 1 << 30, rank.get(p.field.split(".")[0], -1)))
-    if len(located) > MAX_PROBLEMS:
-        more = len(located) - MAX_PROBLEMS
-        located = [*located[:MAX_PROBLEMS],
-                   Problem("", f"{more} more problems not shown; fix these first", located[0].path)]
-    return located
-
-

@@ -14,7 +14,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from . import orders
-from ._orderfile import AGENT_PATTERN, quoted
+from ._orderfields import AGENT_PATTERN, quoted
 from .errors import CoordinatorError, StateError
 from .orders import Branch, WorkOrder
 from .store import Record

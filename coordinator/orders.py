@@ -22,18 +22,16 @@ from typing import Any, Protocol
 import yaml
 
 from . import paths
-from ._orderfile import (
+from ._orderfields import (
     ACCEPTANCE_ITEMS,
     ACTIONS,
     BRANCH_RULES,
     FEEDBACK_STATUSES,
     ID_PATTERN,
     KEYS,
-    KINDS,
     MAX_FILES,
     MAX_IDS,
     MAX_OBJECTIVE,
-    MAX_ORDER_BYTES,
     PRIORITIES,
     PRIORITY_RANK,
     SECTIONS,
@@ -41,11 +39,9 @@ from ._orderfile import (
     branch_item,
     finish,
     id_help,
-    md_acceptance_text,
-    md_file,
-    read_order,
     reported,
 )
+from ._orderfile import KINDS, MAX_ORDER_BYTES, md_acceptance_text, md_file, read_order
 from .config import SYSTEM_SENDERS, Agent, Config
 from .errors import OrderError, Problem, UsageError
 

@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import audit, durable, verify
+from . import audit, claims, durable, verify
 from .errors import CoordinatorError
 from .watcher import printable
 
@@ -87,15 +87,15 @@ def recover(sup: Supervisor, crashed: bool) -> None:
             sup.file_claimed(claimed, agent, shown=str(meta.get("source") or f"inbox/{agent}/{original.name}"),
                       sender=meta.get("sender"))
     for claimed, agent in sup.intake.claimed():
-        # An outbox copy names its sender and source in a note (intake.claim_copy): filed as
+        # An outbox copy names its sender and source in a note (claims.claim_copy): filed as
         # that agent's, so its `sends_to` is checked as for any order it sends.
-        note = sup.intake.claim_note(claimed)
+        note = claims.claim_note(claimed)
         sender, source, size = note.get("sender"), note.get("source"), note.get("size")
         if not isinstance(source, str):
             source = f"inbox/{agent}/{claimed.name.split('-', 1)[-1]}"
         # A copy whose original a crash left in place (an outbox file, an inbox file on
         # another file system): the original goes first, or the copy does.
-        if not sup.intake.release_origin(claimed, note):
+        if not claims.release_origin(sup.ws.root, claimed, note):
             sup.say(f"recovery: {printable(source)} was copied but could not be removed; it stays "
                     "and is taken in from there, its copy is dropped")
             continue

@@ -16,17 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import schemas
-from ._orderfile import (
-    AGENT_PATTERN,
-    fail,
-    finish,
-    flow_kind,
-    load_json,
-    load_yaml,
-    read_text,
-    text_problem,
-    unknown_key,
-)
+from ._orderfields import AGENT_PATTERN, finish, text_problem, unknown_key
+from ._orderfile import fail, flow_kind, load_json, load_yaml, read_text
 from .errors import OrderError, Problem
 
 OUTCOMES = ("done", "halt-with-note", "route-to", "requeue-with-blocker", "blocked")

@@ -1,0 +1,302 @@
+"""Claims: taking a dropped file out of an inbox, or an outbox, exactly once.
+
+A file is claimed by one atomic rename out of `inbox/<agent>/` into
+`state/intake/<agent>/`, or by a durable copy when the inbox folder is another file
+system; `intake` then files what was claimed.
+
+A claim by copy (an outbox file, an inbox on another file system) cannot be one
+step: the copy is written, then the original removed. Which file the copy is of
+(where, and its device, inode, size and mtime) is noted next to the copy before
+the copy is written, so a crash between the two leaves nothing ambiguous: the
+next start removes the original if it is still that very file, and only then
+files the copy (`release_origin`). Either way the order is filed once.
+
+Every read of intake stops at MAX_READ bytes (`read_capped`): a bigger file is
+refused by its size, never read whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+from . import durable, orders
+from .watcher import is_candidate
+
+MAX_READ = orders.MAX_ORDER_BYTES + 1
+
+
+def claim(path: Path, folder: Path, root: Path) -> Path | None:
+    """Rename `path` out of the inbox into `folder` (its agent's in state/intake/); None when
+    it vanished or another claimed it. `root`: the workspace (a claim across file systems
+    notes where the file was relative to it)."""
+    dest = folder / f"{time.time_ns():020d}-{_short_name(path.name)}"
+    if os.path.islink(path.parent):  # never through a linked inbox folder
+        return None
+    try:
+        try:
+            os.rename(path, dest)
+        except FileNotFoundError:
+            if not os.path.lexists(path):
+                return None
+            folder.mkdir(parents=True, exist_ok=True)  # the first claim for this agent
+            os.rename(path, dest)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        return _claim_across(path, dest, root)
+    return dest
+
+
+def unfiled(intake_dir: Path, filed: set[Path]) -> list[tuple[Path, str]]:
+    """Files claimed into `intake_dir` but not yet filed (after a crash), oldest first, but
+    those in `filed` (filed in memory already: not a leftover). A note (of a claim by
+    copy) whose copy is gone, filed or never written, is removed."""
+    found: list[tuple[Path, str]] = []
+    with contextlib.suppress(FileNotFoundError):
+        for agent_dir in sorted(os.scandir(intake_dir), key=lambda e: e.name):
+            if agent_dir.is_dir():
+                for entry in sorted(os.scandir(agent_dir.path), key=lambda e: e.name):
+                    note = _NOTE.fullmatch(entry.name)
+                    if note:
+                        if not os.path.lexists(os.path.join(agent_dir.path, note.group(1))):
+                            with contextlib.suppress(OSError):
+                                os.unlink(entry.path)
+                    elif (is_candidate(entry.name) or entry.name[:1].isdigit()) and Path(entry.path) not in filed:
+                        found.append((Path(entry.path), agent_dir.name))
+    return found
+
+
+def claim_note(claimed: Path) -> dict[str, Any]:
+    """What was noted of a claimed copy: by `claim_copy` its sender, source, size and
+    origin, by a claim across file systems its origin only; {} for none."""
+    try:
+        note = durable.read_json(note_of(claimed))
+    except (OSError, ValueError):
+        return {}
+    return note if isinstance(note, dict) else {}
+
+
+def claim_copy(path: Path, folder: Path, root: Path, *, sender: str, shown: str,
+               within: Path | None = None) -> tuple[Path, int] | None:
+    """Take a file a specialist wrote (its outbox) as a copy, never the file itself: a
+    process of the attempt that kept it open could otherwise write on into state/.
+    Returns the copy (at most MAX_READ bytes: all intake reads) and the file's size;
+    None when it vanished or is no regular file (never through a link, never a FIFO).
+
+    Who sent it (`sender`, `shown` as its source) is noted next to the copy before the
+    copy is written: a crash before filing must not file it as the user's, unchecked
+    against the sender's `sends_to` (recovery reads the note, `claim_note`).
+
+    With `within` (the outbox), `path` is reached from there one folder at a time, never
+    through a link, and removed through the folder it was read in: a process of the
+    attempt that outlived it cannot swap a folder for a link to make the supervisor read
+    and remove a file elsewhere. Without it, `path` is reached so from its own folder.
+
+    The note also says which file the copy is of (`origin`): a crash after the copy and
+    before the file is removed must not deliver it a second time (`release_origin`)."""
+    box = within if within is not None else path.parent
+    folder_fd = None
+    try:
+        folder_fd, fd = durable.open_beneath(box, path)
+        try:
+            st = os.fstat(fd)
+            data, size = _read_fd_capped(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # gone, not ours to read, or reached through a link
+        if folder_fd is not None:
+            os.close(folder_fd)
+        return None
+    try:
+        if size is None:
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        dest = folder / f"{time.time_ns():020d}-{_short_name(path.name)}"
+        note = {"sender": sender, "source": shown, "size": size, "origin": _origin(root, box, path, st)}
+        durable.write_json(note_of(dest), note, sync=False)
+        try:
+            durable.write_bytes(dest, data, sync=False)
+        except OSError:  # the disk is full: the file stays in the outbox, and no note of it
+            _unlink_quietly(note_of(dest))
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path.name, dir_fd=folder_fd)
+        return dest, size
+    finally:
+        os.close(folder_fd)
+
+
+def release_origin(root: Path, claimed: Path, note: dict[str, Any]) -> bool:
+    """Before a copy a crash left claimed is filed: the file it was copied from (its note's
+    `origin`) is removed if it is still there, the very file that was copied. A crash
+    between the copy and that file's removal left both; filed as they are, the order
+    would be filed twice. It is reached from its folder one name at a time and never
+    through a link (an outbox is the specialist's to write), and another file put under
+    its name since is an order of its own: it stays.
+
+    False when it is there and cannot be removed: then the copy goes (and its note), and
+    the file stays the order's one place, taken in again as any file there. A note that
+    says nothing but the origin (a claim across file systems) has served, and goes."""
+    origin = note.get("origin")
+    if not isinstance(origin, dict):
+        return True
+    try:
+        _remove_if_same(root, origin)
+    except OSError:
+        _unlink_quietly(claimed)
+        _unlink_quietly(note_of(claimed))
+        return False
+    if "sender" not in note:
+        _unlink_quietly(note_of(claimed))
+    return True
+
+
+# The note `claim_copy` writes next to a copy: a dot-file, never taken for a claimed file.
+_NOTE = re.compile(r"\.(\d{20}-.*)\.from", re.DOTALL)
+
+
+def note_of(claimed: Path) -> Path:
+    return claimed.with_name(f".{claimed.name}.from")
+
+
+def _short_name(name: str) -> str:
+    """`name` cut to fit behind the 21-byte claim prefix in NAME_MAX (255), its suffix kept."""
+    raw = os.fsencode(name)
+    if len(raw) > 200:
+        raw = raw[:100] + b"~" + raw[-99:]
+    return os.fsdecode(raw)
+
+
+def _claim_across(path: Path, dest: Path, root: Path) -> Path | None:
+    """Claim `path` from an inbox folder on another file system (a mount), where no rename
+    reaches state/: a durable copy first, then the original goes, and only if it is still the
+    file that was copied (a sender may have dropped a new file under the same name meanwhile).
+    None when it vanished, or is no file nor link.
+
+    Which file is copied is noted next to the copy before the copy is written: a crash
+    between the copy and the removal leaves both, and the next start removes the original
+    (if it is still that file) before it files the copy (`release_origin`). Once the
+    original is gone the note has served."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        fd = -1  # a link: the link itself is claimed, and filing refuses it
+    note = note_of(dest)
+    try:
+        st = os.lstat(path) if fd < 0 else os.fstat(fd)
+        if fd < 0:
+            if not stat.S_ISLNK(st.st_mode):
+                return None  # swapped meanwhile: looked at again at the next scan
+            target = os.readlink(path)
+        elif stat.S_ISREG(st.st_mode):
+            data = durable.read_fd(fd, MAX_READ)  # all intake reads: a bigger one is refused by size
+        else:
+            return None
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # Synced, as the copy: the original is gone next, on another disk.
+        durable.write_json(note, {"origin": _origin(root, path.parent, path, st)})
+        try:
+            if fd < 0:
+                os.symlink(target, dest)
+                durable.fsync_dir(dest.parent)
+            else:
+                durable.write_bytes(dest, data)
+        except OSError:
+            _unlink_quietly(note)
+            raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    try:
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        # The original stays (a read-only mount): so must no copy, or each scan would add one.
+        _unlink_quietly(dest)
+        _unlink_quietly(note)
+        raise
+    _unlink_quietly(note)
+    return dest
+
+
+def _origin(root: Path, folder: Path, path: Path, st: os.stat_result) -> dict[str, Any]:
+    """Which file a copy is of, for `release_origin`: `path` below `folder` (noted relative to
+    `root`, the workspace), and what tells it from another file put under its name later (an
+    inode number is reused once its file is gone; its mtime and size would have to be the
+    same too)."""
+    return {"folder": os.path.relpath(folder, root), "path": str(path.relative_to(folder)),
+            **_identity(st)}
+
+
+def _identity(st: os.stat_result) -> dict[str, int]:
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _remove_if_same(root: Path, origin: dict[str, Any]) -> None:
+    """Remove the file `origin` (`_origin`) names if it is still that file: reached
+    from its folder one name at a time, looked at and removed through that folder, never
+    followed if it is a link. Nothing when it is gone, or cannot be reached, or is another
+    file; OSError when it is there, the same, and cannot be removed."""
+    folder, rel = origin.get("folder"), origin.get("path")
+    if not isinstance(folder, str) or not isinstance(rel, str) or ".." in Path(rel).parts:
+        return
+    try:
+        within = root / folder
+        path = within / rel
+        folder_fd = durable.folder_beneath(within, path)
+    except (OSError, ValueError):  # gone, or behind a link: not there to be taken in again
+        return
+    try:
+        try:
+            st = os.stat(path.name, dir_fd=folder_fd, follow_symlinks=False)
+        except OSError:  # gone, or not to be looked at: never removed unseen
+            return
+        if _identity(st) != {key: origin.get(key) for key in ("dev", "ino", "size", "mtime_ns")}:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path.name, dir_fd=folder_fd)
+    finally:
+        os.close(folder_fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def read_capped(claimed: Path) -> tuple[bytes, int | None]:
+    """The claimed file's first MAX_READ bytes and its size; (b"", None) when it is no regular
+    file. Opened without following a link, and without blocking on a FIFO."""
+    try:
+        fd = os.open(claimed, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO):  # a link; a socket
+            return b"", None
+        raise
+    try:
+        return _read_fd_capped(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_fd_capped(fd: int) -> tuple[bytes, int | None]:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # a FIFO, a folder
+        return b"", None
+    return durable.read_fd(fd, MAX_READ), st.st_size

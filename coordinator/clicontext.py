@@ -1,0 +1,102 @@
+"""What every command of the command line is given: the `Context` that finds and opens
+the workspace once (`pass_ctx`), the `Command` class whose usage errors name the
+command, the parameter types (seconds, days, tokens), JSON output, and requests to
+the supervisor (`submit`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+import click
+
+from .budget import MAX_TOKENS_ADDED
+from .workspace import Workspace
+
+
+class Command(click.Command):
+    """A subcommand whose usage errors name it (`See coordinator new -h`): click's parser
+    raises some (an option with no value) with no context, which named only the group."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            if e.ctx is None:
+                e.ctx = ctx
+            raise
+
+
+class Context:
+    def __init__(self, workspace: str | None) -> None:
+        self.explicit = workspace
+        self._ws: Workspace | None = None
+
+    @property
+    def ws(self) -> Workspace:
+        if self._ws is None:
+            self._ws = Workspace.find(self.explicit)
+            _ = self._ws.config  # a bad config stops every command with the key and reason
+            self._ws.check_layout()  # so does a file where a folder of the workspace belongs
+        return self._ws
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+class _Amount(click.FloatRange):
+    """Seconds or days: a finite number from 0 to `most` (FloatRange lets nan and inf through)."""
+
+    name = "number"  # said as "'abc' is not a valid number", not "… float range"
+
+    def __init__(self, most: float) -> None:
+        super().__init__(min=0, max=most)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+SECONDS = _Amount(most=7 * 24 * 3600)  # a grace of a week is already no limit
+DAYS = _Amount(most=100 * 365)
+
+
+class Tokens(click.IntRange):
+    """A whole number of tokens, 1 to MAX_TOKENS_ADDED; 1,800 and 1_800 are read as 1800."""
+
+    name = "tokens"
+
+    def __init__(self) -> None:
+        super().__init__(min=1, max=MAX_TOKENS_ADDED)
+
+    # Digits 0-9 only (int() would take other scripts' digits too), grouped by threes if at all:
+    # "1,5" is not read as 15, nor "1,,8" as 18.
+    _NUMBER = re.compile(r"[0-9]+|[0-9]{1,3}(?:,[0-9]{3})+|[0-9]{1,3}(?:_[0-9]{3})+")
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if not self._NUMBER.fullmatch(text):
+                self.fail(f"{value!r} is not a whole number of tokens (like 1800 or 1,800)", param, ctx)
+            value = int(text.replace(",", "").replace("_", ""))
+        return super().convert(value, param, ctx)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def submit(c: Context, action: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A request to the supervisor (or served here when none runs); what it found on the way
+    (a hand edit it put back) is said on stderr."""
+    from . import control
+
+    result = control.submit(c.ws, action, args)
+    for note in result.get("notes", ()):
+        click.echo(f"coordinator: signal {note}", err=True)
+    return result

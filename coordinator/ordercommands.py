@@ -1,0 +1,158 @@
+"""The order commands: write one (`new`), check it (`validate`), send it, look at it
+(`show`), cancel it and retry it. Each parses its arguments, opens the workspace, calls
+one library function (`orders`, `sending`, `board`, `control`) and prints.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .clicontext import Command, Context, emit_json, pass_ctx, submit
+
+
+@click.command(cls=Command)
+@click.option("--to", "to", required=True, metavar="AGENT", help="Recipient agent.")
+@pass_ctx
+def new(c: Context, to: str) -> None:
+    """Print a work-order template to fill in; it validates once every <…> is replaced.
+
+    \b
+    Example:
+        coordinator new --to chip > fix.md
+        $EDITOR fix.md && coordinator send fix.md
+    """
+    from . import orders
+
+    click.echo(orders.template(to, c.ws.config), nl=False)
+
+
+@click.command(cls=Command)
+# Any path: a folder, a FIFO, a missing file is said for that file, and the others still checked.
+@click.argument("files", nargs=-1, required=True, type=click.Path(allow_dash=True))
+@click.option("--to", "to", metavar="AGENT", help="Recipient (default: the inbox folder the file is in, "
+              "else the file's `to:`).")
+@click.option("--from", "sender", metavar="AGENT", help="Sender (default: the file's `from`, else user).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document with every file's result.")
+@pass_ctx
+def validate(c: Context, files: tuple[str, ...], to: str | None, sender: str | None, as_json: bool) -> None:
+    """Check work orders without sending them; exit 1 if any is invalid, 2 if a file cannot be
+    read (every file is still checked and reported).
+
+    `-` reads an order from stdin (Markdown, YAML or JSON; the format is recognized).
+
+    \b
+    Example:
+        coordinator validate inbox/chip/fix.md
+        coordinator validate draft.yaml other.md --to chip --json
+        coordinator new --to chip | coordinator validate -
+    """
+    from . import sending
+
+    report = sending.validate_files(c.ws, list(files), to=to, sender=sender)
+    if as_json:
+        emit_json({"valid": all(r["valid"] for r in report), "files": report})
+    else:
+        for r in report:
+            if r["valid"]:
+                click.echo(f"{r['file']}: ok (to {r['to']}, {r['checks']} check(s))")
+            else:
+                prefix = "" if r["readable"] else "coordinator: "  # said as `send` says it
+                for p in r["problems"]:
+                    click.echo(prefix + p["text"], err=True)
+    code = sending.verdict(report)
+    if code:
+        raise click.exceptions.Exit(code)
+
+
+@click.command(cls=Command)
+@click.argument("file", type=click.Path(allow_dash=True))
+@click.option("--to", "to", metavar="AGENT", help="Recipient agent (default: the file's `to:`).")
+@click.option("--from", "sender", metavar="AGENT", help="Sender (default: the file's `from`, else user).")
+@pass_ctx
+def send(c: Context, file: str, to: str | None, sender: str | None) -> None:
+    """Validate a work order, then drop it atomically into the agent's inbox; prints its id.
+
+    `-` reads the order from stdin (Markdown, YAML or JSON; the format is recognized).
+
+    \b
+    Example:
+        coordinator send fix.md --to chip
+        cat order.yaml | coordinator send - --to chip --from walt
+    """
+    from . import sending
+    from .watcher import printable
+
+    if file == "-":
+        data = sending.read_stream(sys.stdin.buffer)
+        order_id = sending.send(c.ws, data, name=sending.STDIN, to=to, sender=sender, kind=sending.sniff(data))
+    else:
+        path = Path(file)
+        shown = printable(c.ws.rel(path))
+        sending.refuse_inbox_file(c.ws, path, shown=shown)
+        data = sending.read_file(path, shown=shown)
+        order_id = sending.send(c.ws, data, name=shown, to=to, sender=sender)
+    click.echo(order_id)
+
+
+@click.command(cls=Command)
+@click.argument("order_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@pass_ctx
+def show(c: Context, order_id: str, as_json: bool) -> None:
+    """One order: fields, status, attempts, report, history.
+
+    \b
+    Example:
+        coordinator show WO-0001
+    """
+    from . import board as b
+    from .sending import explain_missing
+
+    with explain_missing(c.ws, order_id):
+        data = b.show(c.ws, order_id)
+    if as_json:
+        emit_json(data)
+    else:
+        click.echo(b.render_show(data))
+
+
+@click.command(cls=Command)
+@click.argument("order_id", metavar="ID")
+@pass_ctx
+def cancel(c: Context, order_id: str) -> None:
+    """Cancel a queued, waiting or running order (its processes are killed).
+
+    A blocked or halted order can be cancelled too: it ends for good and
+    `retry` no longer brings it back.
+
+    \b
+    Example:
+        coordinator cancel WO-0007
+    """
+    from .sending import explain_missing
+
+    with explain_missing(c.ws, order_id):
+        r = submit(c, "cancel", {"id": order_id})
+    if r.get("warning"):
+        click.echo(f"coordinator: {r['warning']}", err=True)
+    click.echo(f"{r['id']}: {r['status']}")
+
+
+@click.command(cls=Command)
+@click.argument("order_id", metavar="ID")
+@pass_ctx
+def retry(c: Context, order_id: str) -> None:
+    """Re-queue a blocked or halted order (or clear a free-text blocker).
+
+    \b
+    Example:
+        coordinator retry WO-0007
+    """
+    from .sending import explain_missing
+
+    with explain_missing(c.ws, order_id):
+        r = submit(c, "retry", {"id": order_id})
+    click.echo(f"{r['id']}: {r['status']}")

@@ -1,0 +1,391 @@
+"""The commands of the team and its state: make a workspace (`init`), run the supervisor
+(`supervise`), look at the board, the audit log, signals, costs and the orchestrator's
+budget, rotate its context, verify the audit trail, check the machine (`doctor`) and
+remove old working copies (`gc`). Each parses its arguments, opens the workspace, calls
+one library function and prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from .clicontext import DAYS, SECONDS, Command, Context, Tokens, emit_json, pass_ctx, submit
+from .config import CONFIG_NAME
+from .errors import CoordinatorError, WorkspaceError
+from .workspace import ENV_VAR, Workspace
+
+
+@click.command(cls=Command)
+@click.argument("directory", required=False, default=".", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite an existing coordinator.yaml.")
+def init(directory: str, force: bool) -> None:
+    """Make a workspace: config, inboxes, state/ repository, demo repository.
+
+    \b
+    Example:
+        coordinator init myteam
+        coordinator init myteam --force     # start over with the example config
+    """
+    from .workspace import init as do_init
+
+    existing = Path(directory).expanduser() / CONFIG_NAME
+    if existing.exists() and not force:  # the thing asked about is wrong (SPEC §1): exit 1
+        raise CoordinatorError(f"{existing} already exists; pass --force to overwrite it")
+    ws, lines = do_init(Path(directory), force=force)
+    for line in lines:
+        click.echo(line)
+    click.echo(f"workspace ready at {ws.root}; next: `coordinator -w {shlex.quote(directory)} supervise`")
+
+
+@click.command(cls=Command)
+@click.option("--once", is_flag=True, help="Process everything runnable now, then exit.")
+@click.option("--poll", is_flag=True, help="Use a polling watcher (network file systems).")
+@click.option("--grace", default=30.0, show_default=True, metavar="SECONDS", type=SECONDS,
+              help="How long running attempts may finish after the first SIGTERM/SIGINT.")
+@pass_ctx
+def supervise(c: Context, once: bool, poll: bool, grace: float) -> None:
+    """Run the supervisor: intake, run, verify, commit. Ctrl-C once to drain, twice to stop now.
+
+    \b
+    Example:
+        coordinator supervise            # foreground, until Ctrl-C
+        coordinator supervise --once     # process what is there, then exit
+    """
+    from .supervisor import Supervisor
+    from .trail import one_line
+
+    def log(line: str) -> None:
+        # One line per event, whatever it quotes: an agent's summary or a file name could
+        # otherwise start lines of its own or send escape sequences to the terminal.
+        click.echo(f"{time.strftime('%H:%M:%S')} {one_line(line)}", err=True)
+
+    received = [0]
+
+    def on_signal(signum: int, frame: object) -> None:
+        received[0] += 1  # handlers only set a flag; the loop acts on it
+
+    before = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    lines = _LogLines(log)
+    logging.getLogger().addHandler(lines)
+    try:
+        with Supervisor(c.ws, poll=poll, log=log, stop_grace=grace) as sup:
+            if once:
+                # Ctrl-C once drains, twice stops, as for `supervise`.
+                sup.run_once(should_stop=lambda: received[0])
+                if not received[0]:
+                    log("done: nothing runnable left")
+            else:
+                log(f"supervising {c.ws.root} ({len(c.ws.config.agents)} agents); Ctrl-C to stop")
+                sup.run(should_stop=lambda: received[0])
+    finally:  # an in-process caller (a test, an embedding program) gets its handlers back
+        logging.getLogger().removeHandler(lines)
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+class _LogLines(logging.Handler):
+    """Library warnings (LLM retries, inotify overflow) as supervisor log lines, not bare text."""
+
+    # watchdog logs this when its reader thread sees the inotify fd closed at shutdown: harmless.
+    NOISE = ("called when the thread is inactive",)
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.say = say
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.name.startswith("watchdog") and any(n in text for n in self.NOISE):
+            return
+        self.say(f"{record.levelname.lower()}: {text}")
+
+
+@click.command(cls=Command)
+@click.option("--json", "as_json", is_flag=True, help='{"orders": [...]} on stdout.')
+@click.option("--watch", is_flag=True, help="Redraw every second until Ctrl-C (not on a terminal: print the "
+              "board again each time it changes).")
+@pass_ctx
+def board(c: Context, as_json: bool, watch: bool) -> None:
+    """The kanban: orders by status, stale flags, budget and signals.
+
+    \b
+    Example:
+        coordinator board
+        coordinator board --json | jq '.orders[] | select(.status=="blocked")'
+    """
+    from . import board as b
+
+    if as_json and watch:
+        raise click.UsageError("--json prints one document and --watch redraws forever; use one of them")
+    if as_json:
+        emit_json(b.as_json(c.ws))
+        return
+    terminal = sys.stdout.isatty()
+    if not watch:
+        click.echo(b.render(c.ws, colour=terminal))
+        return
+    from .store import RecordCache
+
+    shown = None
+    drawn = 0
+    try:
+        while True:
+            if drawn % 60 == 0:
+                cache = RecordCache()  # a full read each minute, whatever a file's times say
+            drawn += 1
+            text = b.render(c.ws, colour=terminal, cache=cache)
+            if terminal:
+                click.clear()
+                click.echo(text)
+            elif text != shown:
+                # Not a terminal (a file, a pipe): nothing to redraw, so a board is added only
+                # when it changed, after the time it was seen.
+                if shown is not None:
+                    click.echo(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} ---")
+                click.echo(text)
+                sys.stdout.flush()
+                shown = text
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+
+
+@click.command(cls=Command)
+@click.argument("order_id", metavar="[ID]", required=False)
+@click.option("--json", "as_json", is_flag=True, help="A JSON list of entries.")
+@pass_ctx
+def log(c: Context, order_id: str | None, as_json: bool) -> None:
+    """The audit history from state/'s git log (of one order, or all).
+
+    \b
+    Example:
+        coordinator log WO-0001
+    """
+    from .audit import StateRepo
+    from .sending import explain_missing
+    from .store import Store
+
+    if order_id is not None:  # "" too: an empty id is no order, not "all of them"
+        with explain_missing(c.ws, order_id):
+            Store(c.ws.state).load(order_id)  # unknown id: exit 1
+    if not (c.ws.state / ".git").exists():
+        click.echo("no history yet: state/ is made by `coordinator init` or the first `coordinator supervise`",
+                   err=True)
+        if as_json:  # still one JSON document: an empty history
+            emit_json([])
+        return
+    entries = StateRepo(c.ws.state).entries(order_id)
+    if as_json:
+        emit_json([e.as_json() for e in entries])
+        return
+    for e in entries:
+        click.echo(f"{e.at}  {e.commit[:10]}  {e.author:<12} {e.line}")
+
+
+@click.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+@click.pass_context
+def budget(ctx: click.Context, as_json: bool) -> None:
+    """The orchestrator's hot-token budget: tokens, ceiling, mode, generation, items.
+
+    \b
+    Example:
+        coordinator budget
+        coordinator budget add 1200 --note "read the API spec"
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from . import board as b
+
+    ws = ctx.ensure_object(Context).ws
+    data = b.budget_data(ws)
+    if as_json:
+        emit_json(data)
+    else:
+        click.echo(b.render_budget(data, bands=ws.config.budget.bands, gauge=sys.stdout.isatty()))
+
+
+@budget.command("add")
+@click.argument("tokens", type=Tokens())
+@click.option("--note", default="", help="What the tokens were (a file read, a chat).")
+@pass_ctx
+def budget_add(c: Context, tokens: int, note: str) -> None:
+    """Add hot tokens the supervisor cannot see (an external orchestrator's reading).
+
+    \b
+    Example:
+        coordinator budget add 1800 --note "read docs/api.md"
+    """
+    from .budget import orchestrator_of
+
+    orchestrator_of(c.ws.config)  # no orchestrator, no budget: said before anything is opened
+    r = submit(c, "budget-add", {"tokens": tokens, "note": note})
+    click.echo(f"{r['hot_tokens']:,} hot tokens, mode {r['mode']}")
+    if r.get("mode_change"):
+        click.echo(f"warning: mode changed {r['mode_change'][0]} -> {r['mode_change'][1]}", err=True)
+    ceiling = r.get("at_ceiling")
+    if ceiling:
+        when = "now" if ceiling["supervisor_running"] else "when it next runs"
+        act = {"rotate": f"the supervisor rotates the context {when}",
+               "fresh": f"the supervisor starts a fresh generation {when}",
+               }.get(ceiling["on_ceiling"], "run `coordinator rotate` or `coordinator rotate --fresh`")
+        click.echo(f"warning: at the ceiling of {ceiling['ceiling']:,} hot tokens; on_ceiling is "
+                   f"{ceiling['on_ceiling']}: {act}", err=True)
+
+
+@click.command(cls=Command)
+@click.option("--fresh", is_flag=True, help="Archive the ledger, write state/orchestrator/brief.md, new generation.")
+@pass_ctx
+def rotate(c: Context, fresh: bool) -> None:
+    """Rotate the orchestrator's context: drop completed items (or start fresh from a brief).
+
+    \b
+    Example:
+        coordinator rotate
+        coordinator rotate --fresh && cat state/orchestrator/brief.md
+    """
+    from .budget import orchestrator_of
+
+    orchestrator_of(c.ws.config)
+    r = submit(c, "rotate", {"fresh": fresh})
+    click.echo(r["message"])
+
+
+@click.command("signals", cls=Command)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+@pass_ctx
+def signals_cmd(c: Context, as_json: bool) -> None:
+    """Fire-able signals seen: artifact, feedback, scope, silent.
+
+    \b
+    Example:
+        coordinator signals
+    """
+    from . import signals as s
+
+    found = s.load(c.ws.state)
+    if as_json:
+        emit_json(s.as_json(found))
+    else:
+        click.echo(s.render(found), nl=False)
+
+
+@click.group()
+def audit() -> None:
+    """The audit trail: `git log` in state/ and repos/, checked by `audit verify`.
+
+    \b
+    Example:
+        coordinator audit verify || echo "something changed without a work order"
+    """
+
+
+@audit.command("verify")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+@pass_ctx
+def audit_verify(c: Context, as_json: bool) -> None:
+    """Exit 1 listing every change no order explains; 0 when the trail is complete.
+
+    Beside a running supervisor, what it has not committed yet is looked at again after its
+    next commits (a few seconds): only what stays uncommitted is listed.
+
+    \b
+    Example:
+        coordinator audit verify
+    """
+    from . import verify
+
+    findings = verify.verify(c.ws, say=lambda line: click.echo(f"audit verify: {line}", err=True))
+    if as_json:
+        emit_json({"clean": not findings, "findings": [f.as_json() for f in findings]})
+    else:
+        for f in findings:
+            click.echo(str(f))
+        if not findings:
+            click.echo("audit clean: every commit and state change is explained")
+    if findings:
+        sys.exit(1)
+
+
+@click.command(cls=Command)
+@pass_ctx
+def doctor(c: Context) -> None:
+    """What this machine supports: Landlock ABI, watcher, git, limits.
+
+    Outside a workspace it checks the machine only; in one, also the team.
+
+    \b
+    Example:
+        coordinator doctor
+    """
+    from . import doctor as d
+
+    try:
+        ws: Workspace | None = Workspace.find(c.explicit)  # a broken config is reported, not refused
+    except WorkspaceError:
+        if c.explicit or os.environ.get(ENV_VAR):
+            raise  # a workspace named on purpose that is not one
+        ws = None
+    for line in d.report(ws):
+        click.echo(line)
+    if ws is not None:
+        _ = ws.config  # a config it could not read: its error, once more, as the exit
+
+
+@click.command(cls=Command)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+@pass_ctx
+def cost(c: Context, as_json: bool) -> None:
+    """LLM calls, tokens and money by agent and model.
+
+    \b
+    Example:
+        coordinator cost --json
+    """
+    from . import costs
+
+    data = costs.summary(c.ws)
+    if as_json:
+        emit_json(data)
+    else:
+        click.echo(costs.render(data))
+
+
+@click.command(cls=Command)
+@click.option("--days", default=7.0, show_default=True, type=DAYS, help="Remove kept working copies older than this.")
+@pass_ctx
+def gc(c: Context, days: float) -> None:
+    """Remove working copies kept for inspection (denied orders) older than --days.
+
+    \b
+    Example:
+        coordinator gc --days 2
+    """
+    from . import sending
+
+    removed = sending.gc(c.ws, days)
+    click.echo(f"removed {len(removed)} working cop{'y' if len(removed) == 1 else 'ies'}")
+
+
+@click.command("demo-intro", cls=Command, hidden=True)
+@pass_ctx
+def demo_intro(c: Context) -> None:
+    """Set up the embedded demo and say how to drive it (`make run` prints this first).
+
+    \b
+    Example:
+        coordinator -w . demo-intro && coordinator -w . supervise
+    """
+    from . import sending
+
+    for line in sending.demo_intro(c.ws):
+        click.echo(line)
