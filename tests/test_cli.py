@@ -1227,6 +1227,15 @@ def test_doctor_cost_gc_and_version(ws: Path) -> None:
     assert run("--version").stdout == f"coordinator, version {coordinator.__version__}\n"
 
 
+def test_python_dash_m_coordinator_is_the_coordinator_command(ws: Path) -> None:
+    ran = subprocess.run([sys.executable, "-m", "coordinator", "-w", str(ws), "board", "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0 and json.loads(ran.stdout) == json.loads(program("-w", ws, "board", "--json").stdout)
+    missing = subprocess.run([sys.executable, "-m", "coordinator", "-w", str(ws / "nowhere"), "board"],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
+
+
 def test_demo_intro_sets_up_the_demo_repository_and_says_what_to_do(ws: Path) -> None:
     import shutil
 
