@@ -85,12 +85,18 @@ def claim_note(claimed: Path) -> dict[str, Any]:
     return note if isinstance(note, dict) else {}
 
 
+class Unremovable(Exception):
+    """A file could be read but not taken out of its folder: it is not taken at all (a copy
+    delivered while the file stayed would be delivered again after a crash)."""
+
+
 def claim_copy(path: Path, folder: Path, root: Path, *, sender: str, shown: str,
                within: Path | None = None) -> tuple[Path, int] | None:
     """Take a file a specialist wrote (its outbox) as a copy, never the file itself: a
     process of the attempt that kept it open could otherwise write on into state/.
     Returns the copy (at most MAX_READ bytes: all intake reads) and the file's size;
-    None when it vanished or is no regular file (never through a link, never a FIFO).
+    None when it vanished or is no regular file (never through a link, never a FIFO);
+    `Unremovable` when it cannot be removed from where it is.
 
     Who sent it (`sender`, `shown` as its source) is noted next to the copy before the
     copy is written: a crash before filing must not file it as the user's, unchecked
@@ -128,8 +134,14 @@ def claim_copy(path: Path, folder: Path, root: Path, *, sender: str, shown: str,
         except OSError:  # the disk is full: the file stays in the outbox, and no note of it
             _unlink_quietly(note_of(dest))
             raise
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(path.name, dir_fd=folder_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # made unremovable (an immutable file, a read-only outbox of a non-root run)
+            _unlink_quietly(dest)
+            _unlink_quietly(note_of(dest))
+            raise Unremovable(e.strerror or str(e)) from e
         return dest, size
     finally:
         os.close(folder_fd)

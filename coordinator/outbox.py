@@ -16,7 +16,7 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import gate, orders, runner
+from . import claims, gate, orders, runner
 from .config import Agent
 from .store import Record
 
@@ -62,7 +62,13 @@ class Outbox:
                 continue
             # A copy, not the file: a process of the attempt may still hold it open for writing.
             shown_as = f"outbox of {rec.id}/{path.name}"
-            taken = self.sup.intake.claim_copy(path, to, sender=sender, shown=shown_as, within=box)
+            try:
+                taken = self.sup.intake.claim_copy(path, to, sender=sender, shown=shown_as, within=box)
+            except claims.Unremovable as e:
+                self.sup.say(f"{rec.id}: outbox file {path.name} cannot be taken out of the outbox ({e}); "
+                             "not delivered")
+                undelivered.append(f"{path.name}: cannot be taken out of the outbox ({e}); kept in {path.parent}")
+                continue
             if taken:
                 claimed, size = taken
                 child = self.sup.file_claimed(claimed, to, shown=shown_as, sender=sender, size=size)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import drop, order_md, sh, step_until
+from conftest import drop, order_md, sh, step_until, wait_until
 
 from bench.harness import probe_of
 from coordinator import attempts, board, signals
@@ -530,6 +531,48 @@ def test_an_outbox_order_with_no_recipient_is_named_in_the_report_and_kept(make_
     assert "Not delivered from the outbox" in (ws.state / "orders" / "o" / "report.md").read_text()
     kept = list((ws.root / ".coordinator" / "attempts" / "o").rglob("lost.yaml"))
     assert len(kept) == 1  # still where the specialist wrote it
+
+
+def test_an_outbox_file_that_cannot_be_removed_is_reported_not_delivered_and_the_supervisor_goes_on(make_ws):
+    """The outbox file was made immutable while the specialist ran (by someone else: a sandboxed
+    specialist cannot). Taken as a copy while it stayed, it would be sent again after a crash;
+    raised, it stopped the supervisor at every start. It is reported and kept, and the rest runs."""
+    chip = sh('mkdir -p "$COORD_OUTBOX/rex"; '
+              'printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+              'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/r.yaml"; '
+              'cp "$COORD_OUTBOX/rex/r.yaml" "$COORD_OUTBOX/rex/s.yaml"; touch "$PROBE/written"; '
+              'while [ ! -e "$PROBE/go" ]; do sleep 0.02; done')
+    ws = make_ws({"chip": {"role": "specialist", "command": chip, "sends_to": ["rex"]},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    probe = probe_of(ws)
+    stuck: list[Path] = []
+
+    def make_immutable() -> None:
+        wait_until(lambda: (probe / "written").exists(), "the outbox files")
+        (path,) = (ws.root / ".coordinator" / "attempts" / "o").rglob("r.yaml")
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0:
+            stuck.append(path)
+        (probe / "go").touch()
+
+    helper = threading.Thread(target=make_immutable)
+    helper.start()
+    try:
+        drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+        run(ws)
+        helper.join()
+        if not stuck:
+            pytest.skip("this file system has no immutable flag")
+        rec = Store(ws.state).load("o")
+        assert rec.status == "done"
+        (line,) = rec.report["undelivered"]
+        assert line.startswith("r.yaml: cannot be taken out of the outbox (Operation not permitted)")
+        (sent,) = [r for r in Store(ws.state).load_all().values() if r.to == "rex"]
+        assert sent.source == "outbox of o/s.yaml" and sent.status == "done" and rec.children == [sent.id]
+        assert [p.name for p in (ws.state / "intake").rglob("*") if p.is_file()] == []  # no copy left behind
+    finally:
+        helper.join()
+        for path in stuck:
+            subprocess.run(["chattr", "-i", str(path)], check=False)
 
 
 def test_an_invalid_outbox_order_that_names_its_recipient_is_delivered_and_rejected_there(make_ws):
