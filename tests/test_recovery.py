@@ -1064,16 +1064,23 @@ def test_a_copy_noted_as_an_older_version_did_is_filed_as_before(make_ws):
     assert_clean(ws)
 
 
-def test_another_file_put_where_a_crash_left_a_copied_outbox_file_is_delivered_as_well(make_ws):
-    """kill -9 after chip's outbox file was copied, before it was removed; then another file
-    takes its name, with the same bytes and mtime (only not the same file). The restart files
-    the copy and leaves the other file alone, to be delivered as the order of its own it is."""
+def killed_after_copying_r_yaml(make_ws: Callable[..., Workspace]) -> tuple[Workspace, Path]:
+    """chip hands r.yaml to rex; kill -9 after the copy, before the outbox file was removed.
+    The workspace, and the outbox file left behind."""
     ws = chip_hands_one_to_rex(make_ws)
     sup = Supervisor(ws)
     sup.open()
     killed_taking(sup, ws.state / "intake" / "rex", "r.yaml", "outbox of o/", "after the copy")
     abandon(sup)
     (left,) = ws.runtime.rglob("outbox/rex/r.yaml")
+    return ws, left
+
+
+def test_another_file_put_where_a_crash_left_a_copied_outbox_file_is_delivered_as_well(make_ws):
+    """kill -9 after chip's outbox file was copied, before it was removed; then another file
+    takes its name, with the same bytes and mtime (only not the same file). The restart files
+    the copy and leaves the other file alone, to be delivered as the order of its own it is."""
+    ws, left = killed_after_copying_r_yaml(make_ws)
     other = left.with_name(".other")
     other.write_bytes(left.read_bytes())
     os.utime(other, ns=(left.stat().st_atime_ns, left.stat().st_mtime_ns))
@@ -1091,12 +1098,7 @@ def test_a_copied_outbox_file_is_never_removed_through_a_link_at_restart(make_ws
     """kill -9 after chip's outbox file was copied, before it was removed; then what is left of
     the attempt swaps the outbox's rex/ for a link to a folder elsewhere, which holds that very
     file. The restart files the copy once and removes nothing through the link."""
-    ws = chip_hands_one_to_rex(make_ws)
-    sup = Supervisor(ws)
-    sup.open()
-    killed_taking(sup, ws.state / "intake" / "rex", "r.yaml", "outbox of o/", "after the copy")
-    abandon(sup)
-    (left,) = ws.runtime.rglob("outbox/rex/r.yaml")
+    ws, left = killed_after_copying_r_yaml(make_ws)
     away = ws.root.parent / "away"
     os.rename(left.parent, away)
     os.symlink(away, left.parent)
