@@ -74,14 +74,13 @@ class Filed:
 
 class Intake:
     def __init__(self, store: Store, config: Config, records: dict[str, Record], history: History,
-                 *, rel: Callable[[Path], str], root: Path, ids_dir: Path, repos_dir: Path,
+                 *, root: Path, ids_dir: Path, repos_dir: Path,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.root = root  # the workspace: where a copied file was is noted relative to it
         self.config = config
         self.records = records
         self.history = history
-        self.rel = rel
         self.clock = clock
         self.repos_dir = repos_dir
         self.ids_dir = ids_dir  # reservations shared with `coordinator send`

