@@ -110,7 +110,7 @@ def _outbox_files(box: Path, undelivered: list[str]) -> list[Path]:
         return f"{rel[:60]}...{rel[-60:]}" if len(rel) > 130 else rel
 
     # An explicit stack and a depth limit, not os.walk: that recurses, and the specialist
-    # chose how deep its outbox goes. Links are listed (and skipped below), never entered.
+    # chose how deep its outbox goes. Links are listed (and skipped), never entered.
     todo = [(str(box), 0)]
     while todo:
         folder, depth = todo.pop()
@@ -121,14 +121,23 @@ def _outbox_files(box: Path, undelivered: list[str]) -> list[Path]:
             undelivered.append(f"{shown(folder)}: not read ({e.strerror}); nothing in it was delivered")
             continue
         for item in items:
-            if not item.is_dir(follow_symlinks=False):
-                found.append(Path(item.path))
-            elif depth + 1 < gate.MAX_DEPTH:
+            # Told from the listing, not by looking the path up again: the specialist can make a
+            # path too long to look up (ENAMETOOLONG), and it is taken from its folder all the same.
+            try:
+                if item.is_file(follow_symlinks=False):
+                    if not item.name.startswith("."):
+                        found.append(Path(item.path))
+                    continue
+                if not item.is_dir(follow_symlinks=False):  # a link, a FIFO: never taken
+                    continue
+            except OSError:
+                continue
+            if depth + 1 < gate.MAX_DEPTH:
                 todo.append((item.path, depth + 1))
             else:
                 undelivered.append(f"{shown(item.path)}: over {gate.MAX_DEPTH} folders deep in the "
                                    "outbox; not read, nothing in it was delivered")
-    return [p for p in sorted(found) if not p.is_symlink() and p.is_file() and not p.name.startswith(".")]
+    return sorted(found)
 
 
 def _to_of(box: Path, path: Path) -> str | None:

@@ -1155,3 +1155,24 @@ def test_an_order_a_crash_left_claimed_never_takes_an_id_an_inbox_file_names(mak
     by_objective = {r.objective: (r.id, r.status) for r in Store(ws.state).load_all().values()}
     assert by_objective["The header exists"] == ("WO-0001", "done")
     assert by_objective["The footer exists"][1] == "done" and by_objective["The footer exists"][0] != "WO-0001"
+
+
+def test_an_outbox_file_whose_path_is_over_path_max_is_delivered_and_stops_nothing(make_ws):
+    """A specialist nests its outbox until a file's whole path is over PATH_MAX (its folder's
+    is not): looking the path up fails with ENAMETOOLONG. That stopped the supervisor with an
+    internal error, and again at every start (the outbox is delivered again at restart). It is
+    taken from its folder as any other, and delivered once."""
+    chip = sh('cd "$COORD_OUTBOX" && d=$(printf "d%.0s" $(seq 100)) && n=${#COORD_OUTBOX} && '
+              'while [ $((n + 101)) -lt 3990 ]; do mkdir $d && cd $d && n=$((n + 101)); done && '
+              'mkdir rex && cd rex && f=$(printf "f%.0s" $(seq 245)).yaml && '
+              'printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+              'branching: [{action: halt-with-note, when: nothing to do}]\\n" > $f && '
+              'test ${#PWD} -lt 4000 && test $((${#PWD} + ${#f})) -gt 4096')
+    ws = make_ws({"chip": {"role": "specialist", "command": chip, "sends_to": ["rex"]},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    (child,) = [r for r in recs.values() if r.to == "rex"]
+    assert (recs["o"].status, recs["o"].children) == ("done", [child.id])
+    assert (child.sender, child.status) == ("chip", "done")
