@@ -69,16 +69,18 @@ def _rename(src: Path | str, dst: Path | str, *, replace: bool) -> None:
     if not ends:
         rename(src, dst)
         return
-    waited = False
     with _BUSY:
+        waited = False
         while _busy and any(_is_busy(p) for p in ends):
             _BUSY.wait()
             waited = True
-        rename(src, dst)
-    if waited:  # the rename (and the file's change time) came later than its note said
-        # The rename is done: a failure to say so (a full disk) must not tell the caller it was not.
-        with contextlib.suppress(OSError):
+        if waited:
+            # The rename (and the file's change time) comes later than its note said: noted
+            # again first, so that a note that fails (a full disk) means no rename. Noted after
+            # it, a failure was either a rename said not made, or a write the journal's time
+            # no longer covered (taken for a hand edit and put back at the next start).
             note(dst)
+        rename(src, dst)
 
 # The supervisor commits exactly the paths it wrote, so that a hand edit in state/
 # is never swept into its commits; every write under a journaled root (state/) is noted.

@@ -169,6 +169,56 @@ def test_a_full_disk_never_leaves_a_cut_line_in_the_journal(small_disk, tmp_path
         durable.close_journal(root)
 
 
+def test_a_write_that_waited_for_git_on_a_full_disk_is_never_taken_for_a_hand_edit(small_disk, tmp_path,
+                                                                                     monkeypatch):
+    """A record is rewritten while the committer's git reads it: the rename waits, longer than
+    the journal's slack. The journal's disk fills meanwhile. The write must either fail, or be
+    in the journal with a time that covers its rename: a write said done but noted only before
+    its wait was taken for a hand edit at the next start, and put back from git."""
+    monkeypatch.setattr(durable, "JOURNAL_SLACK_NS", 200_000_000)  # the wait below is longer
+    root = tmp_path / "state"
+    target = root / "orders" / "o1" / "record.json"
+    target.parent.mkdir(parents=True)
+    journal = small_disk / "journal"
+    durable.open_journal(root, journal)
+    durable.guard(root)
+    filler = None
+    outcome: list[object] = []
+    try:
+        durable.write_json(target, {"status": "running"})
+        writer = threading.Thread(target=lambda: outcome.append(
+            _raised(lambda: durable.write_json(target, {"status": "done"}))))
+        with durable.staging([target]):
+            writer.start()
+            time.sleep(0.5)  # the write waits at its rename
+            filler = fill(small_disk, leave=0)
+            with contextlib.suppress(OSError):  # and the journal's last page
+                for i in range(10_000):
+                    durable.note(root / "orders" / f"other{i}")
+        writer.join(WAIT)
+        (error,) = outcome
+        written = durable.read_journal(journal)
+        assert written is not None
+        if error is None:
+            assert json.loads(target.read_text()) == {"status": "done"}
+            assert durable.written_by_journal("orders/o1/record.json", root, written)
+        else:
+            assert json.loads(target.read_text()) == {"status": "running"}
+    finally:
+        durable.guard(root, on=False)
+        durable.close_journal(root)
+        if filler is not None:
+            filler.unlink()
+
+
+def _raised(call: Callable[[], object]) -> OSError | None:
+    try:
+        call()
+    except OSError as e:
+        return e
+    return None
+
+
 # -- an inbox folder on another file system -----------------------------------------------------
 def test_an_inbox_on_another_file_system_is_taken_in_by_copy(inbox_mount):
     ws, mnt = inbox_mount
