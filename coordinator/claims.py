@@ -135,7 +135,11 @@ def claim_copy(path: Path, folder: Path, root: Path, *, sender: str, shown: str,
             _unlink_quietly(note_of(dest))
             raise
         try:
-            os.unlink(path.name, dir_fd=folder_fd)
+            now = os.stat(path.name, dir_fd=folder_fd, follow_symlinks=False)
+            # Another file renamed over it since it was read (by a process of the attempt that
+            # outlived it) is an order of its own, never read: it stays.
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(path.name, dir_fd=folder_fd)
         except FileNotFoundError:
             pass
         except OSError as e:  # made unremovable (an immutable file, a read-only outbox of a non-root run)

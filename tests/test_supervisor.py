@@ -1176,3 +1176,29 @@ def test_an_outbox_file_whose_path_is_over_path_max_is_delivered_and_stops_nothi
     (child,) = [r for r in recs.values() if r.to == "rex"]
     assert (recs["o"].status, recs["o"].children) == ("done", [child.id])
     assert (child.sender, child.status) == ("chip", "done")
+
+
+def test_an_outbox_file_replaced_while_it_is_copied_keeps_the_new_file(make_ws, monkeypatch):
+    """A process of the attempt that outlived it renames a new order over its outbox file
+    after the supervisor read the file, before it removed it: the copy is of the file that
+    was read, and the new file, never read, must not be removed with it (it was lost)."""
+    from coordinator import claims
+
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/true"]}})
+    box = ws.root.parent / "box"
+    box.mkdir()
+    path = box / "r.md"
+    path.write_text(order_md("The first one"))
+    read = claims._read_fd_capped
+
+    def read_then_replaced(fd: int) -> tuple[bytes, int | None]:
+        got = read(fd)
+        (box / ".new").write_text(order_md("The second one"))
+        os.rename(box / ".new", path)
+        return got
+
+    monkeypatch.setattr(claims, "_read_fd_capped", read_then_replaced)
+    with Supervisor(ws) as sup:
+        claimed, _ = sup.intake.claim_copy(path, "chip", sender="chip", shown="outbox of o/r.md", within=box)
+    assert "The first one" in claimed.read_text()
+    assert "The second one" in path.read_text()
