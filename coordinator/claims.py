@@ -32,13 +32,17 @@ from .watcher import is_candidate
 MAX_READ = orders.MAX_ORDER_BYTES + 1
 
 
-def claim(path: Path, folder: Path, root: Path) -> Path | None:
+def claim(path: Path, folder: Path, root: Path, *, note: dict[str, Any] | None = None) -> Path | None:
     """Rename `path` out of the inbox into `folder` (its agent's in state/intake/); None when
     it vanished or another claimed it. `root`: the workspace (a claim across file systems
-    notes where the file was relative to it)."""
+    notes where the file was relative to it). `note` (who sent it, as `claim_note` reads it)
+    is written next to where it goes before it moves."""
     dest = folder / f"{time.time_ns():020d}-{_short_name(path.name)}"
     if os.path.islink(path.parent):  # never through a linked inbox folder
         return None
+    if note is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        durable.write_json(note_of(dest), note, sync=False)
     try:
         try:
             os.rename(path, dest)

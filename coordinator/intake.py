@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import claims, durable, orders
 from ._orderfile import too_big
@@ -96,10 +97,10 @@ class Intake:
         self.pending: dict[str, _Placement] = {}  # filed, not yet placed: see the module doc
 
     # -- claiming -------------------------------------------------------------------------------
-    def claim(self, path: Path, agent: str) -> Path | None:
+    def claim(self, path: Path, agent: str, *, note: dict[str, Any] | None = None) -> Path | None:
         """Claim `path` out of `agent`'s inbox (`claims.claim`); None when it vanished or
         another claimed it."""
-        return claims.claim(path, self.store.intake_dir / agent, self.root)
+        return claims.claim(path, self.store.intake_dir / agent, self.root, note=note)
 
     def claimed(self) -> list[tuple[Path, str]]:
         """Files claimed but not yet filed (after a crash), oldest first (`claims.unfiled`)."""

@@ -80,12 +80,16 @@ def recover(sup: Supervisor, crashed: bool) -> None:
             meta = durable.read_json(folder / "intake.json")
         except (OSError, ValueError):
             meta = {}
-        claimed = sup.intake.claim(original, agent)
+        shown = str(meta.get("source") or f"inbox/{agent}/{original.name}")
+        sent_by = meta.get("sender") if isinstance(meta.get("sender"), str) else None
+        # Who sent it goes with it, noted before it moves: a crash before this folder (and its
+        # intake.json) is gone must not file it as the user's, which anyone may send.
+        claimed = sup.intake.claim(original, agent, note=None if sent_by is None else
+                                   {"sender": sent_by, "source": shown})
         durable.note(folder)
         shutil.rmtree(folder, ignore_errors=True)
         if claimed:
-            sup.file_claimed(claimed, agent, shown=str(meta.get("source") or f"inbox/{agent}/{original.name}"),
-                      sender=meta.get("sender"))
+            sup.file_claimed(claimed, agent, shown=shown, sender=sent_by)
     for claimed, agent in sup.intake.claimed():
         # An outbox copy names its sender and source in a note (claims.claim_copy): filed as
         # that agent's, so its `sends_to` is checked as for any order it sends.

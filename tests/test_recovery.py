@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -1281,3 +1282,42 @@ def test_a_crash_between_the_merge_and_the_outbox_delivers_the_outbox_once_at_re
     (to_rex,) = [r for r in recs.values() if r.to == "rex"]
     assert (recs["o"].status, recs["o"].children, to_rex.sender) == ("done", [to_rex.id], "chip")
     assert (probe_of(ws) / "runs").read_text() == "run\n"  # it was not run again
+
+
+def test_a_second_crash_while_recovery_takes_back_an_outbox_order_keeps_its_sender(make_ws, monkeypatch):
+    """kill -9 after chip's outbox order was placed in its order folder, before its record;
+    then kill -9 again while the restart took its original back into state/intake/, before it
+    removed the folder (and intake.json, which says who sent it). The next start files it as
+    chip's, checked against chip's `sends_to` (nobody): never as the user's, which anyone may send."""
+    from coordinator import recovery
+
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": [], "command": sh(
+                     'mkdir -p "$COORD_OUTBOX/rex"; '
+                     'printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+                     'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/r.yaml"')},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    sup = Supervisor(ws)
+    sup.open()
+    killed_taking(sup, ws.state / "intake" / "rex", "r.yaml", "outbox of o/", "after filing")
+    abandon(sup)
+    removed = shutil.rmtree
+
+    def killed_removing(path: Any, *args: Any, **kw: Any) -> None:
+        if (Path(path) / "intake.json").exists():
+            raise Killed
+        removed(path, *args, **kw)
+
+    monkeypatch.setattr(recovery.shutil, "rmtree", killed_removing)
+    again = Supervisor(ws)
+    with pytest.raises(Killed):
+        again.open()
+    if again._lock_fd is not None:  # as `abandon`, for a supervisor killed while it opened
+        os.close(again._lock_fd)
+    durable.close_journal(ws.state)
+    monkeypatch.setattr(recovery.shutil, "rmtree", removed)
+    restart(ws)
+    recs = Store(ws.state).load_all()
+    (child,) = (r for r in recs.values() if r.to == "rex")
+    assert (child.sender, child.source, child.status) == ("chip", "outbox of o/r.yaml", "rejected")
+    assert_one_place(ws, {"o", child.id})
