@@ -445,33 +445,41 @@ class InboxWatcher:
             observer = self._observer
             if observer is None:
                 return
-            if not _alive(observer):
-                log.warning(
-                    "the file watcher thread died; restarting it and rescanning the inboxes"
-                )
-                self.restarts += 1
-                self._replace_observer()
+            if _alive(observer):
+                try:
+                    self._rewatch(observer)
+                    return
+                except UsageError:
+                    # Stopped while we looked, its reader's inotify fd closed (EBADF): replaced
+                    # below like a dead one. Raised only when the running observer refuses a watch.
+                    if _alive(observer):
+                        raise
+            log.warning("the file watcher thread died; restarting it and rescanning the inboxes")
+            self.restarts += 1
+            self._replace_observer()
+            with self._lock:
+                self._rescan_requested = True
+            self._ready.set()
+
+    def _rewatch(self, observer: BaseObserver) -> None:
+        """Watch again each folder whose emitter is gone from the running `observer`."""
+        try:
+            emitters = list(observer.emitters)
+        except RuntimeError:  # watchdog's set changed while read (the observer is stopping): look again next time
+            return
+        live = {emitter.watch for emitter in emitters if emitter.is_alive()}
+        for folder in self._folders:
+            watch = self._watches.get(folder)
+            if watch is not None and watch in live:
+                continue
+            if watch is not None:  # its folder was removed or its thread died
+                del self._watches[folder]
+                with contextlib.suppress(KeyError, RuntimeError):
+                    observer.unschedule(watch)
+            if self._schedule(folder):
                 with self._lock:
                     self._rescan_requested = True
                 self._ready.set()
-                return
-            try:
-                emitters = list(observer.emitters)
-            except RuntimeError:  # watchdog's set changed while read (the observer is stopping): look again next time
-                return
-            live = {emitter.watch for emitter in emitters if emitter.is_alive()}
-            for folder in self._folders:
-                watch = self._watches.get(folder)
-                if watch is not None and watch in live:
-                    continue
-                if watch is not None:  # its folder was removed or its thread died
-                    del self._watches[folder]
-                    with contextlib.suppress(KeyError, RuntimeError):
-                        observer.unschedule(watch)
-                if self._schedule(folder):
-                    with self._lock:
-                        self._rescan_requested = True
-                    self._ready.set()
 
     def _replace_observer(self) -> None:
         old, self._observer = self._observer, None
@@ -519,10 +527,13 @@ class InboxWatcher:
 
 
 def _alive(observer: BaseObserver) -> bool:
-    if not observer.is_alive():
+    """Running and not told to stop. An observer being stopped is dead already: its thread
+    outlives `stop()`, which first stops its emitters and closes its reader's inotify fd, and
+    a folder watched again on it then fails (EBADF), or watches nothing."""
+    if not observer.is_alive() or observer.stopped_event.is_set():
         return False
     reader: Any = getattr(observer, "reader", None)
-    return reader is None or bool(reader.is_alive())
+    return reader is None or bool(reader.is_alive() and not reader.stopped_event.is_set())
 
 
 def _shut_down(observer: BaseObserver) -> None:

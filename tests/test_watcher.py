@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -327,6 +328,49 @@ def test_a_killed_watcher_thread_is_restarted_with_a_rescan(
     assert rescan and w.restarts == 1
     assert w.observer is not old and w.observer is not None and w.observer.is_alive()
     assert scan(inbox) == [inbox / "while-dead.json"]
+    drop(inbox, "after.json")
+    collect(w, [inbox], lambda s: "after.json" in s.hinted)
+
+
+@pytest.mark.parametrize("looked", ["after", "before"])
+def test_a_health_check_while_the_observer_is_being_stopped_restarts_it(
+    looked: str, inbox: Path, start_watcher: Callable[..., InboxWatcher],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Someone stops the observer (a fault-injection test does) while the loop drains.
+    `stop()` stops the emitters and closes the reader's inotify fd before the observer's
+    thread ends: the loop found the folder unwatched on an observer that looked alive, watched
+    it again on the closed fd, and died of "cannot watch the inbox: Bad file descriptor".
+    `looked`: whether the health check saw the observer after the stop began, or just before."""
+    w = start_watcher([inbox], rescan_every=3600.0)
+    w.drain()
+    old = w.observer
+    assert old is not None
+    reader = old.reader  # type: ignore[attr-defined]
+    fd_closed, release = threading.Event(), threading.Event()
+    close_resources = reader._close_resources
+
+    def held_close() -> None:  # the reader thread closes its fds, then is held before it ends
+        close_resources()
+        fd_closed.set()
+        release.wait(DEADLINE)
+
+    reader._close_resources = held_close
+    stopper = threading.Thread(target=old.stop, daemon=True)  # behind the watcher's back
+    stopper.start()
+    try:
+        assert fd_closed.wait(DEADLINE)
+        assert old.is_alive() and reader.is_alive()  # the moment the loop must not be fooled by
+        if looked == "before":
+            alive, seen = watcher_mod._alive, [True]
+            monkeypatch.setattr(watcher_mod, "_alive", lambda o: seen.pop() if seen else alive(o))
+        threading.Timer(0.2, release.set).start()  # the restart waits for the old reader (bounded)
+        hints, rescan = w.drain()
+    finally:
+        release.set()
+        stopper.join(DEADLINE)
+    assert rescan and w.restarts == 1
+    assert w.observer is not old and w.observer is not None and w.observer.is_alive()
     drop(inbox, "after.json")
     collect(w, [inbox], lambda s: "after.json" in s.hinted)
 
