@@ -91,6 +91,11 @@ def step_until(sup: Supervisor, cond: Callable[[], object], what: str, *, wait: 
             sup._wait(0.05)
 
 
+# A shell command that prints a valid work order (YAML) for rex: what specialists write into their outbox.
+PRINT_REVIEW = ('printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+                'branching: [{action: halt-with-note, when: nothing to do}]\\n"')
+
+
 def wait_until(cond: Callable[[], object], what: str, timeout: float = 60.0) -> None:
     """Poll `cond` (state another process or thread writes) until true; fail saying what never happened."""
     end = time.monotonic() + timeout

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import drop, merge_killed_after, order_md, sh, step_until, wait_until
+from conftest import PRINT_REVIEW, drop, merge_killed_after, order_md, sh, step_until, wait_until
 
 from bench.harness import probe_of
 from coordinator import durable, orders, signals
@@ -933,8 +933,7 @@ def test_an_outbox_order_a_crash_left_claimed_is_filed_as_its_senders_at_restart
     `sends_to` as ever: never as an order of the user, which anyone may send."""
     ws = make_ws({"chip": {"role": "specialist", "sends_to": sends_to, "command": sh(
                      '[ -e "$PROBE/sent" ] && exit 0; touch "$PROBE/sent"; mkdir -p "$COORD_OUTBOX/rex"; '
-                     'printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
-                     'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/r.yaml"')},
+                     f'{PRINT_REVIEW} > "$COORD_OUTBOX/rex/r.yaml"')},
                   "rex": {"role": "specialist", "command": sh("echo ok")}})
     drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
     sup = Supervisor(ws)
@@ -1011,8 +1010,7 @@ def chip_hands_one_to_rex(make_ws: Callable[..., Workspace]) -> Workspace:
     rex notes each order it runs in $PROBE/ran."""
     ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
                      '[ -e "$PROBE/sent" ] && exit 0; touch "$PROBE/sent"; mkdir -p "$COORD_OUTBOX/rex"; '
-                     'printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
-                     'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/r.yaml"')},
+                     f'{PRINT_REVIEW} > "$COORD_OUTBOX/rex/r.yaml"')},
                   "rex": {"role": "specialist", "command": sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran"')}})
     drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
     return ws
@@ -1293,8 +1291,7 @@ def test_a_second_crash_while_recovery_takes_back_an_outbox_order_keeps_its_send
 
     ws = make_ws({"chip": {"role": "specialist", "sends_to": [], "command": sh(
                      'mkdir -p "$COORD_OUTBOX/rex"; '
-                     'printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
-                     'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/r.yaml"')},
+                     f'{PRINT_REVIEW} > "$COORD_OUTBOX/rex/r.yaml"')},
                   "rex": {"role": "specialist", "command": sh("echo ok")}})
     drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
     sup = Supervisor(ws)

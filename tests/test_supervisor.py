@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import drop, order_md, sh, step_until, wait_until
+from conftest import PRINT_REVIEW, drop, order_md, sh, step_until, wait_until
 
 from bench.harness import probe_of
 from coordinator import attempts, board, signals
@@ -403,8 +403,7 @@ def test_checks_cannot_smuggle_writes_into_the_commit(make_ws):
 
 def test_outbox_orders_are_stamped_and_checked_against_sends_to(make_ws):
     outbox = sh('mkdir -p "$COORD_OUTBOX/rex" "$COORD_OUTBOX/walt"; '
-                'printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
-                'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/r.yaml"; '
+                f'{PRINT_REVIEW} > "$COORD_OUTBOX/rex/r.yaml"; '
                 'cp "$COORD_OUTBOX/rex/r.yaml" "$COORD_OUTBOX/walt/w.yaml"')
     ws = make_ws({"chip": {"role": "specialist", "command": outbox, "sends_to": ["rex"]},
                   "rex": {"role": "specialist", "command": sh("echo ok")},
@@ -421,8 +420,7 @@ def test_outbox_orders_are_stamped_and_checked_against_sends_to(make_ws):
 
 def test_the_outbox_of_an_attempt_that_fails_its_check_is_not_sent_and_its_retry_sends_it_once(make_ws):
     chip = sh('mkdir -p "$COORD_OUTBOX/rex"; '
-              'printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
-              'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/r.yaml"; '
+              f'{PRINT_REVIEW} > "$COORD_OUTBOX/rex/r.yaml"; '
               'echo x >> "$PROBE/attempts"')
     ws = make_ws({"chip": {"role": "specialist", "command": chip, "sends_to": ["rex"], "max_failures": 3},
                   "rex": {"role": "specialist", "command": sh("echo ok")}})
@@ -449,8 +447,7 @@ def test_an_outbox_folder_swapped_for_a_link_during_delivery_takes_nothing_from_
     victim.mkdir()
     (victim / "r.yaml").write_text("precious\n")
     chip = sh('mkdir -p "$COORD_OUTBOX/rex"; '
-              'printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
-              'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/r.yaml"')
+              f'{PRINT_REVIEW} > "$COORD_OUTBOX/rex/r.yaml"')
     ws = make_ws({"chip": {"role": "specialist", "command": chip, "sends_to": ["rex"]},
                   "rex": {"role": "specialist", "command": sh("echo ok")}})
     listed = outbox._outbox_files
@@ -476,8 +473,7 @@ def test_an_outbox_file_is_taken_as_a_copy_that_a_handle_kept_open_cannot_write(
     must not write on into state/: the order is filed from a copy, and the file is removed."""
     ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
                      'mkdir -p "$COORD_OUTBOX/rex"; '
-                     'printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
-                     'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/r.yaml"; '
+                     f'{PRINT_REVIEW} > "$COORD_OUTBOX/rex/r.yaml"; '
                      'stat -c %i "$COORD_OUTBOX/rex/r.yaml" > "$PROBE/inode"')},
                   "rex": {"role": "specialist", "command": sh("echo ok")}})
     drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
@@ -538,8 +534,7 @@ def test_an_outbox_file_that_cannot_be_removed_is_reported_not_delivered_and_the
     specialist cannot). Taken as a copy while it stayed, it would be sent again after a crash;
     raised, it stopped the supervisor at every start. It is reported and kept, and the rest runs."""
     chip = sh('mkdir -p "$COORD_OUTBOX/rex"; '
-              'printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
-              'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/r.yaml"; '
+              f'{PRINT_REVIEW} > "$COORD_OUTBOX/rex/r.yaml"; '
               'cp "$COORD_OUTBOX/rex/r.yaml" "$COORD_OUTBOX/rex/s.yaml"; touch "$PROBE/written"; '
               'while [ ! -e "$PROBE/go" ]; do sleep 0.02; done')
     ws = make_ws({"chip": {"role": "specialist", "command": chip, "sends_to": ["rex"]},
@@ -1165,8 +1160,7 @@ def test_an_outbox_file_whose_path_is_over_path_max_is_delivered_and_stops_nothi
     chip = sh('cd "$COORD_OUTBOX" && d=$(printf "d%.0s" $(seq 100)) && n=${#COORD_OUTBOX} && '
               'while [ $((n + 101)) -lt 3990 ]; do mkdir $d && cd $d && n=$((n + 101)); done && '
               'mkdir rex && cd rex && f=$(printf "f%.0s" $(seq 245)).yaml && '
-              'printf "objective: Review it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
-              'branching: [{action: halt-with-note, when: nothing to do}]\\n" > $f && '
+              f'{PRINT_REVIEW} > $f && '
               'test ${#PWD} -lt 4000 && test $((${#PWD} + ${#f})) -gt 4096')
     ws = make_ws({"chip": {"role": "specialist", "command": chip, "sends_to": ["rex"]},
                   "rex": {"role": "specialist", "command": sh("echo ok")}})
