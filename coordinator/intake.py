@@ -203,8 +203,12 @@ class Intake:
             # whom the order is for, or who stamped it.
             durable.write_json(folder / "intake.json", {"to": p.agent, "sender": p.sender, "source": p.shown},
                                sync=False)
-            if os.path.lexists(p.claimed) or not os.path.lexists(original):  # else moved by a try that failed after
+            try:
                 durable.move(p.claimed, original, sync=False)
+            except FileNotFoundError:
+                if not os.path.lexists(original):
+                    raise
+                # moved in by a try that failed after its rename: nothing left to move
             if p.sender is not None:  # the note of an outbox copy has served (else: none there)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(claims.note_of(p.claimed))

@@ -926,16 +926,23 @@ def test_an_escalation_a_crash_left_claimed_is_filed_as_the_supervisors_at_resta
     assert_clean(ws)
 
 
+def chip_hands_one_to_rex(make_ws: Callable[..., Workspace], sends_to: tuple[str, ...] = ("rex",)) -> Workspace:
+    """chip's order `o` writes one order for rex into its outbox (on its first run only);
+    rex notes each order it runs in $PROBE/ran."""
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": list(sends_to), "command": sh(
+                     '[ -e "$PROBE/sent" ] && exit 0; touch "$PROBE/sent"; mkdir -p "$COORD_OUTBOX/rex"; '
+                     f'{PRINT_REVIEW} > "$COORD_OUTBOX/rex/r.yaml"')},
+                  "rex": {"role": "specialist", "command": sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran"')}})
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    return ws
+
+
 @pytest.mark.parametrize("sends_to", [[], ["rex"]])
 def test_an_outbox_order_a_crash_left_claimed_is_filed_as_its_senders_at_restart(make_ws, sends_to):
     """kill -9 after chip's outbox file was copied into state/intake/ (the outbox file gone),
     before it was filed. The restart files it as chip's, from chip's outbox, and checks chip's
     `sends_to` as ever: never as an order of the user, which anyone may send."""
-    ws = make_ws({"chip": {"role": "specialist", "sends_to": sends_to, "command": sh(
-                     '[ -e "$PROBE/sent" ] && exit 0; touch "$PROBE/sent"; mkdir -p "$COORD_OUTBOX/rex"; '
-                     f'{PRINT_REVIEW} > "$COORD_OUTBOX/rex/r.yaml"')},
-                  "rex": {"role": "specialist", "command": sh("echo ok")}})
-    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    ws = chip_hands_one_to_rex(make_ws, tuple(sends_to))
     sup = Supervisor(ws)
     sup.open()
     killed_while_filing(sup, "outbox of")
@@ -1003,17 +1010,6 @@ def killed_taking(sup: Supervisor, folder: Path, name: str, prefix: str, point: 
     with killed_at_write(folder, suffix, after=point == "after the copy"), pytest.raises(Killed):
         step_until(sup, lambda: False, "the kill")
     return None
-
-
-def chip_hands_one_to_rex(make_ws: Callable[..., Workspace]) -> Workspace:
-    """chip's order `o` writes one order for rex into its outbox (on its first run only);
-    rex notes each order it runs in $PROBE/ran."""
-    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
-                     '[ -e "$PROBE/sent" ] && exit 0; touch "$PROBE/sent"; mkdir -p "$COORD_OUTBOX/rex"; '
-                     f'{PRINT_REVIEW} > "$COORD_OUTBOX/rex/r.yaml"')},
-                  "rex": {"role": "specialist", "command": sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran"')}})
-    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
-    return ws
 
 
 def outbox_orders(ws: Workspace) -> list[Any]:
@@ -1289,11 +1285,7 @@ def test_a_second_crash_while_recovery_takes_back_an_outbox_order_keeps_its_send
     chip's, checked against chip's `sends_to` (nobody): never as the user's, which anyone may send."""
     from coordinator import recovery
 
-    ws = make_ws({"chip": {"role": "specialist", "sends_to": [], "command": sh(
-                     'mkdir -p "$COORD_OUTBOX/rex"; '
-                     f'{PRINT_REVIEW} > "$COORD_OUTBOX/rex/r.yaml"')},
-                  "rex": {"role": "specialist", "command": sh("echo ok")}})
-    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    ws = chip_hands_one_to_rex(make_ws, sends_to=())
     sup = Supervisor(ws)
     sup.open()
     killed_taking(sup, ws.state / "intake" / "rex", "r.yaml", "outbox of o/", "after filing")
