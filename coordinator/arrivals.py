@@ -22,6 +22,7 @@ from .commits import COMMIT_QUIET
 from .orders import WorkOrder
 from .spawner import Spawner
 from .store import Record
+from .trail import one_line
 from .transitions import Transitions
 from .watcher import InboxWatcher, Watcher, is_candidate, printable, scan, settled
 
@@ -108,7 +109,13 @@ class Arrivals(Transitions):
     def _start_pumps(self) -> None:
         def watch_pump() -> None:  # rescans falling due, overflows, a dead watcher thread
             while self._opened:
-                if self.watcher.wait(0.5):
+                try:
+                    woken = self.watcher.wait(0.5)
+                except Exception as e:  # noqa: BLE001 - a pump that ended would leave drops to the idle timeout
+                    self.say(f"WARNING: the inbox watcher failed ({one_line(str(e))}); the inboxes are still rescanned")
+                    time.sleep(1.0)
+                    woken = True
+                if woken:
                     self.wake()
                     self._polled.wait(1.0)
                     self._polled.clear()

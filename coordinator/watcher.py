@@ -70,6 +70,7 @@ POLL_EVERY = 1.0  # seconds between directory snapshots in polling mode
 BURST_EVENTS = 1024  # events since the last rescan that make a burst (kernel queue: 16384)
 BURST_QUIET = 0.25  # seconds without events that end a burst
 HEALTH_EVERY = 0.5  # longest stretch wait() blocks without looking at the threads
+RETRY_EVERY = 5.0  # seconds between tries to restart a watcher that could not be restarted
 STOP_JOIN = 5.0  # seconds stop() waits for watchdog's threads
 
 # Editors write these next to the file being edited; none of them is a work order.
@@ -318,6 +319,11 @@ class InboxWatcher:
         self.on_hint: Callable[[], None] | None = None
         self.overflows = 0  # kernel queue overflows seen (for `doctor` and the board)
         self.restarts = 0  # observers restarted after a thread died
+        # Why the watcher cannot watch now (a restart or a watch refused: a system limit), or
+        # None. Meanwhile the inboxes are rescanned every `rescan_every` and a restart is tried
+        # every RETRY_EVERY seconds: a supervisor left running overnight must not die of it.
+        self.broken: str | None = None
+        self._retry_at = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -333,6 +339,7 @@ class InboxWatcher:
         with self._control:
             observer, self._observer = self._observer, None
             self._watches.clear()
+            self.broken = None  # stopped: nothing to restart
             if observer is not None:
                 _shut_down(observer)
 
@@ -440,26 +447,50 @@ class InboxWatcher:
         self._ready.set()
 
     def _check_health(self) -> None:
-        """Restart a dead observer, re-watch folders whose watch died; either asks for a rescan."""
+        """Restart a dead observer, re-watch folders whose watch died; either asks for a rescan.
+        Never raises: what cannot be watched now is rescanned meanwhile (see `broken`)."""
         with self._control:
             observer = self._observer
             if observer is None:
+                if self.broken is not None and time.monotonic() >= self._retry_at:
+                    self._restart()
                 return
             if _alive(observer):
                 try:
                     self._rewatch(observer)
+                    self._healed()
                     return
-                except UsageError:
+                except UsageError as e:
                     # Stopped while we looked, its reader's inotify fd closed (EBADF): replaced
-                    # below like a dead one. Raised only when the running observer refuses a watch.
+                    # below like a dead one. A running observer that refuses a watch: rescans.
                     if _alive(observer):
-                        raise
+                        self._failed(e)
+                        return
             log.warning("the file watcher thread died; restarting it and rescanning the inboxes")
             self.restarts += 1
+            self._restart()
+
+    def _restart(self) -> None:
+        try:
             self._replace_observer()
-            with self._lock:
-                self._rescan_requested = True
-            self._ready.set()
+        except UsageError as e:
+            self._failed(e)
+        else:
+            self._healed()
+        with self._lock:
+            self._rescan_requested = True
+        self._ready.set()
+
+    def _failed(self, e: UsageError) -> None:
+        self._retry_at = time.monotonic() + RETRY_EVERY
+        if self.broken != str(e):
+            log.warning(f"{e}; meanwhile the inboxes are rescanned every {self._rescan_every:g} s")
+        self.broken = str(e)
+
+    def _healed(self) -> None:
+        if self.broken is not None:
+            self.broken = None
+            log.warning("the file watcher watches every inbox again")
 
     def _rewatch(self, observer: BaseObserver) -> None:
         """Watch again each folder whose emitter is gone from the running `observer`."""

@@ -31,6 +31,7 @@ from coordinator.audit import StateRepo
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
 from coordinator.verify import verify
+from coordinator.watcher import InboxWatcher
 from coordinator.workspace import Workspace
 
 COORDINATOR = Path(sys.executable).with_name("coordinator")
@@ -593,6 +594,42 @@ def test_files_are_still_processed_after_the_watcher_thread_dies(make_ws):
     assert {r.status for r in recs.values()} == {"queued"}
     assert os.listdir(ws.inbox("walt")) == []
     assert verify(ws) == []
+
+
+def test_a_watcher_that_raises_in_the_pump_thread_is_said_and_the_pump_goes_on(make_ws, monkeypatch):
+    """Anything the watcher raises in the thread that wakes the loop is one warning line, not
+    a thread traceback and a pump gone for good (drops left to the loop's idle timeout)."""
+    ws = make_ws({"walt": {"role": "orchestrator"}})
+    watcher = InboxWatcher([ws.inbox("walt")])
+    real_wait, raised = watcher.wait, [0]
+
+    def wait(timeout: float) -> bool:
+        if not raised[0]:
+            raised[0] += 1
+            raise RuntimeError("watchdog broke\nin two lines")
+        return real_wait(timeout)
+
+    monkeypatch.setattr(watcher, "wait", wait)
+    uncaught: list[str] = []
+    monkeypatch.setattr(threading, "excepthook", lambda a: uncaught.append(a.thread))
+    said: list[str] = []
+    sup = Supervisor(ws, log=said.append, watcher=watcher)
+    sup.open()
+    stops = [0]
+    thread = threading.Thread(target=lambda: sup.run(should_stop=lambda: stops[0]), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: raised[0], "the watcher to raise in the pump")
+        drop(ws, "walt", "after.md", order_md("Filed after the pump's watcher raised", id="after"))
+        wait_until(lambda: Store(ws.state).exists("after"), "the file dropped after it to be filed")
+        assert [t.is_alive() for t in sup._pumps] == [True]
+    finally:
+        stops[0] = 1
+        thread.join(WAIT)
+        sup.close()
+    assert not [t for t in uncaught if t is not None and t.name == "watch_pump"]
+    assert [line for line in said if "watcher failed" in line] == [
+        "WARNING: the inbox watcher failed (watchdog broke in two lines); the inboxes are still rescanned"]
 
 
 # -- stopping `supervise --once` ------------------------------------------------------------

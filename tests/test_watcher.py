@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -330,6 +331,43 @@ def test_a_killed_watcher_thread_is_restarted_with_a_rescan(
     assert scan(inbox) == [inbox / "while-dead.json"]
     drop(inbox, "after.json")
     collect(w, [inbox], lambda s: "after.json" in s.hinted)
+
+
+def test_a_watcher_that_cannot_be_restarted_rescans_meanwhile_and_retries(
+    inbox: Path, start_watcher: Callable[..., InboxWatcher], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The observer dies while the system's inotify instances are used up: no caller gets the
+    error (the pump thread would end, the loop would stop), the inboxes are rescanned meanwhile,
+    it is said once, and the restart is tried again until it works."""
+    monkeypatch.setattr(watcher_mod, "RETRY_EVERY", 0.2)
+    w = start_watcher([inbox], rescan_every=0.3)
+    w.drain()
+    real_new = w._new_observer
+    refusals = [0]
+
+    def refused() -> object:  # what _new_observer raises when inotify_init1 fails with EMFILE
+        refusals[0] += 1
+        raise watcher_mod._limit_error(OSError(errno.EMFILE, os.strerror(errno.EMFILE)), None)
+
+    monkeypatch.setattr(w, "_new_observer", refused)
+    old = w.observer
+    assert old is not None
+    old.stop()  # behind the watcher's back
+    old.join()
+    drop(inbox, "while-dead.json")
+    seen = collect(w, [inbox], lambda s: "while-dead.json" in s.found and refusals[0] >= 3)
+    assert "while-dead.json" not in seen.hinted  # found by the rescans alone
+    assert w.broken is not None and "inotify instance limit" in w.broken
+    said = [r.getMessage() for r in caplog.records if "instance limit" in r.getMessage()]
+    assert len(said) == 1 and "rescanned every 0.3 s" in said[0]
+
+    monkeypatch.setattr(w, "_new_observer", real_new)  # the limit was raised
+    collect(w, [inbox], lambda s: w.broken is None)
+    assert w.observer is not None and w.observer.is_alive()
+    drop(inbox, "after.json")
+    collect(w, [inbox], lambda s: "after.json" in s.hinted)
+    assert any("watches every inbox again" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("looked", ["after", "before"])
