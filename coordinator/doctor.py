@@ -92,9 +92,9 @@ def report(ws: Workspace | None) -> list[str]:
 
 
 def command_line(command: tuple[str, ...]) -> str:
-    """The first words of an agent's command on one line (newlines shown as \\n), shortened to
-    MAX_SHOWN_COMMAND characters."""
-    text = _one_line(" ".join(command[:3]).replace("{python}", "python"))
+    """An agent's command on one line (newlines shown as \\n), shortened to MAX_SHOWN_COMMAND
+    characters with a "…" (a flag cut from its value would read as a different command)."""
+    text = _one_line(" ".join(command).replace("{python}", "python"))
     return text if len(text) <= MAX_SHOWN_COMMAND else text[:MAX_SHOWN_COMMAND - 1] + "…"
 
 

@@ -130,6 +130,10 @@ def test_a_multi_line_command_is_shown_on_one_line(make_ws) -> None:
     assert not any(x.startswith(("echo", "\tprintf", "printf")) for x in lines), lines
     assert line(lines, "chip:") == ('  chip: specialist, command: /bin/sh -c set -e\\necho "working on '
                                     '$COORD_ORDER_ID"\\n\\tprintf done > "$COORD_RESULT"\\n')
+    preset = ["claude", "-p", "--permission-mode", "acceptEdits", "--output-format", "json", "{brief_text}"]
+    flags = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"], "command": preset}})
+    assert line(doctor(flags), "chip:").startswith(
+        "  chip: specialist, command: claude -p --permission-mode acceptEdits --output-format json {brief_text}")
     long = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"], "command": sh("true\n" * 100)}})
     shown = line(doctor(long), "chip:").removeprefix("  chip: specialist, command: ")
     assert shown == ("/bin/sh -c " + "true\\n" * 100)[:119] + "…"
