@@ -17,17 +17,27 @@ from .budget import MAX_TOKENS_ADDED
 from .workspace import Workspace
 
 
-class Command(click.Command):
-    """A subcommand whose usage errors name it (`See coordinator new -h`): click's parser
-    raises some (an option with no value) with no context, which named only the group."""
+class _NamedInErrors:
+    """Usage errors name the command they are about (`See coordinator budget add -h`): click's
+    parser raises some (an option with no value) with no context, which named only the top."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
-            return super().parse_args(ctx, args)
+            return super().parse_args(ctx, args)  # type: ignore[misc, no-any-return]
         except click.UsageError as e:
             if e.ctx is None:
                 e.ctx = ctx
             raise
+
+
+class Command(_NamedInErrors, click.Command):
+    """A subcommand (see `_NamedInErrors`)."""
+
+
+class Group(_NamedInErrors, click.Group):
+    """A group of subcommands (`budget`, `audit`); theirs are `Command`s too."""
+
+    command_class = Command
 
 
 class Context:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from .clicontext import DAYS, SECONDS, Command, Context, Tokens, emit_json, pass_ctx, submit
+from .clicontext import DAYS, SECONDS, Command, Context, Group, Tokens, emit_json, pass_ctx, submit
 from .config import CONFIG_NAME
 from .errors import CoordinatorError, WorkspaceError
 from .workspace import ENV_VAR, Workspace
@@ -191,7 +191,7 @@ def log(c: Context, order_id: str | None, as_json: bool) -> None:
         click.echo(f"{e.at}  {e.commit[:10]}  {e.author:<12} {e.line}")
 
 
-@click.group(invoke_without_command=True)
+@click.group(cls=Group, invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document.")
 @click.pass_context
 def budget(ctx: click.Context, as_json: bool) -> None:
@@ -279,7 +279,7 @@ def signals_cmd(c: Context, as_json: bool) -> None:
         click.echo(s.render(found), nl=False)
 
 
-@click.group()
+@click.group(cls=Group)
 def audit() -> None:
     """The audit trail: `git log` in state/ and repos/, checked by `audit verify`.
 

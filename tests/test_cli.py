@@ -129,6 +129,10 @@ def test_init_suggests_a_command_that_works_for_a_folder_with_a_space(tmp_path: 
     (("new", "--to"), "coordinator new: Option '--to' requires an argument. See `coordinator new -h`.\n"),
     (("gc", "--days", "abc"), "coordinator gc: Invalid value for '--days': 'abc' is not a valid number. See "
                               "`coordinator gc -h`.\n"),
+    (("budget", "add", "5", "--note"),
+     "coordinator budget add: Option '--note' requires an argument. See `coordinator budget add -h`.\n"),
+    (("audit", "verify", "--bogus"),
+     "coordinator audit verify: No such option '--bogus'. See `coordinator audit verify -h`.\n"),
 ])
 def test_a_usage_error_names_the_command_and_what_was_expected(ws: Path, args: tuple[str, ...], said: str) -> None:
     refused = run("-w", ws, *args)
