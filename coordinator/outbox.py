@@ -73,6 +73,11 @@ class Outbox:
                 claimed, size = taken
                 child = self.sup.file_claimed(claimed, to, shown=shown_as, sender=sender, size=size)
                 rec.children.append(child.id)
+                if os.path.lexists(path):  # another file renamed over it while it was copied: never read
+                    self.sup.say(f"{rec.id}: outbox file {path.name} was replaced while it was taken; "
+                                 "the new one is not delivered")
+                    undelivered.append(f"{path.name}: replaced while it was taken (what it held before was "
+                                       f"delivered); the new file is kept in {path.parent}")
 
     def _deliver_rest(self, rec: Record, agent: Agent, number: int) -> None:
         """A crash cut short the delivery of a decided attempt's outbox: the orders it had

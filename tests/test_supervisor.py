@@ -1196,3 +1196,36 @@ def test_an_outbox_file_replaced_while_it_is_copied_keeps_the_new_file(make_ws, 
         claimed, _ = sup.intake.claim_copy(path, "chip", sender="chip", shown="outbox of o/r.md", within=box)
     assert "The first one" in claimed.read_text()
     assert "The second one" in path.read_text()
+
+
+def test_an_outbox_file_replaced_while_it_is_delivered_is_listed_as_not_delivered(make_ws, monkeypatch):
+    """The new file a leftover process renamed over an outbox file while it was copied stays in
+    the outbox (claims.claim_copy): the sender's report says so, as for any file left there."""
+    from coordinator import claims
+
+    chip = sh(f'mkdir -p "$COORD_OUTBOX/rex"; {PRINT_REVIEW} > "$COORD_OUTBOX/rex/r.yaml"')
+    ws = make_ws({"chip": {"role": "specialist", "command": chip, "sends_to": ["rex"]},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    read, replaced = claims._read_fd_capped, []
+
+    def read_then_replaced(fd: int) -> tuple[bytes, int | None]:
+        got = read(fd)
+        outbox = list((ws.root / ".coordinator" / "attempts" / "o").rglob("r.yaml"))  # else the inbox's file
+        if outbox and not replaced:
+            (path,) = outbox
+            (path.parent / ".new").write_text(order_md("The second one"))
+            os.rename(path.parent / ".new", path)
+            replaced.append(path)
+        return got
+
+    monkeypatch.setattr(claims, "_read_fd_capped", read_then_replaced)
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    (child,) = [r for r in recs.values() if r.to == "rex"]
+    assert (recs["o"].status, recs["o"].children) == ("done", [child.id])
+    assert (child.objective, child.status) == ("Review it", "done")
+    (line,) = recs["o"].report["undelivered"]
+    assert line.startswith("r.yaml: replaced while it was taken (what it held before was delivered); the new "
+                           "file is kept in ")
+    assert "The second one" in replaced[0].read_text()
