@@ -69,14 +69,15 @@ def _live_holders(locks: set[str], roots: list[str]) -> tuple[set[str] | None, b
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
         try:
-            if (entry / "comm").read_text("utf-8", errors="surrogateescape").strip().startswith("git"):
+            if (entry / "comm").read_text("utf-8", errors="surrogateescape").startswith("git"):
                 cwd = os.readlink(entry / "cwd")
                 if any(cwd == r or cwd.startswith(r.rstrip("/") + "/") for r in roots):
                     return held, True
-            for fd in (entry / "fd").iterdir():
-                target = os.readlink(fd)
-                if target in locks:
-                    held.add(target)
+            if locks:
+                for fd in (entry / "fd").iterdir():
+                    target = os.readlink(fd)
+                    if target in locks:
+                        held.add(target)
         except OSError:
             continue  # gone, or not ours to look at
     return held, False
@@ -105,18 +106,4 @@ def clear_stale_locks(git_dir: Path, *, now: float | None = None) -> list[str]:
 
 def _git_processes_using(git_dir: Path) -> bool:
     """Is any live git process working in the repository of `git_dir`?"""
-    repo = str(git_dir.parent.resolve())
-    with contextlib.suppress(FileNotFoundError):
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/comm") as f:
-                    if not f.read().startswith("git"):
-                        continue
-                cwd = os.readlink(f"/proc/{pid}/cwd")
-            except OSError:
-                continue
-            if cwd == repo or cwd.startswith(repo + "/"):
-                return True
-    return False
+    return _live_holders(set(), [str(git_dir.parent.resolve())])[1]
