@@ -191,7 +191,7 @@ def render_budget(data: dict[str, Any], *, bands: tuple[int, int, int], gauge: b
 
 def show(ws: Workspace, order_id: str) -> dict[str, Any]:
     """One order: fields, status, attempts, report, history (`show ID --json`)."""
-    from . import audit
+    from .trail import Trail
 
     store = Store(ws.state)
     rec = store.load(order_id)
@@ -209,7 +209,7 @@ def show(ws: Workspace, order_id: str) -> dict[str, Any]:
     out["children"] = rec.children
     out["commit"] = rec.commit
     out["stale"] = rec.stale
-    trail = [e.as_json() for e in audit.StateRepo(ws.state).entries(order_id)]
+    trail = [e.as_json() for e in Trail(ws.state).entries(order_id)]
     out["history"] = trail or rec.history
     return out
 

@@ -170,9 +170,9 @@ def log(c: Context, order_id: str | None, as_json: bool) -> None:
     Example:
         coordinator log WO-0001
     """
-    from .audit import StateRepo
     from .sending import explain_missing
     from .store import Store
+    from .trail import Trail
 
     if order_id is not None:  # "" too: an empty id is no order, not "all of them"
         with explain_missing(c.ws, order_id):
@@ -183,7 +183,7 @@ def log(c: Context, order_id: str | None, as_json: bool) -> None:
         if as_json:  # still one JSON document: an empty history
             emit_json([])
         return
-    entries = StateRepo(c.ws.state).entries(order_id)
+    entries = Trail(c.ws.state).entries(order_id)
     if as_json:
         emit_json([e.as_json() for e in entries])
         return

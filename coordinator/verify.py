@@ -95,12 +95,12 @@ def verify(ws: Workspace, *, say: Callable[[str], None] | None = None) -> list[F
         return found
     if say is not None:
         say(f"a supervisor is running: checking {len(seen)} finding(s) again after its next commits")
-    _settle(audit.StateRepo(ws.state))
+    _settle(trail.Trail(ws.state))
     return [f for f in _verify_once(ws) if not f.where.startswith(CLAIMED) and (
         f.kind not in IN_FLIGHT or (f in seen and _content(ws, f) == seen[f]))]
 
 
-def _settle(state: audit.StateRepo) -> None:
+def _settle(state: trail.Trail) -> None:
     """Wait for SETTLE_COMMITS commits in state/, or SETTLE_QUIET seconds without one."""
     head, commits = state.head(), 0
     now = time.monotonic()
@@ -125,7 +125,7 @@ def _content(ws: Workspace, finding: Finding) -> bytes | None:
 
 def _verify_once(ws: Workspace) -> list[Finding]:
     findings: list[Finding] = []
-    state = audit.StateRepo(ws.state, record=ws.state_head)
+    state = trail.Trail(ws.state, record=ws.state_head)
     if not (ws.state / ".git").exists():
         return [Finding("state-uncommitted", "state/", "not a git repository; run `coordinator supervise` once")]
     for path in state.dirty(optional_locks=False):  # beside a running supervisor: never in its way
@@ -140,7 +140,7 @@ def _verify_once(ws: Workspace) -> list[Finding]:
     return findings
 
 
-def _history_gaps(ws: Workspace, state: audit.StateRepo) -> list[Finding]:
+def _history_gaps(ws: Workspace, state: trail.Trail) -> list[Finding]:
     seen: Counter[tuple[str, str, str]] = Counter()
     for e in state.entries():
         if e.order and e.old and e.new:
