@@ -720,6 +720,28 @@ def test_send_takes_the_recipient_from_the_file_when_not_given(ws: Path) -> None
                             "or leave it out to get one assigned\n")
 
 
+def test_two_sends_of_one_id_at_once_never_replace_the_order_placed_first(
+        ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both pass validation before either is in the inbox; the second must not rename its file
+    over the first's (each was told it was sent, and one order was gone)."""
+    from coordinator import durable, sending
+    first = order("The webapp greets a user by name", to="chip", id="greet")
+    (ws / "fix.md").write_text(order("The webapp greets a user by nickname", to="chip", id="greet"))
+    write = durable.write_bytes
+
+    def other_sender_lands_meanwhile(path: Path, data: bytes) -> None:
+        (ws / "inbox" / "chip" / "greet.md").write_text(first)
+        write(path, data)
+
+    monkeypatch.setattr(sending.durable, "write_bytes", other_sender_lands_meanwhile)
+    late = run("-w", ws, "send", ws / "fix.md")
+    assert (late.exit_code, late.stdout, late.stderr) == (
+        1, "", "fix.md:2: id: 'greet' is already waiting in inbox/chip/greet.md; pick another id or leave it out "
+               "to get one assigned\n")
+    assert inbox_entries(ws, "chip") == ["greet.md"]
+    assert (ws / "inbox" / "chip" / "greet.md").read_text() == first
+
+
 def test_an_order_sent_right_after_another_may_wait_for_it_before_any_supervisor_ran(ws: Path) -> None:
     assert run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting exists", id="aaa")).stdout == "aaa\n"
     second = run("-w", ws, "send", "-", "--to", "chip", input=order("The footer exists", blocked_by=["aaa"]))
