@@ -1123,6 +1123,19 @@ def test_a_record_file_changed_by_hand_is_said_in_one_line_and_put_back(ws: Path
     assert statuses(ws) == {"WO-0001": "queued", "WO-0002": "halted"}
 
 
+def test_a_record_file_made_a_folder_by_hand_is_said_in_one_line(ws: Path) -> None:
+    run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting already exists in the webapp"))
+    assert run("-w", ws, "supervise", "--once").exit_code == 0
+    record = ws / "state" / "orders" / "WO-0001" / "record.json"
+    record.unlink()
+    record.mkdir()
+    for args in (("show", "WO-0001"), ("log", "WO-0001")):
+        refused = run("-w", ws, *args)
+        assert (refused.exit_code, refused.stderr) == (
+            1, "coordinator: state/orders/WO-0001/record.json is not an order record ([Errno 21] Is a directory); "
+               "changed by hand? `coordinator supervise` puts it back from git\n"), args
+
+
 def test_a_record_field_of_the_wrong_kind_is_no_record(ws: Path) -> None:
     run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting already exists in the webapp"))
     assert run("-w", ws, "supervise", "--once").exit_code == 0
