@@ -325,6 +325,31 @@ def test_config_errors_are_said_in_words_not_jsonschemas(ws: Path, change: str, 
     assert (result.exit_code, result.stderr) == (2, f"coordinator: coordinator.yaml: {said}\n")
 
 
+def _alias_bomb(levels: int) -> str:
+    rows = ["version: 1", "x0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    rows += [f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join(rows) + f"\nagents: {{chip: {{role: specialist, command: *a{levels}}}}}\n"
+
+
+@pytest.mark.parametrize("text, said", [
+    (_alias_bomb(10), "uses the YAML alias *a3 at line 6, which makes it expand past 20000 values or 1 MiB; write "
+                      "the values out in full"),
+    ("version: 1\nagents: {chip: {role: specialist, command: [x], description: " + "[" * 5000 + "]" * 5000 + "}}\n",
+     "nests deeper than 32 levels at line 2; a team config needs a few"),
+    ("version: 1\nagents: &team {chip: {role: specialist, command: [x], sends_to: *team}}\n",
+     "uses the YAML alias *team at line 2 inside the value it names (a loop); write the values out in full"),
+    ("version: 1\nagents: {chip: {role: specialist, command: [x]}}\nx: [" + "1," * 20_000 + "]\n",
+     "holds more than 20000 values (line 3); a team config needs far fewer"),
+])
+def test_a_config_that_would_expand_or_nest_without_end_is_refused_at_once(ws: Path, text: str, said: str) -> None:
+    """A billion laughs in coordinator.yaml hung every command, and deep nesting was an internal error."""
+    (ws / "coordinator.yaml").write_text(text)
+    started = time.monotonic()
+    result = program("-w", ws, "board", timeout=30)
+    assert (result.returncode, result.stderr) == (2, f"coordinator: coordinator.yaml: {said}\n")
+    assert time.monotonic() - started < 10
+
+
 @pytest.mark.parametrize("where", ["state", ".coordinator", "inbox/chip", ".coordinator/supervisor.pid"])
 def test_a_file_where_the_workspace_needs_a_folder_stops_every_command_in_one_line(ws: Path, where: str) -> None:
     import shutil
