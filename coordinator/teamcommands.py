@@ -19,8 +19,7 @@ from pathlib import Path
 import click
 
 from .clicontext import DAYS, SECONDS, Command, Context, Tokens, emit_json, pass_ctx, submit
-from .config import CONFIG_NAME
-from .errors import CoordinatorError, WorkspaceError
+from .errors import WorkspaceError
 from .workspace import ENV_VAR, Workspace
 
 
@@ -37,9 +36,6 @@ def init(directory: str, force: bool) -> None:
     """
     from .workspace import init as do_init
 
-    existing = Path(directory).expanduser() / CONFIG_NAME
-    if existing.exists() and not force:  # the thing asked about is wrong (SPEC §1): exit 1
-        raise CoordinatorError(f"{existing} already exists; pass --force to overwrite it")
     ws, lines = do_init(Path(directory), force=force)
     for line in lines:
         click.echo(line)

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -168,10 +169,11 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
     from . import audit  # git-backed pieces are only needed here and by the supervisor
     from .demo.repo import init_demo_repo
 
+    given = target.expanduser() / CONFIG_NAME  # said as the user wrote it
     target = target.expanduser().resolve()
     cfg_path = target / CONFIG_NAME
-    if cfg_path.exists() and not force:
-        raise CoordinatorError(f"{cfg_path} already exists; pass --force to overwrite it")  # SPEC §1: exit 1
+    if _config_there(cfg_path, shown=given) and not force:
+        raise CoordinatorError(f"{given} already exists; pass --force to overwrite it")  # SPEC §1: exit 1
     if target.exists() and not target.is_dir():
         raise UsageError(f"{target} is not a folder")
     try:
@@ -195,6 +197,20 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
     if not ignore.exists() and not (target / ".git").exists():
         ignore.write_text(f"{RUNTIME}/\n", encoding="utf-8")
     return ws, lines
+
+
+def _config_there(path: Path, *, shown: Path) -> bool:
+    """Whether a config file is at `path`; UsageError when something that is none is: writing
+    over a folder fails, over a FIFO waits for a reader forever, through a link loop fails."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False  # nothing there (or not even the folder: said next)
+    except OSError:
+        st = None  # a link to itself
+    if st is None or not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{shown} is not a regular file; move it away (init writes the workspace's config there)")
+    return True
 
 
 def _uses_repo(cfg: Config, repo: str) -> bool:

@@ -146,6 +146,22 @@ def test_init_refuses_an_existing_workspace_unless_forced(ws: Path) -> None:
     assert "walt" in (ws / "coordinator.yaml").read_text()
 
 
+@pytest.mark.parametrize("kind", ["folder", "fifo", "loop"])
+def test_init_over_a_config_that_is_no_file_says_so_in_one_line_forced_or_not(tmp_path: Path, kind: str) -> None:
+    """--force over a folder was an internal error, over a FIFO it waited forever, and a link to
+    itself was an internal error either way."""
+    root = tmp_path / "team"
+    root.mkdir()
+    spot = root / "coordinator.yaml"
+    {"folder": spot.mkdir, "fifo": lambda: os.mkfifo(spot), "loop": lambda: spot.symlink_to(spot.name)}[kind]()
+    for force in ((), ("--force",)):
+        refused = program("init", root, *force, timeout=30)
+        assert (refused.returncode, refused.stderr) == (
+            2, f"coordinator: {spot} is not a regular file; move it away (init writes the workspace's config "
+               "there)\n"), force
+    assert sorted(os.listdir(root)) == ["coordinator.yaml"]
+
+
 def test_init_without_a_folder_uses_the_current_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert run("init").exit_code == 0
