@@ -18,7 +18,18 @@ from pathlib import Path
 
 import click
 
-from .clicontext import DAYS, SECONDS, Command, Context, Tokens, emit_json, pass_ctx, submit
+from .clicontext import (
+    DAYS,
+    SECONDS,
+    Command,
+    Context,
+    Tokens,
+    emit_json,
+    on_terminal,
+    pass_ctx,
+    reader_gone,
+    submit,
+)
 from .errors import WorkspaceError
 from .workspace import ENV_VAR, Workspace
 
@@ -125,7 +136,7 @@ def board(c: Context, as_json: bool, watch: bool) -> None:
     if as_json:
         emit_json(b.as_json(c.ws))
         return
-    terminal = sys.stdout.isatty()
+    terminal = on_terminal()
     if not watch:
         click.echo(b.render(c.ws, colour=terminal))
         return
@@ -134,7 +145,7 @@ def board(c: Context, as_json: bool, watch: bool) -> None:
     shown = None
     drawn = 0
     try:
-        while True:
+        while not reader_gone():
             if drawn % 60 == 0:
                 cache = RecordCache()  # a full read each minute, whatever a file's times say
             drawn += 1
@@ -207,7 +218,7 @@ def budget(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         emit_json(data)
     else:
-        click.echo(b.render_budget(data, bands=ws.config.budget.bands, gauge=sys.stdout.isatty()))
+        click.echo(b.render_budget(data, bands=ws.config.budget.bands, gauge=on_terminal()))
 
 
 @budget.command("add")

@@ -1073,6 +1073,31 @@ def test_a_reader_that_stops_reading_is_no_error(worked: Path, args: tuple[str, 
     assert (done.returncode, done.stderr) == (0, "")
 
 
+@pytest.mark.parametrize("args", [("board",), ("budget",), ("board", "--watch"), ("log",)])
+def test_a_closed_stdout_is_no_internal_error(worked: Path, args: tuple[str, ...]) -> None:
+    """`coordinator board >&-`: nothing can be shown, as with `> /dev/null`; exit 0 as git does,
+    and a watch has no one to redraw for. board and budget asked the missing stdout for a tty."""
+    done = subprocess.run([COORDINATOR, "-w", str(worked), *args], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, timeout=30, preexec_fn=lambda: os.close(1))
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_a_watch_into_a_pipe_stops_when_the_reader_goes_though_the_board_never_changes(worked: Path) -> None:
+    """`coordinator board --watch | head -1`: a board is added only when it changed, so no write
+    ever met the closed pipe and the watch went on forever."""
+    watch = subprocess.Popen([COORDINATOR, "-w", str(worked), "board", "--watch"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert watch.stdout is not None
+        assert watch.stdout.readline() == "2 order(s): done 1  halted 1\n"
+        watch.stdout.close()  # head -1 has its line
+        assert watch.wait(timeout=15) == 0
+        assert watch.stderr is not None and watch.stderr.read() == ""
+    finally:
+        watch.kill()
+        watch.wait()
+
+
 def test_log_prints_the_audit_history(worked: Path) -> None:
     everything = run("-w", worked, "log").stdout.splitlines()
     assert "state: initialise the audit trail" in everything[0]
