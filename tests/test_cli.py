@@ -1098,6 +1098,21 @@ def test_a_watch_into_a_pipe_stops_when_the_reader_goes_though_the_board_never_c
         watch.wait()
 
 
+def test_ctrl_c_while_the_commands_are_still_being_imported_is_no_traceback(tmp_path: Path) -> None:
+    """Importing the commands takes most of a short command's start (jsonschema, yaml): a Ctrl-C
+    then was a KeyboardInterrupt traceback, as `coordinator.cli` imported them before `main` ran."""
+    script = ("import sys\n"
+              "class Interrupt:\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name == 'coordinator.ordercommands':\n"
+              "            raise KeyboardInterrupt\n"
+              "sys.meta_path.insert(0, Interrupt())\n"
+              "from coordinator.cli import main\n"
+              "main(['board'])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert (done.returncode, done.stderr.strip()) == (130, "interrupted")
+
+
 def test_log_prints_the_audit_history(worked: Path) -> None:
     everything = run("-w", worked, "log").stdout.splitlines()
     assert "state: initialise the audit trail" in everything[0]
@@ -1350,7 +1365,10 @@ def test_demo_intro_sets_up_the_demo_repository_and_says_what_to_do(ws: Path) ->
 
 # -- usage errors, help, docs ----------------------------------------------------------------------------
 def _commands(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
-    for name, command in sorted(group.commands.items()):
+    ctx = click.Context(group)
+    for name in sorted(group.list_commands(ctx)):  # the top-level group imports its commands when asked
+        command = group.get_command(ctx, name)
+        assert command is not None
         yield (*path, name), command
         if isinstance(command, click.Group):
             yield from _commands(command, (*path, name))
