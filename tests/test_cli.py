@@ -146,6 +146,24 @@ def test_init_refuses_an_existing_workspace_unless_forced(ws: Path) -> None:
     assert "walt" in (ws / "coordinator.yaml").read_text()
 
 
+def test_a_workspace_whose_path_is_not_utf8_is_refused_up_front(ws: Path, tmp_path: Path) -> None:
+    """Its path is written into git's files and each brief as UTF-8: supervise took an order in,
+    started it, and stopped with an internal error (UnicodeEncodeError), the order left running."""
+    odd = os.fsdecode(bytes(tmp_path) + b"/team-\xff")
+    shown = f"{tmp_path}/team-\\xff"
+    made = program("init", odd)
+    assert (made.returncode, made.stderr) == (
+        2, f"coordinator: {shown} is not a UTF-8 path; the workspace's path is written into git's files and every "
+           "brief: use a folder whose path is UTF-8\n")
+    assert not os.path.exists(odd)
+    os.rename(ws, odd)
+    for args in (("board",), ("supervise", "--once"), ("send", "-", "--to", "chip")):
+        refused = program("-w", odd, *args, input=order("The webapp greets a user by name").encode())
+        assert (refused.returncode, refused.stderr) == (2, "coordinator: -w: " + made.stderr.removeprefix(
+            "coordinator: ")), args
+    assert os.listdir(os.path.join(odd, "inbox", "chip")) == []
+
+
 @pytest.mark.parametrize("kind", ["folder", "fifo", "loop"])
 def test_init_over_a_config_that_is_no_file_says_so_in_one_line_forced_or_not(tmp_path: Path, kind: str) -> None:
     """--force over a folder was an internal error, over a FIFO it waited forever, and a link to
