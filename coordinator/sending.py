@@ -124,7 +124,7 @@ def validate_files(ws: Workspace, files: list[str], *, to: str | None, sender: s
                                  "problems": []}
         hist.itself = None if stdin else path
         try:
-            data = read_stream(sys.stdin.buffer) if stdin else read_file(path, shown=shown)
+            data = read_stdin() if stdin else read_file(path, shown=shown)
             order = orders.load(data, path=shown, to=recipient, config=ws.config, history=hist, sender=sender,
                                 kind=sniff(data) if stdin else None, repos=ws.repos)
             _inbox_takes_in(ws, order.to)
@@ -319,6 +319,17 @@ def read_file(path: Path, *, shown: str | None = None) -> bytes:
             return read_stream(f, shown=said)
         except OSError as e:
             raise UsageError(f"{said}: cannot read: {e.strerror}") from None
+
+
+def read_stdin() -> bytes:
+    """The order piped to `-`; UsageError when there is no stdin to read from."""
+    reason = "standard input is closed"  # `<&-`: Python has no sys.stdin then
+    if sys.stdin is not None:
+        try:
+            return read_stream(sys.stdin.buffer)
+        except OSError as e:  # opened for writing only, say
+            reason = f"cannot read: {e.strerror}"
+    raise UsageError(f"{STDIN}: {reason}; pipe the order in, or name its file instead of -")
 
 
 def read_stream(stream: BinaryIO, *, shown: str = STDIN) -> bytes:

@@ -732,6 +732,24 @@ def test_a_link_to_itself_is_a_file_that_cannot_be_read_not_an_internal_error(ws
             2, "coordinator: loop.md: cannot read: Too many levels of symbolic links\n"), result.stderr
 
 
+@pytest.mark.parametrize("stdin", ["closed", "write-only"])
+def test_dash_with_no_stdin_to_read_is_said_in_one_line(ws: Path, stdin: str) -> None:
+    """`coordinator send - <&-` was an internal error (no sys.stdin), and so was a stdin opened only
+    for writing (EBADF)."""
+    def no_stdin() -> None:
+        os.close(0)
+        if stdin == "write-only":
+            os.set_inheritable(os.open(ws / "scratch", os.O_WRONLY | os.O_CREAT), True)  # takes fd 0
+
+    reason = "standard input is closed" if stdin == "closed" else "cannot read: Bad file descriptor"
+    for command in ("send", "validate"):
+        done = subprocess.run([COORDINATOR, "-w", str(ws), command, "-", "--to", "chip"], capture_output=True,
+                              text=True, timeout=60, preexec_fn=no_stdin)
+        assert (done.returncode, done.stderr) == (
+            2, f"coordinator: <stdin>: {reason}; pipe the order in, or name its file instead of -\n"), command
+    assert inbox_entries(ws, "chip") == []
+
+
 def test_validate_dash_reads_the_order_from_stdin(ws: Path) -> None:
     draft = run("-w", ws, "new", "--to", "chip").stdout
     unfilled = run("-w", ws, "validate", "-", input=draft)
