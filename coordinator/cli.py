@@ -18,8 +18,7 @@ from typing import Any, NoReturn
 
 import click
 
-from . import __version__, ordercommands, teamcommands
-from .clicontext import Command, Context
+from . import __version__
 from .errors import CoordinatorError, OrderError
 
 DEBUG_VAR = "COORDINATOR_DEBUG"  # set it to see the traceback of an internal error
@@ -47,8 +46,30 @@ class CoordinatorGroup(click.Group):
             # (`coordinator log | head -1`) is the reader having seen enough, not a failure.
             raise _StdoutClosed from e
 
+    # The commands are imported when first asked for, inside `main`'s guard: importing them
+    # (yaml, jsonschema) is most of a short command's start, and a Ctrl-C then was a traceback.
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        _register(self)
+        return super().get_command(ctx, cmd_name)
 
-CoordinatorGroup.command_class = Command
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        _register(self)
+        return super().list_commands(ctx)
+
+
+def _register(group: click.Group) -> None:
+    if group.commands:
+        return
+    from . import ordercommands, teamcommands
+    from .clicontext import Command
+
+    group.command_class = Command
+    for command in (ordercommands.new, ordercommands.validate, ordercommands.send, ordercommands.show,
+                    ordercommands.cancel, ordercommands.retry,
+                    teamcommands.init, teamcommands.supervise, teamcommands.board, teamcommands.log,
+                    teamcommands.budget, teamcommands.rotate, teamcommands.signals_cmd, teamcommands.audit,
+                    teamcommands.doctor, teamcommands.cost, teamcommands.gc, teamcommands.demo_intro):
+        group.add_command(command)
 
 
 class _StdoutClosed(Exception):
@@ -135,15 +156,9 @@ def cli(ctx: click.Context, workspace: str | None) -> None:
         coordinator send fix.md --to chip
         coordinator supervise
     """
+    from .clicontext import Context
+
     ctx.obj = Context(workspace)
-
-
-for command in (ordercommands.new, ordercommands.validate, ordercommands.send, ordercommands.show,
-                ordercommands.cancel, ordercommands.retry,
-                teamcommands.init, teamcommands.supervise, teamcommands.board, teamcommands.log,
-                teamcommands.budget, teamcommands.rotate, teamcommands.signals_cmd, teamcommands.audit,
-                teamcommands.doctor, teamcommands.cost, teamcommands.gc, teamcommands.demo_intro):
-    cli.add_command(command)
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

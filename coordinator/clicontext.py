@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import select
+import sys
 from typing import Any
 
 import click
@@ -95,6 +97,25 @@ class Tokens(click.IntRange):
                 self.fail(f"{value!r} is not a whole number of tokens (like 1800 or 1,800)", param, ctx)
             value = int(text.replace(",", "").replace("_", ""))
         return super().convert(value, param, ctx)
+
+
+def on_terminal() -> bool:
+    """Whether stdout is a terminal (not when there is none: `coordinator board >&-`)."""
+    return sys.stdout is not None and sys.stdout.isatty()
+
+
+def reader_gone() -> bool:
+    """Whether no one reads stdout any more: it is closed, or it is a pipe whose reader ended
+    (`| head -1`). Only a write would find that out, and a watch writes only on a change."""
+    if sys.stdout is None:
+        return True
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # not a real file (a test's buffer)
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)  # errors and hang-ups are reported whatever is asked for
+    return any(events & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, events in poller.poll(0))
 
 
 def emit_json(data: Any) -> None:

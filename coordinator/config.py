@@ -28,6 +28,8 @@ RESERVED_NAMES = {
 }
 SYSTEM_SENDERS = tuple(RESERVED_NAMES)
 MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_DEPTH = 32  # nesting; the deepest a config needs is agents.<name>.llm.prices.input
+MAX_CONFIG_VALUES = 20_000  # once aliases are expanded; a team of 100 agents has a few thousand
 
 # Every default is a named constant (rq's habit): one place to read them.
 DEFAULT_TIMEOUT = 30 * 60.0
@@ -155,9 +157,58 @@ class _Repeated(yaml.YAMLError):
         self.key = key
 
 
+class _Unbounded(yaml.YAMLError):
+    pass
+
+
+def _bounded(text: str) -> None:
+    """Refuse an alias bomb (billion laughs), an alias inside the value it names, or deep
+    nesting before anything is built: validating what they expand to would never end, and
+    building deep nesting ends in a RecursionError. Each `*name` counts all it names."""
+    values = chars = 0
+    open_: list[list[Any]] = []  # collections being read: [anchor, values, chars]
+    sizes: dict[str, tuple[int, int]] = {}  # anchor -> what its value expands to
+    for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        line = event.start_mark.line + 1 if event.start_mark is not None else "?"
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, n, c = open_.pop()
+            if anchor is not None:
+                sizes[anchor] = (n, c)
+            continue
+        if isinstance(event, yaml.AliasEvent):
+            if any(frame[0] == event.anchor for frame in open_):
+                raise _Unbounded(f"uses the YAML alias *{event.anchor} at line {line} inside the value it names "
+                                 "(a loop); write the values out in full")
+            n, c = sizes.get(event.anchor or "", (1, 0))
+        elif isinstance(event, yaml.ScalarEvent):
+            n, c = 1, len(event.value)
+        elif isinstance(event, yaml.CollectionStartEvent):
+            n, c = 1, 0
+        else:
+            continue
+        values, chars = values + n, chars + c
+        for frame in open_:
+            frame[1] += n
+            frame[2] += c
+        if values > MAX_CONFIG_VALUES or chars > MAX_CONFIG_BYTES:
+            if isinstance(event, yaml.AliasEvent):
+                raise _Unbounded(f"uses the YAML alias *{event.anchor} at line {line}, which makes it expand past "
+                                 f"{MAX_CONFIG_VALUES} values or 1 MiB; write the values out in full")
+            raise _Unbounded(f"holds more than {MAX_CONFIG_VALUES} values (line {line}); a team config needs "
+                             "far fewer")
+        if isinstance(event, yaml.ScalarEvent) and event.anchor is not None:
+            sizes[event.anchor] = (n, c)
+        elif isinstance(event, yaml.CollectionStartEvent):
+            if len(open_) >= MAX_CONFIG_DEPTH:
+                raise _Unbounded(f"nests deeper than {MAX_CONFIG_DEPTH} levels at line {line}; a team config "
+                                 "needs a few")
+            open_.append([event.anchor, 1, 0])
+
+
 def _safe_load(text: str) -> Any:
     """Safe YAML that refuses a key given twice in one mapping: YAML keeps the last one
     silently, so a second `chip:` under `agents:` would replace the first agent unseen."""
+    _bounded(text)
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -205,6 +256,8 @@ def load(path: Path) -> Config:
         raise ConfigError("is not UTF-8 text", path=shown) from None
     except _Repeated as e:
         raise ConfigError(str(e), path=shown, key=e.key) from None
+    except _Unbounded as e:
+        raise ConfigError(str(e), path=shown) from None
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""

@@ -5,7 +5,6 @@ one library function (`orders`, `sending`, `board`, `control`) and prints.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -86,7 +85,7 @@ def send(c: Context, file: str, to: str | None, sender: str | None) -> None:
     from .watcher import printable
 
     if file == "-":
-        data = sending.read_stream(sys.stdin.buffer)
+        data = sending.read_stdin()
         order_id = sending.send(c.ws, data, name=sending.STDIN, to=to, sender=sender, kind=sending.sniff(data))
     else:
         path = Path(file)

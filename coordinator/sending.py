@@ -124,7 +124,7 @@ def validate_files(ws: Workspace, files: list[str], *, to: str | None, sender: s
                                  "problems": []}
         hist.itself = None if stdin else path
         try:
-            data = read_stream(sys.stdin.buffer) if stdin else read_file(path, shown=shown)
+            data = read_stdin() if stdin else read_file(path, shown=shown)
             order = orders.load(data, path=shown, to=recipient, config=ws.config, history=hist, sender=sender,
                                 kind=sniff(data) if stdin else None, repos=ws.repos)
             _inbox_takes_in(ws, order.to)
@@ -166,27 +166,34 @@ def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str |
         orders.known_agent(to, cfg)
     if sender is not None:
         orders.known_sender(sender, cfg)
-    # A repository repos/ does not have is said now, not by intake after the order was sent.
-    order = orders.load(data, path=name, to=to, config=cfg, history=history(ws), sender=sender, kind=kind,
-                        repos=ws.repos)
+
+    def load() -> orders.WorkOrder:
+        # A repository repos/ does not have is said now, not by intake after the order was sent.
+        return orders.load(data, path=name, to=to, config=cfg, history=history(ws), sender=sender, kind=kind,
+                           repos=ws.repos)
+
+    order = load()
     _inbox_takes_in(ws, order.to)
     suffix = SUFFIXES[kind] if kind else (Path(name).suffix.lower() or ".md")
-    reserved = None
+    reserved, dropped = None, data
     if order.id is None or sender is not None:
         # The file as dropped must say what was validated: the assigned id, the stamped sender.
         reserved = None if order.id else reserve_id(ws)
         order = dataclasses.replace(order, id=order.id or reserved)
-        data, suffix = orders.render(order).encode("utf-8"), ".md"
+        dropped, suffix = orders.render(order).encode("utf-8"), ".md"
     assert order.id is not None
     inbox = ws.inbox(order.to)
     try:
         inbox.mkdir(parents=True, exist_ok=True)
         target = _free_name(inbox, f"{order.id}{suffix}")
-        # A dot-file is invisible to the supervisor until the rename makes it whole at once.
+        # A dot-file is invisible to the supervisor until the link makes it whole at once.
         tmp = inbox / f".{target.name}.{os.getpid()}.tmp"
         try:
-            durable.write_bytes(tmp, data)
-            os.rename(tmp, target)
+            durable.write_bytes(tmp, dropped)
+            while not _place(tmp, target):
+                if reserved is None:  # the order's own id, placed by another send since it was validated
+                    load()  # refused now, as a send after that one would be
+                target = _free_name(inbox, f"{order.id}{suffix}")
         finally:
             with contextlib.suppress(OSError):  # a read-only inbox: nothing there to remove
                 tmp.unlink(missing_ok=True)
@@ -262,6 +269,20 @@ def orders_id_number(name: str) -> int:
     return 0
 
 
+def _place(tmp: Path, target: Path) -> bool:
+    """Give `tmp` the name `target` unless a file has it (False): a rename would replace an
+    order another `send` placed there a moment ago, and lose it."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        os.rename(tmp, target)  # a file system without hard links: only a rename is atomic there
+    return True
+
+
 def _free_name(folder: Path, name: str) -> Path:
     base = Path(name).name.lstrip(".") or "order.md"
     target = folder / base
@@ -298,6 +319,17 @@ def read_file(path: Path, *, shown: str | None = None) -> bytes:
             return read_stream(f, shown=said)
         except OSError as e:
             raise UsageError(f"{said}: cannot read: {e.strerror}") from None
+
+
+def read_stdin() -> bytes:
+    """The order piped to `-`; UsageError when there is no stdin to read from."""
+    reason = "standard input is closed"  # `<&-`: Python has no sys.stdin then
+    if sys.stdin is not None:
+        try:
+            return read_stream(sys.stdin.buffer)
+        except OSError as e:  # opened for writing only, say
+            reason = f"cannot read: {e.strerror}"
+    raise UsageError(f"{STDIN}: {reason}; pipe the order in, or name its file instead of -")
 
 
 def read_stream(stream: BinaryIO, *, shown: str = STDIN) -> bytes:

@@ -264,7 +264,7 @@ class Store:
             return Record.from_json(durable.read_json(self.record_path(order_id)))
         except (FileNotFoundError, NotADirectoryError):
             raise NotFoundError(f"no order {order_id!r}; `coordinator board` lists them") from None
-        except ValueError as e:
+        except (ValueError, IsADirectoryError) as e:  # a folder where the file was: load_all says the same
             raise not_a_record(f"state/orders/{order_id}/record.json", e) from None
 
     def load_all(self, *, unreadable: list[str] | None = None, cache: RecordCache | None = None) -> dict[str, Record]:

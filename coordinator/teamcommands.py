@@ -18,9 +18,20 @@ from pathlib import Path
 
 import click
 
-from .clicontext import DAYS, SECONDS, Command, Context, Group, Tokens, emit_json, pass_ctx, submit
-from .config import CONFIG_NAME
-from .errors import CoordinatorError, WorkspaceError
+from .clicontext import (
+    DAYS,
+    SECONDS,
+    Command,
+    Context,
+    Group,
+    Tokens,
+    emit_json,
+    on_terminal,
+    pass_ctx,
+    reader_gone,
+    submit,
+)
+from .errors import WorkspaceError
 from .workspace import ENV_VAR, Workspace
 
 
@@ -37,9 +48,6 @@ def init(directory: str, force: bool) -> None:
     """
     from .workspace import init as do_init
 
-    existing = Path(directory).expanduser() / CONFIG_NAME
-    if existing.exists() and not force:  # the thing asked about is wrong (SPEC §1): exit 1
-        raise CoordinatorError(f"{existing} already exists; pass --force to overwrite it")
     ws, lines = do_init(Path(directory), force=force)
     for line in lines:
         click.echo(line)
@@ -129,7 +137,7 @@ def board(c: Context, as_json: bool, watch: bool) -> None:
     if as_json:
         emit_json(b.as_json(c.ws))
         return
-    terminal = sys.stdout.isatty()
+    terminal = on_terminal()
     if not watch:
         click.echo(b.render(c.ws, colour=terminal))
         return
@@ -138,7 +146,7 @@ def board(c: Context, as_json: bool, watch: bool) -> None:
     shown = None
     drawn = 0
     try:
-        while True:
+        while not reader_gone():
             if drawn % 60 == 0:
                 cache = RecordCache()  # a full read each minute, whatever a file's times say
             drawn += 1
@@ -211,7 +219,7 @@ def budget(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         emit_json(data)
     else:
-        click.echo(b.render_budget(data, bands=ws.config.budget.bands, gauge=sys.stdout.isatty()))
+        click.echo(b.render_budget(data, bands=ws.config.budget.bands, gauge=on_terminal()))
 
 
 @budget.command("add")

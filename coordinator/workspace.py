@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -46,12 +47,14 @@ class Workspace:
         here = (cwd or Path.cwd()).resolve()
         for folder in (here, *here.parents):
             if (folder / CONFIG_NAME).is_file():
+                _check_utf8(folder)
                 return cls(folder)
         raise WorkspaceError(NO_WORKSPACE)
 
     @classmethod
     def _at(cls, path: Path, source: str) -> Workspace:
         path = path.expanduser().resolve()
+        _check_utf8(path, source)
         config = path / CONFIG_NAME
         if config.is_file():
             return cls(path)
@@ -168,10 +171,12 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
     from . import audit  # git-backed pieces are only needed here and by the supervisor
     from .demo.repo import init_demo_repo
 
+    given = target.expanduser() / CONFIG_NAME  # said as the user wrote it
     target = target.expanduser().resolve()
+    _check_utf8(target)
     cfg_path = target / CONFIG_NAME
-    if cfg_path.exists() and not force:
-        raise CoordinatorError(f"{cfg_path} already exists; pass --force to overwrite it")  # SPEC §1: exit 1
+    if _config_there(cfg_path, shown=given) and not force:
+        raise CoordinatorError(f"{given} already exists; pass --force to overwrite it")  # SPEC §1: exit 1
     if target.exists() and not target.is_dir():
         raise UsageError(f"{target} is not a folder")
     try:
@@ -195,6 +200,31 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
     if not ignore.exists() and not (target / ".git").exists():
         ignore.write_text(f"{RUNTIME}/\n", encoding="utf-8")
     return ws, lines
+
+
+def _check_utf8(root: Path, source: str | None = None) -> None:
+    """WorkspaceError when the workspace's path is not UTF-8: git's files (a working copy's
+    `gitdir:`), every brief and state/ hold it as UTF-8, so an order would stop the supervisor."""
+    try:
+        str(root).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(root).decode("utf-8", "backslashreplace")
+        raise WorkspaceError(f"{source + ': ' if source else ''}{shown} is not a UTF-8 path; the workspace's path is "
+                             "written into git's files and every brief: use a folder whose path is UTF-8") from None
+
+
+def _config_there(path: Path, *, shown: Path) -> bool:
+    """Whether a config file is at `path`; UsageError when something that is none is: writing
+    over a folder fails, over a FIFO waits for a reader forever, through a link loop fails."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False  # nothing there (or not even the folder: said next)
+    except OSError:
+        st = None  # a link to itself
+    if st is None or not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{shown} is not a regular file; move it away (init writes the workspace's config there)")
+    return True
 
 
 def _uses_repo(cfg: Config, repo: str) -> bool:

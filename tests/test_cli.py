@@ -150,6 +150,40 @@ def test_init_refuses_an_existing_workspace_unless_forced(ws: Path) -> None:
     assert "walt" in (ws / "coordinator.yaml").read_text()
 
 
+def test_a_workspace_whose_path_is_not_utf8_is_refused_up_front(ws: Path, tmp_path: Path) -> None:
+    """Its path is written into git's files and each brief as UTF-8: supervise took an order in,
+    started it, and stopped with an internal error (UnicodeEncodeError), the order left running."""
+    odd = os.fsdecode(bytes(tmp_path) + b"/team-\xff")
+    shown = f"{tmp_path}/team-\\xff"
+    made = program("init", odd)
+    assert (made.returncode, made.stderr) == (
+        2, f"coordinator: {shown} is not a UTF-8 path; the workspace's path is written into git's files and every "
+           "brief: use a folder whose path is UTF-8\n")
+    assert not os.path.exists(odd)
+    os.rename(ws, odd)
+    for args in (("board",), ("supervise", "--once"), ("send", "-", "--to", "chip")):
+        refused = program("-w", odd, *args, input=order("The webapp greets a user by name").encode())
+        assert (refused.returncode, refused.stderr) == (2, "coordinator: -w: " + made.stderr.removeprefix(
+            "coordinator: ")), args
+    assert os.listdir(os.path.join(odd, "inbox", "chip")) == []
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "loop"])
+def test_init_over_a_config_that_is_no_file_says_so_in_one_line_forced_or_not(tmp_path: Path, kind: str) -> None:
+    """--force over a folder was an internal error, over a FIFO it waited forever, and a link to
+    itself was an internal error either way."""
+    root = tmp_path / "team"
+    root.mkdir()
+    spot = root / "coordinator.yaml"
+    {"folder": spot.mkdir, "fifo": lambda: os.mkfifo(spot), "loop": lambda: spot.symlink_to(spot.name)}[kind]()
+    for force in ((), ("--force",)):
+        refused = program("init", root, *force, timeout=30)
+        assert (refused.returncode, refused.stderr) == (
+            2, f"coordinator: {spot} is not a regular file; move it away (init writes the workspace's config "
+               "there)\n"), force
+    assert sorted(os.listdir(root)) == ["coordinator.yaml"]
+
+
 def test_init_without_a_folder_uses_the_current_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert run("init").exit_code == 0
@@ -327,6 +361,31 @@ def test_config_errors_are_said_in_words_not_jsonschemas(ws: Path, change: str, 
     (ws / "coordinator.yaml").write_text(yaml.safe_dump(data))
     result = run("-w", ws, "board")
     assert (result.exit_code, result.stderr) == (2, f"coordinator: coordinator.yaml: {said}\n")
+
+
+def _alias_bomb(levels: int) -> str:
+    rows = ["version: 1", "x0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    rows += [f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join(rows) + f"\nagents: {{chip: {{role: specialist, command: *a{levels}}}}}\n"
+
+
+@pytest.mark.parametrize("text, said", [
+    (_alias_bomb(10), "uses the YAML alias *a3 at line 6, which makes it expand past 20000 values or 1 MiB; write "
+                      "the values out in full"),
+    ("version: 1\nagents: {chip: {role: specialist, command: [x], description: " + "[" * 5000 + "]" * 5000 + "}}\n",
+     "nests deeper than 32 levels at line 2; a team config needs a few"),
+    ("version: 1\nagents: &team {chip: {role: specialist, command: [x], sends_to: *team}}\n",
+     "uses the YAML alias *team at line 2 inside the value it names (a loop); write the values out in full"),
+    ("version: 1\nagents: {chip: {role: specialist, command: [x]}}\nx: [" + "1," * 20_000 + "]\n",
+     "holds more than 20000 values (line 3); a team config needs far fewer"),
+])
+def test_a_config_that_would_expand_or_nest_without_end_is_refused_at_once(ws: Path, text: str, said: str) -> None:
+    """A billion laughs in coordinator.yaml hung every command, and deep nesting was an internal error."""
+    (ws / "coordinator.yaml").write_text(text)
+    started = time.monotonic()
+    result = program("-w", ws, "board", timeout=30)
+    assert (result.returncode, result.stderr) == (2, f"coordinator: coordinator.yaml: {said}\n")
+    assert time.monotonic() - started < 10
 
 
 @pytest.mark.parametrize("where", ["state", ".coordinator", "inbox/chip", ".coordinator/supervisor.pid"])
@@ -677,6 +736,24 @@ def test_a_link_to_itself_is_a_file_that_cannot_be_read_not_an_internal_error(ws
             2, "coordinator: loop.md: cannot read: Too many levels of symbolic links\n"), result.stderr
 
 
+@pytest.mark.parametrize("stdin", ["closed", "write-only"])
+def test_dash_with_no_stdin_to_read_is_said_in_one_line(ws: Path, stdin: str) -> None:
+    """`coordinator send - <&-` was an internal error (no sys.stdin), and so was a stdin opened only
+    for writing (EBADF)."""
+    def no_stdin() -> None:
+        os.close(0)
+        if stdin == "write-only":
+            os.set_inheritable(os.open(ws / "scratch", os.O_WRONLY | os.O_CREAT), True)  # takes fd 0
+
+    reason = "standard input is closed" if stdin == "closed" else "cannot read: Bad file descriptor"
+    for command in ("send", "validate"):
+        done = subprocess.run([COORDINATOR, "-w", str(ws), command, "-", "--to", "chip"], capture_output=True,
+                              text=True, timeout=60, preexec_fn=no_stdin)
+        assert (done.returncode, done.stderr) == (
+            2, f"coordinator: <stdin>: {reason}; pipe the order in, or name its file instead of -\n"), command
+    assert inbox_entries(ws, "chip") == []
+
+
 def test_validate_dash_reads_the_order_from_stdin(ws: Path) -> None:
     draft = run("-w", ws, "new", "--to", "chip").stdout
     unfilled = run("-w", ws, "validate", "-", input=draft)
@@ -722,6 +799,28 @@ def test_send_takes_the_recipient_from_the_file_when_not_given(ws: Path) -> None
     assert again.exit_code == 1
     assert again.stderr == ("fix.md:2: id: 'greet' is already waiting in inbox/chip/greet.md; pick another id "
                             "or leave it out to get one assigned\n")
+
+
+def test_two_sends_of_one_id_at_once_never_replace_the_order_placed_first(
+        ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both pass validation before either is in the inbox; the second must not rename its file
+    over the first's (each was told it was sent, and one order was gone)."""
+    from coordinator import durable, sending
+    first = order("The webapp greets a user by name", to="chip", id="greet")
+    (ws / "fix.md").write_text(order("The webapp greets a user by nickname", to="chip", id="greet"))
+    write = durable.write_bytes
+
+    def other_sender_lands_meanwhile(path: Path, data: bytes) -> None:
+        (ws / "inbox" / "chip" / "greet.md").write_text(first)
+        write(path, data)
+
+    monkeypatch.setattr(sending.durable, "write_bytes", other_sender_lands_meanwhile)
+    late = run("-w", ws, "send", ws / "fix.md")
+    assert (late.exit_code, late.stdout, late.stderr) == (
+        1, "", "fix.md:2: id: 'greet' is already waiting in inbox/chip/greet.md; pick another id or leave it out "
+               "to get one assigned\n")
+    assert inbox_entries(ws, "chip") == ["greet.md"]
+    assert (ws / "inbox" / "chip" / "greet.md").read_text() == first
 
 
 def test_an_order_sent_right_after_another_may_wait_for_it_before_any_supervisor_ran(ws: Path) -> None:
@@ -1014,6 +1113,46 @@ def test_a_reader_that_stops_reading_is_no_error(worked: Path, args: tuple[str, 
     assert (done.returncode, done.stderr) == (0, "")
 
 
+@pytest.mark.parametrize("args", [("board",), ("budget",), ("board", "--watch"), ("log",)])
+def test_a_closed_stdout_is_no_internal_error(worked: Path, args: tuple[str, ...]) -> None:
+    """`coordinator board >&-`: nothing can be shown, as with `> /dev/null`; exit 0 as git does,
+    and a watch has no one to redraw for. board and budget asked the missing stdout for a tty."""
+    done = subprocess.run([COORDINATOR, "-w", str(worked), *args], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, timeout=30, preexec_fn=lambda: os.close(1))
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_a_watch_into_a_pipe_stops_when_the_reader_goes_though_the_board_never_changes(worked: Path) -> None:
+    """`coordinator board --watch | head -1`: a board is added only when it changed, so no write
+    ever met the closed pipe and the watch went on forever."""
+    watch = subprocess.Popen([COORDINATOR, "-w", str(worked), "board", "--watch"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert watch.stdout is not None
+        assert watch.stdout.readline() == "2 order(s): done 1  halted 1\n"
+        watch.stdout.close()  # head -1 has its line
+        assert watch.wait(timeout=15) == 0
+        assert watch.stderr is not None and watch.stderr.read() == ""
+    finally:
+        watch.kill()
+        watch.wait()
+
+
+def test_ctrl_c_while_the_commands_are_still_being_imported_is_no_traceback(tmp_path: Path) -> None:
+    """Importing the commands takes most of a short command's start (jsonschema, yaml): a Ctrl-C
+    then was a KeyboardInterrupt traceback, as `coordinator.cli` imported them before `main` ran."""
+    script = ("import sys\n"
+              "class Interrupt:\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name == 'coordinator.ordercommands':\n"
+              "            raise KeyboardInterrupt\n"
+              "sys.meta_path.insert(0, Interrupt())\n"
+              "from coordinator.cli import main\n"
+              "main(['board'])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert (done.returncode, done.stderr.strip()) == (130, "interrupted")
+
+
 def test_log_prints_the_audit_history(worked: Path) -> None:
     everything = run("-w", worked, "log").stdout.splitlines()
     assert "state: initialise the audit trail" in everything[0]
@@ -1103,6 +1242,19 @@ def test_a_record_file_changed_by_hand_is_said_in_one_line_and_put_back(ws: Path
                               "orders/WO-0001/record.json\n")
     assert json.loads(record.read_bytes())["history"][:-1] == json.loads(kept)["history"]  # then the retry
     assert statuses(ws) == {"WO-0001": "queued", "WO-0002": "halted"}
+
+
+def test_a_record_file_made_a_folder_by_hand_is_said_in_one_line(ws: Path) -> None:
+    run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting already exists in the webapp"))
+    assert run("-w", ws, "supervise", "--once").exit_code == 0
+    record = ws / "state" / "orders" / "WO-0001" / "record.json"
+    record.unlink()
+    record.mkdir()
+    for args in (("show", "WO-0001"), ("log", "WO-0001")):
+        refused = run("-w", ws, *args)
+        assert (refused.exit_code, refused.stderr) == (
+            1, "coordinator: state/orders/WO-0001/record.json is not an order record ([Errno 21] Is a directory); "
+               "changed by hand? `coordinator supervise` puts it back from git\n"), args
 
 
 def test_a_record_field_of_the_wrong_kind_is_no_record(ws: Path) -> None:
@@ -1253,7 +1405,10 @@ def test_demo_intro_sets_up_the_demo_repository_and_says_what_to_do(ws: Path) ->
 
 # -- usage errors, help, docs ----------------------------------------------------------------------------
 def _commands(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
-    for name, command in sorted(group.commands.items()):
+    ctx = click.Context(group)
+    for name in sorted(group.list_commands(ctx)):  # the top-level group imports its commands when asked
+        command = group.get_command(ctx, name)
+        assert command is not None
         yield (*path, name), command
         if isinstance(command, click.Group):
             yield from _commands(command, (*path, name))
