@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 import yaml
 
+from . import yamlbounds
 from ._orderfields import KEYS, MAX_PROBLEMS, SECTIONS, kind_of, shape
 from .errors import OrderError, Problem
 
@@ -30,7 +31,7 @@ _HEADING = re.compile(r" {0,3}(#{1,6})(?:[ \t]+(.*))?")
 _BOLD = re.compile(r" {0,3}\*\*([^*\n]{1,60}?)(?::\*\*|\*\*[ \t]*:)(.*)")
 _ITEM = re.compile(r"\s*(?:[-*+]|\d{1,9}[.)])(?:\s+(.*))?")
 _CHECKBOX = re.compile(r"\[[ xX]\]\s+")
-_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_YAML_LOADER: Any = yamlbounds.LOADER
 
 
 # --- reading untrusted text (shared with results.py) --------------------------------------
@@ -105,49 +106,24 @@ def load_yaml(text: str, *, path: str, offset: int = 0, aliases: bool = False) -
 
 
 def _bounded(text: str, *, path: str, offset: int, aliases: bool) -> None:
-    """Count every value as it will be once aliases are expanded (each `*name` counts all it
-    names), and refuse the text when that passes MAX_YAML_NODES values or MAX_YAML_CHARS
-    characters, or when it nests deeper than MAX_YAML_DEPTH."""
-    nodes = chars = 0
-    open_: list[list[Any]] = []  # collections being read: [anchor, nodes, chars]
-    sizes: dict[str, tuple[int, int]] = {}  # anchor -> what its value expands to
-    for event in yaml.parse(text, Loader=_YAML_LOADER):
-        if isinstance(event, yaml.CollectionEndEvent):
-            anchor, n, c = open_.pop()
-            if anchor is not None:
-                sizes[anchor] = (n, c)
-            continue
-        if isinstance(event, yaml.AliasEvent):
-            line = _line(event.start_mark, offset)
-            if not aliases:
-                fail(path, "uses a YAML alias (*name); write every value out in full", line)
-            if any(frame[0] == event.anchor for frame in open_):
-                fail(path, f"uses the YAML alias *{event.anchor} inside the value it names (a loop); write the "
-                           "values out in full", line)
-            n, c = sizes.get(event.anchor or "", (1, 0))
-        elif isinstance(event, yaml.ScalarEvent):
-            n, c = 1, len(event.value)
-        elif isinstance(event, yaml.CollectionStartEvent):
-            n, c = 1, 0
-        else:
-            continue
-        nodes, chars = nodes + n, chars + c
-        for frame in open_:
-            frame[1] += n
-            frame[2] += c
-        if nodes > MAX_YAML_NODES or chars > MAX_YAML_CHARS:
-            line = _line(event.start_mark, offset)
-            if isinstance(event, yaml.AliasEvent):
-                fail(path, f"uses a YAML alias (*{event.anchor}) that makes it expand past {MAX_YAML_NODES} "
-                           f"values or {MAX_YAML_CHARS // 1024} KiB; write the values out in full", line)
-            if nodes > MAX_YAML_NODES:
-                fail(path, f"holds more than {MAX_YAML_NODES} values; far more than a work order needs", line)
-        if isinstance(event, yaml.ScalarEvent) and event.anchor is not None:
-            sizes[event.anchor] = (n, c)
-        elif isinstance(event, yaml.CollectionStartEvent):
-            if len(open_) >= MAX_YAML_DEPTH:
-                fail(path, f"nests deeper than {MAX_YAML_DEPTH} levels; flatten it", _line(event.start_mark, offset))
-            open_.append([event.anchor, 1, 0])
+    """Refuse the text when, with its aliases expanded, it passes MAX_YAML_NODES values or
+    MAX_YAML_CHARS characters, or nests deeper than MAX_YAML_DEPTH (`yamlbounds`)."""
+    found = yamlbounds.excess(text, values=MAX_YAML_NODES, chars=MAX_YAML_CHARS, depth=MAX_YAML_DEPTH,
+                              aliases=aliases)
+    if found is None:
+        return
+    line = _line(found.mark, offset)
+    if found.kind == "alias":
+        fail(path, "uses a YAML alias (*name); write every value out in full", line)
+    if found.kind == "loop":
+        fail(path, f"uses the YAML alias *{found.anchor} inside the value it names (a loop); write the "
+                   "values out in full", line)
+    if found.kind == "expands":
+        fail(path, f"uses a YAML alias (*{found.anchor}) that makes it expand past {MAX_YAML_NODES} "
+                   f"values or {MAX_YAML_CHARS // 1024} KiB; write the values out in full", line)
+    if found.kind == "depth":
+        fail(path, f"nests deeper than {MAX_YAML_DEPTH} levels; flatten it", line)
+    fail(path, f"holds more than {MAX_YAML_NODES} values; far more than a work order needs", line)
 
 
 def _line(mark: Any, offset: int) -> int | None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from . import paths, schemas
+from . import paths, schemas, yamlbounds
 from .errors import ConfigError
 
 CONFIG_NAME = "coordinator.yaml"
@@ -163,46 +163,21 @@ class _Unbounded(yaml.YAMLError):
 
 def _bounded(text: str) -> None:
     """Refuse an alias bomb (billion laughs), an alias inside the value it names, or deep
-    nesting before anything is built: validating what they expand to would never end, and
-    building deep nesting ends in a RecursionError. Each `*name` counts all it names."""
-    values = chars = 0
-    open_: list[list[Any]] = []  # collections being read: [anchor, values, chars]
-    sizes: dict[str, tuple[int, int]] = {}  # anchor -> what its value expands to
-    for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
-        line = event.start_mark.line + 1 if event.start_mark is not None else "?"
-        if isinstance(event, yaml.CollectionEndEvent):
-            anchor, n, c = open_.pop()
-            if anchor is not None:
-                sizes[anchor] = (n, c)
-            continue
-        if isinstance(event, yaml.AliasEvent):
-            if any(frame[0] == event.anchor for frame in open_):
-                raise _Unbounded(f"uses the YAML alias *{event.anchor} at line {line} inside the value it names "
-                                 "(a loop); write the values out in full")
-            n, c = sizes.get(event.anchor or "", (1, 0))
-        elif isinstance(event, yaml.ScalarEvent):
-            n, c = 1, len(event.value)
-        elif isinstance(event, yaml.CollectionStartEvent):
-            n, c = 1, 0
-        else:
-            continue
-        values, chars = values + n, chars + c
-        for frame in open_:
-            frame[1] += n
-            frame[2] += c
-        if values > MAX_CONFIG_VALUES or chars > MAX_CONFIG_BYTES:
-            if isinstance(event, yaml.AliasEvent):
-                raise _Unbounded(f"uses the YAML alias *{event.anchor} at line {line}, which makes it expand past "
-                                 f"{MAX_CONFIG_VALUES} values or 1 MiB; write the values out in full")
-            raise _Unbounded(f"holds more than {MAX_CONFIG_VALUES} values (line {line}); a team config needs "
-                             "far fewer")
-        if isinstance(event, yaml.ScalarEvent) and event.anchor is not None:
-            sizes[event.anchor] = (n, c)
-        elif isinstance(event, yaml.CollectionStartEvent):
-            if len(open_) >= MAX_CONFIG_DEPTH:
-                raise _Unbounded(f"nests deeper than {MAX_CONFIG_DEPTH} levels at line {line}; a team config "
-                                 "needs a few")
-            open_.append([event.anchor, 1, 0])
+    nesting before anything is built (`yamlbounds`): validating what they expand to would
+    never end, and building deep nesting ends in a RecursionError."""
+    found = yamlbounds.excess(text, values=MAX_CONFIG_VALUES, chars=MAX_CONFIG_BYTES, depth=MAX_CONFIG_DEPTH)
+    if found is None:
+        return
+    line = found.mark.line + 1 if found.mark is not None else "?"
+    if found.kind == "loop":
+        raise _Unbounded(f"uses the YAML alias *{found.anchor} at line {line} inside the value it names "
+                         "(a loop); write the values out in full")
+    if found.kind == "expands":
+        raise _Unbounded(f"uses the YAML alias *{found.anchor} at line {line}, which makes it expand past "
+                         f"{MAX_CONFIG_VALUES} values or 1 MiB; write the values out in full")
+    if found.kind == "depth":
+        raise _Unbounded(f"nests deeper than {MAX_CONFIG_DEPTH} levels at line {line}; a team config needs a few")
+    raise _Unbounded(f"holds more than {MAX_CONFIG_VALUES} values (line {line}); a team config needs far fewer")
 
 
 def _safe_load(text: str) -> Any:
