@@ -42,7 +42,15 @@ def as_json(ws: Workspace) -> dict[str, Any]:
     recs = records(ws)
     index = {r.id: r for r in recs}
     return {"orders": [r.board_row() | {"stale": r.stale, "reason": reason(r, index)} for r in recs],
-            "supervisor": supervisor(ws)}
+            "supervisor": supervisor(ws), "inboxes": inboxes(ws)}
+
+
+def inboxes(ws: Workspace) -> dict[str, int]:
+    """How many files wait in each agent's inbox, not taken in yet (orders the board cannot
+    show until the supervisor files them)."""
+    from .watcher import scan
+
+    return {agent: len(scan(ws.inbox(agent))) for agent in ws.config.agents}
 
 
 def supervisor(ws: Workspace) -> dict[str, Any]:
@@ -114,7 +122,9 @@ def render(ws: Workspace, *, colour: bool = False, width: int | None = None,
     from_w = min(max((len(r.sender) for r in recs), default=4), 16)
     lines: list[str] = []
     summary = "  ".join(f"{s} {len(by_status[s])}" for s in STATUSES if by_status[s])
-    lines.append(f"{len(recs)} order(s): {summary or 'none yet — drop a work order into inbox/<agent>/'}")
+    arrived = {agent: n for agent, n in inboxes(ws).items() if n}
+    none = "none filed yet" if arrived else "none yet — drop a work order into inbox/<agent>/"
+    lines.append(f"{len(recs)} order(s): {summary or none}")
     sup = supervisor(ws)
     if sup["running"]:
         lines.append(f"supervisor: running (pid {sup['pid'] or '?'})")
@@ -123,6 +133,10 @@ def render(ws: Workspace, *, colour: bool = False, width: int | None = None,
                      "`coordinator supervise` re-queues them")
     else:
         lines.append("supervisor: not running — `coordinator supervise` starts it")
+    if arrived:
+        lines.append(f"inboxes: {sum(arrived.values())} file(s) not taken in yet "
+                     f"({', '.join(f'{agent} {n}' for agent, n in arrived.items())})"
+                     + ("" if sup["running"] else " — `coordinator supervise` takes them in"))
     stale = [r for r in by_status["running"] if r.stale]
     if stale:
         lines.append(f"stale: {', '.join(r.id for r in stale)} (no output or heartbeat)")

@@ -971,6 +971,21 @@ def test_board_shows_orders_by_status(worked: Path) -> None:
     assert halted[1] == f"           ↳ {summary}"  # under the objective: why it halted
 
 
+def test_board_counts_what_waits_in_the_inboxes_before_a_supervisor_files_it(ws: Path) -> None:
+    """Sent with no supervisor running: the board must not say "none yet — drop a work order"."""
+    assert run("-w", ws, "send", "-", "--to", "chip", input=DEMO_ORDERS.joinpath("greeting.md").read_bytes()
+               ).stdout == "WO-0001\n"
+    assert run("-w", ws, "send", "-", "--to", "chip", input=order("A second one")).stdout == "WO-0002\n"
+    lines = run("-w", ws, "board").stdout.splitlines()
+    assert lines[:3] == ["0 order(s): none filed yet",
+                         "supervisor: not running — `coordinator supervise` starts it",
+                         "inboxes: 2 file(s) not taken in yet (chip 2) — `coordinator supervise` takes them in"]
+    assert json.loads(run("-w", ws, "board", "--json").stdout)["inboxes"]["chip"] == 2
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    board = run("-w", ws, "board").stdout
+    assert "inboxes:" not in board and board.startswith("2 order(s): ")
+
+
 def test_board_shows_records_a_hand_edit_left_odd_without_failing(ws: Path) -> None:
     """`board` is where a user looks when something is wrong: a record whose report has an odd
     shape (edited by hand, from an older version) is shown, never a traceback."""
@@ -1063,8 +1078,9 @@ def test_board_watch_with_json_is_a_usage_error(ws: Path) -> None:
 
 def test_board_json_has_the_contract_keys(worked: Path) -> None:
     doc = json.loads(run("-w", worked, "board", "--json").stdout)
-    assert list(doc) == ["orders", "supervisor"]
+    assert list(doc) == ["orders", "supervisor", "inboxes"]
     assert doc["supervisor"] == {"running": False, "pid": None}
+    assert set(doc["inboxes"].values()) == {0} and "chip" in doc["inboxes"]
     for row in doc["orders"]:
         assert set(row) == BOARD_KEYS | {"stale", "reason"}  # SPEC §10 keys, plus two (added)
     assert [o["reason"] for o in doc["orders"]] == [None, Store(worked / "state").load("WO-0002").report["summary"]]
