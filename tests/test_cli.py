@@ -202,7 +202,8 @@ def test_workspace_from_w_then_environment_then_upward_search(ws: Path, tmp_path
     assert run("board", env={"COORDINATOR_WORKSPACE": str(ws)}).exit_code == 0
     monkeypatch.chdir(ws / "repos" / "webapp" / "src")
     found = run("board", "--json")
-    assert found.exit_code == 0 and json.loads(found.stdout) == {"orders": [], "supervisor": {"running": False, "pid": None}}
+    assert found.exit_code == 0 and json.loads(found.stdout) == {
+        "orders": [], "supervisor": {"running": False, "pid": None}, "inboxes": {"walt": 0, "chip": 0, "rex": 0}}
     missing = run("-w", elsewhere, "board")
     assert missing.exit_code == 2
     assert missing.stderr == (f"coordinator: -w: {elsewhere} has no coordinator.yaml; "
