@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -120,6 +121,11 @@ def _guarded(invoke: Callable[[], Any]) -> int:
             return EXIT_ENVIRONMENT
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or os.environ.get(DEBUG_VAR):
             return _internal(e)
+        if e.filename is None and _stdout_full():  # `board > /dev/full`: the output, not state/
+            click.echo(f"coordinator: cannot write the output: {e.strerror}", err=True)
+            with contextlib.suppress(OSError, ValueError):  # what is still buffered would fail at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_ENVIRONMENT
         where = f" writing {e.filename}" if e.filename else ""
         if e.errno == errno.EROFS:  # no room to make: the mount itself refuses writes
             click.echo(f"coordinator: read-only file system{where}: the workspace must be writable; remount "
@@ -130,6 +136,18 @@ def _guarded(invoke: Callable[[], Any]) -> int:
         return EXIT_ENVIRONMENT
     except Exception as e:  # last resort: still one line, never a traceback
         return _internal(e)
+
+
+def _stdout_full() -> bool:
+    """Whether stdout is where no byte more fits: /dev/full, or a file on a full file system."""
+    try:
+        fd = sys.stdout.fileno()
+        st = os.fstat(fd)
+        if stat.S_ISCHR(st.st_mode):
+            return st.st_rdev == os.makedev(1, 7)  # /dev/full
+        return stat.S_ISREG(st.st_mode) and os.fstatvfs(fd).f_bavail == 0
+    except (AttributeError, ValueError, OSError):  # no real stdout
+        return False
 
 
 def _internal(e: Exception) -> int:

@@ -1139,6 +1139,16 @@ def test_a_closed_stdout_is_no_internal_error(worked: Path, args: tuple[str, ...
     assert (done.returncode, done.stderr) == (0, "")
 
 
+@pytest.mark.parametrize("args", [("board",), ("log",)])
+def test_output_into_a_full_device_says_so_not_the_state_advice(worked: Path, args: tuple[str, ...]) -> None:
+    """`coordinator board > /dev/full`: the output could not be written; the advice for a full
+    disk under state/ ("what was claimed stays in state/") would send the user to the wrong disk."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([COORDINATOR, "-w", str(worked), *args], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=30)
+    assert (done.returncode, done.stderr) == (2, "coordinator: cannot write the output: No space left on device\n")
+
+
 def test_a_watch_into_a_pipe_stops_when_the_reader_goes_though_the_board_never_changes(worked: Path) -> None:
     """`coordinator board --watch | head -1`: a board is added only when it changed, so no write
     ever met the closed pipe and the watch went on forever."""
