@@ -31,7 +31,7 @@ from .outbox import _note_undelivered
 from .repos import MergeConflict, Repo
 from .runner import Attempt
 from .spawner import Refused, SpawnRequest
-from .store import Record, route_end, via_route
+from .store import Record, iso, route_end, via_route, waits_for
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -283,7 +283,7 @@ class AttemptRunner(Interruptions):
 
     def conclude(self, act: Active, result: results.Result) -> None:
         """Judge the outcome, the change and the checks of a finished specialist."""
-        problem = outcome_problem(act.order, result)
+        problem = outcome_problem(act.order, result) or self._blocker_problem(act, result)
         if problem:
             return self.fail(act, problem)
         act.result = result
@@ -317,6 +317,27 @@ class AttemptRunner(Interruptions):
             act.check_index = 0
             return self._start_check(act)
         self._land(act)
+
+    def _blocker_problem(self, act: Active, result: results.Result) -> str | None:
+        """Why a requeue's blocker could never release the order anew, or None: the order
+        itself or one waiting for it would wait for ever, and one already done when the
+        attempt started would queue it again at once, to requeue again, for ever."""
+        blocker, rec = result.blocker, act.rec
+        if result.outcome != "requeue-with-blocker" or blocker is None:
+            return None
+        what = "do the work, or name what is still missing"
+        if blocker == rec.id:
+            return f"requeue-with-blocker names this order itself ({blocker}): it would wait for ever; {what}"
+        last = route_end(self.sup.records, blocker)
+        if last is None:
+            return None  # a line of text (or no order yet): `coordinator retry` clears it
+        if last.status == "done" and last.updated <= iso(act.started):
+            return (f"requeue-with-blocker: {via_route(blocker, last)} was already done when this attempt "
+                    f"started (its work is in place); {what}")
+        if waits_for(self.sup.records, blocker, rec.id):
+            return (f"requeue-with-blocker: {blocker} waits for this order ({rec.id}): each would wait for the "
+                    f"other for ever; {what}")
+        return None
 
     def _await_children(self, act: Active) -> None:
         """An orchestrator delegated: its request is done when its children are, and checks pass."""

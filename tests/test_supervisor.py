@@ -1043,6 +1043,31 @@ def test_a_blocker_that_already_ended_cancelled_blocks_at_once(make_ws):
         assert rec.report["summary"] == "dependency gone ended cancelled"
 
 
+@pytest.mark.parametrize("blocker", ["dep", "loop", "waiter"])
+def test_a_requeue_on_a_blocker_that_can_never_release_it_anew_is_a_failed_attempt(make_ws, blocker):
+    """A blocker already done when the attempt started (its work was there to see), the order
+    itself, or an order that waits for this one: requeued on it, the order ran again at once,
+    for ever (`supervise --once` never ended), or waited for ever. Each is a failed attempt
+    that says why, and the order ends blocked after max_failures."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh(
+        'if [ "$COORD_ORDER_ID" = loop ]; then echo "$COORD_ORDER_ID" >> "$PROBE/ran.txt"; '
+        f'printf "outcome: requeue-with-blocker\\nblocker: {blocker}\\nsummary: waits\\n" > "$COORD_RESULT"; fi')}})
+    drop(ws, "chip", "a.md", order_md("Dependency is done", id="dep", priority="urgent"))
+    drop(ws, "chip", "b.md", order_md("Loop is done", id="loop",
+                                      branching=("requeue-with-blocker if a dependency is missing",)))
+    drop(ws, "chip", "c.md", order_md("Waiter is done", id="waiter", blocked_by=["loop"]))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: "loop" in sup.records and sup.records["loop"].terminal,
+                   "the order to end", wait=30)
+        rec = sup.store.with_detail(sup.records["loop"])
+    assert rec.status == "blocked", rec.history[-3:]
+    assert len((probe_of(ws) / "ran.txt").read_text().split()) == 2  # max_failures: 2
+    why = {"dep": "dep was already done when this attempt started",
+           "loop": "names this order itself",
+           "waiter": "waiter waits for this order"}[blocker]
+    assert why in rec.failures[-1], rec.failures
+
+
 def test_half_a_character_in_json_is_refused_where_it_comes_in_and_never_stops_the_supervisor(make_ws):
     """JSON can carry "\\ud800", half of a character no file can hold (YAML refuses it). In an
     order it is a rejection, in a result file a failed attempt, each with one clear line; the
