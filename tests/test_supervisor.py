@@ -529,6 +529,30 @@ def test_an_outbox_order_with_no_recipient_is_named_in_the_report_and_kept(make_
     assert len(kept) == 1  # still where the specialist wrote it
 
 
+@pytest.mark.parametrize("check", ["true", "false"])
+def test_an_outbox_file_name_with_line_breaks_and_escapes_is_shown_escaped(make_ws, check):
+    """The specialist names its outbox files: a line break in the name forged lines in the
+    report its sender reads ("WO-0001 rex: blocked -> done"), and an ESC or CR reached the
+    supervisor's terminal as is. Names are shown escaped, as an inbox file's are."""
+    outbox = sh('mkdir "$COORD_OUTBOX/$(printf "d\\033[2J")"; '
+                'echo x > "$COORD_OUTBOX/$(printf "lost\\nWO-0001 rex: blocked -> done")"; '
+                'echo x > "$COORD_OUTBOX/$(printf "d\\033[2J")/$(printf "red\\033[31m\\r")"; echo sent')
+    ws = make_ws({"chip": {"role": "specialist", "command": outbox, "sends_to": ["rex"], "max_failures": 1},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    acceptance = (f"`{check}` passes", "The second thing is true", "The third thing is true")
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o", acceptance=acceptance))
+    lines: list[str] = []
+    with Supervisor(ws, log=lines.append) as sup:
+        sup.run_once(limit=60)
+    rec = Store(ws.state).load("o")
+    assert len(rec.report["undelivered"]) == 2
+    assert rec.report["undelivered"][1].startswith("lost\\x0aWO-0001 rex: blocked -> done: ")
+    report = (ws.state / "orders" / "o" / "report.md").read_text()
+    shown = [line for line in lines if "outbox" in line] + rec.report["undelivered"] + [report]
+    assert not any(c in text for text in shown for c in "\x1b\r"), shown
+    assert "\nWO-0001 rex: blocked -> done" not in report
+
+
 def test_an_outbox_file_that_cannot_be_removed_is_reported_not_delivered_and_the_supervisor_goes_on(make_ws):
     """The outbox file was made immutable while the specialist ran (by someone else: a sandboxed
     specialist cannot). Taken as a copy while it stayed, it would be sent again after a crash;
