@@ -313,6 +313,13 @@ class AttemptRunner(Interruptions):
                 return self.fail(act, f"could not commit the change: {e}")
         act.checks = list(act.order.checks)
         if act.checks:
+            if act.repo is not None and act.verdict is not None and act.verdict.commit_paths():
+                # The checks verify what lands: a file git ignores was judged but not committed
+                # (a compiled module, a build left in place), and must not make one pass.
+                try:
+                    act.repo.discard(act.attempt.workdir)
+                except CoordinatorError as e:
+                    return self.fail(act, f"could not prepare the working copy for the checks: {e}")
             act.phase = "check"
             act.check_index = 0
             return self._start_check(act)
@@ -438,9 +445,13 @@ class AttemptRunner(Interruptions):
                 rec.commit = act.committed
                 self.sup.note_head(act.repo.name, sha, base=getattr(act.repo, "last_base", None))
         summary = act.result.summary if act.result else "done"
-        rec.report = {"summary": summary,
-                      "changed": [f"{act.repo.name}/{p}" for p in act.verdict.commit_paths()]
-                      if act.repo and act.verdict else [],
+        changed: list[str] = []
+        if act.repo is not None and act.committed:
+            try:  # what was committed: a file git ignores was judged, and is not in it
+                changed = [f"{act.repo.name}/{p}" for p in act.repo.changed_in(act.committed)]
+            except GitError:
+                changed = [f"{act.repo.name}/{p}" for p in act.verdict.commit_paths()] if act.verdict else []
+        rec.report = {"summary": summary, "changed": changed,
                       "checks": act.check_lines, "merge": sha}
         self._end(act, "done", act.agent.name, note=f"commit {act.committed[:10]}" if act.committed else None)
 

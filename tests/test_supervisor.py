@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -399,6 +400,35 @@ def test_checks_cannot_smuggle_writes_into_the_commit(make_ws):
     assert status(ws, "g") == "done"
     assert not (ws.repos / "webapp" / "src" / "sneaky.py").exists()
     assert "sneaky" not in git(ws.repos / "webapp", "log", "--stat", "-1")
+
+
+def test_checks_run_on_what_was_committed_not_on_files_git_ignores(make_ws):
+    """The demo repository ignores *.pyc: a specialist that left only a compiled greeting.pyc
+    (the source removed) had its check import it and pass, and the order was `done`, its
+    report listing the .pyc as changed, with nothing committed: the default branch failed
+    the very check. The checks see what lands; the report lists what was committed."""
+    cheat = sh('printf "def greet():\\n    return 1\\n" > src/greeting.py; '
+               '"$PYTHON" -c "import py_compile; py_compile.compile(\'src/greeting.py\', cfile=\'src/greeting.pyc\')"; '
+               'rm src/greeting.py; printf "x = 1\\n" > src/other.py; echo compiled it')
+    ws = make_ws({"chip": {"role": "specialist", "command": cheat, "writes": ["webapp/src/**"],
+                           "max_failures": 1, "env": {"PYTHON": sys.executable}}})
+    check = f"`{sys.executable} -c 'import sys; sys.path.insert(0, \"src\"); import greeting'` passes"
+    drop(ws, "chip", "g.md", order_md("Greeting lands", files=("webapp/src/**",), id="g",
+                                      acceptance=(check, "The file exists", "Nothing else changed")))
+    run(ws)
+    rec = Store(ws.state).load("g")
+    assert rec.status == "blocked", rec.report
+    assert "No module named 'greeting'" in rec.failures[0]
+    assert not (ws.repos / "webapp" / "src" / "greeting.pyc").exists()
+
+
+def test_the_report_lists_what_was_committed_not_the_files_git_ignores(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"], "command": sh(
+        'printf "x = 1\\n" > src/other.py; echo junk > src/cache.pyc; echo wrote')}})
+    drop(ws, "chip", "g.md", order_md("Other lands", files=("webapp/src/**",), id="g"))
+    run(ws)
+    rec = Store(ws.state).load("g")
+    assert rec.status == "done" and rec.report["changed"] == ["webapp/src/other.py"]
 
 
 def test_outbox_orders_are_stamped_and_checked_against_sends_to(make_ws):
