@@ -353,6 +353,16 @@ class AttemptRunner(Interruptions):
         self.active.pop(act.token, None)
         self.waiting_requests[act.rec.id] = act
         self.sup.event(act.rec, f"waiting for {len(act.rec.children)} order(s): {', '.join(act.rec.children)}")
+        # One that waits for this request (itself, or through others) would wait for ever, and
+        # the request with it: blocked at once, as a model's plan may not name its request.
+        records = self.sup.records
+        for child in act.rec.children:
+            rec = records.get(child)
+            if rec is not None and rec.status == "waiting" and waits_for(records, child, act.rec.id):
+                why = (f"it waits for {act.rec.id}, the request it was sent for, which ends only after it: "
+                       "it would wait for ever; send it again without that in blocked_by")
+                rec.report = {"summary": why}
+                self.sup.move(rec, "blocked", audit.SUPERVISOR, note=f"it waits for its own request {act.rec.id}")
 
     def children_ended(self, act: Active) -> None:
         """All children of a command orchestrator's request ended: verify on the default branch."""
