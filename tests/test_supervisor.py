@@ -583,6 +583,29 @@ def test_an_outbox_file_name_with_line_breaks_and_escapes_is_shown_escaped(make_
     assert "\nWO-0001 rex: blocked -> done" not in report
 
 
+@pytest.mark.parametrize("outcome", ["route-to\\nagent: rex", "blocked"])
+def test_an_outbox_order_cannot_take_the_id_planned_for_its_senders_follow_up(make_ws, outcome):
+    """The follow-up of a route (or an escalation) is named before the outbox is delivered and
+    filed after it. An outbox order that asked for that id (the next WO number, easy to guess)
+    and referenced its sender passed for the follow-up's own copy: it took the id, the real
+    follow-up was rejected as a duplicate, and the route led to the outbox order instead."""
+    chip = sh('mkdir -p "$COORD_OUTBOX/rex"; printf "id: WO-0001\\nreferences: [o]\\nobjective: Not the work\\n'
+              'acceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+              'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/x.yaml"; '
+              f'printf "outcome: {outcome}\\nsummary: for rex\\n" > "$COORD_RESULT"')
+    ws = make_ws({"chip": {"role": "specialist", "command": chip, "sends_to": ["rex"]},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}}, escalate_to="rex")
+    drop(ws, "chip", "o.md", order_md("The real work is done", id="o",
+                                      branching=("route-to-rex if it is for rex",)))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    follow = recs["WO-0001"]
+    assert follow.sender in ("chip", "coordinator") and follow.objective != "Not the work", follow.objective
+    assert follow.status == "done" and "o" in follow.references
+    (other,) = [r for r in recs.values() if r.objective == "Not the work"]
+    assert other.status == "rejected" and "'WO-0001' is already used" in other.errors[0]
+
+
 def test_an_outbox_file_that_cannot_be_removed_is_reported_not_delivered_and_the_supervisor_goes_on(make_ws):
     """The outbox file was made immutable while the specialist ran (by someone else: a sandboxed
     specialist cannot). Taken as a copy while it stayed, it would be sent again after a crash;
