@@ -31,7 +31,7 @@ from .outbox import _note_undelivered
 from .repos import MergeConflict, Repo
 from .runner import Attempt
 from .spawner import Refused, SpawnRequest
-from .store import Record, route_end, via_route
+from .store import Record, iso, route_end, via_route, waits_for
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -283,7 +283,7 @@ class AttemptRunner(Interruptions):
 
     def conclude(self, act: Active, result: results.Result) -> None:
         """Judge the outcome, the change and the checks of a finished specialist."""
-        problem = outcome_problem(act.order, result)
+        problem = outcome_problem(act.order, result) or self._blocker_problem(act, result)
         if problem:
             return self.fail(act, problem)
         act.result = result
@@ -313,10 +313,38 @@ class AttemptRunner(Interruptions):
                 return self.fail(act, f"could not commit the change: {e}")
         act.checks = list(act.order.checks)
         if act.checks:
+            if act.repo is not None and act.verdict is not None and act.verdict.commit_paths():
+                # The checks verify what lands: a file git ignores was judged but not committed
+                # (a compiled module, a build left in place), and must not make one pass.
+                try:
+                    act.repo.discard(act.attempt.workdir)
+                except CoordinatorError as e:
+                    return self.fail(act, f"could not prepare the working copy for the checks: {e}")
             act.phase = "check"
             act.check_index = 0
             return self._start_check(act)
         self._land(act)
+
+    def _blocker_problem(self, act: Active, result: results.Result) -> str | None:
+        """Why a requeue's blocker could never release the order anew, or None: the order
+        itself or one waiting for it would wait for ever, and one already done when the
+        attempt started would queue it again at once, to requeue again, for ever."""
+        blocker, rec = result.blocker, act.rec
+        if result.outcome != "requeue-with-blocker" or blocker is None:
+            return None
+        what = "do the work, or name what is still missing"
+        if blocker == rec.id:
+            return f"requeue-with-blocker names this order itself ({blocker}): it would wait for ever; {what}"
+        last = route_end(self.sup.records, blocker)
+        if last is None:
+            return None  # a line of text (or no order yet): `coordinator retry` clears it
+        if last.status == "done" and last.updated <= iso(act.started):
+            return (f"requeue-with-blocker: {via_route(blocker, last)} was already done when this attempt "
+                    f"started (its work is in place); {what}")
+        if waits_for(self.sup.records, blocker, rec.id):
+            return (f"requeue-with-blocker: {blocker} waits for this order ({rec.id}): each would wait for the "
+                    f"other for ever; {what}")
+        return None
 
     def _await_children(self, act: Active) -> None:
         """An orchestrator delegated: its request is done when its children are, and checks pass."""
@@ -325,6 +353,16 @@ class AttemptRunner(Interruptions):
         self.active.pop(act.token, None)
         self.waiting_requests[act.rec.id] = act
         self.sup.event(act.rec, f"waiting for {len(act.rec.children)} order(s): {', '.join(act.rec.children)}")
+        # One that waits for this request (itself, or through others) would wait for ever, and
+        # the request with it: blocked at once, as a model's plan may not name its request.
+        records = self.sup.records
+        for child in act.rec.children:
+            rec = records.get(child)
+            if rec is not None and rec.status == "waiting" and waits_for(records, child, act.rec.id):
+                why = (f"it waits for {act.rec.id}, the request it was sent for, which ends only after it: "
+                       "it would wait for ever; send it again without that in blocked_by")
+                rec.report = {"summary": why}
+                self.sup.move(rec, "blocked", audit.SUPERVISOR, note=f"it waits for its own request {act.rec.id}")
 
     def children_ended(self, act: Active) -> None:
         """All children of a command orchestrator's request ended: verify on the default branch."""
@@ -417,9 +455,13 @@ class AttemptRunner(Interruptions):
                 rec.commit = act.committed
                 self.sup.note_head(act.repo.name, sha, base=getattr(act.repo, "last_base", None))
         summary = act.result.summary if act.result else "done"
-        rec.report = {"summary": summary,
-                      "changed": [f"{act.repo.name}/{p}" for p in act.verdict.commit_paths()]
-                      if act.repo and act.verdict else [],
+        changed: list[str] = []
+        if act.repo is not None and act.committed:
+            try:  # what was committed: a file git ignores was judged, and is not in it
+                changed = [f"{act.repo.name}/{p}" for p in act.repo.changed_in(act.committed)]
+            except GitError:
+                changed = [f"{act.repo.name}/{p}" for p in act.verdict.commit_paths()] if act.verdict else []
+        rec.report = {"summary": summary, "changed": changed,
                       "checks": act.check_lines, "merge": sha}
         self._end(act, "done", act.agent.name, note=f"commit {act.committed[:10]}" if act.committed else None)
 

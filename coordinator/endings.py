@@ -19,7 +19,7 @@ from . import audit, durable, gate, results
 from .errors import CoordinatorError
 from .followups import FollowUps, _planned, _short
 from .orders import WorkOrder
-from .outbox import Outbox, _note_undelivered, _outbox_files
+from .outbox import Outbox, _note_undelivered, _outbox_files, shown_name
 from .store import Record
 
 if TYPE_CHECKING:
@@ -106,8 +106,9 @@ class Endings(FollowUps, Outbox):
         rec.report = {"summary": f"attempt {act.attempt.number} failed: {reason}"}
         if not act.delivered:  # the sender learns that the orders it wrote were not sent
             for path in _outbox_files(act.attempt.outbox, act.undelivered):
-                act.undelivered.append(f"{path.name}: not delivered: attempt {act.attempt.number} failed; "
-                                       f"kept in {path.parent}")
+                name, kept = shown_name(path)
+                act.undelivered.append(f"{name}: not delivered: attempt {act.attempt.number} failed; "
+                                       f"kept in {kept}")
         self._finish(act)  # after the report: it adds what the outbox could not deliver
         rec.failures.append(reason)
         if len(rec.failures) >= act.agent.max_failures:

@@ -125,9 +125,11 @@ class Intake:
         suffix = _suffix(shown)
         data, read_size = claims.read_capped(claimed)
         size = read_size if read_size is None or size is None else max(read_size, size)
-        if self.history.planned and size is not None:
-            own = self._take_planned(data, shown, agent)
-            sender = sender or own  # the supervisor wrote it: its sender is as stamped
+        # Only a file with no sender stamped may be the supervisor's own copy of a follow-up (see
+        # `_take_planned`): an outbox order, delivered live or after a crash, is its sender's,
+        # and one that asks for a planned id is a duplicate, never the follow-up it names.
+        if self.history.planned and size is not None and sender is None:
+            sender = self._take_planned(data, shown, agent)  # the supervisor wrote it: as stamped
         if size is None:  # no regular file: replaced by an empty one, rejected for what it was
             problems = [Problem("", _replace_special(claimed), shown)]
         else:

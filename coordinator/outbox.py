@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from . import claims, gate, orders, runner
 from .config import Agent
 from .store import Record
+from .watcher import printable
 
 if TYPE_CHECKING:
     from .attempts import Active
@@ -55,29 +56,30 @@ class Outbox:
         was not delivered."""
         for path in files:
             to = path.parent.name if path.parent != box else _to_of(box, path)
+            name, kept = shown_name(path)
             if to not in self.sup.config.agents:
-                self.sup.say(f"{rec.id}: outbox file {path.name} names no known recipient; not delivered")
-                undelivered.append(f"{path.name}: names no known recipient (give it `to: <agent>` or "
-                                   f"write it into $COORD_OUTBOX/<agent>/); kept in {path.parent}")
+                self.sup.say(f"{rec.id}: outbox file {name} names no known recipient; not delivered")
+                undelivered.append(f"{name}: names no known recipient (give it `to: <agent>` or "
+                                   f"write it into $COORD_OUTBOX/<agent>/); kept in {kept}")
                 continue
             # A copy, not the file: a process of the attempt may still hold it open for writing.
             shown_as = f"outbox of {rec.id}/{path.name}"
             try:
                 taken = self.sup.intake.claim_copy(path, to, sender=sender, shown=shown_as, within=box)
             except claims.Unremovable as e:
-                self.sup.say(f"{rec.id}: outbox file {path.name} cannot be taken out of the outbox ({e}); "
+                self.sup.say(f"{rec.id}: outbox file {name} cannot be taken out of the outbox ({e}); "
                              "not delivered")
-                undelivered.append(f"{path.name}: cannot be taken out of the outbox ({e}); kept in {path.parent}")
+                undelivered.append(f"{name}: cannot be taken out of the outbox ({e}); kept in {kept}")
                 continue
             if taken:
                 claimed, size = taken
                 child = self.sup.file_claimed(claimed, to, shown=shown_as, sender=sender, size=size)
                 rec.children.append(child.id)
                 if os.path.lexists(path):  # another file renamed over it while it was copied: never read
-                    self.sup.say(f"{rec.id}: outbox file {path.name} was replaced while it was taken; "
+                    self.sup.say(f"{rec.id}: outbox file {name} was replaced while it was taken; "
                                  "the new one is not delivered")
-                    undelivered.append(f"{path.name}: replaced while it was taken (what it held before was "
-                                       f"delivered); the new file is kept in {path.parent}")
+                    undelivered.append(f"{name}: replaced while it was taken (what it held before was "
+                                       f"delivered); the new file is kept in {kept}")
 
     def _deliver_rest(self, rec: Record, agent: Agent, number: int) -> None:
         """A crash cut short the delivery of a decided attempt's outbox: the orders it had
@@ -100,6 +102,13 @@ def _note_undelivered(act: Active) -> None:
         act.rec.report = {**(act.rec.report or {}), "undelivered": act.undelivered}
 
 
+def shown_name(path: Path) -> tuple[str, str]:
+    """An outbox file's name and folder as they are printed and stored: the specialist chose
+    them, and a line break or an escape sequence in them must not forge a line of a report
+    or reach a terminal (escaped, as an inbox file's name is)."""
+    return printable(path.name), printable(str(path.parent))
+
+
 def _outbox_files(box: Path, undelivered: list[str]) -> list[Path]:
     """The files in an outbox (sorted; no links, no dot-files); what cannot be read is said in
     `undelivered`. Nothing is taken from where an outbox replaced by a link points."""
@@ -111,7 +120,7 @@ def _outbox_files(box: Path, undelivered: list[str]) -> list[Path]:
     found: list[Path] = []
 
     def shown(folder: str) -> str:
-        rel = os.path.relpath(folder, box)
+        rel = printable(os.path.relpath(folder, box))
         return f"{rel[:60]}...{rel[-60:]}" if len(rel) > 130 else rel
 
     # An explicit stack and a depth limit, not os.walk: that recurses, and the specialist

@@ -177,6 +177,11 @@ class Repo(Checkout):
         self.git("update-ref", "-m", f"coordinator: commit by {agent}", head_ref, new, old)
         return new
 
+    def changed_in(self, sha: str) -> list[str]:
+        """The repo-relative paths commit `sha` changes against its first parent."""
+        out = self.git("diff-tree", "-r", "-z", "--no-commit-id", "--name-only", "--no-renames", sha)
+        return _nul_split(out)
+
     def _commit_tree(self, tree: str, parents: list[str], message: str, who: tuple[str, str]) -> str:
         args = ["commit-tree", tree]
         for p in parents:

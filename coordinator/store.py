@@ -79,6 +79,24 @@ def dead_blocked(records: dict[str, Record], rec: Record) -> bool:
     return False
 
 
+def waits_for(records: dict[str, Record], order_id: str, target: str) -> bool:
+    """Does `order_id` (at the end of its route) wait, directly or through other waiting
+    orders, for `target`? Then `target` waiting for it waits for ever. An explicit stack."""
+    todo, seen = [order_id], {order_id}
+    while todo:
+        rec = route_end(records, todo.pop())
+        if rec is None or rec.status != "waiting":
+            continue
+        for dep in rec.dependencies:
+            last = route_end(records, dep)
+            if dep == target or (last is not None and last.id == target):
+                return True
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return False
+
+
 def via_route(order_id: str, last: Record | None) -> str:
     """`order_id`, and where its route led when it was routed: the id the user wrote comes first."""
     return order_id if last is None or last.id == order_id else f"{order_id} (routed to {last.id})"

@@ -191,6 +191,34 @@ def test_a_command_orchestrators_request_is_judged_at_the_end_of_its_childs_rout
             f"delegated orders did not finish: kid (routed to {follow.id}) halted")
 
 
+@pytest.mark.parametrize("how", ["directly", "through another order"])
+def test_an_order_a_command_orchestrator_sends_that_waits_for_its_own_request_is_blocked(make_ws, tmp_path, how):
+    """walt's request waits for the orders walt sent; one of them that waits (blocked_by) for
+    that request waited for ever, and so did the request, `running` on the board long after
+    `supervise --once` had said it was done. As a model's plan may not, it is blocked at once,
+    saying why, and the request ends as when any order it sent fails."""
+    ws = make_ws({
+        "walt": {"role": "orchestrator", "sends_to": ["chip"], "command": sh(
+            'mkdir -p "$COORD_OUTBOX/chip" && cp "$PROBE/kid.md" "$COORD_OUTBOX/chip/kid.md" && '
+            'printf "outcome: done\\nsummary: delegated\\n" > "$COORD_RESULT"')},
+        "chip": {"role": "specialist", "command": sh("echo done")},
+    }, orchestrator="walt")
+    if how == "directly":
+        waits_on = "req"
+    else:
+        waits_on = "middle"
+        drop(ws, "chip", "m.md", order_md("The middle step is done", id="middle", blocked_by=["req"]))
+    (tmp_path / "probe" / "kid.md").write_text(order_md("The greeting is written", id="kid",
+                                                         blocked_by=[waits_on]))
+    drop(ws, "walt", "req.md", order_md("The team writes the greeting", id="req"))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    assert recs["kid"].status == "blocked", recs["kid"].history
+    assert "req" in recs["kid"].report["summary"] and "wait for ever" in recs["kid"].report["summary"]
+    assert recs["req"].status == "blocked"
+    assert recs["req"].report["summary"].startswith("delegated orders did not finish: kid blocked")
+
+
 # -- the ledger follows every end and every return ---------------------------------------------------
 def test_a_rejected_order_is_completed_and_a_retried_one_is_in_flight_again(make_ws):
     ws = team(make_ws, chip={"role": "specialist", "command": sh("exit 1"), "max_failures": 1})

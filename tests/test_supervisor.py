@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -401,6 +402,35 @@ def test_checks_cannot_smuggle_writes_into_the_commit(make_ws):
     assert "sneaky" not in git(ws.repos / "webapp", "log", "--stat", "-1")
 
 
+def test_checks_run_on_what_was_committed_not_on_files_git_ignores(make_ws):
+    """The demo repository ignores *.pyc: a specialist that left only a compiled greeting.pyc
+    (the source removed) had its check import it and pass, and the order was `done`, its
+    report listing the .pyc as changed, with nothing committed: the default branch failed
+    the very check. The checks see what lands; the report lists what was committed."""
+    cheat = sh('printf "def greet():\\n    return 1\\n" > src/greeting.py; '
+               '"$PYTHON" -c "import py_compile; py_compile.compile(\'src/greeting.py\', cfile=\'src/greeting.pyc\')"; '
+               'rm src/greeting.py; printf "x = 1\\n" > src/other.py; echo compiled it')
+    ws = make_ws({"chip": {"role": "specialist", "command": cheat, "writes": ["webapp/src/**"],
+                           "max_failures": 1, "env": {"PYTHON": sys.executable}}})
+    check = f"`{sys.executable} -c 'import sys; sys.path.insert(0, \"src\"); import greeting'` passes"
+    drop(ws, "chip", "g.md", order_md("Greeting lands", files=("webapp/src/**",), id="g",
+                                      acceptance=(check, "The file exists", "Nothing else changed")))
+    run(ws)
+    rec = Store(ws.state).load("g")
+    assert rec.status == "blocked", rec.report
+    assert "No module named 'greeting'" in rec.failures[0]
+    assert not (ws.repos / "webapp" / "src" / "greeting.pyc").exists()
+
+
+def test_the_report_lists_what_was_committed_not_the_files_git_ignores(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"], "command": sh(
+        'printf "x = 1\\n" > src/other.py; echo junk > src/cache.pyc; echo wrote')}})
+    drop(ws, "chip", "g.md", order_md("Other lands", files=("webapp/src/**",), id="g"))
+    run(ws)
+    rec = Store(ws.state).load("g")
+    assert rec.status == "done" and rec.report["changed"] == ["webapp/src/other.py"]
+
+
 def test_outbox_orders_are_stamped_and_checked_against_sends_to(make_ws):
     outbox = sh('mkdir -p "$COORD_OUTBOX/rex" "$COORD_OUTBOX/walt"; '
                 f'{PRINT_REVIEW} > "$COORD_OUTBOX/rex/r.yaml"; '
@@ -527,6 +557,53 @@ def test_an_outbox_order_with_no_recipient_is_named_in_the_report_and_kept(make_
     assert "Not delivered from the outbox" in (ws.state / "orders" / "o" / "report.md").read_text()
     kept = list((ws.root / ".coordinator" / "attempts" / "o").rglob("lost.yaml"))
     assert len(kept) == 1  # still where the specialist wrote it
+
+
+@pytest.mark.parametrize("check", ["true", "false"])
+def test_an_outbox_file_name_with_line_breaks_and_escapes_is_shown_escaped(make_ws, check):
+    """The specialist names its outbox files: a line break in the name forged lines in the
+    report its sender reads ("WO-0001 rex: blocked -> done"), and an ESC or CR reached the
+    supervisor's terminal as is. Names are shown escaped, as an inbox file's are."""
+    outbox = sh('mkdir "$COORD_OUTBOX/$(printf "d\\033[2J")"; '
+                'echo x > "$COORD_OUTBOX/$(printf "lost\\nWO-0001 rex: blocked -> done")"; '
+                'echo x > "$COORD_OUTBOX/$(printf "d\\033[2J")/$(printf "red\\033[31m\\r")"; echo sent')
+    ws = make_ws({"chip": {"role": "specialist", "command": outbox, "sends_to": ["rex"], "max_failures": 1},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    acceptance = (f"`{check}` passes", "The second thing is true", "The third thing is true")
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o", acceptance=acceptance))
+    lines: list[str] = []
+    with Supervisor(ws, log=lines.append) as sup:
+        sup.run_once(limit=60)
+    rec = Store(ws.state).load("o")
+    assert len(rec.report["undelivered"]) == 2
+    assert rec.report["undelivered"][1].startswith("lost\\x0aWO-0001 rex: blocked -> done: ")
+    report = (ws.state / "orders" / "o" / "report.md").read_text()
+    shown = [line for line in lines if "outbox" in line] + rec.report["undelivered"] + [report]
+    assert not any(c in text for text in shown for c in "\x1b\r"), shown
+    assert "\nWO-0001 rex: blocked -> done" not in report
+
+
+@pytest.mark.parametrize("outcome", ["route-to\\nagent: rex", "blocked"])
+def test_an_outbox_order_cannot_take_the_id_planned_for_its_senders_follow_up(make_ws, outcome):
+    """The follow-up of a route (or an escalation) is named before the outbox is delivered and
+    filed after it. An outbox order that asked for that id (the next WO number, easy to guess)
+    and referenced its sender passed for the follow-up's own copy: it took the id, the real
+    follow-up was rejected as a duplicate, and the route led to the outbox order instead."""
+    chip = sh('mkdir -p "$COORD_OUTBOX/rex"; printf "id: WO-0001\\nreferences: [o]\\nobjective: Not the work\\n'
+              'acceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+              'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/rex/x.yaml"; '
+              f'printf "outcome: {outcome}\\nsummary: for rex\\n" > "$COORD_RESULT"')
+    ws = make_ws({"chip": {"role": "specialist", "command": chip, "sends_to": ["rex"]},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}}, escalate_to="rex")
+    drop(ws, "chip", "o.md", order_md("The real work is done", id="o",
+                                      branching=("route-to-rex if it is for rex",)))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    follow = recs["WO-0001"]
+    assert follow.sender in ("chip", "coordinator") and follow.objective != "Not the work", follow.objective
+    assert follow.status == "done" and "o" in follow.references
+    (other,) = [r for r in recs.values() if r.objective == "Not the work"]
+    assert other.status == "rejected" and "'WO-0001' is already used" in other.errors[0]
 
 
 def test_an_outbox_file_that_cannot_be_removed_is_reported_not_delivered_and_the_supervisor_goes_on(make_ws):
@@ -1041,6 +1118,31 @@ def test_a_blocker_that_already_ended_cancelled_blocks_at_once(make_ws):
         rec = sup.store.with_detail(sup.records["needs"])
         assert rec.status == "blocked" and [h["to"] for h in rec.history][-2:] == ["waiting", "blocked"]
         assert rec.report["summary"] == "dependency gone ended cancelled"
+
+
+@pytest.mark.parametrize("blocker", ["dep", "loop", "waiter"])
+def test_a_requeue_on_a_blocker_that_can_never_release_it_anew_is_a_failed_attempt(make_ws, blocker):
+    """A blocker already done when the attempt started (its work was there to see), the order
+    itself, or an order that waits for this one: requeued on it, the order ran again at once,
+    for ever (`supervise --once` never ended), or waited for ever. Each is a failed attempt
+    that says why, and the order ends blocked after max_failures."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh(
+        'if [ "$COORD_ORDER_ID" = loop ]; then echo "$COORD_ORDER_ID" >> "$PROBE/ran.txt"; '
+        f'printf "outcome: requeue-with-blocker\\nblocker: {blocker}\\nsummary: waits\\n" > "$COORD_RESULT"; fi')}})
+    drop(ws, "chip", "a.md", order_md("Dependency is done", id="dep", priority="urgent"))
+    drop(ws, "chip", "b.md", order_md("Loop is done", id="loop",
+                                      branching=("requeue-with-blocker if a dependency is missing",)))
+    drop(ws, "chip", "c.md", order_md("Waiter is done", id="waiter", blocked_by=["loop"]))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: "loop" in sup.records and sup.records["loop"].terminal,
+                   "the order to end", wait=30)
+        rec = sup.store.with_detail(sup.records["loop"])
+    assert rec.status == "blocked", rec.history[-3:]
+    assert len((probe_of(ws) / "ran.txt").read_text().split()) == 2  # max_failures: 2
+    why = {"dep": "dep was already done when this attempt started",
+           "loop": "names this order itself",
+           "waiter": "waiter waits for this order"}[blocker]
+    assert why in rec.failures[-1], rec.failures
 
 
 def test_half_a_character_in_json_is_refused_where_it_comes_in_and_never_stops_the_supervisor(make_ws):
