@@ -504,6 +504,7 @@ def test_dirty_lists_every_file_changed_or_added_by_hand_however_deep_and_no_tem
 
 
 # -- audit verify beside a running supervisor -----------------------------------------------------------
+@pytest.mark.slow  # some 6 s: `make test-slow`, and CI, run it
 def test_verify_beside_a_busy_supervisor_lists_nothing_it_is_about_to_commit(make_ws):
     """A busy supervisor commits its writes about once a second: a check in between sees them
     uncommitted, and the records' newest transitions not yet in the history. Those are checked

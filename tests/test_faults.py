@@ -308,6 +308,7 @@ def test_a_commit_made_by_hand_while_no_supervisor_runs_is_signalled_at_start(ma
 RACE = 3.0  # seconds of committing by hand while orders merge
 
 
+@pytest.mark.slow  # some 6 s: `make test-slow`, and CI, run it
 def test_commits_racing_a_live_supervisor_lose_nothing(make_ws, tmp_path):
     """A live `coordinator supervise` merges six orders while a person commits on main in a
     tight loop in the same checkout. An order may fail its merge (and be blocked after
@@ -473,6 +474,7 @@ def test_a_person_holding_states_index_lock_past_the_wait_costs_no_order(make_ws
     assert "recovery:" not in again.stderr  # it had stopped cleanly: nothing left to commit
 
 
+@pytest.mark.slow  # some 6 s: `make test-slow`, and CI, run it
 def test_state_commits_failing_in_a_row_stop_the_supervisor_and_a_restart_loses_nothing(make_ws, monkeypatch):
     """Every state/ commit fails once the loop runs. After a few tries the supervisor stops
     with one line saying why and that nothing is lost; what it wrote is on disk and in its
