@@ -108,11 +108,14 @@ class Arrivals(Transitions):
 
     def _start_pumps(self) -> None:
         def watch_pump() -> None:  # rescans falling due, overflows, a dead watcher thread
+            said = None
             while self._opened:
                 try:
                     woken = self.watcher.wait(0.5)
                 except Exception as e:  # noqa: BLE001 - a pump that ended would leave drops to the idle timeout
-                    self.say(f"WARNING: the inbox watcher failed ({one_line(str(e))}); the inboxes are still rescanned")
+                    if one_line(str(e)) != said:  # once, not every second it goes on
+                        said = one_line(str(e))
+                        self.say(f"WARNING: the inbox watcher failed ({said}); the inboxes are still rescanned")
                     time.sleep(1.0)
                     woken = True
                 if woken:
