@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
 from collections.abc import Iterator
 
@@ -9,6 +10,7 @@ import httpx
 import pytest
 from fakellm import FakeLLM
 
+from coordinator import llm
 from coordinator.config import Endpoint, LLMSettings, Prices
 from coordinator.errors import LLMAuthError, LLMError
 from coordinator.llm import PLAIN_JSON_HINT, Client, SpendLimitReached
@@ -385,3 +387,22 @@ def test_a_fallback_on_another_host_never_gets_the_primarys_key(fake: FakeLLM, s
 def test_api_key_env_null_means_no_key() -> None:
     settings = agent_llm({"base_url": "http://127.0.0.1:1/v1", "model": "m", "api_key_env": None})
     assert settings.primary.api_key_env is None
+
+
+def test_an_answer_past_the_size_cap_is_cut_off_never_read_whole(fake: FakeLLM, sleeps: Sleeps,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A gzip bomb: a few kilobytes on the wire, megabytes once decoded (gigabytes in the wild,
+    # enough to take the supervisor's memory). Reading stops at the cap; the next model answers.
+    monkeypatch.setattr(llm, "MAX_ANSWER_BYTES", 1 << 20)
+    bomb = gzip.compress(b'{"choices": [{"message": {"content": "' + b"a" * (8 << 20), 9)
+    assert len(bomb) < 64 << 10
+    fake.script(json=bomb, headers={"Content-Encoding": "gzip"})
+    fake.script(json=b"x" * (2 << 20))  # plain, and as large
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("bomb", fake.base_url), Endpoint("backup", fake.base_url),
+                             max_retries=1), sleep=sleeps)
+    reply = client.chat([{"role": "user", "content": "hi"}])
+    assert reply.text == OK and reply.model == "backup"
+    assert [c.status for c in reply.calls] == [200, 200, 200]
+    for call in reply.calls[:2]:
+        assert "larger than 1 MiB" in (call.error or "") and len(call.error or "") < 200
