@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -406,3 +407,20 @@ def test_an_answer_past_the_size_cap_is_cut_off_never_read_whole(fake: FakeLLM, 
     assert [c.status for c in reply.calls] == [200, 200, 200]
     for call in reply.calls[:2]:
         assert "larger than 1 MiB" in (call.error or "") and len(call.error or "") < 200
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": 10**400, "completion_tokens": 5},  # once an OverflowError out of chat()
+    {"prompt_tokens": 10**30, "completion_tokens": 5},   # once $3e24: every spend limit spent for good
+    {"prompt_tokens": True, "completion_tokens": True},  # a bool is no count
+    {"prompt_tokens": 10, "completion_tokens": 10**12},
+])
+def test_usage_no_call_could_have_used_is_estimated_not_billed(fake: FakeLLM, usage: dict[str, Any]) -> None:
+    fake.script(json={"choices": [{"message": {"content": OK}}], "usage": usage})
+    reply = Client(settings(Endpoint("m", fake.base_url, prices=Prices(3.0, 15.0)))).chat(
+        [{"role": "user", "content": "hi"}])
+    assert reply.text == OK
+    assert reply.usage.estimated
+    assert type(reply.usage.prompt_tokens) is int and type(reply.usage.completion_tokens) is int
+    assert reply.usage.total < 100
+    assert reply.cost < 0.001
