@@ -29,9 +29,11 @@ from typing import Any, TypeVar
 from jsonschema import Draft202012Validator
 
 from . import paths, schemas
+from ._orderfields import text_problem
 from .config import Config
 from .errors import LLMError
 from .llm import LONE_SURROGATE, Client, Reply
+from .results import MAX_RESULT_BYTES
 
 MAX_REASKS = 2
 MAX_CANDIDATES = 20  # places a JSON object might start in a reply wrapped in prose
@@ -189,6 +191,8 @@ def run_specialist(client: Client, brief: str, files: Mapping[str, str | None], 
         if errors:
             return None, errors
         outcome = data["outcome"]
+        errors.extend(_text_errors(data["summary"], data.get("blocker") if outcome == "requeue-with-blocker"
+                                   else None))
         if not _outcome_allowed(outcome, data.get("agent"), outcomes_allowed):
             what = f"{outcome!r} to {data.get('agent')!r}" if outcome == "route-to" else repr(outcome)
             errors.append(f"outcome: {what} is not allowed by this order's branching; "
@@ -234,6 +238,20 @@ def run_specialist(client: Client, brief: str, files: Mapping[str, str | None], 
         ), []
 
     return _converse(client, specialist_messages(brief, files, unseen), check, "specialist reply")
+
+
+def _text_errors(summary: str, blocker: object = None) -> list[str]:
+    """What a command's result file could not say (SPEC §6) a reply may not say either: a summary
+    past its size, or with control characters (a terminal escape `coordinator show` would print);
+    a blocker of more than one line."""
+    errors: list[str] = []
+    if len(summary.encode("utf-8")) > MAX_RESULT_BYTES:
+        errors.append(f"summary: is longer than {MAX_RESULT_BYTES} bytes; say in one paragraph what was done")
+    elif why := text_problem(summary.strip(), multiline=True):
+        errors.append(f"summary: {why}")
+    if isinstance(blocker, str) and (why := text_problem(blocker.strip())):
+        errors.append(f"blocker: {why}")
+    return errors
 
 
 def _outcome_allowed(outcome: str, agent: object, allowed: Collection[str]) -> bool:
@@ -366,6 +384,7 @@ def _plan_check(validate: PlanValidator) -> Callable[[dict[str, Any]], tuple[Pla
         errors = _schema_errors("plan", data)
         if errors:
             return None, errors
+        errors.extend(_text_errors(data["summary"]))
         named: dict[str, int] = {}
         for i, order in enumerate(data["orders"]):
             oid = order.get("id")
