@@ -421,19 +421,40 @@ def _converse(client: Client, messages: list[dict[str, str]],
         reply = client.chat(messages, json_object=True, prefer=replies[-1].endpoint if replies else None)
         replies.append(reply)
         data, errors = parse_object(reply.text)
+        said = reply.text
+        if _holds_key(client, reply.text, data):
+            # Only the endpoint could have written it: kept, it would reach state/ (a report), a
+            # commit or, sent back, a fallback on another host. Refused, and never repeated.
+            data, errors = None, [KEY_ECHOED]
+            said = "(a reply that held the API key; not repeated here)"
         if data is not None:
             result, errors = check(data)
             if result is not None and not errors:
                 return result, replies
         correction = ("Your reply was not accepted:\n" + "\n".join(f"- {e}" for e in errors)
                       + "\nReply again with the whole corrected JSON object and nothing else.")
-        messages = [*messages, {"role": "assistant", "content": reply.text},
+        messages = [*messages, {"role": "assistant", "content": said},
                     {"role": "user", "content": correction}]
     model = replies[-1].model
     raise LLMReplyError(
         f"{model}'s {what} broke the contract {len(replies)} times; last errors: " + "; ".join(errors),
         errors=errors, replies=replies,
     )
+
+
+KEY_ECHOED = ("the reply holds the API key of this agent's endpoint; it is never written anywhere: "
+              "reply without it")
+
+
+def _holds_key(client: Client, text: str, data: dict[str, Any] | None) -> bool:
+    """Whether the reply holds a key of the client's chain: as sent, or in a string of its JSON
+    (where \\u escapes would hide it from a plain search)."""
+    if client.redact(text) != text:
+        return True
+    if data is None:
+        return False
+    whole = json.dumps(data, ensure_ascii=False)
+    return client.redact(whole) != whole
 
 
 def parse_object(text: str) -> tuple[dict[str, Any] | None, list[str]]:
