@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import httpx
 
@@ -46,7 +46,13 @@ BACKOFF_BASE = 1.0  # seconds before the first retry; doubles each time
 BACKOFF_CAP = 30.0
 RETRY_AFTER_CAP = 60.0  # a server asking for longer is treated as down: move on sooner
 CHARS_PER_TOKEN = 4  # the usual estimate when an endpoint reports no usage
+# More tokens than any model's context holds: a count past it is garbage (or hostile), not a bill,
+# and is estimated instead; else one reply could spend every spend limit for good.
+MAX_REPORTED_TOKENS = 10_000_000
 ERROR_EXCERPT = 200  # characters of an error body worth showing
+# Bytes of one answer, once decoded, read at most: far past any model's longest reply (whole files
+# and all), far short of what a gzip bomb or an endless body would take of the supervisor's memory.
+MAX_ANSWER_BYTES = 32 << 20
 MIN_SECRET = 4  # shorter "keys" are placeholders for local servers; redacting them garbles text
 REDACTED = "***"  # what stands where a key was
 MIN_SECRET_PREFIX = 8  # a cut excerpt ending in this much of a key is scrubbed as the key
@@ -350,6 +356,7 @@ class Client:
                 raise LLMTimeout("the order's timeout ran out before the model was asked")
             timeout = min(timeout, left)
         chunks: list[bytes] = []
+        size = 0
 
         def trace(event: str, info: dict[str, Any]) -> None:
             if event == "connection.connect_tcp.complete":
@@ -361,6 +368,11 @@ class Client:
                          extensions={"trace": trace}) as response:
             for chunk in response.iter_bytes():
                 chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    # Cut off, never read whole: a bad answer, like a 200 that is not JSON.
+                    raise _Failure(f"the answer is larger than {MAX_ANSWER_BYTES >> 20} MiB; cut off",
+                                   status=response.status_code, retry=True)
                 self._check_cut(chunks)
         self._check_cut(chunks)  # a stop that shut the connection ends the answer early, not whole
         # Decoded already (gzip and the like): the whole answer, as a plain response.
@@ -455,10 +467,15 @@ def _parse_completion(response: httpx.Response, sent: list[dict[str, str]],
 def _usage(raw: object, sent: list[dict[str, str]], content: str) -> Usage:
     if isinstance(raw, dict):
         prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
-        if isinstance(prompt, int) and isinstance(completion, int) and min(prompt, completion) >= 0:
+        if _token_count(prompt) and _token_count(completion):
             return Usage(prompt, completion)
     prompt_text = "".join(m.get("content", "") for m in sent)
     return Usage(estimate_tokens(prompt_text), estimate_tokens(content), estimated=True)
+
+
+def _token_count(value: object) -> TypeGuard[int]:
+    """Whether `value` is a token count a call could have used (a bool is no count)."""
+    return type(value) is int and 0 <= value <= MAX_REPORTED_TOKENS
 
 
 def _error_detail(response: httpx.Response, secrets: list[str]) -> str:

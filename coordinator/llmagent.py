@@ -29,9 +29,11 @@ from typing import Any, TypeVar
 from jsonschema import Draft202012Validator
 
 from . import paths, schemas
+from ._orderfields import text_problem
 from .config import Config
 from .errors import LLMError
 from .llm import LONE_SURROGATE, Client, Reply
+from .results import MAX_RESULT_BYTES
 
 MAX_REASKS = 2
 MAX_CANDIDATES = 20  # places a JSON object might start in a reply wrapped in prose
@@ -189,6 +191,8 @@ def run_specialist(client: Client, brief: str, files: Mapping[str, str | None], 
         if errors:
             return None, errors
         outcome = data["outcome"]
+        errors.extend(_text_errors(data["summary"], data.get("blocker") if outcome == "requeue-with-blocker"
+                                   else None))
         if not _outcome_allowed(outcome, data.get("agent"), outcomes_allowed):
             what = f"{outcome!r} to {data.get('agent')!r}" if outcome == "route-to" else repr(outcome)
             errors.append(f"outcome: {what} is not allowed by this order's branching; "
@@ -234,6 +238,20 @@ def run_specialist(client: Client, brief: str, files: Mapping[str, str | None], 
         ), []
 
     return _converse(client, specialist_messages(brief, files, unseen), check, "specialist reply")
+
+
+def _text_errors(summary: str, blocker: object = None) -> list[str]:
+    """What a command's result file could not say (SPEC §6) a reply may not say either: a summary
+    past its size, or with control characters (a terminal escape `coordinator show` would print);
+    a blocker of more than one line."""
+    errors: list[str] = []
+    if len(summary.encode("utf-8")) > MAX_RESULT_BYTES:
+        errors.append(f"summary: is longer than {MAX_RESULT_BYTES} bytes; say in one paragraph what was done")
+    elif why := text_problem(summary.strip(), multiline=True):
+        errors.append(f"summary: {why}")
+    if isinstance(blocker, str) and (why := text_problem(blocker.strip())):
+        errors.append(f"blocker: {why}")
+    return errors
 
 
 def _outcome_allowed(outcome: str, agent: object, allowed: Collection[str]) -> bool:
@@ -366,6 +384,7 @@ def _plan_check(validate: PlanValidator) -> Callable[[dict[str, Any]], tuple[Pla
         errors = _schema_errors("plan", data)
         if errors:
             return None, errors
+        errors.extend(_text_errors(data["summary"]))
         named: dict[str, int] = {}
         for i, order in enumerate(data["orders"]):
             oid = order.get("id")
@@ -402,19 +421,40 @@ def _converse(client: Client, messages: list[dict[str, str]],
         reply = client.chat(messages, json_object=True, prefer=replies[-1].endpoint if replies else None)
         replies.append(reply)
         data, errors = parse_object(reply.text)
+        said = reply.text
+        if _holds_key(client, reply.text, data):
+            # Only the endpoint could have written it: kept, it would reach state/ (a report), a
+            # commit or, sent back, a fallback on another host. Refused, and never repeated.
+            data, errors = None, [KEY_ECHOED]
+            said = "(a reply that held the API key; not repeated here)"
         if data is not None:
             result, errors = check(data)
             if result is not None and not errors:
                 return result, replies
         correction = ("Your reply was not accepted:\n" + "\n".join(f"- {e}" for e in errors)
                       + "\nReply again with the whole corrected JSON object and nothing else.")
-        messages = [*messages, {"role": "assistant", "content": reply.text},
+        messages = [*messages, {"role": "assistant", "content": said},
                     {"role": "user", "content": correction}]
     model = replies[-1].model
     raise LLMReplyError(
         f"{model}'s {what} broke the contract {len(replies)} times; last errors: " + "; ".join(errors),
         errors=errors, replies=replies,
     )
+
+
+KEY_ECHOED = ("the reply holds the API key of this agent's endpoint; it is never written anywhere: "
+              "reply without it")
+
+
+def _holds_key(client: Client, text: str, data: dict[str, Any] | None) -> bool:
+    """Whether the reply holds a key of the client's chain: as sent, or in a string of its JSON
+    (where \\u escapes would hide it from a plain search)."""
+    if client.redact(text) != text:
+        return True
+    if data is None:
+        return False
+    whole = json.dumps(data, ensure_ascii=False)
+    return client.redact(whole) != whole
 
 
 def parse_object(text: str) -> tuple[dict[str, Any] | None, list[str]]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 from fakellm import FakeLLM
 
+from coordinator import llm
 from coordinator.config import Endpoint, LLMSettings, Prices
 from coordinator.errors import LLMAuthError, LLMError
 from coordinator.llm import PLAIN_JSON_HINT, Client, SpendLimitReached
@@ -385,3 +388,39 @@ def test_a_fallback_on_another_host_never_gets_the_primarys_key(fake: FakeLLM, s
 def test_api_key_env_null_means_no_key() -> None:
     settings = agent_llm({"base_url": "http://127.0.0.1:1/v1", "model": "m", "api_key_env": None})
     assert settings.primary.api_key_env is None
+
+
+def test_an_answer_past_the_size_cap_is_cut_off_never_read_whole(fake: FakeLLM, sleeps: Sleeps,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A gzip bomb: a few kilobytes on the wire, megabytes once decoded (gigabytes in the wild,
+    # enough to take the supervisor's memory). Reading stops at the cap; the next model answers.
+    monkeypatch.setattr(llm, "MAX_ANSWER_BYTES", 1 << 20)
+    bomb = gzip.compress(b'{"choices": [{"message": {"content": "' + b"a" * (8 << 20), 9)
+    assert len(bomb) < 64 << 10
+    fake.script(json=bomb, headers={"Content-Encoding": "gzip"})
+    fake.script(json=b"x" * (2 << 20))  # plain, and as large
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("bomb", fake.base_url), Endpoint("backup", fake.base_url),
+                             max_retries=1), sleep=sleeps)
+    reply = client.chat([{"role": "user", "content": "hi"}])
+    assert reply.text == OK and reply.model == "backup"
+    assert [c.status for c in reply.calls] == [200, 200, 200]
+    for call in reply.calls[:2]:
+        assert "larger than 1 MiB" in (call.error or "") and len(call.error or "") < 200
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": 10**400, "completion_tokens": 5},  # once an OverflowError out of chat()
+    {"prompt_tokens": 10**30, "completion_tokens": 5},   # once $3e24: every spend limit spent for good
+    {"prompt_tokens": True, "completion_tokens": True},  # a bool is no count
+    {"prompt_tokens": 10, "completion_tokens": 10**12},
+])
+def test_usage_no_call_could_have_used_is_estimated_not_billed(fake: FakeLLM, usage: dict[str, Any]) -> None:
+    fake.script(json={"choices": [{"message": {"content": OK}}], "usage": usage})
+    reply = Client(settings(Endpoint("m", fake.base_url, prices=Prices(3.0, 15.0)))).chat(
+        [{"role": "user", "content": "hi"}])
+    assert reply.text == OK
+    assert reply.usage.estimated
+    assert type(reply.usage.prompt_tokens) is int and type(reply.usage.completion_tokens) is int
+    assert reply.usage.total < 100
+    assert reply.cost < 0.001

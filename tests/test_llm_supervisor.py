@@ -424,6 +424,27 @@ def test_the_api_key_is_sent_but_appears_nowhere_in_state_runtime_or_logs(make_w
     assert not any(KEY in m for m in caplog.messages)
 
 
+def test_a_reply_that_echoes_the_key_is_sent_back_and_never_kept(make_ws, fake):
+    # A hostile endpoint has the key (it was sent to it) and writes it into the reply: into the
+    # summary (the report, in state/), an edit (a commit), or escaped so no text search finds it.
+    ws = make_ws({"chip": coder(fake, max_failures=1)})
+    escaped = "".join(f"\\u{ord(c):04x}" for c in KEY)
+    fake.script(content=reply(write("webapp/src/greeting.py"), summary=f"Wrote it with {KEY}"))
+    fake.script(content=reply(write("webapp/src/greeting.py", f"KEY = '{KEY}'\n")))
+    fake.script(content=reply(write("webapp/src/greeting.py")).replace("Wrote the greeting.", escaped))
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",)))
+    run(ws)
+
+    rec = load(ws, "g")
+    assert rec.status == "blocked" and "holds the API key" in rec.failures[0]
+    for root in (ws.state, ws.runtime, ws.repos):
+        leaked = subprocess.run(["grep", "-rlaF", KEY, str(root)], capture_output=True, text=True).stdout
+        assert leaked == ""
+    assert KEY not in git(ws.state, "log", "-p", "--all")
+    # Nor is it sent back in the re-asks (which a fallback on another host could receive).
+    assert all(KEY not in json.dumps(body) for body in fake.chat_bodies())
+
+
 def test_the_spend_limits_stop_further_calls_with_a_status_naming_the_limit(make_ws, fake):
     priced = {"prices": {"input": 1000.0, "output": 0.0}}  # 100 prompt tokens cost $0.10
     ws = make_ws({"chip": coder(fake, llm=llm(fake, **priced), spend_limit=0.05),

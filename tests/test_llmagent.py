@@ -439,3 +439,32 @@ def test_a_valid_reply_after_thinking_or_prose_with_braces_is_accepted(fake: Fak
     fake.script(content=wrapped.replace("REPLY", done()))
     reply, replies = run_specialist(client_for(fake), BRIEF, {}, allowed=in_src, outcomes_allowed=OUTCOMES)
     assert reply.summary == "Added the length check." and len(replies) == 1
+
+
+@pytest.mark.parametrize(("extra", "error"), [
+    ({"summary": "Done.\x1b]0;owned\x07\x1b[2J"}, "summary: contains a control character"),
+    ({"summary": "Done.\x00"}, "summary: contains a control character"),
+    ({"summary": "   "}, "summary: is empty"),
+    ({"summary": "x" * (64 * 1024 + 1)}, "summary: is longer than 65536 bytes"),
+    ({"outcome": "requeue-with-blocker", "blocker": "API\x1b[31m undecided"},
+     "blocker: contains a control character"),
+])
+def test_a_summary_or_blocker_a_result_file_could_not_hold_is_sent_back(
+        fake: FakeLLM, extra: dict[str, Any], error: str) -> None:
+    # What a command's result file may not say (SPEC §6), a model may not say either: a
+    # terminal escape would be printed by `coordinator show`, a huge summary fill every context.
+    fake.script(content=done(**extra))
+    fake.script(content=done())
+    result, replies = run_specialist(client_for(fake), BRIEF, {}, allowed=in_src,
+                                     outcomes_allowed=OUTCOMES | {"requeue-with-blocker"})
+    assert result.summary == "Added the length check." and len(replies) == 2
+    assert error in last_user_message(fake.chat_bodies()[1])
+
+
+def test_a_plan_or_review_summary_a_report_could_not_hold_is_sent_back(fake: FakeLLM) -> None:
+    fake.script(content=json.dumps({"summary": "All done\x1b]8;;http://x.invalid\x07", "orders": []}))
+    fake.script(content=json.dumps({"summary": "All done.", "orders": []}))
+    result, _ = synthesize(client_for(fake), "", "", "Limit password length", "WO-1: done",
+                           validate=lambda o, s: [])
+    assert result.summary == "All done."
+    assert "summary: contains a control character" in last_user_message(fake.chat_bodies()[1])
