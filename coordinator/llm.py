@@ -54,6 +54,9 @@ ERROR_EXCERPT = 200  # characters of an error body worth showing
 # and all), far short of what a gzip bomb or an endless body would take of the supervisor's memory.
 MAX_ANSWER_BYTES = 32 << 20
 MIN_SECRET = 4  # shorter "keys" are placeholders for local servers; redacting them garbles text
+# A reply holding a key is refused (`holds_key`) only for a key this long: a local server's
+# placeholder ("ollama", "none") is a word a reply may well use, and real keys are far longer.
+MIN_REFUSED_KEY = 16
 REDACTED = "***"  # what stands where a key was
 MIN_SECRET_PREFIX = 8  # a cut excerpt ending in this much of a key is scrubbed as the key
 PLAIN_JSON_HINT = "Reply with one JSON object and nothing else: no prose, no code fences."
@@ -195,6 +198,10 @@ class Client:
         if limit is None:
             return _redact(text, self._secrets())
         return excerpt(text, self._secrets(), limit)
+
+    def holds_key(self, text: str) -> bool:
+        """Whether `text` holds a key of this client's chain (of at least MIN_REFUSED_KEY characters)."""
+        return any(key in text for key in self._secrets() if len(key) >= MIN_REFUSED_KEY)
 
     @property
     def spent(self) -> float:

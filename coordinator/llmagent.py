@@ -449,12 +449,7 @@ KEY_ECHOED = ("the reply holds the API key of this agent's endpoint; it is never
 def _holds_key(client: Client, text: str, data: dict[str, Any] | None) -> bool:
     """Whether the reply holds a key of the client's chain: as sent, or in a string of its JSON
     (where \\u escapes would hide it from a plain search)."""
-    if client.redact(text) != text:
-        return True
-    if data is None:
-        return False
-    whole = json.dumps(data, ensure_ascii=False)
-    return client.redact(whole) != whole
+    return client.holds_key(text) or (data is not None and client.holds_key(json.dumps(data, ensure_ascii=False)))
 
 
 def parse_object(text: str) -> tuple[dict[str, Any] | None, list[str]]:

@@ -445,6 +445,18 @@ def test_a_reply_that_echoes_the_key_is_sent_back_and_never_kept(make_ws, fake):
     assert all(KEY not in json.dumps(body) for body in fake.chat_bodies())
 
 
+def test_a_placeholder_key_a_reply_may_say_as_a_word_does_not_refuse_it(make_ws, fake, monkeypatch):
+    """A local server's key is often a placeholder ("ollama"): a reply naming the program is no leak."""
+    monkeypatch.setenv("FAKE_KEY", "ollama")
+    ws = make_ws({"chip": coder(fake)})
+    fake.script(content=reply(write("webapp/src/greeting.py", "# served by ollama\n" + GREETING),
+                              summary="Wrote the greeting; ollama served the model."))
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",)))
+    run(ws)
+    rec = load(ws, "g")
+    assert (rec.status, rec.report["summary"]) == ("done", "Wrote the greeting; ollama served the model.")
+
+
 def test_the_spend_limits_stop_further_calls_with_a_status_naming_the_limit(make_ws, fake):
     priced = {"prices": {"input": 1000.0, "output": 0.0}}  # 100 prompt tokens cost $0.10
     ws = make_ws({"chip": coder(fake, llm=llm(fake, **priced), spend_limit=0.05),
