@@ -19,12 +19,13 @@ from collections import OrderedDict
 from pathlib import Path
 
 from .commits import COMMIT_QUIET
+from .inboxfiles import is_candidate, printable, scan, settled
 from .orders import WorkOrder
 from .spawner import Spawner
 from .store import Record
 from .trail import one_line
 from .transitions import Transitions
-from .watcher import InboxWatcher, Watcher, is_candidate, printable, scan, settled
+from .watcher import InboxWatcher, Watcher
 
 INTAKE_BATCH = 500          # files filed per step before running what is ready
 INTAKE_SLICE = 0.002        # seconds of filing per step while attempts run: their exits want reaping

@@ -48,7 +48,7 @@ def as_json(ws: Workspace) -> dict[str, Any]:
 def inboxes(ws: Workspace) -> dict[str, int]:
     """How many files wait in each agent's inbox, not taken in yet (orders the board cannot
     show until the supervisor files them)."""
-    from .watcher import scan
+    from .inboxfiles import scan
 
     return {agent: len(scan(ws.inbox(agent))) for agent in ws.config.agents}
 

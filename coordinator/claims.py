@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import durable, orders
-from .watcher import is_candidate
+from .inboxfiles import is_candidate
 
 MAX_READ = orders.MAX_ORDER_BYTES + 1
 

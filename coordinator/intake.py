@@ -33,9 +33,9 @@ from . import claims, durable, orders
 from ._orderfile import too_big
 from .config import SYSTEM_SENDERS, Config
 from .errors import OrderError, Problem
+from .inboxfiles import is_candidate, printable
 from .orders import WorkOrder
 from .store import History, Record, Store, dependency_done, iso
-from .watcher import is_candidate, printable
 
 ACCEPTED_CACHE = 1000
 NOT_REGULAR = "is not a regular file (a FIFO, socket or device); only files are work orders"

@@ -82,7 +82,7 @@ def send(c: Context, file: str, to: str | None, sender: str | None) -> None:
         cat order.yaml | coordinator send - --to chip --from walt
     """
     from . import sending
-    from .watcher import printable
+    from .inboxfiles import printable
 
     if file == "-":
         data = sending.read_stdin()

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 from . import claims, gate, orders, runner
 from .config import Agent
+from .inboxfiles import printable
 from .store import Record
-from .watcher import printable
 
 if TYPE_CHECKING:
     from .attempts import Active

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from . import audit, claims, durable, verify
 from .errors import CoordinatorError
-from .watcher import printable
+from .inboxfiles import printable
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor

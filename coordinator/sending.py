@@ -32,9 +32,9 @@ from typing import Any, BinaryIO
 from . import durable, orders
 from ._orderfile import flow_kind, too_big
 from .errors import NotFoundError, OrderError, Problem, UsageError, WorkspaceError
+from .inboxfiles import is_candidate, printable
 from .intake import NOT_REGULAR, waiting_orders, waits_on
 from .store import History, Store
-from .watcher import is_candidate, printable
 from .workspace import Workspace
 
 RESERVED = "ids"  # .coordinator/ids/: id reservations shared with the supervisor's intake

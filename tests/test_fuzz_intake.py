@@ -25,11 +25,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coordinator.audit import StateRepo
+from coordinator.inboxfiles import is_candidate
 from coordinator.orders import MAX_ORDER_BYTES
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
 from coordinator.verify import verify
-from coordinator.watcher import is_candidate
 from coordinator.workspace import Workspace
 
 EXAMPLES = 40

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from coordinator import watcher as watcher_mod
-from coordinator.watcher import InboxWatcher, NullWatcher, Watcher, is_candidate, scan, settled
+from coordinator.inboxfiles import is_candidate, scan, settled
+from coordinator.watcher import InboxWatcher, NullWatcher, Watcher
 
 DEADLINE = 20.0  # seconds a test waits for something that normally takes a fraction of one
 MANY = 20_000
@@ -258,7 +259,8 @@ OBSERVED = """
 import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
-from coordinator.watcher import InboxWatcher, scan
+from coordinator.inboxfiles import scan
+from coordinator.watcher import InboxWatcher
 inbox, count = Path(sys.argv[1]), int(sys.argv[2])
 w = InboxWatcher([inbox], rescan_every=3600.0)
 w.start()

@@ -1,0 +1,122 @@
+"""The files in an inbox: which could be work orders, which may be read now, how a name is shown.
+
+`scan` lists an inbox's candidates oldest first, `settled` says whether one may be read
+without seeing half of what a writer is writing, and `printable` turns a name (which need not
+be UTF-8 and may hold a newline) into one line of text. `coordinator.watcher` tells the
+supervisor's loop when to look; these say what it finds.
+
+Example:
+    >>> [p.name for p in scan(Path("inbox/chip")) if settled(p, now=time.time())]
+    ['fix.md']
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import signal
+import stat
+from pathlib import Path
+
+# Editors write these next to the file being edited; none of them is a work order.
+TEMP_SUFFIXES = ("~", ".swp", ".swo", ".swx", ".tmp")
+TEMP_NAMES = frozenset({"4913"})  # vim probes whether a folder is writable with this name
+
+
+def is_candidate(name: str) -> bool:
+    """Could a file of this name be a work order? Not a dot-file, not an editor temp file."""
+    if not name or name.startswith(".") or name in TEMP_NAMES:
+        return False
+    if name.startswith("#") and name.endswith("#"):  # emacs auto-save
+        return False
+    return not name.endswith(TEMP_SUFFIXES)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def printable(name: str) -> str:
+    """A file name as text that can be printed and stored on one line (a name need not be
+    UTF-8, and may hold a newline): other bytes and control characters as escapes."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def scan(folder: Path, *, others: list[Path] | None = None) -> list[Path]:
+    """Candidate files now in `folder`, oldest (mtime) first; [] if it is missing.
+
+    Plain files, and symbolic links (the supervisor rejects them, never following one);
+    subfolders and other kinds with a candidate's name are left out, or put in `others`.
+    """
+    found: list[tuple[int, str, Path]] = []
+    if os.path.islink(folder):  # an inbox replaced by a link: whatever it points to is not ours to take
+        return []
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    for entry in entries:
+        if not is_candidate(entry.name):
+            continue
+        try:
+            if not (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
+                if others is not None:
+                    others.append(folder / entry.name)
+                continue
+            mtime = entry.stat(follow_symlinks=False).st_mtime_ns
+        except FileNotFoundError:  # claimed or removed since the listing
+            continue
+        found.append((mtime, entry.name, folder / entry.name))
+    found.sort(key=lambda item: (item[0], item[1]))
+    return [path for _, _, path in found]
+
+
+def settled(path: Path, *, now: float, quiet: float = 1.0, require_quiet: bool = False) -> bool:
+    """May this file be read now, without seeing half of what a writer is writing?
+
+    False while any process has it open for writing: on Linux a read lease is refused then
+    (probed and released at once). Where leases are unsupported or not ours to take (another
+    user's file), and always when `require_quiet` is set, the file must also have been left
+    unchanged (mtime and ctime) for `quiet` seconds. `now` is wall-clock time (`time.time()`),
+    the clock of file timestamps. Pass `require_quiet=True` on network file systems (`--poll`),
+    where a lease only sees writers on this machine. False for anything but a regular file
+    (symlinks included) and for a file that is gone.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        writer = _writer_holds(fd)
+        if writer is True:
+            return False
+        if writer is False and not require_quiet:
+            return True
+        # ctime as well: a writer can set mtime back (cp -p, touch -d), never ctime.
+        return now - max(st.st_mtime, st.st_ctime) >= quiet
+    finally:
+        os.close(fd)
+
+
+def _writer_holds(fd: int) -> bool | None:
+    """True if some process has the file open for writing, False if none, None if unknown."""
+    setlease = getattr(fcntl, "F_SETLEASE", None)
+    setsig = getattr(fcntl, "F_SETSIG", None)
+    if setlease is None or setsig is None:
+        return None
+    try:
+        # A writer opening the file while we hold the lease makes the kernel signal us, SIGIO by
+        # default, which would kill the process. SIGURG is ignored unless someone handles it.
+        fcntl.fcntl(fd, setsig, signal.SIGURG)
+        fcntl.fcntl(fd, setlease, fcntl.F_RDLCK)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EBUSY):
+            return True
+        return None  # EINVAL: file system without leases; EACCES: not our file
+    fcntl.fcntl(fd, setlease, fcntl.F_UNLCK)
+    return False
