@@ -406,14 +406,20 @@ def state_index_held(ws: Workspace) -> Iterator[Callable[[], None]]:
     end = time.monotonic() + WAIT
     while True:  # taken between two of the supervisor's gits, as git takes it
         try:
-            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             break
         except FileExistsError:
             assert time.monotonic() < end, "state/'s index.lock never came free"
             time.sleep(0.005)
+    mine = os.fstat(fd).st_ino
+    os.close(fd)
 
     def release() -> None:
-        lock.unlink(missing_ok=True)
+        # Only this lock, once: released, the name is the supervisor's git's next (removing
+        # that one mid-write failed its commit with "Unable to write new index file").
+        with contextlib.suppress(FileNotFoundError):
+            if os.lstat(lock).st_ino == mine:
+                lock.unlink()
         if holder.poll() is None:
             holder.communicate(b"")
 
