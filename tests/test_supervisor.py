@@ -21,6 +21,7 @@ from coordinator.spawner import Spawner
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
 from coordinator.watcher import NullWatcher
+from coordinator.workspace import Workspace
 
 WRITE_GREETING = sh('printf "def greet():\\n    return 1\\n" > src/greeting.py && echo wrote it')
 
@@ -539,16 +540,22 @@ def test_a_copied_outbox_file_is_cut_off_from_its_writer_and_keeps_its_size_for_
     assert rec.status == "rejected" and "is 3.0 MiB; a work order is at most 256 KiB" in rec.errors[0]
 
 
+def outbox_order_with_a_check(make_ws, outbox: list[str], check: str) -> Workspace:
+    """chip runs `outbox` (one try) for order `o`, whose check is `check`; rex may be sent to."""
+    ws = make_ws({"chip": {"role": "specialist", "command": outbox, "sends_to": ["rex"], "max_failures": 1},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    acceptance = (f"`{check}` passes", "The second thing is true", "The third thing is true")
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o", acceptance=acceptance))
+    return ws
+
+
 @pytest.mark.parametrize("check, ending, why", [("true", "done", "names no known recipient"),
                                                ("false", "blocked", "not delivered: attempt 1 failed")])
 def test_an_outbox_order_with_no_recipient_is_named_in_the_report_and_kept(make_ws, check, ending, why):
     outbox = sh('printf "objective: Review it\\nacceptance: [a is true]\\nfiles: []\\n'
                 'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/lost.yaml"; '
                 'echo sent')
-    ws = make_ws({"chip": {"role": "specialist", "command": outbox, "sends_to": ["rex"], "max_failures": 1},
-                  "rex": {"role": "specialist", "command": sh("echo ok")}})
-    acceptance = (f"`{check}` passes", "The second thing is true", "The third thing is true")
-    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o", acceptance=acceptance))
+    ws = outbox_order_with_a_check(make_ws, outbox, check)
     run(ws)
     rec = Store(ws.state).load("o")
     assert rec.status == ending and rec.children == []  # a failing check does not hide it either
@@ -567,10 +574,7 @@ def test_an_outbox_file_name_with_line_breaks_and_escapes_is_shown_escaped(make_
     outbox = sh('mkdir "$COORD_OUTBOX/$(printf "d\\033[2J")"; '
                 'echo x > "$COORD_OUTBOX/$(printf "lost\\nWO-0001 rex: blocked -> done")"; '
                 'echo x > "$COORD_OUTBOX/$(printf "d\\033[2J")/$(printf "red\\033[31m\\r")"; echo sent')
-    ws = make_ws({"chip": {"role": "specialist", "command": outbox, "sends_to": ["rex"], "max_failures": 1},
-                  "rex": {"role": "specialist", "command": sh("echo ok")}})
-    acceptance = (f"`{check}` passes", "The second thing is true", "The third thing is true")
-    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o", acceptance=acceptance))
+    ws = outbox_order_with_a_check(make_ws, outbox, check)
     lines: list[str] = []
     with Supervisor(ws, log=lines.append) as sup:
         sup.run_once(limit=60)
