@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,8 @@ from typing import BinaryIO
 
 import pytest
 from conftest import drop, order_md, sh
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bench.harness import LiveSupervisor
 from coordinator import signals, verify
@@ -867,3 +870,30 @@ def test_a_busy_supervisors_journal_keeps_only_what_is_not_committed_yet(make_ws
     assert lines and lines[0] < len(ids), lines  # fewer than a line per order run: it was some 8
     assert not journal.exists()  # a clean stop: everything is committed
     assert StateRepo(ws.state).dirty() == []
+
+
+# -- the state files' format ---------------------------------------------------------------------
+
+_JSON_SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+_JSON = st.recursive(_JSON_SCALARS, lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+
+
+@given(st.dictionaries(st.text(max_size=12), _JSON, max_size=8))
+def test_a_state_file_reads_back_as_written_one_key_per_line(record):
+    """What `git diff` shows of state/ is one line per changed key: each top-level key on its
+    own line, sorted, and the file reads back as the very value written (also text that is
+    not all Unicode, kept as its escape)."""
+    from coordinator import durable
+
+    text = durable.dumps(record)
+    assert json.loads(text) == record
+    if record:
+        rows = text.split("\n")  # not splitlines: a key may hold U+0085 or U+2028
+        assert rows[0] == "{" and rows[-2:] == ["}", ""]
+        tops = [row for row in rows[1:-2] if row.startswith('  "')]
+        assert [json.JSONDecoder().raw_decode(row, 2)[0] for row in tops] == sorted(record)
+        for row, key in zip(tops, sorted(record), strict=True):
+            if not row.endswith("["):  # a list of objects: one line per object, below
+                same = json.dumps({key: record[key]}, sort_keys=True, ensure_ascii=False)[1:-1]
+                assert row.removesuffix(",") == "  " + same
