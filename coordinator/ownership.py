@@ -24,6 +24,7 @@ from .spawner import (
     _Proc,
     _processes,
     _subtree,
+    mount_ns,
 )
 
 
@@ -138,17 +139,3 @@ def only_leaders(leaders: dict[int, Tree]) -> bool:
     except (OSError, ValueError):
         return False  # cannot tell: the supervisor falls back to a full kill
     return True
-
-
-def mount_ns(pid: int) -> int | None:
-    """The identity (inode) of the mount namespace `pid` lives in; None when it cannot be read.
-    A leader whose main thread exited alone has none of its own left: one of its threads has."""
-    try:
-        return os.stat(f"/proc/{pid}/ns/mnt").st_ino
-    except OSError:
-        pass
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError):
-                return os.stat(f"/proc/{pid}/task/{tid}/ns/mnt").st_ino
-    return None

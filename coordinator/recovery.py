@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from . import audit, claims, durable, verify
 from .errors import CoordinatorError
 from .inboxfiles import printable
+from .paths import real
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -109,12 +110,13 @@ def recover(sup: Supervisor, crashed: bool) -> None:
     for line in sup.attempts.refile_follow_ups():
         sup.say(f"recovery: filed a follow-up a crash cut off: {line}")
     running = [r for r in sup.records.values() if r.status == "running"]
-    if running:
-        tokens = [str(r.running["token"]) for r in running if r.running]
-        from .spawner import kill_leftovers
-        killed = kill_leftovers(tokens, workspace=str(sup.ws.root))
-        if killed:
-            sup.say(f"recovery: killed {killed} leftover process(es) of a dead supervisor")
+    tokens = [str(r.running["token"]) for r in running if r.running]
+    from .spawner import kill_leftovers
+    # Also every process left in an attempt's own mount namespace, whatever it was marked:
+    # none of this workspace's attempts runs before the loop starts.
+    killed = kill_leftovers(tokens, workspace=str(sup.ws.root), attempts=real(sup.ws.runtime / "attempts"))
+    if killed:
+        sup.say(f"recovery: killed {killed} leftover process(es) of a dead supervisor")
     for rec in running:
         sup.attempts.recover(rec)
     sup.step_commit()

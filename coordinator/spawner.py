@@ -203,6 +203,36 @@ def _environ(pid: int) -> bytes | None:
     return environ
 
 
+def mount_ns(pid: int) -> int | None:
+    """The identity (inode) of the mount namespace `pid` lives in; None when it cannot be read.
+    A leader whose main thread exited alone has none of its own left: one of its threads has."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/mnt").st_ino
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                return os.stat(f"/proc/{pid}/task/{tid}/ns/mnt").st_ino
+    return None
+
+
+def mount_points(pid: int) -> list[str]:
+    """The mount points of the mount namespace `pid` lives in, as seen from it (empty when
+    they cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/mountinfo", "rb") as f:
+            rows = f.read().split(b"\n")
+    except OSError:
+        return []
+    # Field 5; a space, tab, newline or backslash in a path is shown as an octal escape.
+    return [os.fsdecode(_OCTAL.sub(lambda m: bytes((int(m.group(1), 8),)), fields[4]))
+            for row in rows if len(fields := row.split(b" ")) > 5]
+
+
+_OCTAL = re.compile(rb"\\([0-7]{3})")
+
+
 # A process in the middle of an exec shows an empty environment for a moment (its new
 # memory is in place before the environment is copied into it): empty reads are retried,
 # all of a scan's together, so processes that really have none cost one short wait.
@@ -288,11 +318,19 @@ def _wait_gone(procs: list[_Proc], timeout: float) -> None:
             os.close(fd)
 
 
-def kill_leftovers(tokens: Iterable[str], timeout: float = SIGKILL_WAIT, *, workspace: str | None = None) -> int:
+def kill_leftovers(tokens: Iterable[str], timeout: float = SIGKILL_WAIT, *, workspace: str | None = None,
+                   attempts: str | None = None) -> int:
     """Crash recovery without a server: SIGKILL every process marked with one of `tokens`,
-    its descendants and its session; returns how many processes were killed."""
+    its descendants and its session; returns how many processes were killed.
+
+    `attempts` (a real path): also every process in a mount namespace with a mount point
+    beneath it. The read-only layer gives each attempt such a namespace (its attempt folder
+    is put back writable there), and a sandboxed process can neither leave it nor mount:
+    what cleared its environment (``env -i``) and left its tree (setsid, double fork) is
+    found there once the fork server that saw it go is dead too.
+    """
     wanted = set(tokens)
-    if not wanted:
+    if not wanted and attempts is None:
         return 0
     me, my_sid = os.getpid(), os.getsid(0)
     killed: set[tuple[int, int]] = set()
@@ -303,10 +341,12 @@ def kill_leftovers(tokens: Iterable[str], timeout: float = SIGKILL_WAIT, *, work
         while pid in table and pid not in protected:  # never ourselves or an ancestor
             protected.add(pid)
             pid = table[pid].ppid
-        environs = _environs(p for p in table.values()
-                             if p.pid not in protected and not p.zombie and not _kernel_thread(p))
+        others = [p for p in table.values() if p.pid not in protected and not p.zombie and not _kernel_thread(p)]
+        environs = _environs(others) if wanted else {}
         seeds = [table[pid] for pid, env in environs.items() if _variable(env, MARK) in wanted
                  and (workspace is None or _variable(env, "COORD_WORKSPACE") == workspace)]
+        if attempts is not None:
+            seeds += _in_namespaces_under(others, attempts)
         sids = {p.sid for p in seeds} - {my_sid}
         kids = _children(table)
         targets = {q.pid: q for p in seeds for q in _subtree(p, kids)}
@@ -318,6 +358,21 @@ def kill_leftovers(tokens: Iterable[str], timeout: float = SIGKILL_WAIT, *, work
             if _signal(proc, signal.SIGKILL):
                 killed.add((proc.pid, proc.start))
         _wait_gone(live, min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def _in_namespaces_under(procs: list[_Proc], folder: str) -> list[_Proc]:
+    """The processes of `procs` whose mount namespace (not this process's) has a mount point
+    at or beneath `folder`."""
+    mine = mount_ns(os.getpid())
+    spaces: dict[int, list[_Proc]] = {}
+    for proc in procs:
+        ns = mount_ns(proc.pid)
+        if ns is not None and ns != mine:
+            spaces.setdefault(ns, []).append(proc)
+    prefix = os.path.join(folder, "")
+    return [proc for members in spaces.values()
+            if any(p == folder or p.startswith(prefix) for p in mount_points(members[0].pid))
+            for proc in members]
 
 
 # --- framing of the control channel --------------------------------------------

@@ -25,7 +25,7 @@ import pytest
 from conftest import PRINT_REVIEW, drop, merge_killed_after, order_md, sh, step_until, wait_until
 
 from bench.harness import probe_of
-from coordinator import durable, orders, signals
+from coordinator import durable, mounts, orders, signals
 from coordinator.audit import StateRepo
 from coordinator.repos import Repo
 from coordinator.store import Store
@@ -761,6 +761,44 @@ def test_recovery_kills_the_dead_supervisors_leftovers_not_another_workspaces(ma
         assert sup_b.records["t1"].status == "done"
     finally:
         sup_b.close()
+
+
+@pytest.mark.skipif(mounts.status() is not None, reason=f"no read-only mount layer here: {mounts.status()}")
+def test_a_daemon_that_cleared_its_environment_dies_at_restart_after_both_processes_died(make_ws):
+    """A specialist starts a daemon with `env -i setsid` through a double fork: no mark in its
+    environment, not in the attempt's session or tree. Only the spawn server saw it go; kill -9
+    of the supervisor and the server (`pkill -9 -f coordinator`) leaves it running, with write
+    access to the attempt's folders. The restart finds it by its attempt's mount namespace."""
+    daemon = "echo $$ > \"$1\"; exec sleep 300"
+    ws = make_ws({"dee": {"role": "specialist", "command": sh(
+        f"(env -i setsid sh -c '{daemon}' daemon \"$PROBE/daemon\" </dev/null >/dev/null 2>&1 &); "
+        'if [ "${COORD_ATTEMPT%.n*}" = d1.1 ]; then exec sleep 300; fi')}})
+    drop(ws, "dee", "d1.md", order_md("The daemon is started", id="d1"))
+    sup = supervise(ws)
+    try:
+        wait_until(lambda: (probe_of(ws) / "daemon").exists() and committed_status(ws, "d1") == "running",
+                   "the first attempt to start its daemon")
+        pid = int((probe_of(ws) / "daemon").read_text())
+        os.kill(sup.pid, signal.SIGSTOP)
+        for server in children(sup.pid):
+            os.kill(server, signal.SIGKILL)
+        os.kill(sup.pid, signal.SIGKILL)
+        sup.wait(10)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
+    time.sleep(0.2)
+    assert alive(pid) and specialists_of(ws) != [pid], "the daemon should outlive both, unmarked"
+    (probe_of(ws) / "daemon").unlink()
+
+    out = supervise_once(ws)
+
+    assert not alive(pid), f"the first attempt's daemon survived the restart:\n{out}"
+    assert "leftover process" in out
+    assert Store(ws.state).load_all()["d1"].status == "done"  # the second attempt ran
+    second = int((probe_of(ws) / "daemon").read_text())
+    wait_until(lambda: not alive(second), "the second attempt's daemon to be killed with its tree")
 
 
 def test_an_attempt_run_again_after_a_crash_keeps_what_the_cut_short_run_left(make_ws):
