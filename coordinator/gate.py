@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .inboxfiles import printable
 from .paths import matches_any
 
 POINTER = ".git"
@@ -424,5 +425,8 @@ def outside(full: str, files: tuple[str, ...], writes: tuple[str, ...]) -> str |
 
 
 def describe(change: Change) -> str:
-    """One report line: `.git/hooks/pre-commit: git-internal (created)`."""
-    return f"{change.path}: {change.what} ({change.detail})" if change.detail else f"{change.path}: {change.what}"
+    """One report line: `.git/hooks/pre-commit: git-internal (created)`. The specialist chose
+    the path and a link's target: bytes that are not UTF-8 and control characters (a newline
+    would start a line of its own in the report) are shown as escapes."""
+    path, detail = printable(change.path), printable(change.detail)
+    return f"{path}: {change.what} ({detail})" if detail else f"{path}: {change.what}"

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from conftest import drop, order_md, step_until
 
-from coordinator import gate, landlock, mounts, seccomp
+from coordinator import gate, landlock, mounts, seccomp, signals
 from coordinator.store import Record, Store
 from coordinator.supervisor import Supervisor
 from coordinator.workspace import Workspace
@@ -650,7 +650,6 @@ def test_the_orchestrator_cannot_write_the_files_it_routes(make_ws, tmp_path):
 @needs_landlock
 @pytest.mark.parametrize("quiet", [False, True])
 def test_an_orchestrator_trying_to_write_is_recorded_as_artifact(make_ws, tmp_path, quiet):
-    from coordinator import signals
 
     ws = _orchestrator_ws(make_ws, tmp_path, quiet=quiet)
     drop(ws, "walt", "plan.md", order_md("Plan the login work", files=("webapp/src/login.py",), id="plan"))
@@ -996,3 +995,20 @@ def test_git_converting_line_endings_on_staging_is_no_change_after_the_gate(make
     assert rec.status == "done", (rec.failures, rec.report)
     staged = subprocess.run(["git", "-C", str(repo), "show", "main:src/crlf.txt"], capture_output=True, check=True)
     assert staged.stdout == b"one\ntwo\n"  # as git normalizes it
+
+
+@needs_landlock
+def test_a_denied_path_that_is_not_utf8_or_holds_a_newline_is_reported_on_one_line(make_ws, tmp_path):
+    # The name is the specialist's to choose: not UTF-8, it stopped the supervisor with an
+    # internal error (the signal's line could not be encoded); with a newline it forged lines
+    # of the report.
+    a = Attack(make_ws, tmp_path, '''
+os.mkfifo(b"src/bad\\xff.py")
+os.mkfifo("src/a\\nWO-0007 chip: running -> done")
+''', files=("webapp/src/**",))
+    assert a.rec.status == "denied", a.rec.report
+    assert sorted(a.offending) == [
+        "webapp/src/a\\x0aWO-0007 chip: running -> done: special (created, fifo) — " + gate.ALWAYS_DENIED["special"],
+        "webapp/src/bad\\xff.py: special (created, fifo) — " + gate.ALWAYS_DENIED["special"]]
+    a.assert_untouched()
+    assert [s.kind for s in signals.load(a.ws.state)] == ["scope"]
