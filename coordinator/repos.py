@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -155,8 +156,12 @@ class Repo(Checkout):
         ignored = set(_nul_split(r.stdout))
         add, remove = [], []
         for p in wanted:
-            full = work / p
-            is_file = full.is_symlink() or (full.exists() and not full.is_dir())
+            try:
+                is_file = not stat.S_ISDIR(os.lstat(work / p).st_mode)
+            except (FileNotFoundError, NotADirectoryError):
+                is_file = False
+            except OSError as e:  # a folder on the way the agent made unreadable
+                raise GitError(f"cannot read {p!r} in {work}: {e.strerror}; nothing was committed") from None
             if is_file and (p in tracked or p not in ignored):
                 add.append(p)
             elif p in tracked:
