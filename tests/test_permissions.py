@@ -349,6 +349,31 @@ write("src/login.py")  # an allowed change alongside: it must not land either
     assert git(a.repo, "branch", "--list", "main", "--format=%(objectname)") == a.main
 
 
+@needs_landlock
+def test_a_denied_copy_kept_for_inspection_runs_nothing_of_the_agents_when_inspected(make_ws, tmp_path):
+    # The denied copy stays for a person to look at; the agent's own git dirs in it (the
+    # pointer replaced, a nested one) would have run their fsmonitor as that person, outside
+    # any sandbox, at the first `git status` there.
+    a = Attack(make_ws, tmp_path, '''
+import subprocess
+os.unlink(".git")
+for top in (".git", "src/.git", "src/deep/.GIT"):
+    subprocess.run(["git", "init", "-q", "--bare", top], check=True)
+    subprocess.run(["git", "config", "-f", top + "/config", "core.bare", "false"], check=True)
+    subprocess.run(["git", "config", "-f", top + "/config", "core.fsmonitor",
+                    "touch " + os.path.join(PROBE, "pwned") + "; false #"], check=True)
+''', files=("webapp/**",))
+    a.assert_denied(".git")
+    kept = a.ws.runtime / "work" / "atk" / "webapp"
+    pointer = (kept / ".git").read_text()
+    assert pointer.startswith("gitdir: ") and Path(pointer.split(" ", 1)[1].strip()).parent.parent == a.repo / ".git"
+    assert not (kept / "src" / ".git").exists() and not (kept / "src" / "deep" / ".GIT").exists()
+    for where in (kept, kept / "src", kept / "src" / "deep"):
+        subprocess.run(["git", "status"], cwd=where, capture_output=True, check=False)
+    assert not (a.probe / "pwned").exists()
+    assert any(line.startswith("webapp/src/.git/config: git-internal") for line in a.offending)
+
+
 def setid_files(top: Path) -> list[str]:
     """Every setuid or setgid file beneath `top` (a setgid folder is no privilege)."""
     found = []
