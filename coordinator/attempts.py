@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from . import audit, gate, results, runner
 from .config import Agent, parse_duration
 from .errors import CoordinatorError, GateError, GitError, SandboxError
+from .inboxfiles import printable
 from .interruptions import Interruptions
 from .landlock import Ruleset
 from .orders import WorkOrder
@@ -449,7 +450,7 @@ class AttemptRunner(Interruptions):
                     sha = act.repo.merge(rec.id)
                 except MergeConflict as e:
                     return self.fail(act, "merge conflict with work that landed meanwhile in: "
-                                          + ", ".join(e.paths))
+                                          + ", ".join(printable(p) for p in e.paths))
                 except GitError as e:
                     return self.fail(act, f"could not merge: {e}")
                 rec.commit = act.committed
@@ -458,9 +459,9 @@ class AttemptRunner(Interruptions):
         changed: list[str] = []
         if act.repo is not None and act.committed:
             try:  # what was committed: a file git ignores was judged, and is not in it
-                changed = [f"{act.repo.name}/{p}" for p in act.repo.changed_in(act.committed)]
+                changed = [f"{act.repo.name}/{printable(p)}" for p in act.repo.changed_in(act.committed)]
             except GitError:
-                changed = [f"{act.repo.name}/{p}" for p in act.verdict.commit_paths()] if act.verdict else []
+                changed = [f"{act.repo.name}/{printable(p)}" for p in act.verdict.commit_paths()] if act.verdict else []
         rec.report = {"summary": summary, "changed": changed,
                       "checks": act.check_lines, "merge": sha}
         self._end(act, "done", act.agent.name, note=f"commit {act.committed[:10]}" if act.committed else None)
@@ -500,7 +501,7 @@ def _as_judged(workdir: Path, paths: list[str], judged: gate.Snapshot) -> None:
     no difference."""
     changed = sorted(p for p in paths if not gate.unchanged_since(workdir, p, judged.get(p)))
     if changed:
-        raise GateError(f"{', '.join(changed[:5])} changed after the permission gate judged it; nothing was "
+        raise GateError(f"{', '.join(printable(p) for p in changed[:5])} changed after the permission gate judged it; nothing was "
                         "committed")
 
 

@@ -6,7 +6,8 @@ never following a link: untracked and ignored files too, and the working copy's
 own `.git` pointer file. `diff` turns two snapshots into changes; `judge` keeps
 a change only when its path matches both the order's `files` and the agent's
 `writes`, and refuses outright what no permission can grant: git internals,
-special files, setuid bits, hard links, links that lead out of the copy, and
+special files, setuid bits, hard links, links that lead out of the copy, what
+it cannot read (a folder or file whose mode the agent changed), and
 what would stall the supervisor: a file over MAX_FILE_BYTES (never read, judged
 by its size) or folders nested over MAX_DEPTH levels (never walked further).
 """
@@ -21,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .inboxfiles import printable
 from .paths import matches_any
 
 POINTER = ".git"
@@ -50,6 +52,8 @@ ALWAYS_DENIED = {
     "too-large": f"a file over {MAX_FILE_BYTES // 1_000_000} MB (or over {MAX_CHANGED_BYTES // 1_000_000_000} GB of "
                  "files in all) is never committed; keep it out of the repository",
     "too-deep": f"folders nested over {MAX_DEPTH} levels deep (or paths over {_PATH_MAX} bytes) are never allowed",
+    "unreadable": "a file or folder the supervisor cannot read (its mode was changed) cannot be judged, nor what "
+                  "it holds",
 }
 _CHUNK = 1 << 20
 _MAX_HOPS = 40  # symbolic links followed while resolving one target, as the kernel does
@@ -77,7 +81,7 @@ class Change:
 
     path: str
     what: str  # added modified deleted mode type symlink hardlink special setuid git-internal pointer
-    #            too-large too-deep
+    #            too-large too-deep unreadable
     detail: str = ""  # for the report: created/changed/deleted and what exactly
     kind: str = "file"  # the path's kind after the change (before it, when deleted)
 
@@ -262,7 +266,12 @@ def _digest(path: str, size: int) -> str:
 def diff(before: dict[str, Entry], after: dict[str, Entry]) -> list[Change]:
     """The changes from snapshot `before` to `after`: one per path (its gravest kind), by path."""
     changes = []
+    # What lies in a folder that could not be read is unknown, not deleted: the folder is
+    # judged (and refused) as a whole.
+    unread = tuple(p + "/" for p, e in after.items() if e.kind == "dir" and e.digest == UNREADABLE)
     for path in sorted(before.keys() | after.keys()):
+        if unread and path.startswith(unread):
+            continue
         change = _classify(path, before.get(path), after.get(path), after)
         if change is not None:
             changes.append(change)
@@ -298,6 +307,8 @@ def _classify(path: str, b: Entry | None, a: Entry | None, after: dict[str, Entr
         return Change(path, "too-large", f"{action}, {_size(a.size)}", kind)
     if a.digest and a.digest.startswith(OVER_BUDGET):
         return Change(path, "too-large", f"{action}, past {_size(MAX_CHANGED_BYTES)} of written files in all", kind)
+    if a.digest == UNREADABLE:
+        return Change(path, "unreadable", f"{action}, mode {a.mode:04o}", kind)
     if a.digest == TOO_DEEP:
         return Change(path, "too-deep", f"{action}, holds more than {MAX_DEPTH} levels down", kind)
     if b is None:
@@ -424,5 +435,8 @@ def outside(full: str, files: tuple[str, ...], writes: tuple[str, ...]) -> str |
 
 
 def describe(change: Change) -> str:
-    """One report line: `.git/hooks/pre-commit: git-internal (created)`."""
-    return f"{change.path}: {change.what} ({change.detail})" if change.detail else f"{change.path}: {change.what}"
+    """One report line: `.git/hooks/pre-commit: git-internal (created)`. The specialist chose
+    the path and a link's target: bytes that are not UTF-8 and control characters (a newline
+    would start a line of its own in the report) are shown as escapes."""
+    path, detail = printable(change.path), printable(change.detail)
+    return f"{path}: {change.what} ({detail})" if detail else f"{path}: {change.what}"

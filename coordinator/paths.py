@@ -115,7 +115,9 @@ def _segment(part: str) -> str:
                 neg = body.startswith("!")
                 body = body[1:] if neg else body
                 body = body.replace("\\", "\\\\").replace("^", "\\^")
-                out.append(f"[{'^' if neg else ''}{body}]")
+                # A set stands for one character of a name: never the '/' between two
+                # (`v[!0-9]*` would match all of `v/x.py`, and `[.-0]` spans '/').
+                out.append(f"(?!/)[{'^' if neg else ''}{body}]")
                 i = j
         else:
             out.append(re.escape(c))

@@ -13,12 +13,13 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from . import durable, gitlocks
+from . import durable, gate, gitlocks
 from .checkout import Checkout
 from .errors import GitError
 from .gitrepo import (
@@ -88,7 +89,9 @@ class Repo(Checkout):
         dest = Path(os.path.abspath(dest))
         with self._lock:
             if keep:
-                if not (self._admin_dir(dest) / "locked").exists():
+                admin = self._admin_dir(dest)
+                self._defuse(dest, admin)
+                if not (admin / "locked").exists():
                     reason = f"{KEPT_REASON} (order {order_id})"
                     self.git("worktree", "lock", "--reason", reason, str(dest))
                 return
@@ -99,6 +102,21 @@ class Repo(Checkout):
                 _remove_tree(dest)
             if self._has_ref(f"refs/heads/{branch}"):
                 self.git("update-ref", "-d", f"refs/heads/{branch}")
+
+    def _defuse(self, work: Path, admin: Path) -> None:
+        """Make a copy kept for inspection safe to inspect with git: its `.git` pointer leads to
+        its real git dir again, and every other `.git` the agent made in it goes. A person's git
+        in the copy would otherwise run what the agent put there (a config's core.fsmonitor, a
+        hook) outside any sandbox; the report lists what they were."""
+        try:
+            durable.unlock_tree(work)
+            durable.remove_tree(work / ".git")
+            (work / ".git").write_text(f"gitdir: {admin}\n", encoding="utf-8")
+            for found in _nested_git(work):
+                durable.remove_tree(found)
+        except OSError as e:
+            raise GitError(f"cannot make the kept working copy {work} safe to inspect: {e}; remove it by hand "
+                           "before running git there") from e
 
     def _drop(self, w: _Worktree) -> None:
         # Deleting both folders ourselves works even when the agent made the copy unreadable
@@ -155,8 +173,12 @@ class Repo(Checkout):
         ignored = set(_nul_split(r.stdout))
         add, remove = [], []
         for p in wanted:
-            full = work / p
-            is_file = full.is_symlink() or (full.exists() and not full.is_dir())
+            try:
+                is_file = not stat.S_ISDIR(os.lstat(work / p).st_mode)
+            except (FileNotFoundError, NotADirectoryError):
+                is_file = False
+            except OSError as e:  # a folder on the way the agent made unreadable
+                raise GitError(f"cannot read {p!r} in {work}: {e.strerror}; nothing was committed") from None
             if is_file and (p in tracked or p not in ignored):
                 add.append(p)
             elif p in tracked:
@@ -310,6 +332,27 @@ def _check_rel(path: str) -> None:
         raise GitError(f"{path!r} is not a plain repository-relative path; refusing to commit it")
     if any(p.lower() == ".git" for p in parts):
         raise GitError(f"{path!r} names a .git component; git internals are never committed")
+
+
+def _nested_git(root: Path) -> list[Path]:
+    """Every entry named `.git` (in any case) below `root` but its own pointer, down to the
+    depth the gate walks (deeper, nothing is walked: such a tree is denied whole)."""
+    found: list[Path] = []
+    todo = [(str(root), 0)]
+    while todo:  # a stack, not recursion: the agent chose how deep the tree goes
+        folder, depth = todo.pop()
+        try:
+            with os.scandir(folder) as it:
+                items = list(it)
+        except OSError:
+            continue
+        for item in items:
+            if item.name.lower() == ".git":
+                if depth or item.name != ".git":
+                    found.append(Path(item.path))
+            elif depth < gate.MAX_DEPTH and item.is_dir(follow_symlinks=False):
+                todo.append((item.path, depth + 1))
+    return found
 
 
 def _remove_tree(path: Path) -> None:

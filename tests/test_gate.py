@@ -406,3 +406,41 @@ def test_a_file_that_grows_after_its_size_was_taken_is_not_read_to_its_end(tmp_p
     started = time.perf_counter()
     assert gate._digest(str(path), 10) == gate.UNREADABLE
     assert time.perf_counter() - started < 1.0
+
+
+def test_a_glob_set_never_matches_the_slash_between_two_names(wt: Path) -> None:
+    # `src/v[!0-9]*` allows names in src/ like `vx.py`; it kept all of src/v/evil.py, a file
+    # in a folder the writes never named, as `[^0-9]` matched the '/'. A range like [.-0] too.
+    def act() -> None:
+        (wt / "src" / "v").mkdir()
+        (wt / "src" / "v" / "evil.py").write_text("kept?\n")
+        (wt / "src" / "vx.py").write_text("allowed\n")
+
+    for glob in ("webapp/src/v[!0-9]*", "webapp/src/v[.-0]*"):
+        v = verdict_of(wt, act, files=(glob, "webapp/src/vx.py"), writes=(glob, "webapp/src/vx.py"))
+        assert [(c.path, why) for c, why in v.offending] == [
+            ("src/v/evil.py", "outside the order's files and the agent's writes")], glob
+        shutil.rmtree(wt / "src" / "v")
+        (wt / "src" / "vx.py").unlink()
+
+
+def test_a_folder_the_supervisor_cannot_read_is_denied_whole(wt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A supervisor that is not root cannot list a folder its specialist made mode 000 (root
+    # can, so the refusal is simulated): what it holds read as deleted, the deletions were
+    # allowed, and staging them stopped the supervisor with a PermissionError.
+    (wt / "src" / "sub").mkdir()
+    (wt / "src" / "sub" / "x.py").write_text("x = 1\n")
+    before = snapshot(wt)
+    real_scandir = os.scandir
+
+    def scandir(path: str) -> object:
+        if str(path).endswith("/src/sub"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(gate.os, "scandir", scandir)
+    changes = diff(before, snapshot(wt, since=before))
+    assert [(c.path, c.what) for c in changes] == [("src/sub", "unreadable")]
+    v = judge(changes, repo="webapp", files=("webapp/**",), writes=("webapp/**",))
+    assert [why for _, why in v.offending] == [gate.ALWAYS_DENIED["unreadable"]]
+    assert v.commit_paths() == ()

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from conftest import drop, order_md, step_until
 
-from coordinator import gate, landlock, mounts, seccomp
+from coordinator import gate, landlock, mounts, seccomp, signals
 from coordinator.store import Record, Store
 from coordinator.supervisor import Supervisor
 from coordinator.workspace import Workspace
@@ -349,6 +349,31 @@ write("src/login.py")  # an allowed change alongside: it must not land either
     assert git(a.repo, "branch", "--list", "main", "--format=%(objectname)") == a.main
 
 
+@needs_landlock
+def test_a_denied_copy_kept_for_inspection_runs_nothing_of_the_agents_when_inspected(make_ws, tmp_path):
+    # The denied copy stays for a person to look at; the agent's own git dirs in it (the
+    # pointer replaced, a nested one) would have run their fsmonitor as that person, outside
+    # any sandbox, at the first `git status` there.
+    a = Attack(make_ws, tmp_path, '''
+import subprocess
+os.unlink(".git")
+for top in (".git", "src/.git", "src/deep/.GIT"):
+    subprocess.run(["git", "init", "-q", "--bare", top], check=True)
+    subprocess.run(["git", "config", "-f", top + "/config", "core.bare", "false"], check=True)
+    subprocess.run(["git", "config", "-f", top + "/config", "core.fsmonitor",
+                    "touch " + os.path.join(PROBE, "pwned") + "; false #"], check=True)
+''', files=("webapp/**",))
+    a.assert_denied(".git")
+    kept = a.ws.runtime / "work" / "atk" / "webapp"
+    pointer = (kept / ".git").read_text()
+    assert pointer.startswith("gitdir: ") and Path(pointer.split(" ", 1)[1].strip()).parent.parent == a.repo / ".git"
+    assert not (kept / "src" / ".git").exists() and not (kept / "src" / "deep" / ".GIT").exists()
+    for where in (kept, kept / "src", kept / "src" / "deep"):
+        subprocess.run(["git", "status"], cwd=where, capture_output=True, check=False)
+    assert not (a.probe / "pwned").exists()
+    assert any(line.startswith("webapp/src/.git/config: git-internal") for line in a.offending)
+
+
 def setid_files(top: Path) -> list[str]:
     """Every setuid or setgid file beneath `top` (a setgid folder is no privilege)."""
     found = []
@@ -650,7 +675,6 @@ def test_the_orchestrator_cannot_write_the_files_it_routes(make_ws, tmp_path):
 @needs_landlock
 @pytest.mark.parametrize("quiet", [False, True])
 def test_an_orchestrator_trying_to_write_is_recorded_as_artifact(make_ws, tmp_path, quiet):
-    from coordinator import signals
 
     ws = _orchestrator_ws(make_ws, tmp_path, quiet=quiet)
     drop(ws, "walt", "plan.md", order_md("Plan the login work", files=("webapp/src/login.py",), id="plan"))
@@ -996,3 +1020,20 @@ def test_git_converting_line_endings_on_staging_is_no_change_after_the_gate(make
     assert rec.status == "done", (rec.failures, rec.report)
     staged = subprocess.run(["git", "-C", str(repo), "show", "main:src/crlf.txt"], capture_output=True, check=True)
     assert staged.stdout == b"one\ntwo\n"  # as git normalizes it
+
+
+@needs_landlock
+def test_a_denied_path_that_is_not_utf8_or_holds_a_newline_is_reported_on_one_line(make_ws, tmp_path):
+    # The name is the specialist's to choose: not UTF-8, it stopped the supervisor with an
+    # internal error (the signal's line could not be encoded); with a newline it forged lines
+    # of the report.
+    a = Attack(make_ws, tmp_path, '''
+os.mkfifo(b"src/bad\\xff.py")
+os.mkfifo("src/a\\nWO-0007 chip: running -> done")
+''', files=("webapp/src/**",))
+    assert a.rec.status == "denied", a.rec.report
+    assert sorted(a.offending) == [
+        "webapp/src/a\\x0aWO-0007 chip: running -> done: special (created, fifo) — " + gate.ALWAYS_DENIED["special"],
+        "webapp/src/bad\\xff.py: special (created, fifo) — " + gate.ALWAYS_DENIED["special"]]
+    a.assert_untouched()
+    assert [s.kind for s in signals.load(a.ws.state)] == ["scope"]

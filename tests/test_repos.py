@@ -289,6 +289,25 @@ def test_commit_refuses_git_internals(repo: Repo, ws: Path) -> None:
             repo.commit(wt, [bad], agent="chip", subject="s", trailers=TRAILERS)
 
 
+def test_commit_of_a_path_it_cannot_look_at_is_a_git_error(repo: Repo, ws: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not root, the supervisor cannot look into a folder made mode 000: that stopped it with
+    # a PermissionError. (Root can look, so the refusal is simulated.)
+    wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+    real_lstat = os.lstat
+
+    def lstat(path: object, *args: object, **kw: object) -> os.stat_result:
+        if str(path).endswith("src/login.py"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_lstat(path, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("coordinator.repos.os.lstat", lstat)
+    with pytest.raises(GitError, match="cannot read 'src/login.py'.*Permission denied; nothing was committed"):
+        repo.commit(wt, ["src/login.py"], agent="chip", subject="s", trailers=TRAILERS)
+    monkeypatch.undo()
+    assert sh_git(wt, "rev-parse", "HEAD") == repo.head()
+
+
 def test_commit_keeps_symlinks_and_exec_bits(repo: Repo, ws: Path) -> None:
     wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
     os.symlink("login.py", wt / "src" / "alias.py")
