@@ -152,11 +152,7 @@ class AttemptRunner(Interruptions):
         current brief, replacing the brief of an earlier attempt of the same order."""
         ledger = self.sup.ledger
         ledger.items = [i for i in ledger.items if not (i.ref == act.rec.id and i.kind == "brief")]
-        try:
-            text = act.attempt.brief.read_text("utf-8", errors="replace")
-        except OSError:
-            return
-        self.sup.ledger_add(act.rec.id, "brief", text, note=f"brief of {act.rec.id}, attempt {act.attempt.number}")
+        self.sup.ledger_add(act.rec.id, "brief", act.attempt.brief_text, note=f"brief of {act.rec.id}, attempt {act.attempt.number}")
 
     # -- watching -------------------------------------------------------------------------------------
     def reap(self) -> bool:

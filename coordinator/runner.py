@@ -59,6 +59,9 @@ class Attempt:
     workdir: Path
     repo: str | None
     nonce: str = field(default_factory=lambda: secrets.token_hex(8), compare=False)
+    # The brief as the supervisor wrote it: what is passed and counted is never read back from
+    # a folder the specialist can write (a FIFO put there would stall the loop).
+    brief_text: str = field(default="", compare=False, repr=False)
 
     @property
     def token(self) -> str:
@@ -133,9 +136,10 @@ def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -
         _mkdirs(folder, folder / "outbox", folder / "tmp", folder / "scratch", logs)
     repo = order.repo
     workdir = work_folder(ws, order.id) / repo if repo else folder / "scratch"
-    attempt = Attempt(order.id, number, folder, workdir, repo)
+    brief = brief_text(order, number, failures).encode("utf-8", "backslashreplace")
+    attempt = Attempt(order.id, number, folder, workdir, repo, brief_text=brief.decode("utf-8"))
     durable.create(attempt.order_file, durable.dumps(order.to_dict()).encode("utf-8", "backslashreplace"))
-    durable.create(attempt.brief, brief_text(order, number, failures).encode("utf-8", "backslashreplace"))
+    durable.create(attempt.brief, brief)
     return attempt
 
 
@@ -274,7 +278,7 @@ def argv(agent: Agent, attempt: Attempt, ws: Workspace) -> tuple[str, ...]:
         "id": attempt.order_id,
         "order": str(attempt.order_file),
         "brief": str(attempt.brief),
-        "brief_text": attempt.brief.read_text("utf-8") if any("{brief_text}" in a for a in agent.command) else "",
+        "brief_text": attempt.brief_text,
         "workdir": str(attempt.workdir),
         "result": str(attempt.result),
         "python": sys.executable,

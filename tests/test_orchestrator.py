@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
-from conftest import drop, order_md, sh
+from conftest import drop, order_md, sh, wait_until
 
-from coordinator import budget, orders, signals
+from coordinator import budget, orders, runner, signals
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
 
@@ -282,6 +283,31 @@ def test_a_command_orchestrators_brief_is_in_its_context_until_the_request_ends(
         sup.run_once(limit=30)
         assert sup.records["req"].status == "done"
         assert [(i.ref, i.kind, i.status) for i in sup.ledger.items] == [("req", "brief", "completed")]
+
+
+def test_an_orchestrator_that_rewrites_its_brief_at_once_is_counted_for_the_brief_it_was_given(make_ws):
+    """The brief lies in the attempt's folder, which the orchestrator's command may write. One
+    that replaced it before the supervisor looked got its own text counted (a FIFO there
+    would stall the loop): what was given is counted, never read back from that folder."""
+    ws = team(make_ws, walt_command=sh('printf "%s" "$(head -c 200000 /dev/zero | tr "\\0" x)" > "$COORD_BRIEF"; '
+                                       'touch "$COORD_BRIEF.done"; sleep 0.5'))
+    drop(ws, "walt", "r.md", order_md("Plan the login work", id="req"))
+    with Supervisor(ws) as sup:
+        real_start = sup.spawner.start
+
+        def start_then_lose_the_race(req):  # the command runs before the supervisor looks
+            real_start(req)
+            done = Path(req.env["COORD_BRIEF"] + ".done")
+            wait_until(done.exists, "the orchestrator to rewrite its brief")
+
+        sup.spawner.start = start_then_lose_the_race
+        sup._intake_step()
+        sup.step()
+        act = sup.attempts.active[next(iter(sup.attempts.active))]
+        given = runner.brief_text(act.order, 1, [])
+        assert [(i.ref, i.kind) for i in sup.ledger.items] == [("req", "brief")]
+        assert sup.ledger.items[0].tokens == budget.estimate_tokens(given) < 10_000
+        sup.run_once(limit=30)
 
 
 def test_an_orchestrators_output_that_only_mentions_a_refusal_is_no_artifact(make_ws):
