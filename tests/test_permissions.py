@@ -374,6 +374,28 @@ for top in (".git", "src/.git", "src/deep/.GIT"):
     assert any(line.startswith("webapp/src/.git/config: git-internal") for line in a.offending)
 
 
+@needs_landlock
+def test_a_folder_git_takes_for_a_repository_is_denied_and_never_reaches_the_user(make_ws, tmp_path):
+    # A bare repository planted where the agent may write: merged, the user's first `git log`
+    # in src/fixture would start the agent's pager (or alias, or fsmonitor) outside any sandbox.
+    a = Attack(make_ws, tmp_path, '''
+run = "touch " + os.path.join(PROBE, "pwned")
+os.makedirs("src/fixture/objects")
+os.makedirs("src/fixture/refs/heads")
+write("src/fixture/HEAD", "ref: refs/heads/main\\n", mode="w")
+write("src/fixture/config", "[core]\\n\\tbare = true\\n\\tpager = " + run + "\\n\\tfsmonitor = " + run
+      + "\\n[alias]\\n\\tlog = !" + run + "\\n", mode="w")
+for keep in ("objects/.keep", "refs/heads/.keep"):  # so that git commits the folders
+    write("src/fixture/" + keep, "", mode="w")
+write("src/login.py")  # an allowed change alongside: it must not land either
+''', files=("webapp/src/**",), writes=("webapp/src/**",))
+    a.assert_denied("src/fixture")
+    assert [line.split(" — ", 1)[1] for line in a.offending if line.startswith("webapp/src/fixture")] == [
+        gate.ALWAYS_DENIED["git-repository"]]
+    assert not (a.repo / "src" / "fixture").exists()
+    assert not (a.probe / "pwned").exists()
+
+
 def setid_files(top: Path) -> list[str]:
     """Every setuid or setgid file beneath `top` (a setgid folder is no privilege)."""
     found = []
