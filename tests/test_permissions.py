@@ -1059,3 +1059,20 @@ os.mkfifo("src/a\\nWO-0007 chip: running -> done")
         "webapp/src/bad\\xff.py: special (created, fifo) — " + gate.ALWAYS_DENIED["special"]]
     a.assert_untouched()
     assert [s.kind for s in signals.load(a.ws.state)] == ["scope"]
+
+
+@pytest.mark.parametrize("value", [None, "explicit", "all"])
+def test_doctor_says_whether_the_users_git_takes_a_planted_repository_for_one(tmp_path, monkeypatch, value):
+    # The gate keeps such folders out of changes; the user's own git is the other half.
+    from coordinator import doctor
+    config = tmp_path / "gitconfig"
+    config.write_text(f"[safe]\n\tbareRepository = {value}\n" if value else "")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(config))
+    monkeypatch.setenv("GIT_CONFIG_SYSTEM", str(tmp_path / "none"))  # and not the machine's
+    [shown] = [line for line in doctor.report(None) if line.strip().startswith("safe.bareRepository:")]
+    if value == "explicit":
+        assert shown.strip().startswith("safe.bareRepository: explicit")
+        assert "runs its config" not in shown
+    else:
+        assert shown.strip().startswith(f"safe.bareRepository: {value or 'not set'} — your git takes any folder")
+        assert "`git config --global safe.bareRepository explicit`" in shown
