@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -62,6 +63,7 @@ def report(ws: Workspace | None) -> list[str]:
     if git:
         version = subprocess.run([git, "--version"], capture_output=True, text=True).stdout.strip()
         lines.append(f"git: {version}")
+        lines.append(_bare_repositories(git, version))
     else:
         lines.append("git: NOT FOUND — install git; the audit trail and working copies need it")
     try:
@@ -89,6 +91,24 @@ def report(ws: Workspace | None) -> list[str]:
         lines.append(f"  {name}: {a.role}, {how}{missing}")
         lines += [f"    WARNING: {w}" for w in agent_warnings(a)]
     return lines
+
+
+def _bare_repositories(git: str, version: str) -> str:
+    """Does this user's git take a folder shaped like a repository (HEAD, objects/, refs/) for
+    one, and run its config? Git honours the setting only in the user's and the machine's
+    config, never in a repository's."""
+    value = ""
+    for scope in ("--global", "--system"):  # the user's setting wins over the machine's
+        r = subprocess.run([git, "config", scope, "--get", "safe.bareRepository"], capture_output=True, text=True)
+        if value := r.stdout.strip():
+            break
+    if value.lower() == "explicit":
+        if tuple(int(n) for n in re.findall(r"\d+", version)[:2]) < (2, 38):
+            return f"  safe.bareRepository: explicit, IGNORED — {version} predates it (git 2.38)"
+        return "  safe.bareRepository: explicit — your git uses no repository it merely finds in a folder"
+    return (f"  safe.bareRepository: {value or 'not set'} — your git takes any folder shaped like a repository "
+            "for one and runs its config (the gate refuses such folders in a change; "
+            "`git config --global safe.bareRepository explicit` refuses them everywhere)")
 
 
 def command_line(command: tuple[str, ...]) -> str:

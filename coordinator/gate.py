@@ -5,8 +5,8 @@ under the walk. `snapshot` records every path of the working copy by `lstat`,
 never following a link: untracked and ignored files too, and the working copy's
 own `.git` pointer file. `diff` turns two snapshots into changes; `judge` keeps
 a change only when its path matches both the order's `files` and the agent's
-`writes`, and refuses outright what no permission can grant: git internals,
-special files, setuid bits, hard links, links that lead out of the copy, what
+`writes`, and refuses outright what no permission can grant: git internals (and
+a folder git would take for a repository of its own), special files, setuid bits, hard links, links that lead out of the copy, what
 it cannot read (a folder or file whose mode the agent changed), and
 what would stall the supervisor: a file over MAX_FILE_BYTES (never read, judged
 by its size) or folders nested over MAX_DEPTH levels (never walked further).
@@ -45,6 +45,8 @@ CONTENT = frozenset({"added", "modified", "deleted", "mode", "type"})
 ALWAYS_DENIED = {
     "pointer": "the working copy's .git pointer is never writable",
     "git-internal": "git internals (.git, .gitmodules) are never writable",
+    "git-repository": "git would take this folder for a repository and run its config and hooks for whoever "
+                      "runs git in it; keep such a fixture as an archive the tests unpack",
     "special": "special files (fifo, socket, device) are never allowed",
     "setuid": "setuid and setgid bits are never allowed",
     "hardlink": "a hard link can reach a file outside the working copy",
@@ -81,7 +83,7 @@ class Change:
 
     path: str
     what: str  # added modified deleted mode type symlink hardlink special setuid git-internal pointer
-    #            too-large too-deep unreadable
+    #            git-repository too-large too-deep unreadable
     detail: str = ""  # for the report: created/changed/deleted and what exactly
     kind: str = "file"  # the path's kind after the change (before it, when deleted)
 
@@ -275,7 +277,33 @@ def diff(before: dict[str, Entry], after: dict[str, Entry]) -> list[Change]:
         change = _classify(path, before.get(path), after.get(path), after)
         if change is not None:
             changes.append(change)
-    return changes
+    return _repositories(changes, before, after) if changes else changes
+
+
+# What git looks for in a folder to take it for a repository (see repository_folders).
+_REPO_NAMES = frozenset({"head", "objects", "refs", "commondir"})
+
+
+def _repositories(changes: list[Change], before: dict[str, Entry], after: dict[str, Entry]) -> list[Change]:
+    """`changes`, where a change lies in a folder git would take for a repository of its own:
+    that folder refused as a whole (`git-repository`), whatever the rest of the change.
+
+    Git run anywhere in such a folder reads its config and runs its hooks (a merged one would
+    run the agent's commands as the user): git's own guard, `safe.bareRepository=explicit`,
+    is off by default.
+    """
+    shaped = repository_folders((path, e.kind) for path, e in after.items())
+    if not shaped:
+        return changes
+    inside = tuple(f + "/" for f in shaped)
+    hit = {f for c in changes if c.path in shaped or c.path.startswith(inside)
+           for f in shaped if c.path == f or c.path.startswith(f + "/")}
+    if not hit:
+        return changes
+    kept = [c for c in changes if c.path not in hit]
+    kept += [Change(f, "git-repository", f"{'changed' if f in before else 'created'}, holds {shaped[f]}", "dir")
+             for f in hit]
+    return sorted(kept, key=lambda c: c.path)
 
 
 def _classify(path: str, b: Entry | None, a: Entry | None, after: dict[str, Entry]) -> Change | None:
@@ -320,6 +348,29 @@ def _classify(path: str, b: Entry | None, a: Entry | None, after: dict[str, Entr
     if b.mode != a.mode:
         return Change(path, "mode", f"{b.mode:04o} -> {a.mode:04o}", kind)
     return Change(path, "modified", "links", kind)
+
+
+def repository_folders(entries: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The folders among `entries` ((path, kind), as in a snapshot) that git would take for
+    a repository of their own, each with the names that make it one (`HEAD, objects, refs`).
+
+    Git's test (setup.c, is_git_directory): a HEAD file, and `objects` and `refs` beside it,
+    or a `commondir` file naming where they are. Names are compared as a case-insensitive
+    file system (a clone on macOS or Windows) would. The top folder is never one: git finds
+    its `.git` there first.
+    """
+    held: dict[str, dict[str, str]] = {}  # folder -> normalized name -> name, of _REPO_NAMES only
+    for path, kind in entries:
+        folder, _, name = path.rpartition("/")
+        key = name.lower().rstrip(" .")
+        if key in _REPO_NAMES and folder and not (key == "head" and kind == "dir"):  # git reads HEAD
+            held.setdefault(folder, {})[key] = name
+    return {
+        folder: ", ".join(names[k] for k in ("head", "objects", "refs", "commondir") if k in names)
+        for folder, names in held.items()
+        if "head" in names and ("commondir" in names or "objects" in names and "refs" in names)
+        and not is_git_path(folder)  # already refused as git internals
+    }
 
 
 def _differs(b: Entry, a: Entry) -> bool:

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -444,3 +445,70 @@ def test_a_folder_the_supervisor_cannot_read_is_denied_whole(wt: Path, monkeypat
     v = judge(changes, repo="webapp", files=("webapp/**",), writes=("webapp/**",))
     assert [why for _, why in v.offending] == [gate.ALWAYS_DENIED["unreadable"]]
     assert v.commit_paths() == ()
+
+
+def git_dir_of(folder: Path) -> str:
+    """What git, run in `folder`, takes for its repository (`.` when the folder itself), bare
+    repositories allowed as they are by default."""
+    return subprocess.run(["git", "-c", "safe.bareRepository=all", "rev-parse", "--git-dir"], cwd=folder,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def plant(top: Path, layout: dict[str, str | None]) -> None:
+    """Files (text) and folders (None) under `top`."""
+    for rel, text in layout.items():
+        path = top / rel
+        if text is None:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+
+BARE = {"HEAD": "ref: refs/heads/main\n", "objects": None, "refs/heads": None,
+        "config": "[core]\n\tbare = true\n\tpager = touch pwned\n[alias]\n\tst = !touch pwned\n"}
+
+
+@pytest.mark.parametrize("case", ["bare", "linked", "completed"])
+def test_a_folder_git_takes_for_a_repository_is_denied_under_any_permission(wt: Path, case: str) -> None:
+    # Merged, it would be a repository of the agent's making inside the user's: the first
+    # `git log` run in it would start its pager (or alias, or hook) as that person.
+    if case == "completed":  # an untracked folder already there, that the agent makes one
+        plant(wt / "src" / "fixture", {k: v for k, v in BARE.items() if k != "HEAD"})
+    layout = {
+        "bare": BARE,
+        "linked": {"HEAD": BARE["HEAD"], "commondir": "../common\n"},  # its objects, refs, config: there
+        "completed": {"HEAD": BARE["HEAD"]},
+    }[case]
+    act = lambda: plant(wt / "src" / "fixture", layout)  # noqa: E731
+    if case == "linked":
+        plant(wt / "src" / "common", {k: v for k, v in BARE.items() if k != "HEAD"})
+    v = verdict_of(wt, act, files=("webapp/**",), writes=("webapp/**",))
+    assert git_dir_of(wt / "src" / "fixture") == "."  # git agrees: this folder is a repository
+    assert [(c.path, why) for c, why in v.offending] == [("src/fixture", gate.ALWAYS_DENIED["git-repository"])]
+    shown = describe(v.offending[0][0])
+    held = "HEAD, commondir" if case == "linked" else "HEAD, objects, refs"
+    assert shown == f"src/fixture: git-repository ({'changed' if case == 'completed' else 'created'}, holds {held})"
+    assert v.commit_paths() == ()
+
+
+def test_a_folder_git_takes_for_a_repository_is_denied_whatever_the_case_of_its_names(wt: Path) -> None:
+    # A clone on a case-insensitive file system (macOS, Windows) finds `head` as HEAD.
+    act = lambda: plant(wt / "src" / "fixture", {"head": "ref: refs/heads/main\n", "Objects": None, "REFS.": None})  # noqa: E731
+    v = verdict_of(wt, act, files=("webapp/**",), writes=("webapp/**",))
+    assert [(c.path, c.what) for c, _ in v.offending] == [("src/fixture", "git-repository")]
+
+
+def test_folders_named_like_parts_of_a_repository_are_still_allowed(wt: Path) -> None:
+    def act() -> None:
+        plant(wt / "src", {
+            "model/objects/user.py": "x = 1\n", "model/refs/links.py": "y = 2\n",  # no HEAD
+            "vcs/HEAD": "ref: refs/heads/main\n", "vcs/objects/blob.py": "z = 3\n",  # no refs
+            "doc/HEAD/index.md": "# a folder named HEAD\n", "doc/objects": None, "doc/refs/r.md": "r\n",
+        })  # fmt: skip
+
+    v = verdict_of(wt, act, files=("webapp/**",), writes=("webapp/**",))
+    assert v.offending == ()
+    for folder in ("model", "vcs", "doc"):
+        assert git_dir_of(wt / "src" / folder) != "."  # nor does git take any of them for one
+    assert "src/vcs/HEAD" in v.commit_paths() and "src/model/objects/user.py" in v.commit_paths()

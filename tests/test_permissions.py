@@ -374,6 +374,28 @@ for top in (".git", "src/.git", "src/deep/.GIT"):
     assert any(line.startswith("webapp/src/.git/config: git-internal") for line in a.offending)
 
 
+@needs_landlock
+def test_a_folder_git_takes_for_a_repository_is_denied_and_never_reaches_the_user(make_ws, tmp_path):
+    # A bare repository planted where the agent may write: merged, the user's first `git log`
+    # in src/fixture would start the agent's pager (or alias, or fsmonitor) outside any sandbox.
+    a = Attack(make_ws, tmp_path, '''
+run = "touch " + os.path.join(PROBE, "pwned")
+os.makedirs("src/fixture/objects")
+os.makedirs("src/fixture/refs/heads")
+write("src/fixture/HEAD", "ref: refs/heads/main\\n", mode="w")
+write("src/fixture/config", "[core]\\n\\tbare = true\\n\\tpager = " + run + "\\n\\tfsmonitor = " + run
+      + "\\n[alias]\\n\\tlog = !" + run + "\\n", mode="w")
+for keep in ("objects/.keep", "refs/heads/.keep"):  # so that git commits the folders
+    write("src/fixture/" + keep, "", mode="w")
+write("src/login.py")  # an allowed change alongside: it must not land either
+''', files=("webapp/src/**",), writes=("webapp/src/**",))
+    a.assert_denied("src/fixture")
+    assert [line.split(" — ", 1)[1] for line in a.offending if line.startswith("webapp/src/fixture")] == [
+        gate.ALWAYS_DENIED["git-repository"]]
+    assert not (a.repo / "src" / "fixture").exists()
+    assert not (a.probe / "pwned").exists()
+
+
 def setid_files(top: Path) -> list[str]:
     """Every setuid or setgid file beneath `top` (a setgid folder is no privilege)."""
     found = []
@@ -1037,3 +1059,20 @@ os.mkfifo("src/a\\nWO-0007 chip: running -> done")
         "webapp/src/bad\\xff.py: special (created, fifo) — " + gate.ALWAYS_DENIED["special"]]
     a.assert_untouched()
     assert [s.kind for s in signals.load(a.ws.state)] == ["scope"]
+
+
+@pytest.mark.parametrize("value", [None, "explicit", "all"])
+def test_doctor_says_whether_the_users_git_takes_a_planted_repository_for_one(tmp_path, monkeypatch, value):
+    # The gate keeps such folders out of changes; the user's own git is the other half.
+    from coordinator import doctor
+    config = tmp_path / "gitconfig"
+    config.write_text(f"[safe]\n\tbareRepository = {value}\n" if value else "")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(config))
+    monkeypatch.setenv("GIT_CONFIG_SYSTEM", str(tmp_path / "none"))  # and not the machine's
+    [shown] = [line for line in doctor.report(None) if line.strip().startswith("safe.bareRepository:")]
+    if value == "explicit":
+        assert shown.strip().startswith("safe.bareRepository: explicit")
+        assert "runs its config" not in shown
+    else:
+        assert shown.strip().startswith(f"safe.bareRepository: {value or 'not set'} — your git takes any folder")
+        assert "`git config --global safe.bareRepository explicit`" in shown
