@@ -6,10 +6,11 @@ never following a link: untracked and ignored files too, and the working copy's
 own `.git` pointer file. `diff` turns two snapshots into changes; `judge` keeps
 a change only when its path matches both the order's `files` and the agent's
 `writes`, and refuses outright what no permission can grant: git internals (and
-a folder git would take for a repository of its own), special files, setuid bits, hard links, links that lead out of the copy, what
-it cannot read (a folder or file whose mode the agent changed), and
-what would stall the supervisor: a file over MAX_FILE_BYTES (never read, judged
-by its size) or folders nested over MAX_DEPTH levels (never walked further).
+a folder git would take for a repository of its own), special files, setuid
+bits, hard links, links that lead out of the copy, what it cannot read (a folder
+or file whose mode the agent changed), and what would stall the supervisor: a
+file over MAX_FILE_BYTES (never read, judged by its size) or folders nested over
+MAX_DEPTH levels (never walked further).
 """
 
 from __future__ import annotations

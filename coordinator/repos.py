@@ -105,9 +105,10 @@ class Repo(Checkout):
 
     def _defuse(self, work: Path, admin: Path) -> None:
         """Make a copy kept for inspection safe to inspect with git: its `.git` pointer leads to
-        its real git dir again, and every other `.git` the agent made in it goes. A person's git
-        in the copy would otherwise run what the agent put there (a config's core.fsmonitor, a
-        hook) outside any sandbox; the report lists what they were."""
+        its real git dir again, and every other `.git` the agent made in it goes, as does every
+        folder git would take for a repository. A person's git in the copy would otherwise run
+        what the agent put there (a config's core.fsmonitor, a hook) outside any sandbox; the
+        report lists what they were."""
         try:
             durable.unlock_tree(work)
             durable.remove_tree(work / ".git")
@@ -335,7 +336,8 @@ def _check_rel(path: str) -> None:
 
 
 def _nested_git(root: Path) -> list[Path]:
-    """Every entry named `.git` (in any case) below `root` but its own pointer, down to the
+    """Every entry named `.git` (in any case) below `root` but its own pointer, and every
+    folder git would take for a repository of its own (`gate.repository_folders`), down to the
     depth the gate walks (deeper, nothing is walked: such a tree is denied whole)."""
     found: list[Path] = []
     todo = [(str(root), 0)]
@@ -345,6 +347,10 @@ def _nested_git(root: Path) -> list[Path]:
             with os.scandir(folder) as it:
                 items = list(it)
         except OSError:
+            continue
+        if depth and gate.repository_folders(
+                (f"f/{item.name}", "dir" if item.is_dir(follow_symlinks=False) else "file") for item in items):
+            found.append(Path(folder))
             continue
         for item in items:
             if item.name.lower() == ".git":

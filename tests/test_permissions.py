@@ -393,6 +393,10 @@ write("src/login.py")  # an allowed change alongside: it must not land either
     assert [line.split(" — ", 1)[1] for line in a.offending if line.startswith("webapp/src/fixture")] == [
         gate.ALWAYS_DENIED["git-repository"]]
     assert not (a.repo / "src" / "fixture").exists()
+    kept = a.ws.runtime / "work" / "atk" / "webapp"  # the denied copy, kept for a person to look at
+    assert (kept / "src" / "login.py").exists() and not (kept / "src" / "fixture").exists()
+    subprocess.run(["git", "-c", "safe.bareRepository=all", "log"], cwd=kept / "src", capture_output=True,
+                   check=False)
     assert not (a.probe / "pwned").exists()
 
 
