@@ -82,6 +82,21 @@ def review_then_ship(make_ws: Callable[..., Workspace], outcome: str, **top: Any
     return ws
 
 
+def kill9(sup: subprocess.Popen[bytes], *, server_too: bool) -> None:
+    """kill -9 of a live `supervise` (frozen first, so that it dies in one state), and with
+    `server_too` of its fork server as well (and any git it is waiting for), as
+    `pkill -9 -f coordinator` would."""
+    if sup.poll() is None:
+        os.kill(sup.pid, signal.SIGSTOP)
+        if server_too:
+            servers = children(sup.pid)
+            assert servers
+            for pid in servers:
+                os.kill(pid, signal.SIGKILL)
+        os.kill(sup.pid, signal.SIGKILL)
+    sup.wait(10)
+
+
 def board(ws: Workspace) -> str:
     proc = subprocess.run([str(COORDINATOR), "-w", str(ws.root), "board"], capture_output=True, text=True,
                           timeout=60)
@@ -241,18 +256,8 @@ def test_kill9_mid_run_then_restart_finishes_every_order_once(make_ws, victims):
                    "the sleeper, o2 and o3 running, o4 queued")
         running = ["sleeper", "o2", "o3"]
         assert f"supervisor: running (pid {sup.pid})" in board(ws).splitlines()
-        os.kill(sup.pid, signal.SIGSTOP)  # freeze it, so both die in the same state
-        if victims == "supervisor-and-spawner":
-            servers = children(sup.pid)  # its fork server (and any git it is waiting for)
-            assert servers
-            for pid in servers:
-                os.kill(pid, signal.SIGKILL)
-        os.kill(sup.pid, signal.SIGKILL)
-        sup.wait(10)
     finally:
-        if sup.poll() is None:
-            sup.kill()
-            sup.wait()
+        kill9(sup, server_too=victims == "supervisor-and-spawner")
     shown = board(ws).splitlines()  # the board says the RUNNING column is not true any more
     assert shown[1] == ("supervisor: NOT RUNNING — the RUNNING orders below were cut off; "
                         "`coordinator supervise` re-queues them"), shown
@@ -779,15 +784,8 @@ def test_a_daemon_that_cleared_its_environment_dies_at_restart_after_both_proces
         wait_until(lambda: (probe_of(ws) / "daemon").exists() and committed_status(ws, "d1") == "running",
                    "the first attempt to start its daemon")
         pid = int((probe_of(ws) / "daemon").read_text())
-        os.kill(sup.pid, signal.SIGSTOP)
-        for server in children(sup.pid):
-            os.kill(server, signal.SIGKILL)
-        os.kill(sup.pid, signal.SIGKILL)
-        sup.wait(10)
     finally:
-        if sup.poll() is None:
-            sup.kill()
-            sup.wait()
+        kill9(sup, server_too=True)
     time.sleep(0.2)
     assert alive(pid) and specialists_of(ws) != [pid], "the daemon should outlive both, unmarked"
     (probe_of(ws) / "daemon").unlink()
