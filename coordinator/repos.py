@@ -33,6 +33,7 @@ from .gitrepo import (
     _Worktree,
     ident_env,
 )
+from .inboxfiles import printable
 
 COORDINATOR_IDENT = ("coordinator", "coordinator@agents.coordinator")
 AGENT_EMAIL_DOMAIN = "agents.coordinator"
@@ -245,6 +246,7 @@ class Repo(Checkout):
                 else:
                     message = f"Merge wo/{order_id} into {branch}\n\nWork-Order: {order_id}\n"
                     new = self._merge_commit(order_id, branch, base, tip, message)
+                    self._refuse_planted(order_id, branch, base, new)
                 if self._locked_move(branch, base, new, f"coordinator: merge wo/{order_id}"):
                     self.last_base = base
                     return new
@@ -253,6 +255,24 @@ class Repo(Checkout):
             f"repos/{self.name}: the default branch kept moving while wo/{order_id} was merged; "
             "stop whatever else commits there and retry"
         )
+
+    def _refuse_planted(self, order_id: str, branch: str, base: str, merged: str) -> None:
+        """GitError when the merge makes a folder git takes for a repository. The gate refuses
+        one in a single order's change, but two orders run side by side can each bring half
+        (`HEAD` and a config; `objects/` and `refs/`), and only the merge puts them together."""
+        changed = _nul_split(self.git("diff", "--name-only", "--no-renames", "-z", base, merged))
+        folders = {p[:cut] for p in changed for cut in (i for i, c in enumerate(p) if c == "/")}
+        if not folders:
+            return
+        listing = _nul_split(self.git("--literal-pathspecs", "ls-tree", "-t", "-z", merged, "--",
+                                      *sorted(f + "/" for f in folders)))
+        entries = [(line.split("\t", 1)[1], "dir" if line.split(" ", 2)[1] == "tree" else "file")
+                   for line in listing if "\t" in line]
+        planted = gate.repository_folders(entries)
+        if planted:
+            shown = ", ".join(printable(f) for f in sorted(planted))
+            raise GitError(f"{self.name}: merging wo/{order_id} into {branch} would make {shown} a folder git "
+                           "takes for a repository, with work that landed meanwhile; nothing was merged")
 
     def _merge_commit(self, order_id: str, branch: str, base: str, tip: str, message: str) -> str:
         if self.in_memory_merge:

@@ -371,6 +371,38 @@ def test_conflict_leaves_main_exactly_as_it_was(ws: Path, in_memory: bool) -> No
     assert sh_git(repo.path, "worktree", "list").count("\n") == 2  # no scratch copy left behind
 
 
+@pytest.mark.parametrize("in_memory", [True, False], ids=["merge-tree", "scratch-worktree"])
+@pytest.mark.parametrize("folder", ["src/fixture", "src/[x] *"])
+def test_two_orders_that_each_bring_half_of_a_repository_are_not_merged_together(ws: Path, in_memory: bool,
+                                                                                  folder: str) -> None:
+    # Each order's gate sees half a repository (HEAD and its config; objects/ and refs/), which
+    # is no repository: only their merge would make one, whose config git runs for the user.
+    repo = Repo(init_demo_repo(ws / "repos" / "webapp").path, in_memory_merge=in_memory)
+    land(repo, ws, "WO-0001", {f"{folder}/HEAD": "ref: refs/heads/main\n",
+                               f"{folder}/config": "[core]\n\tpager = touch pwned\n"})
+    land(repo, ws, "WO-0002", {f"{folder}/objects/.keep": "", f"{folder}/refs/heads/.keep": "",
+                               "src/b.py": "b\n"})
+    head = repo.merge("WO-0001")
+    with pytest.raises(GitError, match="would make .* a folder git takes for a repository"):
+        repo.merge("WO-0002")
+    assert repo.head() == head and not (repo.path / folder / "objects").exists()
+    assert sh_git(repo.path, "status", "--porcelain") == ""
+
+
+def test_a_merge_that_leaves_a_repository_shaped_folder_alone_lands(ws: Path) -> None:
+    # What was there before (a fixture from before the gate refused such) is not this merge's.
+    repo = Repo(init_demo_repo(ws / "repos" / "webapp").path, in_memory_merge=True)
+    for name in ("HEAD", "objects/.keep", "refs/.keep"):
+        edit(repo.path / "tests" / "fixture" / name, "x\n")
+    sh_git(repo.path, "add", "-A")
+    sh_git(repo.path, "-c", "user.name=p", "-c", "user.email=p@x", "commit", "-qm", "a fixture")
+    land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    land(repo, ws, "WO-0002", {"src/b.py": "b\n"})
+    repo.merge("WO-0001")
+    second = repo.merge("WO-0002")
+    assert repo.head() == second and (repo.path / "src" / "b.py").exists()
+
+
 def test_merge_keeps_unrelated_local_edits_and_refuses_to_clobber(repo: Repo, ws: Path) -> None:
     land(repo, ws, "WO-0001", {"src/login.py": "agent\n"})
     edit(repo.path / "README.md", "user's edit\n")
