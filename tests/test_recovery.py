@@ -777,6 +777,7 @@ def test_a_daemon_that_cleared_its_environment_dies_at_restart_after_both_proces
     daemon = "echo $$ > \"$1\"; exec sleep 300"
     ws = make_ws({"dee": {"role": "specialist", "command": sh(
         f"(env -i setsid sh -c '{daemon}' daemon \"$PROBE/daemon\" </dev/null >/dev/null 2>&1 &); "
+        'while [ ! -s "$PROBE/daemon" ]; do sleep 0.01; done; '  # else its tree's kill may come first
         'if [ "${COORD_ATTEMPT%.n*}" = d1.1 ]; then exec sleep 300; fi')}})
     drop(ws, "dee", "d1.md", order_md("The daemon is started", id="d1"))
     sup = supervise(ws)
