@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import audit, durable, trail
 from .errors import CoordinatorError
-from .store import Store
+from .store import Record, Store
 from .workspace import Workspace
 
 if TYPE_CHECKING:
@@ -181,14 +181,25 @@ def _repo_commits(ws: Workspace) -> list[Finding]:
             ids = TRAILER.findall(body)
             if baseline is None and not ids and committer == audit.SUPERVISOR and " " not in parents.strip():
                 continue  # the demo repository's first commit, made by `coordinator init`
-            if any(i in done for i in ids):
+            if any(i in done and _lands(done[i], sha, parents) for i in ids):
                 continue
             subject = trail.one_line(body.strip().split("\n")[0])
-            why = (f"names {', '.join(ids)}, which did not end done" if ids
+            ended = [i for i in ids if i in done]
+            why = (f"names {', '.join(ended)}, which landed another commit" if ended
+                   else f"names {', '.join(ids)}, which did not end done" if ids
                    else "has no Work-Order trailer")
             found.append(Finding("repo-commit", f"repos/{path.name}@{sha[:10]}",
                                  f"{author}: {subject!r} {why}"))
     return found
+
+
+def _lands(rec: Record, sha: str, parents: str) -> bool:
+    """Whether `sha` is what done order `rec` landed: the agent's commit, or the merge of it.
+    A trailer is text anyone can write: a commit naming a done order by hand is no more
+    explained than one naming none."""
+    merge = rec.report.get("merge") if isinstance(rec.report, dict) else None
+    merged = parents.split()[1:]  # a merge brings in what it names after its first parent
+    return bool(rec.commit) and (sha in (rec.commit, merge) or rec.commit in merged)
 
 
 def moved_heads(ws: Workspace, heads: dict[str, dict[str, str]],

@@ -119,6 +119,22 @@ def test_verify_is_clean_then_catches_a_hand_commit_and_a_hand_edit(make_ws):
     assert {f.kind for f in verify.verify(ws)} == {"repo-commit"}  # the hand commit stays reported
 
 
+def test_a_hand_commit_with_the_trailers_of_a_done_order_is_still_reported(make_ws):
+    """A trailer is text: a person's commit on the default branch naming an order that ended
+    done, authored as its agent, is explained by nothing that order landed."""
+    ws = team(make_ws)
+    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
+    run(ws)
+    assert verify.verify(ws) == []
+    repo = ws.repos / "webapp"
+    (repo / "src" / "sneaky.py").write_text("print('no order')\n")
+    git(repo, "add", "-A")
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=chip", "-c", "user.email=chip@agents.coordinator",
+                    "commit", "-qm", "Code lands\n\nWork-Order: code\nAgent: chip"], check=True)
+    [found] = verify.verify(ws)
+    assert found.kind == "repo-commit" and "names code, which landed another commit" in found.detail
+
+
 def test_a_commit_made_by_hand_in_state_is_foreign(make_ws):
     ws = team(make_ws)
     (ws.state / "note.txt").write_text("hand")
