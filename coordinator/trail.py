@@ -36,6 +36,8 @@ def trusted_env(actor: str = SUPERVISOR, committer: str = SUPERVISOR) -> dict[st
         "GIT_AUTHOR_NAME": actor, "GIT_AUTHOR_EMAIL": f"{actor}@{DOMAIN}",
         "GIT_COMMITTER_NAME": committer, "GIT_COMMITTER_EMAIL": f"{committer}@{DOMAIN}",
         "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0",
+        # The history as committed: a `git replace` by hand would show other commits in its place.
+        "GIT_NO_REPLACE_OBJECTS": "1",
         # glibc gave the heap back after every object git zipped (brk down, brk up, 4 calls
         # an object): half of a batch's `update-index` time with a few hundred files.
         "GLIBC_TUNABLES": ":".join(filter(None, (os.environ.get("GLIBC_TUNABLES"), _KEEP_HEAP))),

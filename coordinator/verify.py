@@ -135,6 +135,7 @@ def _verify_once(ws: Workspace) -> list[Finding]:
     rewound = state.rewound()
     if rewound is not None:
         findings.append(Finding("state-foreign", "state/", rewound))
+    findings += [Finding("state-foreign", "state/", why) for why in _replaced(state.git)]
     findings += _history_gaps(ws, state)
     findings += _repo_commits(ws)
     return findings
@@ -169,6 +170,7 @@ def _repo_commits(ws: Workspace) -> list[Finding]:
         except CoordinatorError as e:
             found.append(Finding("repo-commit", f"repos/{path.name}", f"unreadable: {e}"))
             continue
+        found += [Finding("repo-commit", f"repos/{path.name}", why) for why in _replaced(repo.git)]
         baseline = heads.get(path.name, {}).get("baseline")
         span = f"{baseline}..{branch}" if baseline else branch
         try:
@@ -191,6 +193,17 @@ def _repo_commits(ws: Workspace) -> list[Finding]:
             found.append(Finding("repo-commit", f"repos/{path.name}@{sha[:10]}",
                                  f"{author}: {subject!r} {why}"))
     return found
+
+
+def _replaced(git: Callable[..., str]) -> list[str]:
+    """Commits `git replace` shows as other ones: `git log` by hand would show forged history
+    under their ids (the supervisor and verify read past it)."""
+    try:
+        out = git("for-each-ref", "--format=%(refname)", "refs/replace/")
+    except CoordinatorError:
+        return []
+    return [f"`git replace` shows commit {ref.rsplit('/', 1)[-1][:10]} as another one; "
+            f"`git replace -d {ref.rsplit('/', 1)[-1][:10]}` there undoes it" for ref in out.split()]
 
 
 def _lands(rec: Record, sha: str, parents: str) -> bool:

@@ -135,6 +135,40 @@ def test_a_hand_commit_with_the_trailers_of_a_done_order_is_still_reported(make_
     assert found.kind == "repo-commit" and "names code, which landed another commit" in found.detail
 
 
+def test_git_replace_in_state_cannot_swap_a_commit_under_the_supervisor(make_ws):
+    """`git replace` shows another commit under a commit's id: the trail is read past it, the
+    record it changed is put back, and verify names the replacement."""
+    ws = team(make_ws)
+    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
+    run(ws)
+    record = Store(ws.state).record_path("code")
+    record.write_text(record.read_text().replace('"done"', '"cancelled"'))
+    git(ws.state, "add", "-A")
+    forged = git(ws.state, "commit-tree", git(ws.state, "write-tree").strip(), "-p", "HEAD~1",
+                 "-m", git(ws.state, "log", "-1", "--format=%B")).strip()
+    head = git(ws.state, "rev-parse", "HEAD").strip()
+    git(ws.state, "replace", head, forged)
+    git(ws.state, "reset", "-q", "--hard")
+    assert git(ws.state, "status", "--porcelain") == ""  # to git by hand, nothing changed
+    found = [f.detail for f in verify.verify(ws) if f.kind == "state-foreign"]
+    assert any(f"`git replace -d {head[:10]}`" in d for d in found)
+    run(ws)
+    assert Store(ws.state).load("code").status == "done"
+    assert any("orders/code/record.json" in s.evidence for s in signals.load(ws.state) if s.kind == "silent")
+
+
+def test_git_replace_in_a_repository_is_reported(make_ws):
+    ws = team(make_ws)
+    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
+    run(ws)
+    repo = ws.repos / "webapp"
+    landed = Store(ws.state).load("code").commit
+    forged = git(repo, "commit-tree", f"{landed}^{{tree}}", "-p", f"{landed}^", "-m", "Code lands").strip()
+    git(repo, "replace", landed, forged)
+    [found] = verify.verify(ws)
+    assert found.kind == "repo-commit" and f"`git replace -d {landed[:10]}`" in found.detail
+
+
 def test_a_commit_made_by_hand_in_state_is_foreign(make_ws):
     ws = team(make_ws)
     (ws.state / "note.txt").write_text("hand")
