@@ -153,6 +153,8 @@ class StateRepo(Trail):
             # Inside the loop: a commit that moved the branch meanwhile staged its files in the
             # same index, and a tree written before it would take them out again.
             tree = self.git("write-tree").strip()
+            if base and batch.paths is not None:
+                tree = self._only_written(base, tree, batch.paths)
             head = base
             for actor, lines, _ in batch.groups:
                 parent = ("-p", head) if head else ()
@@ -174,6 +176,21 @@ class StateRepo(Trail):
             self.notes.append(problem)
         return len(batch.groups)
 
+    def _only_written(self, base: str, tree: str, paths: set[str]) -> str:
+        """`tree` without what someone staged by hand (`git add` in state/): the index is
+        shared, and a tree written from it took their change into the supervisor's commit.
+        Their entries go back to `base`; the file stays changed, for the tamper watch."""
+        wanted = set(self._relative(paths))
+        changed = [p for p in self.git("diff-tree", "-r", "-z", "--name-only", "--no-renames", base, tree).split("\0")
+                   if p]
+        foreign = [p for p in changed if not any(a in wanted for a in _and_folders(p))]
+        if not foreign:
+            return tree
+        spec = self.path / ".git" / "coordinator-pathspec"
+        spec.write_bytes("\0".join(foreign).encode("utf-8", "surrogateescape"))
+        self.git("reset", "-q", base, f"--pathspec-from-file={spec}", "--pathspec-file-nul", literal=True)
+        return self.git("write-tree").strip()
+
     def tidy(self, limit: int) -> str | None:
         """Roll the batches' packs and the loose trees and commits up into fewer packs once
         `limit` packs have piled up; what went wrong, or None. Geometric: each pack is at least
@@ -193,10 +210,15 @@ class StateRepo(Trail):
             return f"could not roll up state/'s {packs} packs (they are kept): {e}"
         return None
 
+    def _relative(self, paths: set[str]) -> list[str]:
+        """`paths` (absolute) inside state/, relative to it, sorted."""
+        root = str(self.path.resolve())
+        return sorted({os.path.relpath(p, root) for p in (os.path.abspath(x) for x in paths)
+                       if p == root or p.startswith(root + os.sep)})
+
     def add(self, paths: set[str]) -> None:
         root = str(self.path.resolve())
-        rel = sorted({os.path.relpath(p, root) for p in (os.path.abspath(x) for x in paths)
-                      if p == root or p.startswith(root + os.sep)})
+        rel = self._relative(paths)
         # Claimed files pass through intake/ within one step and were never committed:
         # a pathspec for them would not match.
         rel = [r for r in rel if not r.startswith(".git")
@@ -287,6 +309,15 @@ class StateRepo(Trail):
             else:
                 with contextlib.suppress(OSError):
                     (self.path / p).unlink()
+                # A folder made by hand goes with its last file (git tracks no empty folder);
+                # never a top folder (orders/, intake/): the supervisor's own.
+                parent = os.path.dirname(p)
+                while "/" in parent:
+                    try:
+                        os.rmdir(self.path / parent)
+                    except OSError:
+                        break
+                    parent = os.path.dirname(parent)
 
 
 @dataclass
@@ -461,6 +492,15 @@ def _group(pending: list[tuple[str, str]]) -> list[tuple[str, list[str], list[st
         seen[target][0].add(order)
         seen[target][1].update(words)
     return groups
+
+
+def _and_folders(rel: str) -> list[str]:
+    """`rel` and each folder it is in: `orders/a/record.json`, `orders/a`, `orders`, `.`."""
+    out = [rel]
+    while "/" in rel:
+        rel = rel.rsplit("/", 1)[0]
+        out.append(rel)
+    return [*out, "."]
 
 
 def _ignored(rel: str) -> bool:

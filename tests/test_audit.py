@@ -454,6 +454,30 @@ def test_a_batch_lands_on_top_of_a_commit_made_meanwhile_and_keeps_its_authors(t
     assert git(repo.path, "status", "--porcelain") == ""
 
 
+def test_a_change_staged_by_hand_stays_out_of_the_supervisors_commit(make_ws):
+    """`git add` of a hand edit in state/ puts it in the index the supervisor's commits are
+    written from: it was committed as the supervisor's, out of the tamper watch's sight."""
+    ws = team(make_ws)
+    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        record = Store(ws.state).record_path("code")
+        record.write_text(record.read_text().replace('"done"', '"cancelled"'))
+        (ws.state / "orders" / "forged").mkdir()
+        (ws.state / "orders" / "forged" / "record.json").write_text("{}\n")
+        git(ws.state, "add", "-A")
+        drop(ws, "chip", "b.md", order_md("Another order", id="b"))
+        sup.run_once(limit=30)
+        assert '"done"' in git(ws.state, "show", "HEAD:orders/code/record.json")
+        assert "orders/forged" not in git(ws.state, "ls-tree", "-r", "--name-only", "HEAD")
+        verify.watch_state(sup)
+    assert Store(ws.state).load("code").status == "done"
+    assert not (ws.state / "orders" / "forged").exists()
+    [said] = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert "orders/code/record.json" in said and "orders/forged/record.json" in said
+    assert verify.verify(ws) == []
+
+
 def test_a_commit_racing_a_batch_keeps_its_files_and_the_batch_lands_on_it(tmp_path):
     """Someone commits in state/ after the supervisor wrote its tree and before it moved the
     branch: the batch is made again on the new head, with a tree that still holds their file."""
