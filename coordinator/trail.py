@@ -165,13 +165,25 @@ class Trail:
         (a reset, a rewritten history, a new repository); None when it does."""
         return self._moved(commits=False)[0]
 
-    def moved_while_away(self) -> list[str]:
+    def moved_while_away(self, *, crashed: bool = True) -> list[str]:
         """How state/'s branch moved since the supervisor last kept its head: `rewound`, else
-        each commit in between that another committer made; one line each."""
-        why, commits = self._moved(commits=True)
+        each commit in between that is not the supervisor's; one line each.
+
+        A committer's name is anyone's to give (`git -c user.name=coordinator commit`): after
+        a clean stop, when the supervisor kept the head of its last commit, every commit past
+        it is someone else's. Only a crash between a commit and keeping its head leaves the
+        supervisor's own commits there, known by their committer."""
+        why, commits = self._moved(commits=True, by_name=crashed)
         return [why] if why is not None else commits
 
-    def _moved(self, *, commits: bool) -> tuple[str | None, list[str]]:
+    def named_as_supervisor(self) -> list[str]:
+        """The commits past the supervisor's kept head that name it as their committer: made
+        by someone else in its name, once it stopped cleanly (see `moved_while_away`)."""
+        everyone = self._moved(commits=True, by_name=False)[1]
+        by_others = set(self._moved(commits=True, by_name=True)[1])
+        return [line for line in everyone if line not in by_others]
+
+    def _moved(self, *, commits: bool, by_name: bool = True) -> tuple[str | None, list[str]]:
         try:
             kept = self.record.read_text("ascii").strip() if self.record is not None else ""
         except (OSError, UnicodeDecodeError):
@@ -188,7 +200,8 @@ class Trail:
             return None, []
         out = self.git("log", "-z", "--format=%H%x00%cn%x00%s", f"{kept}..{head}")
         return None, [one_line(f"{sha[:10]} by {committer}: {subject}")
-                      for sha, committer, subject in log_records(out, 3) if committer != SUPERVISOR]
+                      for sha, committer, subject in log_records(out, 3)
+                      if committer != SUPERVISOR or not by_name]
 
     # -- reading ----------------------------------------------------------------------------------
     def dirty(self, *, optional_locks: bool = True) -> list[str]:

@@ -135,10 +135,22 @@ def _verify_once(ws: Workspace) -> list[Finding]:
     rewound = state.rewound()
     if rewound is not None:
         findings.append(Finding("state-foreign", "state/", rewound))
+    elif not _maybe_busy(ws):
+        for line in state.named_as_supervisor():
+            findings.append(Finding("state-foreign", "state/",
+                                    f"commit made in the supervisor's name after its last one: {line}"))
     findings += [Finding("state-foreign", "state/", why) for why in _replaced(state.git)]
     findings += _history_gaps(ws, state)
     findings += _repo_commits(ws)
     return findings
+
+
+def _maybe_busy(ws: Workspace) -> bool:
+    """Whether the supervisor may have committed past the head it kept: it runs, or it did
+    not stop cleanly (a crash between a commit and keeping its head)."""
+    from .control import supervisor_running
+
+    return (ws.runtime / "running").exists() or supervisor_running(ws)
 
 
 def _history_gaps(ws: Workspace, state: trail.Trail) -> list[Finding]:

@@ -198,6 +198,36 @@ def test_a_reset_of_state_while_no_supervisor_runs_is_reported_and_signalled(mak
     assert len([s for s in signals.load(ws.state) if s.kind == "silent"]) == 1  # not said again
 
 
+def test_a_hand_commit_in_the_supervisors_name_is_foreign_after_a_clean_stop(make_ws):
+    """`git -c user.name=coordinator commit` in state/ while no supervisor runs: the committer's
+    name is anyone's, the head the supervisor kept is not."""
+    ws = team(make_ws)
+    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
+    run(ws)
+    record = Store(ws.state).record_path("code")
+    record.write_text(record.read_text().replace('"done"', '"cancelled"'))
+    subprocess.run(["git", "-C", str(ws.state), "-c", "user.name=coordinator", "-c",
+                    "user.email=coordinator@agents.coordinator", "commit", "-qam", "code chip: done -> cancelled"],
+                   check=True)
+    [found] = [f.detail for f in verify.verify(ws) if f.kind == "state-foreign"]
+    assert "in the supervisor's name" in found and "by coordinator: code chip: done -> cancelled" in found
+    run(ws)
+    [said] = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert "while none ran" in said and "by coordinator: code chip: done -> cancelled" in said
+
+
+def test_the_supervisors_own_commit_past_its_kept_head_after_a_crash_is_not_foreign(make_ws):
+    """A crash between a commit and keeping its head: that commit is the supervisor's."""
+    ws = team(make_ws)
+    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
+    run(ws)
+    ws.state_head.write_text(git(ws.state, "rev-parse", "HEAD~1"))
+    (ws.runtime / "running").touch()  # it did not stop cleanly
+    assert verify.verify(ws) == []
+    run(ws)
+    assert [s for s in signals.load(ws.state) if s.kind == "silent"] == []
+
+
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="no ssh-keygen to sign a commit with")
 def test_a_signed_hand_commit_is_foreign_when_the_persons_git_shows_signatures(make_ws, tmp_path, monkeypatch):
     home = tmp_path / "home"
