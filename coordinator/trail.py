@@ -183,11 +183,15 @@ class Trail:
         by_others = set(self._moved(commits=True, by_name=True)[1])
         return [line for line in everyone if line not in by_others]
 
-    def _moved(self, *, commits: bool, by_name: bool = True) -> tuple[str | None, list[str]]:
+    def kept(self) -> str:
+        """The head of the supervisor's last commit as kept in `record` ("" when not known)."""
         try:
-            kept = self.record.read_text("ascii").strip() if self.record is not None else ""
+            return self.record.read_text("ascii").strip() if self.record is not None else ""
         except (OSError, UnicodeDecodeError):
-            kept = ""
+            return ""
+
+    def _moved(self, *, commits: bool, by_name: bool = True) -> tuple[str | None, list[str]]:
+        kept = self.kept()
         head = self.head()
         if not kept or kept == head:
             return None, []

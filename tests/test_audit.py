@@ -186,16 +186,39 @@ def test_a_reset_of_state_while_no_supervisor_runs_is_reported_and_signalled(mak
     run(ws)
     assert verify.verify(ws) == []
     before_a = git(ws.state, "log", "--format=%H", "--grep", "a chip: new -> queued").split()[0]
-    git(ws.state, "reset", "-q", "--hard", f"{before_a}^")
+    moved = git(ws.state, "rev-parse", f"{before_a}^").strip()
+    git(ws.state, "reset", "-q", "--hard", moved)
     assert "a" not in Store(ws.state).load_all()  # the order is gone, history and all
     [rewound] = [f for f in verify.verify(ws) if f.kind == "state-foreign"]
     assert "does not contain the supervisor's last commit" in rewound.detail
-    run(ws)  # the next start says it once, as a signal
+    run(ws)  # the next start puts the branch and the order back, and says it
     said = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
-    assert len(said) == 1 and "while none ran" in said[0] and "does not contain" in said[0]
-    assert verify.verify(ws) == []  # said, and the supervisor goes on from there
+    assert "while none ran" in said[0] and "does not contain" in said[0] and "put back" in said[0]
+    assert "orders/a/record.json" in said[1]
+    assert Store(ws.state).load("a").status == "done"
+    assert git(ws.state, "rev-parse", f"refs/coordinator/set-aside/{moved}").strip() == moved
+    assert verify.verify(ws) == []
     run(ws)
-    assert len([s for s in signals.load(ws.state) if s.kind == "silent"]) == 1  # not said again
+    assert len([s for s in signals.load(ws.state) if s.kind == "silent"]) == 2  # not said again
+
+
+def test_a_reset_of_state_beside_a_running_supervisor_loses_no_order(make_ws):
+    """The branch is put back before the next batch lands on it, the files at the next look."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        before_a = git(ws.state, "log", "--format=%H", "--grep", "a chip: new -> queued").split()[0]
+        git(ws.state, "reset", "-q", "--hard", f"{before_a}^")
+        assert "a" not in Store(ws.state).load_all()
+        drop(ws, "chip", "b.md", order_md("Second order", id="b"))
+        sup.run_once(limit=30)
+        verify.watch_state(sup)
+    assert {r.id: r.status for r in Store(ws.state).load_all().values()} == {"a": "done", "b": "done"}
+    said = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert len(said) == 2 and "put back" in said[0] and "orders/a/record.json" in said[1]
+    assert verify.verify(ws) == []
+    assert [e.new for e in StateRepo(ws.state).entries("a")] == ["queued", "running", "done"]
 
 
 def test_a_hand_commit_in_the_supervisors_name_is_foreign_after_a_clean_stop(make_ws):
