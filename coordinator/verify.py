@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import audit, durable, trail
-from .errors import CoordinatorError
+from .errors import CoordinatorError, GitError
 from .store import Record, Store
 from .workspace import Workspace
 
@@ -124,10 +124,17 @@ def _content(ws: Workspace, finding: Finding) -> bytes | None:
 
 
 def _verify_once(ws: Workspace) -> list[Finding]:
-    findings: list[Finding] = []
-    state = trail.Trail(ws.state, record=ws.state_head)
     if not (ws.state / ".git").exists():
         return [Finding("state-uncommitted", "state/", "not a git repository; run `coordinator supervise` once")]
+    try:
+        findings = _state_findings(ws, trail.Trail(ws.state, record=ws.state_head))
+    except GitError as e:  # a corrupt object, a broken ref: a history nobody can check is no clean one
+        findings = [Finding("state-foreign", "state/", f"its history cannot be read: {e}")]
+    return findings + _repo_commits(ws)
+
+
+def _state_findings(ws: Workspace, state: trail.Trail) -> list[Finding]:
+    findings: list[Finding] = []
     for path in state.dirty(optional_locks=False):  # beside a running supervisor: never in its way
         findings.append(Finding("state-uncommitted", f"state/{path}", "changed but not committed by the supervisor"))
     for line in state.foreign_commits():
@@ -141,7 +148,6 @@ def _verify_once(ws: Workspace) -> list[Finding]:
                                     f"commit made in the supervisor's name after its last one: {line}"))
     findings += [Finding("state-foreign", "state/", why) for why in _replaced(state.git)]
     findings += _history_gaps(ws, state)
-    findings += _repo_commits(ws)
     return findings
 
 

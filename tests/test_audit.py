@@ -169,6 +169,18 @@ def test_git_replace_in_a_repository_is_reported(make_ws):
     assert found.kind == "repo-commit" and f"`git replace -d {landed[:10]}`" in found.detail
 
 
+def test_a_corrupt_object_in_state_fails_verify_with_one_finding(make_ws):
+    ws = team(make_ws)
+    run(ws)
+    head = git(ws.state, "rev-parse", "HEAD").strip()
+    loose = ws.state / ".git" / "objects" / head[:2] / head[2:]
+    assert loose.exists()  # commits are written loose, rolled into packs only later
+    loose.chmod(0o644)
+    loose.write_bytes(b"garbage")
+    [found] = verify.verify(ws)
+    assert found.kind == "state-foreign" and found.detail.startswith("its history cannot be read: git ")
+
+
 def test_a_commit_made_by_hand_in_state_is_foreign(make_ws):
     ws = team(make_ws)
     (ws.state / "note.txt").write_text("hand")
