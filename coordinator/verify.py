@@ -17,7 +17,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -210,6 +210,20 @@ def _repo_commits(ws: Workspace) -> list[Finding]:
                    else "has no Work-Order trailer")
             found.append(Finding("repo-commit", f"repos/{path.name}@{sha[:10]}",
                                  f"{author}: {subject!r} {why}"))
+        found += _gone(path.name, branch, done.values(), {c[0] for c in commits})
+    return found
+
+
+def _gone(name: str, branch: str, done: Iterable[Record], on_branch: set[str]) -> list[Finding]:
+    """Done orders whose landed commit the default branch no longer holds: a `git reset --hard`
+    or a force-push took the agents' work off it, with no commit left to list."""
+    found = []
+    for rec in done:
+        changed = rec.report.get("changed") if isinstance(rec.report, dict) else None
+        ours = isinstance(changed, list) and any(str(p).startswith(f"{name}/") for p in changed)
+        if ours and rec.commit and rec.commit not in on_branch:
+            found.append(Finding("repo-commit", f"repos/{name}@{rec.commit[:10]}",
+                                 f"{rec.id} ended done with this commit, which {branch} no longer holds"))
     return found
 
 

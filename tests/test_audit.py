@@ -181,6 +181,19 @@ def test_a_corrupt_object_in_state_fails_verify_with_one_finding(make_ws):
     assert found.kind == "state-foreign" and found.detail.startswith("its history cannot be read: git ")
 
 
+def test_a_reset_of_a_default_branch_that_drops_a_done_orders_commit_is_reported(make_ws):
+    """A force-push-like `git reset --hard` leaves no commit to list: the done order whose
+    commit the branch lost is."""
+    ws = team(make_ws)
+    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
+    run(ws)
+    landed = Store(ws.state).load("code").commit
+    git(ws.repos / "webapp", "reset", "-q", "--hard", f"{landed}^")
+    [found] = verify.verify(ws)
+    assert found.where == f"repos/webapp@{landed[:10]}"
+    assert found.detail == "code ended done with this commit, which main no longer holds"
+
+
 def test_a_commit_made_by_hand_in_state_is_foreign(make_ws):
     ws = team(make_ws)
     (ws.state / "note.txt").write_text("hand")
