@@ -64,6 +64,10 @@ def packed() -> tuple[str, ...]:
     return _PACKED if git_version() >= (2, 37) else ()
 
 
+# Where a branch that someone moved off the supervisor's last commit is kept, when it is put back.
+SET_ASIDE = "refs/coordinator/set-aside/"
+
+
 class StateRepo(Trail):
     """The git repository under `state/`, written only through this object."""
 
@@ -71,6 +75,53 @@ class StateRepo(Trail):
         super().__init__(path, record=record)
         self._pending: list[tuple[str, str]] = []  # (actor, line)
         self.notes: list[str] = []  # what went wrong but lost nothing (a failed roll-up), to be said
+        self._put_back: list[str] = []  # branches put back by a batch, for `moved_by_others` to say
+
+    # -- a branch moved off the supervisor's last commit ----------------------------------------------
+    def put_back(self, kept: str) -> str | None:
+        """Put state/'s branch back on `kept`, the supervisor's last commit, when someone moved it
+        to a commit that does not hold it (`git reset --hard HEAD~3`, an amend, a rebase, a
+        checkout of an old commit): else every order committed since is gone from state/ and
+        from the board. What they moved it to is kept under SET_ASIDE; the files the move
+        changed now differ from the branch and are put back by the tamper watch. One line
+        that says it, or None: the branch holds `kept`, or `kept` is gone (a `git gc` since)."""
+        head = self.head()
+        if not kept or head == kept:
+            return None
+        try:
+            self.git("cat-file", "-e", f"{kept}^{{commit}}")
+        except GitError:
+            return None
+        if head:
+            try:
+                self.git("merge-base", "--is-ancestor", kept, head)
+                return None  # commits on top of it: others', said by `moved_by_others`
+            except GitError:
+                pass
+            self.git("update-ref", f"{SET_ASIDE}{head}", head)
+        try:
+            branch = self.git("symbolic-ref", "-q", "HEAD").strip()
+        except GitError:  # a detached HEAD: back on the branch that still names it
+            named = self.git("for-each-ref", "--points-at", kept, "--format=%(refname)", "refs/heads/").split()
+            branch = named[0] if named else "refs/heads/main"
+        self.git("symbolic-ref", "HEAD", branch)
+        self.git("reset", "-q", kept)  # the branch and the index; the files are the tamper watch's
+        self.own(kept)
+        aside = f"; it is kept as {SET_ASIDE}{head[:10]}" if head else ""
+        return (f"state/'s branch was moved from {kept[:10]} to {head[:10] or 'no commit'}, which does not "
+                f"contain the supervisor's last commit: put back{aside}")
+
+    def moved_while_away(self, *, crashed: bool = True) -> list[str]:
+        put = self.put_back(self.kept())
+        return [put] if put is not None else super().moved_while_away(crashed=crashed)
+
+    def moved_by_others(self) -> list[str]:
+        if self.mine is not None:
+            put = self.put_back(self.mine)
+            if put is not None:
+                self._put_back.append(put)
+        said, self._put_back = self._put_back, []
+        return said + super().moved_by_others()
 
     # -- set-up ---------------------------------------------------------------------------------
     @staticmethod
@@ -140,6 +191,10 @@ class StateRepo(Trail):
         batch costs the same with 50 orders in state/ as with 50,000. The branch moves once,
         checked against the head the commits were made on.
         """
+        if self.mine is not None:  # before staging: putting the branch back resets the index
+            put = self.put_back(self.mine)
+            if put is not None:
+                self._put_back.append(put)
         with durable.staging(batch.paths if batch.paths is not None else (self.path,)):
             if batch.paths is None:
                 self.git(*packed(), "add", "-A", ".")
@@ -153,6 +208,8 @@ class StateRepo(Trail):
             # Inside the loop: a commit that moved the branch meanwhile staged its files in the
             # same index, and a tree written before it would take them out again.
             tree = self.git("write-tree").strip()
+            if base and batch.paths is not None:
+                tree = self._only_written(base, tree, batch.paths)
             head = base
             for actor, lines, _ in batch.groups:
                 parent = ("-p", head) if head else ()
@@ -174,6 +231,21 @@ class StateRepo(Trail):
             self.notes.append(problem)
         return len(batch.groups)
 
+    def _only_written(self, base: str, tree: str, paths: set[str]) -> str:
+        """`tree` without what someone staged by hand (`git add` in state/): the index is
+        shared, and a tree written from it took their change into the supervisor's commit.
+        Their entries go back to `base`; the file stays changed, for the tamper watch."""
+        wanted = set(self._relative(paths))
+        changed = [p for p in self.git("diff-tree", "-r", "-z", "--name-only", "--no-renames", base, tree).split("\0")
+                   if p]
+        foreign = [p for p in changed if not any(a in wanted for a in _and_folders(p))]
+        if not foreign:
+            return tree
+        spec = self.path / ".git" / "coordinator-pathspec"
+        spec.write_bytes("\0".join(foreign).encode("utf-8", "surrogateescape"))
+        self.git("reset", "-q", base, f"--pathspec-from-file={spec}", "--pathspec-file-nul", literal=True)
+        return self.git("write-tree").strip()
+
     def tidy(self, limit: int) -> str | None:
         """Roll the batches' packs and the loose trees and commits up into fewer packs once
         `limit` packs have piled up; what went wrong, or None. Geometric: each pack is at least
@@ -193,10 +265,15 @@ class StateRepo(Trail):
             return f"could not roll up state/'s {packs} packs (they are kept): {e}"
         return None
 
+    def _relative(self, paths: set[str]) -> list[str]:
+        """`paths` (absolute) inside state/, relative to it, sorted."""
+        root = str(self.path.resolve())
+        return sorted({os.path.relpath(p, root) for p in (os.path.abspath(x) for x in paths)
+                       if p == root or p.startswith(root + os.sep)})
+
     def add(self, paths: set[str]) -> None:
         root = str(self.path.resolve())
-        rel = sorted({os.path.relpath(p, root) for p in (os.path.abspath(x) for x in paths)
-                      if p == root or p.startswith(root + os.sep)})
+        rel = self._relative(paths)
         # Claimed files pass through intake/ within one step and were never committed:
         # a pathspec for them would not match.
         rel = [r for r in rel if not r.startswith(".git")
@@ -287,6 +364,15 @@ class StateRepo(Trail):
             else:
                 with contextlib.suppress(OSError):
                     (self.path / p).unlink()
+                # A folder made by hand goes with its last file (git tracks no empty folder);
+                # never a top folder (orders/, intake/): the supervisor's own.
+                parent = os.path.dirname(p)
+                while "/" in parent:
+                    try:
+                        os.rmdir(self.path / parent)
+                    except OSError:
+                        break
+                    parent = os.path.dirname(parent)
 
 
 @dataclass
@@ -461,6 +547,15 @@ def _group(pending: list[tuple[str, str]]) -> list[tuple[str, list[str], list[st
         seen[target][0].add(order)
         seen[target][1].update(words)
     return groups
+
+
+def _and_folders(rel: str) -> list[str]:
+    """`rel` and each folder it is in: `orders/a/record.json`, `orders/a`, `orders`, `.`."""
+    out = [rel]
+    while "/" in rel:
+        rel = rel.rsplit("/", 1)[0]
+        out.append(rel)
+    return [*out, "."]
 
 
 def _ignored(rel: str) -> bool:

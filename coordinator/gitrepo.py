@@ -74,7 +74,7 @@ def run_git(
     timeout: float = GIT_TIMEOUT,
 ) -> subprocess.CompletedProcess[str]:
     """Run one trusted git command and wait for it; raise GitError on failure when `check`."""
-    argv = ["git"]
+    argv = ["git", "--no-replace-objects"]  # a `git replace` by hand must not change what it reads
     if git_dir is not None:
         argv.append(f"--git-dir={git_dir}")
     if work_tree is not None:

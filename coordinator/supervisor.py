@@ -120,7 +120,7 @@ class Supervisor(Arrivals):
         crashed = marker.exists() or bool(written)
         durable.open_journal(ws.state, self._journal_file)
         durable.guard(ws.state)
-        for line in self.audit.moved_while_away():  # a reset or a commit while none ran
+        for line in self.audit.moved_while_away(crashed=crashed):  # a reset or a commit while none ran
             self.signal("silent", agent=None, order=None,
                         evidence=f"a commit in state/ the supervisor did not make, while none ran: {line}")
         # Before the records are read: a record put back from git must be what the loop holds

@@ -36,6 +36,8 @@ def trusted_env(actor: str = SUPERVISOR, committer: str = SUPERVISOR) -> dict[st
         "GIT_AUTHOR_NAME": actor, "GIT_AUTHOR_EMAIL": f"{actor}@{DOMAIN}",
         "GIT_COMMITTER_NAME": committer, "GIT_COMMITTER_EMAIL": f"{committer}@{DOMAIN}",
         "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0",
+        # The history as committed: a `git replace` by hand would show other commits in its place.
+        "GIT_NO_REPLACE_OBJECTS": "1",
         # glibc gave the heap back after every object git zipped (brk down, brk up, 4 calls
         # an object): half of a batch's `update-index` time with a few hundred files.
         "GLIBC_TUNABLES": ":".join(filter(None, (os.environ.get("GLIBC_TUNABLES"), _KEEP_HEAP))),
@@ -163,17 +165,33 @@ class Trail:
         (a reset, a rewritten history, a new repository); None when it does."""
         return self._moved(commits=False)[0]
 
-    def moved_while_away(self) -> list[str]:
+    def moved_while_away(self, *, crashed: bool = True) -> list[str]:
         """How state/'s branch moved since the supervisor last kept its head: `rewound`, else
-        each commit in between that another committer made; one line each."""
-        why, commits = self._moved(commits=True)
+        each commit in between that is not the supervisor's; one line each.
+
+        A committer's name is anyone's to give (`git -c user.name=coordinator commit`): after
+        a clean stop, when the supervisor kept the head of its last commit, every commit past
+        it is someone else's. Only a crash between a commit and keeping its head leaves the
+        supervisor's own commits there, known by their committer."""
+        why, commits = self._moved(commits=True, by_name=crashed)
         return [why] if why is not None else commits
 
-    def _moved(self, *, commits: bool) -> tuple[str | None, list[str]]:
+    def named_as_supervisor(self) -> list[str]:
+        """The commits past the supervisor's kept head that name it as their committer: made
+        by someone else in its name, once it stopped cleanly (see `moved_while_away`)."""
+        everyone = self._moved(commits=True, by_name=False)[1]
+        by_others = set(self._moved(commits=True, by_name=True)[1])
+        return [line for line in everyone if line not in by_others]
+
+    def kept(self) -> str:
+        """The head of the supervisor's last commit as kept in `record` ("" when not known)."""
         try:
-            kept = self.record.read_text("ascii").strip() if self.record is not None else ""
+            return self.record.read_text("ascii").strip() if self.record is not None else ""
         except (OSError, UnicodeDecodeError):
-            kept = ""
+            return ""
+
+    def _moved(self, *, commits: bool, by_name: bool = True) -> tuple[str | None, list[str]]:
+        kept = self.kept()
         head = self.head()
         if not kept or kept == head:
             return None, []
@@ -186,7 +204,8 @@ class Trail:
             return None, []
         out = self.git("log", "-z", "--format=%H%x00%cn%x00%s", f"{kept}..{head}")
         return None, [one_line(f"{sha[:10]} by {committer}: {subject}")
-                      for sha, committer, subject in log_records(out, 3) if committer != SUPERVISOR]
+                      for sha, committer, subject in log_records(out, 3)
+                      if committer != SUPERVISOR or not by_name]
 
     # -- reading ----------------------------------------------------------------------------------
     def dirty(self, *, optional_locks: bool = True) -> list[str]:

@@ -17,14 +17,14 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import audit, durable, trail
-from .errors import CoordinatorError
-from .store import Store
+from .errors import CoordinatorError, GitError
+from .store import Record, Store
 from .workspace import Workspace
 
 if TYPE_CHECKING:
@@ -124,10 +124,17 @@ def _content(ws: Workspace, finding: Finding) -> bytes | None:
 
 
 def _verify_once(ws: Workspace) -> list[Finding]:
-    findings: list[Finding] = []
-    state = trail.Trail(ws.state, record=ws.state_head)
     if not (ws.state / ".git").exists():
         return [Finding("state-uncommitted", "state/", "not a git repository; run `coordinator supervise` once")]
+    try:
+        findings = _state_findings(ws, trail.Trail(ws.state, record=ws.state_head))
+    except GitError as e:  # a corrupt object, a broken ref: a history nobody can check is no clean one
+        findings = [Finding("state-foreign", "state/", f"its history cannot be read: {e}")]
+    return findings + _repo_commits(ws)
+
+
+def _state_findings(ws: Workspace, state: trail.Trail) -> list[Finding]:
+    findings: list[Finding] = []
     for path in state.dirty(optional_locks=False):  # beside a running supervisor: never in its way
         findings.append(Finding("state-uncommitted", f"state/{path}", "changed but not committed by the supervisor"))
     for line in state.foreign_commits():
@@ -135,9 +142,21 @@ def _verify_once(ws: Workspace) -> list[Finding]:
     rewound = state.rewound()
     if rewound is not None:
         findings.append(Finding("state-foreign", "state/", rewound))
+    elif not _maybe_busy(ws):
+        for line in state.named_as_supervisor():
+            findings.append(Finding("state-foreign", "state/",
+                                    f"commit made in the supervisor's name after its last one: {line}"))
+    findings += [Finding("state-foreign", "state/", why) for why in _replaced(state.git)]
     findings += _history_gaps(ws, state)
-    findings += _repo_commits(ws)
     return findings
+
+
+def _maybe_busy(ws: Workspace) -> bool:
+    """Whether the supervisor may have committed past the head it kept: it runs, or it did
+    not stop cleanly (a crash between a commit and keeping its head)."""
+    from .control import supervisor_running
+
+    return (ws.runtime / "running").exists() or supervisor_running(ws)
 
 
 def _history_gaps(ws: Workspace, state: trail.Trail) -> list[Finding]:
@@ -169,6 +188,7 @@ def _repo_commits(ws: Workspace) -> list[Finding]:
         except CoordinatorError as e:
             found.append(Finding("repo-commit", f"repos/{path.name}", f"unreadable: {e}"))
             continue
+        found += [Finding("repo-commit", f"repos/{path.name}", why) for why in _replaced(repo.git)]
         baseline = heads.get(path.name, {}).get("baseline")
         span = f"{baseline}..{branch}" if baseline else branch
         try:
@@ -181,14 +201,50 @@ def _repo_commits(ws: Workspace) -> list[Finding]:
             ids = TRAILER.findall(body)
             if baseline is None and not ids and committer == audit.SUPERVISOR and " " not in parents.strip():
                 continue  # the demo repository's first commit, made by `coordinator init`
-            if any(i in done for i in ids):
+            if any(i in done and _lands(done[i], sha, parents) for i in ids):
                 continue
             subject = trail.one_line(body.strip().split("\n")[0])
-            why = (f"names {', '.join(ids)}, which did not end done" if ids
+            ended = [i for i in ids if i in done]
+            why = (f"names {', '.join(ended)}, which landed another commit" if ended
+                   else f"names {', '.join(ids)}, which did not end done" if ids
                    else "has no Work-Order trailer")
             found.append(Finding("repo-commit", f"repos/{path.name}@{sha[:10]}",
                                  f"{author}: {subject!r} {why}"))
+        found += _gone(path.name, branch, done.values(), {c[0] for c in commits})
     return found
+
+
+def _gone(name: str, branch: str, done: Iterable[Record], on_branch: set[str]) -> list[Finding]:
+    """Done orders whose landed commit the default branch no longer holds: a `git reset --hard`
+    or a force-push took the agents' work off it, with no commit left to list."""
+    found = []
+    for rec in done:
+        changed = rec.report.get("changed") if isinstance(rec.report, dict) else None
+        ours = isinstance(changed, list) and any(str(p).startswith(f"{name}/") for p in changed)
+        if ours and rec.commit and rec.commit not in on_branch:
+            found.append(Finding("repo-commit", f"repos/{name}@{rec.commit[:10]}",
+                                 f"{rec.id} ended done with this commit, which {branch} no longer holds"))
+    return found
+
+
+def _replaced(git: Callable[..., str]) -> list[str]:
+    """Commits `git replace` shows as other ones: `git log` by hand would show forged history
+    under their ids (the supervisor and verify read past it)."""
+    try:
+        out = git("for-each-ref", "--format=%(refname)", "refs/replace/")
+    except CoordinatorError:
+        return []
+    return [f"`git replace` shows commit {ref.rsplit('/', 1)[-1][:10]} as another one; "
+            f"`git replace -d {ref.rsplit('/', 1)[-1][:10]}` there undoes it" for ref in out.split()]
+
+
+def _lands(rec: Record, sha: str, parents: str) -> bool:
+    """Whether `sha` is what done order `rec` landed: the agent's commit, or the merge of it.
+    A trailer is text anyone can write: a commit naming a done order by hand is no more
+    explained than one naming none."""
+    merge = rec.report.get("merge") if isinstance(rec.report, dict) else None
+    merged = parents.split()[1:]  # a merge brings in what it names after its first parent
+    return bool(rec.commit) and (sha in (rec.commit, merge) or rec.commit in merged)
 
 
 def moved_heads(ws: Workspace, heads: dict[str, dict[str, str]],

@@ -119,6 +119,81 @@ def test_verify_is_clean_then_catches_a_hand_commit_and_a_hand_edit(make_ws):
     assert {f.kind for f in verify.verify(ws)} == {"repo-commit"}  # the hand commit stays reported
 
 
+def test_a_hand_commit_with_the_trailers_of_a_done_order_is_still_reported(make_ws):
+    """A trailer is text: a person's commit on the default branch naming an order that ended
+    done, authored as its agent, is explained by nothing that order landed."""
+    ws = team(make_ws)
+    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
+    run(ws)
+    assert verify.verify(ws) == []
+    repo = ws.repos / "webapp"
+    (repo / "src" / "sneaky.py").write_text("print('no order')\n")
+    git(repo, "add", "-A")
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=chip", "-c", "user.email=chip@agents.coordinator",
+                    "commit", "-qm", "Code lands\n\nWork-Order: code\nAgent: chip"], check=True)
+    [found] = verify.verify(ws)
+    assert found.kind == "repo-commit" and "names code, which landed another commit" in found.detail
+
+
+def test_git_replace_in_state_cannot_swap_a_commit_under_the_supervisor(make_ws):
+    """`git replace` shows another commit under a commit's id: the trail is read past it, the
+    record it changed is put back, and verify names the replacement."""
+    ws = team(make_ws)
+    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
+    run(ws)
+    record = Store(ws.state).record_path("code")
+    record.write_text(record.read_text().replace('"done"', '"cancelled"'))
+    git(ws.state, "add", "-A")
+    forged = git(ws.state, "commit-tree", git(ws.state, "write-tree").strip(), "-p", "HEAD~1",
+                 "-m", git(ws.state, "log", "-1", "--format=%B")).strip()
+    head = git(ws.state, "rev-parse", "HEAD").strip()
+    git(ws.state, "replace", head, forged)
+    git(ws.state, "reset", "-q", "--hard")
+    assert git(ws.state, "status", "--porcelain") == ""  # to git by hand, nothing changed
+    found = [f.detail for f in verify.verify(ws) if f.kind == "state-foreign"]
+    assert any(f"`git replace -d {head[:10]}`" in d for d in found)
+    run(ws)
+    assert Store(ws.state).load("code").status == "done"
+    assert any("orders/code/record.json" in s.evidence for s in signals.load(ws.state) if s.kind == "silent")
+
+
+def test_git_replace_in_a_repository_is_reported(make_ws):
+    ws = team(make_ws)
+    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
+    run(ws)
+    repo = ws.repos / "webapp"
+    landed = Store(ws.state).load("code").commit
+    forged = git(repo, "commit-tree", f"{landed}^{{tree}}", "-p", f"{landed}^", "-m", "Code lands").strip()
+    git(repo, "replace", landed, forged)
+    [found] = verify.verify(ws)
+    assert found.kind == "repo-commit" and f"`git replace -d {landed[:10]}`" in found.detail
+
+
+def test_a_corrupt_object_in_state_fails_verify_with_one_finding(make_ws):
+    ws = team(make_ws)
+    run(ws)
+    head = git(ws.state, "rev-parse", "HEAD").strip()
+    loose = ws.state / ".git" / "objects" / head[:2] / head[2:]
+    assert loose.exists()  # commits are written loose, rolled into packs only later
+    loose.chmod(0o644)
+    loose.write_bytes(b"garbage")
+    [found] = verify.verify(ws)
+    assert found.kind == "state-foreign" and found.detail.startswith("its history cannot be read: git ")
+
+
+def test_a_reset_of_a_default_branch_that_drops_a_done_orders_commit_is_reported(make_ws):
+    """A force-push-like `git reset --hard` leaves no commit to list: the done order whose
+    commit the branch lost is."""
+    ws = team(make_ws)
+    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
+    run(ws)
+    landed = Store(ws.state).load("code").commit
+    git(ws.repos / "webapp", "reset", "-q", "--hard", f"{landed}^")
+    [found] = verify.verify(ws)
+    assert found.where == f"repos/webapp@{landed[:10]}"
+    assert found.detail == "code ended done with this commit, which main no longer holds"
+
+
 def test_a_commit_made_by_hand_in_state_is_foreign(make_ws):
     ws = team(make_ws)
     (ws.state / "note.txt").write_text("hand")
@@ -136,16 +211,69 @@ def test_a_reset_of_state_while_no_supervisor_runs_is_reported_and_signalled(mak
     run(ws)
     assert verify.verify(ws) == []
     before_a = git(ws.state, "log", "--format=%H", "--grep", "a chip: new -> queued").split()[0]
-    git(ws.state, "reset", "-q", "--hard", f"{before_a}^")
+    moved = git(ws.state, "rev-parse", f"{before_a}^").strip()
+    git(ws.state, "reset", "-q", "--hard", moved)
     assert "a" not in Store(ws.state).load_all()  # the order is gone, history and all
     [rewound] = [f for f in verify.verify(ws) if f.kind == "state-foreign"]
     assert "does not contain the supervisor's last commit" in rewound.detail
-    run(ws)  # the next start says it once, as a signal
+    run(ws)  # the next start puts the branch and the order back, and says it
     said = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
-    assert len(said) == 1 and "while none ran" in said[0] and "does not contain" in said[0]
-    assert verify.verify(ws) == []  # said, and the supervisor goes on from there
+    assert "while none ran" in said[0] and "does not contain" in said[0] and "put back" in said[0]
+    assert "orders/a/record.json" in said[1]
+    assert Store(ws.state).load("a").status == "done"
+    assert git(ws.state, "rev-parse", f"refs/coordinator/set-aside/{moved}").strip() == moved
+    assert verify.verify(ws) == []
     run(ws)
-    assert len([s for s in signals.load(ws.state) if s.kind == "silent"]) == 1  # not said again
+    assert len([s for s in signals.load(ws.state) if s.kind == "silent"]) == 2  # not said again
+
+
+def test_a_reset_of_state_beside_a_running_supervisor_loses_no_order(make_ws):
+    """The branch is put back before the next batch lands on it, the files at the next look."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        before_a = git(ws.state, "log", "--format=%H", "--grep", "a chip: new -> queued").split()[0]
+        git(ws.state, "reset", "-q", "--hard", f"{before_a}^")
+        assert "a" not in Store(ws.state).load_all()
+        drop(ws, "chip", "b.md", order_md("Second order", id="b"))
+        sup.run_once(limit=30)
+        verify.watch_state(sup)
+    assert {r.id: r.status for r in Store(ws.state).load_all().values()} == {"a": "done", "b": "done"}
+    said = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert len(said) == 2 and "put back" in said[0] and "orders/a/record.json" in said[1]
+    assert verify.verify(ws) == []
+    assert [e.new for e in StateRepo(ws.state).entries("a")] == ["queued", "running", "done"]
+
+
+def test_a_hand_commit_in_the_supervisors_name_is_foreign_after_a_clean_stop(make_ws):
+    """`git -c user.name=coordinator commit` in state/ while no supervisor runs: the committer's
+    name is anyone's, the head the supervisor kept is not."""
+    ws = team(make_ws)
+    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
+    run(ws)
+    record = Store(ws.state).record_path("code")
+    record.write_text(record.read_text().replace('"done"', '"cancelled"'))
+    subprocess.run(["git", "-C", str(ws.state), "-c", "user.name=coordinator", "-c",
+                    "user.email=coordinator@agents.coordinator", "commit", "-qam", "code chip: done -> cancelled"],
+                   check=True)
+    [found] = [f.detail for f in verify.verify(ws) if f.kind == "state-foreign"]
+    assert "in the supervisor's name" in found and "by coordinator: code chip: done -> cancelled" in found
+    run(ws)
+    [said] = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert "while none ran" in said and "by coordinator: code chip: done -> cancelled" in said
+
+
+def test_the_supervisors_own_commit_past_its_kept_head_after_a_crash_is_not_foreign(make_ws):
+    """A crash between a commit and keeping its head: that commit is the supervisor's."""
+    ws = team(make_ws)
+    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
+    run(ws)
+    ws.state_head.write_text(git(ws.state, "rev-parse", "HEAD~1"))
+    (ws.runtime / "running").touch()  # it did not stop cleanly
+    assert verify.verify(ws) == []
+    run(ws)
+    assert [s for s in signals.load(ws.state) if s.kind == "silent"] == []
 
 
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="no ssh-keygen to sign a commit with")
@@ -402,6 +530,30 @@ def test_a_batch_lands_on_top_of_a_commit_made_meanwhile_and_keeps_its_authors(t
     assert git(repo.path, "merge-base", "--is-ancestor", hand, "HEAD") == ""
     assert git(repo.path, "show", "HEAD~1:a.json") == "{}\n"  # the files are in the first commit of the batch
     assert git(repo.path, "status", "--porcelain") == ""
+
+
+def test_a_change_staged_by_hand_stays_out_of_the_supervisors_commit(make_ws):
+    """`git add` of a hand edit in state/ puts it in the index the supervisor's commits are
+    written from: it was committed as the supervisor's, out of the tamper watch's sight."""
+    ws = team(make_ws)
+    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        record = Store(ws.state).record_path("code")
+        record.write_text(record.read_text().replace('"done"', '"cancelled"'))
+        (ws.state / "orders" / "forged").mkdir()
+        (ws.state / "orders" / "forged" / "record.json").write_text("{}\n")
+        git(ws.state, "add", "-A")
+        drop(ws, "chip", "b.md", order_md("Another order", id="b"))
+        sup.run_once(limit=30)
+        assert '"done"' in git(ws.state, "show", "HEAD:orders/code/record.json")
+        assert "orders/forged" not in git(ws.state, "ls-tree", "-r", "--name-only", "HEAD")
+        verify.watch_state(sup)
+    assert Store(ws.state).load("code").status == "done"
+    assert not (ws.state / "orders" / "forged").exists()
+    [said] = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert "orders/code/record.json" in said and "orders/forged/record.json" in said
+    assert verify.verify(ws) == []
 
 
 def test_a_commit_racing_a_batch_keeps_its_files_and_the_batch_lands_on_it(tmp_path):
