@@ -85,6 +85,7 @@ class Trail:
         # moves of others a batch found on the way: `moved_by_others` says them.
         self.mine: str | None = None
         self._others: list[tuple[str, str]] = []
+        self._home: str | None = None  # see `home`
         self._cmd = git.Git(str(path))
 
     def git(self, *args: str, actor: str = SUPERVISOR, stdin: BinaryIO | None = None,
@@ -154,11 +155,50 @@ class Trail:
         return found
 
     def own(self, head: str) -> None:
-        """Take `head` as the branch the supervisor's own commits left, and keep it in `record`."""
+        """Take `head` as the branch the supervisor's own commits left, and keep it in `record`
+        with the branch's name (`home`)."""
         self.mine = head
         if self.record is not None and head:
             with contextlib.suppress(OSError):  # a full disk: the next batch keeps it
-                durable.write_bytes(self.record, f"{head}\n".encode(), sync=False)
+                durable.write_bytes(self.record, f"{head} {self.home()}\n".encode(), sync=False)
+
+    def home(self) -> str:
+        """The branch the supervisor commits on (`refs/heads/main`): as it kept it with its last
+        head, else `main` (what `StateRepo.ensure` makes), else the one HEAD names. Never the
+        branch HEAD names now just because it names it: a `git checkout -b` in state/ by hand
+        would take the supervisor's commits along to a branch of theirs."""
+        if self._home is None:
+            words = self._record_words()
+            if len(words) > 1 and words[1].startswith("refs/heads/"):
+                self._home = words[1]
+            elif self._has_ref("refs/heads/main") or not self.branch():
+                self._home = "refs/heads/main"
+            else:
+                self._home = self.branch()
+        return self._home
+
+    def branch(self) -> str:
+        """The branch HEAD names ("" when HEAD is detached)."""
+        try:
+            return self.git("symbolic-ref", "-q", "HEAD").strip()
+        except GitError:
+            return ""
+
+    def switched(self) -> str | None:
+        """Why HEAD does not name the supervisor's branch (a `git checkout` of another branch
+        or of a commit), or None when it does."""
+        now = self.branch()
+        if now == self.home():
+            return None
+        return (f"state/'s HEAD was switched from {_short(self.home())} to "
+                f"{_short(now) if now else 'a detached commit'}")
+
+    def _has_ref(self, ref: str) -> bool:
+        try:
+            self.git("rev-parse", "-q", "--verify", f"{ref}^{{commit}}")
+            return True
+        except GitError:
+            return False
 
     def rewound(self) -> str | None:
         """Why state/'s branch no longer holds the supervisor's last commit as kept in `record`
@@ -185,14 +225,21 @@ class Trail:
 
     def kept(self) -> str:
         """The head of the supervisor's last commit as kept in `record` ("" when not known)."""
+        words = self._record_words()
+        return words[0] if words else ""
+
+    def _record_words(self) -> list[str]:
         try:
-            return self.record.read_text("ascii").strip() if self.record is not None else ""
+            return self.record.read_text("ascii").split() if self.record is not None else []
         except (OSError, UnicodeDecodeError):
-            return ""
+            return []
 
     def _moved(self, *, commits: bool, by_name: bool = True) -> tuple[str | None, list[str]]:
         kept = self.kept()
         head = self.head()
+        switched = self.switched() if kept else None
+        if switched is not None:
+            return f"{switched}; the supervisor commits on {_short(self.home())}", []
         if not kept or kept == head:
             return None, []
         try:
@@ -257,6 +304,10 @@ class Trail:
             if committer != SUPERVISOR:
                 bad.append(one_line(f"{sha[:10]} by {committer}: {subject}"))
         return bad
+
+
+def _short(ref: str) -> str:
+    return ref.removeprefix("refs/heads/")
 
 
 def one_line(text: str) -> str:

@@ -246,6 +246,79 @@ def test_a_reset_of_state_beside_a_running_supervisor_loses_no_order(make_ws):
     assert [e.new for e in StateRepo(ws.state).entries("a")] == ["queued", "running", "done"]
 
 
+def hand_branch(ws, name: str = "other") -> str:
+    """`git checkout -b <name>` in state/ and a commit there by hand; the commit's id."""
+    git(ws.state, "checkout", "-q", "-b", name)
+    (ws.state / "note.txt").write_text("hand\n")
+    git(ws.state, "add", "note.txt")
+    subprocess.run(["git", "-C", str(ws.state), "-c", "user.name=eve", "-c", "user.email=e@x", "commit", "-qm",
+                    "a note"], check=True)
+    return git(ws.state, "rev-parse", "HEAD").strip()
+
+
+def assert_back_on_main(ws, hand: str) -> None:
+    assert git(ws.state, "symbolic-ref", "HEAD").strip() == "refs/heads/main"
+    assert git(ws.state, "rev-parse", f"refs/coordinator/set-aside/{hand}").strip() == hand
+    assert not (ws.state / "note.txt").exists()
+    assert {r.id: r.status for r in Store(ws.state).load_all().values()} == {"a": "done", "b": "done"}
+    assert [e.new for e in StateRepo(ws.state).entries("b")] == ["queued", "running", "done"]
+    assert verify.verify(ws) == []
+
+
+def test_a_branch_switch_in_state_beside_a_running_supervisor_is_put_back(make_ws):
+    """`git checkout -b other` and a commit there: the supervisor goes on committing on its own
+    branch, not on theirs; what they did is kept aside, and said once."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        hand = hand_branch(ws)
+        drop(ws, "chip", "b.md", order_md("Second order", id="b"))
+        sup.run_once(limit=30)
+        verify.watch_state(sup)
+        verify.watch_state(sup)
+    assert git(ws.state, "rev-parse", "other").strip() == hand  # their branch is theirs
+    said = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert len(said) == 2, said
+    assert "switched from main to other: put back on main" in said[0]
+    assert hand[:10] in said[0] and "note.txt" in said[1]
+    assert_back_on_main(ws, hand)
+
+
+def test_a_branch_switch_in_state_while_no_supervisor_runs_is_put_back_at_start(make_ws):
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    run(ws)
+    hand = hand_branch(ws)
+    assert any("switched from main to other" in f.detail for f in verify.verify(ws))
+    drop(ws, "chip", "b.md", order_md("Second order", id="b"))
+    run(ws)
+    said = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert "while none ran" in said[0] and "switched from main to other: put back on main" in said[0], said
+    assert_back_on_main(ws, hand)
+    run(ws)
+    assert len([s for s in signals.load(ws.state) if s.kind == "silent"]) == len(said)  # not said again
+
+
+@pytest.mark.parametrize("switch", [("branch", "-m", "main", "other"), ("checkout", "-q", "--detach")])
+def test_a_renamed_branch_or_a_detached_head_in_state_is_put_back(make_ws, switch):
+    """The supervisor's branch renamed away, or HEAD detached at its commit: the next batch
+    lands on `main` all the same, and that is said once."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        git(ws.state, *switch)
+        drop(ws, "chip", "b.md", order_md("Second order", id="b"))
+        sup.run_once(limit=30)
+        verify.watch_state(sup)
+    said = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert len(said) == 1 and "put back on main" in said[0], said
+    assert git(ws.state, "symbolic-ref", "HEAD").strip() == "refs/heads/main"
+    assert [e.new for e in StateRepo(ws.state).entries("b")] == ["queued", "running", "done"]
+    assert verify.verify(ws) == []
+
+
 def test_a_hand_commit_in_the_supervisors_name_is_foreign_after_a_clean_stop(make_ws):
     """`git -c user.name=coordinator commit` in state/ while no supervisor runs: the committer's
     name is anyone's, the head the supervisor kept is not."""
