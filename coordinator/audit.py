@@ -17,7 +17,6 @@ Example message:
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import functools
 import os
 import queue
@@ -33,10 +32,8 @@ from typing import Any
 
 from . import durable, gitlocks
 from .errors import GitError
+from .trail import IGNORED, Trail, one_line, run, temp_name
 from .trail import SUPERVISOR as SUPERVISOR  # the trail's name for the supervisor: audit's too
-from .trail import Trail, one_line, run
-
-IGNORED = ("*.tmp", f"{durable.TMP_PREFIX}*")  # state/.gitignore: temp files are never committed
 
 # Staging writes every blob of a batch into one new pack instead of a loose file each (git's
 # bulk check-in takes every blob over this size): an order's five files were five new inodes
@@ -579,7 +576,7 @@ def _and_folders(rel: str) -> list[str]:
 
 def _ignored(rel: str) -> bool:
     """A name state/.gitignore keeps out (temp files): `git add` refuses it loudly, update-index would not."""
-    return any(fnmatch.fnmatchcase(os.path.basename(rel), pattern) for pattern in IGNORED)
+    return temp_name(rel)
 
 
 def _kind(path: str) -> str:

@@ -13,6 +13,7 @@ Example line:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import re
 import time
@@ -49,11 +50,16 @@ _KEEP_HEAP = "glibc.malloc.trim_threshold=268435456:glibc.malloc.top_pad=1677721
 
 # log.showSignature: a person's config that shows signatures puts their text in front of the
 # fields `git log -z` is read by, for a signed commit made by hand in state/.
+# core.excludesFile: a person's ignore file (in their config, state/'s, or git's default
+# ~/.config/git/ignore) must neither hide a hand-made file from the tamper watch nor keep the
+# supervisor's own files out of a commit.
 GIT_OPTS = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "gc.auto=0",
-            "-c", "commit.gpgsign=false", "-c", "core.quotepath=false", "-c", "log.showSignature=false")
+            "-c", "commit.gpgsign=false", "-c", "core.quotepath=false", "-c", "log.showSignature=false",
+            "-c", "core.excludesFile=/dev/null")
 
-# For `status`: the index keeps the folders' times, and an unchanged folder is not read again.
-_UNTRACKED_CACHE = ("-c", "core.untrackedCache=true")
+# state/.gitignore: temp files are never committed (and never a change: a write in flight, or
+# one a crash cut off, cleaned up at the next start). Nothing else in state/ is ignored.
+IGNORED = ("*.tmp", f"{durable.TMP_PREFIX}*")
 
 
 @dataclass(frozen=True)
@@ -256,25 +262,27 @@ class Trail:
 
     # -- reading ----------------------------------------------------------------------------------
     def dirty(self, *, optional_locks: bool = True) -> list[str]:
-        """Paths changed, added or removed since the last commit. `optional_locks=False` from
-        another process than the supervisor: git then leaves the index as it is.
+        """Paths changed, added or removed since the last commit, temp files (IGNORED) aside.
+        `optional_locks=False` from another process than the supervisor: git then leaves the
+        index as it is.
 
-        The tamper watch asks every few seconds. Listing every folder of state/ file by file
-        was 70 of the 120 ms with 10,000 orders in it; git's untracked cache names new folders
-        with one look at each folder whose time did not change, and only those new folders are
-        then listed file by file."""
-        out = self.git(*_UNTRACKED_CACHE, "status", "--porcelain", "-z", "--untracked-files=normal",
+        Ignored files are listed too: a pattern in state/.git/info/exclude, or a `.gitignore`
+        made by hand in a folder of state/ (which ignores itself with `*`), would otherwise
+        hide a hand-made file from the tamper watch and from `audit verify`. (That costs git's
+        untracked cache, which `--ignored` cannot use: every folder of state/ is read.) New
+        folders are named once and then listed file by file."""
+        out = self.git("status", "--porcelain", "-z", "--untracked-files=normal", "--ignored=matching",
                        optional_locks=optional_locks)
-        paths = _status_paths(out)
+        paths = [p for p in _status_paths(out) if not temp_name(p)]
         folders = [p for p in paths if p.endswith("/")]
         if not folders:
             return paths
         files = [p for p in paths if not p.endswith("/")]
         for start in range(0, len(folders), 500):  # the command line stays short
-            # Only untracked files are in them: listed without refreshing the whole index again.
-            out = self.git("ls-files", "--others", "--exclude-standard", "-z", "--",
-                           *folders[start:start + 500], optional_locks=optional_locks, literal=True)
-            files += [p for p in out.split("\0") if p]
+            # Only untracked files are in them, ignored or not: listed without refreshing the index again.
+            out = self.git("ls-files", "--others", "-z", "--", *folders[start:start + 500],
+                           optional_locks=optional_locks, literal=True)
+            files += [p for p in out.split("\0") if p and not temp_name(p)]
         return list(dict.fromkeys(files))
 
     def entries(self, order_id: str | None = None) -> list[Entry]:
@@ -304,6 +312,11 @@ class Trail:
             if committer != SUPERVISOR:
                 bad.append(one_line(f"{sha[:10]} by {committer}: {subject}"))
         return bad
+
+
+def temp_name(rel: str) -> bool:
+    """A name state/.gitignore keeps out (IGNORED): a temp file."""
+    return any(fnmatch.fnmatchcase(os.path.basename(rel.rstrip("/")), pattern) for pattern in IGNORED)
 
 
 def _short(ref: str) -> str:

@@ -319,6 +319,53 @@ def test_a_renamed_branch_or_a_detached_head_in_state_is_put_back(make_ws, switc
     assert verify.verify(ws) == []
 
 
+HIDDEN = ("note.txt", "orders/a/extra.txt", "new/inside.txt")  # at the top, in a folder, in a new folder
+
+
+@pytest.mark.parametrize("hide", ["info/exclude", "core.excludesFile", "global excludesFile",
+                                  "status.showUntrackedFiles", "a .gitignore of their own"])
+def test_files_hidden_from_git_in_state_by_hand_are_still_reported_and_put_back(make_ws, tmp_path, monkeypatch, hide):
+    """Files made by hand in state/ that a person's git was told to ignore (state/.git/info/exclude,
+    core.excludesFile in state/'s config or the user's, status.showUntrackedFiles=no): the
+    supervisor's git still sees them, so `audit verify` lists them and the tamper watch puts
+    them back."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    run(ws)
+    ignore = tmp_path / "ignore"
+    ignore.write_text("*.txt\n")
+    if hide == "info/exclude":
+        (ws.state / ".git" / "info").mkdir(exist_ok=True)
+        with (ws.state / ".git" / "info" / "exclude").open("a") as f:
+            f.write("*.txt\n")
+    elif hide == "core.excludesFile":
+        git(ws.state, "config", "core.excludesFile", str(ignore))
+    elif hide == "global excludesFile":
+        home = tmp_path / "home"
+        home.mkdir()
+        (home / ".gitconfig").write_text(f"[core]\n\texcludesFile = {ignore}\n")
+        monkeypatch.setenv("HOME", str(home))
+        for name in ("XDG_CONFIG_HOME", "GIT_CONFIG_GLOBAL"):
+            monkeypatch.delenv(name, raising=False)
+    elif hide == "status.showUntrackedFiles":
+        git(ws.state, "config", "status.showUntrackedFiles", "no")
+    hidden = HIDDEN
+    for rel in hidden:
+        (ws.state / rel).parent.mkdir(exist_ok=True)
+        (ws.state / rel).write_text("hand\n")
+    if hide == "a .gitignore of their own":  # `*` ignores the .gitignore itself too
+        hidden += tuple(f"{os.path.dirname(rel)}/.gitignore" for rel in HIDDEN[1:])
+        for rel in hidden[len(HIDDEN):]:
+            (ws.state / rel).write_text("*\n")
+    found = {f.where for f in verify.verify(ws)}
+    assert {f"state/{rel}" for rel in hidden} <= found, found
+    run(ws)  # its start looks at state/ as the tamper watch does
+    assert not [rel for rel in hidden if (ws.state / rel).exists()]
+    [said] = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert all(rel in said for rel in hidden[:5]), said
+    assert verify.verify(ws) == []
+
+
 def test_a_hand_commit_in_the_supervisors_name_is_foreign_after_a_clean_stop(make_ws):
     """`git -c user.name=coordinator commit` in state/ while no supervisor runs: the committer's
     name is anyone's, the head the supervisor kept is not."""
@@ -711,13 +758,13 @@ def test_a_crash_between_a_state_write_and_its_commit_is_repaired_at_start(make_
 
 
 def test_dirty_lists_every_file_changed_or_added_by_hand_however_deep_and_no_temp_file(make_ws):
-    """New folders are found through git's untracked cache and then listed file by file: the
-    tamper watch restores exactly these paths."""
+    """New folders are named by git once and then listed file by file: the tamper watch
+    restores exactly these paths, and never a temp file."""
     ws = team(make_ws)
     drop(ws, "chip", "a.md", order_md("First order", id="a"))
     run(ws)
     state = StateRepo(ws.state)
-    assert state.dirty() == [] and state.dirty() == []  # the second look reads the cache
+    assert state.dirty() == [] and state.dirty() == []
     nested = ws.state / "orders" / "zz" / "deep" / "deeper"
     nested.mkdir(parents=True)
     (nested / "x.json").write_text("{}")
