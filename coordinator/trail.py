@@ -271,9 +271,12 @@ class Trail:
         hide a hand-made file from the tamper watch and from `audit verify`. (That costs git's
         untracked cache, which `--ignored` cannot use: every folder of state/ is read.) New
         folders are named once and then listed file by file."""
+        marked = self._marked(clear=optional_locks)
         out = self.git("status", "--porcelain", "-z", "--untracked-files=normal", "--ignored=matching",
                        optional_locks=optional_locks)
         paths = [p for p in _status_paths(out) if not temp_name(p)]
+        if not optional_locks:
+            paths = list(dict.fromkeys(paths + marked))
         folders = [p for p in paths if p.endswith("/")]
         if not folders:
             return paths
@@ -284,6 +287,30 @@ class Trail:
                            optional_locks=optional_locks, literal=True)
             files += [p for p in out.split("\0") if p and not temp_name(p)]
         return list(dict.fromkeys(files))
+
+    def _marked(self, *, clear: bool) -> list[str]:
+        """Files of state/'s index marked `assume-unchanged` or `skip-worktree` (`git update-index`
+        by hand; the supervisor never marks one): git does not look at them, so a hand edit of
+        one would be hidden. With `clear`, the marks are taken off first, and `status` sees
+        the files again; without (another process than the supervisor must not write the
+        index), the marked files themselves are what is found."""
+        valid: list[str] = []
+        skip: list[str] = []
+        for entry in self.git("ls-files", "-v", "-z").split("\0"):
+            if len(entry) > 2:
+                if entry[0].islower():  # assume-unchanged ("s": skip-worktree as well)
+                    valid.append(entry[2:])
+                if entry[0] in "Ss":
+                    skip.append(entry[2:])
+        if clear:
+            # One kind of mark per call: update-index applies only the first it is given.
+            for flag, paths in (("--no-assume-unchanged", valid), ("--no-skip-worktree", skip)):
+                if paths:
+                    spec = self.path / ".git" / "coordinator-pathspec"
+                    spec.write_bytes("\0".join(paths).encode("utf-8", "surrogateescape"))
+                    with spec.open("rb") as stdin:
+                        self.git("update-index", flag, "-z", "--stdin", stdin=stdin)
+        return list(dict.fromkeys(valid + skip))
 
     def entries(self, order_id: str | None = None) -> list[Entry]:
         """The trail, oldest first; only the lines about `order_id` when given."""

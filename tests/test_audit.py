@@ -366,6 +366,25 @@ def test_files_hidden_from_git_in_state_by_hand_are_still_reported_and_put_back(
     assert verify.verify(ws) == []
 
 
+@pytest.mark.parametrize("mark", ["--assume-unchanged", "--skip-worktree"])
+def test_a_record_edited_by_hand_behind_an_index_mark_is_still_reported_and_put_back(make_ws, mark):
+    """`git update-index --assume-unchanged` (or `--skip-worktree`) in state/ makes git stop
+    looking at a file: a record edited by hand then is still found, and put back."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    run(ws)
+    record = Store(ws.state).record_path("a")
+    git(ws.state, "update-index", mark, "orders/a/record.json")
+    record.write_text(record.read_text().replace('"done"', '"cancelled"'))
+    assert "state/orders/a/record.json" in {f.where for f in verify.verify(ws)}
+    run(ws)
+    assert Store(ws.state).load("a").status == "done"
+    [said] = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert said == "state/ changed by hand (restored from git): orders/a/record.json"
+    assert git(ws.state, "ls-files", "-v", "orders/a/record.json").startswith("H ")
+    assert verify.verify(ws) == []
+
+
 def test_a_hand_commit_in_the_supervisors_name_is_foreign_after_a_clean_stop(make_ws):
     """`git -c user.name=coordinator commit` in state/ while no supervisor runs: the committer's
     name is anyone's, the head the supervisor kept is not."""
