@@ -17,7 +17,6 @@ Example message:
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import functools
 import os
 import queue
@@ -33,10 +32,8 @@ from typing import Any
 
 from . import durable, gitlocks
 from .errors import GitError
+from .trail import IGNORED, Trail, one_line, run, temp_name
 from .trail import SUPERVISOR as SUPERVISOR  # the trail's name for the supervisor: audit's too
-from .trail import Trail, one_line, run
-
-IGNORED = ("*.tmp", f"{durable.TMP_PREFIX}*")  # state/.gitignore: temp files are never committed
 
 # Staging writes every blob of a batch into one new pack instead of a loose file each (git's
 # bulk check-in takes every blob over this size): an order's five files were five new inodes
@@ -80,36 +77,55 @@ class StateRepo(Trail):
     # -- a branch moved off the supervisor's last commit ----------------------------------------------
     def put_back(self, kept: str) -> str | None:
         """Put state/'s branch back on `kept`, the supervisor's last commit, when someone moved it
-        to a commit that does not hold it (`git reset --hard HEAD~3`, an amend, a rebase, a
-        checkout of an old commit): else every order committed since is gone from state/ and
-        from the board. What they moved it to is kept under SET_ASIDE; the files the move
-        changed now differ from the branch and are put back by the tamper watch. One line
-        that says it, or None: the branch holds `kept`, or `kept` is gone (a `git gc` since)."""
+        to a commit that does not hold it (`git reset --hard HEAD~3`, an amend, a rebase), and
+        HEAD back on the supervisor's branch (`home`) when someone switched it to another
+        branch or a commit (`git checkout -b other`, `git checkout <commit>`): else every order
+        committed since is gone from state/ and from the board, or the supervisor goes on
+        committing on their branch and its own is left behind. What they moved HEAD to is kept
+        under SET_ASIDE; the files the move changed now differ from the branch and are put
+        back by the tamper watch. One line that says it, or None: HEAD names the supervisor's
+        branch and that holds `kept`, or `kept` is gone (a `git gc` since)."""
         head = self.head()
-        if not kept or head == kept:
+        switched = self.switched()
+        if not kept or (head == kept and switched is None):
             return None
         try:
             self.git("cat-file", "-e", f"{kept}^{{commit}}")
         except GitError:
             return None
-        if head:
-            try:
-                self.git("merge-base", "--is-ancestor", kept, head)
-                return None  # commits on top of it: others', said by `moved_by_others`
-            except GitError:
-                pass
-            self.git("update-ref", f"{SET_ASIDE}{head}", head)
-        try:
-            branch = self.git("symbolic-ref", "-q", "HEAD").strip()
-        except GitError:  # a detached HEAD: back on the branch that still names it
-            named = self.git("for-each-ref", "--points-at", kept, "--format=%(refname)", "refs/heads/").split()
-            branch = named[0] if named else "refs/heads/main"
-        self.git("symbolic-ref", "HEAD", branch)
-        self.git("reset", "-q", kept)  # the branch and the index; the files are the tamper watch's
-        self.own(kept)
-        aside = f"; it is kept as {SET_ASIDE}{head[:10]}" if head else ""
+        if switched is None and self._holds(head, kept):
+            return None  # commits on top of it: others', said by `moved_by_others`
+        home = self.home()
+        tip = self.git("rev-parse", "-q", "--verify", f"{home}^{{commit}}").strip() if self._has_ref(home) else ""
+        intact = self._holds(tip, kept)  # HEAD was switched away from a branch nobody moved back
+        aside = [c for c in dict.fromkeys((head, tip)) if c and c != kept and not (c == tip and intact)]
+        for commit in aside:
+            self.git("update-ref", f"{SET_ASIDE}{commit}", commit)
+        if switched is not None:
+            self.git("symbolic-ref", "HEAD", home)
+        if intact:  # the index as the branch has it; commits on it past `kept` are `moved_by_others`'
+            self.git("reset", "-q", tip)
+        else:  # the branch and the index; the files are the tamper watch's
+            self.git("reset", "-q", kept)
+            self.own(kept)
+        kept_as = "".join(f"; {c[:10]} is kept as {SET_ASIDE}{c[:10]}" for c in aside)
+        if switched is not None:
+            back = "" if intact else f", at the supervisor's last commit {kept[:10]}"
+            return f"{switched}: put back on {home.removeprefix('refs/heads/')}{back}{kept_as}"
         return (f"state/'s branch was moved from {kept[:10]} to {head[:10] or 'no commit'}, which does not "
-                f"contain the supervisor's last commit: put back{aside}")
+                f"contain the supervisor's last commit: put back{kept_as}")
+
+    def _holds(self, commit: str, kept: str) -> bool:
+        """Whether `commit` is `kept` or has it in its history."""
+        if not commit:
+            return False
+        if commit == kept:
+            return True
+        try:
+            self.git("merge-base", "--is-ancestor", kept, commit)
+            return True
+        except GitError:
+            return False
 
     def moved_while_away(self, *, crashed: bool = True) -> list[str]:
         put = self.put_back(self.kept())
@@ -560,7 +576,7 @@ def _and_folders(rel: str) -> list[str]:
 
 def _ignored(rel: str) -> bool:
     """A name state/.gitignore keeps out (temp files): `git add` refuses it loudly, update-index would not."""
-    return any(fnmatch.fnmatchcase(os.path.basename(rel), pattern) for pattern in IGNORED)
+    return temp_name(rel)
 
 
 def _kind(path: str) -> str:

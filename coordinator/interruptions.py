@@ -57,7 +57,10 @@ class Interruptions(Endings):
         if repo_name:
             with contextlib.suppress(CoordinatorError):
                 repo = self.repo(str(repo_name))
-                sha = repo.landed(rec.id, number)
+                # Only the commit the supervisor made and merged: a commit forged on the default
+                # branch while it was dead, under this order's trailers, is no landing.
+                sha = repo.landed(rec.id, number, agent=rec.to,
+                                  vouched=[self.sup.heads.get(repo.name, {}).get("head")])
                 if sha:
                     if ending is None and agent is not None:  # merged, then stopped before its outbox
                         self._deliver_rest(rec, agent, number)

@@ -212,21 +212,38 @@ class Repo(Checkout):
             args += ["-p", p]
         return self._run(args, env=ident_env(*who), input=message).stdout.strip()
 
-    def landed(self, order_id: str, attempt: int | None = None) -> str | None:
-        """The agent's commit for `order_id` (of `attempt`, if given) on the default branch, or None."""
+    def landed(self, order_id: str, attempt: int | None = None, *, agent: str,
+               vouched: Iterable[str | None] = ()) -> str | None:
+        """The agent's commit for `order_id` (of `attempt`, if given) on the default branch, or None.
+
+        Trailers are text anyone who can write here can forge (`git commit --trailer`), so a
+        commit counts only when it is authored and committed as `agent` and is what the
+        supervisor itself had in hand: the tip of wo/<order_id> (it commits there, then
+        merges), or one the default branch held at a head it `vouched` for (noted after its
+        own merges; the branch is gone once the attempt is cleaned up).
+        """
         ref = f"refs/heads/{self.default_branch()}"
         out = self.git(
             "log", "-F", f"--grep=Work-Order: {order_id}",
-            "--format=%H%x00%(trailers:only,unfold)%x00", ref,
+            "--format=%H%x00%an <%ae>%x00%cn <%ce>%x00%(trailers:only,unfold)%x00", ref,
         )  # fmt: skip
+        who = f"{agent} <{agent}@{AGENT_EMAIL_DOMAIN}>"
+        branch = f"refs/heads/{_branch(order_id)}"
+        tip = self._sha(branch) if self._has_ref(branch) else None
+        heads = [h for h in vouched if h and _SHA.match(h)]
         fields = out.split("\0")
-        for sha, block in zip(fields[0::2], fields[1::2], strict=False):
+        for sha, author, committer, block in zip(fields[0::4], fields[1::4], fields[2::4], fields[3::4], strict=False):
+            sha = sha.strip()
             # Lines end at a newline only: splitlines also splits at \x1c-\x1e, \x85 and \u2028.
             found = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
-            if found.get("Work-Order") != order_id or "Agent" not in found:
+            if found.get("Work-Order") != order_id or found.get("Agent") != agent:
                 continue  # a merge commit, or another order whose id starts the same
-            if attempt is None or found.get("Attempt") == str(attempt):
-                return sha.strip()
+            if attempt is not None and found.get("Attempt") != str(attempt):
+                continue
+            if author != who or committer != who:
+                continue  # made by hand, under the agent's trailers
+            if sha == tip or any(self._is_ancestor(sha, h) for h in heads):
+                return sha
         return None
 
     # -- merges --------------------------------------------------------------------------------

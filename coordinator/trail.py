@@ -13,6 +13,7 @@ Example line:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import re
 import time
@@ -49,11 +50,16 @@ _KEEP_HEAP = "glibc.malloc.trim_threshold=268435456:glibc.malloc.top_pad=1677721
 
 # log.showSignature: a person's config that shows signatures puts their text in front of the
 # fields `git log -z` is read by, for a signed commit made by hand in state/.
+# core.excludesFile: a person's ignore file (in their config, state/'s, or git's default
+# ~/.config/git/ignore) must neither hide a hand-made file from the tamper watch nor keep the
+# supervisor's own files out of a commit.
 GIT_OPTS = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "gc.auto=0",
-            "-c", "commit.gpgsign=false", "-c", "core.quotepath=false", "-c", "log.showSignature=false")
+            "-c", "commit.gpgsign=false", "-c", "core.quotepath=false", "-c", "log.showSignature=false",
+            "-c", "core.excludesFile=/dev/null")
 
-# For `status`: the index keeps the folders' times, and an unchanged folder is not read again.
-_UNTRACKED_CACHE = ("-c", "core.untrackedCache=true")
+# state/.gitignore: temp files are never committed (and never a change: a write in flight, or
+# one a crash cut off, cleaned up at the next start). Nothing else in state/ is ignored.
+IGNORED = ("*.tmp", f"{durable.TMP_PREFIX}*")
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,7 @@ class Trail:
         # moves of others a batch found on the way: `moved_by_others` says them.
         self.mine: str | None = None
         self._others: list[tuple[str, str]] = []
+        self._home: str | None = None  # see `home`
         self._cmd = git.Git(str(path))
 
     def git(self, *args: str, actor: str = SUPERVISOR, stdin: BinaryIO | None = None,
@@ -154,11 +161,50 @@ class Trail:
         return found
 
     def own(self, head: str) -> None:
-        """Take `head` as the branch the supervisor's own commits left, and keep it in `record`."""
+        """Take `head` as the branch the supervisor's own commits left, and keep it in `record`
+        with the branch's name (`home`)."""
         self.mine = head
         if self.record is not None and head:
             with contextlib.suppress(OSError):  # a full disk: the next batch keeps it
-                durable.write_bytes(self.record, f"{head}\n".encode(), sync=False)
+                durable.write_bytes(self.record, f"{head} {self.home()}\n".encode(), sync=False)
+
+    def home(self) -> str:
+        """The branch the supervisor commits on (`refs/heads/main`): as it kept it with its last
+        head, else `main` (what `StateRepo.ensure` makes), else the one HEAD names. Never the
+        branch HEAD names now just because it names it: a `git checkout -b` in state/ by hand
+        would take the supervisor's commits along to a branch of theirs."""
+        if self._home is None:
+            words = self._record_words()
+            if len(words) > 1 and words[1].startswith("refs/heads/"):
+                self._home = words[1]
+            elif self._has_ref("refs/heads/main") or not self.branch():
+                self._home = "refs/heads/main"
+            else:
+                self._home = self.branch()
+        return self._home
+
+    def branch(self) -> str:
+        """The branch HEAD names ("" when HEAD is detached)."""
+        try:
+            return self.git("symbolic-ref", "-q", "HEAD").strip()
+        except GitError:
+            return ""
+
+    def switched(self) -> str | None:
+        """Why HEAD does not name the supervisor's branch (a `git checkout` of another branch
+        or of a commit), or None when it does."""
+        now = self.branch()
+        if now == self.home():
+            return None
+        return (f"state/'s HEAD was switched from {_short(self.home())} to "
+                f"{_short(now) if now else 'a detached commit'}")
+
+    def _has_ref(self, ref: str) -> bool:
+        try:
+            self.git("rev-parse", "-q", "--verify", f"{ref}^{{commit}}")
+            return True
+        except GitError:
+            return False
 
     def rewound(self) -> str | None:
         """Why state/'s branch no longer holds the supervisor's last commit as kept in `record`
@@ -185,14 +231,21 @@ class Trail:
 
     def kept(self) -> str:
         """The head of the supervisor's last commit as kept in `record` ("" when not known)."""
+        words = self._record_words()
+        return words[0] if words else ""
+
+    def _record_words(self) -> list[str]:
         try:
-            return self.record.read_text("ascii").strip() if self.record is not None else ""
+            return self.record.read_text("ascii").split() if self.record is not None else []
         except (OSError, UnicodeDecodeError):
-            return ""
+            return []
 
     def _moved(self, *, commits: bool, by_name: bool = True) -> tuple[str | None, list[str]]:
         kept = self.kept()
         head = self.head()
+        switched = self.switched() if kept else None
+        if switched is not None:
+            return f"{switched}; the supervisor commits on {_short(self.home())}", []
         if not kept or kept == head:
             return None, []
         try:
@@ -209,26 +262,55 @@ class Trail:
 
     # -- reading ----------------------------------------------------------------------------------
     def dirty(self, *, optional_locks: bool = True) -> list[str]:
-        """Paths changed, added or removed since the last commit. `optional_locks=False` from
-        another process than the supervisor: git then leaves the index as it is.
+        """Paths changed, added or removed since the last commit, temp files (IGNORED) aside.
+        `optional_locks=False` from another process than the supervisor: git then leaves the
+        index as it is.
 
-        The tamper watch asks every few seconds. Listing every folder of state/ file by file
-        was 70 of the 120 ms with 10,000 orders in it; git's untracked cache names new folders
-        with one look at each folder whose time did not change, and only those new folders are
-        then listed file by file."""
-        out = self.git(*_UNTRACKED_CACHE, "status", "--porcelain", "-z", "--untracked-files=normal",
+        Ignored files are listed too: a pattern in state/.git/info/exclude, or a `.gitignore`
+        made by hand in a folder of state/ (which ignores itself with `*`), would otherwise
+        hide a hand-made file from the tamper watch and from `audit verify`. (That costs git's
+        untracked cache, which `--ignored` cannot use: every folder of state/ is read.) New
+        folders are named once and then listed file by file."""
+        marked = self._marked(clear=optional_locks)
+        out = self.git("status", "--porcelain", "-z", "--untracked-files=normal", "--ignored=matching",
                        optional_locks=optional_locks)
-        paths = _status_paths(out)
+        paths = [p for p in _status_paths(out) if not temp_name(p)]
+        if not optional_locks:
+            paths = list(dict.fromkeys(paths + marked))
         folders = [p for p in paths if p.endswith("/")]
         if not folders:
             return paths
         files = [p for p in paths if not p.endswith("/")]
         for start in range(0, len(folders), 500):  # the command line stays short
-            # Only untracked files are in them: listed without refreshing the whole index again.
-            out = self.git("ls-files", "--others", "--exclude-standard", "-z", "--",
-                           *folders[start:start + 500], optional_locks=optional_locks, literal=True)
-            files += [p for p in out.split("\0") if p]
+            # Only untracked files are in them, ignored or not: listed without refreshing the index again.
+            out = self.git("ls-files", "--others", "-z", "--", *folders[start:start + 500],
+                           optional_locks=optional_locks, literal=True)
+            files += [p for p in out.split("\0") if p and not temp_name(p)]
         return list(dict.fromkeys(files))
+
+    def _marked(self, *, clear: bool) -> list[str]:
+        """Files of state/'s index marked `assume-unchanged` or `skip-worktree` (`git update-index`
+        by hand; the supervisor never marks one): git does not look at them, so a hand edit of
+        one would be hidden. With `clear`, the marks are taken off first, and `status` sees
+        the files again; without (another process than the supervisor must not write the
+        index), the marked files themselves are what is found."""
+        valid: list[str] = []
+        skip: list[str] = []
+        for entry in self.git("ls-files", "-v", "-z").split("\0"):
+            if len(entry) > 2:
+                if entry[0].islower():  # assume-unchanged ("s": skip-worktree as well)
+                    valid.append(entry[2:])
+                if entry[0] in "Ss":
+                    skip.append(entry[2:])
+        if clear:
+            # One kind of mark per call: update-index applies only the first it is given.
+            for flag, paths in (("--no-assume-unchanged", valid), ("--no-skip-worktree", skip)):
+                if paths:
+                    spec = self.path / ".git" / "coordinator-pathspec"
+                    spec.write_bytes("\0".join(paths).encode("utf-8", "surrogateescape"))
+                    with spec.open("rb") as stdin:
+                        self.git("update-index", flag, "-z", "--stdin", stdin=stdin)
+        return list(dict.fromkeys(valid + skip))
 
     def entries(self, order_id: str | None = None) -> list[Entry]:
         """The trail, oldest first; only the lines about `order_id` when given."""
@@ -257,6 +339,15 @@ class Trail:
             if committer != SUPERVISOR:
                 bad.append(one_line(f"{sha[:10]} by {committer}: {subject}"))
         return bad
+
+
+def temp_name(rel: str) -> bool:
+    """A name state/.gitignore keeps out (IGNORED): a temp file."""
+    return any(fnmatch.fnmatchcase(os.path.basename(rel.rstrip("/")), pattern) for pattern in IGNORED)
+
+
+def _short(ref: str) -> str:
+    return ref.removeprefix("refs/heads/")
 
 
 def one_line(text: str) -> str:

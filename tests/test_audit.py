@@ -246,6 +246,145 @@ def test_a_reset_of_state_beside_a_running_supervisor_loses_no_order(make_ws):
     assert [e.new for e in StateRepo(ws.state).entries("a")] == ["queued", "running", "done"]
 
 
+def hand_branch(ws, name: str = "other") -> str:
+    """`git checkout -b <name>` in state/ and a commit there by hand; the commit's id."""
+    git(ws.state, "checkout", "-q", "-b", name)
+    (ws.state / "note.txt").write_text("hand\n")
+    git(ws.state, "add", "note.txt")
+    subprocess.run(["git", "-C", str(ws.state), "-c", "user.name=eve", "-c", "user.email=e@x", "commit", "-qm",
+                    "a note"], check=True)
+    return git(ws.state, "rev-parse", "HEAD").strip()
+
+
+def assert_back_on_main(ws, hand: str) -> None:
+    assert git(ws.state, "symbolic-ref", "HEAD").strip() == "refs/heads/main"
+    assert git(ws.state, "rev-parse", f"refs/coordinator/set-aside/{hand}").strip() == hand
+    assert not (ws.state / "note.txt").exists()
+    assert {r.id: r.status for r in Store(ws.state).load_all().values()} == {"a": "done", "b": "done"}
+    assert [e.new for e in StateRepo(ws.state).entries("b")] == ["queued", "running", "done"]
+    assert verify.verify(ws) == []
+
+
+def test_a_branch_switch_in_state_beside_a_running_supervisor_is_put_back(make_ws):
+    """`git checkout -b other` and a commit there: the supervisor goes on committing on its own
+    branch, not on theirs; what they did is kept aside, and said once."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        hand = hand_branch(ws)
+        drop(ws, "chip", "b.md", order_md("Second order", id="b"))
+        sup.run_once(limit=30)
+        verify.watch_state(sup)
+        verify.watch_state(sup)
+    assert git(ws.state, "rev-parse", "other").strip() == hand  # their branch is theirs
+    said = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert len(said) == 2, said
+    assert "switched from main to other: put back on main" in said[0]
+    assert hand[:10] in said[0] and "note.txt" in said[1]
+    assert_back_on_main(ws, hand)
+
+
+def test_a_branch_switch_in_state_while_no_supervisor_runs_is_put_back_at_start(make_ws):
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    run(ws)
+    hand = hand_branch(ws)
+    assert any("switched from main to other" in f.detail for f in verify.verify(ws))
+    drop(ws, "chip", "b.md", order_md("Second order", id="b"))
+    run(ws)
+    said = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert "while none ran" in said[0] and "switched from main to other: put back on main" in said[0], said
+    assert_back_on_main(ws, hand)
+    run(ws)
+    assert len([s for s in signals.load(ws.state) if s.kind == "silent"]) == len(said)  # not said again
+
+
+@pytest.mark.parametrize("switch", [("branch", "-m", "main", "other"), ("checkout", "-q", "--detach")])
+def test_a_renamed_branch_or_a_detached_head_in_state_is_put_back(make_ws, switch):
+    """The supervisor's branch renamed away, or HEAD detached at its commit: the next batch
+    lands on `main` all the same, and that is said once."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        git(ws.state, *switch)
+        drop(ws, "chip", "b.md", order_md("Second order", id="b"))
+        sup.run_once(limit=30)
+        verify.watch_state(sup)
+    said = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert len(said) == 1 and "put back on main" in said[0], said
+    assert git(ws.state, "symbolic-ref", "HEAD").strip() == "refs/heads/main"
+    assert [e.new for e in StateRepo(ws.state).entries("b")] == ["queued", "running", "done"]
+    assert verify.verify(ws) == []
+
+
+HIDDEN = ("note.txt", "orders/a/extra.txt", "new/inside.txt")  # at the top, in a folder, in a new folder
+
+
+@pytest.mark.parametrize("hide", ["info/exclude", "core.excludesFile", "global excludesFile",
+                                  "status.showUntrackedFiles", "a .gitignore of their own"])
+def test_files_hidden_from_git_in_state_by_hand_are_still_reported_and_put_back(make_ws, tmp_path, monkeypatch, hide):
+    """Files made by hand in state/ that a person's git was told to ignore (state/.git/info/exclude,
+    core.excludesFile in state/'s config or the user's, status.showUntrackedFiles=no): the
+    supervisor's git still sees them, so `audit verify` lists them and the tamper watch puts
+    them back."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    run(ws)
+    ignore = tmp_path / "ignore"
+    ignore.write_text("*.txt\n")
+    if hide == "info/exclude":
+        (ws.state / ".git" / "info").mkdir(exist_ok=True)
+        with (ws.state / ".git" / "info" / "exclude").open("a") as f:
+            f.write("*.txt\n")
+    elif hide == "core.excludesFile":
+        git(ws.state, "config", "core.excludesFile", str(ignore))
+    elif hide == "global excludesFile":
+        home = tmp_path / "home"
+        home.mkdir()
+        (home / ".gitconfig").write_text(f"[core]\n\texcludesFile = {ignore}\n")
+        monkeypatch.setenv("HOME", str(home))
+        for name in ("XDG_CONFIG_HOME", "GIT_CONFIG_GLOBAL"):
+            monkeypatch.delenv(name, raising=False)
+    elif hide == "status.showUntrackedFiles":
+        git(ws.state, "config", "status.showUntrackedFiles", "no")
+    hidden = HIDDEN
+    for rel in hidden:
+        (ws.state / rel).parent.mkdir(exist_ok=True)
+        (ws.state / rel).write_text("hand\n")
+    if hide == "a .gitignore of their own":  # `*` ignores the .gitignore itself too
+        hidden += tuple(f"{os.path.dirname(rel)}/.gitignore" for rel in HIDDEN[1:])
+        for rel in hidden[len(HIDDEN):]:
+            (ws.state / rel).write_text("*\n")
+    found = {f.where for f in verify.verify(ws)}
+    assert {f"state/{rel}" for rel in hidden} <= found, found
+    run(ws)  # its start looks at state/ as the tamper watch does
+    assert not [rel for rel in hidden if (ws.state / rel).exists()]
+    [said] = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert all(rel in said for rel in hidden[:5]), said
+    assert verify.verify(ws) == []
+
+
+@pytest.mark.parametrize("mark", ["--assume-unchanged", "--skip-worktree"])
+def test_a_record_edited_by_hand_behind_an_index_mark_is_still_reported_and_put_back(make_ws, mark):
+    """`git update-index --assume-unchanged` (or `--skip-worktree`) in state/ makes git stop
+    looking at a file: a record edited by hand then is still found, and put back."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    run(ws)
+    record = Store(ws.state).record_path("a")
+    git(ws.state, "update-index", mark, "orders/a/record.json")
+    record.write_text(record.read_text().replace('"done"', '"cancelled"'))
+    assert "state/orders/a/record.json" in {f.where for f in verify.verify(ws)}
+    run(ws)
+    assert Store(ws.state).load("a").status == "done"
+    [said] = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert said == "state/ changed by hand (restored from git): orders/a/record.json"
+    assert git(ws.state, "ls-files", "-v", "orders/a/record.json").startswith("H ")
+    assert verify.verify(ws) == []
+
+
 def test_a_hand_commit_in_the_supervisors_name_is_foreign_after_a_clean_stop(make_ws):
     """`git -c user.name=coordinator commit` in state/ while no supervisor runs: the committer's
     name is anyone's, the head the supervisor kept is not."""
@@ -638,13 +777,13 @@ def test_a_crash_between_a_state_write_and_its_commit_is_repaired_at_start(make_
 
 
 def test_dirty_lists_every_file_changed_or_added_by_hand_however_deep_and_no_temp_file(make_ws):
-    """New folders are found through git's untracked cache and then listed file by file: the
-    tamper watch restores exactly these paths."""
+    """New folders are named by git once and then listed file by file: the tamper watch
+    restores exactly these paths, and never a temp file."""
     ws = team(make_ws)
     drop(ws, "chip", "a.md", order_md("First order", id="a"))
     run(ws)
     state = StateRepo(ws.state)
-    assert state.dirty() == [] and state.dirty() == []  # the second look reads the cache
+    assert state.dirty() == [] and state.dirty() == []
     nested = ws.state / "orders" / "zz" / "deep" / "deeper"
     nested.mkdir(parents=True)
     (nested / "x.json").write_text("{}")

@@ -508,6 +508,56 @@ def test_a_merge_that_landed_before_a_crash_is_no_silent_change_at_restart(make_
     assert_clean(ws)
 
 
+def test_a_merge_whose_branch_was_cleaned_up_before_a_crash_is_recovered_as_done(make_ws):
+    """The crash came after the supervisor merged m1, noted the new head and removed m1's
+    working copy and branch, before the order moved to done: its commit is believed by the
+    head the supervisor noted, and the order is done, not run again."""
+    ws = team(make_ws)
+    open_gate(ws, "m1", 1)
+    sup = start_one(ws, "m1")
+    wait_until(lambda: completions(ws) == ["m1"] and not specialists_of(ws), "the specialist to exit")
+    workdir = Path(Store(ws.state).load("m1").running["workdir"])
+    repo = Repo(ws.repos / "webapp")
+    base = repo.head()
+    tip = repo.commit(workdir, ["src/m1.py"], agent="chip", subject="Order m1 writes its file",
+                      trailers={"Work-Order": "m1", "Agent": "chip", "Attempt": "1"})
+    assert tip is not None
+    sup.note_head("webapp", repo.merge("m1"), base=base)  # as `_land` does, then `_finish`:
+    repo.remove_worktree("m1", workdir)
+    abandon(sup)
+    said = restart(ws)
+    assert_done_once(ws, "m1")
+    assert Store(ws.state).load("m1").commit == tip
+    assert completions(ws) == ["m1"]
+    assert signals.load(ws.state) == [], said
+    assert_clean(ws)
+
+
+@pytest.mark.parametrize("forger", ["by-hand", "in-the-agents-name"])
+def test_a_commit_forged_with_the_orders_trailers_while_the_supervisor_was_dead_is_no_landing(make_ws, forger):
+    """While the supervisor lay dead in f1's attempt, someone committed on webapp's main with
+    f1's trailers (as themselves, or in chip's name): recovery does not take it for chip's
+    work. The attempt counts as interrupted and runs again, the forged commit is `silent`,
+    and `audit verify` lists it."""
+    ws = team(make_ws)
+    abandon(start_one(ws, "f1"))
+    name, email = ("mallory", "mallory@example.org") if forger == "by-hand" else ("chip", "chip@agents.coordinator")
+    env = {**os.environ, "GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email,
+           "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email}
+    webapp = ws.repos / "webapp"
+    subprocess.run(["git", "-C", str(webapp), "commit", "-q", "--allow-empty", "-m", "Order f1 writes its file",
+                    "-m", "Work-Order: f1\nAgent: chip\nAttempt: 1"], env=env, check=True)
+    forged = git(webapp, "rev-parse", "HEAD").strip()
+    open_gate(ws, "f1", 2)
+    said = restart(ws)
+    rec = Store(ws.state).load("f1")
+    assert (rec.status, rec.attempts) == ("done", 2), (rec.status, rec.failures, said)
+    assert "interrupted" in rec.failures[0] and rec.commit != forged
+    assert completions(ws) == ["f1"]
+    assert any(s.kind == "silent" and f"..{forged[:10]}" in s.evidence for s in signals.load(ws.state)), said
+    assert [f.where for f in verify(ws)] == [f"repos/webapp@{forged[:10]}"]
+
+
 def outbox_team(make_ws: Callable[..., Workspace], *names: str) -> Workspace:
     """chip notes each run in $PROBE/runs, writes an order to rex into its outbox under each of
     `names`, then exits 0."""

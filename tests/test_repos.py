@@ -321,12 +321,35 @@ def test_commit_keeps_symlinks_and_exec_bits(repo: Repo, ws: Path) -> None:
 
 def test_landed_finds_the_agents_commit_on_the_default_branch(repo: Repo, ws: Path) -> None:
     land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
-    assert repo.landed("WO-0001") is None
+    assert repo.landed("WO-0001", agent="chip") is None
     repo.merge("WO-0001")
     sha = sh_git(repo.path, "rev-parse", "wo/WO-0001")
-    assert repo.landed("WO-0001", 1) == sha
-    assert repo.landed("WO-0001", 2) is None
-    assert repo.landed("WO-000") is None
+    assert repo.landed("WO-0001", 1, agent="chip") == sha
+    assert repo.landed("WO-0001", 1, agent="rex") is None
+    assert repo.landed("WO-0001", 2, agent="chip") is None
+    assert repo.landed("WO-000", agent="chip") is None
+    # Once its working copy and branch are gone, the head the supervisor noted vouches for it.
+    head = repo.head()
+    repo.remove_worktree("WO-0001", work(ws, "WO-0001"))
+    assert repo.landed("WO-0001", 1, agent="chip") is None
+    assert repo.landed("WO-0001", 1, agent="chip", vouched=[head]) == sha
+
+
+@pytest.mark.parametrize("who", ["user", "chip"])
+def test_landed_does_not_believe_a_commit_forged_with_the_trailers(repo: Repo, ws: Path, who: str) -> None:
+    """A commit made by hand on the default branch with an order's trailers, as a person or
+    in the agent's name, is not that order's landing: it is neither the tip of wo/<id> nor
+    under a head the supervisor noted."""
+    noted = repo.head()
+    repo.add_worktree("WO-0001", work(ws, "WO-0001"))  # the attempt runs; nothing committed yet
+    name, email = ("user", "user@example.org") if who == "user" else ("chip", "chip@agents.coordinator")
+    subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "do WO-0001",
+                    "-m", "Work-Order: WO-0001\nAgent: chip\nAttempt: 1"], cwd=repo.path, check=True,
+                   env={**os.environ, "GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email,
+                        "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email})
+    assert f"Author: {name} <{email}>" in sh_git(repo.path, "log", "-1")
+    assert repo.landed("WO-0001", 1, agent="chip", vouched=[noted]) is None
+    assert repo.landed("WO-0001", agent="chip", vouched=[noted]) is None
 
 
 # -- merges ----------------------------------------------------------------------------------------
@@ -486,7 +509,7 @@ def test_a_merge_killed_inside_the_move_leaves_the_checkout_clean_at_the_next_st
     assert sh_git(repo.path, "status", "--porcelain") == PERSON
     assert healed.put_back == ["src/login.py", "src/new.py", "tests/__init__.py"]
     new = repo.merge("WO-0001")  # the retry lands
-    assert repo.landed("WO-0001") and sh_git(repo.path, "rev-parse", "HEAD") == new
+    assert repo.landed("WO-0001", agent="chip") and sh_git(repo.path, "rev-parse", "HEAD") == new
     assert (repo.path / "src" / "login.py").read_text() == "agent\n"
     assert (repo.path / "src" / "new.py").read_text() == "new\n"
     assert not (repo.path / "tests" / "__init__.py").exists()
