@@ -364,6 +364,25 @@ def test_config_errors_are_said_in_words_not_jsonschemas(ws: Path, change: str, 
     assert (result.exit_code, result.stderr) == (2, f"coordinator: coordinator.yaml: {said}\n")
 
 
+@pytest.mark.parametrize("key, value, said", [
+    ("timeout", ".nan", "agents.chip.timeout: nan is not a finite number; write one such as 20, or leave the key out"),
+    ("stale_after", ".inf", "agents.chip.stale_after: inf is not a finite number; write one such as 20, or leave "
+                            "the key out"),
+    ("spend_limit", ".nan", "agents.chip.spend_limit: nan is not a finite number; write one such as 20, or leave "
+                            "the key out"),
+    ("timeout", "99999999999999999999h", "agents.chip.timeout: '99999999999999999999h' is longer than 30 days; "
+                                         "give a duration up to 720h"),
+])
+def test_a_duration_or_number_with_no_limit_in_it_is_refused(ws: Path, key: str, value: str, said: str) -> None:
+    """`timeout: .nan` passed the schema (nan compares false to every bound): attempts ran with no
+    time limit at all, and NaN was written into the order's record in state/."""
+    path = ws / "coordinator.yaml"
+    path.write_text(path.read_text().replace("    max_parallel: 2\n", f"    max_parallel: 2\n    {key}: {value}\n"))
+    for args in (["board"], ["supervise", "--once"]):
+        result = run("-w", ws, *args)
+        assert (result.exit_code, result.stderr) == (2, f"coordinator: coordinator.yaml: {said}\n"), args
+
+
 def _alias_bomb(levels: int) -> str:
     rows = ["version: 1", "x0: &a0 [x, x, x, x, x, x, x, x, x]"]
     rows += [f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
