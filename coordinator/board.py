@@ -16,7 +16,7 @@ import shutil
 from typing import Any
 
 from . import budget, signals
-from .errors import NotFoundError
+from .errors import NotFoundError, StateError
 from .store import STATUSES, Record, RecordCache, Store, dependency_done, route_end, via_route
 from .workspace import Workspace
 
@@ -177,7 +177,11 @@ def _budget_line(ws: Workspace) -> str:
     cfg = ws.config
     if not cfg.orchestrator:
         return "budget: no orchestrator configured"
-    ledger = budget.Ledger.load(ws.state)
+    try:
+        ledger = budget.Ledger.load(ws.state)
+    except StateError as e:
+        # One damaged file must not hide the orders: the board says it in its budget line.
+        return f"budget: {e}"
     b = cfg.budget
     return (f"budget: {cfg.orchestrator} {ledger.hot_tokens():,}/{b.ceiling:,} hot tokens, "
             f"{ledger.mode(b.bands)}, generation {ledger.generation}")

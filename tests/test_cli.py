@@ -1362,11 +1362,17 @@ def test_a_ledger_that_is_not_utf8_is_said_as_a_damaged_ledger_not_an_internal_e
     ledger = ws / "state" / "orchestrator" / "ledger.json"
     ledger.parent.mkdir(exist_ok=True)
     ledger.write_bytes(b'{"generation": 1, "items": [], "note": "caf\xe9"}\n')
-    for args in (["board"], ["budget"], ["budget", "--json"]):
+    damaged = ("state/orchestrator/ledger.json: not a valid ledger (not UTF-8 text at byte 43); restore it with "
+               "`git -C state checkout orchestrator/ledger.json` or delete it to start over")
+    for args in (["budget"], ["budget", "--json"]):
         result = program("-w", ws, *args)
-        assert (result.returncode, result.stdout, result.stderr) == (
-            1, "", "coordinator: state/orchestrator/ledger.json: not a valid ledger (not UTF-8 text at byte 43); "
-                   "restore it with `git -C state checkout orchestrator/ledger.json` or delete it to start over\n")
+        assert (result.returncode, result.stdout, result.stderr) == (1, "", f"coordinator: {damaged}\n")
+    # The board still shows the orders (it was one line of an error and nothing else): its budget
+    # line says what is wrong with the ledger.
+    assert run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting exists")).exit_code == 0
+    board = program("-w", ws, "board")
+    assert board.returncode == 0 and f"budget: {damaged}" in board.stdout.splitlines()
+    assert "inboxes: 1 file(s) not taken in yet (chip 1)" in board.stdout
 
 
 def test_budget_add_and_rotate(ws: Path) -> None:
