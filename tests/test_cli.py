@@ -343,6 +343,12 @@ def test_a_malformed_glob_set_in_writes_stops_every_command_with_one_line(ws: Pa
                                        "it in quotes to mean text)"),
     ("date = 5", "2026-01-01: unknown key '2026-01-01'; allowed keys: agents, budget, defaults, escalate_to, "
                  "max_parallel, orchestrator, spend_limit, version"),
+    # A typo is named with the key it was likely meant to be, as in a work order or a result file.
+    ("agents.chip.timout = '5m'", "agents.chip.timout: unknown key 'timout'; did you mean 'timeout'? allowed keys: "
+                                  "command, description, env, llm, max_failures, max_parallel, role, sandbox, "
+                                  "sends_to, spend_limit, stale_after, timeout, writes"),
+    ("budget.celing = 5000", "budget.celing: unknown key 'celing'; did you mean 'ceiling'? allowed keys: bands, "
+                             "ceiling, on_ceiling"),
 ])
 def test_config_errors_are_said_in_words_not_jsonschemas(ws: Path, change: str, said: str) -> None:
     import ast
