@@ -239,8 +239,10 @@ def load(path: Path) -> Config:
         raise ConfigError(f"cannot read: {e.strerror}", path=shown) from None
     if len(raw_bytes) > MAX_CONFIG_BYTES:
         raise ConfigError("larger than 1 MiB; this is not a team config", path=shown)
+    text = ""
     try:
-        data = _safe_load(raw_bytes.decode("utf-8-sig"))
+        text = raw_bytes.decode("utf-8-sig")
+        data = _safe_load(text)
     except UnicodeDecodeError:
         raise ConfigError("is not UTF-8 text", path=shown) from None
     except _Repeated as e:
@@ -250,8 +252,20 @@ def load(path: Path) -> Config:
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
+        if line is not None and _tab_indented(text, line):
+            # PyYAML says "found character that cannot start any token", which names no tab.
+            raise ConfigError(f"is not valid YAML{where}: it is indented with a tab; YAML indents with spaces",
+                              path=shown) from None
         raise ConfigError(f"is not valid YAML{where}: {getattr(e, 'problem', e)}", path=shown) from None
     return from_mapping(data, path=path)
+
+
+def _tab_indented(text: str, line: int) -> bool:
+    rows = text.splitlines()
+    if not 0 <= line < len(rows):
+        return False
+    row = rows[line]
+    return "\t" in row[: len(row) - len(row.lstrip(" \t"))]
 
 
 def from_mapping(data: Any, *, path: Path | None = None) -> Config:

@@ -389,6 +389,18 @@ def test_a_duration_or_number_with_no_limit_in_it_is_refused(ws: Path, key: str,
         assert (result.exit_code, result.stderr) == (2, f"coordinator: coordinator.yaml: {said}\n"), args
 
 
+def test_a_config_indented_with_a_tab_is_told_so(ws: Path) -> None:
+    """PyYAML's own words were "found character that cannot start any token", naming no tab."""
+    path = ws / "coordinator.yaml"
+    text = path.read_text()
+    path.write_text(text.replace("\n  walt:\n", "\n\twalt:\n"))
+    line = text.split("\n  walt:\n")[0].count("\n") + 2
+    result = run("-w", ws, "board")
+    assert (result.exit_code, result.stderr) == (
+        2, f"coordinator: coordinator.yaml: is not valid YAML at line {line}: it is indented with a tab; YAML "
+           "indents with spaces\n")
+
+
 def _alias_bomb(levels: int) -> str:
     rows = ["version: 1", "x0: &a0 [x, x, x, x, x, x, x, x, x]"]
     rows += [f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
