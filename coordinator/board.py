@@ -202,7 +202,7 @@ def render_budget(data: dict[str, Any], *, bands: tuple[int, int, int], gauge: b
     if gauge:
         lines.append(budget.gauge(data["hot_tokens"], data["ceiling"], bands))
     for item in data["items"]:
-        note = f"  {item['note']}" if item.get("note") else ""
+        note = f"  {budget.one_line(str(item['note']))}" if item.get("note") else ""
         lines.append(f"  {item['tokens']:>7,}  {item['kind']:<9} {item['status']:<10} {item['ref']}{note}")
     return "\n".join(lines)
 
