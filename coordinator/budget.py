@@ -173,6 +173,9 @@ class Ledger:
         last_mode = data.get("last_mode", "routing")
         if last_mode not in MODES:
             raise ValueError(f"last_mode {last_mode!r} is not one of {', '.join(MODES)}")
+        if not isinstance(data["items"], list):
+            # A mapping was read as its keys ({} as no items at all), null as a Python error.
+            raise ValueError(f"items is {type(data['items']).__name__}, not a list")
         items = [_item(raw) for raw in data["items"]]
         return cls(state_dir, generation=generation, items=items, last_mode=last_mode)
 

@@ -152,6 +152,10 @@ def test_a_damaged_ledger_says_how_to_recover(state_dir: Path) -> None:
     path.write_text('{"generation": 1, "items": [{"ref": "a", "kind": "gossip"}]}')
     with pytest.raises(StateError, match="not a valid ledger"):
         Ledger.load(state_dir)
+    for items, kind in (("{}", "dict"), ("null", "NoneType"), ('"abc"', "str")):
+        path.write_text(f'{{"generation": 1, "items": {items}}}')
+        with pytest.raises(StateError, match=rf"not a valid ledger \(items is {kind}, not a list\)"):
+            Ledger.load(state_dir)
 
 
 # --- complete and rotate ------------------------------------------------------------------
