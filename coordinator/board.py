@@ -55,7 +55,7 @@ def inboxes(ws: Workspace) -> dict[str, int]:
 
 def supervisor(ws: Workspace) -> dict[str, Any]:
     """Whether a supervisor runs on `ws` now, and its pid."""
-    from .control import supervisor_running
+    from .control import config_drift, supervisor_running
 
     if not supervisor_running(ws):
         return {"running": False, "pid": None}
@@ -63,7 +63,8 @@ def supervisor(ws: Workspace) -> dict[str, Any]:
         pid: int | None = int((ws.runtime / "supervisor.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         pid = None
-    return {"running": True, "pid": pid}
+    drift = config_drift(ws)
+    return {"running": True, "pid": pid, **({"config_changed": drift} if drift else {})}
 
 
 def reason(rec: Record, records: dict[str, Record]) -> str | None:
@@ -127,7 +128,8 @@ def render(ws: Workspace, *, colour: bool = False, width: int | None = None,
     lines.append(f"{len(recs)} order(s): {summary or none}")
     sup = supervisor(ws)
     if sup["running"]:
-        lines.append(f"supervisor: running (pid {sup['pid'] or '?'})")
+        lines.append(f"supervisor: running (pid {sup['pid'] or '?'})"
+                     + (f" — WARNING: {sup['config_changed']}" if sup.get("config_changed") else ""))
     elif by_status["running"]:
         lines.append("supervisor: NOT RUNNING — the RUNNING orders below were cut off; "
                      "`coordinator supervise` re-queues them")

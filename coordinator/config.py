@@ -8,6 +8,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import os
 import re
@@ -152,6 +154,7 @@ class Config:
     budget: Budget = field(default_factory=Budget)
     spend_limit: float | None = None
     path: Path | None = None
+    digest: str = ""  # sha256 of the file read: tells a running supervisor's team from an edited one
 
     def agent(self, name: str) -> Agent:
         return self.agents[name]
@@ -257,7 +260,7 @@ def load(path: Path) -> Config:
             raise ConfigError(f"is not valid YAML{where}: it is indented with a tab; YAML indents with spaces",
                               path=shown) from None
         raise ConfigError(f"is not valid YAML{where}: {getattr(e, 'problem', e)}", path=shown) from None
-    return from_mapping(data, path=path)
+    return dataclasses.replace(from_mapping(data, path=path), digest=hashlib.sha256(raw_bytes).hexdigest())
 
 
 def _tab_indented(text: str, line: int) -> bool:

@@ -223,6 +223,9 @@ class Supervisor(Arrivals):
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        # The team this supervisor keeps until it stops: a command run after coordinator.yaml
+        # was edited says that the supervisor still acts on the old one (`control.config_drift`).
+        durable.write_text(control.config_seen_path(self.ws), self.config.digest, sync=False)
 
     # -- the loop -----------------------------------------------------------------------------------
     def step(self, *, paced: bool = False) -> bool:

@@ -1360,6 +1360,29 @@ def test_cancel_and_retry_through_a_running_supervisor(ws: Path, supervisor: sub
     assert "WO-0001 slow: running -> cancelled" in git(ws / "state", "log", "--format=%B")
 
 
+def test_budget_and_board_say_when_the_running_supervisor_keeps_an_older_config(
+        ws: Path, supervisor: subprocess.Popen[str]) -> None:
+    """With the ceiling lowered in coordinator.yaml while the supervisor ran, `budget` showed
+    465 / 100 hot tokens and nothing rotated: the supervisor keeps the team it started with and
+    said so only in its own log. The commands beside it now say so too."""
+    drift = ("the running supervisor started with an older coordinator.yaml and acts on that one (its agents, "
+             "ceiling and bands) until it is restarted")
+    assert run("-w", ws, "budget").stderr == ""
+    path = ws / "coordinator.yaml"
+    kept = path.read_text()
+    path.write_text(kept.replace("ceiling: 7000", "ceiling: 100"))
+    shown = run("-w", ws, "budget")
+    assert (shown.exit_code, shown.stderr) == (0, f"warning: {drift}\n")
+    assert shown.stdout.startswith("walt: 0 / 100 hot tokens")
+    added = run("-w", ws, "budget", "add", "200")
+    assert added.exit_code == 0 and added.stderr.startswith(f"warning: {drift}\n")
+    assert f"— WARNING: {drift}" in run("-w", ws, "board").stdout.splitlines()[1]
+    assert json.loads(run("-w", ws, "board", "--json").stdout)["supervisor"]["config_changed"] == drift
+    path.write_text(kept)  # the same team again: nothing to say
+    assert run("-w", ws, "budget").stderr == ""
+    assert "config_changed" not in json.loads(run("-w", ws, "board", "--json").stdout)["supervisor"]
+
+
 def test_a_running_supervisor_answers_errors_with_the_exit_code_they_would_have_here(
         ws: Path, supervisor: subprocess.Popen[str]) -> None:
     from coordinator import control
