@@ -143,7 +143,11 @@ def render(ws: Workspace, *, colour: bool = False, width: int | None = None,
     if stale:
         lines.append(f"stale: {', '.join(r.id for r in stale)} (no output or heartbeat)")
     lines.append(_budget_line(ws))
-    counts = signals.counts(signals.load(ws.state))
+    try:
+        counts = signals.counts(signals.load(ws.state))
+    except StateError as e:
+        lines.append(f"signals: {e}")
+        counts = {}
     if any(counts.values()):
         lines.append("signals: " + "  ".join(f"{k} {v}" for k, v in counts.items() if v))
     for status in STATUSES:

@@ -1416,6 +1416,33 @@ def test_a_ledger_that_is_not_utf8_is_said_as_a_damaged_ledger_not_an_internal_e
     assert "inboxes: 1 file(s) not taken in yet (chip 1)" in board.stdout
 
 
+def test_a_folder_in_place_of_the_signals_file_is_one_line_not_an_internal_error(ws: Path) -> None:
+    """`board` and `signals` were `internal error: IsADirectoryError` (exit 70), and so was the
+    supervisor at its first signal."""
+    from datetime import UTC, datetime
+
+    from coordinator import signals
+
+    (ws / "state" / "signals.jsonl").mkdir()
+    said = ("state/signals.jsonl: is a directory; signals are appended to a file there: move it away "
+            "(`git -C state log -- signals.jsonl` has what was recorded)")
+    for args in (["signals"], ["signals", "--json"], ["supervise", "--once"]):
+        result = program("-w", ws, *args)
+        assert (result.returncode, result.stdout, result.stderr) == (1, "", f"coordinator: {said}\n"), args
+    board = program("-w", ws, "board")
+    assert board.returncode == 0 and f"signals: {said}" in board.stdout.splitlines()
+    # Once the signals were committed, a folder put in their place is put back from git.
+    (ws / "state" / "signals.jsonl").rmdir()
+    signals.record(ws / "state", "silent", agent=None, order=None, evidence="seen", now=datetime.now(UTC))
+    git(ws / "state", "add", "signals.jsonl")
+    git(ws / "state", "-c", "user.name=me", "-c", "user.email=me@example.org", "commit", "-qm", "by hand")
+    (ws / "state" / "signals.jsonl").unlink()
+    (ws / "state" / "signals.jsonl").mkdir()
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    assert (ws / "state" / "signals.jsonl").is_file()
+    assert "silent" in run("-w", ws, "signals").stdout
+
+
 def test_budget_add_and_rotate(ws: Path) -> None:
     doc = json.loads(run("-w", ws, "budget", "--json").stdout)
     assert set(doc) == BUDGET_KEYS
