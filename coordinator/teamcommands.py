@@ -213,7 +213,6 @@ def budget(ctx: click.Context, as_json: bool) -> None:
     if ctx.invoked_subcommand is not None:
         return
     from . import board as b
-
     from .control import config_drift
 
     ws = ctx.ensure_object(Context).ws
