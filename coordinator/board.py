@@ -207,9 +207,11 @@ def render_budget(data: dict[str, Any], *, bands: tuple[int, int, int], gauge: b
              f"generation {data['generation']}"]
     if gauge:
         lines.append(budget.gauge(data["hot_tokens"], data["ceiling"], bands))
+    # As wide as the largest count (`budget add` takes up to 10,000,000), so the columns line up.
+    width = max([7] + [len(f"{item['tokens']:,}") for item in data["items"]])
     for item in data["items"]:
         note = f"  {budget.one_line(str(item['note']))}" if item.get("note") else ""
-        lines.append(f"  {item['tokens']:>7,}  {item['kind']:<9} {item['status']:<10} {item['ref']}{note}")
+        lines.append(f"  {item['tokens']:>{width},}  {item['kind']:<9} {item['status']:<10} {item['ref']}{note}")
     return "\n".join(lines)
 
 

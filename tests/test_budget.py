@@ -70,6 +70,17 @@ def test_a_note_never_sends_escape_sequences_to_the_terminal(state_dir: Path) ->
     assert all(c.isprintable() for c in shown.replace("\n", ""))
 
 
+def test_the_items_line_up_whatever_their_counts(state_dir: Path) -> None:
+    """A manual item of 10,000,000 tokens pushed its line two columns right of the others."""
+    from coordinator import board
+
+    ledger = Ledger.load(state_dir)
+    ledger.add("manual-1", "manual", tokens=10_000_000, now=T0)
+    ledger.add("WO-0001", "order", tokens=12, now=T0)
+    items = board.render_budget(ledger.as_json(agent="walt", ceiling=7000, bands=BANDS), bands=BANDS).splitlines()[1:]
+    assert items == ["  10,000,000  manual    in-flight  manual-1", "          12  order     in-flight  WO-0001"]
+
+
 def test_a_negative_manual_count_is_refused_with_advice(state_dir: Path) -> None:
     with pytest.raises(UsageError, match="whole number"):
         Ledger.load(state_dir).add("manual-1", "manual", tokens=-5, now=T0)
