@@ -16,7 +16,7 @@ import shutil
 from typing import Any
 
 from . import budget, signals
-from .errors import NotFoundError
+from .errors import NotFoundError, StateError
 from .store import STATUSES, Record, RecordCache, Store, dependency_done, route_end, via_route
 from .workspace import Workspace
 
@@ -55,7 +55,7 @@ def inboxes(ws: Workspace) -> dict[str, int]:
 
 def supervisor(ws: Workspace) -> dict[str, Any]:
     """Whether a supervisor runs on `ws` now, and its pid."""
-    from .control import supervisor_running
+    from .control import config_drift, supervisor_running
 
     if not supervisor_running(ws):
         return {"running": False, "pid": None}
@@ -63,7 +63,8 @@ def supervisor(ws: Workspace) -> dict[str, Any]:
         pid: int | None = int((ws.runtime / "supervisor.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         pid = None
-    return {"running": True, "pid": pid}
+    drift = config_drift(ws)
+    return {"running": True, "pid": pid, **({"config_changed": drift} if drift else {})}
 
 
 def reason(rec: Record, records: dict[str, Record]) -> str | None:
@@ -127,7 +128,8 @@ def render(ws: Workspace, *, colour: bool = False, width: int | None = None,
     lines.append(f"{len(recs)} order(s): {summary or none}")
     sup = supervisor(ws)
     if sup["running"]:
-        lines.append(f"supervisor: running (pid {sup['pid'] or '?'})")
+        lines.append(f"supervisor: running (pid {sup['pid'] or '?'})"
+                     + (f" — WARNING: {sup['config_changed']}" if sup.get("config_changed") else ""))
     elif by_status["running"]:
         lines.append("supervisor: NOT RUNNING — the RUNNING orders below were cut off; "
                      "`coordinator supervise` re-queues them")
@@ -141,7 +143,11 @@ def render(ws: Workspace, *, colour: bool = False, width: int | None = None,
     if stale:
         lines.append(f"stale: {', '.join(r.id for r in stale)} (no output or heartbeat)")
     lines.append(_budget_line(ws))
-    counts = signals.counts(signals.load(ws.state))
+    try:
+        counts = signals.counts(signals.load(ws.state))
+    except StateError as e:
+        lines.append(f"signals: {e}")
+        counts = {}
     if any(counts.values()):
         lines.append("signals: " + "  ".join(f"{k} {v}" for k, v in counts.items() if v))
     for status in STATUSES:
@@ -177,7 +183,11 @@ def _budget_line(ws: Workspace) -> str:
     cfg = ws.config
     if not cfg.orchestrator:
         return "budget: no orchestrator configured"
-    ledger = budget.Ledger.load(ws.state)
+    try:
+        ledger = budget.Ledger.load(ws.state)
+    except StateError as e:
+        # One damaged file must not hide the orders: the board says it in its budget line.
+        return f"budget: {e}"
     b = cfg.budget
     return (f"budget: {cfg.orchestrator} {ledger.hot_tokens():,}/{b.ceiling:,} hot tokens, "
             f"{ledger.mode(b.bands)}, generation {ledger.generation}")
@@ -197,9 +207,11 @@ def render_budget(data: dict[str, Any], *, bands: tuple[int, int, int], gauge: b
              f"generation {data['generation']}"]
     if gauge:
         lines.append(budget.gauge(data["hot_tokens"], data["ceiling"], bands))
+    # As wide as the largest count (`budget add` takes up to 10,000,000), so the columns line up.
+    width = max([7] + [len(f"{item['tokens']:,}") for item in data["items"]])
     for item in data["items"]:
-        note = f"  {item['note']}" if item.get("note") else ""
-        lines.append(f"  {item['tokens']:>7,}  {item['kind']:<9} {item['status']:<10} {item['ref']}{note}")
+        note = f"  {budget.one_line(str(item['note']))}" if item.get("note") else ""
+        lines.append(f"  {item['tokens']:>{width},}  {item['kind']:<9} {item['status']:<10} {item['ref']}{note}")
     return "\n".join(lines)
 
 

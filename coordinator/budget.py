@@ -173,6 +173,9 @@ class Ledger:
         last_mode = data.get("last_mode", "routing")
         if last_mode not in MODES:
             raise ValueError(f"last_mode {last_mode!r} is not one of {', '.join(MODES)}")
+        if not isinstance(data["items"], list):
+            # A mapping was read as its keys ({} as no items at all), null as a Python error.
+            raise ValueError(f"items is {type(data['items']).__name__}, not a list")
         items = [_item(raw) for raw in data["items"]]
         return cls(state_dir, generation=generation, items=items, last_mode=last_mode)
 
@@ -210,7 +213,7 @@ class Ledger:
             kind=kind,
             tokens=tokens if tokens is not None else estimate_tokens(text),
             status="in-flight",
-            note=_one_line(note),
+            note=one_line(note),
             source="usage" if tokens is not None else "estimate",
             added=iso(now),
         )
@@ -321,8 +324,8 @@ def render_brief(
     if not in_flight:
         out.append("Nothing is in flight.")
     for o in in_flight:
-        line = f"- {o['id']} -> {o['to']} [{o['status']}]: {_one_line(str(o['objective']))}"
-        waiting = [_one_line(str(w)) for w in o.get("waiting_on") or ()]
+        line = f"- {o['id']} -> {o['to']} [{o['status']}]: {one_line(str(o['objective']))}"
+        waiting = [one_line(str(w)) for w in o.get("waiting_on") or ()]
         if waiting:
             line += f" (waits on {', '.join(waiting)})"
         out.append(line)
@@ -333,8 +336,8 @@ def render_brief(
             out.append(f"- ... {len(rejections) - len(shown)} earlier, see `coordinator board`")
         for r in shown:
             out.append(
-                f"- {r['id']} -> {r['to']}: {_one_line(str(r['objective']))}; "
-                f"why: {_one_line(str(r['reason']))}"
+                f"- {r['id']} -> {r['to']}: {one_line(str(r['objective']))}; "
+                f"why: {one_line(str(r['reason']))}"
             )
         out += [
             "",
@@ -451,8 +454,11 @@ def _item(raw: Any) -> Item:
     return item
 
 
-def _one_line(text: str) -> str:
-    flat = " ".join(text.split())
+def one_line(text: str) -> str:
+    """`text` fit for one line of a terminal: every character that is not printable (an escape
+    sequence's ESC and BEL: a note given to `budget add` once set the terminal's title and
+    cleared its screen in `coordinator budget`) becomes a space, runs of spaces one, cut at MAX_LINE."""
+    flat = " ".join("".join(c if c.isprintable() else " " for c in text).split())
     return flat if len(flat) <= MAX_LINE else flat[: MAX_LINE - 3] + "..."
 
 

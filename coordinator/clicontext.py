@@ -127,6 +127,9 @@ def submit(c: Context, action: str, args: dict[str, Any]) -> dict[str, Any]:
     (a hand edit it put back) is said on stderr."""
     from . import control
 
+    drift = control.config_drift(c.ws)
+    if drift:  # what it answers comes from its own team, not from the file as it is now
+        click.echo(f"warning: {drift}", err=True)
     result = control.submit(c.ws, action, args)
     for note in result.get("notes", ()):
         click.echo(f"coordinator: signal {note}", err=True)

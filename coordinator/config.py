@@ -8,6 +8,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -43,6 +46,10 @@ DEFAULT_ON_CEILING = "rotate"
 DEFAULT_LLM_TIMEOUT = 120.0
 DEFAULT_LLM_RETRIES = 2
 
+# The longest wall time or quiet spell a duration may give: longer is a slip (`99999h`), and
+# `.inf` or `.nan` would mean no limit at all while reading like one.
+MAX_DURATION = 30 * 24 * 3600.0
+
 _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -52,17 +59,26 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration is a number with a unit, like 20m")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value} is no duration; write e.g. 90s, 20m or 1h")
         if value <= 0:
             raise ValueError("a duration must be positive")
-        return float(value)
+        return _at_most(float(value), value)
     if isinstance(value, str):
         m = _DURATION.match(value)
         if m:
             seconds = float(m.group(1)) * _UNITS[m.group(2)]
             if seconds > 0:
-                return seconds
+                return _at_most(seconds, value)
             raise ValueError(f"{value!r} is no time at all; give a duration above 0, e.g. 90s, 20m or 1h")
     raise ValueError(f"{value!r} is not a duration; write e.g. 90s, 20m or 1h")
+
+
+def _at_most(seconds: float, value: object) -> float:
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{value!r} is longer than {MAX_DURATION / 86400:.0f} days; give a duration "
+                         "up to 720h")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -138,6 +154,7 @@ class Config:
     budget: Budget = field(default_factory=Budget)
     spend_limit: float | None = None
     path: Path | None = None
+    digest: str = ""  # sha256 of the file read: tells a running supervisor's team from an edited one
 
     def agent(self, name: str) -> Agent:
         return self.agents[name]
@@ -225,8 +242,10 @@ def load(path: Path) -> Config:
         raise ConfigError(f"cannot read: {e.strerror}", path=shown) from None
     if len(raw_bytes) > MAX_CONFIG_BYTES:
         raise ConfigError("larger than 1 MiB; this is not a team config", path=shown)
+    text = ""
     try:
-        data = _safe_load(raw_bytes.decode("utf-8-sig"))
+        text = raw_bytes.decode("utf-8-sig")
+        data = _safe_load(text)
     except UnicodeDecodeError:
         raise ConfigError("is not UTF-8 text", path=shown) from None
     except _Repeated as e:
@@ -236,14 +255,31 @@ def load(path: Path) -> Config:
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
+        if line is not None and _tab_indented(text, line):
+            # PyYAML says "found character that cannot start any token", which names no tab.
+            raise ConfigError(f"is not valid YAML{where}: it is indented with a tab; YAML indents with spaces",
+                              path=shown) from None
         raise ConfigError(f"is not valid YAML{where}: {getattr(e, 'problem', e)}", path=shown) from None
-    return from_mapping(data, path=path)
+    return dataclasses.replace(from_mapping(data, path=path), digest=hashlib.sha256(raw_bytes).hexdigest())
+
+
+def _tab_indented(text: str, line: int) -> bool:
+    rows = text.splitlines()
+    if not 0 <= line < len(rows):
+        return False
+    row = rows[line]
+    return "\t" in row[: len(row) - len(row.lstrip(" \t"))]
 
 
 def from_mapping(data: Any, *, path: Path | None = None) -> Config:
     shown = path.name if path else CONFIG_NAME
     if not isinstance(data, dict):
         raise ConfigError("must be a mapping with `version: 1` and `agents:`", path=shown)
+    for where, value in _non_finite(data, ""):
+        # YAML's .inf and .nan pass every bound of the schema (nan compares false to all), and
+        # were taken: `timeout: .nan` ran attempts with no time limit and wrote NaN into state/.
+        raise ConfigError(f"{value} is not a finite number; write one such as 20, or leave the key out",
+                          path=shown, key=where)
     for err in schemas.errors("config", data):
         raise ConfigError(schemas.describe(err), path=shown, key=schemas.field_of(err))
 
@@ -296,6 +332,18 @@ def from_mapping(data: Any, *, path: Path | None = None) -> Config:
         spend_limit=data.get("spend_limit"),
         path=path,
     )
+
+
+def _non_finite(value: Any, where: str) -> list[tuple[str, float]]:
+    """Every .inf and .nan in the loaded config, with its dotted key (the config is bounded
+    by `_bounded`, so this walk is too)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [(where or "(top level)", value)]
+    found: list[tuple[str, float]] = []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        found += _non_finite(inner, f"{where}.{key}" if where else str(key))
+    return found
 
 
 def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any) -> Agent:

@@ -58,6 +58,25 @@ def supervisor_running(ws: Workspace) -> bool:
     return False
 
 
+def config_seen_path(ws: Workspace) -> Path:
+    return ws.runtime / "supervisor.config"
+
+
+def config_drift(ws: Workspace) -> str | None:
+    """A warning when a supervisor runs on `ws` with another coordinator.yaml than the one there
+    now: it keeps the team (ceiling, bands, agents) it started with until it is restarted."""
+    if not supervisor_running(ws):
+        return None
+    try:
+        seen = config_seen_path(ws).read_text("utf-8").strip()
+    except (OSError, ValueError):
+        return None
+    if not seen or seen == ws.config.digest:
+        return None
+    return ("the running supervisor started with an older coordinator.yaml and acts on that one (its agents, "
+            "ceiling and bands) until it is restarted")
+
+
 def submit(ws: Workspace, action: str, args: dict[str, Any], *, timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:
     """Have the supervisor do `action`; returns its answer or raises its error."""
     if not supervisor_running(ws):

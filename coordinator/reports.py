@@ -8,6 +8,12 @@ from datetime import UTC, datetime
 from . import budget
 from .store import Record, route_end
 
+# A report delivered to the orchestrator is counted in its hot tokens (SPEC §8): what one
+# specialist did must not fill that context. Each list keeps its first entries and says how
+# many more there are; `coordinator show ID` has them all (the record keeps every one).
+MAX_LISTED = 20
+MAX_SUMMARY = 4000  # characters, some 1,000 tokens: a paragraph, not a whole review
+
 
 def render(rec: Record, records: dict[str, Record] | None = None) -> str:
     """The report's Markdown. With `records`, the orders it sent say how each ended."""
@@ -15,22 +21,35 @@ def render(rec: Record, records: dict[str, Record] | None = None) -> str:
     lines = [f"# Report on {rec.id}: {rec.status}", "", f"**Objective:** {rec.objective}", "",
              f"**Status:** {rec.status} after {rec.attempts} attempt(s)", ""]
     if report.get("summary"):
-        lines += ["**Summary:**", "", str(report["summary"]), ""]
+        summary = str(report["summary"])
+        if len(summary) > MAX_SUMMARY:
+            summary = (summary[:MAX_SUMMARY] + f" … ({len(summary) - MAX_SUMMARY:,} characters more: "
+                       f"`coordinator show {rec.id}`)")
+        lines += ["**Summary:**", "", summary, ""]
     planned = report.get("follow_up")
     if isinstance(planned, dict) and planned.get("id") and rec.status in ("routed", "blocked"):
         label = "Routed to" if rec.status == "routed" else "Escalated to"
         lines += [f"**{label}:** {planned.get('to')}, as order {planned['id']}", ""]
     if rec.children:
-        lines += ["**Orders it sent:**", ""] + [_sent(c, records or {}) for c in rec.children] + [""]
+        sent = [_sent(c, records or {}) for c in rec.children[:MAX_LISTED]]
+        lines += ["**Orders it sent:**", ""] + sent + _more(len(rec.children), rec.id) + [""]
     if rec.errors:
-        lines += ["**Errors:**", ""] + [f"- {e}" for e in rec.errors] + [""]
+        lines += ["**Errors:**", ""] + [f"- {e}" for e in rec.errors[:MAX_LISTED]] + _more(len(rec.errors), rec.id) + [""]
     for key, title in (("changed", "Changed files"), ("offending", "Denied paths"), ("checks", "Checks"),
                        ("undelivered", "Not delivered from the outbox")):
         if report.get(key):
-            lines += [f"**{title}:**", ""] + [f"- {x}" for x in report[key]] + [""]
+            listed = list(report[key])
+            lines += ([f"**{title}:**", ""] + [f"- {x}" for x in listed[:MAX_LISTED]]
+                      + _more(len(listed), rec.id) + [""])
     if rec.commit:
         lines += [f"**Commit:** {rec.commit}", ""]
     return "\n".join(lines)
+
+
+def _more(count: int, order_id: str) -> list[str]:
+    if count <= MAX_LISTED:
+        return []
+    return [f"- … and {count - MAX_LISTED:,} more: `coordinator show {order_id}` lists them all"]
 
 
 def _sent(order_id: str, records: dict[str, Record]) -> str:

@@ -305,7 +305,15 @@ def agent_warnings(agent: Agent) -> list[str]:
     for folder in agent.sandbox_writable:
         if not Path(folder).exists():
             found.append(f"sandbox.writable: {folder} does not exist; its orders cannot start until it does")
+    if agent.runnable and agent.stale_after >= agent.timeout:
+        found.append(f"stale_after: {_seconds(agent.stale_after)} is not shorter than its timeout "
+                     f"({_seconds(agent.timeout)}): an attempt is killed before it could be flagged stale; "
+                     "make stale_after shorter")
     return found
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
 
 
 def _placeholder_meant(word: str) -> str | None:

@@ -6,6 +6,7 @@ installed program loads.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from collections.abc import Callable
@@ -100,7 +101,9 @@ def describe(error: ValidationError) -> str:
     if v == "additionalProperties" and isinstance(error.instance, dict):
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted((_key(k) for k in error.instance if k not in allowed), key=str)
-        return f"unknown key {extra[0]!r}; allowed keys: {', '.join(allowed)}"
+        close = difflib.get_close_matches(str(extra[0]).lower(), allowed, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""  # `timout:` would pass unseen
+        return f"unknown key {extra[0]!r}; {hint}allowed keys: {', '.join(allowed)}"
     if v == "required":
         missing = [k for k in error.validator_value if k not in (error.instance or {})]
         return f"missing required key {missing[0]!r}" if missing else error.message

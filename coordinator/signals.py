@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import durable
+from .errors import StateError
 
 KINDS = ("artifact", "feedback", "scope", "silent")
 SIGNALS_NAME = "signals.jsonl"
@@ -61,12 +62,29 @@ def record(
     signal = Signal(kind=kind, agent=agent, order=order, evidence=evidence, at=_iso(now))
     path = signals_path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    if _ends_torn(path):
-        # A crash mid-append left a line without its newline; end it first, or this signal
-        # would be glued onto the fragment and both would be unreadable.
-        durable.append_line(path, "")
-    durable.append_line(path, json.dumps(signal.as_dict(), ensure_ascii=False, sort_keys=True))
+    try:
+        if _ends_torn(path):
+            # A crash mid-append left a line without its newline; end it first, or this signal
+            # would be glued onto the fragment and both would be unreadable.
+            durable.append_line(path, "")
+        durable.append_line(path, json.dumps(signal.as_dict(), ensure_ascii=False, sort_keys=True))
+    except IsADirectoryError as e:  # was an internal error that stopped the supervisor
+        raise _unusable(state_dir, e) from None
     return signal
+
+
+def check(state_dir: Path) -> None:
+    """StateError when a folder stands where signals are appended (the supervisor checks at
+    start, after putting back from git what it can: it would stop at the first signal)."""
+    path = signals_path(state_dir)
+    if path.is_dir() and not path.is_symlink():
+        raise _unusable(state_dir, IsADirectoryError(21, "Is a directory"))
+
+
+def _unusable(state_dir: Path, e: OSError) -> StateError:
+    return StateError(f"{state_dir.name}/{SIGNALS_NAME}: {(e.strerror or 'unusable').lower()}; signals are appended to a "
+                      f"file there: move it away (`git -C {state_dir.name} log -- {SIGNALS_NAME}` has what was "
+                      "recorded)")
 
 
 def load(state_dir: Path) -> list[Signal]:
@@ -74,11 +92,14 @@ def load(state_dir: Path) -> list[Signal]:
 
     Lines that do not parse are skipped: a torn last line after a crash, or such a line
     ended by a later `record`. Anything else odd in the file shows in `git log` of state/.
+    StateError when the file is there but cannot be read.
     """
     try:
         raw = signals_path(state_dir).read_text("utf-8", errors="replace")
     except FileNotFoundError:
         return []
+    except OSError as e:  # a folder in its place (an internal error, exit 70, in `board` too)
+        raise _unusable(state_dir, e) from None
     out: list[Signal] = []
     for line in raw.splitlines():
         signal = _parse(line)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import audit, budget, control, durable, recovery, runner, verify
+from . import audit, budget, control, durable, recovery, runner, signals, verify
 from .arrivals import Arrivals
 from .attempts import AttemptRunner
 from .commits import COMMIT_QUIET
@@ -138,6 +138,8 @@ class Supervisor(Arrivals):
         # Before recovery files what a crash left claimed: no id goes to one an inbox file names.
         self.intake.waiting = waiting_orders(ws.inbox_root, self.store.intake_dir, self.config.agents)
         self.ledger = budget.Ledger.load(ws.state)
+        if not self.offline:  # a command served here records a signal rarely, and says it if it cannot
+            signals.check(ws.state)
         if self._spawner is None and not self.offline:
             self._spawner = Spawner(gate_only_ok=not _landlock_available())
             if not _landlock_available():
@@ -223,6 +225,9 @@ class Supervisor(Arrivals):
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        # The team this supervisor keeps until it stops: a command run after coordinator.yaml
+        # was edited says that the supervisor still acts on the old one (`control.config_drift`).
+        durable.write_text(control.config_seen_path(self.ws), self.config.digest, sync=False)
 
     # -- the loop -----------------------------------------------------------------------------------
     def step(self, *, paced: bool = False) -> bool:

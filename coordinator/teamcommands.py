@@ -213,9 +213,13 @@ def budget(ctx: click.Context, as_json: bool) -> None:
     if ctx.invoked_subcommand is not None:
         return
     from . import board as b
+    from .control import config_drift
 
     ws = ctx.ensure_object(Context).ws
     data = b.budget_data(ws)
+    drift = config_drift(ws)
+    if drift:  # the ceiling and bands shown are the file's; the supervisor acts on its own
+        click.echo(f"warning: {drift}", err=True)
     if as_json:
         emit_json(data)
     else:

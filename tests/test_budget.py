@@ -54,6 +54,33 @@ def test_add_counts_the_text_unless_usage_is_reported(state_dir: Path) -> None:
     assert estimated.added == "2025-03-01T09:00:00Z"
 
 
+def test_a_note_never_sends_escape_sequences_to_the_terminal(state_dir: Path) -> None:
+    """`budget add 3 --note "$(cat name)"` with an escape sequence in it set the terminal's title
+    and cleared its screen each time `coordinator budget` listed the items."""
+    from coordinator import board
+
+    ledger = Ledger.load(state_dir)
+    item = ledger.add("manual-1", "manual", tokens=3, note="ok\x1b]0;PWNED\x07\x1b[2Jcleared", now=T0)
+    assert item.note == "ok ]0;PWNED [2Jcleared"
+    # An item written before (or by hand) is shown the same way.
+    data = ledger.as_json(agent="walt", ceiling=7000, bands=BANDS)
+    data["items"][0]["note"] = "old\x1b[2J\x9bnote"
+    shown = board.render_budget(data, bands=BANDS)
+    assert shown.splitlines()[1].endswith("manual-1  old [2J note")
+    assert all(c.isprintable() for c in shown.replace("\n", ""))
+
+
+def test_the_items_line_up_whatever_their_counts(state_dir: Path) -> None:
+    """A manual item of 10,000,000 tokens pushed its line two columns right of the others."""
+    from coordinator import board
+
+    ledger = Ledger.load(state_dir)
+    ledger.add("manual-1", "manual", tokens=10_000_000, now=T0)
+    ledger.add("WO-0001", "order", tokens=12, now=T0)
+    items = board.render_budget(ledger.as_json(agent="walt", ceiling=7000, bands=BANDS), bands=BANDS).splitlines()[1:]
+    assert items == ["  10,000,000  manual    in-flight  manual-1", "          12  order     in-flight  WO-0001"]
+
+
 def test_a_negative_manual_count_is_refused_with_advice(state_dir: Path) -> None:
     with pytest.raises(UsageError, match="whole number"):
         Ledger.load(state_dir).add("manual-1", "manual", tokens=-5, now=T0)
@@ -136,6 +163,10 @@ def test_a_damaged_ledger_says_how_to_recover(state_dir: Path) -> None:
     path.write_text('{"generation": 1, "items": [{"ref": "a", "kind": "gossip"}]}')
     with pytest.raises(StateError, match="not a valid ledger"):
         Ledger.load(state_dir)
+    for items, kind in (("{}", "dict"), ("null", "NoneType"), ('"abc"', "str")):
+        path.write_text(f'{{"generation": 1, "items": {items}}}')
+        with pytest.raises(StateError, match=rf"not a valid ledger \(items is {kind}, not a list\)"):
+            Ledger.load(state_dir)
 
 
 # --- complete and rotate ------------------------------------------------------------------

@@ -343,6 +343,12 @@ def test_a_malformed_glob_set_in_writes_stops_every_command_with_one_line(ws: Pa
                                        "it in quotes to mean text)"),
     ("date = 5", "2026-01-01: unknown key '2026-01-01'; allowed keys: agents, budget, defaults, escalate_to, "
                  "max_parallel, orchestrator, spend_limit, version"),
+    # A typo is named with the key it was likely meant to be, as in a work order or a result file.
+    ("agents.chip.timout = '5m'", "agents.chip.timout: unknown key 'timout'; did you mean 'timeout'? allowed keys: "
+                                  "command, description, env, llm, max_failures, max_parallel, role, sandbox, "
+                                  "sends_to, spend_limit, stale_after, timeout, writes"),
+    ("budget.celing = 5000", "budget.celing: unknown key 'celing'; did you mean 'ceiling'? allowed keys: bands, "
+                             "ceiling, on_ceiling"),
 ])
 def test_config_errors_are_said_in_words_not_jsonschemas(ws: Path, change: str, said: str) -> None:
     import ast
@@ -362,6 +368,37 @@ def test_config_errors_are_said_in_words_not_jsonschemas(ws: Path, change: str, 
     (ws / "coordinator.yaml").write_text(yaml.safe_dump(data))
     result = run("-w", ws, "board")
     assert (result.exit_code, result.stderr) == (2, f"coordinator: coordinator.yaml: {said}\n")
+
+
+@pytest.mark.parametrize("key, value, said", [
+    ("timeout", ".nan", "agents.chip.timeout: nan is not a finite number; write one such as 20, or leave the key out"),
+    ("stale_after", ".inf", "agents.chip.stale_after: inf is not a finite number; write one such as 20, or leave "
+                            "the key out"),
+    ("spend_limit", ".nan", "agents.chip.spend_limit: nan is not a finite number; write one such as 20, or leave "
+                            "the key out"),
+    ("timeout", "99999999999999999999h", "agents.chip.timeout: '99999999999999999999h' is longer than 30 days; "
+                                         "give a duration up to 720h"),
+])
+def test_a_duration_or_number_with_no_limit_in_it_is_refused(ws: Path, key: str, value: str, said: str) -> None:
+    """`timeout: .nan` passed the schema (nan compares false to every bound): attempts ran with no
+    time limit at all, and NaN was written into the order's record in state/."""
+    path = ws / "coordinator.yaml"
+    path.write_text(path.read_text().replace("    max_parallel: 2\n", f"    max_parallel: 2\n    {key}: {value}\n"))
+    for args in (["board"], ["supervise", "--once"]):
+        result = run("-w", ws, *args)
+        assert (result.exit_code, result.stderr) == (2, f"coordinator: coordinator.yaml: {said}\n"), args
+
+
+def test_a_config_indented_with_a_tab_is_told_so(ws: Path) -> None:
+    """PyYAML's own words were "found character that cannot start any token", naming no tab."""
+    path = ws / "coordinator.yaml"
+    text = path.read_text()
+    path.write_text(text.replace("\n  walt:\n", "\n\twalt:\n"))
+    line = text.split("\n  walt:\n")[0].count("\n") + 2
+    result = run("-w", ws, "board")
+    assert (result.exit_code, result.stderr) == (
+        2, f"coordinator: coordinator.yaml: is not valid YAML at line {line}: it is indented with a tab; YAML "
+           "indents with spaces\n")
 
 
 def _alias_bomb(levels: int) -> str:
@@ -1323,6 +1360,29 @@ def test_cancel_and_retry_through_a_running_supervisor(ws: Path, supervisor: sub
     assert "WO-0001 slow: running -> cancelled" in git(ws / "state", "log", "--format=%B")
 
 
+def test_budget_and_board_say_when_the_running_supervisor_keeps_an_older_config(
+        ws: Path, supervisor: subprocess.Popen[str]) -> None:
+    """With the ceiling lowered in coordinator.yaml while the supervisor ran, `budget` showed
+    465 / 100 hot tokens and nothing rotated: the supervisor keeps the team it started with and
+    said so only in its own log. The commands beside it now say so too."""
+    drift = ("the running supervisor started with an older coordinator.yaml and acts on that one (its agents, "
+             "ceiling and bands) until it is restarted")
+    assert run("-w", ws, "budget").stderr == ""
+    path = ws / "coordinator.yaml"
+    kept = path.read_text()
+    path.write_text(kept.replace("ceiling: 7000", "ceiling: 100"))
+    shown = run("-w", ws, "budget")
+    assert (shown.exit_code, shown.stderr) == (0, f"warning: {drift}\n")
+    assert shown.stdout.startswith("walt: 0 / 100 hot tokens")
+    added = run("-w", ws, "budget", "add", "200")
+    assert added.exit_code == 0 and added.stderr.startswith(f"warning: {drift}\n")
+    assert f"— WARNING: {drift}" in run("-w", ws, "board").stdout.splitlines()[1]
+    assert json.loads(run("-w", ws, "board", "--json").stdout)["supervisor"]["config_changed"] == drift
+    path.write_text(kept)  # the same team again: nothing to say
+    assert run("-w", ws, "budget").stderr == ""
+    assert "config_changed" not in json.loads(run("-w", ws, "board", "--json").stdout)["supervisor"]
+
+
 def test_a_running_supervisor_answers_errors_with_the_exit_code_they_would_have_here(
         ws: Path, supervisor: subprocess.Popen[str]) -> None:
     from coordinator import control
@@ -1343,11 +1403,44 @@ def test_a_ledger_that_is_not_utf8_is_said_as_a_damaged_ledger_not_an_internal_e
     ledger = ws / "state" / "orchestrator" / "ledger.json"
     ledger.parent.mkdir(exist_ok=True)
     ledger.write_bytes(b'{"generation": 1, "items": [], "note": "caf\xe9"}\n')
-    for args in (["board"], ["budget"], ["budget", "--json"]):
+    damaged = ("state/orchestrator/ledger.json: not a valid ledger (not UTF-8 text at byte 43); restore it with "
+               "`git -C state checkout orchestrator/ledger.json` or delete it to start over")
+    for args in (["budget"], ["budget", "--json"]):
         result = program("-w", ws, *args)
-        assert (result.returncode, result.stdout, result.stderr) == (
-            1, "", "coordinator: state/orchestrator/ledger.json: not a valid ledger (not UTF-8 text at byte 43); "
-                   "restore it with `git -C state checkout orchestrator/ledger.json` or delete it to start over\n")
+        assert (result.returncode, result.stdout, result.stderr) == (1, "", f"coordinator: {damaged}\n")
+    # The board still shows the orders (it was one line of an error and nothing else): its budget
+    # line says what is wrong with the ledger.
+    assert run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting exists")).exit_code == 0
+    board = program("-w", ws, "board")
+    assert board.returncode == 0 and f"budget: {damaged}" in board.stdout.splitlines()
+    assert "inboxes: 1 file(s) not taken in yet (chip 1)" in board.stdout
+
+
+def test_a_folder_in_place_of_the_signals_file_is_one_line_not_an_internal_error(ws: Path) -> None:
+    """`board` and `signals` were `internal error: IsADirectoryError` (exit 70), and so was the
+    supervisor at its first signal."""
+    from datetime import UTC, datetime
+
+    from coordinator import signals
+
+    (ws / "state" / "signals.jsonl").mkdir()
+    said = ("state/signals.jsonl: is a directory; signals are appended to a file there: move it away "
+            "(`git -C state log -- signals.jsonl` has what was recorded)")
+    for args in (["signals"], ["signals", "--json"], ["supervise", "--once"]):
+        result = program("-w", ws, *args)
+        assert (result.returncode, result.stdout, result.stderr) == (1, "", f"coordinator: {said}\n"), args
+    board = program("-w", ws, "board")
+    assert board.returncode == 0 and f"signals: {said}" in board.stdout.splitlines()
+    # Once the signals were committed, a folder put in their place is put back from git.
+    (ws / "state" / "signals.jsonl").rmdir()
+    signals.record(ws / "state", "silent", agent=None, order=None, evidence="seen", now=datetime.now(UTC))
+    git(ws / "state", "add", "signals.jsonl")
+    git(ws / "state", "-c", "user.name=me", "-c", "user.email=me@example.org", "commit", "-qm", "by hand")
+    (ws / "state" / "signals.jsonl").unlink()
+    (ws / "state" / "signals.jsonl").mkdir()
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    assert (ws / "state" / "signals.jsonl").is_file()
+    assert "silent" in run("-w", ws, "signals").stdout
 
 
 def test_budget_add_and_rotate(ws: Path) -> None:

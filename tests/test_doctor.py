@@ -123,6 +123,22 @@ def test_a_misspelt_placeholder_and_a_missing_sandbox_folder_are_warned_of(make_
         "WARNING: agents.chip." + w.removeprefix("WARNING: ") for w in warnings]
 
 
+def test_stale_after_no_shorter_than_the_timeout_is_warned_of(make_ws) -> None:
+    """Such an attempt is killed at its timeout before it could ever be flagged stale: the flag
+    the user set up never shows, and nothing said so."""
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"], "command": ["true"],
+                           "timeout": "5m", "stale_after": "10h"},
+                  "rex": {"role": "specialist", "writes": ["webapp/**"], "command": ["true"],
+                          "timeout": "5m", "stale_after": "1m"}})
+    warned = "stale_after: 36000s is not shorter than its timeout (300s): an attempt is killed before it could " \
+             "be flagged stale; make stale_after shorter"
+    assert [x.strip() for x in doctor(ws) if "WARNING" in x] == [f"WARNING: {warned}"]
+    said: list[str] = []
+    with Supervisor(ws, log=said.append):
+        pass
+    assert [s for s in said if s.startswith("WARNING: agents.")] == [f"WARNING: agents.chip.{warned}"]
+
+
 def test_a_multi_line_command_is_shown_on_one_line(make_ws) -> None:
     script = 'set -e\necho "working on $COORD_ORDER_ID"\n\tprintf done > "$COORD_RESULT"\n'
     ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"], "command": sh(script)}})

@@ -51,6 +51,29 @@ def test_orders_sent_and_reports_received_are_counted_from_their_text(make_ws):
     assert items[("short", "report")]["tokens"] == budget.estimate_tokens(report)
 
 
+def test_a_specialist_cannot_fill_the_orchestrators_context_with_one_enormous_report(make_ws):
+    """A report delivered to walt counts as hot tokens: chip's report listing the 300 orders its
+    outbox sent, and a summary of 30,000 characters, was 16,000 tokens, twice the ceiling, from
+    one order. Each list and the summary are cut, saying how much more `show` has."""
+    spam = ('mkdir -p "$COORD_OUTBOX/rex" && for i in $(seq 1 300); do '
+            'printf "**Objective:** Spam %s.\\n" $i > "$COORD_OUTBOX/rex/o$i.md"; done; '
+            'printf "outcome: done\\nsummary: %s\\n" "$(printf "word %.0s" $(seq 1 6000))" > "$COORD_RESULT"')
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"]},
+                  "chip": {"role": "specialist", "command": sh(spam), "sends_to": ["rex"]},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}},
+                 orchestrator="walt", budget={"ceiling": 7000, "on_ceiling": "warn"})
+    drop(ws, "chip", "a.md", order_md("Send the reviews", id="big", sender="walt"))
+    run(ws)
+    rec = Store(ws.state).load("big")
+    assert (rec.status, len(rec.children)) == ("done", 300)
+    report = (ws.state / "reports" / "walt" / "big.md").read_text()
+    assert report.count("\n- WO-") == 20
+    assert "- … and 280 more: `coordinator show big` lists them all\n" in report
+    assert "characters more: `coordinator show big`)" in report
+    item = next(i for i in ledger(ws)["items"] if (i["ref"], i["kind"]) == ("big", "report"))
+    assert item["tokens"] == budget.estimate_tokens(report) < 2000
+
+
 def test_rotation_at_the_ceiling_keeps_the_ledger_under_it_once_work_completes(make_ws):
     ws = team(make_ws, ceiling=900, on_ceiling="rotate")
     for i in range(12):
