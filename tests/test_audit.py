@@ -435,6 +435,25 @@ def test_a_signed_hand_commit_is_foreign_when_the_persons_git_shows_signatures(m
     assert [f.detail for f in verify.verify(ws) if f.kind == "state-foreign"] == foreign
 
 
+def test_a_batch_of_thousands_of_transitions_is_one_commit_that_keeps_every_line(tmp_path):
+    """A specialist's outbox of 2,000 orders made one batch of thousands of lines: passed to
+    git as one argument, its message passed the system's limit (128 KiB) and the supervisor
+    stopped with an internal error. The message goes to git as a file; each line is kept, and
+    a message exactly as small ones were (no line cut, nothing added)."""
+    repo = StateRepo(tmp_path / "state")
+    StateRepo.ensure(repo.path)
+    (repo.path / "a.json").write_text("a\n")
+    lines = [f"WO-{i:04d}-{'x' * 40} chip: new -> queued (from the outbox of WO-0001)" for i in range(3000)]
+    for line in lines:
+        repo.stage("chip", line)
+    assert repo.flush({str(repo.path / "a.json")}) == 1
+    assert git(repo.path, "log", "-1", "--format=%B") == "\n".join(lines) + "\n\n"
+    repo.stage("coordinator", "one line  ")
+    repo.flush(set())
+    raw = git(repo.path, "cat-file", "commit", "HEAD")
+    assert raw.endswith("\n\none line\n") and git(repo.path, "log", "-1", "--format=%an") == "coordinator\n"
+
+
 def test_a_batch_stages_exactly_what_was_written_gone_swapped_or_linked(tmp_path):
     """Files go to git by exact path; deletions, a file where a folder was (and back), links
     and folders end in the commit as `git add -A` would put them there; temp names never."""
