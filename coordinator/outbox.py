@@ -27,6 +27,12 @@ if TYPE_CHECKING:
     from .workspace import Workspace
 
 
+# Orders one attempt may send. Each is an order filed, a line in the sender's report and in
+# state/'s history: a specialist's outbox of 2,000 made a report of 56 KB, twice an
+# orchestrator's whole budget of hot tokens. Past it, the rest stay in the outbox, said once.
+MAX_SENT = 200
+
+
 class Outbox:
     """Delivers the outboxes of decided attempts (a layer of `AttemptRunner`)."""
 
@@ -50,10 +56,16 @@ class Outbox:
         self._deliver_outbox(rec, act.agent.name, act.attempt.outbox, files, act.undelivered)
 
     def _deliver_outbox(self, rec: Record, sender: str, box: Path, files: list[Path],
-                        undelivered: list[str]) -> None:
+                        undelivered: list[str], *, sent: int = 0) -> None:
         """Work orders the specialist wrote into $COORD_OUTBOX (`files`, see `_outbox_files`),
         stamped with its name; each leaves the outbox as it is taken, so what is left there
-        was not delivered."""
+        was not delivered. `sent`: orders of this outbox delivered before a crash (MAX_SENT)."""
+        if len(files) > MAX_SENT - sent:
+            over, files = files[max(0, MAX_SENT - sent):], files[:max(0, MAX_SENT - sent)]
+            self.sup.say(f"{rec.id}: the outbox holds {len(over)} order(s) past the {MAX_SENT} one attempt "
+                         "may send; they are not delivered")
+            undelivered.append(f"{len(over)} file(s) past the {MAX_SENT} orders one attempt may send "
+                               f"(from {shown_name(over[0])[0]} on, by name): kept in {shown_name(over[0])[1]}")
         for path in files:
             to = path.parent.name if path.parent != box else _to_of(box, path)
             name, kept = shown_name(path)
@@ -90,7 +102,8 @@ class Outbox:
                          if r.source.startswith(made_here) and r.id not in rec.children]
         undelivered: list[str] = []
         box = runner.attempt_folder(self.ws, rec.id, number) / "outbox"
-        self._deliver_outbox(rec, agent.name, box, _outbox_files(box, undelivered), undelivered)
+        sent = sum(1 for r in self.sup.records.values() if r.source.startswith(made_here))
+        self._deliver_outbox(rec, agent.name, box, _outbox_files(box, undelivered), undelivered, sent=sent)
         if undelivered:
             rec.report = {**(rec.report or {}), "undelivered": undelivered}
 

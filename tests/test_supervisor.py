@@ -566,6 +566,23 @@ def test_an_outbox_order_with_no_recipient_is_named_in_the_report_and_kept(make_
     assert len(kept) == 1  # still where the specialist wrote it
 
 
+def test_an_attempt_sends_at_most_max_sent_orders_and_the_rest_stay_in_its_outbox(make_ws, monkeypatch):
+    # An outbox of 2,000 orders was 2,000 orders filed, a report of 56 KB and twice an
+    # orchestrator's budget of hot tokens in one go.
+    from coordinator import outbox
+    monkeypatch.setattr(outbox, "MAX_SENT", 3)
+    writer = sh('mkdir -p "$COORD_OUTBOX/rex"; for i in 1 2 3 4 5 6 7; do '
+                f'{PRINT_REVIEW} | sed "s/^objective: .*/objective: Review part $i/" > "$COORD_OUTBOX/rex/r$i.yaml"; done')
+    ws = outbox_order_with_a_check(make_ws, writer, "true")
+    run(ws)
+    rec = Store(ws.state).load("o")
+    assert rec.status == "done" and len(rec.children) == 3
+    assert rec.report["undelivered"] == [f"4 file(s) past the 3 orders one attempt may send (from r4.yaml on, "
+                                         f"by name): kept in {ws.runtime / 'attempts' / 'o' / '1' / 'outbox' / 'rex'}"]
+    kept = sorted(p.name for p in (ws.runtime / "attempts" / "o" / "1" / "outbox" / "rex").iterdir())
+    assert kept == ["r4.yaml", "r5.yaml", "r6.yaml", "r7.yaml"]
+
+
 @pytest.mark.parametrize("check", ["true", "false"])
 def test_an_outbox_file_name_with_line_breaks_and_escapes_is_shown_escaped(make_ws, check):
     """The specialist names its outbox files: a line break in the name forged lines in the
