@@ -54,8 +54,9 @@ def test_orders_sent_and_reports_received_are_counted_from_their_text(make_ws):
 def test_a_specialist_cannot_fill_the_orchestrators_context_with_one_enormous_report(make_ws):
     """A report delivered to walt counts as hot tokens: chip's report listing the 300 orders its
     outbox sent, and a summary of 30,000 characters, was 16,000 tokens, twice the ceiling, from
-    one order. Each list and the summary are cut, saying how much more `show` has."""
-    spam = ('mkdir -p "$COORD_OUTBOX/rex" && for i in $(seq 1 300); do '
+    one order. Each list and the summary are cut, saying how much more `show` has. (150 orders
+    here: one attempt sends at most 200.)"""
+    spam = ('mkdir -p "$COORD_OUTBOX/rex" && for i in $(seq 1 150); do '
             'printf "**Objective:** Spam %s.\\n" $i > "$COORD_OUTBOX/rex/o$i.md"; done; '
             'printf "outcome: done\\nsummary: %s\\n" "$(printf "word %.0s" $(seq 1 6000))" > "$COORD_RESULT"')
     ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"]},
@@ -65,10 +66,10 @@ def test_a_specialist_cannot_fill_the_orchestrators_context_with_one_enormous_re
     drop(ws, "chip", "a.md", order_md("Send the reviews", id="big", sender="walt"))
     run(ws)
     rec = Store(ws.state).load("big")
-    assert (rec.status, len(rec.children)) == ("done", 300)
+    assert (rec.status, len(rec.children)) == ("done", 150)
     report = (ws.state / "reports" / "walt" / "big.md").read_text()
     assert report.count("\n- WO-") == 20
-    assert "- … and 280 more: `coordinator show big` lists them all\n" in report
+    assert "- … and 130 more: `coordinator show big` lists them all\n" in report
     assert "characters more: `coordinator show big`)" in report
     item = next(i for i in ledger(ws)["items"] if (i["ref"], i["kind"]) == ("big", "report"))
     assert item["tokens"] == budget.estimate_tokens(report) < 2000
