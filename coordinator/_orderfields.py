@@ -37,7 +37,9 @@ _CHECK = re.compile(r"`([^`]+)`(?:\s.*)?\spasses\.?", re.DOTALL | re.IGNORECASE)
 _RULE = re.compile(r"(halt-with-note|requeue-with-blocker|route-to-([A-Za-z0-9_-]{1,64}?)|route-to)"
                    r"(?:\s+if\s+|\s+when\s+|:\s*)(.*)", re.DOTALL | re.IGNORECASE)
 _PLACEHOLDER = re.compile(r"<(?:describe|replace)\b[^<>\n]{0,200}>")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0 but tab and newline, DEL, C1, and the bidirectional overrides and isolates: U+202E makes a
+# board line or a report read backwards ("done" shown where the text says "enod").
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def unknown_key(key: str, known: tuple[str, ...], *, path: str | None, suggest: bool = True) -> Problem:

@@ -34,14 +34,15 @@ def is_candidate(name: str) -> bool:
     return not name.endswith(TEMP_SUFFIXES)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")  # and bidi overrides
 
 
 def printable(name: str) -> str:
     """A file name as text that can be printed and stored on one line (a name need not be
-    UTF-8, and may hold a newline): other bytes and control characters as escapes."""
+    UTF-8, and may hold a newline): other bytes and control characters as escapes (a C1
+    character or a bidirectional override as `\\u009b`, `\\u202e`: neither reaches a terminal)."""
     text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if m.group() < "\x80" else f"\\u{ord(m.group()):04x}", text)
 
 
 def scan(folder: Path, *, others: list[Path] | None = None) -> list[Path]:

@@ -289,6 +289,7 @@ def test_unknown_extension_names_the_allowed_kinds() -> None:
     ("", "is empty; say in one sentence what will be true when the work is done"),
     ("x" * 281, "is 281 characters; keep it to one sentence of at most 280"),
     ("Fix the \x1b[31mlogin\x1b[0m form.", "contains a control character; remove it"),
+    ("Fix the login form\u202e.enod", "contains a control character; remove it"),  # shown reversed
 ])
 def test_objective_rules(objective: str, message: str) -> None:
     text = json.dumps({**SPEC_NORMALIZED, "objective": objective})
