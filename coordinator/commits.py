@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 
 from . import durable
-from .audit import Batch, Committer, Look, StateRepo
+from .audit import Batch, StateRepo
+from .committer import Committer, Look
 from .errors import CoordinatorError, SupervisorError
 from .intake import Intake
 from .store import Store

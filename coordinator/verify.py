@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import audit, durable, trail
+from .committer import Look
 from .errors import CoordinatorError, GitError
 from .store import Record, Store
 from .workspace import Workspace
@@ -275,10 +276,10 @@ def watch_state(sup: Supervisor) -> None:
     in the calling thread (the running loop has its committer thread look instead and acts on
     what it found later, see `act_on_look`)."""
     sup.drain_commits()  # only what the supervisor has committed is compared
-    act_on_look(sup, audit.Look(moved=sup.audit.moved_by_others(), dirty=sup.audit.dirty()))
+    act_on_look(sup, Look(moved=sup.audit.moved_by_others(), dirty=sup.audit.dirty()))
 
 
-def act_on_look(sup: Supervisor, look: audit.Look) -> None:
+def act_on_look(sup: Supervisor, look: Look) -> None:
     """Record what `look` found: commits nobody explains, and every changed path that the
     supervisor has not written since its last commit, put back from git first."""
     if look.error is not None:

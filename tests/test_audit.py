@@ -583,7 +583,8 @@ def test_a_record_rewritten_while_the_committer_reads_it_is_never_committed_cut_
     import threading
 
     from coordinator import durable
-    from coordinator.audit import Batch, Committer
+    from coordinator.audit import Batch
+    from coordinator.committer import Committer
 
     repo = StateRepo(tmp_path / "state")
     StateRepo.ensure(repo.path)
