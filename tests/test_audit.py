@@ -94,7 +94,8 @@ def test_every_status_path_is_in_state_history_with_its_actor(make_ws):
     assert "Work-Order: code" in body and "Attempt: 1" in body
 
 
-def test_verify_is_clean_then_catches_a_hand_commit_and_a_hand_edit(make_ws):
+def hand_commit_after_code_lands(make_ws, *, name: str, email: str, message: str):
+    """`code` lands on webapp's main, verify is clean; then a person commits a file there."""
     ws = team(make_ws)
     drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
     run(ws)
@@ -102,8 +103,13 @@ def test_verify_is_clean_then_catches_a_hand_commit_and_a_hand_edit(make_ws):
     repo = ws.repos / "webapp"
     (repo / "src" / "sneaky.py").write_text("print('no order')\n")
     git(repo, "add", "-A")
-    subprocess.run(["git", "-C", str(repo), "-c", "user.name=mallory", "-c", "user.email=m@x", "commit", "-qm",
-                    "sneak"], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", f"user.name={name}", "-c", f"user.email={email}", "commit",
+                    "-qm", message], check=True)
+    return ws
+
+
+def test_verify_is_clean_then_catches_a_hand_commit_and_a_hand_edit(make_ws):
+    ws = hand_commit_after_code_lands(make_ws, name="mallory", email="m@x", message="sneak")
     record = Store(ws.state).record_path("code")
     record.write_text(record.read_text().replace('"done"', '"queued"'))
     findings = verify.verify(ws)
@@ -122,15 +128,8 @@ def test_verify_is_clean_then_catches_a_hand_commit_and_a_hand_edit(make_ws):
 def test_a_hand_commit_with_the_trailers_of_a_done_order_is_still_reported(make_ws):
     """A trailer is text: a person's commit on the default branch naming an order that ended
     done, authored as its agent, is explained by nothing that order landed."""
-    ws = team(make_ws)
-    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
-    run(ws)
-    assert verify.verify(ws) == []
-    repo = ws.repos / "webapp"
-    (repo / "src" / "sneaky.py").write_text("print('no order')\n")
-    git(repo, "add", "-A")
-    subprocess.run(["git", "-C", str(repo), "-c", "user.name=chip", "-c", "user.email=chip@agents.coordinator",
-                    "commit", "-qm", "Code lands\n\nWork-Order: code\nAgent: chip"], check=True)
+    ws = hand_commit_after_code_lands(make_ws, name="chip", email="chip@agents.coordinator",
+                                      message="Code lands\n\nWork-Order: code\nAgent: chip")
     [found] = verify.verify(ws)
     assert found.kind == "repo-commit" and "names code, which landed another commit" in found.detail
 
