@@ -26,6 +26,7 @@ import stat
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -346,12 +347,43 @@ def read_stream(stream: BinaryIO, *, shown: str = STDIN) -> bytes:
     raise OrderError([Problem("", too_big(max(total, limit + 1), limit, "a work order"), shown)])
 
 
-def gc(ws: Workspace, days: float) -> list[str]:
-    """Remove working copies kept for inspection that are older than `days`; returns them."""
+def gc(ws: Workspace, days: float) -> tuple[list[str], list[str]]:
+    """Remove working copies kept for inspection that are older than `days`, and the attempt
+    folders and logs (`.coordinator/attempts/<id>`, `.coordinator/logs/<id>`) of orders that
+    ended more than `days` ago; returns (the copies, the orders). Nothing reads them once an
+    order ended (its record and report hold what it did), and a supervisor running overnight
+    leaves some seven folders and files per order there. A retried order starts its next
+    attempt anew."""
     from .repos import Repo, gc_worktrees
 
+    now = time.time()
     repos = [Repo(p) for p in sorted(ws.repos.iterdir()) if (p / ".git").exists()] if ws.repos.is_dir() else []
-    return gc_worktrees(ws.runtime / "work", repos, keep_days=days, now=time.time())
+    copies = gc_worktrees(ws.runtime / "work", repos, keep_days=days, now=now)
+    cleared: list[str] = []
+    store = Store(ws.state)
+    for rec in sorted(store.load_all().values(), key=lambda r: r.seq):
+        if not rec.terminal or now - _epoch(rec.updated) < days * 86400:
+            continue
+        with contextlib.suppress(OSError, ValueError, NotFoundError):  # retried meanwhile: its attempt runs
+            if store.load(rec.id).updated != rec.updated:
+                continue
+        folders = [f for f in (ws.runtime / "attempts" / rec.id, ws.runtime / "logs" / rec.id) if os.path.lexists(f)]
+        for folder in folders:
+            try:
+                durable.remove_tree(folder)
+            except OSError as e:
+                raise WorkspaceError(f"cannot remove {folder}: {e.strerror or e}; remove it by hand") from None
+        if folders:
+            cleared.append(rec.id)
+    return copies, cleared
+
+
+def _epoch(stamp: str) -> float:
+    """Seconds since the epoch of a record's time (`2026-11-22T08:04:45.099Z`); 0 when unreadable."""
+    try:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def demo_intro(ws: Workspace) -> list[str]:

@@ -373,10 +373,13 @@ def cost(c: Context, as_json: bool) -> None:
 
 
 @click.command(cls=Command)
-@click.option("--days", default=7.0, show_default=True, type=DAYS, help="Remove kept working copies older than this.")
+@click.option("--days", default=7.0, show_default=True, type=DAYS,
+              help="Remove what is older than this (kept copies; orders ended this long ago).")
 @pass_ctx
 def gc(c: Context, days: float) -> None:
-    """Remove working copies kept for inspection (denied orders) older than --days.
+    """Remove working copies kept for inspection (denied orders) older than --days, and the
+    attempt folders and logs of orders that ended more than --days ago (their records and
+    reports in state/ stay).
 
     \b
     Example:
@@ -384,8 +387,11 @@ def gc(c: Context, days: float) -> None:
     """
     from . import sending
 
-    removed = sending.gc(c.ws, days)
-    click.echo(f"removed {len(removed)} working cop{'y' if len(removed) == 1 else 'ies'}")
+    copies, ended = sending.gc(c.ws, days)
+    line = f"removed {len(copies)} working cop{'y' if len(copies) == 1 else 'ies'}"
+    if ended:
+        line += f", and the attempt folders and logs of {len(ended)} ended order{'' if len(ended) == 1 else 's'}"
+    click.echo(line)
 
 
 @click.command("demo-intro", cls=Command, hidden=True)

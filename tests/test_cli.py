@@ -1265,6 +1265,30 @@ def test_cancel_and_retry_with_no_supervisor_running(ws: Path) -> None:
     assert run("-w", ws, "retry", "WO-9999").exit_code == 1
 
 
+def test_gc_clears_the_attempt_folders_and_logs_of_ended_orders_only(ws: Path) -> None:
+    # Every order left its attempt folder (brief, order, outbox, scratch) and its log in
+    # .coordinator/ for good: some seven folders and files an order, overnight.
+    run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting already exists in the webapp"))
+    run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting says hello", blocked_by=["WO-0001"]))
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    assert statuses(ws) == {"WO-0001": "halted", "WO-0002": "waiting"}
+    runtime = ws / ".coordinator"
+    assert (runtime / "attempts" / "WO-0001" / "1" / "brief.md").exists()
+    assert (runtime / "logs" / "WO-0001" / "1").is_dir()
+    (runtime / "attempts" / "WO-0002").mkdir(parents=True)  # as a crash before its start leaves it
+
+    assert run("-w", ws, "gc").stdout == "removed 0 working copies\n"  # ended today, kept a week
+    assert run("-w", ws, "gc", "--days", "0").stdout == (
+        "removed 0 working copies, and the attempt folders and logs of 1 ended order\n")
+    assert not (runtime / "attempts" / "WO-0001").exists() and not (runtime / "logs" / "WO-0001").exists()
+    assert (runtime / "attempts" / "WO-0002").is_dir()  # not ended: kept
+    assert "halted" in run("-w", ws, "show", "WO-0001").stdout  # its record and report stay
+    assert run("-w", ws, "retry", "WO-0001").stdout == "WO-0001: queued\n"
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    assert (runtime / "attempts" / "WO-0001" / "2" / "brief.md").exists()  # a retry starts anew
+    assert statuses(ws)["WO-0001"] == "halted"
+
+
 @pytest.fixture
 def supervisor(ws: Path) -> Iterator[subprocess.Popen[str]]:
     """`coordinator supervise` running on `ws`, with an extra agent `slow` that sleeps."""
