@@ -164,8 +164,12 @@ class Repo(Checkout):
         if not head_ref.startswith(f"refs/heads/{BRANCH_PREFIX}"):
             raise GitError(f"{work} is not on a {BRANCH_PREFIX}<order> branch; refusing to commit there")
         old = self._sha(head_ref)
-        # Start from the branch head so nothing the agent may have staged itself slips in.
-        self.git("read-tree", old, cwd=work)
+        # Start from the branch head so nothing the agent may have staged itself slips in. `-m`
+        # keeps git's stat data of the entries that match: without it, the `reset --hard` of
+        # `discard` rewrote every file of the copy (seconds per order in a repository of
+        # thousands of files). An index git cannot merge from is read afresh.
+        if self._run(["read-tree", "-m", old], cwd=work, check=False).returncode != 0:
+            self.git("read-tree", old, cwd=work)
         if not wanted:
             return None
         tracked = set(_nul_split(self.git("ls-files", "-z", "--cached", cwd=work)))

@@ -282,6 +282,22 @@ def test_commit_ignores_what_the_agent_staged_itself(repo: Repo, ws: Path) -> No
     assert sh_git(repo.path, "show", "--format=", "--name-only", str(sha)) == "src/login.py"
 
 
+def test_discard_after_a_commit_leaves_the_files_the_change_did_not_touch(repo: Repo, ws: Path) -> None:
+    # A working copy of a repository with thousands of files: rewriting each of them before
+    # the checks cost seconds per order.
+    wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+    edit(wt / "src" / "login.py", "changed\n")
+    edit(wt / "src" / "staged.txt", "staged by the agent\n")
+    sh_git(wt, "add", "src/staged.txt")
+    untouched = wt / "tests" / "test_login.py"
+    before = untouched.stat().st_ino
+    assert repo.commit(wt, ["src/login.py"], agent="chip", subject="s", trailers=TRAILERS)
+    repo.discard(wt)
+    assert untouched.stat().st_ino == before
+    assert sh_git(wt, "status", "--porcelain", "--ignored") == ""
+    assert (wt / "src" / "login.py").read_text() == "changed\n"
+
+
 def test_commit_refuses_git_internals(repo: Repo, ws: Path) -> None:
     wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
     for bad in (".git/config", "src/.GIT/HEAD", "../outside", "/etc/passwd"):
