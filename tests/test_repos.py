@@ -411,6 +411,22 @@ def test_conflict_leaves_main_exactly_as_it_was(ws: Path, in_memory: bool) -> No
 
 
 @pytest.mark.parametrize("in_memory", [True, False], ids=["merge-tree", "scratch-worktree"])
+@pytest.mark.parametrize("name", ["src/thing", "src/[x] ~*"])
+def test_a_file_against_a_folder_of_the_same_name_names_the_path_both_sides_have(ws: Path, in_memory: bool,
+                                                                                  name: str) -> None:
+    # git moves the file aside as `<path>~<side>` in its merge: a name neither order made,
+    # which the next brief sent the agent looking for.
+    repo = Repo(init_demo_repo(ws / "repos" / "webapp").path, in_memory_merge=in_memory)
+    land(repo, ws, "WO-0001", {name: "a file\n", "src/a~1.py": "a\n"})
+    land(repo, ws, "WO-0002", {f"{name}/inside.py": "a folder\n", "src/a~1.py": "b\n"})
+    head = repo.merge("WO-0001")
+    with pytest.raises(MergeConflict) as caught:
+        repo.merge("WO-0002")
+    assert sorted(caught.value.paths) == sorted([name, "src/a~1.py"])
+    assert repo.head() == head and sh_git(repo.path, "status", "--porcelain") == ""
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["merge-tree", "scratch-worktree"])
 @pytest.mark.parametrize("folder", ["src/fixture", "src/[x] *"])
 def test_two_orders_that_each_bring_half_of_a_repository_are_not_merged_together(ws: Path, in_memory: bool,
                                                                                   folder: str) -> None:
