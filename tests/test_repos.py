@@ -488,6 +488,43 @@ class RacedRepo(Repo):
         return super()._locked_move(branch, base, new, note)
 
 
+@pytest.mark.parametrize("away", ["switched", "detached"])
+def test_a_checkout_a_person_moved_off_the_default_branch_stays_theirs(repo: Repo, ws: Path, away: str) -> None:
+    # The work goes to main, as the checkout's own branch would have taken it: a person who
+    # looked at a branch (or an old commit) found the orders' work there, not on main.
+    repo.pinned = "main"
+    land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    if away == "switched":
+        sh_git(repo.path, "switch", "-q", "-c", "feature")
+        edit(repo.path / "mine.txt", "a person's work\n")
+        sh_git(repo.path, "add", "mine.txt")
+        sh_git(repo.path, "commit", "-q", "-m", "a person's commit")
+    else:
+        sh_git(repo.path, "checkout", "-q", "--detach")
+    edit(repo.path / "README.md", "uncommitted\n")
+    theirs = sh_git(repo.path, "rev-parse", "HEAD")
+    wt = land(repo, ws, "WO-0002", {"src/b.py": "b\n"})
+    assert sh_git(wt, "rev-parse", "HEAD~1") == sh_git(repo.path, "rev-parse", "main")  # from main
+    repo.merge("WO-0001")
+    merged = repo.merge("WO-0002")
+    assert sh_git(repo.path, "rev-parse", "main") == merged == repo.head()
+    assert sh_git(repo.path, "ls-tree", "--name-only", "main", "src/").split() == ["src/a.py", "src/b.py", "src/login.py"]
+    assert sh_git(repo.path, "rev-parse", "HEAD") == theirs  # their branch, their checkout
+    assert sh_git(repo.path, "status", "--porcelain") == "M README.md"
+    assert not (repo.path / "src" / "a.py").exists()
+    sh_git(repo.path, "checkout", "-q", "--", "README.md")
+    sh_git(repo.path, "switch", "-q", "main")  # back on main, the work is there
+    assert (repo.path / "src" / "b.py").read_text() == "b\n"
+
+
+def test_a_renamed_default_branch_is_followed(repo: Repo, ws: Path) -> None:
+    repo.pinned = "main"
+    sh_git(repo.path, "branch", "-m", "main", "trunk")
+    land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    assert repo.merge("WO-0001") == sh_git(repo.path, "rev-parse", "trunk")
+    assert (repo.path / "src" / "a.py").read_text() == "a\n"
+
+
 def test_a_racing_change_to_the_branch_is_detected_and_kept(ws: Path) -> None:
     repo = RacedRepo(init_demo_repo(ws / "repos" / "webapp").path)
     land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
