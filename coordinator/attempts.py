@@ -92,6 +92,7 @@ class AttemptRunner(Interruptions):
     def repo(self, name: str) -> Repo:
         if name not in self._repos:
             self._repos[name] = Repo(self.ws.repos / name)
+        self._repos[name].pinned = self.sup.heads.get(name, {}).get("branch")  # noted by the tamper watch
         return self._repos[name]
 
     def start(self, rec: Record) -> bool:

@@ -60,6 +60,11 @@ class Checkout(GitRepo):
             env = {"GIT_INDEX_FILE": str(lock)}
             if self.head() != base:
                 return False
+            if self.checked_out() != branch:
+                # A person switched the checkout to another branch, or detached it: it is
+                # theirs; only the branch moves (under the lock: never while git switches).
+                return self._run(["update-ref", "-m", note, f"refs/heads/{branch}", new, base],
+                                 check=False).returncode == 0  # fmt: skip
             # Left by a kill -9 from here on: the one sign `heal_checkout` acts on.
             durable.write_bytes(moving, f"{base} {new}\n".encode(), sync=False)
             self._run(["update-index", "-q", "--refresh"], cwd=self.path, env=env, check=False)

@@ -113,8 +113,11 @@ class GitRepo:
     """One repository under `repos/`: its git dir, trusted git on it, its working copies' records
     and its branches."""
 
-    def __init__(self, path: Path, *, in_memory_merge: bool | None = None) -> None:
+    def __init__(self, path: Path, *, in_memory_merge: bool | None = None, branch: str | None = None) -> None:
         self.path = Path(os.path.abspath(path))
+        # The default branch as the supervisor first saw it checked out (state/repos.json): a
+        # person's `git switch` or a detached HEAD in the checkout does not move it.
+        self.pinned = branch
         self.name = self.path.name
         dot = self.path / ".git"
         if not self.path.is_dir():
@@ -177,22 +180,32 @@ class GitRepo:
     # -- branches ------------------------------------------------------------------------------
 
     def default_branch(self) -> str:
-        ref = self._run(["symbolic-ref", "-q", "HEAD"], check=False).stdout.strip()
-        if not ref.startswith("refs/heads/"):
+        """The branch orders start from and merge into: the pinned one while it exists (else
+        it was renamed or deleted), else the one checked out."""
+        if self.pinned and self._has_ref(f"refs/heads/{self.pinned}"):
+            return self.pinned
+        branch = self.checked_out()
+        if branch is None:
             raise GitError(
                 f"repos/{self.name}: HEAD is detached; check out the default branch there (git switch main)"
             )
-        return ref[len("refs/heads/") :]
+        return branch
+
+    def checked_out(self) -> str | None:
+        """The branch the checkout is on; None when HEAD is detached."""
+        ref = self._run(["symbolic-ref", "-q", "HEAD"], check=False).stdout.strip()
+        return ref[len("refs/heads/") :] if ref.startswith("refs/heads/") else None
 
     def head(self) -> str:
         return self._sha(f"refs/heads/{self.default_branch()}")
 
     def tip(self) -> str:
-        """`head()` read from the ref files when they are plain (HEAD naming a branch whose
-        ref is a loose file): the tamper watch asks every few seconds, and `head()` is two
-        git processes per repository. Anything else is asked of git."""
+        """`head()` read from the ref files when they are plain (the pinned branch, or the one
+        HEAD names, whose ref is a loose file): the tamper watch asks every few seconds, and
+        `head()` is two git processes per repository. Anything else is asked of git."""
         with contextlib.suppress(OSError, UnicodeDecodeError):
-            ref = (self.git_dir / "HEAD").read_text("ascii").strip().removeprefix("ref: ")
+            ref = (f"refs/heads/{self.pinned}" if self.pinned
+                   else (self.git_dir / "HEAD").read_text("ascii").strip().removeprefix("ref: "))
             if ref.startswith("refs/heads/") and ".." not in ref.split("/"):
                 sha = (self.git_dir / ref).read_text("ascii").strip()
                 if re.fullmatch(r"[0-9a-f]{40}", sha):

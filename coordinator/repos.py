@@ -164,8 +164,12 @@ class Repo(Checkout):
         if not head_ref.startswith(f"refs/heads/{BRANCH_PREFIX}"):
             raise GitError(f"{work} is not on a {BRANCH_PREFIX}<order> branch; refusing to commit there")
         old = self._sha(head_ref)
-        # Start from the branch head so nothing the agent may have staged itself slips in.
-        self.git("read-tree", old, cwd=work)
+        # Start from the branch head so nothing the agent may have staged itself slips in. `-m`
+        # keeps git's stat data of the entries that match: without it, the `reset --hard` of
+        # `discard` rewrote every file of the copy (seconds per order in a repository of
+        # thousands of files). An index git cannot merge from is read afresh.
+        if self._run(["read-tree", "-m", old], cwd=work, check=False).returncode != 0:
+            self.git("read-tree", old, cwd=work)
         if not wanted:
             return None
         tracked = set(_nul_split(self.git("ls-files", "-z", "--cached", cwd=work)))
@@ -297,7 +301,7 @@ class Repo(Checkout):
             r = self._run(args, check=False)
             fields = r.stdout.split("\0")
             if r.returncode == 1:
-                raise MergeConflict(self.name, order_id, branch, [f for f in fields[1:] if f])
+                raise MergeConflict(self.name, order_id, branch, self._as_named(base, tip, fields[1:]))
             if r.returncode != 0 or not _SHA.match(fields[0]):
                 raise GitError(f"git merge-tree failed in repos/{self.name}: {r.stderr.strip()}")
             return self._commit_tree(fields[0], [base, tip], message, COORDINATOR_IDENT)
@@ -311,7 +315,7 @@ class Repo(Checkout):
             if r.returncode != 0:
                 conflicted = _nul_split(self.git("diff", "--name-only", "-z", "--diff-filter=U", cwd=work))
                 if conflicted:
-                    raise MergeConflict(self.name, order_id, branch, conflicted)
+                    raise MergeConflict(self.name, order_id, branch, self._as_named(base, tip, conflicted))
                 raise GitError(f"git merge failed in repos/{self.name}: {r.stderr.strip()}")
             return self.git("rev-parse", "HEAD", cwd=work)
         finally:
@@ -319,6 +323,23 @@ class Repo(Checkout):
                 if _same(w.tree, work):
                     self._drop(w)
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def _as_named(self, base: str, tip: str, conflicted: list[str]) -> list[str]:
+        """The conflicted paths as the two sides name them. Where a folder is in the way of a
+        file of the same name, git moves the file aside as `<path>~<side>`, a name that is in
+        neither side: the next brief names `<path>`, which the agent can find."""
+        names = [n for n in dict.fromkeys(conflicted) if n]
+        asked = dict.fromkeys(names + [n.rpartition("~")[0] for n in names if "~" in n])
+        known: set[str] = set()
+        for rev in (base, tip):
+            listing = self._run(["--literal-pathspecs", "ls-tree", "-z", "--name-only", "--full-tree", rev, "--",
+                                 *asked], check=False).stdout  # fmt: skip
+            known.update(_nul_split(listing))
+        found = []
+        for n in names:
+            aside = n.rpartition("~")[0]
+            found.append(aside if n not in known and aside in known else n)
+        return list(dict.fromkeys(found))
 
     # -- housekeeping --------------------------------------------------------------------------
 

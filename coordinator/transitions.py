@@ -245,9 +245,11 @@ class Transitions(Commits):
                 break
             entry = heapq.heappop(self._ready[best])
             tried.add(entry[2])
+            # A start that failed moved its order too (queued again, or blocked): progress,
+            # or `supervise --once` ended with it queued, "nothing runnable left".
+            started = True
             if self.attempts.start(self.records[entry[2]]):
                 per_agent[best] = per_agent.get(best, 0) + 1
-                started = True
         for name, entry in held:
             heapq.heappush(self._ready[name], entry)
         return started

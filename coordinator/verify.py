@@ -6,7 +6,10 @@ supervisor made for one, or was there before the supervisor first saw the
 repository); every change in `state/` was committed by the supervisor; every
 transition an order record lists is in `state/`'s git history.
 
-    state/repos.json   {"webapp": {"baseline": sha, "head": sha}}
+    state/repos.json   {"webapp": {"baseline": sha, "head": sha, "branch": "main"}}
+
+`branch` is the default branch, as first seen checked out: orders start from it and merge
+into it whatever a person checks out later. Renamed, it follows the checkout's.
 """
 
 from __future__ import annotations
@@ -184,7 +187,7 @@ def _repo_commits(ws: Workspace) -> list[Finding]:
     found: list[Finding] = []
     for path in repo_dirs(ws):
         try:
-            repo = Repo(path)
+            repo = Repo(path, branch=heads.get(path.name, {}).get("branch"))
             branch = repo.default_branch()
         except CoordinatorError as e:
             found.append(Finding("repo-commit", f"repos/{path.name}", f"unreadable: {e}"))
@@ -257,12 +260,16 @@ def moved_heads(ws: Workspace, heads: dict[str, dict[str, str]],
     moved = []
     for path in repo_dirs(ws):
         with contextlib.suppress(CoordinatorError):
-            head = (repo or Repo)(path).tip()
             known = heads.get(path.name)
+            r = repo(path) if repo else Repo(path, branch=(known or {}).get("branch"))
+            head = r.tip()
             if known is None:
-                heads[path.name] = {"baseline": head, "head": head}
+                heads[path.name] = known = {"baseline": head, "head": head}
             elif known.get("head") != head:
                 moved.append((path.name, known.get("head", ""), head))
+            branch = r.default_branch()  # the pinned one, or (first seen, renamed) the checkout's
+            if known.get("branch") != branch:
+                known["branch"] = r.pinned = branch
     return moved
 
 

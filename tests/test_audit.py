@@ -193,6 +193,29 @@ def test_a_reset_of_a_default_branch_that_drops_a_done_orders_commit_is_reported
     assert found.detail == "code ended done with this commit, which main no longer holds"
 
 
+@pytest.mark.parametrize("away", ["switch -q -c feature", "checkout -q --detach"])
+def test_orders_land_on_the_default_branch_while_a_person_has_the_checkout_elsewhere(make_ws, away):
+    """A person's `git switch` in repos/webapp took the orders' work onto their branch (main
+    never got it, verify then said so); a detached HEAD failed every attempt."""
+    ws = team(make_ws)
+    run(ws)  # the supervisor has seen main checked out
+    git(ws.repos / "webapp", *away.split())
+    theirs = git(ws.repos / "webapp", "rev-parse", "HEAD")
+    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
+    run(ws)
+    rec = Store(ws.state).load("code")
+    assert rec.status == "done", rec.report
+    assert git(ws.repos / "webapp", "rev-parse", "main").strip() == rec.commit
+    assert git(ws.repos / "webapp", "rev-parse", "HEAD") == theirs
+    assert not (ws.repos / "webapp" / "src" / "new.py").exists()
+    assert verify.verify(ws) == []
+    assert not [s for s in signals.load(ws.state) if s.kind == "silent"]
+    git(ws.repos / "webapp", "switch", "-q", "main")
+    run(ws)
+    assert (ws.repos / "webapp" / "src" / "new.py").exists()
+    assert verify.verify(ws) == [] and not [s for s in signals.load(ws.state) if s.kind == "silent"]
+
+
 def test_a_commit_made_by_hand_in_state_is_foreign(make_ws):
     ws = team(make_ws)
     (ws.state / "note.txt").write_text("hand")

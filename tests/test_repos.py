@@ -282,6 +282,22 @@ def test_commit_ignores_what_the_agent_staged_itself(repo: Repo, ws: Path) -> No
     assert sh_git(repo.path, "show", "--format=", "--name-only", str(sha)) == "src/login.py"
 
 
+def test_discard_after_a_commit_leaves_the_files_the_change_did_not_touch(repo: Repo, ws: Path) -> None:
+    # A working copy of a repository with thousands of files: rewriting each of them before
+    # the checks cost seconds per order.
+    wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+    edit(wt / "src" / "login.py", "changed\n")
+    edit(wt / "src" / "staged.txt", "staged by the agent\n")
+    sh_git(wt, "add", "src/staged.txt")
+    untouched = wt / "tests" / "test_login.py"
+    before = untouched.stat().st_ino
+    assert repo.commit(wt, ["src/login.py"], agent="chip", subject="s", trailers=TRAILERS)
+    repo.discard(wt)
+    assert untouched.stat().st_ino == before
+    assert sh_git(wt, "status", "--porcelain", "--ignored") == ""
+    assert (wt / "src" / "login.py").read_text() == "changed\n"
+
+
 def test_commit_refuses_git_internals(repo: Repo, ws: Path) -> None:
     wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
     for bad in (".git/config", "src/.GIT/HEAD", "../outside", "/etc/passwd"):
@@ -395,6 +411,22 @@ def test_conflict_leaves_main_exactly_as_it_was(ws: Path, in_memory: bool) -> No
 
 
 @pytest.mark.parametrize("in_memory", [True, False], ids=["merge-tree", "scratch-worktree"])
+@pytest.mark.parametrize("name", ["src/thing", "src/[x] ~*"])
+def test_a_file_against_a_folder_of_the_same_name_names_the_path_both_sides_have(ws: Path, in_memory: bool,
+                                                                                  name: str) -> None:
+    # git moves the file aside as `<path>~<side>` in its merge: a name neither order made,
+    # which the next brief sent the agent looking for.
+    repo = Repo(init_demo_repo(ws / "repos" / "webapp").path, in_memory_merge=in_memory)
+    land(repo, ws, "WO-0001", {name: "a file\n", "src/a~1.py": "a\n"})
+    land(repo, ws, "WO-0002", {f"{name}/inside.py": "a folder\n", "src/a~1.py": "b\n"})
+    head = repo.merge("WO-0001")
+    with pytest.raises(MergeConflict) as caught:
+        repo.merge("WO-0002")
+    assert sorted(caught.value.paths) == sorted([name, "src/a~1.py"])
+    assert repo.head() == head and sh_git(repo.path, "status", "--porcelain") == ""
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["merge-tree", "scratch-worktree"])
 @pytest.mark.parametrize("folder", ["src/fixture", "src/[x] *"])
 def test_two_orders_that_each_bring_half_of_a_repository_are_not_merged_together(ws: Path, in_memory: bool,
                                                                                   folder: str) -> None:
@@ -454,6 +486,43 @@ class RacedRepo(Repo):
             sh_git(self.path, "add", "USER.txt")
             sh_git(self.path, "commit", "-q", "-m", "user's own commit")
         return super()._locked_move(branch, base, new, note)
+
+
+@pytest.mark.parametrize("away", ["switched", "detached"])
+def test_a_checkout_a_person_moved_off_the_default_branch_stays_theirs(repo: Repo, ws: Path, away: str) -> None:
+    # The work goes to main, as the checkout's own branch would have taken it: a person who
+    # looked at a branch (or an old commit) found the orders' work there, not on main.
+    repo.pinned = "main"
+    land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    if away == "switched":
+        sh_git(repo.path, "switch", "-q", "-c", "feature")
+        edit(repo.path / "mine.txt", "a person's work\n")
+        sh_git(repo.path, "add", "mine.txt")
+        sh_git(repo.path, "commit", "-q", "-m", "a person's commit")
+    else:
+        sh_git(repo.path, "checkout", "-q", "--detach")
+    edit(repo.path / "README.md", "uncommitted\n")
+    theirs = sh_git(repo.path, "rev-parse", "HEAD")
+    wt = land(repo, ws, "WO-0002", {"src/b.py": "b\n"})
+    assert sh_git(wt, "rev-parse", "HEAD~1") == sh_git(repo.path, "rev-parse", "main")  # from main
+    repo.merge("WO-0001")
+    merged = repo.merge("WO-0002")
+    assert sh_git(repo.path, "rev-parse", "main") == merged == repo.head()
+    assert sh_git(repo.path, "ls-tree", "--name-only", "main", "src/").split() == ["src/a.py", "src/b.py", "src/login.py"]
+    assert sh_git(repo.path, "rev-parse", "HEAD") == theirs  # their branch, their checkout
+    assert sh_git(repo.path, "status", "--porcelain") == "M README.md"
+    assert not (repo.path / "src" / "a.py").exists()
+    sh_git(repo.path, "checkout", "-q", "--", "README.md")
+    sh_git(repo.path, "switch", "-q", "main")  # back on main, the work is there
+    assert (repo.path / "src" / "b.py").read_text() == "b\n"
+
+
+def test_a_renamed_default_branch_is_followed(repo: Repo, ws: Path) -> None:
+    repo.pinned = "main"
+    sh_git(repo.path, "branch", "-m", "main", "trunk")
+    land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    assert repo.merge("WO-0001") == sh_git(repo.path, "rev-parse", "trunk")
+    assert (repo.path / "src" / "a.py").read_text() == "a\n"
 
 
 def test_a_racing_change_to_the_branch_is_detected_and_kept(ws: Path) -> None:

@@ -297,6 +297,20 @@ def test_a_command_that_cannot_start_fails_the_attempt_with_the_reason_then_bloc
     assert status(ws, "r") == "done"  # the loop went on past the refusals
 
 
+def test_once_goes_on_until_an_order_whose_working_copy_cannot_be_made_has_ended(make_ws):
+    # `supervise --once` said "nothing runnable left" with the order still queued, one
+    # failure short of blocked: the next run burned the last attempt.
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 3, "command": WRITE_GREETING,
+                           "writes": ["webapp/src/**"]}})
+    git(ws.repos / "webapp", "checkout", "-q", "--detach")  # before any supervisor saw main
+    drop(ws, "chip", "o.md", order_md("It greets", files=("webapp/src/greeting.py",), id="o"))
+    run(ws)
+    rec = Store(ws.state).load("o")
+    assert rec.status == "blocked" and rec.attempts == 3
+    assert rec.failures[-1] == ("could not prepare the working copy: repos/webapp: HEAD is detached; "
+                                "check out the default branch there (git switch main)")
+
+
 def test_an_order_cancelled_while_its_start_is_on_the_way_stays_cancelled(make_ws):
     """The start goes to the fork server without a wait; its refusal comes back after the cancel."""
     ws = make_ws({"chip": {"role": "specialist", "command": ["no-such-agent-cli"]}})
