@@ -367,6 +367,8 @@ def gc(ws: Workspace, days: float) -> tuple[list[str], list[str]]:
         with contextlib.suppress(OSError, ValueError, NotFoundError):  # retried meanwhile: its attempt runs
             if store.load(rec.id).updated != rec.updated:
                 continue
+        with contextlib.suppress(OSError):  # its working copy's folder, emptied when the copy went
+            (ws.runtime / "work" / rec.id).rmdir()
         folders = [f for f in (ws.runtime / "attempts" / rec.id, ws.runtime / "logs" / rec.id) if os.path.lexists(f)]
         for folder in folders:
             try:

@@ -1276,11 +1276,13 @@ def test_gc_clears_the_attempt_folders_and_logs_of_ended_orders_only(ws: Path) -
     assert (runtime / "attempts" / "WO-0001" / "1" / "brief.md").exists()
     assert (runtime / "logs" / "WO-0001" / "1").is_dir()
     (runtime / "attempts" / "WO-0002").mkdir(parents=True)  # as a crash before its start leaves it
+    (runtime / "work" / "WO-0001").mkdir(parents=True, exist_ok=True)  # left empty when its copy went
 
     assert run("-w", ws, "gc").stdout == "removed 0 working copies\n"  # ended today, kept a week
     assert run("-w", ws, "gc", "--days", "0").stdout == (
         "removed 0 working copies, and the attempt folders and logs of 1 ended order\n")
     assert not (runtime / "attempts" / "WO-0001").exists() and not (runtime / "logs" / "WO-0001").exists()
+    assert not (runtime / "work" / "WO-0001").exists()
     assert (runtime / "attempts" / "WO-0002").is_dir()  # not ended: kept
     assert "halted" in run("-w", ws, "show", "WO-0001").stdout  # its record and report stay
     assert run("-w", ws, "retry", "WO-0001").stdout == "WO-0001: queued\n"
