@@ -101,6 +101,8 @@ class Repo(Checkout):
                     self._drop(w)
             if dest.exists() or dest.is_symlink():
                 _remove_tree(dest)
+            with contextlib.suppress(OSError):  # the order's folder, once it holds no copy (one per finished order)
+                dest.parent.rmdir()
             if self._has_ref(f"refs/heads/{branch}"):
                 self.git("update-ref", "-d", f"refs/heads/{branch}")
 

@@ -166,7 +166,7 @@ def test_discard_returns_to_the_branch_head(repo: Repo, ws: Path) -> None:
 def test_remove_drops_copy_branch_and_record(repo: Repo, ws: Path) -> None:
     wt = land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
     repo.remove_worktree("WO-0001", wt)
-    assert not wt.exists()
+    assert not wt.exists() and not wt.parent.exists()  # no empty folder left per finished order
     assert sh_git(repo.path, "branch", "--list", "wo/*") == ""
     assert sh_git(repo.path, "worktree", "list").count("\n") == 0  # only the main checkout
 
