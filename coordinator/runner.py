@@ -424,8 +424,14 @@ def ruleset(agent: Agent, order: WorkOrder, attempt: Attempt, ws: Workspace | No
 
 
 def _deepest_existing(target: Path, root: Path) -> Path:
-    """The file itself when it exists, else its nearest existing folder inside `root`."""
-    if target.exists() and not target.is_symlink():
+    """The folder itself when it exists, else the nearest existing folder it is in, inside `root`.
+
+    A file is granted through its folder (SPEC §7: the directories under which the order may
+    write): granted alone, it could be written in place but neither replaced nor removed, so
+    `sed -i`, an editor's atomic save and `rm` all failed with EACCES on the very file the
+    order names. What else the folder then lets the agent write, the gate judges.
+    """
+    if target.is_dir() and not target.is_symlink():
         return target
     probe = target.parent
     while probe != root and not probe.is_dir():

@@ -1101,3 +1101,29 @@ def test_doctor_says_whether_the_users_git_takes_a_planted_repository_for_one(tm
     else:
         assert shown.strip().startswith(f"safe.bareRepository: {value or 'not set'} — your git takes any folder")
         assert "`git config --global safe.bareRepository explicit`" in shown
+
+
+@needs_landlock
+@pytest.mark.parametrize("how, lands", [
+    ("sed -i 's/def /def  /' src/login.py", True),  # a temp file beside it, renamed over it
+    ("printf 'x = 1\\n' > src/.login.py.new && mv src/.login.py.new src/login.py", True),  # an atomic save
+    ("rm src/login.py", True),
+    ("printf 'x = 1\\n' >> src/login.py && printf 'y = 2\\n' > src/other.py", False),  # a sibling: the gate's
+])
+def test_an_order_naming_one_file_may_replace_or_remove_it_and_nothing_beside_it(make_ws, how, lands):
+    # Granted alone, the file could be written in place but neither replaced nor removed: the
+    # order could not be carried out with `sed -i`, an editor's atomic save or `rm`.
+    ws = make_ws({"chip": {"role": "specialist", "command": ["sh", "-c", how], "writes": ["webapp/src/**"],
+                           "max_failures": 1}})
+    repo = ws.repos / "webapp"
+    main = git(repo, "rev-parse", "main")
+    drop(ws, "chip", "one.md", order_md("login.py changes", id="one", files=("webapp/src/login.py",)))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    rec = record(ws, "one")
+    if lands:
+        assert rec.status == "done", rec.report
+        assert git(repo, "diff", "--name-only", main, "main").split() == ["src/login.py"]
+    else:
+        assert rec.status == "denied" and rec.report["offending"][0].startswith("webapp/src/other.py: ")
+        assert git(repo, "rev-parse", "main") == main
