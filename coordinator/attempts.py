@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import audit, gate, results, runner
+from .checkout import DirtyCheckout
 from .config import Agent, parse_duration
 from .errors import CoordinatorError, GateError, GitError, SandboxError
 from .inboxfiles import printable
@@ -448,6 +449,9 @@ class AttemptRunner(Interruptions):
                 except MergeConflict as e:
                     return self.fail(act, "merge conflict with work that landed meanwhile in: "
                                           + ", ".join(printable(p) for p in e.paths))
+                except DirtyCheckout as e:  # a person's work, not the agent's doing
+                    return self.wait_for_person(act, f"repos/{e.repo} has {e.what()} that the merge would "
+                                                     f"overwrite; commit or stash them, then `coordinator retry {rec.id}`")
                 except GitError as e:
                     return self.fail(act, f"could not merge: {e}")
                 rec.commit = act.committed

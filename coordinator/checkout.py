@@ -17,6 +17,7 @@ from typing import NamedTuple
 from . import durable
 from .errors import GitError
 from .gitrepo import _SHA, BRANCH_PREFIX, GitRepo, _nul_join, _nul_split
+from .inboxfiles import printable
 
 _Entry = tuple[str, str]  # (mode, blob sha) of a path in a tree, the index or the checkout
 MOVE_MARK = "coordinator-moving"  # in the git dir while a merge moves the checkout and the branch
@@ -38,6 +39,26 @@ class Healed(NamedTuple):
             said.append(f"kept the uncommitted changes to {shown} in repos/{repo}, which an order's branch "
                         "changes too: its merge stops there until they are committed or discarded")
         return said
+
+
+class DirtyCheckout(GitError):
+    """A merge would overwrite a person's uncommitted work in the checkout; nothing was merged.
+    Not the agent's doing: the order waits for the person (see `Endings.wait_for_person`)."""
+
+    def __init__(self, repo: str, paths: list[str], said: str) -> None:
+        self.repo = repo
+        self.paths = tuple(paths)
+        self.said = said  # git's own line, for when the paths could not be told
+        super().__init__(f"repos/{repo} has {self.what()} that the merge would overwrite; commit or stash them there, "
+                         "then retry")
+
+    def what(self) -> str:
+        """`uncommitted changes to src/a.py, src/b.py`: the paths, shown safely, five at most."""
+        if not self.paths:
+            return f"uncommitted changes ({printable(self.said)})"
+        more = len(self.paths) - 5
+        shown = ", ".join(printable(p) for p in self.paths[:5]) + (f" and {more} more" if more > 0 else "")
+        return f"uncommitted changes to {shown}"
 
 
 class Checkout(GitRepo):
@@ -70,10 +91,8 @@ class Checkout(GitRepo):
             self._run(["update-index", "-q", "--refresh"], cwd=self.path, env=env, check=False)
             r = self._run(["read-tree", "-m", "-u", base, new], cwd=self.path, env=env, check=False)
             if r.returncode != 0:
-                raise GitError(
-                    f"repos/{self.name}: the checkout has uncommitted changes to files this merge "
-                    f"updates ({r.stderr.strip().splitlines()[0] if r.stderr.strip() else 'read-tree failed'}); "
-                    "commit or discard them there, then retry")
+                said = r.stderr.strip().splitlines()[0] if r.stderr.strip() else "read-tree failed"
+                raise DirtyCheckout(self.name, self._in_the_way(base, new, env), said)
             swap = self._run(["update-ref", "-m", note, f"refs/heads/{branch}", new, base], check=False)
             if swap.returncode != 0:
                 self._run(["read-tree", "-m", "-u", new, base], cwd=self.path, env=env, check=False)
@@ -85,6 +104,21 @@ class Checkout(GitRepo):
                 lock.unlink()
             with contextlib.suppress(FileNotFoundError):
                 moving.unlink()
+
+    def _in_the_way(self, base: str, new: str, env: dict[str, str]) -> list[str]:
+        """The paths a move from `base` to `new` changes where the checkout holds a person's own
+        work: a change not committed (staged or not), or a file or folder git does not track."""
+        changed = _nul_split(self.git("diff", "--name-only", "--no-renames", "-z", base, new))
+        if not changed:
+            return []
+        mine = set(_nul_split(self._run(["diff-files", "--name-only", "-z"], cwd=self.path, env=env).stdout))
+        mine |= set(_nul_split(self._run(["diff-index", "--cached", "--name-only", "-z", base],
+                                         cwd=self.path, env=env).stdout))  # fmt: skip
+        # An untracked folder is listed once (`dir/`): whatever the merge writes in it is in the way.
+        untracked = {p.rstrip("/") for p in _nul_split(self._run(
+            ["ls-files", "-z", "--others", "--directory"], cwd=self.path, env=env).stdout)}
+        return [p for p in changed
+                if p in mine or any(p[:i] in untracked for i, c in enumerate(p + "/") if c == "/")]
 
     def heal_checkout(self) -> Healed:
         """Put right what a kill -9 inside `_locked_move` left in the checkout, path by path;

@@ -6,8 +6,8 @@ attempt (`_end`) delivers its outbox first, then leaves the running attempts
 that ending sends on is filed (a route's or an escalation's follow-up); a waiting
 order is settled at once, should what it waits for have ended already. A change the
 permission gate denies ends the order `denied`; a failed attempt is queued again
-with its reason, or blocked after the agent's `max_failures`. A layer of
-`AttemptRunner`.
+with its reason, or blocked after the agent's `max_failures`; one whose merge a person's
+uncommitted work stops waits for them, uncounted. A layer of `AttemptRunner`.
 """
 
 from __future__ import annotations
@@ -104,17 +104,34 @@ class Endings(FollowUps, Outbox):
         """A failed attempt: re-queue with the reason for the next brief, or block after max_failures."""
         rec = act.rec
         rec.report = {"summary": f"attempt {act.attempt.number} failed: {reason}"}
-        if not act.delivered:  # the sender learns that the orders it wrote were not sent
-            for path in _outbox_files(act.attempt.outbox, act.undelivered):
-                name, kept = shown_name(path)
-                act.undelivered.append(f"{name}: not delivered: attempt {act.attempt.number} failed; "
-                                       f"kept in {kept}")
+        self._keep_outbox(act, "failed")
         self._finish(act)  # after the report: it adds what the outbox could not deliver
         rec.failures.append(reason)
         if len(rec.failures) >= act.agent.max_failures:
             self.block(rec, f"failed {len(rec.failures)} time(s); last: {reason}")
         else:
             self.sup.move(rec, "queued", audit.SUPERVISOR, note=f"attempt {act.attempt.number} failed: {reason}")
+
+    def wait_for_person(self, act: Active, blocker: str) -> None:
+        """The attempt's work is sound, but only a person can let it land (their uncommitted
+        work in the checkout is in the way): the order waits with `blocker`, a line saying what
+        to do, which `coordinator retry` clears. Not a failure: run again by itself, the agent
+        would fail the same way until the order is blocked. Its work and outbox go as a failed
+        attempt's do; the retry does the work again from the current default branch."""
+        rec = act.rec
+        rec.report = {"summary": f"attempt {act.attempt.number} was not merged: {blocker}"}
+        self._keep_outbox(act, "was not merged")
+        self._finish(act)
+        rec.blocker = blocker
+        self._close(rec, "waiting", audit.SUPERVISOR, note=f"blocker: {_short(blocker)}")
+
+    def _keep_outbox(self, act: Active, why: str) -> None:
+        """The sender learns that the orders its undecided attempt wrote were not sent."""
+        if act.delivered:
+            return
+        for path in _outbox_files(act.attempt.outbox, act.undelivered):
+            name, kept = shown_name(path)
+            act.undelivered.append(f"{name}: not delivered: attempt {act.attempt.number} {why}; kept in {kept}")
 
     def _fail_hard(self, rec: Record, reason: str) -> None:
         rec.failures.append(reason)

@@ -14,6 +14,7 @@ from conftest import merge_killed_after
 from coordinator.demo.repo import init_demo_repo
 
 from coordinator import checkout
+from coordinator.checkout import DirtyCheckout
 from coordinator.errors import GitError
 from coordinator.repos import MergeConflict, Repo, gc_worktrees
 
@@ -463,8 +464,9 @@ def test_merge_keeps_unrelated_local_edits_and_refuses_to_clobber(repo: Repo, ws
     edit(repo.path / "README.md", "user's edit\n")
     edit(repo.path / "src" / "login.py", "user's edit\n")
     before = repo.head()
-    with pytest.raises(GitError, match="uncommitted changes"):
+    with pytest.raises(DirtyCheckout, match="uncommitted changes to src/login.py that the merge") as refused:
         repo.merge("WO-0001")
+    assert refused.value.paths == ("src/login.py",)  # README.md is theirs, and not in the way
     assert repo.head() == before
     assert (repo.path / "src" / "login.py").read_text() == "user's edit\n"
     sh_git(repo.path, "checkout", "--", "src/login.py")

@@ -341,6 +341,41 @@ def test_requeue_with_blocker_clears_when_the_named_order_is_done(make_ws):
     assert [h["to"] for h in recs["first"].history] == ["queued", "running", "waiting", "queued", "running", "done"]
 
 
+@pytest.mark.parametrize("theirs", ["a changed file", "an untracked file"])
+def test_a_persons_uncommitted_work_in_the_way_of_the_merge_makes_the_order_wait_not_fail(make_ws, theirs):
+    """Their work is never clobbered, and it is not the agent's doing: the order waits, with
+    what to do, instead of running the agent again until it is blocked and escalated."""
+    path = "src/login.py" if theirs == "a changed file" else "src/new.py"
+    ws = make_ws({
+        "chip": {"role": "specialist", "max_failures": 2, "writes": ["webapp/src/**"],
+                 "command": sh(f'echo "# agent" >> {path}; echo x >> "$PROBE/attempts"')},
+        "rex": {"role": "specialist", "command": sh("echo investigated")},
+    }, escalate_to="rex")
+    checkout = ws.repos / "webapp"
+    (checkout / path).write_text("a person's work\n", encoding="utf-8")
+    drop(ws, "chip", "o.md", order_md("Login has a comment", id="o", files=("webapp/src/**",)))
+    run(ws)
+    run(ws)  # it waits for the person: no second attempt by itself
+    rec = Store(ws.state).load("o")
+    line = (f"repos/webapp has uncommitted changes to {path} that the merge would overwrite; "
+            "commit or stash them, then `coordinator retry o`")
+    assert (rec.status, rec.attempts, rec.failures, rec.blocker) == ("waiting", 1, [], line)
+    assert rec.report == {"summary": f"attempt 1 was not merged: {line}"}
+    assert list(Store(ws.state).load_all()) == ["o"]  # nothing escalated
+    assert (checkout / path).read_text() == "a person's work\n"
+    assert "wo/o" not in git(checkout, "branch", "--list", "wo/*")  # the attempt's work is gone
+    assert not (ws.root / ".coordinator" / "work" / "o").exists()
+    assert {o["id"]: o["reason"] for o in board.as_json(ws)["orders"]}["o"] == f"waits for {line}"
+    git(checkout, "add", path)
+    git(checkout, "-c", "user.name=p", "-c", "user.email=p@x", "commit", "-qm", "a person's work")
+    with Supervisor(ws) as sup:
+        assert sup.handle("retry", {"id": "o"})["status"] == "queued"
+        sup.run_once(limit=30)
+    assert status(ws, "o") == "done"
+    assert (checkout / path).read_text() == "a person's work\n# agent\n"
+    assert (probe_of(ws) / "attempts").read_text() == "x\nx\n"
+
+
 def test_blocked_by_and_priority_order(make_ws):
     ws = make_ws({"chip": {"role": "specialist",
                            "command": sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran.txt"')}})
