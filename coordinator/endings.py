@@ -78,7 +78,15 @@ class Endings(FollowUps, Outbox):
         changes = gate.diff(act.before, act.after)
         # The orchestrator never changes files: everything it did in its copy is denied.
         writes = () if act.agent.is_orchestrator else act.agent.writes
-        act.verdict = gate.judge(changes, repo=act.repo.name, files=act.order.files, writes=writes)
+        candidates = gate.submodule_candidates(changes, act.before)
+        try:
+            submodules = act.repo.submodules(act.attempt.workdir, candidates) if candidates else []
+        except CoordinatorError as e:
+            # Unknown, not none: such a change would fail its commit anyway, and say why there.
+            self.sup.say(f"{act.rec.id}: could not tell the submodules of repos/{act.repo.name}: {e}")
+            submodules = []
+        act.verdict = gate.judge(changes, repo=act.repo.name, files=act.order.files, writes=writes,
+                                 submodules=submodules)
         if not act.verdict.allowed:
             self._deny(act, act.verdict)
             return False

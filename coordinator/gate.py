@@ -66,6 +66,9 @@ ALWAYS_DENIED = {
     "unreadable": "a file or folder the supervisor cannot read (its mode was changed) cannot be judged, nor what "
                   "it holds",
 }
+# Not a kind of change but where it is: a submodule's files belong to another repository, and
+# git cannot commit them here ("Pathspec ... is in submodule").
+SUBMODULE = "inside the submodule {}: change it in its own repository"
 _CHUNK = 1 << 20
 _MAX_HOPS = 40  # symbolic links followed while resolving one target, as the kernel does
 
@@ -460,16 +463,24 @@ def _escapes(path: str, target: str, entries: dict[str, Entry]) -> bool:
 # -- judge ----------------------------------------------------------------------------------------
 
 
-def judge(changes: list[Change], *, repo: str, files: tuple[str, ...], writes: tuple[str, ...]) -> Verdict:
-    """Keep a change only if `<repo>/<path>` matches both `files` and `writes`."""
+def judge(changes: list[Change], *, repo: str, files: tuple[str, ...], writes: tuple[str, ...],
+          submodules: Iterable[str] = ()) -> Verdict:
+    """Keep a change only if `<repo>/<path>` matches both `files` and `writes`, and lies in
+    none of `submodules` (folders of the repository that are submodules, `submodule_folders`)."""
     offending: list[tuple[Change, str]] = []
     kept: list[str] = []
     folders: list[Change] = []
+    subs = tuple(submodules)
+
+    def why(c: Change) -> str | None:
+        sub = next((f for f in subs if c.path == f or c.path.startswith(f + "/")), None)
+        return SUBMODULE.format(printable(sub)) if sub is not None else outside(f"{repo}/{c.path}", files, writes)
+
     for c in changes:
         if c.what in ALWAYS_DENIED:
             offending.append((c, ALWAYS_DENIED[c.what]))
             continue
-        reason = outside(f"{repo}/{c.path}", files, writes)
+        reason = why(c)
         if reason is None:
             if c.kind != "dir":
                 kept.append(c.path)
@@ -482,9 +493,27 @@ def judge(changes: list[Change], *, repo: str, files: tuple[str, ...], writes: t
     holds_kept, holds_refused = _folders_of(kept), _folders_of(c.path for c, _ in offending)
     for c in folders:
         if c.path not in holds_kept and c.path not in holds_refused:
-            offending.append((c, outside(f"{repo}/{c.path}", files, writes) or ""))
+            offending.append((c, why(c) or ""))
     offending.sort(key=lambda item: item[0].path)
     return Verdict(changes=tuple(changes), offending=tuple(offending))
+
+
+def submodule_candidates(changes: Iterable[Change], before: dict[str, Entry]) -> list[str]:
+    """The folders that could be submodules a change lies in: each changed path and the
+    folders above it that were folders before the run (a submodule not checked out is an empty
+    folder in the working copy). Few, whatever the change: a folder the agent made is none."""
+    found: set[str] = set()
+    seen: set[str] = set()  # each folder looked at once: above it, all were
+    for c in changes:
+        cut = len(c.path)
+        while cut > 0 and c.path[:cut] not in seen:
+            folder = c.path[:cut]
+            seen.add(folder)
+            entry = before.get(folder)
+            if entry is not None and entry.kind == "dir":
+                found.add(folder)
+            cut = c.path.rfind("/", 0, cut)
+    return sorted(found)
 
 
 def _folders_of(paths: Iterable[str]) -> set[str]:

@@ -147,6 +147,17 @@ class Repo(Checkout):
         self.git("reset", "-q", "--hard", "HEAD", cwd=work)
         self.git("clean", "-q", "-ffdx", cwd=work)
 
+    def submodules(self, worktree: Path, folders: list[str]) -> list[str]:
+        """Those of `folders` (repo-relative) that the working copy's commit holds as submodules
+        (gitlinks, mode 160000). One `ls-tree` of just those paths: no walk of the whole tree."""
+        found: list[str] = []
+        for i in range(0, len(folders), 1000):  # argv stays small, however many are asked
+            out = self.git("--literal-pathspecs", "ls-tree", "-z", "HEAD", "--", *folders[i:i + 1000],
+                           cwd=Path(os.path.abspath(worktree)))  # fmt: skip
+            found += [line.split("\t", 1)[1] for line in _nul_split(out)
+                      if line.startswith("160000 ") and "\t" in line]
+        return found
+
     # -- commits -------------------------------------------------------------------------------
 
     def commit(self, worktree: Path, paths: Iterable[str], *, agent: str, subject: str,

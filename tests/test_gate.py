@@ -512,3 +512,33 @@ def test_folders_named_like_parts_of_a_repository_are_still_allowed(wt: Path) ->
     for folder in ("model", "vcs", "doc"):
         assert git_dir_of(wt / "src" / folder) != "."  # nor does git take any of them for one
     assert "src/vcs/HEAD" in v.commit_paths() and "src/model/objects/user.py" in v.commit_paths()
+
+
+def add_submodule(repo: Path, folder: str, source: Path) -> None:
+    """Make `folder` of `repo` a submodule, committed, as a person would (`git submodule add`)."""
+    subprocess.run(["git", "init", "-q", str(source)], check=True)
+    ident = ["-c", "user.name=p", "-c", "user.email=p@x"]
+    subprocess.run(["git", "-C", str(source), *ident, "commit", "-q", "--allow-empty", "-m", "first"], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "protocol.file.allow=always", "submodule", "add", "-q",
+                    str(source), folder], check=True, capture_output=True)
+    subprocess.run(["git", "-C", str(repo), *ident, "commit", "-q", "-m", "a submodule"], check=True)
+
+
+def test_a_file_written_inside_a_submodule_is_denied_with_where_to_change_it(tmp_path: Path) -> None:
+    # Not checked out in the working copy, the submodule is an empty folder: a file written
+    # there is in another repository, and git could never commit it here.
+    repo: Repo = init_demo_repo(tmp_path / "ws" / "repos" / "webapp")
+    add_submodule(repo.path, "vendor/sub", tmp_path / "sub")
+    wt = repo.add_worktree("WO-1", tmp_path / "ws" / ".coordinator" / "work" / "WO-1" / "webapp")
+    before = snapshot(wt)
+    (wt / "vendor" / "sub" / "s.txt").write_text("s\n")
+    (wt / "vendor" / "subway").mkdir()
+    (wt / "vendor" / "subway" / "x.txt").write_text("x\n")  # beside it, a name that starts the same
+    (wt / "src" / "login.py").write_text("changed\n")
+    changes = diff(before, snapshot(wt, since=before))
+    asked = gate.submodule_candidates(changes, before)
+    assert asked == ["src", "vendor", "vendor/sub"]  # only folders that were there: few, whatever the change
+    v = judge(changes, repo="webapp", files=("webapp/**",), writes=("webapp/**",),
+              submodules=repo.submodules(wt, asked))
+    assert [(c.path, why) for c, why in v.offending] == [
+        ("vendor/sub/s.txt", "inside the submodule vendor/sub: change it in its own repository")]

@@ -376,6 +376,25 @@ def test_a_persons_uncommitted_work_in_the_way_of_the_merge_makes_the_order_wait
     assert (probe_of(ws) / "attempts").read_text() == "x\nx\n"
 
 
+def test_an_agent_writing_inside_a_submodule_is_denied_at_once_not_retried(make_ws):
+    """Git cannot commit a file inside a submodule ("Pathspec ... is in submodule"): every
+    attempt failed the same way until the order was blocked. The gate refuses it up front."""
+    from test_gate import add_submodule
+
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 2, "writes": ["webapp/**"], "command": sh(
+        'mkdir -p vendor/sub && echo s > vendor/sub/s.txt; echo x >> "$PROBE/attempts"')}})
+    add_submodule(ws.repos / "webapp", "vendor/sub", ws.root.parent / "sub")
+    head = git(ws.repos / "webapp", "rev-parse", "main")
+    drop(ws, "chip", "o.md", order_md("Vendored code has s.txt", id="o", files=("webapp/vendor/**",)))
+    run(ws)
+    rec = Store(ws.state).load("o")
+    assert (rec.status, rec.attempts, rec.failures) == ("denied", 1, [])
+    assert rec.report["offending"] == [
+        "webapp/vendor/sub/s.txt: added (file) — inside the submodule vendor/sub: change it in its own repository"]
+    assert git(ws.repos / "webapp", "rev-parse", "main") == head
+    assert (probe_of(ws) / "attempts").read_text() == "x\n"
+
+
 def test_blocked_by_and_priority_order(make_ws):
     ws = make_ws({"chip": {"role": "specialist",
                            "command": sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran.txt"')}})
