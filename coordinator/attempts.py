@@ -450,7 +450,8 @@ class AttemptRunner(Interruptions):
                     return self.fail(act, "merge conflict with work that landed meanwhile in: "
                                           + ", ".join(printable(p) for p in e.paths))
                 except DirtyCheckout as e:  # a person's work, not the agent's doing
-                    return self.wait_for_person(act, f"repos/{e.repo} has {e.what()} that the merge would "
+                    # Read after "waits for" on the board: it starts with what it waits for.
+                    return self.wait_for_person(act, f"{e.what()} in repos/{e.repo}, which the merge would "
                                                      f"overwrite; commit or stash them, then `coordinator retry {rec.id}`")
                 except GitError as e:
                     return self.fail(act, f"could not merge: {e}")

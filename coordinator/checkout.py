@@ -49,8 +49,8 @@ class DirtyCheckout(GitError):
         self.repo = repo
         self.paths = tuple(paths)
         self.said = said  # git's own line, for when the paths could not be told
-        super().__init__(f"repos/{repo} has {self.what()} that the merge would overwrite; commit or stash them there, "
-                         "then retry")
+        super().__init__(f"{self.what()} in repos/{repo}, which the merge would overwrite; commit or stash them "
+                         "there, then retry")
 
     def what(self) -> str:
         """`uncommitted changes to src/a.py, src/b.py`: the paths, shown safely, five at most."""

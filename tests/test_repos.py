@@ -464,7 +464,7 @@ def test_merge_keeps_unrelated_local_edits_and_refuses_to_clobber(repo: Repo, ws
     edit(repo.path / "README.md", "user's edit\n")
     edit(repo.path / "src" / "login.py", "user's edit\n")
     before = repo.head()
-    with pytest.raises(DirtyCheckout, match="uncommitted changes to src/login.py that the merge") as refused:
+    with pytest.raises(DirtyCheckout, match="uncommitted changes to src/login.py in repos/webapp, which the merge") as refused:
         repo.merge("WO-0001")
     assert refused.value.paths == ("src/login.py",)  # README.md is theirs, and not in the way
     assert repo.head() == before

@@ -357,7 +357,7 @@ def test_a_persons_uncommitted_work_in_the_way_of_the_merge_makes_the_order_wait
     run(ws)
     run(ws)  # it waits for the person: no second attempt by itself
     rec = Store(ws.state).load("o")
-    line = (f"repos/webapp has uncommitted changes to {path} that the merge would overwrite; "
+    line = (f"uncommitted changes to {path} in repos/webapp, which the merge would overwrite; "
             "commit or stash them, then `coordinator retry o`")
     assert (rec.status, rec.attempts, rec.failures, rec.blocker) == ("waiting", 1, [], line)
     assert rec.report == {"summary": f"attempt 1 was not merged: {line}"}
