@@ -48,14 +48,12 @@ class DirtyCheckout(GitError):
     def __init__(self, repo: str, paths: list[str], said: str) -> None:
         self.repo = repo
         self.paths = tuple(paths)
-        self.said = said  # git's own line, for when the paths could not be told
+        self.said = said  # git's own line
         super().__init__(f"{self.what()} in repos/{repo}, which the merge would overwrite; commit or stash them "
                          "there, then retry")
 
     def what(self) -> str:
         """`uncommitted changes to src/a.py, src/b.py`: the paths, shown safely, five at most."""
-        if not self.paths:
-            return f"uncommitted changes ({printable(self.said)})"
         more = len(self.paths) - 5
         shown = ", ".join(printable(p) for p in self.paths[:5]) + (f" and {more} more" if more > 0 else "")
         return f"uncommitted changes to {shown}"
@@ -92,7 +90,10 @@ class Checkout(GitRepo):
             r = self._run(["read-tree", "-m", "-u", base, new], cwd=self.path, env=env, check=False)
             if r.returncode != 0:
                 said = r.stderr.strip().splitlines()[0] if r.stderr.strip() else "read-tree failed"
-                raise DirtyCheckout(self.name, self._in_the_way(base, new, env), said)
+                in_the_way = self._in_the_way(base, new, env)
+                if not in_the_way:  # not a person's work (a full disk, say): a failed attempt as any
+                    raise GitError(f"repos/{self.name}: the checkout could not be moved to the merge: {said}")
+                raise DirtyCheckout(self.name, in_the_way, said)
             swap = self._run(["update-ref", "-m", note, f"refs/heads/{branch}", new, base], check=False)
             if swap.returncode != 0:
                 self._run(["read-tree", "-m", "-u", new, base], cwd=self.path, env=env, check=False)
