@@ -18,8 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.harness import LiveSupervisor
-from coordinator import signals, verify
-from coordinator.audit import StateRepo
+from coordinator import control, signals, verify
+from coordinator.audit import Batch, StateRepo
 from coordinator.errors import GitError
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
@@ -432,6 +432,30 @@ def test_the_supervisors_own_commit_past_its_kept_head_after_a_crash_is_not_fore
     run(ws)
     ws.state_head.write_text(git(ws.state, "rev-parse", "HEAD~1"))
     (ws.runtime / "running").touch()  # it did not stop cleanly
+    assert verify.verify(ws) == []
+    run(ws)
+    assert [s for s in signals.load(ws.state) if s.kind == "silent"] == []
+
+
+def test_a_commands_own_commit_cut_off_before_its_head_was_kept_is_not_foreign(make_ws, monkeypatch):
+    """`coordinator retry` served with no supervisor running, interrupted (Ctrl-C) between its
+    commit and keeping its head: its commit is the supervisor's, for verify as for the next start."""
+    ws = team(make_ws)
+    drop(ws, "chip", "fail.md", order_md("Fails", id="fail"))
+    run(ws)
+    assert Store(ws.state).load("fail").status == "blocked"
+    write, once = StateRepo.write, [True]
+
+    def cut_off(self: StateRepo, batch: Batch) -> int:
+        if once:  # the retry's commit only
+            once.pop()
+            monkeypatch.setattr(self, "own", lambda head: (_ for _ in ()).throw(KeyboardInterrupt()))
+        return write(self, batch)
+
+    monkeypatch.setattr(StateRepo, "write", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        control.submit(ws, "retry", {"id": "fail"})
+    assert "fail chip: blocked -> queued" in git(ws.state, "log", "-1", "--format=%s")
     assert verify.verify(ws) == []
     run(ws)
     assert [s for s in signals.load(ws.state) if s.kind == "silent"] == []
