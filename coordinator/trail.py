@@ -274,7 +274,8 @@ class Trail:
         marked = self._marked(clear=optional_locks)
         out = self.git("status", "--porcelain", "-z", "--untracked-files=normal", "--ignored=matching",
                        optional_locks=optional_locks)
-        paths = [p for p in _status_paths(out) if not temp_name(p)]
+        # One path may be listed twice: taken out of the index by hand (`git rm --cached`) and untracked.
+        paths = list(dict.fromkeys(p for p in _status_paths(out) if not temp_name(p)))
         if not optional_locks:
             paths = list(dict.fromkeys(paths + marked))
         folders = [p for p in paths if p.endswith("/")]

@@ -407,6 +407,32 @@ def test_a_record_edited_by_hand_behind_an_index_mark_is_still_reported_and_put_
     assert verify.verify(ws) == []
 
 
+@pytest.mark.parametrize("how", ["git rm --cached", "git add"])
+def test_a_hand_change_staged_in_state_is_put_back_as_the_last_commit_has_it(make_ws, how):
+    """`git rm --cached` of a record (the file stays) or `git add` of a file made by hand: the
+    index no longer says what is committed. The record is put back, never deleted (its order
+    would be filed and run again), and the new file goes; the supervisor starts all the same."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    run(ws)
+    if how == "git rm --cached":
+        git(ws.state, "rm", "-q", "--cached", "orders/a/record.json")
+        changed = "orders/a/record.json"
+    else:
+        (ws.state / "orders" / "a" / "hand.json").write_text("{}\n")
+        git(ws.state, "add", "orders/a/hand.json")
+        changed = "orders/a/hand.json"
+    assert f"state/{changed}" in {f.where for f in verify.verify(ws)}
+    run(ws)
+    assert Store(ws.state).load("a").status == "done"
+    assert git(ws.state, "log", "--format=%s").count("a chip: queued -> running") == 1
+    assert not (ws.state / "orders" / "a" / "hand.json").exists()
+    [said] = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert said == f"state/ changed by hand (restored from git): {changed}"
+    assert git(ws.state, "status", "--porcelain") == ""
+    assert verify.verify(ws) == []
+
+
 def test_a_hand_commit_in_the_supervisors_name_is_foreign_after_a_clean_stop(make_ws):
     """`git -c user.name=coordinator commit` in state/ while no supervisor runs: the committer's
     name is anyone's, the head the supervisor kept is not."""
