@@ -407,6 +407,25 @@ def test_a_record_edited_by_hand_behind_an_index_mark_is_still_reported_and_put_
     assert verify.verify(ws) == []
 
 
+def test_a_users_core_ignorestat_marks_nothing_for_the_tamper_watch(make_ws, monkeypatch, tmp_path):
+    """`core.ignoreStat` in a person's git config (for a file system where lstat is slow) has
+    git mark every file it stages `assume-unchanged`: the supervisor's own files must not
+    look like files hidden by hand, to `audit verify` or the tamper watch."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".gitconfig").write_text("[core]\n\tignoreStat = true\n")
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("XDG_CONFIG_HOME", "GIT_CONFIG_GLOBAL"):
+        monkeypatch.delenv(name, raising=False)
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    run(ws)
+    assert Store(ws.state).load("a").status == "done"
+    assert verify.verify(ws) == []
+    run(ws)
+    assert [s for s in signals.load(ws.state) if s.kind == "silent"] == []
+
+
 @pytest.mark.parametrize("how", ["git rm --cached", "git add"])
 def test_a_hand_change_staged_in_state_is_put_back_as_the_last_commit_has_it(make_ws, how):
     """`git rm --cached` of a record (the file stays) or `git add` of a file made by hand: the
