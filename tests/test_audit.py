@@ -526,6 +526,32 @@ def test_a_signed_hand_commit_is_foreign_when_the_persons_git_shows_signatures(m
     assert [f.detail for f in verify.verify(ws) if f.kind == "state-foreign"] == foreign
 
 
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="no ssh-keygen to sign a commit with")
+def test_a_persons_signed_commit_in_a_repository_is_listed_when_their_git_shows_signatures(make_ws, tmp_path,
+                                                                                           monkeypatch):
+    """A person who signs their commits and has git show signatures commits on repos/<repo>:
+    verify lists that commit, as any other, instead of finding the history unreadable (and
+    checking none of its commits)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(home / "k")], check=True)
+    (home / "allowed").write_text(f"p@x {(home / 'k.pub').read_text()}")
+    (home / ".gitconfig").write_text(
+        f"[gpg]\n\tformat = ssh\n[gpg \"ssh\"]\n\tallowedSignersFile = {home / 'allowed'}\n"
+        f"[user]\n\tsigningkey = {home / 'k.pub'}\n\tname = pat\n\temail = p@x\n[log]\n\tshowSignature = true\n")
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("XDG_CONFIG_HOME", "GIT_CONFIG_GLOBAL"):
+        monkeypatch.delenv(name, raising=False)
+    ws = team(make_ws)
+    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
+    run(ws)
+    repo = ws.repos / "webapp"
+    subprocess.run(["git", "-C", str(repo), "commit", "-q", "-S", "--allow-empty", "-m", "signed by hand"], check=True)
+    assert "Good" in git(repo, "log", "-1")  # the person's git shows the signature
+    found = [f.detail for f in verify.verify(ws)]
+    assert len(found) == 1 and found[0] == "pat: 'signed by hand' has no Work-Order trailer", found
+
+
 def test_a_batch_of_thousands_of_transitions_is_one_commit_that_keeps_every_line(tmp_path):
     """A specialist's outbox of 2,000 orders made one batch of thousands of lines: passed to
     git as one argument, its message passed the system's limit (128 KiB) and the supervisor
