@@ -378,12 +378,16 @@ class StateRepo(Trail):
 
     def restore(self, paths: list[str]) -> None:
         """Put hand-made changes back as the last commit has them (tamper watch). Each path is
-        itself, never a pattern: a file named `orders/*` by hand must not put back every order."""
+        itself, never a pattern: a file named `orders/*` by hand must not put back every order.
+        What the last commit holds is asked of it, not of the index a person may have staged
+        in: a record taken out with `git rm --cached` is put back, never deleted (its order
+        would be filed and run again), and a file made and `git add`ed by hand leaves both."""
         for p in paths:
-            tracked = self.git("ls-files", "--", p, literal=True).strip()
-            if tracked:
+            committed = self.git("ls-tree", "--name-only", "-z", "HEAD", "--", p).split("\0")
+            if p in committed:
                 self.git("checkout", "HEAD", "--", p, literal=True)
             else:
+                self.git("rm", "-q", "--cached", "--ignore-unmatch", "--", p, literal=True)
                 with contextlib.suppress(OSError):
                     (self.path / p).unlink()
                 # A folder made by hand goes with its last file (git tracks no empty folder);

@@ -42,6 +42,9 @@ _TRUSTED_CONFIG = (
     "core.quotePath=false",
     "rerere.enabled=false",
     "advice.detachedHead=false",
+    # A person's config that shows signatures puts their text in front of the fields `git log
+    # -z` is read by, for a commit they signed: `audit verify` found the history unreadable.
+    "log.showSignature=false",
 )
 _SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?\Z")
 _REPO_LOCKS: dict[str, threading.RLock] = {}

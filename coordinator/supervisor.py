@@ -201,7 +201,7 @@ class Supervisor(Arrivals):
 
     @property
     def _journal_file(self) -> Path:
-        return self.ws.runtime / "state-journal"
+        return self.ws.state_journal
 
     def _lock(self) -> None:
         """One supervisor per workspace: an exclusive lock the kernel drops if we die."""

@@ -53,9 +53,11 @@ _KEEP_HEAP = "glibc.malloc.trim_threshold=268435456:glibc.malloc.top_pad=1677721
 # core.excludesFile: a person's ignore file (in their config, state/'s, or git's default
 # ~/.config/git/ignore) must neither hide a hand-made file from the tamper watch nor keep the
 # supervisor's own files out of a commit.
+# core.ignoreStat: set in a person's config, git marks every file it stages assume-unchanged,
+# the mark the tamper watch takes for a file hidden by hand (`Trail._marked`).
 GIT_OPTS = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "gc.auto=0",
             "-c", "commit.gpgsign=false", "-c", "core.quotepath=false", "-c", "log.showSignature=false",
-            "-c", "core.excludesFile=/dev/null")
+            "-c", "core.excludesFile=/dev/null", "-c", "core.ignoreStat=false")
 
 # state/.gitignore: temp files are never committed (and never a change: a write in flight, or
 # one a crash cut off, cleaned up at the next start). Nothing else in state/ is ignored.
@@ -274,7 +276,8 @@ class Trail:
         marked = self._marked(clear=optional_locks)
         out = self.git("status", "--porcelain", "-z", "--untracked-files=normal", "--ignored=matching",
                        optional_locks=optional_locks)
-        paths = [p for p in _status_paths(out) if not temp_name(p)]
+        # One path may be listed twice: taken out of the index by hand (`git rm --cached`) and untracked.
+        paths = list(dict.fromkeys(p for p in _status_paths(out) if not temp_name(p)))
         if not optional_locks:
             paths = list(dict.fromkeys(paths + marked))
         folders = [p for p in paths if p.endswith("/")]

@@ -157,10 +157,13 @@ def _state_findings(ws: Workspace, state: trail.Trail) -> list[Finding]:
 
 def _maybe_busy(ws: Workspace) -> bool:
     """Whether the supervisor may have committed past the head it kept: it runs, or it did
-    not stop cleanly (a crash between a commit and keeping its head)."""
+    not stop cleanly (a crash between a commit and keeping its head). A command served with
+    no supervisor running (`coordinator retry`) and cut off there (Ctrl-C, a kill) leaves no
+    marker, only its journal: as the next start does, that counts as a crash too."""
     from .control import supervisor_running
 
-    return (ws.runtime / "running").exists() or supervisor_running(ws)
+    return (ws.runtime / "running").exists() or bool(durable.read_journal(ws.state_journal)) \
+        or supervisor_running(ws)
 
 
 def _history_gaps(ws: Workspace, state: trail.Trail) -> list[Finding]:

@@ -113,6 +113,12 @@ class Workspace:
         cannot take it along."""
         return self.runtime / "state-head"
 
+    @cached_property
+    def state_journal(self) -> Path:
+        """What the supervisor (or a command served with none running) wrote in state/ and has
+        not committed yet: lines left in it after it ended say it did not finish."""
+        return self.runtime / "state-journal"
+
     def rel(self, path: Path) -> str:
         """`path` as shown to users: relative to the workspace when inside it. A link is shown
         where it is, not where it points."""

@@ -18,8 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.harness import LiveSupervisor
-from coordinator import signals, verify
-from coordinator.audit import StateRepo
+from coordinator import control, signals, verify
+from coordinator.audit import Batch, StateRepo
 from coordinator.errors import GitError
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
@@ -407,6 +407,51 @@ def test_a_record_edited_by_hand_behind_an_index_mark_is_still_reported_and_put_
     assert verify.verify(ws) == []
 
 
+def test_a_users_core_ignorestat_marks_nothing_for_the_tamper_watch(make_ws, monkeypatch, tmp_path):
+    """`core.ignoreStat` in a person's git config (for a file system where lstat is slow) has
+    git mark every file it stages `assume-unchanged`: the supervisor's own files must not
+    look like files hidden by hand, to `audit verify` or the tamper watch."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".gitconfig").write_text("[core]\n\tignoreStat = true\n")
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("XDG_CONFIG_HOME", "GIT_CONFIG_GLOBAL"):
+        monkeypatch.delenv(name, raising=False)
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    run(ws)
+    assert Store(ws.state).load("a").status == "done"
+    assert verify.verify(ws) == []
+    run(ws)
+    assert [s for s in signals.load(ws.state) if s.kind == "silent"] == []
+
+
+@pytest.mark.parametrize("how", ["git rm --cached", "git add"])
+def test_a_hand_change_staged_in_state_is_put_back_as_the_last_commit_has_it(make_ws, how):
+    """`git rm --cached` of a record (the file stays) or `git add` of a file made by hand: the
+    index no longer says what is committed. The record is put back, never deleted (its order
+    would be filed and run again), and the new file goes; the supervisor starts all the same."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    run(ws)
+    if how == "git rm --cached":
+        git(ws.state, "rm", "-q", "--cached", "orders/a/record.json")
+        changed = "orders/a/record.json"
+    else:
+        (ws.state / "orders" / "a" / "hand.json").write_text("{}\n")
+        git(ws.state, "add", "orders/a/hand.json")
+        changed = "orders/a/hand.json"
+    assert f"state/{changed}" in {f.where for f in verify.verify(ws)}
+    run(ws)
+    assert Store(ws.state).load("a").status == "done"
+    assert git(ws.state, "log", "--format=%s").count("a chip: queued -> running") == 1
+    assert not (ws.state / "orders" / "a" / "hand.json").exists()
+    [said] = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert said == f"state/ changed by hand (restored from git): {changed}"
+    assert git(ws.state, "status", "--porcelain") == ""
+    assert verify.verify(ws) == []
+
+
 def test_a_hand_commit_in_the_supervisors_name_is_foreign_after_a_clean_stop(make_ws):
     """`git -c user.name=coordinator commit` in state/ while no supervisor runs: the committer's
     name is anyone's, the head the supervisor kept is not."""
@@ -437,6 +482,30 @@ def test_the_supervisors_own_commit_past_its_kept_head_after_a_crash_is_not_fore
     assert [s for s in signals.load(ws.state) if s.kind == "silent"] == []
 
 
+def test_a_commands_own_commit_cut_off_before_its_head_was_kept_is_not_foreign(make_ws, monkeypatch):
+    """`coordinator retry` served with no supervisor running, interrupted (Ctrl-C) between its
+    commit and keeping its head: its commit is the supervisor's, for verify as for the next start."""
+    ws = team(make_ws)
+    drop(ws, "chip", "fail.md", order_md("Fails", id="fail"))
+    run(ws)
+    assert Store(ws.state).load("fail").status == "blocked"
+    write, once = StateRepo.write, [True]
+
+    def cut_off(self: StateRepo, batch: Batch) -> int:
+        if once:  # the retry's commit only
+            once.pop()
+            monkeypatch.setattr(self, "own", lambda head: (_ for _ in ()).throw(KeyboardInterrupt()))
+        return write(self, batch)
+
+    monkeypatch.setattr(StateRepo, "write", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        control.submit(ws, "retry", {"id": "fail"})
+    assert "fail chip: blocked -> queued" in git(ws.state, "log", "-1", "--format=%s")
+    assert verify.verify(ws) == []
+    run(ws)
+    assert [s for s in signals.load(ws.state) if s.kind == "silent"] == []
+
+
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="no ssh-keygen to sign a commit with")
 def test_a_signed_hand_commit_is_foreign_when_the_persons_git_shows_signatures(make_ws, tmp_path, monkeypatch):
     home = tmp_path / "home"
@@ -455,6 +524,32 @@ def test_a_signed_hand_commit_is_foreign_when_the_persons_git_shows_signatures(m
     assert len(foreign) == 1 and foreign[0].endswith("by eve: signed by hand")
     run(ws)  # a start reads state/'s history as before
     assert [f.detail for f in verify.verify(ws) if f.kind == "state-foreign"] == foreign
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="no ssh-keygen to sign a commit with")
+def test_a_persons_signed_commit_in_a_repository_is_listed_when_their_git_shows_signatures(make_ws, tmp_path,
+                                                                                           monkeypatch):
+    """A person who signs their commits and has git show signatures commits on repos/<repo>:
+    verify lists that commit, as any other, instead of finding the history unreadable (and
+    checking none of its commits)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(home / "k")], check=True)
+    (home / "allowed").write_text(f"p@x {(home / 'k.pub').read_text()}")
+    (home / ".gitconfig").write_text(
+        f"[gpg]\n\tformat = ssh\n[gpg \"ssh\"]\n\tallowedSignersFile = {home / 'allowed'}\n"
+        f"[user]\n\tsigningkey = {home / 'k.pub'}\n\tname = pat\n\temail = p@x\n[log]\n\tshowSignature = true\n")
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("XDG_CONFIG_HOME", "GIT_CONFIG_GLOBAL"):
+        monkeypatch.delenv(name, raising=False)
+    ws = team(make_ws)
+    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
+    run(ws)
+    repo = ws.repos / "webapp"
+    subprocess.run(["git", "-C", str(repo), "commit", "-q", "-S", "--allow-empty", "-m", "signed by hand"], check=True)
+    assert "Good" in git(repo, "log", "-1")  # the person's git shows the signature
+    found = [f.detail for f in verify.verify(ws)]
+    assert len(found) == 1 and found[0] == "pat: 'signed by hand' has no Work-Order trailer", found
 
 
 def test_a_batch_of_thousands_of_transitions_is_one_commit_that_keeps_every_line(tmp_path):
