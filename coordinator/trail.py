@@ -61,7 +61,10 @@ GIT_OPTS = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c"
 
 # state/.gitignore: temp files are never committed (and never a change: a write in flight, or
 # one a crash cut off, cleaned up at the next start). Nothing else in state/ is ignored.
-IGNORED = ("*.tmp", f"{durable.TMP_PREFIX}*")
+# Temp files: the supervisor's own, and an editor's beside a record a person opened to read
+# (vim's swap files and its 4913 probe, backups, emacs locks and auto-saves). Nobody's change:
+# never committed, never put back, never a signal.
+IGNORED = ("*.tmp", f"{durable.TMP_PREFIX}*", ".*.sw[a-p]", "*~", ".#*", "#*#", "4913")
 
 
 @dataclass(frozen=True)

@@ -1130,6 +1130,24 @@ def test_a_hand_commit_in_state_beside_a_running_supervisor_is_signalled_once(ma
     assert Store(ws.state).load("a").status == "done"
 
 
+def test_an_editors_files_beside_a_record_a_person_reads_are_nobodys_change(make_ws):
+    # vim on a record left .record.json.swp: the tamper watch, which now sees ignored files
+    # too, signalled it as a hand change and deleted the swap file under the open editor.
+    ws = team(make_ws)
+    with Supervisor(ws) as sup:
+        drop(ws, "chip", "a.md", order_md("Read in an editor", id="a"))
+        sup.run_once(limit=10)
+        folder = ws.state / "orders" / "a"
+        editor = [folder / ".record.json.swp", folder / "record.json~", folder / ".#record.json", folder / "4913"]
+        for path in editor:
+            path.write_text("an editor's\n")
+        verify.watch_state(sup)
+        assert all(p.exists() for p in editor)
+        assert verify.verify(ws) == []
+    assert [s for s in signals.load(ws.state) if s.kind == "silent"] == []
+    assert "swp" not in git(ws.state, "ls-files")
+
+
 def test_a_note_with_a_newline_cannot_forge_a_transition_in_the_trail(make_ws):
     ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"]},
                   "chip": {"role": "specialist", "command": sh("true")}}, orchestrator="walt")
