@@ -13,7 +13,9 @@ import re
 from functools import lru_cache
 
 GLOB_CHARS = frozenset("*?[")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (U+0085, U+009B: a terminal's CSI)
+# C0, DEL and C1 (U+0085, U+009B: a terminal's CSI), and the bidirectional overrides and isolates
+# (U+202E shows `src/x\u202eyp.ts` as `src/xst.py`).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def path_problem(entry: str) -> str | None:

@@ -387,6 +387,7 @@ def test_check_is_taken_from_backticks_and_passes(item: str, check: str | None) 
     ("webapp//src/x.ts", "empty component"),
     ("webapp/src/x\x07.ts", "control character"),
     ("webapp/src/x\x9b31m.ts", "control character"),  # C1: a terminal's CSI
+    ("webapp/src/x\u202eyp.ts", "control character"),  # shown as webapp/src/xst.py
     ("*/src/x.ts", "must name a repository"),
 ])
 def test_hostile_file_entries_are_refused_with_their_line(entry: str, words: str) -> None:
