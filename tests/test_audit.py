@@ -1290,6 +1290,7 @@ def test_a_hand_commit_whose_message_holds_a_record_separator_is_listed_never_a_
 
 
 
+@pytest.mark.slow  # some 3.5 s: `make test-slow`, and CI, run it
 def test_a_busy_supervisors_journal_keeps_only_what_is_not_committed_yet(make_ws, monkeypatch):
     """The crash journal (a line for each state write, read at the start after a crash) was
     compacted only when a commit found nothing new staged: while orders kept coming, never,

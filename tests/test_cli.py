@@ -1060,6 +1060,7 @@ def board_watched_into(ws: Path, out: Path) -> Iterator[None]:
     assert (watching.returncode, err) == (0, "")
 
 
+@pytest.mark.slow  # some 5 s: `make test-slow`, and CI, run it
 def test_board_watch_into_a_file_adds_a_board_only_when_it_changed(ws: Path, tmp_path: Path) -> None:
     out = tmp_path / "board.log"
     with board_watched_into(ws, out):

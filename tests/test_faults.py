@@ -429,6 +429,7 @@ def state_index_held(ws: Workspace) -> Iterator[Callable[[], None]]:
         release()
 
 
+@pytest.mark.slow  # some 3 s: `make test-slow`, and CI, run it
 def test_a_person_holding_states_index_lock_past_the_wait_costs_no_order(make_ws, monkeypatch):
     """While orders run, a git in state/ holds index.lock longer than a commit waits for it.
     The batch that met it was lost, the batches after it too, and the journal forgot their
