@@ -364,19 +364,20 @@ def gc(ws: Workspace, days: float) -> tuple[list[str], list[str]]:
     for rec in sorted(store.load_all().values(), key=lambda r: r.seq):
         if not rec.terminal or now - _epoch(rec.updated) < days * 86400:
             continue
+        with contextlib.suppress(OSError):  # its working copy's folder, left empty before copies took it along
+            (ws.runtime / "work" / rec.id).rmdir()
+        folders = [f for f in (ws.runtime / "attempts" / rec.id, ws.runtime / "logs" / rec.id) if os.path.lexists(f)]
+        if not folders:  # cleared by an earlier gc: its record is not read again
+            continue
         with contextlib.suppress(OSError, ValueError, NotFoundError):  # retried meanwhile: its attempt runs
             if store.load(rec.id).updated != rec.updated:
                 continue
-        with contextlib.suppress(OSError):  # its working copy's folder, emptied when the copy went
-            (ws.runtime / "work" / rec.id).rmdir()
-        folders = [f for f in (ws.runtime / "attempts" / rec.id, ws.runtime / "logs" / rec.id) if os.path.lexists(f)]
         for folder in folders:
             try:
                 durable.remove_tree(folder)
             except OSError as e:
                 raise WorkspaceError(f"cannot remove {folder}: {e.strerror or e}; remove it by hand") from None
-        if folders:
-            cleared.append(rec.id)
+        cleared.append(rec.id)
     return copies, cleared
 
 

@@ -507,15 +507,22 @@ def test_a_commands_own_commit_cut_off_before_its_head_was_kept_is_not_foreign(m
 
 
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="no ssh-keygen to sign a commit with")
-def test_a_signed_hand_commit_is_foreign_when_the_persons_git_shows_signatures(make_ws, tmp_path, monkeypatch):
-    home = tmp_path / "home"
+def signing_person(home: Path, monkeypatch, *, name: str, email: str) -> None:
+    """A person (their HOME) whose git signs commits with an ssh key and shows signatures in `log`."""
     home.mkdir()
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(home / "k")], check=True)
-    (home / "allowed").write_text(f"e@x {(home / 'k.pub').read_text()}")
+    (home / "allowed").write_text(f"{email} {(home / 'k.pub').read_text()}")
     (home / ".gitconfig").write_text(
         f"[gpg]\n\tformat = ssh\n[gpg \"ssh\"]\n\tallowedSignersFile = {home / 'allowed'}\n"
-        f"[user]\n\tsigningkey = {home / 'k.pub'}\n\tname = eve\n\temail = e@x\n[log]\n\tshowSignature = true\n")
+        f"[user]\n\tsigningkey = {home / 'k.pub'}\n\tname = {name}\n\temail = {email}\n"
+        "[log]\n\tshowSignature = true\n")
     monkeypatch.setenv("HOME", str(home))
+    for variable in ("XDG_CONFIG_HOME", "GIT_CONFIG_GLOBAL"):
+        monkeypatch.delenv(variable, raising=False)
+
+
+def test_a_signed_hand_commit_is_foreign_when_the_persons_git_shows_signatures(make_ws, tmp_path, monkeypatch):
+    signing_person(tmp_path / "home", monkeypatch, name="eve", email="e@x")
     ws = team(make_ws)
     subprocess.run(["git", "-C", str(ws.state), "commit", "-q", "-S", "--allow-empty", "-m", "signed by hand"],
                    check=True)
@@ -532,16 +539,7 @@ def test_a_persons_signed_commit_in_a_repository_is_listed_when_their_git_shows_
     """A person who signs their commits and has git show signatures commits on repos/<repo>:
     verify lists that commit, as any other, instead of finding the history unreadable (and
     checking none of its commits)."""
-    home = tmp_path / "home"
-    home.mkdir()
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(home / "k")], check=True)
-    (home / "allowed").write_text(f"p@x {(home / 'k.pub').read_text()}")
-    (home / ".gitconfig").write_text(
-        f"[gpg]\n\tformat = ssh\n[gpg \"ssh\"]\n\tallowedSignersFile = {home / 'allowed'}\n"
-        f"[user]\n\tsigningkey = {home / 'k.pub'}\n\tname = pat\n\temail = p@x\n[log]\n\tshowSignature = true\n")
-    monkeypatch.setenv("HOME", str(home))
-    for name in ("XDG_CONFIG_HOME", "GIT_CONFIG_GLOBAL"):
-        monkeypatch.delenv(name, raising=False)
+    signing_person(tmp_path / "home", monkeypatch, name="pat", email="p@x")
     ws = team(make_ws)
     drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
     run(ws)
