@@ -10,6 +10,7 @@ watcher hints at, or a wake from another thread (an LLM call that ended).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import select
 import stat
@@ -45,6 +46,7 @@ class Arrivals(Transitions):
     _unsettled: OrderedDict[Path, str]
     _stuck: set[Path]  # inbox files a claim failed on: tried again at each rescan
     _strays_said: set[str]
+    _backlog_filed: bool  # what waited in the inboxes at start is filed (no slice for it)
     # Written to wake the loop from another thread (a hint, an LLM call that ended); the
     # loop waits on it and on the spawner's exits in one select (see `_wait`).
     _wake_fds: tuple[int, int] | None
@@ -157,7 +159,11 @@ class Arrivals(Transitions):
         # as soon as one of them has ended: a burst filed 500 at a time left the spawn pipeline
         # empty for 200 ms at a time.
         filed = 0
-        until = time.monotonic() + (INTAKE_SLICE if self.attempts.active else INTAKE_SLICE_IDLE)
+        # What waited for the supervisor is filed before anything starts (up to INTAKE_BATCH),
+        # however slow the disk: priority decides among it, not which files came first.
+        slice_ = INTAKE_SLICE if self.attempts.active else INTAKE_SLICE_IDLE if self._backlog_filed else math.inf
+        self._backlog_filed = True
+        until = time.monotonic() + slice_
         unsettled: list[tuple[Path, str]] = []  # still being written: looked at again next step
         exits = self.spawner.fileno() if self.attempts.active and not self.offline else -1
 

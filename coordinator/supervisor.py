@@ -77,6 +77,7 @@ class Supervisor(Arrivals):
         self._config_stamp = _stamp(ws.config_path)
         self._config_changed_said = False
         self._strays_said = set()
+        self._backlog_filed = False
         self._stuck = set()
         self._last_flush = 0.0
         self._last_progress = 0.0

@@ -22,6 +22,10 @@ from bench.harness import make_workspace  # noqa: E402
 from coordinator.supervisor import Supervisor  # noqa: E402
 from coordinator.workspace import Workspace  # noqa: E402
 
+# Bidirectional overrides and isolates: refused in every text field (they make text read
+# otherwise than it is), so generated "acceptable text" leaves them out.
+BIDI_CONTROLS = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+
 
 def sh(script: str) -> list[str]:
     """An agent command that runs a shell script (with $COORD_* in its environment)."""
@@ -79,6 +83,13 @@ def inbox_mount(make_ws) -> Iterator[tuple[Workspace, Path]]:
         yield ws, mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def intake_all(sup: Supervisor) -> None:
+    """File every order now in the inboxes. One intake step yields after a few milliseconds of
+    filing (so attempts get started), which on a loaded machine is before the last of a few."""
+    while sup._intake_step():
+        pass
 
 
 def step_until(sup: Supervisor, cond: Callable[[], object], what: str, *, wait: float = 60.0) -> None:

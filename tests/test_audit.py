@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
-from conftest import drop, order_md, sh
+from conftest import drop, intake_all, order_md, sh
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -63,7 +63,7 @@ def test_every_status_path_is_in_state_history_with_its_actor(make_ws):
     drop(ws, "chip", "deny.md", order_md("Denied write", files=("webapp/src/x.py",), id="deny"))
     drop(ws, "chip", "bad.md", order_md("Rejected", acceptance=("one",), id="bad", sender="rex"))
     with Supervisor(ws) as sup:
-        sup._intake_step()
+        intake_all(sup)
         sup.handle("cancel", {"id": "cancelme", "by": "user"})
         sup.run_once(limit=60)
     recs = Store(ws.state).load_all()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import order_md
+from conftest import BIDI_CONTROLS, order_md
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -59,7 +59,8 @@ def file_name(draw: st.DrawFn) -> bytes:
 
 
 # -- contents ---------------------------------------------------------------------------------
-LINE = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=60)
+LINE = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"), blacklist_characters=BIDI_CONTROLS),
+               min_size=1, max_size=60)
 
 
 @st.composite

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import drop, order_md, sh, wait_until
+from conftest import drop, intake_all, order_md, sh, wait_until
 
 from coordinator import budget, orders, runner, signals
 from coordinator.store import Store
@@ -98,7 +98,7 @@ def test_rotate_drops_only_completed_items_and_fresh_writes_a_brief_of_what_is_i
                                       branching=("requeue-with-blocker if the API is undecided",)))
     drop(ws, "chip", "b.md", order_md("Blocked work", id="later", sender="walt", blocked_by=["fin2"]))
     with Supervisor(ws) as sup:
-        sup._intake_step()
+        intake_all(sup)
         sup.step_commit()
         assert (sup.records["fin2"].status, sup.records["later"].status) == ("queued", "waiting")
         before = {i.ref for i in sup.ledger.items}
@@ -270,7 +270,7 @@ def test_the_fresh_brief_holds_only_the_orchestrators_own_work_and_why_a_denial_
     drop(ws, "chip", "w.md", order_md("Walt's order in flight", id="walts", sender="walt"))
     with Supervisor(ws) as sup:
         sup.run_once(limit=1)
-        sup._intake_step()
+        intake_all(sup)
         for _ in range(3):
             sup.step()
         brief = sup.fresh_brief()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import yaml
+from conftest import BIDI_CONTROLS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,8 +15,10 @@ from coordinator.orders import Acceptance, Branch, WorkOrder
 
 SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-# Text a user may write on one line: no control characters, no line or paragraph separators.
-LINE = (st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=40)
+# Text a user may write on one line: no control characters (bidi overrides included), no line
+# or paragraph separators.
+CHARACTER = st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"), blacklist_characters=BIDI_CONTROLS)
+LINE = (st.text(CHARACTER, min_size=1, max_size=40)
         .map(str.strip)
         .filter(lambda s: bool(s) and len(s.splitlines()) == 1 and "<describe" not in s
                 and "<replace" not in s))

@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PRINT_REVIEW, drop, merge_killed_after, order_md, sh, step_until, wait_until
+from conftest import (
+    PRINT_REVIEW,
+    drop,
+    intake_all,
+    merge_killed_after,
+    order_md,
+    sh,
+    step_until,
+    wait_until,
+)
 
 from bench.harness import probe_of
 from coordinator import durable, mounts, orders, signals
@@ -1296,7 +1305,7 @@ def test_at_start_a_waiting_order_whose_dependency_was_cancelled_is_blocked_once
     drop(ws, "chip", "c.md", order_md("Needs both", id="two", blocked_by=["one", "root"]))
     sup = Supervisor(ws)
     sup.open()
-    sup._intake_step()
+    intake_all(sup)
     assert {i: sup.records[i].status for i in ("one", "two")} == {"one": "waiting", "two": "waiting"}
     sup._write_state()
     die_between_record_writes(sup.store, "root", "cancelled", before="one")

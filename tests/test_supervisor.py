@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PRINT_REVIEW, drop, order_md, sh, step_until, wait_until
+from conftest import PRINT_REVIEW, drop, intake_all, order_md, sh, step_until, wait_until
 
 from bench.harness import probe_of
 from coordinator import attempts, board, signals
@@ -227,7 +227,7 @@ def test_a_chain_behind_a_cancelled_order_is_blocked_all_the_way_down(make_ws):
     drop(ws, "chip", "b.md", order_md("B happens", id="b", blocked_by=["a"]))
     drop(ws, "chip", "c.md", order_md("C happens", id="c", blocked_by=["b"]))
     with Supervisor(ws) as sup:
-        sup._intake_step()
+        intake_all(sup)
         sup.handle("cancel", {"id": "a"})
         sup._write_state()
     recs = Store(ws.state).load_all()
@@ -417,6 +417,22 @@ def test_priority_decides_across_agents_when_one_slot_is_free(make_ws):
     drop(ws, "rex", "4.md", order_md("Rex high is done", id="r-high", priority="high"))
     run(ws)
     assert (probe_of(ws) / "ran.txt").read_text().split() == ["c-urgent", "r-high", "c-normal", "c-low"]
+
+
+def test_a_queue_waiting_for_the_supervisor_runs_by_priority_however_slow_filing_is(make_ws, monkeypatch):
+    """Filing yields to starting after a slice of time; on a slow disk filing one order takes
+    longer than the slice. What was queued before the supervisor started is still all filed
+    before the first start, so the urgent order runs first, not the oldest."""
+    from coordinator import arrivals
+
+    monkeypatch.setattr(arrivals, "INTAKE_SLICE_IDLE", 0.0)
+    record = sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran.txt"')
+    ws = make_ws({"chip": {"role": "specialist", "command": record}})
+    for i, (oid, priority) in enumerate([("old-low", "low"), ("normal", "normal"), ("urgent", "urgent")]):
+        path = drop(ws, "chip", f"{i}.md", order_md(f"Order {oid} is done", id=oid, priority=priority))
+        os.utime(path, (time.time() - 60 + i, time.time() - 60 + i))
+    run(ws)
+    assert (probe_of(ws) / "ran.txt").read_text().split() == ["urgent", "normal", "old-low"]
 
 
 def test_parallel_limits_per_agent_and_overall(make_ws):
@@ -1075,7 +1091,7 @@ def test_retry_of_an_order_waiting_for_its_dependencies_says_what_it_waits_for(m
     os.utime(first, (time.time() - 60, time.time() - 60))  # taken in first: the start-up scan goes by age
     drop(ws, "chip", "b.md", order_md("Needs another", id="later", blocked_by=["sooner"]))
     with Supervisor(ws) as sup:
-        sup._intake_step()
+        intake_all(sup)
         assert sup.records["later"].status == "waiting"
         with pytest.raises(StateError) as refused:
             sup.handle("retry", {"id": "later"})
