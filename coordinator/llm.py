@@ -62,6 +62,7 @@ MIN_SECRET_PREFIX = 8  # a cut excerpt ending in this much of a key is scrubbed 
 PLAIN_JSON_HINT = "Reply with one JSON object and nothing else: no prose, no code fences."
 # Half of a character: httpx cannot encode it, so it is never sent (U+FFFD goes instead).
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+HEADER_SAFE = re.compile("[\x21-\x7e]+")  # what an API key is made of: visible ASCII, no spaces
 
 
 class SpendLimitReached(LLMError):
@@ -223,7 +224,7 @@ class Client:
         secrets = self._secrets()
         made: list[Call] = []
         last_errors: list[str] = []
-        unset: list[str] = []  # endpoints whose key variable is not set: never asked
+        unset: list[str] = []  # endpoints whose key variable is not set (or unusable): never asked
         http = httpx.Client(transport=self._transport, timeout=httpx.Timeout(self.settings.timeout))
         try:
             for endpoint in chain:
@@ -232,7 +233,7 @@ class Client:
                     unset.append(self._unset_message(endpoint))
                     log.warning("%s; skipping to the next model of the fallback chain", unset[-1])
                     last_errors.append(f"{endpoint.model} at {endpoint.base_url}: not asked, "
-                                       f"{endpoint.api_key_env} is not set")
+                                       f"{self._unset_why(endpoint)}")
                     continue
                 reply, error = self._ask_endpoint(http, endpoint, headers, messages, json_object,
                                                   secrets, made)
@@ -411,22 +412,41 @@ class Client:
             self._sleep(seconds)
         self._check_stop()
 
+    def _key(self, endpoint: Endpoint) -> str:
+        """The endpoint's key as sent: without the line end or spaces a key file or a paste
+        leaves around it ("" when unset)."""
+        return (self._env.get(endpoint.api_key_env) or "").strip() if endpoint.api_key_env else ""
+
     def _headers(self, endpoint: Endpoint) -> dict[str, str] | None:
-        """The request's headers; None when the endpoint's key variable is not set."""
+        """The request's headers; None when the endpoint's key variable is not set, or holds what
+        no header can carry (the HTTP library would refuse it with the key in its words)."""
         if not endpoint.api_key_env:
             return {}  # local servers (Ollama, llama.cpp) need no key
-        key = self._env.get(endpoint.api_key_env)
-        if not key:
+        key = self._key(endpoint)
+        if not key or not HEADER_SAFE.fullmatch(key):
             return None
         return {"Authorization": f"Bearer {key}"}
 
+    def _unset_why(self, endpoint: Endpoint) -> str:
+        if self._key(endpoint):
+            return (f"{endpoint.api_key_env} holds a character no API key has (a control character, "
+                    "a space or a non-ASCII letter)")
+        return f"{endpoint.api_key_env} is not set"
+
     def _unset_message(self, endpoint: Endpoint) -> str:
-        return (f"model {endpoint.model} at {endpoint.base_url}: the environment variable "
+        where = f"model {endpoint.model} at {endpoint.base_url}"
+        if self._key(endpoint):
+            return (f"{where}: the environment variable {self._unset_why(endpoint)}; export it again "
+                    "with the key exactly as the provider shows it")
+        return (f"{where}: the environment variable "
                 f"{endpoint.api_key_env} is not set; export it with the API key (in the supervisor's "
                 "environment), or set api_key_env: null for a server that needs no key")
 
     def _secrets(self) -> list[str]:
-        found = {self._env.get(e.api_key_env, "") for e in self.settings.chain if e.api_key_env}
+        raw = {self._env.get(e.api_key_env, "") for e in self.settings.chain if e.api_key_env}
+        # The key as set and as sent, and as a message may quote it (escaped, like b'\n').
+        found = {form for key in raw for k in (key, key.strip())
+                 for form in (k, k.encode("unicode_escape").decode("ascii"))}
         # Longest first, so a key that contains another is scrubbed whole.
         return sorted((s for s in found if len(s) >= MIN_SECRET), key=len, reverse=True)
 

@@ -247,6 +247,32 @@ def test_an_unset_key_variable_skips_to_the_next_model_and_says_so(
     assert sleeps == []
 
 
+@pytest.mark.parametrize("stray", ["\n", "\r\n", " "])
+def test_a_key_set_with_a_line_end_is_sent_without_it(fake: FakeLLM, stray: str) -> None:
+    # Once: httpx refused the header with the key in its words, and that error (the key in it,
+    # escaped past the scrubbing) was retried, logged and recorded in state/ with every call.
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("m", fake.base_url, api_key_env="FAKE_KEY")),
+                    env={"FAKE_KEY": KEY + stray})
+    assert client.chat([{"role": "user", "content": "hi"}]).text == OK
+    assert fake.requests[0].headers["authorization"] == f"Bearer {KEY}"
+
+
+@pytest.mark.parametrize("bad", [KEY[:8] + "\x00" + KEY[8:], KEY[:8] + "\n" + KEY[8:], KEY + "é"])
+def test_a_key_no_header_can_carry_is_named_never_shown_and_never_retried(
+        fake: FakeLLM, sleeps: Sleeps, caplog: pytest.LogCaptureFixture, bad: str) -> None:
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("m", fake.base_url, api_key_env="FAKE_KEY")),
+                    env={"FAKE_KEY": bad}, sleep=sleeps)
+    with pytest.raises(LLMAuthError) as info:
+        client.chat([{"role": "user", "content": "hi"}])
+    message = str(info.value)
+    assert "FAKE_KEY holds a character no API key has" in message and "\n" not in message
+    for text in (message, caplog.text, repr(client.calls)):
+        assert KEY[8:] not in text and "SECRET" not in text
+    assert fake.requests == [] and sleeps == []
+
+
 def test_when_no_model_can_be_asked_every_unset_variable_is_named(fake: FakeLLM) -> None:
     client = Client(settings(Endpoint("a", fake.base_url, api_key_env="KEY_A"),
                              Endpoint("b", "http://127.0.0.1:1/v1", api_key_env="KEY_B")), env={})
