@@ -58,7 +58,8 @@ def start_llm_attempt(runner: AttemptRunner, act: Active) -> None:
         def ask() -> Any:
             return llmagent.run_specialist(client, brief, files, allowed=allowed,
                                            outcomes_allowed=outcomes, unseen=unseen,
-                                           repo=act.repo.name if act.repo is not None else None)
+                                           repo=act.repo.name if act.repo is not None else None,
+                                           workdir=act.attempt.workdir if act.repo is not None else None)
 
     launch(act, out, ask, f"llm-{act.token}", runner.sup.wake, left=act.deadline - runner.sup.clock())
 

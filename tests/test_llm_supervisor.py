@@ -157,6 +157,19 @@ def test_a_reply_that_is_not_json_is_sent_back_then_accepted(make_ws, fake):
     assert load(ws, "g").attempts == 1
 
 
+def test_edits_that_need_a_path_to_be_file_and_folder_go_back_to_the_model(make_ws, fake):
+    ws = make_ws({"chip": coder(fake)})
+    fake.script(content=reply(write("webapp/src/greeting.py"), write("webapp/src/greeting.py/x.py")))
+    fake.script(content=reply(write("webapp/src/greeting.py")))
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", acceptance=CHECKED,
+                                       files=("webapp/src/**",)))
+    run(ws)
+
+    rec = load(ws, "g")
+    assert rec.status == "done" and rec.attempts == 1 and rec.failures == []
+    assert "which another edit writes as a file" in last_user_message(fake.chat_bodies()[1])
+
+
 def test_an_edit_outside_the_files_ends_denied_with_each_path_and_a_scope_signal(make_ws, fake):
     # SPEC §7: a change outside the permission is denied, as the gate denies a command's.
     fake.script(content=reply(write("webapp/src/greeting.py"), write("webapp/tests/test_login.py", "hacked\n"),

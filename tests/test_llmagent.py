@@ -129,6 +129,24 @@ def test_unsafe_or_malformed_edits_are_sent_back(fake: FakeLLM, edit: dict[str, 
     assert expected in last_user_message(fake.chat_bodies()[1])
 
 
+@pytest.mark.parametrize(("edits", "expected"), [
+    # Once applied in turn: a write failed half-way with the working copy's path, and the
+    # attempt failed without the model ever hearing why.
+    ([{"path": "webapp/src/a.ts", "content": "x"}, {"path": "webapp/src/a.ts/b.ts", "content": "y"}],
+     "'webapp/src/a.ts/b.ts' is inside 'webapp/src/a.ts', which another edit writes as a file"),
+    ([{"path": "webapp/src/login.ts/b.ts", "content": "y"}], "src/login.ts is a file, not a folder"),
+    ([{"path": "webapp/src", "content": "x"}], "is a folder; an edit replaces one file"),
+])
+def test_edits_the_working_copy_cannot_take_are_sent_back(fake: FakeLLM, worktree: Path,
+                                                          edits: list[dict[str, Any]], expected: str) -> None:
+    fake.script(content=done(*edits))
+    fake.script(content=done({"path": "webapp/src/login.ts", "content": "new\n"}))
+    reply, _ = run_specialist(client_for(fake), BRIEF, {}, allowed=lambda p: True,
+                              outcomes_allowed=OUTCOMES, repo="webapp", workdir=worktree)
+    assert expected in last_user_message(fake.chat_bodies()[1])
+    assert apply_edits(worktree, "webapp", reply.edits) == ["src/login.ts"]
+
+
 def test_an_outcome_the_branching_does_not_allow_is_sent_back(fake: FakeLLM) -> None:
     fake.script(content=done(outcome="route-to", agent="rex"))
     fake.script(content=done(outcome="halt-with-note"))
