@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 
@@ -232,14 +233,14 @@ class Client:
                 if headers is None:
                     unset.append(self._unset_message(endpoint))
                     log.warning("%s; skipping to the next model of the fallback chain", unset[-1])
-                    last_errors.append(f"{endpoint.model} at {endpoint.base_url}: not asked, "
+                    last_errors.append(f"{endpoint.model} at {shown_url(endpoint.base_url)}: not asked, "
                                        f"{self._unset_why(endpoint)}")
                     continue
                 reply, error = self._ask_endpoint(http, endpoint, headers, messages, json_object,
                                                   secrets, made)
                 if reply is not None:
                     return reply
-                last_errors.append(f"{endpoint.model} at {endpoint.base_url}: {error}")
+                last_errors.append(f"{endpoint.model} at {shown_url(endpoint.base_url)}: {error}")
         finally:
             if self._transport is None:  # an injected transport belongs to the caller
                 http.close()
@@ -266,15 +267,15 @@ class Client:
                 text, usage = self._post(http, endpoint, headers, messages, use_format, json_object,
                                          secrets)
             except LLMError as e:  # stopped (a cancel, the order's timeout) part-way: said, not retried
-                self._record(Call(endpoint.model, endpoint.base_url, None, str(e), None,
+                self._record(Call(endpoint.model, shown_url(endpoint.base_url), None, str(e), None,
                                   self._clock() - started, 0.0), made)
                 raise
             except _Failure as f:
                 if self._stopped.is_set():  # the connection broke because `stop` shut it
-                    self._record(Call(endpoint.model, endpoint.base_url, None, self._why_stopped, None,
+                    self._record(Call(endpoint.model, shown_url(endpoint.base_url), None, self._why_stopped, None,
                                       self._clock() - started, 0.0), made)
                     raise LLMError(self._why_stopped) from None
-                call = Call(endpoint.model, endpoint.base_url, f.status, f.text, None,
+                call = Call(endpoint.model, shown_url(endpoint.base_url), f.status, f.text, None,
                             self._clock() - started, 0.0)
                 self._record(call, made)
                 if f.status in (401, 403):
@@ -284,7 +285,7 @@ class Client:
                     self._plain.add((endpoint.base_url, endpoint.model))
                     plain_retried = True
                     log.info("%s at %s refused response_format; asking plainly",
-                             endpoint.model, endpoint.base_url)
+                             endpoint.model, shown_url(endpoint.base_url))
                     continue
                 if not f.retry or retries >= self.settings.max_retries:
                     attempts = retries + 1
@@ -293,11 +294,11 @@ class Client:
                 delay = self._delay(retries, f.retry_after)
                 retries += 1
                 log.warning("%s at %s: %s; retry %d of %d in %.1fs", endpoint.model,
-                            endpoint.base_url, f.text, retries, self.settings.max_retries, delay)
+                            shown_url(endpoint.base_url), f.text, retries, self.settings.max_retries, delay)
                 self._pause(delay)
                 continue
             cost = cost_of(usage, endpoint)
-            call = Call(endpoint.model, endpoint.base_url, 200, None, usage,
+            call = Call(endpoint.model, shown_url(endpoint.base_url), 200, None, usage,
                         self._clock() - started, cost)
             self._record(call, made)
             return Reply(text=text, model=endpoint.model, usage=usage,
@@ -434,7 +435,7 @@ class Client:
         return f"{endpoint.api_key_env} is not set"
 
     def _unset_message(self, endpoint: Endpoint) -> str:
-        where = f"model {endpoint.model} at {endpoint.base_url}"
+        where = f"model {endpoint.model} at {shown_url(endpoint.base_url)}"
         if self._key(endpoint):
             return (f"{where}: the environment variable {self._unset_why(endpoint)}; export it again "
                     "with the key exactly as the provider shows it")
@@ -447,11 +448,12 @@ class Client:
         # The key as set and as sent, and as a message may quote it (escaped, like b'\n').
         found = {form for key in raw for k in (key, key.strip())
                  for form in (k, k.encode("unicode_escape").decode("ascii"))}
+        found |= {s for e in self.settings.chain for s in url_secrets(e.base_url)}
         # Longest first, so a key that contains another is scrubbed whole.
         return sorted((s for s in found if len(s) >= MIN_SECRET), key=len, reverse=True)
 
     def _auth_message(self, endpoint: Endpoint, status: int) -> str:
-        where = f"model {endpoint.model} at {endpoint.base_url}"
+        where = f"model {endpoint.model} at {shown_url(endpoint.base_url)}"
         if endpoint.api_key_env:
             fix = f"check the key in {endpoint.api_key_env} and that it may use this model"
         else:
@@ -543,6 +545,35 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def shown_url(url: str) -> str:
+    """`url` as it may be shown and stored: a user name and password in it (a proxy's basic auth)
+    are a secret like the key, never written to a record, a log or the model's next brief."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return url
+    if "@" not in parts.netloc or host is None:
+        return url
+    netloc = f"{REDACTED}@" + parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def url_secrets(url: str) -> set[str]:
+    """The user information of `url`, as written and decoded: scrubbed wherever an error echoes it."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return set()
+    if "@" not in parts.netloc:
+        return set()
+    info = parts.netloc.rsplit("@", 1)[0]
+    found = {info, unquote(info)}
+    if parts.password:
+        found |= {parts.password, unquote(parts.password)}
+    return found
 
 
 def _reason(e: Exception) -> str:
