@@ -118,6 +118,7 @@ class Reply:
     cost: float  # of all calls made for this reply (failed ones included)
     calls: tuple[Call, ...]
     endpoint: Endpoint  # the one that answered: pass it as `prefer` to ask it again
+    cut: bool = False  # the endpoint stopped it at the output token limit (finish_reason "length")
 
 
 def cost_of(usage: Usage, endpoint: Endpoint) -> float:
@@ -264,8 +265,8 @@ class Client:
             self._check_spend()
             started = self._clock()
             try:
-                text, usage = self._post(http, endpoint, headers, messages, use_format, json_object,
-                                         secrets)
+                text, usage, cut = self._post(http, endpoint, headers, messages, use_format,
+                                              json_object, secrets)
             except LLMError as e:  # stopped (a cancel, the order's timeout) part-way: said, not retried
                 self._record(Call(endpoint.model, shown_url(endpoint.base_url), None, str(e), None,
                                   self._clock() - started, 0.0), made)
@@ -302,11 +303,12 @@ class Client:
                         self._clock() - started, cost)
             self._record(call, made)
             return Reply(text=text, model=endpoint.model, usage=usage,
-                         cost=sum(c.cost for c in made), calls=tuple(made), endpoint=endpoint), ""
+                         cost=sum(c.cost for c in made), calls=tuple(made), endpoint=endpoint,
+                         cut=cut), ""
 
     def _post(self, http: httpx.Client, endpoint: Endpoint, headers: dict[str, str],
               messages: list[dict[str, str]], use_format: bool, json_object: bool,
-              secrets: list[str]) -> tuple[str, Usage]:
+              secrets: list[str]) -> tuple[str, Usage, bool]:
         sent = [{k: whole_text(v) for k, v in m.items()} for m in messages]
         if json_object and not use_format:
             sent = [{"role": "system", "content": PLAIN_JSON_HINT}, *sent]
@@ -479,8 +481,9 @@ class Client:
 
 
 def _parse_completion(response: httpx.Response, sent: list[dict[str, str]],
-                      secrets: list[str]) -> tuple[str, Usage]:
-    """Text and usage of a 200 answer; a malformed one is a retryable failure."""
+                      secrets: list[str]) -> tuple[str, Usage, bool]:
+    """Text, usage and whether the output token limit cut it, of a 200 answer; a malformed one is
+    a retryable failure."""
     try:
         data = response.json()
         content = data["choices"][0]["message"]["content"]
@@ -488,9 +491,13 @@ def _parse_completion(response: httpx.Response, sent: list[dict[str, str]],
         shown = excerpt(response.text, secrets)
         raise _Failure(f"HTTP 200 but not a chat completion: {shown!r}", status=200,
                        retry=True) from None
+    choice = data["choices"][0]
+    cut = isinstance(choice, dict) and choice.get("finish_reason") == "length"
     if not isinstance(content, str) or not content.strip():
-        raise _Failure("HTTP 200 with an empty message", status=200, retry=True)
-    return content, _usage(data.get("usage"), sent, content)
+        # A reasoning model can spend the whole output limit thinking and say nothing.
+        why = " (cut off at the output token limit: raise llm.max_tokens)" if cut else ""
+        raise _Failure(f"HTTP 200 with an empty message{why}", status=200, retry=True)
+    return content, _usage(data.get("usage"), sent, content), cut
 
 
 def _usage(raw: object, sent: list[dict[str, str]], content: str) -> Usage:

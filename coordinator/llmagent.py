@@ -456,6 +456,9 @@ def _converse(client: Client, messages: list[dict[str, str]],
             result, errors = check(data)
             if result is not None and not errors:
                 return result, replies
+        elif reply.cut:
+            # Not a broken rule but a limit: "not JSON" alone would send the user hunting the model.
+            errors = [_cut_error(client), *errors]
         correction = ("Your reply was not accepted:\n" + "\n".join(f"- {e}" for e in errors)
                       + "\nReply again with the whole corrected JSON object and nothing else.")
         messages = [*messages, {"role": "assistant", "content": said},
@@ -465,6 +468,14 @@ def _converse(client: Client, messages: list[dict[str, str]],
         f"{model}'s {what} broke the contract {len(replies)} times; last errors: " + "; ".join(errors),
         errors=errors, replies=replies,
     )
+
+
+def _cut_error(client: Client) -> str:
+    limit = client.settings.max_tokens
+    where = (f"the agent's llm.max_tokens ({limit})" if limit is not None
+             else "the endpoint's own output limit (no llm.max_tokens is set)")
+    return (f"the reply was cut off at {where} before its JSON ended; reply shorter (fewer or "
+            "smaller edits), or raise llm.max_tokens in coordinator.yaml")
 
 
 KEY_ECHOED = ("the reply holds the API key of this agent's endpoint; it is never written anywhere: "

@@ -166,6 +166,14 @@ def test_a_200_that_is_not_a_completion_is_retried(fake: FakeLLM, sleeps: Sleeps
     assert sleeps == [1.0]
 
 
+def test_an_empty_message_cut_at_the_token_limit_says_which_limit(fake: FakeLLM, sleeps: Sleeps) -> None:
+    fake.script(json={"choices": [{"message": {"content": None}, "finish_reason": "length"}]})
+    with pytest.raises(LLMError, match=r"empty message \(cut off at the output token limit: raise "
+                                       r"llm.max_tokens\)"):
+        Client(settings(Endpoint("m", fake.base_url), max_retries=0), sleep=sleeps).chat(
+            [{"role": "user", "content": "hi"}])
+
+
 def test_refused_response_format_switches_to_plain_prompting_and_is_remembered(
         fake: FakeLLM, sleeps: Sleeps) -> None:
     fake.script(status=400, json={"error": {"message": "response_format is not supported"}})

@@ -104,6 +104,20 @@ def test_a_wrong_shape_is_sent_back_twice_then_the_attempt_fails(fake: FakeLLM) 
     assert "missing required key 'summary'" in correction and "unknown key 'notes'" in correction
 
 
+def test_a_reply_cut_off_at_the_token_limit_says_so_not_just_that_it_is_not_json(fake: FakeLLM) -> None:
+    # Once: "the reply is not JSON (Unterminated string ...)", three times over, and the user
+    # went hunting the model when the fix was one line of coordinator.yaml.
+    cut = {"choices": [{"message": {"content": '{"outcome": "done", "summary": "Added the le'},
+                        "finish_reason": "length"}]}
+    for _ in range(3):
+        fake.script(json=cut)
+    client = Client(LLMSettings(primary=Endpoint("coder", fake.base_url), max_retries=0, max_tokens=50))
+    with pytest.raises(LLMReplyError) as info:
+        run_specialist(client, BRIEF, {}, allowed=in_src, outcomes_allowed=OUTCOMES)
+    assert "cut off at the agent's llm.max_tokens (50)" in str(info.value)
+    assert "raise llm.max_tokens" in last_user_message(fake.chat_bodies()[1])
+
+
 def test_an_edit_outside_what_the_order_allows_is_sent_back(fake: FakeLLM) -> None:
     fake.script(content=done({"path": "webapp/config/secrets.env", "content": "X=1\n"}))
     fake.script(content=done({"path": "webapp/src/login.ts", "content": "ok\n"}))
