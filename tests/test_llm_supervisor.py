@@ -619,6 +619,32 @@ def test_a_file_too_large_to_send_whole_is_never_cut_off_by_the_models_whole_tex
     assert (repo / "src" / "big.py").read_text() == big
 
 
+def test_a_file_behind_a_link_out_of_the_working_copy_is_never_sent_to_the_model(make_ws, fake, tmp_path):
+    # Once: a link committed in the repository (src/ext -> a private folder) put the private
+    # file's text into the prompt, by its path or by a glob, off to the model's endpoint.
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "id_rsa").write_text("PRIVATE-KEY-MATERIAL\n")
+    ws = make_ws({"chip": coder(fake)})
+    repo = ws.repos / "webapp"
+    (repo / "src" / "ext").symlink_to(private)
+    sh_git = ["git", "-C", str(repo), "-c", "user.name=u", "-c", "user.email=u@example.invalid"]
+    subprocess.run([*sh_git, "add", "-A"], check=True)
+    subprocess.run([*sh_git, "commit", "-qm", "a link"], check=True)
+    fake.script(content=reply())
+    fake.script(content=reply())
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/ext/id_rsa",)))
+    drop(ws, "chip", "h.md", order_md("The app greets people again", id="h", files=("webapp/src/*/*",)))
+    run(ws)
+
+    assert load(ws, "g").status == "done" and load(ws, "h").status == "done"
+    for body in fake.chat_bodies():
+        sent = user_message(body)
+        assert "PRIVATE-KEY-MATERIAL" not in sent
+        assert '<file path="webapp/src/ext/id_rsa" omitted="true"' in sent
+        assert "behind the symbolic link src/ext" in sent
+
+
 def test_files_past_the_total_are_marked_omitted_and_may_not_be_edited(make_ws, fake):
     ws = make_ws({"chip": coder(fake, max_failures=1)})
     repo = ws.repos / "webapp"
