@@ -493,6 +493,10 @@ def _parse_completion(response: httpx.Response, sent: list[dict[str, str]],
                        retry=True) from None
     choice = data["choices"][0]
     cut = isinstance(choice, dict) and choice.get("finish_reason") == "length"
+    if isinstance(content, list):
+        # Some servers answer in parts ({"type": "text", "text": ...}, thinking beside it).
+        content = "".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text"
+                          and isinstance(p.get("text"), str))
     if not isinstance(content, str) or not content.strip():
         # A reasoning model can spend the whole output limit thinking and say nothing.
         why = " (cut off at the output token limit: raise llm.max_tokens)" if cut else ""

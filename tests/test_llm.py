@@ -166,6 +166,16 @@ def test_a_200_that_is_not_a_completion_is_retried(fake: FakeLLM, sleeps: Sleeps
     assert sleeps == [1.0]
 
 
+def test_a_message_in_parts_is_its_text_parts_joined(fake: FakeLLM, sleeps: Sleeps) -> None:
+    # Once "HTTP 200 with an empty message", retried and failed, though the answer was there.
+    parts = [{"type": "thinking", "thinking": [{"type": "text", "text": "hmm {"}]},
+             {"type": "text", "text": '{"ok": '}, {"type": "text", "text": "true}"}]
+    fake.script(json={"choices": [{"message": {"role": "assistant", "content": parts}}]})
+    reply = Client(settings(Endpoint("m", fake.base_url), max_retries=0), sleep=sleeps).chat(
+        [{"role": "user", "content": "hi"}])
+    assert reply.text == OK and len(reply.calls) == 1
+
+
 def test_an_empty_message_cut_at_the_token_limit_says_which_limit(fake: FakeLLM, sleeps: Sleeps) -> None:
     fake.script(json={"choices": [{"message": {"content": None}, "finish_reason": "length"}]})
     with pytest.raises(LLMError, match=r"empty message \(cut off at the output token limit: raise "
