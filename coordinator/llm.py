@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 
@@ -62,6 +63,7 @@ MIN_SECRET_PREFIX = 8  # a cut excerpt ending in this much of a key is scrubbed 
 PLAIN_JSON_HINT = "Reply with one JSON object and nothing else: no prose, no code fences."
 # Half of a character: httpx cannot encode it, so it is never sent (U+FFFD goes instead).
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+HEADER_SAFE = re.compile("[\x21-\x7e]+")  # what an API key is made of: visible ASCII, no spaces
 
 
 class SpendLimitReached(LLMError):
@@ -116,6 +118,7 @@ class Reply:
     cost: float  # of all calls made for this reply (failed ones included)
     calls: tuple[Call, ...]
     endpoint: Endpoint  # the one that answered: pass it as `prefer` to ask it again
+    cut: bool = False  # the endpoint stopped it at the output token limit (finish_reason "length")
 
 
 def cost_of(usage: Usage, endpoint: Endpoint) -> float:
@@ -223,7 +226,7 @@ class Client:
         secrets = self._secrets()
         made: list[Call] = []
         last_errors: list[str] = []
-        unset: list[str] = []  # endpoints whose key variable is not set: never asked
+        unset: list[str] = []  # endpoints whose key variable is not set (or unusable): never asked
         http = httpx.Client(transport=self._transport, timeout=httpx.Timeout(self.settings.timeout))
         try:
             for endpoint in chain:
@@ -231,14 +234,14 @@ class Client:
                 if headers is None:
                     unset.append(self._unset_message(endpoint))
                     log.warning("%s; skipping to the next model of the fallback chain", unset[-1])
-                    last_errors.append(f"{endpoint.model} at {endpoint.base_url}: not asked, "
-                                       f"{endpoint.api_key_env} is not set")
+                    last_errors.append(f"{endpoint.model} at {shown_url(endpoint.base_url)}: not asked, "
+                                       f"{self._unset_why(endpoint)}")
                     continue
                 reply, error = self._ask_endpoint(http, endpoint, headers, messages, json_object,
                                                   secrets, made)
                 if reply is not None:
                     return reply
-                last_errors.append(f"{endpoint.model} at {endpoint.base_url}: {error}")
+                last_errors.append(f"{endpoint.model} at {shown_url(endpoint.base_url)}: {error}")
         finally:
             if self._transport is None:  # an injected transport belongs to the caller
                 http.close()
@@ -262,18 +265,18 @@ class Client:
             self._check_spend()
             started = self._clock()
             try:
-                text, usage = self._post(http, endpoint, headers, messages, use_format, json_object,
-                                         secrets)
+                text, usage, cut = self._post(http, endpoint, headers, messages, use_format,
+                                              json_object, secrets)
             except LLMError as e:  # stopped (a cancel, the order's timeout) part-way: said, not retried
-                self._record(Call(endpoint.model, endpoint.base_url, None, str(e), None,
+                self._record(Call(endpoint.model, shown_url(endpoint.base_url), None, str(e), None,
                                   self._clock() - started, 0.0), made)
                 raise
             except _Failure as f:
                 if self._stopped.is_set():  # the connection broke because `stop` shut it
-                    self._record(Call(endpoint.model, endpoint.base_url, None, self._why_stopped, None,
+                    self._record(Call(endpoint.model, shown_url(endpoint.base_url), None, self._why_stopped, None,
                                       self._clock() - started, 0.0), made)
                     raise LLMError(self._why_stopped) from None
-                call = Call(endpoint.model, endpoint.base_url, f.status, f.text, None,
+                call = Call(endpoint.model, shown_url(endpoint.base_url), f.status, f.text, None,
                             self._clock() - started, 0.0)
                 self._record(call, made)
                 if f.status in (401, 403):
@@ -283,7 +286,7 @@ class Client:
                     self._plain.add((endpoint.base_url, endpoint.model))
                     plain_retried = True
                     log.info("%s at %s refused response_format; asking plainly",
-                             endpoint.model, endpoint.base_url)
+                             endpoint.model, shown_url(endpoint.base_url))
                     continue
                 if not f.retry or retries >= self.settings.max_retries:
                     attempts = retries + 1
@@ -292,19 +295,20 @@ class Client:
                 delay = self._delay(retries, f.retry_after)
                 retries += 1
                 log.warning("%s at %s: %s; retry %d of %d in %.1fs", endpoint.model,
-                            endpoint.base_url, f.text, retries, self.settings.max_retries, delay)
+                            shown_url(endpoint.base_url), f.text, retries, self.settings.max_retries, delay)
                 self._pause(delay)
                 continue
             cost = cost_of(usage, endpoint)
-            call = Call(endpoint.model, endpoint.base_url, 200, None, usage,
+            call = Call(endpoint.model, shown_url(endpoint.base_url), 200, None, usage,
                         self._clock() - started, cost)
             self._record(call, made)
             return Reply(text=text, model=endpoint.model, usage=usage,
-                         cost=sum(c.cost for c in made), calls=tuple(made), endpoint=endpoint), ""
+                         cost=sum(c.cost for c in made), calls=tuple(made), endpoint=endpoint,
+                         cut=cut), ""
 
     def _post(self, http: httpx.Client, endpoint: Endpoint, headers: dict[str, str],
               messages: list[dict[str, str]], use_format: bool, json_object: bool,
-              secrets: list[str]) -> tuple[str, Usage]:
+              secrets: list[str]) -> tuple[str, Usage, bool]:
         sent = [{k: whole_text(v) for k, v in m.items()} for m in messages]
         if json_object and not use_format:
             sent = [{"role": "system", "content": PLAIN_JSON_HINT}, *sent]
@@ -411,27 +415,47 @@ class Client:
             self._sleep(seconds)
         self._check_stop()
 
+    def _key(self, endpoint: Endpoint) -> str:
+        """The endpoint's key as sent: without the line end or spaces a key file or a paste
+        leaves around it ("" when unset)."""
+        return (self._env.get(endpoint.api_key_env) or "").strip() if endpoint.api_key_env else ""
+
     def _headers(self, endpoint: Endpoint) -> dict[str, str] | None:
-        """The request's headers; None when the endpoint's key variable is not set."""
+        """The request's headers; None when the endpoint's key variable is not set, or holds what
+        no header can carry (the HTTP library would refuse it with the key in its words)."""
         if not endpoint.api_key_env:
             return {}  # local servers (Ollama, llama.cpp) need no key
-        key = self._env.get(endpoint.api_key_env)
-        if not key:
+        key = self._key(endpoint)
+        if not key or not HEADER_SAFE.fullmatch(key):
             return None
         return {"Authorization": f"Bearer {key}"}
 
+    def _unset_why(self, endpoint: Endpoint) -> str:
+        if self._key(endpoint):
+            return (f"{endpoint.api_key_env} holds a character no API key has (a control character, "
+                    "a space or a non-ASCII letter)")
+        return f"{endpoint.api_key_env} is not set"
+
     def _unset_message(self, endpoint: Endpoint) -> str:
-        return (f"model {endpoint.model} at {endpoint.base_url}: the environment variable "
+        where = f"model {endpoint.model} at {shown_url(endpoint.base_url)}"
+        if self._key(endpoint):
+            return (f"{where}: the environment variable {self._unset_why(endpoint)}; export it again "
+                    "with the key exactly as the provider shows it")
+        return (f"{where}: the environment variable "
                 f"{endpoint.api_key_env} is not set; export it with the API key (in the supervisor's "
                 "environment), or set api_key_env: null for a server that needs no key")
 
     def _secrets(self) -> list[str]:
-        found = {self._env.get(e.api_key_env, "") for e in self.settings.chain if e.api_key_env}
+        raw = {self._env.get(e.api_key_env, "") for e in self.settings.chain if e.api_key_env}
+        # The key as set and as sent, and as a message may quote it (escaped, like b'\n').
+        found = {form for key in raw for k in (key, key.strip())
+                 for form in (k, k.encode("unicode_escape").decode("ascii"))}
+        found |= {s for e in self.settings.chain for s in url_secrets(e.base_url)}
         # Longest first, so a key that contains another is scrubbed whole.
         return sorted((s for s in found if len(s) >= MIN_SECRET), key=len, reverse=True)
 
     def _auth_message(self, endpoint: Endpoint, status: int) -> str:
-        where = f"model {endpoint.model} at {endpoint.base_url}"
+        where = f"model {endpoint.model} at {shown_url(endpoint.base_url)}"
         if endpoint.api_key_env:
             fix = f"check the key in {endpoint.api_key_env} and that it may use this model"
         else:
@@ -457,8 +481,9 @@ class Client:
 
 
 def _parse_completion(response: httpx.Response, sent: list[dict[str, str]],
-                      secrets: list[str]) -> tuple[str, Usage]:
-    """Text and usage of a 200 answer; a malformed one is a retryable failure."""
+                      secrets: list[str]) -> tuple[str, Usage, bool]:
+    """Text, usage and whether the output token limit cut it, of a 200 answer; a malformed one is
+    a retryable failure."""
     try:
         data = response.json()
         content = data["choices"][0]["message"]["content"]
@@ -466,9 +491,17 @@ def _parse_completion(response: httpx.Response, sent: list[dict[str, str]],
         shown = excerpt(response.text, secrets)
         raise _Failure(f"HTTP 200 but not a chat completion: {shown!r}", status=200,
                        retry=True) from None
+    choice = data["choices"][0]
+    cut = isinstance(choice, dict) and choice.get("finish_reason") == "length"
+    if isinstance(content, list):
+        # Some servers answer in parts ({"type": "text", "text": ...}, thinking beside it).
+        content = "".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text"
+                          and isinstance(p.get("text"), str))
     if not isinstance(content, str) or not content.strip():
-        raise _Failure("HTTP 200 with an empty message", status=200, retry=True)
-    return content, _usage(data.get("usage"), sent, content)
+        # A reasoning model can spend the whole output limit thinking and say nothing.
+        why = " (cut off at the output token limit: raise llm.max_tokens)" if cut else ""
+        raise _Failure(f"HTTP 200 with an empty message{why}", status=200, retry=True)
+    return content, _usage(data.get("usage"), sent, content), cut
 
 
 def _usage(raw: object, sent: list[dict[str, str]], content: str) -> Usage:
@@ -523,6 +556,35 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def shown_url(url: str) -> str:
+    """`url` as it may be shown and stored: a user name and password in it (a proxy's basic auth)
+    are a secret like the key, never written to a record, a log or the model's next brief."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return url
+    if "@" not in parts.netloc or host is None:
+        return url
+    netloc = f"{REDACTED}@" + parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def url_secrets(url: str) -> set[str]:
+    """The user information of `url`, as written and decoded: scrubbed wherever an error echoes it."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return set()
+    if "@" not in parts.netloc:
+        return set()
+    info = parts.netloc.rsplit("@", 1)[0]
+    found = {info, unquote(info)}
+    if parts.password:
+        found |= {parts.password, unquote(parts.password)}
+    return found
 
 
 def _reason(e: Exception) -> str:

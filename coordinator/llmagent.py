@@ -173,7 +173,8 @@ def run_specialist(client: Client, brief: str, files: Mapping[str, str | None], 
                    allowed: Callable[[str], bool],
                    outcomes_allowed: Collection[str],
                    unseen: Mapping[str, Unseen] | None = None,
-                   repo: str | None = None) -> tuple[SpecialistReply, list[Reply]]:
+                   repo: str | None = None,
+                   workdir: Path | None = None) -> tuple[SpecialistReply, list[Reply]]:
     """Ask the model for the order's edits; re-ask on a broken reply; LLMReplyError at last.
 
     `allowed(path)` says whether the order may write a "<repo>/<path>" (its files and the
@@ -182,7 +183,11 @@ def run_specialist(client: Client, brief: str, files: Mapping[str, str | None], 
     `unseen` names the files the model was not sent whole: an edit of one is refused, since
     "the whole new text" of a file it saw only part of would cut the rest off. With `repo`
     (the order's repository), a well-formed edit in it that `allowed` refuses is not sent
-    back but returned in `outside`: the caller denies the order for it.
+    back but returned in `outside`: the caller denies the order for it. With `workdir` (the
+    working copy of `repo`), an edit that could not be applied there (a file in the way of a
+    folder, a folder in the way of a file, a link) is sent back too, as are two edits that
+    would need one path to be a file and a folder at once: the model can still fix those, a
+    failed attempt could not.
     """
     unseen = unseen or {}
 
@@ -224,8 +229,13 @@ def run_specialist(client: Client, brief: str, files: Mapping[str, str | None], 
             elif not allowed(path):
                 errors.append(f"{where}: outside what this order may write; edit only the files "
                               "the order lists")
+            elif workdir is not None and repo is not None and (
+                    why := _target(Path(os.path.realpath(workdir)), repo,
+                                   Edit(path, None if "delete" in item else item["content"]))[1]):
+                errors.append(f"{where}: {why}")
             seen.add(path)
             edits.append(Edit(path, None if "delete" in item else item["content"]))
+        errors.extend(_clashes(edits))
         if errors:
             return None, errors
         return SpecialistReply(
@@ -238,6 +248,21 @@ def run_specialist(client: Client, brief: str, files: Mapping[str, str | None], 
         ), []
 
     return _converse(client, specialist_messages(brief, files, unseen), check, "specialist reply")
+
+
+def _clashes(edits: Iterable[Edit]) -> list[str]:
+    """Edits that need a path to be a file (written whole) and a folder (of another edit) at once."""
+    files = {e.path for e in edits if e.content is not None}
+    out: list[str] = []
+    for e in edits:
+        parts = e.path.split("/")
+        for n in range(2, len(parts)):
+            folder = "/".join(parts[:n])
+            if folder in files:
+                out.append(f"edits: {e.path!r} is inside {folder!r}, which another edit writes as a file; "
+                           "a path cannot be a file and a folder at once")
+                break
+    return out
 
 
 def _text_errors(summary: str, blocker: object = None) -> list[str]:
@@ -431,6 +456,9 @@ def _converse(client: Client, messages: list[dict[str, str]],
             result, errors = check(data)
             if result is not None and not errors:
                 return result, replies
+        elif reply.cut:
+            # Not a broken rule but a limit: "not JSON" alone would send the user hunting the model.
+            errors = [_cut_error(client), *errors]
         correction = ("Your reply was not accepted:\n" + "\n".join(f"- {e}" for e in errors)
                       + "\nReply again with the whole corrected JSON object and nothing else.")
         messages = [*messages, {"role": "assistant", "content": said},
@@ -440,6 +468,14 @@ def _converse(client: Client, messages: list[dict[str, str]],
         f"{model}'s {what} broke the contract {len(replies)} times; last errors: " + "; ".join(errors),
         errors=errors, replies=replies,
     )
+
+
+def _cut_error(client: Client) -> str:
+    limit = client.settings.max_tokens
+    where = (f"the agent's llm.max_tokens ({limit})" if limit is not None
+             else "the endpoint's own output limit (no llm.max_tokens is set)")
+    return (f"the reply was cut off at {where} before its JSON ended; reply shorter (fewer or "
+            "smaller edits), or raise llm.max_tokens in coordinator.yaml")
 
 
 KEY_ECHOED = ("the reply holds the API key of this agent's endpoint; it is never written anywhere: "

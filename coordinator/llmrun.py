@@ -58,7 +58,8 @@ def start_llm_attempt(runner: AttemptRunner, act: Active) -> None:
         def ask() -> Any:
             return llmagent.run_specialist(client, brief, files, allowed=allowed,
                                            outcomes_allowed=outcomes, unseen=unseen,
-                                           repo=act.repo.name if act.repo is not None else None)
+                                           repo=act.repo.name if act.repo is not None else None,
+                                           workdir=act.attempt.workdir if act.repo is not None else None)
 
     launch(act, out, ask, f"llm-{act.token}", runner.sup.wake, left=act.deadline - runner.sup.clock())
 
@@ -156,6 +157,11 @@ def current_files(act: Active) -> tuple[dict[str, str | None], dict[str, llmagen
             key = f"{act.repo.name}/{path.relative_to(root).as_posix()}"
             if key in out or key in unseen:
                 continue
+            link = _link_above(root, path)
+            if link is not None:
+                # It may lie outside the working copy (a link to ~/.ssh): never sent to a model.
+                unseen[key] = llmagent.Unseen(f"not sent: it lies behind the symbolic link {link}")
+                continue
             if not path.is_file() or path.is_symlink():
                 out[key] = None
                 continue
@@ -169,6 +175,19 @@ def current_files(act: Active) -> tuple[dict[str, str | None], dict[str, llmagen
                 total += len(text)
                 out[key] = text
     return out, unseen
+
+
+def _link_above(root: Path, path: Path) -> str | None:
+    """The first folder between `root` and `path` that is a symbolic link, or None."""
+    here = root
+    for part in path.relative_to(root).parts[:-1]:
+        here = here / part
+        try:
+            if here.is_symlink():
+                return here.relative_to(root).as_posix()
+        except OSError:
+            return None
+    return None
 
 
 def _file_text(path: Path) -> tuple[str, llmagent.Unseen | None]:

@@ -166,6 +166,24 @@ def test_a_200_that_is_not_a_completion_is_retried(fake: FakeLLM, sleeps: Sleeps
     assert sleeps == [1.0]
 
 
+def test_a_message_in_parts_is_its_text_parts_joined(fake: FakeLLM, sleeps: Sleeps) -> None:
+    # Once "HTTP 200 with an empty message", retried and failed, though the answer was there.
+    parts = [{"type": "thinking", "thinking": [{"type": "text", "text": "hmm {"}]},
+             {"type": "text", "text": '{"ok": '}, {"type": "text", "text": "true}"}]
+    fake.script(json={"choices": [{"message": {"role": "assistant", "content": parts}}]})
+    reply = Client(settings(Endpoint("m", fake.base_url), max_retries=0), sleep=sleeps).chat(
+        [{"role": "user", "content": "hi"}])
+    assert reply.text == OK and len(reply.calls) == 1
+
+
+def test_an_empty_message_cut_at_the_token_limit_says_which_limit(fake: FakeLLM, sleeps: Sleeps) -> None:
+    fake.script(json={"choices": [{"message": {"content": None}, "finish_reason": "length"}]})
+    with pytest.raises(LLMError, match=r"empty message \(cut off at the output token limit: raise "
+                                       r"llm.max_tokens\)"):
+        Client(settings(Endpoint("m", fake.base_url), max_retries=0), sleep=sleeps).chat(
+            [{"role": "user", "content": "hi"}])
+
+
 def test_refused_response_format_switches_to_plain_prompting_and_is_remembered(
         fake: FakeLLM, sleeps: Sleeps) -> None:
     fake.script(status=400, json={"error": {"message": "response_format is not supported"}})
@@ -245,6 +263,32 @@ def test_an_unset_key_variable_skips_to_the_next_model_and_says_so(
     assert [b["model"] for b in fake.chat_bodies()] == ["local"]
     assert "MISSING_KEY is not set" in caplog.text and "skipping to the next model" in caplog.text
     assert sleeps == []
+
+
+@pytest.mark.parametrize("stray", ["\n", "\r\n", " "])
+def test_a_key_set_with_a_line_end_is_sent_without_it(fake: FakeLLM, stray: str) -> None:
+    # Once: httpx refused the header with the key in its words, and that error (the key in it,
+    # escaped past the scrubbing) was retried, logged and recorded in state/ with every call.
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("m", fake.base_url, api_key_env="FAKE_KEY")),
+                    env={"FAKE_KEY": KEY + stray})
+    assert client.chat([{"role": "user", "content": "hi"}]).text == OK
+    assert fake.requests[0].headers["authorization"] == f"Bearer {KEY}"
+
+
+@pytest.mark.parametrize("bad", [KEY[:8] + "\x00" + KEY[8:], KEY[:8] + "\n" + KEY[8:], KEY + "é"])
+def test_a_key_no_header_can_carry_is_named_never_shown_and_never_retried(
+        fake: FakeLLM, sleeps: Sleeps, caplog: pytest.LogCaptureFixture, bad: str) -> None:
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("m", fake.base_url, api_key_env="FAKE_KEY")),
+                    env={"FAKE_KEY": bad}, sleep=sleeps)
+    with pytest.raises(LLMAuthError) as info:
+        client.chat([{"role": "user", "content": "hi"}])
+    message = str(info.value)
+    assert "FAKE_KEY holds a character no API key has" in message and "\n" not in message
+    for text in (message, caplog.text, repr(client.calls)):
+        assert KEY[8:] not in text and "SECRET" not in text
+    assert fake.requests == [] and sleeps == []
 
 
 def test_when_no_model_can_be_asked_every_unset_variable_is_named(fake: FakeLLM) -> None:

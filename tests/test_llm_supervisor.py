@@ -157,6 +157,19 @@ def test_a_reply_that_is_not_json_is_sent_back_then_accepted(make_ws, fake):
     assert load(ws, "g").attempts == 1
 
 
+def test_edits_that_need_a_path_to_be_file_and_folder_go_back_to_the_model(make_ws, fake):
+    ws = make_ws({"chip": coder(fake)})
+    fake.script(content=reply(write("webapp/src/greeting.py"), write("webapp/src/greeting.py/x.py")))
+    fake.script(content=reply(write("webapp/src/greeting.py")))
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", acceptance=CHECKED,
+                                       files=("webapp/src/**",)))
+    run(ws)
+
+    rec = load(ws, "g")
+    assert rec.status == "done" and rec.attempts == 1 and rec.failures == []
+    assert "which another edit writes as a file" in last_user_message(fake.chat_bodies()[1])
+
+
 def test_an_edit_outside_the_files_ends_denied_with_each_path_and_a_scope_signal(make_ws, fake):
     # SPEC §7: a change outside the permission is denied, as the gate denies a command's.
     fake.script(content=reply(write("webapp/src/greeting.py"), write("webapp/tests/test_login.py", "hacked\n"),
@@ -424,6 +437,29 @@ def test_the_api_key_is_sent_but_appears_nowhere_in_state_runtime_or_logs(make_w
     assert not any(KEY in m for m in caplog.messages)
 
 
+def test_a_password_in_the_base_url_is_sent_but_never_kept_nor_shown_to_the_model(make_ws, fake, caplog):
+    # Once: the URL was written as is into each call's record and failure (state/, its git
+    # history), the attempt's log and the next attempt's brief, which goes to the model.
+    secret = "hunter2-proxy-pass"
+    url = fake.base_url.replace("http://", f"http://proxyuser:{secret}@")
+    ws = make_ws({"chip": coder(fake, llm=llm(fake, base_url=url))})
+    fake.script(status=500, json={"error": {"message": f"upstream said no to proxyuser:{secret}"}})
+    fake.script(content=reply(write("webapp/src/greeting.py")))
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",)))
+    lines: list[str] = []
+    run(ws, lines)
+
+    rec = load(ws, "g")
+    assert rec.status == "done" and rec.attempts == 2
+    assert fake.requests[0].headers["authorization"].startswith("Basic ")
+    assert "m at http://***@127.0.0.1:" in rec.failures[0]
+    for root in (ws.state, ws.runtime):
+        leaked = subprocess.run(["grep", "-rlaF", secret, str(root)], capture_output=True, text=True).stdout
+        assert leaked == ""
+    assert secret not in git(ws.state, "log", "-p", "--all")
+    assert not any(secret in text for text in [*lines, *caplog.messages, json.dumps(fake.chat_bodies())])
+
+
 def test_a_reply_that_echoes_the_key_is_sent_back_and_never_kept(make_ws, fake):
     # A hostile endpoint has the key (it was sent to it) and writes it into the reply: into the
     # summary (the report, in state/), an edit (a commit), or escaped so no text search finds it.
@@ -581,6 +617,32 @@ def test_a_file_too_large_to_send_whole_is_never_cut_off_by_the_models_whole_tex
     assert '<file path="webapp/src/small.py">\n' + small in sent
     assert git(repo, "rev-parse", "main") == head
     assert (repo / "src" / "big.py").read_text() == big
+
+
+def test_a_file_behind_a_link_out_of_the_working_copy_is_never_sent_to_the_model(make_ws, fake, tmp_path):
+    # Once: a link committed in the repository (src/ext -> a private folder) put the private
+    # file's text into the prompt, by its path or by a glob, off to the model's endpoint.
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "id_rsa").write_text("PRIVATE-KEY-MATERIAL\n")
+    ws = make_ws({"chip": coder(fake)})
+    repo = ws.repos / "webapp"
+    (repo / "src" / "ext").symlink_to(private)
+    sh_git = ["git", "-C", str(repo), "-c", "user.name=u", "-c", "user.email=u@example.invalid"]
+    subprocess.run([*sh_git, "add", "-A"], check=True)
+    subprocess.run([*sh_git, "commit", "-qm", "a link"], check=True)
+    fake.script(content=reply())
+    fake.script(content=reply())
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/ext/id_rsa",)))
+    drop(ws, "chip", "h.md", order_md("The app greets people again", id="h", files=("webapp/src/*/*",)))
+    run(ws)
+
+    assert load(ws, "g").status == "done" and load(ws, "h").status == "done"
+    for body in fake.chat_bodies():
+        sent = user_message(body)
+        assert "PRIVATE-KEY-MATERIAL" not in sent
+        assert '<file path="webapp/src/ext/id_rsa" omitted="true"' in sent
+        assert "behind the symbolic link src/ext" in sent
 
 
 def test_files_past_the_total_are_marked_omitted_and_may_not_be_edited(make_ws, fake):

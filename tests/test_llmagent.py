@@ -104,6 +104,20 @@ def test_a_wrong_shape_is_sent_back_twice_then_the_attempt_fails(fake: FakeLLM) 
     assert "missing required key 'summary'" in correction and "unknown key 'notes'" in correction
 
 
+def test_a_reply_cut_off_at_the_token_limit_says_so_not_just_that_it_is_not_json(fake: FakeLLM) -> None:
+    # Once: "the reply is not JSON (Unterminated string ...)", three times over, and the user
+    # went hunting the model when the fix was one line of coordinator.yaml.
+    cut = {"choices": [{"message": {"content": '{"outcome": "done", "summary": "Added the le'},
+                        "finish_reason": "length"}]}
+    for _ in range(3):
+        fake.script(json=cut)
+    client = Client(LLMSettings(primary=Endpoint("coder", fake.base_url), max_retries=0, max_tokens=50))
+    with pytest.raises(LLMReplyError) as info:
+        run_specialist(client, BRIEF, {}, allowed=in_src, outcomes_allowed=OUTCOMES)
+    assert "cut off at the agent's llm.max_tokens (50)" in str(info.value)
+    assert "raise llm.max_tokens" in last_user_message(fake.chat_bodies()[1])
+
+
 def test_an_edit_outside_what_the_order_allows_is_sent_back(fake: FakeLLM) -> None:
     fake.script(content=done({"path": "webapp/config/secrets.env", "content": "X=1\n"}))
     fake.script(content=done({"path": "webapp/src/login.ts", "content": "ok\n"}))
@@ -127,6 +141,24 @@ def test_unsafe_or_malformed_edits_are_sent_back(fake: FakeLLM, edit: dict[str, 
     fake.script(content=done())
     run_specialist(client_for(fake), BRIEF, {}, allowed=lambda p: True, outcomes_allowed=OUTCOMES)
     assert expected in last_user_message(fake.chat_bodies()[1])
+
+
+@pytest.mark.parametrize(("edits", "expected"), [
+    # Once applied in turn: a write failed half-way with the working copy's path, and the
+    # attempt failed without the model ever hearing why.
+    ([{"path": "webapp/src/a.ts", "content": "x"}, {"path": "webapp/src/a.ts/b.ts", "content": "y"}],
+     "'webapp/src/a.ts/b.ts' is inside 'webapp/src/a.ts', which another edit writes as a file"),
+    ([{"path": "webapp/src/login.ts/b.ts", "content": "y"}], "src/login.ts is a file, not a folder"),
+    ([{"path": "webapp/src", "content": "x"}], "is a folder; an edit replaces one file"),
+])
+def test_edits_the_working_copy_cannot_take_are_sent_back(fake: FakeLLM, worktree: Path,
+                                                          edits: list[dict[str, Any]], expected: str) -> None:
+    fake.script(content=done(*edits))
+    fake.script(content=done({"path": "webapp/src/login.ts", "content": "new\n"}))
+    reply, _ = run_specialist(client_for(fake), BRIEF, {}, allowed=lambda p: True,
+                              outcomes_allowed=OUTCOMES, repo="webapp", workdir=worktree)
+    assert expected in last_user_message(fake.chat_bodies()[1])
+    assert apply_edits(worktree, "webapp", reply.edits) == ["src/login.ts"]
 
 
 def test_an_outcome_the_branching_does_not_allow_is_sent_back(fake: FakeLLM) -> None:
