@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,7 +276,7 @@ class AttemptRunner(Interruptions):
                 return self.fail(act, f"invalid result file: {e}")
         if result is None:
             if code != 0:
-                return self.fail(act, f"exited with code {code} and wrote no result; last output: "
+                return self.fail(act, f"{ended_by(code)} and wrote no result; last output: "
                                       f"{tail[-600:] or '(none)'}")
             result = results.Result(outcome="done", summary=tail[-800:] or "done (no output)")
         self.conclude(act, result)
@@ -429,7 +430,8 @@ class AttemptRunner(Interruptions):
             return self.fail(act, f"check `{command}` timed out; output: {runner.tail(log, 400) or '(none)'}")
         if code != 0:
             out = runner.tail(log, OUTPUT_TAIL)
-            return self.fail(act, f"check `{command}` failed with exit code {code}; "
+            how = ended_by(code) if code < 0 else f"failed with exit {_code(code)}"
+            return self.fail(act, f"check `{command}` {how}; "
                                   + (f"output:\n{out}" if out else "no output"))
         act.check_lines.append(f"`{command}` passed")
         act.check_index += 1
@@ -505,6 +507,26 @@ def _as_judged(workdir: Path, paths: list[str], judged: gate.Snapshot) -> None:
     if changed:
         raise GateError(f"{', '.join(printable(p) for p in changed[:5])} changed after the permission gate judged it; nothing was "
                         "committed")
+
+
+def ended_by(code: int) -> str:
+    """How a process ended, in words: a signal by its name, not as the fork server's -N."""
+    return f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with {_code(code)}"
+
+
+def _code(code: int) -> str:
+    """An exit code; a shell's 128+N (its way of saying a command in it was killed by signal N)
+    with that signal's name."""
+    if 128 < code <= 128 + 64:
+        return f"code {code} (128+{code - 128}: how a shell reports a command killed by {_signal_name(code - 128)})"
+    return f"code {code}"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return f"signal {number} ({signal.Signals(number).name})"
+    except ValueError:
+        return f"signal {number}"
 
 
 def _timeout(order: WorkOrder, agent: Agent) -> float:

@@ -25,3 +25,20 @@ def test_output_that_becomes_the_summary_holds_no_c1_control_or_bidi_override(ma
     rec = Store(ws.state).load("o")
     assert rec.status == "done"
     assert rec.report["summary"] == "plain 31mREDm desrever end"
+
+
+def test_a_specialist_or_check_killed_by_a_signal_is_reported_by_the_signals_name(make_ws):
+    """The fork server reports a death by signal N as -N: "exited with code -11" reads like a
+    program's own choice; the user is told the signal, and what a shell's 128+N means."""
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 1, "writes": ["webapp/**"], "command": sh(
+        'case "$COORD_ORDER_ID" in seg) kill -SEGV $$;; oom) sh -c \'kill -KILL $$\'; exit $?;; esac')}})
+    drop(ws, "chip", "seg.md", order_md("It crashes", id="seg"))
+    drop(ws, "chip", "oom.md", order_md("Its command is killed", id="oom"))
+    drop(ws, "chip", "chk.md", order_md("Its check crashes", id="chk", acceptance=(
+        "`kill -ABRT $$` passes", "The second thing is true", "The third thing is true")))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    assert recs["seg"].failures[0].startswith("was killed by signal 11 (SIGSEGV) and wrote no result")
+    assert recs["oom"].failures[0].startswith(
+        "exited with code 137 (128+9: how a shell reports a command killed by signal 9 (SIGKILL)) and wrote no result")
+    assert recs["chk"].failures[0] == "check `kill -ABRT $$` was killed by signal 6 (SIGABRT); no output"
