@@ -5,14 +5,16 @@ orchestrator's is taken when it reports done: its request then waits for the ord
 it sent): a failed attempt sends nothing, and its retry sends its orders once. How a
 decided attempt ends is written to its record before its outbox is taken, so a crash
 part way ends it so at the next start, which delivers the rest (`_deliver_rest`).
-What an outbox holds that is not delivered is said in the sender's report. A layer
-of `AttemptRunner`.
+What an outbox holds that is not delivered is said in the sender's report: past
+`MAX_SENT` orders of one attempt, and all of it past `MAX_CHAIN` orders in a row sent
+from outboxes (agents sending each other work for ever). A layer of `AttemptRunner`.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +33,11 @@ if TYPE_CHECKING:
 # state/'s history: a specialist's outbox of 2,000 made a report of 56 KB, twice an
 # orchestrator's whole budget of hot tokens. Past it, the rest stay in the outbox, said once.
 MAX_SENT = 200
+# Orders in a row each sent from the outbox of the one before: two agents that answer every
+# order by sending the other one sent work to and fro for ever (a thousand orders a minute,
+# all `done`; `supervise --once` never ended). The outbox of the last is kept, said in its report.
+MAX_CHAIN = 10
+OUTBOX_SOURCE = "outbox of "
 
 
 class Outbox:
@@ -60,6 +67,19 @@ class Outbox:
         """Work orders the specialist wrote into $COORD_OUTBOX (`files`, see `_outbox_files`),
         stamped with its name; each leaves the outbox as it is taken, so what is left there
         was not delivered. `sent`: orders of this outbox delivered before a crash (MAX_SENT)."""
+        chain = _chain(self.sup.records, rec)
+        if len(chain) > MAX_CHAIN:
+            ids = chain[::-1]
+            route = " -> ".join(ids if len(ids) <= 4 else [ids[0], "...", *ids[-2:]])
+            why = (f"{rec.id} came at the end of {len(chain) - 1} orders in a row sent from an outbox "
+                   f"({route}), the most one chain may be: agents that keep sending each other work "
+                   "would never stop")
+            self.sup.say(f"{rec.id}: its outbox is not delivered: {why}")
+            for path in files:
+                name, kept = shown_name(path)
+                undelivered.append(f"{name}: not delivered: {why}; send it yourself if it is wanted; "
+                                   f"kept in {kept}")
+            return
         if len(files) > MAX_SENT - sent:
             over, files = files[max(0, MAX_SENT - sent):], files[:max(0, MAX_SENT - sent)]
             self.sup.say(f"{rec.id}: the outbox holds {len(over)} order(s) past the {MAX_SENT} one attempt "
@@ -75,7 +95,7 @@ class Outbox:
                                    f"write it into $COORD_OUTBOX/<agent>/); kept in {kept}")
                 continue
             # A copy, not the file: a process of the attempt may still hold it open for writing.
-            shown_as = f"outbox of {rec.id}/{path.name}"
+            shown_as = f"{OUTBOX_SOURCE}{rec.id}/{path.name}"
             try:
                 taken = self.sup.intake.claim_copy(path, to, sender=sender, shown=shown_as, within=box)
             except claims.Unremovable as e:
@@ -97,7 +117,7 @@ class Outbox:
         """A crash cut short the delivery of a decided attempt's outbox: the orders it had
         delivered (filed again by recovery, if need be, from where the crash left them) are its
         children, and what is still in its outbox is delivered now, once."""
-        made_here = f"outbox of {rec.id}/"
+        made_here = f"{OUTBOX_SOURCE}{rec.id}/"
         rec.children += [r.id for r in sorted(self.sup.records.values(), key=lambda r: r.seq)
                          if r.source.startswith(made_here) and r.id not in rec.children]
         undelivered: list[str] = []
@@ -106,6 +126,19 @@ class Outbox:
         self._deliver_outbox(rec, agent.name, box, _outbox_files(box, undelivered), undelivered, sent=sent)
         if undelivered:
             rec.report = {**(rec.report or {}), "undelivered": undelivered}
+
+
+def _chain(records: Mapping[str, Record], rec: Record) -> list[str]:
+    """`rec` and the orders before it whose outbox sent the next one, newest first (at most
+    MAX_CHAIN + 1): `rec` alone when a person, a route or an escalation filed it."""
+    chain = [rec.id]
+    while rec.source.startswith(OUTBOX_SOURCE) and len(chain) <= MAX_CHAIN:
+        sender = records.get(rec.source[len(OUTBOX_SOURCE):].split("/", 1)[0])
+        if sender is None or sender.id in chain:
+            break
+        chain.append(sender.id)
+        rec = sender
+    return chain
 
 
 def _note_undelivered(act: Active) -> None:
