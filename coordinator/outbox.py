@@ -90,9 +90,9 @@ class Outbox:
             to = path.parent.name if path.parent != box else _to_of(box, path)
             name, kept = shown_name(path)
             if to not in self.sup.config.agents:
-                self.sup.say(f"{rec.id}: outbox file {name} names no known recipient; not delivered")
-                undelivered.append(f"{name}: names no known recipient (give it `to: <agent>` or "
-                                   f"write it into $COORD_OUTBOX/<agent>/); kept in {kept}")
+                why = _no_recipient(path, to, in_folder=path.parent != box)
+                self.sup.say(f"{rec.id}: outbox file {name} {why.split(' (')[0]}; not delivered")
+                undelivered.append(f"{name}: {why}; kept in {kept}")
                 continue
             # A copy, not the file: a process of the attempt may still hold it open for writing.
             shown_as = f"{OUTBOX_SOURCE}{rec.id}/{path.name}"
@@ -198,6 +198,20 @@ def _outbox_files(box: Path, undelivered: list[str]) -> list[Path]:
                 undelivered.append(f"{shown(item.path)}: over {gate.MAX_DEPTH} folders deep in the "
                                    "outbox; not read, nothing in it was delivered")
     return sorted(found)
+
+
+def _no_recipient(path: Path, to: str | None, *, in_folder: bool) -> str:
+    """Why an outbox file goes to nobody: its folder names no agent, it is no work order
+    file, or it names no agent of the team."""
+    hint = "(give it `to: <agent>` or write it into $COORD_OUTBOX/<agent>/)"
+    if in_folder:
+        return f"is in the folder {printable(path.parent.name)[:40]}/, which names no agent of the team {hint}"
+    if orders.KINDS.get(path.suffix.lower()) is None:
+        shown = f"a {printable(path.suffix)} file" if path.suffix else "a file without a suffix"
+        return f"is {shown}, not a work order (a .md, .markdown, .yaml, .yml or .json file)"
+    if to is not None:
+        return f"names `to: {printable(to)[:40]}`, who is not on the team {hint}"
+    return f"names no known recipient {hint}"
 
 
 def _to_of(box: Path, path: Path) -> str | None:

@@ -80,3 +80,25 @@ def test_each_order_a_person_sends_starts_a_chain_of_its_own(make_ws):
     run(ws)
     recs = Store(ws.state).load_all()
     assert len(recs) == 2 * (1 + outbox.MAX_CHAIN)
+
+
+def test_an_outbox_file_that_goes_to_nobody_is_reported_with_the_real_reason(make_ws):
+    """"names no known recipient (give it `to: <agent>`)" was said of a file that had one: it
+    lacked a suffix, or named someone not on the team, or sat in a folder naming nobody."""
+    order = ('printf "objective: Review it\\nto: rex\\nacceptance: [a is true, b is true, c is true]\\n'
+             'files: []\\nbranching: [{action: halt-with-note, when: nothing to do}]\\n"')
+    writer = sh(f'cd "$COORD_OUTBOX"; {order} > -rf; {order} > notes.txt; {order} | sed s/rex/bob/ > bob.yaml; '
+                f'mkdir rexx; {order} > rexx/r.yaml; {order} | sed /to:/d > lost.yaml; echo sent')
+    ws = make_ws({"chip": {"role": "specialist", "command": writer, "sends_to": ["rex"]},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    run(ws)
+    rec = Store(ws.state).load("o")
+    hint = "(give it `to: <agent>` or write it into $COORD_OUTBOX/<agent>/)"
+    assert [line.split("; kept in ")[0] for line in rec.report["undelivered"]] == [
+        "-rf: is a file without a suffix, not a work order (a .md, .markdown, .yaml, .yml or .json file)",
+        f"bob.yaml: names `to: bob`, who is not on the team {hint}",
+        f"lost.yaml: names no known recipient {hint}",
+        "notes.txt: is a .txt file, not a work order (a .md, .markdown, .yaml, .yml or .json file)",
+        f"r.yaml: is in the folder rexx/, which names no agent of the team {hint}",
+    ]
