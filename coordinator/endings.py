@@ -19,7 +19,7 @@ from . import audit, durable, gate, results
 from .errors import CoordinatorError
 from .followups import FollowUps, _planned, _short
 from .orders import WorkOrder
-from .outbox import Outbox, _note_undelivered, _outbox_files, shown_name
+from .outbox import Outbox, _note_undelivered, _outbox_files, not_delivered
 from .store import Record
 
 if TYPE_CHECKING:
@@ -137,9 +137,9 @@ class Endings(FollowUps, Outbox):
         """The sender learns that the orders its undecided attempt wrote were not sent."""
         if act.delivered:
             return
-        for path in _outbox_files(act.attempt.outbox, act.undelivered):
-            name, kept = shown_name(path)
-            act.undelivered.append(f"{name}: not delivered: attempt {act.attempt.number} {why}; kept in {kept}")
+        box = act.attempt.outbox
+        act.undelivered += not_delivered(box, _outbox_files(box, act.undelivered),
+                                         f"attempt {act.attempt.number} {why}")
 
     def _fail_hard(self, rec: Record, reason: str) -> None:
         rec.failures.append(reason)

@@ -37,6 +37,9 @@ MAX_SENT = 200
 # order by sending the other one sent work to and fro for ever (a thousand orders a minute,
 # all `done`; `supervise --once` never ended). The outbox of the last is kept, said in its report.
 MAX_CHAIN = 10
+# Lines of a report's `undelivered`: one per file kept was 20,000 lines (2 MB in state/, all
+# of it the sender's hot tokens) for a failed attempt that left 20,000 files in its outbox.
+MAX_LISTED = 20
 OUTBOX_SOURCE = "outbox of "
 
 
@@ -75,10 +78,7 @@ class Outbox:
                    f"({route}), the most one chain may be: agents that keep sending each other work "
                    "would never stop")
             self.sup.say(f"{rec.id}: its outbox is not delivered: {why}")
-            for path in files:
-                name, kept = shown_name(path)
-                undelivered.append(f"{name}: not delivered: {why}; send it yourself if it is wanted; "
-                                   f"kept in {kept}")
+            undelivered += not_delivered(box, files, f"{why}; send it yourself if it is wanted")
             return
         if len(files) > MAX_SENT - sent:
             over, files = files[max(0, MAX_SENT - sent):], files[:max(0, MAX_SENT - sent)]
@@ -125,7 +125,7 @@ class Outbox:
         sent = sum(1 for r in self.sup.records.values() if r.source.startswith(made_here))
         self._deliver_outbox(rec, agent.name, box, _outbox_files(box, undelivered), undelivered, sent=sent)
         if undelivered:
-            rec.report = {**(rec.report or {}), "undelivered": undelivered}
+            rec.report = {**(rec.report or {}), "undelivered": capped(undelivered)}
 
 
 def _chain(records: Mapping[str, Record], rec: Record) -> list[str]:
@@ -145,7 +145,25 @@ def _note_undelivered(act: Active) -> None:
     """The sender learns from the report which outbox files were not delivered, not only
     from the supervisor's log."""
     if act.undelivered:
-        act.rec.report = {**(act.rec.report or {}), "undelivered": act.undelivered}
+        act.rec.report = {**(act.rec.report or {}), "undelivered": capped(act.undelivered)}
+
+
+def not_delivered(box: Path, files: list[Path], why: str) -> list[str]:
+    """The report's lines for outbox `files` kept for one reason: a line for each of the first
+    MAX_LISTED - 1, then one for the rest."""
+    shown = files if len(files) <= MAX_LISTED else files[:MAX_LISTED - 1]
+    lines = [f"{name}: not delivered: {why}; kept in {kept}" for name, kept in map(shown_name, shown)]
+    if len(shown) < len(files):
+        lines.append(f"{len(files) - len(shown)} more file(s) (from {shown_name(files[len(shown)])[0]} on, "
+                     f"by name): not delivered: {why}; kept in {printable(str(box))}")
+    return lines
+
+
+def capped(lines: list[str]) -> list[str]:
+    """At most MAX_LISTED lines of what was not delivered: the rest are counted."""
+    if len(lines) <= MAX_LISTED:
+        return lines
+    return [*lines[:MAX_LISTED - 1], f"{len(lines) - MAX_LISTED + 1} more line(s) like these left out"]
 
 
 def shown_name(path: Path) -> tuple[str, str]:

@@ -102,3 +102,20 @@ def test_an_outbox_file_that_goes_to_nobody_is_reported_with_the_real_reason(mak
         "notes.txt: is a .txt file, not a work order (a .md, .markdown, .yaml, .yml or .json file)",
         f"r.yaml: is in the folder rexx/, which names no agent of the team {hint}",
     ]
+
+
+def test_a_failed_attempt_that_leaves_thousands_of_outbox_files_gets_a_short_report(make_ws):
+    """One line per kept file made a report of 20,000 lines (2 MB in state/, all of it the
+    sender's hot tokens) for an attempt that failed with 20,000 files in its outbox."""
+    from coordinator import outbox
+
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 1,
+                           "command": sh('cd "$COORD_OUTBOX" && seq -w 1 3000 | xargs touch; exit 1')}})
+    drop(ws, "chip", "o.md", order_md("It fails", id="o"))
+    run(ws)
+    lines = Store(ws.state).load("o").report["undelivered"]
+    box = ws.runtime / "attempts" / "o" / "1" / "outbox"
+    assert len(lines) == outbox.MAX_LISTED
+    assert lines[0] == f"0001: not delivered: attempt 1 failed; kept in {box}"
+    assert lines[-1] == f"2981 more file(s) (from 0020 on, by name): not delivered: attempt 1 failed; kept in {box}"
+    assert len(list(box.iterdir())) == 3000  # all still there
