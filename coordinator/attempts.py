@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 OUTPUT_TAIL = 1500
+# Paths of a merge conflict named in the failure: all 6,000 of a generated folder made a reason
+# of 170 KB, and the next attempt's brief too long to pass as `{brief_text}` (E2BIG).
+MAX_PATHS_SHOWN = 20
 KILL_RETRY = 5.0  # seconds before the watch tries again to kill processes that survived a kill
 # What a refused write looks like in a program's output (EACCES/EPERM/EROFS from the kernel).
 REFUSED = re.compile(r"Permission denied|Operation not permitted|Read-only file system|EACCES|EPERM", re.I)
@@ -449,8 +452,10 @@ class AttemptRunner(Interruptions):
                 try:
                     sha = act.repo.merge(rec.id)
                 except MergeConflict as e:
-                    return self.fail(act, "merge conflict with work that landed meanwhile in: "
-                                          + ", ".join(printable(p) for p in e.paths))
+                    shown = [printable(p) for p in e.paths[:MAX_PATHS_SHOWN]]
+                    more = len(e.paths) - len(shown)
+                    return self.fail(act, "merge conflict with work that landed meanwhile in: " + ", ".join(shown)
+                                          + (f" and {more} more path(s)" if more else ""))
                 except DirtyCheckout as e:  # a person's work, not the agent's doing
                     # Read after "waits for" on the board: it starts with what it waits for.
                     return self.wait_for_person(act, f"{e.what()} in repos/{e.repo}, which the merge would "

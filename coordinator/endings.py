@@ -29,6 +29,11 @@ if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 
+# The longest reason a failed attempt keeps: a result file's 60 KB key name was quoted whole,
+# and a brief over 128 KiB cannot be passed as `{brief_text}` (one argument, E2BIG).
+MAX_REASON = 4000
+
+
 class Endings(FollowUps, Outbox):
     """Ends attempts and the orders they ran (a layer of `AttemptRunner`)."""
 
@@ -111,6 +116,8 @@ class Endings(FollowUps, Outbox):
     def fail(self, act: Active, reason: str) -> None:
         """A failed attempt: re-queue with the reason for the next brief, or block after max_failures."""
         rec = act.rec
+        if len(reason) > MAX_REASON:  # it is stored, said and quoted in the next brief, an argument
+            reason = f"{reason[:MAX_REASON]}… ({len(reason) - MAX_REASON:,} characters more left out)"
         rec.report = {"summary": f"attempt {act.attempt.number} failed: {reason}"}
         self._keep_outbox(act, "failed")
         self._finish(act)  # after the report: it adds what the outbox could not deliver

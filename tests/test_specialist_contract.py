@@ -119,3 +119,36 @@ def test_a_failed_attempt_that_leaves_thousands_of_outbox_files_gets_a_short_rep
     assert lines[0] == f"0001: not delivered: attempt 1 failed; kept in {box}"
     assert lines[-1] == f"2981 more file(s) (from 0020 on, by name): not delivered: attempt 1 failed; kept in {box}"
     assert len(list(box.iterdir())) == 3000  # all still there
+
+
+def test_a_merge_conflict_over_many_paths_names_a_few_and_the_next_attempt_starts(make_ws):
+    """Each conflicting path was named: 6,000 generated files made a reason of 170 KB, and the
+    next attempt, given it in `{brief_text}`, could not start (E2BIG)."""
+    from coordinator import attempts
+
+    write = ('case "$1" in *"Attempt 2"*) echo nothing to do; exit 0;; esac; mkdir -p src/gen && cd src/gen && '
+             'for i in $(seq -w 1 45); do echo "$COORD_ORDER_ID" > "f$i"; done; sleep 0.5; echo wrote')
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/sh", "-c", write, "sh", "{brief_text}"],
+                           "writes": ["webapp/src/**"], "max_parallel": 2, "max_failures": 2}})
+    for oid in ("a", "b"):
+        drop(ws, "chip", f"{oid}.md", order_md(f"Generate files {oid}", files=("webapp/src/gen/**",), id=oid))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    [second] = [r for r in recs.values() if r.failures]
+    assert second.status == "done" and second.attempts == 2
+    shown = ", ".join(f"src/gen/f{i:02d}" for i in range(1, attempts.MAX_PATHS_SHOWN + 1))
+    assert second.failures == [f"merge conflict with work that landed meanwhile in: {shown} and 25 more path(s)"]
+
+
+def test_a_failure_reason_is_kept_short_whatever_the_specialist_wrote(make_ws):
+    """A result file's 60 KB unknown key was quoted whole in the reason, the record and the brief."""
+    from coordinator import endings
+
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 1, "command": sh(
+        'printf \'{"outcome": "done", "summary": "x", "%s": 1}\' "$(head -c 60000 /dev/zero | tr "\\0" k)" '
+        '> "$COORD_RESULT"')}})
+    drop(ws, "chip", "o.md", order_md("It is done", id="o"))
+    run(ws)
+    [reason] = Store(ws.state).load("o").failures
+    assert reason.startswith("invalid result file: result.yaml: kkk")
+    assert len(reason) < endings.MAX_REASON + 100 and reason.endswith("characters more left out)")
