@@ -33,7 +33,7 @@ from .orders import WorkOrder
 from .outbox import _note_undelivered
 from .repos import MergeConflict, Repo
 from .runner import Attempt
-from .spawner import Refused, SpawnRequest
+from .spawner import SIGKILL_WAIT, Refused, SpawnRequest
 from .store import Record, iso, route_end, via_route, waits_for
 
 if TYPE_CHECKING:
@@ -193,7 +193,7 @@ class AttemptRunner(Interruptions):
                 act.timed_out = True
                 self.sup.say(f"{act.rec.id}: timed out after {_fmt(act.deadline - act.started)}; killing it")
                 self._stop_model(act, "the order's timeout ran out while the model was answering")
-                self._kill(act, now, grace=2.0)
+                self._kill_soon(act, now, grace=2.0)
             elif act.kill_due is not None and now >= act.kill_due:
                 self._kill(act, now, grace=2.0)
             limit = act.agent.stale_after
@@ -220,6 +220,18 @@ class AttemptRunner(Interruptions):
             return line
         act.kill_due = None
         return None
+
+    def _kill_soon(self, act: Active, now: float, *, grace: float) -> None:
+        """Start killing the attempt's processes and go on: the attempt is decided when its exit
+        comes. Waited for, one kill after another, four attempts that timed out together and
+        ignored SIGTERM stalled the loop for 8 s, the last killed 8 s after its timeout. Should
+        no exit come (a process stuck in the kernel), the watch kills again, and says so."""
+        try:
+            self.sup.spawner.kill_soon(self._current_token(act), grace=grace)
+        except CoordinatorError:
+            self._kill(act, now, grace=grace)
+            return
+        act.kill_due = now + grace + SIGKILL_WAIT + KILL_RETRY
 
     def kill_all(self) -> None:
         for act in list(self.active.values()):

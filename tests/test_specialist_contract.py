@@ -3,6 +3,8 @@ real workspaces, the real supervisor."""
 
 from __future__ import annotations
 
+import os
+
 from conftest import drop, order_md, sh
 
 from coordinator.store import Store
@@ -152,3 +154,26 @@ def test_a_failure_reason_is_kept_short_whatever_the_specialist_wrote(make_ws):
     [reason] = Store(ws.state).load("o").failures
     assert reason.startswith("invalid result file: result.yaml: kkk")
     assert len(reason) < endings.MAX_REASON + 100 and reason.endswith("characters more left out)")
+
+
+def test_attempts_that_time_out_together_are_killed_together(make_ws):
+    """Each timeout's kill was waited for in turn: four attempts that ignored SIGTERM stalled
+    the supervisor 2 s each, and the last was killed 8 s after its timeout (SPEC §5: within
+    the timeout plus a short grace)."""
+    import time
+
+    from bench.harness import probe_of
+
+    hang = sh("trap '' TERM; echo $$ >> \"$PROBE/pids\"; sleep 60")
+    ws = make_ws({"chip": {"role": "specialist", "command": hang, "timeout": "1s", "max_failures": 1,
+                           "max_parallel": 4}}, max_parallel=4)
+    for oid in "abcd":
+        drop(ws, "chip", f"{oid}.md", order_md(f"Hangs {oid}", id=oid))
+    started = time.monotonic()
+    run(ws)
+    elapsed = time.monotonic() - started
+    recs = Store(ws.state).load_all()
+    assert all(r.status == "blocked" and r.failures[0].startswith("timed out after 1.0s") for r in recs.values())
+    pids = [int(p) for p in (probe_of(ws) / "pids").read_text().split()]
+    assert len(pids) == 4 and not any(os.path.exists(f"/proc/{p}") for p in pids)
+    assert elapsed < 1 + 2 + 4  # the timeout, one grace, the supervisor's start and stop (8 s more before)
