@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +33,16 @@ from .orders import WorkOrder
 from .outbox import _note_undelivered
 from .repos import MergeConflict, Repo
 from .runner import Attempt
-from .spawner import Refused, SpawnRequest
+from .spawner import SIGKILL_WAIT, Refused, SpawnRequest
 from .store import Record, iso, route_end, via_route, waits_for
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 OUTPUT_TAIL = 1500
+# Paths of a merge conflict named in the failure: all 6,000 of a generated folder made a reason
+# of 170 KB, and the next attempt's brief too long to pass as `{brief_text}` (E2BIG).
+MAX_PATHS_SHOWN = 20
 KILL_RETRY = 5.0  # seconds before the watch tries again to kill processes that survived a kill
 # What a refused write looks like in a program's output (EACCES/EPERM/EROFS from the kernel).
 REFUSED = re.compile(r"Permission denied|Operation not permitted|Read-only file system|EACCES|EPERM", re.I)
@@ -189,7 +193,7 @@ class AttemptRunner(Interruptions):
                 act.timed_out = True
                 self.sup.say(f"{act.rec.id}: timed out after {_fmt(act.deadline - act.started)}; killing it")
                 self._stop_model(act, "the order's timeout ran out while the model was answering")
-                self._kill(act, now, grace=2.0)
+                self._kill_soon(act, now, grace=2.0)
             elif act.kill_due is not None and now >= act.kill_due:
                 self._kill(act, now, grace=2.0)
             limit = act.agent.stale_after
@@ -216,6 +220,18 @@ class AttemptRunner(Interruptions):
             return line
         act.kill_due = None
         return None
+
+    def _kill_soon(self, act: Active, now: float, *, grace: float) -> None:
+        """Start killing the attempt's processes and go on: the attempt is decided when its exit
+        comes. Waited for, one kill after another, four attempts that timed out together and
+        ignored SIGTERM stalled the loop for 8 s, the last killed 8 s after its timeout. Should
+        no exit come (a process stuck in the kernel), the watch kills again, and says so."""
+        try:
+            self.sup.spawner.kill_soon(self._current_token(act), grace=grace)
+        except CoordinatorError:
+            self._kill(act, now, grace=grace)
+            return
+        act.kill_due = now + grace + SIGKILL_WAIT + KILL_RETRY
 
     def kill_all(self) -> None:
         for act in list(self.active.values()):
@@ -275,7 +291,7 @@ class AttemptRunner(Interruptions):
                 return self.fail(act, f"invalid result file: {e}")
         if result is None:
             if code != 0:
-                return self.fail(act, f"exited with code {code} and wrote no result; last output: "
+                return self.fail(act, f"{ended_by(code)} and wrote no result; last output: "
                                       f"{tail[-600:] or '(none)'}")
             result = results.Result(outcome="done", summary=tail[-800:] or "done (no output)")
         self.conclude(act, result)
@@ -429,7 +445,8 @@ class AttemptRunner(Interruptions):
             return self.fail(act, f"check `{command}` timed out; output: {runner.tail(log, 400) or '(none)'}")
         if code != 0:
             out = runner.tail(log, OUTPUT_TAIL)
-            return self.fail(act, f"check `{command}` failed with exit code {code}; "
+            how = ended_by(code) if code < 0 else f"failed with exit {_code(code)}"
+            return self.fail(act, f"check `{command}` {how}; "
                                   + (f"output:\n{out}" if out else "no output"))
         act.check_lines.append(f"`{command}` passed")
         act.check_index += 1
@@ -447,8 +464,10 @@ class AttemptRunner(Interruptions):
                 try:
                     sha = act.repo.merge(rec.id)
                 except MergeConflict as e:
-                    return self.fail(act, "merge conflict with work that landed meanwhile in: "
-                                          + ", ".join(printable(p) for p in e.paths))
+                    shown = [printable(p) for p in e.paths[:MAX_PATHS_SHOWN]]
+                    more = len(e.paths) - len(shown)
+                    return self.fail(act, "merge conflict with work that landed meanwhile in: " + ", ".join(shown)
+                                          + (f" and {more} more path(s)" if more else ""))
                 except DirtyCheckout as e:  # a person's work, not the agent's doing
                     # Read after "waits for" on the board: it starts with what it waits for.
                     return self.wait_for_person(act, f"{e.what()} in repos/{e.repo}, which the merge would "
@@ -505,6 +524,26 @@ def _as_judged(workdir: Path, paths: list[str], judged: gate.Snapshot) -> None:
     if changed:
         raise GateError(f"{', '.join(printable(p) for p in changed[:5])} changed after the permission gate judged it; nothing was "
                         "committed")
+
+
+def ended_by(code: int) -> str:
+    """How a process ended, in words: a signal by its name, not as the fork server's -N."""
+    return f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with {_code(code)}"
+
+
+def _code(code: int) -> str:
+    """An exit code; a shell's 128+N (its way of saying a command in it was killed by signal N)
+    with that signal's name."""
+    if 128 < code <= 128 + 64:
+        return f"code {code} (128+{code - 128}: how a shell reports a command killed by {_signal_name(code - 128)})"
+    return f"code {code}"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return f"signal {number} ({signal.Signals(number).name})"
+    except ValueError:
+        return f"signal {number}"
 
 
 def _timeout(order: WorkOrder, agent: Agent) -> float:

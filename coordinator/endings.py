@@ -19,7 +19,7 @@ from . import audit, durable, gate, results
 from .errors import CoordinatorError
 from .followups import FollowUps, _planned, _short
 from .orders import WorkOrder
-from .outbox import Outbox, _note_undelivered, _outbox_files, shown_name
+from .outbox import Outbox, _note_undelivered, _outbox_files, not_delivered
 from .store import Record
 
 if TYPE_CHECKING:
@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 
     from .attempts import Active
     from .supervisor import Supervisor
+
+
+# The longest reason a failed attempt keeps: a result file's 60 KB key name was quoted whole,
+# and a brief over 128 KiB cannot be passed as `{brief_text}` (one argument, E2BIG).
+MAX_REASON = 4000
 
 
 class Endings(FollowUps, Outbox):
@@ -111,6 +116,8 @@ class Endings(FollowUps, Outbox):
     def fail(self, act: Active, reason: str) -> None:
         """A failed attempt: re-queue with the reason for the next brief, or block after max_failures."""
         rec = act.rec
+        if len(reason) > MAX_REASON:  # it is stored, said and quoted in the next brief, an argument
+            reason = f"{reason[:MAX_REASON]}… ({len(reason) - MAX_REASON:,} characters more left out)"
         rec.report = {"summary": f"attempt {act.attempt.number} failed: {reason}"}
         self._keep_outbox(act, "failed")
         self._finish(act)  # after the report: it adds what the outbox could not deliver
@@ -137,9 +144,9 @@ class Endings(FollowUps, Outbox):
         """The sender learns that the orders its undecided attempt wrote were not sent."""
         if act.delivered:
             return
-        for path in _outbox_files(act.attempt.outbox, act.undelivered):
-            name, kept = shown_name(path)
-            act.undelivered.append(f"{name}: not delivered: attempt {act.attempt.number} {why}; kept in {kept}")
+        box = act.attempt.outbox
+        act.undelivered += not_delivered(box, _outbox_files(box, act.undelivered),
+                                         f"attempt {act.attempt.number} {why}")
 
     def _fail_hard(self, rec: Record, reason: str) -> None:
         rec.failures.append(reason)

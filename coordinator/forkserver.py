@@ -134,7 +134,7 @@ class _Server:
 
     def _handle(self, msg: dict[str, Any]) -> None:
         rid, op = msg["id"], msg["op"]
-        detached = bool(msg.get("detached"))  # a `start`: nobody waits for the reply
+        detached = bool(msg.get("detached"))  # a `start` or `kill_soon`: nobody waits for the reply
         if detached:
             rid = None
         try:
@@ -158,9 +158,9 @@ class _Server:
             # and the server goes on, for the trees it started must not lose their reaper.
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
             error = e if isinstance(e, CoordinatorError) else CoordinatorError(f"cannot start the command: {reason}")
-            if detached:
+            if detached and op == "spawn":
                 self._refuse(msg["token"], error)
-            else:
+            elif not detached:  # a detached kill that failed: the caller's later kill_tree says why
                 self._reply_error(rid, error)
 
     def _reply(self, rid: int | None, **fields: Any) -> None:

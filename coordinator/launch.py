@@ -16,6 +16,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import ctypes
+import errno
 import fcntl
 import os
 import signal
@@ -98,6 +99,22 @@ def _resolve(argv0: str, path: str | None, cwd: str) -> str:
     raise CoordinatorError(f"command not found: {argv0}")
 
 
+# The most one argument may hold (MAX_ARG_STRLEN: 32 pages), and all of them with the environment.
+MAX_ARG = 128 * 1024
+
+
+def _why_not(e: OSError, argv: list[str]) -> str:
+    """Why exec failed; for a command line too long, which argument and what to do."""
+    if e.errno != errno.E2BIG:
+        return e.strerror or str(e)
+    sizes = [len(os.fsencode(arg)) + 1 for arg in argv]
+    i = max(range(len(sizes)), key=sizes.__getitem__)
+    if sizes[i] > MAX_ARG:
+        return (f"argument {i} is {sizes[i] // 1024} KiB, over the {MAX_ARG // 1024} KiB one argument may hold "
+                "(a brief passed as {brief_text}?): pass the brief's path, {brief}, and let the program read it")
+    return f"the command line and environment are {sum(sizes) // 1024} KiB or more, over what exec takes"
+
+
 # Signals the server catches or ignores; the child starts with all of them at their defaults.
 _DEFAULT_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ)
 
@@ -142,7 +159,7 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
                     file_actions=[(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
                                   (os.POSIX_SPAWN_DUP2, out_w, 2)]))
             except OSError as e:
-                raise CoordinatorError(f"cannot run {argv[0]}: {e.strerror}") from None
+                raise CoordinatorError(f"cannot run {argv[0]}: {_why_not(e, argv)}") from None
             finally:
                 if null != devnull:
                     os.close(null)

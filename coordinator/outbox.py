@@ -5,14 +5,16 @@ orchestrator's is taken when it reports done: its request then waits for the ord
 it sent): a failed attempt sends nothing, and its retry sends its orders once. How a
 decided attempt ends is written to its record before its outbox is taken, so a crash
 part way ends it so at the next start, which delivers the rest (`_deliver_rest`).
-What an outbox holds that is not delivered is said in the sender's report. A layer
-of `AttemptRunner`.
+What an outbox holds that is not delivered is said in the sender's report: past
+`MAX_SENT` orders of one attempt, and all of it past `MAX_CHAIN` orders in a row sent
+from outboxes (agents sending each other work for ever). A layer of `AttemptRunner`.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +33,14 @@ if TYPE_CHECKING:
 # state/'s history: a specialist's outbox of 2,000 made a report of 56 KB, twice an
 # orchestrator's whole budget of hot tokens. Past it, the rest stay in the outbox, said once.
 MAX_SENT = 200
+# Orders in a row each sent from the outbox of the one before: two agents that answer every
+# order by sending the other one sent work to and fro for ever (a thousand orders a minute,
+# all `done`; `supervise --once` never ended). The outbox of the last is kept, said in its report.
+MAX_CHAIN = 10
+# Lines of a report's `undelivered`: one per file kept was 20,000 lines (2 MB in state/, all
+# of it the sender's hot tokens) for a failed attempt that left 20,000 files in its outbox.
+MAX_LISTED = 20
+OUTBOX_SOURCE = "outbox of "
 
 
 class Outbox:
@@ -60,6 +70,16 @@ class Outbox:
         """Work orders the specialist wrote into $COORD_OUTBOX (`files`, see `_outbox_files`),
         stamped with its name; each leaves the outbox as it is taken, so what is left there
         was not delivered. `sent`: orders of this outbox delivered before a crash (MAX_SENT)."""
+        chain = _chain(self.sup.records, rec)
+        if len(chain) > MAX_CHAIN:
+            ids = chain[::-1]
+            route = " -> ".join(ids if len(ids) <= 4 else [ids[0], "...", *ids[-2:]])
+            why = (f"{rec.id} came at the end of {len(chain) - 1} orders in a row sent from an outbox "
+                   f"({route}), the most one chain may be: agents that keep sending each other work "
+                   "would never stop")
+            self.sup.say(f"{rec.id}: its outbox is not delivered: {why}")
+            undelivered += not_delivered(box, files, f"{why}; send it yourself if it is wanted")
+            return
         if len(files) > MAX_SENT - sent:
             over, files = files[max(0, MAX_SENT - sent):], files[:max(0, MAX_SENT - sent)]
             self.sup.say(f"{rec.id}: the outbox holds {len(over)} order(s) past the {MAX_SENT} one attempt "
@@ -70,12 +90,12 @@ class Outbox:
             to = path.parent.name if path.parent != box else _to_of(box, path)
             name, kept = shown_name(path)
             if to not in self.sup.config.agents:
-                self.sup.say(f"{rec.id}: outbox file {name} names no known recipient; not delivered")
-                undelivered.append(f"{name}: names no known recipient (give it `to: <agent>` or "
-                                   f"write it into $COORD_OUTBOX/<agent>/); kept in {kept}")
+                why = _no_recipient(path, to, in_folder=path.parent != box)
+                self.sup.say(f"{rec.id}: outbox file {name} {why.split(' (')[0]}; not delivered")
+                undelivered.append(f"{name}: {why}; kept in {kept}")
                 continue
             # A copy, not the file: a process of the attempt may still hold it open for writing.
-            shown_as = f"outbox of {rec.id}/{path.name}"
+            shown_as = f"{OUTBOX_SOURCE}{rec.id}/{path.name}"
             try:
                 taken = self.sup.intake.claim_copy(path, to, sender=sender, shown=shown_as, within=box)
             except claims.Unremovable as e:
@@ -97,7 +117,7 @@ class Outbox:
         """A crash cut short the delivery of a decided attempt's outbox: the orders it had
         delivered (filed again by recovery, if need be, from where the crash left them) are its
         children, and what is still in its outbox is delivered now, once."""
-        made_here = f"outbox of {rec.id}/"
+        made_here = f"{OUTBOX_SOURCE}{rec.id}/"
         rec.children += [r.id for r in sorted(self.sup.records.values(), key=lambda r: r.seq)
                          if r.source.startswith(made_here) and r.id not in rec.children]
         undelivered: list[str] = []
@@ -105,14 +125,45 @@ class Outbox:
         sent = sum(1 for r in self.sup.records.values() if r.source.startswith(made_here))
         self._deliver_outbox(rec, agent.name, box, _outbox_files(box, undelivered), undelivered, sent=sent)
         if undelivered:
-            rec.report = {**(rec.report or {}), "undelivered": undelivered}
+            rec.report = {**(rec.report or {}), "undelivered": capped(undelivered)}
+
+
+def _chain(records: Mapping[str, Record], rec: Record) -> list[str]:
+    """`rec` and the orders before it whose outbox sent the next one, newest first (at most
+    MAX_CHAIN + 1): `rec` alone when a person, a route or an escalation filed it."""
+    chain = [rec.id]
+    while rec.source.startswith(OUTBOX_SOURCE) and len(chain) <= MAX_CHAIN:
+        sender = records.get(rec.source[len(OUTBOX_SOURCE):].split("/", 1)[0])
+        if sender is None or sender.id in chain:
+            break
+        chain.append(sender.id)
+        rec = sender
+    return chain
 
 
 def _note_undelivered(act: Active) -> None:
     """The sender learns from the report which outbox files were not delivered, not only
     from the supervisor's log."""
     if act.undelivered:
-        act.rec.report = {**(act.rec.report or {}), "undelivered": act.undelivered}
+        act.rec.report = {**(act.rec.report or {}), "undelivered": capped(act.undelivered)}
+
+
+def not_delivered(box: Path, files: list[Path], why: str) -> list[str]:
+    """The report's lines for outbox `files` kept for one reason: a line for each of the first
+    MAX_LISTED - 1, then one for the rest."""
+    shown = files if len(files) <= MAX_LISTED else files[:MAX_LISTED - 1]
+    lines = [f"{name}: not delivered: {why}; kept in {kept}" for name, kept in map(shown_name, shown)]
+    if len(shown) < len(files):
+        lines.append(f"{len(files) - len(shown)} more file(s) (from {shown_name(files[len(shown)])[0]} on, "
+                     f"by name): not delivered: {why}; kept in {printable(str(box))}")
+    return lines
+
+
+def capped(lines: list[str]) -> list[str]:
+    """At most MAX_LISTED lines of what was not delivered: the rest are counted."""
+    if len(lines) <= MAX_LISTED:
+        return lines
+    return [*lines[:MAX_LISTED - 1], f"{len(lines) - MAX_LISTED + 1} more line(s) like these left out"]
 
 
 def shown_name(path: Path) -> tuple[str, str]:
@@ -165,6 +216,20 @@ def _outbox_files(box: Path, undelivered: list[str]) -> list[Path]:
                 undelivered.append(f"{shown(item.path)}: over {gate.MAX_DEPTH} folders deep in the "
                                    "outbox; not read, nothing in it was delivered")
     return sorted(found)
+
+
+def _no_recipient(path: Path, to: str | None, *, in_folder: bool) -> str:
+    """Why an outbox file goes to nobody: its folder names no agent, it is no work order
+    file, or it names no agent of the team."""
+    hint = "(give it `to: <agent>` or write it into $COORD_OUTBOX/<agent>/)"
+    if in_folder:
+        return f"is in the folder {printable(path.parent.name)[:40]}/, which names no agent of the team {hint}"
+    if orders.KINDS.get(path.suffix.lower()) is None:
+        shown = f"a {printable(path.suffix)} file" if path.suffix else "a file without a suffix"
+        return f"is {shown}, not a work order (a .md, .markdown, .yaml, .yml or .json file)"
+    if to is not None:
+        return f"names `to: {printable(to)[:40]}`, who is not on the team {hint}"
+    return f"names no known recipient {hint}"
 
 
 def _to_of(box: Path, path: Path) -> str | None:

@@ -473,12 +473,13 @@ def tail(path: Path, limit: int = TAIL_BYTES) -> str:
         data = durable.read_fd(fd, limit, max(0, os.fstat(fd).st_size - limit))
     finally:
         os.close(fd)
-    # Control characters (a NUL, a colour code's ESC) go: the tail is quoted in briefs, notes
-    # and commit messages, and a NUL in a command's argument cannot be passed at all.
+    # Control characters (a NUL, a colour code's ESC, a C1 CSI, a bidirectional override) go:
+    # the tail is quoted in briefs, notes, commit messages and the summary `show` prints, and a
+    # NUL in a command's argument cannot be passed at all.
     return _CONTROL.sub("", data.decode("utf-8", "replace")).strip()
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def last_activity(attempt: Attempt, started: float) -> float:

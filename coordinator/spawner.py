@@ -540,6 +540,13 @@ class Spawner:
         what is left after `grace`; returns once all are gone and reaped."""
         self._call("kill", token=token, grace=grace)
 
+    def kill_soon(self, token: str, grace: float = DEFAULT_GRACE) -> None:
+        """`kill_tree` without the wait: the kill runs in the server while the caller goes on,
+        and the leader's exit comes from `poll` as any exit. What survives SIGKILL is not
+        said here: a later `kill_tree` says it."""
+        with self._lock:
+            self._send("kill", {"detached": True, "token": token, "grace": grace})
+
     def alive(self, token: str) -> bool:
         """Whether any process of attempt `token` still runs."""
         return bool(self._call("alive", token=token)["alive"])

@@ -174,3 +174,9 @@ def test_a_machine_where_no_home_folder_can_be_found_still_loads_the_team(make_w
         assert runner.check_writable(ws.config.agents["chip"], ws) is None
     finally:
         runner._protected.cache_clear()
+
+
+def test_the_tail_of_a_log_holds_no_c1_control_nor_bidirectional_override(tmp_path):
+    log = tmp_path / "output.log"
+    log.write_text("a\u009b31mb\u0085c \u202eabc\u202c \u2067x\u2069\n", encoding="utf-8")
+    assert runner.tail(log) == "a31mbc abc x"

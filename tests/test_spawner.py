@@ -785,3 +785,13 @@ def test_a_dead_server_is_reported_and_its_orphans_found_by_kill_leftovers(tmp_p
     assert not dead(pid)  # nobody killed it yet: recovery does
     assert kill_leftovers([f"orphan-{RUN}"]) == 1
     assert dead(pid)
+
+
+def test_an_argument_too_long_for_exec_is_named_with_what_to_do(sp: Spawner, tmp_path: Path) -> None:
+    """A brief over 128 KiB passed as {brief_text} failed with only "Argument list too long"."""
+    with pytest.raises(CoordinatorError, match=r"^cannot run /bin/echo: argument 1 is 195 KiB, over the 128 KiB "
+                                               r"one argument may hold \(a brief passed as \{brief_text\}\?\): "
+                                               r"pass the brief's path, \{brief\}"):
+        sp.spawn(req(tmp_path, ("/bin/echo", "x" * 200_000), "big"))
+    sp.spawn(req(tmp_path, ("true",), "after"))  # the server carries on
+    assert wait_exit(sp, "after").returncode == 0

@@ -843,6 +843,9 @@ class KillFailsOnce(Spawner):
         super().__init__()
         self.failed = 0
 
+    def kill_soon(self, token: str, grace: float = 2.0) -> None:
+        pass  # the tree survives it: no exit comes, and the watch kills again, waiting for the answer
+
     def kill_tree(self, token: str, grace: float = 2.0) -> None:
         if not self.failed:
             self.failed += 1
@@ -852,6 +855,7 @@ class KillFailsOnce(Spawner):
 
 def test_a_timeout_whose_kill_fails_is_said_and_tried_again_and_the_supervisor_runs_on(make_ws, monkeypatch):
     monkeypatch.setattr(attempts, "KILL_RETRY", 0.5)
+    monkeypatch.setattr(attempts, "SIGKILL_WAIT", 0.5)
     ws = make_ws({"chip": {"role": "specialist", "command": sh("sleep 30"), "timeout": "1s", "max_failures": 1}})
     drop(ws, "chip", "a.md", order_md("Hangs past its timeout", id="a"))
     lines: list[str] = []

@@ -1,0 +1,179 @@
+"""The specialist contract (SPEC §6) as a buggy or hostile specialist plays it: real processes,
+real workspaces, the real supervisor."""
+
+from __future__ import annotations
+
+import os
+
+from conftest import drop, order_md, sh
+
+from coordinator.store import Store
+from coordinator.supervisor import Supervisor
+
+
+def run(ws, **kw):
+    with Supervisor(ws, **kw) as sup:
+        sup.run_once(limit=60)
+        return sup
+
+
+def test_output_that_becomes_the_summary_holds_no_c1_control_or_bidi_override(make_ws):
+    """With no result file the tail of the output is the summary `show` prints: a C1 CSI
+    (U+009B, what a terminal reads as ESC [) or a right-to-left override must not reach it."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh(
+        r"printf 'plain \302\23331mRED\302\233m \342\200\256desrever\342\200\254 end\n'")}})
+    drop(ws, "chip", "o.md", order_md("It is done", id="o"))
+    run(ws)
+    rec = Store(ws.state).load("o")
+    assert rec.status == "done"
+    assert rec.report["summary"] == "plain 31mREDm desrever end"
+
+
+def test_a_specialist_or_check_killed_by_a_signal_is_reported_by_the_signals_name(make_ws):
+    """The fork server reports a death by signal N as -N: "exited with code -11" reads like a
+    program's own choice; the user is told the signal, and what a shell's 128+N means."""
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 1, "writes": ["webapp/**"], "command": sh(
+        'case "$COORD_ORDER_ID" in seg) kill -SEGV $$;; oom) sh -c \'kill -KILL $$\'; exit $?;; esac')}})
+    drop(ws, "chip", "seg.md", order_md("It crashes", id="seg"))
+    drop(ws, "chip", "oom.md", order_md("Its command is killed", id="oom"))
+    drop(ws, "chip", "chk.md", order_md("Its check crashes", id="chk", acceptance=(
+        "`kill -ABRT $$` passes", "The second thing is true", "The third thing is true")))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    assert recs["seg"].failures[0].startswith("was killed by signal 11 (SIGSEGV) and wrote no result")
+    assert recs["oom"].failures[0].startswith(
+        "exited with code 137 (128+9: how a shell reports a command killed by signal 9 (SIGKILL)) and wrote no result")
+    assert recs["chk"].failures[0] == "check `kill -ABRT $$` was killed by signal 6 (SIGABRT); no output"
+
+
+def test_two_agents_that_answer_every_order_with_one_for_the_other_stop_after_max_chain(make_ws):
+    """A -> B -> A -> ... through the outbox, each order `done`: without a bound this filed a
+    thousand orders a minute and `supervise --once` never returned."""
+    from coordinator import outbox
+
+    ping = sh('printf "objective: Answer it\\nto: %s\\nacceptance: [a is true, b is true, c is true]\\n'
+              'files: []\\nbranching: [{action: halt-with-note, when: nothing to do}]\\n" "$PEER" '
+              '> "$COORD_OUTBOX/ping.yaml"; echo sent')
+    ws = make_ws({"chip": {"role": "specialist", "command": ping, "sends_to": ["rex"], "env": {"PEER": "rex"}},
+                  "rex": {"role": "specialist", "command": ping, "sends_to": ["chip"], "env": {"PEER": "chip"}}})
+    drop(ws, "chip", "o.md", order_md("Start answering", id="o"))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    assert len(recs) == 1 + outbox.MAX_CHAIN and all(r.status == "done" for r in recs.values())
+    last = max(recs.values(), key=lambda r: r.seq)
+    assert last.children == []
+    [line] = last.report["undelivered"]
+    assert line.startswith(f"ping.yaml: not delivered: {last.id} came at the end of {outbox.MAX_CHAIN} orders in "
+                           "a row sent from an outbox (o -> ... -> ")
+    assert (ws.runtime / "attempts" / last.id / "1" / "outbox" / "ping.yaml").exists()
+
+
+def test_each_order_a_person_sends_starts_a_chain_of_its_own(make_ws):
+    """Only orders sent from outboxes in a row count: an order a person sends starts afresh."""
+    from coordinator import outbox
+
+    ping = sh('printf "objective: Answer it\\nto: %s\\nacceptance: [a is true, b is true, c is true]\\n'
+              'files: []\\nbranching: [{action: halt-with-note, when: nothing to do}]\\n" "$PEER" '
+              '> "$COORD_OUTBOX/ping.yaml"; echo sent')
+    ws = make_ws({"chip": {"role": "specialist", "command": ping, "sends_to": ["rex"], "env": {"PEER": "rex"}},
+                  "rex": {"role": "specialist", "command": ping, "sends_to": ["chip"], "env": {"PEER": "chip"}}})
+    drop(ws, "chip", "a.md", order_md("Start answering", id="a"))
+    drop(ws, "rex", "b.md", order_md("Start answering too", id="b"))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    assert len(recs) == 2 * (1 + outbox.MAX_CHAIN)
+
+
+def test_an_outbox_file_that_goes_to_nobody_is_reported_with_the_real_reason(make_ws):
+    """"names no known recipient (give it `to: <agent>`)" was said of a file that had one: it
+    lacked a suffix, or named someone not on the team, or sat in a folder naming nobody."""
+    order = ('printf "objective: Review it\\nto: rex\\nacceptance: [a is true, b is true, c is true]\\n'
+             'files: []\\nbranching: [{action: halt-with-note, when: nothing to do}]\\n"')
+    writer = sh(f'cd "$COORD_OUTBOX"; {order} > -rf; {order} > notes.txt; {order} | sed s/rex/bob/ > bob.yaml; '
+                f'mkdir rexx; {order} > rexx/r.yaml; {order} | sed /to:/d > lost.yaml; echo sent')
+    ws = make_ws({"chip": {"role": "specialist", "command": writer, "sends_to": ["rex"]},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    run(ws)
+    rec = Store(ws.state).load("o")
+    hint = "(give it `to: <agent>` or write it into $COORD_OUTBOX/<agent>/)"
+    assert [line.split("; kept in ")[0] for line in rec.report["undelivered"]] == [
+        "-rf: is a file without a suffix, not a work order (a .md, .markdown, .yaml, .yml or .json file)",
+        f"bob.yaml: names `to: bob`, who is not on the team {hint}",
+        f"lost.yaml: names no known recipient {hint}",
+        "notes.txt: is a .txt file, not a work order (a .md, .markdown, .yaml, .yml or .json file)",
+        f"r.yaml: is in the folder rexx/, which names no agent of the team {hint}",
+    ]
+
+
+def test_a_failed_attempt_that_leaves_thousands_of_outbox_files_gets_a_short_report(make_ws):
+    """One line per kept file made a report of 20,000 lines (2 MB in state/, all of it the
+    sender's hot tokens) for an attempt that failed with 20,000 files in its outbox."""
+    from coordinator import outbox
+
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 1,
+                           "command": sh('cd "$COORD_OUTBOX" && seq -w 1 3000 | xargs touch; exit 1')}})
+    drop(ws, "chip", "o.md", order_md("It fails", id="o"))
+    run(ws)
+    lines = Store(ws.state).load("o").report["undelivered"]
+    box = ws.runtime / "attempts" / "o" / "1" / "outbox"
+    assert len(lines) == outbox.MAX_LISTED
+    assert lines[0] == f"0001: not delivered: attempt 1 failed; kept in {box}"
+    assert lines[-1] == f"2981 more file(s) (from 0020 on, by name): not delivered: attempt 1 failed; kept in {box}"
+    assert len(list(box.iterdir())) == 3000  # all still there
+
+
+def test_a_merge_conflict_over_many_paths_names_a_few_and_the_next_attempt_starts(make_ws):
+    """Each conflicting path was named: 6,000 generated files made a reason of 170 KB, and the
+    next attempt, given it in `{brief_text}`, could not start (E2BIG)."""
+    from coordinator import attempts
+
+    write = ('case "$1" in *"Attempt 2"*) echo nothing to do; exit 0;; esac; mkdir -p src/gen && cd src/gen && '
+             'for i in $(seq -w 1 45); do echo "$COORD_ORDER_ID" > "f$i"; done; sleep 0.5; echo wrote')
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/sh", "-c", write, "sh", "{brief_text}"],
+                           "writes": ["webapp/src/**"], "max_parallel": 2, "max_failures": 2}})
+    for oid in ("a", "b"):
+        drop(ws, "chip", f"{oid}.md", order_md(f"Generate files {oid}", files=("webapp/src/gen/**",), id=oid))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    [second] = [r for r in recs.values() if r.failures]
+    assert second.status == "done" and second.attempts == 2
+    shown = ", ".join(f"src/gen/f{i:02d}" for i in range(1, attempts.MAX_PATHS_SHOWN + 1))
+    assert second.failures == [f"merge conflict with work that landed meanwhile in: {shown} and 25 more path(s)"]
+
+
+def test_a_failure_reason_is_kept_short_whatever_the_specialist_wrote(make_ws):
+    """A result file's 60 KB unknown key was quoted whole in the reason, the record and the brief."""
+    from coordinator import endings
+
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 1, "command": sh(
+        'printf \'{"outcome": "done", "summary": "x", "%s": 1}\' "$(head -c 60000 /dev/zero | tr "\\0" k)" '
+        '> "$COORD_RESULT"')}})
+    drop(ws, "chip", "o.md", order_md("It is done", id="o"))
+    run(ws)
+    [reason] = Store(ws.state).load("o").failures
+    assert reason.startswith("invalid result file: result.yaml: kkk")
+    assert len(reason) < endings.MAX_REASON + 100 and reason.endswith("characters more left out)")
+
+
+def test_attempts_that_time_out_together_are_killed_together(make_ws):
+    """Each timeout's kill was waited for in turn: four attempts that ignored SIGTERM stalled
+    the supervisor 2 s each, and the last was killed 8 s after its timeout (SPEC §5: within
+    the timeout plus a short grace)."""
+    import time
+
+    from bench.harness import probe_of
+
+    hang = sh("trap '' TERM; echo $$ >> \"$PROBE/pids\"; sleep 60")
+    ws = make_ws({"chip": {"role": "specialist", "command": hang, "timeout": "1s", "max_failures": 1,
+                           "max_parallel": 4}}, max_parallel=4)
+    for oid in "abcd":
+        drop(ws, "chip", f"{oid}.md", order_md(f"Hangs {oid}", id=oid))
+    started = time.monotonic()
+    run(ws)
+    elapsed = time.monotonic() - started
+    recs = Store(ws.state).load_all()
+    assert all(r.status == "blocked" and r.failures[0].startswith("timed out after 1.0s") for r in recs.values())
+    pids = [int(p) for p in (probe_of(ws) / "pids").read_text().split()]
+    assert len(pids) == 4 and not any(os.path.exists(f"/proc/{p}") for p in pids)
+    assert elapsed < 1 + 2 + 4  # the timeout, one grace, the supervisor's start and stop (8 s more before)
