@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from conftest import drop, order_md, sh
 
 from coordinator.store import Store
@@ -156,6 +157,7 @@ def test_a_failure_reason_is_kept_short_whatever_the_specialist_wrote(make_ws):
     assert len(reason) < endings.MAX_REASON + 100 and reason.endswith("characters more left out)")
 
 
+@pytest.mark.slow  # some 3 s: `make test-slow`, and CI, run it
 def test_attempts_that_time_out_together_are_killed_together(make_ws):
     """Each timeout's kill was waited for in turn: four attempts that ignored SIGTERM stalled
     the supervisor 2 s each, and the last was killed 8 s after its timeout (SPEC §5: within
