@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import select
 import sys
@@ -102,6 +103,18 @@ class Tokens(click.IntRange):
 def on_terminal() -> bool:
     """Whether stdout is a terminal (not when there is none: `coordinator board >&-`)."""
     return sys.stdout is not None and sys.stdout.isatty()
+
+
+def redraws() -> bool:
+    """Whether stdout is a terminal that can be cleared and redrawn: not a dumb one (TERM=dumb:
+    an editor's shell buffer, a serial console), which shows the escape codes as text."""
+    return on_terminal() and os.environ.get("TERM") != "dumb"
+
+
+def colours() -> bool:
+    """Whether to colour the output: on a terminal that can show colour, unless the user asked
+    for none with NO_COLOR (any non-empty value, as no-color.org has it)."""
+    return redraws() and not os.environ.get("NO_COLOR")
 
 
 def reader_gone() -> bool:

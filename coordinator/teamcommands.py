@@ -25,10 +25,12 @@ from .clicontext import (
     Context,
     Group,
     Tokens,
+    colours,
     emit_json,
     on_terminal,
     pass_ctx,
     reader_gone,
+    redraws,
     submit,
 )
 from .errors import WorkspaceError
@@ -137,9 +139,9 @@ def board(c: Context, as_json: bool, watch: bool) -> None:
     if as_json:
         emit_json(b.as_json(c.ws))
         return
-    terminal = on_terminal()
+    colour, redraw = colours(), redraws()
     if not watch:
-        click.echo(b.render(c.ws, colour=terminal))
+        click.echo(b.render(c.ws, colour=colour))
         return
     from .store import RecordCache
 
@@ -150,12 +152,12 @@ def board(c: Context, as_json: bool, watch: bool) -> None:
             if drawn % 60 == 0:
                 cache = RecordCache()  # a full read each minute, whatever a file's times say
             drawn += 1
-            text = b.render(c.ws, colour=terminal, cache=cache)
-            if terminal:
+            text = b.render(c.ws, colour=colour, cache=cache)
+            if redraw:
                 click.clear()
                 click.echo(text)
             elif text != shown:
-                # Not a terminal (a file, a pipe): nothing to redraw, so a board is added only
+                # Not a terminal that redraws (a file, a pipe, TERM=dumb): a board is added only
                 # when it changed, after the time it was seen.
                 if shown is not None:
                     click.echo(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} ---")

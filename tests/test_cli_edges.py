@@ -1,0 +1,90 @@
+"""The command line as a careless user meets it: odd terminals, odd workspaces, odd input.
+
+These run the real `coordinator` program (on a pseudo-terminal where the terminal matters),
+and assert what the user sees.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from coordinator.cli import cli
+
+COORDINATOR = str(Path(sys.executable).with_name("coordinator"))
+
+
+def run(*args: str | Path, input: str | bytes | None = None) -> Result:
+    result = CliRunner().invoke(cli, [str(a) for a in args], input=input)
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    root = tmp_path / "team"
+    assert run("init", root).exit_code == 0
+    return root
+
+
+def on_terminal(*args: str | Path, env: dict[str, str], seconds: float) -> bytes:
+    """What `coordinator ARGS` writes to a 24x100 terminal in `seconds` (then Ctrl-C)."""
+    import fcntl
+    import termios
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the program, with the terminal as its stdout
+        os.execve(COORDINATOR, [COORDINATOR, *map(str, args)], env)
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    out = b""
+    end = time.monotonic() + seconds
+    done = False
+    while not done:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # the program ended and its terminal closed
+                chunk = b""
+            out += chunk
+            done = not chunk
+        if time.monotonic() > end and not done:
+            os.kill(pid, signal.SIGINT)
+            end = time.monotonic() + 10
+    os.waitpid(pid, 0)
+    os.close(fd)
+    return out
+
+
+def term_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("COORDINATOR_WORKSPACE", "NO_COLOR", "TERM")}
+    return env | {"TERM": "xterm"} | extra
+
+
+def test_board_on_a_terminal_is_coloured_unless_no_color_is_set(ws: Path) -> None:
+    greeting = resources.files("coordinator.demo").joinpath("example-orders", "greeting.md").read_bytes()
+    assert run("-w", ws, "send", "-", "--to", "chip", input=greeting).exit_code == 0
+    subprocess.run([COORDINATOR, "-w", ws, "supervise", "--once"], capture_output=True, check=True, timeout=120)
+    assert b"\x1b[" in on_terminal("-w", ws, "board", env=term_env(), seconds=30)
+    plain = on_terminal("-w", ws, "board", env=term_env(NO_COLOR="1"), seconds=30)
+    assert b"DONE (1)" in plain
+    assert b"\x1b" not in plain
+
+
+def test_board_watch_on_a_dumb_terminal_sends_no_escape_codes(ws: Path) -> None:
+    out = on_terminal("-w", ws, "board", "--watch", env=term_env(TERM="dumb"), seconds=2.5)
+    assert b"0 order(s)" in out
+    assert b"\x1b" not in out  # no colour, no clear-screen: a dumb terminal shows them as text
+    assert out.count(b"0 order(s)") == 1  # nothing changed: the board is not printed again
