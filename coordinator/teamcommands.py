@@ -353,6 +353,7 @@ def doctor(c: Context) -> None:
         click.echo(line)
     if ws is not None:
         _ = ws.config  # a config it could not read: its error, once more, as the exit
+        ws.check_layout()  # so does what stops every other command
 
 
 @click.command(cls=Command)
