@@ -202,6 +202,10 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
     if _uses_repo(cfg, "webapp") and not demo.exists():
         init_demo_repo(demo)
         lines.append("created repos/webapp (demo repository)")
+    elif _uses_repo(cfg, "webapp") and not (demo / ".git").exists():
+        # Left alone (it is the user's), but said: every order of the example team names it.
+        lines.append("left repos/webapp as it was: it is not a git repository, so the example team's orders "
+                     "are refused until it is one (move it away and run init --force for the demo repository)")
     ignore = target / ".gitignore"
     if not ignore.exists() and not (target / ".git").exists():
         ignore.write_text(f"{RUNTIME}/\n", encoding="utf-8")

@@ -88,3 +88,25 @@ def test_board_watch_on_a_dumb_terminal_sends_no_escape_codes(ws: Path) -> None:
     assert b"0 order(s)" in out
     assert b"\x1b" not in out  # no colour, no clear-screen: a dumb terminal shows them as text
     assert out.count(b"0 order(s)") == 1  # nothing changed: the board is not printed again
+
+
+ORDER = ("**Objective:** The webapp greets a user by name.\n\n**Acceptance:**\n- It says hello\n"
+         "- It says the name\n- `make test` passes\n\n**Files:**\n- webapp/src/greeting.py\n\n"
+         "**Branching:**\n- halt-with-note if the greeting already exists\n")
+
+
+def test_init_beside_a_repos_webapp_of_ones_own_says_it_was_left_and_send_says_why(tmp_path: Path) -> None:
+    """init left a repos/webapp that is no repository without a word, and every order then said
+    "no repository 'webapp' under repos/" of a folder that is plainly there."""
+    root = tmp_path / "team"
+    (root / "repos" / "webapp").mkdir(parents=True)
+    (root / "repos" / "webapp" / "notes.txt").write_text("mine\n")
+    made = run("init", root)
+    assert made.exit_code == 0
+    assert ("left repos/webapp as it was: it is not a git repository, so the example team's orders are refused "
+            "until it is one (move it away and run init --force for the demo repository)") in made.stdout.splitlines()
+    assert (root / "repos" / "webapp" / "notes.txt").read_text() == "mine\n"
+    refused = run("-w", root, "send", "-", "--to", "chip", input=ORDER)
+    assert (refused.exit_code, refused.stderr) == (
+        1, "<stdin>:9: files.0: repos/webapp is not a git repository; clone the repository there, or `git init` "
+           "it and make a first commit\n")
