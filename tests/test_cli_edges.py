@@ -110,3 +110,18 @@ def test_init_beside_a_repos_webapp_of_ones_own_says_it_was_left_and_send_says_w
     assert (refused.exit_code, refused.stderr) == (
         1, "<stdin>:9: files.0: repos/webapp is not a git repository; clone the repository there, or `git init` "
            "it and make a first commit\n")
+
+
+@pytest.mark.parametrize("text, line, code", [
+    (b"version: 1\n# a \x01 note\n", 2, "0001"),
+    (b"version: 1\nagents:\n  chip: \x1b[31mred\n", 3, "001B"),
+    (b"\xef\xbb\xbfversion: 1\x7f\n", 1, "007F"),
+])
+def test_a_config_with_a_control_character_is_said_in_one_line_with_its_line(ws: Path, text: bytes, line: int,
+                                                                             code: str) -> None:
+    """PyYAML's message took two lines, the second naming "<unicode string>" and a position."""
+    (ws / "coordinator.yaml").write_bytes(text)
+    result = run("-w", ws, "board")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (f"coordinator: coordinator.yaml: is not valid YAML at line {line}: it holds U+{code}, "
+                             "a character YAML does not allow (a config is plain text): remove it\n")
