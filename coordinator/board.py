@@ -64,7 +64,31 @@ def supervisor(ws: Workspace) -> dict[str, Any]:
     except (OSError, ValueError, IndexError):
         pid = None
     drift = config_drift(ws)
-    return {"running": True, "pid": pid, **({"config_changed": drift} if drift else {})}
+    return {"running": True, "pid": pid, "stopped": pid is not None and _stopped(pid),
+            **({"config_changed": drift} if drift else {})}
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped (Ctrl-Z in its terminal, SIGSTOP): it holds its lock and
+    looks alive, but takes nothing in and answers no request."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]  # the name before it may hold anything
+    except (OSError, IndexError):
+        return False
+    return state in (b"T", b"t")
+
+
+def supervisor_line(sup: dict[str, Any]) -> str:
+    """The board's (and doctor's) line about the supervisor of `supervisor()`."""
+    if not sup["running"]:
+        return "supervisor: not running — `coordinator supervise` starts it"
+    pid = sup["pid"] or "?"
+    if sup.get("stopped"):
+        return (f"supervisor: STOPPED (pid {pid}, suspended: Ctrl-Z?) — it takes nothing in and runs nothing "
+                f"until resumed: `fg` in its terminal, or `kill -CONT {pid}`")
+    return (f"supervisor: running (pid {pid})"
+            + (f" — WARNING: {sup['config_changed']}" if sup.get("config_changed") else ""))
 
 
 def reason(rec: Record, records: dict[str, Record]) -> str | None:
@@ -127,14 +151,11 @@ def render(ws: Workspace, *, colour: bool = False, width: int | None = None,
     none = "none filed yet" if arrived else "none yet — drop a work order into inbox/<agent>/"
     lines.append(f"{len(recs)} order(s): {summary or none}")
     sup = supervisor(ws)
-    if sup["running"]:
-        lines.append(f"supervisor: running (pid {sup['pid'] or '?'})"
-                     + (f" — WARNING: {sup['config_changed']}" if sup.get("config_changed") else ""))
-    elif by_status["running"]:
+    if not sup["running"] and by_status["running"]:
         lines.append("supervisor: NOT RUNNING — the RUNNING orders below were cut off; "
                      "`coordinator supervise` re-queues them")
     else:
-        lines.append("supervisor: not running — `coordinator supervise` starts it")
+        lines.append(supervisor_line(sup))
     if arrived:
         lines.append(f"inboxes: {sum(arrived.values())} file(s) not taken in yet "
                      f"({', '.join(f'{agent} {n}' for agent, n in arrived.items())})"

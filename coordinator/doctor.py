@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from . import landlock, mounts, seccomp
+from . import board, landlock, mounts, seccomp
 from .config import Config
 from .errors import ConfigError, GitError, WorkspaceError
 from .gitrepo import GitRepo, run_git
@@ -93,6 +93,7 @@ def report(ws: Workspace | None) -> list[str]:
         lines.append(f"  {name}: {a.role}, {how}{missing}")
         lines += [f"    WARNING: {w}" for w in agent_warnings(a)]
     lines += _workspace_problems(ws, cfg)
+    lines.append(board.supervisor_line(board.supervisor(ws)))
     return lines
 
 

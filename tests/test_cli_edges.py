@@ -6,6 +6,7 @@ and assert what the user sees.
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -125,3 +126,29 @@ def test_a_config_with_a_control_character_is_said_in_one_line_with_its_line(ws:
     assert (result.exit_code, result.stdout) == (2, "")
     assert result.stderr == (f"coordinator: coordinator.yaml: is not valid YAML at line {line}: it holds U+{code}, "
                              "a character YAML does not allow (a config is plain text): remove it\n")
+
+
+def test_a_suspended_supervisor_is_said_by_board_and_doctor(ws: Path) -> None:
+    """Ctrl-Z on `supervise` left it holding its lock: the board said "running", requests waited 15 s
+    and sent the user to `coordinator doctor`, which said nothing about the supervisor."""
+    env = {k: v for k, v in os.environ.items() if k != "COORDINATOR_WORKSPACE"}
+    sup = subprocess.Popen([COORDINATOR, "-w", str(ws), "supervise"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while f"running (pid {sup.pid})" not in run("-w", ws, "board").stdout:
+            assert time.monotonic() < deadline, "the supervisor did not start"
+            time.sleep(0.1)
+        assert f"supervisor: running (pid {sup.pid})" in run("-w", ws, "doctor").stdout.splitlines()
+        os.kill(sup.pid, signal.SIGSTOP)
+        said = (f"supervisor: STOPPED (pid {sup.pid}, suspended: Ctrl-Z?) — it takes nothing in and runs nothing "
+                f"until resumed: `fg` in its terminal, or `kill -CONT {sup.pid}`")
+        assert said in run("-w", ws, "board").stdout.splitlines()
+        assert said in run("-w", ws, "doctor").stdout.splitlines()
+        assert json.loads(run("-w", ws, "board", "--json").stdout)["supervisor"]["stopped"] is True
+        os.kill(sup.pid, signal.SIGCONT)
+        assert f"supervisor: running (pid {sup.pid})" in run("-w", ws, "board").stdout.splitlines()
+    finally:
+        os.kill(sup.pid, signal.SIGCONT)
+        sup.send_signal(signal.SIGTERM)
+        sup.communicate(timeout=60)
