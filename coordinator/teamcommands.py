@@ -38,18 +38,27 @@ from .workspace import ENV_VAR, Workspace
 
 
 @click.command(cls=Command)
-@click.argument("directory", required=False, default=".", type=click.Path(file_okay=False))
+@click.argument("directory", required=False, type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Overwrite an existing coordinator.yaml.")
-def init(directory: str, force: bool) -> None:
-    """Make a workspace: config, inboxes, state/ repository, demo repository.
+@pass_ctx
+def init(c: Context, directory: str | None, force: bool) -> None:
+    """Make a workspace in DIRECTORY (default: the one -w names, else the current folder):
+    config, inboxes, state/ repository, demo repository.
 
     \b
     Example:
         coordinator init myteam
         coordinator init myteam --force     # start over with the example config
     """
+    from .workspace import given_folder
     from .workspace import init as do_init
 
+    if c.explicit is not None:  # `coordinator -w myteam init` made the workspace here, not in myteam
+        named = given_folder(c.explicit)
+        if directory is not None and Path(directory).expanduser().resolve() != named.expanduser().resolve():
+            raise click.UsageError(f"-w names {c.explicit} and DIRECTORY names {directory}; give one of them")
+        directory = directory if directory is not None else str(named)
+    directory = directory if directory is not None else "."
     ws, lines = do_init(Path(directory), force=force)
     for line in lines:
         click.echo(line)
@@ -346,7 +355,7 @@ def doctor(c: Context) -> None:
     try:
         ws: Workspace | None = Workspace.find(c.explicit)  # a broken config is reported, not refused
     except WorkspaceError:
-        if c.explicit or os.environ.get(ENV_VAR):
+        if c.explicit is not None or os.environ.get(ENV_VAR):
             raise  # a workspace named on purpose that is not one
         ws = None
     for line in d.report(ws):

@@ -39,8 +39,8 @@ class Workspace:
     @classmethod
     def find(cls, explicit: str | os.PathLike[str] | None, *, cwd: Path | None = None) -> Workspace:
         """The workspace from `-w`, else $COORDINATOR_WORKSPACE, else the nearest folder upward."""
-        if explicit:
-            return cls._at(Path(explicit), "-w")
+        if explicit is not None:
+            return cls._at(given_folder(explicit), "-w")
         env = os.environ.get(ENV_VAR)
         if env:
             return cls._at(Path(env), f"${ENV_VAR}")
@@ -161,6 +161,14 @@ class Workspace:
                 folder.mkdir(parents=True, exist_ok=True)
                 made.append(self.rel(folder))
         return made
+
+
+def given_folder(explicit: str | os.PathLike[str]) -> Path:
+    """The folder `-w` names; WorkspaceError when it names none."""
+    if not os.fspath(explicit):  # `-w "$TEAM"` with TEAM unset: "here" may be another team
+        raise WorkspaceError("-w: no folder given (an empty argument: an unset variable?); pass the "
+                             "workspace folder, or leave -w out to use the one around you")
+    return Path(explicit)
 
 
 def example_config() -> str:

@@ -152,3 +152,32 @@ def test_a_suspended_supervisor_is_said_by_board_and_doctor(ws: Path) -> None:
         os.kill(sup.pid, signal.SIGCONT)
         sup.send_signal(signal.SIGTERM)
         sup.communicate(timeout=60)
+
+
+def test_init_makes_the_workspace_that_w_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`coordinator -w myteam init`, as every other command is written, made the workspace in the
+    current folder (a home, a project's checkout) and left myteam unmade."""
+    here, team = tmp_path / "here", tmp_path / "myteam"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    made = run("-w", team, "init")
+    assert made.exit_code == 0, made.output
+    assert (team / "coordinator.yaml").is_file() and (team / "state" / ".git").is_dir()
+    assert os.listdir(here) == []
+    both = run("-w", team, "init", tmp_path / "other")
+    assert (both.exit_code, both.stderr) == (
+        2, f"coordinator init: -w names {team} and DIRECTORY names {tmp_path / 'other'}; give one of them. "
+           "See `coordinator init -h`.\n")
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("command", [("board",), ("doctor",), ("init",), ("send", "-", "--to", "chip")])
+def test_an_empty_w_is_refused_not_taken_for_the_workspace_around(ws: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  command: tuple[str, ...]) -> None:
+    """`-w "$TEAM"` with TEAM unset acted on whatever workspace was around the current folder."""
+    monkeypatch.chdir(ws)
+    result = run("-w", "", *command, input=ORDER)
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == ("coordinator: -w: no folder given (an empty argument: an unset variable?); pass the "
+                             "workspace folder, or leave -w out to use the one around you\n")
+    assert os.listdir(ws / "inbox" / "chip") == []
