@@ -181,3 +181,19 @@ def test_an_empty_w_is_refused_not_taken_for_the_workspace_around(ws: Path, monk
     assert result.stderr == ("coordinator: -w: no folder given (an empty argument: an unset variable?); pass the "
                              "workspace folder, or leave -w out to use the one around you\n")
     assert os.listdir(ws / "inbox" / "chip") == []
+
+
+def test_a_rejected_orders_escape_sequences_never_reach_the_terminal(ws: Path) -> None:
+    """A rejected order keeps the objective its file had: board and show printed it raw, so one
+    file dropped in an inbox could retitle (OSC 0) or clear the user's terminal."""
+    evil = ORDER.replace("The webapp greets a user by name.", "Hi \x1b]0;owned\x07\x1b[2J there")
+    (ws / "inbox" / "chip" / "evil.md").write_text("---\nid: evil\n---\n" + evil)
+    subprocess.run([COORDINATOR, "-w", ws, "supervise", "--once"], capture_output=True, check=True, timeout=120)
+    board = run("-w", ws, "board")
+    assert "\x1b" not in board.stdout and "\x07" not in board.stdout
+    assert "evil  chip  user → Hi \\x1b]0;owned\\x07\\x1b[2J there" in board.stdout
+    shown = run("-w", ws, "show", "evil")
+    assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout
+    assert "objective: Hi \\x1b]0;owned\\x07\\x1b[2J there" in shown.stdout.splitlines()
+    assert json.loads(run("-w", ws, "show", "evil", "--json").stdout)["objective"] == (
+        "Hi \x1b]0;owned\x07\x1b[2J there")  # JSON escapes it: kept as it was
