@@ -7,6 +7,8 @@ one library function and prints.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import shlex
@@ -85,7 +87,18 @@ def supervise(c: Context, once: bool, poll: bool, grace: float) -> None:
     def log(line: str) -> None:
         # One line per event, whatever it quotes: an agent's summary or a file name could
         # otherwise start lines of its own or send escape sequences to the terminal.
-        click.echo(f"{time.strftime('%H:%M:%S')} {one_line(line)}", err=True)
+        try:
+            click.echo(f"{time.strftime('%H:%M:%S')} {one_line(line)}", err=True)
+        except BrokenPipeError:
+            # The log's reader went away (`supervise 2>&1 | tee log` and tee ended): that stopped
+            # the supervisor with exit 0, unsaid. The team's work goes on; only the log is gone.
+            _to_nowhere(sys.stderr)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # The log's disk is full (`supervise 2>> sup.log`): this line is lost, the work is not.
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
 
     received = [0]
 
@@ -109,6 +122,14 @@ def supervise(c: Context, once: bool, poll: bool, grace: float) -> None:
         logging.getLogger().removeHandler(lines)
         for signum, handler in before.items():
             signal.signal(signum, handler)
+
+
+def _to_nowhere(stream: object) -> None:
+    """Send what is still to be written to `stream`, and all that follows, to /dev/null."""
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # no real file under it
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())  # type: ignore[attr-defined]
+        os.close(null)
 
 
 class _LogLines(logging.Handler):

@@ -197,3 +197,25 @@ def test_a_rejected_orders_escape_sequences_never_reach_the_terminal(ws: Path) -
     assert "objective: Hi \\x1b]0;owned\\x07\\x1b[2J there" in shown.stdout.splitlines()
     assert json.loads(run("-w", ws, "show", "evil", "--json").stdout)["objective"] == (
         "Hi \x1b]0;owned\x07\x1b[2J there")  # JSON escapes it: kept as it was
+
+
+def test_the_supervisor_keeps_working_when_the_reader_of_its_log_goes_away(ws: Path) -> None:
+    """`coordinator supervise 2>&1 | tee log`, and tee ended: the next log line stopped the
+    supervisor, with exit 0 and not a word, and the orders sent after it waited for nobody."""
+    env = {k: v for k, v in os.environ.items() if k != "COORDINATOR_WORKSPACE"}
+    sup = subprocess.Popen([COORDINATOR, "-w", str(ws), "supervise"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, env=env)
+    try:
+        assert sup.stderr is not None
+        assert b"supervising" in sup.stderr.readline()
+        sup.stderr.close()  # the reader is gone
+        assert run("-w", ws, "send", "-", "--to", "chip", input=ORDER).stdout == "WO-0001\n"
+        deadline = time.monotonic() + 60
+        while not any(o["status"] == "done" for o in json.loads(run("-w", ws, "board", "--json").stdout)["orders"]):
+            assert sup.poll() is None, "the supervisor stopped"
+            assert time.monotonic() < deadline, "WO-0001 was not done"
+            time.sleep(0.2)
+        assert sup.poll() is None
+    finally:
+        sup.send_signal(signal.SIGINT)
+        assert sup.wait(timeout=60) == 0
