@@ -44,8 +44,9 @@ from .workspace import ENV_VAR, Workspace
 @click.option("--force", is_flag=True, help="Overwrite an existing coordinator.yaml.")
 @pass_ctx
 def init(c: Context, directory: str | None, force: bool) -> None:
-    """Make a workspace in DIRECTORY (default: the one -w names, else the current folder):
-    config, inboxes, state/ repository, demo repository.
+    """Make a workspace: config, inboxes, state/ repository, demo repository.
+
+    It is made in DIRECTORY, else in the folder -w names, else in the current folder.
 
     \b
     Example:
