@@ -6,6 +6,7 @@ the supervisor (`submit`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -103,6 +104,14 @@ class Tokens(click.IntRange):
 def on_terminal() -> bool:
     """Whether stdout is a terminal (not when there is none: `coordinator board >&-`)."""
     return sys.stdout is not None and sys.stdout.isatty()
+
+
+def stdin_hint() -> None:
+    """`send -` or `validate -` typed at a terminal waited without a word: say what it waits for."""
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # no stdin, or a closed one
+        if sys.stdin is not None and sys.stdin.isatty():
+            click.echo("reading the work order from the terminal: type or paste it, then Ctrl-D on a line of its "
+                       "own (Ctrl-C gives up)", err=True)
 
 
 def redraws() -> bool:

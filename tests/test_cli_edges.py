@@ -219,3 +219,13 @@ def test_the_supervisor_keeps_working_when_the_reader_of_its_log_goes_away(ws: P
     finally:
         sup.send_signal(signal.SIGINT)
         assert sup.wait(timeout=60) == 0
+
+
+@pytest.mark.parametrize("command", [("send", "-", "--to", "chip"), ("validate", "-", "--to", "chip")])
+def test_reading_an_order_from_a_terminal_says_so_and_ctrl_c_sends_nothing(ws: Path, command: tuple[str, ...]) -> None:
+    """`coordinator send -` typed at a terminal waited for input without a word."""
+    out = on_terminal("-w", ws, *command, env=term_env(), seconds=2)
+    assert out.startswith(b"reading the work order from the terminal: type or paste it, then Ctrl-D on a line of "
+                          b"its own (Ctrl-C gives up)\r\n")
+    assert os.listdir(ws / "inbox" / "chip") == []
+    assert run("-w", ws, "send", "-", "--to", "chip", input=ORDER).stderr == ""  # not said when piped
