@@ -6,6 +6,7 @@ and assert what the user sees.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pty
@@ -229,3 +230,19 @@ def test_reading_an_order_from_a_terminal_says_so_and_ctrl_c_sends_nothing(ws: P
                           b"its own (Ctrl-C gives up)\r\n")
     assert os.listdir(ws / "inbox" / "chip") == []
     assert run("-w", ws, "send", "-", "--to", "chip", input=ORDER).stderr == ""  # not said when piped
+
+
+def test_a_full_disk_under_send_says_no_more_than_what_send_does(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`send` on a full disk said "what was claimed stays in state/ and is picked up at the next
+    start": the supervisor's story, not send's. (A full disk needs a mount of its own, which a test
+    cannot make: the disk's answer is given here.)"""
+    from coordinator import durable
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(durable, "write_bytes", full)
+    refused = run("-w", ws, "send", "-", "--to", "chip", input=ORDER)
+    assert (refused.exit_code, refused.stdout) == (2, "")
+    assert refused.stderr == "coordinator: No space left on device: make room and run it again\n"
+    assert os.listdir(ws / "inbox" / "chip") == []
