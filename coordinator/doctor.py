@@ -92,12 +92,13 @@ def report(ws: Workspace | None) -> list[str]:
             missing = f"  (WARNING: {_one_line(a.command[0])} not found on PATH)"
         lines.append(f"  {name}: {a.role}, {how}{missing}")
         lines += [f"    WARNING: {w}" for w in agent_warnings(a)]
-    lines += _workspace_problems(ws, cfg)
-    lines.append(board.supervisor_line(board.supervisor(ws)))
+    lines += _workspace_problems(ws, cfg, git=git is not None)
+    if git:  # without it, nothing of the workspace's git can be looked at (said above)
+        lines.append(board.supervisor_line(board.supervisor(ws)))
     return lines
 
 
-def _workspace_problems(ws: Workspace, cfg: Config) -> list[str]:
+def _workspace_problems(ws: Workspace, cfg: Config, *, git: bool) -> list[str]:
     """What in the workspace stops commands or refuses orders, though the machine and team are
     fine: something that is no folder where one belongs, a repository the team writes that is none."""
     lines: list[str] = []
@@ -105,6 +106,8 @@ def _workspace_problems(ws: Workspace, cfg: Config) -> list[str]:
         ws.check_layout()
     except WorkspaceError as e:
         lines.append(f"workspace: PROBLEM — {e}")
+    if not git:
+        return lines
     from .verify import load_heads  # the default branches the supervisor has pinned
 
     repos = sorted({w.split("/", 1)[0] for a in cfg.agents.values() for w in a.writes})

@@ -246,3 +246,22 @@ def test_a_full_disk_under_send_says_no_more_than_what_send_does(ws: Path, monke
     assert (refused.exit_code, refused.stdout) == (2, "")
     assert refused.stderr == "coordinator: No space left on device: make room and run it again\n"
     assert os.listdir(ws / "inbox" / "chip") == []
+
+
+def test_without_git_on_path_each_command_says_so_in_one_line(ws: Path, tmp_path: Path) -> None:
+    """With no git on PATH, GitPython's import failed with 20 lines about its own variables:
+    board, log, init, supervise all ended in an "internal error" (exit 70)."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "COORDINATOR_WORKSPACE"} | {"PATH": str(empty)}
+    no_git = "coordinator: git is not installed or not on PATH; install git 2.25 or newer\n"
+    for args in (("-w", ws, "board"), ("-w", ws, "log"), ("-w", ws, "supervise", "--once"),
+                 ("init", tmp_path / "other")):
+        done = subprocess.run([sys.executable, "-m", "coordinator", *map(str, args)], capture_output=True,
+                              text=True, env=env, timeout=60)
+        assert (done.returncode, done.stdout, done.stderr) == (2, "", no_git), args
+    assert not (tmp_path / "other").exists()
+    doctor = subprocess.run([sys.executable, "-m", "coordinator", "-w", str(ws), "doctor"], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert doctor.returncode == 0, doctor.stderr
+    assert "git: NOT FOUND — install git; the audit trail and working copies need it" in doctor.stdout.splitlines()
