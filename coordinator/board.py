@@ -17,6 +17,7 @@ from typing import Any
 
 from . import budget, signals
 from .errors import NotFoundError, StateError
+from .inboxfiles import printable
 from .store import STATUSES, Record, RecordCache, Store, dependency_done, route_end, via_route
 from .workspace import Workspace
 
@@ -64,7 +65,31 @@ def supervisor(ws: Workspace) -> dict[str, Any]:
     except (OSError, ValueError, IndexError):
         pid = None
     drift = config_drift(ws)
-    return {"running": True, "pid": pid, **({"config_changed": drift} if drift else {})}
+    return {"running": True, "pid": pid, "stopped": pid is not None and _stopped(pid),
+            **({"config_changed": drift} if drift else {})}
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped (Ctrl-Z in its terminal, SIGSTOP): it holds its lock and
+    looks alive, but takes nothing in and answers no request."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]  # the name before it may hold anything
+    except (OSError, IndexError):
+        return False
+    return state in (b"T", b"t")
+
+
+def supervisor_line(sup: dict[str, Any]) -> str:
+    """The board's (and doctor's) line about the supervisor of `supervisor()`."""
+    if not sup["running"]:
+        return "supervisor: not running — `coordinator supervise` starts it"
+    pid = sup["pid"] or "?"
+    if sup.get("stopped"):
+        return (f"supervisor: STOPPED (pid {pid}, suspended: Ctrl-Z?) — it takes nothing in and runs nothing "
+                f"until resumed: `fg` in its terminal, or `kill -CONT {pid}`")
+    return (f"supervisor: running (pid {pid})"
+            + (f" — WARNING: {sup['config_changed']}" if sup.get("config_changed") else ""))
 
 
 def reason(rec: Record, records: dict[str, Record]) -> str | None:
@@ -127,14 +152,11 @@ def render(ws: Workspace, *, colour: bool = False, width: int | None = None,
     none = "none filed yet" if arrived else "none yet — drop a work order into inbox/<agent>/"
     lines.append(f"{len(recs)} order(s): {summary or none}")
     sup = supervisor(ws)
-    if sup["running"]:
-        lines.append(f"supervisor: running (pid {sup['pid'] or '?'})"
-                     + (f" — WARNING: {sup['config_changed']}" if sup.get("config_changed") else ""))
-    elif by_status["running"]:
+    if not sup["running"] and by_status["running"]:
         lines.append("supervisor: NOT RUNNING — the RUNNING orders below were cut off; "
                      "`coordinator supervise` re-queues them")
     else:
-        lines.append("supervisor: not running — `coordinator supervise` starts it")
+        lines.append(supervisor_line(sup))
     if arrived:
         lines.append(f"inboxes: {sum(arrived.values())} file(s) not taken in yet "
                      f"({', '.join(f'{agent} {n}' for agent, n in arrived.items())})"
@@ -165,7 +187,10 @@ def render(ws: Workspace, *, colour: bool = False, width: int | None = None,
             attempts = f" x{r.attempts}" if r.attempts > 1 else ""
             head = f"  {r.id:<{id_w}}  {r.to:<{to_w}}  {r.sender:>{from_w}} → "
             room = max(10, width - len(head) - len(flag) - len(attempts) - 1)
-            obj = r.objective if len(r.objective) <= room else r.objective[: room - 1] + "…"
+            # A rejected order keeps the objective its file had, escape sequences and all: shown
+            # raw, one dropped file could retitle or clear the user's terminal.
+            objective = printable(str(r.objective))
+            obj = objective if len(objective) <= room else objective[: room - 1] + "…"
             text = f"{head}{obj}{attempts}{flag}"
             if colour and r.stale:
                 text = click.style(text, fg="yellow")
@@ -174,7 +199,7 @@ def render(ws: Workspace, *, colour: bool = False, width: int | None = None,
             if why:
                 indent = " " * (4 + id_w)
                 room = max(10, width - len(indent) - 2)
-                why = " ".join(why.split())
+                why = printable(" ".join(why.split()))
                 lines.append(f"{indent}↳ {why if len(why) <= room else why[: room - 1] + '…'}")
     return "\n".join(lines)
 
@@ -241,9 +266,11 @@ def show(ws: Workspace, order_id: str) -> dict[str, Any]:
 
 
 def render_show(data: dict[str, Any]) -> str:
+    """`coordinator show`: every text that came from a file or an agent goes through
+    `printable` (a rejected order keeps its file's text as it was, escape sequences and all)."""
     lines = [f"{data['id']}  {data['status']}  {data['from']} → {data['to']}  "
              f"attempts {data['attempts']}  updated {data['updated']}",
-             f"objective: {data['objective']}"]
+             f"objective: {printable(str(data['objective']))}"]
     order = data.get("order")
     if order:
         lines.append("acceptance:")
@@ -254,17 +281,18 @@ def render_show(data: dict[str, Any]) -> str:
         lines.append("branching: " + "; ".join(
             f"{b['action']}{'-' + b['agent'] if b.get('agent') else ''} if {b['when']}" for b in order["branching"]))
     for e in data.get("errors") or []:
-        lines.append(f"error: {e}")
+        lines.append(f"error: {printable(str(e))}")
     if data.get("blocker"):
-        lines.append(f"blocker: {data['blocker']}")
+        lines.append(f"blocker: {printable(str(data['blocker']))}")
     for f in data.get("failures") or []:
-        lines.append(f"failure: {f.splitlines()[0] if f else f}")
+        lines.append(f"failure: {printable(f.splitlines()[0]) if f else f}")
     report = data.get("report") or {}
     if report.get("summary") and report["summary"] != "; ".join(data.get("errors") or []):
-        lines.append(f"report: {report['summary']}")  # a rejection's summary only repeats its errors
+        # A rejection's summary only repeats its errors. A summary may run over lines: each is kept.
+        lines.append("report: " + "\n".join(map(printable, str(report["summary"]).split("\n"))))
     for key in ("changed", "offending", "checks"):
         for x in report.get(key) or []:
-            lines.append(f"  {key}: {x}")
+            lines.append(f"  {key}: {printable(str(x))}")
     if data.get("commit"):
         lines.append(f"commit: {data['commit']}")
     if data.get("children"):

@@ -46,6 +46,9 @@ class CoordinatorGroup(click.Group):
             # Past click's main, which turns EPIPE into a silent exit 1: a closed stdout
             # (`coordinator log | head -1`) is the reader having seen enough, not a failure.
             raise _StdoutClosed from e
+        except OSError as e:
+            setattr(e, _COMMAND, ctx.invoked_subcommand)  # what to advise depends on the command
+            raise
 
     # The commands are imported when first asked for, inside `main`'s guard: importing them
     # (yaml, jsonschema) is most of a short command's start, and a Ctrl-C then was a traceback.
@@ -71,6 +74,9 @@ def _register(group: click.Group) -> None:
                     teamcommands.budget, teamcommands.rotate, teamcommands.signals_cmd, teamcommands.audit,
                     teamcommands.doctor, teamcommands.cost, teamcommands.gc, teamcommands.demo_intro):
         group.add_command(command)
+
+
+_COMMAND = "coordinator_command"  # the attribute naming the command an OSError stopped
 
 
 class _StdoutClosed(Exception):
@@ -131,8 +137,11 @@ def _guarded(invoke: Callable[[], Any]) -> int:
             click.echo(f"coordinator: read-only file system{where}: the workspace must be writable; remount "
                        "it read-write or use a workspace on a writable disk", err=True)
             return EXIT_ENVIRONMENT
-        click.echo(f"coordinator: {e.strerror}{where}: make room and run it again "
-                   "(what was claimed stays in state/ and is picked up at the next start)", err=True)
+        # Said of `send` or `budget add` too, "what was claimed stays in state/" was about nothing
+        # they do: only the supervisor claims.
+        kept = {"supervise": " (what was claimed stays in state/ and is picked up at the next start)",
+                "init": " with --force, which finishes the workspace"}.get(getattr(e, _COMMAND, None) or "", "")
+        click.echo(f"coordinator: {e.strerror}{where}: make room and run it again{kept}", err=True)
         return EXIT_ENVIRONMENT
     except Exception as e:  # last resort: still one line, never a traceback
         return _internal(e)

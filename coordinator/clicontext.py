@@ -6,8 +6,10 @@ the supervisor (`submit`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
 import select
 import sys
@@ -102,6 +104,26 @@ class Tokens(click.IntRange):
 def on_terminal() -> bool:
     """Whether stdout is a terminal (not when there is none: `coordinator board >&-`)."""
     return sys.stdout is not None and sys.stdout.isatty()
+
+
+def stdin_hint() -> None:
+    """`send -` or `validate -` typed at a terminal waited without a word: say what it waits for."""
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # no stdin, or a closed one
+        if sys.stdin is not None and sys.stdin.isatty():
+            click.echo("reading the work order from the terminal: type or paste it, then Ctrl-D on a line of its "
+                       "own (Ctrl-C gives up)", err=True)
+
+
+def redraws() -> bool:
+    """Whether stdout is a terminal that can be cleared and redrawn: not a dumb one (TERM=dumb:
+    an editor's shell buffer, a serial console), which shows the escape codes as text."""
+    return on_terminal() and os.environ.get("TERM") != "dumb"
+
+
+def colours() -> bool:
+    """Whether to colour the output: on a terminal that can show colour, unless the user asked
+    for none with NO_COLOR (any non-empty value, as no-color.org has it)."""
+    return redraws() and not os.environ.get("NO_COLOR")
 
 
 def reader_gone() -> bool:

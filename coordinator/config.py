@@ -252,6 +252,11 @@ def load(path: Path) -> Config:
         raise ConfigError(str(e), path=shown, key=e.key) from None
     except _Unbounded as e:
         raise ConfigError(str(e), path=shown) from None
+    except yaml.reader.ReaderError as e:
+        # PyYAML says this in two lines, the second about "<unicode string>": one line, at its line.
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        raise ConfigError(f"is not valid YAML at line {text.count(chr(10), 0, e.position) + 1}: it holds U+{code:04X}, "
+                          "a character YAML does not allow (a config is plain text): remove it", path=shown) from None
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""

@@ -8,8 +8,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from . import landlock, mounts, seccomp
-from .errors import ConfigError
+from . import board, landlock, mounts, seccomp
+from .config import Config
+from .errors import ConfigError, GitError, WorkspaceError
+from .gitrepo import GitRepo, run_git
 from .runner import agent_warnings
 from .workspace import Workspace
 
@@ -90,7 +92,51 @@ def report(ws: Workspace | None) -> list[str]:
             missing = f"  (WARNING: {_one_line(a.command[0])} not found on PATH)"
         lines.append(f"  {name}: {a.role}, {how}{missing}")
         lines += [f"    WARNING: {w}" for w in agent_warnings(a)]
+    lines += _workspace_problems(ws, cfg, git=git is not None)
+    if git:  # without it, nothing of the workspace's git can be looked at (said above)
+        lines.append(board.supervisor_line(board.supervisor(ws)))
     return lines
+
+
+def _workspace_problems(ws: Workspace, cfg: Config, *, git: bool) -> list[str]:
+    """What in the workspace stops commands or refuses orders, though the machine and team are
+    fine: something that is no folder where one belongs, a repository the team writes that is none."""
+    lines: list[str] = []
+    try:
+        ws.check_layout()
+    except WorkspaceError as e:
+        lines.append(f"workspace: PROBLEM — {e}")
+    if not git:
+        return lines
+    from .verify import load_heads  # the default branches the supervisor has pinned
+
+    repos = sorted({w.split("/", 1)[0] for a in cfg.agents.values() for w in a.writes})
+    heads = load_heads(ws)
+    for repo in repos:
+        known = heads.get(repo) if isinstance(heads, dict) else None
+        pinned = known.get("branch") if isinstance(known, dict) else None
+        problem = _repository_problem(ws.repos / repo, pinned if isinstance(pinned, str) else None)
+        if problem:
+            lines.append(f"repos/{repo}: WARNING: {problem}; until then every order naming {repo}/… is refused "
+                         "or fails")
+    return lines
+
+
+def _repository_problem(folder: Path, branch: str | None) -> str | None:
+    """Why orders cannot work in the repository at `folder` (default branch `branch` when the
+    supervisor has seen it), or None when they can."""
+    if not (folder / ".git").exists():
+        return (f"{'is not a git repository' if folder.exists() else 'does not exist'}: clone the repository "
+                "there, or `git init` it and make a first commit")
+    try:
+        repo = GitRepo(folder, branch=branch)
+        if branch is None and not run_git(["rev-parse", "-q", "--verify", "HEAD^{commit}"], git_dir=repo.git_dir,
+                                          cwd=repo.git_dir, check=False).stdout.strip():
+            return "has no commit yet: make a first commit on its default branch"
+        repo.head()
+    except GitError as e:
+        return str(e).removeprefix(f"repos/{folder.name}").lstrip(": ")
+    return None
 
 
 def _bare_repositories(git: str, version: str) -> str:

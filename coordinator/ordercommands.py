@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .clicontext import Command, Context, emit_json, pass_ctx, submit
+from .clicontext import Command, Context, emit_json, pass_ctx, stdin_hint, submit
 
 
 @click.command(cls=Command)
@@ -50,6 +50,8 @@ def validate(c: Context, files: tuple[str, ...], to: str | None, sender: str | N
     """
     from . import sending
 
+    if "-" in files:
+        stdin_hint()
     report = sending.validate_files(c.ws, list(files), to=to, sender=sender)
     if as_json:
         emit_json({"valid": all(r["valid"] for r in report), "files": report})
@@ -85,6 +87,7 @@ def send(c: Context, file: str, to: str | None, sender: str | None) -> None:
     from .inboxfiles import printable
 
     if file == "-":
+        stdin_hint()
         data = sending.read_stdin()
         order_id = sending.send(c.ws, data, name=sending.STDIN, to=to, sender=sender, kind=sending.sniff(data))
     else:

@@ -248,7 +248,12 @@ def check(order: WorkOrder, config: Config, history: History, *, path: str | Non
                      "repository: send one order per repository")
     if repos is not None:
         for repo, i in named.items():
-            if not (repos / repo / ".git").exists():
+            if (repos / repo / ".git").exists():
+                continue
+            if (repos / repo).is_dir():  # "no repository" sent the user looking for a folder that is there
+                bad(f"files.{i}", f"repos/{repo} is not a git repository; clone the repository there, or "
+                                  "`git init` it and make a first commit")
+            else:
                 bad(f"files.{i}", f"no repository {repo!r} under repos/; the first component of every path "
                                   "names one")
     _check_ids(order, history, bad)

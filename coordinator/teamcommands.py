@@ -7,6 +7,8 @@ one library function and prints.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import shlex
@@ -25,10 +27,12 @@ from .clicontext import (
     Context,
     Group,
     Tokens,
+    colours,
     emit_json,
     on_terminal,
     pass_ctx,
     reader_gone,
+    redraws,
     submit,
 )
 from .errors import WorkspaceError
@@ -36,18 +40,28 @@ from .workspace import ENV_VAR, Workspace
 
 
 @click.command(cls=Command)
-@click.argument("directory", required=False, default=".", type=click.Path(file_okay=False))
+@click.argument("directory", required=False, type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Overwrite an existing coordinator.yaml.")
-def init(directory: str, force: bool) -> None:
+@pass_ctx
+def init(c: Context, directory: str | None, force: bool) -> None:
     """Make a workspace: config, inboxes, state/ repository, demo repository.
+
+    It is made in DIRECTORY, else in the folder -w names, else in the current folder.
 
     \b
     Example:
         coordinator init myteam
         coordinator init myteam --force     # start over with the example config
     """
+    from .workspace import given_folder
     from .workspace import init as do_init
 
+    if c.explicit is not None:  # `coordinator -w myteam init` made the workspace here, not in myteam
+        named = given_folder(c.explicit)
+        if directory is not None and Path(directory).expanduser().resolve() != named.expanduser().resolve():
+            raise click.UsageError(f"-w names {c.explicit} and DIRECTORY names {directory}; give one of them")
+        directory = directory if directory is not None else str(named)
+    directory = directory if directory is not None else "."
     ws, lines = do_init(Path(directory), force=force)
     for line in lines:
         click.echo(line)
@@ -74,7 +88,18 @@ def supervise(c: Context, once: bool, poll: bool, grace: float) -> None:
     def log(line: str) -> None:
         # One line per event, whatever it quotes: an agent's summary or a file name could
         # otherwise start lines of its own or send escape sequences to the terminal.
-        click.echo(f"{time.strftime('%H:%M:%S')} {one_line(line)}", err=True)
+        try:
+            click.echo(f"{time.strftime('%H:%M:%S')} {one_line(line)}", err=True)
+        except BrokenPipeError:
+            # The log's reader went away (`supervise 2>&1 | tee log` and tee ended): that stopped
+            # the supervisor with exit 0, unsaid. The team's work goes on; only the log is gone.
+            _to_nowhere(sys.stderr)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # The log's disk is full (`supervise 2>> sup.log`): this line is lost, the work is not.
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
 
     received = [0]
 
@@ -98,6 +123,14 @@ def supervise(c: Context, once: bool, poll: bool, grace: float) -> None:
         logging.getLogger().removeHandler(lines)
         for signum, handler in before.items():
             signal.signal(signum, handler)
+
+
+def _to_nowhere(stream: object) -> None:
+    """Send what is still to be written to `stream`, and all that follows, to /dev/null."""
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # no real file under it
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())  # type: ignore[attr-defined]
+        os.close(null)
 
 
 class _LogLines(logging.Handler):
@@ -137,9 +170,9 @@ def board(c: Context, as_json: bool, watch: bool) -> None:
     if as_json:
         emit_json(b.as_json(c.ws))
         return
-    terminal = on_terminal()
+    colour, redraw = colours(), redraws()
     if not watch:
-        click.echo(b.render(c.ws, colour=terminal))
+        click.echo(b.render(c.ws, colour=colour))
         return
     from .store import RecordCache
 
@@ -150,12 +183,12 @@ def board(c: Context, as_json: bool, watch: bool) -> None:
             if drawn % 60 == 0:
                 cache = RecordCache()  # a full read each minute, whatever a file's times say
             drawn += 1
-            text = b.render(c.ws, colour=terminal, cache=cache)
-            if terminal:
+            text = b.render(c.ws, colour=colour, cache=cache)
+            if redraw:
                 click.clear()
                 click.echo(text)
             elif text != shown:
-                # Not a terminal (a file, a pipe): nothing to redraw, so a board is added only
+                # Not a terminal that redraws (a file, a pipe, TERM=dumb): a board is added only
                 # when it changed, after the time it was seen.
                 if shown is not None:
                     click.echo(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} ---")
@@ -344,13 +377,14 @@ def doctor(c: Context) -> None:
     try:
         ws: Workspace | None = Workspace.find(c.explicit)  # a broken config is reported, not refused
     except WorkspaceError:
-        if c.explicit or os.environ.get(ENV_VAR):
+        if c.explicit is not None or os.environ.get(ENV_VAR):
             raise  # a workspace named on purpose that is not one
         ws = None
     for line in d.report(ws):
         click.echo(line)
     if ws is not None:
         _ = ws.config  # a config it could not read: its error, once more, as the exit
+        ws.check_layout()  # so does what stops every other command
 
 
 @click.command(cls=Command)

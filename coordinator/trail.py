@@ -21,10 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import git
-
 from . import durable, gitlocks
 from .errors import GitError
+
+try:
+    import git
+except ImportError as e:
+    # With no git on PATH, GitPython's import fails with 20 lines of advice about its own
+    # variables, and every command that reads state/ (board, log, init) ended in an
+    # "internal error": one line instead, as where the supervisor runs git itself.
+    if "git executable" not in str(e):
+        raise
+    raise GitError("git is not installed or not on PATH; install git 2.25 or newer") from None
 
 SUPERVISOR = "coordinator"
 DOMAIN = "agents.coordinator"

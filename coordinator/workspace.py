@@ -39,8 +39,8 @@ class Workspace:
     @classmethod
     def find(cls, explicit: str | os.PathLike[str] | None, *, cwd: Path | None = None) -> Workspace:
         """The workspace from `-w`, else $COORDINATOR_WORKSPACE, else the nearest folder upward."""
-        if explicit:
-            return cls._at(Path(explicit), "-w")
+        if explicit is not None:
+            return cls._at(given_folder(explicit), "-w")
         env = os.environ.get(ENV_VAR)
         if env:
             return cls._at(Path(env), f"${ENV_VAR}")
@@ -163,6 +163,14 @@ class Workspace:
         return made
 
 
+def given_folder(explicit: str | os.PathLike[str]) -> Path:
+    """The folder `-w` names; WorkspaceError when it names none."""
+    if not os.fspath(explicit):  # `-w "$TEAM"` with TEAM unset: "here" may be another team
+        raise WorkspaceError("-w: no folder given (an empty argument: an unset variable?); pass the "
+                             "workspace folder, or leave -w out to use the one around you")
+    return Path(explicit)
+
+
 def example_config() -> str:
     """The example team shipped with the package (the offline demo team)."""
     return resources.files("coordinator.demo").joinpath("coordinator.yaml").read_text("utf-8")
@@ -202,6 +210,10 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
     if _uses_repo(cfg, "webapp") and not demo.exists():
         init_demo_repo(demo)
         lines.append("created repos/webapp (demo repository)")
+    elif _uses_repo(cfg, "webapp") and not (demo / ".git").exists():
+        # Left alone (it is the user's), but said: every order of the example team names it.
+        lines.append("left repos/webapp as it was: it is not a git repository, so the example team's orders "
+                     "are refused until it is one (move it away and run init --force for the demo repository)")
     ignore = target / ".gitignore"
     if not ignore.exists() and not (target / ".git").exists():
         ignore.write_text(f"{RUNTIME}/\n", encoding="utf-8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -153,3 +154,32 @@ def test_a_multi_line_command_is_shown_on_one_line(make_ws) -> None:
     long = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"], "command": sh("true\n" * 100)}})
     shown = line(doctor(long), "chip:").removeprefix("  chip: specialist, command: ")
     assert shown == ("/bin/sh -c " + "true\\n" * 100)[:119] + "…"
+
+
+def test_doctor_says_what_in_the_workspace_stops_every_command(ws: Workspace) -> None:
+    """A file where an inbox folder belongs stops every other command; doctor said all was well."""
+    shutil.rmtree(ws.inbox("chip"))
+    ws.inbox("chip").write_text("not a folder\n")
+    result = CliRunner().invoke(cli, ["-w", str(ws.root), "doctor"])
+    assert result.exit_code == 2
+    said = ("inbox/chip is not a folder; the workspace needs a folder there: move it away (`coordinator "
+            "supervise` makes what is missing)")
+    assert f"workspace: PROBLEM — {said}" in result.stdout.splitlines()
+    assert result.stderr == f"coordinator: {said}\n"
+
+
+def test_doctor_warns_of_a_repository_the_team_writes_that_orders_cannot_use(ws: Workspace) -> None:
+    webapp = ws.repos / "webapp"
+    assert not [x for x in doctor(ws) if x.startswith("repos/")]
+    shutil.rmtree(webapp / ".git")  # a folder of the user's own, not a repository
+    until = "; until then every order naming webapp/… is refused or fails"
+    assert [x for x in doctor(ws) if x.startswith("repos/")] == [
+        "repos/webapp: WARNING: is not a git repository: clone the repository there, or `git init` it and make "
+        "a first commit" + until]
+    subprocess.run(["git", "init", "-q", str(webapp)], check=True)  # no commit yet: every attempt fails
+    assert [x for x in doctor(ws) if x.startswith("repos/")] == [
+        "repos/webapp: WARNING: has no commit yet: make a first commit on its default branch" + until]
+    shutil.rmtree(webapp)
+    assert [x for x in doctor(ws) if x.startswith("repos/")] == [
+        "repos/webapp: WARNING: does not exist: clone the repository there, or `git init` it and make a first "
+        "commit" + until]

@@ -1,0 +1,267 @@
+"""The command line as a careless user meets it: odd terminals, odd workspaces, odd input.
+
+These run the real `coordinator` program (on a pseudo-terminal where the terminal matters),
+and assert what the user sees.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pty
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from coordinator.cli import cli
+
+COORDINATOR = str(Path(sys.executable).with_name("coordinator"))
+
+
+def run(*args: str | Path, input: str | bytes | None = None) -> Result:
+    result = CliRunner().invoke(cli, [str(a) for a in args], input=input)
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    root = tmp_path / "team"
+    assert run("init", root).exit_code == 0
+    return root
+
+
+def on_terminal(*args: str | Path, env: dict[str, str], seconds: float) -> bytes:
+    """What `coordinator ARGS` writes to a 24x100 terminal in `seconds` (then Ctrl-C)."""
+    import fcntl
+    import termios
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the program, with the terminal as its stdout
+        os.execve(COORDINATOR, [COORDINATOR, *map(str, args)], env)
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    out = b""
+    end = time.monotonic() + seconds
+    done = False
+    while not done:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # the program ended and its terminal closed
+                chunk = b""
+            out += chunk
+            done = not chunk
+        if time.monotonic() > end and not done:
+            os.kill(pid, signal.SIGINT)
+            end = time.monotonic() + 10
+    os.waitpid(pid, 0)
+    os.close(fd)
+    return out
+
+
+def term_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("COORDINATOR_WORKSPACE", "NO_COLOR", "TERM")}
+    return env | {"TERM": "xterm"} | extra
+
+
+def test_board_on_a_terminal_is_coloured_unless_no_color_is_set(ws: Path) -> None:
+    greeting = resources.files("coordinator.demo").joinpath("example-orders", "greeting.md").read_bytes()
+    assert run("-w", ws, "send", "-", "--to", "chip", input=greeting).exit_code == 0
+    subprocess.run([COORDINATOR, "-w", ws, "supervise", "--once"], capture_output=True, check=True, timeout=120)
+    assert b"\x1b[" in on_terminal("-w", ws, "board", env=term_env(), seconds=30)
+    plain = on_terminal("-w", ws, "board", env=term_env(NO_COLOR="1"), seconds=30)
+    assert b"DONE (1)" in plain
+    assert b"\x1b" not in plain
+
+
+def test_board_watch_on_a_dumb_terminal_sends_no_escape_codes(ws: Path) -> None:
+    out = on_terminal("-w", ws, "board", "--watch", env=term_env(TERM="dumb"), seconds=2.5)
+    assert b"0 order(s)" in out
+    assert b"\x1b" not in out  # no colour, no clear-screen: a dumb terminal shows them as text
+    assert out.count(b"0 order(s)") == 1  # nothing changed: the board is not printed again
+
+
+ORDER = ("**Objective:** The webapp greets a user by name.\n\n**Acceptance:**\n- It says hello\n"
+         "- It says the name\n- `make test` passes\n\n**Files:**\n- webapp/src/greeting.py\n\n"
+         "**Branching:**\n- halt-with-note if the greeting already exists\n")
+
+
+def test_init_beside_a_repos_webapp_of_ones_own_says_it_was_left_and_send_says_why(tmp_path: Path) -> None:
+    """init left a repos/webapp that is no repository without a word, and every order then said
+    "no repository 'webapp' under repos/" of a folder that is plainly there."""
+    root = tmp_path / "team"
+    (root / "repos" / "webapp").mkdir(parents=True)
+    (root / "repos" / "webapp" / "notes.txt").write_text("mine\n")
+    made = run("init", root)
+    assert made.exit_code == 0
+    assert ("left repos/webapp as it was: it is not a git repository, so the example team's orders are refused "
+            "until it is one (move it away and run init --force for the demo repository)") in made.stdout.splitlines()
+    assert (root / "repos" / "webapp" / "notes.txt").read_text() == "mine\n"
+    refused = run("-w", root, "send", "-", "--to", "chip", input=ORDER)
+    assert (refused.exit_code, refused.stderr) == (
+        1, "<stdin>:9: files.0: repos/webapp is not a git repository; clone the repository there, or `git init` "
+           "it and make a first commit\n")
+
+
+@pytest.mark.parametrize("text, line, code", [
+    (b"version: 1\n# a \x01 note\n", 2, "0001"),
+    (b"version: 1\nagents:\n  chip: \x1b[31mred\n", 3, "001B"),
+    (b"\xef\xbb\xbfversion: 1\x7f\n", 1, "007F"),
+])
+def test_a_config_with_a_control_character_is_said_in_one_line_with_its_line(ws: Path, text: bytes, line: int,
+                                                                             code: str) -> None:
+    """PyYAML's message took two lines, the second naming "<unicode string>" and a position."""
+    (ws / "coordinator.yaml").write_bytes(text)
+    result = run("-w", ws, "board")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (f"coordinator: coordinator.yaml: is not valid YAML at line {line}: it holds U+{code}, "
+                             "a character YAML does not allow (a config is plain text): remove it\n")
+
+
+def test_a_suspended_supervisor_is_said_by_board_and_doctor(ws: Path) -> None:
+    """Ctrl-Z on `supervise` left it holding its lock: the board said "running", requests waited 15 s
+    and sent the user to `coordinator doctor`, which said nothing about the supervisor."""
+    env = {k: v for k, v in os.environ.items() if k != "COORDINATOR_WORKSPACE"}
+    sup = subprocess.Popen([COORDINATOR, "-w", str(ws), "supervise"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while f"running (pid {sup.pid})" not in run("-w", ws, "board").stdout:
+            assert time.monotonic() < deadline, "the supervisor did not start"
+            time.sleep(0.1)
+        assert f"supervisor: running (pid {sup.pid})" in run("-w", ws, "doctor").stdout.splitlines()
+        os.kill(sup.pid, signal.SIGSTOP)
+        said = (f"supervisor: STOPPED (pid {sup.pid}, suspended: Ctrl-Z?) — it takes nothing in and runs nothing "
+                f"until resumed: `fg` in its terminal, or `kill -CONT {sup.pid}`")
+        assert said in run("-w", ws, "board").stdout.splitlines()
+        assert said in run("-w", ws, "doctor").stdout.splitlines()
+        assert json.loads(run("-w", ws, "board", "--json").stdout)["supervisor"]["stopped"] is True
+        os.kill(sup.pid, signal.SIGCONT)
+        assert f"supervisor: running (pid {sup.pid})" in run("-w", ws, "board").stdout.splitlines()
+    finally:
+        os.kill(sup.pid, signal.SIGCONT)
+        sup.send_signal(signal.SIGTERM)
+        sup.communicate(timeout=60)
+
+
+def test_init_makes_the_workspace_that_w_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`coordinator -w myteam init`, as every other command is written, made the workspace in the
+    current folder (a home, a project's checkout) and left myteam unmade."""
+    here, team = tmp_path / "here", tmp_path / "myteam"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    made = run("-w", team, "init")
+    assert made.exit_code == 0, made.output
+    assert (team / "coordinator.yaml").is_file() and (team / "state" / ".git").is_dir()
+    assert os.listdir(here) == []
+    both = run("-w", team, "init", tmp_path / "other")
+    assert (both.exit_code, both.stderr) == (
+        2, f"coordinator init: -w names {team} and DIRECTORY names {tmp_path / 'other'}; give one of them. "
+           "See `coordinator init -h`.\n")
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("command", [("board",), ("doctor",), ("init",), ("send", "-", "--to", "chip")])
+def test_an_empty_w_is_refused_not_taken_for_the_workspace_around(ws: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  command: tuple[str, ...]) -> None:
+    """`-w "$TEAM"` with TEAM unset acted on whatever workspace was around the current folder."""
+    monkeypatch.chdir(ws)
+    result = run("-w", "", *command, input=ORDER)
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == ("coordinator: -w: no folder given (an empty argument: an unset variable?); pass the "
+                             "workspace folder, or leave -w out to use the one around you\n")
+    assert os.listdir(ws / "inbox" / "chip") == []
+
+
+def test_a_rejected_orders_escape_sequences_never_reach_the_terminal(ws: Path) -> None:
+    """A rejected order keeps the objective its file had: board and show printed it raw, so one
+    file dropped in an inbox could retitle (OSC 0) or clear the user's terminal."""
+    evil = ORDER.replace("The webapp greets a user by name.", "Hi \x1b]0;owned\x07\x1b[2J there")
+    (ws / "inbox" / "chip" / "evil.md").write_text("---\nid: evil\n---\n" + evil)
+    subprocess.run([COORDINATOR, "-w", ws, "supervise", "--once"], capture_output=True, check=True, timeout=120)
+    board = run("-w", ws, "board")
+    assert "\x1b" not in board.stdout and "\x07" not in board.stdout
+    assert "evil  chip  user → Hi \\x1b]0;owned\\x07\\x1b[2J there" in board.stdout
+    shown = run("-w", ws, "show", "evil")
+    assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout
+    assert "objective: Hi \\x1b]0;owned\\x07\\x1b[2J there" in shown.stdout.splitlines()
+    assert json.loads(run("-w", ws, "show", "evil", "--json").stdout)["objective"] == (
+        "Hi \x1b]0;owned\x07\x1b[2J there")  # JSON escapes it: kept as it was
+
+
+def test_the_supervisor_keeps_working_when_the_reader_of_its_log_goes_away(ws: Path) -> None:
+    """`coordinator supervise 2>&1 | tee log`, and tee ended: the next log line stopped the
+    supervisor, with exit 0 and not a word, and the orders sent after it waited for nobody."""
+    env = {k: v for k, v in os.environ.items() if k != "COORDINATOR_WORKSPACE"}
+    sup = subprocess.Popen([COORDINATOR, "-w", str(ws), "supervise"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, env=env)
+    try:
+        assert sup.stderr is not None
+        assert b"supervising" in sup.stderr.readline()
+        sup.stderr.close()  # the reader is gone
+        assert run("-w", ws, "send", "-", "--to", "chip", input=ORDER).stdout == "WO-0001\n"
+        deadline = time.monotonic() + 60
+        while not any(o["status"] == "done" for o in json.loads(run("-w", ws, "board", "--json").stdout)["orders"]):
+            assert sup.poll() is None, "the supervisor stopped"
+            assert time.monotonic() < deadline, "WO-0001 was not done"
+            time.sleep(0.2)
+        assert sup.poll() is None
+    finally:
+        sup.send_signal(signal.SIGINT)
+        assert sup.wait(timeout=60) == 0
+
+
+@pytest.mark.parametrize("command", [("send", "-", "--to", "chip"), ("validate", "-", "--to", "chip")])
+def test_reading_an_order_from_a_terminal_says_so_and_ctrl_c_sends_nothing(ws: Path, command: tuple[str, ...]) -> None:
+    """`coordinator send -` typed at a terminal waited for input without a word."""
+    out = on_terminal("-w", ws, *command, env=term_env(), seconds=2)
+    assert out.startswith(b"reading the work order from the terminal: type or paste it, then Ctrl-D on a line of "
+                          b"its own (Ctrl-C gives up)\r\n")
+    assert os.listdir(ws / "inbox" / "chip") == []
+    assert run("-w", ws, "send", "-", "--to", "chip", input=ORDER).stderr == ""  # not said when piped
+
+
+def test_a_full_disk_under_send_says_no_more_than_what_send_does(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`send` on a full disk said "what was claimed stays in state/ and is picked up at the next
+    start": the supervisor's story, not send's. (A full disk needs a mount of its own, which a test
+    cannot make: the disk's answer is given here.)"""
+    from coordinator import durable
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(durable, "write_bytes", full)
+    refused = run("-w", ws, "send", "-", "--to", "chip", input=ORDER)
+    assert (refused.exit_code, refused.stdout) == (2, "")
+    assert refused.stderr == "coordinator: No space left on device: make room and run it again\n"
+    assert os.listdir(ws / "inbox" / "chip") == []
+
+
+def test_without_git_on_path_each_command_says_so_in_one_line(ws: Path, tmp_path: Path) -> None:
+    """With no git on PATH, GitPython's import failed with 20 lines about its own variables:
+    board, log, init, supervise all ended in an "internal error" (exit 70)."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "COORDINATOR_WORKSPACE"} | {"PATH": str(empty)}
+    no_git = "coordinator: git is not installed or not on PATH; install git 2.25 or newer\n"
+    for args in (("-w", ws, "board"), ("-w", ws, "log"), ("-w", ws, "supervise", "--once"),
+                 ("init", tmp_path / "other")):
+        done = subprocess.run([sys.executable, "-m", "coordinator", *map(str, args)], capture_output=True,
+                              text=True, env=env, timeout=60)
+        assert (done.returncode, done.stdout, done.stderr) == (2, "", no_git), args
+    assert not (tmp_path / "other").exists()
+    doctor = subprocess.run([sys.executable, "-m", "coordinator", "-w", str(ws), "doctor"], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert doctor.returncode == 0, doctor.stderr
+    assert "git: NOT FOUND — install git; the audit trail and working copies need it" in doctor.stdout.splitlines()
