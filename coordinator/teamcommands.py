@@ -178,6 +178,9 @@ def board(c: Context, as_json: bool, watch: bool) -> None:
 
     shown = None
     drawn = 0
+    # "Until Ctrl-C" also when started as a background job, which a shell starts with SIGINT
+    # ignored (and Python leaves it so): `kill -INT` would never have stopped it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while not reader_gone():
             if drawn % 60 == 0:

@@ -1060,6 +1060,24 @@ def board_watched_into(ws: Path, out: Path) -> Iterator[None]:
     assert (watching.returncode, err) == (0, "")
 
 
+def test_board_watch_started_in_the_background_still_stops_on_ctrl_c(ws: Path, tmp_path: Path) -> None:
+    """A shell starts a background job (`coordinator board --watch > f &`, a CI script) with
+    SIGINT ignored, and Python then leaves Ctrl-C ignored: `kill -INT` never stopped it."""
+    out = tmp_path / "board.log"
+    with open(out, "w") as f:
+        watching = subprocess.Popen([COORDINATOR, "-w", str(ws), "board", "--watch"], stdout=f,
+                                    stderr=subprocess.PIPE, text=True,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        wait_for(lambda: "budget:" in out.read_text(), "the first board")
+        watching.send_signal(signal.SIGINT)
+        _, err = watching.communicate(timeout=10)
+    finally:
+        watching.kill()
+        watching.wait()
+    assert (watching.returncode, err) == (0, "")
+
+
 @pytest.mark.slow  # some 5 s: `make test-slow`, and CI, run it
 def test_board_watch_into_a_file_adds_a_board_only_when_it_changed(ws: Path, tmp_path: Path) -> None:
     out = tmp_path / "board.log"
