@@ -20,18 +20,22 @@ import signal
 import stat
 from pathlib import Path
 
-# Editors write these next to the file being edited; none of them is a work order.
-TEMP_SUFFIXES = ("~", ".swp", ".swo", ".swx", ".tmp")
+# Editors write these next to the file being edited, and download and sync tools write a
+# file under such a name until it is complete, then rename it: none of them is a work order
+# (taken in, it was rejected for its suffix, and the tool's rename then failed: the order lost).
+TEMP_SUFFIXES = ("~", ".swp", ".swo", ".swx", ".tmp",
+                 ".part", ".partial", ".crdownload", ".filepart", ".!sync", ".download")
 TEMP_NAMES = frozenset({"4913"})  # vim probes whether a folder is writable with this name
 
 
 def is_candidate(name: str) -> bool:
-    """Could a file of this name be a work order? Not a dot-file, not an editor temp file."""
+    """Could a file of this name be a work order? Not a dot-file, not an editor's or a
+    download or sync tool's temp file (`a.md.part`, rclone's `a.md.3f2a9c1b.partial`)."""
     if not name or name.startswith(".") or name in TEMP_NAMES:
         return False
     if name.startswith("#") and name.endswith("#"):  # emacs auto-save
         return False
-    return not name.endswith(TEMP_SUFFIXES)
+    return not name.lower().endswith(TEMP_SUFFIXES)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")  # and bidi overrides
