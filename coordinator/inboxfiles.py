@@ -84,8 +84,8 @@ def settled(path: Path, *, now: float, quiet: float = 1.0, require_quiet: bool =
     False while any process has it open for writing: on Linux a read lease is refused then
     (probed and released at once). Where leases are unsupported or not ours to take (another
     user's file), and always when `require_quiet` is set, the file must also have been left
-    unchanged (mtime and ctime) for `quiet` seconds. `now` is wall-clock time (`time.time()`),
-    the clock of file timestamps. Pass `require_quiet=True` on network file systems (`--poll`),
+    unchanged (mtime and ctime; a future mtime counts as its ctime) for `quiet` seconds. `now`
+    is wall-clock time (`time.time()`), the clock of file timestamps. Pass `require_quiet=True` on network file systems (`--poll`),
     where a lease only sees writers on this machine. False for anything but a regular file
     (symlinks included) and for a file that is gone.
     """
@@ -102,8 +102,12 @@ def settled(path: Path, *, now: float, quiet: float = 1.0, require_quiet: bool =
             return False
         if writer is False and not require_quiet:
             return True
-        # ctime as well: a writer can set mtime back (cp -p, touch -d), never ctime.
-        return now - max(st.st_mtime, st.st_ctime) >= quiet
+        # ctime as well: a writer can set mtime back (cp -p, touch -d), never ctime. And a
+        # writer can set mtime ahead (cp -p or rsync -t of a file from a machine whose clock
+        # runs ahead, an archive unpacked): waiting for quiet after that stamp kept the file
+        # in the inbox until that date, without a word. Its ctime still says when it changed.
+        changed = st.st_ctime if st.st_mtime > now else max(st.st_mtime, st.st_ctime)
+        return now - changed >= quiet
     finally:
         os.close(fd)
 

@@ -4,6 +4,8 @@ inboxes that move, files that change under it. Real folders, real processes, rea
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 
 import pytest
 from conftest import order_md, sh
@@ -31,3 +33,21 @@ def test_a_file_a_sync_tool_is_still_writing_under_a_temp_name_is_left_for_it_to
         sup.run_once(limit=60)
     recs = Store(ws.state).load_all()
     assert {oid: (r.status, r.source) for oid, r in recs.items()} == {"a": ("done", "inbox/chip/a.md")}
+
+
+@pytest.mark.parametrize("stamp", ["2038-01-01", "1970-01-02"])
+def test_a_file_whose_mtime_is_in_the_future_or_the_past_is_taken_in_when_polling(make_ws, tmp_path, stamp):
+    """`cp -p` or `rsync -t` of a file from a machine whose clock runs ahead: with --poll (a
+    quiet period decides) it stayed in the inbox, unsaid, until that date, and `--once`
+    never ended."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ran")}})
+    made = tmp_path / "a.md"
+    made.write_text(order_md("A copied order runs", id="a"))
+    subprocess.run(["touch", "-d", stamp, str(made)], check=True)
+    subprocess.run(["cp", "-p", str(made), str(ws.inbox("chip") / "a.md")], check=True)
+    start = time.monotonic()
+    with Supervisor(ws, poll=True) as sup:
+        sup.run_once(limit=20)
+    assert time.monotonic() - start < 15
+    assert Store(ws.state).load("a").status == "done"
+    assert os.listdir(ws.inbox("chip")) == []
