@@ -57,7 +57,25 @@ def claim(path: Path, folder: Path, root: Path, *, note: dict[str, Any] | None =
         if e.errno != errno.EXDEV:
             raise
         return _claim_across(path, dest, root)
+    _unshare(dest)
     return dest
+
+
+def _unshare(claimed: Path) -> None:
+    """Give a claimed file that has other names (a hard link a person keeps of what they
+    dropped, a backup's or a sync tool's link) an inode of its own: through the link, their
+    later edits changed the order's original in state/, which the tamper watch then reported
+    as a hand edit of state/ (a false `silent` signal) and put back. A file too big to be an
+    order is rejected as it is; a copy that does not fit on the disk leaves the file shared."""
+    try:
+        st = os.lstat(claimed)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink <= 1 or st.st_size >= MAX_READ:
+            return
+        data, size = read_capped(claimed)
+        if size is not None:
+            durable.write_bytes(claimed, data, sync=False, mode=stat.S_IMODE(st.st_mode))
+    except OSError:
+        pass
 
 
 def unfiled(intake_dir: Path, filed: set[Path]) -> list[tuple[Path, str]]:

@@ -10,6 +10,7 @@ import time
 import pytest
 from conftest import order_md, sh
 
+from coordinator import signals
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
 from coordinator.watcher import InboxWatcher
@@ -51,3 +52,25 @@ def test_a_file_whose_mtime_is_in_the_future_or_the_past_is_taken_in_when_pollin
     assert time.monotonic() - start < 15
     assert Store(ws.state).load("a").status == "done"
     assert os.listdir(ws.inbox("chip")) == []
+
+
+def test_an_order_dropped_as_a_hard_link_is_not_changed_by_edits_of_the_other_name(make_ws, tmp_path):
+    """`ln` (or a backup or sync tool's link) into an inbox: the person's own file, edited
+    afterwards, changed the order's original in state/ through the link, and the next start
+    called it a hand edit of state/ (a `silent` signal) and put it back."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ran")}})
+    mine = tmp_path / "mine.md"
+    text = order_md("A linked order runs", id="a")
+    mine.write_text(text)
+    os.link(mine, ws.inbox("chip") / "a.md")
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    assert Store(ws.state).load("a").status == "done"
+    with mine.open("a") as f:
+        f.write("- my own notes, later\n")
+    said: list[str] = []
+    with Supervisor(ws, log=said.append) as sup:
+        sup.run_once(limit=30)
+    assert [s for s in signals.load(ws.state) if s.kind == "silent"] == [], said
+    (original,) = Store(ws.state).folder("a").glob("original.*")
+    assert original.read_text() == text and original.stat().st_nlink == 1
