@@ -182,7 +182,14 @@ class Arrivals(Transitions):
                 continue
             if not stat.S_ISREG(mode):
                 continue
-            if not settled(path, now=time.time(), require_quiet=self.poll_mode):
+            try:
+                ready = settled(path, now=time.time(), require_quiet=self.poll_mode)
+            except PermissionError as e:
+                # Another user's file the supervisor may not read: looked at again at each
+                # rescan, not every UNSETTLED_RETRY (and `--once` does not wait for it).
+                self._stuck_file(path, agent, e)
+                continue
+            if not ready:
                 unsettled.append((path, agent))
                 continue
             claimed = self._claim(path, agent)
@@ -226,15 +233,20 @@ class Arrivals(Transitions):
         try:
             claimed = self.intake.claim(path, agent)
         except OSError as e:
-            self._stuck.add(path)  # `--once` must not wait for it
-            line = (f"WARNING: inbox/{agent}/{printable(path.name)} cannot be taken in "
-                    f"({e.strerror or e}); it stays in the inbox and is tried again at the next rescan")
-            if line not in self._strays_said:
-                self._strays_said.add(line)
-                self.say(line)
+            self._stuck_file(path, agent, e)
             return None
         self._stuck.discard(path)
         return claimed
+
+    def _stuck_file(self, path: Path, agent: str, e: OSError) -> None:
+        """An inbox file that cannot be taken in now stays where it is: said once, and tried
+        again at each rescan."""
+        self._stuck.add(path)  # `--once` must not wait for it
+        line = (f"WARNING: inbox/{agent}/{printable(path.name)} cannot be taken in "
+                f"({e.strerror or e}); it stays in the inbox and is tried again at the next rescan")
+        if line not in self._strays_said:
+            self._strays_said.add(line)
+            self.say(line)
 
     def file_claimed(self, claimed: Path, agent: str, *, shown: str, sender: str | None = None,
                      size: int | None = None) -> Record:

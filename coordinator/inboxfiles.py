@@ -87,10 +87,13 @@ def settled(path: Path, *, now: float, quiet: float = 1.0, require_quiet: bool =
     unchanged (mtime and ctime; a future mtime counts as its ctime) for `quiet` seconds. `now`
     is wall-clock time (`time.time()`), the clock of file timestamps. Pass `require_quiet=True` on network file systems (`--poll`),
     where a lease only sees writers on this machine. False for anything but a regular file
-    (symlinks included) and for a file that is gone.
+    (symlinks included) and for a file that is gone. PermissionError for a file this process
+    may not read (another user's, mode 0600): no wait makes it readable.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except PermissionError:
+        raise
     except OSError:
         return False
     try:

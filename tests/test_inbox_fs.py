@@ -4,8 +4,11 @@ inboxes that move, files that change under it. Real folders, real processes, rea
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import order_md, sh
@@ -14,6 +17,8 @@ from coordinator import signals
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
 from coordinator.watcher import InboxWatcher
+
+COORDINATOR = Path(sys.executable).with_name("coordinator")
 
 
 @pytest.mark.parametrize("temp", ["a.md.3f2a9c1b.partial", "a.md.part", "a.md.crdownload", "a.md.filepart",
@@ -74,3 +79,31 @@ def test_an_order_dropped_as_a_hard_link_is_not_changed_by_edits_of_the_other_na
     assert [s for s in signals.load(ws.state) if s.kind == "silent"] == [], said
     (original,) = Store(ws.state).folder("a").glob("original.*")
     assert original.read_text() == text and original.stat().st_nlink == 1
+
+
+def _without_root_powers() -> list[str]:
+    """A command prefix under which root, too, is refused another's unreadable file."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to run the supervisor as root without the power to read any file")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+
+
+def test_a_file_the_supervisor_may_not_read_is_said_once_and_supervise_once_ends(make_ws):
+    """A file dropped by another user with mode 0600 stayed in the inbox without a word, was
+    looked at five times a second, and `supervise --once` never ended."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ran")}})
+    secret = ws.inbox("chip") / "a.md"
+    secret.write_text(order_md("An unreadable order waits", id="a"))
+    secret.chmod(0)
+    once = [*_without_root_powers(), str(COORDINATOR), "-w", str(ws.root), "supervise", "--once"]
+    kept = subprocess.run(once, capture_output=True, text=True, timeout=30)
+    assert kept.returncode == 0, kept.stderr
+    said = [line.split(" ", 1)[1] for line in kept.stderr.splitlines() if "inbox/chip/a.md" in line]
+    assert said == ["WARNING: inbox/chip/a.md cannot be taken in (Permission denied); it stays in the "
+                    "inbox and is tried again at the next rescan"], kept.stderr
+    assert os.listdir(ws.inbox("chip")) == ["a.md"] and Store(ws.state).load_all() == {}
+    secret.chmod(0o644)
+    assert subprocess.run(once, capture_output=True, text=True, timeout=60).returncode == 0
+    assert Store(ws.state).load("a").status == "done" and os.listdir(ws.inbox("chip")) == []
