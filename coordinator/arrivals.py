@@ -135,7 +135,18 @@ class Arrivals(Transitions):
 
     # -- intake ----------------------------------------------------------------------------------
     def _inbox_has_files(self) -> bool:
-        return any(p not in self._stuck for a in self.config.agents for p in scan(self.ws.inbox(a)))
+        return any(p not in self._stuck for a in self.config.agents for p in self._scan(a))
+
+    def _scan(self, agent: str, others: list[Path] | None = None) -> list[Path]:
+        """`scan` of `agent`'s inbox. One the supervisor may not read (made so by hand, or by a
+        sync tool, while it ran) is said once and looked at again at each rescan: it stopped
+        the supervisor, and every other agent's work with it."""
+        try:
+            return scan(self.ws.inbox(agent), others=others)
+        except PermissionError as e:
+            self._say_once(f"WARNING: inbox/{agent} cannot be read ({e.strerror or e}): nothing in it is taken "
+                           "in until the supervisor's user may read it")
+            return []
 
     def _intake_step(self) -> bool:
         hints, rescan = self.watcher.drain()
@@ -143,7 +154,7 @@ class Arrivals(Transitions):
         if rescan:
             others: list[Path] = []
             for agent in self.config.agents:
-                for path in scan(self.ws.inbox(agent), others=others):
+                for path in self._scan(agent, others):
                     if path not in waiting:
                         self.intake.note_waiting(path)  # its id is never assigned to another
                     waiting[path] = agent
@@ -217,9 +228,7 @@ class Arrivals(Transitions):
                     found.append(f"inbox/{printable(entry.name)}/ is the inbox of no agent in coordinator.yaml: "
                                  "nothing in it is taken in")
         for line in found:
-            if line not in self._strays_said:
-                self._strays_said.add(line)
-                self.say(f"WARNING: {line}")
+            self._say_once(f"WARNING: {line}")
 
     def _refuse_link(self, path: Path, agent: str) -> None:
         """A symlink in an inbox is never followed: claim the link itself; filing rejects it."""
@@ -244,6 +253,9 @@ class Arrivals(Transitions):
         self._stuck.add(path)  # `--once` must not wait for it
         line = (f"WARNING: inbox/{agent}/{printable(path.name)} cannot be taken in "
                 f"({e.strerror or e}); it stays in the inbox and is tried again at the next rescan")
+        self._say_once(line)
+
+    def _say_once(self, line: str) -> None:
         if line not in self._strays_said:
             self._strays_said.add(line)
             self.say(line)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import order_md, sh
+from conftest import drop, order_md, sh
 
 from coordinator import signals
 from coordinator.store import Store
@@ -107,3 +107,24 @@ def test_a_file_the_supervisor_may_not_read_is_said_once_and_supervise_once_ends
     secret.chmod(0o644)
     assert subprocess.run(once, capture_output=True, text=True, timeout=60).returncode == 0
     assert Store(ws.state).load("a").status == "done" and os.listdir(ws.inbox("chip")) == []
+
+
+def test_an_inbox_folder_the_supervisor_may_not_read_is_said_and_the_others_go_on(make_ws):
+    """chip's inbox made unreadable (by hand, by a sync tool resetting modes) stopped the
+    supervisor: every other agent's work stopped with it."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ran")},
+                  "rex": {"role": "specialist", "command": sh("echo ran")}})
+    drop(ws, "chip", "a.md", order_md("An order in a closed inbox waits", id="a"))
+    drop(ws, "rex", "b.md", order_md("An order in an open inbox runs", id="b"))
+    ws.inbox("chip").chmod(0)
+    try:
+        once = [*_without_root_powers(), str(COORDINATOR), "-w", str(ws.root), "supervise", "--once"]
+        done = subprocess.run(once, capture_output=True, text=True, timeout=30)
+    finally:
+        ws.inbox("chip").chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    said = [line.split(" ", 1)[1] for line in done.stderr.splitlines() if "inbox/chip" in line]
+    assert said == ["WARNING: inbox/chip cannot be read (Permission denied): nothing in it is taken in until "
+                    "the supervisor's user may read it"], done.stderr
+    assert {oid: r.status for oid, r in Store(ws.state).load_all().items()} == {"b": "done"}
+    assert os.listdir(ws.inbox("chip")) == ["a.md"]
