@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -393,6 +394,27 @@ def test_a_hand_edit_of_state_is_restored_at_start_and_signalled(make_ws):
     assert any("signal silent" in line for line in said)
     assert verify(ws) == []
 
+
+
+
+def test_an_order_folder_removed_by_hand_while_the_order_runs_is_put_back_when_it_ends(make_ws):
+    """`rm -rf state/orders/g1` while g1 ran, its end before the tamper watch looked: the report
+    was written into a folder that was gone, and the supervisor stopped with an internal error."""
+    ws = chip_team(make_ws)
+    drop(ws, "chip", "g1.md", order_md("Order g1 lands", id="g1", files=("webapp/src/g1.py",)))
+    said: list[str] = []
+    with Supervisor(ws, log=said.append) as sup:
+        step_until(sup, lambda: sup.records.get("g1") is not None and sup.records["g1"].status == "running",
+                   "g1 to run")
+        step_until(sup, lambda: Store(ws.state).record_path("g1").exists(), "g1 placed")
+        shutil.rmtree(Store(ws.state).folder("g1"))
+        (probe_of(ws) / "go.g1").touch()
+        sup.run_once(limit=WAIT)
+    rec = Store(ws.state).load("g1")
+    assert rec.status == "done" and [h["to"] for h in rec.history] == ["queued", "running", "done"]
+    assert {p.name for p in Store(ws.state).folder("g1").iterdir()} >= {"order.json", "original.md", "report.md"}
+    assert any("state/orders/g1/ was removed; put back from git" in s.evidence for s in silent_signals(ws)), said
+    assert StateRepo(ws.state).dirty() == [] and verify(ws) == []
 
 
 @contextlib.contextmanager
