@@ -128,3 +128,45 @@ def test_an_inbox_folder_the_supervisor_may_not_read_is_said_and_the_others_go_o
                     "the supervisor's user may read it"], done.stderr
     assert {oid: r.status for oid, r in Store(ws.state).load_all().items()} == {"b": "done"}
     assert os.listdir(ws.inbox("chip")) == ["a.md"]
+
+
+@pytest.fixture
+def shared_inbox(tmp_path):
+    """One tmpfs folder mounted as inbox/chip of two workspaces: no rename reaches state/."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(shared)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    mounted: list[Path] = [shared]
+    try:
+        yield shared, mounted
+    finally:
+        for point in reversed(mounted):
+            subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_two_workspaces_sharing_an_inbox_on_another_file_system_take_each_order_once(tmp_path, shared_inbox):
+    """Claimed by copy (no rename reaches state/), a file both supervisors saw was copied by
+    both: the order was filed, and ran, in both workspaces."""
+    from bench.harness import make_workspace
+
+    shared, mounted = shared_inbox
+    spaces = []
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        ws = make_workspace(tmp_path / name, {"chip": {"role": "specialist", "command": sh("echo ran")}})
+        subprocess.run(["mount", "--bind", str(shared), str(ws.inbox("chip"))], check=True)
+        mounted.append(ws.inbox("chip"))
+        spaces.append(ws)
+    ids = [f"o{i}" for i in range(150)]
+    for oid in ids:
+        drop(spaces[0], "chip", f"{oid}.md", order_md(f"Order {oid} runs once", id=oid))
+    runs = [subprocess.Popen([str(COORDINATOR), "-w", str(ws.root), "supervise", "--once"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for ws in spaces]
+    for run in runs:
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 0 and "Traceback" not in err, err
+    filed = [oid for ws in spaces for oid in Store(ws.state).load_all()]
+    assert sorted(filed) == sorted(ids)
+    assert os.listdir(shared) == []
