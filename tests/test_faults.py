@@ -29,6 +29,7 @@ from coordinator.demo.repo import init_demo_repo
 from bench.harness import probe_of
 from coordinator import durable, signals
 from coordinator.audit import StateRepo
+from coordinator.errors import SupervisorError
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
 from coordinator.verify import verify
@@ -415,6 +416,28 @@ def test_an_order_folder_removed_by_hand_while_the_order_runs_is_put_back_when_i
     assert {p.name for p in Store(ws.state).folder("g1").iterdir()} >= {"order.json", "original.md", "report.md"}
     assert any("state/orders/g1/ was removed; put back from git" in s.evidence for s in silent_signals(ws)), said
     assert StateRepo(ws.state).dirty() == [] and verify(ws) == []
+
+
+
+def test_a_workspace_moved_away_while_the_supervisor_runs_says_so_and_is_picked_up_where_it_is(make_ws):
+    """`mv team team-old` while an order ran: the supervisor's next write found no folder, and
+    it stopped with "internal error: FileNotFoundError ... please report this"."""
+    ws = chip_team(make_ws)
+    drop(ws, "chip", "g1.md", order_md("Order g1 lands", id="g1", files=("webapp/src/g1.py",)))
+    moved = ws.root.with_name("moved")
+    with pytest.raises(SupervisorError) as e, Supervisor(ws) as sup:
+        step_until(sup, lambda: sup.records.get("g1") is not None and sup.records["g1"].status == "running",
+                   "g1 to run")
+        os.rename(ws.root, moved)
+        (probe_of(ws) / "go.g1").touch()
+        sup.run_once(limit=WAIT)
+    assert str(e.value) == (f"the workspace {ws.root} was moved or removed while the supervisor ran: start it "
+                            "again where the workspace is now (what was under way is picked up there)")
+    there = Workspace(moved)
+    with Supervisor(there) as sup:
+        sup.run_once(limit=WAIT)
+    assert Store(there.state).load("g1").status == "done"
+    assert verify(there) == []
 
 
 @contextlib.contextmanager
