@@ -221,6 +221,10 @@ class Arrivals(Transitions):
                  "only files are taken in" for p in others]
         found += [f"inbox/{a} is a symbolic link: nothing in it is taken in (never through a link); replace it "
                   "with a folder" for a in self.config.agents if self.ws.inbox_is_link(a)]
+        # Made a file while the supervisor ran (a start refuses it): `cp x.md inbox/chip` then
+        # overwrote it, and nothing was ever taken in, without a word.
+        found += [f"inbox/{a} is not a folder: nothing is taken in for {a}; replace it with a folder"
+                  for a in self.config.agents if _neither_folder_nor_link(self.ws.inbox(a))]
         with contextlib.suppress(OSError):
             for entry in os.scandir(self.ws.inbox_root):
                 if (not entry.name.startswith(".") and entry.name not in self.config.agents
@@ -296,6 +300,14 @@ class Arrivals(Transitions):
                 self.ledger_add(rec.id, "rejection", "\n".join(rec.errors), completed=True)
             self._deliver_report(rec)
         return rec
+
+
+def _neither_folder_nor_link(path: Path) -> bool:
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # missing: the next start makes it
+        return False
+    return not (stat.S_ISDIR(mode) or stat.S_ISLNK(mode))
 
 
 def _readable(fd: int) -> bool:

@@ -170,3 +170,17 @@ def test_two_workspaces_sharing_an_inbox_on_another_file_system_take_each_order_
     filed = [oid for ws in spaces for oid in Store(ws.state).load_all()]
     assert sorted(filed) == sorted(ids)
     assert os.listdir(shared) == []
+
+
+def test_an_inbox_folder_replaced_by_a_file_while_the_supervisor_runs_is_said_once(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ran")}})
+    said: list[str] = []
+    every_look = InboxWatcher([ws.inbox("chip")], rescan_every=0)  # each step rescans all inboxes
+    with Supervisor(ws, log=said.append, watcher=every_look) as sup:
+        sup.step()
+        ws.inbox("chip").rmdir()
+        ws.inbox("chip").write_text(order_md("Copied over the inbox itself", id="a"))
+        for _ in range(3):
+            sup.step()
+    assert [s for s in said if "inbox/chip" in s] == [
+        "WARNING: inbox/chip is not a folder: nothing is taken in for chip; replace it with a folder"]
