@@ -135,7 +135,18 @@ class Arrivals(Transitions):
 
     # -- intake ----------------------------------------------------------------------------------
     def _inbox_has_files(self) -> bool:
-        return any(p not in self._stuck for a in self.config.agents for p in scan(self.ws.inbox(a)))
+        return any(p not in self._stuck for a in self.config.agents for p in self._scan(a))
+
+    def _scan(self, agent: str, others: list[Path] | None = None) -> list[Path]:
+        """`scan` of `agent`'s inbox. One the supervisor may not read (made so by hand, or by a
+        sync tool, while it ran) is said once and looked at again at each rescan: it stopped
+        the supervisor, and every other agent's work with it."""
+        try:
+            return scan(self.ws.inbox(agent), others=others)
+        except PermissionError as e:
+            self._say_once(f"WARNING: inbox/{agent} cannot be read ({e.strerror or e}): nothing in it is taken "
+                           "in until the supervisor's user may read it")
+            return []
 
     def _intake_step(self) -> bool:
         hints, rescan = self.watcher.drain()
@@ -143,7 +154,7 @@ class Arrivals(Transitions):
         if rescan:
             others: list[Path] = []
             for agent in self.config.agents:
-                for path in scan(self.ws.inbox(agent), others=others):
+                for path in self._scan(agent, others):
                     if path not in waiting:
                         self.intake.note_waiting(path)  # its id is never assigned to another
                     waiting[path] = agent
@@ -182,7 +193,14 @@ class Arrivals(Transitions):
                 continue
             if not stat.S_ISREG(mode):
                 continue
-            if not settled(path, now=time.time(), require_quiet=self.poll_mode):
+            try:
+                ready = settled(path, now=time.time(), require_quiet=self.poll_mode)
+            except PermissionError as e:
+                # Another user's file the supervisor may not read: looked at again at each
+                # rescan, not every UNSETTLED_RETRY (and `--once` does not wait for it).
+                self._stuck_file(path, agent, e)
+                continue
+            if not ready:
                 unsettled.append((path, agent))
                 continue
             claimed = self._claim(path, agent)
@@ -203,6 +221,10 @@ class Arrivals(Transitions):
                  "only files are taken in" for p in others]
         found += [f"inbox/{a} is a symbolic link: nothing in it is taken in (never through a link); replace it "
                   "with a folder" for a in self.config.agents if self.ws.inbox_is_link(a)]
+        # Made a file while the supervisor ran (a start refuses it): `cp x.md inbox/chip` then
+        # overwrote it, and nothing was ever taken in, without a word.
+        found += [f"inbox/{a} is not a folder: nothing is taken in for {a}; replace it with a folder"
+                  for a in self.config.agents if _neither_folder_nor_link(self.ws.inbox(a))]
         with contextlib.suppress(OSError):
             for entry in os.scandir(self.ws.inbox_root):
                 if (not entry.name.startswith(".") and entry.name not in self.config.agents
@@ -210,9 +232,7 @@ class Arrivals(Transitions):
                     found.append(f"inbox/{printable(entry.name)}/ is the inbox of no agent in coordinator.yaml: "
                                  "nothing in it is taken in")
         for line in found:
-            if line not in self._strays_said:
-                self._strays_said.add(line)
-                self.say(f"WARNING: {line}")
+            self._say_once(f"WARNING: {line}")
 
     def _refuse_link(self, path: Path, agent: str) -> None:
         """A symlink in an inbox is never followed: claim the link itself; filing rejects it."""
@@ -226,15 +246,23 @@ class Arrivals(Transitions):
         try:
             claimed = self.intake.claim(path, agent)
         except OSError as e:
-            self._stuck.add(path)  # `--once` must not wait for it
-            line = (f"WARNING: inbox/{agent}/{printable(path.name)} cannot be taken in "
-                    f"({e.strerror or e}); it stays in the inbox and is tried again at the next rescan")
-            if line not in self._strays_said:
-                self._strays_said.add(line)
-                self.say(line)
+            self._stuck_file(path, agent, e)
             return None
         self._stuck.discard(path)
         return claimed
+
+    def _stuck_file(self, path: Path, agent: str, e: OSError) -> None:
+        """An inbox file that cannot be taken in now stays where it is: said once, and tried
+        again at each rescan."""
+        self._stuck.add(path)  # `--once` must not wait for it
+        line = (f"WARNING: inbox/{agent}/{printable(path.name)} cannot be taken in "
+                f"({e.strerror or e}); it stays in the inbox and is tried again at the next rescan")
+        self._say_once(line)
+
+    def _say_once(self, line: str) -> None:
+        if line not in self._strays_said:
+            self._strays_said.add(line)
+            self.say(line)
 
     def file_claimed(self, claimed: Path, agent: str, *, shown: str, sender: str | None = None,
                      size: int | None = None) -> Record:
@@ -272,6 +300,14 @@ class Arrivals(Transitions):
                 self.ledger_add(rec.id, "rejection", "\n".join(rec.errors), completed=True)
             self._deliver_report(rec)
         return rec
+
+
+def _neither_folder_nor_link(path: Path) -> bool:
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # missing: the next start makes it
+        return False
+    return not (stat.S_ISDIR(mode) or stat.S_ISLNK(mode))
 
 
 def _readable(fd: int) -> bool:

@@ -9,7 +9,9 @@ step: the copy is written, then the original removed. Which file the copy is of
 (where, and its device, inode, size and mtime) is noted next to the copy before
 the copy is written, so a crash between the two leaves nothing ambiguous: the
 next start removes the original if it is still that very file, and only then
-files the copy (`release_origin`). Either way the order is filed once.
+files the copy (`release_origin`). Either way the order is filed once. An inbox file
+on another file system is first renamed to a hidden name within its own folder, so that of
+two supervisors sharing that folder only one takes it (`_claim_across`).
 
 Every read of intake stops at MAX_READ bytes (`read_capped`): a bigger file is
 refused by its size, never read whole.
@@ -57,13 +59,33 @@ def claim(path: Path, folder: Path, root: Path, *, note: dict[str, Any] | None =
         if e.errno != errno.EXDEV:
             raise
         return _claim_across(path, dest, root)
+    _unshare(dest)
     return dest
 
 
-def unfiled(intake_dir: Path, filed: set[Path]) -> list[tuple[Path, str]]:
+def _unshare(claimed: Path) -> None:
+    """Give a claimed file that has other names (a hard link a person keeps of what they
+    dropped, a backup's or a sync tool's link) an inode of its own: through the link, their
+    later edits changed the order's original in state/, which the tamper watch then reported
+    as a hand edit of state/ (a false `silent` signal) and put back. A file too big to be an
+    order is rejected as it is; a copy that does not fit on the disk leaves the file shared."""
+    try:
+        st = os.lstat(claimed)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink <= 1 or st.st_size >= MAX_READ:
+            return
+        data, size = read_capped(claimed)
+        if size is not None:
+            durable.write_bytes(claimed, data, sync=False, mode=stat.S_IMODE(st.st_mode))
+    except OSError:
+        pass
+
+
+def unfiled(intake_dir: Path, filed: set[Path], root: Path) -> list[tuple[Path, str]]:
     """Files claimed into `intake_dir` but not yet filed (after a crash), oldest first, but
     those in `filed` (filed in memory already: not a leftover). A note (of a claim by
-    copy) whose copy is gone, filed or never written, is removed."""
+    copy) whose copy is gone, filed or never written, is removed; the inbox file a claim
+    across file systems hid is first put back (`unhide`) if the copy was never written.
+    `root`: the workspace."""
     found: list[tuple[Path, str]] = []
     with contextlib.suppress(FileNotFoundError):
         for agent_dir in sorted(os.scandir(intake_dir), key=lambda e: e.name):
@@ -72,6 +94,7 @@ def unfiled(intake_dir: Path, filed: set[Path]) -> list[tuple[Path, str]]:
                     note = _NOTE.fullmatch(entry.name)
                     if note:
                         if not os.path.lexists(os.path.join(agent_dir.path, note.group(1))):
+                            unhide(root, claim_note(Path(agent_dir.path, note.group(1))))
                             with contextlib.suppress(OSError):
                                 os.unlink(entry.path)
                     elif (is_candidate(entry.name) or entry.name[:1].isdigit()) and Path(entry.path) not in filed:
@@ -198,61 +221,111 @@ def _short_name(name: str) -> str:
 
 def _claim_across(path: Path, dest: Path, root: Path) -> Path | None:
     """Claim `path` from an inbox folder on another file system (a mount), where no rename
-    reaches state/: a durable copy first, then the original goes, and only if it is still the
-    file that was copied (a sender may have dropped a new file under the same name meanwhile).
-    None when it vanished, or is no file nor link.
+    reaches state/: first a rename within its own folder to a hidden name of this claim's own
+    (atomic: of two supervisors sharing the inbox, one gets it; a copy alone let both take
+    it, and the order ran in both), then a durable copy, then the hidden file goes. None when
+    it vanished, or is no file nor link (put back under its name).
 
-    Which file is copied is noted next to the copy before the copy is written: a crash
-    between the copy and the removal leaves both, and the next start removes the original
-    (if it is still that file) before it files the copy (`release_origin`). Once the
-    original is gone the note has served."""
+    What the claim hides, and under which name it was, is noted next to the copy before the
+    rename: a crash before the copy is written puts it back (`unfiled`), one after it removes
+    the hidden file (if it is still that file) before it files the copy (`release_origin`).
+    Once the hidden file is gone the note has served."""
+    note = note_of(dest)
+    hidden = path.with_name(f".{dest.name}.claim")  # a dot-file: no scan, hint or claim takes it
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        st = os.lstat(path)
     except FileNotFoundError:
         return None
-    except OSError as e:
-        if e.errno != errno.ELOOP:
-            raise
-        fd = -1  # a link: the link itself is claimed, and filing refuses it
-    note = note_of(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    durable.write_json(note, _hiding(root, path, hidden, st))  # synced: the file is hidden next
     try:
-        st = os.lstat(path) if fd < 0 else os.fstat(fd)
-        if fd < 0:
-            if not stat.S_ISLNK(st.st_mode):
-                return None  # swapped meanwhile: looked at again at the next scan
-            target = os.readlink(path)
-        elif stat.S_ISREG(st.st_mode):
-            data = durable.read_fd(fd, MAX_READ)  # all intake reads: a bigger one is refused by size
-        else:
+        os.rename(path, hidden)
+        now = os.lstat(hidden)
+    except OSError as e:  # taken by another meanwhile, or not ours to move (a read-only mount)
+        _unlink_quietly(note)
+        if e.errno == errno.ENOENT:
             return None
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        # Synced, as the copy: the original is gone next, on another disk.
-        durable.write_json(note, {"origin": _origin(root, path.parent, path, st)})
-        try:
-            if fd < 0:
-                os.symlink(target, dest)
-                durable.fsync_dir(dest.parent)
-            else:
-                durable.write_bytes(dest, data)
-        except OSError:
-            _unlink_quietly(note)
-            raise
-    finally:
-        if fd >= 0:
-            os.close(fd)
+        raise
+    if _identity(now) != _identity(st):  # replaced between the look and the rename
+        durable.write_json(note, _hiding(root, path, hidden, now))
     try:
-        now = os.lstat(path)
-        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
-            os.unlink(path)
+        copied = _copy_across(hidden, dest, now)
+    except OSError:
+        _put_back(hidden, path)
+        _unlink_quietly(note)
+        raise
+    if not copied:
+        _put_back(hidden, path)
+        _unlink_quietly(note)
+        return None
+    try:
+        os.unlink(hidden)
     except FileNotFoundError:
         pass
     except OSError:
-        # The original stays (a read-only mount): so must no copy, or each scan would add one.
+        # It cannot go: so must the copy, or the order would be filed twice; it is put back.
         _unlink_quietly(dest)
+        _put_back(hidden, path)
         _unlink_quietly(note)
         raise
     _unlink_quietly(note)
     return dest
+
+
+def _hiding(root: Path, path: Path, hidden: Path, st: os.stat_result) -> dict[str, Any]:
+    return {"origin": _origin(root, path.parent, hidden, st), "name": path.name}
+
+
+def _copy_across(hidden: Path, dest: Path, st: os.stat_result) -> bool:
+    """Copy the claimed file (or link) `hidden` to `dest`, durably; False when it is neither."""
+    if stat.S_ISLNK(st.st_mode):  # the link itself is claimed, and filing refuses it
+        os.symlink(os.readlink(hidden), dest)
+        durable.fsync_dir(dest.parent)
+        return True
+    try:
+        fd = os.open(hidden, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO):  # swapped for a link or a socket: not taken
+            return False
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        data = durable.read_fd(fd, MAX_READ)  # all intake reads: a bigger one is refused by size
+    finally:
+        os.close(fd)
+    durable.write_bytes(dest, data)  # synced: the original is gone next, on another disk
+    return True
+
+
+def _put_back(hidden: Path, path: Path) -> None:
+    """Give a file a claim hid its name back; another file dropped under that name meanwhile
+    keeps it, and this one gets a name of its own beside it. Never raises: what cannot be put
+    back stays hidden (said by nobody) only if its folder refuses every rename."""
+    target = path
+    if os.path.lexists(target):
+        target = path.with_name(f"{time.time_ns():020d}-{_short_name(path.name)}")
+    with contextlib.suppress(OSError):
+        os.rename(hidden, target)
+
+
+def unhide(root: Path, note: dict[str, Any]) -> None:
+    """Put back the file a claim across file systems hid (`_claim_across`) when a crash cut
+    the claim off before its copy was written: it is still the order's one place."""
+    origin, name = note.get("origin"), note.get("name")
+    if not isinstance(origin, dict) or not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+        return
+    folder, rel = origin.get("folder"), origin.get("path")
+    if not isinstance(folder, str) or not isinstance(rel, str) or ".." in Path(rel).parts:
+        return
+    within = root / folder
+    hidden = within / rel
+    try:
+        st = os.lstat(hidden)
+    except OSError:
+        return
+    if _identity(st) == {key: origin.get(key) for key in ("dev", "ino", "size", "mtime_ns")}:
+        _put_back(hidden, hidden.parent / name)
 
 
 def _origin(root: Path, folder: Path, path: Path, st: os.stat_result) -> dict[str, Any]:

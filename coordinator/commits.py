@@ -60,7 +60,8 @@ class Commits:
         try:
             yield
         except BaseException:
-            with contextlib.suppress(CoordinatorError):
+            # OSError too: a workspace moved away, or a full disk, fails this commit as well.
+            with contextlib.suppress(CoordinatorError, OSError):
                 self._flush()
             raise
         self._flush()

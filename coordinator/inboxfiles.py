@@ -20,18 +20,22 @@ import signal
 import stat
 from pathlib import Path
 
-# Editors write these next to the file being edited; none of them is a work order.
-TEMP_SUFFIXES = ("~", ".swp", ".swo", ".swx", ".tmp")
+# Editors write these next to the file being edited, and download and sync tools write a
+# file under such a name until it is complete, then rename it: none of them is a work order
+# (taken in, it was rejected for its suffix, and the tool's rename then failed: the order lost).
+TEMP_SUFFIXES = ("~", ".swp", ".swo", ".swx", ".tmp",
+                 ".part", ".partial", ".crdownload", ".filepart", ".!sync", ".download")
 TEMP_NAMES = frozenset({"4913"})  # vim probes whether a folder is writable with this name
 
 
 def is_candidate(name: str) -> bool:
-    """Could a file of this name be a work order? Not a dot-file, not an editor temp file."""
+    """Could a file of this name be a work order? Not a dot-file, not an editor's or a
+    download or sync tool's temp file (`a.md.part`, rclone's `a.md.3f2a9c1b.partial`)."""
     if not name or name.startswith(".") or name in TEMP_NAMES:
         return False
     if name.startswith("#") and name.endswith("#"):  # emacs auto-save
         return False
-    return not name.endswith(TEMP_SUFFIXES)
+    return not name.lower().endswith(TEMP_SUFFIXES)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")  # and bidi overrides
@@ -80,13 +84,16 @@ def settled(path: Path, *, now: float, quiet: float = 1.0, require_quiet: bool =
     False while any process has it open for writing: on Linux a read lease is refused then
     (probed and released at once). Where leases are unsupported or not ours to take (another
     user's file), and always when `require_quiet` is set, the file must also have been left
-    unchanged (mtime and ctime) for `quiet` seconds. `now` is wall-clock time (`time.time()`),
-    the clock of file timestamps. Pass `require_quiet=True` on network file systems (`--poll`),
+    unchanged (mtime and ctime; a future mtime counts as its ctime) for `quiet` seconds. `now`
+    is wall-clock time (`time.time()`), the clock of file timestamps. Pass `require_quiet=True` on network file systems (`--poll`),
     where a lease only sees writers on this machine. False for anything but a regular file
-    (symlinks included) and for a file that is gone.
+    (symlinks included) and for a file that is gone. PermissionError for a file this process
+    may not read (another user's, mode 0600): no wait makes it readable.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except PermissionError:
+        raise
     except OSError:
         return False
     try:
@@ -98,8 +105,12 @@ def settled(path: Path, *, now: float, quiet: float = 1.0, require_quiet: bool =
             return False
         if writer is False and not require_quiet:
             return True
-        # ctime as well: a writer can set mtime back (cp -p, touch -d), never ctime.
-        return now - max(st.st_mtime, st.st_ctime) >= quiet
+        # ctime as well: a writer can set mtime back (cp -p, touch -d), never ctime. And a
+        # writer can set mtime ahead (cp -p or rsync -t of a file from a machine whose clock
+        # runs ahead, an archive unpacked): waiting for quiet after that stamp kept the file
+        # in the inbox until that date, without a word. Its ctime still says when it changed.
+        changed = st.st_ctime if st.st_mtime > now else max(st.st_mtime, st.st_ctime)
+        return now - changed >= quiet
     finally:
         os.close(fd)
 

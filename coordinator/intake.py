@@ -104,7 +104,7 @@ class Intake:
 
     def claimed(self) -> list[tuple[Path, str]]:
         """Files claimed but not yet filed (after a crash), oldest first (`claims.unfiled`)."""
-        return claims.unfiled(self.store.intake_dir, {p.claimed for p in self.pending.values()})
+        return claims.unfiled(self.store.intake_dir, {p.claimed for p in self.pending.values()}, self.root)
 
     def claim_copy(self, path: Path, agent: str, *, sender: str, shown: str,
                    within: Path | None = None) -> tuple[Path, int] | None:

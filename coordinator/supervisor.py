@@ -67,6 +67,7 @@ class Supervisor(Arrivals):
         self._stop_deadline: float | None = None
         self._unsettled = OrderedDict()
         self._lock_fd: int | None = None
+        self._root_id: tuple[int, int] | None = None  # the workspace folder it was started in
         self._wake_fds = None
         self._look = None
         self._wake_lock = threading.Lock()
@@ -226,6 +227,8 @@ class Supervisor(Arrivals):
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        st = os.stat(self.ws.root)
+        self._root_id = (st.st_dev, st.st_ino)
         # The team this supervisor keeps until it stops: a command run after coordinator.yaml
         # was edited says that the supervisor still acts on the old one (`control.config_drift`).
         durable.write_text(control.config_seen_path(self.ws), self.config.digest, sync=False)
@@ -234,6 +237,30 @@ class Supervisor(Arrivals):
     def step(self, *, paced: bool = False) -> bool:
         """One round; True when anything happened. Commits at its end, unless `paced` (the
         loops): then only once FLUSH_EVERY has passed or nothing is moving any more."""
+        try:
+            return self._step(paced)
+        except (OSError, CoordinatorError):
+            # A workspace moved away says so, not "internal error: FileNotFoundError" or the git
+            # command that failed first.
+            self._check_workspace()
+            raise
+
+    def _check_workspace(self) -> None:
+        """Raise SupervisorError when the workspace folder is no longer where the supervisor
+        started (moved, renamed or removed while it ran): nothing it writes can land there."""
+        if self._root_id is None:  # never locked (opened offline): nothing to compare with
+            return
+        try:
+            st = os.stat(self.ws.root)
+            here = (st.st_dev, st.st_ino) == self._root_id
+        except OSError:
+            here = False
+        if not here:
+            raise SupervisorError(f"the workspace {self.ws.root} was moved or removed while the supervisor ran: "
+                                  "start it again where the workspace is now (what was under way is picked up "
+                                  "there)")
+
+    def _step(self, paced: bool) -> bool:
         progress = self._serve_requests()
         progress |= self.attempts.reap()
         self.attempts.watch(self.clock())
@@ -260,6 +287,7 @@ class Supervisor(Arrivals):
             self._flush(background=paced)
         if now - self._last_watch > TAMPER_EVERY and not self.offline:
             self._last_watch = now
+            self._check_workspace()
             self._watch_config()
             self._watch_state(paced)
             verify.watch_repos(self)

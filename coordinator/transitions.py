@@ -77,12 +77,17 @@ class Transitions(Commits):
     def whole(self, rec: Record) -> Record:
         """`rec` with the detail memory shed when it ended, read back before it changes. A
         record file changed by hand since it was written is put back from git first and
-        recorded as a `silent` signal (the tamper watch would have, a few seconds later)."""
+        recorded as a `silent` signal (the tamper watch would have, a few seconds later). So is
+        an order's whole folder removed by hand while it was live: the change would be written
+        into a folder that is gone (a crash, "internal error")."""
         try:
+            if rec.id not in self.intake.pending and not self.store.folder(rec.id).is_dir():
+                raise StateError(f"state/orders/{rec.id}/ was removed")
             return self.store.restore(rec)
         except StateError as e:
             self.drain_commits()
-            rel = f"orders/{rec.id}/record.json"
+            folder = self.store.folder(rec.id)
+            rel = f"orders/{rec.id}" if not folder.is_dir() else f"orders/{rec.id}/record.json"
             self.audit.restore([rel])
             self.signal("silent", agent=None, order=rec.id, evidence=f"{e}; put back from git")
             return self.store.restore(rec, trust_file=True)

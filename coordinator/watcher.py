@@ -7,7 +7,7 @@ trusted: the loop checks `inboxfiles.settled()` before it reads a file and claim
 
 What is hinted: files renamed into an inbox, files created in it, and files closed after
 writing (inotify `IN_CLOSE_WRITE`); with `--poll`, also files whose size or mtime changed.
-Dot-files, editor temp files and subfolders are never hinted (`inboxfiles.is_candidate`).
+Dot-files, editor and sync-tool temp files and subfolders are never hinted (`inboxfiles.is_candidate`).
 
 Missed events cost at most one rescan. `drain()` asks for a full rescan:
 - at start, and every `rescan_every` seconds;

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from coordinator.demo.repo import init_demo_repo
 from bench.harness import probe_of
 from coordinator import durable, signals
 from coordinator.audit import StateRepo
+from coordinator.errors import SupervisorError
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
 from coordinator.verify import verify
@@ -393,6 +395,49 @@ def test_a_hand_edit_of_state_is_restored_at_start_and_signalled(make_ws):
     assert any("signal silent" in line for line in said)
     assert verify(ws) == []
 
+
+
+
+def test_an_order_folder_removed_by_hand_while_the_order_runs_is_put_back_when_it_ends(make_ws):
+    """`rm -rf state/orders/g1` while g1 ran, its end before the tamper watch looked: the report
+    was written into a folder that was gone, and the supervisor stopped with an internal error."""
+    ws = chip_team(make_ws)
+    drop(ws, "chip", "g1.md", order_md("Order g1 lands", id="g1", files=("webapp/src/g1.py",)))
+    said: list[str] = []
+    with Supervisor(ws, log=said.append) as sup:
+        step_until(sup, lambda: sup.records.get("g1") is not None and sup.records["g1"].status == "running",
+                   "g1 to run")
+        step_until(sup, lambda: Store(ws.state).record_path("g1").exists(), "g1 placed")
+        shutil.rmtree(Store(ws.state).folder("g1"))
+        (probe_of(ws) / "go.g1").touch()
+        sup.run_once(limit=WAIT)
+    rec = Store(ws.state).load("g1")
+    assert rec.status == "done" and [h["to"] for h in rec.history] == ["queued", "running", "done"]
+    assert {p.name for p in Store(ws.state).folder("g1").iterdir()} >= {"order.json", "original.md", "report.md"}
+    assert any("state/orders/g1/ was removed; put back from git" in s.evidence for s in silent_signals(ws)), said
+    assert StateRepo(ws.state).dirty() == [] and verify(ws) == []
+
+
+
+def test_a_workspace_moved_away_while_the_supervisor_runs_says_so_and_is_picked_up_where_it_is(make_ws):
+    """`mv team team-old` while an order ran: the supervisor's next write found no folder, and
+    it stopped with "internal error: FileNotFoundError ... please report this"."""
+    ws = chip_team(make_ws)
+    drop(ws, "chip", "g1.md", order_md("Order g1 lands", id="g1", files=("webapp/src/g1.py",)))
+    moved = ws.root.with_name("moved")
+    with pytest.raises(SupervisorError) as e, Supervisor(ws) as sup:
+        step_until(sup, lambda: sup.records.get("g1") is not None and sup.records["g1"].status == "running",
+                   "g1 to run")
+        os.rename(ws.root, moved)
+        (probe_of(ws) / "go.g1").touch()
+        sup.run_once(limit=WAIT)
+    assert str(e.value) == (f"the workspace {ws.root} was moved or removed while the supervisor ran: start it "
+                            "again where the workspace is now (what was under way is picked up there)")
+    there = Workspace(moved)
+    with Supervisor(there) as sup:
+        sup.run_once(limit=WAIT)
+    assert Store(there.state).load("g1").status == "done"
+    assert verify(there) == []
 
 
 @contextlib.contextmanager
