@@ -90,11 +90,13 @@ def supervise(c: Context, once: bool, poll: bool, grace: float) -> None:
         # otherwise start lines of its own or send escape sequences to the terminal.
         try:
             click.echo(f"{time.strftime('%H:%M:%S')} {one_line(line)}", err=True)
-        except BrokenPipeError:
-            # The log's reader went away (`supervise 2>&1 | tee log` and tee ended): that stopped
-            # the supervisor with exit 0, unsaid. The team's work goes on; only the log is gone.
-            _to_nowhere(sys.stderr)
         except OSError as e:
+            if e.errno in (errno.EPIPE, errno.EIO):
+                # The log's reader went away (`supervise 2>&1 | tee log` and tee ended: EPIPE; the
+                # terminal of a `supervise &` closed: EIO): that stopped the supervisor. The
+                # team's work goes on; only the log is gone.
+                _to_nowhere(sys.stderr)
+                return
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             # The log's disk is full (`supervise 2>> sup.log`): this line is lost, the work is not.

@@ -222,6 +222,37 @@ def test_the_supervisor_keeps_working_when_the_reader_of_its_log_goes_away(ws: P
         assert sup.wait(timeout=60) == 0
 
 
+def test_the_supervisor_keeps_working_when_the_terminal_of_its_log_goes_away(ws: Path) -> None:
+    """`coordinator supervise &`, `disown`, and the terminal closed (an ssh session that
+    dropped): a log line written to a terminal that hung up fails with EIO, not EPIPE, and
+    the first one stopped the supervisor; the orders sent after it waited for nobody."""
+    env = {k: v for k, v in os.environ.items() if k != "COORDINATOR_WORKSPACE"}
+    main, sub = pty.openpty()
+    # A session of its own: the closed terminal is not its controlling one (no SIGHUP), as
+    # for a job the shell was told to forget.
+    sup = subprocess.Popen([COORDINATOR, "-w", str(ws), "supervise"], stdin=subprocess.DEVNULL, stdout=sub,
+                           stderr=sub, env=env, start_new_session=True)
+    os.close(sub)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 30
+        while b"supervising" not in seen:
+            assert time.monotonic() < deadline, seen
+            if select.select([main], [], [], 0.5)[0]:
+                seen += os.read(main, 4096)
+        os.close(main)  # the terminal goes away
+        assert run("-w", ws, "send", "-", "--to", "chip", input=ORDER).stdout == "WO-0001\n"
+        deadline = time.monotonic() + 60
+        while not any(o["status"] == "done" for o in json.loads(run("-w", ws, "board", "--json").stdout)["orders"]):
+            assert sup.poll() is None, "the supervisor stopped"
+            assert time.monotonic() < deadline, "WO-0001 was not done"
+            time.sleep(0.2)
+        assert sup.poll() is None
+    finally:
+        sup.send_signal(signal.SIGINT)
+        assert sup.wait(timeout=60) == 0
+
+
 @pytest.mark.parametrize("command", [("send", "-", "--to", "chip"), ("validate", "-", "--to", "chip")])
 def test_reading_an_order_from_a_terminal_says_so_and_ctrl_c_sends_nothing(ws: Path, command: tuple[str, ...]) -> None:
     """`coordinator send -` typed at a terminal waited for input without a word."""
