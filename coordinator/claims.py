@@ -301,31 +301,48 @@ def _copy_across(hidden: Path, dest: Path, st: os.stat_result) -> bool:
 def _put_back(hidden: Path, path: Path) -> None:
     """Give a file a claim hid its name back; another file dropped under that name meanwhile
     keeps it, and this one gets a name of its own beside it. Never raises: what cannot be put
-    back stays hidden (said by nobody) only if its folder refuses every rename."""
+    back stays hidden (said by nobody) only if its folder refuses every rename and link.
+
+    A link, never a rename, makes the name (a rename replaces a file dropped under it between
+    a look and the move: that order was gone); the hidden name goes after. A crash between the
+    two leaves both names on one file: the next put-back only removes the hidden one."""
     target = path
-    if os.path.lexists(target):
-        target = path.with_name(f"{time.time_ns():020d}-{_short_name(path.name)}")
-    with contextlib.suppress(OSError):
-        os.rename(hidden, target)
+    for _ in range(3):
+        try:
+            if os.path.samestat(os.lstat(hidden), os.lstat(target)):
+                _unlink_quietly(hidden)  # a put-back a crash cut short: it has its name already
+                return
+        except OSError:
+            pass
+        try:
+            os.link(hidden, target, follow_symlinks=False)
+        except FileExistsError:
+            target = path.with_name(f"{time.time_ns():020d}-{_short_name(path.name)}")
+            continue
+        except OSError:  # a file system without hard links: the look, then the move
+            with contextlib.suppress(OSError):
+                if not os.path.lexists(target):
+                    os.rename(hidden, target)
+            return
+        _unlink_quietly(hidden)
+        return
 
 
 def unhide(root: Path, note: dict[str, Any]) -> None:
     """Put back the file a claim across file systems hid (`_claim_across`) when a crash cut
-    the claim off before its copy was written: it is still the order's one place."""
+    the claim off before its copy was written: it is still the order's one place. Whatever
+    file has the hidden name is put back, whether or not it is the one the note describes
+    (it was swapped between the claim's look and its rename): the name is this claim's own."""
     origin, name = note.get("origin"), note.get("name")
     if not isinstance(origin, dict) or not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
         return
     folder, rel = origin.get("folder"), origin.get("path")
     if not isinstance(folder, str) or not isinstance(rel, str) or ".." in Path(rel).parts:
         return
-    within = root / folder
-    hidden = within / rel
-    try:
-        st = os.lstat(hidden)
-    except OSError:
+    hidden = root / folder / rel
+    if not (hidden.name.startswith(".") and hidden.name.endswith(".claim")) or not os.path.lexists(hidden):
         return
-    if _identity(st) == {key: origin.get(key) for key in ("dev", "ino", "size", "mtime_ns")}:
-        _put_back(hidden, hidden.parent / name)
+    _put_back(hidden, hidden.parent / name)
 
 
 def _origin(root: Path, folder: Path, path: Path, st: os.stat_result) -> dict[str, Any]:
