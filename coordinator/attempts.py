@@ -44,6 +44,7 @@ OUTPUT_TAIL = 1500
 # of 170 KB, and the next attempt's brief too long to pass as `{brief_text}` (E2BIG).
 MAX_PATHS_SHOWN = 20
 KILL_RETRY = 5.0  # seconds before the watch tries again to kill processes that survived a kill
+KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL when an attempt times out
 # What a refused write looks like in a program's output (EACCES/EPERM/EROFS from the kernel).
 REFUSED = re.compile(r"Permission denied|Operation not permitted|Read-only file system|EACCES|EPERM", re.I)
 # What makes a refusal line one about a write that was tried, not words that merely mention
@@ -193,9 +194,9 @@ class AttemptRunner(Interruptions):
                 act.timed_out = True
                 self.sup.say(f"{act.rec.id}: timed out after {_fmt(act.deadline - act.started)}; killing it")
                 self._stop_model(act, "the order's timeout ran out while the model was answering")
-                self._kill_soon(act, now, grace=2.0)
+                self._kill_soon(act, now, grace=KILL_GRACE)
             elif act.kill_due is not None and now >= act.kill_due:
-                self._kill(act, now, grace=2.0)
+                self._kill(act, now, grace=KILL_GRACE)
             limit = act.agent.stale_after
             # Younger than the limit, it cannot be silent that long: no look at its files.
             if (not act.rec.stale and now - act.started > limit

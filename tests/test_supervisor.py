@@ -856,6 +856,7 @@ class KillFailsOnce(Spawner):
 def test_a_timeout_whose_kill_fails_is_said_and_tried_again_and_the_supervisor_runs_on(make_ws, monkeypatch):
     monkeypatch.setattr(attempts, "KILL_RETRY", 0.5)
     monkeypatch.setattr(attempts, "SIGKILL_WAIT", 0.5)
+    monkeypatch.setattr(attempts, "KILL_GRACE", 0.3)
     ws = make_ws({"chip": {"role": "specialist", "command": sh("sleep 30"), "timeout": "1s", "max_failures": 1}})
     drop(ws, "chip", "a.md", order_md("Hangs past its timeout", id="a"))
     lines: list[str] = []
