@@ -126,6 +126,9 @@ def recover(sup: Supervisor, crashed: bool) -> None:
         sup.say(f"recovery: killed {killed} leftover process(es) of a dead supervisor")
     for rec in running:
         sup.attempts.recover(rec)
+    if crashed:
+        for rec in [r for r in sup.records.values() if r.status == "queued"]:
+            sup.attempts.count_unrecorded(rec)
     sup.step_commit()
 
 

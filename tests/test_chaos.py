@@ -27,8 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import drop, order_md, sh, step_until
-from test_recovery import Killed, abandon, assert_clean, assert_one_place, restart, review_then_ship
+from conftest import drop, order_md, sh, step_until, wait_until
+from test_recovery import (
+    Killed,
+    abandon,
+    assert_clean,
+    assert_one_place,
+    completions,
+    crash_marker,
+    open_gate,
+    restart,
+    review_then_ship,
+    team,
+)
 
 from bench.harness import probe_of
 from coordinator.audit import StateRepo
@@ -73,6 +84,49 @@ def test_a_follow_up_whose_record_a_crash_cut_off_is_filed_once_and_nothing_is_r
     assert recs[follow].status == "done" and recs[follow].to == "rex" and "review" in recs[follow].references
     assert (probe_of(ws) / "ran").read_text().split().count(follow) == 1
     assert_one_place(ws, {"review", "ship", follow})
+    assert_clean(ws)
+
+
+
+def test_an_attempt_started_but_not_yet_recorded_when_a_crash_came_counts_as_failed(make_ws):
+    """kill -9 right after the specialist was started, before its `running` record was
+    written (the record comes after the start, off the drop-to-spawn path): the restart
+    counts that run as an interrupted attempt. It used to run the order again under the same
+    attempt number: the agent ran twice, `show` said one attempt, and the next brief did not
+    say that the last run was cut off."""
+    ws = team(make_ws)
+    drop(ws, "chip", "s.md", order_md("Order s1 writes its file", id="s1", files=("webapp/src/s1.py",)))
+    sup = Supervisor(ws)
+    sup.open()
+    starting, moved = sup.attempts.start, sup.move
+
+    def written_first(rec: Record) -> bool:
+        sup._write_state()  # its `queued` record, as the step that filed it would have written it
+        return starting(rec)
+
+    def killed_once_started(rec: Record, new: str, actor: str, *, note: str | None = None) -> None:
+        if new == "running":
+            raise Killed
+        moved(rec, new, actor, note=note)
+
+    sup.attempts.start = written_first  # type: ignore[method-assign]
+    sup.move = killed_once_started  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        step_until(sup, lambda: False, "the kill")
+    wait_until(lambda: (probe_of(ws) / "pids").exists(), "the specialist to start")
+    assert Store(ws.state).load("s1").status == "queued"
+    crash_marker(ws)
+    abandon(sup)
+    open_gate(ws, "s1", 2)
+    said = restart(ws)
+    rec = Store(ws.state).load("s1")
+    assert rec.status == "done" and rec.attempts == 2, said
+    assert rec.failures == ["interrupted: the supervisor stopped during attempt 1"]
+    assert completions(ws) == ["s1"]
+    assert len((probe_of(ws) / "pids").read_text().split()) == 2
+    assert any("s1 chip: attempt 1 was started and cut off by a crash" in e.line
+               for e in StateRepo(ws.state).entries("s1"))
+    assert_one_place(ws, {"s1"})
     assert_clean(ws)
 
 
