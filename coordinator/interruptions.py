@@ -78,6 +78,25 @@ class Interruptions(Endings):
         else:
             self.sup.move(rec, "queued", audit.SUPERVISOR, note=rec.failures[-1])
 
+    def count_unrecorded(self, rec: Record) -> None:
+        """`rec` is queued, but its next attempt may have been started and cut off by the crash
+        before its `running` record was written (`AttemptRunner.start` starts first and records
+        after): its log, which the fork server opens before it starts the child, says so. That
+        run counts as a failed attempt like any other a crash interrupted, so the number is not
+        used twice (the agent ran, possibly to the end, and `show` said nothing of it)."""
+        number = rec.attempts + 1
+        if not (self.ws.runtime / "logs" / rec.id / str(number) / "output.log").exists():  # `Attempt.log`
+            return
+        self.sup.whole(rec)  # its failures are read back from its file first
+        rec.attempts = number
+        rec.failures.append(f"interrupted: the supervisor stopped during attempt {number}")
+        agent = self.sup.config.agents.get(rec.to)
+        if agent is not None and len(rec.failures) >= agent.max_failures:
+            self.block(rec, rec.failures[-1])
+        else:
+            self.sup.event(rec, f"attempt {number} was started and cut off by a crash before it was "
+                                "recorded: counted as failed")
+
     def _note_landed(self, repo: Repo, sha: str) -> None:
         """Note the head the merge of `sha` made, when the supervisor stopped before it could:
         else the tamper watch takes the supervisor's own merge for a `silent` change. Only a

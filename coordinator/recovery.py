@@ -76,6 +76,13 @@ def recover(sup: Supervisor, crashed: bool) -> None:
             sup.audit.stage(audit.SUPERVISOR, f"recovery: removed orders/{folder.name}/, which a crash left "
                                               "before its order moved in")
             continue
+        if folder.name in sup.history.planned:
+            # A follow-up cut off between its folder and its record: `refile_follow_ups` files it
+            # again from the plan, under this id. Taken in from here it would be a second order
+            # asking for that id, rejected as a duplicate on the sender's board.
+            durable.note(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
         agent = _agent_from_original(sup, folder)
         try:
             meta = durable.read_json(folder / "intake.json")
@@ -119,6 +126,9 @@ def recover(sup: Supervisor, crashed: bool) -> None:
         sup.say(f"recovery: killed {killed} leftover process(es) of a dead supervisor")
     for rec in running:
         sup.attempts.recover(rec)
+    if crashed:
+        for rec in [r for r in sup.records.values() if r.status == "queued"]:
+            sup.attempts.count_unrecorded(rec)
     sup.step_commit()
 
 

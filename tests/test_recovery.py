@@ -399,6 +399,7 @@ def test_crash_after_validation_files_the_order_to_its_recipient(make_ws, writte
         durable.write_json(folder / "order.json", order.to_dict())
         crash_marker(ws)
     open_gate(ws, "v1", 1)
+    open_gate(ws, "v1", 2)  # `original`: its attempt 1 was started, cut off, and counts as failed
     restart(ws)
     assert list(Store(ws.state).load_all()) == ["v1"]
     assert_done_once(ws, "v1")
