@@ -41,8 +41,9 @@ def ws(tmp_path: Path) -> Path:
     return root
 
 
-def on_terminal(*args: str | Path, env: dict[str, str], seconds: float) -> bytes:
-    """What `coordinator ARGS` writes to a 24x100 terminal in `seconds` (then Ctrl-C)."""
+def on_terminal(*args: str | Path, env: dict[str, str], seconds: float, until: bytes | None = None) -> bytes:
+    """What `coordinator ARGS` writes to a 24x100 terminal in `seconds`, or until it wrote
+    `until` (then Ctrl-C)."""
     import fcntl
     import termios
 
@@ -62,7 +63,8 @@ def on_terminal(*args: str | Path, env: dict[str, str], seconds: float) -> bytes
                 chunk = b""
             out += chunk
             done = not chunk
-        if time.monotonic() > end and not done:
+        if (time.monotonic() > end or (until is not None and until in out)) and not done:
+            until = None
             os.kill(pid, signal.SIGINT)
             end = time.monotonic() + 10
     os.waitpid(pid, 0)
@@ -256,7 +258,7 @@ def test_the_supervisor_keeps_working_when_the_terminal_of_its_log_goes_away(ws:
 @pytest.mark.parametrize("command", [("send", "-", "--to", "chip"), ("validate", "-", "--to", "chip")])
 def test_reading_an_order_from_a_terminal_says_so_and_ctrl_c_sends_nothing(ws: Path, command: tuple[str, ...]) -> None:
     """`coordinator send -` typed at a terminal waited for input without a word."""
-    out = on_terminal("-w", ws, *command, env=term_env(), seconds=2)
+    out = on_terminal("-w", ws, *command, env=term_env(), seconds=10, until=b"(Ctrl-C gives up)\r\n")
     assert out.startswith(b"reading the work order from the terminal: type or paste it, then Ctrl-D on a line of "
                           b"its own (Ctrl-C gives up)\r\n")
     assert os.listdir(ws / "inbox" / "chip") == []
