@@ -42,7 +42,13 @@ def requests_dir(ws: Workspace) -> Path:
     return ws.runtime / "requests"
 
 
+# After the pid in supervisor.pid: the lock is held by a command serving itself (no
+# supervisor runs), not by a supervisor.
+COMMAND_MARK = "command"
+
+
 def supervisor_running(ws: Workspace) -> bool:
+    """Whether a supervisor holds the workspace now (a command serving itself is none)."""
     import fcntl
 
     path = ws.runtime / "supervisor.pid"
@@ -52,7 +58,7 @@ def supervisor_running(ws: Workspace) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return True
+        return os.pread(fd, 64, 0).decode(errors="replace").split()[1:] != [COMMAND_MARK]
     finally:
         os.close(fd)
     return False

@@ -42,6 +42,7 @@ STOP_GRACE = 30.0           # seconds running attempts get after the first SIGTE
 FLUSH_EVERY = 1.0           # seconds: in the loops, the transitions of several steps share commits
 TAMPER_EVERY = 5.0          # seconds between looks for changes the supervisor did not make
 LOCK_PATIENCE = 0.5         # seconds a start waits for someone who only looks whether a supervisor runs
+COMMAND_PATIENCE = 30.0     # ... and for a command that serves itself, with no supervisor running
 
 
 class Supervisor(Arrivals):
@@ -211,21 +212,29 @@ class Supervisor(Arrivals):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         # `board` and `cancel` take a shared lock for an instant to see whether one runs: a
         # start that meets one of those waits it out instead of taking it for a supervisor.
-        give_up = time.monotonic() + LOCK_PATIENCE
+        # A command serving itself (`cancel` with no supervisor running) holds it for as long
+        # as its request takes: a start waits that out too, rather than call it a supervisor.
+        started = time.monotonic()
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() < give_up:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").split()
+                command = holder[1:] == [control.COMMAND_MARK]
+                if time.monotonic() - started < (COMMAND_PATIENCE if command else LOCK_PATIENCE):
                     time.sleep(0.02)
                     continue
-                other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
                 os.close(fd)
+                other = holder[0] if holder else "?"
+                if command:
+                    raise SupervisorError(f"a coordinator command (pid {other}) has held {self.ws.root} for "
+                                          f"{COMMAND_PATIENCE:.0f}s; try again when it is done") from None
                 raise SupervisorError(f"another supervisor (pid {other}) is running on {self.ws.root}; "
                                       "stop it first") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        mark = f" {control.COMMAND_MARK}" if self.offline else ""
+        os.pwrite(fd, f"{os.getpid()}{mark}\n".encode(), 0)
         self._lock_fd = fd
         st = os.stat(self.ws.root)
         self._root_id = (st.st_dev, st.st_ino)

@@ -165,3 +165,30 @@ def test_ctrl_c_while_waiting_takes_the_request_back(ws: Workspace, monkeypatch:
         assert hot_tokens(ws) == 0  # never done
     finally:
         sup.close()
+
+
+def test_a_command_serving_itself_is_no_supervisor_to_a_start_or_to_board(ws: Workspace) -> None:
+    """With no supervisor running, `cancel` or `retry` serves itself and holds the workspace
+    for a moment. A `supervise` started then said "another supervisor (pid N) is running;
+    stop it first" about that command, and `board` said a supervisor ran. The start now
+    waits the command out; board says none runs."""
+    import subprocess
+    import sys
+
+    from coordinator import board
+    from coordinator.watcher import NullWatcher
+
+    coordinator = str(Path(sys.executable).with_name("coordinator"))
+    command = Supervisor(ws, watcher=NullWatcher(), offline=True)
+    command.open()  # as control._serve_offline does, for as long as its request takes
+    try:
+        assert not control.supervisor_running(ws)
+        assert board.supervisor(ws)["running"] is False
+        start = subprocess.Popen([coordinator, "-w", str(ws.root), "supervise", "--once"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)  # longer than a start waits for someone who only looks
+    finally:
+        command.close()
+    out, err = start.communicate(timeout=60)
+    assert start.returncode == 0, err
+    assert "another supervisor" not in err
