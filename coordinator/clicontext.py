@@ -12,6 +12,7 @@ import math
 import os
 import re
 import select
+import signal
 import sys
 from typing import Any
 
@@ -112,6 +113,14 @@ def stdin_hint() -> None:
         if sys.stdin is not None and sys.stdin.isatty():
             click.echo("reading the work order from the terminal: type or paste it, then Ctrl-D on a line of its "
                        "own (Ctrl-C gives up)", err=True)
+            interruptible()
+
+
+def interruptible() -> None:
+    """Make Ctrl-C stop this command even when it was started as a background job: a shell
+    starts those with SIGINT ignored, and Python leaves it so (a `kill -INT` did nothing)."""
+    with contextlib.suppress(ValueError):  # not the main thread (an embedding caller)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def redraws() -> bool:

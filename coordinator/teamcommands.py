@@ -29,6 +29,7 @@ from .clicontext import (
     Tokens,
     colours,
     emit_json,
+    interruptible,
     on_terminal,
     pass_ctx,
     reader_gone,
@@ -180,9 +181,7 @@ def board(c: Context, as_json: bool, watch: bool) -> None:
 
     shown = None
     drawn = 0
-    # "Until Ctrl-C" also when started as a background job, which a shell starts with SIGINT
-    # ignored (and Python leaves it so): `kill -INT` would never have stopped it.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    interruptible()  # "until Ctrl-C", also when started as a background job
     try:
         while not reader_gone():
             if drawn % 60 == 0:

@@ -1056,7 +1056,11 @@ def board_watched_into(ws: Path, out: Path) -> Iterator[None]:
         yield
     finally:
         watching.send_signal(signal.SIGINT)
-        _, err = watching.communicate(timeout=30)
+        try:
+            _, err = watching.communicate(timeout=30)
+        finally:
+            watching.kill()  # never left running past a failed test
+            watching.wait()
     assert (watching.returncode, err) == (0, "")
 
 

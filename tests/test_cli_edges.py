@@ -41,19 +41,23 @@ def ws(tmp_path: Path) -> Path:
     return root
 
 
-def on_terminal(*args: str | Path, env: dict[str, str], seconds: float, until: bytes | None = None) -> bytes:
+def on_terminal(*args: str | Path, env: dict[str, str], seconds: float, until: bytes | None = None,
+                sigint_ignored: bool = False) -> bytes:
     """What `coordinator ARGS` writes to a 24x100 terminal in `seconds`, or until it wrote
-    `until` (then Ctrl-C)."""
+    `until` (then Ctrl-C; killed, and the test failed, if that does not end it within 10 s).
+    `sigint_ignored`: started as a shell starts a background job, with Ctrl-C ignored."""
     import fcntl
     import termios
 
     pid, fd = pty.fork()
     if pid == 0:  # the child: the program, with the terminal as its stdout
+        if sigint_ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         os.execve(COORDINATOR, [COORDINATOR, *map(str, args)], env)
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     out = b""
     end = time.monotonic() + seconds
-    done = False
+    done = interrupted = False
     while not done:
         ready, _, _ = select.select([fd], [], [], 0.1)
         if ready:
@@ -64,7 +68,12 @@ def on_terminal(*args: str | Path, env: dict[str, str], seconds: float, until: b
             out += chunk
             done = not chunk
         if (time.monotonic() > end or (until is not None and until in out)) and not done:
-            until = None
+            if until is None and interrupted:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                os.close(fd)
+                raise AssertionError(f"Ctrl-C did not end `coordinator {' '.join(map(str, args))}` within 10 s")
+            until, interrupted = None, True
             os.kill(pid, signal.SIGINT)
             end = time.monotonic() + 10
     os.waitpid(pid, 0)
@@ -256,9 +265,13 @@ def test_the_supervisor_keeps_working_when_the_terminal_of_its_log_goes_away(ws:
 
 
 @pytest.mark.parametrize("command", [("send", "-", "--to", "chip"), ("validate", "-", "--to", "chip")])
-def test_reading_an_order_from_a_terminal_says_so_and_ctrl_c_sends_nothing(ws: Path, command: tuple[str, ...]) -> None:
-    """`coordinator send -` typed at a terminal waited for input without a word."""
-    out = on_terminal("-w", ws, *command, env=term_env(), seconds=10, until=b"(Ctrl-C gives up)\r\n")
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "started-with-ctrl-c-ignored"])
+def test_reading_an_order_from_a_terminal_says_so_and_ctrl_c_sends_nothing(ws: Path, command: tuple[str, ...],
+                                                                           background: bool) -> None:
+    """`coordinator send -` typed at a terminal waited for input without a word; and started
+    from a script as a background job (Ctrl-C ignored), the "Ctrl-C gives up" it says was untrue."""
+    out = on_terminal("-w", ws, *command, env=term_env(), seconds=10, until=b"(Ctrl-C gives up)\r\n",
+                      sigint_ignored=background)
     assert out.startswith(b"reading the work order from the terminal: type or paste it, then Ctrl-D on a line of "
                           b"its own (Ctrl-C gives up)\r\n")
     assert os.listdir(ws / "inbox" / "chip") == []
