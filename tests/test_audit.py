@@ -690,6 +690,7 @@ def _loose(root: Path, kind: str) -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.split()[1] == kind}
 
 
+@pytest.mark.slow  # 2-3 s: `make test-slow`, and CI, run it
 def test_a_record_rewritten_while_the_committer_reads_it_is_never_committed_cut_short(tmp_path):
     """The loop rewrites a record (each version longer: its history grows) while the committer
     thread's git reads the last one. Every version git committed is a whole JSON document, no
@@ -967,6 +968,7 @@ def test_verify_beside_a_busy_supervisor_lists_nothing_it_is_about_to_commit(mak
     assert verify.verify(ws) == []
 
 
+@pytest.mark.slow  # 2-3 s: `make test-slow`, and CI, run it
 def test_verify_beside_a_running_supervisor_still_reports_what_stays_uncommitted(make_ws):
     ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/true"]}})
     with Supervisor(ws):  # running (it holds the workspace), committing nothing more

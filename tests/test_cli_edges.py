@@ -96,6 +96,7 @@ def test_board_on_a_terminal_is_coloured_unless_no_color_is_set(ws: Path) -> Non
     assert b"\x1b" not in plain
 
 
+@pytest.mark.slow  # 2-3 s: `make test-slow`, and CI, run it
 def test_board_watch_on_a_dumb_terminal_sends_no_escape_codes(ws: Path) -> None:
     out = on_terminal("-w", ws, "board", "--watch", env=term_env(TERM="dumb"), seconds=2.5)
     assert b"0 order(s)" in out

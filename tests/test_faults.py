@@ -650,6 +650,7 @@ def test_files_are_still_processed_after_the_watcher_thread_dies(make_ws):
     assert verify(ws) == []
 
 
+@pytest.mark.slow  # 2-3 s: `make test-slow`, and CI, run it
 def test_a_watcher_that_raises_in_the_pump_thread_is_said_and_the_pump_goes_on(make_ws, monkeypatch):
     """Anything the watcher raises in the thread that wakes the loop is one warning line, not
     a thread traceback and a pump gone for good (drops left to the loop's idle timeout)."""

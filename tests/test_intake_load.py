@@ -146,6 +146,7 @@ def run_burst(ws: Workspace, live: Callable[[Workspace], Live], n: int) -> float
     return took
 
 
+@pytest.mark.slow  # 2-3 s: `make test-slow`, and CI, run it
 def test_3000_files_dropped_at_once_each_end_with_one_record(make_ws, live):
     ws = walt_only(make_ws)
     took = run_burst(ws, live, 3000)

@@ -853,6 +853,7 @@ class KillFailsOnce(Spawner):
         super().kill_tree(token, grace)
 
 
+@pytest.mark.slow  # 2-3 s: `make test-slow`, and CI, run it
 def test_a_timeout_whose_kill_fails_is_said_and_tried_again_and_the_supervisor_runs_on(make_ws, monkeypatch):
     monkeypatch.setattr(attempts, "KILL_RETRY", 0.5)
     monkeypatch.setattr(attempts, "SIGKILL_WAIT", 0.5)
