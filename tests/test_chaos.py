@@ -228,21 +228,13 @@ def parent_of(pid: int) -> int | None:
 
 
 def live_processes_of(ws: Workspace) -> list[str]:
-    """This workspace's attempts still running: their environment names it (never another's)."""
-    mark = b"COORD_WORKSPACE=" + os.fsencode(ws.root) + b"\0"
+    """The command lines of this workspace's attempts still running (never another's)."""
+    from test_recovery import specialists_of
+
     found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/environ", "rb") as f:
-                    if mark not in f.read():
-                        continue
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    if f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X"):
-                        continue
-                found.append(Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode())
-            except OSError:
-                continue
+    for pid in specialists_of(ws):
+        with contextlib.suppress(OSError):
+            found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
     return found
 
 

@@ -212,6 +212,17 @@ def test_a_rejected_orders_escape_sequences_never_reach_the_terminal(ws: Path) -
         "Hi \x1b]0;owned\x07\x1b[2J there")  # JSON escapes it: kept as it was
 
 
+def sent_and_done_while_it_runs(ws: Path, sup: subprocess.Popen[bytes]) -> None:
+    """An order sent now ends done, and the supervisor `sup` runs on throughout."""
+    assert run("-w", ws, "send", "-", "--to", "chip", input=ORDER).stdout == "WO-0001\n"
+    deadline = time.monotonic() + 60
+    while not any(o["status"] == "done" for o in json.loads(run("-w", ws, "board", "--json").stdout)["orders"]):
+        assert sup.poll() is None, "the supervisor stopped"
+        assert time.monotonic() < deadline, "WO-0001 was not done"
+        time.sleep(0.2)
+    assert sup.poll() is None
+
+
 def test_the_supervisor_keeps_working_when_the_reader_of_its_log_goes_away(ws: Path) -> None:
     """`coordinator supervise 2>&1 | tee log`, and tee ended: the next log line stopped the
     supervisor, with exit 0 and not a word, and the orders sent after it waited for nobody."""
@@ -222,13 +233,7 @@ def test_the_supervisor_keeps_working_when_the_reader_of_its_log_goes_away(ws: P
         assert sup.stderr is not None
         assert b"supervising" in sup.stderr.readline()
         sup.stderr.close()  # the reader is gone
-        assert run("-w", ws, "send", "-", "--to", "chip", input=ORDER).stdout == "WO-0001\n"
-        deadline = time.monotonic() + 60
-        while not any(o["status"] == "done" for o in json.loads(run("-w", ws, "board", "--json").stdout)["orders"]):
-            assert sup.poll() is None, "the supervisor stopped"
-            assert time.monotonic() < deadline, "WO-0001 was not done"
-            time.sleep(0.2)
-        assert sup.poll() is None
+        sent_and_done_while_it_runs(ws, sup)
     finally:
         sup.send_signal(signal.SIGINT)
         assert sup.wait(timeout=60) == 0
@@ -253,13 +258,7 @@ def test_the_supervisor_keeps_working_when_the_terminal_of_its_log_goes_away(ws:
             if select.select([main], [], [], 0.5)[0]:
                 seen += os.read(main, 4096)
         os.close(main)  # the terminal goes away
-        assert run("-w", ws, "send", "-", "--to", "chip", input=ORDER).stdout == "WO-0001\n"
-        deadline = time.monotonic() + 60
-        while not any(o["status"] == "done" for o in json.loads(run("-w", ws, "board", "--json").stdout)["orders"]):
-            assert sup.poll() is None, "the supervisor stopped"
-            assert time.monotonic() < deadline, "WO-0001 was not done"
-            time.sleep(0.2)
-        assert sup.poll() is None
+        sent_and_done_while_it_runs(ws, sup)
     finally:
         sup.send_signal(signal.SIGINT)
         assert sup.wait(timeout=60) == 0

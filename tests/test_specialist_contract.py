@@ -47,16 +47,21 @@ def test_a_specialist_or_check_killed_by_a_signal_is_reported_by_the_signals_nam
     assert recs["chk"].failures[0] == "check `kill -ABRT $$` was killed by signal 6 (SIGABRT); no output"
 
 
+def ping_pong(make_ws):
+    """chip and rex, each answering every order with one for the other through its outbox."""
+    ping = sh('printf "objective: Answer it\\nto: %s\\nacceptance: [a is true, b is true, c is true]\\n'
+              'files: []\\nbranching: [{action: halt-with-note, when: nothing to do}]\\n" "$PEER" '
+              '> "$COORD_OUTBOX/ping.yaml"; echo sent')
+    return make_ws({"chip": {"role": "specialist", "command": ping, "sends_to": ["rex"], "env": {"PEER": "rex"}},
+                    "rex": {"role": "specialist", "command": ping, "sends_to": ["chip"], "env": {"PEER": "chip"}}})
+
+
 def test_two_agents_that_answer_every_order_with_one_for_the_other_stop_after_max_chain(make_ws):
     """A -> B -> A -> ... through the outbox, each order `done`: without a bound this filed a
     thousand orders a minute and `supervise --once` never returned."""
     from coordinator import outbox
 
-    ping = sh('printf "objective: Answer it\\nto: %s\\nacceptance: [a is true, b is true, c is true]\\n'
-              'files: []\\nbranching: [{action: halt-with-note, when: nothing to do}]\\n" "$PEER" '
-              '> "$COORD_OUTBOX/ping.yaml"; echo sent')
-    ws = make_ws({"chip": {"role": "specialist", "command": ping, "sends_to": ["rex"], "env": {"PEER": "rex"}},
-                  "rex": {"role": "specialist", "command": ping, "sends_to": ["chip"], "env": {"PEER": "chip"}}})
+    ws = ping_pong(make_ws)
     drop(ws, "chip", "o.md", order_md("Start answering", id="o"))
     run(ws)
     recs = Store(ws.state).load_all()
@@ -73,11 +78,7 @@ def test_each_order_a_person_sends_starts_a_chain_of_its_own(make_ws):
     """Only orders sent from outboxes in a row count: an order a person sends starts afresh."""
     from coordinator import outbox
 
-    ping = sh('printf "objective: Answer it\\nto: %s\\nacceptance: [a is true, b is true, c is true]\\n'
-              'files: []\\nbranching: [{action: halt-with-note, when: nothing to do}]\\n" "$PEER" '
-              '> "$COORD_OUTBOX/ping.yaml"; echo sent')
-    ws = make_ws({"chip": {"role": "specialist", "command": ping, "sends_to": ["rex"], "env": {"PEER": "rex"}},
-                  "rex": {"role": "specialist", "command": ping, "sends_to": ["chip"], "env": {"PEER": "chip"}}})
+    ws = ping_pong(make_ws)
     drop(ws, "chip", "a.md", order_md("Start answering", id="a"))
     drop(ws, "rex", "b.md", order_md("Start answering too", id="b"))
     run(ws)
