@@ -39,7 +39,6 @@ _RULE = re.compile(r"(halt-with-note|requeue-with-blocker|route-to-([A-Za-z0-9_-
 _PLACEHOLDER = re.compile(r"<(?:describe|replace)\b[^<>\n]{0,200}>")
 # C0 but tab and newline, DEL, C1, and the bidirectional overrides and isolates: U+202E makes a
 # board line or a report read backwards ("done" shown where the text says "enod").
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def unknown_key(key: str, known: tuple[str, ...], *, path: str | None, suggest: bool = True) -> Problem:
@@ -54,7 +53,7 @@ def quoted(text: str) -> str:
     """`text` (a failure's output, say) made fit to quote in an order the supervisor writes:
     control characters dropped (an ANSI colour code loses its ESC), and a template
     placeholder's brackets turned into quotes, so that it is not taken for one."""
-    text = _CONTROL.sub("", text)
+    text = paths.CONTROL_IN_TEXT.sub("", text)
     return _PLACEHOLDER.sub(lambda m: "«" + m.group(0)[1:-1] + "»", text)
 
 
@@ -64,7 +63,7 @@ def text_problem(value: str, *, multiline: bool = False) -> str | None:
         return "is empty"
     if not multiline and len(value.splitlines()) > 1:
         return "must be one line; join the lines or split it into several items"
-    if _CONTROL.search(value):
+    if paths.CONTROL_IN_TEXT.search(value):
         return "contains a control character; remove it"
     m = _PLACEHOLDER.search(value)
     if m:

@@ -72,12 +72,10 @@ def supervisor(ws: Workspace) -> dict[str, Any]:
 def _stopped(pid: int) -> bool:
     """Whether process `pid` is stopped (Ctrl-Z in its terminal, SIGSTOP): it holds its lock and
     looks alive, but takes nothing in and answers no request."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]  # the name before it may hold anything
-    except (OSError, IndexError):
-        return False
-    return state in (b"T", b"t")
+    from .spawner import proc_fields
+
+    fields = proc_fields(f"/proc/{pid}/stat")
+    return fields is not None and bool(fields) and fields[0] in (b"T", b"t")
 
 
 def supervisor_line(sup: dict[str, Any]) -> str:

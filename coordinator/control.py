@@ -58,10 +58,17 @@ def supervisor_running(ws: Workspace) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return os.pread(fd, 64, 0).decode(errors="replace").split()[1:] != [COMMAND_MARK]
+        return not lock_holder(fd)[1]
     finally:
         os.close(fd)
     return False
+
+
+def lock_holder(fd: int) -> tuple[str, bool]:
+    """Who holds the lock of supervisor.pid (open as `fd`): its pid ("?" if unsaid) and whether
+    it is a command serving itself rather than a supervisor."""
+    words = os.pread(fd, 64, 0).decode(errors="replace").split()
+    return (words[0] if words else "?"), words[1:] == [COMMAND_MARK]
 
 
 def config_seen_path(ws: Workspace) -> Path:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import re
 import signal
 import stat
 from pathlib import Path
+
+from . import paths
 
 # Editors write these next to the file being edited, and download and sync tools write a
 # file under such a name until it is complete, then rename it: none of them is a work order
@@ -38,15 +39,12 @@ def is_candidate(name: str) -> bool:
     return not name.lower().endswith(TEMP_SUFFIXES)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")  # and bidi overrides
-
-
 def printable(name: str) -> str:
     """A file name as text that can be printed and stored on one line (a name need not be
     UTF-8, and may hold a newline): other bytes and control characters as escapes (a C1
     character or a bidirectional override as `\\u009b`, `\\u202e`: neither reaches a terminal)."""
     text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if m.group() < "\x80" else f"\\u{ord(m.group()):04x}", text)
+    return paths.CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if m.group() < "\x80" else f"\\u{ord(m.group()):04x}", text)
 
 
 def scan(folder: Path, *, others: list[Path] | None = None) -> list[Path]:
@@ -85,10 +83,11 @@ def settled(path: Path, *, now: float, quiet: float = 1.0, require_quiet: bool =
     (probed and released at once). Where leases are unsupported or not ours to take (another
     user's file), and always when `require_quiet` is set, the file must also have been left
     unchanged (mtime and ctime; a future mtime counts as its ctime) for `quiet` seconds. `now`
-    is wall-clock time (`time.time()`), the clock of file timestamps. Pass `require_quiet=True` on network file systems (`--poll`),
-    where a lease only sees writers on this machine. False for anything but a regular file
-    (symlinks included) and for a file that is gone. PermissionError for a file this process
-    may not read (another user's, mode 0600): no wait makes it readable.
+    is wall-clock time (`time.time()`), the clock of file timestamps. Pass `require_quiet=True`
+    on network file systems (`--poll`), where a lease only sees writers on this machine. False
+    for anything but a regular file (symlinks included) and for a file that is gone.
+    PermissionError for a file this process may not read (another user's, mode 0600): no wait
+    makes it readable.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -85,7 +85,7 @@ class Interruptions(Endings):
         run counts as a failed attempt like any other a crash interrupted, so the number is not
         used twice (the agent ran, possibly to the end, and `show` said nothing of it)."""
         number = rec.attempts + 1
-        if not (self.ws.runtime / "logs" / rec.id / str(number) / "output.log").exists():  # `Attempt.log`
+        if not (runner.log_folder(self.ws, rec.id, number) / runner.OUTPUT_LOG).exists():
             return
         self.sup.whole(rec)  # its failures are read back from its file first
         rec.attempts = number

@@ -14,15 +14,17 @@ from functools import lru_cache
 
 GLOB_CHARS = frozenset("*?[")
 # C0, DEL and C1 (U+0085, U+009B: a terminal's CSI), and the bidirectional overrides and isolates
-# (U+202E shows `src/x\u202eyp.ts` as `src/xst.py`).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# (U+202E shows `src/x\u202eyp.ts` as `src/xst.py`): never in a path, and never shown raw.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# The same but tab and line end: what text that may hold lines (a summary, a tail) must not.
+CONTROL_IN_TEXT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def path_problem(entry: str) -> str | None:
     """Why `entry` is not an acceptable relative path or glob, or None."""
     if not entry:
         return "is empty"
-    if _CONTROL.search(entry):
+    if CONTROL.search(entry):
         return "contains a control character"
     if "\\" in entry:
         return "contains a backslash; use forward slashes"

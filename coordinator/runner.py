@@ -95,7 +95,7 @@ class Attempt:
 
     @functools.cached_property
     def log(self) -> Path:
-        return self.logs / "output.log"
+        return self.logs / OUTPUT_LOG
 
     def check_log(self, index: int) -> Path:
         return self.logs / f"check-{index}.log"
@@ -109,8 +109,21 @@ class Attempt:
                 "repo": self.repo, "token": self.token}
 
 
+def order_folders(ws: Workspace, order_id: str) -> tuple[Path, Path]:
+    """An order's attempts folder and logs folder: each of its attempts has one in both."""
+    return ws.runtime / "attempts" / order_id, ws.runtime / "logs" / order_id
+
+
 def attempt_folder(ws: Workspace, order_id: str, number: int) -> Path:
-    return ws.runtime / "attempts" / order_id / str(number)
+    return order_folders(ws, order_id)[0] / str(number)
+
+
+def log_folder(ws: Workspace, order_id: str, number: int) -> Path:
+    """Where attempt `number` of an order logs (`Attempt.logs`); kept when the attempt folder goes."""
+    return order_folders(ws, order_id)[1] / str(number)
+
+
+OUTPUT_LOG = "output.log"  # in `log_folder`: the specialist's output, opened before it starts
 
 
 def work_folder(ws: Workspace, order_id: str) -> Path:
@@ -124,7 +137,7 @@ def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -
     """Make the attempt's folders and write its order and brief (not the working copy)."""
     assert order.id is not None
     folder = attempt_folder(ws, order.id, number)
-    logs = ws.runtime / "logs" / order.id / str(number)
+    logs = log_folder(ws, order.id, number)
     for old in (folder, logs):
         if old.exists():  # an earlier run of this attempt number (a crash): kept aside, start clean
             _set_aside(old)
@@ -476,10 +489,9 @@ def tail(path: Path, limit: int = TAIL_BYTES) -> str:
     # Control characters (a NUL, a colour code's ESC, a C1 CSI, a bidirectional override) go:
     # the tail is quoted in briefs, notes, commit messages and the summary `show` prints, and a
     # NUL in a command's argument cannot be passed at all.
-    return _CONTROL.sub("", data.decode("utf-8", "replace")).strip()
+    return paths.CONTROL_IN_TEXT.sub("", data.decode("utf-8", "replace")).strip()
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def last_activity(attempt: Attempt, started: float) -> float:

@@ -354,6 +354,7 @@ def gc(ws: Workspace, days: float) -> tuple[list[str], list[str]]:
     order ended (its record and report hold what it did), and a supervisor running overnight
     leaves some seven folders and files per order there. A retried order starts its next
     attempt anew."""
+    from . import runner
     from .repos import Repo, gc_worktrees
 
     now = time.time()
@@ -365,8 +366,8 @@ def gc(ws: Workspace, days: float) -> tuple[list[str], list[str]]:
         if not rec.terminal or now - _epoch(rec.updated) < days * 86400:
             continue
         with contextlib.suppress(OSError):  # its working copy's folder, left empty before copies took it along
-            (ws.runtime / "work" / rec.id).rmdir()
-        folders = [f for f in (ws.runtime / "attempts" / rec.id, ws.runtime / "logs" / rec.id) if os.path.lexists(f)]
+            runner.work_folder(ws, rec.id).rmdir()
+        folders = [f for f in runner.order_folders(ws, rec.id) if os.path.lexists(f)]
         if not folders:  # cleared by an earlier gc: its record is not read again
             continue
         with contextlib.suppress(OSError, ValueError, NotFoundError):  # retried meanwhile: its attempt runs

@@ -118,7 +118,7 @@ class _Proc:
     zombie: bool  # no thread of it runs: there is nothing left to signal, only to reap
 
 
-def _stat(path: str) -> list[bytes] | None:
+def proc_fields(path: str) -> list[bytes] | None:
     """The fields of a /proc stat line after the name: state first, as field 3 of proc(5)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -137,7 +137,7 @@ def _stat(path: str) -> list[bytes] | None:
 
 
 def _read_proc(pid: int) -> _Proc | None:
-    fields = _stat(f"/proc/{pid}/stat")
+    fields = proc_fields(f"/proc/{pid}/stat")
     if fields is None:
         return None
     # A leader whose main thread exited alone (SYS_exit, not exit_group) shows Z while its
@@ -153,7 +153,7 @@ def _live_thread(pid: int) -> bool:
     except OSError:
         return False
     for tid in tids:
-        fields = None if tid == str(pid) else _stat(f"/proc/{pid}/task/{tid}/stat")
+        fields = None if tid == str(pid) else proc_fields(f"/proc/{pid}/task/{tid}/stat")
         if fields is not None and fields[0] not in (b"Z", b"X"):
             return True
     return False

@@ -220,13 +220,11 @@ class Supervisor(Arrivals):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").split()
-                command = holder[1:] == [control.COMMAND_MARK]
+                other, command = control.lock_holder(fd)
                 if time.monotonic() - started < (COMMAND_PATIENCE if command else LOCK_PATIENCE):
                     time.sleep(0.02)
                     continue
                 os.close(fd)
-                other = holder[0] if holder else "?"
                 if command:
                     raise SupervisorError(f"a coordinator command (pid {other}) has held {self.ws.root} for "
                                           f"{COMMAND_PATIENCE:.0f}s; try again when it is done") from None
