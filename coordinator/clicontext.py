@@ -111,9 +111,9 @@ def stdin_hint() -> None:
     """`send -` or `validate -` typed at a terminal waited without a word: say what it waits for."""
     with contextlib.suppress(AttributeError, ValueError, OSError):  # no stdin, or a closed one
         if sys.stdin is not None and sys.stdin.isatty():
+            interruptible()  # before the hint: a Ctrl-C pressed as soon as it shows must count
             click.echo("reading the work order from the terminal: type or paste it, then Ctrl-D on a line of its "
                        "own (Ctrl-C gives up)", err=True)
-            interruptible()
 
 
 def interruptible() -> None:

@@ -22,6 +22,7 @@ import dataclasses
 import errno
 import os
 import re
+import select
 import stat
 import sys
 import time
@@ -327,13 +328,37 @@ def read_stdin() -> bytes:
     reason = "standard input is closed"  # `<&-`: Python has no sys.stdin then
     if sys.stdin is not None:
         try:
-            return read_stream(sys.stdin.buffer)
+            return read_stream(_Terminal(sys.stdin.fileno()) if sys.stdin.isatty() else sys.stdin.buffer)
         except OSError as e:  # opened for writing only, say
             reason = f"cannot read: {e.strerror}"
     raise UsageError(f"{STDIN}: {reason}; pipe the order in, or name its file instead of -")
 
 
-def read_stream(stream: BinaryIO, *, shown: str = STDIN) -> bytes:
+class _Terminal:
+    """Standard input at a terminal, read so that Ctrl-C always ends the wait: a SIGINT that
+    lands between Python's last look at its signals and the blocking read(2) is otherwise
+    only acted on after the next line typed (Ctrl-C pressed as the hint appeared did nothing)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def read(self, limit: int) -> bytes:
+        data = bytearray()
+        while len(data) < limit:
+            # A short wait, then Python looks at its signals again: a pending Ctrl-C raises here.
+            if not select.select([self.fd], [], [], 0.2)[0]:
+                continue
+            chunk = os.read(self.fd, limit - len(data))
+            if not chunk:  # Ctrl-D on a line of its own
+                break
+            data += chunk
+        return bytes(data)
+
+
+def read_stream(stream: BinaryIO | _Terminal, *, shown: str = STDIN) -> bytes:
     """Up to the size limit from `stream`; an OrderError naming the real size beyond it."""
     limit = orders.MAX_ORDER_BYTES
     data = stream.read(limit + 1)
