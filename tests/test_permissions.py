@@ -753,6 +753,38 @@ def test_sandbox_writable_never_exposes_protected_paths(make_ws, tmp_path, where
         make_ws(agents)
 
 
+@pytest.mark.parametrize("where", ["path-before-git", "git-config", "python-imports", "path-after-git"])
+def test_sandbox_writable_never_covers_what_the_supervisor_runs(make_ws, tmp_path, monkeypatch, where):
+    """A grant such as ~/.local or ~/.cargo (where Claude Code or cargo keep their files) also
+    holds ~/.local/bin or ~/.cargo/bin: a `git` the agent put there ran as the supervisor, as
+    did a filter named in ~/.config/git/config or a module where its Python imports from. Such a
+    grant stops the team from loading; a folder on PATH after git's is never where git is run from."""
+    from coordinator.errors import ConfigError
+
+    grant = tmp_path / "tools"
+    inner = {"path-before-git": grant / "bin", "git-config": grant / "git", "python-imports": grant / "lib",
+             "path-after-git": grant / "bin"}[where]
+    inner.mkdir(parents=True)
+    (tmp_path / "probe").mkdir()
+    if where == "path-before-git":
+        monkeypatch.setenv("PATH", f"{inner}{os.pathsep}{os.environ['PATH']}")
+    elif where == "path-after-git":
+        monkeypatch.setenv("PATH", f"{os.environ['PATH']}{os.pathsep}{inner}")
+    elif where == "git-config":
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(grant))
+    else:
+        monkeypatch.syspath_prepend(str(inner))
+    chip = {"role": "specialist", "writes": ["webapp/**"], "command": ["true"],
+            "sandbox": {"writable": [str(tmp_path / "probe"), str(grant)]}}
+    if where == "path-after-git":
+        make_ws({"chip": chip})
+        return
+    with pytest.raises(ConfigError, match=rf"agents\.chip\.sandbox\.writable\.1: {re.escape(str(grant))} would make "
+                                          rf"{re.escape(str(inner))} writable, .*: what the agent put there would run "
+                                          r"as the supervisor, outside any sandbox; grant a narrower folder"):
+        make_ws({"chip": chip})
+
+
 @needs_landlock
 def test_a_symlink_planted_where_a_check_log_goes_is_not_followed(make_ws, tmp_path):
     root = tmp_path / "ws"
