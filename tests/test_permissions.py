@@ -785,6 +785,23 @@ def test_sandbox_writable_never_covers_what_the_supervisor_runs(make_ws, tmp_pat
         make_ws({"chip": chip})
 
 
+def test_a_package_planted_where_the_supervisor_was_started_never_runs(make_ws, tmp_path, monkeypatch):
+    """A `coordinator/` an agent left in a folder its grant covers (/tmp, say) was imported by the
+    fork server, unsandboxed, at the next start from that folder: it ran in place of the real one."""
+    started_in = tmp_path / "probe"
+    planted = started_in / "coordinator"
+    planted.mkdir(parents=True)
+    proof = tmp_path / "proof"
+    (planted / "__init__.py").write_text(f"open({str(proof)!r}, 'w').write('ran as the fork server')\n")
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"], "command": ["true"],
+                           "sandbox": {"writable": [str(started_in)]}}})
+    monkeypatch.chdir(started_in)
+    drop(ws, "chip", "a.md", order_md("Run from a folder the agent may write", id="a"))
+    run(ws)
+    assert not proof.exists()
+    assert record(ws, "a").status == "done"
+
+
 @needs_landlock
 def test_a_symlink_planted_where_a_check_log_goes_is_not_followed(make_ws, tmp_path):
     root = tmp_path / "ws"
