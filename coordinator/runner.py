@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import durable, orders, paths
+from . import durable, gate, orders, paths
 from .config import Agent
 from .errors import SandboxError
 from .landlock import Ruleset
@@ -155,6 +155,14 @@ def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -
     durable.create(attempt.order_file, durable.dumps(order.to_dict()).encode("utf-8", "backslashreplace"))
     durable.create(attempt.brief, brief)
     return attempt
+
+
+def defuse(folder: Path) -> None:
+    """Take out of an attempt folder, kept for a person to read, what git would run for them
+    there (`gate.planted`): a report sends them to its outbox, and a `.git` the agent wrote in
+    it with a core.fsmonitor ran as them at their first `git status` (or their prompt's)."""
+    for path in gate.planted(str(folder)):
+        durable.remove_tree(Path(path))
 
 
 def _set_aside(folder: Path) -> Path:

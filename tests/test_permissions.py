@@ -802,6 +802,59 @@ def test_a_package_planted_where_the_supervisor_was_started_never_runs(make_ws, 
     assert record(ws, "a").status == "done"
 
 
+# The agent makes its attempt folder (kept for a person to read: a report names its outbox) a
+# repository with a core.fsmonitor, which git runs at `git status` anywhere in it; also one
+# shaped so at its top, one deeper down, and a `.GIT`.
+PLANT = """
+A = os.path.dirname(os.environ["COORD_RESULT"])
+def repo(folder, name="config"):
+    os.makedirs(os.path.join(folder, "objects"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "refs"), exist_ok=True)
+    write(os.path.join(folder, "HEAD"), "ref: refs/heads/main\\n", mode="w")
+    write(os.path.join(folder, name), "[core]\\n\\tfsmonitor = " + os.path.join(PROBE, "fsmonitor") + "\\n", mode="w")
+repo(os.path.join(A, ".git"))
+repo(A)
+repo(os.path.join(A, "tmp", "deep", "x"))
+repo(os.path.join(A, "outbox", ".GIT"))
+os.makedirs(os.path.join(A, "outbox", "nobody"))
+write(os.path.join(A, "outbox", "nobody", "note.md"), "objective: kept for the sender\\n", mode="w")
+if not os.path.exists(os.path.join(PROBE, "restarted")):
+    write(os.path.join(PROBE, "planted"), mode="w")
+    if ENDING == "crash":
+        __import__("time").sleep(60)
+    sys.exit(3 if ENDING == "failed" else 0)
+"""
+
+
+@needs_landlock
+@pytest.mark.parametrize("ending", ["done", "failed", "crash"])
+def test_an_attempt_folder_kept_to_read_runs_nothing_of_the_agents_when_git_is_run_there(make_ws, tmp_path, ending):
+    probe = tmp_path / "probe"
+    ws = make_ws({"chip": {**WIDE, "command": attacker(f"ENDING = {ending!r}\nPROBE = {str(probe)!r}\n" + PLANT),
+                           "max_failures": 1 if ending == "failed" else 2}})
+    ran = probe / "ran"
+    hook = probe / "fsmonitor"
+    hook.write_text(f"#!/bin/sh\ntouch {ran}\n")
+    hook.chmod(0o755)
+    drop(ws, "chip", "atk.md", order_md("Plant", files=("webapp/src/**",), id="atk"))
+    if ending == "crash":
+        class Crash(Exception):
+            pass
+
+        with pytest.raises(Crash), Supervisor(ws) as sup:  # left as a crash leaves it
+            step_until(sup, lambda: (probe / "planted").exists(), "the repositories to be planted")
+            raise Crash
+        (probe / "restarted").touch()
+    run(ws)
+    assert record(ws, "atk").status == {"done": "done", "failed": "blocked", "crash": "done"}[ending]
+    attempt = ws.runtime / "attempts" / "atk" / "1"
+    assert (attempt / "outbox" / "nobody" / "note.md").exists()  # what the sender is told is kept, is
+    for where in (attempt, attempt / "outbox" / "nobody", attempt / "tmp" / "deep"):
+        subprocess.run(["git", "status"], cwd=where, capture_output=True, check=False)
+    assert not ran.exists(), "a person's git ran the agent's program"
+    assert not (attempt / ".git").exists() and not (attempt / "outbox" / ".GIT").exists()
+
+
 @needs_landlock
 def test_a_symlink_planted_where_a_check_log_goes_is_not_followed(make_ws, tmp_path):
     root = tmp_path / "ws"
