@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from . import audit, durable, gate, results
+from . import audit, durable, gate, results, runner
 from .errors import CoordinatorError
 from .followups import FollowUps, _planned, _short
 from .orders import WorkOrder
@@ -182,6 +182,15 @@ class Endings(FollowUps, Outbox):
                 durable.remove_tree(act.attempt.scratch)  # no recursion: the specialist chose its depth
             except OSError as e:
                 self.sup.say(f"{act.rec.id}: could not remove the scratch folder: {e}; remove it by hand")
+        self._defuse(act.rec.id, act.attempt.folder)
+
+    def _defuse(self, order_id: str, folder: Path) -> None:
+        """An attempt folder stays for a person to read: nothing in it may run as them (`runner.defuse`)."""
+        try:
+            runner.defuse(folder)
+        except OSError as e:
+            self.sup.say(f"{order_id}: could not take what git would run out of {folder}: {e}; "
+                         "remove it by hand before running git there")
 
 
 def _has_entries(folder: Path) -> bool:

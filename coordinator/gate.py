@@ -399,6 +399,34 @@ def repository_folders(entries: Iterable[tuple[str, str]]) -> dict[str, str]:
     }
 
 
+def planted(root: str) -> list[str]:
+    """What in folder `root` git would run for whoever runs git there (a person's shell
+    prompt runs `git status` in every folder they enter): every entry named `.git` in any
+    case, every folder below `root` git would take for a repository of its own, and, when
+    `root` itself is shaped like one, the entries that make it one. Links are listed, never
+    entered; nothing deeper than MAX_DEPTH is walked (a tree that deep is never entered by hand)."""
+    found: list[str] = []
+    todo = [(root, 0)]
+    while todo:  # a stack, not recursion: the agent chose how deep the tree goes
+        folder, depth = todo.pop()
+        try:
+            with os.scandir(folder) as it:
+                items = [(i.name, i.path, i.is_dir(follow_symlinks=False)) for i in it]
+        except OSError:
+            continue
+        shaped = repository_folders((f"f/{name}", "dir" if is_dir else "file") for name, _, is_dir in items)
+        if shaped and depth:
+            found.append(folder)
+            continue
+        for name, path, is_dir in items:
+            key = name.lower().rstrip(" .")
+            if key in (".git", "git~1") or (shaped and key in _REPO_NAMES):
+                found.append(path)
+            elif is_dir and depth < MAX_DEPTH:
+                todo.append((path, depth + 1))
+    return found
+
+
 def _differs(b: Entry, a: Entry) -> bool:
     if b.kind == a.kind == "dir":
         # A folder's link count and size follow its contents, which are judged on their own.

@@ -39,6 +39,7 @@ class Interruptions(Endings):
         number = int(info.get("number", rec.attempts))
         agent = self.sup.config.agents.get(rec.to)
         ending = _ending(info)
+        self._defuse(rec.id, runner.attempt_folder(self.ws, rec.id, number))
         if ending is not None and agent is not None:  # it was decided, and its outbox being delivered
             self._deliver_rest(rec, agent, number)
         repo_name = info.get("repo")
@@ -88,6 +89,7 @@ class Interruptions(Endings):
         if not (runner.log_folder(self.ws, rec.id, number) / runner.OUTPUT_LOG).exists():
             return
         self.sup.whole(rec)  # its failures are read back from its file first
+        self._defuse(rec.id, runner.attempt_folder(self.ws, rec.id, number))
         rec.attempts = number
         rec.failures.append(f"interrupted: the supervisor stopped during attempt {number}")
         agent = self.sup.config.agents.get(rec.to)

@@ -27,13 +27,14 @@ import os
 import re
 import secrets
 import shutil
+import site
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import durable, orders, paths
+from . import durable, gate, orders, paths
 from .config import Agent
 from .errors import SandboxError
 from .landlock import Ruleset
@@ -154,6 +155,14 @@ def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -
     durable.create(attempt.order_file, durable.dumps(order.to_dict()).encode("utf-8", "backslashreplace"))
     durable.create(attempt.brief, brief)
     return attempt
+
+
+def defuse(folder: Path) -> None:
+    """Take out of an attempt folder, kept for a person to read, what git would run for them
+    there (`gate.planted`): a report sends them to its outbox, and a `.git` the agent wrote in
+    it with a core.fsmonitor ran as them at their first `git status` (or their prompt's)."""
+    for path in gate.planted(str(folder)):
+        durable.remove_tree(Path(path))
 
 
 def _set_aside(folder: Path) -> Path:
@@ -390,12 +399,56 @@ def _protected(root: Path) -> tuple[tuple[str, ...], str | None]:
     return tuple(paths.real(p) for p in found) + ((home,) if home else ()), home
 
 
+_ON_PATH = "a folder the supervisor finds git in (or before it on its PATH)"
+_IMPORTS = "a folder the supervisor's Python imports from"
+_GIT_CONFIG = "git's own config, which the supervisor's git reads (a filter named there runs)"
+
+
+@functools.lru_cache(maxsize=8)
+def _trusted(search: str, imports: tuple[str, ...], cwd: str, home: str, xdg: str) -> tuple[tuple[str, str], ...]:
+    """What the supervisor runs or obeys outside any sandbox, each with what it is: the folders
+    a `git` put there would be run from, the folders its Python imports from, git's global and
+    system config. A grant covering one is an agent's program run as the supervisor: a `git`
+    in ~/.local/bin or ~/.cargo/bin, a filter in ~/.config/git/config."""
+    found: dict[str, str] = {}
+
+    def add(path: str, what: str) -> None:
+        if os.path.isabs(path):
+            found.setdefault(paths.real(path), what)
+
+    # An empty or relative entry is looked up from the current folder, as the supervisor's would be.
+    folders = [os.path.join(cwd, f) for f in search.split(os.pathsep)]
+    git = next((i for i, f in enumerate(folders) if os.path.isfile(os.path.join(f, "git"))), len(folders) - 1)
+    for folder in folders[:git + 1]:  # after git's folder, a planted `git` is never the one run
+        add(folder, _ON_PATH)
+    for entry in imports:
+        add(os.path.join(cwd, entry), _IMPORTS)
+    add(os.path.join(home, ".gitconfig"), _GIT_CONFIG)
+    add(os.path.join(xdg or os.path.join(home, ".config"), "git"), _GIT_CONFIG)
+    add("/etc/gitconfig", _GIT_CONFIG)
+    return tuple(found.items())
+
+
+def _trusted_now() -> tuple[tuple[str, str], ...]:
+    imports = list(sys.path)
+    if site.ENABLE_USER_SITE:  # imported from at the next start once it exists, and a grant could make it
+        imports.append(site.getusersitepackages())
+    try:
+        cwd = os.getcwd()
+    except OSError:  # removed since the supervisor started in it: nothing is looked up there
+        cwd = ""
+    return _trusted(os.environ.get("PATH", os.defpath), tuple(imports), cwd, os.path.expanduser("~"),
+                    os.environ.get("XDG_CONFIG_HOME", ""))
+
+
 def check_writable(agent: Agent, ws: Workspace) -> None:
-    """Refuse a `sandbox.writable` entry that would expose a protected path (fail closed).
+    """Refuse a `sandbox.writable` entry that would expose a protected path (fail closed), or
+    cover what the supervisor runs outside any sandbox (`_trusted`).
     Resolved again for every attempt: a link swapped in since the last must not slip through."""
     if not agent.sandbox_writable:
         return
     guarded, home = _protected(ws.root)
+    trusted = _trusted_now()
     for i, entry in enumerate(agent.sandbox_writable):
         w = paths.real(entry)
         for p in guarded:
@@ -403,6 +456,12 @@ def check_writable(agent: Agent, ws: Workspace) -> None:
                 raise SandboxError(
                     f"agents.{agent.name}.sandbox.writable.{i}: {entry} would make {p} writable; "
                     "grant a narrower folder outside the workspace and not your whole home")
+        for p, what in trusted:
+            if paths.within(p, w):
+                raise SandboxError(
+                    f"agents.{agent.name}.sandbox.writable.{i}: {entry} would make {p} writable, {what}: "
+                    "what the agent put there would run as the supervisor, outside any sandbox; grant a "
+                    "narrower folder")
 
 
 def ruleset(agent: Agent, order: WorkOrder, attempt: Attempt, ws: Workspace | None = None) -> Ruleset:

@@ -414,6 +414,10 @@ class Spawner:
         env = dict(os.environ)
         env.pop(MARK, None)  # the server is nobody's attempt
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_parent, env.get("PYTHONPATH"))))
+        # `-m` would put the current folder first on its import path, before the package: a
+        # `coordinator/` an agent wrote where the supervisor was started from (a `sandbox.writable`
+        # such as /tmp) ran as the server, unsandboxed, at the next start.
+        env["PYTHONSAFEPATH"] = "1"
         cmd = [sys.executable, "-m", "coordinator.forkserver", "--ctl", str(ctl_peer.fileno()),
                "--events", str(events_peer.fileno()), "--log-cap", str(log_cap)]
         # Its own session: a Ctrl-C meant for the supervisor must not kill the server.

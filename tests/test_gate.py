@@ -542,3 +542,15 @@ def test_a_file_written_inside_a_submodule_is_denied_with_where_to_change_it(tmp
               submodules=repo.submodules(wt, asked))
     assert [(c.path, why) for c, why in v.offending] == [
         ("vendor/sub/s.txt", "inside the submodule vendor/sub: change it in its own repository")]
+
+
+def test_planted_names_what_git_would_take_for_a_repository_in_a_folder_and_never_enters_links(tmp_path: Path) -> None:
+    """What an agent leaves in its attempt folder for a person to read: each `.git` (in any case),
+    each folder shaped like a repository (whole), and the entries that make the folder itself one."""
+    top = tmp_path / "attempt"
+    plant(top, {**BARE, "brief.md": "# brief\n", "outbox/.GIT/HEAD": "x\n", "outbox/kept.md": "to: chip\n",
+                "tmp/deep/x/HEAD": "ref: refs/heads/main\n", "tmp/deep/x/objects": None, "tmp/deep/x/refs": None,
+                "tmp/model/objects/user.py": "x = 1\n", "elsewhere/.git/HEAD": "x\n"})
+    (top / "outbox" / "link").symlink_to(top / "elsewhere", target_is_directory=True)
+    found = sorted(os.path.relpath(p, top) for p in gate.planted(str(top)))
+    assert found == ["HEAD", "elsewhere/.git", "objects", "outbox/.GIT", "refs", "tmp/deep/x"]

@@ -753,6 +753,108 @@ def test_sandbox_writable_never_exposes_protected_paths(make_ws, tmp_path, where
         make_ws(agents)
 
 
+@pytest.mark.parametrize("where", ["path-before-git", "git-config", "python-imports", "path-after-git"])
+def test_sandbox_writable_never_covers_what_the_supervisor_runs(make_ws, tmp_path, monkeypatch, where):
+    """A grant such as ~/.local or ~/.cargo (where Claude Code or cargo keep their files) also
+    holds ~/.local/bin or ~/.cargo/bin: a `git` the agent put there ran as the supervisor, as
+    did a filter named in ~/.config/git/config or a module where its Python imports from. Such a
+    grant stops the team from loading; a folder on PATH after git's is never where git is run from."""
+    from coordinator.errors import ConfigError
+
+    grant = tmp_path / "tools"
+    inner = {"path-before-git": grant / "bin", "git-config": grant / "git", "python-imports": grant / "lib",
+             "path-after-git": grant / "bin"}[where]
+    inner.mkdir(parents=True)
+    (tmp_path / "probe").mkdir()
+    if where == "path-before-git":
+        monkeypatch.setenv("PATH", f"{inner}{os.pathsep}{os.environ['PATH']}")
+    elif where == "path-after-git":
+        monkeypatch.setenv("PATH", f"{os.environ['PATH']}{os.pathsep}{inner}")
+    elif where == "git-config":
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(grant))
+    else:
+        monkeypatch.syspath_prepend(str(inner))
+    chip = {"role": "specialist", "writes": ["webapp/**"], "command": ["true"],
+            "sandbox": {"writable": [str(tmp_path / "probe"), str(grant)]}}
+    if where == "path-after-git":
+        make_ws({"chip": chip})
+        return
+    with pytest.raises(ConfigError, match=rf"agents\.chip\.sandbox\.writable\.1: {re.escape(str(grant))} would make "
+                                          rf"{re.escape(str(inner))} writable, .*: what the agent put there would run "
+                                          r"as the supervisor, outside any sandbox; grant a narrower folder"):
+        make_ws({"chip": chip})
+
+
+def test_a_package_planted_where_the_supervisor_was_started_never_runs(make_ws, tmp_path, monkeypatch):
+    """A `coordinator/` an agent left in a folder its grant covers (/tmp, say) was imported by the
+    fork server, unsandboxed, at the next start from that folder: it ran in place of the real one."""
+    started_in = tmp_path / "probe"
+    planted = started_in / "coordinator"
+    planted.mkdir(parents=True)
+    proof = tmp_path / "proof"
+    (planted / "__init__.py").write_text(f"open({str(proof)!r}, 'w').write('ran as the fork server')\n")
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"], "command": ["true"],
+                           "sandbox": {"writable": [str(started_in)]}}})
+    monkeypatch.chdir(started_in)
+    drop(ws, "chip", "a.md", order_md("Run from a folder the agent may write", id="a"))
+    run(ws)
+    assert not proof.exists()
+    assert record(ws, "a").status == "done"
+
+
+# The agent makes its attempt folder (kept for a person to read: a report names its outbox) a
+# repository with a core.fsmonitor, which git runs at `git status` anywhere in it; also one
+# shaped so at its top, one deeper down, and a `.GIT`.
+PLANT = """
+A = os.path.dirname(os.environ["COORD_RESULT"])
+def repo(folder, name="config"):
+    os.makedirs(os.path.join(folder, "objects"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "refs"), exist_ok=True)
+    write(os.path.join(folder, "HEAD"), "ref: refs/heads/main\\n", mode="w")
+    write(os.path.join(folder, name), "[core]\\n\\tfsmonitor = " + os.path.join(PROBE, "fsmonitor") + "\\n", mode="w")
+repo(os.path.join(A, ".git"))
+repo(A)
+repo(os.path.join(A, "tmp", "deep", "x"))
+repo(os.path.join(A, "outbox", ".GIT"))
+os.makedirs(os.path.join(A, "outbox", "nobody"))
+write(os.path.join(A, "outbox", "nobody", "note.md"), "objective: kept for the sender\\n", mode="w")
+if not os.path.exists(os.path.join(PROBE, "restarted")):
+    write(os.path.join(PROBE, "planted"), mode="w")
+    if ENDING == "crash":
+        __import__("time").sleep(60)
+    sys.exit(3 if ENDING == "failed" else 0)
+"""
+
+
+@needs_landlock
+@pytest.mark.parametrize("ending", ["done", "failed", "crash"])
+def test_an_attempt_folder_kept_to_read_runs_nothing_of_the_agents_when_git_is_run_there(make_ws, tmp_path, ending):
+    probe = tmp_path / "probe"
+    ws = make_ws({"chip": {**WIDE, "command": attacker(f"ENDING = {ending!r}\nPROBE = {str(probe)!r}\n" + PLANT),
+                           "max_failures": 1 if ending == "failed" else 2}})
+    ran = probe / "ran"
+    hook = probe / "fsmonitor"
+    hook.write_text(f"#!/bin/sh\ntouch {ran}\n")
+    hook.chmod(0o755)
+    drop(ws, "chip", "atk.md", order_md("Plant", files=("webapp/src/**",), id="atk"))
+    if ending == "crash":
+        class Crash(Exception):
+            pass
+
+        with pytest.raises(Crash), Supervisor(ws) as sup:  # left as a crash leaves it
+            step_until(sup, lambda: (probe / "planted").exists(), "the repositories to be planted")
+            raise Crash
+        (probe / "restarted").touch()
+    run(ws)
+    assert record(ws, "atk").status == {"done": "done", "failed": "blocked", "crash": "done"}[ending]
+    attempt = ws.runtime / "attempts" / "atk" / "1"
+    assert (attempt / "outbox" / "nobody" / "note.md").exists()  # what the sender is told is kept, is
+    for where in (attempt, attempt / "outbox" / "nobody", attempt / "tmp" / "deep"):
+        subprocess.run(["git", "status"], cwd=where, capture_output=True, check=False)
+    assert not ran.exists(), "a person's git ran the agent's program"
+    assert not (attempt / ".git").exists() and not (attempt / "outbox" / ".GIT").exists()
+
+
 @needs_landlock
 def test_a_symlink_planted_where_a_check_log_goes_is_not_followed(make_ws, tmp_path):
     root = tmp_path / "ws"
