@@ -1013,6 +1013,25 @@ def test_a_lock_left_by_a_dead_git_is_cleared_after_the_wait_and_the_commit_made
     assert git(repo.path, "log", "-1", "--format=%s").strip() == "notes: written"
 
 
+def test_a_branch_lock_a_killed_git_left_in_state_is_cleared_at_start_and_the_trail_goes_on(make_ws):
+    """A kill -9 of the supervisor during its `update-ref` (or of a `git commit` in state/) leaves
+    refs/heads/main.lock: every start after it stopped on "File exists", with the orders' ends
+    written but never committed. The start now clears it, says so, and commits as before."""
+    ws = team(make_ws)
+    lock = ws.state / ".git" / "refs" / "heads" / "main.lock"
+    lock.write_bytes(b"")
+    long_ago = time.time() - 60
+    os.utime(lock, (long_ago, long_ago))
+    drop(ws, "chip", "halt.md", order_md("Order halt ends", id="halt", branching=("halt-with-note if done already",)))
+    said: list[str] = []
+    with Supervisor(ws, log=said.append) as sup:
+        sup.run_once(limit=60)
+    assert not lock.exists()
+    assert any("refs/heads/main.lock" in line for line in said), said
+    assert "halt chip: running -> halted" in git(ws.state, "log", "--format=%B")
+    assert verify.verify(ws) == []
+
+
 def test_a_lock_held_all_along_is_an_error_naming_the_git_command(tmp_path, monkeypatch):
     from coordinator import trail
 
