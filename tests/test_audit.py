@@ -1149,6 +1149,28 @@ def test_a_hand_commit_in_state_beside_a_running_supervisor_is_signalled_once(ma
     assert Store(ws.state).load("a").status == "done"
 
 
+def hand_commit(ws, message: str, *, name: str = "eve", email: str = "e@x") -> None:
+    report = ws.state / "orders" / "a" / "report.md"
+    report.write_text(report.read_text() + "\nApproved by the boss.\n")
+    subprocess.run(["git", "-C", str(ws.state), "-c", f"user.name={name}", "-c", f"user.email={email}", "commit",
+                    "-qam", message], check=True)
+
+
+def test_a_hand_commit_in_state_just_before_the_supervisor_stops_is_still_signalled(make_ws):
+    """The tamper watch looks every few seconds; a hand commit its last batches landed on, with
+    no look after it before the stop, was never signalled (and its head was kept past it)."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First", id="a"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        hand_commit(ws, "a chip: report amended")
+        drop(ws, "chip", "b.md", order_md("Second", id="b"))
+        sup.run_once(limit=30)
+    silent = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert len(silent) == 1 and "by eve: a chip: report amended" in silent[0], silent
+    assert Store(ws.state).load("b").status == "done"
+
+
 def test_an_editors_files_beside_a_record_a_person_reads_are_nobodys_change(make_ws):
     # vim on a record left .record.json.swp: the tamper watch, which now sees ignored files
     # too, signalled it as a hand change and deleted the swap file under the open editor.
