@@ -1171,6 +1171,26 @@ def test_a_hand_commit_in_state_just_before_the_supervisor_stops_is_still_signal
     assert Store(ws.state).load("b").status == "done"
 
 
+def test_a_hand_commit_in_the_supervisors_name_stays_foreign_once_it_went_on_past_it(make_ws):
+    """`git -c user.name=coordinator commit` in state/ beside a running supervisor (or while none
+    ran, then a start): it was signalled once, then `audit verify` took it for the supervisor's
+    own for good, a forged report in state/ and verify clean."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First", id="a"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        hand_commit(ws, "a chip: done -> done", name="coordinator", email="coordinator@agents.coordinator")
+        drop(ws, "chip", "b.md", order_md("Second", id="b"))
+        sup.run_once(limit=30)
+    hand_commit(ws, "a chip: done -> done again", name="coordinator", email="coordinator@agents.coordinator")
+    run(ws)  # the start signals it, and goes on past it
+    found = [f.detail for f in verify.verify(ws) if f.kind == "state-foreign"]
+    assert len(found) == 2, found
+    assert any(d.endswith("by coordinator: a chip: done -> done") for d in found)
+    assert any(d.endswith("by coordinator: a chip: done -> done again") for d in found)
+    assert len([s for s in signals.load(ws.state) if s.kind == "silent"]) == 2
+
+
 def test_an_editors_files_beside_a_record_a_person_reads_are_nobodys_change(make_ws):
     # vim on a record left .record.json.swp: the tamper watch, which now sees ignored files
     # too, signalled it as a hand change and deleted the swap file under the open editor.
