@@ -139,8 +139,9 @@ def _verify_once(ws: Workspace) -> list[Finding]:
 
 def _state_findings(ws: Workspace, state: trail.Trail) -> list[Finding]:
     findings: list[Finding] = []
+    written = durable.read_journal(ws.state_journal) or {}
     for path in state.dirty(optional_locks=False):  # beside a running supervisor: never in its way
-        findings.append(Finding("state-uncommitted", f"state/{path}", "changed but not committed by the supervisor"))
+        findings.append(Finding("state-uncommitted", f"state/{path}", _uncommitted(ws, path, written)))
     for line in state.foreign_commits():
         findings.append(Finding("state-foreign", "state/", f"commit not made by the supervisor: {line}"))
     rewound = state.rewound()
@@ -151,8 +152,18 @@ def _state_findings(ws: Workspace, state: trail.Trail) -> list[Finding]:
             findings.append(Finding("state-foreign", "state/",
                                     f"commit made in the supervisor's name after its last one: {line}"))
     findings += [Finding("state-foreign", "state/", why) for why in _replaced(state.git)]
-    findings += _history_gaps(ws, state)
+    findings += _history_gaps(ws, state, written)
     return findings
+
+
+def _uncommitted(ws: Workspace, path: str, written: dict[str, int]) -> str:
+    """What an uncommitted change in state/ is, as far as can be told: the supervisor's own
+    write it noted in its journal (a crash came before the commit), a file gone, or changed."""
+    if durable.written_by_journal(path, ws.state, written):
+        return "written by the supervisor, not committed yet (it stopped before its commit): its next start commits it"
+    if not os.path.lexists(ws.state / path):
+        return "deleted, and not by the supervisor"
+    return "changed but not committed by the supervisor"
 
 
 def _maybe_busy(ws: Workspace) -> bool:
@@ -166,19 +177,23 @@ def _maybe_busy(ws: Workspace) -> bool:
         or supervisor_running(ws)
 
 
-def _history_gaps(ws: Workspace, state: trail.Trail) -> list[Finding]:
+def _history_gaps(ws: Workspace, state: trail.Trail, written: dict[str, int]) -> list[Finding]:
     seen: Counter[tuple[str, str, str]] = Counter()
     for e in state.entries():
         if e.order and e.old and e.new:
             seen[(e.order, e.old, e.new)] += 1
     found: list[Finding] = []
-    for rec in Store(ws.state).load_all().values():
+    store = Store(ws.state)
+    for rec in store.load_all().values():
         wanted: Counter[tuple[str, str, str]] = Counter(
             (rec.id, h["from"], h["to"]) for h in rec.history)
+        mine = durable.written_by_journal(os.path.relpath(store.record_path(rec.id), ws.state), ws.state, written)
         for key, n in wanted.items():
             if seen[key] < n:
                 found.append(Finding("history-missing", f"state/orders/{rec.id}",
-                                     f"{key[1]} -> {key[2]} is in the record but not in state/'s git history"))
+                                     f"{key[1]} -> {key[2]} is in the record but not in state/'s git history"
+                                     + ("; the supervisor wrote it and stopped before its commit: its next start "
+                                        "commits it" if mine else "")))
     return found
 
 

@@ -912,6 +912,32 @@ def test_a_crash_between_a_state_write_and_its_commit_is_repaired_at_start(make_
     assert not StateRepo(ws.state).dirty()
 
 
+def test_verify_after_a_crash_tells_the_supervisors_uncommitted_writes_from_hand_changes(make_ws):
+    """After a kill -9, `audit verify` listed the dead supervisor's own writes (which its next
+    start commits) exactly as it listed a hand edit or a deleted record: "changed but not
+    committed by the supervisor", an auditor could not tell a crash from tampering."""
+    ws = team(make_ws)
+    drop(ws, "chip", "done.md", order_md("Order done ends", id="done"))
+    run(ws)
+    drop(ws, "chip", "halt.md", order_md("Order halt ends", id="halt", branching=("halt-with-note if done already",)))
+    with Supervisor(ws) as sup:
+        sup._intake_step()
+        sup._write_state()  # written (and journaled), not yet committed: where a kill -9 would hit
+        sup.audit._pending.clear()
+        sup._opened = False  # dies: no final commit, its journal left behind
+        sup.close()
+    (ws.runtime / "running").touch()
+    (ws.state / "README.md").write_text("edited by hand\n")
+    report = ws.state / "orders" / "done" / "report.md"
+    report.unlink()
+    found = {f.where: f.detail for f in verify.verify(ws)}
+    assert found["state/README.md"] == "changed but not committed by the supervisor"
+    assert found["state/orders/done/report.md"] == "deleted, and not by the supervisor"
+    record = found["state/orders/halt/record.json"]
+    assert record.startswith("written by the supervisor, not committed yet") and "next start commits it" in record
+    assert "stopped before its commit" in found["state/orders/halt"]
+
+
 def test_dirty_lists_every_file_changed_or_added_by_hand_however_deep_and_no_temp_file(make_ws):
     """New folders are named by git once and then listed file by file: the tamper watch
     restores exactly these paths, and never a temp file."""
