@@ -223,7 +223,7 @@ def _repo_commits(ws: Workspace) -> list[Finding]:
             ids = TRAILER.findall(body)
             if baseline is None and not ids and committer == audit.SUPERVISOR and " " not in parents.strip():
                 continue  # the demo repository's first commit, made by `coordinator init`
-            if any(i in done and _lands(done[i], sha, parents) for i in ids):
+            if any(i in done and _lands(done[i], sha, parents, repo) for i in ids):
                 continue
             subject = trail.one_line(body.strip().split("\n")[0])
             ended = [i for i in ids if i in done]
@@ -260,13 +260,38 @@ def _replaced(git: Callable[..., str]) -> list[str]:
             f"`git replace -d {ref.rsplit('/', 1)[-1][:10]}` there undoes it" for ref in out.split()]
 
 
-def _lands(rec: Record, sha: str, parents: str) -> bool:
+def _lands(rec: Record, sha: str, parents: str, repo: Repo) -> bool:
     """Whether `sha` is what done order `rec` landed: the agent's commit, or the merge of it.
     A trailer is text anyone can write: a commit naming a done order by hand is no more
-    explained than one naming none."""
+    explained than one naming none. A merge the record does not name (one that landed just
+    before a crash) counts only when it holds exactly what merging its parents makes: a merge
+    made by hand of an order's commit, already landed, brought in any change it liked."""
     merge = rec.report.get("merge") if isinstance(rec.report, dict) else None
-    merged = parents.split()[1:]  # a merge brings in what it names after its first parent
-    return bool(rec.commit) and (sha in (rec.commit, merge) or rec.commit in merged)
+    if not rec.commit:
+        return False
+    if sha in (rec.commit, merge):
+        return True
+    both = parents.split()
+    return rec.commit in both[1:] and _faithful_merge(repo, sha, both)
+
+
+def _faithful_merge(repo: Repo, sha: str, parents: list[str]) -> bool:
+    """Whether merge commit `sha` of two `parents` holds what git's merge of them makes, and
+    nothing else."""
+    if len(parents) != 2:
+        return False
+    first, second = parents
+    try:
+        if repo.in_memory_merge:
+            made = repo.git("merge-tree", "--write-tree", "--no-messages", first, second).split("\n")[0]
+            return made == repo.git("rev-parse", f"{sha}^{{tree}}")
+        # Older git: every path it changes from its first parent is one the merged side changed.
+        base = repo.git("merge-base", first, second)
+        changed = set(repo.git("diff", "--name-only", "-z", "--no-renames", first, sha).split("\0"))
+        brought = set(repo.git("diff", "--name-only", "-z", "--no-renames", base, second).split("\0"))
+        return changed <= brought
+    except CoordinatorError:  # a conflict, a missing parent: no merge the supervisor made
+        return False
 
 
 def moved_heads(ws: Workspace, heads: dict[str, dict[str, str]],

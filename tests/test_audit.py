@@ -193,6 +193,43 @@ def test_a_reset_of_a_default_branch_that_drops_a_done_orders_commit_is_reported
     assert found.detail == "code ended done with this commit, which main no longer holds"
 
 
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_hand_made_merge_of_a_done_orders_commit_cannot_bring_in_a_change(make_ws, monkeypatch, in_memory):
+    """A merge commit made by hand, naming a done order and merging its (already landed) commit,
+    passed as that order's merge whatever else it held: a change no order explains, with
+    `audit verify` clean. An honest merge of it (holding what git's merge makes) still passes."""
+    from coordinator.repos import Repo
+
+    if not in_memory:  # a git before 2.38: no `merge-tree --write-tree`
+        monkeypatch.setattr(Repo, "git_version", lambda self: (2, 30))
+    ws = make_ws({"chip": {"role": "specialist", "command": sh('echo x > "src/$COORD_ORDER_ID.py"'),
+                           "writes": ["webapp/src/**"]}})
+    for oid in ("code", "later"):  # the branch moves on past code's commit
+        drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} lands", files=(f"webapp/src/{oid}.py",), id=oid))
+        run(ws)
+    webapp = ws.repos / "webapp"
+    landed = Store(ws.state).load("code").commit
+    assert git(webapp, "rev-parse", "HEAD").strip() != landed
+
+    def merge_by_hand(tree: str) -> str:
+        msg = "Merge wo/code into main\n\nWork-Order: code\n"
+        sha = subprocess.run(["git", "-C", str(webapp), "commit-tree", tree.strip(), "-p", "HEAD", "-p", landed],
+                             input=msg, capture_output=True, text=True, check=True).stdout.strip()
+        git(webapp, "update-ref", "refs/heads/main", sha)
+        git(webapp, "reset", "-q", "--hard")
+        return sha
+
+    merge_by_hand(git(webapp, "rev-parse", "HEAD^{tree}"))  # brings in nothing: what a merge of it makes
+    assert verify.verify(ws) == []
+    (webapp / "README.md").write_text("anything at all\n")
+    git(webapp, "add", "README.md")
+    evil = merge_by_hand(git(webapp, "write-tree"))
+    [found] = verify.verify(ws)
+    assert found.where == f"repos/webapp@{evil[:10]}"
+    assert "'Merge wo/code into main' names code, which landed another commit" in found.detail
+    assert Store(ws.state).load("later").status == "done"
+
+
 @pytest.mark.parametrize("away", ["switch -q -c feature", "checkout -q --detach"])
 def test_orders_land_on_the_default_branch_while_a_person_has_the_checkout_elsewhere(make_ws, away):
     """A person's `git switch` in repos/webapp took the orders' work onto their branch (main
