@@ -316,6 +316,12 @@ def moved_heads(ws: Workspace, heads: dict[str, dict[str, str]],
     return moved
 
 
+def tally(findings: list[Finding]) -> str:
+    """One line that counts `findings` by kind: the last line said after a long list."""
+    kinds = Counter(f.kind for f in findings)
+    return f"{len(findings):,} finding(s): " + ", ".join(f"{k} {n:,}" for k, n in sorted(kinds.items()))
+
+
 def summary(findings: list[Finding]) -> dict[str, Any]:
     return {"clean": not findings, "findings": [f.as_json() for f in findings]}
 

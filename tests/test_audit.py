@@ -253,6 +253,27 @@ def test_orders_land_on_the_default_branch_while_a_person_has_the_checkout_elsew
     assert verify.verify(ws) == [] and not [s for s in signals.load(ws.state) if s.kind == "silent"]
 
 
+def test_verify_ends_a_long_list_of_findings_with_what_they_come_to(make_ws):
+    """Thousands of finding lines (a deleted orders/ folder) ended with no total: an auditor
+    had to count them. A last line on stderr counts them by kind; stdout stays one per finding."""
+    from bench.harness import child_env, coordinator_argv
+
+    ws = team(make_ws)
+    for oid in ("a", "b"):
+        drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} ends", id=oid))
+    run(ws)
+    shutil.rmtree(ws.state / "orders" / "a")
+    (ws.repos / "webapp" / "README.md").write_text("by hand\n")
+    git(ws.repos / "webapp", "commit", "-qam", "by hand")
+    proc = subprocess.run(coordinator_argv(ws, "audit", "verify"), capture_output=True, text=True, env=child_env())
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    uncommitted = [line for line in lines if line.startswith("state-uncommitted: state/orders/a/")]
+    assert uncommitted and len(lines) == len(uncommitted) + 1
+    assert proc.stderr.splitlines()[-1] == \
+        f"audit verify: {len(lines)} finding(s): repo-commit 1, state-uncommitted {len(uncommitted)}"
+
+
 def test_a_commit_made_by_hand_in_state_is_foreign(make_ws):
     ws = team(make_ws)
     (ws.state / "note.txt").write_text("hand")
