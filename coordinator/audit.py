@@ -112,6 +112,13 @@ class StateRepo(Trail):
         return (f"state/'s branch was moved from {kept[:10]} to {head[:10] or 'no commit'}, which does not "
                 f"contain the supervisor's last commit: put back{kept_as}")
 
+    def _note_others(self, old: str, new: str) -> None:
+        """Keep the commits someone made on the branch from `old` to `new` as not the
+        supervisor's now, before its own go on top of them: said later by `moved_by_others`,
+        which a stop or a crash before the tamper watch's next look never reached."""
+        with contextlib.suppress(GitError):
+            self.note_foreign(self.git("rev-list", f"{old}..{new}").split())
+
     def _holds(self, commit: str, kept: str) -> bool:
         """Whether `commit` is `kept` or has it in its history."""
         if not commit:
@@ -217,6 +224,7 @@ class StateRepo(Trail):
             base = self.head()
             if self.mine is not None and base != self.mine:
                 self._others.append((self.mine, base))  # committed on it by someone else
+                self._note_others(self.mine, base)
                 self.mine = base
             # Inside the loop: a commit that moved the branch meanwhile staged its files in the
             # same index, and a tree written before it would take them out again.

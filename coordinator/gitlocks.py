@@ -8,8 +8,10 @@ In a repository under `repos/` (`clear_unheld`): any lock file outside the objec
 no live process has open, while no git process works in the repository or one of its working
 copies; where /proc cannot tell, a lock older than STALE_LOCK_AGE.
 
-In `state/` (`clear_stale_locks`): the index, HEAD and config locks, once older than
-STALE_LOCK_SECONDS, while no git process works in the repository.
+In `state/` (`clear_stale_locks`): any lock file outside the object store (the index's, a
+branch's `refs/heads/main.lock` that a killed `update-ref` or `git commit` left, `packed-refs.lock`
+of a killed `git pack-refs`), once older than STALE_LOCK_SECONDS, while no git process works
+in the repository.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import time
 from pathlib import Path
 
 STALE_LOCK_AGE = 600.0  # without /proc, a lock this old is taken as abandoned
-LOCK_NAMES = ("index.lock", "HEAD.lock", "config.lock")
 STALE_LOCK_SECONDS = 2.0
 
 
@@ -84,14 +85,16 @@ def _live_holders(locks: set[str], roots: list[str]) -> tuple[set[str] | None, b
 
 
 def clear_stale_locks(git_dir: Path, *, now: float | None = None) -> list[str]:
-    """Remove lock files no live git process holds (a git that was killed mid-write)."""
+    """Remove lock files no live git process holds (a git that was killed mid-write); their
+    names under `git_dir`. Every lock, not only the index's: a branch's lock that a kill -9 of
+    the supervisor's own `update-ref` left stopped every later start on "File exists"."""
     now = time.time() if now is None else now
     cleared: list[str] = []
     if not git_dir.is_dir():
         return cleared
     busy = _git_processes_using(git_dir)
-    for name in LOCK_NAMES:
-        lock = git_dir / name
+    for lock in lock_files(git_dir):
+        name = lock.relative_to(git_dir).as_posix()
         try:
             age = now - lock.stat().st_mtime
         except FileNotFoundError:

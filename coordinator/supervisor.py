@@ -183,6 +183,12 @@ class Supervisor(Arrivals):
         try:
             if self._opened and clean:
                 self._flush()
+                # Commits someone made beside it that its last batches found: the tamper watch
+                # looks every few seconds, and a stop before its next look never said them.
+                for line in self.audit.moved_by_others():
+                    self.signal("silent", agent=None, order=None,
+                                evidence=f"a commit in state/ the supervisor did not make: {line}")
+                self._flush()
                 committed = True
                 if not self.offline and not self.attempts.active:
                     (self.ws.runtime / "running").unlink(missing_ok=True)

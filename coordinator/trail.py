@@ -35,6 +35,7 @@ except ImportError as e:
     raise GitError("git is not installed or not on PATH; install git 2.25 or newer") from None
 
 SUPERVISOR = "coordinator"
+FOREIGN = "state-foreign"  # beside the kept head: the commits in state/ the supervisor found not its own
 DOMAIN = "agents.coordinator"
 TRANSITION = re.compile(r"^(?P<id>\S+) (?P<agent>\S+): (?P<old>[a-z-]+) -> (?P<new>[a-z-]+)(?: \((?P<note>.*)\))?$")
 
@@ -170,8 +171,31 @@ class Trail:
                 found.append(f"state/'s branch was moved from {old[:10]} to {new[:10]}, which does not "
                              "contain the supervisor's last commit")
                 continue
-            found += [one_line(f"{sha[:10]} by {author}: {subject}") for sha, author, subject in log_records(log, 3)]
+            commits = log_records(log, 3)
+            self.note_foreign([sha for sha, _, _ in commits])
+            found += [one_line(f"{sha[:10]} by {author}: {subject}") for sha, author, subject in commits]
         return found
+
+    def note_foreign(self, shas: list[str]) -> None:
+        """Keep, beside `record`, the commits the supervisor found in state/'s history and did
+        not make: one made in its name (`git -c user.name=coordinator commit`) is told from its
+        own by nothing in it, and `audit verify` lists these (`foreign_commits`) for good."""
+        if self.record is None or not shas:
+            return
+        with contextlib.suppress(OSError):  # a full disk: the signal still says it
+            durable.append_line(self._foreign_file(), "\n".join(shas))
+
+    def _foreign_file(self) -> Path:
+        assert self.record is not None
+        return self.record.with_name(FOREIGN)
+
+    def _noted_foreign(self) -> set[str]:
+        if self.record is None:
+            return set()
+        try:
+            return set(self._foreign_file().read_text("ascii", errors="replace").split())
+        except OSError:
+            return set()
 
     def own(self, head: str) -> None:
         """Take `head` as the branch the supervisor's own commits left, and keep it in `record`
@@ -233,14 +257,17 @@ class Trail:
         it is someone else's. Only a crash between a commit and keeping its head leaves the
         supervisor's own commits there, known by their committer."""
         why, commits = self._moved(commits=True, by_name=crashed)
-        return [why] if why is not None else commits
+        if why is not None:
+            return [why]
+        self.note_foreign([sha for sha, _ in commits])
+        return [line for _, line in commits]
 
     def named_as_supervisor(self) -> list[str]:
         """The commits past the supervisor's kept head that name it as their committer: made
         by someone else in its name, once it stopped cleanly (see `moved_while_away`)."""
         everyone = self._moved(commits=True, by_name=False)[1]
         by_others = set(self._moved(commits=True, by_name=True)[1])
-        return [line for line in everyone if line not in by_others]
+        return [line for sha, line in everyone if (sha, line) not in by_others]
 
     def kept(self) -> str:
         """The head of the supervisor's last commit as kept in `record` ("" when not known)."""
@@ -253,7 +280,9 @@ class Trail:
         except (OSError, UnicodeDecodeError):
             return []
 
-    def _moved(self, *, commits: bool, by_name: bool = True) -> tuple[str | None, list[str]]:
+    def _moved(self, *, commits: bool, by_name: bool = True) -> tuple[str | None, list[tuple[str, str]]]:
+        """Why the branch does not hold the kept head (None when it does), and the commits past
+        it, each as (sha, line): those that do not name the supervisor, or with `by_name` off all."""
         kept = self.kept()
         head = self.head()
         switched = self.switched() if kept else None
@@ -269,7 +298,7 @@ class Trail:
         if not commits:
             return None, []
         out = self.git("log", "-z", "--format=%H%x00%cn%x00%s", f"{kept}..{head}")
-        return None, [one_line(f"{sha[:10]} by {committer}: {subject}")
+        return None, [(sha, one_line(f"{sha[:10]} by {committer}: {subject}"))
                       for sha, committer, subject in log_records(out, 3)
                       if committer != SUPERVISOR or not by_name]
 
@@ -346,11 +375,13 @@ class Trail:
         return found
 
     def foreign_commits(self) -> list[str]:
-        """Commits in state/ whose committer is not the supervisor: hand-made."""
+        """Commits in state/ whose committer is not the supervisor, or that the supervisor found
+        made beside it in its name (`note_foreign`): hand-made."""
         bad = []
+        noted = self._noted_foreign()
         out = self.git("log", "-z", "--format=%H%x00%cn%x00%s")
         for sha, committer, subject in log_records(out, 3):
-            if committer != SUPERVISOR:
+            if committer != SUPERVISOR or sha in noted:
                 bad.append(one_line(f"{sha[:10]} by {committer}: {subject}"))
         return bad
 

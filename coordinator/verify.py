@@ -139,8 +139,9 @@ def _verify_once(ws: Workspace) -> list[Finding]:
 
 def _state_findings(ws: Workspace, state: trail.Trail) -> list[Finding]:
     findings: list[Finding] = []
+    written = durable.read_journal(ws.state_journal) or {}
     for path in state.dirty(optional_locks=False):  # beside a running supervisor: never in its way
-        findings.append(Finding("state-uncommitted", f"state/{path}", "changed but not committed by the supervisor"))
+        findings.append(Finding("state-uncommitted", f"state/{path}", _uncommitted(ws, path, written)))
     for line in state.foreign_commits():
         findings.append(Finding("state-foreign", "state/", f"commit not made by the supervisor: {line}"))
     rewound = state.rewound()
@@ -151,8 +152,18 @@ def _state_findings(ws: Workspace, state: trail.Trail) -> list[Finding]:
             findings.append(Finding("state-foreign", "state/",
                                     f"commit made in the supervisor's name after its last one: {line}"))
     findings += [Finding("state-foreign", "state/", why) for why in _replaced(state.git)]
-    findings += _history_gaps(ws, state)
+    findings += _history_gaps(ws, state, written)
     return findings
+
+
+def _uncommitted(ws: Workspace, path: str, written: dict[str, int]) -> str:
+    """What an uncommitted change in state/ is, as far as can be told: the supervisor's own
+    write it noted in its journal (a crash came before the commit), a file gone, or changed."""
+    if durable.written_by_journal(path, ws.state, written):
+        return "written by the supervisor, not committed yet (it stopped before its commit): its next start commits it"
+    if not os.path.lexists(ws.state / path):
+        return "deleted, and not by the supervisor"
+    return "changed but not committed by the supervisor"
 
 
 def _maybe_busy(ws: Workspace) -> bool:
@@ -166,19 +177,23 @@ def _maybe_busy(ws: Workspace) -> bool:
         or supervisor_running(ws)
 
 
-def _history_gaps(ws: Workspace, state: trail.Trail) -> list[Finding]:
+def _history_gaps(ws: Workspace, state: trail.Trail, written: dict[str, int]) -> list[Finding]:
     seen: Counter[tuple[str, str, str]] = Counter()
     for e in state.entries():
         if e.order and e.old and e.new:
             seen[(e.order, e.old, e.new)] += 1
     found: list[Finding] = []
-    for rec in Store(ws.state).load_all().values():
+    store = Store(ws.state)
+    for rec in store.load_all().values():
         wanted: Counter[tuple[str, str, str]] = Counter(
             (rec.id, h["from"], h["to"]) for h in rec.history)
+        mine = durable.written_by_journal(os.path.relpath(store.record_path(rec.id), ws.state), ws.state, written)
         for key, n in wanted.items():
             if seen[key] < n:
                 found.append(Finding("history-missing", f"state/orders/{rec.id}",
-                                     f"{key[1]} -> {key[2]} is in the record but not in state/'s git history"))
+                                     f"{key[1]} -> {key[2]} is in the record but not in state/'s git history"
+                                     + ("; the supervisor wrote it and stopped before its commit: its next start "
+                                        "commits it" if mine else "")))
     return found
 
 
@@ -208,7 +223,7 @@ def _repo_commits(ws: Workspace) -> list[Finding]:
             ids = TRAILER.findall(body)
             if baseline is None and not ids and committer == audit.SUPERVISOR and " " not in parents.strip():
                 continue  # the demo repository's first commit, made by `coordinator init`
-            if any(i in done and _lands(done[i], sha, parents) for i in ids):
+            if any(i in done and _lands(done[i], sha, parents, repo) for i in ids):
                 continue
             subject = trail.one_line(body.strip().split("\n")[0])
             ended = [i for i in ids if i in done]
@@ -245,13 +260,38 @@ def _replaced(git: Callable[..., str]) -> list[str]:
             f"`git replace -d {ref.rsplit('/', 1)[-1][:10]}` there undoes it" for ref in out.split()]
 
 
-def _lands(rec: Record, sha: str, parents: str) -> bool:
+def _lands(rec: Record, sha: str, parents: str, repo: Repo) -> bool:
     """Whether `sha` is what done order `rec` landed: the agent's commit, or the merge of it.
     A trailer is text anyone can write: a commit naming a done order by hand is no more
-    explained than one naming none."""
+    explained than one naming none. A merge the record does not name (one that landed just
+    before a crash) counts only when it holds exactly what merging its parents makes: a merge
+    made by hand of an order's commit, already landed, brought in any change it liked."""
     merge = rec.report.get("merge") if isinstance(rec.report, dict) else None
-    merged = parents.split()[1:]  # a merge brings in what it names after its first parent
-    return bool(rec.commit) and (sha in (rec.commit, merge) or rec.commit in merged)
+    if not rec.commit:
+        return False
+    if sha in (rec.commit, merge):
+        return True
+    both = parents.split()
+    return rec.commit in both[1:] and _faithful_merge(repo, sha, both)
+
+
+def _faithful_merge(repo: Repo, sha: str, parents: list[str]) -> bool:
+    """Whether merge commit `sha` of two `parents` holds what git's merge of them makes, and
+    nothing else."""
+    if len(parents) != 2:
+        return False
+    first, second = parents
+    try:
+        if repo.in_memory_merge:
+            made = repo.git("merge-tree", "--write-tree", "--no-messages", first, second).split("\n")[0]
+            return made == repo.git("rev-parse", f"{sha}^{{tree}}")
+        # Older git: every path it changes from its first parent is one the merged side changed.
+        base = repo.git("merge-base", first, second)
+        changed = set(repo.git("diff", "--name-only", "-z", "--no-renames", first, sha).split("\0"))
+        brought = set(repo.git("diff", "--name-only", "-z", "--no-renames", base, second).split("\0"))
+        return changed <= brought
+    except CoordinatorError:  # a conflict, a missing parent: no merge the supervisor made
+        return False
 
 
 def moved_heads(ws: Workspace, heads: dict[str, dict[str, str]],
@@ -274,6 +314,12 @@ def moved_heads(ws: Workspace, heads: dict[str, dict[str, str]],
             if known.get("branch") != branch:
                 known["branch"] = r.pinned = branch
     return moved
+
+
+def tally(findings: list[Finding]) -> str:
+    """One line that counts `findings` by kind: the last line said after a long list."""
+    kinds = Counter(f.kind for f in findings)
+    return f"{len(findings):,} finding(s): " + ", ".join(f"{k} {n:,}" for k, n in sorted(kinds.items()))
 
 
 def summary(findings: list[Finding]) -> dict[str, Any]:

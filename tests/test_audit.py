@@ -193,6 +193,43 @@ def test_a_reset_of_a_default_branch_that_drops_a_done_orders_commit_is_reported
     assert found.detail == "code ended done with this commit, which main no longer holds"
 
 
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_hand_made_merge_of_a_done_orders_commit_cannot_bring_in_a_change(make_ws, monkeypatch, in_memory):
+    """A merge commit made by hand, naming a done order and merging its (already landed) commit,
+    passed as that order's merge whatever else it held: a change no order explains, with
+    `audit verify` clean. An honest merge of it (holding what git's merge makes) still passes."""
+    from coordinator.repos import Repo
+
+    if not in_memory:  # a git before 2.38: no `merge-tree --write-tree`
+        monkeypatch.setattr(Repo, "git_version", lambda self: (2, 30))
+    ws = make_ws({"chip": {"role": "specialist", "command": sh('echo x > "src/$COORD_ORDER_ID.py"'),
+                           "writes": ["webapp/src/**"]}})
+    for oid in ("code", "later"):  # the branch moves on past code's commit
+        drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} lands", files=(f"webapp/src/{oid}.py",), id=oid))
+        run(ws)
+    webapp = ws.repos / "webapp"
+    landed = Store(ws.state).load("code").commit
+    assert git(webapp, "rev-parse", "HEAD").strip() != landed
+
+    def merge_by_hand(tree: str) -> str:
+        msg = "Merge wo/code into main\n\nWork-Order: code\n"
+        sha = subprocess.run(["git", "-C", str(webapp), "commit-tree", tree.strip(), "-p", "HEAD", "-p", landed],
+                             input=msg, capture_output=True, text=True, check=True).stdout.strip()
+        git(webapp, "update-ref", "refs/heads/main", sha)
+        git(webapp, "reset", "-q", "--hard")
+        return sha
+
+    merge_by_hand(git(webapp, "rev-parse", "HEAD^{tree}"))  # brings in nothing: what a merge of it makes
+    assert verify.verify(ws) == []
+    (webapp / "README.md").write_text("anything at all\n")
+    git(webapp, "add", "README.md")
+    evil = merge_by_hand(git(webapp, "write-tree"))
+    [found] = verify.verify(ws)
+    assert found.where == f"repos/webapp@{evil[:10]}"
+    assert "'Merge wo/code into main' names code, which landed another commit" in found.detail
+    assert Store(ws.state).load("later").status == "done"
+
+
 @pytest.mark.parametrize("away", ["switch -q -c feature", "checkout -q --detach"])
 def test_orders_land_on_the_default_branch_while_a_person_has_the_checkout_elsewhere(make_ws, away):
     """A person's `git switch` in repos/webapp took the orders' work onto their branch (main
@@ -214,6 +251,27 @@ def test_orders_land_on_the_default_branch_while_a_person_has_the_checkout_elsew
     run(ws)
     assert (ws.repos / "webapp" / "src" / "new.py").exists()
     assert verify.verify(ws) == [] and not [s for s in signals.load(ws.state) if s.kind == "silent"]
+
+
+def test_verify_ends_a_long_list_of_findings_with_what_they_come_to(make_ws):
+    """Thousands of finding lines (a deleted orders/ folder) ended with no total: an auditor
+    had to count them. A last line on stderr counts them by kind; stdout stays one per finding."""
+    from bench.harness import child_env, coordinator_argv
+
+    ws = team(make_ws)
+    for oid in ("a", "b"):
+        drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} ends", id=oid))
+    run(ws)
+    shutil.rmtree(ws.state / "orders" / "a")
+    (ws.repos / "webapp" / "README.md").write_text("by hand\n")
+    git(ws.repos / "webapp", "commit", "-qam", "by hand")
+    proc = subprocess.run(coordinator_argv(ws, "audit", "verify"), capture_output=True, text=True, env=child_env())
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    uncommitted = [line for line in lines if line.startswith("state-uncommitted: state/orders/a/")]
+    assert uncommitted and len(lines) == len(uncommitted) + 1
+    assert proc.stderr.splitlines()[-1] == \
+        f"audit verify: {len(lines)} finding(s): repo-commit 1, state-uncommitted {len(uncommitted)}"
 
 
 def test_a_commit_made_by_hand_in_state_is_foreign(make_ws):
@@ -912,6 +970,32 @@ def test_a_crash_between_a_state_write_and_its_commit_is_repaired_at_start(make_
     assert not StateRepo(ws.state).dirty()
 
 
+def test_verify_after_a_crash_tells_the_supervisors_uncommitted_writes_from_hand_changes(make_ws):
+    """After a kill -9, `audit verify` listed the dead supervisor's own writes (which its next
+    start commits) exactly as it listed a hand edit or a deleted record: "changed but not
+    committed by the supervisor", an auditor could not tell a crash from tampering."""
+    ws = team(make_ws)
+    drop(ws, "chip", "done.md", order_md("Order done ends", id="done"))
+    run(ws)
+    drop(ws, "chip", "halt.md", order_md("Order halt ends", id="halt", branching=("halt-with-note if done already",)))
+    with Supervisor(ws) as sup:
+        sup._intake_step()
+        sup._write_state()  # written (and journaled), not yet committed: where a kill -9 would hit
+        sup.audit._pending.clear()
+        sup._opened = False  # dies: no final commit, its journal left behind
+        sup.close()
+    (ws.runtime / "running").touch()
+    (ws.state / "README.md").write_text("edited by hand\n")
+    report = ws.state / "orders" / "done" / "report.md"
+    report.unlink()
+    found = {f.where: f.detail for f in verify.verify(ws)}
+    assert found["state/README.md"] == "changed but not committed by the supervisor"
+    assert found["state/orders/done/report.md"] == "deleted, and not by the supervisor"
+    record = found["state/orders/halt/record.json"]
+    assert record.startswith("written by the supervisor, not committed yet") and "next start commits it" in record
+    assert "stopped before its commit" in found["state/orders/halt"]
+
+
 def test_dirty_lists_every_file_changed_or_added_by_hand_however_deep_and_no_temp_file(make_ws):
     """New folders are named by git once and then listed file by file: the tamper watch
     restores exactly these paths, and never a temp file."""
@@ -1011,6 +1095,25 @@ def test_a_lock_left_by_a_dead_git_is_cleared_after_the_wait_and_the_commit_made
     repo.flush()
     assert not lock.exists()
     assert git(repo.path, "log", "-1", "--format=%s").strip() == "notes: written"
+
+
+def test_a_branch_lock_a_killed_git_left_in_state_is_cleared_at_start_and_the_trail_goes_on(make_ws):
+    """A kill -9 of the supervisor during its `update-ref` (or of a `git commit` in state/) leaves
+    refs/heads/main.lock: every start after it stopped on "File exists", with the orders' ends
+    written but never committed. The start now clears it, says so, and commits as before."""
+    ws = team(make_ws)
+    lock = ws.state / ".git" / "refs" / "heads" / "main.lock"
+    lock.write_bytes(b"")
+    long_ago = time.time() - 60
+    os.utime(lock, (long_ago, long_ago))
+    drop(ws, "chip", "halt.md", order_md("Order halt ends", id="halt", branching=("halt-with-note if done already",)))
+    said: list[str] = []
+    with Supervisor(ws, log=said.append) as sup:
+        sup.run_once(limit=60)
+    assert not lock.exists()
+    assert any("refs/heads/main.lock" in line for line in said), said
+    assert "halt chip: running -> halted" in git(ws.state, "log", "--format=%B")
+    assert verify.verify(ws) == []
 
 
 def test_a_lock_held_all_along_is_an_error_naming_the_git_command(tmp_path, monkeypatch):
@@ -1128,6 +1231,48 @@ def test_a_hand_commit_in_state_beside_a_running_supervisor_is_signalled_once(ma
     silent = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
     assert len(silent) == 1 and "by eve: tidy the readme" in silent[0]
     assert Store(ws.state).load("a").status == "done"
+
+
+def hand_commit(ws, message: str, *, name: str = "eve", email: str = "e@x") -> None:
+    report = ws.state / "orders" / "a" / "report.md"
+    report.write_text(report.read_text() + "\nApproved by the boss.\n")
+    subprocess.run(["git", "-C", str(ws.state), "-c", f"user.name={name}", "-c", f"user.email={email}", "commit",
+                    "-qam", message], check=True)
+
+
+def test_a_hand_commit_in_state_just_before_the_supervisor_stops_is_still_signalled(make_ws):
+    """The tamper watch looks every few seconds; a hand commit its last batches landed on, with
+    no look after it before the stop, was never signalled (and its head was kept past it)."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First", id="a"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        hand_commit(ws, "a chip: report amended")
+        drop(ws, "chip", "b.md", order_md("Second", id="b"))
+        sup.run_once(limit=30)
+    silent = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert len(silent) == 1 and "by eve: a chip: report amended" in silent[0], silent
+    assert Store(ws.state).load("b").status == "done"
+
+
+def test_a_hand_commit_in_the_supervisors_name_stays_foreign_once_it_went_on_past_it(make_ws):
+    """`git -c user.name=coordinator commit` in state/ beside a running supervisor (or while none
+    ran, then a start): it was signalled once, then `audit verify` took it for the supervisor's
+    own for good, a forged report in state/ and verify clean."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First", id="a"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        hand_commit(ws, "a chip: done -> done", name="coordinator", email="coordinator@agents.coordinator")
+        drop(ws, "chip", "b.md", order_md("Second", id="b"))
+        sup.run_once(limit=30)
+    hand_commit(ws, "a chip: done -> done again", name="coordinator", email="coordinator@agents.coordinator")
+    run(ws)  # the start signals it, and goes on past it
+    found = [f.detail for f in verify.verify(ws) if f.kind == "state-foreign"]
+    assert len(found) == 2, found
+    assert any(d.endswith("by coordinator: a chip: done -> done") for d in found)
+    assert any(d.endswith("by coordinator: a chip: done -> done again") for d in found)
+    assert len([s for s in signals.load(ws.state) if s.kind == "silent"]) == 2
 
 
 def test_an_editors_files_beside_a_record_a_person_reads_are_nobodys_change(make_ws):
