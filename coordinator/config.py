@@ -285,6 +285,12 @@ def from_mapping(data: Any, *, path: Path | None = None) -> Config:
         # were taken: `timeout: .nan` ran attempts with no time limit and wrote NaN into state/.
         raise ConfigError(f"{value} is not a finite number; write one such as 20, or leave the key out",
                           path=shown, key=where)
+    for where in _nul_bytes(data, ""):
+        # A double-quoted "\0" passes the check of the file's characters; no path, argument or
+        # variable can hold it: a `sandbox.writable` one stopped every command with an internal
+        # error, one in a `command` or `env` failed every attempt of the agent.
+        raise ConfigError('holds a NUL character (written "\\0"), which no path, argument or variable '
+                          "can hold; remove it", path=shown, key=where)
     for err in schemas.errors("config", data):
         raise ConfigError(schemas.describe(err), path=shown, key=schemas.field_of(err))
 
@@ -348,6 +354,21 @@ def _non_finite(value: Any, where: str) -> list[tuple[str, float]]:
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, inner in items:
         found += _non_finite(inner, f"{where}.{key}" if where else str(key))
+    return found
+
+
+def _nul_bytes(value: Any, where: str) -> list[str]:
+    """The dotted key of every key or text in the loaded config that holds a NUL."""
+    found: list[str] = []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        at = f"{where}.{key}" if where else str(key)
+        if isinstance(key, str) and "\0" in key:
+            found.append(where or "(top level)")
+        elif isinstance(inner, str) and "\0" in inner:
+            found.append(at)
+        else:
+            found += _nul_bytes(inner, at)
     return found
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from coordinator import config
-from coordinator.errors import CoordinatorError, UsageError, WorkspaceError
+from coordinator.errors import ConfigError, CoordinatorError, UsageError, WorkspaceError
 from coordinator.workspace import ENV_VAR, NO_WORKSPACE, RUNTIME, Workspace, example_config, init
 
 
@@ -64,6 +64,31 @@ def test_the_example_config_is_the_offline_demo_team(tmp_path: Path) -> None:
     assert {n: a.role for n, a in team.agents.items()} == {"walt": "orchestrator", "chip": "specialist",
                                                            "rex": "specialist"}
     assert all(a.runnable or a.is_orchestrator for a in team.agents.values())
+
+
+TEAM = """version: 1
+agents:
+  chip:
+    role: specialist
+    command: ["true"]
+    writes: ["webapp/src/**"]
+"""
+
+
+@pytest.mark.parametrize(("line", "key"), [
+    ('    sandbox: {writable: ["/tmp/a\\0b"]}\n', "agents.chip.sandbox.writable.0"),
+    ('    env: {A: "x\\0y"}\n', "agents.chip.env.A"),
+    ('    description: "a\\0"\n', "agents.chip.description"),
+])
+def test_a_nul_written_as_an_escape_in_the_config_is_refused_at_its_key(made: Workspace, line: str,
+                                                                        key: str) -> None:
+    made.config_path.write_text(TEAM + line)
+    with pytest.raises(ConfigError, match=rf"^coordinator.yaml: {key}: holds a NUL character") as e:
+        _ = Workspace(made.root).config  # a sandbox path stopped every command with an internal error
+    assert "\n" not in str(e.value)
+    made.config_path.write_text(TEAM.replace('["true"]', '["true", "a\\0b"]'))
+    with pytest.raises(ConfigError, match=r"agents.chip.command.1: holds a NUL character"):
+        config.load(made.config_path)
 
 
 def test_find_prefers_w_then_the_environment_then_the_nearest_folder_upward(
