@@ -396,6 +396,12 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
         if not os.path.isabs(p):
             raise fail(f"agents.{name}.sandbox.writable.{i}", f"{p!r} must be absolute or start with ~")
     command = spec.get("command")
+    if command is not None and not command[0]:
+        raise fail(f"agents.{name}.command.0", "is empty; the first entry is the program to run")
+    for key in spec.get("env") or {}:
+        if not key or "=" in key:
+            # The kernel takes no such name: every attempt would fail to start.
+            raise fail(f"agents.{name}.env", f"{key!r} is not an environment variable name (not empty, no '=')")
     return Agent(
         name=name,
         role=role,

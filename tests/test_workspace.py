@@ -91,6 +91,24 @@ def test_a_nul_written_as_an_escape_in_the_config_is_refused_at_its_key(made: Wo
         config.load(made.config_path)
 
 
+@pytest.mark.parametrize(("change", "said"), [
+    (('["true"]', '[""]'), "agents.chip.command.0: is empty; the first entry is the program to run"),
+    (('["true"]', '["true"]\n    env: {"A=B": x}'),
+     "agents.chip.env: 'A=B' is not an environment variable name (not empty, no '=')"),
+    (('["true"]', '["true"]\n    env: {"": x}'),
+     "agents.chip.env: '' is not an environment variable name (not empty, no '=')"),
+])
+def test_a_command_or_environment_no_attempt_could_start_with_is_refused_at_its_key(
+        made: Workspace, change: tuple[str, str], said: str) -> None:
+    # Taken, each made every attempt of the agent fail ("illegal environment variable name").
+    made.config_path.write_text(TEAM.replace(*change))
+    with pytest.raises(ConfigError) as e:
+        config.load(made.config_path)
+    assert str(e.value) == f"coordinator.yaml: {said}"
+    made.config_path.write_text(TEAM.replace('["true"]', '["true", ""]\n    env: {"a.b-c": ""}'))
+    assert config.load(made.config_path).agents["chip"].command == ("true", "")  # an empty argument is one
+
+
 def test_find_prefers_w_then_the_environment_then_the_nearest_folder_upward(
         made: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     other, _ = init(tmp_path / "other")
