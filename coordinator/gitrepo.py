@@ -189,10 +189,21 @@ class GitRepo:
             return self.pinned
         branch = self.checked_out()
         if branch is None:
-            raise GitError(
-                f"repos/{self.name}: HEAD is detached; check out the default branch there (git switch main)"
-            )
+            raise GitError(f"repos/{self.name}: HEAD is detached; {self._switch_hint()}")
         return branch
+
+    def _switch_hint(self) -> str:
+        """What to check out in a detached checkout, named as this repository names it: `git
+        switch main` was said of a repository whose branch is `trunk`, where it fails."""
+        names = [n for n in self.git("for-each-ref", "--format=%(refname:short)", "refs/heads/").splitlines()
+                 if n and not n.startswith(BRANCH_PREFIX)]
+        if not names:
+            return "make a branch there for orders to land on (git switch -c main)"
+        if len(names) == 1 and not self.pinned:
+            return f"check out the default branch there (git switch {names[0]})"
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        gone = f"its default branch {self.pinned} is gone (renamed or deleted); " if self.pinned else ""
+        return f"{gone}check out the default branch there (git switch <branch>; branches: {shown})"
 
     def checked_out(self) -> str | None:
         """The branch the checkout is on; None when HEAD is detached."""
