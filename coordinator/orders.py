@@ -44,6 +44,7 @@ from ._orderfields import (
 from ._orderfile import KINDS, MAX_ORDER_BYTES, md_acceptance_text, md_file, read_order
 from .config import SYSTEM_SENDERS, Agent, Config
 from .errors import OrderError, Problem, UsageError
+from .gitrepo import foreign_checkout
 
 __all__ = [
     "ACCEPTANCE_ITEMS", "ACTIONS", "BRANCH_RULES", "FEEDBACK_STATUSES", "ID_PATTERN", "KEYS", "KINDS",
@@ -248,6 +249,10 @@ def check(order: WorkOrder, config: Config, history: History, *, path: str | Non
                      "repository: send one order per repository")
     if repos is not None:
         for repo, i in named.items():
+            odd = foreign_checkout(repos / repo)
+            if odd is not None:  # taken, every attempt failed to make its working copy
+                bad(f"files.{i}", f"repos/{repo} {odd}")
+                continue
             if (repos / repo / ".git").exists():
                 continue
             if (repos / repo).is_dir():  # "no repository" sent the user looking for a folder that is there

@@ -553,6 +553,28 @@ def test_a_repository_not_under_repos_is_said_at_the_line_of_the_entry_that_name
     assert orders.load(markdown.encode(), path="o.md", to="rex", config=team, history=orders.EmptyHistory())
 
 
+@pytest.mark.parametrize("kind", ["bare", "separate git dir"])
+def test_files_in_a_repository_with_no_checkout_of_its_own_are_refused_at_once(team: config.Config, tmp_path: Path,
+                                                                              kind: str) -> None:
+    # Taken, such an order failed every attempt ("could not prepare the working copy") and was blocked.
+    source = tmp_path / "source"
+    subprocess.run(["git", "init", "-q", str(source)], check=True)
+    repos = tmp_path / "repos"
+    if kind == "bare":
+        subprocess.run(["git", "clone", "-q", "--bare", str(source), str(repos / "webapp")], check=True)
+        said = ("repos/webapp is a bare repository, with no checkout for orders to land in; move it away and put "
+                "a clone of it there (git clone <it> repos/webapp)")
+    else:
+        subprocess.run(["git", "clone", "-q", f"--separate-git-dir={tmp_path / 'gitdir'}", str(source),
+                        str(repos / "webapp")], check=True)  # fmt: skip
+        said = ("repos/webapp is not a git repository with its own .git folder; put a normal clone there (not a "
+                "worktree, submodule or bare repository)")
+    with pytest.raises(OrderError) as info:
+        orders.load(BODY.encode(), path="o.md", to="chip", config=team, history=orders.EmptyHistory(),
+                    repos=repos)
+    assert [str(p) for p in info.value.problems] == [f"o.md:9: files.0: {said}"]
+
+
 def test_feedback_loop_needs_a_reference(team: config.Config) -> None:
     history = History().add("WO-0012", sender="walt", to="chip", status="denied",
                             objective="the LOGIN form   rejects long passwords.")
