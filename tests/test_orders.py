@@ -422,6 +422,21 @@ def test_files_outside_the_recipients_writes(team: config.Config) -> None:
                       "may write there")
 
 
+def test_files_and_writes_with_a_shells_braces_are_refused(team: config.Config, tmp_path: Path) -> None:
+    # Taken as plain characters: the agent that wrote webapp/src/a.ts was denied and signalled.
+    text = BODY.replace("- webapp/src/login.ts", "- webapp/src/{login,logout}.ts")
+    p = only(load_problems(text, team), "files.0")
+    assert str(p) == ("inbox/chip/fix.md:9: files.0: 'webapp/src/{login,logout}.ts' uses braces {a,b}, which are "
+                      "no glob here (only *, **, ? and [...]); give each alternative as an entry of its own")
+    assert orders.load(BODY.replace("login.ts", "{login}.ts").encode(), path="o.md", to="chip", config=team,
+                       history=orders.EmptyHistory())  # one name in braces is a name
+    path = tmp_path / "coordinator.yaml"
+    path.write_text("version: 1\nagents:\n  chip: {role: specialist, writes: ['webapp/{src,tests}/**']}\n")
+    with pytest.raises(config.ConfigError, match=r"^coordinator.yaml: agents.chip.writes.0: 'webapp/\{src,tests\}/\*\*' "
+                                                 r"uses braces \{a,b\}, which are no glob here"):
+        config.load(path)
+
+
 def test_files_in_two_repositories(team: config.Config) -> None:
     text = BODY.replace("- webapp/src/login.ts", "- webapp/src/login.ts\n- api/auth.py")
     p = only(load_problems(text, team, to="rex", path="inbox/rex/x.md"), "files")
