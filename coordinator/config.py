@@ -319,6 +319,10 @@ def from_mapping(data: Any, *, path: Path | None = None) -> Config:
     escalate = data.get("escalate_to")
     if escalate is not None and escalate not in agents:
         raise fail("escalate_to", f"unknown agent {escalate!r}")
+    if escalate is not None and not (agents[escalate].runnable or agents[escalate].is_orchestrator):
+        # Taken, every order that was blocked filed an investigation that intake then rejected.
+        raise fail("escalate_to", f"{escalate} has no `command` or `llm`, so the investigation orders it gets "
+                                  "could never run; give it one, or escalate to another agent")
     orchestrators = [n for n, a in agents.items() if a.role == "orchestrator"]
     if len(orchestrators) > 1:
         raise fail("agents", f"one orchestrator per team; found {', '.join(orchestrators)}")

@@ -109,6 +109,17 @@ def test_a_command_or_environment_no_attempt_could_start_with_is_refused_at_its_
     assert config.load(made.config_path).agents["chip"].command == ("true", "")  # an empty argument is one
 
 
+def test_escalating_to_an_agent_that_cannot_run_orders_is_refused(made: Workspace) -> None:
+    # Taken, each blocked order filed an investigation to it that intake rejected at once.
+    made.config_path.write_text(TEAM + "  idle: {role: specialist}\nescalate_to: idle\n")
+    with pytest.raises(ConfigError) as e:
+        config.load(made.config_path)
+    assert str(e.value) == ("coordinator.yaml: escalate_to: idle has no `command` or `llm`, so the investigation "
+                            "orders it gets could never run; give it one, or escalate to another agent")
+    made.config_path.write_text(TEAM + "  walt: {role: orchestrator}\nescalate_to: walt\n")
+    assert config.load(made.config_path).escalate_to == "walt"  # an external orchestrator reads its queue
+
+
 def test_find_prefers_w_then_the_environment_then_the_nearest_folder_upward(
         made: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     other, _ = init(tmp_path / "other")
