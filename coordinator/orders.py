@@ -238,6 +238,11 @@ def check(order: WorkOrder, config: Config, history: History, *, path: str | Non
                 allowed = ", ".join(recipient.sends_to) or "nobody"
                 bad(f"branching.{i}.agent", f"{order.to} may not route work to {rule.agent} (it "
                                             f"sends to: {allowed})")
+            elif rule.action == "route-to" and rule.agent in agents and not (
+                    agents[rule.agent].runnable or agents[rule.agent].is_orchestrator):
+                # Taken, the route's follow-up was rejected at once: the work went nowhere.
+                bad(f"branching.{i}.agent", f"{rule.agent} has no `command` or `llm` in coordinator.yaml, so "
+                                            "nothing could run the order this route files; route to another agent")
         if recipient.command:
             _brief_fits_one_argument(order, recipient, bad)
     named: dict[str, int] = {}  # repository -> its first entry (a missing one is said at that line)

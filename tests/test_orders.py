@@ -486,6 +486,12 @@ def test_route_to_an_agent_the_recipient_may_not_send_to(team: config.Config) ->
     assert order.branching[1] == Branch("route-to", "it touches hashing", "rex")
     p = only(load_problems(BODY + "- route-to-walt if it is a plan\n", team), "branching.1.agent")
     assert p.message == "chip may not route work to walt (it sends to: rex)" and p.line == 13
+    # An agent that runs nothing: the follow-up a route filed was rejected at once, the work lost.
+    idle = config.from_mapping({**TEAM, "agents": {**TEAM["agents"], "chip": {
+        **TEAM["agents"]["chip"], "sends_to": ["rex", "idle"]}}})
+    p = only(load_problems(BODY + "- route-to-idle if it is for later\n", idle), "branching.1.agent")
+    assert p.message == ("idle has no `command` or `llm` in coordinator.yaml, so nothing could run the order "
+                         "this route files; route to another agent") and p.line == 13
 
 
 # --- keys, ids, senders, recipients --------------------------------------------------------
