@@ -285,6 +285,12 @@ def from_mapping(data: Any, *, path: Path | None = None) -> Config:
         # were taken: `timeout: .nan` ran attempts with no time limit and wrote NaN into state/.
         raise ConfigError(f"{value} is not a finite number; write one such as 20, or leave the key out",
                           path=shown, key=where)
+    for where in _nul_bytes(data, ""):
+        # A double-quoted "\0" passes the check of the file's characters; no path, argument or
+        # variable can hold it: a `sandbox.writable` one stopped every command with an internal
+        # error, one in a `command` or `env` failed every attempt of the agent.
+        raise ConfigError('holds a NUL character (written "\\0"), which no path, argument or variable '
+                          "can hold; remove it", path=shown, key=where)
     for err in schemas.errors("config", data):
         raise ConfigError(schemas.describe(err), path=shown, key=schemas.field_of(err))
 
@@ -313,6 +319,10 @@ def from_mapping(data: Any, *, path: Path | None = None) -> Config:
     escalate = data.get("escalate_to")
     if escalate is not None and escalate not in agents:
         raise fail("escalate_to", f"unknown agent {escalate!r}")
+    if escalate is not None and not (agents[escalate].runnable or agents[escalate].is_orchestrator):
+        # Taken, every order that was blocked filed an investigation that intake then rejected.
+        raise fail("escalate_to", f"{escalate} has no `command` or `llm`, so the investigation orders it gets "
+                                  "could never run; give it one, or escalate to another agent")
     orchestrators = [n for n, a in agents.items() if a.role == "orchestrator"]
     if len(orchestrators) > 1:
         raise fail("agents", f"one orchestrator per team; found {', '.join(orchestrators)}")
@@ -351,6 +361,21 @@ def _non_finite(value: Any, where: str) -> list[tuple[str, float]]:
     return found
 
 
+def _nul_bytes(value: Any, where: str) -> list[str]:
+    """The dotted key of every key or text in the loaded config that holds a NUL."""
+    found: list[str] = []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        at = f"{where}.{key}" if where else str(key)
+        if isinstance(key, str) and "\0" in key:
+            found.append(where or "(top level)")
+        elif isinstance(inner, str) and "\0" in inner:
+            found.append(at)
+        else:
+            found += _nul_bytes(inner, at)
+    return found
+
+
 def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any) -> Agent:
     def duration(key: str, fallback: float) -> float:
         value = spec.get(key, defaults.get(key))
@@ -367,7 +392,7 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
     if role == "orchestrator" and writes:
         raise fail(f"agents.{name}.writes", "an orchestrator never writes; it sends work orders")
     for i, w in enumerate(writes):
-        problem = paths.path_problem(w)
+        problem = paths.path_problem(w) or paths.brace_problem(w)
         if problem:
             raise fail(f"agents.{name}.writes.{i}", problem)
     writable = tuple(os.path.expanduser(p) for p in (spec.get("sandbox", {}) or {}).get("writable", ()))
@@ -375,6 +400,12 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
         if not os.path.isabs(p):
             raise fail(f"agents.{name}.sandbox.writable.{i}", f"{p!r} must be absolute or start with ~")
     command = spec.get("command")
+    if command is not None and not command[0]:
+        raise fail(f"agents.{name}.command.0", "is empty; the first entry is the program to run")
+    for key in spec.get("env") or {}:
+        if not key or "=" in key:
+            # The kernel takes no such name: every attempt would fail to start.
+            raise fail(f"agents.{name}.env", f"{key!r} is not an environment variable name (not empty, no '=')")
     return Agent(
         name=name,
         role=role,

@@ -11,7 +11,7 @@ from pathlib import Path
 from . import board, landlock, mounts, seccomp
 from .config import Config
 from .errors import ConfigError, GitError, WorkspaceError
-from .gitrepo import GitRepo, run_git
+from .gitrepo import GitRepo, foreign_checkout, run_git
 from .runner import agent_warnings
 from .workspace import Workspace
 
@@ -125,6 +125,9 @@ def _workspace_problems(ws: Workspace, cfg: Config, *, git: bool) -> list[str]:
 def _repository_problem(folder: Path, branch: str | None) -> str | None:
     """Why orders cannot work in the repository at `folder` (default branch `branch` when the
     supervisor has seen it), or None when they can."""
+    odd = foreign_checkout(folder)
+    if odd is not None:
+        return odd
     if not (folder / ".git").exists():
         return (f"{'is not a git repository' if folder.exists() else 'does not exist'}: clone the repository "
                 "there, or `git init` it and make a first commit")

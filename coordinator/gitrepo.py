@@ -103,6 +103,25 @@ def run_git(
     return proc
 
 
+NOT_OWN_GIT = ("is not a git repository with its own .git folder; put a normal clone there (not a worktree, "
+               "submodule or bare repository)")
+
+
+def foreign_checkout(folder: Path) -> str | None:
+    """Why the repository at `folder` is none orders can work in, by its shape alone (no git
+    run): a `.git` that is a file or a link (a worktree, a submodule, a clone with a separate
+    git dir), or a bare repository. None for a normal clone, and for a folder holding no
+    repository at all. Said after `repos/<name> `."""
+    dot = folder / ".git"
+    if dot.is_symlink() or (dot.exists() and not dot.is_dir()):
+        return NOT_OWN_GIT
+    if not dot.exists() and (folder / "HEAD").is_file() and (folder / "objects").is_dir() \
+            and (folder / "refs").is_dir():
+        return (f"is a bare repository, with no checkout for orders to land in; move it away and put a "
+                f"clone of it there (git clone <it> repos/{folder.name})")
+    return None
+
+
 class _Worktree(NamedTuple):
     """git's record of one linked worktree (in the repository, out of the agent's reach)."""
 
@@ -126,10 +145,7 @@ class GitRepo:
         if not self.path.is_dir():
             raise GitError(f"repos/{self.name}: no such folder; clone or create the repository there")
         if not dot.is_dir() or dot.is_symlink():
-            raise GitError(
-                f"repos/{self.name} is not a git repository with its own .git folder; "
-                "put a normal clone there (not a worktree, submodule or bare repository)"
-            )
+            raise GitError(f"repos/{self.name} {foreign_checkout(self.path) or NOT_OWN_GIT}")
         self.git_dir = Path(os.path.realpath(dot))
         self.git("rev-parse", "--git-dir")  # a broken .git fails here, with git's reason
         if in_memory_merge is None:
@@ -189,10 +205,21 @@ class GitRepo:
             return self.pinned
         branch = self.checked_out()
         if branch is None:
-            raise GitError(
-                f"repos/{self.name}: HEAD is detached; check out the default branch there (git switch main)"
-            )
+            raise GitError(f"repos/{self.name}: HEAD is detached; {self._switch_hint()}")
         return branch
+
+    def _switch_hint(self) -> str:
+        """What to check out in a detached checkout, named as this repository names it: `git
+        switch main` was said of a repository whose branch is `trunk`, where it fails."""
+        names = [n for n in self.git("for-each-ref", "--format=%(refname:short)", "refs/heads/").splitlines()
+                 if n and not n.startswith(BRANCH_PREFIX)]
+        if not names:
+            return "make a branch there for orders to land on (git switch -c main)"
+        if len(names) == 1 and not self.pinned:
+            return f"check out the default branch there (git switch {names[0]})"
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        gone = f"its default branch {self.pinned} is gone (renamed or deleted); " if self.pinned else ""
+        return f"{gone}check out the default branch there (git switch <branch>; branches: {shown})"
 
     def checked_out(self) -> str | None:
         """The branch the checkout is on; None when HEAD is detached."""

@@ -44,6 +44,7 @@ from ._orderfields import (
 from ._orderfile import KINDS, MAX_ORDER_BYTES, md_acceptance_text, md_file, read_order
 from .config import SYSTEM_SENDERS, Agent, Config
 from .errors import OrderError, Problem, UsageError
+from .gitrepo import foreign_checkout
 
 __all__ = [
     "ACCEPTANCE_ITEMS", "ACTIONS", "BRANCH_RULES", "FEEDBACK_STATUSES", "ID_PATTERN", "KEYS", "KINDS",
@@ -237,6 +238,11 @@ def check(order: WorkOrder, config: Config, history: History, *, path: str | Non
                 allowed = ", ".join(recipient.sends_to) or "nobody"
                 bad(f"branching.{i}.agent", f"{order.to} may not route work to {rule.agent} (it "
                                             f"sends to: {allowed})")
+            elif rule.action == "route-to" and rule.agent in agents and not (
+                    agents[rule.agent].runnable or agents[rule.agent].is_orchestrator):
+                # Taken, the route's follow-up was rejected at once: the work went nowhere.
+                bad(f"branching.{i}.agent", f"{rule.agent} has no `command` or `llm` in coordinator.yaml, so "
+                                            "nothing could run the order this route files; route to another agent")
         if recipient.command:
             _brief_fits_one_argument(order, recipient, bad)
     named: dict[str, int] = {}  # repository -> its first entry (a missing one is said at that line)
@@ -248,6 +254,10 @@ def check(order: WorkOrder, config: Config, history: History, *, path: str | Non
                      "repository: send one order per repository")
     if repos is not None:
         for repo, i in named.items():
+            odd = foreign_checkout(repos / repo)
+            if odd is not None:  # taken, every attempt failed to make its working copy
+                bad(f"files.{i}", f"repos/{repo} {odd}")
+                continue
             if (repos / repo / ".git").exists():
                 continue
             if (repos / repo).is_dir():  # "no repository" sent the user looking for a folder that is there

@@ -13,6 +13,7 @@ import re
 from functools import lru_cache
 
 GLOB_CHARS = frozenset("*?[")
+_BRACES = re.compile(r"\{[^{}]*,[^{}]*\}")  # a shell's alternatives, `{src,tests}`
 # C0, DEL and C1 (U+0085, U+009B: a terminal's CSI), and the bidirectional overrides and isolates
 # (U+202E shows `src/x\u202eyp.ts` as `src/xst.py`): never in a path, and never shown raw.
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -51,6 +52,17 @@ def path_problem(entry: str) -> str | None:
         bad_set = _set_problem(p)
         if bad_set:
             return f"{entry!r} {bad_set} in a glob; write a set such as [a-z] or [!0-9]"
+    return None
+
+
+def brace_problem(entry: str) -> str | None:
+    """Why an order's `files` or an agent's `writes` entry may not hold `{a,b}`, or None.
+    Shells and .gitignore-style tools expand such braces; here they are plain characters, so
+    an order naming `webapp/src/{a,b}.py` was taken and its agent denied (and signalled) for
+    writing what was meant. A file the agent edits may still have such a name."""
+    if _BRACES.search(entry):
+        return (f"{entry!r} uses braces {{a,b}}, which are no glob here (only *, **, ? and [...]); "
+                "give each alternative as an entry of its own")
     return None
 
 

@@ -110,7 +110,7 @@ def describe(error: ValidationError) -> str:
     if v == "type":
         return f"must be {_title(error.schema) or _article(error.validator_value)}, not {_what(error.instance)}"
     if v == "enum":
-        return f"must be one of {', '.join(map(str, error.validator_value))}, not {error.instance!r}"
+        return f"must be one of {', '.join(map(str, error.validator_value))}, not {_shown(error.instance)}"
     if v == "pattern":
         title = _title(error.schema)
         if title:

@@ -183,3 +183,7 @@ def test_doctor_warns_of_a_repository_the_team_writes_that_orders_cannot_use(ws:
     assert [x for x in doctor(ws) if x.startswith("repos/")] == [
         "repos/webapp: WARNING: does not exist: clone the repository there, or `git init` it and make a first "
         "commit" + until]
+    subprocess.run(["git", "init", "-q", "--bare", str(webapp)], check=True)  # was said to be no repository at all
+    assert [x for x in doctor(ws) if x.startswith("repos/")] == [
+        "repos/webapp: WARNING: is a bare repository, with no checkout for orders to land in; move it away and put "
+        "a clone of it there (git clone <it> repos/webapp)" + until]

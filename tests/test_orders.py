@@ -422,6 +422,21 @@ def test_files_outside_the_recipients_writes(team: config.Config) -> None:
                       "may write there")
 
 
+def test_files_and_writes_with_a_shells_braces_are_refused(team: config.Config, tmp_path: Path) -> None:
+    # Taken as plain characters: the agent that wrote webapp/src/a.ts was denied and signalled.
+    text = BODY.replace("- webapp/src/login.ts", "- webapp/src/{login,logout}.ts")
+    p = only(load_problems(text, team), "files.0")
+    assert str(p) == ("inbox/chip/fix.md:9: files.0: 'webapp/src/{login,logout}.ts' uses braces {a,b}, which are "
+                      "no glob here (only *, **, ? and [...]); give each alternative as an entry of its own")
+    assert orders.load(BODY.replace("login.ts", "{login}.ts").encode(), path="o.md", to="chip", config=team,
+                       history=orders.EmptyHistory())  # one name in braces is a name
+    path = tmp_path / "coordinator.yaml"
+    path.write_text("version: 1\nagents:\n  chip: {role: specialist, writes: ['webapp/{src,tests}/**']}\n")
+    with pytest.raises(config.ConfigError, match=r"^coordinator.yaml: agents.chip.writes.0: 'webapp/\{src,tests\}/\*\*' "
+                                                 r"uses braces \{a,b\}, which are no glob here"):
+        config.load(path)
+
+
 def test_files_in_two_repositories(team: config.Config) -> None:
     text = BODY.replace("- webapp/src/login.ts", "- webapp/src/login.ts\n- api/auth.py")
     p = only(load_problems(text, team, to="rex", path="inbox/rex/x.md"), "files")
@@ -471,6 +486,12 @@ def test_route_to_an_agent_the_recipient_may_not_send_to(team: config.Config) ->
     assert order.branching[1] == Branch("route-to", "it touches hashing", "rex")
     p = only(load_problems(BODY + "- route-to-walt if it is a plan\n", team), "branching.1.agent")
     assert p.message == "chip may not route work to walt (it sends to: rex)" and p.line == 13
+    # An agent that runs nothing: the follow-up a route filed was rejected at once, the work lost.
+    idle = config.from_mapping({**TEAM, "agents": {**TEAM["agents"], "chip": {
+        **TEAM["agents"]["chip"], "sends_to": ["rex", "idle"]}}})
+    p = only(load_problems(BODY + "- route-to-idle if it is for later\n", idle), "branching.1.agent")
+    assert p.message == ("idle has no `command` or `llm` in coordinator.yaml, so nothing could run the order "
+                         "this route files; route to another agent") and p.line == 13
 
 
 # --- keys, ids, senders, recipients --------------------------------------------------------
@@ -551,6 +572,28 @@ def test_a_repository_not_under_repos_is_said_at_the_line_of_the_entry_that_name
         "o.md:9: files.0: no repository 'api' under repos/; the first component of every path names one"]
     # Without a repos/ to look in (pure validation), where the repositories are is not judged.
     assert orders.load(markdown.encode(), path="o.md", to="rex", config=team, history=orders.EmptyHistory())
+
+
+@pytest.mark.parametrize("kind", ["bare", "separate git dir"])
+def test_files_in_a_repository_with_no_checkout_of_its_own_are_refused_at_once(team: config.Config, tmp_path: Path,
+                                                                              kind: str) -> None:
+    # Taken, such an order failed every attempt ("could not prepare the working copy") and was blocked.
+    source = tmp_path / "source"
+    subprocess.run(["git", "init", "-q", str(source)], check=True)
+    repos = tmp_path / "repos"
+    if kind == "bare":
+        subprocess.run(["git", "clone", "-q", "--bare", str(source), str(repos / "webapp")], check=True)
+        said = ("repos/webapp is a bare repository, with no checkout for orders to land in; move it away and put "
+                "a clone of it there (git clone <it> repos/webapp)")
+    else:
+        subprocess.run(["git", "clone", "-q", f"--separate-git-dir={tmp_path / 'gitdir'}", str(source),
+                        str(repos / "webapp")], check=True)  # fmt: skip
+        said = ("repos/webapp is not a git repository with its own .git folder; put a normal clone there (not a "
+                "worktree, submodule or bare repository)")
+    with pytest.raises(OrderError) as info:
+        orders.load(BODY.encode(), path="o.md", to="chip", config=team, history=orders.EmptyHistory(),
+                    repos=repos)
+    assert [str(p) for p in info.value.problems] == [f"o.md:9: files.0: {said}"]
 
 
 def test_feedback_loop_needs_a_reference(team: config.Config) -> None:

@@ -527,6 +527,24 @@ def test_a_renamed_default_branch_is_followed(repo: Repo, ws: Path) -> None:
     assert (repo.path / "src" / "a.py").read_text() == "a\n"
 
 
+def test_a_detached_checkout_is_told_to_switch_to_a_branch_the_repository_has(repo: Repo, ws: Path) -> None:
+    # "git switch main" was said of every repository: one whose branch is trunk failed it.
+    sh_git(repo.path, "branch", "-m", "main", "trunk")
+    land(repo, ws, "WO-0001", {"src/a.py": "a\n"})  # an order's wo/ branch is no branch to switch to
+    sh_git(repo.path, "checkout", "-q", "--detach")
+    with pytest.raises(GitError, match=r"^repos/webapp: HEAD is detached; check out the default branch there "
+                                       r"\(git switch trunk\)$"):
+        repo.head()
+    sh_git(repo.path, "branch", "feature", "trunk")
+    with pytest.raises(GitError, match=r"\(git switch <branch>; branches: feature, trunk\)$"):
+        repo.head()
+    repo.pinned = "main"  # recorded at a first start, renamed since, while detached
+    with pytest.raises(GitError, match=r"HEAD is detached; its default branch main is gone \(renamed or deleted\); "):
+        repo.head()
+    sh_git(repo.path, "switch", "-q", "trunk")
+    assert repo.default_branch() == "trunk"
+
+
 def test_a_racing_change_to_the_branch_is_detected_and_kept(ws: Path) -> None:
     repo = RacedRepo(init_demo_repo(ws / "repos" / "webapp").path)
     land(repo, ws, "WO-0001", {"src/a.py": "a\n"})

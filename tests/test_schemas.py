@@ -136,3 +136,20 @@ def test_a_value_that_fits_none_of_several_schemas_is_told_what_is_expected() ->
     assert said("llm-reply", {"outcome": "done"}) == [f"(top level): must be {either}"]
     assert said("llm-reply", ["done"]) == [f"(top level): must be {either}, not a list"]
     assert not any("valid under" in line for line in said("config", team(timeout="1d", stale_after=[])))
+
+
+def test_a_value_outside_a_list_of_choices_is_shown_as_it_was_written() -> None:
+    # `priority: null` in an order was told "not None", Python's word for it, not YAML's or JSON's.
+    order = {"id": "o", "from": "user", "to": "chip", "objective": "o", "files": [],
+             "acceptance": [{"text": "a"}, {"text": "b"}, {"text": "c"}],
+             "branching": [{"action": "halt-with-note", "when": "w"}], "priority": "normal",
+             "blocked_by": [], "references": [], "timeout": None, "parent": None}
+    assert said("work-order", order) == []
+    assert said("work-order", {**order, "priority": None}) == [
+        "priority: must be one of low, normal, high, urgent, not null"]
+    assert said("work-order", {**order, "priority": "HIGH"}) == [
+        "priority: must be one of low, normal, high, urgent, not 'HIGH'"]
+    team = {"version": 1, "agents": {"chip": {"role": "specialist"}}}
+    assert said("config", {**team, "budget": {"on_ceiling": ["rotate"]}}) == [
+        "budget.on_ceiling: must be one of rotate, fresh, warn, not a list"]
+

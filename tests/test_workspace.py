@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from coordinator import config
-from coordinator.errors import CoordinatorError, UsageError, WorkspaceError
+from coordinator.errors import ConfigError, CoordinatorError, UsageError, WorkspaceError
 from coordinator.workspace import ENV_VAR, NO_WORKSPACE, RUNTIME, Workspace, example_config, init
 
 
@@ -64,6 +64,60 @@ def test_the_example_config_is_the_offline_demo_team(tmp_path: Path) -> None:
     assert {n: a.role for n, a in team.agents.items()} == {"walt": "orchestrator", "chip": "specialist",
                                                            "rex": "specialist"}
     assert all(a.runnable or a.is_orchestrator for a in team.agents.values())
+
+
+TEAM = """version: 1
+agents:
+  chip:
+    role: specialist
+    command: ["true"]
+    writes: ["webapp/src/**"]
+"""
+
+
+@pytest.mark.parametrize(("line", "key"), [
+    ('    sandbox: {writable: ["/tmp/a\\0b"]}\n', "agents.chip.sandbox.writable.0"),
+    ('    env: {A: "x\\0y"}\n', "agents.chip.env.A"),
+    ('    description: "a\\0"\n', "agents.chip.description"),
+])
+def test_a_nul_written_as_an_escape_in_the_config_is_refused_at_its_key(made: Workspace, line: str,
+                                                                        key: str) -> None:
+    made.config_path.write_text(TEAM + line)
+    with pytest.raises(ConfigError, match=rf"^coordinator.yaml: {key}: holds a NUL character") as e:
+        _ = Workspace(made.root).config  # a sandbox path stopped every command with an internal error
+    assert "\n" not in str(e.value)
+    made.config_path.write_text(TEAM.replace('["true"]', '["true", "a\\0b"]'))
+    with pytest.raises(ConfigError, match=r"agents.chip.command.1: holds a NUL character"):
+        config.load(made.config_path)
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    (('["true"]', '[""]'), "agents.chip.command.0: is empty; the first entry is the program to run"),
+    (('["true"]', '["true"]\n    env: {"A=B": x}'),
+     "agents.chip.env: 'A=B' is not an environment variable name (not empty, no '=')"),
+    (('["true"]', '["true"]\n    env: {"": x}'),
+     "agents.chip.env: '' is not an environment variable name (not empty, no '=')"),
+])
+def test_a_command_or_environment_no_attempt_could_start_with_is_refused_at_its_key(
+        made: Workspace, change: tuple[str, str], said: str) -> None:
+    # Taken, each made every attempt of the agent fail ("illegal environment variable name").
+    made.config_path.write_text(TEAM.replace(*change))
+    with pytest.raises(ConfigError) as e:
+        config.load(made.config_path)
+    assert str(e.value) == f"coordinator.yaml: {said}"
+    made.config_path.write_text(TEAM.replace('["true"]', '["true", ""]\n    env: {"a.b-c": ""}'))
+    assert config.load(made.config_path).agents["chip"].command == ("true", "")  # an empty argument is one
+
+
+def test_escalating_to_an_agent_that_cannot_run_orders_is_refused(made: Workspace) -> None:
+    # Taken, each blocked order filed an investigation to it that intake rejected at once.
+    made.config_path.write_text(TEAM + "  idle: {role: specialist}\nescalate_to: idle\n")
+    with pytest.raises(ConfigError) as e:
+        config.load(made.config_path)
+    assert str(e.value) == ("coordinator.yaml: escalate_to: idle has no `command` or `llm`, so the investigation "
+                            "orders it gets could never run; give it one, or escalate to another agent")
+    made.config_path.write_text(TEAM + "  walt: {role: orchestrator}\nescalate_to: walt\n")
+    assert config.load(made.config_path).escalate_to == "walt"  # an external orchestrator reads its queue
 
 
 def test_find_prefers_w_then_the_environment_then_the_nearest_folder_upward(
