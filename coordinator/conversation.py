@@ -219,7 +219,7 @@ def _budget_usage(runner: AttemptRunner, rec: Record, out: Outcome, calls: tuple
     ledger's items, the team, the request, any re-asks) and its answer. The ledger counts its
     own items already, so the request's item is the rest, and replaces the one of its last call.
     """
-    answered = [c for c in calls if c.usage is not None]
+    answered = [c for c in calls if c.usage is not None and c.error is None]
     if not answered:
         return
     usage = answered[-1].usage

@@ -135,13 +135,15 @@ class _Failure(Exception):
     """One failed attempt, already described and redacted; `retry` says what to do next."""
 
     def __init__(self, text: str, *, status: int | None, retry: bool,
-                 retry_after: float | None = None, rejects_json_mode: bool = False) -> None:
+                 retry_after: float | None = None, rejects_json_mode: bool = False,
+                 usage: Usage | None = None) -> None:
         super().__init__(text)
         self.text = text
         self.status = status
         self.retry = retry
         self.retry_after = retry_after
         self.rejects_json_mode = rejects_json_mode
+        self.usage = usage  # what a 200 that is no good answer still used (and is billed for)
 
 
 class Client:
@@ -276,8 +278,8 @@ class Client:
                     self._record(Call(endpoint.model, shown_url(endpoint.base_url), None, self._why_stopped, None,
                                       self._clock() - started, 0.0), made)
                     raise LLMError(self._why_stopped) from None
-                call = Call(endpoint.model, shown_url(endpoint.base_url), f.status, f.text, None,
-                            self._clock() - started, 0.0)
+                call = Call(endpoint.model, shown_url(endpoint.base_url), f.status, f.text, f.usage,
+                            self._clock() - started, cost_of(f.usage, endpoint) if f.usage else 0.0)
                 self._record(call, made)
                 if f.status in (401, 403):
                     raise LLMAuthError(self._auth_message(endpoint, f.status)) from None
@@ -484,13 +486,15 @@ def _parse_completion(response: httpx.Response, sent: list[dict[str, str]],
                       secrets: list[str]) -> tuple[str, Usage, bool]:
     """Text, usage and whether the output token limit cut it, of a 200 answer; a malformed one is
     a retryable failure."""
+    data: Any = None
     try:
         data = response.json()
         content = data["choices"][0]["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError, RecursionError):
         shown = excerpt(response.text, secrets)
+        raw = data.get("usage") if isinstance(data, dict) else None
         raise _Failure(f"HTTP 200 but not a chat completion: {shown!r}", status=200,
-                       retry=True) from None
+                       retry=True, usage=_reported(raw)) from None
     choice = data["choices"][0]
     cut = isinstance(choice, dict) and choice.get("finish_reason") == "length"
     if isinstance(content, list):
@@ -500,17 +504,27 @@ def _parse_completion(response: httpx.Response, sent: list[dict[str, str]],
     if not isinstance(content, str) or not content.strip():
         # A reasoning model can spend the whole output limit thinking and say nothing.
         why = " (cut off at the output token limit: raise llm.max_tokens)" if cut else ""
-        raise _Failure(f"HTTP 200 with an empty message{why}", status=200, retry=True)
+        # Billed all the same (a model that thought to its output limit, most of all): counted.
+        raise _Failure(f"HTTP 200 with an empty message{why}", status=200, retry=True,
+                       usage=_usage(data.get("usage"), sent, ""))
     return content, _usage(data.get("usage"), sent, content), cut
 
 
 def _usage(raw: object, sent: list[dict[str, str]], content: str) -> Usage:
+    reported = _reported(raw)
+    if reported is not None:
+        return reported
+    prompt_text = "".join(m.get("content", "") for m in sent)
+    return Usage(estimate_tokens(prompt_text), estimate_tokens(content), estimated=True)
+
+
+def _reported(raw: object) -> Usage | None:
+    """The usage an answer reports, when it is a pair of token counts."""
     if isinstance(raw, dict):
         prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
         if _token_count(prompt) and _token_count(completion):
             return Usage(prompt, completion)
-    prompt_text = "".join(m.get("content", "") for m in sent)
-    return Usage(estimate_tokens(prompt_text), estimate_tokens(content), estimated=True)
+    return None
 
 
 def _token_count(value: object) -> TypeGuard[int]:

@@ -184,6 +184,27 @@ def test_an_empty_message_cut_at_the_token_limit_says_which_limit(fake: FakeLLM,
             [{"role": "user", "content": "hi"}])
 
 
+def test_an_empty_or_broken_answer_the_server_billed_is_counted_in_the_cost(
+        fake: FakeLLM, sleeps: Sleeps) -> None:
+    # Once recorded at $0 with no tokens: a reasoning model that thought up to its output limit
+    # three times cost real money that `coordinator cost` and the spend limits never saw.
+    billed = {"prompt_tokens": 1000, "completion_tokens": 4000}
+    fake.script(json={"choices": [{"message": {"content": ""}, "finish_reason": "length"}], "usage": billed})
+    fake.script(json={"choices": [], "usage": billed})
+    fake.script(json={"choices": [{"message": {"content": None}}]})  # no usage: the prompt is estimated
+    ep = Endpoint("m", fake.base_url, prices=Prices(input=3.0, output=15.0))
+    client = Client(settings(ep, max_retries=2), sleep=sleeps)
+    with pytest.raises(LLMError, match="empty message"):
+        client.chat([{"role": "user", "content": "x" * 400}])
+    first, second, third = client.calls
+    for call in (first, second):
+        assert call.usage is not None and (call.usage.prompt_tokens, call.usage.completion_tokens) == (1000, 4000)
+        assert call.cost == pytest.approx(1000 * 3.0 / 1e6 + 4000 * 15.0 / 1e6)
+    assert third.usage is not None and third.usage.estimated and third.usage.completion_tokens == 0
+    assert third.usage.prompt_tokens >= 100 and third.cost > 0
+    assert client.spent == pytest.approx(sum(c.cost for c in client.calls))
+
+
 def test_refused_response_format_switches_to_plain_prompting_and_is_remembered(
         fake: FakeLLM, sleeps: Sleeps) -> None:
     fake.script(status=400, json={"error": {"message": "response_format is not supported"}})
