@@ -31,7 +31,10 @@ def totals(records: Iterable[Record]) -> dict[str, Any]:
                 bucket["calls"] += 1
                 bucket["prompt_tokens"] += int(usage.get("prompt_tokens", 0) or 0)
                 bucket["completion_tokens"] += int(usage.get("completion_tokens", 0) or 0)
-                bucket["cost"] = round(bucket["cost"] + float(call.get("cost", 0.0) or 0.0), 6)
+                bucket["cost"] += float(call.get("cost", 0.0) or 0.0)
+    # Rounded once, at the end: rounded at each call, thousands of cheap calls summed to $0.
+    for bucket in (*by_agent.values(), *by_model.values(), total):
+        bucket["cost"] = round(bucket["cost"], 6)
     return {"total": total, "by_agent": by_agent, "by_model": by_model}
 
 

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from conftest import drop, order_md, sh, wait_until
 from fakellm import FakeLLM, Response
 
-from coordinator import signals
+from coordinator import costs, signals
 from coordinator.cli import cli
 from coordinator.llmagent import ORCHESTRATOR_ROLE, SYNTHESIS_ROLE
 from coordinator.store import Record, Store
@@ -517,6 +517,28 @@ def test_the_spend_limits_stop_further_calls_with_a_status_naming_the_limit(make
         sup.run_once(limit=30)
     assert load(ws, "c2").status == "blocked" and len(fake.chat_bodies()) == 2
     assert cost_json(ws)["total"]["cost"] == pytest.approx(0.2)
+
+
+def test_cost_adds_up_thousands_of_cheap_calls_to_what_the_spend_limit_counts(make_ws):
+    # Once rounded to six places at every call: 2,000 calls of $0.0000005 summed to $0.0000,
+    # and 2,000 of $0.0005104 to $1.0200 while the spend limit counted $1.0208.
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"], "command": sh("true")}})
+    store = Store(ws.state)
+    for n, (model, cost) in enumerate((("tiny", 0.0000005), ("small", 0.0005104))):
+        store.folder(f"o{n}").mkdir(parents=True)
+        calls = [{"model": model, "agent": "chip", "status": 200, "error": None, "cost": cost,
+                  "usage": {"prompt_tokens": 30, "completion_tokens": 10}} for _ in range(2000)]
+        store.save(Record(id=f"o{n}", to="chip", sender="user", status="done", objective="cheap calls",
+                          created="2026-01-01T00:00:00.000Z", updated="2026-01-01T00:00:00.000Z", seq=n,
+                          usage=calls))
+    money = cost_json(ws)
+    assert money["by_model"]["tiny"]["cost"] == pytest.approx(0.001)
+    assert money["by_model"]["small"]["cost"] == pytest.approx(1.0208)
+    assert money["total"]["cost"] == pytest.approx(1.0218)
+    assert costs.spent(store.load_all().values()) == pytest.approx(money["total"]["cost"], abs=1e-6)
+    shown = CliRunner().invoke(cli, ["-w", str(ws.root), "cost"]).output
+    assert "  tiny                   2000     60,000      20,000     0.0010" in shown
+    assert shown.splitlines()[-1].endswith("1.0218")
 
 
 # -- replies that once crashed the supervisor ---------------------------------------------------------
