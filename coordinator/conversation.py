@@ -17,6 +17,10 @@ with the limit named (no retry can bypass it: the meter is asked again).
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
+import math
+import secrets
 import threading
 import time
 import weakref
@@ -29,13 +33,18 @@ from . import audit, budget, llmagent
 from .config import Agent, Config
 from .errors import CoordinatorError, LLMError
 from .llm import Call, Client
+from .runner import log_folder
 from .store import Record
 
 if TYPE_CHECKING:
     from .attempts import Active, AttemptRunner
+    from .supervisor import Supervisor
 
 LOG_REPLY_CHARS = 4000       # of each model reply kept in the attempt's output.log
 USAGE_NOTE = "model conversation"  # ledger items of a request's own calls carry this note
+# In the attempt's log folder: each call as it is made, so a crash (kill -9) in the middle of a
+# conversation cannot lose calls that were made and paid for (see `recover_usage`).
+CALLS_JOURNAL = "calls.jsonl"
 # The brief's last section tells a command how to write $COORD_RESULT; a model answers in JSON.
 HOW_TO_ANSWER = "\n## How to answer"
 
@@ -133,9 +142,69 @@ def new_client(runner: AttemptRunner, act: Active) -> Client:
             heartbeat.touch()
         return limit()
 
-    client = Client(agent.llm, transport=runner.sup.http_transport, spend_guard=guard)
+    journal = act.attempt.logs / CALLS_JOURNAL
+    key = secrets.token_hex(6)
+    made = itertools.count()
+    number = act.attempt.number
+
+    def noted(call: Call) -> None:
+        entry = _usage_entry(call, agent.name, number, f"{key}-{next(made)}")
+        with contextlib.suppress(OSError), open(journal, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    client = Client(agent.llm, transport=runner.sup.http_transport, spend_guard=guard, on_call=noted)
+    _journal_keys[client] = key
     meter.track(agent.name, client)
     return client
+
+
+_journal_keys: weakref.WeakKeyDictionary[Client, str] = weakref.WeakKeyDictionary()
+
+
+def _usage_entry(call: Call, agent: str, attempt: int, key: str | None) -> dict[str, Any]:
+    """A call as it is recorded with its order; `key` names it in the attempt's journal."""
+    return {**call.as_dict(), "agent": agent, "attempt": attempt, **({"call": key} if key else {})}
+
+
+def recover_usage(sup: Supervisor, rec: Record, number: int) -> None:
+    """Record the calls of attempt `number` that a crash kept from being recorded with the
+    order (they were made, and are billed): read back from the attempt's journal."""
+    path = log_folder(sup.ws, rec.id, number) / CALLS_JOURNAL
+    try:
+        lines = path.read_text("utf-8", errors="replace").splitlines()
+    except OSError:
+        return
+    sup.whole(rec)
+    known = {u.get("call") for u in rec.usage}
+    found: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # the line the crash cut off
+        if _journal_entry(entry) and entry["call"] not in known:
+            known.add(entry["call"])
+            found.append(entry)
+    if not found:
+        return
+    rec.usage.extend(found)
+    line = (f"{len(found)} model call(s) of attempt {number} recorded after a crash, "
+            f"${sum(e['cost'] for e in found):.4f}")
+    sup.event(rec, line)
+    sup.say(f"recovery: {rec.id}: {line}")
+
+
+def _journal_entry(entry: Any) -> bool:
+    """Whether a journal line is a call as `_usage_entry` wrote it (what `cost` can add up)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("call"), str):
+        return False
+    cost, usage = entry.get("cost"), entry.get("usage")
+    if not isinstance(cost, int | float) or isinstance(cost, bool) or not math.isfinite(cost) or cost < 0:
+        return False
+    if usage is not None and not (isinstance(usage, dict) and all(
+            type(usage.get(k)) is int for k in ("prompt_tokens", "completion_tokens"))):
+        return False
+    return isinstance(entry.get("model"), str) and isinstance(entry.get("agent"), str)
 
 
 # -- the worker thread --------------------------------------------------------------------------------
@@ -200,8 +269,10 @@ def record_usage(runner: AttemptRunner, act: Active, out: Outcome) -> None:
     sup.whole(rec)  # it may have been cancelled (ended, written) while the model thought
     calls = out.client.calls
     runner_meter = meter_for(runner)
-    for call in calls:
-        rec.usage.append({**call.as_dict(), "agent": act.agent.name, "attempt": act.attempt.number})
+    key = _journal_keys.get(out.client)
+    for n, call in enumerate(calls):
+        rec.usage.append(_usage_entry(call, act.agent.name, act.attempt.number,
+                                      f"{key}-{n}" if key else None))
     _log_conversation(act, out, calls)
     if calls:
         sup.store.save(rec, sync=False)

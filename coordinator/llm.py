@@ -158,8 +158,10 @@ class Client:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         spend_guard: Callable[[], str | None] | None = None,
+        on_call: Callable[[Call], None] | None = None,
     ) -> None:
         self.settings = settings
+        self._on_call = on_call  # told of each call as it is made (a journal a crash cannot lose)
         self._env = env if env is not None else os.environ
         self._transport = transport
         self._sleep = sleep
@@ -480,6 +482,8 @@ class Client:
         made.append(call)
         with self._lock:
             self._calls.append(call)
+        if self._on_call is not None:
+            self._on_call(call)
 
 
 def _parse_completion(response: httpx.Response, sent: list[dict[str, str]],

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -539,6 +542,40 @@ def test_cost_adds_up_thousands_of_cheap_calls_to_what_the_spend_limit_counts(ma
     shown = CliRunner().invoke(cli, ["-w", str(ws.root), "cost"]).output
     assert "  tiny                   2000     60,000      20,000     0.0010" in shown
     assert shown.splitlines()[-1].endswith("1.0218")
+
+
+@pytest.mark.slow
+def test_model_calls_made_before_a_kill_9_are_still_counted_in_the_cost(make_ws, fake):
+    # Once lost: a call is recorded with its order only when the conversation ends, so a kill -9
+    # during the re-ask left the first, billed call nowhere (no `cost`, no spend limit).
+    ws = make_ws({"chip": coder(fake, llm=llm(fake, prices={"input": 3.0, "output": 15.0}))})
+    fake.script(content="Not JSON at all.", usage={"prompt_tokens": 5000, "completion_tokens": 2000})
+    fake.script(content=reply(), delay=30)  # the re-ask: the supervisor is killed while it waits
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g"))
+    with open(ws.root.parent / "supervise.log", "wb") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("coordinator")), "-w", str(ws.root),
+                                 "supervise"], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_until(lambda: len(fake.chat_bodies()) == 2, "the re-ask to be under way")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    assert cost_json(ws)["total"]["calls"] == 0  # nothing was recorded with the order yet
+
+    fake.script(content=reply())
+    lines: list[str] = []
+    run(ws, lines)
+
+    rec = load(ws, "g")
+    assert rec.status == "done", rec.report
+    first = [u for u in rec.usage if u["attempt"] == 1]
+    assert [(u["usage"]["prompt_tokens"], u["cost"]) for u in first] == [(5000, pytest.approx(0.045))]
+    assert cost_json(ws)["total"]["cost"] == pytest.approx(0.045 + sum(u["cost"] for u in rec.usage
+                                                                       if u["attempt"] == 2))
+    assert any("g: 1 model call(s) of attempt 1 recorded after a crash, $0.0450" in line for line in lines)
+    run(ws)  # a second start records nothing twice
+    assert len(load(ws, "g").usage) == len(rec.usage)
 
 
 # -- replies that once crashed the supervisor ---------------------------------------------------------
