@@ -405,6 +405,31 @@ def test_rotation_shrinks_what_the_orchestrator_model_is_sent(make_ws, fake):
     assert after < before
 
 
+def test_a_hand_edited_brief_that_is_not_utf8_does_not_stop_the_supervisor(make_ws, fake):
+    # Once "internal error: UnicodeDecodeError" and the supervisor was gone, its request running.
+    ws = make_ws(team(fake), orchestrator="walt")
+    with Supervisor(ws) as sup:
+        sup.handle("rotate", {"fresh": True})  # generation 2 starts from state/orchestrator/brief.md
+    fake.script(content=json.dumps({"summary": "Nothing to send.", "orders": []}))
+    drop(ws, "walt", "req.md", order_md("The app greets people", id="req"))
+    with Supervisor(ws) as sup:
+        (ws.state / "orchestrator" / "brief.md").write_bytes(b"# Brief\n\xff\xfe written by hand\n")
+        sup.run_once(limit=30)
+
+    assert load(ws, "req").status == "done"
+    assert "\ufffd\ufffd written by hand" in user_message(fake.chat_bodies()[0])
+
+    # A huge one is cut, never read whole into the prompt.
+    fake.script(content=json.dumps({"summary": "Nothing to send.", "orders": []}))
+    drop(ws, "walt", "req2.md", order_md("The app greets people again", id="req2"))
+    with Supervisor(ws) as sup:
+        (ws.state / "orchestrator" / "brief.md").write_text("in flight: many things\n" * 200_000)
+        sup.run_once(limit=30)
+    assert load(ws, "req2").status == "done"
+    sent = user_message(fake.chat_bodies()[-1])
+    assert "… (cut at 1,048,576 bytes)" in sent and len(sent) < 1_100_000
+
+
 # -- money and secrets ----------------------------------------------------------------------------------
 
 
