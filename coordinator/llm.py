@@ -508,6 +508,14 @@ def _parse_completion(response: httpx.Response, sent: list[dict[str, str]],
     if not isinstance(content, str) or not content.strip():
         # A reasoning model can spend the whole output limit thinking and say nothing.
         why = " (cut off at the output token limit: raise llm.max_tokens)" if cut else ""
+        message = choice.get("message") if isinstance(choice, dict) else None
+        refusal = message.get("refusal") if isinstance(message, dict) else None
+        if isinstance(refusal, str) and refusal.strip():
+            # The model's own words on why: "an empty message" hid them.
+            why = f": the model refused ({excerpt(' '.join(refusal.split()), secrets)})"
+        elif isinstance(message, dict) and message.get("tool_calls"):
+            why = (" but a tool call (this agent offers the model no tools: it must reply with the "
+                   "JSON object as text)")
         # Billed all the same (a model that thought to its output limit, most of all): counted.
         raise _Failure(f"HTTP 200 with an empty message{why}", status=200, retry=True,
                        usage=_usage(data.get("usage"), sent, ""))

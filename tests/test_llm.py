@@ -205,6 +205,20 @@ def test_an_empty_or_broken_answer_the_server_billed_is_counted_in_the_cost(
     assert client.spent == pytest.approx(sum(c.cost for c in client.calls))
 
 
+def test_a_refusal_or_a_tool_call_instead_of_text_is_said_as_such(fake: FakeLLM, sleeps: Sleeps) -> None:
+    # Both were "HTTP 200 with an empty message": the model's reason for refusing was lost.
+    fake.script(json={"choices": [{"message": {"content": None, "refusal": f"I can't help\nwith that, {KEY}."}}]})
+    fake.script(json={"choices": [{"finish_reason": "tool_calls", "message": {"content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "plan", "arguments": "{}"}}]}}]})
+    with pytest.raises(LLMError) as info:
+        Client(settings(Endpoint("one", fake.base_url, api_key_env="K"), Endpoint("two", fake.base_url),
+                        max_retries=0), env={"K": KEY}, sleep=sleeps).chat([{"role": "user", "content": "hi"}])
+    message = str(info.value)
+    assert "one at" in message and "the model refused (I can't help with that, ***.)" in message
+    assert KEY not in message
+    assert "two at" in message and "but a tool call (this agent offers the model no tools" in message
+
+
 def test_refused_response_format_switches_to_plain_prompting_and_is_remembered(
         fake: FakeLLM, sleeps: Sleeps) -> None:
     fake.script(status=400, json={"error": {"message": "response_format is not supported"}})
