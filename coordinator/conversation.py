@@ -303,6 +303,10 @@ def _budget_usage(runner: AttemptRunner, rec: Record, out: Outcome, calls: tuple
     sup.ledger.add(rec.id, "brief", tokens=tokens, now=datetime.now(UTC),
                    note=f"{USAGE_NOTE} of {rec.id}: {len(calls)} call(s), {usage.prompt_tokens} prompt + "
                         f"{usage.completion_tokens} completion tokens reported")
+    if rec.terminal:
+        # Cancelled while the model thought: its items were completed then, before this one came;
+        # left in flight, no rotation would ever drop it.
+        sup.ledger.complete(rec.id)
     change = sup.ledger.update_mode(sup.config.budget.bands)
     sup.ledger.save()
     if change:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import drop, order_md, sh, wait_until
+from conftest import drop, order_md, sh, step_until, wait_until
 from fakellm import FakeLLM, Response
 
 from coordinator import costs, signals
@@ -347,6 +347,24 @@ def test_a_finished_requests_summary_stays_in_the_orchestrators_context(make_ws,
     assert load(ws, "r2").status == "done"
     context = user_message(fake.chat_bodies()[-1])
     assert "request r1 [done]: The app greets people -> Nothing to send: the greeting exists." in context
+
+
+def test_a_request_cancelled_while_its_model_is_re_asked_leaves_nothing_rotation_cannot_drop(make_ws, fake):
+    # Once its conversation came in after the cancel, in flight for good: `coordinator rotate`
+    # dropped nothing and the 3,500 tokens of a cancelled request stayed in the budget.
+    ws = make_ws(team(fake), orchestrator="walt")
+    fake.script(content="Let me think first. Not JSON.", usage={"prompt_tokens": 3000, "completion_tokens": 500})
+    fake.script(content=json.dumps({"summary": "Nothing to send.", "orders": []}), delay=5)
+    drop(ws, "walt", "req.md", order_md("The app greets people", id="req"))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: len(fake.requests) == 2, "the re-ask to be under way")
+        sup.handle("cancel", {"id": "req"})
+        sup.run_once(limit=30)
+        assert sup.records["req"].status == "cancelled"
+        held = [i for i in sup.ledger.items if i.ref == "req"]
+        assert [(i.tokens, i.status) for i in held] == [(3500, "completed")]
+        sup.handle("rotate", {})
+        assert sup.ledger.hot_tokens() == 0
 
 
 def test_a_failed_review_is_asked_again_without_redoing_the_work(make_ws, fake):
