@@ -587,6 +587,19 @@ def test_cost_adds_up_thousands_of_cheap_calls_to_what_the_spend_limit_counts(ma
     assert shown.splitlines()[-1].endswith("1.0218")
 
 
+def test_cost_keeps_its_columns_under_their_headings_with_a_long_model_name(make_ws, fake):
+    # An OpenRouter name pushed its row's figures right of their headings.
+    ws = make_ws({"chip": coder(fake, llm=llm(fake, model="anthropic/claude-sonnet-4.5"))})
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g"))
+    run(ws)
+    shown = CliRunner().invoke(cli, ["-w", str(ws.root), "cost"]).output.splitlines()
+    header, rows = shown[0], [line for line in shown if line[-1].isdigit()]
+    assert any("anthropic/claude-sonnet-4.5" in row for row in rows) and len(rows) == 3
+    for row in rows:  # each figure ends where its heading ends
+        assert len(row) == len(header), shown
+        assert row[:header.index("calls") + 5].endswith("1")
+
+
 @pytest.mark.slow
 def test_model_calls_made_before_a_kill_9_are_still_counted_in_the_cost(make_ws, fake):
     # Once lost: a call is recorded with its order only when the conversation ends, so a kill -9
