@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from . import audit, budget, llmagent
+from . import audit, budget, costs, llmagent
 from .config import Agent, Config
 from .errors import CoordinatorError, LLMError
 from .llm import Call, Client
@@ -74,7 +74,9 @@ class SpendMeter:
         self._live: dict[int, tuple[str, Client]] = {}
         for rec in records:
             for call in rec.usage:
-                self._add(str(call.get("agent") or rec.to), float(call.get("cost", 0.0) or 0.0))
+                found = costs.figures(call)  # a call changed by hand is no money, and no crash
+                if found is not None:
+                    self._add(str(call.get("agent") or rec.to), found[2])
 
     def _add(self, agent: str, usd: float) -> None:
         self._by_agent[agent] = self._by_agent.get(agent, 0.0) + usd

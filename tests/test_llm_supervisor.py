@@ -25,6 +25,7 @@ from fakellm import FakeLLM, Response
 
 from coordinator import costs, signals
 from coordinator.cli import cli
+from coordinator.conversation import meter_for
 from coordinator.llmagent import ORCHESTRATOR_ROLE, SYNTHESIS_ROLE
 from coordinator.store import Record, Store
 from coordinator.supervisor import Supervisor
@@ -598,6 +599,30 @@ def test_cost_keeps_its_columns_under_their_headings_with_a_long_model_name(make
     for row in rows:  # each figure ends where its heading ends
         assert len(row) == len(header), shown
         assert row[:header.index("calls") + 5].endswith("1")
+
+
+def test_cost_says_which_recorded_call_it_cannot_read_and_counts_the_rest(make_ws, fake):
+    # A record edited by hand ("cost": "abc", a usage that is a list) was an internal error.
+    ws = make_ws({"chip": coder(fake), "rex": coder(fake)})
+    fake.responder = lambda body: Response(content=reply(), usage={"prompt_tokens": 100, "completion_tokens": 5})
+    drop(ws, "chip", "a.md", order_md("Order a is handled", id="a"))
+    drop(ws, "rex", "b.md", order_md("Order b is handled", id="b"))
+    run(ws)
+    path = ws.state / "orders" / "a" / "record.json"
+    data = json.loads(path.read_text())
+    data["usage"] = [{**data["usage"][0], "cost": "abc"}, {**data["usage"][0], "usage": [1]}]
+    path.write_text(json.dumps(data))
+
+    result = CliRunner().invoke(cli, ["-w", str(ws.root), "cost", "--json"])
+    assert result.exit_code == 0, result.output
+    money = json.loads(result.stdout)
+    assert money["total"]["calls"] == 1 and money["by_agent"]["rex"]["prompt_tokens"] == 100
+    warned = result.stderr.splitlines()
+    assert len(warned) == 2 and warned[0].startswith(
+        "warning: state/orders/a/record.json: usage.0 is not a model call as recorded")
+    assert "git -C state checkout orders/a/record.json" in warned[0]
+    with Supervisor(ws) as sup:  # the spend meter reads them too: the supervisor starts
+        assert meter_for(sup.attempts).spent() == pytest.approx(costs.spent(Store(ws.state).load_all().values()))
 
 
 @pytest.mark.slow
