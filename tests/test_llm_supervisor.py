@@ -449,6 +449,23 @@ def test_a_hand_edited_brief_that_is_not_utf8_does_not_stop_the_supervisor(make_
     assert "… (cut at 1,048,576 bytes)" in sent and len(sent) < 1_100_000
 
 
+def test_a_damaged_record_of_an_ended_request_does_not_stop_the_supervisor(make_ws, fake):
+    # Its summary is quoted in the orchestrator's context: once "state/orders/r1/record.json is
+    # not an order record" ended the supervisor itself, the next request left running.
+    ws = make_ws(team(fake), orchestrator="walt")
+    for n in (1, 2):
+        fake.script(content=json.dumps({"summary": f"Nothing to send for r{n}.", "orders": []}))
+    drop(ws, "walt", "r1.md", order_md("The app greets people", id="r1"))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: sup.records.get("r1") is not None and sup.records["r1"].status == "done",
+                   "r1 to end")
+        (ws.state / "orders" / "r1" / "record.json").write_text('{"id": "r1", "bro')
+        drop(ws, "walt", "r2.md", order_md("The app says goodbye", id="r2"))
+        sup.run_once(limit=30)
+        assert sup.records["r2"].status == "done"
+    assert "request r1 [done]: The app greets people" in user_message(fake.chat_bodies()[-1])
+
+
 # -- money and secrets ----------------------------------------------------------------------------------
 
 
