@@ -144,7 +144,7 @@ def new_client(runner: AttemptRunner, act: Active) -> Client:
             heartbeat.touch()
         return limit()
 
-    journal = act.attempt.logs / CALLS_JOURNAL
+    journal, log = act.attempt.logs / CALLS_JOURNAL, act.attempt.log
     key = secrets.token_hex(6)
     made = itertools.count()
     number = act.attempt.number
@@ -153,6 +153,9 @@ def new_client(runner: AttemptRunner, act: Active) -> Client:
         entry = _usage_entry(call, agent.name, number, f"{key}-{next(made)}")
         with contextlib.suppress(OSError), open(journal, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
+        # In the log as it happens: a slow conversation (retries, re-asks) shows its progress.
+        with contextlib.suppress(OSError), open(log, "a", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(_call_line(call) + "\n")
 
     client = Client(agent.llm, transport=runner.sup.http_transport, spend_guard=guard, on_call=noted)
     _journal_keys[client] = key
@@ -317,11 +320,9 @@ def _budget_usage(runner: AttemptRunner, rec: Record, out: Outcome, calls: tuple
 
 
 def _log_conversation(act: Active, out: Outcome, calls: tuple[Call, ...]) -> None:
-    """Calls and replies into the attempt's output.log, as a command's output would be."""
-    lines = [f"model call {c.model} at {c.base_url}: {c.error or f'HTTP {c.status}'}"
-             + (f", {c.usage.prompt_tokens}+{c.usage.completion_tokens} tokens" if c.usage else "")
-             + f", {c.latency:.2f}s, ${c.cost:.4f}"
-             for c in calls]
+    """Replies (and calls, unless each was logged as it was made) into the attempt's output.log,
+    as a command's output would be."""
+    lines = [] if _journal_keys.get(out.client) else [_call_line(c) for c in calls]
     for n, text in enumerate(out.replies, 1):
         lines.append(f"--- reply {n} ({out.kind})\n{out.client.redact(text, LOG_REPLY_CHARS)}")
     if out.error is not None:
@@ -330,6 +331,12 @@ def _log_conversation(act: Active, out: Outcome, calls: tuple[Call, ...]) -> Non
         # backslashreplace: a lone surrogate a model sent is logged as its escape, not a crash.
         with open(act.attempt.log, "a", encoding="utf-8", errors="backslashreplace") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def _call_line(c: Call) -> str:
+    return (f"model call {c.model} at {c.base_url}: {c.error or f'HTTP {c.status}'}"
+            + (f", {c.usage.prompt_tokens}+{c.usage.completion_tokens} tokens" if c.usage else "")
+            + f", {c.latency:.2f}s, ${c.cost:.4f}")
 
 
 def one_line(text: str, n: int = 200) -> str:

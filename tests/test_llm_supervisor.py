@@ -242,6 +242,27 @@ def test_an_order_cancelled_while_its_model_thinks_lands_nothing_but_its_call_is
     assert [(u["status"], u["error"]) for u in rec.usage] == [(None, "cancelled")]  # asked, then let go
 
 
+def test_each_model_call_is_in_the_log_as_it_is_made_and_once(make_ws, fake):
+    # The log was written when the conversation ended: a model re-asked for minutes showed
+    # an empty output.log all that time.
+    ws = make_ws({"chip": coder(fake)})
+    fake.script(content="Thinking aloud, no JSON.", usage={"prompt_tokens": 300, "completion_tokens": 40})
+    fake.script(content=reply(), delay=1.0, usage={"prompt_tokens": 400, "completion_tokens": 20})
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g"))
+    log = ws.runtime / "logs" / "g" / "1" / "output.log"
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: len(fake.requests) == 2, "the re-ask to be under way")
+        assert sup.records["g"].status == "running"
+        assert log.read_text().splitlines()[0].startswith(f"model call m at {fake.base_url}: HTTP 200, 300+40 tokens")
+        sup.run_once(limit=30)
+
+    assert load(ws, "g").status == "done"
+    lines = log.read_text().splitlines()
+    assert [line.split(",")[1] for line in lines if line.startswith("model call")] == [" 300+40 tokens",
+                                                                                      " 400+20 tokens"]
+    assert lines[2] == "--- reply 1 (specialist)"
+
+
 # -- the orchestrator ---------------------------------------------------------------------------------
 
 
