@@ -31,6 +31,7 @@ import re
 import socket
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
@@ -128,7 +129,12 @@ def cost_of(usage: Usage, endpoint: Endpoint) -> float:
 
 
 def estimate_tokens(text: str) -> int:
-    return max(1, math.ceil(len(text) / CHARS_PER_TOKEN)) if text else 0
+    """Four characters a token, and a token for each wide (Chinese, Japanese, Korean) character:
+    counted at a quarter, a prompt in Chinese was billed at a fifth of its tokens."""
+    if not text:
+        return 0
+    wide = 0 if text.isascii() else sum(1 for c in text if unicodedata.east_asian_width(c) in "WF")
+    return max(1, math.ceil((len(text) - wide) / CHARS_PER_TOKEN) + wide)
 
 
 class _Failure(Exception):

@@ -76,6 +76,15 @@ def test_usage_is_estimated_and_marked_when_the_server_reports_none(fake: FakeLL
     assert "response_format" not in fake.requests[0].body
 
 
+def test_an_estimate_counts_a_chinese_character_as_a_token(fake: FakeLLM) -> None:
+    # Once a quarter token each: a server reporting no usage billed a Chinese prompt at a fifth.
+    fake.script(content='{"摘要": "好"}', usage=None)
+    reply = Client(settings(Endpoint("m", fake.base_url, prices=Prices(1.0, 1.0)))).chat(
+        [{"role": "user", "content": "修复登录错误" * 100}], json_object=False)
+    assert reply.usage.estimated and reply.usage.prompt_tokens == 600
+    assert reply.usage.completion_tokens == 2 + 3  # 8 narrow characters, 3 wide
+
+
 def test_429_is_retried_with_backoff_then_the_next_model_answers(fake: FakeLLM, sleeps: Sleeps) -> None:
     for _ in range(3):
         fake.script(status=429, json={"error": {"message": "rate limited"}})
