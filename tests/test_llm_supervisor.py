@@ -389,6 +389,22 @@ def test_a_request_cancelled_while_its_model_is_re_asked_leaves_nothing_rotation
         assert sup.ledger.hot_tokens() == 0
 
 
+def test_an_orchestrator_context_too_large_for_its_model_says_to_rotate(make_ws, fake):
+    # Once only "check the endpoints or add a fallback model": the endpoint was fine, the
+    # context the supervisor builds from the ledger had outgrown the model.
+    ws = make_ws(team(fake), orchestrator="walt")
+    full = {"error": {"message": "This model's maximum context length is 8192 tokens. However, your "
+                                 "messages resulted in 9120 tokens.", "code": "context_length_exceeded"}}
+    fake.responder = lambda body: Response(status=400, json=full)
+    drop(ws, "walt", "req.md", order_md("The app greets people", id="req"))
+    run(ws)
+
+    rec = load(ws, "req")
+    assert rec.status == "blocked"
+    assert "too large for this model: `coordinator rotate --fresh` shrinks it" in rec.report["summary"]
+    assert "a lower budget.ceiling (now 7,000) keeps it small" in rec.failures[0]
+
+
 def test_a_failed_review_is_asked_again_without_redoing_the_work(make_ws, fake):
     ws = make_ws(team(fake), orchestrator="walt")
     fake.script(content=json.dumps({"summary": "rex reviews", "orders": [child("rex", "Review it", files=[])]}))
