@@ -38,10 +38,9 @@ class Interruptions(Endings):
         info = rec.running or {}
         number = int(info.get("number", rec.attempts))
         agent = self.sup.config.agents.get(rec.to)
-        if agent is not None and agent.llm is not None:
-            from .conversation import recover_usage  # here: conversation builds on attempts
+        from .conversation import recover_usage  # here: conversation builds on attempts
 
-            recover_usage(self.sup, rec, number)  # the model calls it made are billed all the same
+        recover_usage(self.sup, rec, number)  # the model calls it made (if any) are billed all the same
         ending = _ending(info)
         if ending is not None and agent is not None:  # it was decided, and its outbox being delivered
             self._deliver_rest(rec, agent, number)
