@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import math
 import secrets
 import threading
 import time
@@ -201,15 +200,8 @@ def recover_usage(sup: Supervisor, rec: Record, number: int) -> None:
 
 def _journal_entry(entry: Any) -> bool:
     """Whether a journal line is a call as `_usage_entry` wrote it (what `cost` can add up)."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("call"), str):
-        return False
-    cost, usage = entry.get("cost"), entry.get("usage")
-    if not isinstance(cost, int | float) or isinstance(cost, bool) or not math.isfinite(cost) or cost < 0:
-        return False
-    if usage is not None and not (isinstance(usage, dict) and all(
-            type(usage.get(k)) is int for k in ("prompt_tokens", "completion_tokens"))):
-        return False
-    return isinstance(entry.get("model"), str) and isinstance(entry.get("agent"), str)
+    return (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("call", "model", "agent"))
+            and costs.figures(entry) is not None)
 
 
 # -- the worker thread --------------------------------------------------------------------------------
