@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -74,19 +75,25 @@ def iso(now: datetime) -> str:
 
 
 def estimate_tokens(text: str) -> int:
-    """Estimated tokens of `text` when no model reported usage: ``max(⌈chars/4⌉, ⌈words·4/3⌉)``.
+    """Estimated tokens of `text` when no model reported usage:
+    ``max(⌈narrow chars/4⌉ + wide chars, ⌈words·4/3⌉)``.
 
-    Four characters per token is the usual figure for English prose and code; the word rule
+    Four characters per token is the usual figure for English prose and code; a wide (East
+    Asian) character is a token or more of its own: counted at a quarter, a brief in Chinese
+    or Japanese was a fifth of its real tokens, and rotated far too late. The word rule
     keeps short-word text (lists of ids, terse bullets) from being undercounted. Both round
     up, so any non-empty text costs at least one token. No network, no tokenizer.
 
     Example:
         >>> estimate_tokens("Route the login bug to chip.")  # 28 chars, 6 words
         8
+        >>> estimate_tokens("修复登录错误")  # 6 wide characters
+        6
     """
     if not text:
         return 0
-    by_chars = math.ceil(len(text) / 4)
+    wide = 0 if text.isascii() else sum(1 for c in text if unicodedata.east_asian_width(c) in "WF")
+    by_chars = math.ceil((len(text) - wide) / 4) + wide
     by_words = math.ceil(len(text.split()) * 4 / 3)
     return max(by_chars, by_words)
 

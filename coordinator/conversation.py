@@ -17,6 +17,9 @@ with the limit named (no retry can bypass it: the meter is asked again).
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
+import secrets
 import threading
 import time
 import weakref
@@ -25,17 +28,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from . import audit, budget, llmagent
+from . import audit, budget, costs, llmagent
 from .config import Agent, Config
 from .errors import CoordinatorError, LLMError
 from .llm import Call, Client
+from .runner import log_folder
 from .store import Record
 
 if TYPE_CHECKING:
     from .attempts import Active, AttemptRunner
+    from .supervisor import Supervisor
 
 LOG_REPLY_CHARS = 4000       # of each model reply kept in the attempt's output.log
 USAGE_NOTE = "model conversation"  # ledger items of a request's own calls carry this note
+# In the attempt's log folder: each call as it is made, so a crash (kill -9) in the middle of a
+# conversation cannot lose calls that were made and paid for (see `recover_usage`).
+CALLS_JOURNAL = "calls.jsonl"
 # The brief's last section tells a command how to write $COORD_RESULT; a model answers in JSON.
 HOW_TO_ANSWER = "\n## How to answer"
 
@@ -65,7 +73,9 @@ class SpendMeter:
         self._live: dict[int, tuple[str, Client]] = {}
         for rec in records:
             for call in rec.usage:
-                self._add(str(call.get("agent") or rec.to), float(call.get("cost", 0.0) or 0.0))
+                found = costs.figures(call)  # a call changed by hand is no money, and no crash
+                if found is not None:
+                    self._add(str(call.get("agent") or rec.to), found[2])
 
     def _add(self, agent: str, usd: float) -> None:
         self._by_agent[agent] = self._by_agent.get(agent, 0.0) + usd
@@ -133,9 +143,65 @@ def new_client(runner: AttemptRunner, act: Active) -> Client:
             heartbeat.touch()
         return limit()
 
-    client = Client(agent.llm, transport=runner.sup.http_transport, spend_guard=guard)
+    journal, log = act.attempt.logs / CALLS_JOURNAL, act.attempt.log
+    key = secrets.token_hex(6)
+    made = itertools.count()
+    number = act.attempt.number
+
+    def noted(call: Call) -> None:
+        entry = _usage_entry(call, agent.name, number, f"{key}-{next(made)}")
+        with contextlib.suppress(OSError), open(journal, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        # In the log as it happens: a slow conversation (retries, re-asks) shows its progress.
+        with contextlib.suppress(OSError), open(log, "a", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(_call_line(call) + "\n")
+
+    client = Client(agent.llm, transport=runner.sup.http_transport, spend_guard=guard, on_call=noted)
+    _journal_keys[client] = key
     meter.track(agent.name, client)
     return client
+
+
+_journal_keys: weakref.WeakKeyDictionary[Client, str] = weakref.WeakKeyDictionary()
+
+
+def _usage_entry(call: Call, agent: str, attempt: int, key: str | None) -> dict[str, Any]:
+    """A call as it is recorded with its order; `key` names it in the attempt's journal."""
+    return {**call.as_dict(), "agent": agent, "attempt": attempt, **({"call": key} if key else {})}
+
+
+def recover_usage(sup: Supervisor, rec: Record, number: int) -> None:
+    """Record the calls of attempt `number` that a crash kept from being recorded with the
+    order (they were made, and are billed): read back from the attempt's journal."""
+    path = log_folder(sup.ws, rec.id, number) / CALLS_JOURNAL
+    try:
+        lines = path.read_text("utf-8", errors="replace").splitlines()
+    except OSError:
+        return
+    sup.whole(rec)
+    known = {u.get("call") for u in rec.usage}
+    found: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # the line the crash cut off
+        if _journal_entry(entry) and entry["call"] not in known:
+            known.add(entry["call"])
+            found.append(entry)
+    if not found:
+        return
+    rec.usage.extend(found)
+    line = (f"{len(found)} model call(s) of attempt {number} recorded after a crash, "
+            f"${sum(e['cost'] for e in found):.4f}")
+    sup.event(rec, line)
+    sup.say(f"recovery: {rec.id}: {line}")
+
+
+def _journal_entry(entry: Any) -> bool:
+    """Whether a journal line is a call as `_usage_entry` wrote it (what `cost` can add up)."""
+    return (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("call", "model", "agent"))
+            and costs.figures(entry) is not None)
 
 
 # -- the worker thread --------------------------------------------------------------------------------
@@ -200,8 +266,10 @@ def record_usage(runner: AttemptRunner, act: Active, out: Outcome) -> None:
     sup.whole(rec)  # it may have been cancelled (ended, written) while the model thought
     calls = out.client.calls
     runner_meter = meter_for(runner)
-    for call in calls:
-        rec.usage.append({**call.as_dict(), "agent": act.agent.name, "attempt": act.attempt.number})
+    key = _journal_keys.get(out.client)
+    for n, call in enumerate(calls):
+        rec.usage.append(_usage_entry(call, act.agent.name, act.attempt.number,
+                                      f"{key}-{n}" if key else None))
     _log_conversation(act, out, calls)
     if calls:
         sup.store.save(rec, sync=False)
@@ -219,7 +287,7 @@ def _budget_usage(runner: AttemptRunner, rec: Record, out: Outcome, calls: tuple
     ledger's items, the team, the request, any re-asks) and its answer. The ledger counts its
     own items already, so the request's item is the rest, and replaces the one of its last call.
     """
-    answered = [c for c in calls if c.usage is not None]
+    answered = [c for c in calls if c.usage is not None and c.error is None]
     if not answered:
         return
     usage = answered[-1].usage
@@ -232,6 +300,10 @@ def _budget_usage(runner: AttemptRunner, rec: Record, out: Outcome, calls: tuple
     sup.ledger.add(rec.id, "brief", tokens=tokens, now=datetime.now(UTC),
                    note=f"{USAGE_NOTE} of {rec.id}: {len(calls)} call(s), {usage.prompt_tokens} prompt + "
                         f"{usage.completion_tokens} completion tokens reported")
+    if rec.terminal:
+        # Cancelled while the model thought: its items were completed then, before this one came;
+        # left in flight, no rotation would ever drop it.
+        sup.ledger.complete(rec.id)
     change = sup.ledger.update_mode(sup.config.budget.bands)
     sup.ledger.save()
     if change:
@@ -240,11 +312,9 @@ def _budget_usage(runner: AttemptRunner, rec: Record, out: Outcome, calls: tuple
 
 
 def _log_conversation(act: Active, out: Outcome, calls: tuple[Call, ...]) -> None:
-    """Calls and replies into the attempt's output.log, as a command's output would be."""
-    lines = [f"model call {c.model} at {c.base_url}: {c.error or f'HTTP {c.status}'}"
-             + (f", {c.usage.prompt_tokens}+{c.usage.completion_tokens} tokens" if c.usage else "")
-             + f", {c.latency:.2f}s, ${c.cost:.4f}"
-             for c in calls]
+    """Replies (and calls, unless each was logged as it was made) into the attempt's output.log,
+    as a command's output would be."""
+    lines = [] if _journal_keys.get(out.client) else [_call_line(c) for c in calls]
     for n, text in enumerate(out.replies, 1):
         lines.append(f"--- reply {n} ({out.kind})\n{out.client.redact(text, LOG_REPLY_CHARS)}")
     if out.error is not None:
@@ -253,6 +323,12 @@ def _log_conversation(act: Active, out: Outcome, calls: tuple[Call, ...]) -> Non
         # backslashreplace: a lone surrogate a model sent is logged as its escape, not a crash.
         with open(act.attempt.log, "a", encoding="utf-8", errors="backslashreplace") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def _call_line(c: Call) -> str:
+    return (f"model call {c.model} at {c.base_url}: {c.error or f'HTTP {c.status}'}"
+            + (f", {c.usage.prompt_tokens}+{c.usage.completion_tokens} tokens" if c.usage else "")
+            + f", {c.latency:.2f}s, ${c.cost:.4f}")
 
 
 def one_line(text: str, n: int = 200) -> str:

@@ -38,6 +38,9 @@ class Interruptions(Endings):
         info = rec.running or {}
         number = int(info.get("number", rec.attempts))
         agent = self.sup.config.agents.get(rec.to)
+        from .conversation import recover_usage  # here: conversation builds on attempts
+
+        recover_usage(self.sup, rec, number)  # the model calls it made (if any) are billed all the same
         ending = _ending(info)
         self._defuse(rec.id, runner.attempt_folder(self.ws, rec.id, number))
         if ending is not None and agent is not None:  # it was decided, and its outbox being delivered

@@ -31,6 +31,7 @@ import re
 import socket
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
@@ -128,20 +129,27 @@ def cost_of(usage: Usage, endpoint: Endpoint) -> float:
 
 
 def estimate_tokens(text: str) -> int:
-    return max(1, math.ceil(len(text) / CHARS_PER_TOKEN)) if text else 0
+    """Four characters a token, and a token for each wide (Chinese, Japanese, Korean) character:
+    counted at a quarter, a prompt in Chinese was billed at a fifth of its tokens."""
+    if not text:
+        return 0
+    wide = 0 if text.isascii() else sum(1 for c in text if unicodedata.east_asian_width(c) in "WF")
+    return max(1, math.ceil((len(text) - wide) / CHARS_PER_TOKEN) + wide)
 
 
 class _Failure(Exception):
     """One failed attempt, already described and redacted; `retry` says what to do next."""
 
     def __init__(self, text: str, *, status: int | None, retry: bool,
-                 retry_after: float | None = None, rejects_json_mode: bool = False) -> None:
+                 retry_after: float | None = None, rejects_json_mode: bool = False,
+                 usage: Usage | None = None) -> None:
         super().__init__(text)
         self.text = text
         self.status = status
         self.retry = retry
         self.retry_after = retry_after
         self.rejects_json_mode = rejects_json_mode
+        self.usage = usage  # what a 200 that is no good answer still used (and is billed for)
 
 
 class Client:
@@ -156,8 +164,10 @@ class Client:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         spend_guard: Callable[[], str | None] | None = None,
+        on_call: Callable[[Call], None] | None = None,
     ) -> None:
         self.settings = settings
+        self._on_call = on_call  # told of each call as it is made (a journal a crash cannot lose)
         self._env = env if env is not None else os.environ
         self._transport = transport
         self._sleep = sleep
@@ -276,8 +286,8 @@ class Client:
                     self._record(Call(endpoint.model, shown_url(endpoint.base_url), None, self._why_stopped, None,
                                       self._clock() - started, 0.0), made)
                     raise LLMError(self._why_stopped) from None
-                call = Call(endpoint.model, shown_url(endpoint.base_url), f.status, f.text, None,
-                            self._clock() - started, 0.0)
+                call = Call(endpoint.model, shown_url(endpoint.base_url), f.status, f.text, f.usage,
+                            self._clock() - started, cost_of(f.usage, endpoint) if f.usage else 0.0)
                 self._record(call, made)
                 if f.status in (401, 403):
                     raise LLMAuthError(self._auth_message(endpoint, f.status)) from None
@@ -478,19 +488,23 @@ class Client:
         made.append(call)
         with self._lock:
             self._calls.append(call)
+        if self._on_call is not None:
+            self._on_call(call)
 
 
 def _parse_completion(response: httpx.Response, sent: list[dict[str, str]],
                       secrets: list[str]) -> tuple[str, Usage, bool]:
     """Text, usage and whether the output token limit cut it, of a 200 answer; a malformed one is
     a retryable failure."""
+    data: Any = None
     try:
         data = response.json()
         content = data["choices"][0]["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError, RecursionError):
         shown = excerpt(response.text, secrets)
+        raw = data.get("usage") if isinstance(data, dict) else None
         raise _Failure(f"HTTP 200 but not a chat completion: {shown!r}", status=200,
-                       retry=True) from None
+                       retry=True, usage=_reported(raw)) from None
     choice = data["choices"][0]
     cut = isinstance(choice, dict) and choice.get("finish_reason") == "length"
     if isinstance(content, list):
@@ -500,17 +514,35 @@ def _parse_completion(response: httpx.Response, sent: list[dict[str, str]],
     if not isinstance(content, str) or not content.strip():
         # A reasoning model can spend the whole output limit thinking and say nothing.
         why = " (cut off at the output token limit: raise llm.max_tokens)" if cut else ""
-        raise _Failure(f"HTTP 200 with an empty message{why}", status=200, retry=True)
+        message = choice.get("message") if isinstance(choice, dict) else None
+        refusal = message.get("refusal") if isinstance(message, dict) else None
+        if isinstance(refusal, str) and refusal.strip():
+            # The model's own words on why: "an empty message" hid them.
+            why = f": the model refused ({excerpt(' '.join(refusal.split()), secrets)})"
+        elif isinstance(message, dict) and message.get("tool_calls"):
+            why = (" but a tool call (this agent offers the model no tools: it must reply with the "
+                   "JSON object as text)")
+        # Billed all the same (a model that thought to its output limit, most of all): counted.
+        raise _Failure(f"HTTP 200 with an empty message{why}", status=200, retry=True,
+                       usage=_usage(data.get("usage"), sent, ""))
     return content, _usage(data.get("usage"), sent, content), cut
 
 
 def _usage(raw: object, sent: list[dict[str, str]], content: str) -> Usage:
+    reported = _reported(raw)
+    if reported is not None:
+        return reported
+    prompt_text = "".join(m.get("content", "") for m in sent)
+    return Usage(estimate_tokens(prompt_text), estimate_tokens(content), estimated=True)
+
+
+def _reported(raw: object) -> Usage | None:
+    """The usage an answer reports, when it is a pair of token counts."""
     if isinstance(raw, dict):
         prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
         if _token_count(prompt) and _token_count(completion):
             return Usage(prompt, completion)
-    prompt_text = "".join(m.get("content", "") for m in sent)
-    return Usage(estimate_tokens(prompt_text), estimate_tokens(content), estimated=True)
+    return None
 
 
 def _token_count(value: object) -> TypeGuard[int]:

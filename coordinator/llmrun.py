@@ -11,6 +11,7 @@ checks decide; an orchestrator's plan is filed by `orchestration`.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from .attempts import Active, AttemptRunner
 
 MAX_FILE_CHARS = 60_000      # per file sent to a specialist model
+# How servers say a prompt is longer than the model's context (OpenAI, vLLM, llama.cpp, Anthropic).
+CONTEXT_FULL = re.compile(r"context[ _](length|window|size)|maximum context|prompt is too long|"
+                          r"exceeds? the (available )?context", re.I)
 MAX_TOTAL_CHARS = 240_000    # all files of one order
 MAX_GLOB_FILES = 40
 
@@ -87,6 +91,13 @@ def _judge(runner: AttemptRunner, act: Active, out: Outcome) -> None:
             act.rec.failures.append(str(out.error))
             return runner.block(act.rec, str(out.error))
         reason = f"{act.agent.name}'s model failed: {out.error}"
+        if out.kind != "specialist" and CONTEXT_FULL.search(str(out.error)):
+            # Not the endpoint's fault ("check the endpoints" sent the user hunting there): the
+            # context the supervisor builds from the budget ledger has outgrown the model.
+            budget = runner.sup.config.budget
+            reason += (f"; the orchestrator's context ({runner.sup.ledger.hot_tokens():,} hot tokens) is "
+                       "too large for this model: `coordinator rotate --fresh` shrinks it; a lower "
+                       f"budget.ceiling (now {budget.ceiling:,}) keeps it small")
     elif out.value is None:
         reason = f"{act.agent.name}'s model call ended without an answer"
     if reason is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import budget, llmagent, orders, results
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from .attempts import Active, AttemptRunner
 
 MAX_ROUNDS = 4               # plan + reviews that may still file orders; then the request is blocked
+MAX_QUOTED_BYTES = 1 << 20   # of one file of state/ (the brief, a report) quoted in the model's context
 
 
 # -- plans and reviews --------------------------------------------------------------------------------
@@ -165,11 +167,7 @@ def children_reports(runner: AttemptRunner, children: Iterable[str]) -> tuple[st
     shown: set[str] = set()
 
     def report(order_id: str) -> str | None:
-        path = sup.store.folder(order_id) / "report.md"
-        try:
-            return path.read_text("utf-8", errors="replace") if path.exists() else None
-        except OSError:
-            return None
+        return _quoted(sup.store.folder(order_id) / "report.md")
 
     for c in children:
         end = route_end(sup.records, c)
@@ -308,8 +306,8 @@ def orchestrator_context(runner: AttemptRunner, *, current: str | None = None,
     for item in sup.ledger.items:
         rec = sup.records.get(item.ref)
         if item.kind == "brief" and item.ref == budget.BRIEF_REF:
-            path = budget.brief_path(sup.ws.state)
-            parts.append(path.read_text("utf-8") if path.exists() else item.note)
+            text = _quoted(budget.brief_path(sup.ws.state))
+            parts.append(text if text is not None else item.note)
         elif item.kind == "brief":  # the conversation of a request
             if rec is not None and rec.id != current:
                 summary = (sup.store.with_detail(rec).report or {}).get("summary", "")
@@ -319,11 +317,24 @@ def orchestrator_context(runner: AttemptRunner, *, current: str | None = None,
             if item.note:
                 parts.append(f"- {item.note}")
         elif item.kind == "report":
-            report = sup.store.folder(rec.id) / "report.md"
-            if rec.id not in skip and report.exists():
-                parts.append(report.read_text("utf-8"))
+            report = _quoted(sup.store.folder(rec.id) / "report.md") if rec.id not in skip else None
+            if report is not None:
+                parts.append(report)
         elif item.kind == "rejection":
             parts.append(f"- {rec.id} to {rec.to} was rejected: {'; '.join(sup.store.with_detail(rec).errors)}")
         elif item.ref not in reported:
             parts.append(f"- {rec.id} to {rec.to} [{rec.status}]: {rec.objective}")
     return "\n".join(parts)
+
+
+def _quoted(path: Path) -> str | None:
+    """A file of state/ the context quotes, None when there is none (or it cannot be read): a
+    hand edit that left bytes that are no UTF-8 is shown with U+FFFD (it once stopped the
+    supervisor), and a file past MAX_QUOTED_BYTES is cut, never read whole into a prompt."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_QUOTED_BYTES + 1)
+    except OSError:
+        return None
+    text = data[:MAX_QUOTED_BYTES].decode("utf-8", errors="replace")
+    return text if len(data) <= MAX_QUOTED_BYTES else f"{text}\n… (cut at {MAX_QUOTED_BYTES:,} bytes)"

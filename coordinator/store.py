@@ -364,7 +364,7 @@ class Store:
             return record
         try:
             return self.load(record.id)
-        except (NotFoundError, OSError, ValueError, TypeError):
+        except (NotFoundError, StateError, OSError, ValueError, TypeError):  # StateError: not a record
             return record
 
     def restore(self, record: Record, *, trust_file: bool = False) -> Record:

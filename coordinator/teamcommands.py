@@ -405,7 +405,10 @@ def cost(c: Context, as_json: bool) -> None:
     """
     from . import costs
 
-    data = costs.summary(c.ws)
+    damaged: list[str] = []
+    data = costs.summary(c.ws, damaged)
+    for line in damaged:
+        click.echo(f"warning: {line}", err=True)
     if as_json:
         emit_json(data)
     else:

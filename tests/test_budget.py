@@ -37,6 +37,16 @@ def test_estimate_follows_the_documented_rule() -> None:
     assert estimate_tokens("x") == 2  # one word is 4/3 of a token, rounded up
 
 
+def test_a_brief_in_chinese_or_japanese_is_not_counted_at_a_quarter_of_its_tokens() -> None:
+    # Once 190 tokens for these 760 characters: a tokenizer makes 700 or more of them.
+    zh = "请把登录页面的错误修复好，然后为它写一个单元测试，并确保所有的测试都能通过。" * 20
+    assert estimate_tokens(zh) == len(zh) == 760
+    ja = "ログインページのバグを直して、ユニットテストを書いてください。"  # kana and kanji: wide
+    assert estimate_tokens(ja) == len(ja)
+    assert estimate_tokens("Fix 登录 now") == 2 + 2  # 8 narrow characters, 2 wide
+    assert estimate_tokens("café au lait, s'il vous plaît") == 8  # accented Latin is narrow
+
+
 @given(st.text(), st.text())
 def test_more_text_never_costs_fewer_tokens(a: str, b: str) -> None:
     assert estimate_tokens(a + b) >= estimate_tokens(a)

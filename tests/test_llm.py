@@ -76,6 +76,15 @@ def test_usage_is_estimated_and_marked_when_the_server_reports_none(fake: FakeLL
     assert "response_format" not in fake.requests[0].body
 
 
+def test_an_estimate_counts_a_chinese_character_as_a_token(fake: FakeLLM) -> None:
+    # Once a quarter token each: a server reporting no usage billed a Chinese prompt at a fifth.
+    fake.script(content='{"摘要": "好"}', usage=None)
+    reply = Client(settings(Endpoint("m", fake.base_url, prices=Prices(1.0, 1.0)))).chat(
+        [{"role": "user", "content": "修复登录错误" * 100}], json_object=False)
+    assert reply.usage.estimated and reply.usage.prompt_tokens == 600
+    assert reply.usage.completion_tokens == 2 + 3  # 8 narrow characters, 3 wide
+
+
 def test_429_is_retried_with_backoff_then_the_next_model_answers(fake: FakeLLM, sleeps: Sleeps) -> None:
     for _ in range(3):
         fake.script(status=429, json={"error": {"message": "rate limited"}})
@@ -182,6 +191,41 @@ def test_an_empty_message_cut_at_the_token_limit_says_which_limit(fake: FakeLLM,
                                        r"llm.max_tokens\)"):
         Client(settings(Endpoint("m", fake.base_url), max_retries=0), sleep=sleeps).chat(
             [{"role": "user", "content": "hi"}])
+
+
+def test_an_empty_or_broken_answer_the_server_billed_is_counted_in_the_cost(
+        fake: FakeLLM, sleeps: Sleeps) -> None:
+    # Once recorded at $0 with no tokens: a reasoning model that thought up to its output limit
+    # three times cost real money that `coordinator cost` and the spend limits never saw.
+    billed = {"prompt_tokens": 1000, "completion_tokens": 4000}
+    fake.script(json={"choices": [{"message": {"content": ""}, "finish_reason": "length"}], "usage": billed})
+    fake.script(json={"choices": [], "usage": billed})
+    fake.script(json={"choices": [{"message": {"content": None}}]})  # no usage: the prompt is estimated
+    ep = Endpoint("m", fake.base_url, prices=Prices(input=3.0, output=15.0))
+    client = Client(settings(ep, max_retries=2), sleep=sleeps)
+    with pytest.raises(LLMError, match="empty message"):
+        client.chat([{"role": "user", "content": "x" * 400}])
+    first, second, third = client.calls
+    for call in (first, second):
+        assert call.usage is not None and (call.usage.prompt_tokens, call.usage.completion_tokens) == (1000, 4000)
+        assert call.cost == pytest.approx(1000 * 3.0 / 1e6 + 4000 * 15.0 / 1e6)
+    assert third.usage is not None and third.usage.estimated and third.usage.completion_tokens == 0
+    assert third.usage.prompt_tokens >= 100 and third.cost > 0
+    assert client.spent == pytest.approx(sum(c.cost for c in client.calls))
+
+
+def test_a_refusal_or_a_tool_call_instead_of_text_is_said_as_such(fake: FakeLLM, sleeps: Sleeps) -> None:
+    # Both were "HTTP 200 with an empty message": the model's reason for refusing was lost.
+    fake.script(json={"choices": [{"message": {"content": None, "refusal": f"I can't help\nwith that, {KEY}."}}]})
+    fake.script(json={"choices": [{"finish_reason": "tool_calls", "message": {"content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "plan", "arguments": "{}"}}]}}]})
+    with pytest.raises(LLMError) as info:
+        Client(settings(Endpoint("one", fake.base_url, api_key_env="K"), Endpoint("two", fake.base_url),
+                        max_retries=0), env={"K": KEY}, sleep=sleeps).chat([{"role": "user", "content": "hi"}])
+    message = str(info.value)
+    assert "one at" in message and "the model refused (I can't help with that, ***.)" in message
+    assert KEY not in message
+    assert "two at" in message and "but a tool call (this agent offers the model no tools" in message
 
 
 def test_refused_response_format_switches_to_plain_prompting_and_is_remembered(

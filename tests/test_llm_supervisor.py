@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import drop, order_md, sh, wait_until
+from conftest import drop, order_md, sh, step_until, wait_until
 from fakellm import FakeLLM, Response
 
-from coordinator import signals
+from coordinator import costs, signals
 from coordinator.cli import cli
+from coordinator.conversation import meter_for
 from coordinator.llmagent import ORCHESTRATOR_ROLE, SYNTHESIS_ROLE
 from coordinator.store import Record, Store
 from coordinator.supervisor import Supervisor
@@ -238,6 +242,27 @@ def test_an_order_cancelled_while_its_model_thinks_lands_nothing_but_its_call_is
     assert [(u["status"], u["error"]) for u in rec.usage] == [(None, "cancelled")]  # asked, then let go
 
 
+def test_each_model_call_is_in_the_log_as_it_is_made_and_once(make_ws, fake):
+    # The log was written when the conversation ended: a model re-asked for minutes showed
+    # an empty output.log all that time.
+    ws = make_ws({"chip": coder(fake)})
+    fake.script(content="Thinking aloud, no JSON.", usage={"prompt_tokens": 300, "completion_tokens": 40})
+    fake.script(content=reply(), delay=1.0, usage={"prompt_tokens": 400, "completion_tokens": 20})
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g"))
+    log = ws.runtime / "logs" / "g" / "1" / "output.log"
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: len(fake.requests) == 2, "the re-ask to be under way")
+        assert sup.records["g"].status == "running"
+        assert log.read_text().splitlines()[0].startswith(f"model call m at {fake.base_url}: HTTP 200, 300+40 tokens")
+        sup.run_once(limit=30)
+
+    assert load(ws, "g").status == "done"
+    lines = log.read_text().splitlines()
+    assert [line.split(",")[1] for line in lines if line.startswith("model call")] == [" 300+40 tokens",
+                                                                                      " 400+20 tokens"]
+    assert lines[2] == "--- reply 1 (specialist)"
+
+
 # -- the orchestrator ---------------------------------------------------------------------------------
 
 
@@ -346,6 +371,40 @@ def test_a_finished_requests_summary_stays_in_the_orchestrators_context(make_ws,
     assert "request r1 [done]: The app greets people -> Nothing to send: the greeting exists." in context
 
 
+def test_a_request_cancelled_while_its_model_is_re_asked_leaves_nothing_rotation_cannot_drop(make_ws, fake):
+    # Once its conversation came in after the cancel, in flight for good: `coordinator rotate`
+    # dropped nothing and the 3,500 tokens of a cancelled request stayed in the budget.
+    ws = make_ws(team(fake), orchestrator="walt")
+    fake.script(content="Let me think first. Not JSON.", usage={"prompt_tokens": 3000, "completion_tokens": 500})
+    fake.script(content=json.dumps({"summary": "Nothing to send.", "orders": []}), delay=5)
+    drop(ws, "walt", "req.md", order_md("The app greets people", id="req"))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: len(fake.requests) == 2, "the re-ask to be under way")
+        sup.handle("cancel", {"id": "req"})
+        sup.run_once(limit=30)
+        assert sup.records["req"].status == "cancelled"
+        held = [i for i in sup.ledger.items if i.ref == "req"]
+        assert [(i.tokens, i.status) for i in held] == [(3500, "completed")]
+        sup.handle("rotate", {})
+        assert sup.ledger.hot_tokens() == 0
+
+
+def test_an_orchestrator_context_too_large_for_its_model_says_to_rotate(make_ws, fake):
+    # Once only "check the endpoints or add a fallback model": the endpoint was fine, the
+    # context the supervisor builds from the ledger had outgrown the model.
+    ws = make_ws(team(fake), orchestrator="walt")
+    full = {"error": {"message": "This model's maximum context length is 8192 tokens. However, your "
+                                 "messages resulted in 9120 tokens.", "code": "context_length_exceeded"}}
+    fake.responder = lambda body: Response(status=400, json=full)
+    drop(ws, "walt", "req.md", order_md("The app greets people", id="req"))
+    run(ws)
+
+    rec = load(ws, "req")
+    assert rec.status == "blocked"
+    assert "too large for this model: `coordinator rotate --fresh` shrinks it" in rec.report["summary"]
+    assert "a lower budget.ceiling (now 7,000) keeps it small" in rec.failures[0]
+
+
 def test_a_failed_review_is_asked_again_without_redoing_the_work(make_ws, fake):
     ws = make_ws(team(fake), orchestrator="walt")
     fake.script(content=json.dumps({"summary": "rex reviews", "orders": [child("rex", "Review it", files=[])]}))
@@ -400,6 +459,48 @@ def test_rotation_shrinks_what_the_orchestrator_model_is_sent(make_ws, fake):
     assert "Report on" not in c_plan
     assert len(c_plan) < len(b_plan)
     assert after < before
+
+
+def test_a_hand_edited_brief_that_is_not_utf8_does_not_stop_the_supervisor(make_ws, fake):
+    # Once "internal error: UnicodeDecodeError" and the supervisor was gone, its request running.
+    ws = make_ws(team(fake), orchestrator="walt")
+    with Supervisor(ws) as sup:
+        sup.handle("rotate", {"fresh": True})  # generation 2 starts from state/orchestrator/brief.md
+    fake.script(content=json.dumps({"summary": "Nothing to send.", "orders": []}))
+    drop(ws, "walt", "req.md", order_md("The app greets people", id="req"))
+    with Supervisor(ws) as sup:
+        (ws.state / "orchestrator" / "brief.md").write_bytes(b"# Brief\n\xff\xfe written by hand\n")
+        sup.run_once(limit=30)
+
+    assert load(ws, "req").status == "done"
+    assert "\ufffd\ufffd written by hand" in user_message(fake.chat_bodies()[0])
+
+    # A huge one is cut, never read whole into the prompt.
+    fake.script(content=json.dumps({"summary": "Nothing to send.", "orders": []}))
+    drop(ws, "walt", "req2.md", order_md("The app greets people again", id="req2"))
+    with Supervisor(ws) as sup:
+        (ws.state / "orchestrator" / "brief.md").write_text("in flight: many things\n" * 200_000)
+        sup.run_once(limit=30)
+    assert load(ws, "req2").status == "done"
+    sent = user_message(fake.chat_bodies()[-1])
+    assert "… (cut at 1,048,576 bytes)" in sent and len(sent) < 1_100_000
+
+
+def test_a_damaged_record_of_an_ended_request_does_not_stop_the_supervisor(make_ws, fake):
+    # Its summary is quoted in the orchestrator's context: once "state/orders/r1/record.json is
+    # not an order record" ended the supervisor itself, the next request left running.
+    ws = make_ws(team(fake), orchestrator="walt")
+    for n in (1, 2):
+        fake.script(content=json.dumps({"summary": f"Nothing to send for r{n}.", "orders": []}))
+    drop(ws, "walt", "r1.md", order_md("The app greets people", id="r1"))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: sup.records.get("r1") is not None and sup.records["r1"].status == "done",
+                   "r1 to end")
+        (ws.state / "orders" / "r1" / "record.json").write_text('{"id": "r1", "bro')
+        drop(ws, "walt", "r2.md", order_md("The app says goodbye", id="r2"))
+        sup.run_once(limit=30)
+        assert sup.records["r2"].status == "done"
+    assert "request r1 [done]: The app greets people" in user_message(fake.chat_bodies()[-1])
 
 
 # -- money and secrets ----------------------------------------------------------------------------------
@@ -517,6 +618,99 @@ def test_the_spend_limits_stop_further_calls_with_a_status_naming_the_limit(make
         sup.run_once(limit=30)
     assert load(ws, "c2").status == "blocked" and len(fake.chat_bodies()) == 2
     assert cost_json(ws)["total"]["cost"] == pytest.approx(0.2)
+
+
+def test_cost_adds_up_thousands_of_cheap_calls_to_what_the_spend_limit_counts(make_ws):
+    # Once rounded to six places at every call: 2,000 calls of $0.0000005 summed to $0.0000,
+    # and 2,000 of $0.0005104 to $1.0200 while the spend limit counted $1.0208.
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"], "command": sh("true")}})
+    store = Store(ws.state)
+    for n, (model, cost) in enumerate((("tiny", 0.0000005), ("small", 0.0005104))):
+        store.folder(f"o{n}").mkdir(parents=True)
+        calls = [{"model": model, "agent": "chip", "status": 200, "error": None, "cost": cost,
+                  "usage": {"prompt_tokens": 30, "completion_tokens": 10}} for _ in range(2000)]
+        store.save(Record(id=f"o{n}", to="chip", sender="user", status="done", objective="cheap calls",
+                          created="2026-01-01T00:00:00.000Z", updated="2026-01-01T00:00:00.000Z", seq=n,
+                          usage=calls))
+    money = cost_json(ws)
+    assert money["by_model"]["tiny"]["cost"] == pytest.approx(0.001)
+    assert money["by_model"]["small"]["cost"] == pytest.approx(1.0208)
+    assert money["total"]["cost"] == pytest.approx(1.0218)
+    assert costs.spent(store.load_all().values()) == pytest.approx(money["total"]["cost"], abs=1e-6)
+    shown = CliRunner().invoke(cli, ["-w", str(ws.root), "cost"]).output
+    assert "  tiny                   2000     60,000      20,000     0.0010" in shown
+    assert shown.splitlines()[-1].endswith("1.0218")
+
+
+def test_cost_keeps_its_columns_under_their_headings_with_a_long_model_name(make_ws, fake):
+    # An OpenRouter name pushed its row's figures right of their headings.
+    ws = make_ws({"chip": coder(fake, llm=llm(fake, model="anthropic/claude-sonnet-4.5"))})
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g"))
+    run(ws)
+    shown = CliRunner().invoke(cli, ["-w", str(ws.root), "cost"]).output.splitlines()
+    header, rows = shown[0], [line for line in shown if line[-1].isdigit()]
+    assert any("anthropic/claude-sonnet-4.5" in row for row in rows) and len(rows) == 3
+    for row in rows:  # each figure ends where its heading ends
+        assert len(row) == len(header), shown
+        assert row[:header.index("calls") + 5].endswith("1")
+
+
+def test_cost_says_which_recorded_call_it_cannot_read_and_counts_the_rest(make_ws, fake):
+    # A record edited by hand ("cost": "abc", a usage that is a list) was an internal error.
+    ws = make_ws({"chip": coder(fake), "rex": coder(fake)})
+    fake.responder = lambda body: Response(content=reply(), usage={"prompt_tokens": 100, "completion_tokens": 5})
+    drop(ws, "chip", "a.md", order_md("Order a is handled", id="a"))
+    drop(ws, "rex", "b.md", order_md("Order b is handled", id="b"))
+    run(ws)
+    path = ws.state / "orders" / "a" / "record.json"
+    data = json.loads(path.read_text())
+    data["usage"] = [{**data["usage"][0], "cost": "abc"}, {**data["usage"][0], "usage": [1]}]
+    path.write_text(json.dumps(data))
+
+    result = CliRunner().invoke(cli, ["-w", str(ws.root), "cost", "--json"])
+    assert result.exit_code == 0, result.output
+    money = json.loads(result.stdout)
+    assert money["total"]["calls"] == 1 and money["by_agent"]["rex"]["prompt_tokens"] == 100
+    warned = result.stderr.splitlines()
+    assert len(warned) == 2 and warned[0].startswith(
+        "warning: state/orders/a/record.json: usage.0 is not a model call as recorded")
+    assert "git -C state checkout orders/a/record.json" in warned[0]
+    with Supervisor(ws) as sup:  # the spend meter reads them too: the supervisor starts
+        assert meter_for(sup.attempts).spent() == pytest.approx(costs.spent(Store(ws.state).load_all().values()))
+
+
+@pytest.mark.slow
+def test_model_calls_made_before_a_kill_9_are_still_counted_in_the_cost(make_ws, fake):
+    # Once lost: a call is recorded with its order only when the conversation ends, so a kill -9
+    # during the re-ask left the first, billed call nowhere (no `cost`, no spend limit).
+    ws = make_ws({"chip": coder(fake, llm=llm(fake, prices={"input": 3.0, "output": 15.0}))})
+    fake.script(content="Not JSON at all.", usage={"prompt_tokens": 5000, "completion_tokens": 2000})
+    fake.script(content=reply(), delay=30)  # the re-ask: the supervisor is killed while it waits
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g"))
+    with open(ws.root.parent / "supervise.log", "wb") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("coordinator")), "-w", str(ws.root),
+                                 "supervise"], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_until(lambda: len(fake.chat_bodies()) == 2, "the re-ask to be under way")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    assert cost_json(ws)["total"]["calls"] == 0  # nothing was recorded with the order yet
+
+    fake.script(content=reply())
+    lines: list[str] = []
+    run(ws, lines)
+
+    rec = load(ws, "g")
+    assert rec.status == "done", rec.report
+    first = [u for u in rec.usage if u["attempt"] == 1]
+    assert [(u["usage"]["prompt_tokens"], u["cost"]) for u in first] == [(5000, pytest.approx(0.045))]
+    assert cost_json(ws)["total"]["cost"] == pytest.approx(0.045 + sum(u["cost"] for u in rec.usage
+                                                                       if u["attempt"] == 2))
+    assert any("g: 1 model call(s) of attempt 1 recorded after a crash, $0.0450" in line for line in lines)
+    run(ws)  # a second start records nothing twice
+    assert len(load(ws, "g").usage) == len(rec.usage)
 
 
 # -- replies that once crashed the supervisor ---------------------------------------------------------
