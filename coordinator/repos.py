@@ -116,8 +116,8 @@ class Repo(Checkout):
             durable.unlock_tree(work)
             durable.remove_tree(work / ".git")
             (work / ".git").write_text(f"gitdir: {admin}\n", encoding="utf-8")
-            for found in _nested_git(work):
-                durable.remove_tree(found)
+            for found in gate.planted(str(work), working_copy=True):
+                durable.remove_tree(Path(found))
         except OSError as e:
             raise GitError(f"cannot make the kept working copy {work} safe to inspect: {e}; remove it by hand "
                            "before running git there") from e
@@ -404,32 +404,6 @@ def _check_rel(path: str) -> None:
         raise GitError(f"{path!r} is not a plain repository-relative path; refusing to commit it")
     if any(p.lower() == ".git" for p in parts):
         raise GitError(f"{path!r} names a .git component; git internals are never committed")
-
-
-def _nested_git(root: Path) -> list[Path]:
-    """Every entry named `.git` (in any case) below `root` but its own pointer, and every
-    folder git would take for a repository of its own (`gate.repository_folders`), down to the
-    depth the gate walks (deeper, nothing is walked: such a tree is denied whole)."""
-    found: list[Path] = []
-    todo = [(str(root), 0)]
-    while todo:  # a stack, not recursion: the agent chose how deep the tree goes
-        folder, depth = todo.pop()
-        try:
-            with os.scandir(folder) as it:
-                items = list(it)
-        except OSError:
-            continue
-        if depth and gate.repository_folders(
-                (f"f/{item.name}", "dir" if item.is_dir(follow_symlinks=False) else "file") for item in items):
-            found.append(Path(folder))
-            continue
-        for item in items:
-            if item.name.lower() == ".git":
-                if depth or item.name != ".git":
-                    found.append(Path(item.path))
-            elif depth < gate.MAX_DEPTH and item.is_dir(follow_symlinks=False):
-                todo.append((item.path, depth + 1))
-    return found
 
 
 def _remove_tree(path: Path) -> None:
