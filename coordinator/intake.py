@@ -38,6 +38,7 @@ from .orders import WorkOrder
 from .store import History, Record, Store, dependency_done, iso
 
 ACCEPTED_CACHE = 1000
+MAX_NUMBERS = 4096  # WO- numbers kept from waiting files before those behind the next one are let go
 NOT_REGULAR = "is not a regular file (a FIFO, socket or device); only files are work orders"
 
 # An id a waiting order gives itself, as the text says it: `id: WO-0001` (Markdown front matter,
@@ -137,6 +138,10 @@ class Intake:
             if self.waiting.declared:  # (nearly never: only then is the file searched for them)
                 declares = {(m.group(1) or m.group(2)).decode() for m in _DECLARED_ID.finditer(data)}
                 history = _AwaitedHistory(self.history, self.waiting.declared, declares)
+                # Filed now, its ids are the history's to know: kept, a supervisor that runs for
+                # weeks would hold every id ever declared (and waits on the first one for ever).
+                for declared in declares:
+                    self.waiting.declared.pop(declared, None)
             try:
                 order = orders.load(data, path=shown, to=agent, config=self.config,
                                     history=history, sender=sender, repos=self.repos_dir)
@@ -256,6 +261,8 @@ class Intake:
             self.next_number += 1
             if self.next_number - 1 in self.waiting.numbers or self.history.exists(candidate):
                 continue
+            if len(self.waiting.numbers) > MAX_NUMBERS:  # the numbers behind us are never a candidate again
+                self.waiting.numbers = {n for n in self.waiting.numbers if n >= self.next_number}
             try:
                 os.close(os.open(self.ids_dir / candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
             except FileExistsError:

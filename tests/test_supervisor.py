@@ -1352,6 +1352,21 @@ def test_an_order_waiting_on_an_id_no_order_ends_up_having_is_blocked_not_left_w
     assert rec.report["summary"].startswith("dependency zz is no order: the file that named it")
 
 
+def test_what_waiting_files_said_of_their_ids_is_let_go_once_they_are_filed(make_ws):
+    """Every id a waiting file declared (and every WO- number it named) was kept for the life
+    of the supervisor: a week-long run held one path per order ever dropped (~400 bytes each;
+    the soak saw its memory grow by that). Once filed, the history knows the id."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("true"), "writes": ["webapp/src/**"]}})
+    with Supervisor(ws) as sup:
+        for i in range(40):
+            drop(ws, "chip", f"WO-{9000 + i}.md", order_md(f"Order {i} is done", id=f"WO-{9000 + i}"))
+            drop(ws, "chip", f"n{i}.md", order_md(f"Named order {i} is done", id=f"named-{i}"))
+            sup.intake.note_waiting(ws.inbox_root / "chip" / f"n{i}.md")  # as the watcher's hint does
+        sup.run_once(limit=200)
+        assert sup.intake.waiting.declared == {}
+    assert sum(r.status == "done" for r in Store(ws.state).load_all().values()) == 80
+
+
 def test_an_order_a_crash_left_claimed_never_takes_an_id_an_inbox_file_names(make_ws):
     ws = make_ws({"chip": {"role": "specialist", "command": sh("true"), "writes": ["webapp/src/**"]}})
     claimed = ws.state / "intake" / "chip"
