@@ -1407,3 +1407,25 @@ def test_a_second_crash_while_recovery_takes_back_an_outbox_order_keeps_its_send
     (child,) = (r for r in recs.values() if r.to == "rex")
     assert (child.sender, child.source, child.status) == ("chip", "outbox of o/r.yaml", "rejected")
     assert_one_place(ws, {"o", child.id})
+
+
+def test_a_crash_while_the_outbox_is_delivered_loses_no_order_beside_a_planted_repository(make_ws):
+    """chip's outbox folder for rex also holds HEAD, objects/ and refs/ (shaped like a git
+    repository, which is taken out of a kept attempt folder). Killed after the first order was
+    filed: the restart delivers the second before that folder goes, not with it."""
+    writes = "".join(
+        f'printf "objective: Review {n}\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+        f'branching: [{{action: halt-with-note, when: nothing to do}}]\\n" > "$COORD_OUTBOX/rex/{n}.yaml"; '
+        for n in ("0", "1"))  # both sorted before HEAD: the kill comes with HEAD still there
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
+                      f'mkdir -p "$COORD_OUTBOX/rex/objects" "$COORD_OUTBOX/rex/refs"; '
+                      f'echo "ref: refs/heads/main" > "$COORD_OUTBOX/rex/HEAD"; {writes}echo sent')},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    killed_after_the_first_outbox_order(ws)
+    restart(ws)
+    recs = Store(ws.state).load_all()
+    to_rex = sorted((r for r in recs.values() if r.to == "rex" and r.status != "rejected"), key=lambda r: r.seq)
+    assert [(r.objective, r.status) for r in to_rex] == [("Review 0", "done"), ("Review 1", "done")]
+    assert [r.source for r in recs.values() if r.status == "rejected"] == ["outbox of o/HEAD"]  # said, not lost
+    assert_clean(ws)
