@@ -64,6 +64,8 @@ class Interruptions(Endings):
                          "delivering its outbox: the rest is delivered, and it is not run again")
             return self._close(rec, ending["status"], ending["actor"], note=ending["note"])
         if agent is not None and agent.is_orchestrator and rec.children:
+            # Now: resumed, its folder is set aside (`runner.prepare`) out of `recover`'s reach.
+            self._defuse(rec.id, runner.attempt_folder(self.ws, rec.id, number))
             return self._resume_request(rec, agent, number)
         if repo_name:
             with contextlib.suppress(CoordinatorError):

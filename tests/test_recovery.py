@@ -1429,3 +1429,29 @@ def test_a_crash_while_the_outbox_is_delivered_loses_no_order_beside_a_planted_r
     assert [(r.objective, r.status) for r in to_rex] == [("Review 0", "done"), ("Review 1", "done")]
     assert [r.source for r in recs.values() if r.status == "rejected"] == ["outbox of o/HEAD"]  # said, not lost
     assert_clean(ws)
+
+
+def test_a_request_resumed_after_a_crash_keeps_no_git_the_orchestrator_planted(make_ws):
+    """walt (a command orchestrator) delegates to chip and leaves a `.git` with a core.fsmonitor
+    in its attempt folder; the supervisor dies as walt's outbox is delivered. The restart sets
+    walt's folder aside to resume the request: the folder kept aside runs nothing at a person's
+    `git status`."""
+    ws = make_ws({
+        "walt": {"role": "orchestrator", "sends_to": ["chip"], "command": sh(
+            'A=$(dirname "$COORD_RESULT"); mkdir -p "$A/.git/objects" "$A/.git/refs" "$COORD_OUTBOX/chip"; '
+            'echo "ref: refs/heads/main" > "$A/.git/HEAD"; '
+            'printf "[core]\\n\\tfsmonitor = touch $PROBE/ran\\n" > "$A/.git/config"; '
+            'printf "objective: Kid work\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+            'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/chip/kid.yaml"; '
+            'printf "outcome: done\\nsummary: delegated\\n" > "$COORD_RESULT"')},
+        "chip": {"role": "specialist", "command": sh("echo ok")},
+    }, orchestrator="walt")
+    drop(ws, "walt", "req.md", order_md("The team does it", id="req"))
+    killed_after_the_first_outbox_order(ws)
+    said = restart(ws)
+    assert Store(ws.state).load("req").status == "done", said
+    kept = sorted((ws.runtime / "attempts" / "req").iterdir())
+    assert [k.name for k in kept] == ["1", "1.before-restart-1"]
+    for folder in kept:
+        subprocess.run(["git", "status"], cwd=folder, capture_output=True, check=False)
+    assert not (probe_of(ws) / "ran").exists(), "a person's git ran the orchestrator's program"
