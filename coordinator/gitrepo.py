@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import subprocess
 import threading
 from collections.abc import Iterable, Mapping
@@ -112,10 +113,11 @@ def foreign_checkout(folder: Path) -> str | None:
     run): a `.git` that is a file or a link (a worktree, a submodule, a clone with a separate
     git dir), or a bare repository. None for a normal clone, and for a folder holding no
     repository at all. Said after `repos/<name> `."""
-    dot = folder / ".git"
-    if dot.is_symlink() or (dot.exists() and not dot.is_dir()):
-        return NOT_OWN_GIT
-    if not dot.exists() and (folder / "HEAD").is_file() and (folder / "objects").is_dir() \
+    try:  # one lstat for a normal clone: intake asks this of every order
+        return None if stat.S_ISDIR(os.lstat(folder / ".git").st_mode) else NOT_OWN_GIT
+    except OSError:
+        pass
+    if (folder / "HEAD").is_file() and (folder / "objects").is_dir() \
             and (folder / "refs").is_dir():
         return (f"is a bare repository, with no checkout for orders to land in; move it away and put a "
                 f"clone of it there (git clone <it> repos/{folder.name})")

@@ -35,14 +35,21 @@ class Interruptions(Endings):
 
     def recover(self, rec: Record) -> None:
         """`rec` was running when the supervisor died: landed already, or a failed attempt."""
-        info = rec.running or {}
-        number = int(info.get("number", rec.attempts))
-        agent = self.sup.config.agents.get(rec.to)
+        number = int((rec.running or {}).get("number", rec.attempts))
         from .conversation import recover_usage  # here: conversation builds on attempts
 
         recover_usage(self.sup, rec, number)  # the model calls it made (if any) are billed all the same
+        try:
+            self._take_up(rec, number)
+        finally:
+            # After the rest of its outbox is delivered, never before: a folder there shaped like
+            # a repository goes whole, with the orders in it that were still to be delivered.
+            self._defuse(rec.id, runner.attempt_folder(self.ws, rec.id, number))
+
+    def _take_up(self, rec: Record, number: int) -> None:
+        info = rec.running or {}
+        agent = self.sup.config.agents.get(rec.to)
         ending = _ending(info)
-        self._defuse(rec.id, runner.attempt_folder(self.ws, rec.id, number))
         if ending is not None and agent is not None:  # it was decided, and its outbox being delivered
             self._deliver_rest(rec, agent, number)
         repo_name = info.get("repo")
@@ -57,6 +64,8 @@ class Interruptions(Endings):
                          "delivering its outbox: the rest is delivered, and it is not run again")
             return self._close(rec, ending["status"], ending["actor"], note=ending["note"])
         if agent is not None and agent.is_orchestrator and rec.children:
+            # Now: resumed, its folder is set aside (`runner.prepare`) out of `recover`'s reach.
+            self._defuse(rec.id, runner.attempt_folder(self.ws, rec.id, number))
             return self._resume_request(rec, agent, number)
         if repo_name:
             with contextlib.suppress(CoordinatorError):

@@ -31,7 +31,6 @@ import re
 import socket
 import threading
 import time
-import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
@@ -39,6 +38,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 
+from .budget import wide_chars
 from .config import Endpoint, LLMSettings
 from .errors import LLMAuthError, LLMError
 
@@ -133,7 +133,7 @@ def estimate_tokens(text: str) -> int:
     counted at a quarter, a prompt in Chinese was billed at a fifth of its tokens."""
     if not text:
         return 0
-    wide = 0 if text.isascii() else sum(1 for c in text if unicodedata.east_asian_width(c) in "WF")
+    wide = wide_chars(text)
     return max(1, math.ceil((len(text) - wide) / CHARS_PER_TOKEN) + wide)
 
 

@@ -160,7 +160,10 @@ def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -
 def defuse(folder: Path) -> None:
     """Take out of an attempt folder, kept for a person to read, what git would run for them
     there (`gate.planted`): a report sends them to its outbox, and a `.git` the agent wrote in
-    it with a core.fsmonitor ran as them at their first `git status` (or their prompt's)."""
+    it with a core.fsmonitor ran as them at their first `git status` (or their prompt's).
+    Unlocked first, as a kept working copy is: in a folder the agent made 0o100 (enterable, not
+    listable) or 0o500 (nothing removable), a `.git` stayed for a supervisor that is not root."""
+    durable.unlock_tree(folder)
     for path in gate.planted(str(folder)):
         durable.remove_tree(Path(path))
 

@@ -855,6 +855,61 @@ def test_an_attempt_folder_kept_to_read_runs_nothing_of_the_agents_when_git_is_r
     assert not (attempt / ".git").exists() and not (attempt / "outbox" / ".GIT").exists()
 
 
+def _defused_as_a_user(top: Path, locked: str, mode: int) -> str:
+    """Plant a repository with a core.fsmonitor at tmp/x of an attempt folder under `top`, lock
+    `locked` (a path under it) with `mode`, take what git would run out of it (`runner.defuse`),
+    then run `git status` in tmp/x as a person would: what happened, as the supervisor's user
+    (not root, whose reads and writes no mode stops; as root, nobody is taken on)."""
+    from coordinator import runner
+
+    def plant_defuse_look() -> str:
+        attempt = top / "attempt"
+        inner = attempt / "tmp" / "x"
+        for sub in ("objects", "refs"):
+            (inner / ".git" / sub).mkdir(parents=True)
+        (inner / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+        (inner / ".git" / "config").write_text(f"[core]\n\tfsmonitor = touch {top / 'ran'}\n")
+        os.chmod(attempt / locked, mode)
+        try:
+            runner.defuse(attempt)
+        except OSError as e:
+            return f"defuse failed: {e}"
+        subprocess.run(["git", "status"], cwd=inner, capture_output=True, check=False)
+        return "the agent's program ran" if (top / "ran").exists() else "nothing ran"
+
+    if os.geteuid() != 0:
+        return plant_defuse_look()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: it never returns
+        said = "child failed"
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            said = plant_defuse_look()
+        finally:
+            os.write(write, said.encode())
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        said = f.read().decode()
+    os.waitpid(pid, 0)
+    return said
+
+
+@pytest.mark.parametrize(("locked", "mode"), [("tmp/x", 0o100), (".", 0o100), ("tmp/x", 0o500)])
+def test_a_folder_the_agent_locked_in_its_attempt_folder_keeps_no_git_of_its_own(locked, mode):
+    """A folder made enterable but not listable (0o100), or not writable (0o500), kept the
+    `.git` in it for a supervisor that is not root: a person's `git status` there ran it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as top:  # pytest's are closed to other users
+        Path(top).chmod(0o777)
+        said = _defused_as_a_user(Path(top), locked, mode)
+    assert said == "nothing ran"
+
+
 @needs_landlock
 def test_a_symlink_planted_where_a_check_log_goes_is_not_followed(make_ws, tmp_path):
     root = tmp_path / "ws"

@@ -1407,3 +1407,51 @@ def test_a_second_crash_while_recovery_takes_back_an_outbox_order_keeps_its_send
     (child,) = (r for r in recs.values() if r.to == "rex")
     assert (child.sender, child.source, child.status) == ("chip", "outbox of o/r.yaml", "rejected")
     assert_one_place(ws, {"o", child.id})
+
+
+def test_a_crash_while_the_outbox_is_delivered_loses_no_order_beside_a_planted_repository(make_ws):
+    """chip's outbox folder for rex also holds HEAD, objects/ and refs/ (shaped like a git
+    repository, which is taken out of a kept attempt folder). Killed after the first order was
+    filed: the restart delivers the second before that folder goes, not with it."""
+    writes = "".join(
+        f'printf "objective: Review {n}\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+        f'branching: [{{action: halt-with-note, when: nothing to do}}]\\n" > "$COORD_OUTBOX/rex/{n}.yaml"; '
+        for n in ("0", "1"))  # both sorted before HEAD: the kill comes with HEAD still there
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
+                      f'mkdir -p "$COORD_OUTBOX/rex/objects" "$COORD_OUTBOX/rex/refs"; '
+                      f'echo "ref: refs/heads/main" > "$COORD_OUTBOX/rex/HEAD"; {writes}echo sent')},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    killed_after_the_first_outbox_order(ws)
+    restart(ws)
+    recs = Store(ws.state).load_all()
+    to_rex = sorted((r for r in recs.values() if r.to == "rex" and r.status != "rejected"), key=lambda r: r.seq)
+    assert [(r.objective, r.status) for r in to_rex] == [("Review 0", "done"), ("Review 1", "done")]
+    assert [r.source for r in recs.values() if r.status == "rejected"] == ["outbox of o/HEAD"]  # said, not lost
+    assert_clean(ws)
+
+
+def test_a_request_resumed_after_a_crash_keeps_no_git_the_orchestrator_planted(make_ws):
+    """walt (a command orchestrator) delegates to chip and leaves a `.git` with a core.fsmonitor
+    in its attempt folder; the supervisor dies as walt's outbox is delivered. The restart sets
+    walt's folder aside to resume the request: the folder kept aside runs nothing at a person's
+    `git status`."""
+    ws = make_ws({
+        "walt": {"role": "orchestrator", "sends_to": ["chip"], "command": sh(
+            'A=$(dirname "$COORD_RESULT"); mkdir -p "$A/.git/objects" "$A/.git/refs" "$COORD_OUTBOX/chip"; '
+            'echo "ref: refs/heads/main" > "$A/.git/HEAD"; '
+            'printf "[core]\\n\\tfsmonitor = touch $PROBE/ran\\n" > "$A/.git/config"; '
+            'printf "objective: Kid work\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+            'branching: [{action: halt-with-note, when: nothing to do}]\\n" > "$COORD_OUTBOX/chip/kid.yaml"; '
+            'printf "outcome: done\\nsummary: delegated\\n" > "$COORD_RESULT"')},
+        "chip": {"role": "specialist", "command": sh("echo ok")},
+    }, orchestrator="walt")
+    drop(ws, "walt", "req.md", order_md("The team does it", id="req"))
+    killed_after_the_first_outbox_order(ws)
+    said = restart(ws)
+    assert Store(ws.state).load("req").status == "done", said
+    kept = sorted((ws.runtime / "attempts" / "req").iterdir())
+    assert [k.name for k in kept] == ["1", "1.before-restart-1"]
+    for folder in kept:
+        subprocess.run(["git", "status"], cwd=folder, capture_output=True, check=False)
+    assert not (probe_of(ws) / "ran").exists(), "a person's git ran the orchestrator's program"
