@@ -63,6 +63,7 @@ THREAD_SLACK = 2
 RSS_SLACK_MB = 5.0  # MB of growth that is always fine (allocator noise, caches warming up)
 RSS_SLACK_PER_1000 = 2.0  # MB per 1,000 ended orders: the index of every order seen, and no more
 CHILD_SLACK = 6  # live descendants: the fork server and the attempts running at a sampling moment
+ZOMBIE_SLACK = 1  # a child that exited between a sample and its reaping is a zombie for that moment
 IN_FLIGHT_SLACK = 50
 DRAIN_S = 120.0  # seconds the last orders may take after the drops stop
 
@@ -183,7 +184,7 @@ def trend(samples: list[Sample]) -> dict[str, Any]:
                      "growth": round(grew, 1), "orders_between": round(orders),
                      "mb_per_1000_orders": round(per_1000, 2), "slack_mb_per_1000": RSS_SLACK_PER_1000,
                      "flat": grew <= RSS_SLACK_MB or per_1000 <= RSS_SLACK_PER_1000}
-    for key, slack in (("fds", FD_SLACK), ("threads", THREAD_SLACK), ("children", CHILD_SLACK), ("zombies", 0)):
+    for key, slack in (("fds", FD_SLACK), ("threads", THREAD_SLACK), ("children", CHILD_SLACK), ("zombies", ZOMBIE_SLACK)):
         a, b = avg(first, key), avg(last, key)
         out[key] = {"first": round(a, 1), "last": round(b, 1), "growth": round(b - a, 1), "slack": slack,
                     "flat": b - a <= slack}
