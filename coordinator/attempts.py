@@ -89,6 +89,7 @@ class Active:
     quiet_since: float = 0.0
     looked: float = 0.0
     seen_activity: float | None = None
+    ends_seen: int = -1  # `AttemptRunner.ends` when it started; -1: started before this supervisor
 
     def __post_init__(self) -> None:
         self.quiet_since = self.looked = self.began
@@ -110,6 +111,10 @@ class AttemptRunner(Interruptions):
         # Monotonic: such a step moves nothing, and the time a machine sleeps is not counted (its
         # processes did not run either). A test may set another.
         self.timer: Callable[[], float] = time.monotonic
+        # Orders ended since the supervisor started, each with the count of endings at its last
+        # end: what ended before an attempt started, told apart without a clock (see `_done_before`).
+        self.ends = 0
+        self.ended: dict[str, int] = {}
 
     # -- starting -----------------------------------------------------------------------------------
     def repo(self, name: str) -> Repo:
@@ -130,7 +135,7 @@ class AttemptRunner(Interruptions):
         attempt = runner.prepare(self.ws, order, number, rec.failures)
         tick, timeout = self.timer(), _timeout(order, agent)
         act = Active(rec=rec, agent=agent, order=order, attempt=attempt, rules=None,
-                     started=sup.clock(), deadline=tick + timeout, began=tick)
+                     started=sup.clock(), deadline=tick + timeout, began=tick, ends_seen=self.ends)
         act.token = attempt.token
         try:
             if attempt.repo is not None:
@@ -290,7 +295,17 @@ class AttemptRunner(Interruptions):
             act.thread_outcome.client.stop(why)
 
     def on_terminal(self, rec: Record) -> None:
-        pass
+        self.ends += 1
+        self.ended[rec.id] = self.ends
+
+    def _done_before(self, act: Active, rec: Record) -> bool:
+        """Whether `rec` (done) was done when `act` started. Not by their times: after the clock
+        was stepped back, an order done since looked done before the attempt, and the other way
+        round (then an order requeued on it ran again at once, for as long as the step)."""
+        ended = self.ended.get(rec.id)
+        if act.ends_seen < 0:  # started by an earlier supervisor: its times are all there is
+            return rec.updated <= iso(act.started) if ended is None else False
+        return ended is None or ended <= act.ends_seen
 
     # -- after the specialist ---------------------------------------------------------------------------
     def _after_specialist(self, act: Active, code: int, *, alone: bool = False) -> None:
@@ -386,7 +401,7 @@ class AttemptRunner(Interruptions):
         last = route_end(self.sup.records, blocker)
         if last is None:
             return None  # a line of text (or no order yet): `coordinator retry` clears it
-        if last.status == "done" and last.updated <= iso(act.started):
+        if last.status == "done" and self._done_before(act, last):
             return (f"requeue-with-blocker: {via_route(blocker, last)} was already done when this attempt "
                     f"started (its work is in place); {what}")
         if waits_for(self.sup.records, blocker, rec.id):

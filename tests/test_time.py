@@ -6,6 +6,7 @@ import time
 
 from conftest import drop, order_md, sh, step_until
 
+from bench.harness import probe_of
 from coordinator.audit import StateRepo
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
@@ -62,3 +63,49 @@ def test_a_clock_stepped_an_hour_back_still_flags_a_silent_attempt_stale(make_ws
     assert True in seen
     lines = [e.line for e in StateRepo(ws.state).entries("a")]
     assert "a chip: stale (no output or heartbeat for 0.3s)" in lines, lines
+
+
+REQUEUE_ON_DEP = ('printf "outcome: requeue-with-blocker\\nblocker: dep\\nsummary: waits for dep\\n" '
+                  '> "$COORD_RESULT"')
+
+
+def test_a_requeue_on_an_order_done_before_the_clock_was_stepped_back_is_a_failed_attempt(make_ws):
+    """Done at 10:00, then the clock set back to 9:05: the attempt that started after it
+    looked older than it by their times, its requeue on it was taken, and the order ran
+    again at once, for the hour (1,174 runs in 8 s of `supervise --once`)."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh(
+        'if [ "$COORD_ORDER_ID" = loop ]; then echo ran >> "$PROBE/ran.txt"; ' + REQUEUE_ON_DEP + '; fi')}})
+    clock = SteppingClock()
+    drop(ws, "chip", "a.md", order_md("Dependency is done", id="dep"))
+    with Supervisor(ws, clock=clock) as sup:
+        sup.run_once(limit=20)
+        assert sup.records["dep"].status == "done"
+        clock.offset -= 3600
+        drop(ws, "chip", "b.md", order_md("Loop is done", id="loop",
+                                          branching=("requeue-with-blocker if a dependency is missing",)))
+        step_until(sup, lambda: "loop" in sup.records and sup.records["loop"].terminal, "the order to end", wait=30)
+        rec = sup.store.with_detail(sup.records["loop"])
+    assert rec.status == "blocked", rec.history[-3:]
+    assert (probe_of(ws) / "ran.txt").read_text().split() == ["ran", "ran"]  # max_failures: 2
+    assert "dep was already done when this attempt started" in rec.failures[-1], rec.failures
+
+
+def test_a_requeue_on_an_order_done_while_it_ran_is_taken_though_the_clock_was_stepped_back(make_ws):
+    """The other way round: started at 10:00, the clock set back, its blocker done at 9:05
+    looked done before it started, and a fair requeue was a failed attempt."""
+    ws = make_ws({"chip": {"role": "specialist", "max_parallel": 2, "max_failures": 1, "command": sh(
+        'if [ "$COORD_ORDER_ID" = dep ]; then until [ -e "$PROBE/loop-runs" ]; do sleep 0.02; done; exit 0; fi; '
+        'if [ ! -e "$PROBE/loop-ran" ]; then touch "$PROBE/loop-ran" "$PROBE/loop-runs"; sleep 0.5; '
+        + REQUEUE_ON_DEP + '; fi')}})
+    clock = SteppingClock()
+    drop(ws, "chip", "b.md", order_md("Loop is done", id="loop", priority="high",
+                                      branching=("requeue-with-blocker if a dependency is missing",)))
+    drop(ws, "chip", "a.md", order_md("Dependency is done", id="dep"))
+    with Supervisor(ws, clock=clock) as sup:
+        step_until(sup, lambda: "loop" in sup.records and sup.records["loop"].status == "running", "loop to run")
+        clock.offset -= 3600
+        step_until(sup, lambda: sup.records["loop"].terminal, "the order to end", wait=30)
+        rec = sup.store.with_detail(sup.records["loop"])
+    assert sup.records["dep"].status == "done"
+    assert rec.status == "done", rec.failures
+    assert [h["to"] for h in rec.history] == ["queued", "running", "waiting", "queued", "running", "done"]
