@@ -18,6 +18,8 @@ import os
 import re
 import signal
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,8 +63,8 @@ class Active:
     order: WorkOrder
     attempt: Attempt
     rules: Ruleset | None
-    started: float
-    deadline: float
+    started: float  # the supervisor's clock (the wall clock): what records and briefs say
+    deadline: float  # on the runner's `timer`, as every duration of an attempt is
     repo: Repo | None = None
     before: gate.Snapshot | None = None
     after: gate.Snapshot | None = None  # what the gate judged
@@ -81,6 +83,16 @@ class Active:
     thread_outcome: Any = None
     delivered: bool = False  # its outbox was taken (once the attempt was decided)
     undelivered: list[str] = field(default_factory=list)  # outbox files that named no known agent
+    # On the runner's `timer`: when the timeout began counting, when the attempt was last seen
+    # to print or beat, when `watch` last looked; and the newest file time it saw then.
+    began: float = 0.0
+    quiet_since: float = 0.0
+    looked: float = 0.0
+    seen_activity: float | None = None
+    ends_seen: int = -1  # `AttemptRunner.ends` when it started; -1: started before this supervisor
+
+    def __post_init__(self) -> None:
+        self.quiet_since = self.looked = self.began
 
 
 class AttemptRunner(Interruptions):
@@ -93,6 +105,16 @@ class AttemptRunner(Interruptions):
         self.waiting_requests: dict[str, Active] = {}  # LLM orchestrator requests waiting on children
         self._repos: dict[str, Repo] = {}
         self.inherited = runner.inherited_environment()  # the supervisor's, as it started
+        # The clock of durations (timeouts, stale flags, kill retries); the supervisor's own clock
+        # says when things happened. On the wall clock, an NTP correction or a date set by hand
+        # fired every timeout at once (a step forward) or held it off for as long (a step back).
+        # Monotonic: such a step moves nothing, and the time a machine sleeps is not counted (its
+        # processes did not run either). A test may set another.
+        self.timer: Callable[[], float] = time.monotonic
+        # Orders ended since the supervisor started, each with the count of endings at its last
+        # end: what ended before an attempt started, told apart without a clock (see `_done_before`).
+        self.ends = 0
+        self.ended: dict[str, int] = {}
 
     # -- starting -----------------------------------------------------------------------------------
     def repo(self, name: str) -> Repo:
@@ -111,8 +133,9 @@ class AttemptRunner(Interruptions):
             return False
         number = rec.attempts + 1
         attempt = runner.prepare(self.ws, order, number, rec.failures)
+        tick, timeout = self.timer(), _timeout(order, agent)
         act = Active(rec=rec, agent=agent, order=order, attempt=attempt, rules=None,
-                     started=sup.clock(), deadline=sup.clock() + _timeout(order, agent))
+                     started=sup.clock(), deadline=tick + timeout, began=tick, ends_seen=self.ends)
         act.token = attempt.token
         try:
             if attempt.repo is not None:
@@ -126,7 +149,7 @@ class AttemptRunner(Interruptions):
             self.fail(act, f"could not prepare the working copy: {e}")
             return False
         rec.attempts = number
-        rec.running = {**attempt.as_json(), "started": act.started, "deadline": act.deadline}
+        rec.running = {**attempt.as_json(), "started": act.started, "deadline": act.started + timeout}
         self.active[act.token] = act
         if agent.llm is not None:
             sup.move(rec, "running", audit.SUPERVISOR, note=f"attempt {number}")
@@ -188,21 +211,35 @@ class AttemptRunner(Interruptions):
         return progress
 
     def watch(self, now: float) -> None:
-        """Kill what overran its timeout; flag what has gone silent."""
+        """Kill what overran its timeout; flag what has gone silent. `now`: the supervisor's
+        clock, the clock of file times; durations are measured on `timer`."""
+        tick = self.timer()
         for act in list(self.active.values()):
-            if now > act.deadline and not act.timed_out:
+            if tick > act.deadline and not act.timed_out:
                 act.timed_out = True
-                self.sup.say(f"{act.rec.id}: timed out after {_fmt(act.deadline - act.started)}; killing it")
+                self.sup.say(f"{act.rec.id}: timed out after {_fmt(act.deadline - act.began)}; killing it")
                 self._stop_model(act, "the order's timeout ran out while the model was answering")
-                self._kill_soon(act, now, grace=KILL_GRACE)
-            elif act.kill_due is not None and now >= act.kill_due:
-                self._kill(act, now, grace=KILL_GRACE)
+                self._kill_soon(act, tick, grace=KILL_GRACE)
+            elif act.kill_due is not None and tick >= act.kill_due:
+                self._kill(act, tick, grace=KILL_GRACE)
             limit = act.agent.stale_after
-            # Younger than the limit, it cannot be silent that long: no look at its files.
-            if (not act.rec.stale and now - act.started > limit
-                    and now - runner.last_activity(act.attempt, act.started) > limit):
+            # Seen active within the limit, it cannot be silent that long: no look at its files.
+            if not act.rec.stale and tick - act.quiet_since > limit and self._silent_for(act, now, tick) > limit:
                 act.rec.stale = True
                 self.sup.event(act.rec, f"stale (no output or heartbeat for {_fmt(limit)})")
+
+    @staticmethod
+    def _silent_for(act: Active, now: float, tick: float) -> float:
+        """Seconds on the timer since the attempt last printed or touched its heartbeat. File
+        times are wall-clock times, which a step of the clock moves against the timer: output
+        new since the last look is taken to have come as long ago as its file time says, but
+        never before that look."""
+        latest = runner.last_activity(act.attempt, 0.0)
+        if latest != act.seen_activity:
+            act.seen_activity = latest
+            act.quiet_since = tick - min(max(now - latest, 0.0), tick - act.looked)
+        act.looked = tick
+        return tick - act.quiet_since
 
     def _current_token(self, act: Active) -> str:
         return f"{act.token}.c{act.check_index}" if act.phase == "check" else act.token
@@ -237,7 +274,7 @@ class AttemptRunner(Interruptions):
     def kill_all(self) -> None:
         for act in list(self.active.values()):
             self._stop_model(act, "the supervisor is stopping now")
-            self._kill(act, self.sup.clock(), grace=0.5, then="the next start kills what is left")
+            self._kill(act, self.timer(), grace=0.5, then="the next start kills what is left")
 
     def cancel(self, rec: Record) -> str | None:
         """Kill `rec`'s attempt (its caller moves it to cancelled); the line said when processes
@@ -246,7 +283,7 @@ class AttemptRunner(Interruptions):
             if act.rec.id == rec.id:
                 act.cancelled = True
                 self._stop_model(act, "cancelled")
-                failed = self._kill(act, self.sup.clock(), grace=1.0)
+                failed = self._kill(act, self.timer(), grace=1.0)
                 if failed:
                     return failed
         return None
@@ -258,7 +295,17 @@ class AttemptRunner(Interruptions):
             act.thread_outcome.client.stop(why)
 
     def on_terminal(self, rec: Record) -> None:
-        pass
+        self.ends += 1
+        self.ended[rec.id] = self.ends
+
+    def _done_before(self, act: Active, rec: Record) -> bool:
+        """Whether `rec` (done) was done when `act` started. Not by their times: after the clock
+        was stepped back, an order done since looked done before the attempt, and the other way
+        round (then an order requeued on it ran again at once, for as long as the step)."""
+        ended = self.ended.get(rec.id)
+        if act.ends_seen < 0:  # started by an earlier supervisor: its times are all there is
+            return rec.updated <= iso(act.started) if ended is None else False
+        return ended is None or ended <= act.ends_seen
 
     # -- after the specialist ---------------------------------------------------------------------------
     def _after_specialist(self, act: Active, code: int, *, alone: bool = False) -> None:
@@ -279,7 +326,7 @@ class AttemptRunner(Interruptions):
             return None  # denied, whatever else went wrong: a probe of the boundary is never just a failure
         self._refused_writes(act, tail)  # writes the kernel refused outside what it may write
         if act.timed_out:
-            return self.fail(act, f"timed out after {_fmt(act.deadline - act.started)}; last output: "
+            return self.fail(act, f"timed out after {_fmt(act.deadline - act.began)}; last output: "
                                   f"{tail[-400:] or '(none)'}")
         result = None
         raw = runner.read_untrusted(act.attempt.result, results.MAX_RESULT_BYTES)
@@ -354,7 +401,7 @@ class AttemptRunner(Interruptions):
         last = route_end(self.sup.records, blocker)
         if last is None:
             return None  # a line of text (or no order yet): `coordinator retry` clears it
-        if last.status == "done" and last.updated <= iso(act.started):
+        if last.status == "done" and self._done_before(act, last):
             return (f"requeue-with-blocker: {via_route(blocker, last)} was already done when this attempt "
                     f"started (its work is in place); {what}")
         if waits_for(self.sup.records, blocker, rec.id):
@@ -405,7 +452,7 @@ class AttemptRunner(Interruptions):
         act.rules = Ruleset(writable=tuple(sorted({str(act.attempt.folder), str(act.attempt.workdir)})))
         act.phase = "check"
         act.check_index = 0
-        act.deadline = self.sup.clock() + _timeout(act.order, act.agent)
+        act.deadline = self.timer() + _timeout(act.order, act.agent)
         self.active[act.token] = act
         self._start_check(act)
 

@@ -32,6 +32,7 @@ class Interruptions(Endings):
     ws: Workspace
     waiting_requests: dict[str, Active]
     repo: Callable[[str], Repo]  # `AttemptRunner.repo`
+    timer: Callable[[], float]  # `AttemptRunner.timer`
 
     def recover(self, rec: Record) -> None:
         """`rec` was running when the supervisor died: landed already, or a failed attempt."""
@@ -127,9 +128,9 @@ class Interruptions(Endings):
 
         order = self.sup.store.load_order(rec.id)
         attempt = runner.prepare(self.ws, order, number, rec.failures)
-        act = Active(rec=rec, agent=agent, order=order, attempt=attempt, rules=None,
-                     started=self.sup.clock(), deadline=self.sup.clock() + _timeout(order, agent),
-                     phase="children", token=attempt.token)
+        tick = self.timer()
+        act = Active(rec=rec, agent=agent, order=order, attempt=attempt, rules=None, started=self.sup.clock(),
+                     deadline=tick + _timeout(order, agent), began=tick, phase="children", token=attempt.token)
         if attempt.repo is not None:
             act.repo = self.repo(attempt.repo)
         self.waiting_requests[rec.id] = act

@@ -65,7 +65,7 @@ def start_llm_attempt(runner: AttemptRunner, act: Active) -> None:
                                            repo=act.repo.name if act.repo is not None else None,
                                            workdir=act.attempt.workdir if act.repo is not None else None)
 
-    launch(act, out, ask, f"llm-{act.token}", runner.sup.wake, left=act.deadline - runner.sup.clock())
+    launch(act, out, ask, f"llm-{act.token}", runner.sup.wake, left=act.deadline - runner.timer())
 
 
 # -- finishing --------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def _verify(runner: AttemptRunner, act: Active, summary: str) -> None:
     act.rules = Ruleset(writable=tuple(sorted({str(act.attempt.folder), str(act.attempt.workdir)})))
     act.phase = "check"
     act.check_index = 0
-    act.deadline = sup.clock() + _timeout(act)
+    act.deadline = runner.timer() + _timeout(act)
     act.timed_out = False
     runner.active[act.token] = act
     sup.event(rec, f"no more orders to send; running its {len(act.checks)} check(s)")
@@ -148,14 +148,15 @@ def start_synthesis(runner: AttemptRunner, act: Active) -> None:
     # The review is a new piece of work: the request's timeout counts from now, not from its plan.
     act.phase = "specialist"
     act.started = sup.clock()
-    act.deadline = act.started + _timeout(act)
+    act.began = act.quiet_since = act.looked = runner.timer()
+    act.deadline = act.began + _timeout(act)
     act.timed_out = False
 
     def ask() -> Any:
         return llmagent.synthesize(client, context, roster, brief, reports, validate=validate)
 
     runner.active[act.token] = act
-    launch(act, out, ask, f"llm-{act.token}-review", runner.sup.wake, left=act.deadline - sup.clock())
+    launch(act, out, ask, f"llm-{act.token}-review", runner.sup.wake, left=act.deadline - runner.timer())
 
 
 def children_reports(runner: AttemptRunner, children: Iterable[str]) -> tuple[str, set[str]]:

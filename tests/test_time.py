@@ -1,0 +1,111 @@
+"""Time: a wall clock that steps (NTP, a date set by hand, a resume), long runs, time stamps."""
+
+from __future__ import annotations
+
+import time
+
+from conftest import drop, order_md, sh, step_until
+
+from bench.harness import probe_of
+from coordinator.audit import StateRepo
+from coordinator.store import Store
+from coordinator.supervisor import Supervisor
+
+
+class SteppingClock:
+    """The wall clock of a machine whose time is stepped while the supervisor runs."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def _run_stepped(ws, step: float, *, wait: float = 30.0) -> tuple[Store, list[bool], list[str]]:
+    """Run order `a` to its end, stepping the supervisor's clock by `step` once it runs."""
+    clock, seen, lines = SteppingClock(), [], []
+    with Supervisor(ws, clock=clock, log=lines.append) as sup:
+        step_until(sup, lambda: "a" in sup.records and sup.records["a"].status == "running", "the order to run")
+        clock.offset += step
+        step_until(sup, lambda: seen.append(sup.records["a"].stale) or sup.records["a"].terminal,
+                   "the order to end", wait=wait)
+    return Store(ws.state), seen, lines
+
+
+def test_a_clock_stepped_a_day_ahead_neither_times_out_nor_flags_stale_a_running_attempt(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("sleep 1; echo finished"), "timeout": "30m",
+                           "stale_after": "10m", "max_failures": 1}})
+    drop(ws, "chip", "a.md", order_md("Works for a second", id="a"))
+    store, seen, lines = _run_stepped(ws, 86400)
+    rec = store.load("a")
+    assert (rec.status, rec.attempts, rec.failures) == ("done", 1, []), rec.failures
+    assert True not in seen
+    assert not any("timed out" in line or "stale" in line for line in lines), lines
+
+
+def test_a_clock_stepped_an_hour_back_does_not_hold_off_the_timeout(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("sleep 30"), "timeout": "1s", "max_failures": 1}})
+    drop(ws, "chip", "a.md", order_md("Hangs past its timeout", id="a"))
+    started = time.monotonic()
+    store, _, _ = _run_stepped(ws, -3600, wait=20)
+    rec = store.load("a")
+    assert rec.status == "blocked" and rec.failures[0].startswith("timed out after 1.0s"), rec.failures
+    assert time.monotonic() - started < 10
+
+
+def test_a_clock_stepped_an_hour_back_still_flags_a_silent_attempt_stale(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("sleep 1.5"), "stale_after": "0.3s"}})
+    drop(ws, "chip", "a.md", order_md("Works quietly", id="a"))
+    store, seen, _ = _run_stepped(ws, -3600)
+    assert store.load("a").status == "done"
+    # Flagged while it ran, though its log's time is an hour "ahead" of the clock now.
+    assert True in seen
+    lines = [e.line for e in StateRepo(ws.state).entries("a")]
+    assert "a chip: stale (no output or heartbeat for 0.3s)" in lines, lines
+
+
+REQUEUE_ON_DEP = ('printf "outcome: requeue-with-blocker\\nblocker: dep\\nsummary: waits for dep\\n" '
+                  '> "$COORD_RESULT"')
+
+
+def test_a_requeue_on_an_order_done_before_the_clock_was_stepped_back_is_a_failed_attempt(make_ws):
+    """Done at 10:00, then the clock set back to 9:05: the attempt that started after it
+    looked older than it by their times, its requeue on it was taken, and the order ran
+    again at once, for the hour (1,174 runs in 8 s of `supervise --once`)."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh(
+        'if [ "$COORD_ORDER_ID" = loop ]; then echo ran >> "$PROBE/ran.txt"; ' + REQUEUE_ON_DEP + '; fi')}})
+    clock = SteppingClock()
+    drop(ws, "chip", "a.md", order_md("Dependency is done", id="dep"))
+    with Supervisor(ws, clock=clock) as sup:
+        sup.run_once(limit=20)
+        assert sup.records["dep"].status == "done"
+        clock.offset -= 3600
+        drop(ws, "chip", "b.md", order_md("Loop is done", id="loop",
+                                          branching=("requeue-with-blocker if a dependency is missing",)))
+        step_until(sup, lambda: "loop" in sup.records and sup.records["loop"].terminal, "the order to end", wait=30)
+        rec = sup.store.with_detail(sup.records["loop"])
+    assert rec.status == "blocked", rec.history[-3:]
+    assert (probe_of(ws) / "ran.txt").read_text().split() == ["ran", "ran"]  # max_failures: 2
+    assert "dep was already done when this attempt started" in rec.failures[-1], rec.failures
+
+
+def test_a_requeue_on_an_order_done_while_it_ran_is_taken_though_the_clock_was_stepped_back(make_ws):
+    """The other way round: started at 10:00, the clock set back, its blocker done at 9:05
+    looked done before it started, and a fair requeue was a failed attempt."""
+    ws = make_ws({"chip": {"role": "specialist", "max_parallel": 2, "max_failures": 1, "command": sh(
+        'if [ "$COORD_ORDER_ID" = dep ]; then until [ -e "$PROBE/loop-runs" ]; do sleep 0.02; done; exit 0; fi; '
+        'if [ ! -e "$PROBE/loop-ran" ]; then touch "$PROBE/loop-ran" "$PROBE/loop-runs"; sleep 0.5; '
+        + REQUEUE_ON_DEP + '; fi')}})
+    clock = SteppingClock()
+    drop(ws, "chip", "b.md", order_md("Loop is done", id="loop", priority="high",
+                                      branching=("requeue-with-blocker if a dependency is missing",)))
+    drop(ws, "chip", "a.md", order_md("Dependency is done", id="dep"))
+    with Supervisor(ws, clock=clock) as sup:
+        step_until(sup, lambda: "loop" in sup.records and sup.records["loop"].status == "running", "loop to run")
+        clock.offset -= 3600
+        step_until(sup, lambda: sup.records["loop"].terminal, "the order to end", wait=30)
+        rec = sup.store.with_detail(sup.records["loop"])
+    assert sup.records["dep"].status == "done"
+    assert rec.status == "done", rec.failures
+    assert [h["to"] for h in rec.history] == ["queued", "running", "waiting", "queued", "running", "done"]
