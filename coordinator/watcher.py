@@ -223,10 +223,16 @@ class InboxWatcher:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        """Watch every folder. Raises UsageError when the system's watch limits are reached."""
+        """Watch every folder. When the system's watch limits are reached (or a folder cannot be
+        watched), say so once and go on by rescans alone, trying again every RETRY_EVERY seconds
+        (see `broken`): a supervisor started on a machine whose inotify instances other programs
+        hold stopped before taking in a single order."""
         with self._control:
             if self._observer is None:
-                self._replace_observer()
+                try:
+                    self._replace_observer()
+                except UsageError as e:
+                    self._failed(e)
             with self._lock:
                 self._rescan_requested = True
 

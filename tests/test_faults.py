@@ -9,6 +9,7 @@ done twice, the fault recorded where the user will look (`signals`, `audit verif
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -715,3 +716,43 @@ def test_supervise_once_stops_on_a_second_sigterm_and_loses_nothing(make_ws):
     assert again.returncode == 0, again.stderr
     assert _status(ws, "z1") == "done"
     assert verify(ws) == []
+
+
+def test_a_supervisor_started_with_no_inotify_instance_free_takes_orders_in_by_rescans(
+        make_ws: Callable[..., Workspace], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Other programs hold every inotify instance the user may have: the supervisor stopped at
+    start ("inotify instance limit reached"), taking in nothing. It now says so once, takes
+    orders in by its rescans, and watches again once an instance is free."""
+    from coordinator import watcher as watcher_mod
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
+    real = watcher_mod._InotifyObserver
+    used_up = [True]
+
+    def observer(on_overflow: Callable[[], None]) -> object:  # inotify_init1 as the kernel refuses it
+        if used_up[0]:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real(on_overflow)
+
+    monkeypatch.setattr(watcher_mod, "_InotifyObserver", observer)
+    monkeypatch.setattr(watcher_mod, "RETRY_EVERY", 0.2)
+    with Supervisor(ws) as sup:
+        drop(ws, "chip", "a.md", order_md("Say ok once"))
+        sup.run_once(limit=WAIT)
+        used_up[0] = False  # the other programs ended
+        drop(ws, "chip", "b.md", order_md("Say ok twice"))
+        sup.run_once(limit=WAIT)
+        watcher = sup.watcher
+        assert isinstance(watcher, InboxWatcher)
+
+        def watching() -> bool:
+            watcher.wait(0.0)  # its health check tries the restart
+            return watcher.broken is None
+
+        wait_until(watching, "the watcher to watch again")
+    said = [r.getMessage() for r in caplog.records if "inotify instance limit" in r.getMessage()]
+    assert len(said) == 1 and "rescanned every" in said[0]
+    assert any("watches every inbox again" in r.getMessage() for r in caplog.records)
+    records = Store(ws.state).load_all()
+    assert sorted(r.status for r in records.values()) == ["done", "done"]
