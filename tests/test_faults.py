@@ -756,3 +756,53 @@ def test_a_supervisor_started_with_no_inotify_instance_free_takes_orders_in_by_r
     assert any("watches every inbox again" in r.getMessage() for r in caplog.records)
     records = Store(ws.state).load_all()
     assert sorted(r.status for r in records.values()) == ["done", "done"]
+
+
+def test_a_descriptor_limit_too_low_for_any_order_is_refused_at_start(make_ws: Callable[..., Workspace]) -> None:
+    """Under `ulimit -n 20` the supervisor took every order in and blocked each one after
+    max_failures refusals ("too many open files"); under 16 it stopped with an internal error."""
+    import resource
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
+    drop(ws, "chip", "a.md", order_md("Say ok"))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    proc = subprocess.run([str(COORDINATOR), "-w", str(ws.root), "supervise", "--once"], capture_output=True,
+                          text=True, timeout=60,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (20, hard)))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "coordinator: this process may open only 20 files (`ulimit -n`); the supervisor needs 32 or more to "
+        "run an order: raise the limit and start it again")
+    assert not Store(ws.state).load_all()  # nothing taken in, so nothing blocked
+    assert (ws.inbox("chip") / "a.md").exists()
+
+
+def test_a_supervisor_out_of_descriptors_says_so_and_the_next_start_goes_on(make_ws: Callable[..., Workspace],
+                                                                              tmp_path: Path) -> None:
+    """Its descriptors used up while it ran (its limit lowered under it, as `prlimit` does): it
+    stopped with "internal error: OSError: [Errno 24] Too many open files (please report
+    this …)". It now says what ran short and what to do; the next start does the order once."""
+    import resource
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
+    log = tmp_path / "supervise.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(COORDINATOR), "-w", str(ws.root), "supervise"], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: b"Ctrl-C to stop" in log.read_bytes(), "the supervisor to start")
+            held = len(os.listdir(f"/proc/{proc.pid}/fd"))
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (held, hard))
+            drop(ws, "chip", "a.md", order_md("Say ok", id="a"))
+            assert proc.wait(60) == 2
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    last = log.read_text().strip().splitlines()[-1]
+    assert last.startswith("coordinator: too many open files: the supervisor may open ") and "ulimit -n" in last
+    assert "internal error" not in log.read_text()
+    assert supervise_once(ws).returncode == 0
+    assert Store(ws.state).load_all()["a"].status == "done"
+    assert verify(ws) == []
