@@ -18,6 +18,7 @@ checkout's guarded move on it, and `repos.Repo` the working copies, commits and 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import stat
@@ -47,6 +48,8 @@ _TRUSTED_CONFIG = (
     # -z` is read by, for a commit they signed: `audit verify` found the history unreadable.
     "log.showSignature=false",
 )
+_NO_ROOM = re.compile(r"No space left on device|Disk quota exceeded")  # git's strerror, under LC_ALL=C
+_ROOM_LEFT = 64 * 1024  # bytes free below which a failed git command is taken to have run out of room
 _SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?\Z")
 _REPO_LOCKS: dict[str, threading.RLock] = {}
 _REPO_LOCKS_GUARD = threading.Lock()
@@ -100,8 +103,31 @@ def run_git(
         raise GitError(f"git {verb} took over {timeout:.0f}s in {cwd}; is a disk or lock stuck?") from e
     if check and proc.returncode != 0:
         said = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
+        code = _no_room(proc.stderr, git_dir or cwd)
+        if code is not None:
+            # A full disk is nobody's failed attempt: a GitError failed the order's attempt, and
+            # its retry at once, until the order was blocked. As the OSError it is, it stops the
+            # supervisor saying so ("make room and run it again"), as a full state/ does.
+            raise OSError(code, f"{os.strerror(code)} (git {verb}: {said.splitlines()[-1]})", str(cwd))
         raise GitError(f"git {verb} failed in {cwd}: {said.splitlines()[-1]}")
     return proc
+
+
+def _no_room(stderr: str, where: Path) -> int | None:
+    """ENOSPC or EDQUOT when a git command that failed ran out of room; else None. git says so
+    only at times ("Could not reset index file", "couldn't write '….lock'"): a file system with
+    no block or no inode left for us tells the rest."""
+    said = _NO_ROOM.search(stderr)
+    if said is not None:
+        return errno.EDQUOT if "quota" in said.group(0) else errno.ENOSPC
+    try:
+        fs = os.statvfs(where)
+    except OSError:
+        return None
+    blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail  # root may write the reserved blocks
+    if blocks * fs.f_frsize < _ROOM_LEFT or (fs.f_files > 0 and fs.f_favail == 0):
+        return errno.ENOSPC
+    return None
 
 
 NOT_OWN_GIT = ("is not a git repository with its own .git folder; put a normal clone there (not a worktree, "

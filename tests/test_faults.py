@@ -806,3 +806,41 @@ def test_a_supervisor_out_of_descriptors_says_so_and_the_next_start_goes_on(make
     assert supervise_once(ws).returncode == 0
     assert Store(ws.state).load_all()["a"].status == "done"
     assert verify(ws) == []
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_repos_stops_the_supervisor_instead_of_blocking_the_order(
+        make_ws: Callable[..., Workspace]) -> None:
+    """repos/ on a disk of its own that fills: git could not make the order's working copy, which
+    failed the attempt and its retry at once, and the order was blocked (and escalated) for a
+    disk. Now the supervisor stops, saying to make room; after that the order runs, once."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok > src/kept.py"),
+                           "writes": ["webapp/src/**"]}})
+    webapp = ws.repos / "webapp"
+    saved = ws.root / "webapp.saved"
+    shutil.copytree(webapp, saved, symlinks=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(ws.repos)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {proc.stderr.strip()}")
+    try:
+        shutil.copytree(saved, webapp, symlinks=True)
+        with Supervisor(ws):
+            pass  # the supervisor has seen webapp's main
+        drop(ws, "chip", "a.md", order_md("Keep it", id="a", files=("webapp/src/kept.py",)))
+        filler = fill(ws.repos, leave=0)
+
+        full = supervise_once(ws)
+        assert full.returncode == 2, full.stderr
+        said = full.stderr.strip().splitlines()[-1]
+        assert said.startswith("coordinator: No space left on device") and "make room and run it again" in said
+        rec = Store(ws.state).load_all()["a"]
+        assert rec.status == "queued" and rec.failures == []
+
+        filler.unlink()
+        assert supervise_once(ws).returncode == 0
+        rec = Store(ws.state).load_all()["a"]
+        assert rec.status == "done" and rec.attempts == 1
+        assert verify(ws) == []
+    finally:
+        subprocess.run(["umount", "-l", str(ws.repos)], check=False)
