@@ -464,7 +464,8 @@ def _short_text(code: int) -> str:
     if code == errno.ENFILE:
         return "the system's table of open files is full"
     if code == errno.EAGAIN:
-        return "no process or thread could be made (a process limit: `ulimit -u`)"
+        return ("no process or thread could be made (a process limit: `ulimit -u`, or the pids limit of the "
+                "cgroup or container it runs in)")
     return "out of memory"
 
 

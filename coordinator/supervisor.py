@@ -110,9 +110,10 @@ class Supervisor(Arrivals):
             _check_open_files()
         try:
             self._open()
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE):
-                raise SupervisorError(_too_many_files(e)) from e
+        except (OSError, RuntimeError) as e:
+            short = _ran_short(e)
+            if short is not None:
+                raise SupervisorError(short) from e
             raise
 
     def _open(self) -> None:
@@ -265,12 +266,13 @@ class Supervisor(Arrivals):
         loops): then only once FLUSH_EVERY has passed or nothing is moving any more."""
         try:
             return self._step(paced)
-        except (OSError, CoordinatorError) as e:
+        except (OSError, CoordinatorError, RuntimeError) as e:
             # A workspace moved away says so, not "internal error: FileNotFoundError" or the git
             # command that failed first.
             self._check_workspace()
-            if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
-                raise SupervisorError(_too_many_files(e)) from e  # was "internal error: OSError"
+            short = _ran_short(e)  # was "internal error: OSError: [Errno 24] Too many open files"
+            if short is not None:
+                raise SupervisorError(short) from e
             raise
 
     def _check_workspace(self) -> None:
@@ -465,12 +467,21 @@ def _check_open_files() -> None:
                               f"{MIN_OPEN_FILES} or more to run an order: raise the limit and start it again")
 
 
-def _too_many_files(e: OSError) -> str:
-    where = "the system's table of open files is full"
-    if e.errno == errno.EMFILE:
+def _ran_short(e: BaseException) -> str | None:
+    """What to say when `e` is the machine running out of descriptors, processes or threads for
+    the supervisor itself (a git command it could not fork, a file it could not open); else None."""
+    if isinstance(e, OSError) and e.errno == errno.EMFILE:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        where = f"too many open files: the supervisor may open {soft} (`ulimit -n`)"
-    return (f"{where}; raise the limit (or lower max_parallel) and start it again: what was under way is "
+        what = f"too many open files: the supervisor may open {soft} (`ulimit -n`)"
+    elif isinstance(e, OSError) and e.errno == errno.ENFILE:
+        what = "the system's table of open files is full"
+    elif (isinstance(e, OSError) and e.errno == errno.EAGAIN and not e.filename) or (
+            isinstance(e, RuntimeError) and "can't start new thread" in str(e)):
+        what = ("no process or thread could be made (a process limit: `ulimit -u`, or the pids limit of the "
+                "cgroup or container it runs in)")
+    else:
+        return None
+    return (f"{what}; raise the limit (or lower max_parallel) and start it again: what was under way is "
             "picked up then")
 
 

@@ -844,3 +844,55 @@ def test_a_full_disk_under_repos_stops_the_supervisor_instead_of_blocking_the_or
         assert verify(ws) == []
     finally:
         subprocess.run(["umount", "-l", str(ws.repos)], check=False)
+
+
+@pytest.fixture
+def pids_cgroup(tmp_path: Path) -> Iterator[Path]:
+    """A cgroup of the pids controller (v1) of its own: its pids.max caps the processes and
+    threads of what is moved into it, root's included (`ulimit -u` does not bind root)."""
+    group = Path("/sys/fs/cgroup/pids") / f"coordinator-test-{os.getpid()}-{tmp_path.name}"
+    try:
+        group.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot make a pids cgroup here (needs root and cgroup v1 pids): {e}")
+    try:
+        yield group
+    finally:
+        wait_until(lambda: not (group / "cgroup.procs").read_text().strip(), "the cgroup to empty", timeout=30)
+        group.rmdir()
+
+
+@pytest.mark.slow
+def test_a_supervisor_out_of_processes_says_so_and_the_next_start_goes_on(
+        make_ws: Callable[..., Workspace], pids_cgroup: Path) -> None:
+    """Under a process limit (`ulimit -u` of a user, the pids limit of a container) that counts
+    threads, the watcher could not start its thread per inbox: "internal error: RuntimeError:
+    can't start new thread"; a git command it could not fork: "internal error:
+    BlockingIOError". Now the watcher falls back to rescans, saying so, and a supervisor that
+    cannot fork stops saying what ran short; nothing is lost and the next start ends it all."""
+    agents = {f"a{i}": {"role": "specialist", "command": sh("sleep 0.2; echo ok > src/$COORD_ORDER_ID.py"),
+                        "writes": ["webapp/src/**"]} for i in range(8)}
+    ws = make_ws(agents, max_parallel=8)
+    ids = [f"o{i}" for i in range(16)]
+    for i, oid in enumerate(ids):
+        drop(ws, f"a{i % 8}", f"{oid}.md", order_md(f"Write {oid}", id=oid, files=(f"webapp/src/{oid}.py",)))
+    (pids_cgroup / "pids.max").write_text("10")
+    procs = str(pids_cgroup / "cgroup.procs")
+
+    def enter() -> None:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    short = subprocess.run([str(COORDINATOR), "-w", str(ws.root), "supervise", "--once"], capture_output=True,
+                           text=True, timeout=180, preexec_fn=enter)
+    assert "internal error" not in short.stderr and "Traceback" not in short.stderr, short.stderr
+    assert "the file watcher cannot start its threads" in short.stderr and "`ulimit -u`" in short.stderr
+    if short.returncode != 0:
+        assert short.returncode == 2
+        assert short.stderr.strip().splitlines()[-1].startswith("coordinator: no process or thread could be made")
+
+    again = supervise_once(ws)
+    assert again.returncode == 0, again.stderr
+    recs = Store(ws.state).load_all()
+    assert sorted(recs) == sorted(ids) and {r.status for r in recs.values()} == {"done"}
+    assert verify(ws) == []
