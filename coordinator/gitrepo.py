@@ -48,6 +48,7 @@ _TRUSTED_CONFIG = (
     # -z` is read by, for a commit they signed: `audit verify` found the history unreadable.
     "log.showSignature=false",
 )
+_NO_FORK = re.compile(r"cannot fork|Resource temporarily unavailable")  # git's own fork refused
 _NO_ROOM = re.compile(r"No space left on device|Disk quota exceeded")  # git's strerror, under LC_ALL=C
 _ROOM_LEFT = 64 * 1024  # bytes free below which a failed git command is taken to have run out of room
 _SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?\Z")
@@ -103,6 +104,11 @@ def run_git(
         raise GitError(f"git {verb} took over {timeout:.0f}s in {cwd}; is a disk or lock stuck?") from e
     if check and proc.returncode != 0:
         said = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
+        if _NO_FORK.search(proc.stderr):
+            # git could not fork its own helpers: the process limit, not the order (a GitError
+            # failed the attempt and its retry at once, and blocked the order). As the OSError
+            # it is, it stops the supervisor saying so, as a refused fork of git itself does.
+            raise BlockingIOError(errno.EAGAIN, f"{os.strerror(errno.EAGAIN)} (git {verb}: {said.splitlines()[-1]})")
         code = _no_room(proc.stderr, git_dir or cwd)
         if code is not None:
             # A full disk is nobody's failed attempt: a GitError failed the order's attempt, and

@@ -896,3 +896,27 @@ def test_a_supervisor_out_of_processes_says_so_and_the_next_start_goes_on(
     recs = Store(ws.state).load_all()
     assert sorted(recs) == sorted(ids) and {r.status for r in recs.values()} == {"done"}
     assert verify(ws) == []
+
+
+def test_a_git_command_that_cannot_fork_is_the_process_limit_not_the_orders_failure(
+        make_ws: Callable[..., Workspace], pids_cgroup: Path, tmp_path: Path) -> None:
+    """git itself could not fork its helpers ("cannot fork() for branch"): that was a GitError,
+    so the order's attempt failed, its retry at once too, and the order was blocked for the
+    machine's process limit. It is the refused fork it is, which stops the supervisor saying so."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("true")}})
+    (pids_cgroup / "pids.max").write_text("2")  # this Python and one git: none of git's helpers
+    code = ("import os, sys\n"
+            "from pathlib import Path\n"
+            "from coordinator.gitrepo import run_git\n"
+            "with open(sys.argv[1], 'w') as f: f.write(str(os.getpid()))\n"
+            "try:\n"
+            "    run_git(['worktree', 'add', '-b', 'wo/x', sys.argv[3], 'HEAD'], git_dir=Path(sys.argv[2]),"
+            " cwd=Path(sys.argv[2]))\n"
+            "except Exception as e:\n"
+            "    print(type(e).__name__, getattr(e, 'errno', None), e)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code, str(pids_cgroup / "cgroup.procs"),
+                          str(ws.repos / "webapp" / ".git"), str(tmp_path / "copy")],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.stdout.startswith(f"BlockingIOError {errno.EAGAIN} "), out.stdout + out.stderr
+    assert "git worktree" in out.stdout and "cannot fork" in out.stdout
