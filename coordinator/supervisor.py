@@ -385,7 +385,13 @@ class Supervisor(Arrivals):
             self._run(should_stop)
 
     def _run(self, should_stop: Callable[[], int]) -> None:
-        self._start_pumps()
+        try:
+            self._start_pumps()
+        except RuntimeError as e:  # its thread refused: "internal error: RuntimeError"
+            short = _ran_short(e)
+            if short is None:
+                raise
+            raise SupervisorError(short) from e
         while True:
             if self._stop_requested(should_stop()):
                 return

@@ -920,3 +920,32 @@ def test_a_git_command_that_cannot_fork_is_the_process_limit_not_the_orders_fail
                          capture_output=True, text=True, timeout=60, env=env)
     assert out.stdout.startswith(f"BlockingIOError {errno.EAGAIN} "), out.stdout + out.stderr
     assert "git worktree" in out.stdout and "cannot fork" in out.stdout
+
+
+@pytest.mark.slow
+def test_supervise_under_a_process_limit_never_ends_in_an_internal_error(
+        make_ws: Callable[..., Workspace], pids_cgroup: Path, tmp_path: Path) -> None:
+    """At some limits the thread that wakes the loop could not be started: "internal error:
+    RuntimeError: can't start new thread". Whatever thread or process is refused, it is said."""
+    ws = make_ws({name: {"role": "specialist", "command": sh("true")} for name in ("a", "b")})
+    procs = str(pids_cgroup / "cgroup.procs")
+
+    def enter() -> None:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    for limit in range(3, 9):
+        (pids_cgroup / "pids.max").write_text(str(limit))
+        log = tmp_path / f"supervise-{limit}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([str(COORDINATOR), "-w", str(ws.root), "supervise"], stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=enter)
+            try:
+                proc.wait(8)
+            except subprocess.TimeoutExpired:  # it runs at this limit: fine too
+                proc.terminate()
+                proc.wait(30)
+        said = log.read_text()
+        assert "internal error" not in said and "Traceback" not in said, f"pids.max {limit}: {said}"
+        if proc.returncode == 2:
+            assert said.strip().splitlines()[-1].startswith("coordinator: no process or thread could be made")
