@@ -109,30 +109,38 @@ def run_git(
             # failed the attempt and its retry at once, and blocked the order). As the OSError
             # it is, it stops the supervisor saying so, as a refused fork of git itself does.
             raise BlockingIOError(errno.EAGAIN, f"{os.strerror(errno.EAGAIN)} (git {verb}: {said.splitlines()[-1]})")
-        code = _no_room(proc.stderr, git_dir or cwd)
-        if code is not None:
+        full = _no_room(proc.stderr, [git_dir, work_tree, cwd, *(Path(a) for a in args if os.path.isabs(a))])
+        if full is not None:
+            code, where = full
             # A full disk is nobody's failed attempt: a GitError failed the order's attempt, and
             # its retry at once, until the order was blocked. As the OSError it is, it stops the
             # supervisor saying so ("make room and run it again"), as a full state/ does.
-            raise OSError(code, f"{os.strerror(code)} (git {verb}: {said.splitlines()[-1]})", str(cwd))
+            raise OSError(code, f"{os.strerror(code)} (git {verb}: {said.splitlines()[-1]})", str(where))
         raise GitError(f"git {verb} failed in {cwd}: {said.splitlines()[-1]}")
     return proc
 
 
-def _no_room(stderr: str, where: Path) -> int | None:
-    """ENOSPC or EDQUOT when a git command that failed ran out of room; else None. git says so
-    only at times ("Could not reset index file", "couldn't write '….lock'"): a file system with
-    no block or no inode left for us tells the rest."""
+def _no_room(stderr: str, places: list[Path | None]) -> tuple[int, Path] | None:
+    """(ENOSPC or EDQUOT, where) when a git command that failed ran out of room; else None. git
+    says so only at times ("Could not reset index file", "couldn't write '….lock'"): a file
+    system of `places` (its git dir, its working tree, a working copy it makes) with no block or
+    no inode left for us tells the rest."""
     said = _NO_ROOM.search(stderr)
-    if said is not None:
-        return errno.EDQUOT if "quota" in said.group(0) else errno.ENOSPC
-    try:
-        fs = os.statvfs(where)
-    except OSError:
-        return None
-    blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail  # root may write the reserved blocks
-    if blocks * fs.f_frsize < _ROOM_LEFT or (fs.f_files > 0 and fs.f_favail == 0):
-        return errno.ENOSPC
+    code = errno.ENOSPC if said is None or "quota" not in said.group(0) else errno.EDQUOT
+    for place in places:
+        while place is not None:
+            try:
+                fs = os.statvfs(place)
+                break
+            except OSError:  # not made yet (a working copy): its parent's file system
+                place = place.parent if place.parent != place else None
+        if place is None:
+            continue
+        blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail  # root may write the reserved blocks
+        if blocks * fs.f_frsize < _ROOM_LEFT or (fs.f_files > 0 and fs.f_favail == 0):
+            return code, place
+    if said is not None:  # a quota, or room again by now: said where git ran
+        return code, next((p for p in places if p is not None), Path("."))
     return None
 
 

@@ -949,3 +949,36 @@ def test_supervise_under_a_process_limit_never_ends_in_an_internal_error(
         assert "internal error" not in said and "Traceback" not in said, f"pids.max {limit}: {said}"
         if proc.returncode == 2:
             assert said.strip().splitlines()[-1].startswith("coordinator: no process or thread could be made")
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_working_copies_stops_the_supervisor_instead_of_blocking_the_order(
+        make_ws: Callable[..., Workspace]) -> None:
+    """The working copies (.coordinator/work/) on a disk of their own that fills: git could not
+    check the order's copy out ("Could not reset index file", nothing about space), and the
+    order was blocked after two instant failures. Now the supervisor stops naming that disk."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok > src/kept.py"),
+                           "writes": ["webapp/src/**"]}})
+    work = ws.runtime / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(work)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {proc.stderr.strip()}")
+    try:
+        drop(ws, "chip", "a.md", order_md("Keep it", id="a", files=("webapp/src/kept.py",)))
+        filler = fill(work, leave=0)
+
+        full = supervise_once(ws)
+        assert full.returncode == 2, full.stderr
+        said = full.stderr.strip().splitlines()[-1]
+        assert said.startswith("coordinator: No space left on device") and f"writing {work}" in said
+        rec = Store(ws.state).load_all()["a"]
+        assert rec.status == "queued" and rec.failures == []
+
+        filler.unlink()
+        assert supervise_once(ws).returncode == 0
+        assert Store(ws.state).load_all()["a"].status == "done"
+        assert verify(ws) == []
+    finally:
+        subprocess.run(["umount", "-l", str(work)], check=False)
