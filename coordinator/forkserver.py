@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import json
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -43,6 +45,29 @@ from .spawner import (
     _signal,
 )
 
+# A start that failed for want of descriptors, processes, threads or memory is no fault of its
+# command: it waits in the server, and is tried again when one of the server's attempts ends (what
+# that one held is free again) or SHORT_RETRY passes. Refused as it was only when nothing of the
+# server's will free what is short: no attempt of it left and SHORT_PATIENCE gone (or at once for
+# descriptors, the server's own). The supervisor's timeout and cancel still end a waiting start.
+_SHORT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
+SHORT_RETRY = 1.0
+SHORT_PATIENCE = 30.0
+# Descriptors a start needs at once (its log, both ends of its output pipe, the ruleset), and
+# those it must leave free: a kill reads /proc and opens a pidfd per process it signals, and
+# with none left it took every process for one that survived SIGKILL.
+START_FDS = 4
+FD_RESERVE = 8
+
+
+@dataclass
+class _Waiting:
+    """A detached start put off for want of resources (see `_SHORT_ERRNOS`)."""
+
+    msg: dict[str, Any]
+    since: float
+    short: str  # what ran short, said in the refusal should it come to one
+
 
 @dataclass
 class _Kill:
@@ -63,6 +88,9 @@ class _Server:
         self.attempts: dict[str, Tree] = {}
         self.leaders: dict[int, Tree] = {}
         self.kills: list[_Kill] = []
+        self.waiting: list[_Waiting] = []  # starts put off for want of resources, oldest first
+        self.retry_at = 0.0
+        self.freed = False  # an attempt ended since the last retry: what it held is free
         self.inbuf, self.outbuf = bytearray(), bytearray()
         self.events_waiting = False  # registered for writing: the supervisor reads slower than exits come
         self.stopping: _Kill | None = None
@@ -101,7 +129,12 @@ class _Server:
                 if self.attempts:
                     self._tree()
                 next_scan = now + SCAN_INTERVAL
-            timeout = max(0.0, (next_kill_check if self.kills else next_scan) - now)
+            if self.waiting and (self.freed or now >= self.retry_at):
+                self._retry_waiting(now)
+            due = next_kill_check if self.kills else next_scan
+            if self.waiting:
+                due = min(due, self.retry_at)
+            timeout = max(0.0, due - now)
             for key, mask in self.sel.select(timeout):
                 key.data(mask)
         self._finish()
@@ -142,26 +175,74 @@ class _Server:
                 raise SupervisorError("the spawn server is stopping")
             if op == "hello":
                 self._reply(rid, pid=self.pid)
+            elif op == "spawn" and detached and self.waiting:  # in turn after those waiting for room
+                self.waiting.append(_Waiting(msg, time.monotonic(), self.waiting[0].short))
+                self._retry_waiting(time.monotonic())
             elif op == "spawn":
                 self._reply(rid, pid=self._spawn(msg))
             elif op == "alive":
                 self._reply(rid, alive=any(not p.zombie for p in self._tree().get(msg["token"], ())))
             elif op == "kill":
                 now, grace = time.monotonic(), float(msg["grace"])
+                self._drop_waiting(msg["token"], "killed before it could start")
                 self.kills.append(_Kill(msg["token"], now + grace, rid, now + grace + SIGKILL_WAIT))
             elif op == "close":
                 self._stop(rid, float(msg["grace"]))
             else:
                 raise SupervisorError(f"unknown spawn server request {op!r}")
         except Exception as e:
+            if detached and op == "spawn" and self._put_off(msg, e, time.monotonic()):
+                return
             # Out of processes, fds or threads, or a request nobody foresaw: this request fails
             # and the server goes on, for the trees it started must not lose their reaper.
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
-            error = e if isinstance(e, CoordinatorError) else CoordinatorError(f"cannot start the command: {reason}")
+            short = _shortage(e)
+            error = _refusal(e, short[1] if short else "")
             if detached and op == "spawn":
                 self._refuse(msg["token"], error)
             elif not detached:  # a detached kill that failed: the caller's later kill_tree says why
                 self._reply_error(rid, error)
+
+    # starts put off for want of resources
+    def _put_off(self, msg: dict[str, Any], e: BaseException, now: float, since: float | None = None) -> bool:
+        """Keep a detached start that failed for want of resources to try again; False when it
+        is to be refused now (another failure, or nothing of the server's will free what is short)."""
+        short = _shortage(e)
+        if short is None or self.stopping is not None:
+            return False
+        first = since is None
+        since = now if since is None else since
+        if not self.attempts and (short[0] == errno.EMFILE or now - since >= SHORT_PATIENCE):
+            return False
+        if not self.waiting and first:
+            self._note(f"a start waits: {short[1]}; it is tried again when a running attempt ends")
+        self.waiting.append(_Waiting(msg, since, short[1]))
+        self.retry_at = now + SHORT_RETRY
+        return True
+
+    def _retry_waiting(self, now: float) -> None:
+        """Try the waiting starts again, oldest first, until one is short again."""
+        self.freed = False
+        self.retry_at = now + SHORT_RETRY
+        waiting, self.waiting = self.waiting, []
+        for i, job in enumerate(waiting):
+            try:
+                self._spawn(job.msg)
+            except Exception as e:
+                if self._put_off(job.msg, e, now, since=job.since):
+                    self.waiting.extend(waiting[i + 1:])  # no room for the next ones either
+                    return
+                self._refuse(job.msg["token"], _refusal(e, job.short))
+
+    def _drop_waiting(self, token: str | None, why: str) -> None:
+        """A kill of an attempt whose start waits: it never starts, said as a refusal."""
+        for job in [j for j in self.waiting if token is None or j.msg["token"] == token]:
+            self.waiting.remove(job)
+            self._refuse(job.msg["token"], CoordinatorError(f"{why} (it waited for room: {job.short})"))
+
+    def _note(self, line: str) -> None:
+        """A line for the supervisor's log, on the events channel."""
+        self.outbuf += json.dumps({"note": line}).encode() + b"\n"
+        self._send_events()
 
     def _reply(self, rid: int | None, **fields: Any) -> None:
         if rid is not None:
@@ -199,6 +280,7 @@ class _Server:
 
     # spawning
     def _spawn(self, msg: dict[str, Any]) -> int:
+        _check_room(START_FDS + FD_RESERVE + len(msg.get("mounts") or ()))
         token = msg["token"]
         old = self.attempts.get(token)
         if old is not None:
@@ -251,6 +333,7 @@ class _Server:
 
     def _leader_exited(self, att: Tree, code: int, alone: bool) -> None:
         att.exited = True
+        self.freed = True
         # What the leader printed is all in the pipe now; a straggler may keep
         # printing, so drain a bounded amount (everything, when nothing of it is left).
         for _ in range(8):
@@ -302,6 +385,7 @@ class _Server:
             att.out_fd = None
         att.log.flush(time.monotonic())
         os.close(att.log.fd)
+        self.freed = True
 
     def _progress_kills(self, now: float) -> None:
         owners = self._tree()
@@ -331,6 +415,7 @@ class _Server:
                     job.termed.add(proc.pid)
 
     def _stop(self, rid: int | None, grace: float) -> None:
+        self._drop_waiting(None, "the spawn server is stopping")
         now = time.monotonic()
         self.stopping = _Kill(None, now + grace, rid, now + grace + SIGKILL_WAIT)
         self.kills.append(self.stopping)
@@ -345,6 +430,53 @@ class _Server:
         self.events.close()
         self.ctl.close()
 
+
+
+def _check_room(needed: int) -> None:
+    """Raise EMFILE unless `needed` descriptor numbers are free below the server's limit."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return
+    held = sum(1 for name in os.listdir("/proc/self/fd") if int(name) < soft)
+    if soft - held < needed:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+
+def _shortage(e: BaseException) -> tuple[int, str] | None:
+    """(errno, what ran short) when `e` says the machine had no room for a start; else None.
+    The launch's errors keep the OSError they came from as their context."""
+    cause: BaseException | None = e
+    for _ in range(8):
+        if cause is None:
+            break
+        if isinstance(cause, OSError) and cause.errno in _SHORT_ERRNOS:
+            return cause.errno, _short_text(cause.errno)
+        if isinstance(cause, RuntimeError) and "can't start new thread" in str(cause):
+            return errno.EAGAIN, _short_text(errno.EAGAIN)
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _short_text(code: int) -> str:
+    if code == errno.EMFILE:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return f"too many open files (the spawn server may open {soft}: raise `ulimit -n`, or lower max_parallel)"
+    if code == errno.ENFILE:
+        return "the system's table of open files is full"
+    if code == errno.EAGAIN:
+        return ("no process or thread could be made (a process limit: `ulimit -u`, or the pids limit of the "
+                "cgroup or container it runs in)")
+    return "out of memory"
+
+
+def _refusal(e: BaseException, short: str) -> CoordinatorError:
+    """The error a waiting start is refused with, in the words the server's other refusals use."""
+    if _shortage(e) is not None:
+        return CoordinatorError(f"cannot start the command: {short}")
+    if isinstance(e, CoordinatorError):
+        return e
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+    return CoordinatorError(f"cannot start the command: {reason}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ checkout's guarded move on it, and `repos.Repo` the working copies, commits and 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import stat
@@ -47,6 +48,9 @@ _TRUSTED_CONFIG = (
     # -z` is read by, for a commit they signed: `audit verify` found the history unreadable.
     "log.showSignature=false",
 )
+_NO_FORK = re.compile(r"cannot fork|Resource temporarily unavailable")  # git's own fork refused
+_NO_ROOM = re.compile(r"No space left on device|Disk quota exceeded")  # git's strerror, under LC_ALL=C
+_ROOM_LEFT = 64 * 1024  # bytes free below which a failed git command is taken to have run out of room
 _SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?\Z")
 _REPO_LOCKS: dict[str, threading.RLock] = {}
 _REPO_LOCKS_GUARD = threading.Lock()
@@ -100,8 +104,44 @@ def run_git(
         raise GitError(f"git {verb} took over {timeout:.0f}s in {cwd}; is a disk or lock stuck?") from e
     if check and proc.returncode != 0:
         said = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
+        if _NO_FORK.search(proc.stderr):
+            # git could not fork its own helpers: the process limit, not the order (a GitError
+            # failed the attempt and its retry at once, and blocked the order). As the OSError
+            # it is, it stops the supervisor saying so, as a refused fork of git itself does.
+            raise BlockingIOError(errno.EAGAIN, f"{os.strerror(errno.EAGAIN)} (git {verb}: {said.splitlines()[-1]})")
+        full = _no_room(proc.stderr, [git_dir, work_tree, cwd, *(Path(a) for a in args if os.path.isabs(a))])
+        if full is not None:
+            code, where = full
+            # A full disk is nobody's failed attempt: a GitError failed the order's attempt, and
+            # its retry at once, until the order was blocked. As the OSError it is, it stops the
+            # supervisor saying so ("make room and run it again"), as a full state/ does.
+            raise OSError(code, f"{os.strerror(code)} (git {verb}: {said.splitlines()[-1]})", str(where))
         raise GitError(f"git {verb} failed in {cwd}: {said.splitlines()[-1]}")
     return proc
+
+
+def _no_room(stderr: str, places: list[Path | None]) -> tuple[int, Path] | None:
+    """(ENOSPC or EDQUOT, where) when a git command that failed ran out of room; else None. git
+    says so only at times ("Could not reset index file", "couldn't write '….lock'"): a file
+    system of `places` (its git dir, its working tree, a working copy it makes) with no block or
+    no inode left for us tells the rest."""
+    said = _NO_ROOM.search(stderr)
+    code = errno.ENOSPC if said is None or "quota" not in said.group(0) else errno.EDQUOT
+    for place in places:
+        while place is not None:
+            try:
+                fs = os.statvfs(place)
+                break
+            except OSError:  # not made yet (a working copy): its parent's file system
+                place = place.parent if place.parent != place else None
+        if place is None:
+            continue
+        blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail  # root may write the reserved blocks
+        if blocks * fs.f_frsize < _ROOM_LEFT or (fs.f_files > 0 and fs.f_favail == 0):
+            return code, place
+    if said is not None:  # a quota, or room again by now: said where git ran
+        return code, next((p for p in places if p is not None), Path("."))
+    return None
 
 
 NOT_OWN_GIT = ("is not a git repository with its own .git folder; put a normal clone there (not a worktree, "

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import select
@@ -52,6 +53,8 @@ from typing import Any
 from . import landlock
 from .errors import CoordinatorError, SandboxError, SupervisorError
 from .landlock import Ruleset
+
+log = logging.getLogger(__name__)
 
 MARK = "COORD_ATTEMPT"
 DEFAULT_LOG_CAP = 1 << 20
@@ -537,6 +540,9 @@ class Spawner:
         for line in lines:
             if line:
                 event = json.loads(line)
+                if "note" in event:  # the server says something for the log (a start waits for room)
+                    log.warning(event["note"])
+                    continue
                 self._pending.append(Refused(**event) if "message" in event else Exit(**event))
 
     def kill_tree(self, token: str, grace: float = DEFAULT_GRACE) -> None:

@@ -18,8 +18,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import resource
 import threading
 import time
 from collections import OrderedDict
@@ -43,6 +45,7 @@ FLUSH_EVERY = 1.0           # seconds: in the loops, the transitions of several 
 TAMPER_EVERY = 5.0          # seconds between looks for changes the supervisor did not make
 LOCK_PATIENCE = 0.5         # seconds a start waits for someone who only looks whether a supervisor runs
 COMMAND_PATIENCE = 30.0     # ... and for a command that serves itself, with no supervisor running
+MIN_OPEN_FILES = 32         # descriptors (`ulimit -n`) below which not one order could run
 
 
 class Supervisor(Arrivals):
@@ -103,6 +106,17 @@ class Supervisor(Arrivals):
 
     def open(self) -> None:
         """Lock the workspace, heal the layout, recover from a crash, start watcher and spawner."""
+        if not self.offline:
+            _check_open_files()
+        try:
+            self._open()
+        except (OSError, RuntimeError) as e:
+            short = _ran_short(e)
+            if short is not None:
+                raise SupervisorError(short) from e
+            raise
+
+    def _open(self) -> None:
         ws = self.ws
         for made in ws.ensure_layout():
             self.say(f"created {made}/")
@@ -252,10 +266,13 @@ class Supervisor(Arrivals):
         loops): then only once FLUSH_EVERY has passed or nothing is moving any more."""
         try:
             return self._step(paced)
-        except (OSError, CoordinatorError):
+        except (OSError, CoordinatorError, RuntimeError) as e:
             # A workspace moved away says so, not "internal error: FileNotFoundError" or the git
             # command that failed first.
             self._check_workspace()
+            short = _ran_short(e)  # was "internal error: OSError: [Errno 24] Too many open files"
+            if short is not None:
+                raise SupervisorError(short) from e
             raise
 
     def _check_workspace(self) -> None:
@@ -368,7 +385,13 @@ class Supervisor(Arrivals):
             self._run(should_stop)
 
     def _run(self, should_stop: Callable[[], int]) -> None:
-        self._start_pumps()
+        try:
+            self._start_pumps()
+        except RuntimeError as e:  # its thread refused: "internal error: RuntimeError"
+            short = _ran_short(e)
+            if short is None:
+                raise
+            raise SupervisorError(short) from e
         while True:
             if self._stop_requested(should_stop()):
                 return
@@ -439,6 +462,33 @@ class Supervisor(Arrivals):
         entry = self.heads.setdefault(repo, {"baseline": head, "head": head})
         entry["head"] = head
         verify.save_heads(self.ws, self.heads)
+
+
+def _check_open_files() -> None:
+    """Refuse to start under a descriptor limit too low for any order: each one was started,
+    refused for want of descriptors, and blocked (and escalated) after max_failures."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < MIN_OPEN_FILES:
+        raise SupervisorError(f"this process may open only {soft} files (`ulimit -n`); the supervisor needs "
+                              f"{MIN_OPEN_FILES} or more to run an order: raise the limit and start it again")
+
+
+def _ran_short(e: BaseException) -> str | None:
+    """What to say when `e` is the machine running out of descriptors, processes or threads for
+    the supervisor itself (a git command it could not fork, a file it could not open); else None."""
+    if isinstance(e, OSError) and e.errno == errno.EMFILE:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        what = f"too many open files: the supervisor may open {soft} (`ulimit -n`)"
+    elif isinstance(e, OSError) and e.errno == errno.ENFILE:
+        what = "the system's table of open files is full"
+    elif (isinstance(e, OSError) and e.errno == errno.EAGAIN and not e.filename) or (
+            isinstance(e, RuntimeError) and "can't start new thread" in str(e)):
+        what = ("no process or thread could be made (a process limit: `ulimit -u`, or the pids limit of the "
+                "cgroup or container it runs in)")
+    else:
+        return None
+    return (f"{what}; raise the limit (or lower max_parallel) and start it again: what was under way is "
+            "picked up then")
 
 
 def _landlock_available() -> bool:

@@ -223,10 +223,16 @@ class InboxWatcher:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        """Watch every folder. Raises UsageError when the system's watch limits are reached."""
+        """Watch every folder. When the system's watch limits are reached (or a folder cannot be
+        watched), say so once and go on by rescans alone, trying again every RETRY_EVERY seconds
+        (see `broken`): a supervisor started on a machine whose inotify instances other programs
+        hold stopped before taking in a single order."""
         with self._control:
             if self._observer is None:
-                self._replace_observer()
+                try:
+                    self._replace_observer()
+                except UsageError as e:
+                    self._failed(e)
             with self._lock:
                 self._rescan_requested = True
 
@@ -419,10 +425,12 @@ class InboxWatcher:
             self._observer = observer
             for folder in self._folders:
                 self._schedule(folder)
-        except BaseException:
+        except BaseException as e:
             self._observer = None
             self._watches.clear()
             _shut_down(observer)
+            if _no_thread(e):
+                raise _thread_error() from e
             raise
 
     def _new_observer(self) -> BaseObserver:
@@ -449,6 +457,10 @@ class InboxWatcher:
             return False
         except OSError as e:
             raise _limit_error(e, folder) from e
+        except RuntimeError as e:  # watchdog runs a thread per watched folder
+            if _no_thread(e):
+                raise _thread_error() from e
+            raise
         self._watches[folder] = watch
         return True
 
@@ -477,6 +489,18 @@ def _kind(polling: bool) -> str:
         return "inotify"
     name = str(getattr(PlatformObserver, "__name__", "")).removesuffix("Observer").lower()
     return {"windowsapi": "windows", "": "unknown"}.get(name, name)
+
+
+def _no_thread(e: BaseException) -> bool:
+    """Whether `e` is Python's refusal of a new thread (the process limit, `ulimit -u`, counts
+    threads): watchdog starts one per watched folder, besides its observer and reader."""
+    return isinstance(e, RuntimeError) and "can't start new thread" in str(e)
+
+
+def _thread_error() -> UsageError:
+    return UsageError("the file watcher cannot start its threads, one per inbox (a process limit, which counts "
+                      "threads: `ulimit -u`, or the pids limit of the cgroup or container it runs in): raise it "
+                      "or run `coordinator supervise --poll`")
 
 
 def _limit_error(e: OSError, folder: Path | None) -> UsageError:

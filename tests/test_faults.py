@@ -9,6 +9,7 @@ done twice, the fault recorded where the user will look (`signals`, `audit verif
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -715,3 +716,269 @@ def test_supervise_once_stops_on_a_second_sigterm_and_loses_nothing(make_ws):
     assert again.returncode == 0, again.stderr
     assert _status(ws, "z1") == "done"
     assert verify(ws) == []
+
+
+def test_a_supervisor_started_with_no_inotify_instance_free_takes_orders_in_by_rescans(
+        make_ws: Callable[..., Workspace], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Other programs hold every inotify instance the user may have: the supervisor stopped at
+    start ("inotify instance limit reached"), taking in nothing. It now says so once, takes
+    orders in by its rescans, and watches again once an instance is free."""
+    from coordinator import watcher as watcher_mod
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
+    real = watcher_mod._InotifyObserver
+    used_up = [True]
+
+    def observer(on_overflow: Callable[[], None]) -> object:  # inotify_init1 as the kernel refuses it
+        if used_up[0]:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real(on_overflow)
+
+    monkeypatch.setattr(watcher_mod, "_InotifyObserver", observer)
+    monkeypatch.setattr(watcher_mod, "RETRY_EVERY", 0.2)
+    with Supervisor(ws) as sup:
+        drop(ws, "chip", "a.md", order_md("Say ok once"))
+        sup.run_once(limit=WAIT)
+        used_up[0] = False  # the other programs ended
+        drop(ws, "chip", "b.md", order_md("Say ok twice"))
+        sup.run_once(limit=WAIT)
+        watcher = sup.watcher
+        assert isinstance(watcher, InboxWatcher)
+
+        def watching() -> bool:
+            watcher.wait(0.0)  # its health check tries the restart
+            return watcher.broken is None
+
+        wait_until(watching, "the watcher to watch again")
+    said = [r.getMessage() for r in caplog.records if "inotify instance limit" in r.getMessage()]
+    assert len(said) == 1 and "rescanned every" in said[0]
+    assert any("watches every inbox again" in r.getMessage() for r in caplog.records)
+    records = Store(ws.state).load_all()
+    assert sorted(r.status for r in records.values()) == ["done", "done"]
+
+
+def test_a_descriptor_limit_too_low_for_any_order_is_refused_at_start(make_ws: Callable[..., Workspace]) -> None:
+    """Under `ulimit -n 20` the supervisor took every order in and blocked each one after
+    max_failures refusals ("too many open files"); under 16 it stopped with an internal error."""
+    import resource
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
+    drop(ws, "chip", "a.md", order_md("Say ok"))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    proc = subprocess.run([str(COORDINATOR), "-w", str(ws.root), "supervise", "--once"], capture_output=True,
+                          text=True, timeout=60,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (20, hard)))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "coordinator: this process may open only 20 files (`ulimit -n`); the supervisor needs 32 or more to "
+        "run an order: raise the limit and start it again")
+    assert not Store(ws.state).load_all()  # nothing taken in, so nothing blocked
+    assert (ws.inbox("chip") / "a.md").exists()
+
+
+def test_a_supervisor_out_of_descriptors_says_so_and_the_next_start_goes_on(make_ws: Callable[..., Workspace],
+                                                                              tmp_path: Path) -> None:
+    """Its descriptors used up while it ran (its limit lowered under it, as `prlimit` does): it
+    stopped with "internal error: OSError: [Errno 24] Too many open files (please report
+    this …)". It now says what ran short and what to do; the next start does the order once."""
+    import resource
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
+    log = tmp_path / "supervise.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(COORDINATOR), "-w", str(ws.root), "supervise"], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: b"Ctrl-C to stop" in log.read_bytes(), "the supervisor to start")
+            held = len(os.listdir(f"/proc/{proc.pid}/fd"))
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (held, hard))
+            drop(ws, "chip", "a.md", order_md("Say ok", id="a"))
+            assert proc.wait(60) == 2
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    last = log.read_text().strip().splitlines()[-1]
+    assert last.startswith("coordinator: too many open files: the supervisor may open ") and "ulimit -n" in last
+    assert "internal error" not in log.read_text()
+    assert supervise_once(ws).returncode == 0
+    assert Store(ws.state).load_all()["a"].status == "done"
+    assert verify(ws) == []
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_repos_stops_the_supervisor_instead_of_blocking_the_order(
+        make_ws: Callable[..., Workspace]) -> None:
+    """repos/ on a disk of its own that fills: git could not make the order's working copy, which
+    failed the attempt and its retry at once, and the order was blocked (and escalated) for a
+    disk. Now the supervisor stops, saying to make room; after that the order runs, once."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok > src/kept.py"),
+                           "writes": ["webapp/src/**"]}})
+    webapp = ws.repos / "webapp"
+    saved = ws.root / "webapp.saved"
+    shutil.copytree(webapp, saved, symlinks=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(ws.repos)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {proc.stderr.strip()}")
+    try:
+        shutil.copytree(saved, webapp, symlinks=True)
+        with Supervisor(ws):
+            pass  # the supervisor has seen webapp's main
+        drop(ws, "chip", "a.md", order_md("Keep it", id="a", files=("webapp/src/kept.py",)))
+        filler = fill(ws.repos, leave=0)
+
+        full = supervise_once(ws)
+        assert full.returncode == 2, full.stderr
+        said = full.stderr.strip().splitlines()[-1]
+        assert said.startswith("coordinator: No space left on device") and "make room and run it again" in said
+        rec = Store(ws.state).load_all()["a"]
+        assert rec.status == "queued" and rec.failures == []
+
+        filler.unlink()
+        assert supervise_once(ws).returncode == 0
+        rec = Store(ws.state).load_all()["a"]
+        assert rec.status == "done" and rec.attempts == 1
+        assert verify(ws) == []
+    finally:
+        subprocess.run(["umount", "-l", str(ws.repos)], check=False)
+
+
+@pytest.fixture
+def pids_cgroup(tmp_path: Path) -> Iterator[Path]:
+    """A cgroup of the pids controller (v1) of its own: its pids.max caps the processes and
+    threads of what is moved into it, root's included (`ulimit -u` does not bind root)."""
+    group = Path("/sys/fs/cgroup/pids") / f"coordinator-test-{os.getpid()}-{tmp_path.name}"
+    try:
+        group.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot make a pids cgroup here (needs root and cgroup v1 pids): {e}")
+    try:
+        yield group
+    finally:
+        wait_until(lambda: not (group / "cgroup.procs").read_text().strip(), "the cgroup to empty", timeout=30)
+        group.rmdir()
+
+
+@pytest.mark.slow
+def test_a_supervisor_out_of_processes_says_so_and_the_next_start_goes_on(
+        make_ws: Callable[..., Workspace], pids_cgroup: Path) -> None:
+    """Under a process limit (`ulimit -u` of a user, the pids limit of a container) that counts
+    threads, the watcher could not start its thread per inbox: "internal error: RuntimeError:
+    can't start new thread"; a git command it could not fork: "internal error:
+    BlockingIOError". Now the watcher falls back to rescans, saying so, and a supervisor that
+    cannot fork stops saying what ran short; nothing is lost and the next start ends it all."""
+    agents = {f"a{i}": {"role": "specialist", "command": sh("sleep 0.2; echo ok > src/$COORD_ORDER_ID.py"),
+                        "writes": ["webapp/src/**"]} for i in range(8)}
+    ws = make_ws(agents, max_parallel=8)
+    ids = [f"o{i}" for i in range(16)]
+    for i, oid in enumerate(ids):
+        drop(ws, f"a{i % 8}", f"{oid}.md", order_md(f"Write {oid}", id=oid, files=(f"webapp/src/{oid}.py",)))
+    (pids_cgroup / "pids.max").write_text("10")
+    procs = str(pids_cgroup / "cgroup.procs")
+
+    def enter() -> None:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    short = subprocess.run([str(COORDINATOR), "-w", str(ws.root), "supervise", "--once"], capture_output=True,
+                           text=True, timeout=180, preexec_fn=enter)
+    assert "internal error" not in short.stderr and "Traceback" not in short.stderr, short.stderr
+    assert "the file watcher cannot start its threads" in short.stderr and "`ulimit -u`" in short.stderr
+    if short.returncode != 0:
+        assert short.returncode == 2
+        assert short.stderr.strip().splitlines()[-1].startswith("coordinator: no process or thread could be made")
+
+    again = supervise_once(ws)
+    assert again.returncode == 0, again.stderr
+    recs = Store(ws.state).load_all()
+    assert sorted(recs) == sorted(ids) and {r.status for r in recs.values()} == {"done"}
+    assert verify(ws) == []
+
+
+def test_a_git_command_that_cannot_fork_is_the_process_limit_not_the_orders_failure(
+        make_ws: Callable[..., Workspace], pids_cgroup: Path, tmp_path: Path) -> None:
+    """git itself could not fork its helpers ("cannot fork() for branch"): that was a GitError,
+    so the order's attempt failed, its retry at once too, and the order was blocked for the
+    machine's process limit. It is the refused fork it is, which stops the supervisor saying so."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("true")}})
+    (pids_cgroup / "pids.max").write_text("2")  # this Python and one git: none of git's helpers
+    code = ("import os, sys\n"
+            "from pathlib import Path\n"
+            "from coordinator.gitrepo import run_git\n"
+            "with open(sys.argv[1], 'w') as f: f.write(str(os.getpid()))\n"
+            "try:\n"
+            "    run_git(['worktree', 'add', '-b', 'wo/x', sys.argv[3], 'HEAD'], git_dir=Path(sys.argv[2]),"
+            " cwd=Path(sys.argv[2]))\n"
+            "except Exception as e:\n"
+            "    print(type(e).__name__, getattr(e, 'errno', None), e)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code, str(pids_cgroup / "cgroup.procs"),
+                          str(ws.repos / "webapp" / ".git"), str(tmp_path / "copy")],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.stdout.startswith(f"BlockingIOError {errno.EAGAIN} "), out.stdout + out.stderr
+    assert "git worktree" in out.stdout and "cannot fork" in out.stdout
+
+
+@pytest.mark.slow
+def test_supervise_under_a_process_limit_never_ends_in_an_internal_error(
+        make_ws: Callable[..., Workspace], pids_cgroup: Path, tmp_path: Path) -> None:
+    """At some limits the thread that wakes the loop could not be started: "internal error:
+    RuntimeError: can't start new thread". Whatever thread or process is refused, it is said."""
+    ws = make_ws({name: {"role": "specialist", "command": sh("true")} for name in ("a", "b")})
+    procs = str(pids_cgroup / "cgroup.procs")
+
+    def enter() -> None:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    for limit in range(3, 9):
+        (pids_cgroup / "pids.max").write_text(str(limit))
+        log = tmp_path / f"supervise-{limit}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([str(COORDINATOR), "-w", str(ws.root), "supervise"], stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=enter)
+            try:
+                proc.wait(8)
+            except subprocess.TimeoutExpired:  # it runs at this limit: fine too
+                proc.terminate()
+                proc.wait(30)
+        said = log.read_text()
+        assert "internal error" not in said and "Traceback" not in said, f"pids.max {limit}: {said}"
+        if proc.returncode == 2:
+            assert said.strip().splitlines()[-1].startswith("coordinator: no process or thread could be made")
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_working_copies_stops_the_supervisor_instead_of_blocking_the_order(
+        make_ws: Callable[..., Workspace]) -> None:
+    """The working copies (.coordinator/work/) on a disk of their own that fills: git could not
+    check the order's copy out ("Could not reset index file", nothing about space), and the
+    order was blocked after two instant failures. Now the supervisor stops naming that disk."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok > src/kept.py"),
+                           "writes": ["webapp/src/**"]}})
+    work = ws.runtime / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(work)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {proc.stderr.strip()}")
+    try:
+        drop(ws, "chip", "a.md", order_md("Keep it", id="a", files=("webapp/src/kept.py",)))
+        filler = fill(work, leave=0)
+
+        full = supervise_once(ws)
+        assert full.returncode == 2, full.stderr
+        said = full.stderr.strip().splitlines()[-1]
+        assert said.startswith("coordinator: No space left on device") and f"writing {work}" in said
+        rec = Store(ws.state).load_all()["a"]
+        assert rec.status == "queued" and rec.failures == []
+
+        filler.unlink()
+        assert supervise_once(ws).returncode == 0
+        assert Store(ws.state).load_all()["a"].status == "done"
+        assert verify(ws) == []
+    finally:
+        subprocess.run(["umount", "-l", str(work)], check=False)

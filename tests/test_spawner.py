@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import os
+import resource
 import secrets
 import select
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import landlock, mounts
+from coordinator import forkserver, landlock, mounts
 from coordinator.errors import CoordinatorError, SandboxError, SupervisorError
 from coordinator.landlock import Ruleset
 from coordinator.spawner import MARK, Exit, Refused, Spawner, SpawnRequest, kill_leftovers
@@ -191,6 +192,57 @@ def test_start_returns_at_once_and_refusals_come_back_in_order_with_the_exits(sp
     assert "command not found" in (tmp_path / "s-nf.log").read_text()  # the log says why nothing ran
     with pytest.raises(CoordinatorError, match="empty command"):  # what is known without the server
         sp.start(req(tmp_path, (), "s-empty"))
+
+
+def _no_room_left(sp: Spawner) -> None:
+    """Lower the server's descriptor limit so that a start finds one descriptor too few: it
+    waits until a child that runs ends (which holds its log and its output pipe's read end)."""
+    held = {int(fd) for fd in os.listdir(f"/proc/{sp.server_pid}/fd")}
+    free = forkserver.START_FDS + forkserver.FD_RESERVE - 1
+    limit = next(n for n in range(1, 1 << 16) if n - len({fd for fd in held if fd < n}) == free)
+    resource.prlimit(sp.server_pid, resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+def _running(sp: Spawner, tmp_path: Path, token: str, seconds: float) -> None:
+    sp.spawn(req(tmp_path, ("sh", "-c", f"sleep {seconds}; echo {token}"), token))
+
+
+def test_a_start_with_no_descriptor_free_waits_for_a_running_one_and_runs(
+        sp: Spawner, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # `ulimit -n` too low for max_parallel: each start beyond what fit was refused as the
+    # command's failure ("Too many open files"), and the supervisor blocked the order after
+    # max_failures refusals in a row. It now waits for room and runs, in turn.
+    _running(sp, tmp_path, "room-1", 0.3)
+    _no_room_left(sp)
+    for token in ("room-2", "room-3"):
+        sp.start(req(tmp_path, ("sh", "-c", f"sleep 0.1; echo {token}"), token))
+    events = events_until(sp, 3)
+    assert [(e.token, type(e).__name__, getattr(e, "returncode", None)) for e in events] == [
+        ("room-1", "Exit", 0), ("room-2", "Exit", 0), ("room-3", "Exit", 0)]
+    assert (tmp_path / "room-3.log").read_text() == "room-3\n"
+    said = [r.getMessage() for r in caplog.records if r.name == "coordinator.spawner"]
+    assert len(said) == 1 and "a start waits: too many open files" in said[0] and "ulimit -n" in said[0]
+
+
+def test_a_start_waiting_for_room_ends_refused_when_killed(sp: Spawner, tmp_path: Path) -> None:
+    _running(sp, tmp_path, "busy", 30)
+    _no_room_left(sp)
+    sp.start(req(tmp_path, ("true",), "queued-for-room"))
+    sp.kill_tree("queued-for-room")  # its order's timeout ran out, or it was cancelled
+    (refused,) = events_until(sp, 1)
+    assert isinstance(refused, Refused) and refused.token == "queued-for-room"
+    assert "killed before it could start" in refused.message and "too many open files" in refused.message
+    sp.kill_tree("busy", grace=0.1)
+    assert wait_exit(sp, "busy").returncode == -signal.SIGTERM
+
+
+def test_a_start_with_no_descriptor_free_and_nothing_running_says_what_to_raise(sp: Spawner, tmp_path: Path) -> None:
+    _no_room_left(sp)
+    sp.start(req(tmp_path, ("true",), "no-room"))
+
+    (refused,) = events_until(sp, 1)
+    assert isinstance(refused, Refused) and not refused.sandbox
+    assert refused.message.startswith("cannot start the command: too many open files") and "ulimit -n" in refused.message
 
 
 def test_the_server_holds_no_fds_for_finished_or_failed_spawns(sp: Spawner, tmp_path: Path) -> None:
