@@ -71,8 +71,13 @@ def report(ws: Workspace | None) -> list[str]:
     try:
         import resource
 
+        from .supervisor import MIN_OPEN_FILES
+
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        lines.append(f"limits: open files {soft}/{hard}")
+        short = soft != resource.RLIM_INFINITY and soft < MIN_OPEN_FILES
+        lines.append(f"limits: open files {soft}/{hard}" + (
+            f" — PROBLEM: `supervise` needs {MIN_OPEN_FILES} or more to run an order; raise `ulimit -n`"
+            if short else ""))
     except (ImportError, ValueError):
         pass
     if ws is None:

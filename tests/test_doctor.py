@@ -187,3 +187,19 @@ def test_doctor_warns_of_a_repository_the_team_writes_that_orders_cannot_use(ws:
     assert [x for x in doctor(ws) if x.startswith("repos/")] == [
         "repos/webapp: WARNING: is a bare repository, with no checkout for orders to land in; move it away and put "
         "a clone of it there (git clone <it> repos/webapp)" + until]
+
+
+def test_doctor_says_when_the_open_files_limit_is_below_what_supervise_needs(ws: Workspace) -> None:
+    """`ulimit -n 20`: `supervise` refuses to start, and doctor showed "open files 20/20" as fine."""
+    import sys
+
+    coordinator = str(Path(sys.executable).with_name("coordinator"))
+    low = subprocess.run(["prlimit", "--nofile=20", coordinator, "-w", str(ws.root), "doctor"],
+                         capture_output=True, text=True, timeout=60)
+    assert ("limits: open files 20/20 — PROBLEM: `supervise` needs 32 or more to run an order; raise "
+            "`ulimit -n`") in low.stdout.splitlines()
+    refused = subprocess.run(["prlimit", "--nofile=20", coordinator, "-w", str(ws.root), "supervise", "--once"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "`ulimit -n`" in refused.stderr
+    fine = subprocess.run([coordinator, "-w", str(ws.root), "doctor"], capture_output=True, text=True, timeout=60)
+    assert not [line for line in fine.stdout.splitlines() if line.startswith("limits:") and "PROBLEM" in line]
