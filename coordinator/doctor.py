@@ -71,7 +71,7 @@ def report(ws: Workspace | None) -> list[str]:
     try:
         import resource
 
-        from .supervisor import MIN_OPEN_FILES
+        from .spawner import MIN_OPEN_FILES
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         short = soft != resource.RLIM_INFINITY and soft < MIN_OPEN_FILES

@@ -66,6 +66,7 @@ FLUSH_INTERVAL = 1.0  # how often a capped log's tail is rewritten while output 
 SIGKILL_WAIT = 5.0  # after SIGKILL, how long before a kill reports survivors
 EXEC_WAIT = 10.0
 READ_CHUNK = 256 * 1024
+MIN_OPEN_FILES = 32  # descriptors (`ulimit -n`) below which not one order could run
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
 _PR_SET_CHILD_SUBREAPER = 36
 _HEADER = struct.Struct(">I")

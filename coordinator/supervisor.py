@@ -35,7 +35,7 @@ from .attempts import AttemptRunner
 from .commits import COMMIT_QUIET
 from .errors import CoordinatorError, SupervisorError
 from .intake import Intake, waiting_orders
-from .spawner import Spawner
+from .spawner import MIN_OPEN_FILES, Spawner
 from .store import History, Store
 from .watcher import InboxWatcher, Watcher
 from .workspace import Workspace
@@ -45,7 +45,6 @@ FLUSH_EVERY = 1.0           # seconds: in the loops, the transitions of several 
 TAMPER_EVERY = 5.0          # seconds between looks for changes the supervisor did not make
 LOCK_PATIENCE = 0.5         # seconds a start waits for someone who only looks whether a supervisor runs
 COMMAND_PATIENCE = 30.0     # ... and for a command that serves itself, with no supervisor running
-MIN_OPEN_FILES = 32         # descriptors (`ulimit -n`) below which not one order could run
 
 
 class Supervisor(Arrivals):
