@@ -399,14 +399,15 @@ def repository_folders(entries: Iterable[tuple[str, str]]) -> dict[str, str]:
     }
 
 
-def planted(root: str, *, working_copy: bool = False) -> list[str]:
+def planted(root: str, *, working_copy: bool = False, unreadable: list[str] | None = None) -> list[str]:
     """What in folder `root` git would run for whoever runs git there (a person's shell
     prompt runs `git status` in every folder they enter): every entry named `.git` in any
     case, every folder below `root` git would take for a repository of its own, and, when
     `root` itself is shaped like one, the entries that make it one. Links are listed, never
     entered; nothing deeper than MAX_DEPTH is walked (a tree that deep is never entered by hand).
     `working_copy`: `root` is a repository's working copy; its own `.git` is not listed (and
-    with it there, git never takes `root` itself for a repository)."""
+    with it there, git never takes `root` itself for a repository). `unreadable` gets each
+    folder that could not be listed (what is in it is not known)."""
     found: list[str] = []
     todo = [(root, 0)]
     while todo:  # a stack, not recursion: the agent chose how deep the tree goes
@@ -415,6 +416,8 @@ def planted(root: str, *, working_copy: bool = False) -> list[str]:
             with os.scandir(folder) as it:
                 items = [(i.name, i.path, i.is_dir(follow_symlinks=False)) for i in it]
         except OSError:
+            if unreadable is not None:
+                unreadable.append(folder)
             continue
         own = working_copy and not depth
         shaped = not own and repository_folders((f"f/{name}", "dir" if is_dir else "file") for name, _, is_dir in items)

@@ -163,6 +163,9 @@ def defuse(folder: Path) -> None:
     it with a core.fsmonitor ran as them at their first `git status` (or their prompt's).
     Unlocked first, as a kept working copy is: in a folder the agent made 0o100 (enterable, not
     listable) or 0o500 (nothing removable), a `.git` stayed for a supervisor that is not root."""
+    unreadable: list[str] = []
+    if not gate.planted(str(folder), unreadable=unreadable) and not unreadable:
+        return  # the common case: one look, nothing to unlock (a walk that chmods costs 0.1 ms)
     durable.unlock_tree(folder)
     for path in gate.planted(str(folder)):
         durable.remove_tree(Path(path))
