@@ -36,6 +36,8 @@ from .spawner import (
     _PR_SET_CHILD_SUBREAPER,
     DEFAULT_LOG_CAP,
     KILL_POLL,
+    NO_FILE_TABLE,
+    NO_PROCESS,
     READ_CHUNK,
     SCAN_INTERVAL,
     SIGKILL_WAIT,
@@ -43,6 +45,7 @@ from .spawner import (
     _read_proc,
     _send_frame,
     _signal,
+    thread_refused,
 )
 
 # A start that failed for want of descriptors, processes, threads or memory is no fault of its
@@ -451,7 +454,7 @@ def _shortage(e: BaseException) -> tuple[int, str] | None:
             break
         if isinstance(cause, OSError) and cause.errno in _SHORT_ERRNOS:
             return cause.errno, _short_text(cause.errno)
-        if isinstance(cause, RuntimeError) and "can't start new thread" in str(cause):
+        if thread_refused(cause):
             return errno.EAGAIN, _short_text(errno.EAGAIN)
         cause = cause.__cause__ or cause.__context__
     return None
@@ -462,10 +465,9 @@ def _short_text(code: int) -> str:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         return f"too many open files (the spawn server may open {soft}: raise `ulimit -n`, or lower max_parallel)"
     if code == errno.ENFILE:
-        return "the system's table of open files is full"
+        return NO_FILE_TABLE
     if code == errno.EAGAIN:
-        return ("no process or thread could be made (a process limit: `ulimit -u`, or the pids limit of the "
-                "cgroup or container it runs in)")
+        return NO_PROCESS
     return "out of memory"
 
 

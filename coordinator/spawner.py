@@ -67,6 +67,16 @@ SIGKILL_WAIT = 5.0  # after SIGKILL, how long before a kill reports survivors
 EXEC_WAIT = 10.0
 READ_CHUNK = 256 * 1024
 MIN_OPEN_FILES = 32  # descriptors (`ulimit -n`) below which not one order could run
+# What ran short when the machine had no room, said alike by the supervisor and its spawn server.
+NO_FILE_TABLE = "the system's table of open files is full"
+NO_PROCESS = ("no process or thread could be made (a process limit: `ulimit -u`, or the pids limit of the "
+              "cgroup or container it runs in)")
+
+
+def thread_refused(e: BaseException) -> bool:
+    """Whether `e` is Python's refusal of a new thread: a process limit (`ulimit -u`, a pids
+    cgroup) counts threads too."""
+    return isinstance(e, RuntimeError) and "can't start new thread" in str(e)
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
 _PR_SET_CHILD_SUBREAPER = 36
 _HEADER = struct.Struct(">I")

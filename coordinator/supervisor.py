@@ -35,7 +35,7 @@ from .attempts import AttemptRunner
 from .commits import COMMIT_QUIET
 from .errors import CoordinatorError, SupervisorError
 from .intake import Intake, waiting_orders
-from .spawner import MIN_OPEN_FILES, Spawner
+from .spawner import MIN_OPEN_FILES, NO_FILE_TABLE, NO_PROCESS, Spawner, thread_refused
 from .store import History, Store
 from .watcher import InboxWatcher, Watcher
 from .workspace import Workspace
@@ -479,11 +479,10 @@ def _ran_short(e: BaseException) -> str | None:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         what = f"too many open files: the supervisor may open {soft} (`ulimit -n`)"
     elif isinstance(e, OSError) and e.errno == errno.ENFILE:
-        what = "the system's table of open files is full"
+        what = NO_FILE_TABLE
     elif (isinstance(e, OSError) and e.errno == errno.EAGAIN and not e.filename) or (
-            isinstance(e, RuntimeError) and "can't start new thread" in str(e)):
-        what = ("no process or thread could be made (a process limit: `ulimit -u`, or the pids limit of the "
-                "cgroup or container it runs in)")
+            thread_refused(e)):
+        what = NO_PROCESS
     else:
         return None
     return (f"{what}; raise the limit (or lower max_parallel) and start it again: what was under way is "

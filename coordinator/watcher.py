@@ -51,6 +51,7 @@ from watchdog.observers.polling import PollingObserver
 
 from .errors import UsageError
 from .inboxfiles import is_candidate
+from .spawner import thread_refused
 
 try:  # Linux with watchdog >= 7: one inotify reader thread that sees IN_Q_OVERFLOW.
     from watchdog.observers.inotify import InotifyEmitter
@@ -429,7 +430,7 @@ class InboxWatcher:
             self._observer = None
             self._watches.clear()
             _shut_down(observer)
-            if _no_thread(e):
+            if thread_refused(e):
                 raise _thread_error() from e
             raise
 
@@ -458,7 +459,7 @@ class InboxWatcher:
         except OSError as e:
             raise _limit_error(e, folder) from e
         except RuntimeError as e:  # watchdog runs a thread per watched folder
-            if _no_thread(e):
+            if thread_refused(e):
                 raise _thread_error() from e
             raise
         self._watches[folder] = watch
@@ -489,12 +490,6 @@ def _kind(polling: bool) -> str:
         return "inotify"
     name = str(getattr(PlatformObserver, "__name__", "")).removesuffix("Observer").lower()
     return {"windowsapi": "windows", "": "unknown"}.get(name, name)
-
-
-def _no_thread(e: BaseException) -> bool:
-    """Whether `e` is Python's refusal of a new thread (the process limit, `ulimit -u`, counts
-    threads): watchdog starts one per watched folder, besides its observer and reader."""
-    return isinstance(e, RuntimeError) and "can't start new thread" in str(e)
 
 
 def _thread_error() -> UsageError:
