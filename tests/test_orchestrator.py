@@ -351,3 +351,25 @@ def test_budget_commands_need_an_orchestrator(make_ws):
         with pytest.raises(UsageError, match="this team has no orchestrator"):
             control.submit(ws, action, args)
     assert not (ws.state / "orchestrator").exists()
+
+
+def test_the_fresh_brief_names_blocked_and_halted_orders_that_wait_for_the_orchestrator(make_ws):
+    """After `rotate --fresh` the brief listed neither a blocked order nor a halted one: the new
+    orchestrator did not know they waited for its decision. Now each is named with why it
+    stopped and how to go on."""
+    ws = team(make_ws, chip={"role": "specialist", "max_failures": 1, "command": sh(
+        'case "$COORD_ORDER_ID" in halts) printf "outcome: halt-with-note\\nsummary: the API key is missing\\n" '
+        '> "$COORD_RESULT";; *) exit 3;; esac')})
+    drop(ws, "chip", "f.md", order_md("Fix the login page", id="fails", sender="walt"))
+    drop(ws, "chip", "h.md", order_md("Add the signup page", id="halts", sender="walt"))
+    drop(ws, "chip", "u.md", order_md("The user's own order that fails", id="users"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        assert {sup.records[i].status for i in ("fails", "halts", "users")} == {"blocked", "halted"}
+        sup.handle("rotate", {"fresh": True})
+        sup.step_commit()
+    brief = (ws.state / "orchestrator" / "brief.md").read_text()
+    assert "- halts -> chip [halted]: Add the signup page; why: the API key is missing" in brief
+    assert "- fails -> chip [blocked]: Fix the login page; why: failed 1 time(s); last: exited with code 3" in brief
+    assert "`coordinator retry ID`" in brief
+    assert "users" not in brief  # not the orchestrator's order
