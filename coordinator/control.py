@@ -253,8 +253,12 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
         rec.blocker = None
         status = "queued" if all(dependency_done(sup.records, d) for d in rec.blocked_by) else "waiting"
         sup.move(rec, status, str(args.get("by", "user")), note="retry")
-        if rec.sender == sup.config.orchestrator and sup.ledger.reopen(rec.id):
-            sup.ledger.save()  # in flight again: a rotation must not drop it
+        if rec.sender == sup.config.orchestrator:
+            if sup.ledger.reopen(rec.id):
+                sup.ledger.save()  # in flight again: a rotation must not drop it
+            else:  # a rotation dropped its items: the order is back in the orchestrator's context
+                from .orders import render
+                sup.ledger_add(rec.id, "order", render(sup.store.load_order(rec.id)))
         return {"id": rec.id, "status": rec.status}
     if action == "rotate":
         orchestrator_of(sup.config)

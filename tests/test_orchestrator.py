@@ -373,3 +373,26 @@ def test_the_fresh_brief_names_blocked_and_halted_orders_that_wait_for_the_orche
     assert "- fails -> chip [blocked]: Fix the login page; why: failed 1 time(s); last: exited with code 3" in brief
     assert "`coordinator retry ID`" in brief
     assert "users" not in brief  # not the orchestrator's order
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_an_order_retried_after_a_rotation_dropped_it_is_counted_in_flight_again(make_ws, fresh):
+    """`retry` after `rotate` (or `rotate --fresh`) re-ran the order, but the ledger had no item
+    for it any more: the hot tokens left it out while it ran. Its text counts again, in flight."""
+    ws = team(make_ws, chip={"role": "specialist", "command": sh("exit 1"), "max_failures": 1})
+    drop(ws, "chip", "f.md", order_md("This fails once", id="fails", sender="walt"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        assert sup.records["fails"].status == "blocked"
+        sup.handle("rotate", {"fresh": fresh})
+        assert "fails" not in {i.ref for i in sup.ledger.items}
+        before = sup.ledger.hot_tokens()
+        sup.handle("retry", {"id": "fails"})
+        sup.step_commit()
+        text = orders.render(sup.store.load_order("fails"))
+        assert [(i.ref, i.kind, i.status) for i in sup.ledger.items if i.ref == "fails"] == [
+            ("fails", "order", "in-flight")]
+        assert sup.ledger.hot_tokens() == before + budget.estimate_tokens(text)
+        sup.handle("rotate", {"fresh": False})
+        assert "fails" in {i.ref for i in sup.ledger.items}  # in flight: a rotation keeps it
+    assert any(i["ref"] == "fails" and i["status"] == "in-flight" for i in ledger(ws)["items"])
