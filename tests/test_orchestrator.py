@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import drop, intake_all, order_md, sh, wait_until
+from conftest import drop, intake_all, order_md, sh, step_until, wait_until
 
 from coordinator import budget, orders, runner, signals
 from coordinator.store import Store
@@ -396,3 +396,53 @@ def test_an_order_retried_after_a_rotation_dropped_it_is_counted_in_flight_again
         sup.handle("rotate", {"fresh": False})
         assert "fails" in {i.ref for i in sup.ledger.items}  # in flight: a rotation keeps it
     assert any(i["ref"] == "fails" and i["status"] == "in-flight" for i in ledger(ws)["items"])
+
+
+def _llm_team(fake, chip_command, **top):
+    walt = {"role": "orchestrator", "sends_to": ["chip"],
+            "llm": {"base_url": fake.base_url, "model": "m", "api_key_env": "FAKE_KEY", "max_retries": 0,
+                    "timeout": "10s"}}
+    return {"walt": walt, "chip": {"role": "specialist", "writes": ["webapp/src/**"], "sends_to": ["rex"],
+                                   "command": sh(chip_command), "max_parallel": 1},
+            "rex": {"role": "specialist", "command": sh("echo rex: " + "reviewed " * 300)}}
+
+
+def _kid(objective, **extra):
+    return {"to": "chip", "objective": objective, "files": [],
+            "acceptance": ["The work is done", "Nothing else changes", "The report says so"],
+            "branching": [{"action": "halt-with-note", "when": "the work is already done"}], **extra}
+
+
+@pytest.mark.parametrize("how", ["rotated before the review", "routed on to rex"])
+def test_the_review_call_counts_the_reports_it_was_sent_that_the_ledger_does_not_hold(make_ws, monkeypatch, how):
+    """The review of an orchestrator model's request subtracted from its reported usage every report
+    it was sent, as if the ledger held them: one a rotation had dropped, or the report of the order
+    a child was routed on to (delivered to the child's agent, never to the orchestrator), was counted
+    nowhere, and the hot tokens were under what the model had just been sent."""
+    from fakellm import FakeLLM
+
+    monkeypatch.setenv("FAKE_KEY", "sk-test")
+    with FakeLLM() as fake:
+        if how == "routed on to rex":
+            chip = "printf 'outcome: route-to\\nagent: rex\\nsummary: rex should look\\n' > \"$COORD_RESULT\""
+            kids = [_kid("Look at the greeting",
+                         branching=[{"action": "route-to", "agent": "rex", "when": "a review is needed"}])]
+        else:
+            chip = "sleep 0.3; echo chip: " + "implemented " * 300
+            kids = [_kid("First piece of work"), _kid("Second piece of work")]
+        ws = make_ws(_llm_team(fake, chip), orchestrator="walt",
+                     budget={"ceiling": 100000, "bands": [50000, 100000, 150000]})
+        fake.script(content=json.dumps({"summary": "chip works", "orders": kids}))
+        fake.script(content=json.dumps({"summary": "All done.", "orders": []}))
+        drop(ws, "walt", "req.md", order_md("The greeting is looked at", id="req"))
+        with Supervisor(ws) as sup:
+            if how == "rotated before the review":
+                step_until(sup, lambda: "req" in sup.records and any(
+                    sup.records[c].status == "done" for c in sup.records["req"].children), "the first child done")
+                sup.handle("rotate", {})
+                assert not [i for i in sup.ledger.items if i.kind == "report"]  # the first report is dropped
+            step_until(sup, lambda: "req" in sup.records and sup.records["req"].status == "done", "the request done")
+            hot = sup.ledger.hot_tokens()
+            review = sup.records["req"].usage[-1]["usage"]
+    # What the model was just sent, and answered, is all in the orchestrator's hot tokens.
+    assert hot >= review["prompt_tokens"] + review["completion_tokens"]
