@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -270,7 +269,7 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
             raise UsageError(f"budget add takes 1 to {MAX_TOKENS_ADDED:,} tokens, not {tokens:,}")
         note = str(args.get("note") or "")
         ref = f"manual-{time.time_ns()}"
-        sup.ledger.add(ref, "manual", note, tokens=tokens, note=note, now=datetime.now(UTC))
+        sup.ledger.add(ref, "manual", note, tokens=tokens, note=note, now=sup.wall_now())
         sup.ledger.save()
         change = sup.ledger.update_mode(sup.config.budget.bands)
         sup.ledger.save()
@@ -290,7 +289,7 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
 def rotate(sup: Supervisor, *, fresh: bool) -> dict[str, Any]:
     before = sup.ledger.hot_tokens()
     if fresh:
-        generation = sup.ledger.fresh(sup.fresh_brief(), now=datetime.now(UTC))
+        generation = sup.ledger.fresh(sup.fresh_brief(), now=sup.wall_now())
         line = f"rotate --fresh: generation {generation}, {before} -> {sup.ledger.hot_tokens()} hot tokens"
     else:
         dropped = sup.ledger.rotate()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 
 from . import budget
 from .store import Record, route_end
@@ -67,7 +67,7 @@ def _sent(order_id: str, records: dict[str, Record]) -> str:
     return line
 
 
-def fresh_brief(records: dict[str, Record], generation: int, *, orchestrator: str | None,
+def fresh_brief(records: dict[str, Record], generation: int, *, orchestrator: str | None, now: datetime,
                 detail: Callable[[Record], Record] = lambda r: r) -> str:
     """The brief a fresh orchestrator starts from: what it sent that is still in flight, its
     recent orders that are blocked or halted (they wait for its decision: retry, cancel, or a
@@ -83,7 +83,7 @@ def fresh_brief(records: dict[str, Record], generation: int, *, orchestrator: st
     stopped = [{"id": r.id, "to": r.to, "status": r.status, "objective": r.objective,
                 "reason": _stopped_why(detail(r))}
                for r in own[-200:] if r.status in ("blocked", "halted")]
-    return budget.render_brief(in_flight, rejections, generation=generation, now=datetime.now(UTC),
+    return budget.render_brief(in_flight, rejections, generation=generation, now=now,
                                stopped=stopped)
 
 

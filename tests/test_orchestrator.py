@@ -446,3 +446,34 @@ def test_the_review_call_counts_the_reports_it_was_sent_that_the_ledger_does_not
             review = sup.records["req"].usage[-1]["usage"]
     # What the model was just sent, and answered, is all in the orchestrator's hot tokens.
     assert hot >= review["prompt_tokens"] + review["completion_tokens"]
+
+
+def test_the_ledger_the_brief_and_signals_take_the_supervisors_clock(make_ws):
+    """Ledger items, the fresh brief and signals were stamped with the machine's clock, not the
+    clock the supervisor is given: its statuses and its budget told two different times."""
+    import time
+    from datetime import UTC, datetime
+
+    base, started = datetime(2020, 6, 15, 12, 0, tzinfo=UTC).timestamp(), time.time()
+
+    def clock():
+        return base + time.time() - started
+
+    ws = team(make_ws, chip={"role": "specialist", "command": sh("exit 1"), "max_failures": 1})
+    drop(ws, "chip", "a.md", order_md("The export runs nightly", id="first", sender="walt"))
+    with Supervisor(ws, clock=clock) as sup:
+        sup.run_once(limit=30)
+        drop(ws, "chip", "b.md", order_md("The export runs nightly", id="again", sender="walt"))
+        sup.run_once(limit=30)
+        sup.handle("budget-add", {"tokens": 5, "note": "a file read"})
+        sup.handle("rotate", {"fresh": True})
+        sup.step_commit()
+        assert sup.records["again"].status == "rejected"
+        history = sup.store.with_detail(sup.records["first"]).history
+    assert history[-1]["at"].startswith("2020-06-15T12:0")
+    assert all(i["added"].startswith("2020-06-15T12:0") for i in ledger(ws)["items"])
+    archived = json.loads((ws.state / "orchestrator" / "generations" / "1.json").read_text())
+    assert {i["added"][:15] for i in archived["items"]} == {"2020-06-15T12:0"}
+    assert "Written 2020-06-15T12:0" in (ws.state / "orchestrator" / "brief.md").read_text()
+    (feedback,) = [s for s in signals.load(ws.state) if s.kind == "feedback"]
+    assert feedback.at.startswith("2020-06-15T12:0")
