@@ -255,7 +255,8 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
         if rec.sender == sup.config.orchestrator:
             if sup.ledger.reopen(rec.id):
                 sup.ledger.save()  # in flight again: a rotation must not drop it
-            else:  # a rotation dropped its items: the order is back in the orchestrator's context
+            elif not any(i.ref == rec.id and i.kind != "report" for i in sup.ledger.items):
+                # A rotation dropped its items: the order is back in the orchestrator's context.
                 from .orders import render
                 sup.ledger_add(rec.id, "order", render(sup.store.load_order(rec.id)))
         return {"id": rec.id, "status": rec.status}

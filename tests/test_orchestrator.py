@@ -477,3 +477,18 @@ def test_the_ledger_the_brief_and_signals_take_the_supervisors_clock(make_ws):
     assert "Written 2020-06-15T12:0" in (ws.state / "orchestrator" / "brief.md").read_text()
     (feedback,) = [s for s in signals.load(ws.state) if s.kind == "feedback"]
     assert feedback.at.startswith("2020-06-15T12:0")
+
+
+def test_retrying_an_order_that_waits_on_a_blocker_does_not_count_its_text_twice(make_ws):
+    ws = team(make_ws, chip={"role": "specialist", "writes": ["webapp/src/**"], "command": sh(
+        'printf "outcome: requeue-with-blocker\\nsummary: no API yet\\nblocker: the API decision\\n" '
+        '> "$COORD_RESULT"')})
+    drop(ws, "chip", "w.md", order_md("Use the new API", id="waits", sender="walt",
+                                      branching=("requeue-with-blocker if the API is undecided",)))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        assert (sup.records["waits"].status, sup.records["waits"].blocker) == ("waiting", "the API decision")
+        before = sup.ledger.hot_tokens()
+        sup.handle("retry", {"id": "waits"})
+        assert [(i.kind, i.status) for i in sup.ledger.items if i.ref == "waits"] == [("order", "in-flight")]
+        assert sup.ledger.hot_tokens() == before
