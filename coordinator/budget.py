@@ -28,7 +28,7 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,8 +51,10 @@ LEDGER_NAME = "ledger.json"
 BRIEF_NAME = "brief.md"
 GENERATIONS_DIR = "generations"
 BRIEF_REF = "brief"
-# A fresh brief stays compact: older rejections are summarised by a count.
+# A fresh brief stays compact: older rejections (and older blocked or halted orders) are
+# summarised by a count.
 MAX_BRIEF_REJECTIONS = 10
+MAX_BRIEF_STOPPED = 10
 MAX_LINE = 200
 
 
@@ -325,12 +327,15 @@ def render_brief(
     *,
     generation: int,
     now: datetime,
+    stopped: Sequence[dict[str, Any]] = (),
 ) -> str:
     """The clean, compact brief a fresh orchestrator starts from.
 
     `in_flight` dicts have `id`, `to`, `status`, `objective`, `waiting_on` (order ids or
     blocker lines); `rejections` dicts have `id`, `to`, `objective`, `reason`, oldest first
-    (only the last MAX_BRIEF_REJECTIONS are listed).
+    (only the last MAX_BRIEF_REJECTIONS are listed); `stopped` dicts (blocked or halted
+    orders, which wait for the orchestrator's decision) have `id`, `to`, `status`,
+    `objective`, `reason`, oldest first (only the last MAX_BRIEF_STOPPED are listed).
     """
     out = [
         f"# Orchestrator brief: generation {generation}",
@@ -349,6 +354,22 @@ def render_brief(
         if waiting:
             line += f" (waits on {', '.join(waiting)})"
         out.append(line)
+    if stopped:
+        shown_stopped = stopped[-MAX_BRIEF_STOPPED:]
+        out += ["", f"## Blocked or halted: waiting for your decision ({len(stopped)})", ""]
+        if len(stopped) > len(shown_stopped):
+            out.append(f"- ... {len(stopped) - len(shown_stopped)} earlier, see `coordinator board`")
+        for o in shown_stopped:
+            out.append(
+                f"- {o['id']} -> {o['to']} [{o['status']}]: {one_line(str(o['objective']))}; "
+                f"why: {one_line(str(o['reason']))}"
+            )
+        out += [
+            "",
+            "None of these runs again by itself: `coordinator retry ID` runs it again once what "
+            "stopped it is resolved, `coordinator cancel ID` ends it, or send a new order that "
+            "lists it in `references`.",
+        ]
     if rejections:
         shown = rejections[-MAX_BRIEF_REJECTIONS:]
         out += ["", f"## Recent rejections ({len(rejections)})", ""]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -253,8 +252,13 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
         rec.blocker = None
         status = "queued" if all(dependency_done(sup.records, d) for d in rec.blocked_by) else "waiting"
         sup.move(rec, status, str(args.get("by", "user")), note="retry")
-        if rec.sender == sup.config.orchestrator and sup.ledger.reopen(rec.id):
-            sup.ledger.save()  # in flight again: a rotation must not drop it
+        if rec.sender == sup.config.orchestrator:
+            if sup.ledger.reopen(rec.id):
+                sup.ledger.save()  # in flight again: a rotation must not drop it
+            elif not any(i.ref == rec.id and i.kind != "report" for i in sup.ledger.items):
+                # A rotation dropped its items: the order is back in the orchestrator's context.
+                from .orders import render
+                sup.ledger_add(rec.id, "order", render(sup.store.load_order(rec.id)))
         return {"id": rec.id, "status": rec.status}
     if action == "rotate":
         orchestrator_of(sup.config)
@@ -266,7 +270,7 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
             raise UsageError(f"budget add takes 1 to {MAX_TOKENS_ADDED:,} tokens, not {tokens:,}")
         note = str(args.get("note") or "")
         ref = f"manual-{time.time_ns()}"
-        sup.ledger.add(ref, "manual", note, tokens=tokens, note=note, now=datetime.now(UTC))
+        sup.ledger.add(ref, "manual", note, tokens=tokens, note=note, now=sup.wall_now())
         sup.ledger.save()
         change = sup.ledger.update_mode(sup.config.budget.bands)
         sup.ledger.save()
@@ -286,7 +290,7 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
 def rotate(sup: Supervisor, *, fresh: bool) -> dict[str, Any]:
     before = sup.ledger.hot_tokens()
     if fresh:
-        generation = sup.ledger.fresh(sup.fresh_brief(), now=datetime.now(UTC))
+        generation = sup.ledger.fresh(sup.fresh_brief(), now=sup.wall_now())
         line = f"rotate --fresh: generation {generation}, {before} -> {sup.ledger.hot_tokens()} hot tokens"
     else:
         dropped = sup.ledger.rotate()

@@ -25,7 +25,6 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from . import audit, budget, costs, llmagent
@@ -297,7 +296,7 @@ def _budget_usage(runner: AttemptRunner, rec: Record, out: Outcome, calls: tuple
     sup = runner.sup
     sup.ledger.items = [i for i in sup.ledger.items
                         if not (i.ref == rec.id and i.kind == "brief" and i.note.startswith(USAGE_NOTE))]
-    sup.ledger.add(rec.id, "brief", tokens=tokens, now=datetime.now(UTC),
+    sup.ledger.add(rec.id, "brief", tokens=tokens, now=sup.wall_now(),
                    note=f"{USAGE_NOTE} of {rec.id}: {len(calls)} call(s), {usage.prompt_tokens} prompt + "
                         f"{usage.completion_tokens} completion tokens reported")
     if rec.terminal:

@@ -139,12 +139,18 @@ def start_synthesis(runner: AttemptRunner, act: Active) -> None:
     """Ask the orchestrator model again, with the children's reports."""
     sup, agent = runner.sup, act.agent
     client = new_client(runner, act)
-    reports, shown = children_reports(runner, act.rec.children)
+    parts = children_reports(runner, act.rec.children)
+    reports, shown = "\n\n".join(p for _, p in parts), {i for i, _ in parts}
     context = orchestrator_context(runner, current=act.rec.id, skip_reports=shown)
     roster = llmagent.roster_text(sup.config, agent.name)
     validate = order_validator(runner, agent, request=act.rec.id)
     brief = model_brief(act.attempt.brief.read_text("utf-8"))
-    out = Outcome("synthesis", client, ledger_text=context + reports)
+    # Only the reports the ledger still holds are counted there: one a rotation dropped, or the
+    # report of the order a child was routed on to (delivered to the child's agent), is counted
+    # with the conversation, or the hot tokens would be under what the model was just sent.
+    held = {i.ref for i in sup.ledger.items if i.kind == "report"}
+    out = Outcome("synthesis", client,
+                  ledger_text=context + "\n\n".join(p for i, p in parts if i in held))
     # The review is a new piece of work: the request's timeout counts from now, not from its plan.
     act.phase = "specialist"
     act.started = sup.clock()
@@ -159,13 +165,12 @@ def start_synthesis(runner: AttemptRunner, act: Active) -> None:
     launch(act, out, ask, f"llm-{act.token}-review", runner.sup.wake, left=act.deadline - runner.timer())
 
 
-def children_reports(runner: AttemptRunner, children: Iterable[str]) -> tuple[str, set[str]]:
-    """The reports the review is given: each child's and, when it was routed, the report of the
-    order its route ended in (the work was done there, and the request waited for it); and the
-    ids whose reports these are."""
+def children_reports(runner: AttemptRunner, children: Iterable[str]) -> list[tuple[str, str]]:
+    """The reports the review is given, each as (the id whose report it is, its text): each
+    child's and, when it was routed, the report of the order its route ended in (the work was
+    done there, and the request waited for it)."""
     sup = runner.sup
-    parts: list[str] = []
-    shown: set[str] = set()
+    parts: list[tuple[str, str]] = []
 
     def report(order_id: str) -> str | None:
         return _quoted(sup.store.folder(order_id) / "report.md")
@@ -174,15 +179,13 @@ def children_reports(runner: AttemptRunner, children: Iterable[str]) -> tuple[st
         end = route_end(sup.records, c)
         own = report(c)
         if own is not None:
-            parts.append(own)
-            shown.add(c)
+            parts.append((c, own))
         if end is not None and end.id != c:
             last = report(end.id)
             head = f"{c} was routed; its route ended in {end.id} ({end.to}, {end.status})"
-            parts.append(f"{head}. Report of {end.id}:\n\n{last}" if last is not None
-                         else f"{head}; it has no report.")
-            shown.add(end.id)
-    return "\n\n".join(parts), shown
+            parts.append((end.id, f"{head}. Report of {end.id}:\n\n{last}" if last is not None
+                          else f"{head}; it has no report."))
+    return parts
 
 
 def _timeout(act: Active) -> float:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 
 from . import budget
 from .store import Record, route_end
@@ -67,18 +67,37 @@ def _sent(order_id: str, records: dict[str, Record]) -> str:
     return line
 
 
-def fresh_brief(records: dict[str, Record], generation: int, *, orchestrator: str | None,
+def fresh_brief(records: dict[str, Record], generation: int, *, orchestrator: str | None, now: datetime,
                 detail: Callable[[Record], Record] = lambda r: r) -> str:
-    """The brief a fresh orchestrator starts from: what it sent that is still in flight, and
-    its recent orders that were rejected or denied (nobody else's: that is not its context).
-    `detail` gives an ended record back whole (a denial's paths are not kept in memory)."""
+    """The brief a fresh orchestrator starts from: what it sent that is still in flight, its
+    recent orders that are blocked or halted (they wait for its decision: retry, cancel, or a
+    new order), and its recent orders that were rejected or denied (nobody else's: that is not
+    its context). `detail` gives an ended record back whole (a denial's paths are not kept in
+    memory)."""
     own = [r for r in sorted(records.values(), key=lambda r: r.seq) if r.sender == orchestrator]
     in_flight = [{"id": r.id, "to": r.to, "status": r.status, "objective": r.objective,
                   "waiting_on": list(r.blocked_by) + ([r.blocker] if r.blocker else [])}
                  for r in own if not r.terminal]
     rejections = [{"id": r.id, "to": r.to, "objective": r.objective, "reason": _why(detail(r))}
                   for r in own[-200:] if r.status in ("rejected", "denied")][-10:]
-    return budget.render_brief(in_flight, rejections, generation=generation, now=datetime.now(UTC))
+    stopped = [{"id": r.id, "to": r.to, "status": r.status, "objective": r.objective,
+                "reason": _stopped_why(detail(r))}
+               for r in own[-200:] if r.status in ("blocked", "halted")]
+    return budget.render_brief(in_flight, rejections, generation=generation, now=now,
+                               stopped=stopped)
+
+
+def _stopped_why(rec: Record) -> str:
+    """Why a blocked or halted order stopped: the note it ended with (its report's summary),
+    else its blocker or its last failure."""
+    summary = (rec.report or {}).get("summary")
+    if summary:
+        return str(summary)
+    if rec.blocker:
+        return f"waits on {rec.blocker}"
+    if rec.failures:
+        return rec.failures[-1]
+    return rec.errors[0] if rec.errors else rec.status
 
 
 def _why(rec: Record) -> str:

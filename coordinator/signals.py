@@ -117,12 +117,13 @@ def counts(signals: list[Signal]) -> dict[str, int]:
 
 
 def render(signals: list[Signal]) -> str:
-    """The `coordinator signals` table: a header, one line per signal, newest last, and the totals."""
+    """The `coordinator signals` table: a header, one line per signal in the order they were
+    recorded (`load` reads them so, the file being append-only), newest last, and the totals.
+    Never sorted by `at`: after the clock was stepped back, the newest signal would not be last."""
     if not signals:
         return "no signals recorded\n"
-    ordered = sorted(signals, key=lambda s: s.at)  # stable: same second keeps file order
     rows = [("TIME", "KIND", "AGENT", "ORDER", "EVIDENCE")]
-    rows += [(s.at, s.kind, s.agent or "-", s.order or "-", _one_line(s.evidence)) for s in ordered]
+    rows += [(s.at, s.kind, s.agent or "-", s.order or "-", _one_line(s.evidence)) for s in signals]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
     tally = counts(signals)
@@ -167,7 +168,7 @@ def _ends_torn(path: Path) -> bool:
 
 
 def _iso(now: datetime) -> str:
-    # Same format as the budget ledger: UTC to the second, so `at` strings sort by time.
+    # Same format as the budget ledger: UTC to the second.
     if now.tzinfo is not None:
         now = now.astimezone(UTC)
     return now.strftime("%Y-%m-%dT%H:%M:%SZ")

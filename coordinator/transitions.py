@@ -264,10 +264,14 @@ class Transitions(Commits):
         return rec is not None and rec.status == "queued" and rec.to == agent
 
     # -- budget & signals ------------------------------------------------------------------------------
+    def wall_now(self) -> datetime:
+        """The supervisor's clock (injected) as a UTC time: the times of ledger items, briefs and signals."""
+        return datetime.fromtimestamp(self.clock(), UTC)
+
     def ledger_add(self, ref: str, kind: str, text: str, *, tokens: int | None = None,
                    completed: bool = False, note: str = "") -> None:
         """Put an item in the orchestrator's ledger and save it; a change of mode is said."""
-        self.ledger.add(ref, kind, text, tokens=tokens, note=note, now=datetime.now(UTC))
+        self.ledger.add(ref, kind, text, tokens=tokens, note=note, now=self.wall_now())
         if completed:
             self.ledger.complete(ref)
         self.ledger.save()
@@ -286,7 +290,7 @@ class Transitions(Commits):
             return
         if self._ceiling_mark() == self._at_ceiling:
             return  # the ledger has not changed since the ceiling was last answered
-        lines = budget.on_ceiling(self.ledger, b, brief=self.fresh_brief, now=datetime.now(UTC),
+        lines = budget.on_ceiling(self.ledger, b, brief=self.fresh_brief, now=self.wall_now(),
                                   again=self._at_ceiling is not None)
         self._at_ceiling = self._ceiling_mark()
         if lines:
@@ -302,11 +306,11 @@ class Transitions(Commits):
 
     def fresh_brief(self) -> str:
         return reports.fresh_brief(self.records, self.ledger.generation + 1, orchestrator=self.config.orchestrator,
-                                   detail=self.store.with_detail)
+                                   detail=self.store.with_detail, now=self.wall_now())
 
     def signal(self, kind: str, *, agent: str | None, order: str | None, evidence: str) -> None:
         signals.record(self.ws.state, kind, agent=agent, order=order, evidence=evidence,
-                       now=datetime.now(UTC))
+                       now=self.wall_now())
         told = f"{kind}: {' '.join(x for x in (agent or '-', order) if x)} {evidence}"
         if self.offline:  # for the command it serves; a running supervisor only logs them
             self.signals_told.append(told)

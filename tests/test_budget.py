@@ -452,3 +452,18 @@ def test_gauge_is_one_line_showing_tokens_ceiling_and_mode() -> None:
     over = budget.gauge(9000, 7000, BANDS, width=20)
     assert over.startswith("[" + "█" * 20 + "]")
     assert over.endswith("drift, 2,000 over the ceiling")
+
+
+def test_only_the_recent_blocked_or_halted_orders_go_into_the_brief() -> None:
+    stopped = [
+        {"id": f"WO-{n:04d}", "to": "chip", "status": "blocked" if n % 2 else "halted",
+         "objective": f"task {n}", "reason": f"note {n}"}
+        for n in range(14)
+    ]
+    brief = budget.render_brief([], [], generation=2, now=T0, stopped=stopped)
+    assert "## Blocked or halted: waiting for your decision (14)" in brief
+    assert "- WO-0013 -> chip [blocked]: task 13; why: note 13" in brief
+    assert "- WO-0004 -> chip [halted]: task 4; why: note 4" in brief
+    assert "WO-0003" not in brief and "4 earlier" in brief
+    assert "`coordinator retry ID`" in brief
+    assert "waiting for your decision" not in budget.render_brief([], [], generation=2, now=T0)

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import drop, intake_all, order_md, sh, wait_until
+from conftest import drop, intake_all, order_md, sh, step_until, wait_until
 
 from coordinator import budget, orders, runner, signals
 from coordinator.store import Store
@@ -351,3 +351,144 @@ def test_budget_commands_need_an_orchestrator(make_ws):
         with pytest.raises(UsageError, match="this team has no orchestrator"):
             control.submit(ws, action, args)
     assert not (ws.state / "orchestrator").exists()
+
+
+def test_the_fresh_brief_names_blocked_and_halted_orders_that_wait_for_the_orchestrator(make_ws):
+    """After `rotate --fresh` the brief listed neither a blocked order nor a halted one: the new
+    orchestrator did not know they waited for its decision. Now each is named with why it
+    stopped and how to go on."""
+    ws = team(make_ws, chip={"role": "specialist", "max_failures": 1, "command": sh(
+        'case "$COORD_ORDER_ID" in halts) printf "outcome: halt-with-note\\nsummary: the API key is missing\\n" '
+        '> "$COORD_RESULT";; *) exit 3;; esac')})
+    drop(ws, "chip", "f.md", order_md("Fix the login page", id="fails", sender="walt"))
+    drop(ws, "chip", "h.md", order_md("Add the signup page", id="halts", sender="walt"))
+    drop(ws, "chip", "u.md", order_md("The user's own order that fails", id="users"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        assert {sup.records[i].status for i in ("fails", "halts", "users")} == {"blocked", "halted"}
+        sup.handle("rotate", {"fresh": True})
+        sup.step_commit()
+    brief = (ws.state / "orchestrator" / "brief.md").read_text()
+    assert "- halts -> chip [halted]: Add the signup page; why: the API key is missing" in brief
+    assert "- fails -> chip [blocked]: Fix the login page; why: failed 1 time(s); last: exited with code 3" in brief
+    assert "`coordinator retry ID`" in brief
+    assert "users" not in brief  # not the orchestrator's order
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_an_order_retried_after_a_rotation_dropped_it_is_counted_in_flight_again(make_ws, fresh):
+    """`retry` after `rotate` (or `rotate --fresh`) re-ran the order, but the ledger had no item
+    for it any more: the hot tokens left it out while it ran. Its text counts again, in flight."""
+    ws = team(make_ws, chip={"role": "specialist", "command": sh("exit 1"), "max_failures": 1})
+    drop(ws, "chip", "f.md", order_md("This fails once", id="fails", sender="walt"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        assert sup.records["fails"].status == "blocked"
+        sup.handle("rotate", {"fresh": fresh})
+        assert "fails" not in {i.ref for i in sup.ledger.items}
+        before = sup.ledger.hot_tokens()
+        sup.handle("retry", {"id": "fails"})
+        sup.step_commit()
+        text = orders.render(sup.store.load_order("fails"))
+        assert [(i.ref, i.kind, i.status) for i in sup.ledger.items if i.ref == "fails"] == [
+            ("fails", "order", "in-flight")]
+        assert sup.ledger.hot_tokens() == before + budget.estimate_tokens(text)
+        sup.handle("rotate", {"fresh": False})
+        assert "fails" in {i.ref for i in sup.ledger.items}  # in flight: a rotation keeps it
+    assert any(i["ref"] == "fails" and i["status"] == "in-flight" for i in ledger(ws)["items"])
+
+
+def _llm_team(fake, chip_command, **top):
+    walt = {"role": "orchestrator", "sends_to": ["chip"],
+            "llm": {"base_url": fake.base_url, "model": "m", "api_key_env": "FAKE_KEY", "max_retries": 0,
+                    "timeout": "10s"}}
+    return {"walt": walt, "chip": {"role": "specialist", "writes": ["webapp/src/**"], "sends_to": ["rex"],
+                                   "command": sh(chip_command), "max_parallel": 1},
+            "rex": {"role": "specialist", "command": sh("echo rex: " + "reviewed " * 300)}}
+
+
+def _kid(objective, **extra):
+    return {"to": "chip", "objective": objective, "files": [],
+            "acceptance": ["The work is done", "Nothing else changes", "The report says so"],
+            "branching": [{"action": "halt-with-note", "when": "the work is already done"}], **extra}
+
+
+@pytest.mark.parametrize("how", ["rotated before the review", "routed on to rex"])
+def test_the_review_call_counts_the_reports_it_was_sent_that_the_ledger_does_not_hold(make_ws, monkeypatch, how):
+    """The review of an orchestrator model's request subtracted from its reported usage every report
+    it was sent, as if the ledger held them: one a rotation had dropped, or the report of the order
+    a child was routed on to (delivered to the child's agent, never to the orchestrator), was counted
+    nowhere, and the hot tokens were under what the model had just been sent."""
+    from fakellm import FakeLLM
+
+    monkeypatch.setenv("FAKE_KEY", "sk-test")
+    with FakeLLM() as fake:
+        if how == "routed on to rex":
+            chip = "printf 'outcome: route-to\\nagent: rex\\nsummary: rex should look\\n' > \"$COORD_RESULT\""
+            kids = [_kid("Look at the greeting",
+                         branching=[{"action": "route-to", "agent": "rex", "when": "a review is needed"}])]
+        else:
+            chip = "sleep 0.3; echo chip: " + "implemented " * 300
+            kids = [_kid("First piece of work"), _kid("Second piece of work")]
+        ws = make_ws(_llm_team(fake, chip), orchestrator="walt",
+                     budget={"ceiling": 100000, "bands": [50000, 100000, 150000]})
+        fake.script(content=json.dumps({"summary": "chip works", "orders": kids}))
+        fake.script(content=json.dumps({"summary": "All done.", "orders": []}))
+        drop(ws, "walt", "req.md", order_md("The greeting is looked at", id="req"))
+        with Supervisor(ws) as sup:
+            if how == "rotated before the review":
+                step_until(sup, lambda: "req" in sup.records and any(
+                    sup.records[c].status == "done" for c in sup.records["req"].children), "the first child done")
+                sup.handle("rotate", {})
+                assert not [i for i in sup.ledger.items if i.kind == "report"]  # the first report is dropped
+            step_until(sup, lambda: "req" in sup.records and sup.records["req"].status == "done", "the request done")
+            hot = sup.ledger.hot_tokens()
+            review = sup.records["req"].usage[-1]["usage"]
+    # What the model was just sent, and answered, is all in the orchestrator's hot tokens.
+    assert hot >= review["prompt_tokens"] + review["completion_tokens"]
+
+
+def test_the_ledger_the_brief_and_signals_take_the_supervisors_clock(make_ws):
+    """Ledger items, the fresh brief and signals were stamped with the machine's clock, not the
+    clock the supervisor is given: its statuses and its budget told two different times."""
+    import time
+    from datetime import UTC, datetime
+
+    base, started = datetime(2020, 6, 15, 12, 0, tzinfo=UTC).timestamp(), time.time()
+
+    def clock():
+        return base + time.time() - started
+
+    ws = team(make_ws, chip={"role": "specialist", "command": sh("exit 1"), "max_failures": 1})
+    drop(ws, "chip", "a.md", order_md("The export runs nightly", id="first", sender="walt"))
+    with Supervisor(ws, clock=clock) as sup:
+        sup.run_once(limit=30)
+        drop(ws, "chip", "b.md", order_md("The export runs nightly", id="again", sender="walt"))
+        sup.run_once(limit=30)
+        sup.handle("budget-add", {"tokens": 5, "note": "a file read"})
+        sup.handle("rotate", {"fresh": True})
+        sup.step_commit()
+        assert sup.records["again"].status == "rejected"
+        history = sup.store.with_detail(sup.records["first"]).history
+    assert history[-1]["at"].startswith("2020-06-15T12:0")
+    assert all(i["added"].startswith("2020-06-15T12:0") for i in ledger(ws)["items"])
+    archived = json.loads((ws.state / "orchestrator" / "generations" / "1.json").read_text())
+    assert {i["added"][:15] for i in archived["items"]} == {"2020-06-15T12:0"}
+    assert "Written 2020-06-15T12:0" in (ws.state / "orchestrator" / "brief.md").read_text()
+    (feedback,) = [s for s in signals.load(ws.state) if s.kind == "feedback"]
+    assert feedback.at.startswith("2020-06-15T12:0")
+
+
+def test_retrying_an_order_that_waits_on_a_blocker_does_not_count_its_text_twice(make_ws):
+    ws = team(make_ws, chip={"role": "specialist", "writes": ["webapp/src/**"], "command": sh(
+        'printf "outcome: requeue-with-blocker\\nsummary: no API yet\\nblocker: the API decision\\n" '
+        '> "$COORD_RESULT"')})
+    drop(ws, "chip", "w.md", order_md("Use the new API", id="waits", sender="walt",
+                                      branching=("requeue-with-blocker if the API is undecided",)))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+        assert (sup.records["waits"].status, sup.records["waits"].blocker) == ("waiting", "the API decision")
+        before = sup.ledger.hot_tokens()
+        sup.handle("retry", {"id": "waits"})
+        assert [(i.kind, i.status) for i in sup.ledger.items if i.ref == "waits"] == [("order", "in-flight")]
+        assert sup.ledger.hot_tokens() == before

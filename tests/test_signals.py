@@ -121,9 +121,9 @@ def test_render_is_a_table_one_line_each_newest_last(state_dir: Path) -> None:
     assert table[0].split() == ["TIME", "KIND", "AGENT", "ORDER", "EVIDENCE"]
     body = table[1:-1]
     assert len(body) == 4  # multi-line evidence stays on one line
-    assert [row.split()[0] for row in body] == sorted(s.at for s in recorded)
-    assert body[-1].split()[:4] == ["2025-03-01T09:02:00Z", "silent", "-", "-"]
-    assert "wrote three files" in body[0] and len(body[0]) < 200
+    assert [row.split()[0] for row in body] == [s.at for s in recorded]  # as recorded
+    assert body[-2].split()[:4] == ["2025-03-01T09:02:00Z", "silent", "-", "-"]
+    assert "wrote three files" in body[-1] and len(body[-1]) < 200
     assert table[-1] == "total: artifact 1, feedback 0, scope 2, silent 1"
 
 
@@ -139,3 +139,16 @@ def test_as_json_holds_counts_and_every_signal(state_dir: Path) -> None:
         "at": "2025-03-01T09:00:00Z",
     }
     assert json.loads(json.dumps(doc)) == doc
+
+
+def test_the_newest_signal_is_last_even_after_the_clock_stepped_back(state_dir: Path) -> None:
+    """`coordinator signals` sorted by the time text: a signal recorded after the clock was
+    stepped back an hour showed first. The table follows the order they were recorded in."""
+    signals.record(state_dir, "scope", agent="chip", order="WO-0001", evidence="before the step", now=T0)
+    signals.record(state_dir, "silent", agent=None, order=None, evidence="after the step",
+                   now=T0 - timedelta(hours=1))
+    body = signals.render(signals.load(state_dir)).splitlines()[1:-1]
+    assert "before the step" in body[0] and "after the step" in body[1]
+    assert body[1].startswith("2025-03-01T08:00:00Z")  # the time shown is the time recorded
+    assert [s["evidence"] for s in signals.as_json(signals.load(state_dir))["signals"]] == [
+        "before the step", "after the step"]
