@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import time
+from pathlib import Path
 
+import pytest
 from conftest import drop, order_md, sh, step_until
 
 from bench.harness import probe_of
@@ -109,3 +114,49 @@ def test_a_requeue_on_an_order_done_while_it_ran_is_taken_though_the_clock_was_s
     assert sup.records["dep"].status == "done"
     assert rec.status == "done", rec.failures
     assert [h["to"] for h in rec.history] == ["queued", "running", "waiting", "queued", "running", "done"]
+
+
+def _inbox_on_a_file_system_whose_clock_runs_ahead(ws, tmp_path: Path, name: str, text: str, ahead: int) -> Path:
+    """Mount, as inbox/chip, a small ext4 file system holding one finished file whose mtime and
+    ctime are `ahead` seconds ahead of this machine's clock: what a file server whose clock runs
+    ahead hands out (this machine cannot change a ctime of its own)."""
+    if os.geteuid() != 0 or not (shutil.which("mkfs.ext4") and shutil.which("debugfs")):
+        pytest.skip("needs root, mkfs.ext4 and debugfs to make a file changed in the future")
+    source, image = tmp_path / name, tmp_path / "inbox.img"
+    source.write_text(text)
+    with image.open("wb") as f:
+        f.truncate(8 << 20)
+    stamp = f"@{int(time.time()) + ahead}"
+    for cmd in (["mkfs.ext4", "-q", "-F", str(image)],
+                ["debugfs", "-w", "-R", f"write {source} {name}", str(image)],
+                ["debugfs", "-w", "-R", f"set_inode_field {name} mtime {stamp}", str(image)],
+                ["debugfs", "-w", "-R", f"set_inode_field {name} ctime {stamp}", str(image)]):
+        subprocess.run(cmd, check=True, capture_output=True)
+    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(ws.inbox("chip"))], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a file system image here: {mounted.stderr.strip()}")
+    shutil.rmtree(ws.inbox("chip") / "lost+found")
+    return ws.inbox("chip") / name
+
+
+def test_a_file_changed_an_hour_ahead_of_this_clock_is_taken_in_when_polling(make_ws, tmp_path):
+    """`supervise --poll` on a network inbox whose server's clock runs an hour ahead (or after
+    this clock was set back): a finished order's ctime was in the future, and it waited that
+    hour in the inbox, without a word (`--once` did not end). Now it is taken in once it has
+    stayed unchanged for the quiet period, and the supervisor says why the times look odd."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ran")}})
+    path = _inbox_on_a_file_system_whose_clock_runs_ahead(
+        ws, tmp_path, "a.md", order_md("An order from a server ahead of us runs", id="a"), 3600)
+    try:
+        assert path.stat().st_ctime > time.time() + 3000
+        said: list[str] = []
+        start = time.monotonic()
+        with Supervisor(ws, poll=True, log=said.append) as sup:
+            sup.run_once(limit=20)
+        took = time.monotonic() - start
+    finally:
+        subprocess.run(["umount", "-l", str(ws.inbox("chip"))], check=False)
+    assert Store(ws.state).load("a").status == "done"
+    assert took < 15
+    ahead = [line for line in said if "ahead of this machine's clock" in line]
+    assert len(ahead) == 1 and ahead[0].startswith("WARNING: inbox/chip/a.md was changed "), said
