@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import time
@@ -12,6 +13,7 @@ import pytest
 from conftest import drop, order_md, sh, step_until
 
 from bench.harness import probe_of
+from coordinator import forkserver
 from coordinator.audit import StateRepo
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
@@ -160,3 +162,37 @@ def test_a_file_changed_an_hour_ahead_of_this_clock_is_taken_in_when_polling(mak
     assert took < 15
     ahead = [line for line in said if "ahead of this machine's clock" in line]
     assert len(ahead) == 1 and ahead[0].startswith("WARNING: inbox/chip/a.md was changed "), said
+
+
+def _leave_room_for_one_start_less(sup: Supervisor, short: int) -> None:
+    """Lower the spawn server's descriptor limit: the next start of the agent of the attempt
+    that runs finds `short` descriptors too few (that attempt holds two, freed when it ends)."""
+    rules = next(iter(sup.attempts.active.values())).rules
+    needed = forkserver.START_FDS + forkserver.FD_RESERVE + len(rules.mounts_writable or rules.writable)
+    held = {int(fd) for fd in os.listdir(f"/proc/{sup.spawner.server_pid}/fd")}
+    limit = next(n for n in range(1, 1 << 16) if n - len({fd for fd in held if fd < n}) == needed - short)
+    resource.prlimit(sup.spawner.server_pid, resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("command", "ends"), [("echo ran", "done"), ("sleep 30", "blocked")])
+def test_the_timeout_of_a_start_that_waited_for_room_counts_from_its_start(make_ws, command, ends):
+    """Short of descriptors, a start waits for room: its order's timeout ran while it waited,
+    and an order that never ran was killed as timed out, a failure of the agent that blocked
+    it. Now it runs when room comes, and its timeout counts from then."""
+    ws = make_ws({"chip": {"role": "specialist", "max_parallel": 2, "timeout": "1s", "max_failures": 1,
+                           "command": sh(f'if [ "$COORD_ORDER_ID" = long ]; then sleep 2.5; exit 0; fi; {command}')}})
+    drop(ws, "chip", "a.md", order_md("Runs long", id="long", timeout="30s"))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: "long" in sup.records and sup.records["long"].status == "running", "long to run")
+        _leave_room_for_one_start_less(sup, 1)  # until `long` ends
+        drop(ws, "chip", "b.md", order_md("Waits for room", id="short"))
+        step_until(sup, lambda: "short" in sup.records and sup.records["short"].terminal, "short to end", wait=30)
+        rec = sup.store.with_detail(sup.records["short"])
+        assert (rec.status, rec.attempts) == (ends, 1), rec.failures
+        assert sup.records["long"].status == "done", "it ran once `long` ended, not before"
+    if ends == "done":
+        assert rec.failures == []
+    else:  # it ran, and its own timeout ended it
+        assert rec.failures[0].startswith("timed out after 1.0s"), rec.failures
+
