@@ -20,7 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from .commits import COMMIT_QUIET
-from .inboxfiles import is_candidate, printable, scan, settled
+from .inboxfiles import Quiet, is_candidate, printable, scan, settled
 from .orders import WorkOrder
 from .spawner import Spawner
 from .store import Record
@@ -44,6 +44,7 @@ class Arrivals(Transitions):
     _opened: bool
     # Inbox files seen and not yet taken in, oldest first (a burst waits here in slices).
     _unsettled: OrderedDict[Path, str]
+    _quiet: Quiet  # since when each file waited for has looked the same (where no lease can tell)
     _stuck: set[Path]  # inbox files a claim failed on: tried again at each rescan
     _strays_said: set[str]
     _backlog_filed: bool  # what waited in the inboxes at start is filed (no slice for it)
@@ -194,7 +195,7 @@ class Arrivals(Transitions):
             if not stat.S_ISREG(mode):
                 continue
             try:
-                ready = settled(path, now=time.time(), require_quiet=self.poll_mode)
+                ready = settled(path, quiet=self._quiet, require_quiet=self.poll_mode)
             except PermissionError as e:
                 # Another user's file the supervisor may not read: looked at again at each
                 # rescan, not every UNSETTLED_RETRY (and `--once` does not wait for it).
@@ -210,6 +211,8 @@ class Arrivals(Transitions):
             self.file_claimed(claimed, agent, shown=f"inbox/{agent}/{path.name}")
             filed += 1
         waiting.update(unsettled)
+        if len(self._quiet) > len(waiting):  # gone, a link, another's: no longer waited for
+            self._quiet.retain(waiting)
         return filed > 0
 
     def _say_strays(self, others: list[Path]) -> None:

@@ -90,6 +90,9 @@ class Active:
     looked: float = 0.0
     seen_activity: float | None = None
     ends_seen: int = -1  # `AttemptRunner.ends` when it started; -1: started before this supervisor
+    # On `timer`: since when its start (or its check's) waits in the spawn server for room; None
+    # when it does not. The wait is no time of its timeout, nor silence.
+    room_since: float | None = None
 
     def __post_init__(self) -> None:
         self.quiet_since = self.looked = self.began
@@ -188,13 +191,18 @@ class AttemptRunner(Interruptions):
     def reap(self) -> bool:
         """Handle every process exit and finished LLM call; True when any."""
         progress = False
-        for ex in self.sup.spawner.poll():
+        events = self.sup.spawner.poll()
+        for token, started in self.sup.spawner.room_news():  # read with the events, told before them
+            act = self.active.get(token) or self.active.get(token.rsplit(".c", 1)[0])
+            if act is not None:
+                self._room(act, started)
+        for ex in events:
             act = self.active.get(ex.token) or self.active.get(ex.token.rsplit(".c", 1)[0])
             if act is None:
                 continue
             progress = True
             if isinstance(ex, Refused):
-                self._refused(act, ex.message)
+                self._refused(act, ex.message, room=ex.room)
             elif act.phase == "specialist":
                 self._after_specialist(act, ex.returncode, alone=ex.alone)
             elif act.phase == "check":
@@ -215,6 +223,8 @@ class AttemptRunner(Interruptions):
         clock, the clock of file times; durations are measured on `timer`."""
         tick = self.timer()
         for act in list(self.active.values()):
+            if act.room_since is not None:  # nothing of it runs yet: no timeout, no silence
+                continue
             if tick > act.deadline and not act.timed_out:
                 act.timed_out = True
                 self.sup.say(f"{act.rec.id}: timed out after {_fmt(act.deadline - act.began)}; killing it")
@@ -456,13 +466,43 @@ class AttemptRunner(Interruptions):
         self.active[act.token] = act
         self._start_check(act)
 
-    def _refused(self, act: Active, message: str) -> None:
-        """The fork server ran nothing for this attempt's specialist or check."""
+    def _room(self, act: Active, started: bool) -> None:
+        """Its start waits in the spawn server for room, or started after waiting: the timeout
+        (and the silence that flags it stale) counts from when it started. Counted from the
+        request, a start that waited longer than the timeout was killed before it ran, a failure
+        of the agent that could block the order."""
+        tick = self.timer()
+        if not started:
+            act.room_since = tick if act.room_since is None else act.room_since
+            return
+        if act.room_since is None:
+            return
+        waited, act.room_since = max(0.0, tick - act.room_since), None
+        act.deadline += waited
+        act.began += waited
+        act.quiet_since += waited
+        act.looked = tick
+
+    def _refused(self, act: Active, message: str, *, room: bool = False) -> None:
+        """The fork server ran nothing for this attempt's specialist or check. `room`: its
+        start was killed while it waited for room."""
         if act.cancelled:  # cancelled while the start was on its way: it stays cancelled
             return self._end_cancelled(act)
         if act.phase == "check":
             return self.fail(act, f"could not run check `{act.checks[act.check_index]}`: {message}")
+        if room:
+            return self._never_started(act, message)
         return self.fail(act, f"could not start {act.agent.name}: {message}")
+
+    def _never_started(self, act: Active, message: str) -> None:
+        """Its start was killed while it waited for room (a timeout the loop had not yet held
+        off, a stop): no failure of the agent, which never ran. The order is queued again, its
+        failures as they were."""
+        rec, number = act.rec, act.attempt.number
+        reason = f"attempt {number} never started: {message}; queued again (not counted as a failure)"
+        rec.report = {"summary": reason}
+        self._finish(act)
+        self.sup.move(rec, "queued", audit.SUPERVISOR, note=reason)
 
     def _start_check(self, act: Active) -> None:
         command = act.checks[act.check_index]

@@ -52,7 +52,10 @@ from .spawner import (
 # command: it waits in the server, and is tried again when one of the server's attempts ends (what
 # that one held is free again) or SHORT_RETRY passes. Refused as it was only when nothing of the
 # server's will free what is short: no attempt of it left and SHORT_PATIENCE gone (or at once for
-# descriptors, the server's own). The supervisor's timeout and cancel still end a waiting start.
+# descriptors, the server's own). The supervisor hears of each start that waits and of its start
+# (`{"waits": token}`, `{"started": token}`): its timeout counts from the start, not while the
+# start waits; a cancel still ends a waiting start. A waiting start killed says `room`: no
+# fault of its command.
 _SHORT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
 SHORT_RETRY = 1.0
 SHORT_PATIENCE = 30.0
@@ -180,6 +183,7 @@ class _Server:
                 self._reply(rid, pid=self.pid)
             elif op == "spawn" and detached and self.waiting:  # in turn after those waiting for room
                 self.waiting.append(_Waiting(msg, time.monotonic(), self.waiting[0].short))
+                self._tell("waits", msg["token"])
                 self._retry_waiting(time.monotonic())
             elif op == "spawn":
                 self._reply(rid, pid=self._spawn(msg))
@@ -218,6 +222,8 @@ class _Server:
             return False
         if not self.waiting and first:
             self._note(f"a start waits: {short[1]}; it is tried again when a running attempt ends")
+        if first:
+            self._tell("waits", msg["token"])
         self.waiting.append(_Waiting(msg, since, short[1]))
         self.retry_at = now + SHORT_RETRY
         return True
@@ -234,17 +240,26 @@ class _Server:
                 if self._put_off(job.msg, e, now, since=job.since):
                     self.waiting.extend(waiting[i + 1:])  # no room for the next ones either
                     return
+                # Not `room`: nothing of the server's is left to free what is short, and the next
+                # start would wait as long again (a pids limit too low for one start, for ever).
                 self._refuse(job.msg["token"], _refusal(e, job.short))
+            else:
+                self._tell("started", job.msg["token"])
 
     def _drop_waiting(self, token: str | None, why: str) -> None:
         """A kill of an attempt whose start waits: it never starts, said as a refusal."""
         for job in [j for j in self.waiting if token is None or j.msg["token"] == token]:
             self.waiting.remove(job)
-            self._refuse(job.msg["token"], CoordinatorError(f"{why} (it waited for room: {job.short})"))
+            self._refuse(job.msg["token"], CoordinatorError(f"{why} (it waited for room: {job.short})"), room=True)
 
     def _note(self, line: str) -> None:
         """A line for the supervisor's log, on the events channel."""
         self.outbuf += json.dumps({"note": line}).encode() + b"\n"
+        self._send_events()
+
+    def _tell(self, what: str, token: str) -> None:
+        """`waits` or `started`, of a start put off for want of room, on the events channel."""
+        self.outbuf += json.dumps({what: token}).encode() + b"\n"
         self._send_events()
 
     def _reply(self, rid: int | None, **fields: Any) -> None:
@@ -258,10 +273,13 @@ class _Server:
             with contextlib.suppress(OSError):
                 _send_frame(self.ctl, {"id": rid, "ok": False, "error": kind, "message": e.message})
 
-    def _refuse(self, token: str, e: CoordinatorError) -> None:
-        """A detached start ran nothing: say so on the events channel, in order with the exits."""
-        self.outbuf += json.dumps({"token": token, "message": e.message,
-                                   "sandbox": isinstance(e, SandboxError)}).encode() + b"\n"
+    def _refuse(self, token: str, e: CoordinatorError, *, room: bool = False) -> None:
+        """A detached start ran nothing: say so on the events channel, in order with the exits.
+        `room`: it waited for room and never got it (no fault of its command)."""
+        refusal = {"token": token, "message": e.message, "sandbox": isinstance(e, SandboxError)}
+        if room:
+            refusal["room"] = True
+        self.outbuf += json.dumps(refusal).encode() + b"\n"
         self._send_events()
 
     def _on_output(self, att: Tree, mask: int) -> None:

@@ -1,12 +1,14 @@
 """The files in an inbox: which could be work orders, which may be read now, how a name is shown.
 
 `scan` lists an inbox's candidates oldest first, `settled` says whether one may be read
-without seeing half of what a writer is writing, and `printable` turns a name (which need not
-be UTF-8 and may hold a newline) into one line of text. `coordinator.watcher` tells the
-supervisor's loop when to look; these say what it finds.
+without seeing half of what a writer is writing (`Quiet` remembers, for it, since when each
+file has looked the same), and `printable` turns a name (which need not be UTF-8 and may hold a
+newline) into one line of text. `coordinator.watcher` tells the supervisor's loop when to look;
+these say what it finds.
 
 Example:
-    >>> [p.name for p in scan(Path("inbox/chip")) if settled(p, now=time.time())]
+    >>> quiet = Quiet()
+    >>> [p.name for p in scan(Path("inbox/chip")) if settled(p, quiet=quiet)]
     ['fix.md']
 """
 
@@ -17,6 +19,8 @@ import fcntl
 import os
 import signal
 import stat
+import time
+from collections.abc import Callable, Container
 from pathlib import Path
 
 from . import paths
@@ -27,6 +31,8 @@ from . import paths
 TEMP_SUFFIXES = ("~", ".swp", ".swo", ".swx", ".tmp",
                  ".part", ".partial", ".crdownload", ".filepart", ".!sync", ".download")
 TEMP_NAMES = frozenset({"4913"})  # vim probes whether a folder is writable with this name
+QUIET = 1.0        # seconds a file must stay unchanged to be read where no lease can tell of its writer
+FUTURE_SLACK = 2.0  # seconds a file's ctime may be ahead of this machine's clock before that is said
 
 
 def is_candidate(name: str) -> bool:
@@ -76,24 +82,90 @@ def scan(folder: Path, *, others: list[Path] | None = None) -> list[Path]:
     return [path for _, _, path in found]
 
 
-def settled(path: Path, *, now: float, quiet: float = 1.0, require_quiet: bool = False) -> bool:
+class Quiet:
+    """Since when each file has looked the same (size, mtime, ctime), on this process's
+    monotonic clock: a file is quiet once it has stayed unchanged for `seconds` of it.
+
+    Never the file's own stamps against the wall clock: on a network file system they are the
+    server's clock, and a server whose clock ran an hour ahead of this machine's (or this
+    clock set back) kept every finished order in the inbox for that hour, without a word (one
+    whose clock ran behind let a file being written look quiet at once). A file whose ctime is
+    ahead of this clock is said once (`say`), so a user sees the clocks disagree. Files
+    forgotten: taken (`settled` said yes), gone, or not among those still waited for (`retain`).
+    """
+
+    def __init__(self, seconds: float = QUIET, *, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time, say: Callable[[str], None] | None = None) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._wall = wall
+        self._say = say
+        # path -> (size, mtime_ns, ctime_ns) as last seen, monotonic time first seen so
+        self._seen: dict[Path, tuple[tuple[int, int, int], float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check(self, path: Path, st: os.stat_result) -> bool:
+        """Has `path`, which now stats as `st`, stayed unchanged for `seconds`?"""
+        look = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        now = self._clock()
+        seen = self._seen.get(path)
+        if seen is None or seen[0] != look:
+            if seen is None:
+                self._say_if_ahead(path, st)
+            self._seen[path] = (look, now)
+            return False
+        return now - seen[1] >= self.seconds
+
+    def forget(self, path: Path) -> None:
+        self._seen.pop(path, None)
+
+    def retain(self, paths: Container[Path]) -> None:
+        """Forget every file not in `paths` (those no longer waited for)."""
+        for path in [p for p in self._seen if p not in paths]:
+            del self._seen[path]
+
+    def _say_if_ahead(self, path: Path, st: os.stat_result) -> None:
+        ahead = st.st_ctime - self._wall()
+        if self._say is None or ahead <= FUTURE_SLACK:
+            return
+        self._say(f"WARNING: inbox/{printable(path.parent.name)}/{printable(path.name)} was changed "
+                  f"{_span(ahead)} ahead of this machine's clock (a file server whose clock runs ahead, or "
+                  f"this clock set back): it is taken in once it has stayed unchanged for {self.seconds:g}s, "
+                  "whatever its times say")
+
+
+def _span(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+def settled(path: Path, *, quiet: Quiet | None = None, require_quiet: bool = False) -> bool:
     """May this file be read now, without seeing half of what a writer is writing?
 
     False while any process has it open for writing: on Linux a read lease is refused then
     (probed and released at once). Where leases are unsupported or not ours to take (another
-    user's file), and always when `require_quiet` is set, the file must also have been left
-    unchanged (mtime and ctime; a future mtime counts as its ctime) for `quiet` seconds. `now`
-    is wall-clock time (`time.time()`), the clock of file timestamps. Pass `require_quiet=True`
-    on network file systems (`--poll`), where a lease only sees writers on this machine. False
-    for anything but a regular file (symlinks included) and for a file that is gone.
-    PermissionError for a file this process may not read (another user's, mode 0600): no wait
-    makes it readable.
+    user's file), and always when `require_quiet` is set, the file must also have stayed
+    unchanged (size, mtime, ctime) for `quiet.seconds` since `quiet` first saw it so: pass the
+    same `quiet` at each look (without one, such a file is never settled). Pass
+    `require_quiet=True` on network file systems (`--poll`), where a lease only sees writers on
+    this machine. False for anything but a regular file (symlinks included) and for a file
+    that is gone. PermissionError for a file this process may not read (another user's, mode
+    0600): no wait makes it readable.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except PermissionError:
         raise
     except OSError:
+        if quiet is not None:
+            quiet.forget(path)
         return False
     try:
         st = os.fstat(fd)
@@ -103,13 +175,15 @@ def settled(path: Path, *, now: float, quiet: float = 1.0, require_quiet: bool =
         if writer is True:
             return False
         if writer is False and not require_quiet:
-            return True
-        # ctime as well: a writer can set mtime back (cp -p, touch -d), never ctime. And a
-        # writer can set mtime ahead (cp -p or rsync -t of a file from a machine whose clock
-        # runs ahead, an archive unpacked): waiting for quiet after that stamp kept the file
-        # in the inbox until that date, without a word. Its ctime still says when it changed.
-        changed = st.st_ctime if st.st_mtime > now else max(st.st_mtime, st.st_ctime)
-        return now - changed >= quiet
+            ready = True
+        else:
+            # Size, mtime and ctime as this process saw them, timed on its own monotonic clock:
+            # a writer can set mtime back or ahead (cp -p, touch -d), never ctime, and a file
+            # server's ctime is on the server's clock, which need not be ours.
+            ready = quiet is not None and quiet.check(path, st)
+        if ready and quiet is not None:
+            quiet.forget(path)  # taken now: nothing to remember of it
+        return ready
     finally:
         os.close(fd)
 

@@ -22,7 +22,8 @@ Exec failures (command not found, missing folder, sandbox refused) are raised
 by `spawn` with a one-line reason and also written to the log; nothing runs.
 `start` is the same request without the wait: the supervisor's loop goes on while
 the server sandboxes and starts the child, and a refusal comes back from `poll`
-as `Refused`, in order with the exits.
+as `Refused`, in order with the exits. A start the machine has no room for waits in
+the server; `room_news` tells which do, and when each starts after all.
 
 Example:
     >>> with Spawner() as sp:
@@ -109,11 +110,13 @@ class Exit:
 @dataclass(frozen=True)
 class Refused:
     """A `start` that ran nothing; `message` says why in one line (as `spawn` would raise it).
-    `sandbox`: the kernel sandbox could not be enforced."""
+    `sandbox`: the kernel sandbox could not be enforced. `room`: it was killed while it waited for
+    room (descriptors, processes, memory): no fault of its command."""
 
     token: str
     message: str
     sandbox: bool = False
+    room: bool = False
 
 
 Event = Exit | Refused
@@ -449,6 +452,7 @@ class Spawner:
         self._events_eof = False
         self._events_buf = bytearray()
         self._pending: list[Event] = []
+        self._room_news: list[tuple[str, bool]] = []
         try:
             self.server_pid = int(self._call("hello")["pid"])
         except BaseException:
@@ -554,7 +558,18 @@ class Spawner:
                 if "note" in event:  # the server says something for the log (a start waits for room)
                     log.warning(event["note"])
                     continue
+                if "waits" in event or "started" in event:
+                    self._room_news.append((event.get("waits") or event["started"], "started" in event))
+                    continue
                 self._pending.append(Refused(**event) if "message" in event else Exit(**event))
+
+    def room_news(self) -> list[tuple[str, bool]]:
+        """Read by `poll` and not told yet, oldest first: (token, False) for a `start` that waits
+        in the server for room (descriptors, processes, memory), (token, True) when it started
+        after all. A start that never waited is in neither."""
+        with self._events_lock:
+            out, self._room_news = self._room_news, []
+        return out
 
     def kill_tree(self, token: str, grace: float = DEFAULT_GRACE) -> None:
         """SIGTERM every process of attempt `token` (its group and every escapee), SIGKILL

@@ -34,6 +34,7 @@ from .arrivals import Arrivals
 from .attempts import AttemptRunner
 from .commits import COMMIT_QUIET
 from .errors import CoordinatorError, SupervisorError
+from .inboxfiles import Quiet
 from .intake import Intake, waiting_orders
 from .spawner import MIN_OPEN_FILES, NO_FILE_TABLE, NO_PROCESS, Spawner, thread_refused
 from .store import History, Store
@@ -69,6 +70,7 @@ class Supervisor(Arrivals):
         self.killing = False
         self._stop_deadline: float | None = None
         self._unsettled = OrderedDict()
+        self._quiet = Quiet(say=lambda line: self.say(line))
         self._lock_fd: int | None = None
         self._root_id: tuple[int, int] | None = None  # the workspace folder it was started in
         self._wake_fds = None

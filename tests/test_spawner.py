@@ -236,6 +236,40 @@ def test_a_start_waiting_for_room_ends_refused_when_killed(sp: Spawner, tmp_path
     assert wait_exit(sp, "busy").returncode == -signal.SIGTERM
 
 
+def test_a_start_that_waits_for_room_is_told_and_so_is_when_it_starts(sp: Spawner, tmp_path: Path) -> None:
+    """The supervisor counted an order's timeout from the request: a start that waited for
+    room longer than that was killed before it ran, a failure of the agent. It now hears
+    which start waits and when it starts, and that a waiting start it killed never got room."""
+    _running(sp, tmp_path, "hold", 0.3)
+    _no_room_left(sp)
+    sp.start(req(tmp_path, ("true",), "late"))
+    assert [(e.token, getattr(e, "returncode", None)) for e in events_until(sp, 2)] == [("hold", 0), ("late", 0)]
+    assert sp.room_news() == [("late", False), ("late", True)]
+    assert sp.room_news() == []
+    sp.spawn(req(tmp_path, ("true",), "at-once"))  # never waited: nothing to tell
+    wait_exit(sp, "at-once")
+    assert sp.room_news() == []
+
+    _running(sp, tmp_path, "busy", 30)
+    _no_room_left(sp)
+    sp.start(req(tmp_path, ("true",), "never"))
+    news: list[tuple[str, bool]] = []
+
+    def told() -> bool:
+        assert sp.poll() == []
+        news.extend(sp.room_news())
+        return bool(news)
+
+    wait_until(told)
+    assert news == [("never", False)]
+    sp.kill_tree("never")  # its order was cancelled, or the supervisor stops
+    (refused,) = events_until(sp, 1)
+    assert isinstance(refused, Refused) and refused.room and refused.token == "never"
+    assert sp.room_news() == []
+    sp.kill_tree("busy", grace=0.1)
+    wait_exit(sp, "busy")
+
+
 def test_a_start_with_no_descriptor_free_and_nothing_running_says_what_to_raise(sp: Spawner, tmp_path: Path) -> None:
     _no_room_left(sp)
     sp.start(req(tmp_path, ("true",), "no-room"))

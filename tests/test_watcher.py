@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from coordinator import watcher as watcher_mod
-from coordinator.inboxfiles import is_candidate, scan, settled
+from coordinator.inboxfiles import Quiet, is_candidate, scan, settled
 from coordinator.watcher import InboxWatcher, NullWatcher, Watcher
 
 DEADLINE = 20.0  # seconds a test waits for something that normally takes a fraction of one
@@ -128,7 +128,7 @@ def test_file_renamed_in_is_hinted_and_settled_at_once(
 
     seen = collect(w, [inbox], lambda s: {"order.json", "moved-in.json"} <= s.hinted)
     assert seen.hinted == {"order.json", "moved-in.json"}
-    assert settled(order, now=time.time())
+    assert settled(order)
 
 
 def test_dot_files_temp_files_and_subfolders_are_ignored(
@@ -177,18 +177,22 @@ def test_file_written_in_place_is_settled_only_after_its_writer_closes_it(
         collect(w, [inbox], lambda s: "slow.json" in s.hinted)  # hinted on create
         looks = 0
         while not select.select([writer.stdout], [], [], 0.05)[0]:
-            assert not settled(path, now=time.time())
+            assert not settled(path)
             looks += 1
         assert writer.stdout.readline() == "written\n"
         assert looks > 0
         # Unchanged for an hour or not: an open writer keeps it unsettled.
-        assert not settled(path, now=time.time() + 3600)
+        now = [0.0]
+        quiet = Quiet(clock=lambda: now[0])
+        assert not settled(path, quiet=quiet)
+        now[0] += 3600
+        assert not settled(path, quiet=quiet)
         w.drain()
 
         writer.stdin.write("\n")
         writer.stdin.flush()
         assert writer.stdout.readline() == "closed\n"
-        assert settled(path, now=time.time())
+        assert settled(path)
         collect(w, [inbox], lambda s: "slow.json" in s.hinted)  # hinted again on close
         assert path.read_text().count("\n") == 10
     finally:
@@ -197,17 +201,53 @@ def test_file_written_in_place_is_settled_only_after_its_writer_closes_it(
 
 
 def test_require_quiet_waits_for_a_quiet_period_but_never_past_a_writer(inbox: Path) -> None:
+    now = [0.0]
+    quiet = Quiet(1.0, clock=lambda: now[0])
     done = inbox / "done.json"
     done.write_text("{}")
-    assert not settled(done, now=time.time(), require_quiet=True)
-    assert settled(done, now=time.time() + 2, quiet=1.0, require_quiet=True)
+    assert not settled(done, quiet=quiet, require_quiet=True)
+    now[0] += 1.0
+    assert settled(done, quiet=quiet, require_quiet=True)
     with (inbox / "open.json").open("w") as f:
         f.write("{")
         f.flush()
-        assert not settled(inbox / "open.json", now=time.time() + 3600, require_quiet=True)
-    assert not settled(inbox / "gone.json", now=time.time())
+        assert not settled(inbox / "open.json", quiet=quiet, require_quiet=True)
+        now[0] += 3600
+        assert not settled(inbox / "open.json", quiet=quiet, require_quiet=True)
+    assert not settled(inbox / "gone.json", quiet=quiet)
     (inbox / "link.json").symlink_to(done)
-    assert not settled(inbox / "link.json", now=time.time() + 3600)
+    now[0] += 3600
+    assert not settled(inbox / "link.json", quiet=quiet)
+
+
+def test_require_quiet_counts_the_quiet_period_from_the_last_change_this_process_saw(inbox: Path) -> None:
+    """A file written in bursts from another machine (no lease sees that writer) is taken only
+    once it stayed the same for the quiet period on the supervisor's own clock; its stamps,
+    on a file server's clock that may run behind or ahead of this one, never decide."""
+    now = [0.0]
+    said: list[str] = []
+    quiet = Quiet(1.0, clock=lambda: now[0], wall=lambda: time.time() - 3600, say=said.append)
+    path = inbox / "slow.json"
+    path.write_text("{")
+    assert not settled(path, quiet=quiet, require_quiet=True)
+    now[0] += 0.9
+    with path.open("a") as f:
+        f.write('"a": 1')
+    assert not settled(path, quiet=quiet, require_quiet=True), "changed: the quiet period starts again"
+    now[0] += 0.9
+    assert not settled(path, quiet=quiet, require_quiet=True)
+    now[0] += 0.1
+    assert settled(path, quiet=quiet, require_quiet=True)
+    assert len(said) == 1 and said[0].startswith("WARNING: inbox/coder/slow.json was changed 60 min ahead of "
+                                                 "this machine's clock"), said
+    assert len(quiet) == 0, "a file taken is forgotten"
+    for i in range(50):
+        settled(inbox / f"gone-{i}.json", quiet=quiet, require_quiet=True)
+        (inbox / f"brief-{i}.json").write_text("{}")
+        settled(inbox / f"brief-{i}.json", quiet=quiet, require_quiet=True)
+        (inbox / f"brief-{i}.json").unlink()
+        settled(inbox / f"brief-{i}.json", quiet=quiet, require_quiet=True)
+    assert len(quiet) == 0, "files gone are forgotten"
 
 
 # -- rescans ----------------------------------------------------------------------------------------
