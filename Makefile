@@ -22,8 +22,10 @@ run: $(STAMP) ## run the supervisor on the embedded workspace with the offline d
 	$(BIN)/coordinator -w . demo-intro
 	$(BIN)/coordinator -w . supervise
 
+# The suite runs on as many workers as there are cores, at most 4 (each test has its own temp
+# folders and processes); `.venv/bin/python -m pytest tests/test_x.py` runs one file in one process.
 test: $(STAMP) ## run the test suite (slow tests excluded)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4
 
 test-slow: $(STAMP) ## run only the slow tests (soak, 20,000-file intake, long fault injection)
 	$(BIN)/python -m pytest -q -m slow
