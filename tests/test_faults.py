@@ -894,7 +894,8 @@ def test_a_supervisor_out_of_processes_says_so_and_the_next_start_goes_on(
     again = supervise_once(ws)
     assert again.returncode == 0, again.stderr
     recs = Store(ws.state).load_all()
-    assert sorted(recs) == sorted(ids) and {r.status for r in recs.values()} == {"done"}
+    assert sorted(recs) == sorted(ids) and {r.status for r in recs.values()} == {"done"}, (
+        f"first run (exit {short.returncode}):\n{short.stderr}\nsecond run:\n{again.stderr}")
     assert verify(ws) == []
 
 
