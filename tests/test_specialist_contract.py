@@ -180,3 +180,21 @@ def test_attempts_that_time_out_together_are_killed_together(make_ws):
     pids = [int(p) for p in (probe_of(ws) / "pids").read_text().split()]
     assert len(pids) == 4 and not any(os.path.exists(f"/proc/{p}") for p in pids)
     assert elapsed < 1 + 2 + 4  # the timeout, one grace, the supervisor's start and stop (8 s more before)
+
+
+def test_what_a_blocked_specialist_says_blocks_it_reaches_the_report_and_the_escalation(make_ws):
+    """`outcome: blocked` with a `blocker:` line was accepted and the blocker dropped: neither
+    `show`, the sender's report nor the investigation order said what the specialist was missing."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh(
+                      'printf "outcome: blocked\\nsummary: I could not do it.\\nblocker: the payment API key is '
+                      'missing\\n" > "$COORD_RESULT"')},
+                  "rex": {"role": "specialist", "command": sh("echo looked")}}, escalate_to="rex")
+    drop(ws, "chip", "o.md", order_md("It needs a key", id="o"))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    assert recs["o"].status == "blocked"
+    assert "the payment API key is missing" in recs["o"].report["summary"]
+    assert "the payment API key is missing" in (ws.state / "orders" / "o" / "report.md").read_text()
+    [escalation] = [r for r in recs.values() if r.id != "o"]
+    order = Store(ws.state).load_order(escalation.id)
+    assert any("the payment API key is missing" in a.text for a in order.acceptance)
