@@ -206,7 +206,9 @@ def _outbox_files(box: Path, undelivered: list[str]) -> list[Path]:
                     if not item.name.startswith("."):
                         found.append(Path(item.path))
                     continue
-                if not item.is_dir(follow_symlinks=False):  # a link, a FIFO: never taken
+                if not item.is_dir(follow_symlinks=False):  # a link, a FIFO: never taken, and said
+                    if not item.name.startswith("."):
+                        undelivered.append(_no_file(item))
                     continue
             except OSError:
                 continue
@@ -216,6 +218,22 @@ def _outbox_files(box: Path, undelivered: list[str]) -> list[Path]:
                 undelivered.append(f"{shown(item.path)}: over {gate.MAX_DEPTH} folders deep in the "
                                    "outbox; not read, nothing in it was delivered")
     return sorted(found)
+
+
+def _no_file(item: os.DirEntry[str]) -> str:
+    """The report's line for an outbox entry that is no file or folder: the order the specialist
+    meant to send by it stays behind, said, not dropped in silence."""
+    name, kept = shown_name(Path(item.path))
+    if item.is_symlink():
+        try:
+            target = printable(os.readlink(item.path))
+        except OSError as e:
+            target = f"unreadable: {e.strerror}"
+        target = f"{target[:60]}...{target[-60:]}" if len(target) > 130 else target
+        what = f"is a symbolic link (to {target}), which an outbox never follows; write the order file itself"
+    else:
+        what = "is no regular file (a FIFO, a socket or a device); write the order as a file"
+    return f"{name}: not delivered: {what}; kept in {kept}"
 
 
 def _no_recipient(path: Path, to: str | None, *, in_folder: bool) -> str:

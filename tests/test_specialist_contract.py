@@ -198,3 +198,24 @@ def test_what_a_blocked_specialist_says_blocks_it_reaches_the_report_and_the_esc
     [escalation] = [r for r in recs.values() if r.id != "o"]
     order = Store(ws.state).load_order(escalation.id)
     assert any("the payment API key is missing" in a.text for a in order.acceptance)
+
+
+def test_a_link_or_fifo_in_the_outbox_is_said_in_the_report_not_dropped_in_silence(make_ws, tmp_path):
+    """An order the specialist linked into its outbox (or a FIFO there) stayed behind, and
+    neither its report nor `show` said so: the work it meant to send was lost without a word."""
+    (tmp_path / "elsewhere.yaml").write_text("objective: Review it\n")
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
+                      f'mkdir "$COORD_OUTBOX/rex"; ln -s {tmp_path}/elsewhere.yaml "$COORD_OUTBOX/rex/review.yaml"; '
+                      'mkfifo "$COORD_OUTBOX/rex/pipe.md"; ln -s /nowhere "$COORD_OUTBOX/.hidden"; echo sent')},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    run(ws)
+    rec = Store(ws.state).load("o")
+    assert rec.status == "done" and rec.children == []
+    assert sorted(line.split("; kept in ")[0] for line in rec.report["undelivered"]) == [
+        "pipe.md: not delivered: is no regular file (a FIFO, a socket or a device); write the order as a file",
+        f"review.yaml: not delivered: is a symbolic link (to {tmp_path}/elsewhere.yaml), which an outbox never "
+        "follows; write the order file itself",
+    ]
+    assert (tmp_path / "elsewhere.yaml").read_text() == "objective: Review it\n"
+    assert "Not delivered from the outbox" in (ws.state / "orders" / "o" / "report.md").read_text()
