@@ -347,6 +347,11 @@ class AttemptRunner(Interruptions):
                 result = results.parse_result(raw, path="result.yaml")
             except CoordinatorError as e:
                 return self.fail(act, f"invalid result file: {e}")
+        if result is not None and result.outcome == "done" and code != 0:
+            # Written first, the result does not vouch for what came after: a crash half-way
+            # through the edit would land the half-written change (SPEC §5: a crash fails it).
+            return self.fail(act, f"{ended_by(code)} after writing `outcome: done`; a run that did not end "
+                                  f"cleanly is not taken as done; last output: {tail[-400:] or '(none)'}")
         if result is None:
             if code != 0:
                 return self.fail(act, f"{ended_by(code)} and wrote no result; last output: "

@@ -219,3 +219,25 @@ def test_a_link_or_fifo_in_the_outbox_is_said_in_the_report_not_dropped_in_silen
     ]
     assert (tmp_path / "elsewhere.yaml").read_text() == "objective: Review it\n"
     assert "Not delivered from the outbox" in (ws.state / "orders" / "o" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(("end", "said"), [("kill -SEGV $$", "was killed by signal 11 (SIGSEGV)"),
+                                           ("exit 3", "exited with code 3")])
+def test_a_specialist_that_crashes_after_writing_done_lands_nothing(make_ws, end, said):
+    """A result file saying `done`, written first, decided the attempt whatever came after: a
+    specialist that crashed half-way through its edit landed the half-written file on the
+    default branch as done (SPEC §5: a crash or a non-zero exit fails the attempt)."""
+    import subprocess
+
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 1, "writes": ["webapp/**"], "command": sh(
+        'printf "outcome: done\\nsummary: all good\\n" > "$COORD_RESULT"; '
+        f'printf "half of the chan" > src/half.txt; {end}')}})
+    head = subprocess.run(["git", "-C", str(ws.repos / "webapp"), "rev-parse", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout
+    drop(ws, "chip", "o.md", order_md("It is done", id="o", files=("webapp/src/**",)))
+    run(ws)
+    rec = Store(ws.state).load("o")
+    assert rec.status == "blocked" and rec.commit is None
+    assert rec.failures[0].startswith(f"{said} after writing `outcome: done`")
+    assert subprocess.run(["git", "-C", str(ws.repos / "webapp"), "rev-parse", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout == head
