@@ -41,6 +41,10 @@ MAX_CHAIN = 10
 # of it the sender's hot tokens) for a failed attempt that left 20,000 files in its outbox.
 MAX_LISTED = 20
 OUTBOX_SOURCE = "outbox of "
+# What hands an order's work on and so continues its chain: a route's follow-up or an escalation
+# starting the count afresh let an outbox and a route take turns for ever (chip sends rex an
+# order, rex routes it back to chip, chip sends again...), each turn a chain of one.
+HANDED_ON = (OUTBOX_SOURCE, "route of ", "escalation of ")
 
 
 class Outbox:
@@ -74,7 +78,10 @@ class Outbox:
         if len(chain) > MAX_CHAIN:
             ids = chain[::-1]
             route = " -> ".join(ids if len(ids) <= 4 else [ids[0], "...", *ids[-2:]])
-            why = (f"{rec.id} came at the end of {len(chain) - 1} orders in a row sent from an outbox "
+            sources = [self.sup.records[i].source for i in chain[:-1] if i in self.sup.records]
+            how = "an outbox" if all(s.startswith(OUTBOX_SOURCE) for s in sources) else \
+                "an outbox, a route or an escalation"
+            why = (f"{rec.id} came at the end of {len(chain) - 1} orders in a row sent from {how} "
                    f"({route}), the most one chain may be: agents that keep sending each other work "
                    "would never stop")
             self.sup.say(f"{rec.id}: its outbox is not delivered: {why}")
@@ -129,11 +136,11 @@ class Outbox:
 
 
 def _chain(records: Mapping[str, Record], rec: Record) -> list[str]:
-    """`rec` and the orders before it whose outbox sent the next one, newest first (at most
-    MAX_CHAIN + 1): `rec` alone when a person, a route or an escalation filed it."""
+    """`rec` and the orders before it whose outbox, route or escalation filed the next one, newest
+    first (at most MAX_CHAIN + 1): `rec` alone when a person filed it."""
     chain = [rec.id]
-    while rec.source.startswith(OUTBOX_SOURCE) and len(chain) <= MAX_CHAIN:
-        sender = records.get(rec.source[len(OUTBOX_SOURCE):].split("/", 1)[0])
+    while rec.source.startswith(HANDED_ON) and len(chain) <= MAX_CHAIN:
+        sender = records.get(rec.source.split(" of ", 1)[1].split("/", 1)[0])
         if sender is None or sender.id in chain:
             break
         chain.append(sender.id)

@@ -241,3 +241,46 @@ def test_a_specialist_that_crashes_after_writing_done_lands_nothing(make_ws, end
     assert rec.failures[0].startswith(f"{said} after writing `outcome: done`")
     assert subprocess.run(["git", "-C", str(ws.repos / "webapp"), "rev-parse", "HEAD"],
                           capture_output=True, text=True, check=True).stdout == head
+
+
+def test_a_route_does_not_start_a_new_chain_two_agents_would_send_each_other_work_for_ever(make_ws):
+    """chip answers every order with one for rex through its outbox; rex routes each back to
+    chip. A route started the count of orders in a row afresh, so the bound never came: 2,000
+    orders in 20 s, and `supervise --once` never ended."""
+    from coordinator import outbox
+
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
+                      'mkdir -p "$COORD_OUTBOX/rex"; printf "objective: Look at it\\nacceptance: [a is true, '
+                      'b is true, c is true]\\nfiles: []\\nbranching: [{action: route-to, agent: chip, when: it '
+                      'needs code}]\\n" > "$COORD_OUTBOX/rex/r.yaml"; echo sent')},
+                  "rex": {"role": "specialist", "sends_to": ["chip"], "command": sh(
+                      'printf "outcome: route-to\\nagent: chip\\nsummary: code\\n" > "$COORD_RESULT"')}})
+    drop(ws, "chip", "o.md", order_md("Start answering", id="o"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60, should_stop=lambda: int(len(sup.records) > 100))
+    recs = Store(ws.state).load_all()
+    assert len(recs) == 1 + outbox.MAX_CHAIN
+    last = max(recs.values(), key=lambda r: r.seq)
+    assert last.status == "done" and last.children == []
+    [line] = last.report["undelivered"]
+    assert f"{last.id} came at the end of {outbox.MAX_CHAIN} orders in a row" in line
+
+
+def test_an_escalation_does_not_start_a_new_chain_either(make_ws):
+    """chip reports every order blocked; the escalation goes to rex, whose outbox sends chip the
+    work again: each escalation started the count afresh, and the two never stopped."""
+    from coordinator import outbox
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh(
+                      'printf "outcome: blocked\\nsummary: cannot\\n" > "$COORD_RESULT"')},
+                  "rex": {"role": "specialist", "sends_to": ["chip"], "command": sh(
+                      'mkdir -p "$COORD_OUTBOX/chip"; printf "objective: Try $COORD_ORDER_ID again\\nacceptance: '
+                      '[a is true, b is true, c is true]\\nfiles: []\\nbranching: [{action: halt-with-note, when: '
+                      'not}]\\n" > "$COORD_OUTBOX/chip/r.yaml"; echo sent')}}, escalate_to="rex")
+    drop(ws, "chip", "o.md", order_md("Start failing", id="o"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60, should_stop=lambda: int(len(sup.records) > 100))
+    recs = Store(ws.state).load_all()
+    assert len(recs) == 2 + outbox.MAX_CHAIN
+    last = max(recs.values(), key=lambda r: r.seq)
+    assert last.to == "rex" and last.children == [] and len(last.report["undelivered"]) == 1
