@@ -284,3 +284,18 @@ def test_an_escalation_does_not_start_a_new_chain_either(make_ws):
     assert len(recs) == 2 + outbox.MAX_CHAIN
     last = max(recs.values(), key=lambda r: r.seq)
     assert last.to == "rex" and last.children == [] and len(last.report["undelivered"]) == 1
+
+
+def test_show_lists_what_stayed_in_the_outbox(make_ws):
+    """The sender's report said which outbox files were not delivered, but `coordinator show`,
+    what a person reads, said nothing of them."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh('echo x > "$COORD_OUTBOX/notes.txt"; echo ok')}})
+    drop(ws, "chip", "o.md", order_md("Work is done", id="o"))
+    run(ws)
+    out = CliRunner().invoke(cli, ["-w", str(ws.root), "show", "o"])
+    assert out.exit_code == 0, out.output
+    assert "  undelivered: notes.txt: is a .txt file, not a work order" in out.output
