@@ -94,10 +94,10 @@ class Outbox:
             undelivered.append(f"{len(over)} file(s) past the {MAX_SENT} orders one attempt may send "
                                f"(from {shown_name(over[0])[0]} on, by name): kept in {shown_name(over[0])[1]}")
         for path in files:
-            to = path.parent.name if path.parent != box else _to_of(box, path)
+            to, unread = (path.parent.name, None) if path.parent != box else _to_of(box, path)
             name, kept = shown_name(path)
             if to not in self.sup.config.agents:
-                why = _no_recipient(path, to, in_folder=path.parent != box)
+                why = _no_recipient(path, to, in_folder=path.parent != box, unread=unread)
                 self.sup.say(f"{rec.id}: outbox file {name} {why.split(' (')[0]}; not delivered")
                 undelivered.append(f"{name}: {why}; kept in {kept}")
                 continue
@@ -243,22 +243,26 @@ def _no_file(item: os.DirEntry[str]) -> str:
     return f"{name}: not delivered: {what}; kept in {kept}"
 
 
-def _no_recipient(path: Path, to: str | None, *, in_folder: bool) -> str:
+def _no_recipient(path: Path, to: str | None, *, in_folder: bool, unread: str | None = None) -> str:
     """Why an outbox file goes to nobody: its folder names no agent, it is no work order
-    file, or it names no agent of the team."""
+    file, it could not be read as far as its recipient (`unread`: why), or it names no agent
+    of the team."""
     hint = "(give it `to: <agent>` or write it into $COORD_OUTBOX/<agent>/)"
     if in_folder:
         return f"is in the folder {printable(path.parent.name)[:40]}/, which names no agent of the team {hint}"
     if orders.KINDS.get(path.suffix.lower()) is None:
         shown = f"a {printable(path.suffix)} file" if path.suffix else "a file without a suffix"
         return f"is {shown}, not a work order (a .md, .markdown, .yaml, .yml or .json file)"
+    if unread is not None:
+        return f"could not be read for its recipient: {printable(unread)[:300]}"
     if to is not None:
         return f"names `to: {printable(to)[:40]}`, who is not on the team {hint}"
     return f"names no known recipient {hint}"
 
 
-def _to_of(box: Path, path: Path) -> str | None:
+def _to_of(box: Path, path: Path) -> tuple[str | None, str | None]:
     """The recipient an outbox file names, even when the rest of it is invalid: then it is
-    delivered all the same and rejected there, with its errors on the board."""
+    delivered all the same and rejected there, with its errors on the board. Second: why the
+    file could not be read as far as that, when it could not."""
     data = runner.read_untrusted(path, orders.MAX_ORDER_BYTES, within=box)
-    return None if data is None else orders.recipient(data, path=path.name)
+    return (None, None) if data is None else orders.recipient_or_why(data, path=path.name)

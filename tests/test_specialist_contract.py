@@ -299,3 +299,22 @@ def test_show_lists_what_stayed_in_the_outbox(make_ws):
     out = CliRunner().invoke(cli, ["-w", str(ws.root), "show", "o"])
     assert out.exit_code == 0, out.output
     assert "  undelivered: notes.txt: is a .txt file, not a work order" in out.output
+
+
+def test_an_outbox_file_that_cannot_be_read_says_why_not_that_it_names_nobody(make_ws):
+    """A file naming `to: rex` but over the size limit, in UTF-16, or with broken YAML was
+    reported as naming no recipient ("give it `to: <agent>`"): the specialist was told to add
+    what was there, never what was wrong."""
+    order = ('printf "to: rex\\nobjective: Review it\\nacceptance: [a is true, b is true, c is true]\\n'
+             'files: []\\nbranching: [{action: halt-with-note, when: not}]\\n"')
+    writer = sh(f'cd "$COORD_OUTBOX"; {{ {order}; seq -f "# padding line %g" 1 30000; }} > big.yaml; '
+                f'{order} | iconv -t UTF-16 > wide.yaml; {{ {order}; echo "oops: [unclosed"; }} > broken.yaml; '
+                'echo sent')
+    ws = make_ws({"chip": {"role": "specialist", "command": writer, "sends_to": ["rex"]},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    run(ws)
+    lines = [line.split("; kept in ")[0] for line in Store(ws.state).load("o").report["undelivered"]]
+    assert lines[0].startswith("big.yaml: could not be read for its recipient: is over 256 KiB;"), lines
+    assert lines[1].startswith("broken.yaml: could not be read for its recipient: ") and "YAML" in lines[1]
+    assert lines[2].startswith("wide.yaml: could not be read for its recipient: ") and "UTF-8" in lines[2]
