@@ -318,3 +318,25 @@ def test_an_outbox_file_that_cannot_be_read_says_why_not_that_it_names_nobody(ma
     assert lines[0].startswith("big.yaml: could not be read for its recipient: is over 256 KiB;"), lines
     assert lines[1].startswith("broken.yaml: could not be read for its recipient: ") and "YAML" in lines[1]
     assert lines[2].startswith("wide.yaml: could not be read for its recipient: ") and "UTF-8" in lines[2]
+
+
+def test_a_requeue_on_the_request_the_order_was_sent_for_is_a_failed_attempt(make_ws):
+    """walt's request waits for the order it sent chip; chip requeued that order on the request:
+    each waited for the other, and `supervise --once` ended with the request `running` and the
+    order `waiting` for ever. Now it is a failed attempt that says why."""
+    walt = sh('mkdir -p "$COORD_OUTBOX/chip"; printf "objective: Do the code\\nacceptance: [a is true, b is true, '
+              'c is true]\\nfiles: []\\nbranching: [{action: requeue-with-blocker, when: something is missing}]\\n" '
+              '> "$COORD_OUTBOX/chip/c.yaml"; echo delegated')
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], "command": walt},
+                  "chip": {"role": "specialist", "max_failures": 2, "command": sh(
+                      'if grep -q "why the last attempt failed" "$COORD_BRIEF"; then echo did it; exit 0; fi; '
+                      'printf "outcome: requeue-with-blocker\\nsummary: waits\\nblocker: req\\n" > "$COORD_RESULT"')}},
+                 orchestrator="walt")
+    drop(ws, "walt", "r.md", order_md("A request", id="req"))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    [child] = [r for r in recs.values() if r.id != "req"]
+    assert child.status == "done" and child.attempts == 2
+    assert child.failures[0].startswith("requeue-with-blocker: req is a request that ends only after the orders it sent, "
+                                    "and it sent this one")
+    assert recs["req"].status == "done"
