@@ -200,6 +200,18 @@ def recipient_or_why(data: bytes, *, path: str) -> tuple[str | None, str | None]
     return (to if isinstance(to, str) and to else None), None
 
 
+def declared(data: bytes, *, path: str) -> tuple[str | None, tuple[str, ...]]:
+    """The `id` an order file declares and the ids its `blocked_by` names, read as far as it
+    goes; (None, ()) when it cannot be read that far."""
+    try:
+        fields = read_order(data, path=path, to=None, sender=None, kind=None).fields
+    except OrderError:
+        return None, ()
+    own, waits = fields.get("id"), fields.get("blocked_by")
+    return (own if isinstance(own, str) else None,
+            tuple(w for w in waits if isinstance(w, str)) if isinstance(waits, list) else ())
+
+
 # --- check: the team rules -----------------------------------------------------------------
 
 

@@ -93,7 +93,7 @@ class Outbox:
                          "may send; they are not delivered")
             undelivered.append(f"{len(over)} file(s) past the {MAX_SENT} orders one attempt may send "
                                f"(from {shown_name(over[0])[0]} on, by name): kept in {shown_name(over[0])[1]}")
-        for path in files:
+        for path in _dependency_order(box, files):
             to, unread = (path.parent.name, None) if path.parent != box else _to_of(box, path)
             name, kept = shown_name(path)
             if to not in self.sup.config.agents:
@@ -133,6 +133,32 @@ class Outbox:
         self._deliver_outbox(rec, agent.name, box, _outbox_files(box, undelivered), undelivered, sent=sent)
         if undelivered:
             rec.report = {**(rec.report or {}), "undelivered": capped(undelivered)}
+
+
+def _dependency_order(box: Path, files: list[Path]) -> list[Path]:
+    """`files` by name, but each after those of the same outbox that declare an id it waits on
+    (`blocked_by`): taken first, it was rejected, its dependency not yet filed. A cycle is
+    left in name order (and rejected as one)."""
+    declared: dict[str, Path] = {}
+    waits: dict[Path, tuple[str, ...]] = {}
+    for path in files:
+        data = runner.read_untrusted(path, orders.MAX_ORDER_BYTES, within=box)
+        own, waits[path] = (None, ()) if data is None else orders.declared(data, path=path.name)
+        if own is not None:
+            declared.setdefault(own, path)
+    if not any(d in declared for ids in waits.values() for d in ids):
+        return files
+    ordered: list[Path] = []
+    left = list(files)
+    while left:
+        pending = set(left)
+        ready = [p for p in left if not any(declared.get(d) in pending and declared[d] != p for d in waits[p])]
+        if not ready:  # a cycle: what is left goes by name
+            return ordered + left
+        ordered += ready
+        taken = set(ready)
+        left = [p for p in left if p not in taken]
+    return ordered
 
 
 def _chain(records: Mapping[str, Record], rec: Record) -> list[str]:

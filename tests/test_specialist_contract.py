@@ -340,3 +340,23 @@ def test_a_requeue_on_the_request_the_order_was_sent_for_is_a_failed_attempt(mak
     assert child.failures[0].startswith("requeue-with-blocker: req is a request that ends only after the orders it sent, "
                                     "and it sent this one")
     assert recs["req"].status == "done"
+
+
+def test_an_outbox_order_that_waits_on_another_of_the_same_outbox_is_not_rejected(make_ws):
+    """Orders were taken from the outbox by file name: `a.yaml` blocked_by the id that `b.yaml`
+    declares was filed first and rejected ("no order 'first-step'"), though it was there."""
+    review = ('printf "objective: %s\\n%bacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+              'branching: [{action: halt-with-note, when: not}]\\n"')
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
+                      'mkdir "$COORD_OUTBOX/rex"; '
+                      f'{review} "Second step" "blocked_by: [first-step]\\n" > "$COORD_OUTBOX/rex/a.yaml"; '
+                      f'{review} "First step" "id: first-step\\n" > "$COORD_OUTBOX/rex/b.yaml"; echo sent')},
+                  "rex": {"role": "specialist", "command": sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran"')}})
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    run(ws)
+    from bench.harness import probe_of
+
+    recs = Store(ws.state).load_all()
+    assert all(r.status == "done" for r in recs.values()), {r.id: r.errors for r in recs.values()}
+    [second] = [r for r in recs.values() if r.objective == "Second step"]
+    assert (probe_of(ws) / "ran").read_text().split() == ["first-step", second.id]
