@@ -360,3 +360,28 @@ def test_an_outbox_order_that_waits_on_another_of_the_same_outbox_is_not_rejecte
     assert all(r.status == "done" for r in recs.values()), {r.id: r.errors for r in recs.values()}
     [second] = [r for r in recs.values() if r.objective == "Second step"]
     assert (probe_of(ws) / "ran").read_text().split() == ["first-step", second.id]
+
+
+def test_the_route_of_an_order_with_the_most_references_is_not_rejected(make_ws):
+    """The follow-up of a route references the order it continues: for an order with the most
+    references an order may have (100), that made 101, and the routed work was rejected at
+    intake ("references: has 101 entries; at most 100") and lost."""
+    from coordinator.orders import MAX_IDS
+
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
+                      'printf "outcome: route-to\\nagent: rex\\nsummary: for rex\\n" > "$COORD_RESULT"')},
+                  "rex": {"role": "specialist", "command": sh("echo reviewed")}})
+    earlier = [f"r{i:03d}" for i in range(MAX_IDS)]
+    for ref in earlier:  # rejected at intake (rex may write nothing): quick, and an order all the same
+        drop(ws, "rex", f"{ref}.md", order_md(f"Earlier {ref}", id=ref, files=("webapp/src/x.ts",)))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+        drop(ws, "chip", "o.md", order_md("It goes to rex", id="o", references=earlier,
+                                          branching=("route-to-rex if it is a review",)))
+        sup.run_once(limit=60)
+    recs = Store(ws.state).load_all()
+    assert recs["o"].status == "routed"
+    follow = recs[recs["o"].routed_to]
+    assert follow.status == "done", follow.errors
+    order = Store(ws.state).load_order(follow.id)
+    assert len(order.references) == MAX_IDS and order.references[-1] == "o"
