@@ -16,6 +16,7 @@ from typing import Any
 from . import paths, schemas
 from .config import parse_duration
 from .errors import Problem
+from .inboxfiles import printable
 
 PRIORITIES = ("low", "normal", "high", "urgent")
 PRIORITY_RANK = {p: rank for rank, p in enumerate(PRIORITIES)}  # urgent highest
@@ -305,6 +306,9 @@ def finish(problems: list[Problem], lines: dict[str, int]) -> list[Problem]:
         return None
 
     located = [p if p.line is not None else replace(p, line=line_of(p.field)) for p in problems]
+    # An unknown key is the file's own text: a line break in it must not run the problem (a
+    # failure reason quoted in the next brief, a report, a rejection) over lines of its own.
+    located = [replace(p, field=printable(p.field)) if paths.CONTROL.search(p.field) else p for p in located]
     rank = {key: i for i, key in enumerate(KEYS)}
     located.sort(key=lambda p: (p.line or 1 << 30, rank.get(p.field.split(".")[0], -1)))
     if len(located) > MAX_PROBLEMS:

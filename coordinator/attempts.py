@@ -347,6 +347,11 @@ class AttemptRunner(Interruptions):
                 result = results.parse_result(raw, path="result.yaml")
             except CoordinatorError as e:
                 return self.fail(act, f"invalid result file: {e}")
+        if result is not None and result.outcome == "done" and code != 0:
+            # Written first, the result does not vouch for what came after: a crash half-way
+            # through the edit would land the half-written change (SPEC §5: a crash fails it).
+            return self.fail(act, f"{ended_by(code)} after writing `outcome: done`; a run that did not end "
+                                  f"cleanly is not taken as done; last output: {tail[-400:] or '(none)'}")
         if result is None:
             if code != 0:
                 return self.fail(act, f"{ended_by(code)} and wrote no result; last output: "
@@ -417,7 +422,20 @@ class AttemptRunner(Interruptions):
         if waits_for(self.sup.records, blocker, rec.id):
             return (f"requeue-with-blocker: {blocker} waits for this order ({rec.id}): each would wait for the "
                     f"other for ever; {what}")
+        if self._awaits(last.id, rec.id):
+            return (f"requeue-with-blocker: {blocker} is a request that ends only after the orders it sent, and "
+                    f"it sent this one (or one that waits for it): each would wait for the other for ever; {what}")
         return None
+
+    def _awaits(self, request: str, order_id: str) -> bool:
+        """Does `request`, an orchestrator's request waiting for the orders it sent, wait for
+        `order_id` (one of them, at the end of its route, or what one of them waits for)?"""
+        act = self.waiting_requests.get(request)
+        if act is None:
+            return False
+        records = self.sup.records
+        return any(getattr(route_end(records, c), "id", c) == order_id or waits_for(records, c, order_id)
+                   for c in act.rec.children)
 
     def _await_children(self, act: Active) -> None:
         """An orchestrator delegated: its request is done when its children are, and checks pass."""

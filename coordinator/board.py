@@ -288,7 +288,7 @@ def render_show(data: dict[str, Any]) -> str:
     if report.get("summary") and report["summary"] != "; ".join(data.get("errors") or []):
         # A rejection's summary only repeats its errors. A summary may run over lines: each is kept.
         lines.append("report: " + "\n".join(map(printable, str(report["summary"]).split("\n"))))
-    for key in ("changed", "offending", "checks"):
+    for key in ("changed", "offending", "checks", "undelivered"):
         for x in report.get(key) or []:
             lines.append(f"  {key}: {printable(str(x))}")
     if data.get("commit"):

@@ -53,7 +53,9 @@ class Endings(FollowUps, Outbox):
             rec.blocker = result.blocker
             self._end(act, "waiting", who, note=f"blocker: {result.blocker}")
         else:
-            reason = f"{who} reported blocked: {result.summary}"
+            # What it says it is missing comes first: the note and the escalation quote the start.
+            missing = f" (blocker: {result.blocker})" if result.blocker else ""
+            reason = f"{who} reported blocked{missing}: {result.summary}"
             self._plan_block(rec, reason)
             self._end(act, "blocked", who, note=_short(reason))
 

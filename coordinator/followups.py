@@ -113,10 +113,12 @@ def _planned(report: dict[str, Any]) -> dict[str, str] | None:
 def follow_up(order: WorkOrder, sender: str, to: str) -> WorkOrder:
     branching = tuple(b for b in order.branching if b.action != "route-to") or (
         Branch(action="halt-with-note", when="the work does not apply"),)
+    # It references the order it continues, within the most an order may name: past that the
+    # follow-up, the routed work, was rejected at intake. The earliest references give way.
+    references = (*order.references, order.id or "")[-orders.MAX_IDS:]
     return WorkOrder(id=None, sender=sender, to=to, objective=order.objective,
                      acceptance=order.acceptance, files=order.files, branching=branching,
-                     priority=order.priority, references=(*order.references, order.id or ""),
-                     parent=order.parent)
+                     priority=order.priority, references=references, parent=order.parent)
 
 
 def investigation(rec: Record, target: str, reason: str) -> WorkOrder:

@@ -185,11 +185,31 @@ def parse(data: bytes, *, path: str, to: str | None = None, kind: str | None = N
 def recipient(data: bytes, *, path: str) -> str | None:
     """The `to` an order file names, read as far as it goes (the rest may be invalid);
     None when it names none or is not a work order file at all."""
+    return recipient_or_why(data, path=path)[0]
+
+
+def recipient_or_why(data: bytes, *, path: str) -> tuple[str | None, str | None]:
+    """`recipient`, and when the file could not be read that far, why (too big, not UTF-8,
+    not valid YAML...): a file that does name its recipient must not be told to add one."""
     try:
         to = read_order(data, path=path, to=None, sender=None, kind=None).fields.get("to")
+    except OrderError as e:
+        first = e.problems[0] if e.problems else None
+        return None, (f"{first.field}: {first.message}" if first and first.field else
+                      first.message if first else str(e))
+    return (to if isinstance(to, str) and to else None), None
+
+
+def declared(data: bytes, *, path: str) -> tuple[str | None, tuple[str, ...]]:
+    """The `id` an order file declares and the ids its `blocked_by` names, read as far as it
+    goes; (None, ()) when it cannot be read that far."""
+    try:
+        fields = read_order(data, path=path, to=None, sender=None, kind=None).fields
     except OrderError:
-        return None
-    return to if isinstance(to, str) and to else None
+        return None, ()
+    own, waits = fields.get("id"), fields.get("blocked_by")
+    return (own if isinstance(own, str) else None,
+            tuple(w for w in waits if isinstance(w, str)) if isinstance(waits, list) else ())
 
 
 # --- check: the team rules -----------------------------------------------------------------

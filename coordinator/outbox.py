@@ -41,6 +41,10 @@ MAX_CHAIN = 10
 # of it the sender's hot tokens) for a failed attempt that left 20,000 files in its outbox.
 MAX_LISTED = 20
 OUTBOX_SOURCE = "outbox of "
+# What hands an order's work on and so continues its chain: a route's follow-up or an escalation
+# starting the count afresh let an outbox and a route take turns for ever (chip sends rex an
+# order, rex routes it back to chip, chip sends again...), each turn a chain of one.
+HANDED_ON = (OUTBOX_SOURCE, "route of ", "escalation of ")
 
 
 class Outbox:
@@ -74,7 +78,10 @@ class Outbox:
         if len(chain) > MAX_CHAIN:
             ids = chain[::-1]
             route = " -> ".join(ids if len(ids) <= 4 else [ids[0], "...", *ids[-2:]])
-            why = (f"{rec.id} came at the end of {len(chain) - 1} orders in a row sent from an outbox "
+            sources = [self.sup.records[i].source for i in chain[:-1] if i in self.sup.records]
+            how = "an outbox" if all(s.startswith(OUTBOX_SOURCE) for s in sources) else \
+                "an outbox, a route or an escalation"
+            why = (f"{rec.id} came at the end of {len(chain) - 1} orders in a row sent from {how} "
                    f"({route}), the most one chain may be: agents that keep sending each other work "
                    "would never stop")
             self.sup.say(f"{rec.id}: its outbox is not delivered: {why}")
@@ -86,11 +93,11 @@ class Outbox:
                          "may send; they are not delivered")
             undelivered.append(f"{len(over)} file(s) past the {MAX_SENT} orders one attempt may send "
                                f"(from {shown_name(over[0])[0]} on, by name): kept in {shown_name(over[0])[1]}")
-        for path in files:
-            to = path.parent.name if path.parent != box else _to_of(box, path)
+        for path in _dependency_order(box, files):
+            to, unread = (path.parent.name, None) if path.parent != box else _to_of(box, path)
             name, kept = shown_name(path)
             if to not in self.sup.config.agents:
-                why = _no_recipient(path, to, in_folder=path.parent != box)
+                why = _no_recipient(path, to, in_folder=path.parent != box, unread=unread)
                 self.sup.say(f"{rec.id}: outbox file {name} {why.split(' (')[0]}; not delivered")
                 undelivered.append(f"{name}: {why}; kept in {kept}")
                 continue
@@ -128,12 +135,38 @@ class Outbox:
             rec.report = {**(rec.report or {}), "undelivered": capped(undelivered)}
 
 
+def _dependency_order(box: Path, files: list[Path]) -> list[Path]:
+    """`files` by name, but each after those of the same outbox that declare an id it waits on
+    (`blocked_by`): taken first, it was rejected, its dependency not yet filed. A cycle is
+    left in name order (and rejected as one)."""
+    declared: dict[str, Path] = {}
+    waits: dict[Path, tuple[str, ...]] = {}
+    for path in files:
+        data = runner.read_untrusted(path, orders.MAX_ORDER_BYTES, within=box)
+        own, waits[path] = (None, ()) if data is None else orders.declared(data, path=path.name)
+        if own is not None:
+            declared.setdefault(own, path)
+    if not any(d in declared for ids in waits.values() for d in ids):
+        return files
+    ordered: list[Path] = []
+    left = list(files)
+    while left:
+        pending = set(left)
+        ready = [p for p in left if not any(declared.get(d) in pending and declared[d] != p for d in waits[p])]
+        if not ready:  # a cycle: what is left goes by name
+            return ordered + left
+        ordered += ready
+        taken = set(ready)
+        left = [p for p in left if p not in taken]
+    return ordered
+
+
 def _chain(records: Mapping[str, Record], rec: Record) -> list[str]:
-    """`rec` and the orders before it whose outbox sent the next one, newest first (at most
-    MAX_CHAIN + 1): `rec` alone when a person, a route or an escalation filed it."""
+    """`rec` and the orders before it whose outbox, route or escalation filed the next one, newest
+    first (at most MAX_CHAIN + 1): `rec` alone when a person filed it."""
     chain = [rec.id]
-    while rec.source.startswith(OUTBOX_SOURCE) and len(chain) <= MAX_CHAIN:
-        sender = records.get(rec.source[len(OUTBOX_SOURCE):].split("/", 1)[0])
+    while rec.source.startswith(HANDED_ON) and len(chain) <= MAX_CHAIN:
+        sender = records.get(rec.source.split(" of ", 1)[1].split("/", 1)[0])
         if sender is None or sender.id in chain:
             break
         chain.append(sender.id)
@@ -206,7 +239,9 @@ def _outbox_files(box: Path, undelivered: list[str]) -> list[Path]:
                     if not item.name.startswith("."):
                         found.append(Path(item.path))
                     continue
-                if not item.is_dir(follow_symlinks=False):  # a link, a FIFO: never taken
+                if not item.is_dir(follow_symlinks=False):  # a link, a FIFO: never taken, and said
+                    if not item.name.startswith("."):
+                        undelivered.append(_no_file(item))
                     continue
             except OSError:
                 continue
@@ -218,22 +253,42 @@ def _outbox_files(box: Path, undelivered: list[str]) -> list[Path]:
     return sorted(found)
 
 
-def _no_recipient(path: Path, to: str | None, *, in_folder: bool) -> str:
+def _no_file(item: os.DirEntry[str]) -> str:
+    """The report's line for an outbox entry that is no file or folder: the order the specialist
+    meant to send by it stays behind, said, not dropped in silence."""
+    name, kept = shown_name(Path(item.path))
+    if item.is_symlink():
+        try:
+            target = printable(os.readlink(item.path))
+        except OSError as e:
+            target = f"unreadable: {e.strerror}"
+        target = f"{target[:60]}...{target[-60:]}" if len(target) > 130 else target
+        what = f"is a symbolic link (to {target}), which an outbox never follows; write the order file itself"
+    else:
+        what = "is no regular file (a FIFO, a socket or a device); write the order as a file"
+    return f"{name}: not delivered: {what}; kept in {kept}"
+
+
+def _no_recipient(path: Path, to: str | None, *, in_folder: bool, unread: str | None = None) -> str:
     """Why an outbox file goes to nobody: its folder names no agent, it is no work order
-    file, or it names no agent of the team."""
+    file, it could not be read as far as its recipient (`unread`: why), or it names no agent
+    of the team."""
     hint = "(give it `to: <agent>` or write it into $COORD_OUTBOX/<agent>/)"
     if in_folder:
         return f"is in the folder {printable(path.parent.name)[:40]}/, which names no agent of the team {hint}"
     if orders.KINDS.get(path.suffix.lower()) is None:
         shown = f"a {printable(path.suffix)} file" if path.suffix else "a file without a suffix"
         return f"is {shown}, not a work order (a .md, .markdown, .yaml, .yml or .json file)"
+    if unread is not None:
+        return f"could not be read for its recipient: {printable(unread)[:300]}"
     if to is not None:
         return f"names `to: {printable(to)[:40]}`, who is not on the team {hint}"
     return f"names no known recipient {hint}"
 
 
-def _to_of(box: Path, path: Path) -> str | None:
+def _to_of(box: Path, path: Path) -> tuple[str | None, str | None]:
     """The recipient an outbox file names, even when the rest of it is invalid: then it is
-    delivered all the same and rejected there, with its errors on the board."""
+    delivered all the same and rejected there, with its errors on the board. Second: why the
+    file could not be read as far as that, when it could not."""
     data = runner.read_untrusted(path, orders.MAX_ORDER_BYTES, within=box)
-    return None if data is None else orders.recipient(data, path=path.name)
+    return (None, None) if data is None else orders.recipient_or_why(data, path=path.name)

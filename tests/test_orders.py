@@ -508,6 +508,13 @@ def test_unknown_keys_suggest_the_closest() -> None:
     assert p.message.startswith("goes in the front matter")
 
 
+def test_an_unknown_key_with_a_line_break_is_one_line_of_the_rejection() -> None:
+    """`send` printed such a key raw: its error ran over lines, one reading as a heading."""
+    [p] = problems_of(with_front('"prio\\n## Objective": high'))
+    assert str(p).startswith("inbox/chip/fix.md:2: prio\\x0a## Objective: unknown key;")
+    assert len(str(p).splitlines()) == 1
+
+
 def test_sections_given_twice_and_text_before_the_first() -> None:
     p = only(problems_of(with_front("objective: Another one."), ), "objective")
     assert p.message == "is given twice (lines 2 and 4); keep one" and p.line == 4

@@ -180,3 +180,208 @@ def test_attempts_that_time_out_together_are_killed_together(make_ws):
     pids = [int(p) for p in (probe_of(ws) / "pids").read_text().split()]
     assert len(pids) == 4 and not any(os.path.exists(f"/proc/{p}") for p in pids)
     assert elapsed < 1 + 2 + 4  # the timeout, one grace, the supervisor's start and stop (8 s more before)
+
+
+def test_what_a_blocked_specialist_says_blocks_it_reaches_the_report_and_the_escalation(make_ws):
+    """`outcome: blocked` with a `blocker:` line was accepted and the blocker dropped: neither
+    `show`, the sender's report nor the investigation order said what the specialist was missing."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh(
+                      'printf "outcome: blocked\\nsummary: I could not do it.\\nblocker: the payment API key is '
+                      'missing\\n" > "$COORD_RESULT"')},
+                  "rex": {"role": "specialist", "command": sh("echo looked")}}, escalate_to="rex")
+    drop(ws, "chip", "o.md", order_md("It needs a key", id="o"))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    assert recs["o"].status == "blocked"
+    assert "the payment API key is missing" in recs["o"].report["summary"]
+    assert "the payment API key is missing" in (ws.state / "orders" / "o" / "report.md").read_text()
+    [escalation] = [r for r in recs.values() if r.id != "o"]
+    order = Store(ws.state).load_order(escalation.id)
+    assert any("the payment API key is missing" in a.text for a in order.acceptance)
+
+
+def test_a_link_or_fifo_in_the_outbox_is_said_in_the_report_not_dropped_in_silence(make_ws, tmp_path):
+    """An order the specialist linked into its outbox (or a FIFO there) stayed behind, and
+    neither its report nor `show` said so: the work it meant to send was lost without a word."""
+    (tmp_path / "elsewhere.yaml").write_text("objective: Review it\n")
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
+                      f'mkdir "$COORD_OUTBOX/rex"; ln -s {tmp_path}/elsewhere.yaml "$COORD_OUTBOX/rex/review.yaml"; '
+                      'mkfifo "$COORD_OUTBOX/rex/pipe.md"; ln -s /nowhere "$COORD_OUTBOX/.hidden"; echo sent')},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    run(ws)
+    rec = Store(ws.state).load("o")
+    assert rec.status == "done" and rec.children == []
+    assert sorted(line.split("; kept in ")[0] for line in rec.report["undelivered"]) == [
+        "pipe.md: not delivered: is no regular file (a FIFO, a socket or a device); write the order as a file",
+        f"review.yaml: not delivered: is a symbolic link (to {tmp_path}/elsewhere.yaml), which an outbox never "
+        "follows; write the order file itself",
+    ]
+    assert (tmp_path / "elsewhere.yaml").read_text() == "objective: Review it\n"
+    assert "Not delivered from the outbox" in (ws.state / "orders" / "o" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(("end", "said"), [("kill -SEGV $$", "was killed by signal 11 (SIGSEGV)"),
+                                           ("exit 3", "exited with code 3")])
+def test_a_specialist_that_crashes_after_writing_done_lands_nothing(make_ws, end, said):
+    """A result file saying `done`, written first, decided the attempt whatever came after: a
+    specialist that crashed half-way through its edit landed the half-written file on the
+    default branch as done (SPEC §5: a crash or a non-zero exit fails the attempt)."""
+    import subprocess
+
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 1, "writes": ["webapp/**"], "command": sh(
+        'printf "outcome: done\\nsummary: all good\\n" > "$COORD_RESULT"; '
+        f'printf "half of the chan" > src/half.txt; {end}')}})
+    head = subprocess.run(["git", "-C", str(ws.repos / "webapp"), "rev-parse", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout
+    drop(ws, "chip", "o.md", order_md("It is done", id="o", files=("webapp/src/**",)))
+    run(ws)
+    rec = Store(ws.state).load("o")
+    assert rec.status == "blocked" and rec.commit is None
+    assert rec.failures[0].startswith(f"{said} after writing `outcome: done`")
+    assert subprocess.run(["git", "-C", str(ws.repos / "webapp"), "rev-parse", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout == head
+
+
+def test_a_route_does_not_start_a_new_chain_two_agents_would_send_each_other_work_for_ever(make_ws):
+    """chip answers every order with one for rex through its outbox; rex routes each back to
+    chip. A route started the count of orders in a row afresh, so the bound never came: 2,000
+    orders in 20 s, and `supervise --once` never ended."""
+    from coordinator import outbox
+
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
+                      'mkdir -p "$COORD_OUTBOX/rex"; printf "objective: Look at it\\nacceptance: [a is true, '
+                      'b is true, c is true]\\nfiles: []\\nbranching: [{action: route-to, agent: chip, when: it '
+                      'needs code}]\\n" > "$COORD_OUTBOX/rex/r.yaml"; echo sent')},
+                  "rex": {"role": "specialist", "sends_to": ["chip"], "command": sh(
+                      'printf "outcome: route-to\\nagent: chip\\nsummary: code\\n" > "$COORD_RESULT"')}})
+    drop(ws, "chip", "o.md", order_md("Start answering", id="o"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60, should_stop=lambda: int(len(sup.records) > 100))
+    recs = Store(ws.state).load_all()
+    assert len(recs) == 1 + outbox.MAX_CHAIN
+    last = max(recs.values(), key=lambda r: r.seq)
+    assert last.status == "done" and last.children == []
+    [line] = last.report["undelivered"]
+    assert f"{last.id} came at the end of {outbox.MAX_CHAIN} orders in a row" in line
+
+
+def test_an_escalation_does_not_start_a_new_chain_either(make_ws):
+    """chip reports every order blocked; the escalation goes to rex, whose outbox sends chip the
+    work again: each escalation started the count afresh, and the two never stopped."""
+    from coordinator import outbox
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh(
+                      'printf "outcome: blocked\\nsummary: cannot\\n" > "$COORD_RESULT"')},
+                  "rex": {"role": "specialist", "sends_to": ["chip"], "command": sh(
+                      'mkdir -p "$COORD_OUTBOX/chip"; printf "objective: Try $COORD_ORDER_ID again\\nacceptance: '
+                      '[a is true, b is true, c is true]\\nfiles: []\\nbranching: [{action: halt-with-note, when: '
+                      'not}]\\n" > "$COORD_OUTBOX/chip/r.yaml"; echo sent')}}, escalate_to="rex")
+    drop(ws, "chip", "o.md", order_md("Start failing", id="o"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60, should_stop=lambda: int(len(sup.records) > 100))
+    recs = Store(ws.state).load_all()
+    assert len(recs) == 2 + outbox.MAX_CHAIN
+    last = max(recs.values(), key=lambda r: r.seq)
+    assert last.to == "rex" and last.children == [] and len(last.report["undelivered"]) == 1
+
+
+def test_show_lists_what_stayed_in_the_outbox(make_ws):
+    """The sender's report said which outbox files were not delivered, but `coordinator show`,
+    what a person reads, said nothing of them."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh('echo x > "$COORD_OUTBOX/notes.txt"; echo ok')}})
+    drop(ws, "chip", "o.md", order_md("Work is done", id="o"))
+    run(ws)
+    out = CliRunner().invoke(cli, ["-w", str(ws.root), "show", "o"])
+    assert out.exit_code == 0, out.output
+    assert "  undelivered: notes.txt: is a .txt file, not a work order" in out.output
+
+
+def test_an_outbox_file_that_cannot_be_read_says_why_not_that_it_names_nobody(make_ws):
+    """A file naming `to: rex` but over the size limit, in UTF-16, or with broken YAML was
+    reported as naming no recipient ("give it `to: <agent>`"): the specialist was told to add
+    what was there, never what was wrong."""
+    order = ('printf "to: rex\\nobjective: Review it\\nacceptance: [a is true, b is true, c is true]\\n'
+             'files: []\\nbranching: [{action: halt-with-note, when: not}]\\n"')
+    writer = sh(f'cd "$COORD_OUTBOX"; {{ {order}; seq -f "# padding line %g" 1 30000; }} > big.yaml; '
+                f'{order} | iconv -t UTF-16 > wide.yaml; {{ {order}; echo "oops: [unclosed"; }} > broken.yaml; '
+                'echo sent')
+    ws = make_ws({"chip": {"role": "specialist", "command": writer, "sends_to": ["rex"]},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    run(ws)
+    lines = [line.split("; kept in ")[0] for line in Store(ws.state).load("o").report["undelivered"]]
+    assert lines[0].startswith("big.yaml: could not be read for its recipient: is over 256 KiB;"), lines
+    assert lines[1].startswith("broken.yaml: could not be read for its recipient: ") and "YAML" in lines[1]
+    assert lines[2].startswith("wide.yaml: could not be read for its recipient: ") and "UTF-8" in lines[2]
+
+
+def test_a_requeue_on_the_request_the_order_was_sent_for_is_a_failed_attempt(make_ws):
+    """walt's request waits for the order it sent chip; chip requeued that order on the request:
+    each waited for the other, and `supervise --once` ended with the request `running` and the
+    order `waiting` for ever. Now it is a failed attempt that says why."""
+    walt = sh('mkdir -p "$COORD_OUTBOX/chip"; printf "objective: Do the code\\nacceptance: [a is true, b is true, '
+              'c is true]\\nfiles: []\\nbranching: [{action: requeue-with-blocker, when: something is missing}]\\n" '
+              '> "$COORD_OUTBOX/chip/c.yaml"; echo delegated')
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], "command": walt},
+                  "chip": {"role": "specialist", "max_failures": 2, "command": sh(
+                      'if grep -q "why the last attempt failed" "$COORD_BRIEF"; then echo did it; exit 0; fi; '
+                      'printf "outcome: requeue-with-blocker\\nsummary: waits\\nblocker: req\\n" > "$COORD_RESULT"')}},
+                 orchestrator="walt")
+    drop(ws, "walt", "r.md", order_md("A request", id="req"))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    [child] = [r for r in recs.values() if r.id != "req"]
+    assert child.status == "done" and child.attempts == 2
+    assert child.failures[0].startswith("requeue-with-blocker: req is a request that ends only after the orders it sent, "
+                                    "and it sent this one")
+    assert recs["req"].status == "done"
+
+
+def test_an_outbox_order_that_waits_on_another_of_the_same_outbox_is_not_rejected(make_ws):
+    """Orders were taken from the outbox by file name: `a.yaml` blocked_by the id that `b.yaml`
+    declares was filed first and rejected ("no order 'first-step'"), though it was there."""
+    review = ('printf "objective: %s\\n%bacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+              'branching: [{action: halt-with-note, when: not}]\\n"')
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
+                      'mkdir "$COORD_OUTBOX/rex"; '
+                      f'{review} "Second step" "blocked_by: [first-step]\\n" > "$COORD_OUTBOX/rex/a.yaml"; '
+                      f'{review} "First step" "id: first-step\\n" > "$COORD_OUTBOX/rex/b.yaml"; echo sent')},
+                  "rex": {"role": "specialist", "command": sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran"')}})
+    drop(ws, "chip", "o.md", order_md("Work is handed on", id="o"))
+    run(ws)
+    from bench.harness import probe_of
+
+    recs = Store(ws.state).load_all()
+    assert all(r.status == "done" for r in recs.values()), {r.id: r.errors for r in recs.values()}
+    [second] = [r for r in recs.values() if r.objective == "Second step"]
+    assert (probe_of(ws) / "ran").read_text().split() == ["first-step", second.id]
+
+
+def test_the_route_of_an_order_with_the_most_references_is_not_rejected(make_ws):
+    """The follow-up of a route references the order it continues: for an order with the most
+    references an order may have (100), that made 101, and the routed work was rejected at
+    intake ("references: has 101 entries; at most 100") and lost."""
+    from coordinator.orders import MAX_IDS
+
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
+                      'printf "outcome: route-to\\nagent: rex\\nsummary: for rex\\n" > "$COORD_RESULT"')},
+                  "rex": {"role": "specialist", "command": sh("echo reviewed")}})
+    earlier = [f"r{i:03d}" for i in range(MAX_IDS)]
+    for ref in earlier:  # rejected at intake (rex may write nothing): quick, and an order all the same
+        drop(ws, "rex", f"{ref}.md", order_md(f"Earlier {ref}", id=ref, files=("webapp/src/x.ts",)))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+        drop(ws, "chip", "o.md", order_md("It goes to rex", id="o", references=earlier,
+                                          branching=("route-to-rex if it is a review",)))
+        sup.run_once(limit=60)
+    recs = Store(ws.state).load_all()
+    assert recs["o"].status == "routed"
+    follow = recs[recs["o"].routed_to]
+    assert follow.status == "done", follow.errors
+    order = Store(ws.state).load_order(follow.id)
+    assert len(order.references) == MAX_IDS and order.references[-1] == "o"
