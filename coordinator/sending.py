@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import durable, orders
-from ._orderfile import flow_kind, too_big
+from ._orderfields import MAX_PROBLEMS, finish
+from ._orderfile import flow_kind, read_order, too_big
 from .errors import NotFoundError, OrderError, Problem, UsageError, WorkspaceError
 from .inboxfiles import is_candidate, printable
 from .intake import NOT_REGULAR, waiting_orders, waits_on
-from .store import History, Store
+from .store import ENDED_UNDONE, History, Store, ended_undone, via_route
 from .workspace import Workspace
 
 RESERVED = "ids"  # .coordinator/ids/: id reservations shared with the supervisor's intake
@@ -106,6 +107,52 @@ def history(ws: Workspace) -> _Sent:
     return _Sent(ws)
 
 
+def load_order(ws: Workspace, data: bytes, *, path: str, to: str | None, sender: str | None, kind: str | None,
+               hist: _Sent) -> orders.WorkOrder:
+    """`orders.load` against the team and `hist`, and one rule more for what is sent or validated
+    by hand: an order may not wait on one that will never be done (it ended rejected, denied or
+    cancelled). Intake blocks such an order at once (`send` said its id, and it never ran); an
+    order dropped into an inbox by hand still gets that treatment. OrderError lists every problem."""
+    order, invalid = None, None
+    try:
+        # A repository repos/ does not have is said now, not by intake after the order was sent.
+        order = orders.load(data, path=path, to=to, config=ws.config, history=hist, sender=sender, kind=kind,
+                            repos=ws.repos)
+    except OrderError as e:
+        invalid = e
+    problems = invalid.problems if invalid else []
+    if len(problems) < MAX_PROBLEMS and any(r.status in ENDED_UNDONE for r in hist.records.values()):
+        dead = _never_done(hist, data, path=path, to=to, sender=sender, kind=kind)
+        if dead:
+            raise OrderError(finish(problems + dead[0], dead[1])) from None
+    if order is None:
+        assert invalid is not None
+        raise invalid
+    return order
+
+
+def _never_done(hist: _Sent, data: bytes, *, path: str, to: str | None, sender: str | None,
+                kind: str | None) -> tuple[list[Problem], dict[str, int]] | None:
+    """A problem for each `blocked_by` entry naming an order that will never be done, with the
+    lines of the file's fields; None when there is none."""
+    try:
+        draft = read_order(data, path=path, to=to, sender=sender, kind=kind)
+    except OrderError:  # refused as a whole file: said already
+        return None
+    named = draft.fields.get("blocked_by")
+    found: list[Problem] = []
+    for i, dep in enumerate(named if isinstance(named, list) else []):
+        end = ended_undone(hist.records, [dep]) if isinstance(dep, str) else None
+        if end is None:
+            continue
+        last = end[1]
+        why = (f"ended {last.status}" if last.status in ENDED_UNDONE
+               else f"is {last.status} on an order that ended undone")
+        found.append(Problem(f"blocked_by.{i}", f"{via_route(dep, last)} {why}: it will never be done, so this "
+                                                "order would wait forever; drop it from blocked_by", path))
+    return (found, draft.lines) if found else None
+
+
 def validate_files(ws: Workspace, files: list[str], *, to: str | None, sender: str | None) -> list[dict[str, Any]]:
     """Each file's verdict: {file, to, valid, readable, checks, problems[, id]}; never raises for
     a bad file. `readable` is false for a file that could not be read (missing, a folder, a
@@ -127,8 +174,8 @@ def validate_files(ws: Workspace, files: list[str], *, to: str | None, sender: s
         hist.itself = None if stdin else path
         try:
             data = read_stdin() if stdin else read_file(path, shown=shown)
-            order = orders.load(data, path=shown, to=recipient, config=ws.config, history=hist, sender=sender,
-                                kind=sniff(data) if stdin else None, repos=ws.repos)
+            order = load_order(ws, data, path=shown, to=recipient, sender=sender,
+                               kind=sniff(data) if stdin else None, hist=hist)
             _inbox_takes_in(ws, order.to)
             entry.update(to=order.to, valid=True, checks=len(order.checks), id=order.id)
         except OrderError as e:
@@ -169,12 +216,7 @@ def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str |
     if sender is not None:
         orders.known_sender(sender, cfg)
 
-    def load() -> orders.WorkOrder:
-        # A repository repos/ does not have is said now, not by intake after the order was sent.
-        return orders.load(data, path=name, to=to, config=cfg, history=history(ws), sender=sender, kind=kind,
-                           repos=ws.repos)
-
-    order = load()
+    order = load_order(ws, data, path=name, to=to, sender=sender, kind=kind, hist=history(ws))
     _inbox_takes_in(ws, order.to)
     suffix = SUFFIXES[kind] if kind else (Path(name).suffix.lower() or ".md")
     reserved, dropped = None, data
@@ -194,7 +236,8 @@ def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str |
             durable.write_bytes(tmp, dropped)
             while not _place(tmp, target):
                 if reserved is None:  # the order's own id, placed by another send since it was validated
-                    load()  # refused now, as a send after that one would be
+                    # Refused now, as a send after that one would be.
+                    load_order(ws, data, path=name, to=to, sender=sender, kind=kind, hist=history(ws))
                 target = _free_name(inbox, f"{order.id}{suffix}")
         finally:
             with contextlib.suppress(OSError):  # a read-only inbox: nothing there to remove

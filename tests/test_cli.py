@@ -871,6 +871,30 @@ def test_an_order_sent_right_after_another_may_wait_for_it_before_any_supervisor
     assert missing.exit_code == 1 and "no order 'zzz' in this workspace" in missing.stderr
 
 
+NEVER_DONE = ("blocked_by.{}: bad ended rejected: it will never be done, so this order would wait forever; "
+              "drop it from blocked_by")
+
+
+def test_send_and_validate_refuse_an_order_waiting_on_one_that_ended_rejected(ws: Path) -> None:
+    # Validate said ok, send printed an id, and intake then blocked the order at once: it never ran.
+    (ws / "inbox" / "chip" / "bad.md").write_text("---\nid: bad\n---\n**Objective:** x\n")
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    assert statuses(ws) == {"bad": "rejected"}
+    waits = order("The footer exists", blocked_by=["bad"])
+    checked = run("-w", ws, "validate", "-", "--to", "chip", input=waits)
+    assert (checked.exit_code, checked.stderr) == (1, f"<stdin>:3: {NEVER_DONE.format(0)}\n")
+    (ws / "waits.md").write_text(waits)
+    sent = run("-w", ws, "send", ws / "waits.md", "--to", "chip")
+    assert (sent.exit_code, sent.stdout, sent.stderr) == (1, "", f"waits.md:3: {NEVER_DONE.format(0)}\n")
+    assert inbox_entries(ws, "chip") == []
+    as_json = json.loads(run("-w", ws, "validate", ws / "waits.md", "--to", "chip", "--json").stdout)
+    assert [p["field"] for p in as_json["files"][0]["problems"]] == ["blocked_by.0"]
+    # Dropped into an inbox by hand, it is taken in and blocked, as before.
+    shutil.move(ws / "waits.md", ws / "inbox" / "chip" / "waits.md")
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    assert statuses(ws) == {"bad": "rejected", "WO-0001": "blocked"}
+
+
 def test_send_never_assigns_an_id_an_order_waiting_in_an_inbox_names_for_itself(ws: Path) -> None:
     (ws / "inbox" / "chip" / "x.md").write_text(order("The greeting exists", id="WO-0001"))
     (ws / "inbox" / "rex" / "j.json").write_text(json.dumps({"id": "WO-0002", "objective": "x"}))
