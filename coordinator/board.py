@@ -12,12 +12,14 @@ Example:
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from typing import Any
 
 from . import budget, signals
 from .errors import NotFoundError, StateError
-from .inboxfiles import printable
+from .inboxfiles import is_candidate, printable
 from .store import STATUSES, Record, RecordCache, Store, dependency_done, route_end, via_route
 from .workspace import Workspace
 
@@ -26,6 +28,9 @@ COLOURS = {"queued": "cyan", "waiting": "yellow", "running": "blue", "done": "gr
            "denied": "red", "cancelled": "white"}
 ACTIVE = ("queued", "waiting", "running")
 ENDED_SHOWN = 8  # ended orders shown per column; the count says how many there are
+LEFTOVER_AFTER = 300.0  # seconds: a download or an editor's file younger than this may still be in use
+LEFTOVERS_NAMED = 3     # leftovers named per inbox; the count says how many there are
+LEFTOVER_NAME = 48      # characters of a leftover's name shown
 
 
 def records(ws: Workspace, cache: RecordCache | None = None) -> list[Record]:
@@ -52,6 +57,51 @@ def inboxes(ws: Workspace) -> dict[str, int]:
     from .inboxfiles import scan
 
     return {agent: len(scan(ws.inbox(agent))) for agent in ws.config.agents}
+
+
+def leftovers(ws: Workspace, *, now: float | None = None) -> list[str]:
+    """A line for each agent's inbox holding what is never taken in, though it sat there for
+    LEFTOVER_AFTER: an unfinished download (`b.md.crdownload`), an editor's file (`b.md~`), a
+    folder. Dot-files are left unsaid (files being written, or a system's own)."""
+    now = time.time() if now is None else now
+    lines = []
+    for agent in ws.config.agents:
+        found: list[tuple[float, str]] = []
+        try:
+            entries = list(os.scandir(ws.inbox(agent)))
+        except OSError:  # missing, not a folder, not ours to read: said elsewhere
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if is_candidate(entry.name) and (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
+                    continue  # taken in (or, a link, refused with a reason on the board)
+                st = entry.stat(follow_symlinks=False)
+            except OSError:  # gone since the listing
+                continue
+            if now - st.st_mtime < LEFTOVER_AFTER:
+                continue
+            name = printable(entry.name)
+            name = name if len(name) <= LEFTOVER_NAME else name[:LEFTOVER_NAME - 1] + "…"
+            found.append((st.st_mtime, f"{name}{'/' if entry.is_dir(follow_symlinks=False) else ''} "
+                                       f"({_age(now - st.st_mtime)})"))
+        if not found:
+            continue
+        found.sort()
+        named = ", ".join(text for _, text in found[:LEFTOVERS_NAMED])
+        more = f" and {len(found) - LEFTOVERS_NAMED} more" if len(found) > LEFTOVERS_NAMED else ""
+        lines.append(f"inbox/{agent}: {len(found)} file(s) never taken in: {named}{more} (partial downloads, "
+                     "editor files and folders are skipped)")
+    return lines
+
+
+def _age(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
 
 
 def supervisor(ws: Workspace) -> dict[str, Any]:
@@ -159,6 +209,7 @@ def render(ws: Workspace, *, colour: bool = False, width: int | None = None,
         lines.append(f"inboxes: {sum(arrived.values())} file(s) not taken in yet "
                      f"({', '.join(f'{agent} {n}' for agent, n in arrived.items())})"
                      + ("" if sup["running"] else " — `coordinator supervise` takes them in"))
+    lines += leftovers(ws)
     stale = [r for r in by_status["running"] if r.stale]
     if stale:
         lines.append(f"stale: {', '.join(r.id for r in stale)} (no output or heartbeat)")

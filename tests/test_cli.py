@@ -1048,6 +1048,31 @@ def test_board_counts_what_waits_in_the_inboxes_before_a_supervisor_files_it(ws:
     assert "inboxes:" not in board and board.startswith("2 order(s): ")
 
 
+def test_board_names_what_sits_in_an_inbox_and_is_never_taken_in(ws: Path) -> None:
+    """A partial download, an editor's file or a folder dropped into an inbox never arrives:
+    the board said nothing, and the user waited for an order that was never coming."""
+    inbox = ws / "inbox" / "chip"
+    hours_ago = time.time() - 3 * 3600
+    for minutes, name in enumerate(("b.md.part", "notes.swp", "fix.md~", "fix.md.crdownload")):
+        (inbox / name).write_text(order("The footer exists"))
+        os.utime(inbox / name, (hours_ago, hours_ago - 60 * minutes))  # named oldest first
+    (ws / "inbox" / "rex" / "drafts").mkdir()
+    os.utime(ws / "inbox" / "rex" / "drafts", (hours_ago, hours_ago - 2 * 86400))
+    (inbox / "new.md.part").write_text("still downloading")  # a minute old at most: may still be in use
+    (inbox / ".hidden.md").write_text("a dot-file")
+    lines = run("-w", ws, "board").stdout.splitlines()
+    assert lines[2:4] == [
+        "inbox/chip: 4 file(s) never taken in: fix.md.crdownload (3 h), fix.md~ (3 h), notes.swp (3 h) and 1 more "
+        "(partial downloads, editor files and folders are skipped)",
+        "inbox/rex: 1 file(s) never taken in: drafts/ (2 days) (partial downloads, editor files and folders are "
+        "skipped)"]
+    assert "new.md.part" not in run("-w", ws, "board").stdout
+    # A file that will be taken in is counted as before, and named in no such line.
+    run("-w", ws, "send", "-", "--to", "chip", input=order("The header exists"))
+    board = run("-w", ws, "board").stdout
+    assert "inboxes: 1 file(s) not taken in yet (chip 1)" in board and "WO-0001" not in board
+
+
 def test_board_shows_records_a_hand_edit_left_odd_without_failing(ws: Path) -> None:
     """`board` is where a user looks when something is wrong: a record whose report has an odd
     shape (edited by hand, from an older version) is shown, never a traceback."""
