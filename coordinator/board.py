@@ -62,7 +62,8 @@ def inboxes(ws: Workspace) -> dict[str, int]:
 def leftovers(ws: Workspace, *, now: float | None = None) -> list[str]:
     """A line for each agent's inbox holding what is never taken in, though it sat there for
     LEFTOVER_AFTER: an unfinished download (`b.md.crdownload`), an editor's file (`b.md~`), a
-    folder. Dot-files are left unsaid (files being written, or a system's own)."""
+    folder; then the folders of inbox/ no agent has that hold files (`_strays`). Dot-files are
+    left unsaid (files being written, or a system's own)."""
     now = time.time() if now is None else now
     lines = []
     for agent in ws.config.agents:
@@ -93,6 +94,31 @@ def leftovers(ws: Workspace, *, now: float | None = None) -> list[str]:
         more = f" and {len(found) - LEFTOVERS_NAMED} more" if len(found) > LEFTOVERS_NAMED else ""
         lines.append(f"inbox/{agent}: {len(found)} file(s) never taken in: {named}{more} (partial downloads, "
                      "editor files and folders are skipped)")
+    return lines + _strays(ws)
+
+
+def _strays(ws: Workspace) -> list[str]:
+    """A line for each folder of inbox/ that is no agent's inbox and holds something: a typo
+    (`inbox/Chip/`) or an agent since removed from coordinator.yaml. Nothing in it is taken in."""
+    lines = []
+    try:
+        folders = sorted((e for e in os.scandir(ws.inbox_root)
+                          if not e.name.startswith(".") and e.name not in ws.config.agents
+                          and e.is_dir(follow_symlinks=False)), key=lambda e: e.name)
+    except OSError:
+        return []
+    for folder in folders:
+        try:
+            held = sum(1 for e in os.scandir(folder.path) if not e.name.startswith("."))
+        except OSError:
+            continue
+        if held:
+            lines.append(f"inbox/{printable(folder.name)[:LEFTOVER_NAME]}/: {held} file(s) never taken in: no "
+                         f"agent in coordinator.yaml has this inbox (the agents: "
+                         f"{', '.join(sorted(ws.config.agents))})")
+    if len(lines) > LEFTOVERS_NAMED:
+        lines[LEFTOVERS_NAMED:] = [f"inbox/: {len(lines) - LEFTOVERS_NAMED} more folder(s) of no agent hold files "
+                                   "never taken in"]
     return lines
 
 

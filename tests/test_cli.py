@@ -1073,6 +1073,23 @@ def test_board_names_what_sits_in_an_inbox_and_is_never_taken_in(ws: Path) -> No
     assert "inboxes: 1 file(s) not taken in yet (chip 1)" in board and "WO-0001" not in board
 
 
+def test_board_names_an_inbox_folder_no_agent_has_when_files_sit_in_it(ws: Path) -> None:
+    """`cp fix.md inbox/Chip/`: the order never arrived, and the board said nothing of why."""
+    (ws / "inbox" / "Chip").mkdir()
+    (ws / "inbox" / "Chip" / "fix.md").write_text(order("The footer exists"))
+    (ws / "inbox" / "old").mkdir()  # empty: nothing lost there, nothing said
+    lines = run("-w", ws, "board").stdout.splitlines()
+    assert lines[2] == ("inbox/Chip/: 1 file(s) never taken in: no agent in coordinator.yaml has this inbox "
+                        "(the agents: chip, rex, walt)")
+    assert "inbox/old/" not in run("-w", ws, "board").stdout
+    for n in range(5):
+        (ws / "inbox" / f"x{n}").mkdir()
+        (ws / "inbox" / f"x{n}" / "a.md").write_text("x")
+    lines = run("-w", ws, "board").stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[2:6]] == ["inbox/Chip/", "inbox/x0/", "inbox/x1/", "inbox/"]
+    assert lines[5] == "inbox/: 3 more folder(s) of no agent hold files never taken in"
+
+
 def test_board_shows_records_a_hand_edit_left_odd_without_failing(ws: Path) -> None:
     """`board` is where a user looks when something is wrong: a record whose report has an odd
     shape (edited by hand, from an older version) is shown, never a traceback."""
