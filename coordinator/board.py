@@ -62,11 +62,15 @@ def inboxes(ws: Workspace) -> dict[str, int]:
 def leftovers(ws: Workspace, *, now: float | None = None) -> list[str]:
     """A line for each agent's inbox holding what is never taken in, though it sat there for
     LEFTOVER_AFTER: an unfinished download (`b.md.crdownload`), an editor's file (`b.md~`), a
-    folder; then the folders of inbox/ no agent has that hold files (`_strays`). Dot-files are
-    left unsaid (files being written, or a system's own)."""
+    folder; an inbox that is a symbolic link; then the folders of inbox/ no agent has that hold
+    files (`_strays`). Dot-files are left unsaid (files being written, or a system's own)."""
     now = time.time() if now is None else now
     lines = []
     for agent in ws.config.agents:
+        if ws.inbox_is_link(agent):  # an order dropped through it would wait there for ever
+            lines.append(f"inbox/{agent} is a symbolic link: nothing in it is taken in (never through a link); "
+                         "replace it with a folder")
+            continue
         found: list[tuple[float, str]] = []
         try:
             entries = list(os.scandir(ws.inbox(agent)))

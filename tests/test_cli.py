@@ -1090,6 +1090,18 @@ def test_board_names_an_inbox_folder_no_agent_has_when_files_sit_in_it(ws: Path)
     assert lines[5] == "inbox/: 3 more folder(s) of no agent hold files never taken in"
 
 
+def test_board_says_an_inbox_that_is_a_symbolic_link_takes_nothing_in(ws: Path, tmp_path: Path) -> None:
+    """An inbox replaced by a link (to a synced folder, say): what is dropped there never
+    arrives, and the board invited the user to drop orders into it."""
+    shutil.rmtree(ws / "inbox" / "chip")
+    (tmp_path / "synced").mkdir()
+    (ws / "inbox" / "chip").symlink_to(tmp_path / "synced")
+    (tmp_path / "synced" / "fix.md").write_text(order("The footer exists"))
+    lines = run("-w", ws, "board").stdout.splitlines()
+    assert lines[2] == ("inbox/chip is a symbolic link: nothing in it is taken in (never through a link); "
+                        "replace it with a folder")
+
+
 def test_board_shows_records_a_hand_edit_left_odd_without_failing(ws: Path) -> None:
     """`board` is where a user looks when something is wrong: a record whose report has an odd
     shape (edited by hand, from an older version) is shown, never a traceback."""
