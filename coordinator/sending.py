@@ -259,13 +259,18 @@ def sniff(data: bytes) -> str:
     return "markdown" if _MD_LABEL.search(text) else "yaml"
 
 
-def pending_file(ws: Workspace, order_id: str) -> Path | None:
-    """A file named after `order_id` still waiting in some inbox (not yet taken in)."""
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        for agent_dir in os.scandir(ws.inbox_root):
-            if not agent_dir.is_dir(follow_symlinks=False):
-                continue
-            for entry in os.scandir(agent_dir.path):
+def pending_file(ws: Workspace, order_id: str, *, anywhere: bool = False) -> Path | None:
+    """A file named after `order_id` still waiting in an agent's inbox (not yet taken in). With
+    `anywhere`, also in a folder of inbox/ that is no agent's inbox (where it is never taken in)."""
+    folders: list[str] = []
+    if anywhere:
+        with contextlib.suppress(OSError):
+            folders = [e.name for e in os.scandir(ws.inbox_root) if e.is_dir(follow_symlinks=False)]
+    else:  # an inbox of no agent, or one that is a link, is never taken in from
+        folders = [a for a in ws.config.agents if not ws.inbox_is_link(a)]
+    for folder in folders:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for entry in os.scandir(ws.inbox(folder)):
                 if is_candidate(entry.name) and os.path.splitext(entry.name)[0] == order_id:
                     return Path(entry.path)
     return None
@@ -277,9 +282,14 @@ def explain_missing(ws: Workspace, order_id: str) -> Iterator[None]:
     try:
         yield
     except NotFoundError:
-        waiting = pending_file(ws, order_id)
+        waiting = pending_file(ws, order_id, anywhere=True)
         if waiting is None:
             raise
+        agent = waiting.parent.name
+        if agent not in ws.config.agents:
+            raise NotFoundError(f"{order_id} is in {ws.rel(waiting)}, but no agent in coordinator.yaml has that "
+                                f"inbox, so it is never taken in: move it into the inbox of one of "
+                                f"{', '.join(sorted(ws.config.agents))}") from None
         raise NotFoundError(f"{order_id} is still in {ws.rel(waiting)}, not yet taken in; start "
                             "`coordinator supervise` (or delete the file to withdraw it)") from None
 

@@ -1347,6 +1347,21 @@ def test_a_sent_order_not_yet_taken_in_is_explained(ws: Path) -> None:
                                  "start `coordinator supervise` (or delete the file to withdraw it)\n")
 
 
+def test_an_order_in_a_folder_of_no_agent_is_said_never_to_be_taken_in(ws: Path) -> None:
+    """`cp fix.md inbox/Chip/WO-0042.md`: show said "start `coordinator supervise`", which never
+    takes it in, and an order waiting on it passed validate and send, then was rejected."""
+    (ws / "inbox" / "Chip").mkdir()
+    (ws / "inbox" / "Chip" / "WO-0042.md").write_text(order("The footer exists", id="WO-0042"))
+    for command in ("show", "cancel", "log"):
+        result = run("-w", ws, command, "WO-0042")
+        assert (result.exit_code, result.stderr) == (
+            1, "coordinator: WO-0042 is in inbox/Chip/WO-0042.md, but no agent in coordinator.yaml has that inbox, "
+               "so it is never taken in: move it into the inbox of one of chip, rex, walt\n")
+    waits = run("-w", ws, "send", "-", "--to", "chip", input=order("The header exists", blocked_by=["WO-0042"]))
+    assert (waits.exit_code, waits.stdout) == (1, "")
+    assert "blocked_by.0: no order 'WO-0042' in this workspace" in waits.stderr
+
+
 # -- cancel and retry ------------------------------------------------------------------------------------
 def test_cancel_and_retry_with_no_supervisor_running(ws: Path) -> None:
     run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting already exists in the webapp"))
