@@ -290,6 +290,12 @@ def explain_missing(ws: Workspace, order_id: str) -> Iterator[None]:
             raise NotFoundError(f"{order_id} is in {ws.rel(waiting)}, but no agent in coordinator.yaml has that "
                                 f"inbox, so it is never taken in: move it into the inbox of one of "
                                 f"{', '.join(sorted(ws.config.agents))}") from None
+        from .control import supervisor_running
+
+        if supervisor_running(ws):
+            raise NotFoundError(f"{order_id} is still in {ws.rel(waiting)}, not yet taken in; the running "
+                                "supervisor takes it in once nothing writes it any more (or delete the file to "
+                                "withdraw it)") from None
         raise NotFoundError(f"{order_id} is still in {ws.rel(waiting)}, not yet taken in; start "
                             "`coordinator supervise` (or delete the file to withdraw it)") from None
 

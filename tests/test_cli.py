@@ -1362,6 +1362,18 @@ def test_an_order_in_a_folder_of_no_agent_is_said_never_to_be_taken_in(ws: Path)
     assert "blocked_by.0: no order 'WO-0042' in this workspace" in waits.stderr
 
 
+def test_an_order_still_being_written_beside_a_running_supervisor_is_explained(
+        ws: Path, supervisor: subprocess.Popen[str]) -> None:
+    """"start `coordinator supervise`" was said with one running: it takes the file in once written."""
+    with open(ws / "inbox" / "chip" / "WO-0007.md", "w") as writing:
+        writing.write(order("The footer exists"))
+        writing.flush()
+        result = run("-w", ws, "show", "WO-0007")
+    assert (result.exit_code, result.stderr) == (
+        1, "coordinator: WO-0007 is still in inbox/chip/WO-0007.md, not yet taken in; the running supervisor takes "
+           "it in once nothing writes it any more (or delete the file to withdraw it)\n")
+
+
 # -- cancel and retry ------------------------------------------------------------------------------------
 def test_cancel_and_retry_with_no_supervisor_running(ws: Path) -> None:
     run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting already exists in the webapp"))
