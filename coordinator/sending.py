@@ -173,6 +173,8 @@ def validate_files(ws: Workspace, files: list[str], *, to: str | None, sender: s
                                  "problems": []}
         hist.itself = None if stdin else path
         try:
+            if stdin and files.index("-") < len(report):  # read to its end by the first: "is empty"
+                raise UsageError(f"{STDIN}: - is named more than once; standard input holds one order")
             data = read_stdin() if stdin else read_file(path, shown=shown)
             order = load_order(ws, data, path=shown, to=recipient, sender=sender,
                                kind=sniff(data) if stdin else None, hist=hist)

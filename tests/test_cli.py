@@ -875,6 +875,13 @@ NEVER_DONE = ("blocked_by.{}: bad ended rejected: it will never be done, so this
               "drop it from blocked_by")
 
 
+def test_validate_of_stdin_named_twice_says_so_not_that_it_is_empty(ws: Path) -> None:
+    checked = run("-w", ws, "validate", "-", "-", "--to", "chip", input=order("The footer exists"))
+    assert (checked.exit_code, checked.stdout, checked.stderr) == (
+        2, "<stdin>: ok (to chip, 1 check(s))\n",
+        "coordinator: <stdin>: - is named more than once; standard input holds one order\n")
+
+
 def test_send_and_validate_refuse_an_order_waiting_on_one_that_ended_rejected(ws: Path) -> None:
     # Validate said ok, send printed an id, and intake then blocked the order at once: it never ran.
     (ws / "inbox" / "chip" / "bad.md").write_text("---\nid: bad\n---\n**Objective:** x\n")
