@@ -463,7 +463,11 @@ def gc(ws: Workspace, days: float) -> tuple[list[str], list[str]]:
             try:
                 durable.remove_tree(folder)
             except OSError as e:
-                raise WorkspaceError(f"cannot remove {folder}: {e.strerror or e}; remove it by hand") from None
+                if e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):  # no hand could: said as such
+                    raise
+                said = e.strerror or str(e)  # remove_tree's names the file it stopped at
+                said = said if said.startswith("cannot ") else f"cannot remove {folder}: {said}"
+                raise WorkspaceError(f"{said}; remove it by hand") from None
         cleared.append(rec.id)
     return copies, cleared
 

@@ -1400,6 +1400,21 @@ def test_cancel_and_retry_with_no_supervisor_running(ws: Path) -> None:
     assert run("-w", ws, "retry", "WO-9999").exit_code == 1
 
 
+def test_gc_on_a_read_only_workspace_says_so_and_not_to_remove_files_by_hand(ws: Path) -> None:
+    """It said "cannot remove X: cannot remove X/1/result.yaml: Read-only file system; remove it
+    by hand": the path twice, and advice no hand could follow."""
+    run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting already exists in the webapp"))
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    runtime = ws / ".coordinator"
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && exec "$2" -w "$3" gc --days 0'
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(runtime), COORDINATOR, str(ws)],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (2, "coordinator: read-only file system: the workspace must be "
+                                                 "writable; remount it read-write or use a workspace on a writable "
+                                                 "disk\n")
+    assert (runtime / "attempts" / "WO-0001").is_dir()
+
+
 def test_gc_clears_the_attempt_folders_and_logs_of_ended_orders_only(ws: Path) -> None:
     # Every order left its attempt folder (brief, order, outbox, scratch) and its log in
     # .coordinator/ for good: some seven folders and files an order, overnight.
