@@ -59,11 +59,12 @@ def inboxes(ws: Workspace) -> dict[str, int]:
     return {agent: len(scan(ws.inbox(agent))) for agent in ws.config.agents}
 
 
-def leftovers(ws: Workspace, *, now: float | None = None) -> list[str]:
+def leftovers(ws: Workspace, *, now: float | None = None, ages: bool = True) -> list[str]:
     """A line for each agent's inbox holding what is never taken in, though it sat there for
     LEFTOVER_AFTER: an unfinished download (`b.md.crdownload`), an editor's file (`b.md~`), a
     folder; an inbox that is a symbolic link; then the folders of inbox/ no agent has that hold
-    files (`_strays`). Dot-files are left unsaid (files being written, or a system's own)."""
+    files (`_strays`). Dot-files are left unsaid (files being written, or a system's own).
+    `ages=False` leaves out how long each has sat there (a watch adds a board only on a change)."""
     now = time.time() if now is None else now
     lines = []
     for agent in ws.config.agents:
@@ -89,8 +90,8 @@ def leftovers(ws: Workspace, *, now: float | None = None) -> list[str]:
                 continue
             name = printable(entry.name)
             name = name if len(name) <= LEFTOVER_NAME else name[:LEFTOVER_NAME - 1] + "…"
-            found.append((st.st_mtime, f"{name}{'/' if entry.is_dir(follow_symlinks=False) else ''} "
-                                       f"({_age(now - st.st_mtime)})"))
+            age = f" ({_age(now - st.st_mtime)})" if ages else ""
+            found.append((st.st_mtime, f"{name}{'/' if entry.is_dir(follow_symlinks=False) else ''}{age}"))
         if not found:
             continue
         found.sort()
@@ -211,7 +212,7 @@ def _awaited(order_id: str, records: dict[str, Record]) -> str:
 
 
 def render(ws: Workspace, *, colour: bool = False, width: int | None = None,
-           cache: RecordCache | None = None) -> str:
+           cache: RecordCache | None = None, ages: bool = True) -> str:
     import click
 
     recs = records(ws, cache)
@@ -239,7 +240,7 @@ def render(ws: Workspace, *, colour: bool = False, width: int | None = None,
         lines.append(f"inboxes: {sum(arrived.values())} file(s) not taken in yet "
                      f"({', '.join(f'{agent} {n}' for agent, n in arrived.items())})"
                      + ("" if sup["running"] else " — `coordinator supervise` takes them in"))
-    lines += leftovers(ws)
+    lines += leftovers(ws, ages=ages)
     stale = [r for r in by_status["running"] if r.stale]
     if stale:
         lines.append(f"stale: {', '.join(r.id for r in stale)} (no output or heartbeat)")

@@ -187,7 +187,8 @@ def board(c: Context, as_json: bool, watch: bool) -> None:
             if drawn % 60 == 0:
                 cache = RecordCache()  # a full read each minute, whatever a file's times say
             drawn += 1
-            text = b.render(c.ws, colour=colour, cache=cache)
+            # Not redrawn, a board is added on a change: not each minute a leftover's age goes up.
+            text = b.render(c.ws, colour=colour, cache=cache, ages=redraw)
             if redraw:
                 click.clear()
                 click.echo(text)

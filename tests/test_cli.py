@@ -1182,6 +1182,22 @@ def test_board_watch_into_a_file_adds_a_board_only_when_it_changed(ws: Path, tmp
     assert len(re.findall(r"^--- \d{4}-\d\d-\d\d \d\d:\d\d:\d\d ---$", text, re.MULTILINE)) == 1
 
 
+@pytest.mark.slow
+def test_board_watch_into_a_file_adds_no_board_as_a_leftover_in_an_inbox_ages(ws: Path, tmp_path: Path) -> None:
+    """A file never taken in is named by the board: its age going from 9 to 10 min is no change."""
+    left = ws / "inbox" / "chip" / "fix.md.part"
+    left.write_text("half a download")
+    then = time.time() - 568  # "9 min" now, "10 min" within two seconds
+    os.utime(left, (then, then))
+    out = tmp_path / "board.log"
+    with board_watched_into(ws, out):
+        wait_for(lambda: "budget:" in out.read_text(), "the first board")
+        time.sleep(3.5)
+    text = out.read_text()
+    assert text.count("budget:") == 1
+    assert "inbox/chip: 1 file(s) never taken in: fix.md.part (partial downloads" in text
+
+
 def test_board_watch_redraws_when_an_order_changes_status_or_goes(ws: Path, tmp_path: Path) -> None:
     for objective in ("The greeting already exists in the webapp", "The footer already exists in the webapp"):
         assert run("-w", ws, "send", "-", "--to", "chip", input=order(objective)).exit_code == 0
