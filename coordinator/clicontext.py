@@ -157,6 +157,14 @@ def submit(c: Context, action: str, args: dict[str, Any]) -> dict[str, Any]:
     """A request to the supervisor (or served here when none runs); what it found on the way
     (a hand edit it put back) is said on stderr."""
     from . import control
+    from .board import supervisor
+    from .errors import SupervisorError
+
+    sup = supervisor(c.ws)
+    if sup.get("stopped"):  # it answers nothing until resumed: said now, not after the 15 s a request waits
+        raise SupervisorError(f"the supervisor (pid {sup['pid']}) is stopped (suspended: Ctrl-Z?), so nothing was "
+                              f"done; resume it (`fg` in its terminal, or `kill -CONT {sup['pid']}`) and run this "
+                              "again")
 
     drift = control.config_drift(c.ws)
     if drift:  # what it answers comes from its own team, not from the file as it is now
