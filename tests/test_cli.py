@@ -1310,6 +1310,18 @@ def test_output_into_a_full_device_says_so_not_the_state_advice(worked: Path, ar
     assert (done.returncode, done.stderr) == (2, "coordinator: cannot write the output: No space left on device\n")
 
 
+def test_send_into_a_full_device_says_the_order_was_sent(ws: Path) -> None:
+    """`coordinator send fix.md > /dev/full` said only "cannot write the output": the order looked
+    unsent, and sending it again filed it twice."""
+    (ws / "fix.md").write_text(order("The footer exists"))
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([COORDINATOR, "-w", str(ws), "send", str(ws / "fix.md"), "--to", "chip"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=30)
+    assert (done.returncode, done.stderr) == (2, "coordinator: WO-0001 was sent, but its id could not be written to "
+                                                 "the output (No space left on device): do not send it again\n")
+    assert inbox_entries(ws, "chip") == ["WO-0001.md"]
+
+
 def test_a_watch_into_a_pipe_stops_when_the_reader_goes_though_the_board_never_changes(worked: Path) -> None:
     """`coordinator board --watch | head -1`: a board is added only when it changed, so no write
     ever met the closed pipe and the watch went on forever."""
