@@ -7,6 +7,7 @@ the supervisor (`submit`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from typing import Any
 import click
 
 from .budget import MAX_TOKENS_ADDED
+from .errors import UsageError
 from .workspace import Workspace
 
 
@@ -147,6 +149,23 @@ def reader_gone() -> bool:
     poller = select.poll()
     poller.register(fd, 0)  # errors and hang-ups are reported whatever is asked for
     return any(events & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, events in poller.poll(0))
+
+
+def echo_done(text: str, *, done: str, again: str) -> None:
+    """Print `text`, the outcome of a change made (`done` says it in words). Output that cannot be
+    written (`> /dev/full`) is a usage error that says the change was made: said as "cannot write
+    the output" alone, it looked undone, and was made again (an order sent twice)."""
+    try:
+        click.echo(text)
+        if sys.stdout is not None:  # none at all: `>&-`
+            sys.stdout.flush()
+    except OSError as e:
+        if e.errno == errno.EPIPE:  # the reader went away on purpose: said nowhere, as for every command
+            raise
+        with contextlib.suppress(OSError, ValueError):  # what is still buffered would fail again at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise UsageError(f"{done}, but that could not be written to the output ({e.strerror}): do not {again}") \
+            from None
 
 
 def emit_json(data: Any) -> None:

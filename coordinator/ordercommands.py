@@ -5,16 +5,11 @@ one library function (`orders`, `sending`, `board`, `control`) and prints.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
-import sys
 from pathlib import Path
 
 import click
 
-from .clicontext import Command, Context, emit_json, pass_ctx, stdin_hint, submit
-from .errors import UsageError
+from .clicontext import Command, Context, echo_done, emit_json, pass_ctx, stdin_hint, submit
 
 
 @click.command(cls=Command)
@@ -101,18 +96,8 @@ def send(c: Context, file: str, to: str | None, sender: str | None) -> None:
         sending.refuse_inbox_file(c.ws, path, shown=shown)
         data = sending.read_file(path, shown=shown)
         order_id = sending.send(c.ws, data, name=shown, to=to, sender=sender)
-    try:
-        click.echo(order_id)
-        if sys.stdout is not None:  # none at all: `send fix.md >&-`
-            sys.stdout.flush()
-    except OSError as e:
-        if e.errno == errno.EPIPE:  # the reader went away on purpose: said nowhere, as for every command
-            raise
-        with contextlib.suppress(OSError, ValueError):  # what is still buffered would fail again at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        # Said as "cannot write the output" alone, the order looked unsent, and was sent again.
-        raise UsageError(f"{order_id} was sent, but its id could not be written to the output ({e.strerror}): "
-                         "do not send it again") from None
+    # Said as "cannot write the output" alone, the order looked unsent, and was sent again.
+    echo_done(order_id, done=f"{order_id} was sent", again="send it again")
 
 
 @click.command(cls=Command)

@@ -1317,9 +1317,20 @@ def test_send_into_a_full_device_says_the_order_was_sent(ws: Path) -> None:
     with open("/dev/full", "w") as full:
         done = subprocess.run([COORDINATOR, "-w", str(ws), "send", str(ws / "fix.md"), "--to", "chip"], stdout=full,
                               stderr=subprocess.PIPE, text=True, timeout=30)
-    assert (done.returncode, done.stderr) == (2, "coordinator: WO-0001 was sent, but its id could not be written to "
+    assert (done.returncode, done.stderr) == (2, "coordinator: WO-0001 was sent, but that could not be written to "
                                                  "the output (No space left on device): do not send it again\n")
     assert inbox_entries(ws, "chip") == ["WO-0001.md"]
+
+
+def test_budget_add_into_a_full_device_says_the_tokens_were_added(ws: Path) -> None:
+    """Said as "cannot write the output" alone, the tokens looked unadded, and were added twice."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([COORDINATOR, "-w", str(ws), "budget", "add", "1,500"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=30)
+    assert (done.returncode, done.stderr) == (2, "coordinator: 1,500 hot tokens were added, but that could not be "
+                                                 "written to the output (No space left on device): do not add them "
+                                                 "again\n")
+    assert json.loads(run("-w", ws, "budget", "--json").stdout)["hot_tokens"] == 1500
 
 
 def test_a_watch_into_a_pipe_stops_when_the_reader_goes_though_the_board_never_changes(worked: Path) -> None:
