@@ -12,12 +12,14 @@ Example:
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from typing import Any
 
 from . import budget, signals
 from .errors import NotFoundError, StateError
-from .inboxfiles import printable
+from .inboxfiles import is_candidate, printable
 from .store import STATUSES, Record, RecordCache, Store, dependency_done, route_end, via_route
 from .workspace import Workspace
 
@@ -26,6 +28,9 @@ COLOURS = {"queued": "cyan", "waiting": "yellow", "running": "blue", "done": "gr
            "denied": "red", "cancelled": "white"}
 ACTIVE = ("queued", "waiting", "running")
 ENDED_SHOWN = 8  # ended orders shown per column; the count says how many there are
+LEFTOVER_AFTER = 300.0  # seconds: a download or an editor's file younger than this may still be in use
+LEFTOVERS_NAMED = 3     # leftovers named per inbox; the count says how many there are
+LEFTOVER_NAME = 48      # characters of a leftover's name shown
 
 
 def records(ws: Workspace, cache: RecordCache | None = None) -> list[Record]:
@@ -52,6 +57,82 @@ def inboxes(ws: Workspace) -> dict[str, int]:
     from .inboxfiles import scan
 
     return {agent: len(scan(ws.inbox(agent))) for agent in ws.config.agents}
+
+
+def leftovers(ws: Workspace, *, now: float | None = None, ages: bool = True) -> list[str]:
+    """A line for each agent's inbox holding what is never taken in, though it sat there for
+    LEFTOVER_AFTER: an unfinished download (`b.md.crdownload`), an editor's file (`b.md~`), a
+    folder; an inbox that is a symbolic link; then the folders of inbox/ no agent has that hold
+    files (`_strays`). Dot-files are left unsaid (files being written, or a system's own).
+    `ages=False` leaves out how long each has sat there (a watch adds a board only on a change)."""
+    now = time.time() if now is None else now
+    lines = []
+    for agent in ws.config.agents:
+        if ws.inbox_is_link(agent):  # an order dropped through it would wait there for ever
+            lines.append(f"inbox/{agent} is a symbolic link: nothing in it is taken in (never through a link); "
+                         "replace it with a folder")
+            continue
+        found: list[tuple[float, str]] = []
+        try:
+            entries = list(os.scandir(ws.inbox(agent)))
+        except OSError:  # missing, not a folder, not ours to read: said elsewhere
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if is_candidate(entry.name) and (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
+                    continue  # taken in (or, a link, refused with a reason on the board)
+                st = entry.stat(follow_symlinks=False)
+            except OSError:  # gone since the listing
+                continue
+            if now - st.st_mtime < LEFTOVER_AFTER:
+                continue
+            name = printable(entry.name)
+            name = name if len(name) <= LEFTOVER_NAME else name[:LEFTOVER_NAME - 1] + "…"
+            age = f" ({_age(now - st.st_mtime)})" if ages else ""
+            found.append((st.st_mtime, f"{name}{'/' if entry.is_dir(follow_symlinks=False) else ''}{age}"))
+        if not found:
+            continue
+        found.sort()
+        named = ", ".join(text for _, text in found[:LEFTOVERS_NAMED])
+        more = f" and {len(found) - LEFTOVERS_NAMED} more" if len(found) > LEFTOVERS_NAMED else ""
+        lines.append(f"inbox/{agent}: {len(found)} file(s) never taken in: {named}{more} (partial downloads, "
+                     "editor files and folders are skipped)")
+    return lines + _strays(ws)
+
+
+def _strays(ws: Workspace) -> list[str]:
+    """A line for each folder of inbox/ that is no agent's inbox and holds something: a typo
+    (`inbox/Chip/`) or an agent since removed from coordinator.yaml. Nothing in it is taken in."""
+    lines = []
+    try:
+        folders = sorted((e for e in os.scandir(ws.inbox_root)
+                          if not e.name.startswith(".") and e.name not in ws.config.agents
+                          and e.is_dir(follow_symlinks=False)), key=lambda e: e.name)
+    except OSError:
+        return []
+    for folder in folders:
+        try:
+            held = sum(1 for e in os.scandir(folder.path) if not e.name.startswith("."))
+        except OSError:
+            continue
+        if held:
+            lines.append(f"inbox/{printable(folder.name)[:LEFTOVER_NAME]}/: {held} file(s) never taken in: no "
+                         f"agent in coordinator.yaml has this inbox (the agents: "
+                         f"{', '.join(sorted(ws.config.agents))})")
+    if len(lines) > LEFTOVERS_NAMED:
+        lines[LEFTOVERS_NAMED:] = [f"inbox/: {len(lines) - LEFTOVERS_NAMED} more folder(s) of no agent hold files "
+                                   "never taken in"]
+    return lines
+
+
+def _age(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
 
 
 def supervisor(ws: Workspace) -> dict[str, Any]:
@@ -131,7 +212,7 @@ def _awaited(order_id: str, records: dict[str, Record]) -> str:
 
 
 def render(ws: Workspace, *, colour: bool = False, width: int | None = None,
-           cache: RecordCache | None = None) -> str:
+           cache: RecordCache | None = None, ages: bool = True) -> str:
     import click
 
     recs = records(ws, cache)
@@ -159,6 +240,7 @@ def render(ws: Workspace, *, colour: bool = False, width: int | None = None,
         lines.append(f"inboxes: {sum(arrived.values())} file(s) not taken in yet "
                      f"({', '.join(f'{agent} {n}' for agent, n in arrived.items())})"
                      + ("" if sup["running"] else " — `coordinator supervise` takes them in"))
+    lines += leftovers(ws, ages=ages)
     stale = [r for r in by_status["running"] if r.stale]
     if stale:
         lines.append(f"stale: {', '.join(r.id for r in stale)} (no output or heartbeat)")

@@ -7,6 +7,7 @@ the supervisor (`submit`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from typing import Any
 import click
 
 from .budget import MAX_TOKENS_ADDED
+from .errors import UsageError
 from .workspace import Workspace
 
 
@@ -149,6 +151,23 @@ def reader_gone() -> bool:
     return any(events & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, events in poller.poll(0))
 
 
+def echo_done(text: str, *, done: str, again: str) -> None:
+    """Print `text`, the outcome of a change made (`done` says it in words). Output that cannot be
+    written (`> /dev/full`) is a usage error that says the change was made: said as "cannot write
+    the output" alone, it looked undone, and was made again (an order sent twice)."""
+    try:
+        click.echo(text)
+        if sys.stdout is not None:  # none at all: `>&-`
+            sys.stdout.flush()
+    except OSError as e:
+        if e.errno == errno.EPIPE:  # the reader went away on purpose: said nowhere, as for every command
+            raise
+        with contextlib.suppress(OSError, ValueError):  # what is still buffered would fail again at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise UsageError(f"{done}, but that could not be written to the output ({e.strerror}): do not {again}") \
+            from None
+
+
 def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
@@ -157,6 +176,14 @@ def submit(c: Context, action: str, args: dict[str, Any]) -> dict[str, Any]:
     """A request to the supervisor (or served here when none runs); what it found on the way
     (a hand edit it put back) is said on stderr."""
     from . import control
+    from .board import supervisor
+    from .errors import SupervisorError
+
+    sup = supervisor(c.ws)
+    if sup.get("stopped"):  # it answers nothing until resumed: said now, not after the 15 s a request waits
+        raise SupervisorError(f"the supervisor (pid {sup['pid']}) is stopped (suspended: Ctrl-Z?), so nothing was "
+                              f"done; resume it (`fg` in its terminal, or `kill -CONT {sup['pid']}`) and run this "
+                              "again")
 
     drift = control.config_drift(c.ws)
     if drift:  # what it answers comes from its own team, not from the file as it is now

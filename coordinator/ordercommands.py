@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .clicontext import Command, Context, emit_json, pass_ctx, stdin_hint, submit
+from .clicontext import Command, Context, echo_done, emit_json, pass_ctx, stdin_hint, submit
 
 
 @click.command(cls=Command)
@@ -96,7 +96,8 @@ def send(c: Context, file: str, to: str | None, sender: str | None) -> None:
         sending.refuse_inbox_file(c.ws, path, shown=shown)
         data = sending.read_file(path, shown=shown)
         order_id = sending.send(c.ws, data, name=shown, to=to, sender=sender)
-    click.echo(order_id)
+    # Said as "cannot write the output" alone, the order looked unsent, and was sent again.
+    echo_done(order_id, done=f"{order_id} was sent", again="send it again")
 
 
 @click.command(cls=Command)

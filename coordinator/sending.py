@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import durable, orders
-from ._orderfile import flow_kind, too_big
+from ._orderfields import MAX_PROBLEMS, finish
+from ._orderfile import flow_kind, read_order, too_big
 from .errors import NotFoundError, OrderError, Problem, UsageError, WorkspaceError
 from .inboxfiles import is_candidate, printable
 from .intake import NOT_REGULAR, waiting_orders, waits_on
-from .store import History, Store
+from .store import ENDED_UNDONE, History, Store, ended_undone, via_route
 from .workspace import Workspace
 
 RESERVED = "ids"  # .coordinator/ids/: id reservations shared with the supervisor's intake
@@ -106,6 +107,52 @@ def history(ws: Workspace) -> _Sent:
     return _Sent(ws)
 
 
+def load_order(ws: Workspace, data: bytes, *, path: str, to: str | None, sender: str | None, kind: str | None,
+               hist: _Sent) -> orders.WorkOrder:
+    """`orders.load` against the team and `hist`, and one rule more for what is sent or validated
+    by hand: an order may not wait on one that will never be done (it ended rejected, denied or
+    cancelled). Intake blocks such an order at once (`send` said its id, and it never ran); an
+    order dropped into an inbox by hand still gets that treatment. OrderError lists every problem."""
+    order, invalid = None, None
+    try:
+        # A repository repos/ does not have is said now, not by intake after the order was sent.
+        order = orders.load(data, path=path, to=to, config=ws.config, history=hist, sender=sender, kind=kind,
+                            repos=ws.repos)
+    except OrderError as e:
+        invalid = e
+    problems = invalid.problems if invalid else []
+    if len(problems) < MAX_PROBLEMS and any(r.status in ENDED_UNDONE for r in hist.records.values()):
+        dead = _never_done(hist, data, path=path, to=to, sender=sender, kind=kind)
+        if dead:
+            raise OrderError(finish(problems + dead[0], dead[1])) from None
+    if order is None:
+        assert invalid is not None
+        raise invalid
+    return order
+
+
+def _never_done(hist: _Sent, data: bytes, *, path: str, to: str | None, sender: str | None,
+                kind: str | None) -> tuple[list[Problem], dict[str, int]] | None:
+    """A problem for each `blocked_by` entry naming an order that will never be done, with the
+    lines of the file's fields; None when there is none."""
+    try:
+        draft = read_order(data, path=path, to=to, sender=sender, kind=kind)
+    except OrderError:  # refused as a whole file: said already
+        return None
+    named = draft.fields.get("blocked_by")
+    found: list[Problem] = []
+    for i, dep in enumerate(named if isinstance(named, list) else []):
+        end = ended_undone(hist.records, [dep]) if isinstance(dep, str) else None
+        if end is None:
+            continue
+        last = end[1]
+        why = (f"ended {last.status}" if last.status in ENDED_UNDONE
+               else f"is {last.status} on an order that ended undone")
+        found.append(Problem(f"blocked_by.{i}", f"{via_route(dep, last)} {why}: it will never be done, so this "
+                                                "order would wait forever; drop it from blocked_by", path))
+    return (found, draft.lines) if found else None
+
+
 def validate_files(ws: Workspace, files: list[str], *, to: str | None, sender: str | None) -> list[dict[str, Any]]:
     """Each file's verdict: {file, to, valid, readable, checks, problems[, id]}; never raises for
     a bad file. `readable` is false for a file that could not be read (missing, a folder, a
@@ -126,9 +173,11 @@ def validate_files(ws: Workspace, files: list[str], *, to: str | None, sender: s
                                  "problems": []}
         hist.itself = None if stdin else path
         try:
+            if stdin and files.index("-") < len(report):  # read to its end by the first: "is empty"
+                raise UsageError(f"{STDIN}: - is named more than once; standard input holds one order")
             data = read_stdin() if stdin else read_file(path, shown=shown)
-            order = orders.load(data, path=shown, to=recipient, config=ws.config, history=hist, sender=sender,
-                                kind=sniff(data) if stdin else None, repos=ws.repos)
+            order = load_order(ws, data, path=shown, to=recipient, sender=sender,
+                               kind=sniff(data) if stdin else None, hist=hist)
             _inbox_takes_in(ws, order.to)
             entry.update(to=order.to, valid=True, checks=len(order.checks), id=order.id)
         except OrderError as e:
@@ -169,12 +218,7 @@ def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str |
     if sender is not None:
         orders.known_sender(sender, cfg)
 
-    def load() -> orders.WorkOrder:
-        # A repository repos/ does not have is said now, not by intake after the order was sent.
-        return orders.load(data, path=name, to=to, config=cfg, history=history(ws), sender=sender, kind=kind,
-                           repos=ws.repos)
-
-    order = load()
+    order = load_order(ws, data, path=name, to=to, sender=sender, kind=kind, hist=history(ws))
     _inbox_takes_in(ws, order.to)
     suffix = SUFFIXES[kind] if kind else (Path(name).suffix.lower() or ".md")
     reserved, dropped = None, data
@@ -194,7 +238,8 @@ def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str |
             durable.write_bytes(tmp, dropped)
             while not _place(tmp, target):
                 if reserved is None:  # the order's own id, placed by another send since it was validated
-                    load()  # refused now, as a send after that one would be
+                    # Refused now, as a send after that one would be.
+                    load_order(ws, data, path=name, to=to, sender=sender, kind=kind, hist=history(ws))
                 target = _free_name(inbox, f"{order.id}{suffix}")
         finally:
             with contextlib.suppress(OSError):  # a read-only inbox: nothing there to remove
@@ -216,13 +261,18 @@ def sniff(data: bytes) -> str:
     return "markdown" if _MD_LABEL.search(text) else "yaml"
 
 
-def pending_file(ws: Workspace, order_id: str) -> Path | None:
-    """A file named after `order_id` still waiting in some inbox (not yet taken in)."""
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        for agent_dir in os.scandir(ws.inbox_root):
-            if not agent_dir.is_dir(follow_symlinks=False):
-                continue
-            for entry in os.scandir(agent_dir.path):
+def pending_file(ws: Workspace, order_id: str, *, anywhere: bool = False) -> Path | None:
+    """A file named after `order_id` still waiting in an agent's inbox (not yet taken in). With
+    `anywhere`, also in a folder of inbox/ that is no agent's inbox (where it is never taken in)."""
+    folders: list[str] = []
+    if anywhere:
+        with contextlib.suppress(OSError):
+            folders = [e.name for e in os.scandir(ws.inbox_root) if e.is_dir(follow_symlinks=False)]
+    else:  # an inbox of no agent, or one that is a link, is never taken in from
+        folders = [a for a in ws.config.agents if not ws.inbox_is_link(a)]
+    for folder in folders:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for entry in os.scandir(ws.inbox(folder)):
                 if is_candidate(entry.name) and os.path.splitext(entry.name)[0] == order_id:
                     return Path(entry.path)
     return None
@@ -234,9 +284,20 @@ def explain_missing(ws: Workspace, order_id: str) -> Iterator[None]:
     try:
         yield
     except NotFoundError:
-        waiting = pending_file(ws, order_id)
+        waiting = pending_file(ws, order_id, anywhere=True)
         if waiting is None:
             raise
+        agent = waiting.parent.name
+        if agent not in ws.config.agents:
+            raise NotFoundError(f"{order_id} is in {ws.rel(waiting)}, but no agent in coordinator.yaml has that "
+                                f"inbox, so it is never taken in: move it into the inbox of one of "
+                                f"{', '.join(sorted(ws.config.agents))}") from None
+        from .control import supervisor_running
+
+        if supervisor_running(ws):
+            raise NotFoundError(f"{order_id} is still in {ws.rel(waiting)}, not yet taken in; the running "
+                                "supervisor takes it in once nothing writes it any more (or delete the file to "
+                                "withdraw it)") from None
         raise NotFoundError(f"{order_id} is still in {ws.rel(waiting)}, not yet taken in; start "
                             "`coordinator supervise` (or delete the file to withdraw it)") from None
 
@@ -402,7 +463,11 @@ def gc(ws: Workspace, days: float) -> tuple[list[str], list[str]]:
             try:
                 durable.remove_tree(folder)
             except OSError as e:
-                raise WorkspaceError(f"cannot remove {folder}: {e.strerror or e}; remove it by hand") from None
+                if e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):  # no hand could: said as such
+                    raise
+                said = e.strerror or str(e)  # remove_tree's names the file it stopped at
+                said = said if said.startswith("cannot ") else f"cannot remove {folder}: {said}"
+                raise WorkspaceError(f"{said}; remove it by hand") from None
         cleared.append(rec.id)
     return copies, cleared
 

@@ -28,6 +28,7 @@ from .clicontext import (
     Group,
     Tokens,
     colours,
+    echo_done,
     emit_json,
     interruptible,
     on_terminal,
@@ -187,7 +188,8 @@ def board(c: Context, as_json: bool, watch: bool) -> None:
             if drawn % 60 == 0:
                 cache = RecordCache()  # a full read each minute, whatever a file's times say
             drawn += 1
-            text = b.render(c.ws, colour=colour, cache=cache)
+            # Not redrawn, a board is added on a change: not each minute a leftover's age goes up.
+            text = b.render(c.ws, colour=colour, cache=cache, ages=redraw)
             if redraw:
                 click.clear()
                 click.echo(text)
@@ -278,7 +280,8 @@ def budget_add(c: Context, tokens: int, note: str) -> None:
 
     orchestrator_of(c.ws.config)  # no orchestrator, no budget: said before anything is opened
     r = submit(c, "budget-add", {"tokens": tokens, "note": note})
-    click.echo(f"{r['hot_tokens']:,} hot tokens, mode {r['mode']}")
+    echo_done(f"{r['hot_tokens']:,} hot tokens, mode {r['mode']}", done=f"{tokens:,} hot tokens were added",
+              again="add them again")
     if r.get("mode_change"):
         click.echo(f"warning: mode changed {r['mode_change'][0]} -> {r['mode_change'][1]}", err=True)
     ceiling = r.get("at_ceiling")
@@ -306,7 +309,8 @@ def rotate(c: Context, fresh: bool) -> None:
 
     orchestrator_of(c.ws.config)
     r = submit(c, "rotate", {"fresh": fresh})
-    click.echo(r["message"])
+    echo_done(r["message"], done="a fresh generation was started" if fresh else "the context was rotated",
+              again="rotate it again")
 
 
 @click.command("signals", cls=Command)

@@ -871,6 +871,37 @@ def test_an_order_sent_right_after_another_may_wait_for_it_before_any_supervisor
     assert missing.exit_code == 1 and "no order 'zzz' in this workspace" in missing.stderr
 
 
+NEVER_DONE = ("blocked_by.{}: bad ended rejected: it will never be done, so this order would wait forever; "
+              "drop it from blocked_by")
+
+
+def test_validate_of_stdin_named_twice_says_so_not_that_it_is_empty(ws: Path) -> None:
+    checked = run("-w", ws, "validate", "-", "-", "--to", "chip", input=order("The footer exists"))
+    assert (checked.exit_code, checked.stdout, checked.stderr) == (
+        2, "<stdin>: ok (to chip, 1 check(s))\n",
+        "coordinator: <stdin>: - is named more than once; standard input holds one order\n")
+
+
+def test_send_and_validate_refuse_an_order_waiting_on_one_that_ended_rejected(ws: Path) -> None:
+    # Validate said ok, send printed an id, and intake then blocked the order at once: it never ran.
+    (ws / "inbox" / "chip" / "bad.md").write_text("---\nid: bad\n---\n**Objective:** x\n")
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    assert statuses(ws) == {"bad": "rejected"}
+    waits = order("The footer exists", blocked_by=["bad"])
+    checked = run("-w", ws, "validate", "-", "--to", "chip", input=waits)
+    assert (checked.exit_code, checked.stderr) == (1, f"<stdin>:3: {NEVER_DONE.format(0)}\n")
+    (ws / "waits.md").write_text(waits)
+    sent = run("-w", ws, "send", ws / "waits.md", "--to", "chip")
+    assert (sent.exit_code, sent.stdout, sent.stderr) == (1, "", f"waits.md:3: {NEVER_DONE.format(0)}\n")
+    assert inbox_entries(ws, "chip") == []
+    as_json = json.loads(run("-w", ws, "validate", ws / "waits.md", "--to", "chip", "--json").stdout)
+    assert [p["field"] for p in as_json["files"][0]["problems"]] == ["blocked_by.0"]
+    # Dropped into an inbox by hand, it is taken in and blocked, as before.
+    shutil.move(ws / "waits.md", ws / "inbox" / "chip" / "waits.md")
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    assert statuses(ws) == {"bad": "rejected", "WO-0001": "blocked"}
+
+
 def test_send_never_assigns_an_id_an_order_waiting_in_an_inbox_names_for_itself(ws: Path) -> None:
     (ws / "inbox" / "chip" / "x.md").write_text(order("The greeting exists", id="WO-0001"))
     (ws / "inbox" / "rex" / "j.json").write_text(json.dumps({"id": "WO-0002", "objective": "x"}))
@@ -1024,6 +1055,60 @@ def test_board_counts_what_waits_in_the_inboxes_before_a_supervisor_files_it(ws:
     assert "inboxes:" not in board and board.startswith("2 order(s): ")
 
 
+def test_board_names_what_sits_in_an_inbox_and_is_never_taken_in(ws: Path) -> None:
+    """A partial download, an editor's file or a folder dropped into an inbox never arrives:
+    the board said nothing, and the user waited for an order that was never coming."""
+    inbox = ws / "inbox" / "chip"
+    hours_ago = time.time() - 3 * 3600
+    for minutes, name in enumerate(("b.md.part", "notes.swp", "fix.md~", "fix.md.crdownload")):
+        (inbox / name).write_text(order("The footer exists"))
+        os.utime(inbox / name, (hours_ago, hours_ago - 60 * minutes))  # named oldest first
+    (ws / "inbox" / "rex" / "drafts").mkdir()
+    os.utime(ws / "inbox" / "rex" / "drafts", (hours_ago, hours_ago - 2 * 86400))
+    (inbox / "new.md.part").write_text("still downloading")  # a minute old at most: may still be in use
+    (inbox / ".hidden.md").write_text("a dot-file")
+    lines = run("-w", ws, "board").stdout.splitlines()
+    assert lines[2:4] == [
+        "inbox/chip: 4 file(s) never taken in: fix.md.crdownload (3 h), fix.md~ (3 h), notes.swp (3 h) and 1 more "
+        "(partial downloads, editor files and folders are skipped)",
+        "inbox/rex: 1 file(s) never taken in: drafts/ (2 days) (partial downloads, editor files and folders are "
+        "skipped)"]
+    assert "new.md.part" not in run("-w", ws, "board").stdout
+    # A file that will be taken in is counted as before, and named in no such line.
+    run("-w", ws, "send", "-", "--to", "chip", input=order("The header exists"))
+    board = run("-w", ws, "board").stdout
+    assert "inboxes: 1 file(s) not taken in yet (chip 1)" in board and "WO-0001" not in board
+
+
+def test_board_names_an_inbox_folder_no_agent_has_when_files_sit_in_it(ws: Path) -> None:
+    """`cp fix.md inbox/Chip/`: the order never arrived, and the board said nothing of why."""
+    (ws / "inbox" / "Chip").mkdir()
+    (ws / "inbox" / "Chip" / "fix.md").write_text(order("The footer exists"))
+    (ws / "inbox" / "old").mkdir()  # empty: nothing lost there, nothing said
+    lines = run("-w", ws, "board").stdout.splitlines()
+    assert lines[2] == ("inbox/Chip/: 1 file(s) never taken in: no agent in coordinator.yaml has this inbox "
+                        "(the agents: chip, rex, walt)")
+    assert "inbox/old/" not in run("-w", ws, "board").stdout
+    for n in range(5):
+        (ws / "inbox" / f"x{n}").mkdir()
+        (ws / "inbox" / f"x{n}" / "a.md").write_text("x")
+    lines = run("-w", ws, "board").stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[2:6]] == ["inbox/Chip/", "inbox/x0/", "inbox/x1/", "inbox/"]
+    assert lines[5] == "inbox/: 3 more folder(s) of no agent hold files never taken in"
+
+
+def test_board_says_an_inbox_that_is_a_symbolic_link_takes_nothing_in(ws: Path, tmp_path: Path) -> None:
+    """An inbox replaced by a link (to a synced folder, say): what is dropped there never
+    arrives, and the board invited the user to drop orders into it."""
+    shutil.rmtree(ws / "inbox" / "chip")
+    (tmp_path / "synced").mkdir()
+    (ws / "inbox" / "chip").symlink_to(tmp_path / "synced")
+    (tmp_path / "synced" / "fix.md").write_text(order("The footer exists"))
+    lines = run("-w", ws, "board").stdout.splitlines()
+    assert lines[2] == ("inbox/chip is a symbolic link: nothing in it is taken in (never through a link); "
+                        "replace it with a folder")
+
+
 def test_board_shows_records_a_hand_edit_left_odd_without_failing(ws: Path) -> None:
     """`board` is where a user looks when something is wrong: a record whose report has an odd
     shape (edited by hand, from an older version) is shown, never a traceback."""
@@ -1095,6 +1180,22 @@ def test_board_watch_into_a_file_adds_a_board_only_when_it_changed(ws: Path, tmp
     text = out.read_text()
     assert text.count("budget:") == 2 and "walt 500/7,000" in text.split("\n---")[1]
     assert len(re.findall(r"^--- \d{4}-\d\d-\d\d \d\d:\d\d:\d\d ---$", text, re.MULTILINE)) == 1
+
+
+@pytest.mark.slow
+def test_board_watch_into_a_file_adds_no_board_as_a_leftover_in_an_inbox_ages(ws: Path, tmp_path: Path) -> None:
+    """A file never taken in is named by the board: its age going from 9 to 10 min is no change."""
+    left = ws / "inbox" / "chip" / "fix.md.part"
+    left.write_text("half a download")
+    then = time.time() - 568  # "9 min" now, "10 min" within two seconds
+    os.utime(left, (then, then))
+    out = tmp_path / "board.log"
+    with board_watched_into(ws, out):
+        wait_for(lambda: "budget:" in out.read_text(), "the first board")
+        time.sleep(3.5)
+    text = out.read_text()
+    assert text.count("budget:") == 1
+    assert "inbox/chip: 1 file(s) never taken in: fix.md.part (partial downloads" in text
 
 
 def test_board_watch_redraws_when_an_order_changes_status_or_goes(ws: Path, tmp_path: Path) -> None:
@@ -1209,6 +1310,29 @@ def test_output_into_a_full_device_says_so_not_the_state_advice(worked: Path, ar
     assert (done.returncode, done.stderr) == (2, "coordinator: cannot write the output: No space left on device\n")
 
 
+def test_send_into_a_full_device_says_the_order_was_sent(ws: Path) -> None:
+    """`coordinator send fix.md > /dev/full` said only "cannot write the output": the order looked
+    unsent, and sending it again filed it twice."""
+    (ws / "fix.md").write_text(order("The footer exists"))
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([COORDINATOR, "-w", str(ws), "send", str(ws / "fix.md"), "--to", "chip"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=30)
+    assert (done.returncode, done.stderr) == (2, "coordinator: WO-0001 was sent, but that could not be written to "
+                                                 "the output (No space left on device): do not send it again\n")
+    assert inbox_entries(ws, "chip") == ["WO-0001.md"]
+
+
+def test_budget_add_into_a_full_device_says_the_tokens_were_added(ws: Path) -> None:
+    """Said as "cannot write the output" alone, the tokens looked unadded, and were added twice."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([COORDINATOR, "-w", str(ws), "budget", "add", "1,500"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=30)
+    assert (done.returncode, done.stderr) == (2, "coordinator: 1,500 hot tokens were added, but that could not be "
+                                                 "written to the output (No space left on device): do not add them "
+                                                 "again\n")
+    assert json.loads(run("-w", ws, "budget", "--json").stdout)["hot_tokens"] == 1500
+
+
 def test_a_watch_into_a_pipe_stops_when_the_reader_goes_though_the_board_never_changes(worked: Path) -> None:
     """`coordinator board --watch | head -1`: a board is added only when it changed, so no write
     ever met the closed pipe and the watch went on forever."""
@@ -1269,6 +1393,33 @@ def test_a_sent_order_not_yet_taken_in_is_explained(ws: Path) -> None:
                                  "start `coordinator supervise` (or delete the file to withdraw it)\n")
 
 
+def test_an_order_in_a_folder_of_no_agent_is_said_never_to_be_taken_in(ws: Path) -> None:
+    """`cp fix.md inbox/Chip/WO-0042.md`: show said "start `coordinator supervise`", which never
+    takes it in, and an order waiting on it passed validate and send, then was rejected."""
+    (ws / "inbox" / "Chip").mkdir()
+    (ws / "inbox" / "Chip" / "WO-0042.md").write_text(order("The footer exists", id="WO-0042"))
+    for command in ("show", "cancel", "log"):
+        result = run("-w", ws, command, "WO-0042")
+        assert (result.exit_code, result.stderr) == (
+            1, "coordinator: WO-0042 is in inbox/Chip/WO-0042.md, but no agent in coordinator.yaml has that inbox, "
+               "so it is never taken in: move it into the inbox of one of chip, rex, walt\n")
+    waits = run("-w", ws, "send", "-", "--to", "chip", input=order("The header exists", blocked_by=["WO-0042"]))
+    assert (waits.exit_code, waits.stdout) == (1, "")
+    assert "blocked_by.0: no order 'WO-0042' in this workspace" in waits.stderr
+
+
+def test_an_order_still_being_written_beside_a_running_supervisor_is_explained(
+        ws: Path, supervisor: subprocess.Popen[str]) -> None:
+    """"start `coordinator supervise`" was said with one running: it takes the file in once written."""
+    with open(ws / "inbox" / "chip" / "WO-0007.md", "w") as writing:
+        writing.write(order("The footer exists"))
+        writing.flush()
+        result = run("-w", ws, "show", "WO-0007")
+    assert (result.exit_code, result.stderr) == (
+        1, "coordinator: WO-0007 is still in inbox/chip/WO-0007.md, not yet taken in; the running supervisor takes "
+           "it in once nothing writes it any more (or delete the file to withdraw it)\n")
+
+
 # -- cancel and retry ------------------------------------------------------------------------------------
 def test_cancel_and_retry_with_no_supervisor_running(ws: Path) -> None:
     run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting already exists in the webapp"))
@@ -1286,6 +1437,21 @@ def test_cancel_and_retry_with_no_supervisor_running(ws: Path) -> None:
     assert (again.exit_code, again.stderr) == (1, "coordinator: WO-0002 is cancelled; only queued, waiting, "
                                                   "running, blocked or halted orders can be cancelled\n")
     assert run("-w", ws, "retry", "WO-9999").exit_code == 1
+
+
+def test_gc_on_a_read_only_workspace_says_so_and_not_to_remove_files_by_hand(ws: Path) -> None:
+    """It said "cannot remove X: cannot remove X/1/result.yaml: Read-only file system; remove it
+    by hand": the path twice, and advice no hand could follow."""
+    run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting already exists in the webapp"))
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    runtime = ws / ".coordinator"
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && exec "$2" -w "$3" gc --days 0'
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(runtime), COORDINATOR, str(ws)],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (2, "coordinator: read-only file system: the workspace must be "
+                                                 "writable; remount it read-write or use a workspace on a writable "
+                                                 "disk\n")
+    assert (runtime / "attempts" / "WO-0001").is_dir()
 
 
 def test_gc_clears_the_attempt_folders_and_logs_of_ended_orders_only(ws: Path) -> None:

@@ -167,6 +167,33 @@ def test_a_suspended_supervisor_is_said_by_board_and_doctor(ws: Path) -> None:
         sup.communicate(timeout=60)
 
 
+def test_a_request_to_a_suspended_supervisor_is_refused_at_once(ws: Path) -> None:
+    """`cancel` or `budget add` beside a supervisor stopped by Ctrl-Z waited 15 s, then asked
+    whether it was stuck: the board already knew it was suspended."""
+    env = {k: v for k, v in os.environ.items() if k != "COORDINATOR_WORKSPACE"}
+    sup = subprocess.Popen([COORDINATOR, "-w", str(ws), "supervise"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while f"running (pid {sup.pid})" not in run("-w", ws, "board").stdout:
+            assert time.monotonic() < deadline, "the supervisor did not start"
+            time.sleep(0.1)
+        os.kill(sup.pid, signal.SIGSTOP)
+        for args in (("cancel", "WO-0001"), ("budget", "add", "5")):
+            started = time.monotonic()
+            refused = run("-w", ws, *args)
+            assert time.monotonic() - started < 5
+            assert (refused.exit_code, refused.stderr) == (
+                2, f"coordinator: the supervisor (pid {sup.pid}) is stopped (suspended: Ctrl-Z?), so nothing was "
+                   f"done; resume it (`fg` in its terminal, or `kill -CONT {sup.pid}`) and run this again\n")
+        os.kill(sup.pid, signal.SIGCONT)
+        assert run("-w", ws, "budget", "add", "5").stdout == "5 hot tokens, mode routing\n"
+    finally:
+        os.kill(sup.pid, signal.SIGCONT)
+        sup.send_signal(signal.SIGTERM)
+        sup.communicate(timeout=60)
+
+
 def test_init_makes_the_workspace_that_w_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`coordinator -w myteam init`, as every other command is written, made the workspace in the
     current folder (a home, a project's checkout) and left myteam unmade."""
