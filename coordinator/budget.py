@@ -354,38 +354,33 @@ def render_brief(
         if waiting:
             line += f" (waits on {', '.join(waiting)})"
         out.append(line)
-    if stopped:
-        shown_stopped = stopped[-MAX_BRIEF_STOPPED:]
-        out += ["", f"## Blocked or halted: waiting for your decision ({len(stopped)})", ""]
-        if len(stopped) > len(shown_stopped):
-            out.append(f"- ... {len(stopped) - len(shown_stopped)} earlier, see `coordinator board`")
-        for o in shown_stopped:
-            out.append(
-                f"- {o['id']} -> {o['to']} [{o['status']}]: {one_line(str(o['objective']))}; "
-                f"why: {one_line(str(o['reason']))}"
-            )
-        out += [
-            "",
-            "None of these runs again by itself: `coordinator retry ID` runs it again once what "
-            "stopped it is resolved, `coordinator cancel ID` ends it, or send a new order that "
-            "lists it in `references`.",
-        ]
-    if rejections:
-        shown = rejections[-MAX_BRIEF_REJECTIONS:]
-        out += ["", f"## Recent rejections ({len(rejections)})", ""]
-        if len(rejections) > len(shown):
-            out.append(f"- ... {len(rejections) - len(shown)} earlier, see `coordinator board`")
-        for r in shown:
-            out.append(
-                f"- {r['id']} -> {r['to']}: {one_line(str(r['objective']))}; "
-                f"why: {one_line(str(r['reason']))}"
-            )
-        out += [
-            "",
-            "A new order that repeats a rejected one must list it in `references` "
-            "and say what changed.",
-        ]
+    out += _listed(
+        "Blocked or halted: waiting for your decision", stopped, MAX_BRIEF_STOPPED,
+        lambda o: f"{o['id']} -> {o['to']} [{o['status']}]: {one_line(str(o['objective']))}",
+        "None of these runs again by itself: `coordinator retry ID` runs it again once what "
+        "stopped it is resolved, `coordinator cancel ID` ends it, or send a new order that "
+        "lists it in `references`.",
+    )
+    out += _listed(
+        "Recent rejections", rejections, MAX_BRIEF_REJECTIONS,
+        lambda r: f"{r['id']} -> {r['to']}: {one_line(str(r['objective']))}",
+        "A new order that repeats a rejected one must list it in `references` and say what changed.",
+    )
     return "\n".join(out) + "\n"
+
+
+def _listed(title: str, entries: Sequence[dict[str, Any]], most: int, head: Callable[[dict[str, Any]], str],
+            closing: str) -> list[str]:
+    """A section of the fresh brief: its last `most` entries, each `head` and why, a count of
+    the earlier ones, and what to do about them; nothing when there are none."""
+    if not entries:
+        return []
+    shown = entries[-most:]
+    out = ["", f"## {title} ({len(entries)})", ""]
+    if len(entries) > len(shown):
+        out.append(f"- ... {len(entries) - len(shown)} earlier, see `coordinator board`")
+    out += [f"- {head(e)}; why: {one_line(str(e['reason']))}" for e in shown]
+    return out + ["", closing]
 
 
 def on_ceiling(

@@ -6,6 +6,7 @@ and assert what the user sees.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -16,6 +17,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -141,9 +143,10 @@ def test_a_config_with_a_control_character_is_said_in_one_line_with_its_line(ws:
                              "a character YAML does not allow (a config is plain text): remove it\n")
 
 
-def test_a_suspended_supervisor_is_said_by_board_and_doctor(ws: Path) -> None:
-    """Ctrl-Z on `supervise` left it holding its lock: the board said "running", requests waited 15 s
-    and sent the user to `coordinator doctor`, which said nothing about the supervisor."""
+@contextlib.contextmanager
+def live_supervisor(ws: Path) -> Iterator[subprocess.Popen[str]]:
+    """`coordinator supervise` on `ws` as a child, once the board says it runs; resumed (it may
+    have been suspended) and stopped after."""
     env = {k: v for k, v in os.environ.items() if k != "COORDINATOR_WORKSPACE"}
     sup = subprocess.Popen([COORDINATOR, "-w", str(ws), "supervise"], stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True, env=env)
@@ -152,6 +155,17 @@ def test_a_suspended_supervisor_is_said_by_board_and_doctor(ws: Path) -> None:
         while f"running (pid {sup.pid})" not in run("-w", ws, "board").stdout:
             assert time.monotonic() < deadline, "the supervisor did not start"
             time.sleep(0.1)
+        yield sup
+    finally:
+        os.kill(sup.pid, signal.SIGCONT)
+        sup.send_signal(signal.SIGTERM)
+        sup.communicate(timeout=60)
+
+
+def test_a_suspended_supervisor_is_said_by_board_and_doctor(ws: Path) -> None:
+    """Ctrl-Z on `supervise` left it holding its lock: the board said "running", requests waited 15 s
+    and sent the user to `coordinator doctor`, which said nothing about the supervisor."""
+    with live_supervisor(ws) as sup:
         assert f"supervisor: running (pid {sup.pid})" in run("-w", ws, "doctor").stdout.splitlines()
         os.kill(sup.pid, signal.SIGSTOP)
         said = (f"supervisor: STOPPED (pid {sup.pid}, suspended: Ctrl-Z?) — it takes nothing in and runs nothing "
@@ -161,23 +175,12 @@ def test_a_suspended_supervisor_is_said_by_board_and_doctor(ws: Path) -> None:
         assert json.loads(run("-w", ws, "board", "--json").stdout)["supervisor"]["stopped"] is True
         os.kill(sup.pid, signal.SIGCONT)
         assert f"supervisor: running (pid {sup.pid})" in run("-w", ws, "board").stdout.splitlines()
-    finally:
-        os.kill(sup.pid, signal.SIGCONT)
-        sup.send_signal(signal.SIGTERM)
-        sup.communicate(timeout=60)
 
 
 def test_a_request_to_a_suspended_supervisor_is_refused_at_once(ws: Path) -> None:
     """`cancel` or `budget add` beside a supervisor stopped by Ctrl-Z waited 15 s, then asked
     whether it was stuck: the board already knew it was suspended."""
-    env = {k: v for k, v in os.environ.items() if k != "COORDINATOR_WORKSPACE"}
-    sup = subprocess.Popen([COORDINATOR, "-w", str(ws), "supervise"], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 30
-        while f"running (pid {sup.pid})" not in run("-w", ws, "board").stdout:
-            assert time.monotonic() < deadline, "the supervisor did not start"
-            time.sleep(0.1)
+    with live_supervisor(ws) as sup:
         os.kill(sup.pid, signal.SIGSTOP)
         for args in (("cancel", "WO-0001"), ("budget", "add", "5")):
             started = time.monotonic()
@@ -188,10 +191,6 @@ def test_a_request_to_a_suspended_supervisor_is_refused_at_once(ws: Path) -> Non
                    f"done; resume it (`fg` in its terminal, or `kill -CONT {sup.pid}`) and run this again\n")
         os.kill(sup.pid, signal.SIGCONT)
         assert run("-w", ws, "budget", "add", "5").stdout == "5 hot tokens, mode routing\n"
-    finally:
-        os.kill(sup.pid, signal.SIGCONT)
-        sup.send_signal(signal.SIGTERM)
-        sup.communicate(timeout=60)
 
 
 def test_init_makes_the_workspace_that_w_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
