@@ -13,6 +13,8 @@ import re
 from dataclasses import replace
 from typing import Any
 
+import yaml
+
 from . import paths, schemas
 from .config import parse_duration
 from .errors import Problem
@@ -294,8 +296,57 @@ def reported(field: str, seen: list[str]) -> bool:
     return any(s == field or ("." in s and field.startswith(s + ".")) for s in seen)
 
 
+class Lines(dict[str, int]):
+    """The line of each field (see `load_yaml`), and `raw`: for each value YAML read as no
+    text (`when: no` read as false, `12:30` as 750), the words as written and what YAML made
+    of them, for the hint in `finish`."""
+
+    raw: dict[str, tuple[str, str]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raw = {}
+
+
+_YAML_KINDS = {"tag:yaml.org,2002:bool": "", "tag:yaml.org,2002:int": "a number",
+               "tag:yaml.org,2002:float": "a number", "tag:yaml.org,2002:timestamp": "a date"}
+# A problem about the kind of a value: then the user needs to know what YAML did.
+_KIND_PROBLEM = re.compile(r"\bnot (?:true|false|true/false|the number|a number|the date|date)\b|in quotes")
+_SAID_QUOTES = re.compile(r"; put (?:the value|it) in quotes| \(put it in quotes to mean text\)|, in quotes")
+
+
+def plain_scalars(node: Any) -> dict[str, tuple[str, str]]:
+    """Each unquoted value under `node` (a composed YAML node) that YAML reads as a boolean, a
+    number or a date, by its dotted field (`branching.0.when`): as written, and what it became."""
+    found: dict[str, tuple[str, str]] = {}
+    todo: list[tuple[str, Any]] = [("", node)]
+    while todo:
+        field, item = todo.pop()
+        if isinstance(item, yaml.MappingNode):
+            todo += [(f"{field}.{k.value}" if field else str(k.value), v) for k, v in item.value
+                     if isinstance(k, yaml.ScalarNode)]
+        elif isinstance(item, yaml.SequenceNode):
+            todo += [(f"{field}.{i}" if field else str(i), v) for i, v in enumerate(item.value)]
+        elif isinstance(item, yaml.ScalarNode) and not item.style and item.tag in _YAML_KINDS and field:
+            kind = _YAML_KINDS[item.tag] or ("true" if item.value.lower() in ("yes", "true", "on") else "false")
+            found[field] = (item.value, kind)
+    return found
+
+
+def _yaml_hint(field: str, written: str, kind: str) -> str:
+    """`when: no` was read by YAML as false: put it in quotes ("no")."""
+    key, shown = field.rsplit(".", 1)[-1], printable(written[:40])
+    said = shown if key.isdigit() else f"{printable(key[:40])}: {shown}"
+    return f"`{said}` was read by YAML as {kind}: put it in quotes (\"{shown}\")"
+
+
 def finish(problems: list[Problem], lines: dict[str, int]) -> list[Problem]:
-    """Problems with their lines filled in, in file order, capped."""
+    """Problems with their lines filled in, in file order, capped. A problem about the kind of
+    a value YAML read as no text says so (`lines.raw`, see `Lines`)."""
+    raw = getattr(lines, "raw", None) or {}
+    if raw:
+        problems = [replace(p, message=f"{_SAID_QUOTES.sub('', p.message)}; {_yaml_hint(p.field, *raw[p.field])}")
+                    if p.field in raw and _KIND_PROBLEM.search(p.message) else p for p in problems]
 
     def line_of(field: str) -> int | None:
         parts = field.split(".")

@@ -47,6 +47,9 @@ class Endings(FollowUps, Outbox):
             self._end(act, "halted", who, note=_short(result.summary))
         elif result.outcome == "route-to":
             assert result.agent is not None
+            why = self.route_problem(rec, act.order, result.agent)
+            if why is not None:
+                return self.fail(act, why)
             rec.report["routed_to"] = rec.routed_to = self._plan_follow_up(rec, result.agent)
             self._end(act, "routed", who, note=f"to {result.agent}")
         elif result.outcome == "requeue-with-blocker":

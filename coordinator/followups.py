@@ -15,12 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 from . import orders
 from ._orderfields import AGENT_PATTERN, quoted
-from .errors import CoordinatorError, StateError
+from .errors import CoordinatorError, OrderError, StateError
 from .orders import Branch, WorkOrder
 from .store import Record
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
+
+# Problems a refused route's reason quotes: it is stored, said, and read in the next brief.
+MAX_SAID = 3
 
 
 class FollowUps:
@@ -49,13 +52,33 @@ class FollowUps:
             made = investigation(rec, planned["to"], str(report.get("summary") or "blocked"))
         else:
             return None
-        # The same follow-up again (a retried order blocked again, a second route of the same
-        # work) names the last one that failed: the repeat rule is for agents, and the next
-        # agent sees what came before.
+        return dataclasses.replace(self._after_last_failure(made), id=planned["id"])
+
+    def _after_last_failure(self, made: WorkOrder) -> WorkOrder:
+        """The same follow-up again (a retried order blocked again, a second route of the same
+        work) names the last one that failed: the repeat rule is for agents, and the next
+        agent sees what came before."""
         ended = self.sup.intake.history.ended(made.sender, made.to, made.objective)
         if ended and not any(p in made.references for p, _ in ended) and len(made.references) < 100:
             made = dataclasses.replace(made, references=(*made.references, ended[-1][0]))
-        return dataclasses.replace(made, id=planned["id"])
+        return made
+
+    def route_problem(self, rec: Record, order: WorkOrder, to: str) -> str | None:
+        """Why a route of `rec` to `to` cannot be taken, or None: the follow-up it would file
+        is one intake rejects (`to` may not write the order's files, nothing can run it...).
+        Taken, the route ended the order `routed` and its work went nowhere: instead the attempt
+        fails with this reason, and its agent may do the work, halt, or route elsewhere."""
+        made = self._after_last_failure(follow_up(order, rec.to, to))
+        try:
+            orders.load(orders.render(made).encode(), path=f"route to {to}", kind="markdown", to=to, config=self.sup.config,
+                        history=self.sup.intake.history, sender=made.sender, repos=self.sup.intake.repos_dir)
+        except OrderError as e:
+            shown = e.problems[:MAX_SAID]
+            why = "; ".join(f"{p.field}: {p.message}" if p.field else p.message for p in shown)
+            more = f" (and {len(e.problems) - len(shown)} more)" if len(e.problems) > len(shown) else ""
+            return (f"route-to {to} cannot be taken: the order it would send {to} is refused ({why}{more}); "
+                    f"do the work yourself, halt with a note, or route it to an agent that can take it")
+        return None
 
     def file_follow_up(self, rec: Record, order: WorkOrder | None = None) -> None:
         made = self.follow_up_of(rec, order)

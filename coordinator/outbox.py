@@ -6,8 +6,9 @@ it sent): a failed attempt sends nothing, and its retry sends its orders once. H
 decided attempt ends is written to its record before its outbox is taken, so a crash
 part way ends it so at the next start, which delivers the rest (`_deliver_rest`).
 What an outbox holds that is not delivered is said in the sender's report: past
-`MAX_SENT` orders of one attempt, and all of it past `MAX_CHAIN` orders in a row sent
-from outboxes (agents sending each other work for ever). A layer of `AttemptRunner`.
+`MAX_SENT` orders of one attempt, and all of it past `MAX_CHAIN` orders in a row sent on
+(by outboxes, routes, escalations, plans: agents sending each other work for ever). A layer
+of `AttemptRunner`.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ MAX_LISTED = 20
 OUTBOX_SOURCE = "outbox of "
 # What hands an order's work on and so continues its chain: a route's follow-up or an escalation
 # starting the count afresh let an outbox and a route take turns for ever (chip sends rex an
-# order, rex routes it back to chip, chip sends again...), each turn a chain of one.
-HANDED_ON = (OUTBOX_SOURCE, "route of ", "escalation of ")
+# order, rex routes it back to chip, chip sends again...), each turn a chain of one. So did an
+# LLM orchestrator's plan: chip asked walt, walt's model planned an order for chip, chip asked
+# again... (a command orchestrator's orders come from its outbox, and count as they do).
+HANDED_ON = (OUTBOX_SOURCE, "route of ", "escalation of ", "plan of ")
 
 
 class Outbox:
@@ -80,7 +83,7 @@ class Outbox:
             route = " -> ".join(ids if len(ids) <= 4 else [ids[0], "...", *ids[-2:]])
             sources = [self.sup.records[i].source for i in chain[:-1] if i in self.sup.records]
             how = "an outbox" if all(s.startswith(OUTBOX_SOURCE) for s in sources) else \
-                "an outbox, a route or an escalation"
+                "an outbox, a route, an escalation or a plan"
             why = (f"{rec.id} came at the end of {len(chain) - 1} orders in a row sent from {how} "
                    f"({route}), the most one chain may be: agents that keep sending each other work "
                    "would never stop")
@@ -162,7 +165,7 @@ def _dependency_order(box: Path, files: list[Path]) -> list[Path]:
 
 
 def _chain(records: Mapping[str, Record], rec: Record) -> list[str]:
-    """`rec` and the orders before it whose outbox, route or escalation filed the next one, newest
+    """`rec` and the orders before it whose outbox, route, escalation or plan filed the next one, newest
     first (at most MAX_CHAIN + 1): `rec` alone when a person filed it."""
     chain = [rec.id]
     while rec.source.startswith(HANDED_ON) and len(chain) <= MAX_CHAIN:

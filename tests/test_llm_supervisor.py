@@ -1050,3 +1050,27 @@ def test_a_cancel_lets_go_of_a_model_still_thinking_and_frees_the_agents_slot(ma
     assert took < 10, took  # not the 30 s the model would think
     assert load(ws, "g").status == "cancelled" and load(ws, "h").status == "done"
     assert [(u["status"], u["error"]) for u in load(ws, "g").usage] == [(None, "cancelled")]
+
+
+def test_an_agent_that_answers_every_planned_order_with_a_request_to_the_orchestrator_stops_after_max_chain(
+        make_ws, fake):
+    """chip answers every order with a request to walt through its outbox; walt's model plans
+    each into an order for chip. A plan's orders started the count of orders in a row afresh,
+    so the bound never came: the two sent each other work for ever."""
+    from coordinator import outbox
+
+    ask = sh('mkdir -p "$COORD_OUTBOX/walt"; printf "objective: Answer it\\nacceptance: [a is true, b is true, '
+             'c is true]\\nfiles: []\\nbranching: [{action: halt-with-note, when: not}]\\n" '
+             '> "$COORD_OUTBOX/walt/ask.yaml"; echo asked')
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], "llm": llm(fake)},
+                  "chip": {"role": "specialist", "sends_to": ["walt"], "command": ask}},
+                 orchestrator="walt", budget={"ceiling": 10_000_000, "bands": [5_000_000, 10_000_000, 15_000_000]})
+    drop(ws, "chip", "o.md", order_md("Start asking", id="o"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60, should_stop=lambda: int(len(sup.records) > 60))
+    recs = Store(ws.state).load_all()
+    assert len(recs) == 1 + outbox.MAX_CHAIN, len(recs)
+    last = max(recs.values(), key=lambda r: r.seq)
+    assert last.to == "chip" and last.status == "done" and last.children == []
+    [line] = last.report["undelivered"]
+    assert f"{last.id} came at the end of {outbox.MAX_CHAIN} orders in a row sent from an outbox, a route, an escalation or a plan" in line

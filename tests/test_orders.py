@@ -230,9 +230,10 @@ def test_an_item_of_the_wrong_kind_says_both_forms_it_can_take() -> None:
         branching: [7]
         """)
     assert [(p.field, p.message) for p in problems_of(text, path="o.yaml")] == [
-        ("acceptance.2", "must be a line of text, or a mapping with `text` (and `check`), not the number 5"),
+        ("acceptance.2", "must be a line of text, or a mapping with `text` (and `check`), not the number 5; "
+                         '`5` was read by YAML as a number: put it in quotes ("5")'),
         ("branching.0", "must be a line like `halt-with-note if ...`, or a mapping with `action`, `when` "
-                        "(and `agent`), not the number 7")]
+                        '(and `agent`), not the number 7; `7` was read by YAML as a number: put it in quotes ("7")')]
 
 
 def test_markdown_headings_any_case_other_bullets_and_objective_on_next_line() -> None:
@@ -524,7 +525,7 @@ def test_sections_given_twice_and_text_before_the_first() -> None:
 
 @pytest.mark.parametrize(("front", "field_name", "words"), [
     ("id: -bad", "id", "is not an order id"),
-    ("id: 42", "id", "must be text, not a number; put the value in quotes"),
+    ("id: 42", "id", 'must be text, not a number; `id: 42` was read by YAML as a number: put it in quotes ("42")'),
     ("priority: hgih", "priority", "must be one of low, normal, high, urgent"),
     ("timeout: soon", "timeout", "is not a duration; write e.g. 90s, 20m or 1h"),
     ("timeout: 0s", "timeout", "'0s' is no time at all; give a duration above 0, e.g. 90s, 20m or 1h"),
@@ -844,3 +845,31 @@ def test_render_writes_a_lone_surrogate_as_an_escape_instead_of_failing() -> Non
                       files=(), branching=(Branch("halt-with-note", "it is unclear"),))
     text = orders.render(order)
     assert "acceptance:" in text and "\\uD800" in text
+
+
+@pytest.mark.parametrize(("value", "field_name", "said"), [
+    ("when: no", "branching.0.when", 'must be a string, not false; `when: no` was read by YAML as false: put it in '
+                                     'quotes ("no")'),
+    ("when: 12:30", "branching.0.when", "must be a string, not the number 750; `when: 12:30` was read by YAML as a "
+                                        'number: put it in quotes ("12:30")'),
+    ("when: 2026-01-02", "branching.0.when", "must be a string, not the date 2026-01-02; `when: 2026-01-02` was read "
+                                             'by YAML as a date: put it in quotes ("2026-01-02")'),
+])
+def test_a_value_yaml_read_as_no_text_says_what_yaml_made_of_the_words_written(
+        value: str, field_name: str, said: str) -> None:
+    """`when: no` said "must be a string, not false" and `when: 12:30` "not the number 750": the
+    user wrote words, and was not told that YAML had turned them into a boolean or a number."""
+    text = textwrap.dedent(f"""\
+        objective: yes
+        acceptance: [a is true, b is true, c is true]
+        files: []
+        branching:
+          - action: halt-with-note
+            {value}
+        """)
+    found = {p.field: p for p in problems_of(text, path="o.yaml")}
+    assert found[field_name].message == said and found[field_name].line == 5
+    assert found["objective"].message == ('must be text, not true/false; `objective: yes` was read by YAML as true: '
+                                          'put it in quotes ("yes")')
+    quoted = text.replace("objective: yes", 'objective: "yes"').replace(value, value.replace(": ", ": '") + "'")
+    assert orders.parse(quoted.encode(), path="o.yaml", to="chip").branching[0].when == value.split(": ")[1]

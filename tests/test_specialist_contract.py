@@ -385,3 +385,23 @@ def test_the_route_of_an_order_with_the_most_references_is_not_rejected(make_ws)
     assert follow.status == "done", follow.errors
     order = Store(ws.state).load_order(follow.id)
     assert len(order.references) == MAX_IDS and order.references[-1] == "o"
+
+
+def test_a_route_to_an_agent_that_may_not_write_the_orders_files_is_a_failed_attempt(make_ws):
+    """chip routed an order on webapp/src to rex, who may write only webapp/docs: the order
+    ended `routed` and its follow-up was rejected at intake, so the work was dropped. Now the
+    route is refused before it is taken: the attempt fails saying why, the order stays chip's."""
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"], "sends_to": ["rex"], "command": sh(
+                      'if grep -q "route-to rex cannot be taken" "$COORD_BRIEF"; then echo did it myself; exit 0; fi; '
+                      'printf "outcome: route-to\\nagent: rex\\nsummary: for rex\\n" > "$COORD_RESULT"')},
+                  "rex": {"role": "specialist", "writes": ["webapp/docs/**"], "command": sh("echo reviewed")}})
+    drop(ws, "chip", "o.md", order_md("It goes to rex", id="o", files=("webapp/src/app.js",),
+                                      branching=("route-to-rex if it is a review",)))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    assert list(recs) == ["o"]  # nothing filed for rex, nothing rejected
+    assert recs["o"].status == "done" and recs["o"].attempts == 2 and recs["o"].routed_to is None
+    assert recs["o"].failures == [
+        "route-to rex cannot be taken: the order it would send rex is refused (files.0: 'webapp/src/app.js' is "
+        "outside what rex may write (webapp/docs/**); narrow it, or send the order to an agent that may write "
+        "there); do the work yourself, halt with a note, or route it to an agent that can take it"]
