@@ -1160,23 +1160,31 @@ def test_an_order_sent_after_its_dependency_was_routed_waits_for_the_follow_up(m
         step_until(sup, lambda: sup.records["ship"].status == "done", "ship to run after the follow-up")
 
 
-def test_a_route_that_ends_rejected_blocks_what_waited_for_it(make_ws):
-    # chip may route to rex, but rex may not write the order's files: the follow-up is rejected.
+def test_a_route_that_ends_cancelled_blocks_what_waited_for_it(make_ws):
+    # chip routes the review to rex, whose every attempt fails: the follow-up ends blocked, and
+    # is cancelled. What waited for the review waits for what its route ended in: never done.
+    # (A route to an agent that may not take the work is refused before it is taken: see
+    # test_a_route_to_an_agent_that_may_not_write_the_orders_files_is_a_failed_attempt.)
     ws = make_ws({"chip": {"role": "specialist", "command": ROUTE_TO_REX, "sends_to": ["rex"],
                            "writes": ["webapp/src/**"]},
-                  "rex": {"role": "specialist", "command": ROUTE_TO_REX, "writes": ["webapp/docs/**"]}})
+                  "rex": {"role": "specialist", "command": sh("exit 1"), "writes": ["webapp/src/**"]}})
     drop(ws, "chip", "a.md", order_md("Review happens", id="review", files=("webapp/src/greeting.py",),
                                       branching=("route-to-rex if it is a review",)))
     drop(ws, "chip", "b.md", order_md("Ship after the review", id="ship", blocked_by=["review"]))
     run(ws)
     recs = Store(ws.state).load_all()
     follow = recs["review"].routed_to
-    assert recs[follow].status == "rejected"
+    assert recs["review"].status == "routed" and recs[follow].status == "blocked"
+    assert recs["ship"].status == "waiting"  # a blocked order may still be retried and done
+    with Supervisor(ws) as sup:
+        sup.handle("cancel", {"id": follow})
+    run(ws)
+    recs = Store(ws.state).load_all()
     assert recs["ship"].status == "blocked"
-    assert recs["ship"].report["summary"] == f"dependency review (routed to {follow}) ended rejected"
+    assert recs["ship"].report["summary"] == f"dependency review (routed to {follow}) ended cancelled"
     with Supervisor(ws) as sup, pytest.raises(StateError) as refused:
         sup.handle("retry", {"id": "ship"})
-    assert str(refused.value) == (f"ship depends on review (routed to {follow}), which ended rejected: retried, "
+    assert str(refused.value) == (f"ship depends on review (routed to {follow}), which ended cancelled: retried, "
                                   "it would wait forever; send it again without review in blocked_by")
 
 
