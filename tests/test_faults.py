@@ -1002,6 +1002,26 @@ def test_a_commit_thread_refused_at_the_process_limit_loses_no_order(
 
 
 @pytest.mark.slow
+def test_a_last_commit_refused_at_the_process_limit_is_said_not_an_internal_error(
+        make_ws: Callable[..., Workspace], pids_cgroup: Path) -> None:
+    """`supervise --once` that had filed everything could not fork git for its last commit:
+    "internal error: BlockingIOError" (exit 70) instead of the process limit it met. Now it
+    says so in one line (exit 2), and the next start commits what it wrote."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("true")}})
+    for i in range(3):
+        drop(ws, "chip", f"o{i}.md", "not a work order\n")
+    said = run_at_the_process_limit(ws, pids_cgroup)
+    assert "ended: SupervisorError no process or thread could be made" in said, said
+    filed = sorted(Store(ws.state).load_all())
+    assert len(filed) == 3, said
+
+    again = supervise_once(ws)
+    assert again.returncode == 0, again.stderr
+    assert sorted(Store(ws.state).load_all()) == filed and silent_signals(ws) == [], again.stderr
+    assert verify(ws) == []
+
+
+@pytest.mark.slow
 def test_a_full_disk_under_the_working_copies_stops_the_supervisor_instead_of_blocking_the_order(
         make_ws: Callable[..., Workspace]) -> None:
     """The working copies (.coordinator/work/) on a disk of their own that fills: git could not
