@@ -1021,6 +1021,31 @@ def test_a_last_commit_refused_at_the_process_limit_is_said_not_an_internal_erro
     assert verify(ws) == []
 
 
+def test_a_spawn_server_that_cannot_start_its_thread_says_the_process_limit(
+        make_ws: Callable[..., Workspace], pids_cgroup: Path) -> None:
+    """With room for the supervisor and its spawn server and not one thread more, the spawn
+    server's traceback ("RuntimeError: can't start new thread") came on the screen, then
+    "the spawn server stopped (exit 1); restart the supervisor", which no restart mends. Now
+    the one line says what ran short."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("true")}})
+    drop(ws, "chip", "a.md", order_md("Anything", id="a"))
+    (pids_cgroup / "pids.max").write_text("2")
+    procs = str(pids_cgroup / "cgroup.procs")
+
+    def enter() -> None:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    short = subprocess.run([str(COORDINATOR), "-w", str(ws.root), "supervise", "--once"], capture_output=True,
+                           text=True, timeout=60, preexec_fn=enter)
+    assert short.returncode == 2, short.stderr
+    assert "Traceback" not in short.stderr and "restart the supervisor" not in short.stderr, short.stderr
+    assert short.stderr.strip().splitlines()[-1].startswith("coordinator: no process or thread could be made")
+    again = supervise_once(ws)
+    assert again.returncode == 0, again.stderr
+    assert [r.status for r in Store(ws.state).load_all().values()] == ["done"]
+
+
 @pytest.mark.slow
 def test_a_full_disk_under_the_working_copies_stops_the_supervisor_instead_of_blocking_the_order(
         make_ws: Callable[..., Workspace]) -> None:
