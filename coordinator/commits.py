@@ -86,7 +86,14 @@ class Commits:
             self._look.taken |= batch.paths  # perhaps written, not yet committed, when git looked
         if background:  # the journal is compacted once the thread has committed it (`_settle_commits`)
             if batch is not None:
-                self._committer_thread().submit(batch)
+                try:
+                    self._committer_thread().submit(batch)
+                except BaseException:
+                    # Its thread refused (a process limit): the batch is staged and journaled
+                    # again, or the next compaction dropped it from the journal and the next
+                    # start took these writes for hand edits, and deleted them.
+                    self._give_back([batch])
+                    raise
             return
         if batch is not None:
             durable.sync_fs(self.ws.state)

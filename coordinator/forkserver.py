@@ -38,6 +38,7 @@ from .spawner import (
     KILL_POLL,
     NO_FILE_TABLE,
     NO_PROCESS,
+    NO_PROCESS_EXIT,
     READ_CHUNK,
     SCAN_INTERVAL,
     SIGKILL_WAIT,
@@ -510,7 +511,14 @@ def main(argv: list[str] | None = None) -> int:
     ctl, events = socket.socket(fileno=args.ctl), socket.socket(fileno=args.events)
     for sock in (ctl, events):
         sock.set_inheritable(False)
-    _Server(ctl, events, args.log_cap, args.gate_only_ok).run()
+    try:
+        server = _Server(ctl, events, args.log_cap, args.gate_only_ok)
+    except (OSError, RuntimeError) as e:  # its probe thread refused: a traceback, then "exit 1"
+        short = _shortage(e)
+        if short is None or short[0] != errno.EAGAIN:
+            raise
+        return NO_PROCESS_EXIT  # the supervisor says it (`Spawner._dead`)
+    server.run()
     return 0
 
 

@@ -72,6 +72,7 @@ MIN_OPEN_FILES = 32  # descriptors (`ulimit -n`) below which not one order could
 NO_FILE_TABLE = "the system's table of open files is full"
 NO_PROCESS = ("no process or thread could be made (a process limit: `ulimit -u`, or the pids limit of the "
               "cgroup or container it runs in)")
+NO_PROCESS_EXIT = 75  # the spawn server's exit when it could not start for want of a process or thread
 
 
 def thread_refused(e: BaseException) -> bool:
@@ -469,6 +470,9 @@ class Spawner:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(1.0)
         code = self._proc.poll()
+        if code == NO_PROCESS_EXIT:  # "restart the supervisor" would meet the same limit
+            return SupervisorError(f"{NO_PROCESS}; raise the limit (or lower max_parallel) and start it again: "
+                                   "what was under way is picked up then")
         return SupervisorError(f"the spawn server stopped (exit {code}); restart the supervisor")
 
     def _send(self, op: str, fields: dict[str, Any]) -> None:

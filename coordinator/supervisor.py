@@ -25,7 +25,7 @@ import resource
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,13 +197,14 @@ class Supervisor(Arrivals):
         committed = False
         try:
             if self._opened and clean:
-                self._flush()
-                # Commits someone made beside it that its last batches found: the tamper watch
-                # looks every few seconds, and a stop before its next look never said them.
-                for line in self.audit.moved_by_others():
-                    self.signal("silent", agent=None, order=None,
-                                evidence=f"a commit in state/ the supervisor did not make: {line}")
-                self._flush()
+                with _said_short():
+                    self._flush()
+                    # Commits someone made beside it that its last batches found: the tamper watch
+                    # looks every few seconds, and a stop before its next look never said them.
+                    for line in self.audit.moved_by_others():
+                        self.signal("silent", agent=None, order=None,
+                                    evidence=f"a commit in state/ the supervisor did not make: {line}")
+                    self._flush()
                 committed = True
                 if not self.offline and not self.attempts.active:
                     (self.ws.runtime / "running").unlink(missing_ok=True)
@@ -358,7 +359,7 @@ class Supervisor(Arrivals):
         `should_stop()` counts stop signals, as for `run`: the first stops new work and lets
         running attempts finish within the grace; the second kills them (re-queued at next start).
         """
-        with self._flushed():
+        with _said_short(), self._flushed():
             self._run_once(limit, should_stop)
 
     def _run_once(self, limit: float | None, should_stop: Callable[[], int] | None) -> None:
@@ -382,7 +383,7 @@ class Supervisor(Arrivals):
 
     def run(self, *, should_stop: Callable[[], int]) -> None:
         """Run until stopped. `should_stop()` returns how many stop signals arrived."""
-        with self._flushed():
+        with _said_short(), self._flushed():
             self._run(should_stop)
 
     def _run(self, should_stop: Callable[[], int]) -> None:
@@ -489,6 +490,19 @@ def _ran_short(e: BaseException) -> str | None:
         return None
     return (f"{what}; raise the limit (or lower max_parallel) and start it again: what was under way is "
             "picked up then")
+
+
+@contextlib.contextmanager
+def _said_short() -> Iterator[None]:
+    """What ran short outside a step (the last commit of a run or a close could not fork git:
+    "internal error: BlockingIOError") is said as a step says it (`_ran_short`)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        short = _ran_short(e)
+        if short is None:
+            raise
+        raise SupervisorError(short) from e
 
 
 def _landlock_available() -> bool:

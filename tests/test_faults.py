@@ -952,6 +952,100 @@ def test_supervise_under_a_process_limit_never_ends_in_an_internal_error(
             assert said.strip().splitlines()[-1].startswith("coordinator: no process or thread could be made")
 
 
+def run_at_the_process_limit(ws: Workspace, pids_cgroup: Path) -> str:
+    """Open a supervisor on `ws` in a process of its own, then hold that process to the threads
+    and processes it has (the pids limit of its cgroup set to what it holds) and run it once:
+    what it said, and how it ended."""
+    code = ("import os, sys\n"
+            "from pathlib import Path\n"
+            "from coordinator.supervisor import Supervisor\n"
+            "from coordinator.workspace import Workspace\n"
+            "group = Path(sys.argv[2])\n"
+            "try:\n"
+            "    with Supervisor(Workspace(Path(sys.argv[1])), log=print) as sup:\n"
+            "        with open(group / 'cgroup.procs', 'w') as f: f.write(str(os.getpid()))\n"
+            "        (group / 'pids.max').write_text((group / 'pids.current').read_text())\n"
+            "        sup.run_once(limit=20)\n"
+            "except Exception as e:\n"
+            "    print('ended:', type(e).__name__, e)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code, str(ws.root), str(pids_cgroup)], capture_output=True,
+                         text=True, timeout=60, env=env)
+    return out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_a_commit_thread_refused_at_the_process_limit_loses_no_order(
+        make_ws: Callable[..., Workspace], pids_cgroup: Path) -> None:
+    """The supervisor stopped at a process limit when its commit thread could not start: "no
+    process or thread could be made", as it should. But what it had filed was dropped from its
+    journal of writes, so the next start took those orders for hand edits of state/: it deleted
+    them (records and the dropped files alike), signalled a false `silent`, and exited 0 with
+    no order left. Now the next start commits them, and every order is there."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("true")}})
+    for i in range(3):
+        drop(ws, "chip", f"o{i}.md", "not a work order\n")
+    # A file still being written keeps `--once` going after the three are filed: the commit
+    # that follows goes to the commit thread, which the limit refuses.
+    with open(ws.inbox("chip") / "later.md", "w"):
+        said = run_at_the_process_limit(ws, pids_cgroup)
+    assert "ended: SupervisorError no process or thread could be made" in said, said
+    (ws.inbox("chip") / "later.md").unlink()
+    filed = sorted(Store(ws.state).load_all())
+    assert len(filed) == 3, said
+
+    again = supervise_once(ws)
+    assert again.returncode == 0, again.stderr
+    assert sorted(Store(ws.state).load_all()) == filed, f"first run:\n{said}\nsecond run:\n{again.stderr}"
+    assert "changed by hand" not in again.stderr and silent_signals(ws) == [], again.stderr
+    assert verify(ws) == []
+
+
+@pytest.mark.slow
+def test_a_last_commit_refused_at_the_process_limit_is_said_not_an_internal_error(
+        make_ws: Callable[..., Workspace], pids_cgroup: Path) -> None:
+    """`supervise --once` that had filed everything could not fork git for its last commit:
+    "internal error: BlockingIOError" (exit 70) instead of the process limit it met. Now it
+    says so in one line (exit 2), and the next start commits what it wrote."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("true")}})
+    for i in range(3):
+        drop(ws, "chip", f"o{i}.md", "not a work order\n")
+    said = run_at_the_process_limit(ws, pids_cgroup)
+    assert "ended: SupervisorError no process or thread could be made" in said, said
+    filed = sorted(Store(ws.state).load_all())
+    assert len(filed) == 3, said
+
+    again = supervise_once(ws)
+    assert again.returncode == 0, again.stderr
+    assert sorted(Store(ws.state).load_all()) == filed and silent_signals(ws) == [], again.stderr
+    assert verify(ws) == []
+
+
+def test_a_spawn_server_that_cannot_start_its_thread_says_the_process_limit(
+        make_ws: Callable[..., Workspace], pids_cgroup: Path) -> None:
+    """With room for the supervisor and its spawn server and not one thread more, the spawn
+    server's traceback ("RuntimeError: can't start new thread") came on the screen, then
+    "the spawn server stopped (exit 1); restart the supervisor", which no restart mends. Now
+    the one line says what ran short."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("true")}})
+    drop(ws, "chip", "a.md", order_md("Anything", id="a"))
+    (pids_cgroup / "pids.max").write_text("2")
+    procs = str(pids_cgroup / "cgroup.procs")
+
+    def enter() -> None:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    short = subprocess.run([str(COORDINATOR), "-w", str(ws.root), "supervise", "--once"], capture_output=True,
+                           text=True, timeout=60, preexec_fn=enter)
+    assert short.returncode == 2, short.stderr
+    assert "Traceback" not in short.stderr and "restart the supervisor" not in short.stderr, short.stderr
+    assert short.stderr.strip().splitlines()[-1].startswith("coordinator: no process or thread could be made")
+    again = supervise_once(ws)
+    assert again.returncode == 0, again.stderr
+    assert [r.status for r in Store(ws.state).load_all().values()] == ["done"]
+
+
 @pytest.mark.slow
 def test_a_full_disk_under_the_working_copies_stops_the_supervisor_instead_of_blocking_the_order(
         make_ws: Callable[..., Workspace]) -> None:
