@@ -111,8 +111,14 @@ class Supervisor(Arrivals):
             _check_open_files()
         try:
             self._open()
-        except (OSError, RuntimeError) as e:
-            short = _ran_short(e)
+        except BaseException as e:
+            # What it took before it failed is let go: in a program that embeds the supervisor
+            # (a test), the lock it kept made every later start "another supervisor is running".
+            # Only once it holds the lock: the journal and guard it would close are the workspace's.
+            if self._lock_fd is not None:
+                with contextlib.suppress(Exception):
+                    self.close(clean=False)
+            short = _ran_short(e) if isinstance(e, (OSError, RuntimeError)) else None
             if short is not None:
                 raise SupervisorError(short) from e
             raise

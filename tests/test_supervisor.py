@@ -1465,3 +1465,25 @@ def test_an_outbox_file_replaced_while_it_is_delivered_is_listed_as_not_delivere
     assert line.startswith("r.yaml: replaced while it was taken (what it held before was delivered); the new "
                            "file is kept in ")
     assert "The second one" in replaced[0].read_text()
+
+
+def test_a_supervisor_whose_start_fails_leaves_the_workspace_unlocked(make_ws):
+    """A start that failed half-way (here: a folder where signals are appended) kept the
+    workspace's lock, its journal and its spawn server in a program that embeds the supervisor
+    (or a test): every later start in that program said "another supervisor is running"."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("true")}})
+    (ws.state / "signals.jsonl").mkdir()
+    with pytest.raises(StateError, match="signals.jsonl: is a directory"), Supervisor(ws):
+        pass
+    (ws.state / "signals.jsonl").rmdir()
+    drop(ws, "chip", "o.md", order_md("It runs after all", id="o"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    assert Store(ws.state).load("o").status == "done"
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+    assert not [f for f in held if f.startswith(str(ws.root))]
