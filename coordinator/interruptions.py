@@ -33,6 +33,8 @@ class Interruptions(Endings):
     waiting_requests: dict[str, Active]
     repo: Callable[[str], Repo]  # `AttemptRunner.repo`
     timer: Callable[[], float]  # `AttemptRunner.timer`
+    # Orders whose attempts the supervisor's own stop cut off (`recovery.CUT`), while it recovers.
+    cut: frozenset[str] = frozenset()
 
     def recover(self, rec: Record) -> None:
         """`rec` was running when the supervisor died: landed already, or a failed attempt."""
@@ -86,6 +88,10 @@ class Interruptions(Endings):
                     return
                 repo.remove_worktree(rec.id, Path(str(info.get("workdir", ""))), keep=False)
         rec.running = None
+        if rec.id in self.cut:  # the supervisor chose to stop: no fault of the agent's
+            return self.sup.move(rec, "queued", audit.SUPERVISOR,
+                                 note=f"attempt {number} was cut off when the supervisor stopped; not counted "
+                                      "as a failure")
         rec.failures.append(f"interrupted: the supervisor stopped during attempt {number}")
         if agent is not None and len(rec.failures) >= agent.max_failures:
             self.block(rec, rec.failures[-1])

@@ -61,6 +61,11 @@ def commit_leftovers(sup: Supervisor, written: dict[str, int] | None) -> None:
                    evidence=f"state/ changed by hand while no supervisor ran (restored from git): {shown}")
 
 
+# The orders whose attempts a stop of the supervisor cut off (`Supervisor.close`), in
+# .coordinator/: queued again at the next start without counting a failure of their agent.
+CUT = "cut-by-stop.json"
+
+
 def recover(sup: Supervisor, crashed: bool) -> None:
     """Finish what a crash interrupted (`commit_leftovers` came first); every order ends up
     in exactly one place."""
@@ -124,12 +129,20 @@ def recover(sup: Supervisor, crashed: bool) -> None:
     killed = kill_leftovers(tokens, workspace=str(sup.ws.root), attempts=real(sup.ws.runtime / "attempts"))
     if killed:
         sup.say(f"recovery: killed {killed} leftover process(es) of a dead supervisor")
+    cut = sup.ws.runtime / CUT
+    try:
+        listed = durable.read_json(cut)
+        sup.attempts.cut = frozenset(x for x in listed if isinstance(x, str)) if isinstance(listed, list) else frozenset()
+    except (OSError, ValueError):  # none: a crash, or a stop that cut nothing off
+        sup.attempts.cut = frozenset()
     for rec in running:
         sup.attempts.recover(rec)
     if crashed:
         for rec in [r for r in sup.records.values() if r.status == "queued"]:
             sup.attempts.count_unrecorded(rec)
     sup.step_commit()
+    sup.attempts.cut = frozenset()
+    cut.unlink(missing_ok=True)  # after the records it spared are written
 
 
 def _agent_from_original(sup: Supervisor, folder: Path) -> str:

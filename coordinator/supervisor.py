@@ -103,7 +103,10 @@ class Supervisor(Arrivals):
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        self.close(clean=exc_type is None)
+        # A stop it chose (signals, the grace gone, a machine limit said as SupervisorError) cuts
+        # its attempts off as no fault of theirs; any other exception is taken for a crash.
+        chosen = exc_type is None or (isinstance(exc_type, type) and issubclass(exc_type, SupervisorError))
+        self.close(clean=exc_type is None, chosen=chosen)
 
     def open(self) -> None:
         """Lock the workspace, heal the layout, recover from a crash, start watcher and spawner."""
@@ -190,7 +193,12 @@ class Supervisor(Arrivals):
         self._watcher.start()
         self._opened = True
 
-    def close(self, *, clean: bool = True) -> None:
+    def close(self, *, clean: bool = True, chosen: bool | None = None) -> None:
+        """Commit and let go of the workspace. `chosen`: the supervisor stops by its own choice
+        (default: when `clean`), so the attempts it cuts off are queued again at the next start
+        without counting a failure (`_note_cut`)."""
+        if clean if chosen is None else chosen:
+            self._note_cut()
         if self._watcher is not None:
             self._watcher.stop()
         self._polled.set()
@@ -229,6 +237,18 @@ class Supervisor(Arrivals):
                 os.close(self._lock_fd)
                 self._lock_fd = None
             self._opened = False
+
+    def _note_cut(self) -> None:
+        """Note the attempts this stop cuts off (a second Ctrl-C, the grace gone, a machine
+        limit), before its spawn server kills them: the next start queues them again without
+        counting a failure (`recovery.CUT`). A crash (kill -9, a power cut, an internal error)
+        leaves none, and then each counts as a failed attempt of its agent."""
+        attempts = getattr(self, "attempts", None)
+        if not self._opened or self.offline or attempts is None or not attempts.active:
+            return
+        with contextlib.suppress(OSError):  # unwritten (a full disk): each counts as interrupted
+            durable.write_json(self.ws.runtime / recovery.CUT,
+                               sorted({act.rec.id for act in attempts.active.values()}))
 
     @property
     def _journal_file(self) -> Path:

@@ -692,7 +692,8 @@ def test_a_watcher_that_raises_in_the_pump_thread_is_said_and_the_pump_goes_on(m
 def test_supervise_once_stops_on_a_second_sigterm_and_loses_nothing(make_ws):
     """Ctrl-C twice (or SIGTERM twice) stops `supervise --once` too, as it stops `supervise`:
     its running attempt is killed and re-queued at the next start, not lost and not left
-    running for ever."""
+    running for ever, and not counted as a failure of its agent (which blocked the order at
+    `max_failures`)."""
     ws = chip_team(make_ws)
     drop(ws, "chip", "z1.md", order_md("Order z1 waits for ever", id="z1", files=("webapp/src/z1.py",)))
     proc = subprocess.Popen([str(COORDINATOR), "-w", str(ws.root), "supervise", "--once"],
@@ -711,10 +712,16 @@ def test_supervise_once_stops_on_a_second_sigterm_and_loses_nothing(make_ws):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    assert json.loads((ws.runtime / "cut-by-stop.json").read_text()) == ["z1"]
     (probe_of(ws) / "go.z1").touch()
     again = supervise_once(ws)
     assert again.returncode == 0, again.stderr
-    assert _status(ws, "z1") == "done"
+    rec = Store(ws.state).load("z1")
+    # The stop was the supervisor's, not the agent's failure: with max_failures 1 it was blocked.
+    assert (rec.status, rec.attempts, rec.failures) == ("done", 2, [])
+    assert any("attempt 1 was cut off when the supervisor stopped; not counted as a failure" in e.line
+               for e in StateRepo(ws.state).entries("z1"))
+    assert not (ws.runtime / "cut-by-stop.json").exists()
     assert verify(ws) == []
 
 
