@@ -152,11 +152,20 @@ def supervisor(ws: Workspace) -> dict[str, Any]:
 
 def _stopped(pid: int) -> bool:
     """Whether process `pid` is stopped (Ctrl-Z in its terminal, SIGSTOP): it holds its lock and
-    looks alive, but takes nothing in and answers no request."""
+    looks alive, but takes nothing in and answers no request. Any of its threads stopped says so:
+    a thread inside a long write to disk stops only when that returns, seconds later on a busy
+    disk, and the request then waited for nothing."""
     from .spawner import proc_fields
 
-    fields = proc_fields(f"/proc/{pid}/stat")
-    return fields is not None and bool(fields) and fields[0] in (b"T", b"t")
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        threads = [str(pid)]
+    for tid in threads:
+        fields = proc_fields(f"/proc/{pid}/task/{tid}/stat")
+        if fields and fields[0] in (b"T", b"t"):
+            return True
+    return False
 
 
 def supervisor_line(sup: dict[str, Any]) -> str:

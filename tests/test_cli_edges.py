@@ -162,12 +162,32 @@ def live_supervisor(ws: Path) -> Iterator[subprocess.Popen[str]]:
         sup.communicate(timeout=60)
 
 
+def suspend(pid: int) -> None:
+    """SIGSTOP `pid`, as Ctrl-Z does, and wait until the kernel has stopped one of its threads (a
+    thread in a long write to disk stops only when it returns)."""
+    def stopped() -> bool:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            try:
+                state = Path(f"/proc/{pid}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):  # a thread that ended meanwhile
+                continue
+            if state in ("T", "t"):
+                return True
+        return False
+
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 30
+    while not stopped():
+        assert time.monotonic() < deadline, f"{pid} did not stop"
+        time.sleep(0.01)
+
+
 def test_a_suspended_supervisor_is_said_by_board_and_doctor(ws: Path) -> None:
     """Ctrl-Z on `supervise` left it holding its lock: the board said "running", requests waited 15 s
     and sent the user to `coordinator doctor`, which said nothing about the supervisor."""
     with live_supervisor(ws) as sup:
         assert f"supervisor: running (pid {sup.pid})" in run("-w", ws, "doctor").stdout.splitlines()
-        os.kill(sup.pid, signal.SIGSTOP)
+        suspend(sup.pid)
         said = (f"supervisor: STOPPED (pid {sup.pid}, suspended: Ctrl-Z?) — it takes nothing in and runs nothing "
                 f"until resumed: `fg` in its terminal, or `kill -CONT {sup.pid}`")
         assert said in run("-w", ws, "board").stdout.splitlines()
@@ -181,7 +201,7 @@ def test_a_request_to_a_suspended_supervisor_is_refused_at_once(ws: Path) -> Non
     """`cancel` or `budget add` beside a supervisor stopped by Ctrl-Z waited 15 s, then asked
     whether it was stuck: the board already knew it was suspended."""
     with live_supervisor(ws) as sup:
-        os.kill(sup.pid, signal.SIGSTOP)
+        suspend(sup.pid)
         for args in (("cancel", "WO-0001"), ("budget", "add", "5")):
             started = time.monotonic()
             refused = run("-w", ws, *args)
