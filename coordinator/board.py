@@ -48,7 +48,7 @@ def as_json(ws: Workspace) -> dict[str, Any]:
     recs = records(ws)
     index = {r.id: r for r in recs}
     return {"orders": [r.board_row() | {"stale": r.stale, "reason": reason(r, index)} for r in recs],
-            "supervisor": supervisor(ws), "inboxes": inboxes(ws)}
+            "supervisor": supervisor(ws), "inboxes": inboxes(ws), "never_taken_in": leftovers(ws)}
 
 
 def inboxes(ws: Workspace) -> dict[str, int]:

@@ -203,7 +203,8 @@ def test_workspace_from_w_then_environment_then_upward_search(ws: Path, tmp_path
     monkeypatch.chdir(ws / "repos" / "webapp" / "src")
     found = run("board", "--json")
     assert found.exit_code == 0 and json.loads(found.stdout) == {
-        "orders": [], "supervisor": {"running": False, "pid": None}, "inboxes": {"walt": 0, "chip": 0, "rex": 0}}
+        "orders": [], "supervisor": {"running": False, "pid": None}, "inboxes": {"walt": 0, "chip": 0, "rex": 0},
+        "never_taken_in": []}
     missing = run("-w", elsewhere, "board")
     assert missing.exit_code == 2
     assert missing.stderr == (f"coordinator: -w: {elsewhere} has no coordinator.yaml; "
@@ -1074,6 +1075,7 @@ def test_board_names_what_sits_in_an_inbox_and_is_never_taken_in(ws: Path) -> No
         "inbox/rex: 1 file(s) never taken in: drafts/ (2 days) (partial downloads, editor files and folders are "
         "skipped)"]
     assert "new.md.part" not in run("-w", ws, "board").stdout
+    assert json.loads(run("-w", ws, "board", "--json").stdout)["never_taken_in"] == lines[2:4]
     # A file that will be taken in is counted as before, and named in no such line.
     run("-w", ws, "send", "-", "--to", "chip", input=order("The header exists"))
     board = run("-w", ws, "board").stdout
@@ -1240,7 +1242,8 @@ def test_board_watch_with_json_is_a_usage_error(ws: Path) -> None:
 
 def test_board_json_has_the_contract_keys(worked: Path) -> None:
     doc = json.loads(run("-w", worked, "board", "--json").stdout)
-    assert list(doc) == ["orders", "supervisor", "inboxes"]
+    assert list(doc) == ["orders", "supervisor", "inboxes", "never_taken_in"]
+    assert doc["never_taken_in"] == []
     assert doc["supervisor"] == {"running": False, "pid": None}
     assert set(doc["inboxes"].values()) == {0} and "chip" in doc["inboxes"]
     for row in doc["orders"]:
