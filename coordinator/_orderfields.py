@@ -299,13 +299,19 @@ def reported(field: str, seen: list[str]) -> bool:
 class Lines(dict[str, int]):
     """The line of each field (see `load_yaml`), and `raw`: for each value YAML read as no
     text (`when: no` read as false, `12:30` as 750), the words as written and what YAML made
-    of them, for the hint in `finish`."""
+    of them, for the hint in `finish`. Found only when asked (an order with a problem): the
+    walk over every value is no work for the valid orders intake files."""
 
-    raw: dict[str, tuple[str, str]]
-
-    def __init__(self) -> None:
+    def __init__(self, node: Any = None) -> None:
         super().__init__()
-        self.raw = {}
+        self._node = node
+        self._raw: dict[str, tuple[str, str]] | None = None
+
+    @property
+    def raw(self) -> dict[str, tuple[str, str]]:
+        if self._raw is None:
+            self._raw = plain_scalars(self._node) if self._node is not None else {}
+        return self._raw
 
 
 _YAML_KINDS = {"tag:yaml.org,2002:bool": "", "tag:yaml.org,2002:int": "a number",
@@ -343,7 +349,7 @@ def _yaml_hint(field: str, written: str, kind: str) -> str:
 def finish(problems: list[Problem], lines: dict[str, int]) -> list[Problem]:
     """Problems with their lines filled in, in file order, capped. A problem about the kind of
     a value YAML read as no text says so (`lines.raw`, see `Lines`)."""
-    raw = getattr(lines, "raw", None) or {}
+    raw = lines.raw if problems and isinstance(lines, Lines) else {}
     if raw:
         problems = [replace(p, message=f"{_SAID_QUOTES.sub('', p.message)}; {_yaml_hint(p.field, *raw[p.field])}")
                     if p.field in raw and _KIND_PROBLEM.search(p.message) else p for p in problems]

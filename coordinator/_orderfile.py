@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import yaml
 
 from . import yamlbounds
-from ._orderfields import KEYS, MAX_PROBLEMS, SECTIONS, Lines, kind_of, plain_scalars, shape
+from ._orderfields import KEYS, MAX_PROBLEMS, SECTIONS, Lines, kind_of, shape
 from .errors import OrderError, Problem
 
 MAX_ORDER_BYTES = 256 * 1024
@@ -89,9 +89,8 @@ def load_yaml(text: str, *, path: str, offset: int = 0, aliases: bool = False) -
     except Exception as e:  # the YAML library on hostile input: any failure means "not YAML"
         reason = str(e).split(";")[0].splitlines()[0][:100] if str(e).strip() else type(e).__name__
         fail(path, f"is not valid YAML: {reason}")
-    lines = Lines()
+    lines = Lines(node if isinstance(node, yaml.MappingNode) else None)
     if isinstance(node, yaml.MappingNode):
-        lines.raw = plain_scalars(node)
         for key, value in node.value:
             if not isinstance(key, yaml.ScalarNode):
                 continue

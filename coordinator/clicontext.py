@@ -185,7 +185,7 @@ def submit(c: Context, action: str, args: dict[str, Any]) -> dict[str, Any]:
                               f"done; resume it (`fg` in its terminal, or `kill -CONT {sup['pid']}`) and run this "
                               "again")
 
-    drift = control.config_drift(c.ws)
+    drift = sup.get("config_changed")  # `supervisor` looked (`control.config_drift`)
     if drift:  # what it answers comes from its own team, not from the file as it is now
         click.echo(f"warning: {drift}", err=True)
     result = control.submit(c.ws, action, args)

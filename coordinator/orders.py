@@ -50,7 +50,7 @@ __all__ = [
     "ACCEPTANCE_ITEMS", "ACTIONS", "BRANCH_RULES", "FEEDBACK_STATUSES", "ID_PATTERN", "KEYS", "KINDS",
     "MAX_FILES", "MAX_IDS", "MAX_OBJECTIVE", "MAX_ORDER_BYTES", "PRIORITIES", "PRIORITY_RANK",
     "SECTIONS", "Acceptance", "Branch", "EmptyHistory", "History", "WorkOrder", "check",
-    "is_feedback", "load", "objective_key", "parse", "recipient", "render", "template",
+    "is_feedback", "load", "objective_key", "parse", "Peek", "peek", "render", "template",
 ]
 
 
@@ -182,34 +182,29 @@ def parse(data: bytes, *, path: str, to: str | None = None, kind: str | None = N
     return WorkOrder.from_dict(draft.fields)
 
 
-def recipient(data: bytes, *, path: str) -> str | None:
-    """The `to` an order file names, read as far as it goes (the rest may be invalid);
-    None when it names none or is not a work order file at all."""
-    return recipient_or_why(data, path=path)[0]
+@dataclass(frozen=True)
+class Peek:
+    """What an order file says of itself, read as far as it goes (the rest may be invalid):
+    its recipient (`to`), the `id` it declares and the ids its `blocked_by` names; `unread`:
+    why it could not be read that far (too big, not UTF-8, not valid YAML...), so that a file
+    that does name its recipient is never told to add one."""
+
+    to: str | None = None
+    id: str | None = None
+    blocked_by: tuple[str, ...] = ()
+    unread: str | None = None
 
 
-def recipient_or_why(data: bytes, *, path: str) -> tuple[str | None, str | None]:
-    """`recipient`, and when the file could not be read that far, why (too big, not UTF-8,
-    not valid YAML...): a file that does name its recipient must not be told to add one."""
-    try:
-        to = read_order(data, path=path, to=None, sender=None, kind=None).fields.get("to")
-    except OrderError as e:
-        first = e.problems[0] if e.problems else None
-        return None, (f"{first.field}: {first.message}" if first and first.field else
-                      first.message if first else str(e))
-    return (to if isinstance(to, str) and to else None), None
-
-
-def declared(data: bytes, *, path: str) -> tuple[str | None, tuple[str, ...]]:
-    """The `id` an order file declares and the ids its `blocked_by` names, read as far as it
-    goes; (None, ()) when it cannot be read that far."""
+def peek(data: bytes, *, path: str) -> Peek:
     try:
         fields = read_order(data, path=path, to=None, sender=None, kind=None).fields
-    except OrderError:
-        return None, ()
-    own, waits = fields.get("id"), fields.get("blocked_by")
-    return (own if isinstance(own, str) else None,
-            tuple(w for w in waits if isinstance(w, str)) if isinstance(waits, list) else ())
+    except OrderError as e:
+        first = e.problems[0] if e.problems else None
+        return Peek(unread=f"{first.field}: {first.message}" if first and first.field else
+                    first.message if first else str(e))
+    to, own, waits = fields.get("to"), fields.get("id"), fields.get("blocked_by")
+    return Peek(to=to if isinstance(to, str) and to else None, id=own if isinstance(own, str) else None,
+                blocked_by=tuple(w for w in waits if isinstance(w, str)) if isinstance(waits, list) else ())
 
 
 # --- check: the team rules -----------------------------------------------------------------

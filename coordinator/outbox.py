@@ -96,8 +96,9 @@ class Outbox:
                          "may send; they are not delivered")
             undelivered.append(f"{len(over)} file(s) past the {MAX_SENT} orders one attempt may send "
                                f"(from {shown_name(over[0])[0]} on, by name): kept in {shown_name(over[0])[1]}")
-        for path in _dependency_order(box, files):
-            to, unread = (path.parent.name, None) if path.parent != box else _to_of(box, path)
+        peeks = {path: _peek(box, path) for path in files}  # each file read once
+        for path in _dependency_order(files, peeks):
+            to, unread = (path.parent.name, None) if path.parent != box else (peeks[path].to, peeks[path].unread)
             name, kept = shown_name(path)
             if to not in self.sup.config.agents:
                 why = _no_recipient(path, to, in_folder=path.parent != box, unread=unread)
@@ -138,15 +139,14 @@ class Outbox:
             rec.report = {**(rec.report or {}), "undelivered": capped(undelivered)}
 
 
-def _dependency_order(box: Path, files: list[Path]) -> list[Path]:
+def _dependency_order(files: list[Path], peeks: Mapping[Path, orders.Peek]) -> list[Path]:
     """`files` by name, but each after those of the same outbox that declare an id it waits on
     (`blocked_by`): taken first, it was rejected, its dependency not yet filed. A cycle is
     left in name order (and rejected as one)."""
     declared: dict[str, Path] = {}
-    waits: dict[Path, tuple[str, ...]] = {}
+    waits = {path: peeks[path].blocked_by for path in files}
     for path in files:
-        data = runner.read_untrusted(path, orders.MAX_ORDER_BYTES, within=box)
-        own, waits[path] = (None, ()) if data is None else orders.declared(data, path=path.name)
+        own = peeks[path].id
         if own is not None:
             declared.setdefault(own, path)
     if not any(d in declared for ids in waits.values() for d in ids):
@@ -289,9 +289,9 @@ def _no_recipient(path: Path, to: str | None, *, in_folder: bool, unread: str | 
     return f"names no known recipient {hint}"
 
 
-def _to_of(box: Path, path: Path) -> tuple[str | None, str | None]:
-    """The recipient an outbox file names, even when the rest of it is invalid: then it is
-    delivered all the same and rejected there, with its errors on the board. Second: why the
-    file could not be read as far as that, when it could not."""
+def _peek(box: Path, path: Path) -> orders.Peek:
+    """What an outbox file says of itself (`orders.peek`): its recipient, even when the rest of
+    it is invalid (then it is delivered all the same and rejected there, with its errors on the
+    board), and the ids it declares and waits on, for the order of delivery."""
     data = runner.read_untrusted(path, orders.MAX_ORDER_BYTES, within=box)
-    return (None, None) if data is None else orders.recipient_or_why(data, path=path.name)
+    return orders.Peek() if data is None else orders.peek(data, path=path.name)

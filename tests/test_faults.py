@@ -853,6 +853,16 @@ def test_a_full_disk_under_repos_stops_the_supervisor_instead_of_blocking_the_or
         subprocess.run(["umount", "-l", str(ws.repos)], check=False)
 
 
+def entering(group: Path) -> Callable[[], None]:
+    """A `preexec_fn` that moves the child into cgroup `group` before it runs."""
+    procs = str(group / "cgroup.procs")
+
+    def enter() -> None:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+    return enter
+
+
 @pytest.fixture
 def pids_cgroup(tmp_path: Path) -> Iterator[Path]:
     """A cgroup of the pids controller (v1) of its own: its pids.max caps the processes and
@@ -884,11 +894,7 @@ def test_a_supervisor_out_of_processes_says_so_and_the_next_start_goes_on(
     for i, oid in enumerate(ids):
         drop(ws, f"a{i % 8}", f"{oid}.md", order_md(f"Write {oid}", id=oid, files=(f"webapp/src/{oid}.py",)))
     (pids_cgroup / "pids.max").write_text("10")
-    procs = str(pids_cgroup / "cgroup.procs")
-
-    def enter() -> None:
-        with open(procs, "w") as f:
-            f.write(str(os.getpid()))
+    enter = entering(pids_cgroup)
 
     short = subprocess.run([str(COORDINATOR), "-w", str(ws.root), "supervise", "--once"], capture_output=True,
                            text=True, timeout=180, preexec_fn=enter)
@@ -936,11 +942,7 @@ def test_supervise_under_a_process_limit_never_ends_in_an_internal_error(
     """At some limits the thread that wakes the loop could not be started: "internal error:
     RuntimeError: can't start new thread". Whatever thread or process is refused, it is said."""
     ws = make_ws({name: {"role": "specialist", "command": sh("true")} for name in ("a", "b")})
-    procs = str(pids_cgroup / "cgroup.procs")
-
-    def enter() -> None:
-        with open(procs, "w") as f:
-            f.write(str(os.getpid()))
+    enter = entering(pids_cgroup)
 
     for limit in range(3, 9):
         (pids_cgroup / "pids.max").write_text(str(limit))
@@ -1037,11 +1039,7 @@ def test_a_spawn_server_that_cannot_start_its_thread_says_the_process_limit(
     ws = make_ws({"chip": {"role": "specialist", "command": sh("true")}})
     drop(ws, "chip", "a.md", order_md("Anything", id="a"))
     (pids_cgroup / "pids.max").write_text("2")
-    procs = str(pids_cgroup / "cgroup.procs")
-
-    def enter() -> None:
-        with open(procs, "w") as f:
-            f.write(str(os.getpid()))
+    enter = entering(pids_cgroup)
 
     short = subprocess.run([str(COORDINATOR), "-w", str(ws.root), "supervise", "--once"], capture_output=True,
                            text=True, timeout=60, preexec_fn=enter)
