@@ -17,7 +17,6 @@ Example message:
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 import stat
@@ -42,15 +41,25 @@ PACK_LIMIT = 32  # packs in state/.git before they are rolled up (one is made pe
 STALE_PACK_AGE = 600.0  # seconds: a temp pack this old at start is a killed git's, not a live one's
 
 
-@functools.lru_cache(maxsize=1)
+_git_version: tuple[int, int] | None = None
+
+
 def git_version() -> tuple[int, int]:
-    """(major, minor) of the git on PATH; (0, 0) when it cannot be told."""
+    """(major, minor) of the git on PATH; (0, 0) when it cannot be told. Only an answer is
+    kept: a `git --version` refused once (a process limit) made every later batch of the run
+    stage loose objects, one new inode per file, as for a git too old to pack them."""
+    global _git_version
+    if _git_version is not None:
+        return _git_version
     try:
         out = subprocess.run(["git", "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return (0, 0)
     m = re.search(r"(\d+)\.(\d+)", out)
-    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    if m is None:
+        return (0, 0)
+    _git_version = (int(m.group(1)), int(m.group(2)))
+    return _git_version
 
 
 def packed() -> tuple[str, ...]:

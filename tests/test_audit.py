@@ -1489,3 +1489,18 @@ def test_a_state_file_reads_back_as_written_one_key_per_line(record):
             if not row.endswith("["):  # a list of objects: one line per object, below
                 same = json.dumps({key: record[key]}, sort_keys=True, ensure_ascii=False)[1:-1]
                 assert row.removesuffix(",") == "  " + same
+
+
+def test_a_git_version_that_could_not_be_told_once_is_asked_again(monkeypatch, tmp_path):
+    # A `git --version` refused once (a process limit, git not on PATH for a moment) must not
+    # stand for the whole run: every later batch would stage one loose object per file.
+    from coordinator import audit
+
+    monkeypatch.setattr(audit, "_git_version", None)
+    path = os.environ["PATH"]
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git here
+    assert audit.git_version() == (0, 0)
+    monkeypatch.setenv("PATH", path)
+    found = audit.git_version()
+    assert found >= (2, 0)
+    assert audit.packed() == (audit._PACKED if found >= (2, 37) else ())
