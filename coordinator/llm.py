@@ -352,6 +352,13 @@ class Client:
             raise _Failure(excerpt(f"the request failed ({type(e).__name__}: {_reason(e)})", secrets),
                            status=None, retry=True) from None
         status = response.status_code
+        if 300 <= status < 400:
+            # Not followed: the request carries the API key, and the answer may name any host.
+            where = response.headers.get("location")
+            moved = f"a redirect to {excerpt(where, secrets)}" if where else "a redirect that names no place"
+            raise _Failure(f"HTTP {status}: the endpoint answered with {moved}, which is not followed (it would "
+                           "carry the API key there); set base_url to the endpoint's own address",
+                           status=status, retry=False)
         if status != 200:
             detail = _error_detail(response, secrets)
             text = f"HTTP {status}" + (f": {detail}" if detail else "")

@@ -512,3 +512,18 @@ def test_usage_no_call_could_have_used_is_estimated_not_billed(fake: FakeLLM, us
     assert type(reply.usage.prompt_tokens) is int and type(reply.usage.completion_tokens) is int
     assert reply.usage.total < 100
     assert reply.cost < 0.001
+
+
+def test_a_redirect_is_not_followed_and_says_where_the_endpoint_moved(fake: FakeLLM, sleeps: Sleeps) -> None:
+    # Followed, it would carry the API key to whatever host the answer names; not followed,
+    # "HTTP 308" alone left the user to find out what to change.
+    fake.script(status=308, content="", headers={"Location": "https://api.example.test/v2/chat/completions"})
+    client = Client(settings(Endpoint("gpt-x", fake.base_url, api_key_env="FAKE_KEY"), max_retries=0),
+                    env={"FAKE_KEY": KEY}, sleep=sleeps)
+    with pytest.raises(LLMError) as info:
+        client.chat([{"role": "user", "content": "hi"}])
+    message = str(info.value)
+    assert "308" in message
+    assert "https://api.example.test/v2" in message and "base_url" in message
+    assert "not followed" in message
+    assert len(fake.requests) == 1
