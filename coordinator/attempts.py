@@ -282,8 +282,14 @@ class AttemptRunner(Interruptions):
         act.kill_due = now + grace + SIGKILL_WAIT + KILL_RETRY
 
     def kill_all(self) -> None:
-        for act in list(self.active.values()):
+        """Kill every attempt (a stop now). The kills all start at once, then each is waited
+        for: one after another, eight attempts that ignored SIGTERM took 4.2 s to stop "now"."""
+        acts = list(self.active.values())
+        for act in acts:
             self._stop_model(act, "the supervisor is stopping now")
+            with contextlib.suppress(CoordinatorError):  # the wait below tries again and says why
+                self.sup.spawner.kill_soon(self._current_token(act), grace=0.5)
+        for act in acts:
             self._kill(act, self.timer(), grace=0.5, then="the next start kills what is left")
 
     def cancel(self, rec: Record) -> str | None:

@@ -1487,3 +1487,41 @@ def test_a_supervisor_whose_start_fails_leaves_the_workspace_unlocked(make_ws):
         except OSError:  # the listing's own descriptor, closed by now
             continue
     assert not [f for f in held if f.startswith(str(ws.root))]
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_every_attempt_at_once_even_those_that_ignore_sigterm(make_ws):
+    """Stop now means now: the kills of the attempts start together, and the loop wakes at the
+    signal. One kill after another, each waiting out SIGTERM, ten attempts took 5 s, and each
+    Ctrl-C was answered up to a second late."""
+    import signal
+    import sys
+    import time
+
+    exe = str(Path(sys.executable).with_name("coordinator"))
+    hang = sh('trap "" TERM; touch "$PROBE/started-$COORD_ORDER_ID"; sleep 60 & wait; sleep 60')
+    ws = make_ws({"hang": {"role": "specialist", "command": hang, "max_parallel": 10}}, max_parallel=10)
+    ids = [f"h{i}" for i in range(10)]
+    for oid in ids:
+        drop(ws, "hang", f"{oid}.md", order_md(f"Hangs and ignores SIGTERM ({oid})", id=oid))
+    sup = subprocess.Popen([exe, "-w", str(ws.root), "supervise"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(list(probe_of(ws).glob("started-*"))) < len(ids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(list(probe_of(ws).glob("started-*"))) == len(ids)
+        sup.send_signal(signal.SIGINT)
+        time.sleep(0.2)  # two signals sent together are one: the kernel does not queue them
+        sup.send_signal(signal.SIGINT)
+        asked = time.monotonic()
+        _, err = sup.communicate(timeout=60)
+        took = time.monotonic() - asked
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+    assert sup.returncode == 0, err
+    assert "stopped: running attempts killed" in err and "Traceback" not in err
+    assert took < 3.0, f"stopping ten attempts now took {took:.1f}s"
+    assert not subprocess.run(["pgrep", "-f", str(probe_of(ws))], capture_output=True).stdout
+    # Cut off by a chosen stop: the next start queues each again without counting a failure.
+    assert json.loads((ws.runtime / "cut-by-stop.json").read_text()) == sorted(ids)
