@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 import select
+import signal
 import stat
 import threading
 import time
@@ -51,6 +52,7 @@ class Arrivals(Transitions):
     # Written to wake the loop from another thread (a hint, an LLM call that ended); the
     # loop waits on it and on the spawner's exits in one select (see `_wait`).
     _wake_fds: tuple[int, int] | None
+    _old_wakeup_fd: int | None  # the signal wakeup fd before the loop's (restored by `close`)
     _wake_lock: threading.Lock  # no write to a closed pipe's fd, now another file's
     _polled: threading.Event
     _pumps: list[threading.Thread]
@@ -128,6 +130,10 @@ class Arrivals(Transitions):
                     self._polled.clear()
 
         self._wake_fds = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # A stop signal wakes the loop too: its handler only counts it, and the wait it broke
+        # went on until its timeout, so Ctrl-C was answered up to a second late.
+        with contextlib.suppress(ValueError):  # not in the main thread: seen at the timeout
+            self._old_wakeup_fd = signal.set_wakeup_fd(self._wake_fds[1], warn_on_full_buffer=False)
         if isinstance(self._watcher, InboxWatcher):
             self._watcher.on_hint = self.wake  # a drop wakes the loop directly
         t = threading.Thread(target=watch_pump, daemon=True, name="watch_pump")

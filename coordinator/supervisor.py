@@ -22,6 +22,7 @@ import errno
 import fcntl
 import os
 import resource
+import signal
 import threading
 import time
 from collections import OrderedDict
@@ -74,6 +75,7 @@ class Supervisor(Arrivals):
         self._lock_fd: int | None = None
         self._root_id: tuple[int, int] | None = None  # the workspace folder it was started in
         self._wake_fds = None
+        self._old_wakeup_fd = None
         self._look = None
         self._wake_lock = threading.Lock()
         self._polled = threading.Event()
@@ -229,8 +231,16 @@ class Supervisor(Arrivals):
             if self._spawner is not None:
                 self._spawner.close()
             with self._wake_lock:
+                kept = None
+                if self._old_wakeup_fd is not None and self._wake_fds is not None:
+                    try:
+                        signal.set_wakeup_fd(self._old_wakeup_fd)
+                    except ValueError:  # closed from another thread: a signal must never write
+                        kept = self._wake_fds[1]  # into a file that gets its number, so it stays open
+                    self._old_wakeup_fd = None
                 for fd in self._wake_fds or ():
-                    os.close(fd)
+                    if fd != kept:
+                        os.close(fd)
                 self._wake_fds = None
             self._pumps = []  # they see the loop closed and end within a second
             if self._lock_fd is not None:
