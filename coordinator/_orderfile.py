@@ -47,6 +47,9 @@ def read_text(data: bytes, *, path: str, limit: int, what: str, empty_hint: str)
     if len(data) > limit:
         fail(path, too_big(len(data), limit, what))
     if b"\x00" in data:
+        if _utf16(data):
+            fail(path, f"is UTF-16 text (as Windows PowerShell's `>` writes it); {what} is UTF-8: save it "
+                       "as UTF-8 (`Out-File -Encoding utf8`)")
         fail(path, f"is binary (it holds NUL bytes); {what} is UTF-8 text")
     try:
         text = data.decode("utf-8-sig")
@@ -55,6 +58,15 @@ def read_text(data: bytes, *, path: str, limit: int, what: str, empty_hint: str)
     if not text.strip():
         fail(path, f"is empty; {empty_hint}")
     return text.replace("\r\n", "\n")
+
+
+def _utf16(data: bytes) -> bool:
+    """Whether `data` reads as UTF-16 text: a byte-order mark, or every other byte of its
+    start NUL (ASCII text written two bytes a character)."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return True
+    head = data[:64]
+    return len(head) >= 8 and (head[1::2].count(0) == len(head) // 2 or head[0::2].count(0) == len(head) // 2)
 
 
 def too_big(size: int, limit: int, what: str) -> str:

@@ -673,6 +673,8 @@ BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
 @pytest.mark.parametrize(("name", "data", "words"), [
     ("big.md", b"- x\n" * (512 * 1024), "is 2.0 MiB; a work order is at most 256 KiB"),
     ("bin.md", b"\x7fELF\x02\x01\x01\x00\x00\x00", "is binary"),
+    ("ps.md", "**Objective:** Say hello\n".encode("utf-16"), "is UTF-16 text"),  # with a byte-order mark
+    ("ps.yaml", "objective: Say hello\n".encode("utf-16-le"), "save it as UTF-8"),  # without one
     ("latin.md", "**Objective:** caf\xe9".encode("latin-1"), "is not UTF-8 text"),
     ("empty.md", b"", "is empty; write a work order"),
     ("blank.yaml", b"  \n\n", "is empty"),
