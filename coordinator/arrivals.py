@@ -33,6 +33,7 @@ INTAKE_BATCH = 500          # files filed per step before running what is ready
 INTAKE_SLICE = 0.002        # seconds of filing per step while attempts run: their exits want reaping
 INTAKE_SLICE_IDLE = 0.05    # ... and while none runs: what is filed first starts soon
 UNSETTLED_RETRY = 0.2       # seconds between looks at a file still being written
+HELD_WARN = 10.0            # seconds a file may stay open for writing before that is said (and `--once` goes on)
 WAIT_SLICE = 0.005          # seconds: without pump threads, how often a wait looks at the watcher
 
 
@@ -47,6 +48,8 @@ class Arrivals(Transitions):
     _unsettled: OrderedDict[Path, str]
     _quiet: Quiet  # since when each file waited for has looked the same (where no lease can tell)
     _stuck: set[Path]  # inbox files a claim failed on: tried again at each rescan
+    _held_since: dict[Path, float]  # inbox files still being written: since when (monotonic)
+    _once: bool  # `supervise --once`: what cannot be taken in now is left for the next run
     _strays_said: set[str]
     _backlog_filed: bool  # what waited in the inboxes at start is filed (no slice for it)
     # Written to wake the loop from another thread (a hint, an LLM call that ended); the
@@ -194,6 +197,7 @@ class Arrivals(Transitions):
             try:
                 mode = os.lstat(path).st_mode
             except OSError:  # gone, or not ours to see
+                self._held_since.pop(path, None)
                 continue
             if stat.S_ISLNK(mode):
                 self._refuse_link(path, agent)
@@ -208,8 +212,10 @@ class Arrivals(Transitions):
                 self._stuck_file(path, agent, e)
                 continue
             if not ready:
-                unsettled.append((path, agent))
+                if not self._held_too_long(path, agent):
+                    unsettled.append((path, agent))
                 continue
+            self._held_since.pop(path, None)
             claimed = self._claim(path, agent)
             if claimed is None:
                 continue
@@ -219,7 +225,27 @@ class Arrivals(Transitions):
         waiting.update(unsettled)
         if len(self._quiet) > len(waiting):  # gone, a link, another's: no longer waited for
             self._quiet.retain(waiting)
+        if len(self._held_since) > len(waiting) + len(self._stuck):
+            self._held_since = {p: t for p, t in self._held_since.items() if p in waiting or p in self._stuck}
         return filed > 0
+
+    def _held_too_long(self, path: Path, agent: str) -> bool:
+        """Say once of a file still being written HELD_WARN seconds after it was first seen so
+        (a writer that keeps it open): its own lines, not a silent wait. `--once` then leaves
+        it in the inbox for the next run (True) instead of waiting for ever, without a word."""
+        now = time.monotonic()
+        since = self._held_since.setdefault(path, now)
+        if now - since < HELD_WARN:
+            return False
+        shown = f"inbox/{agent}/{printable(path.name)}"
+        if self._once:
+            self._stuck.add(path)
+            self._say_once(f"WARNING: {shown} is still being written after {HELD_WARN:g}s (a process keeps it "
+                           "open for writing); it stays in the inbox for the next run")
+            return True
+        self._say_once(f"WARNING: {shown} is still being written after {HELD_WARN:g}s (a process keeps it open "
+                       "for writing); it is taken in once that process closes it")
+        return False
 
     def _say_strays(self, others: list[Path]) -> None:
         """Say once of each thing in inbox/ that is never taken in: a folder no agent owns, an

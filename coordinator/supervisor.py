@@ -87,6 +87,8 @@ class Supervisor(Arrivals):
         self._strays_said = set()
         self._backlog_filed = False
         self._stuck = set()
+        self._held_since = {}
+        self._once = False
         self._last_flush = 0.0
         self._last_progress = 0.0
         self._committer = None
@@ -395,6 +397,7 @@ class Supervisor(Arrivals):
         `should_stop()` counts stop signals, as for `run`: the first stops new work and lets
         running attempts finish within the grace; the second kills them (re-queued at next start).
         """
+        self._once = True
         with _said_short(), self._flushed():
             self._run_once(limit, should_stop)
 

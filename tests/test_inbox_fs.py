@@ -184,3 +184,52 @@ def test_an_inbox_folder_replaced_by_a_file_while_the_supervisor_runs_is_said_on
             sup.step()
     assert [s for s in said if "inbox/chip" in s] == [
         "WARNING: inbox/chip is not a folder: nothing is taken in for chip; replace it with a folder"]
+
+
+def _hold_open_for_writing(path: Path, text: str) -> subprocess.Popen[bytes]:
+    """A process that wrote `path` whole and keeps it open for writing (an editor, a tool that
+    never closes): until it ends the supervisor may not read it as finished."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "f = open(sys.argv[1], 'w'); f.write(sys.argv[2]); f.flush()\n"
+                               "print('held', flush=True); time.sleep(120)", str(path), text],
+                              stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+    return holder
+
+
+def test_supervise_once_leaves_a_file_held_open_for_writing_and_says_so(make_ws, monkeypatch):
+    """`supervise --once` waited without end, and without a word, for a file another process
+    kept open for writing; the live loop never said why the order did not arrive."""
+    from coordinator import arrivals
+
+    monkeypatch.setattr(arrivals, "HELD_WARN", 0.5)
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ran")}})
+    held = ws.inbox("chip") / "a.md"
+    holder = _hold_open_for_writing(held, order_md("An order still held open waits", id="a"))
+    try:
+        said: list[str] = []
+        with Supervisor(ws, log=said.append) as sup:
+            sup.run_once(limit=30)
+        assert [line for line in said if "inbox/chip/a.md" in line] == [
+            "WARNING: inbox/chip/a.md is still being written after 0.5s (a process keeps it open for writing); "
+            "it stays in the inbox for the next run"]
+        assert os.listdir(ws.inbox("chip")) == ["a.md"] and Store(ws.state).load_all() == {}
+        # The live loop says it once, waits, and takes the file in when its writer closes it.
+        said.clear()
+        with Supervisor(ws, log=said.append) as sup:
+            deadline = time.monotonic() + 10
+            while not any("is still being written" in line for line in said) and time.monotonic() < deadline:
+                sup.step()
+                sup._wait(0.05)
+            holder.kill()
+            holder.wait()
+            while "a" not in sup.records and time.monotonic() < deadline + 10:
+                sup.step()
+                sup._wait(0.05)
+        assert [line for line in said if "still being written" in line] == [
+            "WARNING: inbox/chip/a.md is still being written after 0.5s (a process keeps it open for writing); "
+            "it is taken in once that process closes it"]
+        assert "a" in Store(ws.state).load_all() and os.listdir(ws.inbox("chip")) == []
+    finally:
+        holder.kill()
+        holder.wait()
