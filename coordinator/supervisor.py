@@ -73,6 +73,7 @@ class Supervisor(Arrivals):
         self._unsettled = OrderedDict()
         self._quiet = Quiet(say=lambda line: self.say(line))
         self._lock_fd: int | None = None
+        self._root_fd: int | None = None  # the workspace folder, locked (`_lock`)
         self._root_id: tuple[int, int] | None = None  # the workspace folder it was started in
         self._wake_fds = None
         self._old_wakeup_fd = None
@@ -248,6 +249,9 @@ class Supervisor(Arrivals):
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
+            if self._root_fd is not None:
+                os.close(self._root_fd)
+                self._root_fd = None
             self._opened = False
 
     def _note_cut(self) -> None:
@@ -290,15 +294,54 @@ class Supervisor(Arrivals):
                                           f"{COMMAND_PATIENCE:.0f}s; try again when it is done") from None
                 raise SupervisorError(f"another supervisor (pid {other}) is running on {self.ws.root}; "
                                       "stop it first") from None
+        # The workspace folder itself is locked too: a `rm -rf .coordinator` while a supervisor
+        # ran took its lock file along, and a second supervisor started beside it, took its
+        # running attempts for a crash's and killed them.
+        try:
+            self._root_fd = _lock_folder(self.ws.root)
+        except BlockingIOError:
+            os.close(fd)
+            raise SupervisorError(f"another supervisor is running on {self.ws.root} (its "
+                                  f"{self.ws.rel(path)} was removed while it ran, so its pid is not known); "
+                                  "stop it first") from None
         os.ftruncate(fd, 0)
-        mark = f" {control.COMMAND_MARK}" if self.offline else ""
-        os.pwrite(fd, f"{os.getpid()}{mark}\n".encode(), 0)
+        os.pwrite(fd, self._pid_line(), 0)
         self._lock_fd = fd
         st = os.stat(self.ws.root)
         self._root_id = (st.st_dev, st.st_ino)
         # The team this supervisor keeps until it stops: a command run after coordinator.yaml
         # was edited says that the supervisor still acts on the old one (`control.config_drift`).
         durable.write_text(control.config_seen_path(self.ws), self.config.digest, sync=False)
+
+    def _pid_line(self) -> bytes:
+        mark = f" {control.COMMAND_MARK}" if self.offline else ""
+        return f"{os.getpid()}{mark}\n".encode()
+
+    def _keep_lock_file(self) -> None:
+        """Put supervisor.pid back when it was removed or replaced while the supervisor ran (a
+        hand clean-up of .coordinator/): `board` said no supervisor ran, and `cancel` did not
+        reach it. The workspace folder's lock (`_lock`) kept a second supervisor out meanwhile."""
+        if self._lock_fd is None:
+            return
+        path = self.ws.runtime / "supervisor.pid"
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(self._lock_fd), os.stat(path)):
+                return
+        try:
+            self.ws.runtime.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, self._pid_line(), 0)
+        except OSError:  # held a moment by a command looking (`board`): tried again at the next look
+            os.close(fd)
+            return
+        os.close(self._lock_fd)
+        self._lock_fd = fd
+        self.say(f"{self.ws.rel(path)} was removed while the supervisor ran; written again")
 
     # -- the loop -----------------------------------------------------------------------------------
     def step(self, *, paced: bool = False) -> bool:
@@ -358,6 +401,7 @@ class Supervisor(Arrivals):
         if now - self._last_watch > TAMPER_EVERY and not self.offline:
             self._last_watch = now
             self._check_workspace()
+            self._keep_lock_file()
             self._watch_config()
             self._watch_state(paced)
             verify.watch_repos(self)
@@ -512,6 +556,25 @@ def _check_open_files() -> None:
     if soft != resource.RLIM_INFINITY and soft < MIN_OPEN_FILES:
         raise SupervisorError(f"this process may open only {soft} files (`ulimit -n`); the supervisor needs "
                               f"{MIN_OPEN_FILES} or more to run an order: raise the limit and start it again")
+
+
+def _lock_folder(folder: Path) -> int | None:
+    """An exclusive lock on `folder` itself (its fd), or None where its file system has no
+    locks on folders (some network ones): the lock file alone guards it there.
+    BlockingIOError when another process holds it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _ran_short(e: BaseException) -> str | None:

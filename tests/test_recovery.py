@@ -231,9 +231,11 @@ def abandon(sup: Supervisor) -> None:
     """
     sup.watcher.stop()
     sup.spawner.close(grace=0.0)
-    if sup._lock_fd is not None:
-        os.close(sup._lock_fd)
-        sup._lock_fd = None
+    for held in ("_lock_fd", "_root_fd"):  # the kernel drops a dead process's locks
+        fd = getattr(sup, held)
+        if fd is not None:
+            os.close(fd)
+            setattr(sup, held, None)
     durable.close_journal(sup.ws.state)
     sup._opened = False
 
@@ -1398,8 +1400,9 @@ def test_a_second_crash_while_recovery_takes_back_an_outbox_order_keeps_its_send
     again = Supervisor(ws)
     with pytest.raises(Killed):
         again.open()
-    if again._lock_fd is not None:  # as `abandon`, for a supervisor killed while it opened
-        os.close(again._lock_fd)
+    for fd in (again._lock_fd, again._root_fd):  # as `abandon`, for a supervisor killed while it opened
+        if fd is not None:
+            os.close(fd)
     durable.close_journal(ws.state)
     monkeypatch.setattr(recovery.shutil, "rmtree", removed)
     restart(ws)

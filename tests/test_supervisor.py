@@ -1525,3 +1525,40 @@ def test_a_second_ctrl_c_stops_every_attempt_at_once_even_those_that_ignore_sigt
     assert not subprocess.run(["pgrep", "-f", str(probe_of(ws))], capture_output=True).stdout
     # Cut off by a chosen stop: the next start queues each again without counting a failure.
     assert json.loads((ws.runtime / "cut-by-stop.json").read_text()) == sorted(ids)
+
+
+@pytest.mark.slow
+def test_a_second_supervisor_is_refused_even_after_coordinator_runtime_was_removed(make_ws):
+    """`rm -rf .coordinator` while a supervisor ran took its lock file along: a second one
+    started beside it and took its running attempts for a crash's. Now the workspace folder is
+    locked too, and the running supervisor writes its lock file again."""
+    import shutil
+    import signal
+    import sys
+    import time
+
+    exe = str(Path(sys.executable).with_name("coordinator"))
+    ws = make_ws({"chip": {"role": "specialist", "command": sh('touch "$PROBE/started"; sleep 30')}})
+    first = subprocess.Popen([exe, "-w", str(ws.root), "supervise"], stderr=subprocess.PIPE, text=True)
+    try:
+        drop(ws, "chip", "a.md", order_md("Runs while the runtime folder goes", id="a"))
+        wait_until(lambda: (probe_of(ws) / "started").exists(), "the attempt to start", timeout=20)
+        shutil.rmtree(ws.runtime)
+        second = subprocess.run([exe, "-w", str(ws.root), "supervise", "--once"], capture_output=True,
+                                text=True, timeout=60)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.strip().endswith(
+            f"coordinator: another supervisor is running on {ws.root} (its .coordinator/supervisor.pid was "
+            "removed while it ran, so its pid is not known); stop it first")
+        assert status(ws, "a") == "running"  # its attempt was left alone
+        running = [exe, "-w", str(ws.root), "board"]
+        wait_until(lambda: f"supervisor: running (pid {first.pid})" in subprocess.run(
+            running, capture_output=True, text=True).stdout, "the board to see it running again", timeout=20)
+        first.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        first.send_signal(signal.SIGTERM)  # and now: its attempt sleeps on
+        _, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert ".coordinator/supervisor.pid was removed while the supervisor ran; written again" in err
