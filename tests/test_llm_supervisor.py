@@ -1074,3 +1074,62 @@ def test_an_agent_that_answers_every_planned_order_with_a_request_to_the_orchest
     assert last.to == "chip" and last.status == "done" and last.children == []
     [line] = last.report["undelivered"]
     assert f"{last.id} came at the end of {outbox.MAX_CHAIN} orders in a row sent from an outbox, a route, an escalation or a plan" in line
+
+
+def test_an_agent_that_routes_every_planned_order_back_to_the_orchestrator_stops_after_max_chain(make_ws, fake):
+    """chip routes every order back to walt; walt's model plans each into an order for chip
+    that allows that route. No outbox was ever delivered, where alone the bound was looked at:
+    a route and a plan taking turns filed orders for ever (`supervise --once` never ended)."""
+    from coordinator import outbox
+
+    back = {**child("chip", "Answer it", files=[]),
+            "branching": [{"action": "route-to", "agent": "walt", "when": "walt should decide"}]}
+    fake.responder = lambda body: Response(content=json.dumps(
+        {"summary": "chip answers", "orders": [] if SYNTHESIS_ROLE in body["messages"][0]["content"] else [back]}))
+    route = sh('printf "outcome: route-to\\nagent: walt\\nsummary: walt decides\\n" > "$COORD_RESULT"')
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], "llm": llm(fake)},
+                  "chip": {"role": "specialist", "sends_to": ["walt"], "command": route}},
+                 orchestrator="walt", budget={"ceiling": 10_000_000, "bands": [5_000_000, 10_000_000, 15_000_000]})
+    drop(ws, "walt", "req.md", order_md("Start asking", id="req"))
+    lines: list[str] = []
+    with Supervisor(ws, log=lines.append) as sup:
+        sup.run_once(limit=60, should_stop=lambda: int(len(sup.records) > 60))
+    recs = Store(ws.state).load_all()
+    assert len(recs) == 1 + outbox.MAX_CHAIN, len(recs)
+    assert all(r.terminal for r in recs.values()), [(r.id, r.status) for r in recs.values()]
+    last = max(recs.values(), key=lambda r: r.seq)
+    assert last.to == "walt" and last.status == "blocked" and last.children == []
+    said = f"{last.id} came at the end of {outbox.MAX_CHAIN} orders in a row sent from an outbox, a route, an escalation or a plan"
+    assert "the 1 order(s) walt planned are not filed: " + said in last.report["summary"]
+    assert any(said in line for line in lines)
+
+
+def test_a_route_at_the_end_of_max_chain_orders_fails_the_attempt_and_the_order_is_escalated(make_ws, fake):
+    """The same two, started with an order to chip: the order at the end of the chain is chip's,
+    whose route is refused as the outbox of such an order is kept; blocked, it is escalated
+    once, and the investigation's plan is not filed either."""
+    from coordinator import outbox
+
+    asked = iter(range(100))
+    fake.responder = lambda body: Response(content=json.dumps({"summary": "chip answers", "orders": [] if (
+        SYNTHESIS_ROLE in body["messages"][0]["content"]) else [{**child("chip", f"Answer it {next(asked)}", files=[]),
+        "branching": [{"action": "route-to", "agent": "walt", "when": "walt should decide"}]}]}))
+    route = sh('printf "outcome: route-to\\nagent: walt\\nsummary: walt decides\\n" > "$COORD_RESULT"')
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], "llm": llm(fake)},
+                  "chip": {"role": "specialist", "sends_to": ["walt"], "command": route}},
+                 orchestrator="walt", escalate_to="walt",
+                 budget={"ceiling": 10_000_000, "bands": [5_000_000, 10_000_000, 15_000_000]})
+    drop(ws, "chip", "o.md", order_md("Start asking", id="o", branching=("route-to-walt if walt should decide",)))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60, should_stop=lambda: int(len(sup.records) > 60))
+    recs = Store(ws.state).load_all()
+    assert len(recs) == 2 + outbox.MAX_CHAIN, len(recs)
+    assert all(r.terminal for r in recs.values()), [(r.id, r.status) for r in recs.values()]
+    chained = sorted(recs.values(), key=lambda r: r.seq)
+    last, investigation = chained[-2:]
+    assert last.to == "chip" and last.status == "blocked" and last.routed_to is None
+    said = f"{last.id} came at the end of {outbox.MAX_CHAIN} orders in a row sent from an outbox, a route, an escalation or a plan"
+    assert last.failures and all(f.startswith(f"route-to walt cannot be taken: {said}") for f in last.failures)
+    assert investigation.to == "walt" and investigation.source.startswith(f"escalation of {last.id}")
+    assert investigation.status == "blocked" and investigation.children == []
+    assert "planned are not filed" in investigation.report["summary"]
