@@ -36,7 +36,7 @@ from .outbox import _note_undelivered
 from .repos import MergeConflict, Repo
 from .runner import Attempt
 from .spawner import SIGKILL_WAIT, Refused, SpawnRequest
-from .store import Record, iso, route_end, via_route, waits_for
+from .store import Record, ended_undone, iso, route_end, via_route, waits_for
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -405,8 +405,10 @@ class AttemptRunner(Interruptions):
 
     def _blocker_problem(self, act: Active, result: results.Result) -> str | None:
         """Why a requeue's blocker could never release the order anew, or None: the order
-        itself or one waiting for it would wait for ever, and one already done when the
-        attempt started would queue it again at once, to requeue again, for ever."""
+        itself, one waiting for it or one that ended undone (never to be done) would wait for
+        ever, and one already done when the attempt started would queue it again at once, to
+        requeue again, for ever. Blocked at once on one that ended undone, the order's agent was
+        never told why, and after a retry requeued on it again."""
         blocker, rec = result.blocker, act.rec
         if result.outcome != "requeue-with-blocker" or blocker is None:
             return None
@@ -419,6 +421,9 @@ class AttemptRunner(Interruptions):
         if last.status == "done" and self._done_before(act, last):
             return (f"requeue-with-blocker: {via_route(blocker, last)} was already done when this attempt "
                     f"started (its work is in place); {what}")
+        if ended_undone(self.sup.records, (blocker,)) is not None:
+            return (f"requeue-with-blocker: {via_route(blocker, last)} ended {last.status} and will never be "
+                    f"done: this order would wait for it for ever; {what}")
         if waits_for(self.sup.records, blocker, rec.id):
             return (f"requeue-with-blocker: {blocker} waits for this order ({rec.id}): each would wait for the "
                     f"other for ever; {what}")
