@@ -145,7 +145,7 @@ def follow_up(order: WorkOrder, sender: str, to: str) -> WorkOrder:
     references = (*order.references, order.id or "")[-orders.MAX_IDS:]
     return WorkOrder(id=None, sender=sender, to=to, objective=order.objective,
                      acceptance=order.acceptance, files=order.files, branching=branching,
-                     priority=order.priority, references=references, parent=order.parent)
+                     priority=order.priority, references=references, timeout=order.timeout, parent=order.parent)
 
 
 def investigation(rec: Record, target: str, reason: str) -> WorkOrder:

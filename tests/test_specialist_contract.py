@@ -430,3 +430,19 @@ def test_a_requeue_on_an_order_that_ended_undone_is_a_failed_attempt_its_next_br
     assert rec.failures == [f"requeue-with-blocker: gone ended {ending} and will never be done: this order would "
                             "wait for it for ever; do the work, or name what is still missing"]
     assert "waiting" not in [h["to"] for h in rec.history]
+
+
+def test_a_routes_follow_up_keeps_the_orders_timeout(make_ws):
+    """The order said `timeout: 1s`; chip routed it to rex, whose follow-up ran under rex's own
+    30 minutes: the time the sender allowed the work was lost on the way."""
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
+                      'printf "outcome: route-to\\nagent: rex\\nsummary: for rex\\n" > "$COORD_RESULT"')},
+                  "rex": {"role": "specialist", "max_failures": 1, "timeout": "30m", "command": sh("sleep 30")}})
+    drop(ws, "chip", "o.md", order_md("It is reviewed", id="o", timeout="1s", priority="high",
+                                      branching=("route-to-rex if it is a review",)))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    follow = recs[recs["o"].routed_to]
+    order = Store(ws.state).load_order(follow.id)
+    assert (order.timeout, order.priority) == ("1s", "high")
+    assert follow.status == "blocked" and "timed out" in follow.failures[0], follow.failures
