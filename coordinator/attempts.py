@@ -429,18 +429,29 @@ class AttemptRunner(Interruptions):
                     f"other for ever; {what}")
         if self._awaits(last.id, rec.id):
             return (f"requeue-with-blocker: {blocker} is a request that ends only after the orders it sent, and "
-                    f"it sent this one (or one that waits for it): each would wait for the other for ever; {what}")
+                    "it sent this one (or one that waits for it, or one routed on to a request that did): each "
+                    f"would wait for the other for ever; {what}")
         return None
 
     def _awaits(self, request: str, order_id: str) -> bool:
         """Does `request`, an orchestrator's request waiting for the orders it sent, wait for
-        `order_id` (one of them, at the end of its route, or what one of them waits for)?"""
-        act = self.waiting_requests.get(request)
-        if act is None:
-            return False
+        `order_id` (one of them, at the end of its route, or what one of them waits for), or
+        for a request at the end of one's route that waits for it: a child routed to the
+        orchestrator is a request of its own, and what it sent ends before `request` does."""
         records = self.sup.records
-        return any(getattr(route_end(records, c), "id", c) == order_id or waits_for(records, c, order_id)
-                   for c in act.rec.children)
+        todo, seen = [request], {request}
+        while todo:
+            act = self.waiting_requests.get(todo.pop())
+            if act is None:
+                continue
+            for c in act.rec.children:
+                end = getattr(route_end(records, c), "id", c)
+                if end == order_id or waits_for(records, c, order_id):
+                    return True
+                if end not in seen:
+                    seen.add(end)
+                    todo.append(end)
+        return False
 
     def _await_children(self, act: Active) -> None:
         """An orchestrator delegated: its request is done when its children are, and checks pass."""

@@ -1133,3 +1133,37 @@ def test_a_route_at_the_end_of_max_chain_orders_fails_the_attempt_and_the_order_
     assert investigation.to == "walt" and investigation.source.startswith(f"escalation of {last.id}")
     assert investigation.status == "blocked" and investigation.children == []
     assert "planned are not filed" in investigation.report["summary"]
+
+
+def test_a_requeue_on_a_request_above_the_one_that_sent_the_order_is_a_failed_attempt(make_ws, fake):
+    """big's child was routed to walt, a request of its own (under big) that sent chip `wait`;
+    chip requeued `wait` on big, which ends only after its child's route, which ends only after
+    `wait`: each waited for the other, and `supervise --once` ended with all three stuck."""
+    from fakellm import _section
+
+    def answer(body: dict[str, Any]) -> Response:
+        if SYNTHESIS_ROLE in body["messages"][0]["content"]:
+            return Response(content=json.dumps({"summary": "Done.", "orders": []}))
+        routed = "Route me" in _section(user_message(body), "Request")
+        order = child("chip", "Wait on big" if routed else "Route me", files=[])
+        order["branching"] = [{"action": "requeue-with-blocker", "when": "big is not done"} if routed else
+                              {"action": "route-to", "agent": "walt", "when": "walt should decide"}]
+        return Response(content=json.dumps({"summary": "chip", "orders": [order]}))
+
+    fake.responder = answer
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], "llm": llm(fake)},
+                  "chip": {"role": "specialist", "sends_to": ["walt"], "max_failures": 2, "command": sh(
+                      'if grep -q "why the last attempt failed" "$COORD_BRIEF"; then echo did it; exit 0; fi; '
+                      'if grep -q "Route me" "$COORD_BRIEF"; then printf "outcome: route-to\\nagent: walt\\n'
+                      'summary: walt\\n" > "$COORD_RESULT"; else printf "outcome: requeue-with-blocker\\n'
+                      'summary: waits\\nblocker: big\\n" > "$COORD_RESULT"; fi')}},
+                 orchestrator="walt", budget={"ceiling": 10_000_000, "bands": [5_000_000, 10_000_000, 15_000_000]})
+    drop(ws, "walt", "big.md", order_md("Big request", id="big"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    recs = Store(ws.state).load_all()
+    assert all(r.terminal for r in recs.values()), [(r.id, r.objective, r.status) for r in recs.values()]
+    [wait] = [r for r in recs.values() if r.objective == "Wait on big"]
+    assert wait.status == "done" and wait.attempts == 2
+    assert wait.failures[0].startswith("requeue-with-blocker: big is a request that ends only after the orders it sent")
+    assert recs["big"].status == "done"
