@@ -462,14 +462,38 @@ class AttemptRunner(Interruptions):
         self.sup.event(act.rec, f"waiting for {len(act.rec.children)} order(s): {', '.join(act.rec.children)}")
         # One that waits for this request (itself, or through others) would wait for ever, and
         # the request with it: blocked at once, as a model's plan may not name its request.
+        # So would one that waits for a request above this one (a child of which was routed on
+        # to the orchestrator, as this request), which ends only after this one.
         records = self.sup.records
+        above = self._requests_awaiting(act.rec.id)
         for child in act.rec.children:
             rec = records.get(child)
-            if rec is not None and rec.status == "waiting" and waits_for(records, child, act.rec.id):
-                why = (f"it waits for {act.rec.id}, the request it was sent for, which ends only after it: "
+            if rec is None or rec.status != "waiting":
+                continue
+            request = next((r for r in above if waits_for(records, child, r)), None)
+            if request is not None:
+                what = "the request it was sent for" if request == act.rec.id else \
+                    f"a request that ends only after {act.rec.id}, the request it was sent for,"
+                why = (f"it waits for {request}, {what} which ends only after it: "
                        "it would wait for ever; send it again without that in blocked_by")
                 rec.report = {"summary": why}
-                self.sup.move(rec, "blocked", audit.SUPERVISOR, note=f"it waits for its own request {act.rec.id}")
+                note = f"it waits for its own request {act.rec.id}" if request == act.rec.id else \
+                    f"it waits for {request}, which waits for its own request {act.rec.id}"
+                self.sup.move(rec, "blocked", audit.SUPERVISOR, note=note)
+
+    def _requests_awaiting(self, request: str) -> list[str]:
+        """`request`, and each request waiting for the orders it sent that waits for it: one of
+        those orders was routed on to it (or to a request that waits for it)."""
+        records, found = self.sup.records, [request]
+        seen, grown = {request}, True
+        while grown:
+            grown = False
+            for rid, act in self.waiting_requests.items():
+                if rid not in seen and any(getattr(route_end(records, c), "id", c) in seen for c in act.rec.children):
+                    seen.add(rid)
+                    found.append(rid)
+                    grown = True
+        return found
 
     def children_ended(self, act: Active) -> None:
         """All children of a command orchestrator's request ended: verify on the default branch."""
