@@ -36,7 +36,7 @@ from .outbox import _note_undelivered
 from .repos import MergeConflict, Repo
 from .runner import Attempt
 from .spawner import SIGKILL_WAIT, Refused, SpawnRequest
-from .store import Record, iso, route_end, via_route, waits_for
+from .store import Record, ended_undone, iso, route_end, via_route, waits_for
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -411,8 +411,10 @@ class AttemptRunner(Interruptions):
 
     def _blocker_problem(self, act: Active, result: results.Result) -> str | None:
         """Why a requeue's blocker could never release the order anew, or None: the order
-        itself or one waiting for it would wait for ever, and one already done when the
-        attempt started would queue it again at once, to requeue again, for ever."""
+        itself, one waiting for it or one that ended undone (never to be done) would wait for
+        ever, and one already done when the attempt started would queue it again at once, to
+        requeue again, for ever. Blocked at once on one that ended undone, the order's agent was
+        never told why, and after a retry requeued on it again."""
         blocker, rec = result.blocker, act.rec
         if result.outcome != "requeue-with-blocker" or blocker is None:
             return None
@@ -425,23 +427,37 @@ class AttemptRunner(Interruptions):
         if last.status == "done" and self._done_before(act, last):
             return (f"requeue-with-blocker: {via_route(blocker, last)} was already done when this attempt "
                     f"started (its work is in place); {what}")
+        if ended_undone(self.sup.records, (blocker,)) is not None:
+            return (f"requeue-with-blocker: {via_route(blocker, last)} ended {last.status} and will never be "
+                    f"done: this order would wait for it for ever; {what}")
         if waits_for(self.sup.records, blocker, rec.id):
             return (f"requeue-with-blocker: {blocker} waits for this order ({rec.id}): each would wait for the "
                     f"other for ever; {what}")
         if self._awaits(last.id, rec.id):
             return (f"requeue-with-blocker: {blocker} is a request that ends only after the orders it sent, and "
-                    f"it sent this one (or one that waits for it): each would wait for the other for ever; {what}")
+                    "it sent this one (or one that waits for it, or one routed on to a request that did): each "
+                    f"would wait for the other for ever; {what}")
         return None
 
     def _awaits(self, request: str, order_id: str) -> bool:
         """Does `request`, an orchestrator's request waiting for the orders it sent, wait for
-        `order_id` (one of them, at the end of its route, or what one of them waits for)?"""
-        act = self.waiting_requests.get(request)
-        if act is None:
-            return False
+        `order_id` (one of them, at the end of its route, or what one of them waits for), or
+        for a request at the end of one's route that waits for it: a child routed to the
+        orchestrator is a request of its own, and what it sent ends before `request` does."""
         records = self.sup.records
-        return any(getattr(route_end(records, c), "id", c) == order_id or waits_for(records, c, order_id)
-                   for c in act.rec.children)
+        todo, seen = [request], {request}
+        while todo:
+            act = self.waiting_requests.get(todo.pop())
+            if act is None:
+                continue
+            for c in act.rec.children:
+                end = getattr(route_end(records, c), "id", c)
+                if end == order_id or waits_for(records, c, order_id):
+                    return True
+                if end not in seen:
+                    seen.add(end)
+                    todo.append(end)
+        return False
 
     def _await_children(self, act: Active) -> None:
         """An orchestrator delegated: its request is done when its children are, and checks pass."""
@@ -452,14 +468,38 @@ class AttemptRunner(Interruptions):
         self.sup.event(act.rec, f"waiting for {len(act.rec.children)} order(s): {', '.join(act.rec.children)}")
         # One that waits for this request (itself, or through others) would wait for ever, and
         # the request with it: blocked at once, as a model's plan may not name its request.
+        # So would one that waits for a request above this one (a child of which was routed on
+        # to the orchestrator, as this request), which ends only after this one.
         records = self.sup.records
+        above = self._requests_awaiting(act.rec.id)
         for child in act.rec.children:
             rec = records.get(child)
-            if rec is not None and rec.status == "waiting" and waits_for(records, child, act.rec.id):
-                why = (f"it waits for {act.rec.id}, the request it was sent for, which ends only after it: "
+            if rec is None or rec.status != "waiting":
+                continue
+            request = next((r for r in above if waits_for(records, child, r)), None)
+            if request is not None:
+                what = "the request it was sent for" if request == act.rec.id else \
+                    f"a request that ends only after {act.rec.id}, the request it was sent for,"
+                why = (f"it waits for {request}, {what} which ends only after it: "
                        "it would wait for ever; send it again without that in blocked_by")
                 rec.report = {"summary": why}
-                self.sup.move(rec, "blocked", audit.SUPERVISOR, note=f"it waits for its own request {act.rec.id}")
+                note = f"it waits for its own request {act.rec.id}" if request == act.rec.id else \
+                    f"it waits for {request}, which waits for its own request {act.rec.id}"
+                self.sup.move(rec, "blocked", audit.SUPERVISOR, note=note)
+
+    def _requests_awaiting(self, request: str) -> list[str]:
+        """`request`, and each request waiting for the orders it sent that waits for it: one of
+        those orders was routed on to it (or to a request that waits for it)."""
+        records, found = self.sup.records, [request]
+        seen, grown = {request}, True
+        while grown:
+            grown = False
+            for rid, act in self.waiting_requests.items():
+                if rid not in seen and any(getattr(route_end(records, c), "id", c) in seen for c in act.rec.children):
+                    seen.add(rid)
+                    found.append(rid)
+                    grown = True
+        return found
 
     def children_ended(self, act: Active) -> None:
         """All children of a command orchestrator's request ended: verify on the default branch."""

@@ -17,6 +17,7 @@ from . import orders
 from ._orderfields import AGENT_PATTERN, quoted
 from .errors import CoordinatorError, OrderError, StateError
 from .orders import Branch, WorkOrder
+from .outbox import chain_problem
 from .store import Record
 
 if TYPE_CHECKING:
@@ -68,6 +69,9 @@ class FollowUps:
         is one intake rejects (`to` may not write the order's files, nothing can run it...).
         Taken, the route ended the order `routed` and its work went nowhere: instead the attempt
         fails with this reason, and its agent may do the work, halt, or route elsewhere."""
+        chained = chain_problem(self.sup.records, rec)
+        if chained is not None:
+            return f"route-to {to} cannot be taken: {chained}; do the work yourself, or halt with a note"
         made = self._after_last_failure(follow_up(order, rec.to, to))
         try:
             orders.load(orders.render(made).encode(), path=f"route to {to}", kind="markdown", to=to, config=self.sup.config,
@@ -141,7 +145,7 @@ def follow_up(order: WorkOrder, sender: str, to: str) -> WorkOrder:
     references = (*order.references, order.id or "")[-orders.MAX_IDS:]
     return WorkOrder(id=None, sender=sender, to=to, objective=order.objective,
                      acceptance=order.acceptance, files=order.files, branching=branching,
-                     priority=order.priority, references=references, parent=order.parent)
+                     priority=order.priority, references=references, timeout=order.timeout, parent=order.parent)
 
 
 def investigation(rec: Record, target: str, reason: str) -> WorkOrder:

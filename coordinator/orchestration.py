@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import budget, llmagent, orders, results
+from . import budget, llmagent, orders, outbox, results
 from .config import Agent, parse_duration
 from .conversation import Outcome, launch, model_brief, new_client, one_line
 from .errors import CoordinatorError, OrderError
@@ -42,6 +42,14 @@ def file_plan(runner: AttemptRunner, act: Active, plan: llmagent.Plan) -> None:
         runner._finish(act)
         reason = (f"{act.agent.name} still files orders after {MAX_ROUNDS} rounds of planning and review; "
                   f"stopped here: split the request, or `coordinator retry {rec.id}`")
+        rec.failures.append(reason)
+        return runner.block(rec, reason)
+    chained = outbox.chain_problem(sup.records, rec) if plan.orders else None
+    if chained is not None:
+        runner._finish(act)
+        reason = (f"the {len(plan.orders)} order(s) {act.agent.name} planned are not filed: {chained}; a retry "
+                  "would end the same: send the request again yourself if it is still wanted")
+        sup.say(f"{rec.id}: {reason}")
         rec.failures.append(reason)
         return runner.block(rec, reason)
     filed: list[str] = []

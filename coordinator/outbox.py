@@ -77,16 +77,8 @@ class Outbox:
         """Work orders the specialist wrote into $COORD_OUTBOX (`files`, see `_outbox_files`),
         stamped with its name; each leaves the outbox as it is taken, so what is left there
         was not delivered. `sent`: orders of this outbox delivered before a crash (MAX_SENT)."""
-        chain = _chain(self.sup.records, rec)
-        if len(chain) > MAX_CHAIN:
-            ids = chain[::-1]
-            route = " -> ".join(ids if len(ids) <= 4 else [ids[0], "...", *ids[-2:]])
-            sources = [self.sup.records[i].source for i in chain[:-1] if i in self.sup.records]
-            how = "an outbox" if all(s.startswith(OUTBOX_SOURCE) for s in sources) else \
-                "an outbox, a route, an escalation or a plan"
-            why = (f"{rec.id} came at the end of {len(chain) - 1} orders in a row sent from {how} "
-                   f"({route}), the most one chain may be: agents that keep sending each other work "
-                   "would never stop")
+        why = chain_problem(self.sup.records, rec)
+        if why is not None:
             self.sup.say(f"{rec.id}: its outbox is not delivered: {why}")
             undelivered += not_delivered(box, files, f"{why}; send it yourself if it is wanted")
             return
@@ -175,6 +167,23 @@ def _chain(records: Mapping[str, Record], rec: Record) -> list[str]:
         chain.append(sender.id)
         rec = sender
     return chain
+
+
+def chain_problem(records: Mapping[str, Record], rec: Record) -> str | None:
+    """Why `rec` may send no work on (by its outbox, a route or a plan), or None: it came at the
+    end of MAX_CHAIN orders in a row, each sent on by the one before. Looked at only where an
+    outbox was delivered, a route and a plan taking turns sent each other work for ever."""
+    chain = _chain(records, rec)
+    if len(chain) <= MAX_CHAIN:
+        return None
+    ids = chain[::-1]
+    route = " -> ".join(ids if len(ids) <= 4 else [ids[0], "...", *ids[-2:]])
+    sources = [records[i].source for i in chain[:-1] if i in records]
+    how = "an outbox" if all(s.startswith(OUTBOX_SOURCE) for s in sources) else \
+        "an outbox, a route, an escalation or a plan"
+    return (f"{rec.id} came at the end of {len(chain) - 1} orders in a row sent from {how} "
+            f"({route}), the most one chain may be: agents that keep sending each other work "
+            "would never stop")
 
 
 def _note_undelivered(act: Active) -> None:

@@ -1074,3 +1074,96 @@ def test_an_agent_that_answers_every_planned_order_with_a_request_to_the_orchest
     assert last.to == "chip" and last.status == "done" and last.children == []
     [line] = last.report["undelivered"]
     assert f"{last.id} came at the end of {outbox.MAX_CHAIN} orders in a row sent from an outbox, a route, an escalation or a plan" in line
+
+
+def test_an_agent_that_routes_every_planned_order_back_to_the_orchestrator_stops_after_max_chain(make_ws, fake):
+    """chip routes every order back to walt; walt's model plans each into an order for chip
+    that allows that route. No outbox was ever delivered, where alone the bound was looked at:
+    a route and a plan taking turns filed orders for ever (`supervise --once` never ended)."""
+    from coordinator import outbox
+
+    back = {**child("chip", "Answer it", files=[]),
+            "branching": [{"action": "route-to", "agent": "walt", "when": "walt should decide"}]}
+    fake.responder = lambda body: Response(content=json.dumps(
+        {"summary": "chip answers", "orders": [] if SYNTHESIS_ROLE in body["messages"][0]["content"] else [back]}))
+    route = sh('printf "outcome: route-to\\nagent: walt\\nsummary: walt decides\\n" > "$COORD_RESULT"')
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], "llm": llm(fake)},
+                  "chip": {"role": "specialist", "sends_to": ["walt"], "command": route}},
+                 orchestrator="walt", budget={"ceiling": 10_000_000, "bands": [5_000_000, 10_000_000, 15_000_000]})
+    drop(ws, "walt", "req.md", order_md("Start asking", id="req"))
+    lines: list[str] = []
+    with Supervisor(ws, log=lines.append) as sup:
+        sup.run_once(limit=60, should_stop=lambda: int(len(sup.records) > 60))
+    recs = Store(ws.state).load_all()
+    assert len(recs) == 1 + outbox.MAX_CHAIN, len(recs)
+    assert all(r.terminal for r in recs.values()), [(r.id, r.status) for r in recs.values()]
+    last = max(recs.values(), key=lambda r: r.seq)
+    assert last.to == "walt" and last.status == "blocked" and last.children == []
+    said = f"{last.id} came at the end of {outbox.MAX_CHAIN} orders in a row sent from an outbox, a route, an escalation or a plan"
+    assert "the 1 order(s) walt planned are not filed: " + said in last.report["summary"]
+    assert any(said in line for line in lines)
+
+
+def test_a_route_at_the_end_of_max_chain_orders_fails_the_attempt_and_the_order_is_escalated(make_ws, fake):
+    """The same two, started with an order to chip: the order at the end of the chain is chip's,
+    whose route is refused as the outbox of such an order is kept; blocked, it is escalated
+    once, and the investigation's plan is not filed either."""
+    from coordinator import outbox
+
+    asked = iter(range(100))
+    fake.responder = lambda body: Response(content=json.dumps({"summary": "chip answers", "orders": [] if (
+        SYNTHESIS_ROLE in body["messages"][0]["content"]) else [{**child("chip", f"Answer it {next(asked)}", files=[]),
+        "branching": [{"action": "route-to", "agent": "walt", "when": "walt should decide"}]}]}))
+    route = sh('printf "outcome: route-to\\nagent: walt\\nsummary: walt decides\\n" > "$COORD_RESULT"')
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], "llm": llm(fake)},
+                  "chip": {"role": "specialist", "sends_to": ["walt"], "command": route}},
+                 orchestrator="walt", escalate_to="walt",
+                 budget={"ceiling": 10_000_000, "bands": [5_000_000, 10_000_000, 15_000_000]})
+    drop(ws, "chip", "o.md", order_md("Start asking", id="o", branching=("route-to-walt if walt should decide",)))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60, should_stop=lambda: int(len(sup.records) > 60))
+    recs = Store(ws.state).load_all()
+    assert len(recs) == 2 + outbox.MAX_CHAIN, len(recs)
+    assert all(r.terminal for r in recs.values()), [(r.id, r.status) for r in recs.values()]
+    chained = sorted(recs.values(), key=lambda r: r.seq)
+    last, investigation = chained[-2:]
+    assert last.to == "chip" and last.status == "blocked" and last.routed_to is None
+    said = f"{last.id} came at the end of {outbox.MAX_CHAIN} orders in a row sent from an outbox, a route, an escalation or a plan"
+    assert last.failures and all(f.startswith(f"route-to walt cannot be taken: {said}") for f in last.failures)
+    assert investigation.to == "walt" and investigation.source.startswith(f"escalation of {last.id}")
+    assert investigation.status == "blocked" and investigation.children == []
+    assert "planned are not filed" in investigation.report["summary"]
+
+
+def test_a_requeue_on_a_request_above_the_one_that_sent_the_order_is_a_failed_attempt(make_ws, fake):
+    """big's child was routed to walt, a request of its own (under big) that sent chip `wait`;
+    chip requeued `wait` on big, which ends only after its child's route, which ends only after
+    `wait`: each waited for the other, and `supervise --once` ended with all three stuck."""
+    from fakellm import _section
+
+    def answer(body: dict[str, Any]) -> Response:
+        if SYNTHESIS_ROLE in body["messages"][0]["content"]:
+            return Response(content=json.dumps({"summary": "Done.", "orders": []}))
+        routed = "Route me" in _section(user_message(body), "Request")
+        order = child("chip", "Wait on big" if routed else "Route me", files=[])
+        order["branching"] = [{"action": "requeue-with-blocker", "when": "big is not done"} if routed else
+                              {"action": "route-to", "agent": "walt", "when": "walt should decide"}]
+        return Response(content=json.dumps({"summary": "chip", "orders": [order]}))
+
+    fake.responder = answer
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], "llm": llm(fake)},
+                  "chip": {"role": "specialist", "sends_to": ["walt"], "max_failures": 2, "command": sh(
+                      'if grep -q "why the last attempt failed" "$COORD_BRIEF"; then echo did it; exit 0; fi; '
+                      'if grep -q "Route me" "$COORD_BRIEF"; then printf "outcome: route-to\\nagent: walt\\n'
+                      'summary: walt\\n" > "$COORD_RESULT"; else printf "outcome: requeue-with-blocker\\n'
+                      'summary: waits\\nblocker: big\\n" > "$COORD_RESULT"; fi')}},
+                 orchestrator="walt", budget={"ceiling": 10_000_000, "bands": [5_000_000, 10_000_000, 15_000_000]})
+    drop(ws, "walt", "big.md", order_md("Big request", id="big"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    recs = Store(ws.state).load_all()
+    assert all(r.terminal for r in recs.values()), [(r.id, r.objective, r.status) for r in recs.values()]
+    [wait] = [r for r in recs.values() if r.objective == "Wait on big"]
+    assert wait.status == "done" and wait.attempts == 2
+    assert wait.failures[0].startswith("requeue-with-blocker: big is a request that ends only after the orders it sent")
+    assert recs["big"].status == "done"

@@ -492,3 +492,28 @@ def test_retrying_an_order_that_waits_on_a_blocker_does_not_count_its_text_twice
         sup.handle("retry", {"id": "waits"})
         assert [(i.kind, i.status) for i in sup.ledger.items if i.ref == "waits"] == [("order", "in-flight")]
         assert sup.ledger.hot_tokens() == before
+
+
+def test_an_order_that_waits_for_a_request_above_the_one_that_sent_it_is_blocked(make_ws, tmp_path):
+    """walt's request sent chip `kid`, which chip routed back to walt: a request of its own, that
+    sent `kid2`, waiting (blocked_by) for the first request. That one ends only after kid's
+    route, which ends only after kid2: all three waited for ever, `running` and `waiting` after
+    `supervise --once` said nothing was left to run. kid2 is blocked at once, saying why."""
+    ws = make_ws({
+        "walt": {"role": "orchestrator", "sends_to": ["chip"], "command": sh(
+            'mkdir -p "$COORD_OUTBOX/chip"; if grep -q "Route me" "$COORD_BRIEF"; '
+            'then cp "$PROBE/kid2.md" "$COORD_OUTBOX/chip/"; else cp "$PROBE/kid.md" "$COORD_OUTBOX/chip/"; fi; '
+            'printf "outcome: done\\nsummary: delegated\\n" > "$COORD_RESULT"')},
+        "chip": {"role": "specialist", "sends_to": ["walt"], "command": sh(
+            'if grep -q "Route me" "$COORD_BRIEF"; then printf "outcome: route-to\\nagent: walt\\n'
+            'summary: for walt\\n" > "$COORD_RESULT"; fi; echo done')},
+    }, orchestrator="walt")
+    (tmp_path / "probe" / "kid.md").write_text(order_md("Route me", id="kid", branching=("route-to-walt if walt decides",)))
+    (tmp_path / "probe" / "kid2.md").write_text(order_md("The greeting is written", id="kid2", blocked_by=["req"]))
+    drop(ws, "walt", "req.md", order_md("The team writes the greeting", id="req"))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    assert all(r.terminal for r in recs.values()), [(r.id, r.status) for r in recs.values()]
+    assert recs["kid2"].status == "blocked", recs["kid2"].history
+    assert "req" in recs["kid2"].report["summary"] and "wait for ever" in recs["kid2"].report["summary"]
+    assert recs["req"].status == "blocked"

@@ -405,3 +405,44 @@ def test_a_route_to_an_agent_that_may_not_write_the_orders_files_is_a_failed_att
         "route-to rex cannot be taken: the order it would send rex is refused (files.0: 'webapp/src/app.js' is "
         "outside what rex may write (webapp/docs/**); narrow it, or send the order to an agent that may write "
         "there); do the work yourself, halt with a note, or route it to an agent that can take it"]
+
+
+@pytest.mark.parametrize("ending", ["cancelled", "rejected"])
+def test_a_requeue_on_an_order_that_ended_undone_is_a_failed_attempt_its_next_brief_explains(make_ws, ending):
+    """chip requeued its order on `gone`, which had ended cancelled (or rejected) and so will
+    never be done: the order was blocked at once, chip was never told why, and after a retry
+    it requeued on `gone` again. Now it is a failed attempt whose reason the next brief gives."""
+    ws = make_ws({"chip": {"role": "specialist", "max_failures": 2, "command": sh(
+        'if grep -q "will never be done" "$COORD_BRIEF"; then echo did it without gone; exit 0; fi; '
+        'printf "outcome: requeue-with-blocker\\nsummary: needs gone first\\nblocker: gone\\n" > "$COORD_RESULT"')}})
+    acceptance = ("Only one item",) if ending == "rejected" else None
+    drop(ws, "chip", "a.md", order_md("Never wanted", id="gone", acceptance=acceptance))
+    with Supervisor(ws) as sup:
+        sup._intake_step()
+        if ending == "cancelled":
+            sup.handle("cancel", {"id": "gone"})
+        assert sup.records["gone"].status == ending
+        drop(ws, "chip", "b.md", order_md("Needs gone", id="needs",
+                                          branching=("requeue-with-blocker if a dependency is missing",)))
+        sup.run_once(limit=60)
+    rec = Store(ws.state).load("needs")
+    assert rec.status == "done" and rec.attempts == 2, rec.history[-3:]
+    assert rec.failures == [f"requeue-with-blocker: gone ended {ending} and will never be done: this order would "
+                            "wait for it for ever; do the work, or name what is still missing"]
+    assert "waiting" not in [h["to"] for h in rec.history]
+
+
+def test_a_routes_follow_up_keeps_the_orders_timeout(make_ws):
+    """The order said `timeout: 1s`; chip routed it to rex, whose follow-up ran under rex's own
+    30 minutes: the time the sender allowed the work was lost on the way."""
+    ws = make_ws({"chip": {"role": "specialist", "sends_to": ["rex"], "command": sh(
+                      'printf "outcome: route-to\\nagent: rex\\nsummary: for rex\\n" > "$COORD_RESULT"')},
+                  "rex": {"role": "specialist", "max_failures": 1, "timeout": "30m", "command": sh("sleep 30")}})
+    drop(ws, "chip", "o.md", order_md("It is reviewed", id="o", timeout="1s", priority="high",
+                                      branching=("route-to-rex if it is a review",)))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    follow = recs[recs["o"].routed_to]
+    order = Store(ws.state).load_order(follow.id)
+    assert (order.timeout, order.priority) == ("1s", "high")
+    assert follow.status == "blocked" and "timed out" in follow.failures[0], follow.failures
