@@ -110,7 +110,9 @@ def supervise(c: Context, once: bool, poll: bool, grace: float) -> None:
     def on_signal(signum: int, frame: object) -> None:
         received[0] += 1  # handlers only set a flag; the loop acts on it
 
-    before = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # SIGHUP too (the terminal of a `supervise &` closed, an ssh session dropped): by default it
+    # killed the supervisor without a word, and each attempt it cut off counted as a failure.
+    before = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     lines = _LogLines(log)
     logging.getLogger().addHandler(lines)
     try:

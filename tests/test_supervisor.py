@@ -1565,3 +1565,27 @@ def test_a_second_supervisor_is_refused_even_after_coordinator_runtime_was_remov
         if first.poll() is None:
             first.kill()
     assert ".coordinator/supervisor.pid was removed while the supervisor ran; written again" in err
+
+
+def test_a_hangup_stops_the_supervisor_as_a_first_ctrl_c_does(make_ws):
+    """The terminal of a `supervise &` closed (or an ssh session dropped): SIGHUP killed the
+    supervisor without a word, and the attempt it cut off counted as a failure of its agent
+    (with `max_failures: 1`, the order was blocked)."""
+    import signal
+    import sys
+
+    exe = str(Path(sys.executable).with_name("coordinator"))
+    ws = make_ws({"chip": {"role": "specialist", "command": sh('touch "$PROBE/started"; sleep 1.5; echo finished'),
+                           "max_failures": 1}})
+    sup = subprocess.Popen([exe, "-w", str(ws.root), "supervise"], stderr=subprocess.PIPE, text=True)
+    try:
+        drop(ws, "chip", "a.md", order_md("Finishes after a hangup", id="a"))
+        wait_until(lambda: (probe_of(ws) / "started").exists(), "the attempt to start", timeout=20)
+        sup.send_signal(signal.SIGHUP)
+        _, err = sup.communicate(timeout=60)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+    assert sup.returncode == 0, err
+    assert "stopping: no new work" in err and "Traceback" not in err
+    assert status(ws, "a") == "done"
