@@ -37,6 +37,7 @@ from pathlib import Path
 from . import durable, gate, orders, paths
 from .config import Agent
 from .errors import SandboxError
+from .inboxfiles import printable
 from .landlock import Ruleset
 from .orders import WorkOrder
 from .workspace import Workspace
@@ -317,6 +318,19 @@ def argv(agent: Agent, attempt: Attempt, ws: Workspace) -> tuple[str, ...]:
         # One pass: a value put in (the brief's text) is never searched for placeholders again.
         out.append(_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg))
     return tuple(out)
+
+
+def command_missing(agent: Agent) -> str | None:
+    """The agent's program, shown, when it is not on PATH (nor where an absolute path says);
+    None when it is found, or is looked up only in the attempt's own folder (`./run.sh`)."""
+    if not agent.command or agent.command[0].startswith("{"):
+        return None
+    program = agent.command[0]
+    if "/" in program and not os.path.isabs(program):
+        return None
+    if shutil.which(program) is not None:
+        return None
+    return printable(program)
 
 
 def agent_warnings(agent: Agent) -> list[str]:

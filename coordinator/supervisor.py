@@ -181,6 +181,10 @@ class Supervisor(Arrivals):
             for name, agent in self.config.agents.items():
                 for warning in runner.agent_warnings(agent):
                     self.say(f"WARNING: agents.{name}.{warning}")
+                missing = runner.command_missing(agent)
+                if missing is not None:
+                    self.say(f"WARNING: agents.{name}.command.0: {missing} is not found on PATH: each of its "
+                             f"orders fails to start until it is (`coordinator doctor`)")
         self.attempts = AttemptRunner(self)
         self.heads = verify.load_heads(ws)
         recovery.recover(self, crashed)

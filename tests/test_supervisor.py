@@ -1589,3 +1589,17 @@ def test_a_hangup_stops_the_supervisor_as_a_first_ctrl_c_does(make_ws):
     assert sup.returncode == 0, err
     assert "stopping: no new work" in err and "Traceback" not in err
     assert status(ws, "a") == "done"
+
+
+def test_an_agent_whose_program_is_not_on_path_is_said_at_start(make_ws):
+    """A typo in an agent's command (`claud` for `claude`) was found only when each order had
+    failed to start `max_failures` times; `doctor` knew it."""
+    ws = make_ws({"chip": {"role": "specialist", "command": ["claud-not-installed", "-p", "{brief_text}"]},
+                  "rex": {"role": "specialist", "command": sh("echo ok")},
+                  "local": {"role": "specialist", "command": ["./run-here.sh"]}})
+    said: list[str] = []
+    with Supervisor(ws, log=said.append) as sup:
+        sup.run_once(limit=30)
+    assert [line for line in said if "not found on PATH" in line] == [
+        "WARNING: agents.chip.command.0: claud-not-installed is not found on PATH: each of its orders fails to "
+        "start until it is (`coordinator doctor`)"]
