@@ -209,9 +209,12 @@ class Transitions(Commits):
         return blocked
 
     def _block_on(self, rec: Record, named: str, last: Record) -> None:
-        """Block `rec`: its dependency `named` ended (at the end of its route, `last`) undone."""
+        """Block `rec`: its dependency `named` ended (at the end of its route, `last`) undone.
+        For the blocker its agent named (`requeue-with-blocker`), the report keeps why the agent
+        waited: it read "dependency X ended cancelled", and the agent's own words were gone."""
         why = f"{via_route(named, last)} ended {last.status}"
-        rec.report = {"summary": f"dependency {why}"}
+        waited = (rec.report or {}).get("summary") if named == rec.blocker else None
+        rec.report = {"summary": f"its blocker {why}; it waited because: {waited}" if waited else f"dependency {why}"}
         self.move(rec, "blocked", audit.SUPERVISOR, note=why)
 
     def ready(self, rec: Record) -> bool:

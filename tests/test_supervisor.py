@@ -1603,3 +1603,27 @@ def test_an_agent_whose_program_is_not_on_path_is_said_at_start(make_ws):
     assert [line for line in said if "not found on PATH" in line] == [
         "WARNING: agents.chip.command.0: claud-not-installed is not found on PATH: each of its orders fails to "
         "start until it is (`coordinator doctor`)"]
+
+
+def test_an_order_waiting_on_its_agents_blocker_keeps_why_when_that_blocker_is_cancelled(make_ws):
+    """The report read "dependency dep ended cancelled": the word for a `blocked_by`, and the
+    agent's own reason for waiting was gone."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh(
+        'if [ "$COORD_ORDER_ID" = first ]; then '
+        'printf "outcome: requeue-with-blocker\\nblocker: dep\\nsummary: the schema migration comes first\\n" '
+        '> "$COORD_RESULT"; else sleep 30; fi')}})
+    drop(ws, "chip", "a.md", order_md("First thing is done", id="first", priority="urgent",
+                                       branching=("requeue-with-blocker if a dependency is missing",)))
+    drop(ws, "chip", "b.md", order_md("Dependency is done", id="dep", priority="low"))
+    with Supervisor(ws) as sup:
+        def now(oid: str) -> str | None:
+            return getattr(sup.records.get(oid), "status", None)
+
+        step_until(sup, lambda: now("first") == "waiting" and now("dep") == "running",
+                   "first to wait for dep, and dep to run")
+        sup.handle("cancel", {"id": "dep"})
+        sup.step()
+    rec = Store(ws.state).load("first")
+    assert rec.status == "blocked"
+    assert rec.report["summary"] == ("its blocker dep ended cancelled; it waited because: the schema migration "
+                                     "comes first")
