@@ -35,10 +35,10 @@ from .arrivals import Arrivals
 from .attempts import AttemptRunner
 from .commits import COMMIT_QUIET
 from .errors import CoordinatorError, SupervisorError
-from .inboxfiles import Quiet
+from .inboxfiles import Quiet, printable
 from .intake import Intake, waiting_orders
 from .spawner import MIN_OPEN_FILES, NO_FILE_TABLE, NO_PROCESS, Spawner, thread_refused
-from .store import History, Store
+from .store import History, Record, Store
 from .watcher import InboxWatcher, Watcher
 from .workspace import Workspace
 
@@ -192,6 +192,7 @@ class Supervisor(Arrivals):
         self._release_ended_dependencies()
         self.store.shed_ended(self.records)
         if not self.offline:
+            self._say_agentless()
             runner.clear_spares(ws)
             marker.touch()
             verify.watch_repos(self)
@@ -316,6 +317,20 @@ class Supervisor(Arrivals):
         # The team this supervisor keeps until it stops: a command run after coordinator.yaml
         # was edited says that the supervisor still acts on the old one (`control.config_drift`).
         durable.write_text(control.config_seen_path(self.ws), self.config.digest, sync=False)
+
+    def _say_agentless(self) -> None:
+        """Say which orders wait for an agent coordinator.yaml no longer has: they stay queued
+        (they run once it is back), and the start said nothing of them ("nothing runnable left")."""
+        left: dict[str, list[Record]] = {}
+        for rec in self.records.values():
+            if rec.status in ("queued", "waiting") and rec.to not in self.config.agents:
+                left.setdefault(rec.to, []).append(rec)
+        for agent, recs in sorted(left.items()):
+            ids = [r.id for r in sorted(recs, key=lambda r: r.seq)]
+            shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+            self.say(f"WARNING: {len(ids)} order(s) for {printable(agent)} wait, and {printable(agent)} is no "
+                     f"longer in coordinator.yaml: they run once it is back (`coordinator cancel ID` drops "
+                     f"one): {shown}")
 
     def _pid_line(self) -> bytes:
         mark = f" {control.COMMAND_MARK}" if self.offline else ""

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import PRINT_REVIEW, drop, intake_all, order_md, sh, step_until, wait_until
 
 from bench.harness import probe_of
@@ -1627,3 +1628,25 @@ def test_an_order_waiting_on_its_agents_blocker_keeps_why_when_that_blocker_is_c
     assert rec.status == "blocked"
     assert rec.report["summary"] == ("its blocker dep ended cancelled; it waited because: the schema migration "
                                      "comes first")
+
+
+def test_orders_queued_for_an_agent_taken_out_of_the_team_are_said_at_start(make_ws):
+    """An agent removed from coordinator.yaml while orders for it were queued: the start said
+    "nothing runnable left", and the board showed them queued, for ever, without a word."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")},
+                  "rex": {"role": "specialist", "command": sh("echo ok")}})
+    for oid in ("r1", "r2"):
+        drop(ws, "rex", f"{oid}.md", order_md(f"Rex does {oid}", id=oid))
+    with Supervisor(ws) as sup:
+        sup._intake_step()
+        sup._write_state()
+        sup._flush()
+    cfg = yaml.safe_load(ws.config_path.read_text())
+    del cfg["agents"]["rex"]
+    ws.config_path.write_text(yaml.safe_dump(cfg))
+    said: list[str] = []
+    with Supervisor(Workspace(ws.root), log=said.append) as sup:
+        sup.run_once(limit=30)
+    assert ("WARNING: 2 order(s) for rex wait, and rex is no longer in coordinator.yaml: they run once it is "
+            "back (`coordinator cancel ID` drops one): r1, r2") in said
+    assert status(ws, "r1") == status(ws, "r2") == "queued"
