@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ class Workspace:
 
     @classmethod
     def _at(cls, path: Path, source: str) -> Workspace:
-        path = path.expanduser().resolve()
+        path = _resolved(path, source)
         _check_utf8(path, source)
         config = path / CONFIG_NAME
         if config.is_file():
@@ -61,7 +62,7 @@ class Workspace:
         # Say what the path is, so that the advice given works.
         if path.name == CONFIG_NAME and not path.is_dir():
             raise WorkspaceError(f"{source}: {path} is the config file; pass its folder: -w {path.parent}")
-        if path.is_file():
+        if path.exists() and not path.is_dir():  # a FIFO or a device too: init there would refuse it
             raise WorkspaceError(f"{source}: {path} is a file, not a workspace folder")
         if config.exists():
             raise WorkspaceError(f"{source}: {config} is not a regular file; the workspace's config must be one")
@@ -186,7 +187,7 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
     from .demo.repo import init_demo_repo
 
     given = target.expanduser() / CONFIG_NAME  # said as the user wrote it
-    target = target.expanduser().resolve()
+    target = _resolved(target, None)
     _check_utf8(target)
     cfg_path = target / CONFIG_NAME
     if _config_there(cfg_path, shown=given) and not force:
@@ -198,7 +199,15 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
     except OSError as e:  # a file where a parent folder should be, a read-only disk
         raise UsageError(f"cannot make {target}: {e.strerror}") from None
     lines: list[str] = []
-    cfg_path.write_text(example_config(), encoding="utf-8")
+    try:
+        cfg_path.write_text(example_config(), encoding="utf-8")
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise  # the command line says what to do about a full or read-only disk
+        # A folder that takes no files (/proc, /sys): said as "internal error", or as "run it as the
+        # user who owns the workspace" to root, for whom there was no workspace yet.
+        raise UsageError(f"cannot write {given}: {e.strerror}: make the workspace in a folder of a disk this "
+                         "user may write in") from None
     lines.append(f"wrote {CONFIG_NAME}")
     ws = Workspace(target)
     cfg = ws.config  # validates what we just wrote
@@ -218,6 +227,16 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
     if not ignore.exists() and not (target / ".git").exists():
         ignore.write_text(f"{RUNTIME}/\n", encoding="utf-8")
     return ws, lines
+
+
+def _resolved(path: Path, source: str | None) -> Path:
+    """`path` made absolute with its links followed; WorkspaceError when they lead back to
+    themselves (a traceback-free "internal error: RuntimeError: Symlink loop" before)."""
+    try:
+        return path.expanduser().resolve()
+    except (RuntimeError, OSError):  # RuntimeError up to Python 3.12, OSError (ELOOP) after
+        raise WorkspaceError(f"{source + ': ' if source else ''}{path}: a symbolic link on the way leads back "
+                             "to itself; pass a folder reached through no such link") from None
 
 
 def _check_utf8(root: Path, source: str | None = None) -> None:

@@ -184,6 +184,30 @@ def test_init_over_a_config_that_is_no_file_says_so_in_one_line_forced_or_not(tm
     assert sorted(os.listdir(root)) == ["coordinator.yaml"]
 
 
+def test_init_where_no_file_can_be_written_says_so_in_one_line(tmp_path: Path) -> None:
+    """`-w /proc/self init` (a kernel's folder that takes no files) was "internal error:
+    FileNotFoundError", and a link loop on the way "internal error: RuntimeError"."""
+    refused = program("-w", "/proc/self", "init")
+    assert (refused.returncode, refused.stderr) == (
+        2, "coordinator: cannot write /proc/self/coordinator.yaml: No such file or directory: make the workspace "
+           "in a folder of a disk this user may write in\n")
+    (tmp_path / "loop").symlink_to("loop")
+    said = (f"{tmp_path / 'loop' / 'team'}: a symbolic link on the way leads back to itself; pass a folder "
+            "reached through no such link\n")
+    assert program("init", tmp_path / "loop" / "team").stderr == "coordinator: " + said
+    for args in (("init",), ("board",)):
+        refused = program("-w", tmp_path / "loop" / "team", *args)
+        assert (refused.returncode, refused.stderr) == (2, "coordinator: " + ("-w: " if args == ("board",) else "")
+                                                        + said), args
+
+
+def test_w_naming_a_fifo_says_it_is_no_folder_rather_than_advising_init_there(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    refused = run("-w", tmp_path / "fifo", "board")
+    assert (refused.exit_code, refused.stderr) == (
+        2, f"coordinator: -w: {tmp_path / 'fifo'} is a file, not a workspace folder\n")
+
+
 def test_init_without_a_folder_uses_the_current_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert run("init").exit_code == 0
