@@ -265,7 +265,53 @@ def load(path: Path) -> Config:
             raise ConfigError(f"is not valid YAML{where}: it is indented with a tab; YAML indents with spaces",
                               path=shown) from None
         raise ConfigError(f"is not valid YAML{where}: {getattr(e, 'problem', e)}", path=shown) from None
-    return dataclasses.replace(from_mapping(data, path=path), digest=hashlib.sha256(raw_bytes).hexdigest())
+    try:
+        cfg = from_mapping(data, path=path)
+    except ConfigError as e:
+        raise _with_yaml_hint(e, text) from None
+    return dataclasses.replace(cfg, digest=hashlib.sha256(raw_bytes).hexdigest())
+
+
+def _with_yaml_hint(e: ConfigError, text: str) -> ConfigError:
+    """`e`, saying what YAML did when the value it is about was read as no text, as a work
+    order says it: `on_ceiling: no` was refused as "not false", and an agent named `no` as
+    "'false' is not an agent name", leaving the user to guess where a false came from."""
+    from ._orderfields import _KIND_PROBLEM, _SAID_QUOTES, _yaml_hint, plain_scalars
+
+    prefix = f"{e.path or CONFIG_NAME}: {e.key}: "
+    if not e.key or not str(e).startswith(prefix):
+        return e
+    message = str(e).removeprefix(prefix)
+    node = yaml.compose(text, Loader=yamlbounds.LOADER)  # bounded and loaded once already: it composes
+    hint = None
+    written = plain_scalars(node).get(e.key) if _KIND_PROBLEM.search(message) else None
+    if written and message.startswith(("must be a string", "must be an agent name")):
+        # Text is wanted: quoted, the value is that text (a date is said to be quoted already).
+        hint = None if _SAID_QUOTES.search(message) else _yaml_hint(e.key, *written)
+    elif written and written[1] in ("true", "false"):  # in quotes it is still no rotate, list or duration
+        key = e.key.rsplit(".", 1)[-1]
+        hint = f"`{written[0] if key.isdigit() else f'{key}: {written[0]}'}` was read by YAML as {written[1]}"
+    if hint is None:  # a key of the mapping `e` is about: `no:` under agents
+        hint = next((h for kind, h in _key_hints(node, e.key.split(".")) if f"'{kind}'" in message), None)
+    return ConfigError(f"{message}; {hint}", path=e.path, key=e.key) if hint else e
+
+
+def _key_hints(node: Any, parts: list[str]) -> list[tuple[str, str]]:
+    """For each unquoted key of the mapping at `parts` under `node` that YAML reads as true or
+    false, the hint that says so (`no:` read as false). A number is no name in quotes either."""
+    for part in parts:
+        if not isinstance(node, yaml.MappingNode):
+            return []
+        node = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part), None)
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    hints = []
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode) and not key.style and key.tag == "tag:yaml.org,2002:bool":
+            kind = "true" if key.value.lower() in ("yes", "true", "on") else "false"
+            hints.append((kind, f"the key `{key.value[:40]}:` was read by YAML as {kind}: put it in quotes "
+                         f"(\"{key.value[:40]}\":)"))
+    return hints
 
 
 def _tab_indented(text: str, line: int) -> bool:

@@ -201,3 +201,24 @@ def test_ensure_layout_makes_only_what_is_missing(made: Workspace) -> None:
     (made.inbox("rex")).rmdir()
     assert made.ensure_layout() == ["inbox/rex"]
     assert made.inbox("rex").is_dir()
+
+
+
+@pytest.mark.parametrize(("was", "now", "said"), [
+    ("on_ceiling: rotate", "on_ceiling: no",  # in quotes it is no choice either: what YAML did is said
+     "budget.on_ceiling: must be one of rotate, fresh, warn, not false; `on_ceiling: no` was read by YAML as false"),
+    ("orchestrator: walt", "orchestrator: no",  # `no` is a name: in quotes it is one
+     "orchestrator: must be an agent name (a lowercase letter, then up to 31 lowercase letters, digits, '-' or '_'), "
+     'not false; `orchestrator: no` was read by YAML as false: put it in quotes ("no")'),
+    ("  rex:", "  no:",
+     "agents: 'false' is not an agent name (a lowercase letter, then up to 31 lowercase letters, digits, '-' or "
+     "'_'); the key `no:` was read by YAML as false: put it in quotes (\"no\":)"),
+])
+def test_a_config_value_yaml_read_as_true_or_false_says_so_as_an_order_does(made: Workspace, was: str, now: str,
+                                                                             said: str) -> None:
+    """`on_ceiling: no` was refused as "not false", an agent named `no` as "'false' is not an
+    agent name": the user was left to guess where a false came from."""
+    made.config_path.write_text(made.config_path.read_text().replace(was, now, 1))
+    with pytest.raises(ConfigError) as refused:
+        config.load(made.config_path)
+    assert str(refused.value) == f"coordinator.yaml: {said}"
