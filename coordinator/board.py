@@ -31,6 +31,7 @@ ENDED_SHOWN = 8  # ended orders shown per column; the count says how many there 
 LEFTOVER_AFTER = 300.0  # seconds: a download or an editor's file younger than this may still be in use
 LEFTOVERS_NAMED = 3     # leftovers named per inbox; the count says how many there are
 LEFTOVER_NAME = 48      # characters of a leftover's name shown
+FAILURE_SHOWN = 4000    # characters of one failure's reason `show` prints (a stored one is cut there too)
 
 
 def records(ws: Workspace, cache: RecordCache | None = None) -> list[Record]:
@@ -374,7 +375,11 @@ def render_show(data: dict[str, Any]) -> str:
     if data.get("blocker"):
         lines.append(f"blocker: {printable(str(data['blocker']))}")
     for f in data.get("failures") or []:
-        lines.append(f"failure: {printable(f.splitlines()[0]) if f else f}")
+        # Whole, each line indented under it: a failing check's reason is its output's tail on the
+        # lines after "output:", and only the first line was shown (the output, not at all).
+        f = str(f)
+        cut = f"… ({len(f) - FAILURE_SHOWN:,} characters more left out)" if len(f) > FAILURE_SHOWN else ""
+        lines.append("failure: " + "\n  ".join(map(printable, (f[:FAILURE_SHOWN] + cut).split("\n"))))
     report = data.get("report") or {}
     if report.get("summary") and report["summary"] != "; ".join(data.get("errors") or []):
         # A rejection's summary only repeats its errors. A summary may run over lines: each is kept.

@@ -1305,6 +1305,19 @@ def test_show_a_rejected_order_lists_each_error_once(ws: Path) -> None:
     assert json.loads(run("-w", ws, "show", "WO-0001", "--json").stdout)["order"] is None
 
 
+def test_show_prints_a_failing_checks_whole_reason_each_line_under_it(ws: Path) -> None:
+    """A failing check's reason is its output's tail, on the lines after "output:": `show` printed
+    only the first line of each failure, the output (what the user needed) not at all."""
+    check = "printf 'expected 3\\ngot 4\\033[31m\\n' && false"
+    text = order("The webapp greets a user by name").replace("- `make test` passes", f"- `{check}` passes")
+    sent = run("-w", ws, "send", "-", "--to", "chip", input=text)
+    assert sent.stdout == "WO-0001\n", sent.stderr
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    shown = run("-w", ws, "show", "WO-0001").stdout.splitlines()
+    first = shown.index(f"failure: check `{check}` failed with exit code 1; output:")
+    assert shown[first + 1:first + 3] == ["  expected 3", "  got 4[31m"]  # no escape reaches the terminal
+
+
 @pytest.mark.parametrize("args", [("log",), ("doctor",), ("board",)])
 def test_a_reader_that_stops_reading_is_no_error(worked: Path, args: tuple[str, ...]) -> None:
     """`coordinator log | head -1`: the reader has seen enough; exit 0, nothing said."""
