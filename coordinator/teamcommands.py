@@ -22,6 +22,8 @@ import click
 
 from .clicontext import (
     DAYS,
+    NOTE,
+    ORDER_ID,
     SECONDS,
     Command,
     Context,
@@ -207,7 +209,7 @@ def board(c: Context, as_json: bool, watch: bool) -> None:
 
 
 @click.command(cls=Command)
-@click.argument("order_id", metavar="[ID]", required=False)
+@click.argument("order_id", metavar="[ID]", required=False, type=ORDER_ID)
 @click.option("--json", "as_json", is_flag=True, help="A JSON list of entries.")
 @pass_ctx
 def log(c: Context, order_id: str | None, as_json: bool) -> None:
@@ -267,7 +269,7 @@ def budget(ctx: click.Context, as_json: bool) -> None:
 
 @budget.command("add")
 @click.argument("tokens", type=Tokens())
-@click.option("--note", default="", help="What the tokens were (a file read, a chat).")
+@click.option("--note", default="", type=NOTE, help="What the tokens were (a file read, a chat).")
 @pass_ctx
 def budget_add(c: Context, tokens: int, note: str) -> None:
     """Add hot tokens the supervisor cannot see (an external orchestrator's reading).
