@@ -313,6 +313,13 @@ def rotate(c: Context, fresh: bool) -> None:
     r = submit(c, "rotate", {"fresh": fresh})
     echo_done(r["message"], done="a fresh generation was started" if fresh else "the context was rotated",
               again="rotate it again")
+    before = r.get("before")  # none from a supervisor started before it was answered
+    if isinstance(before, int) and r["hot_tokens"] > before:
+        # "rotate" reads as "fewer hot tokens": a fresh brief longer than the context it replaced
+        # raised them, and was said only as "10 -> 62" in a line that looked like success.
+        click.echo(f"warning: the fresh generation starts with more hot tokens ({r['hot_tokens']:,}) than the "
+                   f"context it replaced ({before:,}): its brief, state/orchestrator/brief.md, is the longer; a "
+                   "fresh start lowers them once the context has outgrown that brief", err=True)
 
 
 @click.command("signals", cls=Command)

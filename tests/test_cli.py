@@ -1721,6 +1721,20 @@ def test_budget_add_and_rotate(ws: Path) -> None:
     assert git(ws / "state", "status", "--porcelain") == ""
 
 
+def test_rotate_fresh_that_raises_the_hot_tokens_says_so(ws: Path) -> None:
+    """A fresh brief longer than the context it replaced raised the hot tokens (5 -> 62), said
+    only in a line that read as success: "rotate" is asked for to lower them."""
+    assert run("-w", ws, "budget", "add", "5").exit_code == 0
+    fresh = run("-w", ws, "rotate", "--fresh")
+    after = json.loads(run("-w", ws, "budget", "--json").stdout)["hot_tokens"]
+    assert after > 5
+    assert (fresh.exit_code, fresh.stdout) == (0, f"rotate --fresh: generation 2, 5 -> {after} hot tokens\n")
+    assert fresh.stderr == (f"warning: the fresh generation starts with more hot tokens ({after}) than the context "
+                            "it replaced (5): its brief, state/orchestrator/brief.md, is the longer; a fresh start "
+                            "lowers them once the context has outgrown that brief\n")
+    assert run("-w", ws, "rotate", "--fresh").stderr == ""  # no more than before: nothing to warn of
+
+
 def test_signals_and_audit_verify_notice_a_hand_commit(ws: Path) -> None:
     assert run("-w", ws, "signals").stdout == "no signals recorded\n"
     assert json.loads(run("-w", ws, "signals", "--json").stdout) == {
