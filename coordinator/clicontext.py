@@ -105,7 +105,7 @@ class Tokens(click.IntRange):
 
 
 class Bounded(click.types.StringParamType):
-    """Text from the command line, at most `most` characters: an order id or agent name of
+    """UTF-8 text from the command line, at most `most` characters: an order id or agent name of
     100,000 characters was echoed whole in its one-line error, and a `budget add --note` past
     the ledger's line was cut at it without a word."""
 
@@ -115,12 +115,16 @@ class Bounded(click.types.StringParamType):
         self.most, self.what = most, what
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from .inboxfiles import printable
+
         text = super().convert(value, param, ctx)
         if len(text) > self.most:
-            from .inboxfiles import printable
-
             self.fail(f"'{printable(text[:20])}…' is {len(text):,} characters; {self.what} is at most "
                       f"{self.most:,}", param, ctx)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are no UTF-8 were said as Python's '\udcff'
+            self.fail(f"'{printable(text)}' is not UTF-8 text, as {self.what} must be", param, ctx)
         return text
 
 

@@ -376,3 +376,15 @@ def test_an_overlong_id_name_or_note_is_refused_in_one_short_line(ws: Path, args
     assert not os.path.exists(ws / "state" / "orchestrator" / "ledger.json")
     assert run("-w", ws, "budget", "add", "5", "--note", "n" * 200).exit_code == 0
     assert json.loads(run("-w", ws, "budget", "--json").stdout)["items"][0]["note"] == "n" * 200
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (("show", os.fsdecode(b"WO-\xff")), "coordinator show: Invalid value for 'ID': 'WO-\\xff' is not UTF-8 text, as an "
+                                        "order id (like WO-0001) must be. See `coordinator show -h`.\n"),
+    (("new", "--to", os.fsdecode(b"ch\xffip")), "coordinator new: Invalid value for '--to': 'ch\\xffip' is not UTF-8 "
+                                                "text, as an agent name must be. See `coordinator new -h`.\n"),
+])
+def test_an_id_or_name_that_is_not_utf8_is_said_as_its_bytes(ws: Path, args: tuple[str, ...], said: str) -> None:
+    """Said as Python's own escape of the byte ('ch\\udcffip'), in "unknown agent" or "no order"."""
+    refused = run("-w", ws, *args)
+    assert (refused.exit_code, refused.stderr) == (2, said)
