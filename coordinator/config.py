@@ -443,6 +443,10 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
             raise fail(f"agents.{name}.writes.{i}", problem)
     writable = tuple(os.path.expanduser(p) for p in (spec.get("sandbox", {}) or {}).get("writable", ()))
     for i, p in enumerate(writable):
+        if p.startswith("~"):  # left as written: "must be absolute or start with ~" said of a path that did
+            tilde = p.split("/")[0]
+            raise fail(f"agents.{name}.sandbox.writable.{i}", f"{p!r}: no user {tilde[1:]!r} on this system, so "
+                       f"{tilde} names no home folder; write the folder's absolute path")
         if not os.path.isabs(p):
             raise fail(f"agents.{name}.sandbox.writable.{i}", f"{p!r} must be absolute or start with ~")
     command = spec.get("command")

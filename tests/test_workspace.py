@@ -222,3 +222,14 @@ def test_a_config_value_yaml_read_as_true_or_false_says_so_as_an_order_does(made
     with pytest.raises(ConfigError) as refused:
         config.load(made.config_path)
     assert str(refused.value) == f"coordinator.yaml: {said}"
+
+
+def test_a_writable_folder_of_an_unknown_users_home_says_so(made: Workspace) -> None:
+    """`~nosuchuser/x` was refused with "must be absolute or start with ~": it does start with ~."""
+    made.config_path.write_text(made.config_path.read_text().replace(
+        "    sends_to: [chip]\n", "    sends_to: [chip]\n    sandbox: {writable: ['~nosuchuser-cli/x']}\n", 1))
+    with pytest.raises(ConfigError) as refused:
+        config.load(made.config_path)
+    assert str(refused.value) == ("coordinator.yaml: agents.rex.sandbox.writable.0: '~nosuchuser-cli/x': no user "
+                                  "'nosuchuser-cli' on this system, so ~nosuchuser-cli names no home folder; write "
+                                  "the folder's absolute path")
