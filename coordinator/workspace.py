@@ -198,6 +198,7 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file where a parent folder should be, a read-only disk
         raise UsageError(f"cannot make {target}: {e.strerror}") from None
+    _refuse_what_is_in_the_way(target, given.parent)
     lines: list[str] = []
     try:
         cfg_path.write_text(example_config(), encoding="utf-8")
@@ -237,6 +238,20 @@ def _resolved(path: Path, source: str | None) -> Path:
     except (RuntimeError, OSError):  # RuntimeError up to Python 3.12, OSError (ELOOP) after
         raise WorkspaceError(f"{source + ': ' if source else ''}{path}: a symbolic link on the way leads back "
                              "to itself; pass a folder reached through no such link") from None
+
+
+def _refuse_what_is_in_the_way(target: Path, shown: Path) -> None:
+    """UsageError, before anything is written, when something that is no folder stands where
+    init makes one (a file `inbox`, a dangling link `state`): it was "internal error:
+    FileExistsError", with the config already written and a second init refused for it."""
+    import yaml
+
+    agents = yaml.safe_load(example_config())["agents"]
+    for name in ("state", "inbox", "repos", RUNTIME, *(f"inbox/{a}" for a in agents)):
+        folder = target / name
+        if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+            raise UsageError(f"{shown / name} is not a folder; the workspace needs a folder there: move it away "
+                             "and run init again")
 
 
 def _check_utf8(root: Path, source: str | None = None) -> None:

@@ -201,6 +201,22 @@ def test_init_where_no_file_can_be_written_says_so_in_one_line(tmp_path: Path) -
                                                         + said), args
 
 
+@pytest.mark.parametrize("spot", ["inbox", "state", "inbox/chip", ".coordinator"])
+def test_init_where_a_file_stands_for_a_folder_says_so_and_writes_nothing(tmp_path: Path, spot: str) -> None:
+    """It was "internal error: FileExistsError", with coordinator.yaml already written, so that
+    init run again after the file was moved refused for it ("already exists")."""
+    root = tmp_path / "team"
+    (root / spot).parent.mkdir(parents=True)
+    (root / spot).write_text("mine")
+    refused = run("init", root)
+    assert (refused.exit_code, refused.stderr) == (
+        2, f"coordinator: {root / spot} is not a folder; the workspace needs a folder there: move it away and run "
+           "init again\n")
+    assert not (root / "coordinator.yaml").exists() and (root / spot).read_text() == "mine"
+    (root / spot).unlink()
+    assert run("init", root).exit_code == 0
+
+
 def test_w_naming_a_fifo_says_it_is_no_folder_rather_than_advising_init_there(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "fifo")
     refused = run("-w", tmp_path / "fifo", "board")
