@@ -246,8 +246,11 @@ def load(path: Path) -> Config:
     try:
         text = raw_bytes.decode("utf-8-sig")
         data = _safe_load(text)
-    except UnicodeDecodeError:
-        raise ConfigError("is not UTF-8 text", path=shown) from None
+    except UnicodeDecodeError as e:
+        # Said with no place, a Latin-1 "é" in one description left the user searching the file.
+        row = raw_bytes.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"is not UTF-8 text (line {row}: byte 0x{raw_bytes[e.start]:02x}); save it as UTF-8",
+                          path=shown) from None
     except _Repeated as e:
         raise ConfigError(str(e), path=shown, key=e.key) from None
     except _Unbounded as e:

@@ -233,3 +233,13 @@ def test_a_writable_folder_of_an_unknown_users_home_says_so(made: Workspace) -> 
     assert str(refused.value) == ("coordinator.yaml: agents.rex.sandbox.writable.0: '~nosuchuser-cli/x': no user "
                                   "'nosuchuser-cli' on this system, so ~nosuchuser-cli names no home folder; write "
                                   "the folder's absolute path")
+
+
+def test_a_config_that_is_not_utf8_says_the_line_of_the_first_odd_byte(made: Workspace) -> None:
+    """Said as "is not UTF-8 text" alone, a Latin-1 "é" in one description left the user searching."""
+    text = made.config_path.read_text()
+    line = text[:text.index("Coder.")].count("\n") + 1
+    made.config_path.write_bytes(text.replace("Coder.", "Cod\xe9r.", 1).encode("latin-1"))
+    with pytest.raises(ConfigError) as refused:
+        config.load(made.config_path)
+    assert str(refused.value) == f"coordinator.yaml: is not UTF-8 text (line {line}: byte 0xe9); save it as UTF-8"
