@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import re
@@ -267,7 +268,8 @@ def load(path: Path) -> Config:
             # PyYAML says "found character that cannot start any token", which names no tab.
             raise ConfigError(f"is not valid YAML{where}: it is indented with a tab; YAML indents with spaces",
                               path=shown) from None
-        raise ConfigError(f"is not valid YAML{where}: {getattr(e, 'problem', e)}", path=shown) from None
+        raise ConfigError(f"is not valid YAML{where}: {getattr(e, 'problem', e)}{_syntax_hint(e, text)}",
+                          path=shown) from None
     try:
         cfg = from_mapping(data, path=path)
     except ConfigError as e:
@@ -315,6 +317,29 @@ def _key_hints(node: Any, parts: list[str]) -> list[tuple[str, str]]:
             hints.append((kind, f"the key `{key.value[:40]}:` was read by YAML as {kind}: put it in quotes "
                          f"(\"{key.value[:40]}\":)"))
     return hints
+
+
+def _syntax_hint(e: yaml.YAMLError, text: str) -> str:
+    """What to do about the YAML syntax a config's values run into most, which PyYAML's words do
+    not say: a glob that starts with * (`writes: [*.md]`: an alias), a value that starts with @, `
+    or %, a description with ": " in it."""
+    mark = getattr(e, "problem_mark", None)
+    rows = text.splitlines()
+    if mark is None or not 0 <= mark.line < len(rows):
+        return ""
+    row, problem, context = rows[mark.line], str(getattr(e, "problem", "")), str(getattr(e, "context", ""))
+    if "alias" in context:
+        start = getattr(e, "context_mark", None)
+        column = start.column if start is not None and start.line == mark.line else row.find("*")
+        word = re.split(r"[,\]}\s]", row[max(column, 0):])[0][:60]
+        return f"; a value that starts with * is read by YAML as an alias (*name): put it in quotes (\"{word}\")"
+    if "cannot start any token" in problem and mark.column < len(row) and row[mark.column] in "@`%":
+        return f"; a value cannot start with {row[mark.column]} in YAML: put it in quotes"
+    if "mapping values are not allowed" in problem and -1 < row.find(": ") < mark.column:  # not the key's own
+        key, _, value = row.partition(": ")
+        value = re.split(r"\s#", value)[0].strip()[:60]
+        return f"; a value with \": \" in it must be in quotes ({key.strip()}: {json.dumps(value, ensure_ascii=False)})"
+    return ""
 
 
 def _tab_indented(text: str, line: int) -> bool:

@@ -243,3 +243,27 @@ def test_a_config_that_is_not_utf8_says_the_line_of_the_first_odd_byte(made: Wor
     with pytest.raises(ConfigError) as refused:
         config.load(made.config_path)
     assert str(refused.value) == f"coordinator.yaml: is not UTF-8 text (line {line}: byte 0xe9); save it as UTF-8"
+
+
+@pytest.mark.parametrize(("was", "now", "hint"), [
+    ('writes: ["webapp/docs/reviews/**"]', "writes: [*.md]",
+     'a value that starts with * is read by YAML as an alias (*name): put it in quotes ("*.md")'),
+    ('writes: ["webapp/docs/reviews/**"]', "writes: [`x`]", "a value cannot start with ` in YAML: put it in quotes"),
+    ("description: Coder.", "description: Coder: the one",
+     'a value with ": " in it must be in quotes (description: "Coder: the one Edits the webapp\'s source and '
+     'tests.")'),
+])
+def test_a_config_value_yaml_cannot_read_unquoted_says_to_quote_it(made: Workspace, was: str, now: str,
+                                                                   hint: str) -> None:
+    """PyYAML's words ("did not find expected alphabetic or numeric character") named neither the
+    glob read as an alias nor the quotes that fix it."""
+    made.config_path.write_text(made.config_path.read_text().replace(was, now, 1))
+    with pytest.raises(ConfigError) as refused:
+        config.load(made.config_path)
+    assert str(refused.value).startswith("coordinator.yaml: is not valid YAML at line ")
+    assert str(refused.value).endswith(f"; {hint}")
+    made.config_path.write_text(made.config_path.read_text().replace("    role: specialist\n", "   role: specialist\n",
+                                                                     1).replace(now, was, 1))
+    with pytest.raises(ConfigError) as misindented:  # the ": " of a key is no value's: no hint
+        config.load(made.config_path)
+    assert str(misindented.value).endswith(": mapping values are not allowed in this context")
