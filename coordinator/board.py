@@ -393,8 +393,10 @@ def render_show(data: dict[str, Any]) -> str:
         lines.append("children: " + ", ".join(data["children"]))
     lines.append("history:")
     for h in data.get("history") or []:
+        # A commit in state/ made by hand is history too: its author and subject are anyone's
+        # text, and an escape sequence in them reached the terminal.
         if "line" in h:
-            lines.append(f"  {h['at']}  {h['author']:<12} {h['line']}")
+            lines.append(f"  {h['at']}  {printable(str(h['author'])):<12} {printable(str(h['line']))}")
         else:
-            lines.append(f"  {h['at']}  {h['actor']:<12} {h['from']} -> {h['to']}")
+            lines.append(printable(f"  {h['at']}  {h['actor']:<12} {h['from']} -> {h['to']}"))
     return "\n".join(lines)

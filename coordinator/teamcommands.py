@@ -236,8 +236,10 @@ def log(c: Context, order_id: str | None, as_json: bool) -> None:
     if as_json:
         emit_json([e.as_json() for e in entries])
         return
-    for e in entries:
-        click.echo(f"{e.at}  {e.commit[:10]}  {e.author:<12} {e.line}")
+    from .inboxfiles import printable
+
+    for e in entries:  # a hand commit's author and subject are anyone's text: escapes as text
+        click.echo(f"{e.at}  {e.commit[:10]}  {printable(e.author):<12} {printable(e.line)}")
 
 
 @click.group(cls=Group, invoke_without_command=True)

@@ -1334,6 +1334,22 @@ def test_show_prints_a_failing_checks_whole_reason_each_line_under_it(ws: Path) 
     assert shown[first + 1:first + 3] == ["  expected 3", "  got 4[31m"]  # no escape reaches the terminal
 
 
+def test_a_hand_commit_in_state_shows_its_escape_sequences_as_text(ws: Path) -> None:
+    """Its author and subject went to the terminal as they were: an escape sequence in them set
+    the terminal's title or cleared its screen in `show` and `log`."""
+    (ws / "inbox" / "chip" / "bad.md").write_text("**Objective:** Something vague\n")
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    with (ws / "state" / "orders" / "WO-0001" / "report.md").open("a") as f:
+        f.write("\nseen\n")
+    subprocess.run(["git", "-C", str(ws / "state"), "-c", "user.name=ed\x1b[2J", "-c", "user.email=ed@example.org",
+                    "commit", "-qam", "WO-0001 chip: noted \x1b]0;title\x07 by hand"], check=True)
+    for args in (("show", "WO-0001"), ("log", "WO-0001")):
+        shown = CliRunner().invoke(cli, ["-w", str(ws), *args], color=True)  # as on a terminal: escapes kept
+        assert shown.exit_code == 0 and "\x1b" not in shown.output and "\x07" not in shown.output, args
+        last = shown.output.splitlines()[-1]
+        assert "  ed\\x1b[2J  " in last and last.endswith("  WO-0001 chip: noted \\x1b]0;title\\x07 by hand"), args
+
+
 @pytest.mark.parametrize("args", [("log",), ("doctor",), ("board",)])
 def test_a_reader_that_stops_reading_is_no_error(worked: Path, args: tuple[str, ...]) -> None:
     """`coordinator log | head -1`: the reader has seen enough; exit 0, nothing said."""
