@@ -326,7 +326,8 @@ def render_budget(data: dict[str, Any], *, bands: tuple[int, int, int], gauge: b
     width = max([7] + [len(f"{item['tokens']:,}") for item in data["items"]])
     for item in data["items"]:
         note = f"  {budget.one_line(str(item['note']))}" if item.get("note") else ""
-        lines.append(f"  {item['tokens']:>{width},}  {item['kind']:<9} {item['status']:<10} {item['ref']}{note}")
+        ref = printable(str(item["ref"]))  # a ledger edited by hand: an escape in a ref reached the terminal
+        lines.append(f"  {item['tokens']:>{width},}  {item['kind']:<9} {item['status']:<10} {ref}{note}")
     return "\n".join(lines)
 
 

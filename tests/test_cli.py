@@ -1730,6 +1730,18 @@ def test_a_folder_in_place_of_the_signals_file_is_one_line_not_an_internal_error
     assert "silent" in run("-w", ws, "signals").stdout
 
 
+def test_budget_shows_a_hand_edited_items_ref_with_its_escapes_as_text(ws: Path) -> None:
+    """The note was made one printable line, the ref went to the terminal as the file had it."""
+    assert run("-w", ws, "budget", "add", "5").exit_code == 0
+    ledger = ws / "state" / "orchestrator" / "ledger.json"
+    data = json.loads(ledger.read_text())
+    data["items"][0]["ref"] = "read\x1b[2J"
+    ledger.write_text(json.dumps(data))
+    shown = CliRunner().invoke(cli, ["-w", str(ws), "budget"], color=True)  # as on a terminal: escapes kept
+    assert shown.exit_code == 0 and "\x1b" not in shown.output
+    assert shown.output.splitlines()[-1].split() == ["5", "manual", "in-flight", "read\\x1b[2J"]
+
+
 def test_budget_add_and_rotate(ws: Path) -> None:
     doc = json.loads(run("-w", ws, "budget", "--json").stdout)
     assert set(doc) == BUDGET_KEYS
