@@ -60,6 +60,9 @@ def init(c: Context, directory: str | None, force: bool) -> None:
     from .workspace import given_folder
     from .workspace import init as do_init
 
+    if directory == "":  # `init "$TEAM"` with TEAM unset made the workspace in the current folder
+        raise click.UsageError("DIRECTORY is empty (an unset variable?); name the folder, or leave it out to make "
+                               "the workspace in the current one")
     if c.explicit is not None:  # `coordinator -w myteam init` made the workspace here, not in myteam
         named = given_folder(c.explicit)
         if directory is not None and Path(directory).expanduser().resolve() != named.expanduser().resolve():

@@ -224,6 +224,17 @@ def test_w_naming_a_fifo_says_it_is_no_folder_rather_than_advising_init_there(tm
         2, f"coordinator: -w: {tmp_path / 'fifo'} is a file, not a workspace folder\n")
 
 
+def test_init_of_an_empty_directory_argument_makes_nothing_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`coordinator init "$TEAM"` with TEAM unset made the workspace in the current folder, and
+    advised `coordinator -w '' supervise`, which -w then refused."""
+    monkeypatch.chdir(tmp_path)
+    refused = run("init", "")
+    assert (refused.exit_code, refused.stderr) == (
+        2, "coordinator init: DIRECTORY is empty (an unset variable?); name the folder, or leave it out to make the "
+           "workspace in the current one. See `coordinator init -h`.\n")
+    assert os.listdir(tmp_path) == []
+
+
 def test_init_without_a_folder_uses_the_current_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert run("init").exit_code == 0
