@@ -56,20 +56,23 @@ class Workspace:
     def _at(cls, path: Path, source: str) -> Workspace:
         path = _resolved(path, source)
         _check_utf8(path, source)
-        config = path / CONFIG_NAME
-        if config.is_file():
-            return cls(path)
-        # Say what the path is, so that the advice given works.
-        if path.name == CONFIG_NAME and not path.is_dir():
-            raise WorkspaceError(f"{source}: {path} is the config file; pass its folder: -w {path.parent}")
-        if path.exists() and not path.is_dir():  # a FIFO or a device too: init there would refuse it
-            raise WorkspaceError(f"{source}: {path} is a file, not a workspace folder")
-        if config.exists():
-            raise WorkspaceError(f"{source}: {config} is not a regular file; the workspace's config must be one")
-        outer = next((f for f in path.parents if (f / CONFIG_NAME).is_file()), None)
-        if outer is not None:
-            raise WorkspaceError(f"{source}: {path} is inside the workspace {outer}; pass -w {outer}")
-        raise WorkspaceError(f"{source}: {path} has no {CONFIG_NAME}; run `coordinator init {path}`")
+        try:
+            config = path / CONFIG_NAME
+            if config.is_file():
+                return cls(path)
+            # Say what the path is, so that the advice given works.
+            if path.name == CONFIG_NAME and not path.is_dir():
+                raise WorkspaceError(f"{source}: {path} is the config file; pass its folder: -w {path.parent}")
+            if path.exists() and not path.is_dir():  # a FIFO or a device too: init there would refuse it
+                raise WorkspaceError(f"{source}: {path} is a file, not a workspace folder")
+            if config.exists():
+                raise WorkspaceError(f"{source}: {config} is not a regular file; the workspace's config must be one")
+            outer = next((f for f in path.parents if (f / CONFIG_NAME).is_file()), None)
+            if outer is not None:
+                raise WorkspaceError(f"{source}: {path} is inside the workspace {outer}; pass -w {outer}")
+            raise WorkspaceError(f"{source}: {path} has no {CONFIG_NAME}; run `coordinator init {path}`")
+        except OSError as e:  # a name too long, a path too deep: it was "internal error: OSError"
+            raise WorkspaceError(f"{source}: {_cut(str(path))}: {e.strerror}; pass the workspace's folder") from None
 
     @cached_property
     def config(self) -> Config:
@@ -228,6 +231,11 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
     if not ignore.exists() and not (target / ".git").exists():
         ignore.write_text(f"{RUNTIME}/\n", encoding="utf-8")
     return ws, lines
+
+
+def _cut(text: str, most: int = 200) -> str:
+    """A path as said in one line: its start and end when it is longer than `most` characters."""
+    return text if len(text) <= most else f"{text[:most // 2]}…{text[-most // 2:]}"
 
 
 def _resolved(path: Path, source: str | None) -> Path:

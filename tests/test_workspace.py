@@ -267,3 +267,19 @@ def test_a_config_value_yaml_cannot_read_unquoted_says_to_quote_it(made: Workspa
     with pytest.raises(ConfigError) as misindented:  # the ": " of a key is no value's: no hint
         config.load(made.config_path)
     assert str(misindented.value).endswith(": mapping values are not allowed in this context")
+
+
+def test_a_workspace_named_by_a_path_too_long_is_said_in_one_line(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """-w or $COORDINATOR_WORKSPACE with a name past the file system's 255 bytes was "internal
+    error: OSError: [Errno 36] File name too long", with the whole path after it."""
+    long = tmp_path / ("a" * 300)
+    with pytest.raises(WorkspaceError) as refused:
+        Workspace.find(long)
+    said = str(refused.value)
+    assert said.startswith(f"-w: {str(long)[:100]}…") and said.endswith("a: File name too long; pass the workspace's "
+                                                                         "folder")
+    assert len(said) < 300
+    monkeypatch.setenv(ENV_VAR, str(long))
+    with pytest.raises(WorkspaceError, match=r"^\$COORDINATOR_WORKSPACE: .*: File name too long"):
+        Workspace.find(None)
