@@ -70,6 +70,9 @@ class Workspace:
             outer = next((f for f in path.parents if (f / CONFIG_NAME).is_file()), None)
             if outer is not None:
                 raise WorkspaceError(f"{source}: {path} is inside the workspace {outer}; pass -w {outer}")
+            under = next((f for f in path.parents if f.exists()), None)
+            if under is not None and not under.is_dir():  # init would refuse it: "cannot make … Not a directory"
+                raise WorkspaceError(f"{source}: {path} cannot be a folder: {under} is a file")
             raise WorkspaceError(f"{source}: {path} has no {CONFIG_NAME}; run `coordinator init {path}`")
         except OSError as e:  # a name too long, a path too deep: it was "internal error: OSError"
             raise WorkspaceError(f"{source}: {_cut(str(path))}: {e.strerror}; pass the workspace's folder") from None

@@ -283,3 +283,12 @@ def test_a_workspace_named_by_a_path_too_long_is_said_in_one_line(tmp_path: Path
     monkeypatch.setenv(ENV_VAR, str(long))
     with pytest.raises(WorkspaceError, match=r"^\$COORDINATOR_WORKSPACE: .*: File name too long"):
         Workspace.find(None)
+
+
+def test_a_workspace_under_a_file_is_said_to_be_impossible_not_to_need_init(tmp_path: Path) -> None:
+    """`-w notes.md/team` was told "run `coordinator init …`", which then refused: "Not a directory"."""
+    (tmp_path / "notes.md").write_text("mine")
+    with pytest.raises(WorkspaceError) as refused:
+        Workspace.find(tmp_path / "notes.md" / "team")
+    assert str(refused.value) == (f"-w: {tmp_path / 'notes.md' / 'team'} cannot be a folder: {tmp_path / 'notes.md'} "
+                                  "is a file")
