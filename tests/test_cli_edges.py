@@ -388,3 +388,12 @@ def test_an_id_or_name_that_is_not_utf8_is_said_as_its_bytes(ws: Path, args: tup
     """Said as Python's own escape of the byte ('ch\\udcffip'), in "unknown agent" or "no order"."""
     refused = run("-w", ws, *args)
     assert (refused.exit_code, refused.stderr) == (2, said)
+
+
+def test_an_output_encoding_without_the_arrow_gets_an_escape_not_an_internal_error(ws: Path) -> None:
+    """On a terminal set to Latin-1, `board` (its "—") and `show` (its "→") stopped with
+    "internal error: UnicodeEncodeError"; characters Latin-1 has are still written as such."""
+    env = {k: v for k, v in os.environ.items() if k != "COORDINATOR_WORKSPACE"} | {"PYTHONIOENCODING": "latin-1"}
+    board = subprocess.run([COORDINATOR, "-w", str(ws), "board"], capture_output=True, env=env, timeout=60)
+    assert (board.returncode, board.stderr) == (0, b"")
+    assert b"supervisor: not running \\u2014 `coordinator supervise` starts it\n" in board.stdout
