@@ -31,6 +31,7 @@ ENDED_SHOWN = 8  # ended orders shown per column; the count says how many there 
 LEFTOVER_AFTER = 300.0  # seconds: a download or an editor's file younger than this may still be in use
 LEFTOVERS_NAMED = 3     # leftovers named per inbox; the count says how many there are
 LEFTOVER_NAME = 48      # characters of a leftover's name shown
+FAILURE_SHOWN = 4000    # characters of one failure's reason `show` prints (a stored one is cut there too)
 
 
 def records(ws: Workspace, cache: RecordCache | None = None) -> list[Record]:
@@ -325,7 +326,8 @@ def render_budget(data: dict[str, Any], *, bands: tuple[int, int, int], gauge: b
     width = max([7] + [len(f"{item['tokens']:,}") for item in data["items"]])
     for item in data["items"]:
         note = f"  {budget.one_line(str(item['note']))}" if item.get("note") else ""
-        lines.append(f"  {item['tokens']:>{width},}  {item['kind']:<9} {item['status']:<10} {item['ref']}{note}")
+        ref = printable(str(item["ref"]))  # a ledger edited by hand: an escape in a ref reached the terminal
+        lines.append(f"  {item['tokens']:>{width},}  {item['kind']:<9} {item['status']:<10} {ref}{note}")
     return "\n".join(lines)
 
 
@@ -374,7 +376,11 @@ def render_show(data: dict[str, Any]) -> str:
     if data.get("blocker"):
         lines.append(f"blocker: {printable(str(data['blocker']))}")
     for f in data.get("failures") or []:
-        lines.append(f"failure: {printable(f.splitlines()[0]) if f else f}")
+        # Whole, each line indented under it: a failing check's reason is its output's tail on the
+        # lines after "output:", and only the first line was shown (the output, not at all).
+        f = str(f)
+        cut = f"… ({len(f) - FAILURE_SHOWN:,} characters more left out)" if len(f) > FAILURE_SHOWN else ""
+        lines.append("failure: " + "\n  ".join(map(printable, (f[:FAILURE_SHOWN] + cut).split("\n"))))
     report = data.get("report") or {}
     if report.get("summary") and report["summary"] != "; ".join(data.get("errors") or []):
         # A rejection's summary only repeats its errors. A summary may run over lines: each is kept.
@@ -388,8 +394,10 @@ def render_show(data: dict[str, Any]) -> str:
         lines.append("children: " + ", ".join(data["children"]))
     lines.append("history:")
     for h in data.get("history") or []:
+        # A commit in state/ made by hand is history too: its author and subject are anyone's
+        # text, and an escape sequence in them reached the terminal.
         if "line" in h:
-            lines.append(f"  {h['at']}  {h['author']:<12} {h['line']}")
+            lines.append(f"  {h['at']}  {printable(str(h['author'])):<12} {printable(str(h['line']))}")
         else:
-            lines.append(f"  {h['at']}  {h['actor']:<12} {h['from']} -> {h['to']}")
+            lines.append(printable(f"  {h['at']}  {h['actor']:<12} {h['from']} -> {h['to']}"))
     return "\n".join(lines)

@@ -37,6 +37,7 @@ class CoordinatorGroup(click.Group):
             return super(CoordinatorGroup, self).main(args, prog_name or "coordinator", complete_var,
                                                       standalone_mode=False, **extra)
 
+        _no_unprintable_crash()
         sys.exit(_guarded(invoke))
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -59,6 +60,14 @@ class CoordinatorGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         _register(self)
         return super().list_commands(ctx)
+
+
+def _no_unprintable_crash() -> None:
+    """Characters stdout's encoding lacks are written as escapes (`\\u2192`): on a terminal set to
+    Latin-1, the arrow of `board` and `show` was "internal error: UnicodeEncodeError". stderr
+    does so already."""
+    with contextlib.suppress(AttributeError, ValueError):  # no stdout, or one that is no text stream
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
 
 
 def _register(group: click.Group) -> None:

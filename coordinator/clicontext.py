@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from .budget import MAX_TOKENS_ADDED
+from .budget import MAX_LINE, MAX_TOKENS_ADDED
 from .errors import UsageError
 from .workspace import Workspace
 
@@ -102,6 +102,35 @@ class Tokens(click.IntRange):
                 self.fail(f"{value!r} is not a whole number of tokens (like 1800 or 1,800)", param, ctx)
             value = int(text.replace(",", "").replace("_", ""))
         return super().convert(value, param, ctx)
+
+
+class Bounded(click.types.StringParamType):
+    """UTF-8 text from the command line, at most `most` characters: an order id or agent name of
+    100,000 characters was echoed whole in its one-line error, and a `budget add --note` past
+    the ledger's line was cut at it without a word."""
+
+    name = "text"
+
+    def __init__(self, most: int, what: str) -> None:
+        self.most, self.what = most, what
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from .inboxfiles import printable
+
+        text = super().convert(value, param, ctx)
+        if len(text) > self.most:
+            self.fail(f"'{printable(text[:20])}…' is {len(text):,} characters; {self.what} is at most "
+                      f"{self.most:,}", param, ctx)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are no UTF-8 were said as Python's '\udcff'
+            self.fail(f"'{printable(text)}' is not UTF-8 text, as {self.what} must be", param, ctx)
+        return text
+
+
+ORDER_ID = Bounded(64, "an order id (like WO-0001)")
+AGENT = Bounded(32, "an agent name")
+NOTE = Bounded(MAX_LINE, "a note (it is one line of the ledger)")
 
 
 def on_terminal() -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import re
@@ -246,8 +247,11 @@ def load(path: Path) -> Config:
     try:
         text = raw_bytes.decode("utf-8-sig")
         data = _safe_load(text)
-    except UnicodeDecodeError:
-        raise ConfigError("is not UTF-8 text", path=shown) from None
+    except UnicodeDecodeError as e:
+        # Said with no place, a Latin-1 "é" in one description left the user searching the file.
+        row = raw_bytes.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"is not UTF-8 text (line {row}: byte 0x{raw_bytes[e.start]:02x}); save it as UTF-8",
+                          path=shown) from None
     except _Repeated as e:
         raise ConfigError(str(e), path=shown, key=e.key) from None
     except _Unbounded as e:
@@ -264,8 +268,78 @@ def load(path: Path) -> Config:
             # PyYAML says "found character that cannot start any token", which names no tab.
             raise ConfigError(f"is not valid YAML{where}: it is indented with a tab; YAML indents with spaces",
                               path=shown) from None
-        raise ConfigError(f"is not valid YAML{where}: {getattr(e, 'problem', e)}", path=shown) from None
-    return dataclasses.replace(from_mapping(data, path=path), digest=hashlib.sha256(raw_bytes).hexdigest())
+        raise ConfigError(f"is not valid YAML{where}: {getattr(e, 'problem', e)}{_syntax_hint(e, text)}",
+                          path=shown) from None
+    try:
+        cfg = from_mapping(data, path=path)
+    except ConfigError as e:
+        raise _with_yaml_hint(e, text) from None
+    return dataclasses.replace(cfg, digest=hashlib.sha256(raw_bytes).hexdigest())
+
+
+def _with_yaml_hint(e: ConfigError, text: str) -> ConfigError:
+    """`e`, saying what YAML did when the value it is about was read as no text, as a work
+    order says it: `on_ceiling: no` was refused as "not false", and an agent named `no` as
+    "'false' is not an agent name", leaving the user to guess where a false came from."""
+    from ._orderfields import _KIND_PROBLEM, _SAID_QUOTES, _yaml_hint, plain_scalars
+
+    prefix = f"{e.path or CONFIG_NAME}: {e.key}: "
+    if not e.key or not str(e).startswith(prefix):
+        return e
+    message = str(e).removeprefix(prefix)
+    node = yaml.compose(text, Loader=yamlbounds.LOADER)  # bounded and loaded once already: it composes
+    hint = None
+    written = plain_scalars(node).get(e.key) if _KIND_PROBLEM.search(message) else None
+    if written and message.startswith(("must be a string", "must be an agent name")):
+        # Text is wanted: quoted, the value is that text (a date is said to be quoted already).
+        hint = None if _SAID_QUOTES.search(message) else _yaml_hint(e.key, *written)
+    elif written and written[1] in ("true", "false"):  # in quotes it is still no rotate, list or duration
+        key = e.key.rsplit(".", 1)[-1]
+        hint = f"`{written[0] if key.isdigit() else f'{key}: {written[0]}'}` was read by YAML as {written[1]}"
+    if hint is None:  # a key of the mapping `e` is about: `no:` under agents
+        hint = next((h for kind, h in _key_hints(node, e.key.split(".")) if f"'{kind}'" in message), None)
+    return ConfigError(f"{message}; {hint}", path=e.path, key=e.key) if hint else e
+
+
+def _key_hints(node: Any, parts: list[str]) -> list[tuple[str, str]]:
+    """For each unquoted key of the mapping at `parts` under `node` that YAML reads as true or
+    false, the hint that says so (`no:` read as false). A number is no name in quotes either."""
+    for part in parts:
+        if not isinstance(node, yaml.MappingNode):
+            return []
+        node = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part), None)
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    hints = []
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode) and not key.style and key.tag == "tag:yaml.org,2002:bool":
+            kind = "true" if key.value.lower() in ("yes", "true", "on") else "false"
+            hints.append((kind, f"the key `{key.value[:40]}:` was read by YAML as {kind}: put it in quotes "
+                         f"(\"{key.value[:40]}\":)"))
+    return hints
+
+
+def _syntax_hint(e: yaml.YAMLError, text: str) -> str:
+    """What to do about the YAML syntax a config's values run into most, which PyYAML's words do
+    not say: a glob that starts with * (`writes: [*.md]`: an alias), a value that starts with @, `
+    or %, a description with ": " in it."""
+    mark = getattr(e, "problem_mark", None)
+    rows = text.splitlines()
+    if mark is None or not 0 <= mark.line < len(rows):
+        return ""
+    row, problem, context = rows[mark.line], str(getattr(e, "problem", "")), str(getattr(e, "context", ""))
+    if "alias" in context:
+        start = getattr(e, "context_mark", None)
+        column = start.column if start is not None and start.line == mark.line else row.find("*")
+        word = re.split(r"[,\]}\s]", row[max(column, 0):])[0][:60]
+        return f"; a value that starts with * is read by YAML as an alias (*name): put it in quotes (\"{word}\")"
+    if "cannot start any token" in problem and mark.column < len(row) and row[mark.column] in "@`%":
+        return f"; a value cannot start with {row[mark.column]} in YAML: put it in quotes"
+    if "mapping values are not allowed" in problem and -1 < row.find(": ") < mark.column:  # not the key's own
+        key, _, value = row.partition(": ")
+        value = re.split(r"\s#", value)[0].strip()[:60]
+        return f"; a value with \": \" in it must be in quotes ({key.strip()}: {json.dumps(value, ensure_ascii=False)})"
+    return ""
 
 
 def _tab_indented(text: str, line: int) -> bool:
@@ -397,6 +471,10 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
             raise fail(f"agents.{name}.writes.{i}", problem)
     writable = tuple(os.path.expanduser(p) for p in (spec.get("sandbox", {}) or {}).get("writable", ()))
     for i, p in enumerate(writable):
+        if p.startswith("~"):  # left as written: "must be absolute or start with ~" said of a path that did
+            tilde = p.split("/")[0]
+            raise fail(f"agents.{name}.sandbox.writable.{i}", f"{p!r}: no user {tilde[1:]!r} on this system, so "
+                       f"{tilde} names no home folder; write the folder's absolute path")
         if not os.path.isabs(p):
             raise fail(f"agents.{name}.sandbox.writable.{i}", f"{p!r} must be absolute or start with ~")
     command = spec.get("command")

@@ -299,7 +299,8 @@ def rotate(sup: Supervisor, *, fresh: bool) -> dict[str, Any]:
     sup.ledger.update_mode(sup.config.budget.bands)
     sup.ledger.save()
     sup.audit.stage(audit.SUPERVISOR, f"budget {sup.config.orchestrator or '-'}: {line}")
-    return {"message": line, "hot_tokens": sup.ledger.hot_tokens(), "generation": sup.ledger.generation}
+    return {"message": line, "hot_tokens": sup.ledger.hot_tokens(), "generation": sup.ledger.generation,
+            "before": before}
 
 
 def _record(sup: Supervisor, order_id: str) -> Record:

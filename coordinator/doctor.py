@@ -91,7 +91,9 @@ def report(ws: Workspace | None) -> list[str]:
                  f"orchestrator {cfg.orchestrator or '-'}")
     for name, a in cfg.agents.items():
         shown = command_line(a.command) if a.command else ""
-        how = "llm " + a.llm.primary.model if a.llm else (f"command: {shown}" if a.command else "external (no command)")
+        # The model is the config's text, escapes and line breaks too: on one line, as a command is.
+        how = ("llm " + command_line((a.llm.primary.model,)) if a.llm
+               else (f"command: {shown}" if a.command else "external (no command)"))
         missing = ""
         if a.command and not a.command[0].startswith("{") and shutil.which(a.command[0]) is None:
             missing = f"  (WARNING: {_one_line(a.command[0])} not found on PATH)"

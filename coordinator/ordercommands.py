@@ -9,11 +9,21 @@ from pathlib import Path
 
 import click
 
-from .clicontext import Command, Context, echo_done, emit_json, pass_ctx, stdin_hint, submit
+from .clicontext import (
+    AGENT,
+    ORDER_ID,
+    Command,
+    Context,
+    echo_done,
+    emit_json,
+    pass_ctx,
+    stdin_hint,
+    submit,
+)
 
 
 @click.command(cls=Command)
-@click.option("--to", "to", required=True, metavar="AGENT", help="Recipient agent.")
+@click.option("--to", "to", required=True, metavar="AGENT", type=AGENT, help="Recipient agent.")
 @pass_ctx
 def new(c: Context, to: str) -> None:
     """Print a work-order template to fill in; it validates once every <…> is replaced.
@@ -31,9 +41,9 @@ def new(c: Context, to: str) -> None:
 @click.command(cls=Command)
 # Any path: a folder, a FIFO, a missing file is said for that file, and the others still checked.
 @click.argument("files", nargs=-1, required=True, type=click.Path(allow_dash=True))
-@click.option("--to", "to", metavar="AGENT", help="Recipient (default: the inbox folder the file is in, "
+@click.option("--to", "to", metavar="AGENT", type=AGENT, help="Recipient (default: the inbox folder the file is in, "
               "else the file's `to:`).")
-@click.option("--from", "sender", metavar="AGENT", help="Sender (default: the file's `from`, else user).")
+@click.option("--from", "sender", metavar="AGENT", type=AGENT, help="Sender (default: the file's `from`, else user).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document with every file's result.")
 @pass_ctx
 def validate(c: Context, files: tuple[str, ...], to: str | None, sender: str | None, as_json: bool) -> None:
@@ -70,8 +80,8 @@ def validate(c: Context, files: tuple[str, ...], to: str | None, sender: str | N
 
 @click.command(cls=Command)
 @click.argument("file", type=click.Path(allow_dash=True))
-@click.option("--to", "to", metavar="AGENT", help="Recipient agent (default: the file's `to:`).")
-@click.option("--from", "sender", metavar="AGENT", help="Sender (default: the file's `from`, else user).")
+@click.option("--to", "to", metavar="AGENT", type=AGENT, help="Recipient agent (default: the file's `to:`).")
+@click.option("--from", "sender", metavar="AGENT", type=AGENT, help="Sender (default: the file's `from`, else user).")
 @pass_ctx
 def send(c: Context, file: str, to: str | None, sender: str | None) -> None:
     """Validate a work order, then drop it atomically into the agent's inbox; prints its id.
@@ -101,7 +111,7 @@ def send(c: Context, file: str, to: str | None, sender: str | None) -> None:
 
 
 @click.command(cls=Command)
-@click.argument("order_id", metavar="ID")
+@click.argument("order_id", metavar="ID", type=ORDER_ID)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @pass_ctx
 def show(c: Context, order_id: str, as_json: bool) -> None:
@@ -123,7 +133,7 @@ def show(c: Context, order_id: str, as_json: bool) -> None:
 
 
 @click.command(cls=Command)
-@click.argument("order_id", metavar="ID")
+@click.argument("order_id", metavar="ID", type=ORDER_ID)
 @pass_ctx
 def cancel(c: Context, order_id: str) -> None:
     """Cancel a queued, waiting or running order (its processes are killed).
@@ -145,7 +155,7 @@ def cancel(c: Context, order_id: str) -> None:
 
 
 @click.command(cls=Command)
-@click.argument("order_id", metavar="ID")
+@click.argument("order_id", metavar="ID", type=ORDER_ID)
 @pass_ctx
 def retry(c: Context, order_id: str) -> None:
     """Re-queue a blocked or halted order (or clear a free-text blocker).

@@ -22,6 +22,8 @@ import click
 
 from .clicontext import (
     DAYS,
+    NOTE,
+    ORDER_ID,
     SECONDS,
     Command,
     Context,
@@ -58,6 +60,9 @@ def init(c: Context, directory: str | None, force: bool) -> None:
     from .workspace import given_folder
     from .workspace import init as do_init
 
+    if directory == "":  # `init "$TEAM"` with TEAM unset made the workspace in the current folder
+        raise click.UsageError("DIRECTORY is empty (an unset variable?); name the folder, or leave it out to make "
+                               "the workspace in the current one")
     if c.explicit is not None:  # `coordinator -w myteam init` made the workspace here, not in myteam
         named = given_folder(c.explicit)
         if directory is not None and Path(directory).expanduser().resolve() != named.expanduser().resolve():
@@ -209,7 +214,7 @@ def board(c: Context, as_json: bool, watch: bool) -> None:
 
 
 @click.command(cls=Command)
-@click.argument("order_id", metavar="[ID]", required=False)
+@click.argument("order_id", metavar="[ID]", required=False, type=ORDER_ID)
 @click.option("--json", "as_json", is_flag=True, help="A JSON list of entries.")
 @pass_ctx
 def log(c: Context, order_id: str | None, as_json: bool) -> None:
@@ -236,8 +241,10 @@ def log(c: Context, order_id: str | None, as_json: bool) -> None:
     if as_json:
         emit_json([e.as_json() for e in entries])
         return
-    for e in entries:
-        click.echo(f"{e.at}  {e.commit[:10]}  {e.author:<12} {e.line}")
+    from .inboxfiles import printable
+
+    for e in entries:  # a hand commit's author and subject are anyone's text: escapes as text
+        click.echo(f"{e.at}  {e.commit[:10]}  {printable(e.author):<12} {printable(e.line)}")
 
 
 @click.group(cls=Group, invoke_without_command=True)
@@ -269,7 +276,7 @@ def budget(ctx: click.Context, as_json: bool) -> None:
 
 @budget.command("add")
 @click.argument("tokens", type=Tokens())
-@click.option("--note", default="", help="What the tokens were (a file read, a chat).")
+@click.option("--note", default="", type=NOTE, help="What the tokens were (a file read, a chat).")
 @pass_ctx
 def budget_add(c: Context, tokens: int, note: str) -> None:
     """Add hot tokens the supervisor cannot see (an external orchestrator's reading).
@@ -313,6 +320,13 @@ def rotate(c: Context, fresh: bool) -> None:
     r = submit(c, "rotate", {"fresh": fresh})
     echo_done(r["message"], done="a fresh generation was started" if fresh else "the context was rotated",
               again="rotate it again")
+    before = r.get("before")  # none from a supervisor started before it was answered
+    if isinstance(before, int) and r["hot_tokens"] > before:
+        # "rotate" reads as "fewer hot tokens": a fresh brief longer than the context it replaced
+        # raised them, and was said only as "10 -> 62" in a line that looked like success.
+        click.echo(f"warning: the fresh generation starts with more hot tokens ({r['hot_tokens']:,}) than the "
+                   f"context it replaced ({before:,}): its brief, state/orchestrator/brief.md, is the longer; a "
+                   "fresh start lowers them once the context has outgrown that brief", err=True)
 
 
 @click.command("signals", cls=Command)

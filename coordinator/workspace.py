@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -53,22 +54,28 @@ class Workspace:
 
     @classmethod
     def _at(cls, path: Path, source: str) -> Workspace:
-        path = path.expanduser().resolve()
+        path = _resolved(path, source)
         _check_utf8(path, source)
-        config = path / CONFIG_NAME
-        if config.is_file():
-            return cls(path)
-        # Say what the path is, so that the advice given works.
-        if path.name == CONFIG_NAME and not path.is_dir():
-            raise WorkspaceError(f"{source}: {path} is the config file; pass its folder: -w {path.parent}")
-        if path.is_file():
-            raise WorkspaceError(f"{source}: {path} is a file, not a workspace folder")
-        if config.exists():
-            raise WorkspaceError(f"{source}: {config} is not a regular file; the workspace's config must be one")
-        outer = next((f for f in path.parents if (f / CONFIG_NAME).is_file()), None)
-        if outer is not None:
-            raise WorkspaceError(f"{source}: {path} is inside the workspace {outer}; pass -w {outer}")
-        raise WorkspaceError(f"{source}: {path} has no {CONFIG_NAME}; run `coordinator init {path}`")
+        try:
+            config = path / CONFIG_NAME
+            if config.is_file():
+                return cls(path)
+            # Say what the path is, so that the advice given works.
+            if path.name == CONFIG_NAME and not path.is_dir():
+                raise WorkspaceError(f"{source}: {path} is the config file; pass its folder: -w {path.parent}")
+            if path.exists() and not path.is_dir():  # a FIFO or a device too: init there would refuse it
+                raise WorkspaceError(f"{source}: {path} is a file, not a workspace folder")
+            if config.exists():
+                raise WorkspaceError(f"{source}: {config} is not a regular file; the workspace's config must be one")
+            outer = next((f for f in path.parents if (f / CONFIG_NAME).is_file()), None)
+            if outer is not None:
+                raise WorkspaceError(f"{source}: {path} is inside the workspace {outer}; pass -w {outer}")
+            under = next((f for f in path.parents if f.exists()), None)
+            if under is not None and not under.is_dir():  # init would refuse it: "cannot make … Not a directory"
+                raise WorkspaceError(f"{source}: {path} cannot be a folder: {under} is a file")
+            raise WorkspaceError(f"{source}: {path} has no {CONFIG_NAME}; run `coordinator init {path}`")
+        except OSError as e:  # a name too long, a path too deep: it was "internal error: OSError"
+            raise WorkspaceError(f"{source}: {_cut(str(path))}: {e.strerror}; pass the workspace's folder") from None
 
     @cached_property
     def config(self) -> Config:
@@ -186,7 +193,7 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
     from .demo.repo import init_demo_repo
 
     given = target.expanduser() / CONFIG_NAME  # said as the user wrote it
-    target = target.expanduser().resolve()
+    target = _resolved(target, None)
     _check_utf8(target)
     cfg_path = target / CONFIG_NAME
     if _config_there(cfg_path, shown=given) and not force:
@@ -197,8 +204,17 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file where a parent folder should be, a read-only disk
         raise UsageError(f"cannot make {target}: {e.strerror}") from None
+    _refuse_what_is_in_the_way(target, given.parent)
     lines: list[str] = []
-    cfg_path.write_text(example_config(), encoding="utf-8")
+    try:
+        cfg_path.write_text(example_config(), encoding="utf-8")
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise  # the command line says what to do about a full or read-only disk
+        # A folder that takes no files (/proc, /sys): said as "internal error", or as "run it as the
+        # user who owns the workspace" to root, for whom there was no workspace yet.
+        raise UsageError(f"cannot write {given}: {e.strerror}: make the workspace in a folder of a disk this "
+                         "user may write in") from None
     lines.append(f"wrote {CONFIG_NAME}")
     ws = Workspace(target)
     cfg = ws.config  # validates what we just wrote
@@ -218,6 +234,35 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
     if not ignore.exists() and not (target / ".git").exists():
         ignore.write_text(f"{RUNTIME}/\n", encoding="utf-8")
     return ws, lines
+
+
+def _cut(text: str, most: int = 200) -> str:
+    """A path as said in one line: its start and end when it is longer than `most` characters."""
+    return text if len(text) <= most else f"{text[:most // 2]}…{text[-most // 2:]}"
+
+
+def _resolved(path: Path, source: str | None) -> Path:
+    """`path` made absolute with its links followed; WorkspaceError when they lead back to
+    themselves (a traceback-free "internal error: RuntimeError: Symlink loop" before)."""
+    try:
+        return path.expanduser().resolve()
+    except (RuntimeError, OSError):  # RuntimeError up to Python 3.12, OSError (ELOOP) after
+        raise WorkspaceError(f"{source + ': ' if source else ''}{path}: a symbolic link on the way leads back "
+                             "to itself; pass a folder reached through no such link") from None
+
+
+def _refuse_what_is_in_the_way(target: Path, shown: Path) -> None:
+    """UsageError, before anything is written, when something that is no folder stands where
+    init makes one (a file `inbox`, a dangling link `state`): it was "internal error:
+    FileExistsError", with the config already written and a second init refused for it."""
+    import yaml
+
+    agents = yaml.safe_load(example_config())["agents"]
+    for name in ("state", "inbox", "repos", RUNTIME, *(f"inbox/{a}" for a in agents)):
+        folder = target / name
+        if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+            raise UsageError(f"{shown / name} is not a folder; the workspace needs a folder there: move it away "
+                             "and run init again")
 
 
 def _check_utf8(root: Path, source: str | None = None) -> None:

@@ -184,6 +184,57 @@ def test_init_over_a_config_that_is_no_file_says_so_in_one_line_forced_or_not(tm
     assert sorted(os.listdir(root)) == ["coordinator.yaml"]
 
 
+def test_init_where_no_file_can_be_written_says_so_in_one_line(tmp_path: Path) -> None:
+    """`-w /proc/self init` (a kernel's folder that takes no files) was "internal error:
+    FileNotFoundError", and a link loop on the way "internal error: RuntimeError"."""
+    refused = program("-w", "/proc/self", "init")
+    assert (refused.returncode, refused.stderr) == (
+        2, "coordinator: cannot write /proc/self/coordinator.yaml: No such file or directory: make the workspace "
+           "in a folder of a disk this user may write in\n")
+    (tmp_path / "loop").symlink_to("loop")
+    said = (f"{tmp_path / 'loop' / 'team'}: a symbolic link on the way leads back to itself; pass a folder "
+            "reached through no such link\n")
+    assert program("init", tmp_path / "loop" / "team").stderr == "coordinator: " + said
+    for args in (("init",), ("board",)):
+        refused = program("-w", tmp_path / "loop" / "team", *args)
+        assert (refused.returncode, refused.stderr) == (2, "coordinator: " + ("-w: " if args == ("board",) else "")
+                                                        + said), args
+
+
+@pytest.mark.parametrize("spot", ["inbox", "state", "inbox/chip", ".coordinator"])
+def test_init_where_a_file_stands_for_a_folder_says_so_and_writes_nothing(tmp_path: Path, spot: str) -> None:
+    """It was "internal error: FileExistsError", with coordinator.yaml already written, so that
+    init run again after the file was moved refused for it ("already exists")."""
+    root = tmp_path / "team"
+    (root / spot).parent.mkdir(parents=True)
+    (root / spot).write_text("mine")
+    refused = run("init", root)
+    assert (refused.exit_code, refused.stderr) == (
+        2, f"coordinator: {root / spot} is not a folder; the workspace needs a folder there: move it away and run "
+           "init again\n")
+    assert not (root / "coordinator.yaml").exists() and (root / spot).read_text() == "mine"
+    (root / spot).unlink()
+    assert run("init", root).exit_code == 0
+
+
+def test_w_naming_a_fifo_says_it_is_no_folder_rather_than_advising_init_there(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    refused = run("-w", tmp_path / "fifo", "board")
+    assert (refused.exit_code, refused.stderr) == (
+        2, f"coordinator: -w: {tmp_path / 'fifo'} is a file, not a workspace folder\n")
+
+
+def test_init_of_an_empty_directory_argument_makes_nothing_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`coordinator init "$TEAM"` with TEAM unset made the workspace in the current folder, and
+    advised `coordinator -w '' supervise`, which -w then refused."""
+    monkeypatch.chdir(tmp_path)
+    refused = run("init", "")
+    assert (refused.exit_code, refused.stderr) == (
+        2, "coordinator init: DIRECTORY is empty (an unset variable?); name the folder, or leave it out to make the "
+           "workspace in the current one. See `coordinator init -h`.\n")
+    assert os.listdir(tmp_path) == []
+
+
 def test_init_without_a_folder_uses_the_current_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert run("init").exit_code == 0
@@ -1281,6 +1332,35 @@ def test_show_a_rejected_order_lists_each_error_once(ws: Path) -> None:
     assert json.loads(run("-w", ws, "show", "WO-0001", "--json").stdout)["order"] is None
 
 
+def test_show_prints_a_failing_checks_whole_reason_each_line_under_it(ws: Path) -> None:
+    """A failing check's reason is its output's tail, on the lines after "output:": `show` printed
+    only the first line of each failure, the output (what the user needed) not at all."""
+    check = "printf 'expected 3\\ngot 4\\033[31m\\n' && false"
+    text = order("The webapp greets a user by name").replace("- `make test` passes", f"- `{check}` passes")
+    sent = run("-w", ws, "send", "-", "--to", "chip", input=text)
+    assert sent.stdout == "WO-0001\n", sent.stderr
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    shown = run("-w", ws, "show", "WO-0001").stdout.splitlines()
+    first = shown.index(f"failure: check `{check}` failed with exit code 1; output:")
+    assert shown[first + 1:first + 3] == ["  expected 3", "  got 4[31m"]  # no escape reaches the terminal
+
+
+def test_a_hand_commit_in_state_shows_its_escape_sequences_as_text(ws: Path) -> None:
+    """Its author and subject went to the terminal as they were: an escape sequence in them set
+    the terminal's title or cleared its screen in `show` and `log`."""
+    (ws / "inbox" / "chip" / "bad.md").write_text("**Objective:** Something vague\n")
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    with (ws / "state" / "orders" / "WO-0001" / "report.md").open("a") as f:
+        f.write("\nseen\n")
+    subprocess.run(["git", "-C", str(ws / "state"), "-c", "user.name=ed\x1b[2J", "-c", "user.email=ed@example.org",
+                    "commit", "-qam", "WO-0001 chip: noted \x1b]0;title\x07 by hand"], check=True)
+    for args in (("show", "WO-0001"), ("log", "WO-0001")):
+        shown = CliRunner().invoke(cli, ["-w", str(ws), *args], color=True)  # as on a terminal: escapes kept
+        assert shown.exit_code == 0 and "\x1b" not in shown.output and "\x07" not in shown.output, args
+        last = shown.output.splitlines()[-1]
+        assert "  ed\\x1b[2J  " in last and last.endswith("  WO-0001 chip: noted \\x1b]0;title\\x07 by hand"), args
+
+
 @pytest.mark.parametrize("args", [("log",), ("doctor",), ("board",)])
 def test_a_reader_that_stops_reading_is_no_error(worked: Path, args: tuple[str, ...]) -> None:
     """`coordinator log | head -1`: the reader has seen enough; exit 0, nothing said."""
@@ -1661,6 +1741,18 @@ def test_a_folder_in_place_of_the_signals_file_is_one_line_not_an_internal_error
     assert "silent" in run("-w", ws, "signals").stdout
 
 
+def test_budget_shows_a_hand_edited_items_ref_with_its_escapes_as_text(ws: Path) -> None:
+    """The note was made one printable line, the ref went to the terminal as the file had it."""
+    assert run("-w", ws, "budget", "add", "5").exit_code == 0
+    ledger = ws / "state" / "orchestrator" / "ledger.json"
+    data = json.loads(ledger.read_text())
+    data["items"][0]["ref"] = "read\x1b[2J"
+    ledger.write_text(json.dumps(data))
+    shown = CliRunner().invoke(cli, ["-w", str(ws), "budget"], color=True)  # as on a terminal: escapes kept
+    assert shown.exit_code == 0 and "\x1b" not in shown.output
+    assert shown.output.splitlines()[-1].split() == ["5", "manual", "in-flight", "read\\x1b[2J"]
+
+
 def test_budget_add_and_rotate(ws: Path) -> None:
     doc = json.loads(run("-w", ws, "budget", "--json").stdout)
     assert set(doc) == BUDGET_KEYS
@@ -1682,6 +1774,20 @@ def test_budget_add_and_rotate(ws: Path) -> None:
     assert json.loads(run("-w", ws, "budget", "--json").stdout)["generation"] == 2
     assert git(ws / "state", "log", "-1", "--format=%s").startswith("budget walt: rotate --fresh: generation 2")
     assert git(ws / "state", "status", "--porcelain") == ""
+
+
+def test_rotate_fresh_that_raises_the_hot_tokens_says_so(ws: Path) -> None:
+    """A fresh brief longer than the context it replaced raised the hot tokens (5 -> 62), said
+    only in a line that read as success: "rotate" is asked for to lower them."""
+    assert run("-w", ws, "budget", "add", "5").exit_code == 0
+    fresh = run("-w", ws, "rotate", "--fresh")
+    after = json.loads(run("-w", ws, "budget", "--json").stdout)["hot_tokens"]
+    assert after > 5
+    assert (fresh.exit_code, fresh.stdout) == (0, f"rotate --fresh: generation 2, 5 -> {after} hot tokens\n")
+    assert fresh.stderr == (f"warning: the fresh generation starts with more hot tokens ({after}) than the context "
+                            "it replaced (5): its brief, state/orchestrator/brief.md, is the longer; a fresh start "
+                            "lowers them once the context has outgrown that brief\n")
+    assert run("-w", ws, "rotate", "--fresh").stderr == ""  # no more than before: nothing to warn of
 
 
 def test_signals_and_audit_verify_notice_a_hand_commit(ws: Path) -> None:

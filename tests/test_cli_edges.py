@@ -357,3 +357,43 @@ def test_without_git_on_path_each_command_says_so_in_one_line(ws: Path, tmp_path
                             text=True, env=env, timeout=60)
     assert doctor.returncode == 0, doctor.stderr
     assert "git: NOT FOUND — install git; the audit trail and working copies need it" in doctor.stdout.splitlines()
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (("show", "x" * 100_000), "coordinator show: Invalid value for 'ID': 'xxxxxxxxxxxxxxxxxxxx…' is 100,000 "
+                              "characters; an order id (like WO-0001) is at most 64. See `coordinator show -h`.\n"),
+    (("send", "-", "--to", "\x1b]0;" + "x" * 50), "coordinator send: Invalid value for '--to': '\\x1b]0;xxxxxxxxxxxxxxxx…'"
+     " is 54 characters; an agent name is at most 32. See `coordinator send -h`.\n"),
+    (("budget", "add", "5", "--note", "n" * 201),
+     "coordinator budget add: Invalid value for '--note': 'nnnnnnnnnnnnnnnnnnnn…' is 201 characters; a note (it is "
+     "one line of the ledger) is at most 200. See `coordinator budget add -h`.\n"),
+])
+def test_an_overlong_id_name_or_note_is_refused_in_one_short_line(ws: Path, args: tuple[str, ...], said: str) -> None:
+    """An id or agent name of 100,000 characters was echoed whole in its "one line" of error, and
+    a note past the ledger's 200 characters was cut there without a word."""
+    refused = run("-w", ws, *args, input="")
+    assert (refused.exit_code, refused.stderr) == (2, said)
+    assert not os.path.exists(ws / "state" / "orchestrator" / "ledger.json")
+    assert run("-w", ws, "budget", "add", "5", "--note", "n" * 200).exit_code == 0
+    assert json.loads(run("-w", ws, "budget", "--json").stdout)["items"][0]["note"] == "n" * 200
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (("show", os.fsdecode(b"WO-\xff")), "coordinator show: Invalid value for 'ID': 'WO-\\xff' is not UTF-8 text, as an "
+                                        "order id (like WO-0001) must be. See `coordinator show -h`.\n"),
+    (("new", "--to", os.fsdecode(b"ch\xffip")), "coordinator new: Invalid value for '--to': 'ch\\xffip' is not UTF-8 "
+                                                "text, as an agent name must be. See `coordinator new -h`.\n"),
+])
+def test_an_id_or_name_that_is_not_utf8_is_said_as_its_bytes(ws: Path, args: tuple[str, ...], said: str) -> None:
+    """Said as Python's own escape of the byte ('ch\\udcffip'), in "unknown agent" or "no order"."""
+    refused = run("-w", ws, *args)
+    assert (refused.exit_code, refused.stderr) == (2, said)
+
+
+def test_an_output_encoding_without_the_arrow_gets_an_escape_not_an_internal_error(ws: Path) -> None:
+    """On a terminal set to Latin-1, `board` (its "—") and `show` (its "→") stopped with
+    "internal error: UnicodeEncodeError"; characters Latin-1 has are still written as such."""
+    env = {k: v for k, v in os.environ.items() if k != "COORDINATOR_WORKSPACE"} | {"PYTHONIOENCODING": "latin-1"}
+    board = subprocess.run([COORDINATOR, "-w", str(ws), "board"], capture_output=True, env=env, timeout=60)
+    assert (board.returncode, board.stderr) == (0, b"")
+    assert b"supervisor: not running \\u2014 `coordinator supervise` starts it\n" in board.stdout

@@ -203,3 +203,13 @@ def test_doctor_says_when_the_open_files_limit_is_below_what_supervise_needs(ws:
     assert refused.returncode != 0 and "`ulimit -n`" in refused.stderr
     fine = subprocess.run([coordinator, "-w", str(ws.root), "doctor"], capture_output=True, text=True, timeout=60)
     assert not [line for line in fine.stdout.splitlines() if line.startswith("limits:") and "PROBLEM" in line]
+
+
+def test_an_llm_agents_model_is_shown_on_one_line_with_no_escape(make_ws) -> None:
+    """The model is shown as the config has it: a line break in it ran doctor's line over two, and
+    an escape sequence reached the terminal (one that clears the screen cleared it)."""
+    from coordinator.doctor import report
+
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"],
+                           "llm": {"base_url": "http://127.0.0.1:9/", "model": "m\x1b[2Jodel\nx"}}})
+    assert line(report(ws), "chip:") == "  chip: specialist, llm m\\x1b[2Jodel\\nx"

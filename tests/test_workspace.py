@@ -201,3 +201,94 @@ def test_ensure_layout_makes_only_what_is_missing(made: Workspace) -> None:
     (made.inbox("rex")).rmdir()
     assert made.ensure_layout() == ["inbox/rex"]
     assert made.inbox("rex").is_dir()
+
+
+
+@pytest.mark.parametrize(("was", "now", "said"), [
+    ("on_ceiling: rotate", "on_ceiling: no",  # in quotes it is no choice either: what YAML did is said
+     "budget.on_ceiling: must be one of rotate, fresh, warn, not false; `on_ceiling: no` was read by YAML as false"),
+    ("orchestrator: walt", "orchestrator: no",  # `no` is a name: in quotes it is one
+     "orchestrator: must be an agent name (a lowercase letter, then up to 31 lowercase letters, digits, '-' or '_'), "
+     'not false; `orchestrator: no` was read by YAML as false: put it in quotes ("no")'),
+    ("  rex:", "  no:",
+     "agents: 'false' is not an agent name (a lowercase letter, then up to 31 lowercase letters, digits, '-' or "
+     "'_'); the key `no:` was read by YAML as false: put it in quotes (\"no\":)"),
+])
+def test_a_config_value_yaml_read_as_true_or_false_says_so_as_an_order_does(made: Workspace, was: str, now: str,
+                                                                             said: str) -> None:
+    """`on_ceiling: no` was refused as "not false", an agent named `no` as "'false' is not an
+    agent name": the user was left to guess where a false came from."""
+    made.config_path.write_text(made.config_path.read_text().replace(was, now, 1))
+    with pytest.raises(ConfigError) as refused:
+        config.load(made.config_path)
+    assert str(refused.value) == f"coordinator.yaml: {said}"
+
+
+def test_a_writable_folder_of_an_unknown_users_home_says_so(made: Workspace) -> None:
+    """`~nosuchuser/x` was refused with "must be absolute or start with ~": it does start with ~."""
+    made.config_path.write_text(made.config_path.read_text().replace(
+        "    sends_to: [chip]\n", "    sends_to: [chip]\n    sandbox: {writable: ['~nosuchuser-cli/x']}\n", 1))
+    with pytest.raises(ConfigError) as refused:
+        config.load(made.config_path)
+    assert str(refused.value) == ("coordinator.yaml: agents.rex.sandbox.writable.0: '~nosuchuser-cli/x': no user "
+                                  "'nosuchuser-cli' on this system, so ~nosuchuser-cli names no home folder; write "
+                                  "the folder's absolute path")
+
+
+def test_a_config_that_is_not_utf8_says_the_line_of_the_first_odd_byte(made: Workspace) -> None:
+    """Said as "is not UTF-8 text" alone, a Latin-1 "é" in one description left the user searching."""
+    text = made.config_path.read_text()
+    line = text[:text.index("Coder.")].count("\n") + 1
+    made.config_path.write_bytes(text.replace("Coder.", "Cod\xe9r.", 1).encode("latin-1"))
+    with pytest.raises(ConfigError) as refused:
+        config.load(made.config_path)
+    assert str(refused.value) == f"coordinator.yaml: is not UTF-8 text (line {line}: byte 0xe9); save it as UTF-8"
+
+
+@pytest.mark.parametrize(("was", "now", "hint"), [
+    ('writes: ["webapp/docs/reviews/**"]', "writes: [*.md]",
+     'a value that starts with * is read by YAML as an alias (*name): put it in quotes ("*.md")'),
+    ('writes: ["webapp/docs/reviews/**"]', "writes: [`x`]", "a value cannot start with ` in YAML: put it in quotes"),
+    ("description: Coder.", "description: Coder: the one",
+     'a value with ": " in it must be in quotes (description: "Coder: the one Edits the webapp\'s source and '
+     'tests.")'),
+])
+def test_a_config_value_yaml_cannot_read_unquoted_says_to_quote_it(made: Workspace, was: str, now: str,
+                                                                   hint: str) -> None:
+    """PyYAML's words ("did not find expected alphabetic or numeric character") named neither the
+    glob read as an alias nor the quotes that fix it."""
+    made.config_path.write_text(made.config_path.read_text().replace(was, now, 1))
+    with pytest.raises(ConfigError) as refused:
+        config.load(made.config_path)
+    assert str(refused.value).startswith("coordinator.yaml: is not valid YAML at line ")
+    assert str(refused.value).endswith(f"; {hint}")
+    made.config_path.write_text(made.config_path.read_text().replace("    role: specialist\n", "   role: specialist\n",
+                                                                     1).replace(now, was, 1))
+    with pytest.raises(ConfigError) as misindented:  # the ": " of a key is no value's: no hint
+        config.load(made.config_path)
+    assert str(misindented.value).endswith(": mapping values are not allowed in this context")
+
+
+def test_a_workspace_named_by_a_path_too_long_is_said_in_one_line(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """-w or $COORDINATOR_WORKSPACE with a name past the file system's 255 bytes was "internal
+    error: OSError: [Errno 36] File name too long", with the whole path after it."""
+    long = tmp_path / ("a" * 300)
+    with pytest.raises(WorkspaceError) as refused:
+        Workspace.find(long)
+    said = str(refused.value)
+    assert said.startswith(f"-w: {str(long)[:100]}…") and said.endswith("a: File name too long; pass the workspace's "
+                                                                         "folder")
+    assert len(said) < 300
+    monkeypatch.setenv(ENV_VAR, str(long))
+    with pytest.raises(WorkspaceError, match=r"^\$COORDINATOR_WORKSPACE: .*: File name too long"):
+        Workspace.find(None)
+
+
+def test_a_workspace_under_a_file_is_said_to_be_impossible_not_to_need_init(tmp_path: Path) -> None:
+    """`-w notes.md/team` was told "run `coordinator init …`", which then refused: "Not a directory"."""
+    (tmp_path / "notes.md").write_text("mine")
+    with pytest.raises(WorkspaceError) as refused:
+        Workspace.find(tmp_path / "notes.md" / "team")
+    assert str(refused.value) == (f"-w: {tmp_path / 'notes.md' / 'team'} cannot be a folder: {tmp_path / 'notes.md'} "
+                                  "is a file")
