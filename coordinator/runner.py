@@ -351,6 +351,14 @@ def agent_warnings(agent: Agent) -> list[str]:
         found.append(f"stale_after: {_seconds(agent.stale_after)} is not shorter than its timeout "
                      f"({_seconds(agent.timeout)}): an attempt is killed before it could be flagged stale; "
                      "make stale_after shorter")
+    if agent.llm is not None:
+        for i, endpoint in enumerate(agent.llm.chain):
+            var = endpoint.api_key_env
+            if var and not (os.environ.get(var) or "").strip():
+                where = "llm.api_key_env" if i == 0 else f"llm.fallback.{i - 1}"
+                found.append(f"{where}: {printable(var)} is not set here, and model {printable(endpoint.model)} "
+                             "is asked with the key it holds: each call to it fails until it is exported (or "
+                             "set api_key_env: null for a server that needs no key)")
     return found
 
 

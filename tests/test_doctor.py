@@ -213,3 +213,24 @@ def test_an_llm_agents_model_is_shown_on_one_line_with_no_escape(make_ws) -> Non
     ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"],
                            "llm": {"base_url": "http://127.0.0.1:9/", "model": "m\x1b[2Jodel\nx"}}})
     assert line(report(ws), "chip:") == "  chip: specialist, llm m\\x1b[2Jodel\\nx"
+
+
+def test_an_llm_agents_key_variable_that_is_not_set_is_said_by_doctor_and_at_start(make_ws, monkeypatch):
+    """Every call of such an agent failed ("SOME_KEY is not set"), each order after max_failures
+    attempts; neither doctor nor the supervisor's start had said a word."""
+    monkeypatch.delenv("MISSING_TEST_KEY", raising=False)
+    monkeypatch.setenv("PRESENT_TEST_KEY", "sk-test-0123456789abcdef")
+    ws = make_ws({"qwen": {"role": "specialist", "llm": {
+        "base_url": "http://127.0.0.1:9/v1", "model": "qwen3-coder", "api_key_env": "MISSING_TEST_KEY",
+        "fallback": [{"model": "backup", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "PRESENT_TEST_KEY"}]}}})
+    warning = ("llm.api_key_env: MISSING_TEST_KEY is not set here, and model qwen3-coder is asked with the key it "
+               "holds: each call to it fails until it is exported (or set api_key_env: null for a server that "
+               "needs no key)")
+    out = CliRunner().invoke(cli, ["-w", str(ws.root), "doctor"]).output
+    assert f"    WARNING: {warning}" in out.splitlines()
+    assert "PRESENT_TEST_KEY" not in out
+    said: list[str] = []
+    with Supervisor(ws, log=said.append) as sup:
+        sup.run_once(limit=10)
+    assert [line for line in said if "api_key_env" in line or "fallback" in line] == [
+        f"WARNING: agents.qwen.{warning}"]
