@@ -11,12 +11,16 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import shlex
 import signal
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -92,11 +96,16 @@ def supervise(c: Context, once: bool, poll: bool, grace: float) -> None:
     from .supervisor import Supervisor
     from .trail import one_line
 
+    held = _HeldLines(sys.stderr, lambda text: echo(text))
+
     def log(line: str) -> None:
         # One line per event, whatever it quotes: an agent's summary or a file name could
         # otherwise start lines of its own or send escape sequences to the terminal.
+        held.write(f"{time.strftime('%H:%M:%S')} {one_line(line)}")
+
+    def echo(text: str) -> None:
         try:
-            click.echo(f"{time.strftime('%H:%M:%S')} {one_line(line)}", err=True)
+            click.echo(text, err=True)
         except OSError as e:
             if e.errno in (errno.EPIPE, errno.EIO):
                 # The log's reader went away (`supervise 2>&1 | tee log` and tee ended: EPIPE; the
@@ -134,6 +143,60 @@ def supervise(c: Context, once: bool, poll: bool, grace: float) -> None:
         logging.getLogger().removeHandler(lines)
         for signum, handler in before.items():
             signal.signal(signum, handler)
+        held.flush(HELD_WAIT)
+
+
+HELD_LINES = 10_000  # log lines kept while the log's reader does not read; past them, counted only
+HELD_WAIT = 2.0  # seconds the end of `supervise` waits for that reader to take what is kept
+
+
+class _HeldLines:
+    """The supervisor's log lines, never written while the log's reader is not reading (a
+    `supervise 2>&1 | less` paused, Ctrl-S on the terminal): the write waited for it, and the
+    whole loop with it, attempts past their timeout and drops untaken. Such lines are kept
+    (HELD_LINES) and go out, in order, with the next line once there is room again."""
+
+    def __init__(self, stream: Any, emit: Callable[[str], None]) -> None:
+        self.stream, self.emit = stream, emit
+        self.lines: deque[str] = deque()
+        self.dropped = 0
+        self.lock = threading.Lock()  # library warnings come from other threads too
+
+    def write(self, text: str) -> None:
+        with self.lock:
+            if not self.lines and self._room(0.0):
+                self.emit(text)
+                return
+            if len(self.lines) < HELD_LINES:
+                self.lines.append(text)
+            else:
+                self.dropped += 1
+            self._send(0.0)
+
+    def flush(self, wait: float) -> None:
+        """Send what is kept, waiting up to `wait` seconds for the reader in all."""
+        with self.lock:
+            self._send(wait)
+
+    def _send(self, wait: float) -> None:
+        end = time.monotonic() + wait
+        while self.lines and self._room(max(0.0, end - time.monotonic())):
+            self.emit(self.lines.popleft())
+        if self.dropped and not self.lines and self._room(0.0):
+            self.emit(f"{time.strftime('%H:%M:%S')} WARNING: {self.dropped:,} log line(s) were left out while "
+                      "the log's reader did not read (the work went on)")
+            self.dropped = 0
+
+    def _room(self, wait: float) -> bool:
+        """Whether a line can be written now without waiting for the reader (a pipe or a
+        terminal that has room, a file, nothing at all)."""
+        try:
+            fd = self.stream.fileno()
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            return bool(poller.poll(int(wait * 1000)))
+        except (AttributeError, ValueError, OSError):  # no stream, or one without a descriptor
+            return True
 
 
 def _to_nowhere(stream: object) -> None:

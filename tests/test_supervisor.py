@@ -1650,3 +1650,52 @@ def test_orders_queued_for_an_agent_taken_out_of_the_team_are_said_at_start(make
     assert ("WARNING: 2 order(s) for rex wait, and rex is no longer in coordinator.yaml: they run once it is "
             "back (`coordinator cancel ID` drops one): r1, r2") in said
     assert status(ws, "r1") == status(ws, "r2") == "queued"
+
+
+def test_a_log_reader_that_stops_reading_does_not_stop_the_supervisor(make_ws):
+    """`supervise 2>&1 | less`, paused (or Ctrl-S on its terminal): once the pipe was full, the
+    log write waited for the reader, and the whole loop with it. Orders were not taken in,
+    attempts ran past their timeouts, and SIGTERM was not seen. The lines wait instead, and
+    go out in order once the reader reads again."""
+    import fcntl
+    import signal
+    import sys
+
+    exe = str(Path(sys.executable).with_name("coordinator"))
+    ws = make_ws({"chip": {"role": "specialist", "command": ["true"], "max_parallel": 4}})
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)  # a dozen lines fill it
+    sup = subprocess.Popen([exe, "-w", str(ws.root), "supervise"], stdin=subprocess.DEVNULL, stdout=w, stderr=w)
+    os.close(w)
+    got = bytearray()
+    try:
+        ids = [f"o{i:02d}" for i in range(40)]
+        for oid in ids:
+            drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} is done", id=oid))
+        wait_until(lambda: all(_status_or_none(ws, oid) == "done" for oid in ids),
+                   "every order to end with nobody reading the log", timeout=60)
+        reader = threading.Thread(target=lambda: got.extend(_read_all(r)), daemon=True)
+        reader.start()  # the reader is back
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(timeout=30) == 0
+        reader.join(timeout=30)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+        os.close(r)
+    done = [line.split()[1] for line in got.decode().splitlines() if line.endswith("-> done [chip]")]
+    assert done == [oid for oid in done if oid in ids] and sorted(done) == ids  # each said once, none lost
+
+
+def _status_or_none(ws, order_id):
+    try:
+        return Store(ws.state).load(order_id).status
+    except (CoordinatorError, OSError, ValueError):
+        return None
+
+
+def _read_all(fd: int) -> bytes:
+    out = bytearray()
+    while chunk := os.read(fd, 1 << 16):
+        out += chunk
+    return bytes(out)
