@@ -79,14 +79,35 @@ def config_drift(ws: Workspace) -> str | None:
     now: it keeps the team (ceiling, bands, agents) it started with until it is restarted."""
     if not supervisor_running(ws):
         return None
-    try:
-        seen = config_seen_path(ws).read_text("utf-8").strip()
-    except (OSError, ValueError):
-        return None
-    if not seen or seen == ws.config.digest:
+    seen = _config_seen(ws)
+    if not seen or seen[0] == ws.config.digest:
         return None
     return ("the running supervisor started with an older coordinator.yaml and acts on that one (its agents, "
             "ceiling and bands) until it is restarted")
+
+
+def _config_seen(ws: Workspace) -> list[str] | None:
+    """What the running supervisor wrote of its team: the digest of its coordinator.yaml, then
+    (on a line of their own) its agents' names."""
+    try:
+        return config_seen_path(ws).read_text("utf-8").split("\n")
+    except (OSError, ValueError):
+        return None
+
+
+def drift_for(ws: Workspace, agent: str) -> str | None:
+    """`config_drift`, told of an order just sent to `agent`: one the running supervisor does
+    not know (added to coordinator.yaml since it started) waits in its inbox until a restart,
+    and `send` said only its id."""
+    drift = config_drift(ws)
+    if drift is None:
+        return None
+    seen = _config_seen(ws)
+    agents = seen[1].split() if seen is not None and len(seen) > 1 else None
+    if agents and agent not in agents:
+        return (f"the running supervisor started before {agent} was in coordinator.yaml, so it does not take "
+                f"in inbox/{agent}/: the order waits there until the supervisor is restarted")
+    return drift
 
 
 def submit(ws: Workspace, action: str, args: dict[str, Any], *, timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:

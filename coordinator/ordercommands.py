@@ -93,21 +93,25 @@ def send(c: Context, file: str, to: str | None, sender: str | None) -> None:
         coordinator send fix.md --to chip
         cat order.yaml | coordinator send - --to chip --from walt
     """
-    from . import sending
+    from . import control, sending
     from .inboxfiles import printable
 
     if file == "-":
         stdin_hint()
         data = sending.read_stdin()
-        order_id = sending.send(c.ws, data, name=sending.STDIN, to=to, sender=sender, kind=sending.sniff(data))
+        sent = sending.send(c.ws, data, name=sending.STDIN, to=to, sender=sender, kind=sending.sniff(data))
     else:
         path = Path(file)
         shown = printable(c.ws.rel(path))
         sending.refuse_inbox_file(c.ws, path, shown=shown)
         data = sending.read_file(path, shown=shown)
-        order_id = sending.send(c.ws, data, name=shown, to=to, sender=sender)
+        sent = sending.send(c.ws, data, name=shown, to=to, sender=sender)
+    assert sent.id is not None
     # Said as "cannot write the output" alone, the order looked unsent, and was sent again.
-    echo_done(order_id, done=f"{order_id} was sent", again="send it again")
+    echo_done(sent.id, done=f"{sent.id} was sent", again="send it again")
+    drift = control.drift_for(c.ws, sent.to)
+    if drift:
+        click.echo(f"warning: {drift}", err=True)
 
 
 @click.command(cls=Command)

@@ -206,8 +206,8 @@ def refuse_inbox_file(ws: Workspace, path: Path, *, shown: str) -> None:
 
 
 def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str | None,
-         kind: str | None = None) -> str:
-    """Validate, then drop atomically into `inbox/<to>/` as `<id><suffix>`; returns the order's id.
+         kind: str | None = None) -> orders.WorkOrder:
+    """Validate, then drop atomically into `inbox/<to>/` as `<id><suffix>`; returns the order as sent.
 
     `name` is what messages call the file (its suffix picks the format unless `kind` is given);
     `to` None means the file's own `to:`. Raises OrderError (nothing written) when invalid.
@@ -250,7 +250,7 @@ def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str |
                 (ws.runtime / RESERVED / reserved).unlink()
         raise
     durable.fsync_dir(inbox)
-    return order.id
+    return order
 
 
 def sniff(data: bytes) -> str:

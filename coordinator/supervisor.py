@@ -316,7 +316,8 @@ class Supervisor(Arrivals):
         self._root_id = (st.st_dev, st.st_ino)
         # The team this supervisor keeps until it stops: a command run after coordinator.yaml
         # was edited says that the supervisor still acts on the old one (`control.config_drift`).
-        durable.write_text(control.config_seen_path(self.ws), self.config.digest, sync=False)
+        durable.write_text(control.config_seen_path(self.ws),
+                           f"{self.config.digest}\n{' '.join(sorted(self.config.agents))}\n", sync=False)
 
     def _say_agentless(self) -> None:
         """Say which orders wait for an agent coordinator.yaml no longer has: they stay queued

@@ -1681,6 +1681,22 @@ def test_budget_and_board_say_when_the_running_supervisor_keeps_an_older_config(
     assert "config_changed" not in json.loads(run("-w", ws, "board", "--json").stdout)["supervisor"]
 
 
+def test_send_to_an_agent_added_after_the_supervisor_started_says_the_order_waits_for_a_restart(
+        ws: Path, supervisor: subprocess.Popen[str]) -> None:
+    """`send` said only the id, and the order sat in an inbox the running supervisor does not
+    watch (its team is the one it started with) until someone wondered why."""
+    path = ws / "coordinator.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["agents"]["newbie"] = {"role": "specialist", "command": ["true"]}
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    sent = run("-w", ws, "send", "-", "--to", "newbie", input=order("The newbie says hello", files=()))
+    assert sent.exit_code == 0 and sent.stdout == "WO-0001\n"
+    assert sent.stderr == ("warning: the running supervisor started before newbie was in coordinator.yaml, so it does "
+                           "not take in inbox/newbie/: the order waits there until the supervisor is restarted\n")
+    known = run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting already exists in the webapp"))
+    assert known.exit_code == 0 and known.stderr.startswith("warning: the running supervisor started with an older")
+
+
 def test_a_running_supervisor_answers_errors_with_the_exit_code_they_would_have_here(
         ws: Path, supervisor: subprocess.Popen[str]) -> None:
     from coordinator import control
