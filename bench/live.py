@@ -13,7 +13,8 @@
 - end-to-end throughput: N read-only orders to `/bin/true`, dropped at once; time from
   the first drop to the last `done` (the record's own timestamp), against running
   `/bin/true` N times with subprocess.run in the same run. Measured with the agent's
-  default `max_parallel: 1` (each order waits for the last to end) and with 4 at once.
+  default `max_parallel: 1` (each order waits for the last to end), with 4 at once (the
+  workspace's default limit), and with 16 at once (both limits raised: the loop's own capacity).
 - `supervise --once` throughput: the same N orders dropped first, then one `--once` run;
   time from its start (start-up included) to the last `done`.
 - intake-only throughput: N orders to an orchestrator with no command (they stay queued);
@@ -56,6 +57,9 @@ IDLE_GAP = 0.55  # s between idle drops: longer than watchdog's 0.5 s hold of a 
 LATENCY_TARGET_MS = 10.0
 THROUGHPUT_TARGET = 3.0  # supervisor time / bare spawn time
 PARALLEL = 4  # the agent's max_parallel in the parallel throughput runs (the workspace's default limit)
+# With the limits raised until slots are never what an order waits for: what the loop itself
+# can do (at 4, an order waits for a slot while the loop has nothing else to do).
+SATURATED = 16
 ORDER_TIMEOUT = 60.0
 ENDED = frozenset({"done", "halted", "routed", "blocked", "rejected", "denied", "cancelled"})
 
@@ -198,9 +202,10 @@ def latency(sizes: Sizes) -> list[Figure]:
 
 def _throughput_run(n: int, first: int, parallel: int = 1) -> tuple[float, float]:
     """(seconds from first drop to last done, seconds to run /bin/true n times bare), with
-    the agent running up to `parallel` orders at once."""
+    the agent running up to `parallel` orders at once (the workspace's limit raised to match)."""
     agents = {"chip": {"role": "specialist", "command": ["/bin/true"], "max_parallel": parallel}}
-    with temp_workspace(agents) as ws, LiveSupervisor(ws) as sup:
+    top = {"max_parallel": parallel} if parallel > PARALLEL else {}
+    with temp_workspace(agents, **top) as ws, LiveSupervisor(ws) as sup:
         ids = [f"tp-{first + i:05d}" for i in range(n)]
         texts = [order_md(f"Throughput order {first + i} is done", id=oid) for i, oid in enumerate(ids)]
         t0 = time.time()
@@ -252,6 +257,9 @@ def throughput(sizes: Sizes) -> list[Figure]:
                _throughput_figure("throughput_parallel", f"2. the same, {PARALLEL} at once (max_parallel)",
                                   n, [_throughput_run(n, 200_000 + r * 10_000, PARALLEL) for r in runs],
                                   parallel=PARALLEL),
+               _throughput_figure("throughput_saturated", f"2. the same, {SATURATED} at once (both limits raised)",
+                                  n, [_throughput_run(n, 300_000 + r * 10_000, SATURATED) for r in runs],
+                                  target=False, parallel=SATURATED),
                _throughput_figure("throughput_once", "2. `supervise --once` on a queue, /bin/true", n,
                                   [_once_run(n, 500_000 + r * 10_000) for r in runs], target=False),
                file_system()]
@@ -306,7 +314,7 @@ def _throughput_figure(key: str, title: str, n: int, runs: list[tuple[float, flo
         ratio <= THROUGHPUT_TARGET if target else None,
         {"orders": n, "orders_per_s": round(rate, 2), "bare_per_s": round(bare_rate, 1),
          "ratio": round(ratio, 2), "runs_s": [[round(s, 3), round(b, 3)] for s, b in runs],
-         "agent_max_parallel": parallel, "workspace_max_parallel": 4})
+         "agent_max_parallel": parallel, "workspace_max_parallel": max(parallel, PARALLEL)})
 
 
 def _intake_run(n: int, first: int) -> float:
