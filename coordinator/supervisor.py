@@ -251,12 +251,14 @@ class Supervisor(Arrivals):
                         os.close(fd)
                 self._wake_fds = None
             self._pumps = []  # they see the loop closed and end within a second
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            # The folder's lock first: a start that got the lock file in between found the folder
+            # still locked, and refused as if a supervisor ran whose lock file was removed.
             if self._root_fd is not None:
                 os.close(self._root_fd)
                 self._root_fd = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
             self._opened = False
 
     def _note_cut(self) -> None:
