@@ -1699,3 +1699,23 @@ def _read_all(fd: int) -> bytes:
     while chunk := os.read(fd, 1 << 16):
         out += chunk
     return bytes(out)
+
+
+def test_an_order_for_a_repository_with_no_commit_yet_is_refused_with_what_to_do(make_ws):
+    """A `git init` with nothing committed: the order was taken, each attempt failed with
+    "refs/heads/trunk does not exist", and it was blocked and escalated."""
+    from coordinator import sending
+    from coordinator.errors import OrderError
+
+    ws = make_ws({"apidev": {"role": "specialist", "command": sh("echo x > src/a.py"), "writes": ["api/src/**"]}})
+    subprocess.run(["git", "init", "-q", "-b", "trunk", str(ws.repos / "api")], check=True)
+    text = order_md("The api source tree starts", id="a", files=("api/src/**",))
+    why = ("repos/api has no commit on trunk yet, so no working copy can be made from it: make a first commit "
+           "there (git -C repos/api commit --allow-empty -m start) and send the order again")
+    with pytest.raises(OrderError) as refused:
+        sending.send(ws, text.encode(), name="a.md", to="apidev", sender=None)
+    assert why in str(refused.value)
+    drop(ws, "apidev", "a.md", text)
+    run(ws)
+    rec = Store(ws.state).load("a")
+    assert rec.status == "rejected" and any(why in e for e in rec.errors)
