@@ -1284,3 +1284,17 @@ def test_an_order_naming_one_file_may_replace_or_remove_it_and_nothing_beside_it
     else:
         assert rec.status == "denied" and rec.report["offending"][0].startswith("webapp/src/other.py: ")
         assert git(repo, "rev-parse", "main") == main
+
+
+def test_an_order_naming_a_file_too_long_for_any_file_system_runs_and_the_supervisor_goes_on(make_ws):
+    # A name over 255 bytes, as an agent's outbox may send one: the supervisor stopped with an
+    # internal error ("File name too long") at its grant, and again at every start.
+    long_name = "webapp/src/" + "a" * 300 + ".py"
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"],
+                           "command": ["/bin/sh", "-c", "echo hi >> src/login.py; echo tried"]}})
+    drop(ws, "chip", "long.md", order_md("Name a long file", files=(long_name, "webapp/src/login.py"), id="WO-1"))
+    drop(ws, "chip", "next.md", order_md("Edit login", files=("webapp/src/login.py",), id="WO-2"))
+    run(ws)
+    assert record(ws, "WO-1").status == "done"
+    assert record(ws, "WO-2").status == "done"
+    assert git(ws.repos / "webapp", "show", "HEAD:src/login.py").endswith("hi\nhi")
