@@ -301,7 +301,27 @@ def diff(before: dict[str, Entry], after: dict[str, Entry]) -> list[Change]:
         change = _classify(path, before.get(path), after.get(path), after)
         if change is not None:
             changes.append(change)
+    changes = _repointed(changes, before, after)
     return _repositories(changes, before, after) if changes else changes
+
+
+def _repointed(changes: list[Change], before: dict[str, Entry], after: dict[str, Entry]) -> list[Change]:
+    """`changes`, plus each link the change left as it was that now leads out of the copy.
+
+    A link is resolved through the folders and links on its way: one made harmless in an
+    earlier change (`src/l -> a/b/c/../../../..`, with `a/b/c` a folder) leads out once a
+    later change makes `a/b/c` a link (`-> ../../..`), which itself stays inside. Asked only
+    when the change makes or re-points a link: nothing else moves where a link leads.
+    """
+    if not any(c.kind == "symlink" and (c.path not in before or before[c.path].link != after[c.path].link)
+               for c in changes if c.path in after):
+        return changes
+    changed = {c.path for c in changes}
+    found = [Change(path, "symlink", f"unchanged, -> {e.link} now leads out through a changed link", "symlink")
+             for path, e in after.items()
+             if e.kind == "symlink" and path not in changed and e.link is not None
+             and _escapes(path, e.link, after) and not _escapes(path, e.link, before)]
+    return sorted(changes + found, key=lambda c: c.path) if found else changes
 
 
 # What git looks for in a folder to take it for a repository (see repository_folders).

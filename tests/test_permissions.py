@@ -1298,3 +1298,32 @@ def test_an_order_naming_a_file_too_long_for_any_file_system_runs_and_the_superv
     assert record(ws, "WO-1").status == "done"
     assert record(ws, "WO-2").status == "done"
     assert git(ws.repos / "webapp", "show", "HEAD:src/login.py").endswith("hi\nhi")
+
+
+# The first order leaves a link that stays inside through the folder a/b/c; the second makes
+# a/b/c a link that itself stays inside, and with it the first link leads out of the repository.
+REPOINT = '''
+if [ ! -L src/l ]; then
+  mkdir -p src/a/b/c && echo x > src/a/b/keep.py && ln -s a/b/c/../../../.. src/l
+else
+  ln -s ../../.. src/a/b/c
+fi
+'''
+
+
+def test_a_link_made_to_lead_out_by_a_later_change_never_lands(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"], "command": ["/bin/sh", "-c", REPOINT]}})
+    checkout = ws.repos / "webapp"
+    drop(ws, "chip", "one.md", order_md("Add the link", files=("webapp/src/**",), id="WO-1"))
+    run(ws)
+    assert record(ws, "WO-1").status == "done"
+    assert os.path.realpath(checkout / "src" / "l") == str(checkout.resolve())  # inside, as judged
+    head = git(checkout, "rev-parse", "HEAD")
+    drop(ws, "chip", "two.md", order_md("Re-point the folder", files=("webapp/src/**",), id="WO-2"))
+    run(ws)
+    rec = record(ws, "WO-2")
+    assert rec.status == "denied"
+    assert any(line.startswith("webapp/src/l: symlink") for line in rec.report["offending"])
+    assert git(checkout, "rev-parse", "HEAD") == head
+    assert not (checkout / "src" / "a" / "b" / "c").is_symlink()
+    assert os.path.realpath(checkout / "src" / "l") == str(checkout.resolve())
