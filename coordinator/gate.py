@@ -516,6 +516,16 @@ def _escapes(path: str, target: str, entries: dict[str, Entry]) -> bool:
     return False
 
 
+def links_leading_out(after: dict[str, str], before: dict[str, str]) -> list[str]:
+    """The links of a tree (path -> target, `after`) that lead out of it or into .git, and did
+    not as the same link in the tree it came from (`before`): each resolved through the other
+    links on its way."""
+    now = {p: Entry("symlink", 0, 0, None, t, 1) for p, t in after.items()}
+    was = {p: Entry("symlink", 0, 0, None, t, 1) for p, t in before.items()}
+    return sorted(p for p, t in after.items()
+                  if _escapes(p, t, now) and not (before.get(p) == t and _escapes(p, t, was)))
+
+
 # -- judge ----------------------------------------------------------------------------------------
 
 

@@ -294,7 +294,10 @@ class Repo(Checkout):
         """GitError when the merge makes a folder git takes for a repository. The gate refuses
         one in a single order's change, but two orders run side by side can each bring half
         (`HEAD` and a config; `objects/` and `refs/`), and only the merge puts them together."""
-        changed = _nul_split(self.git("diff", "--name-only", "--no-renames", "-z", base, merged))
+        raw = _nul_split(self.git("diff", "--raw", "--no-renames", "-z", base, merged))
+        changed = raw[1::2]  # each path follows its `:mode mode sha sha X`
+        if any(meta.split(" ")[1:2] == ["120000"] for meta in raw[0::2]):
+            self._refuse_leading_out(order_id, branch, base, merged)  # it makes or re-points a link
         folders = {p[:cut] for p in changed for cut in (i for i, c in enumerate(p) if c == "/")}
         if not folders:
             return
@@ -307,6 +310,35 @@ class Repo(Checkout):
             shown = ", ".join(printable(f) for f in sorted(planted))
             raise GitError(f"{self.name}: merging wo/{order_id} into {branch} would make {shown} a folder git "
                            "takes for a repository, with work that landed meanwhile; nothing was merged")
+
+    def _refuse_leading_out(self, order_id: str, branch: str, base: str, merged: str) -> None:
+        """GitError when the merge leaves a link that leads out of the repository. The gate
+        resolves each order's links in its own copy, but two orders run side by side can each
+        bring half: `src/l -> a/b/c/../../../..` where `a/b/c` is a folder, and `a/b/c` made a
+        link (`-> ../../..`); only the merge puts them together, and `src/l` then leads out.
+        Asked when the merge makes or re-points a link: nothing else moves where one leads."""
+        out = gate.links_leading_out(self._links(merged), self._links(base))
+        if out:
+            shown = ", ".join(printable(p) for p in out[:5])
+            raise GitError(f"{self.name}: merging wo/{order_id} into {branch} would make {shown} a link leading out "
+                           "of the repository, with work that landed meanwhile; nothing was merged")
+
+    def _links(self, rev: str) -> dict[str, str]:
+        """Every symbolic link of commit `rev`: path -> target."""
+        found = [line.split("\t", 1) for line in _nul_split(self.git("ls-tree", "-r", "-z", "--full-tree", rev))
+                 if line.startswith("120000 ") and "\t" in line]
+        if not found:
+            return {}
+        data = self._run(["cat-file", "--batch"], input="".join(f"{meta.split()[2]}\n" for meta, _ in found))
+        raw = data.stdout.encode("utf-8", "surrogateescape")  # as git wrote it: sizes count bytes
+        links: dict[str, str] = {}
+        at = 0
+        for _, path in found:
+            end = raw.index(b"\n", at)
+            size = int(raw[at:end].split()[2])
+            links[path] = raw[end + 1:end + 1 + size].decode("utf-8", "surrogateescape")
+            at = end + 1 + size + 1
+        return links
 
     def _merge_commit(self, order_id: str, branch: str, base: str, tip: str, message: str) -> str:
         if self.in_memory_merge:

@@ -445,6 +445,48 @@ def test_two_orders_that_each_bring_half_of_a_repository_are_not_merged_together
     assert sh_git(repo.path, "status", "--porcelain") == ""
 
 
+def land_links(repo: Repo, ws: Path, order_id: str, files: dict[str, str], links: dict[str, str]) -> None:
+    """`land`, with symbolic links (path -> target) beside the files."""
+    wt = repo.add_worktree(order_id, work(ws, order_id))
+    for rel, text in files.items():
+        edit(wt / rel, text)
+    for rel, target in links.items():
+        (wt / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(target, wt / rel)
+    trailers = {**TRAILERS, "Work-Order": order_id}
+    assert repo.commit(wt, [*files, *links], agent="chip", subject=f"do {order_id}", trailers=trailers)
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["merge-tree", "scratch-worktree"])
+@pytest.mark.parametrize("link_first", [True, False], ids=["link-first", "folder-first"])
+def test_two_orders_that_each_bring_half_of_a_link_leading_out_are_not_merged_together(
+        ws: Path, in_memory: bool, link_first: bool) -> None:
+    # Each order's gate sees a link that stays inside: src/l through the folder a/b/c in one,
+    # a/b/c made a link to the top in the other. Merged, src/l leads three folders above it.
+    repo = Repo(init_demo_repo(ws / "repos" / "webapp").path, in_memory_merge=in_memory)
+    land_links(repo, ws, "WO-0001", {"src/a/b/keep.py": "x\n"}, {"src/l": "a/b/c/../../../.."})
+    land_links(repo, ws, "WO-0002", {"src/a/b/k2.py": "y\n"}, {"src/a/b/c": "../../.."})
+    first, second = ("WO-0001", "WO-0002") if link_first else ("WO-0002", "WO-0001")
+    head = repo.merge(first)
+    with pytest.raises(GitError, match="would make src/l a link leading out of the repository"):
+        repo.merge(second)
+    assert repo.head() == head and sh_git(repo.path, "status", "--porcelain") == ""
+    assert os.path.realpath(repo.path / "src" / "l").startswith(str(repo.path.resolve()))
+
+
+def test_a_merge_that_leaves_a_link_leading_out_as_it_was_lands(ws: Path) -> None:
+    # A link a person committed long ago is not this merge's, even when the merge adds another.
+    repo = Repo(init_demo_repo(ws / "repos" / "webapp").path, in_memory_merge=True)
+    os.symlink("../../shared", repo.path / "src" / "shared")
+    sh_git(repo.path, "add", "-A")
+    sh_git(repo.path, "-c", "user.name=p", "-c", "user.email=p@x", "commit", "-qm", "a shared folder")
+    land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    land_links(repo, ws, "WO-0002", {"src/b.py": "b\n"}, {"src/alias.py": "b.py"})
+    repo.merge("WO-0001")
+    second = repo.merge("WO-0002")
+    assert repo.head() == second and (repo.path / "src" / "alias.py").is_symlink()
+
+
 def test_a_merge_that_leaves_a_repository_shaped_folder_alone_lands(ws: Path) -> None:
     # What was there before (a fixture from before the gate refused such) is not this merge's.
     repo = Repo(init_demo_repo(ws / "repos" / "webapp").path, in_memory_merge=True)
