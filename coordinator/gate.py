@@ -251,7 +251,9 @@ def unchanged_since(root: Path, path: str, judged: Entry | None) -> bool:
         return judged is None
     except OSError:
         return False
-    if judged is None or judged.kind != _kind(st.st_mode):
+    if judged is None:  # still gone when found only through a link on its way (a folder made a link)
+        return _through_link(root, path)
+    if judged.kind != _kind(st.st_mode):
         return False
     if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != judged.key:
         return False
@@ -261,6 +263,18 @@ def unchanged_since(root: Path, path: str, judged: Entry | None) -> bool:
         return os.readlink(full) == judged.link
     except OSError:  # swapped for something else since the lstat
         return False
+
+
+def _through_link(root: Path, path: str) -> bool:
+    """Is one of the folders on the way to `path` in `root` a link?"""
+    parts = path.split("/")[:-1]
+    for i in range(len(parts)):
+        try:
+            if stat.S_ISLNK(os.lstat(os.path.join(root, *parts[:i + 1])).st_mode):
+                return True
+        except OSError:
+            return False
+    return False
 
 
 def _digest(path: str, size: int) -> str:

@@ -186,22 +186,27 @@ class Repo(Checkout):
         if not wanted:
             return None
         tracked = set(_nul_split(self.git("ls-files", "-z", "--cached", cwd=work)))
-        r = self._run(["check-ignore", "-z", "--stdin"], cwd=work, input=_nul_join(wanted), check=False)
-        if r.returncode not in (0, 1):
-            raise GitError(f"git check-ignore failed in {work}: {r.stderr.strip()}")
-        ignored = set(_nul_split(r.stdout))
-        add, remove = [], []
+        files: list[str] = []
+        gone: list[str] = []
+        linked: dict[str, bool] = {}  # folder -> is it, or one above it, a link
         for p in wanted:
             try:
-                is_file = not stat.S_ISDIR(os.lstat(work / p).st_mode)
+                # A path beyond a link is gone from the copy (a folder replaced by a link to
+                # another): git would refuse it ("beyond a symbolic link"), and the order with it.
+                is_file = not _beyond_link(work, p, linked) and not stat.S_ISDIR(os.lstat(work / p).st_mode)
             except (FileNotFoundError, NotADirectoryError):
                 is_file = False
             except OSError as e:  # a folder on the way the agent made unreadable
                 raise GitError(f"cannot read {p!r} in {work}: {e.strerror}; nothing was committed") from None
-            if is_file and (p in tracked or p not in ignored):
-                add.append(p)
-            elif p in tracked:
-                remove.append(p)
+            (files if is_file else gone).append(p)
+        ignored: set[str] = set()
+        if files:
+            r = self._run(["check-ignore", "-z", "--stdin"], cwd=work, input=_nul_join(files), check=False)
+            if r.returncode not in (0, 1):
+                raise GitError(f"git check-ignore failed in {work}: {r.stderr.strip()}")
+            ignored = set(_nul_split(r.stdout))
+        add = [p for p in files if p in tracked or p not in ignored]
+        remove = [p for p in files if p not in add and p in tracked] + [p for p in gone if p in tracked]
         if remove:
             self._run(["update-index", "--force-remove", "-z", "--stdin"], cwd=work, input=_nul_join(remove))
         if add:
@@ -428,6 +433,21 @@ def _branch(order_id: str) -> str:
     if not _ORDER_ID.match(order_id) or ".." in order_id or order_id.endswith((".", ".lock")):
         raise GitError(f"order id {order_id!r} cannot name a git branch; use letters, digits, '-', '_', single dots")
     return BRANCH_PREFIX + order_id
+
+
+def _beyond_link(work: Path, path: str, linked: dict[str, bool]) -> bool:
+    """Does a folder on the way to `path` (repo-relative) in `work` lie beyond a link? Each
+    folder is looked at once (`linked`, shared by the calls of one commit)."""
+    folder = path.rpartition("/")[0]
+    if not folder:
+        return False
+    if folder not in linked:
+        try:
+            is_link = stat.S_ISLNK(os.lstat(work / folder).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            is_link = False
+        linked[folder] = is_link or _beyond_link(work, folder, linked)
+    return linked[folder]
 
 
 def _check_rel(path: str) -> None:

@@ -1327,3 +1327,23 @@ def test_a_link_made_to_lead_out_by_a_later_change_never_lands(make_ws):
     assert git(checkout, "rev-parse", "HEAD") == head
     assert not (checkout / "src" / "a" / "b" / "c").is_symlink()
     assert os.path.realpath(checkout / "src" / "l") == str(checkout.resolve())
+
+
+def test_a_folder_an_order_replaces_by_a_link_lands(make_ws):
+    # The folder's files are gone from the copy, though the link leads where files of those
+    # names are: the commit refused them as "beyond a symbolic link", or as changed after the
+    # gate, and the order was blocked after its retries.
+    script = ('if [ -d src/vendor ] && [ ! -L src/vendor ]; then rm -r src/vendor && ln -s . src/vendor; '
+              'else mkdir -p src/vendor && echo x > src/vendor/login.py; fi')
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"], "command": ["/bin/sh", "-c", script]}})
+    checkout = ws.repos / "webapp"
+    drop(ws, "chip", "one.md", order_md("Vendor the module", files=("webapp/src/**",), id="WO-1"))
+    run(ws)
+    assert record(ws, "WO-1").status == "done" and (checkout / "src" / "vendor" / "login.py").is_file()
+    drop(ws, "chip", "two.md", order_md("Use our own module", files=("webapp/src/**",), id="WO-2"))
+    run(ws)
+    rec = record(ws, "WO-2")
+    assert rec.status == "done", rec.report
+    assert rec.report["changed"] == ["webapp/src/vendor", "webapp/src/vendor/login.py"]
+    assert os.readlink(checkout / "src" / "vendor") == "."
+    assert git(checkout, "status", "--porcelain") == ""

@@ -13,7 +13,7 @@ import pytest
 from conftest import merge_killed_after
 from coordinator.demo.repo import init_demo_repo
 
-from coordinator import checkout
+from coordinator import checkout, gate
 from coordinator.checkout import DirtyCheckout
 from coordinator.errors import GitError
 from coordinator.repos import MergeConflict, Repo, gc_worktrees
@@ -334,6 +334,28 @@ def test_commit_keeps_symlinks_and_exec_bits(repo: Repo, ws: Path) -> None:
     tree = sh_git(repo.path, "ls-tree", "-r", str(sha))
     assert "120000 blob" in next(line for line in tree.splitlines() if line.endswith("src/alias.py"))
     assert "100755 blob" in next(line for line in tree.splitlines() if line.endswith("run.sh"))
+
+
+@pytest.mark.parametrize("target", [".", "../tests"], ids=["to-its-parent", "to-a-folder-beside"])
+def test_a_folder_replaced_by_a_link_is_committed(repo: Repo, ws: Path, target: str) -> None:
+    # What the folder held is gone from the copy, though the link leads where a file of that
+    # name is: git refused those paths ("beyond a symbolic link"), and the order was blocked.
+    land(repo, ws, "WO-0001", {"src/vendor/login.py": "old\n", "src/vendor/test_login.py": "old\n"})
+    repo.merge("WO-0001")
+    wt = repo.add_worktree("WO-0002", work(ws, "WO-0002"))
+    before = gate.snapshot(wt)
+    shutil.rmtree(wt / "src" / "vendor")
+    os.symlink(target, wt / "src" / "vendor")
+    after = gate.snapshot(wt, since=before)
+    verdict = gate.judge(gate.diff(before, after), repo="webapp", files=("webapp/src/**",), writes=("webapp/src/**",))
+
+    def as_judged(paths: list[str]) -> None:  # as the supervisor asks, once git has read them
+        assert [p for p in paths if not gate.unchanged_since(wt, p, after.get(p))] == []
+
+    sha = repo.commit(wt, verdict.commit_paths(), agent="chip", subject="s", trailers=TRAILERS, verify=as_judged)
+    tree = sh_git(repo.path, "ls-tree", "-r", str(sha))
+    assert "120000 blob" in next(line for line in tree.splitlines() if line.endswith("src/vendor"))
+    assert "src/vendor/" not in tree and "src/login.py" in tree and "tests/test_login.py" in tree
 
 
 def test_landed_finds_the_agents_commit_on_the_default_branch(repo: Repo, ws: Path) -> None:
