@@ -17,6 +17,7 @@ import json
 import os
 import re
 import select
+import shutil
 import stat
 import subprocess
 import time
@@ -1347,3 +1348,19 @@ def test_a_folder_an_order_replaces_by_a_link_lands(make_ws):
     assert rec.report["changed"] == ["webapp/src/vendor", "webapp/src/vendor/login.py"]
     assert os.readlink(checkout / "src" / "vendor") == "."
     assert git(checkout, "status", "--porcelain") == ""
+
+
+@pytest.mark.parametrize("entry", ["", "."], ids=["empty", "dot"])
+def test_a_git_in_the_working_copy_never_runs_as_the_supervisor(make_ws, tmp_path, monkeypatch, entry):
+    # With an empty or `.` entry first on the supervisor's PATH, git run in a working copy was
+    # looked up there: the agent's `./git` ran as the supervisor, outside any sandbox.
+    marker = tmp_path / "ran-as-supervisor"
+    fake = f"#!/bin/sh\necho pwned > {marker}\nexec {shutil.which('git')} \"$@\"\n"
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"],
+                           "command": ["/bin/sh", "-c", f"printf '%s' '{fake}' > git && chmod +x git"]}})
+    monkeypatch.setenv("PATH", f"{entry}{os.pathsep}{os.environ['PATH']}")
+    drop(ws, "chip", "git.md", order_md("Add a git wrapper", files=("webapp/**",), id="WO-1"))
+    run(ws)
+    assert record(ws, "WO-1").status == "done"
+    assert "echo pwned" in (ws.repos / "webapp" / "git").read_text()  # the change landed, never run
+    assert not marker.exists()
