@@ -489,9 +489,11 @@ def _size(n: int) -> str:
 
 
 def is_git_path(path: str) -> bool:
-    """Does `path` pass through git internals (a `.git` component in any case, `.gitmodules`)?"""
+    """Does `path` pass through git internals (a `.git` component in any case, `.gitmodules`)?
+    Named as git names them to protect a checkout on NTFS (`.git. `, `git~1`, `.git::$DATA`):
+    git never stages such a path, so a change holding one was "done" without it."""
     for part in path.split("/"):
-        name = part.lower().rstrip(" .")
+        name = part.lower().partition(":")[0].rstrip(" .")
         if name in (".git", "git~1", ".gitmodules"):
             return True
     return False

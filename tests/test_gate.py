@@ -573,3 +573,14 @@ def test_a_link_left_as_it_was_is_refused_when_a_changed_link_makes_it_lead_out(
         os.symlink("../../..", wt / "src" / "a" / "b" / "c")  # inside itself
 
     assert changes_after(wt, act) == {"src/a/b/c": "type", "src/l": "symlink"}
+
+
+def test_a_folder_git_takes_for_dot_git_on_ntfs_is_git_internal(wt: Path) -> None:
+    # git never stages it (it protects a checkout on NTFS): allowed, the change was "done"
+    # with the file silently left out.
+    def act() -> None:
+        (wt / "src" / ".git::$INDEX_ALLOCATION").mkdir()
+        (wt / "src" / ".git::$INDEX_ALLOCATION" / "config").write_text("[core]\n")
+
+    assert changes_after(wt, act) == {"src/.git::$INDEX_ALLOCATION": "git-internal",
+                                      "src/.git::$INDEX_ALLOCATION/config": "git-internal"}
