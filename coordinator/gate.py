@@ -324,11 +324,11 @@ def _repointed(changes: list[Change], before: dict[str, Entry], after: dict[str,
 
     A link is resolved through the folders and links on its way: one made harmless in an
     earlier change (`src/l -> a/b/c/../../../..`, with `a/b/c` a folder) leads out once a
-    later change makes `a/b/c` a link (`-> ../../..`), which itself stays inside. Asked only
-    when the change makes or re-points a link: nothing else moves where a link leads.
+    later change makes `a/b/c` a link (`-> ../../..`), which itself stays inside, or makes a
+    link on the way a folder again. Asked only when the change makes, re-points or removes a
+    link: nothing else moves where a link leads.
     """
-    if not any(c.kind == "symlink" and (c.path not in before or before[c.path].link != after[c.path].link)
-               for c in changes if c.path in after):
+    if not any(e.kind == "symlink" for c in changes for e in (before.get(c.path), after.get(c.path)) if e):
         return changes
     changed = {c.path for c in changes}
     found = [Change(path, "symlink", f"unchanged, -> {e.link} now leads out through a changed link", "symlink")

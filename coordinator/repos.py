@@ -301,8 +301,8 @@ class Repo(Checkout):
         (`HEAD` and a config; `objects/` and `refs/`), and only the merge puts them together."""
         raw = _nul_split(self.git("diff", "--raw", "--no-renames", "-z", base, merged))
         changed = raw[1::2]  # each path follows its `:mode mode sha sha X`
-        if any(meta.split(" ")[1:2] == ["120000"] for meta in raw[0::2]):
-            self._refuse_leading_out(order_id, branch, base, merged)  # it makes or re-points a link
+        if any("120000" in meta.lstrip(":").split(" ")[:2] for meta in raw[0::2]):
+            self._refuse_leading_out(order_id, branch, base, merged)  # it makes, re-points or removes a link
         folders = {p[:cut] for p in changed for cut in (i for i, c in enumerate(p) if c == "/")}
         if not folders:
             return
@@ -321,7 +321,7 @@ class Repo(Checkout):
         resolves each order's links in its own copy, but two orders run side by side can each
         bring half: `src/l -> a/b/c/../../../..` where `a/b/c` is a folder, and `a/b/c` made a
         link (`-> ../../..`); only the merge puts them together, and `src/l` then leads out.
-        Asked when the merge makes or re-points a link: nothing else moves where one leads."""
+        Asked when the merge makes, re-points or removes a link: nothing else moves where one leads."""
         out = gate.links_leading_out(self._links(merged), self._links(base))
         if out:
             shown = ", ".join(printable(p) for p in out[:5])

@@ -584,3 +584,16 @@ def test_a_folder_git_takes_for_dot_git_on_ntfs_is_git_internal(wt: Path) -> Non
 
     assert changes_after(wt, act) == {"src/.git::$INDEX_ALLOCATION": "git-internal",
                                       "src/.git::$INDEX_ALLOCATION/config": "git-internal"}
+
+
+def test_a_link_left_as_it_was_is_refused_when_a_link_on_its_way_becomes_a_folder(wt: Path) -> None:
+    # Through the link a -> x/y, l -> a/../../.. stays inside; with a a folder, it leads out.
+    (wt / "src" / "x" / "y").mkdir(parents=True)
+    os.symlink("x/y", wt / "src" / "a")
+    os.symlink("a/../../..", wt / "src" / "l")
+
+    def act() -> None:
+        (wt / "src" / "a").unlink()
+        (wt / "src" / "a").mkdir()
+
+    assert changes_after(wt, act) == {"src/a": "type", "src/l": "symlink"}

@@ -496,6 +496,24 @@ def test_two_orders_that_each_bring_half_of_a_link_leading_out_are_not_merged_to
     assert os.path.realpath(repo.path / "src" / "l").startswith(str(repo.path.resolve()))
 
 
+def test_two_orders_that_make_a_link_lead_out_by_removing_one_on_its_way_are_not_merged_together(ws: Path) -> None:
+    # Through the link src/a -> x/y, src/l -> a/../../.. stays inside: one order adds src/l,
+    # the other (which had not src/l in its copy) makes src/a a folder again.
+    repo = Repo(init_demo_repo(ws / "repos" / "webapp").path, in_memory_merge=True)
+    land_links(repo, ws, "WO-0001", {"src/x/y/keep.py": "x\n"}, {"src/a": "x/y"})
+    repo.merge("WO-0001")
+    land_links(repo, ws, "WO-0002", {}, {"src/l": "a/../../.."})
+    wt = repo.add_worktree("WO-0003", work(ws, "WO-0003"))
+    (wt / "src" / "a").unlink()
+    edit(wt / "src" / "a" / "mine.py", "mine\n")
+    assert repo.commit(wt, ["src/a", "src/a/mine.py"], agent="chip", subject="s",
+                       trailers={**TRAILERS, "Work-Order": "WO-0003"})
+    head = repo.merge("WO-0002")
+    with pytest.raises(GitError, match="would make src/l a link leading out of the repository"):
+        repo.merge("WO-0003")
+    assert repo.head() == head and os.path.realpath(repo.path / "src" / "l") == str(repo.path.resolve())
+
+
 def test_a_merge_that_leaves_a_link_leading_out_as_it_was_lands(ws: Path) -> None:
     # A link a person committed long ago is not this merge's, even when the merge adds another.
     repo = Repo(init_demo_repo(ws / "repos" / "webapp").path, in_memory_merge=True)
