@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import durable, gate, gitlocks
 from .checkout import Checkout
-from .errors import GitError
+from .errors import GateError, GitError
 from .gitrepo import (
     _SHA,
     BRANCH_PREFIX,
@@ -185,7 +185,11 @@ class Repo(Checkout):
             self.git("read-tree", old, cwd=work)
         if not wanted:
             return None
-        tracked = set(_nul_split(self.git("ls-files", "-z", "--cached", cwd=work)))
+        # `<mode> <sha> <stage>\t<path>`: which tracked paths are links, as well as which are tracked.
+        staged = [line.split("\t", 1) for line in _nul_split(self.git("ls-files", "-z", "--stage", cwd=work))]
+        tracked = {path for _, path in staged}
+        asked = set(wanted)
+        links = any(meta.startswith("120000 ") and path in asked for meta, path in staged)  # one replaced or removed
         files: list[str] = []
         gone: list[str] = []
         linked: dict[str, bool] = {}  # folder -> is it, or one above it, a link
@@ -193,7 +197,8 @@ class Repo(Checkout):
             try:
                 # A path beyond a link is gone from the copy (a folder replaced by a link to
                 # another): git would refuse it ("beyond a symbolic link"), and the order with it.
-                is_file = not _beyond_link(work, p, linked) and not stat.S_ISDIR(os.lstat(work / p).st_mode)
+                is_file = not _beyond_link(work, p, linked) and not stat.S_ISDIR(mode := os.lstat(work / p).st_mode)
+                links = links or (is_file and stat.S_ISLNK(mode))
             except (FileNotFoundError, NotADirectoryError):
                 is_file = False
             except OSError as e:  # a folder on the way the agent made unreadable
@@ -216,6 +221,14 @@ class Repo(Checkout):
         tree = self.git("write-tree", cwd=work)
         if tree == self.git("rev-parse", f"{old}^{{tree}}"):
             return None
+        # The gate resolved links in the copy, where a link or folder on the way may be one
+        # git leaves out (an ignored `src/a -> x/y`): `src/l -> a/../../..` stayed inside there,
+        # and led out of the repository once a later order made `src/a` a folder.
+        out = self._leading_out(old, tree) if links else []  # only a link made, re-pointed or removed moves one
+        if out:
+            raise GateError(f"{', '.join(printable(p) for p in out[:5])} would lead out of the repository as committed "
+                            "(a link or folder on its way is left out of the commit, ignored by git); nothing was "
+                            "committed")
         body = subject.strip().replace("\n", " ") + "\n"
         if trailers:
             body += "\n" + "".join(f"{k}: {' '.join(str(v).split())}\n" for k, v in trailers.items())
@@ -301,8 +314,7 @@ class Repo(Checkout):
         (`HEAD` and a config; `objects/` and `refs/`), and only the merge puts them together."""
         raw = _nul_split(self.git("diff", "--raw", "--no-renames", "-z", base, merged))
         changed = raw[1::2]  # each path follows its `:mode mode sha sha X`
-        if any("120000" in meta.lstrip(":").split(" ")[:2] for meta in raw[0::2]):
-            self._refuse_leading_out(order_id, branch, base, merged)  # it makes, re-points or removes a link
+        self._refuse_leading_out(order_id, branch, base, merged, raw)
         folders = {p[:cut] for p in changed for cut in (i for i, c in enumerate(p) if c == "/")}
         if not folders:
             return
@@ -316,17 +328,27 @@ class Repo(Checkout):
             raise GitError(f"{self.name}: merging wo/{order_id} into {branch} would make {shown} a folder git "
                            "takes for a repository, with work that landed meanwhile; nothing was merged")
 
-    def _refuse_leading_out(self, order_id: str, branch: str, base: str, merged: str) -> None:
+    def _refuse_leading_out(self, order_id: str, branch: str, base: str, merged: str, raw: list[str]) -> None:
         """GitError when the merge leaves a link that leads out of the repository. The gate
         resolves each order's links in its own copy, but two orders run side by side can each
         bring half: `src/l -> a/b/c/../../../..` where `a/b/c` is a folder, and `a/b/c` made a
         link (`-> ../../..`); only the merge puts them together, and `src/l` then leads out.
-        Asked when the merge makes, re-points or removes a link: nothing else moves where one leads."""
-        out = gate.links_leading_out(self._links(merged), self._links(base))
+        `raw`: `git diff --raw -z` of the two."""
+        out = self._leading_out(base, merged, raw)
         if out:
             shown = ", ".join(printable(p) for p in out[:5])
             raise GitError(f"{self.name}: merging wo/{order_id} into {branch} would make {shown} a link leading out "
                            "of the repository, with work that landed meanwhile; nothing was merged")
+
+    def _leading_out(self, base: str, new: str, raw: list[str] | None = None) -> list[str]:
+        """The links of tree-ish `new` that lead out of it and did not in `base` (`gate.links_leading_out`).
+        Looked at only when a link is made, re-pointed or removed: nothing else moves where one
+        leads. `raw`: `git diff --raw -z` of the two, when already at hand."""
+        if raw is None:
+            raw = _nul_split(self.git("diff", "--raw", "--no-renames", "-z", base, new))
+        if not any("120000" in meta.lstrip(":").split(" ")[:2] for meta in raw[0::2]):
+            return []
+        return gate.links_leading_out(self._links(new), self._links(base))
 
     def _links(self, rev: str) -> dict[str, str]:
         """Every symbolic link of commit `rev`: path -> target."""

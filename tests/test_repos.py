@@ -15,7 +15,7 @@ from coordinator.demo.repo import init_demo_repo
 
 from coordinator import checkout, gate
 from coordinator.checkout import DirtyCheckout
-from coordinator.errors import GitError
+from coordinator.errors import GateError, GitError
 from coordinator.repos import MergeConflict, Repo, gc_worktrees
 
 TRAILERS = {"Work-Order": "WO-0001", "Agent": "chip", "Attempt": "1"}
@@ -356,6 +356,21 @@ def test_a_folder_replaced_by_a_link_is_committed(repo: Repo, ws: Path, target: 
     tree = sh_git(repo.path, "ls-tree", "-r", str(sha))
     assert "120000 blob" in next(line for line in tree.splitlines() if line.endswith("src/vendor"))
     assert "src/vendor/" not in tree and "src/login.py" in tree and "tests/test_login.py" in tree
+
+
+def test_a_link_that_leads_out_once_what_git_ignores_is_left_out_is_never_committed(repo: Repo, ws: Path) -> None:
+    # In the copy, src/l -> a/../../.. goes through the link src/a -> x/y and stays inside; git
+    # ignores src/a, and in the commit src/l led out of the repository as soon as an order
+    # made src/a a folder.
+    wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+    edit(wt / "src" / "x" / "y" / "k.py", "k\n")
+    edit(wt / "src" / ".gitignore", "a\n")
+    os.symlink("x/y", wt / "src" / "a")
+    os.symlink("a/../../..", wt / "src" / "l")
+    with pytest.raises(GateError, match="src/l would lead out of the repository as committed"):
+        repo.commit(wt, ["src/.gitignore", "src/a", "src/l", "src/x/y/k.py"], agent="chip", subject="s",
+                    trailers=TRAILERS)
+    assert sh_git(wt, "rev-parse", "HEAD") == repo.head()
 
 
 def test_landed_finds_the_agents_commit_on_the_default_branch(repo: Repo, ws: Path) -> None:
