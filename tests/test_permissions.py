@@ -1287,6 +1287,7 @@ def test_an_order_naming_one_file_may_replace_or_remove_it_and_nothing_beside_it
         assert git(repo, "rev-parse", "main") == main
 
 
+@needs_landlock
 def test_an_order_naming_a_file_too_long_for_any_file_system_runs_and_the_supervisor_goes_on(make_ws):
     # A name over 255 bytes, as an agent's outbox may send one: the supervisor stopped with an
     # internal error ("File name too long") at its grant, and again at every start.
@@ -1312,6 +1313,7 @@ fi
 '''
 
 
+@needs_landlock
 def test_a_link_made_to_lead_out_by_a_later_change_never_lands(make_ws):
     ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"], "command": ["/bin/sh", "-c", REPOINT]}})
     checkout = ws.repos / "webapp"
@@ -1330,6 +1332,7 @@ def test_a_link_made_to_lead_out_by_a_later_change_never_lands(make_ws):
     assert os.path.realpath(checkout / "src" / "l") == str(checkout.resolve())
 
 
+@needs_landlock
 def test_a_folder_an_order_replaces_by_a_link_lands(make_ws):
     # The folder's files are gone from the copy, though the link leads where files of those
     # names are: the commit refused them as "beyond a symbolic link", or as changed after the
@@ -1350,6 +1353,7 @@ def test_a_folder_an_order_replaces_by_a_link_lands(make_ws):
     assert git(checkout, "status", "--porcelain") == ""
 
 
+@needs_landlock
 @pytest.mark.parametrize("entry", ["", "."], ids=["empty", "dot"])
 def test_a_git_in_the_working_copy_never_runs_as_the_supervisor(make_ws, tmp_path, monkeypatch, entry):
     # With an empty or `.` entry first on the supervisor's PATH, git run in a working copy was
