@@ -251,7 +251,9 @@ def unchanged_since(root: Path, path: str, judged: Entry | None) -> bool:
         return judged is None
     except OSError:
         return False
-    if judged is None or judged.kind != _kind(st.st_mode):
+    if judged is None:  # still gone when found only through a link on its way (a folder made a link)
+        return _through_link(root, path)
+    if judged.kind != _kind(st.st_mode):
         return False
     if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != judged.key:
         return False
@@ -261,6 +263,18 @@ def unchanged_since(root: Path, path: str, judged: Entry | None) -> bool:
         return os.readlink(full) == judged.link
     except OSError:  # swapped for something else since the lstat
         return False
+
+
+def _through_link(root: Path, path: str) -> bool:
+    """Is one of the folders on the way to `path` in `root` a link?"""
+    parts = path.split("/")[:-1]
+    for i in range(len(parts)):
+        try:
+            if stat.S_ISLNK(os.lstat(os.path.join(root, *parts[:i + 1])).st_mode):
+                return True
+        except OSError:
+            return False
+    return False
 
 
 def _digest(path: str, size: int) -> str:
@@ -301,7 +315,27 @@ def diff(before: dict[str, Entry], after: dict[str, Entry]) -> list[Change]:
         change = _classify(path, before.get(path), after.get(path), after)
         if change is not None:
             changes.append(change)
+    changes = _repointed(changes, before, after)
     return _repositories(changes, before, after) if changes else changes
+
+
+def _repointed(changes: list[Change], before: dict[str, Entry], after: dict[str, Entry]) -> list[Change]:
+    """`changes`, plus each link the change left as it was that now leads out of the copy.
+
+    A link is resolved through the folders and links on its way: one made harmless in an
+    earlier change (`src/l -> a/b/c/../../../..`, with `a/b/c` a folder) leads out once a
+    later change makes `a/b/c` a link (`-> ../../..`), which itself stays inside, or makes a
+    link on the way a folder again. Asked only when the change makes, re-points or removes a
+    link: nothing else moves where a link leads.
+    """
+    if not any(e.kind == "symlink" for c in changes for e in (before.get(c.path), after.get(c.path)) if e):
+        return changes
+    changed = {c.path for c in changes}
+    found = [Change(path, "symlink", f"unchanged, -> {e.link} now leads out through a changed link", "symlink")
+             for path, e in after.items()
+             if e.kind == "symlink" and path not in changed and e.link is not None
+             and _escapes(path, e.link, after) and not _escapes(path, e.link, before)]
+    return sorted(changes + found, key=lambda c: c.path) if found else changes
 
 
 # What git looks for in a folder to take it for a repository (see repository_folders).
@@ -455,9 +489,11 @@ def _size(n: int) -> str:
 
 
 def is_git_path(path: str) -> bool:
-    """Does `path` pass through git internals (a `.git` component in any case, `.gitmodules`)?"""
+    """Does `path` pass through git internals (a `.git` component in any case, `.gitmodules`)?
+    Named as git names them to protect a checkout on NTFS (`.git. `, `git~1`, `.git::$DATA`):
+    git never stages such a path, so a change holding one was "done" without it."""
     for part in path.split("/"):
-        name = part.lower().rstrip(" .")
+        name = part.lower().partition(":")[0].rstrip(" .")
         if name in (".git", "git~1", ".gitmodules"):
             return True
     return False
@@ -494,6 +530,16 @@ def _escapes(path: str, target: str, entries: dict[str, Entry]) -> bool:
             stack.pop()
             todo = entry.link.split("/") + todo
     return False
+
+
+def links_leading_out(after: dict[str, str], before: dict[str, str]) -> list[str]:
+    """The links of a tree (path -> target, `after`) that lead out of it or into .git, and did
+    not as the same link in the tree it came from (`before`): each resolved through the other
+    links on its way."""
+    now = {p: Entry("symlink", 0, 0, None, t, 1) for p, t in after.items()}
+    was = {p: Entry("symlink", 0, 0, None, t, 1) for p, t in before.items()}
+    return sorted(p for p, t in after.items()
+                  if _escapes(p, t, now) and not (before.get(p) == t and _escapes(p, t, was)))
 
 
 # -- judge ----------------------------------------------------------------------------------------

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import re
+import shutil
 import stat
 import subprocess
 import threading
@@ -82,7 +84,10 @@ def run_git(
     timeout: float = GIT_TIMEOUT,
 ) -> subprocess.CompletedProcess[str]:
     """Run one trusted git command and wait for it; raise GitError on failure when `check`."""
-    argv = ["git", "--no-replace-objects"]  # a `git replace` by hand must not change what it reads
+    program = git_program()
+    if program is None:
+        raise GitError("git is not installed or not on PATH; install git 2.25 or newer")
+    argv = [program, "--no-replace-objects"]  # a `git replace` by hand must not change what it reads
     if git_dir is not None:
         argv.append(f"--git-dir={git_dir}")
     if work_tree is not None:
@@ -118,6 +123,27 @@ def run_git(
             raise OSError(code, f"{os.strerror(code)} (git {verb}: {said.splitlines()[-1]})", str(where))
         raise GitError(f"git {verb} failed in {cwd}: {said.splitlines()[-1]}")
     return proc
+
+
+def git_program() -> str | None:
+    """The git the supervisor runs, by its full path; None when there is none on PATH.
+
+    Named `git`, it was looked up in the folder it runs in for an empty or relative entry of
+    PATH (`PATH=:/usr/bin`, `.:$PATH`): in a working copy, the agent's `./git` ran as the
+    supervisor, outside any sandbox. Such an entry is taken from the supervisor's own folder.
+    """
+    try:
+        here = os.getcwd()
+    except OSError:  # removed since the supervisor started in it: nothing is looked up there
+        here = ""
+    return _find_git(os.environ.get("PATH", os.defpath), here)
+
+
+@functools.lru_cache(maxsize=8)
+def _find_git(search: str, here: str) -> str | None:
+    folders = [f if os.path.isabs(f) else os.path.join(here, f) for f in search.split(os.pathsep)
+               if os.path.isabs(f) or here]
+    return shutil.which("git", path=os.pathsep.join(folders)) if folders else None
 
 
 def _no_room(stderr: str, places: list[Path | None]) -> tuple[int, Path] | None:

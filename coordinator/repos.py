@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import durable, gate, gitlocks
 from .checkout import Checkout
-from .errors import GitError
+from .errors import GateError, GitError
 from .gitrepo import (
     _SHA,
     BRANCH_PREFIX,
@@ -185,23 +185,33 @@ class Repo(Checkout):
             self.git("read-tree", old, cwd=work)
         if not wanted:
             return None
-        tracked = set(_nul_split(self.git("ls-files", "-z", "--cached", cwd=work)))
-        r = self._run(["check-ignore", "-z", "--stdin"], cwd=work, input=_nul_join(wanted), check=False)
-        if r.returncode not in (0, 1):
-            raise GitError(f"git check-ignore failed in {work}: {r.stderr.strip()}")
-        ignored = set(_nul_split(r.stdout))
-        add, remove = [], []
+        # `<mode> <sha> <stage>\t<path>`: which tracked paths are links, as well as which are tracked.
+        staged = [line.split("\t", 1) for line in _nul_split(self.git("ls-files", "-z", "--stage", cwd=work))]
+        tracked = {path for _, path in staged}
+        asked = set(wanted)
+        links = any(meta.startswith("120000 ") and path in asked for meta, path in staged)  # one replaced or removed
+        files: list[str] = []
+        gone: list[str] = []
+        linked: dict[str, bool] = {}  # folder -> is it, or one above it, a link
         for p in wanted:
             try:
-                is_file = not stat.S_ISDIR(os.lstat(work / p).st_mode)
+                # A path beyond a link is gone from the copy (a folder replaced by a link to
+                # another): git would refuse it ("beyond a symbolic link"), and the order with it.
+                is_file = not _beyond_link(work, p, linked) and not stat.S_ISDIR(mode := os.lstat(work / p).st_mode)
+                links = links or (is_file and stat.S_ISLNK(mode))
             except (FileNotFoundError, NotADirectoryError):
                 is_file = False
             except OSError as e:  # a folder on the way the agent made unreadable
                 raise GitError(f"cannot read {p!r} in {work}: {e.strerror}; nothing was committed") from None
-            if is_file and (p in tracked or p not in ignored):
-                add.append(p)
-            elif p in tracked:
-                remove.append(p)
+            (files if is_file else gone).append(p)
+        ignored: set[str] = set()
+        if files:
+            r = self._run(["check-ignore", "-z", "--stdin"], cwd=work, input=_nul_join(files), check=False)
+            if r.returncode not in (0, 1):
+                raise GitError(f"git check-ignore failed in {work}: {r.stderr.strip()}")
+            ignored = set(_nul_split(r.stdout))
+        add = [p for p in files if p in tracked or p not in ignored]
+        remove = [p for p in files if p not in add and p in tracked] + [p for p in gone if p in tracked]
         if remove:
             self._run(["update-index", "--force-remove", "-z", "--stdin"], cwd=work, input=_nul_join(remove))
         if add:
@@ -211,6 +221,14 @@ class Repo(Checkout):
         tree = self.git("write-tree", cwd=work)
         if tree == self.git("rev-parse", f"{old}^{{tree}}"):
             return None
+        # The gate resolved links in the copy, where a link or folder on the way may be one
+        # git leaves out (an ignored `src/a -> x/y`): `src/l -> a/../../..` stayed inside there,
+        # and led out of the repository once a later order made `src/a` a folder.
+        out = self._leading_out(old, tree) if links else []  # only a link made, re-pointed or removed moves one
+        if out:
+            raise GateError(f"{', '.join(printable(p) for p in out[:5])} would lead out of the repository as committed "
+                            "(a link or folder on its way is left out of the commit, ignored by git); nothing was "
+                            "committed")
         body = subject.strip().replace("\n", " ") + "\n"
         if trailers:
             body += "\n" + "".join(f"{k}: {' '.join(str(v).split())}\n" for k, v in trailers.items())
@@ -294,7 +312,9 @@ class Repo(Checkout):
         """GitError when the merge makes a folder git takes for a repository. The gate refuses
         one in a single order's change, but two orders run side by side can each bring half
         (`HEAD` and a config; `objects/` and `refs/`), and only the merge puts them together."""
-        changed = _nul_split(self.git("diff", "--name-only", "--no-renames", "-z", base, merged))
+        raw = _nul_split(self.git("diff", "--raw", "--no-renames", "-z", base, merged))
+        changed = raw[1::2]  # each path follows its `:mode mode sha sha X`
+        self._refuse_leading_out(order_id, branch, base, merged, raw)
         folders = {p[:cut] for p in changed for cut in (i for i, c in enumerate(p) if c == "/")}
         if not folders:
             return
@@ -307,6 +327,45 @@ class Repo(Checkout):
             shown = ", ".join(printable(f) for f in sorted(planted))
             raise GitError(f"{self.name}: merging wo/{order_id} into {branch} would make {shown} a folder git "
                            "takes for a repository, with work that landed meanwhile; nothing was merged")
+
+    def _refuse_leading_out(self, order_id: str, branch: str, base: str, merged: str, raw: list[str]) -> None:
+        """GitError when the merge leaves a link that leads out of the repository. The gate
+        resolves each order's links in its own copy, but two orders run side by side can each
+        bring half: `src/l -> a/b/c/../../../..` where `a/b/c` is a folder, and `a/b/c` made a
+        link (`-> ../../..`); only the merge puts them together, and `src/l` then leads out.
+        `raw`: `git diff --raw -z` of the two."""
+        out = self._leading_out(base, merged, raw)
+        if out:
+            shown = ", ".join(printable(p) for p in out[:5])
+            raise GitError(f"{self.name}: merging wo/{order_id} into {branch} would make {shown} a link leading out "
+                           "of the repository, with work that landed meanwhile; nothing was merged")
+
+    def _leading_out(self, base: str, new: str, raw: list[str] | None = None) -> list[str]:
+        """The links of tree-ish `new` that lead out of it and did not in `base` (`gate.links_leading_out`).
+        Looked at only when a link is made, re-pointed or removed: nothing else moves where one
+        leads. `raw`: `git diff --raw -z` of the two, when already at hand."""
+        if raw is None:
+            raw = _nul_split(self.git("diff", "--raw", "--no-renames", "-z", base, new))
+        if not any("120000" in meta.lstrip(":").split(" ")[:2] for meta in raw[0::2]):
+            return []
+        return gate.links_leading_out(self._links(new), self._links(base))
+
+    def _links(self, rev: str) -> dict[str, str]:
+        """Every symbolic link of commit `rev`: path -> target."""
+        found = [line.split("\t", 1) for line in _nul_split(self.git("ls-tree", "-r", "-z", "--full-tree", rev))
+                 if line.startswith("120000 ") and "\t" in line]
+        if not found:
+            return {}
+        data = self._run(["cat-file", "--batch"], input="".join(f"{meta.split()[2]}\n" for meta, _ in found))
+        raw = data.stdout.encode("utf-8", "surrogateescape")  # as git wrote it: sizes count bytes
+        links: dict[str, str] = {}
+        at = 0
+        for _, path in found:
+            end = raw.index(b"\n", at)
+            size = int(raw[at:end].split()[2])
+            links[path] = raw[end + 1:end + 1 + size].decode("utf-8", "surrogateescape")
+            at = end + 1 + size + 1
+        return links
 
     def _merge_commit(self, order_id: str, branch: str, base: str, tip: str, message: str) -> str:
         if self.in_memory_merge:
@@ -396,6 +455,21 @@ def _branch(order_id: str) -> str:
     if not _ORDER_ID.match(order_id) or ".." in order_id or order_id.endswith((".", ".lock")):
         raise GitError(f"order id {order_id!r} cannot name a git branch; use letters, digits, '-', '_', single dots")
     return BRANCH_PREFIX + order_id
+
+
+def _beyond_link(work: Path, path: str, linked: dict[str, bool]) -> bool:
+    """Does a folder on the way to `path` (repo-relative) in `work` lie beyond a link? Each
+    folder is looked at once (`linked`, shared by the calls of one commit)."""
+    folder = path.rpartition("/")[0]
+    if not folder:
+        return False
+    if folder not in linked:
+        try:
+            is_link = stat.S_ISLNK(os.lstat(work / folder).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            is_link = False
+        linked[folder] = is_link or _beyond_link(work, folder, linked)
+    return linked[folder]
 
 
 def _check_rel(path: str) -> None:

@@ -28,6 +28,7 @@ import re
 import secrets
 import shutil
 import site
+import stat
 import sys
 import time
 from collections.abc import Mapping
@@ -531,20 +532,27 @@ def _deepest_existing(target: Path, root: Path) -> Path:
     `sed -i`, an editor's atomic save and `rm` all failed with EACCES on the very file the
     order names. What else the folder then lets the agent write, the gate judges.
     """
-    if target.is_dir() and not target.is_symlink():
+    if _is_folder(target, follow=False):
         return target
     probe = target.parent
-    while probe != root and not probe.is_dir():
+    while probe != root and not _is_folder(probe, follow=True):
         probe = probe.parent
     return probe
+
+
+def _is_folder(path: Path, *, follow: bool) -> bool:
+    """Is `path` a folder? Not when it cannot be looked at: a name over 255 bytes in the
+    order's `files` (which no file system holds) stopped the supervisor at every start."""
+    try:
+        return stat.S_ISDIR(os.stat(path, follow_symlinks=follow).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def read_untrusted(path: Path, limit: int, *, within: Path | None = None) -> bytes | None:
     """A regular file the specialist could have tampered with: never through a link, never a fifo,
     at most `limit` + 1 bytes. None when it is absent or not a regular file. With `within`, no
     folder on the way from there is followed through a link either (`durable.open_beneath`)."""
-    import stat
-
     folder = None
     try:
         if within is None:

@@ -555,3 +555,45 @@ def test_planted_names_what_git_would_take_for_a_repository_in_a_folder_and_neve
     (top / "outbox" / "link").symlink_to(top / "elsewhere", target_is_directory=True)
     found = sorted(os.path.relpath(p, top) for p in gate.planted(str(top)))
     assert found == ["HEAD", "elsewhere/.git", "objects", "outbox/.GIT", "refs", "tmp/deep/x"]
+
+
+def test_a_link_that_led_out_before_the_change_is_not_the_changes_doing(wt: Path) -> None:
+    # An escaping link the repository already had is left to whoever made it: a change that
+    # adds a harmless link beside it is not refused for it.
+    os.symlink("../../elsewhere", wt / "src" / "old")
+    assert changes_after(wt, lambda: os.symlink("login.py", wt / "src" / "alias.py")) == {"src/alias.py": "added"}
+
+
+def test_a_link_left_as_it_was_is_refused_when_a_changed_link_makes_it_lead_out(wt: Path) -> None:
+    (wt / "src" / "a" / "b" / "c").mkdir(parents=True)
+    os.symlink("a/b/c/../../../..", wt / "src" / "l")  # inside: a/b/c is a folder
+
+    def act() -> None:
+        (wt / "src" / "a" / "b" / "c").rmdir()
+        os.symlink("../../..", wt / "src" / "a" / "b" / "c")  # inside itself
+
+    assert changes_after(wt, act) == {"src/a/b/c": "type", "src/l": "symlink"}
+
+
+def test_a_folder_git_takes_for_dot_git_on_ntfs_is_git_internal(wt: Path) -> None:
+    # git never stages it (it protects a checkout on NTFS): allowed, the change was "done"
+    # with the file silently left out.
+    def act() -> None:
+        (wt / "src" / ".git::$INDEX_ALLOCATION").mkdir()
+        (wt / "src" / ".git::$INDEX_ALLOCATION" / "config").write_text("[core]\n")
+
+    assert changes_after(wt, act) == {"src/.git::$INDEX_ALLOCATION": "git-internal",
+                                      "src/.git::$INDEX_ALLOCATION/config": "git-internal"}
+
+
+def test_a_link_left_as_it_was_is_refused_when_a_link_on_its_way_becomes_a_folder(wt: Path) -> None:
+    # Through the link a -> x/y, l -> a/../../.. stays inside; with a a folder, it leads out.
+    (wt / "src" / "x" / "y").mkdir(parents=True)
+    os.symlink("x/y", wt / "src" / "a")
+    os.symlink("a/../../..", wt / "src" / "l")
+
+    def act() -> None:
+        (wt / "src" / "a").unlink()
+        (wt / "src" / "a").mkdir()
+
+    assert changes_after(wt, act) == {"src/a": "type", "src/l": "symlink"}

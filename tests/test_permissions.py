@@ -17,6 +17,7 @@ import json
 import os
 import re
 import select
+import shutil
 import stat
 import subprocess
 import time
@@ -1284,3 +1285,86 @@ def test_an_order_naming_one_file_may_replace_or_remove_it_and_nothing_beside_it
     else:
         assert rec.status == "denied" and rec.report["offending"][0].startswith("webapp/src/other.py: ")
         assert git(repo, "rev-parse", "main") == main
+
+
+@needs_landlock
+def test_an_order_naming_a_file_too_long_for_any_file_system_runs_and_the_supervisor_goes_on(make_ws):
+    # A name over 255 bytes, as an agent's outbox may send one: the supervisor stopped with an
+    # internal error ("File name too long") at its grant, and again at every start.
+    long_name = "webapp/src/" + "a" * 300 + ".py"
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"],
+                           "command": ["/bin/sh", "-c", "echo hi >> src/login.py; echo tried"]}})
+    drop(ws, "chip", "long.md", order_md("Name a long file", files=(long_name, "webapp/src/login.py"), id="WO-1"))
+    drop(ws, "chip", "next.md", order_md("Edit login", files=("webapp/src/login.py",), id="WO-2"))
+    run(ws)
+    assert record(ws, "WO-1").status == "done"
+    assert record(ws, "WO-2").status == "done"
+    assert git(ws.repos / "webapp", "show", "HEAD:src/login.py").endswith("hi\nhi")
+
+
+# The first order leaves a link that stays inside through the folder a/b/c; the second makes
+# a/b/c a link that itself stays inside, and with it the first link leads out of the repository.
+REPOINT = '''
+if [ ! -L src/l ]; then
+  mkdir -p src/a/b/c && echo x > src/a/b/keep.py && ln -s a/b/c/../../../.. src/l
+else
+  ln -s ../../.. src/a/b/c
+fi
+'''
+
+
+@needs_landlock
+def test_a_link_made_to_lead_out_by_a_later_change_never_lands(make_ws):
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"], "command": ["/bin/sh", "-c", REPOINT]}})
+    checkout = ws.repos / "webapp"
+    drop(ws, "chip", "one.md", order_md("Add the link", files=("webapp/src/**",), id="WO-1"))
+    run(ws)
+    assert record(ws, "WO-1").status == "done"
+    assert os.path.realpath(checkout / "src" / "l") == str(checkout.resolve())  # inside, as judged
+    head = git(checkout, "rev-parse", "HEAD")
+    drop(ws, "chip", "two.md", order_md("Re-point the folder", files=("webapp/src/**",), id="WO-2"))
+    run(ws)
+    rec = record(ws, "WO-2")
+    assert rec.status == "denied"
+    assert any(line.startswith("webapp/src/l: symlink") for line in rec.report["offending"])
+    assert git(checkout, "rev-parse", "HEAD") == head
+    assert not (checkout / "src" / "a" / "b" / "c").is_symlink()
+    assert os.path.realpath(checkout / "src" / "l") == str(checkout.resolve())
+
+
+@needs_landlock
+def test_a_folder_an_order_replaces_by_a_link_lands(make_ws):
+    # The folder's files are gone from the copy, though the link leads where files of those
+    # names are: the commit refused them as "beyond a symbolic link", or as changed after the
+    # gate, and the order was blocked after its retries.
+    script = ('if [ -d src/vendor ] && [ ! -L src/vendor ]; then rm -r src/vendor && ln -s . src/vendor; '
+              'else mkdir -p src/vendor && echo x > src/vendor/login.py; fi')
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"], "command": ["/bin/sh", "-c", script]}})
+    checkout = ws.repos / "webapp"
+    drop(ws, "chip", "one.md", order_md("Vendor the module", files=("webapp/src/**",), id="WO-1"))
+    run(ws)
+    assert record(ws, "WO-1").status == "done" and (checkout / "src" / "vendor" / "login.py").is_file()
+    drop(ws, "chip", "two.md", order_md("Use our own module", files=("webapp/src/**",), id="WO-2"))
+    run(ws)
+    rec = record(ws, "WO-2")
+    assert rec.status == "done", rec.report
+    assert rec.report["changed"] == ["webapp/src/vendor", "webapp/src/vendor/login.py"]
+    assert os.readlink(checkout / "src" / "vendor") == "."
+    assert git(checkout, "status", "--porcelain") == ""
+
+
+@needs_landlock
+@pytest.mark.parametrize("entry", ["", "."], ids=["empty", "dot"])
+def test_a_git_in_the_working_copy_never_runs_as_the_supervisor(make_ws, tmp_path, monkeypatch, entry):
+    # With an empty or `.` entry first on the supervisor's PATH, git run in a working copy was
+    # looked up there: the agent's `./git` ran as the supervisor, outside any sandbox.
+    marker = tmp_path / "ran-as-supervisor"
+    fake = f"#!/bin/sh\necho pwned > {marker}\nexec {shutil.which('git')} \"$@\"\n"
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"],
+                           "command": ["/bin/sh", "-c", f"printf '%s' '{fake}' > git && chmod +x git"]}})
+    monkeypatch.setenv("PATH", f"{entry}{os.pathsep}{os.environ['PATH']}")
+    drop(ws, "chip", "git.md", order_md("Add a git wrapper", files=("webapp/**",), id="WO-1"))
+    run(ws)
+    assert record(ws, "WO-1").status == "done"
+    assert "echo pwned" in (ws.repos / "webapp" / "git").read_text()  # the change landed, never run
+    assert not marker.exists()

@@ -13,9 +13,9 @@ import pytest
 from conftest import merge_killed_after
 from coordinator.demo.repo import init_demo_repo
 
-from coordinator import checkout
+from coordinator import checkout, gate
 from coordinator.checkout import DirtyCheckout
-from coordinator.errors import GitError
+from coordinator.errors import GateError, GitError
 from coordinator.repos import MergeConflict, Repo, gc_worktrees
 
 TRAILERS = {"Work-Order": "WO-0001", "Agent": "chip", "Attempt": "1"}
@@ -336,6 +336,43 @@ def test_commit_keeps_symlinks_and_exec_bits(repo: Repo, ws: Path) -> None:
     assert "100755 blob" in next(line for line in tree.splitlines() if line.endswith("run.sh"))
 
 
+@pytest.mark.parametrize("target", [".", "../tests"], ids=["to-its-parent", "to-a-folder-beside"])
+def test_a_folder_replaced_by_a_link_is_committed(repo: Repo, ws: Path, target: str) -> None:
+    # What the folder held is gone from the copy, though the link leads where a file of that
+    # name is: git refused those paths ("beyond a symbolic link"), and the order was blocked.
+    land(repo, ws, "WO-0001", {"src/vendor/login.py": "old\n", "src/vendor/test_login.py": "old\n"})
+    repo.merge("WO-0001")
+    wt = repo.add_worktree("WO-0002", work(ws, "WO-0002"))
+    before = gate.snapshot(wt)
+    shutil.rmtree(wt / "src" / "vendor")
+    os.symlink(target, wt / "src" / "vendor")
+    after = gate.snapshot(wt, since=before)
+    verdict = gate.judge(gate.diff(before, after), repo="webapp", files=("webapp/src/**",), writes=("webapp/src/**",))
+
+    def as_judged(paths: list[str]) -> None:  # as the supervisor asks, once git has read them
+        assert [p for p in paths if not gate.unchanged_since(wt, p, after.get(p))] == []
+
+    sha = repo.commit(wt, verdict.commit_paths(), agent="chip", subject="s", trailers=TRAILERS, verify=as_judged)
+    tree = sh_git(repo.path, "ls-tree", "-r", str(sha))
+    assert "120000 blob" in next(line for line in tree.splitlines() if line.endswith("src/vendor"))
+    assert "src/vendor/" not in tree and "src/login.py" in tree and "tests/test_login.py" in tree
+
+
+def test_a_link_that_leads_out_once_what_git_ignores_is_left_out_is_never_committed(repo: Repo, ws: Path) -> None:
+    # In the copy, src/l -> a/../../.. goes through the link src/a -> x/y and stays inside; git
+    # ignores src/a, and in the commit src/l led out of the repository as soon as an order
+    # made src/a a folder.
+    wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+    edit(wt / "src" / "x" / "y" / "k.py", "k\n")
+    edit(wt / "src" / ".gitignore", "a\n")
+    os.symlink("x/y", wt / "src" / "a")
+    os.symlink("a/../../..", wt / "src" / "l")
+    with pytest.raises(GateError, match="src/l would lead out of the repository as committed"):
+        repo.commit(wt, ["src/.gitignore", "src/a", "src/l", "src/x/y/k.py"], agent="chip", subject="s",
+                    trailers=TRAILERS)
+    assert sh_git(wt, "rev-parse", "HEAD") == repo.head()
+
+
 def test_landed_finds_the_agents_commit_on_the_default_branch(repo: Repo, ws: Path) -> None:
     land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
     assert repo.landed("WO-0001", agent="chip") is None
@@ -443,6 +480,66 @@ def test_two_orders_that_each_bring_half_of_a_repository_are_not_merged_together
         repo.merge("WO-0002")
     assert repo.head() == head and not (repo.path / folder / "objects").exists()
     assert sh_git(repo.path, "status", "--porcelain") == ""
+
+
+def land_links(repo: Repo, ws: Path, order_id: str, files: dict[str, str], links: dict[str, str]) -> None:
+    """`land`, with symbolic links (path -> target) beside the files."""
+    wt = repo.add_worktree(order_id, work(ws, order_id))
+    for rel, text in files.items():
+        edit(wt / rel, text)
+    for rel, target in links.items():
+        (wt / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(target, wt / rel)
+    trailers = {**TRAILERS, "Work-Order": order_id}
+    assert repo.commit(wt, [*files, *links], agent="chip", subject=f"do {order_id}", trailers=trailers)
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["merge-tree", "scratch-worktree"])
+@pytest.mark.parametrize("link_first", [True, False], ids=["link-first", "folder-first"])
+def test_two_orders_that_each_bring_half_of_a_link_leading_out_are_not_merged_together(
+        ws: Path, in_memory: bool, link_first: bool) -> None:
+    # Each order's gate sees a link that stays inside: src/l through the folder a/b/c in one,
+    # a/b/c made a link to the top in the other. Merged, src/l leads three folders above it.
+    repo = Repo(init_demo_repo(ws / "repos" / "webapp").path, in_memory_merge=in_memory)
+    land_links(repo, ws, "WO-0001", {"src/a/b/keep.py": "x\n"}, {"src/l": "a/b/c/../../../.."})
+    land_links(repo, ws, "WO-0002", {"src/a/b/k2.py": "y\n"}, {"src/a/b/c": "../../.."})
+    first, second = ("WO-0001", "WO-0002") if link_first else ("WO-0002", "WO-0001")
+    head = repo.merge(first)
+    with pytest.raises(GitError, match="would make src/l a link leading out of the repository"):
+        repo.merge(second)
+    assert repo.head() == head and sh_git(repo.path, "status", "--porcelain") == ""
+    assert os.path.realpath(repo.path / "src" / "l").startswith(str(repo.path.resolve()))
+
+
+def test_two_orders_that_make_a_link_lead_out_by_removing_one_on_its_way_are_not_merged_together(ws: Path) -> None:
+    # Through the link src/a -> x/y, src/l -> a/../../.. stays inside: one order adds src/l,
+    # the other (which had not src/l in its copy) makes src/a a folder again.
+    repo = Repo(init_demo_repo(ws / "repos" / "webapp").path, in_memory_merge=True)
+    land_links(repo, ws, "WO-0001", {"src/x/y/keep.py": "x\n"}, {"src/a": "x/y"})
+    repo.merge("WO-0001")
+    land_links(repo, ws, "WO-0002", {}, {"src/l": "a/../../.."})
+    wt = repo.add_worktree("WO-0003", work(ws, "WO-0003"))
+    (wt / "src" / "a").unlink()
+    edit(wt / "src" / "a" / "mine.py", "mine\n")
+    assert repo.commit(wt, ["src/a", "src/a/mine.py"], agent="chip", subject="s",
+                       trailers={**TRAILERS, "Work-Order": "WO-0003"})
+    head = repo.merge("WO-0002")
+    with pytest.raises(GitError, match="would make src/l a link leading out of the repository"):
+        repo.merge("WO-0003")
+    assert repo.head() == head and os.path.realpath(repo.path / "src" / "l") == str(repo.path.resolve())
+
+
+def test_a_merge_that_leaves_a_link_leading_out_as_it_was_lands(ws: Path) -> None:
+    # A link a person committed long ago is not this merge's, even when the merge adds another.
+    repo = Repo(init_demo_repo(ws / "repos" / "webapp").path, in_memory_merge=True)
+    os.symlink("../../shared", repo.path / "src" / "shared")
+    sh_git(repo.path, "add", "-A")
+    sh_git(repo.path, "-c", "user.name=p", "-c", "user.email=p@x", "commit", "-qm", "a shared folder")
+    land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    land_links(repo, ws, "WO-0002", {"src/b.py": "b\n"}, {"src/alias.py": "b.py"})
+    repo.merge("WO-0001")
+    second = repo.merge("WO-0002")
+    assert repo.head() == second and (repo.path / "src" / "alias.py").is_symlink()
 
 
 def test_a_merge_that_leaves_a_repository_shaped_folder_alone_lands(ws: Path) -> None:
