@@ -21,6 +21,9 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 CONTROL_IN_TEXT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
+NAME_MAX = 255  # bytes in one file or folder name, on every file system a workspace lives on
+
+
 def path_problem(entry: str) -> str | None:
     """Why `entry` is not an acceptable relative path or glob, or None."""
     if not entry:
@@ -42,6 +45,9 @@ def path_problem(entry: str) -> str | None:
         return f"{entry!r} contains a '.' component; write the path plainly"
     if any(p.lower() == ".git" for p in parts):
         return f"{entry!r} names a .git component; git internals are never writable"
+    long = next((p for p in parts if len(p.encode("utf-8", "surrogateescape")) > NAME_MAX), None)
+    if long is not None:  # no file system holds it: the work could never land
+        return f"has a name of {len(long.encode('utf-8', 'surrogateescape'))} bytes ('{long[:24]}…'); a file name is at most {NAME_MAX}"
     if any(has_glob(p) for p in parts[:1]):
         return f"{entry!r}: the first component must name a repository, not a glob"
     for p in parts:

@@ -390,6 +390,9 @@ def test_check_is_taken_from_backticks_and_passes(item: str, check: str | None) 
     ("webapp/src/x\x9b31m.ts", "control character"),  # C1: a terminal's CSI
     ("webapp/src/x\u202eyp.ts", "control character"),  # shown as webapp/src/xst.py
     ("*/src/x.ts", "must name a repository"),
+    # No file system holds it: taken, working out its sandbox grant stopped the supervisor.
+    ("webapp/src/" + "a" * 256 + ".ts", "a file name is at most 255"),
+    ("webapp/" + "é" * 128 + "/x.ts", "has a name of 256 bytes"),
 ])
 def test_hostile_file_entries_are_refused_with_their_line(entry: str, words: str) -> None:
     text = BODY.replace("- webapp/src/login.ts", f"- webapp/src/login.ts\n- {entry}")
