@@ -47,7 +47,8 @@ def path_problem(entry: str) -> str | None:
         return f"{entry!r} names a .git component; git internals are never writable"
     long = next((p for p in parts if len(p.encode("utf-8", "surrogateescape")) > NAME_MAX), None)
     if long is not None:  # no file system holds it: the work could never land
-        return f"has a name of {len(long.encode('utf-8', 'surrogateescape'))} bytes ('{long[:24]}…'); a file name is at most {NAME_MAX}"
+        size = len(long.encode("utf-8", "surrogateescape"))
+        return f"has a name of {size} bytes ('{long[:24]}…'); a file name is at most {NAME_MAX}"
     if any(has_glob(p) for p in parts[:1]):
         return f"{entry!r}: the first component must name a repository, not a glob"
     for p in parts:
