@@ -159,7 +159,7 @@ def _state_findings(ws: Workspace, state: trail.Trail) -> list[Finding]:
 def _uncommitted(ws: Workspace, path: str, written: dict[str, int]) -> str:
     """What an uncommitted change in state/ is, as far as can be told: the supervisor's own
     write it noted in its journal (a crash came before the commit), a file gone, or changed."""
-    if durable.written_by_journal(path, ws.state, written):
+    if audit.own_change(path, ws.state, written):
         return "written by the supervisor, not committed yet (it stopped before its commit): its next start commits it"
     if not os.path.lexists(ws.state / path):
         return "deleted, and not by the supervisor"

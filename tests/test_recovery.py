@@ -702,6 +702,38 @@ def test_a_record_edited_by_hand_after_a_crash_is_put_back_in_memory_too(make_ws
     assert_clean(ws)
 
 
+@pytest.mark.parametrize("removed", ["its record", "its folder"])
+def test_an_order_deleted_by_hand_after_a_crash_is_put_back_never_run_again(make_ws, monkeypatch, removed):
+    """kill -9 after d1 ended done (its commit landed) and before state/ was committed; then a
+    person deletes d1's record (or its whole folder). The journal lists the record as the
+    supervisor's write, but the supervisor never deletes a record: the deletion was committed
+    as its own ("written before a crash"), d1 was filed again from its original and ran a
+    second time, its work landing twice. It is put back and said, and d1 stays done once."""
+    ws = team(make_ws)
+    sup = start_one(ws, "d1")
+    open_gate(ws, "d1", 1)
+    monkeypatch.setattr(sup.audit, "write", killed)
+    with pytest.raises(Killed):
+        step_until(sup, lambda: False, "the kill before the commit")
+    abandon(sup)
+    monkeypatch.undo()
+    assert Store(ws.state).load("d1").status == "done" and committed_status(ws, "d1") == "running"
+    if removed == "its record":
+        Store(ws.state).record_path("d1").unlink()
+    else:
+        shutil.rmtree(Store(ws.state).folder("d1"))
+    said = [str(f) for f in verify(ws)]
+    assert "state-uncommitted: state/orders/d1/record.json: deleted, and not by the supervisor" in said, said
+    open_gate(ws, "d1", 2)
+    said = restart(ws)
+    assert completions(ws) == ["d1"]  # never run again
+    assert_done_once(ws, "d1")
+    assert not any("committed state/orders/d1/record.json" in line for line in said), said
+    assert any("signal silent" in line and "orders/d1/record.json" in line for line in said), said
+    assert_one_place(ws, {"d1"})
+    assert_clean(ws)
+
+
 def test_a_record_write_cut_off_by_a_crash_leaves_no_temp_file_and_no_blame(make_ws, monkeypatch):
     """kill -9 between writing a record's temp file and renaming it over the record. The
     restart takes the order up where the record says, removes the temp file, and blames
