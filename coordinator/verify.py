@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from . import audit, durable, trail
 from .committer import Look
 from .errors import CoordinatorError, GitError
+from .inboxfiles import printable
 from .store import Record, Store
 from .workspace import Workspace
 
@@ -46,7 +47,10 @@ class Finding:
     detail: str
 
     def __str__(self) -> str:
-        return f"{self.kind}: {self.where}: {self.detail}"
+        # One line, whatever a hand-made file name or a person's author name holds: a newline
+        # in one printed a finding of its own, an escape sequence could hide or rewrite a
+        # line on the terminal (`audit clean: …` over the finding). Escapes as text.
+        return f"{self.kind}: {printable(self.where)}: {printable(self.detail)}"
 
     def as_json(self) -> dict[str, str]:
         return {"kind": self.kind, "where": self.where, "detail": self.detail}

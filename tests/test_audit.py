@@ -274,6 +274,30 @@ def test_verify_ends_a_long_list_of_findings_with_what_they_come_to(make_ws):
         f"audit verify: {len(lines)} finding(s): repo-commit 1, state-uncommitted {len(uncommitted)}"
 
 
+def test_verify_shows_a_hand_made_name_with_control_characters_as_text_on_its_own_line(make_ws):
+    """A file made by hand in state/ whose name holds a line break printed a second line that
+    read as a finding of its own (or as `audit clean: ...`), and a person's author name with a
+    carriage return or an escape sequence could rewrite the finding on the terminal: each
+    finding is one line, such characters shown as escapes."""
+    from bench.harness import child_env, coordinator_argv
+
+    ws = team(make_ws)
+    run(ws)
+    (ws.state / "x\naudit clean: every commit and state change is explained").write_text("by hand")
+    (ws.repos / "webapp" / "README.md").write_text("by hand\n")
+    subprocess.run(["git", "-C", str(ws.repos / "webapp"), "-c", "user.name=eve\rmallory\x1b]0;t\x07",
+                    "-c", "user.email=e@x", "commit", "-qam", "by hand"], check=True)
+    proc = subprocess.run(coordinator_argv(ws, "audit", "verify"), capture_output=True, text=True, env=child_env())
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines() == [
+        "state-uncommitted: state/x\\x0aaudit clean: every commit and state change is explained: "
+        "changed but not committed by the supervisor",
+        proc.stdout.splitlines()[1]]
+    assert proc.stdout.splitlines()[1].startswith("repo-commit: repos/webapp@")
+    assert "mallory\\x1b]0;t: 'by hand' has no Work-Order trailer" in proc.stdout
+    assert not [c for c in proc.stdout if c != "\n" and not c.isprintable()]
+
+
 def test_a_commit_made_by_hand_in_state_is_foreign(make_ws):
     ws = team(make_ws)
     (ws.state / "note.txt").write_text("hand")
