@@ -98,6 +98,7 @@ class StateRepo(Trail):
         try:
             self.git("cat-file", "-e", f"{kept}^{{commit}}")
         except GitError:
+            self.note_lost(kept, head)
             return None
         if switched is None and self._holds(head, kept):
             return None  # commits on top of it: others', said by `moved_by_others`

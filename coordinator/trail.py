@@ -36,6 +36,7 @@ except ImportError as e:
 
 SUPERVISOR = "coordinator"
 FOREIGN = "state-foreign"  # beside the kept head: the commits in state/ the supervisor found not its own
+LOST = "state-lost"  # beside the kept head: its last commits that state/ no longer holds at all
 DOMAIN = "agents.coordinator"
 TRANSITION = re.compile(r"^(?P<id>\S+) (?P<agent>\S+): (?P<old>[a-z-]+) -> (?P<new>[a-z-]+)(?: \((?P<note>.*)\))?$")
 
@@ -184,6 +185,26 @@ class Trail:
             return
         with contextlib.suppress(OSError):  # a full disk: the signal still says it
             durable.append_line(self._foreign_file(), "\n".join(shas))
+
+    def note_lost(self, kept: str, head: str) -> None:
+        """Keep, beside `record`, that the supervisor's last commit `kept` is gone from state/
+        (its history rewritten and pruned, state/ removed and made anew), found at `head`: the
+        branch cannot be put back on it, and from here the supervisor goes on from `head`, so
+        `audit verify` would find nothing wrong any more; it lists these (`lost`) for good."""
+        if self.record is None or not kept or kept in dict(self.lost()):
+            return
+        with contextlib.suppress(OSError):  # a full disk: the signal still says it
+            durable.append_line(self.record.with_name(LOST), f"{kept} {head or '-'}")
+
+    def lost(self) -> list[tuple[str, str]]:
+        """(the supervisor's commit, the head state/ had instead) per commit noted lost."""
+        if self.record is None:
+            return []
+        try:
+            text = self.record.with_name(LOST).read_text("ascii", errors="replace")
+        except OSError:
+            return []
+        return [(w[0], w[1]) for w in (line.split() for line in text.splitlines()) if len(w) == 2]
 
     def _foreign_file(self) -> Path:
         assert self.record is not None

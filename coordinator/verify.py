@@ -156,6 +156,12 @@ def _state_findings(ws: Workspace, state: trail.Trail) -> list[Finding]:
             findings.append(Finding("state-foreign", "state/",
                                     f"commit made in the supervisor's name after its last one: {line}"))
     findings += [Finding("state-foreign", "state/", why) for why in _replaced(state.git)]
+    for kept, head in state.lost():
+        findings.append(Finding(
+            "state-foreign", "state/",
+            f"the supervisor's commit {kept[:10]} is gone from state/ (found at {head[:10]} instead: its history "
+            "rewritten and pruned, or state/ removed and made anew): the orders and transitions it held cannot "
+            f"be checked, and their commits in repos/ pass unexplained; `.coordinator/{trail.LOST}` keeps this"))
     findings += _history_gaps(ws, state, written)
     return findings
 

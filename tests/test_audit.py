@@ -331,6 +331,34 @@ def test_a_reset_of_state_while_no_supervisor_runs_is_reported_and_signalled(mak
     assert len([s for s in signals.load(ws.state) if s.kind == "silent"]) == 2  # not said again
 
 
+@pytest.mark.parametrize("wipe", ["state/ removed", "reset, reflog expired and pruned"])
+def test_a_trail_wiped_while_no_supervisor_runs_is_never_clean_again(make_ws, wipe):
+    """state/ removed (or reset to its first commit with the old commits pruned) while no
+    supervisor ran: the next start could put nothing back, went on from what it found and
+    recorded the repositories' heads anew, so `audit verify` said "audit clean" with every
+    order gone and the agents' commits unexplained. That the supervisor's last commit is
+    gone is kept outside state/ and listed by every verify."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    run(ws)
+    assert verify.verify(ws) == []
+    last = git(ws.state, "rev-parse", "HEAD").strip()
+    if wipe == "state/ removed":
+        shutil.rmtree(ws.state)
+    else:
+        first = git(ws.state, "rev-list", "--max-parents=0", "HEAD").strip()
+        git(ws.state, "reset", "-q", "--hard", first)
+        git(ws.state, "reflog", "expire", "--expire=now", "--all")
+        git(ws.state, "gc", "-q", "--prune=now")
+    for _ in range(2):  # not only until the next start
+        run(ws)
+        assert "a" not in Store(ws.state).load_all()
+        [lost] = [f for f in verify.verify(ws) if f.kind == "state-foreign"]
+        assert f"the supervisor's commit {last[:10]} is gone from state/" in lost.detail
+    said = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert len(said) == 1 and "does not contain the supervisor's last commit" in said[0]
+
+
 def test_a_reset_of_state_beside_a_running_supervisor_loses_no_order(make_ws):
     """The branch is put back before the next batch lands on it, the files at the next look."""
     ws = team(make_ws)
