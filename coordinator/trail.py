@@ -379,6 +379,7 @@ class Trail:
     def entries(self, order_id: str | None = None) -> list[Entry]:
         """The trail, oldest first; only the lines about `order_id` when given."""
         found: list[Entry] = []
+        agents: set[str] = set()  # whom `order_id` went to, as its transitions say
         out = self.git("log", "-z", "--reverse", "--format=%H%x00%an%x00%aI%x00%B")
         for sha, author, at, body in log_records(out, 4):
             for line in body.split("\n"):  # not splitlines(): a \x1e in a message breaks no line
@@ -389,10 +390,17 @@ class Trail:
                         continue
                     if m is None and not line.startswith(f"{order_id} "):
                         continue
+                    if m is not None:
+                        agents.add(m.group("agent"))
                 if not line.strip():
                     continue
                 found.append(Entry(sha, author, at, line, m.group("id") if m else None,
                                    m.group("old") if m else None, m.group("new") if m else None))
+        if order_id is not None:
+            # An event names the order's agent after its id: an order named `signal` or `budget`
+            # took in the supervisor's own lines ("signal silent: - -: …"), even from before it.
+            found = [e for e in found if e.order is not None
+                     or any(e.line.startswith(f"{order_id} {agent}: ") for agent in agents)]
         return found
 
     def foreign_commits(self) -> list[str]:

@@ -1355,6 +1355,25 @@ def test_a_note_with_a_newline_cannot_forge_a_transition_in_the_trail(make_ws):
     assert StateRepo(ws.state).entries("victim") == []
 
 
+def test_an_order_named_like_a_line_of_the_supervisor_has_only_its_own_lines_in_its_log(make_ws):
+    """`coordinator log signal` (and `show signal`'s history) listed every signal the
+    supervisor ever recorded, from before the order was sent too: its lines begin with the
+    same word. An order's events name its agent after its id."""
+    from coordinator.trail import Trail
+
+    oid = "signal"
+    ws = team(make_ws)
+    (ws.state / "planted.txt").write_text("by hand")
+    run(ws)  # a silent signal, committed as "signal silent: - -: ..."
+    drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} ends", id=oid))
+    (ws.state / "planted.txt").write_text("by hand")
+    run(ws)
+    assert "signal silent: - -: state/ changed by hand" in git(ws.state, "log", "--format=%B")
+    lines = [e.line for e in Trail(ws.state).entries(oid)]
+    assert lines == [f"{oid} chip: new -> queued", f"{oid} chip: queued -> running (attempt 1)",
+                     f"{oid} chip: running -> done"], lines
+
+
 def test_a_hand_made_file_named_like_a_pattern_puts_back_only_itself(make_ws):
     """`orders/*` made by hand after a crash is removed; the supervisor's own uncommitted write
     of a record beside it is committed, not put back with it."""
