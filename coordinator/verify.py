@@ -182,8 +182,10 @@ def _maybe_busy(ws: Workspace) -> bool:
     no supervisor running (`coordinator retry`) and cut off there (Ctrl-C, a kill) leaves no
     marker, only its journal: as the next start does, that counts as a crash too."""
     from .control import supervisor_running
+    from .recovery import stopped_cleanly
 
-    return (ws.runtime / "running").exists() or bool(durable.read_journal(ws.state_journal)) \
+    journal = durable.read_journal(ws.state_journal)
+    return ((ws.runtime / "running").exists() and not stopped_cleanly(ws, journal)) or bool(journal) \
         or supervisor_running(ws)
 
 
