@@ -61,11 +61,17 @@ def heads_path(ws: Workspace) -> Path:
 
 
 def load_heads(ws: Workspace) -> dict[str, dict[str, str]]:
+    """What repos.json says of each repository; what is not as the supervisor writes it (a
+    folder in its place, a list, an entry that is no object: changed by hand, and listed by
+    `audit verify` as such) is left out: `audit verify` stopped on it with an internal error."""
     try:
-        data: dict[str, dict[str, str]] = json.loads(heads_path(ws).read_text("utf-8"))
-        return data
-    except (FileNotFoundError, ValueError):
+        data = json.loads(heads_path(ws).read_text("utf-8"))
+    except (OSError, ValueError):
         return {}
+    if not isinstance(data, dict):
+        return {}
+    return {name: {k: v for k, v in entry.items() if isinstance(v, str)}
+            for name, entry in data.items() if isinstance(entry, dict)}
 
 
 def save_heads(ws: Workspace, heads: dict[str, dict[str, str]]) -> None:

@@ -298,6 +298,27 @@ def test_verify_shows_a_hand_made_name_with_control_characters_as_text_on_its_ow
     assert not [c for c in proc.stdout if c != "\n" and not c.isprintable()]
 
 
+@pytest.mark.parametrize("broken", ["[]", '{"webapp": 5}', '{"webapp": {"baseline": 7}}', "a folder"])
+def test_verify_reports_a_repos_json_broken_by_hand_instead_of_stopping(make_ws, broken):
+    """state/repos.json made a list, an entry made a number, or a folder put in its place:
+    `audit verify` stopped with "internal error: AttributeError" (or IsADirectoryError)."""
+    ws = team(make_ws)
+    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
+    run(ws)
+    heads = ws.state / "repos.json"
+    heads.unlink()
+    if broken == "a folder":
+        heads.mkdir()
+        (heads / "x").write_text("by hand")
+    else:
+        heads.write_text(broken)
+    found = verify.verify(ws)
+    assert found and {f.kind for f in found} == {"state-uncommitted"}
+    assert all(f.where.startswith("state/repos.json") for f in found)
+    run(ws)  # put back
+    assert verify.verify(ws) == []
+
+
 def test_a_commit_made_by_hand_in_state_is_foreign(make_ws):
     ws = team(make_ws)
     (ws.state / "note.txt").write_text("hand")
