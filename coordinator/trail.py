@@ -129,7 +129,7 @@ class Trail:
             except git.GitCommandError as e:
                 why = _stderr(e)
                 if not _LOCKED.search(why) or (time.monotonic() >= end and cleared):
-                    raise GitError(f"git {_command(args)} failed in state/: {why}") from None
+                    raise GitError(f"git {_command(args)} failed in state/: {why}{_damaged(why)}") from None
                 if time.monotonic() >= end:
                     cleared = True
                     gitlocks.clear_stale_locks(self.path / ".git")
@@ -470,6 +470,20 @@ def _status_paths(out: str) -> list[str]:
             if old:
                 paths.append(old)
     return paths
+
+
+# What git says of an object or an index it cannot read: a disk that lost a write, a file
+# changed by hand in state/.git. Its words alone left a person with no idea what to do.
+_DAMAGED = re.compile(r"is corrupt|inflate: data stream error|unable to unpack|bad object|object file .* is empty|"
+                      r"unable to read|could not parse|invalid object|missing (?:blob|tree|commit)|index file corrupt")
+
+
+def _damaged(why: str) -> str:
+    """What to do, when `why` says state/'s git repository is damaged; "" otherwise."""
+    if not _DAMAGED.search(why):
+        return ""
+    return ("; state/'s git repository is damaged: `git -C state fsck` names what is broken, and a backup of "
+            "state/.git puts it back")
 
 
 # "fatal: Unable to create '.../index.lock': File exists." - another git holds that lock.

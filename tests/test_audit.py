@@ -180,6 +180,25 @@ def test_a_corrupt_object_in_state_fails_verify_with_one_finding(make_ws):
     assert found.kind == "state-foreign" and found.detail.startswith("its history cannot be read: git ")
 
 
+def test_a_corrupt_object_in_state_is_said_with_what_to_do(make_ws):
+    """A damaged object in state/.git stopped the supervisor, and failed `audit verify` and
+    `coordinator log`, with git's words alone (`inflate: data stream error`): what to do is said."""
+    from coordinator.errors import CoordinatorError
+
+    ws = team(make_ws)
+    run(ws)
+    head = git(ws.state, "rev-parse", "HEAD").strip()
+    loose = ws.state / ".git" / "objects" / head[:2] / head[2:]
+    loose.chmod(0o644)
+    loose.write_bytes(b"garbage")
+    advice = "state/'s git repository is damaged: `git -C state fsck` names what is broken"
+    with pytest.raises(CoordinatorError) as e:
+        run(ws)
+    assert advice in str(e.value)
+    [found] = verify.verify(ws)
+    assert advice in found.detail
+
+
 def test_a_reset_of_a_default_branch_that_drops_a_done_orders_commit_is_reported(make_ws):
     """A force-push-like `git reset --hard` leaves no commit to list: the done order whose
     commit the branch lost is."""
