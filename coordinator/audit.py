@@ -98,6 +98,7 @@ class StateRepo(Trail):
         try:
             self.git("cat-file", "-e", f"{kept}^{{commit}}")
         except GitError:
+            self.note_lost(kept, head)
             return None
         if switched is None and self._holds(head, kept):
             return None  # commits on top of it: others', said by `moved_by_others`
@@ -353,8 +354,7 @@ class StateRepo(Trail):
         # Temp names (a state/.gitignore without them lists them) are nobody's change: a write
         # the crash cut off, never to be committed or put back.
         changed = [p for p in self.dirty() if not p.startswith("intake/") and not _ignored(p)]
-        foreign = [] if written is None else \
-            [p for p in changed if not durable.written_by_journal(p, self.path, written)]
+        foreign = [] if written is None else [p for p in changed if not own_change(p, self.path, written)]
         if foreign:
             self.restore(foreign)
         mine = [p for p in changed if p not in foreign]
@@ -416,6 +416,20 @@ class StateRepo(Trail):
                     except OSError:
                         break
                     parent = os.path.dirname(parent)
+
+
+def own_change(rel: str, root: Path, written: dict[str, int]) -> bool:
+    """Whether the change at `rel` under state/ (`root`) is the supervisor's own, as its journal
+    `written` tells (`durable.written_by_journal`). A file that is gone counts only when a
+    folder above it was noted (a tree the supervisor removed whole): the supervisor writes
+    files and never deletes one by itself, so a file it noted as written that is gone now was
+    deleted by someone else (`rm state/orders/<id>/record.json` after a crash). Committed as
+    its own, the order had no record, was filed again and ran a second time."""
+    if not durable.written_by_journal(rel, root, written):
+        return False
+    if os.path.lexists(os.path.join(root, rel)):
+        return True
+    return durable.noted_at(os.path.dirname(rel), written) is not None
 
 
 @dataclass

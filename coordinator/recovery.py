@@ -30,6 +30,7 @@ from .paths import real
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
+    from .workspace import Workspace
 
 
 def clear_repo_locks(sup: Supervisor) -> None:
@@ -64,6 +65,16 @@ def commit_leftovers(sup: Supervisor, written: dict[str, int] | None) -> None:
 # The orders whose attempts a stop of the supervisor cut off (`Supervisor.close`), in
 # .coordinator/: queued again at the next start without counting a failure of their agent.
 CUT = "cut-by-stop.json"
+
+
+def stopped_cleanly(ws: Workspace, written: dict[str, int] | None) -> bool:
+    """Whether the supervisor's `running` marker was left by a stop that cut attempts off
+    (Ctrl-C twice), not by a crash: such a stop keeps the marker, so that they are queued
+    again at the next start, but it committed all it wrote, kept its last head, and dropped
+    its journal (`written` None). Taken for a crash, a hand edit made since was committed as
+    the supervisor's, a hand commit in its name passed as its own, and an order either set
+    back ran again."""
+    return written is None and (ws.runtime / CUT).exists()
 
 
 def recover(sup: Supervisor, crashed: bool) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from . import durable
 from .errors import StateError
+from .inboxfiles import printable
 
 KINDS = ("artifact", "feedback", "scope", "silent")
 SIGNALS_NAME = "signals.jsonl"
@@ -175,5 +176,7 @@ def _iso(now: datetime) -> str:
 
 
 def _one_line(text: str) -> str:
-    flat = " ".join(text.split())
+    # Evidence quotes what a person or an agent named (a file made by hand in state/, a
+    # commit's subject): an escape sequence in it went to the terminal as it was.
+    flat = printable(" ".join(text.split()))
     return flat if len(flat) <= MAX_EVIDENCE else flat[: MAX_EVIDENCE - 3] + "..."

@@ -149,7 +149,7 @@ class Supervisor(Arrivals):
         # Lines in it say a crash too: a command served with no supervisor running (no marker)
         # that could not commit leaves them, and its writes are no hand edits.
         written = durable.read_journal(self._journal_file)
-        crashed = marker.exists() or bool(written)
+        crashed = (marker.exists() and not recovery.stopped_cleanly(ws, written)) or bool(written)
         durable.open_journal(ws.state, self._journal_file)
         durable.guard(ws.state)
         for line in self.audit.moved_while_away(crashed=crashed):  # a reset or a commit while none ran

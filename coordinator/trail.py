@@ -36,6 +36,7 @@ except ImportError as e:
 
 SUPERVISOR = "coordinator"
 FOREIGN = "state-foreign"  # beside the kept head: the commits in state/ the supervisor found not its own
+LOST = "state-lost"  # beside the kept head: its last commits that state/ no longer holds at all
 DOMAIN = "agents.coordinator"
 TRANSITION = re.compile(r"^(?P<id>\S+) (?P<agent>\S+): (?P<old>[a-z-]+) -> (?P<new>[a-z-]+)(?: \((?P<note>.*)\))?$")
 
@@ -128,7 +129,7 @@ class Trail:
             except git.GitCommandError as e:
                 why = _stderr(e)
                 if not _LOCKED.search(why) or (time.monotonic() >= end and cleared):
-                    raise GitError(f"git {_command(args)} failed in state/: {why}") from None
+                    raise GitError(f"git {_command(args)} failed in state/: {why}{_damaged(why)}") from None
                 if time.monotonic() >= end:
                     cleared = True
                     gitlocks.clear_stale_locks(self.path / ".git")
@@ -184,6 +185,26 @@ class Trail:
             return
         with contextlib.suppress(OSError):  # a full disk: the signal still says it
             durable.append_line(self._foreign_file(), "\n".join(shas))
+
+    def note_lost(self, kept: str, head: str) -> None:
+        """Keep, beside `record`, that the supervisor's last commit `kept` is gone from state/
+        (its history rewritten and pruned, state/ removed and made anew), found at `head`: the
+        branch cannot be put back on it, and from here the supervisor goes on from `head`, so
+        `audit verify` would find nothing wrong any more; it lists these (`lost`) for good."""
+        if self.record is None or not kept or kept in dict(self.lost()):
+            return
+        with contextlib.suppress(OSError):  # a full disk: the signal still says it
+            durable.append_line(self.record.with_name(LOST), f"{kept} {head or '-'}")
+
+    def lost(self) -> list[tuple[str, str]]:
+        """(the supervisor's commit, the head state/ had instead) per commit noted lost."""
+        if self.record is None:
+            return []
+        try:
+            text = self.record.with_name(LOST).read_text("ascii", errors="replace")
+        except OSError:
+            return []
+        return [(w[0], w[1]) for w in (line.split() for line in text.splitlines()) if len(w) == 2]
 
     def _foreign_file(self) -> Path:
         assert self.record is not None
@@ -358,6 +379,7 @@ class Trail:
     def entries(self, order_id: str | None = None) -> list[Entry]:
         """The trail, oldest first; only the lines about `order_id` when given."""
         found: list[Entry] = []
+        agents: set[str] = set()  # whom `order_id` went to, as its transitions say
         out = self.git("log", "-z", "--reverse", "--format=%H%x00%an%x00%aI%x00%B")
         for sha, author, at, body in log_records(out, 4):
             for line in body.split("\n"):  # not splitlines(): a \x1e in a message breaks no line
@@ -368,10 +390,17 @@ class Trail:
                         continue
                     if m is None and not line.startswith(f"{order_id} "):
                         continue
+                    if m is not None:
+                        agents.add(m.group("agent"))
                 if not line.strip():
                     continue
                 found.append(Entry(sha, author, at, line, m.group("id") if m else None,
                                    m.group("old") if m else None, m.group("new") if m else None))
+        if order_id is not None:
+            # An event names the order's agent after its id: an order named `signal` or `budget`
+            # took in the supervisor's own lines ("signal silent: - -: …"), even from before it.
+            found = [e for e in found if e.order is not None
+                     or any(e.line.startswith(f"{order_id} {agent}: ") for agent in agents)]
         return found
 
     def foreign_commits(self) -> list[str]:
@@ -441,6 +470,20 @@ def _status_paths(out: str) -> list[str]:
             if old:
                 paths.append(old)
     return paths
+
+
+# What git says of an object or an index it cannot read: a disk that lost a write, a file
+# changed by hand in state/.git. Its words alone left a person with no idea what to do.
+_DAMAGED = re.compile(r"is corrupt|inflate: data stream error|unable to unpack|bad object|object file .* is empty|"
+                      r"unable to read|could not parse|invalid object|missing (?:blob|tree|commit)|index file corrupt")
+
+
+def _damaged(why: str) -> str:
+    """What to do, when `why` says state/'s git repository is damaged; "" otherwise."""
+    if not _DAMAGED.search(why):
+        return ""
+    return ("; state/'s git repository is damaged: `git -C state fsck` names what is broken, and a backup of "
+            "state/.git puts it back")
 
 
 # "fatal: Unable to create '.../index.lock': File exists." - another git holds that lock.

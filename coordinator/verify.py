@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from . import audit, durable, trail
 from .committer import Look
 from .errors import CoordinatorError, GitError
+from .inboxfiles import printable
 from .store import Record, Store
 from .workspace import Workspace
 
@@ -46,7 +47,10 @@ class Finding:
     detail: str
 
     def __str__(self) -> str:
-        return f"{self.kind}: {self.where}: {self.detail}"
+        # One line, whatever a hand-made file name or a person's author name holds: a newline
+        # in one printed a finding of its own, an escape sequence could hide or rewrite a
+        # line on the terminal (`audit clean: …` over the finding). Escapes as text.
+        return f"{self.kind}: {printable(self.where)}: {printable(self.detail)}"
 
     def as_json(self) -> dict[str, str]:
         return {"kind": self.kind, "where": self.where, "detail": self.detail}
@@ -57,11 +61,17 @@ def heads_path(ws: Workspace) -> Path:
 
 
 def load_heads(ws: Workspace) -> dict[str, dict[str, str]]:
+    """What repos.json says of each repository; what is not as the supervisor writes it (a
+    folder in its place, a list, an entry that is no object: changed by hand, and listed by
+    `audit verify` as such) is left out: `audit verify` stopped on it with an internal error."""
     try:
-        data: dict[str, dict[str, str]] = json.loads(heads_path(ws).read_text("utf-8"))
-        return data
-    except (FileNotFoundError, ValueError):
+        data = json.loads(heads_path(ws).read_text("utf-8"))
+    except (OSError, ValueError):
         return {}
+    if not isinstance(data, dict):
+        return {}
+    return {name: {k: v for k, v in entry.items() if isinstance(v, str)}
+            for name, entry in data.items() if isinstance(entry, dict)}
 
 
 def save_heads(ws: Workspace, heads: dict[str, dict[str, str]]) -> None:
@@ -152,6 +162,12 @@ def _state_findings(ws: Workspace, state: trail.Trail) -> list[Finding]:
             findings.append(Finding("state-foreign", "state/",
                                     f"commit made in the supervisor's name after its last one: {line}"))
     findings += [Finding("state-foreign", "state/", why) for why in _replaced(state.git)]
+    for kept, head in state.lost():
+        findings.append(Finding(
+            "state-foreign", "state/",
+            f"the supervisor's commit {kept[:10]} is gone from state/ (found at {head[:10]} instead: its history "
+            "rewritten and pruned, or state/ removed and made anew): the orders and transitions it held cannot "
+            f"be checked, and their commits in repos/ pass unexplained; `.coordinator/{trail.LOST}` keeps this"))
     findings += _history_gaps(ws, state, written)
     return findings
 
@@ -159,7 +175,7 @@ def _state_findings(ws: Workspace, state: trail.Trail) -> list[Finding]:
 def _uncommitted(ws: Workspace, path: str, written: dict[str, int]) -> str:
     """What an uncommitted change in state/ is, as far as can be told: the supervisor's own
     write it noted in its journal (a crash came before the commit), a file gone, or changed."""
-    if durable.written_by_journal(path, ws.state, written):
+    if audit.own_change(path, ws.state, written):
         return "written by the supervisor, not committed yet (it stopped before its commit): its next start commits it"
     if not os.path.lexists(ws.state / path):
         return "deleted, and not by the supervisor"
@@ -172,8 +188,10 @@ def _maybe_busy(ws: Workspace) -> bool:
     no supervisor running (`coordinator retry`) and cut off there (Ctrl-C, a kill) leaves no
     marker, only its journal: as the next start does, that counts as a crash too."""
     from .control import supervisor_running
+    from .recovery import stopped_cleanly
 
-    return (ws.runtime / "running").exists() or bool(durable.read_journal(ws.state_journal)) \
+    journal = durable.read_journal(ws.state_journal)
+    return ((ws.runtime / "running").exists() and not stopped_cleanly(ws, journal)) or bool(journal) \
         or supervisor_running(ws)
 
 

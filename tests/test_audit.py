@@ -180,6 +180,25 @@ def test_a_corrupt_object_in_state_fails_verify_with_one_finding(make_ws):
     assert found.kind == "state-foreign" and found.detail.startswith("its history cannot be read: git ")
 
 
+def test_a_corrupt_object_in_state_is_said_with_what_to_do(make_ws):
+    """A damaged object in state/.git stopped the supervisor, and failed `audit verify` and
+    `coordinator log`, with git's words alone (`inflate: data stream error`): what to do is said."""
+    from coordinator.errors import CoordinatorError
+
+    ws = team(make_ws)
+    run(ws)
+    head = git(ws.state, "rev-parse", "HEAD").strip()
+    loose = ws.state / ".git" / "objects" / head[:2] / head[2:]
+    loose.chmod(0o644)
+    loose.write_bytes(b"garbage")
+    advice = "state/'s git repository is damaged: `git -C state fsck` names what is broken"
+    with pytest.raises(CoordinatorError) as e:
+        run(ws)
+    assert advice in str(e.value)
+    [found] = verify.verify(ws)
+    assert advice in found.detail
+
+
 def test_a_reset_of_a_default_branch_that_drops_a_done_orders_commit_is_reported(make_ws):
     """A force-push-like `git reset --hard` leaves no commit to list: the done order whose
     commit the branch lost is."""
@@ -274,6 +293,51 @@ def test_verify_ends_a_long_list_of_findings_with_what_they_come_to(make_ws):
         f"audit verify: {len(lines)} finding(s): repo-commit 1, state-uncommitted {len(uncommitted)}"
 
 
+def test_verify_shows_a_hand_made_name_with_control_characters_as_text_on_its_own_line(make_ws):
+    """A file made by hand in state/ whose name holds a line break printed a second line that
+    read as a finding of its own (or as `audit clean: ...`), and a person's author name with a
+    carriage return or an escape sequence could rewrite the finding on the terminal: each
+    finding is one line, such characters shown as escapes."""
+    from bench.harness import child_env, coordinator_argv
+
+    ws = team(make_ws)
+    run(ws)
+    (ws.state / "x\naudit clean: every commit and state change is explained").write_text("by hand")
+    (ws.repos / "webapp" / "README.md").write_text("by hand\n")
+    subprocess.run(["git", "-C", str(ws.repos / "webapp"), "-c", "user.name=eve\rmallory\x1b]0;t\x07",
+                    "-c", "user.email=e@x", "commit", "-qam", "by hand"], check=True)
+    proc = subprocess.run(coordinator_argv(ws, "audit", "verify"), capture_output=True, text=True, env=child_env())
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines() == [
+        "state-uncommitted: state/x\\x0aaudit clean: every commit and state change is explained: "
+        "changed but not committed by the supervisor",
+        proc.stdout.splitlines()[1]]
+    assert proc.stdout.splitlines()[1].startswith("repo-commit: repos/webapp@")
+    assert "mallory\\x1b]0;t: 'by hand' has no Work-Order trailer" in proc.stdout
+    assert not [c for c in proc.stdout if c != "\n" and not c.isprintable()]
+
+
+@pytest.mark.parametrize("broken", ["[]", '{"webapp": 5}', '{"webapp": {"baseline": 7}}', "a folder"])
+def test_verify_reports_a_repos_json_broken_by_hand_instead_of_stopping(make_ws, broken):
+    """state/repos.json made a list, an entry made a number, or a folder put in its place:
+    `audit verify` stopped with "internal error: AttributeError" (or IsADirectoryError)."""
+    ws = team(make_ws)
+    drop(ws, "chip", "code.md", order_md("Code lands", files=("webapp/src/new.py",), id="code"))
+    run(ws)
+    heads = ws.state / "repos.json"
+    heads.unlink()
+    if broken == "a folder":
+        heads.mkdir()
+        (heads / "x").write_text("by hand")
+    else:
+        heads.write_text(broken)
+    found = verify.verify(ws)
+    assert found and {f.kind for f in found} == {"state-uncommitted"}
+    assert all(f.where.startswith("state/repos.json") for f in found)
+    run(ws)  # put back
+    assert verify.verify(ws) == []
+
+
 def test_a_commit_made_by_hand_in_state_is_foreign(make_ws):
     ws = team(make_ws)
     (ws.state / "note.txt").write_text("hand")
@@ -305,6 +369,34 @@ def test_a_reset_of_state_while_no_supervisor_runs_is_reported_and_signalled(mak
     assert verify.verify(ws) == []
     run(ws)
     assert len([s for s in signals.load(ws.state) if s.kind == "silent"]) == 2  # not said again
+
+
+@pytest.mark.parametrize("wipe", ["state/ removed", "reset, reflog expired and pruned"])
+def test_a_trail_wiped_while_no_supervisor_runs_is_never_clean_again(make_ws, wipe):
+    """state/ removed (or reset to its first commit with the old commits pruned) while no
+    supervisor ran: the next start could put nothing back, went on from what it found and
+    recorded the repositories' heads anew, so `audit verify` said "audit clean" with every
+    order gone and the agents' commits unexplained. That the supervisor's last commit is
+    gone is kept outside state/ and listed by every verify."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a.md", order_md("First order", id="a"))
+    run(ws)
+    assert verify.verify(ws) == []
+    last = git(ws.state, "rev-parse", "HEAD").strip()
+    if wipe == "state/ removed":
+        shutil.rmtree(ws.state)
+    else:
+        first = git(ws.state, "rev-list", "--max-parents=0", "HEAD").strip()
+        git(ws.state, "reset", "-q", "--hard", first)
+        git(ws.state, "reflog", "expire", "--expire=now", "--all")
+        git(ws.state, "gc", "-q", "--prune=now")
+    for _ in range(2):  # not only until the next start
+        run(ws)
+        assert "a" not in Store(ws.state).load_all()
+        [lost] = [f for f in verify.verify(ws) if f.kind == "state-foreign"]
+        assert f"the supervisor's commit {last[:10]} is gone from state/" in lost.detail
+    said = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert len(said) == 1 and "does not contain the supervisor's last commit" in said[0]
 
 
 def test_a_reset_of_state_beside_a_running_supervisor_loses_no_order(make_ws):
@@ -1301,6 +1393,25 @@ def test_a_note_with_a_newline_cannot_forge_a_transition_in_the_trail(make_ws):
     subject = git(ws.state, "log", "-1", "--format=%B").strip()
     assert subject == "budget walt: +1 manual (read victim chip: blocked -> done [31mred)"
     assert StateRepo(ws.state).entries("victim") == []
+
+
+def test_an_order_named_like_a_line_of_the_supervisor_has_only_its_own_lines_in_its_log(make_ws):
+    """`coordinator log signal` (and `show signal`'s history) listed every signal the
+    supervisor ever recorded, from before the order was sent too: its lines begin with the
+    same word. An order's events name its agent after its id."""
+    from coordinator.trail import Trail
+
+    oid = "signal"
+    ws = team(make_ws)
+    (ws.state / "planted.txt").write_text("by hand")
+    run(ws)  # a silent signal, committed as "signal silent: - -: ..."
+    drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} ends", id=oid))
+    (ws.state / "planted.txt").write_text("by hand")
+    run(ws)
+    assert "signal silent: - -: state/ changed by hand" in git(ws.state, "log", "--format=%B")
+    lines = [e.line for e in Trail(ws.state).entries(oid)]
+    assert lines == [f"{oid} chip: new -> queued", f"{oid} chip: queued -> running (attempt 1)",
+                     f"{oid} chip: running -> done"], lines
 
 
 def test_a_hand_made_file_named_like_a_pattern_puts_back_only_itself(make_ws):

@@ -34,7 +34,7 @@ from conftest import (
 )
 
 from bench.harness import probe_of
-from coordinator import durable, mounts, orders, signals
+from coordinator import durable, mounts, orders, recovery, signals
 from coordinator.audit import StateRepo
 from coordinator.repos import Repo
 from coordinator.store import Store
@@ -702,6 +702,38 @@ def test_a_record_edited_by_hand_after_a_crash_is_put_back_in_memory_too(make_ws
     assert_clean(ws)
 
 
+@pytest.mark.parametrize("removed", ["its record", "its folder"])
+def test_an_order_deleted_by_hand_after_a_crash_is_put_back_never_run_again(make_ws, monkeypatch, removed):
+    """kill -9 after d1 ended done (its commit landed) and before state/ was committed; then a
+    person deletes d1's record (or its whole folder). The journal lists the record as the
+    supervisor's write, but the supervisor never deletes a record: the deletion was committed
+    as its own ("written before a crash"), d1 was filed again from its original and ran a
+    second time, its work landing twice. It is put back and said, and d1 stays done once."""
+    ws = team(make_ws)
+    sup = start_one(ws, "d1")
+    open_gate(ws, "d1", 1)
+    monkeypatch.setattr(sup.audit, "write", killed)
+    with pytest.raises(Killed):
+        step_until(sup, lambda: False, "the kill before the commit")
+    abandon(sup)
+    monkeypatch.undo()
+    assert Store(ws.state).load("d1").status == "done" and committed_status(ws, "d1") == "running"
+    if removed == "its record":
+        Store(ws.state).record_path("d1").unlink()
+    else:
+        shutil.rmtree(Store(ws.state).folder("d1"))
+    said = [str(f) for f in verify(ws)]
+    assert "state-uncommitted: state/orders/d1/record.json: deleted, and not by the supervisor" in said, said
+    open_gate(ws, "d1", 2)
+    said = restart(ws)
+    assert completions(ws) == ["d1"]  # never run again
+    assert_done_once(ws, "d1")
+    assert not any("committed state/orders/d1/record.json" in line for line in said), said
+    assert any("signal silent" in line and "orders/d1/record.json" in line for line in said), said
+    assert_one_place(ws, {"d1"})
+    assert_clean(ws)
+
+
 def test_a_record_write_cut_off_by_a_crash_leaves_no_temp_file_and_no_blame(make_ws, monkeypatch):
     """kill -9 between writing a record's temp file and renaming it over the record. The
     restart takes the order up where the record says, removes the temp file, and blames
@@ -730,6 +762,60 @@ def test_a_record_write_cut_off_by_a_crash_leaves_no_temp_file_and_no_blame(make
     assert "signal silent" not in said, said
     assert_one_place(ws, {"k1"})
     assert_clean(ws)
+
+@pytest.mark.slow  # some 2.5 s each: `make test-slow`, and CI, run it
+@pytest.mark.parametrize("how", ["a hand edit", "a hand commit in its name"])
+def test_a_stop_that_cut_an_attempt_off_is_no_crash_for_what_a_person_did_after_it(make_ws, how):
+    """Ctrl-C twice while z1 ran: the stop committed all it wrote, kept its head and its
+    marker (z1 is queued again at the next start), and dropped its journal. The next start
+    took it for a crash: a person who then set done order a1 back to queued and planted a file
+    saw both committed as the supervisor's ("written before a crash"), nothing said, and a1 run
+    a second time; a commit made in the supervisor's name passed as its own, in `audit verify`
+    too. Both are put back or listed as after a clean stop."""
+    ws = team(make_ws)
+    drop(ws, "chip", "a1.md", order_md("Order a1 writes its file", id="a1", files=("webapp/src/a1.py",)))
+    open_gate(ws, "a1", 1)
+    restart(ws)
+    assert_done_once(ws, "a1")
+    drop(ws, "chip", "z1.md", order_md("Order z1 writes its file", id="z1", files=("webapp/src/z1.py",)))
+    proc = supervise(ws, "--once")
+    try:
+        wait_until(lambda: committed_status(ws, "z1") == "running", "z1 to run")
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)  # not a sync: two signals sent back to back may merge into one
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (ws.runtime / "running").exists() and (ws.runtime / recovery.CUT).exists()
+    planted = ws.state / "orders" / "a1" / "planted.txt"
+    planted.write_text("by hand")
+    if how == "a hand edit":
+        record = Store(ws.state).record_path("a1")
+        record.write_text(record.read_text().replace('"status": "done"', '"status": "queued"'))
+    else:
+        git(ws.state, "add", "orders/a1/planted.txt")
+        subprocess.run(["git", "-C", str(ws.state), "-c", "user.name=coordinator", "-c",
+                        "user.email=coordinator@agents.coordinator", "commit", "-qm", "a1 chip: a note"], check=True)
+        [found] = [f.detail for f in verify(ws) if f.kind == "state-foreign"]
+        assert "in the supervisor's name" in found and "by coordinator: a1 chip: a note" in found
+    open_gate(ws, "z1", 2)
+    said = restart(ws)
+    assert completions(ws) == ["a1", "z1"]  # a1 never ran again
+    assert_done_once(ws, "a1")
+    assert_done_once(ws, "z1")
+    silent = [line for line in said if "signal silent" in line]
+    if how == "a hand edit":
+        assert not planted.exists()
+        assert "recover" not in git(ws.state, "log", "--format=%B")
+        assert len(silent) == 1 and "orders/a1/record.json" in silent[0] and "planted.txt" in silent[0], said
+        assert_clean(ws)
+    else:
+        assert len(silent) == 1 and "while none ran" in silent[0] and "a1 chip: a note" in silent[0], said
+        assert [f.kind for f in verify(ws)] == ["state-foreign"]  # for good
+
 
 # -- 3. stale locks ------------------------------------------------------------------------------
 def test_stale_index_locks_are_cleared_and_logged_at_start(make_ws):

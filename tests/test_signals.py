@@ -152,3 +152,13 @@ def test_the_newest_signal_is_last_even_after_the_clock_stepped_back(state_dir: 
     assert body[1].startswith("2025-03-01T08:00:00Z")  # the time shown is the time recorded
     assert [s["evidence"] for s in signals.as_json(signals.load(state_dir))["signals"]] == [
         "before the step", "after the step"]
+
+
+def test_render_shows_control_characters_in_evidence_as_text(state_dir: Path) -> None:
+    """Evidence quotes names a person chose (a file made by hand in state/): an escape
+    sequence in one reached the terminal as it was, and could rewrite the table."""
+    signals.record(state_dir, "silent", agent=None, order=None,
+                   evidence="state/ changed by hand (restored from git): a\x1b[2K\x1b[1Ab\x9bc", now=T0)
+    table = signals.render(signals.load(state_dir))
+    assert "a\\x1b[2K\\x1b[1Ab\\u009bc" in table
+    assert "\x1b" not in table and "\x9b" not in table
