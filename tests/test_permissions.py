@@ -1288,18 +1288,20 @@ def test_an_order_naming_one_file_may_replace_or_remove_it_and_nothing_beside_it
 
 
 @needs_landlock
-def test_an_order_naming_a_file_too_long_for_any_file_system_runs_and_the_supervisor_goes_on(make_ws):
+def test_an_order_naming_a_file_too_long_for_any_file_system_is_refused_and_the_supervisor_goes_on(make_ws):
     # A name over 255 bytes, as an agent's outbox may send one: the supervisor stopped with an
-    # internal error ("File name too long") at its grant, and again at every start.
+    # internal error ("File name too long") at its grant, and again at every start. No file
+    # system holds such a file: the order is refused when taken in, with the reason.
     long_name = "webapp/src/" + "a" * 300 + ".py"
     ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"],
                            "command": ["/bin/sh", "-c", "echo hi >> src/login.py; echo tried"]}})
     drop(ws, "chip", "long.md", order_md("Name a long file", files=(long_name, "webapp/src/login.py"), id="WO-1"))
     drop(ws, "chip", "next.md", order_md("Edit login", files=("webapp/src/login.py",), id="WO-2"))
     run(ws)
-    assert record(ws, "WO-1").status == "done"
+    refused = record(ws, "WO-1")
+    assert refused.status == "rejected" and "a file name is at most 255" in refused.errors[0]
     assert record(ws, "WO-2").status == "done"
-    assert git(ws.repos / "webapp", "show", "HEAD:src/login.py").endswith("hi\nhi")
+    assert git(ws.repos / "webapp", "show", "HEAD:src/login.py").endswith("hi")
 
 
 # The first order leaves a link that stays inside through the folder a/b/c; the second makes
