@@ -33,6 +33,10 @@ RUNTIME = ".coordinator"
 NO_WORKSPACE = "no workspace: run `coordinator init` or pass -w"
 
 
+RUNTIME_FILES = ("supervisor.pid", "state-journal", "state-head", "state-foreign", "state-lost", "running",
+                 "supervisor.config", "cut-by-stop.json")
+
+
 @dataclass(frozen=True)
 class Workspace:
     root: Path
@@ -155,9 +159,12 @@ class Workspace:
             if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
                 raise WorkspaceError(f"{self.rel(folder)} is not a folder; the workspace needs a folder there: "
                                      "move it away (`coordinator supervise` makes what is missing)")
-        pid = self.runtime / "supervisor.pid"
-        if pid.is_dir():
-            raise WorkspaceError(f"{self.rel(pid)} is a folder; remove it (the supervisor writes a file there)")
+        # The files the supervisor keeps in .coordinator/: a folder at one stopped it with an
+        # internal error (state-journal), or silently turned off what it records (state-head).
+        for name in RUNTIME_FILES:
+            if (self.runtime / name).is_dir():
+                raise WorkspaceError(f"{self.rel(self.runtime / name)} is a folder; remove it (the supervisor "
+                                     "writes a file there)")
 
     def ensure_layout(self) -> list[str]:
         """Create missing inbox folders and runtime folders; returns what was created."""

@@ -478,12 +478,15 @@ def test_a_config_that_would_expand_or_nest_without_end_is_refused_at_once(ws: P
     assert time.monotonic() - started < 10
 
 
-@pytest.mark.parametrize("where", ["state", ".coordinator", "inbox/chip", ".coordinator/supervisor.pid"])
+@pytest.mark.parametrize("where", ["state", ".coordinator", "inbox/chip", ".coordinator/supervisor.pid",
+                                   ".coordinator/state-journal", ".coordinator/state-head"])
 def test_a_file_where_the_workspace_needs_a_folder_stops_every_command_in_one_line(ws: Path, where: str) -> None:
+    # (and a folder where it needs a file: at state-journal, "internal error: IsADirectoryError";
+    # at state-head, the head it keeps for the tamper watch silently not kept)
     import shutil
 
     path = ws / where
-    if where.endswith(".pid"):
+    if where.startswith(".coordinator/"):
         path.parent.mkdir(exist_ok=True)
         path.unlink(missing_ok=True)
         path.mkdir()
