@@ -28,6 +28,7 @@ from typing import Any
 
 from . import durable, gitlocks
 from .errors import GitError
+from .gitrepo import git_program
 from .trail import IGNORED, Trail, one_line, run, temp_name
 from .trail import SUPERVISOR as SUPERVISOR  # the trail's name for the supervisor: audit's too
 
@@ -51,8 +52,11 @@ def git_version() -> tuple[int, int]:
     global _git_version
     if _git_version is not None:
         return _git_version
+    program = git_program()  # the git every other command runs, by its full path
+    if program is None:
+        return (0, 0)
     try:
-        out = subprocess.run(["git", "--version"], capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run([program, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return (0, 0)
     m = re.search(r"(\d+)\.(\d+)", out)

@@ -12,7 +12,7 @@ from . import board, landlock, mounts, seccomp
 from .config import Config
 from .errors import ConfigError, GitError, WorkspaceError
 from .gitrepo import GitRepo, foreign_checkout, run_git
-from .runner import agent_warnings
+from .runner import agent_warnings, command_missing
 from .workspace import Workspace
 
 MAX_SHOWN_COMMAND = 120  # characters of an agent's command shown: enough to recognize it
@@ -94,9 +94,8 @@ def report(ws: Workspace | None) -> list[str]:
         # The model is the config's text, escapes and line breaks too: on one line, as a command is.
         how = ("llm " + command_line((a.llm.primary.model,)) if a.llm
                else (f"command: {shown}" if a.command else "external (no command)"))
-        missing = ""
-        if a.command and not a.command[0].startswith("{") and shutil.which(a.command[0]) is None:
-            missing = f"  (WARNING: {_one_line(a.command[0])} not found on PATH)"
+        program = command_missing(a)
+        missing = f"  (WARNING: {program} not found on PATH)" if program is not None else ""
         lines.append(f"  {name}: {a.role}, {how}{missing}")
         lines += [f"    WARNING: {w}" for w in agent_warnings(a)]
     lines += _workspace_problems(ws, cfg, git=git is not None)

@@ -190,6 +190,28 @@ def foreign_checkout(folder: Path) -> str | None:
     return None
 
 
+def unborn_branch(git_dir: Path) -> str | None:
+    """The branch a repository's HEAD names when it has no commit yet (a `git init` with nothing
+    committed), else None. Read from git's files, no git run: intake asks it of every order
+    with files."""
+    try:
+        head = (git_dir / "HEAD").read_text("utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    if not head.startswith("ref: refs/heads/"):
+        return None  # detached: it names a commit
+    ref = head.removeprefix("ref: ")
+    if (git_dir / ref).is_file():
+        return None
+    try:
+        packed = (git_dir / "packed-refs").read_text("utf-8", errors="replace")
+    except OSError:
+        packed = ""
+    if any(line.split(" ", 1)[-1] == ref for line in packed.splitlines()):
+        return None
+    return ref.removeprefix("refs/heads/")
+
+
 class _Worktree(NamedTuple):
     """git's record of one linked worktree (in the repository, out of the agent's reach)."""
 

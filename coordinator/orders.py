@@ -44,7 +44,7 @@ from ._orderfields import (
 from ._orderfile import KINDS, MAX_ORDER_BYTES, md_acceptance_text, md_file, read_order
 from .config import SYSTEM_SENDERS, Agent, Config
 from .errors import OrderError, Problem, UsageError
-from .gitrepo import foreign_checkout
+from .gitrepo import foreign_checkout, unborn_branch
 
 __all__ = [
     "ACCEPTANCE_ITEMS", "ACTIONS", "BRANCH_RULES", "FEEDBACK_STATUSES", "ID_PATTERN", "KEYS", "KINDS",
@@ -274,7 +274,7 @@ def check(order: WorkOrder, config: Config, history: History, *, path: str | Non
                 bad(f"files.{i}", f"repos/{repo} {odd}")
                 continue
             if (repos / repo / ".git").exists():
-                unborn = _unborn(repos / repo / ".git")
+                unborn = unborn_branch(repos / repo / ".git")
                 if unborn is not None:  # taken, every attempt failed: "refs/heads/main does not exist"
                     bad(f"files.{i}", f"repos/{repo} has no commit on {unborn} yet, so no working copy can be "
                                       f"made from it: make a first commit there (git -C repos/{repo} commit "
@@ -367,27 +367,6 @@ def _cycle(order: WorkOrder, history: History) -> list[str] | None:
                 came_from[nxt] = node
                 todo.append(nxt)
     return None
-
-
-def _unborn(git_dir: Path) -> str | None:
-    """The branch a repository's HEAD names when it has no commit yet (a `git init` with nothing
-    committed), else None; read from git's files, as intake asks it of every order with files."""
-    try:
-        head = (git_dir / "HEAD").read_text("utf-8", errors="replace").strip()
-    except OSError:
-        return None
-    if not head.startswith("ref: refs/heads/"):
-        return None  # detached: it names a commit
-    ref = head.removeprefix("ref: ")
-    if (git_dir / ref).is_file():
-        return None
-    try:
-        packed = (git_dir / "packed-refs").read_text("utf-8", errors="replace")
-    except OSError:
-        packed = ""
-    if any(line.split(" ", 1)[-1] == ref for line in packed.splitlines()):
-        return None
-    return ref.removeprefix("refs/heads/")
 
 
 def load(data: bytes, *, path: str, to: str | None, config: Config, history: History,

@@ -161,6 +161,7 @@ class _HeldLines:
         self.lines: deque[str] = deque()
         self.dropped = 0
         self.lock = threading.Lock()  # library warnings come from other threads too
+        self.poller: Any = None
 
     def write(self, text: str) -> None:
         with self.lock:
@@ -191,10 +192,11 @@ class _HeldLines:
         """Whether a line can be written now without waiting for the reader (a pipe or a
         terminal that has room, a file, nothing at all)."""
         try:
-            fd = self.stream.fileno()
-            poller = select.poll()
-            poller.register(fd, select.POLLOUT)
-            return bool(poller.poll(int(wait * 1000)))
+            if self.poller is None:  # made once: the log's descriptor stays the same (`_to_nowhere` reuses it)
+                poller = select.poll()
+                poller.register(self.stream.fileno(), select.POLLOUT)
+                self.poller = poller
+            return bool(self.poller.poll(int(wait * 1000)))
         except (AttributeError, ValueError, OSError):  # no stream, or one without a descriptor
             return True
 
