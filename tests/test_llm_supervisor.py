@@ -1104,6 +1104,41 @@ def test_an_agent_that_routes_every_planned_order_back_to_the_orchestrator_stops
     assert any(said in line for line in lines)
 
 
+ANSWER_IT = ('printf "objective: Answer it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+             'branching: [{action: halt-with-note, when: not}]\\n"')
+
+
+@pytest.mark.parametrize("walt_runs", ["command", "llm"])
+def test_an_orchestrators_request_at_the_end_of_max_chain_orders_is_blocked_saying_so_however_it_runs(
+        make_ws, fake, walt_runs):
+    """chip answers every order with a request to walt; walt delegates each back to chip. The
+    request at the end of the chain cannot send its orders: a command orchestrator's ended
+    `done` with nothing sent (its outbox kept), an LLM orchestrator's `blocked`. Both are
+    blocked now, the chain limit named, and a command's outbox kept and listed."""
+    from coordinator import outbox
+
+    delegate = sh(f'mkdir -p "$COORD_OUTBOX/chip"; {ANSWER_IT} > "$COORD_OUTBOX/chip/do.yaml"; echo delegated')
+    walt = {"command": delegate} if walt_runs == "command" else {"llm": llm(fake)}
+    ask = sh(f'mkdir -p "$COORD_OUTBOX/walt"; {ANSWER_IT} > "$COORD_OUTBOX/walt/ask.yaml"; echo asked')
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], **walt},
+                  "chip": {"role": "specialist", "sends_to": ["walt"], "command": ask}},
+                 orchestrator="walt", budget={"ceiling": 10_000_000, "bands": [5_000_000, 10_000_000, 15_000_000]})
+    drop(ws, "walt", "req.md", order_md("Start asking", id="req"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60, should_stop=lambda: int(len(sup.records) > 60))
+    recs = Store(ws.state).load_all()
+    assert len(recs) == 1 + outbox.MAX_CHAIN, len(recs)
+    last = max(recs.values(), key=lambda r: r.seq)
+    assert last.to == "walt" and last.status == "blocked" and last.children == [], (last.status, last.report)
+    said = f"{last.id} came at the end of {outbox.MAX_CHAIN} orders in a row sent from an outbox"
+    assert said in last.report["summary"] and "a retry would end the same" in last.report["summary"]
+    assert all(r.status == "done" for r in recs.values() if r.id != last.id)
+    if walt_runs == "command":
+        [line] = last.report["undelivered"]
+        assert line.startswith(f"do.yaml: not delivered: {said}")
+        assert (ws.runtime / "attempts" / last.id / "1" / "outbox" / "chip" / "do.yaml").exists()
+
+
 def test_a_route_at_the_end_of_max_chain_orders_fails_the_attempt_and_the_order_is_escalated(make_ws, fake):
     """The same two, started with an order to chip: the order at the end of the chain is chip's,
     whose route is refused as the outbox of such an order is kept; blocked, it is escalated
