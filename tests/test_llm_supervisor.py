@@ -1100,12 +1100,28 @@ def test_an_agent_that_routes_every_planned_order_back_to_the_orchestrator_stops
     last = max(recs.values(), key=lambda r: r.seq)
     assert last.to == "walt" and last.status == "blocked" and last.children == []
     said = f"{last.id} came at the end of {outbox.MAX_CHAIN} orders in a row sent from an outbox, a route, an escalation or a plan"
-    assert "the 1 order(s) walt planned are not filed: " + said in last.report["summary"]
+    assert "walt's model was not asked for a plan: no order it planned could be filed: " + said in last.report["summary"]
+    assert last.usage == []
     assert any(said in line for line in lines)
 
 
 ANSWER_IT = ('printf "objective: Answer it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
              'branching: [{action: halt-with-note, when: not}]\\n"')
+
+
+def _ask_and_delegate_for_ever(make_ws: Any, fake: FakeLLM, walt_runs: str) -> tuple[Any, dict[str, Record]]:
+    """chip answers every order with a request to walt, who delegates each back to chip (by its
+    outbox, or by its model's plan); a person's request to walt starts it. The workspace and its records."""
+    delegate = sh(f'mkdir -p "$COORD_OUTBOX/chip"; {ANSWER_IT} > "$COORD_OUTBOX/chip/do.yaml"; echo delegated')
+    walt = {"command": delegate} if walt_runs == "command" else {"llm": llm(fake)}
+    ask = sh(f'mkdir -p "$COORD_OUTBOX/walt"; {ANSWER_IT} > "$COORD_OUTBOX/walt/ask.yaml"; echo asked')
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], **walt},
+                  "chip": {"role": "specialist", "sends_to": ["walt"], "command": ask}},
+                 orchestrator="walt", budget={"ceiling": 10_000_000, "bands": [5_000_000, 10_000_000, 15_000_000]})
+    drop(ws, "walt", "req.md", order_md("Start asking", id="req"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60, should_stop=lambda: int(len(sup.records) > 60))
+    return ws, Store(ws.state).load_all()
 
 
 @pytest.mark.parametrize("walt_runs", ["command", "llm"])
@@ -1117,16 +1133,7 @@ def test_an_orchestrators_request_at_the_end_of_max_chain_orders_is_blocked_sayi
     blocked now, the chain limit named, and a command's outbox kept and listed."""
     from coordinator import outbox
 
-    delegate = sh(f'mkdir -p "$COORD_OUTBOX/chip"; {ANSWER_IT} > "$COORD_OUTBOX/chip/do.yaml"; echo delegated')
-    walt = {"command": delegate} if walt_runs == "command" else {"llm": llm(fake)}
-    ask = sh(f'mkdir -p "$COORD_OUTBOX/walt"; {ANSWER_IT} > "$COORD_OUTBOX/walt/ask.yaml"; echo asked')
-    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], **walt},
-                  "chip": {"role": "specialist", "sends_to": ["walt"], "command": ask}},
-                 orchestrator="walt", budget={"ceiling": 10_000_000, "bands": [5_000_000, 10_000_000, 15_000_000]})
-    drop(ws, "walt", "req.md", order_md("Start asking", id="req"))
-    with Supervisor(ws) as sup:
-        sup.run_once(limit=60, should_stop=lambda: int(len(sup.records) > 60))
-    recs = Store(ws.state).load_all()
+    ws, recs = _ask_and_delegate_for_ever(make_ws, fake, walt_runs)
     assert len(recs) == 1 + outbox.MAX_CHAIN, len(recs)
     last = max(recs.values(), key=lambda r: r.seq)
     assert last.to == "walt" and last.status == "blocked" and last.children == [], (last.status, last.report)
@@ -1137,6 +1144,20 @@ def test_an_orchestrators_request_at_the_end_of_max_chain_orders_is_blocked_sayi
         [line] = last.report["undelivered"]
         assert line.startswith(f"do.yaml: not delivered: {said}")
         assert (ws.runtime / "attempts" / last.id / "1" / "outbox" / "chip" / "do.yaml").exists()
+
+
+def test_a_request_at_the_end_of_max_chain_orders_is_blocked_before_its_model_is_asked(make_ws, fake):
+    """No order its model plans could be filed: the model was asked all the same (money, tokens,
+    hot tokens) and its plan thrown away. Now the request is blocked first, and says so."""
+    from coordinator import outbox
+
+    _, recs = _ask_and_delegate_for_ever(make_ws, fake, "llm")
+    last = max(recs.values(), key=lambda r: r.seq)
+    assert last.to == "walt" and last.status == "blocked" and last.usage == [], last.usage
+    assert last.report["summary"].startswith("walt's model was not asked for a plan: no order it planned could "
+                                             f"be filed: {last.id} came at the end of {outbox.MAX_CHAIN} orders")
+    requests = sum(1 for r in recs.values() if r.to == "walt")
+    assert len(fake.chat_bodies()) == 2 * (requests - 1)  # a plan and a review for each of the others
 
 
 def test_a_route_at_the_end_of_max_chain_orders_fails_the_attempt_and_the_order_is_escalated(make_ws, fake):
@@ -1167,7 +1188,7 @@ def test_a_route_at_the_end_of_max_chain_orders_fails_the_attempt_and_the_order_
     assert last.failures and all(f.startswith(f"route-to walt cannot be taken: {said}") for f in last.failures)
     assert investigation.to == "walt" and investigation.source.startswith(f"escalation of {last.id}")
     assert investigation.status == "blocked" and investigation.children == []
-    assert "planned are not filed" in investigation.report["summary"]
+    assert "no order it planned could be filed" in investigation.report["summary"]
 
 
 def test_a_requeue_on_a_request_above_the_one_that_sent_the_order_is_a_failed_attempt(make_ws, fake):
