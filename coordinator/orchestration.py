@@ -74,6 +74,10 @@ def file_plan(runner: AttemptRunner, act: Active, plan: llmagent.Plan) -> None:
     for raw in _dependency_order(plan.orders):
         waits = [named.get(d, d) for d in raw.get("blocked_by") or ()]
         body = {k: v for k, v in raw.items() if k != "id"}  # a name in the plan; filed under its own id
+        if "priority" not in raw:
+            # The children are the request's work: an urgent request's must not wait behind
+            # normal work (SPEC §5: highest priority first). A priority the plan gives stands.
+            body["priority"] = act.order.priority
         try:
             order = to_order({**body, "blocked_by": waits} if waits else body, act.agent.name, parent=rec.id)
         except OrderError as e:

@@ -358,6 +358,35 @@ def test_a_planned_order_may_wait_on_another_of_its_plan_and_runs_after_it(make_
     assert kids2["rex"].blocked_by == [kids2["chip"].id] and kids2["chip"].id != kids["chip"].id
 
 
+def test_the_orders_an_urgent_requests_plan_files_are_urgent_and_run_before_normal_work(make_ws, fake):
+    """A plan's orders were filed `normal` whatever the request's priority: an urgent request's
+    work waited behind every normal order of the agent. Now they take the request's priority,
+    unless the plan gives one of its own."""
+    from bench.harness import probe_of
+
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], "llm": llm(fake)},
+                  "chip": {"role": "specialist", "max_parallel": 1,
+                           "command": sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran"; sleep 0.25')}},
+                 orchestrator="walt")
+    fake.script(content=json.dumps({"summary": "chip fixes it", "orders": [
+        child("chip", "Stop the outage", files=[]),
+        dict(child("chip", "Tidy up after the outage", files=[]), priority="low")]}))
+    fake.script(content=json.dumps({"summary": "The outage is over.", "orders": []}))
+    for n in range(1, 4):
+        drop(ws, "chip", f"n{n}.md", order_md(f"Routine work number {n}", id=f"n{n}"))
+    drop(ws, "walt", "req.md", order_md("The outage ends now", id="req", priority="urgent"))
+    run(ws)
+
+    rec = load(ws, "req")
+    assert rec.status == "done", rec.report
+    urgent, tidy = rec.children
+    store = Store(ws.state)
+    assert store.load_order(urgent).priority == "urgent" and store.load_order(tidy).priority == "low"
+    ran = (probe_of(ws) / "ran").read_text().split()
+    assert sorted(ran) == sorted(["n1", "n2", "n3", urgent, tidy]), ran
+    assert ran.index(urgent) < ran.index("n3") and ran[-1] == tidy, ran
+
+
 def test_a_finished_requests_summary_stays_in_the_orchestrators_context(make_ws, fake):
     ws = make_ws(team(fake), orchestrator="walt")
     fake.script(content=json.dumps({"summary": "Nothing to send: the greeting exists.", "orders": []}))
