@@ -378,6 +378,8 @@ class AttemptRunner(Interruptions):
         if result.outcome != "done":
             return self._end_outcome(act, result)
         if act.agent.is_orchestrator:
+            if self._blocked_at_chain_end(act):
+                return None
             # An orchestrator delegates through its outbox: with orders sent, its request is
             # decided to wait for them (its checks run when they have ended).
             self._deliver(act, "running", act.agent.name)

@@ -19,7 +19,7 @@ from . import audit, durable, gate, results, runner
 from .errors import CoordinatorError
 from .followups import FollowUps, _planned, _short
 from .orders import WorkOrder
-from .outbox import Outbox, _note_undelivered, _outbox_files, not_delivered
+from .outbox import Outbox, _note_undelivered, _outbox_files, chain_problem, not_delivered
 from .store import Record
 
 if TYPE_CHECKING:
@@ -144,6 +144,29 @@ class Endings(FollowUps, Outbox):
         self._finish(act)
         rec.blocker = blocker
         self._close(rec, "waiting", audit.SUPERVISOR, note=f"blocker: {_short(blocker)}")
+
+    def _blocked_at_chain_end(self, act: Active) -> bool:
+        """An orchestrator's request at the end of a chain (`chain_problem`) whose outbox holds
+        orders: they are its whole work and cannot be sent, so it is blocked, saying why, its
+        outbox kept, as an LLM orchestrator's request is. It ended `done` with nothing sent.
+        False (and nothing done) when it is not so."""
+        rec, box = act.rec, act.attempt.outbox
+        chained = None if act.delivered else chain_problem(self.sup.records, rec)
+        if chained is None:
+            return False
+        unread: list[str] = []
+        files = _outbox_files(box, unread)
+        if not files:
+            return False
+        act.delivered = True
+        act.undelivered += unread + not_delivered(box, files, f"{chained}; send it yourself if it is wanted")
+        reason = (f"the {len(files)} order(s) in {act.agent.name}'s outbox are not delivered: {chained}; "
+                  "a retry would end the same: send the request again yourself if it is still wanted")
+        self.sup.say(f"{rec.id}: {reason}")
+        self._finish(act)
+        rec.failures.append(reason)
+        self.block(rec, reason)
+        return True
 
     def _keep_outbox(self, act: Active, why: str) -> None:
         """The sender learns that the orders its undecided attempt wrote were not sent."""

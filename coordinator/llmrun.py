@@ -20,7 +20,13 @@ from . import gate, llmagent, paths, results
 from .conversation import Outcome, launch, model_brief, new_client, one_line, record_usage
 from .errors import CoordinatorError, LLMAuthError
 from .llm import LLMTimeout, SpendLimitReached
-from .orchestration import file_plan, orchestrator_context, order_validator, review_failed
+from .orchestration import (
+    blocked_at_chain_end,
+    file_plan,
+    orchestrator_context,
+    order_validator,
+    review_failed,
+)
 
 if TYPE_CHECKING:
     from .attempts import Active, AttemptRunner
@@ -38,6 +44,8 @@ MAX_GLOB_FILES = 40
 
 def start_llm_attempt(runner: AttemptRunner, act: Active) -> None:
     agent = act.agent
+    if agent.is_orchestrator and blocked_at_chain_end(runner, act):
+        return
     client = new_client(runner, act)
     brief = model_brief(act.attempt.brief.read_text("utf-8"))
     if agent.is_orchestrator:

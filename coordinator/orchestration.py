@@ -33,6 +33,23 @@ MAX_QUOTED_BYTES = 1 << 20   # of one file of state/ (the brief, a report) quote
 # -- plans and reviews --------------------------------------------------------------------------------
 
 
+def blocked_at_chain_end(runner: AttemptRunner, act: Active) -> bool:
+    """A request at the end of a chain (`outbox.chain_problem`) can file no order: it is blocked,
+    saying why, before its model is asked. Asked first, the model was paid (money, tokens, hot
+    tokens) for a plan that was then thrown away. False (nothing done) when it is not so."""
+    rec = act.rec
+    chained = outbox.chain_problem(runner.sup.records, rec)
+    if chained is None:
+        return False
+    runner._finish(act)
+    reason = (f"{act.agent.name}'s model was not asked for a plan: no order it planned could be filed: "
+              f"{chained}; a retry would end the same: send the request again yourself if it is still wanted")
+    runner.sup.say(f"{rec.id}: {reason}")
+    rec.failures.append(reason)
+    runner.block(rec, reason)
+    return True
+
+
 def file_plan(runner: AttemptRunner, act: Active, plan: llmagent.Plan) -> None:
     """File the plan's orders as children of the request; done when there are none left."""
     sup, rec = runner.sup, act.rec
@@ -57,6 +74,10 @@ def file_plan(runner: AttemptRunner, act: Active, plan: llmagent.Plan) -> None:
     for raw in _dependency_order(plan.orders):
         waits = [named.get(d, d) for d in raw.get("blocked_by") or ()]
         body = {k: v for k, v in raw.items() if k != "id"}  # a name in the plan; filed under its own id
+        if "priority" not in raw:
+            # The children are the request's work: an urgent request's must not wait behind
+            # normal work (SPEC §5: highest priority first). A priority the plan gives stands.
+            body["priority"] = act.order.priority
         try:
             order = to_order({**body, "blocked_by": waits} if waits else body, act.agent.name, parent=rec.id)
         except OrderError as e:

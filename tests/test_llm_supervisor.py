@@ -358,6 +358,35 @@ def test_a_planned_order_may_wait_on_another_of_its_plan_and_runs_after_it(make_
     assert kids2["rex"].blocked_by == [kids2["chip"].id] and kids2["chip"].id != kids["chip"].id
 
 
+def test_the_orders_an_urgent_requests_plan_files_are_urgent_and_run_before_normal_work(make_ws, fake):
+    """A plan's orders were filed `normal` whatever the request's priority: an urgent request's
+    work waited behind every normal order of the agent. Now they take the request's priority,
+    unless the plan gives one of its own."""
+    from bench.harness import probe_of
+
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], "llm": llm(fake)},
+                  "chip": {"role": "specialist", "max_parallel": 1,
+                           "command": sh('echo "$COORD_ORDER_ID" >> "$PROBE/ran"; sleep 0.25')}},
+                 orchestrator="walt")
+    fake.script(content=json.dumps({"summary": "chip fixes it", "orders": [
+        child("chip", "Stop the outage", files=[]),
+        dict(child("chip", "Tidy up after the outage", files=[]), priority="low")]}))
+    fake.script(content=json.dumps({"summary": "The outage is over.", "orders": []}))
+    for n in range(1, 4):
+        drop(ws, "chip", f"n{n}.md", order_md(f"Routine work number {n}", id=f"n{n}"))
+    drop(ws, "walt", "req.md", order_md("The outage ends now", id="req", priority="urgent"))
+    run(ws)
+
+    rec = load(ws, "req")
+    assert rec.status == "done", rec.report
+    urgent, tidy = rec.children
+    store = Store(ws.state)
+    assert store.load_order(urgent).priority == "urgent" and store.load_order(tidy).priority == "low"
+    ran = (probe_of(ws) / "ran").read_text().split()
+    assert sorted(ran) == sorted(["n1", "n2", "n3", urgent, tidy]), ran
+    assert ran.index(urgent) < ran.index("n3") and ran[-1] == tidy, ran
+
+
 def test_a_finished_requests_summary_stays_in_the_orchestrators_context(make_ws, fake):
     ws = make_ws(team(fake), orchestrator="walt")
     fake.script(content=json.dumps({"summary": "Nothing to send: the greeting exists.", "orders": []}))
@@ -1100,8 +1129,64 @@ def test_an_agent_that_routes_every_planned_order_back_to_the_orchestrator_stops
     last = max(recs.values(), key=lambda r: r.seq)
     assert last.to == "walt" and last.status == "blocked" and last.children == []
     said = f"{last.id} came at the end of {outbox.MAX_CHAIN} orders in a row sent from an outbox, a route, an escalation or a plan"
-    assert "the 1 order(s) walt planned are not filed: " + said in last.report["summary"]
+    assert "walt's model was not asked for a plan: no order it planned could be filed: " + said in last.report["summary"]
+    assert last.usage == []
     assert any(said in line for line in lines)
+
+
+ANSWER_IT = ('printf "objective: Answer it\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+             'branching: [{action: halt-with-note, when: not}]\\n"')
+
+
+def _ask_and_delegate_for_ever(make_ws: Any, fake: FakeLLM, walt_runs: str) -> tuple[Any, dict[str, Record]]:
+    """chip answers every order with a request to walt, who delegates each back to chip (by its
+    outbox, or by its model's plan); a person's request to walt starts it. The workspace and its records."""
+    delegate = sh(f'mkdir -p "$COORD_OUTBOX/chip"; {ANSWER_IT} > "$COORD_OUTBOX/chip/do.yaml"; echo delegated')
+    walt = {"command": delegate} if walt_runs == "command" else {"llm": llm(fake)}
+    ask = sh(f'mkdir -p "$COORD_OUTBOX/walt"; {ANSWER_IT} > "$COORD_OUTBOX/walt/ask.yaml"; echo asked')
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], **walt},
+                  "chip": {"role": "specialist", "sends_to": ["walt"], "command": ask}},
+                 orchestrator="walt", budget={"ceiling": 10_000_000, "bands": [5_000_000, 10_000_000, 15_000_000]})
+    drop(ws, "walt", "req.md", order_md("Start asking", id="req"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60, should_stop=lambda: int(len(sup.records) > 60))
+    return ws, Store(ws.state).load_all()
+
+
+@pytest.mark.parametrize("walt_runs", ["command", "llm"])
+def test_an_orchestrators_request_at_the_end_of_max_chain_orders_is_blocked_saying_so_however_it_runs(
+        make_ws, fake, walt_runs):
+    """chip answers every order with a request to walt; walt delegates each back to chip. The
+    request at the end of the chain cannot send its orders: a command orchestrator's ended
+    `done` with nothing sent (its outbox kept), an LLM orchestrator's `blocked`. Both are
+    blocked now, the chain limit named, and a command's outbox kept and listed."""
+    from coordinator import outbox
+
+    ws, recs = _ask_and_delegate_for_ever(make_ws, fake, walt_runs)
+    assert len(recs) == 1 + outbox.MAX_CHAIN, len(recs)
+    last = max(recs.values(), key=lambda r: r.seq)
+    assert last.to == "walt" and last.status == "blocked" and last.children == [], (last.status, last.report)
+    said = f"{last.id} came at the end of {outbox.MAX_CHAIN} orders in a row sent from an outbox"
+    assert said in last.report["summary"] and "a retry would end the same" in last.report["summary"]
+    assert all(r.status == "done" for r in recs.values() if r.id != last.id)
+    if walt_runs == "command":
+        [line] = last.report["undelivered"]
+        assert line.startswith(f"do.yaml: not delivered: {said}")
+        assert (ws.runtime / "attempts" / last.id / "1" / "outbox" / "chip" / "do.yaml").exists()
+
+
+def test_a_request_at_the_end_of_max_chain_orders_is_blocked_before_its_model_is_asked(make_ws, fake):
+    """No order its model plans could be filed: the model was asked all the same (money, tokens,
+    hot tokens) and its plan thrown away. Now the request is blocked first, and says so."""
+    from coordinator import outbox
+
+    _, recs = _ask_and_delegate_for_ever(make_ws, fake, "llm")
+    last = max(recs.values(), key=lambda r: r.seq)
+    assert last.to == "walt" and last.status == "blocked" and last.usage == [], last.usage
+    assert last.report["summary"].startswith("walt's model was not asked for a plan: no order it planned could "
+                                             f"be filed: {last.id} came at the end of {outbox.MAX_CHAIN} orders")
+    requests = sum(1 for r in recs.values() if r.to == "walt")
+    assert len(fake.chat_bodies()) == 2 * (requests - 1)  # a plan and a review for each of the others
 
 
 def test_a_route_at_the_end_of_max_chain_orders_fails_the_attempt_and_the_order_is_escalated(make_ws, fake):
@@ -1132,7 +1217,7 @@ def test_a_route_at_the_end_of_max_chain_orders_fails_the_attempt_and_the_order_
     assert last.failures and all(f.startswith(f"route-to walt cannot be taken: {said}") for f in last.failures)
     assert investigation.to == "walt" and investigation.source.startswith(f"escalation of {last.id}")
     assert investigation.status == "blocked" and investigation.children == []
-    assert "planned are not filed" in investigation.report["summary"]
+    assert "no order it planned could be filed" in investigation.report["summary"]
 
 
 def test_a_requeue_on_a_request_above_the_one_that_sent_the_order_is_a_failed_attempt(make_ws, fake):
