@@ -331,12 +331,48 @@ def render_budget(data: dict[str, Any], *, bands: tuple[int, int, int], gauge: b
     return "\n".join(lines)
 
 
+def removed_by_hand(ws: Workspace, order_id: str) -> str | None:
+    """What happened to an order whose record is gone from state/orders/ though state/'s git
+    history has it (its folder deleted by hand): "no order" left the user looking for an order
+    `coordinator log` still lists. None when git never had it (an unknown id)."""
+    from .errors import GitError
+    from .orders import ID_PATTERN
+    from .trail import Trail
+
+    if not ID_PATTERN.fullmatch(order_id) or not (ws.state / ".git").exists():
+        return None
+    rel = f"orders/{order_id}/record.json"
+    trail = Trail(ws.state)
+    try:
+        last = trail.git("log", "-1", "--format=%H", "--", rel, literal=True).strip()
+        if not last:
+            return None
+        in_head = bool(trail.git("ls-tree", "--name-only", "HEAD", "--", rel, literal=True).strip())
+    except GitError:
+        return None
+    gone = f"state/orders/{order_id}/" if not Store(ws.state).folder(order_id).exists() else f"state/{rel}"
+    if in_head:
+        return (f"{order_id}: {gone} was deleted by hand, not by the supervisor (`coordinator audit verify` "
+                f"lists it); its last state is in state/'s git: `git -C state checkout HEAD -- orders/{order_id}` "
+                f"puts it back")
+    # The supervisor never removes a recorded order: the commit that did is someone's by hand.
+    return (f"{order_id}: {gone} was removed by commit {last[:10]}, made by hand, not by the supervisor "
+            f"(`coordinator audit verify` lists it); `git -C state checkout {last[:10]}~ -- orders/{order_id}` "
+            "puts it back")
+
+
 def show(ws: Workspace, order_id: str) -> dict[str, Any]:
     """One order: fields, status, attempts, report, history (`show ID --json`)."""
     from .trail import Trail
 
     store = Store(ws.state)
-    rec = store.load(order_id)
+    try:
+        rec = store.load(order_id)
+    except NotFoundError:
+        said = removed_by_hand(ws, order_id)
+        if said is None:
+            raise
+        raise NotFoundError(f"{said}; `coordinator log {order_id}` shows its history") from None
     out: dict[str, Any] = rec.board_row()
     try:
         out["order"] = store.load_order(order_id).to_dict()

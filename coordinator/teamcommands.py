@@ -289,13 +289,22 @@ def log(c: Context, order_id: str | None, as_json: bool) -> None:
     Example:
         coordinator log WO-0001
     """
+    from .board import removed_by_hand
+    from .errors import NotFoundError
     from .sending import explain_missing
     from .store import Store
     from .trail import Trail
 
     if order_id is not None:  # "" too: an empty id is no order, not "all of them"
         with explain_missing(c.ws, order_id):
-            Store(c.ws.state).load(order_id)  # unknown id: exit 1
+            try:
+                Store(c.ws.state).load(order_id)  # unknown id: exit 1
+            except NotFoundError:
+                # Its folder deleted by hand: its history is still state/'s, and shown, with what happened.
+                gone = removed_by_hand(c.ws, order_id)
+                if gone is None:
+                    raise
+                click.echo(f"warning: {gone}", err=True)
     if not (c.ws.state / ".git").exists():
         click.echo("no history yet: state/ is made by `coordinator init` or the first `coordinator supervise`",
                    err=True)

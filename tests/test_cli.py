@@ -1323,6 +1323,32 @@ def test_show_prints_one_order_with_report_and_history(worked: Path) -> None:
                                                       "lists them\n")
 
 
+def test_an_order_whose_folder_was_deleted_by_hand_is_said_so_not_no_order(ws: Path) -> None:
+    assert run("-w", ws, "send", "-", "--to", "chip",
+               input=DEMO_ORDERS.joinpath("greeting.md").read_bytes()).stdout == "WO-0001\n"
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    shutil.rmtree(ws / "state" / "orders" / "WO-0001")
+    shown = run("-w", ws, "show", "WO-0001")
+    assert shown.exit_code == 1
+    assert shown.stderr.startswith("coordinator: WO-0001: state/orders/WO-0001/ was deleted by hand")
+    assert "`git -C state checkout HEAD -- orders/WO-0001` puts it back" in shown.stderr
+    assert "`coordinator audit verify` lists it" in shown.stderr
+    # Its history is state/'s git, still there: shown, with what happened to its folder.
+    logged = run("-w", ws, "log", "WO-0001")
+    assert logged.exit_code == 0
+    assert logged.stderr.startswith("warning: WO-0001: state/orders/WO-0001/ was deleted by hand")
+    assert [line.split(None, 3)[3] for line in logged.stdout.splitlines()][0] == "WO-0001 chip: new -> queued"
+    assert git(ws / "state", "checkout", "HEAD", "--", "orders/WO-0001") == ""  # the way back it names works
+    assert run("-w", ws, "show", "WO-0001").stdout.startswith("WO-0001  done")
+    # Removed by a commit made by hand: that commit is named, and how to put it back from it.
+    git(ws / "state", "rm", "-rq", "orders/WO-0001")
+    git(ws / "state", "-c", "user.name=someone", "-c", "user.email=s@x", "commit", "-qm", "tidy up")
+    sha = git(ws / "state", "rev-parse", "HEAD")[:10]
+    shown = run("-w", ws, "show", "WO-0001")
+    assert shown.exit_code == 1 and f"was removed by commit {sha}, made by hand" in shown.stderr
+    assert run("-w", ws, "show", "WO-0002").stderr == "coordinator: no order 'WO-0002'; `coordinator board` lists them\n"
+
+
 def test_show_a_rejected_order_lists_each_error_once(ws: Path) -> None:
     (ws / "inbox" / "chip" / "bad.md").write_text("**Objective:** Something vague\n")  # not via `send`
     assert program("-w", ws, "supervise", "--once").returncode == 0
