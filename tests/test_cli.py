@@ -1872,6 +1872,26 @@ def test_doctor_cost_gc_and_version(ws: Path) -> None:
     assert run("--version").stdout == f"coordinator, version {coordinator.__version__}\n"
 
 
+def test_cost_shows_a_model_name_with_escapes_as_text_not_to_the_terminal(ws: Path) -> None:
+    # A model's name is coordinator.yaml's (any string) or what a record says: an escape sequence
+    # in it retitled or cleared the user's terminal, and a line break broke the table.
+    assert run("-w", ws, "send", "-", "--to", "chip",
+               input=DEMO_ORDERS.joinpath("greeting.md").read_bytes()).stdout == "WO-0001\n"
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    path = ws / "state" / "orders" / "WO-0001" / "record.json"
+    record = json.loads(path.read_text())
+    record["usage"] = [{"agent": "chip", "model": "m\x1b]0;owned\x07\x1b[2J\nx", "cost": 0.5,
+                        "usage": {"prompt_tokens": 10, "completion_tokens": 5}}]
+    path.write_text(json.dumps(record))
+    shown = run("-w", ws, "cost")
+    assert shown.exit_code == 0 and "\x1b" not in shown.stdout and "\x07" not in shown.stdout
+    lines = shown.stdout.splitlines()
+    assert len(lines) == 6  # heading, two titles, two rows, total: the name breaks no line
+    assert lines[4].startswith("  m\\x1b]0;owned\\x07\\x1b[2J\\x0ax ") and len(lines[4]) == len(lines[0])
+    assert json.loads(run("-w", ws, "cost", "--json").stdout)["by_model"] == {
+        "m\x1b]0;owned\x07\x1b[2J\nx": {"calls": 1, "prompt_tokens": 10, "completion_tokens": 5, "cost": 0.5}}
+
+
 def test_python_dash_m_coordinator_is_the_coordinator_command(ws: Path) -> None:
     ran = subprocess.run([sys.executable, "-m", "coordinator", "-w", str(ws), "board", "--json"],
                          capture_output=True, text=True, timeout=60)
