@@ -1349,6 +1349,22 @@ def test_an_order_whose_folder_was_deleted_by_hand_is_said_so_not_no_order(ws: P
     assert run("-w", ws, "show", "WO-0002").stderr == "coordinator: no order 'WO-0002'; `coordinator board` lists them\n"
 
 
+def test_a_long_multi_line_failure_in_the_history_is_cut_with_an_ellipsis(ws: Path) -> None:
+    # Cut at 160 characters mid-word ("failed with exit cod"), the line read as the whole reason.
+    check = "python3 -c \"import sys; [print('line', i, 'of the check output') for i in range(40)]; sys.exit(1)\""
+    text = order("The webapp greets a user by name.").replace("`make test` passes", f"`{check}` passes")
+    assert run("-w", ws, "send", "-", "--to", "chip", input=text).stdout == "WO-0001\n"
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    lines = [line.split(None, 3)[3] for line in run("-w", ws, "log", "WO-0001").stdout.splitlines()]
+    failed = next(line for line in lines if line.startswith("WO-0001 chip: running -> queued"))
+    note = failed[failed.index("(") + 1:-1]
+    assert note.startswith("attempt 1 failed: check `python3") and note.endswith("…") and len(note) == 160
+    assert "\n" not in failed
+    whole = Store(ws / "state").load("WO-0001").failures[0]
+    assert "line 39 of the check output" in whole  # the record keeps it whole: `show` prints it
+    assert " ".join(whole.split()).startswith(note.removeprefix("attempt 1 failed: ")[:-1])
+
+
 def test_show_a_rejected_order_lists_each_error_once(ws: Path) -> None:
     (ws / "inbox" / "chip" / "bad.md").write_text("**Objective:** Something vague\n")  # not via `send`
     assert program("-w", ws, "supervise", "--once").returncode == 0
