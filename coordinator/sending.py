@@ -33,7 +33,7 @@ from typing import Any, BinaryIO
 
 from . import durable, orders
 from ._orderfields import MAX_PROBLEMS, finish
-from ._orderfile import flow_kind, read_order, too_big
+from ._orderfile import flow_kind, front_matter, read_order, too_big
 from .errors import NotFoundError, OrderError, Problem, UsageError, WorkspaceError
 from .inboxfiles import is_candidate, printable
 from .intake import NOT_REGULAR, waiting_orders, waits_on
@@ -258,7 +258,7 @@ def sniff(data: bytes) -> str:
     text = data[:64 * 1024].decode("utf-8-sig", errors="replace").lstrip()
     if text.startswith(("{", "[")):  # JSON, or YAML in flow style
         return flow_kind(text)
-    return "markdown" if _MD_LABEL.search(text) else "yaml"
+    return "markdown" if _MD_LABEL.search(text) or front_matter(text) else "yaml"
 
 
 def pending_file(ws: Workspace, order_id: str, *, anywhere: bool = False) -> Path | None:

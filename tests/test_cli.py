@@ -571,6 +571,27 @@ def test_validate_several_files_reports_each_problem_with_file_line_and_field(ws
     assert run("validate", "good.md", "--to", "chip").exit_code == 0
 
 
+@pytest.mark.parametrize("text", ["---\nid: x\n---\n", "---\nid: x\n---\n\n", "---\nid: x\n---"])
+def test_an_order_of_front_matter_alone_is_told_the_four_sections_at_their_line(ws: Path, text: str) -> None:
+    # Read from stdin it was taken for YAML ("but found another document"); from a file, each
+    # section was said missing with no line to look at.
+    said = [f"{where}:4: {key}: is missing; add the **{key.title()}:** section" for where in ("<stdin>", "fm.md")
+            for key in ("objective", "acceptance", "files", "branching")]
+    (ws / "fm.md").write_text(text)
+    for args, input in ((["-"], text), ([ws / "fm.md"], None)):
+        checked = run("-w", ws, "validate", *args, "--to", "chip", input=input)
+        assert checked.exit_code == 1
+        lines = checked.stderr.replace(str(ws / "fm.md"), "fm.md").splitlines()
+        assert [line[:line.index(" section") + 8] for line in lines] == (said[:4] if args == ["-"] else said[4:])
+    sent = run("-w", ws, "send", "-", "--to", "chip", input=text)
+    assert sent.exit_code == 1 and "found another document" not in sent.stderr
+    assert sent.stderr.startswith("<stdin>:4: objective: is missing")
+    # Objective alone missing: said where the order begins, the other sections still read.
+    partial = "---\nid: x\n---\n" + order("x").split("\n", 2)[2]
+    checked = run("-w", ws, "validate", "-", "--to", "chip", input=partial)
+    assert checked.stderr.startswith("<stdin>:4: objective: is missing") and checked.stderr.count("\n") == 1
+
+
 def test_validate_defaults_the_recipient_to_the_inbox_folder_the_file_is_in(ws: Path) -> None:
     for agent in ("chip", "rex"):
         (ws / "inbox" / agent / "o.md").write_text(order("The webapp greets a user by name"))
