@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -1155,6 +1156,34 @@ def test_board_names_what_sits_in_an_inbox_and_is_never_taken_in(ws: Path) -> No
     run("-w", ws, "send", "-", "--to", "chip", input=order("The header exists"))
     board = run("-w", ws, "board").stdout
     assert "inboxes: 1 file(s) not taken in yet (chip 1)" in board and "WO-0001" not in board
+
+
+def test_board_lists_each_inbox_once_for_what_waits_and_what_never_arrives(
+        ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count of files waiting and the names of those never taken in come from one listing
+    of each inbox (with thousands of files dropped, `board --watch` listed each one twice a
+    second), and one rule, the supervisor's, says which are which."""
+    inbox = ws / "inbox" / "chip"
+    old = time.time() - 7200
+    for name in ("a.md", "b.md.part", "c.md"):
+        (inbox / name).write_text(order("The footer exists"))
+        os.utime(inbox / name, (old, old))
+    (inbox / "d.md").mkdir()  # an order's name on a folder: never taken in, and said so
+    os.utime(inbox / "d.md", (old, old))
+    listed: list[str] = []
+    real = os.scandir
+
+    def counting(path: Any = ".") -> Any:
+        listed.append(os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", counting)
+    lines = run("-w", ws, "board").stdout.splitlines()
+    assert lines[2:4] == ["inboxes: 2 file(s) not taken in yet (chip 2) — `coordinator supervise` takes them in",
+                          "inbox/chip: 2 file(s) never taken in: b.md.part (2 h), d.md/ (2 h) (partial "
+                          "downloads, editor files and folders are skipped)"]
+    assert sorted(p for p in listed if Path(p).parent == ws / "inbox") == sorted(
+        str(ws / "inbox" / agent) for agent in ("chip", "rex", "walt"))
 
 
 def test_board_names_an_inbox_folder_no_agent_has_when_files_sit_in_it(ws: Path) -> None:
