@@ -524,11 +524,17 @@ def gc(c: Context, days: float) -> None:
     """
     from . import sending
 
-    copies, ended = sending.gc(c.ws, days)
+    copies, ended, ahead = sending.gc(c.ws, days)
     line = f"removed {len(copies)} working cop{'y' if len(copies) == 1 else 'ies'}"
     if ended:
         line += f", and the attempt folders and logs of {len(ended)} ended order{'' if len(ended) == 1 else 's'}"
     click.echo(line)
+    if ahead:
+        named = ", ".join(ahead[:5]) + (f" and {len(ahead) - 5} more" if len(ahead) > 5 else "")
+        click.echo(f"warning: kept the attempt folders and logs of {len(ahead)} ended order"
+                   f"{'' if len(ahead) == 1 else 's'} ({named}) that ended after this machine's clock says it is "
+                   "now (the clock set back?), so their age is unknown; `coordinator gc --days 0` removes them",
+                   err=True)
 
 
 @click.command("demo-intro", cls=Command, hidden=True)

@@ -1632,6 +1632,27 @@ def test_gc_on_a_read_only_workspace_says_so_and_not_to_remove_files_by_hand(ws:
     assert (runtime / "attempts" / "WO-0001").is_dir()
 
 
+def test_gc_says_ended_orders_dated_ahead_of_the_clock_and_days_0_removes_them(ws: Path) -> None:
+    # The clock set back (or records written while it ran ahead): an order that ended "next
+    # year" was never old enough for gc, not even `--days 0`, and gc said nothing of it.
+    run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting already exists in the webapp"))
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    path = ws / "state" / "orders" / "WO-0001" / "record.json"
+    record = json.loads(path.read_text())
+    record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(time.time() + 30 * 86400))
+    path.write_text(json.dumps(record))
+    attempts = ws / ".coordinator" / "attempts" / "WO-0001"
+    kept = run("-w", ws, "gc", "--days", "1")
+    assert kept.stdout == "removed 0 working copies\n" and attempts.is_dir()
+    assert kept.stderr == ("warning: kept the attempt folders and logs of 1 ended order (WO-0001) that ended after "
+                           "this machine's clock says it is now (the clock set back?), so their age is unknown; "
+                           "`coordinator gc --days 0` removes them\n")
+    removed = run("-w", ws, "gc", "--days", "0")
+    assert removed.stdout == "removed 0 working copies, and the attempt folders and logs of 1 ended order\n"
+    assert removed.stderr == "" and not attempts.exists()
+    assert run("-w", ws, "gc", "--days", "1").stderr == ""  # nothing left to say
+
+
 def test_gc_clears_the_attempt_folders_and_logs_of_ended_orders_only(ws: Path) -> None:
     # Every order left its attempt folder (brief, order, outbox, scratch) and its log in
     # .coordinator/ for good: some seven folders and files an order, overnight.
