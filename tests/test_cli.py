@@ -1979,6 +1979,22 @@ def test_cost_shows_a_model_name_with_escapes_as_text_not_to_the_terminal(ws: Pa
         "m\x1b]0;owned\x07\x1b[2J\nx": {"calls": 1, "prompt_tokens": 10, "completion_tokens": 5, "cost": 0.5}}
 
 
+def test_the_fresh_brief_names_a_halted_order_however_many_orders_were_sent_since(ws: Path) -> None:
+    # Blocked and halted orders were looked for among the orchestrator's last 200 orders only: an
+    # older one, still waiting for its decision, left the fresh brief without a word.
+    (ws / "inbox" / "chip" / "first.md").write_text(order("The greeting already exists in the webapp",
+                                                          **{"from": "walt"}))
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    for n in range(205):  # rejected at intake: no attempt runs
+        (ws / "inbox" / "chip" / f"r{n}.md").write_text(f"---\nfrom: walt\n---\n**Objective:** Thing {n}\n")
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    assert statuses(ws)["WO-0001"] == "halted" and len(statuses(ws)) == 206
+    assert run("-w", ws, "rotate", "--fresh").exit_code == 0
+    brief = (ws / "state" / "orchestrator" / "brief.md").read_text()
+    assert "## Blocked or halted: waiting for your decision (1)\n\n- WO-0001 -> chip [halted]: The greeting " \
+           "already exists in the webapp; why: " in brief
+
+
 def test_python_dash_m_coordinator_is_the_coordinator_command(ws: Path) -> None:
     ran = subprocess.run([sys.executable, "-m", "coordinator", "-w", str(ws), "board", "--json"],
                          capture_output=True, text=True, timeout=60)
