@@ -277,7 +277,22 @@ def _markdown(text: str, path: str, problems: list[Problem]) -> tuple[dict[Any, 
             section = ""
         elif section:
             _list_row(section, row, n, data, lines, path, problems)
+    # A section that is missing is said at the line where it goes (SPEC §2's file:line): the
+    # objective where the order's body begins, the others after its last line. An order of
+    # front matter alone was told "is missing" with no line to look at.
+    last = max((i + 1 for i in range(start, len(rows)) if rows[i].strip()), default=start) + 1
+    for key in SECTIONS:
+        if key not in data:
+            lines.setdefault(key, start + 1 if key == "objective" else last)
     return data, lines
+
+
+def front_matter(text: str) -> bool:
+    """Does `text` (an order no file name tells the format of: stdin) open with Markdown's
+    front matter, a `---` line closed by another? One YAML document it never is: read as YAML,
+    an order of front matter alone was told "found another document"."""
+    rows = text.lstrip("\ufeff").split("\n")
+    return rows[0].rstrip() == "---" and any(row.rstrip() == "---" for row in rows[1:])
 
 
 def _short(text: str) -> str:

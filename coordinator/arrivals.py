@@ -21,7 +21,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from .commits import COMMIT_QUIET
-from .inboxfiles import Quiet, is_candidate, printable, scan, settled
+from .inboxfiles import Quiet, is_candidate, printable, scan, settled, stray_folders
 from .orders import WorkOrder
 from .spawner import Spawner
 from .store import Record
@@ -260,12 +260,8 @@ class Arrivals(Transitions):
         # overwrote it, and nothing was ever taken in, without a word.
         found += [f"inbox/{a} is not a folder: nothing is taken in for {a}; replace it with a folder"
                   for a in self.config.agents if _neither_folder_nor_link(self.ws.inbox(a))]
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(self.ws.inbox_root):
-                if (not entry.name.startswith(".") and entry.name not in self.config.agents
-                        and entry.is_dir(follow_symlinks=False)):
-                    found.append(f"inbox/{printable(entry.name)}/ is the inbox of no agent in coordinator.yaml: "
-                                 "nothing in it is taken in")
+        found += [f"inbox/{printable(entry.name)}/ is the inbox of no agent in coordinator.yaml: nothing in it is "
+                  "taken in" for entry in stray_folders(self.ws.inbox_root, self.config.agents)]
         for line in found:
             self._say_once(f"WARNING: {line}")
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 from . import budget, signals
 from .errors import NotFoundError, StateError
-from .inboxfiles import is_candidate, printable
+from .inboxfiles import printable, stray_folders, survey
 from .store import STATUSES, Record, RecordCache, Store, dependency_done, route_end, via_route
 from .workspace import Workspace
 
@@ -48,42 +49,44 @@ def records(ws: Workspace, cache: RecordCache | None = None) -> list[Record]:
 def as_json(ws: Workspace) -> dict[str, Any]:
     recs = records(ws)
     index = {r.id: r for r in recs}
+    found = surveys(ws)
     return {"orders": [r.board_row() | {"stale": r.stale, "reason": reason(r, index)} for r in recs],
-            "supervisor": supervisor(ws), "inboxes": inboxes(ws), "never_taken_in": leftovers(ws)}
+            "supervisor": supervisor(ws), "inboxes": inboxes(ws, found), "never_taken_in": leftovers(ws, found=found)}
 
 
-def inboxes(ws: Workspace) -> dict[str, int]:
+Surveys = dict[str, tuple[list[Path], list[os.DirEntry[str]]]]
+
+
+def surveys(ws: Workspace) -> Surveys:
+    """Each agent's inbox listed once (`inboxfiles.survey`): what waits in it, and what never
+    will be taken in. The board listed every inbox twice, once for each."""
+    return {agent: survey(ws.inbox(agent)) for agent in ws.config.agents}
+
+
+def inboxes(ws: Workspace, found: Surveys | None = None) -> dict[str, int]:
     """How many files wait in each agent's inbox, not taken in yet (orders the board cannot
     show until the supervisor files them)."""
-    from .inboxfiles import scan
+    found = surveys(ws) if found is None else found
+    return {agent: len(found[agent][0]) for agent in ws.config.agents}
 
-    return {agent: len(scan(ws.inbox(agent))) for agent in ws.config.agents}
 
-
-def leftovers(ws: Workspace, *, now: float | None = None, ages: bool = True) -> list[str]:
+def leftovers(ws: Workspace, *, now: float | None = None, ages: bool = True, found: Surveys | None = None) -> list[str]:
     """A line for each agent's inbox holding what is never taken in, though it sat there for
     LEFTOVER_AFTER: an unfinished download (`b.md.crdownload`), an editor's file (`b.md~`), a
     folder; an inbox that is a symbolic link; then the folders of inbox/ no agent has that hold
     files (`_strays`). Dot-files are left unsaid (files being written, or a system's own).
     `ages=False` leaves out how long each has sat there (a watch adds a board only on a change)."""
     now = time.time() if now is None else now
+    found = surveys(ws) if found is None else found
     lines = []
     for agent in ws.config.agents:
         if ws.inbox_is_link(agent):  # an order dropped through it would wait there for ever
             lines.append(f"inbox/{agent} is a symbolic link: nothing in it is taken in (never through a link); "
                          "replace it with a folder")
             continue
-        found: list[tuple[float, str]] = []
-        try:
-            entries = list(os.scandir(ws.inbox(agent)))
-        except OSError:  # missing, not a folder, not ours to read: said elsewhere
-            continue
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
+        kept: list[tuple[float, str]] = []
+        for entry in found[agent][1]:
             try:
-                if is_candidate(entry.name) and (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
-                    continue  # taken in (or, a link, refused with a reason on the board)
                 st = entry.stat(follow_symlinks=False)
             except OSError:  # gone since the listing
                 continue
@@ -92,13 +95,13 @@ def leftovers(ws: Workspace, *, now: float | None = None, ages: bool = True) -> 
             name = printable(entry.name)
             name = name if len(name) <= LEFTOVER_NAME else name[:LEFTOVER_NAME - 1] + "…"
             age = f" ({_age(now - st.st_mtime)})" if ages else ""
-            found.append((st.st_mtime, f"{name}{'/' if entry.is_dir(follow_symlinks=False) else ''}{age}"))
-        if not found:
+            kept.append((st.st_mtime, f"{name}{'/' if entry.is_dir(follow_symlinks=False) else ''}{age}"))
+        if not kept:
             continue
-        found.sort()
-        named = ", ".join(text for _, text in found[:LEFTOVERS_NAMED])
-        more = f" and {len(found) - LEFTOVERS_NAMED} more" if len(found) > LEFTOVERS_NAMED else ""
-        lines.append(f"inbox/{agent}: {len(found)} file(s) never taken in: {named}{more} (partial downloads, "
+        kept.sort()
+        named = ", ".join(text for _, text in kept[:LEFTOVERS_NAMED])
+        more = f" and {len(kept) - LEFTOVERS_NAMED} more" if len(kept) > LEFTOVERS_NAMED else ""
+        lines.append(f"inbox/{agent}: {len(kept)} file(s) never taken in: {named}{more} (partial downloads, "
                      "editor files and folders are skipped)")
     return lines + _strays(ws)
 
@@ -107,13 +110,7 @@ def _strays(ws: Workspace) -> list[str]:
     """A line for each folder of inbox/ that is no agent's inbox and holds something: a typo
     (`inbox/Chip/`) or an agent since removed from coordinator.yaml. Nothing in it is taken in."""
     lines = []
-    try:
-        folders = sorted((e for e in os.scandir(ws.inbox_root)
-                          if not e.name.startswith(".") and e.name not in ws.config.agents
-                          and e.is_dir(follow_symlinks=False)), key=lambda e: e.name)
-    except OSError:
-        return []
-    for folder in folders:
+    for folder in stray_folders(ws.inbox_root, ws.config.agents):
         try:
             held = sum(1 for e in os.scandir(folder.path) if not e.name.startswith("."))
         except OSError:
@@ -237,7 +234,8 @@ def render(ws: Workspace, *, colour: bool = False, width: int | None = None,
     from_w = min(max((len(r.sender) for r in recs), default=4), 16)
     lines: list[str] = []
     summary = "  ".join(f"{s} {len(by_status[s])}" for s in STATUSES if by_status[s])
-    arrived = {agent: n for agent, n in inboxes(ws).items() if n}
+    found = surveys(ws)
+    arrived = {agent: n for agent, n in inboxes(ws, found).items() if n}
     none = "none filed yet" if arrived else "none yet — drop a work order into inbox/<agent>/"
     lines.append(f"{len(recs)} order(s): {summary or none}")
     sup = supervisor(ws)
@@ -250,7 +248,7 @@ def render(ws: Workspace, *, colour: bool = False, width: int | None = None,
         lines.append(f"inboxes: {sum(arrived.values())} file(s) not taken in yet "
                      f"({', '.join(f'{agent} {n}' for agent, n in arrived.items())})"
                      + ("" if sup["running"] else " — `coordinator supervise` takes them in"))
-    lines += leftovers(ws, ages=ages)
+    lines += leftovers(ws, ages=ages, found=found)
     stale = [r for r in by_status["running"] if r.stale]
     if stale:
         lines.append(f"stale: {', '.join(r.id for r in stale)} (no output or heartbeat)")
@@ -331,12 +329,48 @@ def render_budget(data: dict[str, Any], *, bands: tuple[int, int, int], gauge: b
     return "\n".join(lines)
 
 
+def removed_by_hand(ws: Workspace, order_id: str) -> str | None:
+    """What happened to an order whose record is gone from state/orders/ though state/'s git
+    history has it (its folder deleted by hand): "no order" left the user looking for an order
+    `coordinator log` still lists. None when git never had it (an unknown id)."""
+    from .errors import GitError
+    from .orders import ID_PATTERN
+    from .trail import Trail
+
+    if not ID_PATTERN.fullmatch(order_id) or not (ws.state / ".git").exists():
+        return None
+    rel = f"orders/{order_id}/record.json"
+    trail = Trail(ws.state)
+    try:
+        last = trail.git("log", "-1", "--format=%H", "--", rel, literal=True).strip()
+        if not last:
+            return None
+        in_head = bool(trail.git("ls-tree", "--name-only", "HEAD", "--", rel, literal=True).strip())
+    except GitError:
+        return None
+    gone = f"state/orders/{order_id}/" if not Store(ws.state).folder(order_id).exists() else f"state/{rel}"
+    if in_head:
+        return (f"{order_id}: {gone} was deleted by hand, not by the supervisor (`coordinator audit verify` "
+                f"lists it); its last state is in state/'s git: `git -C state checkout HEAD -- orders/{order_id}` "
+                f"puts it back")
+    # The supervisor never removes a recorded order: the commit that did is someone's by hand.
+    return (f"{order_id}: {gone} was removed by commit {last[:10]}, made by hand, not by the supervisor "
+            f"(`coordinator audit verify` lists it); `git -C state checkout {last[:10]}~ -- orders/{order_id}` "
+            "puts it back")
+
+
 def show(ws: Workspace, order_id: str) -> dict[str, Any]:
     """One order: fields, status, attempts, report, history (`show ID --json`)."""
     from .trail import Trail
 
     store = Store(ws.state)
-    rec = store.load(order_id)
+    try:
+        rec = store.load(order_id)
+    except NotFoundError:
+        said = removed_by_hand(ws, order_id)
+        if said is None:
+            raise
+        raise NotFoundError(f"{said}; `coordinator log {order_id}` shows its history") from None
     out: dict[str, Any] = rec.board_row()
     try:
         out["order"] = store.load_order(order_id).to_dict()

@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from .inboxfiles import printable
 from .store import Record, Store
 from .workspace import Workspace
 
@@ -88,14 +89,16 @@ def render(data: dict[str, Any]) -> str:
     total = data["total"]
     if not total["calls"]:
         return "no LLM calls recorded"
+    # A model's name is what coordinator.yaml or the API's answer said, a record edited by hand
+    # any text: an escape sequence or a line break in it reached the terminal. Shown as text.
     # As wide as the longest name (an OpenRouter model is "anthropic/claude-sonnet-4.5"), so the
     # figures stay under their headings.
-    width = max([20, *(len(name) + 1 for key in ("by_agent", "by_model") for name in data[key])])
+    width = max([20, *(len(name) + 1 for key in ("by_agent", "by_model") for name in map(printable, data[key]))])
     lines = [f"{'':<{width + 2}}{'calls':>7}{'prompt':>11}{'completion':>12}{'USD':>11}"]
     for title, key in (("by agent", "by_agent"), ("by model", "by_model")):
         lines.append(title)
         for name, b in sorted(data[key].items()):
-            lines.append(f"  {name:<{width}}{b['calls']:>7}{b['prompt_tokens']:>11,}"
+            lines.append(f"  {printable(name):<{width}}{b['calls']:>7}{b['prompt_tokens']:>11,}"
                          f"{b['completion_tokens']:>12,}{b['cost']:>11.4f}")
     lines.append(f"{'total':<{width + 2}}{total['calls']:>7}{total['prompt_tokens']:>11,}"
                  f"{total['completion_tokens']:>12,}{total['cost']:>11.4f}")

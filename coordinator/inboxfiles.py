@@ -59,27 +59,56 @@ def scan(folder: Path, *, others: list[Path] | None = None) -> list[Path]:
     Plain files, and symbolic links (the supervisor rejects them, never following one);
     subfolders and other kinds with a candidate's name are left out, or put in `others`.
     """
+    found, never = survey(folder)
+    if others is not None:
+        others += [folder / entry.name for entry in never if is_candidate(entry.name)]
+    return found
+
+
+def survey(folder: Path) -> tuple[list[Path], list[os.DirEntry[str]]]:
+    """What one listing of the inbox `folder` holds: the candidate files `scan` returns, and
+    each entry that is never taken in (`never_taken`), dot-files left out; ([], []) if it is
+    missing or a link. The board counts the one and names the other, the supervisor says the
+    folders: one rule for all of them, one listing."""
     found: list[tuple[int, str, Path]] = []
+    never: list[os.DirEntry[str]] = []
     if os.path.islink(folder):  # an inbox replaced by a link: whatever it points to is not ours to take
-        return []
+        return [], []
     try:
         entries = list(os.scandir(folder))
     except (FileNotFoundError, NotADirectoryError):
-        return []
+        return [], []
     for entry in entries:
-        if not is_candidate(entry.name):
+        if entry.name.startswith("."):  # files being written, or a system's own: never said
             continue
         try:
-            if not (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
-                if others is not None:
-                    others.append(folder / entry.name)
+            if never_taken(entry):
+                never.append(entry)
                 continue
             mtime = entry.stat(follow_symlinks=False).st_mtime_ns
         except FileNotFoundError:  # claimed or removed since the listing
             continue
         found.append((mtime, entry.name, folder / entry.name))
     found.sort(key=lambda item: (item[0], item[1]))
-    return [path for _, _, path in found]
+    return [path for _, _, path in found], never
+
+
+def never_taken(entry: os.DirEntry[str]) -> bool:
+    """Is this entry of an inbox one the supervisor never takes in: a name no order has (an
+    unfinished download, an editor's file), or a folder or other kind under an order's name?
+    (Plain files and symbolic links with an order's name are taken in, a link to be refused.)"""
+    return not is_candidate(entry.name) or not (entry.is_file(follow_symlinks=False) or entry.is_symlink())
+
+
+def stray_folders(root: Path, agents: Container[str]) -> list[os.DirEntry[str]]:
+    """The folders of inbox/ (`root`) that are no agent's inbox, by name: a typo (`inbox/Chip/`)
+    or an agent since removed from coordinator.yaml. Nothing in them is taken in."""
+    try:
+        return sorted((e for e in os.scandir(root)
+                       if not e.name.startswith(".") and e.name not in agents and e.is_dir(follow_symlinks=False)),
+                      key=lambda e: e.name)
+    except OSError:
+        return []
 
 
 class Quiet:

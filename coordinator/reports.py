@@ -80,9 +80,14 @@ def fresh_brief(records: dict[str, Record], generation: int, *, orchestrator: st
                  for r in own if not r.terminal]
     rejections = [{"id": r.id, "to": r.to, "objective": r.objective, "reason": _why(detail(r))}
                   for r in own[-200:] if r.status in ("rejected", "denied")][-10:]
+    # Every one, however many orders it sent since: each waits for its decision (looked for
+    # among the last 200 only, an older one left the brief, and its count, without a word).
+    # Only the ones the brief lists are read whole for their reason.
+    waiting = [r for r in own if r.status in ("blocked", "halted")]
+    listed = len(waiting) - budget.MAX_BRIEF_STOPPED
     stopped = [{"id": r.id, "to": r.to, "status": r.status, "objective": r.objective,
-                "reason": _stopped_why(detail(r))}
-               for r in own[-200:] if r.status in ("blocked", "halted")]
+                "reason": _stopped_why(detail(r)) if i >= listed else ""}
+               for i, r in enumerate(waiting)]
     return budget.render_brief(in_flight, rejections, generation=generation, now=now,
                                stopped=stopped)
 

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO
 
 from . import durable, orders
 from ._orderfields import MAX_PROBLEMS, finish
-from ._orderfile import flow_kind, read_order, too_big
+from ._orderfile import flow_kind, front_matter, read_order, too_big
 from .errors import NotFoundError, OrderError, Problem, UsageError, WorkspaceError
 from .inboxfiles import is_candidate, printable
 from .intake import NOT_REGULAR, waiting_orders, waits_on
@@ -258,7 +258,7 @@ def sniff(data: bytes) -> str:
     text = data[:64 * 1024].decode("utf-8-sig", errors="replace").lstrip()
     if text.startswith(("{", "[")):  # JSON, or YAML in flow style
         return flow_kind(text)
-    return "markdown" if _MD_LABEL.search(text) else "yaml"
+    return "markdown" if _MD_LABEL.search(text) or front_matter(text) else "yaml"
 
 
 def pending_file(ws: Workspace, order_id: str, *, anywhere: bool = False) -> Path | None:
@@ -433,28 +433,41 @@ def read_stream(stream: BinaryIO | _Terminal, *, shown: str = STDIN) -> bytes:
     raise OrderError([Problem("", too_big(max(total, limit + 1), limit, "a work order"), shown)])
 
 
-def gc(ws: Workspace, days: float) -> tuple[list[str], list[str]]:
+def gc(ws: Workspace, days: float, *, now: float | None = None) -> tuple[list[str], list[str], list[str]]:
     """Remove working copies kept for inspection that are older than `days`, and the attempt
     folders and logs (`.coordinator/attempts/<id>`, `.coordinator/logs/<id>`) of orders that
-    ended more than `days` ago; returns (the copies, the orders). Nothing reads them once an
-    order ended (its record and report hold what it did), and a supervisor running overnight
-    leaves some seven folders and files per order there. A retried order starts its next
-    attempt anew."""
+    ended more than `days` ago; returns (the copies, the orders, the ended orders kept because
+    they are dated ahead of `now`). Nothing reads them once an order ended (its record and
+    report hold what it did), and a supervisor running overnight leaves some seven folders and
+    files per order there. A retried order starts its next attempt anew.
+
+    An order that ended at a time still to come on this clock (the clock set back since) is of
+    an age no one can tell: kept, and returned to be said, unless `days` is 0 (every ended
+    order, whatever its age). Such orders were kept without a word, even by `--days 0`."""
     from . import runner
     from .repos import Repo, gc_worktrees
 
-    now = time.time()
+    now = time.time() if now is None else now
     repos = [Repo(p) for p in sorted(ws.repos.iterdir()) if (p / ".git").exists()] if ws.repos.is_dir() else []
     copies = gc_worktrees(ws.runtime / "work", repos, keep_days=days, now=now)
     cleared: list[str] = []
+    ahead: list[str] = []
     store = Store(ws.state)
     for rec in sorted(store.load_all().values(), key=lambda r: r.seq):
-        if not rec.terminal or now - _epoch(rec.updated) < days * 86400:
+        if not rec.terminal:
             continue
-        with contextlib.suppress(OSError):  # its working copy's folder, left empty before copies took it along
-            runner.work_folder(ws, rec.id).rmdir()
+        age = now - _epoch(rec.updated)
+        dated_ahead = age < -GC_CLOCK_SLACK and days > 0
+        if not dated_ahead and days > 0 and age < days * 86400:
+            continue
+        if not dated_ahead:
+            with contextlib.suppress(OSError):  # its working copy's folder, left empty before copies took it along
+                runner.work_folder(ws, rec.id).rmdir()
         folders = [f for f in runner.order_folders(ws, rec.id) if os.path.lexists(f)]
         if not folders:  # cleared by an earlier gc: its record is not read again
+            continue
+        if dated_ahead:
+            ahead.append(rec.id)
             continue
         with contextlib.suppress(OSError, ValueError, NotFoundError):  # retried meanwhile: its attempt runs
             if store.load(rec.id).updated != rec.updated:
@@ -469,7 +482,10 @@ def gc(ws: Workspace, days: float) -> tuple[list[str], list[str]]:
                 said = said if said.startswith("cannot ") else f"cannot remove {folder}: {said}"
                 raise WorkspaceError(f"{said}; remove it by hand") from None
         cleared.append(rec.id)
-    return copies, cleared
+    return copies, cleared, ahead
+
+
+GC_CLOCK_SLACK = 60.0  # seconds an order's end may lie ahead of this clock before gc calls it dated ahead
 
 
 def _epoch(stamp: str) -> float:

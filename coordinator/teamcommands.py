@@ -289,13 +289,22 @@ def log(c: Context, order_id: str | None, as_json: bool) -> None:
     Example:
         coordinator log WO-0001
     """
+    from .board import removed_by_hand
+    from .errors import NotFoundError
     from .sending import explain_missing
     from .store import Store
     from .trail import Trail
 
     if order_id is not None:  # "" too: an empty id is no order, not "all of them"
         with explain_missing(c.ws, order_id):
-            Store(c.ws.state).load(order_id)  # unknown id: exit 1
+            try:
+                Store(c.ws.state).load(order_id)  # unknown id: exit 1
+            except NotFoundError:
+                # Its folder deleted by hand: its history is still state/'s, and shown, with what happened.
+                gone = removed_by_hand(c.ws, order_id)
+                if gone is None:
+                    raise
+                click.echo(f"warning: {gone}", err=True)
     if not (c.ws.state / ".git").exists():
         click.echo("no history yet: state/ is made by `coordinator init` or the first `coordinator supervise`",
                    err=True)
@@ -515,11 +524,17 @@ def gc(c: Context, days: float) -> None:
     """
     from . import sending
 
-    copies, ended = sending.gc(c.ws, days)
+    copies, ended, ahead = sending.gc(c.ws, days)
     line = f"removed {len(copies)} working cop{'y' if len(copies) == 1 else 'ies'}"
     if ended:
         line += f", and the attempt folders and logs of {len(ended)} ended order{'' if len(ended) == 1 else 's'}"
     click.echo(line)
+    if ahead:
+        named = ", ".join(ahead[:5]) + (f" and {len(ahead) - 5} more" if len(ahead) > 5 else "")
+        click.echo(f"warning: kept the attempt folders and logs of {len(ahead)} ended order"
+                   f"{'' if len(ahead) == 1 else 's'} ({named}) that ended after this machine's clock says it is "
+                   "now (the clock set back?), so their age is unknown; `coordinator gc --days 0` removes them",
+                   err=True)
 
 
 @click.command("demo-intro", cls=Command, hidden=True)

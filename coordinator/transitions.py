@@ -33,6 +33,8 @@ from .store import (
     via_route,
 )
 
+NOTE_SHOWN = 160  # characters of a transition's note in its history line (the record keeps it whole)
+
 
 class Transitions(Commits):
     """Statuses, dependencies, dispatch, ledger and signals of one supervisor's orders."""
@@ -95,7 +97,9 @@ class Transitions(Commits):
     def _stage(self, rec: Record, old: str, new: str, actor: str, *, note: str | None = None) -> None:
         line = f"{rec.id} {rec.to}: {old} -> {new}"
         if note:
-            line += f" ({' '.join(note.split())[:160]})"
+            # Cut with an ellipsis: a multi-line failure cut mid-word ("exit cod") read as whole.
+            note = " ".join(note.split())
+            line += f" ({note if len(note) <= NOTE_SHOWN else note[:NOTE_SHOWN - 1] + '…'})"
         self.audit.stage(actor, line)
         self.say(line if actor == audit.SUPERVISOR else f"{line} [{actor}]")
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -569,6 +570,27 @@ def test_validate_several_files_reports_each_problem_with_file_line_and_field(ws
         "(e.g. webapp/src/x.py)",
     ]
     assert run("validate", "good.md", "--to", "chip").exit_code == 0
+
+
+@pytest.mark.parametrize("text", ["---\nid: x\n---\n", "---\nid: x\n---\n\n", "---\nid: x\n---"])
+def test_an_order_of_front_matter_alone_is_told_the_four_sections_at_their_line(ws: Path, text: str) -> None:
+    # Read from stdin it was taken for YAML ("but found another document"); from a file, each
+    # section was said missing with no line to look at.
+    said = [f"{where}:4: {key}: is missing; add the **{key.title()}:** section" for where in ("<stdin>", "fm.md")
+            for key in ("objective", "acceptance", "files", "branching")]
+    (ws / "fm.md").write_text(text)
+    for args, input in ((["-"], text), ([ws / "fm.md"], None)):
+        checked = run("-w", ws, "validate", *args, "--to", "chip", input=input)
+        assert checked.exit_code == 1
+        lines = checked.stderr.replace(str(ws / "fm.md"), "fm.md").splitlines()
+        assert [line[:line.index(" section") + 8] for line in lines] == (said[:4] if args == ["-"] else said[4:])
+    sent = run("-w", ws, "send", "-", "--to", "chip", input=text)
+    assert sent.exit_code == 1 and "found another document" not in sent.stderr
+    assert sent.stderr.startswith("<stdin>:4: objective: is missing")
+    # Objective alone missing: said where the order begins, the other sections still read.
+    partial = "---\nid: x\n---\n" + order("x").split("\n", 2)[2]
+    checked = run("-w", ws, "validate", "-", "--to", "chip", input=partial)
+    assert checked.stderr.startswith("<stdin>:4: objective: is missing") and checked.stderr.count("\n") == 1
 
 
 def test_validate_defaults_the_recipient_to_the_inbox_folder_the_file_is_in(ws: Path) -> None:
@@ -1136,6 +1158,34 @@ def test_board_names_what_sits_in_an_inbox_and_is_never_taken_in(ws: Path) -> No
     assert "inboxes: 1 file(s) not taken in yet (chip 1)" in board and "WO-0001" not in board
 
 
+def test_board_lists_each_inbox_once_for_what_waits_and_what_never_arrives(
+        ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count of files waiting and the names of those never taken in come from one listing
+    of each inbox (with thousands of files dropped, `board --watch` listed each one twice a
+    second), and one rule, the supervisor's, says which are which."""
+    inbox = ws / "inbox" / "chip"
+    old = time.time() - 7200
+    for name in ("a.md", "b.md.part", "c.md"):
+        (inbox / name).write_text(order("The footer exists"))
+        os.utime(inbox / name, (old, old))
+    (inbox / "d.md").mkdir()  # an order's name on a folder: never taken in, and said so
+    os.utime(inbox / "d.md", (old, old))
+    listed: list[str] = []
+    real = os.scandir
+
+    def counting(path: Any = ".") -> Any:
+        listed.append(os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", counting)
+    lines = run("-w", ws, "board").stdout.splitlines()
+    assert lines[2:4] == ["inboxes: 2 file(s) not taken in yet (chip 2) — `coordinator supervise` takes them in",
+                          "inbox/chip: 2 file(s) never taken in: b.md.part (2 h), d.md/ (2 h) (partial "
+                          "downloads, editor files and folders are skipped)"]
+    assert sorted(p for p in listed if Path(p).parent == ws / "inbox") == sorted(
+        str(ws / "inbox" / agent) for agent in ("chip", "rex", "walt"))
+
+
 def test_board_names_an_inbox_folder_no_agent_has_when_files_sit_in_it(ws: Path) -> None:
     """`cp fix.md inbox/Chip/`: the order never arrived, and the board said nothing of why."""
     (ws / "inbox" / "Chip").mkdir()
@@ -1321,6 +1371,48 @@ def test_show_prints_one_order_with_report_and_history(worked: Path) -> None:
     missing = run("-w", worked, "show", "WO-9999")
     assert (missing.exit_code, missing.stderr) == (1, "coordinator: no order 'WO-9999'; `coordinator board` "
                                                       "lists them\n")
+
+
+def test_an_order_whose_folder_was_deleted_by_hand_is_said_so_not_no_order(ws: Path) -> None:
+    assert run("-w", ws, "send", "-", "--to", "chip",
+               input=DEMO_ORDERS.joinpath("greeting.md").read_bytes()).stdout == "WO-0001\n"
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    shutil.rmtree(ws / "state" / "orders" / "WO-0001")
+    shown = run("-w", ws, "show", "WO-0001")
+    assert shown.exit_code == 1
+    assert shown.stderr.startswith("coordinator: WO-0001: state/orders/WO-0001/ was deleted by hand")
+    assert "`git -C state checkout HEAD -- orders/WO-0001` puts it back" in shown.stderr
+    assert "`coordinator audit verify` lists it" in shown.stderr
+    # Its history is state/'s git, still there: shown, with what happened to its folder.
+    logged = run("-w", ws, "log", "WO-0001")
+    assert logged.exit_code == 0
+    assert logged.stderr.startswith("warning: WO-0001: state/orders/WO-0001/ was deleted by hand")
+    assert [line.split(None, 3)[3] for line in logged.stdout.splitlines()][0] == "WO-0001 chip: new -> queued"
+    assert git(ws / "state", "checkout", "HEAD", "--", "orders/WO-0001") == ""  # the way back it names works
+    assert run("-w", ws, "show", "WO-0001").stdout.startswith("WO-0001  done")
+    # Removed by a commit made by hand: that commit is named, and how to put it back from it.
+    git(ws / "state", "rm", "-rq", "orders/WO-0001")
+    git(ws / "state", "-c", "user.name=someone", "-c", "user.email=s@x", "commit", "-qm", "tidy up")
+    sha = git(ws / "state", "rev-parse", "HEAD")[:10]
+    shown = run("-w", ws, "show", "WO-0001")
+    assert shown.exit_code == 1 and f"was removed by commit {sha}, made by hand" in shown.stderr
+    assert run("-w", ws, "show", "WO-0002").stderr == "coordinator: no order 'WO-0002'; `coordinator board` lists them\n"
+
+
+def test_a_long_multi_line_failure_in_the_history_is_cut_with_an_ellipsis(ws: Path) -> None:
+    # Cut at 160 characters mid-word ("failed with exit cod"), the line read as the whole reason.
+    check = "python3 -c \"import sys; [print('line', i, 'of the check output') for i in range(40)]; sys.exit(1)\""
+    text = order("The webapp greets a user by name.").replace("`make test` passes", f"`{check}` passes")
+    assert run("-w", ws, "send", "-", "--to", "chip", input=text).stdout == "WO-0001\n"
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    lines = [line.split(None, 3)[3] for line in run("-w", ws, "log", "WO-0001").stdout.splitlines()]
+    failed = next(line for line in lines if line.startswith("WO-0001 chip: running -> queued"))
+    note = failed[failed.index("(") + 1:-1]
+    assert note.startswith("attempt 1 failed: check `python3") and note.endswith("…") and len(note) == 160
+    assert "\n" not in failed
+    whole = Store(ws / "state").load("WO-0001").failures[0]
+    assert "line 39 of the check output" in whole  # the record keeps it whole: `show` prints it
+    assert " ".join(whole.split()).startswith(note.removeprefix("attempt 1 failed: ")[:-1])
 
 
 def test_show_a_rejected_order_lists_each_error_once(ws: Path) -> None:
@@ -1538,6 +1630,27 @@ def test_gc_on_a_read_only_workspace_says_so_and_not_to_remove_files_by_hand(ws:
                                                  "writable; remount it read-write or use a workspace on a writable "
                                                  "disk\n")
     assert (runtime / "attempts" / "WO-0001").is_dir()
+
+
+def test_gc_says_ended_orders_dated_ahead_of_the_clock_and_days_0_removes_them(ws: Path) -> None:
+    # The clock set back (or records written while it ran ahead): an order that ended "next
+    # year" was never old enough for gc, not even `--days 0`, and gc said nothing of it.
+    run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting already exists in the webapp"))
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    path = ws / "state" / "orders" / "WO-0001" / "record.json"
+    record = json.loads(path.read_text())
+    record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(time.time() + 30 * 86400))
+    path.write_text(json.dumps(record))
+    attempts = ws / ".coordinator" / "attempts" / "WO-0001"
+    kept = run("-w", ws, "gc", "--days", "1")
+    assert kept.stdout == "removed 0 working copies\n" and attempts.is_dir()
+    assert kept.stderr == ("warning: kept the attempt folders and logs of 1 ended order (WO-0001) that ended after "
+                           "this machine's clock says it is now (the clock set back?), so their age is unknown; "
+                           "`coordinator gc --days 0` removes them\n")
+    removed = run("-w", ws, "gc", "--days", "0")
+    assert removed.stdout == "removed 0 working copies, and the attempt folders and logs of 1 ended order\n"
+    assert removed.stderr == "" and not attempts.exists()
+    assert run("-w", ws, "gc", "--days", "1").stderr == ""  # nothing left to say
 
 
 def test_gc_clears_the_attempt_folders_and_logs_of_ended_orders_only(ws: Path) -> None:
@@ -1844,6 +1957,42 @@ def test_doctor_cost_gc_and_version(ws: Path) -> None:
     assert json.loads(run("-w", ws, "cost", "--json").stdout)["total"]["calls"] == 0
     assert run("-w", ws, "gc").stdout == "removed 0 working copies\n"
     assert run("--version").stdout == f"coordinator, version {coordinator.__version__}\n"
+
+
+def test_cost_shows_a_model_name_with_escapes_as_text_not_to_the_terminal(ws: Path) -> None:
+    # A model's name is coordinator.yaml's (any string) or what a record says: an escape sequence
+    # in it retitled or cleared the user's terminal, and a line break broke the table.
+    assert run("-w", ws, "send", "-", "--to", "chip",
+               input=DEMO_ORDERS.joinpath("greeting.md").read_bytes()).stdout == "WO-0001\n"
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    path = ws / "state" / "orders" / "WO-0001" / "record.json"
+    record = json.loads(path.read_text())
+    record["usage"] = [{"agent": "chip", "model": "m\x1b]0;owned\x07\x1b[2J\nx", "cost": 0.5,
+                        "usage": {"prompt_tokens": 10, "completion_tokens": 5}}]
+    path.write_text(json.dumps(record))
+    shown = run("-w", ws, "cost")
+    assert shown.exit_code == 0 and "\x1b" not in shown.stdout and "\x07" not in shown.stdout
+    lines = shown.stdout.splitlines()
+    assert len(lines) == 6  # heading, two titles, two rows, total: the name breaks no line
+    assert lines[4].startswith("  m\\x1b]0;owned\\x07\\x1b[2J\\x0ax ") and len(lines[4]) == len(lines[0])
+    assert json.loads(run("-w", ws, "cost", "--json").stdout)["by_model"] == {
+        "m\x1b]0;owned\x07\x1b[2J\nx": {"calls": 1, "prompt_tokens": 10, "completion_tokens": 5, "cost": 0.5}}
+
+
+def test_the_fresh_brief_names_a_halted_order_however_many_orders_were_sent_since(ws: Path) -> None:
+    # Blocked and halted orders were looked for among the orchestrator's last 200 orders only: an
+    # older one, still waiting for its decision, left the fresh brief without a word.
+    (ws / "inbox" / "chip" / "first.md").write_text(order("The greeting already exists in the webapp",
+                                                          **{"from": "walt"}))
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    for n in range(205):  # rejected at intake: no attempt runs
+        (ws / "inbox" / "chip" / f"r{n}.md").write_text(f"---\nfrom: walt\n---\n**Objective:** Thing {n}\n")
+    assert program("-w", ws, "supervise", "--once").returncode == 0
+    assert statuses(ws)["WO-0001"] == "halted" and len(statuses(ws)) == 206
+    assert run("-w", ws, "rotate", "--fresh").exit_code == 0
+    brief = (ws / "state" / "orchestrator" / "brief.md").read_text()
+    assert "## Blocked or halted: waiting for your decision (1)\n\n- WO-0001 -> chip [halted]: The greeting " \
+           "already exists in the webapp; why: " in brief
 
 
 def test_python_dash_m_coordinator_is_the_coordinator_command(ws: Path) -> None:
