@@ -277,6 +277,53 @@ def test_fresh_archives_and_starts_the_next_generation_from_the_brief(state_dir:
     assert (state_dir / "orchestrator" / "generations" / "2.json").exists()
 
 
+# A fresh start killed (kill -9) between writing the next brief and writing the ledger.
+_KILLED_FRESH = """
+import os, signal, sys
+from datetime import UTC, datetime
+from pathlib import Path
+from coordinator import budget
+
+def killed(self):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+ledger = budget.Ledger.load(Path(sys.argv[1]))
+budget.Ledger.save = killed
+ledger.fresh(budget.render_brief([], [], generation=ledger.generation + 1, now=datetime.now(UTC)),
+             now=datetime.now(UTC))
+"""
+
+
+def test_a_fresh_start_killed_before_its_ledger_is_written_is_finished_by_the_next_reader(
+        state_dir: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    ledger = Ledger.load(state_dir)
+    ledger.add("WO-0001", "order", order_text(1), now=T0)
+    ledger.add("manual-1", "manual", tokens=900, now=T0)
+    ledger.save()
+
+    killed = subprocess.run([sys.executable, "-c", _KILLED_FRESH, str(state_dir)], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    brief = (state_dir / "orchestrator" / "brief.md").read_text()
+    assert brief.startswith("# Orchestrator brief: generation 2\n")
+
+    # The brief the orchestrator is given is generation 2's: so is what the ledger says.
+    again = Ledger.load(state_dir)
+    assert again.generation == 2
+    assert [(i.kind, i.tokens) for i in again.items] == [("brief", estimate_tokens(brief))]
+    assert json.loads((state_dir / "orchestrator" / "generations" / "1.json").read_text())["items"][1]["tokens"] == 900
+    again.add("manual-2", "manual", tokens=5, now=T0)
+    again.save()
+    assert Ledger.load(state_dir).hot_tokens() == estimate_tokens(brief) + 5
+
+    # Killed before its brief was written: the old generation stays in charge, all of it.
+    (state_dir / "orchestrator" / "generations" / "2.json").write_text(json.dumps(again.as_dict()))
+    assert Ledger.load(state_dir).generation == 2
+
+
 def test_the_brief_lists_exactly_the_in_flight_orders_given() -> None:
     brief = budget.render_brief(IN_FLIGHT, REJECTIONS, generation=4, now=T0)
     listed = re.findall(r"^- (WO-\d+) -> (\w+) \[(\w+)\]", brief, flags=re.M)
