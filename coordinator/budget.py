@@ -351,6 +351,7 @@ def render_brief(
     generation: int,
     now: datetime,
     stopped: Sequence[dict[str, Any]] = (),
+    requests: Sequence[dict[str, Any]] = (),
 ) -> str:
     """The clean, compact brief a fresh orchestrator starts from.
 
@@ -358,7 +359,9 @@ def render_brief(
     blocker lines); `rejections` dicts have `id`, `to`, `objective`, `reason`, oldest first
     (only the last MAX_BRIEF_REJECTIONS are listed); `stopped` dicts (blocked or halted
     orders, which wait for the orchestrator's decision) have `id`, `to`, `status`,
-    `objective`, `reason`, oldest first (only the last MAX_BRIEF_STOPPED are listed).
+    `objective`, `reason`, oldest first (only the last MAX_BRIEF_STOPPED are listed);
+    `requests` dicts (the requests sent to the orchestrator that it is working on) have `id`,
+    `from`, `status`, `objective`, `waiting_on`, every one listed.
     """
     out = [
         f"# Orchestrator brief: generation {generation}",
@@ -374,6 +377,14 @@ def render_brief(
     for o in in_flight:
         line = f"- {o['id']} -> {o['to']} [{o['status']}]: {one_line(str(o['objective']))}"
         waiting = [one_line(str(w)) for w in o.get("waiting_on") or ()]
+        if waiting:
+            line += f" (waits on {', '.join(waiting)})"
+        out.append(line)
+    if requests:
+        out += ["", f"## Requests you are working on ({len(requests)})", ""]
+    for r in requests:
+        line = f"- {r['id']} from {r['from']} [{r['status']}]: {one_line(str(r['objective']))}"
+        waiting = [one_line(str(w)) for w in r.get("waiting_on") or ()]
         if waiting:
             line += f" (waits on {', '.join(waiting)})"
         out.append(line)

@@ -69,10 +69,10 @@ def _sent(order_id: str, records: dict[str, Record]) -> str:
 
 def fresh_brief(records: dict[str, Record], generation: int, *, orchestrator: str | None, now: datetime,
                 detail: Callable[[Record], Record] = lambda r: r) -> str:
-    """The brief a fresh orchestrator starts from: what it sent that is still in flight, its
-    recent orders that are blocked or halted (they wait for its decision: retry, cancel, or a
-    new order), and its recent orders that were rejected or denied (nobody else's: that is not
-    its context). `detail` gives an ended record back whole (a denial's paths are not kept in
+    """The brief a fresh orchestrator starts from: what it sent that is still in flight, the
+    requests it is working on, its recent orders that are blocked or halted (they wait for its
+    decision: retry, cancel, or a new order), and its recent orders that were rejected or
+    denied (nobody else's: that is not its context). `detail` gives an ended record back whole (a denial's paths are not kept in
     memory)."""
     own = [r for r in sorted(records.values(), key=lambda r: r.seq) if r.sender == orchestrator]
     in_flight = [{"id": r.id, "to": r.to, "status": r.status, "objective": r.objective,
@@ -83,8 +83,14 @@ def fresh_brief(records: dict[str, Record], generation: int, *, orchestrator: st
     stopped = [{"id": r.id, "to": r.to, "status": r.status, "objective": r.objective,
                 "reason": _stopped_why(detail(r))}
                for r in own[-200:] if r.status in ("blocked", "halted")]
+    # The requests it was given and is still working on (their briefs were in the context this
+    # one replaces): left out, a fresh orchestrator did not know which requests it was serving.
+    requests = [{"id": r.id, "from": r.sender, "status": r.status, "objective": r.objective,
+                 "waiting_on": [c for c in r.children if c in records and not records[c].terminal]}
+                for r in sorted(records.values(), key=lambda r: r.seq)
+                if r.to == orchestrator and not r.terminal and r.attempts > 0]
     return budget.render_brief(in_flight, rejections, generation=generation, now=now,
-                               stopped=stopped)
+                               stopped=stopped, requests=requests)
 
 
 def _stopped_why(rec: Record) -> str:

@@ -514,3 +514,33 @@ def test_only_the_recent_blocked_or_halted_orders_go_into_the_brief() -> None:
     assert "WO-0003" not in brief and "4 earlier" in brief
     assert "`coordinator retry ID`" in brief
     assert "waiting for your decision" not in budget.render_brief([], [], generation=2, now=T0)
+
+
+# --- a fresh start in a running team ------------------------------------------------------
+
+
+def test_a_fresh_brief_names_the_requests_the_orchestrator_is_working_on(make_ws) -> None:
+    """A request to the orchestrator stays running until the orders it sent end, and its brief
+    was in the context `rotate --fresh` retired: the clean brief listed only the orders it had
+    sent, so a fresh orchestrator did not know which requests it was serving."""
+    from conftest import PRINT_REVIEW, drop, order_md, sh, step_until
+
+    from coordinator.supervisor import Supervisor
+
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"],
+                           "command": sh(f'mkdir -p "$COORD_OUTBOX/chip"; {PRINT_REVIEW} > "$COORD_OUTBOX/chip/a.yaml"')},
+                  "chip": {"role": "specialist", "command": sh("sleep 30")}},
+                 orchestrator="walt")
+    drop(ws, "walt", "r.md", order_md("The login page remembers the user", id="req"))
+    drop(ws, "walt", "q.md", order_md("The logout page says goodbye", id="later", blocked_by=["req"]))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: any(r.to == "chip" and r.status == "running" for r in sup.records.values()),
+                   "walt's order to run")
+        sent = next(r.id for r in sup.records.values() if r.to == "chip")
+        sup.handle("rotate", {"fresh": True})
+        assert sup.records["req"].status == "running"
+    brief = (ws.state / "orchestrator" / "brief.md").read_text()
+    assert f"- {sent} -> chip [running]" in brief
+    assert "## Requests you are working on (1)" in brief
+    assert f"- req from user [running]: The login page remembers the user (waits on {sent})" in brief
+    assert "later" not in brief  # not started: never in its context
