@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from . import budget
-from .store import Record, route_end
+from .store import Record, dependency_done, route_end
 
 # A report delivered to the orchestrator is counted in its hot tokens (SPEC §8): what one
 # specialist did must not fill that context. Each list keeps its first entries and says how
@@ -76,7 +76,9 @@ def fresh_brief(records: dict[str, Record], generation: int, *, orchestrator: st
     memory)."""
     own = [r for r in sorted(records.values(), key=lambda r: r.seq) if r.sender == orchestrator]
     in_flight = [{"id": r.id, "to": r.to, "status": r.status, "objective": r.objective,
-                  "waiting_on": list(r.blocked_by) + ([r.blocker] if r.blocker else [])}
+                  # Only what it still waits on: a dependency done (at the end of its route) no more.
+                  "waiting_on": [d for d in r.blocked_by if not dependency_done(records, d)]
+                  + ([r.blocker] if r.blocker else [])}
                  for r in own if not r.terminal]
     rejections = [{"id": r.id, "to": r.to, "objective": r.objective, "reason": _why(detail(r))}
                   for r in own[-200:] if r.status in ("rejected", "denied")][-10:]

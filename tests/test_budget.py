@@ -544,3 +544,27 @@ def test_a_fresh_brief_names_the_requests_the_orchestrator_is_working_on(make_ws
     assert "## Requests you are working on (1)" in brief
     assert f"- req from user [running]: The login page remembers the user (waits on {sent})" in brief
     assert "later" not in brief  # not started: never in its context
+
+
+def test_a_fresh_brief_says_an_order_waits_only_on_what_is_not_done(make_ws) -> None:
+    """An order whose dependency is done is queued, no longer waiting: the clean brief still
+    said "(waits on A)" of it, A long done, as if the work were stuck behind it."""
+    from conftest import drop, order_md, sh, step_until
+
+    from coordinator.supervisor import Supervisor
+
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"]},
+                  "chip": {"role": "specialist", "max_parallel": 1,
+                           "command": sh('test "$COORD_ORDER_ID" = first || sleep 30')}},
+                 orchestrator="walt")
+    drop(ws, "chip", "a.md", order_md("The first thing", id="first", sender="walt"))
+    drop(ws, "chip", "b.md", order_md("The second thing", id="second", sender="walt", blocked_by=["first"]))
+    drop(ws, "chip", "c.md", order_md("The third thing", id="third", sender="walt", blocked_by=["second"]))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: sup.records.get("second") is not None and sup.records["second"].status == "running",
+                   "the second order to run")
+        sup.handle("rotate", {"fresh": True})
+    brief = (ws.state / "orchestrator" / "brief.md").read_text()
+    assert "- second -> chip [running]: The second thing\n" in brief
+    assert "- third -> chip [waiting]: The third thing (waits on second)\n" in brief
+    assert "first" not in brief
