@@ -324,8 +324,11 @@ class Arrivals(Transitions):
         if rec.status == "rejected" and rec.id in self._waiting_on:
             self._release_dependents(rec)  # filed after an order that waited on it from an inbox
         if rec.status == "rejected":
-            if rec.errors and "this repeats" in rec.errors[0]:
-                self.signal("feedback", agent=rec.sender, order=rec.id, evidence=rec.errors[0])
+            # Wherever the repeat is among the problems: an order sent again unchanged is refused
+            # for its old reason first, and that hid the loop.
+            loop = next((e for e in rec.errors if "references: this repeats " in e), None)
+            if loop is not None:
+                self.signal("feedback", agent=rec.sender, order=rec.id, evidence=loop)
             if orchestrator and rec.sender == orchestrator:
                 # Rejected is an end: the order and its rejection are completed, for rotation to drop.
                 self.ledger_add(rec.id, "rejection", "\n".join(rec.errors), completed=True)

@@ -56,6 +56,8 @@ BRIEF_REF = "brief"
 MAX_BRIEF_REJECTIONS = 10
 MAX_BRIEF_STOPPED = 10
 MAX_LINE = 200
+# The first line of a brief `render_brief` wrote: which generation it starts.
+_BRIEF_HEAD = re.compile(r"# Orchestrator brief: generation ([0-9]{1,9})\n")
 
 
 def ledger_path(state_dir: Path) -> Path:
@@ -176,7 +178,7 @@ class Ledger:
         except OSError as e:
             raise StateError(f"{_shown(path, state_dir)}: cannot read: {e.strerror}") from None
         try:
-            return cls._from_dict(state_dir, json.loads(raw.decode("utf-8")))
+            ledger = cls._from_dict(state_dir, json.loads(raw.decode("utf-8")))
         except (ValueError, TypeError, KeyError) as e:  # UnicodeDecodeError is a ValueError
             why = (f"missing key {e}" if isinstance(e, KeyError)
                    else f"not UTF-8 text at byte {e.start}" if isinstance(e, UnicodeDecodeError) else str(e))
@@ -184,6 +186,8 @@ class Ledger:
                 f"{_shown(path, state_dir)}: not a valid ledger ({why}); restore it with "
                 f"`git -C state checkout {ORCHESTRATOR_DIR}/{LEDGER_NAME}` or delete it to start over"
             ) from None
+        ledger._finish_fresh()
+        return ledger
 
     @classmethod
     def _from_dict(cls, state_dir: Path, data: Any) -> Ledger:
@@ -286,6 +290,25 @@ class Ledger:
         self.save()
         return self.generation
 
+    def _finish_fresh(self) -> None:
+        """Finish, in memory, a `fresh` cut off (kill -9) after it wrote the next generation's
+        brief and before it wrote the ledger: the archive of this generation is there and the
+        brief is the next one's. Left as it was, `coordinator budget` said generation N with
+        its old brief's tokens while brief.md, which the orchestrator is given, was N+1's; the
+        next save writes the finished ledger. A cut before the brief leaves this one in charge."""
+        try:
+            text = brief_path(self.state_dir).read_text("utf-8")
+            archived = json.loads(archive_path(self.state_dir, self.generation).read_bytes())
+        except (OSError, ValueError):
+            return
+        head = _BRIEF_HEAD.match(text)
+        if head is None or int(head[1]) != self.generation + 1 or not isinstance(archived, dict):
+            return
+        self.generation += 1
+        self.items = [Item(ref=BRIEF_REF, kind="brief", tokens=estimate_tokens(text), status="in-flight",
+                           note=f"brief of generation {self.generation}", source="estimate",
+                           added=str(archived.get("archived", "")))]
+
     def update_mode(self, bands: tuple[int, int, int]) -> tuple[str, str] | None:
         """Record the current mode as `last_mode`; returns (before, after) when it changed."""
         before, after = self.last_mode, self.mode(bands)
@@ -328,6 +351,7 @@ def render_brief(
     generation: int,
     now: datetime,
     stopped: Sequence[dict[str, Any]] = (),
+    requests: Sequence[dict[str, Any]] = (),
 ) -> str:
     """The clean, compact brief a fresh orchestrator starts from.
 
@@ -335,7 +359,9 @@ def render_brief(
     blocker lines); `rejections` dicts have `id`, `to`, `objective`, `reason`, oldest first
     (only the last MAX_BRIEF_REJECTIONS are listed); `stopped` dicts (blocked or halted
     orders, which wait for the orchestrator's decision) have `id`, `to`, `status`,
-    `objective`, `reason`, oldest first (only the last MAX_BRIEF_STOPPED are listed).
+    `objective`, `reason`, oldest first (only the last MAX_BRIEF_STOPPED are listed);
+    `requests` dicts (the requests sent to the orchestrator that it is working on) have `id`,
+    `from`, `status`, `objective`, `waiting_on`, every one listed.
     """
     out = [
         f"# Orchestrator brief: generation {generation}",
@@ -351,6 +377,14 @@ def render_brief(
     for o in in_flight:
         line = f"- {o['id']} -> {o['to']} [{o['status']}]: {one_line(str(o['objective']))}"
         waiting = [one_line(str(w)) for w in o.get("waiting_on") or ()]
+        if waiting:
+            line += f" (waits on {', '.join(waiting)})"
+        out.append(line)
+    if requests:
+        out += ["", f"## Requests you are working on ({len(requests)})", ""]
+    for r in requests:
+        line = f"- {r['id']} from {r['from']} [{r['status']}]: {one_line(str(r['objective']))}"
+        waiting = [one_line(str(w)) for w in r.get("waiting_on") or ()]
         if waiting:
             line += f" (waits on {', '.join(waiting)})"
         out.append(line)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from . import budget
-from .store import Record, route_end
+from .store import Record, dependency_done, route_end
 
 # A report delivered to the orchestrator is counted in its hot tokens (SPEC §8): what one
 # specialist did must not fill that context. Each list keeps its first entries and says how
@@ -69,14 +69,16 @@ def _sent(order_id: str, records: dict[str, Record]) -> str:
 
 def fresh_brief(records: dict[str, Record], generation: int, *, orchestrator: str | None, now: datetime,
                 detail: Callable[[Record], Record] = lambda r: r) -> str:
-    """The brief a fresh orchestrator starts from: what it sent that is still in flight, its
-    recent orders that are blocked or halted (they wait for its decision: retry, cancel, or a
-    new order), and its recent orders that were rejected or denied (nobody else's: that is not
-    its context). `detail` gives an ended record back whole (a denial's paths are not kept in
+    """The brief a fresh orchestrator starts from: what it sent that is still in flight, the
+    requests it is working on, its recent orders that are blocked or halted (they wait for its
+    decision: retry, cancel, or a new order), and its recent orders that were rejected or
+    denied (nobody else's: that is not its context). `detail` gives an ended record back whole (a denial's paths are not kept in
     memory)."""
     own = [r for r in sorted(records.values(), key=lambda r: r.seq) if r.sender == orchestrator]
     in_flight = [{"id": r.id, "to": r.to, "status": r.status, "objective": r.objective,
-                  "waiting_on": list(r.blocked_by) + ([r.blocker] if r.blocker else [])}
+                  # Only what it still waits on: a dependency done (at the end of its route) no more.
+                  "waiting_on": [d for d in r.blocked_by if not dependency_done(records, d)]
+                  + ([r.blocker] if r.blocker else [])}
                  for r in own if not r.terminal]
     rejections = [{"id": r.id, "to": r.to, "objective": r.objective, "reason": _why(detail(r))}
                   for r in own[-200:] if r.status in ("rejected", "denied")][-10:]
@@ -88,8 +90,14 @@ def fresh_brief(records: dict[str, Record], generation: int, *, orchestrator: st
     stopped = [{"id": r.id, "to": r.to, "status": r.status, "objective": r.objective,
                 "reason": _stopped_why(detail(r)) if i >= listed else ""}
                for i, r in enumerate(waiting)]
+    # The requests it was given and is still working on (their briefs were in the context this
+    # one replaces): left out, a fresh orchestrator did not know which requests it was serving.
+    requests = [{"id": r.id, "from": r.sender, "status": r.status, "objective": r.objective,
+                 "waiting_on": [c for c in r.children if c in records and not records[c].terminal]}
+                for r in sorted(records.values(), key=lambda r: r.seq)
+                if r.to == orchestrator and not r.terminal and r.attempts > 0]
     return budget.render_brief(in_flight, rejections, generation=generation, now=now,
-                               stopped=stopped)
+                               stopped=stopped, requests=requests)
 
 
 def _stopped_why(rec: Record) -> str:

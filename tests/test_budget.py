@@ -277,6 +277,53 @@ def test_fresh_archives_and_starts_the_next_generation_from_the_brief(state_dir:
     assert (state_dir / "orchestrator" / "generations" / "2.json").exists()
 
 
+# A fresh start killed (kill -9) between writing the next brief and writing the ledger.
+_KILLED_FRESH = """
+import os, signal, sys
+from datetime import UTC, datetime
+from pathlib import Path
+from coordinator import budget
+
+def killed(self):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+ledger = budget.Ledger.load(Path(sys.argv[1]))
+budget.Ledger.save = killed
+ledger.fresh(budget.render_brief([], [], generation=ledger.generation + 1, now=datetime.now(UTC)),
+             now=datetime.now(UTC))
+"""
+
+
+def test_a_fresh_start_killed_before_its_ledger_is_written_is_finished_by_the_next_reader(
+        state_dir: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    ledger = Ledger.load(state_dir)
+    ledger.add("WO-0001", "order", order_text(1), now=T0)
+    ledger.add("manual-1", "manual", tokens=900, now=T0)
+    ledger.save()
+
+    killed = subprocess.run([sys.executable, "-c", _KILLED_FRESH, str(state_dir)], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    brief = (state_dir / "orchestrator" / "brief.md").read_text()
+    assert brief.startswith("# Orchestrator brief: generation 2\n")
+
+    # The brief the orchestrator is given is generation 2's: so is what the ledger says.
+    again = Ledger.load(state_dir)
+    assert again.generation == 2
+    assert [(i.kind, i.tokens) for i in again.items] == [("brief", estimate_tokens(brief))]
+    assert json.loads((state_dir / "orchestrator" / "generations" / "1.json").read_text())["items"][1]["tokens"] == 900
+    again.add("manual-2", "manual", tokens=5, now=T0)
+    again.save()
+    assert Ledger.load(state_dir).hot_tokens() == estimate_tokens(brief) + 5
+
+    # Killed before its brief was written: the old generation stays in charge, all of it.
+    (state_dir / "orchestrator" / "generations" / "2.json").write_text(json.dumps(again.as_dict()))
+    assert Ledger.load(state_dir).generation == 2
+
+
 def test_the_brief_lists_exactly_the_in_flight_orders_given() -> None:
     brief = budget.render_brief(IN_FLIGHT, REJECTIONS, generation=4, now=T0)
     listed = re.findall(r"^- (WO-\d+) -> (\w+) \[(\w+)\]", brief, flags=re.M)
@@ -467,3 +514,57 @@ def test_only_the_recent_blocked_or_halted_orders_go_into_the_brief() -> None:
     assert "WO-0003" not in brief and "4 earlier" in brief
     assert "`coordinator retry ID`" in brief
     assert "waiting for your decision" not in budget.render_brief([], [], generation=2, now=T0)
+
+
+# --- a fresh start in a running team ------------------------------------------------------
+
+
+def test_a_fresh_brief_names_the_requests_the_orchestrator_is_working_on(make_ws) -> None:
+    """A request to the orchestrator stays running until the orders it sent end, and its brief
+    was in the context `rotate --fresh` retired: the clean brief listed only the orders it had
+    sent, so a fresh orchestrator did not know which requests it was serving."""
+    from conftest import PRINT_REVIEW, drop, order_md, sh, step_until
+
+    from coordinator.supervisor import Supervisor
+
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"],
+                           "command": sh(f'mkdir -p "$COORD_OUTBOX/chip"; {PRINT_REVIEW} > "$COORD_OUTBOX/chip/a.yaml"')},
+                  "chip": {"role": "specialist", "command": sh("sleep 30")}},
+                 orchestrator="walt")
+    drop(ws, "walt", "r.md", order_md("The login page remembers the user", id="req"))
+    drop(ws, "walt", "q.md", order_md("The logout page says goodbye", id="later", blocked_by=["req"]))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: any(r.to == "chip" and r.status == "running" for r in sup.records.values()),
+                   "walt's order to run")
+        sent = next(r.id for r in sup.records.values() if r.to == "chip")
+        sup.handle("rotate", {"fresh": True})
+        assert sup.records["req"].status == "running"
+    brief = (ws.state / "orchestrator" / "brief.md").read_text()
+    assert f"- {sent} -> chip [running]" in brief
+    assert "## Requests you are working on (1)" in brief
+    assert f"- req from user [running]: The login page remembers the user (waits on {sent})" in brief
+    assert "later" not in brief  # not started: never in its context
+
+
+def test_a_fresh_brief_says_an_order_waits_only_on_what_is_not_done(make_ws) -> None:
+    """An order whose dependency is done is queued, no longer waiting: the clean brief still
+    said "(waits on A)" of it, A long done, as if the work were stuck behind it."""
+    from conftest import drop, order_md, sh, step_until
+
+    from coordinator.supervisor import Supervisor
+
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"]},
+                  "chip": {"role": "specialist", "max_parallel": 1,
+                           "command": sh('test "$COORD_ORDER_ID" = first || sleep 30')}},
+                 orchestrator="walt")
+    drop(ws, "chip", "a.md", order_md("The first thing", id="first", sender="walt"))
+    drop(ws, "chip", "b.md", order_md("The second thing", id="second", sender="walt", blocked_by=["first"]))
+    drop(ws, "chip", "c.md", order_md("The third thing", id="third", sender="walt", blocked_by=["second"]))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: sup.records.get("second") is not None and sup.records["second"].status == "running",
+                   "the second order to run")
+        sup.handle("rotate", {"fresh": True})
+    brief = (ws.state / "orchestrator" / "brief.md").read_text()
+    assert "- second -> chip [running]: The second thing\n" in brief
+    assert "- third -> chip [waiting]: The third thing (waits on second)\n" in brief
+    assert "first" not in brief

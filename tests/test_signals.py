@@ -162,3 +162,28 @@ def test_render_shows_control_characters_in_evidence_as_text(state_dir: Path) ->
     table = signals.render(signals.load(state_dir))
     assert "a\\x1b[2K\\x1b[1Ab\\u009bc" in table
     assert "\x1b" not in table and "\x9b" not in table
+
+
+def test_an_order_sent_again_unchanged_after_its_rejection_fires_feedback(make_ws) -> None:
+    """The seed's feedback loop: walt sends the order chip may not take, it is rejected, and
+    walt sends it again unchanged. Rejected the second time for the same reason first, the
+    repeat came second among its problems, and `coordinator signals` said none."""
+    from conftest import drop, order_md, sh
+
+    from coordinator.supervisor import Supervisor
+
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"]},
+                  "chip": {"role": "specialist", "writes": ["webapp/src/**"], "command": sh("true")}},
+                 orchestrator="walt")
+    order = order_md("The webapp greets a user by name", files=("webapp/README.md",), sender="walt")
+    with Supervisor(ws) as sup:
+        drop(ws, "chip", "a.md", order)
+        sup.run_once(limit=10)
+        assert [s.kind for s in signals.load(ws.state)] == []  # a first rejection is no loop
+        drop(ws, "chip", "b.md", order)
+        sup.run_once(limit=10)
+        first, again = sorted(sup.records)
+        assert sup.records[again].status == "rejected"
+    (fired,) = signals.load(ws.state)
+    assert (fired.kind, fired.agent, fired.order) == ("feedback", "walt", again)
+    assert f"this repeats {first}, which was rejected" in fired.evidence
