@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import audit, durable
+from . import audit, durable, errors
 from .budget import MAX_TOKENS_ADDED, orchestrator_of
 from .errors import CoordinatorError, NotFoundError, StateError, SupervisorError, UsageError
 from .store import Record, dependency_done, ended_undone, route_end, via_route
@@ -169,8 +169,14 @@ def _read_answer(answer: Path, *, until: float) -> dict[str, Any] | None:
 
 def _answered(data: dict[str, Any]) -> dict[str, Any]:
     if data.get("error"):
-        error = CoordinatorError(str(data["error"]))
-        error.exit_code = int(data.get("exit_code") or 1)  # as if it were served here
+        # Of its kind, as if it were served here: an order not found is explained by the command
+        # (`explain_missing`: still in an inbox), and was "no order" only when a supervisor ran.
+        kind = getattr(errors, str(data.get("kind") or ""), None)
+        if not (isinstance(kind, type) and issubclass(kind, CoordinatorError)
+                and kind.__init__ is CoordinatorError.__init__):
+            kind = CoordinatorError
+        error = kind(str(data["error"]))
+        error.exit_code = int(data.get("exit_code") or 1)
         raise error
     return dict(data.get("result") or {})
 
@@ -233,6 +239,7 @@ def pending(ws: Workspace) -> list[tuple[Path, dict[str, Any]]]:
 def answer(taken: Path, *, result: dict[str, Any] | None = None, error: CoordinatorError | None = None) -> None:
     target = taken.with_name(taken.name.replace(TAKEN, ANSWER))
     durable.write_json(target, {"result": result, "error": str(error) if error else None,
+                                "kind": type(error).__name__ if error else None,
                                 "exit_code": error.exit_code if error else 0}, sync=False)
     taken.unlink(missing_ok=True)
 

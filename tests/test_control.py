@@ -353,3 +353,27 @@ def test_a_cancel_under_way_when_the_supervisor_dies_ends_the_order_cancelled_at
     assert (rec.status, rec.failures, rec.running) == ("cancelled", [], None)
     assert [h["to"] for h in rec.history] == ["queued", "running", "cancelled"]
     assert "recovery: a was being cancelled when the supervisor stopped: it is cancelled, not run again" in lines
+
+
+def test_cancel_of_an_order_still_in_an_inbox_says_where_it_is_also_with_a_supervisor_running(
+        ws: Workspace) -> None:
+    """With no supervisor running, `cancel` said the order was still in inbox/..., never taken
+    in; with one running, only "no order": the supervisor's answer came back as an error of no
+    kind, which the command could not tell from any other."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    stray = ws.inbox_root / "chipp"
+    stray.mkdir()
+    drop_at = stray / "WO-0009.md"
+    drop_at.write_text(order_md("An order put in a folder that is no agent's inbox"))
+    said = "coordinator: WO-0009 is in inbox/chipp/WO-0009.md, but no agent in coordinator.yaml has that inbox"
+    alone = CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "WO-0009"])
+    assert (alone.exit_code, alone.output.startswith(said)) == (1, True), alone.output
+    with Stepping(ws):
+        served = CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "WO-0009"])
+        missing = CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "WO-0404"])
+    assert (served.exit_code, served.output) == (1, alone.output)
+    assert (missing.exit_code, missing.output) == (1, "coordinator: no order 'WO-0404'; `coordinator board` lists them\n")
+    assert drop_at.exists()
