@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from . import audit, gate, results, runner
 from .checkout import DirtyCheckout
 from .config import Agent, parse_duration
-from .errors import CoordinatorError, GateError, GitError, SandboxError
+from .errors import CoordinatorError, GateError, GitError, SandboxError, StateError
 from .inboxfiles import printable
 from .interruptions import Interruptions
 from .landlock import Ruleset
@@ -47,6 +47,7 @@ OUTPUT_TAIL = 1500
 MAX_PATHS_SHOWN = 20
 KILL_RETRY = 5.0  # seconds before the watch tries again to kill processes that survived a kill
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL when an attempt times out
+CANCEL_GRACE = 1.0  # ... and when it is cancelled
 # What a refused write looks like in a program's output (EACCES/EPERM/EROFS from the kernel).
 REFUSED = re.compile(r"Permission denied|Operation not permitted|Read-only file system|EACCES|EPERM", re.I)
 # What makes a refusal line one about a write that was tried, not words that merely mention
@@ -93,6 +94,10 @@ class Active:
     # On `timer`: since when its start (or its check's) waits in the spawn server for room; None
     # when it does not. The wait is no time of its timeout, nor silence.
     room_since: float | None = None
+    # Cancelled while its processes are being stopped: who cancelled it, and the requests of the
+    # commands waiting to hear that it is (`AttemptRunner.cancel_soon`).
+    cancelled_by: str = ""
+    cancel_waiting: list[Path] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.quiet_since = self.looked = self.began
@@ -231,7 +236,9 @@ class AttemptRunner(Interruptions):
                 self._stop_model(act, "the order's timeout ran out while the model was answering")
                 self._kill_soon(act, tick, grace=KILL_GRACE)
             elif act.kill_due is not None and tick >= act.kill_due:
-                self._kill(act, tick, grace=KILL_GRACE)
+                failed = self._kill(act, tick, grace=KILL_GRACE)
+                if failed and act.cancel_waiting:  # said, and cancelled all the same (as `cancel`)
+                    self._answer_cancel(act, warning=failed)
             limit = act.agent.stale_after
             # Seen active within the limit, it cannot be silent that long: no look at its files.
             if not act.rec.stale and tick - act.quiet_since > limit and self._silent_for(act, now, tick) > limit:
@@ -290,7 +297,10 @@ class AttemptRunner(Interruptions):
             with contextlib.suppress(CoordinatorError):  # the wait below tries again and says why
                 self.sup.spawner.kill_soon(self._current_token(act), grace=0.5)
         for act in acts:
-            self._kill(act, self.timer(), grace=0.5, then="the next start kills what is left")
+            failed = self._kill(act, self.timer(), grace=0.5, then="the next start kills what is left")
+            if act.cancel_waiting:  # its exit is not waited for any more: it ends cancelled now
+                self._finish(act)
+                self._answer_cancel(act, warning=failed)
 
     def cancel(self, rec: Record) -> str | None:
         """Kill `rec`'s attempt (its caller moves it to cancelled); the line said when processes
@@ -303,6 +313,45 @@ class AttemptRunner(Interruptions):
                 if failed:
                     return failed
         return None
+
+    def cancel_soon(self, rec: Record, by: str, waiting: Path) -> bool:
+        """Start killing `rec`'s running attempt and go on; the command waiting on the request
+        `waiting` is answered once no process of it is left and the order is cancelled (SPEC §7),
+        or the kill failed (said, and cancelled all the same). Waited for here, each cancel of
+        an attempt that ignored SIGTERM held every other order for a second and more, and
+        several cancels waited one after another. False when nothing of it runs as a process
+        (a model's call, a request waiting for its children) or the kill could not be sent:
+        the caller cancels it at once (`cancel`). StateError when a cancel of it is under way."""
+        act = next((a for a in self.active.values() if a.rec.id == rec.id), None)
+        if act is None or (act.agent.llm is not None and act.phase == "specialist"):
+            return False
+        if act.cancelled:
+            raise StateError(f"{rec.id} is being cancelled already: its processes are being stopped")
+        try:
+            self.sup.spawner.kill_soon(self._current_token(act), grace=CANCEL_GRACE)
+        except CoordinatorError:
+            return False
+        act.cancelled, act.cancelled_by = True, by
+        act.cancel_waiting.append(waiting)
+        act.kill_due = self.timer() + CANCEL_GRACE + SIGKILL_WAIT + KILL_RETRY
+        # Kept in its record: a crash before the processes are gone ends it cancelled at the next
+        # start (`Interruptions`), as the command that asked may have been told.
+        rec.running = {**(rec.running or {}), "cancelled_by": by}
+        self.sup.store.save(rec, sync=False)
+        return True
+
+    def _end_cancelled(self, act: Active) -> None:
+        if not act.cancel_waiting:
+            return super()._end_cancelled(act)
+        self._finish(act)
+        self._answer_cancel(act)
+
+    def _answer_cancel(self, act: Active, *, warning: str | None = None) -> None:
+        """The order of a cancelled attempt is cancelled; the commands waiting are told."""
+        from . import control
+
+        waiting, act.cancel_waiting = act.cancel_waiting, []
+        control.cancelled(self.sup, act.rec, act.cancelled_by, waiting, warning=warning)
 
     @staticmethod
     def _stop_model(act: Active, why: str) -> None:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import audit, durable
+from . import audit, durable, errors
 from .budget import MAX_TOKENS_ADDED, orchestrator_of
 from .errors import CoordinatorError, NotFoundError, StateError, SupervisorError, UsageError
 from .store import Record, dependency_done, ended_undone, route_end, via_route
@@ -169,8 +169,14 @@ def _read_answer(answer: Path, *, until: float) -> dict[str, Any] | None:
 
 def _answered(data: dict[str, Any]) -> dict[str, Any]:
     if data.get("error"):
-        error = CoordinatorError(str(data["error"]))
-        error.exit_code = int(data.get("exit_code") or 1)  # as if it were served here
+        # Of its kind, as if it were served here: an order not found is explained by the command
+        # (`explain_missing`: still in an inbox), and was "no order" only when a supervisor ran.
+        kind = getattr(errors, str(data.get("kind") or ""), None)
+        if not (isinstance(kind, type) and issubclass(kind, CoordinatorError)
+                and kind.__init__ is CoordinatorError.__init__):
+            kind = CoordinatorError
+        error = kind(str(data["error"]))
+        error.exit_code = int(data.get("exit_code") or 1)
         raise error
     return dict(data.get("result") or {})
 
@@ -233,6 +239,7 @@ def pending(ws: Workspace) -> list[tuple[Path, dict[str, Any]]]:
 def answer(taken: Path, *, result: dict[str, Any] | None = None, error: CoordinatorError | None = None) -> None:
     target = taken.with_name(taken.name.replace(TAKEN, ANSWER))
     durable.write_json(target, {"result": result, "error": str(error) if error else None,
+                                "kind": type(error).__name__ if error else None,
                                 "exit_code": error.exit_code if error else 0}, sync=False)
     taken.unlink(missing_ok=True)
 
@@ -248,12 +255,7 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
         # A kill that failed is said, and the order is cancelled all the same: left running, it
         # would run again after the next start.
         warning = sup.attempts.cancel(rec) if rec.status == "running" else None
-        summary = f"cancelled by {args.get('by', 'user')}"
-        before = (rec.report or {}).get("summary") if rec.status in ("blocked", "halted") else None
-        # An ended order keeps why it ended: the sender reads both in the report.
-        rec.report = {"summary": f"{summary}; it was {rec.status}: {before}" if before else summary}
-        sup.move(rec, "cancelled", str(args.get("by", "user")))
-        return {"id": rec.id, "status": rec.status, **({"warning": warning} if warning else {})}
+        return _cancel(sup, rec, str(args.get("by", "user")), warning)
     if action == "retry":
         rec = _record(sup, str(args["id"]))
         if rec.status == "waiting" and not rec.blocker:
@@ -306,6 +308,39 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
                                  "supervisor_running": not sup.offline}
         return out
     raise UsageError(f"unknown request {action!r}")
+
+
+def serve(sup: Supervisor, action: str, args: dict[str, Any], taken: Path) -> dict[str, Any] | None:
+    """`handle` the request a command waits on at `taken`; None when it is answered later: the
+    cancel of a running attempt, once no process of it is left (`AttemptRunner.cancel_soon`),
+    while the loop goes on with the other orders."""
+    if action == "cancel" and not sup.offline:
+        rec = sup.records.get(str(args.get("id")))
+        if rec is not None and rec.status == "running" and sup.attempts.cancel_soon(
+                sup.whole(rec), str(args.get("by", "user")), taken):
+            return None
+    return sup.handle(action, args)
+
+
+def cancelled(sup: Supervisor, rec: Record, by: str, waiting: list[Path], *, warning: str | None = None) -> None:
+    """The attempt of `rec`, cancelled by `by`, has ended (or could not be killed: `warning`):
+    the order is cancelled, and each command waiting on a request in `waiting` told so."""
+    if rec.status == "running":
+        result = _cancel(sup, rec, by, warning)
+    else:
+        result = {"id": rec.id, "status": rec.status, **({"warning": warning} if warning else {})}
+    sup._write_state()  # on disk before the command hears it: it may read the records next
+    for taken in waiting:
+        answer(taken, result=result)
+
+
+def _cancel(sup: Supervisor, rec: Record, by: str, warning: str | None) -> dict[str, Any]:
+    summary = f"cancelled by {by}"
+    before = (rec.report or {}).get("summary") if rec.status in ("blocked", "halted") else None
+    # An ended order keeps why it ended: the sender reads both in the report.
+    rec.report = {"summary": f"{summary}; it was {rec.status}: {before}" if before else summary}
+    sup.move(rec, "cancelled", by)
+    return {"id": rec.id, "status": rec.status, **({"warning": warning} if warning else {})}
 
 
 def rotate(sup: Supervisor, *, fresh: bool) -> dict[str, Any]:

@@ -4,7 +4,7 @@ An order still `running` on disk when the supervisor died is, by what its record
 and its repository say: decided and delivering its outbox (the rest is delivered,
 and it ends as it was decided), a request waiting for the orders it delegated (it
 waits on), landed (its merge had happened: it is done), or a failed attempt
-(queued again, or blocked after `max_failures`). A layer of `AttemptRunner`.
+(queued again, or blocked after `max_failures`); one being cancelled is cancelled. A layer of `AttemptRunner`.
 """
 
 from __future__ import annotations
@@ -66,6 +66,16 @@ class Interruptions(Endings):
             self.sup.say(f"recovery: {rec.id}'s attempt {number} had ended {ending['status']} and was "
                          "delivering its outbox: the rest is delivered, and it is not run again")
             return self._close(rec, ending["status"], ending["actor"], note=ending["note"])
+        by = info.get("cancelled_by")
+        if isinstance(by, str) and by:  # cancelled while its processes were being stopped
+            if repo_name:
+                with contextlib.suppress(CoordinatorError):
+                    self.repo(str(repo_name)).remove_worktree(rec.id, Path(str(info.get("workdir", ""))), keep=False)
+            rec.running = None
+            rec.report = {"summary": f"cancelled by {by}"}
+            self.sup.say(f"recovery: {rec.id} was being cancelled when the supervisor stopped: it is cancelled, "
+                         "not run again")
+            return self.sup.move(rec, "cancelled", by)
         if agent is not None and agent.is_orchestrator and rec.children:
             # Now: resumed, its folder is set aside (`runner.prepare`) out of `recover`'s reach.
             self._defuse(rec.id, runner.attempt_folder(self.ws, rec.id, number))

@@ -546,9 +546,10 @@ class Supervisor(Arrivals):
         served = False
         for path, req in control.pending(self.ws):
             try:
-                result = self.handle(str(req.get("action")), dict(req.get("args") or {}))
+                result = control.serve(self, str(req.get("action")), dict(req.get("args") or {}), path)
                 self._write_state()  # the asking command may read the records next
-                control.answer(path, result=result)
+                if result is not None:  # None: answered later (`control.serve`)
+                    control.answer(path, result=result)
             except CoordinatorError as e:
                 self._write_state()
                 control.answer(path, error=e)

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from conftest import drop, order_md, sh, step_until, wait_until
 
 from coordinator import control
-from coordinator.errors import SupervisorError
+from coordinator.errors import CoordinatorError, SupervisorError
+from coordinator.store import Store
 from coordinator.supervisor import Supervisor
 from coordinator.workspace import Workspace
 
@@ -192,3 +193,187 @@ def test_a_command_serving_itself_is_no_supervisor_to_a_start_or_to_board(ws: Wo
     out, err = start.communicate(timeout=60)
     assert start.returncode == 0, err
     assert "another supervisor" not in err
+
+
+# -- cancel of a running attempt -------------------------------------------------------------------
+# A specialist that ignores SIGTERM (only SIGKILL, after the cancel's grace, ends it) and says
+# the pid of its shell and of its child.
+STUBBORN = sh("trap '' TERM; sleep 100 & echo \"$$ $!\" > \"$PROBE/$COORD_ORDER_ID\"; wait")
+
+
+def _pids(ws: Workspace, order_id: str) -> list[int]:
+    from bench.harness import probe_of
+
+    path = probe_of(ws) / order_id
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class Stepping:
+    """A supervisor stepping in a thread, as `supervise` does, while commands ask it."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.sup = Supervisor(ws)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve)
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            if not self.sup.step():
+                self.sup._wait(0.02)
+
+    def __enter__(self) -> Supervisor:
+        self.sup.open()
+        self.thread.start()
+        return self.sup
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+        self.sup.close()
+
+
+def test_cancels_of_attempts_that_ignore_sigterm_hold_up_no_other_order(make_ws: Callable[..., Workspace]) -> None:
+    """Each cancel waited for its kill in the loop: two attempts that ignored SIGTERM held every
+    other order for a second each, the second cancel answered a second after the first. Now the
+    kills run together while the loop goes on, and each command hears `cancelled` only once no
+    process of its attempt is left."""
+    ws = make_ws({"slow": {"role": "specialist", "command": STUBBORN, "max_parallel": 2},
+                  "quick": {"role": "specialist", "command": ["/bin/true"]}})
+    for oid in ("a", "b"):
+        drop(ws, "slow", f"{oid}.md", order_md(f"Order {oid} runs until cancelled", id=oid))
+    answers: dict[str, tuple[dict[str, Any], float, list[bool]]] = {}
+
+    def cancel(oid: str) -> None:
+        got = control.submit(ws, "cancel", {"id": oid})
+        answers[oid] = (got, time.monotonic(), [_alive(p) for p in _pids(ws, oid)])
+
+    with Stepping(ws) as sup:
+        wait_until(lambda: len(_pids(ws, "a")) == 2 and len(_pids(ws, "b")) == 2, "both attempts to run")
+        asking = [threading.Thread(target=cancel, args=(oid,)) for oid in ("a", "b")]
+        for t in asking:
+            t.start()
+        wait_until(lambda: sum(a.cancelled for a in list(sup.attempts.active.values())) == 2,
+                   "both cancels to be taken")
+        drop(ws, "quick", "q.md", order_md("A quick order runs meanwhile", id="q"))
+        wait_until(lambda: "q" in sup.records and sup.records["q"].status == "done", "the quick order")
+        quick_done = time.monotonic()
+        for t in asking:
+            t.join(timeout=30)
+    assert {oid: a[0] for oid, a in answers.items()} == {"a": {"id": "a", "status": "cancelled"},
+                                                         "b": {"id": "b", "status": "cancelled"}}
+    assert all(quick_done < when for _, when, _ in answers.values())  # it ran while they were stopped
+    assert {oid: alive for oid, (_, _, alive) in answers.items()} == {"a": [False, False], "b": [False, False]}
+    for oid in ("a", "b"):
+        rec = Store(ws.state).load(oid)
+        assert (rec.status, rec.report["summary"], rec.history[-1]["actor"]) == ("cancelled", "cancelled by user", "user")
+    assert requests(ws) == []
+
+
+def test_a_second_cancel_while_the_first_stops_the_processes_says_so(make_ws: Callable[..., Workspace]) -> None:
+    ws = make_ws({"slow": {"role": "specialist", "command": STUBBORN}})
+    drop(ws, "slow", "a.md", order_md("Order a runs until cancelled", id="a"))
+    first: dict[str, Any] = {}
+    with Stepping(ws) as sup:
+        wait_until(lambda: len(_pids(ws, "a")) == 2, "the attempt to run")
+        asking = threading.Thread(target=lambda: first.update(control.submit(ws, "cancel", {"id": "a"})))
+        asking.start()
+        wait_until(lambda: any(a.cancelled for a in list(sup.attempts.active.values())), "the cancel to be taken")
+        with pytest.raises(CoordinatorError) as again:
+            control.submit(ws, "cancel", {"id": "a"})
+        asking.join(timeout=30)
+    assert (str(again.value), again.value.exit_code) == ("a is being cancelled already: its processes are being "
+                                                          "stopped", 1)
+    assert first == {"id": "a", "status": "cancelled"}
+    assert [h["to"] for h in Store(ws.state).load("a").history] == ["queued", "running", "cancelled"]
+
+
+def test_a_cancel_under_way_when_the_supervisor_stops_now_is_answered_cancelled(
+        make_ws: Callable[..., Workspace]) -> None:
+    """A second Ctrl-C while cancels stop the attempts' processes: the kills are waited for, and
+    each command hears that its order is cancelled, as it stays after the next start."""
+    ws = make_ws({"slow": {"role": "specialist", "command": STUBBORN, "max_parallel": 2}})
+    for oid in ("a", "b"):
+        drop(ws, "slow", f"{oid}.md", order_md(f"Order {oid} runs until cancelled", id=oid))
+    got: dict[str, Any] = {}
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: len(_pids(ws, "a")) == 2 and len(_pids(ws, "b")) == 2, "both attempts to run")
+        for oid in ("a", "b"):
+            threading.Thread(target=lambda oid=oid: got.update({oid: control.submit(ws, "cancel", {"id": oid})}),
+                             daemon=True).start()
+        wait_until(lambda: sum(n.endswith(control.REQUEST) for n in requests(ws)) == 2, "both cancels to be asked")
+        sup.step()  # both taken, their kills under way
+        assert {r.id: r.status for r in sup.records.values()} == {"a": "running", "b": "running"}
+        sup.attempts.kill_all()  # what a second Ctrl-C does
+        pids = _pids(ws, "a") + _pids(ws, "b")
+    wait_until(lambda: len(got) == 2, "both answers")
+    assert got == {"a": {"id": "a", "status": "cancelled"}, "b": {"id": "b", "status": "cancelled"}}
+    assert not any(_alive(p) for p in pids)
+    with Supervisor(ws) as again:
+        again.run_once(limit=10)
+    assert {oid: Store(ws.state).load(oid).status for oid in ("a", "b")} == {"a": "cancelled", "b": "cancelled"}
+
+
+def test_a_cancel_under_way_when_the_supervisor_dies_ends_the_order_cancelled_at_the_next_start(
+        make_ws: Callable[..., Workspace]) -> None:
+    """The command was told the supervisor stopped before it answered, and to look at the
+    board: there the order is cancelled, never queued to run again."""
+    ws = make_ws({"slow": {"role": "specialist", "command": STUBBORN}})
+    drop(ws, "slow", "a.md", order_md("Order a runs until cancelled", id="a"))
+    said: list[str] = []
+
+    def cancel() -> None:
+        with pytest.raises(SupervisorError) as e:
+            control.submit(ws, "cancel", {"id": "a"})
+        said.append(str(e.value))
+
+    sup = Supervisor(ws)
+    sup.open()
+    try:
+        step_until(sup, lambda: len(_pids(ws, "a")) == 2, "the attempt to run")
+        asking = threading.Thread(target=cancel)
+        asking.start()
+        wait_until(lambda: any(n.endswith(control.REQUEST) for n in requests(ws)), "the cancel to be asked")
+        sup.step()  # taken, its kill under way
+        assert sup.records["a"].status == "running" and sup.attempts.active[sup.records["a"].running["token"]].cancelled
+    finally:
+        sup.close(clean=False, chosen=False)  # as a crash leaves it (its spawn server kills the rest)
+    asking.join(timeout=60)
+    assert said and "stopped before it answered" in said[0] and "coordinator board" in said[0]
+    lines: list[str] = []
+    with Supervisor(ws, log=lines.append) as again:
+        again.run_once(limit=10)
+    rec = Store(ws.state).load("a")
+    assert (rec.status, rec.failures, rec.running) == ("cancelled", [], None)
+    assert [h["to"] for h in rec.history] == ["queued", "running", "cancelled"]
+    assert "recovery: a was being cancelled when the supervisor stopped: it is cancelled, not run again" in lines
+
+
+def test_cancel_of_an_order_still_in_an_inbox_says_where_it_is_also_with_a_supervisor_running(
+        ws: Workspace) -> None:
+    """With no supervisor running, `cancel` said the order was still in inbox/..., never taken
+    in; with one running, only "no order": the supervisor's answer came back as an error of no
+    kind, which the command could not tell from any other."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    stray = ws.inbox_root / "chipp"
+    stray.mkdir()
+    drop_at = stray / "WO-0009.md"
+    drop_at.write_text(order_md("An order put in a folder that is no agent's inbox"))
+    said = "coordinator: WO-0009 is in inbox/chipp/WO-0009.md, but no agent in coordinator.yaml has that inbox"
+    alone = CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "WO-0009"])
+    assert (alone.exit_code, alone.output.startswith(said)) == (1, True), alone.output
+    with Stepping(ws):
+        served = CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "WO-0009"])
+        missing = CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "WO-0404"])
+    assert (served.exit_code, served.output) == (1, alone.output)
+    assert (missing.exit_code, missing.output) == (1, "coordinator: no order 'WO-0404'; `coordinator board` lists them\n")
+    assert drop_at.exists()
