@@ -143,7 +143,8 @@ class Commits:
 
     def _give_back(self, batches: list[Batch]) -> None:
         self.audit.restage(batches)
-        durable.give_back(self.ws.state, (p for b in batches for p in b.paths or ()))
+        # Oldest first: a path a later batch wrote again keeps what that write left.
+        durable.give_back(self.ws.state, {p: b.written.get(p) for b in batches for p in b.paths or ()})
 
     def _committer_thread(self) -> Committer:
         """The thread that commits state/ for the running loop, started when first needed."""

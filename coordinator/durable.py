@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 TMP_PREFIX = ".tmp-"
 
@@ -91,9 +91,34 @@ def _rename(src: Path | str, dst: Path | str, *, replace: bool) -> None:
 JOURNAL_SLACK_NS = 2_000_000_000  # a file changed this long after its noted write is another's change
 
 
+# What the supervisor left at a path it wrote, taken from the fd it wrote with (no read-back):
+# a batch stages the file only while it is still so. A file changed or removed by hand between
+# the write and the commit (a second or so) was committed as the supervisor's: the tamper watch
+# never saw it. Now the bytes it wrote are committed instead (`data`, kept until the commit, up
+# to KEPT_LIMIT a batch), or, where they are not known, nothing, and the tamper watch puts the
+# file back and says so, as it does with an edit made after the commit.
+class Wrote(NamedTuple):
+    ino: int
+    size: int
+    mtime_ns: int
+    mode: int
+    data: bytes | None
+
+    def still(self, st: os.stat_result) -> bool:
+        """Whether `st` (an lstat) is the file as written."""
+        return (st.st_ino == self.ino and st.st_size == self.size and st.st_mtime_ns == self.mtime_ns
+                and stat.S_ISREG(st.st_mode))
+
+
+KEPT_LIMIT = 64 << 20  # bytes of written files kept for one batch; past it, only their stamps
+
+
 class _Journal:
     def __init__(self, file: Path | None) -> None:
-        self.paths: set[str] = set()  # noted since the last `take_journal`
+        # Noted since the last `take_journal`, with what was left there (None: not known, such
+        # as a folder or a write cut off: staged as found).
+        self.paths: dict[str, Wrote | None] = {}
+        self.kept = 0  # bytes of `data` in `paths`
         # With a file: each path in it and the time its latest write was noted, kept there
         # until a compaction finds it committed (a time moved later would cover a hand edit).
         self.times: dict[str, int] = {}
@@ -115,21 +140,26 @@ def open_journal(root: Path, file: Path | None = None) -> None:
     _journals[_prefix(root)] = _Journal(file)
 
 
-def take_journal(root: Path) -> set[str]:
-    """The paths written under `root` since the last call (and keep journaling)."""
+def take_journal(root: Path) -> dict[str, Wrote | None]:
+    """The paths written under `root` since the last call, each with what was written there
+    (see `Wrote`), and keep journaling."""
     journal = _journals.get(_prefix(root))
     if journal is None:
-        return set()
-    taken, journal.paths = journal.paths, set()
+        return {}
+    taken, journal.paths, journal.kept = journal.paths, {}, 0
     return taken
 
 
-def give_back(root: Path, paths: Iterable[str]) -> None:
+def give_back(root: Path, written: dict[str, Wrote | None]) -> None:
     """Paths taken from `root`'s journal whose commit failed: noted as not yet taken again,
-    so that they go with the next commit and no compaction drops them meanwhile."""
+    so that they go with the next commit and no compaction drops them meanwhile (a path
+    written again since keeps what that write left)."""
     journal = _journals.get(_prefix(root))
     if journal is not None:
-        journal.paths.update(paths)
+        for path, wrote in written.items():
+            if path not in journal.paths:
+                journal.paths[path] = wrote
+                journal.kept += len(wrote.data) if wrote is not None and wrote.data is not None else 0
 
 
 def peek_journal(root: Path) -> set[str]:
@@ -147,7 +177,7 @@ def compact_journal(root: Path, uncommitted: Iterable[str] = ()) -> None:
         return
     now = time.time_ns()
     times = journal.times
-    journal.times = {p: times.get(p, now) for p in journal.paths.union(uncommitted)}
+    journal.times = {p: times.get(p, now) for p in set(journal.paths).union(uncommitted)}
     lines = "".join(f"{when} {p[len(prefix):]}\n" for p, when in sorted(journal.times.items()))
     tmp = f"{journal.file}.new"
     with open(tmp, "wb") as f:
@@ -221,10 +251,31 @@ def note(path: Path | str) -> None:
     p = os.fspath(path)
     for prefix, journal in _journals.items():
         if p.startswith(prefix):
-            journal.paths.add(p)
+            _forget(journal, p)
+            journal.paths[p] = None  # what it holds is known once written (`_wrote`)
             if journal.fd is not None:
                 now = journal.times[p] = time.time_ns()
                 _append_whole(journal.fd, f"{now} {p[len(prefix):]}\n".encode("utf-8", "surrogateescape"))
+
+
+def _forget(journal: _Journal, path: str) -> None:
+    old = journal.paths.get(path)
+    if old is not None and old.data is not None:
+        journal.kept -= len(old.data)
+
+
+def _wrote(path: str, st: os.stat_result, data: bytes | None) -> None:
+    """`path` (noted) now holds what `st` (an fstat of the fd it was written with) says, and
+    `data` when known: a batch stages it only while it is so (see `Wrote`)."""
+    if not _journals:
+        return
+    for prefix, journal in _journals.items():
+        if path.startswith(prefix) and path in journal.paths:
+            _forget(journal, path)
+            keep = data is not None and journal.kept + len(data) <= KEPT_LIMIT
+            if keep and data is not None:
+                journal.kept += len(data)
+            journal.paths[path] = Wrote(st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode, data if keep else None)
 
 
 _APPENDING = threading.Lock()
@@ -262,6 +313,7 @@ def write_bytes(target: Path, data: bytes, *, sync: bool = True, mode: int = 0o6
             view = view[n:]
         if sync:
             os.fsync(fd)
+        st = os.fstat(fd) if _journals else None  # what the batch checks the file against
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -275,6 +327,8 @@ def write_bytes(target: Path, data: bytes, *, sync: bool = True, mode: int = 0o6
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if st is not None:
+        _wrote(os.fspath(target), st, bytes(data))
     if sync:
         fsync_dir(folder)
 
@@ -412,7 +466,10 @@ def move(src: Path, dst: Path, *, sync: bool = True) -> None:
     """Rename `src` to `dst` (same file system) and make the rename durable."""
     note(src)
     note(dst)
+    st = os.lstat(src) if _journals else None  # kept by the rename: what the batch checks `dst` against
     _rename(src, dst, replace=False)
+    if st is not None and stat.S_ISREG(st.st_mode):
+        _wrote(os.fspath(dst), st, None)
     if sync:
         fsync_dir(dst.parent)
         if src.parent != dst.parent:

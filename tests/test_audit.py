@@ -1615,3 +1615,36 @@ def test_a_git_version_that_could_not_be_told_once_is_asked_again(monkeypatch, t
     found = audit.git_version()
     assert found >= (2, 0)
     assert audit.packed() == (audit._PACKED if found >= (2, 37) else ())
+
+
+@pytest.mark.parametrize("hand", ["edit", "remove", "replace"])
+def test_a_hand_change_right_after_the_supervisors_write_is_never_committed_as_its_own(make_ws, hand):
+    """The supervisor commits the paths it wrote about once a second: a record changed by hand
+    (or removed: the order was gone from the board) between its write and that commit went
+    into the supervisor's commit as its own, and the tamper watch never saw it. Now the commit
+    holds what the supervisor wrote; the hand change is put back and said, as a later one is."""
+    ws = team(make_ws)
+    with Supervisor(ws) as sup:
+        drop(ws, "chip", "a.md", order_md("Done at once", id="a"))
+        sup._intake_step()
+        sup._write_state()  # on disk and noted, its commit still to come
+        record = Store(ws.state).record_path("a")
+        written = record.read_text()
+        if hand == "edit":  # in place: same file, same size
+            with open(record, "r+") as f:
+                f.write(written.replace('"queued"', '"done!!"'))
+        elif hand == "remove":
+            record.unlink()
+        else:  # an editor's save: a new file renamed over it
+            other = record.with_name("edited")
+            other.write_text(written.replace('"queued"', '"done"'))
+            os.rename(other, record)
+        sup._flush()
+        assert git(ws.state, "show", "HEAD:orders/a/record.json") == written  # the supervisor's own
+        verify.watch_state(sup)
+        assert record.read_text() == written  # put back: the order is on the board as it was
+        sup.run_once(limit=30)
+    assert Store(ws.state).load("a").status == "done"
+    assert "done!!" not in git(ws.state, "log", "-p", "--", "orders/a/record.json")
+    silent = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert silent == ["state/ changed by hand (restored from git): orders/a/record.json"]
