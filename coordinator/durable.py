@@ -79,14 +79,16 @@ def _rename(src: Path | str, dst: Path | str, *, replace: bool) -> None:
             # again first, so that a note that fails (a full disk) means no rename. Noted after
             # it, a failure was either a rename said not made, or a write the journal's time
             # no longer covered (taken for a hand edit and put back at the next start).
-            note(dst)
+            note(dst, _stamp(src))
         rename(src, dst)
 
 # The supervisor commits exactly the paths it wrote, so that a hand edit in state/
 # is never swept into its commits; every write under a journaled root (state/) is noted.
 # With a journal file, each path is also appended there, with the time, before it is
-# written: after a crash, what is changed in state/ and not in the file (or changed after
-# the time the file gives) was not the supervisor's doing. One journal per root: two
+# written, and, where it is known then, what the write leaves there (inode, size, mtime:
+# `time:ino:size:mtime path`): after a crash, what is changed in state/ and not in the file
+# (or is not as the file says, or, where it does not say, changed after its time) was not
+# the supervisor's doing. One journal per root: two
 # supervisors in one process (tests) never take each other's paths.
 JOURNAL_SLACK_NS = 2_000_000_000  # a file changed this long after its noted write is another's change
 
@@ -97,6 +99,9 @@ JOURNAL_SLACK_NS = 2_000_000_000  # a file changed this long after its noted wri
 # never saw it. Now the bytes it wrote are committed instead (`data`, kept until the commit, up
 # to KEPT_LIMIT a batch), or, where they are not known, nothing, and the tamper watch puts the
 # file back and says so, as it does with an edit made after the commit.
+Stamp = tuple[int, int, int]  # (inode, size, mtime in ns) of a file as written
+
+
 class Wrote(NamedTuple):
     ino: int
     size: int
@@ -119,9 +124,9 @@ class _Journal:
         # as a folder or a write cut off: staged as found).
         self.paths: dict[str, Wrote | None] = {}
         self.kept = 0  # bytes of `data` in `paths`
-        # With a file: each path in it and the time its latest write was noted, kept there
+        # With a file: each path in it and its latest line's time (and stamp), kept there
         # until a compaction finds it committed (a time moved later would cover a hand edit).
-        self.times: dict[str, int] = {}
+        self.times: dict[str, str] = {}
         self.file = os.fspath(file) if file is not None else None
         self.fd = (os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
                    if file is not None else None)
@@ -175,7 +180,7 @@ def compact_journal(root: Path, uncommitted: Iterable[str] = ()) -> None:
     journal = _journals.get(prefix)
     if journal is None or journal.file is None or journal.fd is None:
         return
-    now = time.time_ns()
+    now = str(time.time_ns())
     times = journal.times
     journal.times = {p: times.get(p, now) for p in set(journal.paths).union(uncommitted)}
     lines = "".join(f"{when} {p[len(prefix):]}\n" for p, when in sorted(journal.times.items()))
@@ -199,19 +204,35 @@ def close_journal(root: Path, *, committed: bool = False) -> None:
             os.unlink(journal.file)
 
 
-def read_journal(file: Path) -> dict[str, int] | None:
-    """What a journal file says was written: path (relative to its root) -> latest time in ns;
-    None when there is no file, or none that can be read (nothing is known of the writes)."""
+class Noted(dict[str, int]):
+    """What a journal file says was written: path (relative to its root) -> latest time in ns,
+    and what each write left where its line says (`stamps`); `loose`: the paths noted at
+    least once without (a folder, an appended file), told by the time alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stamps: dict[str, set[Stamp]] = {}
+        self.loose: set[str] = set()
+
+
+def read_journal(file: Path) -> Noted | None:
+    """What a journal file says was written (see `Noted`); None when there is no file, or
+    none that can be read (nothing is known of the writes)."""
     try:
         raw = file.read_bytes()
     except OSError:
         return None
-    found: dict[str, int] = {}
+    found = Noted()
     lines = raw.decode("utf-8", "surrogateescape").split("\n")
     for n, line in enumerate(lines):
         when, _, path = line.partition(" ")
-        if path and when.isascii() and when.isdigit():
-            found[path] = max(found.get(path, 0), int(when))
+        fields = when.split(":")
+        if path and len(fields) in (1, 4) and all(f.isascii() and f.isdigit() for f in fields):
+            found[path] = max(found.get(path, 0), int(fields[0]))
+            if len(fields) == 4:
+                found.stamps.setdefault(path, set()).add((int(fields[1]), int(fields[2]), int(fields[3])))
+            else:
+                found.loose.add(path)
         elif line and n < len(lines) - 1:
             return None  # not a journal this code wrote: nothing is known from it
     return found  # (a last line a crash cut short is skipped)
@@ -237,15 +258,20 @@ def written_by_journal(rel: str, root: Path, written: dict[str, int]) -> bool:
         return False
     when = written[noted]
     try:
-        changed = os.lstat(os.path.join(root, rel)).st_ctime_ns
+        st = os.lstat(os.path.join(root, rel))
     except FileNotFoundError:
         return True
-    return changed <= when + JOURNAL_SLACK_NS
+    if isinstance(written, Noted) and noted in written.stamps:  # as one of its writes left it, or not
+        if stat.S_ISREG(st.st_mode) and (st.st_ino, st.st_size, st.st_mtime_ns) in written.stamps[noted]:
+            return True
+        if noted not in written.loose:
+            return False
+    return st.st_ctime_ns <= when + JOURNAL_SLACK_NS
 
 
-def note(path: Path | str) -> None:
+def note(path: Path | str, stamp: Stamp | None = None) -> None:
     """Record a path about to be written or removed (call it before, so that the journal
-    file never misses a write a crash cut off)."""
+    file never misses a write a crash cut off); `stamp`: what the write leaves there."""
     if not _journals:
         return
     p = os.fspath(path)
@@ -254,8 +280,18 @@ def note(path: Path | str) -> None:
             _forget(journal, p)
             journal.paths[p] = None  # what it holds is known once written (`_wrote`)
             if journal.fd is not None:
-                now = journal.times[p] = time.time_ns()
-                _append_whole(journal.fd, f"{now} {p[len(prefix):]}\n".encode("utf-8", "surrogateescape"))
+                when = str(time.time_ns()) if stamp is None else ":".join(map(str, (time.time_ns(), *stamp)))
+                journal.times[p] = when
+                _append_whole(journal.fd, f"{when} {p[len(prefix):]}\n".encode("utf-8", "surrogateescape"))
+
+
+def _stamp(path: Path | str) -> Stamp | None:
+    """What the regular file at `path` is, for a journal line; None for anything else."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
 
 
 def _forget(journal: _Journal, path: str) -> None:
@@ -320,8 +356,9 @@ def write_bytes(target: Path, data: bytes, *, sync: bool = True, mode: int = 0o6
             os.unlink(tmp)
         raise
     os.close(fd)
+    stamp = None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)
     try:
-        note(target)  # fails on a full disk (the journal): the write is then not made
+        note(target, stamp)  # fails on a full disk (the journal): the write is then not made
         _rename(tmp, target, replace=True)
     except OSError:
         with contextlib.suppress(OSError):
@@ -464,11 +501,17 @@ def read_json(target: Path | str) -> Any:
 
 def move(src: Path, dst: Path, *, sync: bool = True) -> None:
     """Rename `src` to `dst` (same file system) and make the rename durable."""
+    st = None
+    if _journals:
+        with contextlib.suppress(OSError):  # the rename says it
+            st = os.lstat(src)  # kept by the rename: what `dst` is checked against (`Wrote`)
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        st = None
+    stamp = None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)
     note(src)
-    note(dst)
-    st = os.lstat(src) if _journals else None  # kept by the rename: what the batch checks `dst` against
+    note(dst, stamp)
     _rename(src, dst, replace=False)
-    if st is not None and stat.S_ISREG(st.st_mode):
+    if st is not None:
         _wrote(os.fspath(dst), st, None)
     if sync:
         fsync_dir(dst.parent)
