@@ -363,6 +363,10 @@ class StateRepo(Trail):
         blobs: list[tuple[str, durable.Wrote]] = []
         for r in rel:
             wrote = by_rel.get(r)
+            if wrote is not None and wrote.appended is not None:
+                # Appended to: what the last commit holds and the lines, whatever is there now.
+                blobs.append((r, wrote._replace(data=(self.blob(f"HEAD:{r}") or b"") + wrote.appended)))
+                continue
             if wrote is not None:
                 try:
                     st: os.stat_result | None = os.lstat(os.path.join(root, r))

@@ -108,6 +108,9 @@ class Wrote(NamedTuple):
     mtime_ns: int
     mode: int
     data: bytes | None
+    # A file appended to (signals.jsonl): what was appended since the last batch, to go on
+    # top of what the last commit holds, whatever the file holds now (a line cut out by hand).
+    appended: bytes | None = None
 
     def still(self, st: os.stat_result) -> bool:
         """Whether `st` (an lstat) is the file as written."""
@@ -124,6 +127,7 @@ class _Journal:
         # as a folder or a write cut off: staged as found).
         self.paths: dict[str, Wrote | None] = {}
         self.kept = 0  # bytes of `data` in `paths`
+        self.appends: dict[str, bytes] = {}  # lines appended to a path since the last `take_journal`
         # With a file: each path in it and its latest line's time (and stamp), kept there
         # until a compaction finds it committed (a time moved later would cover a hand edit).
         self.times: dict[str, str] = {}
@@ -151,7 +155,7 @@ def take_journal(root: Path) -> dict[str, Wrote | None]:
     journal = _journals.get(_prefix(root))
     if journal is None:
         return {}
-    taken, journal.paths, journal.kept = journal.paths, {}, 0
+    taken, journal.paths, journal.kept, journal.appends = journal.paths, {}, 0, {}
     return taken
 
 
@@ -165,6 +169,15 @@ def give_back(root: Path, written: dict[str, Wrote | None]) -> None:
             if path not in journal.paths:
                 journal.paths[path] = wrote
                 journal.kept += len(wrote.data) if wrote is not None and wrote.data is not None else 0
+                if wrote is not None and wrote.appended is not None:
+                    journal.appends[path] = wrote.appended
+                continue
+            now = journal.paths[path]
+            if wrote is not None and wrote.appended is not None and path in journal.appends:
+                # Appended to again since: the lines of the failed commit come first.
+                journal.appends[path] = wrote.appended + journal.appends[path]
+                if now is not None and now.appended is not None:
+                    journal.paths[path] = now._replace(appended=journal.appends[path])
 
 
 def peek_journal(root: Path) -> set[str]:
@@ -312,6 +325,16 @@ def _wrote(path: str, st: os.stat_result, data: bytes | None) -> None:
             if keep and data is not None:
                 journal.kept += len(data)
             journal.paths[path] = Wrote(st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode, data if keep else None)
+            journal.appends.pop(path, None)  # written whole: what was appended before is in it
+
+
+def _appended(path: str, st: os.stat_result, data: bytes) -> None:
+    """`data` was appended to `path` (noted), which `st` now describes: see `Wrote.appended`."""
+    for prefix, journal in _journals.items():
+        if path.startswith(prefix) and path in journal.paths:
+            _forget(journal, path)
+            appended = journal.appends[path] = journal.appends.get(path, b"") + data
+            journal.paths[path] = Wrote(st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode, None, appended)
 
 
 _APPENDING = threading.Lock()
@@ -524,10 +547,14 @@ def append_line(target: Path, line: str) -> None:
     note(target)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
     try:
-        _append_whole(fd, (line.rstrip("\n") + "\n").encode("utf-8"))
+        data = (line.rstrip("\n") + "\n").encode("utf-8")
+        _append_whole(fd, data)
         os.fsync(fd)
+        st = os.fstat(fd) if _journals else None
     finally:
         os.close(fd)
+    if st is not None:
+        _appended(os.fspath(target), st, data)
 
 
 def clean_temps(folder: Path) -> int:
