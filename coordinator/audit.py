@@ -22,7 +22,7 @@ import re
 import stat
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -200,20 +200,22 @@ class StateRepo(Trail):
         """Stage again, before what was staged since, the lines of batches whose commit failed."""
         self._pending[:0] = [(actor, line) for b in batches for actor, lines, _ in b.groups for line in lines]
 
-    def flush(self, paths: set[str] | None = None) -> int:
+    def flush(self, paths: set[str] | dict[str, durable.Wrote | None] | None = None) -> int:
         """Commit every staged line now; see `take` and `write`."""
         batch = self.take(paths)
         return self.write(batch) if batch is not None else 0
 
-    def take(self, paths: set[str] | None = None) -> Batch | None:
+    def take(self, paths: set[str] | dict[str, durable.Wrote | None] | None = None) -> Batch | None:
         """The staged lines, grouped into commits, with the files to stage for them.
 
         With `paths`, only those files are staged (the supervisor's own writes), so a
-        hand edit elsewhere in state/ stays visible to the tamper watch.
+        hand edit elsewhere in state/ stays visible to the tamper watch; given with what
+        was written there (`durable.take_journal`), each only as written (see `add`).
         """
         if not self._pending:
             return None
-        batch = Batch(_group(self._pending), None if paths is None else set(paths))
+        written = {p: w for p, w in paths.items() if w is not None} if isinstance(paths, dict) else {}
+        batch = Batch(_group(self._pending), None if paths is None else set(paths), written)
         self._pending.clear()
         return batch
 
@@ -233,7 +235,7 @@ class StateRepo(Trail):
             if batch.paths is None:
                 self.git(*packed(), "add", "-A", ".")
             else:
-                self.add(batch.paths)
+                self.add(batch.paths, batch.written)
         for _ in range(3):
             base = self.head()
             if self.mine is not None and base != self.mine:
@@ -315,13 +317,19 @@ class StateRepo(Trail):
         return sorted({os.path.relpath(p, root) for p in (os.path.abspath(x) for x in paths)
                        if p == root or p.startswith(root + os.sep)})
 
-    def add(self, paths: set[str]) -> None:
+    def add(self, paths: set[str], written: dict[str, durable.Wrote] | None = None) -> None:
+        """Stage `paths`; one `written` names (what the supervisor left there) is staged only
+        as written: changed or removed since (by hand, within the second before the commit),
+        what it wrote is staged instead where it is known, else nothing, and the file stays
+        changed for the tamper watch to put back and say."""
         root = str(self.path.resolve())
         rel = self._relative(paths)
         # Claimed files pass through intake/ within one step and were never committed:
         # a pathspec for them would not match.
         rel = [r for r in rel if not r.startswith(".git")
                and not (r.startswith("intake/") and not os.path.lexists(os.path.join(root, r)))]
+        if written:
+            rel = self._as_written(root, rel, written)
         if not rel:
             return
         # Files and links go by exact path to update-index: `git add` matched every index entry
@@ -345,6 +353,50 @@ class StateRepo(Trail):
         if folders:
             spec.write_bytes("\0".join(folders).encode())
             self.git(*packed(), "add", "-A", f"--pathspec-from-file={spec}", "--pathspec-file-nul", literal=True)
+
+    def _as_written(self, root: str, rel: list[str], written: dict[str, durable.Wrote]) -> list[str]:
+        """`rel` but the paths no longer as the supervisor wrote them (`written`, by absolute
+        path); of those, what it wrote is staged here where its bytes are known."""
+        top = root + os.sep  # as `_relative` keeps them (a prefix cut: relpath was 5 us a path)
+        by_rel = {p[len(top):]: w for p, w in written.items() if p.startswith(top)}
+        keep: list[str] = []
+        blobs: list[tuple[str, durable.Wrote]] = []
+        for r in rel:
+            wrote = by_rel.get(r)
+            if wrote is not None and wrote.appended is not None:
+                # Appended to: what the last commit holds and the lines, whatever is there now.
+                blobs.append((r, wrote._replace(data=(self.blob(f"HEAD:{r}") or b"") + wrote.appended)))
+                continue
+            if wrote is not None:
+                try:
+                    st: os.stat_result | None = os.lstat(os.path.join(root, r))
+                except OSError:  # gone, or a folder above it made a file
+                    st = None
+                if st is None or not wrote.still(st):
+                    if wrote.data is not None:
+                        blobs.append((r, wrote))
+                    continue
+            keep.append(r)
+        if blobs:
+            folder = self.path / ".git" / "coordinator-blobs"
+            folder.mkdir(exist_ok=True)
+            files = []
+            for n, (_, wrote) in enumerate(blobs):
+                (folder / str(n)).write_bytes(wrote.data or b"")
+                files.append(f".git/coordinator-blobs/{n}")
+            spec = self.path / ".git" / "coordinator-pathspec"
+            spec.write_bytes("\n".join(files).encode("utf-8", "surrogateescape"))
+            with spec.open("rb") as stdin:
+                shas = self.git("hash-object", "-w", "--stdin-paths", stdin=stdin).split()
+            entries = "".join(f"{'100755' if w.mode & stat.S_IXUSR else '100644'} {sha}\t{r}\0"
+                              for (r, w), sha in zip(blobs, shas, strict=True))
+            spec.write_bytes(entries.encode("utf-8", "surrogateescape"))
+            with spec.open("rb") as stdin:
+                self.git("update-index", "-z", "--index-info", stdin=stdin)
+            for f in files:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path / f)
+        return keep
 
     def commit_now(self, actor: str, line: str) -> None:
         self.stage(actor, line)
@@ -442,6 +494,7 @@ class Batch:
 
     groups: list[tuple[str, list[str], list[str]]]
     paths: set[str] | None
+    written: dict[str, durable.Wrote] = field(default_factory=dict)  # what the supervisor left at a path
 
 
 def _message(lines: list[str]) -> str:

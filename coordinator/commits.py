@@ -143,7 +143,10 @@ class Commits:
 
     def _give_back(self, batches: list[Batch]) -> None:
         self.audit.restage(batches)
-        durable.give_back(self.ws.state, (p for b in batches for p in b.paths or ()))
+        # Newest first: a path a later batch wrote again keeps what that write left, and the
+        # lines an earlier one appended go in front of the later one's.
+        for b in reversed(batches):
+            durable.give_back(self.ws.state, {p: b.written.get(p) for p in b.paths or ()})
 
     def _committer_thread(self) -> Committer:
         """The thread that commits state/ for the running loop, started when first needed."""

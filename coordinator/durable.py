@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 TMP_PREFIX = ".tmp-"
 
@@ -79,24 +79,58 @@ def _rename(src: Path | str, dst: Path | str, *, replace: bool) -> None:
             # again first, so that a note that fails (a full disk) means no rename. Noted after
             # it, a failure was either a rename said not made, or a write the journal's time
             # no longer covered (taken for a hand edit and put back at the next start).
-            note(dst)
+            note(dst, _stamp(src))
         rename(src, dst)
 
 # The supervisor commits exactly the paths it wrote, so that a hand edit in state/
 # is never swept into its commits; every write under a journaled root (state/) is noted.
 # With a journal file, each path is also appended there, with the time, before it is
-# written: after a crash, what is changed in state/ and not in the file (or changed after
-# the time the file gives) was not the supervisor's doing. One journal per root: two
+# written, and, where it is known then, what the write leaves there (inode, size, mtime:
+# `time:ino:size:mtime path`): after a crash, what is changed in state/ and not in the file
+# (or is not as the file says, or, where it does not say, changed after its time) was not
+# the supervisor's doing. One journal per root: two
 # supervisors in one process (tests) never take each other's paths.
 JOURNAL_SLACK_NS = 2_000_000_000  # a file changed this long after its noted write is another's change
 
 
+# What the supervisor left at a path it wrote, taken from the fd it wrote with (no read-back):
+# a batch stages the file only while it is still so. A file changed or removed by hand between
+# the write and the commit (a second or so) was committed as the supervisor's: the tamper watch
+# never saw it. Now the bytes it wrote are committed instead (`data`, kept until the commit, up
+# to KEPT_LIMIT a batch), or, where they are not known, nothing, and the tamper watch puts the
+# file back and says so, as it does with an edit made after the commit.
+Stamp = tuple[int, int, int]  # (inode, size, mtime in ns) of a file as written
+
+
+class Wrote(NamedTuple):
+    ino: int
+    size: int
+    mtime_ns: int
+    mode: int
+    data: bytes | None
+    # A file appended to (signals.jsonl): what was appended since the last batch, to go on
+    # top of what the last commit holds, whatever the file holds now (a line cut out by hand).
+    appended: bytes | None = None
+
+    def still(self, st: os.stat_result) -> bool:
+        """Whether `st` (an lstat) is the file as written."""
+        return (st.st_ino == self.ino and st.st_size == self.size and st.st_mtime_ns == self.mtime_ns
+                and stat.S_ISREG(st.st_mode))
+
+
+KEPT_LIMIT = 64 << 20  # bytes of written files kept for one batch; past it, only their stamps
+
+
 class _Journal:
     def __init__(self, file: Path | None) -> None:
-        self.paths: set[str] = set()  # noted since the last `take_journal`
-        # With a file: each path in it and the time its latest write was noted, kept there
+        # Noted since the last `take_journal`, with what was left there (None: not known, such
+        # as a folder or a write cut off: staged as found).
+        self.paths: dict[str, Wrote | None] = {}
+        self.kept = 0  # bytes of `data` in `paths`
+        self.appends: dict[str, bytes] = {}  # lines appended to a path since the last `take_journal`
+        # With a file: each path in it and its latest line's time (and stamp), kept there
         # until a compaction finds it committed (a time moved later would cover a hand edit).
-        self.times: dict[str, int] = {}
+        self.times: dict[str, str] = {}
         self.file = os.fspath(file) if file is not None else None
         self.fd = (os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
                    if file is not None else None)
@@ -115,21 +149,35 @@ def open_journal(root: Path, file: Path | None = None) -> None:
     _journals[_prefix(root)] = _Journal(file)
 
 
-def take_journal(root: Path) -> set[str]:
-    """The paths written under `root` since the last call (and keep journaling)."""
+def take_journal(root: Path) -> dict[str, Wrote | None]:
+    """The paths written under `root` since the last call, each with what was written there
+    (see `Wrote`), and keep journaling."""
     journal = _journals.get(_prefix(root))
     if journal is None:
-        return set()
-    taken, journal.paths = journal.paths, set()
+        return {}
+    taken, journal.paths, journal.kept, journal.appends = journal.paths, {}, 0, {}
     return taken
 
 
-def give_back(root: Path, paths: Iterable[str]) -> None:
+def give_back(root: Path, written: dict[str, Wrote | None]) -> None:
     """Paths taken from `root`'s journal whose commit failed: noted as not yet taken again,
-    so that they go with the next commit and no compaction drops them meanwhile."""
+    so that they go with the next commit and no compaction drops them meanwhile (a path
+    written again since keeps what that write left)."""
     journal = _journals.get(_prefix(root))
     if journal is not None:
-        journal.paths.update(paths)
+        for path, wrote in written.items():
+            if path not in journal.paths:
+                journal.paths[path] = wrote
+                journal.kept += len(wrote.data) if wrote is not None and wrote.data is not None else 0
+                if wrote is not None and wrote.appended is not None:
+                    journal.appends[path] = wrote.appended
+                continue
+            now = journal.paths[path]
+            if wrote is not None and wrote.appended is not None and path in journal.appends:
+                # Appended to again since: the lines of the failed commit come first.
+                journal.appends[path] = wrote.appended + journal.appends[path]
+                if now is not None and now.appended is not None:
+                    journal.paths[path] = now._replace(appended=journal.appends[path])
 
 
 def peek_journal(root: Path) -> set[str]:
@@ -145,9 +193,9 @@ def compact_journal(root: Path, uncommitted: Iterable[str] = ()) -> None:
     journal = _journals.get(prefix)
     if journal is None or journal.file is None or journal.fd is None:
         return
-    now = time.time_ns()
+    now = str(time.time_ns())
     times = journal.times
-    journal.times = {p: times.get(p, now) for p in journal.paths.union(uncommitted)}
+    journal.times = {p: times.get(p, now) for p in set(journal.paths).union(uncommitted)}
     lines = "".join(f"{when} {p[len(prefix):]}\n" for p, when in sorted(journal.times.items()))
     tmp = f"{journal.file}.new"
     with open(tmp, "wb") as f:
@@ -169,19 +217,35 @@ def close_journal(root: Path, *, committed: bool = False) -> None:
             os.unlink(journal.file)
 
 
-def read_journal(file: Path) -> dict[str, int] | None:
-    """What a journal file says was written: path (relative to its root) -> latest time in ns;
-    None when there is no file, or none that can be read (nothing is known of the writes)."""
+class Noted(dict[str, int]):
+    """What a journal file says was written: path (relative to its root) -> latest time in ns,
+    and what each write left where its line says (`stamps`); `loose`: the paths noted at
+    least once without (a folder, an appended file), told by the time alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stamps: dict[str, set[Stamp]] = {}
+        self.loose: set[str] = set()
+
+
+def read_journal(file: Path) -> Noted | None:
+    """What a journal file says was written (see `Noted`); None when there is no file, or
+    none that can be read (nothing is known of the writes)."""
     try:
         raw = file.read_bytes()
     except OSError:
         return None
-    found: dict[str, int] = {}
+    found = Noted()
     lines = raw.decode("utf-8", "surrogateescape").split("\n")
     for n, line in enumerate(lines):
         when, _, path = line.partition(" ")
-        if path and when.isascii() and when.isdigit():
-            found[path] = max(found.get(path, 0), int(when))
+        fields = when.split(":")
+        if path and len(fields) in (1, 4) and all(f.isascii() and f.isdigit() for f in fields):
+            found[path] = max(found.get(path, 0), int(fields[0]))
+            if len(fields) == 4:
+                found.stamps.setdefault(path, set()).add((int(fields[1]), int(fields[2]), int(fields[3])))
+            else:
+                found.loose.add(path)
         elif line and n < len(lines) - 1:
             return None  # not a journal this code wrote: nothing is known from it
     return found  # (a last line a crash cut short is skipped)
@@ -207,24 +271,70 @@ def written_by_journal(rel: str, root: Path, written: dict[str, int]) -> bool:
         return False
     when = written[noted]
     try:
-        changed = os.lstat(os.path.join(root, rel)).st_ctime_ns
+        st = os.lstat(os.path.join(root, rel))
     except FileNotFoundError:
         return True
-    return changed <= when + JOURNAL_SLACK_NS
+    if isinstance(written, Noted) and noted in written.stamps:  # as one of its writes left it, or not
+        if stat.S_ISREG(st.st_mode) and (st.st_ino, st.st_size, st.st_mtime_ns) in written.stamps[noted]:
+            return True
+        if noted not in written.loose:
+            return False
+    return st.st_ctime_ns <= when + JOURNAL_SLACK_NS
 
 
-def note(path: Path | str) -> None:
+def note(path: Path | str, stamp: Stamp | None = None) -> None:
     """Record a path about to be written or removed (call it before, so that the journal
-    file never misses a write a crash cut off)."""
+    file never misses a write a crash cut off); `stamp`: what the write leaves there."""
     if not _journals:
         return
     p = os.fspath(path)
     for prefix, journal in _journals.items():
         if p.startswith(prefix):
-            journal.paths.add(p)
+            _forget(journal, p)
+            journal.paths[p] = None  # what it holds is known once written (`_wrote`)
             if journal.fd is not None:
-                now = journal.times[p] = time.time_ns()
-                _append_whole(journal.fd, f"{now} {p[len(prefix):]}\n".encode("utf-8", "surrogateescape"))
+                when = str(time.time_ns()) if stamp is None else ":".join(map(str, (time.time_ns(), *stamp)))
+                journal.times[p] = when
+                _append_whole(journal.fd, f"{when} {p[len(prefix):]}\n".encode("utf-8", "surrogateescape"))
+
+
+def _stamp(path: Path | str) -> Stamp | None:
+    """What the regular file at `path` is, for a journal line; None for anything else."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+
+
+def _forget(journal: _Journal, path: str) -> None:
+    old = journal.paths.get(path)
+    if old is not None and old.data is not None:
+        journal.kept -= len(old.data)
+
+
+def _wrote(path: str, st: os.stat_result, data: bytes | None) -> None:
+    """`path` (noted) now holds what `st` (an fstat of the fd it was written with) says, and
+    `data` when known: a batch stages it only while it is so (see `Wrote`)."""
+    if not _journals:
+        return
+    for prefix, journal in _journals.items():
+        if path.startswith(prefix) and path in journal.paths:
+            _forget(journal, path)
+            keep = data is not None and journal.kept + len(data) <= KEPT_LIMIT
+            if keep and data is not None:
+                journal.kept += len(data)
+            journal.paths[path] = Wrote(st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode, data if keep else None)
+            journal.appends.pop(path, None)  # written whole: what was appended before is in it
+
+
+def _appended(path: str, st: os.stat_result, data: bytes) -> None:
+    """`data` was appended to `path` (noted), which `st` now describes: see `Wrote.appended`."""
+    for prefix, journal in _journals.items():
+        if path.startswith(prefix) and path in journal.paths:
+            _forget(journal, path)
+            appended = journal.appends[path] = journal.appends.get(path, b"") + data
+            journal.paths[path] = Wrote(st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode, None, appended)
 
 
 _APPENDING = threading.Lock()
@@ -262,19 +372,23 @@ def write_bytes(target: Path, data: bytes, *, sync: bool = True, mode: int = 0o6
             view = view[n:]
         if sync:
             os.fsync(fd)
+        st = os.fstat(fd) if _journals else None  # what the batch checks the file against
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     os.close(fd)
+    stamp = None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)
     try:
-        note(target)  # fails on a full disk (the journal): the write is then not made
+        note(target, stamp)  # fails on a full disk (the journal): the write is then not made
         _rename(tmp, target, replace=True)
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if st is not None:
+        _wrote(os.fspath(target), st, bytes(data))
     if sync:
         fsync_dir(folder)
 
@@ -410,9 +524,18 @@ def read_json(target: Path | str) -> Any:
 
 def move(src: Path, dst: Path, *, sync: bool = True) -> None:
     """Rename `src` to `dst` (same file system) and make the rename durable."""
+    st = None
+    if _journals:
+        with contextlib.suppress(OSError):  # the rename says it
+            st = os.lstat(src)  # kept by the rename: what `dst` is checked against (`Wrote`)
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        st = None
+    stamp = None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)
     note(src)
-    note(dst)
+    note(dst, stamp)
     _rename(src, dst, replace=False)
+    if st is not None:
+        _wrote(os.fspath(dst), st, None)
     if sync:
         fsync_dir(dst.parent)
         if src.parent != dst.parent:
@@ -424,10 +547,14 @@ def append_line(target: Path, line: str) -> None:
     note(target)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
     try:
-        _append_whole(fd, (line.rstrip("\n") + "\n").encode("utf-8"))
+        data = (line.rstrip("\n") + "\n").encode("utf-8")
+        _append_whole(fd, data)
         os.fsync(fd)
+        st = os.fstat(fd) if _journals else None
     finally:
         os.close(fd)
+    if st is not None:
+        _appended(os.fspath(target), st, data)
 
 
 def clean_temps(folder: Path) -> int:

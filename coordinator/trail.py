@@ -138,6 +138,19 @@ class Trail:
                 if stdin is not None:
                     stdin.seek(0)
 
+    def blob(self, spec: str) -> bytes | None:
+        """The bytes of the blob `spec` names (`HEAD:signals.jsonl`); None when it names none."""
+        try:
+            self.git("cat-file", "-e", spec)
+        except GitError:
+            return None
+        try:  # as bytes, never decoded: it is committed again as it is
+            out: bytes = self._cmd.execute(["git", *GIT_OPTS, "cat-file", "blob", spec], env=trusted_env(SUPERVISOR),
+                                           stdout_as_string=False, strip_newline_in_stdout=False)
+        except git.GitCommandError as e:
+            raise GitError(f"git cat-file blob {spec} failed in state/: {_stderr(e)}{_damaged(_stderr(e))}") from None
+        return out
+
     def head(self) -> str:
         """The commit HEAD names ("" before the first), read from the ref files when they are
         plain (a git process per batch saved), else asked of git."""

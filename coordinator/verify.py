@@ -149,7 +149,7 @@ def _verify_once(ws: Workspace) -> list[Finding]:
 
 def _state_findings(ws: Workspace, state: trail.Trail) -> list[Finding]:
     findings: list[Finding] = []
-    written = durable.read_journal(ws.state_journal) or {}
+    written: dict[str, int] = durable.read_journal(ws.state_journal) or {}
     for path in state.dirty(optional_locks=False):  # beside a running supervisor: never in its way
         findings.append(Finding("state-uncommitted", f"state/{path}", _uncommitted(ws, path, written)))
     for line in state.foreign_commits():

@@ -1615,3 +1615,93 @@ def test_a_git_version_that_could_not_be_told_once_is_asked_again(monkeypatch, t
     found = audit.git_version()
     assert found >= (2, 0)
     assert audit.packed() == (audit._PACKED if found >= (2, 37) else ())
+
+
+@pytest.mark.parametrize("hand", ["edit", "remove", "replace"])
+def test_a_hand_change_right_after_the_supervisors_write_is_never_committed_as_its_own(make_ws, hand):
+    """The supervisor commits the paths it wrote about once a second: a record changed by hand
+    (or removed: the order was gone from the board) between its write and that commit went
+    into the supervisor's commit as its own, and the tamper watch never saw it. Now the commit
+    holds what the supervisor wrote; the hand change is put back and said, as a later one is."""
+    ws = team(make_ws)
+    with Supervisor(ws) as sup:
+        drop(ws, "chip", "a.md", order_md("Done at once", id="a"))
+        sup._intake_step()
+        sup._write_state()  # on disk and noted, its commit still to come
+        record = Store(ws.state).record_path("a")
+        written = record.read_text()
+        if hand == "edit":  # in place: same file, same size
+            with open(record, "r+") as f:
+                f.write(written.replace('"queued"', '"done!!"'))
+        elif hand == "remove":
+            record.unlink()
+        else:  # an editor's save: a new file renamed over it
+            other = record.with_name("edited")
+            other.write_text(written.replace('"queued"', '"done"'))
+            os.rename(other, record)
+        sup._flush()
+        assert git(ws.state, "show", "HEAD:orders/a/record.json") == written  # the supervisor's own
+        verify.watch_state(sup)
+        assert record.read_text() == written  # put back: the order is on the board as it was
+        sup.run_once(limit=30)
+    assert Store(ws.state).load("a").status == "done"
+    assert "done!!" not in git(ws.state, "log", "-p", "--", "orders/a/record.json")
+    silent = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert silent == ["state/ changed by hand (restored from git): orders/a/record.json"]
+
+
+def test_a_signal_taken_out_by_hand_right_after_it_was_recorded_stays_in_the_trail(make_ws):
+    """Signals are appended to state/signals.jsonl and committed with the next batch: a line
+    cut out by hand before that commit (hiding the signal of one's own tampering) went into
+    the supervisor's commit as its own, and the signal was gone from the file and from git.
+    Now the commit holds the lines the supervisor appended; the file is put back, and said."""
+    ws = team(make_ws)
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=10)
+        (ws.state / "README.md").write_text("changed\n")
+        verify.watch_state(sup)  # puts it back and appends a signal, committed with the next batch
+        path = signals.signals_path(ws.state)
+        lines = path.read_text().splitlines(keepends=True)
+        assert "README.md" in lines[-1]
+        path.write_text("".join(lines[:-1]))  # by hand, before the commit
+        sup._flush()
+        assert git(ws.state, "show", "HEAD:signals.jsonl") == "".join(lines)
+        verify.watch_state(sup)
+    evidence = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert evidence == ["state/ changed by hand (restored from git): README.md",
+                        "state/ changed by hand (restored from git): signals.jsonl"]
+    assert git(ws.state, "status", "--porcelain") == ""
+
+
+def test_signals_of_two_batches_a_lock_kept_from_their_commits_are_both_committed_after(make_ws, monkeypatch):
+    """Two batches handed to the committer thread while a person's git holds state/'s index:
+    both come back to be committed with the next one. The signals appended in each went
+    with it: taken back, the later batch's lines stood for both, and the commit after left
+    the first signal out (and the tamper watch then cut it from the file)."""
+    from test_faults import state_index_held
+
+    from coordinator import trail
+
+    monkeypatch.setattr(trail, "LOCK_WAIT", 0.3)  # what a commit waits for a lock (5 s otherwise)
+    ws = team(make_ws)
+    said: list[str] = []
+    with Supervisor(ws, log=said.append) as sup:
+        sup.run_once(limit=10)
+        with state_index_held(ws) as release:
+            sup.signal("silent", agent=None, order=None, evidence="the first one")
+            sup._flush(background=True)  # its commit waits for the lock, then fails
+            sup.signal("silent", agent=None, order=None, evidence="the second one")
+            sup._flush(background=True)  # handed over behind it: passed over
+            assert sup._committer is not None
+            sup._committer.drain()
+            release()
+        sup.drain_commits(stop=False)  # both taken back, to go with the next batch
+        assert any(line.startswith("WARNING: could not commit state/") for line in said)
+        sup.audit.stage("coordinator", "the next batch")
+        sup._flush()
+        committed = git(ws.state, "show", "HEAD:signals.jsonl")
+        assert "the first one" in committed and "the second one" in committed
+        verify.watch_state(sup)
+    evidence = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert evidence == ["the first one", "the second one"]
+    assert git(ws.state, "status", "--porcelain") == ""

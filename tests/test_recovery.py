@@ -1544,3 +1544,38 @@ def test_a_request_resumed_after_a_crash_keeps_no_git_the_orchestrator_planted(m
     for folder in kept:
         subprocess.run(["git", "status"], cwd=folder, capture_output=True, check=False)
     assert not (probe_of(ws) / "ran").exists(), "a person's git ran the orchestrator's program"
+
+
+@pytest.mark.parametrize("hand", ["edit", "replace"])
+def test_a_hand_change_right_after_a_crash_is_not_committed_as_the_supervisors(make_ws, hand):
+    """A start after a crash commits what the dead supervisor wrote, as its journal tells: a
+    file changed within two seconds of its noted write passed as that write (the journal gave
+    only the time), and the hand change was committed in the recovery commit. The journal now
+    says what each write left: the change is put back and signalled."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("true")}})
+    first = Supervisor(ws)
+    first.open()
+    drop(ws, "chip", "a.md", order_md("Counted once", id="a"))
+    first._intake_step()
+    first._write_state()  # on disk and journaled, never committed: then it dies
+    abandon(first)
+    record = Store(ws.state).record_path("a")
+    written = record.read_text()
+    if hand == "edit":  # in place, the same size
+        with open(record, "r+") as f:
+            f.write(written.replace('"queued"', '"done!!"'))
+    else:  # an editor's save: a new file renamed over it
+        other = record.with_name("edited")
+        other.write_text(written.replace('"queued"', '"done"'))
+        os.rename(other, record)
+    said = {str(f) for f in verify(ws) if f.where == "state/orders/a/record.json"}
+    assert said == {"state-uncommitted: state/orders/a/record.json: changed but not committed by the supervisor"}
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+    assert "done!!" not in git(ws.state, "log", "-p", "--", "orders/a/record.json")
+    recovered = git(ws.state, "log", "--format=%B", "--grep=recovery: commit state")
+    assert "orders/a/record.json" not in recovered
+    silent = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert silent == ["state/ changed by hand while no supervisor ran (restored from git): orders/a/record.json"]
+    assert Store(ws.state).load("a").status == "done"  # filed again from its original: never lost
+    assert git(ws.state, "status", "--porcelain") == ""
