@@ -378,6 +378,10 @@ class Client:
         chunks (a server that trickles its answer cannot hold the attempt past its time). No
         read waits longer than the time left."""
         timeout = self.settings.timeout
+        # llm.timeout bounds the whole call, not each read: a server that trickles keep-alive
+        # whitespace (a hung upstream behind a proxy) held the attempt to the order's timeout,
+        # and the retries and the fallback models were never asked.
+        call_end = self._clock() + timeout
         if self.deadline is not None:
             left = self.deadline - self._clock()
             if left <= 0:
@@ -402,6 +406,8 @@ class Client:
                     raise _Failure(f"the answer is larger than {MAX_ANSWER_BYTES >> 20} MiB; cut off",
                                    status=response.status_code, retry=True)
                 self._check_cut(chunks)
+                if self._clock() > call_end and not _whole_json(chunks):
+                    raise httpx.ReadTimeout("the call took longer than llm.timeout")
         self._check_cut(chunks)  # a stop that shut the connection ends the answer early, not whole
         # Decoded already (gzip and the like): the whole answer, as a plain response.
         kept = [(k, v) for k, v in response.headers.multi_items()

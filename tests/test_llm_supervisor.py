@@ -1056,6 +1056,33 @@ def test_a_model_that_trickles_its_answer_is_stopped_by_the_orders_timeout_or_a_
         assert [u["status"] for u in rec.usage] == [None]  # cut at the deadline, never retried
 
 
+def test_a_model_that_trickles_its_answer_is_cut_at_llm_timeout_and_the_fallback_answers(make_ws, fake):
+    """A proxy that sends keep-alive whitespace for a hung model: every read comes in time, but
+    the call is over at llm.timeout, and the fallback model does the work (not the order's
+    timeout, minutes later, with no fallback ever asked)."""
+    import time
+
+    trickle = Trickle()
+    try:
+        chip = coder(fake)
+        chip["llm"] = {"base_url": trickle.base_url, "model": "hung", "max_retries": 0, "timeout": "1s",
+                       "fallback": [{"model": "m", "base_url": fake.base_url}]}
+        ws = make_ws({"chip": chip})
+        fake.script(content=reply(write("webapp/src/greeting.py")))
+        drop(ws, "chip", "g.md", order_md("The app greets people", id="g", acceptance=CHECKED,
+                                          files=("webapp/src/greeting.py",)))
+        started = time.monotonic()
+        run(ws)
+        took = time.monotonic() - started
+    finally:
+        trickle.close()
+    rec = load(ws, "g")
+    assert rec.status == "done", rec.report
+    assert took < 20, took  # not the minute the server trickles on
+    assert [(u["model"], u["status"]) for u in rec.usage] == [("hung", None), ("m", 200)]
+    assert "timed out after 1s" in rec.usage[0]["error"]
+
+
 def test_a_cancel_lets_go_of_a_model_still_thinking_and_frees_the_agents_slot(make_ws, fake):
     """A server that sends nothing for 30 s (a model thinking, no streaming): a cancel ends
     the call at once, and the next order of the agent starts."""
