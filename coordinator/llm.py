@@ -329,7 +329,7 @@ class Client:
             body["max_tokens"] = self.settings.max_tokens
         if use_format:
             body["response_format"] = {"type": "json_object"}
-        url = f"{endpoint.base_url.rstrip('/')}/chat/completions"
+        url = completions_url(endpoint.base_url)
         try:
             response = self._fetch(http, url, body, headers)
         except httpx.TimeoutException:
@@ -601,6 +601,16 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def completions_url(base_url: str) -> str:
+    """The chat-completions address under `base_url`: appended to its path, so a query the
+    endpoint needs (`?api-version=...` of a gateway) stays a query and is still sent."""
+    try:
+        parts = urlsplit(base_url)
+    except ValueError:
+        return f"{base_url.rstrip('/')}/chat/completions"  # httpx says what is wrong with it
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/chat/completions", fragment=""))
 
 
 def shown_url(url: str) -> str:

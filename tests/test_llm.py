@@ -527,3 +527,14 @@ def test_a_redirect_is_not_followed_and_says_where_the_endpoint_moved(fake: Fake
     assert "https://api.example.test/v2" in message and "base_url" in message
     assert "not followed" in message
     assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize("base", ["/v1?api-version=2024-06-01", "/v1/?api-version=2024-06-01"])
+def test_a_query_in_base_url_stays_the_query_of_the_request(fake: FakeLLM, sleeps: Sleeps, base: str) -> None:
+    """A gateway that needs ?api-version=...: the path goes before the query, not into it (a
+    server saw /v1 asked for "?api-version=2024-06-01/chat/completions" and answered 404)."""
+    fake.script(content=OK)
+    url = fake.base_url.removesuffix("/v1") + base
+    reply = Client(settings(Endpoint("m", url)), sleep=sleeps).chat([{"role": "user", "content": "hi"}])
+    assert reply.text == OK
+    assert [r.path for r in fake.requests] == ["/v1/chat/completions?api-version=2024-06-01"]
