@@ -868,6 +868,25 @@ def test_a_file_behind_a_link_out_of_the_working_copy_is_never_sent_to_the_model
         assert "behind the symbolic link src/ext" in sent
 
 
+def test_a_folder_glob_sends_the_model_every_file_below_it(make_ws, fake):
+    """files: webapp/src/** (the usual order): the model was sent no file at all, only the folder
+    was found, and rewrote src/login.py from nothing but its name."""
+    ws = make_ws({"chip": coder(fake)})
+    repo = ws.repos / "webapp"
+    (repo / "src" / "deep").mkdir()
+    (repo / "src" / "deep" / "util.py").write_text("def helper():\n    return 41\n")
+    commit_all(repo)
+    fake.script(content=reply())
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",)))
+    run(ws)
+
+    assert load(ws, "g").status == "done"
+    sent = user_message(fake.chat_bodies()[0])
+    assert '<file path="webapp/src/login.py">\n' in sent and "def password_problem" in sent
+    assert '<file path="webapp/src/deep/util.py">\ndef helper():' in sent
+    assert "this order names no files" not in sent
+
+
 def test_files_past_the_total_are_marked_omitted_and_may_not_be_edited(make_ws, fake):
     ws = make_ws({"chip": coder(fake, max_failures=1)})
     repo = ws.repos / "webapp"
