@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import ipaddress
 import json
 import logging
 import math
@@ -449,11 +450,14 @@ class Client:
         if not endpoint.api_key_env:
             return {}  # local servers (Ollama, llama.cpp) need no key
         key = self._key(endpoint)
-        if not key or not HEADER_SAFE.fullmatch(key):
+        if not key or not HEADER_SAFE.fullmatch(key) or in_clear(endpoint.base_url):
             return None
         return {"Authorization": f"Bearer {key}"}
 
     def _unset_why(self, endpoint: Endpoint) -> str:
+        if self._key(endpoint) and in_clear(endpoint.base_url):
+            return (f"the key in {endpoint.api_key_env} would cross the network unencrypted (plain "
+                    f"http:// to {urlsplit(endpoint.base_url).hostname})")
         if self._key(endpoint):
             return (f"{endpoint.api_key_env} holds a character no API key has (a control character, "
                     "a space or a non-ASCII letter)")
@@ -461,6 +465,10 @@ class Client:
 
     def _unset_message(self, endpoint: Endpoint) -> str:
         where = f"model {endpoint.model} at {shown_url(endpoint.base_url)}"
+        if self._key(endpoint) and in_clear(endpoint.base_url):
+            return (f"{where}: {self._unset_why(endpoint)}; nothing was sent: use the endpoint's "
+                    "https:// address (plain http:// carries a key only to this machine, a private "
+                    "address or a one-word host name such as a container's)")
         if self._key(endpoint):
             return (f"{where}: the environment variable {self._unset_why(endpoint)}; export it again "
                     "with the key exactly as the provider shows it")
@@ -611,6 +619,25 @@ def completions_url(base_url: str) -> str:
     except ValueError:
         return f"{base_url.rstrip('/')}/chat/completions"  # httpx says what is wrong with it
     return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/chat/completions", fragment=""))
+
+
+def in_clear(url: str) -> bool:
+    """Whether a key sent to `url` would cross the network unencrypted: plain http:// to a host
+    that is not this machine, a private or link-local address, or a one-word name (a container's,
+    a machine's on the local network). Once: http://api.openai.com/v1, one letter off, sent the
+    key in clear across the internet before its redirect was refused."""
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").rstrip(".")
+    except ValueError:
+        return False  # httpx says what is wrong with it, before anything is sent
+    if parts.scheme.lower() != "http" or not host:
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return "." in host and not host.lower().endswith(".localhost")
+    return not (address.is_loopback or address.is_private or address.is_link_local)
 
 
 def shown_url(url: str) -> str:
