@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import ipaddress
 import json
 import logging
 import math
@@ -329,7 +330,7 @@ class Client:
             body["max_tokens"] = self.settings.max_tokens
         if use_format:
             body["response_format"] = {"type": "json_object"}
-        url = f"{endpoint.base_url.rstrip('/')}/chat/completions"
+        url = completions_url(endpoint.base_url)
         try:
             response = self._fetch(http, url, body, headers)
         except httpx.TimeoutException:
@@ -378,6 +379,10 @@ class Client:
         chunks (a server that trickles its answer cannot hold the attempt past its time). No
         read waits longer than the time left."""
         timeout = self.settings.timeout
+        # llm.timeout bounds the whole call, not each read: a server that trickles keep-alive
+        # whitespace (a hung upstream behind a proxy) held the attempt to the order's timeout,
+        # and the retries and the fallback models were never asked.
+        call_end = self._clock() + timeout
         if self.deadline is not None:
             left = self.deadline - self._clock()
             if left <= 0:
@@ -402,6 +407,8 @@ class Client:
                     raise _Failure(f"the answer is larger than {MAX_ANSWER_BYTES >> 20} MiB; cut off",
                                    status=response.status_code, retry=True)
                 self._check_cut(chunks)
+                if self._clock() > call_end and not _whole_json(chunks):
+                    raise httpx.ReadTimeout("the call took longer than llm.timeout")
         self._check_cut(chunks)  # a stop that shut the connection ends the answer early, not whole
         # Decoded already (gzip and the like): the whole answer, as a plain response.
         kept = [(k, v) for k, v in response.headers.multi_items()
@@ -443,11 +450,14 @@ class Client:
         if not endpoint.api_key_env:
             return {}  # local servers (Ollama, llama.cpp) need no key
         key = self._key(endpoint)
-        if not key or not HEADER_SAFE.fullmatch(key):
+        if not key or not HEADER_SAFE.fullmatch(key) or in_clear(endpoint.base_url):
             return None
         return {"Authorization": f"Bearer {key}"}
 
     def _unset_why(self, endpoint: Endpoint) -> str:
+        if self._key(endpoint) and in_clear(endpoint.base_url):
+            return (f"the key in {endpoint.api_key_env} would cross the network unencrypted (plain "
+                    f"http:// to {urlsplit(endpoint.base_url).hostname})")
         if self._key(endpoint):
             return (f"{endpoint.api_key_env} holds a character no API key has (a control character, "
                     "a space or a non-ASCII letter)")
@@ -455,6 +465,10 @@ class Client:
 
     def _unset_message(self, endpoint: Endpoint) -> str:
         where = f"model {endpoint.model} at {shown_url(endpoint.base_url)}"
+        if self._key(endpoint) and in_clear(endpoint.base_url):
+            return (f"{where}: {self._unset_why(endpoint)}; nothing was sent: use the endpoint's "
+                    "https:// address (plain http:// carries a key only to this machine, a private "
+                    "address or a one-word host name such as a container's)")
         if self._key(endpoint):
             return (f"{where}: the environment variable {self._unset_why(endpoint)}; export it again "
                     "with the key exactly as the provider shows it")
@@ -595,6 +609,35 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def completions_url(base_url: str) -> str:
+    """The chat-completions address under `base_url`: appended to its path, so a query the
+    endpoint needs (`?api-version=...` of a gateway) stays a query and is still sent."""
+    try:
+        parts = urlsplit(base_url)
+    except ValueError:
+        return f"{base_url.rstrip('/')}/chat/completions"  # httpx says what is wrong with it
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/chat/completions", fragment=""))
+
+
+def in_clear(url: str) -> bool:
+    """Whether a key sent to `url` would cross the network unencrypted: plain http:// to a host
+    that is not this machine, a private or link-local address, or a one-word name (a container's,
+    a machine's on the local network). Once: http://api.openai.com/v1, one letter off, sent the
+    key in clear across the internet before its redirect was refused."""
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").rstrip(".")
+    except ValueError:
+        return False  # httpx says what is wrong with it, before anything is sent
+    if parts.scheme.lower() != "http" or not host:
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return "." in host and not host.lower().endswith(".localhost")
+    return not (address.is_loopback or address.is_private or address.is_link_local)
 
 
 def shown_url(url: str) -> str:

@@ -164,7 +164,10 @@ def current_files(act: Active) -> tuple[dict[str, str | None], dict[str, llmagen
     for entry in act.order.files:
         rel = entry.split("/", 1)[1] if "/" in entry else ""
         if paths.has_glob(rel):
-            found = [p for p in sorted(root.glob(rel)) if p.is_file() and not p.is_symlink()
+            # A trailing ** finds folders only (before Python 3.13): src/** sent the model no file
+            # and told it the work was read-only. **/* is every file below, on every version.
+            pattern = f"{rel}/*" if rel.split("/")[-1] == "**" else rel
+            found = [p for p in sorted(root.glob(pattern)) if p.is_file() and not p.is_symlink()
                      and ".git" not in p.relative_to(root).parts]
             targets = found[:MAX_GLOB_FILES]
             for path in found[MAX_GLOB_FILES:]:

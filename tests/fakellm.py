@@ -142,7 +142,8 @@ def _handler_for(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
             except ValueError:
                 body = None
             fake.requests.append(Recorded("POST", self.path, _headers(self), body))
-            if not self.path.rstrip("/").endswith("/chat/completions"):
+            # Routed by the path alone, as a real server does: a query (?api-version=...) is no route.
+            if not self.path.split("?", 1)[0].rstrip("/").endswith("/chat/completions"):
                 self._send(404, {"error": {"message": f"no route {self.path}"}})
                 return
             if not isinstance(body, dict) or not isinstance(body.get("messages"), list):

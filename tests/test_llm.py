@@ -527,3 +527,33 @@ def test_a_redirect_is_not_followed_and_says_where_the_endpoint_moved(fake: Fake
     assert "https://api.example.test/v2" in message and "base_url" in message
     assert "not followed" in message
     assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize("base", ["/v1?api-version=2024-06-01", "/v1/?api-version=2024-06-01"])
+def test_a_query_in_base_url_stays_the_query_of_the_request(fake: FakeLLM, sleeps: Sleeps, base: str) -> None:
+    """A gateway that needs ?api-version=...: the path goes before the query, not into it (a
+    server saw /v1 asked for "?api-version=2024-06-01/chat/completions" and answered 404)."""
+    fake.script(content=OK)
+    url = fake.base_url.removesuffix("/v1") + base
+    reply = Client(settings(Endpoint("m", url)), sleep=sleeps).chat([{"role": "user", "content": "hi"}])
+    assert reply.text == OK
+    assert [r.path for r in fake.requests] == ["/v1/chat/completions?api-version=2024-06-01"]
+
+
+def test_a_key_never_crosses_the_network_in_clear(fake: FakeLLM, sleeps: Sleeps,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """http:// (one letter short of https://) to a provider's name: the key went out readable by
+    anyone on the way. Not asked now, and said why; the next model is asked instead."""
+    fake.script(content=OK)
+    remote = Endpoint("paid", "http://api.example.invalid/v1", api_key_env="FAKE_KEY")
+    local = Endpoint("local", fake.base_url, api_key_env="FAKE_KEY")  # this machine: http is fine
+    client = Client(settings(remote, local), env={"FAKE_KEY": KEY}, sleep=sleeps)
+    reply = client.chat([{"role": "user", "content": "hi"}])
+    assert reply.model == "local" and fake.requests[0].headers["authorization"] == f"Bearer {KEY}"
+    assert "would cross the network unencrypted" in caplog.text and "https://" in caplog.text
+    assert [c.model for c in client.calls] == ["local"] and sleeps == []
+
+    alone = Client(settings(remote), env={"FAKE_KEY": KEY}, sleep=sleeps)
+    with pytest.raises(LLMAuthError, match="unencrypted") as info:
+        alone.chat([{"role": "user", "content": "hi"}])
+    assert KEY not in str(info.value) and alone.calls == () and sleeps == []

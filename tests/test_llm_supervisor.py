@@ -868,6 +868,25 @@ def test_a_file_behind_a_link_out_of_the_working_copy_is_never_sent_to_the_model
         assert "behind the symbolic link src/ext" in sent
 
 
+def test_a_folder_glob_sends_the_model_every_file_below_it(make_ws, fake):
+    """files: webapp/src/** (the usual order): the model was sent no file at all, only the folder
+    was found, and rewrote src/login.py from nothing but its name."""
+    ws = make_ws({"chip": coder(fake)})
+    repo = ws.repos / "webapp"
+    (repo / "src" / "deep").mkdir()
+    (repo / "src" / "deep" / "util.py").write_text("def helper():\n    return 41\n")
+    commit_all(repo)
+    fake.script(content=reply())
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",)))
+    run(ws)
+
+    assert load(ws, "g").status == "done"
+    sent = user_message(fake.chat_bodies()[0])
+    assert '<file path="webapp/src/login.py">\n' in sent and "def password_problem" in sent
+    assert '<file path="webapp/src/deep/util.py">\ndef helper():' in sent
+    assert "this order names no files" not in sent
+
+
 def test_files_past_the_total_are_marked_omitted_and_may_not_be_edited(make_ws, fake):
     ws = make_ws({"chip": coder(fake, max_failures=1)})
     repo = ws.repos / "webapp"
@@ -1054,6 +1073,33 @@ def test_a_model_that_trickles_its_answer_is_stopped_by_the_orders_timeout_or_a_
         assert rec.status == "blocked"
         assert "did not answer within the order's timeout" in rec.report["summary"], rec.report
         assert [u["status"] for u in rec.usage] == [None]  # cut at the deadline, never retried
+
+
+def test_a_model_that_trickles_its_answer_is_cut_at_llm_timeout_and_the_fallback_answers(make_ws, fake):
+    """A proxy that sends keep-alive whitespace for a hung model: every read comes in time, but
+    the call is over at llm.timeout, and the fallback model does the work (not the order's
+    timeout, minutes later, with no fallback ever asked)."""
+    import time
+
+    trickle = Trickle()
+    try:
+        chip = coder(fake)
+        chip["llm"] = {"base_url": trickle.base_url, "model": "hung", "max_retries": 0, "timeout": "1s",
+                       "fallback": [{"model": "m", "base_url": fake.base_url}]}
+        ws = make_ws({"chip": chip})
+        fake.script(content=reply(write("webapp/src/greeting.py")))
+        drop(ws, "chip", "g.md", order_md("The app greets people", id="g", acceptance=CHECKED,
+                                          files=("webapp/src/greeting.py",)))
+        started = time.monotonic()
+        run(ws)
+        took = time.monotonic() - started
+    finally:
+        trickle.close()
+    rec = load(ws, "g")
+    assert rec.status == "done", rec.report
+    assert took < 20, took  # not the minute the server trickles on
+    assert [(u["model"], u["status"]) for u in rec.usage] == [("hung", None), ("m", 200)]
+    assert "timed out after 1s" in rec.usage[0]["error"]
 
 
 def test_a_cancel_lets_go_of_a_model_still_thinking_and_frees_the_agents_slot(make_ws, fake):
