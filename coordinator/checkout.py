@@ -58,6 +58,32 @@ class DirtyCheckout(GitError):
         shown = ", ".join(printable(p) for p in self.paths[:5]) + (f" and {more} more" if more > 0 else "")
         return f"uncommitted changes to {shown}"
 
+    def blocker(self, order_id: str) -> str:
+        """The line order `order_id` waits with: what is in the way, and what to do. It starts
+        with what it waits for: the board reads it after "waits for"."""
+        return (f"{self.what()} in repos/{self.repo}, which the merge would overwrite; commit or stash them, "
+                f"then `coordinator retry {order_id}`")
+
+
+class CheckoutBusy(DirtyCheckout):
+    """A live git holds the checkout's index.lock (a person's `git commit -a` waiting in its
+    editor, say) for longer than a merge waits: nothing was merged. Not the agent's doing, nor
+    the branch moving: the order waits for the person, as for their uncommitted work."""
+
+    def __init__(self, repo: str) -> None:
+        self.repo = repo
+        self.paths = ()
+        self.said = ""
+        GitError.__init__(self, f"a git command holds repos/{repo}/.git/index.lock (a commit waiting in its editor, "
+                                "say); nothing was merged: retry once it ends")
+
+    def what(self) -> str:
+        return "a git command working in the checkout (it holds .git/index.lock)"
+
+    def blocker(self, order_id: str) -> str:
+        return (f"{self.what()} in repos/{self.repo}: once it ends, `coordinator retry {order_id}` (no git running "
+                "there? remove that file first)")
+
 
 class Checkout(GitRepo):
     """A repository whose checked-out default branch a merge moves, and a start heals."""
@@ -65,13 +91,14 @@ class Checkout(GitRepo):
     def _locked_move(self, branch: str, base: str, new: str, note: str) -> bool:
         """Move the checkout and the branch from `base` to `new` holding git's own index.lock
         throughout, as `git commit` holds it across its ref update: a person's git in the same
-        checkout fails fast instead of interleaving. False when busy or the branch moved.
-        What a kill -9 in between leaves, `heal_checkout` puts right at the next start."""
+        checkout fails fast instead of interleaving. False when the branch moved; CheckoutBusy
+        when another git holds the lock. What a kill -9 in between leaves, `heal_checkout` puts
+        right at the next start."""
         index, lock = self.git_dir / "index", self.git_dir / "index.lock"
         try:
             os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         except FileExistsError:
-            return False
+            raise CheckoutBusy(self.name) from None
         moving = self.git_dir / MOVE_MARK
         try:
             if index.exists():

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from . import durable, gate, gitlocks
-from .checkout import Checkout
+from .checkout import Checkout, CheckoutBusy
 from .errors import GateError, GitError
 from .gitrepo import (
     _SHA,
@@ -38,7 +38,8 @@ from .inboxfiles import printable
 COORDINATOR_IDENT = ("coordinator", "coordinator@agents.coordinator")
 AGENT_EMAIL_DOMAIN = "agents.coordinator"
 KEPT_REASON = "coordinator: kept for inspection"
-MERGE_RETRIES = 3
+MERGE_RETRIES = 3  # times the branch may move under a merge before it gives up
+MERGE_PATIENCE = 2.0  # seconds a merge waits for another git to let go of the checkout's index
 
 _ORDER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
@@ -287,7 +288,9 @@ class Repo(Checkout):
         """Bring wo/<order_id> into the default branch and its checkout; the new head's sha."""
         tip = self._sha(f"refs/heads/{_branch(order_id)}")
         with self._lock:
-            for _ in range(MERGE_RETRIES):
+            moved, cleared = 0, False
+            patience = time.monotonic() + MERGE_PATIENCE
+            while moved < MERGE_RETRIES:
                 branch = self.default_branch()
                 base = self.head()
                 if self._is_ancestor(tip, base):
@@ -299,10 +302,20 @@ class Repo(Checkout):
                     message = f"Merge wo/{order_id} into {branch}\n\nWork-Order: {order_id}\n"
                     new = self._merge_commit(order_id, branch, base, tip, message)
                     self._refuse_planted(order_id, branch, base, new)
-                if self._locked_move(branch, base, new, f"coordinator: merge wo/{order_id}"):
-                    self.last_base = base
-                    return new
-                time.sleep(0.05)  # the branch moved, or a person's git holds the index: go again
+                try:
+                    if self._locked_move(branch, base, new, f"coordinator: merge wo/{order_id}"):
+                        self.last_base = base
+                        return new
+                    moved += 1
+                except CheckoutBusy:
+                    # A person's git (a shell prompt's `git status`, a `git commit` in its editor)
+                    # holds the index: not the branch moving. Waited for a while, then the order
+                    # waits for the person; a lock a killed git left goes, as at a start.
+                    if time.monotonic() > patience:
+                        if cleared or not self.clear_stale_lock():
+                            raise
+                        cleared = True
+                time.sleep(0.05)
         raise GitError(
             f"repos/{self.name}: the default branch kept moving while wo/{order_id} was merged; "
             "stop whatever else commits there and retry"
