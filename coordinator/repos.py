@@ -207,10 +207,13 @@ class Repo(Checkout):
             (files if is_file else gone).append(p)
         ignored: set[str] = set()
         if files:
-            r = self._run(["check-ignore", "-z", "--stdin"], cwd=work, input=_nul_join(files), check=False)
+            # Each asked as `./<path>`: check-ignore takes a pathspec (and no literal one), where a
+            # file named `:!notes.txt` is pathspec magic and failed the commit ("not supported").
+            r = self._run(["check-ignore", "-z", "--stdin"], cwd=work, input=_nul_join(f"./{p}" for p in files),
+                          check=False)  # fmt: skip
             if r.returncode not in (0, 1):
                 raise GitError(f"git check-ignore failed in {work}: {r.stderr.strip()}")
-            ignored = set(_nul_split(r.stdout))
+            ignored = {p.removeprefix("./") for p in _nul_split(r.stdout)}
         add = [p for p in files if p in tracked or p not in ignored]
         remove = [p for p in files if p not in add and p in tracked] + [p for p in gone if p in tracked]
         if remove:

@@ -269,6 +269,17 @@ def test_commit_stages_exactly_the_paths_as_the_agent(repo: Repo, ws: Path) -> N
     assert sh_git(wt, "status", "--porcelain") == "M tests/test_login.py"  # left as it was
 
 
+@pytest.mark.parametrize("name", [":!notes.txt", ":(exclude)a", ":(glob)**", ":^q", ":(top)y"])
+def test_a_file_named_like_git_pathspec_magic_is_committed_as_named(repo: Repo, ws: Path, name: str) -> None:
+    # git check-ignore took each path for a pathspec: the commit failed on "pathspec magic not
+    # supported", and the order was blocked after its retry.
+    wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+    edit(wt / name, "notes\n")
+    sha = repo.commit(wt, [name], agent="chip", subject="notes", trailers=TRAILERS)
+    assert sha is not None and repo.changed_in(sha) == [name]
+    assert sh_git(wt, "show", f"{sha}:./{name}") == "notes"
+
+
 def test_commit_with_nothing_changed_is_none(repo: Repo, ws: Path) -> None:
     wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
     assert repo.commit(wt, [], agent="chip", subject="s", trailers=TRAILERS) is None
