@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -651,6 +652,45 @@ def test_a_merge_clears_an_index_lock_a_killed_git_left(repo: Repo, ws: Path, mo
     merged = repo.merge("WO-0001")
     assert repo.head() == merged and (repo.path / "src" / "a.py").read_text() == "a\n"
     assert not (repo.git_dir / "index.lock").exists()
+
+
+def test_a_merge_that_runs_out_of_room_in_the_checkout_leaves_it_as_it_was(ws: Path) -> None:
+    # git wrote some of the merge's files before the disk filled: they were left in the person's
+    # checkout, taken for their own uncommitted work, and the order waited for them to clear it.
+    ws.mkdir(parents=True)
+    saved = init_demo_repo(ws / "saved").path
+    small = ws / "repos"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True,
+                             text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        shutil.copytree(saved, small / "webapp", symlinks=True)
+        repo = Repo(small / "webapp")
+        wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+        edit(wt / "src" / "a.py", "a\n")
+        edit(wt / "src" / "login.py", "changed\n")
+        (wt / "src" / "big.txt").write_bytes(b"abcdefgh" * 400_000)  # 3.2 MB, a few KB once packed
+        os.unlink(wt / "README.md")
+        assert repo.commit(wt, ["src/a.py", "src/login.py", "src/big.txt", "README.md"], agent="chip",
+                           subject="big", trailers=TRAILERS)  # fmt: skip
+        edit(repo.path / "mine.txt", "a person's\n")
+        edit(repo.path / "Makefile", "a person's edit\n")
+        before = repo.head()
+        with pytest.raises(OSError, match=r"No space left on device \(git read-tree: ") as full:
+            repo.merge("WO-0001")
+        assert full.value.errno == errno.ENOSPC  # stops the supervisor saying so, as git's own does
+        assert repo.head() == before
+        assert sh_git(repo.path, "status", "--porcelain") == "M Makefile\n?? mine.txt"
+        assert sorted(os.listdir(repo.path / "src")) == ["login.py"]
+        assert (repo.path / "README.md").is_file()
+        subprocess.run(["mount", "-o", "remount,size=20m", str(small)], check=True)
+        merged = repo.merge("WO-0001")  # with room, it lands; the person's work kept
+        assert repo.head() == merged and (repo.path / "src" / "big.txt").stat().st_size == 3_200_000
+        assert sh_git(repo.path, "status", "--porcelain") == "M Makefile\n?? mine.txt"
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 class RacedRepo(Repo):
