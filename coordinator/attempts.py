@@ -673,8 +673,7 @@ class AttemptRunner(Interruptions):
                                           + (f" and {more} more path(s)" if more else ""))
                 except DirtyCheckout as e:  # a person's work, not the agent's doing
                     # Read after "waits for" on the board: it starts with what it waits for.
-                    return self.wait_for_person(act, f"{e.what()} in repos/{e.repo}, which the merge would "
-                                                     f"overwrite; commit or stash them, then `coordinator retry {rec.id}`")
+                    return self.wait_for_person(act, e.blocker(rec.id))
                 except GitError as e:
                     return self.fail(act, f"could not merge: {e}")
                 rec.commit = act.committed

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from . import durable
 from .errors import GitError
-from .gitrepo import _SHA, BRANCH_PREFIX, GitRepo, _nul_join, _nul_split
+from .gitrepo import _SHA, BRANCH_PREFIX, GitRepo, _no_room, _nul_join, _nul_split
 from .inboxfiles import printable
 
 _Entry = tuple[str, str]  # (mode, blob sha) of a path in a tree, the index or the checkout
@@ -58,6 +58,32 @@ class DirtyCheckout(GitError):
         shown = ", ".join(printable(p) for p in self.paths[:5]) + (f" and {more} more" if more > 0 else "")
         return f"uncommitted changes to {shown}"
 
+    def blocker(self, order_id: str) -> str:
+        """The line order `order_id` waits with: what is in the way, and what to do. It starts
+        with what it waits for: the board reads it after "waits for"."""
+        return (f"{self.what()} in repos/{self.repo}, which the merge would overwrite; commit or stash them, "
+                f"then `coordinator retry {order_id}`")
+
+
+class CheckoutBusy(DirtyCheckout):
+    """A live git holds the checkout's index.lock (a person's `git commit -a` waiting in its
+    editor, say) for longer than a merge waits: nothing was merged. Not the agent's doing, nor
+    the branch moving: the order waits for the person, as for their uncommitted work."""
+
+    def __init__(self, repo: str) -> None:
+        self.repo = repo
+        self.paths = ()
+        self.said = ""
+        GitError.__init__(self, f"a git command holds repos/{repo}/.git/index.lock (a commit waiting in its editor, "
+                                "say); nothing was merged: retry once it ends")
+
+    def what(self) -> str:
+        return "a git command working in the checkout (it holds .git/index.lock)"
+
+    def blocker(self, order_id: str) -> str:
+        return (f"{self.what()} in repos/{self.repo}: once it ends, `coordinator retry {order_id}` (no git running "
+                "there? remove that file first)")
+
 
 class Checkout(GitRepo):
     """A repository whose checked-out default branch a merge moves, and a start heals."""
@@ -65,13 +91,14 @@ class Checkout(GitRepo):
     def _locked_move(self, branch: str, base: str, new: str, note: str) -> bool:
         """Move the checkout and the branch from `base` to `new` holding git's own index.lock
         throughout, as `git commit` holds it across its ref update: a person's git in the same
-        checkout fails fast instead of interleaving. False when busy or the branch moved.
-        What a kill -9 in between leaves, `heal_checkout` puts right at the next start."""
+        checkout fails fast instead of interleaving. False when the branch moved; CheckoutBusy
+        when another git holds the lock. What a kill -9 in between leaves, `heal_checkout` puts
+        right at the next start."""
         index, lock = self.git_dir / "index", self.git_dir / "index.lock"
         try:
             os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         except FileExistsError:
-            return False
+            raise CheckoutBusy(self.name) from None
         moving = self.git_dir / MOVE_MARK
         try:
             if index.exists():
@@ -87,11 +114,21 @@ class Checkout(GitRepo):
             # Left by a kill -9 from here on: the one sign `heal_checkout` acts on.
             durable.write_bytes(moving, f"{base} {new}\n".encode(), sync=False)
             self._run(["update-index", "-q", "--refresh"], cwd=self.path, env=env, check=False)
+            paths = _nul_split(self.git("diff", "--name-only", "--no-renames", "-z", base, new))
+            was = self._stats(paths)
             r = self._run(["read-tree", "-m", "-u", base, new], cwd=self.path, env=env, check=False)
             if r.returncode != 0:
                 said = r.stderr.strip().splitlines()[0] if r.stderr.strip() else "read-tree failed"
+                # git checks every path before it writes one; what it wrote before it failed
+                # (a full disk, a folder it may not write) goes back first: left, it was taken
+                # for a person's uncommitted work, and the order waited for them to clear it.
+                full = _no_room(r.stderr, [self.git_dir, self.path])  # asked first: the undo makes room
+                self._undo_writes(was, env)
+                if full is not None:  # nobody's failed attempt: it stops the supervisor, as git's own does
+                    code, where = full
+                    raise OSError(code, f"{os.strerror(code)} (git read-tree: {said})", str(where))
                 in_the_way = self._in_the_way(base, new, env)
-                if not in_the_way:  # not a person's work (a full disk, say): a failed attempt as any
+                if not in_the_way:  # not a person's work: a failed attempt as any
                     raise GitError(f"repos/{self.name}: the checkout could not be moved to the merge: {said}")
                 raise DirtyCheckout(self.name, in_the_way, said)
             swap = self._run(["update-ref", "-m", note, f"refs/heads/{branch}", new, base], check=False)
@@ -105,6 +142,46 @@ class Checkout(GitRepo):
                 lock.unlink()
             with contextlib.suppress(FileNotFoundError):
                 moving.unlink()
+
+    def _stats(self, paths: list[str]) -> dict[str, tuple[int, ...] | None]:
+        """path -> what `lstat` says of it in the checkout (None: absent, or beyond a link)."""
+        found: dict[str, tuple[int, ...] | None] = {}
+        for p in paths:
+            try:
+                if any(os.path.islink(self.path / p[:i]) for i, c in enumerate(p) if c == "/"):
+                    found[p] = None  # never undone: git writes nothing beyond a link
+                    continue
+                st = os.lstat(self.path / p)
+                found[p] = (st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            except OSError:
+                found[p] = None
+        return found
+
+    def _undo_writes(self, was: dict[str, tuple[int, ...] | None], env: dict[str, str]) -> None:
+        """Put back, from the index (still the one before the move), each path of `was` a
+        failed move wrote or removed; what it made that the index lacks goes, and the folders
+        it made for it once empty. Paths it never reached are left as they are."""
+        now = self._stats(list(was))
+        touched = [p for p, st in was.items() if now[p] != st]
+        if not touched:
+            return
+        # The whole index, once, on this rare path: no argv to outgrow, however many it wrote.
+        listed = set(_nul_split(self._run(["ls-files", "-z"], cwd=self.path, env=env, check=False).stdout))
+        listed &= set(touched)
+        for p in touched:  # first what it added: room for what goes back
+            made = now[p]
+            if p not in listed and was[p] is None and made is not None and not stat.S_ISDIR(made[0]):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path / p)
+                folder = (self.path / p).parent
+                with contextlib.suppress(OSError):
+                    while folder != self.path and not any(folder.iterdir()):
+                        folder.rmdir()
+                        folder = folder.parent
+        back = [p for p in touched if p in listed]
+        if back:
+            self._run(["checkout-index", "-f", "-u", "-z", "--stdin"], cwd=self.path, env=env,
+                      input=_nul_join(back), check=False)  # fmt: skip
 
     def _in_the_way(self, base: str, new: str, env: dict[str, str]) -> list[str]:
         """The paths a move from `base` to `new` changes where the checkout holds a person's own

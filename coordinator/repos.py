@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from . import durable, gate, gitlocks
-from .checkout import Checkout
+from .checkout import Checkout, CheckoutBusy
 from .errors import GateError, GitError
 from .gitrepo import (
     _SHA,
@@ -38,7 +38,8 @@ from .inboxfiles import printable
 COORDINATOR_IDENT = ("coordinator", "coordinator@agents.coordinator")
 AGENT_EMAIL_DOMAIN = "agents.coordinator"
 KEPT_REASON = "coordinator: kept for inspection"
-MERGE_RETRIES = 3
+MERGE_RETRIES = 3  # times the branch may move under a merge before it gives up
+MERGE_PATIENCE = 2.0  # seconds a merge waits for another git to let go of the checkout's index
 
 _ORDER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
@@ -206,10 +207,13 @@ class Repo(Checkout):
             (files if is_file else gone).append(p)
         ignored: set[str] = set()
         if files:
-            r = self._run(["check-ignore", "-z", "--stdin"], cwd=work, input=_nul_join(files), check=False)
+            # Each asked as `./<path>`: check-ignore takes a pathspec (and no literal one), where a
+            # file named `:!notes.txt` is pathspec magic and failed the commit ("not supported").
+            r = self._run(["check-ignore", "-z", "--stdin"], cwd=work, input=_nul_join(f"./{p}" for p in files),
+                          check=False)  # fmt: skip
             if r.returncode not in (0, 1):
                 raise GitError(f"git check-ignore failed in {work}: {r.stderr.strip()}")
-            ignored = set(_nul_split(r.stdout))
+            ignored = {p.removeprefix("./") for p in _nul_split(r.stdout)}
         add = [p for p in files if p in tracked or p not in ignored]
         remove = [p for p in files if p not in add and p in tracked] + [p for p in gone if p in tracked]
         if remove:
@@ -287,7 +291,9 @@ class Repo(Checkout):
         """Bring wo/<order_id> into the default branch and its checkout; the new head's sha."""
         tip = self._sha(f"refs/heads/{_branch(order_id)}")
         with self._lock:
-            for _ in range(MERGE_RETRIES):
+            moved, cleared = 0, False
+            patience = time.monotonic() + MERGE_PATIENCE
+            while moved < MERGE_RETRIES:
                 branch = self.default_branch()
                 base = self.head()
                 if self._is_ancestor(tip, base):
@@ -299,10 +305,20 @@ class Repo(Checkout):
                     message = f"Merge wo/{order_id} into {branch}\n\nWork-Order: {order_id}\n"
                     new = self._merge_commit(order_id, branch, base, tip, message)
                     self._refuse_planted(order_id, branch, base, new)
-                if self._locked_move(branch, base, new, f"coordinator: merge wo/{order_id}"):
-                    self.last_base = base
-                    return new
-                time.sleep(0.05)  # the branch moved, or a person's git holds the index: go again
+                try:
+                    if self._locked_move(branch, base, new, f"coordinator: merge wo/{order_id}"):
+                        self.last_base = base
+                        return new
+                    moved += 1
+                except CheckoutBusy:
+                    # A person's git (a shell prompt's `git status`, a `git commit` in its editor)
+                    # holds the index: not the branch moving. Waited for a while, then the order
+                    # waits for the person; a lock a killed git left goes, as at a start.
+                    if time.monotonic() > patience:
+                        if cleared or not self.clear_stale_lock():
+                            raise
+                        cleared = True
+                time.sleep(0.05)
         raise GitError(
             f"repos/{self.name}: the default branch kept moving while wo/{order_id} was merged; "
             "stop whatever else commits there and retry"

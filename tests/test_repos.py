@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -10,13 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import merge_killed_after
+from conftest import drop, merge_killed_after, order_md
 from coordinator.demo.repo import init_demo_repo
 
 from coordinator import checkout, gate
 from coordinator.checkout import DirtyCheckout
 from coordinator.errors import GateError, GitError
 from coordinator.repos import MergeConflict, Repo, gc_worktrees
+from coordinator.store import Store
+from coordinator.supervisor import Supervisor
 
 TRAILERS = {"Work-Order": "WO-0001", "Agent": "chip", "Attempt": "1"}
 
@@ -265,6 +268,17 @@ def test_commit_stages_exactly_the_paths_as_the_agent(repo: Repo, ws: Path) -> N
     names = sh_git(repo.path, "show", "--format=", "--name-status", sha).splitlines()
     assert set(names) == {"D\tREADME.md", "M\tsrc/login.py", "A\tsrc/new.py"}
     assert sh_git(wt, "status", "--porcelain") == "M tests/test_login.py"  # left as it was
+
+
+@pytest.mark.parametrize("name", [":!notes.txt", ":(exclude)a", ":(glob)**", ":^q", ":(top)y"])
+def test_a_file_named_like_git_pathspec_magic_is_committed_as_named(repo: Repo, ws: Path, name: str) -> None:
+    # git check-ignore took each path for a pathspec: the commit failed on "pathspec magic not
+    # supported", and the order was blocked after its retry.
+    wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+    edit(wt / name, "notes\n")
+    sha = repo.commit(wt, [name], agent="chip", subject="notes", trailers=TRAILERS)
+    assert sha is not None and repo.changed_in(sha) == [name]
+    assert sh_git(wt, "show", f"{sha}:./{name}") == "notes"
 
 
 def test_commit_with_nothing_changed_is_none(repo: Repo, ws: Path) -> None:
@@ -571,6 +585,112 @@ def test_merge_keeps_unrelated_local_edits_and_refuses_to_clobber(repo: Repo, ws
     assert (repo.path / "src" / "login.py").read_text() == "agent\n"
     assert (repo.path / "README.md").read_text() == "user's edit\n"
     assert sh_git(repo.path, "status", "--porcelain") == "M README.md"
+
+
+def persons_commit_in_its_editor(repo: Repo) -> subprocess.Popen[str]:
+    """A person's `git commit -a` in the checkout, waiting in its editor (holding index.lock)
+    until its stdin is closed."""
+    edit(repo.path / "README.md", "a person's edit\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(GIT_AUTHOR_NAME="user", GIT_AUTHOR_EMAIL="user@example.org", GIT_COMMITTER_NAME="user",
+               GIT_COMMITTER_EMAIL="user@example.org", GIT_EDITOR="read line <&0; echo mine >")
+    person = subprocess.Popen(["git", "commit", "-q", "-a"], cwd=repo.path, env=env, stdin=subprocess.PIPE, text=True)
+    end = time.monotonic() + 30
+    while not (repo.git_dir / "index.lock").exists():
+        assert person.poll() is None and time.monotonic() < end, "git commit never took the index"
+        time.sleep(0.01)
+    return person
+
+
+def test_a_merge_while_a_persons_git_holds_the_checkout_waits_then_names_it(repo: Repo, ws: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Said "the default branch kept moving" within 0.15 s, as a failed attempt of the agent's:
+    # a person's `git commit -a` sitting in its editor blocked the order in two attempts.
+    monkeypatch.setattr("coordinator.repos.MERGE_PATIENCE", 0.3, raising=False)
+    land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    before = repo.head()
+    person = persons_commit_in_its_editor(repo)
+    try:
+        with pytest.raises(checkout.CheckoutBusy, match=r"holds repos/webapp/\.git/index\.lock") as busy:
+            repo.merge("WO-0001")
+        assert isinstance(busy.value, DirtyCheckout)  # the order waits for the person, no failure of the agent's
+        assert "once it ends, `coordinator retry WO-0001`" in busy.value.blocker("WO-0001")
+        assert repo.head() == before and not (repo.path / "src" / "a.py").exists()
+    finally:
+        assert person.stdin is not None
+        person.stdin.close()
+        assert person.wait(timeout=30) == 0
+    merged = repo.merge("WO-0001")  # once it is done, the merge goes through, the person's commit kept
+    assert sh_git(repo.path, "log", "-1", "--format=%s", f"{merged}^1") == "mine"
+    assert (repo.path / "src" / "a.py").read_text() == "a\n"
+    assert sh_git(repo.path, "status", "--porcelain") == ""
+
+
+def test_an_order_whose_merge_meets_a_persons_git_waits_for_them_uncharged(make_ws, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("coordinator.repos.MERGE_PATIENCE", 0.3, raising=False)
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/sh", "-c", "echo a > src/a.py"],
+                           "writes": ["webapp/**"]}})
+    drop(ws, "chip", "a.md", order_md("Add a", files=("webapp/src/a.py",), id="WO-0001"))
+    person = persons_commit_in_its_editor(Repo(ws.repos / "webapp"))
+    try:
+        with Supervisor(ws) as sup:
+            sup.run_once(limit=60)
+        rec = Store(ws.state).load("WO-0001")
+        assert (rec.status, rec.failures) == ("waiting", [])  # was: blocked, two failures of chip's
+        assert rec.blocker == ("a git command working in the checkout (it holds .git/index.lock) in repos/webapp: "
+                               "once it ends, `coordinator retry WO-0001` (no git running there? remove that file first)")
+    finally:
+        assert person.stdin is not None
+        person.stdin.close()
+        assert person.wait(timeout=30) == 0
+
+
+def test_a_merge_clears_an_index_lock_a_killed_git_left(repo: Repo, ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("coordinator.repos.MERGE_PATIENCE", 0.1, raising=False)
+    land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    (repo.git_dir / "index.lock").write_text("")  # no process holds it
+    merged = repo.merge("WO-0001")
+    assert repo.head() == merged and (repo.path / "src" / "a.py").read_text() == "a\n"
+    assert not (repo.git_dir / "index.lock").exists()
+
+
+def test_a_merge_that_runs_out_of_room_in_the_checkout_leaves_it_as_it_was(ws: Path) -> None:
+    # git wrote some of the merge's files before the disk filled: they were left in the person's
+    # checkout, taken for their own uncommitted work, and the order waited for them to clear it.
+    ws.mkdir(parents=True)
+    saved = init_demo_repo(ws / "saved").path
+    small = ws / "repos"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True,
+                             text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        shutil.copytree(saved, small / "webapp", symlinks=True)
+        repo = Repo(small / "webapp")
+        wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+        edit(wt / "src" / "a.py", "a\n")
+        edit(wt / "src" / "login.py", "changed\n")
+        (wt / "src" / "big.txt").write_bytes(b"abcdefgh" * 400_000)  # 3.2 MB, a few KB once packed
+        os.unlink(wt / "README.md")
+        assert repo.commit(wt, ["src/a.py", "src/login.py", "src/big.txt", "README.md"], agent="chip",
+                           subject="big", trailers=TRAILERS)  # fmt: skip
+        edit(repo.path / "mine.txt", "a person's\n")
+        edit(repo.path / "Makefile", "a person's edit\n")
+        before = repo.head()
+        with pytest.raises(OSError, match=r"No space left on device \(git read-tree: ") as full:
+            repo.merge("WO-0001")
+        assert full.value.errno == errno.ENOSPC  # stops the supervisor saying so, as git's own does
+        assert repo.head() == before
+        assert sh_git(repo.path, "status", "--porcelain") == "M Makefile\n?? mine.txt"
+        assert sorted(os.listdir(repo.path / "src")) == ["login.py"]
+        assert (repo.path / "README.md").is_file()
+        subprocess.run(["mount", "-o", "remount,size=20m", str(small)], check=True)
+        merged = repo.merge("WO-0001")  # with room, it lands; the person's work kept
+        assert repo.head() == merged and (repo.path / "src" / "big.txt").stat().st_size == 3_200_000
+        assert sh_git(repo.path, "status", "--porcelain") == "M Makefile\n?? mine.txt"
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 class RacedRepo(Repo):
