@@ -207,6 +207,7 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
         raise CoordinatorError(f"{given} already exists; pass --force to overwrite it")  # SPEC §1: exit 1
     if target.exists() and not target.is_dir():
         raise UsageError(f"{target} is not a folder")
+    _refuse_inside_a_workspace(target, given.parent)
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file where a parent folder should be, a read-only disk
@@ -256,6 +257,28 @@ def _resolved(path: Path, source: str | None) -> Path:
     except (RuntimeError, OSError):  # RuntimeError up to Python 3.12, OSError (ELOOP) after
         raise WorkspaceError(f"{source + ': ' if source else ''}{path}: a symbolic link on the way leads back "
                              "to itself; pass a folder reached through no such link") from None
+
+
+# The folders of a workspace that hold what its supervisor takes in, commits or runs: another
+# workspace made in one is taken for orders (inbox/), for changes by hand to the audit trail
+# (state/), or for a repository the team works in (repos/).
+_OWNED = {"state": "its audit trail, which only its supervisor writes",
+          "inbox": "its inboxes, where every file is taken for a work order",
+          "repos": "the repositories its agents work in",
+          RUNTIME: "its supervisor's runtime folder"}
+
+
+def _refuse_inside_a_workspace(target: Path, shown: Path) -> None:
+    """UsageError when `target` lies in a folder another workspace's supervisor owns: init
+    there wrote a config and folders into that workspace's state/ (`audit verify` then failed)
+    or into an agent's inbox (taken for orders)."""
+    for outer in target.parents:
+        if not (outer / CONFIG_NAME).is_file():
+            continue
+        parts = target.relative_to(outer).parts
+        if parts[0] in _OWNED:
+            where = f"{'is' if len(parts) == 1 else 'is inside'} {parts[0]}/ of the workspace {outer}"
+            raise UsageError(f"{shown} {where} ({_OWNED[parts[0]]}); make the new workspace outside it")
 
 
 def _refuse_what_is_in_the_way(target: Path, shown: Path) -> None:

@@ -292,3 +292,17 @@ def test_a_workspace_under_a_file_is_said_to_be_impossible_not_to_need_init(tmp_
         Workspace.find(tmp_path / "notes.md" / "team")
     assert str(refused.value) == (f"-w: {tmp_path / 'notes.md' / 'team'} cannot be a folder: {tmp_path / 'notes.md'} "
                                   "is a file")
+
+
+@pytest.mark.parametrize("inside", ["state", "inbox/chip", "repos/team", ".coordinator/team"])
+def test_init_refuses_a_folder_another_workspace_owns(made: Workspace, inside: str) -> None:
+    # Made there, the new config and folders were uncommitted changes in the audit trail
+    # (`audit verify` failed) or files in chip's inbox, taken for work orders.
+    target = made.root / inside
+    with pytest.raises(UsageError, match=f"{inside.split('/')[0]}/ of the workspace {made.root}"):
+        init(target)
+    assert not (target / "coordinator.yaml").exists()
+    assert not (made.state / "coordinator.yaml").exists()
+    assert sorted(p.name for p in made.inbox("chip").iterdir()) == []
+    ws, _ = init(made.root / "docs" / "team")  # elsewhere under it is the user's to choose
+    assert ws.config_path.is_file()
