@@ -47,6 +47,13 @@ DEFAULT_ON_CEILING = "rotate"
 DEFAULT_LLM_TIMEOUT = 120.0
 DEFAULT_LLM_RETRIES = 2
 
+# Variables the supervisor sets in every attempt's environment over what `env:` gives.
+SUPERVISOR_VARIABLES = {
+    "TMPDIR": "each attempt gets a private TMPDIR (in its attempt folder)",
+    "PYTHONDONTWRITEBYTECODE": "the supervisor sets it for every attempt (bytecode caches would be changes "
+                               "outside the order's files)",
+}
+
 # The longest wall time or quiet spell a duration may give: longer is a slip (`99999h`), and
 # `.inf` or `.nan` would mean no limit at all while reading like one.
 MAX_DURATION = 30 * 24 * 3600.0
@@ -484,6 +491,10 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
         if not key or "=" in key:
             # The kernel takes no such name: every attempt would fail to start.
             raise fail(f"agents.{name}.env", f"{key!r} is not an environment variable name (not empty, no '=')")
+        if key.startswith("COORD_") or key in SUPERVISOR_VARIABLES:
+            # Set over the agent's own for every attempt: a TMPDIR given here was dropped unsaid.
+            why = SUPERVISOR_VARIABLES.get(key, "the COORD_ variables are the supervisor's, set for every attempt")
+            raise fail(f"agents.{name}.env.{key}", f"{why}, so a value here is never seen by the agent; remove it")
     return Agent(
         name=name,
         role=role,

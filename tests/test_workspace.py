@@ -306,3 +306,18 @@ def test_init_refuses_a_folder_another_workspace_owns(made: Workspace, inside: s
     assert sorted(p.name for p in made.inbox("chip").iterdir()) == []
     ws, _ = init(made.root / "docs" / "team")  # elsewhere under it is the user's to choose
     assert ws.config_path.is_file()
+
+
+@pytest.mark.parametrize(("variable", "said"), [
+    ("TMPDIR", "each attempt gets a private TMPDIR (in its attempt folder), so a value here is never seen"),
+    ("COORD_RESULT", "the COORD_ variables are the supervisor's, set for every attempt, so a value here is never"),
+    ("PYTHONDONTWRITEBYTECODE", "the supervisor sets it for every attempt"),
+])
+def test_an_environment_variable_the_supervisor_sets_over_the_agents_is_refused(
+        made: Workspace, variable: str, said: str) -> None:
+    # Taken, `env: {TMPDIR: /var/tmp}` was dropped unsaid: every attempt ran with the supervisor's.
+    made.config_path.write_text(TEAM.replace('["true"]', f'["true"]\n    env: {{{variable}: /var/tmp}}'))
+    with pytest.raises(ConfigError) as e:
+        _ = Workspace(made.root).config
+    assert str(e.value).startswith(f"coordinator.yaml: agents.chip.env.{variable}: {said}")
+    assert "remove it" in str(e.value)
