@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -513,12 +514,39 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
     )
 
 
+def _base_url_problem(url: str) -> str | None:
+    """Why `url` cannot be the base of an endpoint's address, or None. `/chat/completions` is
+    added to it: after a query or a #fragment that landed in them, so every call went to the
+    base itself (`/v1?api-version=1/chat/completions`) and every order of the agent failed."""
+    shown = repr(re.sub(r"//[^/?#]*@", "//…@", url)[:80])  # a password in it is never said
+    if re.search(r"\s", url):
+        return f"{shown} holds a space or line break; write the endpoint's address without one"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # out of range or not a number: ValueError
+    except ValueError as e:
+        return f"{shown} is not a URL ({e}); write it like http://127.0.0.1:11434/v1"
+    if not parts.hostname:
+        return f"{shown} names no host; write it like http://127.0.0.1:11434/v1"
+    if port == 0:
+        return f"{shown} names port 0, which no server listens on"
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        return (f"{shown} has a ?query or #fragment: /chat/completions is added to base_url, and would land in "
+                "it; give the address up to its path (e.g. https://api.openai.com/v1)")
+    return None
+
+
 def _llm(name: str, spec: dict[str, Any], fail: Any) -> LLMSettings:
     def prices(p: dict[str, Any] | None, inherit: Prices = Prices()) -> Prices:
         if not p:
             return inherit
         return Prices(input=float(p.get("input", 0.0)), output=float(p.get("output", 0.0)))
 
+    for where, endpoint in (("llm", spec), *((f"llm.fallback.{i}", e) for i, e in enumerate(spec.get("fallback", ()))
+                                             if isinstance(e, dict))):
+        problem = _base_url_problem(endpoint["base_url"]) if "base_url" in endpoint else None
+        if problem:
+            raise fail(f"agents.{name}.{where}.base_url", problem)
     primary = Endpoint(
         model=spec["model"],
         base_url=spec["base_url"].rstrip("/"),

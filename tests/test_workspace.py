@@ -321,3 +321,24 @@ def test_an_environment_variable_the_supervisor_sets_over_the_agents_is_refused(
         _ = Workspace(made.root).config
     assert str(e.value).startswith(f"coordinator.yaml: agents.chip.env.{variable}: {said}")
     assert "remove it" in str(e.value)
+
+
+@pytest.mark.parametrize(("llm", "key", "said"), [
+    ('{base_url: "http://127.0.0.1:11434/v1?api-version=1", model: m}', "llm.base_url",
+     "has a ?query or #fragment: /chat/completions is added to base_url"),
+    ('{base_url: "http://h/v1", model: m, fallback: [{model: n, base_url: "https://h/v1#x"}]}',
+     "llm.fallback.0.base_url", "has a ?query or #fragment"),
+    ('{base_url: "http://", model: m}', "llm.base_url", "names no host"),
+    ('{base_url: "http://local host:8000/v1", model: m}', "llm.base_url", "holds a space"),
+    ('{base_url: "http://u:secret@h:99999/v1", model: m}', "llm.base_url", "is not a URL (Port out of range"),
+])
+def test_a_base_url_no_call_could_reach_is_refused_at_its_key(made: Workspace, llm: str, key: str, said: str) -> None:
+    # Taken, a query swallowed the /chat/completions added to it: every call went to
+    # /v1?api-version=1/chat/completions, and every order of the agent was blocked.
+    made.config_path.write_text(TEAM.replace('command: ["true"]', f"llm: {llm}"))
+    with pytest.raises(ConfigError) as e:
+        _ = Workspace(made.root).config
+    assert str(e.value).startswith(f"coordinator.yaml: agents.chip.{key}: ")
+    assert said in str(e.value) and "secret" not in str(e.value)
+    made.config_path.write_text(TEAM.replace('command: ["true"]', 'llm: {base_url: "http://[::1]:8000/v1/", model: m}'))
+    assert Workspace(made.root).config.agents["chip"].llm.primary.base_url == "http://[::1]:8000/v1"  # type: ignore[union-attr]
