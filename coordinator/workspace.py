@@ -213,6 +213,7 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
     except OSError as e:  # a file where a parent folder should be, a read-only disk
         raise UsageError(f"cannot make {target}: {e.strerror}") from None
     _refuse_what_is_in_the_way(target, given.parent)
+    _refuse_a_state_of_another(target / "state", given.parent / "state")
     lines: list[str] = []
     try:
         cfg_path.write_text(example_config(), encoding="utf-8")
@@ -293,6 +294,27 @@ def _refuse_what_is_in_the_way(target: Path, shown: Path) -> None:
         if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
             raise UsageError(f"{shown / name} is not a folder; the workspace needs a folder there: move it away "
                              "and run init again")
+
+
+def _refuse_a_state_of_another(state: Path, shown: Path) -> None:
+    """UsageError when `state` holds what the supervisor did not make: init took a folder of the
+    user's own in as the audit trail, its files committed in it (and readable by every agent),
+    or a git repository of theirs, which `audit verify` then failed for its commits."""
+    from .gitrepo import run_git
+    from .orders import SUPERVISOR_NAME
+
+    if not state.is_dir():
+        return  # nothing there yet, or refused as no folder already
+    if not (state / ".git").exists():
+        if next(os.scandir(state), None) is None:
+            return
+        raise UsageError(f"{shown} holds files and is no audit trail of a workspace: init would commit them into "
+                         "it (every agent may read state/); move it away and run init again")
+    roots = run_git(["log", "--max-parents=0", "--format=%an", "HEAD"], git_dir=state / ".git", cwd=state,
+                    check=False).stdout.split("\n")
+    if SUPERVISOR_NAME not in roots:
+        raise UsageError(f"{shown} is a git repository the supervisor did not make (its audit trail would hold "
+                         "commits that are not its own); move it away and run init again")
 
 
 def _check_utf8(root: Path, source: str | None = None) -> None:

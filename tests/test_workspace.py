@@ -342,3 +342,31 @@ def test_a_base_url_no_call_could_reach_is_refused_at_its_key(made: Workspace, l
     assert said in str(e.value) and "secret" not in str(e.value)
     made.config_path.write_text(TEAM.replace('command: ["true"]', 'llm: {base_url: "http://[::1]:8000/v1/", model: m}'))
     assert Workspace(made.root).config.agents["chip"].llm.primary.base_url == "http://[::1]:8000/v1"  # type: ignore[union-attr]
+
+
+def test_init_refuses_a_state_folder_that_is_not_a_workspaces_audit_trail(tmp_path: Path) -> None:
+    # Taken in, a folder of the user's own had its files committed into the audit trail (where
+    # every agent may read them), and a repository of theirs failed `audit verify` at once.
+    mine = tmp_path / "mine"
+    (mine / "state").mkdir(parents=True)
+    (mine / "state" / "terraform.tfstate").write_text("secret\n")
+    with pytest.raises(UsageError, match=r"state holds files and is no audit trail of a workspace"):
+        init(mine)
+    assert not (mine / "coordinator.yaml").exists() and not (mine / "state" / ".git").exists()
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "state").symlink_to(mine / "state")  # reached through a link, it is the same folder
+    with pytest.raises(UsageError, match=r"state holds files and is no audit trail of a workspace"):
+        init(linked)
+    theirs = tmp_path / "theirs"
+    (theirs / "state").mkdir(parents=True)
+    git = ["git", "-C", str(theirs / "state"), "-c", "user.name=me", "-c", "user.email=me@example.org"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "mine"], check=True)
+    with pytest.raises(UsageError, match=r"state is a git repository the supervisor did not make"):
+        init(theirs)
+    assert not (theirs / "coordinator.yaml").exists()
+    ws, _ = init(tmp_path / "team")  # the supervisor's own state/ is taken again, config lost or not
+    ws.config_path.unlink()
+    again, _ = init(ws.root)
+    assert again.config_path.is_file()
