@@ -489,6 +489,11 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
     if command is not None and not command[0]:
         raise fail(f"agents.{name}.command.0", "is empty; the first entry is the program to run")
     for key in spec.get("env") or {}:
+        if not isinstance(key, str):  # `yes:` or `1:` unquoted: it stopped every command with an internal error
+            what = schemas._what(key)
+            read = "" if isinstance(key, bool) else f": YAML read the key as {what}" + (
+                "" if "quotes" in what else "; put it in quotes to mean text")
+            raise fail(f"agents.{name}.env", f"{schemas._key(key)!r} is not an environment variable name{read}")
         if not key or "=" in key:
             # The kernel takes no such name: every attempt would fail to start.
             raise fail(f"agents.{name}.env", f"{key!r} is not an environment variable name (not empty, no '=')")

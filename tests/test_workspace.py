@@ -370,3 +370,21 @@ def test_init_refuses_a_state_folder_that_is_not_a_workspaces_audit_trail(tmp_pa
     ws.config_path.unlink()
     again, _ = init(ws.root)
     assert again.config_path.is_file()
+
+
+@pytest.mark.parametrize(("key", "said"), [
+    ("yes", "'true' is not an environment variable name; the key `yes:` was read by YAML as true: put it in quotes "
+            '("yes":)'),
+    ("1", "'1' is not an environment variable name: YAML read the key as the number 1; put it in quotes to mean text"),
+    ("2026-01-01", "'2026-01-01' is not an environment variable name: YAML read the key as the date 2026-01-01 "
+                   "(put it in quotes to mean text)"),
+    ("~", "'null' is not an environment variable name: YAML read the key as null; put it in quotes to mean text"),
+])
+def test_an_environment_key_yaml_reads_as_no_text_is_refused_at_its_key(made: Workspace, key: str, said: str) -> None:
+    # Unquoted, each stopped every command with "internal error: TypeError" (exit 70).
+    made.config_path.write_text(TEAM.replace('["true"]', f'["true"]\n    env: {{{key}: x}}'))
+    with pytest.raises(ConfigError) as e:
+        config.load(made.config_path)
+    assert str(e.value) == f"coordinator.yaml: agents.chip.env: {said}"
+    made.config_path.write_text(TEAM.replace('["true"]', f'["true"]\n    env: {{"{key}": x}}'))
+    assert config.load(made.config_path).agents["chip"].env == ((key, "x"),)
