@@ -485,6 +485,9 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
                        f"{tilde} names no home folder; write the folder's absolute path")
         if not os.path.isabs(p):
             raise fail(f"agents.{name}.sandbox.writable.{i}", f"{p!r} must be absolute or start with ~")
+        too_long = _too_long(p)
+        if too_long:  # doctor and the supervisor's start stopped with "internal error: OSError"
+            raise fail(f"agents.{name}.sandbox.writable.{i}", too_long)
     command = spec.get("command")
     if command is not None and not command[0]:
         raise fail(f"agents.{name}.command.0", "is empty; the first entry is the program to run")
@@ -538,6 +541,20 @@ def _base_url_problem(url: str) -> str | None:
     if parts.query or parts.fragment or url.endswith(("?", "#")):
         return (f"{shown} has a ?query or #fragment: /chat/completions is added to base_url, and would land in "
                 "it; give the address up to its path (e.g. https://api.openai.com/v1)")
+    return None
+
+
+PATH_MAX = 4096  # bytes in a path the kernel takes, its final NUL included
+
+
+def _too_long(path: str) -> str | None:
+    """Why no file system could hold `path` (a name or the whole path too long), or None."""
+    size = len(os.fsencode(path))
+    if size >= PATH_MAX:
+        return f"is {size} bytes long ({path[:40]!r}…); a path is at most {PATH_MAX - 1}"
+    long = next((part for part in path.split("/") if len(os.fsencode(part)) > paths.NAME_MAX), None)
+    if long is not None:
+        return f"has a name of {len(os.fsencode(long))} bytes ({long[:24]!r}…); a file name is at most {paths.NAME_MAX}"
     return None
 
 
