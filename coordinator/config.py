@@ -187,6 +187,22 @@ class _Unbounded(yaml.YAMLError):
     pass
 
 
+class _Misread(yaml.YAMLError):
+    """A plain number YAML 1.1 reads in a base the user did not mean: `timeout: 1:30` is 90
+    (base 60, as a time of day) and `max_failures: 010` is 8 (octal)."""
+
+    def __init__(self, key: str, written: str, read: object, base: str) -> None:
+        meant = "a duration such as 90m or 1.5h" if ":" in written else str(int(written.replace("_", ""), 10))
+        super().__init__(f"`{written}` was read by YAML as {read} ({base}); write {meant}, or put it in quotes "
+                         "if it is text")
+        self.key = key
+
+
+_BASE_60 = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+_OCTAL = re.compile(r"^[-+]?0[0-7_]+$")
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+
 def _bounded(text: str) -> None:
     """Refuse an alias bomb (billion laughs), an alias inside the value it names, or deep
     nesting before anything is built (`yamlbounds`): validating what they expand to would
@@ -238,6 +254,11 @@ def _refuse_repeats(node: yaml.Node, path: str, seen: set[int]) -> None:
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _refuse_repeats(item, f"{path}.{i}", seen)
+    elif isinstance(node, yaml.ScalarNode) and node.style is None and node.tag in (_INT, _FLOAT):
+        if _BASE_60.match(node.value):
+            raise _Misread(path or "(top level)", node.value, yaml.safe_load(node.value), "base 60, as a time of day")
+        if _OCTAL.match(node.value):
+            raise _Misread(path or "(top level)", node.value, yaml.safe_load(node.value), "octal, for its leading 0")
 
 
 def load(path: Path) -> Config:
@@ -260,7 +281,7 @@ def load(path: Path) -> Config:
         row = raw_bytes.count(b"\n", 0, e.start) + 1
         raise ConfigError(f"is not UTF-8 text (line {row}: byte 0x{raw_bytes[e.start]:02x}); save it as UTF-8",
                           path=shown) from None
-    except _Repeated as e:
+    except (_Repeated, _Misread) as e:
         raise ConfigError(str(e), path=shown, key=e.key) from None
     except _Unbounded as e:
         raise ConfigError(str(e), path=shown) from None

@@ -388,3 +388,23 @@ def test_an_environment_key_yaml_reads_as_no_text_is_refused_at_its_key(made: Wo
     assert str(e.value) == f"coordinator.yaml: agents.chip.env: {said}"
     made.config_path.write_text(TEAM.replace('["true"]', f'["true"]\n    env: {{"{key}": x}}'))
     assert config.load(made.config_path).agents["chip"].env == ((key, "x"),)
+
+
+@pytest.mark.parametrize(("line", "key", "said"), [
+    ("    timeout: 1:30\n", "agents.chip.timeout",
+     "`1:30` was read by YAML as 90 (base 60, as a time of day); write a duration such as 90m or 1.5h"),
+    ("    max_failures: 010\n", "agents.chip.max_failures", "`010` was read by YAML as 8 (octal, for its leading 0); "
+                                                          "write 10"),
+    ("    env: {DELAY: 1:30}\n", "agents.chip.env.DELAY", "or put it in quotes if it is text"),
+])
+def test_a_number_yaml_reads_in_base_60_or_octal_is_refused_at_its_key(
+        made: Workspace, line: str, key: str, said: str) -> None:
+    # Taken, `timeout: 1:30` killed every attempt after 90 seconds, and `max_failures: 010`
+    # allowed 8 failures, with nothing said.
+    made.config_path.write_text(TEAM + line)
+    with pytest.raises(ConfigError) as e:
+        _ = Workspace(made.root).config
+    assert str(e.value).startswith(f"coordinator.yaml: {key}: ") and said in str(e.value)
+    made.config_path.write_text(TEAM + "    timeout: 90m\n    max_failures: 10\n    env: {DELAY: \"1:30\"}\n")
+    chip = Workspace(made.root).config.agents["chip"]
+    assert (chip.timeout, chip.max_failures, chip.env) == (5400.0, 10, (("DELAY", "1:30"),))
