@@ -397,3 +397,21 @@ def test_an_output_encoding_without_the_arrow_gets_an_escape_not_an_internal_err
     board = subprocess.run([COORDINATOR, "-w", str(ws), "board"], capture_output=True, env=env, timeout=60)
     assert (board.returncode, board.stderr) == (0, b"")
     assert b"supervisor: not running \\u2014 `coordinator supervise` starts it\n" in board.stdout
+
+
+def test_send_refuses_a_hard_link_of_a_file_waiting_in_an_inbox(ws: Path, tmp_path: Path) -> None:
+    # Sent, the order was filed twice: once from the name in the inbox, once as the new id.
+    waiting = ws / "inbox" / "chip" / "greet.md"
+    waiting.write_text(ORDER)
+    link = tmp_path / "greet.md"
+    os.link(waiting, link)
+    for to in ("chip", "rex"):
+        refused = run("-w", ws, "send", link, "--to", to)
+        assert refused.exit_code == 2
+        assert refused.stderr == (f"coordinator: {link} is the same file as inbox/chip/greet.md (a hard link), which "
+                                  "is in chip's inbox already: the supervisor takes it in from there (copy the file "
+                                  "to send it as another order)\n")
+    assert sorted(p.name for p in (ws / "inbox" / "chip").iterdir()) == ["greet.md"]
+    copy = tmp_path / "copy.md"
+    copy.write_text(ORDER)
+    assert run("-w", ws, "send", copy, "--to", "chip").exit_code == 0  # a copy is an order of its own
