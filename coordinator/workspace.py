@@ -31,6 +31,8 @@ from .paths import real
 ENV_VAR = "COORDINATOR_WORKSPACE"
 RUNTIME = ".coordinator"
 NO_WORKSPACE = "no workspace: run `coordinator init` or pass -w"
+GONE = ("the current folder no longer exists (removed or moved away since this shell entered it): cd into a "
+        "folder that exists, or pass -w and absolute paths")
 
 
 RUNTIME_FILES = ("supervisor.pid", "state-journal", "state-head", "state-foreign", "state-lost", "running",
@@ -49,7 +51,7 @@ class Workspace:
         env = os.environ.get(ENV_VAR)
         if env:
             return cls._at(Path(env), f"${ENV_VAR}")
-        here = (cwd or Path.cwd()).resolve()
+        here = (cwd or current_folder()).resolve()
         for folder in (here, *here.parents):
             if (folder / CONFIG_NAME).is_file():
                 _check_utf8(folder)
@@ -133,7 +135,7 @@ class Workspace:
     def rel(self, path: Path) -> str:
         """`path` as shown to users: relative to the workspace when inside it. A link is shown
         where it is, not where it points."""
-        path = Path(os.path.abspath(path))
+        path = Path(os.path.abspath(path if os.path.isabs(path) else current_folder() / path))
         try:
             return str((Path(real(path.parent)) / path.name).relative_to(self.root))
         except ValueError:
@@ -175,6 +177,15 @@ class Workspace:
                 folder.mkdir(parents=True, exist_ok=True)
                 made.append(self.rel(folder))
         return made
+
+
+def current_folder() -> Path:
+    """The current folder; WorkspaceError when it was removed (or moved away) since the shell
+    entered it: every command run there stopped with "internal error: FileNotFoundError"."""
+    try:
+        return Path.cwd()
+    except FileNotFoundError:
+        raise WorkspaceError(GONE) from None
 
 
 def given_folder(explicit: str | os.PathLike[str]) -> Path:
@@ -253,8 +264,11 @@ def _cut(text: str, most: int = 200) -> str:
 def _resolved(path: Path, source: str | None) -> Path:
     """`path` made absolute with its links followed; WorkspaceError when they lead back to
     themselves (a traceback-free "internal error: RuntimeError: Symlink loop" before)."""
+    path = path.expanduser()
+    if not path.is_absolute():  # said as a link loop when the current folder was gone
+        path = current_folder() / path
     try:
-        return path.expanduser().resolve()
+        return path.resolve()
     except (RuntimeError, OSError):  # RuntimeError up to Python 3.12, OSError (ELOOP) after
         raise WorkspaceError(f"{source + ': ' if source else ''}{path}: a symbolic link on the way leads back "
                              "to itself; pass a folder reached through no such link") from None

@@ -415,3 +415,23 @@ def test_send_refuses_a_hard_link_of_a_file_waiting_in_an_inbox(ws: Path, tmp_pa
     copy = tmp_path / "copy.md"
     copy.write_text(ORDER)
     assert run("-w", ws, "send", copy, "--to", "chip").exit_code == 0  # a copy is an order of its own
+
+
+def test_commands_in_a_current_folder_that_was_removed_say_so(ws: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # A shell left in a folder removed since (an old workspace deleted from another terminal):
+    # board stopped with "internal error: FileNotFoundError", validate of a relative name too,
+    # and init said a symbolic link led back to itself.
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    said = ("coordinator: the current folder no longer exists (removed or moved away since this shell entered it): "
+            "cd into a folder that exists, or pass -w and absolute paths\n")
+    for args in (("board",), ("init",), ("init", "team"), ("-w", ws, "validate", "x.md", "--to", "chip"),
+                 ("-w", ws, "send", "x.md", "--to", "chip")):
+        result = run(*args)
+        assert (result.exit_code, result.stderr) == (2, said), args
+    order = tmp_path / "order.md"
+    order.write_text(ORDER)
+    assert run("-w", ws, "validate", order, "--to", "chip").exit_code == 0  # absolute paths still work
