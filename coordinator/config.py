@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -46,6 +47,13 @@ DEFAULT_BANDS = (2000, 7000, 15000)
 DEFAULT_ON_CEILING = "rotate"
 DEFAULT_LLM_TIMEOUT = 120.0
 DEFAULT_LLM_RETRIES = 2
+
+# Variables the supervisor sets in every attempt's environment over what `env:` gives.
+SUPERVISOR_VARIABLES = {
+    "TMPDIR": "each attempt gets a private TMPDIR (in its attempt folder)",
+    "PYTHONDONTWRITEBYTECODE": "the supervisor sets it for every attempt (bytecode caches would be changes "
+                               "outside the order's files)",
+}
 
 # The longest wall time or quiet spell a duration may give: longer is a slip (`99999h`), and
 # `.inf` or `.nan` would mean no limit at all while reading like one.
@@ -179,6 +187,22 @@ class _Unbounded(yaml.YAMLError):
     pass
 
 
+class _Misread(yaml.YAMLError):
+    """A plain number YAML 1.1 reads in a base the user did not mean: `timeout: 1:30` is 90
+    (base 60, as a time of day) and `max_failures: 010` is 8 (octal)."""
+
+    def __init__(self, key: str, written: str, read: object, base: str) -> None:
+        meant = "a duration such as 90m or 1.5h" if ":" in written else str(int(written.replace("_", ""), 10))
+        super().__init__(f"`{written}` was read by YAML as {read} ({base}); write {meant}, or put it in quotes "
+                         "if it is text")
+        self.key = key
+
+
+_BASE_60 = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+_OCTAL = re.compile(r"^[-+]?0[0-7_]+$")
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+
 def _bounded(text: str) -> None:
     """Refuse an alias bomb (billion laughs), an alias inside the value it names, or deep
     nesting before anything is built (`yamlbounds`): validating what they expand to would
@@ -230,6 +254,11 @@ def _refuse_repeats(node: yaml.Node, path: str, seen: set[int]) -> None:
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _refuse_repeats(item, f"{path}.{i}", seen)
+    elif isinstance(node, yaml.ScalarNode) and node.style is None and node.tag in (_INT, _FLOAT):
+        if _BASE_60.match(node.value):
+            raise _Misread(path or "(top level)", node.value, yaml.safe_load(node.value), "base 60, as a time of day")
+        if _OCTAL.match(node.value):
+            raise _Misread(path or "(top level)", node.value, yaml.safe_load(node.value), "octal, for its leading 0")
 
 
 def load(path: Path) -> Config:
@@ -252,7 +281,7 @@ def load(path: Path) -> Config:
         row = raw_bytes.count(b"\n", 0, e.start) + 1
         raise ConfigError(f"is not UTF-8 text (line {row}: byte 0x{raw_bytes[e.start]:02x}); save it as UTF-8",
                           path=shown) from None
-    except _Repeated as e:
+    except (_Repeated, _Misread) as e:
         raise ConfigError(str(e), path=shown, key=e.key) from None
     except _Unbounded as e:
         raise ConfigError(str(e), path=shown) from None
@@ -477,13 +506,25 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
                        f"{tilde} names no home folder; write the folder's absolute path")
         if not os.path.isabs(p):
             raise fail(f"agents.{name}.sandbox.writable.{i}", f"{p!r} must be absolute or start with ~")
+        too_long = _too_long(p)
+        if too_long:  # doctor and the supervisor's start stopped with "internal error: OSError"
+            raise fail(f"agents.{name}.sandbox.writable.{i}", too_long)
     command = spec.get("command")
     if command is not None and not command[0]:
         raise fail(f"agents.{name}.command.0", "is empty; the first entry is the program to run")
     for key in spec.get("env") or {}:
+        if not isinstance(key, str):  # `yes:` or `1:` unquoted: it stopped every command with an internal error
+            what = schemas._what(key)
+            read = "" if isinstance(key, bool) else f": YAML read the key as {what}" + (
+                "" if "quotes" in what else "; put it in quotes to mean text")
+            raise fail(f"agents.{name}.env", f"{schemas._key(key)!r} is not an environment variable name{read}")
         if not key or "=" in key:
             # The kernel takes no such name: every attempt would fail to start.
             raise fail(f"agents.{name}.env", f"{key!r} is not an environment variable name (not empty, no '=')")
+        if key.startswith("COORD_") or key in SUPERVISOR_VARIABLES:
+            # Set over the agent's own for every attempt: a TMPDIR given here was dropped unsaid.
+            why = SUPERVISOR_VARIABLES.get(key, "the COORD_ variables are the supervisor's, set for every attempt")
+            raise fail(f"agents.{name}.env.{key}", f"{why}, so a value here is never seen by the agent; remove it")
     return Agent(
         name=name,
         role=role,
@@ -502,12 +543,53 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
     )
 
 
+def _base_url_problem(url: str) -> str | None:
+    """Why `url` cannot be the base of an endpoint's address, or None. `/chat/completions` is
+    added to it: after a query or a #fragment that landed in them, so every call went to the
+    base itself (`/v1?api-version=1/chat/completions`) and every order of the agent failed."""
+    shown = repr(re.sub(r"//[^/?#]*@", "//…@", url)[:80])  # a password in it is never said
+    if re.search(r"\s", url):
+        return f"{shown} holds a space or line break; write the endpoint's address without one"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # out of range or not a number: ValueError
+    except ValueError as e:
+        return f"{shown} is not a URL ({e}); write it like http://127.0.0.1:11434/v1"
+    if not parts.hostname:
+        return f"{shown} names no host; write it like http://127.0.0.1:11434/v1"
+    if port == 0:
+        return f"{shown} names port 0, which no server listens on"
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        return (f"{shown} has a ?query or #fragment: /chat/completions is added to base_url, and would land in "
+                "it; give the address up to its path (e.g. https://api.openai.com/v1)")
+    return None
+
+
+PATH_MAX = 4096  # bytes in a path the kernel takes, its final NUL included
+
+
+def _too_long(path: str) -> str | None:
+    """Why no file system could hold `path` (a name or the whole path too long), or None."""
+    size = len(os.fsencode(path))
+    if size >= PATH_MAX:
+        return f"is {size} bytes long ({path[:40]!r}…); a path is at most {PATH_MAX - 1}"
+    long = next((part for part in path.split("/") if len(os.fsencode(part)) > paths.NAME_MAX), None)
+    if long is not None:
+        return f"has a name of {len(os.fsencode(long))} bytes ({long[:24]!r}…); a file name is at most {paths.NAME_MAX}"
+    return None
+
+
 def _llm(name: str, spec: dict[str, Any], fail: Any) -> LLMSettings:
     def prices(p: dict[str, Any] | None, inherit: Prices = Prices()) -> Prices:
         if not p:
             return inherit
         return Prices(input=float(p.get("input", 0.0)), output=float(p.get("output", 0.0)))
 
+    for where, endpoint in (("llm", spec), *((f"llm.fallback.{i}", e) for i, e in enumerate(spec.get("fallback", ()))
+                                             if isinstance(e, dict))):
+        problem = _base_url_problem(endpoint["base_url"]) if "base_url" in endpoint else None
+        if problem:
+            raise fail(f"agents.{name}.{where}.base_url", problem)
     primary = Endpoint(
         model=spec["model"],
         base_url=spec["base_url"].rstrip("/"),

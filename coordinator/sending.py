@@ -203,6 +203,30 @@ def refuse_inbox_file(ws: Workspace, path: Path, *, shown: str) -> None:
     if agent is not None and agent in ws.config.agents and is_candidate(path.name) and os.path.lexists(path):
         raise UsageError(f"{shown} is in {agent}'s inbox already: the supervisor takes it in from there "
                          "(`coordinator validate` checks it; move it out of the inbox to send it elsewhere)")
+    waiting = _linked_in_an_inbox(ws, path)
+    if waiting is not None:  # a hard link: sent, the order was filed twice, once from each name
+        raise UsageError(f"{shown} is the same file as {ws.rel(waiting)} (a hard link), which is in "
+                         f"{waiting.parent.name}'s inbox already: the supervisor takes it in from there "
+                         "(copy the file to send it as another order)")
+
+
+def _linked_in_an_inbox(ws: Workspace, path: Path) -> Path | None:
+    """The name in an agent's inbox that `path` is a hard link of, or None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # reading it says why
+    if st.st_nlink < 2 or not stat.S_ISREG(st.st_mode):
+        return None
+    for agent in ws.config.agents:
+        if ws.inbox_is_link(agent):
+            continue
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(ws.inbox(agent)):
+                if entry.inode() == st.st_ino and is_candidate(entry.name) and \
+                        entry.stat(follow_symlinks=False).st_dev == st.st_dev:
+                    return Path(entry.path)
+    return None
 
 
 def send(ws: Workspace, data: bytes, *, name: str, to: str | None, sender: str | None,

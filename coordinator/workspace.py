@@ -31,6 +31,8 @@ from .paths import real
 ENV_VAR = "COORDINATOR_WORKSPACE"
 RUNTIME = ".coordinator"
 NO_WORKSPACE = "no workspace: run `coordinator init` or pass -w"
+GONE = ("the current folder no longer exists (removed or moved away since this shell entered it): cd into a "
+        "folder that exists, or pass -w and absolute paths")
 
 
 RUNTIME_FILES = ("supervisor.pid", "state-journal", "state-head", "state-foreign", "state-lost", "running",
@@ -49,7 +51,7 @@ class Workspace:
         env = os.environ.get(ENV_VAR)
         if env:
             return cls._at(Path(env), f"${ENV_VAR}")
-        here = (cwd or Path.cwd()).resolve()
+        here = (cwd or current_folder()).resolve()
         for folder in (here, *here.parents):
             if (folder / CONFIG_NAME).is_file():
                 _check_utf8(folder)
@@ -133,7 +135,7 @@ class Workspace:
     def rel(self, path: Path) -> str:
         """`path` as shown to users: relative to the workspace when inside it. A link is shown
         where it is, not where it points."""
-        path = Path(os.path.abspath(path))
+        path = Path(os.path.abspath(path if os.path.isabs(path) else current_folder() / path))
         try:
             return str((Path(real(path.parent)) / path.name).relative_to(self.root))
         except ValueError:
@@ -177,6 +179,15 @@ class Workspace:
         return made
 
 
+def current_folder() -> Path:
+    """The current folder; WorkspaceError when it was removed (or moved away) since the shell
+    entered it: every command run there stopped with "internal error: FileNotFoundError"."""
+    try:
+        return Path.cwd()
+    except FileNotFoundError:
+        raise WorkspaceError(GONE) from None
+
+
 def given_folder(explicit: str | os.PathLike[str]) -> Path:
     """The folder `-w` names; WorkspaceError when it names none."""
     if not os.fspath(explicit):  # `-w "$TEAM"` with TEAM unset: "here" may be another team
@@ -207,11 +218,13 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
         raise CoordinatorError(f"{given} already exists; pass --force to overwrite it")  # SPEC §1: exit 1
     if target.exists() and not target.is_dir():
         raise UsageError(f"{target} is not a folder")
+    _refuse_inside_a_workspace(target, given.parent)
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file where a parent folder should be, a read-only disk
         raise UsageError(f"cannot make {target}: {e.strerror}") from None
     _refuse_what_is_in_the_way(target, given.parent)
+    _refuse_a_state_of_another(target / "state", given.parent / "state")
     lines: list[str] = []
     try:
         cfg_path.write_text(example_config(), encoding="utf-8")
@@ -251,11 +264,36 @@ def _cut(text: str, most: int = 200) -> str:
 def _resolved(path: Path, source: str | None) -> Path:
     """`path` made absolute with its links followed; WorkspaceError when they lead back to
     themselves (a traceback-free "internal error: RuntimeError: Symlink loop" before)."""
+    path = path.expanduser()
+    if not path.is_absolute():  # said as a link loop when the current folder was gone
+        path = current_folder() / path
     try:
-        return path.expanduser().resolve()
+        return path.resolve()
     except (RuntimeError, OSError):  # RuntimeError up to Python 3.12, OSError (ELOOP) after
         raise WorkspaceError(f"{source + ': ' if source else ''}{path}: a symbolic link on the way leads back "
                              "to itself; pass a folder reached through no such link") from None
+
+
+# The folders of a workspace that hold what its supervisor takes in, commits or runs: another
+# workspace made in one is taken for orders (inbox/), for changes by hand to the audit trail
+# (state/), or for a repository the team works in (repos/).
+_OWNED = {"state": "its audit trail, which only its supervisor writes",
+          "inbox": "its inboxes, where every file is taken for a work order",
+          "repos": "the repositories its agents work in",
+          RUNTIME: "its supervisor's runtime folder"}
+
+
+def _refuse_inside_a_workspace(target: Path, shown: Path) -> None:
+    """UsageError when `target` lies in a folder another workspace's supervisor owns: init
+    there wrote a config and folders into that workspace's state/ (`audit verify` then failed)
+    or into an agent's inbox (taken for orders)."""
+    for outer in target.parents:
+        if not (outer / CONFIG_NAME).is_file():
+            continue
+        parts = target.relative_to(outer).parts
+        if parts[0] in _OWNED:
+            where = f"{'is' if len(parts) == 1 else 'is inside'} {parts[0]}/ of the workspace {outer}"
+            raise UsageError(f"{shown} {where} ({_OWNED[parts[0]]}); make the new workspace outside it")
 
 
 def _refuse_what_is_in_the_way(target: Path, shown: Path) -> None:
@@ -270,6 +308,27 @@ def _refuse_what_is_in_the_way(target: Path, shown: Path) -> None:
         if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
             raise UsageError(f"{shown / name} is not a folder; the workspace needs a folder there: move it away "
                              "and run init again")
+
+
+def _refuse_a_state_of_another(state: Path, shown: Path) -> None:
+    """UsageError when `state` holds what the supervisor did not make: init took a folder of the
+    user's own in as the audit trail, its files committed in it (and readable by every agent),
+    or a git repository of theirs, which `audit verify` then failed for its commits."""
+    from .gitrepo import run_git
+    from .orders import SUPERVISOR_NAME
+
+    if not state.is_dir():
+        return  # nothing there yet, or refused as no folder already
+    if not (state / ".git").exists():
+        if next(os.scandir(state), None) is None:
+            return
+        raise UsageError(f"{shown} holds files and is no audit trail of a workspace: init would commit them into "
+                         "it (every agent may read state/); move it away and run init again")
+    roots = run_git(["log", "--max-parents=0", "--format=%an", "HEAD"], git_dir=state / ".git", cwd=state,
+                    check=False).stdout.split("\n")
+    if SUPERVISOR_NAME not in roots:
+        raise UsageError(f"{shown} is a git repository the supervisor did not make (its audit trail would hold "
+                         "commits that are not its own); move it away and run init again")
 
 
 def _check_utf8(root: Path, source: str | None = None) -> None:

@@ -397,3 +397,41 @@ def test_an_output_encoding_without_the_arrow_gets_an_escape_not_an_internal_err
     board = subprocess.run([COORDINATOR, "-w", str(ws), "board"], capture_output=True, env=env, timeout=60)
     assert (board.returncode, board.stderr) == (0, b"")
     assert b"supervisor: not running \\u2014 `coordinator supervise` starts it\n" in board.stdout
+
+
+def test_send_refuses_a_hard_link_of_a_file_waiting_in_an_inbox(ws: Path, tmp_path: Path) -> None:
+    # Sent, the order was filed twice: once from the name in the inbox, once as the new id.
+    waiting = ws / "inbox" / "chip" / "greet.md"
+    waiting.write_text(ORDER)
+    link = tmp_path / "greet.md"
+    os.link(waiting, link)
+    for to in ("chip", "rex"):
+        refused = run("-w", ws, "send", link, "--to", to)
+        assert refused.exit_code == 2
+        assert refused.stderr == (f"coordinator: {link} is the same file as inbox/chip/greet.md (a hard link), which "
+                                  "is in chip's inbox already: the supervisor takes it in from there (copy the file "
+                                  "to send it as another order)\n")
+    assert sorted(p.name for p in (ws / "inbox" / "chip").iterdir()) == ["greet.md"]
+    copy = tmp_path / "copy.md"
+    copy.write_text(ORDER)
+    assert run("-w", ws, "send", copy, "--to", "chip").exit_code == 0  # a copy is an order of its own
+
+
+def test_commands_in_a_current_folder_that_was_removed_say_so(ws: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # A shell left in a folder removed since (an old workspace deleted from another terminal):
+    # board stopped with "internal error: FileNotFoundError", validate of a relative name too,
+    # and init said a symbolic link led back to itself.
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    said = ("coordinator: the current folder no longer exists (removed or moved away since this shell entered it): "
+            "cd into a folder that exists, or pass -w and absolute paths\n")
+    for args in (("board",), ("init",), ("init", "team"), ("-w", ws, "validate", "x.md", "--to", "chip"),
+                 ("-w", ws, "send", "x.md", "--to", "chip")):
+        result = run(*args)
+        assert (result.exit_code, result.stderr) == (2, said), args
+    order = tmp_path / "order.md"
+    order.write_text(ORDER)
+    assert run("-w", ws, "validate", order, "--to", "chip").exit_code == 0  # absolute paths still work

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from conftest import sh
 
@@ -234,3 +235,19 @@ def test_an_llm_agents_key_variable_that_is_not_set_is_said_by_doctor_and_at_sta
         sup.run_once(limit=10)
     assert [line for line in said if "api_key_env" in line or "fallback" in line] == [
         f"WARNING: agents.qwen.{warning}"]
+
+
+@pytest.mark.parametrize("long", ["a" * 256, "a/" * 2100])
+def test_a_sandbox_folder_no_file_system_could_hold_is_a_config_error_doctor_says(make_ws, tmp_path, long) -> None:
+    # Taken, doctor (and the supervisor's start) stopped with "internal error: OSError: File
+    # name too long" while every other command ran on.
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/**"], "command": sh("true")}})
+    team = yaml.safe_load(ws.config_path.read_text())
+    team["agents"]["chip"]["sandbox"] = {"writable": [f"{tmp_path}/{long}"]}
+    ws.config_path.write_text(yaml.safe_dump(team))
+    said = CliRunner().invoke(cli, ["-w", str(ws.root), "doctor"])
+    assert said.exit_code == 2, said.output
+    assert "team: CANNOT BE READ — coordinator.yaml: agents.chip.sandbox.writable.0: " in said.output
+    assert ("a file name is at most 255" if "/" not in long else "a path is at most 4095") in said.output
+    board = CliRunner().invoke(cli, ["-w", str(ws.root), "board"])
+    assert board.exit_code == 2 and "agents.chip.sandbox.writable.0: " in board.output

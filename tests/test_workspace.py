@@ -292,3 +292,119 @@ def test_a_workspace_under_a_file_is_said_to_be_impossible_not_to_need_init(tmp_
         Workspace.find(tmp_path / "notes.md" / "team")
     assert str(refused.value) == (f"-w: {tmp_path / 'notes.md' / 'team'} cannot be a folder: {tmp_path / 'notes.md'} "
                                   "is a file")
+
+
+@pytest.mark.parametrize("inside", ["state", "inbox/chip", "repos/team", ".coordinator/team"])
+def test_init_refuses_a_folder_another_workspace_owns(made: Workspace, inside: str) -> None:
+    # Made there, the new config and folders were uncommitted changes in the audit trail
+    # (`audit verify` failed) or files in chip's inbox, taken for work orders.
+    target = made.root / inside
+    with pytest.raises(UsageError, match=f"{inside.split('/')[0]}/ of the workspace {made.root}"):
+        init(target)
+    assert not (target / "coordinator.yaml").exists()
+    assert not (made.state / "coordinator.yaml").exists()
+    assert sorted(p.name for p in made.inbox("chip").iterdir()) == []
+    ws, _ = init(made.root / "docs" / "team")  # elsewhere under it is the user's to choose
+    assert ws.config_path.is_file()
+
+
+@pytest.mark.parametrize(("variable", "said"), [
+    ("TMPDIR", "each attempt gets a private TMPDIR (in its attempt folder), so a value here is never seen"),
+    ("COORD_RESULT", "the COORD_ variables are the supervisor's, set for every attempt, so a value here is never"),
+    ("PYTHONDONTWRITEBYTECODE", "the supervisor sets it for every attempt"),
+])
+def test_an_environment_variable_the_supervisor_sets_over_the_agents_is_refused(
+        made: Workspace, variable: str, said: str) -> None:
+    # Taken, `env: {TMPDIR: /var/tmp}` was dropped unsaid: every attempt ran with the supervisor's.
+    made.config_path.write_text(TEAM.replace('["true"]', f'["true"]\n    env: {{{variable}: /var/tmp}}'))
+    with pytest.raises(ConfigError) as e:
+        _ = Workspace(made.root).config
+    assert str(e.value).startswith(f"coordinator.yaml: agents.chip.env.{variable}: {said}")
+    assert "remove it" in str(e.value)
+
+
+@pytest.mark.parametrize(("llm", "key", "said"), [
+    ('{base_url: "http://127.0.0.1:11434/v1?api-version=1", model: m}', "llm.base_url",
+     "has a ?query or #fragment: /chat/completions is added to base_url"),
+    ('{base_url: "http://h/v1", model: m, fallback: [{model: n, base_url: "https://h/v1#x"}]}',
+     "llm.fallback.0.base_url", "has a ?query or #fragment"),
+    ('{base_url: "http://", model: m}', "llm.base_url", "names no host"),
+    ('{base_url: "http://local host:8000/v1", model: m}', "llm.base_url", "holds a space"),
+    ('{base_url: "http://u:secret@h:99999/v1", model: m}', "llm.base_url", "is not a URL (Port out of range"),
+])
+def test_a_base_url_no_call_could_reach_is_refused_at_its_key(made: Workspace, llm: str, key: str, said: str) -> None:
+    # Taken, a query swallowed the /chat/completions added to it: every call went to
+    # /v1?api-version=1/chat/completions, and every order of the agent was blocked.
+    made.config_path.write_text(TEAM.replace('command: ["true"]', f"llm: {llm}"))
+    with pytest.raises(ConfigError) as e:
+        _ = Workspace(made.root).config
+    assert str(e.value).startswith(f"coordinator.yaml: agents.chip.{key}: ")
+    assert said in str(e.value) and "secret" not in str(e.value)
+    made.config_path.write_text(TEAM.replace('command: ["true"]', 'llm: {base_url: "http://[::1]:8000/v1/", model: m}'))
+    assert Workspace(made.root).config.agents["chip"].llm.primary.base_url == "http://[::1]:8000/v1"  # type: ignore[union-attr]
+
+
+def test_init_refuses_a_state_folder_that_is_not_a_workspaces_audit_trail(tmp_path: Path) -> None:
+    # Taken in, a folder of the user's own had its files committed into the audit trail (where
+    # every agent may read them), and a repository of theirs failed `audit verify` at once.
+    mine = tmp_path / "mine"
+    (mine / "state").mkdir(parents=True)
+    (mine / "state" / "terraform.tfstate").write_text("secret\n")
+    with pytest.raises(UsageError, match=r"state holds files and is no audit trail of a workspace"):
+        init(mine)
+    assert not (mine / "coordinator.yaml").exists() and not (mine / "state" / ".git").exists()
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "state").symlink_to(mine / "state")  # reached through a link, it is the same folder
+    with pytest.raises(UsageError, match=r"state holds files and is no audit trail of a workspace"):
+        init(linked)
+    theirs = tmp_path / "theirs"
+    (theirs / "state").mkdir(parents=True)
+    git = ["git", "-C", str(theirs / "state"), "-c", "user.name=me", "-c", "user.email=me@example.org"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "mine"], check=True)
+    with pytest.raises(UsageError, match=r"state is a git repository the supervisor did not make"):
+        init(theirs)
+    assert not (theirs / "coordinator.yaml").exists()
+    ws, _ = init(tmp_path / "team")  # the supervisor's own state/ is taken again, config lost or not
+    ws.config_path.unlink()
+    again, _ = init(ws.root)
+    assert again.config_path.is_file()
+
+
+@pytest.mark.parametrize(("key", "said"), [
+    ("yes", "'true' is not an environment variable name; the key `yes:` was read by YAML as true: put it in quotes "
+            '("yes":)'),
+    ("1", "'1' is not an environment variable name: YAML read the key as the number 1; put it in quotes to mean text"),
+    ("2026-01-01", "'2026-01-01' is not an environment variable name: YAML read the key as the date 2026-01-01 "
+                   "(put it in quotes to mean text)"),
+    ("~", "'null' is not an environment variable name: YAML read the key as null; put it in quotes to mean text"),
+])
+def test_an_environment_key_yaml_reads_as_no_text_is_refused_at_its_key(made: Workspace, key: str, said: str) -> None:
+    # Unquoted, each stopped every command with "internal error: TypeError" (exit 70).
+    made.config_path.write_text(TEAM.replace('["true"]', f'["true"]\n    env: {{{key}: x}}'))
+    with pytest.raises(ConfigError) as e:
+        config.load(made.config_path)
+    assert str(e.value) == f"coordinator.yaml: agents.chip.env: {said}"
+    made.config_path.write_text(TEAM.replace('["true"]', f'["true"]\n    env: {{"{key}": x}}'))
+    assert config.load(made.config_path).agents["chip"].env == ((key, "x"),)
+
+
+@pytest.mark.parametrize(("line", "key", "said"), [
+    ("    timeout: 1:30\n", "agents.chip.timeout",
+     "`1:30` was read by YAML as 90 (base 60, as a time of day); write a duration such as 90m or 1.5h"),
+    ("    max_failures: 010\n", "agents.chip.max_failures", "`010` was read by YAML as 8 (octal, for its leading 0); "
+                                                          "write 10"),
+    ("    env: {DELAY: 1:30}\n", "agents.chip.env.DELAY", "or put it in quotes if it is text"),
+])
+def test_a_number_yaml_reads_in_base_60_or_octal_is_refused_at_its_key(
+        made: Workspace, line: str, key: str, said: str) -> None:
+    # Taken, `timeout: 1:30` killed every attempt after 90 seconds, and `max_failures: 010`
+    # allowed 8 failures, with nothing said.
+    made.config_path.write_text(TEAM + line)
+    with pytest.raises(ConfigError) as e:
+        _ = Workspace(made.root).config
+    assert str(e.value).startswith(f"coordinator.yaml: {key}: ") and said in str(e.value)
+    made.config_path.write_text(TEAM + "    timeout: 90m\n    max_failures: 10\n    env: {DELAY: \"1:30\"}\n")
+    chip = Workspace(made.root).config.agents["chip"]
+    assert (chip.timeout, chip.max_failures, chip.env) == (5400.0, 10, (("DELAY", "1:30"),))
