@@ -545,8 +545,8 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
 
 def _base_url_problem(url: str) -> str | None:
     """Why `url` cannot be the base of an endpoint's address, or None. `/chat/completions` is
-    added to it: after a query or a #fragment that landed in them, so every call went to the
-    base itself (`/v1?api-version=1/chat/completions`) and every order of the agent failed."""
+    added to its path (`llm.completions_url`: a query stays the query); a #fragment would be
+    dropped unsaid, no host or a bad port failed every call and every order of the agent."""
     shown = repr(re.sub(r"//[^/?#]*@", "//…@", url)[:80])  # a password in it is never said
     if re.search(r"\s", url):
         return f"{shown} holds a space or line break; write the endpoint's address without one"
@@ -559,9 +559,9 @@ def _base_url_problem(url: str) -> str | None:
         return f"{shown} names no host; write it like http://127.0.0.1:11434/v1"
     if port == 0:
         return f"{shown} names port 0, which no server listens on"
-    if parts.query or parts.fragment or url.endswith(("?", "#")):
-        return (f"{shown} has a ?query or #fragment: /chat/completions is added to base_url, and would land in "
-                "it; give the address up to its path (e.g. https://api.openai.com/v1)")
+    if parts.fragment or url.endswith("#"):
+        return (f"{shown} has a #fragment, which is never sent (/chat/completions is added to the path, and a "
+                "?query such as a gateway's api-version is kept); give the address without it")
     return None
 
 

@@ -324,17 +324,17 @@ def test_an_environment_variable_the_supervisor_sets_over_the_agents_is_refused(
 
 
 @pytest.mark.parametrize(("llm", "key", "said"), [
-    ('{base_url: "http://127.0.0.1:11434/v1?api-version=1", model: m}', "llm.base_url",
-     "has a ?query or #fragment: /chat/completions is added to base_url"),
+    ('{base_url: "http://127.0.0.1:11434/v1#api-version=1", model: m}', "llm.base_url",
+     "has a #fragment, which is never sent"),
     ('{base_url: "http://h/v1", model: m, fallback: [{model: n, base_url: "https://h/v1#x"}]}',
-     "llm.fallback.0.base_url", "has a ?query or #fragment"),
+     "llm.fallback.0.base_url", "has a #fragment"),
     ('{base_url: "http://", model: m}', "llm.base_url", "names no host"),
     ('{base_url: "http://local host:8000/v1", model: m}', "llm.base_url", "holds a space"),
     ('{base_url: "http://u:secret@h:99999/v1", model: m}', "llm.base_url", "is not a URL (Port out of range"),
 ])
 def test_a_base_url_no_call_could_reach_is_refused_at_its_key(made: Workspace, llm: str, key: str, said: str) -> None:
-    # Taken, a query swallowed the /chat/completions added to it: every call went to
-    # /v1?api-version=1/chat/completions, and every order of the agent was blocked.
+    # Taken, each of these failed every call, and every order of the agent was blocked (a
+    # fragment was dropped unsaid). A query is kept: a gateway's api-version is sent with each call.
     made.config_path.write_text(TEAM.replace('command: ["true"]', f"llm: {llm}"))
     with pytest.raises(ConfigError) as e:
         _ = Workspace(made.root).config
@@ -342,6 +342,8 @@ def test_a_base_url_no_call_could_reach_is_refused_at_its_key(made: Workspace, l
     assert said in str(e.value) and "secret" not in str(e.value)
     made.config_path.write_text(TEAM.replace('command: ["true"]', 'llm: {base_url: "http://[::1]:8000/v1/", model: m}'))
     assert Workspace(made.root).config.agents["chip"].llm.primary.base_url == "http://[::1]:8000/v1"  # type: ignore[union-attr]
+    made.config_path.write_text(TEAM.replace('command: ["true"]', 'llm: {base_url: "https://h/v1?api-version=1", model: m}'))
+    assert Workspace(made.root).config.agents["chip"].llm.primary.base_url == "https://h/v1?api-version=1"  # type: ignore[union-attr]
 
 
 def test_init_refuses_a_state_folder_that_is_not_a_workspaces_audit_trail(tmp_path: Path) -> None:
