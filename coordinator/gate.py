@@ -577,7 +577,35 @@ def judge(changes: list[Change], *, repo: str, files: tuple[str, ...], writes: t
         if c.path not in holds_kept and c.path not in holds_refused:
             offending.append((c, why(c) or ""))
     offending.sort(key=lambda item: item[0].path)
-    return Verdict(changes=tuple(changes), offending=tuple(offending))
+    return Verdict(changes=tuple(changes), offending=tuple(_git_folders_whole(offending)))
+
+
+def _git_folders_whole(offending: list[tuple[Change, str]]) -> list[tuple[Change, str]]:
+    """`offending` (by path), where a refused `.git` folder (a `git init` made one) is one
+    line that says how many paths it holds, not one line for each of them."""
+    out: list[tuple[Change, str]] = []
+    top: str | None = None  # the refused git folder the paths now listed lie in
+    held = 0
+    for c, reason in offending:
+        if top is not None and c.path.startswith(top) and c.what in ("git-internal", "pointer"):
+            held += 1
+            continue
+        _hold(out, held)
+        top, held = None, 0
+        if c.what in ("git-internal", "pointer") and c.kind == "dir":
+            top = c.path + "/"
+        out.append((c, reason))
+    _hold(out, held)
+    return out
+
+
+def _hold(out: list[tuple[Change, str]], held: int) -> None:
+    """Say in the last line of `out` (a git folder) the `held` paths left out under it."""
+    if held:
+        c, reason = out[-1]
+        detail = f"{c.detail}, and the {held:,} path{'s' if held > 1 else ''} in it" if c.detail else \
+            f"with the {held:,} path{'s' if held > 1 else ''} in it"
+        out[-1] = (Change(c.path, c.what, detail, c.kind), reason)
 
 
 def submodule_candidates(changes: Iterable[Change], before: dict[str, Entry]) -> list[str]:
