@@ -105,7 +105,7 @@ class Endings(FollowUps, Outbox):
     def _deny(self, act: Active, verdict: gate.Verdict) -> None:
         rec = act.rec
         lines = [f"{act.repo.name if act.repo else ''}/{gate.describe(c)} — {why}" for c, why in verdict.offending]
-        rec.report = {"summary": f"{act.agent.name} wrote outside its permission; every change was discarded",
+        rec.report = {"summary": f"{act.agent.name} {_denied_for(verdict)}; every change was discarded",
                       "offending": lines}
         kind = "artifact" if act.agent.is_orchestrator else "scope"
         self.sup.signal(kind, agent=act.agent.name, order=rec.id, evidence="; ".join(lines)[:300])
@@ -227,3 +227,22 @@ def _has_entries(folder: Path) -> bool:
             return next(entries, None) is not None
     except OSError:
         return False
+
+
+# What a denial for a limit says it was: not a write outside the permission (the path may be
+# allowed), but a change too big to judge or commit.
+_LIMITS = {
+    "too-large": "wrote a file too large to commit",
+    "too-many": "added more files and folders than one change may",
+    "too-deep": "nested folders too deep to judge",
+}
+
+
+def _denied_for(verdict: gate.Verdict) -> str:
+    """What the denied change was, for the report's summary: `wrote outside its permission`,
+    or the limit it passed (both, when it did both)."""
+    kinds = {c.what for c, _ in verdict.offending}
+    said = [text for what, text in _LIMITS.items() if what in kinds]
+    if kinds - _LIMITS.keys() or not said:
+        said.insert(0, "wrote outside its permission")
+    return " and ".join(said)
