@@ -108,7 +108,7 @@ class Endings(FollowUps, Outbox):
         rec.report = {"summary": f"{act.agent.name} {_denied_for(verdict)}; every change was discarded",
                       "offending": lines}
         kind = "artifact" if act.agent.is_orchestrator else "scope"
-        self.sup.signal(kind, agent=act.agent.name, order=rec.id, evidence="; ".join(lines)[:300])
+        self.sup.signal(kind, agent=act.agent.name, order=rec.id, evidence=_cut("; ".join(lines), 300))
         self._finish(act, keep=True)
         self.sup.move(rec, "denied", audit.SUPERVISOR, note=lines[0] if lines else None)
 
@@ -246,3 +246,8 @@ def _denied_for(verdict: gate.Verdict) -> str:
     if kinds - _LIMITS.keys() or not said:
         said.insert(0, "wrote outside its permission")
     return " and ".join(said)
+
+
+def _cut(text: str, n: int) -> str:
+    """`text`, cut to `n` characters with an ellipsis (one cut mid-word read as whole)."""
+    return text if len(text) <= n else text[:n - 1] + "…"
