@@ -247,6 +247,23 @@ def test_kept_copies_are_collected_after_keep_days(repo: Repo, ws: Path) -> None
     assert sh_git(repo.path, "branch", "--format=%(refname:short)", "--list", "wo/*") == "wo/WO-0002"
 
 
+
+def test_a_kept_copy_dated_ahead_of_the_clock_is_said_and_removed_by_keep_days_0(repo: Repo, ws: Path) -> None:
+    # The clock set back since the copy was kept: it was never old enough, not even for
+    # `gc --days 0`, and gc said nothing of it. As for ended orders: kept and said, and 0 removes it.
+    denied = land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    repo.remove_worktree("WO-0001", denied, keep=True)
+    root = ws / ".coordinator" / "work"
+    earlier = time.time() - 30 * 86400
+    ahead: list[str] = []
+    assert gc_worktrees(root, [repo], keep_days=7, now=earlier, ahead=ahead) == []
+    assert ahead == ["WO-0001/webapp"] and denied.exists()
+    ahead.clear()
+    assert gc_worktrees(root, [repo], keep_days=0, now=earlier, ahead=ahead) == ["WO-0001/webapp"]
+    assert ahead == [] and not (root / "WO-0001").exists()
+    assert sh_git(repo.path, "branch", "--format=%(refname:short)", "--list", "wo/*") == ""
+
+
 # -- commits ---------------------------------------------------------------------------------------
 
 
