@@ -132,14 +132,14 @@ class Endings(FollowUps, Outbox):
         else:
             self.sup.move(rec, "queued", audit.SUPERVISOR, note=f"attempt {act.attempt.number} failed: {reason}")
 
-    def wait_for_person(self, act: Active, blocker: str) -> None:
+    def wait_for_person(self, act: Active, blocker: str, *, why: str = "was not merged") -> None:
         """The attempt's work is sound, but only a person can let it land (their uncommitted
         work in the checkout is in the way): the order waits with `blocker`, a line saying what
         to do, which `coordinator retry` clears. Not a failure: run again by itself, the agent
         would fail the same way until the order is blocked. Its work and outbox go as a failed
         attempt's do; the retry does the work again from the current default branch."""
         rec = act.rec
-        rec.report = {"summary": f"attempt {act.attempt.number} was not merged: {blocker}"}
+        rec.report = {"summary": f"attempt {act.attempt.number} {why}: {blocker}"}
         self._keep_outbox(act, "was not merged")
         self._finish(act)
         rec.blocker = blocker
