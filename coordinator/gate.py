@@ -583,29 +583,25 @@ def judge(changes: list[Change], *, repo: str, files: tuple[str, ...], writes: t
 def _git_folders_whole(offending: list[tuple[Change, str]]) -> list[tuple[Change, str]]:
     """`offending` (by path), where a refused `.git` folder (a `git init` made one) is one
     line that says how many paths it holds, not one line for each of them."""
+    tops = {c.path for c, _ in offending if c.what in ("git-internal", "pointer") and c.kind == "dir"}
+    if not tops:
+        return offending
+    held: dict[str, int] = {}
     out: list[tuple[Change, str]] = []
-    top: str | None = None  # the refused git folder the paths now listed lie in
-    held = 0
     for c, reason in offending:
-        if top is not None and c.path.startswith(top) and c.what in ("git-internal", "pointer"):
-            held += 1
-            continue
-        _hold(out, held)
-        top, held = None, 0
-        if c.what in ("git-internal", "pointer") and c.kind == "dir":
-            top = c.path + "/"
-        out.append((c, reason))
-    _hold(out, held)
-    return out
+        top = min((p for p in _folders_of((c.path,)) if p in tops), key=len, default=None)  # the outermost
+        if top is not None and c.what == "git-internal":
+            held[top] = held.get(top, 0) + 1
+        else:
+            out.append((c, reason))
+    return [(_holding(c, held[c.path]), reason) if c.path in held else (c, reason) for c, reason in out]
 
 
-def _hold(out: list[tuple[Change, str]], held: int) -> None:
-    """Say in the last line of `out` (a git folder) the `held` paths left out under it."""
-    if held:
-        c, reason = out[-1]
-        detail = f"{c.detail}, and the {held:,} path{'s' if held > 1 else ''} in it" if c.detail else \
-            f"with the {held:,} path{'s' if held > 1 else ''} in it"
-        out[-1] = (Change(c.path, c.what, detail, c.kind), reason)
+def _holding(c: Change, n: int) -> Change:
+    """Git folder `c`, saying the `n` paths in it that are not listed."""
+    paths = f"{n:,} path{'s' if n > 1 else ''}"
+    return Change(c.path, c.what, f"{c.detail}, and the {paths} in it" if c.detail else f"with the {paths} in it",
+                  c.kind)
 
 
 def submodule_candidates(changes: Iterable[Change], before: dict[str, Entry]) -> list[str]:
