@@ -28,6 +28,7 @@ from . import audit, gate, results, runner
 from .checkout import DirtyCheckout
 from .config import Agent, parse_duration
 from .errors import CoordinatorError, GateError, GitError, SandboxError, StateError
+from .gitrepo import DetachedHead
 from .inboxfiles import printable
 from .interruptions import Interruptions
 from .landlock import Ruleset
@@ -151,6 +152,11 @@ class AttemptRunner(Interruptions):
                 act.repo.add_worktree(rec.id, attempt.workdir)
                 act.before = gate.snapshot(attempt.workdir)
             act.rules = runner.ruleset(agent, order, attempt, self.ws)
+        except DetachedHead as e:  # where the order starts and lands is the person's to say
+            rec.attempts = number
+            self._cleanup(act)
+            self.wait_for_person(act, e.blocker(rec.id), why="did not start")
+            return False
         except CoordinatorError as e:
             rec.attempts = number
             self._cleanup(act)

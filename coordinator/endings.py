@@ -105,10 +105,10 @@ class Endings(FollowUps, Outbox):
     def _deny(self, act: Active, verdict: gate.Verdict) -> None:
         rec = act.rec
         lines = [f"{act.repo.name if act.repo else ''}/{gate.describe(c)} — {why}" for c, why in verdict.offending]
-        rec.report = {"summary": f"{act.agent.name} wrote outside its permission; every change was discarded",
+        rec.report = {"summary": f"{act.agent.name} {_denied_for(verdict)}; every change was discarded",
                       "offending": lines}
         kind = "artifact" if act.agent.is_orchestrator else "scope"
-        self.sup.signal(kind, agent=act.agent.name, order=rec.id, evidence="; ".join(lines)[:300])
+        self.sup.signal(kind, agent=act.agent.name, order=rec.id, evidence=_cut("; ".join(lines), 300))
         self._finish(act, keep=True)
         self.sup.move(rec, "denied", audit.SUPERVISOR, note=lines[0] if lines else None)
 
@@ -132,14 +132,14 @@ class Endings(FollowUps, Outbox):
         else:
             self.sup.move(rec, "queued", audit.SUPERVISOR, note=f"attempt {act.attempt.number} failed: {reason}")
 
-    def wait_for_person(self, act: Active, blocker: str) -> None:
+    def wait_for_person(self, act: Active, blocker: str, *, why: str = "was not merged") -> None:
         """The attempt's work is sound, but only a person can let it land (their uncommitted
         work in the checkout is in the way): the order waits with `blocker`, a line saying what
         to do, which `coordinator retry` clears. Not a failure: run again by itself, the agent
         would fail the same way until the order is blocked. Its work and outbox go as a failed
         attempt's do; the retry does the work again from the current default branch."""
         rec = act.rec
-        rec.report = {"summary": f"attempt {act.attempt.number} was not merged: {blocker}"}
+        rec.report = {"summary": f"attempt {act.attempt.number} {why}: {blocker}"}
         self._keep_outbox(act, "was not merged")
         self._finish(act)
         rec.blocker = blocker
@@ -227,3 +227,27 @@ def _has_entries(folder: Path) -> bool:
             return next(entries, None) is not None
     except OSError:
         return False
+
+
+# What a denial for a limit says it was: not a write outside the permission (the path may be
+# allowed), but a change too big to judge or commit.
+_LIMITS = {
+    "too-large": "wrote a file too large to commit",
+    "too-many": "added more files and folders than one change may",
+    "too-deep": "nested folders too deep to judge",
+}
+
+
+def _denied_for(verdict: gate.Verdict) -> str:
+    """What the denied change was, for the report's summary: `wrote outside its permission`,
+    or the limit it passed (both, when it did both)."""
+    kinds = {c.what for c, _ in verdict.offending}
+    said = [text for what, text in _LIMITS.items() if what in kinds]
+    if kinds - _LIMITS.keys() or not said:
+        said.insert(0, "wrote outside its permission")
+    return " and ".join(said)
+
+
+def _cut(text: str, n: int) -> str:
+    """`text`, cut to `n` characters with an ellipsis (one cut mid-word read as whole)."""
+    return text if len(text) <= n else text[:n - 1] + "…"

@@ -577,7 +577,31 @@ def judge(changes: list[Change], *, repo: str, files: tuple[str, ...], writes: t
         if c.path not in holds_kept and c.path not in holds_refused:
             offending.append((c, why(c) or ""))
     offending.sort(key=lambda item: item[0].path)
-    return Verdict(changes=tuple(changes), offending=tuple(offending))
+    return Verdict(changes=tuple(changes), offending=tuple(_git_folders_whole(offending)))
+
+
+def _git_folders_whole(offending: list[tuple[Change, str]]) -> list[tuple[Change, str]]:
+    """`offending` (by path), where a refused `.git` folder (a `git init` made one) is one
+    line that says how many paths it holds, not one line for each of them."""
+    tops = {c.path for c, _ in offending if c.what in ("git-internal", "pointer") and c.kind == "dir"}
+    if not tops:
+        return offending
+    held: dict[str, int] = {}
+    out: list[tuple[Change, str]] = []
+    for c, reason in offending:
+        top = min((p for p in _folders_of((c.path,)) if p in tops), key=len, default=None)  # the outermost
+        if top is not None and c.what == "git-internal":
+            held[top] = held.get(top, 0) + 1
+        else:
+            out.append((c, reason))
+    return [(_holding(c, held[c.path]), reason) if c.path in held else (c, reason) for c, reason in out]
+
+
+def _holding(c: Change, n: int) -> Change:
+    """Git folder `c`, saying the `n` paths in it that are not listed."""
+    paths = f"{n:,} path{'s' if n > 1 else ''}"
+    return Change(c.path, c.what, f"{c.detail}, and the {paths} in it" if c.detail else f"with the {paths} in it",
+                  c.kind)
 
 
 def submodule_candidates(changes: Iterable[Change], before: dict[str, Entry]) -> list[str]:

@@ -212,6 +212,22 @@ def unborn_branch(git_dir: Path) -> str | None:
     return ref.removeprefix("refs/heads/")
 
 
+class DetachedHead(GitError):
+    """The checkout is on a detached HEAD and no default branch was pinned while it was on one:
+    where orders start and land is not known. A person's state, not an agent's doing: an
+    order waits for them (`blocker`)."""
+
+    def __init__(self, repo: str, hint: str) -> None:
+        self.repo = repo
+        self.hint = hint  # what to check out there, named as the repository names it
+        super().__init__(f"repos/{repo}: HEAD is detached; {hint}")
+
+    def blocker(self, order_id: str) -> str:
+        """The line order `order_id` waits with; it starts with what it waits for."""
+        return (f"a branch checked out in repos/{self.repo} (its HEAD is detached): {self.hint}, "
+                f"then `coordinator retry {order_id}`")
+
+
 class _Worktree(NamedTuple):
     """git's record of one linked worktree (in the repository, out of the agent's reach)."""
 
@@ -295,7 +311,7 @@ class GitRepo:
             return self.pinned
         branch = self.checked_out()
         if branch is None:
-            raise GitError(f"repos/{self.name}: HEAD is detached; {self._switch_hint()}")
+            raise DetachedHead(self.name, self._switch_hint())
         return branch
 
     def _switch_hint(self) -> str:

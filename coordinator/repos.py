@@ -440,8 +440,17 @@ class Repo(Checkout):
         return gitlocks.clear_unheld(locks, roots, now=now)
 
 
-def gc_worktrees(work_root: Path, repos: Iterable[Repo], *, keep_days: float, now: float) -> list[str]:
-    """Remove kept working copies under `work_root` older than `keep_days`; their paths, relative."""
+# Seconds a kept copy's lock may be dated ahead of the clock before gc calls it dated ahead.
+CLOCK_SLACK = 60.0
+
+
+def gc_worktrees(work_root: Path, repos: Iterable[Repo], *, keep_days: float, now: float,
+                 ahead: list[str] | None = None) -> list[str]:
+    """Remove kept working copies under `work_root` older than `keep_days`; their paths, relative.
+
+    A copy kept at a time still to come on this clock (the clock set back since) is of an age
+    no one can tell: kept, and its path added to `ahead` to be said, unless `keep_days` is 0
+    (every kept copy, whatever its age). Such copies were kept without a word, even by 0."""
     root = Path(os.path.realpath(work_root))
     removed: list[str] = []
     for repo in repos:
@@ -454,8 +463,14 @@ def gc_worktrees(work_root: Path, repos: Iterable[Repo], *, keep_days: float, no
                     age = now - (w.admin / "locked").stat().st_mtime
                 except OSError:
                     continue
-                if not reason.startswith(KEPT_REASON) or age < keep_days * 86400:
-                    continue  # locked by someone else, or still young
+                if not reason.startswith(KEPT_REASON):
+                    continue  # locked by someone else
+                if keep_days > 0 and age < -CLOCK_SLACK:
+                    if ahead is not None:
+                        ahead.append(w.tree.relative_to(root).as_posix())
+                    continue
+                if keep_days > 0 and age < keep_days * 86400:
+                    continue  # still young
                 repo._drop(w)
                 if w.head.startswith(f"refs/heads/{BRANCH_PREFIX}") and repo._has_ref(w.head):
                     repo.git("update-ref", "-d", w.head)

@@ -461,7 +461,7 @@ def gc(ws: Workspace, days: float, *, now: float | None = None) -> tuple[list[st
     """Remove working copies kept for inspection that are older than `days`, and the attempt
     folders and logs (`.coordinator/attempts/<id>`, `.coordinator/logs/<id>`) of orders that
     ended more than `days` ago; returns (the copies, the orders, the ended orders kept because
-    they are dated ahead of `now`). Nothing reads them once an order ended (its record and
+    they, or their working copies, are dated ahead of `now`). Nothing reads them once an order ended (its record and
     report hold what it did), and a supervisor running overnight leaves some seven folders and
     files per order there. A retried order starts its next attempt anew.
 
@@ -473,7 +473,8 @@ def gc(ws: Workspace, days: float, *, now: float | None = None) -> tuple[list[st
 
     now = time.time() if now is None else now
     repos = [Repo(p) for p in sorted(ws.repos.iterdir()) if (p / ".git").exists()] if ws.repos.is_dir() else []
-    copies = gc_worktrees(ws.runtime / "work", repos, keep_days=days, now=now)
+    copies_ahead: list[str] = []  # `<id>/<repo>` of kept copies dated ahead
+    copies = gc_worktrees(ws.runtime / "work", repos, keep_days=days, now=now, ahead=copies_ahead)
     cleared: list[str] = []
     ahead: list[str] = []
     store = Store(ws.state)
@@ -506,6 +507,9 @@ def gc(ws: Workspace, days: float, *, now: float | None = None) -> tuple[list[st
                 said = said if said.startswith("cannot ") else f"cannot remove {folder}: {said}"
                 raise WorkspaceError(f"{said}; remove it by hand") from None
         cleared.append(rec.id)
+    for copy in copies_ahead:  # said as the order it was kept for
+        if (order_id := copy.partition("/")[0]) not in ahead:
+            ahead.append(order_id)
     return copies, cleared, ahead
 
 

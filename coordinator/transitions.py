@@ -97,9 +97,7 @@ class Transitions(Commits):
     def _stage(self, rec: Record, old: str, new: str, actor: str, *, note: str | None = None) -> None:
         line = f"{rec.id} {rec.to}: {old} -> {new}"
         if note:
-            # Cut with an ellipsis: a multi-line failure cut mid-word ("exit cod") read as whole.
-            note = " ".join(note.split())
-            line += f" ({note if len(note) <= NOTE_SHOWN else note[:NOTE_SHOWN - 1] + '…'})"
+            line += f" ({_shown(note)})"
         self.audit.stage(actor, line)
         self.say(line if actor == audit.SUPERVISOR else f"{line} [{actor}]")
 
@@ -322,7 +320,14 @@ class Transitions(Commits):
         if self.offline:  # for the command it serves; a running supervisor only logs them
             self.signals_told.append(told)
         self.say(f"signal {told}")
-        self.audit.stage(audit.SUPERVISOR, f"signal {kind}: {order or '-'} {agent or '-'}: {evidence[:160]}")
+        self.audit.stage(audit.SUPERVISOR, f"signal {kind}: {order or '-'} {agent or '-'}: {_shown(evidence)}")
+
+
+def _shown(text: str) -> str:
+    """`text` on one line, cut to NOTE_SHOWN characters with an ellipsis: a multi-line failure
+    cut mid-word ("exit cod", "keep it out of the") read as whole."""
+    text = " ".join(text.split())
+    return text if len(text) <= NOTE_SHOWN else text[:NOTE_SHOWN - 1] + "…"
 
 
 def _rank(rec: Record) -> tuple[int, int, str]:

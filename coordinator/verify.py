@@ -216,6 +216,7 @@ def _history_gaps(ws: Workspace, state: trail.Trail, written: dict[str, int]) ->
 
 
 def _repo_commits(ws: Workspace) -> list[Finding]:
+    from .gitrepo import DetachedHead
     from .repos import Repo
 
     done = {r.id: r for r in Store(ws.state).load_all().values() if r.status == "done"}
@@ -225,6 +226,10 @@ def _repo_commits(ws: Workspace) -> list[Finding]:
         try:
             repo = Repo(path, branch=heads.get(path.name, {}).get("branch"))
             branch = repo.default_branch()
+        except DetachedHead as e:  # a person's state, not damage: said as what to do
+            found.append(Finding("repo-commit", f"repos/{path.name}", "not checked: its checkout is on a detached "
+                                 f"HEAD, so the branch orders land on is not known; {e.hint}"))
+            continue
         except CoordinatorError as e:
             found.append(Finding("repo-commit", f"repos/{path.name}", f"unreadable: {e}"))
             continue

@@ -597,3 +597,22 @@ def test_a_link_left_as_it_was_is_refused_when_a_link_on_its_way_becomes_a_folde
         (wt / "src" / "a").mkdir()
 
     assert changes_after(wt, act) == {"src/a": "type", "src/l": "symlink"}
+
+
+def test_a_git_repository_the_agent_made_is_denied_in_one_line_not_one_per_file(wt: Path) -> None:
+    # `git init src/sub` was denied with a line for each of the 26 paths under src/sub/.git:
+    # a reader needs the one folder (and how much it held), and the allowed change beside it.
+    def act() -> None:
+        subprocess.run(["git", "init", "-q", str(wt / "src" / "sub")], check=True)
+        (wt / "src" / "login.py").write_text("changed\n")
+        (wt / "src" / "pipe").write_text("")
+        os.link(wt / "src" / "pipe", wt / "src" / "sub" / ".git-pipe")  # sorts among the paths in src/sub/.git
+
+    v = verdict_of(wt, act, files=("webapp/src/**",), writes=("webapp/src/**",))
+    inside = sum(1 for c in v.changes if c.path.startswith("src/sub/.git/"))
+    assert inside > 10
+    lines = [describe(c) for c, _ in v.offending]
+    assert lines == ["src/pipe: hardlink (created, 2 links)",
+                     f"src/sub/.git: git-internal (created, and the {inside} paths in it)",
+                     "src/sub/.git-pipe: hardlink (created, 2 links)"]
+    assert not v.allowed and v.commit_paths() == ()

@@ -373,7 +373,9 @@ for top in (".git", "src/.git", "src/deep/.GIT"):
     for where in (kept, kept / "src", kept / "src" / "deep"):
         subprocess.run(["git", "status"], cwd=where, capture_output=True, check=False)
     assert not (a.probe / "pwned").exists()
-    assert any(line.startswith("webapp/src/.git/config: git-internal") for line in a.offending)
+    # Each git folder is one line (with how many paths it held), never one per file in it.
+    assert any(line.startswith("webapp/src/.git: git-internal (created, and the ") for line in a.offending)
+    assert not any(line.startswith("webapp/src/.git/") for line in a.offending)
 
 
 @needs_landlock
@@ -1370,3 +1372,19 @@ def test_a_git_in_the_working_copy_never_runs_as_the_supervisor(make_ws, tmp_pat
     assert record(ws, "WO-1").status == "done"
     assert "echo pwned" in (ws.repos / "webapp" / "git").read_text()  # the change landed, never run
     assert not marker.exists()
+
+
+@needs_landlock
+def test_a_denial_for_size_says_so_not_that_the_agent_wrote_outside_its_permission(make_ws, tmp_path):
+    # A 200 MB file where the agent may write was reported as "chip wrote outside its
+    # permission": it did not. The summary says what it was; with a path outside too, both.
+    a = Attack(make_ws, tmp_path, 'with open("src/big.bin", "wb") as f:\n    f.truncate(200 << 20)\n',
+               files=("webapp/src/**",))
+    a.assert_denied("src/big.bin")
+    assert a.rec.report["summary"] == "chip wrote a file too large to commit; every change was discarded"
+    from coordinator.endings import _denied_for
+    big, outside = gate.Change("src/big.bin", "too-large"), gate.Change("README.md", "added")
+    assert _denied_for(gate.Verdict((big,), ((big, ""), (outside, "")))) == (
+        "wrote outside its permission and wrote a file too large to commit")
+    many = gate.Change("src", "too-many", kind="dir")
+    assert _denied_for(gate.Verdict((many,), ((many, ""),))) == "added more files and folders than one change may"

@@ -247,6 +247,23 @@ def test_kept_copies_are_collected_after_keep_days(repo: Repo, ws: Path) -> None
     assert sh_git(repo.path, "branch", "--format=%(refname:short)", "--list", "wo/*") == "wo/WO-0002"
 
 
+
+def test_a_kept_copy_dated_ahead_of_the_clock_is_said_and_removed_by_keep_days_0(repo: Repo, ws: Path) -> None:
+    # The clock set back since the copy was kept: it was never old enough, not even for
+    # `gc --days 0`, and gc said nothing of it. As for ended orders: kept and said, and 0 removes it.
+    denied = land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    repo.remove_worktree("WO-0001", denied, keep=True)
+    root = ws / ".coordinator" / "work"
+    earlier = time.time() - 30 * 86400
+    ahead: list[str] = []
+    assert gc_worktrees(root, [repo], keep_days=7, now=earlier, ahead=ahead) == []
+    assert ahead == ["WO-0001/webapp"] and denied.exists()
+    ahead.clear()
+    assert gc_worktrees(root, [repo], keep_days=0, now=earlier, ahead=ahead) == ["WO-0001/webapp"]
+    assert ahead == [] and not (root / "WO-0001").exists()
+    assert sh_git(repo.path, "branch", "--format=%(refname:short)", "--list", "wo/*") == ""
+
+
 # -- commits ---------------------------------------------------------------------------------------
 
 
@@ -760,6 +777,40 @@ def test_a_detached_checkout_is_told_to_switch_to_a_branch_the_repository_has(re
         repo.head()
     sh_git(repo.path, "switch", "-q", "trunk")
     assert repo.default_branch() == "trunk"
+
+
+
+def test_an_order_for_a_checkout_detached_before_any_start_waits_for_the_person_uncharged(make_ws) -> None:
+    # Detached before the supervisor ever recorded its default branch: the order failed twice
+    # against chip, was blocked and escalated, and `audit verify` said "unreadable". Where the
+    # order lands is the person's to say: it waits for them, saying what to do, and runs after
+    # `coordinator retry`.
+    from coordinator import verify
+
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/sh", "-c", "echo a > src/a.py"],
+                           "writes": ["webapp/**"]}})
+    checkout_path = ws.repos / "webapp"
+    sh_git(checkout_path, "checkout", "-q", "--detach")
+    drop(ws, "chip", "a.md", order_md("Add a", files=("webapp/src/a.py",), id="WO-0001"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    store = Store(ws.state)
+    rec = store.load("WO-0001")
+    assert (rec.status, rec.failures) == ("waiting", [])
+    assert rec.blocker == ("a branch checked out in repos/webapp (its HEAD is detached): check out the default "
+                           "branch there (git switch main), then `coordinator retry WO-0001`")
+    assert [r.id for r in store.load_all().values()] == ["WO-0001"]  # nothing escalated
+    assert [str(f) for f in verify.verify(ws)] == [
+        "repo-commit: repos/webapp: not checked: its checkout is on a detached HEAD, so the branch orders land on "
+        "is not known; check out the default branch there (git switch main)"]
+    sh_git(checkout_path, "switch", "-q", "main")
+    said = subprocess.run([sys.executable, "-m", "coordinator", "-w", str(ws.root), "retry", "WO-0001"],
+                          capture_output=True, text=True, check=True).stdout
+    assert said == "WO-0001: queued\n"
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    rec = store.load("WO-0001")
+    assert rec.status == "done" and (checkout_path / "src" / "a.py").read_text() == "a\n"
 
 
 def test_a_racing_change_to_the_branch_is_detected_and_kept(ws: Path) -> None:

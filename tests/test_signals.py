@@ -187,3 +187,28 @@ def test_an_order_sent_again_unchanged_after_its_rejection_fires_feedback(make_w
     (fired,) = signals.load(ws.state)
     assert (fired.kind, fired.agent, fired.order) == ("feedback", "walt", again)
     assert f"this repeats {first}, which was rejected" in fired.evidence
+
+
+def test_long_signal_evidence_is_cut_with_an_ellipsis_in_the_audit_trail_and_the_signal(make_ws) -> None:
+    """A denial's evidence was cut mid-word in `git log` of state/ ("keep it out of the") and
+    in `coordinator signals` ("are ne"), reading as whole: both now end in "…", as history
+    notes do."""
+    import subprocess
+
+    from conftest import drop, order_md, sh
+
+    from coordinator.supervisor import Supervisor
+
+    names = " ".join(f"src/f{i:02d}.txt" for i in range(12))
+    ws = make_ws({"chip": {"role": "specialist", "writes": ["webapp/src/**"],
+                           "command": sh(f"touch {names}")}})
+    drop(ws, "chip", "a.md", order_md("Touch the files", files=("webapp/src/login.py",), id="WO-1"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=10)
+        assert sup.records["WO-1"].status == "denied"
+    (fired,) = signals.load(ws.state)
+    assert fired.kind == "scope" and len(fired.evidence) == 300 and fired.evidence.endswith("…")
+    log = subprocess.run(["git", "-C", str(ws.state), "log", "--format=%B"], capture_output=True, text=True,
+                         check=True).stdout
+    (line,) = [x for x in log.splitlines() if x.startswith("signal scope: WO-1 chip: ")]
+    assert line.endswith("…") and fired.evidence.startswith(line.removeprefix("signal scope: WO-1 chip: ")[:-1])
