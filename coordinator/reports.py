@@ -122,5 +122,10 @@ def _why(rec: Record) -> str:
     offending = report.get("offending") or []
     if offending:
         more = f" (and {len(offending) - 1} more)" if len(offending) > 1 else ""
-        return f"wrote outside its permission: {offending[0]}{more}"
+        # What the summary says it did ("wrote a file too large to commit", ...): a denial for a
+        # limit is no write outside the permission.
+        summary = str(report.get("summary") or "")
+        what = (summary.removeprefix(f"{rec.to} ").split(";", 1)[0] if summary.startswith(f"{rec.to} ")
+                else "wrote outside its permission")
+        return f"{what}: {offending[0]}{more}"
     return str(report.get("summary") or rec.status)

@@ -22,6 +22,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import pytest
 from conftest import drop, order_md, step_until
 
 from coordinator import gate, landlock, mounts, seccomp, signals
+from coordinator.reports import fresh_brief
 from coordinator.store import Record, Store
 from coordinator.supervisor import Supervisor
 from coordinator.workspace import Workspace
@@ -1382,6 +1384,10 @@ def test_a_denial_for_size_says_so_not_that_the_agent_wrote_outside_its_permissi
                files=("webapp/src/**",))
     a.assert_denied("src/big.bin")
     assert a.rec.report["summary"] == "chip wrote a file too large to commit; every change was discarded"
+    # ... and so does the brief of a fresh orchestrator that had sent it.
+    brief = fresh_brief({a.rec.id: a.rec}, 2, orchestrator=a.rec.sender, now=datetime.now(UTC))
+    assert "why: wrote a file too large to commit: webapp/src/big.bin" in brief
+    assert "outside its permission" not in brief
     from coordinator.endings import _denied_for
     big, outside = gate.Change("src/big.bin", "too-large"), gate.Change("README.md", "added")
     assert _denied_for(gate.Verdict((big,), ((big, ""), (outside, "")))) == (
