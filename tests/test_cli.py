@@ -2015,6 +2015,17 @@ def test_demo_intro_sets_up_the_demo_repository_and_says_what_to_do(ws: Path) ->
     assert git(ws / "repos" / "webapp", "log", "--format=%s").strip()
 
 
+def test_the_demo_orchestrators_orders_take_its_requests_priority(ws: Path) -> None:
+    """An urgent request to the demo's walt filed its code and review orders `normal`: they waited
+    behind every normal order of chip and rex, the request's urgency lost on the way."""
+    request = DEMO_ORDERS.joinpath("request.md").read_text("utf-8")
+    assert run("-w", ws, "send", "-", "--to", "walt", input="---\npriority: urgent\n---\n" + request).exit_code == 0
+    done = program("-w", ws, "supervise", "--once")
+    assert done.returncode == 0, done.stderr
+    for child in ("WO-0001-code", "WO-0001-review"):
+        shown = json.loads(run("-w", ws, "show", child, "--json").stdout)
+        assert (shown["status"], shown["order"]["priority"]) == ("done", "urgent")
+
 # -- usage errors, help, docs ----------------------------------------------------------------------------
 def _commands(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
     ctx = click.Context(group)
