@@ -2026,6 +2026,18 @@ def test_the_demo_orchestrators_orders_take_its_requests_priority(ws: Path) -> N
         shown = json.loads(run("-w", ws, "show", child, "--json").stdout)
         assert (shown["status"], shown["order"]["priority"]) == ("done", "urgent")
 
+def test_the_demos_example_orders_name_only_files_of_the_demo_repository(ws: Path) -> None:
+    """review.md asked rex to review webapp/src/app.py, a module the demo repository never had:
+    the order ended done, reviewing a file that is not there."""
+    import re
+
+    for example in DEMO_ORDERS.iterdir():
+        text = example.read_text("utf-8")
+        files = {line[2:] for line in text.split("**Files:**")[1].split("**Branching:**")[0].splitlines()
+                 if line.startswith("- ")}
+        for named in re.findall(r"webapp/[\w./-]+\w", text):
+            assert named in files or (ws / "repos" / named).exists(), (example.name, named)
+
 # -- usage errors, help, docs ----------------------------------------------------------------------------
 def _commands(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
     ctx = click.Context(group)
