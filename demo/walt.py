@@ -12,7 +12,8 @@ from coordinator.demo.common import order, result
 def main() -> None:
     o = order()
     outbox = Path(os.environ["COORD_OUTBOX"])
-    code_id, review_id = f"{o['id']}-code", f"{o['id']}-review"
+    base = o["id"][:64 - len("-review")]  # an id is at most 64 characters, the request's too
+    code_id, review_id = f"{base}-code", f"{base}-review"
     code = {
         "id": code_id, "objective": o["objective"], "priority": o["priority"],
         "acceptance": [a["text"] if not a.get("check") else {"text": a["text"], "check": a["check"]}

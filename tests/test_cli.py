@@ -2038,6 +2038,18 @@ def test_the_demos_example_orders_name_only_files_of_the_demo_repository(ws: Pat
         for named in re.findall(r"webapp/[\w./-]+\w", text):
             assert named in files or (ws / "repos" / named).exists(), (example.name, named)
 
+def test_the_demo_orchestrator_takes_a_request_with_a_64_character_id(ws: Path) -> None:
+    """An id may be 64 characters long; the demo's walt named its orders `<id>-code` and
+    `<id>-review`, over the limit: both were rejected and the request blocked and escalated."""
+    long_id = "r" * 64
+    request = DEMO_ORDERS.joinpath("request.md").read_text("utf-8")
+    assert run("-w", ws, "send", "-", "--to", "walt", input=f"---\nid: {long_id}\n---\n" + request).exit_code == 0
+    done = program("-w", ws, "supervise", "--once")
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(run("-w", ws, "show", long_id, "--json").stdout)
+    assert shown["status"] == "done", shown["report"]
+    assert [statuses(ws)[child] for child in shown["children"]] == ["done", "done"]
+
 # -- usage errors, help, docs ----------------------------------------------------------------------------
 def _commands(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
     ctx = click.Context(group)
