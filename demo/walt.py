@@ -12,9 +12,10 @@ from coordinator.demo.common import order, result
 def main() -> None:
     o = order()
     outbox = Path(os.environ["COORD_OUTBOX"])
-    code_id, review_id = f"{o['id']}-code", f"{o['id']}-review"
+    base = o["id"][:64 - len("-review")]  # an id is at most 64 characters, the request's too
+    code_id, review_id = f"{base}-code", f"{base}-review"
     code = {
-        "id": code_id, "objective": o["objective"],
+        "id": code_id, "objective": o["objective"], "priority": o["priority"],
         "acceptance": [a["text"] if not a.get("check") else {"text": a["text"], "check": a["check"]}
                        for a in o["acceptance"]],
         "files": o["files"],
@@ -24,6 +25,7 @@ def main() -> None:
     }
     review = {
         "id": review_id, "objective": f"Review the change made for {o['id']}: {o['objective']}"[:280],
+        "priority": o["priority"],
         "acceptance": ["Every file of " + ", ".join(o["files"]) + " was read" if o["files"] else "The request was read",
                        "The summary names what looks wrong, if anything",
                        "No file outside the review notes is changed"],

@@ -2015,6 +2015,41 @@ def test_demo_intro_sets_up_the_demo_repository_and_says_what_to_do(ws: Path) ->
     assert git(ws / "repos" / "webapp", "log", "--format=%s").strip()
 
 
+def test_the_demo_orchestrators_orders_take_its_requests_priority(ws: Path) -> None:
+    """An urgent request to the demo's walt filed its code and review orders `normal`: they waited
+    behind every normal order of chip and rex, the request's urgency lost on the way."""
+    request = DEMO_ORDERS.joinpath("request.md").read_text("utf-8")
+    assert run("-w", ws, "send", "-", "--to", "walt", input="---\npriority: urgent\n---\n" + request).exit_code == 0
+    done = program("-w", ws, "supervise", "--once")
+    assert done.returncode == 0, done.stderr
+    for child in ("WO-0001-code", "WO-0001-review"):
+        shown = json.loads(run("-w", ws, "show", child, "--json").stdout)
+        assert (shown["status"], shown["order"]["priority"]) == ("done", "urgent")
+
+def test_the_demos_example_orders_name_only_files_of_the_demo_repository(ws: Path) -> None:
+    """review.md asked rex to review webapp/src/app.py, a module the demo repository never had:
+    the order ended done, reviewing a file that is not there."""
+    import re
+
+    for example in DEMO_ORDERS.iterdir():
+        text = example.read_text("utf-8")
+        files = {line[2:] for line in text.split("**Files:**")[1].split("**Branching:**")[0].splitlines()
+                 if line.startswith("- ")}
+        for named in re.findall(r"webapp/[\w./-]+\w", text):
+            assert named in files or (ws / "repos" / named).exists(), (example.name, named)
+
+def test_the_demo_orchestrator_takes_a_request_with_a_64_character_id(ws: Path) -> None:
+    """An id may be 64 characters long; the demo's walt named its orders `<id>-code` and
+    `<id>-review`, over the limit: both were rejected and the request blocked and escalated."""
+    long_id = "r" * 64
+    request = DEMO_ORDERS.joinpath("request.md").read_text("utf-8")
+    assert run("-w", ws, "send", "-", "--to", "walt", input=f"---\nid: {long_id}\n---\n" + request).exit_code == 0
+    done = program("-w", ws, "supervise", "--once")
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(run("-w", ws, "show", long_id, "--json").stdout)
+    assert shown["status"] == "done", shown["report"]
+    assert [statuses(ws)[child] for child in shown["children"]] == ["done", "done"]
+
 # -- usage errors, help, docs ----------------------------------------------------------------------------
 def _commands(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
     ctx = click.Context(group)

@@ -251,3 +251,24 @@ def test_a_sandbox_folder_no_file_system_could_hold_is_a_config_error_doctor_say
     assert ("a file name is at most 255" if "/" not in long else "a path is at most 4095") in said.output
     board = CliRunner().invoke(cli, ["-w", str(ws.root), "board"])
     assert board.exit_code == 2 and "agents.chip.sandbox.writable.0: " in board.output
+
+
+def test_an_llm_endpoint_a_key_would_reach_over_plain_http_is_said_by_doctor_and_at_start(make_ws, monkeypatch):
+    """base_url: http://api.openai.com/v1 (one letter short of https) with a key set: the model is
+    never asked (the key would cross the network in clear), yet doctor said nothing and the start
+    neither; the user learnt it only from orders blocked or answered by the fallback."""
+    monkeypatch.setenv("PRESENT_TEST_KEY", "sk-test-0123456789abcdef")
+    ws = make_ws({"qwen": {"role": "specialist", "llm": {
+        "base_url": "http://api.openai.com/v1", "model": "gpt-5-mini", "api_key_env": "PRESENT_TEST_KEY",
+        "fallback": [{"model": "local", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "PRESENT_TEST_KEY"}]}}})
+    warning = ("llm.base_url: http://api.openai.com/v1 is plain http:// across the network, so the key in "
+               "PRESENT_TEST_KEY is never sent there and model gpt-5-mini is never asked; use the endpoint's "
+               "https:// address")
+    out = CliRunner().invoke(cli, ["-w", str(ws.root), "doctor"]).output
+    assert f"    WARNING: {warning}" in out.splitlines()
+    assert "local" not in "\n".join(x for x in out.splitlines() if "WARNING" in x)  # loopback may carry a key
+    assert "sk-test-0123456789abcdef" not in out
+    said: list[str] = []
+    with Supervisor(ws, log=said.append) as sup:
+        sup.run_once(limit=10)
+    assert [x for x in said if "plain http" in x] == [f"WARNING: agents.qwen.{warning}"]
