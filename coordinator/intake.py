@@ -63,6 +63,9 @@ class _Placement:
     sender: str | None
     shown: str
     order: WorkOrder | None
+    # Its bytes as intake read them (None: not all were read): what the commit holds of the
+    # original should it change by hand before then (`durable.move`), at no read more.
+    data: bytes | None = None
 
 
 @dataclass
@@ -153,7 +156,8 @@ class Intake:
         order_id = self._choose_id(order or partial)
         if order is not None:
             order = dataclasses.replace(order, id=order_id, parent=parent or order.parent)
-        placement = _Placement(claimed, suffix, agent, sender, shown, order)
+        placement = _Placement(claimed, suffix, agent, sender, shown, order,
+                               data if size is not None and len(data) == size else None)
         if order is not None and sender is None and parent is None:
             self.pending[order_id] = placement  # a plain drop: placed after it may have started
         else:
@@ -211,7 +215,7 @@ class Intake:
             durable.write_json(folder / "intake.json", {"to": p.agent, "sender": p.sender, "source": p.shown},
                                sync=False)
             try:
-                durable.move(p.claimed, original, sync=False)
+                durable.move(p.claimed, original, sync=False, data=p.data)
             except FileNotFoundError:
                 if not os.path.lexists(original):
                     raise

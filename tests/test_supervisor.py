@@ -1719,3 +1719,27 @@ def test_an_order_for_a_repository_with_no_commit_yet_is_refused_with_what_to_do
     run(ws)
     rec = Store(ws.state).load("a")
     assert rec.status == "rejected" and any(why in e for e in rec.errors)
+
+
+def test_an_original_changed_by_hand_before_its_first_commit_is_kept_as_dropped(make_ws):
+    """A hand change to an order's original.md in the second between its placing and the
+    commit left it out of the commit, and the tamper watch then deleted the never-committed
+    original: the order lost the file it was sent as. Now the commit holds the bytes intake
+    read, and the hand change is put back and said."""
+    from coordinator import verify
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
+    text = order_md("Kept as sent", id="a")
+    with Supervisor(ws) as sup:
+        drop(ws, "chip", "a.md", text)
+        intake_all(sup)
+        sup._write_state()  # placed in its folder, its commit still to come
+        original = Store(ws.state).folder("a") / "original.md"
+        with open(original, "a") as f:
+            f.write("- and one more thing\n")
+        sup._flush()
+        assert git(ws.state, "show", "HEAD:orders/a/original.md") == text
+        verify.watch_state(sup)
+        assert original.read_text() == text  # put back, not deleted
+    silent = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert silent == ["state/ changed by hand (restored from git): orders/a/original.md"]
