@@ -1743,3 +1743,39 @@ def test_an_original_changed_by_hand_before_its_first_commit_is_kept_as_dropped(
         assert original.read_text() == text  # put back, not deleted
     silent = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
     assert silent == ["state/ changed by hand (restored from git): orders/a/original.md"]
+
+
+def test_a_claimed_file_removed_by_hand_before_it_is_placed_stops_nothing(make_ws):
+    """A claimed file removed by hand from state/intake/<agent>/ before the supervisor placed
+    it in its order folder stopped the supervisor ("internal error: FileNotFoundError"). The
+    order was filed from the bytes intake read: it runs, its original is those bytes, and its
+    trail says what happened; the order next to it is not disturbed."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
+    text = order_md("Filed though its claim went", id="a")
+    with Supervisor(ws) as sup:
+        drop(ws, "chip", "a.md", text)
+        drop(ws, "chip", "b.md", order_md("Next to it", id="b"))
+        intake_all(sup)
+        claimed = [p for p in (ws.state / "intake" / "chip").iterdir() if p.name.endswith("-a.md")]
+        assert claimed, "the order is claimed, not yet placed"
+        claimed[0].unlink()
+        sup.run_once(limit=60)
+        original = Store(ws.state).folder("a") / "original.md"
+        assert original.read_text() == text
+        assert git(ws.state, "show", "HEAD:orders/a/original.md") == text
+        before = sup.intake.claim(drop(ws, "chip", "c.md", order_md("Gone before it is read", id="c")), "chip")
+        assert before is not None
+        before.unlink()
+        sup.file_claimed(before, "chip", shown="inbox/chip/c.md")
+        sup.run_once(limit=30)
+    recs = Store(ws.state).load_all()
+    assert recs["a"].status == "done" and recs["b"].status == "done"
+    gone = next(r for r in recs.values() if r.source == "inbox/chip/c.md")  # its id was never read
+    assert gone.status == "rejected"
+    assert gone.errors == ["inbox/chip/c.md: was removed from state/intake/chip/ by hand before it was read; "
+                                "send it again"]
+    lines = [e.line for e in StateRepo(ws.state).entries("a")]
+    said = f"a chip: state/intake/chip/{claimed[0].name} was removed by hand before it was placed; " \
+           "original.md is written from the copy intake read when it filed a"
+    assert said in lines
+    assert not StateRepo(ws.state).dirty()
