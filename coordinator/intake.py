@@ -123,9 +123,10 @@ class Intake:
 
     # -- filing ---------------------------------------------------------------------------------
     def file(self, claimed: Path, agent: str, *, shown: str, sender: str | None = None,
-             parent: str | None = None, size: int | None = None) -> Filed:
+             parent: str | None = None, size: int | None = None, priority: str = "normal") -> Filed:
         """Validate the claimed file and move it into its order folder with a record.
-        `size`: the size of the file it is a copy of (`claim_copy`), when larger."""
+        `size`: the size of the file it is a copy of (`claim_copy`), when larger; `priority`:
+        the order's when the file gives none."""
         # A file name need not be UTF-8; records and messages must be.
         shown = printable(shown)
         order: WorkOrder | None = None
@@ -157,7 +158,7 @@ class Intake:
                     self.waiting.declared.pop(declared, None)
             try:
                 order = orders.load(data, path=shown, to=agent, config=self.config,
-                                    history=history, sender=sender, repos=self.repos_dir)
+                                    history=history, sender=sender, repos=self.repos_dir, priority=priority)
             except OrderError as e:
                 problems = e.problems
                 if size > orders.MAX_ORDER_BYTES:  # read only this far: say the file's real size

@@ -1779,3 +1779,27 @@ def test_a_claimed_file_removed_by_hand_before_it_is_placed_stops_nothing(make_w
            "original.md is written from the copy intake read when it filed a"
     assert said in lines
     assert not StateRepo(ws.state).dirty()
+
+
+def test_an_urgent_requests_outbox_orders_are_urgent_unless_they_say_otherwise(make_ws):
+    """A command orchestrator's outbox orders that gave no priority were filed `normal`: an
+    urgent request's delegated work waited behind normal work (an LLM orchestrator's plan took
+    the request's). They now take their request's priority; one that gives its own keeps it,
+    and a specialist's outbox (new work of its own, its order waits for none of it) stays
+    `normal`."""
+    order = ('objective: {}\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+             'branching: [{{action: halt-with-note, when: nothing to do}}]\\n')
+    walt = sh(f'printf "to: chip\\n{order.format("Delegated")}" > "$COORD_OUTBOX/one.yaml"; '
+              f'printf "to: chip\\npriority: low\\n{order.format("Delegated low")}" > "$COORD_OUTBOX/two.yaml"; '
+              'echo sent')
+    chip = sh(f'printf "to: rex\\n{order.format("Reviewed")}" > "$COORD_OUTBOX/r.yaml"; echo done')
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], "command": walt},
+                  "chip": {"role": "specialist", "sends_to": ["rex"], "command": chip},
+                  "rex": {"role": "specialist", "command": sh("echo reviewed")}}, orchestrator="walt")
+    drop(ws, "walt", "req.md", order_md("Urgent request is handled", id="req", priority="urgent"))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    sent = sorted((r.source.split("/", 1)[1], r.to, r.priority, r.status) for r in recs.values()
+                  if r.source.startswith("outbox of "))
+    assert sent == [("one.yaml", "chip", "urgent", "done"), ("r.yaml", "rex", "normal", "done"),
+                    ("r.yaml", "rex", "normal", "done"), ("two.yaml", "chip", "low", "done")]
