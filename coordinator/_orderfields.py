@@ -91,8 +91,9 @@ def _missing(key: str, kind: str) -> str:
 
 
 def shape(raw: dict[Any, Any], *, path: str, to: str | None, sender: str | None, kind: str,
-          problems: list[Problem]) -> dict[str, Any]:
-    """The normalized form of SPEC §2, as far as `raw` allows; problems appended."""
+          problems: list[Problem], priority: str = "normal") -> dict[str, Any]:
+    """The normalized form of SPEC §2, as far as `raw` allows; problems appended. `priority`:
+    the order's when it gives none."""
     d: dict[str, Any] = {}
     for key, value in raw.items():
         if not isinstance(key, str):
@@ -116,7 +117,7 @@ def shape(raw: dict[Any, Any], *, path: str, to: str | None, sender: str | None,
                                       "AGENT or add `to:`", path))
     if sender is not None:
         d["from"] = sender
-    defaults: dict[str, Any] = {"id": None, "from": "user", "priority": "normal", "blocked_by": [],
+    defaults: dict[str, Any] = {"id": None, "from": "user", "priority": priority, "blocked_by": [],
                                 "references": [], "timeout": None, "parent": None}
     d = {key: _clean(key, d[key] if key in d else defaults[key]) for key in KEYS
          if key in d or key in defaults}

@@ -154,8 +154,10 @@ class Draft:
     problems: list[Problem]
 
 
-def read_order(data: bytes, *, path: str, to: str | None, sender: str | None, kind: str | None) -> Draft:
-    """Read `data` as a work order as far as it goes; file-level refusals raise OrderError."""
+def read_order(data: bytes, *, path: str, to: str | None, sender: str | None, kind: str | None,
+               priority: str = "normal") -> Draft:
+    """Read `data` as a work order as far as it goes; file-level refusals raise OrderError.
+    `priority`: the order's when it gives none."""
     if kind is None:
         name = path.rsplit("/", 1)[-1]
         suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
@@ -174,7 +176,7 @@ def read_order(data: bytes, *, path: str, to: str | None, sender: str | None, ki
         raw, lines = load_json(text, path), {}
     if not isinstance(raw, dict):
         fail(path, f"must be a mapping of keys ({', '.join(SECTIONS)}, …), not {kind_of(raw)}")
-    fields = shape(raw, path=path, to=to, sender=sender, kind=kind, problems=problems)
+    fields = shape(raw, path=path, to=to, sender=sender, kind=kind, problems=problems, priority=priority)
     return Draft(fields, lines, problems)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from .commits import COMMIT_QUIET
 from .inboxfiles import Quiet, is_candidate, printable, scan, settled, stray_folders
 from .orders import WorkOrder
+from .outbox import OUTBOX_SOURCE
 from .spawner import Spawner
 from .store import Record
 from .trail import one_line
@@ -298,8 +299,19 @@ class Arrivals(Transitions):
     def file_claimed(self, claimed: Path, agent: str, *, shown: str, sender: str | None = None,
                      size: int | None = None) -> Record:
         """File a file `Intake.claim` took (from an inbox, an outbox, or a crash's leftovers)."""
-        filed = self.intake.file(claimed, agent, shown=shown, sender=sender, size=size)
+        filed = self.intake.file(claimed, agent, shown=shown, sender=sender, size=size,
+                                 priority=self._request_priority(shown, sender))
         return self._after_filing(filed.record, filed.order)
+
+    def _request_priority(self, shown: str, sender: str | None) -> str:
+        """The priority of an order from the outbox of an orchestrator's request that gives
+        none: the request's. Its request waits for it (an urgent request's delegated work
+        waited behind normal work), as for an LLM orchestrator's plan. A specialist's outbox
+        sends new work of its own; its order does not wait for it: `normal`."""
+        if sender is None or sender != self.config.orchestrator or not shown.startswith(OUTBOX_SOURCE):
+            return "normal"
+        request = self.records.get(shown[len(OUTBOX_SOURCE):].split("/", 1)[0])
+        return request.priority if request is not None else "normal"
 
     def file_order(self, order: WorkOrder, *, shown: str) -> Record:
         # What made this order (a route, a block, a plan) is on disk before the order is:

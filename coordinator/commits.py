@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from . import durable
-from .audit import Batch, StateRepo
+from .audit import SUPERVISOR, Batch, StateRepo
 from .committer import Committer, Look
 from .errors import CoordinatorError, SupervisorError
 from .intake import Intake
@@ -47,6 +47,9 @@ class Commits:
     def _write_state(self) -> None:
         """Put what this step filed and changed on disk: order folders first, records last."""
         self.intake.place_pending()
+        for order_id, agent, text in self.intake.take_events():  # in the order's trail, and said
+            self.audit.stage(SUPERVISOR, f"{order_id} {agent}: {text}")
+            self.say(f"{order_id} {agent}: {text}")
         self.store.write_dirty()
 
     def step_commit(self) -> None:

@@ -102,12 +102,20 @@ def drift_for(ws: Workspace, agent: str) -> str | None:
     drift = config_drift(ws)
     if drift is None:
         return None
-    seen = _config_seen(ws)
-    agents = seen[1].split() if seen is not None and len(seen) > 1 else None
-    if agents and agent not in agents:
+    if started_without(ws, agent):
         return (f"the running supervisor started before {agent} was in coordinator.yaml, so it does not take "
                 f"in inbox/{agent}/: the order waits there until the supervisor is restarted")
     return drift
+
+
+def started_without(ws: Workspace, agent: str) -> bool:
+    """Whether a supervisor runs that started before `agent` was in coordinator.yaml: it does
+    not take in inbox/<agent>/ until it is restarted."""
+    if config_drift(ws) is None:
+        return False
+    seen = _config_seen(ws)
+    agents = seen[1].split() if seen is not None and len(seen) > 1 else []
+    return bool(agents) and agent not in agents
 
 
 def submit(ws: Workspace, action: str, args: dict[str, Any], *, timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:

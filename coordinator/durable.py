@@ -522,8 +522,10 @@ def read_json(target: Path | str) -> Any:
     return json.loads(data)
 
 
-def move(src: Path, dst: Path, *, sync: bool = True) -> None:
-    """Rename `src` to `dst` (same file system) and make the rename durable."""
+def move(src: Path, dst: Path, *, sync: bool = True, data: bytes | None = None) -> None:
+    """Rename `src` to `dst` (same file system) and make the rename durable. `data`: the
+    file's bytes where the caller has read them (no read here): committed as the supervisor's
+    should `dst` change by hand before the commit (see `Wrote`)."""
     st = None
     if _journals:
         with contextlib.suppress(OSError):  # the rename says it
@@ -535,7 +537,7 @@ def move(src: Path, dst: Path, *, sync: bool = True) -> None:
     note(dst, stamp)
     _rename(src, dst, replace=False)
     if st is not None:
-        _wrote(os.fspath(dst), st, None)
+        _wrote(os.fspath(dst), st, data if data is not None and len(data) == st.st_size else None)
     if sync:
         fsync_dir(dst.parent)
         if src.parent != dst.parent:

@@ -63,6 +63,10 @@ class _Placement:
     sender: str | None
     shown: str
     order: WorkOrder | None
+    # Its bytes as intake read them (None: not all were read): what the commit holds of the
+    # original should it change by hand before then (`durable.move`), at no read more.
+    data: bytes | None = None
+    gone: bool = False  # removed by hand before intake read it: its rejection says so
 
 
 @dataclass
@@ -96,6 +100,9 @@ class Intake:
         # order.json back on the drop-to-spawn path. Bounded by how many orders wait.
         self.accepted: dict[str, WorkOrder] = {}
         self.pending: dict[str, _Placement] = {}  # filed, not yet placed: see the module doc
+        # (order id, agent, what happened) for the trail: a claimed file removed by hand before
+        # its order was placed (`_place`). Staged by the next state write (`take_events`).
+        self.events: list[tuple[str, str, str]] = []
 
     # -- claiming -------------------------------------------------------------------------------
     def claim(self, path: Path, agent: str, *, note: dict[str, Any] | None = None) -> Path | None:
@@ -116,15 +123,22 @@ class Intake:
 
     # -- filing ---------------------------------------------------------------------------------
     def file(self, claimed: Path, agent: str, *, shown: str, sender: str | None = None,
-             parent: str | None = None, size: int | None = None) -> Filed:
+             parent: str | None = None, size: int | None = None, priority: str = "normal") -> Filed:
         """Validate the claimed file and move it into its order folder with a record.
-        `size`: the size of the file it is a copy of (`claim_copy`), when larger."""
+        `size`: the size of the file it is a copy of (`claim_copy`), when larger; `priority`:
+        the order's when the file gives none."""
         # A file name need not be UTF-8; records and messages must be.
         shown = printable(shown)
         order: WorkOrder | None = None
         problems: list[Problem] = []
         suffix = _suffix(shown)
-        data, read_size = claims.read_capped(claimed)
+        gone = False
+        try:
+            data, read_size = claims.read_capped(claimed)
+        except FileNotFoundError:  # removed by hand between the claim and this read (an internal error)
+            data, read_size, size, gone = b"", None, None, True
+            problems = [Problem("", f"was removed from state/intake/{agent}/ by hand before it was read; "
+                                    "send it again", shown)]
         size = read_size if read_size is None or size is None else max(read_size, size)
         # Only a file with no sender stamped may be the supervisor's own copy of a follow-up (see
         # `_take_planned`): an outbox order, delivered live or after a crash, is its sender's,
@@ -132,7 +146,7 @@ class Intake:
         if self.history.planned and size is not None and sender is None:
             sender = self._take_planned(data, shown, agent)  # the supervisor wrote it: as stamped
         if size is None:  # no regular file: replaced by an empty one, rejected for what it was
-            problems = [Problem("", _replace_special(claimed), shown)]
+            problems = problems or [Problem("", _replace_special(claimed), shown)]
         else:
             history: History | _AwaitedHistory = self.history
             if self.waiting.declared:  # (nearly never: only then is the file searched for them)
@@ -144,7 +158,7 @@ class Intake:
                     self.waiting.declared.pop(declared, None)
             try:
                 order = orders.load(data, path=shown, to=agent, config=self.config,
-                                    history=history, sender=sender, repos=self.repos_dir)
+                                    history=history, sender=sender, repos=self.repos_dir, priority=priority)
             except OrderError as e:
                 problems = e.problems
                 if size > orders.MAX_ORDER_BYTES:  # read only this far: say the file's real size
@@ -153,7 +167,8 @@ class Intake:
         order_id = self._choose_id(order or partial)
         if order is not None:
             order = dataclasses.replace(order, id=order_id, parent=parent or order.parent)
-        placement = _Placement(claimed, suffix, agent, sender, shown, order)
+        placement = _Placement(claimed, suffix, agent, sender, shown, order,
+                               data if size is not None and len(data) == size else None, gone)
         if order is not None and sender is None and parent is None:
             self.pending[order_id] = placement  # a plain drop: placed after it may have started
         else:
@@ -211,11 +226,14 @@ class Intake:
             durable.write_json(folder / "intake.json", {"to": p.agent, "sender": p.sender, "source": p.shown},
                                sync=False)
             try:
-                durable.move(p.claimed, original, sync=False)
+                durable.move(p.claimed, original, sync=False, data=p.data)
             except FileNotFoundError:
                 if not os.path.lexists(original):
-                    raise
-                # moved in by a try that failed after its rename: nothing left to move
+                    if os.path.lexists(p.claimed):
+                        raise
+                    if not p.gone:
+                        self._lost_claim(order_id, p, original)
+                # else moved in by a try that failed after its rename: nothing left to move
             if p.sender is not None:  # the note of an outbox copy has served (else: none there)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(claims.note_of(p.claimed))
@@ -230,6 +248,25 @@ class Intake:
             raise
         if p.order is not None:
             durable.write_json(folder / "order.json", p.order.to_dict(), sync=False)
+
+    def _lost_claim(self, order_id: str, p: _Placement, original: Path) -> None:
+        """The claimed file was removed by hand before its order was placed (it was the
+        order's one place then): that stopped the supervisor ("internal error"). The order was
+        filed from what intake read: the original is written from those bytes and the order
+        goes on; the trail says so. Not all read (too big: rejected), it has no original."""
+        rel = p.claimed.relative_to(self.store.root).as_posix()
+        if p.data is not None:
+            durable.write_bytes(original, p.data, sync=False)
+            what = f"written from the copy intake read when it filed {order_id}"
+        else:
+            what = "not there: intake had not read it whole"
+        self.events.append((order_id, p.agent, f"state/{printable(rel)} was removed by hand before it was "
+                                               f"placed; {original.name} is {what}"))
+
+    def take_events(self) -> list[tuple[str, str, str]]:
+        """What happened to orders as they were placed, since the last call (see `events`)."""
+        events, self.events = self.events, []
+        return events
 
     def file_order(self, order: WorkOrder, *, shown: str) -> Filed:
         """File an order the supervisor itself made (follow-ups, escalations, LLM plans).

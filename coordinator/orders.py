@@ -370,11 +370,12 @@ def _cycle(order: WorkOrder, history: History) -> list[str] | None:
 
 
 def load(data: bytes, *, path: str, to: str | None, config: Config, history: History,
-         sender: str | None = None, kind: str | None = None, repos: Path | None = None) -> WorkOrder:
+         sender: str | None = None, kind: str | None = None, repos: Path | None = None,
+         priority: str = "normal") -> WorkOrder:
     """`parse` and `check` in one: OrderError lists every problem of either, with lines.
     `sender` overrides the file's `from` (the supervisor stamps outbox files with it);
-    `repos` as for `check`."""
-    draft = read_order(data, path=path, to=to, sender=sender, kind=kind)
+    `repos` as for `check`; `priority`: the order's when the file gives none."""
+    draft = read_order(data, path=path, to=to, sender=sender, kind=kind, priority=priority)
     if sender is None and draft.fields.get("from") == SUPERVISOR_NAME:
         # Only the supervisor stamps it (on the orders it files itself): from a file it would
         # make an order pass for the supervisor's own in the audit trail.

@@ -316,8 +316,12 @@ def explain_missing(ws: Workspace, order_id: str) -> Iterator[None]:
             raise NotFoundError(f"{order_id} is in {ws.rel(waiting)}, but no agent in coordinator.yaml has that "
                                 f"inbox, so it is never taken in: move it into the inbox of one of "
                                 f"{', '.join(sorted(ws.config.agents))}") from None
-        from .control import supervisor_running
+        from .control import started_without, supervisor_running
 
+        if started_without(ws, agent):  # it said it would take it in: only a restart does
+            raise NotFoundError(f"{order_id} is still in {ws.rel(waiting)}, not yet taken in; the running "
+                                f"supervisor started before {agent} was in coordinator.yaml, so it takes it in "
+                                "only once it is restarted (or delete the file to withdraw it)") from None
         if supervisor_running(ws):
             raise NotFoundError(f"{order_id} is still in {ws.rel(waiting)}, not yet taken in; the running "
                                 "supervisor takes it in once nothing writes it any more (or delete the file to "

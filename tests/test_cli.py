@@ -2172,3 +2172,23 @@ def test_budget_add_that_reaches_the_ceiling_says_what_happens_next(ws: Path) ->
     assert added.exit_code == 0 and added.stdout == "7,500 hot tokens, mode drift\n"
     assert added.stderr.splitlines()[-1] == ("warning: at the ceiling of 7,000 hot tokens; on_ceiling is rotate: "
                                              "the supervisor rotates the context when it next runs")
+
+
+def test_cancel_of_an_order_for_an_agent_added_after_the_supervisor_started_says_it_waits_for_a_restart(
+        ws: Path, supervisor: subprocess.Popen[str]) -> None:
+    """`cancel`/`retry` of an order still in the inbox of an agent the running supervisor does
+    not know (added to coordinator.yaml after it started) said the supervisor "takes it in once
+    nothing writes it any more": it never does until it is restarted."""
+    path = ws / "coordinator.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["agents"]["newbie"] = {"role": "specialist", "command": ["true"]}
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    sent = run("-w", ws, "send", "-", "--to", "newbie", input=order("The newbie says hello", files=()))
+    assert sent.exit_code == 0 and sent.stdout == "WO-0001\n"
+    said = ("coordinator: WO-0001 is still in inbox/newbie/WO-0001.md, not yet taken in; the running supervisor "
+            "started before newbie was in coordinator.yaml, so it takes it in only once it is restarted (or "
+            "delete the file to withdraw it)\n")
+    for command in ("cancel", "retry"):
+        asked = run("-w", ws, command, "WO-0001")
+        assert (asked.exit_code, asked.stderr.splitlines(keepends=True)[-1]) == (1, said), asked.stderr
+    assert (ws / "inbox" / "newbie" / "WO-0001.md").exists()

@@ -1069,8 +1069,8 @@ def test_a_disk_full_error_after_the_original_moved_in_keeps_whom_the_order_is_f
                   "walt": {"role": "orchestrator", "sends_to": ["chip"]}}, orchestrator="walt")
     moved = durable.move
 
-    def full_after(src: Path, dst: Path, *, sync: bool = True) -> None:
-        moved(src, dst, sync=sync)
+    def full_after(src: Path, dst: Path, *, sync: bool = True, data: bytes | None = None) -> None:
+        moved(src, dst, sync=sync, data=data)
         if dst.name.startswith("original"):
             raise OSError(28, "No space left on device")
 

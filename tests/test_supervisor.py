@@ -1718,3 +1718,87 @@ def test_an_order_for_a_repository_with_no_commit_yet_is_refused_with_what_to_do
     run(ws)
     rec = Store(ws.state).load("a")
     assert rec.status == "rejected" and any(why in e for e in rec.errors)
+
+
+def test_an_original_changed_by_hand_before_its_first_commit_is_kept_as_dropped(make_ws):
+    """A hand change to an order's original.md in the second between its placing and the
+    commit left it out of the commit, and the tamper watch then deleted the never-committed
+    original: the order lost the file it was sent as. Now the commit holds the bytes intake
+    read, and the hand change is put back and said."""
+    from coordinator import verify
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
+    text = order_md("Kept as sent", id="a")
+    with Supervisor(ws) as sup:
+        drop(ws, "chip", "a.md", text)
+        intake_all(sup)
+        sup._write_state()  # placed in its folder, its commit still to come
+        original = Store(ws.state).folder("a") / "original.md"
+        with open(original, "a") as f:
+            f.write("- and one more thing\n")
+        sup._flush()
+        assert git(ws.state, "show", "HEAD:orders/a/original.md") == text
+        verify.watch_state(sup)
+        assert original.read_text() == text  # put back, not deleted
+    silent = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert silent == ["state/ changed by hand (restored from git): orders/a/original.md"]
+
+
+def test_a_claimed_file_removed_by_hand_before_it_is_placed_stops_nothing(make_ws):
+    """A claimed file removed by hand from state/intake/<agent>/ before the supervisor placed
+    it in its order folder stopped the supervisor ("internal error: FileNotFoundError"). The
+    order was filed from the bytes intake read: it runs, its original is those bytes, and its
+    trail says what happened; the order next to it is not disturbed."""
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("echo ok")}})
+    text = order_md("Filed though its claim went", id="a")
+    with Supervisor(ws) as sup:
+        drop(ws, "chip", "a.md", text)
+        drop(ws, "chip", "b.md", order_md("Next to it", id="b"))
+        intake_all(sup)
+        claimed = [p for p in (ws.state / "intake" / "chip").iterdir() if p.name.endswith("-a.md")]
+        assert claimed, "the order is claimed, not yet placed"
+        claimed[0].unlink()
+        sup.run_once(limit=60)
+        original = Store(ws.state).folder("a") / "original.md"
+        assert original.read_text() == text
+        assert git(ws.state, "show", "HEAD:orders/a/original.md") == text
+        before = sup.intake.claim(drop(ws, "chip", "c.md", order_md("Gone before it is read", id="c")), "chip")
+        assert before is not None
+        before.unlink()
+        sup.file_claimed(before, "chip", shown="inbox/chip/c.md")
+        sup.run_once(limit=30)
+    recs = Store(ws.state).load_all()
+    assert recs["a"].status == "done" and recs["b"].status == "done"
+    gone = next(r for r in recs.values() if r.source == "inbox/chip/c.md")  # its id was never read
+    assert gone.status == "rejected"
+    assert gone.errors == ["inbox/chip/c.md: was removed from state/intake/chip/ by hand before it was read; "
+                                "send it again"]
+    lines = [e.line for e in StateRepo(ws.state).entries("a")]
+    said = f"a chip: state/intake/chip/{claimed[0].name} was removed by hand before it was placed; " \
+           "original.md is written from the copy intake read when it filed a"
+    assert said in lines
+    assert not StateRepo(ws.state).dirty()
+
+
+def test_an_urgent_requests_outbox_orders_are_urgent_unless_they_say_otherwise(make_ws):
+    """A command orchestrator's outbox orders that gave no priority were filed `normal`: an
+    urgent request's delegated work waited behind normal work (an LLM orchestrator's plan took
+    the request's). They now take their request's priority; one that gives its own keeps it,
+    and a specialist's outbox (new work of its own, its order waits for none of it) stays
+    `normal`."""
+    order = ('objective: {}\\nacceptance: [a is true, b is true, c is true]\\nfiles: []\\n'
+             'branching: [{{action: halt-with-note, when: nothing to do}}]\\n')
+    walt = sh(f'printf "to: chip\\n{order.format("Delegated")}" > "$COORD_OUTBOX/one.yaml"; '
+              f'printf "to: chip\\npriority: low\\n{order.format("Delegated low")}" > "$COORD_OUTBOX/two.yaml"; '
+              'echo sent')
+    chip = sh(f'printf "to: rex\\n{order.format("Reviewed")}" > "$COORD_OUTBOX/r.yaml"; echo done')
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], "command": walt},
+                  "chip": {"role": "specialist", "sends_to": ["rex"], "command": chip},
+                  "rex": {"role": "specialist", "command": sh("echo reviewed")}}, orchestrator="walt")
+    drop(ws, "walt", "req.md", order_md("Urgent request is handled", id="req", priority="urgent"))
+    run(ws)
+    recs = Store(ws.state).load_all()
+    sent = sorted((r.source.split("/", 1)[1], r.to, r.priority, r.status) for r in recs.values()
+                  if r.source.startswith("outbox of "))
+    assert sent == [("one.yaml", "chip", "urgent", "done"), ("r.yaml", "rex", "normal", "done"),
+                    ("r.yaml", "rex", "normal", "done"), ("two.yaml", "chip", "low", "done")]
