@@ -361,8 +361,15 @@ def cancel(sup: Supervisor, order_id: str, by: str, taken: Path | None) -> dict[
     and the orders cancelled with it (`with`), each with the status it had."""
     rec = _record(sup, order_id)
     if rec.status not in CANCELLABLE:
+        # A route hands the same work on: the order to cancel is the one the work went on to.
+        # Not cancelled with it: a routed order has ended, and the user names what they cancel.
+        route = route_end(sup.records, rec.id) if rec.status == "routed" else None
+        went_on = ""
+        if route is not None and route.id != rec.id:
+            went_on = f"; its work went on as {route.id}, which is {route.status}"
+            went_on += ": cancel that one" if route.status in CANCELLABLE else ""
         raise StateError(f"{rec.id} is {rec.status}; only queued, waiting, running, blocked or halted orders "
-                         "can be cancelled")
+                         f"can be cancelled{went_on}")
     work = live_work(sup.records, rec)  # before anything moves
     result: dict[str, Any] = {"id": rec.id, "status": rec.status}
     if work:

@@ -435,3 +435,28 @@ def test_cancel_of_a_request_cancels_the_work_it_sent_that_has_not_ended(
         "req-later": ("cancelled", "cancelled: sent by req-quick for req, which was cancelled by user")}
     assert [h["to"] for h in store.load("req-code").history] == ["queued", "running", "cancelled"]
     assert requests(ws) == []
+
+
+def test_cancel_of_a_routed_order_names_the_order_its_work_went_on_to(make_ws: Callable[..., Workspace]) -> None:
+    """A routed order has ended: its work goes on in its follow-up, which is not cancelled with
+    it. The user was told only that it was routed, not which order to cancel instead."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    route = sh('printf "outcome: route-to\\nagent: rex\\nsummary: needs a look\\n" > "$COORD_RESULT"')
+    ws = make_ws({"chip": {"role": "specialist", "command": route, "sends_to": ["rex"]},
+                  "rex": {"role": "specialist", "command": STUBBORN}})
+    drop(ws, "chip", "a.md", order_md("Order a is handed on", id="a", branching=("route-to-rex if it needs a look",)))
+    with Stepping(ws) as sup:
+        wait_until(lambda: sup.records.get("a") is not None and sup.records["a"].routed_to is not None
+                   and len(_pids(ws, sup.records["a"].routed_to)) == 2, "the follow-up to run")
+        follow = sup.records["a"].routed_to
+        refused = CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "a"])
+        assert sup.records[follow].status == "running"
+        CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", str(follow)])
+        again = CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "a"])
+    said = "coordinator: a is routed; only queued, waiting, running, blocked or halted orders can be cancelled"
+    assert (refused.exit_code, refused.output) == (1, f"{said}; its work went on as {follow}, which is running: "
+                                                      "cancel that one\n")
+    assert (again.exit_code, again.output) == (1, f"{said}; its work went on as {follow}, which is cancelled\n")
