@@ -377,9 +377,10 @@ def cancel(sup: Supervisor, order_id: str, by: str, taken: Path | None) -> dict[
     # Answered when the last of them has ended: never while they are being cancelled here.
     pending = CancelAnswer(taken, result) if taken is not None else None
     _cancel_one(sup, rec, by, "", pending, result, first=True)
-    for child, parent in work:
+    for child, parent in _dependents_first(sup.records, work):
         child = sup.whole(child)
-        if child.terminal:  # ended as what it waited for was cancelled
+        if child.terminal:  # ended meanwhile: not cancelled here, nor said to be
+            result["with"] = [e for e in result["with"] if e["id"] != child.id]
             continue
         why = (f"its request {rec.id} was cancelled by {by}" if parent == rec.id
                else f"sent by {parent} for {rec.id}, which was cancelled by {by}")
@@ -403,6 +404,30 @@ def _cancel_one(sup: Supervisor, rec: Record, by: str, why: str, pending: Cancel
     warning = sup.attempts.cancel(rec) if rec.status == "running" else None
     _cancel(sup, rec, by, warning, why=why)
     _said(result, rec, warning)
+
+
+def _dependents_first(records: dict[str, Record], work: list[tuple[Record, str]]) -> list[tuple[Record, str]]:
+    """`work` in an order that cancels each order before those it waits for: cancelled first,
+    what it waited for would block it (`dependency ended cancelled`) before its turn came."""
+    place = {child.id: n for n, (child, _) in enumerate(work)}
+    ids = place.keys()
+    waits = {child.id: {getattr(route_end(records, d), "id", d) for d in child.dependencies} & ids - {child.id}
+             for child, _ in work}
+    dependents = {child.id: 0 for child, _ in work}
+    for on in waits.values():
+        for d in on:
+            dependents[d] += 1
+    by_id = {child.id: (child, parent) for child, parent in work}
+    ready = [child.id for child, _ in work if not dependents[child.id]]
+    ordered: list[tuple[Record, str]] = []
+    while ready:
+        oid = ready.pop(0)
+        ordered.append(by_id.pop(oid))
+        for d in sorted(waits[oid], key=place.__getitem__):
+            dependents[d] -= 1
+            if not dependents[d]:
+                ready.append(d)
+    return ordered + list(by_id.values())  # a cycle (never filed): the rest as found
 
 
 def live_work(records: dict[str, Record], rec: Record) -> list[tuple[Record, str]]:

@@ -460,3 +460,33 @@ def test_cancel_of_a_routed_order_names_the_order_its_work_went_on_to(make_ws: C
     assert (refused.exit_code, refused.output) == (1, f"{said}; its work went on as {follow}, which is running: "
                                                       "cancel that one\n")
     assert (again.exit_code, again.output) == (1, f"{said}; its work went on as {follow}, which is cancelled\n")
+
+
+def test_an_order_the_request_sent_that_waits_for_another_it_sent_is_cancelled_not_blocked(
+        make_ws: Callable[..., Workspace], tmp_path: Path) -> None:
+    """req-code, queued behind other work, was cancelled first: req-review, waiting for it, was
+    blocked at once ("dependency ended cancelled"), left out of the cancel, and listed as still
+    waiting. Now what waits is cancelled before what it waits for."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    walt = _outbox_orders(tmp_path / "walt-out", {
+        "chip": {"req-code": order_md("Write the code", id="req-code")},
+        "rex": {"req-review": order_md("Review the code", id="req-review", blocked_by=["req-code"])}})
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip", "rex"], "command": sh(walt)},
+                  "chip": {"role": "specialist", "command": STUBBORN},
+                  "rex": {"role": "specialist", "command": ["/bin/true"]}}, orchestrator="walt")
+    drop(ws, "chip", "busy.md", order_md("Keeps chip busy", id="busy"))
+    with Stepping(ws) as sup:
+        wait_until(lambda: len(_pids(ws, "busy")) == 2, "chip to be busy")
+        drop(ws, "walt", "req.md", order_md("Get the code written and reviewed", id="req"))
+        wait_until(lambda: "req-review" in sup.records, "the request to send its orders")
+        said = CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "req"])
+        CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "busy"])
+    assert said.output.splitlines() == ["req: cancelled",
+                                        "req-code: cancelled with req (it was queued)",
+                                        "req-review: cancelled with req (it was waiting)"], said.output
+    review = Store(ws.state).load("req-review")
+    assert (review.status, review.report["summary"]) == ("cancelled", "cancelled: its request req was cancelled by user")
+    assert [h["to"] for h in review.history] == ["waiting", "cancelled"]
