@@ -40,6 +40,7 @@ from .spawner import SIGKILL_WAIT, Refused, SpawnRequest
 from .store import Record, ended_undone, iso, route_end, via_route, waits_for
 
 if TYPE_CHECKING:
+    from .control import CancelAnswer
     from .supervisor import Supervisor
 
 OUTPUT_TAIL = 1500
@@ -98,7 +99,8 @@ class Active:
     # Cancelled while its processes are being stopped: who cancelled it, and the requests of the
     # commands waiting to hear that it is (`AttemptRunner.cancel_soon`).
     cancelled_by: str = ""
-    cancel_waiting: list[Path] = field(default_factory=list)
+    cancel_why: str = ""  # cancelled as the work of an order that was: why (`control.cancel`)
+    cancel_waiting: list[Path | CancelAnswer] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.quiet_since = self.looked = self.began
@@ -320,24 +322,31 @@ class AttemptRunner(Interruptions):
                     return failed
         return None
 
-    def cancel_soon(self, rec: Record, by: str, waiting: Path) -> bool:
+    def cancel_soon(self, rec: Record, by: str, waiting: Path | CancelAnswer, *, why: str = "",
+                    join: bool = False) -> bool:
         """Start killing `rec`'s running attempt and go on; the command waiting on the request
         `waiting` is answered once no process of it is left and the order is cancelled (SPEC §7),
         or the kill failed (said, and cancelled all the same). Waited for here, each cancel of
         an attempt that ignored SIGTERM held every other order for a second and more, and
         several cancels waited one after another. False when nothing of it runs as a process
         (a model's call, a request waiting for its children) or the kill could not be sent:
-        the caller cancels it at once (`cancel`). StateError when a cancel of it is under way."""
+        the caller cancels it at once (`cancel`). StateError when a cancel of it is under way,
+        unless `join` (it is cancelled as the work of a request being cancelled): then `waiting`
+        waits for that cancel too. `why`: why it is cancelled, said in its report."""
         act = next((a for a in self.active.values() if a.rec.id == rec.id), None)
         if act is None or (act.agent.llm is not None and act.phase == "specialist"):
             return False
         if act.cancelled:
+            if join:  # waited for with the cancel under way; with none to wait on, cancelled at once
+                if act.cancel_waiting:
+                    act.cancel_waiting.append(waiting)
+                return bool(act.cancel_waiting)
             raise StateError(f"{rec.id} is being cancelled already: its processes are being stopped")
         try:
             self.sup.spawner.kill_soon(self._current_token(act), grace=CANCEL_GRACE)
         except CoordinatorError:
             return False
-        act.cancelled, act.cancelled_by = True, by
+        act.cancelled, act.cancelled_by, act.cancel_why = True, by, why
         act.cancel_waiting.append(waiting)
         act.kill_due = self.timer() + CANCEL_GRACE + SIGKILL_WAIT + KILL_RETRY
         # Kept in its record: a crash before the processes are gone ends it cancelled at the next
@@ -357,7 +366,7 @@ class AttemptRunner(Interruptions):
         from . import control
 
         waiting, act.cancel_waiting = act.cancel_waiting, []
-        control.cancelled(self.sup, act.rec, act.cancelled_by, waiting, warning=warning)
+        control.cancelled(self.sup, act.rec, act.cancelled_by, waiting, warning=warning, why=act.cancel_why)
 
     @staticmethod
     def _stop_model(act: Active, why: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -256,14 +257,9 @@ def answer(taken: Path, *, result: dict[str, Any] | None = None, error: Coordina
 def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]:
     """Do what a CLI command asked: cancel, retry, rotate, budget-add."""
     if action == "cancel":
-        rec = _record(sup, str(args["id"]))
-        if rec.status not in CANCELLABLE:
-            raise StateError(f"{rec.id} is {rec.status}; only queued, waiting, running, blocked or halted orders "
-                             "can be cancelled")
-        # A kill that failed is said, and the order is cancelled all the same: left running, it
-        # would run again after the next start.
-        warning = sup.attempts.cancel(rec) if rec.status == "running" else None
-        return _cancel(sup, rec, str(args.get("by", "user")), warning)
+        result = cancel(sup, str(args["id"]), str(args.get("by", "user")), None)
+        assert result is not None  # nothing is left to be answered later without a request
+        return result
     if action == "retry":
         rec = _record(sup, str(args["id"]))
         if rec.status == "waiting" and not rec.blocker:
@@ -320,34 +316,164 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
 
 def serve(sup: Supervisor, action: str, args: dict[str, Any], taken: Path) -> dict[str, Any] | None:
     """`handle` the request a command waits on at `taken`; None when it is answered later: the
-    cancel of a running attempt, once no process of it is left (`AttemptRunner.cancel_soon`),
-    while the loop goes on with the other orders."""
+    cancel of running attempts (an order's, the work it sent), once no process of them is left
+    (`AttemptRunner.cancel_soon`), while the loop goes on with the other orders."""
     if action == "cancel" and not sup.offline:
-        rec = sup.records.get(str(args.get("id")))
-        if rec is not None and rec.status == "running" and sup.attempts.cancel_soon(
-                sup.whole(rec), str(args.get("by", "user")), taken):
-            return None
+        return cancel(sup, str(args.get("id")), str(args.get("by", "user")), taken)
     return sup.handle(action, args)
 
 
-def cancelled(sup: Supervisor, rec: Record, by: str, waiting: list[Path], *, warning: str | None = None) -> None:
-    """The attempt of `rec`, cancelled by `by`, has ended (or could not be killed: `warning`):
-    the order is cancelled, and each command waiting on a request in `waiting` told so."""
+@dataclass
+class CancelAnswer:
+    """A `cancel` command that waits for the processes of several orders to be gone: the order
+    it named and the work that order sent. Answered (`taken`) once the last of them (`left`)
+    has ended."""
+
+    taken: Path
+    result: dict[str, Any]
+    left: set[str] = field(default_factory=set)
+
+    def ended(self, rec: Record, warning: str | None) -> None:
+        self.left.discard(rec.id)
+        _said(self.result, rec, warning)
+        if not self.left:
+            answer(self.taken, result=self.result)
+
+
+def _said(result: dict[str, Any], rec: Record, warning: str | None) -> None:
+    """What a cancel's answer says of `rec`, one of its orders, now that it has ended."""
+    if rec.id == result["id"]:
+        result["status"] = rec.status
+    for entry in result.get("with", ()):
+        if entry["id"] == rec.id:
+            entry["status"] = rec.status
+    if warning:
+        said = result.get("warning")
+        result["warning"] = f"{said}; {warning}" if said else warning
+
+
+def cancel(sup: Supervisor, order_id: str, by: str, taken: Path | None) -> dict[str, Any] | None:
+    """Cancel `order_id` and, with it, the work it sent that has not ended: its children (the
+    orders its outbox or its model's plan sent), each followed along its route, and theirs,
+    however deep (`live_work`). A running one is killed in the background when a supervisor
+    runs (`AttemptRunner.cancel_soon`): then None, and the command waiting on `taken` is
+    answered once no process of any of them is left. Else the answer: the order, its status
+    and the orders cancelled with it (`with`), each with the status it had."""
+    rec = _record(sup, order_id)
+    if rec.status not in CANCELLABLE:
+        # A route hands the same work on: the order to cancel is the one the work went on to.
+        # Not cancelled with it: a routed order has ended, and the user names what they cancel.
+        route = route_end(sup.records, rec.id) if rec.status == "routed" else None
+        went_on = ""
+        if route is not None and route.id != rec.id:
+            went_on = f"; its work went on as {route.id}, which is {route.status}"
+            went_on += ": cancel that one" if route.status in CANCELLABLE else ""
+        raise StateError(f"{rec.id} is {rec.status}; only queued, waiting, running, blocked or halted orders "
+                         f"can be cancelled{went_on}")
+    work = live_work(sup.records, rec)  # before anything moves
+    result: dict[str, Any] = {"id": rec.id, "status": rec.status}
+    if work:
+        result["with"] = [{"id": child.id, "was": child.status, "status": child.status} for child, _ in work]
+    # Answered when the last of them has ended: never while they are being cancelled here.
+    pending = CancelAnswer(taken, result) if taken is not None else None
+    _cancel_one(sup, rec, by, "", pending, result, first=True)
+    for child, parent in _dependents_first(sup.records, work):
+        child = sup.whole(child)
+        if child.terminal:  # ended meanwhile: not cancelled here, nor said to be
+            result["with"] = [e for e in result["with"] if e["id"] != child.id]
+            continue
+        why = (f"its request {rec.id} was cancelled by {by}" if parent == rec.id
+               else f"sent by {parent} for {rec.id}, which was cancelled by {by}")
+        _cancel_one(sup, child, by, why, pending, result, first=False)
+    if pending is not None and pending.left:
+        return None
+    return result
+
+
+def _cancel_one(sup: Supervisor, rec: Record, by: str, why: str, pending: CancelAnswer | None,
+                result: dict[str, Any], *, first: bool) -> None:
+    """Cancel `rec`: in the background when its processes can be killed so (`pending` then
+    waits for it), else at once. `first`: the order the command named; a cancel of it
+    already under way is an error, one of the work it sent is waited for."""
+    if rec.status == "running" and pending is not None and sup.attempts.cancel_soon(
+            rec, by, pending, why=why, join=not first):
+        pending.left.add(rec.id)
+        return
+    # A kill that failed is said, and the order is cancelled all the same: left running, it
+    # would run again after the next start.
+    warning = sup.attempts.cancel(rec) if rec.status == "running" else None
+    _cancel(sup, rec, by, warning, why=why)
+    _said(result, rec, warning)
+
+
+def _dependents_first(records: dict[str, Record], work: list[tuple[Record, str]]) -> list[tuple[Record, str]]:
+    """`work` in an order that cancels each order before those it waits for: cancelled first,
+    what it waited for would block it (`dependency ended cancelled`) before its turn came."""
+    place = {child.id: n for n, (child, _) in enumerate(work)}
+    ids = place.keys()
+    waits = {child.id: {getattr(route_end(records, d), "id", d) for d in child.dependencies} & ids - {child.id}
+             for child, _ in work}
+    dependents = {child.id: 0 for child, _ in work}
+    for on in waits.values():
+        for d in on:
+            dependents[d] += 1
+    by_id = {child.id: (child, parent) for child, parent in work}
+    ready = [child.id for child, _ in work if not dependents[child.id]]
+    ordered: list[tuple[Record, str]] = []
+    while ready:
+        oid = ready.pop(0)
+        ordered.append(by_id.pop(oid))
+        for d in sorted(waits[oid], key=place.__getitem__):
+            dependents[d] -= 1
+            if not dependents[d]:
+                ready.append(d)
+    return ordered + list(by_id.values())  # a cycle (never filed): the rest as found
+
+
+def live_work(records: dict[str, Record], rec: Record) -> list[tuple[Record, str]]:
+    """The orders sent for `rec`'s work that have not ended, each with the order it was sent
+    for: its children, each followed along its route (a route's follow-up carries the same
+    work on), and their children in turn, however deep; an ended one's too (a done order's
+    outbox sent work for the same request). Escalations are not followed: an investigation
+    of a blocked order is the escalation agent's own work."""
+    found: list[tuple[Record, str]] = []
+    seen, todo = {rec.id}, [rec]
+    while todo:
+        node = todo.pop(0)
+        for child_id in node.children:
+            link = records.get(child_id)
+            while link is not None and link.id not in seen:
+                seen.add(link.id)
+                if not link.terminal:
+                    found.append((link, link.parent if link.parent in seen else node.id))
+                todo.append(link)
+                link = records.get(link.routed_to) if link.status == "routed" and link.routed_to else None
+    return found
+
+
+def cancelled(sup: Supervisor, rec: Record, by: str, waiting: list[Path | CancelAnswer], *,
+              warning: str | None = None, why: str = "") -> None:
+    """The attempt of `rec`, cancelled by `by` (`why`: for the work of an order so cancelled),
+    has ended (or could not be killed: `warning`): the order is cancelled, and each command
+    waiting on a request in `waiting` told so."""
     if rec.status == "running":
-        result = _cancel(sup, rec, by, warning)
+        result = _cancel(sup, rec, by, warning, why=why)
     else:
         result = {"id": rec.id, "status": rec.status, **({"warning": warning} if warning else {})}
     sup._write_state()  # on disk before the command hears it: it may read the records next
     for taken in waiting:
-        answer(taken, result=result)
+        if isinstance(taken, CancelAnswer):
+            taken.ended(rec, warning)
+        else:
+            answer(taken, result=result)
 
 
-def _cancel(sup: Supervisor, rec: Record, by: str, warning: str | None) -> dict[str, Any]:
-    summary = f"cancelled by {by}"
+def _cancel(sup: Supervisor, rec: Record, by: str, warning: str | None, *, why: str = "") -> dict[str, Any]:
+    summary = f"cancelled: {why}" if why else f"cancelled by {by}"
     before = (rec.report or {}).get("summary") if rec.status in ("blocked", "halted") else None
     # An ended order keeps why it ended: the sender reads both in the report.
     rec.report = {"summary": f"{summary}; it was {rec.status}: {before}" if before else summary}
-    sup.move(rec, "cancelled", by)
+    sup.move(rec, "cancelled", by, note=why or None)
     return {"id": rec.id, "status": rec.status, **({"warning": warning} if warning else {})}
 
 

@@ -140,7 +140,8 @@ def show(c: Context, order_id: str, as_json: bool) -> None:
 @click.argument("order_id", metavar="ID", type=ORDER_ID)
 @pass_ctx
 def cancel(c: Context, order_id: str) -> None:
-    """Cancel a queued, waiting or running order (its processes are killed).
+    """Cancel a queued, waiting or running order (its processes are killed),
+    and with it the orders it sent that have not ended.
 
     A blocked or halted order can be cancelled too: it ends for good and
     `retry` no longer brings it back.
@@ -156,6 +157,8 @@ def cancel(c: Context, order_id: str) -> None:
     if r.get("warning"):
         click.echo(f"coordinator: {r['warning']}", err=True)
     click.echo(f"{r['id']}: {r['status']}")
+    for child in r.get("with") or ():  # the work it sent that had not ended
+        click.echo(f"{child['id']}: {child['status']} with {r['id']} (it was {child['was']})")
 
 
 @click.command(cls=Command)

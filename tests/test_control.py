@@ -377,3 +377,116 @@ def test_cancel_of_an_order_still_in_an_inbox_says_where_it_is_also_with_a_super
     assert (served.exit_code, served.output) == (1, alone.output)
     assert (missing.exit_code, missing.output) == (1, "coordinator: no order 'WO-0404'; `coordinator board` lists them\n")
     assert drop_at.exists()
+
+
+# -- cancel of a request that sent work ------------------------------------------------------------
+def _outbox_orders(folder: Path, orders: dict[str, dict[str, str]]) -> str:
+    """Order files for an outbox, written under `folder/<agent>/`; the shell line that copies
+    them into $COORD_OUTBOX."""
+    for agent, texts in orders.items():
+        (folder / agent).mkdir(parents=True, exist_ok=True)
+        for oid, text in texts.items():
+            (folder / agent / f"{oid}.md").write_text(text)
+    return f'cp -R "{folder}/." "$COORD_OUTBOX/"'
+
+
+def test_cancel_of_a_request_cancels_the_work_it_sent_that_has_not_ended(
+        make_ws: Callable[..., Workspace], tmp_path: Path) -> None:
+    """Cancelling walt's running request left its orders going: req-code kept running (its
+    processes too), req-review kept waiting on it. Now the work it sent that has not ended is
+    cancelled with it, however deep, each saying why; the command is answered once no process
+    of any of them is left, and lists them. What had ended stays as it is."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    review = order_md("Review the code", id="req-review", blocked_by=["req-code"])
+    walt = _outbox_orders(tmp_path / "walt-out", {
+        "chip": {"req-code": order_md("Write the code", id="req-code")},
+        "rex": {"req-quick": order_md("Look first", id="req-quick"), "req-review": review}})
+    # rex's quick look ends done at once, sending chip an order that waits for the code.
+    later = _outbox_orders(tmp_path / "rex-out", {
+        "chip": {"req-later": order_md("Tidy up after the code", id="req-later", blocked_by=["req-code"])}})
+    rex = f'if [ "$COORD_ORDER_ID" = req-quick ]; then {later}; fi; echo ok'
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip", "rex"], "command": sh(walt)},
+                  "chip": {"role": "specialist", "command": STUBBORN},
+                  "rex": {"role": "specialist", "command": sh(rex), "sends_to": ["chip"]}}, orchestrator="walt")
+    drop(ws, "walt", "req.md", order_md("Get the code written and reviewed", id="req"))
+    with Stepping(ws) as sup:
+        wait_until(lambda: len(_pids(ws, "req-code")) == 2 and "req-later" in sup.records,
+                   "the code to run and the quick look to end")
+        pids = _pids(ws, "req-code")
+        said = CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "req"])
+        gone = [_alive(p) for p in pids]
+    assert said.exit_code == 0, said.output
+    assert said.output.splitlines() == ["req: cancelled",
+                                        "req-code: cancelled with req (it was running)",
+                                        "req-review: cancelled with req (it was waiting)",
+                                        "req-later: cancelled with req (it was waiting)"]
+    assert gone == [False, False]  # answered once no process of them was left
+    store = Store(ws.state)
+    ended = {oid: (store.load(oid).status, store.load(oid).report["summary"])
+             for oid in ("req", "req-code", "req-review", "req-quick", "req-later")}
+    assert ended == {
+        "req": ("cancelled", "cancelled by user"),
+        "req-code": ("cancelled", "cancelled: its request req was cancelled by user"),
+        "req-review": ("cancelled", "cancelled: its request req was cancelled by user"),
+        "req-quick": ("done", "ok"),
+        "req-later": ("cancelled", "cancelled: sent by req-quick for req, which was cancelled by user")}
+    assert [h["to"] for h in store.load("req-code").history] == ["queued", "running", "cancelled"]
+    assert requests(ws) == []
+
+
+def test_cancel_of_a_routed_order_names_the_order_its_work_went_on_to(make_ws: Callable[..., Workspace]) -> None:
+    """A routed order has ended: its work goes on in its follow-up, which is not cancelled with
+    it. The user was told only that it was routed, not which order to cancel instead."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    route = sh('printf "outcome: route-to\\nagent: rex\\nsummary: needs a look\\n" > "$COORD_RESULT"')
+    ws = make_ws({"chip": {"role": "specialist", "command": route, "sends_to": ["rex"]},
+                  "rex": {"role": "specialist", "command": STUBBORN}})
+    drop(ws, "chip", "a.md", order_md("Order a is handed on", id="a", branching=("route-to-rex if it needs a look",)))
+    with Stepping(ws) as sup:
+        wait_until(lambda: sup.records.get("a") is not None and sup.records["a"].routed_to is not None
+                   and len(_pids(ws, sup.records["a"].routed_to)) == 2, "the follow-up to run")
+        follow = sup.records["a"].routed_to
+        refused = CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "a"])
+        assert sup.records[follow].status == "running"
+        CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", str(follow)])
+        again = CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "a"])
+    said = "coordinator: a is routed; only queued, waiting, running, blocked or halted orders can be cancelled"
+    assert (refused.exit_code, refused.output) == (1, f"{said}; its work went on as {follow}, which is running: "
+                                                      "cancel that one\n")
+    assert (again.exit_code, again.output) == (1, f"{said}; its work went on as {follow}, which is cancelled\n")
+
+
+def test_an_order_the_request_sent_that_waits_for_another_it_sent_is_cancelled_not_blocked(
+        make_ws: Callable[..., Workspace], tmp_path: Path) -> None:
+    """req-code, queued behind other work, was cancelled first: req-review, waiting for it, was
+    blocked at once ("dependency ended cancelled"), left out of the cancel, and listed as still
+    waiting. Now what waits is cancelled before what it waits for."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    walt = _outbox_orders(tmp_path / "walt-out", {
+        "chip": {"req-code": order_md("Write the code", id="req-code")},
+        "rex": {"req-review": order_md("Review the code", id="req-review", blocked_by=["req-code"])}})
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip", "rex"], "command": sh(walt)},
+                  "chip": {"role": "specialist", "command": STUBBORN},
+                  "rex": {"role": "specialist", "command": ["/bin/true"]}}, orchestrator="walt")
+    drop(ws, "chip", "busy.md", order_md("Keeps chip busy", id="busy"))
+    with Stepping(ws) as sup:
+        wait_until(lambda: len(_pids(ws, "busy")) == 2, "chip to be busy")
+        drop(ws, "walt", "req.md", order_md("Get the code written and reviewed", id="req"))
+        wait_until(lambda: "req-review" in sup.records, "the request to send its orders")
+        said = CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "req"])
+        CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "busy"])
+    assert said.output.splitlines() == ["req: cancelled",
+                                        "req-code: cancelled with req (it was queued)",
+                                        "req-review: cancelled with req (it was waiting)"], said.output
+    review = Store(ws.state).load("req-review")
+    assert (review.status, review.report["summary"]) == ("cancelled", "cancelled: its request req was cancelled by user")
+    assert [h["to"] for h in review.history] == ["waiting", "cancelled"]
