@@ -240,11 +240,12 @@ class Client:
         unset: list[str] = []  # endpoints whose key variable is not set (or unusable): never asked
         http = httpx.Client(transport=self._transport, timeout=httpx.Timeout(self.settings.timeout))
         try:
-            for endpoint in chain:
+            for n, endpoint in enumerate(chain, 1):
                 headers = self._headers(endpoint)
                 if headers is None:
                     unset.append(self._unset_message(endpoint))
-                    log.warning("%s; skipping to the next model of the fallback chain", unset[-1])
+                    log.warning("%s; %s", unset[-1], "skipping to the next model of the fallback chain"
+                                if n < len(chain) else "no model of the fallback chain is left to ask")
                     last_errors.append(f"{endpoint.model} at {shown_url(endpoint.base_url)}: not asked, "
                                        f"{self._unset_why(endpoint)}")
                     continue

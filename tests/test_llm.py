@@ -309,6 +309,18 @@ def test_an_unset_key_variable_skips_to_the_next_model_and_says_so(
     assert sleeps == []
 
 
+def test_the_last_model_not_asked_says_no_model_is_left_not_the_next_one(
+        fake: FakeLLM, caplog: pytest.LogCaptureFixture) -> None:
+    # A key refused over plain http, with no fallback: the log said it skipped to a next model.
+    client = Client(settings(Endpoint("m", "http://api.example.com/v1", api_key_env="FAKE_KEY")),
+                    env={"FAKE_KEY": KEY})
+    with pytest.raises(LLMAuthError, match="unencrypted"):
+        client.chat([{"role": "user", "content": "hi"}])
+    assert "no model of the fallback chain is left to ask" in caplog.text
+    assert "skipping to the next model" not in caplog.text
+    assert fake.requests == []
+
+
 @pytest.mark.parametrize("stray", ["\n", "\r\n", " "])
 def test_a_key_set_with_a_line_end_is_sent_without_it(fake: FakeLLM, stray: str) -> None:
     # Once: httpx refused the header with the key in its words, and that error (the key in it,
