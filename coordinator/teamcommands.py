@@ -518,9 +518,15 @@ def gc(c: Context, days: float) -> None:
     attempt folders and logs of orders that ended more than --days ago (their records and
     reports in state/ stay).
 
+    `--days 0` removes them all, whatever their age: every kept working copy,
+    and the attempt folders and logs of every ended order (also of those dated
+    ahead of this machine's clock). Orders not ended (queued, waiting, running)
+    keep theirs.
+
     \b
     Example:
         coordinator gc --days 2
+        coordinator gc --days 0
     """
     from . import sending
 

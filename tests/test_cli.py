@@ -2081,6 +2081,15 @@ def test_every_command_is_documented_with_an_example() -> None:
             "budget add", "rotate", "signals", "audit verify", "doctor", "cost"} <= {" ".join(p) for p in ALL_COMMANDS}
 
 
+def test_cancel_and_gc_help_say_when_a_cancel_is_answered_and_what_days_0_does() -> None:
+    cancel = " ".join(run("cancel", "-h").stdout.split())
+    assert "A running order's cancel is answered once its processes are gone" in cancel
+    assert "coordinator cancel WO-0007" in cancel
+    gc = " ".join(run("gc", "-h").stdout.split())
+    assert "`--days 0` removes them all, whatever their age" in gc
+    assert "coordinator gc --days 2" in gc and "coordinator gc --days 0" in gc
+
+
 def test_usage_errors_name_the_command_and_exit_2(ws: Path) -> None:
     missing = run("-w", ws, "new")
     assert (missing.exit_code, missing.stderr) == (2, "coordinator new: Missing option '--to'. See "
