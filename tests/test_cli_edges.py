@@ -435,3 +435,20 @@ def test_commands_in_a_current_folder_that_was_removed_say_so(ws: Path, tmp_path
     order = tmp_path / "order.md"
     order.write_text(ORDER)
     assert run("-w", ws, "validate", order, "--to", "chip").exit_code == 0  # absolute paths still work
+
+
+def test_doctor_in_a_current_folder_that_was_removed_says_so(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # doctor said "workspace: none here" there, as if no workspace had ever been; it still
+    # checks the machine, then fails as every other command does there.
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    monkeypatch.delenv("COORDINATOR_WORKSPACE", raising=False)
+    result = run("doctor")
+    assert result.stdout.splitlines()[0] == "workspace: unknown (the current folder no longer exists)"
+    assert any(line.startswith("git: ") for line in result.stdout.splitlines())
+    assert (result.exit_code, result.stderr) == (2, "coordinator: the current folder no longer exists (removed or "
+                                                    "moved away since this shell entered it): cd into a folder "
+                                                    "that exists, or pass -w and absolute paths\n")
