@@ -452,3 +452,18 @@ def test_doctor_in_a_current_folder_that_was_removed_says_so(tmp_path: Path,
     assert (result.exit_code, result.stderr) == (2, "coordinator: the current folder no longer exists (removed or "
                                                     "moved away since this shell entered it): cd into a folder "
                                                     "that exists, or pass -w and absolute paths\n")
+
+
+def test_a_writable_folder_under_a_relative_home_says_home_is_relative(ws: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # `~/.claude` with HOME=rel/home was refused with "'rel/home/.claude' must be absolute or
+    # start with ~", of a path that did start with ~.
+    config = ws / "coordinator.yaml"
+    config.write_text(config.read_text().replace(
+        "    sends_to: [chip]\n", "    sends_to: [chip]\n    sandbox: {writable: ['~/.claude']}\n", 1))
+    monkeypatch.setenv("HOME", "rel/home")
+    result = run("-w", ws, "board")
+    assert (result.exit_code, result.stderr) == (2, "coordinator: coordinator.yaml: agents.rex.sandbox.writable.0: "
+                                                    "'~/.claude': HOME is the relative path 'rel/home', so ~ names "
+                                                    "no folder; set HOME to an absolute path, or write the folder's "
+                                                    "absolute path\n")
