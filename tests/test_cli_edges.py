@@ -467,3 +467,13 @@ def test_a_writable_folder_under_a_relative_home_says_home_is_relative(ws: Path,
                                                     "'~/.claude': HOME is the relative path 'rel/home', so ~ names "
                                                     "no folder; set HOME to an absolute path, or write the folder's "
                                                     "absolute path\n")
+
+
+def test_a_yaml_set_in_the_config_is_said_as_a_set_and_what_is_expected(ws: Path) -> None:
+    # `writes: !!set {...}` was refused as "must be a list, not a value": a set is a value.
+    config = ws / "coordinator.yaml"
+    config.write_text(config.read_text().replace(
+        '    writes: ["webapp/docs/reviews/**"]\n', '    writes: !!set {"webapp/docs/reviews/**": null}\n', 1))
+    result = run("-w", ws, "board")
+    assert (result.exit_code, result.stderr) == (2, "coordinator: coordinator.yaml: agents.rex.writes: must be a "
+                                                    "list, not a set (YAML's !!set)\n")
