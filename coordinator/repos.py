@@ -44,6 +44,28 @@ MERGE_PATIENCE = 2.0  # seconds a merge waits for another git to let go of the c
 _ORDER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
+class BranchInTheWay(GitError):
+    """A person's branch named like `wo/<id>/x` (or `wo`) keeps git from making the order's
+    branch `wo/<id>`: a person's doing, not the agent's, so the order waits for them
+    (`blocker`) rather than failing attempts against the agent."""
+
+    def __init__(self, repo: str, order_id: str, others: list[str]) -> None:
+        self.repo = repo
+        self.others = others
+        many = len(others) > 1
+        self.named = ("the branches " if many else "the branch ") + ", ".join(others[:3]) + (
+            f" and {len(others) - 3} more" if len(others) > 3 else "")
+        super().__init__(f"repos/{repo}: {self.named} keep{'' if many else 's'} git from making "
+                         f"{BRANCH_PREFIX}{order_id}, the order's working-copy branch")
+
+    def blocker(self, order_id: str) -> str:
+        """The line order `order_id` waits with; it starts with what it waits for."""
+        return (f"{self.named} in repos/{self.repo} renamed (`git -C repos/{self.repo} branch -m "
+                f"{self.others[0]} <new name>`): git cannot make the order's branch {BRANCH_PREFIX}{order_id} "
+                f"next to {'them' if len(self.others) > 1 else 'it'} ({BRANCH_PREFIX} names are the "
+                f"coordinator's), then `coordinator retry {order_id}`")
+
+
 class MergeConflict(GitError):
     """wo/<id> and the default branch changed the same lines; nothing was merged."""
 
@@ -81,6 +103,14 @@ class Repo(Checkout):
             self._run(["worktree", "prune"])
             if self._has_ref(f"refs/heads/{branch}"):
                 self.git("update-ref", "-d", f"refs/heads/{branch}")
+            # A person's wo/<id>/x (or wo) stopped git from making wo/<id>: "cannot lock ref",
+            # counted as failed attempts against the agent until the order was blocked.
+            others = [r.removeprefix("refs/heads/") for r in self.git(
+                "for-each-ref", "--format=%(refname)", f"refs/heads/{branch}/").splitlines() if r]
+            if self._has_ref(f"refs/heads/{BRANCH_PREFIX.rstrip('/')}"):
+                others.insert(0, BRANCH_PREFIX.rstrip("/"))
+            if others:
+                raise BranchInTheWay(self.name, order_id, others)
             dest.parent.mkdir(parents=True, exist_ok=True)
             self.git("worktree", "add", "-q", "-b", branch, str(dest), self.head())
         return dest
