@@ -415,11 +415,13 @@ class Repo(Checkout):
 
     def _merge_commit(self, order_id: str, branch: str, base: str, tip: str, message: str) -> str:
         if self.in_memory_merge:
-            args = ["merge-tree", "--write-tree", "--name-only", "--no-messages", "-z", base, tip]
+            args = ["merge-tree", "--write-tree", "--name-only", "-z", base, tip]
             r = self._run(args, check=False)
             fields = r.stdout.split("\0")
             if r.returncode == 1:
-                raise MergeConflict(self.name, order_id, branch, self._as_named(base, tip, fields[1:]))
+                cut = fields.index("", 1) if "" in fields[1:] else len(fields)
+                raise MergeConflict(self.name, order_id, branch,
+                                    self._as_named(base, tip, fields[1:cut], _related(fields[cut + 1:])))
             if r.returncode != 0 or not _SHA.match(fields[0]):
                 raise GitError(f"git merge-tree failed in repos/{self.name}: {r.stderr.strip()}")
             return self._commit_tree(fields[0], [base, tip], message, COORDINATOR_IDENT)
@@ -442,21 +444,35 @@ class Repo(Checkout):
                     self._drop(w)
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def _as_named(self, base: str, tip: str, conflicted: list[str]) -> list[str]:
+    def _as_named(self, base: str, tip: str, conflicted: list[str],
+                  related: Mapping[str, list[str]] | None = None) -> list[str]:
         """The conflicted paths as the two sides name them. Where a folder is in the way of a
         file of the same name, git moves the file aside as `<path>~<side>`, a name that is in
-        neither side: the next brief names `<path>`, which the agent can find."""
+        neither side: the next brief names `<path>`, which the agent can find. Where a folder
+        was renamed meanwhile, git suggests the agent's file's place in the new folder, also in
+        neither side: named with the agent's path (`related`: the paths git's messages name
+        with each conflicted one)."""
+        related = related or {}
         names = [n for n in dict.fromkeys(conflicted) if n]
-        asked = dict.fromkeys(names + [n.rpartition("~")[0] for n in names if "~" in n])
+        others = [o for n in names for o in related.get(n, ()) if o != n]
+        asked = dict.fromkeys(names + [n.rpartition("~")[0] for n in names if "~" in n] + others)
         known: set[str] = set()
+        in_tip: set[str] = set()
         for rev in (base, tip):
             listing = self._run(["--literal-pathspecs", "ls-tree", "-z", "--name-only", "--full-tree", rev, "--",
                                  *asked], check=False).stdout  # fmt: skip
             known.update(_nul_split(listing))
+            in_tip = set(_nul_split(listing))  # the last: tip's
         found = []
         for n in names:
             aside = n.rpartition("~")[0]
-            found.append(aside if n not in known and aside in known else n)
+            theirs = [o for o in related.get(n, ()) if o in in_tip] if n not in known else []
+            if n not in known and aside in known:
+                found.append(aside)
+            elif theirs:  # "lib/new.py (the order's lib/old.py)": the agent knows its own path
+                found.append(f"{n} (the order's {', '.join(theirs)})")
+            else:
+                found.append(n)
         return list(dict.fromkeys(found))
 
     # -- housekeeping --------------------------------------------------------------------------
@@ -510,6 +526,20 @@ def gc_worktrees(work_root: Path, repos: Iterable[Repo], *, keep_days: float, no
                     w.tree.parent.rmdir()
             repo._run(["worktree", "prune"])
     return removed
+
+
+def _related(messages: list[str]) -> dict[str, list[str]]:
+    """From `merge-tree -z`'s messages (records of a path count, the paths, a type and a
+    text), the paths each path is named with."""
+    related: dict[str, list[str]] = {}
+    at = 0
+    while at < len(messages) and messages[at].isdigit():
+        count = int(messages[at])
+        paths = messages[at + 1:at + 1 + count]
+        for p in paths:
+            related.setdefault(p, []).extend(o for o in paths if o != p)
+        at += count + 3
+    return related
 
 
 def _branch(order_id: str) -> str:

@@ -495,6 +495,21 @@ def test_a_file_against_a_folder_of_the_same_name_names_the_path_both_sides_have
     assert repo.head() == head and sh_git(repo.path, "status", "--porcelain") == ""
 
 
+def test_a_conflict_from_a_folder_renamed_meanwhile_names_the_orders_path_too(ws: Path) -> None:
+    # src/ renamed to lib/ on main while the order added src/extra.py: the conflict named only
+    # git's suggestion lib/extra.py, which neither side has; the agent knows its own path.
+    repo = Repo(init_demo_repo(ws / "repos" / "webapp").path, in_memory_merge=True)
+    land(repo, ws, "WO-0001", {"src/extra.py": "x\n"})
+    sh_git(repo.path, "mv", "src", "lib")
+    sh_git(repo.path, "commit", "-qm", "src is lib now")
+    head = repo.head()
+    with pytest.raises(MergeConflict) as caught:
+        repo.merge("WO-0001")
+    assert caught.value.paths == ("lib/extra.py (the order's src/extra.py)",)
+    assert "in lib/extra.py (the order's src/extra.py);" in str(caught.value)
+    assert repo.head() == head and sh_git(repo.path, "status", "--porcelain") == ""
+
+
 @pytest.mark.parametrize("in_memory", [True, False], ids=["merge-tree", "scratch-worktree"])
 @pytest.mark.parametrize("folder", ["src/fixture", "src/[x] *"])
 def test_two_orders_that_each_bring_half_of_a_repository_are_not_merged_together(ws: Path, in_memory: bool,
