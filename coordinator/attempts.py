@@ -34,7 +34,7 @@ from .interruptions import Interruptions
 from .landlock import Ruleset
 from .orders import WorkOrder
 from .outbox import _note_undelivered
-from .repos import MergeConflict, Repo
+from .repos import BranchInTheWay, MergeConflict, Repo
 from .runner import Attempt
 from .spawner import SIGKILL_WAIT, Refused, SpawnRequest
 from .store import Record, ended_undone, iso, route_end, via_route, waits_for
@@ -154,7 +154,7 @@ class AttemptRunner(Interruptions):
                 act.repo.add_worktree(rec.id, attempt.workdir)
                 act.before = gate.snapshot(attempt.workdir)
             act.rules = runner.ruleset(agent, order, attempt, self.ws)
-        except DetachedHead as e:  # where the order starts and lands is the person's to say
+        except (DetachedHead, BranchInTheWay) as e:  # where the order starts and lands is the person's to say
             rec.attempts = number
             self._cleanup(act)
             self.wait_for_person(act, e.blocker(rec.id), why="did not start")

@@ -498,12 +498,19 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
         problem = paths.path_problem(w) or paths.brace_problem(w)
         if problem:
             raise fail(f"agents.{name}.writes.{i}", problem)
-    writable = tuple(os.path.expanduser(p) for p in (spec.get("sandbox", {}) or {}).get("writable", ()))
+    written = tuple((spec.get("sandbox", {}) or {}).get("writable", ()))
+    writable = tuple(os.path.expanduser(p) for p in written)
     for i, p in enumerate(writable):
         if p.startswith("~"):  # left as written: "must be absolute or start with ~" said of a path that did
             tilde = p.split("/")[0]
             raise fail(f"agents.{name}.sandbox.writable.{i}", f"{p!r}: no user {tilde[1:]!r} on this system, so "
                        f"{tilde} names no home folder; write the folder's absolute path")
+        home = os.environ.get("HOME", "")
+        if not os.path.isabs(p) and str(written[i]).split("/")[0] == "~" and not os.path.isabs(home):
+            # "must be absolute or start with ~" was said of a path that started with ~.
+            raise fail(f"agents.{name}.sandbox.writable.{i}", f"{written[i]!r}: HOME is the relative path "
+                       f"{home!r}, so ~ names no folder; set HOME to an absolute path, or write the folder's "
+                       "absolute path")
         if not os.path.isabs(p):
             raise fail(f"agents.{name}.sandbox.writable.{i}", f"{p!r} must be absolute or start with ~")
         too_long = _too_long(p)

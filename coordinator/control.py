@@ -481,11 +481,11 @@ def rotate(sup: Supervisor, *, fresh: bool) -> dict[str, Any]:
     before = sup.ledger.hot_tokens()
     if fresh:
         generation = sup.ledger.fresh(sup.fresh_brief(), now=sup.wall_now())
-        line = f"rotate --fresh: generation {generation}, {before} -> {sup.ledger.hot_tokens()} hot tokens"
+        line = f"rotate --fresh: generation {generation}, {before:,} -> {sup.ledger.hot_tokens():,} hot tokens"
     else:
         dropped = sup.ledger.rotate()
         sup.ledger.save()
-        line = f"rotate: dropped {len(dropped)} completed item(s), {before} -> {sup.ledger.hot_tokens()} hot tokens"
+        line = f"rotate: dropped {len(dropped)} completed item(s), {before:,} -> {sup.ledger.hot_tokens():,} hot tokens"
     sup.ledger.update_mode(sup.config.budget.bands)
     sup.ledger.save()
     sup.audit.stage(audit.SUPERVISOR, f"budget {sup.config.orchestrator or '-'}: {line}")

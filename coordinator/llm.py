@@ -240,11 +240,12 @@ class Client:
         unset: list[str] = []  # endpoints whose key variable is not set (or unusable): never asked
         http = httpx.Client(transport=self._transport, timeout=httpx.Timeout(self.settings.timeout))
         try:
-            for endpoint in chain:
+            for n, endpoint in enumerate(chain, 1):
                 headers = self._headers(endpoint)
                 if headers is None:
                     unset.append(self._unset_message(endpoint))
-                    log.warning("%s; skipping to the next model of the fallback chain", unset[-1])
+                    log.warning("%s; %s", unset[-1], "skipping to the next model of the fallback chain"
+                                if n < len(chain) else "no model of the fallback chain is left to ask")
                     last_errors.append(f"{endpoint.model} at {shown_url(endpoint.base_url)}: not asked, "
                                        f"{self._unset_why(endpoint)}")
                     continue
@@ -397,18 +398,26 @@ class Client:
                 if self._stopped.is_set():  # stopped while it connected
                     self.stop(self._why_stopped)
 
-        with http.stream("POST", url, json=body, headers=headers, timeout=httpx.Timeout(timeout),
-                         extensions={"trace": trace}) as response:
-            for chunk in response.iter_bytes():
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > MAX_ANSWER_BYTES:
-                    # Cut off, never read whole: a bad answer, like a 200 that is not JSON.
-                    raise _Failure(f"the answer is larger than {MAX_ANSWER_BYTES >> 20} MiB; cut off",
-                                   status=response.status_code, retry=True)
-                self._check_cut(chunks)
-                if self._clock() > call_end and not _whole_json(chunks):
-                    raise httpx.ReadTimeout("the call took longer than llm.timeout")
+        try:
+            with http.stream("POST", url, json=body, headers=headers, timeout=httpx.Timeout(timeout),
+                             extensions={"trace": trace}) as response:
+                for chunk in response.iter_bytes():
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > MAX_ANSWER_BYTES:
+                        # Cut off, never read whole: a bad answer, like a 200 that is not JSON.
+                        raise _Failure(f"the answer is larger than {MAX_ANSWER_BYTES >> 20} MiB; cut off",
+                                       status=response.status_code, retry=True)
+                    self._check_cut(chunks)
+                    if self._clock() > call_end and not _whole_json(chunks):
+                        raise httpx.ReadTimeout("the call took longer than llm.timeout")
+        except httpx.TimeoutException:
+            if timeout < self.settings.timeout:
+                # The order's deadline, not llm.timeout, bounded the wait: the record says the
+                # real wait, not an llm.timeout that was never waited for.
+                raise _Failure(f"timed out after {timeout:.1f}s, when the order's timeout ran out",
+                               status=None, retry=True) from None
+            raise
         self._check_cut(chunks)  # a stop that shut the connection ends the answer early, not whole
         # Decoded already (gzip and the like): the whole answer, as a plain response.
         kept = [(k, v) for k, v in response.headers.multi_items()

@@ -143,6 +143,9 @@ def cancel(c: Context, order_id: str) -> None:
     """Cancel a queued, waiting or running order (its processes are killed),
     and with it the orders it sent that have not ended.
 
+    A running order's cancel is answered once its processes are gone: the
+    command waits for that, then says the order is cancelled.
+
     A blocked or halted order can be cancelled too: it ends for good and
     `retry` no longer brings it back.
 

@@ -44,6 +44,28 @@ MERGE_PATIENCE = 2.0  # seconds a merge waits for another git to let go of the c
 _ORDER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
+class BranchInTheWay(GitError):
+    """A person's branch named like `wo/<id>/x` (or `wo`) keeps git from making the order's
+    branch `wo/<id>`: a person's doing, not the agent's, so the order waits for them
+    (`blocker`) rather than failing attempts against the agent."""
+
+    def __init__(self, repo: str, order_id: str, others: list[str]) -> None:
+        self.repo = repo
+        self.others = others
+        many = len(others) > 1
+        self.named = ("the branches " if many else "the branch ") + ", ".join(others[:3]) + (
+            f" and {len(others) - 3} more" if len(others) > 3 else "")
+        super().__init__(f"repos/{repo}: {self.named} keep{'' if many else 's'} git from making "
+                         f"{BRANCH_PREFIX}{order_id}, the order's working-copy branch")
+
+    def blocker(self, order_id: str) -> str:
+        """The line order `order_id` waits with; it starts with what it waits for."""
+        return (f"{self.named} in repos/{self.repo} renamed (`git -C repos/{self.repo} branch -m "
+                f"{self.others[0]} <new name>`): git cannot make the order's branch {BRANCH_PREFIX}{order_id} "
+                f"next to {'them' if len(self.others) > 1 else 'it'} ({BRANCH_PREFIX} names are the "
+                f"coordinator's), then `coordinator retry {order_id}`")
+
+
 class MergeConflict(GitError):
     """wo/<id> and the default branch changed the same lines; nothing was merged."""
 
@@ -81,6 +103,14 @@ class Repo(Checkout):
             self._run(["worktree", "prune"])
             if self._has_ref(f"refs/heads/{branch}"):
                 self.git("update-ref", "-d", f"refs/heads/{branch}")
+            # A person's wo/<id>/x (or wo) stopped git from making wo/<id>: "cannot lock ref",
+            # counted as failed attempts against the agent until the order was blocked.
+            others = [r.removeprefix("refs/heads/") for r in self.git(
+                "for-each-ref", "--format=%(refname)", f"refs/heads/{branch}/").splitlines() if r]
+            if self._has_ref(f"refs/heads/{BRANCH_PREFIX.rstrip('/')}"):
+                others.insert(0, BRANCH_PREFIX.rstrip("/"))
+            if others:
+                raise BranchInTheWay(self.name, order_id, others)
             dest.parent.mkdir(parents=True, exist_ok=True)
             self.git("worktree", "add", "-q", "-b", branch, str(dest), self.head())
         return dest
@@ -385,11 +415,13 @@ class Repo(Checkout):
 
     def _merge_commit(self, order_id: str, branch: str, base: str, tip: str, message: str) -> str:
         if self.in_memory_merge:
-            args = ["merge-tree", "--write-tree", "--name-only", "--no-messages", "-z", base, tip]
+            args = ["merge-tree", "--write-tree", "--name-only", "-z", base, tip]
             r = self._run(args, check=False)
             fields = r.stdout.split("\0")
             if r.returncode == 1:
-                raise MergeConflict(self.name, order_id, branch, self._as_named(base, tip, fields[1:]))
+                cut = fields.index("", 1) if "" in fields[1:] else len(fields)
+                raise MergeConflict(self.name, order_id, branch,
+                                    self._as_named(base, tip, fields[1:cut], _related(fields[cut + 1:])))
             if r.returncode != 0 or not _SHA.match(fields[0]):
                 raise GitError(f"git merge-tree failed in repos/{self.name}: {r.stderr.strip()}")
             return self._commit_tree(fields[0], [base, tip], message, COORDINATOR_IDENT)
@@ -412,21 +444,35 @@ class Repo(Checkout):
                     self._drop(w)
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def _as_named(self, base: str, tip: str, conflicted: list[str]) -> list[str]:
+    def _as_named(self, base: str, tip: str, conflicted: list[str],
+                  related: Mapping[str, list[str]] | None = None) -> list[str]:
         """The conflicted paths as the two sides name them. Where a folder is in the way of a
         file of the same name, git moves the file aside as `<path>~<side>`, a name that is in
-        neither side: the next brief names `<path>`, which the agent can find."""
+        neither side: the next brief names `<path>`, which the agent can find. Where a folder
+        was renamed meanwhile, git suggests the agent's file's place in the new folder, also in
+        neither side: named with the agent's path (`related`: the paths git's messages name
+        with each conflicted one)."""
+        related = related or {}
         names = [n for n in dict.fromkeys(conflicted) if n]
-        asked = dict.fromkeys(names + [n.rpartition("~")[0] for n in names if "~" in n])
+        others = [o for n in names for o in related.get(n, ()) if o != n]
+        asked = dict.fromkeys(names + [n.rpartition("~")[0] for n in names if "~" in n] + others)
         known: set[str] = set()
+        in_tip: set[str] = set()
         for rev in (base, tip):
             listing = self._run(["--literal-pathspecs", "ls-tree", "-z", "--name-only", "--full-tree", rev, "--",
                                  *asked], check=False).stdout  # fmt: skip
             known.update(_nul_split(listing))
+            in_tip = set(_nul_split(listing))  # the last: tip's
         found = []
         for n in names:
             aside = n.rpartition("~")[0]
-            found.append(aside if n not in known and aside in known else n)
+            theirs = [o for o in related.get(n, ()) if o in in_tip] if n not in known else []
+            if n not in known and aside in known:
+                found.append(aside)
+            elif theirs:  # "lib/new.py (the order's lib/old.py)": the agent knows its own path
+                found.append(f"{n} (the order's {', '.join(theirs)})")
+            else:
+                found.append(n)
         return list(dict.fromkeys(found))
 
     # -- housekeeping --------------------------------------------------------------------------
@@ -480,6 +526,20 @@ def gc_worktrees(work_root: Path, repos: Iterable[Repo], *, keep_days: float, no
                     w.tree.parent.rmdir()
             repo._run(["worktree", "prune"])
     return removed
+
+
+def _related(messages: list[str]) -> dict[str, list[str]]:
+    """From `merge-tree -z`'s messages (records of a path count, the paths, a type and a
+    text), the paths each path is named with."""
+    related: dict[str, list[str]] = {}
+    at = 0
+    while at < len(messages) and messages[at].isdigit():
+        count = int(messages[at])
+        paths = messages[at + 1:at + 1 + count]
+        for p in paths:
+            related.setdefault(p, []).extend(o for o in paths if o != p)
+        at += count + 3
+    return related
 
 
 def _branch(order_id: str) -> str:

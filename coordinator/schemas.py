@@ -242,6 +242,8 @@ def _what(value: object) -> str:
         return f"the date {_key(value)} (put it in quotes to mean text)"
     if isinstance(value, bytes):
         return "binary data"
+    if isinstance(value, set | frozenset):  # YAML's !!set: was said as "a value"
+        return "a set (YAML's !!set)"
     return _article("object" if isinstance(value, dict) else "array" if isinstance(value, list) else "a value")
 
 

@@ -44,7 +44,7 @@ from .clicontext import (
     submit,
 )
 from .errors import WorkspaceError
-from .workspace import ENV_VAR, Workspace
+from .workspace import ENV_VAR, GONE, Workspace
 
 
 @click.command(cls=Command)
@@ -474,14 +474,22 @@ def doctor(c: Context) -> None:
     """
     from . import doctor as d
 
+    gone: WorkspaceError | None = None
     try:
         ws: Workspace | None = Workspace.find(c.explicit)  # a broken config is reported, not refused
-    except WorkspaceError:
+    except WorkspaceError as e:
         if c.explicit is not None or os.environ.get(ENV_VAR):
             raise  # a workspace named on purpose that is not one
         ws = None
-    for line in d.report(ws):
+        if str(e) == GONE:  # not "none here": the folder it was run from was deleted
+            gone = e
+    lines = d.report(ws)
+    if gone is not None:
+        lines[0] = "workspace: unknown (the current folder no longer exists)"
+    for line in lines:
         click.echo(line)
+    if gone is not None:
+        raise gone  # the machine checked; then the error every other command gives there
     if ws is not None:
         _ = ws.config  # a config it could not read: its error, once more, as the exit
         ws.check_layout()  # so does what stops every other command
@@ -518,9 +526,15 @@ def gc(c: Context, days: float) -> None:
     attempt folders and logs of orders that ended more than --days ago (their records and
     reports in state/ stay).
 
+    `--days 0` removes them all, whatever their age: every kept working copy,
+    and the attempt folders and logs of every ended order (also of those dated
+    ahead of this machine's clock). Orders not ended (queued, waiting, running)
+    keep theirs.
+
     \b
     Example:
         coordinator gc --days 2
+        coordinator gc --days 0
     """
     from . import sending
 

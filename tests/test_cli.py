@@ -1898,9 +1898,9 @@ def test_budget_add_and_rotate(ws: Path) -> None:
     assert text[1].split() == ["2,500", "manual", "in-flight", text[1].split()[3], "read", "the", "API", "spec"]
     assert run("-w", ws, "budget", "add", "0").exit_code == 2
 
-    assert run("-w", ws, "rotate").stdout == "rotate: dropped 0 completed item(s), 2500 -> 2500 hot tokens\n"
+    assert run("-w", ws, "rotate").stdout == "rotate: dropped 0 completed item(s), 2,500 -> 2,500 hot tokens\n"
     fresh = run("-w", ws, "rotate", "--fresh")
-    assert fresh.exit_code == 0 and fresh.stdout.startswith("rotate --fresh: generation 2, 2500 -> ")
+    assert fresh.exit_code == 0 and fresh.stdout.startswith("rotate --fresh: generation 2, 2,500 -> ")
     brief = (ws / "state" / "orchestrator" / "brief.md").read_text()
     assert brief.startswith("# Orchestrator brief: generation 2")
     assert json.loads(run("-w", ws, "budget", "--json").stdout)["generation"] == 2
@@ -1915,8 +1915,8 @@ def test_rotate_fresh_that_raises_the_hot_tokens_says_so(ws: Path) -> None:
     fresh = run("-w", ws, "rotate", "--fresh")
     after = json.loads(run("-w", ws, "budget", "--json").stdout)["hot_tokens"]
     assert after > 5
-    assert (fresh.exit_code, fresh.stdout) == (0, f"rotate --fresh: generation 2, 5 -> {after} hot tokens\n")
-    assert fresh.stderr == (f"warning: the fresh generation starts with more hot tokens ({after}) than the context "
+    assert (fresh.exit_code, fresh.stdout) == (0, f"rotate --fresh: generation 2, 5 -> {after:,} hot tokens\n")
+    assert fresh.stderr == (f"warning: the fresh generation starts with more hot tokens ({after:,}) than the context "
                             "it replaced (5): its brief, state/orchestrator/brief.md, is the longer; a fresh start "
                             "lowers them once the context has outgrown that brief\n")
     assert run("-w", ws, "rotate", "--fresh").stderr == ""  # no more than before: nothing to warn of
@@ -2079,6 +2079,15 @@ def test_every_command_is_documented_with_an_example() -> None:
     assert undocumented == []
     assert {"init", "validate", "send", "new", "supervise", "board", "show", "log", "cancel", "retry", "budget",
             "budget add", "rotate", "signals", "audit verify", "doctor", "cost"} <= {" ".join(p) for p in ALL_COMMANDS}
+
+
+def test_cancel_and_gc_help_say_when_a_cancel_is_answered_and_what_days_0_does() -> None:
+    cancel = " ".join(run("cancel", "-h").stdout.split())
+    assert "A running order's cancel is answered once its processes are gone" in cancel
+    assert "coordinator cancel WO-0007" in cancel
+    gc = " ".join(run("gc", "-h").stdout.split())
+    assert "`--days 0` removes them all, whatever their age" in gc
+    assert "coordinator gc --days 2" in gc and "coordinator gc --days 0" in gc
 
 
 def test_usage_errors_name_the_command_and_exit_2(ws: Path) -> None:

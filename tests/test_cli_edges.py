@@ -435,3 +435,45 @@ def test_commands_in_a_current_folder_that_was_removed_say_so(ws: Path, tmp_path
     order = tmp_path / "order.md"
     order.write_text(ORDER)
     assert run("-w", ws, "validate", order, "--to", "chip").exit_code == 0  # absolute paths still work
+
+
+def test_doctor_in_a_current_folder_that_was_removed_says_so(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # doctor said "workspace: none here" there, as if no workspace had ever been; it still
+    # checks the machine, then fails as every other command does there.
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    monkeypatch.delenv("COORDINATOR_WORKSPACE", raising=False)
+    result = run("doctor")
+    assert result.stdout.splitlines()[0] == "workspace: unknown (the current folder no longer exists)"
+    assert any(line.startswith("git: ") for line in result.stdout.splitlines())
+    assert (result.exit_code, result.stderr) == (2, "coordinator: the current folder no longer exists (removed or "
+                                                    "moved away since this shell entered it): cd into a folder "
+                                                    "that exists, or pass -w and absolute paths\n")
+
+
+def test_a_writable_folder_under_a_relative_home_says_home_is_relative(ws: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # `~/.claude` with HOME=rel/home was refused with "'rel/home/.claude' must be absolute or
+    # start with ~", of a path that did start with ~.
+    config = ws / "coordinator.yaml"
+    config.write_text(config.read_text().replace(
+        "    sends_to: [chip]\n", "    sends_to: [chip]\n    sandbox: {writable: ['~/.claude']}\n", 1))
+    monkeypatch.setenv("HOME", "rel/home")
+    result = run("-w", ws, "board")
+    assert (result.exit_code, result.stderr) == (2, "coordinator: coordinator.yaml: agents.rex.sandbox.writable.0: "
+                                                    "'~/.claude': HOME is the relative path 'rel/home', so ~ names "
+                                                    "no folder; set HOME to an absolute path, or write the folder's "
+                                                    "absolute path\n")
+
+
+def test_a_yaml_set_in_the_config_is_said_as_a_set_and_what_is_expected(ws: Path) -> None:
+    # `writes: !!set {...}` was refused as "must be a list, not a value": a set is a value.
+    config = ws / "coordinator.yaml"
+    config.write_text(config.read_text().replace(
+        '    writes: ["webapp/docs/reviews/**"]\n', '    writes: !!set {"webapp/docs/reviews/**": null}\n', 1))
+    result = run("-w", ws, "board")
+    assert (result.exit_code, result.stderr) == (2, "coordinator: coordinator.yaml: agents.rex.writes: must be a "
+                                                    "list, not a set (YAML's !!set)\n")

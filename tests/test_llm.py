@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -132,6 +133,16 @@ def test_a_timeout_falls_back(fake: FakeLLM, sleeps: Sleeps) -> None:
     assert reply.model == "fast"
     assert reply.calls[0].status is None
     assert "timed out" in (reply.calls[0].error or "")
+
+
+def test_a_call_cut_by_the_orders_deadline_says_the_real_wait_not_llm_timeout(fake: FakeLLM) -> None:
+    fake.script(delay=30, content=OK)  # answered only when the server stops
+    client = Client(settings(Endpoint("slow", fake.base_url), max_retries=0, timeout=10.0))
+    client.deadline = time.monotonic() + 0.5
+    with pytest.raises(LLMError):
+        client.chat([{"role": "user", "content": "hi"}])
+    assert client.calls[0].error == "timed out after 0.5s, when the order's timeout ran out"
+    assert client.calls[0].latency < 5
 
 
 def test_401_fails_at_once_naming_model_and_url(fake: FakeLLM, sleeps: Sleeps) -> None:
@@ -307,6 +318,18 @@ def test_an_unset_key_variable_skips_to_the_next_model_and_says_so(
     assert [b["model"] for b in fake.chat_bodies()] == ["local"]
     assert "MISSING_KEY is not set" in caplog.text and "skipping to the next model" in caplog.text
     assert sleeps == []
+
+
+def test_the_last_model_not_asked_says_no_model_is_left_not_the_next_one(
+        fake: FakeLLM, caplog: pytest.LogCaptureFixture) -> None:
+    # A key refused over plain http, with no fallback: the log said it skipped to a next model.
+    client = Client(settings(Endpoint("m", "http://api.example.com/v1", api_key_env="FAKE_KEY")),
+                    env={"FAKE_KEY": KEY})
+    with pytest.raises(LLMAuthError, match="unencrypted"):
+        client.chat([{"role": "user", "content": "hi"}])
+    assert "no model of the fallback chain is left to ask" in caplog.text
+    assert "skipping to the next model" not in caplog.text
+    assert fake.requests == []
 
 
 @pytest.mark.parametrize("stray", ["\n", "\r\n", " "])

@@ -495,6 +495,21 @@ def test_a_file_against_a_folder_of_the_same_name_names_the_path_both_sides_have
     assert repo.head() == head and sh_git(repo.path, "status", "--porcelain") == ""
 
 
+def test_a_conflict_from_a_folder_renamed_meanwhile_names_the_orders_path_too(ws: Path) -> None:
+    # src/ renamed to lib/ on main while the order added src/extra.py: the conflict named only
+    # git's suggestion lib/extra.py, which neither side has; the agent knows its own path.
+    repo = Repo(init_demo_repo(ws / "repos" / "webapp").path, in_memory_merge=True)
+    land(repo, ws, "WO-0001", {"src/extra.py": "x\n"})
+    sh_git(repo.path, "mv", "src", "lib")
+    sh_git(repo.path, "commit", "-qm", "src is lib now")
+    head = repo.head()
+    with pytest.raises(MergeConflict) as caught:
+        repo.merge("WO-0001")
+    assert caught.value.paths == ("lib/extra.py (the order's src/extra.py)",)
+    assert "in lib/extra.py (the order's src/extra.py);" in str(caught.value)
+    assert repo.head() == head and sh_git(repo.path, "status", "--porcelain") == ""
+
+
 @pytest.mark.parametrize("in_memory", [True, False], ids=["merge-tree", "scratch-worktree"])
 @pytest.mark.parametrize("folder", ["src/fixture", "src/[x] *"])
 def test_two_orders_that_each_bring_half_of_a_repository_are_not_merged_together(ws: Path, in_memory: bool,
@@ -804,6 +819,35 @@ def test_an_order_for_a_checkout_detached_before_any_start_waits_for_the_person_
         "repo-commit: repos/webapp: not checked: its checkout is on a detached HEAD, so the branch orders land on "
         "is not known; check out the default branch there (git switch main)"]
     sh_git(checkout_path, "switch", "-q", "main")
+    said = subprocess.run([sys.executable, "-m", "coordinator", "-w", str(ws.root), "retry", "WO-0001"],
+                          capture_output=True, text=True, check=True).stdout
+    assert said == "WO-0001: queued\n"
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    rec = store.load("WO-0001")
+    assert rec.status == "done" and (checkout_path / "src" / "a.py").read_text() == "a\n"
+
+
+def test_a_persons_branch_in_the_way_of_the_orders_branch_waits_for_them_uncharged(make_ws) -> None:
+    # A person's wo/WO-0001/x kept git from making wo/WO-0001 ("cannot lock ref"): two failed
+    # attempts against chip, blocked and escalated. It is the person's to move: the order waits
+    # for them, saying what to do, keeps their branch, and runs after `coordinator retry`.
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/sh", "-c", "echo a > src/a.py"],
+                           "writes": ["webapp/**"]}})
+    checkout_path = ws.repos / "webapp"
+    sh_git(checkout_path, "branch", "wo/WO-0001/x")
+    drop(ws, "chip", "a.md", order_md("Add a", files=("webapp/src/a.py",), id="WO-0001"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    store = Store(ws.state)
+    rec = store.load("WO-0001")
+    assert (rec.status, rec.failures) == ("waiting", [])
+    assert rec.blocker == ("the branch wo/WO-0001/x in repos/webapp renamed (`git -C repos/webapp branch -m "
+                           "wo/WO-0001/x <new name>`): git cannot make the order's branch wo/WO-0001 next to it "
+                           "(wo/ names are the coordinator's), then `coordinator retry WO-0001`")
+    assert [r.id for r in store.load_all().values()] == ["WO-0001"]  # nothing escalated
+    assert sh_git(checkout_path, "branch", "--list", "wo/*").split() == ["wo/WO-0001/x"]  # theirs, kept
+    sh_git(checkout_path, "branch", "-m", "wo/WO-0001/x", "mine/x")
     said = subprocess.run([sys.executable, "-m", "coordinator", "-w", str(ws.root), "retry", "WO-0001"],
                           capture_output=True, text=True, check=True).stdout
     assert said == "WO-0001: queued\n"
