@@ -111,7 +111,11 @@ class Repo(Checkout):
                 others.insert(0, BRANCH_PREFIX.rstrip("/"))
             if others:
                 raise BranchInTheWay(self.name, order_id, others)
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):  # a file where its folder goes: "internal error"
+                raise GitError(f"cannot make the folder of order {order_id}'s working copy: a file is in the way "
+                               f"(.coordinator/work/{order_id})") from None
             self.git("worktree", "add", "-q", "-b", branch, str(dest), self.head())
         return dest
 

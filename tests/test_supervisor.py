@@ -303,7 +303,8 @@ def test_once_goes_on_until_an_order_whose_working_copy_cannot_be_made_has_ended
     # failure short of blocked: the next run burned the last attempt.
     ws = make_ws({"chip": {"role": "specialist", "max_failures": 3, "command": WRITE_GREETING,
                            "writes": ["webapp/src/**"]}})
-    git(ws.repos / "webapp", "branch", "wo/o/x")  # the order's branch wo/o cannot be made beside it
+    (ws.runtime / "work").mkdir(parents=True, exist_ok=True)
+    (ws.runtime / "work" / "o").write_text("in the way")  # its working copy's folder cannot be made
     drop(ws, "chip", "o.md", order_md("It greets", files=("webapp/src/greeting.py",), id="o"))
     run(ws)
     rec = Store(ws.state).load("o")
