@@ -463,9 +463,14 @@ class StateRepo(Trail):
         in: a record taken out with `git rm --cached` is put back, never deleted (its order
         would be filed and run again), and a file made and `git add`ed by hand leaves both."""
         for p in paths:
-            committed = self.git("ls-tree", "--name-only", "-z", "HEAD", "--", p).split("\0")
+            committed = {e.split("\t", 1)[1]: e.split("\t", 1)[0].split()
+                         for e in self.git("ls-tree", "-z", "HEAD", "--", p).split("\0") if "\t" in e}
             if p in committed:
-                self.git("checkout", "HEAD", "--", p, literal=True)
+                try:
+                    self.git("checkout", "HEAD", "--", p, literal=True)
+                except GitError:
+                    if not self._put_file_back(p, *committed[p]):
+                        raise
             else:
                 self.git("rm", "-q", "--cached", "--ignore-unmatch", "--", p, literal=True)
                 with contextlib.suppress(OSError):
@@ -480,6 +485,27 @@ class StateRepo(Trail):
                         break
                     parent = os.path.dirname(parent)
 
+
+    def _put_file_back(self, rel: str, mode: str, kind: str, sha: str) -> bool:
+        """Put the file `rel` back as the last commit has it (`mode`, `kind`, `sha` as ls-tree
+        says) by a rename over whatever is there, where `git checkout` failed: it removes the
+        file and then creates it anew, and a process appending to it by hand (`echo x >>`, in a
+        loop) made it again in between, which stopped the supervisor. False: not a file, or
+        something in the way (a folder), for the checkout's error to be raised."""
+        if kind != "blob" or mode not in ("100644", "100755"):
+            return False
+        data = self.blob(sha)
+        if data is None:
+            return False
+        try:
+            durable.put(self.path / rel, data, 0o755 if mode == "100755" else 0o644)
+        except OSError:
+            return False
+        spec = self.path / ".git" / "coordinator-pathspec"
+        spec.write_bytes(f"{mode} {sha}\t{rel}\0".encode("utf-8", "surrogateescape"))
+        with spec.open("rb") as stdin:  # as committed: the next look compares the file with it
+            self.git("update-index", "-z", "--index-info", stdin=stdin)
+        return True
 
 def own_change(rel: str, root: Path, written: dict[str, int]) -> bool:
     """Whether the change at `rel` under state/ (`root`) is the supervisor's own, as its journal

@@ -393,13 +393,14 @@ def write_bytes(target: Path, data: bytes, *, sync: bool = True, mode: int = 0o6
         fsync_dir(folder)
 
 
-def put(target: Path | str, data: bytes) -> None:
+def put(target: Path | str, data: bytes, mode: int = 0o444) -> None:
     """Atomically place `data` at `target` (temp file, fsync, rename), never noted in a journal:
-    for git's own files in state/.git (a batch's pack of blobs), which no batch stages. The
-    folder is not synced, as git does not sync it for a pack it writes itself."""
+    for git's own files in state/.git (a batch's pack of blobs), which no batch stages, and a
+    file the tamper watch puts back as git has it. The folder is not synced, as git does not
+    sync it for a pack or a checkout."""
     folder, name = os.path.split(os.fspath(target))
     tmp = os.path.join(folder, f"{TMP_PREFIX}{name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o444)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         view = memoryview(data)
         while view:

@@ -1760,3 +1760,28 @@ def test_a_record_appended_to_in_a_tight_loop_never_lands_in_a_supervisor_commit
     assert "HANDEDIT" not in git(repo.path, "log", "-p", "--", "record.json")
     assert git(repo.path, "show", "HEAD:record.json") == durable.dumps({"batch": 149})
     assert git(repo.path, "fsck", "--strict", "--no-dangling") == ""
+
+
+def test_a_record_appended_to_in_a_loop_is_put_back_without_stopping_the_supervisor(tmp_path):
+    """The tamper watch put a changed record back with `git checkout`, which removes the file
+    and creates it anew: a process appending to it by hand in a loop (`echo x >> record.json`)
+    made it again in between, the checkout failed with "File exists" and the supervisor
+    stopped. The record is now put back whatever the loop does, and the loop's lines are
+    found again at the next look."""
+    repo = StateRepo(tmp_path / "state")
+    StateRepo.ensure(repo.path)
+    record = repo.path / "record.json"
+    record.write_text('{"status": "done"}\n')
+    repo.stage("coordinator", "WO-0001 chip: running -> done")
+    repo.flush({str(record)})
+    loop = subprocess.Popen(["/bin/sh", "-c", "while :; do echo HANDEDIT >> record.json; done"], cwd=repo.path)
+    try:
+        for _ in range(40):
+            repo.restore(["record.json"])
+        assert repo.dirty() == ["record.json"]  # the loop's next lines, for the next look
+    finally:
+        loop.kill()
+        loop.wait()
+    repo.restore(repo.dirty())
+    assert record.read_text() == '{"status": "done"}\n'
+    assert repo.dirty() == [] and git(repo.path, "status", "--porcelain") == ""
