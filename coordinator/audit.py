@@ -17,11 +17,14 @@ Example message:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import stat
+import struct
 import subprocess
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,10 +321,10 @@ class StateRepo(Trail):
                        if p == root or p.startswith(root + os.sep)})
 
     def add(self, paths: set[str], written: dict[str, durable.Wrote] | None = None) -> None:
-        """Stage `paths`; one `written` names (what the supervisor left there) is staged only
-        as written: changed or removed since (by hand, within the second before the commit),
-        what it wrote is staged instead where it is known, else nothing, and the file stays
-        changed for the tamper watch to put back and say."""
+        """Stage `paths`; one `written` names (what the supervisor left there) is staged as
+        written: its bytes, from memory, where they are known, else the file only while it is
+        as written. A change made since (by hand, within the second before the commit) is never
+        staged: the file stays changed for the tamper watch to put back and say."""
         root = str(self.path.resolve())
         rel = self._relative(paths)
         # Claimed files pass through intake/ within one step and were never committed:
@@ -355,8 +358,11 @@ class StateRepo(Trail):
             self.git(*packed(), "add", "-A", f"--pathspec-from-file={spec}", "--pathspec-file-nul", literal=True)
 
     def _as_written(self, root: str, rel: list[str], written: dict[str, durable.Wrote]) -> list[str]:
-        """`rel` but the paths no longer as the supervisor wrote them (`written`, by absolute
-        path); of those, what it wrote is staged here where its bytes are known."""
+        """`rel` but the paths the supervisor wrote (`written`, by absolute path): what it wrote
+        is staged here from memory where its bytes are known, git never reading the file (an
+        edit in place, `echo x >> record.json`, made after a look at the file and before git
+        read it went into the supervisor's commit); the others only while they are as written
+        (else nothing: the file stays changed, for the tamper watch)."""
         top = root + os.sep  # as `_relative` keeps them (a prefix cut: relpath was 5 us a path)
         by_rel = {p[len(top):]: w for p, w in written.items() if p.startswith(top)}
         keep: list[str] = []
@@ -367,36 +373,37 @@ class StateRepo(Trail):
                 # Appended to: what the last commit holds and the lines, whatever is there now.
                 blobs.append((r, wrote._replace(data=(self.blob(f"HEAD:{r}") or b"") + wrote.appended)))
                 continue
-            if wrote is not None:
+            if wrote is not None and wrote.data is not None:
+                blobs.append((r, wrote))
+                continue
+            if wrote is not None:  # its bytes not kept (past KEPT_LIMIT): from disk, if as written
                 try:
                     st: os.stat_result | None = os.lstat(os.path.join(root, r))
                 except OSError:  # gone, or a folder above it made a file
                     st = None
                 if st is None or not wrote.still(st):
-                    if wrote.data is not None:
-                        blobs.append((r, wrote))
                     continue
             keep.append(r)
         if blobs:
-            folder = self.path / ".git" / "coordinator-blobs"
-            folder.mkdir(exist_ok=True)
-            files = []
-            for n, (_, wrote) in enumerate(blobs):
-                (folder / str(n)).write_bytes(wrote.data or b"")
-                files.append(f".git/coordinator-blobs/{n}")
-            spec = self.path / ".git" / "coordinator-pathspec"
-            spec.write_bytes("\n".join(files).encode("utf-8", "surrogateescape"))
-            with spec.open("rb") as stdin:
-                shas = self.git("hash-object", "-w", "--stdin-paths", stdin=stdin).split()
+            shas = self._write_blobs([w.data or b"" for _, w in blobs])
             entries = "".join(f"{'100755' if w.mode & stat.S_IXUSR else '100644'} {sha}\t{r}\0"
                               for (r, w), sha in zip(blobs, shas, strict=True))
+            spec = self.path / ".git" / "coordinator-pathspec"
             spec.write_bytes(entries.encode("utf-8", "surrogateescape"))
             with spec.open("rb") as stdin:
                 self.git("update-index", "-z", "--index-info", stdin=stdin)
-            for f in files:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.path / f)
         return keep
+
+    def _write_blobs(self, blobs: list[bytes]) -> list[str]:
+        """The ids of `blobs`, written into state/'s object store as one new pack, as git's
+        bulk check-in would (a file per blob was a new inode each); no git process is run."""
+        pack, index, shas = _pack(blobs)
+        folder = self.path / ".git" / "objects" / "pack"
+        name = f"pack-{pack[-20:].hex()}"
+        if not (folder / f"{name}.idx").exists():  # the same blobs again: the same pack
+            durable.put(folder / f"{name}.pack", pack)
+            durable.put(folder / f"{name}.idx", index)  # last: git sees the pack once it has its index
+        return shas
 
     def commit_now(self, actor: str, line: str) -> None:
         self.stage(actor, line)
@@ -456,9 +463,14 @@ class StateRepo(Trail):
         in: a record taken out with `git rm --cached` is put back, never deleted (its order
         would be filed and run again), and a file made and `git add`ed by hand leaves both."""
         for p in paths:
-            committed = self.git("ls-tree", "--name-only", "-z", "HEAD", "--", p).split("\0")
+            committed = {e.split("\t", 1)[1]: e.split("\t", 1)[0].split()
+                         for e in self.git("ls-tree", "-z", "HEAD", "--", p).split("\0") if "\t" in e}
             if p in committed:
-                self.git("checkout", "HEAD", "--", p, literal=True)
+                try:
+                    self.git("checkout", "HEAD", "--", p, literal=True)
+                except GitError:
+                    if not self._put_file_back(p, *committed[p]):
+                        raise
             else:
                 self.git("rm", "-q", "--cached", "--ignore-unmatch", "--", p, literal=True)
                 with contextlib.suppress(OSError):
@@ -473,6 +485,27 @@ class StateRepo(Trail):
                         break
                     parent = os.path.dirname(parent)
 
+
+    def _put_file_back(self, rel: str, mode: str, kind: str, sha: str) -> bool:
+        """Put the file `rel` back as the last commit has it (`mode`, `kind`, `sha` as ls-tree
+        says) by a rename over whatever is there, where `git checkout` failed: it removes the
+        file and then creates it anew, and a process appending to it by hand (`echo x >>`, in a
+        loop) made it again in between, which stopped the supervisor. False: not a file, or
+        something in the way (a folder), for the checkout's error to be raised."""
+        if kind != "blob" or mode not in ("100644", "100755"):
+            return False
+        data = self.blob(sha)
+        if data is None:
+            return False
+        try:
+            durable.put(self.path / rel, data, 0o755 if mode == "100755" else 0o644)
+        except OSError:
+            return False
+        spec = self.path / ".git" / "coordinator-pathspec"
+        spec.write_bytes(f"{mode} {sha}\t{rel}\0".encode("utf-8", "surrogateescape"))
+        with spec.open("rb") as stdin:  # as committed: the next look compares the file with it
+            self.git("update-index", "-z", "--index-info", stdin=stdin)
+        return True
 
 def own_change(rel: str, root: Path, written: dict[str, int]) -> bool:
     """Whether the change at `rel` under state/ (`root`) is the supervisor's own, as its journal
@@ -495,6 +528,55 @@ class Batch:
     groups: list[tuple[str, list[str], list[str]]]
     paths: set[str] | None
     written: dict[str, durable.Wrote] = field(default_factory=dict)  # what the supervisor left at a path
+
+
+def _pack(blobs: list[bytes]) -> tuple[bytes, bytes, list[str]]:
+    """A git pack (version 2) of `blobs`, whole (no deltas), its index (version 2) and the id of
+    each blob: git's own formats, which `git index-pack` would write for this pack."""
+    shas: list[str] = []
+    at: dict[bytes, tuple[int, int]] = {}  # id -> (offset in the pack, crc32 of its entry)
+    parts: list[bytes] = []
+    offset = 12
+    for data in blobs:
+        digest = hashlib.sha1(b"blob %d\0" % len(data))
+        digest.update(data)
+        sha = digest.digest()
+        shas.append(sha.hex())
+        if sha in at:
+            continue
+        size = len(data)
+        head = bytearray()
+        byte = (3 << 4) | (size & 0x0F)  # 3: a blob
+        size >>= 4
+        while size:
+            head.append(byte | 0x80)
+            byte = size & 0x7F
+            size >>= 7
+        head.append(byte)
+        entry = bytes(head) + zlib.compress(data, 1)
+        at[sha] = (offset, zlib.crc32(entry))
+        parts.append(entry)
+        offset += len(entry)
+    pack = b"PACK" + struct.pack(">II", 2, len(at)) + b"".join(parts)
+    pack += hashlib.sha1(pack).digest()
+    names = sorted(at)
+    fanout = [0] * 256
+    for sha in names:
+        fanout[sha[0]] += 1
+    for i in range(1, 256):
+        fanout[i] += fanout[i - 1]
+    small: list[int] = []
+    large: list[int] = []
+    for sha in names:
+        if at[sha][0] < 0x80000000:
+            small.append(at[sha][0])
+        else:
+            small.append(0x80000000 | len(large))
+            large.append(at[sha][0])
+    index = b"".join((b"\377tOc", struct.pack(">I", 2), struct.pack(">256I", *fanout), *names,
+                      struct.pack(f">{len(names)}I", *(at[sha][1] for sha in names)),
+                      struct.pack(f">{len(small)}I", *small), struct.pack(f">{len(large)}Q", *large), pack[-20:]))
+    return pack, index + hashlib.sha1(index).digest(), shas
 
 
 def _message(lines: list[str]) -> str:

@@ -393,6 +393,33 @@ def write_bytes(target: Path, data: bytes, *, sync: bool = True, mode: int = 0o6
         fsync_dir(folder)
 
 
+def put(target: Path | str, data: bytes, mode: int = 0o444) -> None:
+    """Atomically place `data` at `target` (temp file, fsync, rename), never noted in a journal:
+    for git's own files in state/.git (a batch's pack of blobs), which no batch stages, and a
+    file the tamper watch puts back as git has it. The folder is not synced, as git does not
+    sync it for a pack or a checkout."""
+    folder, name = os.path.split(os.fspath(target))
+    tmp = os.path.join(folder, f"{TMP_PREFIX}{name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 # Text that is not all Unicode (a lone surrogate an agent's or a model's JSON carried) is
 # written as its escape, never refused: a state write must not fail on what was said. In
 # JSON the escape is the same text again ("\ud800" reads back as it was).

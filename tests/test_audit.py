@@ -1705,3 +1705,83 @@ def test_signals_of_two_batches_a_lock_kept_from_their_commits_are_both_committe
     evidence = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
     assert evidence == ["the first one", "the second one"]
     assert git(ws.state, "status", "--porcelain") == ""
+
+
+def test_an_edit_in_place_that_leaves_the_record_as_stat_sees_it_is_never_committed_as_the_supervisors(make_ws):
+    """git read a written record from disk after the supervisor had looked at it: an edit in
+    place made in between (`echo x >> record.json` a millisecond after the look), or one that
+    leaves size and time as they were, went into the supervisor's commit. Its bytes are now
+    staged from memory: the commit holds what it wrote, the edit is put back and said."""
+    ws = team(make_ws)
+    with Supervisor(ws) as sup:
+        drop(ws, "chip", "a.md", order_md("Done at once", id="a"))
+        sup._intake_step()
+        sup._write_state()  # on disk and noted, its commit still to come
+        record = Store(ws.state).record_path("a")
+        written = record.read_text()
+        before = os.stat(record)
+        with open(record, "r+") as f:  # same file, same size, same time: as git would find it
+            f.write(written.replace('"queued"', '"done!!"'))
+        os.utime(record, ns=(before.st_atime_ns, before.st_mtime_ns))
+        sup._flush()
+        assert git(ws.state, "show", "HEAD:orders/a/record.json") == written  # the supervisor's own
+        verify.watch_state(sup)
+        assert record.read_text() == written  # put back
+        sup.run_once(limit=30)
+    assert Store(ws.state).load("a").status == "done"
+    assert "done!!" not in git(ws.state, "log", "-p", "--", "orders/a/record.json")
+    assert git(ws.state, "fsck", "--strict", "--no-dangling") == ""
+    silent = [s.evidence for s in signals.load(ws.state) if s.kind == "silent"]
+    assert silent == ["state/ changed by hand (restored from git): orders/a/record.json"]
+
+
+@pytest.mark.slow  # 3-5 s: `make test-slow`, and CI, run it
+def test_a_record_appended_to_in_a_tight_loop_never_lands_in_a_supervisor_commit(tmp_path):
+    """A process appends to a record in place, as fast as it can, while the supervisor
+    rewrites and commits it batch after batch: no commit holds a line it appended (one in
+    some sixty batches did, when it landed between the supervisor's look and git's read)."""
+    from coordinator import durable
+
+    repo = StateRepo(tmp_path / "state")
+    StateRepo.ensure(repo.path)
+    record = repo.path / "record.json"
+    durable.write_json(record, {"batch": -1})
+    loop = subprocess.Popen(["/bin/sh", "-c", "while :; do echo HANDEDIT >> record.json; done"], cwd=repo.path)
+    durable.open_journal(repo.path)
+    try:
+        for i in range(150):
+            durable.write_json(record, {"batch": i}, sync=False)
+            repo.stage("coordinator", f"batch {i}")
+            assert repo.flush(durable.take_journal(repo.path)) == 1
+    finally:
+        durable.close_journal(repo.path)
+        loop.kill()
+        loop.wait()
+    assert "HANDEDIT" not in git(repo.path, "log", "-p", "--", "record.json")
+    assert git(repo.path, "show", "HEAD:record.json") == durable.dumps({"batch": 149})
+    assert git(repo.path, "fsck", "--strict", "--no-dangling") == ""
+
+
+def test_a_record_appended_to_in_a_loop_is_put_back_without_stopping_the_supervisor(tmp_path):
+    """The tamper watch put a changed record back with `git checkout`, which removes the file
+    and creates it anew: a process appending to it by hand in a loop (`echo x >> record.json`)
+    made it again in between, the checkout failed with "File exists" and the supervisor
+    stopped. The record is now put back whatever the loop does, and the loop's lines are
+    found again at the next look."""
+    repo = StateRepo(tmp_path / "state")
+    StateRepo.ensure(repo.path)
+    record = repo.path / "record.json"
+    record.write_text('{"status": "done"}\n')
+    repo.stage("coordinator", "WO-0001 chip: running -> done")
+    repo.flush({str(record)})
+    loop = subprocess.Popen(["/bin/sh", "-c", "while :; do echo HANDEDIT >> record.json; done"], cwd=repo.path)
+    try:
+        for _ in range(40):
+            repo.restore(["record.json"])
+        assert repo.dirty() == ["record.json"]  # the loop's next lines, for the next look
+    finally:
+        loop.kill()
+        loop.wait()
+    repo.restore(repo.dirty())
+    assert record.read_text() == '{"status": "done"}\n'
+    assert repo.dirty() == [] and git(repo.path, "status", "--porcelain") == ""
