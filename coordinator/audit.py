@@ -86,6 +86,7 @@ class StateRepo(Trail):
         self._pending: list[tuple[str, str]] = []  # (actor, line)
         self.notes: list[str] = []  # what went wrong but lost nothing (a failed roll-up), to be said
         self._put_back: list[str] = []  # branches put back by a batch, for `moved_by_others` to say
+        self._object_format: str | None = None  # sha1, or sha256 (a git made to default to it)
 
     # -- a branch moved off the supervisor's last commit ----------------------------------------------
     def put_back(self, kept: str) -> str | None:
@@ -396,7 +397,11 @@ class StateRepo(Trail):
 
     def _write_blobs(self, blobs: list[bytes]) -> list[str]:
         """The ids of `blobs`, written into state/'s object store as one new pack, as git's
-        bulk check-in would (a file per blob was a new inode each); no git process is run."""
+        bulk check-in would (a file per blob was a new inode each); no git process is run.
+        In a repository of SHA-256 objects (`GIT_DEFAULT_HASH=sha256` when state/ was made),
+        which the pack written here is not for, git writes them from files instead."""
+        if self._format() != "sha1":
+            return self._hash_objects(blobs)
         pack, index, shas = _pack(blobs)
         folder = self.path / ".git" / "objects" / "pack"
         name = f"pack-{pack[-20:].hex()}"
@@ -404,6 +409,33 @@ class StateRepo(Trail):
             durable.put(folder / f"{name}.pack", pack)
             durable.put(folder / f"{name}.idx", index)  # last: git sees the pack once it has its index
         return shas
+
+    def _format(self) -> str:
+        if self._object_format is None:
+            try:
+                self._object_format = self.git("rev-parse", "--show-object-format").strip() or "sha1"
+            except GitError:
+                self._object_format = "sha1"  # a git before 2.25 knows no other
+        return self._object_format
+
+    def _hash_objects(self, blobs: list[bytes]) -> list[str]:
+        """The ids of `blobs`, written by `git hash-object` from files in state/.git (each
+        written here first: git never reads them from the order folders)."""
+        folder = self.path / ".git" / "coordinator-blobs"
+        folder.mkdir(exist_ok=True)
+        files = []
+        for n, data in enumerate(blobs):
+            (folder / str(n)).write_bytes(data)
+            files.append(f".git/coordinator-blobs/{n}")
+        spec = self.path / ".git" / "coordinator-pathspec"
+        spec.write_bytes("\n".join(files).encode("utf-8", "surrogateescape"))
+        try:
+            with spec.open("rb") as stdin:
+                return self.git("hash-object", "-w", "--stdin-paths", stdin=stdin).split()
+        finally:
+            for f in files:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path / f)
 
     def commit_now(self, actor: str, line: str) -> None:
         self.stage(actor, line)

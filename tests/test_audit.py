@@ -1785,3 +1785,17 @@ def test_a_record_appended_to_in_a_loop_is_put_back_without_stopping_the_supervi
     repo.restore(repo.dirty())
     assert record.read_text() == '{"status": "done"}\n'
     assert repo.dirty() == [] and git(repo.path, "status", "--porcelain") == ""
+
+
+def test_a_state_repository_of_sha256_objects_takes_the_supervisors_commits(make_ws, monkeypatch):
+    """With `GIT_DEFAULT_HASH=sha256` when state/ was made, the batches' blobs, written as a
+    pack of SHA-1 objects, were refused ("malformed index info"): state/ took no commit at all."""
+    monkeypatch.setenv("GIT_DEFAULT_HASH", "sha256")
+    ws = team(make_ws)
+    assert git(ws.state, "rev-parse", "--show-object-format").strip() == "sha256"
+    drop(ws, "chip", "a.md", order_md("Done at once", id="a"))
+    run(ws)
+    assert Store(ws.state).load("a").status == "done"
+    assert "a chip: running -> done" in git(ws.state, "log", "--format=%s")
+    assert git(ws.state, "status", "--porcelain") == ""
+    assert git(ws.state, "fsck", "--strict", "--no-dangling") == ""
