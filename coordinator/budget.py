@@ -344,6 +344,13 @@ def mode_change_message(agent: str, before: str, after: str, tokens: int) -> str
     return f"{agent}: {before} -> {after} ({tokens:,} hot tokens)"
 
 
+def _waiting_line(head: str, o: dict[str, Any]) -> str:
+    """A brief's line of an order in flight or a request in work, and what it still waits on."""
+    line = f"- {head} [{o['status']}]: {one_line(str(o['objective']))}"
+    waiting = [one_line(str(w)) for w in o.get("waiting_on") or ()]
+    return line + (f" (waits on {', '.join(waiting)})" if waiting else "")
+
+
 def render_brief(
     in_flight: list[dict[str, Any]],
     rejections: list[dict[str, Any]],
@@ -374,20 +381,10 @@ def render_brief(
     ]
     if not in_flight:
         out.append("Nothing is in flight.")
-    for o in in_flight:
-        line = f"- {o['id']} -> {o['to']} [{o['status']}]: {one_line(str(o['objective']))}"
-        waiting = [one_line(str(w)) for w in o.get("waiting_on") or ()]
-        if waiting:
-            line += f" (waits on {', '.join(waiting)})"
-        out.append(line)
+    out += [_waiting_line(f"{o['id']} -> {o['to']}", o) for o in in_flight]
     if requests:
         out += ["", f"## Requests you are working on ({len(requests)})", ""]
-    for r in requests:
-        line = f"- {r['id']} from {r['from']} [{r['status']}]: {one_line(str(r['objective']))}"
-        waiting = [one_line(str(w)) for w in r.get("waiting_on") or ()]
-        if waiting:
-            line += f" (waits on {', '.join(waiting)})"
-        out.append(line)
+    out += [_waiting_line(f"{r['id']} from {r['from']}", r) for r in requests]
     out += _listed(
         "Blocked or halted: waiting for your decision", stopped, MAX_BRIEF_STOPPED,
         lambda o: f"{o['id']} -> {o['to']} [{o['status']}]: {one_line(str(o['objective']))}",

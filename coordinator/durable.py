@@ -360,25 +360,33 @@ def fsync_dir(folder: Path | str) -> None:
         os.close(fd)
 
 
-def write_bytes(target: Path, data: bytes, *, sync: bool = True, mode: int = 0o644) -> None:
-    """Atomically replace `target` with `data` (temp file, fsync, rename, fsync folder)."""
+def _temp_written(target: Path | str, data: bytes, mode: int, *, sync: bool,
+                  stat_it: bool = False) -> tuple[str, str, os.stat_result | None]:
+    """(folder, temp file, its fstat when `stat_it`): `data` written beside `target` under a
+    temp name, synced when `sync`; the temp file is gone again when this fails."""
     folder, name = os.path.split(os.fspath(target))  # strings: a Path's `/` was a tenth of the cost
     tmp = os.path.join(folder, f"{TMP_PREFIX}{name}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         view = memoryview(data)
         while view:
-            n = os.write(fd, view)
-            view = view[n:]
+            view = view[os.write(fd, view):]
         if sync:
             os.fsync(fd)
-        st = os.fstat(fd) if _journals else None  # what the batch checks the file against
+        st = os.fstat(fd) if stat_it else None
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     os.close(fd)
+    return folder, tmp, st
+
+
+def write_bytes(target: Path, data: bytes, *, sync: bool = True, mode: int = 0o644) -> None:
+    """Atomically replace `target` with `data` (temp file, fsync, rename, fsync folder)."""
+    # The fstat: what the batch checks the file against (`Wrote`).
+    folder, tmp, st = _temp_written(target, data, mode, sync=sync, stat_it=bool(_journals))
     stamp = None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)
     try:
         note(target, stamp)  # fails on a full disk (the journal): the write is then not made
@@ -398,20 +406,7 @@ def put(target: Path | str, data: bytes, mode: int = 0o444) -> None:
     for git's own files in state/.git (a batch's pack of blobs), which no batch stages, and a
     file the tamper watch puts back as git has it. The folder is not synced, as git does not
     sync it for a pack or a checkout."""
-    folder, name = os.path.split(os.fspath(target))
-    tmp = os.path.join(folder, f"{TMP_PREFIX}{name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    os.close(fd)
+    _, tmp, _ = _temp_written(target, data, mode, sync=True)
     try:
         os.replace(tmp, target)
     except OSError:
