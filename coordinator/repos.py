@@ -103,20 +103,26 @@ class Repo(Checkout):
             self._run(["worktree", "prune"])
             if self._has_ref(f"refs/heads/{branch}"):
                 self.git("update-ref", "-d", f"refs/heads/{branch}")
-            # A person's wo/<id>/x (or wo) stopped git from making wo/<id>: "cannot lock ref",
-            # counted as failed attempts against the agent until the order was blocked.
-            others = [r.removeprefix("refs/heads/") for r in self.git(
-                "for-each-ref", "--format=%(refname)", f"refs/heads/{branch}/").splitlines() if r]
-            if self._has_ref(f"refs/heads/{BRANCH_PREFIX.rstrip('/')}"):
-                others.insert(0, BRANCH_PREFIX.rstrip("/"))
-            if others:
-                raise BranchInTheWay(self.name, order_id, others)
             try:
                 dest.parent.mkdir(parents=True, exist_ok=True)
             except (FileExistsError, NotADirectoryError):  # a file where its folder goes: "internal error"
                 raise GitError(f"cannot make the folder of order {order_id}'s working copy: a file is in the way "
                                f"(.coordinator/work/{order_id})") from None
-            self.git("worktree", "add", "-q", "-b", branch, str(dest), self.head())
+            try:
+                self.git("worktree", "add", "-q", "-b", branch, str(dest), self.head())
+            except GitError:
+                # A person's wo/<id>/x (or wo) stopped git from making wo/<id>: "cannot lock ref",
+                # counted as failed attempts against the agent until the order was blocked. Looked
+                # for only then: two git processes more on the way to every start.
+                others = [r.removeprefix("refs/heads/") for r in self.git(
+                    "for-each-ref", "--format=%(refname)", f"refs/heads/{branch}/").splitlines() if r]
+                if self._has_ref(f"refs/heads/{BRANCH_PREFIX.rstrip('/')}"):
+                    others.insert(0, BRANCH_PREFIX.rstrip("/"))
+                if others:
+                    with contextlib.suppress(OSError):
+                        dest.rmdir()  # what git may have made of it: nothing in it
+                    raise BranchInTheWay(self.name, order_id, others) from None
+                raise
         return dest
 
     def remove_worktree(self, order_id: str, dest: Path, *, keep: bool = False) -> None:
