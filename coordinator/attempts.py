@@ -100,7 +100,7 @@ class Active:
     # commands waiting to hear that it is (`AttemptRunner.cancel_soon`).
     cancelled_by: str = ""
     cancel_why: str = ""  # cancelled as the work of an order that was: why (`control.cancel`)
-    cancel_waiting: list[Path | CancelAnswer] = field(default_factory=list)
+    cancel_waiting: list[CancelAnswer] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.quiet_since = self.looked = self.began
@@ -322,11 +322,11 @@ class AttemptRunner(Interruptions):
                     return failed
         return None
 
-    def cancel_soon(self, rec: Record, by: str, waiting: Path | CancelAnswer, *, why: str = "",
+    def cancel_soon(self, rec: Record, by: str, waiting: CancelAnswer, *, why: str = "",
                     join: bool = False) -> bool:
-        """Start killing `rec`'s running attempt and go on; the command waiting on the request
-        `waiting` is answered once no process of it is left and the order is cancelled (SPEC §7),
-        or the kill failed (said, and cancelled all the same). Waited for here, each cancel of
+        """Start killing `rec`'s running attempt and go on; the command waiting on `waiting` is
+        answered once no process of it is left and the order is cancelled (SPEC §7), or the
+        kill failed (said, and cancelled all the same). Waited for here, each cancel of
         an attempt that ignored SIGTERM held every other order for a second and more, and
         several cancels waited one after another. False when nothing of it runs as a process
         (a model's call, a request waiting for its children) or the kill could not be sent:

@@ -75,48 +75,52 @@ def config_seen_path(ws: Workspace) -> Path:
     return ws.runtime / "supervisor.config"
 
 
+_DRIFT = ("the running supervisor started with an older coordinator.yaml and acts on that one (its agents, "
+          "ceiling and bands) until it is restarted")
+
+
 def config_drift(ws: Workspace) -> str | None:
     """A warning when a supervisor runs on `ws` with another coordinator.yaml than the one there
     now: it keeps the team (ceiling, bands, agents) it started with until it is restarted."""
+    return _DRIFT if _drifted(ws) is not None else None
+
+
+def _drifted(ws: Workspace) -> list[str] | None:
+    """What the running supervisor wrote of its team (the digest of its coordinator.yaml, then,
+    on a line of their own, its agents' names) when it runs with another coordinator.yaml than
+    the one there now; else None."""
     if not supervisor_running(ws):
         return None
-    seen = _config_seen(ws)
-    if not seen or seen[0] == ws.config.digest:
-        return None
-    return ("the running supervisor started with an older coordinator.yaml and acts on that one (its agents, "
-            "ceiling and bands) until it is restarted")
-
-
-def _config_seen(ws: Workspace) -> list[str] | None:
-    """What the running supervisor wrote of its team: the digest of its coordinator.yaml, then
-    (on a line of their own) its agents' names."""
     try:
-        return config_seen_path(ws).read_text("utf-8").split("\n")
+        seen = config_seen_path(ws).read_text("utf-8").split("\n")
     except (OSError, ValueError):
         return None
+    return seen if seen and seen[0] != ws.config.digest else None
+
+
+def _lacks(seen: list[str], agent: str) -> bool:
+    agents = seen[1].split() if len(seen) > 1 else []
+    return bool(agents) and agent not in agents
 
 
 def drift_for(ws: Workspace, agent: str) -> str | None:
     """`config_drift`, told of an order just sent to `agent`: one the running supervisor does
     not know (added to coordinator.yaml since it started) waits in its inbox until a restart,
     and `send` said only its id."""
-    drift = config_drift(ws)
-    if drift is None:
+    seen = _drifted(ws)
+    if seen is None:
         return None
-    if started_without(ws, agent):
+    if _lacks(seen, agent):
         return (f"the running supervisor started before {agent} was in coordinator.yaml, so it does not take "
                 f"in inbox/{agent}/: the order waits there until the supervisor is restarted")
-    return drift
+    return _DRIFT
 
 
 def started_without(ws: Workspace, agent: str) -> bool:
     """Whether a supervisor runs that started before `agent` was in coordinator.yaml: it does
     not take in inbox/<agent>/ until it is restarted."""
-    if config_drift(ws) is None:
-        return False
-    seen = _config_seen(ws)
-    agents = seen[1].split() if seen is not None and len(seen) > 1 else []
-    return bool(agents) and agent not in agents
+    seen = _drifted(ws)
+    return seen is not None and _lacks(seen, agent)
 
 
 def submit(ws: Workspace, action: str, args: dict[str, Any], *, timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:
@@ -451,21 +455,16 @@ def live_work(records: dict[str, Record], rec: Record) -> list[tuple[Record, str
     return found
 
 
-def cancelled(sup: Supervisor, rec: Record, by: str, waiting: list[Path | CancelAnswer], *,
+def cancelled(sup: Supervisor, rec: Record, by: str, waiting: list[CancelAnswer], *,
               warning: str | None = None, why: str = "") -> None:
     """The attempt of `rec`, cancelled by `by` (`why`: for the work of an order so cancelled),
     has ended (or could not be killed: `warning`): the order is cancelled, and each command
-    waiting on a request in `waiting` told so."""
+    waiting for it (`waiting`) told so once the last order it waits for has ended."""
     if rec.status == "running":
-        result = _cancel(sup, rec, by, warning, why=why)
-    else:
-        result = {"id": rec.id, "status": rec.status, **({"warning": warning} if warning else {})}
+        _cancel(sup, rec, by, warning, why=why)
     sup._write_state()  # on disk before the command hears it: it may read the records next
-    for taken in waiting:
-        if isinstance(taken, CancelAnswer):
-            taken.ended(rec, warning)
-        else:
-            answer(taken, result=result)
+    for pending in waiting:
+        pending.ended(rec, warning)
 
 
 def _cancel(sup: Supervisor, rec: Record, by: str, warning: str | None, *, why: str = "") -> dict[str, Any]:
