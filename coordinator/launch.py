@@ -26,7 +26,6 @@ from typing import Any
 
 from . import landlock, mounts, seccomp
 from .errors import CoordinatorError, SandboxError
-from .landlock import Ruleset
 from .spawner import MARK, READ_CHUNK
 
 _PR_SET_NO_NEW_PRIVS = 38
@@ -70,9 +69,10 @@ class Launcher:
         exe = _resolve(argv[0], env.get("PATH"), cwd)
         env[MARK] = msg["token"]
         ruleset_fd, readonly = -1, None
+        resolved: dict[str, str] = {}  # each sandbox path resolved once, for the ruleset and the mounts
         if msg["sandbox"] is not None:
             if self.abi > 0:
-                ruleset_fd = landlock.prepare(Ruleset(tuple(msg["sandbox"])), self.abi)
+                ruleset_fd = landlock.prepare_paths(msg["sandbox"], self.abi, resolved)
             elif not self.gate_only_ok:
                 raise SandboxError("this kernel has no Landlock: refusing to run without the kernel sandbox")
             if self.readonly:
@@ -83,7 +83,7 @@ class Launcher:
                 fcntl.fcntl(out_r, fcntl.F_SETPIPE_SZ, READ_CHUNK)  # fewer wakeups for chatty children
             spaces: list[int] = []
             maker = self.filtered if ruleset_fd >= 0 else None
-            pid = _launch(exe, argv, env, cwd, out_w, self.devnull, ruleset_fd, readonly, spaces, maker)
+            pid = _launch(exe, argv, env, cwd, out_w, self.devnull, ruleset_fd, readonly, spaces, maker, resolved)
         except BaseException:
             os.close(out_r)
             raise
@@ -131,7 +131,7 @@ _DEFAULT_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIP
 
 def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int, devnull: int,
             ruleset_fd: int, readonly: tuple[str, ...] | None = None, spaces: list[int] | None = None,
-            maker: _FilteredMaker | None = None) -> int:
+            maker: _FilteredMaker | None = None, resolved: dict[str, str] | None = None) -> int:
     """posix_spawn the child from a throwaway thread that first enters `cwd` and the sandbox.
 
     Landlock restricts only the calling thread, and a thread that unshared its
@@ -141,7 +141,8 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
     emptied. So no Python runs in the child (vfork + exec in the C library) and the
     server itself stays unrestricted in its own folder. Returns once exec succeeded;
     `spaces` gets the identity of the child's mount namespace, when it has one of its own.
-    `maker`: the thread is made by it and has the seccomp filter from the start.
+    `maker`: the thread is made by it and has the seccomp filter from the start. `resolved`: the
+    real paths of the sandbox's paths, found already.
     """
     outcome: list[int | BaseException] = []
 
@@ -150,7 +151,7 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
             if landlock.libc().unshare(mounts.CLONE_FS) != 0:
                 raise CoordinatorError(f"cannot start the command: unshare: {os.strerror(ctypes.get_errno())}")
             if readonly is not None:
-                mounts.enter_readonly(readonly)  # before entering cwd: it may be one of the copies
+                mounts.enter_readonly(readonly, resolved)  # before entering cwd: it may be one of the copies
                 if spaces is not None:  # read here: a child that exits at once takes it along
                     with contextlib.suppress(OSError):
                         spaces.append(os.stat("/proc/thread-self/ns/mnt").st_ino)
