@@ -26,11 +26,12 @@ import errno
 import functools
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import SandboxError
-from .paths import real
+from .paths import real, real_of
 
 # Landlock has the same syscall numbers on every architecture we run on.
 _SYS_CREATE_RULESET = 444
@@ -176,10 +177,18 @@ class Ruleset:
 
     def __post_init__(self) -> None:
         for entry in dict.fromkeys((*self.writable, *self.mounts_writable)):  # each path once
-            if not os.path.isabs(entry):
-                raise SandboxError(f"sandbox path {entry!r} is relative; give an absolute path")
-            if real(entry) in FORBIDDEN_WRITABLE:
-                raise SandboxError(f"sandbox path {entry!r} may not be writable: it would undo the sandbox")
+            _check_absolute(entry)
+            _check_allowed(entry, real(entry))
+
+
+def _check_absolute(entry: str) -> None:
+    if not os.path.isabs(entry):
+        raise SandboxError(f"sandbox path {entry!r} is relative; give an absolute path")
+
+
+def _check_allowed(entry: str, resolved: str) -> None:
+    if resolved in FORBIDDEN_WRITABLE:
+        raise SandboxError(f"sandbox path {entry!r} may not be writable: it would undo the sandbox")
 
 
 def prepare(rules: Ruleset, abi: int | None = None) -> int:
@@ -187,6 +196,38 @@ def prepare(rules: Ruleset, abi: int | None = None) -> int:
 
     Does not restrict anyone: the process that calls `enforce(fd)` is restricted.
     """
+    return _build(rules.writable, abi, {})
+
+
+def prepare_paths(writable: Sequence[str], abi: int, resolved: dict[str, str]) -> int:
+    """`prepare(Ruleset(writable), abi)` opening each path once, not twice: each is checked as
+    `Ruleset` checks it by where the descriptor its rule is then made from leads. For the fork
+    server, whose requests carry a ruleset's paths as strings. `resolved` gets each path's real
+    path (`coordinator.mounts` needs them too)."""
+    opened: dict[str, int | OSError] = {}
+    try:
+        for entry in writable:
+            if entry in opened:
+                continue
+            _check_absolute(entry)
+            try:
+                opened[entry] = fd = os.open(entry, os.O_PATH | os.O_CLOEXEC)
+            except OSError as e:
+                opened[entry] = e
+                resolved[entry] = os.path.realpath(entry)
+            else:
+                resolved[entry] = real_of(fd, entry)
+            _check_allowed(entry, resolved[entry])
+        return _build(tuple(writable), abi, opened)
+    finally:
+        for held in opened.values():
+            if isinstance(held, int):
+                os.close(held)
+
+
+def _build(writable: tuple[str, ...], abi: int | None, opened: dict[str, int | OSError]) -> int:
+    """The kernel ruleset granting `writable`; `opened`: those of them already open (O_PATH),
+    or why they could not be."""
     abi = abi_version() if abi is None else abi
     if abi < 1:
         raise SandboxError("this kernel has no Landlock; the kernel sandbox cannot be enforced")
@@ -202,8 +243,14 @@ def prepare(rules: Ruleset, abi: int | None = None) -> int:
         _allow(ruleset_fd, "/", READ & handled, must_exist=True)
         for device in DEVICE_FILES:
             _allow(ruleset_fd, device, (FILE_WRITE | _BIT["ioctl_dev"]) & handled, must_exist=False)
-        for entry in rules.writable:
-            _allow(ruleset_fd, entry, handled & ~NEVER, must_exist=True)
+        for entry in writable:
+            fd = opened.get(entry)
+            if fd is None:
+                _allow(ruleset_fd, entry, handled & ~NEVER, must_exist=True)
+            elif isinstance(fd, OSError):
+                raise _missing(entry, fd)
+            else:
+                _add_rule(ruleset_fd, entry, fd, handled & ~NEVER)
     except BaseException:
         os.close(ruleset_fd)
         raise
@@ -216,7 +263,19 @@ def _allow(ruleset_fd: int, path: str, rights: int, *, must_exist: bool) -> None
     except OSError as e:
         if not must_exist and e.errno == errno.ENOENT:
             return
-        raise SandboxError(f"sandbox path {path}: {e.strerror}; create it or remove it from sandbox.writable") from None
+        raise _missing(path, e) from None
+    try:
+        _add_rule(ruleset_fd, path, fd, rights)
+    finally:
+        os.close(fd)
+
+
+def _missing(path: str, e: OSError) -> SandboxError:
+    return SandboxError(f"sandbox path {path}: {e.strerror}; create it or remove it from sandbox.writable")
+
+
+def _add_rule(ruleset_fd: int, path: str, fd: int, rights: int) -> None:
+    """Grant `rights` beneath `path`, open (O_PATH) as `fd`."""
     try:
         if not stat.S_ISDIR(os.fstat(fd).st_mode):
             rights &= FILE_RIGHTS
@@ -224,8 +283,6 @@ def _allow(ruleset_fd: int, path: str, rights: int, *, must_exist: bool) -> None
         syscall(_SYS_ADD_RULE, ctypes.c_int(ruleset_fd), ctypes.c_int(_RULE_PATH_BENEATH), ctypes.byref(rule), ctypes.c_uint32(0))
     except OSError as e:
         raise SandboxError(f"cannot add sandbox rule for {path}: {e.strerror}") from None
-    finally:
-        os.close(fd)
 
 
 def enforce(ruleset_fd: int) -> None:

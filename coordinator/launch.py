@@ -3,8 +3,9 @@
 A `Launcher` checks a spawn request (no NUL byte, the command found the way a
 shell would), prepares the child's Landlock ruleset and read-only mounts, and
 posix_spawns it from a throwaway thread that first enters the child's folder,
-its mounts, the ruleset and the seccomp filter: all of these apply to that
-thread only, so the server itself stays unrestricted. The child is marked with
+its mounts, the ruleset and the seccomp filter (which it inherits from the thread
+that makes it, `_FilteredMaker`): all of these apply to that thread only, so the
+server itself stays unrestricted. The child is marked with
 its attempt's token (``COORD_ATTEMPT``), starts in a new session with its
 output on a pipe, and gets no capability through exec: the server's own thread
 gave up the sets every launcher thread inherits, once, when the `Launcher` was
@@ -20,12 +21,14 @@ import errno
 import fcntl
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from . import landlock, mounts, seccomp
 from .errors import CoordinatorError, SandboxError
-from .landlock import Ruleset
 from .spawner import MARK, READ_CHUNK
+
+_PR_SET_NO_NEW_PRIVS = 38
 
 
 class Launcher:
@@ -45,6 +48,11 @@ class Launcher:
         except SandboxError as e:
             self.caps_refused = e
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        # The thread every sandboxed launcher thread is made by, so that each inherits the seccomp
+        # filter instead of installing its own (the kernel checks and compiles it anew on every
+        # install). None: it could not take the filter, and each launcher thread tries again,
+        # refusing its start with the reason.
+        self.filtered = _FilteredMaker.start() if self.abi > 0 else None
 
     def start(self, msg: dict[str, Any]) -> tuple[int, int, int | None]:
         """Start one child; returns (pid, read end of its output, the mount namespace it got
@@ -61,9 +69,10 @@ class Launcher:
         exe = _resolve(argv[0], env.get("PATH"), cwd)
         env[MARK] = msg["token"]
         ruleset_fd, readonly = -1, None
+        resolved: dict[str, str] = {}  # each sandbox path resolved once, for the ruleset and the mounts
         if msg["sandbox"] is not None:
             if self.abi > 0:
-                ruleset_fd = landlock.prepare(Ruleset(tuple(msg["sandbox"])), self.abi)
+                ruleset_fd = landlock.prepare_paths(msg["sandbox"], self.abi, resolved)
             elif not self.gate_only_ok:
                 raise SandboxError("this kernel has no Landlock: refusing to run without the kernel sandbox")
             if self.readonly:
@@ -73,7 +82,8 @@ class Launcher:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(out_r, fcntl.F_SETPIPE_SZ, READ_CHUNK)  # fewer wakeups for chatty children
             spaces: list[int] = []
-            pid = _launch(exe, argv, env, cwd, out_w, self.devnull, ruleset_fd, readonly, spaces)
+            maker = self.filtered if ruleset_fd >= 0 else None
+            pid = _launch(exe, argv, env, cwd, out_w, self.devnull, ruleset_fd, readonly, spaces, maker, resolved)
         except BaseException:
             os.close(out_r)
             raise
@@ -120,7 +130,8 @@ _DEFAULT_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIP
 
 
 def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int, devnull: int,
-            ruleset_fd: int, readonly: tuple[str, ...] | None = None, spaces: list[int] | None = None) -> int:
+            ruleset_fd: int, readonly: tuple[str, ...] | None = None, spaces: list[int] | None = None,
+            maker: _FilteredMaker | None = None, resolved: dict[str, str] | None = None) -> int:
     """posix_spawn the child from a throwaway thread that first enters `cwd` and the sandbox.
 
     Landlock restricts only the calling thread, and a thread that unshared its
@@ -130,6 +141,8 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
     emptied. So no Python runs in the child (vfork + exec in the C library) and the
     server itself stays unrestricted in its own folder. Returns once exec succeeded;
     `spaces` gets the identity of the child's mount namespace, when it has one of its own.
+    `maker`: the thread is made by it and has the seccomp filter from the start. `resolved`: the
+    real paths of the sandbox's paths, found already.
     """
     outcome: list[int | BaseException] = []
 
@@ -138,7 +151,7 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
             if landlock.libc().unshare(mounts.CLONE_FS) != 0:
                 raise CoordinatorError(f"cannot start the command: unshare: {os.strerror(ctypes.get_errno())}")
             if readonly is not None:
-                mounts.enter_readonly(readonly)  # before entering cwd: it may be one of the copies
+                mounts.enter_readonly(readonly, resolved)  # before entering cwd: it may be one of the copies
                 if spaces is not None:  # read here: a child that exits at once takes it along
                     with contextlib.suppress(OSError):
                         spaces.append(os.stat("/proc/thread-self/ns/mnt").st_ino)
@@ -148,7 +161,8 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
                 raise CoordinatorError(f"cannot enter working folder {cwd}: {e.strerror}") from None
             if ruleset_fd >= 0:
                 landlock.enforce(ruleset_fd)  # sets no_new_privs, which the filter needs
-                seccomp.install()  # no setuid file, no lease: what Landlock has no right for
+                if maker is None:
+                    seccomp.install()  # no setuid file, no lease: what Landlock has no right for
             # No capability to give up here: the server's thread emptied the bounding,
             # inheritable and ambient sets this thread inherited (see `Launcher`).
             # The server's /dev/null sits on the machine's mount: fchmod(0) would change it.
@@ -177,7 +191,10 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
         finally:
             ended.release()
 
-    _thread.start_new_thread(launcher, ())
+    if maker is None:
+        _thread.start_new_thread(launcher, ())
+    else:
+        maker.make(launcher, outcome, ended)
     ended.acquire()
     if not outcome:
         raise CoordinatorError(f"cannot run {argv[0]}: the launcher thread ended without a result")
@@ -185,3 +202,52 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
         raise outcome[0]
     return outcome[0]
 
+
+class _FilteredMaker:
+    """A thread of the fork server that holds the seccomp filter (and no_new_privs, which it
+    needs) and makes the sandboxed launcher threads, which inherit both; it never execs, and
+    does nothing but make them. Made by the server's thread after it gave up the capability
+    sets, so it has none to pass on either."""
+
+    def __init__(self) -> None:
+        self.job: tuple[Callable[[], None], list[int | BaseException], Any] | None = None
+        self.wanted = _thread.allocate_lock()
+        self.wanted.acquire()
+
+    @classmethod
+    def start(cls) -> _FilteredMaker | None:
+        """The maker, once its thread has the filter; None when the kernel refused it."""
+        maker, installed = cls(), _thread.allocate_lock()
+        filtered: list[bool] = []
+        installed.acquire()
+        _thread.start_new_thread(maker._run, (filtered, installed))
+        installed.acquire()
+        return maker if filtered else None
+
+    def _run(self, filtered: list[bool], installed: Any) -> None:
+        try:
+            zero = ctypes.c_ulong(0)
+            if landlock.libc().prctl(ctypes.c_int(_PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), zero, zero, zero) != 0:
+                return
+            seccomp.install()
+            filtered.append(True)
+        except SandboxError:
+            return
+        finally:
+            installed.release()
+        while True:
+            self.wanted.acquire()
+            assert self.job is not None
+            work, outcome, ended = self.job
+            self.job = None
+            try:
+                _thread.start_new_thread(work, ())
+            except BaseException as e:  # no thread for it: the start fails as one made directly would
+                outcome.append(e)
+                ended.release()
+
+    def make(self, work: Callable[[], None], outcome: list[int | BaseException], ended: Any) -> None:
+        """Have `work` run in a new thread made by this one; `ended` is released when it is done
+        (or could not start, `outcome` saying why). One at a time: the caller waits for `ended`."""
+        self.job = (work, outcome, ended)
+        self.wanted.release()

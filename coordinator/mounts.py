@@ -26,7 +26,7 @@ import ctypes
 import functools
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import SandboxError
@@ -65,17 +65,20 @@ def _setattr_all(attr: _MountAttr) -> None:
           ctypes.c_uint(_AT_RECURSIVE), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
 
 
-def outermost(paths: Sequence[str]) -> list[str]:
-    """The entries of `paths` not beneath another entry (a copy of one carries what is below)."""
+def outermost(paths: Sequence[str], resolved: Mapping[str, str] | None = None) -> list[str]:
+    """The entries of `paths` not beneath another entry (a copy of one carries what is below).
+    `resolved`: the real paths of some of them, found already."""
+    known = resolved or {}
     kept: list[str] = []
-    for path in sorted({real(p) for p in paths}):
+    for path in sorted({known.get(p) or real(p) for p in paths}):
         if not any(within(path, k) for k in kept):
             kept.append(path)
     return kept
 
 
-def enter_readonly(writable: Sequence[str]) -> None:
-    """Give the calling thread a mount namespace where only `writable` can be written.
+def enter_readonly(writable: Sequence[str], resolved: Mapping[str, str] | None = None) -> None:
+    """Give the calling thread a mount namespace where only `writable` can be written
+    (`resolved`: the real paths of some of them, found already).
 
     The thread's current folder is left on the old mount: enter the working folder afterwards.
     """
@@ -85,7 +88,7 @@ def enter_readonly(writable: Sequence[str]) -> None:
     _setattr_all(_MountAttr(0, 0, _MS_PRIVATE, 0))
     copies: list[tuple[str, int]] = []
     try:
-        for path in outermost(writable):
+        for path in outermost(writable, resolved):
             fd = _call(f"copy {path}", _SYS_OPEN_TREE, ctypes.c_int(_AT_FDCWD), os.fsencode(path),
                        ctypes.c_uint(_OPEN_TREE_CLONE | _AT_RECURSIVE | os.O_CLOEXEC))
             copies.append((path, fd))

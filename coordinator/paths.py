@@ -221,11 +221,17 @@ def real(path: str | os.PathLike[str]) -> str:
     except OSError:
         return os.path.realpath(path)
     try:
+        return real_of(fd, path)
+    finally:
+        os.close(fd)
+
+
+def real_of(fd: int, path: str | os.PathLike[str]) -> str:
+    """`real(path)` for a `path` already open as `fd`: where that descriptor leads."""
+    try:
         found = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return os.path.realpath(path)
-    finally:
-        os.close(fd)
     # Removed meanwhile, or not a path at all (an anonymous inode): the slow way tells.
     if not found.startswith("/") or found.endswith(" (deleted)"):
         return os.path.realpath(path)

@@ -8,7 +8,9 @@ import secrets
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -177,6 +179,33 @@ def test_ruleset_refuses_relative_and_sandbox_undoing_paths() -> None:
 def test_a_missing_writable_path_fails_closed(tmp_path: Path) -> None:
     with pytest.raises(SandboxError, match="create it or remove it"):
         landlock.prepare(Ruleset(writable=(str(tmp_path / "missing"),)))
+
+
+@needs_landlock
+def test_the_fork_servers_prepare_refuses_what_ruleset_and_prepare_refuse(tmp_path: Path) -> None:
+    """It opens each path once and checks where that descriptor leads: the same refusals, in the
+    same order, and the real paths the read-only mounts need."""
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "f").write_text("")
+    (tmp_path / "root").symlink_to("/")
+    missing = str(tmp_path / "missing")
+    cases = [["rel"], [missing], [str(tmp_path / "root")], [missing + "/.."], [missing, "/"], ["/missing/.."],
+             [str(tmp_path / "ok"), "rel"], [str(tmp_path / "ok"), str(tmp_path / "ok"), str(tmp_path / "f")]]
+
+    def outcome(prepare: Callable[..., int], *args: Any) -> str:
+        try:
+            os.close(prepare(*args))
+        except SandboxError as e:
+            return str(e)
+        return "ok"
+
+    def old_way(case: list[str]) -> int:
+        return landlock.prepare(Ruleset(tuple(case)), ABI)
+
+    for case in cases:
+        resolved: dict[str, str] = {}
+        assert outcome(landlock.prepare_paths, case, ABI, resolved) == outcome(old_way, case), case
+    assert resolved == {str(tmp_path / name): os.path.realpath(tmp_path / name) for name in ("ok", "f")}
 
 
 def test_without_landlock_prepare_refuses() -> None:

@@ -196,6 +196,26 @@ def test_a_sandboxed_child_runs_python_and_git_but_not_openat2_or_io_uring(sp: S
     assert (work / "repo" / ".git").is_dir()
 
 
+def test_every_sandboxed_child_has_the_filter_and_no_trusted_command_or_the_server_has(
+        sp: Spawner, work: Path) -> None:
+    """Sandboxed children inherit it from the server thread that makes their launcher threads,
+    every one of them; a trusted command (no sandbox) and the server's own thread never have it."""
+    seen = []
+    for i, sandbox in enumerate((Ruleset((str(work),)), None, Ruleset((str(work),)))):
+        token = f"filtered-{i}-" + secrets.token_hex(3)
+        log = work.parent / f"{token}.log"
+        sp.spawn(SpawnRequest(("/bin/sh", "-c", "grep '^Seccomp:' /proc/self/status"), ENV, str(work), str(log),
+                              token, sandbox))
+        deadline = time.monotonic() + 60
+        while not sp.poll():
+            assert time.monotonic() < deadline
+            select.select([sp], [], [], 0.05)
+        seen.append(log.read_text().split())
+    assert seen == [["Seccomp:", "2"], ["Seccomp:", "0"], ["Seccomp:", "2"]]
+    with open(f"/proc/{sp.server_pid}/status") as f:
+        assert "Seccomp:\t0\n" in f.read()
+
+
 def test_a_filter_the_kernel_refuses_fails_the_start_with_one_line(monkeypatch) -> None:
     """Never a start without the filter: its error is what the spawn raises and logs."""
     monkeypatch.setattr(seccomp, "_fprog", lambda: (seccomp._SockFprog(0, None), None))
