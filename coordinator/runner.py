@@ -139,15 +139,14 @@ SPARES = 2  # empty attempt folders kept ready
 def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -> Attempt:
     """Make the attempt's folders and write its order and brief (not the working copy)."""
     assert order.id is not None
-    folder = attempt_folder(ws, order.id, number)
-    logs = log_folder(ws, order.id, number)
-    for old in (folder, logs):
-        if old.exists():  # an earlier run of this attempt number (a crash): kept aside, start clean
+    attempts, logged = order_folders(ws, order.id)
+    folder, logs = attempts / str(number), logged / str(number)
+    # One mkdir each (an order's folders are new at its first attempt; the runtime's are there
+    # but after a hand clean-up): this is on the drop-to-spawn path. In a folder just made no
+    # earlier run of this attempt number can be: only in one that was there is it looked for.
+    for parent, old in ((attempts, folder), (logged, logs)):
+        if not _mkdir_under(parent) and old.exists():  # an earlier run (a crash): kept aside, start clean
             _set_aside(old)
-    # One mkdir each (attempts/ and logs/ are there but after a hand clean-up): this is on the
-    # drop-to-spawn path.
-    _mkdir_under(folder.parent)
-    _mkdir_under(logs.parent)
     if not _take_spare(ws, folder, logs):
         _mkdirs(folder, folder / "outbox", folder / "tmp", folder / "scratch", logs)
     repo = order.repo
@@ -273,14 +272,16 @@ def _mkdirs(*folders: Path) -> None:
             os.mkdir(folder)
 
 
-def _mkdir_under(folder: Path) -> None:
-    """`folder`, made in one system call when its parent is there (it nearly always is)."""
+def _mkdir_under(folder: Path) -> bool:
+    """`folder`, made in one system call when its parent is there (it nearly always is); False
+    when it was there already."""
     try:
         os.mkdir(folder)
     except FileExistsError:
-        pass
-    except FileNotFoundError:
+        return False
+    except FileNotFoundError:  # its parent too was gone: nothing was in it
         os.makedirs(folder, exist_ok=True)
+    return True
 
 
 def brief_text(order: WorkOrder, number: int, failures: list[str]) -> str:
