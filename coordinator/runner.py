@@ -557,20 +557,32 @@ def _is_folder(path: Path, *, follow: bool) -> bool:
         return False
 
 
-def read_untrusted(path: Path, limit: int, *, within: Path | None = None) -> bytes | None:
+class NotRegularFile(Exception):
+    """What is at a path read with `read_untrusted(strict=True)` is no regular file to read."""
+
+
+def read_untrusted(path: Path, limit: int, *, within: Path | None = None, strict: bool = False) -> bytes | None:
     """A regular file the specialist could have tampered with: never through a link, never a fifo,
     at most `limit` + 1 bytes. None when it is absent or not a regular file. With `within`, no
-    folder on the way from there is followed through a link either (`durable.open_beneath`)."""
+    folder on the way from there is followed through a link either (`durable.open_beneath`).
+    `strict`: None only when nothing is there, NotRegularFile when something else is (told
+    from the failed open, not by looking the path up again: an attempt's result is read so)."""
     folder = None
     try:
         if within is None:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         else:
             folder, fd = durable.open_beneath(within, path)
+    except FileNotFoundError:
+        return None
     except OSError:
+        if strict and os.path.lexists(path):
+            raise NotRegularFile(str(path)) from None
         return None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
+            if strict:
+                raise NotRegularFile(str(path))
             return None
         return durable.read_fd(fd, limit + 1)
     finally:
