@@ -460,12 +460,14 @@ def planted(root: str, *, working_copy: bool = False, unreadable: list[str] | No
             held[folder] = bool(items)
             continue
         own = working_copy and not depth
-        shaped = not own and repository_folders((f"f/{name}", "dir" if is_dir else "file") for name, _, is_dir in items)
+        keys = [name.lower().rstrip(" .") for name, _, _ in items]
+        # No HEAD in it, no folder is one git takes for a repository: most are not asked.
+        shaped = not own and "head" in keys and repository_folders(
+            (f"f/{name}", "dir" if is_dir else "file") for name, _, is_dir in items)
         if shaped and depth:
             found.append(folder)
             continue
-        for name, path, is_dir in items:
-            key = name.lower().rstrip(" .")
+        for (name, path, is_dir), key in zip(items, keys, strict=True):
             if own and name == ".git":
                 continue
             if key in (".git", "git~1") or (shaped and key in _REPO_NAMES):
