@@ -409,8 +409,9 @@ class AttemptRunner(Interruptions):
             return self.fail(act, f"timed out after {_fmt(act.deadline - act.began)}; last output: "
                                   f"{tail[-400:] or '(none)'}")
         result = None
-        raw = runner.read_untrusted(act.attempt.result, results.MAX_RESULT_BYTES)
-        if raw is None and os.path.lexists(act.attempt.result):
+        try:
+            raw = runner.read_untrusted(act.attempt.result, results.MAX_RESULT_BYTES, strict=True)
+        except runner.NotRegularFile:
             return self.fail(act, "invalid result file: result.yaml is not a regular file")
         if raw is not None:
             try:

@@ -433,7 +433,8 @@ def repository_folders(entries: Iterable[tuple[str, str]]) -> dict[str, str]:
     }
 
 
-def planted(root: str, *, working_copy: bool = False, unreadable: list[str] | None = None) -> list[str]:
+def planted(root: str, *, working_copy: bool = False, unreadable: list[str] | None = None,
+            held: dict[str, bool | None] | None = None) -> list[str]:
     """What in folder `root` git would run for whoever runs git there (a person's shell
     prompt runs `git status` in every folder they enter): every entry named `.git` in any
     case, every folder below `root` git would take for a repository of its own, and, when
@@ -441,7 +442,9 @@ def planted(root: str, *, working_copy: bool = False, unreadable: list[str] | No
     entered; nothing deeper than MAX_DEPTH is walked (a tree that deep is never entered by hand).
     `working_copy`: `root` is a repository's working copy; its own `.git` is not listed (and
     with it there, git never takes `root` itself for a repository). `unreadable` gets each
-    folder that could not be listed (what is in it is not known)."""
+    folder that could not be listed (what is in it is not known). `held`: folders (by path)
+    listed but neither judged nor walked, each set to whether it holds anything (the caller
+    removes what it holds); one not reached as a folder (a link, say) stays as it was."""
     found: list[str] = []
     todo = [(root, 0)]
     while todo:  # a stack, not recursion: the agent chose how deep the tree goes
@@ -453,13 +456,18 @@ def planted(root: str, *, working_copy: bool = False, unreadable: list[str] | No
             if unreadable is not None:
                 unreadable.append(folder)
             continue
+        if held is not None and folder in held:
+            held[folder] = bool(items)
+            continue
         own = working_copy and not depth
-        shaped = not own and repository_folders((f"f/{name}", "dir" if is_dir else "file") for name, _, is_dir in items)
+        keys = [name.lower().rstrip(" .") for name, _, _ in items]
+        # No HEAD in it, no folder is one git takes for a repository: most are not asked.
+        shaped = not own and "head" in keys and repository_folders(
+            (f"f/{name}", "dir" if is_dir else "file") for name, _, is_dir in items)
         if shaped and depth:
             found.append(folder)
             continue
-        for name, path, is_dir in items:
-            key = name.lower().rstrip(" .")
+        for (name, path, is_dir), key in zip(items, keys, strict=True):
             if own and name == ".git":
                 continue
             if key in (".git", "git~1") or (shaped and key in _REPO_NAMES):

@@ -139,15 +139,14 @@ SPARES = 2  # empty attempt folders kept ready
 def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -> Attempt:
     """Make the attempt's folders and write its order and brief (not the working copy)."""
     assert order.id is not None
-    folder = attempt_folder(ws, order.id, number)
-    logs = log_folder(ws, order.id, number)
-    for old in (folder, logs):
-        if old.exists():  # an earlier run of this attempt number (a crash): kept aside, start clean
+    attempts, logged = order_folders(ws, order.id)
+    folder, logs = attempts / str(number), logged / str(number)
+    # One mkdir each (an order's folders are new at its first attempt; the runtime's are there
+    # but after a hand clean-up): this is on the drop-to-spawn path. In a folder just made no
+    # earlier run of this attempt number can be: only in one that was there is it looked for.
+    for parent, old in ((attempts, folder), (logged, logs)):
+        if not _mkdir_under(parent) and old.exists():  # an earlier run (a crash): kept aside, start clean
             _set_aside(old)
-    # One mkdir each (attempts/ and logs/ are there but after a hand clean-up): this is on the
-    # drop-to-spawn path.
-    _mkdir_under(folder.parent)
-    _mkdir_under(logs.parent)
     if not _take_spare(ws, folder, logs):
         _mkdirs(folder, folder / "outbox", folder / "tmp", folder / "scratch", logs)
     repo = order.repo
@@ -273,14 +272,16 @@ def _mkdirs(*folders: Path) -> None:
             os.mkdir(folder)
 
 
-def _mkdir_under(folder: Path) -> None:
-    """`folder`, made in one system call when its parent is there (it nearly always is)."""
+def _mkdir_under(folder: Path) -> bool:
+    """`folder`, made in one system call when its parent is there (it nearly always is); False
+    when it was there already."""
     try:
         os.mkdir(folder)
     except FileExistsError:
-        pass
-    except FileNotFoundError:
+        return False
+    except FileNotFoundError:  # its parent too was gone: nothing was in it
         os.makedirs(folder, exist_ok=True)
+    return True
 
 
 def brief_text(order: WorkOrder, number: int, failures: list[str]) -> str:
@@ -556,20 +557,32 @@ def _is_folder(path: Path, *, follow: bool) -> bool:
         return False
 
 
-def read_untrusted(path: Path, limit: int, *, within: Path | None = None) -> bytes | None:
+class NotRegularFile(Exception):
+    """What is at a path read with `read_untrusted(strict=True)` is no regular file to read."""
+
+
+def read_untrusted(path: Path, limit: int, *, within: Path | None = None, strict: bool = False) -> bytes | None:
     """A regular file the specialist could have tampered with: never through a link, never a fifo,
     at most `limit` + 1 bytes. None when it is absent or not a regular file. With `within`, no
-    folder on the way from there is followed through a link either (`durable.open_beneath`)."""
+    folder on the way from there is followed through a link either (`durable.open_beneath`).
+    `strict`: None only when nothing is there, NotRegularFile when something else is (told
+    from the failed open, not by looking the path up again: an attempt's result is read so)."""
     folder = None
     try:
         if within is None:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         else:
             folder, fd = durable.open_beneath(within, path)
+    except FileNotFoundError:
+        return None
     except OSError:
+        if strict and os.path.lexists(path):
+            raise NotRegularFile(str(path)) from None
         return None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
+            if strict:
+                raise NotRegularFile(str(path))
             return None
         return durable.read_fd(fd, limit + 1)
     finally:

@@ -7,6 +7,7 @@ import re
 import time
 from pathlib import Path
 
+import pytest
 from conftest import drop, order_md, sh
 
 from bench.harness import probe_of
@@ -180,3 +181,19 @@ def test_the_tail_of_a_log_holds_no_c1_control_nor_bidirectional_override(tmp_pa
     log = tmp_path / "output.log"
     log.write_text("a\u009b31mb\u0085c \u202eabc\u202c \u2067x\u2069\n", encoding="utf-8")
     assert runner.tail(log) == "a31mbc abc x"
+
+
+def test_a_result_read_strictly_tells_nothing_there_from_something_that_is_no_file(tmp_path):
+    """None only when nothing is there; a link, a FIFO or a folder in its place is said to be no
+    regular file, as the failed attempt's reason says (`_after_specialist`)."""
+    (tmp_path / "file").write_text("outcome: done\n")
+    assert runner.read_untrusted(tmp_path / "file", 100, strict=True) == b"outcome: done\n"
+    assert runner.read_untrusted(tmp_path / "none", 100, strict=True) is None
+    (tmp_path / "link").symlink_to(tmp_path / "file")
+    (tmp_path / "dangling").symlink_to(tmp_path / "none")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "folder").mkdir()
+    for name in ("link", "dangling", "fifo", "folder"):
+        assert runner.read_untrusted(tmp_path / name, 100) is None
+        with pytest.raises(runner.NotRegularFile):
+            runner.read_untrusted(tmp_path / name, 100, strict=True)
