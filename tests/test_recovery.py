@@ -417,8 +417,10 @@ def start_one(ws: Workspace, oid: str, *, sender: str | None = None) -> Supervis
                                            files=(f"webapp/src/{oid}.py",), **front))
     sup = Supervisor(ws)
     sup.open()
+    pids = probe_of(ws) / "pids"
+    # Its pid written, not only the file made: the shell creates it before it writes.
     step_until(sup, lambda: committed_status(ws, oid) == "running"
-               and (probe_of(ws) / "pids").exists(), f"{oid} to run")
+               and pids.exists() and pids.read_text().strip() != "", f"{oid} to run")
     return sup
 
 
