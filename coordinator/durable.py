@@ -444,6 +444,10 @@ def _compact(value: Any) -> str:
 
 
 _string = json.encoder.encode_basestring  # what that encoder writes for a str (ensure_ascii=False)
+# The start of a top-level key's line, by key: state files have a few dozen keys between them,
+# each written on every write (a record's 25, some three times an order). Bounded all the same.
+_key_lines: dict[str, str] = {}
+KEY_LINES = 512
 
 
 def dumps(data: Any) -> str:
@@ -466,11 +470,20 @@ def dumps(data: Any) -> str:
             text = int.__repr__(value)
         elif value is None:
             text = "null"
+        elif kind is bool:
+            text = "true" if value else "false"
+        elif kind is list and not value:  # most of a record's lists
+            text = "[]"
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            text = "[\n" + ",\n".join("    " + _compact(v) for v in value) + "\n  ]"
+            text = "[\n" + ",\n".join(["    " + _compact(v) for v in value]) + "\n  ]"
         else:
             text = _compact(value)
-        lines.append(f"  {_string(key) if type(key) is str else _compact(key)}: {text}")
+        start = _key_lines.get(key) if type(key) is str else None
+        if start is None:
+            start = f"  {_string(key) if type(key) is str else _compact(key)}: "
+            if type(key) is str and len(_key_lines) < KEY_LINES:
+                _key_lines[key] = start
+        lines.append(start + text)
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
