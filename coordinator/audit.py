@@ -315,11 +315,14 @@ class StateRepo(Trail):
             return f"could not roll up state/'s {packs} packs (they are kept): {e}"
         return None
 
-    def _relative(self, paths: set[str]) -> list[str]:
-        """`paths` (absolute) inside state/, relative to it, sorted."""
-        root = str(self.path.resolve())
-        return sorted({os.path.relpath(p, root) for p in (os.path.abspath(x) for x in paths)
-                       if p == root or p.startswith(root + os.sep)})
+    def _relative(self, paths: set[str], root: str | None = None) -> list[str]:
+        """`paths` (absolute) inside state/ (`root`, resolved), relative to it, sorted."""
+        root = str(self.path.resolve()) if root is None else root
+        top = root + os.sep
+        # A prefix cut, not os.path.relpath: both sides are absolute and normalized, and relpath
+        # was some 5 us a path, twice for each of a batch's paths.
+        return sorted({"." if p == root else p[len(top):] for p in (os.path.abspath(x) for x in paths)
+                       if p == root or p.startswith(top)})
 
     def add(self, paths: set[str], written: dict[str, durable.Wrote] | None = None) -> None:
         """Stage `paths`; one `written` names (what the supervisor left there) is staged as
@@ -327,7 +330,7 @@ class StateRepo(Trail):
         as written. A change made since (by hand, within the second before the commit) is never
         staged: the file stays changed for the tamper watch to put back and say."""
         root = str(self.path.resolve())
-        rel = self._relative(paths)
+        rel = self._relative(paths, root)
         # Claimed files pass through intake/ within one step and were never committed:
         # a pathspec for them would not match.
         rel = [r for r in rel if not r.startswith(".git")

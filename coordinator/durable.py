@@ -293,7 +293,8 @@ def note(path: Path | str, stamp: Stamp | None = None) -> None:
             _forget(journal, p)
             journal.paths[p] = None  # what it holds is known once written (`_wrote`)
             if journal.fd is not None:
-                when = str(time.time_ns()) if stamp is None else ":".join(map(str, (time.time_ns(), *stamp)))
+                when = (str(time.time_ns()) if stamp is None
+                        else f"{time.time_ns()}:{stamp[0]}:{stamp[1]}:{stamp[2]}")
                 journal.times[p] = when
                 _append_whole(journal.fd, f"{when} {p[len(prefix):]}\n".encode("utf-8", "surrogateescape"))
 
@@ -364,13 +365,12 @@ def _temp_written(target: Path | str, data: bytes, mode: int, *, sync: bool,
                   stat_it: bool = False) -> tuple[str, str, os.stat_result | None]:
     """(folder, temp file, its fstat when `stat_it`): `data` written beside `target` under a
     temp name, synced when `sync`; the temp file is gone again when this fails."""
-    folder, name = os.path.split(os.fspath(target))  # strings: a Path's `/` was a tenth of the cost
-    tmp = os.path.join(folder, f"{TMP_PREFIX}{name}.{os.getpid()}")
+    # Strings: a Path's `/` was a tenth of the cost, and os.path's split and join a tenth again.
+    folder, slash, name = os.fspath(target).rpartition("/")
+    tmp = f"{folder}{slash}{TMP_PREFIX}{name}.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        _write_all(fd, data)
         if sync:
             os.fsync(fd)
         st = os.fstat(fd) if stat_it else None
@@ -380,7 +380,15 @@ def _temp_written(target: Path | str, data: bytes, mode: int, *, sync: bool,
             os.unlink(tmp)
         raise
     os.close(fd)
-    return folder, tmp, st
+    return folder or slash, tmp, st  # as os.path.split: "/" for "/x", "" for "x"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    written = os.write(fd, data)  # all of it, but for a file past a few GB or a full disk
+    if written < len(data):
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(fd, view):]
 
 
 def write_bytes(target: Path, data: bytes, *, sync: bool = True, mode: int = 0o644) -> None:
@@ -444,6 +452,10 @@ def _compact(value: Any) -> str:
 
 
 _string = json.encoder.encode_basestring  # what that encoder writes for a str (ensure_ascii=False)
+# The start of a top-level key's line, by key: state files have a few dozen keys between them,
+# each written on every write (a record's 25, some three times an order). Bounded all the same.
+_key_lines: dict[str, str] = {}
+KEY_LINES = 512
 
 
 def dumps(data: Any) -> str:
@@ -466,11 +478,20 @@ def dumps(data: Any) -> str:
             text = int.__repr__(value)
         elif value is None:
             text = "null"
+        elif kind is bool:
+            text = "true" if value else "false"
+        elif kind is list and not value:  # most of a record's lists
+            text = "[]"
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            text = "[\n" + ",\n".join("    " + _compact(v) for v in value) + "\n  ]"
+            text = "[\n" + ",\n".join(["    " + _compact(v) for v in value]) + "\n  ]"
         else:
             text = _compact(value)
-        lines.append(f"  {_string(key) if type(key) is str else _compact(key)}: {text}")
+        start = _key_lines.get(key) if type(key) is str else None
+        if start is None:
+            start = f"  {_string(key) if type(key) is str else _compact(key)}: "
+            if type(key) is str and len(_key_lines) < KEY_LINES:
+                _key_lines[key] = start
+        lines.append(start + text)
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
@@ -479,9 +500,7 @@ def create(target: Path, data: bytes, mode: int = 0o644) -> None:
     files nobody reads before the writer is done, like an attempt's brief)."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        _write_all(fd, data)
     finally:
         os.close(fd)
 

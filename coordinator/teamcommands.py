@@ -105,7 +105,9 @@ def supervise(c: Context, once: bool, poll: bool, grace: float) -> None:
 
     def echo(text: str) -> None:
         try:
-            click.echo(text, err=True)
+            # color=True: nothing to strip (`one_line` left no escape character), so click need
+            # not ask the stream whether it is a terminal, a system call for every line.
+            click.echo(text, err=True, color=True)
         except OSError as e:
             if e.errno in (errno.EPIPE, errno.EIO):
                 # The log's reader went away (`supervise 2>&1 | tee log` and tee ended: EPIPE; the

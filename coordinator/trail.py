@@ -255,7 +255,15 @@ class Trail:
         return self._home
 
     def branch(self) -> str:
-        """The branch HEAD names ("" when HEAD is detached)."""
+        """The branch HEAD names ("" when HEAD is detached): read from the ref files when HEAD
+        plainly names a branch whose loose ref holds a commit id (a git process per batch
+        saved), else asked of git."""
+        git_dir = os.path.join(self.path, ".git")
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            named = _BRANCH_NAMED.fullmatch(_small_file(os.path.join(git_dir, "HEAD")))
+            if (named is not None and all(_REF_PART.fullmatch(part) for part in named[1].split("/")[2:])
+                    and _LOOSE_REF.fullmatch(_small_file(os.path.join(git_dir, named[1])))):
+                return named[1]
         try:
             return self.git("symbolic-ref", "-q", "HEAD").strip()
         except GitError:
@@ -460,6 +468,19 @@ def log_records(out: str, fields: int, where: str = "state/") -> list[list[str]]
 
 
 _SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+# HEAD as git writes it when it names a branch; a name of these parts is one git takes as it is.
+_BRANCH_NAMED = re.compile(r"ref: (refs/heads/[^\s]+)\n?")
+_LOOSE_REF = re.compile(r"[0-9a-f]{40}\n?")
+_REF_PART = re.compile(r"[A-Za-z0-9_-](?:[A-Za-z0-9_-]|\.(?!\.))*(?<![.])(?<!\.lock)")
+
+
+def _small_file(path: str) -> str:
+    """The text of a regular file of git's own (HEAD, a loose ref), never through a link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return durable.read_fd(fd, 4096).decode("ascii")
+    finally:
+        os.close(fd)
 
 
 def run(path: Path, *args: str, actor: str = SUPERVISOR) -> str:
