@@ -199,4 +199,16 @@ def cli(ctx: click.Context, workspace: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point of the `coordinator` script: one clean line and an exit code for every error."""
+    _forget_git_variables()
     cli.main(args=argv, prog_name="coordinator")
+
+
+def _forget_git_variables() -> None:
+    """The caller's GIT_* variables belong to the repository they were set for, not to the
+    git coordinator runs: exported by a hook or a shell in another repository, GIT_DIR made
+    every commit in state/ fail ("must be run in a work tree") and GIT_INDEX_FILE or
+    GIT_OBJECT_DIRECTORY sent its objects elsewhere. The repositories' git and the specialists
+    never had them; state/'s git (through GitPython, which adds the process's environment to
+    what it is given) had them all. Nothing of coordinator reads one."""
+    for key in [k for k in os.environ if k.startswith("GIT_")]:
+        del os.environ[key]

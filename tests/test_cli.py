@@ -2201,3 +2201,24 @@ def test_cancel_of_an_order_for_an_agent_added_after_the_supervisor_started_says
         asked = run("-w", ws, command, "WO-0001")
         assert (asked.exit_code, asked.stderr.splitlines(keepends=True)[-1]) == (1, said), asked.stderr
     assert (ws / "inbox" / "newbie" / "WO-0001.md").exists()
+
+
+def test_the_callers_git_variables_never_reach_state_s_git(ws: Path, tmp_path: Path):
+    """Run from a git hook or a shell set up for another repository, GIT_DIR made every commit
+    in state/ fail and GIT_INDEX_FILE would have staged into another index: the supervisor's
+    git ignores the caller's GIT_* variables, as the repositories' git always did."""
+    other = tmp_path / "other.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(other)], check=True)
+    assert run("-w", ws, "send", "-", "--to", "chip",
+               input=DEMO_ORDERS.joinpath("greeting.md").read_bytes()).stdout == "WO-0001\n"
+    env = {k: v for k, v in os.environ.items() if k != "COORDINATOR_WORKSPACE"}
+    env |= {"GIT_DIR": str(other), "GIT_WORK_TREE": str(tmp_path), "GIT_INDEX_FILE": str(tmp_path / "index")}
+    done = subprocess.run([COORDINATOR, "-w", str(ws), "supervise", "--once"], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 0 and "failed" not in done.stderr, done.stderr
+    assert statuses(ws)["WO-0001"] == "done"
+    assert "WO-0001 chip: running -> done" in git(ws / "state", "log", "--format=%B")
+    assert run("-w", ws, "audit", "verify").exit_code == 0
+    assert subprocess.run(["git", "--git-dir", str(other), "rev-parse", "-q", "--verify", "HEAD"],
+                          capture_output=True).returncode != 0  # nothing went to the other repository
+    assert not (tmp_path / "index").exists()
