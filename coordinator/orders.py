@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,7 +40,15 @@ from ._orderfields import (
     id_help,
     reported,
 )
-from ._orderfile import KINDS, MAX_ORDER_BYTES, md_acceptance_text, md_file, read_order
+from ._orderfile import (
+    KINDS,
+    MAX_ORDER_BYTES,
+    NOT_TEXT_WORDS,
+    PLAIN_WORD,
+    md_acceptance_text,
+    md_file,
+    read_order,
+)
 from .config import SYSTEM_SENDERS, Agent, Config
 from .errors import OrderError, Problem, UsageError
 from .gitrepo import foreign_checkout, unborn_branch
@@ -470,11 +477,6 @@ def render(order: WorkOrder) -> str:
 
 
 _FAST_DUMPER: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-# A word YAML writes as it is and reads back as the same string: no quoting, no other type.
-_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
-_NOT_STRINGS = frozenset({"y", "Y", "n", "N", "yes", "Yes", "YES", "no", "No", "NO", "true", "True", "TRUE",
-                          "false", "False", "FALSE", "on", "On", "ON", "off", "Off", "OFF", "null", "Null",
-                          "NULL"})
 
 
 def _plain_front(front: dict[str, Any]) -> str | None:
@@ -483,7 +485,7 @@ def _plain_front(front: dict[str, Any]) -> str | None:
     Python even with libyaml, some 40 us a brief."""
     items = []
     for key, value in front.items():
-        if not (type(value) is str and _PLAIN.match(value) and value not in _NOT_STRINGS):
+        if not (type(value) is str and PLAIN_WORD.match(value) and value not in NOT_TEXT_WORDS):
             return None
         items.append(f"{key}: {value}")
     return "{" + ", ".join(items) + "}\n"  # default_flow_style=None: a mapping of scalars on one line
