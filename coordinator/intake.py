@@ -454,7 +454,11 @@ def _replace_special(claimed: Path) -> str:
 
 
 def _suffix(name: str) -> str:
-    suffix = Path(name).suffix.lower()
+    """The suffix `original` keeps: the name's last one, as Path.suffix says it (split as a
+    string: no Path is made for it alone)."""
+    base = name.rsplit("/", 1)[-1]
+    dot = base.rfind(".")
+    suffix = base[dot:].lower() if 0 < dot < len(base) - 1 else ""
     return suffix if suffix in (".md", ".markdown", ".yaml", ".yml", ".json") else ".txt"
 
 
