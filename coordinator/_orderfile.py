@@ -272,10 +272,11 @@ def _markdown(text: str, path: str, problems: list[Problem]) -> tuple[dict[Any, 
     comment = False  # inside an HTML comment: read as nothing, as Markdown renders it
     for i in range(start, len(rows)):
         row, n = rows[i], i + 1
-        if comment or row.lstrip().startswith("<!--"):
+        stripped = row.strip()
+        if comment or stripped.startswith("<!--"):
             comment = "-->" not in row[row.find("<!--") + 4 if not comment else 0:]
             continue
-        if not row.strip():
+        if not stripped:
             blank = True
             continue
         after_blank, blank = blank, False
@@ -302,7 +303,7 @@ def _markdown(text: str, path: str, problems: list[Problem]) -> tuple[dict[Any, 
                                             "**Objective:**", path, n))
             stray = True
         elif section == "objective":
-            data[section] = f"{data[section]}\n{row.strip()}" if data[section] else row.strip()
+            data[section] = f"{data[section]}\n{stripped}" if data[section] else stripped
         elif section and after_blank and data[section] and not _ITEM.fullmatch(row) and not row.startswith(
                 ("  ", "\t")):
             # Markdown: a blank line, then a paragraph, ends the list. Glued to the last item it
@@ -316,9 +317,10 @@ def _markdown(text: str, path: str, problems: list[Problem]) -> tuple[dict[Any, 
     # A section that is missing is said at the line where it goes (SPEC §2's file:line): the
     # objective where the order's body begins, the others after its last line. An order of
     # front matter alone was told "is missing" with no line to look at.
-    last = max((i + 1 for i in range(start, len(rows)) if rows[i].strip()), default=start) + 1
-    for key in SECTIONS:
-        if key not in data:
+    missing = [key for key in SECTIONS if key not in data]
+    if missing:
+        last = max((i + 1 for i in range(start, len(rows)) if rows[i].strip()), default=start) + 1
+        for key in missing:
             lines.setdefault(key, start + 1 if key == "objective" else last)
     return data, lines
 
