@@ -228,19 +228,18 @@ def check(order: WorkOrder, config: Config, history: History, *, path: str | Non
         problems.append(Problem(field, message, path))
 
     agents = config.agents
-    names = ", ".join(sorted(agents))
     if order.id and (".." in order.id or order.id.endswith((".", ".lock"))):
         # The id names the order's branch (repos.BRANCH_PREFIX): what git refuses there is refused here.
         bad("id", f"{order.id!r} would name the order's git branch wo/{order.id}, which git refuses (no '..', "
                   "no trailing '.' or '.lock'); choose another id")
     recipient = agents.get(order.to)
     if recipient is None:
-        bad("to", f"unknown agent {order.to!r}; the agents are {names}")
+        bad("to", f"unknown agent {order.to!r}; the agents are {', '.join(sorted(agents))}")
     elif not (recipient.runnable or recipient.is_orchestrator):
         bad("to", f"{order.to} has no `command` or `llm` in coordinator.yaml, so nothing can run "
                   "this order; send it to another agent")
     if order.sender not in SYSTEM_SENDERS and order.sender not in agents:
-        bad("from", f"unknown agent {order.sender!r}; use `user` or one of {names}")
+        bad("from", f"unknown agent {order.sender!r}; use `user` or one of {', '.join(sorted(agents))}")
     elif recipient is not None and not config.may_send(order.sender, order.to):
         allowed = ", ".join(agents[order.sender].sends_to) or "nobody"
         bad("from", f"{order.sender} may not send to {order.to} (it sends to: {allowed})")
