@@ -83,6 +83,9 @@ def load_yaml(text: str, *, path: str, offset: int = 0, aliases: bool = False) -
     """Safe YAML with bounded nesting, plus the line of each top-level key and of each item of
     a top-level list (`files.2`). `offset`: lines before `text` in the file. `aliases`: allow
     `*name` as long as what they expand to stays small (else any alias is refused)."""
+    plain = _plain_mapping(text, offset)
+    if plain is not None:
+        return plain
     try:
         # A first pass over events refuses alias bombs (billion laughs), deep nesting and sheer
         # bulk before anything is built, so a hostile file costs milliseconds and no memory.
@@ -114,6 +117,37 @@ def load_yaml(text: str, *, path: str, offset: int = 0, aliases: bool = False) -
             if isinstance(value, yaml.SequenceNode):
                 for i, item in enumerate(value.value):
                     lines[f"{key.value}.{i}"] = item.start_mark.line + 1 + offset
+    return data, lines
+
+
+# A word YAML reads as the same text, unquoted: no number, true/false, null or date can start
+# with a letter but these words (`render` writes such words as they are, too).
+PLAIN_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
+NOT_TEXT_WORDS = frozenset({"y", "Y", "n", "N", "yes", "Yes", "YES", "no", "No", "NO", "true", "True", "TRUE",
+                            "false", "False", "FALSE", "on", "On", "ON", "off", "Off", "OFF", "null", "Null",
+                            "NULL"})
+_PLAIN_LINE = re.compile(r"([A-Za-z_][A-Za-z0-9_.-]*): ([A-Za-z_][A-Za-z0-9_.-]*)")
+_PLAIN_LINES = 64  # far within MAX_YAML_NODES: more is read by PyYAML, which counts them
+
+
+def _plain_mapping(text: str, offset: int) -> tuple[dict[str, str], Lines] | None:
+    """`text` read as `load_yaml` reads it when each of its lines is `key: word`, both words
+    YAML takes as text, each key once (the usual front matter, `id: WO-0007`); None for
+    anything else. PyYAML's two passes over it were a fifth of reading an order."""
+    rows = text.split("\n")
+    if len(rows) > _PLAIN_LINES:
+        return None
+    data: dict[str, str] = {}
+    lines = Lines()
+    for i, row in enumerate(rows):
+        m = _PLAIN_LINE.fullmatch(row)
+        if m is None:
+            return None
+        key, value = m.groups()
+        if key in data or key in NOT_TEXT_WORDS or value in NOT_TEXT_WORDS:
+            return None
+        data[key] = value
+        lines[key] = i + 1 + offset
     return data, lines
 
 
@@ -238,10 +272,11 @@ def _markdown(text: str, path: str, problems: list[Problem]) -> tuple[dict[Any, 
     comment = False  # inside an HTML comment: read as nothing, as Markdown renders it
     for i in range(start, len(rows)):
         row, n = rows[i], i + 1
-        if comment or row.lstrip().startswith("<!--"):
+        stripped = row.strip()
+        if comment or stripped.startswith("<!--"):
             comment = "-->" not in row[row.find("<!--") + 4 if not comment else 0:]
             continue
-        if not row.strip():
+        if not stripped:
             blank = True
             continue
         after_blank, blank = blank, False
@@ -268,7 +303,7 @@ def _markdown(text: str, path: str, problems: list[Problem]) -> tuple[dict[Any, 
                                             "**Objective:**", path, n))
             stray = True
         elif section == "objective":
-            data[section] = f"{data[section]}\n{row.strip()}" if data[section] else row.strip()
+            data[section] = f"{data[section]}\n{stripped}" if data[section] else stripped
         elif section and after_blank and data[section] and not _ITEM.fullmatch(row) and not row.startswith(
                 ("  ", "\t")):
             # Markdown: a blank line, then a paragraph, ends the list. Glued to the last item it
@@ -282,9 +317,10 @@ def _markdown(text: str, path: str, problems: list[Problem]) -> tuple[dict[Any, 
     # A section that is missing is said at the line where it goes (SPEC §2's file:line): the
     # objective where the order's body begins, the others after its last line. An order of
     # front matter alone was told "is missing" with no line to look at.
-    last = max((i + 1 for i in range(start, len(rows)) if rows[i].strip()), default=start) + 1
-    for key in SECTIONS:
-        if key not in data:
+    missing = [key for key in SECTIONS if key not in data]
+    if missing:
+        last = max((i + 1 for i in range(start, len(rows)) if rows[i].strip()), default=start) + 1
+        for key in missing:
             lines.setdefault(key, start + 1 if key == "objective" else last)
     return data, lines
 

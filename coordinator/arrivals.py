@@ -172,8 +172,9 @@ class Arrivals(Transitions):
             self._say_strays(others)
         for path in hints:
             # Hints are paths inside the inbox folders the watcher was given: no resolving needed.
-            agent = path.parent.name
-            if agent in self.config.agents and path.parent == self.ws.inbox(agent) and is_candidate(path.name):
+            folder = path.parent
+            agent = folder.name
+            if agent in self.config.agents and folder == self.ws.inbox(agent) and is_candidate(path.name):
                 if path not in waiting:
                     self.intake.note_waiting(path)
                 waiting[path] = agent

@@ -164,8 +164,11 @@ class Intake:
                 if size > orders.MAX_ORDER_BYTES:  # read only this far: say the file's real size
                     problems = [Problem("", too_big(size, orders.MAX_ORDER_BYTES, "a work order"), shown)]
         partial = order or _best_effort(data, shown, agent)
-        order_id = self._choose_id(order or partial)
-        if order is not None:
+        if order is not None and order.id is not None:
+            order_id = order.id  # its check found it well formed and free a moment ago: not looked up again
+        else:
+            order_id = self._choose_id(partial)
+        if order is not None and (order.id != order_id or (parent and parent != order.parent)):
             order = dataclasses.replace(order, id=order_id, parent=parent or order.parent)
         placement = _Placement(claimed, suffix, agent, sender, shown, order,
                                data if size is not None and len(data) == size else None, gone)
@@ -451,7 +454,11 @@ def _replace_special(claimed: Path) -> str:
 
 
 def _suffix(name: str) -> str:
-    suffix = Path(name).suffix.lower()
+    """The suffix `original` keeps: the name's last one, as Path.suffix says it (split as a
+    string: no Path is made for it alone)."""
+    base = name.rsplit("/", 1)[-1]
+    dot = base.rfind(".")
+    suffix = base[dot:].lower() if 0 < dot < len(base) - 1 else ""
     return suffix if suffix in (".md", ".markdown", ".yaml", ".yml", ".json") else ".txt"
 
 

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,7 +40,15 @@ from ._orderfields import (
     id_help,
     reported,
 )
-from ._orderfile import KINDS, MAX_ORDER_BYTES, md_acceptance_text, md_file, read_order
+from ._orderfile import (
+    KINDS,
+    MAX_ORDER_BYTES,
+    NOT_TEXT_WORDS,
+    PLAIN_WORD,
+    md_acceptance_text,
+    md_file,
+    read_order,
+)
 from .config import SYSTEM_SENDERS, Agent, Config
 from .errors import OrderError, Problem, UsageError
 from .gitrepo import foreign_checkout, unborn_branch
@@ -221,19 +228,18 @@ def check(order: WorkOrder, config: Config, history: History, *, path: str | Non
         problems.append(Problem(field, message, path))
 
     agents = config.agents
-    names = ", ".join(sorted(agents))
     if order.id and (".." in order.id or order.id.endswith((".", ".lock"))):
         # The id names the order's branch (repos.BRANCH_PREFIX): what git refuses there is refused here.
         bad("id", f"{order.id!r} would name the order's git branch wo/{order.id}, which git refuses (no '..', "
                   "no trailing '.' or '.lock'); choose another id")
     recipient = agents.get(order.to)
     if recipient is None:
-        bad("to", f"unknown agent {order.to!r}; the agents are {names}")
+        bad("to", f"unknown agent {order.to!r}; the agents are {', '.join(sorted(agents))}")
     elif not (recipient.runnable or recipient.is_orchestrator):
         bad("to", f"{order.to} has no `command` or `llm` in coordinator.yaml, so nothing can run "
                   "this order; send it to another agent")
     if order.sender not in SYSTEM_SENDERS and order.sender not in agents:
-        bad("from", f"unknown agent {order.sender!r}; use `user` or one of {names}")
+        bad("from", f"unknown agent {order.sender!r}; use `user` or one of {', '.join(sorted(agents))}")
     elif recipient is not None and not config.may_send(order.sender, order.to):
         allowed = ", ".join(agents[order.sender].sends_to) or "nobody"
         bad("from", f"{order.sender} may not send to {order.to} (it sends to: {allowed})")
@@ -470,11 +476,6 @@ def render(order: WorkOrder) -> str:
 
 
 _FAST_DUMPER: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-# A word YAML writes as it is and reads back as the same string: no quoting, no other type.
-_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
-_NOT_STRINGS = frozenset({"y", "Y", "n", "N", "yes", "Yes", "YES", "no", "No", "NO", "true", "True", "TRUE",
-                          "false", "False", "FALSE", "on", "On", "ON", "off", "Off", "OFF", "null", "Null",
-                          "NULL"})
 
 
 def _plain_front(front: dict[str, Any]) -> str | None:
@@ -483,7 +484,7 @@ def _plain_front(front: dict[str, Any]) -> str | None:
     Python even with libyaml, some 40 us a brief."""
     items = []
     for key, value in front.items():
-        if not (type(value) is str and _PLAIN.match(value) and value not in _NOT_STRINGS):
+        if not (type(value) is str and PLAIN_WORD.match(value) and value not in NOT_TEXT_WORDS):
             return None
         items.append(f"{key}: {value}")
     return "{" + ", ".join(items) + "}\n"  # default_flow_style=None: a mapping of scalars on one line

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from collections.abc import Callable
 from functools import cache
@@ -292,6 +293,9 @@ def compile_predicate(schema: Any) -> Predicate | None:
         return (lambda x: True) if schema else (lambda x: False)
     if not isinstance(schema, dict):
         return None
+    fused = _text(schema) or _listed(schema) or _mapping(schema)
+    if fused is not None:
+        return fused
     checks: list[Predicate] = []
     for key, value in schema.items():
         if key in _ANNOTATIONS:
@@ -316,6 +320,95 @@ def _every(checks: list[Predicate]) -> Predicate:
         return True
 
     return every
+
+
+# Text, lists and mappings are most of an order's values: one function each, not one per
+# keyword under `every` (some 80 calls an order filed).
+_TEXT_KEYWORDS = frozenset({"type", "pattern", "minLength", "maxLength"})
+_LIST_KEYWORDS = frozenset({"type", "items", "minItems", "maxItems"})
+_MAPPING_KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties"})
+
+
+def _text(schema: dict[str, Any]) -> Predicate | None:
+    """The predicate of a schema of text (or null) with only a pattern and length bounds, or None."""
+    kinds = schema.get("type")
+    if kinds not in ("string", ["string"], ["string", "null"], ["null", "string"]) or not (
+            set(schema) - _ANNOTATIONS <= _TEXT_KEYWORDS):
+        return None
+    low, high, pattern = schema.get("minLength", 0), schema.get("maxLength", math.inf), schema.get("pattern")
+    if not (_bound(low) and _bound(high) and (pattern is None or isinstance(pattern, str))):
+        return None
+    nullable = "null" in kinds
+    search = re.compile(pattern).search if pattern is not None else None
+
+    def text(x: Any) -> bool:
+        if isinstance(x, str):
+            return low <= len(x) <= high and (search is None or search(x) is not None)
+        return nullable and x is None
+
+    return text
+
+
+def _listed(schema: dict[str, Any]) -> Predicate | None:
+    """The predicate of a schema of a list with only bounds on its length and a schema for its items, or None."""
+    if schema.get("type") not in ("array", ["array"]) or not set(schema) - _ANNOTATIONS <= _LIST_KEYWORDS:
+        return None
+    low, high = schema.get("minItems", 0), schema.get("maxItems", math.inf)
+    if not (_bound(low) and _bound(high)):
+        return None
+    one = _compiled([schema.get("items", True)])
+    if one is None:
+        return None
+    item = one[0]
+
+    def listed(x: Any) -> bool:
+        if not isinstance(x, list) or not low <= len(x) <= high:
+            return False
+        for i in x:  # noqa: SIM110 (a generator here was the cost)
+            if not item(i):
+                return False
+        return True
+
+    return listed
+
+
+def _mapping(schema: dict[str, Any]) -> Predicate | None:
+    """The predicate of a schema of a mapping with only properties, required keys and a schema
+    for the other keys, or None."""
+    if schema.get("type") not in ("object", ["object"]) or not set(schema) - _ANNOTATIONS <= _MAPPING_KEYWORDS:
+        return None
+    properties, required = schema.get("properties", {}), schema.get("required", [])
+    if not isinstance(properties, dict) or not isinstance(required, list):
+        return None
+    parts = _compiled([*properties.values(), schema.get("additionalProperties", True)])
+    if parts is None:
+        return None
+    pairs, other = list(zip(properties, parts[:-1], strict=True)), parts[-1]
+    known = set(properties)
+    # No schema for the other keys (none given) is no test of them.
+    others = "additionalProperties" in schema
+
+    def mapping(x: Any) -> bool:
+        if not isinstance(x, dict):
+            return False
+        for key in required:
+            if key not in x:
+                return False
+        for key, test in pairs:
+            if key in x and not test(x[key]):
+                return False
+        if others:
+            for key, value in x.items():
+                if key not in known and not other(value):
+                    return False
+        return True
+
+    return mapping
+
+
+def _bound(value: Any) -> bool:
+    """A length bound as `_keyword` takes one (an int), or none given (infinite)."""
+    return type(value) is int or value == math.inf
 
 
 def _keyword(key: str, value: Any, schema: dict[str, Any]) -> Predicate | None:
