@@ -235,11 +235,11 @@ class StateRepo(Trail):
             put = self.put_back(self.mine)
             if put is not None:
                 self._put_back.append(put)
-        with durable.staging(batch.paths if batch.paths is not None else (self.path,)):
-            if batch.paths is None:
+        if batch.paths is None:
+            with durable.staging((self.path,)):
                 self.git(*packed(), "add", "-A", ".")
-            else:
-                self.add(batch.paths, batch.written)
+        else:
+            self.add(batch.paths, batch.written)
         for _ in range(3):
             base = self.head()
             if self.mine is not None and base != self.mine:
@@ -339,6 +339,15 @@ class StateRepo(Trail):
             rel = self._as_written(root, rel, written)
         if not rel:
             return
+        # Only what git reads from the disk holds up a rename onto it (`durable.staging`): staged
+        # from memory, the rest needs no guard, and a guard over the whole batch held the loop
+        # (its next write of a record in the batch) for as long as the blobs took to pack.
+        with durable.staging([os.path.join(root, r) for r in rel]):
+            if written:
+                rel = self._still_as_written(root, rel, written)
+            self._add_from_disk(root, rel)
+
+    def _add_from_disk(self, root: str, rel: list[str]) -> None:
         # Files and links go by exact path to update-index: `git add` matched every index entry
         # against every pathspec, 8x slower with a few thousand orders in state/. What is gone
         # leaves the index with `rm --cached` (a folder too); a folder that is there is added
@@ -362,13 +371,12 @@ class StateRepo(Trail):
             self.git(*packed(), "add", "-A", f"--pathspec-from-file={spec}", "--pathspec-file-nul", literal=True)
 
     def _as_written(self, root: str, rel: list[str], written: dict[str, durable.Wrote]) -> list[str]:
-        """`rel` but the paths the supervisor wrote (`written`, by absolute path): what it wrote
-        is staged here from memory where its bytes are known, git never reading the file (an
-        edit in place, `echo x >> record.json`, made after a look at the file and before git
-        read it went into the supervisor's commit); the others only while they are as written
-        (else nothing: the file stays changed, for the tamper watch)."""
-        top = root + os.sep  # as `_relative` keeps them (a prefix cut: relpath was 5 us a path)
-        by_rel = {p[len(top):]: w for p, w in written.items() if p.startswith(top)}
+        """`rel` but the paths the supervisor wrote (`written`, by absolute path) whose bytes
+        it knows: those are staged here from memory, git never reading the file (an edit in
+        place, `echo x >> record.json`, made after a look at the file and before git read it
+        went into the supervisor's commit). The rest is for git to read from the disk
+        (`_still_as_written` first)."""
+        by_rel = _by_relative(root, written)
         keep: list[str] = []
         blobs: list[tuple[str, durable.Wrote]] = []
         for r in rel:
@@ -380,13 +388,6 @@ class StateRepo(Trail):
             if wrote is not None and wrote.data is not None:
                 blobs.append((r, wrote))
                 continue
-            if wrote is not None:  # its bytes not kept (past KEPT_LIMIT): from disk, if as written
-                try:
-                    st: os.stat_result | None = os.lstat(os.path.join(root, r))
-                except OSError:  # gone, or a folder above it made a file
-                    st = None
-                if st is None or not wrote.still(st):
-                    continue
             keep.append(r)
         if blobs:
             shas = self._write_blobs([w.data or b"" for _, w in blobs])
@@ -396,6 +397,25 @@ class StateRepo(Trail):
             spec.write_bytes(entries.encode("utf-8", "surrogateescape"))
             with spec.open("rb") as stdin:
                 self.git("update-index", "-z", "--index-info", stdin=stdin)
+        return keep
+
+    @staticmethod
+    def _still_as_written(root: str, rel: list[str], written: dict[str, durable.Wrote]) -> list[str]:
+        """`rel` but the paths the supervisor wrote (its bytes not kept: past KEPT_LIMIT) that
+        are no longer as it wrote them: nothing of those is staged, the file stays changed for
+        the tamper watch. Asked while renames onto them wait (`durable.staging`)."""
+        by_rel = _by_relative(root, written)
+        keep: list[str] = []
+        for r in rel:
+            wrote = by_rel.get(r)
+            if wrote is not None:
+                try:
+                    st: os.stat_result | None = os.lstat(os.path.join(root, r))
+                except OSError:  # gone, or a folder above it made a file
+                    st = None
+                if st is None or not wrote.still(st):
+                    continue
+            keep.append(r)
         return keep
 
     def _write_blobs(self, blobs: list[bytes]) -> list[str]:
@@ -678,6 +698,13 @@ def _and_folders(rel: str) -> list[str]:
         rel = rel.rsplit("/", 1)[0]
         out.append(rel)
     return [*out, "."]
+
+
+def _by_relative(root: str, written: dict[str, durable.Wrote]) -> dict[str, durable.Wrote]:
+    """`written` by path relative to `root`, as `_relative` gives them (a prefix cut: relpath
+    was 5 us a path)."""
+    top = root + os.sep
+    return {p[len(top):]: w for p, w in written.items() if p.startswith(top)}
 
 
 def _ignored(rel: str) -> bool:

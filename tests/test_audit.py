@@ -935,6 +935,51 @@ def test_while_git_reads_a_batch_only_renames_onto_its_paths_wait(tmp_path):
         durable.guard(state, on=False)
 
 
+def test_a_record_staged_from_memory_holds_up_no_rewrite_while_git_reads_the_rest(tmp_path, monkeypatch):
+    """The committer thread stages a batch while the loop rewrites records. What the batch
+    stages from memory git never reads from the disk, so a rewrite of it goes on at once (a
+    guard over the whole batch held the loop for as long as the blobs took to pack, tens of ms
+    with a few thousand records); a rename into what git does read waits until it is done."""
+    from coordinator import durable
+
+    repo = StateRepo(tmp_path / "state")
+    StateRepo.ensure(repo.path)
+    record = repo.path / "orders" / "a" / "record.json"
+    record.parent.mkdir(parents=True)
+    (repo.path / "new").mkdir()
+    durable.guard(repo.path)
+    durable.open_journal(repo.path)
+    seen: dict[str, bool] = {}
+    started: list[threading.Thread] = []
+    original = StateRepo._add_from_disk
+
+    def add_from_disk(self: StateRepo, root: str, rel: list[str]) -> None:
+        rewrite = threading.Thread(target=durable.write_json, args=(record, {"v": 2}), kwargs={"sync": False})
+        into_new = threading.Thread(target=durable.write_json, args=(repo.path / "new" / "x.json", {"v": 1}),
+                                    kwargs={"sync": False})
+        rewrite.start()
+        into_new.start()
+        rewrite.join(10)
+        into_new.join(0.3)
+        seen["rewritten"], seen["held"] = not rewrite.is_alive(), into_new.is_alive()
+        started.extend((rewrite, into_new))
+        original(self, root, rel)
+
+    monkeypatch.setattr(StateRepo, "_add_from_disk", add_from_disk)
+    try:
+        durable.write_json(record, {"v": 1}, sync=False)
+        written = durable.take_journal(repo.path)
+        repo.write(Batch([("coordinator", ["a: queued"], [])], {str(record), str(repo.path / "new")}, written))
+    finally:
+        for thread in started:
+            thread.join(30)
+        durable.close_journal(repo.path)
+        durable.guard(repo.path, on=False)
+    assert seen == {"rewritten": True, "held": True}
+    assert json.loads(git(repo.path, "show", "HEAD:orders/a/record.json")) == {"v": 1}  # as the batch wrote it
+    assert durable.read_json(record) == {"v": 2}
+
+
 def test_a_batch_lands_on_top_of_a_commit_made_meanwhile_and_keeps_its_authors(tmp_path):
     """The supervisor's commits go on whatever the branch holds when they are written: a hand
     commit made since the last batch stays in the history (to be flagged), it is not dropped."""
