@@ -244,11 +244,12 @@ def _has_entries(folder: Path) -> bool:
 
 
 # What a denial for a limit says it was: not a write outside the permission (the path may be
-# allowed), but a change too big to judge or commit.
+# allowed), but a change too big to judge or commit, or one the supervisor could not read.
 _LIMITS = {
     "too-large": "wrote a file too large to commit",
     "too-many": "added more files and folders than one change may",
     "too-deep": "nested folders too deep to judge",
+    "unreadable": "left {} the supervisor could not read",
 }
 
 
@@ -259,7 +260,14 @@ def _denied_for(verdict: gate.Verdict) -> str:
     said = [text for what, text in _LIMITS.items() if what in kinds]
     if kinds - _LIMITS.keys() or not said:
         said.insert(0, "wrote outside its permission")
-    return " and ".join(said)
+    return " and ".join(said).format(_unread(verdict))
+
+
+def _unread(verdict: gate.Verdict) -> str:
+    """`a file`, `2 files and a folder`: what of a denied change the supervisor could not read."""
+    dirs = [c.kind == "dir" for c, _ in verdict.offending if c.what == "unreadable"]
+    counted = ((dirs.count(False), "file"), (dirs.count(True), "folder"))
+    return " and ".join(f"a {noun}" if n == 1 else f"{n} {noun}s" for n, noun in counted if n)
 
 
 def _cut(text: str, n: int) -> str:

@@ -1394,3 +1394,57 @@ def test_a_denial_for_size_says_so_not_that_the_agent_wrote_outside_its_permissi
         "wrote outside its permission and wrote a file too large to commit")
     many = gate.Change("src", "too-many", kind="dir")
     assert _denied_for(gate.Verdict((many,), ((many, ""),))) == "added more files and folders than one change may"
+
+
+@contextlib.contextmanager
+def reading_as_a_user() -> Any:
+    """A root supervisor reads every file whatever its mode; this one, like any other user's,
+    cannot read a file of mode 000: the calling thread's effective capabilities lose
+    CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (the threads and processes it starts inherit that),
+    and get them back after."""
+    if os.geteuid() != 0:
+        yield
+        return
+    import ctypes
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = Header(0x20080522, 0), (Data * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        pytest.skip("cannot read this process's capabilities")
+    saved = data[0].effective
+    data[0].effective &= ~((1 << 1) | (1 << 2))  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    if libc.capset(ctypes.byref(header), data) != 0:
+        pytest.skip("cannot drop this process's capabilities")
+    try:
+        yield
+    finally:
+        data[0].effective = saved
+        libc.capset(ctypes.byref(Header(0x20080522, 0)), data)
+
+
+@needs_landlock
+def test_a_denial_for_a_file_it_left_unreadable_says_so_not_a_write_outside_its_permission(make_ws, tmp_path):
+    # A file the agent may write, made mode 000: the supervisor (not root) cannot read it, so the
+    # change is denied. It was reported as "chip wrote outside its permission": the report, the
+    # denial and the orchestrator's next brief now say what it was.
+    with reading_as_a_user():
+        a = Attack(make_ws, tmp_path, 'write("src/login.py")\nos.chmod("src/login.py", 0)\n',
+                   files=("webapp/src/**",))
+    a.assert_denied("src/login.py")
+    assert a.rec.report["summary"] == "chip left a file the supervisor could not read; every change was discarded"
+    assert a.offending == ["webapp/src/login.py: unreadable (changed, mode 0000) — " + gate.ALWAYS_DENIED["unreadable"]]
+    brief = fresh_brief({a.rec.id: a.rec}, 2, orchestrator=a.rec.sender, now=datetime.now(UTC))
+    assert "why: left a file the supervisor could not read: webapp/src/login.py: unreadable" in brief
+    assert "outside its permission" not in brief
+    from coordinator.endings import _denied_for
+    folder = gate.Change("src/sub", "unreadable", kind="dir")
+    two = gate.Change("src/a.py", "unreadable"), gate.Change("src/b.py", "unreadable")
+    assert _denied_for(gate.Verdict((folder, *two), ((folder, ""), (two[0], ""), (two[1], "")))) == (
+        "left 2 files and a folder the supervisor could not read")
