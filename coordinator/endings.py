@@ -107,8 +107,16 @@ class Endings(FollowUps, Outbox):
         lines = [f"{act.repo.name if act.repo else ''}/{gate.describe(c)} — {why}" for c, why in verdict.offending]
         rec.report = {"summary": f"{act.agent.name} {_denied_for(verdict)}; every change was discarded",
                       "offending": lines}
-        kind = "artifact" if act.agent.is_orchestrator else "scope"
-        self.sup.signal(kind, agent=act.agent.name, order=rec.id, evidence=_cut("; ".join(lines), 300))
+        if act.agent.is_orchestrator:
+            self.sup.signal("artifact", agent=act.agent.name, order=rec.id, evidence=_cut("; ".join(lines), 300))
+        else:
+            # `scope` is a write outside its files: a file too large, or one it left unreadable,
+            # where it may write is denied all the same, but is no such write.
+            name = act.repo.name if act.repo else ""
+            beyond = [line for (c, _), line in zip(verdict.offending, lines, strict=True)
+                      if _beyond(c, name, act.order.files, act.agent.writes)]
+            if beyond:
+                self.sup.signal("scope", agent=act.agent.name, order=rec.id, evidence=_cut("; ".join(beyond), 300))
         self._finish(act, keep=True)
         self.sup.move(rec, "denied", audit.SUPERVISOR, note=lines[0] if lines else None)
 
@@ -268,6 +276,15 @@ def _unread(verdict: gate.Verdict) -> str:
     dirs = [c.kind == "dir" for c, _ in verdict.offending if c.what == "unreadable"]
     counted = ((dirs.count(False), "file"), (dirs.count(True), "folder"))
     return " and ".join(f"a {noun}" if n == 1 else f"{n} {noun}s" for n, noun in counted if n)
+
+
+def _beyond(change: gate.Change, repo: str, files: tuple[str, ...], writes: tuple[str, ...]) -> bool:
+    """Did the agent write outside its files with `change` (a `scope` signal)? A limit passed
+    or an unreadable path is no such write where the path is its to write (the top of the copy,
+    `.`, holds what was judged on its own)."""
+    if change.what not in _LIMITS:
+        return True
+    return change.path != "." and gate.outside(f"{repo}/{change.path}", files, writes) is not None
 
 
 def _cut(text: str, n: int) -> str:

@@ -256,8 +256,9 @@ class Attack:
         assert fingerprint(self.ws.config_path) == self.config_before
         assert git(self.repo, "status", "--porcelain") == ""
 
-    def assert_denied(self, *paths: str) -> None:
-        """Denied by the gate, each path named in the report, nothing of it committed anywhere."""
+    def assert_denied(self, *paths: str, scope: bool = True) -> None:
+        """Denied by the gate, each path named in the report, nothing of it committed anywhere;
+        a `scope` signal recorded (a write outside its files) when `scope`, none otherwise."""
         assert self.rec.status == "denied", self.rec.report
         for p in paths:
             assert any(line.startswith(f"webapp/{p}: ") for line in self.offending), (p, self.offending)
@@ -266,7 +267,7 @@ class Attack:
                                 capture_output=True, text=True).stdout.strip()
         assert branch in ("", self.main)  # the order's branch never got a commit
         from coordinator import signals
-        assert any(s.kind == "scope" and s.order == "atk" for s in signals.load(self.ws.state))
+        assert any(s.kind == "scope" and s.order == "atk" for s in signals.load(self.ws.state)) == scope
         self.assert_untouched()
 
 
@@ -420,7 +421,7 @@ for i in range(300):
     write("{folder}f%d.py" % i)
 write("src/login.py")  # an allowed change alongside: it must not land either
 """, files=("webapp/**",))
-    a.assert_denied(where)
+    a.assert_denied(where, scope=False)  # all of it where it may write: too many, not outside
     assert a.offending == [f"webapp/{where}: too-many ({'changed' if where == '.' else 'created'}, where the "
                            f"change passed 40 new paths) — {gate.ALWAYS_DENIED['too-many']}"]
     assert len(json.dumps(a.rec.as_json())) < 20_000  # not 300 paths listed anywhere in the record
@@ -1077,7 +1078,7 @@ def test_a_huge_sparse_file_is_denied_quickly_with_its_size(make_ws, tmp_path):
     a = Attack(make_ws, tmp_path, 'with open("src/big.bin", "wb") as f:\n    f.truncate(2 << 30)\n',
                files=("webapp/src/**",))
     elapsed = time.monotonic() - start
-    a.assert_denied("src/big.bin")
+    a.assert_denied("src/big.bin", scope=False)
     assert a.offending == ["webapp/src/big.bin: too-large (created, 2147483648 bytes = 2.0 GiB) — "
                            + gate.ALWAYS_DENIED["too-large"]]
     assert elapsed < 15.0
@@ -1382,7 +1383,7 @@ def test_a_denial_for_size_says_so_not_that_the_agent_wrote_outside_its_permissi
     # permission": it did not. The summary says what it was; with a path outside too, both.
     a = Attack(make_ws, tmp_path, 'with open("src/big.bin", "wb") as f:\n    f.truncate(200 << 20)\n',
                files=("webapp/src/**",))
-    a.assert_denied("src/big.bin")
+    a.assert_denied("src/big.bin", scope=False)  # where it may write: no `scope` signal
     assert a.rec.report["summary"] == "chip wrote a file too large to commit; every change was discarded"
     # ... and so does the brief of a fresh orchestrator that had sent it.
     brief = fresh_brief({a.rec.id: a.rec}, 2, orchestrator=a.rec.sender, now=datetime.now(UTC))
@@ -1394,6 +1395,15 @@ def test_a_denial_for_size_says_so_not_that_the_agent_wrote_outside_its_permissi
         "wrote outside its permission and wrote a file too large to commit")
     many = gate.Change("src", "too-many", kind="dir")
     assert _denied_for(gate.Verdict((many,), ((many, ""),))) == "added more files and folders than one change may"
+
+
+def test_a_file_too_large_outside_its_files_is_still_a_scope_signal(make_ws, tmp_path):
+    # Too large is no write outside its files where it may write (above); outside them it is.
+    a = Attack(make_ws, tmp_path, 'with open("src/big.bin", "wb") as f:\n    f.truncate(200 << 20)\n',
+               files=("webapp/src/login.py",))
+    a.assert_denied("src/big.bin", scope=True)
+    [signal] = signals.load(a.ws.state)
+    assert signal.evidence.startswith("webapp/src/big.bin: too-large")
 
 
 @contextlib.contextmanager
@@ -1432,12 +1442,12 @@ def reading_as_a_user() -> Any:
 @needs_landlock
 def test_a_denial_for_a_file_it_left_unreadable_says_so_not_a_write_outside_its_permission(make_ws, tmp_path):
     # A file the agent may write, made mode 000: the supervisor (not root) cannot read it, so the
-    # change is denied. It was reported as "chip wrote outside its permission": the report, the
-    # denial and the orchestrator's next brief now say what it was.
+    # change is denied. It was reported as "chip wrote outside its permission", with a `scope`
+    # signal: the report, the denial and the orchestrator's next brief now say what it was.
     with reading_as_a_user():
         a = Attack(make_ws, tmp_path, 'write("src/login.py")\nos.chmod("src/login.py", 0)\n',
                    files=("webapp/src/**",))
-    a.assert_denied("src/login.py")
+    a.assert_denied("src/login.py", scope=False)
     assert a.rec.report["summary"] == "chip left a file the supervisor could not read; every change was discarded"
     assert a.offending == ["webapp/src/login.py: unreadable (changed, mode 0000) — " + gate.ALWAYS_DENIED["unreadable"]]
     brief = fresh_brief({a.rec.id: a.rec}, 2, orchestrator=a.rec.sender, now=datetime.now(UTC))
