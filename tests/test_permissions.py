@@ -1458,3 +1458,39 @@ def test_a_denial_for_a_file_it_left_unreadable_says_so_not_a_write_outside_its_
     two = gate.Change("src/a.py", "unreadable"), gate.Change("src/b.py", "unreadable")
     assert _denied_for(gate.Verdict((folder, *two), ((folder, ""), (two[0], ""), (two[1], "")))) == (
         "left 2 files and a folder the supervisor could not read")
+
+
+@pytest.mark.parametrize(("glob", "named"), [
+    ("webapp/.gi?/**", ".git"), ("webapp/src/.[Gg]it/hooks/*", ".git"), ("webapp/.gitmodules", ".gitmodules"),
+    ("webapp/git~1/*", "git~1"), ("webapp/.git./config", ".git.")])
+def test_a_writes_glob_that_can_only_mean_git_internals_is_refused_at_its_key(make_ws, glob, named):
+    # Accepted, it promised the agent a permission the gate never grants: every change to such
+    # a path was denied (and the agent signalled) whatever the glob said.
+    import yaml
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    ws = make_ws({"chip": {"role": "specialist", "command": ["true"], "writes": ["webapp/src/**"]}})
+    cfg = yaml.safe_load(ws.config_path.read_text())
+    cfg["agents"]["chip"]["writes"] = ["webapp/src/**", glob]
+    ws.config_path.write_text(yaml.safe_dump(cfg))
+    said = CliRunner().invoke(cli, ["-w", str(ws.root), "board"])
+    assert said.exit_code == 2, said.output
+    assert said.output == (f"coordinator: coordinator.yaml: agents.chip.writes.1: {glob!r} matches {named}: git "
+                           "internals (.git, .gitmodules) are never writable, whatever writes says; name the files "
+                           "and folders the agent may write\n")
+
+
+def test_a_repository_wide_writes_glob_stays_valid_and_doctor_says_git_internals_stay_denied(make_ws):
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    ws = make_ws({"chip": {"role": "specialist", "command": ["true"], "writes": ["webapp/**", "webapp/src/????"]},
+                  "rex": {"role": "specialist", "command": ["true"], "writes": ["webapp/src/**"]}})
+    said = CliRunner().invoke(cli, ["-w", str(ws.root), "doctor"])
+    assert said.exit_code == 0, said.output
+    notes = [line.strip() for line in said.output.splitlines() if line.strip().startswith("note: writes")]
+    assert notes == ["note: writes webapp/** also matches .git and .gitmodules: those are never writable, "
+                     "whatever the glob says (a change to them is denied)"]  # chip's; rex's never reach them
