@@ -91,7 +91,7 @@ class Endings(FollowUps, Outbox):
         candidates = gate.submodule_candidates(changes, act.before)
         try:
             submodules = act.repo.submodules(act.attempt.workdir, candidates) if candidates else []
-        except CoordinatorError as e:
+        except (CoordinatorError, OSError) as e:  # OSError: git cannot even start in a copy made unreadable
             # Unknown, not none: such a change would fail its commit anyway, and say why there.
             self.sup.say(f"{act.rec.id}: could not tell the submodules of repos/{act.repo.name}: {e}")
             submodules = []

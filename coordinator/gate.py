@@ -149,6 +149,7 @@ def snapshot(root: Path, *, since: Snapshot | None = None) -> Snapshot:
         return out
     if not stat.S_ISDIR(st.st_mode):
         return out  # the copy itself was replaced: every path in it reads as deleted
+    top = Entry("dir", stat.S_IMODE(st.st_mode), 0, None, None, st.st_nlink)  # ".", should it be marked
     settled = since.started - RACY_NS if since is not None else 0  # changed before this: told by its key
     read = 0  # bytes of written files read, with `since`
     new = 0  # paths not in `since`: past MAX_NEW_PATHS, their folder is marked, not listed
@@ -197,6 +198,8 @@ def snapshot(root: Path, *, since: Snapshot | None = None) -> Snapshot:
                     if kind == "dir":
                         todo.append((item.path, rel + "/", depth + 1))
         except OSError:  # a folder the agent made unreadable: what is inside cannot be vouched for
+            if not prefix:
+                out["."] = top  # the copy's top, with the mode that made it so
             _mark(out, prefix[:-1] if prefix else ".", UNREADABLE)
     return out
 
@@ -308,9 +311,11 @@ def diff(before: dict[str, Entry], after: dict[str, Entry]) -> list[Change]:
     changes = []
     # What lies in a folder that could not be read is unknown, not deleted: the folder is
     # judged (and refused) as a whole.
-    unread = tuple(p + "/" for p, e in after.items() if e.kind == "dir" and e.digest == UNREADABLE)
+    # The copy's top (".") unread: every path in it is unknown.
+    unread = tuple("" if p == "." else p + "/" for p, e in after.items()
+                   if e.kind == "dir" and e.digest == UNREADABLE)
     for path in sorted(before.keys() | after.keys()):
-        if unread and path.startswith(unread):
+        if unread and path != "." and path.startswith(unread):
             continue
         change = _classify(path, before.get(path), after.get(path), after)
         if change is not None:

@@ -1494,3 +1494,15 @@ def test_a_repository_wide_writes_glob_stays_valid_and_doctor_says_git_internals
     notes = [line.strip() for line in said.output.splitlines() if line.strip().startswith("note: writes")]
     assert notes == ["note: writes webapp/** also matches .git and .gitmodules: those are never writable, "
                      "whatever the glob says (a change to them is denied)"]  # chip's; rex's never reach them
+
+
+@needs_landlock
+def test_a_working_copy_made_unreadable_whole_is_denied_as_that_not_as_deletions(make_ws, tmp_path):
+    # `chmod 000 .` in its working copy: a supervisor that is not root can list nothing in it.
+    # Every file of the copy read as deleted: the order was denied for deleting README.md,
+    # Makefile and the .git pointer, which it never touched, and signalled as a scope violation.
+    with reading_as_a_user():
+        a = Attack(make_ws, tmp_path, 'write("src/login.py")\nos.chmod(".", 0)\n', files=("webapp/src/**",))
+    a.assert_denied(".", scope=False)
+    assert a.offending == ["webapp/.: unreadable (changed, mode 0000) — " + gate.ALWAYS_DENIED["unreadable"]]
+    assert a.rec.report["summary"] == "chip left a folder the supervisor could not read; every change was discarded"
