@@ -28,6 +28,7 @@ from .paths import matches_any
 
 POINTER = ".git"
 UNREADABLE = "!unreadable"
+UNREACHABLE = "!unreachable"  # the copy itself, behind a folder above it that cannot be entered
 TOO_DEEP = "!too-deep"  # a folder holding what lies more than MAX_DEPTH levels down
 # Over this a changed file is refused unread: 100 MB is about GitHub's own limit per file, and
 # hashing plus committing one that size takes about a second. A sparse file costs its writer no
@@ -146,6 +147,9 @@ def snapshot(root: Path, *, since: Snapshot | None = None) -> Snapshot:
     try:
         st = os.lstat(root)
     except FileNotFoundError:
+        return out
+    except OSError:  # its order's folder made mode 000 (chmod is no Landlock right): nothing in it is known
+        out["."] = Entry("dir", 0, 0, UNREACHABLE, None, 1)
         return out
     if not stat.S_ISDIR(st.st_mode):
         return out  # the copy itself was replaced: every path in it reads as deleted
@@ -313,7 +317,7 @@ def diff(before: dict[str, Entry], after: dict[str, Entry]) -> list[Change]:
     # judged (and refused) as a whole.
     # The copy's top (".") unread: every path in it is unknown.
     unread = tuple("" if p == "." else p + "/" for p, e in after.items()
-                   if e.kind == "dir" and e.digest == UNREADABLE)
+                   if e.kind == "dir" and e.digest in (UNREADABLE, UNREACHABLE))
     for path in sorted(before.keys() | after.keys()):
         if unread and path != "." and path.startswith(unread):
             continue
@@ -400,6 +404,8 @@ def _classify(path: str, b: Entry | None, a: Entry | None, after: dict[str, Entr
         return Change(path, "too-large", f"{action}, past {_size(MAX_CHANGED_BYTES)} of written files in all", kind)
     if a.digest == UNREADABLE:
         return Change(path, "unreadable", f"{action}, mode {a.mode:04o}", kind)
+    if a.digest == UNREACHABLE:
+        return Change(path, "unreadable", "the folder holding the working copy was made unreadable", kind)
     if a.digest == TOO_DEEP:
         return Change(path, "too-deep", f"{action}, holds more than {MAX_DEPTH} levels down", kind)
     if a.digest == TOO_MANY:

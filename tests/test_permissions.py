@@ -1506,3 +1506,26 @@ def test_a_working_copy_made_unreadable_whole_is_denied_as_that_not_as_deletions
     a.assert_denied(".", scope=False)
     assert a.offending == ["webapp/.: unreadable (changed, mode 0000) — " + gate.ALWAYS_DENIED["unreadable"]]
     assert a.rec.report["summary"] == "chip left a folder the supervisor could not read; every change was discarded"
+
+
+
+def test_the_folder_holding_the_working_copy_made_unreadable_is_denied_not_a_stop(tmp_path):
+    # Without the read-only mounts (a supervisor that is not root) chmod is no right the kernel
+    # refuses: `chmod 000 ..` locked the order's folder, and the supervisor stopped at the gate
+    # ("permission denied: .coordinator/work/<id>/webapp"), every order with it. Now the change
+    # is denied as unreadable, the copy judged as a whole.
+    copy = tmp_path / "work" / "atk" / "webapp"
+    (copy / "src").mkdir(parents=True)
+    (copy / "src" / "login.py").write_text("x = 1\n")
+    before = gate.snapshot(copy)
+    (copy / "src" / "login.py").write_text("x = 2\n")
+    copy.parent.chmod(0)
+    try:
+        with reading_as_a_user():
+            changes = gate.diff(before, gate.snapshot(copy, since=before))
+    finally:
+        copy.parent.chmod(0o755)
+    verdict = gate.judge(changes, repo="webapp", files=("webapp/src/**",), writes=("webapp/**",))
+    assert [f"{gate.describe(c)} — {why}" for c, why in verdict.offending] == [
+        ".: unreadable (the folder holding the working copy was made unreadable) — " + gate.ALWAYS_DENIED["unreadable"]]
+    assert verdict.commit_paths() == ()
