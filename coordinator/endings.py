@@ -113,8 +113,8 @@ class Endings(FollowUps, Outbox):
             # `scope` is a write outside its files: a file too large, or one it left unreadable,
             # where it may write is denied all the same, but is no such write.
             name = act.repo.name if act.repo else ""
-            beyond = [line for (c, _), line in zip(verdict.offending, lines, strict=True)
-                      if _beyond(c, name, act.order.files, act.agent.writes)]
+            beyond = [line for (c, why), line in zip(verdict.offending, lines, strict=True)
+                      if _beyond(c, why, name, act.order.files, act.agent.writes)]
             if beyond:
                 self.sup.signal("scope", agent=act.agent.name, order=rec.id, evidence=_cut("; ".join(beyond), 300))
         self._finish(act, keep=True)
@@ -252,19 +252,22 @@ def _has_entries(folder: Path) -> bool:
 
 
 # What a denial for a limit says it was: not a write outside the permission (the path may be
-# allowed), but a change too big to judge or commit, or one the supervisor could not read.
+# allowed), but a change too big to judge or commit, one the supervisor could not read, or one
+# inside a submodule.
 _LIMITS = {
     "too-large": "wrote a file too large to commit",
     "too-many": "added more files and folders than one change may",
     "too-deep": "nested folders too deep to judge",
     "unreadable": "left {} the supervisor could not read",
+    "submodule": "changed a submodule's files, which only its own repository can commit",
 }
+_IN_SUBMODULE = gate.SUBMODULE.partition("{}")[0]  # how the gate's reason for such a path starts
 
 
 def _denied_for(verdict: gate.Verdict) -> str:
     """What the denied change was, for the report's summary: `wrote outside its permission`,
     or the limit it passed (both, when it did both)."""
-    kinds = {c.what for c, _ in verdict.offending}
+    kinds = {_kind(c, why) for c, why in verdict.offending}
     said = [text for what, text in _LIMITS.items() if what in kinds]
     if kinds - _LIMITS.keys() or not said:
         said.insert(0, "wrote outside its permission")
@@ -278,11 +281,16 @@ def _unread(verdict: gate.Verdict) -> str:
     return " and ".join(f"a {noun}" if n == 1 else f"{n} {noun}s" for n, noun in counted if n)
 
 
-def _beyond(change: gate.Change, repo: str, files: tuple[str, ...], writes: tuple[str, ...]) -> bool:
-    """Did the agent write outside its files with `change` (a `scope` signal)? A limit passed
-    or an unreadable path is no such write where the path is its to write (the top of the copy,
-    `.`, holds what was judged on its own)."""
-    if change.what not in _LIMITS:
+def _kind(change: gate.Change, why: str) -> str:
+    """What a denied change was, as `_LIMITS` names it (`submodule`: a path inside one)."""
+    return "submodule" if why.startswith(_IN_SUBMODULE) else change.what
+
+
+def _beyond(change: gate.Change, why: str, repo: str, files: tuple[str, ...], writes: tuple[str, ...]) -> bool:
+    """Did the agent write outside its files with `change` (a `scope` signal)? A limit passed,
+    an unreadable path or one inside a submodule is no such write where the path is its to
+    write (the top of the copy, `.`, holds what was judged on its own)."""
+    if _kind(change, why) not in _LIMITS:
         return True
     return change.path != "." and gate.outside(f"{repo}/{change.path}", files, writes) is not None
 

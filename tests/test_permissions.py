@@ -1529,3 +1529,21 @@ def test_the_folder_holding_the_working_copy_made_unreadable_is_denied_not_a_sto
     assert [f"{gate.describe(c)} — {why}" for c, why in verdict.offending] == [
         ".: unreadable (the folder holding the working copy was made unreadable) — " + gate.ALWAYS_DENIED["unreadable"]]
     assert verdict.commit_paths() == ()
+
+
+@needs_landlock
+def test_a_change_inside_a_submodule_it_may_write_is_no_scope_violation_and_says_what_it_was(make_ws, tmp_path):
+    # `webapp/**` holds vendor/sub/x.py: the change is denied (git could never commit it here),
+    # but it was reported as "chip wrote outside its permission", with a `scope` signal.
+    from test_gate import add_submodule
+
+    def with_submodule(a: Attack) -> None:
+        add_submodule(a.repo, "vendor/sub", tmp_path / "sub")
+        a.main, a.checkout = git(a.repo, "rev-parse", "main"), a.files_of(a.repo)
+
+    a = Attack(make_ws, tmp_path, 'write("vendor/sub/x.py")\n', files=("webapp/**",), before=with_submodule)
+    a.assert_denied("vendor/sub/x.py", scope=False)
+    assert a.rec.report["summary"] == ("chip changed a submodule's files, which only its own repository can commit; "
+                                       "every change was discarded")
+    assert a.offending == ["webapp/vendor/sub/x.py: added (file) — inside the submodule vendor/sub: change it in "
+                           "its own repository"]
