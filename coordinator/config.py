@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from . import paths, schemas, yamlbounds
+from . import gate, paths, schemas, yamlbounds
 from .errors import ConfigError
 
 CONFIG_NAME = "coordinator.yaml"
@@ -495,7 +495,7 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
     if role == "orchestrator" and writes:
         raise fail(f"agents.{name}.writes", "an orchestrator never writes; it sends work orders")
     for i, w in enumerate(writes):
-        problem = paths.path_problem(w) or paths.brace_problem(w)
+        problem = paths.path_problem(w) or paths.brace_problem(w) or _git_glob_problem(w)
         if problem:
             raise fail(f"agents.{name}.writes.{i}", problem)
     written = tuple((spec.get("sandbox", {}) or {}).get("writable", ()))
@@ -548,6 +548,38 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
         description=str(spec.get("description", "")),
         spend_limit=spec.get("spend_limit"),
     )
+
+
+# Names git keeps for itself, in the cases a glob might match (the gate compares them in any case).
+_GIT_NAMES = tuple(n for name in (".git", ".gitmodules", "git~1") for n in (name, name.upper(), name.title()))
+_GLOB_SETS = re.compile(r"\[[^\]]*\]")
+
+
+def _git_glob_problem(entry: str) -> str | None:
+    """Why a `writes` entry promises what the gate never grants: a component naming git
+    internals (`.gitmodules`, `git~1`), or one spelling them with `?` or a set (`.gi?`, `.[g]it`).
+    A `*`, `**` or `????` matches them too, and much else: it stays, the gate refusing those
+    paths whatever the glob says."""
+    for part in entry.split("/")[1:]:
+        shown = part if gate.is_git_path(part) else None
+        spelt = _GLOB_SETS.sub("", part).replace("?", "")  # its own letters, not its wildcards'
+        if shown is None and spelt and "*" not in part and paths.has_glob(part):
+            shown = next((n for n in _GIT_NAMES if paths.matches(part, n)), None)
+        if shown is not None:
+            return (f"{entry!r} matches {shown}: git internals (.git, .gitmodules) are never writable, "
+                    "whatever writes says; name the files and folders the agent may write")
+    return None
+
+
+def git_writes_note(agent: Agent) -> str | None:
+    """What `coordinator doctor` says of an agent whose `writes` match a repository's own git
+    internals (`webapp/**`, `webapp/*`): valid, but those paths stay denied. None otherwise."""
+    wide = [w for w in agent.writes
+            if any(paths.matches(w, f"{paths.repo_of(w)}/{n}") for n in (".git/config", ".gitmodules"))]
+    if not wide:
+        return None
+    return (f"writes {', '.join(wide)} also match{'es' if len(wide) == 1 else ''} .git and .gitmodules: those "
+            "are never writable, whatever the glob says (a change to them is denied)")
 
 
 def _base_url_problem(url: str) -> str | None:

@@ -91,7 +91,7 @@ class Endings(FollowUps, Outbox):
         candidates = gate.submodule_candidates(changes, act.before)
         try:
             submodules = act.repo.submodules(act.attempt.workdir, candidates) if candidates else []
-        except CoordinatorError as e:
+        except (CoordinatorError, OSError) as e:  # OSError: git cannot even start in a copy made unreadable
             # Unknown, not none: such a change would fail its commit anyway, and say why there.
             self.sup.say(f"{act.rec.id}: could not tell the submodules of repos/{act.repo.name}: {e}")
             submodules = []
@@ -107,8 +107,16 @@ class Endings(FollowUps, Outbox):
         lines = [f"{act.repo.name if act.repo else ''}/{gate.describe(c)} — {why}" for c, why in verdict.offending]
         rec.report = {"summary": f"{act.agent.name} {_denied_for(verdict)}; every change was discarded",
                       "offending": lines}
-        kind = "artifact" if act.agent.is_orchestrator else "scope"
-        self.sup.signal(kind, agent=act.agent.name, order=rec.id, evidence=_cut("; ".join(lines), 300))
+        if act.agent.is_orchestrator:
+            self.sup.signal("artifact", agent=act.agent.name, order=rec.id, evidence=_cut("; ".join(lines), 300))
+        else:
+            # `scope` is a write outside its files: a file too large, or one it left unreadable,
+            # where it may write is denied all the same, but is no such write.
+            name = act.repo.name if act.repo else ""
+            beyond = [line for (c, why), line in zip(verdict.offending, lines, strict=True)
+                      if _beyond(c, why, name, act.order.files, act.agent.writes)]
+            if beyond:
+                self.sup.signal("scope", agent=act.agent.name, order=rec.id, evidence=_cut("; ".join(beyond), 300))
         self._finish(act, keep=True)
         self.sup.move(rec, "denied", audit.SUPERVISOR, note=lines[0] if lines else None)
 
@@ -244,22 +252,47 @@ def _has_entries(folder: Path) -> bool:
 
 
 # What a denial for a limit says it was: not a write outside the permission (the path may be
-# allowed), but a change too big to judge or commit.
+# allowed), but a change too big to judge or commit, one the supervisor could not read, or one
+# inside a submodule.
 _LIMITS = {
     "too-large": "wrote a file too large to commit",
     "too-many": "added more files and folders than one change may",
     "too-deep": "nested folders too deep to judge",
+    "unreadable": "left {} the supervisor could not read",
+    "submodule": "changed a submodule's files, which only its own repository can commit",
 }
+_IN_SUBMODULE = gate.SUBMODULE.partition("{}")[0]  # how the gate's reason for such a path starts
 
 
 def _denied_for(verdict: gate.Verdict) -> str:
     """What the denied change was, for the report's summary: `wrote outside its permission`,
     or the limit it passed (both, when it did both)."""
-    kinds = {c.what for c, _ in verdict.offending}
+    kinds = {_kind(c, why) for c, why in verdict.offending}
     said = [text for what, text in _LIMITS.items() if what in kinds]
     if kinds - _LIMITS.keys() or not said:
         said.insert(0, "wrote outside its permission")
-    return " and ".join(said)
+    return " and ".join(said).format(_unread(verdict))
+
+
+def _unread(verdict: gate.Verdict) -> str:
+    """`a file`, `2 files and a folder`: what of a denied change the supervisor could not read."""
+    dirs = [c.kind == "dir" for c, _ in verdict.offending if c.what == "unreadable"]
+    counted = ((dirs.count(False), "file"), (dirs.count(True), "folder"))
+    return " and ".join(f"a {noun}" if n == 1 else f"{n} {noun}s" for n, noun in counted if n)
+
+
+def _kind(change: gate.Change, why: str) -> str:
+    """What a denied change was, as `_LIMITS` names it (`submodule`: a path inside one)."""
+    return "submodule" if why.startswith(_IN_SUBMODULE) else change.what
+
+
+def _beyond(change: gate.Change, why: str, repo: str, files: tuple[str, ...], writes: tuple[str, ...]) -> bool:
+    """Did the agent write outside its files with `change` (a `scope` signal)? A limit passed,
+    an unreadable path or one inside a submodule is no such write where the path is its to
+    write (the top of the copy, `.`, holds what was judged on its own)."""
+    if _kind(change, why) not in _LIMITS:
+        return True
+    return change.path != "." and gate.outside(f"{repo}/{change.path}", files, writes) is not None
 
 
 def _cut(text: str, n: int) -> str:

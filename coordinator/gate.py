@@ -28,6 +28,7 @@ from .paths import matches_any
 
 POINTER = ".git"
 UNREADABLE = "!unreadable"
+UNREACHABLE = "!unreachable"  # the copy itself, behind a folder above it that cannot be entered
 TOO_DEEP = "!too-deep"  # a folder holding what lies more than MAX_DEPTH levels down
 # Over this a changed file is refused unread: 100 MB is about GitHub's own limit per file, and
 # hashing plus committing one that size takes about a second. A sparse file costs its writer no
@@ -147,8 +148,12 @@ def snapshot(root: Path, *, since: Snapshot | None = None) -> Snapshot:
         st = os.lstat(root)
     except FileNotFoundError:
         return out
+    except OSError:  # its order's folder made mode 000 (chmod is no Landlock right): nothing in it is known
+        out["."] = Entry("dir", 0, 0, UNREACHABLE, None, 1)
+        return out
     if not stat.S_ISDIR(st.st_mode):
         return out  # the copy itself was replaced: every path in it reads as deleted
+    top = Entry("dir", stat.S_IMODE(st.st_mode), 0, None, None, st.st_nlink)  # ".", should it be marked
     settled = since.started - RACY_NS if since is not None else 0  # changed before this: told by its key
     read = 0  # bytes of written files read, with `since`
     new = 0  # paths not in `since`: past MAX_NEW_PATHS, their folder is marked, not listed
@@ -197,6 +202,8 @@ def snapshot(root: Path, *, since: Snapshot | None = None) -> Snapshot:
                     if kind == "dir":
                         todo.append((item.path, rel + "/", depth + 1))
         except OSError:  # a folder the agent made unreadable: what is inside cannot be vouched for
+            if not prefix:
+                out["."] = top  # the copy's top, with the mode that made it so
             _mark(out, prefix[:-1] if prefix else ".", UNREADABLE)
     return out
 
@@ -308,9 +315,11 @@ def diff(before: dict[str, Entry], after: dict[str, Entry]) -> list[Change]:
     changes = []
     # What lies in a folder that could not be read is unknown, not deleted: the folder is
     # judged (and refused) as a whole.
-    unread = tuple(p + "/" for p, e in after.items() if e.kind == "dir" and e.digest == UNREADABLE)
+    # The copy's top (".") unread: every path in it is unknown.
+    unread = tuple("" if p == "." else p + "/" for p, e in after.items()
+                   if e.kind == "dir" and e.digest in (UNREADABLE, UNREACHABLE))
     for path in sorted(before.keys() | after.keys()):
-        if unread and path.startswith(unread):
+        if unread and path != "." and path.startswith(unread):
             continue
         change = _classify(path, before.get(path), after.get(path), after)
         if change is not None:
@@ -395,6 +404,8 @@ def _classify(path: str, b: Entry | None, a: Entry | None, after: dict[str, Entr
         return Change(path, "too-large", f"{action}, past {_size(MAX_CHANGED_BYTES)} of written files in all", kind)
     if a.digest == UNREADABLE:
         return Change(path, "unreadable", f"{action}, mode {a.mode:04o}", kind)
+    if a.digest == UNREACHABLE:
+        return Change(path, "unreadable", "the folder holding the working copy was made unreadable", kind)
     if a.digest == TOO_DEEP:
         return Change(path, "too-deep", f"{action}, holds more than {MAX_DEPTH} levels down", kind)
     if a.digest == TOO_MANY:

@@ -256,8 +256,9 @@ class Attack:
         assert fingerprint(self.ws.config_path) == self.config_before
         assert git(self.repo, "status", "--porcelain") == ""
 
-    def assert_denied(self, *paths: str) -> None:
-        """Denied by the gate, each path named in the report, nothing of it committed anywhere."""
+    def assert_denied(self, *paths: str, scope: bool = True) -> None:
+        """Denied by the gate, each path named in the report, nothing of it committed anywhere;
+        a `scope` signal recorded (a write outside its files) when `scope`, none otherwise."""
         assert self.rec.status == "denied", self.rec.report
         for p in paths:
             assert any(line.startswith(f"webapp/{p}: ") for line in self.offending), (p, self.offending)
@@ -266,7 +267,7 @@ class Attack:
                                 capture_output=True, text=True).stdout.strip()
         assert branch in ("", self.main)  # the order's branch never got a commit
         from coordinator import signals
-        assert any(s.kind == "scope" and s.order == "atk" for s in signals.load(self.ws.state))
+        assert any(s.kind == "scope" and s.order == "atk" for s in signals.load(self.ws.state)) == scope
         self.assert_untouched()
 
 
@@ -420,7 +421,7 @@ for i in range(300):
     write("{folder}f%d.py" % i)
 write("src/login.py")  # an allowed change alongside: it must not land either
 """, files=("webapp/**",))
-    a.assert_denied(where)
+    a.assert_denied(where, scope=False)  # all of it where it may write: too many, not outside
     assert a.offending == [f"webapp/{where}: too-many ({'changed' if where == '.' else 'created'}, where the "
                            f"change passed 40 new paths) — {gate.ALWAYS_DENIED['too-many']}"]
     assert len(json.dumps(a.rec.as_json())) < 20_000  # not 300 paths listed anywhere in the record
@@ -1077,7 +1078,7 @@ def test_a_huge_sparse_file_is_denied_quickly_with_its_size(make_ws, tmp_path):
     a = Attack(make_ws, tmp_path, 'with open("src/big.bin", "wb") as f:\n    f.truncate(2 << 30)\n',
                files=("webapp/src/**",))
     elapsed = time.monotonic() - start
-    a.assert_denied("src/big.bin")
+    a.assert_denied("src/big.bin", scope=False)
     assert a.offending == ["webapp/src/big.bin: too-large (created, 2147483648 bytes = 2.0 GiB) — "
                            + gate.ALWAYS_DENIED["too-large"]]
     assert elapsed < 15.0
@@ -1382,7 +1383,7 @@ def test_a_denial_for_size_says_so_not_that_the_agent_wrote_outside_its_permissi
     # permission": it did not. The summary says what it was; with a path outside too, both.
     a = Attack(make_ws, tmp_path, 'with open("src/big.bin", "wb") as f:\n    f.truncate(200 << 20)\n',
                files=("webapp/src/**",))
-    a.assert_denied("src/big.bin")
+    a.assert_denied("src/big.bin", scope=False)  # where it may write: no `scope` signal
     assert a.rec.report["summary"] == "chip wrote a file too large to commit; every change was discarded"
     # ... and so does the brief of a fresh orchestrator that had sent it.
     brief = fresh_brief({a.rec.id: a.rec}, 2, orchestrator=a.rec.sender, now=datetime.now(UTC))
@@ -1394,3 +1395,155 @@ def test_a_denial_for_size_says_so_not_that_the_agent_wrote_outside_its_permissi
         "wrote outside its permission and wrote a file too large to commit")
     many = gate.Change("src", "too-many", kind="dir")
     assert _denied_for(gate.Verdict((many,), ((many, ""),))) == "added more files and folders than one change may"
+
+
+def test_a_file_too_large_outside_its_files_is_still_a_scope_signal(make_ws, tmp_path):
+    # Too large is no write outside its files where it may write (above); outside them it is.
+    a = Attack(make_ws, tmp_path, 'with open("src/big.bin", "wb") as f:\n    f.truncate(200 << 20)\n',
+               files=("webapp/src/login.py",))
+    a.assert_denied("src/big.bin", scope=True)
+    [signal] = signals.load(a.ws.state)
+    assert signal.evidence.startswith("webapp/src/big.bin: too-large")
+
+
+@contextlib.contextmanager
+def reading_as_a_user() -> Any:
+    """A root supervisor reads every file whatever its mode; this one, like any other user's,
+    cannot read a file of mode 000: the calling thread's effective capabilities lose
+    CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (the threads and processes it starts inherit that),
+    and get them back after."""
+    if os.geteuid() != 0:
+        yield
+        return
+    import ctypes
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = Header(0x20080522, 0), (Data * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        pytest.skip("cannot read this process's capabilities")
+    saved = data[0].effective
+    data[0].effective &= ~((1 << 1) | (1 << 2))  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    if libc.capset(ctypes.byref(header), data) != 0:
+        pytest.skip("cannot drop this process's capabilities")
+    try:
+        yield
+    finally:
+        data[0].effective = saved
+        libc.capset(ctypes.byref(Header(0x20080522, 0)), data)
+
+
+@needs_landlock
+def test_a_denial_for_a_file_it_left_unreadable_says_so_not_a_write_outside_its_permission(make_ws, tmp_path):
+    # A file the agent may write, made mode 000: the supervisor (not root) cannot read it, so the
+    # change is denied. It was reported as "chip wrote outside its permission", with a `scope`
+    # signal: the report, the denial and the orchestrator's next brief now say what it was.
+    with reading_as_a_user():
+        a = Attack(make_ws, tmp_path, 'write("src/login.py")\nos.chmod("src/login.py", 0)\n',
+                   files=("webapp/src/**",))
+    a.assert_denied("src/login.py", scope=False)
+    assert a.rec.report["summary"] == "chip left a file the supervisor could not read; every change was discarded"
+    assert a.offending == ["webapp/src/login.py: unreadable (changed, mode 0000) — " + gate.ALWAYS_DENIED["unreadable"]]
+    brief = fresh_brief({a.rec.id: a.rec}, 2, orchestrator=a.rec.sender, now=datetime.now(UTC))
+    assert "why: left a file the supervisor could not read: webapp/src/login.py: unreadable" in brief
+    assert "outside its permission" not in brief
+    from coordinator.endings import _denied_for
+    folder = gate.Change("src/sub", "unreadable", kind="dir")
+    two = gate.Change("src/a.py", "unreadable"), gate.Change("src/b.py", "unreadable")
+    assert _denied_for(gate.Verdict((folder, *two), ((folder, ""), (two[0], ""), (two[1], "")))) == (
+        "left 2 files and a folder the supervisor could not read")
+
+
+@pytest.mark.parametrize(("glob", "named"), [
+    ("webapp/.gi?/**", ".git"), ("webapp/src/.[Gg]it/hooks/*", ".git"), ("webapp/.gitmodules", ".gitmodules"),
+    ("webapp/git~1/*", "git~1"), ("webapp/.git./config", ".git.")])
+def test_a_writes_glob_that_can_only_mean_git_internals_is_refused_at_its_key(make_ws, glob, named):
+    # Accepted, it promised the agent a permission the gate never grants: every change to such
+    # a path was denied (and the agent signalled) whatever the glob said.
+    import yaml
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    ws = make_ws({"chip": {"role": "specialist", "command": ["true"], "writes": ["webapp/src/**"]}})
+    cfg = yaml.safe_load(ws.config_path.read_text())
+    cfg["agents"]["chip"]["writes"] = ["webapp/src/**", glob]
+    ws.config_path.write_text(yaml.safe_dump(cfg))
+    said = CliRunner().invoke(cli, ["-w", str(ws.root), "board"])
+    assert said.exit_code == 2, said.output
+    assert said.output == (f"coordinator: coordinator.yaml: agents.chip.writes.1: {glob!r} matches {named}: git "
+                           "internals (.git, .gitmodules) are never writable, whatever writes says; name the files "
+                           "and folders the agent may write\n")
+
+
+def test_a_repository_wide_writes_glob_stays_valid_and_doctor_says_git_internals_stay_denied(make_ws):
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    ws = make_ws({"chip": {"role": "specialist", "command": ["true"], "writes": ["webapp/**", "webapp/src/????"]},
+                  "rex": {"role": "specialist", "command": ["true"], "writes": ["webapp/src/**"]}})
+    said = CliRunner().invoke(cli, ["-w", str(ws.root), "doctor"])
+    assert said.exit_code == 0, said.output
+    notes = [line.strip() for line in said.output.splitlines() if line.strip().startswith("note: writes")]
+    assert notes == ["note: writes webapp/** also matches .git and .gitmodules: those are never writable, "
+                     "whatever the glob says (a change to them is denied)"]  # chip's; rex's never reach them
+
+
+@needs_landlock
+def test_a_working_copy_made_unreadable_whole_is_denied_as_that_not_as_deletions(make_ws, tmp_path):
+    # `chmod 000 .` in its working copy: a supervisor that is not root can list nothing in it.
+    # Every file of the copy read as deleted: the order was denied for deleting README.md,
+    # Makefile and the .git pointer, which it never touched, and signalled as a scope violation.
+    with reading_as_a_user():
+        a = Attack(make_ws, tmp_path, 'write("src/login.py")\nos.chmod(".", 0)\n', files=("webapp/src/**",))
+    a.assert_denied(".", scope=False)
+    assert a.offending == ["webapp/.: unreadable (changed, mode 0000) — " + gate.ALWAYS_DENIED["unreadable"]]
+    assert a.rec.report["summary"] == "chip left a folder the supervisor could not read; every change was discarded"
+
+
+
+def test_the_folder_holding_the_working_copy_made_unreadable_is_denied_not_a_stop(tmp_path):
+    # Without the read-only mounts (a supervisor that is not root) chmod is no right the kernel
+    # refuses: `chmod 000 ..` locked the order's folder, and the supervisor stopped at the gate
+    # ("permission denied: .coordinator/work/<id>/webapp"), every order with it. Now the change
+    # is denied as unreadable, the copy judged as a whole.
+    copy = tmp_path / "work" / "atk" / "webapp"
+    (copy / "src").mkdir(parents=True)
+    (copy / "src" / "login.py").write_text("x = 1\n")
+    before = gate.snapshot(copy)
+    (copy / "src" / "login.py").write_text("x = 2\n")
+    copy.parent.chmod(0)
+    try:
+        with reading_as_a_user():
+            changes = gate.diff(before, gate.snapshot(copy, since=before))
+    finally:
+        copy.parent.chmod(0o755)
+    verdict = gate.judge(changes, repo="webapp", files=("webapp/src/**",), writes=("webapp/**",))
+    assert [f"{gate.describe(c)} — {why}" for c, why in verdict.offending] == [
+        ".: unreadable (the folder holding the working copy was made unreadable) — " + gate.ALWAYS_DENIED["unreadable"]]
+    assert verdict.commit_paths() == ()
+
+
+@needs_landlock
+def test_a_change_inside_a_submodule_it_may_write_is_no_scope_violation_and_says_what_it_was(make_ws, tmp_path):
+    # `webapp/**` holds vendor/sub/x.py: the change is denied (git could never commit it here),
+    # but it was reported as "chip wrote outside its permission", with a `scope` signal.
+    from test_gate import add_submodule
+
+    def with_submodule(a: Attack) -> None:
+        add_submodule(a.repo, "vendor/sub", tmp_path / "sub")
+        a.main, a.checkout = git(a.repo, "rev-parse", "main"), a.files_of(a.repo)
+
+    a = Attack(make_ws, tmp_path, 'write("vendor/sub/x.py")\n', files=("webapp/**",), before=with_submodule)
+    a.assert_denied("vendor/sub/x.py", scope=False)
+    assert a.rec.report["summary"] == ("chip changed a submodule's files, which only its own repository can commit; "
+                                       "every change was discarded")
+    assert a.offending == ["webapp/vendor/sub/x.py: added (file) — inside the submodule vendor/sub: change it in "
+                           "its own repository"]
