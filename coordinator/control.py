@@ -359,7 +359,7 @@ def _said(result: dict[str, Any], rec: Record, warning: str | None) -> None:
 def cancel(sup: Supervisor, order_id: str, by: str, taken: Path | None) -> dict[str, Any] | None:
     """Cancel `order_id` and, with it, the work it sent that has not ended: its children (the
     orders its outbox or its model's plan sent), each followed along its route, and theirs,
-    however deep (`live_work`). A running one is killed in the background when a supervisor
+    however deep, and the investigations its block (or theirs) escalated (`live_work`). A running one is killed in the background when a supervisor
     runs (`AttemptRunner.cancel_soon`): then None, and the command waiting on `taken` is
     answered once no process of any of them is left. Else the answer: the order, its status
     and the orders cancelled with it (`with`), each with the status it had."""
@@ -374,10 +374,12 @@ def cancel(sup: Supervisor, order_id: str, by: str, taken: Path | None) -> dict[
             went_on += ": cancel that one" if route.status in CANCELLABLE else ""
         raise StateError(f"{rec.id} is {rec.status}; only queued, waiting, running, blocked or halted orders "
                          f"can be cancelled{went_on}")
-    work = live_work(sup.records, rec)  # before anything moves
+    escalated: set[str] = set()
+    work = live_work(sup.records, rec, escalated=escalated)  # before anything moves
     result: dict[str, Any] = {"id": rec.id, "status": rec.status}
     if work:
-        result["with"] = [{"id": child.id, "was": child.status, "status": child.status} for child, _ in work]
+        result["with"] = [{"id": child.id, "was": child.status, "status": child.status,
+                           **({"investigated": parent} if child.id in escalated else {})} for child, parent in work]
     # Answered when the last of them has ended: never while they are being cancelled here.
     pending = CancelAnswer(taken, result) if taken is not None else None
     _cancel_one(sup, rec, by, "", pending, result, first=True)
@@ -386,8 +388,12 @@ def cancel(sup: Supervisor, order_id: str, by: str, taken: Path | None) -> dict[
         if child.terminal:  # ended meanwhile: not cancelled here, nor said to be
             result["with"] = [e for e in result["with"] if e["id"] != child.id]
             continue
-        why = (f"its request {rec.id} was cancelled by {by}" if parent == rec.id
-               else f"sent by {parent} for {rec.id}, which was cancelled by {by}")
+        if child.id in escalated:  # nothing is left to investigate: a cancelled order never runs again
+            why = (f"it investigated why {parent} was blocked, and {parent} was cancelled by {by}" if parent == rec.id
+                   else f"it investigated why {parent} was blocked, and {parent} was cancelled with {rec.id} by {by}")
+        else:
+            why = (f"its request {rec.id} was cancelled by {by}" if parent == rec.id
+                   else f"sent by {parent} for {rec.id}, which was cancelled by {by}")
         _cancel_one(sup, child, by, why, pending, result, first=False)
     if pending is not None and pending.left:
         return None
@@ -434,24 +440,44 @@ def _dependents_first(records: dict[str, Record], work: list[tuple[Record, str]]
     return ordered + list(by_id.values())  # a cycle (never filed): the rest as found
 
 
-def live_work(records: dict[str, Record], rec: Record) -> list[tuple[Record, str]]:
+def live_work(records: dict[str, Record], rec: Record, *,
+              escalated: set[str] | None = None) -> list[tuple[Record, str]]:
     """The orders sent for `rec`'s work that have not ended, each with the order it was sent
     for: its children, each followed along its route (a route's follow-up carries the same
     work on), and their children in turn, however deep; an ended one's too (a done order's
-    outbox sent work for the same request). Escalations are not followed: an investigation
-    of a blocked order is the escalation agent's own work."""
+    outbox sent work for the same request). The investigations that the blocks of `rec`, and
+    of each order found, escalated are its work too: one asks what would unblock an order
+    that, cancelled, can never run again. Their ids (and their follow-ups') go in `escalated`."""
     found: list[tuple[Record, str]] = []
     seen, todo = {rec.id}, [rec]
+    investigations = _escalations(records)
     while todo:
         node = todo.pop(0)
-        for child_id in node.children:
+        # Only of an order cancelled here: a blocked child that stays blocked keeps its own.
+        asked = investigations.get(node.id, []) if node is rec or not node.terminal else []
+        for child_id, by_escalation in [*((c, False) for c in node.children), *((e, True) for e in asked)]:
             link = records.get(child_id)
             while link is not None and link.id not in seen:
                 seen.add(link.id)
+                if by_escalation and escalated is not None:
+                    escalated.add(link.id)
                 if not link.terminal:
                     found.append((link, link.parent if link.parent in seen else node.id))
                 todo.append(link)
                 link = records.get(link.routed_to) if link.status == "routed" and link.routed_to else None
+    return found
+
+
+ESCALATION_SOURCE = "escalation of "
+
+
+def _escalations(records: dict[str, Record]) -> dict[str, list[str]]:
+    """The investigations filed for each blocked order (the supervisor files them, `escalation
+    of ID/...`), oldest first: a retried order blocked again has one for each block."""
+    found: dict[str, list[str]] = {}
+    for r in sorted(records.values(), key=lambda r: r.seq):
+        if r.sender == "coordinator" and r.source.startswith(ESCALATION_SOURCE):
+            found.setdefault(r.source[len(ESCALATION_SOURCE):].split("/", 1)[0], []).append(r.id)
     return found
 
 

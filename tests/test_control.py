@@ -490,3 +490,33 @@ def test_an_order_the_request_sent_that_waits_for_another_it_sent_is_cancelled_n
     review = Store(ws.state).load("req-review")
     assert (review.status, review.report["summary"]) == ("cancelled", "cancelled: its request req was cancelled by user")
     assert [h["to"] for h in review.history] == ["waiting", "cancelled"]
+
+
+def test_cancel_of_a_blocked_order_cancels_the_investigation_its_block_escalated(
+        make_ws: Callable[..., Workspace]) -> None:
+    """The blocked order was cancelled for good, but rex's investigation of why it was blocked
+    (what would unblock it) kept running, and the command said nothing of it. Now the
+    investigation is cancelled with it, its processes gone before the answer, and listed."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("exit 1"), "max_failures": 1},
+                  "rex": {"role": "specialist", "command": STUBBORN}}, escalate_to="rex")
+    drop(ws, "chip", "a.md", order_md("Order a fails and is blocked", id="a"))
+    with Stepping(ws) as sup:
+        wait_until(lambda: sup.records.get("a") is not None and sup.records["a"].status == "blocked"
+                   and len(sup.records) == 2, "a to be blocked and escalated")
+        investigation = next(oid for oid in sup.records if oid != "a")
+        wait_until(lambda: len(_pids(ws, investigation)) == 2, "the investigation to run")
+        pids = _pids(ws, investigation)
+        said = CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "a"])
+        gone = [_alive(p) for p in pids]
+    assert said.exit_code == 0, said.output
+    assert said.output.splitlines() == [
+        "a: cancelled",
+        f"{investigation}: cancelled with a (it was running; it investigated why a was blocked)"]
+    assert gone == [False, False]
+    rec = Store(ws.state).load(investigation)
+    assert (rec.status, rec.report["summary"]) == (
+        "cancelled", "cancelled: it investigated why a was blocked, and a was cancelled by user")
