@@ -3,6 +3,7 @@ knows whether it was done, also when the supervisor is slow, stops, or died whil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -520,3 +521,35 @@ def test_cancel_of_a_blocked_order_cancels_the_investigation_its_block_escalated
     rec = Store(ws.state).load(investigation)
     assert (rec.status, rec.report["summary"]) == (
         "cancelled", "cancelled: it investigated why a was blocked, and a was cancelled by user")
+
+
+def test_the_work_of_a_request_being_cancelled_when_the_supervisor_dies_says_why_after_the_next_start(
+        make_ws: Callable[..., Workspace], tmp_path: Path) -> None:
+    """req-code was being stopped, cancelled with its request, when the supervisor was killed:
+    after the next start it was cancelled, but its report said only "cancelled by user" and its
+    history no reason, as if someone had cancelled it by hand. Now it says why, as it would have."""
+    walt = _outbox_orders(tmp_path / "walt-out", {"chip": {"req-code": order_md("Write the code", id="req-code")}})
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], "command": sh(walt)},
+                  "chip": {"role": "specialist", "command": STUBBORN}}, orchestrator="walt")
+    drop(ws, "walt", "req.md", order_md("Get the code written", id="req"))
+    sup = Supervisor(ws)
+    sup.open()
+    try:
+        step_until(sup, lambda: len(_pids(ws, "req-code")) == 2, "the code to run")
+        def cancel() -> None:
+            with contextlib.suppress(SupervisorError):  # told it stopped before it answered
+                control.submit(ws, "cancel", {"id": "req"})
+
+        threading.Thread(target=cancel, daemon=True).start()
+        wait_until(lambda: any(n.endswith(control.REQUEST) for n in requests(ws)), "the cancel to be asked")
+        sup.step()  # taken, req-code's kill under way
+        assert sup.records["req-code"].status == "running"
+    finally:
+        sup.close(clean=False, chosen=False)  # as a crash leaves it
+    lines: list[str] = []
+    with Supervisor(ws, log=lines.append) as again:
+        again.run_once(limit=10)
+    rec = Store(ws.state).load("req-code")
+    why = "its request req was cancelled by user"
+    assert (rec.status, rec.report["summary"]) == ("cancelled", f"cancelled: {why}")
+    assert (rec.history[-1]["to"], rec.history[-1]["actor"], rec.history[-1].get("note")) == ("cancelled", "user", why)
