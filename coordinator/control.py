@@ -126,7 +126,10 @@ def started_without(ws: Workspace, agent: str) -> bool:
 def submit(ws: Workspace, action: str, args: dict[str, Any], *, timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:
     """Have the supervisor do `action`; returns its answer or raises its error."""
     if not supervisor_running(ws):
-        return _serve_offline(ws, action, args)
+        try:
+            return _serve_offline(ws, action, args)
+        except _StartedMeanwhile:
+            pass  # asked of it, as of any supervisor that runs
     folder = requests_dir(ws)
     folder.mkdir(parents=True, exist_ok=True)
     name = f"{time.time_ns():020d}-{os.getpid()}"
@@ -153,7 +156,10 @@ def _await(ws: Workspace, request: Path, answer: Path, action: str, args: dict[s
             continue
         if _withdraw(request):  # not taken: it will never be done unless done here
             if stopped:
-                return _serve_offline(ws, action, args)
+                try:
+                    return _serve_offline(ws, action, args)
+                except _StartedMeanwhile:  # another started as this one stopped: asked of it
+                    return submit(ws, action, args, timeout=timeout)
             raise SupervisorError(f"the supervisor did not answer within {timeout:.0f}s, so nothing was done; "
                                   "is it stuck? (`coordinator doctor`)")
         break
@@ -203,14 +209,27 @@ def _withdraw(request: Path) -> bool:
     return True
 
 
+class _StartedMeanwhile(Exception):
+    """A supervisor started between the look and the command's own open: it holds the workspace."""
+
+
 def _serve_offline(ws: Workspace, action: str, args: dict[str, Any]) -> dict[str, Any]:
     from .supervisor import Supervisor
     from .watcher import NullWatcher
 
     # Opening the workspace puts back what was changed by hand (a signal, said to the user too).
-    with Supervisor(ws, watcher=NullWatcher(), offline=True) as sup:
-        result = sup.handle(action, args)
-        sup.step_commit()
+    opened = False
+    try:
+        with Supervisor(ws, watcher=NullWatcher(), offline=True) as sup:
+            opened = True
+            result = sup.handle(action, args)
+            sup.step_commit()
+    except SupervisorError:
+        # A start that took the lock first: nothing was done here, and "another supervisor is
+        # running; stop it first" told the user to stop the supervisor that can do it.
+        if not opened and supervisor_running(ws):
+            raise _StartedMeanwhile from None
+        raise
     notes = sup.signals_told
     return {**result, "notes": notes} if notes else result
 

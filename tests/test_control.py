@@ -553,3 +553,39 @@ def test_the_work_of_a_request_being_cancelled_when_the_supervisor_dies_says_why
     why = "its request req was cancelled by user"
     assert (rec.status, rec.report["summary"]) == ("cancelled", f"cancelled: {why}")
     assert (rec.history[-1]["to"], rec.history[-1]["actor"], rec.history[-1].get("note")) == ("cancelled", "user", why)
+
+
+def test_a_cancel_that_meets_a_supervisor_starting_is_asked_of_it(make_ws: Callable[..., Workspace]) -> None:
+    """A cancel run as the supervisor started saw none running, then found the workspace
+    taken: it failed with "another supervisor is running; stop it first", telling the user to
+    stop the supervisor that would have done it. Now the request goes to that supervisor."""
+    ws = make_ws({"slow": {"role": "specialist", "command": STUBBORN}})
+    drop(ws, "slow", "a.md", order_md("Order a waits behind b", id="a"))
+    drop(ws, "slow", "b.md", order_md("Order b runs until cancelled", id="b"))
+    with Stepping(ws) as sup:
+        wait_until(lambda: sorted(r.status for r in sup.records.values()) == ["queued", "running"],
+                   "one to run, one to wait")
+    queued = next(r.id for r in Store(ws.state).load_all().values() if r.status == "queued")
+    got: dict[str, Any] = {}
+    failed: list[CoordinatorError] = []
+
+    def cancel() -> None:
+        try:
+            got.update(control.submit(ws, "cancel", {"id": queued}))
+        except CoordinatorError as e:
+            failed.append(e)
+
+    holder = Supervisor(ws, offline=True)  # a command serving itself holds the workspace
+    holder.open()
+    starting = Stepping(ws)
+    asking = threading.Thread(target=cancel)
+    try:
+        asking.start()
+        time.sleep(1.0)  # it saw no supervisor, and waits for the command's lock
+        holder.close()
+        with starting:  # the supervisor takes the lock first
+            asking.join(timeout=60)
+    finally:
+        asking.join(timeout=60)
+    assert failed == [] and got == {"id": queued, "status": "cancelled"}
+    assert Store(ws.state).load(queued).status == "cancelled"
