@@ -355,11 +355,13 @@ class CancelAnswer:
     taken: Path
     result: dict[str, Any]
     left: set[str] = field(default_factory=set)
+    waited: set[str] = field(default_factory=set)  # the orders waiting when the cancel began
 
-    def ended(self, rec: Record, warning: str | None) -> None:
+    def ended(self, sup: Supervisor, rec: Record, warning: str | None) -> None:
         self.left.discard(rec.id)
         _said(self.result, rec, warning)
         if not self.left:
+            _blocked_with(sup, self.result, self.waited)
             answer(self.taken, result=self.result)
 
 
@@ -399,8 +401,9 @@ def cancel(sup: Supervisor, order_id: str, by: str, taken: Path | None) -> dict[
     if work:
         result["with"] = [{"id": child.id, "was": child.status, "status": child.status,
                            **({"investigated": parent} if child.id in escalated else {})} for child, parent in work]
+    waited = {r.id for r in sup.records.values() if r.status == "waiting"}
     # Answered when the last of them has ended: never while they are being cancelled here.
-    pending = CancelAnswer(taken, result) if taken is not None else None
+    pending = CancelAnswer(taken, result, waited=waited) if taken is not None else None
     _cancel_one(sup, rec, by, "", pending, result, first=True)
     for child, parent in _dependents_first(sup.records, work):
         child = sup.whole(child)
@@ -416,7 +419,32 @@ def cancel(sup: Supervisor, order_id: str, by: str, taken: Path | None) -> dict[
         _cancel_one(sup, child, by, why, pending, result, first=False)
     if pending is not None and pending.left:
         return None
+    _blocked_with(sup, result, waited)
     return result
+
+
+def _blocked_with(sup: Supervisor, result: dict[str, Any], waited: set[str]) -> None:
+    """Say in `result` which orders (not cancelled with it) waited for the ones cancelled and
+    are blocked now: cancelled, what they waited for can never be done (SPEC §3), and the
+    command said nothing of them. Each with the order it waited for; in the order of a chain."""
+    ended = {str(result["id"]), *(str(e["id"]) for e in result.get("with", ()))}
+    blocked: list[dict[str, str]] = []
+    todo = sorted((sup.records[i] for i in waited if i in sup.records and sup.records[i].status == "blocked"),
+                  key=lambda r: r.seq)
+    while todo:
+        left = []
+        for rec in todo:
+            dead = ended_undone(sup.records, rec.dependencies)
+            if dead is not None and dead[1].id in ended:
+                blocked.append({"id": rec.id, "waited_for": dead[0]})
+                ended.add(rec.id)
+            else:
+                left.append(rec)
+        if len(left) == len(todo):
+            break
+        todo = left
+    if blocked:
+        result["blocked"] = blocked
 
 
 def _cancel_one(sup: Supervisor, rec: Record, by: str, why: str, pending: CancelAnswer | None,
@@ -509,7 +537,7 @@ def cancelled(sup: Supervisor, rec: Record, by: str, waiting: list[CancelAnswer]
         _cancel(sup, rec, by, warning, why=why)
     sup._write_state()  # on disk before the command hears it: it may read the records next
     for pending in waiting:
-        pending.ended(rec, warning)
+        pending.ended(sup, rec, warning)
 
 
 def _cancel(sup: Supervisor, rec: Record, by: str, warning: str | None, *, why: str = "") -> dict[str, Any]:

@@ -165,6 +165,8 @@ def cancel(c: Context, order_id: str) -> None:
         # An investigation a block escalated: the order it asks about never runs again.
         of = f"; it investigated why {child['investigated']} was blocked" if child.get("investigated") else ""
         click.echo(f"{child['id']}: {child['status']} with {r['id']} (it was {child['was']}{of})")
+    for waiter in r.get("blocked") or ():  # what waited for them can never run now
+        click.echo(f"{waiter['id']}: blocked, it waited for {waiter['waited_for']}, which can never be done now")
 
 
 @click.command(cls=Command)

@@ -589,3 +589,24 @@ def test_a_cancel_that_meets_a_supervisor_starting_is_asked_of_it(make_ws: Calla
         asking.join(timeout=60)
     assert failed == [] and got == {"id": queued, "status": "cancelled"}
     assert Store(ws.state).load(queued).status == "cancelled"
+
+
+def test_cancel_says_which_orders_waiting_for_it_are_blocked_now(make_ws: Callable[..., Workspace]) -> None:
+    """b waited for a, c for b: cancelling a blocked both (what they wait for can never be done),
+    and the command said only "a: cancelled"; the user learned of it from the board, if at all."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    ws = make_ws({"slow": {"role": "specialist", "command": STUBBORN}})
+    drop(ws, "slow", "a.md", order_md("Order a runs until cancelled", id="a"))
+    drop(ws, "slow", "b.md", order_md("Order b needs a", id="b", blocked_by=["a"]))
+    drop(ws, "slow", "c.md", order_md("Order c needs b", id="c", blocked_by=["b"]))
+    with Stepping(ws) as sup:
+        wait_until(lambda: len(_pids(ws, "a")) == 2 and len(sup.records) == 3, "a to run, b and c to wait")
+        said = CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "a"])
+    assert said.exit_code == 0, said.output
+    assert said.output.splitlines() == ["a: cancelled",
+                                        "b: blocked, it waited for a, which can never be done now",
+                                        "c: blocked, it waited for b, which can never be done now"]
+    assert [Store(ws.state).load(oid).status for oid in ("b", "c")] == ["blocked", "blocked"]
