@@ -342,17 +342,18 @@ class AttemptRunner(Interruptions):
                     act.cancel_waiting.append(waiting)
                 return bool(act.cancel_waiting)
             raise StateError(f"{rec.id} is being cancelled already: its processes are being stopped")
+        # On disk before the kill starts: a crash before the processes are gone ends it cancelled
+        # at the next start (`Interruptions`), as the command that asked may have been told, and
+        # saying who cancelled it and why (left to the step's end, a kill -9 meanwhile lost it).
+        rec.running = {**(rec.running or {}), "cancelled_by": by, **({"cancel_why": why} if why else {})}
+        self.sup.store.save(rec)
         try:
             self.sup.spawner.kill_soon(self._current_token(act), grace=CANCEL_GRACE)
         except CoordinatorError:
-            return False
+            return False  # cancelled at once by the caller, as the record now says
         act.cancelled, act.cancelled_by, act.cancel_why = True, by, why
         act.cancel_waiting.append(waiting)
         act.kill_due = self.timer() + CANCEL_GRACE + SIGKILL_WAIT + KILL_RETRY
-        # Kept in its record: a crash before the processes are gone ends it cancelled at the next
-        # start (`Interruptions`), as the command that asked may have been told.
-        rec.running = {**(rec.running or {}), "cancelled_by": by}
-        self.sup.store.save(rec, sync=False)
         return True
 
     def _end_cancelled(self, act: Active) -> None:

@@ -126,7 +126,10 @@ def started_without(ws: Workspace, agent: str) -> bool:
 def submit(ws: Workspace, action: str, args: dict[str, Any], *, timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:
     """Have the supervisor do `action`; returns its answer or raises its error."""
     if not supervisor_running(ws):
-        return _serve_offline(ws, action, args)
+        try:
+            return _serve_offline(ws, action, args)
+        except _StartedMeanwhile:
+            pass  # asked of it, as of any supervisor that runs
     folder = requests_dir(ws)
     folder.mkdir(parents=True, exist_ok=True)
     name = f"{time.time_ns():020d}-{os.getpid()}"
@@ -153,7 +156,10 @@ def _await(ws: Workspace, request: Path, answer: Path, action: str, args: dict[s
             continue
         if _withdraw(request):  # not taken: it will never be done unless done here
             if stopped:
-                return _serve_offline(ws, action, args)
+                try:
+                    return _serve_offline(ws, action, args)
+                except _StartedMeanwhile:  # another started as this one stopped: asked of it
+                    return submit(ws, action, args, timeout=timeout)
             raise SupervisorError(f"the supervisor did not answer within {timeout:.0f}s, so nothing was done; "
                                   "is it stuck? (`coordinator doctor`)")
         break
@@ -203,14 +209,27 @@ def _withdraw(request: Path) -> bool:
     return True
 
 
+class _StartedMeanwhile(Exception):
+    """A supervisor started between the look and the command's own open: it holds the workspace."""
+
+
 def _serve_offline(ws: Workspace, action: str, args: dict[str, Any]) -> dict[str, Any]:
     from .supervisor import Supervisor
     from .watcher import NullWatcher
 
     # Opening the workspace puts back what was changed by hand (a signal, said to the user too).
-    with Supervisor(ws, watcher=NullWatcher(), offline=True) as sup:
-        result = sup.handle(action, args)
-        sup.step_commit()
+    opened = False
+    try:
+        with Supervisor(ws, watcher=NullWatcher(), offline=True) as sup:
+            opened = True
+            result = sup.handle(action, args)
+            sup.step_commit()
+    except SupervisorError:
+        # A start that took the lock first: nothing was done here, and "another supervisor is
+        # running; stop it first" told the user to stop the supervisor that can do it.
+        if not opened and supervisor_running(ws):
+            raise _StartedMeanwhile from None
+        raise
     notes = sup.signals_told
     return {**result, "notes": notes} if notes else result
 
@@ -336,11 +355,13 @@ class CancelAnswer:
     taken: Path
     result: dict[str, Any]
     left: set[str] = field(default_factory=set)
+    waited: set[str] = field(default_factory=set)  # the orders waiting when the cancel began
 
-    def ended(self, rec: Record, warning: str | None) -> None:
+    def ended(self, sup: Supervisor, rec: Record, warning: str | None) -> None:
         self.left.discard(rec.id)
         _said(self.result, rec, warning)
         if not self.left:
+            _blocked_with(sup, self.result, self.waited)
             answer(self.taken, result=self.result)
 
 
@@ -359,7 +380,7 @@ def _said(result: dict[str, Any], rec: Record, warning: str | None) -> None:
 def cancel(sup: Supervisor, order_id: str, by: str, taken: Path | None) -> dict[str, Any] | None:
     """Cancel `order_id` and, with it, the work it sent that has not ended: its children (the
     orders its outbox or its model's plan sent), each followed along its route, and theirs,
-    however deep (`live_work`). A running one is killed in the background when a supervisor
+    however deep, and the investigations its block (or theirs) escalated (`live_work`). A running one is killed in the background when a supervisor
     runs (`AttemptRunner.cancel_soon`): then None, and the command waiting on `taken` is
     answered once no process of any of them is left. Else the answer: the order, its status
     and the orders cancelled with it (`with`), each with the status it had."""
@@ -374,24 +395,56 @@ def cancel(sup: Supervisor, order_id: str, by: str, taken: Path | None) -> dict[
             went_on += ": cancel that one" if route.status in CANCELLABLE else ""
         raise StateError(f"{rec.id} is {rec.status}; only queued, waiting, running, blocked or halted orders "
                          f"can be cancelled{went_on}")
-    work = live_work(sup.records, rec)  # before anything moves
+    escalated: set[str] = set()
+    work = live_work(sup.records, rec, escalated=escalated)  # before anything moves
     result: dict[str, Any] = {"id": rec.id, "status": rec.status}
     if work:
-        result["with"] = [{"id": child.id, "was": child.status, "status": child.status} for child, _ in work]
+        result["with"] = [{"id": child.id, "was": child.status, "status": child.status,
+                           **({"investigated": parent} if child.id in escalated else {})} for child, parent in work]
+    waited = {r.id for r in sup.records.values() if r.status == "waiting"}
     # Answered when the last of them has ended: never while they are being cancelled here.
-    pending = CancelAnswer(taken, result) if taken is not None else None
+    pending = CancelAnswer(taken, result, waited=waited) if taken is not None else None
     _cancel_one(sup, rec, by, "", pending, result, first=True)
     for child, parent in _dependents_first(sup.records, work):
         child = sup.whole(child)
         if child.terminal:  # ended meanwhile: not cancelled here, nor said to be
             result["with"] = [e for e in result["with"] if e["id"] != child.id]
             continue
-        why = (f"its request {rec.id} was cancelled by {by}" if parent == rec.id
-               else f"sent by {parent} for {rec.id}, which was cancelled by {by}")
+        if child.id in escalated:  # nothing is left to investigate: a cancelled order never runs again
+            why = (f"it investigated why {parent} was blocked, and {parent} was cancelled by {by}" if parent == rec.id
+                   else f"it investigated why {parent} was blocked, and {parent} was cancelled with {rec.id} by {by}")
+        else:
+            why = (f"its request {rec.id} was cancelled by {by}" if parent == rec.id
+                   else f"sent by {parent} for {rec.id}, which was cancelled by {by}")
         _cancel_one(sup, child, by, why, pending, result, first=False)
     if pending is not None and pending.left:
         return None
+    _blocked_with(sup, result, waited)
     return result
+
+
+def _blocked_with(sup: Supervisor, result: dict[str, Any], waited: set[str]) -> None:
+    """Say in `result` which orders (not cancelled with it) waited for the ones cancelled and
+    are blocked now: cancelled, what they waited for can never be done (SPEC §3), and the
+    command said nothing of them. Each with the order it waited for; in the order of a chain."""
+    ended = {str(result["id"]), *(str(e["id"]) for e in result.get("with", ()))}
+    blocked: list[dict[str, str]] = []
+    todo = sorted((sup.records[i] for i in waited if i in sup.records and sup.records[i].status == "blocked"),
+                  key=lambda r: r.seq)
+    while todo:
+        left = []
+        for rec in todo:
+            dead = ended_undone(sup.records, rec.dependencies)
+            if dead is not None and dead[1].id in ended:
+                blocked.append({"id": rec.id, "waited_for": dead[0]})
+                ended.add(rec.id)
+            else:
+                left.append(rec)
+        if len(left) == len(todo):
+            break
+        todo = left
+    if blocked:
+        result["blocked"] = blocked
 
 
 def _cancel_one(sup: Supervisor, rec: Record, by: str, why: str, pending: CancelAnswer | None,
@@ -434,24 +487,44 @@ def _dependents_first(records: dict[str, Record], work: list[tuple[Record, str]]
     return ordered + list(by_id.values())  # a cycle (never filed): the rest as found
 
 
-def live_work(records: dict[str, Record], rec: Record) -> list[tuple[Record, str]]:
+def live_work(records: dict[str, Record], rec: Record, *,
+              escalated: set[str] | None = None) -> list[tuple[Record, str]]:
     """The orders sent for `rec`'s work that have not ended, each with the order it was sent
     for: its children, each followed along its route (a route's follow-up carries the same
     work on), and their children in turn, however deep; an ended one's too (a done order's
-    outbox sent work for the same request). Escalations are not followed: an investigation
-    of a blocked order is the escalation agent's own work."""
+    outbox sent work for the same request). The investigations that the blocks of `rec`, and
+    of each order found, escalated are its work too: one asks what would unblock an order
+    that, cancelled, can never run again. Their ids (and their follow-ups') go in `escalated`."""
     found: list[tuple[Record, str]] = []
     seen, todo = {rec.id}, [rec]
+    investigations = _escalations(records)
     while todo:
         node = todo.pop(0)
-        for child_id in node.children:
+        # Only of an order cancelled here: a blocked child that stays blocked keeps its own.
+        asked = investigations.get(node.id, []) if node is rec or not node.terminal else []
+        for child_id, by_escalation in [*((c, False) for c in node.children), *((e, True) for e in asked)]:
             link = records.get(child_id)
             while link is not None and link.id not in seen:
                 seen.add(link.id)
+                if by_escalation and escalated is not None:
+                    escalated.add(link.id)
                 if not link.terminal:
                     found.append((link, link.parent if link.parent in seen else node.id))
                 todo.append(link)
                 link = records.get(link.routed_to) if link.status == "routed" and link.routed_to else None
+    return found
+
+
+ESCALATION_SOURCE = "escalation of "
+
+
+def _escalations(records: dict[str, Record]) -> dict[str, list[str]]:
+    """The investigations filed for each blocked order (the supervisor files them, `escalation
+    of ID/...`), oldest first: a retried order blocked again has one for each block."""
+    found: dict[str, list[str]] = {}
+    for r in sorted(records.values(), key=lambda r: r.seq):
+        if r.sender == "coordinator" and r.source.startswith(ESCALATION_SOURCE):
+            found.setdefault(r.source[len(ESCALATION_SOURCE):].split("/", 1)[0], []).append(r.id)
     return found
 
 
@@ -464,7 +537,7 @@ def cancelled(sup: Supervisor, rec: Record, by: str, waiting: list[CancelAnswer]
         _cancel(sup, rec, by, warning, why=why)
     sup._write_state()  # on disk before the command hears it: it may read the records next
     for pending in waiting:
-        pending.ended(rec, warning)
+        pending.ended(sup, rec, warning)
 
 
 def _cancel(sup: Supervisor, rec: Record, by: str, warning: str | None, *, why: str = "") -> dict[str, Any]:

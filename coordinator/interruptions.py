@@ -71,11 +71,13 @@ class Interruptions(Endings):
             if repo_name:
                 with contextlib.suppress(CoordinatorError):
                     self.repo(str(repo_name)).remove_worktree(rec.id, Path(str(info.get("workdir", ""))), keep=False)
+            why = info.get("cancel_why")  # cancelled as the work of an order that was: why, as said before
+            why = why if isinstance(why, str) and why else ""
             rec.running = None
-            rec.report = {"summary": f"cancelled by {by}"}
+            rec.report = {"summary": f"cancelled: {why}" if why else f"cancelled by {by}"}
             self.sup.say(f"recovery: {rec.id} was being cancelled when the supervisor stopped: it is cancelled, "
                          "not run again")
-            return self.sup.move(rec, "cancelled", by)
+            return self.sup.move(rec, "cancelled", by, note=why or None)
         if agent is not None and agent.is_orchestrator and rec.children:
             # Now: resumed, its folder is set aside (`runner.prepare`) out of `recover`'s reach.
             self._defuse(rec.id, runner.attempt_folder(self.ws, rec.id, number))

@@ -141,7 +141,8 @@ def show(c: Context, order_id: str, as_json: bool) -> None:
 @pass_ctx
 def cancel(c: Context, order_id: str) -> None:
     """Cancel a queued, waiting or running order (its processes are killed),
-    and with it the orders it sent that have not ended.
+    and with it the orders it sent that have not ended, and the investigation
+    a block of it escalated.
 
     A running order's cancel is answered once its processes are gone: the
     command waits for that, then says the order is cancelled.
@@ -161,7 +162,11 @@ def cancel(c: Context, order_id: str) -> None:
         click.echo(f"coordinator: {r['warning']}", err=True)
     click.echo(f"{r['id']}: {r['status']}")
     for child in r.get("with") or ():  # the work it sent that had not ended
-        click.echo(f"{child['id']}: {child['status']} with {r['id']} (it was {child['was']})")
+        # An investigation a block escalated: the order it asks about never runs again.
+        of = f"; it investigated why {child['investigated']} was blocked" if child.get("investigated") else ""
+        click.echo(f"{child['id']}: {child['status']} with {r['id']} (it was {child['was']}{of})")
+    for waiter in r.get("blocked") or ():  # what waited for them can never run now
+        click.echo(f"{waiter['id']}: blocked, it waited for {waiter['waited_for']}, which can never be done now")
 
 
 @click.command(cls=Command)

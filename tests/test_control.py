@@ -3,6 +3,7 @@ knows whether it was done, also when the supervisor is slow, stops, or died whil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -490,3 +491,122 @@ def test_an_order_the_request_sent_that_waits_for_another_it_sent_is_cancelled_n
     review = Store(ws.state).load("req-review")
     assert (review.status, review.report["summary"]) == ("cancelled", "cancelled: its request req was cancelled by user")
     assert [h["to"] for h in review.history] == ["waiting", "cancelled"]
+
+
+def test_cancel_of_a_blocked_order_cancels_the_investigation_its_block_escalated(
+        make_ws: Callable[..., Workspace]) -> None:
+    """The blocked order was cancelled for good, but rex's investigation of why it was blocked
+    (what would unblock it) kept running, and the command said nothing of it. Now the
+    investigation is cancelled with it, its processes gone before the answer, and listed."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("exit 1"), "max_failures": 1},
+                  "rex": {"role": "specialist", "command": STUBBORN}}, escalate_to="rex")
+    drop(ws, "chip", "a.md", order_md("Order a fails and is blocked", id="a"))
+    with Stepping(ws) as sup:
+        wait_until(lambda: sup.records.get("a") is not None and sup.records["a"].status == "blocked"
+                   and len(sup.records) == 2, "a to be blocked and escalated")
+        investigation = next(oid for oid in sup.records if oid != "a")
+        wait_until(lambda: len(_pids(ws, investigation)) == 2, "the investigation to run")
+        pids = _pids(ws, investigation)
+        said = CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "a"])
+        gone = [_alive(p) for p in pids]
+    assert said.exit_code == 0, said.output
+    assert said.output.splitlines() == [
+        "a: cancelled",
+        f"{investigation}: cancelled with a (it was running; it investigated why a was blocked)"]
+    assert gone == [False, False]
+    rec = Store(ws.state).load(investigation)
+    assert (rec.status, rec.report["summary"]) == (
+        "cancelled", "cancelled: it investigated why a was blocked, and a was cancelled by user")
+
+
+def test_the_work_of_a_request_being_cancelled_when_the_supervisor_dies_says_why_after_the_next_start(
+        make_ws: Callable[..., Workspace], tmp_path: Path) -> None:
+    """req-code was being stopped, cancelled with its request, when the supervisor was killed:
+    after the next start it was cancelled, but its report said only "cancelled by user" and its
+    history no reason, as if someone had cancelled it by hand. Now it says why, as it would have."""
+    walt = _outbox_orders(tmp_path / "walt-out", {"chip": {"req-code": order_md("Write the code", id="req-code")}})
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], "command": sh(walt)},
+                  "chip": {"role": "specialist", "command": STUBBORN}}, orchestrator="walt")
+    drop(ws, "walt", "req.md", order_md("Get the code written", id="req"))
+    sup = Supervisor(ws)
+    sup.open()
+    try:
+        step_until(sup, lambda: len(_pids(ws, "req-code")) == 2, "the code to run")
+        def cancel() -> None:
+            with contextlib.suppress(SupervisorError):  # told it stopped before it answered
+                control.submit(ws, "cancel", {"id": "req"})
+
+        threading.Thread(target=cancel, daemon=True).start()
+        wait_until(lambda: any(n.endswith(control.REQUEST) for n in requests(ws)), "the cancel to be asked")
+        sup.step()  # taken, req-code's kill under way
+        assert sup.records["req-code"].status == "running"
+    finally:
+        sup.close(clean=False, chosen=False)  # as a crash leaves it
+    lines: list[str] = []
+    with Supervisor(ws, log=lines.append) as again:
+        again.run_once(limit=10)
+    rec = Store(ws.state).load("req-code")
+    why = "its request req was cancelled by user"
+    assert (rec.status, rec.report["summary"]) == ("cancelled", f"cancelled: {why}")
+    assert (rec.history[-1]["to"], rec.history[-1]["actor"], rec.history[-1].get("note")) == ("cancelled", "user", why)
+
+
+def test_a_cancel_that_meets_a_supervisor_starting_is_asked_of_it(make_ws: Callable[..., Workspace]) -> None:
+    """A cancel run as the supervisor started saw none running, then found the workspace
+    taken: it failed with "another supervisor is running; stop it first", telling the user to
+    stop the supervisor that would have done it. Now the request goes to that supervisor."""
+    ws = make_ws({"slow": {"role": "specialist", "command": STUBBORN}})
+    drop(ws, "slow", "a.md", order_md("Order a waits behind b", id="a"))
+    drop(ws, "slow", "b.md", order_md("Order b runs until cancelled", id="b"))
+    with Stepping(ws) as sup:
+        wait_until(lambda: sorted(r.status for r in sup.records.values()) == ["queued", "running"],
+                   "one to run, one to wait")
+    queued = next(r.id for r in Store(ws.state).load_all().values() if r.status == "queued")
+    got: dict[str, Any] = {}
+    failed: list[CoordinatorError] = []
+
+    def cancel() -> None:
+        try:
+            got.update(control.submit(ws, "cancel", {"id": queued}))
+        except CoordinatorError as e:
+            failed.append(e)
+
+    holder = Supervisor(ws, offline=True)  # a command serving itself holds the workspace
+    holder.open()
+    starting = Stepping(ws)
+    asking = threading.Thread(target=cancel)
+    try:
+        asking.start()
+        time.sleep(1.0)  # it saw no supervisor, and waits for the command's lock
+        holder.close()
+        with starting:  # the supervisor takes the lock first
+            asking.join(timeout=60)
+    finally:
+        asking.join(timeout=60)
+    assert failed == [] and got == {"id": queued, "status": "cancelled"}
+    assert Store(ws.state).load(queued).status == "cancelled"
+
+
+def test_cancel_says_which_orders_waiting_for_it_are_blocked_now(make_ws: Callable[..., Workspace]) -> None:
+    """b waited for a, c for b: cancelling a blocked both (what they wait for can never be done),
+    and the command said only "a: cancelled"; the user learned of it from the board, if at all."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    ws = make_ws({"slow": {"role": "specialist", "command": STUBBORN}})
+    drop(ws, "slow", "a.md", order_md("Order a runs until cancelled", id="a"))
+    drop(ws, "slow", "b.md", order_md("Order b needs a", id="b", blocked_by=["a"]))
+    drop(ws, "slow", "c.md", order_md("Order c needs b", id="c", blocked_by=["b"]))
+    with Stepping(ws) as sup:
+        wait_until(lambda: len(_pids(ws, "a")) == 2 and len(sup.records) == 3, "a to run, b and c to wait")
+        said = CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "a"])
+    assert said.exit_code == 0, said.output
+    assert said.output.splitlines() == ["a: cancelled",
+                                        "b: blocked, it waited for a, which can never be done now",
+                                        "c: blocked, it waited for b, which can never be done now"]
+    assert [Store(ws.state).load(oid).status for oid in ("b", "c")] == ["blocked", "blocked"]
