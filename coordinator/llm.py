@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
 import httpx
 
@@ -65,6 +65,8 @@ MIN_SECRET_PREFIX = 8  # a cut excerpt ending in this much of a key is scrubbed 
 PLAIN_JSON_HINT = "Reply with one JSON object and nothing else: no prose, no code fences."
 # Half of a character: httpx cannot encode it, so it is never sent (U+FFFD goes instead).
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# A query parameter whose value is a secret, by its name (a reply saying another one is no leak).
+SECRET_PARAM = re.compile(r"key|token|secret|sig|pass|auth|cred|session|code", re.I)
 HEADER_SAFE = re.compile("[\x21-\x7e]+")  # what an API key is made of: visible ASCII, no spaces
 
 
@@ -215,7 +217,7 @@ class Client:
 
     def holds_key(self, text: str) -> bool:
         """Whether `text` holds a key of this client's chain (of at least MIN_REFUSED_KEY characters)."""
-        return any(key in text for key in self._secrets() if len(key) >= MIN_REFUSED_KEY)
+        return any(key in text for key in self._secrets(refusable=True) if len(key) >= MIN_REFUSED_KEY)
 
     @property
     def spent(self) -> float:
@@ -485,12 +487,14 @@ class Client:
                 f"{endpoint.api_key_env} is not set; export it with the API key (in the supervisor's "
                 "environment), or set api_key_env: null for a server that needs no key")
 
-    def _secrets(self) -> list[str]:
+    def _secrets(self, *, refusable: bool = False) -> list[str]:
+        """Every key of the chain, and what its URLs hold; `refusable`: without the query values
+        named like no secret (a gateway's api-version: a reply may well say "2024-08-01-preview")."""
         raw = {self._env.get(e.api_key_env, "") for e in self.settings.chain if e.api_key_env}
         # The key as set and as sent, and as a message may quote it (escaped, like b'\n').
         found = {form for key in raw for k in (key, key.strip())
                  for form in (k, k.encode("unicode_escape").decode("ascii"))}
-        found |= {s for e in self.settings.chain for s in url_secrets(e.base_url)}
+        found |= {s for e in self.settings.chain for s in url_secrets(e.base_url, named=refusable)}
         # Longest first, so a key that contains another is scrubbed whole.
         return sorted((s for s in found if len(s) >= MIN_SECRET), key=len, reverse=True)
 
@@ -651,30 +655,44 @@ def in_clear(url: str) -> bool:
 
 def shown_url(url: str) -> str:
     """`url` as it may be shown and stored: a user name and password in it (a proxy's basic auth)
-    are a secret like the key, never written to a record, a log or the model's next brief."""
+    and each value of its query (a gateway's `?api-key=...`) are a secret like the key, never
+    written to a record, a log or the model's next brief: `key=***` stands for `key=<the key>`."""
     try:
         parts = urlsplit(url)
         host = parts.hostname
     except ValueError:
         return url
-    if "@" not in parts.netloc or host is None:
+    if host is None or ("@" not in parts.netloc and not parts.query):
         return url
-    netloc = f"{REDACTED}@" + parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=netloc))
+    if "@" in parts.netloc:
+        parts = parts._replace(netloc=f"{REDACTED}@" + parts.netloc.rsplit("@", 1)[1])
+    if parts.query:
+        parts = parts._replace(query="&".join(
+            f"{item.split('=', 1)[0]}={REDACTED}" if "=" in item else REDACTED if item else item
+            for item in parts.query.split("&")))
+    return urlunsplit(parts)
 
 
-def url_secrets(url: str) -> set[str]:
-    """The user information of `url`, as written and decoded: scrubbed wherever an error echoes it."""
+def url_secrets(url: str, *, named: bool = False) -> set[str]:
+    """The user information and the query values of `url`, as written and decoded: scrubbed
+    wherever an error echoes them. `named`: of the query, only the values named like a secret
+    (`key`, `token`, `sig`...) or with no name."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return set()
-    if "@" not in parts.netloc:
-        return set()
-    info = parts.netloc.rsplit("@", 1)[0]
-    found = {info, unquote(info)}
-    if parts.password:
-        found |= {parts.password, unquote(parts.password)}
+    found: set[str] = set()
+    if "@" in parts.netloc:
+        info = parts.netloc.rsplit("@", 1)[0]
+        found |= {info, unquote(info)}
+        if parts.password:
+            found |= {parts.password, unquote(parts.password)}
+    for item in parts.query.split("&") if parts.query else ():
+        name, value = item.split("=", 1) if "=" in item else ("", item)
+        if named and name and not SECRET_PARAM.search(unquote_plus(name)):
+            continue
+        found |= {value, unquote(value), unquote_plus(value)}
+    found.discard("")
     return found
 
 

@@ -590,6 +590,29 @@ def test_a_password_in_the_base_url_is_sent_but_never_kept_nor_shown_to_the_mode
     assert not any(secret in text for text in [*lines, *caplog.messages, json.dumps(fake.chat_bodies())])
 
 
+def test_a_key_in_the_base_urls_query_is_sent_but_never_kept_nor_shown(make_ws, fake, caplog):
+    # Once: a gateway's ?api-key=... was written as is into each call's record and failure
+    # (state/, its git history), the attempt's log and journal, and the next attempt's brief.
+    secret = "gw-query-secret-77aa"
+    url = f"{fake.base_url}?api-version=2024-06-01&api-key={secret}"
+    ws = make_ws({"chip": coder(fake, llm=llm(fake, base_url=url, api_key_env=None))})
+    fake.script(status=500, json={"error": {"message": f"upstream refused {url}"}})
+    fake.script(content=reply(write("webapp/src/greeting.py")))
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",)))
+    lines: list[str] = []
+    run(ws, lines)
+
+    rec = load(ws, "g")
+    assert rec.status == "done" and rec.attempts == 2
+    assert fake.requests[0].path == f"/v1/chat/completions?api-version=2024-06-01&api-key={secret}"
+    assert "/v1?api-version=***&api-key=***: HTTP 500" in rec.failures[0]
+    for root in (ws.state, ws.runtime):
+        leaked = subprocess.run(["grep", "-rlaF", secret, str(root)], capture_output=True, text=True).stdout
+        assert leaked == ""
+    assert secret not in git(ws.state, "log", "-p", "--all")
+    assert not any(secret in text for text in [*lines, *caplog.messages, json.dumps(fake.chat_bodies())])
+
+
 def test_a_reply_that_echoes_the_key_is_sent_back_and_never_kept(make_ws, fake):
     # A hostile endpoint has the key (it was sent to it) and writes it into the reply: into the
     # summary (the report, in state/), an edit (a commit), or escaped so no text search finds it.

@@ -500,3 +500,22 @@ def test_a_plan_or_review_summary_a_report_could_not_hold_is_sent_back(fake: Fak
                            validate=lambda o, s: [])
     assert result.summary == "All done."
     assert "summary: contains a control character" in last_user_message(fake.chat_bodies()[1])
+
+
+def test_a_query_value_of_base_url_refuses_a_reply_only_when_it_is_named_a_secret(fake: FakeLLM) -> None:
+    """A gateway's ?api-version=2024-08-01-preview is no secret: a reply setting that version in
+    the code was refused three times as "holding the API key"; its ?api-key= value still is one."""
+    version = "2024-08-01-preview"
+    secret = "gw-0123456789abcdef"
+    edit = {"path": "webapp/src/az.py", "content": f'API_VERSION = "{version}"\n'}
+    fake.script(content=done(edit))
+    url = f"{fake.base_url}?api-version={version}&api-key={secret}"
+    client = Client(LLMSettings(primary=Endpoint("coder", url), max_retries=0), sleep=lambda s: None)
+    reply, _ = run_specialist(client, BRIEF, {"webapp/src/az.py": None}, allowed=in_src,
+                              outcomes_allowed=OUTCOMES)
+    assert reply.edits == (Edit("webapp/src/az.py", f'API_VERSION = "{version}"\n'),)
+
+    for _ in range(3):
+        fake.script(content=done({"path": "webapp/src/az.py", "content": f'KEY = "{secret}"\n'}))
+    with pytest.raises(LLMReplyError, match="holds the API key"):
+        run_specialist(client, BRIEF, {"webapp/src/az.py": None}, allowed=in_src, outcomes_allowed=OUTCOMES)
