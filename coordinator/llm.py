@@ -306,6 +306,13 @@ class Client:
                     attempts = retries + 1
                     suffix = f" (after {attempts} attempts)" if attempts > 1 else ""
                     return None, f.text + suffix
+                too_long = self._wait_too_long(f.retry_after)
+                if too_long:
+                    # A provider out of quota for the day: waiting is no retry, and the fallback
+                    # model may well answer now.
+                    log.warning("%s at %s: %s; %s", endpoint.model, shown_url(endpoint.base_url),
+                                f.text, too_long)
+                    return None, f"{f.text}; {too_long}"
                 delay = self._delay(retries, f.retry_after)
                 retries += 1
                 log.warning("%s at %s: %s; retry %d of %d in %.1fs", endpoint.model,
@@ -444,6 +451,8 @@ class Client:
 
     def _pause(self, seconds: float) -> None:
         """Wait before a retry; a stop ends the wait (with the injected sleep of tests, after it)."""
+        if self.deadline is not None:
+            seconds = min(seconds, max(0.0, self.deadline - self._clock()))  # then _check_stop says so
         if self._sleep is time.sleep:
             self._stopped.wait(seconds)
         else:
@@ -512,6 +521,19 @@ class Client:
         reason = self._spend_guard()
         if reason:
             raise SpendLimitReached(reason)
+
+    def _wait_too_long(self, retry_after: float | None) -> str:
+        """Why the wait a server asks for (Retry-After) is not worth waiting, or "": longer than
+        RETRY_AFTER_CAP, or than the order's timeout leaves."""
+        if retry_after is None:
+            return ""
+        asked = f"the provider asks to wait {_duration(retry_after)} before another try (Retry-After)"
+        if retry_after > RETRY_AFTER_CAP:
+            return f"{asked}, longer than the {RETRY_AFTER_CAP:g}s a retry waits at most: not retried"
+        if self.deadline is not None and retry_after >= self.deadline - self._clock():
+            left = max(0.0, self.deadline - self._clock())
+            return f"{asked}, longer than the {_duration(left)} the order's timeout leaves: not retried"
+        return ""
 
     def _delay(self, retries: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -607,6 +629,15 @@ def _whole_json(chunks: list[bytes]) -> bool:
     except (ValueError, RecursionError):
         return False
     return True
+
+
+def _duration(seconds: float) -> str:
+    """`seconds` as a person reads a wait: 45s, 12 min, 24 h."""
+    if seconds < 120:
+        return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.0f} h"
 
 
 def _retry_after(value: str | None) -> float | None:

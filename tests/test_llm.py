@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import gzip
 import logging
 import time
@@ -102,14 +103,46 @@ def test_429_is_retried_with_backoff_then_the_next_model_answers(fake: FakeLLM, 
     assert client.calls == reply.calls
 
 
-def test_retry_after_is_honoured_and_capped(fake: FakeLLM, sleeps: Sleeps) -> None:
+def test_retry_after_is_honoured(fake: FakeLLM, sleeps: Sleeps) -> None:
     fake.script(status=429, json={"error": {"message": "wait"}}, headers={"Retry-After": "3"})
-    fake.script(status=503, json={"error": {"message": "down"}}, headers={"Retry-After": "86400"})
     fake.script(content=OK)
     reply = Client(settings(Endpoint("m", fake.base_url), max_retries=3), sleep=sleeps).chat(
         [{"role": "user", "content": "hi"}])
     assert reply.text == OK
-    assert sleeps == [3.0, 60.0]
+    assert sleeps == [3.0]
+
+
+@pytest.mark.parametrize("after", ["86400", "DAY"])
+def test_a_retry_after_far_too_long_moves_on_to_the_fallback_at_once(fake: FakeLLM, after: str) -> None:
+    """A provider out of quota for the day (Retry-After: 86400, or a date a day away): the client
+    slept 60 s per retry, and past the order's timeout, the fallback never asked."""
+    if after == "DAY":
+        after = email.utils.formatdate(time.time() + 86400, usegmt=True)
+    fake.script(status=429, json={"error": {"message": "daily quota used up"}}, headers={"Retry-After": after})
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("m", fake.base_url), Endpoint("backup", fake.base_url), max_retries=3))
+    client.deadline = time.monotonic() + 30
+    started = time.monotonic()
+    reply = client.chat([{"role": "user", "content": "hi"}])
+    assert reply.model == "backup" and time.monotonic() - started < 5
+    assert [(c.model, c.status) for c in client.calls] == [("m", 429), ("backup", 200)]
+
+    fake.script(status=503, json={"error": {"message": "down"}}, headers={"Retry-After": "86400"})
+    alone = Client(settings(Endpoint("m", fake.base_url), max_retries=3))
+    with pytest.raises(LLMError) as info:
+        alone.chat([{"role": "user", "content": "hi"}])
+    assert "the provider asks to wait 24 h before another try (Retry-After)" in str(info.value)
+    assert len(alone.calls) == 1
+
+
+def test_a_retry_after_past_the_orders_timeout_is_not_waited_for(fake: FakeLLM) -> None:
+    fake.script(status=429, json={"error": {"message": "busy"}}, headers={"Retry-After": "30"})
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("m", fake.base_url), Endpoint("backup", fake.base_url), max_retries=3))
+    client.deadline = time.monotonic() + 5
+    started = time.monotonic()
+    reply = client.chat([{"role": "user", "content": "hi"}])
+    assert reply.model == "backup" and time.monotonic() - started < 3
 
 
 def test_a_dead_endpoint_is_retried_then_skipped(fake: FakeLLM, dead_url: str, sleeps: Sleeps) -> None:
