@@ -145,7 +145,7 @@ class _Failure(Exception):
 
     def __init__(self, text: str, *, status: int | None, retry: bool,
                  retry_after: float | None = None, rejects_json_mode: bool = False,
-                 usage: Usage | None = None) -> None:
+                 usage: Usage | None = None, timed_out: bool = False) -> None:
         super().__init__(text)
         self.text = text
         self.status = status
@@ -153,6 +153,7 @@ class _Failure(Exception):
         self.retry_after = retry_after
         self.rejects_json_mode = rejects_json_mode
         self.usage = usage  # what a 200 that is no good answer still used (and is billed for)
+        self.timed_out = timed_out  # no answer within llm.timeout
 
 
 class Client:
@@ -239,6 +240,7 @@ class Client:
         secrets = self._secrets()
         made: list[Call] = []
         last_errors: list[str] = []
+        timed_out = 0  # models asked whose last try ran out of llm.timeout
         unset: list[str] = []  # endpoints whose key variable is not set (or unusable): never asked
         http = httpx.Client(transport=self._transport, timeout=httpx.Timeout(self.settings.timeout))
         try:
@@ -251,10 +253,11 @@ class Client:
                     last_errors.append(f"{endpoint.model} at {shown_url(endpoint.base_url)}: not asked, "
                                        f"{self._unset_why(endpoint)}")
                     continue
-                reply, error = self._ask_endpoint(http, endpoint, headers, messages, json_object,
-                                                  secrets, made)
+                reply, error, slow = self._ask_endpoint(http, endpoint, headers, messages, json_object,
+                                                        secrets, made)
                 if reply is not None:
                     return reply
+                timed_out += slow
                 last_errors.append(f"{endpoint.model} at {shown_url(endpoint.base_url)}: {error}")
         finally:
             if self._transport is None:  # an injected transport belongs to the caller
@@ -263,13 +266,20 @@ class Client:
             # No model could be asked: retrying cannot help until someone sets the variable.
             raise LLMAuthError("; ".join(unset))
         summary = "; ".join(last_errors)
+        if timed_out == len(chain):
+            # Every model was asked and none answered in time: a fallback is no advice when there
+            # is none, nor when each timed out; the limit is what the user can change.
+            who = "the model did not answer" if len(chain) == 1 else "no model of the chain answered"
+            raise LLMError(f"{'every model failed: ' if len(chain) > 1 else ''}{summary}; {who} within "
+                           f"llm.timeout ({duration(self.settings.timeout)}): raise llm.timeout in the agent's "
+                           "llm settings if the model needs longer")
         raise LLMError(f"every model failed: {summary}; check the endpoints or add a fallback model")
 
     # -- one endpoint -------------------------------------------------------
 
     def _ask_endpoint(self, http: httpx.Client, endpoint: Endpoint, headers: dict[str, str],
                       messages: list[dict[str, str]], json_object: bool, secrets: list[str],
-                      made: list[Call]) -> tuple[Reply | None, str]:
+                      made: list[Call]) -> tuple[Reply | None, str, bool]:
         retries = 0
         plain_retried = False
         while True:
@@ -305,14 +315,14 @@ class Client:
                 if not f.retry or retries >= self.settings.max_retries:
                     attempts = retries + 1
                     suffix = f" (after {attempts} attempts)" if attempts > 1 else ""
-                    return None, f.text + suffix
+                    return None, f.text + suffix, f.timed_out
                 too_long = self._wait_too_long(f.retry_after)
                 if too_long:
                     # A provider out of quota for the day: waiting is no retry, and the fallback
                     # model may well answer now.
                     log.warning("%s at %s: %s; %s", endpoint.model, shown_url(endpoint.base_url),
                                 f.text, too_long)
-                    return None, f"{f.text}; {too_long}"
+                    return None, f"{f.text}; {too_long}", False
                 delay = self._delay(retries, f.retry_after)
                 retries += 1
                 log.warning("%s at %s: %s; retry %d of %d in %.1fs", endpoint.model,
@@ -325,7 +335,7 @@ class Client:
             self._record(call, made)
             return Reply(text=text, model=endpoint.model, usage=usage,
                          cost=sum(c.cost for c in made), calls=tuple(made), endpoint=endpoint,
-                         cut=cut), ""
+                         cut=cut), "", False
 
     def _post(self, http: httpx.Client, endpoint: Endpoint, headers: dict[str, str],
               messages: list[dict[str, str]], use_format: bool, json_object: bool,
@@ -345,7 +355,7 @@ class Client:
             response = self._fetch(http, url, body, headers)
         except httpx.TimeoutException:
             raise _Failure(f"timed out after {self.settings.timeout:g}s", status=None,
-                           retry=True) from None
+                           retry=True, timed_out=True) from None
         except httpx.ConnectError as e:
             raise _Failure(_redact(f"cannot connect ({_reason(e)})", secrets), status=None,
                            retry=True) from None
@@ -424,8 +434,8 @@ class Client:
             if timeout < self.settings.timeout:
                 # The order's deadline, not llm.timeout, bounded the wait: the record says the
                 # real wait, not an llm.timeout that was never waited for.
-                raise _Failure(f"timed out after {timeout:.1f}s, when the order's timeout ran out",
-                               status=None, retry=True) from None
+                # No retry nor fallback has any time left: the attempt is over.
+                raise LLMTimeout(f"timed out after {timeout:.1f}s, when the order's timeout ran out") from None
             raise
         self._check_cut(chunks)  # a stop that shut the connection ends the answer early, not whole
         # Decoded already (gzip and the like): the whole answer, as a plain response.
@@ -527,12 +537,12 @@ class Client:
         RETRY_AFTER_CAP, or than the order's timeout leaves."""
         if retry_after is None:
             return ""
-        asked = f"the provider asks to wait {_duration(retry_after)} before another try (Retry-After)"
+        asked = f"the provider asks to wait {duration(retry_after)} before another try (Retry-After)"
         if retry_after > RETRY_AFTER_CAP:
             return f"{asked}, longer than the {RETRY_AFTER_CAP:g}s a retry waits at most: not retried"
         if self.deadline is not None and retry_after >= self.deadline - self._clock():
             left = max(0.0, self.deadline - self._clock())
-            return f"{asked}, longer than the {_duration(left)} the order's timeout leaves: not retried"
+            return f"{asked}, longer than the {duration(left)} the order's timeout leaves: not retried"
         return ""
 
     def _delay(self, retries: int, retry_after: float | None) -> float:
@@ -631,7 +641,7 @@ def _whole_json(chunks: list[bytes]) -> bool:
     return True
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     """`seconds` as a person reads a wait: 45s, 12 min, 24 h."""
     if seconds < 120:
         return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"

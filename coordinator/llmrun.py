@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from . import gate, llmagent, paths, results
 from .conversation import Outcome, launch, model_brief, new_client, one_line, record_usage
 from .errors import CoordinatorError, LLMAuthError
-from .llm import LLMTimeout, SpendLimitReached
+from .llm import LLMTimeout, SpendLimitReached, duration
 from .orchestration import (
     blocked_at_chain_end,
     file_plan,
@@ -91,7 +91,10 @@ def _judge(runner: AttemptRunner, act: Active, out: Outcome) -> None:
         return runner._end_cancelled(act)
     reason = None
     if act.timed_out or isinstance(out.error, LLMTimeout):
-        reason = f"{act.agent.name}'s model did not answer within the order's timeout"
+        # What to change, not "add a fallback model": no model of any chain answers in no time.
+        reason = (f"{act.agent.name}'s model did not answer within the order's timeout "
+                  f"({duration(act.deadline - act.began)}); if it needs longer, raise the order's "
+                  f"`timeout:` or agents.{act.agent.name}.timeout in coordinator.yaml")
     elif out.error is not None:
         if isinstance(out.error, SpendLimitReached | LLMAuthError):
             # Retrying cannot help: the same limit or the same key stops the next attempt too.

@@ -178,6 +178,35 @@ def test_a_call_cut_by_the_orders_deadline_says_the_real_wait_not_llm_timeout(fa
     assert client.calls[0].latency < 5
 
 
+def test_a_model_that_never_answers_in_time_says_raise_llm_timeout_not_add_a_fallback(
+        fake: FakeLLM, sleeps: Sleeps) -> None:
+    """With no fallback configured, "add a fallback model" was the advice for a model that was
+    only slow: what happened (llm.timeout, how long) and what to change is said instead."""
+    for _ in range(2):
+        fake.script(delay=30, content=OK)  # answered only when the server stops
+    client = Client(settings(Endpoint("slow", fake.base_url), max_retries=1, timeout=0.3), sleep=sleeps)
+    with pytest.raises(LLMError) as info:
+        client.chat([{"role": "user", "content": "hi"}])
+    message = str(info.value)
+    assert "timed out after 0.3s (after 2 attempts)" in message
+    assert "did not answer within llm.timeout (0.3s): raise llm.timeout" in message
+    assert "fallback" not in message
+
+
+def test_a_call_cut_by_the_orders_deadline_is_not_retried_nor_blamed_on_the_endpoint(fake: FakeLLM) -> None:
+    fake.script(delay=30, content=OK)
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("slow", fake.base_url), Endpoint("backup", fake.base_url),
+                             max_retries=2, timeout=10.0))
+    client.deadline = time.monotonic() + 0.5
+    started = time.monotonic()
+    with pytest.raises(llm.LLMTimeout) as info:
+        client.chat([{"role": "user", "content": "hi"}])
+    assert time.monotonic() - started < 3
+    assert "order's timeout" in str(info.value) and "fallback" not in str(info.value)
+    assert [c.model for c in client.calls] == ["slow"]
+
+
 def test_401_fails_at_once_naming_model_and_url(fake: FakeLLM, sleeps: Sleeps) -> None:
     fake.script(status=401, json={"error": {"message": "bad key"}})
     fake.script(content=OK)  # the fallback must not be asked

@@ -1098,6 +1098,25 @@ def test_a_model_that_trickles_its_answer_is_stopped_by_the_orders_timeout_or_a_
         assert [u["status"] for u in rec.usage] == [None]  # cut at the deadline, never retried
 
 
+def test_a_model_cut_by_the_orders_timeout_says_how_long_and_what_to_raise(make_ws, fake):
+    """No fallback configured, and the order's timeout cut the only model: the report said
+    "check the endpoints or add a fallback model", advice for another failure."""
+    fake.script(delay=30, content=reply())  # answered only when the server stops
+    chip = coder(fake, max_failures=1)
+    ws = make_ws({"chip": chip})
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",), timeout="1s"))
+    run(ws)
+
+    rec = load(ws, "g")
+    assert rec.status == "blocked"
+    summary = rec.report["summary"]
+    assert "chip's model did not answer within the order's timeout (1.0s)" in summary, summary
+    assert "raise the order's `timeout:` or agents.chip.timeout" in summary
+    assert "fallback" not in summary and "check the endpoints" not in summary
+    (call,) = rec.usage  # cut at the deadline, never retried
+    assert call["status"] is None and call["error"].endswith("s, when the order's timeout ran out")
+
+
 def test_a_model_that_trickles_its_answer_is_cut_at_llm_timeout_and_the_fallback_answers(make_ws, fake):
     """A proxy that sends keep-alive whitespace for a hung model: every read comes in time, but
     the call is over at llm.timeout, and the fallback model does the work (not the order's
