@@ -642,12 +642,16 @@ def _whole_json(chunks: list[bytes]) -> bool:
 
 
 def duration(seconds: float) -> str:
-    """`seconds` as a person reads a wait: 45s, 12 min, 24 h."""
+    """`seconds` as a person reads a wait: 45s, 12 min, 24 h, 3 days."""
+    if not math.isfinite(seconds):
+        return "forever"
     if seconds < 120:
         return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
     if seconds < 2 * 3600:
         return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.0f} h"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
 
 
 def _retry_after(value: str | None) -> float | None:
