@@ -456,6 +456,10 @@ def _converse(client: Client, messages: list[dict[str, str]],
             result, errors = check(data)
             if result is not None and not errors:
                 return result, replies
+            if reply.cut:
+                # What was found is a piece of the reply (an edit of the list the limit cut off
+                # whole): "missing key 'outcome'" sent the model, and the user, after the wrong thing.
+                errors = [_cut_error(client)]
         elif reply.cut:
             # Not a broken rule but a limit: "not JSON" alone would send the user hunting the model.
             errors = [_cut_error(client), *errors]

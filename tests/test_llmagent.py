@@ -118,6 +118,22 @@ def test_a_reply_cut_off_at_the_token_limit_says_so_not_just_that_it_is_not_json
     assert "raise llm.max_tokens" in last_user_message(fake.chat_bodies()[1])
 
 
+def test_a_reply_cut_in_its_second_edit_says_it_was_cut_not_that_outcome_is_missing(fake: FakeLLM) -> None:
+    # The first edit of a cut reply is a whole JSON object: it was taken for the reply, and the
+    # model was told "missing required key 'outcome'" three times, the user too.
+    text = ('{"outcome": "done", "summary": "Added it.", "edits": [{"path": "webapp/src/a.py", '
+            '"content": "x = 1\\n"}, {"path": "webapp/src/b.py", "content": "def f():\\n    retu')
+    for _ in range(3):
+        fake.script(json={"choices": [{"message": {"content": text}, "finish_reason": "length"}]})
+    client = Client(LLMSettings(primary=Endpoint("coder", fake.base_url), max_retries=0, max_tokens=60))
+    with pytest.raises(LLMReplyError) as info:
+        run_specialist(client, BRIEF, {}, allowed=in_src, outcomes_allowed=OUTCOMES)
+    assert "cut off at the agent's llm.max_tokens (60)" in str(info.value)
+    assert "outcome" not in str(info.value)
+    assert "raise llm.max_tokens" in last_user_message(fake.chat_bodies()[1])
+    assert "missing required key" not in last_user_message(fake.chat_bodies()[1])
+
+
 def test_an_edit_outside_what_the_order_allows_is_sent_back(fake: FakeLLM) -> None:
     fake.script(content=done({"path": "webapp/config/secrets.env", "content": "X=1\n"}))
     fake.script(content=done({"path": "webapp/src/login.ts", "content": "ok\n"}))
