@@ -535,3 +535,14 @@ def test_a_query_value_of_base_url_refuses_a_reply_only_when_it_is_named_a_secre
         fake.script(content=done({"path": "webapp/src/az.py", "content": f'KEY = "{secret}"\n'}))
     with pytest.raises(LLMReplyError, match="holds the API key"):
         run_specialist(client, BRIEF, {"webapp/src/az.py": None}, allowed=in_src, outcomes_allowed=OUTCOMES)
+
+
+def test_a_reply_missing_two_keys_is_told_of_each(fake: FakeLLM) -> None:
+    # Once: "missing required key 'outcome'" twice, and 'summary' never named, so the model's
+    # next try still missed it and a re-ask was spent on it.
+    fake.script(content=json.dumps({"edits": []}))
+    fake.script(content=done())
+    reply, _ = run_specialist(client_for(fake), BRIEF, {}, allowed=in_src, outcomes_allowed=OUTCOMES)
+    assert reply.outcome == "done"
+    told = last_user_message(fake.chat_bodies()[1])
+    assert "- reply: missing required key 'outcome'\n- reply: missing required key 'summary'\n" in told
