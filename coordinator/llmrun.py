@@ -190,7 +190,12 @@ def current_files(act: Active) -> tuple[dict[str, str | None], dict[str, llmagen
                 # It may lie outside the working copy (a link to ~/.ssh): never sent to a model.
                 unseen[key] = llmagent.Unseen(f"not sent: it lies behind the symbolic link {link}")
                 continue
-            if not path.is_file() or path.is_symlink():
+            if path.is_symlink():
+                # It may point outside the working copy: never sent, nor written through. Told
+                # "missing", the model wrote it anew, three times refused.
+                unseen[key] = llmagent.Unseen("not sent: it is a symbolic link")
+                continue
+            if not path.is_file():
                 out[key] = None
                 continue
             text, why = _file_text(path)

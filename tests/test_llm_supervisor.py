@@ -605,6 +605,24 @@ def test_a_folder_in_the_orders_files_sends_the_model_the_files_in_it(make_ws, f
     assert (ws.repos / "webapp" / "src" / "greeting.py").read_text() == GREETING
 
 
+def test_a_symbolic_link_in_the_orders_files_is_said_to_be_one_not_missing(make_ws, fake):
+    # Once: <file path="webapp/src/auth.py" missing="true"/>, so the model wrote it anew and
+    # was refused for writing through a link it had never been told of, three times.
+    ws = make_ws({"chip": coder(fake)})
+    repo = ws.repos / "webapp"
+    os.symlink("login.py", repo / "src" / "auth.py")
+    git(repo, "add", "src/auth.py")
+    git(repo, "-c", "user.name=u", "-c", "user.email=u@example.invalid", "commit", "-qm", "auth is login")
+    fake.script(content=reply(outcome="halt-with-note", summary="src/auth.py is a link to login.py."))
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/auth.py",)))
+    run(ws)
+
+    assert load(ws, "g").status == "halted"
+    sent = user_message(fake.chat_bodies()[0])
+    assert '<file path="webapp/src/auth.py" omitted="true" note="not sent: it is a symbolic link;' in sent
+    assert "missing" not in sent
+
+
 def test_a_key_in_the_base_urls_query_is_sent_but_never_kept_nor_shown(make_ws, fake, caplog):
     # Once: a gateway's ?api-key=... was written as is into each call's record and failure
     # (state/, its git history), the attempt's log and journal, and the next attempt's brief.
