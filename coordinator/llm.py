@@ -316,14 +316,14 @@ class Client:
                     attempts = retries + 1
                     suffix = f" (after {attempts} attempts)" if attempts > 1 else ""
                     return None, f.text + suffix, f.timed_out
-                too_long = self._wait_too_long(f.retry_after)
+                delay = self._delay(retries, f.retry_after)
+                too_long = self._wait_too_long(f.retry_after) or self._backoff_too_long(delay, retries)
                 if too_long:
-                    # A provider out of quota for the day: waiting is no retry, and the fallback
-                    # model may well answer now.
+                    # A provider out of quota for the day, or a wait the order's timeout cuts
+                    # short: waiting is no retry, and the fallback model may well answer now.
                     log.warning("%s at %s: %s; %s", endpoint.model, shown_url(endpoint.base_url),
                                 f.text, too_long)
                     return None, f"{f.text}; {too_long}", False
-                delay = self._delay(retries, f.retry_after)
                 retries += 1
                 log.warning("%s at %s: %s; retry %d of %d in %.1fs", endpoint.model,
                             shown_url(endpoint.base_url), f.text, retries, self.settings.max_retries, delay)
@@ -544,6 +544,16 @@ class Client:
             left = max(0.0, self.deadline - self._clock())
             return f"{asked}, longer than the {duration(left)} the order's timeout leaves: not retried"
         return ""
+
+    def _backoff_too_long(self, delay: float, retries: int) -> str:
+        """Why the wait before the next try is not worth waiting, or "": the order's timeout runs
+        out first (slept through, the fallback model was never asked)."""
+        if self.deadline is None or delay < self.deadline - self._clock():
+            return ""
+        left = max(0.0, self.deadline - self._clock())
+        tries = f" after {retries + 1} attempts" if retries else ""
+        return (f"not retried{tries}: the next try would wait {duration(delay)}, longer than the "
+                f"{duration(left)} the order's timeout leaves")
 
     def _delay(self, retries: int, retry_after: float | None) -> float:
         if retry_after is not None:

@@ -146,6 +146,27 @@ def test_a_retry_after_past_the_orders_timeout_is_not_waited_for(fake: FakeLLM) 
     assert reply.model == "backup" and time.monotonic() - started < 3
 
 
+def test_a_backoff_past_the_orders_timeout_moves_on_to_the_fallback(fake: FakeLLM) -> None:
+    """A primary down for good, max_retries 3, 5 s left: the third wait (4 s) was slept until the
+    order's timeout ran out, and the fallback model, which would have answered, never was asked."""
+    now = [1000.0]
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+
+    for _ in range(3):
+        fake.script(status=503, json={"error": {"message": "overloaded"}})
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("m", fake.base_url), Endpoint("backup", fake.base_url), max_retries=3),
+                    sleep=sleep, clock=lambda: now[0])
+    client.deadline = now[0] + 5
+    reply = client.chat([{"role": "user", "content": "hi"}])
+    assert reply.model == "backup" and waits == [1.0, 2.0]
+    assert [(c.model, c.status) for c in client.calls] == [("m", 503)] * 3 + [("backup", 200)]
+
+
 def test_a_dead_endpoint_is_retried_then_skipped(fake: FakeLLM, dead_url: str, sleeps: Sleeps) -> None:
     fake.script(content=OK)
     client = Client(settings(Endpoint("local", dead_url), Endpoint("remote", fake.base_url),
