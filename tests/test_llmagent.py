@@ -482,6 +482,8 @@ def test_a_file_not_sent_whole_is_marked_and_an_edit_of_it_is_sent_back(fake: Fa
     "<think>I must answer with {outcome, summary} and {edits}.</think>\n\nREPLY",
     "I will reply with {outcome, summary} as asked:\nREPLY\nThat is all.",
     '<THINKING>{"outcome": "blocked"} no, better:</THINKING>\n```json\nREPLY\n```',
+    # Once: the small object in the prose was taken for the reply, and the model re-asked (and paid).
+    'The file had {"strict": false}; I set it to true. My reply:\nREPLY',
 ])
 def test_a_valid_reply_after_thinking_or_prose_with_braces_is_accepted(fake: FakeLLM, wrapped: str) -> None:
     fake.script(content=wrapped.replace("REPLY", done()))
