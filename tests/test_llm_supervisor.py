@@ -1143,7 +1143,7 @@ def test_a_model_cut_by_the_orders_timeout_says_how_long_and_what_to_raise(make_
     rec = load(ws, "g")
     assert rec.status == "blocked"
     summary = rec.report["summary"]
-    assert "chip's model did not answer within the order's timeout (1.0s)" in summary, summary
+    assert "chip's model did not answer within the order's timeout (1s)" in summary, summary
     assert "raise the order's `timeout:` or agents.chip.timeout" in summary
     assert "fallback" not in summary and "check the endpoints" not in summary
     (call,) = rec.usage  # cut at the deadline, never retried
