@@ -646,6 +646,29 @@ def test_a_key_in_the_base_urls_query_is_sent_but_never_kept_nor_shown(make_ws, 
     assert not any(secret in text for text in [*lines, *caplog.messages, json.dumps(fake.chat_bodies())])
 
 
+def test_calls_of_an_attempt_a_stop_cut_off_are_recorded_once_and_not_called_a_crash(make_ws, fake):
+    # The model's calls of an attempt the supervisor's own stop cut off are recorded at the next
+    # start from the attempt's journal: once each, and said as after a stop (it was said "after a
+    # crash", for a Ctrl-C).
+    ws = make_ws({"chip": coder(fake, llm=llm(fake, prices={"input": 1.0, "output": 1.0}))})
+    fake.script(content="not JSON at all", usage={"prompt_tokens": 1000, "completion_tokens": 10})
+    fake.script(content=reply(), delay=30)  # still thinking when the supervisor stops
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",)))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: len(fake.requests) >= 2, "the model to be asked again")
+    lines: list[str] = []
+    run(ws, lines)
+
+    rec = load(ws, "g")
+    assert rec.status == "done" and rec.failures == []
+    answered = [u for u in rec.usage if u["attempt"] == 1 and u["status"] == 200]
+    assert [u["usage"]["prompt_tokens"] for u in answered] == [1000]
+    assert len({u["call"] for u in rec.usage}) == len(rec.usage)
+    assert any("model call(s) of attempt 1 recorded after the supervisor stopped" in line for line in lines), lines
+    assert not any("after a crash" in line for line in lines)
+    assert cost_json(ws)["total"]["calls"] == len(rec.usage)
+
+
 def test_a_reply_that_echoes_the_key_is_sent_back_and_never_kept(make_ws, fake):
     # A hostile endpoint has the key (it was sent to it) and writes it into the reply: into the
     # summary (the report, in state/), an edit (a commit), or escaped so no text search finds it.
