@@ -254,7 +254,7 @@ class Client:
                                        f"{self._unset_why(endpoint)}")
                     continue
                 reply, error, slow = self._ask_endpoint(http, endpoint, headers, messages, json_object,
-                                                        secrets, made)
+                                                        secrets, made, last=n == len(chain))
                 if reply is not None:
                     return reply
                 timed_out += slow
@@ -279,7 +279,7 @@ class Client:
 
     def _ask_endpoint(self, http: httpx.Client, endpoint: Endpoint, headers: dict[str, str],
                       messages: list[dict[str, str]], json_object: bool, secrets: list[str],
-                      made: list[Call]) -> tuple[Reply | None, str, bool]:
+                      made: list[Call], *, last: bool = True) -> tuple[Reply | None, str, bool]:
         retries = 0
         plain_retried = False
         while True:
@@ -317,7 +317,7 @@ class Client:
                     suffix = f" (after {attempts} attempts)" if attempts > 1 else ""
                     return None, f.text + suffix, f.timed_out
                 delay = self._delay(retries, f.retry_after)
-                too_long = self._wait_too_long(f.retry_after) or self._backoff_too_long(delay, retries)
+                too_long = self._wait_too_long(f.retry_after, last) or self._backoff_too_long(delay, retries)
                 if too_long:
                     # A provider out of quota for the day, or a wait the order's timeout cuts
                     # short: waiting is no retry, and the fallback model may well answer now.
@@ -532,17 +532,18 @@ class Client:
         if reason:
             raise SpendLimitReached(reason)
 
-    def _wait_too_long(self, retry_after: float | None) -> str:
+    def _wait_too_long(self, retry_after: float | None, last: bool) -> str:
         """Why the wait a server asks for (Retry-After) is not worth waiting, or "": longer than
-        RETRY_AFTER_CAP, or than the order's timeout leaves."""
+        the order's timeout leaves, or than RETRY_AFTER_CAP when another model can be asked (or
+        no deadline bounds the wait)."""
         if retry_after is None:
             return ""
         asked = f"the provider asks to wait {duration(retry_after)} before another try (Retry-After)"
-        if retry_after > RETRY_AFTER_CAP:
-            return f"{asked}, longer than the {RETRY_AFTER_CAP:g}s a retry waits at most: not retried"
         if self.deadline is not None and retry_after >= self.deadline - self._clock():
             left = max(0.0, self.deadline - self._clock())
             return f"{asked}, longer than the {duration(left)} the order's timeout leaves: not retried"
+        if retry_after > RETRY_AFTER_CAP and (not last or self.deadline is None):
+            return f"{asked}, longer than the {RETRY_AFTER_CAP:g}s a retry waits at most: not retried"
         return ""
 
     def _backoff_too_long(self, delay: float, retries: int) -> str:
@@ -557,7 +558,9 @@ class Client:
 
     def _delay(self, retries: int, retry_after: float | None) -> float:
         if retry_after is not None:
-            return min(max(retry_after, 0.0), RETRY_AFTER_CAP)
+            # Within the order's timeout (`_wait_too_long`) the wait asked for is waited whole: a
+            # try after less would only be refused again.
+            return max(retry_after, 0.0) if self.deadline is not None else min(max(retry_after, 0.0), RETRY_AFTER_CAP)
         return float(min(BACKOFF_BASE * 2**retries, BACKOFF_CAP))
 
     def _record(self, call: Call, made: list[Call]) -> None:

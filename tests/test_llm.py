@@ -136,6 +136,24 @@ def test_a_retry_after_far_too_long_moves_on_to_the_fallback_at_once(fake: FakeL
     assert len(alone.calls) == 1
 
 
+def test_a_long_retry_after_the_orders_timeout_allows_is_waited_whole_with_no_fallback(fake: FakeLLM) -> None:
+    """No other model to ask, 10 minutes left, the provider asks for 90 s: the attempt is not
+    failed at once (an attempt asked again at once is refused again), nor retried too early."""
+    now = [1000.0]
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+
+    fake.script(status=429, json={"error": {"message": "rate limited"}}, headers={"Retry-After": "90"})
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("m", fake.base_url), max_retries=2), sleep=sleep, clock=lambda: now[0])
+    client.deadline = now[0] + 600
+    assert client.chat([{"role": "user", "content": "hi"}]).text == OK
+    assert waits == [90.0]
+
+
 def test_a_retry_after_past_the_orders_timeout_is_not_waited_for(fake: FakeLLM) -> None:
     fake.script(status=429, json={"error": {"message": "busy"}}, headers={"Retry-After": "30"})
     fake.script(content=OK)
