@@ -168,11 +168,13 @@ def current_files(act: Active) -> tuple[dict[str, str | None], dict[str, llmagen
         rel = entry.split("/", 1)[1] if "/" in entry else ""
         # A folder named without a glob covers what lies under it (`paths.matches`): its files
         # are sent, as for folder/**. Once the model was told the folder was a missing file.
-        folder = bool(rel) and not paths.has_glob(rel) and (root / rel).is_dir() and not (root / rel).is_symlink()
+        # The repository's name alone (webapp) is its whole tree: it was told "webapp/." was missing.
+        folder = not paths.has_glob(rel) and (root / rel).is_dir() and not (root / rel).is_symlink()
         if paths.has_glob(rel) or folder:
             # A trailing ** finds folders only (before Python 3.13): src/** sent the model no file
             # and told it the work was read-only. **/* is every file below, on every version.
-            pattern = f"{rel}/**/*" if folder else f"{rel}/*" if rel.split("/")[-1] == "**" else rel
+            below = f"{rel}/**/*" if rel else "**/*"
+            pattern = below if folder else f"{rel}/*" if rel.split("/")[-1] == "**" else rel
             found = [p for p in sorted(root.glob(pattern)) if p.is_file() and not p.is_symlink()
                      and ".git" not in p.relative_to(root).parts]
             targets = found[:MAX_GLOB_FILES]

@@ -590,18 +590,20 @@ def test_a_password_in_the_base_url_is_sent_but_never_kept_nor_shown_to_the_mode
     assert not any(secret in text for text in [*lines, *caplog.messages, json.dumps(fake.chat_bodies())])
 
 
-def test_a_folder_in_the_orders_files_sends_the_model_the_files_in_it(make_ws, fake):
+@pytest.mark.parametrize("folder", ["webapp/src", "webapp"])
+def test_a_folder_in_the_orders_files_sends_the_model_the_files_in_it(make_ws, fake, folder):
     # Once: files: [webapp/src] (a folder covers what lies under it) sent the model
-    # <file path="webapp/src" missing="true"/> and none of the folder's files.
-    ws = make_ws({"chip": coder(fake)})
+    # <file path="webapp/src" missing="true"/> and none of the folder's files; files: [webapp]
+    # (the whole repository) sent <file path="webapp/." missing="true"/>.
+    ws = make_ws({"chip": coder(fake, writes=["webapp/**"])})
     fake.script(content=reply(write("webapp/src/greeting.py")))
-    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src",)))
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=(folder,)))
     run(ws)
 
     assert load(ws, "g").status == "done"
     sent = user_message(fake.chat_bodies()[0])
     assert '<file path="webapp/src/login.py">' in sent and "def password_problem" in sent
-    assert 'path="webapp/src" missing' not in sent
+    assert "missing" not in sent
     assert (ws.repos / "webapp" / "src" / "greeting.py").read_text() == GREETING
 
 
