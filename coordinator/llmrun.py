@@ -109,6 +109,11 @@ def _judge(runner: AttemptRunner, act: Active, out: Outcome) -> None:
             reason += (f"; the orchestrator's context ({runner.sup.ledger.hot_tokens():,} hot tokens) is "
                        "too large for this model: `coordinator rotate --fresh` shrinks it; a lower "
                        f"budget.ceiling (now {budget.ceiling:,}) keeps it small")
+        elif CONTEXT_FULL.search(str(out.error)):
+            # Every attempt sends the same files: retried as is, it fails the same way each time.
+            reason += ("; the brief and the text of the order's files are too large for this model's "
+                       "context: name fewer or smaller files in the order's files, or use a model with "
+                       "a larger context")
     elif out.value is None:
         reason = f"{act.agent.name}'s model call ended without an answer"
     if reason is not None:

@@ -434,6 +434,21 @@ def test_an_orchestrator_context_too_large_for_its_model_says_to_rotate(make_ws,
     assert "a lower budget.ceiling (now 7,000) keeps it small" in rec.failures[0]
 
 
+def test_a_specialists_files_too_large_for_its_model_say_so(make_ws, fake):
+    # Once only "check the endpoints or add a fallback model", each attempt failing the same way:
+    # the endpoint was fine, the order's files were more than the model's context holds.
+    ws = make_ws({"chip": coder(fake, max_failures=1)})
+    full = {"error": {"message": "This model's maximum context length is 8192 tokens. However, your "
+                                 "messages resulted in 9120 tokens.", "code": "context_length_exceeded"}}
+    fake.responder = lambda body: Response(status=400, json=full)
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",)))
+    run(ws)
+
+    rec = load(ws, "g")
+    assert rec.status == "blocked"
+    assert "too large for this model's context: name fewer or smaller files" in rec.report["summary"]
+
+
 def test_a_failed_review_is_asked_again_without_redoing_the_work(make_ws, fake):
     ws = make_ws(team(fake), orchestrator="walt")
     fake.script(content=json.dumps({"summary": "rex reviews", "orders": [child("rex", "Review it", files=[])]}))
