@@ -191,7 +191,9 @@ def recover_usage(sup: Supervisor, rec: Record, number: int) -> None:
     if not found:
         return
     rec.usage.extend(found)
-    line = (f"{len(found)} model call(s) of attempt {number} recorded after a crash, "
+    # After a stop the supervisor chose (Ctrl-C, `coordinator stop`), "after a crash" alarmed for nothing.
+    cause = "the supervisor stopped" if rec.id in getattr(sup.attempts, "cut", ()) else "a crash"
+    line = (f"{len(found)} model call(s) of attempt {number} recorded after {cause}, "
             f"${sum(e['cost'] for e in found):.4f}")
     sup.event(rec, line)
     sup.say(f"recovery: {rec.id}: {line}")

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
 import httpx
 
@@ -65,6 +65,8 @@ MIN_SECRET_PREFIX = 8  # a cut excerpt ending in this much of a key is scrubbed 
 PLAIN_JSON_HINT = "Reply with one JSON object and nothing else: no prose, no code fences."
 # Half of a character: httpx cannot encode it, so it is never sent (U+FFFD goes instead).
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# A query parameter whose value is a secret, by its name (a reply saying another one is no leak).
+SECRET_PARAM = re.compile(r"key|token|secret|sig|pass|auth|cred|session|code", re.I)
 HEADER_SAFE = re.compile("[\x21-\x7e]+")  # what an API key is made of: visible ASCII, no spaces
 
 
@@ -143,7 +145,7 @@ class _Failure(Exception):
 
     def __init__(self, text: str, *, status: int | None, retry: bool,
                  retry_after: float | None = None, rejects_json_mode: bool = False,
-                 usage: Usage | None = None) -> None:
+                 usage: Usage | None = None, timed_out: bool = False) -> None:
         super().__init__(text)
         self.text = text
         self.status = status
@@ -151,6 +153,7 @@ class _Failure(Exception):
         self.retry_after = retry_after
         self.rejects_json_mode = rejects_json_mode
         self.usage = usage  # what a 200 that is no good answer still used (and is billed for)
+        self.timed_out = timed_out  # no answer within llm.timeout
 
 
 class Client:
@@ -215,7 +218,7 @@ class Client:
 
     def holds_key(self, text: str) -> bool:
         """Whether `text` holds a key of this client's chain (of at least MIN_REFUSED_KEY characters)."""
-        return any(key in text for key in self._secrets() if len(key) >= MIN_REFUSED_KEY)
+        return any(key in text for key in self._secrets(refusable=True) if len(key) >= MIN_REFUSED_KEY)
 
     @property
     def spent(self) -> float:
@@ -237,6 +240,7 @@ class Client:
         secrets = self._secrets()
         made: list[Call] = []
         last_errors: list[str] = []
+        timed_out = 0  # models asked whose last try ran out of llm.timeout
         unset: list[str] = []  # endpoints whose key variable is not set (or unusable): never asked
         http = httpx.Client(transport=self._transport, timeout=httpx.Timeout(self.settings.timeout))
         try:
@@ -249,10 +253,11 @@ class Client:
                     last_errors.append(f"{endpoint.model} at {shown_url(endpoint.base_url)}: not asked, "
                                        f"{self._unset_why(endpoint)}")
                     continue
-                reply, error = self._ask_endpoint(http, endpoint, headers, messages, json_object,
-                                                  secrets, made)
+                reply, error, slow = self._ask_endpoint(http, endpoint, headers, messages, json_object,
+                                                        secrets, made, last=n == len(chain))
                 if reply is not None:
                     return reply
+                timed_out += slow
                 last_errors.append(f"{endpoint.model} at {shown_url(endpoint.base_url)}: {error}")
         finally:
             if self._transport is None:  # an injected transport belongs to the caller
@@ -261,13 +266,20 @@ class Client:
             # No model could be asked: retrying cannot help until someone sets the variable.
             raise LLMAuthError("; ".join(unset))
         summary = "; ".join(last_errors)
+        if timed_out == len(chain):
+            # Every model was asked and none answered in time: a fallback is no advice when there
+            # is none, nor when each timed out; the limit is what the user can change.
+            who = "the model did not answer" if len(chain) == 1 else "no model of the chain answered"
+            raise LLMError(f"{'every model failed: ' if len(chain) > 1 else ''}{summary}; {who} within "
+                           f"llm.timeout ({duration(self.settings.timeout)}): raise llm.timeout in the agent's "
+                           "llm settings if the model needs longer")
         raise LLMError(f"every model failed: {summary}; check the endpoints or add a fallback model")
 
     # -- one endpoint -------------------------------------------------------
 
     def _ask_endpoint(self, http: httpx.Client, endpoint: Endpoint, headers: dict[str, str],
                       messages: list[dict[str, str]], json_object: bool, secrets: list[str],
-                      made: list[Call]) -> tuple[Reply | None, str]:
+                      made: list[Call], *, last: bool = True) -> tuple[Reply | None, str, bool]:
         retries = 0
         plain_retried = False
         while True:
@@ -303,8 +315,15 @@ class Client:
                 if not f.retry or retries >= self.settings.max_retries:
                     attempts = retries + 1
                     suffix = f" (after {attempts} attempts)" if attempts > 1 else ""
-                    return None, f.text + suffix
+                    return None, f.text + suffix, f.timed_out
                 delay = self._delay(retries, f.retry_after)
+                too_long = self._wait_too_long(f.retry_after, last) or self._backoff_too_long(delay, retries)
+                if too_long:
+                    # A provider out of quota for the day, or a wait the order's timeout cuts
+                    # short: waiting is no retry, and the fallback model may well answer now.
+                    log.warning("%s at %s: %s; %s", endpoint.model, shown_url(endpoint.base_url),
+                                f.text, too_long)
+                    return None, f"{f.text}; {too_long}", False
                 retries += 1
                 log.warning("%s at %s: %s; retry %d of %d in %.1fs", endpoint.model,
                             shown_url(endpoint.base_url), f.text, retries, self.settings.max_retries, delay)
@@ -316,7 +335,7 @@ class Client:
             self._record(call, made)
             return Reply(text=text, model=endpoint.model, usage=usage,
                          cost=sum(c.cost for c in made), calls=tuple(made), endpoint=endpoint,
-                         cut=cut), ""
+                         cut=cut), "", False
 
     def _post(self, http: httpx.Client, endpoint: Endpoint, headers: dict[str, str],
               messages: list[dict[str, str]], use_format: bool, json_object: bool,
@@ -336,7 +355,7 @@ class Client:
             response = self._fetch(http, url, body, headers)
         except httpx.TimeoutException:
             raise _Failure(f"timed out after {self.settings.timeout:g}s", status=None,
-                           retry=True) from None
+                           retry=True, timed_out=True) from None
         except httpx.ConnectError as e:
             raise _Failure(_redact(f"cannot connect ({_reason(e)})", secrets), status=None,
                            retry=True) from None
@@ -415,8 +434,8 @@ class Client:
             if timeout < self.settings.timeout:
                 # The order's deadline, not llm.timeout, bounded the wait: the record says the
                 # real wait, not an llm.timeout that was never waited for.
-                raise _Failure(f"timed out after {timeout:.1f}s, when the order's timeout ran out",
-                               status=None, retry=True) from None
+                # No retry nor fallback has any time left: the attempt is over.
+                raise LLMTimeout(f"timed out after {timeout:.1f}s, when the order's timeout ran out") from None
             raise
         self._check_cut(chunks)  # a stop that shut the connection ends the answer early, not whole
         # Decoded already (gzip and the like): the whole answer, as a plain response.
@@ -442,6 +461,8 @@ class Client:
 
     def _pause(self, seconds: float) -> None:
         """Wait before a retry; a stop ends the wait (with the injected sleep of tests, after it)."""
+        if self.deadline is not None:
+            seconds = min(seconds, max(0.0, self.deadline - self._clock()))  # then _check_stop says so
         if self._sleep is time.sleep:
             self._stopped.wait(seconds)
         else:
@@ -485,12 +506,14 @@ class Client:
                 f"{endpoint.api_key_env} is not set; export it with the API key (in the supervisor's "
                 "environment), or set api_key_env: null for a server that needs no key")
 
-    def _secrets(self) -> list[str]:
+    def _secrets(self, *, refusable: bool = False) -> list[str]:
+        """Every key of the chain, and what its URLs hold; `refusable`: without the query values
+        named like no secret (a gateway's api-version: a reply may well say "2024-08-01-preview")."""
         raw = {self._env.get(e.api_key_env, "") for e in self.settings.chain if e.api_key_env}
         # The key as set and as sent, and as a message may quote it (escaped, like b'\n').
         found = {form for key in raw for k in (key, key.strip())
                  for form in (k, k.encode("unicode_escape").decode("ascii"))}
-        found |= {s for e in self.settings.chain for s in url_secrets(e.base_url)}
+        found |= {s for e in self.settings.chain for s in url_secrets(e.base_url, named=refusable)}
         # Longest first, so a key that contains another is scrubbed whole.
         return sorted((s for s in found if len(s) >= MIN_SECRET), key=len, reverse=True)
 
@@ -509,9 +532,35 @@ class Client:
         if reason:
             raise SpendLimitReached(reason)
 
+    def _wait_too_long(self, retry_after: float | None, last: bool) -> str:
+        """Why the wait a server asks for (Retry-After) is not worth waiting, or "": longer than
+        the order's timeout leaves, or than RETRY_AFTER_CAP when another model can be asked (or
+        no deadline bounds the wait)."""
+        if retry_after is None:
+            return ""
+        asked = f"the provider asks to wait {duration(retry_after)} before another try (Retry-After)"
+        if self.deadline is not None and retry_after >= self.deadline - self._clock():
+            left = max(0.0, self.deadline - self._clock())
+            return f"{asked}, longer than the {duration(left)} the order's timeout leaves: not retried"
+        if retry_after > RETRY_AFTER_CAP and (not last or self.deadline is None):
+            return f"{asked}, longer than the {RETRY_AFTER_CAP:g}s a retry waits at most: not retried"
+        return ""
+
+    def _backoff_too_long(self, delay: float, retries: int) -> str:
+        """Why the wait before the next try is not worth waiting, or "": the order's timeout runs
+        out first (slept through, the fallback model was never asked)."""
+        if self.deadline is None or delay < self.deadline - self._clock():
+            return ""
+        left = max(0.0, self.deadline - self._clock())
+        tries = f" after {retries + 1} attempts" if retries else ""
+        return (f"not retried{tries}: the next try would wait {duration(delay)}, longer than the "
+                f"{duration(left)} the order's timeout leaves")
+
     def _delay(self, retries: int, retry_after: float | None) -> float:
         if retry_after is not None:
-            return min(max(retry_after, 0.0), RETRY_AFTER_CAP)
+            # Within the order's timeout (`_wait_too_long`) the wait asked for is waited whole: a
+            # try after less would only be refused again.
+            return max(retry_after, 0.0) if self.deadline is not None else min(max(retry_after, 0.0), RETRY_AFTER_CAP)
         return float(min(BACKOFF_BASE * 2**retries, BACKOFF_CAP))
 
     def _record(self, call: Call, made: list[Call]) -> None:
@@ -605,6 +654,19 @@ def _whole_json(chunks: list[bytes]) -> bool:
     return True
 
 
+def duration(seconds: float) -> str:
+    """`seconds` as a person reads a wait: 45s, 12 min, 24 h, 3 days."""
+    if not math.isfinite(seconds):
+        return "forever"
+    if seconds < 120:
+        return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}".removesuffix(".0") + "s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
 def _retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header: a number, or an HTTP date."""
     if not value:
@@ -651,30 +713,44 @@ def in_clear(url: str) -> bool:
 
 def shown_url(url: str) -> str:
     """`url` as it may be shown and stored: a user name and password in it (a proxy's basic auth)
-    are a secret like the key, never written to a record, a log or the model's next brief."""
+    and each value of its query (a gateway's `?api-key=...`) are a secret like the key, never
+    written to a record, a log or the model's next brief: `key=***` stands for `key=<the key>`."""
     try:
         parts = urlsplit(url)
         host = parts.hostname
     except ValueError:
         return url
-    if "@" not in parts.netloc or host is None:
+    if host is None or ("@" not in parts.netloc and not parts.query):
         return url
-    netloc = f"{REDACTED}@" + parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=netloc))
+    if "@" in parts.netloc:
+        parts = parts._replace(netloc=f"{REDACTED}@" + parts.netloc.rsplit("@", 1)[1])
+    if parts.query:
+        parts = parts._replace(query="&".join(
+            f"{item.split('=', 1)[0]}={REDACTED}" if "=" in item else REDACTED if item else item
+            for item in parts.query.split("&")))
+    return urlunsplit(parts)
 
 
-def url_secrets(url: str) -> set[str]:
-    """The user information of `url`, as written and decoded: scrubbed wherever an error echoes it."""
+def url_secrets(url: str, *, named: bool = False) -> set[str]:
+    """The user information and the query values of `url`, as written and decoded: scrubbed
+    wherever an error echoes them. `named`: of the query, only the values named like a secret
+    (`key`, `token`, `sig`...) or with no name."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return set()
-    if "@" not in parts.netloc:
-        return set()
-    info = parts.netloc.rsplit("@", 1)[0]
-    found = {info, unquote(info)}
-    if parts.password:
-        found |= {parts.password, unquote(parts.password)}
+    found: set[str] = set()
+    if "@" in parts.netloc:
+        info = parts.netloc.rsplit("@", 1)[0]
+        found |= {info, unquote(info)}
+        if parts.password:
+            found |= {parts.password, unquote(parts.password)}
+    for item in parts.query.split("&") if parts.query else ():
+        name, value = item.split("=", 1) if "=" in item else ("", item)
+        if named and name and not SECRET_PARAM.search(unquote_plus(name)):
+            continue
+        found |= {value, unquote(value), unquote_plus(value)}
+    found.discard("")
     return found
 
 

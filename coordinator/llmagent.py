@@ -456,6 +456,10 @@ def _converse(client: Client, messages: list[dict[str, str]],
             result, errors = check(data)
             if result is not None and not errors:
                 return result, replies
+            if reply.cut:
+                # What was found is a piece of the reply (an edit of the list the limit cut off
+                # whole): "missing key 'outcome'" sent the model, and the user, after the wrong thing.
+                errors = [_cut_error(client)]
         elif reply.cut:
             # Not a broken rule but a limit: "not JSON" alone would send the user hunting the model.
             errors = [_cut_error(client), *errors]
@@ -549,21 +553,24 @@ def _shown(where: str) -> str:
 
 
 def _first_object(text: str) -> Any:
-    """The first JSON object that starts at a '{', for replies wrapped in prose: prose may hold
-    braces that start no JSON ("{outcome, summary}"), so later ones are tried, a bounded few."""
+    """The JSON object of a reply wrapped in prose: prose may hold braces that start no JSON
+    ("{outcome, summary}") or a small object of its own ("it had {"strict": false}"), so each
+    '{' outside an object already found is tried, a bounded few, and the largest object wins."""
     decoder = json.JSONDecoder()
+    best: Any = None
+    size = 0
     start = text.find("{")
     for _ in range(MAX_CANDIDATES):
         if start < 0:
-            return None
+            break
         try:
-            data, _ = decoder.raw_decode(text, start)
+            data, end = decoder.raw_decode(text, start)
         except (ValueError, RecursionError):
-            data = None
-        if isinstance(data, dict):
-            return data
-        start = text.find("{", start + 1)
-    return None
+            data, end = None, start + 1
+        if isinstance(data, dict) and end - start > size:
+            best, size = data, end - start
+        start = text.find("{", end)  # past an object found: a '{' inside it starts no other
+    return best
 
 
 @cache

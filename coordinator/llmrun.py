@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from . import gate, llmagent, paths, results
 from .conversation import Outcome, launch, model_brief, new_client, one_line, record_usage
 from .errors import CoordinatorError, LLMAuthError
-from .llm import LLMTimeout, SpendLimitReached
+from .llm import LLMTimeout, SpendLimitReached, duration
 from .orchestration import (
     blocked_at_chain_end,
     file_plan,
@@ -91,7 +91,10 @@ def _judge(runner: AttemptRunner, act: Active, out: Outcome) -> None:
         return runner._end_cancelled(act)
     reason = None
     if act.timed_out or isinstance(out.error, LLMTimeout):
-        reason = f"{act.agent.name}'s model did not answer within the order's timeout"
+        # What to change, not "add a fallback model": no model of any chain answers in no time.
+        reason = (f"{act.agent.name}'s model did not answer within the order's timeout "
+                  f"({duration(act.deadline - act.began)}); if it needs longer, raise the order's "
+                  f"`timeout:` or agents.{act.agent.name}.timeout in coordinator.yaml")
     elif out.error is not None:
         if isinstance(out.error, SpendLimitReached | LLMAuthError):
             # Retrying cannot help: the same limit or the same key stops the next attempt too.
@@ -106,6 +109,11 @@ def _judge(runner: AttemptRunner, act: Active, out: Outcome) -> None:
             reason += (f"; the orchestrator's context ({runner.sup.ledger.hot_tokens():,} hot tokens) is "
                        "too large for this model: `coordinator rotate --fresh` shrinks it; a lower "
                        f"budget.ceiling (now {budget.ceiling:,}) keeps it small")
+        elif CONTEXT_FULL.search(str(out.error)):
+            # Every attempt sends the same files: retried as is, it fails the same way each time.
+            reason += ("; the brief and the text of the order's files are too large for this model's "
+                       "context: name fewer or smaller files in the order's files, or use a model with "
+                       "a larger context")
     elif out.value is None:
         reason = f"{act.agent.name}'s model call ended without an answer"
     if reason is not None:
@@ -163,10 +171,15 @@ def current_files(act: Active) -> tuple[dict[str, str | None], dict[str, llmagen
     total = 0
     for entry in act.order.files:
         rel = entry.split("/", 1)[1] if "/" in entry else ""
-        if paths.has_glob(rel):
+        # A folder named without a glob covers what lies under it (`paths.matches`): its files
+        # are sent, as for folder/**. Once the model was told the folder was a missing file.
+        # The repository's name alone (webapp) is its whole tree: it was told "webapp/." was missing.
+        folder = not paths.has_glob(rel) and (root / rel).is_dir() and not (root / rel).is_symlink()
+        if paths.has_glob(rel) or folder:
             # A trailing ** finds folders only (before Python 3.13): src/** sent the model no file
             # and told it the work was read-only. **/* is every file below, on every version.
-            pattern = f"{rel}/*" if rel.split("/")[-1] == "**" else rel
+            below = f"{rel}/**/*" if rel else "**/*"
+            pattern = below if folder else f"{rel}/*" if rel.split("/")[-1] == "**" else rel
             found = [p for p in sorted(root.glob(pattern)) if p.is_file() and not p.is_symlink()
                      and ".git" not in p.relative_to(root).parts]
             targets = found[:MAX_GLOB_FILES]
@@ -184,7 +197,12 @@ def current_files(act: Active) -> tuple[dict[str, str | None], dict[str, llmagen
                 # It may lie outside the working copy (a link to ~/.ssh): never sent to a model.
                 unseen[key] = llmagent.Unseen(f"not sent: it lies behind the symbolic link {link}")
                 continue
-            if not path.is_file() or path.is_symlink():
+            if path.is_symlink():
+                # It may point outside the working copy: never sent, nor written through. Told
+                # "missing", the model wrote it anew, three times refused.
+                unseen[key] = llmagent.Unseen("not sent: it is a symbolic link")
+                continue
+            if not path.is_file():
                 out[key] = None
                 continue
             text, why = _file_text(path)

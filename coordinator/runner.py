@@ -354,13 +354,13 @@ def agent_warnings(agent: Agent) -> list[str]:
                      f"({_seconds(agent.timeout)}): an attempt is killed before it could be flagged stale; "
                      "make stale_after shorter")
     if agent.llm is not None:
-        from .llm import in_clear  # httpx is loaded only for a team with llm agents
+        from .llm import in_clear, shown_url  # httpx is loaded only for a team with llm agents
 
         for i, endpoint in enumerate(agent.llm.chain):
             var = endpoint.api_key_env
             if var and in_clear(endpoint.base_url):
                 where = "llm.base_url" if i == 0 else f"llm.fallback.{i - 1}"
-                found.append(f"{where}: {printable(endpoint.base_url)} is plain http:// across the network, so the "
+                found.append(f"{where}: {printable(shown_url(endpoint.base_url))} is plain http:// across the network, so the "
                              f"key in {printable(var)} is never sent there and model {printable(endpoint.model)} is "
                              "never asked; use the endpoint's https:// address")
             elif var and not (os.environ.get(var) or "").strip():

@@ -107,7 +107,9 @@ def describe(error: ValidationError) -> str:
         return f"unknown key {extra[0]!r}; {hint}allowed keys: {', '.join(allowed)}"
     if v == "required":
         missing = [k for k in error.validator_value if k not in (error.instance or {})]
-        return f"missing required key {missing[0]!r}" if missing else error.message
+        # One error per missing key: each names its own (the first named for all said one twice).
+        named = [k for k in missing if error.message.startswith(repr(k))]
+        return f"missing required key {(named or missing)[0]!r}" if missing else error.message
     if v == "type":
         return f"must be {_title(error.schema) or _article(error.validator_value)}, not {_what(error.instance)}"
     if v == "enum":

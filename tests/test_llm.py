@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import gzip
 import logging
 import time
@@ -102,14 +103,86 @@ def test_429_is_retried_with_backoff_then_the_next_model_answers(fake: FakeLLM, 
     assert client.calls == reply.calls
 
 
-def test_retry_after_is_honoured_and_capped(fake: FakeLLM, sleeps: Sleeps) -> None:
+def test_retry_after_is_honoured(fake: FakeLLM, sleeps: Sleeps) -> None:
     fake.script(status=429, json={"error": {"message": "wait"}}, headers={"Retry-After": "3"})
-    fake.script(status=503, json={"error": {"message": "down"}}, headers={"Retry-After": "86400"})
     fake.script(content=OK)
     reply = Client(settings(Endpoint("m", fake.base_url), max_retries=3), sleep=sleeps).chat(
         [{"role": "user", "content": "hi"}])
     assert reply.text == OK
-    assert sleeps == [3.0, 60.0]
+    assert sleeps == [3.0]
+
+
+@pytest.mark.parametrize("after", ["86400", "DAY", "1e400"])
+def test_a_retry_after_far_too_long_moves_on_to_the_fallback_at_once(fake: FakeLLM, after: str) -> None:
+    """A provider out of quota for the day (Retry-After: 86400, or a date a day away): the client
+    slept 60 s per retry, and past the order's timeout, the fallback never asked."""
+    if after == "DAY":
+        after = email.utils.formatdate(time.time() + 86400, usegmt=True)
+    fake.script(status=429, json={"error": {"message": "daily quota used up"}}, headers={"Retry-After": after})
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("m", fake.base_url), Endpoint("backup", fake.base_url), max_retries=3))
+    client.deadline = time.monotonic() + 30
+    started = time.monotonic()
+    reply = client.chat([{"role": "user", "content": "hi"}])
+    assert reply.model == "backup" and time.monotonic() - started < 5
+    assert [(c.model, c.status) for c in client.calls] == [("m", 429), ("backup", 200)]
+
+    fake.script(status=503, json={"error": {"message": "down"}}, headers={"Retry-After": after})
+    alone = Client(settings(Endpoint("m", fake.base_url), max_retries=3))
+    with pytest.raises(LLMError) as info:
+        alone.chat([{"role": "user", "content": "hi"}])
+    wait = "forever" if after == "1e400" else "24 h"
+    assert f"the provider asks to wait {wait} before another try (Retry-After)" in str(info.value)
+    assert len(alone.calls) == 1
+
+
+def test_a_long_retry_after_the_orders_timeout_allows_is_waited_whole_with_no_fallback(fake: FakeLLM) -> None:
+    """No other model to ask, 10 minutes left, the provider asks for 90 s: the attempt is not
+    failed at once (an attempt asked again at once is refused again), nor retried too early."""
+    now = [1000.0]
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+
+    fake.script(status=429, json={"error": {"message": "rate limited"}}, headers={"Retry-After": "90"})
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("m", fake.base_url), max_retries=2), sleep=sleep, clock=lambda: now[0])
+    client.deadline = now[0] + 600
+    assert client.chat([{"role": "user", "content": "hi"}]).text == OK
+    assert waits == [90.0]
+
+
+def test_a_retry_after_past_the_orders_timeout_is_not_waited_for(fake: FakeLLM) -> None:
+    fake.script(status=429, json={"error": {"message": "busy"}}, headers={"Retry-After": "30"})
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("m", fake.base_url), Endpoint("backup", fake.base_url), max_retries=3))
+    client.deadline = time.monotonic() + 5
+    started = time.monotonic()
+    reply = client.chat([{"role": "user", "content": "hi"}])
+    assert reply.model == "backup" and time.monotonic() - started < 3
+
+
+def test_a_backoff_past_the_orders_timeout_moves_on_to_the_fallback(fake: FakeLLM) -> None:
+    """A primary down for good, max_retries 3, 5 s left: the third wait (4 s) was slept until the
+    order's timeout ran out, and the fallback model, which would have answered, never was asked."""
+    now = [1000.0]
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+
+    for _ in range(3):
+        fake.script(status=503, json={"error": {"message": "overloaded"}})
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("m", fake.base_url), Endpoint("backup", fake.base_url), max_retries=3),
+                    sleep=sleep, clock=lambda: now[0])
+    client.deadline = now[0] + 5
+    reply = client.chat([{"role": "user", "content": "hi"}])
+    assert reply.model == "backup" and waits == [1.0, 2.0]
+    assert [(c.model, c.status) for c in client.calls] == [("m", 503)] * 3 + [("backup", 200)]
 
 
 def test_a_dead_endpoint_is_retried_then_skipped(fake: FakeLLM, dead_url: str, sleeps: Sleeps) -> None:
@@ -143,6 +216,35 @@ def test_a_call_cut_by_the_orders_deadline_says_the_real_wait_not_llm_timeout(fa
         client.chat([{"role": "user", "content": "hi"}])
     assert client.calls[0].error == "timed out after 0.5s, when the order's timeout ran out"
     assert client.calls[0].latency < 5
+
+
+def test_a_model_that_never_answers_in_time_says_raise_llm_timeout_not_add_a_fallback(
+        fake: FakeLLM, sleeps: Sleeps) -> None:
+    """With no fallback configured, "add a fallback model" was the advice for a model that was
+    only slow: what happened (llm.timeout, how long) and what to change is said instead."""
+    for _ in range(2):
+        fake.script(delay=30, content=OK)  # answered only when the server stops
+    client = Client(settings(Endpoint("slow", fake.base_url), max_retries=1, timeout=0.3), sleep=sleeps)
+    with pytest.raises(LLMError) as info:
+        client.chat([{"role": "user", "content": "hi"}])
+    message = str(info.value)
+    assert "timed out after 0.3s (after 2 attempts)" in message
+    assert "did not answer within llm.timeout (0.3s): raise llm.timeout" in message
+    assert "fallback" not in message
+
+
+def test_a_call_cut_by_the_orders_deadline_is_not_retried_nor_blamed_on_the_endpoint(fake: FakeLLM) -> None:
+    fake.script(delay=30, content=OK)
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("slow", fake.base_url), Endpoint("backup", fake.base_url),
+                             max_retries=2, timeout=10.0))
+    client.deadline = time.monotonic() + 0.5
+    started = time.monotonic()
+    with pytest.raises(llm.LLMTimeout) as info:
+        client.chat([{"role": "user", "content": "hi"}])
+    assert time.monotonic() - started < 3
+    assert "order's timeout" in str(info.value) and "fallback" not in str(info.value)
+    assert [c.model for c in client.calls] == ["slow"]
 
 
 def test_401_fails_at_once_naming_model_and_url(fake: FakeLLM, sleeps: Sleeps) -> None:

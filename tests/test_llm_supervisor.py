@@ -434,6 +434,21 @@ def test_an_orchestrator_context_too_large_for_its_model_says_to_rotate(make_ws,
     assert "a lower budget.ceiling (now 7,000) keeps it small" in rec.failures[0]
 
 
+def test_a_specialists_files_too_large_for_its_model_say_so(make_ws, fake):
+    # Once only "check the endpoints or add a fallback model", each attempt failing the same way:
+    # the endpoint was fine, the order's files were more than the model's context holds.
+    ws = make_ws({"chip": coder(fake, max_failures=1)})
+    full = {"error": {"message": "This model's maximum context length is 8192 tokens. However, your "
+                                 "messages resulted in 9120 tokens.", "code": "context_length_exceeded"}}
+    fake.responder = lambda body: Response(status=400, json=full)
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",)))
+    run(ws)
+
+    rec = load(ws, "g")
+    assert rec.status == "blocked"
+    assert "too large for this model's context: name fewer or smaller files" in rec.report["summary"]
+
+
 def test_a_failed_review_is_asked_again_without_redoing_the_work(make_ws, fake):
     ws = make_ws(team(fake), orchestrator="walt")
     fake.script(content=json.dumps({"summary": "rex reviews", "orders": [child("rex", "Review it", files=[])]}))
@@ -588,6 +603,87 @@ def test_a_password_in_the_base_url_is_sent_but_never_kept_nor_shown_to_the_mode
         assert leaked == ""
     assert secret not in git(ws.state, "log", "-p", "--all")
     assert not any(secret in text for text in [*lines, *caplog.messages, json.dumps(fake.chat_bodies())])
+
+
+@pytest.mark.parametrize("folder", ["webapp/src", "webapp"])
+def test_a_folder_in_the_orders_files_sends_the_model_the_files_in_it(make_ws, fake, folder):
+    # Once: files: [webapp/src] (a folder covers what lies under it) sent the model
+    # <file path="webapp/src" missing="true"/> and none of the folder's files; files: [webapp]
+    # (the whole repository) sent <file path="webapp/." missing="true"/>.
+    ws = make_ws({"chip": coder(fake, writes=["webapp/**"])})
+    fake.script(content=reply(write("webapp/src/greeting.py")))
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=(folder,)))
+    run(ws)
+
+    assert load(ws, "g").status == "done"
+    sent = user_message(fake.chat_bodies()[0])
+    assert '<file path="webapp/src/login.py">' in sent and "def password_problem" in sent
+    assert "missing" not in sent
+    assert (ws.repos / "webapp" / "src" / "greeting.py").read_text() == GREETING
+
+
+def test_a_symbolic_link_in_the_orders_files_is_said_to_be_one_not_missing(make_ws, fake):
+    # Once: <file path="webapp/src/auth.py" missing="true"/>, so the model wrote it anew and
+    # was refused for writing through a link it had never been told of, three times.
+    ws = make_ws({"chip": coder(fake)})
+    repo = ws.repos / "webapp"
+    os.symlink("login.py", repo / "src" / "auth.py")
+    git(repo, "add", "src/auth.py")
+    git(repo, "-c", "user.name=u", "-c", "user.email=u@example.invalid", "commit", "-qm", "auth is login")
+    fake.script(content=reply(outcome="halt-with-note", summary="src/auth.py is a link to login.py."))
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/auth.py",)))
+    run(ws)
+
+    assert load(ws, "g").status == "halted"
+    sent = user_message(fake.chat_bodies()[0])
+    assert '<file path="webapp/src/auth.py" omitted="true" note="not sent: it is a symbolic link;' in sent
+    assert "missing" not in sent
+
+
+def test_a_key_in_the_base_urls_query_is_sent_but_never_kept_nor_shown(make_ws, fake, caplog):
+    # Once: a gateway's ?api-key=... was written as is into each call's record and failure
+    # (state/, its git history), the attempt's log and journal, and the next attempt's brief.
+    secret = "gw-query-secret-77aa"
+    url = f"{fake.base_url}?api-version=2024-06-01&api-key={secret}"
+    ws = make_ws({"chip": coder(fake, llm=llm(fake, base_url=url, api_key_env=None))})
+    fake.script(status=500, json={"error": {"message": f"upstream refused {url}"}})
+    fake.script(content=reply(write("webapp/src/greeting.py")))
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",)))
+    lines: list[str] = []
+    run(ws, lines)
+
+    rec = load(ws, "g")
+    assert rec.status == "done" and rec.attempts == 2
+    assert fake.requests[0].path == f"/v1/chat/completions?api-version=2024-06-01&api-key={secret}"
+    assert "/v1?api-version=***&api-key=***: HTTP 500" in rec.failures[0]
+    for root in (ws.state, ws.runtime):
+        leaked = subprocess.run(["grep", "-rlaF", secret, str(root)], capture_output=True, text=True).stdout
+        assert leaked == ""
+    assert secret not in git(ws.state, "log", "-p", "--all")
+    assert not any(secret in text for text in [*lines, *caplog.messages, json.dumps(fake.chat_bodies())])
+
+
+def test_calls_of_an_attempt_a_stop_cut_off_are_recorded_once_and_not_called_a_crash(make_ws, fake):
+    # The model's calls of an attempt the supervisor's own stop cut off are recorded at the next
+    # start from the attempt's journal: once each, and said as after a stop (it was said "after a
+    # crash", for a Ctrl-C).
+    ws = make_ws({"chip": coder(fake, llm=llm(fake, prices={"input": 1.0, "output": 1.0}))})
+    fake.script(content="not JSON at all", usage={"prompt_tokens": 1000, "completion_tokens": 10})
+    fake.script(content=reply(), delay=30)  # still thinking when the supervisor stops
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",)))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: len(fake.requests) >= 2, "the model to be asked again")
+    lines: list[str] = []
+    run(ws, lines)
+
+    rec = load(ws, "g")
+    assert rec.status == "done" and rec.failures == []
+    answered = [u for u in rec.usage if u["attempt"] == 1 and u["status"] == 200]
+    assert [u["usage"]["prompt_tokens"] for u in answered] == [1000]
+    assert len({u["call"] for u in rec.usage}) == len(rec.usage)
+    assert any("model call(s) of attempt 1 recorded after the supervisor stopped" in line for line in lines), lines
+    assert not any("after a crash" in line for line in lines)
+    assert cost_json(ws)["total"]["calls"] == len(rec.usage)
 
 
 def test_a_reply_that_echoes_the_key_is_sent_back_and_never_kept(make_ws, fake):
@@ -1073,6 +1169,25 @@ def test_a_model_that_trickles_its_answer_is_stopped_by_the_orders_timeout_or_a_
         assert rec.status == "blocked"
         assert "did not answer within the order's timeout" in rec.report["summary"], rec.report
         assert [u["status"] for u in rec.usage] == [None]  # cut at the deadline, never retried
+
+
+def test_a_model_cut_by_the_orders_timeout_says_how_long_and_what_to_raise(make_ws, fake):
+    """No fallback configured, and the order's timeout cut the only model: the report said
+    "check the endpoints or add a fallback model", advice for another failure."""
+    fake.script(delay=30, content=reply())  # answered only when the server stops
+    chip = coder(fake, max_failures=1)
+    ws = make_ws({"chip": chip})
+    drop(ws, "chip", "g.md", order_md("The app greets people", id="g", files=("webapp/src/**",), timeout="1s"))
+    run(ws)
+
+    rec = load(ws, "g")
+    assert rec.status == "blocked"
+    summary = rec.report["summary"]
+    assert "chip's model did not answer within the order's timeout (1s)" in summary, summary
+    assert "raise the order's `timeout:` or agents.chip.timeout" in summary
+    assert "fallback" not in summary and "check the endpoints" not in summary
+    (call,) = rec.usage  # cut at the deadline, never retried
+    assert call["status"] is None and call["error"].endswith("s, when the order's timeout ran out")
 
 
 def test_a_model_that_trickles_its_answer_is_cut_at_llm_timeout_and_the_fallback_answers(make_ws, fake):

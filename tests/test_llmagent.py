@@ -118,6 +118,22 @@ def test_a_reply_cut_off_at_the_token_limit_says_so_not_just_that_it_is_not_json
     assert "raise llm.max_tokens" in last_user_message(fake.chat_bodies()[1])
 
 
+def test_a_reply_cut_in_its_second_edit_says_it_was_cut_not_that_outcome_is_missing(fake: FakeLLM) -> None:
+    # The first edit of a cut reply is a whole JSON object: it was taken for the reply, and the
+    # model was told "missing required key 'outcome'" three times, the user too.
+    text = ('{"outcome": "done", "summary": "Added it.", "edits": [{"path": "webapp/src/a.py", '
+            '"content": "x = 1\\n"}, {"path": "webapp/src/b.py", "content": "def f():\\n    retu')
+    for _ in range(3):
+        fake.script(json={"choices": [{"message": {"content": text}, "finish_reason": "length"}]})
+    client = Client(LLMSettings(primary=Endpoint("coder", fake.base_url), max_retries=0, max_tokens=60))
+    with pytest.raises(LLMReplyError) as info:
+        run_specialist(client, BRIEF, {}, allowed=in_src, outcomes_allowed=OUTCOMES)
+    assert "cut off at the agent's llm.max_tokens (60)" in str(info.value)
+    assert "outcome" not in str(info.value)
+    assert "raise llm.max_tokens" in last_user_message(fake.chat_bodies()[1])
+    assert "missing required key" not in last_user_message(fake.chat_bodies()[1])
+
+
 def test_an_edit_outside_what_the_order_allows_is_sent_back(fake: FakeLLM) -> None:
     fake.script(content=done({"path": "webapp/config/secrets.env", "content": "X=1\n"}))
     fake.script(content=done({"path": "webapp/src/login.ts", "content": "ok\n"}))
@@ -466,6 +482,8 @@ def test_a_file_not_sent_whole_is_marked_and_an_edit_of_it_is_sent_back(fake: Fa
     "<think>I must answer with {outcome, summary} and {edits}.</think>\n\nREPLY",
     "I will reply with {outcome, summary} as asked:\nREPLY\nThat is all.",
     '<THINKING>{"outcome": "blocked"} no, better:</THINKING>\n```json\nREPLY\n```',
+    # Once: the small object in the prose was taken for the reply, and the model re-asked (and paid).
+    'The file had {"strict": false}; I set it to true. My reply:\nREPLY',
 ])
 def test_a_valid_reply_after_thinking_or_prose_with_braces_is_accepted(fake: FakeLLM, wrapped: str) -> None:
     fake.script(content=wrapped.replace("REPLY", done()))
@@ -500,3 +518,33 @@ def test_a_plan_or_review_summary_a_report_could_not_hold_is_sent_back(fake: Fak
                            validate=lambda o, s: [])
     assert result.summary == "All done."
     assert "summary: contains a control character" in last_user_message(fake.chat_bodies()[1])
+
+
+def test_a_query_value_of_base_url_refuses_a_reply_only_when_it_is_named_a_secret(fake: FakeLLM) -> None:
+    """A gateway's ?api-version=2024-08-01-preview is no secret: a reply setting that version in
+    the code was refused three times as "holding the API key"; its ?api-key= value still is one."""
+    version = "2024-08-01-preview"
+    secret = "gw-0123456789abcdef"
+    edit = {"path": "webapp/src/az.py", "content": f'API_VERSION = "{version}"\n'}
+    fake.script(content=done(edit))
+    url = f"{fake.base_url}?api-version={version}&api-key={secret}"
+    client = Client(LLMSettings(primary=Endpoint("coder", url), max_retries=0), sleep=lambda s: None)
+    reply, _ = run_specialist(client, BRIEF, {"webapp/src/az.py": None}, allowed=in_src,
+                              outcomes_allowed=OUTCOMES)
+    assert reply.edits == (Edit("webapp/src/az.py", f'API_VERSION = "{version}"\n'),)
+
+    for _ in range(3):
+        fake.script(content=done({"path": "webapp/src/az.py", "content": f'KEY = "{secret}"\n'}))
+    with pytest.raises(LLMReplyError, match="holds the API key"):
+        run_specialist(client, BRIEF, {"webapp/src/az.py": None}, allowed=in_src, outcomes_allowed=OUTCOMES)
+
+
+def test_a_reply_missing_two_keys_is_told_of_each(fake: FakeLLM) -> None:
+    # Once: "missing required key 'outcome'" twice, and 'summary' never named, so the model's
+    # next try still missed it and a re-ask was spent on it.
+    fake.script(content=json.dumps({"edits": []}))
+    fake.script(content=done())
+    reply, _ = run_specialist(client_for(fake), BRIEF, {}, allowed=in_src, outcomes_allowed=OUTCOMES)
+    assert reply.outcome == "done"
+    told = last_user_message(fake.chat_bodies()[1])
+    assert "- reply: missing required key 'outcome'\n- reply: missing required key 'summary'\n" in told
