@@ -407,7 +407,7 @@ def cancel(sup: Supervisor, order_id: str, by: str, taken: Path | None) -> dict[
     _cancel_one(sup, rec, by, "", pending, result, first=True)
     for child, parent in _dependents_first(sup.records, work):
         child = sup.whole(child)
-        if child.terminal:  # ended meanwhile: not cancelled here, nor said to be
+        if child.status not in CANCELLABLE:  # ended meanwhile: not cancelled here, nor said to be
             result["with"] = [e for e in result["with"] if e["id"] != child.id]
             continue
         if child.id in escalated:  # nothing is left to investigate: a cancelled order never runs again
@@ -489,8 +489,8 @@ def _dependents_first(records: dict[str, Record], work: list[tuple[Record, str]]
 
 def live_work(records: dict[str, Record], rec: Record, *,
               escalated: set[str] | None = None) -> list[tuple[Record, str]]:
-    """The orders sent for `rec`'s work that have not ended, each with the order it was sent
-    for: its children, each followed along its route (a route's follow-up carries the same
+    """The orders sent for `rec`'s work that have not ended for good (blocked and halted ones
+    too: `retry` would bring them back), each with the order it was sent for: its children, each followed along its route (a route's follow-up carries the same
     work on), and their children in turn, however deep; an ended one's too (a done order's
     outbox sent work for the same request). The investigations that the blocks of `rec`, and
     of each order found, escalated are its work too: one asks what would unblock an order
@@ -500,15 +500,15 @@ def live_work(records: dict[str, Record], rec: Record, *,
     investigations = _escalations(records)
     while todo:
         node = todo.pop(0)
-        # Only of an order cancelled here: a blocked child that stays blocked keeps its own.
-        asked = investigations.get(node.id, []) if node is rec or not node.terminal else []
+        # Only of an order cancelled here (one that ended for good keeps its own).
+        asked = investigations.get(node.id, []) if node is rec or node.status in CANCELLABLE else []
         for child_id, by_escalation in [*((c, False) for c in node.children), *((e, True) for e in asked)]:
             link = records.get(child_id)
             while link is not None and link.id not in seen:
                 seen.add(link.id)
                 if by_escalation and escalated is not None:
                     escalated.add(link.id)
-                if not link.terminal:
+                if link.status in CANCELLABLE:  # blocked or halted too: `retry` would revive it
                     found.append((link, link.parent if link.parent in seen else node.id))
                 todo.append(link)
                 link = records.get(link.routed_to) if link.status == "routed" and link.routed_to else None

@@ -141,8 +141,8 @@ def show(c: Context, order_id: str, as_json: bool) -> None:
 @pass_ctx
 def cancel(c: Context, order_id: str) -> None:
     """Cancel a queued, waiting or running order (its processes are killed),
-    and with it the orders it sent that have not ended, and the investigation
-    a block of it escalated.
+    and with it the orders it sent that have not ended for good (blocked or
+    halted ones too), and the investigations their blocks escalated.
 
     A running order's cancel is answered once its processes are gone: the
     command waits for that, then says the order is cancelled.

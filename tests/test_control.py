@@ -523,6 +523,47 @@ def test_cancel_of_a_blocked_order_cancels_the_investigation_its_block_escalated
         "cancelled", "cancelled: it investigated why a was blocked, and a was cancelled by user")
 
 
+def test_cancel_of_a_request_cancels_its_blocked_work_and_the_investigation_of_that_block(
+        make_ws: Callable[..., Workspace], tmp_path: Path) -> None:
+    """req-code, sent by the request, was blocked and escalated: cancelling the request left it
+    blocked (`retry` brought the cancelled request's work back) and rex's investigation of it
+    running. Now both are cancelled with the request, each saying why, and listed."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    walt = _outbox_orders(tmp_path / "walt-out", {"chip": {"req-code": order_md("Write the code", id="req-code")}})
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], "command": sh(walt)},
+                  "chip": {"role": "specialist", "command": sh("exit 1"), "max_failures": 1},
+                  "rex": {"role": "specialist", "command": STUBBORN}}, orchestrator="walt", escalate_to="rex")
+    drop(ws, "walt", "req.md", order_md("Get the code written", id="req"))
+    with Stepping(ws) as sup:
+        def asked() -> str | None:
+            return next((r.id for r in sup.records.values() if r.source.startswith("escalation of req-code")), None)
+
+        wait_until(lambda: asked() is not None and len(_pids(ws, str(asked()))) == 2,
+                   "req-code to be blocked and its investigation to run")
+        investigation = str(asked())
+        pids = _pids(ws, investigation)
+        said = CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "req"])
+        gone = [_alive(p) for p in pids]
+        retried = CliRunner().invoke(cli, ["-w", str(ws.root), "retry", "req-code"])
+    assert said.exit_code == 0, said.output
+    lines = said.output.splitlines()
+    assert lines[:2] == ["req: cancelled", "req-code: cancelled with req (it was blocked)"], said.output
+    assert (f"{investigation}: cancelled with req (it was running; it investigated why req-code was blocked)"
+            in lines), said.output
+    assert gone == [False, False]
+    store = Store(ws.state)
+    code, asking = store.load("req-code"), store.load(investigation)
+    assert code.status == "cancelled"
+    assert code.report["summary"].startswith("cancelled: its request req was cancelled by user; it was blocked: ")
+    assert (asking.status, asking.report["summary"]) == (
+        "cancelled", "cancelled: it investigated why req-code was blocked, and req-code was cancelled with req by user")
+    assert retried.exit_code == 1 and "req-code is cancelled" in retried.output
+    assert all(r.status == "cancelled" for r in store.load_all().values())
+
+
 def test_the_work_of_a_request_being_cancelled_when_the_supervisor_dies_says_why_after_the_next_start(
         make_ws: Callable[..., Workspace], tmp_path: Path) -> None:
     """req-code was being stopped, cancelled with its request, when the supervisor was killed:
