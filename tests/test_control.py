@@ -564,6 +564,60 @@ def test_cancel_of_a_request_cancels_its_blocked_work_and_the_investigation_of_t
     assert all(r.status == "cancelled" for r in store.load_all().values())
 
 
+def test_retry_of_a_blocked_order_cancels_the_investigation_its_block_escalated(
+        make_ws: Callable[..., Workspace]) -> None:
+    """Retried, a went on, but rex's investigation of what would unblock it kept running beside
+    it, and the command said only "a: queued". Now the investigation is cancelled (the retry is
+    the answer), its processes gone before the command answers, and listed."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    once = sh('[ -e "$PROBE/failed" ] && echo ok && exit 0; touch "$PROBE/failed"; exit 1')
+    ws = make_ws({"chip": {"role": "specialist", "command": once, "max_failures": 1},
+                  "rex": {"role": "specialist", "command": STUBBORN}}, escalate_to="rex")
+    drop(ws, "chip", "a.md", order_md("Order a fails once and is blocked", id="a"))
+    with Stepping(ws) as sup:
+        wait_until(lambda: len(sup.records) == 2, "a to be blocked and escalated")
+        investigation = next(oid for oid in sup.records if oid != "a")
+        wait_until(lambda: len(_pids(ws, investigation)) == 2, "the investigation to run")
+        pids = _pids(ws, investigation)
+        said = CliRunner().invoke(cli, ["-w", str(ws.root), "retry", "a"])
+        gone = [_alive(p) for p in pids]
+        wait_until(lambda: sup.records["a"].status == "done", "a to be done")
+    assert said.exit_code == 0, said.output
+    assert said.output.splitlines() == [
+        "a: queued", f"{investigation}: cancelled with the retry of a (it was running; it investigated why a was "
+                     "blocked, and the retry answers that)"]
+    assert gone == [False, False]
+    rec = Store(ws.state).load(investigation)
+    assert (rec.status, rec.report["summary"]) == (
+        "cancelled", "cancelled: it investigated why a was blocked, and a was retried by user")
+    assert sorted(r.status for r in Store(ws.state).load_all().values()) == ["cancelled", "done"]
+
+
+def test_retry_with_no_supervisor_running_cancels_the_investigation_still_queued(
+        make_ws: Callable[..., Workspace]) -> None:
+    """With no supervisor running, `retry` re-queued a and left the investigation of its block
+    queued: the next start ran it beside a, about a block that was no more."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("exit 1"), "max_failures": 1},
+                  "rex": {"role": "specialist", "command": STUBBORN}}, escalate_to="rex")
+    drop(ws, "chip", "a.md", order_md("Order a fails and is blocked", id="a"))
+    with Supervisor(ws) as sup:  # stopped while the investigation ran: it is queued again
+        step_until(sup, lambda: len(sup.records) == 2, "a to be blocked and escalated")
+        investigation = next(oid for oid in sup.records if oid != "a")
+    said = CliRunner().invoke(cli, ["-w", str(ws.root), "retry", "a"])
+    assert said.exit_code == 0, said.output
+    assert said.output.splitlines() == [
+        "a: queued", f"{investigation}: cancelled with the retry of a (it was queued; it investigated why a was "
+                     "blocked, and the retry answers that)"]
+    assert Store(ws.state).load(investigation).status == "cancelled"
+
+
 def test_the_work_of_a_request_being_cancelled_when_the_supervisor_dies_says_why_after_the_next_start(
         make_ws: Callable[..., Workspace], tmp_path: Path) -> None:
     """req-code was being stopped, cancelled with its request, when the supervisor was killed:
