@@ -434,6 +434,9 @@ def retry(sup: Supervisor, order_id: str, by: str, taken: Path | None) -> dict[s
             from .orders import render
             sup.ledger_add(rec.id, "order", render(sup.store.load_order(rec.id)))
     result: dict[str, Any] = {"id": rec.id, "status": rec.status}
+    if rec.to not in sup.config.agents:  # said "queued", it never ran and nothing said why
+        result["warning"] = (f"{rec.to} is no longer in coordinator.yaml, so {rec.id} waits until it is back "
+                             f"(`coordinator cancel {rec.id}` drops it)")
     # What the investigation asks (what would unblock it) the person has answered by retrying it:
     # left going, it ran beside the order and a block again filed a second one. Cancelled, each
     # with the work it sent; listed, each with the status it had.

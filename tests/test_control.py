@@ -618,6 +618,26 @@ def test_retry_with_no_supervisor_running_cancels_the_investigation_still_queued
     assert Store(ws.state).load(investigation).status == "cancelled"
 
 
+def test_retry_of_an_order_whose_agent_left_the_team_says_it_will_not_run(make_ws: Callable[..., Workspace]) -> None:
+    """chip was taken out of coordinator.yaml: `retry` of its blocked order said "a: queued", and
+    the order never ran, with nothing said why. Now the retry says so, and how to drop it."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("exit 1"), "max_failures": 1}})
+    drop(ws, "chip", "a.md", order_md("Order a fails and is blocked", id="a"))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: sup.records.get("a") is not None and sup.records["a"].status == "blocked",
+                   "a to be blocked")
+    make_ws({"rex": {"role": "specialist", "command": ["/bin/true"]}})  # chip left the team
+    said = CliRunner().invoke(cli, ["-w", str(ws.root), "retry", "a"])
+    assert said.exit_code == 0, said.output
+    assert said.stdout == "a: queued\n"
+    assert said.stderr == ("coordinator: chip is no longer in coordinator.yaml, so a waits until it is back "
+                           "(`coordinator cancel a` drops it)\n")
+
+
 def test_the_work_of_a_request_being_cancelled_when_the_supervisor_dies_says_why_after_the_next_start(
         make_ws: Callable[..., Workspace], tmp_path: Path) -> None:
     """req-code was being stopped, cancelled with its request, when the supervisor was killed:
