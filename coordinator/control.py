@@ -284,32 +284,9 @@ def handle(sup: Supervisor, action: str, args: dict[str, Any]) -> dict[str, Any]
         assert result is not None  # nothing is left to be answered later without a request
         return result
     if action == "retry":
-        rec = _record(sup, str(args["id"]))
-        if rec.status == "waiting" and not rec.blocker:
-            waits = [via_route(d, route_end(sup.records, d)) for d in rec.blocked_by
-                     if not dependency_done(sup.records, d)]
-            raise StateError(f"{rec.id} is waiting for {', '.join(waits) or 'its dependencies'}; it runs once "
-                             "they are done")
-        if rec.status not in ("blocked", "halted") and not (rec.status == "waiting" and rec.blocker):
-            raise StateError(f"{rec.id} is {rec.status}; only blocked or halted orders (or one waiting on a "
-                             "blocker) can be retried")
-        dead = ended_undone(sup.records, rec.blocked_by)
-        if dead is not None:
-            named, last = dead
-            raise StateError(f"{rec.id} depends on {via_route(named, last)}, which ended {last.status}: retried, it "
-                             f"would wait forever; send it again without {named} in blocked_by")
-        rec.failures = []
-        rec.blocker = None
-        status = "queued" if all(dependency_done(sup.records, d) for d in rec.blocked_by) else "waiting"
-        sup.move(rec, status, str(args.get("by", "user")), note="retry")
-        if rec.sender == sup.config.orchestrator:
-            if sup.ledger.reopen(rec.id):
-                sup.ledger.save()  # in flight again: a rotation must not drop it
-            elif not any(i.ref == rec.id and i.kind != "report" for i in sup.ledger.items):
-                # A rotation dropped its items: the order is back in the orchestrator's context.
-                from .orders import render
-                sup.ledger_add(rec.id, "order", render(sup.store.load_order(rec.id)))
-        return {"id": rec.id, "status": rec.status}
+        result = retry(sup, str(args["id"]), str(args.get("by", "user")), None)
+        assert result is not None  # nothing is left to be answered later without a request
+        return result
     if action == "rotate":
         orchestrator_of(sup.config)
         return rotate(sup, fresh=bool(args.get("fresh")))
@@ -343,6 +320,8 @@ def serve(sup: Supervisor, action: str, args: dict[str, Any], taken: Path) -> di
     (`AttemptRunner.cancel_soon`), while the loop goes on with the other orders."""
     if action == "cancel" and not sup.offline:
         return cancel(sup, str(args.get("id")), str(args.get("by", "user")), taken)
+    if action == "retry" and not sup.offline:
+        return retry(sup, str(args.get("id")), str(args.get("by", "user")), taken)
     return sup.handle(action, args)
 
 
@@ -407,7 +386,7 @@ def cancel(sup: Supervisor, order_id: str, by: str, taken: Path | None) -> dict[
     _cancel_one(sup, rec, by, "", pending, result, first=True)
     for child, parent in _dependents_first(sup.records, work):
         child = sup.whole(child)
-        if child.terminal:  # ended meanwhile: not cancelled here, nor said to be
+        if child.status not in CANCELLABLE:  # ended meanwhile: not cancelled here, nor said to be
             result["with"] = [e for e in result["with"] if e["id"] != child.id]
             continue
         if child.id in escalated:  # nothing is left to investigate: a cancelled order never runs again
@@ -421,6 +400,72 @@ def cancel(sup: Supervisor, order_id: str, by: str, taken: Path | None) -> dict[
         return None
     _blocked_with(sup, result, waited)
     return result
+
+
+def retry(sup: Supervisor, order_id: str, by: str, taken: Path | None) -> dict[str, Any] | None:
+    """Re-queue the blocked or halted `order_id` (or clear its free-text blocker), and cancel
+    the investigations its blocks escalated that have not ended, with the work they sent: a
+    running one in the background when a supervisor runs (then None, and the command waiting
+    on `taken` is answered once no process of them is left, as `cancel`'s is)."""
+    rec = _record(sup, order_id)
+    if rec.status == "waiting" and not rec.blocker:
+        waits = [via_route(d, route_end(sup.records, d)) for d in rec.blocked_by
+                 if not dependency_done(sup.records, d)]
+        raise StateError(f"{rec.id} is waiting for {', '.join(waits) or 'its dependencies'}; it runs once "
+                         "they are done")
+    if rec.status not in ("blocked", "halted") and not (rec.status == "waiting" and rec.blocker):
+        raise StateError(f"{rec.id} is {rec.status}; only blocked or halted orders (or one waiting on a "
+                         "blocker) can be retried")
+    dead = ended_undone(sup.records, rec.blocked_by)
+    if dead is not None:
+        named, last = dead
+        raise StateError(f"{rec.id} depends on {via_route(named, last)}, which ended {last.status}: retried, it "
+                         f"would wait forever; send it again without {named} in blocked_by")
+    rec.failures = []
+    rec.blocker = None
+    status = "queued" if all(dependency_done(sup.records, d) for d in rec.blocked_by) else "waiting"
+    asked = _investigations(sup, rec)  # before it moves
+    sup.move(rec, status, by, note="retry")
+    if rec.sender == sup.config.orchestrator:
+        if sup.ledger.reopen(rec.id):
+            sup.ledger.save()  # in flight again: a rotation must not drop it
+        elif not any(i.ref == rec.id and i.kind != "report" for i in sup.ledger.items):
+            # A rotation dropped its items: the order is back in the orchestrator's context.
+            from .orders import render
+            sup.ledger_add(rec.id, "order", render(sup.store.load_order(rec.id)))
+    result: dict[str, Any] = {"id": rec.id, "status": rec.status}
+    if rec.to not in sup.config.agents:  # said "queued", it never ran and nothing said why
+        result["warning"] = (f"{rec.to} is no longer in coordinator.yaml, so {rec.id} waits until it is back "
+                             f"(`coordinator cancel {rec.id}` drops it)")
+    # What the investigation asks (what would unblock it) the person has answered by retrying it:
+    # left going, it ran beside the order and a block again filed a second one. Cancelled, each
+    # with the work it sent; listed, each with the status it had.
+    work = [pair for inv in asked for pair in [(inv, rec.id), *live_work(sup.records, inv)]]
+    if not work:
+        return result
+    result["with"] = [{"id": child.id, "was": child.status, "status": child.status,
+                       **({"investigated": rec.id} if parent == rec.id else {})} for child, parent in work]
+    waited = {r.id for r in sup.records.values() if r.status == "waiting"}
+    pending = CancelAnswer(taken, result, waited=waited) if taken is not None else None
+    for child, parent in _dependents_first(sup.records, work):
+        child = sup.whole(child)
+        if child.status not in CANCELLABLE:  # ended meanwhile: not cancelled here, nor said to be
+            result["with"] = [e for e in result["with"] if e["id"] != child.id]
+            continue
+        why = (f"it investigated why {rec.id} was blocked, and {rec.id} was retried by {by}" if parent == rec.id
+               else f"sent by {parent}, an investigation of why {rec.id} was blocked, and {rec.id} was retried by {by}")
+        _cancel_one(sup, child, by, why, pending, result, first=False)
+    if pending is not None and pending.left:
+        return None
+    _blocked_with(sup, result, waited)
+    return result
+
+
+def _investigations(sup: Supervisor, rec: Record) -> list[Record]:
+    """The investigations the blocks of `rec` escalated that have not ended (an ended one has
+    answered), oldest first."""
+    found = [sup.records.get(i) for i in _escalations(sup.records).get(rec.id, [])]
+    return [r for r in found if r is not None and r.status in ("queued", "waiting", "running")]
 
 
 def _blocked_with(sup: Supervisor, result: dict[str, Any], waited: set[str]) -> None:
@@ -489,8 +534,8 @@ def _dependents_first(records: dict[str, Record], work: list[tuple[Record, str]]
 
 def live_work(records: dict[str, Record], rec: Record, *,
               escalated: set[str] | None = None) -> list[tuple[Record, str]]:
-    """The orders sent for `rec`'s work that have not ended, each with the order it was sent
-    for: its children, each followed along its route (a route's follow-up carries the same
+    """The orders sent for `rec`'s work that have not ended for good (blocked and halted ones
+    too: `retry` would bring them back), each with the order it was sent for: its children, each followed along its route (a route's follow-up carries the same
     work on), and their children in turn, however deep; an ended one's too (a done order's
     outbox sent work for the same request). The investigations that the blocks of `rec`, and
     of each order found, escalated are its work too: one asks what would unblock an order
@@ -500,15 +545,15 @@ def live_work(records: dict[str, Record], rec: Record, *,
     investigations = _escalations(records)
     while todo:
         node = todo.pop(0)
-        # Only of an order cancelled here: a blocked child that stays blocked keeps its own.
-        asked = investigations.get(node.id, []) if node is rec or not node.terminal else []
+        # Only of an order cancelled here (one that ended for good keeps its own).
+        asked = investigations.get(node.id, []) if node is rec or node.status in CANCELLABLE else []
         for child_id, by_escalation in [*((c, False) for c in node.children), *((e, True) for e in asked)]:
             link = records.get(child_id)
             while link is not None and link.id not in seen:
                 seen.add(link.id)
                 if by_escalation and escalated is not None:
                     escalated.add(link.id)
-                if not link.terminal:
+                if link.status in CANCELLABLE:  # blocked or halted too: `retry` would revive it
                     found.append((link, link.parent if link.parent in seen else node.id))
                 todo.append(link)
                 link = records.get(link.routed_to) if link.status == "routed" and link.routed_to else None

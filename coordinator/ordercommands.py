@@ -141,8 +141,8 @@ def show(c: Context, order_id: str, as_json: bool) -> None:
 @pass_ctx
 def cancel(c: Context, order_id: str) -> None:
     """Cancel a queued, waiting or running order (its processes are killed),
-    and with it the orders it sent that have not ended, and the investigation
-    a block of it escalated.
+    and with it the orders it sent that have not ended for good (blocked or
+    halted ones too), and the investigations their blocks escalated.
 
     A running order's cancel is answered once its processes are gone: the
     command waits for that, then says the order is cancelled.
@@ -175,6 +175,10 @@ def cancel(c: Context, order_id: str) -> None:
 def retry(c: Context, order_id: str) -> None:
     """Re-queue a blocked or halted order (or clear a free-text blocker).
 
+    The investigation a block of it escalated, if it has not ended, is cancelled
+    (the retry answers what it asks: what would unblock the order), and listed.
+    A running one is answered once its processes are gone.
+
     \b
     Example:
         coordinator retry WO-0007
@@ -183,4 +187,12 @@ def retry(c: Context, order_id: str) -> None:
 
     with explain_missing(c.ws, order_id):
         r = submit(c, "retry", {"id": order_id})
+    if r.get("warning"):
+        click.echo(f"coordinator: {r['warning']}", err=True)
     click.echo(f"{r['id']}: {r['status']}")
+    for child in r.get("with") or ():  # the investigations of its blocks, and the work they sent
+        of = (f"it investigated why {r['id']} was blocked, and the retry answers that" if child.get("investigated")
+              else f"work an investigation of {r['id']} sent")
+        click.echo(f"{child['id']}: {child['status']} with the retry of {r['id']} (it was {child['was']}; {of})")
+    for waiter in r.get("blocked") or ():  # what waited for them can never run now
+        click.echo(f"{waiter['id']}: blocked, it waited for {waiter['waited_for']}, which can never be done now")

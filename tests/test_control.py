@@ -523,6 +523,121 @@ def test_cancel_of_a_blocked_order_cancels_the_investigation_its_block_escalated
         "cancelled", "cancelled: it investigated why a was blocked, and a was cancelled by user")
 
 
+def test_cancel_of_a_request_cancels_its_blocked_work_and_the_investigation_of_that_block(
+        make_ws: Callable[..., Workspace], tmp_path: Path) -> None:
+    """req-code, sent by the request, was blocked and escalated: cancelling the request left it
+    blocked (`retry` brought the cancelled request's work back) and rex's investigation of it
+    running. Now both are cancelled with the request, each saying why, and listed."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    walt = _outbox_orders(tmp_path / "walt-out", {"chip": {"req-code": order_md("Write the code", id="req-code")}})
+    ws = make_ws({"walt": {"role": "orchestrator", "sends_to": ["chip"], "command": sh(walt)},
+                  "chip": {"role": "specialist", "command": sh("exit 1"), "max_failures": 1},
+                  "rex": {"role": "specialist", "command": STUBBORN}}, orchestrator="walt", escalate_to="rex")
+    drop(ws, "walt", "req.md", order_md("Get the code written", id="req"))
+    with Stepping(ws) as sup:
+        def asked() -> str | None:
+            return next((r.id for r in sup.records.values() if r.source.startswith("escalation of req-code")), None)
+
+        wait_until(lambda: asked() is not None and len(_pids(ws, str(asked()))) == 2,
+                   "req-code to be blocked and its investigation to run")
+        investigation = str(asked())
+        pids = _pids(ws, investigation)
+        said = CliRunner().invoke(cli, ["-w", str(ws.root), "cancel", "req"])
+        gone = [_alive(p) for p in pids]
+        retried = CliRunner().invoke(cli, ["-w", str(ws.root), "retry", "req-code"])
+    assert said.exit_code == 0, said.output
+    lines = said.output.splitlines()
+    assert lines[:2] == ["req: cancelled", "req-code: cancelled with req (it was blocked)"], said.output
+    assert (f"{investigation}: cancelled with req (it was running; it investigated why req-code was blocked)"
+            in lines), said.output
+    assert gone == [False, False]
+    store = Store(ws.state)
+    code, asking = store.load("req-code"), store.load(investigation)
+    assert code.status == "cancelled"
+    assert code.report["summary"].startswith("cancelled: its request req was cancelled by user; it was blocked: ")
+    assert (asking.status, asking.report["summary"]) == (
+        "cancelled", "cancelled: it investigated why req-code was blocked, and req-code was cancelled with req by user")
+    assert retried.exit_code == 1 and "req-code is cancelled" in retried.output
+    assert all(r.status == "cancelled" for r in store.load_all().values())
+
+
+def test_retry_of_a_blocked_order_cancels_the_investigation_its_block_escalated(
+        make_ws: Callable[..., Workspace]) -> None:
+    """Retried, a went on, but rex's investigation of what would unblock it kept running beside
+    it, and the command said only "a: queued". Now the investigation is cancelled (the retry is
+    the answer), its processes gone before the command answers, and listed."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    once = sh('[ -e "$PROBE/failed" ] && echo ok && exit 0; touch "$PROBE/failed"; exit 1')
+    ws = make_ws({"chip": {"role": "specialist", "command": once, "max_failures": 1},
+                  "rex": {"role": "specialist", "command": STUBBORN}}, escalate_to="rex")
+    drop(ws, "chip", "a.md", order_md("Order a fails once and is blocked", id="a"))
+    with Stepping(ws) as sup:
+        wait_until(lambda: len(sup.records) == 2, "a to be blocked and escalated")
+        investigation = next(oid for oid in sup.records if oid != "a")
+        wait_until(lambda: len(_pids(ws, investigation)) == 2, "the investigation to run")
+        pids = _pids(ws, investigation)
+        said = CliRunner().invoke(cli, ["-w", str(ws.root), "retry", "a"])
+        gone = [_alive(p) for p in pids]
+        wait_until(lambda: sup.records["a"].status == "done", "a to be done")
+    assert said.exit_code == 0, said.output
+    assert said.output.splitlines() == [
+        "a: queued", f"{investigation}: cancelled with the retry of a (it was running; it investigated why a was "
+                     "blocked, and the retry answers that)"]
+    assert gone == [False, False]
+    rec = Store(ws.state).load(investigation)
+    assert (rec.status, rec.report["summary"]) == (
+        "cancelled", "cancelled: it investigated why a was blocked, and a was retried by user")
+    assert sorted(r.status for r in Store(ws.state).load_all().values()) == ["cancelled", "done"]
+
+
+def test_retry_with_no_supervisor_running_cancels_the_investigation_still_queued(
+        make_ws: Callable[..., Workspace]) -> None:
+    """With no supervisor running, `retry` re-queued a and left the investigation of its block
+    queued: the next start ran it beside a, about a block that was no more."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("exit 1"), "max_failures": 1},
+                  "rex": {"role": "specialist", "command": STUBBORN}}, escalate_to="rex")
+    drop(ws, "chip", "a.md", order_md("Order a fails and is blocked", id="a"))
+    with Supervisor(ws) as sup:  # stopped while the investigation ran: it is queued again
+        step_until(sup, lambda: len(sup.records) == 2, "a to be blocked and escalated")
+        investigation = next(oid for oid in sup.records if oid != "a")
+    said = CliRunner().invoke(cli, ["-w", str(ws.root), "retry", "a"])
+    assert said.exit_code == 0, said.output
+    assert said.output.splitlines() == [
+        "a: queued", f"{investigation}: cancelled with the retry of a (it was queued; it investigated why a was "
+                     "blocked, and the retry answers that)"]
+    assert Store(ws.state).load(investigation).status == "cancelled"
+
+
+def test_retry_of_an_order_whose_agent_left_the_team_says_it_will_not_run(make_ws: Callable[..., Workspace]) -> None:
+    """chip was taken out of coordinator.yaml: `retry` of its blocked order said "a: queued", and
+    the order never ran, with nothing said why. Now the retry says so, and how to drop it."""
+    from click.testing import CliRunner
+
+    from coordinator.cli import cli
+
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("exit 1"), "max_failures": 1}})
+    drop(ws, "chip", "a.md", order_md("Order a fails and is blocked", id="a"))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: sup.records.get("a") is not None and sup.records["a"].status == "blocked",
+                   "a to be blocked")
+    make_ws({"rex": {"role": "specialist", "command": ["/bin/true"]}})  # chip left the team
+    said = CliRunner().invoke(cli, ["-w", str(ws.root), "retry", "a"])
+    assert said.exit_code == 0, said.output
+    assert said.stdout == "a: queued\n"
+    assert said.stderr == ("coordinator: chip is no longer in coordinator.yaml, so a waits until it is back "
+                           "(`coordinator cancel a` drops it)\n")
+
+
 def test_the_work_of_a_request_being_cancelled_when_the_supervisor_dies_says_why_after_the_next_start(
         make_ws: Callable[..., Workspace], tmp_path: Path) -> None:
     """req-code was being stopped, cancelled with its request, when the supervisor was killed:
