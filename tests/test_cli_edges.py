@@ -477,3 +477,29 @@ def test_a_yaml_set_in_the_config_is_said_as_a_set_and_what_is_expected(ws: Path
     result = run("-w", ws, "board")
     assert (result.exit_code, result.stderr) == (2, "coordinator: coordinator.yaml: agents.rex.writes: must be a "
                                                     "list, not a set (YAML's !!set)\n")
+
+
+def _order(order_id: str, objective: str) -> str:
+    return (f"---\nid: {order_id}\n---\n**Objective:** {objective}\n\n**Acceptance:**\n- It is done\n"
+            "- It is checked\n- It is said\n\n**Files:**\n- webapp/src/greeting.py\n\n**Branching:**\n"
+            "- halt-with-note if it is done already\n")
+
+
+def test_an_order_id_used_in_another_case_is_refused_by_send_and_by_intake(ws: Path, tmp_path: Path) -> None:
+    """`Login-Fix` and `login-fix` would share one order folder and one branch on a
+    case-insensitive file system (macOS, a mounted volume): the second is refused, naming the
+    first, whether sent or dropped by hand, and an assigned id never takes a used one's place."""
+    first, second = tmp_path / "first.md", tmp_path / "second.md"
+    first.write_text(_order("Login-Fix", "The webapp greets a user"))
+    second.write_text(_order("login-fix", "The webapp welcomes a user"))
+    assert run("-w", ws, "send", first, "--to", "chip").output == "Login-Fix\n"
+    refused = run("-w", ws, "send", second, "--to", "chip")
+    assert refused.exit_code == 1
+    assert "id: 'login-fix' is 'Login-Fix', already used in this workspace, in another case" in refused.output
+    (ws / "inbox" / "chip" / "by-hand.md").write_text(second.read_text())
+    (ws / "inbox" / "chip" / "mine.md").write_text(_order("wo-0001", "The webapp thanks a user"))
+    assert run("-w", ws, "supervise", "--once").exit_code == 0
+    board = {o["id"]: o for o in json.loads(run("-w", ws, "board", "--json").output)["orders"]}
+    assert {i.lower() for i in board} == {"login-fix", "wo-0001", "wo-0002"}  # three folders on any file system
+    assert board["Login-Fix"]["status"] == "done" and board["wo-0001"]["status"] == "done"
+    assert board["WO-0002"]["status"] == "rejected"

@@ -99,6 +99,9 @@ class History:
     def exists(self, order_id: str) -> bool:
         return order_id in self.orders
 
+    def same_id(self, order_id: str) -> str | None:
+        return next((o for o in self.orders if o.lower() == order_id.lower() and o != order_id), None)
+
     def waiting(self, order_id: str) -> str | None:
         return None
 
@@ -545,6 +548,19 @@ def test_duplicate_id_is_rejected(team: config.Config) -> None:
     p = only(load_problems(with_front("id: WO-0003"), team, History().add("WO-0003")), "id")
     assert str(p) == ("inbox/chip/fix.md:2: id: 'WO-0003' is already used in this workspace; pick "
                       "another id or leave it out to get one assigned")
+
+
+def test_an_id_used_in_another_case_is_rejected_as_a_duplicate_naming_the_first(team: config.Config) -> None:
+    """`Login-Fix` and `login-fix` would share state/orders/<id>/ and wo/<id> on a case-insensitive
+    file system: the second is refused as a duplicate; an id that differs otherwise is not."""
+    history = History().add("Login-Fix")
+    p = only(load_problems(with_front("id: login-fix"), team, history), "id")
+    assert str(p) == ("inbox/chip/fix.md:2: id: 'login-fix' is 'Login-Fix', already used in this workspace, in "
+                      "another case (on a case-insensitive file system the two would share one folder); pick "
+                      "another id or leave it out to get one assigned")
+    order = orders.load(with_front("id: login-fix-2").encode(), path="inbox/chip/fix.md", to="chip", config=team,
+                        history=history)
+    assert order.id == "login-fix-2"
 
 
 def test_blocked_by_must_exist_and_not_form_a_cycle(team: config.Config) -> None:
