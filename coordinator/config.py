@@ -506,6 +506,10 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
             raise fail(f"agents.{name}.sandbox.writable.{i}", f"{p!r}: no user {tilde[1:]!r} on this system, so "
                        f"{tilde} names no home folder; write the folder's absolute path")
         home = os.environ.get("HOME", "")
+        if "HOME" in os.environ and not home and str(written[i]).split("/")[0] == "~":
+            # ~ became the root: `~/.claude` granted /.claude (and `~` all of /).
+            raise fail(f"agents.{name}.sandbox.writable.{i}", f"{written[i]!r}: HOME is empty, so ~ names no "
+                       "folder; set HOME to your home folder, or write the folder's absolute path")
         if not os.path.isabs(p) and str(written[i]).split("/")[0] == "~" and not os.path.isabs(home):
             # "must be absolute or start with ~" was said of a path that started with ~.
             raise fail(f"agents.{name}.sandbox.writable.{i}", f"{written[i]!r}: HOME is the relative path "

@@ -469,6 +469,20 @@ def test_a_writable_folder_under_a_relative_home_says_home_is_relative(ws: Path,
                                                     "absolute path\n")
 
 
+@pytest.mark.parametrize("written", ["~/.claude", "~"])
+def test_a_writable_folder_under_an_empty_home_says_home_is_empty(ws: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  written: str) -> None:
+    # With HOME= (set, empty) `~/.claude` was taken as /.claude: a folder at the root granted.
+    config = ws / "coordinator.yaml"
+    config.write_text(config.read_text().replace(
+        "    sends_to: [chip]\n", f"    sends_to: [chip]\n    sandbox: {{writable: ['{written}']}}\n", 1))
+    monkeypatch.setenv("HOME", "")
+    result = run("-w", ws, "board")
+    assert (result.exit_code, result.stderr) == (2, f"coordinator: coordinator.yaml: agents.rex.sandbox.writable.0: "
+                                                    f"'{written}': HOME is empty, so ~ names no folder; set HOME to "
+                                                    "your home folder, or write the folder's absolute path\n")
+
+
 def test_a_yaml_set_in_the_config_is_said_as_a_set_and_what_is_expected(ws: Path) -> None:
     # `writes: !!set {...}` was refused as "must be a list, not a value": a set is a value.
     config = ws / "coordinator.yaml"
