@@ -441,6 +441,13 @@ def from_mapping(data: Any, *, path: Path | None = None) -> Config:
         bands=(int(bands[0]), int(bands[1]), int(bands[2])),
         on_ceiling=str(b.get("on_ceiling", DEFAULT_ON_CEILING)),
     )
+    if budget.ceiling > budget.bands[2]:
+        # Taken, the mode went `executor` long before the ceiling, and on_ceiling never acted in time.
+        where = "budget.ceiling" if "ceiling" in b else "budget.bands"
+        raise fail(where, f"a ceiling of {budget.ceiling:,} hot tokens is past the last band "
+                          f"({budget.bands[2]:,}, where the orchestrator is an executor): the ceiling would act "
+                          f"only after that; set the ceiling from {budget.bands[0]:,} to {budget.bands[2]:,}, "
+                          "or raise the bands")
     return Config(
         agents=agents,
         orchestrator=orchestrator,
@@ -557,6 +564,17 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
 # Names git keeps for itself, in the cases a glob might match (the gate compares them in any case).
 _GIT_NAMES = tuple(n for name in (".git", ".gitmodules", "git~1") for n in (name, name.upper(), name.title()))
 _GLOB_SETS = re.compile(r"\[[^\]]*\]")
+
+
+def budget_warning(cfg: Config) -> str | None:
+    """A ceiling below the first band is taken (it rotates early), but said: the orchestrator is
+    rotated while it still only routes, every few orders."""
+    b = cfg.budget
+    if cfg.orchestrator is None or b.ceiling >= b.bands[0]:
+        return None
+    return (f"budget.ceiling: {b.ceiling:,} hot tokens is below the first band ({b.bands[0]:,}): "
+            f"{cfg.orchestrator} is rotated while it still only routes, every few orders; the bands put a "
+            f"ceiling from {b.bands[0]:,} to {b.bands[2]:,}")
 
 
 def _git_glob_problem(entry: str) -> str | None:

@@ -517,3 +517,22 @@ def test_an_order_id_used_in_another_case_is_refused_by_send_and_by_intake(ws: P
     assert {i.lower() for i in board} == {"login-fix", "wo-0001", "wo-0002"}  # three folders on any file system
     assert board["Login-Fix"]["status"] == "done" and board["wo-0001"]["status"] == "done"
     assert board["WO-0002"]["status"] == "rejected"
+
+
+def test_a_budget_ceiling_past_the_last_band_is_refused_and_one_below_the_first_is_warned(ws: Path) -> None:
+    # A ceiling of 50,000 was taken: at 20,000 hot tokens the orchestrator was an executor and
+    # on_ceiling had not acted, nor would it until 50,000.
+    config = ws / "coordinator.yaml"
+    text = config.read_text()
+    config.write_text(text.replace("  ceiling: 7000 ", "  ceiling: 50000", 1))
+    result = run("-w", ws, "budget")
+    assert (result.exit_code, result.stderr) == (2, "coordinator: coordinator.yaml: budget.ceiling: a ceiling of "
+                                                    "50,000 hot tokens is past the last band (15,000, where the "
+                                                    "orchestrator is an executor): the ceiling would act only after "
+                                                    "that; set the ceiling from 2,000 to 15,000, or raise the bands\n")
+    config.write_text(text.replace("  ceiling: 7000 ", "  ceiling: 500  ", 1))
+    assert run("-w", ws, "budget").exit_code == 0  # rotating early is a choice: taken, and said
+    warned = ("WARNING: budget.ceiling: 500 hot tokens is below the first band (2,000): walt is rotated while it "
+              "still only routes, every few orders")
+    assert warned in run("-w", ws, "doctor").output
+    assert warned in run("-w", ws, "supervise", "--once").output
