@@ -502,7 +502,7 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
     if role == "orchestrator" and writes:
         raise fail(f"agents.{name}.writes", "an orchestrator never writes; it sends work orders")
     for i, w in enumerate(writes):
-        problem = paths.path_problem(w) or paths.brace_problem(w) or _git_glob_problem(w)
+        problem = paths.path_problem(w) or paths.brace_problem(w) or git_glob_problem(w)
         if problem:
             raise fail(f"agents.{name}.writes.{i}", problem)
     written = tuple((spec.get("sandbox", {}) or {}).get("writable", ()))
@@ -577,11 +577,11 @@ def budget_warning(cfg: Config) -> str | None:
             f"ceiling from {b.bands[0]:,} to {b.bands[2]:,}")
 
 
-def _git_glob_problem(entry: str) -> str | None:
-    """Why a `writes` entry promises what the gate never grants: a component naming git
-    internals (`.gitmodules`, `git~1`), or one spelling them with `?` or a set (`.gi?`, `.[g]it`).
-    A `*`, `**` or `????` matches them too, and much else: it stays, the gate refusing those
-    paths whatever the glob says."""
+def git_glob_problem(entry: str, *, advice: str = "name the files and folders the agent may write") -> str | None:
+    """Why a `writes` entry (or an order's `files` entry) promises what the gate never grants: a
+    component naming git internals (`.gitmodules`, `git~1`), or one spelling them with `?` or a
+    set (`.gi?`, `.[g]it`). A `*`, `**` or `????` matches them too, and much else: it stays, the
+    gate refusing those paths whatever the glob says."""
     for part in entry.split("/")[1:]:
         shown = part if gate.is_git_path(part) else None
         spelt = _GLOB_SETS.sub("", part).replace("?", "")  # its own letters, not its wildcards'
@@ -589,7 +589,7 @@ def _git_glob_problem(entry: str) -> str | None:
             shown = next((n for n in _GIT_NAMES if paths.matches(part, n)), None)
         if shown is not None:
             return (f"{entry!r} matches {shown}: git internals (.git, .gitmodules) are never writable, "
-                    "whatever writes says; name the files and folders the agent may write")
+                    f"whatever writes says; {advice}")
     return None
 
 

@@ -403,6 +403,24 @@ def test_hostile_file_entries_are_refused_with_their_line(entry: str, words: str
     assert words in p.message and p.line == 10
 
 
+@pytest.mark.parametrize(("entry", "shown"), [
+    ("webapp/.gitmodules", ".gitmodules"),
+    ("webapp/src/.Gitmodules", ".Gitmodules"),
+    ("webapp/git~1", "git~1"),
+    ("webapp/GIT~1/config", "GIT~1"),
+    ("webapp/.gi?modules", ".gitmodules"),
+])
+def test_file_entries_naming_git_internals_are_refused_as_a_writes_glob_is(entry: str, shown: str) -> None:
+    # Taken, the order ran and the gate denied whatever it changed there: it could never be done.
+    text = BODY.replace("- webapp/src/login.ts", f"- webapp/src/login.ts\n- {entry}")
+    p = only(problems_of(text), "files.1")
+    assert p.message == (f"{entry!r} matches {shown}: git internals (.git, .gitmodules) are never writable, "
+                         "whatever writes says; name the files the work changes")
+    assert p.line == 10
+    fine = BODY.replace("- webapp/src/login.ts", "- webapp/src/gitmodules.ts\n- webapp/**")
+    assert orders.parse(fine.encode(), path="a.md", to="chip").files == ("webapp/src/gitmodules.ts", "webapp/**")
+
+
 def test_more_than_200_files_and_read_only_orders() -> None:
     many = "\n".join(f"- webapp/src/f{i}.ts" for i in range(201))
     p = only(problems_of(BODY.replace("- webapp/src/login.ts", many)), "files")
