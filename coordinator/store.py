@@ -33,6 +33,7 @@ TERMINAL = frozenset({"done", "halted", "routed", "blocked", "rejected", "denied
 ENDED_UNDONE = frozenset({"rejected", "denied", "cancelled"})  # ended for good, the work not done: no retry
 # Orders that ended this way make a repeat without a reference a feedback-loop signal.
 FAILED_ENDINGS = frozenset({"rejected", "denied", "halted", "blocked"})
+LAST_ASSIGNABLE = 10 ** 61 - 1  # WO- and 61 digits: an id's 64 characters (ID_PATTERN)
 ASSIGNED = re.compile(r"^WO-(\d+)$", re.IGNORECASE)  # wo-0009 is WO-0009 on some file systems
 SUPERVISOR = "coordinator"
 RECENT_PATHS = 4096  # order paths kept by a Store (see Store._paths)
@@ -408,7 +409,9 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.orders_dir):
                 m = ASSIGNED.match(entry.name)
-                if m:
+                # An id a user chose at the very top (WO-999…9, 64 characters) leaves no valid id
+                # after it: counted, every order sent after it was assigned one intake rejects.
+                if m and int(m.group(1)) < LAST_ASSIGNABLE:
                     top = max(top, int(m.group(1)))
         return top
 

@@ -536,3 +536,19 @@ def test_a_budget_ceiling_past_the_last_band_is_refused_and_one_below_the_first_
               "still only routes, every few orders")
     assert warned in run("-w", ws, "doctor").output
     assert warned in run("-w", ws, "supervise", "--once").output
+
+
+def test_an_id_chosen_at_the_top_of_the_assigned_range_leaves_later_orders_an_id(ws: Path, tmp_path: Path) -> None:
+    # After an order named WO-999…9 (64 characters), every order sent without an id was given
+    # WO-1000…0 (65 characters), which intake then rejected: nothing sent could run any more.
+    top = "WO-" + "9" * 61
+    chosen, later = tmp_path / "chosen.md", tmp_path / "later.md"
+    chosen.write_text(_order(top, "The webapp greets a user"))
+    later.write_text(_order("x", "The webapp thanks a user").replace("id: x\n", ""))
+    assert run("-w", ws, "send", chosen, "--to", "chip").output == f"{top}\n"
+    assert run("-w", ws, "supervise", "--once").exit_code == 0
+    sent = run("-w", ws, "send", later, "--to", "chip")
+    assert (sent.exit_code, sent.output) == (0, "WO-0001\n")
+    assert run("-w", ws, "supervise", "--once").exit_code == 0
+    board = {o["id"]: o["status"] for o in json.loads(run("-w", ws, "board", "--json").output)["orders"]}
+    assert board == {top: "done", "WO-0001": "done"}
