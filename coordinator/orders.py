@@ -359,8 +359,10 @@ def _check_ids(order: WorkOrder, history: History, bad: Any) -> None:
                 bad(f"{key}.{i}", "an order cannot " + ("wait on" if key == "blocked_by" else "reference")
                     + " itself")
             elif not history.exists(other):
-                bad(f"{key}.{i}", f"no order {other!r} in this workspace; check the id with "
-                                  "`coordinator board`")
+                same = history.same_id(other)  # ids are compared exactly: `login-fix` is not `Login-Fix`
+                bad(f"{key}.{i}", f"no order {other!r} in this workspace; " + (
+                    f"there is {same!r}: write the id in its case" if same is not None
+                    else "check the id with `coordinator board`"))
     cycle = _cycle(order, history)
     if cycle:
         bad("blocked_by", f"{' -> '.join(cycle)} is a dependency cycle that would never run; drop "

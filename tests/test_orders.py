@@ -576,6 +576,8 @@ def test_an_id_used_in_another_case_is_rejected_as_a_duplicate_naming_the_first(
     assert str(p) == ("inbox/chip/fix.md:2: id: 'login-fix' is 'Login-Fix', already used in this workspace, in "
                       "another case (on a case-insensitive file system the two would share one folder); pick "
                       "another id or leave it out to get one assigned")
+    p = only(load_problems(with_front("blocked_by: [login-fix]"), team, history), "blocked_by.0")
+    assert p.message == "no order 'login-fix' in this workspace; there is 'Login-Fix': write the id in its case"
     order = orders.load(with_front("id: login-fix-2").encode(), path="inbox/chip/fix.md", to="chip", config=team,
                         history=history)
     assert order.id == "login-fix-2"
