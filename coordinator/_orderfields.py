@@ -217,7 +217,7 @@ def _rules(d: dict[str, Any], path: str, problems: list[Problem]) -> None:
         if len(files) > MAX_FILES:
             bad("files", f"has {len(files)} entries; at most {MAX_FILES}: use globs such as webapp/src/**")
         for i, entry in enumerate(files[: MAX_FILES + 1]):
-            why = (paths.path_problem(entry) or paths.brace_problem(entry)
+            why = (paths.several_problem(entry) or paths.path_problem(entry) or paths.brace_problem(entry)
                    or git_glob_problem(entry, advice="name the files the work changes")) if isinstance(entry, str) else None
             if why:
                 bad(f"files.{i}", why)

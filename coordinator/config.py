@@ -502,7 +502,7 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
     if role == "orchestrator" and writes:
         raise fail(f"agents.{name}.writes", "an orchestrator never writes; it sends work orders")
     for i, w in enumerate(writes):
-        problem = paths.path_problem(w) or paths.brace_problem(w) or git_glob_problem(w)
+        problem = paths.several_problem(w) or paths.path_problem(w) or paths.brace_problem(w) or git_glob_problem(w)
         if problem:
             raise fail(f"agents.{name}.writes.{i}", problem)
     written = tuple((spec.get("sandbox", {}) or {}).get("writable", ()))

@@ -421,6 +421,17 @@ def test_file_entries_naming_git_internals_are_refused_as_a_writes_glob_is(entry
     assert orders.parse(fine.encode(), path="a.md", to="chip").files == ("webapp/src/gitmodules.ts", "webapp/**")
 
 
+@pytest.mark.parametrize("entry", ["webapp/src/a.ts, webapp/src/b.ts", "webapp/src/a.ts,webapp/tests/b.py",
+                                   "webapp/src/a.ts webapp/src/b.ts", "webapp/src/**, webapp"])
+def test_two_paths_on_one_line_are_refused_not_taken_as_one_name(entry: str) -> None:
+    # Taken as one file named `a.ts, webapp/src/b.ts`: the agent's writes to either were outside it.
+    text = BODY.replace("- webapp/src/login.ts", f"- {entry}")
+    p = only(problems_of(text), "files.0")
+    assert p.message == f"{entry!r} reads as 2 paths in one entry; give each path an entry of its own"
+    fine = BODY.replace("- webapp/src/login.ts", "- webapp/docs/my notes, v2.md")
+    assert orders.parse(fine.encode(), path="a.md", to="chip").files[0] == "webapp/docs/my notes, v2.md"
+
+
 def test_more_than_200_files_and_read_only_orders() -> None:
     many = "\n".join(f"- webapp/src/f{i}.ts" for i in range(201))
     p = only(problems_of(BODY.replace("- webapp/src/login.ts", many)), "files")
