@@ -263,6 +263,9 @@ def _branching_rules(rules: Any, bad: Any) -> None:
             bad(f"{field}.agent", "route-to needs an agent: write route-to-<agent> if …")
         elif action in ACTIONS and action != "route-to" and "agent" in rule:
             bad(field, f"only route-to names an agent; remove it from {action}")
+        agent = rule.get("agent")
+        if isinstance(agent, str) and not AGENT_PATTERN.fullmatch(agent):  # as `from` and `to` say it
+            bad(f"{field}.agent", f"{agent[:40]!r} is not an agent name (lowercase letters, digits, '-', '_')")
         when = rule.get("when")
         why = text_problem(when) if isinstance(when, str) else None
         if why:

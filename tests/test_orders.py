@@ -516,6 +516,13 @@ def test_yaml_branching_rules() -> None:
     assert only(found, "branching.2.when").message == "is empty; say when to take this branch"
 
 
+def test_a_route_to_agent_that_is_no_agent_name_is_said_as_for_from() -> None:
+    # It was "'Rex' is not in the form this key takes (^[a-z][a-z0-9_-]{0,31}$)": a pattern, no words.
+    base = {**SPEC_NORMALIZED, "branching": [{"action": "route-to", "agent": "Rex", "when": "it is hard"}]}
+    p = only(problems_of(json.dumps(base), path="a.json"), "branching.0.agent")
+    assert p.message == "'Rex' is not an agent name (lowercase letters, digits, '-', '_')"
+
+
 def test_route_to_an_agent_the_recipient_may_not_send_to(team: config.Config) -> None:
     order = orders.load((BODY + "- route-to-rex if it touches hashing\n").encode(), path="a.md",
                         to="chip", config=team, history=orders.EmptyHistory())
