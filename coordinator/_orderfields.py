@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import unicodedata
 from dataclasses import replace
 from typing import Any
 
@@ -62,8 +63,8 @@ def quoted(text: str) -> str:
 
 def text_problem(value: str, *, multiline: bool = False) -> str | None:
     """Why `value` is not acceptable text for a field, or None."""
-    if not value:
-        return "is empty"
+    if not value or all(c.isspace() or unicodedata.category(c) == "Cf" for c in value):
+        return "is empty"  # also when only invisible: a zero-width space showed as a blank objective
     if not multiline and len(value.splitlines()) > 1:
         return "must be one line; join the lines or split it into several items"
     if paths.CONTROL_IN_TEXT.search(value):

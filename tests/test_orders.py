@@ -516,6 +516,16 @@ def test_yaml_branching_rules() -> None:
     assert only(found, "branching.2.when").message == "is empty; say when to take this branch"
 
 
+@pytest.mark.parametrize("invisible", ["\u200b", "\u2060\ufeff", " \u200b "])
+def test_an_objective_or_item_of_only_invisible_characters_is_empty(invisible: str) -> None:
+    # Taken, the board showed the order with a blank objective, and a blank item counted as testable.
+    text = BODY.replace("The login form rejects long passwords.", invisible)
+    text = text.replace("- A 64-character password still logs in", f"- {invisible}")
+    found = problems_of(text)
+    assert only(found, "objective").message.startswith("is empty; say in one sentence")
+    assert only(found, "acceptance.1").message.startswith("is empty")
+
+
 def test_a_route_to_agent_that_is_no_agent_name_is_said_as_for_from() -> None:
     # It was "'Rex' is not in the form this key takes (^[a-z][a-z0-9_-]{0,31}$)": a pattern, no words.
     base = {**SPEC_NORMALIZED, "branching": [{"action": "route-to", "agent": "Rex", "when": "it is hard"}]}
