@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import difflib
 import re
+import unicodedata
 from dataclasses import replace
 from typing import Any
 
 import yaml
 
 from . import paths, schemas
-from .config import parse_duration
+from .config import git_glob_problem, parse_duration
 from .errors import Problem
 from .inboxfiles import printable
 
@@ -62,8 +63,8 @@ def quoted(text: str) -> str:
 
 def text_problem(value: str, *, multiline: bool = False) -> str | None:
     """Why `value` is not acceptable text for a field, or None."""
-    if not value:
-        return "is empty"
+    if not value or all(c.isspace() or unicodedata.category(c) == "Cf" for c in value):
+        return "is empty"  # also when only invisible: a zero-width space showed as a blank objective
     if not multiline and len(value.splitlines()) > 1:
         return "must be one line; join the lines or split it into several items"
     if paths.CONTROL_IN_TEXT.search(value):
@@ -217,7 +218,8 @@ def _rules(d: dict[str, Any], path: str, problems: list[Problem]) -> None:
         if len(files) > MAX_FILES:
             bad("files", f"has {len(files)} entries; at most {MAX_FILES}: use globs such as webapp/src/**")
         for i, entry in enumerate(files[: MAX_FILES + 1]):
-            why = paths.path_problem(entry) or paths.brace_problem(entry) if isinstance(entry, str) else None
+            why = (paths.several_problem(entry) or paths.path_problem(entry) or paths.brace_problem(entry)
+                   or git_glob_problem(entry, advice="name the files the work changes")) if isinstance(entry, str) else None
             if why:
                 bad(f"files.{i}", why)
     _branching_rules(d.get("branching"), bad)
@@ -262,6 +264,9 @@ def _branching_rules(rules: Any, bad: Any) -> None:
             bad(f"{field}.agent", "route-to needs an agent: write route-to-<agent> if …")
         elif action in ACTIONS and action != "route-to" and "agent" in rule:
             bad(field, f"only route-to names an agent; remove it from {action}")
+        agent = rule.get("agent")
+        if isinstance(agent, str) and not AGENT_PATTERN.fullmatch(agent):  # as `from` and `to` say it
+            bad(f"{field}.agent", f"{agent[:40]!r} is not an agent name (lowercase letters, digits, '-', '_')")
         when = rule.get("when")
         why = text_problem(when) if isinstance(when, str) else None
         if why:

@@ -441,6 +441,13 @@ def from_mapping(data: Any, *, path: Path | None = None) -> Config:
         bands=(int(bands[0]), int(bands[1]), int(bands[2])),
         on_ceiling=str(b.get("on_ceiling", DEFAULT_ON_CEILING)),
     )
+    if budget.ceiling > budget.bands[2]:
+        # Taken, the mode went `executor` long before the ceiling, and on_ceiling never acted in time.
+        where = "budget.ceiling" if "ceiling" in b else "budget.bands"
+        raise fail(where, f"a ceiling of {budget.ceiling:,} hot tokens is past the last band "
+                          f"({budget.bands[2]:,}, where the orchestrator is an executor): the ceiling would act "
+                          f"only after that; set the ceiling from {budget.bands[0]:,} to {budget.bands[2]:,}, "
+                          "or raise the bands")
     return Config(
         agents=agents,
         orchestrator=orchestrator,
@@ -495,7 +502,7 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
     if role == "orchestrator" and writes:
         raise fail(f"agents.{name}.writes", "an orchestrator never writes; it sends work orders")
     for i, w in enumerate(writes):
-        problem = paths.path_problem(w) or paths.brace_problem(w) or _git_glob_problem(w)
+        problem = paths.several_problem(w) or paths.path_problem(w) or paths.brace_problem(w) or git_glob_problem(w)
         if problem:
             raise fail(f"agents.{name}.writes.{i}", problem)
     written = tuple((spec.get("sandbox", {}) or {}).get("writable", ()))
@@ -506,6 +513,10 @@ def _agent(name: str, spec: dict[str, Any], defaults: dict[str, Any], fail: Any)
             raise fail(f"agents.{name}.sandbox.writable.{i}", f"{p!r}: no user {tilde[1:]!r} on this system, so "
                        f"{tilde} names no home folder; write the folder's absolute path")
         home = os.environ.get("HOME", "")
+        if "HOME" in os.environ and not home and str(written[i]).split("/")[0] == "~":
+            # ~ became the root: `~/.claude` granted /.claude (and `~` all of /).
+            raise fail(f"agents.{name}.sandbox.writable.{i}", f"{written[i]!r}: HOME is empty, so ~ names no "
+                       "folder; set HOME to your home folder, or write the folder's absolute path")
         if not os.path.isabs(p) and str(written[i]).split("/")[0] == "~" and not os.path.isabs(home):
             # "must be absolute or start with ~" was said of a path that started with ~.
             raise fail(f"agents.{name}.sandbox.writable.{i}", f"{written[i]!r}: HOME is the relative path "
@@ -555,11 +566,22 @@ _GIT_NAMES = tuple(n for name in (".git", ".gitmodules", "git~1") for n in (name
 _GLOB_SETS = re.compile(r"\[[^\]]*\]")
 
 
-def _git_glob_problem(entry: str) -> str | None:
-    """Why a `writes` entry promises what the gate never grants: a component naming git
-    internals (`.gitmodules`, `git~1`), or one spelling them with `?` or a set (`.gi?`, `.[g]it`).
-    A `*`, `**` or `????` matches them too, and much else: it stays, the gate refusing those
-    paths whatever the glob says."""
+def budget_warning(cfg: Config) -> str | None:
+    """A ceiling below the first band is taken (it rotates early), but said: the orchestrator is
+    rotated while it still only routes, every few orders."""
+    b = cfg.budget
+    if cfg.orchestrator is None or b.ceiling >= b.bands[0]:
+        return None
+    return (f"budget.ceiling: {b.ceiling:,} hot tokens is below the first band ({b.bands[0]:,}): "
+            f"{cfg.orchestrator} is rotated while it still only routes, every few orders; the bands put a "
+            f"ceiling from {b.bands[0]:,} to {b.bands[2]:,}")
+
+
+def git_glob_problem(entry: str, *, advice: str = "name the files and folders the agent may write") -> str | None:
+    """Why a `writes` entry (or an order's `files` entry) promises what the gate never grants: a
+    component naming git internals (`.gitmodules`, `git~1`), or one spelling them with `?` or a
+    set (`.gi?`, `.[g]it`). A `*`, `**` or `????` matches them too, and much else: it stays, the
+    gate refusing those paths whatever the glob says."""
     for part in entry.split("/")[1:]:
         shown = part if gate.is_git_path(part) else None
         spelt = _GLOB_SETS.sub("", part).replace("?", "")  # its own letters, not its wildcards'
@@ -567,7 +589,7 @@ def _git_glob_problem(entry: str) -> str | None:
             shown = next((n for n in _GIT_NAMES if paths.matches(part, n)), None)
         if shown is not None:
             return (f"{entry!r} matches {shown}: git internals (.git, .gitmodules) are never writable, "
-                    "whatever writes says; name the files and folders the agent may write")
+                    f"whatever writes says; {advice}")
     return None
 
 

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from . import board, landlock, mounts, seccomp
-from .config import Config, git_writes_note
+from .config import Config, budget_warning, git_writes_note
 from .errors import ConfigError, GitError, WorkspaceError
 from .gitrepo import GitRepo, foreign_checkout, run_git
 from .runner import agent_warnings, command_missing
@@ -100,6 +100,8 @@ def report(ws: Workspace | None) -> list[str]:
         lines += [f"    WARNING: {w}" for w in agent_warnings(a)]
         note = git_writes_note(a)
         lines += [f"    note: {note}"] if note else []
+    low = budget_warning(cfg)
+    lines += [f"  WARNING: {low}"] if low else []
     lines += _workspace_problems(ws, cfg, git=git is not None)
     if git:  # without it, nothing of the workspace's git can be looked at (said above)
         lines.append(board.supervisor_line(board.supervisor(ws)))

@@ -294,12 +294,14 @@ class Intake:
 
     def _choose_id(self, order: WorkOrder | None) -> str:
         wanted = order.id if order is not None else None
-        if wanted and orders.ID_PATTERN.match(wanted) and not self.history.exists(wanted):
+        if wanted and orders.ID_PATTERN.match(wanted) and not self.history.exists(wanted) \
+                and self.history.same_id(wanted) is None:
             return wanted
         while True:
             candidate = f"WO-{self.next_number:04d}"
             self.next_number += 1
-            if self.next_number - 1 in self.waiting.numbers or self.history.exists(candidate):
+            if self.next_number - 1 in self.waiting.numbers or self.history.exists(candidate) \
+                    or self.history.same_id(candidate) is not None:
                 continue
             if len(self.waiting.numbers) > MAX_NUMBERS:  # the numbers behind us are never a candidate again
                 self.waiting.numbers = {n for n in self.waiting.numbers if n >= self.next_number}
@@ -415,6 +417,9 @@ class _AwaitedHistory:
 
     def exists(self, order_id: str) -> bool:
         return self.history.exists(order_id) or (order_id in self.declared and order_id not in self.own)
+
+    def same_id(self, order_id: str) -> str | None:
+        return self.history.same_id(order_id)  # of two still waiting, the first taken in keeps its id
 
     def waiting(self, order_id: str) -> str | None:
         return self.history.waiting(order_id)

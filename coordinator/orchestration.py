@@ -291,6 +291,9 @@ class _WithPlan:
             return True
         return order_id != self.own and self.history.exists(order_id)
 
+    def same_id(self, order_id: str) -> str | None:
+        return None  # a name within the plan: never a folder's name
+
     def waiting(self, order_id: str) -> str | None:
         return None if order_id in self.siblings else self.history.waiting(order_id)
 

@@ -138,6 +138,11 @@ class History(Protocol):
 
     def exists(self, order_id: str) -> bool: ...
 
+    def same_id(self, order_id: str) -> str | None:
+        """An id in use (or waiting) that is `order_id` in another case, if any: on a
+        case-insensitive file system the two would share one order folder and one branch."""
+        ...
+
     def waiting(self, order_id: str) -> str | None:
         """Where an order with that id waits to be taken in (an inbox file), if it does."""
         ...
@@ -155,6 +160,9 @@ class EmptyHistory:
 
     def exists(self, order_id: str) -> bool:
         return False
+
+    def same_id(self, order_id: str) -> str | None:
+        return None
 
     def waiting(self, order_id: str) -> str | None:
         return None
@@ -339,6 +347,10 @@ def _check_ids(order: WorkOrder, history: History, bad: Any) -> None:
             waiting = history.waiting(order.id)
             bad("id", f"{order.id!r} is already {f'waiting in {waiting}' if waiting else 'used in this workspace'}; "
                       "pick another id or leave it out to get one assigned")
+        elif (first := history.same_id(order.id)) is not None:
+            bad("id", f"{order.id!r} is {first!r}, already used in this workspace, in another case (on a "
+                      "case-insensitive file system the two would share one folder); pick another id or "
+                      "leave it out to get one assigned")
     for key, ids in (("blocked_by", order.blocked_by), ("references", order.references)):
         for i, other in enumerate(ids):
             if not ID_PATTERN.fullmatch(other):
@@ -347,8 +359,10 @@ def _check_ids(order: WorkOrder, history: History, bad: Any) -> None:
                 bad(f"{key}.{i}", "an order cannot " + ("wait on" if key == "blocked_by" else "reference")
                     + " itself")
             elif not history.exists(other):
-                bad(f"{key}.{i}", f"no order {other!r} in this workspace; check the id with "
-                                  "`coordinator board`")
+                same = history.same_id(other)  # ids are compared exactly: `login-fix` is not `Login-Fix`
+                bad(f"{key}.{i}", f"no order {other!r} in this workspace; " + (
+                    f"there is {same!r}: write the id in its case" if same is not None
+                    else "check the id with `coordinator board`"))
     cycle = _cycle(order, history)
     if cycle:
         bad("blocked_by", f"{' -> '.join(cycle)} is a dependency cycle that would never run; drop "

@@ -13,6 +13,7 @@ import re
 from functools import lru_cache
 
 GLOB_CHARS = frozenset("*?[")
+_SEPARATORS = re.compile(r"\s*,\s*|\s+")  # between paths written on one line
 _BRACES = re.compile(r"\{[^{}]*,[^{}]*\}")  # a shell's alternatives, `{src,tests}`
 # C0, DEL and C1 (U+0085, U+009B: a terminal's CSI), and the bidirectional overrides and isolates
 # (U+202E shows `src/x\u202eyp.ts` as `src/xst.py`): never in a path, and never shown raw.
@@ -70,6 +71,17 @@ def brace_problem(entry: str) -> str | None:
     if _BRACES.search(entry):
         return (f"{entry!r} uses braces {{a,b}}, which are no glob here (only *, **, ? and [...]); "
                 "give each alternative as an entry of its own")
+    return None
+
+
+def several_problem(entry: str) -> str | None:
+    """Why `entry` reads as several paths in one (`webapp/a.py, webapp/b.py`), or None. Taken,
+    it was one name holding a comma: the agent's writes to either file were outside it, and a
+    file of that odd name was what the order allowed."""
+    repo = entry.split("/", 1)[0]
+    pieces = [p for p in _SEPARATORS.split(entry) if p]
+    if len(pieces) > 1 and any(p == repo or p.startswith(f"{repo}/") for p in pieces[1:]):
+        return f"{entry!r} reads as {len(pieces)} paths in one entry; give each path an entry of its own"
     return None
 
 

@@ -65,6 +65,28 @@ class _Sent(History):
     def exists(self, order_id: str) -> bool:
         return super().exists(order_id) or self.waiting(order_id) is not None
 
+    def same_id(self, order_id: str) -> str | None:
+        found = super().same_id(order_id)
+        if found is not None:
+            return found
+        key = order_id.lower()
+        for agent in self.ws.config.agents:  # files named after their ids, as `send` names them
+            if self.ws.inbox_is_link(agent):
+                continue
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                for entry in os.scandir(self.ws.inbox(agent)):
+                    stem = os.path.splitext(entry.name)[0]
+                    if is_candidate(entry.name) and stem.lower() == key and stem != order_id \
+                            and not (self.itself is not None and _same(Path(entry.path), self.itself)):
+                        return stem
+        if self._declared is None:
+            self._declared = waiting_orders(self.ws.inbox_root, Store(self.ws.state).intake_dir, self.ws.config.agents).declared
+        for declared, path in self._declared.items():
+            if declared.lower() == key and declared != order_id \
+                    and not (self.itself is not None and _same(path, self.itself)):
+                return declared
+        return None
+
     def waiting(self, order_id: str) -> str | None:
         found = self._waiting_file(order_id)
         if found is None or (self.itself is not None and _same(found, self.itself)):

@@ -33,7 +33,8 @@ TERMINAL = frozenset({"done", "halted", "routed", "blocked", "rejected", "denied
 ENDED_UNDONE = frozenset({"rejected", "denied", "cancelled"})  # ended for good, the work not done: no retry
 # Orders that ended this way make a repeat without a reference a feedback-loop signal.
 FAILED_ENDINGS = frozenset({"rejected", "denied", "halted", "blocked"})
-ASSIGNED = re.compile(r"^WO-(\d+)$")
+LAST_ASSIGNABLE = 10 ** 61 - 1  # WO- and 61 digits: an id's 64 characters (ID_PATTERN)
+ASSIGNED = re.compile(r"^WO-(\d+)$", re.IGNORECASE)  # wo-0009 is WO-0009 on some file systems
 SUPERVISOR = "coordinator"
 RECENT_PATHS = 4096  # order paths kept by a Store (see Store._paths)
 
@@ -408,7 +409,9 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.orders_dir):
                 m = ASSIGNED.match(entry.name)
-                if m:
+                # An id a user chose at the very top (WO-999…9, 64 characters) leaves no valid id
+                # after it: counted, every order sent after it was assigned one intake rejects.
+                if m and int(m.group(1)) < LAST_ASSIGNABLE:
                     top = max(top, int(m.group(1)))
         return top
 
@@ -427,17 +430,26 @@ class History:
         # Ids named in a record's report for a follow-up not filed yet: follow-up id -> the
         # order whose route or escalation it is. Taken: only that follow-up may file under it.
         self.planned: dict[str, str] = {}
+        self._folded: dict[str, str] = {}  # lower-case id -> the id as used (`same_id`)
         for rec in sorted(records.values(), key=lambda r: r.seq):
             self.note(rec)
 
     def note(self, record: Record) -> None:
         """Call after every status change of `record`."""
+        self._folded.setdefault(record.id.lower(), record.id)
         if record.status in FAILED_ENDINGS:
             key = (record.sender, record.to, _norm(record.objective))
             self._ended.setdefault(key, {})[record.id] = record
 
     def exists(self, order_id: str) -> bool:
         return order_id in self.records or order_id in self.planned or self.store.exists(order_id)
+
+    def same_id(self, order_id: str) -> str | None:
+        key = order_id.lower()  # ids are ASCII (ID_PATTERN)
+        found = self._folded.get(key)
+        if found is None or found == order_id:
+            found = next((p for p in self.planned if p.lower() == key and p != order_id), None)
+        return found if found != order_id else None
 
     def waiting(self, order_id: str) -> str | None:
         return None  # the supervisor takes in what waits in the inboxes in the order it came

@@ -34,6 +34,7 @@ from . import audit, budget, control, durable, recovery, runner, signals, verify
 from .arrivals import Arrivals
 from .attempts import AttemptRunner
 from .commits import COMMIT_QUIET
+from .config import budget_warning
 from .errors import CoordinatorError, SupervisorError
 from .inboxfiles import Quiet, printable
 from .intake import Intake, waiting_orders
@@ -178,6 +179,9 @@ class Supervisor(Arrivals):
                 self.say("WARNING: this kernel has no Landlock: writes outside the working copy are only "
                          "detected after the run, not refused (`coordinator doctor`)")
         if not self.offline:
+            low = budget_warning(self.config)
+            if low is not None:
+                self.say(f"WARNING: {low}")
             for name, agent in self.config.agents.items():
                 for warning in runner.agent_warnings(agent):
                     self.say(f"WARNING: agents.{name}.{warning}")

@@ -469,6 +469,20 @@ def test_a_writable_folder_under_a_relative_home_says_home_is_relative(ws: Path,
                                                     "absolute path\n")
 
 
+@pytest.mark.parametrize("written", ["~/.claude", "~"])
+def test_a_writable_folder_under_an_empty_home_says_home_is_empty(ws: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  written: str) -> None:
+    # With HOME= (set, empty) `~/.claude` was taken as /.claude: a folder at the root granted.
+    config = ws / "coordinator.yaml"
+    config.write_text(config.read_text().replace(
+        "    sends_to: [chip]\n", f"    sends_to: [chip]\n    sandbox: {{writable: ['{written}']}}\n", 1))
+    monkeypatch.setenv("HOME", "")
+    result = run("-w", ws, "board")
+    assert (result.exit_code, result.stderr) == (2, f"coordinator: coordinator.yaml: agents.rex.sandbox.writable.0: "
+                                                    f"'{written}': HOME is empty, so ~ names no folder; set HOME to "
+                                                    "your home folder, or write the folder's absolute path\n")
+
+
 def test_a_yaml_set_in_the_config_is_said_as_a_set_and_what_is_expected(ws: Path) -> None:
     # `writes: !!set {...}` was refused as "must be a list, not a value": a set is a value.
     config = ws / "coordinator.yaml"
@@ -477,3 +491,64 @@ def test_a_yaml_set_in_the_config_is_said_as_a_set_and_what_is_expected(ws: Path
     result = run("-w", ws, "board")
     assert (result.exit_code, result.stderr) == (2, "coordinator: coordinator.yaml: agents.rex.writes: must be a "
                                                     "list, not a set (YAML's !!set)\n")
+
+
+def _order(order_id: str, objective: str) -> str:
+    return (f"---\nid: {order_id}\n---\n**Objective:** {objective}\n\n**Acceptance:**\n- It is done\n"
+            "- It is checked\n- It is said\n\n**Files:**\n- webapp/src/greeting.py\n\n**Branching:**\n"
+            "- halt-with-note if it is done already\n")
+
+
+def test_an_order_id_used_in_another_case_is_refused_by_send_and_by_intake(ws: Path, tmp_path: Path) -> None:
+    """`Login-Fix` and `login-fix` would share one order folder and one branch on a
+    case-insensitive file system (macOS, a mounted volume): the second is refused, naming the
+    first, whether sent or dropped by hand, and an assigned id never takes a used one's place."""
+    first, second = tmp_path / "first.md", tmp_path / "second.md"
+    first.write_text(_order("Login-Fix", "The webapp greets a user"))
+    second.write_text(_order("login-fix", "The webapp welcomes a user"))
+    assert run("-w", ws, "send", first, "--to", "chip").output == "Login-Fix\n"
+    refused = run("-w", ws, "send", second, "--to", "chip")
+    assert refused.exit_code == 1
+    assert "id: 'login-fix' is 'Login-Fix', already used in this workspace, in another case" in refused.output
+    (ws / "inbox" / "chip" / "by-hand.md").write_text(second.read_text())
+    (ws / "inbox" / "chip" / "mine.md").write_text(_order("wo-0001", "The webapp thanks a user"))
+    assert run("-w", ws, "supervise", "--once").exit_code == 0
+    board = {o["id"]: o for o in json.loads(run("-w", ws, "board", "--json").output)["orders"]}
+    assert {i.lower() for i in board} == {"login-fix", "wo-0001", "wo-0002"}  # three folders on any file system
+    assert board["Login-Fix"]["status"] == "done" and board["wo-0001"]["status"] == "done"
+    assert board["WO-0002"]["status"] == "rejected"
+
+
+def test_a_budget_ceiling_past_the_last_band_is_refused_and_one_below_the_first_is_warned(ws: Path) -> None:
+    # A ceiling of 50,000 was taken: at 20,000 hot tokens the orchestrator was an executor and
+    # on_ceiling had not acted, nor would it until 50,000.
+    config = ws / "coordinator.yaml"
+    text = config.read_text()
+    config.write_text(text.replace("  ceiling: 7000 ", "  ceiling: 50000", 1))
+    result = run("-w", ws, "budget")
+    assert (result.exit_code, result.stderr) == (2, "coordinator: coordinator.yaml: budget.ceiling: a ceiling of "
+                                                    "50,000 hot tokens is past the last band (15,000, where the "
+                                                    "orchestrator is an executor): the ceiling would act only after "
+                                                    "that; set the ceiling from 2,000 to 15,000, or raise the bands\n")
+    config.write_text(text.replace("  ceiling: 7000 ", "  ceiling: 500  ", 1))
+    assert run("-w", ws, "budget").exit_code == 0  # rotating early is a choice: taken, and said
+    warned = ("WARNING: budget.ceiling: 500 hot tokens is below the first band (2,000): walt is rotated while it "
+              "still only routes, every few orders")
+    assert warned in run("-w", ws, "doctor").output
+    assert warned in run("-w", ws, "supervise", "--once").output
+
+
+def test_an_id_chosen_at_the_top_of_the_assigned_range_leaves_later_orders_an_id(ws: Path, tmp_path: Path) -> None:
+    # After an order named WO-999…9 (64 characters), every order sent without an id was given
+    # WO-1000…0 (65 characters), which intake then rejected: nothing sent could run any more.
+    top = "WO-" + "9" * 61
+    chosen, later = tmp_path / "chosen.md", tmp_path / "later.md"
+    chosen.write_text(_order(top, "The webapp greets a user"))
+    later.write_text(_order("x", "The webapp thanks a user").replace("id: x\n", ""))
+    assert run("-w", ws, "send", chosen, "--to", "chip").output == f"{top}\n"
+    assert run("-w", ws, "supervise", "--once").exit_code == 0
+    sent = run("-w", ws, "send", later, "--to", "chip")
+    assert (sent.exit_code, sent.output) == (0, "WO-0001\n")
+    assert run("-w", ws, "supervise", "--once").exit_code == 0
+    board = {o["id"]: o["status"] for o in json.loads(run("-w", ws, "board", "--json").output)["orders"]}
+    assert board == {top: "done", "WO-0001": "done"}

@@ -99,6 +99,9 @@ class History:
     def exists(self, order_id: str) -> bool:
         return order_id in self.orders
 
+    def same_id(self, order_id: str) -> str | None:
+        return next((o for o in self.orders if o.lower() == order_id.lower() and o != order_id), None)
+
     def waiting(self, order_id: str) -> str | None:
         return None
 
@@ -400,6 +403,35 @@ def test_hostile_file_entries_are_refused_with_their_line(entry: str, words: str
     assert words in p.message and p.line == 10
 
 
+@pytest.mark.parametrize(("entry", "shown"), [
+    ("webapp/.gitmodules", ".gitmodules"),
+    ("webapp/src/.Gitmodules", ".Gitmodules"),
+    ("webapp/git~1", "git~1"),
+    ("webapp/GIT~1/config", "GIT~1"),
+    ("webapp/.gi?modules", ".gitmodules"),
+])
+def test_file_entries_naming_git_internals_are_refused_as_a_writes_glob_is(entry: str, shown: str) -> None:
+    # Taken, the order ran and the gate denied whatever it changed there: it could never be done.
+    text = BODY.replace("- webapp/src/login.ts", f"- webapp/src/login.ts\n- {entry}")
+    p = only(problems_of(text), "files.1")
+    assert p.message == (f"{entry!r} matches {shown}: git internals (.git, .gitmodules) are never writable, "
+                         "whatever writes says; name the files the work changes")
+    assert p.line == 10
+    fine = BODY.replace("- webapp/src/login.ts", "- webapp/src/gitmodules.ts\n- webapp/**")
+    assert orders.parse(fine.encode(), path="a.md", to="chip").files == ("webapp/src/gitmodules.ts", "webapp/**")
+
+
+@pytest.mark.parametrize("entry", ["webapp/src/a.ts, webapp/src/b.ts", "webapp/src/a.ts,webapp/tests/b.py",
+                                   "webapp/src/a.ts webapp/src/b.ts", "webapp/src/**, webapp"])
+def test_two_paths_on_one_line_are_refused_not_taken_as_one_name(entry: str) -> None:
+    # Taken as one file named `a.ts, webapp/src/b.ts`: the agent's writes to either were outside it.
+    text = BODY.replace("- webapp/src/login.ts", f"- {entry}")
+    p = only(problems_of(text), "files.0")
+    assert p.message == f"{entry!r} reads as 2 paths in one entry; give each path an entry of its own"
+    fine = BODY.replace("- webapp/src/login.ts", "- webapp/docs/my notes, v2.md")
+    assert orders.parse(fine.encode(), path="a.md", to="chip").files[0] == "webapp/docs/my notes, v2.md"
+
+
 def test_more_than_200_files_and_read_only_orders() -> None:
     many = "\n".join(f"- webapp/src/f{i}.ts" for i in range(201))
     p = only(problems_of(BODY.replace("- webapp/src/login.ts", many)), "files")
@@ -484,6 +516,23 @@ def test_yaml_branching_rules() -> None:
     assert only(found, "branching.2.when").message == "is empty; say when to take this branch"
 
 
+@pytest.mark.parametrize("invisible", ["\u200b", "\u2060\ufeff", " \u200b "])
+def test_an_objective_or_item_of_only_invisible_characters_is_empty(invisible: str) -> None:
+    # Taken, the board showed the order with a blank objective, and a blank item counted as testable.
+    text = BODY.replace("The login form rejects long passwords.", invisible)
+    text = text.replace("- A 64-character password still logs in", f"- {invisible}")
+    found = problems_of(text)
+    assert only(found, "objective").message.startswith("is empty; say in one sentence")
+    assert only(found, "acceptance.1").message.startswith("is empty")
+
+
+def test_a_route_to_agent_that_is_no_agent_name_is_said_as_for_from() -> None:
+    # It was "'Rex' is not in the form this key takes (^[a-z][a-z0-9_-]{0,31}$)": a pattern, no words.
+    base = {**SPEC_NORMALIZED, "branching": [{"action": "route-to", "agent": "Rex", "when": "it is hard"}]}
+    p = only(problems_of(json.dumps(base), path="a.json"), "branching.0.agent")
+    assert p.message == "'Rex' is not an agent name (lowercase letters, digits, '-', '_')"
+
+
 def test_route_to_an_agent_the_recipient_may_not_send_to(team: config.Config) -> None:
     order = orders.load((BODY + "- route-to-rex if it touches hashing\n").encode(), path="a.md",
                         to="chip", config=team, history=orders.EmptyHistory())
@@ -545,6 +594,21 @@ def test_duplicate_id_is_rejected(team: config.Config) -> None:
     p = only(load_problems(with_front("id: WO-0003"), team, History().add("WO-0003")), "id")
     assert str(p) == ("inbox/chip/fix.md:2: id: 'WO-0003' is already used in this workspace; pick "
                       "another id or leave it out to get one assigned")
+
+
+def test_an_id_used_in_another_case_is_rejected_as_a_duplicate_naming_the_first(team: config.Config) -> None:
+    """`Login-Fix` and `login-fix` would share state/orders/<id>/ and wo/<id> on a case-insensitive
+    file system: the second is refused as a duplicate; an id that differs otherwise is not."""
+    history = History().add("Login-Fix")
+    p = only(load_problems(with_front("id: login-fix"), team, history), "id")
+    assert str(p) == ("inbox/chip/fix.md:2: id: 'login-fix' is 'Login-Fix', already used in this workspace, in "
+                      "another case (on a case-insensitive file system the two would share one folder); pick "
+                      "another id or leave it out to get one assigned")
+    p = only(load_problems(with_front("blocked_by: [login-fix]"), team, history), "blocked_by.0")
+    assert p.message == "no order 'login-fix' in this workspace; there is 'Login-Fix': write the id in its case"
+    order = orders.load(with_front("id: login-fix-2").encode(), path="inbox/chip/fix.md", to="chip", config=team,
+                        history=history)
+    assert order.id == "login-fix-2"
 
 
 def test_blocked_by_must_exist_and_not_form_a_cycle(team: config.Config) -> None:

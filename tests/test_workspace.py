@@ -410,3 +410,12 @@ def test_a_number_yaml_reads_in_base_60_or_octal_is_refused_at_its_key(
     made.config_path.write_text(TEAM + "    timeout: 90m\n    max_failures: 10\n    env: {DELAY: \"1:30\"}\n")
     chip = Workspace(made.root).config.agents["chip"]
     assert (chip.timeout, chip.max_failures, chip.env) == (5400.0, 10, (("DELAY", "1:30"),))
+
+
+def test_two_writes_globs_in_one_entry_are_refused_at_their_key(made: Workspace) -> None:
+    # Taken as one glob holding ", ": neither folder was writable, and every order for them refused.
+    made.config_path.write_text(TEAM.replace('["webapp/src/**"]', '["webapp/src/**, webapp/tests/**"]'))
+    with pytest.raises(ConfigError) as e:
+        config.load(made.config_path)
+    assert str(e.value) == ("coordinator.yaml: agents.chip.writes.0: 'webapp/src/**, webapp/tests/**' reads as 2 "
+                            "paths in one entry; give each path an entry of its own")
