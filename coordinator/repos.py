@@ -98,7 +98,8 @@ class Repo(Checkout):
             for w in self._worktrees():
                 if _same(w.tree, dest) or w.head == f"refs/heads/{branch}":
                     self._drop(w)
-            if dest.exists() or dest.is_symlink():
+            _reopen(dest)
+            if _lexists(dest):
                 _remove_tree(dest)
             self._run(["worktree", "prune"])
             if self._has_ref(f"refs/heads/{branch}"):
@@ -125,10 +126,14 @@ class Repo(Checkout):
                 raise
         return dest
 
-    def remove_worktree(self, order_id: str, dest: Path, *, keep: bool = False) -> None:
-        """Remove the working copy and its branch; with `keep`, lock it for `gc_worktrees`."""
+    def remove_worktree(self, order_id: str, dest: Path, *, keep: bool = False) -> list[Path]:
+        """Remove the working copy and its branch; with `keep`, lock it for `gc_worktrees`.
+
+        The folders above the copy that were closed to their owner (`_reopen`) and got their
+        owner's rights back on the way: the caller says so."""
         branch = _branch(order_id)
         dest = Path(os.path.abspath(dest))
+        reopened: list[Path] = []
         with self._lock:
             if keep:
                 admin = self._admin_dir(dest)
@@ -136,16 +141,18 @@ class Repo(Checkout):
                 if not (admin / "locked").exists():
                     reason = f"{KEPT_REASON} (order {order_id})"
                     self.git("worktree", "lock", "--reason", reason, str(dest))
-                return
+                return reopened
             for w in self._worktrees():
                 if _same(w.tree, dest):
-                    self._drop(w)
-            if dest.exists() or dest.is_symlink():
+                    reopened += self._drop(w)
+            reopened += _reopen(dest)
+            if _lexists(dest):
                 _remove_tree(dest)
             with contextlib.suppress(OSError):  # the order's folder, once it holds no copy (one per finished order)
                 dest.parent.rmdir()
             if self._has_ref(f"refs/heads/{branch}"):
                 self.git("update-ref", "-d", f"refs/heads/{branch}")
+        return reopened
 
     def _defuse(self, work: Path, admin: Path) -> None:
         """Make a copy kept for inspection safe to inspect with git: its `.git` pointer leads to
@@ -163,12 +170,16 @@ class Repo(Checkout):
             raise GitError(f"cannot make the kept working copy {work} safe to inspect: {e}; remove it by hand "
                            "before running git there") from e
 
-    def _drop(self, w: _Worktree) -> None:
+    def _drop(self, w: _Worktree) -> list[Path]:
         # Deleting both folders ourselves works even when the agent made the copy unreadable
-        # or replaced its .git pointer, where `git worktree remove` would refuse.
-        if w.tree.exists() or w.tree.is_symlink():
+        # or replaced its .git pointer, where `git worktree remove` would refuse. A folder above
+        # the copy closed to its owner (mode 000) is opened first: else every start of a
+        # supervisor without root's overrides failed here until a person restored its mode.
+        reopened = _reopen(w.tree)
+        if _lexists(w.tree):
             _remove_tree(w.tree)
         shutil.rmtree(w.admin, ignore_errors=True)
+        return reopened
 
     def discard(self, worktree: Path) -> None:
         """Put the working copy back to its branch head: no change, no untracked or ignored file."""
@@ -579,6 +590,46 @@ def _check_rel(path: str) -> None:
         raise GitError(f"{path!r} is not a plain repository-relative path; refusing to commit it")
     if any(p.lower() == ".git" for p in parts):
         raise GitError(f"{path!r} names a .git component; git internals are never committed")
+
+
+# Folders above a working copy `_reopen` may open: the order's folder and the one holding them all.
+REOPEN_LEVELS = 2
+
+
+def _reopen(path: Path) -> list[Path]:
+    """Give their owner rwx back on the folders just above `path` (at most `REOPEN_LEVELS`)
+    that keep it from being looked at (an agent's `chmod 000 ..`); those it opened, top down.
+    Nothing is changed while `path` can be looked at."""
+    try:
+        os.lstat(path)
+        return []
+    except PermissionError:
+        pass
+    except OSError:
+        return []
+    opened: list[Path] = []
+    for folder in reversed(path.parents[:REOPEN_LEVELS]):
+        try:
+            mode = os.lstat(folder).st_mode
+            if stat.S_ISDIR(mode) and mode & stat.S_IRWXU != stat.S_IRWXU:
+                os.chmod(folder, stat.S_IMODE(mode) | stat.S_IRWXU)
+                opened.append(folder)
+        except OSError:
+            continue  # not ours to open: the removal below says where it stopped
+    return opened
+
+
+def _lexists(path: Path) -> bool:
+    """Is anything at `path` (a link too)? An error other than "none" raises a GitError that
+    says what to do, never a bare PermissionError out of a start."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise GitError(f"cannot reach working copy {path}: {e.strerror}; give its folders back their "
+                       "owner's rights (chmod u+rwx) or remove it by hand") from None
+    return True
 
 
 def _remove_tree(path: Path) -> None:
