@@ -66,6 +66,31 @@ class BranchInTheWay(GitError):
                 f"coordinator's), then `coordinator retry {order_id}`")
 
 
+class RefInTheWay(BranchInTheWay):
+    """A file in the git dir that is no branch (a lock file a git process holds, or one a
+    killed git left behind that could not be cleared) keeps git from making `wo/<id>`: the
+    person's to remove, so the order waits for them."""
+
+    def __init__(self, repo: str, order_id: str, files: list[str]) -> None:
+        self.repo = repo
+        self.others = files
+        shown = ", ".join(f"repos/{repo}/.git/{f}" for f in files[:3]) + (
+            f" and {len(files) - 3} more" if len(files) > 3 else "")
+        self.named = shown
+        self.what = ("a lock a git process holds, or one a killed git left" if all(f.endswith(".lock") for f in files)
+                     else "no branch, where git makes the order's")
+        GitError.__init__(self, f"repos/{repo}: {shown} keep{'' if len(files) > 1 else 's'} git from making "
+                                f"{BRANCH_PREFIX}{order_id}, the order's working-copy branch ({self.what})")
+
+    def blocker(self, order_id: str) -> str:
+        """The line order `order_id` waits with; it starts with what it waits for."""
+        many = len(self.others) > 1
+        return (f"{self.named} removed once no git works in repos/{self.repo} ({self.what}): git cannot make "
+                f"the order's branch "
+                f"{BRANCH_PREFIX}{order_id} while {'they are' if many else 'it is'} there, then "
+                f"`coordinator retry {order_id}`")
+
+
 class MergeConflict(GitError):
     """wo/<id> and the default branch changed the same lines; nothing was merged."""
 
@@ -109,22 +134,50 @@ class Repo(Checkout):
             except (FileExistsError, NotADirectoryError):  # a file where its folder goes: "internal error"
                 raise GitError(f"cannot make the folder of order {order_id}'s working copy: a file is in the way "
                                f"(.coordinator/work/{order_id})") from None
-            try:
-                self.git("worktree", "add", "-q", "-b", branch, str(dest), self.head())
-            except GitError:
-                # A person's wo/<id>/x (or wo) stopped git from making wo/<id>: "cannot lock ref",
-                # counted as failed attempts against the agent until the order was blocked. Looked
-                # for only then: two git processes more on the way to every start.
-                others = [r.removeprefix("refs/heads/") for r in self.git(
-                    "for-each-ref", "--format=%(refname)", f"refs/heads/{branch}/").splitlines() if r]
-                if self._has_ref(f"refs/heads/{BRANCH_PREFIX.rstrip('/')}"):
-                    others.insert(0, BRANCH_PREFIX.rstrip("/"))
-                if others:
+            for again in (True, False):
+                try:
+                    self.git("worktree", "add", "-q", "-b", branch, str(dest), self.head())
+                    break
+                except GitError as e:
+                    # A person's wo/<id>/x (or wo) stopped git from making wo/<id>: "cannot lock ref",
+                    # counted as failed attempts against the agent until the order was blocked. Looked
+                    # for only then: two git processes more on the way to every start.
+                    others = [r.removeprefix("refs/heads/") for r in self.git(
+                        "for-each-ref", "--format=%(refname)", f"refs/heads/{branch}/").splitlines() if r]
+                    if self._has_ref(f"refs/heads/{BRANCH_PREFIX.rstrip('/')}"):
+                        others.insert(0, BRANCH_PREFIX.rstrip("/"))
                     with contextlib.suppress(OSError):
                         dest.rmdir()  # what git may have made of it: nothing in it
-                    raise BranchInTheWay(self.name, order_id, others) from None
-                raise
+                    if others:
+                        raise BranchInTheWay(self.name, order_id, others) from None
+                    if "cannot lock ref" not in str(e):
+                        raise
+                    # A lock file a killed git left (`refs/heads/wo/<id>/x.lock`) goes, once; one
+                    # a live git holds, or another file there, is the person's to remove. Said with
+                    # git's machine path, it failed attempts against the agent.
+                    if again and self.clear_stale_lock():
+                        continue
+                    files = self._files_in_the_way(branch)
+                    if files:
+                        raise RefInTheWay(self.name, order_id, files) from None
+                    raise GitError(self._in_workspace_terms(str(e))) from None
         return dest
+
+    def _files_in_the_way(self, branch: str) -> list[str]:
+        """The files in the git dir (relative to it) that keep git from making `branch`: lock
+        files, and whatever is in a folder of its name that is no branch."""
+        heads = self.git_dir / "refs" / "heads"
+        found = [heads / f"{branch}.lock", heads / f"{BRANCH_PREFIX.rstrip('/')}.lock", self.git_dir / "packed-refs.lock"]
+        found = [f for f in found if f.is_file()]
+        if (heads / branch).is_dir():
+            found += sorted(p for p in (heads / branch).rglob("*") if not p.is_dir())
+        return [f.relative_to(self.git_dir).as_posix() for f in found]
+
+    def _in_workspace_terms(self, said: str) -> str:
+        """git's message with this repository's machine paths named as the workspace names them."""
+        for where, shown in ((self.git_dir, f"repos/{self.name}/.git"), (self.path, f"repos/{self.name}")):
+            said = said.replace(str(where), shown)
+        return said
 
     def remove_worktree(self, order_id: str, dest: Path, *, keep: bool = False) -> list[Path]:
         """Remove the working copy and its branch; with `keep`, lock it for `gc_worktrees`.

@@ -857,6 +857,53 @@ def test_a_persons_branch_in_the_way_of_the_orders_branch_waits_for_them_uncharg
     assert rec.status == "done" and (checkout_path / "src" / "a.py").read_text() == "a\n"
 
 
+@pytest.mark.parametrize("left", ["a lock a killed git left", "a lock a live git holds", "a file"])
+def test_a_file_in_the_way_of_the_orders_branch_is_named_in_the_workspaces_terms(make_ws, left) -> None:
+    # A `refs/heads/wo/WO-0001/x.lock` (a person's `git branch wo/WO-0001/x` killed half way)
+    # kept git from making wo/WO-0001: "cannot lock ref", two failed attempts against chip
+    # whose reason named the machine's path of the repository. A lock no live process holds
+    # goes and the order runs; else the order waits for the person, naming what to remove.
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/sh", "-c", "echo a > src/a.py"],
+                           "writes": ["webapp/**"]}})
+    checkout_path = ws.repos / "webapp"
+    in_the_way = checkout_path / ".git" / "refs" / "heads" / "wo" / "WO-0001" / ("notes" if left == "a file" else "x.lock")
+    store = Store(ws.state)
+    holder = None
+    with Supervisor(ws) as sup:  # made after the start, which clears the locks of dead gits
+        in_the_way.parent.mkdir(parents=True)
+        in_the_way.write_text("")
+        if left == "a lock a live git holds":
+            holder = subprocess.Popen(["sleep", "60"], stdin=open(in_the_way))  # noqa: SIM115 - the child's
+        drop(ws, "chip", "a.md", order_md("Add a", files=("webapp/src/a.py",), id="WO-0001"))
+        try:
+            sup.run_once(limit=60)
+        finally:
+            if holder is not None:
+                holder.kill()
+                holder.wait()
+    rec = store.load("WO-0001")
+    if left == "a lock a killed git left":
+        assert (rec.status, rec.failures) == ("done", [])
+        assert not in_the_way.exists()
+        return
+    assert (rec.status, rec.failures) == ("waiting", [])
+    what = "a lock a git process holds, or one a killed git left" if left != "a file" else \
+        "no branch, where git makes the order's"
+    name = in_the_way.name
+    assert rec.blocker == (f"repos/webapp/.git/refs/heads/wo/WO-0001/{name} removed once no git works in "
+                           f"repos/webapp ({what}): git cannot make the order's branch wo/WO-0001 while it is "
+                           "there, then `coordinator retry WO-0001`")
+    assert str(ws.root) not in (store.folder("WO-0001") / "record.json").read_text()
+    assert [r.id for r in store.load_all().values()] == ["WO-0001"]  # nothing escalated
+    in_the_way.unlink()
+    subprocess.run([sys.executable, "-m", "coordinator", "-w", str(ws.root), "retry", "WO-0001"],
+                   capture_output=True, text=True, check=True)
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    rec = store.load("WO-0001")
+    assert rec.status == "done" and (checkout_path / "src" / "a.py").read_text() == "a\n"
+
+
 def test_a_racing_change_to_the_branch_is_detected_and_kept(ws: Path) -> None:
     repo = RacedRepo(init_demo_repo(ws / "repos" / "webapp").path)
     land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
