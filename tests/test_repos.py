@@ -686,6 +686,39 @@ def test_a_merge_clears_an_index_lock_a_killed_git_left(repo: Repo, ws: Path, mo
     assert not (repo.git_dir / "index.lock").exists()
 
 
+@pytest.mark.parametrize("held", [False, True], ids=["left-by-a-killed-git", "held-by-a-live-git"])
+def test_a_lock_on_the_default_branchs_ref_is_no_branch_moving(repo: Repo, ws: Path, held: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # A `refs/heads/main.lock` (a person's `git commit` killed half way, or at work) made every
+    # merge say "the default branch kept moving ... stop whatever else commits there": two
+    # failed attempts against the agent, the order blocked. One no process holds goes and the
+    # merge lands; one a live git holds makes the order wait for the person, naming it.
+    monkeypatch.setattr("coordinator.repos.MERGE_PATIENCE", 0.1, raising=False)
+    land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    before = repo.head()
+    lock = repo.git_dir / "refs" / "heads" / "main.lock"
+    lock.write_text("")
+    if not held:
+        merged = repo.merge("WO-0001")
+        assert repo.head() == merged != before and (repo.path / "src" / "a.py").read_text() == "a\n"
+        assert not lock.exists() and sh_git(repo.path, "status", "--porcelain") == ""
+        return
+    with open(lock) as f, subprocess.Popen(["sleep", "60"], stdin=f) as holder:
+        try:
+            with pytest.raises(checkout.CheckoutBusy) as busy:
+                repo.merge("WO-0001")
+        finally:
+            holder.kill()
+    assert isinstance(busy.value, DirtyCheckout)  # the order waits for the person, no failure of the agent's
+    assert str(busy.value) == ("a git command holds repos/webapp/.git/refs/heads/main.lock (a commit waiting in its "
+                               "editor, say, or one killed half way); nothing was merged: retry once it ends")
+    assert busy.value.blocker("WO-0001") == (
+        "a git command working on the default branch (it holds .git/refs/heads/main.lock) in repos/webapp: once it "
+        "ends, `coordinator retry WO-0001` (no git running there? remove that file first)")
+    assert repo.head() == before and not (repo.path / "src" / "a.py").exists()
+    assert sh_git(repo.path, "status", "--porcelain") == ""
+
+
 def test_a_merge_that_runs_out_of_room_in_the_checkout_leaves_it_as_it_was(ws: Path) -> None:
     # git wrote some of the merge's files before the disk filled: they were left in the person's
     # checkout, taken for their own uncommitted work, and the order waited for them to clear it.
