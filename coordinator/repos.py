@@ -127,8 +127,7 @@ class Repo(Checkout):
             if _lexists(dest):
                 _remove_tree(dest)
             self._run(["worktree", "prune"])
-            if self._has_ref(f"refs/heads/{branch}"):
-                self.git("update-ref", "-d", f"refs/heads/{branch}")
+            self._delete_branch(branch)
             try:
                 dest.parent.mkdir(parents=True, exist_ok=True)
             except (FileExistsError, NotADirectoryError):  # a file where its folder goes: "internal error"
@@ -203,9 +202,20 @@ class Repo(Checkout):
                 _remove_tree(dest)
             with contextlib.suppress(OSError):  # the order's folder, once it holds no copy (one per finished order)
                 dest.parent.rmdir()
-            if self._has_ref(f"refs/heads/{branch}"):
-                self.git("update-ref", "-d", f"refs/heads/{branch}")
+            self._delete_branch(branch)
         return reopened
+
+    def _delete_branch(self, branch: str) -> None:
+        """Delete the order's branch `branch`; also when its loose ref names no commit (a power
+        loss emptied it, say), which git neither deletes nor makes again ("reference broken"):
+        every attempt of the order failed on it until a person removed the file."""
+        if self._has_ref(f"refs/heads/{branch}"):
+            self.git("update-ref", "-d", f"refs/heads/{branch}")
+            return
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            loose = self.git_dir / "refs" / "heads" / branch
+            if stat.S_ISREG(os.lstat(loose).st_mode):
+                loose.unlink()
 
     def _defuse(self, work: Path, admin: Path) -> None:
         """Make a copy kept for inspection safe to inspect with git: its `.git` pointer leads to

@@ -686,6 +686,22 @@ def test_a_merge_clears_an_index_lock_a_killed_git_left(repo: Repo, ws: Path, mo
     assert not (repo.git_dir / "index.lock").exists()
 
 
+def test_an_orders_branch_a_power_loss_emptied_is_made_again(repo: Repo, ws: Path) -> None:
+    # An empty loose ref `refs/heads/wo/WO-0001` (a power loss while git wrote it) is a broken
+    # reference git will neither delete nor make again: every attempt of the order failed
+    # ("cannot lock ref ... reference broken") until a person removed the file by hand.
+    broken = repo.git_dir / "refs" / "heads" / "wo" / "WO-0001"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("")
+    wt = land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    repo.merge("WO-0001")
+    assert (repo.path / "src" / "a.py").read_text() == "a\n"
+    broken.write_text("")  # and again before the copy goes: no broken branch is left behind
+    repo.remove_worktree("WO-0001", wt)
+    assert not wt.exists() and not broken.exists()
+    assert sh_git(repo.path, "branch", "--list", "wo/*") == ""
+
+
 @pytest.mark.parametrize("held", [False, True], ids=["left-by-a-killed-git", "held-by-a-live-git"])
 def test_a_lock_on_the_default_branchs_ref_is_no_branch_moving(repo: Repo, ws: Path, held: bool,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
