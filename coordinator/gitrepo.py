@@ -104,6 +104,8 @@ def run_git(
             timeout=timeout,
         )  # fmt: skip
     except FileNotFoundError as e:
+        if not os.path.isdir(cwd):  # said "git is not installed" of a working copy removed meanwhile
+            raise GitError(f"git {verb} could not run: the folder it works in is gone (removed while in use?)") from e
         raise GitError("git is not installed or not on PATH; install git 2.25 or newer") from e
     except subprocess.TimeoutExpired as e:
         raise GitError(f"git {verb} took over {timeout:.0f}s in {cwd}; is a disk or lock stuck?") from e

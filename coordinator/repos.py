@@ -188,6 +188,8 @@ class Repo(Checkout):
         reopened: list[Path] = []
         with self._lock:
             if keep:
+                reopened += _reopen(dest)
+            if keep and _lexists(dest):  # one a person removed meanwhile is not kept: its records go
                 admin = self._admin_dir(dest)
                 self._defuse(dest, admin)
                 if not (admin / "locked").exists():

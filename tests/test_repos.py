@@ -686,6 +686,20 @@ def test_a_merge_clears_an_index_lock_a_killed_git_left(repo: Repo, ws: Path, mo
     assert not (repo.git_dir / "index.lock").exists()
 
 
+def test_a_working_copy_a_person_removed_while_in_use_is_said_so_and_not_kept(repo: Repo, ws: Path) -> None:
+    # A person's `rm -rf .coordinator/work/<id>` while the attempt ran: the supervisor said
+    # "git is not installed or not on PATH", then that the kept copy could not be made safe
+    # to inspect ("remove it by hand", naming the machine's path of what was gone already).
+    wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+    shutil.rmtree(wt.parent)
+    with pytest.raises(GitError) as gone:
+        repo.submodules(wt, ["src"])
+    assert str(gone.value) == "git ls-tree could not run: the folder it works in is gone (removed while in use?)"
+    repo.remove_worktree("WO-0001", wt, keep=True)  # nothing to keep: its records go, said by no error
+    assert not (repo.git_dir / "worktrees").exists() or not any((repo.git_dir / "worktrees").iterdir())
+    assert sh_git(repo.path, "branch", "--list", "wo/*") == ""
+
+
 def test_an_orders_branch_a_power_loss_emptied_is_made_again(repo: Repo, ws: Path) -> None:
     # An empty loose ref `refs/heads/wo/WO-0001` (a power loss while git wrote it) is a broken
     # reference git will neither delete nor make again: every attempt of the order failed
