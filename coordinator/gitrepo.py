@@ -123,7 +123,10 @@ def run_git(
             # its retry at once, until the order was blocked. As the OSError it is, it stops the
             # supervisor saying so ("make room and run it again"), as a full state/ does.
             raise OSError(code, f"{os.strerror(code)} (git {verb}: {said.splitlines()[-1]})", str(where))
-        raise GitError(f"git {verb} failed in {cwd}: {said.splitlines()[-1]}")
+        # git's last line of a lock in the way is "remove the file manually to continue": which
+        # file is said above it.
+        held = re.search(r"^.*Unable to create '[^']+\.lock': File exists\.?$", said, re.MULTILINE)
+        raise GitError(f"git {verb} failed in {cwd}: {held.group(0) if held else said.splitlines()[-1]}")
     return proc
 
 

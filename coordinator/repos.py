@@ -212,8 +212,17 @@ class Repo(Checkout):
         loss emptied it, say), which git neither deletes nor makes again ("reference broken"):
         every attempt of the order failed on it until a person removed the file."""
         if self._has_ref(f"refs/heads/{branch}"):
-            self.git("update-ref", "-d", f"refs/heads/{branch}")
-            return
+            for again in (True, False):
+                try:
+                    self.git("update-ref", "-d", f"refs/heads/{branch}")
+                    return
+                except GitError as e:
+                    # A `packed-refs.lock` a killed `git gc` left: every branch deletion failed,
+                    # said as "git update-ref failed in <machine path>: remove the file manually".
+                    if again and self.clear_stale_lock():
+                        continue
+                    raise GitError(f"cannot delete the order's branch {branch} in repos/{self.name}: "
+                                   f"{self._in_workspace_terms(str(e))}") from None
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             loose = self.git_dir / "refs" / "heads" / branch
             if stat.S_ISREG(os.lstat(loose).st_mode):

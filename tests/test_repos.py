@@ -700,6 +700,33 @@ def test_a_working_copy_a_person_removed_while_in_use_is_said_so_and_not_kept(re
     assert sh_git(repo.path, "branch", "--list", "wo/*") == ""
 
 
+@pytest.mark.parametrize("held", [False, True], ids=["left-by-a-killed-git", "held-by-a-live-git"])
+def test_a_packed_refs_lock_in_the_way_of_deleting_the_orders_branch(repo: Repo, ws: Path, held: bool) -> None:
+    # A `packed-refs.lock` (a person's `git gc` killed half way) made every order's clean-up
+    # say "git update-ref failed in <the machine's path>: remove the file manually to
+    # continue" (which file, unsaid), and its branch stayed. One no process holds goes; one
+    # a live git holds is named in the workspace's terms.
+    wt = land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    lock = repo.git_dir / "packed-refs.lock"
+    lock.write_text("")
+    if not held:
+        repo.remove_worktree("WO-0001", wt)
+        assert not lock.exists() and sh_git(repo.path, "branch", "--list", "wo/*") == ""
+        return
+    with open(lock) as f, subprocess.Popen(["sleep", "60"], stdin=f) as holder:
+        try:
+            with pytest.raises(GitError) as said:
+                repo.remove_worktree("WO-0001", wt)
+        finally:
+            holder.kill()
+    assert str(said.value) == ("cannot delete the order's branch wo/WO-0001 in repos/webapp: git update-ref failed in "
+                               "repos/webapp/.git: error: Unable to create 'repos/webapp/.git/packed-refs.lock': "
+                               "File exists.")
+    lock.unlink()
+    repo.remove_worktree("WO-0001", wt)
+    assert sh_git(repo.path, "branch", "--list", "wo/*") == ""
+
+
 def test_an_orders_branch_a_power_loss_emptied_is_made_again(repo: Repo, ws: Path) -> None:
     # An empty loose ref `refs/heads/wo/WO-0001` (a power loss while git wrote it) is a broken
     # reference git will neither delete nor make again: every attempt of the order failed
