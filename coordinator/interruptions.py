@@ -115,7 +115,8 @@ class Interruptions(Endings):
         try:
             reopened = (repo or self.repo(repo_name)).remove_worktree(rec.id, workdir, keep=False)
         except CoordinatorError as e:
-            self.sup.say(f"recovery: {rec.id}'s working copy could not be removed, it stays: {e}")
+            said = str(e).replace(f"{self.ws.root}/", "")  # in the workspace's terms
+            self.sup.say(f"recovery: {rec.id}'s working copy could not be removed, it stays: {said}")
             return
         if reopened:
             shown = ", ".join(_shown(self.ws.root, f) for f in reopened)

@@ -124,7 +124,7 @@ class Repo(Checkout):
                 if _same(w.tree, dest) or w.head == f"refs/heads/{branch}":
                     self._drop(w)
             _reopen(dest)
-            if _lexists(dest):
+            if self._lexists(dest):
                 _remove_tree(dest)
             self._run(["worktree", "prune"])
             self._delete_branch(branch)
@@ -189,7 +189,7 @@ class Repo(Checkout):
         with self._lock:
             if keep:
                 reopened += _reopen(dest)
-            if keep and _lexists(dest):  # one a person removed meanwhile is not kept: its records go
+            if keep and self._lexists(dest):  # one a person removed meanwhile is not kept: its records go
                 admin = self._admin_dir(dest)
                 self._defuse(dest, admin)
                 if not (admin / "locked").exists():
@@ -200,7 +200,7 @@ class Repo(Checkout):
                 if _same(w.tree, dest):
                     reopened += self._drop(w)
             reopened += _reopen(dest)
-            if _lexists(dest):
+            if self._lexists(dest):
                 _remove_tree(dest)
             with contextlib.suppress(OSError):  # the order's folder, once it holds no copy (one per finished order)
                 dest.parent.rmdir()
@@ -250,10 +250,26 @@ class Repo(Checkout):
         # the copy closed to its owner (mode 000) is opened first: else every start of a
         # supervisor without root's overrides failed here until a person restored its mode.
         reopened = _reopen(w.tree)
-        if _lexists(w.tree):
+        if self._lexists(w.tree):
             _remove_tree(w.tree)
         shutil.rmtree(w.admin, ignore_errors=True)
         return reopened
+
+    def _lexists(self, path: Path) -> bool:
+        """Is anything at working copy `path` (a link too)? An error other than "none" raises a
+        GitError that says what to do, never a bare PermissionError out of a start."""
+        try:
+            os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as e:
+            try:
+                shown = path.relative_to(self.path.parent.parent).as_posix()  # the workspace, of repos/<name>
+            except ValueError:
+                shown = str(path)
+            raise GitError(f"cannot reach working copy {shown}: {e.strerror}; give its folders back their "
+                           "owner's rights (chmod u+rwx) or remove it by hand") from None
+        return True
 
     def discard(self, worktree: Path) -> None:
         """Put the working copy back to its branch head: no change, no untracked or ignored file."""
@@ -691,19 +707,6 @@ def _reopen(path: Path) -> list[Path]:
         except OSError:
             continue  # not ours to open: the removal below says where it stopped
     return opened
-
-
-def _lexists(path: Path) -> bool:
-    """Is anything at `path` (a link too)? An error other than "none" raises a GitError that
-    says what to do, never a bare PermissionError out of a start."""
-    try:
-        os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    except OSError as e:
-        raise GitError(f"cannot reach working copy {path}: {e.strerror}; give its folders back their "
-                       "owner's rights (chmod u+rwx) or remove it by hand") from None
-    return True
 
 
 def _remove_tree(path: Path) -> None:

@@ -1618,3 +1618,31 @@ def test_a_crash_after_the_agent_closed_the_folders_above_its_copy_does_not_stop
     rec = Store(ws.state).load("z1")
     assert rec.attempts == 2 and rec.failures == ["interrupted: the supervisor stopped during attempt 1"]
     assert not (work / "z1").exists()
+
+
+def test_a_copy_recovery_cannot_remove_is_said_and_the_start_goes_on(make_ws):
+    """The folder above the copy is another user's, closed: the supervisor may not open it.
+    The start goes on, saying in the workspace's terms that the copy stays; the attempt counts
+    as interrupted as usual."""
+    if os.geteuid() != 0:
+        pytest.skip("gives a folder to another user: needs root")
+    ws = team(make_ws)
+    sup = start_one(ws, "z2")
+    abandon(sup)
+    folder = ws.root / ".coordinator" / "work" / "z2"
+    os.chown(folder, 65534, 65534)
+    folder.chmod(0)
+    try:
+        once = [*_without_root_powers(), str(COORDINATOR), "-w", str(ws.root), "supervise", "--once"]
+        proc = subprocess.run(once, capture_output=True, text=True, timeout=180)
+    finally:
+        os.chown(folder, 0, 0)
+        folder.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    said = [line.split(" ", 1)[1] for line in proc.stderr.splitlines() if "recovery: z2" in line]
+    assert said == ["recovery: z2's working copy could not be removed, it stays: cannot reach working copy "
+                    ".coordinator/work/z2/webapp: Permission denied; give its folders back their owner's rights "
+                    "(chmod u+rwx) or remove it by hand"], proc.stderr
+    assert str(ws.root) not in proc.stderr
+    rec = Store(ws.state).load("z2")
+    assert rec.failures[0] == "interrupted: the supervisor stopped during attempt 1"
