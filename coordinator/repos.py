@@ -622,16 +622,19 @@ def gc_worktrees(work_root: Path, repos: Iterable[Repo], *, keep_days: float, no
                     continue
                 if not reason.startswith(KEPT_REASON):
                     continue  # locked by someone else
+                # Through the link when `.coordinator/work` is one (moved to another disk): an
+                # "internal error" of `gc`, after the first copy was gone.
+                rel = Path(os.path.realpath(w.tree)).relative_to(root).as_posix()
                 if keep_days > 0 and age < -CLOCK_SLACK:
                     if ahead is not None:
-                        ahead.append(w.tree.relative_to(root).as_posix())
+                        ahead.append(rel)
                     continue
                 if keep_days > 0 and age < keep_days * 86400:
                     continue  # still young
                 repo._drop(w)
                 if w.head.startswith(f"refs/heads/{BRANCH_PREFIX}") and repo._has_ref(w.head):
                     repo.git("update-ref", "-d", w.head)
-                removed.append(w.tree.relative_to(root).as_posix())
+                removed.append(rel)
                 # The per-order folder that held it goes too, once empty.
                 with contextlib.suppress(OSError):
                     w.tree.parent.rmdir()

@@ -248,6 +248,21 @@ def test_kept_copies_are_collected_after_keep_days(repo: Repo, ws: Path) -> None
 
 
 
+def test_kept_copies_are_collected_where_the_work_folder_is_a_link(repo: Repo, ws: Path, tmp_path: Path) -> None:
+    # `.coordinator/work` moved to another disk and linked back, with copies kept in it: `gc`
+    # removed the first, then stopped with an internal error (a path "not in the subpath" of
+    # the link's target).
+    for oid in ("WO-0001", "WO-0002"):
+        repo.remove_worktree(oid, land(repo, ws, oid, {f"src/{oid}.py": "a\n"}), keep=True)
+    elsewhere = tmp_path / "other-disk"
+    shutil.move(ws / ".coordinator" / "work", elsewhere)
+    (ws / ".coordinator" / "work").symlink_to(elsewhere)
+    removed = gc_worktrees(ws / ".coordinator" / "work", [repo], keep_days=0, now=time.time())
+    assert sorted(removed) == ["WO-0001/webapp", "WO-0002/webapp"]
+    assert os.listdir(elsewhere) == []
+    assert sh_git(repo.path, "branch", "--list", "wo/*") == ""
+
+
 def test_a_kept_copy_dated_ahead_of_the_clock_is_said_and_removed_by_keep_days_0(repo: Repo, ws: Path) -> None:
     # The clock set back since the copy was kept: it was never old enough, not even for
     # `gc --days 0`, and gc said nothing of it. As for ended orders: kept and said, and 0 removes it.
