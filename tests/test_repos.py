@@ -742,6 +742,23 @@ def test_a_packed_refs_lock_in_the_way_of_deleting_the_orders_branch(repo: Repo,
     assert sh_git(repo.path, "branch", "--list", "wo/*") == ""
 
 
+def test_a_persons_sparse_checkout_leaves_the_orders_copy_whole(repo: Repo, ws: Path) -> None:
+    # A person's sparse checkout of the repository (`core.sparseCheckout` in its shared config)
+    # gave the agent a working copy holding only their patterns: here README.md, no src/.
+    sh_git(repo.path, "config", "core.sparseCheckout", "true")
+    (repo.git_dir / "info").mkdir(exist_ok=True)
+    (repo.git_dir / "info" / "sparse-checkout").write_text("/README.md\n")
+    sh_git(repo.path, "read-tree", "-mu", "HEAD")
+    assert not (repo.path / "src").exists()  # the person's own checkout: sparse
+    wt = land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    assert (wt / "src" / "login.py").is_file() and (wt / "tests").is_dir()
+    repo.discard(wt)
+    assert (wt / "src" / "login.py").is_file() and (wt / "src" / "a.py").read_text() == "a\n"
+    repo.merge("WO-0001")
+    assert sh_git(repo.path, "show", "HEAD:src/a.py") == "a"
+    assert not (repo.path / "src" / "login.py").exists()  # theirs stays as sparse as they made it
+
+
 def test_an_orders_branch_a_power_loss_emptied_is_made_again(repo: Repo, ws: Path) -> None:
     # An empty loose ref `refs/heads/wo/WO-0001` (a power loss while git wrote it) is a broken
     # reference git will neither delete nor make again: every attempt of the order failed
