@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import stat
+from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 from . import durable
@@ -85,6 +88,24 @@ class CheckoutBusy(DirtyCheckout):
                 "there? remove that file first)")
 
 
+class BranchLocked(CheckoutBusy):
+    """A git process holds the lock of the default branch's ref (`.git/refs/heads/main.lock`,
+    a person's `git commit` killed half way left one behind): nothing was merged. Taken for the
+    branch moving, it failed the order's attempts against the agent ("stop whatever else
+    commits there"); the order waits for the person, as for the index's lock."""
+
+    def __init__(self, repo: str, lock: str) -> None:
+        self.repo = repo
+        self.lock = lock  # relative to the git dir
+        self.paths = ()
+        self.said = ""
+        GitError.__init__(self, f"a git command holds repos/{repo}/.git/{lock} (a commit waiting in its editor, "
+                                "say, or one killed half way); nothing was merged: retry once it ends")
+
+    def what(self) -> str:
+        return f"a git command working on the default branch (it holds .git/{self.lock})"
+
+
 class Checkout(GitRepo):
     """A repository whose checked-out default branch a merge moves, and a start heals."""
 
@@ -109,8 +130,7 @@ class Checkout(GitRepo):
             if self.checked_out() != branch:
                 # A person switched the checkout to another branch, or detached it: it is
                 # theirs; only the branch moves (under the lock: never while git switches).
-                return self._run(["update-ref", "-m", note, f"refs/heads/{branch}", new, base],
-                                 check=False).returncode == 0  # fmt: skip
+                return self._swap(branch, base, new, note, lambda: None)
             # Left by a kill -9 from here on: the one sign `heal_checkout` acts on.
             durable.write_bytes(moving, f"{base} {new}\n".encode(), sync=False)
             self._run(["update-index", "-q", "--refresh"], cwd=self.path, env=env, check=False)
@@ -131,9 +151,8 @@ class Checkout(GitRepo):
                 if not in_the_way:  # not a person's work: a failed attempt as any
                     raise GitError(f"repos/{self.name}: the checkout could not be moved to the merge: {said}")
                 raise DirtyCheckout(self.name, in_the_way, said)
-            swap = self._run(["update-ref", "-m", note, f"refs/heads/{branch}", new, base], check=False)
-            if swap.returncode != 0:
-                self._run(["read-tree", "-m", "-u", new, base], cwd=self.path, env=env, check=False)
+            if not self._swap(branch, base, new, note, lambda: self._run(
+                    ["read-tree", "-m", "-u", new, base], cwd=self.path, env=env, check=False)):
                 return False
             os.replace(lock, index)
             return True
@@ -142,6 +161,20 @@ class Checkout(GitRepo):
                 lock.unlink()
             with contextlib.suppress(FileNotFoundError):
                 moving.unlink()
+
+    def _swap(self, branch: str, base: str, new: str, note: str, undo: Callable[[], object]) -> bool:
+        """Move `branch` from `base` to `new`; False (after `undo`) when it moved meanwhile.
+        BranchLocked (after `undo`) when a lock file kept git from moving it."""
+        swap = self._run(["update-ref", "-m", note, f"refs/heads/{branch}", new, base], check=False)
+        if swap.returncode == 0:
+            return True
+        undo()
+        held = re.search(r"Unable to create '([^']+\.lock)': File exists", swap.stderr)
+        if held and self._sha(f"refs/heads/{branch}") == base:
+            where = Path(held.group(1))
+            shown = where.relative_to(self.git_dir).as_posix() if where.is_relative_to(self.git_dir) else where.name
+            raise BranchLocked(self.name, shown)
+        return False
 
     def _stats(self, paths: list[str]) -> dict[str, tuple[int, ...] | None]:
         """path -> what `lstat` says of it in the checkout (None: absent, or beyond a link)."""

@@ -50,6 +50,9 @@ _TRUSTED_CONFIG = (
     # -z` is read by, for a commit they signed: `audit verify` found the history unreadable.
     "log.showSignature=false",
 )
+# In the order's working copies, and when one is made: a person's sparse checkout (an old-style
+# `core.sparseCheckout` in the shared config) gave the agent a copy holding only their patterns.
+_COPY_CONFIG = ("core.sparseCheckout=false",)
 _NO_FORK = re.compile(r"cannot fork|Resource temporarily unavailable")  # git's own fork refused
 _NO_ROOM = re.compile(r"No space left on device|Disk quota exceeded")  # git's strerror, under LC_ALL=C
 _ROOM_LEFT = 64 * 1024  # bytes free below which a failed git command is taken to have run out of room
@@ -82,8 +85,10 @@ def run_git(
     input: str | None = None,
     check: bool = True,
     timeout: float = GIT_TIMEOUT,
+    config: Iterable[str] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Run one trusted git command and wait for it; raise GitError on failure when `check`."""
+    """Run one trusted git command and wait for it; raise GitError on failure when `check`.
+    `config`: more `-c` settings, after the trusted ones."""
     program = git_program()
     if program is None:
         raise GitError("git is not installed or not on PATH; install git 2.25 or newer")
@@ -92,7 +97,7 @@ def run_git(
         argv.append(f"--git-dir={git_dir}")
     if work_tree is not None:
         argv.append(f"--work-tree={work_tree}")
-    for item in _TRUSTED_CONFIG:
+    for item in (*_TRUSTED_CONFIG, *config):
         argv += ["-c", item]
     argv += args
     verb = next((a for a in argv[len(argv) - len(args) :] if not a.startswith("-")), "?")
@@ -104,6 +109,8 @@ def run_git(
             timeout=timeout,
         )  # fmt: skip
     except FileNotFoundError as e:
+        if not os.path.isdir(cwd):  # said "git is not installed" of a working copy removed meanwhile
+            raise GitError(f"git {verb} could not run: the folder it works in is gone (removed while in use?)") from e
         raise GitError("git is not installed or not on PATH; install git 2.25 or newer") from e
     except subprocess.TimeoutExpired as e:
         raise GitError(f"git {verb} took over {timeout:.0f}s in {cwd}; is a disk or lock stuck?") from e
@@ -121,7 +128,10 @@ def run_git(
             # its retry at once, until the order was blocked. As the OSError it is, it stops the
             # supervisor saying so ("make room and run it again"), as a full state/ does.
             raise OSError(code, f"{os.strerror(code)} (git {verb}: {said.splitlines()[-1]})", str(where))
-        raise GitError(f"git {verb} failed in {cwd}: {said.splitlines()[-1]}")
+        # git's last line of a lock in the way is "remove the file manually to continue": which
+        # file is said above it.
+        held = re.search(r"^.*Unable to create '[^']+\.lock': File exists\.?$", said, re.MULTILINE)
+        raise GitError(f"git {verb} failed in {cwd}: {held.group(0) if held else said.splitlines()[-1]}")
     return proc
 
 
@@ -271,10 +281,13 @@ class GitRepo:
     def _run(self, args: list[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None,
              input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:  # fmt: skip
         if cwd is None:
-            return run_git(args, git_dir=self.git_dir, cwd=self.git_dir, env=env, input=input, check=check)
+            making = _COPY_CONFIG if args[:2] == ["worktree", "add"] else ()
+            return run_git(args, git_dir=self.git_dir, cwd=self.git_dir, env=env, input=input, check=check,
+                           config=making)  # fmt: skip
         work = Path(os.path.abspath(cwd))
         admin = self._admin_dir(work)
-        return run_git(args, git_dir=admin, work_tree=work, cwd=work, env=env, input=input, check=check)
+        return run_git(args, git_dir=admin, work_tree=work, cwd=work, env=env, input=input, check=check,
+                       config=() if admin == self.git_dir else _COPY_CONFIG)  # fmt: skip
 
     def git_version(self) -> tuple[int, int]:
         out = run_git(["version"], git_dir=None, cwd=self.path).stdout

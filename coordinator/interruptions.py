@@ -60,8 +60,7 @@ class Interruptions(Endings):
         # never resumed as a request that waits for them (that would end it done).
         if ending is not None and agent is not None and ending["status"] != "running":
             if repo_name:
-                with contextlib.suppress(CoordinatorError):
-                    self.repo(str(repo_name)).remove_worktree(rec.id, Path(str(info.get("workdir", ""))), keep=False)
+                self._remove_copy(rec, str(repo_name), info)
             rec.running = None
             self.sup.say(f"recovery: {rec.id}'s attempt {number} had ended {ending['status']} and was "
                          "delivering its outbox: the rest is delivered, and it is not run again")
@@ -69,8 +68,7 @@ class Interruptions(Endings):
         by = info.get("cancelled_by")
         if isinstance(by, str) and by:  # cancelled while its processes were being stopped
             if repo_name:
-                with contextlib.suppress(CoordinatorError):
-                    self.repo(str(repo_name)).remove_worktree(rec.id, Path(str(info.get("workdir", ""))), keep=False)
+                self._remove_copy(rec, str(repo_name), info)
             why = info.get("cancel_why")  # cancelled as the work of an order that was: why, as said before
             why = why if isinstance(why, str) and why else ""
             rec.running = None
@@ -98,7 +96,7 @@ class Interruptions(Endings):
                     self.sup.move(rec, "done", rec.to, note="recovered after a crash")
                     self._note_landed(repo, sha)
                     return
-                repo.remove_worktree(rec.id, Path(str(info.get("workdir", ""))), keep=False)
+                self._remove_copy(rec, repo.name, info, repo=repo)
         rec.running = None
         if rec.id in self.cut:  # the supervisor chose to stop: no fault of the agent's
             return self.sup.move(rec, "queued", audit.SUPERVISOR,
@@ -109,6 +107,21 @@ class Interruptions(Endings):
             self.block(rec, rec.failures[-1])
         else:
             self.sup.move(rec, "queued", audit.SUPERVISOR, note=rec.failures[-1])
+
+    def _remove_copy(self, rec: Record, repo_name: str, info: dict[str, Any], *, repo: Repo | None = None) -> None:
+        """Remove the interrupted attempt's working copy, saying in one line what stood in the
+        way: a folder above it the agent closed (opened again), or a copy that stays."""
+        workdir = Path(str(info.get("workdir", "")))
+        try:
+            reopened = (repo or self.repo(repo_name)).remove_worktree(rec.id, workdir, keep=False)
+        except CoordinatorError as e:
+            said = str(e).replace(f"{self.ws.root}/", "")  # in the workspace's terms
+            self.sup.say(f"recovery: {rec.id}'s working copy could not be removed, it stays: {said}")
+            return
+        if reopened:
+            shown = ", ".join(_shown(self.ws.root, f) for f in reopened)
+            self.sup.say(f"recovery: {rec.id}'s working copy lay in {shown}, closed to the supervisor (by its "
+                         "agent, or a person): opened again (owner rwx) and the copy removed")
 
     def count_unrecorded(self, rec: Record) -> None:
         """`rec` is queued, but its next attempt may have been started and cut off by the crash
@@ -165,3 +178,11 @@ def _ending(running: dict[str, Any]) -> dict[str, Any] | None:
             or not isinstance(ending.get("actor"), str) or not isinstance(ending.get("note"), str | None):
         return None
     return ending
+
+
+def _shown(root: Path, path: Path) -> str:
+    """`path` as the workspace names it (relative to its root), when it lies in it."""
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)

@@ -66,6 +66,31 @@ class BranchInTheWay(GitError):
                 f"coordinator's), then `coordinator retry {order_id}`")
 
 
+class RefInTheWay(BranchInTheWay):
+    """A file in the git dir that is no branch (a lock file a git process holds, or one a
+    killed git left behind that could not be cleared) keeps git from making `wo/<id>`: the
+    person's to remove, so the order waits for them."""
+
+    def __init__(self, repo: str, order_id: str, files: list[str]) -> None:
+        self.repo = repo
+        self.others = files
+        shown = ", ".join(f"repos/{repo}/.git/{f}" for f in files[:3]) + (
+            f" and {len(files) - 3} more" if len(files) > 3 else "")
+        self.named = shown
+        self.what = ("a lock a git process holds, or one a killed git left" if all(f.endswith(".lock") for f in files)
+                     else "no branch, where git makes the order's")
+        GitError.__init__(self, f"repos/{repo}: {shown} keep{'' if len(files) > 1 else 's'} git from making "
+                                f"{BRANCH_PREFIX}{order_id}, the order's working-copy branch ({self.what})")
+
+    def blocker(self, order_id: str) -> str:
+        """The line order `order_id` waits with; it starts with what it waits for."""
+        many = len(self.others) > 1
+        return (f"{self.named} removed once no git works in repos/{self.repo} ({self.what}): git cannot make "
+                f"the order's branch "
+                f"{BRANCH_PREFIX}{order_id} while {'they are' if many else 'it is'} there, then "
+                f"`coordinator retry {order_id}`")
+
+
 class MergeConflict(GitError):
     """wo/<id> and the default branch changed the same lines; nothing was merged."""
 
@@ -98,54 +123,110 @@ class Repo(Checkout):
             for w in self._worktrees():
                 if _same(w.tree, dest) or w.head == f"refs/heads/{branch}":
                     self._drop(w)
-            if dest.exists() or dest.is_symlink():
+            _reopen(dest)
+            if self._lexists(dest):
                 _remove_tree(dest)
             self._run(["worktree", "prune"])
-            if self._has_ref(f"refs/heads/{branch}"):
-                self.git("update-ref", "-d", f"refs/heads/{branch}")
+            self._delete_branch(branch)
             try:
                 dest.parent.mkdir(parents=True, exist_ok=True)
             except (FileExistsError, NotADirectoryError):  # a file where its folder goes: "internal error"
                 raise GitError(f"cannot make the folder of order {order_id}'s working copy: a file is in the way "
                                f"(.coordinator/work/{order_id})") from None
-            try:
-                self.git("worktree", "add", "-q", "-b", branch, str(dest), self.head())
-            except GitError:
-                # A person's wo/<id>/x (or wo) stopped git from making wo/<id>: "cannot lock ref",
-                # counted as failed attempts against the agent until the order was blocked. Looked
-                # for only then: two git processes more on the way to every start.
-                others = [r.removeprefix("refs/heads/") for r in self.git(
-                    "for-each-ref", "--format=%(refname)", f"refs/heads/{branch}/").splitlines() if r]
-                if self._has_ref(f"refs/heads/{BRANCH_PREFIX.rstrip('/')}"):
-                    others.insert(0, BRANCH_PREFIX.rstrip("/"))
-                if others:
+            for again in (True, False):
+                try:
+                    self.git("worktree", "add", "-q", "-b", branch, str(dest), self.head())
+                    break
+                except GitError as e:
+                    # A person's wo/<id>/x (or wo) stopped git from making wo/<id>: "cannot lock ref",
+                    # counted as failed attempts against the agent until the order was blocked. Looked
+                    # for only then: two git processes more on the way to every start.
+                    others = [r.removeprefix("refs/heads/") for r in self.git(
+                        "for-each-ref", "--format=%(refname)", f"refs/heads/{branch}/").splitlines() if r]
+                    if self._has_ref(f"refs/heads/{BRANCH_PREFIX.rstrip('/')}"):
+                        others.insert(0, BRANCH_PREFIX.rstrip("/"))
                     with contextlib.suppress(OSError):
                         dest.rmdir()  # what git may have made of it: nothing in it
-                    raise BranchInTheWay(self.name, order_id, others) from None
-                raise
+                    if others:
+                        raise BranchInTheWay(self.name, order_id, others) from None
+                    if "cannot lock ref" not in str(e):
+                        raise
+                    # A lock file a killed git left (`refs/heads/wo/<id>/x.lock`) goes, once; one
+                    # a live git holds, or another file there, is the person's to remove. Said with
+                    # git's machine path, it failed attempts against the agent.
+                    if again and self.clear_stale_lock():
+                        continue
+                    files = self._files_in_the_way(branch)
+                    if files:
+                        raise RefInTheWay(self.name, order_id, files) from None
+                    raise GitError(self._in_workspace_terms(str(e))) from None
         return dest
 
-    def remove_worktree(self, order_id: str, dest: Path, *, keep: bool = False) -> None:
-        """Remove the working copy and its branch; with `keep`, lock it for `gc_worktrees`."""
+    def _files_in_the_way(self, branch: str) -> list[str]:
+        """The files in the git dir (relative to it) that keep git from making `branch`: lock
+        files, and whatever is in a folder of its name that is no branch."""
+        heads = self.git_dir / "refs" / "heads"
+        found = [heads / f"{branch}.lock", heads / f"{BRANCH_PREFIX.rstrip('/')}.lock", self.git_dir / "packed-refs.lock"]
+        found = [f for f in found if f.is_file()]
+        if (heads / branch).is_dir():
+            found += sorted(p for p in (heads / branch).rglob("*") if not p.is_dir())
+        return [f.relative_to(self.git_dir).as_posix() for f in found]
+
+    def _in_workspace_terms(self, said: str) -> str:
+        """git's message with this repository's machine paths named as the workspace names them."""
+        for where, shown in ((self.git_dir, f"repos/{self.name}/.git"), (self.path, f"repos/{self.name}")):
+            said = said.replace(str(where), shown)
+        return said
+
+    def remove_worktree(self, order_id: str, dest: Path, *, keep: bool = False) -> list[Path]:
+        """Remove the working copy and its branch; with `keep`, lock it for `gc_worktrees`.
+
+        The folders above the copy that were closed to their owner (`_reopen`) and got their
+        owner's rights back on the way: the caller says so."""
         branch = _branch(order_id)
         dest = Path(os.path.abspath(dest))
+        reopened: list[Path] = []
         with self._lock:
             if keep:
+                reopened += _reopen(dest)
+            if keep and self._lexists(dest):  # one a person removed meanwhile is not kept: its records go
                 admin = self._admin_dir(dest)
                 self._defuse(dest, admin)
                 if not (admin / "locked").exists():
                     reason = f"{KEPT_REASON} (order {order_id})"
                     self.git("worktree", "lock", "--reason", reason, str(dest))
-                return
+                return reopened
             for w in self._worktrees():
                 if _same(w.tree, dest):
-                    self._drop(w)
-            if dest.exists() or dest.is_symlink():
+                    reopened += self._drop(w)
+            reopened += _reopen(dest)
+            if self._lexists(dest):
                 _remove_tree(dest)
             with contextlib.suppress(OSError):  # the order's folder, once it holds no copy (one per finished order)
                 dest.parent.rmdir()
-            if self._has_ref(f"refs/heads/{branch}"):
-                self.git("update-ref", "-d", f"refs/heads/{branch}")
+            self._delete_branch(branch)
+        return reopened
+
+    def _delete_branch(self, branch: str) -> None:
+        """Delete the order's branch `branch`; also when its loose ref names no commit (a power
+        loss emptied it, say), which git neither deletes nor makes again ("reference broken"):
+        every attempt of the order failed on it until a person removed the file."""
+        if self._has_ref(f"refs/heads/{branch}"):
+            for again in (True, False):
+                try:
+                    self.git("update-ref", "-d", f"refs/heads/{branch}")
+                    return
+                except GitError as e:
+                    # A `packed-refs.lock` a killed `git gc` left: every branch deletion failed,
+                    # said as "git update-ref failed in <machine path>: remove the file manually".
+                    if again and self.clear_stale_lock():
+                        continue
+                    raise GitError(f"cannot delete the order's branch {branch} in repos/{self.name}: "
+                                   f"{self._in_workspace_terms(str(e))}") from None
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            loose = self.git_dir / "refs" / "heads" / branch
+            if stat.S_ISREG(os.lstat(loose).st_mode):
+                loose.unlink()
 
     def _defuse(self, work: Path, admin: Path) -> None:
         """Make a copy kept for inspection safe to inspect with git: its `.git` pointer leads to
@@ -163,12 +244,32 @@ class Repo(Checkout):
             raise GitError(f"cannot make the kept working copy {work} safe to inspect: {e}; remove it by hand "
                            "before running git there") from e
 
-    def _drop(self, w: _Worktree) -> None:
+    def _drop(self, w: _Worktree) -> list[Path]:
         # Deleting both folders ourselves works even when the agent made the copy unreadable
-        # or replaced its .git pointer, where `git worktree remove` would refuse.
-        if w.tree.exists() or w.tree.is_symlink():
+        # or replaced its .git pointer, where `git worktree remove` would refuse. A folder above
+        # the copy closed to its owner (mode 000) is opened first: else every start of a
+        # supervisor without root's overrides failed here until a person restored its mode.
+        reopened = _reopen(w.tree)
+        if self._lexists(w.tree):
             _remove_tree(w.tree)
         shutil.rmtree(w.admin, ignore_errors=True)
+        return reopened
+
+    def _lexists(self, path: Path) -> bool:
+        """Is anything at working copy `path` (a link too)? An error other than "none" raises a
+        GitError that says what to do, never a bare PermissionError out of a start."""
+        try:
+            os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as e:
+            try:
+                shown = path.relative_to(self.path.parent.parent).as_posix()  # the workspace, of repos/<name>
+            except ValueError:
+                shown = str(path)
+            raise GitError(f"cannot reach working copy {shown}: {e.strerror}; give its folders back their "
+                           "owner's rights (chmod u+rwx) or remove it by hand") from None
+        return True
 
     def discard(self, worktree: Path) -> None:
         """Put the working copy back to its branch head: no change, no untracked or ignored file."""
@@ -521,16 +622,19 @@ def gc_worktrees(work_root: Path, repos: Iterable[Repo], *, keep_days: float, no
                     continue
                 if not reason.startswith(KEPT_REASON):
                     continue  # locked by someone else
+                # Through the link when `.coordinator/work` is one (moved to another disk): an
+                # "internal error" of `gc`, after the first copy was gone.
+                rel = Path(os.path.realpath(w.tree)).relative_to(root).as_posix()
                 if keep_days > 0 and age < -CLOCK_SLACK:
                     if ahead is not None:
-                        ahead.append(w.tree.relative_to(root).as_posix())
+                        ahead.append(rel)
                     continue
                 if keep_days > 0 and age < keep_days * 86400:
                     continue  # still young
                 repo._drop(w)
                 if w.head.startswith(f"refs/heads/{BRANCH_PREFIX}") and repo._has_ref(w.head):
                     repo.git("update-ref", "-d", w.head)
-                removed.append(w.tree.relative_to(root).as_posix())
+                removed.append(rel)
                 # The per-order folder that held it goes too, once empty.
                 with contextlib.suppress(OSError):
                     w.tree.parent.rmdir()
@@ -579,6 +683,33 @@ def _check_rel(path: str) -> None:
         raise GitError(f"{path!r} is not a plain repository-relative path; refusing to commit it")
     if any(p.lower() == ".git" for p in parts):
         raise GitError(f"{path!r} names a .git component; git internals are never committed")
+
+
+# Folders above a working copy `_reopen` may open: the order's folder and the one holding them all.
+REOPEN_LEVELS = 2
+
+
+def _reopen(path: Path) -> list[Path]:
+    """Give their owner rwx back on the folders just above `path` (at most `REOPEN_LEVELS`)
+    that keep it from being looked at (an agent's `chmod 000 ..`); those it opened, top down.
+    Nothing is changed while `path` can be looked at."""
+    try:
+        os.lstat(path)
+        return []
+    except PermissionError:
+        pass
+    except OSError:
+        return []
+    opened: list[Path] = []
+    for folder in reversed(path.parents[:REOPEN_LEVELS]):
+        try:
+            mode = os.lstat(folder).st_mode
+            if stat.S_ISDIR(mode) and mode & stat.S_IRWXU != stat.S_IRWXU:
+                os.chmod(folder, stat.S_IMODE(mode) | stat.S_IRWXU)
+                opened.append(folder)
+        except OSError:
+            continue  # not ours to open: the removal below says where it stopped
+    return opened
 
 
 def _remove_tree(path: Path) -> None:

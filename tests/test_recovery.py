@@ -1581,3 +1581,68 @@ def test_a_hand_change_right_after_a_crash_is_not_committed_as_the_supervisors(m
     assert silent == ["state/ changed by hand while no supervisor ran (restored from git): orders/a/record.json"]
     assert Store(ws.state).load("a").status == "done"  # filed again from its original: never lost
     assert git(ws.state, "status", "--porcelain") == ""
+
+
+def _without_root_powers() -> list[str]:
+    """A command prefix under which root, too, is refused what a folder's mode refuses."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to run the supervisor as root without the power to read any folder")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+
+
+@pytest.mark.parametrize("closed", ["the order's folder", "both folders"])
+def test_a_crash_after_the_agent_closed_the_folders_above_its_copy_does_not_stop_every_start(make_ws, closed):
+    """The agent made the folder holding its working copy mode 000, then the supervisor was
+    killed: every next start of a supervisor without root's overrides ended in "permission
+    denied" until a person restored the mode. The folders are opened again, said in one line,
+    and the attempt counts as interrupted as usual."""
+    ws = team(make_ws)
+    sup = start_one(ws, "z1")
+    abandon(sup)
+    work = ws.root / ".coordinator" / "work"
+    assert (work / "z1" / "webapp").is_dir()
+    (work / "z1").chmod(0)
+    if closed == "both folders":
+        work.chmod(0)
+    open_gate(ws, "z1", 2)
+    once = [*_without_root_powers(), str(COORDINATOR), "-w", str(ws.root), "supervise", "--once"]
+    proc = subprocess.run(once, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    opened = ".coordinator/work, .coordinator/work/z1" if closed == "both folders" else ".coordinator/work/z1"
+    said = [line.split(" ", 1)[1] for line in proc.stderr.splitlines() if "working copy" in line]
+    assert said == [f"recovery: z1's working copy lay in {opened}, closed to the supervisor (by its agent, or "
+                    "a person): opened again (owner rwx) and the copy removed"], proc.stderr
+    assert_done_once(ws, "z1")
+    rec = Store(ws.state).load("z1")
+    assert rec.attempts == 2 and rec.failures == ["interrupted: the supervisor stopped during attempt 1"]
+    assert not (work / "z1").exists()
+
+
+def test_a_copy_recovery_cannot_remove_is_said_and_the_start_goes_on(make_ws):
+    """The folder above the copy is another user's, closed: the supervisor may not open it.
+    The start goes on, saying in the workspace's terms that the copy stays; the attempt counts
+    as interrupted as usual."""
+    if os.geteuid() != 0:
+        pytest.skip("gives a folder to another user: needs root")
+    ws = team(make_ws)
+    sup = start_one(ws, "z2")
+    abandon(sup)
+    folder = ws.root / ".coordinator" / "work" / "z2"
+    os.chown(folder, 65534, 65534)
+    folder.chmod(0)
+    try:
+        once = [*_without_root_powers(), str(COORDINATOR), "-w", str(ws.root), "supervise", "--once"]
+        proc = subprocess.run(once, capture_output=True, text=True, timeout=180)
+    finally:
+        os.chown(folder, 0, 0)
+        folder.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    said = [line.split(" ", 1)[1] for line in proc.stderr.splitlines() if "recovery: z2" in line]
+    assert said == ["recovery: z2's working copy could not be removed, it stays: cannot reach working copy "
+                    ".coordinator/work/z2/webapp: Permission denied; give its folders back their owner's rights "
+                    "(chmod u+rwx) or remove it by hand"], proc.stderr
+    assert str(ws.root) not in proc.stderr
+    rec = Store(ws.state).load("z2")
+    assert rec.failures[0] == "interrupted: the supervisor stopped during attempt 1"

@@ -248,6 +248,21 @@ def test_kept_copies_are_collected_after_keep_days(repo: Repo, ws: Path) -> None
 
 
 
+def test_kept_copies_are_collected_where_the_work_folder_is_a_link(repo: Repo, ws: Path, tmp_path: Path) -> None:
+    # `.coordinator/work` moved to another disk and linked back, with copies kept in it: `gc`
+    # removed the first, then stopped with an internal error (a path "not in the subpath" of
+    # the link's target).
+    for oid in ("WO-0001", "WO-0002"):
+        repo.remove_worktree(oid, land(repo, ws, oid, {f"src/{oid}.py": "a\n"}), keep=True)
+    elsewhere = tmp_path / "other-disk"
+    shutil.move(ws / ".coordinator" / "work", elsewhere)
+    (ws / ".coordinator" / "work").symlink_to(elsewhere)
+    removed = gc_worktrees(ws / ".coordinator" / "work", [repo], keep_days=0, now=time.time())
+    assert sorted(removed) == ["WO-0001/webapp", "WO-0002/webapp"]
+    assert os.listdir(elsewhere) == []
+    assert sh_git(repo.path, "branch", "--list", "wo/*") == ""
+
+
 def test_a_kept_copy_dated_ahead_of_the_clock_is_said_and_removed_by_keep_days_0(repo: Repo, ws: Path) -> None:
     # The clock set back since the copy was kept: it was never old enough, not even for
     # `gc --days 0`, and gc said nothing of it. As for ended orders: kept and said, and 0 removes it.
@@ -686,6 +701,113 @@ def test_a_merge_clears_an_index_lock_a_killed_git_left(repo: Repo, ws: Path, mo
     assert not (repo.git_dir / "index.lock").exists()
 
 
+def test_a_working_copy_a_person_removed_while_in_use_is_said_so_and_not_kept(repo: Repo, ws: Path) -> None:
+    # A person's `rm -rf .coordinator/work/<id>` while the attempt ran: the supervisor said
+    # "git is not installed or not on PATH", then that the kept copy could not be made safe
+    # to inspect ("remove it by hand", naming the machine's path of what was gone already).
+    wt = repo.add_worktree("WO-0001", work(ws, "WO-0001"))
+    shutil.rmtree(wt.parent)
+    with pytest.raises(GitError) as gone:
+        repo.submodules(wt, ["src"])
+    assert str(gone.value) == "git ls-tree could not run: the folder it works in is gone (removed while in use?)"
+    repo.remove_worktree("WO-0001", wt, keep=True)  # nothing to keep: its records go, said by no error
+    assert not (repo.git_dir / "worktrees").exists() or not any((repo.git_dir / "worktrees").iterdir())
+    assert sh_git(repo.path, "branch", "--list", "wo/*") == ""
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["left-by-a-killed-git", "held-by-a-live-git"])
+def test_a_packed_refs_lock_in_the_way_of_deleting_the_orders_branch(repo: Repo, ws: Path, held: bool) -> None:
+    # A `packed-refs.lock` (a person's `git gc` killed half way) made every order's clean-up
+    # say "git update-ref failed in <the machine's path>: remove the file manually to
+    # continue" (which file, unsaid), and its branch stayed. One no process holds goes; one
+    # a live git holds is named in the workspace's terms.
+    wt = land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    lock = repo.git_dir / "packed-refs.lock"
+    lock.write_text("")
+    if not held:
+        repo.remove_worktree("WO-0001", wt)
+        assert not lock.exists() and sh_git(repo.path, "branch", "--list", "wo/*") == ""
+        return
+    with open(lock) as f, subprocess.Popen(["sleep", "60"], stdin=f) as holder:
+        try:
+            with pytest.raises(GitError) as said:
+                repo.remove_worktree("WO-0001", wt)
+        finally:
+            holder.kill()
+    assert str(said.value) == ("cannot delete the order's branch wo/WO-0001 in repos/webapp: git update-ref failed in "
+                               "repos/webapp/.git: error: Unable to create 'repos/webapp/.git/packed-refs.lock': "
+                               "File exists.")
+    lock.unlink()
+    repo.remove_worktree("WO-0001", wt)
+    assert sh_git(repo.path, "branch", "--list", "wo/*") == ""
+
+
+def test_a_persons_sparse_checkout_leaves_the_orders_copy_whole(repo: Repo, ws: Path) -> None:
+    # A person's sparse checkout of the repository (`core.sparseCheckout` in its shared config)
+    # gave the agent a working copy holding only their patterns: here README.md, no src/.
+    sh_git(repo.path, "config", "core.sparseCheckout", "true")
+    (repo.git_dir / "info").mkdir(exist_ok=True)
+    (repo.git_dir / "info" / "sparse-checkout").write_text("/README.md\n")
+    sh_git(repo.path, "read-tree", "-mu", "HEAD")
+    assert not (repo.path / "src").exists()  # the person's own checkout: sparse
+    wt = land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    assert (wt / "src" / "login.py").is_file() and (wt / "tests").is_dir()
+    repo.discard(wt)
+    assert (wt / "src" / "login.py").is_file() and (wt / "src" / "a.py").read_text() == "a\n"
+    repo.merge("WO-0001")
+    assert sh_git(repo.path, "show", "HEAD:src/a.py") == "a"
+    assert not (repo.path / "src" / "login.py").exists()  # theirs stays as sparse as they made it
+
+
+def test_an_orders_branch_a_power_loss_emptied_is_made_again(repo: Repo, ws: Path) -> None:
+    # An empty loose ref `refs/heads/wo/WO-0001` (a power loss while git wrote it) is a broken
+    # reference git will neither delete nor make again: every attempt of the order failed
+    # ("cannot lock ref ... reference broken") until a person removed the file by hand.
+    broken = repo.git_dir / "refs" / "heads" / "wo" / "WO-0001"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("")
+    wt = land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    repo.merge("WO-0001")
+    assert (repo.path / "src" / "a.py").read_text() == "a\n"
+    broken.write_text("")  # and again before the copy goes: no broken branch is left behind
+    repo.remove_worktree("WO-0001", wt)
+    assert not wt.exists() and not broken.exists()
+    assert sh_git(repo.path, "branch", "--list", "wo/*") == ""
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["left-by-a-killed-git", "held-by-a-live-git"])
+def test_a_lock_on_the_default_branchs_ref_is_no_branch_moving(repo: Repo, ws: Path, held: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # A `refs/heads/main.lock` (a person's `git commit` killed half way, or at work) made every
+    # merge say "the default branch kept moving ... stop whatever else commits there": two
+    # failed attempts against the agent, the order blocked. One no process holds goes and the
+    # merge lands; one a live git holds makes the order wait for the person, naming it.
+    monkeypatch.setattr("coordinator.repos.MERGE_PATIENCE", 0.1, raising=False)
+    land(repo, ws, "WO-0001", {"src/a.py": "a\n"})
+    before = repo.head()
+    lock = repo.git_dir / "refs" / "heads" / "main.lock"
+    lock.write_text("")
+    if not held:
+        merged = repo.merge("WO-0001")
+        assert repo.head() == merged != before and (repo.path / "src" / "a.py").read_text() == "a\n"
+        assert not lock.exists() and sh_git(repo.path, "status", "--porcelain") == ""
+        return
+    with open(lock) as f, subprocess.Popen(["sleep", "60"], stdin=f) as holder:
+        try:
+            with pytest.raises(checkout.CheckoutBusy) as busy:
+                repo.merge("WO-0001")
+        finally:
+            holder.kill()
+    assert isinstance(busy.value, DirtyCheckout)  # the order waits for the person, no failure of the agent's
+    assert str(busy.value) == ("a git command holds repos/webapp/.git/refs/heads/main.lock (a commit waiting in its "
+                               "editor, say, or one killed half way); nothing was merged: retry once it ends")
+    assert busy.value.blocker("WO-0001") == (
+        "a git command working on the default branch (it holds .git/refs/heads/main.lock) in repos/webapp: once it "
+        "ends, `coordinator retry WO-0001` (no git running there? remove that file first)")
+    assert repo.head() == before and not (repo.path / "src" / "a.py").exists()
+    assert sh_git(repo.path, "status", "--porcelain") == ""
+
+
 def test_a_merge_that_runs_out_of_room_in_the_checkout_leaves_it_as_it_was(ws: Path) -> None:
     # git wrote some of the merge's files before the disk filled: they were left in the person's
     # checkout, taken for their own uncommitted work, and the order waited for them to clear it.
@@ -851,6 +973,53 @@ def test_a_persons_branch_in_the_way_of_the_orders_branch_waits_for_them_uncharg
     said = subprocess.run([sys.executable, "-m", "coordinator", "-w", str(ws.root), "retry", "WO-0001"],
                           capture_output=True, text=True, check=True).stdout
     assert said == "WO-0001: queued\n"
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    rec = store.load("WO-0001")
+    assert rec.status == "done" and (checkout_path / "src" / "a.py").read_text() == "a\n"
+
+
+@pytest.mark.parametrize("left", ["a lock a killed git left", "a lock a live git holds", "a file"])
+def test_a_file_in_the_way_of_the_orders_branch_is_named_in_the_workspaces_terms(make_ws, left) -> None:
+    # A `refs/heads/wo/WO-0001/x.lock` (a person's `git branch wo/WO-0001/x` killed half way)
+    # kept git from making wo/WO-0001: "cannot lock ref", two failed attempts against chip
+    # whose reason named the machine's path of the repository. A lock no live process holds
+    # goes and the order runs; else the order waits for the person, naming what to remove.
+    ws = make_ws({"chip": {"role": "specialist", "command": ["/bin/sh", "-c", "echo a > src/a.py"],
+                           "writes": ["webapp/**"]}})
+    checkout_path = ws.repos / "webapp"
+    in_the_way = checkout_path / ".git" / "refs" / "heads" / "wo" / "WO-0001" / ("notes" if left == "a file" else "x.lock")
+    store = Store(ws.state)
+    holder = None
+    with Supervisor(ws) as sup:  # made after the start, which clears the locks of dead gits
+        in_the_way.parent.mkdir(parents=True)
+        in_the_way.write_text("")
+        if left == "a lock a live git holds":
+            holder = subprocess.Popen(["sleep", "60"], stdin=open(in_the_way))  # noqa: SIM115 - the child's
+        drop(ws, "chip", "a.md", order_md("Add a", files=("webapp/src/a.py",), id="WO-0001"))
+        try:
+            sup.run_once(limit=60)
+        finally:
+            if holder is not None:
+                holder.kill()
+                holder.wait()
+    rec = store.load("WO-0001")
+    if left == "a lock a killed git left":
+        assert (rec.status, rec.failures) == ("done", [])
+        assert not in_the_way.exists()
+        return
+    assert (rec.status, rec.failures) == ("waiting", [])
+    what = "a lock a git process holds, or one a killed git left" if left != "a file" else \
+        "no branch, where git makes the order's"
+    name = in_the_way.name
+    assert rec.blocker == (f"repos/webapp/.git/refs/heads/wo/WO-0001/{name} removed once no git works in "
+                           f"repos/webapp ({what}): git cannot make the order's branch wo/WO-0001 while it is "
+                           "there, then `coordinator retry WO-0001`")
+    assert str(ws.root) not in (store.folder("WO-0001") / "record.json").read_text()
+    assert [r.id for r in store.load_all().values()] == ["WO-0001"]  # nothing escalated
+    in_the_way.unlink()
+    subprocess.run([sys.executable, "-m", "coordinator", "-w", str(ws.root), "retry", "WO-0001"],
+                   capture_output=True, text=True, check=True)
     with Supervisor(ws) as sup:
         sup.run_once(limit=60)
     rec = store.load("WO-0001")
