@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -384,22 +385,15 @@ def cancel(sup: Supervisor, order_id: str, by: str, taken: Path | None) -> dict[
     # Answered when the last of them has ended: never while they are being cancelled here.
     pending = CancelAnswer(taken, result, waited=waited) if taken is not None else None
     _cancel_one(sup, rec, by, "", pending, result, first=True)
-    for child, parent in _dependents_first(sup.records, work):
-        child = sup.whole(child)
-        if child.status not in CANCELLABLE:  # ended meanwhile: not cancelled here, nor said to be
-            result["with"] = [e for e in result["with"] if e["id"] != child.id]
-            continue
+
+    def why(child: Record, parent: str) -> str:
         if child.id in escalated:  # nothing is left to investigate: a cancelled order never runs again
-            why = (f"it investigated why {parent} was blocked, and {parent} was cancelled by {by}" if parent == rec.id
-                   else f"it investigated why {parent} was blocked, and {parent} was cancelled with {rec.id} by {by}")
-        else:
-            why = (f"its request {rec.id} was cancelled by {by}" if parent == rec.id
-                   else f"sent by {parent} for {rec.id}, which was cancelled by {by}")
-        _cancel_one(sup, child, by, why, pending, result, first=False)
-    if pending is not None and pending.left:
-        return None
-    _blocked_with(sup, result, waited)
-    return result
+            return (f"it investigated why {parent} was blocked, and {parent} was cancelled by {by}" if parent == rec.id
+                    else f"it investigated why {parent} was blocked, and {parent} was cancelled with {rec.id} by {by}")
+        return (f"its request {rec.id} was cancelled by {by}" if parent == rec.id
+                else f"sent by {parent} for {rec.id}, which was cancelled by {by}")
+
+    return _cancel_work(sup, work, by, why, pending, result, waited)
 
 
 def retry(sup: Supervisor, order_id: str, by: str, taken: Path | None) -> dict[str, Any] | None:
@@ -447,14 +441,25 @@ def retry(sup: Supervisor, order_id: str, by: str, taken: Path | None) -> dict[s
                        **({"investigated": rec.id} if parent == rec.id else {})} for child, parent in work]
     waited = {r.id for r in sup.records.values() if r.status == "waiting"}
     pending = CancelAnswer(taken, result, waited=waited) if taken is not None else None
+
+    def why(child: Record, parent: str) -> str:
+        return (f"it investigated why {rec.id} was blocked, and {rec.id} was retried by {by}" if parent == rec.id
+                else f"sent by {parent}, an investigation of why {rec.id} was blocked, and {rec.id} was retried by {by}")
+
+    return _cancel_work(sup, work, by, why, pending, result, waited)
+
+
+def _cancel_work(sup: Supervisor, work: list[tuple[Record, str]], by: str, why: Callable[[Record, str], str],
+                 pending: CancelAnswer | None, result: dict[str, Any], waited: set[str]) -> dict[str, Any] | None:
+    """Cancel each of `work` (an order, the id of the one it is cancelled with) that has not
+    ended meanwhile, those others wait for first, saying `why`; then what waited for them is
+    blocked. None while processes of them are still being stopped (`pending` answers later)."""
     for child, parent in _dependents_first(sup.records, work):
         child = sup.whole(child)
         if child.status not in CANCELLABLE:  # ended meanwhile: not cancelled here, nor said to be
             result["with"] = [e for e in result["with"] if e["id"] != child.id]
             continue
-        why = (f"it investigated why {rec.id} was blocked, and {rec.id} was retried by {by}" if parent == rec.id
-               else f"sent by {parent}, an investigation of why {rec.id} was blocked, and {rec.id} was retried by {by}")
-        _cancel_one(sup, child, by, why, pending, result, first=False)
+        _cancel_one(sup, child, by, why(child, parent), pending, result, first=False)
     if pending is not None and pending.left:
         return None
     _blocked_with(sup, result, waited)
