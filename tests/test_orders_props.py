@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 
 import yaml
 from conftest import BIDI_CONTROLS
@@ -16,12 +17,13 @@ from coordinator.orders import Acceptance, Branch, WorkOrder
 SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Text a user may write on one line: no control characters (bidi overrides included), no line
-# or paragraph separators.
+# or paragraph separators, and something that shows (a line of only invisible characters, a
+# soft hyphen or a zero-width space, is empty).
 CHARACTER = st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"), blacklist_characters=BIDI_CONTROLS)
 LINE = (st.text(CHARACTER, min_size=1, max_size=40)
         .map(str.strip)
-        .filter(lambda s: bool(s) and len(s.splitlines()) == 1 and "<describe" not in s
-                and "<replace" not in s))
+        .filter(lambda s: any(not c.isspace() and unicodedata.category(c) != "Cf" for c in s)
+                and len(s.splitlines()) == 1 and "<describe" not in s and "<replace" not in s))
 PLAIN = LINE.filter(lambda s: "`" not in s)  # cannot read as `cmd` passes
 AGENT = st.from_regex(r"[a-z][a-z0-9_-]{0,8}", fullmatch=True)
 ORDER_ID = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,12}", fullmatch=True)
