@@ -209,6 +209,6 @@ def _forget_git_variables() -> None:
     every commit in state/ fail ("must be run in a work tree") and GIT_INDEX_FILE or
     GIT_OBJECT_DIRECTORY sent its objects elsewhere. The repositories' git and the specialists
     never had them; state/'s git (through GitPython, which adds the process's environment to
-    what it is given) had them all. Nothing of coordinator reads one."""
-    for key in [k for k in os.environ if k.startswith("GIT_")]:
+    what it is given) had them all. GitPython's own (GIT_PYTHON_*) stay: they are not git's."""
+    for key in [k for k in os.environ if k.startswith("GIT_") and not k.startswith("GIT_PYTHON_")]:
         del os.environ[key]
