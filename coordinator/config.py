@@ -608,7 +608,9 @@ def _base_url_problem(url: str) -> str | None:
     """Why `url` cannot be the base of an endpoint's address, or None. `/chat/completions` is
     added to its path (`llm.completions_url`: a query stays the query); a #fragment would be
     dropped unsaid, no host or a bad port failed every call and every order of the agent."""
-    shown = repr(re.sub(r"//[^/?#]*@", "//…@", url)[:80])  # a password in it is never said
+    # A password in it, or a query's values (a gateway's `?api-key=...`), are never said: the
+    # error goes where the supervisor's output may be kept (a service's log, a CI job's).
+    shown = repr(re.sub(r"([?&][^=&#]*=)[^&#]*", r"\1…", re.sub(r"//[^/?#]*@", "//…@", url))[:80])
     if re.search(r"\s", url):
         return f"{shown} holds a space or line break; write the endpoint's address without one"
     try:

@@ -331,6 +331,10 @@ def test_an_environment_variable_the_supervisor_sets_over_the_agents_is_refused(
     ('{base_url: "http://", model: m}', "llm.base_url", "names no host"),
     ('{base_url: "http://local host:8000/v1", model: m}', "llm.base_url", "holds a space"),
     ('{base_url: "http://u:secret@h:99999/v1", model: m}', "llm.base_url", "is not a URL (Port out of range"),
+    # A gateway's key in the query is never said either (the error may go to a kept log).
+    ('{base_url: "https://h:99999/v1?api-version=1&api-key=secret", model: m}', "llm.base_url",
+     "'https://h:99999/v1?api-version=…&api-key=…' is not a URL"),
+    ('{base_url: "https://h/v1?key=secret#top", model: m}', "llm.base_url", "'https://h/v1?key=…#top' has a #fragment"),
 ])
 def test_a_base_url_no_call_could_reach_is_refused_at_its_key(made: Workspace, llm: str, key: str, said: str) -> None:
     # Taken, each of these failed every call, and every order of the agent was blocked (a
