@@ -1797,16 +1797,23 @@ def test_budget_and_board_say_when_the_running_supervisor_keeps_an_older_config(
     assert "config_changed" not in json.loads(run("-w", ws, "board", "--json").stdout)["supervisor"]
 
 
-def test_send_to_an_agent_added_after_the_supervisor_started_says_the_order_waits_for_a_restart(
-        ws: Path, supervisor: subprocess.Popen[str]) -> None:
-    """`send` said only the id, and the order sat in an inbox the running supervisor does not
-    watch (its team is the one it started with) until someone wondered why."""
+def send_to_a_newbie(ws: Path) -> Result:
+    """`newbie` added to coordinator.yaml (after the running supervisor started), then an order
+    sent to it: WO-0001, taken by `send`."""
     path = ws / "coordinator.yaml"
     cfg = yaml.safe_load(path.read_text())
     cfg["agents"]["newbie"] = {"role": "specialist", "command": ["true"]}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     sent = run("-w", ws, "send", "-", "--to", "newbie", input=order("The newbie says hello", files=()))
     assert sent.exit_code == 0 and sent.stdout == "WO-0001\n"
+    return sent
+
+
+def test_send_to_an_agent_added_after_the_supervisor_started_says_the_order_waits_for_a_restart(
+        ws: Path, supervisor: subprocess.Popen[str]) -> None:
+    """`send` said only the id, and the order sat in an inbox the running supervisor does not
+    watch (its team is the one it started with) until someone wondered why."""
+    sent = send_to_a_newbie(ws)
     assert sent.stderr == ("warning: the running supervisor started before newbie was in coordinator.yaml, so it does "
                            "not take in inbox/newbie/: the order waits there until the supervisor is restarted\n")
     known = run("-w", ws, "send", "-", "--to", "chip", input=order("The greeting already exists in the webapp"))
@@ -2188,12 +2195,7 @@ def test_cancel_of_an_order_for_an_agent_added_after_the_supervisor_started_says
     """`cancel`/`retry` of an order still in the inbox of an agent the running supervisor does
     not know (added to coordinator.yaml after it started) said the supervisor "takes it in once
     nothing writes it any more": it never does until it is restarted."""
-    path = ws / "coordinator.yaml"
-    cfg = yaml.safe_load(path.read_text())
-    cfg["agents"]["newbie"] = {"role": "specialist", "command": ["true"]}
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    sent = run("-w", ws, "send", "-", "--to", "newbie", input=order("The newbie says hello", files=()))
-    assert sent.exit_code == 0 and sent.stdout == "WO-0001\n"
+    send_to_a_newbie(ws)
     said = ("coordinator: WO-0001 is still in inbox/newbie/WO-0001.md, not yet taken in; the running supervisor "
             "started before newbie was in coordinator.yaml, so it takes it in only once it is restarted (or "
             "delete the file to withdraw it)\n")

@@ -29,8 +29,18 @@ def fake() -> Iterator[FakeLLM]:
 
 
 class Sleeps(list[float]):
+    """The client's sleep: records each wait and moves `clock` on by it (no time passes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1000.0
+
     def __call__(self, seconds: float) -> None:
         self.append(seconds)
+        self.now += seconds
+
+    def clock(self) -> float:
+        return self.now
 
 
 @pytest.fixture
@@ -113,75 +123,63 @@ def test_retry_after_is_honoured(fake: FakeLLM, sleeps: Sleeps) -> None:
 
 
 @pytest.mark.parametrize("after", ["86400", "DAY", "1e400"])
-def test_a_retry_after_far_too_long_moves_on_to_the_fallback_at_once(fake: FakeLLM, after: str) -> None:
+def test_a_retry_after_far_too_long_moves_on_to_the_fallback_at_once(fake: FakeLLM, after: str,
+                                                                    sleeps: Sleeps) -> None:
     """A provider out of quota for the day (Retry-After: 86400, or a date a day away): the client
     slept 60 s per retry, and past the order's timeout, the fallback never asked."""
     if after == "DAY":
         after = email.utils.formatdate(time.time() + 86400, usegmt=True)
     fake.script(status=429, json={"error": {"message": "daily quota used up"}}, headers={"Retry-After": after})
     fake.script(content=OK)
-    client = Client(settings(Endpoint("m", fake.base_url), Endpoint("backup", fake.base_url), max_retries=3))
-    client.deadline = time.monotonic() + 30
-    started = time.monotonic()
+    client = Client(settings(Endpoint("m", fake.base_url), Endpoint("backup", fake.base_url), max_retries=3),
+                    sleep=sleeps, clock=sleeps.clock)
+    client.deadline = sleeps.now + 30
     reply = client.chat([{"role": "user", "content": "hi"}])
-    assert reply.model == "backup" and time.monotonic() - started < 5
+    assert reply.model == "backup" and sleeps == []  # no wait at all
     assert [(c.model, c.status) for c in client.calls] == [("m", 429), ("backup", 200)]
 
     fake.script(status=503, json={"error": {"message": "down"}}, headers={"Retry-After": after})
-    alone = Client(settings(Endpoint("m", fake.base_url), max_retries=3))
+    alone = Client(settings(Endpoint("m", fake.base_url), max_retries=3), sleep=sleeps, clock=sleeps.clock)
     with pytest.raises(LLMError) as info:
         alone.chat([{"role": "user", "content": "hi"}])
     wait = "forever" if after == "1e400" else "24 h"
     assert f"the provider asks to wait {wait} before another try (Retry-After)" in str(info.value)
-    assert len(alone.calls) == 1
+    assert len(alone.calls) == 1 and sleeps == []
 
 
-def test_a_long_retry_after_the_orders_timeout_allows_is_waited_whole_with_no_fallback(fake: FakeLLM) -> None:
+def test_a_long_retry_after_the_orders_timeout_allows_is_waited_whole_with_no_fallback(
+        fake: FakeLLM, sleeps: Sleeps) -> None:
     """No other model to ask, 10 minutes left, the provider asks for 90 s: the attempt is not
     failed at once (an attempt asked again at once is refused again), nor retried too early."""
-    now = [1000.0]
-    waits: list[float] = []
-
-    def sleep(seconds: float) -> None:
-        waits.append(seconds)
-        now[0] += seconds
-
     fake.script(status=429, json={"error": {"message": "rate limited"}}, headers={"Retry-After": "90"})
     fake.script(content=OK)
-    client = Client(settings(Endpoint("m", fake.base_url), max_retries=2), sleep=sleep, clock=lambda: now[0])
-    client.deadline = now[0] + 600
+    client = Client(settings(Endpoint("m", fake.base_url), max_retries=2), sleep=sleeps, clock=sleeps.clock)
+    client.deadline = sleeps.now + 600
     assert client.chat([{"role": "user", "content": "hi"}]).text == OK
-    assert waits == [90.0]
+    assert sleeps == [90.0]
 
 
-def test_a_retry_after_past_the_orders_timeout_is_not_waited_for(fake: FakeLLM) -> None:
+def test_a_retry_after_past_the_orders_timeout_is_not_waited_for(fake: FakeLLM, sleeps: Sleeps) -> None:
     fake.script(status=429, json={"error": {"message": "busy"}}, headers={"Retry-After": "30"})
     fake.script(content=OK)
-    client = Client(settings(Endpoint("m", fake.base_url), Endpoint("backup", fake.base_url), max_retries=3))
-    client.deadline = time.monotonic() + 5
-    started = time.monotonic()
+    client = Client(settings(Endpoint("m", fake.base_url), Endpoint("backup", fake.base_url), max_retries=3),
+                    sleep=sleeps, clock=sleeps.clock)
+    client.deadline = sleeps.now + 5
     reply = client.chat([{"role": "user", "content": "hi"}])
-    assert reply.model == "backup" and time.monotonic() - started < 3
+    assert reply.model == "backup" and sleeps == []
 
 
-def test_a_backoff_past_the_orders_timeout_moves_on_to_the_fallback(fake: FakeLLM) -> None:
+def test_a_backoff_past_the_orders_timeout_moves_on_to_the_fallback(fake: FakeLLM, sleeps: Sleeps) -> None:
     """A primary down for good, max_retries 3, 5 s left: the third wait (4 s) was slept until the
     order's timeout ran out, and the fallback model, which would have answered, never was asked."""
-    now = [1000.0]
-    waits: list[float] = []
-
-    def sleep(seconds: float) -> None:
-        waits.append(seconds)
-        now[0] += seconds
-
     for _ in range(3):
         fake.script(status=503, json={"error": {"message": "overloaded"}})
     fake.script(content=OK)
     client = Client(settings(Endpoint("m", fake.base_url), Endpoint("backup", fake.base_url), max_retries=3),
-                    sleep=sleep, clock=lambda: now[0])
-    client.deadline = now[0] + 5
+                    sleep=sleeps, clock=sleeps.clock)
+    client.deadline = sleeps.now + 5
     reply = client.chat([{"role": "user", "content": "hi"}])
-    assert reply.model == "backup" and waits == [1.0, 2.0]
+    assert reply.model == "backup" and sleeps == [1.0, 2.0]
     assert [(c.model, c.status) for c in client.calls] == [("m", 503)] * 3 + [("backup", 200)]
 
 

@@ -20,6 +20,7 @@ from coordinator.errors import GateError, GitError
 from coordinator.repos import MergeConflict, Repo, gc_worktrees
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
+from coordinator.workspace import Workspace
 
 TRAILERS = {"Work-Order": "WO-0001", "Agent": "chip", "Attempt": "1"}
 
@@ -917,6 +918,18 @@ def test_a_detached_checkout_is_told_to_switch_to_a_branch_the_repository_has(re
 
 
 
+def retried_and_landed(ws: Workspace) -> str:
+    """`coordinator retry WO-0001` as a user runs it, then a supervisor's run: the order (chip's
+    `echo a > src/a.py`) lands in repos/webapp. Returns what `retry` said."""
+    said = subprocess.run([sys.executable, "-m", "coordinator", "-w", str(ws.root), "retry", "WO-0001"],
+                          capture_output=True, text=True, check=True).stdout
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    assert Store(ws.state).load("WO-0001").status == "done"
+    assert (ws.repos / "webapp" / "src" / "a.py").read_text() == "a\n"
+    return said
+
+
 def test_an_order_for_a_checkout_detached_before_any_start_waits_for_the_person_uncharged(make_ws) -> None:
     # Detached before the supervisor ever recorded its default branch: the order failed twice
     # against chip, was blocked and escalated, and `audit verify` said "unreadable". Where the
@@ -941,13 +954,7 @@ def test_an_order_for_a_checkout_detached_before_any_start_waits_for_the_person_
         "repo-commit: repos/webapp: not checked: its checkout is on a detached HEAD, so the branch orders land on "
         "is not known; check out the default branch there (git switch main)"]
     sh_git(checkout_path, "switch", "-q", "main")
-    said = subprocess.run([sys.executable, "-m", "coordinator", "-w", str(ws.root), "retry", "WO-0001"],
-                          capture_output=True, text=True, check=True).stdout
-    assert said == "WO-0001: queued\n"
-    with Supervisor(ws) as sup:
-        sup.run_once(limit=60)
-    rec = store.load("WO-0001")
-    assert rec.status == "done" and (checkout_path / "src" / "a.py").read_text() == "a\n"
+    assert retried_and_landed(ws) == "WO-0001: queued\n"
 
 
 def test_a_persons_branch_in_the_way_of_the_orders_branch_waits_for_them_uncharged(make_ws) -> None:
@@ -970,13 +977,7 @@ def test_a_persons_branch_in_the_way_of_the_orders_branch_waits_for_them_uncharg
     assert [r.id for r in store.load_all().values()] == ["WO-0001"]  # nothing escalated
     assert sh_git(checkout_path, "branch", "--list", "wo/*").split() == ["wo/WO-0001/x"]  # theirs, kept
     sh_git(checkout_path, "branch", "-m", "wo/WO-0001/x", "mine/x")
-    said = subprocess.run([sys.executable, "-m", "coordinator", "-w", str(ws.root), "retry", "WO-0001"],
-                          capture_output=True, text=True, check=True).stdout
-    assert said == "WO-0001: queued\n"
-    with Supervisor(ws) as sup:
-        sup.run_once(limit=60)
-    rec = store.load("WO-0001")
-    assert rec.status == "done" and (checkout_path / "src" / "a.py").read_text() == "a\n"
+    assert retried_and_landed(ws) == "WO-0001: queued\n"
 
 
 @pytest.mark.parametrize("left", ["a lock a killed git left", "a lock a live git holds", "a file"])
@@ -1018,12 +1019,7 @@ def test_a_file_in_the_way_of_the_orders_branch_is_named_in_the_workspaces_terms
     assert str(ws.root) not in (store.folder("WO-0001") / "record.json").read_text()
     assert [r.id for r in store.load_all().values()] == ["WO-0001"]  # nothing escalated
     in_the_way.unlink()
-    subprocess.run([sys.executable, "-m", "coordinator", "-w", str(ws.root), "retry", "WO-0001"],
-                   capture_output=True, text=True, check=True)
-    with Supervisor(ws) as sup:
-        sup.run_once(limit=60)
-    rec = store.load("WO-0001")
-    assert rec.status == "done" and (checkout_path / "src" / "a.py").read_text() == "a\n"
+    assert retried_and_landed(ws) == "WO-0001: queued\n"
 
 
 def test_a_racing_change_to_the_branch_is_detected_and_kept(ws: Path) -> None:
