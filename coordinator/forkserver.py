@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import landlock, ownership
+from . import landlock, mounts, ownership
 from .errors import CoordinatorError, SandboxError, SupervisorError
 from .launch import Launcher
 from .ownership import CappedLog, Tree
@@ -60,10 +60,10 @@ from .spawner import (
 _SHORT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
 SHORT_RETRY = 1.0
 SHORT_PATIENCE = 30.0
-# Descriptors a start needs at once (its log, both ends of its output pipe, the ruleset), and
-# those it must leave free: a kill reads /proc and opens a pidfd per process it signals, and
-# with none left it took every process for one that survived SIGKILL.
-START_FDS = 4
+# Descriptors a start needs at once (its log, both ends of its output pipe, the ruleset, the
+# namespace kept for it), and those it must leave free: a kill reads /proc and opens a pidfd
+# per process it signals, and with none left it took every process for one that survived SIGKILL.
+START_FDS = 5
 FD_RESERVE = 8
 
 
@@ -94,6 +94,11 @@ class _Server:
         self.pid = os.getpid()
         self.attempts: dict[str, Tree] = {}
         self.leaders: dict[int, Tree] = {}
+        # The read-only layer's namespace each attempt runs in, and the attempts whose leader
+        # ended with nothing else left below the server: their namespace is empty for good, and
+        # serves another start once the attempt is forgotten (see `coordinator.mounts`).
+        self.layer_of: dict[str, mounts.Layer] = {}
+        self.emptied: set[str] = set()
         self.kills: list[_Kill] = []
         self.waiting: list[_Waiting] = []  # starts put off for want of resources, oldest first
         self.retry_at = 0.0
@@ -138,6 +143,7 @@ class _Server:
                 next_scan = now + SCAN_INTERVAL
             if self.waiting and (self.freed or now >= self.retry_at):
                 self._retry_waiting(now)
+            self.launcher.layers.expire(now)
             due = next_kill_check if self.kills else next_scan
             if self.waiting:
                 due = min(due, self.retry_at)
@@ -317,7 +323,7 @@ class _Server:
         except OSError as e:
             raise CoordinatorError(f"cannot open log {msg['log_path']}: {e.strerror}") from None
         try:
-            pid, out_r, ns = self.launcher.start(msg)
+            pid, out_r, layer = self.launcher.start(msg)
         except BaseException as e:
             # The log is where a user looks first: say there why nothing ran.
             with contextlib.suppress(OSError):
@@ -327,8 +333,9 @@ class _Server:
         leader = _read_proc(pid)  # not reaped yet: readable even if it already exited
         # Unreadable: no mark can be proven younger than it, so none is believed.
         att = Tree(token, pid, leader.start if leader else sys.maxsize, CappedLog(log_fd, self.log_cap), out_r)
-        if ns is not None:
-            att.ns = ns
+        if layer is not None:
+            att.ns = layer.ino
+            self.layer_of[token] = layer
         self.attempts[token] = self.leaders[pid] = att
         self.sel.register(out_r, selectors.EVENT_READ, lambda mask, att=att: self._on_output(att, mask))
         return pid
@@ -356,6 +363,8 @@ class _Server:
     def _leader_exited(self, att: Tree, code: int, alone: bool) -> None:
         att.exited = True
         self.freed = True
+        if alone:
+            self.emptied.add(att.token)
         # What the leader printed is all in the pipe now; a straggler may keep
         # printing, so drain a bounded amount (everything, when nothing of it is left).
         for _ in range(8):
@@ -401,6 +410,12 @@ class _Server:
     def _forget(self, att: Tree) -> None:
         if self.attempts.get(att.token) is att:
             del self.attempts[att.token]
+            layer = self.layer_of.pop(att.token, None)
+            if layer is not None and att.token in self.emptied:
+                self.launcher.layers.give_back(layer, time.monotonic())
+            elif layer is not None:
+                mounts.drop(layer)  # a process of it may live on in it: never another's
+            self.emptied.discard(att.token)
         if att.out_fd is not None:
             self.sel.unregister(att.out_fd)
             os.close(att.out_fd)
@@ -445,6 +460,7 @@ class _Server:
     def _finish(self) -> None:
         for att in list(self.attempts.values()):
             self._forget(att)
+        self.launcher.layers.clear()
         self.events.setblocking(True)
         self.events.settimeout(1.0)
         with contextlib.suppress(OSError):

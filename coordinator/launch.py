@@ -21,6 +21,7 @@ import errno
 import fcntl
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,7 @@ class Launcher:
         self.gate_only_ok = gate_only_ok
         self.abi = landlock.abi_version()
         self.readonly = mounts.status() is None  # also chmod/chown/utime refused outside writable paths
+        self.layers = mounts.Layers()  # the read-only layer's namespaces kept for the next starts
         # Given up once, here: every launcher thread is made by this one and inherits its sets,
         # so no child can get a capability through exec. This thread keeps its effective and
         # permitted sets (it needs them to kill, reap and build the read-only mounts) and never
@@ -54,9 +56,10 @@ class Launcher:
         # refusing its start with the reason.
         self.filtered = _FilteredMaker.start() if self.abi > 0 else None
 
-    def start(self, msg: dict[str, Any]) -> tuple[int, int, int | None]:
-        """Start one child; returns (pid, read end of its output, the mount namespace it got
-        from the read-only layer, or None) once exec succeeded."""
+    def start(self, msg: dict[str, Any]) -> tuple[int, int, mounts.Layer | None]:
+        """Start one child; returns (pid, read end of its output, the read-only layer's
+        namespace it runs in, or None) once exec succeeded. The caller gives the namespace back
+        to `layers` (or drops it) once nothing of the child's attempt is left."""
         argv, cwd, env = msg["argv"], msg["cwd"], dict(msg["env"])
         # A specialist's output can reach the next attempt's arguments; exec cannot carry a NUL.
         name = argv[0].replace("\0", "")
@@ -78,12 +81,24 @@ class Launcher:
             if self.readonly:
                 readonly = tuple(msg["mounts"])
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        layer: mounts.Layer | None = None
         try:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(out_r, fcntl.F_SETPIPE_SZ, READ_CHUNK)  # fewer wakeups for chatty children
-            spaces: list[int] = []
             maker = self.filtered if ruleset_fd >= 0 else None
-            pid = _launch(exe, argv, env, cwd, out_w, self.devnull, ruleset_fd, readonly, spaces, maker, resolved)
+            kept = self.layers.take(time.monotonic()) if readonly is not None else None
+            try:
+                pid, layer = _launch(exe, argv, env, cwd, out_w, self.devnull, ruleset_fd, readonly, kept, maker,
+                                     resolved)
+            except mounts.StaleLayer:  # a kept namespace that could not serve: a new one then
+                assert kept is not None
+                mounts.drop(kept)
+                pid, layer = _launch(exe, argv, env, cwd, out_w, self.devnull, ruleset_fd, readonly, None, maker,
+                                     resolved)
+            except BaseException:
+                if kept is not None:
+                    mounts.drop(kept)  # it may hold this start's copies: serves no other
+                raise
         except BaseException:
             os.close(out_r)
             raise
@@ -92,7 +107,7 @@ class Launcher:
             if ruleset_fd >= 0:
                 os.close(ruleset_fd)
         os.set_blocking(out_r, False)
-        return pid, out_r, (spaces[0] if spaces else None)
+        return pid, out_r, layer
 
 
 def _resolve(argv0: str, path: str | None, cwd: str) -> str:
@@ -130,8 +145,9 @@ _DEFAULT_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIP
 
 
 def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int, devnull: int,
-            ruleset_fd: int, readonly: tuple[str, ...] | None = None, spaces: list[int] | None = None,
-            maker: _FilteredMaker | None = None, resolved: dict[str, str] | None = None) -> int:
+            ruleset_fd: int, readonly: tuple[str, ...] | None = None, kept: mounts.Layer | None = None,
+            maker: _FilteredMaker | None = None,
+            resolved: dict[str, str] | None = None) -> tuple[int, mounts.Layer | None]:
     """posix_spawn the child from a throwaway thread that first enters `cwd` and the sandbox.
 
     Landlock restricts only the calling thread, and a thread that unshared its
@@ -139,22 +155,28 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
     mounts, all read-only but those paths); the child inherits them all, the seccomp
     filter installed after the ruleset, and the capability sets the server's thread
     emptied. So no Python runs in the child (vfork + exec in the C library) and the
-    server itself stays unrestricted in its own folder. Returns once exec succeeded;
-    `spaces` gets the identity of the child's mount namespace, when it has one of its own.
+    server itself stays unrestricted in its own folder. Returns once exec succeeded: the
+    child's pid and, with `readonly`, the namespace it runs in: `kept`, made ready for it, or
+    a new one. A start that fails takes its namespace along (dropped); StaleLayer: `kept`
+    could not be made ready, and nothing started.
     `maker`: the thread is made by it and has the seccomp filter from the start. `resolved`: the
     real paths of the sandbox's paths, found already.
     """
     outcome: list[int | BaseException] = []
+    layers: list[mounts.Layer] = []
 
     def work() -> None:
         try:
             if landlock.libc().unshare(mounts.CLONE_FS) != 0:
                 raise CoordinatorError(f"cannot start the command: unshare: {os.strerror(ctypes.get_errno())}")
-            if readonly is not None:
-                mounts.enter_readonly(readonly, resolved)  # before entering cwd: it may be one of the copies
-                if spaces is not None:  # read here: a child that exits at once takes it along
-                    with contextlib.suppress(OSError):
-                        spaces.append(os.stat("/proc/thread-self/ns/mnt").st_ino)
+            if kept is not None:
+                assert readonly is not None
+                kept.enter(readonly, resolved)  # before entering cwd: it may be one of the copies
+                layers.append(kept)
+            elif readonly is not None:
+                writable = mounts.enter_readonly(readonly, resolved)
+                with contextlib.suppress(OSError):  # not kept (no descriptor left): it ends with the child
+                    layers.append(mounts.Layer.here(writable, time.monotonic()))
             try:
                 os.chdir(cwd)
             except OSError as e:
@@ -196,11 +218,15 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
     else:
         maker.make(launcher, outcome, ended)
     ended.acquire()
-    if not outcome:
-        raise CoordinatorError(f"cannot run {argv[0]}: the launcher thread ended without a result")
-    if isinstance(outcome[0], BaseException):
-        raise outcome[0]
-    return outcome[0]
+    layer = layers[0] if layers else None
+    pid = outcome[0] if outcome else None
+    if not isinstance(pid, int):
+        if layer is not None and layer is not kept:
+            mounts.drop(layer)  # no attempt in it: it ends with the launcher thread
+        if pid is None:
+            raise CoordinatorError(f"cannot run {argv[0]}: the launcher thread ended without a result")
+        raise pid
+    return pid, layer
 
 
 class _FilteredMaker:

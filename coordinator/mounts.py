@@ -16,17 +16,29 @@ Needs CAP_SYS_ADMIN (the supervisor running as root) and mount_setattr (Linux 5.
 `status()` says whether this machine has it; without it the Landlock layer still holds
 and `coordinator doctor` says that metadata is not protected.
 
+A namespace is kept for the starts after its first (`Layer`, `Layers`): tearing one down
+makes the kernel wait out an expedited RCU grace period, an interrupt on every core, so a
+namespace per start cost a tenth of the machine at a few hundred starts a second. The fork
+server gives a layer back only when nothing of the attempt that used it is left (no process
+below the server but leaders of running attempts: nothing can live on in it), and the next
+start in it first makes the copies of the one before read-only, then puts its own back.
+A layer serves LAYER_USES starts at most and is dropped LAYER_AGE seconds after it was made:
+its mounts are the machine's as they were then.
+
 Example (in a thread that is about to spawn, never in the supervisor's own thread):
     >>> enter_readonly(("/w/.coordinator/attempts/WO-1/1", "/w/.coordinator/work/WO-1/web/src"))
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import functools
 import os
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import SandboxError
@@ -45,6 +57,10 @@ _OPEN_TREE_CLONE = 1
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _MOUNT_ATTR_RDONLY = 0x1
 _MS_PRIVATE = 1 << 18
+
+LAYER_USES = 32  # starts one namespace serves: each leaves its copies behind (read-only)
+LAYER_AGE = 2.0  # seconds a namespace is used for after it was made (it saw the mounts of then)
+LAYERS_FREE = 8  # namespaces kept between starts
 
 
 class _MountAttr(ctypes.Structure):
@@ -76,9 +92,10 @@ def outermost(paths: Sequence[str], resolved: Mapping[str, str] | None = None) -
     return kept
 
 
-def enter_readonly(writable: Sequence[str], resolved: Mapping[str, str] | None = None) -> None:
+def enter_readonly(writable: Sequence[str], resolved: Mapping[str, str] | None = None) -> list[str]:
     """Give the calling thread a mount namespace where only `writable` can be written
-    (`resolved`: the real paths of some of them, found already).
+    (`resolved`: the real paths of some of them, found already); returns the paths put back
+    writable (`outermost`).
 
     The thread's current folder is left on the old mount: enter the working folder afterwards.
     """
@@ -86,19 +103,127 @@ def enter_readonly(writable: Sequence[str], resolved: Mapping[str, str] | None =
         raise SandboxError(f"read-only sandbox: unshare: {os.strerror(ctypes.get_errno())}")
     # Nothing done here may reach the machine's mounts through propagation.
     _setattr_all(_MountAttr(0, 0, _MS_PRIVATE, 0))
+    copies = _copies(writable, resolved)
+    try:
+        _setattr_all(_MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0))
+        _put_back(copies)
+    finally:
+        for _, fd in copies:
+            os.close(fd)
+    return [path for path, _ in copies]
+
+
+def _copies(writable: Sequence[str], resolved: Mapping[str, str] | None) -> list[tuple[str, int]]:
+    """A detached copy of each outermost writable path, taken in the calling thread's namespace."""
     copies: list[tuple[str, int]] = []
     try:
         for path in outermost(writable, resolved):
             fd = _call(f"copy {path}", _SYS_OPEN_TREE, ctypes.c_int(_AT_FDCWD), os.fsencode(path),
                        ctypes.c_uint(_OPEN_TREE_CLONE | _AT_RECURSIVE | os.O_CLOEXEC))
             copies.append((path, fd))
-        _setattr_all(_MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0))
-        for path, fd in copies:
-            _call(f"put back {path}", _SYS_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(_AT_FDCWD),
-                  os.fsencode(path), ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH))
-    finally:
+    except BaseException:
         for _, fd in copies:
             os.close(fd)
+        raise
+    return copies
+
+
+def _put_back(copies: list[tuple[str, int]]) -> None:
+    for path, fd in copies:
+        _call(f"put back {path}", _SYS_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(_AT_FDCWD),
+              os.fsencode(path), ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH))
+
+
+class StaleLayer(SandboxError):
+    """A kept namespace could not be made ready for another start: start in a new one."""
+
+
+@dataclass
+class Layer:
+    """A read-only mount namespace kept for more starts (see the module docstring)."""
+
+    fd: int  # the namespace, held open
+    ino: int  # its identity (what /proc/PID/ns/mnt of a process in it shows)
+    made: float  # when, on the monotonic clock
+    writable: list[str]  # the paths the last start in it had put back writable
+    uses: int = 1
+
+    @classmethod
+    def here(cls, writable: list[str], now: float) -> Layer:
+        """The calling thread's namespace (made by `enter_readonly`), kept."""
+        fd = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        return cls(fd, os.fstat(fd).st_ino, now, writable)
+
+    def enter(self, writable: Sequence[str], resolved: Mapping[str, str] | None = None) -> None:
+        """Move the calling thread (its own file-system context already) into this namespace,
+        where the paths of the start before are read-only now and only `writable` can be written.
+        Raises StaleLayer when it cannot: nothing may start in it then."""
+        copies = _copies(writable, resolved)  # from the machine's mounts, before leaving them
+        try:
+            if libc().setns(self.fd, _CLONE_NEWNS) != 0:
+                raise StaleLayer(f"read-only sandbox: setns: {os.strerror(ctypes.get_errno())}")
+            for path in self.writable:
+                _seal(path)
+            _put_back(copies)
+        except SandboxError as e:
+            raise StaleLayer(str(e)) from None
+        finally:
+            for _, fd in copies:
+                os.close(fd)
+        self.writable = [path for path, _ in copies]
+        self.uses += 1
+
+
+def _seal(path: str) -> None:
+    """Make the copy put back at `path` read-only, with all below it. None there any more (its
+    folder was removed, which took the copy along): nothing to seal."""
+    attr = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
+    try:
+        syscall(_SYS_MOUNT_SETATTR, ctypes.c_int(_AT_FDCWD), os.fsencode(path), ctypes.c_uint(_AT_RECURSIVE),
+                ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+    except OSError as e:
+        # ENOENT: the folder is gone; EINVAL: the path is no mount's root, so no copy is there
+        # (the folder was removed and made again on the read-only mount around it).
+        if e.errno not in (errno.ENOENT, errno.EINVAL):
+            raise SandboxError(f"read-only sandbox: seal {path}: {e.strerror}") from None
+
+
+class Layers:
+    """The fork server's kept namespaces that no attempt uses now. Only its own thread calls it."""
+
+    def __init__(self) -> None:
+        self.free: list[Layer] = []
+
+    def take(self, now: float) -> Layer | None:
+        """A kept namespace to start in, or None: make a new one."""
+        self.expire(now)
+        return self.free.pop() if self.free else None
+
+    def give_back(self, layer: Layer, now: float) -> None:
+        """`layer` served an attempt of which nothing is left: it may serve another."""
+        if layer.uses >= LAYER_USES or now - layer.made >= LAYER_AGE or len(self.free) >= LAYERS_FREE:
+            drop(layer)
+        else:
+            self.free.append(layer)
+
+    def expire(self, now: float) -> None:
+        """Drop the namespaces too old to start in (they would hold the machine's old mounts)."""
+        if self.free and now - min(layer.made for layer in self.free) >= LAYER_AGE:
+            old = [layer for layer in self.free if now - layer.made >= LAYER_AGE]
+            self.free = [layer for layer in self.free if now - layer.made < LAYER_AGE]
+            for layer in old:
+                drop(layer)
+
+    def clear(self) -> None:
+        for layer in self.free:
+            drop(layer)
+        self.free = []
+
+
+def drop(layer: Layer) -> None:
+    """Let `layer` go: it ends with the last process in it (at once when there is none)."""
+    with contextlib.suppress(OSError):
+        os.close(layer.fd)
 
 
 @functools.cache

@@ -22,7 +22,15 @@ import pytest
 from coordinator import forkserver, landlock, mounts
 from coordinator.errors import CoordinatorError, SandboxError, SupervisorError
 from coordinator.landlock import Ruleset
-from coordinator.spawner import MARK, Exit, Refused, Spawner, SpawnRequest, kill_leftovers
+from coordinator.spawner import (
+    MARK,
+    SCAN_INTERVAL,
+    Exit,
+    Refused,
+    Spawner,
+    SpawnRequest,
+    kill_leftovers,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ABI = landlock.abi_version()
@@ -293,7 +301,8 @@ def test_the_server_holds_no_fds_for_finished_or_failed_spawns(sp: Spawner, tmp_
     for i in range(10):
         assert wait_exit(sp, f"ok{i}").returncode == 0
         sp.kill_tree(f"ok{i}")
-    assert fds() == baseline
+    # The read-only layer's namespaces are kept a little for the next starts, then let go.
+    wait_until(lambda: fds() == baseline, timeout=mounts.LAYER_AGE + SCAN_INTERVAL + 5)
 
 
 def test_fileno_wakes_select_when_a_child_exits(sp: Spawner, tmp_path: Path) -> None:
@@ -746,6 +755,85 @@ def test_a_sandboxed_child_sees_every_mount_read_only_but_its_folders(sp: Spawne
     assert seen and set(seen.values()) == {"ro"}, seen  # "/" included
     assert "/" in seen
     assert Path("/proc/self/mountinfo").read_text() == before
+
+
+def _namespace_and(tmp_path: Path, sp: Spawner, token: str, writable: Path, script: str) -> list[str]:
+    """Run `script` sandboxed with `writable` its only folder; the lines it printed, the first
+    being its mount namespace's identity."""
+    sp.spawn(req(tmp_path, ("sh", "-c", f"stat -L -c %i /proc/self/ns/mnt; {script}"), token,
+                 Ruleset((str(writable),))))
+    assert wait_exit(sp, token).returncode == 0
+    return (tmp_path / f"{token}.log").read_text().splitlines()
+
+
+@needs_landlock
+@pytest.mark.skipif(mounts.status() is not None, reason=f"no read-only mount layer here: {mounts.status()}")
+def test_a_start_in_a_kept_namespace_can_change_nothing_of_the_start_before(sp: Spawner, tmp_path: Path) -> None:
+    """The namespace of an attempt that left nothing behind serves the next start: the copies of
+    the first attempt's folders are read-only there, for root too, and only the new ones writable."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    ns, *_ = _namespace_and(tmp_path, sp, "one", first, f"echo kept > {first}/file")
+    tries = (f"chmod 700 {first}", f"chmod 600 {first}/file", f"touch -m {first}/file", f"echo x > {first}/new",
+             f"ln -s x {first}/link")
+    script = "; ".join(f"({t}) 2>/dev/null && echo changed || echo refused" for t in tries)
+    again, *said = _namespace_and(tmp_path, sp, "two", second, f"{script}; echo mine > {second}/file")
+    assert again == ns  # the same namespace: what is tested here is its reuse
+    assert said == ["refused"] * len(tries)
+    assert (second / "file").read_text() == "mine\n" and not (first / "new").exists()
+    assert (first / "file").stat().st_mode & 0o777 == 0o644
+
+
+@needs_landlock
+@pytest.mark.skipif(mounts.status() is not None, reason=f"no read-only mount layer here: {mounts.status()}")
+def test_the_same_folder_in_two_starts_in_a_row_is_writable_for_each(sp: Spawner, tmp_path: Path) -> None:
+    """A retry works in the same working copy: sealing the first start's copy leaves the second its own."""
+    work = tmp_path / "work"
+    work.mkdir()
+    ns, *_ = _namespace_and(tmp_path, sp, "try1", work, f"echo 1 > {work}/one")
+    again, *_ = _namespace_and(tmp_path, sp, "try2", work, f"echo 2 > {work}/two; chmod 600 {work}/one")
+    assert again == ns
+    assert (work / "two").read_text() == "2\n" and (work / "one").stat().st_mode & 0o777 == 0o600
+
+
+@needs_landlock
+@pytest.mark.skipif(mounts.status() is not None, reason=f"no read-only mount layer here: {mounts.status()}")
+def test_a_namespace_a_process_lived_on_in_serves_no_other_start(sp: Spawner, tmp_path: Path) -> None:
+    """A process left behind (a daemon) would see the next attempt's folders writable: the
+    namespace it lives in is never given to another start."""
+    left, later = tmp_path / "left", tmp_path / "later"
+    left.mkdir(), later.mkdir()
+    ns, *_ = _namespace_and(tmp_path, sp, "left", left, f"setsid sleep 600 > /dev/null 2>&1 & echo $! > {left}/daemon")
+    [daemon] = _daemons(left / "daemon")
+    other, *_ = _namespace_and(tmp_path, sp, "later", later, "true")
+    assert other != ns
+    sp.kill_tree("left", grace=0.5)
+    assert gone(daemon)
+
+
+def test_kept_namespaces_serve_a_bounded_number_of_starts_for_a_bounded_time() -> None:
+    def layer(made: float, uses: int = 1) -> mounts.Layer:
+        return mounts.Layer(os.open(os.devnull, os.O_RDONLY), 0, made, [], uses)
+
+    def closed(kept: mounts.Layer) -> bool:
+        try:
+            os.fstat(kept.fd)
+        except OSError:
+            return True
+        os.close(kept.fd)
+        return False
+
+    layers = mounts.Layers()
+    worn, young = layer(0.0, mounts.LAYER_USES), layer(0.0)
+    layers.give_back(worn, 0.0)
+    layers.give_back(young, 0.0)
+    assert closed(worn) and layers.take(0.0) is young
+    layers.give_back(young, 0.0)
+    assert layers.take(mounts.LAYER_AGE) is None and closed(young)  # it saw the mounts of then
+    many = [layer(0.0) for _ in range(mounts.LAYERS_FREE + 1)]
+    for kept in many:
+        layers.give_back(kept, 0.0)
+    assert [closed(kept) for kept in many] == [False] * mounts.LAYERS_FREE + [True]
 
 
 NO_MOUNT_ADMIN = """
