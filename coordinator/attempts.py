@@ -143,7 +143,7 @@ class AttemptRunner(Interruptions):
             self._fail_hard(rec, f"cannot read the order: {e}")
             return False
         number = rec.attempts + 1
-        attempt = runner.prepare(self.ws, order, number, rec.failures)
+        attempt = runner.prepare(self.ws, order, number, rec.failures, sup.intake.order_json(order))
         tick, timeout = self.timer(), _timeout(order, agent)
         act = Active(rec=rec, agent=agent, order=order, attempt=attempt, rules=None,
                      started=sup.clock(), deadline=tick + timeout, began=tick, ends_seen=self.ends)

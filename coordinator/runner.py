@@ -152,8 +152,10 @@ def work_folder(ws: Workspace, order_id: str) -> Path:
 SPARES = 2  # empty attempt folders kept ready
 
 
-def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -> Attempt:
-    """Make the attempt's folders and write its order and brief (not the working copy)."""
+def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str],
+            order_json: bytes | None = None) -> Attempt:
+    """Make the attempt's folders and write its order (`order_json`: its bytes, when they are
+    at hand) and brief (not the working copy)."""
     assert order.id is not None
     # Text, not Paths: this is on the drop-to-spawn path, and a Path join is some 1 us.
     runtime = str(ws.runtime)
@@ -172,7 +174,9 @@ def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -
     brief = brief_text(order, number, failures).encode("utf-8", "backslashreplace")
     attempt = Attempt(order.id, number, Path(folder), workdir, repo, brief_text=brief.decode("utf-8"))
     named = attempt.named
-    durable.create(named["order"], durable.dumps(order.to_dict()).encode("utf-8", "backslashreplace"))
+    if order_json is None:
+        order_json = durable.dumps(order.to_dict()).encode("utf-8", "backslashreplace")
+    durable.create(named["order"], order_json)
     durable.create(named["brief"], brief)
     return attempt
 
