@@ -512,18 +512,33 @@ def check_writable(agent: Agent, ws: Workspace) -> None:
     guarded, home = _protected(ws.root)
     trusted = _trusted_now()
     for i, entry in enumerate(agent.sandbox_writable):
-        w = paths.real(entry)
-        for p in guarded:
-            if paths.within(p, w) or (paths.within(w, p) and p != home):
-                raise SandboxError(
-                    f"agents.{agent.name}.sandbox.writable.{i}: {entry} would make {p} writable; "
-                    "grant a narrower folder outside the workspace and not your whole home")
-        for p, what in trusted:
-            if paths.within(p, w):
-                raise SandboxError(
-                    f"agents.{agent.name}.sandbox.writable.{i}: {entry} would make {p} writable, {what}: "
-                    "what the agent put there would run as the supervisor, outside any sandbox; grant a "
-                    "narrower folder")
+        exposed = _exposed(paths.real(entry), guarded, home, trusted)
+        if exposed is None:
+            continue
+        p, what = exposed
+        if what is None:
+            raise SandboxError(
+                f"agents.{agent.name}.sandbox.writable.{i}: {entry} would make {p} writable; "
+                "grant a narrower folder outside the workspace and not your whole home")
+        raise SandboxError(
+            f"agents.{agent.name}.sandbox.writable.{i}: {entry} would make {p} writable, {what}: "
+            "what the agent put there would run as the supervisor, outside any sandbox; grant a "
+            "narrower folder")
+
+
+@functools.lru_cache(maxsize=64)
+def _exposed(granted: str, guarded: tuple[str, ...], home: str | None,
+             trusted: tuple[tuple[str, str], ...]) -> tuple[str, str | None] | None:
+    """The first protected path (with None) or trusted one (with what it is) a grant of the
+    real folder `granted` would make writable; None when none. Remembered by the paths it is
+    of (each attempt compared its grant with some 25 paths, the same ones every time)."""
+    for p in guarded:
+        if paths.within(p, granted) or (paths.within(granted, p) and p != home):
+            return p, None
+    for p, what in trusted:
+        if paths.within(p, granted):
+            return p, what
+    return None
 
 
 def ruleset(agent: Agent, order: WorkOrder, attempt: Attempt, ws: Workspace | None = None) -> Ruleset:
