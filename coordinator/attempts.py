@@ -143,7 +143,7 @@ class AttemptRunner(Interruptions):
             self._fail_hard(rec, f"cannot read the order: {e}")
             return False
         number = rec.attempts + 1
-        attempt = runner.prepare(self.ws, order, number, rec.failures)
+        attempt = runner.prepare(self.ws, order, number, rec.failures, sup.intake.order_json(order))
         tick, timeout = self.timer(), _timeout(order, agent)
         act = Active(rec=rec, agent=agent, order=order, attempt=attempt, rules=None,
                      started=sup.clock(), deadline=tick + timeout, began=tick, ends_seen=self.ends)
@@ -181,7 +181,7 @@ class AttemptRunner(Interruptions):
             sup.spawner.start(SpawnRequest(
                 argv=runner.argv(agent, attempt, self.ws),
                 env=runner.environment(agent, attempt, self.ws, self.inherited),
-                cwd=str(attempt.workdir), log_path=str(attempt.log), token=act.token,
+                cwd=attempt.named["workdir"], log_path=attempt.named["log"], token=act.token,
                 sandbox=act.rules))
         except CoordinatorError as e:
             del self.active[act.token]
@@ -402,7 +402,7 @@ class AttemptRunner(Interruptions):
             return self.fail(act, f"processes of the attempt survived SIGKILL; not judged: {e}")
         if act.cancelled:
             return self._end_cancelled(act)
-        tail = runner.tail(act.attempt.log, OUTPUT_TAIL)
+        tail = runner.tail(act.attempt.named["log"], OUTPUT_TAIL)
         if self._judge(act) is False:
             return None  # denied, whatever else went wrong: a probe of the boundary is never just a failure
         self._refused_writes(act, tail)  # writes the kernel refused outside what it may write
@@ -411,7 +411,7 @@ class AttemptRunner(Interruptions):
                                   f"{tail[-400:] or '(none)'}")
         result = None
         try:
-            raw = runner.read_untrusted(act.attempt.result, results.MAX_RESULT_BYTES, strict=True)
+            raw = runner.read_untrusted(act.attempt.named["result"], results.MAX_RESULT_BYTES, strict=True)
         except runner.NotRegularFile:
             return self.fail(act, "invalid result file: result.yaml is not a regular file")
         if raw is not None:

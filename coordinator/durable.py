@@ -495,7 +495,7 @@ def dumps(data: Any) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def create(target: Path, data: bytes, mode: int = 0o644) -> None:
+def create(target: Path | str, data: bytes, mode: int = 0o644) -> None:
     """Write `data` to `target` in place, created or truncated (not atomic, not synced: for
     files nobody reads before the writer is done, like an attempt's brief)."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)

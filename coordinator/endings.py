@@ -213,26 +213,27 @@ class Endings(FollowUps, Outbox):
                 act.repo.remove_worktree(act.rec.id, act.attempt.workdir, keep=keep)
             except CoordinatorError as e:
                 self.sup.say(f"{act.rec.id}: {e}")
-        folder, scratch = act.attempt.folder, act.attempt.scratch
+        named = act.attempt.named
+        scratch = named["scratch"]
         # One walk of the attempt folder both looks for what git would run there and tells
         # whether the scratch folder holds anything (listed, not walked: what it holds goes).
         # Only when it finds something to take out, or scratch could not go, is the folder
         # defused as before, after scratch is gone (a listing of scratch and a walk, each time).
-        held: dict[str, bool | None] = {} if keep else {str(scratch): None}
+        held: dict[str, bool | None] = {} if keep else {scratch: None}
         unreadable: list[str] = []
         try:
-            clean = not gate.planted(str(folder), unreadable=unreadable, held=held) and not unreadable
+            clean = not gate.planted(named["folder"], unreadable=unreadable, held=held) and not unreadable
         except OSError:  # said by `_defuse`, which looks again
             clean = False
-        full = held.get(str(scratch))
+        full = held.get(scratch)
         if not keep and (full if full is not None else _has_entries(scratch)):  # an empty one stays
             try:
-                durable.remove_tree(scratch)  # no recursion: the specialist chose its depth
+                durable.remove_tree(act.attempt.scratch)  # no recursion: the specialist chose its depth
             except OSError as e:
                 clean = False  # what is left of it was never looked at
                 self.sup.say(f"{act.rec.id}: could not remove the scratch folder: {e}; remove it by hand")
         if not clean:
-            self._defuse(act.rec.id, folder)
+            self._defuse(act.rec.id, act.attempt.folder)
 
     def _defuse(self, order_id: str, folder: Path) -> None:
         """An attempt folder stays for a person to read: nothing in it may run as them (`runner.defuse`)."""
@@ -243,7 +244,7 @@ class Endings(FollowUps, Outbox):
                          "remove it by hand before running git there")
 
 
-def _has_entries(folder: Path) -> bool:
+def _has_entries(folder: Path | str) -> bool:
     try:
         with os.scandir(folder) as entries:
             return next(entries, None) is not None

@@ -100,6 +100,8 @@ class Intake:
         # order.json back on the drop-to-spawn path. Bounded by how many orders wait.
         self.accepted: dict[str, WorkOrder] = {}
         self.pending: dict[str, _Placement] = {}  # filed, not yet placed: see the module doc
+        # order.json's bytes, by order id, with the order they are of (`order_json`).
+        self._order_json: dict[str, tuple[WorkOrder, bytes]] = {}
         # (order id, agent, what happened) for the trail: a claimed file removed by hand before
         # its order was placed (`_place`). Staged by the next state write (`take_events`).
         self.events: list[tuple[str, str, str]] = []
@@ -219,6 +221,18 @@ class Intake:
         self.ensure_placed(order_id)
         return self.store.load_order(order_id)
 
+    def order_json(self, order: WorkOrder) -> bytes:
+        """`order` as its order.json holds it: made once for the order's folder and its first
+        attempt's (each made its own, some 7 us). Kept for as many orders as `accepted`."""
+        assert order.id is not None
+        made = self._order_json.get(order.id)
+        if made is None or made[0] is not order:
+            if len(self._order_json) >= ACCEPTED_CACHE:
+                self._order_json.clear()
+            made = self._order_json[order.id] = (
+                order, durable.dumps(order.to_dict()).encode("utf-8", "backslashreplace"))
+        return made[1]
+
     def _place(self, order_id: str, p: _Placement) -> None:
         folder = self.store.folder(order_id)
         folder.mkdir(parents=True, exist_ok=True)
@@ -250,7 +264,7 @@ class Intake:
                     folder.rmdir()
             raise
         if p.order is not None:
-            durable.write_json(folder / "order.json", p.order.to_dict(), sync=False)
+            durable.write_bytes(folder / "order.json", self.order_json(p.order), sync=False)
 
     def _lost_claim(self, order_id: str, p: _Placement, original: Path) -> None:
         """The claimed file was removed by hand before its order was placed (it was the

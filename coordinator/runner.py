@@ -49,6 +49,9 @@ _PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
 # ({breif}, {Brief}, {work-dir}); {print} in awk, {name} in jq or {x} in an f-string are not.
 _BRACED_WORD = re.compile(r"(?<![$\w{])\{([A-Za-z_-]+)\}(?!\})")
 TAIL_BYTES = 4000
+# In an attempt folder (see the module's doc).
+ORDER_FILE, BRIEF, RESULT, OUTBOX, TMP, SCRATCH, HEARTBEAT = (
+    "order.json", "brief.md", "result.yaml", "outbox", "tmp", "scratch", "heartbeat")
 
 
 @dataclass(frozen=True)
@@ -73,42 +76,55 @@ class Attempt:
         return f"{self.order_id}.{self.number}.n{self.nonce}"
 
     @functools.cached_property
+    def named(self) -> dict[str, str]:
+        """Its paths as text, joined as strings: what every attempt passes and opens (its
+        command line, environment and spawn request, its log and result) took some 15 us as
+        a Path each. `logs` is `log_folder`'s (the folder's runtime is its third parent)."""
+        folder = str(self.folder)
+        logs = f"{folder.rsplit('/', 3)[0]}/logs/{self.order_id}/{self.number}"
+        return {"folder": folder, "workdir": str(self.workdir), "order": f"{folder}/{ORDER_FILE}",
+                "brief": f"{folder}/{BRIEF}", "result": f"{folder}/{RESULT}", "outbox": f"{folder}/{OUTBOX}",
+                "tmp": f"{folder}/{TMP}", "scratch": f"{folder}/{SCRATCH}", "heartbeat": f"{folder}/{HEARTBEAT}",
+                "logs": logs, "log": f"{logs}/{OUTPUT_LOG}"}
+
+    @functools.cached_property
     def brief(self) -> Path:
-        return self.folder / "brief.md"
+        return self.folder / BRIEF
 
     @functools.cached_property
     def order_file(self) -> Path:
-        return self.folder / "order.json"
+        return self.folder / ORDER_FILE
 
     @functools.cached_property
     def result(self) -> Path:
-        return self.folder / "result.yaml"
+        return self.folder / RESULT
 
     @functools.cached_property
     def outbox(self) -> Path:
-        return self.folder / "outbox"
+        return self.folder / OUTBOX
 
     @functools.cached_property
     def scratch(self) -> Path:
-        return self.folder / "scratch"
+        return self.folder / SCRATCH
 
     @functools.cached_property
     def logs(self) -> Path:
-        return self.folder.parent.parent.parent / "logs" / self.order_id / str(self.number)
+        return Path(self.named["logs"])
 
     @functools.cached_property
     def log(self) -> Path:
-        return self.logs / OUTPUT_LOG
+        return Path(self.named["log"])
 
     def check_log(self, index: int) -> Path:
         return self.logs / f"check-{index}.log"
 
     @functools.cached_property
     def heartbeat(self) -> Path:
-        return self.folder / "heartbeat"
+        return self.folder / HEARTBEAT
 
     def as_json(self) -> dict[str, object]:
-        return {"number": self.number, "folder": str(self.folder), "workdir": str(self.workdir),
+        named = self.named
+        return {"number": self.number, "folder": named["folder"], "workdir": named["workdir"],
                 "repo": self.repo, "token": self.token}
 
 
@@ -136,25 +152,32 @@ def work_folder(ws: Workspace, order_id: str) -> Path:
 SPARES = 2  # empty attempt folders kept ready
 
 
-def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str]) -> Attempt:
-    """Make the attempt's folders and write its order and brief (not the working copy)."""
+def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str],
+            order_json: bytes | None = None) -> Attempt:
+    """Make the attempt's folders and write its order (`order_json`: its bytes, when they are
+    at hand) and brief (not the working copy)."""
     assert order.id is not None
-    attempts, logged = order_folders(ws, order.id)
-    folder, logs = attempts / str(number), logged / str(number)
+    # Text, not Paths: this is on the drop-to-spawn path, and a Path join is some 1 us.
+    runtime = str(ws.runtime)
+    attempts, logged = f"{runtime}/attempts/{order.id}", f"{runtime}/logs/{order.id}"
+    folder, logs = f"{attempts}/{number}", f"{logged}/{number}"
     # One mkdir each (an order's folders are new at its first attempt; the runtime's are there
-    # but after a hand clean-up): this is on the drop-to-spawn path. In a folder just made no
-    # earlier run of this attempt number can be: only in one that was there is it looked for.
+    # but after a hand clean-up). In a folder just made no earlier run of this attempt number
+    # can be: only in one that was there is it looked for.
     for parent, old in ((attempts, folder), (logged, logs)):
-        if not _mkdir_under(parent) and old.exists():  # an earlier run (a crash): kept aside, start clean
-            _set_aside(old)
+        if not _mkdir_under(parent) and Path(old).exists():  # an earlier run (a crash): kept aside, start clean
+            _set_aside(Path(old))
     if not _take_spare(ws, folder, logs):
-        _mkdirs(folder, folder / "outbox", folder / "tmp", folder / "scratch", logs)
+        _mkdirs(folder, f"{folder}/{OUTBOX}", f"{folder}/{TMP}", f"{folder}/{SCRATCH}", logs)
     repo = order.repo
-    workdir = work_folder(ws, order.id) / repo if repo else folder / "scratch"
+    workdir = work_folder(ws, order.id) / repo if repo else Path(f"{folder}/{SCRATCH}")
     brief = brief_text(order, number, failures).encode("utf-8", "backslashreplace")
-    attempt = Attempt(order.id, number, folder, workdir, repo, brief_text=brief.decode("utf-8"))
-    durable.create(attempt.order_file, durable.dumps(order.to_dict()).encode("utf-8", "backslashreplace"))
-    durable.create(attempt.brief, brief)
+    attempt = Attempt(order.id, number, Path(folder), workdir, repo, brief_text=brief.decode("utf-8"))
+    named = attempt.named
+    if order_json is None:
+        order_json = durable.dumps(order.to_dict()).encode("utf-8", "backslashreplace")
+    durable.create(named["order"], order_json)
+    durable.create(named["brief"], brief)
     return attempt
 
 
@@ -190,10 +213,10 @@ def _set_aside(folder: Path) -> Path:
 # The keys of the complete spares, per spare folder, as this process made and took them: the
 # folder is listed once, not twice per attempt. Only the supervisor (one per workspace) makes
 # and takes spares; a key whose folders went meanwhile is skipped when taken.
-_pool: dict[Path, list[str]] = {}
+_pool: dict[str, list[str]] = {}
 
 
-def _known(spare: Path) -> list[str]:
+def _known(spare: str) -> list[str]:
     if spare not in _pool:
         _pool[spare] = sorted(_spares(spare))
     return _pool[spare]
@@ -202,7 +225,7 @@ def _known(spare: Path) -> list[str]:
 def make_spares(ws: Workspace, count: int = SPARES) -> int:
     """Make empty attempt folders (outbox/, tmp/, scratch/) and log folders ahead of time,
     each complete before it is renamed into the pool; returns how many were made."""
-    spare = ws.runtime / "spare"
+    spare = f"{ws.runtime}/spare"
     pool = _known(spare)
     made = 0
     remade = False
@@ -211,9 +234,9 @@ def make_spares(ws: Workspace, count: int = SPARES) -> int:
         # whole. No staging folder around both: every folder made and removed for nothing
         # slows each later mkdir on an ext4 without a journal (see bench/harness.py run_dir).
         key = f"{os.getpid()}-{time.monotonic_ns()}"
-        new = spare / f".new-attempt-{key}"
+        new = f"{spare}/.new-attempt-{key}"
         try:
-            os.mkdir(spare / f"log-{key}")
+            os.mkdir(f"{spare}/log-{key}")
         except FileNotFoundError:  # the first spare, or the folder was cleaned away by hand
             if remade:
                 raise
@@ -221,8 +244,8 @@ def make_spares(ws: Workspace, count: int = SPARES) -> int:
             os.makedirs(spare, exist_ok=True)
             pool[:] = sorted(_spares(spare))
             continue
-        _mkdirs(new, new / "outbox", new / "tmp", new / "scratch")
-        os.rename(new, spare / f"attempt-{key}")
+        _mkdirs(new, f"{new}/{OUTBOX}", f"{new}/{TMP}", f"{new}/{SCRATCH}")
+        os.rename(new, f"{spare}/attempt-{key}")
         pool.append(key)
         made += 1
     return made
@@ -230,7 +253,7 @@ def make_spares(ws: Workspace, count: int = SPARES) -> int:
 
 def clear_spares(ws: Workspace) -> None:
     """Drop what a crash left half made or half taken (complete pairs are kept for use)."""
-    spare = ws.runtime / "spare"
+    spare = f"{ws.runtime}/spare"
     keep = set(_spares(spare))
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(spare):
@@ -239,7 +262,7 @@ def clear_spares(ws: Workspace) -> None:
     _pool[spare] = sorted(keep)
 
 
-def _spares(spare: Path) -> list[str]:
+def _spares(spare: str) -> list[str]:
     """Keys of complete spares: an attempt folder and a log folder."""
     try:
         names = {e.name for e in os.scandir(spare)}
@@ -248,17 +271,17 @@ def _spares(spare: Path) -> list[str]:
     return [n[len("attempt-"):] for n in names if n.startswith("attempt-") and f"log-{n[len('attempt-'):]}" in names]
 
 
-def _take_spare(ws: Workspace, folder: Path, logs: Path) -> bool:
-    spare = ws.runtime / "spare"
+def _take_spare(ws: Workspace, folder: str, logs: str) -> bool:
+    spare = f"{ws.runtime}/spare"
     pool = _known(spare)
     while pool:
         key = pool.pop(0)
         try:
-            os.rename(spare / f"log-{key}", logs)
+            os.rename(f"{spare}/log-{key}", logs)
         except OSError:
             continue
         try:
-            os.rename(spare / f"attempt-{key}", folder)
+            os.rename(f"{spare}/attempt-{key}", folder)
         except OSError:
             os.rmdir(logs)
             continue
@@ -266,13 +289,13 @@ def _take_spare(ws: Workspace, folder: Path, logs: Path) -> bool:
     return False
 
 
-def _mkdirs(*folders: Path) -> None:
+def _mkdirs(*folders: str) -> None:
     for folder in folders:
         with contextlib.suppress(FileExistsError):
             os.mkdir(folder)
 
 
-def _mkdir_under(folder: Path) -> bool:
+def _mkdir_under(folder: str) -> bool:
     """`folder`, made in one system call when its parent is there (it nearly always is); False
     when it was there already."""
     try:
@@ -305,13 +328,14 @@ def brief_text(order: WorkOrder, number: int, failures: list[str]) -> str:
 def argv(agent: Agent, attempt: Attempt, ws: Workspace) -> tuple[str, ...]:
     """The agent's command with every placeholder replaced."""
     assert agent.command is not None
+    named = attempt.named
     values = {
         "id": attempt.order_id,
-        "order": str(attempt.order_file),
-        "brief": str(attempt.brief),
+        "order": named["order"],
+        "brief": named["brief"],
         "brief_text": attempt.brief_text,
-        "workdir": str(attempt.workdir),
-        "result": str(attempt.result),
+        "workdir": named["workdir"],
+        "result": named["result"],
         "python": sys.executable,
         "workspace": str(ws.root),
     }
@@ -405,20 +429,21 @@ def environment(agent: Agent, attempt: Attempt, ws: Workspace,
     the supervisor took it at start (decoding every variable again cost some 50 us a start)."""
     env = dict(inherited_environment() if inherited is None else inherited)
     env.update(dict(agent.env))
+    named = attempt.named
     env.update({
         "COORD_ORDER_ID": attempt.order_id,
         "COORD_AGENT": agent.name,
-        "COORD_ORDER": str(attempt.order_file),
-        "COORD_BRIEF": str(attempt.brief),
-        "COORD_WORKDIR": str(attempt.workdir),
-        "COORD_RESULT": str(attempt.result),
-        "COORD_OUTBOX": str(attempt.outbox),
+        "COORD_ORDER": named["order"],
+        "COORD_BRIEF": named["brief"],
+        "COORD_WORKDIR": named["workdir"],
+        "COORD_RESULT": named["result"],
+        "COORD_OUTBOX": named["outbox"],
         "COORD_WORKSPACE": str(ws.root),
-        "COORD_HEARTBEAT": str(attempt.heartbeat),
+        "COORD_HEARTBEAT": named["heartbeat"],
         "COORD_ATTEMPT": attempt.token,
         # Bytecode caches written by a test run would count as changes outside the order's files.
         "PYTHONDONTWRITEBYTECODE": "1",
-        "TMPDIR": str(attempt.folder / "tmp"),
+        "TMPDIR": named["tmp"],
     })
     return env
 
@@ -487,18 +512,33 @@ def check_writable(agent: Agent, ws: Workspace) -> None:
     guarded, home = _protected(ws.root)
     trusted = _trusted_now()
     for i, entry in enumerate(agent.sandbox_writable):
-        w = paths.real(entry)
-        for p in guarded:
-            if paths.within(p, w) or (paths.within(w, p) and p != home):
-                raise SandboxError(
-                    f"agents.{agent.name}.sandbox.writable.{i}: {entry} would make {p} writable; "
-                    "grant a narrower folder outside the workspace and not your whole home")
-        for p, what in trusted:
-            if paths.within(p, w):
-                raise SandboxError(
-                    f"agents.{agent.name}.sandbox.writable.{i}: {entry} would make {p} writable, {what}: "
-                    "what the agent put there would run as the supervisor, outside any sandbox; grant a "
-                    "narrower folder")
+        exposed = _exposed(paths.real(entry), guarded, home, trusted)
+        if exposed is None:
+            continue
+        p, what = exposed
+        if what is None:
+            raise SandboxError(
+                f"agents.{agent.name}.sandbox.writable.{i}: {entry} would make {p} writable; "
+                "grant a narrower folder outside the workspace and not your whole home")
+        raise SandboxError(
+            f"agents.{agent.name}.sandbox.writable.{i}: {entry} would make {p} writable, {what}: "
+            "what the agent put there would run as the supervisor, outside any sandbox; grant a "
+            "narrower folder")
+
+
+@functools.lru_cache(maxsize=64)
+def _exposed(granted: str, guarded: tuple[str, ...], home: str | None,
+             trusted: tuple[tuple[str, str], ...]) -> tuple[str, str | None] | None:
+    """The first protected path (with None) or trusted one (with what it is) a grant of the
+    real folder `granted` would make writable; None when none. Remembered by the paths it is
+    of (each attempt compared its grant with some 25 paths, the same ones every time)."""
+    for p in guarded:
+        if paths.within(p, granted) or (paths.within(granted, p) and p != home):
+            return p, None
+    for p, what in trusted:
+        if paths.within(p, granted):
+            return p, what
+    return None
 
 
 def ruleset(agent: Agent, order: WorkOrder, attempt: Attempt, ws: Workspace | None = None) -> Ruleset:
@@ -510,9 +550,9 @@ def ruleset(agent: Agent, order: WorkOrder, attempt: Attempt, ws: Workspace | No
     """
     if ws is not None:
         check_writable(agent, ws)
-    writable: set[str] = {str(attempt.folder)}
+    writable: set[str] = {attempt.named["folder"]}
     writable.update(agent.sandbox_writable)
-    unsealed = set(writable) | ({str(attempt.workdir)} if attempt.repo is not None else set())
+    unsealed = set(writable) | ({attempt.named["workdir"]} if attempt.repo is not None else set())
     if attempt.repo is not None and agent.is_orchestrator:
         # Its copy is a throw-away: let it write there so the gate sees (and denies) every try.
         writable.add(str(attempt.workdir))
@@ -561,7 +601,7 @@ class NotRegularFile(Exception):
     """What is at a path read with `read_untrusted(strict=True)` is no regular file to read."""
 
 
-def read_untrusted(path: Path, limit: int, *, within: Path | None = None, strict: bool = False) -> bytes | None:
+def read_untrusted(path: Path | str, limit: int, *, within: Path | None = None, strict: bool = False) -> bytes | None:
     """A regular file the specialist could have tampered with: never through a link, never a fifo,
     at most `limit` + 1 bytes. None when it is absent or not a regular file. With `within`, no
     folder on the way from there is followed through a link either (`durable.open_beneath`).
@@ -572,7 +612,7 @@ def read_untrusted(path: Path, limit: int, *, within: Path | None = None, strict
         if within is None:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         else:
-            folder, fd = durable.open_beneath(within, path)
+            folder, fd = durable.open_beneath(within, Path(path))
     except FileNotFoundError:
         return None
     except OSError:
@@ -591,7 +631,7 @@ def read_untrusted(path: Path, limit: int, *, within: Path | None = None, strict
             os.close(folder)
 
 
-def tail(path: Path, limit: int = TAIL_BYTES) -> str:
+def tail(path: Path | str, limit: int = TAIL_BYTES) -> str:
     """The last `limit` bytes of a log, decoded leniently."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

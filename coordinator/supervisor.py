@@ -54,12 +54,16 @@ class Supervisor(Arrivals):
     def __init__(self, ws: Workspace, *, clock: Callable[[], float] = time.time,
                  spawner: Spawner | None = None, watcher: Watcher | None = None,
                  poll: bool = False, log: Callable[[str], None] | None = None,
+                 log_step: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
                  stop_grace: float = STOP_GRACE, http_transport: Any = None,
                  offline: bool = False) -> None:
         self.ws = ws
         self.config = ws.config
         self.clock = clock
         self.say = log or (lambda line: None)
+        # What `log` is told in one step, it may keep until the step is over (`teamcommands`
+        # writes those lines together): entered around each step.
+        self._log_step = log_step or contextlib.nullcontext
         self.stop_grace = stop_grace
         self.poll_mode = poll
         self._spawner = spawner
@@ -373,16 +377,17 @@ class Supervisor(Arrivals):
     def step(self, *, paced: bool = False) -> bool:
         """One round; True when anything happened. Commits at its end, unless `paced` (the
         loops): then only once FLUSH_EVERY has passed or nothing is moving any more."""
-        try:
-            return self._step(paced)
-        except (OSError, CoordinatorError, RuntimeError) as e:
-            # A workspace moved away says so, not "internal error: FileNotFoundError" or the git
-            # command that failed first.
-            self._check_workspace()
-            short = _ran_short(e)  # was "internal error: OSError: [Errno 24] Too many open files"
-            if short is not None:
-                raise SupervisorError(short) from e
-            raise
+        with self._log_step():
+            try:
+                return self._step(paced)
+            except (OSError, CoordinatorError, RuntimeError) as e:
+                # A workspace moved away says so, not "internal error: FileNotFoundError" or the git
+                # command that failed first.
+                self._check_workspace()
+                short = _ran_short(e)  # was "internal error: OSError: [Errno 24] Too many open files"
+                if short is not None:
+                    raise SupervisorError(short) from e
+                raise
 
     def _check_workspace(self) -> None:
         """Raise SupervisorError when the workspace folder is no longer where the supervisor

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +132,7 @@ def supervise(c: Context, once: bool, poll: bool, grace: float) -> None:
     lines = _LogLines(log)
     logging.getLogger().addHandler(lines)
     try:
-        with Supervisor(c.ws, poll=poll, log=log, stop_grace=grace) as sup:
+        with Supervisor(c.ws, poll=poll, log=log, log_step=held.step, stop_grace=grace) as sup:
             if once:
                 # Ctrl-C once drains, twice stops, as for `supervise`.
                 sup.run_once(should_stop=lambda: received[0])
@@ -156,7 +156,10 @@ class _HeldLines:
     """The supervisor's log lines, never written while the log's reader is not reading (a
     `supervise 2>&1 | less` paused, Ctrl-S on the terminal): the write waited for it, and the
     whole loop with it, attempts past their timeout and drops untaken. Such lines are kept
-    (HELD_LINES) and go out, in order, with the next line once there is room again."""
+    (HELD_LINES) and go out, in order, with the next line once there is room again.
+
+    The lines the loop says in one step go out together at its end (`step`): a write, a look
+    for room and a wake of the reader per line were some three an order."""
 
     def __init__(self, stream: Any, emit: Callable[[str], None]) -> None:
         self.stream, self.emit = stream, emit
@@ -164,16 +167,46 @@ class _HeldLines:
         self.dropped = 0
         self.lock = threading.Lock()  # library warnings come from other threads too
         self.poller: Any = None
+        self.stepping: int | None = None  # the thread whose step is under way (`step`)
+        self.step_lines: list[str] = []
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """Keep what the calling thread says until the block is left, however it is left; a
+        line of another thread meanwhile goes out at once, after what was kept (in order)."""
+        with self.lock:
+            self.stepping = threading.get_ident()
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.stepping = None
+                self._put()
 
     def write(self, text: str) -> None:
         with self.lock:
-            if not self.lines and self._room(0.0):
-                self.emit(text)
-                return
+            self.step_lines.append(text)
+            if self.stepping != threading.get_ident():
+                self._put()
+
+    def _put(self) -> None:
+        """Send the lines of `step_lines`: joined into writes of at most PIPE_BUF bytes while
+        there is room (what a reader's room is known to take whole, as one line was), else
+        kept."""
+        said, self.step_lines = self.step_lines, []
+        while said and not self.lines and self._room(0.0):
+            size, n = len(said[0]), 1
+            while n < len(said) and size + len(said[n]) + 1 <= select.PIPE_BUF:
+                size += len(said[n]) + 1
+                n += 1
+            self.emit("\n".join(said[:n]))
+            del said[:n]
+        for text in said:
             if len(self.lines) < HELD_LINES:
                 self.lines.append(text)
             else:
                 self.dropped += 1
+        if said:
             self._send(0.0)
 
     def flush(self, wait: float) -> None:
