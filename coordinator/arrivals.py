@@ -53,6 +53,7 @@ class Arrivals(Transitions):
     _once: bool  # `supervise --once`: what cannot be taken in now is left for the next run
     _strays_said: set[str]
     _backlog_filed: bool  # what waited in the inboxes at start is filed (no slice for it)
+    exit_waits: bool  # the last filing stopped for an attempt's exit, reported and not yet reaped
     # Written to wake the loop from another thread (a hint, an LLM call that ended); the
     # loop waits on it and on the spawner's exits in one select (see `_wait`).
     _wake_fds: tuple[int, int] | None
@@ -189,10 +190,15 @@ class Arrivals(Transitions):
         until = time.monotonic() + slice_
         unsettled: list[tuple[Path, str]] = []  # still being written: looked at again next step
         exits = self.spawner.fileno() if self.attempts.active and not self.offline else -1
+        self.exit_waits = False
 
         def yield_now() -> bool:
-            return filed >= INTAKE_BATCH or (filed > 0 and (time.monotonic() > until
-                                                            or (exits >= 0 and _readable(exits))))
+            if filed >= INTAKE_BATCH or (filed > 0 and time.monotonic() > until):
+                return True
+            if filed > 0 and exits >= 0 and _readable(exits):
+                self.exit_waits = True
+                return True
+            return False
 
         while waiting and not yield_now():
             path, agent = waiting.popitem(last=False)
