@@ -8,6 +8,8 @@ fallback), retries what is worth retrying, and records every HTTP attempt as a
             --key variable not set-----> not asked: next model (LLMAuthError if none can be)
             --401/403------------------> LLMAuthError at once (a bad key stays bad)
             --400 about response_format-> remember, retry once with plain prompting
+            --400 refusing max_tokens/temperature (reasoning models)-> remember, retry once
+              with max_completion_tokens / the model's own temperature
 
 The API key is read from the environment at call time, sent only as a Bearer
 header, and scrubbed from every message this module produces: it never reaches
@@ -140,18 +142,35 @@ def estimate_tokens(text: str) -> int:
     return max(1, math.ceil((len(text) - wide) / CHARS_PER_TOKEN) + wide)
 
 
+def _refused_setting(status: int, detail: str, body: Mapping[str, Any]) -> str | None:
+    """The setting of `body` a 400 says the model does not take, from its (lowered) detail:
+    "Unsupported parameter: 'max_tokens' ... Use 'max_completion_tokens' instead", "Unsupported
+    value: 'temperature' does not support 0.2 with this model. Only the default (1) value is
+    supported"; None for any other 400."""
+    if status not in (400, 422):
+        return None
+    refusing = ("unsupported" in detail or "not supported" in detail or "does not support" in detail
+                or "only the default" in detail)
+    if "max_tokens" in body and "max_tokens" in detail and ("max_completion_tokens" in detail or refusing):
+        return "max_tokens"
+    if "temperature" in body and "temperature" in detail and refusing:
+        return "temperature"
+    return None
+
+
 class _Failure(Exception):
     """One failed attempt, already described and redacted; `retry` says what to do next."""
 
     def __init__(self, text: str, *, status: int | None, retry: bool,
                  retry_after: float | None = None, rejects_json_mode: bool = False,
-                 usage: Usage | None = None, timed_out: bool = False) -> None:
+                 rejects: str | None = None, usage: Usage | None = None, timed_out: bool = False) -> None:
         super().__init__(text)
         self.text = text
         self.status = status
         self.retry = retry
         self.retry_after = retry_after
         self.rejects_json_mode = rejects_json_mode
+        self.rejects = rejects  # a setting the model refuses: "max_tokens" or "temperature"
         self.usage = usage  # what a 200 that is no good answer still used (and is billed for)
         self.timed_out = timed_out  # no answer within llm.timeout
 
@@ -179,6 +198,9 @@ class Client:
         self._spend_guard = spend_guard
         # Endpoints that answered 400 to response_format: asked plainly from then on.
         self._plain: set[tuple[str, str]] = set()
+        # Settings an endpoint's model refused (OpenAI's reasoning models take no `max_tokens`
+        # but `max_completion_tokens`, and only their own temperature): sent so from then on.
+        self._refused: dict[tuple[str, str], set[str]] = {}
         self._lock = threading.Lock()
         self._calls: list[Call] = []
         # The attempt's end: `stop()` (a cancel, the order's timeout) and `deadline` (monotonic,
@@ -305,6 +327,13 @@ class Client:
                 self._record(call, made)
                 if f.status in (401, 403):
                     raise LLMAuthError(self._auth_message(endpoint, f.status)) from None
+                refused = self._refused.setdefault((endpoint.base_url, endpoint.model), set())
+                if f.rejects is not None and f.rejects not in refused:
+                    refused.add(f.rejects)
+                    log.info("%s at %s refused %s; %s", endpoint.model, shown_url(endpoint.base_url), f.rejects,
+                                "sending llm.max_tokens as max_completion_tokens" if f.rejects == "max_tokens"
+                                else "leaving llm.temperature out: the model uses its own")
+                    continue
                 if f.rejects_json_mode and use_format and not plain_retried:
                     # Not every server speaks response_format; the prompt still asks for JSON.
                     self._plain.add((endpoint.base_url, endpoint.model))
@@ -344,10 +373,11 @@ class Client:
         if json_object and not use_format:
             sent = [{"role": "system", "content": PLAIN_JSON_HINT}, *sent]
         body: dict[str, Any] = {"model": endpoint.model, "messages": sent}
-        if self.settings.temperature is not None:
+        refused = self._refused.get((endpoint.base_url, endpoint.model), set())
+        if self.settings.temperature is not None and "temperature" not in refused:
             body["temperature"] = self.settings.temperature
         if self.settings.max_tokens is not None:
-            body["max_tokens"] = self.settings.max_tokens
+            body["max_completion_tokens" if "max_tokens" in refused else "max_tokens"] = self.settings.max_tokens
         if use_format:
             body["response_format"] = {"type": "json_object"}
         url = completions_url(endpoint.base_url)
@@ -391,6 +421,7 @@ class Client:
                 retry_after=_retry_after(response.headers.get("retry-after")),
                 rejects_json_mode=status in (400, 422) and use_format
                 and ("response_format" in lowered or "json_object" in lowered),
+                rejects=_refused_setting(status, lowered, body),
             )
         return _parse_completion(response, sent, secrets)
 

@@ -680,3 +680,58 @@ def test_a_key_never_crosses_the_network_in_clear(fake: FakeLLM, sleeps: Sleeps,
     with pytest.raises(LLMAuthError, match="unencrypted") as info:
         alone.chat([{"role": "user", "content": "hi"}])
     assert KEY not in str(info.value) and alone.calls == () and sleeps == []
+
+
+def test_a_reasoning_model_that_refuses_max_tokens_gets_max_completion_tokens(
+        fake: FakeLLM, sleeps: Sleeps) -> None:
+    """OpenAI's reasoning models answer 400 to `max_tokens`: the limit goes as
+    `max_completion_tokens` at once, and so for the rest of the attempt, no retry spent."""
+    fake.script(status=400, json={"error": {
+        "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                   "Use 'max_completion_tokens' instead.", "param": "max_tokens"}})
+    fake.script(content=OK)
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("o-mini", fake.base_url), max_retries=0, max_tokens=900), sleep=sleeps)
+    assert client.chat([{"role": "user", "content": "hi"}]).text == OK
+    client.chat([{"role": "user", "content": "again"}])
+    first, second, third = fake.chat_bodies()
+    assert first["max_tokens"] == 900 and "max_completion_tokens" not in first
+    for body in (second, third):
+        assert body["max_completion_tokens"] == 900 and "max_tokens" not in body
+    assert [c.status for c in client.calls] == [400, 200, 200] and sleeps == []
+
+
+def test_a_model_that_takes_only_its_own_temperature_is_asked_without_one(fake: FakeLLM, sleeps: Sleeps) -> None:
+    fake.script(status=400, json={"error": {
+        "message": "Unsupported value: 'temperature' does not support 0.2 with this model. "
+                   "Only the default (1) value is supported."}})
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("o-mini", fake.base_url), max_retries=0, temperature=0.2,
+                             max_tokens=900), sleep=sleeps)
+    assert client.chat([{"role": "user", "content": "hi"}]).text == OK
+    first, second = fake.chat_bodies()
+    assert first["temperature"] == 0.2 and "temperature" not in second
+    assert second["max_tokens"] == 900  # only what was refused changes
+
+
+def test_a_400_about_a_too_large_max_tokens_is_said_not_worked_around(fake: FakeLLM, sleeps: Sleeps) -> None:
+    """A limit the model cannot give is the user's to lower: nothing is renamed or dropped."""
+    fake.script(status=400, json={"error": {
+        "message": "max_tokens is too large: 100000. This model supports at most 4096 completion tokens"}})
+    client = Client(settings(Endpoint("small", fake.base_url), max_retries=0, max_tokens=100000), sleep=sleeps)
+    with pytest.raises(LLMError) as info:
+        client.chat([{"role": "user", "content": "hi"}])
+    assert "at most 4096" in str(info.value)
+    assert len(fake.chat_bodies()) == 1
+
+
+def test_a_refused_setting_is_worked_around_once_then_the_400_stands(fake: FakeLLM, sleeps: Sleeps) -> None:
+    refused = {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                                    "Use 'max_completion_tokens' instead."}}
+    fake.script(status=400, json=refused)
+    fake.script(status=400, json={"error": {"message": "Unsupported parameter: 'max_completion_tokens'"}})
+    client = Client(settings(Endpoint("odd", fake.base_url), max_retries=0, max_tokens=50), sleep=sleeps)
+    with pytest.raises(LLMError) as info:
+        client.chat([{"role": "user", "content": "hi"}])
+    assert "max_completion_tokens" in str(info.value)
+    assert len(fake.chat_bodies()) == 2
