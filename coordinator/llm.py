@@ -6,7 +6,9 @@ fallback), retries what is worth retrying, and records every HTTP attempt as a
 
     primary --429/5xx/timeout/refused--> retry with backoff (max_retries) --> next model
             --key variable not set-----> not asked: next model (LLMAuthError if none can be)
-            --401/403------------------> LLMAuthError at once (a bad key stays bad)
+            --401----------------------> LLMAuthError at once (a bad key stays bad)
+            --403----------------------> next model (this one is not the key's to use);
+                                         LLMAuthError when no model answers and each refused
             --400 about response_format-> remember, retry once with plain prompting
             --400 refusing max_tokens/temperature (reasoning models)-> remember, retry once
               with max_completion_tokens / the model's own temperature
@@ -158,6 +160,10 @@ def _refused_setting(status: int, detail: str, body: Mapping[str, Any]) -> str |
     return None
 
 
+class _Forbidden(Exception):
+    """An endpoint refused the key for its model (HTTP 403), said as `Client._auth_message` says it."""
+
+
 class _Failure(Exception):
     """One failed attempt, already described and redacted; `retry` says what to do next."""
 
@@ -263,6 +269,7 @@ class Client:
         made: list[Call] = []
         last_errors: list[str] = []
         timed_out = 0  # models asked whose last try ran out of llm.timeout
+        forbidden = 0  # models whose endpoint refused the key for them (HTTP 403)
         unset: list[str] = []  # endpoints whose key variable is not set (or unusable): never asked
         http = httpx.Client(transport=self._transport, timeout=httpx.Timeout(self.settings.timeout))
         try:
@@ -275,8 +282,17 @@ class Client:
                     last_errors.append(f"{endpoint.model} at {shown_url(endpoint.base_url)}: not asked, "
                                        f"{self._unset_why(endpoint)}")
                     continue
-                reply, error, slow = self._ask_endpoint(http, endpoint, headers, messages, json_object,
-                                                        secrets, made, last=n == len(chain))
+                try:
+                    reply, error, slow = self._ask_endpoint(http, endpoint, headers, messages, json_object,
+                                                            secrets, made, last=n == len(chain))
+                except _Forbidden as e:
+                    # A key may use some models of an account and not others: the next model of
+                    # the chain may well be one it may use.
+                    forbidden += 1
+                    log.warning("%s; %s", e, "asking the next model of the fallback chain" if n < len(chain)
+                                else "no model of the fallback chain is left to ask")
+                    last_errors.append(str(e))
+                    continue
                 if reply is not None:
                     return reply
                 timed_out += slow
@@ -287,6 +303,8 @@ class Client:
         if len(unset) == len(chain):
             # No model could be asked: retrying cannot help until someone sets the variable.
             raise LLMAuthError("; ".join(unset))
+        if len(unset) + forbidden == len(chain):
+            raise LLMAuthError("; ".join(last_errors))  # nor until someone changes a key or its access
         summary = "; ".join(last_errors)
         if timed_out == len(chain):
             # Every model was asked and none answered in time: a fallback is no advice when there
@@ -325,8 +343,10 @@ class Client:
                 call = Call(endpoint.model, shown_url(endpoint.base_url), f.status, f.text, f.usage,
                             self._clock() - started, cost_of(f.usage, endpoint) if f.usage else 0.0)
                 self._record(call, made)
-                if f.status in (401, 403):
+                if f.status == 401:
                     raise LLMAuthError(self._auth_message(endpoint, f.status)) from None
+                if f.status == 403:
+                    raise _Forbidden(self._auth_message(endpoint, f.status)) from None
                 refused = self._refused.setdefault((endpoint.base_url, endpoint.model), set())
                 if f.rejects is not None and f.rejects not in refused:
                     refused.add(f.rejects)

@@ -735,3 +735,44 @@ def test_a_refused_setting_is_worked_around_once_then_the_400_stands(fake: FakeL
         client.chat([{"role": "user", "content": "hi"}])
     assert "max_completion_tokens" in str(info.value)
     assert len(fake.chat_bodies()) == 2
+
+
+def test_a_model_the_key_may_not_use_hands_over_to_the_fallback(fake: FakeLLM, sleeps: Sleeps,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """403: this key may not use this model; another model of the chain may be one it may use."""
+    fake.script(status=403, json={"error": {"message": "You do not have access to the model gpt-x"}})
+    fake.script(content=OK)
+    client = Client(settings(Endpoint("gpt-x", fake.base_url, api_key_env="FAKE_KEY"),
+                             Endpoint("backup", fake.base_url, api_key_env="FAKE_KEY")),
+                    env={"FAKE_KEY": KEY}, sleep=sleeps)
+    with caplog.at_level("WARNING"):
+        reply = client.chat([{"role": "user", "content": "hi"}])
+    assert reply.text == OK and reply.model == "backup"
+    assert [c.status for c in client.calls] == [403, 200] and sleeps == []
+    assert "gpt-x" in caplog.text and "FAKE_KEY" in caplog.text and "next model" in caplog.text
+    assert KEY not in caplog.text
+
+
+def test_403_from_every_model_blocks_naming_each(fake: FakeLLM, sleeps: Sleeps) -> None:
+    fake.script(status=403, json={"error": {"message": "no access"}})
+    fake.script(status=403, json={"error": {"message": "no access"}})
+    client = Client(settings(Endpoint("gpt-x", fake.base_url, api_key_env="FAKE_KEY"),
+                             Endpoint("backup", fake.base_url, api_key_env="OTHER_KEY")),
+                    env={"FAKE_KEY": KEY, "OTHER_KEY": KEY}, sleep=sleeps)
+    with pytest.raises(LLMAuthError) as info:
+        client.chat([{"role": "user", "content": "hi"}])
+    message = str(info.value)
+    assert "gpt-x" in message and "FAKE_KEY" in message and "backup" in message and "OTHER_KEY" in message
+    assert "HTTP 403" in message and "\n" not in message and KEY not in message
+    assert len(fake.requests) == 2 and sleeps == []
+
+
+def test_403_then_a_failing_fallback_is_a_failure_worth_another_attempt(fake: FakeLLM, sleeps: Sleeps) -> None:
+    fake.script(status=403, json={"error": {"message": "no access"}})
+    fake.script(status=500, json={"error": {"message": "boom"}})
+    client = Client(settings(Endpoint("gpt-x", fake.base_url), Endpoint("backup", fake.base_url),
+                             max_retries=0), sleep=sleeps)
+    with pytest.raises(LLMError) as info:
+        client.chat([{"role": "user", "content": "hi"}])
+    assert not isinstance(info.value, LLMAuthError)
+    assert "HTTP 403" in str(info.value) and "boom" in str(info.value)
