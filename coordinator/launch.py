@@ -174,9 +174,12 @@ def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int
                 kept.enter(readonly, resolved)  # before entering cwd: it may be one of the copies
                 layers.append(kept)
             elif readonly is not None:
-                writable = mounts.enter_readonly(readonly, resolved)
-                with contextlib.suppress(OSError):  # not kept (no descriptor left): it ends with the child
-                    layers.append(mounts.Layer.here(writable, time.monotonic()))
+                copies = mounts.enter_readonly(readonly, resolved)
+                try:
+                    layers.append(mounts.Layer.here(copies, time.monotonic()))
+                except OSError:  # not kept (no descriptor left): it ends with the child
+                    for fd in copies:
+                        os.close(fd)
             try:
                 os.chdir(cwd)
             except OSError as e:

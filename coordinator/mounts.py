@@ -37,7 +37,7 @@ import errno
 import functools
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,7 @@ CLONE_FS = 0x00000200  # a thread's own current folder (and root): a mount names
 _CLONE_NEWNS = 0x00020000
 _AT_FDCWD = -100
 _AT_RECURSIVE = 0x8000
+_AT_EMPTY_PATH = 0x1000
 _OPEN_TREE_CLONE = 1
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _MOUNT_ATTR_RDONLY = 0x1
@@ -92,10 +93,10 @@ def outermost(paths: Sequence[str], resolved: Mapping[str, str] | None = None) -
     return kept
 
 
-def enter_readonly(writable: Sequence[str], resolved: Mapping[str, str] | None = None) -> list[str]:
+def enter_readonly(writable: Sequence[str], resolved: Mapping[str, str] | None = None) -> list[int]:
     """Give the calling thread a mount namespace where only `writable` can be written
-    (`resolved`: the real paths of some of them, found already); returns the paths put back
-    writable (`outermost`).
+    (`resolved`: the real paths of some of them, found already); returns a descriptor of each
+    copy put back writable (`outermost`), the caller's to close: what `Layer` seals them by.
 
     The thread's current folder is left on the old mount: enter the working folder afterwards.
     """
@@ -107,10 +108,16 @@ def enter_readonly(writable: Sequence[str], resolved: Mapping[str, str] | None =
     try:
         _setattr_all(_MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0))
         _put_back(copies)
-    finally:
-        for _, fd in copies:
+    except BaseException:
+        _close(fd for _, fd in copies)
+        raise
+    return [fd for _, fd in copies]
+
+
+def _close(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
             os.close(fd)
-    return [path for path, _ in copies]
 
 
 def _copies(writable: Sequence[str], resolved: Mapping[str, str] | None) -> list[tuple[str, int]]:
@@ -145,12 +152,15 @@ class Layer:
     fd: int  # the namespace, held open
     ino: int  # its identity (what /proc/PID/ns/mnt of a process in it shows)
     made: float  # when, on the monotonic clock
-    writable: list[str]  # the paths the last start in it had put back writable
+    # The copies the last start in it put back writable, held open: sealed by these, not by
+    # their paths, since a folder renamed on the machine takes its copy along to the new name.
+    writable: list[int]
     uses: int = 1
 
     @classmethod
-    def here(cls, writable: list[str], now: float) -> Layer:
-        """The calling thread's namespace (made by `enter_readonly`), kept."""
+    def here(cls, writable: list[int], now: float) -> Layer:
+        """The calling thread's namespace (made by `enter_readonly`, whose copies are
+        `writable`), kept."""
         fd = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         return cls(fd, os.fstat(fd).st_ino, now, writable)
 
@@ -162,30 +172,30 @@ class Layer:
         try:
             if libc().setns(self.fd, _CLONE_NEWNS) != 0:
                 raise StaleLayer(f"read-only sandbox: setns: {os.strerror(ctypes.get_errno())}")
-            for path in self.writable:
-                _seal(path)
+            for fd in self.writable:
+                _seal(fd)
             _put_back(copies)
-        except SandboxError as e:
-            raise StaleLayer(str(e)) from None
-        finally:
-            for _, fd in copies:
-                os.close(fd)
-        self.writable = [path for path, _ in copies]
+        except BaseException as e:
+            _close(fd for _, fd in copies)
+            if isinstance(e, SandboxError):
+                raise StaleLayer(str(e)) from None
+            raise
+        _close(self.writable)
+        self.writable = [fd for _, fd in copies]
         self.uses += 1
 
 
-def _seal(path: str) -> None:
-    """Make the copy put back at `path` read-only, with all below it. None there any more (its
-    folder was removed, which took the copy along): nothing to seal."""
+def _seal(copy: int) -> None:
+    """Make the copy `copy` (put back by an earlier start) read-only, with all below it. No
+    longer in this namespace (its folder was removed, which took the copy along): nothing
+    there to seal."""
     attr = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
     try:
-        syscall(_SYS_MOUNT_SETATTR, ctypes.c_int(_AT_FDCWD), os.fsencode(path), ctypes.c_uint(_AT_RECURSIVE),
+        syscall(_SYS_MOUNT_SETATTR, ctypes.c_int(copy), b"", ctypes.c_uint(_AT_EMPTY_PATH | _AT_RECURSIVE),
                 ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
     except OSError as e:
-        # ENOENT: the folder is gone; EINVAL: the path is no mount's root, so no copy is there
-        # (the folder was removed and made again on the read-only mount around it).
-        if e.errno not in (errno.ENOENT, errno.EINVAL):
-            raise SandboxError(f"read-only sandbox: seal {path}: {e.strerror}") from None
+        if e.errno != errno.EINVAL:  # EINVAL: in no namespace of ours any more
+            raise SandboxError(f"read-only sandbox: seal a copy: {e.strerror}") from None
 
 
 class Layers:
@@ -222,8 +232,8 @@ class Layers:
 
 def drop(layer: Layer) -> None:
     """Let `layer` go: it ends with the last process in it (at once when there is none)."""
-    with contextlib.suppress(OSError):
-        os.close(layer.fd)
+    _close([layer.fd, *layer.writable])
+    layer.writable = []
 
 
 @functools.cache

@@ -786,6 +786,23 @@ def test_a_start_in_a_kept_namespace_can_change_nothing_of_the_start_before(sp: 
 
 @needs_landlock
 @pytest.mark.skipif(mounts.status() is not None, reason=f"no read-only mount layer here: {mounts.status()}")
+def test_a_folder_renamed_after_its_start_is_sealed_under_its_new_name(sp: Spawner, tmp_path: Path) -> None:
+    """A folder renamed on the machine takes its copy in a kept namespace along: the copy is
+    sealed as such, not looked for by its old name."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    ns, *_ = _namespace_and(tmp_path, sp, "one", first, f"echo kept > {first}/file")
+    moved = first.rename(tmp_path / "moved")
+    tries = (f"chmod 700 {moved}", f"chmod 600 {moved}/file", f"touch -m {moved}/file")
+    script = "; ".join(f"({t}) 2>/dev/null && echo changed || echo refused" for t in tries)
+    again, *said = _namespace_and(tmp_path, sp, "two", second, script)
+    assert again == ns
+    assert said == ["refused"] * len(tries)
+    assert (moved / "file").stat().st_mode & 0o777 == 0o644
+
+
+@needs_landlock
+@pytest.mark.skipif(mounts.status() is not None, reason=f"no read-only mount layer here: {mounts.status()}")
 def test_the_same_folder_in_two_starts_in_a_row_is_writable_for_each(sp: Spawner, tmp_path: Path) -> None:
     """A retry works in the same working copy: sealing the first start's copy leaves the second its own."""
     work = tmp_path / "work"
