@@ -105,7 +105,9 @@ class Endings(FollowUps, Outbox):
     def _deny(self, act: Active, verdict: gate.Verdict) -> None:
         rec = act.rec
         lines = [f"{act.repo.name if act.repo else ''}/{gate.describe(c)} — {why}" for c, why in verdict.offending]
-        rec.report = {"summary": f"{act.agent.name} {_denied_for(verdict)}; every change was discarded",
+        name = act.repo.name if act.repo else ""
+        said = _denied_for(verdict, name, act.order.files, act.agent.writes)
+        rec.report = {"summary": f"{act.agent.name} {said}; every change was discarded",
                       "offending": lines}
         if act.agent.is_orchestrator:
             self.sup.signal("artifact", agent=act.agent.name, order=rec.id, evidence=_cut("; ".join(lines), 300))
@@ -265,13 +267,19 @@ _LIMITS = {
 _IN_SUBMODULE = gate.SUBMODULE.partition("{}")[0]  # how the gate's reason for such a path starts
 
 
-def _denied_for(verdict: gate.Verdict) -> str:
+def _denied_for(verdict: gate.Verdict, repo: str, files: tuple[str, ...], writes: tuple[str, ...]) -> str:
     """What the denied change was, for the report's summary: `wrote outside its permission`,
-    or the limit it passed (both, when it did both)."""
+    `made a change no permission allows` (a fifo, a setuid bit, a link out, where it may
+    write), or the limit it passed (each that applies, in that order)."""
     kinds = {_kind(c, why) for c, why in verdict.offending}
     said = [text for what, text in _LIMITS.items() if what in kinds]
-    if kinds - _LIMITS.keys() or not said:
+    others = [c for c, why in verdict.offending if _kind(c, why) not in _LIMITS]
+    if any(c.path == "." or gate.outside(f"{repo}/{c.path}", files, writes) is not None for c in others):
         said.insert(0, "wrote outside its permission")
+    elif others:
+        said.insert(0, "made a change no permission allows")
+    if not said:
+        said.append("wrote outside its permission")
     return " and ".join(said).format(_unread(verdict))
 
 

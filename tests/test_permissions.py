@@ -493,6 +493,9 @@ attempt("socket", lambda: __import__("socket").socket(__import__("socket").AF_UN
 ''', files=("webapp/src/**",))
     a.assert_denied("src/pipe.py", "src/sock.py")
     assert any("special" in line and "fifo" in line for line in a.offending)
+    # Where it may write: no write outside its permission, but a change none allows.
+    summary = a.rec.report["summary"]
+    assert "made a change no permission allows" in summary and "outside" not in summary, summary
 
 
 @needs_landlock
@@ -1391,10 +1394,15 @@ def test_a_denial_for_size_says_so_not_that_the_agent_wrote_outside_its_permissi
     assert "outside its permission" not in brief
     from coordinator.endings import _denied_for
     big, outside = gate.Change("src/big.bin", "too-large"), gate.Change("README.md", "added")
-    assert _denied_for(gate.Verdict((big,), ((big, ""), (outside, "")))) == (
+    mine = ("webapp/src/**",), ("webapp/**",)  # the order's files, the agent's writes
+    assert _denied_for(gate.Verdict((big,), ((big, ""), (outside, ""))), "webapp", *mine) == (
         "wrote outside its permission and wrote a file too large to commit")
     many = gate.Change("src", "too-many", kind="dir")
-    assert _denied_for(gate.Verdict((many,), ((many, ""),))) == "added more files and folders than one change may"
+    assert _denied_for(gate.Verdict((many,), ((many, ""),)), "webapp", *mine) == (
+        "added more files and folders than one change may")
+    setuid = gate.Change("src/tool", "setuid")  # where it may write, but never allowed
+    assert _denied_for(gate.Verdict((setuid,), ((setuid, ""), (big, ""))), "webapp", *mine) == (
+        "made a change no permission allows and wrote a file too large to commit")
 
 
 def test_a_file_too_large_outside_its_files_is_still_a_scope_signal(make_ws, tmp_path):
@@ -1456,7 +1464,8 @@ def test_a_denial_for_a_file_it_left_unreadable_says_so_not_a_write_outside_its_
     from coordinator.endings import _denied_for
     folder = gate.Change("src/sub", "unreadable", kind="dir")
     two = gate.Change("src/a.py", "unreadable"), gate.Change("src/b.py", "unreadable")
-    assert _denied_for(gate.Verdict((folder, *two), ((folder, ""), (two[0], ""), (two[1], "")))) == (
+    verdict = gate.Verdict((folder, *two), ((folder, ""), (two[0], ""), (two[1], "")))
+    assert _denied_for(verdict, "webapp", ("webapp/src/**",), ("webapp/**",)) == (
         "left 2 files and a folder the supervisor could not read")
 
 
