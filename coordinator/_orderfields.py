@@ -213,6 +213,17 @@ def _rules(d: dict[str, Any], path: str, problems: list[Problem]) -> None:
                 if check:
                     bad(f"acceptance.{i}.check", check + ("; give the command that checks it, or leave out check"
                                                           if check == "is empty" else ""))
+        # The same criterion twice is one criterion: three copies of "it works" passed the count.
+        seen: dict[tuple[str, str], int] = {}
+        for i, item in enumerate(items[: hi + 1]):
+            if isinstance(item, dict) and isinstance(item.get("text"), str):
+                command = item.get("check")
+                criterion = (" ".join(item["text"].split()).casefold(),
+                             command.strip() if isinstance(command, str) else "")
+                if criterion[0] and criterion in seen:
+                    bad(f"acceptance.{i}", f"repeats item {seen[criterion] + 1}; a work order needs {lo} to {hi} "
+                                           "different testable items")
+                seen.setdefault(criterion, i)
     files = d.get("files")
     if isinstance(files, list):
         if len(files) > MAX_FILES:

@@ -1092,7 +1092,9 @@ def test_new_prints_a_template_that_validates_once_filled_in(ws: Path) -> None:
     assert before.exit_code == 1
     assert "objective: still holds the template placeholder" in before.stderr
     filled = re.sub(r"<replace with the command that tests it>", "make test", result.stdout)
-    filled = re.sub(r"<describe [^>]*>", "the greeting shows the name", filled)
+    said = iter(("the greeting shows the name", "the name is escaped", "an empty name is refused",
+                 "the page still loads", "the log says who"))
+    filled = re.sub(r"<describe [^>]*>", lambda _: next(said), filled)  # a different criterion each
     draft.write_text(filled)
     after = run("-w", ws, "validate", draft)
     assert (after.exit_code, after.stdout) == (0, "fix.md: ok (to chip, 1 check(s))\n"), after.stderr

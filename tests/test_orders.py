@@ -338,6 +338,18 @@ def test_two_acceptance_items_gives_the_spec_message() -> None:
         "inbox/chip/fix.md:7: acceptance: has 2 items; a work order needs 3 to 5 testable items"]
 
 
+def test_the_same_criterion_twice_is_refused_where_it_repeats() -> None:
+    """Three copies of one criterion passed the count of three: it is one criterion."""
+    text = BODY.replace("- A 64-character password still logs in", "- a 65-character password  shows \"PASSWORD too long\"")
+    assert [str(p) for p in problems_of(text)] == [
+        "inbox/chip/fix.md:5: acceptance.1: repeats item 1; a work order needs 3 to 5 different testable items"]
+    # The same words with another check are another criterion.
+    yaml_text = ("objective: The tests pass\nacceptance:\n  - {text: The suite is green, check: make test}\n"
+                 "  - {text: The suite is green, check: make lint}\n  - The form says why\n"
+                 "files: [webapp/src/login.ts]\nbranching: [halt-with-note if it already does]\n")
+    assert len(orders.parse(yaml_text.encode(), path="o.yaml", to="chip").acceptance) == 3
+
+
 def test_six_acceptance_items_and_empty_or_wrapped_items() -> None:
     items = "\n".join(f"- result {i}" for i in range(6))
     text = BODY.replace('- A 65-character password shows "Password too long"', items)
@@ -800,10 +812,11 @@ def test_billion_laughs_costs_neither_time_nor_memory() -> None:
 def test_a_yaml_alias_that_stays_small_is_read_as_the_value_it_names() -> None:
     """SPEC §2 refuses only aliases that expand past a small bound."""
     text = ("objective: &o The login form rejects long passwords\n"
-            "acceptance:\n  - &same A 64-character password still logs in\n  - *same\n  - The form says why\n"
+            "acceptance:\n  - A 64-character password still logs in\n  - *o\n  - The form says why\n"
             "files: &f [webapp/src/login.ts]\nbranching: [halt-with-note if the form already enforces it]\n")
     order = orders.parse(text.encode(), path="o.yaml", to="chip")
-    assert [a.text for a in order.acceptance] == ["A 64-character password still logs in"] * 2 + ["The form says why"]
+    assert [a.text for a in order.acceptance] == ["A 64-character password still logs in",
+                                                  "The login form rejects long passwords", "The form says why"]
     front = "---\nblocked_by: &b [WO-0007]\nreferences: *b\n---\n"  # in Markdown's front matter too
     assert orders.parse((front + BODY).encode(), path="o.md", to="chip").references == ("WO-0007",)
 
@@ -889,9 +902,9 @@ def test_templates_for_every_kind_of_agent(agent: str, team: config.Config) -> N
     text = orders.template(agent, team)
     assert f"to: {agent}" in text and ("route-to-" in text) == (agent == "walt")
     filled = text.replace("<replace with the command that tests it>", "make test")
-    for line in filled.splitlines():
-        if "<describe" in line:
-            filled = filled.replace(line, line.split("<describe")[0] + "something checkable")
+    for n, line in enumerate(filled.splitlines()):
+        if "<describe" in line:  # filled as a person would: a different criterion each
+            filled = filled.replace(line, line.split("<describe")[0] + f"something checkable number {n}", 1)
     if agent == "idle":  # the file is fine; idle has no command to run it
         assert orders.parse(filled.encode(), path="n.md").to == "idle"
     else:

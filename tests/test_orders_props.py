@@ -61,7 +61,10 @@ def work_order(draw: st.DrawFn) -> WorkOrder:
         sender=draw(st.just("user") | AGENT),
         to=draw(AGENT),
         objective=draw(LINE),
-        acceptance=tuple(draw(st.lists(acceptance(), min_size=3, max_size=5))),
+        # Distinct, as intake wants them (the same criterion twice is refused).
+        acceptance=tuple(draw(st.lists(acceptance(), min_size=3, max_size=5,
+                                       unique_by=lambda a: (" ".join(a.text.split()).casefold(),
+                                                            (a.check or "").strip())))),
         files=tuple(files),
         branching=tuple(draw(st.lists(branch(), min_size=1, max_size=10))),
         priority=draw(st.sampled_from(orders.PRIORITIES)),
