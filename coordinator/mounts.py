@@ -61,7 +61,7 @@ _MS_PRIVATE = 1 << 18
 
 LAYER_USES = 32  # starts one namespace serves: each leaves its copies behind (read-only)
 LAYER_AGE = 2.0  # seconds a namespace is used for after it was made (it saw the mounts of then)
-LAYERS_FREE = 8  # namespaces kept between starts
+LAYERS_FREE = 32  # namespaces kept between starts (some 4 descriptors each), for as many at once
 
 
 class _MountAttr(ctypes.Structure):
