@@ -72,6 +72,17 @@ def git(path: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True,
                           check=True).stdout
 
+def kept_in(ws: Any, secret: str, *also: Path) -> list[str]:
+    """Where `secret` was written: files under state/, .coordinator/ (and `also`), and state/'s
+    git history (every commit's diff). Empty: nowhere a person or an agent could read it."""
+    found = []
+    for root in (ws.state, ws.runtime, *also):
+        found += subprocess.run(["grep", "-rlaF", secret, str(root)], capture_output=True, text=True).stdout.splitlines()
+    if secret in git(ws.state, "log", "-p", "--all"):
+        found.append("state/ git history")
+    return found
+
+
 
 def user_message(body: dict[str, Any], index: int = 0) -> str:
     return [m["content"] for m in body["messages"] if m["role"] == "user"][index]
@@ -574,10 +585,7 @@ def test_the_api_key_is_sent_but_appears_nowhere_in_state_runtime_or_logs(make_w
     assert locked.status == "blocked" and locked.attempts == 1  # a bad key is not retried
     assert "HTTP 401" in locked.report["summary"] and "FAKE_KEY" in locked.report["summary"]
     assert all(r.headers["authorization"] == f"Bearer {KEY}" for r in fake.requests)
-    for root in (ws.state, ws.runtime):
-        leaked = subprocess.run(["grep", "-rlaF", KEY, str(root)], capture_output=True, text=True).stdout
-        assert leaked == ""
-    assert KEY not in git(ws.state, "log", "-p", "--all")
+    assert kept_in(ws, KEY) == []
     assert lines and not any(KEY in line for line in lines)
     assert not any(KEY in m for m in caplog.messages)
 
@@ -598,10 +606,7 @@ def test_a_password_in_the_base_url_is_sent_but_never_kept_nor_shown_to_the_mode
     assert rec.status == "done" and rec.attempts == 2
     assert fake.requests[0].headers["authorization"].startswith("Basic ")
     assert "m at http://***@127.0.0.1:" in rec.failures[0]
-    for root in (ws.state, ws.runtime):
-        leaked = subprocess.run(["grep", "-rlaF", secret, str(root)], capture_output=True, text=True).stdout
-        assert leaked == ""
-    assert secret not in git(ws.state, "log", "-p", "--all")
+    assert kept_in(ws, secret) == []
     assert not any(secret in text for text in [*lines, *caplog.messages, json.dumps(fake.chat_bodies())])
 
 
@@ -656,10 +661,7 @@ def test_a_key_in_the_base_urls_query_is_sent_but_never_kept_nor_shown(make_ws, 
     assert rec.status == "done" and rec.attempts == 2
     assert fake.requests[0].path == f"/v1/chat/completions?api-version=2024-06-01&api-key={secret}"
     assert "/v1?api-version=***&api-key=***: HTTP 500" in rec.failures[0]
-    for root in (ws.state, ws.runtime):
-        leaked = subprocess.run(["grep", "-rlaF", secret, str(root)], capture_output=True, text=True).stdout
-        assert leaked == ""
-    assert secret not in git(ws.state, "log", "-p", "--all")
+    assert kept_in(ws, secret) == []
     assert not any(secret in text for text in [*lines, *caplog.messages, json.dumps(fake.chat_bodies())])
 
 
@@ -699,10 +701,7 @@ def test_a_reply_that_echoes_the_key_is_sent_back_and_never_kept(make_ws, fake):
 
     rec = load(ws, "g")
     assert rec.status == "blocked" and "holds the API key" in rec.failures[0]
-    for root in (ws.state, ws.runtime, ws.repos):
-        leaked = subprocess.run(["grep", "-rlaF", KEY, str(root)], capture_output=True, text=True).stdout
-        assert leaked == ""
-    assert KEY not in git(ws.state, "log", "-p", "--all")
+    assert kept_in(ws, KEY, ws.repos) == []
     # Nor is it sent back in the re-asks (which a fallback on another host could receive).
     assert all(KEY not in json.dumps(body) for body in fake.chat_bodies())
 
@@ -896,10 +895,7 @@ def test_not_even_the_start_of_the_key_reaches_state_when_an_error_is_cut(make_w
 
     assert load(ws, "g").status == "blocked"
     assert "***" in load(ws, "g").failures[0]
-    for root in (ws.state, ws.runtime):
-        leaked = subprocess.run(["grep", "-rlaF", KEY[:8], str(root)], capture_output=True, text=True).stdout
-        assert leaked == ""
-    assert KEY[:8] not in git(ws.state, "log", "-p", "--all")
+    assert kept_in(ws, KEY[:8]) == []
 
 
 def commit_all(repo: Path) -> None:
