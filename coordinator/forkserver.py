@@ -29,7 +29,7 @@ from typing import Any
 
 from . import landlock, mounts, ownership
 from .errors import CoordinatorError, SandboxError, SupervisorError
-from .launch import Launcher
+from .launch import Armed, Launcher
 from .ownership import CappedLog, Tree
 from .spawner import (
     _HEADER,
@@ -101,6 +101,9 @@ class _Server:
         self.emptied: set[str] = set()
         self.kills: list[_Kill] = []
         self.waiting: list[_Waiting] = []  # starts put off for want of resources, oldest first
+        # Starts prepared ahead (`arm`), by token: the request, and its launcher thread waiting
+        # for the exec (None: it could not be prepared, and starts from the request at its `go`).
+        self.armed: dict[str, tuple[dict[str, Any], Armed | None]] = {}
         self.retry_at = 0.0
         self.freed = False  # an attempt ended since the last retry: what it held is free
         self.inbuf, self.outbuf = bytearray(), bytearray()
@@ -180,6 +183,16 @@ class _Server:
 
     def _handle(self, msg: dict[str, Any]) -> None:
         rid, op = msg["id"], msg["op"]
+        armed: Armed | None = None
+        if op == "arm":
+            return self._arm(msg)
+        if op == "disarm":
+            return self._disarm(msg["token"])
+        if op == "go":  # the start prepared by `arm`, from here on as any `start` of its request
+            prepared = self.armed.pop(msg["token"], None)
+            if prepared is None:
+                return self._refuse(msg["token"], CoordinatorError("cannot start the command: it was not prepared"))
+            (msg, armed), op = prepared, "spawn"
         detached = bool(msg.get("detached"))  # a `start` or `kill_soon`: nobody waits for the reply
         if detached:
             rid = None
@@ -189,11 +202,14 @@ class _Server:
             if op == "hello":
                 self._reply(rid, pid=self.pid)
             elif op == "spawn" and detached and self.waiting:  # in turn after those waiting for room
+                self._cancel(armed)
+                armed = None
                 self.waiting.append(_Waiting(msg, time.monotonic(), self.waiting[0].short))
                 self._tell("waits", msg["token"])
                 self._retry_waiting(time.monotonic())
             elif op == "spawn":
-                self._reply(rid, pid=self._spawn(msg))
+                given, armed = armed, None  # `_spawn` fires or cancels it
+                self._reply(rid, pid=self._spawn(msg, given))
             elif op == "alive":
                 self._reply(rid, alive=any(not p.zombie for p in self._tree().get(msg["token"], ())))
             elif op == "kill":
@@ -205,6 +221,7 @@ class _Server:
             else:
                 raise SupervisorError(f"unknown spawn server request {op!r}")
         except Exception as e:
+            self._cancel(armed)  # failed before it was fired (no room, no log): it runs nothing
             if detached and op == "spawn" and self._put_off(msg, e, time.monotonic()):
                 return
             # Out of processes, fds or threads, or a request nobody foresaw: this request fails
@@ -215,6 +232,31 @@ class _Server:
                 self._refuse(msg["token"], error)
             elif not detached:  # a detached kill that failed: the caller's later kill_tree says why
                 self._reply_error(rid, error)
+
+    # starts prepared ahead
+    def _arm(self, msg: dict[str, Any]) -> None:
+        """Prepare the start of `msg` up to its exec (see `Launcher.arm`), for its `go`. What
+        cannot be prepared is not said here: its `go` starts it from the request, and fails
+        there as any start of it would."""
+        token = msg["token"]
+        self._disarm(token)
+        msg = {**msg, "op": "spawn", "detached": True}
+        self.armed[token] = (msg, None)
+        if self.stopping is not None or self.waiting:
+            return
+        try:
+            _check_room(START_FDS + FD_RESERVE + len(msg.get("mounts") or ()))
+            self.armed[token] = (msg, self.launcher.arm(msg))
+        except Exception:
+            return
+
+    def _disarm(self, token: str) -> None:
+        self._cancel(self.armed.pop(token, (None, None))[1])
+
+    @staticmethod
+    def _cancel(armed: Armed | None) -> None:
+        if armed is not None:
+            armed.cancel()
 
     # starts put off for want of resources
     def _put_off(self, msg: dict[str, Any], e: BaseException, now: float, since: float | None = None) -> bool:
@@ -307,23 +349,28 @@ class _Server:
         self._send_events()
 
     # spawning
-    def _spawn(self, msg: dict[str, Any]) -> int:
-        _check_room(START_FDS + FD_RESERVE + len(msg.get("mounts") or ()))
+    def _spawn(self, msg: dict[str, Any], armed: Armed | None = None) -> int:
+        """Start `msg`'s child (`armed`: from its start prepared ahead); its pid."""
         token = msg["token"]
-        old = self.attempts.get(token)
-        if old is not None:
-            if not old.exited or old.out_fd is not None:
-                raise CoordinatorError(f"attempt {token} is still running; kill_tree it first")
-            self._forget(old)
         try:
-            # Never through a link: a log path is not to be aimed at another file.
-            log_fd = os.open(msg["log_path"],
-                             os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
-                             0o644)
-        except OSError as e:
-            raise CoordinatorError(f"cannot open log {msg['log_path']}: {e.strerror}") from None
+            if armed is None:  # an armed start has the descriptors it needs
+                _check_room(START_FDS + FD_RESERVE + len(msg.get("mounts") or ()))
+            old = self.attempts.get(token)
+            if old is not None:
+                if not old.exited or old.out_fd is not None:
+                    raise CoordinatorError(f"attempt {token} is still running; kill_tree it first")
+                self._forget(old)
+            try:
+                # Never through a link: a log path is not to be aimed at another file.
+                log_fd = os.open(msg["log_path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                                 | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+            except OSError as e:
+                raise CoordinatorError(f"cannot open log {msg['log_path']}: {e.strerror}") from None
+        except BaseException:
+            self._cancel(armed)
+            raise
         try:
-            pid, out_r, layer = self.launcher.start(msg)
+            pid, out_r, layer = self.launcher.start(msg, armed)
         except BaseException as e:
             # The log is where a user looks first: say there why nothing ran.
             with contextlib.suppress(OSError):
@@ -458,6 +505,8 @@ class _Server:
         self.kills.append(self.stopping)
 
     def _finish(self) -> None:
+        for token in list(self.armed):
+            self._disarm(token)
         for att in list(self.attempts.values()):
             self._forget(att)
         self.launcher.layers.clear()

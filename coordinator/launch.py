@@ -10,11 +10,16 @@ its attempt's token (``COORD_ATTEMPT``), starts in a new session with its
 output on a pipe, and gets no capability through exec: the server's own thread
 gave up the sets every launcher thread inherits, once, when the `Launcher` was
 made.
+
+A start can be armed ahead (`Launcher.arm`): its thread does all of the above but the
+exec, then waits for `Armed.fire`, so the exec follows at once when the supervisor
+says go; `Armed.cancel` ends it with nothing run.
 """
 
 from __future__ import annotations
 
 import _thread
+import collections
 import contextlib
 import ctypes
 import errno
@@ -56,10 +61,18 @@ class Launcher:
         # refusing its start with the reason.
         self.filtered = _FilteredMaker.start() if self.abi > 0 else None
 
-    def start(self, msg: dict[str, Any]) -> tuple[int, int, mounts.Layer | None]:
+    def start(self, msg: dict[str, Any], armed: Armed | None = None) -> tuple[int, int, mounts.Layer | None]:
         """Start one child; returns (pid, read end of its output, the read-only layer's
         namespace it runs in, or None) once exec succeeded. The caller gives the namespace back
-        to `layers` (or drops it) once nothing of the child's attempt is left."""
+        to `layers` (or drops it) once nothing of the child's attempt is left. `armed`: this
+        request's start, prepared by `arm` (what it prepares is the same)."""
+        return (armed or self.arm(msg, waits=False)).fire()
+
+    def arm(self, msg: dict[str, Any], *, waits: bool = True) -> Armed:
+        """Prepare the start of `msg` up to its exec: checked, its ruleset made, and its
+        launcher thread in its folder, mounts and sandbox, waiting for `Armed.fire` (or
+        `Armed.cancel`) before it runs anything. Raises what `start` would for a request that
+        cannot start. `waits=False`: the thread goes on to the exec at once."""
         argv, cwd, env = msg["argv"], msg["cwd"], dict(msg["env"])
         # A specialist's output can reach the next attempt's arguments; exec cannot carry a NUL.
         name = argv[0].replace("\0", "")
@@ -80,34 +93,63 @@ class Launcher:
                 raise SandboxError("this kernel has no Landlock: refusing to run without the kernel sandbox")
             if self.readonly:
                 readonly = tuple(msg["mounts"])
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        layer: mounts.Layer | None = None
         try:
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(out_r, fcntl.F_SETPIPE_SZ, READ_CHUNK)  # fewer wakeups for chatty children
-            maker = self.filtered if ruleset_fd >= 0 else None
-            kept = self.layers.take(time.monotonic()) if readonly is not None else None
-            try:
-                pid, layer = _launch(exe, argv, env, cwd, out_w, self.devnull, ruleset_fd, readonly, kept, maker,
-                                     resolved)
-            except mounts.StaleLayer:  # a kept namespace that could not serve: a new one then
-                assert kept is not None
-                mounts.drop(kept)
-                pid, layer = _launch(exe, argv, env, cwd, out_w, self.devnull, ruleset_fd, readonly, None, maker,
-                                     resolved)
-            except BaseException:
-                if kept is not None:
-                    mounts.drop(kept)  # it may hold this start's copies: serves no other
-                raise
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
         except BaseException:
-            os.close(out_r)
-            raise
-        finally:
-            os.close(out_w)
             if ruleset_fd >= 0:
                 os.close(ruleset_fd)
-        os.set_blocking(out_r, False)
-        return pid, out_r, layer
+            raise
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(out_r, fcntl.F_SETPIPE_SZ, READ_CHUNK)  # fewer wakeups for chatty children
+        launch = _Launch(exe, argv, env, cwd, out_w, self.devnull, ruleset_fd, readonly,
+                         self.filtered if ruleset_fd >= 0 else None, resolved, waits=waits)
+        armed = Armed(launch, out_r)
+        try:
+            launch.begin(self.layers.take(time.monotonic()) if readonly is not None else None)
+        except BaseException:
+            armed.cancel()
+            raise
+        return armed
+
+
+class Armed:
+    """A start under way in its launcher thread (see `Launcher.arm`): `fire` lets it exec,
+    `cancel` ends it with nothing run. Either is called once, by the server's thread."""
+
+    def __init__(self, launch: _Launch, out_r: int) -> None:
+        self.launch = launch
+        self.out_r = out_r
+
+    def fire(self) -> tuple[int, int, mounts.Layer | None]:
+        launch = self.launch
+        try:
+            try:
+                pid, layer = launch.go()
+            except mounts.StaleLayer:  # a kept namespace that could not serve: a new one then
+                assert launch.kept is not None
+                mounts.drop(launch.kept)
+                launch.waits = False
+                launch.begin(None)
+                pid, layer = launch.go()
+            except BaseException:
+                if launch.kept is not None:
+                    mounts.drop(launch.kept)  # it may hold this start's copies: serves no other
+                raise
+        except BaseException:
+            os.close(self.out_r)
+            raise
+        finally:
+            launch.release()
+        os.set_blocking(self.out_r, False)
+        return pid, self.out_r, layer
+
+    def cancel(self) -> None:
+        """Nothing runs; the namespace it was given (it may hold its copies) serves no other."""
+        layer = self.launch.stop()
+        if layer is not None:
+            mounts.drop(layer)
+        self.launch.release()
+        os.close(self.out_r)
 
 
 def _resolve(argv0: str, path: str | None, cwd: str) -> str:
@@ -144,92 +186,135 @@ def _why_not(e: OSError, argv: list[str]) -> str:
 _DEFAULT_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ)
 
 
-def _launch(exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int, devnull: int,
-            ruleset_fd: int, readonly: tuple[str, ...] | None = None, kept: mounts.Layer | None = None,
-            maker: _FilteredMaker | None = None,
-            resolved: dict[str, str] | None = None) -> tuple[int, mounts.Layer | None]:
-    """posix_spawn the child from a throwaway thread that first enters `cwd` and the sandbox.
+class _Launch:
+    """posix_spawn a child from a throwaway thread that first enters `cwd` and the sandbox.
 
     Landlock restricts only the calling thread, and a thread that unshared its
     file-system context has its own current folder (and, with `readonly`, its own
     mounts, all read-only but those paths); the child inherits them all, the seccomp
     filter installed after the ruleset, and the capability sets the server's thread
     emptied. So no Python runs in the child (vfork + exec in the C library) and the
-    server itself stays unrestricted in its own folder. Returns once exec succeeded: the
-    child's pid and, with `readonly`, the namespace it runs in: `kept`, made ready for it, or
-    a new one. A start that fails takes its namespace along (dropped); StaleLayer: `kept`
-    could not be made ready, and nothing started.
+    server itself stays unrestricted in its own folder. `waits`: the thread, once ready,
+    waits for `go` before the exec (or for `stop`: then it runs nothing).
     `maker`: the thread is made by it and has the seccomp filter from the start. `resolved`: the
     real paths of the sandbox's paths, found already.
     """
-    outcome: list[int | BaseException] = []
-    layers: list[mounts.Layer] = []
 
-    def work() -> None:
+    def __init__(self, exe: str, argv: list[str], env: dict[str, str], cwd: str, out_w: int, devnull: int,
+                 ruleset_fd: int, readonly: tuple[str, ...] | None = None, maker: _FilteredMaker | None = None,
+                 resolved: dict[str, str] | None = None, *, waits: bool = False) -> None:
+        self.exe, self.argv, self.env, self.cwd = exe, argv, env, cwd
+        self.out_w, self.devnull, self.ruleset_fd = out_w, devnull, ruleset_fd
+        self.readonly, self.maker, self.resolved = readonly, maker, resolved
+        self.waits = waits
+        self.kept: mounts.Layer | None = None
+        self.layer: mounts.Layer | None = None  # the namespace its thread entered or made
+        self.outcome: list[int | BaseException] = []
+        self.stopped = False
+        # Bare locks: threading.Thread's start and join each wait for the other thread once
+        # more, two scheduler round trips per spawn on a busy machine.
+        self.ended = _thread.allocate_lock()
+        self.wanted = _thread.allocate_lock()
+
+    def begin(self, kept: mounts.Layer | None) -> None:
+        """Make its thread, in `kept` (a namespace kept for more starts) or a new namespace."""
+        self.kept, self.layer, self.outcome, self.stopped = kept, None, [], False
+        self.ended.acquire()
+        if self.waits:
+            self.wanted.acquire()
         try:
-            if landlock.libc().unshare(mounts.CLONE_FS) != 0:
-                raise CoordinatorError(f"cannot start the command: unshare: {os.strerror(ctypes.get_errno())}")
-            if kept is not None:
-                assert readonly is not None
-                kept.enter(readonly, resolved)  # before entering cwd: it may be one of the copies
-                layers.append(kept)
-            elif readonly is not None:
-                copies = mounts.enter_readonly(readonly, resolved)
-                try:
-                    layers.append(mounts.Layer.here(copies, time.monotonic()))
-                except OSError:  # not kept (no descriptor left): it ends with the child
-                    for fd in copies:
-                        os.close(fd)
-            try:
-                os.chdir(cwd)
-            except OSError as e:
-                raise CoordinatorError(f"cannot enter working folder {cwd}: {e.strerror}") from None
-            if ruleset_fd >= 0:
-                landlock.enforce(ruleset_fd)  # sets no_new_privs, which the filter needs
-                if maker is None:
-                    seccomp.install()  # no setuid file, no lease: what Landlock has no right for
-            # No capability to give up here: the server's thread emptied the bounding,
-            # inheritable and ambient sets this thread inherited (see `Launcher`).
-            # The server's /dev/null sits on the machine's mount: fchmod(0) would change it.
-            null = devnull if readonly is None else os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                outcome.append(os.posix_spawn(
-                    exe, argv, env, setsid=True, setsigmask=(), setsigdef=_DEFAULT_SIGNALS,
-                    file_actions=[(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
-                                  (os.POSIX_SPAWN_DUP2, out_w, 2)]))
-            except OSError as e:
-                raise CoordinatorError(f"cannot run {argv[0]}: {_why_not(e, argv)}") from None
-            finally:
-                if null != devnull:
-                    os.close(null)
+            if self.maker is None:
+                _thread.start_new_thread(self._run, ())
+            else:
+                self.maker.make(self._run, self.outcome, self.ended)
+        except BaseException as e:  # no thread for it: as though it had failed
+            self.outcome.append(e)
+            self.ended.release()
+
+    def go(self) -> tuple[int, mounts.Layer | None]:
+        """Let the thread exec; returns once exec succeeded: the child's pid and, with
+        `readonly`, the namespace it runs in: `kept`, made ready for it, or a new one. A start
+        that fails takes a new namespace along (dropped); StaleLayer: `kept` could not be made
+        ready, and nothing started."""
+        if self.waits:
+            self.wanted.release()
+        self.ended.acquire()
+        self.ended.release()
+        pid = self.outcome[0] if self.outcome else None
+        if not isinstance(pid, int):
+            if self.layer is not None and self.layer is not self.kept:
+                mounts.drop(self.layer)  # no attempt in it: it ends with the launcher thread
+            if pid is None:
+                raise CoordinatorError(f"cannot run {self.argv[0]}: the launcher thread ended without a result")
+            raise pid
+        return pid, self.layer
+
+    def stop(self) -> mounts.Layer | None:
+        """End the thread with nothing run; the namespace it held (`kept` or its own), if any."""
+        self.stopped = True
+        if self.waits:
+            self.wanted.release()
+        self.ended.acquire()
+        self.ended.release()
+        return self.layer or self.kept
+
+    def release(self) -> None:
+        """Close what the child was to inherit; the caller keeps the read end of its output."""
+        for fd in (self.out_w, self.ruleset_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.out_w = self.ruleset_fd = -1
+
+    def _run(self) -> None:
+        try:
+            self._work()
         except BaseException as e:
-            outcome.append(e)
-
-    # A bare thread and one lock: threading.Thread's start and join each wait for the other
-    # thread once more, two scheduler round trips per spawn on a busy machine.
-    ended = _thread.allocate_lock()
-    ended.acquire()
-
-    def launcher() -> None:
-        try:
-            work()
+            self.outcome.append(e)
         finally:
-            ended.release()
+            self.ended.release()
 
-    if maker is None:
-        _thread.start_new_thread(launcher, ())
-    else:
-        maker.make(launcher, outcome, ended)
-    ended.acquire()
-    layer = layers[0] if layers else None
-    pid = outcome[0] if outcome else None
-    if not isinstance(pid, int):
-        if layer is not None and layer is not kept:
-            mounts.drop(layer)  # no attempt in it: it ends with the launcher thread
-        if pid is None:
-            raise CoordinatorError(f"cannot run {argv[0]}: the launcher thread ended without a result")
-        raise pid
-    return pid, layer
+    def _work(self) -> None:
+        if landlock.libc().unshare(mounts.CLONE_FS) != 0:
+            raise CoordinatorError(f"cannot start the command: unshare: {os.strerror(ctypes.get_errno())}")
+        kept, readonly = self.kept, self.readonly
+        if kept is not None:
+            assert readonly is not None
+            kept.enter(readonly, self.resolved)  # before entering cwd: it may be one of the copies
+            self.layer = kept
+        elif readonly is not None:
+            copies = mounts.enter_readonly(readonly, self.resolved)
+            try:
+                self.layer = mounts.Layer.here(copies, time.monotonic())
+            except OSError:  # not kept (no descriptor left): it ends with the child
+                for fd in copies:
+                    os.close(fd)
+        try:
+            os.chdir(self.cwd)
+        except OSError as e:
+            raise CoordinatorError(f"cannot enter working folder {self.cwd}: {e.strerror}") from None
+        if self.ruleset_fd >= 0:
+            landlock.enforce(self.ruleset_fd)  # sets no_new_privs, which the filter needs
+            if self.maker is None:
+                seccomp.install()  # no setuid file, no lease: what Landlock has no right for
+        # No capability to give up here: the server's thread emptied the bounding,
+        # inheritable and ambient sets this thread inherited (see `Launcher`).
+        # The server's /dev/null sits on the machine's mount: fchmod(0) would change it.
+        null = self.devnull if readonly is None else os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if self.waits:
+                self.wanted.acquire()  # ready: the exec waits for `go`
+                if self.stopped:
+                    return
+            try:
+                self.outcome.append(os.posix_spawn(
+                    self.exe, self.argv, self.env, setsid=True, setsigmask=(), setsigdef=_DEFAULT_SIGNALS,
+                    file_actions=[(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, self.out_w, 1),
+                                  (os.POSIX_SPAWN_DUP2, self.out_w, 2)]))
+            except OSError as e:
+                raise CoordinatorError(f"cannot run {self.argv[0]}: {_why_not(e, self.argv)}") from None
+        finally:
+            if null != self.devnull:
+                os.close(null)
 
 
 class _FilteredMaker:
@@ -239,7 +324,9 @@ class _FilteredMaker:
     sets, so it has none to pass on either."""
 
     def __init__(self) -> None:
-        self.job: tuple[Callable[[], None], list[int | BaseException], Any] | None = None
+        # Threads to make, in turn: an armed start's thread waits for its exec while the next
+        # starts are made (only the server's thread adds to it).
+        self.jobs: collections.deque[tuple[Callable[[], None], list[int | BaseException], Any]] = collections.deque()
         self.wanted = _thread.allocate_lock()
         self.wanted.acquire()
 
@@ -266,17 +353,19 @@ class _FilteredMaker:
             installed.release()
         while True:
             self.wanted.acquire()
-            assert self.job is not None
-            work, outcome, ended = self.job
-            self.job = None
-            try:
-                _thread.start_new_thread(work, ())
-            except BaseException as e:  # no thread for it: the start fails as one made directly would
-                outcome.append(e)
-                ended.release()
+            while self.jobs:
+                work, outcome, ended = self.jobs.popleft()
+                try:
+                    _thread.start_new_thread(work, ())
+                except BaseException as e:  # no thread for it: the start fails as one made directly would
+                    outcome.append(e)
+                    ended.release()
 
     def make(self, work: Callable[[], None], outcome: list[int | BaseException], ended: Any) -> None:
         """Have `work` run in a new thread made by this one; `ended` is released when it is done
-        (or could not start, `outcome` saying why). One at a time: the caller waits for `ended`."""
-        self.job = (work, outcome, ended)
-        self.wanted.release()
+        (or could not start, `outcome` saying why)."""
+        self.jobs.append((work, outcome, ended))
+        # Released already (the maker has not woken since the last job): it takes every job
+        # there is when it wakes, this one too.
+        with contextlib.suppress(RuntimeError):
+            self.wanted.release()

@@ -22,7 +22,8 @@ Exec failures (command not found, missing folder, sandbox refused) are raised
 by `spawn` with a one-line reason and also written to the log; nothing runs.
 `start` is the same request without the wait: the supervisor's loop goes on while
 the server sandboxes and starts the child, and a refusal comes back from `poll`
-as `Refused`, in order with the exits. A start the machine has no room for waits in
+as `Refused`, in order with the exits. `arm` sends a request ahead: the server
+prepares it up to the exec, and `go` starts it (`disarm`: it never runs). A start the machine has no room for waits in
 the server; `room_news` tells which do, and when each starts after all.
 
 Example:
@@ -518,6 +519,24 @@ class Spawner:
         fields = self._fields(req)
         with self._lock:
             self._send("spawn", {"detached": True, **fields})
+
+    def arm(self, req: SpawnRequest) -> None:
+        """Have the server prepare `req`'s start up to its exec while other work runs; nothing
+        runs, and no log is opened, until `go`. A request that cannot be prepared is refused at
+        its `go`, as by `start`. Raises what `start` raises."""
+        fields = self._fields(req)
+        with self._lock:
+            self._send("arm", {"detached": True, **fields})
+
+    def go(self, token: str) -> None:
+        """Start the request armed as `token`: as `start` from here on (a refusal comes from `poll`)."""
+        with self._lock:
+            self._send("go", {"detached": True, "token": token})
+
+    def disarm(self, token: str) -> None:
+        """Drop the request armed as `token`: it never runs."""
+        with self._lock:
+            self._send("disarm", {"detached": True, "token": token})
 
     def _fields(self, req: SpawnRequest) -> dict[str, Any]:
         if not _TOKEN.match(req.token):

@@ -305,6 +305,68 @@ def test_the_server_holds_no_fds_for_finished_or_failed_spawns(sp: Spawner, tmp_
     wait_until(lambda: fds() == baseline, timeout=mounts.LAYER_AGE + SCAN_INTERVAL + 5)
 
 
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+@needs_landlock
+def test_an_armed_start_runs_nothing_until_go_then_runs_sandboxed_as_any_start(sp: Spawner, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    script = f"echo ran > {work}/inside; echo bad > {tmp_path}/outside; echo done"
+    sp.arm(req(work, ("sh", "-c", script), "armed", Ruleset((str(work),))))
+    sp.start(req(tmp_path, ("sh", "-c", "echo other"), "between"))  # other starts go on meanwhile
+    assert wait_exit(sp, "between").returncode == 0
+    time.sleep(0.2)
+    assert not (work / "inside").exists() and not (work / "armed.log").exists()  # nothing ran, no log
+    assert marked("armed") == []
+    sp.go("armed")
+    assert wait_exit(sp, "armed").returncode == 0
+    assert (work / "inside").read_text() == "ran\n"
+    assert not (tmp_path / "outside").exists()  # the sandbox was prepared with it, and holds
+    log = (work / "armed.log").read_text()
+    assert ("Read-only file system" if mounts.status() is None else "Permission denied") in log
+    assert log.endswith("done\n")
+
+
+def test_a_disarmed_start_never_runs_and_keeps_nothing_in_the_server(sp: Spawner, tmp_path: Path) -> None:
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{sp.server_pid}/fd"))
+
+    base_fds, base_threads = fds(), _threads(sp.server_pid)
+    for i in range(6):
+        sp.arm(req(tmp_path, ("sh", "-c", f"touch {tmp_path}/ran-{i}"), f"dis{i}", Ruleset((str(tmp_path),))))
+    sp.arm(req(tmp_path, ("sh", "-c", "touch never"), "dis0", Ruleset((str(tmp_path),))))  # armed again: once
+    for i in range(6):
+        sp.disarm(f"dis{i}")
+    sp.go("dis3")  # dropped already: refused, never run
+    refused = events_until(sp, 1)
+    assert isinstance(refused[0], Refused) and refused[0].token == "dis3" and "not prepared" in refused[0].message
+    assert sp.alive("dis1") is False
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("ran-", "never"))) == []
+    wait_until(lambda: fds() == base_fds and _threads(sp.server_pid) == base_threads,
+               timeout=mounts.LAYER_AGE + SCAN_INTERVAL + 5)
+
+
+def test_an_armed_start_that_cannot_start_is_refused_at_its_go_as_a_start_is(sp: Spawner, tmp_path: Path) -> None:
+    sp.arm(req(tmp_path, ("no-such-agent-cli", "-p"), "nf"))
+    sp.arm(SpawnRequest(("true",), ENV, str(tmp_path / "gone"), str(tmp_path / "cwd.log"), "cwd"))
+    sp.go("nf")
+    sp.go("cwd")
+    events = {e.token: e for e in events_until(sp, 2)}
+    assert isinstance(events["nf"], Refused) and events["nf"].message == "command not found: no-such-agent-cli"
+    assert isinstance(events["cwd"], Refused) and "cannot enter working folder" in events["cwd"].message
+    assert "cannot enter working folder" in (tmp_path / "cwd.log").read_text()  # the log says why
+
+
+def test_closing_the_server_with_a_start_armed_runs_it_never(tmp_path: Path) -> None:
+    spawner = Spawner()
+    spawner.arm(req(tmp_path, ("sh", "-c", f"touch {tmp_path}/ran"), "left", Ruleset((str(tmp_path),))))
+    time.sleep(0.1)
+    spawner.close(grace=0.5)
+    assert spawner._proc.returncode == 0 and not (tmp_path / "ran").exists()
+
+
 def test_fileno_wakes_select_when_a_child_exits(sp: Spawner, tmp_path: Path) -> None:
     sp.spawn(req(tmp_path, ("true",), "quick"))
     ready, _, _ = select.select([sp.fileno()], [], [], 30)
