@@ -50,6 +50,10 @@ MAX_PATHS_SHOWN = 20
 KILL_RETRY = 5.0  # seconds before the watch tries again to kill processes that survived a kill
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL when an attempt times out
 CANCEL_GRACE = 1.0  # ... and when it is cancelled
+# An agent whose last run ended within ARM_WITHIN seconds gets its next order armed while its
+# slots are full (`AttemptRunner.arm`); an armed start not begun within ARM_AGE is dropped.
+ARM_WITHIN = 0.1
+ARM_AGE = 0.5
 # What a refused write looks like in a program's output (EACCES/EPERM/EROFS from the kernel).
 REFUSED = re.compile(r"Permission denied|Operation not permitted|Read-only file system|EACCES|EPERM", re.I)
 # What makes a refusal line one about a write that was tried, not words that merely mention
@@ -126,6 +130,12 @@ class AttemptRunner(Interruptions):
         # end: what ended before an attempt started, told apart without a clock (see `_done_before`).
         self.ends = 0
         self.ended: dict[str, int] = {}
+        # The attempt prepared ahead for the order that starts next (`arm`), since when (on
+        # `timer`); and the agents whose last run was quick enough to arm for.
+        self.armed: Active | None = None
+        self.armed_at = 0.0
+        self.quick: set[str] = set()
+        self.unarmable: str | None = None  # the order last found to have files: not looked at again
 
     # -- starting -----------------------------------------------------------------------------------
     def repo(self, name: str) -> Repo:
@@ -136,6 +146,13 @@ class AttemptRunner(Interruptions):
 
     def start(self, rec: Record) -> bool:
         sup = self.sup
+        if self.armed is not None and self.armed.rec is rec:
+            act, self.armed = self.armed, None
+            tick = self.timer()
+            act.started, act.ends_seen = sup.clock(), self.ends
+            act.began = act.quiet_since = act.looked = tick
+            act.deadline = tick + _timeout(act.order, act.agent)
+            return self._launch(act, lambda: sup.spawner.go(act.token))
         agent = sup.config.agents[rec.to]
         try:
             order = sup.intake.order_of(rec.id)
@@ -164,34 +181,91 @@ class AttemptRunner(Interruptions):
             self._cleanup(act)
             self.fail(act, f"could not prepare the working copy: {e}")
             return False
-        rec.attempts = number
-        rec.running = {**attempt.as_json(), "started": act.started, "deadline": act.started + timeout}
-        self.active[act.token] = act
         if agent.llm is not None:
-            sup.move(rec, "running", audit.SUPERVISOR, note=f"attempt {number}")
+            self._launch(act, None)
             from .llmrun import start_llm_attempt
             start_llm_attempt(self, act)
             return True
-        # Start first, record after: the record write is off the drop-to-spawn path, and the
-        # loop goes on while the fork server sandboxes and starts the child (a refusal comes
-        # back with the exits, see `reap`). A crash in between is safe: the fork server kills
-        # its children when the supervisor dies, and the order, still `queued` on disk,
-        # simply runs again.
+        return self._launch(act, lambda: sup.spawner.start(self._request(act)))
+
+    def _launch(self, act: Active, send: Callable[[], None] | None) -> bool:
+        """Record `act` as running and `send` its start. Start first, record after: the record
+        write is off the drop-to-spawn path, and the loop goes on while the fork server
+        sandboxes and starts the child (a refusal comes back with the exits, see `reap`). A
+        crash in between is safe: the fork server kills its children when the supervisor dies,
+        and the order, still `queued` on disk, simply runs again."""
+        sup, rec, number = self.sup, act.rec, act.attempt.number
+        rec.attempts = number
+        rec.running = {**act.attempt.as_json(), "started": act.started,
+                       "deadline": act.started + (act.deadline - act.began)}
+        self.active[act.token] = act
         try:
-            sup.spawner.start(SpawnRequest(
-                argv=runner.argv(agent, attempt, self.ws),
-                env=runner.environment(agent, attempt, self.ws, self.inherited),
-                cwd=attempt.named["workdir"], log_path=attempt.named["log"], token=act.token,
-                sandbox=act.rules))
+            if send is not None:
+                send()
         except CoordinatorError as e:
             del self.active[act.token]
             sup.move(rec, "running", audit.SUPERVISOR, note=f"attempt {number}")
-            self.fail(act, f"could not start {agent.name}: {e}")
+            self.fail(act, f"could not start {act.agent.name}: {e}")
             return True
         sup.move(rec, "running", audit.SUPERVISOR, note=f"attempt {number}")
-        if agent.name == sup.config.orchestrator:
+        if send is not None and act.agent.name == sup.config.orchestrator:
             self._count_brief(act)
         return True
+
+    def _request(self, act: Active) -> SpawnRequest:
+        return SpawnRequest(argv=runner.argv(act.agent, act.attempt, self.ws),
+                            env=runner.environment(act.agent, act.attempt, self.ws, self.inherited),
+                            cwd=act.attempt.named["workdir"], log_path=act.attempt.named["log"], token=act.token,
+                            sandbox=act.rules)
+
+    # -- starting ahead --------------------------------------------------------------------------------
+    def arm(self, rec: Record) -> None:
+        """Prepare the next attempt of `rec`, the order that starts when a slot frees, and have
+        the spawn server make it ready up to the exec: its `start` then only says go. One at a
+        time, a quick specialist's start no longer waits for the folders, the sandbox and
+        the spawn server's launcher thread after the last one ended.
+
+        Only for a command specialist's order with no files (its working copy, made at its
+        start, must hold what lands before), and only after a quick run of its agent
+        (ARM_WITHIN): for an agent that works for minutes it would be made for nothing. An
+        armed order stays queued; nothing of it is kept when it does not start (`disarm`).
+        What cannot be prepared is left to its start, which says why."""
+        sup = self.sup
+        agent = sup.config.agents.get(rec.to)
+        if (self.armed is not None or sup.offline or agent is None or agent.llm is not None
+                or agent.name not in self.quick or rec.id == self.unarmable):
+            return
+        try:
+            order = sup.intake.peek_order(rec.id)
+        except (CoordinatorError, OSError):  # said by its start
+            return
+        if order.repo is not None:
+            self.unarmable = rec.id
+            return
+        number = rec.attempts + 1
+        try:
+            attempt = runner.prepare(self.ws, order, number, rec.failures, sup.intake.order_json(order))
+        except OSError:
+            runner.unprepare(self.ws, rec.id, number)
+            return
+        act = Active(rec=rec, agent=agent, order=order, attempt=attempt, rules=None, started=0.0, deadline=0.0)
+        act.token = attempt.token
+        try:
+            act.rules = runner.ruleset(agent, order, attempt, self.ws)
+            sup.spawner.arm(self._request(act))
+        except CoordinatorError:
+            runner.unprepare(self.ws, rec.id, number)
+            return
+        self.armed, self.armed_at = act, self.timer()
+
+    def disarm(self) -> None:
+        """Drop the armed attempt (`arm`): it never runs, and its folders go."""
+        act, self.armed = self.armed, None
+        if act is None:
+            return
+        with contextlib.suppress(CoordinatorError):  # a server gone runs nothing either
+            self.sup.spawner.disarm(act.token)
+        runner.unprepare(self.ws, act.rec.id, act.attempt.number)
 
     def _count_brief(self, act: Active) -> None:
         """The orchestrator's command reads its brief: that is in its context (SPEC §8), as its
@@ -235,6 +309,9 @@ class AttemptRunner(Interruptions):
         """Kill what overran its timeout; flag what has gone silent. `now`: the supervisor's
         clock, the clock of file times; durations are measured on `timer`."""
         tick = self.timer()
+        if self.armed is not None and tick - self.armed_at > ARM_AGE:  # the slots stay full: its agent
+            self.quick.discard(self.armed.agent.name)                   # is armed for after a quick run
+            self.disarm()
         for act in list(self.active.values()):
             if act.room_since is not None:  # nothing of it runs yet: no timeout, no silence
                 continue
@@ -299,6 +376,7 @@ class AttemptRunner(Interruptions):
     def kill_all(self) -> None:
         """Kill every attempt (a stop now). The kills all start at once, then each is waited
         for: one after another, eight attempts that ignored SIGTERM took 4.2 s to stop "now"."""
+        self.disarm()
         acts = list(self.active.values())
         for act in acts:
             self._stop_model(act, "the supervisor is stopping now")
@@ -390,6 +468,10 @@ class AttemptRunner(Interruptions):
 
     # -- after the specialist ---------------------------------------------------------------------------
     def _after_specialist(self, act: Active, code: int, *, alone: bool = False) -> None:
+        if self.timer() - act.began < ARM_WITHIN:
+            self.quick.add(act.agent.name)
+        else:
+            self.quick.discard(act.agent.name)
         # Nothing is judged while any process of the attempt may still write
         # (`alone`: the fork server saw that none is left).
         try:

@@ -221,6 +221,11 @@ class Intake:
         self.ensure_placed(order_id)
         return self.store.load_order(order_id)
 
+    def peek_order(self, order_id: str) -> WorkOrder:
+        """`order_of`, leaving the order in memory for the start that takes it."""
+        cached = self.accepted.get(order_id)
+        return cached if cached is not None else self.order_of(order_id)
+
     def order_json(self, order: WorkOrder) -> bytes:
         """`order` as its order.json holds it: made once for the order's folder and its first
         attempt's (each made its own, some 7 us). Kept for as many orders as `accepted`."""

@@ -181,6 +181,16 @@ def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str],
     return attempt
 
 
+def unprepare(ws: Workspace, order_id: str, number: int) -> None:
+    """Undo `prepare` of an attempt that never ran (nothing but the supervisor wrote in its
+    folders): they go, and the order's own folders when nothing else is in them."""
+    for parent, folder in zip(order_folders(ws, order_id), (attempt_folder(ws, order_id, number),
+                                                            log_folder(ws, order_id, number)), strict=True):
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            parent.rmdir()
+
+
 def defuse(folder: Path) -> None:
     """Take out of an attempt folder, kept for a person to read, what git would run for them
     there (`gate.planted`): a report sends them to its outbox, and a `.git` the agent wrote in

@@ -246,6 +246,9 @@ class Supervisor(Arrivals):
             durable.close_journal(self.ws.state, committed=committed)
             durable.guard(self.ws.state, on=False)
             if self._spawner is not None:
+                attempts = getattr(self, "attempts", None)
+                if attempts is not None:
+                    attempts.disarm()
                 self._spawner.close()
             with self._wake_lock:
                 kept = None
@@ -547,6 +550,7 @@ class Supervisor(Arrivals):
         """Act on the stop signals seen so far; True when the loop must return now."""
         if signals_seen >= 1 and not self.stopping:
             self.stopping = True
+            self.attempts.disarm()  # an order armed to start next stays queued, for the next start
             self._stop_deadline = time.monotonic() + self.stop_grace
             self.say(f"stopping: no new work; {len(self.attempts.active)} running attempt(s) "
                      f"get {self.stop_grace:.0f}s to finish (signal again to stop now)")

@@ -232,6 +232,7 @@ class Transitions(Commits):
         """
         active = self.attempts.active
         if len(active) >= self.config.max_parallel:
+            self._arm_next()
             return False
         per_agent: dict[str, int] = {}
         for a in active.values():
@@ -260,9 +261,30 @@ class Transitions(Commits):
             started = True
             if self.attempts.start(self.records[entry[2]]):
                 per_agent[best] = per_agent.get(best, 0) + 1
+        if self.attempts.active or self.attempts.armed is not None:
+            self._arm_next()
         for name, entry in held:
             heapq.heappush(self._ready[name], entry)
         return started
+
+    def _arm_next(self) -> None:
+        """With every slot an order waits for taken, have the order that starts next armed
+        (`AttemptRunner.arm`): the best queued head, as `_dispatch` would choose it. An armed
+        order that is no longer queued, or no longer first, is dropped."""
+        best: tuple[int, int, str] | None = None
+        for name, heap in self._ready.items():
+            agent = self.config.agents.get(name)
+            if agent is None or not agent.runnable:
+                continue
+            while heap and not self._is_queued(heap[0][2], name):
+                heapq.heappop(heap)
+            if heap and (best is None or heap[0] < best):
+                best = heap[0]
+        armed = self.attempts.armed
+        if armed is not None and (best is None or armed.rec.id != best[2]):
+            self.attempts.disarm()
+        if best is not None and self.attempts.armed is None and self.attempts.active:
+            self.attempts.arm(self.records[best[2]])
 
     def _is_queued(self, order_id: str, agent: str) -> bool:
         rec = self.records.get(order_id)

@@ -1,0 +1,159 @@
+"""Starts armed ahead: while a quick agent's slot is taken, its next order is prepared up to the
+exec, and runs the moment the slot frees. Real workspaces, processes and spawn server."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import drop, order_md, sh, step_until
+
+from bench.harness import probe_of
+from coordinator import attempts
+from coordinator.spawner import Spawner
+from coordinator.store import Store
+from coordinator.supervisor import Supervisor
+
+# Each run says when it began and ended (ns), and its order: overlaps and order are read back.
+RECORD = sh('echo "$COORD_ORDER_ID start $(date +%s%N)" >> "$PROBE/runs.txt"; '
+            'case "$COORD_ORDER_ID" in slow*) sleep 1.5;; esac; '
+            'echo "$COORD_ORDER_ID end $(date +%s%N)" >> "$PROBE/runs.txt"')
+
+
+@pytest.fixture
+def gos(monkeypatch) -> list[str]:
+    """The tokens started by `go` (armed) rather than by a plain start."""
+    said: list[str] = []
+    real = Spawner.go
+
+    def go(self: Spawner, token: str) -> None:
+        said.append(token)
+        real(self, token)
+
+    monkeypatch.setattr(Spawner, "go", go)
+    return said
+
+
+def runs(ws) -> list[tuple[str, str, int]]:
+    path = probe_of(ws) / "runs.txt"
+    lines = path.read_text().split("\n") if path.exists() else []
+    return [(oid, what, int(ns)) for oid, what, ns in (line.split() for line in lines if line)]
+
+
+def ran(ws) -> list[str]:
+    return [oid for oid, what, _ in runs(ws) if what == "start"]
+
+
+def attempt_folders(ws, order_id: str) -> list[str]:
+    folder = ws.runtime / "attempts" / order_id
+    return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+def test_one_at_a_time_quick_orders_are_armed_and_never_overlap(make_ws, gos):
+    ws = make_ws({"chip": {"role": "specialist", "command": RECORD}})
+    ids = [f"q{i:02d}" for i in range(12)]
+    for oid in ids:
+        drop(ws, "chip", f"{oid}.md", order_md(f"Quick order {oid} is done", id=oid))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    recs = Store(ws.state).load_all()
+    assert {oid: recs[oid].status for oid in ids} == dict.fromkeys(ids, "done")
+    assert sorted(ran(ws)) == ids  # each ran once
+    assert len(gos) >= len(ids) // 2  # after the first quick run, the next ones were armed
+    spans = {}
+    for oid, what, ns in runs(ws):
+        spans.setdefault(oid, {})[what] = ns
+    ordered = sorted(spans.values(), key=lambda s: s["start"])
+    assert all(a["end"] <= b["start"] for a, b in zip(ordered, ordered[1:], strict=False))  # max_parallel: 1
+    assert all(attempt_folders(ws, oid) == ["1"] for oid in ids)  # no attempt made twice or set aside
+    assert all(recs[oid].attempts == 1 and recs[oid].failures == [] for oid in ids)
+
+
+def _armed_behind_slow(ws, sup: Supervisor, armed: str) -> None:
+    """`quick` made chip quick; `slow` runs now, and `armed` is armed behind it."""
+    step_until(sup, lambda: sup.records.get("quick") is not None and sup.records["quick"].status == "done",
+               "the quick order")
+    drop(ws, "chip", "slow.md", order_md("Slow order is done", id="slow", priority="high"))
+    drop(ws, "chip", f"{armed}.md", order_md(f"Order {armed} is done", id=armed))
+    step_until(sup, lambda: sup.attempts.armed is not None and sup.attempts.armed.rec.id == armed,
+               f"{armed} armed behind the slow order")
+    assert sup.records["slow"].status == "running" and sup.records[armed].status == "queued"
+    assert attempt_folders(ws, armed) == ["1"]  # prepared: its brief is written
+    assert (ws.runtime / "attempts" / armed / "1" / "brief.md").exists()
+
+
+@pytest.fixture
+def long_arm(monkeypatch) -> None:
+    monkeypatch.setattr(attempts, "ARM_AGE", 60.0)  # armed for as long as the slow order runs
+
+
+def test_a_cancelled_armed_order_never_runs_and_leaves_no_folder(make_ws, gos, long_arm):
+    ws = make_ws({"chip": {"role": "specialist", "command": RECORD}})
+    drop(ws, "chip", "quick.md", order_md("Quick order is done", id="quick"))
+    with Supervisor(ws) as sup:
+        _armed_behind_slow(ws, sup, "y")
+        sup.handle("cancel", {"id": "y"})
+        step_until(sup, lambda: sup.attempts.armed is None, "the cancelled order dropped")
+        step_until(sup, lambda: sup.records["slow"].status == "done", "the slow order")
+        sup.run_once(limit=30)
+    assert Store(ws.state).load("y").status == "cancelled"
+    assert ran(ws) == ["quick", "slow"]
+    assert attempt_folders(ws, "y") == [] and not (ws.runtime / "logs" / "y").exists()
+    assert Store(ws.state).load("y").attempts == 0
+
+
+def test_a_more_urgent_order_takes_the_place_of_the_armed_one(make_ws, gos, long_arm):
+    ws = make_ws({"chip": {"role": "specialist", "command": RECORD}})
+    drop(ws, "chip", "quick.md", order_md("Quick order is done", id="quick"))
+    with Supervisor(ws) as sup:
+        _armed_behind_slow(ws, sup, "y")
+        drop(ws, "chip", "urgent.md", order_md("Urgent order is done", id="urgent", priority="urgent"))
+        step_until(sup, lambda: sup.attempts.armed is not None and sup.attempts.armed.rec.id == "urgent",
+                   "the urgent order armed instead")
+        assert attempt_folders(ws, "y") == []  # what was prepared for y went with it
+        sup.run_once(limit=30)
+    assert ran(ws) == ["quick", "slow", "urgent", "y"]
+    recs = Store(ws.state).load_all()
+    assert all(recs[oid].status == "done" and recs[oid].attempts == 1 for oid in ("slow", "urgent", "y"))
+    assert attempt_folders(ws, "y") == ["1"] and attempt_folders(ws, "urgent") == ["1"]
+
+
+def test_a_stop_leaves_the_armed_order_queued_with_nothing_prepared(make_ws, gos, long_arm):
+    ws = make_ws({"chip": {"role": "specialist", "command": RECORD}})
+    drop(ws, "chip", "quick.md", order_md("Quick order is done", id="quick"))
+    with Supervisor(ws) as sup:
+        _armed_behind_slow(ws, sup, "y")
+        sup._stop_requested(1)
+        assert sup.attempts.armed is None
+        step_until(sup, lambda: not sup.attempts.active, "the slow order to finish in the grace")
+    rec = Store(ws.state).load("y")
+    assert (rec.status, rec.attempts) == ("queued", 0)
+    assert attempt_folders(ws, "y") == [] and "y" not in ran(ws)
+    with Supervisor(ws) as sup:  # the next start runs it as any queued order
+        sup.run_once(limit=30)
+    assert Store(ws.state).load("y").status == "done" and attempt_folders(ws, "y") == ["1"]
+
+
+def test_an_armed_order_is_dropped_when_the_slot_stays_taken(make_ws, gos):
+    """Armed for ARM_AGE at most: its namespace saw the machine's mounts of then, and an agent
+    whose run takes that long gains nothing from it. It runs later as any order does."""
+    ws = make_ws({"chip": {"role": "specialist", "command": RECORD}})
+    drop(ws, "chip", "quick.md", order_md("Quick order is done", id="quick"))
+    with Supervisor(ws) as sup:
+        _armed_behind_slow(ws, sup, "y")
+        step_until(sup, lambda: sup.attempts.armed is None, "the armed order dropped after ARM_AGE")
+        assert sup.records["slow"].status == "running" and attempt_folders(ws, "y") == []
+        sup.run_once(limit=30)
+    assert ran(ws) == ["quick", "slow", "y"]
+    assert Store(ws.state).load("y").status == "done"
+    assert [t.split(".")[0] for t in gos] == []  # chip's last run was slow: y was not armed again
+
+
+def test_an_agent_that_works_a_while_is_never_armed(make_ws, gos):
+    ws = make_ws({"chip": {"role": "specialist", "command": sh("sleep 0.2")}})
+    for i in range(3):
+        drop(ws, "chip", f"s{i}.md", order_md(f"Order {i} is done", id=f"s{i}"))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+    assert gos == []
+    assert all(r.status == "done" for r in Store(ws.state).load_all().values())
