@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import audit, budget, control, durable, recovery, runner, signals, verify
+from . import audit, budget, control, durable, recovery, runner, schemas, signals, verify
 from .arrivals import Arrivals
 from .attempts import AttemptRunner
 from .commits import COMMIT_QUIET
@@ -178,6 +178,7 @@ class Supervisor(Arrivals):
         self.ledger = budget.Ledger.load(ws.state)
         if not self.offline:  # a command served here records a signal rarely, and says it if it cannot
             signals.check(ws.state)
+            schemas.warm("work-order", "result")  # made at the first order, its drop waited for them
         if self._spawner is None and not self.offline:
             self._spawner = Spawner(gate_only_ok=not _landlock_available())
             if not _landlock_available():
