@@ -9,7 +9,7 @@ import pytest
 from conftest import drop, order_md, sh, step_until
 
 from bench.harness import probe_of
-from coordinator import attempts
+from coordinator import attempts, verify
 from coordinator.spawner import Spawner
 from coordinator.store import Store
 from coordinator.supervisor import Supervisor
@@ -157,3 +157,25 @@ def test_an_agent_that_works_a_while_is_never_armed(make_ws, gos):
         sup.run_once(limit=30)
     assert gos == []
     assert all(r.status == "done" for r in Store(ws.state).load_all().values())
+
+
+def test_a_crash_while_an_order_is_armed_loses_nothing(make_ws, gos, long_arm):
+    """kill -9 leaves what was prepared: the order is still queued on disk, runs once at the next
+    start, and what was prepared for it is kept aside as a run cut short by a crash is."""
+    ws = make_ws({"chip": {"role": "specialist", "command": RECORD}})
+    drop(ws, "chip", "quick.md", order_md("Quick order is done", id="quick"))
+    sup = Supervisor(ws)
+    sup.open()
+    try:
+        _armed_behind_slow(ws, sup, "y")
+        sup._write_state()
+        sup.attempts.armed = None  # as a kill -9 leaves it: nothing dropped, nothing cleaned
+    finally:
+        sup.close(clean=False, chosen=False)
+    with Supervisor(ws) as again:
+        again.run_once(limit=30)
+    recs = Store(ws.state).load_all()
+    assert recs["y"].status == "done" and recs["y"].attempts == 1
+    assert ran(ws).count("y") == 1
+    assert attempt_folders(ws, "y") == ["1", "1.before-restart-1"]
+    assert verify.verify(ws) == []
