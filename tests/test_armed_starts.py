@@ -179,3 +179,14 @@ def test_a_crash_while_an_order_is_armed_loses_nothing(make_ws, gos, long_arm):
     assert ran(ws).count("y") == 1
     assert attempt_folders(ws, "y") == ["1", "1.before-restart-1"]
     assert verify.verify(ws) == []
+
+
+def test_an_agent_that_runs_several_at_once_is_never_armed(make_ws, gos):
+    """With more slots, other orders run while one starts: arming only made that slower."""
+    ws = make_ws({"chip": {"role": "specialist", "command": RECORD, "max_parallel": 2}})
+    ids = [f"p{i}" for i in range(8)]
+    for oid in ids:
+        drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} is done", id=oid))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=30)
+    assert gos == [] and sorted(ran(ws)) == ids
