@@ -14,7 +14,7 @@ line on stderr and its `exit_code`; nothing else reaches a user.
     ├── SandboxError                 the sandbox could not be set up (fail closed)
     ├── GitError                     a git operation the supervisor needs failed
     └── LLMError                     an LLM endpoint refused or broke its contract
-        └── LLMAuthError             401, or 403 from every model: never retried
+        └── LLMAuthError             every model refused (401, 403) or had no key: never retried
 """
 
 from __future__ import annotations

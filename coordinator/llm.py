@@ -6,7 +6,9 @@ fallback), retries what is worth retrying, and records every HTTP attempt as a
 
     primary --429/5xx/timeout/refused--> retry with backoff (max_retries) --> next model
             --key variable not set-----> not asked: next model (LLMAuthError if none can be)
-            --401----------------------> LLMAuthError at once (a bad key stays bad)
+            --401----------------------> next model with another key at another server (a bad
+                                         key stays bad: what would send it, or ask that
+                                         server, is not asked); LLMAuthError if none answers
             --403----------------------> next model (this one is not the key's to use);
                                          LLMAuthError when no model answers and each refused
             --400 about response_format-> remember, retry once with plain prompting
@@ -160,6 +162,10 @@ def _refused_setting(status: int, detail: str, body: Mapping[str, Any]) -> str |
     return None
 
 
+class _Unauthorized(Exception):
+    """HTTP 401 from one endpoint: its key is wrong there (the message says which to check)."""
+
+
 class _Forbidden(Exception):
     """An endpoint refused the key for its model (HTTP 403), said as `Client._auth_message` says it."""
 
@@ -270,6 +276,11 @@ class Client:
         last_errors: list[str] = []
         timed_out = 0  # models asked whose last try ran out of llm.timeout
         forbidden = 0  # models whose endpoint refused the key for them (HTTP 403)
+        # HTTP 401: the key variables refused, and the servers that refused one. A later model
+        # that would send such a key, or ask such a server, is not asked.
+        bad_keys: set[str] = set()
+        bad_servers: set[str] = set()
+        unauthorized = 0
         unset: list[str] = []  # endpoints whose key variable is not set (or unusable): never asked
         http = httpx.Client(transport=self._transport, timeout=httpx.Timeout(self.settings.timeout))
         try:
@@ -282,9 +293,26 @@ class Client:
                     last_errors.append(f"{endpoint.model} at {shown_url(endpoint.base_url)}: not asked, "
                                        f"{self._unset_why(endpoint)}")
                     continue
+                server = _server(endpoint.base_url)
+                if server in bad_servers or endpoint.api_key_env in bad_keys:
+                    unauthorized += 1
+                    last_errors.append(f"{endpoint.model} at {shown_url(endpoint.base_url)}: not asked, "
+                                       "as the key or server above refused it")
+                    continue
                 try:
                     reply, error, slow = self._ask_endpoint(http, endpoint, headers, messages, json_object,
                                                             secrets, made, last=n == len(chain))
+                except _Unauthorized as e:
+                    # A wrong key stays wrong: asked again, or sent to that server with another
+                    # model, it fails the same way. A fallback with a key of its own may answer.
+                    unauthorized += 1
+                    bad_servers.add(server)
+                    if endpoint.api_key_env:
+                        bad_keys.add(endpoint.api_key_env)
+                    log.warning("%s; %s", e, "asking the next model of the fallback chain that uses another key"
+                                if n < len(chain) else "no model of the fallback chain is left to ask")
+                    last_errors.append(str(e))
+                    continue
                 except _Forbidden as e:
                     # A key may use some models of an account and not others: the next model of
                     # the chain may well be one it may use.
@@ -303,8 +331,10 @@ class Client:
         if len(unset) == len(chain):
             # No model could be asked: retrying cannot help until someone sets the variable.
             raise LLMAuthError("; ".join(unset))
-        if len(unset) + forbidden == len(chain):
-            raise LLMAuthError("; ".join(last_errors))  # nor until someone changes a key or its access
+        if len(unset) + forbidden + unauthorized == len(chain):
+            # Nor until someone changes a key or its access. Nothing chained: what a server said
+            # is in the message, scrubbed, and nowhere else.
+            raise LLMAuthError("; ".join(last_errors)) from None
         summary = "; ".join(last_errors)
         if timed_out == len(chain):
             # Every model was asked and none answered in time: a fallback is no advice when there
@@ -344,7 +374,7 @@ class Client:
                             self._clock() - started, cost_of(f.usage, endpoint) if f.usage else 0.0)
                 self._record(call, made)
                 if f.status == 401:
-                    raise LLMAuthError(self._auth_message(endpoint, f.status)) from None
+                    raise _Unauthorized(self._auth_message(endpoint, f.status)) from None
                 if f.status == 403:
                     raise _Forbidden(self._auth_message(endpoint, f.status)) from None
                 refused = self._refused.setdefault((endpoint.base_url, endpoint.model), set())
@@ -760,6 +790,15 @@ def in_clear(url: str) -> bool:
     except ValueError:
         return "." in host and not host.lower().endswith(".localhost")
     return not (address.is_loopback or address.is_private or address.is_link_local)
+
+
+def _server(url: str) -> str:
+    """Who answers at `url`: its scheme, host and port."""
+    try:
+        parts = urlsplit(url)
+        return f"{parts.scheme.lower()}://{(parts.hostname or '').rstrip('.').lower()}:{parts.port}"
+    except ValueError:
+        return url
 
 
 def shown_url(url: str) -> str:

@@ -260,6 +260,40 @@ def test_401_fails_at_once_naming_model_and_url(fake: FakeLLM, sleeps: Sleeps) -
     assert [c.status for c in client.calls] == [401]
 
 
+def test_a_wrong_key_hands_over_to_a_fallback_with_its_own_key_elsewhere(fake: FakeLLM, sleeps: Sleeps,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A 401 at one provider (an expired key) must not block an order whose fallback is another
+    provider with another key; what would send the refused key, or ask that server, is skipped."""
+    fake.script(status=401, json={"error": {"message": f"Incorrect API key provided: {KEY}"}})
+    with FakeLLM() as other:
+        other.script(content=OK)
+        client = Client(settings(Endpoint("gpt-x", fake.base_url, api_key_env="FAKE_KEY"),
+                                 Endpoint("same-server", fake.base_url, api_key_env="OTHER_KEY"),
+                                 Endpoint("same-key", other.base_url, api_key_env="FAKE_KEY"),
+                                 Endpoint("elsewhere", other.base_url, api_key_env="OTHER_KEY")),
+                        env={"FAKE_KEY": KEY, "OTHER_KEY": "sk-other-0123456789"}, sleep=sleeps)
+        with caplog.at_level("WARNING"):
+            reply = client.chat([{"role": "user", "content": "hi"}])
+        assert reply.text == OK and reply.model == "elsewhere"
+        assert [(c.model, c.status) for c in client.calls] == [("gpt-x", 401), ("elsewhere", 200)]
+        assert len(fake.requests) == 1 and len(other.requests) == 1 and sleeps == []
+    assert "HTTP 401" in caplog.text and "FAKE_KEY" in caplog.text and KEY not in caplog.text
+
+
+def test_a_wrong_key_with_no_other_key_left_blocks_naming_each(fake: FakeLLM, sleeps: Sleeps) -> None:
+    fake.script(status=401, json={"error": {"message": "bad key"}})
+    with FakeLLM() as other:
+        client = Client(settings(Endpoint("gpt-x", fake.base_url, api_key_env="FAKE_KEY"),
+                                 Endpoint("same-key", other.base_url, api_key_env="FAKE_KEY")),
+                        env={"FAKE_KEY": KEY}, sleep=sleeps)
+        with pytest.raises(LLMAuthError) as info:
+            client.chat([{"role": "user", "content": "hi"}])
+        assert other.requests == []
+    message = str(info.value)
+    assert "gpt-x" in message and "HTTP 401" in message and "same-key" in message and "not asked" in message
+    assert KEY not in message and "\n" not in message
+
+
 def test_when_every_model_fails_the_error_lists_each(fake: FakeLLM, dead_url: str,
                                                      sleeps: Sleeps) -> None:
     fake.script(status=500, json={"error": {"message": "boom"}})
