@@ -147,12 +147,16 @@ class AttemptRunner(Interruptions):
     def start(self, rec: Record) -> bool:
         sup = self.sup
         if self.armed is not None and self.armed.rec is rec:
-            act, self.armed = self.armed, None
-            tick = self.timer()
-            act.started, act.ends_seen = sup.clock(), self.ends
-            act.began = act.quiet_since = act.looked = tick
-            act.deadline = tick + _timeout(act.order, act.agent)
-            return self._launch(act, lambda: sup.spawner.go(act.token))
+            if self.timer() - self.armed_at > ARM_AGE:  # its namespace saw the mounts of then: a new start
+                self.disarm()
+            else:
+                act, self.armed = self.armed, None
+                sup.intake.accepted.pop(rec.id, None)  # left in memory by `arm` for this start
+                tick = self.timer()
+                act.started, act.ends_seen = sup.clock(), self.ends
+                act.began = act.quiet_since = act.looked = tick
+                act.deadline = tick + _timeout(act.order, act.agent)
+                return self._launch(act, lambda: sup.spawner.go(act.token))
         agent = sup.config.agents[rec.to]
         try:
             order = sup.intake.order_of(rec.id)

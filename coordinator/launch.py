@@ -252,7 +252,7 @@ class _Launch:
     def stop(self) -> mounts.Layer | None:
         """End the thread with nothing run; the namespace it held (`kept` or its own), if any."""
         self.stopped = True
-        if self.waits:
+        if self.waits and self.wanted.locked():  # unlocked: `begin` never ran
             self.wanted.release()
         self.ended.acquire()
         self.ended.release()

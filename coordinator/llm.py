@@ -8,7 +8,8 @@ fallback), retries what is worth retrying, and records every HTTP attempt as a
             --key variable not set-----> not asked: next model (LLMAuthError if none can be)
             --401----------------------> next model with another key at another server (a bad
                                          key stays bad: what would send it, or ask that
-                                         server, is not asked); LLMAuthError if none answers
+                                         server, is not asked in this call); LLMAuthError
+                                         when every model refused or could not be asked
             --403----------------------> next model (this one is not the key's to use);
                                          LLMAuthError when no model answers and each refused
             --400 about response_format-> remember, retry once with plain prompting

@@ -190,3 +190,16 @@ def test_an_agent_that_runs_several_at_once_is_never_armed(make_ws, gos):
     with Supervisor(ws) as sup:
         sup.run_once(limit=30)
     assert gos == [] and sorted(ran(ws)) == ids
+
+
+def test_orders_started_armed_leave_nothing_in_memory(make_ws, gos):
+    """`arm` reads its order and leaves it cached for the start; the start takes it out. Left
+    there, every order run armed stayed in memory for as long as the supervisor ran."""
+    ws = make_ws({"chip": {"role": "specialist", "command": RECORD}})
+    ids = [f"m{i:02d}" for i in range(20)]
+    for oid in ids:
+        drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} is done", id=oid))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+        assert len(gos) >= len(ids) // 2
+        assert [oid for oid in ids if oid in sup.intake.accepted] == []
