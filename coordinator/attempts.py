@@ -238,8 +238,8 @@ class AttemptRunner(Interruptions):
         which says why."""
         sup = self.sup
         agent = sup.config.agents.get(rec.to)
-        if (self.armed is not None or sup.offline or agent is None or agent.llm is not None
-                or agent.max_parallel != 1 or agent.name not in self.quick or rec.id == self.unarmable):
+        if self.armed is not None or sup.offline or agent is None or not self.armable(agent) \
+                or rec.id == self.unarmable:
             return
         try:
             order = sup.intake.peek_order(rec.id)
@@ -263,6 +263,10 @@ class AttemptRunner(Interruptions):
             runner.unprepare(self.ws, rec.id, number)
             return
         self.armed, self.armed_at = act, self.timer()
+
+    def armable(self, agent: Agent) -> bool:
+        """Whether `agent`'s next order may be armed (see `arm`)."""
+        return agent.llm is None and agent.max_parallel == 1 and agent.name in self.quick
 
     def disarm(self) -> None:
         """Drop the armed attempt (`arm`): it never runs, and its folders go."""

@@ -269,12 +269,13 @@ class Transitions(Commits):
 
     def _arm_next(self) -> None:
         """With every slot an order waits for taken, have the order that starts next armed
-        (`AttemptRunner.arm`): the best queued head, as `_dispatch` would choose it. An armed
-        order that is no longer queued, or no longer first, is dropped."""
+        (`AttemptRunner.arm`): the best queued head, as `_dispatch` would choose it, of the
+        agents that may be armed (a quick script's next order, while a long agent's waits too).
+        An armed order that is no longer queued, or no longer first, is dropped."""
         best: tuple[int, int, str] | None = None
         for name, heap in self._ready.items():
             agent = self.config.agents.get(name)
-            if agent is None or not agent.runnable:
+            if agent is None or not agent.runnable or not self.attempts.armable(agent):
                 continue
             while heap and not self._is_queued(heap[0][2], name):
                 heapq.heappop(heap)

@@ -203,3 +203,23 @@ def test_orders_started_armed_leave_nothing_in_memory(make_ws, gos):
         sup.run_once(limit=60)
         assert len(gos) >= len(ids) // 2
         assert [oid for oid in ids if oid in sup.intake.accepted] == []
+
+
+def test_a_quick_agent_is_armed_while_a_long_agents_more_urgent_order_waits(make_ws, gos):
+    """The best queued order is a long agent's (it waits for that agent's slot): the quick agent's
+    next order is armed all the same, and each agent still runs one at a time in priority order."""
+    ws = make_ws({"chip": {"role": "specialist", "command": RECORD},
+                  "rex": {"role": "specialist", "command": RECORD}})
+    drop(ws, "rex", "slow1.md", order_md("Slow one is done", id="slow1", priority="urgent"))
+    drop(ws, "rex", "slow2.md", order_md("Slow two is done", id="slow2", priority="urgent"))
+    ids = [f"q{i:02d}" for i in range(10)]
+    for oid in ids:
+        drop(ws, "chip", f"{oid}.md", order_md(f"Quick order {oid} is done", id=oid))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    recs = Store(ws.state).load_all()
+    assert all(r.status == "done" for r in recs.values()) and len(recs) == 12
+    assert any(t.startswith("q") for t in gos)  # armed while slow2 waited behind slow1
+    assert [oid for oid in ran(ws) if oid.startswith("slow")] == ["slow1", "slow2"]
+    chip = [oid for oid in ran(ws) if oid.startswith("q")]
+    assert sorted(chip) == ids and len(chip) == len(set(chip))
