@@ -272,6 +272,8 @@ class Transitions(Commits):
         (`AttemptRunner.arm`): the best queued head, as `_dispatch` would choose it, of the
         agents that may be armed (a quick script's next order, while a long agent's waits too).
         An armed order that is no longer queued, or no longer first, is dropped."""
+        if self.attempts.armed is None and not self.attempts.quick:
+            return  # no agent may be armed (the usual team: agents that work for minutes)
         best: tuple[int, int, str] | None = None
         for name, heap in self._ready.items():
             agent = self.config.agents.get(name)
