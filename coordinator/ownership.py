@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 
 from .spawner import (
     FLUSH_INTERVAL,
+    MARK,
     TAIL_BYTES,
     _children,
-    _mark_of,
+    _environs,
     _Proc,
     _processes,
     _subtree,
+    _variable,
     mount_ns,
 )
 
@@ -99,15 +101,30 @@ def owners(server: int, leaders: dict[int, Tree], trees: dict[str, Tree]) -> dic
     table = _processes()
     kids = _children(table)
     found: dict[str | None, list[_Proc]] = {}
+    marked: list[_Proc] = []  # told apart by the mark in their environment alone
     for top in kids.get(server, ()):
-        found.setdefault(owner(top, leaders, trees), []).extend(_subtree(top, kids))
+        token = _known_owner(top, leaders, trees)
+        if token is _BY_MARK:
+            marked.append(top)
+        else:
+            found.setdefault(token, []).extend(_subtree(top, kids))
+    # All read together: one in the middle of an exec shows no environment for a moment, and
+    # was taken for nobody's (and killed with another attempt's kill).
+    environs = _environs(marked) if marked else {}
+    for top in marked:
+        found.setdefault(_owner_by_mark(top, _variable(environs[top.pid], MARK), trees), []).extend(
+            _subtree(top, kids))
     for tree in list(trees.values()):
         tree.known = {(p.pid, p.start) for p in found.get(tree.token, [])}
     return found
 
 
-def owner(top: _Proc, leaders: dict[int, Tree], trees: dict[str, Tree]) -> str | None:
-    """The token of the tree a child of the server belongs to, with all below it; None: nobody's."""
+_BY_MARK = "\0by its mark"  # no token: a token is a file name
+
+
+def _known_owner(top: _Proc, leaders: dict[int, Tree], trees: dict[str, Tree]) -> str | None:
+    """The token of the tree a child of the server belongs to, with all below it, when known
+    without its mark; None: nobody's; `_BY_MARK`: only its mark can tell."""
     leader = leaders.get(top.pid)
     if leader is not None:
         return leader.token
@@ -115,14 +132,16 @@ def owner(top: _Proc, leaders: dict[int, Tree], trees: dict[str, Tree]) -> str |
         # A session or group id stays taken while any member lives, so it still names the attempt.
         if att.pid in (top.sid, top.pgid) or (top.pid, top.start) in att.known:
             return att.token
-    if top.zombie:
-        return None  # no environment left
+    return None if top.zombie else _BY_MARK  # a zombie has no environment left
+
+
+def _owner_by_mark(top: _Proc, mark: str | None, trees: dict[str, Tree]) -> str | None:
+    """The tree an escaped process's mark names, if it is believed; None: nobody's."""
     # Anyone can exec with any mark: believe it only when it names an attempt the server
     # still knows and whose leader is no younger than the process (a descendant never is).
     # Else it is nobody's, and killed with every kill, so no mark hides it from its own.
     # The mark is no secret (a record in state/ names it): a process of another attempt
     # that took it on lives in that attempt's own mount namespace, not in the named one's.
-    mark = _mark_of(top.pid)
     named = trees.get(mark) if mark is not None else None
     if named is None or named.start > top.start:
         return None

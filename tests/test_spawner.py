@@ -650,6 +650,26 @@ def test_the_daemon_of_a_leader_that_exits_at_once_stays_its_attempts(sp: Spawne
     assert gone(daemon)
 
 
+def test_a_daemon_caught_in_the_middle_of_an_exec_survives_another_attempts_kill(sp: Spawner,
+                                                                              tmp_path: Path) -> None:
+    """For a moment during exec a process's environment reads empty: a daemon known by its mark
+    alone must not be taken for nobody's then (and killed with another attempt). This one does
+    nothing but exec itself; without the fix about one kill in nine took it."""
+    script = tmp_path / "reexec"
+    script.write_text('#!/bin/sh\nexec /bin/sh "$0"\n')
+    script.chmod(0o755)
+    for i in range(30):
+        keep, other, out = f"reexec-{i}-{RUN}", f"other-{i}-{RUN}", tmp_path / f"daemon-{i}"
+        sp.spawn(req(tmp_path, ("sh", "-c", f"setsid {script} & echo $! > {out}"), keep))
+        wait_exit(sp, keep)  # its leader gone: the daemon is the server's child, known by its mark
+        [daemon] = _daemons(out)
+        sp.spawn(req(tmp_path, ("sleep", "600"), other))
+        sp.kill_tree(other, grace=0.5)
+        assert not dead(daemon), f"run {i}: another attempt's kill took it"
+        sp.kill_tree(keep, grace=0.5)
+        assert gone(daemon)
+
+
 def test_a_running_attempts_daemon_survives_another_attempts_kill(sp: Spawner, tmp_path: Path) -> None:
     sp.spawn(req(tmp_path, py(tmp_path, DAEMONS) + (str(tmp_path / "daemon"), "-", "stays"), f"keep-{RUN}"))
     sp.spawn(req(tmp_path, ("sleep", "600"), f"other-{RUN}"))
