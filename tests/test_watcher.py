@@ -277,6 +277,20 @@ def test_a_burst_of_files_is_followed_by_a_rescan(
     assert len(seen.found) == watcher_mod.BURST_EVENTS + 10
 
 
+def test_a_burst_of_temp_files_counts_toward_the_rescan_without_a_hint(
+    inbox: Path, start_watcher: Callable[..., InboxWatcher]
+) -> None:
+    """Events of names that are never hinted stop in the inotify reader, but are still activity:
+    a burst of them is followed by a rescan, as any burst is."""
+    w = start_watcher([inbox], rescan_every=3600.0)
+    w.drain()
+    for i in range(watcher_mod.BURST_EVENTS // 2 + 10):  # two events each: created, closed
+        (inbox / f".b{i:05d}.json.tmp").write_text("{}")
+    seen = collect(w, [inbox], lambda s: s.rescans > 0)
+    assert seen.hinted == set() and seen.found == set()
+    assert w.overflows == 0, "the rescan came from the burst rule, not an overflow"
+
+
 def test_twenty_thousand_files_dropped_at_once_are_all_found_exactly(
     inbox: Path, start_watcher: Callable[..., InboxWatcher]
 ) -> None:
