@@ -737,10 +737,10 @@ def test_a_supervisor_started_with_no_inotify_instance_free_takes_orders_in_by_r
     real = watcher_mod._InotifyObserver
     used_up = [True]
 
-    def observer(on_overflow: Callable[[], None]) -> object:  # inotify_init1 as the kernel refuses it
+    def observer(*callbacks: Callable[[], None]) -> object:  # inotify_init1 as the kernel refuses it
         if used_up[0]:
             raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
-        return real(on_overflow)
+        return real(*callbacks)
 
     monkeypatch.setattr(watcher_mod, "_InotifyObserver", observer)
     monkeypatch.setattr(watcher_mod, "RETRY_EVERY", 0.2)
