@@ -206,6 +206,7 @@ class Arrivals(Transitions):
                 mode = os.lstat(path).st_mode
             except OSError:  # gone, or not ours to see
                 self._held_since.pop(path, None)
+                self.intake.taken(path)  # (a hint that came after its claim)
                 continue
             if stat.S_ISLNK(mode):
                 self._refuse_link(path, agent)
@@ -227,6 +228,7 @@ class Arrivals(Transitions):
             claimed = self._claim(path, agent)
             if claimed is None:
                 continue
+            self.intake.taken(path)
             # It was in the agent's inbox folder, which is no link (or the claim refuses it).
             self.file_claimed(claimed, agent, shown=f"inbox/{agent}/{path.name}")
             filed += 1

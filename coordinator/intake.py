@@ -39,6 +39,7 @@ from .store import History, Record, Store, dependency_done, iso
 
 ACCEPTED_CACHE = 1000
 MAX_NUMBERS = 4096  # WO- numbers kept from waiting files before those behind the next one are let go
+MAX_UNREAD = 4096  # waiting files noted and not read yet (see `Waiting`)
 NOT_REGULAR = "is not a regular file (a FIFO, socket or device); only files are work orders"
 
 # An id a waiting order gives itself, as the text says it: `id: WO-0001` (Markdown front matter,
@@ -151,9 +152,9 @@ class Intake:
             problems = problems or [Problem("", _replace_special(claimed), shown)]
         else:
             history: History | _AwaitedHistory = self.history
-            if self.waiting.declared:  # (nearly never: only then is the file searched for them)
+            if self.waiting.declared or self.waiting.unread:  # only then is the file searched for them
                 declares = {(m.group(1) or m.group(2)).decode() for m in _DECLARED_ID.finditer(data)}
-                history = _AwaitedHistory(self.history, self.waiting.declared, declares)
+                history = _AwaitedHistory(self.history, self.waiting, declares)
                 # Filed now, its ids are the history's to know: kept, a supervisor that runs for
                 # weeks would hold every id ever declared (and waits on the first one for ever).
                 for declared in declares:
@@ -304,8 +305,14 @@ class Intake:
                          parent=order.parent)
 
     def note_waiting(self, path: Path) -> None:
-        """Remember the id a file now waiting in an inbox names, before any id is assigned."""
+        """Remember that a file waits in an inbox: what ids it names is read before any id is
+        assigned or found missing (`Waiting`)."""
         self.waiting.note(path)
+
+    def taken(self, path: Path) -> None:
+        """The file noted waiting at `path` was claimed (its ids are its own order's now), or is
+        gone."""
+        self.waiting.unread.pop(path, None)
 
     def new_id(self) -> str:
         """A fresh WO-NNNN, reserved: for an order the supervisor names before filing it."""
@@ -316,6 +323,7 @@ class Intake:
         if wanted and orders.ID_PATTERN.match(wanted) and not self.history.exists(wanted) \
                 and self.history.same_id(wanted) is None:
             return wanted
+        self.waiting.settle()
         while True:
             candidate = f"WO-{self.next_number:04d}"
             self.next_number += 1
@@ -373,16 +381,34 @@ class Waiting:
 
     `numbers`: every WO-NNNN they may name for themselves (loosely: never assigned to another
     order). `declared`: the ids they declare (`id:` at the start of a line, or `"id": "…"`), with
-    the file: an order naming one in `blocked_by` waits for it instead of being rejected."""
+    the file: an order naming one in `blocked_by` waits for it instead of being rejected.
+
+    Both hold the files noted so far only once `settle` read them (`unread`): intake settles
+    before it assigns an id or finds one missing. Read as each file was hinted, a burst of
+    drops had every file read twice, and the loop read 300 of them before starting anything."""
 
     numbers: set[int] = dataclasses.field(default_factory=set)
     declared: dict[str, Path] = dataclasses.field(default_factory=dict)
+    unread: dict[Path, None] = dataclasses.field(default_factory=dict)
 
     def note(self, path: Path) -> None:
-        """Add what the file at `path` says (nothing for a link, FIFO, folder, or one gone)."""
+        """Note the file at `path`; what it says is read by the next `settle`."""
         stem = path.name.split(".", 1)[0]
         if stem[:3].upper() == "WO-" and stem[3:].isdigit():  # as `send` names what it drops
             self.numbers.add(int(stem[3:]))
+        self.unread[path] = None
+        if len(self.unread) > MAX_UNREAD:  # files removed by hand are never taken
+            self.settle()
+
+    def settle(self) -> None:
+        """Read every file noted and not read yet."""
+        while self.unread:
+            path = next(iter(self.unread))
+            del self.unread[path]
+            self._read(path)
+
+    def _read(self, path: Path) -> None:
+        """Add what the file at `path` says (nothing for a link, FIFO, folder, or one gone)."""
         try:
             data = claims.read_capped(path)[0]
         except OSError:
@@ -397,6 +423,7 @@ class Waiting:
                 for entry in os.scandir(folder):
                     if (is_candidate(entry.name) or entry.name[:1].isdigit()) and entry.is_file(follow_symlinks=False):
                         self.note(Path(entry.path))
+        self.settle()
         return self
 
 
@@ -429,13 +456,18 @@ class _AwaitedHistory:
     waits on one of them is filed `waiting`, as `validate` said it may, not rejected because
     it happened to arrive first. Its own declarations are no one else's."""
 
-    def __init__(self, history: History, declared: dict[str, Path], own: set[str]) -> None:
+    def __init__(self, history: History, waiting: Waiting, own: set[str]) -> None:
         self.history = history
-        self.declared = declared
+        self.files = waiting
         self.own = own
 
     def exists(self, order_id: str) -> bool:
-        return self.history.exists(order_id) or (order_id in self.declared and order_id not in self.own)
+        if self.history.exists(order_id):
+            return True
+        if order_id in self.own:
+            return False
+        self.files.settle()  # read only now: an order that names an id it does not declare
+        return order_id in self.files.declared
 
     def same_id(self, order_id: str) -> str | None:
         return self.history.same_id(order_id)  # of two still waiting, the first taken in keeps its id

@@ -1356,7 +1356,8 @@ def test_an_order_waiting_on_an_id_no_order_ends_up_having_is_blocked_not_left_w
             drop(ws, "chip", "b.md", "<!-- kept for later:\nid: zz\n-->\n" + order_md("The header exists"))
         else:
             b = drop(ws, "chip", "b.md", order_md("The header exists", id="zz"))
-            sup.intake.note_waiting(b)  # seen in the inbox, then taken back before it was claimed
+            sup.intake.note_waiting(b)  # seen in the inbox and read (as for an id assigned
+            sup.intake.waiting.settle()  # meanwhile), then taken back before it was claimed
             b.unlink()
         sup.run_once(limit=20)
     rec = Store(ws.state).load("a")
@@ -1375,7 +1376,7 @@ def test_what_waiting_files_said_of_their_ids_is_let_go_once_they_are_filed(make
             drop(ws, "chip", f"n{i}.md", order_md(f"Named order {i} is done", id=f"named-{i}"))
             sup.intake.note_waiting(ws.inbox_root / "chip" / f"n{i}.md")  # as the watcher's hint does
         sup.run_once(limit=200)
-        assert sup.intake.waiting.declared == {}
+        assert sup.intake.waiting.declared == {} and sup.intake.waiting.unread == {}
     assert sum(r.status == "done" for r in Store(ws.state).load_all().values()) == 80
 
 
