@@ -99,6 +99,7 @@ class _Server:
         # serves another start once the attempt is forgotten (see `coordinator.mounts`).
         self.layer_of: dict[str, mounts.Layer] = {}
         self.emptied: set[str] = set()
+        self.adopted: set[int] = set()  # the orphans seen at the last exit (freed once: `cpus`)
         self.kills: list[_Kill] = []
         self.waiting: list[_Waiting] = []  # starts put off for want of resources, oldest first
         # Starts prepared ahead (`arm`), by token: the request, and its launcher thread waiting
@@ -403,7 +404,12 @@ class _Server:
         if ended:
             # Every orphan is reparented to this subreaper: when no child is left but live
             # leaders, no process of an ended attempt survives and it needs no kill.
-            alone = ownership.only_leaders(self.leaders)
+            left = ownership.strays(self.leaders)
+            alone = left == []  # None: cannot tell, and the supervisor falls back to a full kill
+            for pid in left or ():  # adopted, perhaps before its leader's start freed it (`cpus`)
+                if pid not in self.adopted:
+                    self.launcher.cpus.free(pid)
+            self.adopted = set(left or ())
             for att, code in ended:
                 self._leader_exited(att, code, alone)
 

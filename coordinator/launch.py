@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import landlock, mounts, seccomp
+from . import cpus, landlock, mounts, seccomp
 from .errors import CoordinatorError, SandboxError
 from .spawner import MARK, READ_CHUNK
 
@@ -41,6 +41,8 @@ class Launcher:
     """Starts the fork server's children; made once, in the server's own thread."""
 
     def __init__(self, gate_only_ok: bool) -> None:
+        # First: every thread made from here on, and every child, starts on the server's CPU.
+        self.cpus = cpus.Cpus.here()
         self.gate_only_ok = gate_only_ok
         self.abi = landlock.abi_version()
         self.readonly = mounts.status() is None  # also chmod/chown/utime refused outside writable paths
@@ -66,7 +68,9 @@ class Launcher:
         namespace it runs in, or None) once exec succeeded. The caller gives the namespace back
         to `layers` (or drops it) once nothing of the child's attempt is left. `armed`: this
         request's start, prepared by `arm` (what it prepares is the same)."""
-        return (armed or self.arm(msg, waits=False)).fire()
+        started = (armed or self.arm(msg, waits=False)).fire()
+        self.cpus.free(started[0])  # it started on the server's CPU: from here on, on any
+        return started
 
     def arm(self, msg: dict[str, Any], *, waits: bool = True) -> Armed:
         """Prepare the start of `msg` up to its exec: checked, its ruleset made, and its

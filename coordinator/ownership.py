@@ -148,15 +148,17 @@ def _owner_by_mark(top: _Proc, mark: str | None, trees: dict[str, Tree]) -> str 
     return mark if named.ns is None or mount_ns(top.pid) == named.ns else None
 
 
-def only_leaders(leaders: dict[int, Tree]) -> bool:
-    """Whether every child of this server is the leader of a running attempt."""
+def strays(leaders: dict[int, Tree]) -> list[int] | None:
+    """The children of this server that lead no running attempt (orphans it adopted); None
+    when that cannot be read."""
+    found: list[int] = []
     try:
         for tid in os.listdir("/proc/self/task"):
-            if any(int(pid) not in leaders for pid in _read_all(f"/proc/self/task/{tid}/children").split()):
-                return False
+            found += [pid for pid in map(int, _read_all(f"/proc/self/task/{tid}/children").split())
+                      if pid not in leaders]
     except (OSError, ValueError):
-        return False  # cannot tell: the supervisor falls back to a full kill
-    return True
+        return None
+    return found
 
 
 def _read_all(path: str) -> bytes:
