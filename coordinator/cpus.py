@@ -8,9 +8,12 @@ one order at a time ran some 15% slower than with every child started on the ser
 
 So the server keeps its threads to one CPU of those it may use (`Cpus.here`, before it makes
 any other thread: they inherit it), each child starts there by inheriting that too, and is
-freed at once (`Cpus.free`): the child, each thread and process it made before it was freed,
-may use every CPU the server may. A process that gives itself exactly the server's CPU in its
-first moments is freed as well (it cannot be told from one that inherited it).
+freed right after its exec (`Cpus.free`): the child, and each thread and process it made
+while it was held, may use every CPU the server may. One made in the moment between (a fork
+under way while it was freed) is freed at the server's next look at the attempt's processes,
+within a second: every process that is new then, held to exactly the server's CPU and started
+within FREE_WINDOW of its attempt (it cannot be told from one that chose that CPU itself so
+early); a process that chooses it later keeps its choice.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-FREE_LIMIT = 1000  # processes and threads `free` looks at for one start (a fork bomb: the rest keeps the CPU)
+FREE_LIMIT = 1000  # threads `free` looks at for one start (a fork bomb: the rest are left to later looks)
+FREE_WINDOW = 0.1  # seconds after its attempt's start: a process held to the server's CPU then inherited it
+PASSES = 3  # looks at one process's threads: a thread still held may make another meanwhile
 
 
 @dataclass(frozen=True)
@@ -47,36 +52,58 @@ class Cpus:
             return cls(allowed, None)
         return cls(allowed, home)
 
+    @property
+    def window(self) -> int:
+        """FREE_WINDOW in clock ticks, the unit of a process's start time."""
+        return round(FREE_WINDOW * os.sysconf("SC_CLK_TCK"))
+
+    def held(self, pid: int) -> bool:
+        """Whether `pid` (its main thread) is kept to the server's CPU."""
+        try:
+            return self.home is not None and os.sched_getaffinity(pid) == self.home
+        except OSError:
+            return False
+
     def free(self, pid: int) -> None:
-        """Let the child `pid` use every CPU, with each thread and process it made while it was
-        held to `home` (made after it was freed, they are free already): each is freed before
-        its children are listed, so none made meanwhile is missed."""
+        """Let `pid` use every CPU, with each thread and process it made while it was held to
+        `home` (made after it was freed, they are free already). Each thread is freed before its
+        children are listed, so none it forks meanwhile is missed, and the threads are looked at
+        again until none is found held (one still held may have made another)."""
         if self.home is None:
             return
         stack, looked = [pid], 0
         while stack and looked < FREE_LIMIT:
             proc = stack.pop()
-            try:
-                tids = os.listdir(f"/proc/{proc}/task")
-            except OSError:  # gone already
-                continue
-            for tid in tids:
-                looked += 1
-                with contextlib.suppress(OSError, ValueError):  # gone, or not ours to change
-                    if os.sched_getaffinity(int(tid)) != self.home:
-                        continue  # made after it was freed (or it chose for itself)
-                    os.sched_setaffinity(int(tid), self.allowed)
+            for _ in range(PASSES):
+                try:
+                    tids = os.listdir(f"/proc/{proc}/task")
+                except OSError:  # gone already
+                    break
+                freed = []
+                for tid in tids:
+                    looked += 1
+                    with contextlib.suppress(OSError, ValueError):  # gone, or not ours to change
+                        if os.sched_getaffinity(int(tid)) == self.home:
+                            os.sched_setaffinity(int(tid), self.allowed)
+                            freed.append(tid)
+                if not freed:
+                    break
+                for tid in freed:
                     stack.extend(_children(proc, tid))
 
 
 def _children(pid: int, tid: str) -> list[int]:
-    """The processes thread `tid` of `pid` forked that still run."""
+    """The processes thread `tid` of `pid` forked that still run (read whole: the file comes
+    a page at a time, and a short read would cut a pid in two)."""
     try:
         fd = os.open(f"/proc/{pid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return []
     try:
-        return [int(p) for p in os.read(fd, 65536).split()]
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return [int(p) for p in b"".join(chunks).split()]
     except (OSError, ValueError):
         return []
     finally:

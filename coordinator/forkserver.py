@@ -99,7 +99,7 @@ class _Server:
         # serves another start once the attempt is forgotten (see `coordinator.mounts`).
         self.layer_of: dict[str, mounts.Layer] = {}
         self.emptied: set[str] = set()
-        self.adopted: set[int] = set()  # the orphans seen at the last exit (freed once: `cpus`)
+        self.envless: set[tuple[int, int]] = set()  # processes below it with no environment (`ownership.owners`)
         self.kills: list[_Kill] = []
         self.waiting: list[_Waiting] = []  # starts put off for want of resources, oldest first
         # Starts prepared ahead (`arm`), by token: the request, and its launcher thread waiting
@@ -381,6 +381,8 @@ class _Server:
         leader = _read_proc(pid)  # not reaped yet: readable even if it already exited
         # Unreadable: no mark can be proven younger than it, so none is believed.
         att = Tree(token, pid, leader.start if leader else sys.maxsize, CappedLog(log_fd, self.log_cap), out_r)
+        if leader is not None:  # seen: what it does to its own CPUs from now on is its choice (`_free_held`)
+            att.known.add((pid, leader.start))
         if layer is not None:
             att.ns = layer.ino
             self.layer_of[token] = layer
@@ -404,12 +406,7 @@ class _Server:
         if ended:
             # Every orphan is reparented to this subreaper: when no child is left but live
             # leaders, no process of an ended attempt survives and it needs no kill.
-            left = ownership.strays(self.leaders)
-            alone = left == []  # None: cannot tell, and the supervisor falls back to a full kill
-            for pid in left or ():  # adopted, perhaps before its leader's start freed it (`cpus`)
-                if pid not in self.adopted:
-                    self.launcher.cpus.free(pid)
-            self.adopted = set(left or ())
+            alone = ownership.only_leaders(self.leaders)
             for att, code in ended:
                 self._leader_exited(att, code, alone)
 
@@ -454,11 +451,31 @@ class _Server:
     # finding and killing trees
     def _tree(self) -> dict[str | None, list[_Proc]]:
         """Every process below the server, grouped by attempt token (None: unknown)."""
-        owners = ownership.owners(self.pid, self.leaders, self.attempts)
+        seen = {token: att.known for token, att in self.attempts.items()}  # `owners` makes new sets
+        owners = ownership.owners(self.pid, self.leaders, self.attempts, self.envless)
+        self._free_held(owners, seen)
         for att in list(self.attempts.values()):
             if att.exited and att.out_fd is None and not owners.get(att.token, []):
                 self._forget(att)
         return owners
+
+    def _free_held(self, owners: dict[str | None, list[_Proc]], seen: dict[str, set[tuple[int, int]]]) -> None:
+        """Free what a child made in the moment before it was freed at its start and the look
+        then missed (`cpus`): each process new since the last look, started within the window
+        of its attempt's start and held to the server's CPU."""
+        cpus = self.launcher.cpus
+        if cpus.home is None:
+            return
+        window = cpus.window
+        for token, procs in owners.items():
+            att = self.attempts.get(token) if token is not None else None
+            if att is None:
+                continue
+            before = seen.get(att.token, set())
+            for proc in procs:
+                if proc.start - att.start <= window and (proc.pid, proc.start) not in before \
+                        and not proc.zombie and cpus.held(proc.pid):
+                    cpus.free(proc.pid)
 
     def _forget(self, att: Tree) -> None:
         if self.attempts.get(att.token) is att:

@@ -24,6 +24,7 @@ from .spawner import (
     _environs,
     _Proc,
     _processes,
+    _read_proc,
     _subtree,
     _variable,
     mount_ns,
@@ -95,9 +96,11 @@ class Tree:
 
 
 
-def owners(server: int, leaders: dict[int, Tree], trees: dict[str, Tree]) -> dict[str | None, list[_Proc]]:
+def owners(server: int, leaders: dict[int, Tree], trees: dict[str, Tree],
+           envless: set[tuple[int, int]] | None = None) -> dict[str | None, list[_Proc]]:
     """Every process below the server `server`, grouped by attempt token (None: unknown); each
-    tree's `known` becomes the processes found in it."""
+    tree's `known` becomes the processes found in it. `envless`: the processes (pid, start)
+    found with no environment through a whole wait, kept up to date: not waited for again."""
     table = _processes()
     kids = _children(table)
     found: dict[str | None, list[_Proc]] = {}
@@ -109,11 +112,19 @@ def owners(server: int, leaders: dict[int, Tree], trees: dict[str, Tree]) -> dic
         else:
             found.setdefault(token, []).extend(_subtree(top, kids))
     # All read together: one in the middle of an exec shows no environment for a moment, and
-    # was taken for nobody's (and killed with another attempt's kill).
-    environs = _environs(marked) if marked else {}
+    # was taken for nobody's (and killed with another attempt's kill). One that has none for
+    # good (`env -i`) is waited for once, not at every look: the server's loop waits with it.
+    envless = set() if envless is None else envless
+    envless.intersection_update((p.pid, p.start) for p in table.values())
+    environs = _environs([p for p in marked if (p.pid, p.start) not in envless]) if marked else {}
+    envless.update((p.pid, p.start) for p in marked if environs.get(p.pid, b"-") == b"")
     for top in marked:
-        found.setdefault(_owner_by_mark(top, _variable(environs[top.pid], MARK), trees), []).extend(
-            _subtree(top, kids))
+        token = _owner_by_mark(top, _variable(environs.get(top.pid, b""), MARK), trees)
+        # Read after the table: the process may have ended and its pid gone to another (one of
+        # an older attempt, whose mark and namespace would pass) while the reads waited.
+        if token is not None and ((now := _read_proc(top.pid)) is None or now.start != top.start or now.zombie):
+            token = None
+        found.setdefault(token, []).extend(_subtree(top, kids))
     for tree in list(trees.values()):
         tree.known = {(p.pid, p.start) for p in found.get(tree.token, [])}
     return found
@@ -148,17 +159,15 @@ def _owner_by_mark(top: _Proc, mark: str | None, trees: dict[str, Tree]) -> str 
     return mark if named.ns is None or mount_ns(top.pid) == named.ns else None
 
 
-def strays(leaders: dict[int, Tree]) -> list[int] | None:
-    """The children of this server that lead no running attempt (orphans it adopted); None
-    when that cannot be read."""
-    found: list[int] = []
+def only_leaders(leaders: dict[int, Tree]) -> bool:
+    """Whether every child of this server is the leader of a running attempt."""
     try:
         for tid in os.listdir("/proc/self/task"):
-            found += [pid for pid in map(int, _read_all(f"/proc/self/task/{tid}/children").split())
-                      if pid not in leaders]
+            if any(int(pid) not in leaders for pid in _read_all(f"/proc/self/task/{tid}/children").split()):
+                return False
     except (OSError, ValueError):
-        return None
-    return found
+        return False  # cannot tell: the supervisor falls back to a full kill
+    return True
 
 
 def _read_all(path: str) -> bytes:

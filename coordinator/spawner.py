@@ -250,8 +250,8 @@ _OCTAL = re.compile(rb"\\([0-7]{3})")
 # A process in the middle of an exec shows an empty environment for a moment (its new
 # memory is in place before the environment is copied into it): empty reads are retried,
 # all of a scan's together, so processes that really have none cost one short wait (64 ms
-# at most, at a start's recovery, or in a fork server's scan of escaped processes). On a
-# loaded machine 7.5 ms of retries missed one of 40 processes that did nothing but exec
+# at most, at a start's recovery, or once for each such process in a fork server's scans).
+# On a loaded machine 7.5 ms of retries missed one of 40 processes that did nothing but exec
 # themselves: it stayed, running, after the recovery.
 _EXEC_SETTLE = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032)
 

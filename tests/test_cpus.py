@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 
 from coordinator.cpus import Cpus
 from coordinator.landlock import Ruleset
-from coordinator.spawner import Exit, Spawner, SpawnRequest
+from coordinator.spawner import SCAN_INTERVAL, Exit, Spawner, SpawnRequest
 
 ALLOWED = frozenset(os.sched_getaffinity(0))
 pytestmark = pytest.mark.skipif(len(ALLOWED) < 2, reason="one CPU: no child is ever held to one")
@@ -104,3 +105,40 @@ def test_a_specialist_and_what_it_starts_at_once_may_use_every_cpu(tmp_path: Pat
                 time.sleep(0.01)
             assert (run / "child").read_text().strip() == expected
             assert (run / "grandchild").read_text().strip() == expected
+
+
+def _spawned(sp: Spawner, tmp_path: Path, script: str, token: str) -> Path:
+    run = tmp_path / token
+    run.mkdir()
+    sp.spawn(SpawnRequest(("sh", "-c", script), ENV, str(run), str(tmp_path / f"{token}.log"), token,
+                          Ruleset(writable=(str(run),))))
+    wait_until(lambda: (run / "gc").exists() and (run / "gc").read_text().strip() != "")
+    return run
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="no taskset here")
+def test_a_process_made_in_the_moment_before_its_parent_was_freed_is_freed_at_the_next_look(
+        tmp_path: Path) -> None:
+    """The leader holds itself to the server's CPU in its first moments, after the fork server
+    freed it (as though that had not happened yet), and forks: the grandchild is freed at the
+    server's next look or the one after."""
+    home = max(ALLOWED)
+    script = f'sleep 0.05; exec taskset -c {home} sh -c "sleep 30 & echo \\$! > gc; exec sleep 30"'
+    with Spawner() as sp:
+        run = _spawned(sp, tmp_path, script, f"moment-{os.getpid()}")
+        gc = int((run / "gc").read_text())
+        wait_until(lambda: frozenset(os.sched_getaffinity(gc)) == ALLOWED, timeout=2 * SCAN_INTERVAL + 5)
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="no taskset here")
+def test_a_process_that_takes_the_servers_cpu_later_keeps_its_choice(tmp_path: Path) -> None:
+    home = max(ALLOWED)
+    script = f"sleep 0.3; taskset -c {home} sleep 30 & echo $! > gc; sleep 0.3; exec taskset -c {home} sleep 30"
+    with Spawner() as sp:
+        token = f"later-{os.getpid()}"
+        run = _spawned(sp, tmp_path, script, token)
+        gc = int((run / "gc").read_text())
+        time.sleep(2 * SCAN_INTERVAL + 0.5)  # two looks at the attempt's processes
+        assert frozenset(os.sched_getaffinity(gc)) == {home}
+        assert sp.alive(token)
+        sp.kill_tree(token, grace=0.5)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import forkserver, landlock, mounts
+from coordinator import forkserver, landlock, mounts, ownership
 from coordinator.errors import CoordinatorError, SandboxError, SupervisorError
 from coordinator.landlock import Ruleset
 from coordinator.spawner import (
@@ -668,6 +668,25 @@ def test_a_daemon_caught_in_the_middle_of_an_exec_survives_another_attempts_kill
         assert not dead(daemon), f"run {i}: another attempt's kill took it"
         sp.kill_tree(keep, grace=0.5)
         assert gone(daemon)
+
+
+def test_a_process_with_no_environment_is_waited_for_once_not_at_every_look() -> None:
+    """The server waits for an empty environment to fill (an exec under way) before it calls a
+    process nobody's; one that has none for good (`env -i`) is remembered, or every look at the
+    processes (each second, and every 50 ms of a kill) stopped the server for 64 ms."""
+    proc = subprocess.Popen(["sleep", "60"], env={}, start_new_session=True)
+    try:
+        wait_until(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes().startswith(b"sleep"))
+        envless: set[tuple[int, int]] = set()
+        found = ownership.owners(os.getpid(), {}, {}, envless)
+        start = next(p.start for p in found[None] if p.pid == proc.pid)
+        assert (proc.pid, start) in envless  # the next look takes it for nobody's at once
+        assert proc.pid in [p.pid for p in ownership.owners(os.getpid(), {}, {}, envless)[None]]
+    finally:
+        proc.kill()
+        proc.wait()
+    ownership.owners(os.getpid(), {}, {}, envless)
+    assert (proc.pid, start) not in envless  # gone: forgotten
 
 
 def test_a_running_attempts_daemon_survives_another_attempts_kill(sp: Spawner, tmp_path: Path) -> None:
