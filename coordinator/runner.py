@@ -164,9 +164,15 @@ def prepare(ws: Workspace, order: WorkOrder, number: int, failures: list[str],
     # One mkdir each (an order's folders are new at its first attempt; the runtime's are there
     # but after a hand clean-up). In a folder just made no earlier run of this attempt number
     # can be: only in one that was there is it looked for.
+    ran: bool | None = None  # whether an earlier start of this number ran: the fork server opens its log first
     for parent, old in ((attempts, folder), (logged, logs)):
         if not _mkdir_under(parent) and Path(old).exists():  # an earlier run (a crash): kept aside, start clean
-            _set_aside(Path(old))
+            if ran is None:
+                ran = os.path.lexists(f"{logs}/{OUTPUT_LOG}")
+            if ran:
+                _set_aside(Path(old))
+            else:  # prepared and never started (armed, or cut off before its start): only ours in it
+                durable.remove_tree(Path(old))
     if not _take_spare(ws, folder, logs):
         _mkdirs(folder, f"{folder}/{OUTBOX}", f"{folder}/{TMP}", f"{folder}/{SCRATCH}", logs)
     repo = order.repo

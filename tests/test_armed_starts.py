@@ -163,8 +163,8 @@ def test_an_agent_that_works_a_while_is_never_armed(make_ws, gos):
 
 
 def test_a_crash_while_an_order_is_armed_loses_nothing(make_ws, gos, long_arm):
-    """kill -9 leaves what was prepared: the order is still queued on disk, runs once at the next
-    start, and what was prepared for it is kept aside as a run cut short by a crash is."""
+    """kill -9 leaves what was prepared: the order is still queued on disk and runs once at the
+    next start, in a clean folder: what was prepared for it ran nothing (no log) and goes."""
     ws = make_ws({"chip": {"role": "specialist", "command": RECORD}})
     drop(ws, "chip", "quick.md", order_md("Quick order is done", id="quick"))
     sup = Supervisor(ws)
@@ -180,7 +180,8 @@ def test_a_crash_while_an_order_is_armed_loses_nothing(make_ws, gos, long_arm):
     recs = Store(ws.state).load_all()
     assert recs["y"].status == "done" and recs["y"].attempts == 1
     assert ran(ws).count("y") == 1
-    assert attempt_folders(ws, "y") == ["1", "1.before-restart-1"]
+    assert attempt_folders(ws, "y") == ["1"]
+    assert sorted(os.listdir(ws.runtime / "logs" / "y")) == ["1"]
     assert verify.verify(ws) == []
 
 

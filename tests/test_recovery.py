@@ -967,9 +967,14 @@ def test_an_attempt_run_again_after_a_crash_keeps_what_the_cut_short_run_left(ma
     kept = first.folder.with_name("1.before-restart-1")
     assert (kept / "outbox" / "unsent.md").read_text() == "an order that named nobody\n"
     assert (first.logs.with_name("1.before-restart-1") / "output.log").read_text() == "first run, cut short\n"
+    second.log.write_text("second run, cut short\n")
     runner.prepare(ws, order, 1, [])  # a second crash: kept beside the first, never merged into it
     assert (first.folder.with_name("1.before-restart-2") / "brief.md").exists()
     assert (kept / "outbox" / "unsent.md").exists()
+    (first.folder / "brief.md").write_text("prepared, never started\n")
+    runner.prepare(ws, order, 1, [])  # no log: nothing ran in it, so nothing is kept of it
+    assert sorted(p.name for p in first.folder.parent.iterdir()) == ["1", "1.before-restart-1", "1.before-restart-2"]
+    assert (first.folder / "brief.md").read_text() != "prepared, never started\n"
 
 
 def test_a_crash_between_a_dependencys_record_and_its_waiters_releases_the_waiter_at_restart(make_ws):
