@@ -238,7 +238,8 @@ class _Server:
     def _arm(self, msg: dict[str, Any]) -> None:
         """Prepare the start of `msg` up to its exec (see `Launcher.arm`), for its `go`. What
         cannot be prepared is not said here: its `go` starts it from the request, and fails
-        there as any start of it would."""
+        there as any start of it would. Its log is opened at the go, not here: a log says the
+        attempt was started (recovery counts it, `Interruptions.count_unrecorded`)."""
         token = msg["token"]
         self._disarm(token)
         msg = {**msg, "op": "spawn", "detached": True}

@@ -23,8 +23,9 @@ by `spawn` with a one-line reason and also written to the log; nothing runs.
 `start` is the same request without the wait: the supervisor's loop goes on while
 the server sandboxes and starts the child, and a refusal comes back from `poll`
 as `Refused`, in order with the exits. `arm` sends a request ahead: the server
-prepares it up to the exec, and `go` starts it (`disarm`: it never runs). A start the machine has no room for waits in
-the server; `room_news` tells which do, and when each starts after all.
+prepares it up to the exec, and `go` starts it (`disarm`: it never runs). A start the
+machine has no room for waits in the server; `room_news` tells which do, and when each
+starts after all.
 
 Example:
     >>> with Spawner() as sp:
@@ -518,8 +519,9 @@ class Spawner:
 
     def arm(self, req: SpawnRequest) -> None:
         """Have the server prepare `req`'s start up to its exec while other work runs; nothing
-        runs, and no log is opened, until `go`. A request that cannot be prepared is refused at
-        its `go`, as by `start`. Raises what `start` raises."""
+        runs, and no log is opened, until `go` (an attempt's log says it was started: recovery
+        counts an attempt by it). A request that cannot be prepared is refused at its `go`, as
+        by `start`. Raises what `start` raises."""
         fields = self._fields(req)
         with self._lock:
             self._send("arm", {"detached": True, **fields})
