@@ -17,7 +17,8 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Container, Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Container, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -60,8 +61,11 @@ def _is_busy(path: str) -> bool:
     return any(path in files or (folders and path.startswith(folders)) for files, folders in _busy)
 
 
-def _rename(src: Path | str, dst: Path | str, *, replace: bool) -> None:
-    rename = os.replace if replace else os.rename
+def _rename(src: Path | str, dst: Path | str, *, replace: bool,
+            rename: Callable[[str | Path, str | Path], None] | None = None) -> None:
+    """`src` renamed to `dst` once git is not reading either (`staging`); `rename`: how (by
+    default os.replace, or os.rename when not `replace`)."""
+    rename = rename or (os.replace if replace else os.rename)
     if not _guarded:
         rename(src, dst)
         return
@@ -392,7 +396,10 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def write_bytes(target: Path, data: bytes, *, sync: bool = True, mode: int = 0o644) -> None:
-    """Atomically replace `target` with `data` (temp file, fsync, rename, fsync folder)."""
+    """Atomically replace `target` with `data` (temp file, fsync, rename, fsync folder); a
+    file that is there already, under a folder with spare files, by way of one (`spare_files`)."""
+    if _pools and _swapped(target, data, sync=sync, mode=mode):
+        return
     # The fstat: what the batch checks the file against (`Wrote`).
     folder, tmp, st = _temp_written(target, data, mode, sync=sync, stat_it=bool(_journals))
     stamp = None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -407,6 +414,149 @@ def write_bytes(target: Path, data: bytes, *, sync: bool = True, mode: int = 0o6
         _wrote(os.fspath(target), st, bytes(data))
     if sync:
         fsync_dir(folder)
+
+
+# -- replacing a file without freeing one -----------------------------------------------------
+
+# A file replaced by a rename frees the inode it held, and its block. On an ext4 without a
+# journal mounted with `discard` (the disk of the machine the benchmarks ran on), each free is
+# a discard sent to the device (~150 us, where a new file costs ~50 us), and every inode freed
+# in the last 1-6 minutes is stepped over, one by one, by each new file of its block group
+# (the kernel's `recently_deleted()`): an order's record.json, replaced two or three times per
+# order, made every file made after it slower for minutes. So under a folder given spare files
+# (`spare_files`: state/, its spares in .coordinator/spare-files/), a file that is replaced is
+# written into a spare and swapped with it (renameat2 RENAME_EXCHANGE): a reader still sees the
+# old file or the new one, never half of one, and nothing is freed. The old version becomes a
+# spare, written over in place at its next turn, after SPARE_FILES other replacements (a
+# reader that opened it before the swap has long read it by then). A file written for the
+# first time, or where the kernel cannot swap, is written as before.
+SPARE_FILES = 64
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+class _Spares:
+    """The spare files of one folder, oldest first; made as needed until there are SPARE_FILES."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.lock = threading.Lock()
+        try:  # those of an earlier run, to go on with
+            with os.scandir(folder) as entries:
+                found = sorted(int(e.name) for e in entries if e.name.isdigit() and e.is_file(follow_symlinks=False))
+        except OSError:
+            found = []
+        self.free = deque(f"{folder}/{n}" for n in found)
+        self.next = (found[-1] if found else 0) + 1
+
+    def take(self) -> str:
+        with self.lock:
+            if len(self.free) >= SPARE_FILES:
+                return self.free.popleft()
+            name, self.next = f"{self.folder}/{self.next}", self.next + 1
+            return name
+
+    def give(self, name: str) -> None:
+        with self.lock:
+            self.free.append(name)
+
+
+_pools: dict[str, _Spares] = {}  # root with a trailing / -> its spare files
+_exchange_fn: Any = None  # libc's renameat2, once looked up (False: not there)
+
+
+def spare_files(root: Path, folder: Path | None) -> None:
+    """Replace files under `root` by way of spare files kept in `folder` (on the same file
+    system), or no longer (`folder` None). Nothing changes where the C library has no renameat2
+    or `folder` cannot be made."""
+    prefix = _prefix(root)
+    _pools.pop(prefix, None)
+    if folder is None or not _exchange():
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return
+    _pools[prefix] = _Spares(os.path.abspath(folder))
+
+
+def _exchange() -> Any:
+    global _exchange_fn
+    if _exchange_fn is None:
+        import ctypes
+
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _exchange_fn = fn
+        except (AttributeError, OSError):
+            _exchange_fn = False
+    return _exchange_fn
+
+
+def _swap(src: str | Path, dst: str | Path) -> None:
+    """Exchange `src` and `dst` (both there) in one step."""
+    if _exchange_fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_EXCHANGE) != 0:
+        import ctypes
+
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), os.fspath(dst))
+
+
+def _swapped(target: Path | str, data: bytes, *, sync: bool, mode: int) -> bool:
+    """`write_bytes` by way of a spare file; False when nothing was written: no spare files
+    under `target`'s root, `target` is not a regular file there to replace, or no spare could
+    be opened (the usual write then does it, and says what fails)."""
+    path = os.fspath(target)
+    spares = next((pool for prefix, pool in _pools.items() if path.startswith(prefix)), None)
+    if spares is None:
+        return False
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    spare = spares.take()
+    try:
+        fd = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError:
+        return False  # not a file of ours any more (or a full disk): left out, and written as usual
+    try:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, memoryview(data)[done:], done)
+        os.ftruncate(fd, len(data))
+        if sync:
+            os.fsync(fd)
+        st = os.fstat(fd)
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
+            st = os.fstat(fd)
+        note(path, (st.st_ino, st.st_size, st.st_mtime_ns))
+    except BaseException:
+        os.close(fd)
+        spares.give(spare)  # half written, never read: written over at its next turn
+        raise
+    os.close(fd)
+    try:
+        _rename(spare, path, replace=True, rename=_swap)
+        spares.give(spare)  # now the old version
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+            # This file system (or folder) cannot swap: its files are written as usual from now on.
+            _pools.pop(next(p for p, pool in _pools.items() if pool is spares), None)
+            if e.errno == errno.EXDEV:
+                spares.give(spare)
+                return False
+        elif e.errno != errno.ENOENT:  # gone meanwhile: the spare takes its place, as a rename would
+            spares.give(spare)
+            raise
+        _rename(spare, path, replace=True)
+    _wrote(path, st, bytes(data))
+    if sync:
+        fsync_dir(os.path.dirname(path) or ".")
+    return True
 
 
 def put(target: Path | str, data: bytes, mode: int = 0o444) -> None:

@@ -158,6 +158,7 @@ class Supervisor(Arrivals):
         crashed = (marker.exists() and not recovery.stopped_cleanly(ws, written)) or bool(written)
         durable.open_journal(ws.state, self._journal_file)
         durable.guard(ws.state)
+        durable.spare_files(ws.state, ws.runtime / "spare-files")
         for line in self.audit.moved_while_away(crashed=crashed):  # a reset or a commit while none ran
             self.signal("silent", agent=None, order=None,
                         evidence=f"a commit in state/ the supervisor did not make, while none ran: {line}")
@@ -246,6 +247,7 @@ class Supervisor(Arrivals):
             # Everything noted is committed after a clean close; else the file stays for the next start.
             durable.close_journal(self.ws.state, committed=committed)
             durable.guard(self.ws.state, on=False)
+            durable.spare_files(self.ws.state, None)
             if self._spawner is not None:
                 attempts = getattr(self, "attempts", None)
                 if attempts is not None:

@@ -737,26 +737,30 @@ def test_an_order_deleted_by_hand_after_a_crash_is_put_back_never_run_again(make
 
 
 def test_a_record_write_cut_off_by_a_crash_leaves_no_temp_file_and_no_blame(make_ws, monkeypatch):
-    """kill -9 between writing a record's temp file and renaming it over the record. The
-    restart takes the order up where the record says, removes the temp file, and blames
-    nobody for it."""
+    """kill -9 between writing a record's new version (into a spare file, or a temp file
+    beside it where files are not swapped) and putting it in the record's place. The restart
+    takes the order up where the record says, leaves no temp file, and blames nobody for it."""
     ws = team(make_ws)
     sup = start_one(ws, "k1")
     open_gate(ws, "k1", 1)
     rename = durable._rename
+    record = Store(ws.state).folder("k1") / "record.json"
+    before = record.read_bytes()
 
-    def killed_at_the_rename(src: Path | str, dst: Path | str, *, replace: bool) -> None:
+    def killed_at_the_rename(src: Path | str, dst: Path | str, *, replace: bool, **how: Any) -> None:
         if str(dst).endswith("k1/record.json"):
             raise Killed
-        rename(src, dst, replace=replace)
+        rename(src, dst, replace=replace, **how)
 
     monkeypatch.setattr(durable, "_rename", killed_at_the_rename)
     with pytest.raises(Killed):
         step_until(sup, lambda: False, "the kill")
     abandon(sup)
     monkeypatch.setattr(durable, "_rename", rename)
-    folder = Store(ws.state).folder("k1")
-    assert [p.name for p in folder.glob(".tmp-*")], "the cut-off write's temp file"
+    folder = record.parent
+    assert record.read_bytes() == before  # the record as it was before the cut-off write
+    cut_off = list(folder.glob(".tmp-*")) + list((ws.runtime / "spare-files").glob("*"))
+    assert any(p.read_bytes() != before for p in cut_off), "the cut-off write's temp or spare file"
     open_gate(ws, "k1", 2)
     said = supervise_once(ws)  # another process: its temp files have other names
     assert_done_once(ws, "k1")
