@@ -12,9 +12,10 @@
 - bare fork+exec: the same command started with subprocess.Popen from Python.
 - end-to-end throughput: N read-only orders to `/bin/true`, dropped at once; time from
   the first drop to the last `done` (the record's own timestamp), against running
-  `/bin/true` N times with subprocess.run in the same run. Measured with the agent's
-  default `max_parallel: 1` (each order waits for the last to end), with 4 at once (the
-  workspace's default limit), and with 16 at once (both limits raised: the loop's own capacity).
+  `/bin/true` N times with subprocess.run in the same run (just before and just after,
+  averaged). Measured with the agent's default `max_parallel: 1` (each order waits for the
+  last to end), with 4 at once (the workspace's default limit), and with 16 at once (both
+  limits raised: the loop's own capacity).
 - `supervise --once` throughput: the same N orders dropped first, then one `--once` run;
   time from its start (start-up included) to the last `done`.
 - intake-only throughput: N orders to an orchestrator with no command (they stay queued);
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.store import Store
+from coordinator.workspace import Workspace
 
 from .harness import (
     BenchError,
@@ -202,10 +204,21 @@ def latency(sizes: Sizes) -> list[Figure]:
 
 def _throughput_run(n: int, first: int, parallel: int = 1) -> tuple[float, float]:
     """(seconds from first drop to last done, seconds to run /bin/true n times bare), with
-    the agent running up to `parallel` orders at once (the workspace's limit raised to match)."""
+    the agent running up to `parallel` orders at once (the workspace's limit raised to match).
+    The bare runs are timed just before the supervisor starts and just after it stops, and
+    averaged: the machine's speed drifts by a tenth or more from one minute to the next here,
+    and one bare run on one side made the ratio swing with it."""
     agents = {"chip": {"role": "specialist", "command": ["/bin/true"], "max_parallel": parallel}}
     top = {"max_parallel": parallel} if parallel > PARALLEL else {}
-    with temp_workspace(agents, **top) as ws, LiveSupervisor(ws) as sup:
+    with temp_workspace(agents, **top) as ws:
+        before = _bare_seconds(n)
+        elapsed = _timed_run(ws, n, first)
+    return elapsed, (before + _bare_seconds(n)) / 2
+
+
+def _timed_run(ws: Workspace, n: int, first: int) -> float:
+    """Seconds from the first of n orders dropped into a live supervisor to the last done."""
+    with LiveSupervisor(ws) as sup:
         ids = [f"tp-{first + i:05d}" for i in range(n)]
         texts = [order_md(f"Throughput order {first + i} is done", id=oid) for i, oid in enumerate(ids)]
         t0 = time.time()
@@ -215,8 +228,7 @@ def _throughput_run(n: int, first: int, parallel: int = 1) -> tuple[float, float
         failed = [r.id for r in recs.values() if r.status != "done"]
         if failed:
             raise BenchError(f"{len(failed)} throughput orders did not end done (first {failed[0]})")
-        elapsed = max(epoch(r.updated) for r in recs.values()) - t0
-    return elapsed, _bare_seconds(n)
+        return max(epoch(r.updated) for r in recs.values()) - t0
 
 
 def _bare_seconds(n: int) -> float:
@@ -237,6 +249,7 @@ def _once_run(n: int, first: int) -> tuple[float, float]:
         ids = [f"once-{first + i:05d}" for i in range(n)]
         for i, oid in enumerate(ids):
             drop(ws, "chip", f"{oid}.md", order_md(f"Once order {first + i} is done", id=oid))
+        before = _bare_seconds(n)  # on both sides, as for `_throughput_run`
         t0 = time.time()
         proc = subprocess.run(coordinator_argv(ws, "supervise", "--once"), env=child_env(),
                               capture_output=True, text=True, timeout=ORDER_TIMEOUT * 10)
@@ -247,7 +260,7 @@ def _once_run(n: int, first: int) -> tuple[float, float]:
         if failed:
             raise BenchError(f"{len(failed)} --once orders did not end done (first {failed[0]})")
         elapsed = max(epoch(recs[oid].updated) for oid in ids) - t0
-    return elapsed, _bare_seconds(n)
+    return elapsed, (before + _bare_seconds(n)) / 2
 
 
 def throughput(sizes: Sizes) -> list[Figure]:
