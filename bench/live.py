@@ -265,6 +265,7 @@ def _once_run(n: int, first: int) -> tuple[float, float]:
 
 def throughput(sizes: Sizes) -> list[Figure]:
     n, runs = sizes.throughput_orders, range(sizes.throughput_runs)
+    before = file_system(100)  # a file system still slowed by a removal says so here
     figures = [_throughput_figure("throughput_end_to_end", "2. end-to-end throughput, /bin/true, one at a time",
                                   n, [_throughput_run(n, r * 100_000) for r in runs]),
                _throughput_figure("throughput_parallel", f"2. the same, {PARALLEL} at once (max_parallel)",
@@ -275,7 +276,7 @@ def throughput(sizes: Sizes) -> list[Figure]:
                                   target=False, parallel=SATURATED),
                _throughput_figure("throughput_once", "2. `supervise --once` on a queue, /bin/true", n,
                                   [_once_run(n, 500_000 + r * 10_000) for r in runs], target=False),
-               file_system()]
+               file_system(before=before)]
     # The same on a RAM file system: how much of the cost per order is the disk's (every
     # order creates some 20 files and folders in state/, .coordinator/ and git's objects).
     shm = Path("/dev/shm")
@@ -288,9 +289,11 @@ def throughput(sizes: Sizes) -> list[Figure]:
     return figures
 
 
-def file_system(samples: int = 300) -> Figure:
+def file_system(samples: int = 300, before: Figure | None = None) -> Figure:
     """What one new folder and one new file cost where the workspaces live: the floor under
-    the throughput above (an order makes some 20 of them in state/, .coordinator/ and git)."""
+    the throughput above (an order makes some 20 of them in state/, .coordinator/ and git).
+    `before`: the same measured before the runs (on an ext4 without a journal a removal made
+    in the minutes before slows every new file: the runs were slowed too when it was slower)."""
     mkdir_us: list[float] = []
     create_us: list[float] = []
     with temp_folder("coord-fs-") as base:
@@ -305,14 +308,17 @@ def file_system(samples: int = 300) -> Figure:
             t2 = time.perf_counter()
             mkdir_us.append((t1 - t0) * 1e6)
             create_us.append((t2 - t1) * 1e6)
+    data = {"mkdir_us": round(median(mkdir_us), 1), "create_rename_us": round(median(create_us), 1),
+            "mkdir_p90_us": round(percentile(mkdir_us, 90), 1),
+            "create_rename_p90_us": round(percentile(create_us, 90), 1)}
+    note = "an order makes ~20 folders and files (state/, .coordinator/, git objects): on a tmpfs each is ~5-20 us"
+    if before is not None:
+        data["before_runs"] = before.data
+        note += (f"; before the runs: mkdir {before.data['mkdir_us']:.0f} us, "
+                 f"file create+rename {before.data['create_rename_us']:.0f} us")
     return Figure("file_system", "2. the workspaces' file system, per new inode",
                   f"mkdir {median(mkdir_us):.0f} us, file create+rename {median(create_us):.0f} us",
-                  f"{samples}+{samples} ops",
-                  note="an order makes ~20 folders and files (state/, .coordinator/, git objects): "
-                       "on a tmpfs each is ~5-20 us",
-                  data={"mkdir_us": round(median(mkdir_us), 1), "create_rename_us": round(median(create_us), 1),
-                        "mkdir_p90_us": round(percentile(mkdir_us, 90), 1),
-                        "create_rename_p90_us": round(percentile(create_us, 90), 1)})
+                  f"{samples}+{samples} ops", note=note, data=data)
 
 
 def _throughput_figure(key: str, title: str, n: int, runs: list[tuple[float, float]], *,
