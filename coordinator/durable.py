@@ -441,6 +441,7 @@ class _Spares:
     def __init__(self, folder: str) -> None:
         self.folder = folder
         self.lock = threading.Lock()
+        self.umask = _umask()  # a file written by way of a spare gets the mode a new one would
         try:  # those of an earlier run, to go on with
             with os.scandir(folder) as entries:
                 found = sorted(int(e.name) for e in entries if e.name.isdigit() and e.is_file(follow_symlinks=False))
@@ -480,6 +481,20 @@ def spare_files(root: Path, folder: Path | None) -> None:
     _pools[prefix] = _Spares(os.path.abspath(folder))
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask sets it, for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def _exchange() -> Any:
     global _exchange_fn
     if _exchange_fn is None:
@@ -506,17 +521,21 @@ def _swap(src: str | Path, dst: str | Path) -> None:
 
 def _swapped(target: Path | str, data: bytes, *, sync: bool, mode: int) -> bool:
     """`write_bytes` by way of a spare file; False when nothing was written: no spare files
-    under `target`'s root, `target` is not a regular file there to replace, or no spare could
-    be opened (the usual write then does it, and says what fails)."""
+    under `target`'s root, `target` is not a regular file of one name there to replace (one
+    with other names, such as a hard link a person keeps of an order they dropped, must never
+    become a spare written over in place), or no spare could be opened (the usual write then
+    does it, and says what fails)."""
     path = os.fspath(target)
     spares = next((pool for prefix, pool in _pools.items() if path.startswith(prefix)), None)
     if spares is None:
         return False
     try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return False
+        st = os.lstat(path)
     except OSError:
         return False
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        return False
+    mode &= ~spares.umask
     spare = spares.take()
     try:
         fd = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)

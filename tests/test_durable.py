@@ -140,3 +140,34 @@ def test_a_file_system_that_cannot_swap_gets_its_files_written_as_before(spared,
     assert not durable._pools  # asked no more
     durable.write_bytes(target, b"three", sync=False)
     assert target.read_bytes() == b"three"
+
+
+def test_a_file_with_other_names_is_never_made_a_spare(spared, tmp_path):
+    """A hard link a person keeps of an order they dropped shares the claimed file's inode:
+    written over in place as a spare, their file would have changed under them."""
+    root, spares = spared
+    target, kept = root / "claimed.md", tmp_path / "mine.md"
+    durable.write_bytes(target, b"the order as dropped\n", sync=False)
+    os.link(target, kept)
+    durable.write_bytes(target, b"a copy of its own\n", sync=False)
+    for i in range(2 * durable.SPARE_FILES):
+        durable.write_bytes(root / "other", f"{i}\n".encode(), sync=False)
+    assert kept.read_bytes() == b"the order as dropped\n"
+    assert target.read_bytes() == b"a copy of its own\n"
+    assert os.stat(target).st_ino != os.stat(kept).st_ino
+
+
+def test_a_swapped_file_gets_the_mode_a_new_file_would(tmp_path):
+    root, spares = tmp_path / "state", tmp_path / "spares"
+    root.mkdir()
+    old = os.umask(0o077)
+    try:
+        durable.spare_files(root, spares)
+        durable.write_bytes(root / "r", b"1", sync=False)
+        durable.write_bytes(root / "r", b"2", sync=False)
+        durable.write_bytes(root / "new", b"3", sync=False)
+    finally:
+        os.umask(old)
+        durable.spare_files(root, None)
+    assert list(spares.iterdir())  # it went by a spare
+    assert oct(os.stat(root / "r").st_mode & 0o777) == oct(os.stat(root / "new").st_mode & 0o777) == "0o600"
