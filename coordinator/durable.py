@@ -419,65 +419,105 @@ def write_bytes(target: Path, data: bytes, *, sync: bool = True, mode: int = 0o6
 # -- replacing a file without freeing one -----------------------------------------------------
 
 # A file replaced by a rename frees the inode it held, and its block. On an ext4 without a
-# journal mounted with `discard` (the disk of the machine the benchmarks ran on), each free is
-# a discard sent to the device (~150 us, where a new file costs ~50 us), and every inode freed
-# in the last 1-6 minutes is stepped over, one by one, by each new file of its block group
-# (the kernel's `recently_deleted()`): an order's record.json, replaced two or three times per
-# order, made every file made after it slower for minutes. So under a folder given spare files
-# (`spare_files`: state/, its spares in .coordinator/spare-files/), a file that is replaced is
-# written into a spare and swapped with it (renameat2 RENAME_EXCHANGE): a reader still sees the
-# old file or the new one, never half of one, and nothing is freed. The old version becomes a
-# spare, written over in place at its next turn, after SPARE_FILES other replacements (a
-# reader that opened it before the swap has long read it by then). A file written for the
-# first time, or where the kernel cannot swap, is written as before.
+# journal (`holds_freed_inodes`; the disk of the machine the benchmarks ran on, mounted with
+# `discard`), each free is a discard sent to the device (~150 us, where a new file costs ~50 us),
+# and every inode freed in the last 1-6 minutes is stepped over, one by one, by each new file of
+# its block group (the kernel's `recently_deleted()`): an order's record.json, replaced two or
+# three times per order, made every file made after it slower for minutes. On such a file
+# system the supervisor gives state/ spare files (`spare_files`, kept in .coordinator/spare-files/):
+# a file that is replaced is written into a spare and swapped with it (renameat2
+# RENAME_EXCHANGE). A reader still sees the old file or the new one, never half of one, and
+# nothing is freed: the old version becomes a spare, written over in place only once SPARE_FILES
+# newer spares are there and it has been one for SPARE_AGE seconds (a reader or git that opened
+# it before the swap has read it by then; in a burst the spares grow instead). Only what was
+# swapped out as a regular file of one name is ever written over. Where the file system holds
+# freed inodes back no ordering survives a power loss either way; on others (an ext4 with its
+# journal orders a new file's data before the rename that puts it in place, not an overwrite),
+# files are replaced by rename as before, as they are where the kernel cannot swap.
 SPARE_FILES = 64
+SPARE_AGE = 1.0  # seconds
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
 class _Spares:
-    """The spare files of one folder, oldest first; made as needed until there are SPARE_FILES."""
+    """The spare files of one folder, oldest first, each with when it became one (monotonic)."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
         self.lock = threading.Lock()
         self.umask = _umask()  # a file written by way of a spare gets the mode a new one would
-        try:  # those of an earlier run, to go on with
+        found: list[tuple[int, str, int]] = []  # (change time, name, number) of an earlier run's
+        try:
             with os.scandir(folder) as entries:
-                found = sorted(int(e.name) for e in entries if e.name.isdigit() and e.is_file(follow_symlinks=False))
+                for e in entries:
+                    if e.name.isdigit():
+                        st = e.stat(follow_symlinks=False)
+                        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                            found.append((st.st_ctime_ns, e.path, int(e.name)))
+                        elif stat.S_ISREG(st.st_mode):  # a power loss cut a swap in two: a live file's
+                            self.drop(e.path)
         except OSError:
             found = []
-        self.free = deque(f"{folder}/{n}" for n in found)
-        self.next = (found[-1] if found else 0) + 1
+        # Oldest swap first (the change time is the swap's): spare 1 may be the newest.
+        now, wall = time.monotonic(), time.time_ns()
+        self.free = deque((path, now - max(0.0, (wall - ctime) / 1e9)) for ctime, path, _ in sorted(found))
+        self.next = max((n for _, _, n in found), default=0) + 1
 
     def take(self) -> str:
         with self.lock:
-            if len(self.free) >= SPARE_FILES:
-                return self.free.popleft()
+            if len(self.free) >= SPARE_FILES and self.free[0][1] <= time.monotonic() - SPARE_AGE:
+                return self.free.popleft()[0]
             name, self.next = f"{self.folder}/{self.next}", self.next + 1
             return name
 
     def give(self, name: str) -> None:
         with self.lock:
-            self.free.append(name)
+            self.free.append((name, time.monotonic()))
+
+    @staticmethod
+    def drop(name: str) -> None:
+        """Not a spare any more (what it names is not ours to write over): its name goes."""
+        with contextlib.suppress(OSError):
+            os.unlink(name)
 
 
 _pools: dict[str, _Spares] = {}  # root with a trailing / -> its spare files
 _exchange_fn: Any = None  # libc's renameat2, once looked up (False: not there)
 
 
+def holds_freed_inodes(path: Path | str) -> bool:
+    """Whether `path` is on an ext4 without a journal, where a freed inode is costly (see above)."""
+    try:
+        st = os.stat(path)
+        device = os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"))
+        with open(f"/sys/fs/ext4/{device}/journal_task", encoding="utf-8") as f:
+            return f.read().strip() == "<none>"
+    except (OSError, ValueError):
+        return False
+
+
 def spare_files(root: Path, folder: Path | None) -> None:
-    """Replace files under `root` by way of spare files kept in `folder` (on the same file
-    system), or no longer (`folder` None). Nothing changes where the C library has no renameat2
-    or `folder` cannot be made."""
+    """Replace files under `root` by way of spare files kept in `folder`, or no longer (`folder`
+    None). Nothing changes where the C library has no renameat2, `folder` cannot be made or is
+    on another file system, or a file made in `root` would not get the group and permissions a
+    spare has (`root` set-group-id, or with a default ACL)."""
     prefix = _prefix(root)
     _pools.pop(prefix, None)
     if folder is None or not _exchange():
         return
     try:
         os.makedirs(folder, exist_ok=True)
+        here, there = os.stat(root), os.stat(folder)
     except OSError:
         return
+    if here.st_dev != there.st_dev or here.st_mode & stat.S_ISGID or here.st_gid != there.st_gid:
+        return
+    try:
+        os.getxattr(root, "system.posix_acl_default")
+        return
+    except OSError:
+        pass
     _pools[prefix] = _Spares(os.path.abspath(folder))
 
 
@@ -519,16 +559,21 @@ def _swap(src: str | Path, dst: str | Path) -> None:
         raise OSError(code, os.strerror(code), os.fspath(dst))
 
 
+class _NotSpare(Exception):
+    """What a spare's name leads to is not a file only the spares hold."""
+
+
 def _swapped(target: Path | str, data: bytes, *, sync: bool, mode: int) -> bool:
     """`write_bytes` by way of a spare file; False when nothing was written: no spare files
     under `target`'s root, `target` is not a regular file of one name there to replace (one
     with other names, such as a hard link a person keeps of an order they dropped, must never
-    become a spare written over in place), or no spare could be opened (the usual write then
-    does it, and says what fails)."""
+    become a spare written over in place), or the spare could not be written (the usual write
+    then does it, and says what fails)."""
     path = os.fspath(target)
-    spares = next((pool for prefix, pool in _pools.items() if path.startswith(prefix)), None)
-    if spares is None:
+    found = next(((prefix, pool) for prefix, pool in tuple(_pools.items()) if path.startswith(prefix)), None)
+    if found is None:
         return False
+    prefix, spares = found
     try:
         st = os.lstat(path)
     except OSError:
@@ -540,8 +585,14 @@ def _swapped(target: Path | str, data: bytes, *, sync: bool, mode: int) -> bool:
     try:
         fd = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except OSError:
-        return False  # not a file of ours any more (or a full disk): left out, and written as usual
+        spares.drop(spare)  # not a file of ours (a folder, a link): left out of the spares
+        return False
     try:
+        st = os.fstat(fd)
+        # A second name made for it meanwhile (a link, or a swap a power loss left half done on
+        # a file system without a journal): written over, it would change that file too.
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+            raise _NotSpare
         done = 0
         while done < len(data):
             done += os.pwrite(fd, memoryview(data)[done:], done)
@@ -552,19 +603,22 @@ def _swapped(target: Path | str, data: bytes, *, sync: bool, mode: int) -> bool:
         if stat.S_IMODE(st.st_mode) != mode:
             os.fchmod(fd, mode)
             st = os.fstat(fd)
-        note(path, (st.st_ino, st.st_size, st.st_mtime_ns))
+    except (OSError, _NotSpare):
+        os.close(fd)
+        spares.drop(spare)
+        return False
     except BaseException:
         os.close(fd)
-        spares.give(spare)  # half written, never read: written over at its next turn
+        spares.give(spare)
         raise
     os.close(fd)
     try:
+        note(path, (st.st_ino, st.st_size, st.st_mtime_ns))
         _rename(spare, path, replace=True, rename=_swap)
-        spares.give(spare)  # now the old version
     except OSError as e:
         if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
             # This file system (or folder) cannot swap: its files are written as usual from now on.
-            _pools.pop(next(p for p, pool in _pools.items() if pool is spares), None)
+            _pools.pop(prefix, None)
             if e.errno == errno.EXDEV:
                 spares.give(spare)
                 return False
@@ -572,10 +626,33 @@ def _swapped(target: Path | str, data: bytes, *, sync: bool, mode: int) -> bool:
             spares.give(spare)
             raise
         _rename(spare, path, replace=True)
+    except BaseException:
+        spares.give(spare)
+        raise
+    else:
+        _took(spares, spare, path)
     _wrote(path, st, bytes(data))
     if sync:
         fsync_dir(os.path.dirname(path) or ".")
     return True
+
+
+def _took(spares: _Spares, spare: str, path: str) -> None:
+    """After a swap: what came out of `path` into `spare` becomes a spare if it is a regular file
+    of one name (as the lstat before it said; something put in its place since is looked at
+    again). A folder goes back where it was, as a rename over it would have failed."""
+    try:
+        out = os.lstat(spare)
+    except OSError:
+        return
+    if stat.S_ISDIR(out.st_mode):
+        _swap(spare, path)
+        spares.give(spare)
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if stat.S_ISREG(out.st_mode) and out.st_nlink == 1:
+        spares.give(spare)
+    else:
+        spares.drop(spare)  # a link, or a file with other names: only our name of it goes
 
 
 def put(target: Path | str, data: bytes, mode: int = 0o444) -> None:

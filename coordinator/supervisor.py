@@ -158,7 +158,8 @@ class Supervisor(Arrivals):
         crashed = (marker.exists() and not recovery.stopped_cleanly(ws, written)) or bool(written)
         durable.open_journal(ws.state, self._journal_file)
         durable.guard(ws.state)
-        durable.spare_files(ws.state, ws.runtime / "spare-files")
+        if durable.holds_freed_inodes(ws.state):  # an ext4 without a journal: see durable.SPARE_FILES
+            durable.spare_files(ws.state, ws.runtime / "spare-files")
         for line in self.audit.moved_while_away(crashed=crashed):  # a reset or a commit while none ran
             self.signal("silent", agent=None, order=None,
                         evidence=f"a commit in state/ the supervisor did not make, while none ran: {line}")
