@@ -231,17 +231,28 @@ def test_a_spare_with_a_second_name_is_never_written_over(tmp_path, no_wait):
 
 def test_after_a_restart_the_spare_swapped_out_last_is_written_over_last(spared, no_wait):
     root, spares = spared
-    for i in range(durable.SPARE_FILES + 5):
+    durable.write_bytes(root / "r", b"0", sync=False)
+    for i in range(1, durable.SPARE_FILES + 1):  # spares 1 to SPARE_FILES made, one per replacement
         durable.write_bytes(root / "r", f"{i}".encode(), sync=False)
     time.sleep(0.05)  # change times a clock tick apart
-    durable.write_bytes(root / "r", b"second last", sync=False)
-    time.sleep(0.05)
-    durable.write_bytes(root / "r", b"last", sync=False)
-    newest = next(p for p in spares.iterdir() if p.read_bytes() == b"second last")
+    durable.write_bytes(root / "r", b"newest", sync=False)  # spare 1, the oldest, written over and swapped out
+    assert (spares / "1").read_bytes() == f"{durable.SPARE_FILES}".encode()
     durable.spare_files(root, spares)  # a new start, with the spares of the last
     durable.write_bytes(root / "r", b"after the restart", sync=False)
-    assert newest.read_bytes() == b"second last"
+    assert (spares / "1").read_bytes() == f"{durable.SPARE_FILES}".encode()  # not the first taken
     assert (root / "r").read_bytes() == b"after the restart"
+
+
+def test_a_spare_given_a_second_name_while_it_waits_is_never_written_over(spared, tmp_path, no_wait):
+    root, spares = spared
+    for i in range(durable.SPARE_FILES + 1):
+        durable.write_bytes(root / "r", f"{i}".encode(), sync=False)
+    kept = tmp_path / "kept"
+    os.link(spares / "1", kept)  # by hand, into the supervisor's own folder
+    before = kept.read_bytes()
+    for i in range(3 * durable.SPARE_FILES):
+        durable.write_bytes(root / "r", f"again {i}".encode(), sync=False)
+    assert kept.read_bytes() == before and os.stat(kept).st_nlink == 1
 
 
 def test_a_journaled_swap_is_noted_as_what_it_left_there(spared):
