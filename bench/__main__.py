@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from coordinator.durable import holds_freed_inodes
 from coordinator.errors import CoordinatorError
 
 from . import backlog, budgetsim, harness, live, parts
@@ -44,18 +45,11 @@ def machine() -> dict[str, Any]:
     fs = subprocess.run(["df", "--output=fstype,source", str(harness.WORK_DIR)], capture_output=True,
                         text=True).stdout.split()[-2:]
     work_fs = fs[0] if fs else "?"
-    if work_fs == "ext4" and _no_journal(fs[1]):
+    if work_fs == "ext4" and holds_freed_inodes(harness.WORK_DIR):
         work_fs = "ext4 without a journal"  # new inodes slow after removals: see harness.run_dir
     return {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "git": git, "landlock_abi": abi_version(), "work_fs": work_fs,
             "work_dir": os.path.relpath(harness.WORK_DIR), "loadavg_start": list(os.getloadavg())}
-
-
-def _no_journal(device: str) -> bool:
-    try:
-        return Path(f"/sys/fs/ext4/{os.path.basename(device)}/journal_task").read_text().strip() == "<none>"
-    except OSError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:
