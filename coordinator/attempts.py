@@ -36,7 +36,7 @@ from .orders import WorkOrder
 from .outbox import _note_undelivered
 from .repos import BranchInTheWay, MergeConflict, Repo
 from .runner import Attempt
-from .spawner import SIGKILL_WAIT, Refused, SpawnRequest
+from .spawner import SIGKILL_WAIT, Event, Exit, Refused, SpawnRequest
 from .store import Record, ended_undone, iso, route_end, via_route, waits_for
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ class Active:
     timed_out: bool = False
     kill_due: float | None = None  # when `watch` tries again to kill processes a kill left alive
     token: str = ""
+    gone: bool = False  # armed, and told to go before its start is recorded (`AttemptRunner._go_early`)
     thread: threading.Thread | None = None
     thread_outcome: Any = None
     delivered: bool = False  # its outbox was taken (once the attempt was decided)
@@ -147,15 +148,14 @@ class AttemptRunner(Interruptions):
     def start(self, rec: Record) -> bool:
         sup = self.sup
         if self.armed is not None and self.armed.rec is rec:
-            if self.timer() - self.armed_at > ARM_AGE:  # its namespace saw the mounts of then: a new start
-                self.disarm()
+            if not self.armed.gone and self.timer() - self.armed_at > ARM_AGE:  # its namespace saw the
+                self.disarm()                                                    # mounts of then: a new start
             else:
                 act, self.armed = self.armed, None
                 sup.intake.accepted.pop(rec.id, None)  # left in memory by `arm` for this start
-                tick = self.timer()
-                act.started, act.ends_seen = sup.clock(), self.ends
-                act.began = act.quiet_since = act.looked = tick
-                act.deadline = tick + _timeout(act.order, act.agent)
+                if act.gone:
+                    return self._launch(act, lambda: None)
+                self._stamp_start(act)
                 return self._launch(act, lambda: sup.spawner.go(act.token))
         agent = sup.config.agents[rec.to]
         try:
@@ -191,6 +191,61 @@ class AttemptRunner(Interruptions):
             start_llm_attempt(self, act)
             return True
         return self._launch(act, lambda: sup.spawner.start(self._request(act)))
+
+    def _stamp_start(self, act: Active) -> None:
+        """Set the clocks of the armed `act` as it is told to go."""
+        tick = self.timer()
+        act.started, act.ends_seen = self.sup.clock(), self.ends
+        act.began = act.quiet_since = act.looked = tick
+        act.deadline = tick + _timeout(act.order, act.agent)
+
+    def _go_early(self, events: list[Event]) -> None:
+        """Tell the armed order to go as soon as the attempt whose slot it waits for has ended,
+        before that attempt is judged: one at a time, the judging (some 0.3 ms) no longer lies
+        between one quick run and the next. Its move to running is made after the judging, in
+        the same step (`reap`): no commit sees both running, and its history has it start
+        after the one before it ended. An order re-queued by that judging (a failed attempt, a
+        follow-up) runs after the one armed, as an order that came in while it started.
+
+        Only when nothing of the ended attempt runs on: all its processes gone (`alone`), no
+        check of the order to run after it (checks are part of the attempt, in its slot), not
+        an orchestrator's request (its end may wait for its orders), not cancelled, and the
+        supervisor not stopping; and only when no order waits for it (`blocked_by`, a blocker):
+        done, it may release an order that runs before the one armed."""
+        armed = self.armed
+        if armed is None or armed.gone or self.sup.stopping or self.timer() - self.armed_at > ARM_AGE:
+            return
+        slots = self.sup.config.max_parallel
+        for ex in events:
+            act = self.active.get(ex.token)
+            if (act is not None and isinstance(ex, Exit) and ex.alone and act.phase == "specialist"
+                    and act.agent is armed.agent and not act.order.checks and not act.agent.is_orchestrator
+                    and not act.cancelled and len(self.active) <= slots and not self.sup.awaited(act.rec.id)):
+                break
+        else:
+            return
+        self._stamp_start(armed)
+        try:
+            self.sup.spawner.go(armed.token)
+        except CoordinatorError:
+            return  # sent again at its start, which says why it cannot
+        armed.gone = True
+
+    def _record_gone(self, act: Active) -> None:
+        """Record the start of `act`, told to go by `_go_early`, now that the attempts that
+        ended are judged. An order the judging ended (cancelled as the work of a request
+        cancelled with it) is never recorded running: its process is killed as a cancelled
+        attempt's, and counted as an attempt, its folders and log kept, as a cancelled one's are."""
+        if act.rec.status == "queued":
+            self.start(act.rec)
+            return
+        self.armed = None
+        act.cancelled = True
+        act.rec.attempts = act.attempt.number
+        self.active[act.token] = act  # its slot stays taken until its exit is reaped
+        with contextlib.suppress(CoordinatorError):  # a server gone kills it anyway
+            self.sup.spawner.kill_soon(act.token, grace=CANCEL_GRACE)
+        act.kill_due = self.timer() + CANCEL_GRACE + SIGKILL_WAIT + KILL_RETRY
 
     def _launch(self, act: Active, send: Callable[[], None] | None) -> bool:
         """Record `act` as running and `send` its start. Start first, record after: the record
@@ -269,10 +324,13 @@ class AttemptRunner(Interruptions):
         return agent.llm is None and agent.max_parallel == 1 and agent.name in self.quick
 
     def disarm(self) -> None:
-        """Drop the armed attempt (`arm`): it never runs, and its folders go."""
-        act, self.armed = self.armed, None
-        if act is None:
+        """Drop the armed attempt (`arm`): it never runs, and its folders go. One told to go
+        already (`_go_early`) runs: it is recorded at the end of the `reap` that sent it, or,
+        cut off by a crash, counted at the next start by its log."""
+        act = self.armed
+        if act is None or act.gone:
             return
+        self.armed = None
         with contextlib.suppress(CoordinatorError):  # a server gone runs nothing either
             self.sup.spawner.disarm(act.token)
         runner.unprepare(self.ws, act.rec.id, act.attempt.number)
@@ -289,6 +347,7 @@ class AttemptRunner(Interruptions):
         """Handle every process exit and finished LLM call; True when any."""
         progress = False
         events = self.sup.spawner.poll()
+        self._go_early(events)
         for token, started in self.sup.spawner.room_news():  # read with the events, told before them
             act = self.active.get(token) or self.active.get(token.rsplit(".c", 1)[0])
             if act is not None:
@@ -310,6 +369,8 @@ class AttemptRunner(Interruptions):
                 progress = True
                 from .llmrun import finish_llm_attempt
                 finish_llm_attempt(self, act)
+        if self.armed is not None and self.armed.gone:
+            self._record_gone(self.armed)
         if self.waiting_requests:
             from .orchestration import check_requests
             progress |= check_requests(self)

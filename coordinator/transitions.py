@@ -139,6 +139,10 @@ class Transitions(Commits):
                 last = route_end(self.records, dep)
                 self._waiting_on.setdefault(last.id if last is not None else dep, set()).add(rec.id)
 
+    def awaited(self, order_id: str) -> bool:
+        """Does a waiting order wait for `order_id` (its `blocked_by`, or a blocker)?"""
+        return bool(self._waiting_on.get(order_id))
+
     def _release_dependents(self, done: Record) -> None:
         if done.status == "routed":
             return  # its waiters wait for the follow-up (`rerouted`), which is filed right after

@@ -214,3 +214,111 @@ def test_a_quick_agent_is_armed_while_a_long_agents_more_urgent_order_waits(make
     assert [oid for oid in ran(ws) if oid.startswith("slow")] == ["slow1", "slow2"]
     chip = [oid for oid in ran(ws) if oid.startswith("q")]
     assert sorted(chip) == ids and len(chip) == len(set(chip))
+
+
+def _spans(ws) -> dict[str, dict[str, int]]:
+    spans: dict[str, dict[str, int]] = {}
+    for oid, what, ns in runs(ws):
+        spans.setdefault(oid, {})[what] = ns
+    return spans
+
+
+def test_the_armed_order_goes_as_the_last_one_ends_before_that_one_is_judged(make_ws, gos, monkeypatch):
+    """One at a time, the next order's process starts when the last one's has ended, not after
+    the last one is judged; the records still have each start after the end before it."""
+    ws = make_ws({"chip": {"role": "specialist", "command": RECORD}})
+    ids = [f"q{i:02d}" for i in range(12)]
+    for oid in ids:
+        drop(ws, "chip", f"{oid}.md", order_md(f"Quick order {oid} is done", id=oid))
+    gone_before_judged: list[bool] = []
+    real = attempts.AttemptRunner._after_specialist
+
+    def judged(self, act, code, *, alone=False):
+        following = ids[ids.index(act.rec.id) + 1:][:1]
+        gone_before_judged.append(bool(following) and any(t.split(".")[0] in following for t in gos))
+        real(self, act, code, alone=alone)
+
+    monkeypatch.setattr(attempts.AttemptRunner, "_after_specialist", judged)
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    recs = Store(ws.state).load_all()
+    assert all(recs[oid].status == "done" and recs[oid].attempts == 1 for oid in ids)
+    assert sum(gone_before_judged) >= len(ids) // 2  # once chip was quick, each next one went first
+    ordered = sorted(_spans(ws).values(), key=lambda s: s["start"])
+    assert all(a["end"] <= b["start"] for a, b in zip(ordered, ordered[1:], strict=False))  # max_parallel: 1
+    for before, after in zip(ids, ids[1:], strict=False):  # the history: started after the last one ended
+        done_at = next(h["at"] for h in recs[before].history if h["to"] == "done")
+        assert next(h["at"] for h in recs[after].history if h["to"] == "running") >= done_at
+
+
+CHECKED = ('echo "$COORD_ORDER_ID check-start $(date +%s%N)" >> "$PROBE/runs.txt"; sleep 0.3; '
+           'echo "$COORD_ORDER_ID check-end $(date +%s%N)" >> "$PROBE/runs.txt"')
+
+
+def test_an_order_with_checks_keeps_its_slot_until_they_have_run(make_ws, gos, long_arm):
+    """Checks are part of the attempt: the armed order waits for them, not only for the specialist."""
+    ws = make_ws({"chip": {"role": "specialist", "command": RECORD}})
+    drop(ws, "chip", "quick.md", order_md("Quick order is done", id="quick"))
+    checked = (f"`{CHECKED}` passes", "The run is recorded", "Nothing else changed")
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: sup.records.get("quick") is not None and sup.records["quick"].status == "done",
+                   "the quick order")
+        # "slow…" runs 1.5 s: b is armed while it runs, and ready to go when it ends.
+        drop(ws, "chip", "a.md", order_md("Checked order is done", id="slow-a", acceptance=checked, priority="high"))
+        drop(ws, "chip", "b.md", order_md("Next order is done", id="b"))
+        step_until(sup, lambda: sup.attempts.armed is not None and sup.attempts.armed.rec.id == "b", "b armed")
+        assert [(a.rec.id, a.phase) for a in sup.attempts.active.values()] == [("slow-a", "specialist")]
+        sup.run_once(limit=30)
+    recs = Store(ws.state).load_all()
+    assert (recs["slow-a"].status, recs["slow-a"].failures) == ("done", []) and recs["b"].status == "done"
+    spans, a = _spans(ws), _spans(ws)["slow-a"]
+    assert a["end"] <= a["check-start"] < a["check-end"] <= spans["b"]["start"]
+    assert ran(ws) == ["quick", "slow-a", "b"]
+
+
+def test_a_failed_attempt_is_retried_while_the_armed_order_goes(make_ws, gos):
+    """The attempt that failed is queued again by its judging; the armed order may have gone
+    already. Each order ends done once, the failed one on its second attempt, and no two runs
+    of chip overlap."""
+    flaky = sh('echo "$COORD_ORDER_ID start $(date +%s%N)" >> "$PROBE/runs.txt"; code=0; '
+               'case "$COORD_ORDER_ID" in flaky*) [ -e "$PROBE/failed" ] || { touch "$PROBE/failed"; code=3; };; esac; '
+               'echo "$COORD_ORDER_ID end $(date +%s%N)" >> "$PROBE/runs.txt"; exit $code')
+    ws = make_ws({"chip": {"role": "specialist", "command": flaky}})
+    ids = ["q0", "q1", "flaky", "q3", "q4", "q5"]
+    for oid in ids:
+        drop(ws, "chip", f"{oid}.md", order_md(f"Order {oid} is done", id=oid))
+    with Supervisor(ws) as sup:
+        sup.run_once(limit=60)
+    recs = Store(ws.state).load_all()
+    assert {oid: recs[oid].status for oid in ids} == dict.fromkeys(ids, "done")
+    assert recs["flaky"].attempts == 2 and len(recs["flaky"].failures) == 1
+    assert sorted(ran(ws)) == sorted([*ids, "flaky"])
+    starts = sorted(ns for _, what, ns in runs(ws) if what == "start")
+    ends = sorted(ns for _, what, ns in runs(ws) if what == "end")
+    assert all(e <= s for e, s in zip(ends, starts[1:], strict=False))  # one at a time throughout
+    assert verify.verify(ws) == []
+
+
+def test_an_order_ended_while_it_was_going_is_killed_never_recorded_running(make_ws, gos, long_arm):
+    """Told to go, then ended by the judging of the step (cancelled with the request that sent
+    it): it is never recorded running, and its process is killed as a cancelled attempt's; it
+    counts as an attempt (it started), and its folders and log stay, as a cancelled one's do."""
+    ws = make_ws({"chip": {"role": "specialist", "command": RECORD}})
+    drop(ws, "chip", "quick.md", order_md("Quick order is done", id="quick"))
+    with Supervisor(ws) as sup:
+        _armed_behind_slow(ws, sup, "slow-y")  # "slow…" sleeps 1.5 s: killed while it runs
+        armed = sup.attempts.armed
+        sup.attempts._stamp_start(armed)
+        sup.spawner.go(armed.token)
+        armed.gone = True
+        sup.move(sup.records["slow-y"], "cancelled", "user")
+        sup.attempts._record_gone(armed)
+        assert sup.attempts.armed is None and armed.token in sup.attempts.active
+        step_until(sup, lambda: armed.token not in sup.attempts.active, "the killed run reaped")
+        step_until(sup, lambda: sup.records["slow"].status == "done", "the slow order")
+    rec = Store(ws.state).load("slow-y")
+    assert (rec.status, rec.attempts) == ("cancelled", 1)
+    assert "running" not in [h["to"] for h in rec.history]
+    assert "end" not in [w for oid, w, _ in runs(ws) if oid == "slow-y"]  # killed before its end
+    assert attempt_folders(ws, "slow-y") == ["1"] and (ws.runtime / "logs" / "slow-y" / "1").is_dir()
+    assert verify.verify(ws) == []
