@@ -365,13 +365,25 @@ def fsync_dir(folder: Path | str) -> None:
         os.close(fd)
 
 
+# This process's id, for temp names: a system call each time otherwise (five per order).
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def _temp_written(target: Path | str, data: bytes, mode: int, *, sync: bool,
                   stat_it: bool = False) -> tuple[str, str, os.stat_result | None]:
     """(folder, temp file, its fstat when `stat_it`): `data` written beside `target` under a
     temp name, synced when `sync`; the temp file is gone again when this fails."""
     # Strings: a Path's `/` was a tenth of the cost, and os.path's split and join a tenth again.
     folder, slash, name = os.fspath(target).rpartition("/")
-    tmp = f"{folder}{slash}{TMP_PREFIX}{name}.{os.getpid()}"
+    tmp = f"{folder}{slash}{TMP_PREFIX}{name}.{_pid}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         _write_all(fd, data)
