@@ -207,22 +207,26 @@ class AttemptRunner(Interruptions):
         after the one before it ended. An order re-queued by that judging (a failed attempt, a
         follow-up) runs after the one armed, as an order that came in while it started.
 
-        Only when nothing of the ended attempt runs on: all its processes gone (`alone`), no
-        check of the order to run after it (checks are part of the attempt, in its slot), not
-        an orchestrator's request (its end may wait for its orders), not cancelled, and the
-        supervisor not stopping; and only when no order waits for it (`blocked_by`, a blocker):
-        done, it may release an order that runs before the one armed."""
+        Only when the judging can change nothing of what starts next: the exit is the one event
+        of the step (another could release a more urgent order), of an attempt of the armed
+        order's agent with nothing of it running on: all its processes gone (`alone`), no check
+        of the order to run after it (checks are part of the attempt, in its slot), not an
+        orchestrator's request (its end may wait for its orders), not cancelled; no order waits
+        for it (`blocked_by`, a blocker) and no request waits for its orders (done, it may
+        release one that runs first); no model's call under way (one ending in this step may
+        release one too); and the armed order still queued (a `cancel` served this step) and
+        first in line across the team (`first_in_line`); the supervisor not stopping."""
         armed = self.armed
-        if armed is None or armed.gone or self.sup.stopping or self.timer() - self.armed_at > ARM_AGE:
+        if (armed is None or armed.gone or self.sup.stopping or self.timer() - self.armed_at > ARM_AGE
+                or len(events) != 1 or self.waiting_requests or armed.rec.status != "queued"):
             return
-        slots = self.sup.config.max_parallel
-        for ex in events:
-            act = self.active.get(ex.token)
-            if (act is not None and isinstance(ex, Exit) and ex.alone and act.phase == "specialist"
-                    and act.agent is armed.agent and not act.order.checks and not act.agent.is_orchestrator
-                    and not act.cancelled and len(self.active) <= slots and not self.sup.awaited(act.rec.id)):
-                break
-        else:
+        ex = events[0]
+        act = self.active.get(ex.token)
+        if (act is None or not isinstance(ex, Exit) or not ex.alone or act.phase != "specialist"
+                or act.agent is not armed.agent or act.order.checks or act.agent.is_orchestrator
+                or act.cancelled or len(self.active) > self.sup.config.max_parallel
+                or self.sup.awaited(act.rec.id) or any(a.thread is not None for a in self.active.values())
+                or not self.sup.first_in_line(armed.rec)):
             return
         self._stamp_start(armed)
         try:

@@ -143,6 +143,18 @@ class Transitions(Commits):
         """Does a waiting order wait for `order_id` (its `blocked_by`, or a blocker)?"""
         return bool(self._waiting_on.get(order_id))
 
+    def first_in_line(self, rec: Record) -> bool:
+        """Is the queued `rec` ahead of every other queued order, whatever agent it is for
+        (as `_dispatch` ranks them: priority, then age)? Slots are not asked: an order that
+        waits for its agent's slot still ranks ahead."""
+        mine = _rank(rec)
+        for name, heap in self._ready.items():
+            while heap and not self._is_queued(heap[0][2], name):
+                heapq.heappop(heap)
+            if heap and heap[0][2] != rec.id and heap[0] < mine:
+                return False
+        return True
+
     def _release_dependents(self, done: Record) -> None:
         if done.status == "routed":
             return  # its waiters wait for the follow-up (`rerouted`), which is filed right after

@@ -4,6 +4,7 @@ exec, and runs the moment the slot frees. Real workspaces, processes and spawn s
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from conftest import drop, order_md, sh, step_until
@@ -322,3 +323,77 @@ def test_an_order_ended_while_it_was_going_is_killed_never_recorded_running(make
     assert "end" not in [w for oid, w, _ in runs(ws) if oid == "slow-y"]  # killed before its end
     assert attempt_folders(ws, "slow-y") == ["1"] and (ws.runtime / "logs" / "slow-y" / "1").is_dir()
     assert verify.verify(ws) == []
+
+
+def test_an_armed_order_waits_for_a_more_urgent_order_of_another_agent(make_ws, gos, long_arm):
+    """One slot for the team: rex's urgent order, queued while chip's slow order runs, takes the
+    slot when it frees, not chip's armed normal one (priority first, across agents)."""
+    ws = make_ws({"chip": {"role": "specialist", "command": RECORD},
+                  "rex": {"role": "specialist", "command": RECORD}}, max_parallel=1)
+    drop(ws, "chip", "quick.md", order_md("Quick order is done", id="quick"))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: sup.records.get("quick") is not None and sup.records["quick"].status == "done",
+                   "the quick order")
+        drop(ws, "chip", "slow.md", order_md("Slow order is done", id="slow", priority="high"))
+        step_until(sup, lambda: sup.records.get("slow") is not None and sup.records["slow"].status == "running",
+                   "the slow order running")
+        drop(ws, "rex", "r.md", order_md("Rex order is done", id="r", priority="urgent"))
+        drop(ws, "chip", "y.md", order_md("Order y is done", id="y"))
+        step_until(sup, lambda: sup.attempts.armed is not None and sup.attempts.armed.rec.id == "y", "y armed")
+        assert sup.records["r"].status == "queued"
+        sup.run_once(limit=30)
+    assert ran(ws) == ["quick", "slow", "r", "y"]
+
+
+def test_an_armed_order_waits_for_the_review_of_the_request_its_last_order_ends(make_ws, tmp_path, gos, long_arm):
+    """One slot for the team: walt's request waits for the one order it sent; when that order
+    ends, the request's check takes the slot, and chip's armed order waits for it."""
+    ws = make_ws({
+        "walt": {"role": "orchestrator", "sends_to": ["chip"], "command": sh(
+            'mkdir -p "$COORD_OUTBOX/chip" && cp "$PROBE/kid.md" "$COORD_OUTBOX/chip/slowkid.md" && '
+            'printf "outcome: done\\nsummary: delegated\\n" > "$COORD_RESULT"')},
+        "chip": {"role": "specialist", "command": RECORD},
+    }, orchestrator="walt", max_parallel=1)
+    (tmp_path / "probe" / "kid.md").write_text(order_md("The kid is done", id="slowkid", priority="high"))
+    drop(ws, "chip", "quick.md", order_md("Quick order is done", id="quick"))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: sup.records.get("quick") is not None and sup.records["quick"].status == "done",
+                   "the quick order")
+        drop(ws, "walt", "req.md", order_md("The team does it", id="req",
+                                             acceptance=("`sleep 0.5` passes", "b is true", "c is true")))
+        step_until(sup, lambda: sup.records.get("req") is not None and sup.records["req"].children
+                   and sup.records[sup.records["req"].children[0]].status == "running", "the request's order running")
+        drop(ws, "chip", "y.md", order_md("Order y is done", id="y"))
+        step_until(sup, lambda: sup.attempts.armed is not None and sup.attempts.armed.rec.id == "y", "y armed")
+        most = 0
+
+        def ended() -> bool:
+            nonlocal most
+            most = max(most, len(sup.attempts.active))
+            return sup.records["req"].status != "running" and sup.records["y"].status == "done"
+
+        step_until(sup, ended, "the request and y")
+    recs = Store(ws.state).load_all()
+    assert recs["req"].status == "done" and most <= 1
+    req_done = next(h["at"] for h in recs["req"].history if h["to"] == "done")
+    assert next(h["at"] for h in recs["y"].history if h["to"] == "running") >= req_done
+
+
+def test_an_armed_order_cancelled_in_the_step_its_slot_frees_never_runs(make_ws, gos, long_arm):
+    """`coordinator cancel y` (armed) is served at the start of the step whose poll holds the
+    exit y waited for: y never runs, and nothing of it is left."""
+    ws = make_ws({"chip": {"role": "specialist", "command": RECORD}})
+    drop(ws, "chip", "quick.md", order_md("Quick order is done", id="quick"))
+    with Supervisor(ws) as sup:
+        _armed_behind_slow(ws, sup, "y")
+        deadline = time.monotonic() + 10
+        while "slow" not in [oid for oid, what, _ in runs(ws) if what == "end"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # its exit waits for the next poll
+        sup.handle("cancel", {"id": "y"})  # as `_serve_requests` does at the start of that step
+        sup.step()
+        sup.run_once(limit=30)
+    rec = Store(ws.state).load("y")
+    assert (rec.status, rec.attempts) == ("cancelled", 0)
+    assert "y" not in ran(ws) and not any(t.startswith("y.") for t in gos)
+    assert attempt_folders(ws, "y") == []
