@@ -210,7 +210,9 @@ class AttemptRunner(Interruptions):
         Only when the judging can change nothing of what starts next: the exit is the one event
         of the step (another could release a more urgent order), of an attempt of the armed
         order's agent with nothing of it running on: all its processes gone (`alone`), no check
-        of the order to run after it (checks are part of the attempt, in its slot), not an
+        of the order to run after it (checks are part of the attempt, in its slot), no files (a
+        change to judge, commit and merge: a crash in that while charged the armed order an
+        interrupted attempt too, and the judging is no longer short beside the start), not an
         orchestrator's request (its end may wait for its orders), not cancelled; no order waits
         for it (`blocked_by`, a blocker) and no request waits for its orders (done, it may
         release one that runs first); no model's call under way (one ending in this step may
@@ -223,7 +225,8 @@ class AttemptRunner(Interruptions):
         ex = events[0]
         act = self.active.get(ex.token)
         if (act is None or not isinstance(ex, Exit) or not ex.alone or act.phase != "specialist"
-                or act.agent is not armed.agent or act.order.checks or act.agent.is_orchestrator
+                or act.agent is not armed.agent or act.order.checks or act.repo is not None
+                or act.agent.is_orchestrator
                 or act.cancelled or len(self.active) > self.sup.config.max_parallel
                 or self.sup.awaited(act.rec.id) or any(a.thread is not None for a in self.active.values())
                 or not self.sup.first_in_line(armed.rec)):

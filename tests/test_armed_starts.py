@@ -397,3 +397,30 @@ def test_an_armed_order_cancelled_in_the_step_its_slot_frees_never_runs(make_ws,
     assert (rec.status, rec.attempts) == ("cancelled", 0)
     assert "y" not in ran(ws) and not any(t.startswith("y.") for t in gos)
     assert attempt_folders(ws, "y") == []
+
+
+def test_an_armed_order_waits_for_the_judging_of_an_order_with_files(make_ws, gos, long_arm, monkeypatch):
+    """The order before it has a change to judge, commit and merge: the armed order starts after
+    that, not at its exit (a crash while the change lands would charge the armed one too)."""
+    ws = make_ws({"chip": {"role": "specialist", "command": RECORD, "writes": ["webapp/src/**"]}})
+    went_before_judged: list[bool] = []
+    real = attempts.AttemptRunner._after_specialist
+
+    def judged(self, act, code, *, alone=False):
+        if act.rec.id == "slow-w":
+            went_before_judged.append(any(t.startswith("y.") for t in gos))
+        real(self, act, code, alone=alone)
+
+    monkeypatch.setattr(attempts.AttemptRunner, "_after_specialist", judged)
+    drop(ws, "chip", "quick.md", order_md("Quick order is done", id="quick"))
+    with Supervisor(ws) as sup:
+        step_until(sup, lambda: sup.records.get("quick") is not None and sup.records["quick"].status == "done",
+                   "the quick order")
+        drop(ws, "chip", "w.md", order_md("Slow order with files is done", id="slow-w", priority="high",
+                                          files=("webapp/src/greeting.py",)))
+        drop(ws, "chip", "y.md", order_md("Next order is done", id="y"))
+        step_until(sup, lambda: sup.attempts.armed is not None and sup.attempts.armed.rec.id == "y", "y armed")
+        sup.run_once(limit=30)
+    recs = Store(ws.state).load_all()
+    assert recs["slow-w"].status == "done" and recs["y"].status == "done"
+    assert went_before_judged == [False] and any(t.startswith("y.") for t in gos)
