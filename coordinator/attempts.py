@@ -248,7 +248,9 @@ class AttemptRunner(Interruptions):
             return
         self.armed = None
         act.cancelled = True
+        self.sup.whole(act.rec)
         act.rec.attempts = act.attempt.number
+        self.sup.store.save(act.rec, sync=False)
         self.active[act.token] = act  # its slot stays taken until its exit is reaped
         with contextlib.suppress(CoordinatorError):  # a server gone kills it anyway
             self.sup.spawner.kill_soon(act.token, grace=CANCEL_GRACE)
