@@ -210,7 +210,8 @@ def init(target: Path, *, force: bool = False) -> tuple[Workspace, list[str]]:
     from . import audit  # git-backed pieces are only needed here and by the supervisor
     from .demo.repo import init_demo_repo
 
-    given = target.expanduser() / CONFIG_NAME  # said as the user wrote it
+    target = _home_expanded(target, None)
+    given = target / CONFIG_NAME  # said as the user wrote it
     target = _resolved(target, None)
     _check_utf8(target)
     cfg_path = target / CONFIG_NAME
@@ -261,10 +262,27 @@ def _cut(text: str, most: int = 200) -> str:
     return text if len(text) <= most else f"{text[:most // 2]}…{text[-most // 2:]}"
 
 
+def _home_expanded(path: Path, source: str | None) -> Path:
+    """`path` with a leading `~` or `~user` made the home folder it names; WorkspaceError when
+    it names none (an empty HOME made `~/x` the root's /x, an unknown user a folder named
+    `~user` in the current one)."""
+    first = path.parts[0] if path.parts else ""
+    if not first.startswith("~"):
+        return path
+    said = f"{source + ': ' if source else ''}{path}"
+    if first == "~" and os.environ.get("HOME") == "":
+        raise WorkspaceError(f"{said}: HOME is empty, so ~ names no home folder; give the folder's absolute path")
+    expanded = Path(os.path.expanduser(path))  # Path.expanduser raises RuntimeError for an unknown user
+    if expanded.parts and expanded.parts[0].startswith("~"):
+        raise WorkspaceError(f"{said}: no user {first[1:]!r} on this system, so {first} names no home folder; "
+                             "give the folder's absolute path")
+    return expanded
+
+
 def _resolved(path: Path, source: str | None) -> Path:
     """`path` made absolute with its links followed; WorkspaceError when they lead back to
     themselves (a traceback-free "internal error: RuntimeError: Symlink loop" before)."""
-    path = path.expanduser()
+    path = _home_expanded(path, source)
     if not path.is_absolute():  # said as a link loop when the current folder was gone
         path = current_folder() / path
     try:

@@ -139,6 +139,25 @@ def test_find_relative_w_and_tilde(made: Workspace, monkeypatch: pytest.MonkeyPa
     assert Workspace.find(f"~/{made.root.name}").root == made.root
 
 
+def test_a_tilde_that_names_no_home_folder_is_said_not_taken_for_another_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty HOME made `-w '~/team'` the root's /team; an unknown user's `~nosuchuser-ws/team`
+    stopped the command with an internal error (or init made a folder named `~nosuchuser-ws`)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", "")
+    with pytest.raises(WorkspaceError) as e:
+        Workspace.find("~/team")
+    assert str(e.value) == "-w: ~/team: HOME is empty, so ~ names no home folder; give the folder's absolute path"
+    assert e.value.exit_code == 2
+    with pytest.raises(WorkspaceError, match=r"^~/team: HOME is empty"):
+        init(Path("~/team"))
+    for attempt in (lambda: Workspace.find("~nosuchuser-ws/team"), lambda: init(Path("~nosuchuser-ws/team"))):
+        with pytest.raises(WorkspaceError, match="no user 'nosuchuser-ws' on this system, so ~nosuchuser-ws "
+                                                 "names no home folder; give the folder's absolute path"):
+            attempt()
+    assert list(tmp_path.iterdir()) == []  # no folder named "~nosuchuser-ws" made here
+
+
 def test_find_says_what_to_do_when_there_is_no_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(WorkspaceError) as e:
         Workspace.find(None, cwd=tmp_path)
