@@ -27,6 +27,35 @@ FREE_WINDOW = 0.1  # seconds after its attempt's start: a process held to the se
 PASSES = 3  # looks at one process's threads: a thread still held may make another meanwhile
 
 
+def home_of(allowed: frozenset[int]) -> int | None:
+    """The CPU the server keeps to among `allowed`: the highest; none with fewer than two."""
+    return max(allowed) if len(allowed) >= 2 else None
+
+
+def described() -> str:
+    """One line for `coordinator doctor`: the CPUs this process may use, and the server's."""
+    try:
+        allowed = frozenset(os.sched_getaffinity(0))
+    except OSError as e:
+        return f"cpus: cannot be read ({e.strerror}); the spawn server keeps to none"
+    home = home_of(allowed)
+    usable = f"cpus: {len(allowed)} usable ({_ranges(allowed)})"
+    if home is None:
+        return f"{usable}; the spawn server and every specialist share it"
+    return (f"{usable}; the spawn server keeps to CPU {home} and starts each specialist there, which may "
+            "use them all from its exec on")
+
+
+def _ranges(cpus: frozenset[int]) -> str:
+    out: list[tuple[int, int]] = []
+    for cpu in sorted(cpus):
+        if out and out[-1][1] == cpu - 1:
+            out[-1] = (out[-1][0], cpu)
+        else:
+            out.append((cpu, cpu))
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
 @dataclass(frozen=True)
 class Cpus:
     """The CPUs the server may use (`allowed`), and the one it keeps to (`home`: none with one
@@ -43,9 +72,10 @@ class Cpus:
             allowed = frozenset(os.sched_getaffinity(0))
         except OSError:
             return cls(frozenset(), None)
-        if len(allowed) < 2:
+        chosen = home_of(allowed)
+        if chosen is None:
             return cls(allowed, None)
-        home = frozenset({max(allowed)})
+        home = frozenset({chosen})
         try:
             os.sched_setaffinity(0, home)
         except OSError:

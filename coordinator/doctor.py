@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from . import board, landlock, mounts, seccomp
+from . import board, cpus, landlock, mounts, seccomp
 from .config import Config, budget_warning, git_writes_note
 from .errors import ConfigError, GitError, WorkspaceError
 from .gitrepo import GitRepo, foreign_checkout, run_git
@@ -80,6 +80,7 @@ def report(ws: Workspace | None) -> list[str]:
             if short else ""))
     except (ImportError, ValueError):
         pass
+    lines.append(cpus.described())
     if ws is None:
         return lines
     try:

@@ -65,6 +65,28 @@ def test_doctor_reports_watcher_limits_git_and_the_team(ws: Workspace) -> None:
     assert "WARNING" not in line(lines, "chip:")
 
 
+def test_doctor_says_which_cpu_the_spawn_server_keeps_to(ws: Workspace) -> None:
+    """The CPUs doctor names are the ones the spawn server really picks from (`Cpus.here`): the
+    highest it may use; with one CPU, none. Run as `coordinator doctor` under each affinity."""
+    import os
+    import sys
+
+    allowed = sorted(os.sched_getaffinity(0))
+    said = line(doctor(ws), "cpus:")
+    if len(allowed) >= 2:
+        assert said.startswith(f"cpus: {len(allowed)} usable") and f"keeps to CPU {allowed[-1]} " in said
+    one = subprocess.run(
+        [sys.executable, "-c", f"import os, sys; os.sched_setaffinity(0, {{{allowed[0]}}}); "
+         "from coordinator.cli import main; sys.argv = ['coordinator', '-w', sys.argv[1], 'doctor']; main()",
+         str(ws.root)], capture_output=True, text=True)
+    assert line(one.stdout.splitlines(), "cpus:") == (
+        f"cpus: 1 usable ({allowed[0]}); the spawn server and every specialist share it")
+    here = subprocess.run(  # what the server itself chooses, in a process of the same affinity
+        [sys.executable, "-c", "from coordinator.cpus import Cpus; print(Cpus.here().home)"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    assert here == (f"frozenset({{{allowed[-1]}}})" if len(allowed) >= 2 else "None")
+
+
 def test_without_landlock_the_gate_only_fallback_is_said_loudly(ws: Workspace, monkeypatch) -> None:
     # A kernel without Landlock cannot be booted here; pretend the syscall reports none.
     monkeypatch.setattr(landlock, "abi_version", lambda: 0)
