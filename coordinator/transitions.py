@@ -148,12 +148,19 @@ class Transitions(Commits):
         (as `_dispatch` ranks them: priority, then age)? Slots are not asked: an order that
         waits for its agent's slot still ranks ahead."""
         mine = _rank(rec)
-        for name, heap in self._ready.items():
-            while heap and not self._is_queued(heap[0][2], name):
-                heapq.heappop(heap)
-            if heap and heap[0][2] != rec.id and heap[0] < mine:
+        for name in self._ready:
+            head = self._head(name)
+            if head is not None and head[2] != rec.id and head < mine:
                 return False
         return True
+
+    def _head(self, agent: str) -> tuple[int, int, str] | None:
+        """The best queued order of `agent`'s ready heap, the entries of orders no longer queued
+        for it dropped on the way; None when none is queued."""
+        heap = self._ready.get(agent)
+        while heap and not self._is_queued(heap[0][2], agent):
+            heapq.heappop(heap)
+        return heap[0] if heap else None
 
     def _release_dependents(self, done: Record) -> None:
         if done.status == "routed":
@@ -291,14 +298,13 @@ class Transitions(Commits):
         if self.attempts.armed is None and not self.attempts.quick:
             return  # no agent may be armed (the usual team: agents that work for minutes)
         best: tuple[int, int, str] | None = None
-        for name, heap in self._ready.items():
+        for name in self._ready:
             agent = self.config.agents.get(name)
             if agent is None or not agent.runnable or not self.attempts.armable(agent):
                 continue
-            while heap and not self._is_queued(heap[0][2], name):
-                heapq.heappop(heap)
-            if heap and (best is None or heap[0] < best):
-                best = heap[0]
+            head = self._head(name)
+            if head is not None and (best is None or head < best):
+                best = head
         armed = self.attempts.armed
         if armed is not None and (best is None or armed.rec.id != best[2]):
             self.attempts.disarm()
