@@ -264,8 +264,8 @@ def _cut(text: str, most: int = 200) -> str:
 
 def _home_expanded(path: Path, source: str | None) -> Path:
     """`path` with a leading `~` or `~user` made the home folder it names; WorkspaceError when
-    it names none (an empty HOME made `~/x` the root's /x, an unknown user a folder named
-    `~user` in the current one)."""
+    it names none (an empty HOME made `~/x` the root's /x; an unknown user's `~user/x` was an
+    internal error, and taken as written it would be a folder named `~user` in the current one)."""
     first = path.parts[0] if path.parts else ""
     if not first.startswith("~"):
         return path
