@@ -42,8 +42,8 @@ def machine() -> dict[str, Any]:
     from coordinator.landlock import abi_version
 
     git = subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.strip()
-    fs = subprocess.run(["df", "--output=fstype,source", str(harness.WORK_DIR)], capture_output=True,
-                        text=True).stdout.split()[-2:]
+    fs = subprocess.run(["df", "--output=fstype", str(harness.WORK_DIR)], capture_output=True,
+                        text=True).stdout.split()[1:]
     work_fs = fs[0] if fs else "?"
     if work_fs == "ext4" and holds_freed_inodes(harness.WORK_DIR):
         work_fs = "ext4 without a journal"  # new inodes slow after removals: see harness.run_dir

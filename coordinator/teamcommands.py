@@ -69,9 +69,9 @@ def init(c: Context, directory: str | None, force: bool) -> None:
                                "the workspace in the current one")
     if c.explicit is not None:  # `coordinator -w myteam init` made the workspace here, not in myteam
         named = given_folder(c.explicit)
-        same = Path(os.path.expanduser(directory)).resolve() == Path(os.path.expanduser(named)).resolve() \
-            if directory is not None else True  # os.path's: Path.expanduser raises for an unknown user
-        if not same:
+        # os.path's expanduser: Path's raises RuntimeError for an unknown user (`init` then says why).
+        if directory is not None and \
+                Path(os.path.expanduser(directory)).resolve() != Path(os.path.expanduser(named)).resolve():
             raise click.UsageError(f"-w names {c.explicit} and DIRECTORY names {directory}; give one of them")
         directory = directory if directory is not None else str(named)
     directory = directory if directory is not None else "."
