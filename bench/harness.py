@@ -258,11 +258,11 @@ def _wait_reports(ws: Workspace, ids: Sequence[str], deadline: float, sup: LiveS
     being measured; the records are read once it is done. Returns at the deadline as well: the
     caller's wait says which order is missing."""
     folder = ws.state / "orders"
-    left = list(ids)
-    while left and time.monotonic() <= deadline:
-        while left and os.path.exists(folder / left[0] / "report.md"):
-            left.pop(0)
-        if not left or (sup is not None and not sup.alive()):
+    at = 0  # ids[:at] have their reports
+    while time.monotonic() <= deadline:
+        while at < len(ids) and os.path.exists(folder / ids[at] / "report.md"):
+            at += 1
+        if at == len(ids) or (sup is not None and not sup.alive()):
             return
         time.sleep(POLL)
 
